@@ -1,0 +1,21 @@
+#include "../dynamic_core/errors.hpp"
+#include "common.hpp"
+
+namespace py = pybind11;
+using namespace dynamic_core::bindings;
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "dynamic_core native engine (private; use the dynamic_core package)";
+  bind_records(m);
+  bind_indicators(m);
+  bind_engine(m);
+  // Engine errors map to dynamic_core.errors; everything else keeps pybind11's mapping.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const dynamic_core::InvalidInput& e) {
+      py::object cls = py::module_::import("dynamic_core.errors").attr("InvalidInput");
+      PyErr_SetString(cls.ptr(), e.what());
+    }
+  });
+}

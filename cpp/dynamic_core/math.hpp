@@ -1,0 +1,231 @@
+// The micro-core arithmetic. Only + - * / and sqrt (which IEEE rounds identically everywhere):
+// no libm transcendental calls, so the same code gives bit-identical results in cuda/.
+// Build with FMA contraction off (-ffp-contract=off, NVRTC --fmad=false).
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define DC_HOST_DEVICE __host__ __device__
+#define DC_SQRT(x) ::sqrt(x)  // IEEE round-to-nearest with the default -prec-sqrt=true
+#else
+#define DC_HOST_DEVICE
+#define DC_SQRT(x) __builtin_sqrt(x)  // one sqrtsd instruction
+#endif
+
+namespace dynamic_core {
+
+inline constexpr double kWeakAction = 0.2;
+inline constexpr double kStrongAction = 0.6;
+inline constexpr int kWarpSize = 32;
+inline constexpr int kFeatures = 5;  // trend, rsi, macd, bb, mom
+
+DC_HOST_DEVICE inline double dc_abs(double x) { return x < 0.0 ? -x : x; }
+DC_HOST_DEVICE inline double dc_max(double a, double b) { return a < b ? b : a; }
+// x - x is NaN for +-inf and NaN, 0 otherwise.
+DC_HOST_DEVICE inline bool dc_finite(double x) { return (x - x) == 0.0; }
+
+// Squash to (-1, 1).
+DC_HOST_DEVICE inline double soft(double x) { return x / (1.0 + dc_abs(x)); }
+
+// -2 STRONG_SELL, -1 SELL, 0 HOLD, 1 BUY, 2 STRONG_BUY.
+DC_HOST_DEVICE inline int score_to_action(double s, double weak = kWeakAction,
+                                          double strong = kStrongAction) {
+  return s >= strong ? 2 : s >= weak ? 1 : s <= -strong ? -2 : s <= -weak ? -1 : 0;
+}
+
+// ---- features, each in [-1, 1]; 0 when the normaliser is 0 ------------------------------
+DC_HOST_DEVICE inline double trend_feature(double ema_fast, double ema_slow, double atr) {
+  return atr == 0.0 ? 0.0 : soft((ema_fast - ema_slow) / atr);
+}
+DC_HOST_DEVICE inline double rsi_feature(double rsi) { return (rsi - 50.0) / 50.0; }
+DC_HOST_DEVICE inline double macd_feature(double hist, double atr) {
+  return atr == 0.0 ? 0.0 : soft(hist / atr);
+}
+// Position of the close inside exponentially weighted bands of two standard deviations.
+DC_HOST_DEVICE inline double bb_feature(double close, double mean, double var) {
+  double sd = var > 0.0 ? DC_SQRT(var) : 0.0;
+  return sd == 0.0 ? 0.0 : soft((close - mean) / (2.0 * sd));
+}
+// Rate of change in percent (TA-Lib ROC), squashed.
+DC_HOST_DEVICE inline double mom_feature(double roc_pct) { return soft(roc_pct); }
+
+// Weighted blend in a fixed order.
+DC_HOST_DEVICE inline double blend(const double* w, const double* f) {
+  double x = w[0] * f[0];
+  x = x + w[1] * f[1];
+  x = x + w[2] * f[2];
+  x = x + w[3] * f[3];
+  x = x + w[4] * f[4];
+  return soft(x);
+}
+
+// ---- one agent, one bar -------------------------------------------------------------------
+struct LaneState {
+  double score;
+  double equity;
+  double entry_equity;
+  double peak;
+  double max_dd;
+  double ret_sum;
+  double ret_sq;
+  uint32_t trades;
+  uint32_t wins;
+  uint32_t n_ret;
+  int32_t position;
+  int32_t action;
+  uint32_t quarantined;
+};
+
+DC_HOST_DEVICE inline void lane_init(LaneState& s) {
+  s.score = 0.0;
+  s.equity = 1.0;
+  s.entry_equity = 1.0;
+  s.peak = 1.0;
+  s.max_dd = 0.0;
+  s.ret_sum = 0.0;
+  s.ret_sq = 0.0;
+  s.trades = 0;
+  s.wins = 0;
+  s.n_ret = 0;
+  s.position = 0;
+  s.action = 0;
+  s.quarantined = 0;
+}
+
+// The micro-core step. `score` is the blended score of this bar, `ret` the bar's close-to-close
+// return (0 on the stream's first bar), `warm` whether every indicator the agent uses has
+// produced output, `cost` the cost per unit of position change as a fraction of equity.
+// Returns false when the state turned non-finite (the caller quarantines the lane).
+DC_HOST_DEVICE inline bool lane_step(LaneState& s, double score, double ret, bool warm,
+                                     double entry, bool long_short, double cost) {
+  const int prev = s.position;
+  const double g = 1.0 + static_cast<double>(prev) * ret;
+  double e = s.equity * g;
+  int pos = prev;
+  if (score > entry) {
+    pos = 1;
+  } else if (score < -entry) {
+    pos = long_short ? -1 : 0;
+  }
+  if (!warm) pos = 0;
+  const int d = pos > prev ? pos - prev : prev - pos;
+  const double c = cost * static_cast<double>(d);
+  e = e - e * c;
+  if (!(dc_finite(e) && dc_finite(score))) return false;
+  if (warm) {
+    const double r = g * (1.0 - c) - 1.0;
+    s.ret_sum = s.ret_sum + r;
+    s.ret_sq = s.ret_sq + r * r;
+    s.n_ret += 1;
+  }
+  if (prev != 0 && pos != prev) {
+    s.trades += 1;
+    if (e > s.entry_equity) s.wins += 1;
+  }
+  if (pos != 0 && pos != prev) s.entry_equity = e;
+  if (e > s.peak) s.peak = e;
+  const double dd = (s.peak - e) / s.peak;
+  if (dd > s.max_dd) s.max_dd = dd;
+  s.equity = e;
+  s.position = pos;
+  s.score = score;
+  s.action = score_to_action(score);
+  return true;
+}
+
+// Consensus weight of an agent: equity discounted by its worst drawdown.
+DC_HOST_DEVICE inline double fitness(double equity, double max_dd) {
+  return dc_max(equity, 0.0) * (1.0 - max_dd);
+}
+
+// ---- SM summaries and fusion ----------------------------------------------------------------
+struct Summary {
+  double n;
+  double sum_w;
+  double sum_ws;
+  double sum_s;
+  double sum_s2;
+  double votes[5];
+};
+
+DC_HOST_DEVICE inline void summary_zero(Summary& a) {
+  a.n = 0.0;
+  a.sum_w = 0.0;
+  a.sum_ws = 0.0;
+  a.sum_s = 0.0;
+  a.sum_s2 = 0.0;
+  for (int k = 0; k < 5; ++k) a.votes[k] = 0.0;
+}
+
+DC_HOST_DEVICE inline void summary_add(Summary& a, const Summary& b) {
+  a.n = a.n + b.n;
+  a.sum_w = a.sum_w + b.sum_w;
+  a.sum_ws = a.sum_ws + b.sum_ws;
+  a.sum_s = a.sum_s + b.sum_s;
+  a.sum_s2 = a.sum_s2 + b.sum_s2;
+  for (int k = 0; k < 5; ++k) a.votes[k] = a.votes[k] + b.votes[k];
+}
+
+// Contribution of one lane (zero when masked, cold or quarantined).
+DC_HOST_DEVICE inline void summary_lane(Summary& a, bool counts, double score, double w, int action) {
+  summary_zero(a);
+  if (!counts) return;
+  a.n = 1.0;
+  a.sum_w = w;
+  a.sum_ws = w * score;
+  a.sum_s = score;
+  a.sum_s2 = score * score;
+  a.votes[action + 2] = 1.0;
+}
+
+// Canonical warp reduction: a pairwise tree with strides 16, 8, 4, 2, 1 (the order of
+// __shfl_down_sync on the GPU). `lanes` holds kWarpSize summaries; the result lands in lanes[0].
+DC_HOST_DEVICE inline void warp_reduce(Summary* lanes) {
+  for (int stride = kWarpSize / 2; stride > 0; stride /= 2)
+    for (int i = 0; i < stride; ++i) summary_add(lanes[i], lanes[i + stride]);
+}
+
+struct Fused {
+  double score;
+  double confidence;
+  double agreement;
+  double dispersion;
+  int action;
+  uint32_t n;
+  uint32_t votes[5];
+};
+
+// DynamicFusionAlgo: fuse the already-reduced summary of every SM of one stream.
+DC_HOST_DEVICE inline Fused fuse(const Summary& t) {
+  Fused f;
+  f.n = static_cast<uint32_t>(t.n);
+  for (int k = 0; k < 5; ++k) f.votes[k] = static_cast<uint32_t>(t.votes[k]);
+  if (t.n == 0.0) {
+    f.score = 0.0;
+    f.confidence = 0.0;
+    f.agreement = 0.0;
+    f.dispersion = 0.0;
+    f.action = 0;
+    return f;
+  }
+  f.score = t.sum_w > 0.0 ? t.sum_ws / t.sum_w : t.sum_s / t.n;
+  f.action = score_to_action(f.score);
+  const double mean = t.sum_s / t.n;
+  double var = t.sum_s2 / t.n - mean * mean;
+  if (var < 0.0) var = 0.0;
+  f.dispersion = DC_SQRT(var);
+  double agree;
+  if (f.action > 0) {
+    agree = t.votes[3] + t.votes[4];
+  } else if (f.action < 0) {
+    agree = t.votes[0] + t.votes[1];
+  } else {
+    agree = t.votes[2];
+  }
+  f.agreement = agree / t.n;
+  double conf = f.agreement * (1.0 - f.dispersion);
+  f.confidence = conf < 0.0 ? 0.0 : (conf > 1.0 ? 1.0 : conf);
+  return f;
+}
+
+}  // namespace dynamic_core

@@ -1,0 +1,266 @@
+#include "population.hpp"
+
+#include <algorithm>
+#include <array>
+#include <map>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+namespace dynamic_core {
+
+namespace {
+
+bool finite(double x) { return dc_finite(x); }
+
+template <class Key>
+uint16_t intern(std::map<Key, uint16_t>& m, const Key& k, size_t next) {
+  auto it = m.find(k);
+  if (it != m.end()) return it->second;
+  const auto id = static_cast<uint16_t>(next);
+  m.emplace(k, id);
+  return id;
+}
+
+// Builds the bank of one SM while its lanes are added; indices are relative per kind until
+// finish() turns feature indices absolute.
+struct BankBuilder {
+  Bank& b;
+  std::map<int32_t, uint16_t> ema_m, rsi_m, atr_m, ew_m, roc_m, rsi_fm, bb_fm, mom_fm;
+  std::map<std::array<int32_t, 3>, uint16_t> macd_m, trend_fm;
+  std::map<std::array<int32_t, 2>, uint16_t> macd_fm;
+
+  uint16_t ema(int32_t n) {
+    const auto i = intern(ema_m, n, b.emas.size());
+    if (i == b.emas.size()) b.emas.emplace_back().init(n);
+    return i;
+  }
+  uint16_t atr(int32_t n) {
+    const auto i = intern(atr_m, n, b.atrs.size());
+    if (i == b.atrs.size()) b.atrs.emplace_back().init(n);
+    return i;
+  }
+  uint16_t trend(int32_t f, int32_t s, int32_t a) {
+    const std::array<int32_t, 3> k{f, s, a};
+    const auto i = intern(trend_fm, k, b.trend.size());
+    if (i == b.trend.size()) b.trend.push_back({ema(f), ema(s), atr(a)});
+    return i;
+  }
+  uint16_t rsi(int32_t n) {
+    const auto i = intern(rsi_fm, n, b.rsi_f.size());
+    if (i == b.rsi_f.size()) {
+      const auto r = intern(rsi_m, n, b.rsis.size());
+      if (r == b.rsis.size()) b.rsis.emplace_back().init(n);
+      b.rsi_f.push_back(r);
+    }
+    return i;
+  }
+  uint16_t macd(int32_t f, int32_t s, int32_t sig, int32_t a) {
+    const std::array<int32_t, 3> mk{f, s, sig};
+    const auto m = intern(macd_m, mk, b.macds.size());
+    if (m == b.macds.size()) b.macds.emplace_back().init(f, s, sig);
+    const std::array<int32_t, 2> fk{static_cast<int32_t>(m), a};
+    const auto i = intern(macd_fm, fk, b.macd_f.size());
+    if (i == b.macd_f.size()) b.macd_f.push_back({m, atr(a)});
+    return i;
+  }
+  uint16_t bb(int32_t n) {
+    const auto i = intern(bb_fm, n, b.bb_f.size());
+    if (i == b.bb_f.size()) {
+      const auto e = intern(ew_m, n, b.ews.size());
+      if (e == b.ews.size()) b.ews.emplace_back().init(n);
+      b.bb_f.push_back(e);
+    }
+    return i;
+  }
+  uint16_t mom(int32_t n) {
+    const auto i = intern(mom_fm, n, b.mom_f.size());
+    if (i == b.mom_f.size()) {
+      const auto r = intern(roc_m, n, b.rocs.size());
+      if (r == b.rocs.size()) {
+        b.rocs.emplace_back().init(n);
+        b.roc_offset.push_back(static_cast<uint32_t>(b.roc_buf.size()));
+        b.roc_buf.resize(b.roc_buf.size() + static_cast<size_t>(n), 0.0);
+      }
+      b.mom_f.push_back(r);
+    }
+    return i;
+  }
+  void finish() {
+    b.trend_base = 1;
+    b.rsi_base = b.trend_base + static_cast<uint32_t>(b.trend.size());
+    b.macd_base = b.rsi_base + static_cast<uint32_t>(b.rsi_f.size());
+    b.bb_base = b.macd_base + static_cast<uint32_t>(b.macd_f.size());
+    b.mom_base = b.bb_base + static_cast<uint32_t>(b.bb_f.size());
+    b.feat.assign(b.mom_base + b.mom_f.size(), 0.0);
+    b.ema_warm.assign(b.emas.size(), 0);
+    b.rsi_warm.assign(b.rsis.size(), 0);
+    b.atr_warm.assign(b.atrs.size(), 0);
+    b.macd_warm.assign(b.macds.size(), 0);
+    b.ew_warm.assign(b.ews.size(), 0);
+    b.roc_warm.assign(b.rocs.size(), 0);
+  }
+};
+
+}  // namespace
+
+void Bank::update(const Bar& bar) {
+  const double c = bar.close;
+  ret = nbars > 0 ? c / prev_close - 1.0 : 0.0;
+  prev_close = c;
+  ++nbars;
+  for (size_t i = 0; i < emas.size(); ++i) ema_warm[i] = emas[i].update(c);
+  for (size_t i = 0; i < rsis.size(); ++i) rsi_warm[i] = rsis[i].update(c);
+  for (size_t i = 0; i < atrs.size(); ++i) atr_warm[i] = atrs[i].update(bar.high, bar.low, c);
+  for (size_t i = 0; i < macds.size(); ++i) macd_warm[i] = macds[i].update(c);
+  for (size_t i = 0; i < ews.size(); ++i) ew_warm[i] = ews[i].update(c);
+  for (size_t i = 0; i < rocs.size(); ++i) roc_warm[i] = rocs[i].update(c, roc_buf.data() + roc_offset[i]);
+  double* f = feat.data();
+  for (size_t i = 0; i < trend.size(); ++i) {
+    const TrendRef t = trend[i];
+    const bool w = ema_warm[t.ema_fast] && ema_warm[t.ema_slow] && atr_warm[t.atr];
+    f[trend_base + i] = w ? dynamic_core::trend_feature(emas[t.ema_fast].value, emas[t.ema_slow].value,
+                                                        atrs[t.atr].value)
+                          : 0.0;
+  }
+  for (size_t i = 0; i < rsi_f.size(); ++i)
+    f[rsi_base + i] = rsi_warm[rsi_f[i]] ? dynamic_core::rsi_feature(rsis[rsi_f[i]].value) : 0.0;
+  for (size_t i = 0; i < macd_f.size(); ++i) {
+    const MacdRef m = macd_f[i];
+    f[macd_base + i] = (macd_warm[m.macd] && atr_warm[m.atr])
+                           ? dynamic_core::macd_feature(macds[m.macd].hist, atrs[m.atr].value)
+                           : 0.0;
+  }
+  for (size_t i = 0; i < bb_f.size(); ++i) {
+    const Ew& e = ews[bb_f[i]];
+    f[bb_base + i] = ew_warm[bb_f[i]] ? dynamic_core::bb_feature(c, e.mean, e.var) : 0.0;
+  }
+  for (size_t i = 0; i < mom_f.size(); ++i)
+    f[mom_base + i] = roc_warm[mom_f[i]] ? dynamic_core::mom_feature(rocs[mom_f[i]].value) : 0.0;
+}
+
+void validate_genomes(const Genome* g, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    const Genome& x = g[i];
+    const int32_t periods[] = {x.fast,      x.slow,        x.rsi_period, x.macd_fast, x.macd_slow,
+                               x.macd_signal, x.atr_period, x.bb_period,  x.mom_period};
+    std::string why;
+    for (int32_t p : periods)
+      if (p < 1 || p > kMaxPeriod) why = "period outside [1, " + std::to_string(kMaxPeriod) + "]";
+    const double reals[] = {x.w_trend, x.w_rsi, x.w_macd, x.w_bb, x.w_mom, x.entry, x.cost_bps};
+    for (double r : reals)
+      if (!finite(r)) why = "non-finite weight, entry or cost";
+    if (x.entry < 0.0) why = "negative entry";
+    if (x.cost_bps < 0.0) why = "negative cost_bps";
+    if (x.mode > 1) why = "unknown mode";
+    if (x.kind != 0) why = "unknown kind";
+    if (x.timeframe == 0) why = "timeframe 0";
+    if (!why.empty())
+      throw std::invalid_argument("invalid genome at row " + std::to_string(i) + " (agent_id " +
+                                  std::to_string(x.agent_id) + "): " + why);
+  }
+}
+
+int32_t genome_lookback(const Genome& g) {
+  int32_t lb = 0;
+  auto use = [&](int32_t v) { lb = v > lb ? v : lb; };
+  if (g.w_trend != 0.0) {
+    use(Ema::lookback(g.fast));
+    use(Ema::lookback(g.slow));
+    use(Atr::lookback(g.atr_period));
+  }
+  if (g.w_rsi != 0.0) use(Rsi::lookback(g.rsi_period));
+  if (g.w_macd != 0.0) {
+    use(Macd::lookback(g.macd_fast, g.macd_slow, g.macd_signal));
+    use(Atr::lookback(g.atr_period));
+  }
+  if (g.w_bb != 0.0) use(Ew::lookback(g.bb_period));
+  if (g.w_mom != 0.0) use(Roc::lookback(g.mom_period));
+  return lb;
+}
+
+Layout build_layout(const Genome* g, size_t n, int cores_per_sm) {
+  if (cores_per_sm < 32 || cores_per_sm > 128 || cores_per_sm % kWarpSize != 0)
+    throw std::invalid_argument("cores_per_sm must be 32, 64, 96 or 128, got " +
+                                std::to_string(cores_per_sm));
+  validate_genomes(g, n);
+  Layout L;
+  L.n_agents = n;
+  std::vector<uint32_t> order(n);
+  std::iota(order.begin(), order.end(), 0u);
+  std::stable_sort(order.begin(), order.end(), [g](uint32_t a, uint32_t b) {
+    if (g[a].instrument != g[b].instrument) return g[a].instrument < g[b].instrument;
+    if (g[a].timeframe != g[b].timeframe) return g[a].timeframe < g[b].timeframe;
+    return g[a].kind < g[b].kind;
+  });
+  const uint32_t warps_per_sm = static_cast<uint32_t>(cores_per_sm / kWarpSize);
+  L.agent_lane.assign(n, 0);
+  L.agent_id.resize(n);
+  for (size_t a = 0; a < n; ++a) L.agent_id[a] = g[a].agent_id;
+  size_t i = 0;
+  while (i < n) {
+    const Genome& head = g[order[i]];
+    size_t j = i;
+    while (j < n && g[order[j]].instrument == head.instrument && g[order[j]].timeframe == head.timeframe) ++j;
+    Stream st{};
+    st.instrument = head.instrument;
+    st.timeframe = head.timeframe;
+    st.sm_begin = static_cast<uint32_t>(L.sms.size());
+    st.n_agents = j - i;
+    const size_t group = j - i;
+    const size_t warps = (group + kWarpSize - 1) / kWarpSize;
+    for (size_t w0 = 0; w0 < warps; w0 += warps_per_sm) {
+      Sm sm{};
+      sm.stream = static_cast<uint32_t>(L.streams.size());
+      sm.lane_begin = static_cast<uint32_t>(L.params.size());
+      sm.n_warps = static_cast<uint32_t>(std::min<size_t>(warps_per_sm, warps - w0));
+      BankBuilder bb{sm.bank};
+      const size_t lanes = static_cast<size_t>(sm.n_warps) * kWarpSize;
+      for (size_t l = 0; l < lanes; ++l) {
+        const size_t k = i + w0 * kWarpSize + l;
+        LaneParams p{};
+        if (k < j) {
+          const uint32_t a = order[k];
+          const Genome& x = g[a];
+          p.active = 1;
+          p.w[0] = x.w_trend;
+          p.w[1] = x.w_rsi;
+          p.w[2] = x.w_macd;
+          p.w[3] = x.w_bb;
+          p.w[4] = x.w_mom;
+          p.entry = x.entry;
+          p.cost = x.cost_bps * 1e-4;
+          p.long_short = x.mode == static_cast<uint32_t>(Mode::LongShort);
+          p.lookback = genome_lookback(x);
+          // relative index + 1 per kind; 0 = unused
+          p.fidx[0] = x.w_trend != 0.0 ? bb.trend(x.fast, x.slow, x.atr_period) + 1 : 0;
+          p.fidx[1] = x.w_rsi != 0.0 ? bb.rsi(x.rsi_period) + 1 : 0;
+          p.fidx[2] = x.w_macd != 0.0 ? bb.macd(x.macd_fast, x.macd_slow, x.macd_signal, x.atr_period) + 1 : 0;
+          p.fidx[3] = x.w_bb != 0.0 ? bb.bb(x.bb_period) + 1 : 0;
+          p.fidx[4] = x.w_mom != 0.0 ? bb.mom(x.mom_period) + 1 : 0;
+          ++sm.n_active;
+          L.agent_lane[a] = static_cast<uint32_t>(L.params.size());
+          L.lane_agent.push_back(a);
+        } else {
+          L.lane_agent.push_back(UINT32_MAX);
+        }
+        L.params.push_back(p);
+      }
+      bb.finish();
+      const uint32_t base[kFeatures] = {sm.bank.trend_base, sm.bank.rsi_base, sm.bank.macd_base,
+                                        sm.bank.bb_base, sm.bank.mom_base};
+      for (size_t l = 0; l < lanes; ++l) {
+        LaneParams& p = L.params[sm.lane_begin + l];
+        for (int f = 0; f < kFeatures; ++f)
+          p.fidx[f] = p.fidx[f] == 0 ? 0 : static_cast<uint16_t>(base[f] + p.fidx[f] - 1);
+      }
+      L.sms.push_back(std::move(sm));
+    }
+    st.sm_end = static_cast<uint32_t>(L.sms.size());
+    L.streams.push_back(st);
+    i = j;
+  }
+  return L;
+}
+
+}  // namespace dynamic_core

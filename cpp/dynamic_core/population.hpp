@@ -1,0 +1,99 @@
+// The population laid out for execution: agents sorted by (instrument, timeframe, kind) into
+// warps of 32 lanes (the tail of a group masked) and SMs of 1-4 warps, each SM owning the
+// indicator bank of its stream. The layout depends only on the population and cores_per_sm.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "indicators.hpp"
+#include "math.hpp"
+#include "records.hpp"
+
+namespace dynamic_core {
+
+inline constexpr int32_t kMaxPeriod = 100000;
+
+// Shared scratchpad of one SM: every distinct (indicator, period) its lanes use, updated once
+// per bar, and the distinct features derived from them. feat[0] is the constant 0 that unused
+// features point to.
+struct Bank {
+  struct TrendRef {
+    uint16_t ema_fast, ema_slow, atr;
+  };
+  struct MacdRef {
+    uint16_t macd, atr;
+  };
+  std::vector<Ema> emas;
+  std::vector<Rsi> rsis;
+  std::vector<Atr> atrs;
+  std::vector<Macd> macds;
+  std::vector<Ew> ews;
+  std::vector<Roc> rocs;
+  std::vector<uint32_t> roc_offset;
+  std::vector<double> roc_buf;
+  std::vector<uint8_t> ema_warm, rsi_warm, atr_warm, macd_warm, ew_warm, roc_warm;
+  std::vector<TrendRef> trend;
+  std::vector<uint16_t> rsi_f, bb_f, mom_f;
+  std::vector<MacdRef> macd_f;
+  std::vector<double> feat;
+  uint32_t trend_base = 0, rsi_base = 0, macd_base = 0, bb_base = 0, mom_base = 0;
+  int64_t nbars = 0;
+  double prev_close = 0.0;
+  double ret = 0.0;  // close-to-close return of the current bar
+
+  void update(const Bar& b);
+  size_t distinct_indicators() const {
+    return emas.size() + rsis.size() + atrs.size() + macds.size() + ews.size() + rocs.size();
+  }
+};
+
+// Per-lane parameters (read-only while running).
+struct LaneParams {
+  double w[kFeatures];
+  double entry;
+  double cost;  // cost_bps * 1e-4
+  uint16_t fidx[kFeatures];
+  uint8_t long_short;
+  uint8_t active;
+  int32_t lookback;  // bar index from which every used indicator is warm
+};
+
+struct Sm {
+  uint32_t stream;
+  uint32_t lane_begin;  // multiple of kWarpSize
+  uint32_t n_warps;
+  uint32_t n_active;
+  Bank bank;
+};
+
+struct Stream {
+  uint32_t instrument;
+  uint32_t timeframe;
+  uint32_t sm_begin;
+  uint32_t sm_end;
+  uint64_t n_agents;
+  int64_t last_ts;
+  bool has_last;
+  uint64_t nbars;
+};
+
+// Validates genomes; throws std::invalid_argument naming the first bad row.
+void validate_genomes(const Genome* g, size_t n);
+
+// Lookback (bar index of the first warm bar) of an agent: the largest over used indicators.
+int32_t genome_lookback(const Genome& g);
+
+struct Layout {
+  std::vector<Stream> streams;
+  std::vector<Sm> sms;
+  std::vector<LaneParams> params;   // per lane, padded to whole warps
+  std::vector<uint32_t> lane_agent;  // population index of each lane, UINT32_MAX when masked
+  std::vector<uint32_t> agent_lane;  // lane of each agent (population order)
+  std::vector<uint32_t> agent_id;    // agent_id of each agent (population order)
+  size_t n_agents = 0;
+};
+
+Layout build_layout(const Genome* g, size_t n, int cores_per_sm);
+
+}  // namespace dynamic_core

@@ -1,0 +1,133 @@
+// Fixed-layout records shared with numpy: the Python dtypes are built from the offsets the
+// bindings export, so the two sides cannot drift.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+namespace dynamic_core {
+
+struct Bar {
+  int64_t ts;           // ns since the epoch
+  uint32_t instrument;  // id from dc.instruments
+  uint32_t timeframe;   // seconds
+  double open;
+  double high;
+  double low;
+  double close;
+  double volume;
+};
+
+enum class Mode : uint32_t { LongOnly = 0, LongShort = 1 };
+
+struct Genome {
+  uint32_t agent_id;
+  uint32_t instrument;
+  uint32_t timeframe;
+  uint32_t mode;  // Mode
+  uint32_t kind;  // 0 = indicator blend; other kinds are reserved
+  int32_t fast;   // EMA periods of the trend feature
+  int32_t slow;
+  int32_t rsi_period;
+  int32_t macd_fast;
+  int32_t macd_slow;
+  int32_t macd_signal;
+  int32_t atr_period;
+  int32_t bb_period;
+  int32_t mom_period;
+  double w_trend;
+  double w_rsi;
+  double w_macd;
+  double w_bb;
+  double w_mom;
+  double entry;     // |score| threshold for taking a position
+  double cost_bps;  // cost per unit of position change, in basis points of equity
+};
+
+struct Signal {
+  int64_t ts;
+  uint32_t instrument;
+  uint32_t timeframe;
+  uint64_t seq;              // ingress sequence number of the bar
+  uint64_t population_hash;  // provenance
+  double score;              // fitness-weighted mean score
+  double confidence;
+  double agreement;
+  double dispersion;
+  int32_t action;  // Action: -2..2
+  uint32_t n_agents;
+  uint32_t votes[5];  // STRONG_SELL, SELL, HOLD, BUY, STRONG_BUY
+  uint32_t flags;
+};
+
+struct AgentRecord {
+  uint32_t agent_id;
+  uint32_t instrument;
+  uint32_t timeframe;
+  int32_t position;
+  int32_t action;
+  uint32_t warm;
+  uint32_t quarantined;
+  uint32_t trades;
+  uint32_t wins;
+  uint32_t n_returns;
+  double score;
+  double equity;
+  double peak;
+  double max_drawdown;
+  double ret_mean;
+  double ret_std;
+  double sharpe;  // per-bar mean / std, annualised by sqrt(bars per calendar year)
+  double fitness;
+};
+
+struct DeadLetter {
+  Bar bar;
+  uint64_t index;  // position in the batch it arrived in
+  uint32_t reason;
+  uint32_t batch;  // number of the run()/validate call, counted from 0
+};
+
+static_assert(sizeof(Bar) == 56);
+static_assert(sizeof(Genome) == 112);
+static_assert(sizeof(Signal) == 96);
+static_assert(sizeof(AgentRecord) == 104);
+static_assert(std::is_trivially_copyable_v<Bar> && std::is_standard_layout_v<Bar>);
+static_assert(std::is_trivially_copyable_v<Genome> && std::is_standard_layout_v<Genome>);
+static_assert(std::is_trivially_copyable_v<Signal> && std::is_standard_layout_v<Signal>);
+static_assert(std::is_trivially_copyable_v<AgentRecord> && std::is_standard_layout_v<AgentRecord>);
+
+// Why a bar was refused. Skipping a valid bar that no agent follows is not a reject.
+enum class Reason : uint32_t {
+  Ok = 0,
+  NonFinite = 1,
+  NonPositivePrice = 2,
+  HighBelowLow = 3,
+  OpenOutOfRange = 4,
+  CloseOutOfRange = 5,
+  NegativeVolume = 6,
+  OutOfOrder = 7,
+  DuplicateTimestamp = 8,
+  UnknownInstrument = 9,
+  BadTimeframe = 10,
+};
+inline constexpr uint32_t kReasonCount = 11;
+
+inline const char* reason_name(Reason r) {
+  switch (r) {
+    case Reason::Ok: return "ok";
+    case Reason::NonFinite: return "non_finite";
+    case Reason::NonPositivePrice: return "non_positive_price";
+    case Reason::HighBelowLow: return "high_below_low";
+    case Reason::OpenOutOfRange: return "open_out_of_range";
+    case Reason::CloseOutOfRange: return "close_out_of_range";
+    case Reason::NegativeVolume: return "negative_volume";
+    case Reason::OutOfOrder: return "out_of_order";
+    case Reason::DuplicateTimestamp: return "duplicate_timestamp";
+    case Reason::UnknownInstrument: return "unknown_instrument";
+    case Reason::BadTimeframe: return "bad_timeframe";
+  }
+  return "unknown";
+}
+
+}  // namespace dynamic_core

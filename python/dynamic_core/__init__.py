@@ -1,0 +1,50 @@
+"""dynamic_core: thousands to millions of trading micro-agents, fused into consensus signals.
+
+Quick start::
+
+    import dynamic_core as dc
+    sim = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], timeframe="H1", seed=1)
+    bars = sim.bars(2000)
+    pop = dc.Population.random(10_000, instruments=["EURUSD", "GBPUSD"], timeframes=["H1"], seed=7)
+    eng = dc.Engine(pop)
+    signals = eng.run(bars)
+"""
+
+from __future__ import annotations
+
+from . import errors, indicators, market, sim
+from .engine import Engine
+from .instruments import InstrumentRegistry, instruments
+from .population import Population
+from .records import (
+    AGENT_DTYPE,
+    BAR_DTYPE,
+    DEAD_LETTER_DTYPE,
+    GENOME_DTYPE,
+    REASONS,
+    SIGNAL_DTYPE,
+    Action,
+    score_to_action,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AGENT_DTYPE",
+    "BAR_DTYPE",
+    "DEAD_LETTER_DTYPE",
+    "GENOME_DTYPE",
+    "REASONS",
+    "SIGNAL_DTYPE",
+    "Action",
+    "Engine",
+    "InstrumentRegistry",
+    "Population",
+    "__version__",
+    "errors",
+    "indicators",
+    "instruments",
+    "market",
+    "score_to_action",
+    "sim",
+]

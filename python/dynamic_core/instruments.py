@@ -1,0 +1,83 @@
+"""Instrument names to compact ids: ``dc.instruments.id("EURUSD")``, ``dc.instruments.name(0)``."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+__all__ = ["InstrumentRegistry", "instruments"]
+
+MAX_INSTRUMENTS = 1_000_000
+MAX_NAME = 64
+
+
+class InstrumentRegistry:
+    """Process-wide, thread-safe map between instrument names and dense uint32 ids.
+
+    Ids are handed out in registration order from 0 and never reused, so an id stays valid for the
+    life of the process.
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._names: list[str] = []
+        self._lock = threading.Lock()
+
+    def id(self, name: str) -> int:
+        """Id of ``name``, registering it on first use."""
+        if not isinstance(name, str):
+            raise TypeError(f"instrument name must be a str, got {type(name).__name__}")
+        i = self._ids.get(name)
+        if i is not None:
+            return i
+        if not name or len(name) > MAX_NAME or not name.isprintable() or name != name.strip():
+            raise ValueError(f"invalid instrument name {name!r}: 1-{MAX_NAME} printable characters, no padding")
+        with self._lock:
+            i = self._ids.get(name)
+            if i is None:
+                if len(self._names) >= MAX_INSTRUMENTS:
+                    raise ValueError(f"too many instruments (limit {MAX_INSTRUMENTS})")
+                i = len(self._names)
+                self._names.append(name)
+                self._ids[name] = i
+            return i
+
+    def get(self, name: str) -> int | None:
+        """Id of ``name`` or None, without registering it."""
+        return self._ids.get(name)
+
+    def name(self, i: int) -> str:
+        """Name of id ``i``; KeyError when unknown."""
+        try:
+            if i < 0:
+                raise IndexError
+            return self._names[int(i)]
+        except (IndexError, TypeError, ValueError):
+            raise KeyError(f"unknown instrument id {i!r}") from None
+
+    def resolve(self, x: str | int) -> int:
+        """Id of a name (registering it) or a registered id."""
+        if isinstance(x, str):
+            return self.id(x)
+        i = int(x)
+        self.name(i)
+        return i
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ids
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def __repr__(self) -> str:
+        return f"InstrumentRegistry({self._names!r})"
+
+
+instruments = InstrumentRegistry()
+"""The process-wide registry used by populations, market loaders and engines."""

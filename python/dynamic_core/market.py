@@ -1,0 +1,199 @@
+"""Market data in: bar arrays, validation, pandas and CSV interop.
+
+Every loader returns a time-ordered ``BAR_DTYPE`` array. Validation here is the engine's own
+(the same C++ checks), so what ``validate`` flags is exactly what ``Engine.run`` rejects.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+
+import numpy as np
+
+from . import _core
+from .instruments import instruments
+from .records import BAR_DTYPE, REASONS
+
+__all__ = [
+    "as_bars",
+    "empty",
+    "from_pandas",
+    "merge",
+    "parse_timeframe",
+    "read_csv",
+    "reason_counts",
+    "to_pandas",
+    "validate",
+]
+
+_MT_FRAMES = {"M": 60, "H": 3600, "D": 86400, "W": 604800}
+_TIME_COLUMNS = ("ts", "time", "timestamp", "datetime", "date", "open_time")
+
+
+def parse_timeframe(tf: int | str) -> int:
+    """Timeframe in seconds from an int, a MetaTrader name (``"M5"``, ``"H1"``, ``"D1"``) or a
+    pandas offset (``"5min"``, ``"1h"``, ``"1D"``)."""
+    if isinstance(tf, (bool, np.bool_)):
+        raise TypeError("timeframe must be seconds (int) or a string such as 'H1' or '1h'")
+    if isinstance(tf, (int, np.integer)):
+        seconds = int(tf)
+    elif isinstance(tf, str):
+        m = re.fullmatch(r"([MHDW])(\d+)", tf.strip().upper())
+        if m:
+            seconds = _MT_FRAMES[m.group(1)] * int(m.group(2))
+        else:
+            import pandas as pd
+
+            try:
+                seconds = int(pd.Timedelta(tf).total_seconds())
+            except ValueError:
+                raise ValueError(f"cannot read timeframe {tf!r}: use seconds, 'H1' or '1h'") from None
+    else:
+        raise TypeError(f"timeframe must be int or str, got {type(tf).__name__}")
+    if not 0 < seconds < 2**32:
+        raise ValueError(f"timeframe must be between 1 s and 2**32-1 s, got {seconds}")
+    return seconds
+
+
+def empty(n: int = 0) -> np.ndarray:
+    """A zeroed ``BAR_DTYPE`` array of length ``n``."""
+    return np.zeros(n, dtype=BAR_DTYPE)
+
+
+def as_bars(bars: object, what: str = "bars") -> np.ndarray:
+    """``bars`` as a contiguous 1-d ``BAR_DTYPE`` array, or a TypeError saying what was expected."""
+    if not isinstance(bars, np.ndarray):
+        hint = " (use dc.market.from_pandas for a DataFrame)" if hasattr(bars, "columns") else ""
+        raise TypeError(f"{what}: expected a 1-d numpy array of dc.BAR_DTYPE, got {type(bars).__name__}{hint}")
+    if bars.dtype != BAR_DTYPE:
+        raise TypeError(f"{what}: expected dtype dc.BAR_DTYPE, got {bars.dtype}")
+    if bars.ndim != 1:
+        raise TypeError(f"{what}: expected a 1-d array, got shape {bars.shape}")
+    return np.ascontiguousarray(bars)
+
+
+def validate(bars: np.ndarray) -> np.ndarray:
+    """Reject reason code of each bar (0 = ok); names are in ``dc.REASONS``."""
+    return _core.validate_bars(as_bars(bars), len(instruments))
+
+
+def reason_counts(reasons: np.ndarray) -> dict[str, int]:
+    """{reason name: count} of the non-zero codes returned by :func:`validate`."""
+    codes, counts = np.unique(np.asarray(reasons)[np.asarray(reasons) != 0], return_counts=True)
+    return {REASONS[int(c)]: int(k) for c, k in zip(codes, counts)}
+
+
+def _find(columns: Iterable[str], name: str) -> str | None:
+    for c in columns:
+        if str(c).strip().lower() == name:
+            return c
+    return None
+
+
+def from_pandas(df, instrument: str | int, timeframe: int | str | None = None) -> np.ndarray:
+    """Bars from a DataFrame with OHLC(V) columns in any case and a DatetimeIndex or a time column.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        ``Open High Low Close [Volume]`` (any case). Times come from a DatetimeIndex or from a
+        column named ts/time/timestamp/datetime/date (datetimes, or epoch numbers: seconds, ms,
+        us or ns, told apart by magnitude).
+    instrument : str or int
+        Instrument name (registered on first use) or id.
+    timeframe : int or str, optional
+        Seconds, ``"H1"`` or ``"1h"``. Inferred from the median spacing of the times when omitted.
+    """
+    import pandas as pd
+
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"expected a pandas DataFrame, got {type(df).__name__}")
+    cols = list(df.columns)
+    missing = [c for c in ("open", "high", "low", "close") if _find(cols, c) is None]
+    if missing:
+        raise ValueError(f"DataFrame lacks columns {missing} (have {cols})")
+    tcol = next((c for name in _TIME_COLUMNS if (c := _find(cols, name)) is not None), None)
+    if tcol is not None:
+        ts = _to_ns(df[tcol])
+    elif isinstance(df.index, pd.DatetimeIndex):
+        ts = _to_ns(pd.Series(df.index))
+    else:
+        raise ValueError("no times: give the DataFrame a DatetimeIndex or a time/timestamp/date column")
+    out = empty(len(df))
+    out["ts"] = ts
+    out["instrument"] = instruments.resolve(instrument)
+    if timeframe is None:
+        d = np.diff(np.sort(ts))
+        d = d[d > 0]
+        if len(d) == 0:
+            raise ValueError("cannot infer the timeframe from fewer than two distinct times; pass timeframe=")
+        timeframe = max(1, int(np.median(d) // 1_000_000_000))
+    out["timeframe"] = parse_timeframe(timeframe)
+    for name in ("open", "high", "low", "close"):
+        out[name] = pd.to_numeric(df[_find(cols, name)], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    vcol = _find(cols, "volume")
+    if vcol is not None:
+        out["volume"] = pd.to_numeric(df[vcol], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    return out
+
+
+def _to_ns(col) -> np.ndarray:
+    import pandas as pd
+
+    if pd.api.types.is_numeric_dtype(col):
+        v = col.to_numpy(dtype=np.float64)
+        mag = np.nanmax(np.abs(v)) if len(v) else 0.0
+        scale = 1e9 if mag < 1e11 else 1e6 if mag < 1e14 else 1e3 if mag < 1e17 else 1.0
+        return (v * scale).astype(np.int64)
+    t = pd.to_datetime(col, utc=True)
+    return t.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").astype(np.int64)
+
+
+def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
+             timeframe: int | str | None = None) -> np.ndarray:
+    """Bars from a CSV file with a header (see :func:`from_pandas` for the columns).
+
+    When ``instrument`` is omitted, a ``symbol``/``instrument`` column names each row's
+    instrument; failing that, the file's stem is the instrument name.
+    """
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    scol = _find(df.columns, "symbol") or _find(df.columns, "instrument")
+    if instrument is None and scol is not None:
+        parts = [from_pandas(g.drop(columns=[scol]), str(name), timeframe) for name, g in df.groupby(scol, sort=True)]
+        return merge(*parts)
+    if instrument is None:
+        instrument = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+    return from_pandas(df, instrument, timeframe)
+
+
+def merge(*arrays: np.ndarray) -> np.ndarray:
+    """Interleave bar arrays into one time-ordered array (stable: ties keep argument order)."""
+    if not arrays:
+        return empty(0)
+    allbars = np.concatenate([as_bars(a, "merge argument") for a in arrays])
+    return allbars[np.argsort(allbars["ts"], kind="stable")]
+
+
+def to_pandas(bars: np.ndarray):
+    """A DataFrame with a UTC DatetimeIndex and instrument names."""
+    import pandas as pd
+
+    b = as_bars(bars)
+    df = pd.DataFrame(
+        {
+            "instrument": [instruments.name(int(i)) for i in b["instrument"]],
+            "timeframe": b["timeframe"],
+            "Open": b["open"],
+            "High": b["high"],
+            "Low": b["low"],
+            "Close": b["close"],
+            "Volume": b["volume"],
+        },
+        index=pd.to_datetime(b["ts"], utc=True),
+    )
+    df.index.name = "time"
+    return df

@@ -1,0 +1,207 @@
+"""Agent populations: parameter grids, random populations and raw genome records."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidGenome
+from .instruments import instruments
+from .market import parse_timeframe
+from .records import GENOME_DTYPE
+
+__all__ = ["Population", "MODES", "DEFAULTS", "MAX_PERIOD"]
+
+MAX_PERIOD = 100_000
+MODES = {"long_only": 0, "long_short": 1}
+PERIODS = ("fast", "slow", "rsi_period", "macd_fast", "macd_slow", "macd_signal", "atr_period",
+           "bb_period", "mom_period")
+WEIGHTS = ("w_trend", "w_rsi", "w_macd", "w_bb", "w_mom")
+DEFAULTS: dict[str, Any] = {
+    "fast": 12, "slow": 26, "rsi_period": 14, "macd_fast": 12, "macd_slow": 26, "macd_signal": 9,
+    "atr_period": 14, "bb_period": 20, "mom_period": 10,
+    "w_trend": 1.0, "w_rsi": 0.0, "w_macd": 0.0, "w_bb": 0.0, "w_mom": 0.0,
+    "entry": 0.0, "cost_bps": 0.0, "mode": "long_short", "kind": 0,
+}
+"""Genome defaults: a plain EMA(12)/EMA(26) trend follower, long/short, no costs."""
+
+
+def _mode_code(m: Any) -> int:
+    if isinstance(m, str):
+        if m not in MODES:
+            raise InvalidGenome(f"unknown mode {m!r}; expected one of {sorted(MODES)}")
+        return MODES[m]
+    return int(m)
+
+
+def check_records(rec: np.ndarray) -> None:
+    """Raise :class:`InvalidGenome` naming every offending row (the first ten in the message)."""
+    problems: dict[int, list[str]] = {}
+
+    def flag(mask: np.ndarray, why: str) -> None:
+        for i in np.flatnonzero(mask):
+            problems.setdefault(int(i), []).append(why)
+
+    for p in PERIODS:
+        flag((rec[p] < 1) | (rec[p] > MAX_PERIOD), f"{p} outside [1, {MAX_PERIOD}]")
+    for w in WEIGHTS:
+        flag(~np.isfinite(rec[w]), f"{w} not finite")
+    flag(~np.isfinite(rec["entry"]) | (rec["entry"] < 0), "entry not a finite number >= 0")
+    flag(~np.isfinite(rec["cost_bps"]) | (rec["cost_bps"] < 0), "cost_bps not a finite number >= 0")
+    flag(rec["mode"] > 1, "unknown mode (0 long_only, 1 long_short)")
+    flag(rec["kind"] != 0, "unknown kind (only 0, indicator blend, exists)")
+    flag(rec["timeframe"] == 0, "timeframe 0")
+    flag(rec["instrument"] >= len(instruments), "instrument id not registered in dc.instruments")
+    ids, first, counts = np.unique(rec["agent_id"], return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = np.isin(rec["agent_id"], ids[counts > 1])
+        dup[first[counts > 1]] = False
+        flag(dup, "duplicate agent_id")
+    if problems:
+        rows = sorted(problems)
+        shown = "; ".join(f"row {r}: {', '.join(problems[r])}" for r in rows[:10])
+        more = f" (and {len(rows) - 10} more rows)" if len(rows) > 10 else ""
+        raise InvalidGenome(f"{len(rows)} invalid genome row(s): {shown}{more}", rows=rows)
+
+
+class Population:
+    """An immutable set of agent genomes (``GENOME_DTYPE`` records).
+
+    Build one with :meth:`grid`, :meth:`random` or :meth:`from_records`. ``records`` is
+    read-only; ``hash`` is a content hash used as provenance in every signal.
+    """
+
+    __slots__ = ("_rec", "_hash")
+
+    def __init__(self, records: np.ndarray) -> None:
+        if not isinstance(records, np.ndarray) or records.dtype != GENOME_DTYPE or records.ndim != 1:
+            got = records.dtype if isinstance(records, np.ndarray) else type(records).__name__
+            raise TypeError(f"expected a 1-d numpy array of dc.GENOME_DTYPE, got {got}")
+        rec = np.array(records, dtype=GENOME_DTYPE, copy=True, order="C")
+        check_records(rec)
+        rec.setflags(write=False)
+        self._rec = rec
+        self._hash = int.from_bytes(hashlib.blake2b(rec.tobytes(), digest_size=8).digest(), "little")
+
+    # ---- constructors ------------------------------------------------------------------------
+    @classmethod
+    def from_records(cls, records: np.ndarray) -> Population:
+        """A population from existing genome records (validated; copied)."""
+        return cls(records)
+
+    @classmethod
+    def grid(cls, instrument: str | int | Sequence[str | int], timeframe: int | str | Sequence[int | str],
+             **params: Any) -> Population:
+        """The cartesian product of every list-valued parameter; scalars broadcast.
+
+        ``instrument`` and ``timeframe`` may be lists too. Unnamed parameters take
+        :data:`DEFAULTS`. Agents are numbered 0..n-1 in product order (the last parameter varies
+        fastest).
+
+        >>> Population.grid("EURUSD", "H1", fast=[5, 10], slow=[20, 50, 100])  # 6 agents
+        """
+        unknown = set(params) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown genome parameter(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        axes: dict[str, list[Any]] = {
+            "instrument": [instruments.resolve(i) for i in _as_list(instrument)],
+            "timeframe": [parse_timeframe(t) for t in _as_list(timeframe)],
+        }
+        for k, default in DEFAULTS.items():
+            axes[k] = _as_list(params.get(k, default))
+        axes["mode"] = [_mode_code(m) for m in axes["mode"]]
+        names = list(axes)
+        n = int(np.prod([len(v) for v in axes.values()]))
+        if n == 0:
+            raise ValueError("the grid is empty (a parameter has an empty list)")
+        if n > 50_000_000:
+            raise ValueError(f"grid of {n} agents is larger than the 50M limit")
+        rec = np.zeros(n, dtype=GENOME_DTYPE)
+        rec["agent_id"] = np.arange(n, dtype=np.uint32)
+        # meshgrid in product order: the last axis varies fastest, as itertools.product
+        grids = np.meshgrid(*[np.asarray(axes[k]) for k in names], indexing="ij")
+        for k, g in zip(names, grids):
+            rec[k] = g.reshape(-1)
+        return cls(rec)
+
+    @classmethod
+    def random(cls, n: int, instruments: Sequence[str | int] = ("SIM0",),
+               timeframes: Sequence[int | str] = (3600,), seed: int = 0,
+               mode: str | None = None, cost_bps: float | None = None) -> Population:
+        """``n`` random agents spread evenly over every (instrument, timeframe) pair.
+
+        Periods are drawn in trader-typical ranges, each feature weight is N(0, 1) and zero with
+        probability 0.3, entry thresholds in [0, 0.5), mode long/short with probability 0.5
+        (unless ``mode`` is given) and costs in [0, 2) bps (unless ``cost_bps`` is given). The
+        same ``seed`` gives the same population.
+        """
+        from .instruments import instruments as registry
+
+        if n < 1 or n > 50_000_000:
+            raise ValueError(f"n must be in [1, 50M], got {n}")
+        pairs = list(itertools.product([registry.resolve(i) for i in instruments],
+                                       [parse_timeframe(t) for t in timeframes]))
+        if not pairs:
+            raise ValueError("need at least one instrument and one timeframe")
+        rng = np.random.default_rng(seed)
+        rec = np.zeros(n, dtype=GENOME_DTYPE)
+        rec["agent_id"] = np.arange(n, dtype=np.uint32)
+        which = np.arange(n) % len(pairs)
+        rec["instrument"] = np.array([p[0] for p in pairs], dtype=np.uint32)[which]
+        rec["timeframe"] = np.array([p[1] for p in pairs], dtype=np.uint32)[which]
+        rec["fast"] = rng.integers(2, 50, n)
+        rec["slow"] = rec["fast"] + rng.integers(1, 150, n)
+        rec["rsi_period"] = rng.integers(2, 31, n)
+        rec["macd_fast"] = rng.integers(2, 21, n)
+        rec["macd_slow"] = rec["macd_fast"] + rng.integers(1, 31, n)
+        rec["macd_signal"] = rng.integers(2, 16, n)
+        rec["atr_period"] = rng.integers(5, 31, n)
+        rec["bb_period"] = rng.integers(5, 51, n)
+        rec["mom_period"] = rng.integers(2, 31, n)
+        for w in WEIGHTS:
+            rec[w] = np.where(rng.random(n) < 0.3, 0.0, rng.standard_normal(n))
+        rec["entry"] = rng.random(n) * 0.5
+        rec["mode"] = MODES[mode] if mode is not None else rng.integers(0, 2, n)
+        rec["cost_bps"] = cost_bps if cost_bps is not None else rng.random(n) * 2.0
+        return cls(rec)
+
+    # ---- views -------------------------------------------------------------------------------
+    @property
+    def records(self) -> np.ndarray:
+        """Read-only ``GENOME_DTYPE`` records in population order."""
+        return self._rec
+
+    @property
+    def hash(self) -> int:
+        """64-bit content hash (blake2b of the records)."""
+        return self._hash
+
+    def __len__(self) -> int:
+        return len(self._rec)
+
+    def __getitem__(self, idx: Any) -> Population:
+        return Population(np.atleast_1d(self._rec[idx]))
+
+    def to_pandas(self):
+        """The genomes as a DataFrame with instrument names and mode names."""
+        import pandas as pd
+
+        df = pd.DataFrame(self._rec)
+        df["instrument"] = [instruments.name(int(i)) for i in self._rec["instrument"]]
+        df["mode"] = np.where(self._rec["mode"] == 1, "long_short", "long_only")
+        return df
+
+    def __repr__(self) -> str:
+        pairs = len(np.unique(self._rec[["instrument", "timeframe"]]))
+        return f"Population({len(self)} agents, {pairs} instrument/timeframe streams, hash={self._hash:016x})"
+
+
+def _as_list(v: Any) -> list[Any]:
+    if isinstance(v, (str, bytes)) or np.ndim(v) == 0:
+        return [v]
+    out = list(v)
+    return out

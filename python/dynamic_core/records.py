@@ -1,0 +1,74 @@
+"""numpy dtypes of the native records, built from the offsets the C++ side reports."""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from . import _core
+
+__all__ = [
+    "BAR_DTYPE",
+    "GENOME_DTYPE",
+    "SIGNAL_DTYPE",
+    "AGENT_DTYPE",
+    "DEAD_LETTER_DTYPE",
+    "REASONS",
+    "Action",
+    "score_to_action",
+]
+
+
+def _dtype(name: str) -> np.dtype:
+    itemsize, fields = _core.record_layouts()[name]
+    return np.dtype(
+        {
+            "names": [f[0] for f in fields],
+            "formats": [f[2] if f[3] == 1 else (f[2], (f[3],)) for f in fields],
+            "offsets": [f[1] for f in fields],
+            "itemsize": itemsize,
+        }
+    )
+
+
+BAR_DTYPE: np.dtype = _dtype("bar")
+"""One OHLCV bar: ``ts`` (int64 ns), ``instrument`` (uint32 id), ``timeframe`` (uint32 s), prices."""
+GENOME_DTYPE: np.dtype = _dtype("genome")
+"""One agent's parameters: periods, feature weights, ``entry``, ``mode``, ``cost_bps``."""
+SIGNAL_DTYPE: np.dtype = _dtype("signal")
+"""One fused signal per (instrument, timeframe, bar)."""
+AGENT_DTYPE: np.dtype = _dtype("agent")
+"""Per-agent state and paper P&L statistics."""
+DEAD_LETTER_DTYPE: np.dtype = _dtype("dead_letter")
+"""A rejected bar with its batch index and reason code."""
+
+REASONS: tuple[str, ...] = tuple(_core.reason_names())
+"""Reject reason names indexed by code (0 is ``ok``)."""
+
+
+class Action(enum.IntEnum):
+    """Discrete view of a score in (-1, 1)."""
+
+    STRONG_SELL = -2
+    SELL = -1
+    HOLD = 0
+    BUY = 1
+    STRONG_BUY = 2
+
+
+def score_to_action(score, weak: float = 0.2, strong: float = 0.6):
+    """Map a score in (-1, 1) to an :class:`Action`.
+
+    ``score >= strong`` is STRONG_BUY, ``score >= weak`` BUY, symmetric for sells, HOLD between.
+    A numpy array gives an int array of action codes.
+    """
+    if np.ndim(score) == 0:
+        return Action(_core.score_to_action(float(score), weak, strong))
+    s = np.asarray(score, dtype=np.float64)
+    out = np.zeros(s.shape, dtype=np.int32)
+    out[s >= weak] = 1
+    out[s >= strong] = 2
+    out[s <= -weak] = -1
+    out[s <= -strong] = -2
+    return out
