@@ -68,7 +68,8 @@ class Engine {
 
   EngineConfig cfg_;
   Layout layout_;
-  std::vector<LaneState> state_;
+  LaneArrays lanes_;
+  StateArrays state_;
   std::unordered_map<uint64_t, uint32_t> stream_of_;
   uint32_t block_bars_ = 0;
   EngineStats stats_;

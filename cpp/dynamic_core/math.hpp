@@ -28,9 +28,11 @@ DC_HOST_DEVICE inline bool dc_finite(double x) { return (x - x) == 0.0; }
 DC_HOST_DEVICE inline double soft(double x) { return x / (1.0 + dc_abs(x)); }
 
 // -2 STRONG_SELL, -1 SELL, 0 HOLD, 1 BUY, 2 STRONG_BUY.
+// Branch-free: a sum of comparisons.
 DC_HOST_DEVICE inline int score_to_action(double s, double weak = kWeakAction,
                                           double strong = kStrongAction) {
-  return s >= strong ? 2 : s >= weak ? 1 : s <= -strong ? -2 : s <= -weak ? -1 : 0;
+  return static_cast<int>(s >= strong) + static_cast<int>(s >= weak) - static_cast<int>(s <= -weak) -
+         static_cast<int>(s <= -strong);
 }
 
 // ---- features, each in [-1, 1]; 0 when the normaliser is 0 ------------------------------
@@ -92,45 +94,41 @@ DC_HOST_DEVICE inline void lane_init(LaneState& s) {
   s.quarantined = 0;
 }
 
-// The micro-core step. `score` is the blended score of this bar, `ret` the bar's close-to-close
-// return (0 on the stream's first bar), `warm` whether every indicator the agent uses has
-// produced output, `cost` the cost per unit of position change as a fraction of equity.
-// Returns false when the state turned non-finite (the caller quarantines the lane).
-DC_HOST_DEVICE inline bool lane_step(LaneState& s, double score, double ret, bool warm,
+// The micro-core step, written without branches (selects only) so a warp of lanes vectorises on
+// the CPU and does not diverge on the GPU. `score` is the blended score of this bar, `ret` the
+// bar's close-to-close return (0 on the stream's first bar), `warm` whether every indicator the
+// agent uses has produced output, `cost` the cost per unit of position change as a fraction of
+// equity. Returns the next state in `o`, and false when it would turn non-finite (the caller then
+// quarantines the lane and keeps the previous state).
+DC_HOST_DEVICE inline bool lane_step(const LaneState& s, LaneState& o, double score, double ret, bool warm,
                                      double entry, bool long_short, double cost) {
   const int prev = s.position;
   const double g = 1.0 + static_cast<double>(prev) * ret;
   double e = s.equity * g;
-  int pos = prev;
-  if (score > entry) {
-    pos = 1;
-  } else if (score < -entry) {
-    pos = long_short ? -1 : 0;
-  }
-  if (!warm) pos = 0;
+  const int down = long_short ? -1 : 0;
+  int pos = score > entry ? 1 : (score < -entry ? down : prev);
+  pos = warm ? pos : 0;
   const int d = pos > prev ? pos - prev : prev - pos;
   const double c = cost * static_cast<double>(d);
   e = e - e * c;
-  if (!(dc_finite(e) && dc_finite(score))) return false;
-  if (warm) {
-    const double r = g * (1.0 - c) - 1.0;
-    s.ret_sum = s.ret_sum + r;
-    s.ret_sq = s.ret_sq + r * r;
-    s.n_ret += 1;
-  }
-  if (prev != 0 && pos != prev) {
-    s.trades += 1;
-    if (e > s.entry_equity) s.wins += 1;
-  }
-  if (pos != 0 && pos != prev) s.entry_equity = e;
-  if (e > s.peak) s.peak = e;
-  const double dd = (s.peak - e) / s.peak;
-  if (dd > s.max_dd) s.max_dd = dd;
-  s.equity = e;
-  s.position = pos;
-  s.score = score;
-  s.action = score_to_action(score);
-  return true;
+  const double r = g * (1.0 - c) - 1.0;
+  const bool closing = (prev != 0) & (pos != prev);
+  const bool opening = (pos != 0) & (pos != prev);
+  o.ret_sum = warm ? s.ret_sum + r : s.ret_sum;
+  o.ret_sq = warm ? s.ret_sq + r * r : s.ret_sq;
+  o.n_ret = s.n_ret + (warm ? 1u : 0u);
+  o.trades = s.trades + (closing ? 1u : 0u);
+  o.wins = s.wins + ((closing & (e > s.entry_equity)) ? 1u : 0u);
+  o.entry_equity = opening ? e : s.entry_equity;
+  o.peak = e > s.peak ? e : s.peak;
+  const double dd = (o.peak - e) / o.peak;
+  o.max_dd = dd > s.max_dd ? dd : s.max_dd;
+  o.equity = e;
+  o.position = pos;
+  o.score = score;
+  o.action = score_to_action(score);
+  o.quarantined = 0;
+  return dc_finite(e) & dc_finite(score);
 }
 
 // Consensus weight of an agent: equity discounted by its worst drawdown.
@@ -139,50 +137,42 @@ DC_HOST_DEVICE inline double fitness(double equity, double max_dd) {
 }
 
 // ---- SM summaries and fusion ----------------------------------------------------------------
+// Floating-point sums go through the canonical order (lanes by a pairwise tree, warps in index
+// order, SMs in index order); counts are integers, whose sum does not depend on order.
 struct Summary {
-  double n;
   double sum_w;
   double sum_ws;
   double sum_s;
   double sum_s2;
-  double votes[5];
+  uint32_t n;
+  uint32_t votes[5];  // STRONG_SELL .. STRONG_BUY
 };
 
 DC_HOST_DEVICE inline void summary_zero(Summary& a) {
-  a.n = 0.0;
   a.sum_w = 0.0;
   a.sum_ws = 0.0;
   a.sum_s = 0.0;
   a.sum_s2 = 0.0;
-  for (int k = 0; k < 5; ++k) a.votes[k] = 0.0;
+  a.n = 0;
+  for (int k = 0; k < 5; ++k) a.votes[k] = 0;
 }
 
 DC_HOST_DEVICE inline void summary_add(Summary& a, const Summary& b) {
-  a.n = a.n + b.n;
   a.sum_w = a.sum_w + b.sum_w;
   a.sum_ws = a.sum_ws + b.sum_ws;
   a.sum_s = a.sum_s + b.sum_s;
   a.sum_s2 = a.sum_s2 + b.sum_s2;
-  for (int k = 0; k < 5; ++k) a.votes[k] = a.votes[k] + b.votes[k];
+  a.n += b.n;
+  for (int k = 0; k < 5; ++k) a.votes[k] += b.votes[k];
 }
 
-// Contribution of one lane (zero when masked, cold or quarantined).
-DC_HOST_DEVICE inline void summary_lane(Summary& a, bool counts, double score, double w, int action) {
-  summary_zero(a);
-  if (!counts) return;
-  a.n = 1.0;
-  a.sum_w = w;
-  a.sum_ws = w * score;
-  a.sum_s = score;
-  a.sum_s2 = score * score;
-  a.votes[action + 2] = 1.0;
-}
-
-// Canonical warp reduction: a pairwise tree with strides 16, 8, 4, 2, 1 (the order of
-// __shfl_down_sync on the GPU). `lanes` holds kWarpSize summaries; the result lands in lanes[0].
-DC_HOST_DEVICE inline void warp_reduce(Summary* lanes) {
+// Canonical warp reduction of one float sum: a pairwise tree with strides 16, 8, 4, 2, 1 (the
+// order of __shfl_down_sync on the GPU). `v` holds kWarpSize values (0 for lanes that do not
+// count); returns the total.
+DC_HOST_DEVICE inline double warp_tree(double* v) {
   for (int stride = kWarpSize / 2; stride > 0; stride /= 2)
-    for (int i = 0; i < stride; ++i) summary_add(lanes[i], lanes[i + stride]);
+    for (int i = 0; i < stride; ++i) v[i] = v[i] + v[i + stride];
+  return v[0];
 }
 
 struct Fused {
@@ -195,12 +185,12 @@ struct Fused {
   uint32_t votes[5];
 };
 
-// DynamicFusionAlgo: fuse the already-reduced summary of every SM of one stream.
+// DynamicFusionAlgo: fuse the summary of every SM of one stream (already added in SM order).
 DC_HOST_DEVICE inline Fused fuse(const Summary& t) {
   Fused f;
-  f.n = static_cast<uint32_t>(t.n);
-  for (int k = 0; k < 5; ++k) f.votes[k] = static_cast<uint32_t>(t.votes[k]);
-  if (t.n == 0.0) {
+  f.n = t.n;
+  for (int k = 0; k < 5; ++k) f.votes[k] = t.votes[k];
+  if (t.n == 0) {
     f.score = 0.0;
     f.confidence = 0.0;
     f.agreement = 0.0;
@@ -208,13 +198,14 @@ DC_HOST_DEVICE inline Fused fuse(const Summary& t) {
     f.action = 0;
     return f;
   }
-  f.score = t.sum_w > 0.0 ? t.sum_ws / t.sum_w : t.sum_s / t.n;
+  const double n = static_cast<double>(t.n);
+  f.score = t.sum_w > 0.0 ? t.sum_ws / t.sum_w : t.sum_s / n;
   f.action = score_to_action(f.score);
-  const double mean = t.sum_s / t.n;
-  double var = t.sum_s2 / t.n - mean * mean;
+  const double mean = t.sum_s / n;
+  double var = t.sum_s2 / n - mean * mean;
   if (var < 0.0) var = 0.0;
   f.dispersion = DC_SQRT(var);
-  double agree;
+  uint32_t agree;
   if (f.action > 0) {
     agree = t.votes[3] + t.votes[4];
   } else if (f.action < 0) {
@@ -222,8 +213,8 @@ DC_HOST_DEVICE inline Fused fuse(const Summary& t) {
   } else {
     agree = t.votes[2];
   }
-  f.agreement = agree / t.n;
-  double conf = f.agreement * (1.0 - f.dispersion);
+  f.agreement = static_cast<double>(agree) / n;
+  const double conf = f.agreement * (1.0 - f.dispersion);
   f.confidence = conf < 0.0 ? 0.0 : (conf > 1.0 ? 1.0 : conf);
   return f;
 }

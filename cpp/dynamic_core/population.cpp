@@ -25,6 +25,7 @@ uint16_t intern(std::map<Key, uint16_t>& m, const Key& k, size_t next) {
 // Builds the bank of one SM while its lanes are added; indices are relative per kind until
 // finish() turns feature indices absolute.
 struct BankBuilder {
+  explicit BankBuilder(Bank& bank) : b(bank) {}
   Bank& b;
   std::map<int32_t, uint16_t> ema_m, rsi_m, atr_m, ew_m, roc_m, rsi_fm, bb_fm, mom_fm;
   std::map<std::array<int32_t, 3>, uint16_t> macd_m, trend_fm;
@@ -139,6 +140,48 @@ void Bank::update(const Bar& bar) {
     f[mom_base + i] = roc_warm[mom_f[i]] ? dynamic_core::mom_feature(rocs[mom_f[i]].value) : 0.0;
 }
 
+void LaneArrays::assign(const std::vector<LaneParams>& p) {
+  const size_t n = p.size();
+  for (int f = 0; f < kFeatures; ++f) {
+    w[f].resize(n);
+    fidx[f].resize(n);
+  }
+  entry.resize(n);
+  cost.resize(n);
+  lookback.resize(n);
+  long_short.resize(n);
+  active.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    for (int f = 0; f < kFeatures; ++f) {
+      w[f][i] = p[i].w[f];
+      fidx[f][i] = p[i].fidx[f];
+    }
+    entry[i] = p[i].entry;
+    cost[i] = p[i].cost;
+    lookback[i] = p[i].lookback;
+    long_short[i] = p[i].long_short;
+    active[i] = p[i].active;
+  }
+}
+
+void StateArrays::init(size_t n) {
+  LaneState z;
+  lane_init(z);
+  score.assign(n, z.score);
+  equity.assign(n, z.equity);
+  entry_equity.assign(n, z.entry_equity);
+  peak.assign(n, z.peak);
+  max_dd.assign(n, z.max_dd);
+  ret_sum.assign(n, z.ret_sum);
+  ret_sq.assign(n, z.ret_sq);
+  trades.assign(n, z.trades);
+  wins.assign(n, z.wins);
+  n_ret.assign(n, z.n_ret);
+  quarantined.assign(n, z.quarantined);
+  position.assign(n, z.position);
+  action.assign(n, z.action);
+}
+
 void validate_genomes(const Genome* g, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     const Genome& x = g[i];
@@ -214,7 +257,7 @@ Layout build_layout(const Genome* g, size_t n, int cores_per_sm) {
       sm.stream = static_cast<uint32_t>(L.streams.size());
       sm.lane_begin = static_cast<uint32_t>(L.params.size());
       sm.n_warps = static_cast<uint32_t>(std::min<size_t>(warps_per_sm, warps - w0));
-      BankBuilder bb{sm.bank};
+      BankBuilder bb(sm.bank);
       const size_t lanes = static_cast<size_t>(sm.n_warps) * kWarpSize;
       for (size_t l = 0; l < lanes; ++l) {
         const size_t k = i + w0 * kWarpSize + l;

@@ -59,6 +59,27 @@ struct LaneParams {
   int32_t lookback;  // bar index from which every used indicator is warm
 };
 
+// The same parameters as structure-of-arrays, the form the lane kernel vectorises over.
+struct LaneArrays {
+  std::vector<double> w[kFeatures];
+  std::vector<int32_t> fidx[kFeatures];
+  std::vector<double> entry, cost;
+  std::vector<int32_t> lookback, long_short, active;
+  void assign(const std::vector<LaneParams>& p);
+};
+
+// Agent state as structure-of-arrays, padded like the lanes.
+struct StateArrays {
+  std::vector<double> score, equity, entry_equity, peak, max_dd, ret_sum, ret_sq;
+  std::vector<uint32_t> trades, wins, n_ret, quarantined;
+  std::vector<int32_t> position, action;
+  void init(size_t n);
+  LaneState get(size_t i) const {
+    return LaneState{score[i], equity[i], entry_equity[i], peak[i],   max_dd[i], ret_sum[i],    ret_sq[i],
+                     trades[i], wins[i],  n_ret[i],        position[i], action[i], quarantined[i]};
+  }
+};
+
 struct Sm {
   uint32_t stream;
   uint32_t lane_begin;  // multiple of kWarpSize
