@@ -1,0 +1,819 @@
+"""The ``dynamic-core`` command line: a live demo run and parameter-sweep backtests.
+
+Two subcommands:
+
+``dynamic-core run``
+    Runs a random population over simulated (or CSV) bars in chunks, with a progress bar and a
+    live table of the latest fused signal per instrument, then prints a summary.
+``dynamic-core backtest``
+    Sweeps a parameter grid (``--fast 5:50:5 --slow 20:200:10``) over one data set and writes
+    one CSV row per agent.
+
+``main`` returns an exit code instead of raising, so it can be called in-process as well as
+through the ``dynamic-core`` entry point or ``python -m dynamic_core``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .engine import Engine
+from .errors import DynamicCoreError
+from .instruments import instruments
+from .market import from_pandas, merge, parse_timeframe, read_csv
+from .population import DEFAULTS, Population
+from .records import Action
+from .sim import PROFILES, MarketSimulator
+
+__all__ = ["main", "build_parser", "parse_values", "simulated_names"]
+
+PROG = "dynamic-core"
+MAX_SIM_INSTRUMENTS = 64
+MAX_AXIS_VALUES = 1_000_000
+BACKTESTING_SETS = ("EURUSD", "GOOG", "BTCUSD")
+
+# The simulator's default four come first so `--instruments 4` means the same market as
+# MarketSimulator(); the other named profiles follow, then generic SIM<k> names.
+_SIM_ORDER = ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD"] + [
+    n for n in PROFILES if n not in ("EURUSD", "GBPUSD", "USDJPY", "XAUUSD")
+]
+
+_INT_PARAMS = ("fast", "slow", "rsi_period", "macd_fast", "macd_slow", "macd_signal", "atr_period",
+               "bb_period", "mom_period")
+_FLOAT_PARAMS = ("w_trend", "w_rsi", "w_macd", "w_bb", "w_mom", "entry", "cost_bps")
+
+_ACTION_STYLE = {
+    Action.STRONG_SELL: "bold red",
+    Action.SELL: "red",
+    Action.HOLD: "dim",
+    Action.BUY: "green",
+    Action.STRONG_BUY: "bold green",
+}
+
+
+class CLIError(Exception):
+    """A problem with the command line or its inputs, reported as one line on stderr."""
+
+
+# ---- argument parsing ------------------------------------------------------------------------
+
+def simulated_names(k: int) -> list[str]:
+    """The first ``k`` simulated instrument names: EURUSD, GBPUSD, USDJPY, XAUUSD, AUDUSD,
+    BTCUSD, SPX, then SIM7, SIM8, ..."""
+    if not 1 <= k <= MAX_SIM_INSTRUMENTS:
+        raise CLIError(f"--instruments must be between 1 and {MAX_SIM_INSTRUMENTS}, got {k}")
+    return (_SIM_ORDER + [f"SIM{i}" for i in range(len(_SIM_ORDER), k)])[:k]
+
+
+def parse_values(text: str, kind: type = int) -> list[Any]:
+    """Values of one grid axis from ``start:stop[:step]`` (stop INCLUSIVE), ``a,b,c`` or ``x``.
+
+    Parameters
+    ----------
+    text : str
+        ``"5:50:5"`` gives 5, 10, ..., 50; ``"5:50"`` steps by 1; ``"0:1:0.25"`` works for
+        floats; ``"5,10,20"`` is a list; ``"12"`` a single value. Items of a comma list may
+        themselves be ranges (``"5:10,20"``).
+    kind : type
+        ``int`` or ``float``: what each value must be.
+
+    Returns
+    -------
+    list
+        The values in the order written.
+
+    Raises
+    ------
+    ValueError
+        With a message that names the offending text.
+    """
+    s = text.strip()
+    if not s:
+        raise ValueError("empty value")
+    out: list[Any] = []
+    for item in s.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"empty item in list {text!r}")
+        if ":" in item:
+            out.extend(_parse_range(item, kind))
+        else:
+            out.append(_parse_number(item, kind, text))
+        if len(out) > MAX_AXIS_VALUES:
+            raise ValueError(f"{text!r} has more than {MAX_AXIS_VALUES:,} values")
+    return out
+
+
+def _parse_number(item: str, kind: type, whole: str) -> int | float:
+    try:
+        v = float(item)
+    except ValueError:
+        raise ValueError(f"{item!r} in {whole!r} is not a number") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{item!r} in {whole!r} is not finite")
+    if kind is int:
+        if v != int(v):
+            raise ValueError(f"{item!r} in {whole!r} is not a whole number")
+        return int(v)
+    return v
+
+
+def _parse_range(item: str, kind: type) -> list[Any]:
+    parts = item.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"bad range {item!r}: expected start:stop or start:stop:step")
+    start, stop = (_parse_number(p.strip(), kind, item) for p in parts[:2])
+    step = _parse_number(parts[2].strip(), kind, item) if len(parts) == 3 else kind(1)
+    if step <= 0:
+        raise ValueError(f"bad range {item!r}: step must be > 0")
+    if stop < start:
+        raise ValueError(f"bad range {item!r}: stop is below start")
+    # the small tolerance keeps a float stop that is a whole number of steps away (0:1:0.1)
+    n = int(math.floor((stop - start) / step + 1e-9)) + 1
+    if n > MAX_AXIS_VALUES:
+        raise ValueError(f"range {item!r} has {n:,} values, more than {MAX_AXIS_VALUES:,}")
+    if kind is int:
+        return [int(start + i * step) for i in range(n)]
+    # rounding hides accumulated binary error: 0:1:0.1 gives 0.3, not 0.30000000000000004
+    return [round(start + i * step, 12) for i in range(n)]
+
+
+def _axis(kind: type) -> Callable[[str], list[Any]]:
+    def convert(text: str) -> list[Any]:
+        try:
+            return parse_values(text, kind)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = "integer values" if kind is int else "values"
+    return convert
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _instrument_choice(text: str) -> int | list[str]:
+    """``--instruments``: a count of simulated names, or a comma list of names."""
+    t = text.strip()
+    if t.isdigit():
+        k = int(t)
+        if not 1 <= k <= MAX_SIM_INSTRUMENTS:
+            raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_SIM_INSTRUMENTS}, got {k}")
+        return k
+    names = [n.strip() for n in t.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a count or a comma list of names")
+    return names
+
+
+def _timeframe(text: str) -> int:
+    try:
+        return parse_timeframe(text.strip() if not text.strip().isdigit() else int(text))
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _modes(text: str) -> list[str]:
+    names = ["long_only", "long_short"] if text.strip() == "both" else [m.strip() for m in text.split(",")]
+    bad = [m for m in names if m not in ("long_only", "long_short")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {bad}: use long_only, long_short or both")
+    return names
+
+
+_MAIN_EPILOG = """\
+examples:
+  dynamic-core run                                  10,000 agents, 4 simulated instruments
+  dynamic-core run --agents 100000 --bars 5000      a bigger population, a longer market
+  dynamic-core run --data prices.csv                random agents over your own bars
+  dynamic-core backtest --data backtesting:EURUSD --fast 5:50:5 --slow 20:200:10
+  dynamic-core <command> --help                     options of one command
+
+Data (--data) is a CSV file, "sim" for the built-in simulated market, or
+"backtesting:EURUSD|GOOG|BTCUSD" for the sample data shipped with backtesting.py.
+"""
+
+_RUN_EPILOG = """\
+examples:
+  dynamic-core run
+  dynamic-core run --agents 50000 --instruments 7 --bars 5000 --timeframe M15
+  dynamic-core run --instruments EURUSD,BTCUSD --seed 3
+  dynamic-core run --data prices.csv --agents 20000
+  dynamic-core run --no-live > report.txt           plain tables, no animation
+
+CSV files need a header with Open, High, Low, Close (any case), optionally Volume, and a
+time/timestamp/date column (or a datetime index column). A symbol or instrument column splits
+the rows by instrument; without one the file name is the instrument. The timeframe is inferred
+from the spacing of the times unless --timeframe is given.
+
+When stdout is not a terminal (a pipe, a file, CI) nothing is animated and only the final
+tables are printed.
+"""
+
+_BACKTEST_EPILOG = """\
+value syntax (every genome option):
+  12            one value
+  5,10,20       a list
+  5:50:5        a range: start:stop:step, stop INCLUDED (5, 10, ..., 50)
+  5:50          a range with step 1
+  0:1:0.25      float ranges work for weights, --entry and --cost-bps
+  5:10,20,30    lists of ranges
+Values that start with "-" must be attached with "=": --w-rsi=-1:1:0.5
+
+Every combination becomes one agent (a cartesian grid), so --fast 5:50:5 --slow 20:200:10
+is 10 x 19 = 190 agents. Parameters not given keep the defaults: EMA(12)/EMA(26) trend
+(w-trend 1, other weights 0), long_short, no costs.
+
+examples:
+  dynamic-core backtest --data backtesting:EURUSD --fast 5:50:5 --slow 20:200:10
+  dynamic-core backtest --data prices.csv --fast 5,10,20 --slow 50:200:50 --mode both \\
+      --cost-bps 0,1,2 --out sweep.csv
+  dynamic-core backtest --data sim --instrument XAUUSD --bars 5000 --w-trend 0 \\
+      --w-rsi 1 --rsi-period 7:21:7 --entry 0:0.3:0.1
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the hand-wrapped epilogs and shows defaults."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dynamic-core`` argument parser with its ``run`` and ``backtest`` subcommands."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run thousands of trading micro-agents in parallel and fuse them into consensus "
+                    "signals, or sweep a strategy parameter grid as a streaming backtest.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    r = sub.add_parser(
+        "run", help="run a random population with a live signal view",
+        description="Run a population of random agents over market bars in chunks, showing a "
+                    "progress bar and the latest fused signal per instrument, then print the top "
+                    "agents, the action mix, rejected bars and the throughput.",
+        epilog=_RUN_EPILOG, formatter_class=_Formatter,
+    )
+    r.add_argument("--agents", type=_positive_int, default=10_000, metavar="N",
+                   help="number of random agents, spread evenly over the instruments")
+    r.add_argument("--instruments", type=_instrument_choice, default=None, metavar="K|NAMES",
+                   help="simulated instruments: a count K (the first K of EURUSD, GBPUSD, USDJPY, "
+                        f"XAUUSD, AUDUSD, BTCUSD, SPX, SIM7, ...; at most {MAX_SIM_INSTRUMENTS}) "
+                        "or a comma list of names [default: 4]")
+    r.add_argument("--bars", type=_positive_int, default=None, metavar="N",
+                   help="bars per instrument [default: 2000 simulated; with --data, all bars, "
+                        "else the first N of each instrument]")
+    r.add_argument("--timeframe", type=_timeframe, default=None, metavar="TF",
+                   help="bar length: H1, M15, D1, 1h, or seconds [default: H1 simulated; "
+                        "inferred from --data]")
+    r.add_argument("--data", default=None, metavar="SOURCE",
+                   help="CSV file, 'sim', or 'backtesting:EURUSD|GOOG|BTCUSD' instead of the simulator")
+    r.add_argument("--seed", type=int, default=0, help="seed of the simulated market and of the population")
+    r.add_argument("--cores-per-sm", type=int, choices=(32, 64, 96, 128), default=128,
+                   help="agents (lanes) per streaming multiprocessor")
+    r.add_argument("--chunk", type=_positive_int, default=None, metavar="N",
+                   help="bars per engine call [default: 50 per instrument]")
+    r.add_argument("--top", type=_positive_int, default=10, metavar="N", help="agents listed in the summary")
+    r.add_argument("--no-live", action="store_true",
+                   help="no animation: print the latest-signal table once at the end")
+    r.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the summary (no progress, no latest-signal table)")
+    r.set_defaults(func=cmd_run)
+
+    b = sub.add_parser(
+        "backtest", help="sweep a parameter grid and write per-agent results",
+        description="Build a cartesian grid of agent genomes from value ranges, run every agent over "
+                    "the same bars in one streaming pass, write one CSV row per agent (genome and "
+                    "final state: equity, Sharpe, drawdown, trades, ...) and print the best by Sharpe.",
+        epilog=_BACKTEST_EPILOG, formatter_class=_Formatter,
+    )
+    b.add_argument("--data", required=True, metavar="SOURCE",
+                   help="CSV file, 'sim', or 'backtesting:EURUSD|GOOG|BTCUSD'")
+    b.add_argument("--instrument", default=None, metavar="NAME",
+                   help="instrument to test: selects it from a multi-instrument file, names a "
+                        "single-instrument file, or picks the simulated one [default: all in the "
+                        "data; EURUSD for sim]")
+    b.add_argument("--timeframe", type=_timeframe, default=None, metavar="TF",
+                   help="bar length (H1, D1, 1h, seconds) [default: inferred; H1 for sim]")
+    b.add_argument("--bars", type=_positive_int, default=None, metavar="N",
+                   help="bars per instrument [default: 2000 for sim; all bars of a file, else the first N]")
+    b.add_argument("--seed", type=int, default=0, help="seed of the simulated market (--data sim)")
+    genome = b.add_argument_group("genome (each takes a value, list or inclusive range; see below)")
+    for name in _INT_PARAMS + _FLOAT_PARAMS:
+        if name == "cost_bps":
+            continue  # added with its own help below
+        kind = int if name in _INT_PARAMS else float
+        genome.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_axis(kind), default=None,
+                            metavar="V", help=f"[default: {DEFAULTS[name]}]")
+    genome.add_argument("--cost-bps", dest="cost_bps", type=_axis(float), default=None, metavar="V",
+                        help="cost per unit of position change, basis points of equity [default: 0]")
+    genome.add_argument("--mode", type=_modes, default=None, metavar="MODE",
+                        help="long_only, long_short, or both (comma list allowed) [default: long_short]")
+    b.add_argument("--out", default="backtest_results.csv", metavar="FILE", help="per-agent results CSV")
+    b.add_argument("--cores-per-sm", type=int, choices=(32, 64, 96, 128), default=128,
+                   help="agents (lanes) per streaming multiprocessor")
+    b.add_argument("--top", type=_positive_int, default=10, metavar="N", help="agents listed by Sharpe")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_backtest)
+    return p
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+def load_bars(source: str | None, *, sim_names: Sequence[str], bars: int | None, timeframe: int | None,
+              seed: int, instrument: str | None = None) -> np.ndarray:
+    """Bars from ``source``: None or ``"sim"`` (the simulator), ``"backtesting:NAME"``, or a CSV path.
+
+    ``instrument`` selects one instrument of the data (or names a single-instrument file);
+    ``bars`` keeps the first N bars of each (instrument, timeframe) stream of loaded data, or is
+    the simulated length (default 2,000).
+    """
+    if source is None or source.strip().lower() == "sim":
+        sim = MarketSimulator(list(sim_names), timeframe=timeframe or "H1", seed=seed)
+        return sim.bars(bars or 2000)
+    if source.lower().startswith("backtesting:"):
+        out = _backtesting_bars(source.split(":", 1)[1].strip(), instrument, timeframe)
+    else:
+        out = _csv_bars(source, instrument, timeframe)
+    if len(out) == 0:
+        raise CLIError(f"{source}: no bars")
+    if bars is not None:
+        out = _first_per_stream(out, bars)
+    return out
+
+
+def _backtesting_bars(name: str, instrument: str | None, timeframe: int | None) -> np.ndarray:
+    key = name.upper()
+    if key not in BACKTESTING_SETS:
+        raise CLIError(f"unknown backtesting data set {name!r}: use one of {', '.join(BACKTESTING_SETS)}")
+    try:
+        import backtesting.test as bt
+    except ImportError:
+        raise CLIError("--data backtesting:... needs the backtesting package: pip install backtesting") from None
+    return from_pandas(getattr(bt, key), instrument=instrument or key, timeframe=timeframe)
+
+
+def _csv_bars(path: str, instrument: str | None, timeframe: int | None) -> np.ndarray:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    if os.path.isdir(path):
+        raise CLIError(f"{path} is a directory, not a CSV file")
+    out = read_csv(path, timeframe=timeframe)
+    if instrument is None:
+        return out
+    ids = np.unique(out["instrument"])
+    wanted = instruments.get(instrument)
+    if wanted is not None and wanted in ids:
+        return out[out["instrument"] == wanted]
+    if len(ids) == 1 and not _has_symbol_column(path):
+        # a single-instrument file is named after its file stem; --instrument renames it
+        out = out.copy()
+        out["instrument"] = instruments.id(instrument)
+        return out
+    have = ", ".join(instruments.name(int(i)) for i in ids)
+    raise CLIError(f"{path} has no instrument {instrument!r} (it has {have})")
+
+
+def _has_symbol_column(path: str) -> bool:
+    import pandas as pd
+
+    cols = [str(c).strip().lower() for c in pd.read_csv(path, nrows=0).columns]
+    return "symbol" in cols or "instrument" in cols
+
+
+def _first_per_stream(bars: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` bars of every (instrument, timeframe) stream, keeping time order."""
+    keys = bars["instrument"].astype(np.uint64) << np.uint64(32) | bars["timeframe"].astype(np.uint64)
+    _, inverse = np.unique(keys, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.searchsorted(inverse[order], np.arange(inverse.max() + 1))
+    rank = np.empty(len(bars), dtype=np.int64)
+    rank[order] = np.arange(len(bars)) - starts[inverse[order]]
+    return bars[rank < n]
+
+
+def _streams(bars: np.ndarray) -> list[tuple[int, int]]:
+    """Distinct (instrument id, timeframe) pairs in order of first appearance."""
+    pairs = np.stack([bars["instrument"].astype(np.int64), bars["timeframe"].astype(np.int64)], axis=1)
+    _, first = np.unique(pairs, axis=0, return_index=True)
+    return [(int(pairs[i, 0]), int(pairs[i, 1])) for i in sorted(first)]
+
+
+# ---- formatting ------------------------------------------------------------------------------
+
+def tf_label(seconds: int) -> str:
+    """``3600`` -> ``"H1"``, ``900`` -> ``"M15"``, ``86400`` -> ``"D1"``; other lengths in seconds."""
+    for unit, size in (("W", 604_800), ("D", 86_400), ("H", 3_600), ("M", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{unit}{seconds // size}"
+    return f"{seconds}s"
+
+
+def _ts_label(ns: int) -> str:
+    return np.datetime64(int(ns), "ns").astype("datetime64[s]").item().strftime("%Y-%m-%d %H:%M")
+
+
+def _rate(x: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= size:
+            return f"{x / size:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _action_text(code: int):
+    from rich.text import Text
+
+    try:
+        a = Action(int(code))
+    except ValueError:
+        return Text(str(code))
+    return Text(a.name, style=_ACTION_STYLE[a])
+
+
+def _signal_table(latest: dict[tuple[int, int], np.void], counts: dict[tuple[int, int], int]):
+    from rich.table import Table
+
+    t = Table(title="Latest fused signal per instrument", title_justify="left")
+    t.add_column("instrument")
+    t.add_column("tf")
+    t.add_column("time (UTC)")
+    t.add_column("action")
+    for c in ("score", "conf", "agree", "agents", "signals"):
+        t.add_column(c, justify="right")
+    for key in sorted(latest, key=lambda k: (instruments.name(k[0]), k[1])):
+        s = latest[key]
+        t.add_row(instruments.name(key[0]), tf_label(key[1]), _ts_label(s["ts"]), _action_text(s["action"]),
+                  f"{s['score']:+.3f}", f"{s['confidence']:.3f}", f"{s['agreement']:.3f}",
+                  f"{int(s['n_agents']):,}", f"{counts[key]:,}")
+    return t
+
+
+def _top_agents(agents: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` best agents by Sharpe (non-finite last, ties by agent id)."""
+    sharpe = np.where(np.isfinite(agents["sharpe"]), agents["sharpe"], -np.inf)
+    order = np.lexsort((agents["agent_id"], -sharpe))
+    return order[:k]
+
+
+def _win_rate(agents: np.ndarray) -> np.ndarray:
+    trades = agents["trades"].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(trades > 0, agents["wins"] / np.maximum(trades, 1), np.nan)
+
+
+def _agents_table(agents: np.ndarray, k: int, title: str, extra: Sequence[tuple[str, np.ndarray]] = (),
+                  show_instrument: bool = True):
+    from rich.table import Table
+
+    top = _top_agents(agents, k)
+    win = _win_rate(agents)
+    t = Table(title=title, title_justify="left")
+    t.add_column("#", justify="right")
+    t.add_column("agent", justify="right")
+    if show_instrument:
+        t.add_column("instrument")
+    for name, _ in extra:
+        t.add_column(name, justify="right")
+    for c in ("equity", "sharpe", "max dd", "trades", "win %"):
+        t.add_column(c, justify="right")
+    for rank, i in enumerate(top, 1):
+        a = agents[i]
+        row = [str(rank), str(int(a["agent_id"]))]
+        if show_instrument:
+            row.append(f"{instruments.name(int(a['instrument']))} {tf_label(int(a['timeframe']))}")
+        row += [_fmt_value(col[i]) for _, col in extra]
+        row += [f"{a['equity']:.4f}", f"{a['sharpe']:.2f}", f"{100 * a['max_drawdown']:.1f}%",
+                f"{int(a['trades']):,}", "-" if not np.isfinite(win[i]) else f"{100 * win[i]:.1f}"]
+        t.add_row(*row)
+    return t
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):g}"
+    return str(v)
+
+
+def _actions_table(action_counts: np.ndarray):
+    from rich.table import Table
+
+    total = int(action_counts.sum())
+    t = Table(title="Actions over all signals", title_justify="left")
+    t.add_column("action")
+    t.add_column("signals", justify="right")
+    t.add_column("share", justify="right")
+    for a in Action:
+        n = int(action_counts[int(a) + 2])
+        t.add_row(_action_text(int(a)), f"{n:,}", f"{100 * n / total:.1f}%" if total else "-")
+    return t
+
+
+def _rejects_line(stats: dict[str, Any]) -> str:
+    rejected = int(stats.get("rejected", 0))
+    if not rejected:
+        return "Rejected bars: none"
+    parts = ", ".join(f"{k} {v:,}" for k, v in stats.get("rejects", {}).items() if v)
+    return f"Rejected bars: {rejected:,} ({parts})"
+
+
+def _throughput_line(stats: dict[str, Any], wall: float) -> str:
+    updates = int(stats["agent_updates"])
+    busy = float(stats["busy_seconds"])
+    rate = updates / busy if busy > 0 else 0.0
+    return (f"{updates:,} agent updates in {busy:.3f} s of engine time: {_rate(rate)} agent-updates/s "
+            f"| wall time {wall:.2f} s")
+
+
+def _console():
+    from rich.console import Console
+
+    # rich falls back to 80 columns when piped, which squeezes the tables; CI logs are wider
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=max(100, _env_int("COLUMNS", 100)))
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+@dataclass
+class _Progress:
+    """Running totals over the chunks fed to the engine."""
+
+    latest: dict[tuple[int, int], np.void]
+    counts: dict[tuple[int, int], int]
+    actions: np.ndarray
+    done: int = 0
+
+    @classmethod
+    def new(cls) -> _Progress:
+        return cls({}, {}, np.zeros(5, dtype=np.int64))
+
+    def add(self, signals: np.ndarray, n_bars: int) -> None:
+        self.done += n_bars
+        if len(signals) == 0:
+            return
+        self.actions += np.bincount(np.clip(signals["action"], -2, 2) + 2, minlength=5)
+        keys = signals["instrument"].astype(np.uint64) << np.uint64(32) | signals["timeframe"].astype(np.uint64)
+        uniq, inverse, cnt = np.unique(keys, return_inverse=True, return_counts=True)
+        # the last signal of each stream: first occurrence in the reversed chunk
+        last = len(keys) - 1 - np.unique(inverse[::-1], return_index=True)[1]
+        for u, i, c in zip(uniq, last, cnt):
+            key = (int(u >> np.uint64(32)), int(u & np.uint64(0xFFFFFFFF)))
+            self.latest[key] = signals[i].copy()
+            self.counts[key] = self.counts.get(key, 0) + int(c)
+
+
+def _drive(eng: Engine, bars: np.ndarray, chunk: int, state: _Progress,
+           on_chunk: Callable[[], None] | None = None) -> None:
+    """Feed ``bars`` to ``eng`` ``chunk`` at a time; engine state carries over between calls."""
+    for start in range(0, len(bars), chunk):
+        part = bars[start:start + chunk]
+        state.add(eng.run(part), len(part))
+        if on_chunk is not None:
+            on_chunk()
+
+
+def _progress_bar(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("bars"), TimeElapsedColumn(), TextColumn("{task.fields[rate]}"),
+                    console=console)
+
+
+def _run_population(bars: np.ndarray, n_agents: int, seed: int) -> Population:
+    """``n_agents`` random agents spread over exactly the streams present in ``bars``."""
+    streams = _streams(bars)
+    ids = sorted({i for i, _ in streams})
+    tfs = sorted({t for _, t in streams})
+    pop = Population.random(n_agents, instruments=ids, timeframes=tfs, seed=seed)
+    if len(streams) == len(ids) * len(tfs):
+        return pop
+    # Population.random spreads agents over every instrument x timeframe pair; data with e.g.
+    # EURUSD H1 and GOOG D1 only would leave half of them on streams that never tick
+    rec = pop.records.copy()
+    which = np.arange(n_agents) % len(streams)
+    rec["instrument"] = np.array([s[0] for s in streams], dtype=np.uint32)[which]
+    rec["timeframe"] = np.array([s[1] for s in streams], dtype=np.uint32)[which]
+    return Population.from_records(rec)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``dynamic-core run``."""
+    t0 = time.perf_counter()
+    console = _console()
+    if args.data is not None and args.data.strip().lower() != "sim" and args.instruments is not None:
+        raise CLIError("--instruments chooses simulated instruments; with --data the instruments "
+                       "are those found in the data")
+    choice = 4 if args.instruments is None else args.instruments
+    names = simulated_names(choice) if isinstance(choice, int) else choice
+    bars = load_bars(args.data, sim_names=names, bars=args.bars, timeframe=args.timeframe, seed=args.seed)
+    streams = _streams(bars)
+    pop = _run_population(bars, args.agents, args.seed)
+    eng = Engine(pop, cores_per_sm=args.cores_per_sm)
+    chunk = args.chunk or 50 * len(streams)
+    stream_names = ", ".join(f"{instruments.name(i)} {tf_label(tf)}" for i, tf in streams)
+    console.print(f"[bold]{PROG} run[/]: {len(pop):,} agents over {len(streams)} stream(s) "
+                  f"({stream_names}), {len(bars):,} bars, {chunk:,} per engine call")
+
+    state = _Progress.new()
+    live = console.is_terminal and not (args.no_live or args.quiet)
+    interrupted = False
+    try:
+        if live:
+            _run_live(console, eng, bars, chunk, state)
+        else:
+            _drive(eng, bars, chunk, state)
+    except KeyboardInterrupt:
+        # summarise what ran so far; the exit code still says it was cut short
+        interrupted = True
+    wall = time.perf_counter() - t0
+
+    if not live and not args.quiet and state.latest:
+        console.print(_signal_table(state.latest, state.counts))
+    agents = eng.agents()
+    stats = eng.stats()
+    console.print(_agents_table(agents, args.top, f"Top {min(args.top, len(agents))} agents by Sharpe"))
+    console.print(_actions_table(state.actions))
+    console.print(_rejects_line(stats))
+    console.print(f"Processed {state.done:,} of {len(bars):,} bars, {int(stats['signals']):,} signals, "
+                  f"{len(pop):,} agents in {int(stats['n_warps']):,} warps / {int(stats['n_sms']):,} SMs")
+    console.print(_throughput_line(stats, wall))
+    if interrupted:
+        console.print("[yellow]interrupted[/]")
+        return 130
+    return 0
+
+
+def _run_live(console, eng: Engine, bars: np.ndarray, chunk: int, state: _Progress) -> None:
+    from rich.console import Group
+    from rich.live import Live
+
+    progress = _progress_bar(console)
+    task = progress.add_task("running", total=len(bars), rate="")
+
+    def view():
+        return Group(progress, _signal_table(state.latest, state.counts))
+
+    with Live(view(), console=console, refresh_per_second=10, transient=False) as live:
+        def update() -> None:
+            s = eng.stats()
+            busy = s["busy_seconds"]
+            rate = f"{_rate(s['agent_updates'] / busy)} agent-updates/s" if busy > 0 else ""
+            progress.update(task, completed=state.done, rate=rate)
+            live.update(view())
+
+        _drive(eng, bars, chunk, state, update)
+
+
+def _grid_population(streams: Sequence[tuple[int, int]], params: dict[str, list[Any]]) -> Population:
+    """The cartesian grid of ``params`` for each stream, agents numbered 0..n-1 stream by stream."""
+    if len(streams) == 1:
+        return Population.grid(streams[0][0], streams[0][1], **params)
+    # one grid per stream rather than instrument x timeframe, which could pair an instrument
+    # with a timeframe it has no bars in
+    recs = [Population.grid(i, tf, **params).records for i, tf in streams]
+    rec = np.concatenate(recs)
+    rec["agent_id"] = np.arange(len(rec), dtype=np.uint32)
+    return Population.from_records(rec)
+
+
+def results_frame(pop: Population, agents: np.ndarray):
+    """Per-agent results as a DataFrame: genome (instrument and mode as names) then final state."""
+    df = pop.to_pandas().drop(columns=["kind"])
+    # agents() is in population order, so rows line up; checked rather than assumed
+    if not np.array_equal(agents["agent_id"], pop.records["agent_id"]):
+        raise RuntimeError("engine agents are not in population order")
+    for name in agents.dtype.names:
+        if name not in ("agent_id", "instrument", "timeframe"):
+            df[name] = agents[name]
+    df["win_rate"] = _win_rate(agents)
+    return df
+
+
+def cmd_backtest(args: argparse.Namespace) -> int:
+    """``dynamic-core backtest``."""
+    t0 = time.perf_counter()
+    console = _console()
+    src = args.data.strip()
+    is_sim = src.lower() == "sim"
+    sim_names = [args.instrument or "EURUSD"]
+    bars = load_bars(src, sim_names=sim_names, bars=args.bars, timeframe=args.timeframe, seed=args.seed,
+                     instrument=None if is_sim else args.instrument)
+    streams = _streams(bars)
+    params = {k: getattr(args, k) for k in _INT_PARAMS + _FLOAT_PARAMS + ("mode",)
+              if getattr(args, k) is not None}
+    n_grid = math.prod(len(v) for v in params.values()) * len(streams)
+    if n_grid > 50_000_000:
+        raise CLIError(f"the grid has {n_grid:,} agents, more than the 50M limit")
+    pop = _grid_population(streams, params)
+    eng = Engine(pop, cores_per_sm=args.cores_per_sm)
+    stream_names = ", ".join(f"{instruments.name(i)} {tf_label(tf)}" for i, tf in streams)
+    console.print(f"[bold]{PROG} backtest[/]: {len(pop):,} agents ({_grid_shape(params)}) over "
+                  f"{stream_names}, {len(bars):,} bars")
+
+    state = _Progress.new()
+    # a few hundred bars per call keeps the progress bar moving without measurable overhead
+    chunk = max(1000, 250 * len(streams))
+    if console.is_terminal and not args.quiet:
+        progress = _progress_bar(console)
+        with progress:
+            task = progress.add_task("backtest", total=len(bars), rate="")
+            _drive(eng, bars, chunk, state, lambda: progress.update(task, completed=state.done))
+    else:
+        _drive(eng, bars, chunk, state)
+
+    agents = eng.agents()
+    stats = eng.stats()
+    df = results_frame(pop, agents)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"no such directory for --out: {out_dir}")
+    df.to_csv(args.out, index=False)
+    wall = time.perf_counter() - t0
+
+    varying = [k for k, v in params.items() if len(v) > 1]
+    extra = [(k.replace("_", "-"), df[k].to_numpy()) for k in varying]
+    console.print(_agents_table(agents, args.top, f"Top {min(args.top, len(agents))} agents by Sharpe",
+                                extra=extra, show_instrument=len(streams) > 1))
+    console.print(_rejects_line(stats))
+    console.print(_throughput_line(stats, wall))
+    console.print(f"Wrote {len(df):,} rows to {args.out}")
+    return 0
+
+
+def _grid_shape(params: dict[str, list[Any]]) -> str:
+    axes = [f"{k.replace('_', '-')} {len(v)}" for k, v in params.items() if len(v) > 1]
+    return " x ".join(axes) if axes else "defaults only"
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``dynamic-core`` command line and return its exit code.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; ``sys.argv[1:]`` when omitted.
+
+    Returns
+    -------
+    int
+        0 on success, 2 for bad arguments or inputs (one ``dynamic-core: error: ...`` line on
+        stderr, never a traceback), 130 when interrupted.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return 2
+        return int(args.func(args))
+    except SystemExit as e:
+        # argparse exits for --help, --version and usage errors; hand back its code instead
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except FileNotFoundError as e:
+        _error(str(e) if not e.filename else f"no such file: {e.filename}")
+    except (CLIError, DynamicCoreError, ValueError, KeyError) as e:
+        _error(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
+    except OSError as e:
+        _error(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+    return 2
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
