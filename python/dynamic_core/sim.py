@@ -81,15 +81,18 @@ class MarketSimulator:
         self.seed = seed
         self._dt_ns = self.timeframe * 1_000_000_000
         self._t = int(pd.Timestamp(start, tz="UTC").value)
+        # One generator per instrument and per quantity, each drawn a fixed amount per bar, so the
+        # stream does not depend on how bars() calls are chunked.
         children = np.random.SeedSequence(seed).spawn(len(self.names))
-        self._rngs = [np.random.default_rng(c) for c in children]
+        self._rngs = [[np.random.default_rng(g) for g in c.spawn(5)] for c in children]
         k = len(self.names)
         prof = [PROFILES.get(n, (100.0, 0.20)) for n in self.names]
         self._price = np.array([p[0] for p in prof])
-        self._anchor = np.log(self._price)
+        self._logp = np.log(self._price)  # carried as a log so chunked calls continue exactly
+        self._anchor = self._logp.copy()
         self._vol = np.array([p[1] for p in prof]) * np.sqrt(self.timeframe / YEAR_S)
-        self._regime = np.array([r.integers(0, 4) for r in self._rngs])
-        self._base_volume = np.array([r.uniform(500, 5000) for r in self._rngs])
+        self._regime = np.array([r[4].integers(0, 4) for r in self._rngs])
+        self._base_volume = np.array([r[4].uniform(500, 5000) for r in self._rngs])
         self.regimes: list[list[int]] = [[] for _ in range(k)]
 
     def bars(self, n: int) -> np.ndarray:
@@ -103,8 +106,8 @@ class MarketSimulator:
         kappa = np.array([v[2] for v in REGIMES.values()])
         cum = np.cumsum(_TRANSITION, axis=1)
         for j in range(k):
-            rng = self._rngs[j]
-            u = rng.random(n)
+            r_regime, r_shock, r_gap, r_volume, _ = self._rngs[j]
+            u = r_regime.random(n)
             reg = np.empty(n, dtype=np.int64)
             r = int(self._regime[j])
             for i in range(n):
@@ -115,13 +118,13 @@ class MarketSimulator:
             self.regimes[j].extend(reg.tolist())
             sigma = self._vol[j] * volm[reg]
             # Student-t(4) scaled to unit variance, split over intrabar steps
-            shocks = rng.standard_t(4, size=(n, _SUBSTEPS)) / np.sqrt(2.0) / np.sqrt(_SUBSTEPS)
-            logp = np.log(self._price[j])
+            shocks = r_shock.standard_t(4, size=(n, _SUBSTEPS)) / np.sqrt(2.0) / np.sqrt(_SUBSTEPS)
+            logp = float(self._logp[j])
             opens = np.empty(n)
             highs = np.empty(n)
             lows = np.empty(n)
             closes = np.empty(n)
-            gaps = rng.standard_normal(n) * 0.05
+            gaps = r_gap.standard_normal(n) * 0.05
             for i in range(n):
                 o = logp + gaps[i] * sigma[i]
                 pull = -kappa[reg[i]] * (logp - self._anchor[j])
@@ -134,9 +137,9 @@ class MarketSimulator:
                 logp = closes[i]
                 if kappa[reg[i]] == 0.0:  # trends and shocks move the level the range reverts to
                     self._anchor[j] = 0.99 * self._anchor[j] + 0.01 * logp
-            self._price[j] = np.exp(logp)
-            absret = np.abs(np.diff(np.concatenate([[opens[0]], closes])))
-            vol = self._base_volume[j] * (1.0 + absret / np.maximum(sigma, 1e-12)) * rng.lognormal(0, 0.3, n)
+            self._logp[j] = logp
+            absret = np.abs(closes - opens)
+            vol = self._base_volume[j] * (1.0 + absret / np.maximum(sigma, 1e-12)) * r_volume.lognormal(0, 0.3, n)
             sl = slice(j, n * k, k)
             out["open"][sl] = np.exp(opens)
             out["high"][sl] = np.exp(highs)

@@ -1,0 +1,196 @@
+"""Bad input is rejected with a reason, counted and dead-lettered, never a crash; loaders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import dynamic_core as dc
+
+H1 = 3600
+NS = 1_000_000_000
+
+
+def clean_bars(name: str, n: int, start: int = 0) -> np.ndarray:
+    sim = dc.sim.MarketSimulator([name], timeframe=H1, seed=3)
+    b = sim.bars(n)
+    b["ts"] = (start + np.arange(n)) * H1 * NS
+    return b
+
+
+@pytest.fixture
+def engine():
+    pop = dc.Population.grid("BADIN", H1, fast=[3, 5], slow=[10, 20])
+    return dc.Engine(pop)
+
+
+DEFECTS = {
+    "non_finite": lambda b: b.__setitem__("close", np.nan),
+    "non_positive_price": lambda b: [b.__setitem__(k, -1.0) for k in ("open", "high", "low", "close")],
+    "high_below_low": lambda b: [b.__setitem__("high", 0.5), b.__setitem__("low", 2.0)],
+    "open_out_of_range": lambda b: b.__setitem__("open", b["high"] * 2),
+    "close_out_of_range": lambda b: b.__setitem__("close", b["low"] / 2),
+    "negative_volume": lambda b: b.__setitem__("volume", -5.0),
+    "unknown_instrument": lambda b: b.__setitem__("instrument", 4_000_000),
+    "bad_timeframe": lambda b: b.__setitem__("timeframe", 0),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(DEFECTS))
+def test_each_defect_rejected_counted_and_dead_lettered(engine, reason):
+    b = clean_bars("BADIN", 60)
+    bad = b[30].copy()
+    DEFECTS[reason](bad)
+    b[30] = bad
+    sig = engine.run(b)
+    assert len(sig) == 59  # the rest still ran
+    s = engine.stats()
+    assert s["rejected"] == 1 and s["rejects"][reason] == 1
+    dl = engine.dead_letters()
+    assert len(dl) == 1 and dc.REASONS[dl[0]["reason"]] == reason and dl[0]["index"] == 30
+    assert dc.market.reason_counts(dc.market.validate(b)) == {reason: 1}
+
+
+def test_out_of_order_and_duplicates(engine):
+    b = clean_bars("BADIN", 50)
+    b[20]["ts"] = b[10]["ts"]  # older than the previous bar
+    b[31]["ts"] = b[30]["ts"]  # duplicate
+    sig = engine.run(b)
+    assert len(sig) == 48
+    assert engine.stats()["rejects"]["out_of_order"] == 1
+    assert engine.stats()["rejects"]["duplicate_timestamp"] == 1
+    # ordering is checked against the previous batch too
+    again = engine.run(b[:5])
+    assert len(again) == 0 and engine.stats()["rejects"]["out_of_order"] == 1 + 5
+
+
+def test_unfollowed_instrument_is_skipped_not_rejected(engine):
+    other = clean_bars("NOBODYFOLLOWS", 40)
+    mine = clean_bars("BADIN", 40)
+    both = dc.market.merge(mine, other)
+    sig = engine.run(both)
+    assert len(sig) == 40
+    s = engine.stats()
+    assert s["skipped_unfollowed"] == 40 and s["rejected"] == 0 and s["accepted"] == 80
+    # skipped bars still take sequence numbers: followed bars sit at their merged positions + 1
+    followed = np.flatnonzero(both["instrument"] == dc.instruments.id("BADIN"))
+    np.testing.assert_array_equal(sig["seq"], followed + 1)
+
+
+def test_strict_mode_raises_and_processes_nothing(engine):
+    b = clean_bars("BADIN", 40)
+    b[7]["volume"] = -1
+    b[9]["high"] = np.inf
+    before = engine.agents().tobytes()
+    with pytest.raises(dc.errors.InvalidInput) as ei:
+        engine.run(b, strict=True)
+    assert ei.value.rows == [7, 9] and ei.value.reasons == ["negative_volume", "non_finite"]
+    assert isinstance(ei.value, ValueError)
+    assert "row 7" in str(ei.value)
+    assert engine.agents().tobytes() == before and engine.stats()["signals"] == 0
+    strict = dc.Engine(engine.population, strict=True)
+    with pytest.raises(dc.errors.InvalidInput):
+        strict.run(b)
+    assert len(strict.run(clean_bars("BADIN", 40))) == 40
+
+
+def test_wrong_types_raise_typeerror(engine):
+    with pytest.raises(TypeError, match="BAR_DTYPE"):
+        engine.run(np.zeros(10))
+    with pytest.raises(TypeError, match="1-d"):
+        engine.run(dc.market.empty(4).reshape(2, 2))
+    with pytest.raises(TypeError, match="from_pandas"):
+        engine.run(pd.DataFrame({"a": [1]}))
+    with pytest.raises(TypeError):
+        engine.run([1, 2, 3])
+    # non-contiguous views are accepted (copied)
+    assert len(engine.run(clean_bars("BADIN", 20)[::2])) == 10
+
+
+def test_dead_letters_are_bounded_and_counted():
+    pop = dc.Population.grid("BADIN", H1, fast=3, slow=5)
+    eng = dc.Engine(pop, dead_letter_capacity=5)
+    b = clean_bars("BADIN", 30)
+    b["volume"][:12] = -1
+    eng.run(b)
+    dl = eng.dead_letters()
+    assert len(dl) == 5 and list(dl["index"]) == [7, 8, 9, 10, 11]  # newest kept, oldest first
+    assert eng.stats()["dead_letters_dropped"] == 7 and eng.stats()["rejected"] == 12
+
+
+@settings(max_examples=40, deadline=None)
+@given(hnp.arrays(dc.BAR_DTYPE, st.integers(0, 60)))
+def test_arbitrary_records_never_crash(raw):
+    pop = dc.Population.grid("BADIN", H1, fast=[2, 4], slow=[6], w_rsi=[0.0, 0.5], w_bb=[0.3], w_mom=[0.2])
+    eng = dc.Engine(pop)
+    sig = eng.run(raw)
+    s = eng.stats()
+    assert s["accepted"] + s["rejected"] == len(raw)
+    assert len(sig) == s["accepted"] - s["skipped_unfollowed"]
+    assert np.isfinite(sig["score"]).all()
+
+
+def test_from_pandas_bundled_eurusd(eurusd):
+    import backtesting.test as bt
+
+    df = bt.EURUSD
+    assert len(eurusd) == len(df)
+    assert eurusd["timeframe"][0] == 3600  # inferred
+    np.testing.assert_array_equal(eurusd["close"], df["Close"].to_numpy())
+    assert eurusd["ts"][0] == pd.Timestamp(df.index[0], tz="UTC").value
+    assert dc.instruments.name(int(eurusd["instrument"][0])) == "EURUSD"
+    assert (dc.market.validate(eurusd) == 0).all()
+
+
+def test_from_pandas_lowercase_and_epoch_time_columns():
+    df = pd.DataFrame({
+        "time": [1_700_000_000 + 60 * i for i in range(5)],
+        "open": [1.0] * 5, "HIGH": [1.2] * 5, "Low": [0.9] * 5, "close": [1.1] * 5,
+    })
+    b = dc.market.from_pandas(df, instrument="LOWER", timeframe="M1")
+    assert b["timeframe"][0] == 60 and b["ts"][1] - b["ts"][0] == 60 * NS
+    assert (b["volume"] == 0).all()
+    df["time"] = pd.date_range("2024-01-01", periods=5, freq="1min")
+    assert dc.market.from_pandas(df, instrument="LOWER")["timeframe"][0] == 60
+    with pytest.raises(ValueError, match="close"):
+        dc.market.from_pandas(df.drop(columns=["close"]), instrument="LOWER")
+    with pytest.raises(ValueError, match="times"):
+        dc.market.from_pandas(df.drop(columns=["time"]), instrument="LOWER")
+
+
+def test_read_csv_round_trip(tmp_path, sim_bars):
+    path = tmp_path / "bars.csv"
+    dc.market.to_pandas(sim_bars).rename_axis("time").to_csv(path)
+    back = dc.market.read_csv(path)
+    assert back.tobytes() == sim_bars.tobytes()
+
+
+@pytest.mark.parametrize("tf,sec", [(60, 60), ("M5", 300), ("H1", 3600), ("H4", 14400), ("D1", 86400),
+                                    ("1h", 3600), ("15min", 900), ("1D", 86400)])
+def test_parse_timeframe(tf, sec):
+    assert dc.market.parse_timeframe(tf) == sec
+
+
+@pytest.mark.parametrize("bad", [0, -5, "fortnightly", 2**40])
+def test_parse_timeframe_rejects(bad):
+    with pytest.raises(ValueError):
+        dc.market.parse_timeframe(bad)
+
+
+def test_simulator_is_deterministic_valid_and_continuous():
+    a = dc.sim.MarketSimulator(["EURUSD", "XAUUSD"], "H1", seed=4)
+    b = dc.sim.MarketSimulator(["EURUSD", "XAUUSD"], "H1", seed=4)
+    x = np.concatenate([a.bars(300), a.bars(200)])
+    y = b.bars(500)
+    assert x.tobytes() == y.tobytes()
+    assert (dc.market.validate(x) == 0).all()
+    assert (np.diff(x["ts"]) >= 0).all()
+    assert len(set(np.concatenate(a.regimes))) >= 2  # the regime chain switches
+    eur = y[y["instrument"] == dc.instruments.id("EURUSD")]["close"]
+    vol = np.std(np.diff(np.log(eur))) * np.sqrt(24 * 365.25)
+    assert 0.02 < vol < 0.5  # FX-like annualised volatility
+    assert dc.sim.MarketSimulator(["EURUSD"], seed=5).bars(50).tobytes() != y.tobytes()

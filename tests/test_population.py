@@ -1,0 +1,123 @@
+"""Populations: grids, random spreads, records round trip, validation naming rows, hashes."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import dynamic_core as dc
+
+
+def test_grid_is_cartesian_product_in_order():
+    pop = dc.Population.grid("EURUSD", "H1", fast=[5, 10], slow=[20, 50, 100], entry=0.1, mode="long_only")
+    r = pop.records
+    assert len(pop) == 6
+    assert list(zip(r["fast"], r["slow"])) == list(itertools.product([5, 10], [20, 50, 100]))
+    assert (r["entry"] == 0.1).all() and (r["mode"] == 0).all()
+    assert (r["instrument"] == dc.instruments.id("EURUSD")).all() and (r["timeframe"] == 3600).all()
+    np.testing.assert_array_equal(r["agent_id"], np.arange(6))
+    assert (r["rsi_period"] == dc.population.DEFAULTS["rsi_period"]).all()
+
+
+def test_grid_over_instruments_and_timeframes():
+    pop = dc.Population.grid(["EURUSD", "GBPUSD"], ["H1", "D1"], fast=[3, 4, 5])
+    assert len(pop) == 12
+    assert len(np.unique(pop.records[["instrument", "timeframe"]])) == 4
+
+
+def test_grid_rejects_unknown_parameters_and_modes():
+    with pytest.raises(TypeError, match="unknown genome parameter"):
+        dc.Population.grid("EURUSD", "H1", fsat=[1])
+    with pytest.raises(ValueError, match="mode"):
+        dc.Population.grid("EURUSD", "H1", mode="sideways")
+    with pytest.raises(ValueError, match="empty"):
+        dc.Population.grid("EURUSD", "H1", fast=[])
+
+
+def test_random_is_spread_evenly_and_deterministic():
+    insts = ["EURUSD", "GBPUSD", "USDJPY"]
+    a = dc.Population.random(1000, instruments=insts, timeframes=["H1", "H4"], seed=1)
+    b = dc.Population.random(1000, instruments=insts, timeframes=["H1", "H4"], seed=1)
+    c = dc.Population.random(1000, instruments=insts, timeframes=["H1", "H4"], seed=2)
+    assert a.records.tobytes() == b.records.tobytes() and a.hash == b.hash
+    assert a.hash != c.hash
+    _, counts = np.unique(a.records[["instrument", "timeframe"]], return_counts=True)
+    assert len(counts) == 6 and counts.max() - counts.min() <= 1
+    r = a.records
+    assert (r["slow"] > r["fast"]).all() and (r["w_trend"] == 0).any() and (r["w_trend"] != 0).any()
+
+
+def test_from_records_round_trip_and_immutability():
+    a = dc.Population.random(50, seed=3)
+    b = dc.Population.from_records(a.records)
+    assert b.records.tobytes() == a.records.tobytes() and b.hash == a.hash
+    with pytest.raises(ValueError):
+        a.records["fast"][0] = 3  # read-only
+    rec = a.records.copy()
+    rec["w_bb"][7] += 1.0
+    assert dc.Population.from_records(rec).hash != a.hash
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("fast", 0, "fast outside"),
+    ("slow", 200_000, "slow outside"),
+    ("w_rsi", np.nan, "w_rsi not finite"),
+    ("w_mom", np.inf, "w_mom not finite"),
+    ("mode", 7, "unknown mode"),
+    ("entry", -0.1, "entry"),
+    ("cost_bps", np.nan, "cost_bps"),
+    ("kind", 3, "unknown kind"),
+    ("timeframe", 0, "timeframe 0"),
+    ("instrument", 3_999_999, "not registered"),
+])
+def test_invalid_genomes_name_rows(field, value, msg):
+    rec = dc.Population.random(20, seed=1).records.copy()
+    rec[field][[4, 11]] = value
+    with pytest.raises(ValueError, match=msg) as ei:
+        dc.Population.from_records(rec)
+    assert ei.value.rows == [4, 11]
+    assert "row 4" in str(ei.value) and "row 11" in str(ei.value)
+    assert isinstance(ei.value, dc.errors.InvalidGenome)
+
+
+def test_duplicate_agent_ids_are_invalid():
+    rec = dc.Population.random(5, seed=1).records.copy()
+    rec["agent_id"][3] = rec["agent_id"][1]
+    with pytest.raises(ValueError, match="duplicate agent_id") as ei:
+        dc.Population.from_records(rec)
+    assert ei.value.rows == [3]
+
+
+def test_wrong_record_type():
+    with pytest.raises(TypeError, match="GENOME_DTYPE"):
+        dc.Population(np.zeros(3))
+
+
+def test_instruments_registry():
+    i = dc.instruments.id("REGTEST")
+    assert dc.instruments.id("REGTEST") == i and dc.instruments.name(i) == "REGTEST"
+    assert "REGTEST" in dc.instruments and dc.instruments.get("NOPE_NOT_HERE") is None
+    with pytest.raises(KeyError):
+        dc.instruments.name(10**7)
+    with pytest.raises(ValueError):
+        dc.instruments.id(" padded ")
+    with pytest.raises(TypeError):
+        dc.instruments.id(5)
+
+
+def test_score_to_action_thresholds():
+    A = dc.Action
+    cases = {-0.9: A.STRONG_SELL, -0.6: A.STRONG_SELL, -0.3: A.SELL, -0.2: A.SELL, 0.0: A.HOLD,
+             0.19: A.HOLD, 0.2: A.BUY, 0.59: A.BUY, 0.6: A.STRONG_BUY}
+    for s, a in cases.items():
+        assert dc.score_to_action(s) is a
+    np.testing.assert_array_equal(dc.score_to_action(np.array(list(cases))), [int(a) for a in cases.values()])
+
+
+def test_dtypes_match_native_layouts():
+    assert dc.BAR_DTYPE.itemsize == 56 and dc.GENOME_DTYPE.itemsize == 112
+    assert dc.SIGNAL_DTYPE.itemsize == 96 and dc.AGENT_DTYPE.itemsize == 104
+    assert dc.BAR_DTYPE.names == ("ts", "instrument", "timeframe", "open", "high", "low", "close", "volume")
+    assert dc.SIGNAL_DTYPE["votes"].shape == (5,)
