@@ -41,7 +41,7 @@ Arr unary(const Arr& x, int32_t n, F value) {
 }  // namespace
 
 void bind_indicators(py::module_& m) {
-  auto ind = m.def_submodule("indicators", "Batch indicator functions (NaN during warm-up).");
+  py::module_& ind = m;  // batch indicator functions (NaN during warm-up)
   ind.def("ema", [](const Arr& x, int32_t n) { return unary<Ema>(x, n, [](const Ema& s) { return s.value; }); },
           py::arg("x"), py::arg("n"));
   ind.def("rsi", [](const Arr& x, int32_t n) { return unary<Rsi>(x, n, [](const Rsi& s) { return s.value; }); },

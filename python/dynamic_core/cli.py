@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from . import __version__
 from .engine import Engine
 from .errors import DynamicCoreError
 from .instruments import instruments
-from .market import from_pandas, merge, parse_timeframe, read_csv
+from .market import from_pandas, parse_timeframe, read_csv
 from .population import DEFAULTS, Population
 from .records import Action
 from .sim import PROFILES, MarketSimulator
@@ -250,31 +252,34 @@ examples:
 """
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the hand-wrapped epilogs and shows defaults."""
+def _wrap(text: str) -> str:
+    # RawDescriptionHelpFormatter keeps the epilogs' layout but stops wrapping descriptions too
+    return textwrap.fill(" ".join(text.split()), width=min(100, shutil.get_terminal_size().columns - 2))
+
+
+_Formatter = argparse.RawDescriptionHelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``dynamic-core`` argument parser with its ``run`` and ``backtest`` subcommands."""
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Run thousands of trading micro-agents in parallel and fuse them into consensus "
-                    "signals, or sweep a strategy parameter grid as a streaming backtest.",
-        epilog=_MAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_wrap("Run thousands of trading micro-agents in parallel and fuse them into "
+                          "consensus signals, or sweep a strategy parameter grid as a streaming backtest."),
+        epilog=_MAIN_EPILOG, formatter_class=_Formatter,
     )
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     r = sub.add_parser(
         "run", help="run a random population with a live signal view",
-        description="Run a population of random agents over market bars in chunks, showing a "
-                    "progress bar and the latest fused signal per instrument, then print the top "
-                    "agents, the action mix, rejected bars and the throughput.",
+        description=_wrap("Run a population of random agents over market bars in chunks, showing a "
+                          "progress bar and the latest fused signal per instrument, then print the "
+                          "top agents, the action mix, rejected bars and the throughput."),
         epilog=_RUN_EPILOG, formatter_class=_Formatter,
     )
     r.add_argument("--agents", type=_positive_int, default=10_000, metavar="N",
-                   help="number of random agents, spread evenly over the instruments")
+                   help="number of random agents, spread evenly over the instruments [default: 10000]")
     r.add_argument("--instruments", type=_instrument_choice, default=None, metavar="K|NAMES",
                    help="simulated instruments: a count K (the first K of EURUSD, GBPUSD, USDJPY, "
                         f"XAUUSD, AUDUSD, BTCUSD, SPX, SIM7, ...; at most {MAX_SIM_INSTRUMENTS}) "
@@ -287,12 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "inferred from --data]")
     r.add_argument("--data", default=None, metavar="SOURCE",
                    help="CSV file, 'sim', or 'backtesting:EURUSD|GOOG|BTCUSD' instead of the simulator")
-    r.add_argument("--seed", type=int, default=0, help="seed of the simulated market and of the population")
+    r.add_argument("--seed", type=int, default=0,
+                   help="seed of the simulated market and of the population [default: 0]")
     r.add_argument("--cores-per-sm", type=int, choices=(32, 64, 96, 128), default=128,
-                   help="agents (lanes) per streaming multiprocessor")
+                   help="agents (lanes) per streaming multiprocessor [default: 128]")
     r.add_argument("--chunk", type=_positive_int, default=None, metavar="N",
                    help="bars per engine call [default: 50 per instrument]")
-    r.add_argument("--top", type=_positive_int, default=10, metavar="N", help="agents listed in the summary")
+    r.add_argument("--top", type=_positive_int, default=10, metavar="N",
+                   help="agents listed in the summary [default: 10]")
     r.add_argument("--no-live", action="store_true",
                    help="no animation: print the latest-signal table once at the end")
     r.add_argument("-q", "--quiet", action="store_true",
@@ -301,9 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "backtest", help="sweep a parameter grid and write per-agent results",
-        description="Build a cartesian grid of agent genomes from value ranges, run every agent over "
-                    "the same bars in one streaming pass, write one CSV row per agent (genome and "
-                    "final state: equity, Sharpe, drawdown, trades, ...) and print the best by Sharpe.",
+        description=_wrap("Build a cartesian grid of agent genomes from value ranges, run every agent "
+                          "over the same bars in one streaming pass, write one CSV row per agent "
+                          "(genome and final state: equity, Sharpe, drawdown, trades, ...) and print "
+                          "the best by Sharpe."),
         epilog=_BACKTEST_EPILOG, formatter_class=_Formatter,
     )
     b.add_argument("--data", required=True, metavar="SOURCE",
@@ -316,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bar length (H1, D1, 1h, seconds) [default: inferred; H1 for sim]")
     b.add_argument("--bars", type=_positive_int, default=None, metavar="N",
                    help="bars per instrument [default: 2000 for sim; all bars of a file, else the first N]")
-    b.add_argument("--seed", type=int, default=0, help="seed of the simulated market (--data sim)")
+    b.add_argument("--seed", type=int, default=0,
+                   help="seed of the simulated market (--data sim) [default: 0]")
     genome = b.add_argument_group("genome (each takes a value, list or inclusive range; see below)")
     for name in _INT_PARAMS + _FLOAT_PARAMS:
         if name == "cost_bps":
@@ -328,10 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cost per unit of position change, basis points of equity [default: 0]")
     genome.add_argument("--mode", type=_modes, default=None, metavar="MODE",
                         help="long_only, long_short, or both (comma list allowed) [default: long_short]")
-    b.add_argument("--out", default="backtest_results.csv", metavar="FILE", help="per-agent results CSV")
+    b.add_argument("--out", default="backtest_results.csv", metavar="FILE",
+                   help="per-agent results CSV [default: backtest_results.csv]")
     b.add_argument("--cores-per-sm", type=int, choices=(32, 64, 96, 128), default=128,
-                   help="agents (lanes) per streaming multiprocessor")
-    b.add_argument("--top", type=_positive_int, default=10, metavar="N", help="agents listed by Sharpe")
+                   help="agents (lanes) per streaming multiprocessor [default: 128]")
+    b.add_argument("--top", type=_positive_int, default=10, metavar="N",
+                   help="agents listed by Sharpe [default: 10]")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_backtest)
     return p
@@ -368,7 +379,8 @@ def _backtesting_bars(name: str, instrument: str | None, timeframe: int | None) 
     try:
         import backtesting.test as bt
     except ImportError:
-        raise CLIError("--data backtesting:... needs the backtesting package: pip install backtesting") from None
+        raise CLIError("--data backtesting:... needs the backtesting package: "
+                       "pip install backtesting") from None
     return from_pandas(getattr(bt, key), instrument=instrument or key, timeframe=timeframe)
 
 
@@ -377,7 +389,11 @@ def _csv_bars(path: str, instrument: str | None, timeframe: int | None) -> np.nd
         raise FileNotFoundError(f"no such file: {path}")
     if os.path.isdir(path):
         raise CLIError(f"{path} is a directory, not a CSV file")
-    out = read_csv(path, timeframe=timeframe)
+    try:
+        out = read_csv(path, timeframe=timeframe)
+    except ValueError as e:
+        # pandas' messages ("No columns to parse from file") do not say which file
+        raise CLIError(f"{path}: {e}") from None
     if instrument is None:
         return out
     ids = np.unique(out["instrument"])
@@ -402,13 +418,17 @@ def _has_symbol_column(path: str) -> bool:
 
 def _first_per_stream(bars: np.ndarray, n: int) -> np.ndarray:
     """The first ``n`` bars of every (instrument, timeframe) stream, keeping time order."""
-    keys = bars["instrument"].astype(np.uint64) << np.uint64(32) | bars["timeframe"].astype(np.uint64)
-    _, inverse = np.unique(keys, return_inverse=True)
+    _, inverse = np.unique(_stream_keys(bars), return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     starts = np.searchsorted(inverse[order], np.arange(inverse.max() + 1))
     rank = np.empty(len(bars), dtype=np.int64)
     rank[order] = np.arange(len(bars)) - starts[inverse[order]]
     return bars[rank < n]
+
+
+def _stream_keys(rec: np.ndarray) -> np.ndarray:
+    """One uint64 per record identifying its (instrument, timeframe) stream."""
+    return rec["instrument"].astype(np.uint64) << np.uint64(32) | rec["timeframe"].astype(np.uint64)
 
 
 def _streams(bars: np.ndarray) -> list[tuple[int, int]]:
@@ -539,7 +559,8 @@ def _throughput_line(stats: dict[str, Any], wall: float) -> str:
     updates = int(stats["agent_updates"])
     busy = float(stats["busy_seconds"])
     rate = updates / busy if busy > 0 else 0.0
-    return (f"{updates:,} agent updates in {busy:.3f} s of engine time: {_rate(rate)} agent-updates/s "
+    spent = f"{busy:.3f} s" if busy >= 0.1 else f"{1000 * busy:.2f} ms"
+    return (f"{updates:,} agent updates in {spent} of engine time: {_rate(rate)} agent-updates/s "
             f"| wall time {wall:.2f} s")
 
 
@@ -547,9 +568,10 @@ def _console():
     from rich.console import Console
 
     # rich falls back to 80 columns when piped, which squeezes the tables; CI logs are wider
+    # highlight off: rich's number highlighter would colour fragments such as "26." of "26.58M"
     if sys.stdout.isatty():
-        return Console()
-    return Console(width=max(100, _env_int("COLUMNS", 100)))
+        return Console(highlight=False)
+    return Console(width=max(100, _env_int("COLUMNS", 100)), highlight=False)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -579,7 +601,7 @@ class _Progress:
         if len(signals) == 0:
             return
         self.actions += np.bincount(np.clip(signals["action"], -2, 2) + 2, minlength=5)
-        keys = signals["instrument"].astype(np.uint64) << np.uint64(32) | signals["timeframe"].astype(np.uint64)
+        keys = _stream_keys(signals)
         uniq, inverse, cnt = np.unique(keys, return_inverse=True, return_counts=True)
         # the last signal of each stream: first occurrence in the reversed chunk
         last = len(keys) - 1 - np.unique(inverse[::-1], return_index=True)[1]
@@ -721,6 +743,12 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     """``dynamic-core backtest``."""
     t0 = time.perf_counter()
     console = _console()
+    # checked before the run so a typo in --out does not cost a long sweep
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise CLIError(f"--out {args.out}: no such directory {out_dir}")
+    if os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out} is a directory")
     src = args.data.strip()
     is_sim = src.lower() == "sim"
     sim_names = [args.instrument or "EURUSD"]
@@ -752,9 +780,6 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     agents = eng.agents()
     stats = eng.stats()
     df = results_frame(pop, agents)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"no such directory for --out: {out_dir}")
     df.to_csv(args.out, index=False)
     wall = time.perf_counter() - t0
 
@@ -764,7 +789,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
                                 extra=extra, show_instrument=len(streams) > 1))
     console.print(_rejects_line(stats))
     console.print(_throughput_line(stats, wall))
-    console.print(f"Wrote {len(df):,} rows to {args.out}")
+    console.print(f"Wrote {len(df):,} agent row(s) to {args.out}")
     return 0
 
 

@@ -13,7 +13,7 @@ from . import _core
 
 __all__ = ["ema", "rsi", "macd", "atr", "roc", "ew_bands"]
 
-_ind = _core.indicators
+_ind = _core
 
 
 def _arr(x, name: str) -> np.ndarray:

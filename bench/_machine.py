@@ -1,0 +1,106 @@
+"""Describe the machine a benchmark runs on (shared by the bench scripts).
+
+``describe()`` gives one human-readable block; ``info()`` the same facts as a dict for JSON.
+numpy is imported lazily, so importing this module does not start a BLAS thread pool before a
+script has set its thread environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any
+
+__all__ = ["describe", "info"]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _cpu_flags() -> list[str]:
+    want = ("avx512f", "avx2", "fma", "sse4_2", "neon", "asimd")
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("flags", "features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in want if w in have]
+    except OSError:
+        pass
+    return []
+
+
+def _ram_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:  # noqa: BLE001 - psutil missing or unusable: fall back to /proc
+        pass
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def info() -> dict[str, Any]:
+    """Facts about this machine and interpreter."""
+    import numpy as np
+
+    logical = os.cpu_count()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = logical
+    ram = _ram_bytes()
+    threads = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                "NUMBA_NUM_THREADS") if os.environ.get(k) is not None}
+    return {
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "logical_cores": logical,
+        "usable_cores": usable,
+        "ram_bytes": ram,
+        "os": f"{platform.system()} {platform.release()} ({platform.machine()})",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "python_executable": sys.executable,
+        "numpy": np.__version__,
+        "thread_env": threads,
+    }
+
+
+def describe() -> str:
+    """A few lines naming the CPU, cores, RAM, OS, Python and numpy."""
+    d = info()
+    ram = f"{d['ram_bytes'] / 2**30:.1f} GiB" if d["ram_bytes"] else "unknown"
+    cores = f"{d['logical_cores']} logical"
+    if d["usable_cores"] != d["logical_cores"]:
+        cores += f", {d['usable_cores']} usable by this process"
+    flags = ", ".join(d["cpu_flags"]) or "n/a"
+    env = " ".join(f"{k}={v}" for k, v in d["thread_env"].items()) or "none set"
+    return "\n".join(
+        [
+            f"CPU     : {d['cpu']} ({cores}; ISA: {flags})",
+            f"RAM     : {ram}",
+            f"OS      : {d['os']}",
+            f"Python  : {d['python']}, numpy {d['numpy']}",
+            f"Threads : {env}",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    print(describe())

@@ -1,0 +1,125 @@
+// Engine: layout, rejects, determinism across block sizes.
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "check.hpp"
+#include "dynamic_core/engine.hpp"
+
+using namespace dynamic_core;
+
+static std::vector<Genome> population(size_t n) {
+  std::vector<Genome> g(n);
+  for (size_t i = 0; i < n; ++i) {
+    Genome x{};
+    x.agent_id = static_cast<uint32_t>(i);
+    x.instrument = static_cast<uint32_t>(i % 2);
+    x.timeframe = 60;
+    x.mode = static_cast<uint32_t>(i % 2);
+    x.fast = 2 + static_cast<int32_t>(i % 7);
+    x.slow = 10 + static_cast<int32_t>(i % 11);
+    x.rsi_period = 3 + static_cast<int32_t>(i % 5);
+    x.macd_fast = 3;
+    x.macd_slow = 8;
+    x.macd_signal = 4;
+    x.atr_period = 5;
+    x.bb_period = 6;
+    x.mom_period = 4;
+    x.w_trend = 1.0;
+    x.w_rsi = (i % 3) ? 0.5 : 0.0;
+    x.w_macd = 0.25;
+    x.w_bb = -0.3;
+    x.w_mom = 0.1;
+    x.entry = 0.05 * static_cast<double>(i % 4);
+    x.cost_bps = 1.0;
+    g[i] = x;
+  }
+  return g;
+}
+
+static std::vector<Bar> bars(size_t n) {
+  std::vector<Bar> b;
+  uint64_t s = 12345;
+  double px[2] = {100.0, 50.0};
+  for (size_t t = 0; t < n; ++t)
+    for (uint32_t k = 0; k < 2; ++k) {
+      s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+      const double u = static_cast<double>(s >> 11) / 9007199254740992.0 - 0.5;
+      const double o = px[k];
+      const double c = o * (1.0 + 0.01 * u);
+      px[k] = c;
+      b.push_back(Bar{static_cast<int64_t>(t) * 60000000000LL, k, 60, o, std::fmax(o, c) * 1.001,
+                      std::fmin(o, c) * 0.999, c, 100.0});
+    }
+  return b;
+}
+
+int main() {
+  const auto g = population(300);
+  const auto b = bars(400);
+  EngineConfig cfg;
+  cfg.cores_per_sm = 64;
+  Engine e1(g.data(), g.size(), cfg);
+  // 150 agents per stream -> 5 warps -> SMs of 2, 2, 1 warps
+  CHECK_EQ(e1.layout().streams.size(), 2u);
+  CHECK_EQ(e1.layout().sms.size(), 6u);
+  CHECK_EQ(e1.layout().sms[2].n_warps, 1u);
+  CHECK_EQ(e1.layout().sms[2].n_active, 22u);
+
+  std::vector<Signal> s1, s2;
+  e1.run(b.data(), b.size(), 2, s1);
+  CHECK_EQ(s1.size(), b.size());
+  EngineConfig cfg2 = cfg;
+  cfg2.block_bars = 7;
+  Engine e2(g.data(), g.size(), cfg2);
+  for (size_t i = 0; i < b.size(); i += 33) e2.run(b.data() + i, std::min<size_t>(33, b.size() - i), 2, s2);
+  CHECK_EQ(s1.size(), s2.size());
+  CHECK(std::memcmp(s1.data(), s2.data(), s1.size() * sizeof(Signal)) == 0);
+  std::vector<AgentRecord> a1(g.size()), a2(g.size());
+  e1.agents(a1.data());
+  e2.agents(a2.data());
+  CHECK(std::memcmp(a1.data(), a2.data(), a1.size() * sizeof(AgentRecord)) == 0);
+  CHECK(s1.back().n_agents > 0);
+
+  // rejects: each reason counted, processing continues
+  Engine e3(g.data(), g.size(), cfg);
+  auto bad = bars(20);
+  bad[3].close = NAN;
+  bad[5].high = bad[5].low / 2;
+  bad[7].volume = -1;
+  bad[9].instrument = 99;
+  bad[12].ts = bad[8].ts;  // same stream (instrument 0), older than its previous bar
+  std::vector<Signal> s3;
+  e3.run(bad.data(), bad.size(), 2, s3);
+  const EngineStats& st = e3.stats();
+  CHECK_EQ(st.rejected, 5u);
+  CHECK_EQ(st.rejects[static_cast<int>(Reason::NonFinite)], 1u);
+  CHECK_EQ(st.rejects[static_cast<int>(Reason::HighBelowLow)], 1u);
+  CHECK_EQ(st.rejects[static_cast<int>(Reason::NegativeVolume)], 1u);
+  CHECK_EQ(st.rejects[static_cast<int>(Reason::UnknownInstrument)], 1u);
+  CHECK_EQ(st.rejects[static_cast<int>(Reason::OutOfOrder)], 1u);
+  CHECK_EQ(s3.size(), bad.size() - 5);
+  CHECK_EQ(e3.dead_letters().size(), 5u);
+
+  // invalid genomes and configuration throw
+  auto broken = g;
+  broken[17].fast = 0;
+  bool threw = false;
+  try {
+    Engine e4(broken.data(), broken.size(), cfg);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw);
+  threw = false;
+  try {
+    EngineConfig c;
+    c.cores_per_sm = 40;
+    Engine e5(g.data(), g.size(), c);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK(threw);
+  return finish("test_engine");
+}

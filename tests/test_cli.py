@@ -1,0 +1,253 @@
+"""The ``dynamic-core`` command line, run as a user would: in a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import dynamic_core as dc
+from dynamic_core import cli
+
+PKG_ROOT = str(Path(dc.__file__).resolve().parent.parent)
+
+
+def dynamic_core(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m dynamic_core ARGS`` with this checkout importable; stdout is a pipe, not a TTY."""
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_ROOT, env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "dynamic_core", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "error:" in proc.stderr
+    for n in needles:
+        assert n in proc.stderr
+
+
+@pytest.fixture()
+def sim_csv(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A two-instrument CSV (instrument column, UTC time index) and the bars it was written from."""
+    bars = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], timeframe="H1", seed=5).bars(300)
+    path = tmp_path / "prices.csv"
+    dc.market.to_pandas(bars).to_csv(path)
+    return path, bars
+
+
+@pytest.fixture()
+def eurusd_csv(sim_csv: tuple[Path, np.ndarray], tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """The EURUSD rows of ``sim_csv`` alone."""
+    _, bars = sim_csv
+    one = bars[bars["instrument"] == dc.instruments.id("EURUSD")]
+    path = tmp_path / "eurusd.csv"
+    dc.market.to_pandas(one).to_csv(path)
+    return path, one
+
+
+# ---- help and version ------------------------------------------------------------------------
+
+def test_help_lists_commands_and_examples(tmp_path: Path) -> None:
+    proc = dynamic_core("--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    for word in ("run", "backtest", "examples", "backtesting:EURUSD"):
+        assert word in proc.stdout
+
+
+def test_backtest_help_documents_inclusive_ranges(tmp_path: Path) -> None:
+    proc = dynamic_core("backtest", "--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "start:stop:step" in proc.stdout and "INCLUDED" in proc.stdout
+    for opt in ("--w-trend", "--w-rsi", "--w-macd", "--w-bb", "--w-mom", "--rsi-period", "--atr-period",
+                "--bb-period", "--mom-period", "--entry", "--cost-bps", "--mode", "--out"):
+        assert opt in proc.stdout
+
+
+def test_version(tmp_path: Path) -> None:
+    proc = dynamic_core("--version", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert dc.__version__ in proc.stdout
+
+
+# ---- run -------------------------------------------------------------------------------------
+
+def test_run_prints_summary_without_a_tty(tmp_path: Path) -> None:
+    proc = dynamic_core("run", "--agents", "500", "--bars", "300", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    out = proc.stdout
+    assert "Top 10 agents by Sharpe" in out
+    assert "agent-updates/s" in out and "wall time" in out
+    assert "Actions over all signals" in out and "STRONG_BUY" in out
+    assert "Rejected bars: none" in out
+    assert "Latest fused signal per instrument" in out
+    for name in ("EURUSD", "GBPUSD", "USDJPY", "XAUUSD"):
+        assert name in out
+    # 300 bars x 4 instruments, one signal each
+    assert "Processed 1,200 of 1,200 bars, 1,200 signals" in out
+    # no cursor movement or colour codes when piped
+    assert "\x1b[" not in out
+
+
+def test_run_quiet_prints_only_the_summary(tmp_path: Path) -> None:
+    proc = dynamic_core("run", "-q", "--agents", "64", "--bars", "100", "--instruments", "7", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Latest fused signal" not in proc.stdout
+    assert "7 stream(s)" in proc.stdout and "SPX" in proc.stdout
+    assert "agent-updates/s" in proc.stdout
+
+
+def test_run_on_csv_data(sim_csv: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, _ = sim_csv
+    proc = dynamic_core("run", "--data", str(path), "--agents", "256", "--chunk", "64", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "2 stream(s) (EURUSD H1, GBPUSD H1)" in out
+    assert "Processed 600 of 600 bars, 600 signals" in out
+    assert "USDJPY" not in out
+
+
+def test_run_bars_limits_each_stream_of_the_data(sim_csv: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, _ = sim_csv
+    proc = dynamic_core("run", "-q", "--data", str(path), "--agents", "64", "--bars", "120", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Processed 240 of 240 bars" in proc.stdout
+
+
+def test_run_rejects_instruments_with_data(sim_csv: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, _ = sim_csv
+    assert_clean_error(dynamic_core("run", "--data", str(path), "--instruments", "3", cwd=tmp_path),
+                       "--instruments")
+
+
+# ---- backtest --------------------------------------------------------------------------------
+
+def test_backtest_matches_the_engine_in_process(eurusd_csv: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, bars = eurusd_csv
+    out = tmp_path / "res.csv"
+    proc = dynamic_core("backtest", "--data", str(path), "--fast", "5:15:5", "--slow", "20:40:10",
+                        "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Top 9 agents by Sharpe" in proc.stdout and "agent-updates/s" in proc.stdout
+
+    res = pd.read_csv(out)
+    assert len(res) == 9
+    pop = dc.Population.grid("EURUSD", "H1", fast=[5, 10, 15], slow=[20, 30, 40])
+    eng = dc.Engine(pop)
+    eng.run(bars)
+    ref = eng.agents()
+    np.testing.assert_array_equal(res["agent_id"].to_numpy(), ref["agent_id"])
+    np.testing.assert_array_equal(res["fast"].to_numpy(), pop.records["fast"])
+    np.testing.assert_array_equal(res["slow"].to_numpy(), pop.records["slow"])
+    np.testing.assert_allclose(res["equity"].to_numpy(), ref["equity"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(res["sharpe"].to_numpy(), ref["sharpe"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(res["trades"].to_numpy(), ref["trades"])
+    assert set(res["instrument"]) == {"EURUSD"}
+    assert set(res["mode"]) == {"long_short"}
+    assert (res["timeframe"] == 3600).all()
+    for col in ("w_trend", "w_rsi", "rsi_period", "entry", "cost_bps", "max_drawdown", "wins", "win_rate"):
+        assert col in res.columns
+
+
+def test_backtest_float_ranges_modes_and_instrument_choice(sim_csv: tuple[Path, np.ndarray],
+                                                           tmp_path: Path) -> None:
+    path, _ = sim_csv
+    out = tmp_path / "res.csv"
+    proc = dynamic_core("backtest", "--data", str(path), "--instrument", "GBPUSD", "--fast", "5,10",
+                        "--entry", "0:0.2:0.1", "--w-rsi=-1:1:1", "--mode", "both", "--out", str(out),
+                        cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    res = pd.read_csv(out)
+    assert len(res) == 2 * 3 * 3 * 2
+    assert set(res["instrument"]) == {"GBPUSD"}
+    assert sorted(set(res["entry"])) == [0.0, 0.1, 0.2]
+    assert sorted(set(res["w_rsi"])) == [-1.0, 0.0, 1.0]
+    assert set(res["mode"]) == {"long_only", "long_short"}
+
+
+def test_backtest_over_every_stream_of_the_data(sim_csv: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, _ = sim_csv
+    out = tmp_path / "res.csv"
+    proc = dynamic_core("backtest", "--data", str(path), "--fast", "5:10:5", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    res = pd.read_csv(out)
+    assert res["instrument"].tolist() == ["EURUSD", "EURUSD", "GBPUSD", "GBPUSD"]
+    assert res["agent_id"].tolist() == [0, 1, 2, 3]
+
+
+def test_backtest_on_bundled_backtesting_data(tmp_path: Path) -> None:
+    pytest.importorskip("backtesting")
+    proc = dynamic_core("backtest", "--data", "backtesting:GOOG", "--fast", "5,10", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    res = pd.read_csv(tmp_path / "backtest_results.csv")
+    assert len(res) == 2 and set(res["instrument"]) == {"GOOG"}
+    assert (res["timeframe"] == 86400).all()
+
+
+@pytest.mark.parametrize("value", ["5:x", "5:1", "5:10:0", "7.5", "5,,10"])
+def test_bad_range_is_a_clean_error(value: str, tmp_path: Path) -> None:
+    proc = dynamic_core("backtest", "--data", "sim", "--fast", value, cwd=tmp_path)
+    assert_clean_error(proc, "--fast")
+    assert not (tmp_path / "backtest_results.csv").exists()
+
+
+def test_invalid_genome_is_a_clean_error(tmp_path: Path) -> None:
+    assert_clean_error(dynamic_core("backtest", "--data", "sim", "--fast", "0", cwd=tmp_path), "fast")
+
+
+@pytest.mark.parametrize("command", ["run", "backtest"])
+def test_missing_file_is_a_clean_error(command: str, tmp_path: Path) -> None:
+    proc = dynamic_core(command, "--data", str(tmp_path / "nope.csv"), cwd=tmp_path)
+    assert_clean_error(proc, "no such file", "nope.csv")
+
+
+def test_unknown_backtesting_set_is_a_clean_error(tmp_path: Path) -> None:
+    assert_clean_error(dynamic_core("backtest", "--data", "backtesting:NOPE", cwd=tmp_path), "NOPE")
+
+
+# ---- in-process ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("text", "kind", "expected"),
+    [
+        ("5:50:5", int, [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]),
+        ("5:12:5", int, [5, 10]),
+        ("5:8", int, [5, 6, 7, 8]),
+        ("5,10,20", int, [5, 10, 20]),
+        ("12", int, [12]),
+        ("5:10:5,30", int, [5, 10, 30]),
+        ("0:1:0.25", float, [0.0, 0.25, 0.5, 0.75, 1.0]),
+        ("0:0.3:0.1", float, [0.0, 0.1, 0.2, 0.3]),
+        ("-1:1:1", float, [-1.0, 0.0, 1.0]),
+        ("1.5", float, [1.5]),
+    ],
+)
+def test_parse_values(text: str, kind: type, expected: list[float]) -> None:
+    got = cli.parse_values(text, kind)
+    assert got == expected
+    assert all(type(v) is kind for v in got)
+
+
+@pytest.mark.parametrize("text", ["", "5:x", "x", "5:1", "1:5:0", "1:5:-1", "1:2:3:4", "1.5", "5,", "nan"])
+def test_parse_values_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        cli.parse_values(text, int)
+
+
+def test_simulated_names() -> None:
+    assert cli.simulated_names(4) == ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD"]
+    assert cli.simulated_names(9)[4:] == ["AUDUSD", "BTCUSD", "SPX", "SIM7", "SIM8"]
+
+
+def test_main_returns_codes_instead_of_exiting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == 0
+    assert cli.main(["backtest", "--data", "sim", "--fast", "5:x"]) == 2
+    err = capsys.readouterr().err
+    assert "--fast" in err and "Traceback" not in err
