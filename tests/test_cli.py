@@ -208,6 +208,12 @@ def test_missing_file_is_a_clean_error(command: str, tmp_path: Path) -> None:
     assert_clean_error(proc, "no such file", "nope.csv")
 
 
+def test_csv_without_prices_is_a_clean_error(tmp_path: Path) -> None:
+    path = tmp_path / "notprices.csv"
+    path.write_text("a,b\n1,2\n")
+    assert_clean_error(dynamic_core("run", "--data", str(path), cwd=tmp_path), "notprices.csv", "close")
+
+
 def test_unknown_backtesting_set_is_a_clean_error(tmp_path: Path) -> None:
     assert_clean_error(dynamic_core("backtest", "--data", "backtesting:NOPE", cwd=tmp_path), "NOPE")
 
