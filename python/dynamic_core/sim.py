@@ -32,8 +32,8 @@ PROFILES: dict[str, tuple[float, float]] = {
 
 # name: (annual drift, volatility multiplier, mean-reversion speed per bar)
 REGIMES: dict[str, tuple[float, float, float]] = {
-    "trend_up": (0.30, 0.8, 0.0),
-    "trend_down": (-0.30, 0.8, 0.0),
+    "trend_up": (0.08, 0.8, 0.0),
+    "trend_down": (-0.08, 0.8, 0.0),
     "range": (0.0, 0.6, 0.05),
     "volatile": (0.0, 2.2, 0.0),
 }
