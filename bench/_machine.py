@@ -46,10 +46,15 @@ def _ram_bytes() -> int | None:
         return int(psutil.virtual_memory().total)
     except Exception:  # noqa: BLE001 - psutil missing or unusable: fall back to /proc
         pass
+    return proc_kib("/proc/meminfo", "MemTotal")
+
+
+def proc_kib(path: str, key: str) -> int | None:
+    """Bytes of a ``key: N kB`` line of a /proc file (meminfo, self/status), or None."""
     try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
+        with open(path, encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

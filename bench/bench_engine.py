@@ -39,6 +39,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+
+from bench._machine import proc_kib  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -79,13 +81,9 @@ QUICK = {
 # ---------------------------------------------------------------------------------------------
 def _rss_now() -> int:
     """Current resident set size in bytes."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    rss = proc_kib("/proc/self/status", "VmRSS")
+    if rss is not None:
+        return rss
     import psutil
 
     return int(psutil.Process().memory_info().rss)
@@ -93,14 +91,7 @@ def _rss_now() -> int:
 
 def _vm_hwm() -> int | None:
     """Peak RSS of this process image (VmHWM) in bytes, or None where /proc lacks it."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_kib("/proc/self/status", "VmHWM")
 
 
 def _ru_maxrss() -> int:
