@@ -95,3 +95,12 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="length"):
         dc.indicators.atr(np.ones(5), np.ones(4), np.ones(5), 2)
     assert np.isnan(dc.indicators.ema(np.ones(3), 5)).all()
+
+
+def test_rsi_keeps_100_while_a_lone_gain_decays_like_talib():
+    # One up-move then a flat series: the average gain decays geometrically far below 1e-8.
+    # TA-Lib 0.6+ returns 100 until the sum is exactly 0 (an older epsilon test gave 0 here).
+    c = np.array([1.0] * 13 + [2.0] * 60)
+    ours, theirs = dc.indicators.rsi(c, 2), talib.RSI(c, 2)
+    assert theirs[-1] == 100.0
+    assert_matches(ours, theirs)

@@ -213,102 +213,42 @@ void Engine::process_block(const Bar* bars, const uint32_t* idx, const uint32_t*
   stats_.signals += n;
 }
 
+LaneView Engine::lane_view(uint32_t base) {
+  LaneView v;
+  for (int f = 0; f < kFeatures; ++f) {
+    v.w[f] = lanes_.w[f].data() + base;
+    v.fidx[f] = lanes_.fidx[f].data() + base;
+  }
+  v.entry = lanes_.entry.data() + base;
+  v.cost = lanes_.cost.data() + base;
+  v.lookback = lanes_.lookback.data() + base;
+  v.long_short = lanes_.long_short.data() + base;
+  v.active = lanes_.active.data() + base;
+  v.score = state_.score.data() + base;
+  v.equity = state_.equity.data() + base;
+  v.entry_equity = state_.entry_equity.data() + base;
+  v.peak = state_.peak.data() + base;
+  v.max_dd = state_.max_dd.data() + base;
+  v.ret_sum = state_.ret_sum.data() + base;
+  v.ret_sq = state_.ret_sq.data() + base;
+  v.trades = state_.trades.data() + base;
+  v.wins = state_.wins.data() + base;
+  v.n_ret = state_.n_ret.data() + base;
+  v.quarantined = state_.quarantined.data() + base;
+  v.position = state_.position.data() + base;
+  v.action = state_.action.data() + base;
+  return v;
+}
+
 void Engine::run_sm(Sm& sm, const Bar* bars, const uint32_t* idx, size_t count, Summary* out) {
   Bank& bank = sm.bank;
-  const double* __restrict feat = bank.feat.data();
-  const size_t base = sm.lane_begin;
-  // Hoisted, non-aliasing views of this SM's lanes so the warp loop vectorises.
-  const double* __restrict w0 = lanes_.w[0].data() + base;
-  const double* __restrict w1 = lanes_.w[1].data() + base;
-  const double* __restrict w2 = lanes_.w[2].data() + base;
-  const double* __restrict w3 = lanes_.w[3].data() + base;
-  const double* __restrict w4 = lanes_.w[4].data() + base;
-  const int32_t* __restrict f0 = lanes_.fidx[0].data() + base;
-  const int32_t* __restrict f1 = lanes_.fidx[1].data() + base;
-  const int32_t* __restrict f2 = lanes_.fidx[2].data() + base;
-  const int32_t* __restrict f3 = lanes_.fidx[3].data() + base;
-  const int32_t* __restrict f4 = lanes_.fidx[4].data() + base;
-  const double* __restrict entry = lanes_.entry.data() + base;
-  const double* __restrict cost = lanes_.cost.data() + base;
-  const int32_t* __restrict lookback = lanes_.lookback.data() + base;
-  const int32_t* __restrict long_short = lanes_.long_short.data() + base;
-  const int32_t* __restrict active = lanes_.active.data() + base;
-  double* __restrict s_score = state_.score.data() + base;
-  double* __restrict s_equity = state_.equity.data() + base;
-  double* __restrict s_entry_eq = state_.entry_equity.data() + base;
-  double* __restrict s_peak = state_.peak.data() + base;
-  double* __restrict s_max_dd = state_.max_dd.data() + base;
-  double* __restrict s_ret_sum = state_.ret_sum.data() + base;
-  double* __restrict s_ret_sq = state_.ret_sq.data() + base;
-  uint32_t* __restrict s_trades = state_.trades.data() + base;
-  uint32_t* __restrict s_wins = state_.wins.data() + base;
-  uint32_t* __restrict s_n_ret = state_.n_ret.data() + base;
-  uint32_t* __restrict s_quar = state_.quarantined.data() + base;
-  int32_t* __restrict s_pos = state_.position.data() + base;
-  int32_t* __restrict s_action = state_.action.data() + base;
+  const LaneView v = lane_view(sm.lane_begin);
   const int lanes = static_cast<int>(sm.n_warps) * kWarpSize;
   uint64_t updates = 0;
   for (size_t k = 0; k < count; ++k) {
     bank.update(bars[idx[k]]);
     const int32_t t = static_cast<int32_t>(bank.nbars - 1 < INT32_MAX ? bank.nbars - 1 : INT32_MAX);
-    const double ret = bank.ret;
-    alignas(64) double sw[128], sws[128], ss[128], ss2[128];
-    alignas(64) uint32_t cnt[128], act[128], upd[128];
-    // Every lane computes; masked, quarantined and failing lanes keep their old state.
-#pragma omp simd
-    for (int i = 0; i < lanes; ++i) {
-      const double fw[kFeatures] = {w0[i], w1[i], w2[i], w3[i], w4[i]};
-      const double fv[kFeatures] = {feat[f0[i]], feat[f1[i]], feat[f2[i]], feat[f3[i]], feat[f4[i]]};
-      const double score = blend(fw, fv);
-      const bool warm = t >= lookback[i];
-      const LaneState cur{s_score[i], s_equity[i], s_entry_eq[i], s_peak[i], s_max_dd[i], s_ret_sum[i],
-                          s_ret_sq[i], s_trades[i], s_wins[i],   s_n_ret[i], s_pos[i],   s_action[i],
-                          s_quar[i]};
-      LaneState nx;
-      const bool ok = lane_step(cur, nx, score, ret, warm, entry[i], long_short[i] != 0, cost[i]);
-      const bool live = (active[i] != 0) & (cur.quarantined == 0);
-      const bool keep = live & ok;
-      s_score[i] = keep ? nx.score : cur.score;
-      s_equity[i] = keep ? nx.equity : cur.equity;
-      s_entry_eq[i] = keep ? nx.entry_equity : cur.entry_equity;
-      s_peak[i] = keep ? nx.peak : cur.peak;
-      s_max_dd[i] = keep ? nx.max_dd : cur.max_dd;
-      s_ret_sum[i] = keep ? nx.ret_sum : cur.ret_sum;
-      s_ret_sq[i] = keep ? nx.ret_sq : cur.ret_sq;
-      s_trades[i] = keep ? nx.trades : cur.trades;
-      s_wins[i] = keep ? nx.wins : cur.wins;
-      s_n_ret[i] = keep ? nx.n_ret : cur.n_ret;
-      s_pos[i] = keep ? nx.position : cur.position;
-      s_action[i] = keep ? nx.action : cur.action;
-      s_quar[i] = cur.quarantined | ((live & !ok) ? 1u : 0u);
-      const bool counts = keep & warm;
-      const double wgt = fitness(nx.equity, nx.max_dd);
-      sw[i] = counts ? wgt : 0.0;
-      sws[i] = counts ? wgt * nx.score : 0.0;
-      ss[i] = counts ? nx.score : 0.0;
-      ss2[i] = counts ? nx.score * nx.score : 0.0;
-      cnt[i] = counts ? 1u : 0u;
-      act[i] = static_cast<uint32_t>(nx.action + 2);
-      upd[i] = live ? 1u : 0u;
-    }
-    Summary total;
-    summary_zero(total);
-    for (int w = 0; w < lanes; w += kWarpSize) {  // warps in index order
-      total.sum_w = total.sum_w + warp_tree(sw + w);
-      total.sum_ws = total.sum_ws + warp_tree(sws + w);
-      total.sum_s = total.sum_s + warp_tree(ss + w);
-      total.sum_s2 = total.sum_s2 + warp_tree(ss2 + w);
-    }
-    for (int i = 0; i < lanes; ++i) {
-      total.n += cnt[i];
-      updates += upd[i];
-    }
-    for (uint32_t v = 0; v < 5; ++v) {
-      uint32_t c = 0;
-      for (int i = 0; i < lanes; ++i) c += (cnt[i] != 0) & (act[i] == v);
-      total.votes[v] = c;
-    }
-    out[k] = total;
+    out[k] = sm_step(v, lanes, bank.feat.data(), t, bank.ret, -1, updates);
   }
   stats_.agent_updates += updates;
 }

@@ -5,6 +5,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "kernel.hpp"
 #include "population.hpp"
 #include "records.hpp"
 
@@ -63,6 +64,7 @@ class Engine {
   void process_block(const Bar* bars, const uint32_t* idx, const uint32_t* stream, const uint64_t* seq,
                      size_t n, std::vector<Signal>& out);
   void run_sm(Sm& sm, const Bar* bars, const uint32_t* idx, size_t count, Summary* out);
+  LaneView lane_view(uint32_t base);
   void dead_letter(const Bar& b, uint64_t index, Reason r);
   const Stream* find_stream(uint32_t instrument, uint32_t timeframe) const;
 

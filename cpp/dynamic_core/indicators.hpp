@@ -11,7 +11,6 @@ namespace dynamic_core {
 // TA-Lib's PER_TO_K.
 DC_HOST_DEVICE inline double per_to_k(int32_t n) { return 2.0 / static_cast<double>(n + 1); }
 // TA-Lib's TA_IS_ZERO.
-DC_HOST_DEVICE inline bool ta_is_zero(double v) { return -0.00000001 < v && v < 0.00000001; }
 
 struct Ema {
   int32_t n;
@@ -57,7 +56,7 @@ struct Rsi {
   }
   DC_HOST_DEVICE void finish() {
     const double t = gain + loss;
-    value = !ta_is_zero(t) ? 100.0 * (gain / t) : 0.0;
+    value = t != 0.0 ? 100.0 * (gain / t) : 0.0;  // TA-Lib 0.6+: only an exact 0 gives 0
   }
   DC_HOST_DEVICE bool update(double x) {
     if (count == 0) {

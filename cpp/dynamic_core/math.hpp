@@ -98,27 +98,32 @@ DC_HOST_DEVICE inline void lane_init(LaneState& s) {
 // the CPU and does not diverge on the GPU. `score` is the blended score of this bar, `ret` the
 // bar's close-to-close return (0 on the stream's first bar), `warm` whether every indicator the
 // agent uses has produced output, `cost` the cost per unit of position change as a fraction of
-// equity. Returns the next state in `o`, and false when it would turn non-finite (the caller then
+// equity. Returns the next state in `o`, and 0 when it would turn non-finite (the caller then
 // quarantines the lane and keeps the previous state).
-DC_HOST_DEVICE inline bool lane_step(const LaneState& s, LaneState& o, double score, double ret, bool warm,
-                                     double entry, bool long_short, double cost) {
+DC_HOST_DEVICE inline int lane_step(const LaneState& s, LaneState& o, double score, double ret, int warm,
+                                    double entry, int long_short, double cost) {
+  // Conditions are kept as 0/1 integers (not bool) so that every select has one mask width and
+  // the lane loop vectorises.
   const int prev = s.position;
   const double g = 1.0 + static_cast<double>(prev) * ret;
   double e = s.equity * g;
-  const int down = long_short ? -1 : 0;
-  int pos = score > entry ? 1 : (score < -entry ? down : prev);
+  const int up = score > entry ? 1 : 0;
+  const int dn = score < -entry ? 1 : 0;
+  int pos = up ? 1 : (dn ? -long_short : prev);
   pos = warm ? pos : 0;
   const int d = pos > prev ? pos - prev : prev - pos;
   const double c = cost * static_cast<double>(d);
   e = e - e * c;
   const double r = g * (1.0 - c) - 1.0;
-  const bool closing = (prev != 0) & (pos != prev);
-  const bool opening = (pos != 0) & (pos != prev);
+  const int changed = pos != prev ? 1 : 0;
+  const int closing = (prev != 0 ? 1 : 0) & changed;
+  const int opening = (pos != 0 ? 1 : 0) & changed;
+  const int won = e > s.entry_equity ? 1 : 0;
   o.ret_sum = warm ? s.ret_sum + r : s.ret_sum;
   o.ret_sq = warm ? s.ret_sq + r * r : s.ret_sq;
-  o.n_ret = s.n_ret + (warm ? 1u : 0u);
-  o.trades = s.trades + (closing ? 1u : 0u);
-  o.wins = s.wins + ((closing & (e > s.entry_equity)) ? 1u : 0u);
+  o.n_ret = s.n_ret + static_cast<uint32_t>(warm);
+  o.trades = s.trades + static_cast<uint32_t>(closing);
+  o.wins = s.wins + static_cast<uint32_t>(closing & won);
   o.entry_equity = opening ? e : s.entry_equity;
   o.peak = e > s.peak ? e : s.peak;
   const double dd = (o.peak - e) / o.peak;
@@ -128,7 +133,7 @@ DC_HOST_DEVICE inline bool lane_step(const LaneState& s, LaneState& o, double sc
   o.score = score;
   o.action = score_to_action(score);
   o.quarantined = 0;
-  return dc_finite(e) & dc_finite(score);
+  return (dc_finite(e) ? 1 : 0) & (dc_finite(score) ? 1 : 0);
 }
 
 // Consensus weight of an agent: equity discounted by its worst drawdown.

@@ -1,0 +1,45 @@
+// The lane kernel: one SM, one bar. Pure function of (parameters, state, bank features).
+#pragma once
+#include <cstdint>
+
+#include "math.hpp"
+
+namespace dynamic_core {
+
+inline constexpr int kMaxSmLanes = 128;
+
+// Views of one SM's lanes (structure of arrays, kWarpSize-aligned, no aliasing between arrays).
+struct LaneView {
+  const double* w[kFeatures];
+  const int32_t* fidx[kFeatures];
+  const double* entry;
+  const double* cost;
+  const int32_t* lookback;
+  const int32_t* long_short;
+  const int32_t* active;
+  double* score;
+  double* equity;
+  double* entry_equity;
+  double* peak;
+  double* max_dd;
+  double* ret_sum;
+  double* ret_sq;
+  uint32_t* trades;
+  uint32_t* wins;
+  uint32_t* n_ret;
+  uint32_t* quarantined;
+  int32_t* position;
+  int32_t* action;
+};
+
+// Advances `lanes` lanes (a multiple of kWarpSize, at most kMaxSmLanes) by one bar whose bank
+// features are `feat`, bar index `t` and close-to-close return `ret`. Returns the SM summary in
+// the canonical order; `updates` gets the number of live lanes. `poison` (fault injection, -1 =
+// none) makes that lane's score NaN, which quarantines it.
+//
+// Compiled for several instruction sets (picked at load time). Results are bit-identical across
+// them: FMA contraction is off and float sums keep their fixed order.
+Summary sm_step(const LaneView& v, int lanes, const double* feat, int32_t t, double ret, int poison,
+                uint64_t& updates);
+
+}  // namespace dynamic_core

@@ -1,0 +1,166 @@
+// The vectorised lane kernel (kernel.cpp, every instruction-set clone) against the scalar
+// lane_step of math.hpp that the CUDA kernels share: bit-identical state and summaries.
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "check.hpp"
+#include "dynamic_core/kernel.hpp"
+
+using namespace dynamic_core;
+
+namespace {
+
+struct Lanes {
+  std::vector<double> w[kFeatures];
+  std::vector<int32_t> fidx[kFeatures];
+  std::vector<double> entry, cost;
+  std::vector<int32_t> lookback, long_short, active;
+  std::vector<double> score, equity, entry_equity, peak, max_dd, ret_sum, ret_sq;
+  std::vector<uint32_t> trades, wins, n_ret, quarantined;
+  std::vector<int32_t> position, action;
+
+  explicit Lanes(int n) {
+    for (int f = 0; f < kFeatures; ++f) {
+      w[f].resize(n);
+      fidx[f].resize(n);
+    }
+    for (auto* v : {&entry, &cost, &score, &equity, &entry_equity, &peak, &max_dd, &ret_sum, &ret_sq})
+      v->resize(n);
+    for (auto* v : {&lookback, &long_short, &active, &position, &action}) v->resize(n);
+    for (auto* v : {&trades, &wins, &n_ret, &quarantined}) v->resize(n);
+  }
+  LaneView view() {
+    LaneView v;
+    for (int f = 0; f < kFeatures; ++f) {
+      v.w[f] = w[f].data();
+      v.fidx[f] = fidx[f].data();
+    }
+    v.entry = entry.data();
+    v.cost = cost.data();
+    v.lookback = lookback.data();
+    v.long_short = long_short.data();
+    v.active = active.data();
+    v.score = score.data();
+    v.equity = equity.data();
+    v.entry_equity = entry_equity.data();
+    v.peak = peak.data();
+    v.max_dd = max_dd.data();
+    v.ret_sum = ret_sum.data();
+    v.ret_sq = ret_sq.data();
+    v.trades = trades.data();
+    v.wins = wins.data();
+    v.n_ret = n_ret.data();
+    v.quarantined = quarantined.data();
+    v.position = position.data();
+    v.action = action.data();
+    return v;
+  }
+};
+
+// The scalar path: blend + lane_step + warp_tree, exactly as a GPU thread does it.
+Summary scalar_step(Lanes& L, int lanes, const double* feat, int32_t t, double ret, int poison) {
+  double sw[kMaxSmLanes], sws[kMaxSmLanes], ss[kMaxSmLanes], ss2[kMaxSmLanes];
+  Summary total;
+  summary_zero(total);
+  for (int i = 0; i < lanes; ++i) {
+    double fw[kFeatures], fv[kFeatures];
+    for (int f = 0; f < kFeatures; ++f) {
+      fw[f] = L.w[f][i];
+      fv[f] = feat[L.fidx[f][i]];
+    }
+    double score = blend(fw, fv);
+    if (i == poison) score = __builtin_nan("");
+    const int warm = t >= L.lookback[i];
+    const LaneState cur{L.score[i], L.equity[i],  L.entry_equity[i], L.peak[i],     L.max_dd[i],
+                        L.ret_sum[i], L.ret_sq[i], L.trades[i],     L.wins[i],     L.n_ret[i],
+                        L.position[i], L.action[i], L.quarantined[i]};
+    LaneState nx;
+    const int ok = lane_step(cur, nx, score, ret, warm, L.entry[i], L.long_short[i], L.cost[i]);
+    const int live = (L.active[i] != 0) & (cur.quarantined == 0);
+    const int keep = live & ok;
+    const LaneState& s = keep ? nx : cur;
+    L.score[i] = s.score;
+    L.equity[i] = s.equity;
+    L.entry_equity[i] = s.entry_equity;
+    L.peak[i] = s.peak;
+    L.max_dd[i] = s.max_dd;
+    L.ret_sum[i] = s.ret_sum;
+    L.ret_sq[i] = s.ret_sq;
+    L.trades[i] = s.trades;
+    L.wins[i] = s.wins;
+    L.n_ret[i] = s.n_ret;
+    L.position[i] = s.position;
+    L.action[i] = s.action;
+    L.quarantined[i] = cur.quarantined | static_cast<uint32_t>(live & !ok);
+    const int counts = keep & warm;
+    const double wgt = fitness(nx.equity, nx.max_dd);
+    sw[i] = counts ? wgt : 0.0;
+    sws[i] = counts ? wgt * nx.score : 0.0;
+    ss[i] = counts ? nx.score : 0.0;
+    ss2[i] = counts ? nx.score * nx.score : 0.0;
+    total.n += static_cast<uint32_t>(counts);
+    if (counts) ++total.votes[nx.action + 2];
+  }
+  for (int w = 0; w < lanes; w += kWarpSize) {
+    total.sum_w = total.sum_w + warp_tree(sw + w);
+    total.sum_ws = total.sum_ws + warp_tree(sws + w);
+    total.sum_s = total.sum_s + warp_tree(ss + w);
+    total.sum_s2 = total.sum_s2 + warp_tree(ss2 + w);
+  }
+  return total;
+}
+
+template <class T>
+bool same(const std::vector<T>& a, const std::vector<T>& b) {
+  return std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937_64 rng(12345);
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  for (int lanes : {32, 64, 96, 128}) {
+    Lanes a(lanes);
+    const int n_feat = 40;
+    for (int i = 0; i < lanes; ++i) {
+      for (int f = 0; f < kFeatures; ++f) {
+        a.w[f][i] = (rng() % 4 == 0) ? 0.0 : 2.0 * u(rng);
+        a.fidx[f][i] = static_cast<int32_t>(rng() % n_feat);
+      }
+      a.entry[i] = 0.3 * (u(rng) + 1.0) / 2.0;
+      a.cost[i] = 1e-4 * (u(rng) + 1.0);
+      a.lookback[i] = static_cast<int32_t>(rng() % 30);
+      a.long_short[i] = static_cast<int32_t>(rng() % 2);
+      a.active[i] = (rng() % 10) != 0;
+      a.equity[i] = a.entry_equity[i] = a.peak[i] = 1.0;
+    }
+    Lanes b = a;
+    LaneView va = a.view();
+    std::vector<double> feat(n_feat);
+    bool all_same = true;
+    uint64_t updates = 0;
+    for (int32_t t = 0; t < 400; ++t) {
+      feat[0] = 0.0;
+      for (int k = 1; k < n_feat; ++k) feat[k] = u(rng);
+      const double ret = t == 0 ? 0.0 : 0.01 * u(rng);
+      const int poison = (t == 200) ? 5 : -1;
+      const Summary sv = sm_step(va, lanes, feat.data(), t, ret, poison, updates);
+      const Summary sc = scalar_step(b, lanes, feat.data(), t, ret, poison);
+      all_same = all_same && std::memcmp(&sv, &sc, sizeof(Summary)) == 0;
+    }
+    CHECK(all_same);
+    CHECK(same(a.score, b.score) && same(a.equity, b.equity) && same(a.entry_equity, b.entry_equity));
+    CHECK(same(a.peak, b.peak) && same(a.max_dd, b.max_dd) && same(a.ret_sum, b.ret_sum));
+    CHECK(same(a.ret_sq, b.ret_sq) && same(a.trades, b.trades) && same(a.wins, b.wins));
+    CHECK(same(a.n_ret, b.n_ret) && same(a.position, b.position) && same(a.action, b.action));
+    CHECK(same(a.quarantined, b.quarantined));
+    CHECK_EQ(a.quarantined[5], a.active[5] ? 1u : 0u);
+    uint32_t trades = 0;
+    for (int i = 0; i < lanes; ++i) trades += a.trades[i];
+    CHECK(trades > 0);  // the check exercised position changes
+    CHECK(updates > 0);
+  }
+  return finish("kernel");
+}
