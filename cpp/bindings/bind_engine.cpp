@@ -1,12 +1,33 @@
 #include "../dynamic_core/engine.hpp"
 #include "common.hpp"
 
+#include <cmath>
+
 namespace dynamic_core::bindings {
 
 namespace {
 
-py::dict stats_dict(const Engine& e) {
-  const EngineStats& s = e.stats();
+double percentile(const std::vector<uint64_t>& h, double q) {
+  uint64_t total = 0;
+  for (uint64_t c : h) total += c;
+  if (!total) return 0.0;
+  const double want = q * static_cast<double>(total);
+  uint64_t acc = 0;
+  for (size_t i = 0; i < h.size(); ++i) {
+    acc += h[i];
+    if (static_cast<double>(acc) >= want)  // upper edge of the bucket, in seconds
+      return std::exp2(static_cast<double>(i + 1) / kLatencyBucketsPerOctave) * 1e-9;
+  }
+  return 0.0;
+}
+
+py::dict stats_dict(Engine& e) {
+  EngineStats s;
+  {
+    py::gil_scoped_release nogil;  // stats() takes the ingress lock, which submit may hold
+    s = e.stats();
+  }
+  const uint64_t updates = e.agent_updates();
   py::dict d;
   d["batches"] = s.batches;
   d["bars_in"] = s.bars_in;
@@ -17,13 +38,72 @@ py::dict stats_dict(const Engine& e) {
   for (uint32_t i = 1; i < kReasonCount; ++i) r[reason_name(static_cast<Reason>(i))] = s.rejects[i];
   d["rejects"] = r;
   d["signals"] = s.signals;
-  d["agent_updates"] = s.agent_updates;
-  d["dead_letters"] = e.dead_letters().size();
+  d["agent_updates"] = updates;
+  d["dead_letters"] = s.dead_letters;
   d["dead_letters_dropped"] = s.dead_letters_dropped;
   d["busy_seconds"] = s.busy_seconds;
-  d["agent_updates_per_s"] = s.busy_seconds > 0 ? static_cast<double>(s.agent_updates) / s.busy_seconds : 0.0;
+  d["uptime_seconds"] = e.uptime_s();
+  d["agent_updates_per_s"] = s.busy_seconds > 0 ? static_cast<double>(updates) / s.busy_seconds : 0.0;
   d["quarantined"] = e.quarantined();
   d["sequence"] = e.sequence();
+  d["threads"] = e.threads();
+  d["capacity"] = e.capacity();
+  d["in_flight"] = e.in_flight();
+  d["in_flight_high_water"] = e.in_flight_high_water();
+  py::dict bp;
+  bp["events"] = s.backpressure_events;
+  bp["rejected"] = s.backpressure_rejected;
+  bp["dropped"] = s.backpressure_dropped;
+  d["backpressure"] = bp;
+  d["failovers"] = e.failovers();
+  const auto h = e.latency_histogram();
+  uint64_t n = 0;
+  size_t top = 0;
+  for (size_t i = 0; i < h.size(); ++i) {
+    n += h[i];
+    if (h[i]) top = i;
+  }
+  py::dict lat;
+  lat["count"] = n;
+  lat["p50"] = percentile(h, 0.50);
+  lat["p90"] = percentile(h, 0.90);
+  lat["p99"] = percentile(h, 0.99);
+  lat["max"] = n ? std::exp2(static_cast<double>(top + 1) / kLatencyBucketsPerOctave) * 1e-9 : 0.0;
+  d["latency_s"] = lat;
+  py::list workers;
+  for (const auto& w : e.worker_health()) {
+    py::dict x;
+    x["queue_depth"] = w.queue_depth;
+    x["queue_high_water"] = w.queue_high_water;
+    x["sms"] = w.sms;
+    x["heartbeat_age_s"] = w.heartbeat_age_s;
+    x["standby"] = w.standby;
+    x["parked"] = w.parked;
+    x["agent_updates"] = w.agent_updates;
+    workers.append(x);
+  }
+  d["workers"] = workers;
+  const auto sms = e.sm_health();
+  const auto n_sm = static_cast<py::ssize_t>(sms.size());
+  py::array_t<int32_t> owner(n_sm);
+  py::array_t<uint32_t> status(n_sm), stalls(n_sm);
+  py::array_t<double> age(n_sm);
+  py::array_t<uint64_t> processed(n_sm);
+  for (py::ssize_t i = 0; i < n_sm; ++i) {
+    const auto& x = sms[static_cast<size_t>(i)];
+    owner.mutable_at(i) = x.owner;
+    status.mutable_at(i) = x.status;
+    stalls.mutable_at(i) = x.stalls;
+    age.mutable_at(i) = x.heartbeat_age_s;
+    processed.mutable_at(i) = x.processed;
+  }
+  py::dict smd;
+  smd["owner"] = owner;
+  smd["status"] = status;
+  smd["stalls"] = stalls;
+  smd["heartbeat_age_s"] = age;
+  smd["bars"] = processed;
+  d["sms"] = smd;
   return d;
 }
 
@@ -90,19 +170,55 @@ void bind_engine(py::module_& m) {
       "Reject reason of every bar: value checks and time order per (instrument, timeframe).");
   py::class_<Engine>(m, "Engine", "Native engine; wrapped by dynamic_core.Engine.")
       .def(py::init([](const py::array& genomes, int cores_per_sm, uint64_t population_hash,
-                       uint32_t dead_letter_capacity, uint32_t block_bars) {
+                       uint32_t dead_letter_capacity, uint32_t block_bars, int threads, uint32_t capacity,
+                       uint32_t backpressure, int64_t stall_deadline_ns, bool fault_injection) {
              const Genome* g = records_of<Genome>(genomes, "genome");
              EngineConfig cfg;
              cfg.cores_per_sm = cores_per_sm;
              cfg.population_hash = population_hash;
              cfg.dead_letter_capacity = dead_letter_capacity;
              cfg.block_bars = block_bars;
+             cfg.threads = threads;
+             cfg.capacity = capacity;
+             if (backpressure > 2) throw std::invalid_argument("backpressure must be 0, 1 or 2");
+             cfg.backpressure = static_cast<Backpressure>(backpressure);
+             cfg.stall_deadline_ns = stall_deadline_ns;
+             cfg.fault_injection = fault_injection;
              const auto n = static_cast<size_t>(genomes.shape(0));
              py::gil_scoped_release nogil;
              return new Engine(g, n, cfg);
            }),
            py::arg("genomes"), py::arg("cores_per_sm") = 128, py::arg("population_hash") = 0,
-           py::arg("dead_letter_capacity") = 10000, py::arg("block_bars") = 0)
+           py::arg("dead_letter_capacity") = 10000, py::arg("block_bars") = 0, py::arg("threads") = 1,
+           py::arg("capacity") = 0, py::arg("backpressure") = 0, py::arg("stall_deadline_ns") = 50000000,
+           py::arg("fault_injection") = false)
+      .def("submit", [](Engine& e, const py::array& bars, uint32_t n_registered) {
+             const Bar* b = records_of<Bar>(bars, "bar");
+             const auto n = static_cast<size_t>(bars.shape(0));
+             py::gil_scoped_release nogil;
+             return e.submit(b, n, n_registered);
+           }, py::arg("bars"), py::arg("n_registered"),
+           "Validate, sequence and dispatch bars; returns how many were taken.")
+      .def("poll", [](Engine& e, size_t max_n, int64_t timeout_ns) {
+             std::vector<Signal> out(std::max<size_t>(max_n, 1));
+             size_t k;
+             {
+               py::gil_scoped_release nogil;
+               k = e.poll(out.data(), max_n, timeout_ns);
+             }
+             return to_bytes(out.data(), k);
+           }, py::arg("max_n"), py::arg("timeout_ns"),
+           "Up to max_n ready signals in bar order, as bytes; waits up to timeout_ns (<0: forever).")
+      .def("close", [](Engine& e) {
+             py::gil_scoped_release nogil;
+             e.close();
+           }, "Join the worker and sentinel threads.")
+      .def("wait_idle", [](Engine& e) {
+             py::gil_scoped_release nogil;
+             e.wait_all();
+           }, "Wait until every submitted bar has been processed.")
+      .def("inject_stall", &Engine::inject_stall, py::arg("sm"), py::arg("ns"))
+      .def("inject_poison", &Engine::inject_poison, py::arg("agent"))
       .def("run", [](Engine& e, const py::array& bars, uint32_t n_registered) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));
@@ -115,7 +231,7 @@ void bind_engine(py::module_& m) {
              return to_bytes(out.data(), out.size());
            }, py::arg("bars"), py::arg("n_registered"),
            "Process a time-ordered bar batch; returns signal records as bytes.")
-      .def("validate", [](const Engine& e, const py::array& bars, uint32_t n_registered) {
+      .def("validate", [](Engine& e, const py::array& bars, uint32_t n_registered) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<py::ssize_t>(bars.shape(0));
              py::array_t<uint32_t> reasons(n);
@@ -127,7 +243,7 @@ void bind_engine(py::module_& m) {
              return reasons;
            }, py::arg("bars"), py::arg("n_registered"),
            "Reject reason of every bar as run() would see it, without changing state.")
-      .def("agents", [](const Engine& e) {
+      .def("agents", [](Engine& e) {
              std::vector<AgentRecord> out(e.n_agents());
              {
                py::gil_scoped_release nogil;
@@ -135,11 +251,17 @@ void bind_engine(py::module_& m) {
              }
              return to_bytes(out.data(), out.size());
            }, "Per-agent state in population order, as bytes.")
-      .def("dead_letters", [](const Engine& e) {
-             auto d = e.dead_letters();
+      .def("dead_letters", [](Engine& e) {
+             std::vector<DeadLetter> d;
+             {
+               py::gil_scoped_release nogil;
+               d = e.dead_letters();
+             }
              return to_bytes(d.data(), d.size());
            }, "Rejected bars with reason codes, oldest first, as bytes.")
-      .def("stats", &stats_dict)
+      .def("stats", [](Engine& e) {
+             return stats_dict(e);
+           })
       .def("layout", &layout_dict)
       .def_property_readonly("n_agents", &Engine::n_agents);
 }

@@ -2,11 +2,26 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <stdexcept>
+#include <thread>
 
 namespace dynamic_core {
 
 namespace {
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+constexpr int64_t kSpinNs = 50'000;  // workers and waiting consumers spin this long, then park
 inline uint64_t stream_key(uint32_t instrument, uint32_t timeframe) {
   return (static_cast<uint64_t>(instrument) << 32) | timeframe;
 }
@@ -46,20 +61,93 @@ size_t validate_bars(const Bar* bars, size_t n, uint32_t n_registered, uint32_t*
 
 Engine::Engine(const Genome* genomes, size_t n, const EngineConfig& cfg)
     : cfg_(cfg), layout_(build_layout(genomes, n, cfg.cores_per_sm)) {
+  if (cfg.threads < 1 || cfg.threads > 63) throw std::invalid_argument("threads must be in [1, 63]");
+  if (cfg.stall_deadline_ns < 1'000'000) throw std::invalid_argument("stall deadline must be >= 1 ms");
   lanes_.assign(layout_.params);
   state_.init(layout_.params.size());
-  uint32_t max_sms = 1;
+  faults_ = cfg.fault_injection;
+  uint64_t max_stream_lanes = kWarpSize;
   for (uint32_t s = 0; s < layout_.streams.size(); ++s) {
     const Stream& st = layout_.streams[s];
     stream_of_.emplace(stream_key(st.instrument, st.timeframe), s);
-    max_sms = std::max(max_sms, st.sm_end - st.sm_begin);
+    max_sms_ = std::max(max_sms_, st.sm_end - st.sm_begin);
+    uint64_t lanes = 0;
+    for (uint32_t m = st.sm_begin; m < st.sm_end; ++m) lanes += layout_.sms[m].n_warps * kWarpSize;
+    max_stream_lanes = std::max(max_stream_lanes, lanes);
   }
-  // Bound the per-block summary buffer to about 10 MB while keeping an SM's lanes in cache over
-  // many bars.
-  block_bars_ = cfg.block_bars ? cfg.block_bars : std::clamp<uint32_t>((1u << 17) / max_sms, 32u, 8192u);
-  stream_bars_.resize(layout_.streams.size());
-  sm_offset_.resize(layout_.sms.size() + 1);
+  // Window of bars in flight: about 32 MB of SM summaries at most, a power of two in [64, 8192].
+  if (cfg.capacity) {
+    cap_ = 2;
+    while (cap_ < cfg.capacity && cap_ < (1u << 20)) cap_ <<= 1;
+  } else {
+    const uint64_t fit = (32ull << 20) / (static_cast<uint64_t>(max_sms_) * sizeof(Summary));
+    cap_ = 64;
+    while (cap_ * 2 <= fit && cap_ < 8192) cap_ <<= 1;
+  }
+  // Bars per worker batch: long enough to keep an SM's lanes in cache over several bars, short
+  // enough (about a quarter of the stall deadline at ~20 ns per lane) that heartbeats stay fresh.
+  if (cfg.block_bars) {
+    batch_ = cfg.block_bars;
+  } else {
+    const double per_bar = 20e-9 * static_cast<double>(max_stream_lanes) / cfg.threads;
+    const double fit = (static_cast<double>(cfg.stall_deadline_ns) * 1e-9 / 4.0) / per_bar;
+    batch_ = static_cast<uint32_t>(std::clamp(fit, 1.0, 256.0));
+  }
+  batch_ = std::min(batch_, cap_);
+
+  slots_.reset(new Slot[cap_]);
+  summ_.resize(static_cast<size_t>(cap_) * max_sms_);
+  smrt_.reset(new SmRuntime[layout_.sms.size()]);
+  strt_.reset(new StreamRuntime[std::max<size_t>(layout_.streams.size(), 1)]);
+
+  // SMs to workers: contiguous ranges balanced by lane count. Only which thread runs an SM
+  // depends on this; results do not.
+  const int threads = cfg.threads;
+  n_workers_ = threads + 1;  // the last one is the standby
+  uint64_t total = 0, acc = 0;
+  for (const Sm& sm : layout_.sms) total += sm.n_warps * kWarpSize;
+  const int64_t t_start = now_ns();
+  for (uint32_t m = 0; m < layout_.sms.size(); ++m) {
+    const int w = total ? static_cast<int>(std::min<uint64_t>(threads - 1, acc * threads / total)) : 0;
+    acc += layout_.sms[m].n_warps * kWarpSize;
+    smrt_[m].owner.store(w, std::memory_order_relaxed);
+    smrt_[m].beat_ns.store(t_start, std::memory_order_relaxed);
+    strt_[layout_.sms[m].stream].workers.fetch_or(1ull << w, std::memory_order_relaxed);
+  }
+  t0_ = std::chrono::steady_clock::now();
+  for (int w = 0; w < n_workers_; ++w) {
+    workers_.push_back(std::make_unique<Worker>(cap_));
+    workers_.back()->standby = w == threads;
+    workers_.back()->beat_ns.store(t_start, std::memory_order_relaxed);
+  }
   dead_.reserve(std::min<uint32_t>(cfg.dead_letter_capacity, 1024));
+  for (int w = 0; w < n_workers_; ++w) workers_[w]->thread = std::thread([this, w] { worker_main(w); });
+  sentinel_ = std::thread([this] { sentinel_main(); });
+}
+
+Engine::~Engine() { close(); }
+
+void Engine::close() {
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  if (closed_) return;
+  closed_ = true;
+  stop_.store(true, std::memory_order_seq_cst);
+  for (auto& w : workers_) {
+    w->wake.fetch_add(1, std::memory_order_seq_cst);
+    w->wake.notify_one();
+  }
+  {
+    std::lock_guard<std::mutex> g(sentinel_m_);
+    sentinel_cv_.notify_all();
+  }
+  {
+    std::lock_guard<std::mutex> g(wait_m_);
+    ready_cv_.notify_all();
+    space_cv_.notify_all();
+  }
+  for (auto& w : workers_)
+    if (w->thread.joinable()) w->thread.join();
+  if (sentinel_.joinable()) sentinel_.join();
 }
 
 const Stream* Engine::find_stream(uint32_t instrument, uint32_t timeframe) const {
@@ -67,61 +155,401 @@ const Stream* Engine::find_stream(uint32_t instrument, uint32_t timeframe) const
   return it == stream_of_.end() ? nullptr : &layout_.streams[it->second];
 }
 
-void Engine::dead_letter(const Bar& b, uint64_t index, Reason r) {
-  const uint32_t cap = cfg_.dead_letter_capacity;
-  if (cap == 0) {
-    ++stats_.dead_letters_dropped;
-    return;
-  }
-  DeadLetter d{b, index, static_cast<uint32_t>(r), static_cast<uint32_t>(stats_.batches)};
-  if (dead_.size() < cap) {
-    dead_.push_back(d);
-  } else {  // keep the newest `cap`; the oldest is counted as dropped
-    dead_[dead_head_] = d;
-    dead_head_ = (dead_head_ + 1) % cap;
-    ++stats_.dead_letters_dropped;
+// ---- workers ---------------------------------------------------------------------------------
+
+void Engine::wake_worker(int w) {
+  Worker& k = *workers_[w];
+  // seq_cst fence: orders the ring push before the sleeping check (pairs with the worker's
+  // fence between setting `sleeping` and re-checking its ring).
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (k.sleeping.load(std::memory_order_relaxed)) {
+    k.wake.fetch_add(1, std::memory_order_release);
+    k.wake.notify_one();
   }
 }
 
-std::vector<DeadLetter> Engine::dead_letters() const {
-  std::vector<DeadLetter> out;
-  out.reserve(dead_.size());
-  for (size_t i = 0; i < dead_.size(); ++i) out.push_back(dead_[(dead_head_ + i) % dead_.size()]);
-  return out;
+void Engine::worker_main(int w) {
+  Worker& me = *workers_[w];
+  std::vector<uint64_t> buf(batch_);
+  uint32_t seen_adopt = 0;
+  while (true) {
+    const uint32_t gen = me.adopt_gen.load(std::memory_order_acquire);
+    if (gen != seen_adopt) {
+      std::vector<uint32_t> sms;
+      {
+        std::lock_guard<std::mutex> lk(me.adopt_m);
+        sms.swap(me.adopt);
+      }
+      seen_adopt = gen;
+      // seq_cst: the sentinel set this worker's stream bit before posting the adoption, so any
+      // bar claimed before this load is either below it or also pushed into this ring.
+      const uint64_t until = head_.load(std::memory_order_seq_cst);
+      for (uint32_t m : sms) catch_up(w, m, until);
+      me.beat_ns.store(now_ns(), std::memory_order_relaxed);
+    }
+    size_t n = 0;
+    while (n < batch_ && me.ring.try_pop(buf[n])) ++n;
+    if (n) {
+      process_batch(w, buf.data(), n);
+      me.beat_ns.store(now_ns(), std::memory_order_relaxed);
+      continue;
+    }
+    if (stop_.load(std::memory_order_acquire)) break;
+    // Spin briefly, then park until ingress or the sentinel wakes us.
+    const int64_t t_spin = now_ns();
+    bool work = false;
+    while (now_ns() - t_spin < kSpinNs) {
+      if (!me.ring.empty() || me.adopt_gen.load(std::memory_order_relaxed) != seen_adopt ||
+          stop_.load(std::memory_order_relaxed)) {
+        work = true;
+        break;
+      }
+      for (int i = 0; i < 16; ++i) cpu_relax();
+    }
+    if (work) continue;
+    const uint32_t w0 = me.wake.load(std::memory_order_acquire);
+    me.sleeping.store(1, std::memory_order_relaxed);
+    // seq_cst fence: the store above is ordered before the ring check below (see wake_worker).
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (me.ring.empty() && me.adopt_gen.load(std::memory_order_relaxed) == seen_adopt &&
+        !stop_.load(std::memory_order_relaxed))
+      me.wake.wait(w0, std::memory_order_acquire);
+    me.sleeping.store(0, std::memory_order_relaxed);
+    me.beat_ns.store(now_ns(), std::memory_order_relaxed);
+  }
 }
 
-size_t Engine::validate(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons) const {
-  std::unordered_map<uint32_t, int64_t> last;  // stream -> last ts seen in this batch
-  size_t bad = 0;
-  for (size_t i = 0; i < n; ++i) {
-    Reason r = check_bar(bars[i], n_registered);
-    if (r == Reason::Ok) {
-      auto it = stream_of_.find(stream_key(bars[i].instrument, bars[i].timeframe));
-      if (it != stream_of_.end()) {
-        const Stream& st = layout_.streams[it->second];
-        auto lt = last.find(it->second);
-        bool has = lt != last.end() || st.has_last;
-        int64_t prev = lt != last.end() ? lt->second : st.last_ts;
-        if (has && bars[i].ts < prev) r = Reason::OutOfOrder;
-        else if (has && bars[i].ts == prev) r = Reason::DuplicateTimestamp;
-        else last[it->second] = bars[i].ts;
+bool Engine::read_slot(uint64_t q, uint32_t& stream, uint64_t& sidx) {
+  Slot& s = slot(q);
+  // acquire: pairs with ingress's release store of the tag after filling the slot.
+  if (s.tag.load(std::memory_order_acquire) != q + 1) return false;
+  stream = s.stream.load(std::memory_order_relaxed);
+  sidx = s.sidx.load(std::memory_order_relaxed);
+  // acquire fence + re-check: the two fields belong to position q, not to a reuse of the slot.
+  std::atomic_thread_fence(std::memory_order_acquire);
+  return s.tag.load(std::memory_order_relaxed) == q + 1;
+}
+
+void Engine::process_batch(int w, const uint64_t* pos, size_t n) {
+  // Group the batch by stream (positions stay increasing within a stream), then run every SM of
+  // the stream this worker owns over them: an SM's lanes stay in cache across the batch.
+  thread_local std::vector<std::vector<uint64_t>> lists;
+  thread_local std::vector<std::vector<uint32_t>> done;
+  thread_local std::vector<uint32_t> touched;
+  if (lists.size() < layout_.streams.size()) {
+    lists.resize(layout_.streams.size());
+    done.resize(layout_.streams.size());
+  }
+  touched.clear();
+  for (size_t k = 0; k < n; ++k) {
+    uint32_t s;
+    uint64_t sidx;
+    if (!read_slot(pos[k], s, sidx)) continue;  // already completed by an adopter and reused
+    if (lists[s].empty()) touched.push_back(s);
+    lists[s].push_back(pos[k]);
+  }
+  for (uint32_t s : touched) {
+    auto& list = lists[s];
+    auto& cnt = done[s];
+    cnt.assign(list.size(), 0);
+    const Stream& st = layout_.streams[s];
+    for (uint32_t m = st.sm_begin; m < st.sm_end; ++m)
+      if (smrt_[m].owner.load(std::memory_order_relaxed) == w) run_sm(w, m, list.data(), list.size(), cnt.data());
+    for (size_t k = 0; k < list.size(); ++k)
+      if (cnt[k]) finish_units(list[k], cnt[k]);
+    list.clear();
+  }
+}
+
+void Engine::unit(uint32_t m, uint64_t p, int poison, uint64_t& updates) {
+  Sm& sm = layout_.sms[m];
+  Slot& s = slot(p);
+  sm.bank.update(s.bar);
+  const int32_t t = static_cast<int32_t>(sm.bank.nbars - 1 < INT32_MAX ? sm.bank.nbars - 1 : INT32_MAX);
+  const LaneView v = lane_view(sm.lane_begin);
+  uint64_t q = 0;
+  summaries(p)[m - layout_.streams[sm.stream].sm_begin] =
+      sm_step(v, static_cast<int>(sm.n_warps) * kWarpSize, sm.bank.feat.data(), t, sm.bank.ret, poison, updates, q);
+  if (q) smrt_[m].quarantined.fetch_add(q, std::memory_order_relaxed);
+}
+
+bool Engine::run_sm(int w, uint32_t m, const uint64_t* pos, size_t n, uint32_t* done) {
+  SmRuntime& r = smrt_[m];
+  if (faults_) {  // fault injection: a stall before the SM is claimed
+    int64_t ns = r.stall_ns.exchange(0, std::memory_order_acq_rel);
+    const int64_t until = now_ns() + ns;
+    while (ns > 0 && !stop_.load(std::memory_order_relaxed)) {
+      std::this_thread::sleep_for(std::chrono::nanoseconds(std::min<int64_t>(ns, 1'000'000)));
+      ns = until - now_ns();
+    }
+  }
+  // Claim: busy first, then check ownership (seq_cst both; the sentinel does the mirror image:
+  // owner first, then busy), so an SM is never run by two workers.
+  r.busy.store(1, std::memory_order_seq_cst);
+  if (r.owner.load(std::memory_order_seq_cst) != w) {
+    r.busy.store(0, std::memory_order_release);
+    return false;
+  }
+  int poison = faults_ ? r.poison.exchange(-1, std::memory_order_acq_rel) : -1;
+  uint64_t updates = 0;
+  uint64_t np = r.nproc.load(std::memory_order_relaxed);
+  const uint32_t stream = layout_.sms[m].stream;
+  for (size_t k = 0; k < n; ++k) {
+    const uint64_t p = pos[k];
+    const uint64_t sidx = slot(p).sidx.load(std::memory_order_relaxed);
+    if (sidx < np) continue;  // done during a catch-up
+    if (sidx > np) {          // bars this SM has not seen yet (it was moved here): run them first
+      const uint64_t from = std::max(r.last_pos, tail_.load(std::memory_order_acquire));
+      for (uint64_t q = from; q < p; ++q) {
+        uint32_t qs;
+        uint64_t qi;
+        if (!read_slot(q, qs, qi) || qs != stream || qi != np) continue;
+        unit(m, q, poison, updates);
+        poison = -1;
+        ++np;
+        r.last_pos = q + 1;
+        finish_units(q, 1);
       }
     }
-    reasons[i] = static_cast<uint32_t>(r);
-    bad += r != Reason::Ok;
+    unit(m, p, poison, updates);
+    poison = -1;
+    ++np;
+    r.last_pos = p + 1;
+    ++done[k];
   }
-  return bad;
+  // release: the state written above is visible to whoever reads nproc with acquire.
+  r.nproc.store(np, std::memory_order_release);
+  r.beat_ns.store(now_ns(), std::memory_order_relaxed);
+  r.busy.store(0, std::memory_order_release);
+  workers_[w]->updates.fetch_add(updates, std::memory_order_relaxed);
+  return true;
 }
 
-size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out) {
-  const auto t0 = std::chrono::steady_clock::now();
-  const size_t before = out.size();
-  std::vector<uint32_t> idx, stream;
-  std::vector<uint64_t> seq;
-  const size_t block = block_bars_;
-  idx.reserve(std::min(n, block));
-  stream.reserve(idx.capacity());
-  seq.reserve(idx.capacity());
+void Engine::catch_up(int w, uint32_t m, uint64_t until_pos) {
+  SmRuntime& r = smrt_[m];
+  r.busy.store(1, std::memory_order_seq_cst);
+  if (r.owner.load(std::memory_order_seq_cst) != w) {
+    r.busy.store(0, std::memory_order_release);
+    return;
+  }
+  const uint32_t stream = layout_.sms[m].stream;
+  uint64_t np = r.nproc.load(std::memory_order_relaxed);
+  uint64_t updates = 0;
+  const uint64_t from = std::max(r.last_pos, tail_.load(std::memory_order_acquire));
+  for (uint64_t q = from; q < until_pos; ++q) {
+    uint32_t qs;
+    uint64_t qi;
+    if (!read_slot(q, qs, qi) || qs != stream || qi != np) continue;
+    unit(m, q, -1, updates);
+    ++np;
+    r.last_pos = q + 1;
+    finish_units(q, 1);
+  }
+  r.nproc.store(np, std::memory_order_release);
+  r.beat_ns.store(now_ns(), std::memory_order_relaxed);
+  r.busy.store(0, std::memory_order_release);
+  workers_[w]->updates.fetch_add(updates, std::memory_order_relaxed);
+}
+
+void Engine::finish_units(uint64_t p, uint32_t count) {
+  // acq_rel: our summaries are released to, and everyone else's acquired by, the last finisher.
+  if (slot(p).remaining.fetch_sub(count, std::memory_order_acq_rel) == count) fuse(p);
+}
+
+void Engine::fuse(uint64_t p) {
+  Slot& s = slot(p);
+  const uint32_t st_i = s.stream.load(std::memory_order_relaxed);
+  const Stream& st = layout_.streams[st_i];
+  const Summary* sm = summaries(p);
+  Summary total;
+  summary_zero(total);
+  for (uint32_t m = 0; m < st.sm_end - st.sm_begin; ++m) summary_add(total, sm[m]);  // SM order
+  const Fused f = dynamic_core::fuse(total);
+  Signal sig{};
+  sig.ts = s.bar.ts;
+  sig.instrument = s.bar.instrument;
+  sig.timeframe = s.bar.timeframe;
+  sig.seq = s.seq;
+  sig.population_hash = cfg_.population_hash;
+  sig.score = f.score;
+  sig.confidence = f.confidence;
+  sig.agreement = f.agreement;
+  sig.dispersion = f.dispersion;
+  sig.action = f.action;
+  sig.n_agents = f.n;
+  for (int v = 0; v < 5; ++v) sig.votes[v] = f.votes[v];
+  s.sig = sig;
+  const int64_t lat = now_ns() - s.t_in;
+  int b = 0;
+  if (lat > 1) b = std::min(kLatencyBuckets - 1, static_cast<int>(std::log2(static_cast<double>(lat)) * kLatencyBucketsPerOctave));
+  latency_[b].fetch_add(1, std::memory_order_relaxed);
+  // release: the signal is written before it is marked ready.
+  s.ready.store(1, std::memory_order_release);
+  notify_ready();
+}
+
+void Engine::notify_ready() {
+  // seq_cst fence: pairs with the consumer's increment of ready_waiters_ before it re-checks.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (ready_waiters_.load(std::memory_order_relaxed) > 0) {
+    std::lock_guard<std::mutex> lk(wait_m_);
+    ready_cv_.notify_all();
+  }
+}
+
+// ---- sentinel --------------------------------------------------------------------------------
+
+void Engine::sentinel_main() {
+  const auto period = std::chrono::nanoseconds(std::max<int64_t>(1'000'000, cfg_.stall_deadline_ns / 4));
+  const int64_t deadline = cfg_.stall_deadline_ns;
+  std::unique_lock<std::mutex> lk(sentinel_m_);
+  while (!stop_.load(std::memory_order_acquire)) {
+    sentinel_cv_.wait_for(lk, period);
+    if (stop_.load(std::memory_order_acquire)) break;
+    const int64_t now = now_ns();
+    for (uint32_t m = 0; m < layout_.sms.size(); ++m) {
+      SmRuntime& r = smrt_[m];
+      const int32_t owner = r.owner.load(std::memory_order_seq_cst);
+      if (owner < 0) {  // a move waiting for the old owner to leave the SM
+        if (r.busy.load(std::memory_order_seq_cst) == 0) move_sm(m, -1);
+        continue;
+      }
+      const uint64_t claimed = strt_[layout_.sms[m].stream].claimed.load(std::memory_order_acquire);
+      const uint64_t np = r.nproc.load(std::memory_order_acquire);
+      if (claimed <= np || np != r.seen_nproc || r.pending_since == 0) {
+        // idle or progressing: reset the watch
+        if (np != r.seen_nproc && r.status.load(std::memory_order_relaxed) == static_cast<uint32_t>(SmStatus::Stalled))
+          r.status.store(static_cast<uint32_t>(SmStatus::Ok), std::memory_order_relaxed);
+        r.seen_nproc = np;
+        r.pending_since = claimed > np ? now : 0;
+        continue;
+      }
+      const int64_t worker_age = now - workers_[owner]->beat_ns.load(std::memory_order_relaxed);
+      if (now - r.pending_since > deadline && worker_age > deadline) {
+        r.status.store(static_cast<uint32_t>(SmStatus::Stalled), std::memory_order_relaxed);
+        r.stalls.fetch_add(1, std::memory_order_relaxed);
+        r.pending_since = 0;
+        move_sm(m, owner);
+      }
+    }
+  }
+}
+
+// Moves SM m away from worker `from` (from < 0: finish a move started earlier).
+void Engine::move_sm(uint32_t m, int from) {
+  SmRuntime& r = smrt_[m];
+  static thread_local std::vector<int> move_from;
+  if (move_from.size() < layout_.sms.size()) move_from.resize(layout_.sms.size(), -1);
+  if (from >= 0) {
+    move_from[m] = from;
+    // seq_cst: mirror image of the claim in run_sm (owner first, then busy).
+    r.owner.store(-1, std::memory_order_seq_cst);
+    if (r.busy.load(std::memory_order_seq_cst)) return;  // finished on a later tick
+  }
+  from = move_from[m];
+  const int standby = n_workers_ - 1;
+  int target = standby;
+  const int64_t now = now_ns();
+  auto fresh = [&](int w) {
+    return !workers_[w]->ring.size() || now - workers_[w]->beat_ns.load(std::memory_order_relaxed) < cfg_.stall_deadline_ns;
+  };
+  if (target == from || !fresh(target)) {  // the standby itself is stuck: least-loaded other worker
+    size_t best = SIZE_MAX;
+    for (int w = 0; w < n_workers_; ++w) {
+      if (w == from || !fresh(w)) continue;
+      size_t owned = 0;
+      for (uint32_t k = 0; k < layout_.sms.size(); ++k) owned += smrt_[k].owner.load(std::memory_order_relaxed) == w;
+      if (owned < best) {
+        best = owned;
+        target = w;
+      }
+    }
+    if (best == SIZE_MAX) target = from == standby ? 0 : standby;
+  }
+  const uint32_t s = layout_.sms[m].stream;
+  // The new owner's stream bit is set before the adoption is posted (see worker_main).
+  strt_[s].workers.fetch_or(1ull << target, std::memory_order_seq_cst);
+  r.owner.store(target, std::memory_order_seq_cst);
+  r.status.store(static_cast<uint32_t>(SmStatus::Stalled), std::memory_order_relaxed);
+  {
+    Worker& t = *workers_[target];
+    std::lock_guard<std::mutex> lk(t.adopt_m);
+    t.adopt.push_back(m);
+    t.adopt_gen.fetch_add(1, std::memory_order_release);
+  }
+  workers_[target]->wake.fetch_add(1, std::memory_order_release);
+  workers_[target]->wake.notify_one();
+  bool still = false;
+  const Stream& st = layout_.streams[s];
+  for (uint32_t k = st.sm_begin; k < st.sm_end; ++k) still |= smrt_[k].owner.load(std::memory_order_relaxed) == from;
+  if (!still && from != target) strt_[s].workers.fetch_and(~(1ull << from), std::memory_order_seq_cst);
+  failovers_.fetch_add(1, std::memory_order_relaxed);
+}
+
+// ---- ingress ---------------------------------------------------------------------------------
+
+size_t Engine::drain(Signal* out, size_t max_n) {
+  uint64_t t = tail_.load(std::memory_order_relaxed);
+  const uint64_t h = head_.load(std::memory_order_acquire);
+  size_t k = 0;
+  while (k < max_n && t < h && slot(t).ready.load(std::memory_order_acquire)) {
+    if (out) out[k] = slot(t).sig;
+    slot(t).ready.store(0, std::memory_order_relaxed);
+    ++t;
+    ++k;
+  }
+  if (k) {
+    // release: our reads of the slots happen before ingress reuses them.
+    tail_.store(t, std::memory_order_release);
+    signals_out_.fetch_add(out ? k : 0, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (space_waiters_.load(std::memory_order_relaxed) > 0) {
+      std::lock_guard<std::mutex> lk(wait_m_);
+      space_cv_.notify_all();
+    }
+  }
+  return k;
+}
+
+size_t Engine::wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns) {
+  size_t k = drain(out, max_n);
+  if (k || timeout_ns == 0 || max_n == 0) return k;
+  const int64_t t_start = now_ns();
+  const int64_t spin = timeout_ns < 0 ? kSpinNs : std::min(kSpinNs, timeout_ns);
+  while (now_ns() - t_start < spin) {
+    if ((k = drain(out, max_n))) return k;
+    cpu_relax();
+  }
+  ready_waiters_.fetch_add(1, std::memory_order_seq_cst);
+  {
+    std::unique_lock<std::mutex> lk(wait_m_);
+    auto ready = [&] {
+      const uint64_t t = tail_.load(std::memory_order_relaxed);
+      return stop_.load(std::memory_order_relaxed) ||
+             (t < head_.load(std::memory_order_acquire) && slot(t).ready.load(std::memory_order_acquire));
+    };
+    if (timeout_ns < 0) {
+      while (!ready()) ready_cv_.wait_for(lk, std::chrono::milliseconds(100));
+    } else {
+      ready_cv_.wait_until(lk, std::chrono::steady_clock::now() + std::chrono::nanoseconds(timeout_ns - spin), ready);
+    }
+  }
+  ready_waiters_.fetch_sub(1, std::memory_order_relaxed);
+  return drain(out, max_n);
+}
+
+size_t Engine::poll(Signal* out, size_t max_n, int64_t timeout_ns) {
+  std::lock_guard<std::mutex> lk(egress_m_);
+  return wait_and_drain(out, max_n, timeout_ns);
+}
+
+size_t Engine::in_flight() const {
+  return head_.load(std::memory_order_acquire) - tail_.load(std::memory_order_acquire);
+}
+
+size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wait_for_space,
+                      std::vector<Signal>* drain_to) {
+  if (closed_) throw std::logic_error("engine is closed");
   stats_.bars_in += n;
   for (size_t i = 0; i < n; ++i) {
     const Bar& b = bars[i];
@@ -143,74 +571,198 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
       dead_letter(b, i, r);
       continue;
     }
-    ++stats_.accepted;
-    ++seq_;
     if (st == nullptr) {
+      ++stats_.accepted;
+      ++seq_;
       ++stats_.skipped_unfollowed;
       continue;
     }
+    // Room in the window?
+    uint64_t p = head_.load(std::memory_order_relaxed);
+    if (p - tail_.load(std::memory_order_acquire) >= cap_) {
+      ++stats_.backpressure_events;
+      while (p - tail_.load(std::memory_order_acquire) >= cap_) {
+        if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
+        if (drain_to) {  // run(): the caller is the consumer
+          std::lock_guard<std::mutex> lk(egress_m_);
+          Signal buf[256];
+          const size_t k = wait_and_drain(buf, 256, 100'000'000);
+          drain_to->insert(drain_to->end(), buf, buf + k);
+        } else if (wait_for_space) {
+          space_waiters_.fetch_add(1, std::memory_order_seq_cst);
+          {
+            std::unique_lock<std::mutex> lk(wait_m_);
+            space_cv_.wait_for(lk, std::chrono::milliseconds(100), [&] {
+              return p - tail_.load(std::memory_order_acquire) < cap_ || stop_.load(std::memory_order_relaxed);
+            });
+          }
+          space_waiters_.fetch_sub(1, std::memory_order_relaxed);
+        } else if (cfg_.backpressure == Backpressure::DropOldest) {
+          std::lock_guard<std::mutex> lk(egress_m_);
+          const size_t k = wait_and_drain(nullptr, 1, 100'000'000);
+          stats_.backpressure_dropped += k;
+        } else {  // RejectNew: the caller keeps bars i.. and may resubmit them
+          stats_.backpressure_rejected += n - i;
+          stats_.bars_in -= n - i;
+          return i;
+        }
+      }
+    }
+    ++stats_.accepted;
+    ++seq_;
     st->has_last = true;
     st->last_ts = b.ts;
     ++st->nbars;
-    idx.push_back(static_cast<uint32_t>(i));
-    stream.push_back(s);
-    seq.push_back(seq_);
-    if (idx.size() == block) {
-      process_block(bars, idx.data(), stream.data(), seq.data(), idx.size(), out);
-      idx.clear();
-      stream.clear();
-      seq.clear();
+    Slot& sl = slot(p);
+    sl.bar = b;
+    sl.seq = seq_;
+    sl.t_in = now_ns();
+    sl.stream.store(s, std::memory_order_relaxed);
+    sl.sidx.store(st->nbars - 1, std::memory_order_relaxed);
+    sl.remaining.store(st->sm_end - st->sm_begin, std::memory_order_relaxed);
+    sl.ready.store(0, std::memory_order_relaxed);
+    // release: the slot's fields are visible to whoever reads the tag with acquire.
+    sl.tag.store(p + 1, std::memory_order_release);
+    strt_[s].claimed.fetch_add(1, std::memory_order_release);
+    // seq_cst: pairs with the sentinel's seq_cst update of the stream's worker bits (see move_sm).
+    head_.store(p + 1, std::memory_order_seq_cst);
+    const size_t depth = p + 1 - tail_.load(std::memory_order_relaxed);
+    if (depth > window_hwm_.load(std::memory_order_relaxed)) window_hwm_.store(depth, std::memory_order_relaxed);
+    uint64_t mask = strt_[s].workers.load(std::memory_order_seq_cst);
+    while (mask) {
+      const int w = __builtin_ctzll(mask);
+      mask &= mask - 1;
+      Worker& k = *workers_[w];
+      while (!k.ring.try_push(p)) {  // only while a stalled worker's ring is full
+        if (!(strt_[s].workers.load(std::memory_order_seq_cst) & (1ull << w))) break;
+        wake_worker(w);
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+      const size_t qd = k.ring.size();
+      if (qd > k.hwm.load(std::memory_order_relaxed)) k.hwm.store(qd, std::memory_order_relaxed);
+      wake_worker(w);
     }
   }
-  if (!idx.empty()) process_block(bars, idx.data(), stream.data(), seq.data(), idx.size(), out);
+  return n;
+}
+
+size_t Engine::submit(const Bar* bars, size_t n, uint32_t n_registered) {
+  std::unique_lock<std::mutex> lk(ingress_m_);
   ++stats_.batches;
+  return ingest(bars, n, n_registered, cfg_.backpressure == Backpressure::Block, nullptr);
+}
+
+size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const size_t before = out.size();
+  std::unique_lock<std::mutex> lk(ingress_m_);
+  ++stats_.batches;
+  ingest(bars, n, n_registered, true, &out);
+  Signal buf[256];
+  while (tail_.load(std::memory_order_acquire) < head_.load(std::memory_order_acquire)) {
+    if (stop_.load()) throw std::logic_error("engine is closed");
+    std::lock_guard<std::mutex> eg(egress_m_);
+    const size_t k = wait_and_drain(buf, 256, 100'000'000);
+    out.insert(out.end(), buf, buf + k);
+  }
   stats_.busy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return out.size() - before;
 }
 
-void Engine::process_block(const Bar* bars, const uint32_t* idx, const uint32_t* stream,
-                           const uint64_t* seq, size_t n, std::vector<Signal>& out) {
-  for (auto& v : stream_bars_) v.clear();
-  kpos_.resize(n);
-  for (size_t k = 0; k < n; ++k) {
-    auto& v = stream_bars_[stream[k]];
-    kpos_[k] = static_cast<uint32_t>(v.size());
-    v.push_back(idx[k]);
+void Engine::wait_idle() {
+  // Caller holds ingress_m_, so nothing new is claimed meanwhile.
+  while (true) {
+    bool idle = true;
+    for (uint32_t m = 0; m < layout_.sms.size() && idle; ++m)
+      idle = smrt_[m].nproc.load(std::memory_order_acquire) ==
+             strt_[layout_.sms[m].stream].claimed.load(std::memory_order_acquire);
+    if (idle || closed_) return;
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
-  const auto& sms = layout_.sms;
-  sm_offset_[0] = 0;
-  for (size_t m = 0; m < sms.size(); ++m)
-    sm_offset_[m + 1] = sm_offset_[m] + static_cast<uint32_t>(stream_bars_[sms[m].stream].size());
-  summaries_.resize(sm_offset_[sms.size()]);
-  // Each SM runs its stream's bars of the block in order; SMs are independent of each other.
-  for (size_t m = 0; m < sms.size(); ++m) {
-    const auto& v = stream_bars_[sms[m].stream];
-    if (!v.empty()) run_sm(layout_.sms[m], bars, v.data(), v.size(), summaries_.data() + sm_offset_[m]);
+}
+
+EngineStats Engine::stats() {
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  EngineStats s = stats_;
+  s.dead_letters = dead_.size();
+  s.signals = signals_out_.load(std::memory_order_relaxed);
+  return s;
+}
+
+uint64_t Engine::agent_updates() const {
+  uint64_t u = 0;
+  for (const auto& w : workers_) u += w->updates.load(std::memory_order_relaxed);
+  return u;
+}
+
+uint64_t Engine::quarantined() const {
+  uint64_t q = 0;
+  for (uint32_t m = 0; m < layout_.sms.size(); ++m) q += smrt_[m].quarantined.load(std::memory_order_relaxed);
+  return q;
+}
+
+void Engine::wait_all() {
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  wait_idle();
+}
+
+double Engine::uptime_s() const {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+}
+
+std::vector<Engine::SmHealth> Engine::sm_health() const {
+  const int64_t now = now_ns();
+  std::vector<SmHealth> out(layout_.sms.size());
+  for (uint32_t m = 0; m < layout_.sms.size(); ++m) {
+    const SmRuntime& r = smrt_[m];
+    const uint64_t np = r.nproc.load(std::memory_order_acquire);
+    const uint64_t claimed = strt_[layout_.sms[m].stream].claimed.load(std::memory_order_acquire);
+    // An SM with nothing pending is as fresh as now.
+    const int64_t beat = claimed > np ? r.beat_ns.load(std::memory_order_relaxed) : now;
+    out[m] = SmHealth{r.owner.load(std::memory_order_relaxed), r.status.load(std::memory_order_relaxed),
+                      r.stalls.load(std::memory_order_relaxed), std::max<int64_t>(0, now - beat) * 1e-9, np};
   }
-  // Consensus in bar order; SMs of a stream in index order.
-  for (size_t k = 0; k < n; ++k) {
-    const Stream& st = layout_.streams[stream[k]];
-    Summary total;
-    summary_zero(total);
-    for (uint32_t m = st.sm_begin; m < st.sm_end; ++m) summary_add(total, summaries_[sm_offset_[m] + kpos_[k]]);
-    const Fused f = fuse(total);
-    const Bar& b = bars[idx[k]];
-    Signal sig{};
-    sig.ts = b.ts;
-    sig.instrument = b.instrument;
-    sig.timeframe = b.timeframe;
-    sig.seq = seq[k];
-    sig.population_hash = cfg_.population_hash;
-    sig.score = f.score;
-    sig.confidence = f.confidence;
-    sig.agreement = f.agreement;
-    sig.dispersion = f.dispersion;
-    sig.action = f.action;
-    sig.n_agents = f.n;
-    for (int v = 0; v < 5; ++v) sig.votes[v] = f.votes[v];
-    out.push_back(sig);
+  return out;
+}
+
+std::vector<Engine::WorkerHealth> Engine::worker_health() const {
+  const int64_t now = now_ns();
+  std::vector<WorkerHealth> out;
+  for (int w = 0; w < n_workers_; ++w) {
+    const Worker& k = *workers_[w];
+    size_t sms = 0;
+    for (uint32_t m = 0; m < layout_.sms.size(); ++m) sms += smrt_[m].owner.load(std::memory_order_relaxed) == w;
+    const bool parked = k.sleeping.load(std::memory_order_relaxed) != 0;
+    out.push_back(WorkerHealth{k.ring.size(), k.hwm.load(std::memory_order_relaxed), sms,
+                               parked ? 0.0 : std::max<int64_t>(0, now - k.beat_ns.load(std::memory_order_relaxed)) * 1e-9,
+                               k.standby, parked, k.updates.load(std::memory_order_relaxed)});
   }
-  stats_.signals += n;
+  return out;
+}
+
+std::vector<uint64_t> Engine::latency_histogram() const {
+  std::vector<uint64_t> h(kLatencyBuckets);
+  for (int i = 0; i < kLatencyBuckets; ++i) h[i] = latency_[i].load(std::memory_order_relaxed);
+  return h;
+}
+
+void Engine::inject_stall(uint32_t sm, int64_t ns) {
+  if (!faults_) throw std::logic_error("fault injection is not armed (EngineConfig::fault_injection)");
+  if (sm >= layout_.sms.size()) throw std::out_of_range("no such SM");
+  smrt_[sm].stall_ns.store(ns, std::memory_order_release);
+}
+
+void Engine::inject_poison(uint32_t agent) {
+  if (!faults_) throw std::logic_error("fault injection is not armed (EngineConfig::fault_injection)");
+  if (agent >= layout_.n_agents) throw std::out_of_range("no such agent");
+  const uint32_t lane = layout_.agent_lane[agent];
+  for (uint32_t m = 0; m < layout_.sms.size(); ++m) {
+    const Sm& sm = layout_.sms[m];
+    if (lane >= sm.lane_begin && lane < sm.lane_begin + sm.n_warps * kWarpSize) {
+      smrt_[m].poison.store(static_cast<int32_t>(lane - sm.lane_begin), std::memory_order_release);
+      return;
+    }
+  }
 }
 
 LaneView Engine::lane_view(uint32_t base) {
@@ -240,26 +792,57 @@ LaneView Engine::lane_view(uint32_t base) {
   return v;
 }
 
-void Engine::run_sm(Sm& sm, const Bar* bars, const uint32_t* idx, size_t count, Summary* out) {
-  Bank& bank = sm.bank;
-  const LaneView v = lane_view(sm.lane_begin);
-  const int lanes = static_cast<int>(sm.n_warps) * kWarpSize;
-  uint64_t updates = 0;
-  for (size_t k = 0; k < count; ++k) {
-    bank.update(bars[idx[k]]);
-    const int32_t t = static_cast<int32_t>(bank.nbars - 1 < INT32_MAX ? bank.nbars - 1 : INT32_MAX);
-    out[k] = sm_step(v, lanes, bank.feat.data(), t, bank.ret, -1, updates);
+void Engine::dead_letter(const Bar& b, uint64_t index, Reason r) {
+  const uint32_t cap = cfg_.dead_letter_capacity;
+  if (cap == 0) {
+    ++stats_.dead_letters_dropped;
+    return;
   }
-  stats_.agent_updates += updates;
+  DeadLetter d{b, index, static_cast<uint32_t>(r), static_cast<uint32_t>(stats_.batches)};
+  if (dead_.size() < cap) {
+    dead_.push_back(d);
+  } else {  // keep the newest `cap`; the oldest is counted as dropped
+    dead_[dead_head_] = d;
+    dead_head_ = (dead_head_ + 1) % cap;
+    ++stats_.dead_letters_dropped;
+  }
 }
 
-uint64_t Engine::quarantined() const {
-  uint64_t q = 0;
-  for (size_t i = 0; i < lanes_.active.size(); ++i) q += lanes_.active[i] && state_.quarantined[i];
-  return q;
+std::vector<DeadLetter> Engine::dead_letters() {
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  std::vector<DeadLetter> out;
+  out.reserve(dead_.size());
+  for (size_t i = 0; i < dead_.size(); ++i) out.push_back(dead_[(dead_head_ + i) % dead_.size()]);
+  return out;
 }
 
-void Engine::agents(AgentRecord* out) const {
+size_t Engine::validate(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons) {
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  std::unordered_map<uint32_t, int64_t> last;  // stream -> last ts seen in this batch
+  size_t bad = 0;
+  for (size_t i = 0; i < n; ++i) {
+    Reason r = check_bar(bars[i], n_registered);
+    if (r == Reason::Ok) {
+      auto it = stream_of_.find(stream_key(bars[i].instrument, bars[i].timeframe));
+      if (it != stream_of_.end()) {
+        const Stream& st = layout_.streams[it->second];
+        auto lt = last.find(it->second);
+        bool has = lt != last.end() || st.has_last;
+        int64_t prev = lt != last.end() ? lt->second : st.last_ts;
+        if (has && bars[i].ts < prev) r = Reason::OutOfOrder;
+        else if (has && bars[i].ts == prev) r = Reason::DuplicateTimestamp;
+        else last[it->second] = bars[i].ts;
+      }
+    }
+    reasons[i] = static_cast<uint32_t>(r);
+    bad += r != Reason::Ok;
+  }
+  return bad;
+}
+
+void Engine::agents(AgentRecord* out) {
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  wait_idle();
   for (size_t a = 0; a < layout_.n_agents; ++a) {
     const uint32_t lane = layout_.agent_lane[a];
     const LaneState s = state_.get(lane);

@@ -1,22 +1,50 @@
-// Ingress (validation, sequencing), SM execution and consensus.
+// The runtime: ingress (validation, sequencing), SM workers on SPSC rings, consensus as soon as
+// a bar's SMs are done, egress in bar order, and the health sentinel.
+//
+// Threads: the caller's thread runs ingress (submit/run) and egress (poll); N worker threads each
+// own a fixed set of SMs; one standby worker owns none until the sentinel moves the SMs of a
+// stalled worker to it; the sentinel thread watches per-SM heartbeats.
+//
+// Data path of one bar: ingress claims the next slot of a bounded window (backpressure when
+// full), pushes the slot's position into the ring of every worker owning an SM of the bar's
+// stream; each worker runs those SMs (bank update + lane kernel) and writes one summary per SM
+// into the slot; the worker finishing the last SM fuses the summaries in SM-index order into the
+// signal and marks the slot ready; poll() hands ready slots out in position (= bar) order.
 #pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
 #include "kernel.hpp"
 #include "population.hpp"
 #include "records.hpp"
+#include "ring.hpp"
 
 namespace dynamic_core {
+
+enum class Backpressure : uint32_t { Block = 0, RejectNew = 1, DropOldest = 2 };
 
 struct EngineConfig {
   int cores_per_sm = 128;
   uint64_t population_hash = 0;
   uint32_t dead_letter_capacity = 10000;
-  uint32_t block_bars = 0;  // bars per execution block; 0 = sized from the population
+  uint32_t block_bars = 0;  // most bars a worker takes per batch; 0 = sized from the population
+  int threads = 1;          // SM workers (a standby worker is started besides them)
+  uint32_t capacity = 0;    // bars in flight or ready but not yet polled; 0 = sized automatically
+  Backpressure backpressure = Backpressure::Block;
+  int64_t stall_deadline_ns = 50'000'000;
+  bool fault_injection = false;  // allow inject_stall / inject_poison
 };
+
+inline constexpr int kLatencyBucketsPerOctave = 8;
+inline constexpr int kLatencyBuckets = 40 * kLatencyBucketsPerOctave;  // up to ~2^40 ns
 
 struct EngineStats {
   uint64_t batches = 0;
@@ -25,10 +53,13 @@ struct EngineStats {
   uint64_t skipped_unfollowed = 0;
   uint64_t rejected = 0;
   uint64_t rejects[kReasonCount] = {};
-  uint64_t signals = 0;
-  uint64_t agent_updates = 0;
+  uint64_t signals = 0;  // handed out by poll/run
   uint64_t dead_letters_dropped = 0;
-  double busy_seconds = 0.0;
+  uint64_t backpressure_events = 0;    // times ingress found the window full
+  uint64_t backpressure_rejected = 0;  // bars refused by reject_new
+  uint64_t backpressure_dropped = 0;   // ready signals dropped by drop_oldest
+  double busy_seconds = 0.0;           // time spent inside run()
+  uint64_t dead_letters = 0;           // kept now
 };
 
 // Value checks of one bar, without the per-stream ordering check.
@@ -37,52 +68,191 @@ Reason check_bar(const Bar& b, uint32_t n_registered);
 // check_bar plus time order within the batch for every (instrument, timeframe), followed or not.
 size_t validate_bars(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
 
+enum class SmStatus : uint32_t { Ok = 0, Stalled = 1, Moving = 2 };
+
+// Per-SM runtime state. Written by the owning worker, except owner/status (sentinel).
+struct alignas(kCacheLine) SmRuntime {
+  std::atomic<int32_t> owner{0};
+  std::atomic<int32_t> busy{0};
+  std::atomic<uint64_t> nproc{0};     // bars of its stream processed (published after the state)
+  std::atomic<int64_t> beat_ns{0};    // steady-clock time of the last unit of progress
+  std::atomic<uint32_t> status{0};    // SmStatus
+  std::atomic<uint32_t> stalls{0};    // times detected stalled
+  std::atomic<int64_t> stall_ns{0};   // fault injection: sleep this long before the next unit
+  std::atomic<int32_t> poison{-1};    // fault injection: lane whose next score is NaN
+  std::atomic<uint64_t> quarantined{0};
+  uint64_t last_pos = 0;              // owner only: position of the last bar processed + 1
+  // sentinel only
+  uint64_t seen_nproc = 0;
+  int64_t pending_since = 0;
+};
+
 class Engine {
  public:
   Engine(const Genome* genomes, size_t n, const EngineConfig& cfg);
+  ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  // Processes a time-ordered batch; appends one signal per accepted bar of a followed stream.
-  // Rejected bars are counted and dead-lettered; processing continues.
+  // Batch mode: processes a time-ordered batch and appends one signal per accepted bar of a
+  // followed stream, in input order. Must not be mixed with submit/poll from other threads.
   size_t run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out);
 
-  // What run() would reject, without changing any state. reasons[i] = 0 for accepted bars.
-  size_t validate(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons) const;
+  // Streaming mode. submit() validates, sequences and dispatches bars; it returns how many of
+  // `n` were taken (rejected bad bars count as taken: they are dead-lettered). With
+  // Backpressure::Block it waits for room (a consumer must poll); RejectNew stops at the first
+  // bar that does not fit; DropOldest drops the oldest ready, unpolled signals to make room.
+  size_t submit(const Bar* bars, size_t n, uint32_t n_registered);
+  // Up to max_n ready signals in bar order; waits up to timeout_ns (<0: forever) for the first.
+  size_t poll(Signal* out, size_t max_n, int64_t timeout_ns);
+  void wait_all();  // takes the ingress lock, then wait_idle()
+  void close();  // joins all threads; idempotent
 
-  void agents(AgentRecord* out) const;  // population order
+  // What run() would reject, without changing any state. reasons[i] = 0 for accepted bars.
+  size_t validate(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
+
+  void agents(AgentRecord* out);  // population order; waits for in-flight bars first
   size_t n_agents() const { return layout_.n_agents; }
   const Layout& layout() const { return layout_; }
-  const EngineStats& stats() const { return stats_; }
-  uint64_t quarantined() const;
+  EngineStats stats();
+  uint64_t agent_updates() const;
+  uint64_t quarantined() const;  // agents quarantined so far (as counted by the workers)
   uint64_t sequence() const { return seq_; }
-  std::vector<DeadLetter> dead_letters() const;
+  std::vector<DeadLetter> dead_letters();
   const EngineConfig& config() const { return cfg_; }
-  uint32_t block_bars() const { return block_bars_; }
+  uint32_t block_bars() const { return batch_; }
+  uint32_t capacity() const { return cap_; }
+  int threads() const { return cfg_.threads; }
+
+  // Telemetry snapshots (thread-safe).
+  struct SmHealth {
+    int32_t owner;
+    uint32_t status;
+    uint32_t stalls;
+    double heartbeat_age_s;
+    uint64_t processed;
+  };
+  std::vector<SmHealth> sm_health() const;
+  struct WorkerHealth {
+    size_t queue_depth, queue_high_water, sms;
+    double heartbeat_age_s;
+    bool standby, parked;
+    uint64_t agent_updates;
+  };
+  std::vector<WorkerHealth> worker_health() const;
+  size_t in_flight() const;  // claimed, not yet polled
+  size_t in_flight_high_water() const { return window_hwm_.load(std::memory_order_relaxed); }
+  std::vector<uint64_t> latency_histogram() const;  // kLatencyBuckets counts
+  uint64_t failovers() const { return failovers_.load(std::memory_order_relaxed); }
+  double uptime_s() const;
+
+  // Fault injection (only with cfg.fault_injection; throws std::logic_error otherwise).
+  void inject_stall(uint32_t sm, int64_t ns);
+  void inject_poison(uint32_t agent);  // population index
 
  private:
-  void process_block(const Bar* bars, const uint32_t* idx, const uint32_t* stream, const uint64_t* seq,
-                     size_t n, std::vector<Signal>& out);
-  void run_sm(Sm& sm, const Bar* bars, const uint32_t* idx, size_t count, Summary* out);
-  LaneView lane_view(uint32_t base);
+  struct Slot {
+    // tag = position + 1 while the slot holds that position (0 before first use). Readers that
+    // may race with reuse (only after an SM moved) read tag, stream, sidx, tag like a seqlock.
+    std::atomic<uint64_t> tag{0};
+    std::atomic<uint32_t> stream{0};
+    std::atomic<uint64_t> sidx{0};  // index of the bar within its stream
+    std::atomic<uint32_t> remaining{0};
+    std::atomic<uint32_t> ready{0};
+    Bar bar{};
+    uint64_t seq = 0;
+    int64_t t_in = 0;
+    Signal sig{};
+  };
+  struct alignas(kCacheLine) Worker {
+    explicit Worker(size_t cap) : ring(cap) {}
+    SpscRing<uint64_t> ring;
+    std::thread thread;
+    std::atomic<uint32_t> wake{0};
+    std::atomic<int32_t> sleeping{0};
+    std::atomic<int64_t> beat_ns{0};
+    std::atomic<uint64_t> updates{0};
+    std::atomic<size_t> hwm{0};
+    std::atomic<uint32_t> adopt_gen{0};
+    std::mutex adopt_m;
+    std::vector<uint32_t> adopt;  // SMs handed over by the sentinel, guarded by adopt_m
+    bool standby = false;
+  };
+  struct alignas(kCacheLine) StreamRuntime {
+    std::atomic<uint64_t> claimed{0};  // bars of this stream claimed by ingress
+    std::atomic<uint64_t> workers{0};  // bit per worker owning an SM of it
+  };
+
+  void worker_main(int w);
+  void process_batch(int w, const uint64_t* pos, size_t n);
+  // Runs SM m over the positions (all of its stream, increasing); catches up on any bar of the
+  // stream between the SM's last position and the first one given. Returns false if m is not
+  // (or no longer) owned by w. done[k] counts the SM-units finished for pos[k].
+  bool run_sm(int w, uint32_t m, const uint64_t* pos, size_t n, uint32_t* done);
+  void catch_up(int w, uint32_t m, uint64_t until_pos);
+  void unit(uint32_t m, uint64_t p, int poison, uint64_t& updates);
+  void finish_units(uint64_t p, uint32_t count);
+  void fuse(uint64_t p);
+  void sentinel_main();
+  void move_sm(uint32_t m, int from);
+  void wake_worker(int w);
+  void notify_ready();
+  bool claim_space(std::unique_lock<std::mutex>& ingress);
+  size_t ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wait_for_space,
+                std::vector<Signal>* drain_to);
+  size_t drain(Signal* out, size_t max_n);
+  size_t wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns);
+  void wait_idle();  // every claimed bar processed by all its SMs; caller holds ingress_m_
+  bool read_slot(uint64_t q, uint32_t& stream, uint64_t& sidx);
   void dead_letter(const Bar& b, uint64_t index, Reason r);
   const Stream* find_stream(uint32_t instrument, uint32_t timeframe) const;
+  LaneView lane_view(uint32_t base);
+  Slot& slot(uint64_t p) { return slots_[p & (cap_ - 1)]; }
+  Summary* summaries(uint64_t p) { return summ_.data() + (p & (cap_ - 1)) * max_sms_; }
 
   EngineConfig cfg_;
   Layout layout_;
   LaneArrays lanes_;
   StateArrays state_;
   std::unordered_map<uint64_t, uint32_t> stream_of_;
-  uint32_t block_bars_ = 0;
+  uint32_t batch_ = 0;
+  uint32_t cap_ = 0;
+  uint32_t max_sms_ = 1;
+  int n_workers_ = 0;  // live workers + standby
+  bool faults_ = false;
+  std::chrono::steady_clock::time_point t0_;
+
+  std::unique_ptr<Slot[]> slots_;
+  std::vector<Summary> summ_;
+  std::unique_ptr<SmRuntime[]> smrt_;
+  std::unique_ptr<StreamRuntime[]> strt_;
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::atomic<uint64_t> signals_out_{0};
+
+  // ingress (guarded by ingress_m_)
+  std::mutex ingress_m_;
   EngineStats stats_;
   uint64_t seq_ = 0;
   std::vector<DeadLetter> dead_;
   size_t dead_head_ = 0;
-  // scratch reused across calls
-  std::vector<Summary> summaries_;
-  std::vector<uint32_t> sm_offset_;
-  std::vector<std::vector<uint32_t>> stream_bars_;
-  std::vector<uint32_t> kpos_;
+  alignas(kCacheLine) std::atomic<uint64_t> head_{0};  // next position to claim
+  // egress (guarded by egress_m_)
+  std::mutex egress_m_;
+  alignas(kCacheLine) std::atomic<uint64_t> tail_{0};  // next position to hand out
+  std::atomic<size_t> window_hwm_{0};
+
+  // waiting: consumers for ready signals, ingress for room
+  std::mutex wait_m_;
+  std::condition_variable ready_cv_, space_cv_;
+  std::atomic<int32_t> ready_waiters_{0}, space_waiters_{0};
+
+  std::atomic<uint64_t> latency_[kLatencyBuckets] = {};
+  std::atomic<uint64_t> failovers_{0};
+  std::atomic<bool> stop_{false};
+  std::thread sentinel_;
+  std::mutex sentinel_m_;
+  std::condition_variable sentinel_cv_;
+  bool closed_ = false;
 };
 
 }  // namespace dynamic_core

@@ -49,7 +49,8 @@ inline __attribute__((always_inline)) void add_u(uint32_t* p, vm m) {
 #endif
 
 DC_CLONES Summary sm_step(const LaneView& v, int lanes, const double* __restrict feat, int32_t t,
-                          double ret, int poison, uint64_t& updates) {
+                          double ret, int poison, uint64_t& updates,
+                          uint64_t& quarantined) {
   const double* __restrict w0 = v.w[0];
   const double* __restrict w1 = v.w[1];
   const double* __restrict w2 = v.w[2];
@@ -92,7 +93,7 @@ DC_CLONES Summary sm_step(const LaneView& v, int lanes, const double* __restrict
   // lane_step over kVec lanes at a time, written with vector types: the same operations in the
   // same order as the scalar lane_step in math.hpp (tests check bit equality), with every
   // condition a 64-bit mask so that selects vectorise. Integer state is exact in doubles.
-  vm vn = {}, vv0 = {}, vv1 = {}, vv2 = {}, vv3 = {}, vv4 = {}, vupd = {};
+  vm vq = {}, vn = {}, vv0 = {}, vv1 = {}, vv2 = {}, vv3 = {}, vv4 = {}, vupd = {};
   const vd zero = {}, one = zero + 1.0, two = one + 1.0, neg1 = zero - 1.0;
   const vd tt = zero + static_cast<double>(t), vret = zero + ret;
   const vm m1 = vm{} + 1;
@@ -145,7 +146,8 @@ DC_CLONES Summary sm_step(const LaneView& v, int lanes, const double* __restrict
     add_u(s_wins + i, keep & closing & won & m1);
     store_i(s_pos + i, keep ? pos : prev);
     store_i(s_action + i, keep ? act : load_i(s_action + i));
-    add_u(s_quar + i, live & ~ok & m1);  // 0 -> 1: only live lanes (quarantined == 0) can fail
+    add_u(s_quar + i, live & ~ok & m1);
+    vq += live & ~ok & m1;  // 0 -> 1: only live lanes (quarantined == 0) can fail
     const vd wgt = ((e < zero) ? zero : e) * (one - mdd1);
     store_d(sw + i, kw ? wgt : zero);
     store_d(sws + i, kw ? wgt * score : zero);
@@ -168,6 +170,7 @@ DC_CLONES Summary sm_step(const LaneView& v, int lanes, const double* __restrict
     v3 += static_cast<uint32_t>(vv3[k]);
     v4 += static_cast<uint32_t>(vv4[k]);
     upd += static_cast<uint32_t>(vupd[k]);
+    quarantined += static_cast<uint64_t>(vq[k]);
   }
   Summary total;
   summary_zero(total);

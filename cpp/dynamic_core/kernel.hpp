@@ -34,12 +34,12 @@ struct LaneView {
 
 // Advances `lanes` lanes (a multiple of kWarpSize, at most kMaxSmLanes) by one bar whose bank
 // features are `feat`, bar index `t` and close-to-close return `ret`. Returns the SM summary in
-// the canonical order; `updates` gets the number of live lanes. `poison` (fault injection, -1 =
+// the canonical order; `updates` gets the number of live lanes, `quarantined` the lanes quarantined by this bar. `poison` (fault injection, -1 =
 // none) makes that lane's score NaN, which quarantines it.
 //
 // Compiled for several instruction sets (picked at load time). Results are bit-identical across
 // them: FMA contraction is off and float sums keep their fixed order.
 Summary sm_step(const LaneView& v, int lanes, const double* feat, int32_t t, double ret, int poison,
-                uint64_t& updates);
+                uint64_t& updates, uint64_t& quarantined);
 
 }  // namespace dynamic_core

@@ -140,13 +140,13 @@ int main() {
     LaneView va = a.view();
     std::vector<double> feat(n_feat);
     bool all_same = true;
-    uint64_t updates = 0;
+    uint64_t updates = 0, quarantined = 0;
     for (int32_t t = 0; t < 400; ++t) {
       feat[0] = 0.0;
       for (int k = 1; k < n_feat; ++k) feat[k] = u(rng);
       const double ret = t == 0 ? 0.0 : 0.01 * u(rng);
       const int poison = (t == 200) ? 5 : -1;
-      const Summary sv = sm_step(va, lanes, feat.data(), t, ret, poison, updates);
+      const Summary sv = sm_step(va, lanes, feat.data(), t, ret, poison, updates, quarantined);
       const Summary sc = scalar_step(b, lanes, feat.data(), t, ret, poison);
       all_same = all_same && std::memcmp(&sv, &sc, sizeof(Summary)) == 0;
     }
@@ -161,6 +161,7 @@ int main() {
     for (int i = 0; i < lanes; ++i) trades += a.trades[i];
     CHECK(trades > 0);  // the check exercised position changes
     CHECK(updates > 0);
+    CHECK_EQ(quarantined, a.active[5] ? 1u : 0u);
   }
   return finish("kernel");
 }

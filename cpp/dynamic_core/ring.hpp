@@ -1,0 +1,91 @@
+// Bounded single-producer single-consumer ring, after rigtorp/SPSCQueue: the two indices live on
+// their own cache lines, and each side keeps a cached copy of the other side's index so that the
+// shared line is read only when the cached value says the ring looks full (producer) or empty
+// (consumer). One slot is left unused to tell full from empty.
+#pragma once
+#include <atomic>
+#include <cstddef>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <thread>
+#include <type_traits>
+
+namespace dynamic_core {
+
+inline constexpr size_t kCacheLine = 64;
+
+template <class T>
+class SpscRing {
+  static_assert(std::is_trivially_copyable_v<T>, "ring elements are copied with plain stores");
+  static_assert(std::is_nothrow_default_constructible_v<T>);
+
+ public:
+  explicit SpscRing(size_t capacity) : cap_(capacity + 1), slots_(new T[capacity + 1]) {
+    if (capacity < 1) throw std::invalid_argument("SpscRing capacity must be >= 1");
+  }
+  SpscRing(const SpscRing&) = delete;
+  SpscRing& operator=(const SpscRing&) = delete;
+
+  // Producer side.
+  [[nodiscard]] bool try_push(const T& v) noexcept {
+    // relaxed: only the producer writes write_.
+    const size_t w = write_.load(std::memory_order_relaxed);
+    const size_t next = w + 1 == cap_ ? 0 : w + 1;
+    if (next == read_cache_) {
+      // acquire: the consumer's release store of read_ orders its read of the slot we reuse.
+      read_cache_ = read_.load(std::memory_order_acquire);
+      if (next == read_cache_) return false;
+    }
+    slots_[w] = v;
+    // release: publishes the slot contents before the new index.
+    write_.store(next, std::memory_order_release);
+    return true;
+  }
+  void push(const T& v) noexcept {
+    while (!try_push(v)) std::this_thread::yield();
+  }
+
+  // Consumer side.
+  [[nodiscard]] bool try_pop(T& out) noexcept {
+    // relaxed: only the consumer writes read_.
+    const size_t r = read_.load(std::memory_order_relaxed);
+    if (r == write_cache_) {
+      // acquire: pairs with the producer's release store; the slot contents are visible.
+      write_cache_ = write_.load(std::memory_order_acquire);
+      if (r == write_cache_) return false;
+    }
+    out = slots_[r];
+    // release: the slot is read before the producer may overwrite it.
+    read_.store(r + 1 == cap_ ? 0 : r + 1, std::memory_order_release);
+    return true;
+  }
+  T pop() noexcept {
+    T v;
+    while (!try_pop(v)) std::this_thread::yield();
+    return v;
+  }
+
+  // Approximate from either side (exact when the other side is idle).
+  size_t size() const noexcept {
+    // acquire on both: a consistent-enough snapshot for telemetry; never used for correctness.
+    const size_t w = write_.load(std::memory_order_acquire);
+    const size_t r = read_.load(std::memory_order_acquire);
+    return w >= r ? w - r : w + cap_ - r;
+  }
+  bool empty() const noexcept { return size() == 0; }
+  size_t capacity() const noexcept { return cap_ - 1; }
+
+ private:
+  const size_t cap_;
+  const std::unique_ptr<T[]> slots_;
+  alignas(kCacheLine) std::atomic<size_t> write_{0};
+  alignas(kCacheLine) size_t read_cache_ = 0;  // producer's copy of read_
+  alignas(kCacheLine) std::atomic<size_t> read_{0};
+  alignas(kCacheLine) size_t write_cache_ = 0;  // consumer's copy of write_
+  char pad_[kCacheLine - sizeof(size_t)];
+
+  static_assert(std::atomic<size_t>::is_always_lock_free);
+};
+
+}  // namespace dynamic_core
