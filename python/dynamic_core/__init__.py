@@ -12,8 +12,9 @@ Quick start::
 
 from __future__ import annotations
 
-from . import errors, indicators, market, sim
+from . import errors, indicators, market, payloads, sim
 from .engine import Engine
+from .payloads import AISignal
 from .instruments import InstrumentRegistry, instruments
 from .population import Population
 from .records import (
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGENT_DTYPE",
+    "AISignal",
     "BAR_DTYPE",
     "DEAD_LETTER_DTYPE",
     "GENOME_DTYPE",
@@ -45,6 +47,7 @@ __all__ = [
     "indicators",
     "instruments",
     "market",
+    "payloads",
     "score_to_action",
     "sim",
 ]

@@ -10,27 +10,47 @@ class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
     """
-    def __init__(self, genomes: numpy.ndarray, cores_per_sm: typing.SupportsInt | typing.SupportsIndex = 128, population_hash: typing.SupportsInt | typing.SupportsIndex = 0, dead_letter_capacity: typing.SupportsInt | typing.SupportsIndex = 10000, block_bars: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+    def __init__(self, genomes: numpy.ndarray, cores_per_sm: typing.SupportsInt | typing.SupportsIndex = 128, population_hash: typing.SupportsInt | typing.SupportsIndex = 0, dead_letter_capacity: typing.SupportsInt | typing.SupportsIndex = 10000, block_bars: typing.SupportsInt | typing.SupportsIndex = 0, threads: typing.SupportsInt | typing.SupportsIndex = 1, capacity: typing.SupportsInt | typing.SupportsIndex = 0, backpressure: typing.SupportsInt | typing.SupportsIndex = 0, stall_deadline_ns: typing.SupportsInt | typing.SupportsIndex = 50000000, fault_injection: bool = False) -> None:
         ...
     def agents(self) -> numpy.typing.NDArray[numpy.uint8]:
         """
         Per-agent state in population order, as bytes.
         """
+    def close(self) -> None:
+        """
+        Join the worker and sentinel threads.
+        """
     def dead_letters(self) -> numpy.typing.NDArray[numpy.uint8]:
         """
         Rejected bars with reason codes, oldest first, as bytes.
         """
+    def inject_poison(self, agent: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def inject_stall(self, sm: typing.SupportsInt | typing.SupportsIndex, ns: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
     def layout(self) -> dict:
         ...
+    def poll(self, max_n: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint8]:
+        """
+        Up to max_n ready signals in bar order, as bytes; waits up to timeout_ns (<0: forever).
+        """
     def run(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint8]:
         """
         Process a time-ordered bar batch; returns signal records as bytes.
         """
     def stats(self) -> dict:
         ...
+    def submit(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> int:
+        """
+        Validate, sequence and dispatch bars; returns how many were taken.
+        """
     def validate(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint32]:
         """
         Reject reason of every bar as run() would see it, without changing state.
+        """
+    def wait_idle(self) -> None:
+        """
+        Wait until every submitted bar has been processed.
         """
     @property
     def n_agents(self) -> int:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -11,9 +16,26 @@ from .errors import InvalidInput
 from .instruments import instruments
 from .market import as_bars
 from .population import Population
-from .records import AGENT_DTYPE, DEAD_LETTER_DTYPE, REASONS, SIGNAL_DTYPE
+from .payloads import AISignal, signal_from_record
+from .records import AGENT_DTYPE, BAR_DTYPE, DEAD_LETTER_DTYPE, REASONS, SIGNAL_DTYPE
 
-__all__ = ["Engine"]
+__all__ = ["BACKPRESSURE", "Engine"]
+
+log = logging.getLogger("dynamic_core.engine")
+
+BACKPRESSURE = {"block": 0, "reject_new": 1, "drop_oldest": 2}
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _close_native(native: Any) -> None:
+    native.close()
 
 
 class Engine:
@@ -25,14 +47,28 @@ class Engine:
     population : Population
         The agents. Their layout into warps of 32 lanes and SMs depends only on the population
         and ``cores_per_sm``.
+    threads : int, optional
+        SM worker threads (default: the cores this process may use). Each SM is owned by one
+        worker for the whole run; a standby worker is started besides them for failover.
+        Results are bit-identical for any thread count.
     cores_per_sm : int
         Lanes per streaming multiprocessor: 32, 64, 96 or 128.
     strict : bool
         When True, ``run`` raises :class:`dynamic_core.errors.InvalidInput` for a batch holding any
         bad bar and processes none of it. When False (default) bad bars are rejected with a
         reason, counted in ``stats()`` and kept in ``dead_letters()``, and the rest runs.
+    backpressure : {"block", "reject_new", "drop_oldest"}
+        What ``submit`` does when ``capacity`` bars are in flight or unpolled (see ``submit``).
+    capacity : int
+        Bars in flight plus ready-but-unpolled signals (rounded up to a power of two);
+        0 sizes it from the population (64..8192).
+    stall_deadline : float
+        Seconds an SM with pending bars may go without progress (while its worker shows no
+        heartbeat) before the health sentinel marks it stalled and moves it to the standby.
     dead_letter_capacity : int
         How many rejected bars are kept (the newest); older ones are counted as dropped.
+    fault_injection : bool
+        Arms ``eng.faults`` (stall an SM, poison an agent) for tests; inert otherwise.
 
     Examples
     --------
@@ -40,21 +76,53 @@ class Engine:
     >>> eng = dc.Engine(pop)
     >>> signals = eng.run(bars)          # SIGNAL_DTYPE, one per bar
     >>> eng.agents()[["agent_id", "equity", "sharpe"]]
+
+    Streaming::
+
+        with dc.Engine(pop) as eng:
+            eng.submit(bars[:100])           # returns at once
+            ready = eng.poll(timeout=0.01)   # signals in bar order
+            sig = eng.step(bars[100])        # one bar in, one frozen AISignal out
     """
 
-    def __init__(self, population: Population, *, cores_per_sm: int = 128, strict: bool = False,
-                 dead_letter_capacity: int = 10_000, block_bars: int = 0) -> None:
+    def __init__(self, population: Population, *, threads: int | None = None,
+                 cores_per_sm: int = 128, strict: bool = False,
+                 backpressure: str = "block", capacity: int = 0,
+                 stall_deadline: float = 0.050, dead_letter_capacity: int = 10_000,
+                 block_bars: int = 0, fault_injection: bool = False) -> None:
         if not isinstance(population, Population):
             raise TypeError(f"expected a dc.Population, got {type(population).__name__}")
         if cores_per_sm not in (32, 64, 96, 128):
             raise ValueError(f"cores_per_sm must be 32, 64, 96 or 128, got {cores_per_sm!r}")
         if not 0 <= dead_letter_capacity <= 10_000_000:
             raise ValueError("dead_letter_capacity must be in [0, 10M]")
+        threads = usable_cores() if threads is None else int(threads)
+        if not 1 <= threads <= 63:
+            raise ValueError(f"threads must be in [1, 63], got {threads}")
+        if backpressure not in BACKPRESSURE:
+            raise ValueError(f"backpressure must be one of {sorted(BACKPRESSURE)}, got {backpressure!r}")
+        if not 0 <= capacity <= 1 << 20:
+            raise ValueError("capacity must be in [0, 2**20] (0 = automatic)")
+        if not 0.001 <= stall_deadline <= 3600:
+            raise ValueError("stall_deadline must be in [0.001, 3600] seconds")
         self._pop = population
         self.strict = bool(strict)
+        self.backpressure = backpressure
         self._native = _core.Engine(population.records, cores_per_sm=cores_per_sm,
                                     population_hash=population.hash,
-                                    dead_letter_capacity=dead_letter_capacity, block_bars=block_bars)
+                                    dead_letter_capacity=dead_letter_capacity, block_bars=block_bars,
+                                    threads=threads, capacity=capacity,
+                                    backpressure=BACKPRESSURE[backpressure],
+                                    stall_deadline_ns=int(stall_deadline * 1e9),
+                                    fault_injection=fault_injection)
+        self._callbacks: list[Callable[[AISignal], Any]] = []
+        self._dispatcher: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._callback_errors = 0
+        self._closed = False
+        # Threads are joined when the engine is garbage-collected, even without close().
+        self._finalizer = weakref.finalize(self, _close_native, self._native)
+        self.faults = _Faults(self._native, fault_injection)
 
     @property
     def population(self) -> Population:
@@ -67,6 +135,7 @@ class Engine:
         (instrument, timeframe), in input order. State carries over between calls, so a long
         history can be fed in pieces. The GIL is released while the batch runs.
         """
+        self._check_open()
         b = as_bars(bars)
         if self.strict if strict is None else strict:
             reasons = self._native.validate(b, len(instruments))
@@ -78,6 +147,110 @@ class Engine:
                 raise InvalidInput(f"{len(bad)} bad bar(s), batch not processed: {shown}{more}",
                                    rows=bad.tolist(), reasons=names)
         return self._native.run(b, len(instruments)).view(SIGNAL_DTYPE)
+
+    # ---- streaming ----------------------------------------------------------------------------
+    def submit(self, bars: np.ndarray) -> int:
+        """Hand bars to the workers without waiting for their signals; returns how many were
+        taken. Bad bars are taken too (rejected with a reason, counted, dead-lettered).
+
+        When the window of bars in flight (``capacity``) is full, the ``backpressure`` policy
+        decides: ``"block"`` waits until a consumer polls; ``"reject_new"`` returns early, the
+        bars from the returned index on were not taken (resubmit them); ``"drop_oldest"`` drops
+        the oldest ready, unpolled signals. Every case is counted in ``stats()["backpressure"]``.
+        Safe to call from several threads (calls are serialised, each batch stays contiguous).
+        """
+        self._check_open()
+        return int(self._native.submit(as_bars(bars), len(instruments)))
+
+    def poll(self, max_n: int | None = None, timeout: float | None = 0.0) -> np.ndarray:
+        """Ready signals in bar order (``SIGNAL_DTYPE``), at most ``max_n``. Waits up to
+        ``timeout`` seconds for the first one (``None``: until one is ready; 0: not at all)."""
+        self._check_open()
+        n = 1 << 20 if max_n is None else int(max_n)
+        if n < 0:
+            raise ValueError("max_n must be >= 0")
+        t = -1 if timeout is None else int(max(0.0, timeout) * 1e9)
+        return np.frombuffer(self._native.poll(n, t), dtype=SIGNAL_DTYPE)
+
+    def step(self, bar: np.ndarray | np.void, timeout: float | None = 10.0) -> AISignal | None:
+        """One bar in, its signal out (a frozen :class:`AISignal`). Returns None when the bar
+        was rejected or no agent follows its stream. Do not mix with a running ``on_signal``
+        dispatcher or other pollers, which may take the signal first."""
+        b = np.atleast_1d(np.asarray(bar, dtype=BAR_DTYPE) if not isinstance(bar, np.ndarray)
+                          else bar)
+        if len(b) != 1:
+            raise ValueError(f"step() takes one bar, got {len(b)}")
+        ok = self._native.validate(as_bars(b), len(instruments))[0] == 0 and self._follows(b[0])
+        self.submit(b)
+        if not ok:
+            return None
+        out = self.poll(1, timeout)
+        if not len(out):
+            raise TimeoutError(f"no signal within {timeout} s (see stats()['sms'])")
+        return signal_from_record(out[0])
+
+    def on_signal(self, callback: Callable[[AISignal], Any]) -> Callable[[AISignal], Any]:
+        """Call ``callback(signal)`` for every signal, in bar order, on a dispatcher thread.
+
+        The dispatcher becomes the consumer: do not also ``poll``. A callback that raises is
+        logged (``logging.getLogger("dynamic_core.engine")``) and counted in
+        ``stats()["callback_errors"]``; the signal is not redelivered, and later signals and the
+        other callbacks still run. Workers never run Python. Usable as a decorator.
+        """
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        self._check_open()
+        self._callbacks.append(callback)
+        if self._dispatcher is None:
+            self._dispatcher = threading.Thread(target=self._dispatch, name="dc-signal-dispatch",
+                                                daemon=True)
+            self._dispatcher.start()
+        return callback
+
+    def _dispatch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self._native.poll(4096, 50_000_000)
+            except RuntimeError:  # closed underneath us
+                return
+            for r in np.frombuffer(batch, dtype=SIGNAL_DTYPE):
+                sig = signal_from_record(r)
+                for cb in list(self._callbacks):
+                    try:
+                        cb(sig)
+                    except Exception:
+                        self._callback_errors += 1
+                        log.exception("on_signal callback %r raised for signal %s", cb, sig.id)
+
+    def _follows(self, b: np.void) -> bool:
+        lay = self._native.layout()
+        return bool(np.any((lay["stream_instrument"] == b["instrument"])
+                           & (lay["stream_timeframe"] == b["timeframe"])))
+
+    def close(self) -> None:
+        """Stop the dispatcher, workers and sentinel and join them. Bars still in flight are
+        discarded. Idempotent; also done by ``with`` and when the engine is collected."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._dispatcher is not None and self._dispatcher is not threading.current_thread():
+            self._dispatcher.join()
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("engine is closed")
 
     def validate(self, bars: np.ndarray) -> np.ndarray:
         """Reason code per bar that ``run`` would give now (0 = accepted), changing nothing."""
@@ -93,10 +266,16 @@ class Engine:
         return self._native.dead_letters().view(DEAD_LETTER_DTYPE)
 
     def stats(self) -> dict[str, Any]:
-        """Counters: bars in/accepted/rejected (by reason)/skipped, signals, agent updates and
-        agent-updates/s of the time spent in ``run``, quarantined agents, warps, SMs, occupancy."""
+        """Counters and health: bars in/accepted/rejected (by reason)/skipped, signals, agent
+        updates and agent-updates/s (of the time spent in ``run``), quarantined agents,
+        bar-to-signal latency (``latency_s``: p50/p90/p99/max, from histogram buckets 9% wide),
+        window depth and high-water mark, backpressure events, failovers, per-worker queue depth,
+        high-water mark and heartbeat age, per-SM owner/status/heartbeat age (``sms``), warp
+        occupancy (active lanes / 32 over all warps) and callback errors."""
         s = self._native.stats()
         lay = self._native.layout()
+        s["callback_errors"] = self._callback_errors
+        s["sms"]["status"] = np.array(["ok", "stalled", "moving"])[s["sms"]["status"]]
         s.update(
             n_agents=lay["n_agents"],
             n_warps=lay["n_warps"],
@@ -112,5 +291,28 @@ class Engine:
 
     def __repr__(self) -> str:
         lay = self._native.layout()
+        state = "closed" if self._closed else f"{self._native.stats()['threads']} threads"
         return (f"Engine({lay['n_agents']} agents, {lay['n_warps']} warps, {lay['n_sms']} SMs, "
-                f"{lay['n_streams']} streams)")
+                f"{lay['n_streams']} streams, {state})")
+
+
+class _Faults:
+    """Fault injection for tests (``Engine(..., fault_injection=True)``); inert otherwise."""
+
+    def __init__(self, native: Any, armed: bool) -> None:
+        self._native = native
+        self.armed = armed
+
+    def _check(self) -> None:
+        if not self.armed:
+            raise RuntimeError("fault injection is not armed: create the Engine with fault_injection=True")
+
+    def stall_sm(self, sm: int, seconds: float) -> None:
+        """The worker owning SM ``sm`` sleeps ``seconds`` before it next runs that SM."""
+        self._check()
+        self._native.inject_stall(int(sm), int(seconds * 1e9))
+
+    def poison(self, agent: int) -> None:
+        """Agent ``agent`` (population index) gets a NaN score on its next bar: quarantined."""
+        self._check()
+        self._native.inject_poison(int(agent))

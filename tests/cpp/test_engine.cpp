@@ -121,5 +121,37 @@ int main() {
     threw = true;
   }
   CHECK(threw);
+  // Threads: bit-identical to one thread, in batch mode and in streaming mode with a stalled SM
+  // moved to the standby worker (this test also runs under ThreadSanitizer in CI).
+  {
+    EngineConfig c1 = cfg;
+    c1.threads = 1;
+    Engine one(g.data(), g.size(), c1);
+    std::vector<Signal> ref;
+    one.run(b.data(), b.size(), 2, ref);
+    CHECK(std::memcmp(ref.data(), s1.data(), ref.size() * sizeof(Signal)) == 0);
+    for (int threads : {2, 3}) {
+      EngineConfig ct = cfg;
+      ct.threads = threads;
+      ct.capacity = 64;
+      ct.stall_deadline_ns = 5'000'000;
+      ct.fault_injection = true;
+      ct.backpressure = Backpressure::RejectNew;  // this thread is also the consumer
+      Engine many(g.data(), g.size(), ct);
+      std::vector<Signal> got(b.size());
+      size_t n_got = 0, sent = 0;
+      many.inject_stall(1, 200'000'000);
+      while (n_got < b.size()) {
+        if (sent < b.size()) sent += many.submit(b.data() + sent, std::min<size_t>(16, b.size() - sent), 2);
+        n_got += many.poll(got.data() + n_got, b.size() - n_got, 1'000'000);
+      }
+      CHECK(std::memcmp(ref.data(), got.data(), ref.size() * sizeof(Signal)) == 0);
+      CHECK(many.failovers() >= 1);
+      std::vector<AgentRecord> am(g.size());
+      many.agents(am.data());
+      CHECK(std::memcmp(a1.data(), am.data(), am.size() * sizeof(AgentRecord)) == 0);
+      many.close();
+    }
+  }
   return finish("test_engine");
 }

@@ -1,0 +1,254 @@
+"""The parallel runtime: determinism across threads, streaming submit/poll/step/on_signal,
+backpressure, stalled-SM failover, quarantine and clean shutdown."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+
+import msgspec
+import numpy as np
+import numpy.lib.recfunctions as rfn
+import pytest
+
+import dynamic_core as dc
+
+NAMES = ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD"]
+
+
+@pytest.fixture(scope="module")
+def market() -> np.ndarray:
+    return dc.sim.MarketSimulator(NAMES, timeframe="H1", seed=3).bars(300)
+
+
+@pytest.fixture(scope="module")
+def pop() -> dc.Population:
+    return dc.Population.random(3000, instruments=NAMES, timeframes=["H1"], seed=11)
+
+
+def native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def without_seq(s: np.ndarray) -> np.ndarray:
+    return rfn.repack_fields(s[[n for n in s.dtype.names if n != "seq"]])
+
+
+def test_bit_identical_across_thread_counts_and_runs(pop, market):
+    ref_sig = ref_agents = None
+    for threads in (1, 2, 4, 2):
+        with dc.Engine(pop, threads=threads, cores_per_sm=64) as eng:
+            sig = eng.run(market)
+            agents = eng.agents()
+        assert len(sig) == len(market)
+        if ref_sig is None:
+            ref_sig, ref_agents = sig, agents
+        assert sig.tobytes() == ref_sig.tobytes(), f"signals differ with {threads} threads"
+        assert agents.tobytes() == ref_agents.tobytes(), f"agents differ with {threads} threads"
+
+
+def test_submit_poll_equals_run(pop, market):
+    with dc.Engine(pop, threads=1) as a:
+        ref = a.run(market)
+    with dc.Engine(pop, threads=2) as eng:
+        got = []
+        for i in range(0, len(market), 37):
+            assert eng.submit(market[i:i + 37]) == len(market[i:i + 37])
+            got.append(eng.poll(timeout=0.0))
+        while sum(map(len, got)) < len(ref):
+            got.append(eng.poll(timeout=5.0))
+        got = np.concatenate(got)
+    assert got.tobytes() == ref.tobytes()
+
+
+def test_concurrent_producers_keep_per_stream_order(pop, market):
+    with dc.Engine(pop, threads=1) as a:
+        ref = a.run(market)
+    with dc.Engine(pop, threads=2) as eng:
+        def produce(inst: int) -> None:
+            mine = market[market["instrument"] == inst]
+            for i in range(0, len(mine), 7):
+                eng.submit(mine[i:i + 7])
+
+        ids = np.unique(market["instrument"])
+        ts = [threading.Thread(target=produce, args=(int(i),)) for i in ids]
+        for t in ts:
+            t.start()
+        got = []
+        deadline = time.monotonic() + 60
+        while sum(map(len, got)) < len(market) and time.monotonic() < deadline:
+            got.append(eng.poll(timeout=0.1))
+        for t in ts:
+            t.join()
+        got = np.concatenate(got)
+    assert len(got) == len(market)
+    assert (np.diff(got["seq"].astype(np.int64)) == 1).all()  # bar order = sequence order
+    for i in ids:
+        mine, theirs = got[got["instrument"] == i], ref[ref["instrument"] == i]
+        assert without_seq(mine).tobytes() == without_seq(theirs).tobytes()
+
+
+def test_backpressure_reject_new(pop, market):
+    with dc.Engine(pop, threads=2, capacity=64, backpressure="reject_new") as eng:
+        taken = eng.submit(market)
+        assert 64 <= taken < len(market)
+        st = eng.stats()
+        assert st["backpressure"]["rejected"] == len(market) - taken
+        assert st["backpressure"]["events"] >= 1
+        got = [eng.poll(timeout=5.0)]
+        rest = market[taken:]
+        while len(rest):
+            k = eng.submit(rest)
+            rest = rest[k:]
+            got.append(eng.poll(timeout=5.0))
+        while sum(map(len, got)) < len(market):
+            got.append(eng.poll(timeout=5.0))
+    with dc.Engine(pop, threads=1) as a:
+        ref = a.run(market)
+    assert np.concatenate(got).tobytes() == ref.tobytes()  # nothing lost, nothing reordered
+
+
+def test_backpressure_drop_oldest(pop, market):
+    with dc.Engine(pop, threads=2, capacity=64, backpressure="drop_oldest") as eng:
+        assert eng.submit(market) == len(market)
+        eng._native.wait_idle()
+        kept = eng.poll()
+        st = eng.stats()
+    assert len(kept) == 64
+    assert st["backpressure"]["dropped"] == len(market) - 64
+    assert (kept["seq"] == np.arange(len(market) - 63, len(market) + 1)).all()  # the newest
+
+
+def test_backpressure_block_waits_for_consumer(pop, market):
+    with dc.Engine(pop, threads=2, capacity=64, backpressure="block") as eng:
+        done = []
+        t = threading.Thread(target=lambda: done.append(eng.submit(market)))
+        t.start()
+        got = []
+        while sum(map(len, got)) < len(market):
+            got.append(eng.poll(timeout=5.0))
+        t.join()
+        assert done == [len(market)]
+        assert eng.stats()["backpressure"]["events"] >= 1
+    assert len(np.concatenate(got)) == len(market)
+
+
+def test_stalled_sm_fails_over_without_losing_signals(pop, market):
+    with dc.Engine(pop, threads=1) as a:
+        ref = a.run(market)
+    with dc.Engine(pop, threads=2, stall_deadline=0.02, fault_injection=True) as eng:
+        eng.submit(market[:20])
+        first = eng.poll(20, timeout=5.0)
+        while len(first) < 20:
+            first = np.concatenate([first, eng.poll(timeout=5.0)])
+        victim = 1
+        eng.faults.stall_sm(victim, 3.0)
+        eng.submit(market[20:])
+        got = [first]
+        while sum(map(len, got)) < len(market):
+            part = eng.poll(timeout=10.0)
+            assert len(part), "signals stopped"
+            got.append(part)
+        st = eng.stats()
+    assert np.concatenate(got).tobytes() == ref.tobytes()
+    assert st["failovers"] >= 1
+    assert st["sms"]["stalls"][victim] >= 1
+    assert st["sms"]["owner"][victim] != 0  # no longer on the stalled worker
+    standby = [i for i, w in enumerate(st["workers"]) if w["standby"]]
+    assert standby == [2] and st["workers"][2]["sms"] >= 1
+
+
+def test_poisoned_agent_is_quarantined_and_the_rest_continue(pop, market):
+    with dc.Engine(pop, threads=1) as a:
+        ref = a.run(market)
+    with dc.Engine(pop, threads=2, fault_injection=True) as eng:
+        eng.run(market[:150])
+        victim = int(np.flatnonzero(eng.agents()["warm"])[0])
+        eng.faults.poison(victim)
+        rest = eng.run(market[150:])
+        agents = eng.agents()
+        st = eng.stats()
+    assert agents["quarantined"][victim] == 1 and agents["quarantined"].sum() == 1
+    assert st["quarantined"] == 1
+    assert np.isfinite(agents["equity"]).all()
+    inst = pop.records["instrument"][victim]
+    mine = rest[rest["instrument"] == inst]
+    theirs = ref[150:][ref[150:]["instrument"] == inst]
+    assert (mine["n_agents"] == theirs["n_agents"] - 1).all()  # excluded from consensus
+    others = rest[rest["instrument"] != inst]
+    assert without_seq(others).tobytes() == without_seq(ref[150:][ref[150:]["instrument"] != inst]).tobytes()
+
+
+def test_faults_are_inert_unless_armed(pop):
+    with dc.Engine(pop, threads=1) as eng, pytest.raises(RuntimeError, match="not armed"):
+        eng.faults.stall_sm(0, 1.0)
+
+
+def test_step_returns_frozen_aisignal(pop, market):
+    with dc.Engine(pop, threads=1) as a:
+        ref = a.run(market[:50])
+    with dc.Engine(pop, threads=2) as eng:
+        sigs = [eng.step(b) for b in market[:50]]
+        assert eng.step(market[0]) is None  # out of order: rejected, no signal
+        assert eng.stats()["rejects"]["out_of_order"] == 1 or eng.stats()["rejected"] == 1
+    assert all(isinstance(s, dc.AISignal) for s in sigs)
+    assert [s.seq for s in sigs] == list(ref["seq"])
+    assert [s.score for s in sigs] == list(ref["score"])
+    assert sigs[0].instrument in NAMES
+    with pytest.raises(AttributeError):
+        sigs[0].score = 1.0  # type: ignore[misc]
+    wire = msgspec.msgpack.encode(sigs[-1])
+    assert msgspec.msgpack.decode(wire, type=dc.AISignal) == sigs[-1]
+
+
+def test_on_signal_delivers_in_order_and_survives_raising_callback(pop, market, caplog):
+    seen: list[int] = []
+
+    def bad(sig: dc.AISignal) -> None:
+        raise ValueError("boom")
+
+    with dc.Engine(pop, threads=2) as eng:
+        eng.on_signal(bad)
+        eng.on_signal(lambda s: seen.append(s.seq))
+        eng.submit(market)
+        deadline = time.monotonic() + 30
+        while len(seen) < len(market) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        errors = eng.stats()["callback_errors"]
+    assert seen == list(range(1, len(market) + 1))
+    assert errors == len(market)
+    assert "boom" in caplog.text
+
+
+def test_telemetry(pop, market):
+    with dc.Engine(pop, threads=2) as eng:
+        eng.run(market)
+        st = eng.stats()
+    lat = st["latency_s"]
+    assert lat["count"] == len(market)
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert len(st["workers"]) == 3 and sum(w["sms"] for w in st["workers"]) == st["n_sms"]
+    assert sum(w["agent_updates"] for w in st["workers"]) == st["agent_updates"] == 3000 * 300
+    assert (st["sms"]["status"] == "ok").all() and (st["sms"]["bars"] == 300).all()
+    assert st["in_flight"] == 0 and 1 <= st["in_flight_high_water"] <= st["capacity"]
+    assert 0 < st["warp_occupancy"] <= 1
+
+
+def test_clean_shutdown_no_leaked_threads(pop, market):
+    base = native_threads()
+    for _ in range(5):
+        eng = dc.Engine(pop, threads=2)
+        eng.submit(market[:100])
+        assert native_threads() >= base + 4  # 2 workers, standby, sentinel
+        del eng
+        gc.collect()
+    assert native_threads() == base
+    eng = dc.Engine(pop, threads=2)
+    eng.on_signal(lambda s: None)
+    eng.close()
+    eng.close()  # idempotent
+    assert native_threads() == base
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.submit(market[:1])
