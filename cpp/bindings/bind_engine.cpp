@@ -209,6 +209,18 @@ void bind_engine(py::module_& m) {
              return to_bytes(out.data(), k);
            }, py::arg("max_n"), py::arg("timeout_ns"),
            "Up to max_n ready signals in bar order, as bytes; waits up to timeout_ns (<0: forever).")
+      .def("step", [](Engine& e, const py::array& bars, uint32_t n_registered, int64_t timeout_ns) {
+             const Bar* b = records_of<Bar>(bars, "bar");
+             if (bars.shape(0) != 1) throw std::invalid_argument("step() takes exactly one bar");
+             Signal s{};
+             int r;
+             {
+               py::gil_scoped_release nogil;
+               r = e.step(*b, n_registered, &s, timeout_ns);
+             }
+             return py::make_tuple(r, to_bytes(&s, r == 1 ? 1 : 0));
+           }, py::arg("bar"), py::arg("n_registered"), py::arg("timeout_ns"),
+           "One bar in, (1, signal bytes) out; (0, b'') on timeout, (-1, b'') if no signal is due.")
       .def("close", [](Engine& e) {
              py::gil_scoped_release nogil;
              e.close();

@@ -13,6 +13,7 @@ namespace py = pybind11;
 void bind_records(py::module_& m);
 void bind_indicators(py::module_& m);
 void bind_engine(py::module_& m);
+void bind_bench(py::module_& m);
 
 // Copies POD records into a flat uint8 array; Python views it with the matching dtype.
 template <class T>

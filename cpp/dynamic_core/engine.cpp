@@ -21,7 +21,7 @@ inline void cpu_relax() {
   std::this_thread::yield();
 #endif
 }
-constexpr int64_t kSpinNs = 50'000;  // workers and waiting consumers spin this long, then park
+constexpr int64_t kSpinNs = 50'000;   // workers and waiting consumers spin this long, then park
 inline uint64_t stream_key(uint32_t instrument, uint32_t timeframe) {
   return (static_cast<uint64_t>(instrument) << 32) | timeframe;
 }
@@ -650,6 +650,17 @@ size_t Engine::submit(const Bar* bars, size_t n, uint32_t n_registered) {
   std::unique_lock<std::mutex> lk(ingress_m_);
   ++stats_.batches;
   return ingest(bars, n, n_registered, cfg_.backpressure == Backpressure::Block, nullptr);
+}
+
+int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns) {
+  {
+    std::unique_lock<std::mutex> lk(ingress_m_);
+    ++stats_.batches;
+    const uint64_t h0 = head_.load(std::memory_order_relaxed);
+    ingest(&bar, 1, n_registered, true, nullptr);
+    if (head_.load(std::memory_order_relaxed) == h0) return -1;
+  }
+  return poll(out, 1, timeout_ns) ? 1 : 0;
 }
 
 size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out) {

@@ -103,6 +103,9 @@ class Engine {
   // Backpressure::Block it waits for room (a consumer must poll); RejectNew stops at the first
   // bar that does not fit; DropOldest drops the oldest ready, unpolled signals to make room.
   size_t submit(const Bar* bars, size_t n, uint32_t n_registered);
+  // One bar in; its signal out. Returns 1 with *out set, 0 on timeout, -1 when the bar yields no
+  // signal (rejected, or no agent follows its stream). Assumes no other consumer.
+  int step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns);
   // Up to max_n ready signals in bar order; waits up to timeout_ns (<0: forever) for the first.
   size_t poll(Signal* out, size_t max_n, int64_t timeout_ns);
   void wait_all();  // takes the ingress lock, then wait_idle()

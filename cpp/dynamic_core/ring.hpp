@@ -42,8 +42,9 @@ class SpscRing {
     write_.store(next, std::memory_order_release);
     return true;
   }
+  // Blocking variants: spin with a pause hint, yielding the CPU now and then.
   void push(const T& v) noexcept {
-    while (!try_push(v)) std::this_thread::yield();
+    for (unsigned k = 1; !try_push(v); ++k) backoff(k);
   }
 
   // Consumer side.
@@ -62,7 +63,7 @@ class SpscRing {
   }
   T pop() noexcept {
     T v;
-    while (!try_pop(v)) std::this_thread::yield();
+    for (unsigned k = 1; !try_pop(v); ++k) backoff(k);
     return v;
   }
 
@@ -77,6 +78,16 @@ class SpscRing {
   size_t capacity() const noexcept { return cap_ - 1; }
 
  private:
+  static void backoff(unsigned k) noexcept {
+    if (k % 64 == 0) {
+      std::this_thread::yield();
+    } else {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+  }
+
   const size_t cap_;
   const std::unique_ptr<T[]> slots_;
   alignas(kCacheLine) std::atomic<size_t> write_{0};

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'atr', 'ema', 'ew_bands', 'macd', 'reason_names', 'record_layouts', 'roc', 'rsi', 'score_to_action', 'validate_bars']
+__all__: list[str] = ['Engine', 'atr', 'ema', 'ew_bands', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -40,6 +40,10 @@ class Engine:
         """
     def stats(self) -> dict:
         ...
+    def step(self, bar: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex) -> tuple[int, numpy.typing.NDArray[numpy.uint8]]:
+        """
+        One bar in, (1, signal bytes) out; (0, b'') on timeout, (-1, b'') if no signal is due.
+        """
     def submit(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> int:
         """
         Validate, sequence and dispatch bars; returns how many were taken.
@@ -70,6 +74,10 @@ def reason_names() -> list:
 def record_layouts() -> dict:
     """
     Size and (name, offset, numpy type, count) of every field of each native record.
+    """
+def ring_bench(n: typing.SupportsInt | typing.SupportsIndex, capacity: typing.SupportsInt | typing.SupportsIndex = 4096) -> dict:
+    """
+    ns per element moved between two threads: SpscRing vs a mutex-guarded std::deque.
     """
 def roc(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], n: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float64]:
     ...

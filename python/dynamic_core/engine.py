@@ -176,18 +176,17 @@ class Engine:
         """One bar in, its signal out (a frozen :class:`AISignal`). Returns None when the bar
         was rejected or no agent follows its stream. Do not mix with a running ``on_signal``
         dispatcher or other pollers, which may take the signal first."""
-        b = np.atleast_1d(np.asarray(bar, dtype=BAR_DTYPE) if not isinstance(bar, np.ndarray)
-                          else bar)
+        self._check_open()
+        b = as_bars(np.atleast_1d(bar))
         if len(b) != 1:
             raise ValueError(f"step() takes one bar, got {len(b)}")
-        ok = self._native.validate(as_bars(b), len(instruments))[0] == 0 and self._follows(b[0])
-        self.submit(b)
-        if not ok:
+        t = -1 if timeout is None else int(max(0.0, timeout) * 1e9)
+        status, raw = self._native.step(b, len(instruments), t)
+        if status < 0:
             return None
-        out = self.poll(1, timeout)
-        if not len(out):
+        if status == 0:
             raise TimeoutError(f"no signal within {timeout} s (see stats()['sms'])")
-        return signal_from_record(out[0])
+        return signal_from_record(np.frombuffer(raw, dtype=SIGNAL_DTYPE)[0])
 
     def on_signal(self, callback: Callable[[AISignal], Any]) -> Callable[[AISignal], Any]:
         """Call ``callback(signal)`` for every signal, in bar order, on a dispatcher thread.
@@ -221,11 +220,6 @@ class Engine:
                     except Exception:
                         self._callback_errors += 1
                         log.exception("on_signal callback %r raised for signal %s", cb, sig.id)
-
-    def _follows(self, b: np.void) -> bool:
-        lay = self._native.layout()
-        return bool(np.any((lay["stream_instrument"] == b["instrument"])
-                           & (lay["stream_timeframe"] == b["timeframe"])))
 
     def close(self) -> None:
         """Stop the dispatcher, workers and sentinel and join them. Bars still in flight are

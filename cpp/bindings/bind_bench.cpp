@@ -1,0 +1,76 @@
+// Microbenchmarks that need native threads (used by bench/bench_runtime.py).
+#include <chrono>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include "../dynamic_core/ring.hpp"
+#include "common.hpp"
+
+namespace dynamic_core::bindings {
+
+namespace {
+
+// ns per element moved from a producer thread to a consumer thread.
+template <class Push, class Pop>
+double transfer_ns(uint64_t n, Push push, Pop pop) {
+  const auto t0 = std::chrono::steady_clock::now();
+  std::thread producer([&] {
+    for (uint64_t i = 1; i <= n; ++i) push(i);
+  });
+  uint64_t sum = 0;
+  for (uint64_t k = 0; k < n; ++k) sum += pop();
+  producer.join();
+  const double dt = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+  if (sum != n * (n + 1) / 2) throw std::runtime_error("ring benchmark lost elements");
+  return dt / static_cast<double>(n);
+}
+
+}  // namespace
+
+void bind_bench(py::module_& m) {
+  m.def("ring_bench", [](uint64_t n, size_t capacity) {
+        py::dict d;
+        double ring, locked;
+        {
+          py::gil_scoped_release nogil;
+          SpscRing<uint64_t> r(capacity);
+          ring = transfer_ns(n, [&](uint64_t v) { r.push(v); }, [&] { return r.pop(); });
+          std::mutex mu;
+          std::deque<uint64_t> q;
+          locked = transfer_ns(
+              n,
+              [&](uint64_t v) {
+                while (true) {
+                  {
+                    std::lock_guard<std::mutex> lk(mu);
+                    if (q.size() < capacity) {
+                      q.push_back(v);
+                      return;
+                    }
+                  }
+                  std::this_thread::yield();
+                }
+              },
+              [&] {
+                while (true) {
+                  {
+                    std::lock_guard<std::mutex> lk(mu);
+                    if (!q.empty()) {
+                      const uint64_t v = q.front();
+                      q.pop_front();
+                      return v;
+                    }
+                  }
+                  std::this_thread::yield();
+                }
+              });
+        }
+        d["spsc_ring_ns"] = ring;
+        d["locked_deque_ns"] = locked;
+        return d;
+      }, py::arg("n"), py::arg("capacity") = 4096,
+      "ns per element moved between two threads: SpscRing vs a mutex-guarded std::deque.");
+}
+
+}  // namespace dynamic_core::bindings
