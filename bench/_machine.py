@@ -65,11 +65,10 @@ def info() -> dict[str, Any]:
     """Facts about this machine and interpreter."""
     import numpy as np
 
+    from dynamic_core.engine import usable_cores
+
     logical = os.cpu_count()
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = logical
+    usable = usable_cores()  # the engine's default thread count
     ram = _ram_bytes()
     threads = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                 "NUMBA_NUM_THREADS") if os.environ.get(k) is not None}

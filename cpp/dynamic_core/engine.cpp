@@ -273,6 +273,42 @@ void Engine::unit(uint32_t m, uint64_t p, int poison, uint64_t& updates) {
   if (q) smrt_[m].quarantined.fetch_add(q, std::memory_order_relaxed);
 }
 
+bool Engine::claim(int w, uint32_t m) {
+  SmRuntime& r = smrt_[m];
+  // Busy first, then check ownership (seq_cst both; the sentinel does the mirror image: owner
+  // first, then busy), so an SM is never run by two workers.
+  r.busy.store(1, std::memory_order_seq_cst);
+  if (r.owner.load(std::memory_order_seq_cst) == w) return true;
+  r.busy.store(0, std::memory_order_release);
+  return false;
+}
+
+void Engine::release(int w, uint32_t m, uint64_t np, uint64_t updates) {
+  SmRuntime& r = smrt_[m];
+  // release: the state written while claimed is visible to whoever reads nproc with acquire.
+  r.nproc.store(np, std::memory_order_release);
+  r.beat_ns.store(now_ns(), std::memory_order_relaxed);
+  r.busy.store(0, std::memory_order_release);
+  workers_[w]->updates.fetch_add(updates, std::memory_order_relaxed);
+}
+
+void Engine::replay(uint32_t m, uint64_t until_pos, uint64_t& np, int& poison, uint64_t& updates) {
+  SmRuntime& r = smrt_[m];
+  const uint32_t stream = layout_.sms[m].stream;
+  // Positions below the tail are complete (this SM included), so the scan starts at or after it.
+  const uint64_t from = std::max(r.last_pos, tail_.load(std::memory_order_acquire));
+  for (uint64_t q = from; q < until_pos; ++q) {
+    uint32_t qs;
+    uint64_t qi;
+    if (!read_slot(q, qs, qi) || qs != stream || qi != np) continue;
+    unit(m, q, poison, updates);
+    poison = -1;
+    ++np;
+    r.last_pos = q + 1;
+    finish_units(q, 1);
+  }
+}
+
 bool Engine::run_sm(int w, uint32_t m, const uint64_t* pos, size_t n, uint32_t* done) {
   SmRuntime& r = smrt_[m];
   if (faults_) {  // fault injection: a stall before the SM is claimed
@@ -283,72 +319,32 @@ bool Engine::run_sm(int w, uint32_t m, const uint64_t* pos, size_t n, uint32_t* 
       ns = until - now_ns();
     }
   }
-  // Claim: busy first, then check ownership (seq_cst both; the sentinel does the mirror image:
-  // owner first, then busy), so an SM is never run by two workers.
-  r.busy.store(1, std::memory_order_seq_cst);
-  if (r.owner.load(std::memory_order_seq_cst) != w) {
-    r.busy.store(0, std::memory_order_release);
-    return false;
-  }
+  if (!claim(w, m)) return false;
   int poison = faults_ ? r.poison.exchange(-1, std::memory_order_acq_rel) : -1;
   uint64_t updates = 0;
   uint64_t np = r.nproc.load(std::memory_order_relaxed);
-  const uint32_t stream = layout_.sms[m].stream;
   for (size_t k = 0; k < n; ++k) {
     const uint64_t p = pos[k];
     const uint64_t sidx = slot(p).sidx.load(std::memory_order_relaxed);
-    if (sidx < np) continue;  // done during a catch-up
-    if (sidx > np) {          // bars this SM has not seen yet (it was moved here): run them first
-      const uint64_t from = std::max(r.last_pos, tail_.load(std::memory_order_acquire));
-      for (uint64_t q = from; q < p; ++q) {
-        uint32_t qs;
-        uint64_t qi;
-        if (!read_slot(q, qs, qi) || qs != stream || qi != np) continue;
-        unit(m, q, poison, updates);
-        poison = -1;
-        ++np;
-        r.last_pos = q + 1;
-        finish_units(q, 1);
-      }
-    }
+    if (sidx < np) continue;                           // done during a catch-up
+    if (sidx > np) replay(m, p, np, poison, updates);  // bars missed before it was moved here
     unit(m, p, poison, updates);
     poison = -1;
     ++np;
     r.last_pos = p + 1;
     ++done[k];
   }
-  // release: the state written above is visible to whoever reads nproc with acquire.
-  r.nproc.store(np, std::memory_order_release);
-  r.beat_ns.store(now_ns(), std::memory_order_relaxed);
-  r.busy.store(0, std::memory_order_release);
-  workers_[w]->updates.fetch_add(updates, std::memory_order_relaxed);
+  release(w, m, np, updates);
   return true;
 }
 
 void Engine::catch_up(int w, uint32_t m, uint64_t until_pos) {
-  SmRuntime& r = smrt_[m];
-  r.busy.store(1, std::memory_order_seq_cst);
-  if (r.owner.load(std::memory_order_seq_cst) != w) {
-    r.busy.store(0, std::memory_order_release);
-    return;
-  }
-  const uint32_t stream = layout_.sms[m].stream;
-  uint64_t np = r.nproc.load(std::memory_order_relaxed);
+  if (!claim(w, m)) return;
+  uint64_t np = smrt_[m].nproc.load(std::memory_order_relaxed);
   uint64_t updates = 0;
-  const uint64_t from = std::max(r.last_pos, tail_.load(std::memory_order_acquire));
-  for (uint64_t q = from; q < until_pos; ++q) {
-    uint32_t qs;
-    uint64_t qi;
-    if (!read_slot(q, qs, qi) || qs != stream || qi != np) continue;
-    unit(m, q, -1, updates);
-    ++np;
-    r.last_pos = q + 1;
-    finish_units(q, 1);
-  }
-  r.nproc.store(np, std::memory_order_release);
-  r.beat_ns.store(now_ns(), std::memory_order_relaxed);
-  r.busy.store(0, std::memory_order_release);
-  workers_[w]->updates.fetch_add(updates, std::memory_order_relaxed);
+  int poison = -1;
+  replay(m, until_pos, np, poison, updates);
+  release(w, m, np, updates);
 }
 
 void Engine::finish_units(uint64_t p, uint32_t count) {

@@ -193,6 +193,10 @@ class Engine {
   // (or no longer) owned by w. done[k] counts the SM-units finished for pos[k].
   bool run_sm(int w, uint32_t m, const uint64_t* pos, size_t n, uint32_t* done);
   void catch_up(int w, uint32_t m, uint64_t until_pos);
+  bool claim(int w, uint32_t m);  // busy/owner handshake; false if w does not own m
+  void release(int w, uint32_t m, uint64_t np, uint64_t updates);
+  // Runs m over the bars of its stream it has not run, from its last position to until_pos.
+  void replay(uint32_t m, uint64_t until_pos, uint64_t& np, int& poison, uint64_t& updates);
   void unit(uint32_t m, uint64_t p, int poison, uint64_t& updates);
   void finish_units(uint64_t p, uint32_t count);
   void fuse(uint64_t p);
