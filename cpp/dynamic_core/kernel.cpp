@@ -1,5 +1,7 @@
 #include "kernel.hpp"
 
+#include "population.hpp"
+
 namespace dynamic_core {
 
 // The helpers below are always inlined; the ABI note about passing vectors does not apply.
@@ -188,6 +190,142 @@ DC_CLONES Summary sm_step(const LaneView& v, int lanes, const double* __restrict
   total.votes[4] = v4;
   updates += upd;
   return total;
+}
+
+// The feature pass, per feature kind: a scalar pass gathers the indicator outputs each distinct
+// feature reads into contiguous scratch arrays (padded to whole vectors with a harmless 1.0),
+// then a pass written with vector types computes the features with every condition a select (a
+// division by a zero normaliser is computed and discarded). Same operations in the same order as
+// the *_feature functions of math.hpp; tests compare the two bit for bit.
+namespace {
+struct Scratch {
+  alignas(64) double a[kMaxBankFeatures];
+  alignas(64) double b[kMaxBankFeatures];
+  alignas(64) double ok[kMaxBankFeatures];
+  alignas(64) double out[kMaxBankFeatures];
+};
+static_assert(kMaxBankFeatures % kVec == 0);
+
+inline int round_up(int n) { return (n + kVec - 1) / kVec * kVec; }
+inline __attribute__((always_inline)) vd vsoft(vd x) {
+  const vd zero = {};
+  return x / ((zero + 1.0) + (x < zero ? -x : x));
+}
+inline void pad(double* p, int n) {
+  for (int i = n; i < round_up(n); ++i) p[i] = 1.0;
+}
+}  // namespace
+
+DC_CLONES void bank_features(Bank& b, double close) {
+  const BankValues& v = b.val;
+  double* feat = b.feat.data();
+  const double* __restrict ema = v.ema.data();
+  const double* __restrict ema_ok = v.ema_ok.data();
+  const double* __restrict atr = v.atr.data();
+  const double* __restrict atr_ok = v.atr_ok.data();
+  Scratch sc;
+  double* __restrict ga = sc.a;
+  double* __restrict gb = sc.b;
+  double* __restrict gok = sc.ok;
+  double* __restrict go = sc.out;
+  const vd zero = {}, one = zero + 1.0;
+  auto emit = [&](uint32_t base, int n) { __builtin_memcpy(feat + base, go, sizeof(double) * n); };
+  // trend: soft((ema_fast - ema_slow) / atr), 0 when atr == 0
+  {
+    const int32_t* __restrict tf = b.trend_fast.data();
+    const int32_t* __restrict ts = b.trend_slow.data();
+    const int32_t* __restrict ta = b.trend_atr.data();
+    const int n = static_cast<int>(b.trend_fast.size());
+    for (int i = 0; i < n; ++i) {
+      ga[i] = ema[tf[i]] - ema[ts[i]];
+      gb[i] = atr[ta[i]];
+      gok[i] = ema_ok[tf[i]] * ema_ok[ts[i]] * atr_ok[ta[i]];
+    }
+    pad(ga, n), pad(gb, n), pad(gok, n);
+    for (int i = 0; i < n; i += kVec) {
+      const vd a = load_d(gb + i);
+      const vd x = vsoft(load_d(ga + i) / a);
+      store_d(go + i, ((load_d(gok + i) != zero) & (a != zero)) ? x : zero);
+    }
+    emit(b.trend_base, n);
+  }
+  // rsi: (rsi - 50) / 50
+  {
+    const int32_t* __restrict r = b.rsi_f.data();
+    const double* __restrict val = v.rsi.data();
+    const double* __restrict ok = v.rsi_ok.data();
+    const int n = static_cast<int>(b.rsi_f.size());
+    for (int i = 0; i < n; ++i) {
+      ga[i] = val[r[i]];
+      gok[i] = ok[r[i]];
+    }
+    pad(ga, n), pad(gok, n);
+    const vd fifty = zero + 50.0;
+    for (int i = 0; i < n; i += kVec) {
+      const vd x = (load_d(ga + i) - fifty) / fifty;
+      store_d(go + i, load_d(gok + i) != zero ? x : zero);
+    }
+    emit(b.rsi_base, n);
+  }
+  // macd: soft(hist / atr), 0 when atr == 0
+  {
+    const int32_t* __restrict m = b.macd_m.data();
+    const int32_t* __restrict ma = b.macd_atr.data();
+    const double* __restrict hist = v.macd_hist.data();
+    const double* __restrict mok = v.macd_ok.data();
+    const int n = static_cast<int>(b.macd_m.size());
+    for (int i = 0; i < n; ++i) {
+      ga[i] = hist[m[i]];
+      gb[i] = atr[ma[i]];
+      gok[i] = mok[m[i]] * atr_ok[ma[i]];
+    }
+    pad(ga, n), pad(gb, n), pad(gok, n);
+    for (int i = 0; i < n; i += kVec) {
+      const vd a = load_d(gb + i);
+      const vd x = vsoft(load_d(ga + i) / a);
+      store_d(go + i, ((load_d(gok + i) != zero) & (a != zero)) ? x : zero);
+    }
+    emit(b.macd_base, n);
+  }
+  // bollinger: soft((close - mean) / (2 sd)), sd = sqrt(var) when var > 0, 0 when sd == 0
+  {
+    const int32_t* __restrict e = b.bb_f.data();
+    const double* __restrict mean = v.ew_mean.data();
+    const double* __restrict var = v.ew_var.data();
+    const double* __restrict ok = v.ew_ok.data();
+    const int n = static_cast<int>(b.bb_f.size());
+    for (int i = 0; i < n; ++i) {
+      ga[i] = mean[e[i]];
+      gb[i] = var[e[i]];
+      gok[i] = ok[e[i]];
+    }
+    pad(ga, n), pad(gb, n), pad(gok, n);
+    for (int i = 0; i < n; ++i) gb[i] = gb[i] > 0.0 ? DC_SQRT(gb[i]) : 0.0;
+    const vd c = zero + close, two = one + one;
+    for (int i = 0; i < n; i += kVec) {
+      const vd sd = load_d(gb + i);
+      const vd x = vsoft((c - load_d(ga + i)) / (two * sd));
+      store_d(go + i, ((load_d(gok + i) != zero) & (sd != zero)) ? x : zero);
+    }
+    emit(b.bb_base, n);
+  }
+  // momentum: soft(roc)
+  {
+    const int32_t* __restrict r = b.mom_f.data();
+    const double* __restrict val = v.roc.data();
+    const double* __restrict ok = v.roc_ok.data();
+    const int n = static_cast<int>(b.mom_f.size());
+    for (int i = 0; i < n; ++i) {
+      ga[i] = val[r[i]];
+      gok[i] = ok[r[i]];
+    }
+    pad(ga, n), pad(gok, n);
+    for (int i = 0; i < n; i += kVec) {
+      const vd x = vsoft(load_d(ga + i));
+      store_d(go + i, load_d(gok + i) != zero ? x : zero);
+    }
+    emit(b.mom_base, n);
+  }
 }
 
 }  // namespace dynamic_core

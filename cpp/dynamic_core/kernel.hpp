@@ -7,6 +7,8 @@
 namespace dynamic_core {
 
 inline constexpr int kMaxSmLanes = 128;
+// Distinct features of one kind in one bank: at most one per lane.
+inline constexpr int kMaxBankFeatures = kMaxSmLanes;
 
 // Views of one SM's lanes (structure of arrays, kWarpSize-aligned, no aliasing between arrays).
 struct LaneView {

@@ -43,8 +43,12 @@ struct BankBuilder {
   }
   uint16_t trend(int32_t f, int32_t s, int32_t a) {
     const std::array<int32_t, 3> k{f, s, a};
-    const auto i = intern(trend_fm, k, b.trend.size());
-    if (i == b.trend.size()) b.trend.push_back({ema(f), ema(s), atr(a)});
+    const auto i = intern(trend_fm, k, b.trend_fast.size());
+    if (i == b.trend_fast.size()) {
+      b.trend_fast.push_back(ema(f));
+      b.trend_slow.push_back(ema(s));
+      b.trend_atr.push_back(atr(a));
+    }
     return i;
   }
   uint16_t rsi(int32_t n) {
@@ -61,8 +65,11 @@ struct BankBuilder {
     const auto m = intern(macd_m, mk, b.macds.size());
     if (m == b.macds.size()) b.macds.emplace_back().init(f, s, sig);
     const std::array<int32_t, 2> fk{static_cast<int32_t>(m), a};
-    const auto i = intern(macd_fm, fk, b.macd_f.size());
-    if (i == b.macd_f.size()) b.macd_f.push_back({m, atr(a)});
+    const auto i = intern(macd_fm, fk, b.macd_m.size());
+    if (i == b.macd_m.size()) {
+      b.macd_m.push_back(m);
+      b.macd_atr.push_back(atr(a));
+    }
     return i;
   }
   uint16_t bb(int32_t n) {
@@ -89,55 +96,65 @@ struct BankBuilder {
   }
   void finish() {
     b.trend_base = 1;
-    b.rsi_base = b.trend_base + static_cast<uint32_t>(b.trend.size());
+    b.rsi_base = b.trend_base + static_cast<uint32_t>(b.trend_fast.size());
     b.macd_base = b.rsi_base + static_cast<uint32_t>(b.rsi_f.size());
-    b.bb_base = b.macd_base + static_cast<uint32_t>(b.macd_f.size());
+    b.bb_base = b.macd_base + static_cast<uint32_t>(b.macd_m.size());
     b.mom_base = b.bb_base + static_cast<uint32_t>(b.bb_f.size());
     b.feat.assign(b.mom_base + b.mom_f.size(), 0.0);
-    b.ema_warm.assign(b.emas.size(), 0);
-    b.rsi_warm.assign(b.rsis.size(), 0);
-    b.atr_warm.assign(b.atrs.size(), 0);
-    b.macd_warm.assign(b.macds.size(), 0);
-    b.ew_warm.assign(b.ews.size(), 0);
-    b.roc_warm.assign(b.rocs.size(), 0);
+    b.resize_values();
   }
 };
 
 }  // namespace
+
+void Bank::resize_values() {
+  val.ema.assign(emas.size(), 0.0);
+  val.ema_ok.assign(emas.size(), 0.0);
+  val.atr.assign(atrs.size(), 0.0);
+  val.atr_ok.assign(atrs.size(), 0.0);
+  val.macd_hist.assign(macds.size(), 0.0);
+  val.macd_ok.assign(macds.size(), 0.0);
+  val.rsi.assign(rsis.size(), 0.0);
+  val.rsi_ok.assign(rsis.size(), 0.0);
+  val.ew_mean.assign(ews.size(), 0.0);
+  val.ew_var.assign(ews.size(), 0.0);
+  val.ew_ok.assign(ews.size(), 0.0);
+  val.roc.assign(rocs.size(), 0.0);
+  val.roc_ok.assign(rocs.size(), 0.0);
+}
 
 void Bank::update(const Bar& bar) {
   const double c = bar.close;
   ret = nbars > 0 ? c / prev_close - 1.0 : 0.0;
   prev_close = c;
   ++nbars;
-  for (size_t i = 0; i < emas.size(); ++i) ema_warm[i] = emas[i].update(c);
-  for (size_t i = 0; i < rsis.size(); ++i) rsi_warm[i] = rsis[i].update(c);
-  for (size_t i = 0; i < atrs.size(); ++i) atr_warm[i] = atrs[i].update(bar.high, bar.low, c);
-  for (size_t i = 0; i < macds.size(); ++i) macd_warm[i] = macds[i].update(c);
-  for (size_t i = 0; i < ews.size(); ++i) ew_warm[i] = ews[i].update(c);
-  for (size_t i = 0; i < rocs.size(); ++i) roc_warm[i] = rocs[i].update(c, roc_buf.data() + roc_offset[i]);
-  double* f = feat.data();
-  for (size_t i = 0; i < trend.size(); ++i) {
-    const TrendRef t = trend[i];
-    const bool w = ema_warm[t.ema_fast] && ema_warm[t.ema_slow] && atr_warm[t.atr];
-    f[trend_base + i] = w ? dynamic_core::trend_feature(emas[t.ema_fast].value, emas[t.ema_slow].value,
-                                                        atrs[t.atr].value)
-                          : 0.0;
+  BankValues& v = val;
+  for (size_t i = 0; i < emas.size(); ++i) {
+    v.ema_ok[i] = static_cast<double>(emas[i].update(c));
+    v.ema[i] = emas[i].value;
   }
-  for (size_t i = 0; i < rsi_f.size(); ++i)
-    f[rsi_base + i] = rsi_warm[rsi_f[i]] ? dynamic_core::rsi_feature(rsis[rsi_f[i]].value) : 0.0;
-  for (size_t i = 0; i < macd_f.size(); ++i) {
-    const MacdRef m = macd_f[i];
-    f[macd_base + i] = (macd_warm[m.macd] && atr_warm[m.atr])
-                           ? dynamic_core::macd_feature(macds[m.macd].hist, atrs[m.atr].value)
-                           : 0.0;
+  for (size_t i = 0; i < rsis.size(); ++i) {
+    v.rsi_ok[i] = static_cast<double>(rsis[i].update(c));
+    v.rsi[i] = rsis[i].value;
   }
-  for (size_t i = 0; i < bb_f.size(); ++i) {
-    const Ew& e = ews[bb_f[i]];
-    f[bb_base + i] = ew_warm[bb_f[i]] ? dynamic_core::bb_feature(c, e.mean, e.var) : 0.0;
+  for (size_t i = 0; i < atrs.size(); ++i) {
+    v.atr_ok[i] = static_cast<double>(atrs[i].update(bar.high, bar.low, c));
+    v.atr[i] = atrs[i].value;
   }
-  for (size_t i = 0; i < mom_f.size(); ++i)
-    f[mom_base + i] = roc_warm[mom_f[i]] ? dynamic_core::mom_feature(rocs[mom_f[i]].value) : 0.0;
+  for (size_t i = 0; i < macds.size(); ++i) {
+    v.macd_ok[i] = static_cast<double>(macds[i].update(c));
+    v.macd_hist[i] = macds[i].hist;
+  }
+  for (size_t i = 0; i < ews.size(); ++i) {
+    v.ew_ok[i] = static_cast<double>(ews[i].update(c));
+    v.ew_mean[i] = ews[i].mean;
+    v.ew_var[i] = ews[i].var;
+  }
+  for (size_t i = 0; i < rocs.size(); ++i) {
+    v.roc_ok[i] = static_cast<double>(rocs[i].update(c, roc_buf.data() + roc_offset[i]));
+    v.roc[i] = rocs[i].value;
+  }
+  bank_features(*this, c);
 }
 
 void LaneArrays::assign(const std::vector<LaneParams>& p) {

@@ -14,16 +14,16 @@ namespace dynamic_core {
 
 inline constexpr int32_t kMaxPeriod = 100000;
 
+// One bar's indicator outputs of a bank, flat, with warm flags (1.0 warm, 0.0 not).
+struct BankValues {
+  std::vector<double> ema, atr, macd_hist, rsi, ew_mean, ew_var, roc;
+  std::vector<double> ema_ok, atr_ok, macd_ok, rsi_ok, ew_ok, roc_ok;
+};
+
 // Shared scratchpad of one SM: every distinct (indicator, period) its lanes use, updated once
 // per bar, and the distinct features derived from them. feat[0] is the constant 0 that unused
 // features point to.
 struct Bank {
-  struct TrendRef {
-    uint16_t ema_fast, ema_slow, atr;
-  };
-  struct MacdRef {
-    uint16_t macd, atr;
-  };
   std::vector<Ema> emas;
   std::vector<Rsi> rsis;
   std::vector<Atr> atrs;
@@ -32,10 +32,13 @@ struct Bank {
   std::vector<Roc> rocs;
   std::vector<uint32_t> roc_offset;
   std::vector<double> roc_buf;
-  std::vector<uint8_t> ema_warm, rsi_warm, atr_warm, macd_warm, ew_warm, roc_warm;
-  std::vector<TrendRef> trend;
-  std::vector<uint16_t> rsi_f, bb_f, mom_f;
-  std::vector<MacdRef> macd_f;
+  // This bar's indicator outputs, flat, and whether each is warm (0/1): what the feature pass
+  // reads by index.
+  BankValues val;
+  // Distinct features, structure of arrays of indices into `val`.
+  std::vector<int32_t> trend_fast, trend_slow, trend_atr;
+  std::vector<int32_t> rsi_f, bb_f, mom_f;
+  std::vector<int32_t> macd_m, macd_atr;
   std::vector<double> feat;
   uint32_t trend_base = 0, rsi_base = 0, macd_base = 0, bb_base = 0, mom_base = 0;
   int64_t nbars = 0;
@@ -43,6 +46,7 @@ struct Bank {
   double ret = 0.0;  // close-to-close return of the current bar
 
   void update(const Bar& b);
+  void resize_values();
   size_t distinct_indicators() const {
     return emas.size() + rsis.size() + atrs.size() + macds.size() + ews.size() + rocs.size();
   }
@@ -114,6 +118,10 @@ struct Layout {
   std::vector<uint32_t> agent_id;    // agent_id of each agent (population order)
   size_t n_agents = 0;
 };
+
+// The feature pass of a bank (defined with the lane kernel, vectorised): every distinct feature
+// from this bar's indicator outputs, 0 where an indicator it reads is not warm.
+void bank_features(Bank& b, double close);
 
 Layout build_layout(const Genome* g, size_t n, int cores_per_sm);
 
