@@ -168,7 +168,8 @@ void bind_engine(py::module_& m) {
         return reasons;
       }, py::arg("bars"), py::arg("n_registered"),
       "Reject reason of every bar: value checks and time order per (instrument, timeframe).");
-  py::class_<Engine>(m, "Engine", "Native engine; wrapped by dynamic_core.Engine.")
+  py::class_<Engine> engine(m, "Engine", "Native engine; wrapped by dynamic_core.Engine.");
+  engine
       .def(py::init([](const py::array& genomes, int cores_per_sm, uint64_t population_hash,
                        uint32_t dead_letter_capacity, uint32_t block_bars, int threads, uint32_t capacity,
                        uint32_t backpressure, int64_t stall_deadline_ns, bool fault_injection) {
@@ -276,6 +277,7 @@ void bind_engine(py::module_& m) {
            })
       .def("layout", &layout_dict)
       .def_property_readonly("n_agents", &Engine::n_agents);
+  bind_engine_journal(engine);
 }
 
 }  // namespace dynamic_core::bindings

@@ -14,6 +14,14 @@ void bind_records(py::module_& m);
 void bind_indicators(py::module_& m);
 void bind_engine(py::module_& m);
 void bind_bench(py::module_& m);
+void bind_journal(py::module_& m);
+}  // namespace dynamic_core::bindings
+namespace dynamic_core {
+class Engine;
+}
+namespace dynamic_core::bindings {
+// The engine's journal methods (bind_journal.cpp), added by bind_engine.
+void bind_engine_journal(py::class_<Engine>& e);
 
 // Copies POD records into a flat uint8 array; Python views it with the matching dtype.
 template <class T>

@@ -494,6 +494,7 @@ size_t Engine::drain(Signal* out, size_t max_n) {
     ++t;
     ++k;
   }
+  if (k && out && journal_) journal_signals(out, k);
   if (k) {
     // release: our reads of the slots happen before ingress reuses them.
     tail_.store(t, std::memory_order_release);
@@ -546,6 +547,7 @@ size_t Engine::in_flight() const {
 size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wait_for_space,
                       std::vector<Signal>* drain_to) {
   if (closed_) throw std::logic_error("engine is closed");
+  if (journal_) journal_inputs(bars, n, n_registered);
   stats_.bars_in += n;
   for (size_t i = 0; i < n; ++i) {
     const Bar& b = bars[i];
@@ -600,6 +602,7 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
         } else {  // RejectNew: the caller keeps bars i.. and may resubmit them
           stats_.backpressure_rejected += n - i;
           stats_.bars_in -= n - i;
+          if (journal_) journal_withdrawn(i);
           return i;
         }
       }
@@ -825,6 +828,10 @@ std::vector<DeadLetter> Engine::dead_letters() {
 
 size_t Engine::validate(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons) {
   std::lock_guard<std::mutex> lk(ingress_m_);
+  return validate_locked(bars, n, n_registered, reasons);
+}
+
+size_t Engine::validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons) {
   std::unordered_map<uint32_t, int64_t> last;  // stream -> last ts seen in this batch
   size_t bad = 0;
   for (size_t i = 0; i < n; ++i) {
@@ -892,6 +899,94 @@ void Engine::agents(AgentRecord* out) {
       r.sharpe = r.ret_std > 0.0 ? r.ret_mean / r.ret_std * DC_SQRT(per_year) : 0.0;
     }
   }
+}
+
+// ---- journal ---------------------------------------------------------------------------------
+
+void Engine::open_journal(const std::string& dir, const JournalIdentity& id, const void* meta, size_t meta_n,
+                          int fsync_level, uint64_t segment_bytes) {
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  std::lock_guard<std::mutex> eg(egress_m_);
+  std::lock_guard<std::mutex> jl(journal_m_);
+  if (journal_) throw std::logic_error("the engine already has a journal");
+  if (seq_ != 0 || head_.load() != 0)
+    throw std::logic_error("a journal must be opened before the first bar, or replay could not start from it");
+  journal_ = std::make_unique<JournalWriter>(dir, id, meta, meta_n, fsync_level, segment_bytes);
+}
+
+uint64_t Engine::journal_append(RecordType type, const void* data, size_t n, bool durable) {
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  std::lock_guard<std::mutex> jl(journal_m_);
+  if (!journal_) throw std::logic_error("the engine has no journal");
+  const uint64_t seq = journal_->append(type, data, n);
+  journal_->commit(durable);
+  return seq;
+}
+
+JournalStats Engine::journal_stats() {
+  std::lock_guard<std::mutex> jl(journal_m_);
+  return journal_ ? journal_->stats() : JournalStats{};
+}
+
+void Engine::close_journal() {
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  std::lock_guard<std::mutex> eg(egress_m_);
+  std::lock_guard<std::mutex> jl(journal_m_);
+  if (journal_) journal_->close();
+}
+
+// Caller holds ingress_m_. The same decisions ingest is about to make (validate_locked mirrors
+// its checks against the streams' last timestamps), journaled and committed first.
+void Engine::journal_inputs(const Bar* bars, size_t n, uint32_t n_registered) {
+  if (journal_->closed()) return;
+  j_reasons_.resize(n);
+  validate_locked(bars, n, n_registered, j_reasons_.data());
+  j_bars_.clear();
+  j_dead_.clear();
+  for (size_t i = 0; i < n; ++i) {
+    if (j_reasons_[i] == 0) {
+      j_bars_.push_back(bars[i]);
+    } else {
+      const uint32_t rr[2] = {j_reasons_[i], 0};
+      const char* b = reinterpret_cast<const char*>(&bars[i]);
+      j_dead_.insert(j_dead_.end(), b, b + sizeof(Bar));
+      j_dead_.insert(j_dead_.end(), reinterpret_cast<const char*>(rr), reinterpret_cast<const char*>(rr) + 8);
+    }
+  }
+  std::lock_guard<std::mutex> jl(journal_m_);
+  // Large batches are split so a record stays under the size limit.
+  constexpr size_t kPerRecord = kJournalMaxRecord / sizeof(Bar);
+  for (size_t i = 0; i < j_bars_.size(); i += kPerRecord)
+    journal_->append(RecordType::Bars, j_bars_.data() + i, std::min(kPerRecord, j_bars_.size() - i) * sizeof(Bar));
+  constexpr size_t kDeadSize = sizeof(Bar) + 8;
+  constexpr size_t kDeadPerRecord = kJournalMaxRecord / kDeadSize;
+  for (size_t i = 0; i < j_dead_.size(); i += kDeadPerRecord * kDeadSize)
+    journal_->append(RecordType::DeadLetter, j_dead_.data() + i, std::min(kDeadPerRecord * kDeadSize, j_dead_.size() - i));
+  journal_->commit(true);
+}
+
+// Caller holds ingress_m_: bars from..n of the batch were not taken (reject_new).
+void Engine::journal_withdrawn(size_t from) {
+  if (journal_->closed()) return;
+  uint64_t k = 0;
+  for (size_t i = from; i < j_reasons_.size(); ++i) k += j_reasons_[i] == 0;
+  if (!k) return;
+  std::lock_guard<std::mutex> jl(journal_m_);
+  journal_->append(RecordType::Withdrawn, &k, sizeof k);
+  journal_->commit(true);
+}
+
+// Caller holds egress_m_.
+void Engine::journal_signals(const Signal* s, size_t k) {
+  j_hashes_.resize(2 * k);
+  for (size_t i = 0; i < k; ++i) {
+    j_hashes_[2 * i] = s[i].seq;
+    j_hashes_[2 * i + 1] = fnv1a64(&s[i], sizeof(Signal));
+  }
+  std::lock_guard<std::mutex> jl(journal_m_);
+  if (journal_->closed()) return;
+  journal_->append(RecordType::SignalHashes, j_hashes_.data(), j_hashes_.size() * sizeof(uint64_t));
+  journal_->commit(false);
 }
 
 }  // namespace dynamic_core

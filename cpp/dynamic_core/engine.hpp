@@ -22,6 +22,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "journal.hpp"
 #include "kernel.hpp"
 #include "population.hpp"
 #include "records.hpp"
@@ -113,6 +114,18 @@ class Engine {
 
   // What run() would reject, without changing any state. reasons[i] = 0 for accepted bars.
   size_t validate(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
+
+  // Journal (see journal.hpp). Once opened, every batch's accepted bars are journaled (and
+  // committed, synced by the fsync level) before any of them is processed, rejected bars as dead
+  // letters, and the hashes of the signals handed out by poll/run/step.
+  void open_journal(const std::string& dir, const JournalIdentity& id, const void* meta, size_t meta_n,
+                    int fsync_level, uint64_t segment_bytes);
+  // Appends an owner-encoded record (Control, Instruments, Event) in order with the bars;
+  // durable commits sync by the fsync level. Returns the record's sequence number.
+  uint64_t journal_append(RecordType type, const void* data, size_t n, bool durable);
+  bool has_journal() const { return journal_ != nullptr; }
+  JournalStats journal_stats();
+  void close_journal();
 
   void agents(AgentRecord* out);  // population order; waits for in-flight bars first
   size_t n_agents() const { return layout_.n_agents; }
@@ -208,6 +221,10 @@ class Engine {
   size_t ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wait_for_space,
                 std::vector<Signal>* drain_to);
   size_t drain(Signal* out, size_t max_n);
+  size_t validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
+  void journal_inputs(const Bar* bars, size_t n, uint32_t n_registered);
+  void journal_withdrawn(size_t from);
+  void journal_signals(const Signal* s, size_t k);
   size_t wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns);
   void wait_idle();  // every claimed bar processed by all its SMs; caller holds ingress_m_
   bool read_slot(uint64_t q, uint32_t& stream, uint64_t& sidx);
@@ -260,6 +277,16 @@ class Engine {
   std::mutex sentinel_m_;
   std::condition_variable sentinel_cv_;
   bool closed_ = false;
+
+  // journal: the writer is used under ingress_m_ (inputs, control) and egress_m_ (signal
+  // hashes); journal_m_ serialises the two.
+  std::mutex journal_m_;
+  std::unique_ptr<JournalWriter> journal_;
+  std::vector<uint32_t> j_reasons_;   // ingress only
+  std::vector<Bar> j_bars_;           // ingress only
+  std::vector<char> j_dead_;          // ingress only
+  size_t j_first_ = 0;                // ingress only: index of the batch's first accepted bar
+  std::vector<uint64_t> j_hashes_;    // egress only
 };
 
 }  // namespace dynamic_core

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'atr', 'ema', 'ew_bands', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'validate_bars']
+__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'atr', 'crc32c', 'ema', 'ew_bands', 'journal_scan', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'signal_hashes', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -20,15 +20,25 @@ class Engine:
         """
         Join the worker and sentinel threads.
         """
+    def close_journal(self) -> None:
+        ...
     def dead_letters(self) -> numpy.typing.NDArray[numpy.uint8]:
         """
         Rejected bars with reason codes, oldest first, as bytes.
         """
+    def has_journal(self) -> bool:
+        ...
     def inject_poison(self, agent: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def inject_stall(self, sm: typing.SupportsInt | typing.SupportsIndex, ns: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
+    def journal_append(self, type: ..., data: bytes, durable: bool = True) -> int:
+        ...
+    def journal_stats(self) -> dict:
+        ...
     def layout(self) -> dict:
+        ...
+    def open_journal(self, dir: str, meta: bytes, population_hash: typing.SupportsInt | typing.SupportsIndex, config_hash: typing.SupportsInt | typing.SupportsIndex, build_id: str, fsync_level: typing.SupportsInt | typing.SupportsIndex, segment_bytes: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def poll(self, max_n: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint8]:
         """
@@ -59,12 +69,99 @@ class Engine:
     @property
     def n_agents(self) -> int:
         ...
+class RecordType:
+    """
+    Journal record types.
+    
+    Members:
+    
+      META
+    
+      BARS
+    
+      WITHDRAWN
+    
+      DEAD_LETTER
+    
+      CONTROL
+    
+      SIGNAL_HASHES
+    
+      INSTRUMENTS
+    
+      EVENT
+    """
+    BARS: typing.ClassVar[RecordType]
+    CONTROL: typing.ClassVar[RecordType]
+    DEAD_LETTER: typing.ClassVar[RecordType]
+    EVENT: typing.ClassVar[RecordType]
+    INSTRUMENTS: typing.ClassVar[RecordType]
+    META: typing.ClassVar[RecordType]
+    SIGNAL_HASHES: typing.ClassVar[RecordType]
+    WITHDRAWN: typing.ClassVar[RecordType]
+    __members__: typing.ClassVar[dict[str, RecordType]]
+    @typing.overload
+    def __eq__(self, other: RecordType) -> bool:
+        ...
+    @typing.overload
+    def __eq__(self, other: typing.Any) -> bool:
+        ...
+    def __getstate__(self) -> int:
+        ...
+    def __hash__(self) -> int:
+        ...
+    def __index__(self) -> int:
+        ...
+    def __init__(self, value: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __int__(self) -> int:
+        ...
+    @typing.overload
+    def __ne__(self, other: RecordType) -> bool:
+        ...
+    @typing.overload
+    def __ne__(self, other: typing.Any) -> bool:
+        ...
+    def __repr__(self) -> str:
+        ...
+    def __setstate__(self, state: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __str__(self) -> str:
+        ...
+    @property
+    def name(self) -> str:
+        ...
+    @property
+    def value(self) -> int:
+        ...
+class JournalReader:
+    """
+    Reads journal records in order.
+    """
+    def __init__(self, dir: str) -> None:
+        ...
+    def next(self) -> typing.Any:
+        """
+        Next record as (type, seq, payload, segment, offset), or None at the end or at a bad record.
+        """
+    def report(self) -> dict:
+        """
+        Where reading stopped and why (status ok, torn_tail, corrupt or empty).
+        """
 def atr(high: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], low: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], close: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], n: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float64]:
     ...
+def crc32c(data: bytes, crc: typing.SupportsInt | typing.SupportsIndex = 0) -> int:
+    """
+    CRC32C (Castagnoli) of `data`, continuing from `crc`.
+    """
 def ema(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], n: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float64]:
     ...
 def ew_bands(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], n: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
     ...
+def journal_scan(dir: str, repair: bool = False) -> dict:
+    """
+    Walk a journal checking framing and CRCs; with repair, truncate a torn tail.
+    """
 def macd(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], fast: typing.SupportsInt | typing.SupportsIndex, slow: typing.SupportsInt | typing.SupportsIndex, signal: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
     ...
 def reason_names() -> list:
@@ -86,6 +183,10 @@ def rsi(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], n: typing.Su
 def score_to_action(score: typing.SupportsFloat | typing.SupportsIndex, weak: typing.SupportsFloat | typing.SupportsIndex = 0.2, strong: typing.SupportsFloat | typing.SupportsIndex = 0.6) -> int:
     """
     Map a score in (-1, 1) to an action code -2..2.
+    """
+def signal_hashes(signals: numpy.ndarray) -> numpy.typing.NDArray[numpy.uint64]:
+    """
+    FNV-1a 64 of each signal record: the hash the journal keeps.
     """
 def validate_bars(bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint32]:
     """

@@ -304,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no animation: print the latest-signal table once at the end")
     r.add_argument("-q", "--quiet", action="store_true",
                    help="print only the summary (no progress, no latest-signal table)")
+    r.add_argument("--journal", default=None, metavar="DIR",
+                   help="write an append-only journal of the run to DIR (new directory); "
+                        "'dynamic-core replay DIR --verify' reproduces it bit for bit")
+    r.add_argument("--fsync", type=int, choices=(0, 1, 2), default=0,
+                   help="journal durability per batch: 0 OS, 1 data (fdatasync), 2 data + metadata [default: 0]")
     r.set_defaults(func=cmd_run)
 
     b = sub.add_parser(
@@ -345,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="agents listed by Sharpe [default: 10]")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_backtest)
+
+    from . import cli_journal
+
+    cli_journal.add_commands(sub, _Formatter)
     return p
 
 
@@ -658,7 +667,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     bars = load_bars(args.data, sim_names=names, bars=args.bars, timeframe=args.timeframe, seed=args.seed)
     streams = _streams(bars)
     pop = _run_population(bars, args.agents, args.seed)
-    eng = Engine(pop, cores_per_sm=args.cores_per_sm)
+    eng = Engine(pop, cores_per_sm=args.cores_per_sm, journal=args.journal, fsync=args.fsync)
     chunk = args.chunk or 50 * len(streams)
     stream_names = ", ".join(f"{instruments.name(i)} {tf_label(tf)}" for i, tf in streams)
     console.print(f"[bold]{PROG} run[/]: {len(pop):,} agents over {len(streams)} stream(s) "
@@ -687,6 +696,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"Processed {state.done:,} of {len(bars):,} bars, {int(stats['signals']):,} signals, "
                   f"{len(pop):,} agents in {int(stats['n_warps']):,} warps / {int(stats['n_sms']):,} SMs")
     console.print(_throughput_line(stats, wall))
+    if args.journal:
+        j = stats["journal"]
+        console.print(f"Journal {args.journal}: {j['records']:,} records, {j['bytes']:,} bytes, "
+                      f"{j['syncs']:,} syncs (replay: {PROG} replay {args.journal} --verify)")
+    eng.close()
     if interrupted:
         console.print("[yellow]interrupted[/]")
         return 130

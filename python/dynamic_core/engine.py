@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from .errors import InvalidInput
+from .errors import InvalidInput, JournalError
+from .journal import DEFAULT_SEGMENT_BYTES
 from .instruments import instruments
 from .market import as_bars
 from .population import Population
@@ -69,6 +70,19 @@ class Engine:
         How many rejected bars are kept (the newest); older ones are counted as dropped.
     fault_injection : bool
         Arms ``eng.faults`` (stall an SM, poison an agent) for tests; inert otherwise.
+    journal : path, optional
+        Directory of a new append-only journal (see :mod:`dynamic_core.journal`): the population
+        and configuration, every accepted bar (written before it is processed), rejects,
+        control commands and the hash of every signal handed out. ``Engine.replay(path)``
+        reproduces the run bit for bit.
+    fsync : {0, 1, 2}
+        Journal durability per batch: 0 leaves flushing to the OS, 1 syncs the data
+        (fdatasync), 2 syncs data and metadata (fsync, and the directory on new segments).
+    journal_segment_bytes : int
+        Size at which the journal starts a new segment file (default 64 MiB).
+    population_hash : int, optional
+        Provenance written into every signal (default: ``population.hash``). Replay passes the
+        journaled value so signals stay identical when instrument ids differ between processes.
 
     Examples
     --------
@@ -89,7 +103,10 @@ class Engine:
                  cores_per_sm: int = 128, strict: bool = False,
                  backpressure: str = "block", capacity: int = 0,
                  stall_deadline: float = 0.050, dead_letter_capacity: int = 10_000,
-                 block_bars: int = 0, fault_injection: bool = False) -> None:
+                 block_bars: int = 0, fault_injection: bool = False,
+                 journal: str | os.PathLike[str] | None = None, fsync: int = 0,
+                 journal_segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+                 population_hash: int | None = None) -> None:
         if not isinstance(population, Population):
             raise TypeError(f"expected a dc.Population, got {type(population).__name__}")
         if cores_per_sm not in (32, 64, 96, 128):
@@ -105,11 +122,19 @@ class Engine:
             raise ValueError("capacity must be in [0, 2**20] (0 = automatic)")
         if not 0.001 <= stall_deadline <= 3600:
             raise ValueError("stall_deadline must be in [0.001, 3600] seconds")
+        if fsync not in (0, 1, 2):
+            raise ValueError(f"fsync must be 0, 1 or 2, got {fsync!r}")
+        if not 1 << 16 <= journal_segment_bytes <= 1 << 40:
+            raise ValueError("journal_segment_bytes must be in [64 KiB, 1 TiB]")
         self._pop = population
         self.strict = bool(strict)
         self.backpressure = backpressure
+        self._population_hash = population.hash if population_hash is None else int(population_hash)
+        self._config = {"cores_per_sm": cores_per_sm, "block_bars": int(block_bars),
+                        "strict": self.strict, "backpressure": backpressure,
+                        "capacity": int(capacity), "dead_letter_capacity": int(dead_letter_capacity)}
         self._native = _core.Engine(population.records, cores_per_sm=cores_per_sm,
-                                    population_hash=population.hash,
+                                    population_hash=self._population_hash,
                                     dead_letter_capacity=dead_letter_capacity, block_bars=block_bars,
                                     threads=threads, capacity=capacity,
                                     backpressure=BACKPRESSURE[backpressure],
@@ -123,6 +148,73 @@ class Engine:
         # Threads are joined when the engine is garbage-collected, even without close().
         self._finalizer = weakref.finalize(self, _close_native, self._native)
         self.faults = _Faults(self._native, fault_injection)
+        self._journal_path: str | None = None
+        self._journal_lock = threading.Lock()
+        self._journal_instruments = 0
+        if journal is not None:
+            self._open_journal(os.fspath(journal), fsync, journal_segment_bytes)
+
+    # ---- journal ------------------------------------------------------------------------------
+    def _open_journal(self, path: str, fsync: int, segment_bytes: int) -> None:
+        from . import journal as jr
+
+        try:
+            with self._journal_lock:
+                self._journal_instruments = len(instruments)
+                meta = jr.encode_meta(self._pop.records, self._population_hash, self._config)
+                self._native.open_journal(path, meta, self._population_hash,
+                                          jr.config_hash(self._config), jr.build_id(), fsync,
+                                          segment_bytes)
+        except (OSError, ValueError) as e:
+            self.close()
+            raise JournalError(f"cannot open journal at {path!r}: {e}") from e
+        self._journal_path = path
+
+    def _journal_new_instruments(self) -> None:
+        # Ids are per process: names registered since the last record go to the journal before
+        # any bar that may use them.
+        if self._journal_path is None or len(instruments) == self._journal_instruments:
+            return
+        from . import journal as jr
+
+        with self._journal_lock:
+            names = instruments.names()
+            first = self._journal_instruments
+            if len(names) > first:
+                self._native.journal_append(_core.RecordType.INSTRUMENTS,
+                                            jr.encode_instruments(first, names[first:]), True)
+                self._journal_instruments = len(names)
+
+    @property
+    def journal_path(self) -> str | None:
+        """Directory of this engine's journal, or None."""
+        return self._journal_path
+
+    def journal_control(self, raw: bytes) -> int:
+        """Journal an encoded control command, in order with the bars (durably, by the fsync
+        level), before the caller applies it. Returns the record's sequence number."""
+        return self._journal_record(_core.RecordType.CONTROL, raw)
+
+    def journal_event(self, raw: bytes) -> int:
+        """Journal an encoded event (evolution step, population change...) in order with the bars."""
+        return self._journal_record(_core.RecordType.EVENT, raw)
+
+    def _journal_record(self, kind: Any, raw: bytes) -> int:
+        self._check_open()
+        if self._journal_path is None:
+            raise JournalError("this engine has no journal (pass journal=DIR)")
+        if not isinstance(raw, (bytes, bytearray, memoryview)):
+            raise TypeError(f"expected encoded bytes, got {type(raw).__name__}")
+        self._journal_new_instruments()
+        return int(self._native.journal_append(kind, bytes(raw), True))
+
+    @classmethod
+    def replay(cls, path: str | os.PathLike[str], **kwargs: Any) -> Any:
+        """Rebuild an engine from the journal at ``path`` and reproduce its signal stream,
+        verified against the journaled hashes. See :func:`dynamic_core.journal.replay`."""
+        from . import journal as jr
+
+        return jr.replay(path, **kwargs)
 
     @property
     def population(self) -> Population:
@@ -137,6 +229,7 @@ class Engine:
         """
         self._check_open()
         b = as_bars(bars)
+        self._journal_new_instruments()
         if self.strict if strict is None else strict:
             reasons = self._native.validate(b, len(instruments))
             bad = np.flatnonzero(reasons)
@@ -160,7 +253,9 @@ class Engine:
         Safe to call from several threads (calls are serialised, each batch stays contiguous).
         """
         self._check_open()
-        return int(self._native.submit(as_bars(bars), len(instruments)))
+        b = as_bars(bars)
+        self._journal_new_instruments()
+        return int(self._native.submit(b, len(instruments)))
 
     def poll(self, max_n: int | None = None, timeout: float | None = 0.0) -> np.ndarray:
         """Ready signals in bar order (``SIGNAL_DTYPE``), at most ``max_n``. Waits up to
@@ -181,6 +276,7 @@ class Engine:
         if len(b) != 1:
             raise ValueError(f"step() takes one bar, got {len(b)}")
         t = -1 if timeout is None else int(max(0.0, timeout) * 1e9)
+        self._journal_new_instruments()
         status, raw = self._native.step(b, len(instruments), t)
         if status < 0:
             return None
@@ -231,6 +327,8 @@ class Engine:
         if self._dispatcher is not None and self._dispatcher is not threading.current_thread():
             self._dispatcher.join()
         self._finalizer()
+        if self._journal_path is not None:
+            self._native.close_journal()
 
     @property
     def closed(self) -> bool:
@@ -265,8 +363,11 @@ class Engine:
         bar-to-signal latency (``latency_s``: p50/p90/p99/max, from histogram buckets 9% wide),
         window depth and high-water mark, backpressure events, failovers, per-worker queue depth,
         high-water mark and heartbeat age, per-SM owner/status/heartbeat age (``sms``), warp
-        occupancy (active lanes / 32 over all warps) and callback errors."""
+        occupancy (active lanes / 32 over all warps), callback errors and, with a journal, its
+        records/bytes/commits/syncs/segments (``journal``)."""
         s = self._native.stats()
+        if self._journal_path is not None:
+            s["journal"] = dict(self._native.journal_stats(), path=self._journal_path)
         lay = self._native.layout()
         s["callback_errors"] = self._callback_errors
         s["sms"]["status"] = np.array(["ok", "stalled", "moving"])[s["sms"]["status"]]

@@ -1,0 +1,134 @@
+// The journal: writer statistics, the reader, verification and repair, and the engine's hooks.
+#include <pybind11/stl.h>
+
+#include "../dynamic_core/engine.hpp"
+#include "../dynamic_core/journal.hpp"
+#include "common.hpp"
+
+namespace dynamic_core::bindings {
+
+namespace {
+
+JournalIdentity identity(uint64_t population_hash, uint64_t config_hash, const std::string& build_id) {
+  JournalIdentity id;
+  id.population_hash = population_hash;
+  id.config_hash = config_hash;
+  std::memcpy(id.build_id, build_id.data(), std::min(build_id.size(), sizeof id.build_id));
+  return id;
+}
+
+const char* status_name(ScanStatus s) {
+  switch (s) {
+    case ScanStatus::Ok: return "ok";
+    case ScanStatus::TornTail: return "torn_tail";
+    case ScanStatus::Corrupt: return "corrupt";
+    case ScanStatus::Empty: return "empty";
+  }
+  return "unknown";
+}
+
+py::dict report_dict(const ScanReport& r) {
+  py::dict d;
+  d["status"] = status_name(r.status);
+  d["records"] = r.records;
+  d["last_seq"] = r.last_seq;
+  d["segments"] = r.segments;
+  d["bad_segment"] = r.bad_segment;
+  d["bad_offset"] = r.bad_offset;
+  d["truncated_bytes"] = r.truncated_bytes;
+  d["repaired"] = r.repaired;
+  d["detail"] = r.detail;
+  d["format"] = r.format;
+  d["population_hash"] = r.identity.population_hash;
+  d["config_hash"] = r.identity.config_hash;
+  d["build_id"] = std::string(r.identity.build_id, strnlen(r.identity.build_id, sizeof r.identity.build_id));
+  return d;
+}
+
+py::dict stats_dict(const JournalStats& s) {
+  py::dict d;
+  d["records"] = s.records;
+  d["bytes"] = s.bytes;
+  d["commits"] = s.commits;
+  d["syncs"] = s.syncs;
+  d["segments"] = s.segments;
+  return d;
+}
+
+}  // namespace
+
+void bind_journal(py::module_& m) {
+  py::enum_<RecordType>(m, "RecordType", "Journal record types.")
+      .value("META", RecordType::Meta)
+      .value("BARS", RecordType::Bars)
+      .value("WITHDRAWN", RecordType::Withdrawn)
+      .value("DEAD_LETTER", RecordType::DeadLetter)
+      .value("CONTROL", RecordType::Control)
+      .value("SIGNAL_HASHES", RecordType::SignalHashes)
+      .value("INSTRUMENTS", RecordType::Instruments)
+      .value("EVENT", RecordType::Event);
+
+  m.def("crc32c", [](py::bytes data, uint32_t crc) {
+        const std::string_view v = data;
+        return crc32c(crc, v.data(), v.size());
+      }, py::arg("data"), py::arg("crc") = 0, "CRC32C (Castagnoli) of `data`, continuing from `crc`.");
+  m.def("signal_hashes", [](const py::array& signals) {
+        const Signal* s = records_of<Signal>(signals, "signal");
+        const auto n = static_cast<py::ssize_t>(signals.shape(0));
+        py::array_t<uint64_t> out(n);
+        uint64_t* o = out.mutable_data();
+        for (py::ssize_t i = 0; i < n; ++i) o[i] = fnv1a64(&s[i], sizeof(Signal));
+        return out;
+      }, py::arg("signals"), "FNV-1a 64 of each signal record: the hash the journal keeps.");
+  m.def("journal_scan", [](const std::string& dir, bool repair) {
+        ScanReport r;
+        {
+          py::gil_scoped_release nogil;
+          r = scan_journal(dir, repair);
+        }
+        return report_dict(r);
+      }, py::arg("dir"), py::arg("repair") = false,
+      "Walk a journal checking framing and CRCs; with repair, truncate a torn tail.");
+
+  py::class_<JournalReader>(m, "JournalReader", "Reads journal records in order.")
+      .def(py::init<const std::string&>(), py::arg("dir"))
+      .def("next", [](JournalReader& r) -> py::object {
+             JournalRecord rec;
+             bool ok;
+             {
+               py::gil_scoped_release nogil;
+               ok = r.next(rec);
+             }
+             if (!ok) return py::none();
+             return py::make_tuple(rec.type, rec.seq, py::bytes(rec.payload), rec.segment, rec.offset);
+           }, "Next record as (type, seq, payload, segment, offset), or None at the end or at a bad record.")
+      .def("report", [](const JournalReader& r) { return report_dict(r.report()); },
+           "Where reading stopped and why (status ok, torn_tail, corrupt or empty).");
+
+}
+
+void bind_engine_journal(py::class_<Engine>& e) {
+  e.def("open_journal", [](Engine& en, const std::string& dir, py::bytes meta, uint64_t population_hash,
+                           uint64_t config_hash, const std::string& build_id, int fsync_level,
+                           uint64_t segment_bytes) {
+         const std::string_view v = meta;
+         const std::string copy(v);
+         py::gil_scoped_release nogil;
+         en.open_journal(dir, identity(population_hash, config_hash, build_id), copy.data(), copy.size(),
+                         fsync_level, segment_bytes);
+       }, py::arg("dir"), py::arg("meta"), py::arg("population_hash"), py::arg("config_hash"),
+       py::arg("build_id"), py::arg("fsync_level"), py::arg("segment_bytes"))
+      .def("journal_append", [](Engine& en, RecordType type, py::bytes data, bool durable) {
+             const std::string copy(static_cast<std::string_view>(data));
+             py::gil_scoped_release nogil;
+             return en.journal_append(type, copy.data(), copy.size(), durable);
+           }, py::arg("type"), py::arg("data"), py::arg("durable") = true)
+      .def("journal_stats", [](Engine& en) { return stats_dict(en.journal_stats()); })
+      .def("has_journal", &Engine::has_journal)
+      .def("close_journal", [](Engine& en) {
+             py::gil_scoped_release nogil;
+             en.close_journal();
+           });
+}
+
+}  // namespace dynamic_core::bindings

@@ -1,0 +1,413 @@
+#include "journal.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <stdexcept>
+#include <system_error>
+
+namespace dynamic_core {
+
+namespace fs = std::filesystem;
+
+const char* record_type_name(uint16_t t) {
+  switch (static_cast<RecordType>(t)) {
+    case RecordType::Meta: return "meta";
+    case RecordType::Bars: return "bars";
+    case RecordType::Withdrawn: return "withdrawn";
+    case RecordType::DeadLetter: return "dead_letter";
+    case RecordType::Control: return "control";
+    case RecordType::SignalHashes: return "signal_hashes";
+    case RecordType::Instruments: return "instruments";
+    case RecordType::Event: return "event";
+  }
+  return "unknown";
+}
+
+// ---- CRC32C ---------------------------------------------------------------------------------
+namespace {
+
+struct Crc32cTable {
+  uint32_t t[8][256];
+  Crc32cTable() {
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+      t[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; ++i)
+      for (int s = 1; s < 8; ++s) t[s][i] = (t[s - 1][i] >> 8) ^ t[0][t[s - 1][i] & 0xff];
+  }
+};
+const Crc32cTable kCrc;
+
+uint32_t crc32c_sw(uint32_t crc, const unsigned char* p, size_t n) {
+  while (n >= 8) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    w ^= crc;
+    crc = kCrc.t[7][w & 0xff] ^ kCrc.t[6][(w >> 8) & 0xff] ^ kCrc.t[5][(w >> 16) & 0xff] ^
+          kCrc.t[4][(w >> 24) & 0xff] ^ kCrc.t[3][(w >> 32) & 0xff] ^ kCrc.t[2][(w >> 40) & 0xff] ^
+          kCrc.t[1][(w >> 48) & 0xff] ^ kCrc.t[0][w >> 56];
+    p += 8;
+    n -= 8;
+  }
+  while (n--) crc = (crc >> 8) ^ kCrc.t[0][(crc ^ *p++) & 0xff];
+  return crc;
+}
+
+#if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
+__attribute__((target("sse4.2"))) uint32_t crc32c_hw(uint32_t crc, const unsigned char* p, size_t n) {
+  uint64_t c = crc;
+  while (n >= 8) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    c = __builtin_ia32_crc32di(c, w);
+    p += 8;
+    n -= 8;
+  }
+  uint32_t c32 = static_cast<uint32_t>(c);
+  while (n--) c32 = __builtin_ia32_crc32qi(c32, *p++);
+  return c32;
+}
+const bool kHasSse42 = __builtin_cpu_supports("sse4.2");
+#endif
+
+}  // namespace
+
+uint32_t crc32c(uint32_t crc, const void* data, size_t n) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  crc = ~crc;
+#if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
+  crc = kHasSse42 ? crc32c_hw(crc, p, n) : crc32c_sw(crc, p, n);
+#else
+  crc = crc32c_sw(crc, p, n);
+#endif
+  return ~crc;
+}
+
+uint64_t fnv1a64(const void* data, size_t n) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (size_t i = 0; i < n; ++i) {
+    h ^= p[i];
+    h *= 0x100000001b3ull;
+  }
+  return h;
+}
+
+// ---- layout helpers ---------------------------------------------------------------------------
+namespace {
+
+void put32(char* p, uint32_t v) { std::memcpy(p, &v, 4); }
+void put16(char* p, uint16_t v) { std::memcpy(p, &v, 2); }
+void put64(char* p, uint64_t v) { std::memcpy(p, &v, 8); }
+uint32_t get32(const char* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+uint16_t get16(const char* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+uint64_t get64(const char* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+// CRC of the record header fields after the CRC-less prefix, then the payload.
+uint32_t record_crc(uint16_t type, uint16_t flags, uint64_t seq, const void* payload, size_t n) {
+  char h[12];
+  put16(h, type);
+  put16(h + 2, flags);
+  put64(h + 4, seq);
+  return crc32c(crc32c(0, h, sizeof h), payload, n);
+}
+
+std::string segment_name(uint32_t k) {
+  char b[32];
+  std::snprintf(b, sizeof b, "seg-%06u.dcj", k);
+  return b;
+}
+
+[[noreturn]] void sys_fail(const std::string& what) {
+  throw std::system_error(errno, std::generic_category(), what);
+}
+
+void sync_dir(const std::string& dir) {
+  const int d = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (d >= 0) {
+    ::fsync(d);
+    ::close(d);
+  }
+}
+
+}  // namespace
+
+std::vector<std::string> journal_segments(const std::string& dir) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return out;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    if (n.size() == 14 && n.rfind("seg-", 0) == 0 && n.substr(10) == ".dcj") out.push_back(e.path().string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// ---- writer -----------------------------------------------------------------------------------
+JournalWriter::JournalWriter(const std::string& dir, const JournalIdentity& id, const void* meta,
+                             size_t meta_n, int fsync_level, uint64_t segment_bytes)
+    : dir_(dir), id_(id), level_(fsync_level), segment_bytes_(segment_bytes) {
+  if (fsync_level < 0 || fsync_level > 2) throw std::invalid_argument("fsync level must be 0, 1 or 2");
+  if (segment_bytes < (1u << 16)) throw std::invalid_argument("segment size must be at least 64 KiB");
+  std::error_code ec;
+  fs::create_directories(dir_, ec);
+  if (ec) throw std::system_error(ec, "cannot create journal directory " + dir_);
+  if (!journal_segments(dir_).empty())
+    throw std::invalid_argument("journal directory " + dir_ + " already holds a journal");
+  open_segment();
+  append(RecordType::Meta, meta, meta_n);
+  commit(true);
+}
+
+JournalWriter::~JournalWriter() {
+  try {
+    close();
+  } catch (...) {
+  }
+}
+
+void JournalWriter::open_segment() {
+  if (fd_ >= 0) {
+    if (level_ >= 1) ::fdatasync(fd_);
+    ::close(fd_);
+    fd_ = -1;
+    ++segment_;
+  }
+  const std::string path = (fs::path(dir_) / segment_name(segment_)).string();
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd_ < 0) sys_fail("cannot create journal segment " + path);
+  char h[kJournalFileHeader] = {};
+  std::memcpy(h, kJournalMagic, 8);
+  put32(h + 8, kJournalFormat);
+  put32(h + 12, segment_);
+  put64(h + 16, id_.population_hash);
+  put64(h + 24, id_.config_hash);
+  std::memcpy(h + 32, id_.build_id, sizeof id_.build_id);
+  put32(h + 60, crc32c(0, h, 60));
+  write_all(h, sizeof h);
+  seg_size_ = sizeof h;
+  ++stats_.segments;
+  if (level_ >= 2) {
+    ::fsync(fd_);
+    sync_dir(dir_);
+  }
+}
+
+uint64_t JournalWriter::append(RecordType type, const void* data, size_t n) {
+  if (fd_ < 0) throw std::logic_error("journal is closed");
+  if (n > kJournalMaxRecord)
+    throw std::length_error("journal record of " + std::to_string(n) + " bytes exceeds the limit of " +
+                            std::to_string(kJournalMaxRecord));
+  // A new segment when this record would overflow the current one (records never straddle).
+  const uint64_t rec = kJournalRecordHeader + n;
+  if (seg_size_ + buf_.size() + rec > segment_bytes_ && seg_size_ + buf_.size() > kJournalFileHeader) {
+    commit(false);
+    open_segment();
+  }
+  const uint64_t seq = ++seq_;
+  const auto t = static_cast<uint16_t>(type);
+  const size_t at = buf_.size();
+  buf_.resize(at + rec);
+  char* p = buf_.data() + at;
+  put32(p, static_cast<uint32_t>(n));
+  put16(p + 4, t);
+  put16(p + 6, 0);
+  put64(p + 8, seq);
+  put32(p + 16, record_crc(t, 0, seq, data, n));
+  if (n) std::memcpy(p + kJournalRecordHeader, data, n);
+  ++stats_.records;
+  return seq;
+}
+
+void JournalWriter::write_all(const void* p, size_t n) {
+  const char* c = static_cast<const char*>(p);
+  while (n) {
+    const ssize_t k = ::write(fd_, c, n);
+    if (k < 0) {
+      if (errno == EINTR) continue;
+      sys_fail("journal write failed in " + dir_);
+    }
+    c += k;
+    n -= static_cast<size_t>(k);
+  }
+}
+
+void JournalWriter::commit(bool durable) {
+  if (fd_ < 0) return;
+  if (!buf_.empty()) {
+    write_all(buf_.data(), buf_.size());
+    seg_size_ += buf_.size();
+    stats_.bytes += buf_.size();
+    buf_.clear();
+    ++stats_.commits;
+  }
+  if (durable && level_ >= 1) {
+    if ((level_ == 1 ? ::fdatasync(fd_) : ::fsync(fd_)) != 0) sys_fail("journal sync failed in " + dir_);
+    ++stats_.syncs;
+  }
+}
+
+void JournalWriter::close() {
+  if (fd_ < 0) return;
+  commit(true);
+  ::close(fd_);
+  fd_ = -1;
+}
+
+// ---- reader -----------------------------------------------------------------------------------
+JournalReader::JournalReader(const std::string& dir) : paths_(journal_segments(dir)) {
+  if (paths_.empty()) {
+    rep_.status = ScanStatus::Empty;
+    rep_.detail = "no journal segments in " + dir;
+    done_ = true;
+    return;
+  }
+  if (!open_next_segment()) done_ = true;
+}
+
+bool JournalReader::open_next_segment() {
+  if (cur_ >= paths_.size()) return false;
+  const std::string& path = paths_[cur_];
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) {
+    rep_.status = ScanStatus::Corrupt;
+    rep_.detail = "cannot open " + path;
+    return false;
+  }
+  std::fseek(f, 0, SEEK_END);
+  const long size = std::ftell(f);
+  std::fseek(f, 0, SEEK_SET);
+  data_.resize(size > 0 ? static_cast<size_t>(size) : 0);
+  const size_t got = data_.empty() ? 0 : std::fread(data_.data(), 1, data_.size(), f);
+  std::fclose(f);
+  data_.resize(got);
+  rep_.segments = static_cast<uint32_t>(cur_ + 1);
+  rep_.bad_segment = static_cast<uint32_t>(cur_);
+  const bool last = cur_ + 1 == paths_.size();
+  if (data_.size() < kJournalFileHeader) {
+    rep_.status = last ? ScanStatus::TornTail : ScanStatus::Corrupt;
+    rep_.bad_offset = 0;
+    rep_.detail = "segment " + path + " is shorter than its header";
+    return false;
+  }
+  const char* h = data_.data();
+  if (std::memcmp(h, kJournalMagic, 8) != 0 || get32(h + 60) != crc32c(0, h, 60)) {
+    rep_.status = ScanStatus::Corrupt;
+    rep_.bad_offset = 0;
+    rep_.detail = "bad segment header in " + path;
+    return false;
+  }
+  const uint32_t fmt = get32(h + 8);
+  if (fmt != kJournalFormat) {
+    rep_.status = ScanStatus::Corrupt;
+    rep_.detail = "unsupported journal format " + std::to_string(fmt) + " in " + path;
+    return false;
+  }
+  if (cur_ == 0) {
+    rep_.format = fmt;
+    rep_.identity.population_hash = get64(h + 16);
+    rep_.identity.config_hash = get64(h + 24);
+    std::memcpy(rep_.identity.build_id, h + 32, sizeof rep_.identity.build_id);
+  }
+  pos_ = kJournalFileHeader;
+  return true;
+}
+
+bool JournalReader::next(JournalRecord& r) {
+  while (!done_) {
+    if (pos_ == data_.size()) {  // end of this segment
+      ++cur_;
+      if (!open_next_segment()) {
+        done_ = true;
+        return false;
+      }
+      continue;
+    }
+    const bool last = cur_ + 1 == paths_.size();
+    const size_t left = data_.size() - pos_;
+    auto fail = [&](ScanStatus s, const std::string& why) {
+      rep_.status = s;
+      rep_.bad_segment = static_cast<uint32_t>(cur_);
+      rep_.bad_offset = pos_;
+      rep_.detail = why + " at " + paths_[cur_] + " offset " + std::to_string(pos_);
+      done_ = true;
+      return false;
+    };
+    if (left < kJournalRecordHeader)
+      return fail(last ? ScanStatus::TornTail : ScanStatus::Corrupt, "truncated record header");
+    const char* p = data_.data() + pos_;
+    const uint32_t n = get32(p);
+    const uint16_t type = get16(p + 4);
+    const uint16_t flags = get16(p + 6);
+    const uint64_t seq = get64(p + 8);
+    const uint32_t crc = get32(p + 16);
+    if (n > kJournalMaxRecord) return fail(ScanStatus::Corrupt, "record length " + std::to_string(n) + " over the limit");
+    if (left < kJournalRecordHeader + n)
+      return fail(last ? ScanStatus::TornTail : ScanStatus::Corrupt, "truncated record");
+    if (record_crc(type, flags, seq, p + kJournalRecordHeader, n) != crc) {
+      const bool at_end = left == kJournalRecordHeader + n;
+      return fail(last && at_end ? ScanStatus::TornTail : ScanStatus::Corrupt, "CRC mismatch");
+    }
+    if (seq != rep_.last_seq + 1)
+      return fail(ScanStatus::Corrupt, "sequence " + std::to_string(seq) + " after " + std::to_string(rep_.last_seq));
+    r.type = type;
+    r.flags = flags;
+    r.seq = seq;
+    r.segment = static_cast<uint32_t>(cur_);
+    r.offset = pos_;
+    r.payload.assign(p + kJournalRecordHeader, n);
+    pos_ += kJournalRecordHeader + n;
+    rep_.last_seq = seq;
+    ++rep_.records;
+    return true;
+  }
+  return false;
+}
+
+ScanReport scan_journal(const std::string& dir, bool repair) {
+  JournalReader rd(dir);
+  JournalRecord r;
+  while (rd.next(r)) {
+  }
+  ScanReport rep = rd.report();
+  if (repair && rep.status == ScanStatus::TornTail) {
+    const std::string& path = rd.segment_paths()[rep.bad_segment];
+    std::error_code ec;
+    const uint64_t size = fs::file_size(path, ec);
+    if (rep.bad_offset < kJournalFileHeader) {
+      // A segment cut inside its own header holds nothing: remove it.
+      fs::remove(path, ec);
+      if (ec) throw std::system_error(ec, "cannot remove torn segment " + path);
+    } else {
+      fs::resize_file(path, rep.bad_offset, ec);
+      if (ec) throw std::system_error(ec, "cannot truncate torn tail of " + path);
+    }
+    rep.truncated_bytes = size - std::min<uint64_t>(size, rep.bad_offset);
+    rep.repaired = true;
+  }
+  return rep;
+}
+
+}  // namespace dynamic_core

@@ -1,0 +1,395 @@
+"""The append-only journal of a run, its verification and repair, and bit-identical replay.
+
+An engine opened with ``dc.Engine(pop, journal=DIR)`` writes, in order:
+
+- a **meta** record first: the population (genome records), the engine configuration and the
+  instrument names, so that the journal alone rebuilds the engine;
+- the **accepted bars** of every batch, committed (and synced by the ``fsync`` level) *before*
+  any of them is processed; rejected bars as **dead letters** with their reason code;
+- **control** commands and **events**, in order with the bars (``eng.journal_control(raw)``);
+- **instrument** names registered after the journal was opened (ids are per process);
+- the FNV-1a 64 **hash of every signal** handed out by ``run``/``poll``/``step``.
+
+The file format (segments, record framing, CRC32C, torn-tail recovery) is described in
+``cpp/dynamic_core/journal.hpp``; the writer is C++ and runs inside the engine's ingress.
+
+``replay(DIR)`` (also ``dc.Engine.replay``) rebuilds the engine from the meta record, feeds the
+journaled bars through the same ingress, hands control records to a callback at the same place
+between updates, and checks every replayed signal against the journaled hash.
+
+Example::
+
+    with dc.Engine(pop, journal="run-1", fsync=1) as eng:
+        eng.run(bars)
+    result = dc.journal.replay("run-1")          # raises ReplayMismatch on any difference
+    result.signals                               # SIGNAL_DTYPE, bit-identical to the live run
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from . import _core
+from .errors import JournalCorrupt, JournalError, ReplayMismatch
+from .instruments import instruments
+from .records import BAR_DTYPE, GENOME_DTYPE, SIGNAL_DTYPE
+
+__all__ = [
+    "DEFAULT_SEGMENT_BYTES",
+    "JournalRecord",
+    "JournalReport",
+    "ReplayResult",
+    "read",
+    "replay",
+    "verify",
+]
+
+META_FORMAT = 1
+DEFAULT_SEGMENT_BYTES = 64 << 20
+DEAD_LETTER_RECORD = np.dtype([("bar", BAR_DTYPE), ("reason", "<u4"), ("pad", "<u4")])
+
+_TYPE_NAMES = {int(v): k.lower() for k, v in _core.RecordType.__members__.items()}
+_META = int(_core.RecordType.META)
+_BARS = int(_core.RecordType.BARS)
+_WITHDRAWN = int(_core.RecordType.WITHDRAWN)
+_DEAD = int(_core.RecordType.DEAD_LETTER)
+_CONTROL = int(_core.RecordType.CONTROL)
+_HASHES = int(_core.RecordType.SIGNAL_HASHES)
+_INSTRUMENTS = int(_core.RecordType.INSTRUMENTS)
+_EVENT = int(_core.RecordType.EVENT)
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+class _Meta(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    format: int
+    dc_version: str
+    population_hash: int
+    genomes: bytes
+    config: dict[str, Any]
+    instruments: list[str]
+    created_ns: int
+
+
+class _InstrumentsRec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    first: int
+    names: list[str]
+
+
+_meta_decoder = msgspec.msgpack.Decoder(_Meta)
+_instr_decoder = msgspec.msgpack.Decoder(_InstrumentsRec)
+
+
+def config_hash(config: dict[str, Any]) -> int:
+    """64-bit hash of an engine configuration (what the segment headers carry)."""
+    raw = _encoder.encode(dict(sorted(config.items())))
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
+def build_id() -> str:
+    from . import __version__
+
+    return f"dc-{__version__}"[:24]
+
+
+def encode_meta(genomes: np.ndarray, population_hash: int, config: dict[str, Any]) -> bytes:
+    from . import __version__
+
+    return _encoder.encode(_Meta(
+        format=META_FORMAT, dc_version=__version__, population_hash=int(population_hash),
+        genomes=np.ascontiguousarray(genomes, dtype=GENOME_DTYPE).tobytes(), config=dict(config),
+        instruments=instruments.names(), created_ns=time.time_ns()))
+
+
+def encode_instruments(first: int, names: list[str]) -> bytes:
+    return _encoder.encode(_InstrumentsRec(first=first, names=names))
+
+
+# ---- reading ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JournalRecord:
+    """One record: its type name (``bars``, ``control``, ...), journal sequence number,
+    payload bytes, and where it lies (segment index, byte offset of its header)."""
+
+    type: str
+    seq: int
+    payload: bytes
+    segment: int
+    offset: int
+
+    @property
+    def type_code(self) -> int:
+        return int(_core.RecordType.__members__[self.type.upper()])
+
+
+@dataclass(frozen=True)
+class JournalReport:
+    """Outcome of walking a journal (``verify``).
+
+    ``status`` is ``ok``, ``torn_tail`` (the last record was cut short by a crash: everything
+    before it is intact; ``repair`` truncates it), ``corrupt`` (a framing or CRC failure
+    elsewhere, at ``bad_segment``/``bad_offset``) or ``empty`` (no segments).
+    """
+
+    path: str
+    status: str
+    records: int
+    last_seq: int
+    segments: int
+    bad_segment: int
+    bad_offset: int
+    truncated_bytes: int
+    repaired: bool
+    detail: str
+    format: int
+    population_hash: int
+    config_hash: int
+    build_id: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def summary(self) -> str:
+        head = f"{self.path}: {self.status}, {self.records} records in {self.segments} segment(s)"
+        if self.status in ("torn_tail", "corrupt"):
+            head += f"; bad record in segment {self.bad_segment} at byte {self.bad_offset} ({self.detail})"
+        if self.repaired:
+            head += f"; repaired: {self.truncated_bytes} byte(s) of torn tail truncated"
+        if self.status == "empty":
+            head += f" ({self.detail})"
+        return head
+
+
+def _report(path: str | os.PathLike[str], d: dict[str, Any]) -> JournalReport:
+    return JournalReport(path=str(path), **d)
+
+
+def _check_dir(path: str | os.PathLike[str]) -> str:
+    p = Path(path)
+    if not p.is_dir():
+        raise JournalError(f"no journal directory at {str(p)!r}")
+    return str(p)
+
+
+def verify(path: str | os.PathLike[str], *, repair: bool = False) -> JournalReport:
+    """Walk every record of the journal at ``path`` checking framing, sequence and CRC32C.
+
+    With ``repair=True`` a torn tail (the last record cut short by a crash) is truncated so the
+    journal replays cleanly; corruption elsewhere is reported, never "repaired".
+    """
+    return _report(path, _core.journal_scan(_check_dir(path), repair))
+
+
+def read(path: str | os.PathLike[str]) -> Iterator[JournalRecord]:
+    """The records of a journal in order. Stops quietly at a torn tail; raises
+    :class:`JournalCorrupt` (with segment and offset) at a corrupt record, after yielding every
+    record before it."""
+    rd = _core.JournalReader(_check_dir(path))
+    while True:
+        r = rd.next()
+        if r is None:
+            break
+        t, seq, payload, seg, off = r
+        yield JournalRecord(_TYPE_NAMES.get(t, f"type{t}"), seq, payload, seg, off)
+    rep = rd.report()
+    if rep["status"] == "corrupt":
+        raise JournalCorrupt(f"corrupt journal: {rep['detail']}", rep["bad_segment"], rep["bad_offset"])
+    if rep["status"] == "empty":
+        raise JournalError(rep["detail"])
+
+
+# ---- replay -----------------------------------------------------------------------------------
+@dataclass
+class ReplayResult:
+    """What ``replay`` reproduced.
+
+    ``signals`` are the replayed signals (``SIGNAL_DTYPE``, in this process's instrument ids).
+    ``verified`` signals matched their journaled hash; ``mismatched`` lists the sequence numbers
+    that did not; ``missing`` those journaled but not reproduced; ``unverified`` counts replayed
+    signals that had no journaled hash (not yet handed out when the run stopped).
+    ``controls`` holds ``(bars_before, raw)`` for every control record: the command bytes and
+    how many accepted bars preceded it.
+    """
+
+    path: str
+    signals: np.ndarray
+    agents: np.ndarray
+    bars: int
+    records: int
+    verified: int
+    unverified: int
+    mismatched: list[int]
+    missing: list[int]
+    controls: list[tuple[int, bytes]]
+    events: list[bytes]
+    dead_letters: int
+    report: JournalReport
+    seconds: float
+    agent_updates: int
+    population_hash: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatched and not self.missing
+
+    @property
+    def updates_per_s(self) -> float:
+        return self.agent_updates / self.seconds if self.seconds > 0 else 0.0
+
+
+def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | None = None,
+           on_control: Callable[[bytes], Any] | None = None,
+           progress: Callable[[int, int], Any] | None = None) -> ReplayResult:
+    """Rebuild the engine recorded in the journal at ``path`` and run its inputs again.
+
+    Parameters
+    ----------
+    verify : bool
+        Raise :class:`ReplayMismatch` when a replayed signal's hash differs from the journaled
+        one, or a journaled signal is not reproduced. (The comparison is always made and
+        reported in the result.)
+    threads : int, optional
+        Worker threads of the replaying engine; any count gives the same signals.
+    on_control : callable, optional
+        Called with the raw bytes of each control record, between the same updates as in the
+        original run (after the bars that preceded it, before those that followed).
+    progress : callable, optional
+        ``progress(bytes_done, bytes_total)`` after each record.
+
+    A torn tail is tolerated (what precedes it replays; ``result.report.status`` says so);
+    corruption raises :class:`JournalCorrupt`.
+    """
+    from .engine import Engine
+    from .population import Population
+
+    p = _check_dir(path)
+    t0 = time.perf_counter()
+    records = read(p)
+    try:
+        first = next(records)
+    except StopIteration:
+        raise JournalError(f"journal at {p!r} holds no records") from None
+    if first.type != "meta":
+        raise JournalError(f"journal at {p!r} does not start with a meta record (found {first.type})")
+    try:
+        meta = _meta_decoder.decode(first.payload)
+    except msgspec.DecodeError as e:
+        raise JournalError(f"unreadable meta record: {e}") from None
+    if meta.format != META_FORMAT:
+        raise JournalError(f"journal meta format {meta.format} is not supported (expected {META_FORMAT})")
+
+    # Instrument ids are per process: map the journal's ids to this process's.
+    jmap: list[int] = [instruments.id(n) for n in meta.instruments]
+
+    def to_local(ids: np.ndarray) -> np.ndarray:
+        table = np.asarray(jmap, dtype=np.int64)
+        if len(ids) and (ids.max(initial=0) >= len(table)):
+            raise JournalError("a bar names an instrument id the journal never registered")
+        return table[ids.astype(np.int64)].astype(np.uint32)
+
+    genomes = np.frombuffer(meta.genomes, dtype=GENOME_DTYPE).copy()
+    genomes["instrument"] = to_local(genomes["instrument"])
+    pop = Population.from_records(genomes)
+    cfg = dict(meta.config)
+    eng = Engine(pop, threads=threads, cores_per_sm=int(cfg.get("cores_per_sm", 128)),
+                 block_bars=int(cfg.get("block_bars", 0)), population_hash=meta.population_hash)
+    total = sum(os.path.getsize(s) for s in Path(p).glob("seg-*.dcj"))
+    done = 0
+    out: list[np.ndarray] = []
+    expected: dict[int, int] = {}
+    controls: list[tuple[int, bytes]] = []
+    events: list[bytes] = []
+    dead = 0
+    n_bars = 0
+    n_records = 1
+    held: np.ndarray | None = None
+
+    def flush() -> None:
+        nonlocal held, n_bars
+        if held is not None and len(held):
+            out.append(eng.run(held).copy())
+            n_bars += len(held)
+        held = None
+
+    try:
+        for rec in records:
+            n_records += 1
+            done += len(rec.payload) + 20
+            t = rec.type_code
+            if t == _BARS:
+                flush()
+                bars = np.frombuffer(rec.payload, dtype=BAR_DTYPE).copy()
+                bars["instrument"] = to_local(bars["instrument"])
+                held = bars
+            elif t == _WITHDRAWN:
+                k = int(np.frombuffer(rec.payload, dtype="<u8")[0])
+                if held is None or k > len(held):
+                    raise JournalError(f"withdrawn record (seq {rec.seq}) names more bars than its batch held")
+                held = held[: len(held) - k]
+            elif t == _HASHES:
+                pairs = np.frombuffer(rec.payload, dtype="<u8").reshape(-1, 2)
+                expected.update(zip(pairs[:, 0].tolist(), pairs[:, 1].tolist()))
+            elif t == _CONTROL:
+                flush()
+                controls.append((n_bars, rec.payload))
+                if on_control is not None:
+                    on_control(rec.payload)
+            elif t == _INSTRUMENTS:
+                r = _instr_decoder.decode(rec.payload)
+                if r.first != len(jmap):
+                    raise JournalError(f"instrument record (seq {rec.seq}) starts at id {r.first}, expected {len(jmap)}")
+                jmap.extend(instruments.id(n) for n in r.names)
+            elif t == _DEAD:
+                dead += len(rec.payload) // DEAD_LETTER_RECORD.itemsize
+            elif t == _EVENT:
+                events.append(rec.payload)
+            elif t == _META:
+                raise JournalError(f"a second meta record at seq {rec.seq}")
+            if progress is not None:
+                progress(done, total)
+        flush()
+        agents = eng.agents().copy()
+        stats = eng.stats()
+    finally:
+        eng.close()
+    signals = np.concatenate(out) if out else np.empty(0, dtype=SIGNAL_DTYPE)
+    seconds = time.perf_counter() - t0
+
+    # Hash in the journal's instrument ids (what the live engine hashed).
+    back = {local: j for j, local in enumerate(jmap)}
+    as_journaled = signals.copy()
+    if len(as_journaled):
+        as_journaled["instrument"] = np.fromiter((back[int(i)] for i in signals["instrument"]),
+                                                 dtype=np.uint32, count=len(signals))
+    hashes = _core.signal_hashes(as_journaled)
+    got = dict(zip(signals["seq"].tolist(), hashes.tolist()))
+    mismatched = sorted(s for s, h in expected.items() if s in got and got[s] != h)
+    missing = sorted(s for s in expected if s not in got)
+    verified = sum(1 for s, h in expected.items() if got.get(s) == h)
+    result = ReplayResult(
+        path=p, signals=signals, agents=agents, bars=n_bars, records=n_records, verified=verified,
+        unverified=len(got) - verified - len(mismatched), mismatched=mismatched, missing=missing,
+        controls=controls, events=events, dead_letters=dead, report=verify_report(p),
+        seconds=seconds, agent_updates=int(stats.get("agent_updates", 0)),
+        population_hash=meta.population_hash, config=cfg)
+    if verify and not result.ok:
+        raise ReplayMismatch(
+            f"replay of {p!r} differs: {len(mismatched)} signal(s) with another hash "
+            f"(first seq {mismatched[:5]}), {len(missing)} journaled signal(s) not reproduced "
+            f"(first seq {missing[:5]})", mismatched + missing)
+    return result
+
+
+def verify_report(path: str) -> JournalReport:
+    return _report(path, _core.journal_scan(path, False))
