@@ -4,6 +4,7 @@
 #include <mutex>
 #include <thread>
 
+#include "../dynamic_core/journal.hpp"
 #include "../dynamic_core/ring.hpp"
 #include "common.hpp"
 
@@ -29,6 +30,32 @@ double transfer_ns(uint64_t n, Push push, Pop pop) {
 }  // namespace
 
 void bind_bench(py::module_& m) {
+  m.def("journal_bench", [](const std::string& dir, uint64_t n, size_t payload, int fsync_level, uint64_t batch) {
+        std::vector<char> data(payload, 'x');
+        double secs;
+        JournalStats st;
+        {
+          py::gil_scoped_release nogil;
+          JournalIdentity id;
+          JournalWriter w(dir, id, nullptr, 0, fsync_level, 64ull << 20);
+          const auto t0 = std::chrono::steady_clock::now();
+          for (uint64_t i = 1; i <= n; ++i) {
+            w.append(RecordType::Event, data.data(), data.size());
+            if (i % batch == 0) w.commit(true);
+          }
+          w.commit(true);
+          secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          st = w.stats();
+        }
+        py::dict d;
+        d["seconds"] = secs;
+        d["records"] = n;
+        d["syncs"] = st.syncs;
+        d["bytes"] = st.bytes;
+        return d;
+      }, py::arg("dir"), py::arg("n"), py::arg("payload"), py::arg("fsync_level"), py::arg("batch"),
+      "Append n records of `payload` bytes to a new journal in dir, committing (and syncing by "
+      "fsync_level) every `batch` records; seconds taken.");
   m.def("ring_bench", [](uint64_t n, size_t capacity) {
         py::dict d;
         double ring, locked;

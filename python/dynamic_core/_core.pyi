@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'atr', 'crc32c', 'ema', 'ew_bands', 'journal_scan', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'signal_hashes', 'validate_bars']
+__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'atr', 'crc32c', 'ema', 'ew_bands', 'journal_bench', 'journal_scan', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'signal_hashes', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -158,6 +158,10 @@ def ema(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], n: typing.Su
     ...
 def ew_bands(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], n: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
     ...
+def journal_bench(dir: str, n: typing.SupportsInt | typing.SupportsIndex, payload: typing.SupportsInt | typing.SupportsIndex, fsync_level: typing.SupportsInt | typing.SupportsIndex, batch: typing.SupportsInt | typing.SupportsIndex) -> dict:
+    """
+    Append n records of `payload` bytes to a new journal in dir, committing (and syncing by fsync_level) every `batch` records; seconds taken.
+    """
 def journal_scan(dir: str, repair: bool = False) -> dict:
     """
     Walk a journal checking framing and CRCs; with repair, truncate a torn tail.
