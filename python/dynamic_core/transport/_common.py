@@ -1,0 +1,91 @@
+"""Shared socket plumbing: address policy, contexts, bounded receives."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+import zmq
+
+__all__ = ["check_address", "is_loopback", "endpoint", "recv_frames", "DEFAULT_ADDRESS"]
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:*"
+"""Where sockets bind by default: loopback, with a port chosen by the OS (see ``.endpoint``)."""
+
+_TCP = re.compile(r"^tcp://(?:(?P<iface>[^;]*);)?(?P<host>\[[^\]]*\]|[^:\[\]]*):(?P<port>\*|!?\[?[0-9-]*\]?|[0-9]+)$")
+
+
+def is_loopback(address: str) -> bool:
+    """True for ``ipc://``, ``inproc://`` and ``tcp://`` addresses on 127.0.0.0/8, ``::1``,
+    ``localhost`` or the ``lo`` interface."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    m = _TCP.match(address)
+    if not m:
+        return False
+    host = m.group("host").strip("[]")
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_address(address: str, *, bind: bool, allow_remote: bool) -> str:
+    """Validate a ZeroMQ address; binding beyond loopback needs ``allow_remote=True``.
+
+    The feed and market ingress have no authentication, so exposing them to the network is an
+    explicit decision. Connecting anywhere is always allowed.
+    """
+    if not isinstance(address, str) or "://" not in address:
+        raise ValueError(f"not a ZeroMQ address: {address!r} (e.g. tcp://127.0.0.1:5555 or ipc:///tmp/dc.sock)")
+    scheme = address.split("://", 1)[0]
+    if scheme not in ("tcp", "ipc", "inproc"):
+        raise ValueError(f"unsupported transport {scheme!r} in {address!r}: use tcp://, ipc:// or inproc://")
+    if bind and not allow_remote and not is_loopback(address):
+        raise ValueError(f"refusing to bind {address!r} beyond loopback: pass allow_remote=True "
+                         "(CLI: --allow-remote) to expose it to the network")
+    return address
+
+
+def endpoint(sock: zmq.Socket) -> str:
+    """The address a socket actually bound (resolves ``tcp://127.0.0.1:*``)."""
+    ep = sock.getsockopt(zmq.LAST_ENDPOINT)
+    return ep.decode() if isinstance(ep, bytes) else str(ep)
+
+
+def attach(sock: zmq.Socket, address: str, *, bind: bool, allow_remote: bool) -> str:
+    """Bind or connect ``sock``; returns the resolved endpoint (the address when connecting)."""
+    check_address(address, bind=bind, allow_remote=allow_remote)
+    if bind:
+        sock.bind(address)
+        return endpoint(sock)
+    sock.connect(address)
+    return address
+
+
+def recv_frames(sock: zmq.Socket, timeout: float | None) -> list[zmq.Frame] | None:
+    """One multipart message as zero-copy frames, or None when nothing arrives within
+    ``timeout`` seconds (0: do not wait; None: wait forever)."""
+    if timeout is None or timeout > 0:
+        ms = -1 if timeout is None else max(1, int(timeout * 1000))
+        if not sock.poll(ms, zmq.POLLIN):
+            return None
+    try:
+        return sock.recv_multipart(zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+
+
+def new_context(context: zmq.Context | None) -> tuple[zmq.Context, bool]:
+    """``(context, owned)``: the given one, or a fresh one this object must terminate."""
+    if context is not None:
+        return context, False
+    return zmq.Context(), True
+
+
+def close_socket(sock: Any, linger_ms: int = 0) -> None:
+    if sock is not None and not sock.closed:
+        sock.close(linger=linger_ms)

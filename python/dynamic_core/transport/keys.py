@@ -1,0 +1,99 @@
+"""CURVE key pairs for the control plane, in pyzmq's certificate format.
+
+``new_keypair(DIR, "server")`` writes ``DIR/server.key`` (public, shareable) and
+``DIR/server.key_secret`` (public + secret, mode 0600), the files ``zmq.auth.create_certificates``
+writes and ``zmq.auth.load_certificate(s)`` reads. The usual layout:
+
+* the server keeps ``server.key_secret`` and gives ``server.key`` to its clients;
+* each client keeps its ``<name>.key_secret``; the operator copies its ``<name>.key`` into the
+  server's *authorised-keys directory*. The server accepts exactly the public keys found there
+  (:meth:`ControlServer.reload_keys` re-reads it). Keep that directory free of other ``.key``
+  files: every one of them is authorised.
+
+Secret keys are never logged, printed or put in a ``repr`` by dynamic_core.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.utils import z85
+
+__all__ = ["new_keypair", "load_keypair", "load_public_key", "authorised_keys"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+_BANNER = """#   ****  Generated on {now} by dynamic_core (pyzmq {pyzmq} / libzmq {libzmq})  ****
+#   ZeroMQ CURVE {what}
+#   {advice}
+
+metadata
+curve
+    public-key = "{public}"
+"""
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    # O_EXCL + mode at creation: the secret is never readable by others, not even briefly
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def new_keypair(directory: str | os.PathLike, name: str = "client", *,
+                overwrite: bool = False) -> tuple[Path, Path]:
+    """Create a CURVE key pair: ``(DIR/name.key, DIR/name.key_secret)``.
+
+    The directory is created (mode 0700) if missing; the secret file is created with mode 0600.
+    Existing files are refused unless ``overwrite=True`` (a silently replaced server key locks
+    every client out).
+    """
+    if not _NAME.match(name):
+        raise ValueError(f"key name {name!r}: use 1-64 letters, digits, '_', '-' or '.'")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    public_file, secret_file = d / f"{name}.key", d / f"{name}.key_secret"
+    for f in (public_file, secret_file):
+        if f.exists():
+            if not overwrite:
+                raise FileExistsError(f"{f} exists (pass overwrite=True / --force to replace it)")
+            f.unlink()
+    public, secret = zmq.curve_keypair()
+    fmt = dict(now=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               pyzmq=zmq.__version__, libzmq=zmq.zmq_version(), public=public.decode("ascii"))
+    _write(public_file, _BANNER.format(what="public certificate", advice="share freely", **fmt), 0o644)
+    _write(secret_file,
+           _BANNER.format(what="SECRET certificate", advice="DO NOT PROVIDE THIS FILE TO OTHER USERS",
+                          **fmt) + f'    secret-key = "{secret.decode("ascii")}"\n', 0o600)
+    return public_file, secret_file
+
+
+def load_keypair(secret_file: str | os.PathLike) -> tuple[bytes, bytes]:
+    """``(public, secret)`` z85 keys from a ``.key_secret`` file."""
+    public, secret = zmq.auth.load_certificate(os.fspath(secret_file))
+    if not secret:
+        raise ValueError(f"{secret_file}: no secret key in it (pass the .key_secret file)")
+    return public, secret
+
+
+def load_public_key(key: str | bytes | os.PathLike) -> bytes:
+    """A z85 public key from a ``.key``/``.key_secret`` file, or the 40-character z85 text itself."""
+    if isinstance(key, (str, bytes)) and len(key) == 40 and not os.path.exists(key):
+        k = key.encode("ascii") if isinstance(key, str) else key
+        z85.decode(k)  # validates
+        return k
+    public, _ = zmq.auth.load_certificate(os.fspath(key))
+    return public
+
+
+def authorised_keys(directory: str | os.PathLike) -> set[bytes]:
+    """z85 public keys of every ``*.key`` file in ``directory``."""
+    d = os.fspath(directory)
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"authorised-keys directory not found: {d}")
+    return set(zmq.auth.load_certificates(d))
