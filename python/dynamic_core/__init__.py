@@ -12,7 +12,7 @@ Quick start::
 
 from __future__ import annotations
 
-from . import errors, indicators, market, payloads, sim
+from . import errors, indicators, journal, market, payloads, sim
 from .engine import Engine
 from .payloads import AISignal
 from .instruments import InstrumentRegistry, instruments
@@ -46,6 +46,7 @@ __all__ = [
     "errors",
     "indicators",
     "instruments",
+    "journal",
     "market",
     "payloads",
     "score_to_action",
