@@ -21,8 +21,6 @@ from dynamic_core import _core
 from dynamic_core import journal as jr
 from dynamic_core.errors import JournalCorrupt, JournalError, ReplayMismatch
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def _pop(n: int = 600, names=("EURUSD", "GBPUSD"), seed: int = 5) -> dc.Population:
     return dc.Population.random(n, instruments=list(names), timeframes=[3600], seed=seed)
@@ -329,8 +327,10 @@ def test_kill_9_mid_stream_then_recover_and_replay(tmp_path):
 
 # ---- CLI ------------------------------------------------------------------------------------
 def _env() -> dict[str, str]:
+    # the child imports the same dynamic_core as this process (installed, or a dev tree)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "python"), env.get("PYTHONPATH", "")) if p)
+    root = str(Path(dc.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
 
