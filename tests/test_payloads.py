@@ -1,0 +1,236 @@
+"""Payloads: round trips, immutability, and typed, counted rejects for every kind of bad frame."""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dynamic_core as dc
+from dynamic_core import payloads as P
+from dynamic_core.errors import DynamicCoreError, PayloadError
+
+
+@pytest.fixture(scope="module")
+def signals() -> np.ndarray:
+    bars = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], timeframe="H1", seed=2).bars(150)
+    pop = dc.Population.random(400, instruments=["EURUSD", "GBPUSD"], timeframes=["H1"], seed=1)
+    with dc.Engine(pop, threads=1) as eng:
+        return eng.run(bars)
+
+
+def _sig(**kw) -> P.AISignal:
+    base = dict(ts=1_700_000_000_000_000_000, instrument="EURUSD", timeframe=3600, seq=12,
+                population_hash=2**64 - 1, score=-0.25, confidence=0.75, agreement=0.5, dispersion=0.125,
+                action=-1, n_agents=64, votes=(1, 2, 3, 4, 5), flags=0)
+    base.update(kw)
+    return P.AISignal(**base)
+
+
+EXAMPLES = [
+    _sig(),
+    P.SignalBatch(epoch=2**64 - 1, seq=40, signals=(_sig(), _sig(seq=13, action=2))),
+    P.SignalBatch(epoch=1, seq=0, signals=()),
+    P.RationaleUpdate(signal_id="ffffffffffffffff:12", instrument="EURUSD", timeframe=3600,
+                      text="momentum and RSI agree", provider="local-llm", ts=5, epoch=7, seq=3),
+    P.Heartbeat(epoch=9, seq=1, ts=123, next_seq={"sig.EURUSD.3600": 41}),
+    P.Reject(reason="oversized", detail="17 MiB", size=17 << 20, ts=1),
+    P.PreparedMarketContext(instrument="EURUSD", timeframe=60, ts=(1, 2), open=(1.0, 1.1),
+                            high=(1.2, 1.2), low=(0.9, 1.0), close=(1.1, 1.15), volume=(10.0, 0.0)),
+    P.Pause(request_id=1),
+    P.Resume(request_id=2),
+    P.SetThrottle(request_id=3, max_bars_per_s=250.5),
+    P.SwapPersona(request_id=4, persona="cautious"),
+    P.UpdateRouting(request_id=5, table={"EURUSD": "paper", "XAUUSD": "mt5"}),
+    P.LoadPopulation(request_id=6, records=b"\x00\x01\x02"),
+    P.LoadPopulation(request_id=7, path="/tmp/pop.npy"),
+    P.Snapshot(request_id=8, path="snap.npy"),
+    P.HealthQuery(request_id=9),
+    P.ControlReply(request_id=9, ok=True, result={"bars_in": 10, "nested": {"a": [1, 2.5]}}),
+    P.ControlReply(request_id=10, ok=False, error="refused"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json"])
+@pytest.mark.parametrize("obj", EXAMPLES, ids=lambda o: type(o).__name__)
+def test_round_trip(obj, fmt: str) -> None:
+    codec = P.Codec(type(obj), fmt=fmt)
+    raw = codec.encode(obj)
+    assert codec.decode(raw) == obj
+    assert codec.decode(memoryview(raw)) == obj  # zero-copy buffers, as from recv(copy=False)
+    # the tag travels as "type", with the schema version
+    as_dict = msgspec.json.decode(raw) if fmt == "json" else msgspec.msgpack.decode(raw)
+    assert as_dict["type"] == type(obj).__struct_config__.tag
+    assert as_dict["version"] == P.PAYLOAD_VERSION
+    assert codec.stats() == {"decoded": 2, "rejected": 0, "rejects": {}}
+
+
+@pytest.mark.parametrize("obj", EXAMPLES, ids=lambda o: type(o).__name__)
+def test_frozen_keyword_only_strict(obj) -> None:
+    cfg = type(obj).__struct_config__
+    assert cfg.frozen and cfg.forbid_unknown_fields and cfg.tag  # kw_only: checked below
+    with pytest.raises(AttributeError):
+        obj.version = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        type(obj)(1)  # positional arguments are refused
+
+
+def test_unions_pick_the_tagged_class() -> None:
+    cmds = [x for x in EXAMPLES if isinstance(x, P.CONTROL_COMMANDS)]
+    assert {type(c) for c in cmds} == set(P.CONTROL_COMMANDS)
+    codec = P.Codec(P.ControlCommand, fmt="auto")
+    for c in cmds:
+        assert codec.decode(codec.encode(c)) == c
+        assert codec.decode(codec.encode(c, "json")) == c  # auto reads JSON too
+        assert P.decode_command(P.encode_command(c)) == c
+    feed = P.Codec(P.FeedMessage)
+    for m in EXAMPLES[1:5]:
+        assert type(feed.decode(feed.encode(m))) is type(m)
+
+
+def test_signal_records_round_trip(signals: np.ndarray) -> None:
+    objs = P.signals_from_records(signals)
+    assert objs == [P.signal_from_record(r) for r in signals]
+    assert P.signals_to_records(objs).tobytes() == signals.tobytes()
+    assert objs[5].id == f"{int(signals['population_hash'][5]):016x}:{int(signals['seq'][5])}"
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 300])
+def test_vectorised_batch_encoding_equals_msgspec(signals: np.ndarray, n: int) -> None:
+    eur = signals[signals["instrument"] == dc.instruments.id("EURUSD")][:n]
+    raw = P.encode_signal_batch(2**63 + 5, 99, eur, "EURUSD")
+    expected = P.SignalBatch(epoch=2**63 + 5, seq=99, signals=tuple(P.signals_from_records(eur)))
+    got = P.Codec(P.FeedMessage).decode(raw)
+    assert got == expected
+    # and a strict msgspec decoder sees the same as for msgspec's own encoding
+    assert msgspec.msgpack.decode(raw) == msgspec.msgpack.decode(msgspec.msgpack.encode(expected))
+
+
+def test_market_context_bars(sim_bars: np.ndarray) -> None:
+    ctxs = P.split_bars(sim_bars, max_bars=7)
+    # runs of one stream, in the original order: concatenating gives the same bars back
+    assert np.concatenate([c.to_bars() for c in ctxs]).tobytes() == sim_bars.tobytes()
+    assert all(len(c) <= 7 and len({c.instrument}) == 1 for c in ctxs)
+    one = sim_bars[sim_bars["instrument"] == dc.instruments.id("USDJPY")]
+    ctx = P.PreparedMarketContext.from_bars(one)
+    assert ctx.instrument == "USDJPY" and ctx.timeframe == 3600 and len(ctx) == len(one)
+    assert ctx.to_bars().tobytes() == one.tobytes()
+    with pytest.raises(ValueError, match="several streams"):
+        P.PreparedMarketContext.from_bars(sim_bars[:10])
+    # JSON keeps every float64 exactly
+    codec = P.Codec(P.PreparedMarketContext, fmt="json")
+    assert codec.decode(codec.encode(ctx)).to_bars().tobytes() == one.tobytes()
+
+
+def test_market_context_registers_new_names_like_from_pandas() -> None:
+    name = "PAYLOADTEST1"
+    assert name not in dc.instruments
+    ctx = P.PreparedMarketContext(instrument=name, timeframe=60, ts=(1,), open=(1.0,), high=(1.0,),
+                                  low=(1.0,), close=(1.0,), volume=(0.0,))
+    bars = ctx.to_bars()
+    assert bars["instrument"][0] == dc.instruments.get(name)
+
+
+def test_market_context_unequal_columns_is_a_payload_error() -> None:
+    raw = msgspec.msgpack.encode({"type": "market", "instrument": "EURUSD", "timeframe": 60, "ts": [1, 2],
+                                  "open": [1.0], "high": [1.0], "low": [1.0], "close": [1.0], "volume": [1.0]})
+    ctx = P.Codec(P.PreparedMarketContext).decode(raw)
+    with pytest.raises(PayloadError, match="differ in length") as e:
+        ctx.to_bars()
+    assert e.value.reason == "invalid"
+
+
+# ---- bad frames ------------------------------------------------------------------------------
+
+def _mp(d) -> bytes:
+    return msgspec.msgpack.encode(d)
+
+
+GOOD_HB = {"type": "heartbeat", "version": 1, "epoch": 1, "seq": 0, "ts": 0}
+BAD_FRAMES = [
+    ("unknown_field", _mp({**GOOD_HB, "extra": 1})),
+    ("unknown_tag", _mp({**GOOD_HB, "type": "no_such_payload"})),
+    ("unknown_tag", _mp({k: v for k, v in GOOD_HB.items() if k != "type"})),
+    ("version", _mp({**GOOD_HB, "version": P.PAYLOAD_VERSION + 1})),
+    ("version", _mp({**GOOD_HB, "version": 0})),
+    ("version", _mp({"type": "signal_batch", "epoch": 1, "seq": 0,
+                     "signals": [{**msgspec.to_builtins(_sig()), "version": 7}]})),
+    ("invalid", _mp({**GOOD_HB, "seq": -1})),
+    ("invalid", _mp({**GOOD_HB, "epoch": "one"})),
+    ("invalid", _mp([1, 2, 3])),
+    ("truncated", _mp(GOOD_HB)[:-3]),
+    ("truncated", b""),
+    ("malformed", b"\xc1\xc1\xc1"),
+    ("truncated", b'{"type": "heartbeat"'),
+    ("oversized", _mp({**GOOD_HB, "next_seq": {f"sig.X{i}.60": i for i in range(200)}})),
+]
+
+
+@pytest.mark.parametrize("reason,raw", BAD_FRAMES, ids=[f"{r}-{i}" for i, (r, _) in enumerate(BAD_FRAMES)])
+def test_bad_frames_are_typed_and_counted(reason: str, raw: bytes) -> None:
+    codec = P.Codec(P.FeedMessage, fmt="auto", max_frame=2048)
+    with pytest.raises(PayloadError) as e:
+        codec.decode(raw)
+    assert e.value.reason == reason
+    assert isinstance(e.value, DynamicCoreError) and isinstance(e.value, ValueError)
+    assert codec.stats() == {"decoded": 0, "rejected": 1, "rejects": {reason: 1}}
+    # and the codec keeps working
+    assert isinstance(codec.decode(_mp(GOOD_HB)), P.Heartbeat)
+
+
+def test_oversized_is_refused_before_decoding() -> None:
+    codec = P.Codec(P.FeedMessage, max_frame=100)
+    big = _mp({**GOOD_HB, "next_seq": {f"t{i}": i for i in range(50)}})
+    with pytest.raises(PayloadError, match="max_frame 100") as e:
+        codec.decode(big)
+    assert e.value.reason == "oversized"
+    with pytest.raises(ValueError):
+        P.Codec(P.FeedMessage, max_frame=0)
+    with pytest.raises(ValueError):
+        P.Codec(P.FeedMessage, fmt="xml")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=600))
+def test_garbage_never_crashes(data: bytes) -> None:
+    for typ in (P.FeedMessage, P.ControlCommand, P.PreparedMarketContext):
+        codec = P.Codec(typ, fmt="auto", max_frame=512)
+        try:
+            obj = codec.decode(data)
+        except PayloadError as e:
+            assert codec.rejected == 1 and e.reason in codec.rejects
+        else:
+            assert codec.decoded == 1 and obj.version == P.PAYLOAD_VERSION
+
+
+@settings(max_examples=150, deadline=None)
+@given(which=st.integers(0, len(EXAMPLES) - 1), cut=st.integers(0, 10_000), flip=st.integers(0, 10_000),
+       fmt=st.sampled_from(["msgpack", "json"]))
+def test_truncated_and_flipped_frames(which: int, cut: int, flip: int, fmt: str) -> None:
+    obj = EXAMPLES[which]
+    codec = P.Codec(type(obj), fmt=fmt)
+    raw = codec.encode(obj)
+    with pytest.raises(PayloadError):
+        codec.decode(raw[: cut % len(raw)])  # every proper prefix is refused
+    mutated = bytearray(raw)
+    mutated[flip % len(raw)] ^= 0x5A
+    try:
+        codec.decode(bytes(mutated))
+    except PayloadError:
+        pass
+    assert codec.decoded + codec.rejected == 2
+
+
+def test_plain_makes_engine_stats_encodable(signals: np.ndarray) -> None:
+    pop = dc.Population.random(100, instruments=["EURUSD"], timeframes=["H1"], seed=1)
+    with dc.Engine(pop, threads=1) as eng:
+        stats = eng.stats()
+    with pytest.raises(TypeError):
+        msgspec.msgpack.encode(stats)
+    reply = P.ControlReply(request_id=1, ok=True, result=P.plain(stats))
+    for fmt in ("msgpack", "json"):
+        codec = P.Codec(P.ControlReply, fmt=fmt)
+        back = codec.decode(codec.encode(reply))
+        assert back.result["n_agents"] == 100 and back.result["sms"]["status"][0] == "ok"
