@@ -106,5 +106,14 @@ def describe() -> str:
     )
 
 
+def print_targets(rows, quick: bool) -> None:
+    """The closing table of a bench script: (figure, value, target, met) rows, never asserted."""
+    print("\nSummary against the issue's targets (never asserted)")
+    for name, val, tgt, ok in rows:
+        print(f"  {name:<44} {val:>10}  target {tgt:<8} {'PASS' if ok else 'BELOW'}")
+    if quick:
+        print("(quick mode: smaller sizes; run without --quick for the figures to quote)")
+
+
 if __name__ == "__main__":
     print(describe())

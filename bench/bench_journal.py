@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import dynamic_core as dc  # noqa: E402
 from dynamic_core import _core  # noqa: E402
 
-from ._machine import describe  # noqa: E402
+from ._machine import describe, print_targets  # noqa: E402
 
 NAMES = ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD"]
 
@@ -157,11 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("journal append records/s, level 0", f"{a0 / 1e6:.2f} M", ">= 1 M", a0 >= 1e6),
             ("replay agent-updates/s", f"{eng['replay_updates_per_s'] / 1e6:.1f} M", ">= 5 M",
              eng["replay_updates_per_s"] >= 5e6)]
-    print("\nSummary against the issue's targets (never asserted)")
-    for name, val, tgt, ok in rows:
-        print(f"  {name:<44} {val:>10}  target {tgt:<8} {'PASS' if ok else 'BELOW'}")
-    if args.quick:
-        print("(quick mode: smaller sizes; run without --quick for the figures to quote)")
+    print_targets(rows, args.quick)
     print(f"\ntotal wall time {time.perf_counter() - t_all:.1f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import dynamic_core as dc  # noqa: E402
 from dynamic_core import _core  # noqa: E402
 
-from ._machine import describe  # noqa: E402
+from ._machine import describe, print_targets  # noqa: E402
 
 NAMES = ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD"]
 
@@ -146,11 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         ("step p99 at 10k agents (us)", f"{l10['step_p99_us']:.1f}", "<= 100", l10["step_p99_us"] <= 100),
         ("ring ns per op", f"{r['spsc_ring_ns']:.1f}", "<= 10", r["spsc_ring_ns"] <= 10),
     ]
-    print("\nSummary against the issue's targets (never asserted)")
-    for name, val, tgt, ok in rows:
-        print(f"  {name:<44} {val:>8}  target {tgt:<7} {'PASS' if ok else 'BELOW'}")
-    if args.quick:
-        print("(quick mode: smaller sizes; run without --quick for the figures to quote)")
+    print_targets(rows, args.quick)
     print(f"\ntotal wall time {time.perf_counter() - t_all:.1f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -230,6 +230,16 @@ DC_CLONES void bank_features(Bank& b, double close) {
   double* __restrict go = sc.out;
   const vd zero = {}, one = zero + 1.0;
   auto emit = [&](uint32_t base, int n) { __builtin_memcpy(feat + base, go, sizeof(double) * n); };
+  // soft(a / b), 0 unless warm and b != 0: the trend and MACD features (a = ema_fast - ema_slow
+  // or the histogram, b = ATR).
+  auto ratio_pass = [&](int n) {
+    pad(ga, n), pad(gb, n), pad(gok, n);
+    for (int i = 0; i < n; i += kVec) {
+      const vd a = load_d(gb + i);
+      const vd x = vsoft(load_d(ga + i) / a);
+      store_d(go + i, ((load_d(gok + i) != zero) & (a != zero)) ? x : zero);
+    }
+  };
   // trend: soft((ema_fast - ema_slow) / atr), 0 when atr == 0
   {
     const int32_t* __restrict tf = b.trend_fast.data();
@@ -241,12 +251,7 @@ DC_CLONES void bank_features(Bank& b, double close) {
       gb[i] = atr[ta[i]];
       gok[i] = ema_ok[tf[i]] * ema_ok[ts[i]] * atr_ok[ta[i]];
     }
-    pad(ga, n), pad(gb, n), pad(gok, n);
-    for (int i = 0; i < n; i += kVec) {
-      const vd a = load_d(gb + i);
-      const vd x = vsoft(load_d(ga + i) / a);
-      store_d(go + i, ((load_d(gok + i) != zero) & (a != zero)) ? x : zero);
-    }
+    ratio_pass(n);
     emit(b.trend_base, n);
   }
   // rsi: (rsi - 50) / 50
@@ -279,12 +284,7 @@ DC_CLONES void bank_features(Bank& b, double close) {
       gb[i] = atr[ma[i]];
       gok[i] = mok[m[i]] * atr_ok[ma[i]];
     }
-    pad(ga, n), pad(gb, n), pad(gok, n);
-    for (int i = 0; i < n; i += kVec) {
-      const vd a = load_d(gb + i);
-      const vd x = vsoft(load_d(ga + i) / a);
-      store_d(go + i, ((load_d(gok + i) != zero) & (a != zero)) ? x : zero);
-    }
+    ratio_pass(n);
     emit(b.macd_base, n);
   }
   // bollinger: soft((close - mean) / (2 sd)), sd = sqrt(var) when var > 0, 0 when sd == 0
