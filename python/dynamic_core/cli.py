@@ -206,6 +206,8 @@ examples:
   dynamic-core run --agents 100000 --bars 5000      a bigger population, a longer market
   dynamic-core run --data prices.csv                random agents over your own bars
   dynamic-core backtest --data backtesting:EURUSD --fast 5:50:5 --slow 20:200:10
+  dynamic-core run --publish tcp://127.0.0.1:5556   stream the signals over ZeroMQ
+  dynamic-core subscribe tcp://127.0.0.1:5556       print such a feed from another shell
   dynamic-core <command> --help                     options of one command
 
 Data (--data) is a CSV file, "sim" for the built-in simulated market, or
@@ -354,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_journal
 
     cli_journal.add_commands(sub, _Formatter)
+
+    # sockets: subscribe / ctl / keys, and run --publish/--feed/--control (cli_transport.py)
+    from . import cli_transport
+
+    cli_transport.add_commands(sub, _Formatter)
+    cli_transport.add_run_options(r)
     return p
 
 
@@ -657,6 +665,10 @@ def _run_population(bars: np.ndarray, n_agents: int, seed: int) -> Population:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``dynamic-core run``."""
+    from . import cli_transport
+
+    if cli_transport.wants_service(args):  # --publish/--feed/--control: behind sockets
+        return cli_transport.cmd_run_service(args)
     t0 = time.perf_counter()
     console = _console()
     if args.data is not None and args.data.strip().lower() != "sim" and args.instruments is not None:

@@ -75,7 +75,8 @@ class EngineService:
     ingress : MarketIngress, optional
         Where bars come from. Without one, bars can still be submitted by the caller.
     feed : SignalFeed, optional
-        Where signals go. Without one no egress thread runs and the caller polls the engine.
+        Where signals go. Without a feed and without ``on_signals`` no egress thread runs and
+        the caller must poll the engine (or a full window blocks ``submit``).
     control : ControlServer, optional
         Its ``handler`` is set to :meth:`apply` unless it already has one.
     on_signals : callable, optional
@@ -123,7 +124,7 @@ class EngineService:
         self.routing: dict[str, str] = {}
         self.commands = 0
         self.bars_submitted = 0
-        self.signals_published = 0
+        self.signals_published = 0  # signals taken from the engine by the egress thread
         self.hook_errors = 0
         self._tokens = 0.0
         self._refill_at = time.monotonic()
@@ -259,7 +260,6 @@ class EngineService:
     # ---- egress thread ------------------------------------------------------------------------
     def _egress_loop(self) -> None:
         feed = self.feed
-        assert feed is not None
         while True:
             stopping = self._egress_stop.is_set()
             try:
@@ -273,14 +273,16 @@ class EngineService:
                     except Exception:  # noqa: BLE001 - decided: log, count, publish anyway
                         self.hook_errors += 1
                         log.exception("on_signals hook raised")
-                feed.publish(sigs)
+                if feed is not None:
+                    feed.publish(sigs)
                 self.signals_published += len(sigs)
             elif stopping:
                 return
-            feed.tick()
+            if feed is not None:
+                feed.tick()
 
     def _start_egress(self) -> None:
-        if self.feed is not None and self._egress is None:
+        if (self.feed is not None or self.on_signals is not None) and self._egress is None:
             self._egress_stop.clear()
             self._egress = threading.Thread(target=self._egress_loop, name="dc-service-egress", daemon=True)
             self._egress.start()

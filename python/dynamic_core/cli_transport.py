@@ -1,0 +1,419 @@
+"""``dynamic-core subscribe``, ``ctl``, ``keys`` and the socket options of ``run``.
+
+Kept apart from :mod:`dynamic_core.cli` (which registers these subcommands) so each command
+family stays readable. zmq is imported only when one of these commands runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+__all__ = ["add_commands", "add_run_options", "wants_service", "cmd_run_service"]
+
+_SUBSCRIBE_EPILOG = """\
+examples:
+  dynamic-core subscribe tcp://127.0.0.1:5556                    every signal, one line each
+  dynamic-core subscribe ipc:///tmp/dc-signals --topic sig.EURUSD. --count 10
+  dynamic-core subscribe tcp://127.0.0.1:5556 --json | jq .score   JSON lines for other tools
+
+Topics are sig.<instrument>.<timeframe seconds> (sig.EURUSD.3600); --topic is a prefix, so end
+it with a dot to match one instrument exactly. The feed may publish msgpack (default) or JSON;
+both are read. Sequence gaps (messages the publisher dropped because this subscriber was slow)
+and publisher restarts (a new epoch) are reported on stderr, and counted in the summary.
+
+exit codes: 0 done (--count reached, or interrupted); 1 nothing received within --timeout.
+"""
+
+_CTL_EPILOG = """\
+commands:
+  pause                      stop taking market updates (they queue in the ingress socket)
+  resume                     take them again
+  throttle N                 at most N bars per second (0 = unlimited)
+  persona NAME               switch the reasoning persona
+  routing KEY=VALUE ...      replace the routing table
+  snapshot PATH              write the agents' state to PATH (.npy) on the server
+  health                     the engine's and the service's counters
+  load-population PATH       load a population .npy on the server (a running service refuses)
+
+examples:
+  dynamic-core keys new keys --name server
+  dynamic-core keys new keys/clients --name ops
+  dynamic-core run --feed tcp://127.0.0.1:5555 --publish tcp://127.0.0.1:5556 \\
+      --control tcp://127.0.0.1:5557 --server-key keys/server.key_secret --authorized keys/clients
+  dynamic-core ctl tcp://127.0.0.1:5557 health --server-key keys/server.key \\
+      --client-key keys/clients/ops.key_secret
+
+The reply's result is printed as JSON. The connection is CURVE-encrypted and the server only
+answers clients whose public key (.key) is in its authorised directory; an unknown key gets
+no answer at all, so the command times out.
+
+exit codes: 0 ok; 1 the server refused the command; 2 bad arguments or no reply.
+"""
+
+_KEYS_EPILOG = """\
+examples:
+  dynamic-core keys new keys --name server          keys/server.key + keys/server.key_secret
+  dynamic-core keys new keys/clients --name ops     a client; keys/clients is what the server
+                                                    authorises (every .key file in it)
+
+Give the server's .key to clients, keep every .key_secret private (it is written with mode
+0600). To authorise a client, copy its .key into the server's --authorized directory.
+"""
+
+
+def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
+    """Register ``subscribe``, ``ctl`` and ``keys`` on the ``dynamic-core`` subparsers."""
+    s = sub.add_parser(
+        "subscribe", help="print a signal feed (ZeroMQ SUB)",
+        description="Connect to a dynamic-core signal feed and print every signal as it arrives, "
+                    "with sequence-gap and restart detection.",
+        epilog=_SUBSCRIBE_EPILOG, formatter_class=formatter)
+    s.add_argument("address", metavar="ADDR", help="the feed's address, e.g. tcp://127.0.0.1:5556 or ipc:///tmp/dc")
+    s.add_argument("--json", action="store_true", help="print one JSON object per signal (and rationale)")
+    s.add_argument("--topic", action="append", default=None, metavar="PREFIX",
+                   help="topic prefix to subscribe to; repeatable [default: sig. (all signals)]")
+    s.add_argument("--count", type=int, default=0, metavar="N", help="exit after N signals [default: run until ^C]")
+    s.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="exit with status 1 if nothing (not even a heartbeat) arrives for S seconds")
+    s.add_argument("--heartbeats", action="store_true", help="also print heartbeats")
+    s.set_defaults(func=cmd_subscribe)
+
+    c = sub.add_parser(
+        "ctl", help="send a control command over the CURVE control plane",
+        description="Send one command to a running service's control socket and print the reply.",
+        epilog=_CTL_EPILOG, formatter_class=formatter)
+    c.add_argument("address", metavar="ADDR", help="the control socket, e.g. tcp://127.0.0.1:5557")
+    c.add_argument("command", metavar="COMMAND",
+                   choices=("pause", "resume", "throttle", "persona", "routing", "snapshot", "health",
+                            "load-population"),
+                   help="pause, resume, throttle, persona, routing, snapshot, health, load-population")
+    c.add_argument("args", nargs="*", metavar="ARG", help="the command's arguments (see below)")
+    c.add_argument("--server-key", required=True, metavar="FILE", help="the server's public key file (.key)")
+    c.add_argument("--client-key", required=True, metavar="FILE",
+                   help="this client's secret key file (.key_secret); its .key must be authorised")
+    c.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for the reply [default: 5]")
+    c.add_argument("--json-wire", action="store_true", help="send the command as JSON instead of msgpack")
+    c.set_defaults(func=cmd_ctl)
+
+    k = sub.add_parser("keys", help="create CURVE key pairs for the control plane",
+                       description="Create CURVE key pairs (pyzmq certificate files) for the control plane.",
+                       epilog=_KEYS_EPILOG, formatter_class=formatter)
+    ksub = k.add_subparsers(dest="keys_command", metavar="ACTION", title="actions")
+    kn = ksub.add_parser("new", help="write NAME.key (public) and NAME.key_secret (secret, 0600) in DIR",
+                         epilog=_KEYS_EPILOG, formatter_class=formatter)
+    kn.add_argument("dir", metavar="DIR", help="directory for the key files (created if missing)")
+    kn.add_argument("--name", default="client", help="file name stem [default: client]")
+    kn.add_argument("--force", action="store_true", help="replace existing files of that name")
+    kn.set_defaults(func=cmd_keys_new)
+    k.set_defaults(func=lambda a: _need_action(k))
+
+
+def _need_action(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def add_run_options(r: argparse.ArgumentParser) -> None:
+    """The socket options of ``dynamic-core run``."""
+    g = r.add_argument_group(
+        "sockets (any of these runs the engine as a service; every address binds loopback "
+        "unless --allow-remote)")
+    g.add_argument("--publish", default=None, metavar="ADDR",
+                   help="publish signals here (PUB), e.g. tcp://127.0.0.1:5556 or ipc:///tmp/dc-signals")
+    g.add_argument("--feed", default=None, metavar="ADDR",
+                   help="take market bars from here (PULL, PreparedMarketContext frames) instead of "
+                        "the simulator/--data; serves until --duration or ^C")
+    g.add_argument("--feed-kind", choices=("pull", "sub"), default="pull",
+                   help="pull: bind ADDR for PUSH senders; sub: connect to a market PUB [default: pull]")
+    g.add_argument("--control", default=None, metavar="ADDR",
+                   help="CURVE control socket (ROUTER); needs --server-key and --authorized")
+    g.add_argument("--server-key", default=None, metavar="FILE",
+                   help="the control server's secret key file (.key_secret; see 'dynamic-core keys new')")
+    g.add_argument("--authorized", default=None, metavar="DIR",
+                   help="directory of authorised client public keys (*.key)")
+    g.add_argument("--json-feed", action="store_true", help="publish JSON instead of msgpack")
+    g.add_argument("--heartbeat", type=float, default=1.0, metavar="S",
+                   help="heartbeat after S idle seconds [default: 1]")
+    g.add_argument("--wait-subscribers", type=int, default=0, metavar="N",
+                   help="before sending bars, wait (up to 30 s) until N subscribers are connected [default: 0]")
+    g.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="serve for S seconds (with --feed: default until ^C; without: default until "
+                        "every bar's signal is published)")
+    g.add_argument("--allow-remote", action="store_true",
+                   help="allow binding addresses beyond loopback (the feed and ingress are unauthenticated)")
+
+
+def wants_service(args: argparse.Namespace) -> bool:
+    return any(getattr(args, a, None) for a in ("publish", "feed", "control"))
+
+
+# ---- subscribe -------------------------------------------------------------------------------
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from .cli import tf_label
+    from .payloads import Heartbeat, RationaleUpdate, SignalBatch
+    from .records import Action
+    from .transport import SignalSubscriber
+
+    if args.count < 0:
+        raise ValueError("--count must be >= 0")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ValueError("--timeout must be > 0")
+    out = sys.stdout
+    enc = msgspec.json.Encoder()
+
+    def gap(g: Any) -> None:
+        where = "at heartbeat" if g.at_heartbeat else "at batch"
+        print(f"gap on {g.topic}: expected seq {g.expected}, got {g.got} ({g.missed} signal(s) missed, {where})",
+              file=sys.stderr, flush=True)
+
+    def epoch(e: Any) -> None:
+        print(f"publisher restarted: epoch {e.old:#x} -> {e.new:#x}", file=sys.stderr, flush=True)
+
+    n = 0
+    with SignalSubscriber(args.address, topics=args.topic or ["sig."], on_gap=gap, on_epoch=epoch) as sub:
+        try:
+            while not args.count or n < args.count:
+                msg = sub.recv(timeout=args.timeout)
+                if msg is None:
+                    print(f"dynamic-core: no message within {args.timeout} s from {args.address}",
+                          file=sys.stderr)
+                    return 1
+                if isinstance(msg, SignalBatch):
+                    for s in msg.signals[: (args.count - n) if args.count else None]:
+                        if args.json:
+                            out.write(enc.encode(s).decode() + "\n")
+                        else:
+                            t = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.ts / 1e9))
+                            out.write(f"{t}  {s.instrument:<8} {tf_label(s.timeframe):<4} seq {s.seq:<8} "
+                                      f"{Action(s.action).name:<11} score {s.score:+.4f}  conf {s.confidence:.3f}  "
+                                      f"agree {s.agreement:.3f}  agents {s.n_agents}\n")
+                        n += 1
+                    out.flush()
+                elif isinstance(msg, RationaleUpdate):
+                    if args.json:
+                        out.write(enc.encode(msg).decode() + "\n")
+                    else:
+                        out.write(f"rationale for {msg.signal_id} ({msg.provider}): {msg.text}\n")
+                    out.flush()
+                elif isinstance(msg, Heartbeat) and args.heartbeats:
+                    out.write(enc.encode(msg).decode() + "\n" if args.json
+                              else f"heartbeat {msg.seq} epoch {msg.epoch:#x}\n")
+                    out.flush()
+        except KeyboardInterrupt:
+            pass
+        st = sub.stats()
+    print(f"received {n} signal(s); {st['gap_signals']} missed in {st['gaps']} gap(s); "
+          f"{st['epoch_changes']} restart(s); {st['rejected']} bad frame(s)", file=sys.stderr)
+    return 0
+
+
+# ---- ctl -------------------------------------------------------------------------------------
+
+def _command(name: str, argv: list[str]) -> Any:
+    from . import payloads as P
+
+    def need(k: int, usage: str) -> None:
+        if len(argv) != k:
+            raise ValueError(f"usage: ctl ADDR {usage}")
+
+    if name == "pause":
+        need(0, "pause")
+        return P.Pause()
+    if name == "resume":
+        need(0, "resume")
+        return P.Resume()
+    if name == "health":
+        need(0, "health")
+        return P.HealthQuery()
+    if name == "throttle":
+        need(1, "throttle BARS_PER_SECOND")
+        try:
+            v = float(argv[0])
+        except ValueError:
+            raise ValueError(f"throttle: {argv[0]!r} is not a number of bars per second") from None
+        if not v >= 0 or v == float("inf"):
+            raise ValueError("throttle: bars per second must be a finite number >= 0")
+        return P.SetThrottle(max_bars_per_s=v)
+    if name == "persona":
+        need(1, "persona NAME")
+        return P.SwapPersona(persona=argv[0])
+    if name == "routing":
+        table = {}
+        for item in argv:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"routing: expected KEY=VALUE, got {item!r}")
+            table[key] = value
+        return P.UpdateRouting(table=table)
+    if name == "snapshot":
+        need(1, "snapshot PATH")
+        return P.Snapshot(path=argv[0])
+    if name == "load-population":
+        need(1, "load-population PATH")
+        return P.LoadPopulation(path=argv[0])
+    raise ValueError(f"unknown command {name!r}")  # pragma: no cover - argparse choices
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from .transport import ControlClient
+
+    cmd = _command(args.command, list(args.args))
+    for f in (args.server_key, args.client_key):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"no such file: {f}")
+    with ControlClient(args.address, server_key=args.server_key, client_key=args.client_key,
+                       fmt="json" if args.json_wire else "msgpack", timeout=args.timeout) as c:
+        reply = c.request(cmd)
+    if not reply.ok:
+        print(f"dynamic-core: error: server refused {args.command}: {reply.error}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply.result, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+# ---- keys ------------------------------------------------------------------------------------
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    from .transport import load_public_key, new_keypair
+
+    public_file, secret_file = new_keypair(args.dir, args.name, overwrite=args.force)
+    print(f"public key : {public_file}  ({load_public_key(public_file).decode()})")
+    print(f"secret key : {secret_file}  (mode 0600: keep it private)")
+    return 0
+
+
+# ---- run as a service ------------------------------------------------------------------------
+
+def cmd_run_service(args: argparse.Namespace) -> int:
+    """``dynamic-core run`` with --publish/--feed/--control: the engine behind sockets."""
+    from .cli import CLIError, _run_population, load_bars, simulated_names, tf_label
+    from .engine import Engine
+    from .instruments import instruments
+    from .transport import ControlServer, EngineService, MarketIngress, SignalFeed
+
+    if args.control and not (args.server_key and args.authorized):
+        raise CLIError("--control needs --server-key FILE (.key_secret) and --authorized DIR")
+    if (args.server_key or args.authorized) and not args.control:
+        raise CLIError("--server-key/--authorized only make sense with --control ADDR")
+    if args.duration is not None and args.duration <= 0:
+        raise CLIError("--duration must be > 0")
+    if args.feed and args.data is not None:
+        raise CLIError("--feed takes bars from the socket; --data does not apply (the population "
+                       "follows --instruments and --timeframe)")
+    choice = 4 if args.instruments is None else args.instruments
+    names = simulated_names(choice) if isinstance(choice, int) else choice
+    bars = load_bars(None if args.feed else args.data, sim_names=names,
+                     bars=8 if args.feed else args.bars, timeframe=args.timeframe, seed=args.seed)
+    pop = _run_population(bars, args.agents, args.seed)
+    journal = getattr(args, "journal", None)
+    extra = {"journal": journal, "fsync": getattr(args, "fsync", 0)} if journal else {}
+    eng = Engine(pop, cores_per_sm=args.cores_per_sm, **extra)
+    own_ingress = not args.feed
+    ingress_addr = args.feed or f"inproc://dynamic-core-run-{os.getpid()}"
+    parts: list[Any] = []
+    sender_thread = None
+    stop_sender = threading.Event()
+    try:
+        ingress = MarketIngress(ingress_addr, kind=args.feed_kind if args.feed else "pull",
+                                bind=None if args.feed else True, allow_remote=args.allow_remote)
+        parts.append(ingress)
+        feed = None
+        if args.publish:
+            feed = SignalFeed(args.publish, fmt="json" if args.json_feed else "msgpack",
+                              heartbeat_interval=args.heartbeat, allow_remote=args.allow_remote)
+            parts.append(feed)
+        control = None
+        if args.control:
+            control = ControlServer(args.control, secret_key=args.server_key, authorized_keys=args.authorized,
+                                    allow_remote=args.allow_remote)
+            parts.append(control)
+        # without a feed the egress thread still drains the engine, or a full window would block
+        svc = EngineService(eng, ingress=ingress, feed=feed, control=control,
+                            on_signals=None if feed is not None else (lambda s: None))
+        streams = sorted({(instruments.name(int(i)), int(t)) for i, t in zip(pop.records["instrument"],
+                                                                                pop.records["timeframe"])})
+        print(f"dynamic-core run (service): {len(pop):,} agents over "
+              f"{', '.join(f'{n} {tf_label(t)}' for n, t in streams)}", flush=True)
+        print(f"  market in : {ingress.endpoint}" + ("" if args.feed else f" ({len(bars):,} bars from "
+                                                                            f"{args.data or 'the simulator'})"),
+              flush=True)
+        if feed is not None:
+            print(f"  signals   : {feed.endpoint} ({feed.fmt}, epoch {feed.epoch:#018x})", flush=True)
+        if control is not None:
+            print(f"  control   : {control.endpoint} (CURVE, server public key {control.public_key}, "
+                  f"{control.stats()['authorised_keys']} authorised client key(s))", flush=True)
+        if journal:
+            print(f"  journal   : {journal}", flush=True)
+        if feed is not None and args.wait_subscribers:
+            if not feed.wait_for_subscribers(args.wait_subscribers, timeout=30.0):
+                raise CLIError(f"fewer than {args.wait_subscribers} subscriber(s) after 30 s")
+        if own_ingress:
+            sender_thread = threading.Thread(target=_push_bars, daemon=True, name="dc-run-sender",
+                                             args=(ingress_addr, bars, max(1, args.chunk or 256), stop_sender))
+            sender_thread.start()
+        t0 = time.monotonic()
+        svc.start()
+        interrupted = False
+        try:
+            while True:
+                time.sleep(0.02)
+                if args.duration is not None and time.monotonic() - t0 >= args.duration:
+                    break
+                if own_ingress and args.duration is None and svc.bars_submitted >= len(bars):
+                    _drain(eng, svc, feed)
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+        svc.stop()
+        st = eng.stats()
+        print(f"bars submitted {svc.bars_submitted:,}, accepted {st['accepted']:,}, rejected {st['rejected']:,}; "
+              f"signals {st['signals']:,}, published {svc.signals_published:,}; control commands {svc.commands}; "
+              f"ingress rejects {ingress.stats()['rejected']}", flush=True)
+        return 130 if interrupted else 0
+    finally:
+        if sender_thread is not None:
+            stop_sender.set()
+            sender_thread.join(timeout=5)
+        for p in parts:
+            p.close()
+        eng.close()
+
+
+def _push_bars(address: str, bars: Any, chunk: int, stop: threading.Event) -> None:
+    """Sender thread of ``run`` without --feed: the bars go through the same ingress socket as
+    a live feed, so Pause and SetThrottle act on them too. Owns its socket."""
+    import zmq
+
+    from .payloads import split_bars
+    from .transport import MarketSender
+
+    with MarketSender(address, kind="push", send_timeout=0.1) as sender:
+        for ctx in split_bars(bars, chunk):
+            while not stop.is_set():
+                try:
+                    sender.send_context(ctx)
+                    break
+                except zmq.Again:  # ingress paused or throttled: its queue is full
+                    continue
+            if stop.is_set():
+                sender.close(linger=0)
+                return
+
+
+def _drain(eng: Any, svc: Any, feed: Any, timeout: float = 10.0) -> None:
+    """Wait until every submitted bar's signal has left (or ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = eng.stats()
+        if st["in_flight"] == 0 and (feed is None or svc.signals_published >= st["signals"]):
+            return
+        time.sleep(0.01)

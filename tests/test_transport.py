@@ -1,0 +1,714 @@
+"""ZeroMQ transport across real processes: signal feed, market ingress, CURVE control plane,
+EngineService and the socket commands of the CLI.
+
+Every receive has a timeout. Handshakes replace sleeps: a publisher waits for its subscriber
+(XPUB sees the subscription), a subscriber waits for the first heartbeat before bars are sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dynamic_core as dc
+from dynamic_core import payloads as P
+from dynamic_core import transport as T
+from dynamic_core.errors import TransportTimeout
+
+from .transport_peer import market, population
+
+PKG_ROOT = str(Path(dc.__file__).resolve().parent.parent)
+PEER = str(Path(__file__).with_name("transport_peer.py"))
+TIMEOUT = 20.0  # generous upper bound on any single wait; never reached when things work
+
+
+def _env() -> dict[str, str]:
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_ROOT, env.get("PYTHONPATH")) if p)
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    return env
+
+
+class Peer:
+    """A child process speaking JSON lines on stdout; closing its stdin asks it to finish."""
+
+    def __init__(self, *args: str, module: bool = False) -> None:
+        cmd = [sys.executable, "-m", "dynamic_core", *args] if module else [sys.executable, PEER, *args]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=_env())
+
+    def line(self, timeout: float = TIMEOUT) -> dict:
+        out: list[str] = []
+        t = threading.Thread(target=lambda: out.append(self.proc.stdout.readline()), daemon=True)
+        t.start()
+        t.join(timeout)
+        if not out or not out[0]:
+            self.kill()
+            raise AssertionError(f"peer said nothing within {timeout} s; stderr: {self.proc.stderr.read()}")
+        return json.loads(out[0])
+
+    def finish(self, timeout: float = TIMEOUT) -> tuple[str, str]:
+        """Close its stdin (the signal to stop), wait, and return the rest of its output."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+            self.proc.stdin = None
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, err
+        return out, err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.fixture()
+def peers() -> Iterator[list[Peer]]:
+    started: list[Peer] = []
+    yield started
+    for p in started:
+        p.kill()
+
+
+def _no_hash(s: P.AISignal) -> P.AISignal:
+    # population hashes include per-process instrument ids; everything else must match exactly
+    return msgspec.structs.replace(s, population_hash=0)
+
+
+def _expected_signals() -> list[P.AISignal]:
+    with dc.Engine(population(), threads=1) as eng:
+        return P.signals_from_records(eng.run(market()))
+
+
+def _address(kind: str, tmp_path: Path, name: str) -> str:
+    return f"ipc://{tmp_path / name}" if kind == "ipc" else "tcp://127.0.0.1:*"
+
+
+# ---- addresses -------------------------------------------------------------------------------
+
+def test_bind_policy_is_loopback_unless_allowed() -> None:
+    for a in ("tcp://127.0.0.1:5555", "tcp://localhost:1", "tcp://[::1]:9", "ipc:///tmp/x", "inproc://a",
+              "tcp://127.0.0.1:*"):
+        assert T.is_loopback(a), a
+    for a in ("tcp://*:5555", "tcp://0.0.0.0:5555", "tcp://10.1.2.3:1", "tcp://eth0:5"):
+        assert not T.is_loopback(a), a
+        with pytest.raises(ValueError, match="allow_remote"):
+            T.check_address(a, bind=True, allow_remote=False)
+        assert T.check_address(a, bind=False, allow_remote=False) == a  # connecting is fine
+    with pytest.raises(ValueError, match="allow_remote"):
+        T.SignalFeed("tcp://0.0.0.0:*")
+    with pytest.raises(ValueError, match="not a ZeroMQ address"):
+        T.MarketIngress("127.0.0.1:5")
+
+
+# ---- signal feed -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,fmt", [("ipc", "msgpack"), ("tcp", "msgpack"), ("tcp", "json")])
+def test_feed_across_processes(kind: str, fmt: str, tmp_path: Path, peers: list[Peer]) -> None:
+    pub = Peer("feed", _address(kind, tmp_path, "feed.sock"), "--fmt", fmt)
+    peers.append(pub)
+    hello = pub.line()
+    assert hello["endpoint"].startswith(kind + "://")
+    got: list[P.AISignal] = []
+    with T.SignalSubscriber(hello["endpoint"]) as sub:
+        done = pub.line()  # the publisher waited for us, then published everything
+        while len(got) < done["done"]:
+            msg = sub.recv(timeout=TIMEOUT)
+            assert msg is not None, f"only {len(got)} of {done['done']} signals"
+            if isinstance(msg, P.SignalBatch):
+                assert len(msg.signals) <= 16
+                got.extend(msg.signals)
+        while sub.heartbeats == 0:  # the feed is idle now: heartbeats follow
+            assert sub.recv(timeout=TIMEOUT) is not None
+        assert sub.epoch == hello["epoch"] and sub.alive(TIMEOUT)
+        assert sub.gap_count == 0 and not sub.gaps and not sub.epoch_changes and sub.stats()["rejected"] == 0
+    pub.finish()
+    # per topic in bar order; across topics in batch order: compare each topic's stream
+    want = _expected_signals()
+    for name in ("EURUSD", "GBPUSD"):
+        mine = [_no_hash(s) for s in got if s.instrument == name]
+        ref = [_no_hash(s) for s in want if s.instrument == name]
+        assert mine == ref and len(ref) > 50
+
+
+@pytest.fixture()
+def raw_pub() -> Iterator[zmq.Socket]:
+    """A bare XPUB the test writes crafted frames to."""
+    pub = zmq.Context.instance().socket(zmq.XPUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind("tcp://127.0.0.1:*")
+    yield pub
+    pub.close(linger=0)
+
+
+def _wait_subscriptions(pub: zmq.Socket, n: int) -> None:
+    for _ in range(n):
+        assert pub.poll(int(TIMEOUT * 1000)), "no subscription arrived"
+        pub.recv()
+
+
+def test_subscriber_reports_gaps_epochs_and_bad_frames(raw_pub: zmq.Socket) -> None:
+    gaps: list[T.Gap] = []
+    epochs: list[T.EpochChange] = []
+    topic = b"sig.EURUSD.3600"
+    sig = P.AISignal(ts=1, instrument="EURUSD", timeframe=3600, seq=1, population_hash=1, score=0.0,
+                     confidence=0.0, agreement=0.0, dispersion=0.0, action=0, n_agents=0, votes=(0, 0, 0, 0, 0))
+    enc = msgspec.msgpack.Encoder()
+
+    def batch(epoch: int, seq: int, n: int) -> bytes:
+        return enc.encode(P.SignalBatch(epoch=epoch, seq=seq, signals=(sig,) * n))
+
+    pub = raw_pub
+    with T.SignalSubscriber(pub.getsockopt(zmq.LAST_ENDPOINT).decode(), topics="sig.", on_gap=gaps.append,
+                            on_epoch=epochs.append, max_frame=4096) as sub:
+        _wait_subscriptions(pub, 2)  # "sig." and the heartbeat topic
+        frames = [
+            [topic, batch(5, 0, 3)],                  # seq 0..2
+            [topic, batch(5, 3, 2)],                  # 3..4: dense
+            [topic, batch(5, 10, 1)],                 # 5..9 lost
+            [b"sig.GBPUSD.3600", batch(5, 7, 1)],     # first seen on this topic: no gap
+            [topic, b"\xc1garbage"],                  # refused, counted, skipped
+            [topic, batch(5, 11, 1), b"extra"],       # three frames: refused
+            [topic, b"x" * 5000],                     # oversized
+            [b"hb", enc.encode(P.Heartbeat(epoch=5, seq=0, ts=0, next_seq={"sig.EURUSD.3600": 15}))],
+            [topic, batch(9, 0, 2)],                  # publisher restarted: new epoch, no gap
+            [topic, batch(9, 2, 1)],
+        ]
+        for f in frames:
+            pub.send_multipart(f)
+        kinds = []
+        while True:
+            msg = sub.recv(timeout=TIMEOUT)
+            assert msg is not None
+            kinds.append(type(msg).__name__)
+            if isinstance(msg, P.SignalBatch) and msg.epoch == 9 and msg.seq == 2:
+                break
+        assert kinds.count("SignalBatch") == 6 and kinds.count("Heartbeat") == 1
+        assert [(g.topic, g.expected, g.got, g.at_heartbeat) for g in gaps] == [
+            ("sig.EURUSD.3600", 5, 10, False), ("sig.EURUSD.3600", 11, 15, True)]
+        assert sub.gap_count == 5 + 4
+        assert epochs == [T.EpochChange(5, 9)] and sub.epoch == 9
+        st = sub.stats()
+        assert st["rejected"] == 3 and st["rejects"] == {"malformed": 2, "oversized": 1}
+        assert [r[0] for r in sub.rejects] == ["malformed", "malformed", "oversized"]
+
+
+def test_gaps_under_a_tiny_hwm_across_processes(tmp_path: Path, peers: list[Peer]) -> None:
+    """A publisher with SNDHWM 1 blasts 40k signals at a subscriber that does not read: PUB
+    drops, and every dropped signal is accounted for as a gap (tail gaps via heartbeats)."""
+    pub = Peer("blast", f"ipc://{tmp_path / 'blast.sock'}", "40000")
+    peers.append(pub)
+    hello = pub.line()
+    with T.SignalSubscriber(hello["endpoint"], rcvhwm=1) as sub:
+        done = pub.line()  # all sent while we were not reading
+        total, topic = done["done"], done["topic"]
+        received = 0
+        first = None
+        while True:
+            msg = sub.recv(timeout=TIMEOUT)
+            assert msg is not None
+            if isinstance(msg, P.SignalBatch):
+                first = msg.seq if first is None else first  # (in practice 0: the first batch fits)
+                received += len(msg.signals)
+            elif isinstance(msg, P.Heartbeat) and msg.next_seq.get(topic) == total:
+                break
+        assert sub.gap_count > 0 and sub.gaps
+        assert received + sub.gap_count == total - first
+        assert all(g.missed > 0 for g in sub.gaps)
+    pub.finish()
+
+
+def test_feed_publishes_objects_rationales_and_waits_for_subscribers() -> None:
+    with T.SignalFeed(heartbeat_interval=3600, max_batch=2) as feed:
+        assert not feed.wait_for_subscribers(1, timeout=0.05)
+        with T.SignalSubscriber(feed.endpoint, topics=["sig.EURUSD.", "rat."]) as sub:
+            assert feed.wait_for_subscribers(1, timeout=TIMEOUT)
+            sigs = [P.AISignal(ts=i, instrument=n, timeframe=60, seq=i, population_hash=0, score=0.5,
+                               confidence=1.0, agreement=1.0, dispersion=0.0, action=1, n_agents=1,
+                               votes=(0, 0, 0, 1, 0)) for i, n in enumerate(["EURUSD", "GBPUSD"] * 3)]
+            assert feed.publish(sigs) == 4  # 3 per topic, batches of 2
+            feed.publish_rationale(P.RationaleUpdate(signal_id="0:0", instrument="EURUSD", timeframe=60,
+                                                     text="why", provider="test"))
+            feed.heartbeat()
+            msgs = [sub.recv(timeout=TIMEOUT) for _ in range(4)]
+            assert [type(m).__name__ for m in msgs] == ["SignalBatch", "SignalBatch", "RationaleUpdate",
+                                                        "Heartbeat"]
+            assert [s.seq for m in msgs[:2] for s in m.signals] == [0, 2, 4]  # GBPUSD filtered out
+            assert msgs[2].epoch == feed.epoch and msgs[2].text == "why"
+            assert msgs[3].next_seq == {"sig.EURUSD.60": 3, "sig.GBPUSD.60": 3}
+            assert sub.gap_count == 0
+            assert feed.tick() is False  # not due
+            assert sub.recv(timeout=0.05) is None
+        with pytest.raises(TypeError):
+            feed.publish(np.zeros(2, dtype=dc.BAR_DTYPE))
+
+
+# ---- market ingress --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["ipc", "tcp"])
+def test_ingress_from_another_process_matches_run(kind: str, tmp_path: Path, peers: list[Peer]) -> None:
+    bars = market()
+    with dc.Engine(population(), threads=1) as ref_eng:
+        ref = ref_eng.run(bars)
+        ref_dead = ref_eng.dead_letters()
+    with dc.Engine(population(), threads=2) as eng, \
+            T.MarketIngress(_address(kind, tmp_path, "bars.sock"), engine=eng) as ingress:
+        tx = Peer("send-bars", ingress.endpoint)
+        peers.append(tx)
+        assert tx.line()["endpoint"] == ingress.endpoint
+        deadline = time.monotonic() + TIMEOUT
+        while ingress.submitted < len(bars):
+            ingress.pump(timeout=0.5)
+            assert time.monotonic() < deadline
+        out = []
+        while sum(map(len, out)) < len(ref):
+            got = eng.poll(timeout=TIMEOUT)
+            assert len(got)
+            out.append(got)
+        tx.finish()
+        sig = np.concatenate(out)
+        assert sig.tobytes() == ref.tobytes()  # same bars, same order, same sequence numbers
+        assert eng.dead_letters()["reason"].tolist() == ref_dead["reason"].tolist()
+        assert len(ref_dead) == 2
+        st = ingress.stats()
+        assert st["bars"] == len(bars) and st["rejected"] == 2
+        assert st["rejects"] == {"malformed": 1, "version": 1}
+        assert [r.reason for r in ingress.dead_letters()] == ["malformed", "version"]
+
+
+def test_ingress_sub_socket_and_dead_letter_bound() -> None:
+    with T.MarketIngress("inproc://ingress-sub-test", kind="sub", bind=True, topics=["mkt.EURUSD."],
+                         dead_letter_capacity=2) as ingress:
+        with T.MarketSender("inproc://ingress-sub-test", kind="pub") as tx:
+            bars = market(30)
+            # SUB joins asynchronously: repeat the first frame until one arrives
+            deadline = time.monotonic() + TIMEOUT
+            first = None
+            while first is None:
+                tx.send(bars[:1])
+                first = ingress.recv_bars(timeout=0.02)
+                assert time.monotonic() < deadline
+            assert first["instrument"][0] == dc.instruments.id("EURUSD")
+            while ingress.recv_bars(timeout=0.05) is not None:  # drain repeats
+                pass
+            tx.send(bars)  # GBPUSD frames are filtered out by topic
+            got = []
+            while (b := ingress.recv_bars(timeout=0.2)) is not None:
+                got.append(b)
+            eur = bars[bars["instrument"] == dc.instruments.id("EURUSD")]
+            assert np.concatenate(got).tobytes() == eur.tobytes()
+            for i in range(3):
+                tx.send_raw(b"mkt.EURUSD.3600", b"\xc1" * (i + 1))
+            tx.send_raw(b"mkt.EURUSD.3600")  # one frame on a SUB: malformed
+            assert ingress.recv_bars(timeout=0.2) is None
+    st = ingress.stats()
+    assert st["rejected"] == 4 and st["dead_letters"] == 2 and st["dead_letters_dropped"] == 2
+    with T.MarketIngress("inproc://x2") as no_engine, pytest.raises(RuntimeError, match="no engine"):
+        no_engine.pump()
+
+
+@pytest.fixture()
+def pull_pair() -> Iterator[tuple[T.MarketIngress, zmq.Socket]]:
+    addr = f"inproc://pull-pair-{uuid.uuid4().hex}"  # a closed inproc name is freed asynchronously
+    ingress = T.MarketIngress(addr, max_frame=4096)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(addr)
+    yield ingress, push
+    push.close(linger=0)
+    ingress.close()
+
+
+def test_ingress_survives_garbage_frames(pull_pair) -> None:
+    ingress, push = pull_pair
+    good = P.Codec(P.PreparedMarketContext).encode(P.split_bars(market(3))[0])
+
+    @settings(max_examples=200, deadline=None)
+    @given(frames=st.lists(st.binary(max_size=5000), min_size=1, max_size=3))
+    def check(frames: list[bytes]) -> None:
+        before = ingress.stats()
+        push.send_multipart(frames)
+        push.send(good)  # a valid frame after each bad one: the ingress keeps working
+        bars = ingress.recv_bars(timeout=TIMEOUT)
+        assert bars is not None
+        after = ingress.stats()
+        assert after["frames"] - before["frames"] in (1, 2)
+        if after["frames"] - before["frames"] == 2:  # the garbage was refused, with a reason
+            assert after["rejected"] == before["rejected"] + 1
+
+    check()
+
+
+def _eur_context(n: int) -> bytes:
+    bars = market(n)
+    return P.Codec(P.PreparedMarketContext).encode(
+        P.PreparedMarketContext.from_bars(bars[bars["instrument"] == dc.instruments.id("EURUSD")]))
+
+
+BAD_INGRESS_FRAMES = [
+    ("oversized", _eur_context(200)),  # about 9 kB > max_frame 4096
+    ("version", msgspec.msgpack.encode({"type": "market", "version": 2})),
+    ("truncated", P.Codec(P.PreparedMarketContext).encode(P.split_bars(market(3))[0])[:-5]),
+    ("unknown_field", msgspec.msgpack.encode({"type": "market", "colour": 1})),
+    ("unknown_tag", msgspec.msgpack.encode({"type": "signal_batch", "epoch": 1, "seq": 0, "signals": []})),
+    ("malformed", b"\xc1"),
+]
+
+
+@pytest.mark.parametrize("reason,frame", BAD_INGRESS_FRAMES, ids=[r for r, _ in BAD_INGRESS_FRAMES])
+def test_ingress_rejects_each_kind_of_bad_frame(pull_pair, reason: str, frame: bytes) -> None:
+    ingress, push = pull_pair
+    push.send(frame)
+    assert ingress.recv_bars(timeout=0.2) is None
+    assert ingress.stats()["rejects"] == {reason: 1}
+    (dead,) = ingress.dead_letters()
+    assert dead.reason == reason and dead.size == len(frame) and dead.ts > 0
+
+
+# ---- control plane ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("keys")
+    T.new_keypair(d, "server")
+    T.new_keypair(d / "clients", "ops")
+    T.new_keypair(d / "strangers", "mallory")  # never authorised
+    return d
+
+
+def test_keypair_files(keys: Path) -> None:
+    import zmq.auth
+
+    pub, sec = zmq.auth.load_certificate(str(keys / "server.key_secret"))
+    assert sec and zmq.auth.load_certificate(str(keys / "server.key"))[0] == pub
+    assert (keys / "server.key_secret").stat().st_mode & 0o777 == 0o600
+    assert "secret" not in (keys / "server.key").read_text().split("metadata")[1]
+    assert T.authorised_keys(keys / "clients") == {T.load_public_key(keys / "clients" / "ops.key")}
+    with pytest.raises(FileExistsError):
+        T.new_keypair(keys, "server")
+    with pytest.raises(ValueError):
+        T.new_keypair(keys, "../escape")
+
+
+class Served:
+    """A ControlServer served by a thread of this process (clients may be other processes)."""
+
+    def __init__(self, keys: Path, **kw) -> None:
+        self.applied: list = []
+        kw.setdefault("handler", self._apply)
+        self.server = T.ControlServer(secret_key=keys / "server.key_secret", authorized_keys=keys / "clients", **kw)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _apply(self, cmd):
+        self.applied.append(cmd)
+        if isinstance(cmd, P.Snapshot) and cmd.path == "boom":
+            raise RuntimeError("disk on fire")
+        return {"applied": type(cmd).__name__, "n": len(self.applied)}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.server.serve(timeout=0.01)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.server.close()
+
+
+@pytest.fixture()
+def served(keys: Path) -> Iterator[Served]:
+    s = Served(keys)
+    yield s
+    s.close()
+
+
+def _client(served: Served, keys: Path, who: str = "clients/ops", **kw) -> T.ControlClient:
+    return T.ControlClient(served.server.endpoint, server_key=keys / "server.key",
+                           client_key=keys / f"{who}.key_secret", **kw)
+
+
+def test_curve_authorised_client_gets_replies(served: Served, keys: Path) -> None:
+    for fmt in ("msgpack", "json"):
+        with _client(served, keys, fmt=fmt) as c:
+            r = c.set_throttle(100)
+            assert r.ok and r.result["applied"] == "SetThrottle" and r.request_id > 0
+            assert c.update_routing({"EURUSD": "paper"}).ok
+    assert [type(c).__name__ for c in served.applied] == ["SetThrottle", "UpdateRouting"] * 2
+    st = served.server.stats()
+    assert st["accepted"] == 4 and st["auth_refused"] == 0 and st["auth_allowed"] >= 2
+
+
+def test_curve_unknown_key_is_refused(served: Served, keys: Path) -> None:
+    with _client(served, keys, who="strangers/mallory") as bad:
+        with pytest.raises(TransportTimeout, match="not authorised"):
+            bad.pause(timeout=0.5)
+    assert served.applied == []
+    st = served.server.stats()
+    assert st["auth_refused"] >= 1 and st["requests"] == 0
+    assert T.load_public_key(keys / "strangers" / "mallory.key").decode() in served.server.refused_keys
+    # a client that knows the wrong server key cannot talk either
+    with T.ControlClient(served.server.endpoint, server_key=keys / "clients" / "ops.key",
+                         client_key=keys / "clients" / "ops.key_secret") as confused:
+        with pytest.raises(TransportTimeout):
+            confused.health(timeout=0.3)
+    with _client(served, keys) as good:  # the server still serves everyone else
+        assert good.health().ok
+
+
+def test_malformed_commands_get_error_replies(served: Served, keys: Path) -> None:
+    with _client(served, keys) as c:
+        r = c.send_raw(b"\xc1 not msgpack")
+        assert not r.ok and r.request_id == 0 and r.error.startswith("malformed")
+        r = c.send_raw(msgspec.msgpack.encode({"type": "format_disk", "request_id": 77}))
+        assert not r.ok and r.request_id == 77 and "unknown_tag" in r.error
+        r = c.send_raw(msgspec.msgpack.encode({"type": "pause", "request_id": 78, "version": 99}))
+        assert not r.ok and r.request_id == 78 and r.error.startswith("version")
+        r = c.send_raw(b'{"type": "set_throttle", "request_id": 79, "max_bars_per_s": -1}')
+        assert not r.ok and r.request_id == 79 and "invalid" in r.error  # a JSON request, a JSON reply
+        c.socket.send_multipart([b"", b"one", b"two"])  # too many frames
+        r = c.send_raw(msgspec.msgpack.encode({"type": "health", "request_id": 80}))
+        assert not r.ok and "one payload frame" in r.error  # the first reply: to the bad message
+        r = c.send_raw(msgspec.msgpack.encode({"type": "health", "request_id": 81}))
+        assert r.ok and r.request_id == 80  # then the health request; 81's reply is skipped below
+        r = c.snapshot("boom")  # the handler raises: an error reply, the server goes on
+        assert not r.ok and "disk on fire" in r.error
+        assert c.health().ok
+    st = served.server.stats()
+    assert st["errors"] == 6 and st["handler_errors"] == 1 and st["rejected"] == 5
+    assert st["rejects"] == {"malformed": 2, "unknown_tag": 1, "version": 1, "invalid": 1}
+
+
+def test_control_survives_garbage(served: Served, keys: Path) -> None:
+    with _client(served, keys) as c:
+        @settings(max_examples=60, deadline=None)
+        @given(data=st.binary(max_size=2000))
+        def check(data: bytes) -> None:
+            r = c.send_raw(data, timeout=TIMEOUT)
+            assert isinstance(r, P.ControlReply)
+
+        check()
+        assert c.health().ok
+
+
+def test_oversized_control_frame(keys: Path) -> None:
+    s = Served(keys, max_frame=1024)
+    try:
+        with _client(s, keys) as c:
+            r = c.update_routing({f"k{i}": "v" * 20 for i in range(100)})
+            assert not r.ok and r.error.startswith("oversized")
+            assert c.pause().ok
+    finally:
+        s.close()
+
+
+def test_journal_hook_runs_before_apply_and_can_veto(keys: Path) -> None:
+    journal: list[bytes] = []
+    s = Served(keys, journal_hook=journal.append)
+    try:
+        handler = s.server.handler
+
+        def check_journaled_first(cmd):
+            assert P.decode_command(journal[-1]) == cmd  # journaled before it is applied
+            return handler(cmd)
+
+        s.server.handler = check_journaled_first
+        with _client(s, keys) as c:
+            assert c.swap_persona("calm").ok and c.pause().ok
+            c.send_raw(b"\xc1")  # malformed: never journaled
+            assert [type(P.decode_command(r)) for r in journal] == [P.SwapPersona, P.Pause]
+
+            def full(raw: bytes) -> None:
+                raise OSError("journal disk full")
+
+            s.server.journal_hook = full
+            r = c.resume()
+            assert not r.ok and "not journaled" in r.error
+            assert [type(x) for x in s.applied] == [P.SwapPersona, P.Pause]  # Resume not applied
+    finally:
+        s.close()
+    assert s.server.stats()["journal_errors"] == 1
+
+
+# ---- the service -----------------------------------------------------------------------------
+
+def _wait_heartbeat(sub: T.SignalSubscriber) -> None:
+    while sub.heartbeats == 0:
+        assert sub.recv(timeout=TIMEOUT) is not None, "no heartbeat"
+
+
+def test_service_across_processes(keys: Path, peers: list[Peer]) -> None:
+    svc = Peer("service", str(keys))
+    peers.append(svc)
+    ep = svc.line()
+    bars = market()
+    want = {s.seq: _no_hash(s) for s in _expected_signals()}
+    with T.SignalSubscriber(ep["feed"]) as sub, \
+            T.MarketSender(ep["ingress"]) as tx, \
+            T.ControlClient(ep["control"], server_key=keys / "server.key",
+                            client_key=keys / "clients" / "ops.key_secret") as ctl:
+        _wait_heartbeat(sub)  # subscribed: nothing published from now on is missed
+        assert ctl.pause().result == {"paused": True}
+        tx.send(bars[:50])
+        # paused: the bars wait in the ingress socket; nothing is submitted
+        assert ctl.health().result["service"]["bars_submitted"] == 0
+        assert ctl.resume().ok
+        tx.send(bars[50:])
+        got = {}
+        while len(got) < len(want):
+            msg = sub.recv(timeout=TIMEOUT)
+            assert msg is not None, f"{len(got)} of {len(want)} signals"
+            if isinstance(msg, P.SignalBatch):
+                got.update((s.seq, _no_hash(s)) for s in msg.signals)
+        assert got == want and sub.gap_count == 0 and sub.epoch == ep["epoch"]
+        health = ctl.health().result
+        assert health["engine"]["bars_in"] == len(bars) and health["engine"]["rejected"] == 2
+        assert health["service"]["signals_published"] == len(want)
+        snap = ctl.snapshot("agents.npy")
+        assert snap.ok and snap.result["agents"] == 300
+        agents = np.load(snap.result["path"])
+        assert agents.dtype == dc.AGENT_DTYPE and len(agents) == 300
+        assert not ctl.snapshot("../outside.npy").ok  # confined to snapshot_dir
+        r = ctl.load_population(path="pop.npy")
+        assert not r.ok and "not supported while running" in r.error
+        assert ctl.swap_persona("contrarian").result == {"persona": "contrarian"}
+    out, _ = svc.finish()
+    final = json.loads(out.strip().splitlines()[-1])
+    assert final["journaled"] == final["commands"] == 8 and final["errors"] == 2
+
+
+def test_service_throttle_and_pause_in_process(tmp_path: Path) -> None:
+    clean = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], timeframe="H1", seed=3).bars(70)
+    with dc.Engine(population(), threads=1) as eng:
+        ingress = T.MarketIngress(f"ipc://{tmp_path / 'in.sock'}")
+        feed = T.SignalFeed(f"ipc://{tmp_path / 'out.sock'}", heartbeat_interval=0.02)
+        svc = T.EngineService(eng, ingress=ingress, feed=feed, idle_timeout=0.005)
+        with svc, T.SignalSubscriber(feed.endpoint) as sub, T.MarketSender(ingress.endpoint) as tx:
+            svc.start()
+            _wait_heartbeat(sub)
+            svc.apply(P.SetThrottle(max_bars_per_s=200))
+            bars = clean[:120]
+            t0 = time.monotonic()
+            tx.send(bars)
+            n = 0
+            while n < 120:
+                msg = sub.recv(timeout=TIMEOUT)
+                assert msg is not None
+                n += len(getattr(msg, "signals", ()))
+            # 120 bars at 200/s with 10-bar bursts cannot take less than ~0.55 s
+            assert time.monotonic() - t0 >= 0.5
+            assert svc.apply(P.Pause()) == {"paused": True}
+            tx.send(clean[120:])
+            assert sub.recv(timeout=0.3) is None or sub.signals_received == 120
+            assert svc.stats()["bars_submitted"] == 120
+            svc.apply(P.SetThrottle(max_bars_per_s=0))
+            svc.apply(P.Resume())
+            while sub.signals_received < 140:
+                assert sub.recv(timeout=TIMEOUT) is not None
+        assert eng.stats()["bars_in"] == 140
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dynamic_core", *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env(), check=False)
+
+
+def test_cli_help_teaches() -> None:
+    for cmd, words in [("subscribe", ["sig.EURUSD.", "--json", "gap"]), ("ctl", ["pause", "throttle N", "CURVE"]),
+                       ("keys", ["new", ".key_secret"]), ("run", ["--publish", "--feed", "--control"])]:
+        p = _cli(cmd, "--help")
+        assert p.returncode == 0
+        for w in words:
+            assert w in p.stdout, (cmd, w)
+
+
+def test_cli_keys_new(tmp_path: Path) -> None:
+    p = _cli("keys", "new", str(tmp_path / "k"), "--name", "srv")
+    assert p.returncode == 0, p.stderr
+    public = T.load_public_key(tmp_path / "k" / "srv.key").decode()
+    assert public in p.stdout
+    _, secret = T.load_keypair(tmp_path / "k" / "srv.key_secret")
+    assert secret.decode() not in p.stdout + p.stderr  # never printed
+    p = _cli("keys", "new", str(tmp_path / "k"), "--name", "srv")
+    assert p.returncode == 2 and "exists" in p.stderr and "Traceback" not in p.stderr
+    assert _cli("keys", "new", str(tmp_path / "k"), "--name", "srv", "--force").returncode == 0
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_cli_subscribe(as_json: bool, peers: list[Peer]) -> None:
+    with T.SignalFeed(heartbeat_interval=0.05) as feed:
+        args = ["subscribe", feed.endpoint, "--count", "7", "--topic", "sig.EURUSD."] + (["--json"] if as_json else [])
+        sub = Peer(*args, module=True)
+        peers.append(sub)
+        assert feed.wait_for_subscribers(1, timeout=TIMEOUT)
+        with dc.Engine(population(), threads=1) as eng:
+            sigs = eng.run(market(20))
+        feed.publish(sigs)
+        out, err = sub.finish()
+    lines = out.strip().splitlines()
+    assert len(lines) == 7
+    eur = [s for s in P.signals_from_records(sigs) if s.instrument == "EURUSD"][:7]
+    if as_json:
+        assert [_no_hash(msgspec.json.decode(x, type=P.AISignal)) for x in lines] == [_no_hash(s) for s in eur]
+    else:
+        assert all("EURUSD" in x and "H1" in x for x in lines)
+        assert f"seq {eur[3].seq} " in lines[3]
+    assert "received 7 signal(s); 0 missed" in err
+
+
+def test_cli_subscribe_times_out_cleanly() -> None:
+    with T.SignalFeed(heartbeat_interval=3600) as feed:
+        p = _cli("subscribe", feed.endpoint, "--timeout", "0.3")
+    assert p.returncode == 1 and "no message within 0.3 s" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_cli_ctl(served: Served, keys: Path) -> None:
+    common = ["--server-key", str(keys / "server.key"), "--client-key", str(keys / "clients" / "ops.key_secret")]
+    p = _cli("ctl", served.server.endpoint, "throttle", "250", *common)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"applied": "SetThrottle", "n": 1}
+    p = _cli("ctl", served.server.endpoint, "routing", "EURUSD=paper", "XAUUSD=mt5", "--json-wire", *common)
+    assert p.returncode == 0 and served.applied[-1] == P.UpdateRouting(
+        request_id=served.applied[-1].request_id, table={"EURUSD": "paper", "XAUUSD": "mt5"})
+    p = _cli("ctl", served.server.endpoint, "snapshot", "boom", *common)
+    assert p.returncode == 1 and "disk on fire" in p.stderr
+    p = _cli("ctl", served.server.endpoint, "throttle", "fast", *common)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    stranger = ["--server-key", str(keys / "server.key"), "--client-key",
+                str(keys / "strangers" / "mallory.key_secret"), "--timeout", "0.3"]
+    p = _cli("ctl", served.server.endpoint, "pause", *stranger)
+    assert p.returncode == 2 and "no reply" in p.stderr and "Traceback" not in p.stderr
+    assert [type(c) for c in served.applied] == [P.SetThrottle, P.UpdateRouting, P.Snapshot]
+
+
+def test_cli_run_publishes_to_a_subscriber(tmp_path: Path, peers: list[Peer]) -> None:
+    addr = f"ipc://{tmp_path / 'run.sock'}"
+    run = Peer("run", "--agents", "300", "--instruments", "2", "--bars", "50", "--publish", addr,
+               "--wait-subscribers", "1", "--heartbeat", "0.05", module=True)
+    peers.append(run)
+    with T.SignalSubscriber(addr) as sub:
+        n = 0
+        while n < 100:
+            msg = sub.recv(timeout=TIMEOUT)
+            assert msg is not None, f"{n} signals; {run.proc.poll()}"
+            n += len(getattr(msg, "signals", ()))
+        assert sub.gap_count == 0
+    out, _ = run.finish()
+    assert "signals 100, published 100;" in out
