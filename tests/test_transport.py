@@ -623,6 +623,30 @@ def test_service_throttle_and_pause_in_process(tmp_path: Path) -> None:
         assert eng.stats()["bars_in"] == 140
 
 
+def test_service_journals_commands_in_order_with_the_bars(tmp_path: Path, keys: Path) -> None:
+    clean = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], timeframe="H1", seed=4).bars(30)
+    eng = dc.Engine(population(), threads=1, journal=tmp_path / "journal")
+    control = T.ControlServer(secret_key=keys / "server.key_secret", authorized_keys=keys / "clients")
+    svc = T.EngineService(eng, control=control, on_signals=lambda s: None)
+    assert control.journal_hook == eng.journal_control  # wired because the engine has a journal
+    try:
+        svc.start()
+        with T.ControlClient(control.endpoint, server_key=keys / "server.key",
+                             client_key=keys / "clients" / "ops.key_secret") as c:
+            eng.submit(clean[:20])
+            assert c.set_throttle(50).ok
+            eng.submit(clean[20:])
+            assert c.pause().ok and c.swap_persona("calm").ok
+    finally:
+        svc.close()
+        eng.close()
+    replayed: list = []
+    res = dc.journal.replay(tmp_path / "journal", on_control=lambda raw: replayed.append(P.decode_command(raw)))
+    assert [type(x) for x in replayed] == [P.SetThrottle, P.Pause, P.SwapPersona]
+    assert [n for n, _ in res.controls] == [20, 60, 60]  # between the same bars as when it ran
+    assert replayed[0].max_bars_per_s == 50 and res.ok
+
+
 # ---- CLI -------------------------------------------------------------------------------------
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ Quick start::
 
 from __future__ import annotations
 
-from . import errors, indicators, journal, market, payloads, sim
+from . import errors, indicators, journal, market, payloads, sim, transport
 from .engine import Engine
 from .payloads import AISignal
 from .instruments import InstrumentRegistry, instruments
@@ -51,4 +51,5 @@ __all__ = [
     "payloads",
     "score_to_action",
     "sim",
+    "transport",
 ]

@@ -580,10 +580,12 @@ def decode_command(raw: Any) -> Any:
 
 # ---- fast signal-batch encoding --------------------------------------------------------------
 # A batch holds one topic, so every signal in it has the same instrument and timeframe, and with
-# fixed-width msgpack integers every signal map has the same byte layout. That layout is a numpy
-# structured dtype: one vectorised copy per field encodes the whole batch (~20x faster than
-# building AISignal objects). Decoders accept any integer width, so the result decodes to the
-# very same AISignal values as msgspec's own encoding (tested).
+# fixed-width msgpack integers every signal map has the same byte layout: constant key bytes and
+# type markers around big-endian values. Encoding a batch is then two numpy calls: broadcast the
+# constant template into every row, and copy all values at once through a structured view
+# (field by position, byte-swapped by numpy) -- ~20x faster than building AISignal objects.
+# Decoders accept any integer width, so the result decodes to the very same AISignal values as
+# msgspec's own encoding (tested).
 
 def _mp_str(s: str) -> bytes:
     b = s.encode()
@@ -594,47 +596,71 @@ def _mp_str(s: str) -> bytes:
     return b"\xda" + len(b).to_bytes(2, "big") + b
 
 
-_LAYOUT_CACHE: dict[str, tuple[np.dtype, list[tuple[str, np.ndarray]]]] = {}
+_VALUE_FIELDS = ("ts", "timeframe", "seq", "population_hash", "score", "confidence", "agreement",
+                 "dispersion", "action", "n_agents", "votes0", "votes1", "votes2", "votes3", "votes4", "flags")
 
 
-def _signal_layout(instrument: str) -> tuple[np.dtype, list[tuple[str, np.ndarray]]]:
+def _source_view_dtype() -> np.dtype:
+    """SIGNAL_DTYPE seen as the value fields in wire order, votes split into five fields."""
+    names, formats, offsets = [], [], []
+    for name in _VALUE_FIELDS:
+        if name.startswith("votes"):
+            base, off = SIGNAL_DTYPE.fields["votes"][:2]
+            j = int(name[-1])
+            names.append(name)
+            formats.append(base.base)
+            offsets.append(off + j * base.base.itemsize)
+        else:
+            dt, off = SIGNAL_DTYPE.fields[name][:2]
+            names.append(name)
+            formats.append(dt)
+            offsets.append(off)
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": SIGNAL_DTYPE.itemsize})
+
+
+_SRC_VIEW = _source_view_dtype()
+_LAYOUT_CACHE: dict[str, tuple[np.ndarray, np.dtype]] = {}
+
+
+def _signal_layout(instrument: str) -> tuple[np.ndarray, np.dtype]:
+    """(constant template of one encoded signal as uint8, dtype of its value slots)."""
     hit = _LAYOUT_CACHE.get(instrument)
     if hit is not None:
         return hit
     k = _mp_str
-    segs: list[tuple[str, Any]] = [
-        ("const", b"\x8f" + k("type") + k("signal") + k("version") + bytes([PAYLOAD_VERSION])
-         + k("ts") + b"\xd3"), ("ts", ">i8"),
-        ("const", k("instrument") + k(instrument) + k("timeframe") + b"\xce"), ("timeframe", ">u4"),
-        ("const", k("seq") + b"\xcf"), ("seq", ">u8"),
-        ("const", k("population_hash") + b"\xcf"), ("population_hash", ">u8"),
-        ("const", k("score") + b"\xcb"), ("score", ">f8"),
-        ("const", k("confidence") + b"\xcb"), ("confidence", ">f8"),
-        ("const", k("agreement") + b"\xcb"), ("agreement", ">f8"),
-        ("const", k("dispersion") + b"\xcb"), ("dispersion", ">f8"),
-        ("const", k("action") + b"\xd2"), ("action", ">i4"),
-        ("const", k("n_agents") + b"\xce"), ("n_agents", ">u4"),
-        ("const", k("votes") + b"\x95\xce"), ("votes0", ">u4"),
-        ("const", b"\xce"), ("votes1", ">u4"),
-        ("const", b"\xce"), ("votes2", ">u4"),
-        ("const", b"\xce"), ("votes3", ">u4"),
-        ("const", b"\xce"), ("votes4", ">u4"),
-        ("const", k("flags") + b"\xce"), ("flags", ">u4"),
+    # (constant bytes before the value, value name, big-endian format)
+    segs = [
+        (b"\x8f" + k("type") + k("signal") + k("version") + bytes([PAYLOAD_VERSION]) + k("ts") + b"\xd3",
+         "ts", ">i8"),
+        (k("instrument") + k(instrument) + k("timeframe") + b"\xce", "timeframe", ">u4"),
+        (k("seq") + b"\xcf", "seq", ">u8"),
+        (k("population_hash") + b"\xcf", "population_hash", ">u8"),
+        (k("score") + b"\xcb", "score", ">f8"),
+        (k("confidence") + b"\xcb", "confidence", ">f8"),
+        (k("agreement") + b"\xcb", "agreement", ">f8"),
+        (k("dispersion") + b"\xcb", "dispersion", ">f8"),
+        (k("action") + b"\xd2", "action", ">i4"),
+        (k("n_agents") + b"\xce", "n_agents", ">u4"),
+        (k("votes") + b"\x95\xce", "votes0", ">u4"),
+        (b"\xce", "votes1", ">u4"),
+        (b"\xce", "votes2", ">u4"),
+        (b"\xce", "votes3", ">u4"),
+        (b"\xce", "votes4", ">u4"),
+        (k("flags") + b"\xce", "flags", ">u4"),
     ]
-    names, formats, consts = [], [], []
-    for i, (name, spec) in enumerate(segs):
-        if name == "const":
-            cname = f"_c{i}"
-            names.append(cname)
-            formats.append(("u1", (len(spec),)))
-            consts.append((cname, np.frombuffer(spec, dtype=np.uint8)))
-        else:
-            names.append(name)
-            formats.append(spec)
-    dt = np.dtype({"names": names, "formats": formats})  # packed: no alignment padding
+    assert tuple(name for _, name, _ in segs) == _VALUE_FIELDS
+    template = bytearray()
+    offsets = []
+    for const, _, fmt in segs:
+        template += const
+        offsets.append(len(template))
+        template += bytes(np.dtype(fmt).itemsize)
+    slots = np.dtype({"names": list(_VALUE_FIELDS), "formats": [f for _, _, f in segs], "offsets": offsets,
+                      "itemsize": len(template)})
+    hit = (np.frombuffer(bytes(template), dtype=np.uint8), slots)
     if len(_LAYOUT_CACHE) < 65536:
-        _LAYOUT_CACHE[instrument] = (dt, consts)
-    return dt, consts
+        _LAYOUT_CACHE[instrument] = hit
+    return hit
 
 
 def _mp_array_header(n: int) -> bytes:
@@ -661,14 +687,10 @@ def encode_signal_batch(epoch: int, seq: int, records: np.ndarray, instrument: s
     n = len(records)
     if n and instrument is None:
         instrument = instruments.name(int(records["instrument"][0]))
-    dt, consts = _signal_layout(instrument or "?")
-    rows = np.empty(n, dtype=dt)
-    for cname, cval in consts:
-        rows[cname] = cval
-    for f in _SIGNAL_SCALARS:
-        rows[f] = records[f]
-    votes = records["votes"]
-    for j in range(5):
-        rows[f"votes{j}"] = votes[:, j]
+    template, slots = _signal_layout(instrument or "?")
+    rows = np.empty((n, len(template)), dtype=np.uint8)
+    rows[:] = template
+    if n:
+        rows.view(slots)[:, 0] = np.ascontiguousarray(records).view(_SRC_VIEW)  # by position
     raw = msgspec.Raw(_mp_array_header(n) + rows.tobytes())
     return _BATCH_ENC.encode(SignalBatch(epoch=epoch, seq=seq, signals=raw))  # type: ignore[arg-type]

@@ -52,7 +52,6 @@ from typing import Any
 
 import msgspec
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
 from ..errors import CommandRefused, PayloadError, TransportTimeout
 from ..payloads import (
@@ -155,6 +154,8 @@ class ControlServer:
         self._keys = _KeyRing(authorized_keys, max_events)
         # own context: a ZAP handler serves a whole context, and the feed/ingress sockets that
         # share the default context must stay unauthenticated
+        from zmq.auth.thread import ThreadAuthenticator  # imports asyncio: only when a server starts
+
         self._ctx = zmq.Context()
         self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("dynamic_core.transport.zap"))
         self._sock: zmq.Socket | None = None

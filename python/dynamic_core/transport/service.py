@@ -78,7 +78,11 @@ class EngineService:
         Where signals go. Without a feed and without ``on_signals`` no egress thread runs and
         the caller must poll the engine (or a full window blocks ``submit``).
     control : ControlServer, optional
-        Its ``handler`` is set to :meth:`apply` unless it already has one.
+        Its ``handler`` is set to :meth:`apply` unless it already has one, and, when the engine
+        writes a journal (``Engine(..., journal=DIR)``), its ``journal_hook`` to
+        ``engine.journal_control`` unless it already has one: every accepted command is
+        journaled before it is applied. Replaying: ``dc.journal.replay(DIR, on_control=lambda
+        raw: service.apply(dc.payloads.decode_command(raw)))``.
     on_signals : callable, optional
         ``on_signals(records)`` with each ``SIGNAL_DTYPE`` batch before it is published (egress
         thread). If it raises, the exception is logged, counted (``stats()["hook_errors"]``) and
@@ -118,6 +122,10 @@ class EngineService:
         self.max_frames = int(max_frames)
         if control is not None and control.handler is None:
             control.handler = self.apply
+        if control is not None and control.journal_hook is None and getattr(engine, "journal_path", None):
+            # an engine with a journal records each command in order with the bars, before it
+            # is applied; replay hands it back (dynamic_core.journal.replay(on_control=...))
+            control.journal_hook = engine.journal_control
         self.paused = False
         self.max_bars_per_s = 0.0
         self.persona: str | None = None
@@ -263,7 +271,8 @@ class EngineService:
         while True:
             stopping = self._egress_stop.is_set()
             try:
-                sigs = self.engine.poll(65536, timeout=0.0 if stopping else 0.02)
+                # modest max_n: the engine allocates max_n records per call (1<<20 costs ~45 ms)
+                sigs = self.engine.poll(4096, timeout=0.0 if stopping else 0.02)
             except RuntimeError:  # engine closed underneath us
                 return
             if len(sigs):
