@@ -195,9 +195,9 @@ class SignalFeed:
 
                     payload = self._codec.encode(SignalBatch(epoch=self.epoch, seq=seq,
                                                              signals=tuple(signals_from_records(part))))
-                self._send(topic, payload)
                 self._next[topic] = seq + len(part)
                 self.signals += len(part)
+                self._send(topic, payload)
                 sent += 1
         return sent
 
@@ -214,9 +214,10 @@ class SignalFeed:
             for i in range(0, len(group), self.max_batch):
                 part = tuple(group[i:i + self.max_batch])
                 seq = self._next.get(topic, 0)
-                self._send(topic, self._codec.encode(SignalBatch(epoch=self.epoch, seq=seq, signals=part)))
+                payload = self._codec.encode(SignalBatch(epoch=self.epoch, seq=seq, signals=part))
                 self._next[topic] = seq + len(part)
                 self.signals += len(part)
+                self._send(topic, payload)
                 sent += 1
         return sent
 

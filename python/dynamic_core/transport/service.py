@@ -282,9 +282,10 @@ class EngineService:
                     except Exception:  # noqa: BLE001 - decided: log, count, publish anyway
                         self.hook_errors += 1
                         log.exception("on_signals hook raised")
+                # counted before sending, so a subscriber never sees more than health reports
+                self.signals_published += len(sigs)
                 if feed is not None:
                     feed.publish(sigs)
-                self.signals_published += len(sigs)
             elif stopping:
                 return
             if feed is not None:
