@@ -42,9 +42,8 @@ from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-
 import dynamic_core as dc  # noqa: E402
+import numpy as np  # noqa: E402
 from dynamic_core import payloads as P  # noqa: E402
 from dynamic_core import transport as T  # noqa: E402
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import dynamic_core as dc
 import msgspec
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-import dynamic_core as dc
 from dynamic_core import payloads as P
 from dynamic_core.errors import DynamicCoreError, PayloadError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,16 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import dynamic_core as dc
 import msgspec
 import numpy as np
 import pytest
 import zmq
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-import dynamic_core as dc
 from dynamic_core import payloads as P
 from dynamic_core import transport as T
 from dynamic_core.errors import TransportTimeout
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from .transport_peer import market, population
 

@@ -18,9 +18,8 @@ import threading
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-
 import dynamic_core as dc  # noqa: E402
+import numpy as np  # noqa: E402
 from dynamic_core import transport  # noqa: E402
 
 NAMES = ["EURUSD", "GBPUSD"]

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["add_commands", "add_run_options", "wants_service", "cmd_run_service"]
+__all__ = ["add_commands", "add_run_options", "cmd_run_service", "wants_service"]
 
 _SUBSCRIBE_EPILOG = """\
 examples:
@@ -353,9 +353,9 @@ def cmd_run_service(args: argparse.Namespace) -> int:
                   f"{control.stats()['authorised_keys']} authorised client key(s))", flush=True)
         if journal:
             print(f"  journal   : {journal}", flush=True)
-        if feed is not None and args.wait_subscribers:
-            if not feed.wait_for_subscribers(args.wait_subscribers, timeout=30.0):
-                raise CLIError(f"fewer than {args.wait_subscribers} subscriber(s) after 30 s")
+        if feed is not None and args.wait_subscribers and \
+                not feed.wait_for_subscribers(args.wait_subscribers, timeout=30.0):
+            raise CLIError(f"fewer than {args.wait_subscribers} subscriber(s) after 30 s")
         if own_ingress:
             sender_thread = threading.Thread(target=_push_bars, daemon=True, name="dc-run-sender",
                                              args=(ingress_addr, bars, max(1, args.chunk or 256), stop_sender))

@@ -37,7 +37,7 @@ then refuses the frame (``unknown_field`` or ``version``) instead of misreading 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
@@ -47,35 +47,35 @@ from .instruments import MAX_NAME, instruments
 from .records import BAR_DTYPE, SIGNAL_DTYPE
 
 __all__ = [
-    "PAYLOAD_VERSION",
-    "DEFAULT_MAX_FRAME",
-    "AISignal",
-    "PreparedMarketContext",
-    "SignalBatch",
-    "RationaleUpdate",
-    "Heartbeat",
-    "Reject",
-    "Pause",
-    "Resume",
-    "SetThrottle",
-    "SwapPersona",
-    "UpdateRouting",
-    "LoadPopulation",
-    "Snapshot",
-    "HealthQuery",
-    "ControlCommand",
     "CONTROL_COMMANDS",
+    "DEFAULT_MAX_FRAME",
+    "PAYLOAD_VERSION",
+    "AISignal",
+    "Codec",
+    "ControlCommand",
     "ControlReply",
     "FeedMessage",
-    "Codec",
+    "HealthQuery",
+    "Heartbeat",
+    "LoadPopulation",
+    "Pause",
+    "PreparedMarketContext",
+    "RationaleUpdate",
+    "Reject",
+    "Resume",
+    "SetThrottle",
+    "SignalBatch",
+    "Snapshot",
+    "SwapPersona",
+    "UpdateRouting",
+    "decode_command",
+    "encode_command",
+    "encode_signal_batch",
+    "plain",
     "signal_from_record",
     "signals_from_records",
     "signals_to_records",
-    "encode_signal_batch",
     "split_bars",
-    "plain",
-    "decode_command",
-    "encode_command",
 ]
 
 PAYLOAD_VERSION = 1
@@ -252,7 +252,7 @@ class Reject(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
     ts: I64 = 0
 
 
-FeedMessage = Union[SignalBatch, Heartbeat, RationaleUpdate]
+FeedMessage = SignalBatch | Heartbeat | RationaleUpdate
 """What a signal-feed subscriber decodes."""
 
 
@@ -423,8 +423,8 @@ class HealthQuery(_Command, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """Ask for the engine's and the service's counters (``engine.stats()`` and more)."""
 
 
-ControlCommand = Union[Pause, Resume, SetThrottle, SwapPersona, UpdateRouting, LoadPopulation,
-                       Snapshot, HealthQuery]
+ControlCommand = (Pause | Resume | SetThrottle | SwapPersona | UpdateRouting | LoadPopulation | Snapshot
+                  | HealthQuery)
 """Tagged union of every control command."""
 
 CONTROL_COMMANDS: tuple[type, ...] = (Pause, Resume, SetThrottle, SwapPersona, UpdateRouting,

@@ -8,7 +8,7 @@ from typing import Any
 
 import zmq
 
-__all__ = ["check_address", "is_loopback", "endpoint", "recv_frames", "DEFAULT_ADDRESS"]
+__all__ = ["DEFAULT_ADDRESS", "check_address", "endpoint", "is_loopback", "recv_frames"]
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:*"
 """Where sockets bind by default: loopback, with a port chosen by the OS (see ``.endpoint``)."""

@@ -55,9 +55,9 @@ import zmq
 
 from ..errors import CommandRefused, PayloadError, TransportTimeout
 from ..payloads import (
+    Codec,
     ControlCommand,
     ControlReply,
-    Codec,
     HealthQuery,
     LoadPopulation,
     Pause,
@@ -72,7 +72,7 @@ from ..payloads import (
 from ._common import DEFAULT_ADDRESS, attach, close_socket, recv_frames
 from .keys import authorised_keys, load_keypair, load_public_key
 
-__all__ = ["ControlServer", "ControlClient", "DEFAULT_CONTROL_MAX_FRAME"]
+__all__ = ["DEFAULT_CONTROL_MAX_FRAME", "ControlClient", "ControlServer"]
 
 log = logging.getLogger("dynamic_core.transport.control")
 

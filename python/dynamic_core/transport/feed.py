@@ -73,7 +73,7 @@ from ..payloads import (
 from ..records import SIGNAL_DTYPE
 from ._common import DEFAULT_ADDRESS, attach, close_socket, recv_frames
 
-__all__ = ["SignalFeed", "SignalSubscriber", "Gap", "EpochChange", "HEARTBEAT_TOPIC", "signal_topic"]
+__all__ = ["HEARTBEAT_TOPIC", "EpochChange", "Gap", "SignalFeed", "SignalSubscriber", "signal_topic"]
 
 HEARTBEAT_TOPIC = b"hb"
 MAX_TOPICS_IN_HEARTBEAT = 4096

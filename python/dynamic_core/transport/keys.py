@@ -24,7 +24,7 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
-__all__ = ["new_keypair", "load_keypair", "load_public_key", "authorised_keys"]
+__all__ = ["authorised_keys", "load_keypair", "load_public_key", "new_keypair"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -64,8 +64,8 @@ def new_keypair(directory: str | os.PathLike, name: str = "client", *,
                 raise FileExistsError(f"{f} exists (pass overwrite=True / --force to replace it)")
             f.unlink()
     public, secret = zmq.curve_keypair()
-    fmt = dict(now=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               pyzmq=zmq.__version__, libzmq=zmq.zmq_version(), public=public.decode("ascii"))
+    fmt = {"now": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "public": public.decode("ascii")}
     _write(public_file, _BANNER.format(what="public certificate", advice="share freely", **fmt), 0o644)
     _write(secret_file,
            _BANNER.format(what="SECRET certificate", advice="DO NOT PROVIDE THIS FILE TO OTHER USERS",

@@ -202,7 +202,7 @@ class EngineService:
         with open(tmp, "wb") as f:
             np.save(f, agents)
         os.replace(tmp, p)  # a reader never sees a half-written snapshot
-        return {"path": str(p), "agents": int(len(agents))}
+        return {"path": str(p), "agents": len(agents)}
 
     # ---- ingress loop -------------------------------------------------------------------------
     def _take(self, n: int, now: float) -> int:
@@ -255,6 +255,7 @@ class EngineService:
                 break
             taken = int(self.engine.submit(bars[:k]))
             n += taken
+            self.bars_submitted += taken
             self._pending = bars[taken:] if taken < len(bars) else None
             if taken < k:  # engine full with backpressure="reject_new": retry next iteration
                 break
@@ -262,7 +263,6 @@ class EngineService:
                 break  # a command is waiting: apply it before the next submit
             if self.paused:
                 break
-        self.bars_submitted += n
         return n
 
     # ---- egress thread ------------------------------------------------------------------------
