@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -206,6 +207,29 @@ def test_subscriber_reports_gaps_epochs_and_bad_frames(raw_pub: zmq.Socket) -> N
         assert [r[0] for r in sub.rejects] == ["malformed", "malformed", "oversized"]
 
 
+def test_subscriber_survives_garbage(raw_pub: zmq.Socket) -> None:
+    pub = raw_pub
+    good = msgspec.msgpack.encode(P.Heartbeat(epoch=3, seq=0, ts=0))
+    with T.SignalSubscriber(pub.getsockopt(zmq.LAST_ENDPOINT).decode(), max_frame=2048) as sub:
+        _wait_subscriptions(pub, 2)
+
+        @settings(max_examples=150, deadline=None)
+        @given(frames=st.lists(st.binary(max_size=3000), min_size=1, max_size=3))
+        def check(frames: list[bytes]) -> None:
+            before = sub.stats()
+            pub.send_multipart([b"sig.X.60", *frames])
+            pub.send_multipart([b"hb", good])  # a valid message after each bad one
+            while True:
+                msg = sub.recv(timeout=TIMEOUT)
+                assert msg is not None
+                if isinstance(msg, P.Heartbeat) and msg.epoch == 3:
+                    break
+            after = sub.stats()
+            assert after["rejected"] + after["messages"] - before["rejected"] - before["messages"] == 2
+
+        check()
+
+
 def test_gaps_under_a_tiny_hwm_across_processes(tmp_path: Path, peers: list[Peer]) -> None:
     """A publisher with SNDHWM 1 blasts 40k signals at a subscriber that does not read: PUB
     drops, and every dropped signal is accounted for as a gap (tail gaps via heartbeats)."""
@@ -290,8 +314,9 @@ def test_ingress_from_another_process_matches_run(kind: str, tmp_path: Path, pee
 
 
 def test_ingress_sub_socket_and_dead_letter_bound() -> None:
+    seen: list[P.Reject] = []
     with T.MarketIngress("inproc://ingress-sub-test", kind="sub", bind=True, topics=["mkt.EURUSD."],
-                         dead_letter_capacity=2) as ingress:
+                         dead_letter_capacity=2, on_reject=seen.append) as ingress:
         with T.MarketSender("inproc://ingress-sub-test", kind="pub") as tx:
             bars = market(30)
             # SUB joins asynchronously: repeat the first frame until one arrives
@@ -316,6 +341,8 @@ def test_ingress_sub_socket_and_dead_letter_bound() -> None:
             assert ingress.recv_bars(timeout=0.2) is None
     st = ingress.stats()
     assert st["rejected"] == 4 and st["dead_letters"] == 2 and st["dead_letters_dropped"] == 2
+    assert [r.size for r in seen] == [16, 17, 18, 15]  # the hook sees every one
+    assert ingress.dead_letters() == seen[2:]
     with T.MarketIngress("inproc://x2") as no_engine, pytest.raises(RuntimeError, match="no engine"):
         no_engine.pump()
 
@@ -739,3 +766,27 @@ def test_cli_run_publishes_to_a_subscriber(tmp_path: Path, peers: list[Peer]) ->
         assert sub.gap_count == 0
     out, _ = run.finish()
     assert "signals 100, published 100;" in out
+
+
+def test_cli_run_serves_a_market_feed_with_control(tmp_path: Path, keys: Path, peers: list[Peer]) -> None:
+    bars_addr, sig_addr = f"ipc://{tmp_path / 'bars.sock'}", f"ipc://{tmp_path / 'sig.sock'}"
+    run = Peer("run", "--agents", "300", "--instruments", "EURUSD,GBPUSD", "--feed", bars_addr, "--publish", sig_addr,
+               "--heartbeat", "0.05", "--control", "tcp://127.0.0.1:*", "--server-key", str(keys / "server.key_secret"),
+               "--authorized", str(keys / "clients"), module=True)
+    peers.append(run)
+    lines = [run.proc.stdout.readline() for _ in range(4)]  # the banner names the endpoints
+    control = next(x.split()[2] for x in lines if x.strip().startswith("control"))
+    bars = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], timeframe="H1", seed=8).bars(40)
+    with T.SignalSubscriber(sig_addr) as sub, T.MarketSender(bars_addr) as tx, \
+            T.ControlClient(control, server_key=keys / "server.key",
+                            client_key=keys / "clients" / "ops.key_secret") as ctl:
+        _wait_heartbeat(sub)
+        tx.send(bars)
+        while sub.signals_received < 80:
+            assert sub.recv(timeout=TIMEOUT) is not None
+        assert ctl.health().result["engine"]["bars_in"] == 80
+    run.proc.send_signal(signal.SIGINT)  # serves until interrupted
+    out, err = run.proc.communicate(timeout=TIMEOUT)
+    assert run.proc.returncode == 130, err
+    assert "signals 80, published 80;" in out and "control commands 1;" in out
+

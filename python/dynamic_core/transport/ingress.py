@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -64,18 +65,24 @@ class MarketIngress:
         PUSH sender blocks and a PUB sender drops.
     dead_letter_capacity : int
         Most recent refused frames kept (:meth:`dead_letters`); older ones are only counted.
+    on_reject : callable, optional
+        ``on_reject(reject)`` with each :class:`~dynamic_core.payloads.Reject` as it is made
+        (e.g. to journal undecodable frames). If it raises, the exception propagates out of
+        :meth:`recv_bars`/:meth:`pump` after the reject is counted and kept.
     """
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, engine: Any = None, kind: str = "pull",
                  topics: Any = ("mkt.",), fmt: str = "auto", max_frame: int = DEFAULT_MAX_FRAME,
                  rcvhwm: int = 10_000, dead_letter_capacity: int = 1000, bind: bool | None = None,
-                 allow_remote: bool = False, context: zmq.Context | None = None) -> None:
+                 allow_remote: bool = False, on_reject: Callable[[Reject], Any] | None = None,
+                 context: zmq.Context | None = None) -> None:
         if kind not in ("pull", "sub"):
             raise ValueError(f"kind must be 'pull' or 'sub', got {kind!r}")
         if dead_letter_capacity < 0:
             raise ValueError("dead_letter_capacity must be >= 0")
         self.kind = kind
         self.engine = engine
+        self.on_reject = on_reject
         self._codec = Codec(PreparedMarketContext, fmt=fmt, max_frame=max_frame)
         ctx = context if context is not None else zmq.Context.instance()
         self._sock = ctx.socket(zmq.PULL if kind == "pull" else zmq.SUB)
@@ -136,12 +143,13 @@ class MarketIngress:
         return bars
 
     def _dead_letter(self, reason: str, detail: str, size: int) -> None:
-        if self._dead.maxlen == 0:
+        rej = Reject(reason=reason, detail=detail[:1000], size=size, ts=time.time_ns())
+        if self._dead.maxlen == 0 or len(self._dead) == self._dead.maxlen:
             self.dead_letters_dropped += 1
-            return
-        if len(self._dead) == self._dead.maxlen:
-            self.dead_letters_dropped += 1
-        self._dead.append(Reject(reason=reason, detail=detail[:1000], size=size, ts=time.time_ns()))
+        if self._dead.maxlen:
+            self._dead.append(rej)
+        if self.on_reject is not None:
+            self.on_reject(rej)
 
     def pump(self, timeout: float = 0.0, max_frames: int = 64) -> int:
         """Receive up to ``max_frames`` frames (waiting up to ``timeout`` for the first) and
