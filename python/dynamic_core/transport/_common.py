@@ -79,13 +79,6 @@ def recv_frames(sock: zmq.Socket, timeout: float | None) -> list[zmq.Frame] | No
         return None
 
 
-def new_context(context: zmq.Context | None) -> tuple[zmq.Context, bool]:
-    """``(context, owned)``: the given one, or a fresh one this object must terminate."""
-    if context is not None:
-        return context, False
-    return zmq.Context(), True
-
-
 def close_socket(sock: Any, linger_ms: int = 0) -> None:
     if sock is not None and not sock.closed:
         sock.close(linger=linger_ms)
