@@ -121,24 +121,8 @@ def engine_section(quick: bool, tmp: str) -> dict:
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not figures to quote)")
-    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    args = ap.parse_args(argv)
-    t_all = time.perf_counter()
-    print("dynamic_core journal benchmark")
-    print(describe())
-    tmp = tempfile.mkdtemp(prefix="dc-bench-journal-")
-    try:
-        _progress("append ...")
-        app = append_section(args.quick, tmp)
-        _progress("engine with and without a journal ...")
-        eng = engine_section(args.quick, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    res = {"append": app, "engine": eng, "filesystem": fs_type(tempfile.gettempdir())}
+def report(app: dict, eng: dict) -> list[tuple[str, str, str, bool]]:
+    """Prints the append, engine and replay tables; returns the target rows."""
     print(f"\n1. Journal append (best of 3; directory under {tempfile.gettempdir()}, filesystem "
           f"{fs_type(tempfile.gettempdir())}: sync costs depend on the device behind it)")
     print(f"   {'records':<32} {'records/s':>12} {'MB/s':>9}")
@@ -157,6 +141,28 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("journal append records/s, level 0", f"{a0 / 1e6:.2f} M", ">= 1 M", a0 >= 1e6),
             ("replay agent-updates/s", f"{eng['replay_updates_per_s'] / 1e6:.1f} M", ">= 5 M",
              eng["replay_updates_per_s"] >= 5e6)]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not figures to quote)")
+    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = ap.parse_args(argv)
+    t_all = time.perf_counter()
+    print("dynamic_core journal benchmark")
+    print(describe())
+    tmp = tempfile.mkdtemp(prefix="dc-bench-journal-")
+    try:
+        _progress("append ...")
+        app = append_section(args.quick, tmp)
+        _progress("engine with and without a journal ...")
+        eng = engine_section(args.quick, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res = {"append": app, "engine": eng, "filesystem": fs_type(tempfile.gettempdir())}
+    rows = report(app, eng)
     print_targets(rows, args.quick)
     print(f"\ntotal wall time {time.perf_counter() - t_all:.1f} s")
     if args.json:

@@ -352,9 +352,22 @@ class Section:
     report: Callable[[dict], list[tuple[str, str, str, bool]]]
 
 
+def journal_section(quick: bool, tmp: str) -> dict:
+    from . import bench_journal as bj
+
+    return {"append": bj.append_section(quick, tmp), "engine": bj.engine_section(quick, tmp)}
+
+
+def journal_report(res: dict) -> list[tuple[str, str, str, bool]]:
+    from . import bench_journal as bj
+
+    return bj.report(res["append"], res["engine"])
+
+
 SECTIONS: list[Section] = [
     Section("latency", latency_section, latency_report),
     Section("feed", feed_section, feed_report),
+    Section("journal", journal_section, journal_report),
 ]
 
 

@@ -201,12 +201,22 @@ void bind_engine(py::module_& m) {
            }, py::arg("bars"), py::arg("n_registered"),
            "Validate, sequence and dispatch bars; returns how many were taken.")
       .def("poll", [](Engine& e, size_t max_n, int64_t timeout_ns) {
-             std::vector<Signal> out(std::max<size_t>(max_n, 1));
-             size_t k;
+             // At most `capacity` signals are ever ready; gather them 256 at a time so an empty
+             // or small poll does not allocate for max_n.
+             const size_t n = std::min<size_t>(max_n, e.capacity());
+             std::vector<Signal> out;
+             Signal buf[256];
              {
                py::gil_scoped_release nogil;
-               k = e.poll(out.data(), max_n, timeout_ns);
+               int64_t wait = timeout_ns;
+               while (out.size() < n) {
+                 const size_t k = e.poll(buf, std::min<size_t>(256, n - out.size()), wait);
+                 out.insert(out.end(), buf, buf + k);
+                 if (k < 256) break;
+                 wait = 0;
+               }
              }
+             const size_t k = out.size();
              return to_bytes(out.data(), k);
            }, py::arg("max_n"), py::arg("timeout_ns"),
            "Up to max_n ready signals in bar order, as bytes; waits up to timeout_ns (<0: forever).")
