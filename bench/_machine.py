@@ -7,9 +7,12 @@ script has set its thread environment variables.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import sys
+import time
 from typing import Any
 
 __all__ = ["describe", "info"]
@@ -106,13 +109,27 @@ def describe() -> str:
     )
 
 
-def print_targets(rows, quick: bool) -> None:
-    """The closing table of a bench script: (figure, value, target, met) rows, never asserted."""
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every bench script takes (``--quick``, ``--json``), its docstring as help."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not figures to quote)")
+    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    return ap
+
+
+def finish(rows, res: dict, args: argparse.Namespace, t_start: float) -> None:
+    """The closing of a bench script: the (figure, value, target, met) rows against the issue's
+    targets (never asserted), the wall time, and the figures as JSON with ``--json``."""
     print("\nSummary against the issue's targets (never asserted)")
     for name, val, tgt, ok in rows:
         print(f"  {name:<44} {val:>10}  target {tgt:<8} {'PASS' if ok else 'BELOW'}")
-    if quick:
+    if args.quick:
         print("(quick mode: smaller sizes; run without --quick for the figures to quote)")
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
 
 
 if __name__ == "__main__":

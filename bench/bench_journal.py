@@ -20,8 +20,6 @@ at level 0; replay >= 5 M agent-updates/s.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import struct
@@ -37,7 +35,7 @@ import numpy as np  # noqa: E402
 import dynamic_core as dc  # noqa: E402
 from dynamic_core import _core  # noqa: E402
 
-from ._machine import describe, print_targets  # noqa: E402
+from ._machine import arg_parser, describe, finish  # noqa: E402
 
 NAMES = ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD"]
 
@@ -145,10 +143,7 @@ def report(app: dict, eng: dict) -> list[tuple[str, str, str, bool]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not figures to quote)")
-    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    ap = arg_parser(__doc__)
     args = ap.parse_args(argv)
     t_all = time.perf_counter()
     print("dynamic_core journal benchmark")
@@ -163,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     res = {"append": app, "engine": eng, "filesystem": fs_type(tempfile.gettempdir())}
     rows = report(app, eng)
-    print_targets(rows, args.quick)
-    print(f"\ntotal wall time {time.perf_counter() - t_all:.1f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    finish(rows, res, args, t_all)
     return 0
 
 

@@ -18,8 +18,6 @@ p99 <= 100 us at 10k agents; >= 0.5 G agent-updates/s at 100k agents; ring <= 10
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -31,7 +29,7 @@ import numpy as np  # noqa: E402
 import dynamic_core as dc  # noqa: E402
 from dynamic_core import _core  # noqa: E402
 
-from ._machine import describe, print_targets  # noqa: E402
+from ._machine import arg_parser, describe, finish  # noqa: E402
 
 NAMES = ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD"]
 
@@ -90,10 +88,7 @@ def latency(n_agents: int, bars: np.ndarray, n_measure: int, threads: int) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not figures to quote)")
-    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    ap = arg_parser(__doc__)
     args = ap.parse_args(argv)
     t_all = time.perf_counter()
     print("dynamic_core runtime benchmark")
@@ -146,11 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         ("step p99 at 10k agents (us)", f"{l10['step_p99_us']:.1f}", "<= 100", l10["step_p99_us"] <= 100),
         ("ring ns per op", f"{r['spsc_ring_ns']:.1f}", "<= 10", r["spsc_ring_ns"] <= 10),
     ]
-    print_targets(rows, args.quick)
-    print(f"\ntotal wall time {time.perf_counter() - t_all:.1f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    finish(rows, res, args, t_all)
     return 0
 
 

@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 from dynamic_core import payloads as P  # noqa: E402
 from dynamic_core import transport as T  # noqa: E402
 
-from ._machine import describe, print_targets  # noqa: E402
+from ._machine import arg_parser, describe, finish  # noqa: E402
 
 INSTRUMENT = "EURUSD"
 WARM = 300
@@ -372,10 +372,7 @@ SECTIONS: list[Section] = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not figures to quote)")
-    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    ap = arg_parser(__doc__)
     ap.add_argument("--only", action="append", choices=[s.name for s in SECTIONS], metavar="SECTION",
                     help=f"run only these sections ({', '.join(s.name for s in SECTIONS)}); repeatable")
     ap.add_argument("--role", nargs="+", help=argparse.SUPPRESS)  # the other processes
@@ -400,11 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             res[s.name] = s.run(args.quick, tmp)
             rows += s.report(res[s.name])
-    print_targets(rows, args.quick)
-    print(f"\ntotal wall time {time.perf_counter() - t_all:.1f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    finish(rows, res, args, t_all)
     return 0
 
 

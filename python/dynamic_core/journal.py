@@ -380,7 +380,7 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
     result = ReplayResult(
         path=p, signals=signals, agents=agents, bars=n_bars, records=n_records, verified=verified,
         unverified=len(got) - verified - len(mismatched), mismatched=mismatched, missing=missing,
-        controls=controls, events=events, dead_letters=dead, report=verify_report(p),
+        controls=controls, events=events, dead_letters=dead, report=_report(p, _core.journal_scan(p, False)),
         seconds=seconds, agent_updates=int(stats.get("agent_updates", 0)),
         population_hash=meta.population_hash, config=cfg)
     if verify and not result.ok:
@@ -390,6 +390,3 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
             f"(first seq {missing[:5]})", mismatched + missing)
     return result
 
-
-def verify_report(path: str) -> JournalReport:
-    return _report(path, _core.journal_scan(path, False))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["DEFAULT_ADDRESS", "check_address", "endpoint", "is_loopback", "recv_frames"]
 
@@ -82,3 +85,24 @@ def recv_frames(sock: zmq.Socket, timeout: float | None) -> list[zmq.Frame] | No
 def close_socket(sock: Any, linger_ms: int = 0) -> None:
     if sock is not None and not sock.closed:
         sock.close(linger=linger_ms)
+
+
+class SocketOwner:
+    """Base of the transport classes that own one ZeroMQ socket (``self._sock``): the raw
+    socket, ``close()`` (linger ``_linger_ms``) and use as a context manager."""
+
+    _sock: Any = None
+    _linger_ms = 0
+
+    @property
+    def socket(self) -> zmq.Socket:
+        return self._sock
+
+    def close(self) -> None:
+        close_socket(self._sock, self._linger_ms)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

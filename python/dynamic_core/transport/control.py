@@ -69,7 +69,7 @@ from ..payloads import (
     encode_command,
     plain,
 )
-from ._common import DEFAULT_ADDRESS, attach, close_socket, recv_frames
+from ._common import DEFAULT_ADDRESS, SocketOwner, attach, close_socket, recv_frames
 from .keys import authorised_keys, load_keypair, load_public_key
 
 __all__ = ["DEFAULT_CONTROL_MAX_FRAME", "ControlClient", "ControlServer"]
@@ -114,7 +114,7 @@ def _request_id_of(raw: Any, is_json: bool) -> int:
     return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**64 else 0
 
 
-class ControlServer:
+class ControlServer(SocketOwner):
     """CURVE ROUTER for control commands (see the module docstring).
 
     Parameters
@@ -278,10 +278,6 @@ class ControlServer:
                 "auth_allowed": self._keys.allowed, "auth_refused": self._keys.refused,
                 "authorised_keys": len(self._keys.keys)}
 
-    @property
-    def socket(self) -> zmq.Socket:
-        return self._sock
-
     def close(self) -> None:
         close_socket(self._sock)
         if self._auth is not None:
@@ -290,17 +286,11 @@ class ControlServer:
         if not self._ctx.closed:
             self._ctx.term()
 
-    def __enter__(self) -> ControlServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"ControlServer({getattr(self, 'endpoint', '?')!r}, public_key={self.public_key!r})"
 
 
-class ControlClient:
+class ControlClient(SocketOwner):
     """DEALER client of a :class:`ControlServer`, with CURVE client keys.
 
     Parameters
@@ -405,19 +395,6 @@ class ControlClient:
 
     def health(self, **kw: Any) -> ControlReply:
         return self.request(HealthQuery(), **kw)
-
-    @property
-    def socket(self) -> zmq.Socket:
-        return self._sock
-
-    def close(self) -> None:
-        close_socket(self._sock)
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"ControlClient({self.endpoint!r})"

@@ -71,7 +71,7 @@ from ..payloads import (
     encode_signal_batch,
 )
 from ..records import SIGNAL_DTYPE
-from ._common import DEFAULT_ADDRESS, attach, close_socket, recv_frames
+from ._common import DEFAULT_ADDRESS, SocketOwner, attach, recv_frames
 
 __all__ = ["HEARTBEAT_TOPIC", "EpochChange", "Gap", "SignalFeed", "SignalSubscriber", "signal_topic"]
 
@@ -89,7 +89,7 @@ def _new_epoch() -> int:
     return int.from_bytes(os.urandom(8), "little") or 1
 
 
-class SignalFeed:
+class SignalFeed(SocketOwner):
     """PUB side of the signal feed (see the module docstring for the wire format).
 
     Parameters
@@ -301,19 +301,6 @@ class SignalFeed:
                 "signals": self.signals, "heartbeats": self.heartbeats, "rationales": self.rationales,
                 "subscribers": self.subscribers, "topics": len(self._next)}
 
-    @property
-    def socket(self) -> zmq.Socket:
-        return self._sock
-
-    def close(self) -> None:
-        close_socket(self._sock)
-
-    def __enter__(self) -> SignalFeed:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"SignalFeed({self.endpoint!r}, fmt={self.fmt!r}, epoch={self.epoch:#018x})"
 
@@ -345,7 +332,7 @@ class EpochChange:
     new: int
 
 
-class SignalSubscriber:
+class SignalSubscriber(SocketOwner):
     """SUB side of the feed: decodes, tracks sequence gaps, epochs and heartbeats.
 
     Parameters
@@ -522,19 +509,6 @@ class SignalSubscriber:
                 "heartbeats": self.heartbeats, "gaps": len(self.gaps), "gap_signals": self.gap_count,
                 "epoch_changes": len(self.epoch_changes), "rejected": c["rejected"],
                 "rejects": c["rejects"]}
-
-    @property
-    def socket(self) -> zmq.Socket:
-        return self._sock
-
-    def close(self) -> None:
-        close_socket(self._sock)
-
-    def __enter__(self) -> SignalSubscriber:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"SignalSubscriber({self.endpoint!r}, topics={self.topics!r})"

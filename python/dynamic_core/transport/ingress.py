@@ -32,7 +32,7 @@ import zmq
 
 from ..errors import PayloadError
 from ..payloads import DEFAULT_MAX_FRAME, Codec, PreparedMarketContext, Reject, split_bars
-from ._common import DEFAULT_ADDRESS, attach, close_socket, recv_frames
+from ._common import DEFAULT_ADDRESS, SocketOwner, attach, close_socket, recv_frames
 
 __all__ = ["MarketIngress", "MarketSender", "market_topic"]
 
@@ -42,7 +42,7 @@ def market_topic(instrument: str, timeframe: int) -> bytes:
     return f"mkt.{instrument}.{int(timeframe)}".encode()
 
 
-class MarketIngress:
+class MarketIngress(SocketOwner):
     """Receives :class:`PreparedMarketContext` frames and hands their bars to an engine.
 
     Parameters
@@ -178,24 +178,11 @@ class MarketIngress:
                 "submitted": self.submitted, "rejected": c["rejected"], "rejects": c["rejects"],
                 "dead_letters": len(self._dead), "dead_letters_dropped": self.dead_letters_dropped}
 
-    @property
-    def socket(self) -> zmq.Socket:
-        return self._sock
-
-    def close(self) -> None:
-        close_socket(self._sock)
-
-    def __enter__(self) -> MarketIngress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"MarketIngress({self.endpoint!r}, kind={self.kind!r})"
 
 
-class MarketSender:
+class MarketSender(SocketOwner):
     """The other end of :class:`MarketIngress`: sends ``BAR_DTYPE`` arrays as
     :class:`PreparedMarketContext` frames, in order (see :func:`~dynamic_core.payloads.split_bars`).
 
@@ -260,19 +247,9 @@ class MarketSender:
         """Send arbitrary frames as they are (for tests of the receiving side's robustness)."""
         self._sock.send_multipart(frames)
 
-    @property
-    def socket(self) -> zmq.Socket:
-        return self._sock
-
     def close(self, linger: float = 2.0) -> None:
         """Close; unsent frames get up to ``linger`` seconds to leave."""
         close_socket(self._sock, int(linger * 1000))
-
-    def __enter__(self) -> MarketSender:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"MarketSender({self.endpoint!r}, kind={self.kind!r})"
