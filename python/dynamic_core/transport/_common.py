@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -80,6 +82,23 @@ def recv_frames(sock: zmq.Socket, timeout: float | None) -> list[zmq.Frame] | No
         return sock.recv_multipart(zmq.NOBLOCK, copy=False)
     except zmq.Again:
         return None
+
+
+def recv_valid(sock: zmq.Socket, timeout: float | None, accept: Callable[[list[zmq.Frame]], Any]) -> Any:
+    """The first message ``accept(frames)`` makes something of (not None), or None when none
+    arrives within ``timeout`` seconds (None: wait forever). Frames it refuses are skipped; the
+    wait goes on until the deadline."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        frames = recv_frames(sock, left)
+        if frames is None:
+            return None
+        out = accept(frames)
+        if out is not None:
+            return out
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
 
 
 def close_socket(sock: Any, linger_ms: int = 0) -> None:

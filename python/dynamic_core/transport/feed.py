@@ -71,7 +71,7 @@ from ..payloads import (
     encode_signal_batch,
 )
 from ..records import SIGNAL_DTYPE
-from ._common import DEFAULT_ADDRESS, SocketOwner, attach, recv_frames
+from ._common import DEFAULT_ADDRESS, SocketOwner, attach, recv_valid
 
 __all__ = ["HEARTBEAT_TOPIC", "EpochChange", "Gap", "SignalFeed", "SignalSubscriber", "signal_topic"]
 
@@ -412,17 +412,7 @@ class SignalSubscriber(SocketOwner):
         :meth:`stats` and listed in :attr:`rejects`, then skipped; the wait goes on until the
         deadline.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            frames = recv_frames(self._sock, left)
-            if frames is None:
-                return None
-            msg = self._accept(frames)
-            if msg is not None:
-                return msg
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
+        return recv_valid(self._sock, timeout, self._accept)
 
     def _accept(self, frames: list[zmq.Frame]) -> Any:
         if len(frames) != 2:

@@ -32,7 +32,7 @@ import zmq
 
 from ..errors import PayloadError
 from ..payloads import DEFAULT_MAX_FRAME, Codec, PreparedMarketContext, Reject, split_bars
-from ._common import DEFAULT_ADDRESS, SocketOwner, attach, close_socket, recv_frames
+from ._common import DEFAULT_ADDRESS, SocketOwner, attach, close_socket, recv_valid
 
 __all__ = ["MarketIngress", "MarketSender", "market_topic"]
 
@@ -109,17 +109,7 @@ class MarketIngress(SocketOwner):
     def recv_bars(self, timeout: float | None = 0.0) -> np.ndarray | None:
         """Bars of the next valid frame (``BAR_DTYPE``), or None when no valid frame arrives
         within ``timeout`` seconds. Refused frames are counted, dead-lettered and skipped."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            frames = recv_frames(self._sock, left)
-            if frames is None:
-                return None
-            bars = self._decode(frames)
-            if bars is not None:
-                return bars
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
+        return recv_valid(self._sock, timeout, self._decode)
 
     def _decode(self, frames: list[zmq.Frame]) -> np.ndarray | None:
         self.frames += 1
