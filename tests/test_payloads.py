@@ -49,6 +49,18 @@ EXAMPLES = [
     P.HealthQuery(request_id=9),
     P.ControlReply(request_id=9, ok=True, result={"bars_in": 10, "nested": {"a": [1, 2.5]}}),
     P.ControlReply(request_id=10, ok=False, error="refused"),
+    P.ReviewQuery(request_id=11, limit=5),
+    P.Review(request_id=12, item=3, approve=False, note="contradicts the signal"),
+    P.AdapterHello(provider="deepseek", kind="openai-compatible", model="deepseek-chat", context_window=65536,
+                   usd_per_m_input=0.27, usd_per_m_output=1.1, personas=("analyst",), languages=("en", "zh"),
+                   max_concurrency=4, pid=77),
+    P.AdapterBeat(in_flight=2, ts=5),
+    P.AdapterBye(reason="shutdown"),
+    P.ReasonRequest(task_id=2**40, attempt=1, context=P.ReasoningContext(
+        signal_id="00000000000000ab:12", instrument="EURUSD", timeframe=3600, seq=12, action=-1, score=-0.3,
+        features={"atr_pct": 0.25}), messages=(("system", "be brief"), ("user", "why?")), template="narrative/1"),
+    P.ReasonReply(task_id=2**40, attempt=1, ok=False, error_kind="rate_limited", status=429, retry_after=1.5),
+    P.MeshShutdown(),
 ]
 
 

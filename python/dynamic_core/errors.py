@@ -15,6 +15,10 @@ __all__ = [
     "JournalError",
     "JournalCorrupt",
     "ReplayMismatch",
+    "ReasoningError",
+    "AdapterError",
+    "SecretsError",
+    "PolicyError",
 ]
 
 
@@ -121,3 +125,51 @@ class ReplayMismatch(DynamicCoreError, AssertionError):
 class CommandRefused(DynamicCoreError, ValueError):
     """A well-formed control command that the receiver will not apply (e.g. LoadPopulation while
     running). Control servers reply ``ok=False`` with the message and log no traceback."""
+
+
+class ReasoningError(DynamicCoreError, RuntimeError):
+    """Base class of the reasoning mesh's errors."""
+
+
+class AdapterError(ReasoningError):
+    """One reasoning attempt failed (an HTTP call, an adapter process, a deadline).
+
+    The message never contains an API key or an ``Authorization`` header: adapters redact
+    every secret they know before building it.
+
+    Attributes
+    ----------
+    kind : str
+        ``timeout``, ``rate_limited``, ``server_error``, ``client_error``, ``auth``,
+        ``malformed``, ``connection``, ``adapter_lost`` (the process died mid-request),
+        ``cancelled`` or ``budget`` (refused by a budget or quota before it was sent).
+    status : int | None
+        The HTTP status, when there was one.
+    retry_after : float | None
+        Seconds the server asked to wait (``Retry-After`` of a 429 or 503).
+    """
+
+    KINDS = ("timeout", "rate_limited", "server_error", "client_error", "auth", "malformed", "connection",
+             "adapter_lost", "cancelled", "budget")
+
+    def __init__(self, kind: str, message: str = "", *, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(f"{kind}: {message}" if message else kind)
+        self.kind = kind
+        self.status = status
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        """Worth another attempt at the same provider (after a backoff)."""
+        return self.kind in ("timeout", "rate_limited", "server_error", "connection", "malformed")
+
+
+class SecretsError(ReasoningError, PermissionError):
+    """A secrets file that may not be read: readable by group or others (must be 0600), not a
+    regular file, or not parseable. The message names the file, never its contents."""
+
+
+class PolicyError(ReasoningError, ValueError):
+    """A routing-policy or provider configuration that cannot be used (unknown provider, bad
+    field, a TOML syntax error); the message says where."""

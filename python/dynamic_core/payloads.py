@@ -51,6 +51,17 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "PAYLOAD_VERSION",
     "AISignal",
+    "AdapterBeat",
+    "AdapterBye",
+    "AdapterHello",
+    "MeshFromAdapter",
+    "MeshShutdown",
+    "MeshToAdapter",
+    "ReasonReply",
+    "ReasonRequest",
+    "ReasoningContext",
+    "Review",
+    "ReviewQuery",
     "Codec",
     "ControlCommand",
     "ControlReply",
@@ -423,12 +434,29 @@ class HealthQuery(_Command, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """Ask for the engine's and the service's counters (``engine.stats()`` and more)."""
 
 
+class ReviewQuery(_Command, frozen=True, kw_only=True, forbid_unknown_fields=True,
+           tag="review_list"):
+    """List the reasoning mesh's review queue (conflicting or low-confidence rationales)."""
+
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
+
+
+class Review(_Command, frozen=True, kw_only=True, forbid_unknown_fields=True,
+           tag="review"):
+    """Approve or reject one queued rationale (``item`` from :class:`ReviewQuery`); the decision
+    adjusts the answering adapter's ensemble weight."""
+
+    item: U64
+    approve: bool
+    note: ShortText = ""
+
+
 ControlCommand = (Pause | Resume | SetThrottle | SwapPersona | UpdateRouting | LoadPopulation | Snapshot
-                  | HealthQuery)
+                  | HealthQuery | ReviewQuery | Review)
 """Tagged union of every control command."""
 
 CONTROL_COMMANDS: tuple[type, ...] = (Pause, Resume, SetThrottle, SwapPersona, UpdateRouting,
-                                      LoadPopulation, Snapshot, HealthQuery)
+                                      LoadPopulation, Snapshot, HealthQuery, ReviewQuery, Review)
 
 
 class ControlReply(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
@@ -442,6 +470,127 @@ class ControlReply(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     ok: bool
     result: dict[str, Any] = msgspec.field(default_factory=dict)
     error: Text | None = None
+
+
+
+# ---- reasoning mesh (broker ROUTER <-> adapter DEALER) -----------------------------------------
+# One frame per message after the ROUTER identity. Adapters announce themselves (AdapterHello),
+# heartbeat (AdapterBeat), answer requests (ReasonReply) and say goodbye (AdapterBye); the broker
+# sends requests (ReasonRequest) and MeshShutdown.
+
+Role = Annotated[str, msgspec.Meta(pattern="^(system|user|assistant)$")]
+Action = Annotated[int, msgspec.Meta(ge=-2, le=2)]
+
+
+class ReasoningContext(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
+           tag="reasoning_context"):
+    """The compact numeric context a rationale is written from: one signal plus a few named
+    features (``features``, e.g. ``{"atr_pct": 0.4, "ret_20": -1.2}``). ``signal_id`` is the
+    signal's :attr:`AISignal.id` and is what the :class:`RationaleUpdate` refers to."""
+
+    version: Version = PAYLOAD_VERSION
+    signal_id: ShortText
+    instrument: InstrumentName
+    timeframe: Timeframe
+    ts: I64 = 0
+    seq: U64 = 0
+    action: Action = 0
+    score: float = 0.0
+    confidence: float = 0.0
+    agreement: float = 0.0
+    dispersion: float = 0.0
+    n_agents: U32 = 0
+    asset_class: ShortText = "fx"
+    persona: ShortText = ""
+    language: ShortText = "en"
+    features: Annotated[dict[ShortText, float], msgspec.Meta(max_length=64)] = msgspec.field(default_factory=dict)
+
+
+class AdapterHello(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
+           tag="adapter_hello"):
+    """An adapter's capability announcement, sent on connect (and again if the broker restarts)."""
+
+    version: Version = PAYLOAD_VERSION
+    provider: ShortText
+    kind: ShortText
+    model: ShortText = ""
+    context_window: U32 = 0
+    usd_per_m_input: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    usd_per_m_output: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    latency_class: ShortText = "standard"
+    personas: Annotated[tuple[ShortText, ...], msgspec.Meta(max_length=256)] = ()
+    languages: Annotated[tuple[ShortText, ...], msgspec.Meta(max_length=256)] = ()
+    style: ShortText = "narrative"
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
+    pid: U32 = 0
+
+
+class AdapterBeat(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
+           tag="adapter_beat"):
+    """Adapter liveness: requests it is working on and its wall clock (ns)."""
+
+    version: Version = PAYLOAD_VERSION
+    in_flight: U32 = 0
+    ts: I64 = 0
+
+
+class AdapterBye(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
+           tag="adapter_bye"):
+    """An adapter leaving on purpose; its in-flight requests fail over at once."""
+
+    version: Version = PAYLOAD_VERSION
+    reason: ShortText = ""
+
+
+class ReasonRequest(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
+           tag="reason_request"):
+    """One attempt at one task: the prompt (``messages``, already fitted to the adapter's
+    context window) and the context it came from (the local narrator writes from that)."""
+
+    version: Version = PAYLOAD_VERSION
+    task_id: U64
+    attempt: Annotated[int, msgspec.Meta(ge=0, le=255)] = 0
+    context: ReasoningContext
+    messages: Annotated[tuple[tuple[Role, Text], ...], msgspec.Meta(max_length=32)] = ()
+    template: ShortText = ""
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 256
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] = 0.0
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] = 30_000
+    json_mode: bool = False
+
+
+class ReasonReply(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
+           tag="reason_reply"):
+    """The outcome of one :class:`ReasonRequest`: ``text`` and token counts, or an
+    :class:`~dynamic_core.errors.AdapterError` kind with a redacted message."""
+
+    version: Version = PAYLOAD_VERSION
+    task_id: U64
+    attempt: Annotated[int, msgspec.Meta(ge=0, le=255)] = 0
+    ok: bool
+    text: Text = ""
+    model: ShortText = ""
+    tokens_in: U32 = 0
+    tokens_out: U32 = 0
+    model_ms: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    error_kind: ShortText = ""
+    error: Text = ""
+    status: Annotated[int, msgspec.Meta(ge=0, le=999)] | None = None
+    retry_after: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
+
+
+class MeshShutdown(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
+           tag="mesh_shutdown"):
+    """The broker asks an adapter process to finish and exit."""
+
+    version: Version = PAYLOAD_VERSION
+
+
+MeshFromAdapter = AdapterHello | AdapterBeat | ReasonReply | AdapterBye
+"""What the mesh broker decodes from adapters."""
+
+MeshToAdapter = ReasonRequest | MeshShutdown
+"""What an adapter decodes from the broker."""
 
 
 def plain(obj: Any) -> Any:
