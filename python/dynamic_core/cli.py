@@ -362,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_transport.add_commands(sub, _Formatter)
     cli_transport.add_run_options(r)
+
+    # reasoning mesh: adapter / review, and run --reasoning (cli_reasoning.py)
+    from . import cli_reasoning
+
+    cli_reasoning.add_commands(sub, _Formatter)
+    cli_reasoning.add_run_options(r)
     return p
 
 
@@ -486,7 +492,8 @@ def _action_text(code: int):
     return Text(a.name, style=_ACTION_STYLE[a])
 
 
-def _signal_table(latest: dict[tuple[int, int], np.void], counts: dict[tuple[int, int], int]):
+def _signal_table(latest: dict[tuple[int, int], np.void], counts: dict[tuple[int, int], int],
+                  rationales: dict[tuple[int, int], str] | None = None):
     from rich.table import Table
 
     t = Table(title="Latest fused signal per instrument", title_justify="left")
@@ -496,11 +503,16 @@ def _signal_table(latest: dict[tuple[int, int], np.void], counts: dict[tuple[int
     t.add_column("action")
     for c in ("score", "conf", "agree", "agents", "signals"):
         t.add_column(c, justify="right")
+    if rationales is not None:
+        t.add_column("latest rationale", max_width=60, overflow="ellipsis", no_wrap=True)
     for key in sorted(latest, key=lambda k: (instruments.name(k[0]), k[1])):
         s = latest[key]
-        t.add_row(instruments.name(key[0]), tf_label(key[1]), _ts_label(s["ts"]), _action_text(s["action"]),
-                  f"{s['score']:+.3f}", f"{s['confidence']:.3f}", f"{s['agreement']:.3f}",
-                  f"{int(s['n_agents']):,}", f"{counts[key]:,}")
+        row = [instruments.name(key[0]), tf_label(key[1]), _ts_label(s["ts"]), _action_text(s["action"]),
+               f"{s['score']:+.3f}", f"{s['confidence']:.3f}", f"{s['agreement']:.3f}",
+               f"{int(s['n_agents']):,}", f"{counts[key]:,}"]
+        if rationales is not None:
+            row.append(rationales.get(key, "..."))
+        t.add_row(*row)
     return t
 
 
@@ -608,13 +620,25 @@ class _Progress:
     counts: dict[tuple[int, int], int]
     actions: np.ndarray
     done: int = 0
+    mesh: Any = None
+    rationales: dict[tuple[int, int], str] | None = None
 
     @classmethod
-    def new(cls) -> _Progress:
-        return cls({}, {}, np.zeros(5, dtype=np.int64))
+    def new(cls, mesh: Any = None) -> _Progress:
+        return cls({}, {}, np.zeros(5, dtype=np.int64), mesh=mesh, rationales={} if mesh is not None else None)
+
+    def take_rationales(self) -> None:
+        if self.mesh is None or self.rationales is None:
+            return
+        for upd in self.mesh.take_rationales(4096):
+            text = " ".join(upd.text.split())
+            self.rationales[(instruments.id(upd.instrument), upd.timeframe)] = f"[{upd.provider}] {text}"
 
     def add(self, signals: np.ndarray, n_bars: int) -> None:
         self.done += n_bars
+        if self.mesh is not None:
+            self.mesh.submit_signals(signals)  # never blocks: rationales follow on their own
+            self.take_rationales()
         if len(signals) == 0:
             return
         self.actions += np.bincount(np.clip(signals["action"], -2, 2) + 2, minlength=5)
@@ -684,8 +708,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     stream_names = ", ".join(f"{instruments.name(i)} {tf_label(tf)}" for i, tf in streams)
     console.print(f"[bold]{PROG} run[/]: {len(pop):,} agents over {len(streams)} stream(s) "
                   f"({stream_names}), {len(bars):,} bars, {chunk:,} per engine call")
+    mesh = None
+    if args.reasoning:
+        from .cli_reasoning import mesh_from_args
 
-    state = _Progress.new()
+        mesh = mesh_from_args(args)
+        console.print(f"reasoning mesh at {mesh.address}: adapters "
+                      f"{', '.join(sorted({a['provider'] for a in mesh.adapters()})) or 'none yet'}, "
+                      f"deadline {mesh.deadline_s:g}s")
+
+    state = _Progress.new(mesh)
     live = console.is_terminal and not (args.no_live or args.quiet)
     interrupted = False
     try:
@@ -698,8 +730,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         interrupted = True
     wall = time.perf_counter() - t0
 
+    if mesh is not None:
+        mesh.wait_idle(timeout=mesh.deadline_s + 1.0)  # the last rationales (bounded by the deadline)
+        state.take_rationales()
     if not live and not args.quiet and state.latest:
-        console.print(_signal_table(state.latest, state.counts))
+        console.print(_signal_table(state.latest, state.counts, state.rationales))
     agents = eng.agents()
     stats = eng.stats()
     console.print(_agents_table(agents, args.top, f"Top {min(args.top, len(agents))} agents by Sharpe"))
@@ -712,6 +747,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         j = stats["journal"]
         console.print(f"Journal {args.journal}: {j['records']:,} records, {j['bytes']:,} bytes, "
                       f"{j['syncs']:,} syncs (replay: {PROG} replay {args.journal} --verify)")
+    if mesh is not None:
+        from .cli_reasoning import mesh_summary
+
+        mesh_summary(console, mesh)
+        mesh.close()
     eng.close()
     if interrupted:
         console.print("[yellow]interrupted[/]")
@@ -727,7 +767,7 @@ def _run_live(console, eng: Engine, bars: np.ndarray, chunk: int, state: _Progre
     task = progress.add_task("running", total=len(bars), rate="")
 
     def view():
-        return Group(progress, _signal_table(state.latest, state.counts))
+        return Group(progress, _signal_table(state.latest, state.counts, state.rationales))
 
     with Live(view(), console=console, refresh_per_second=10, transient=False) as live:
         def update() -> None:

@@ -336,8 +336,14 @@ def cmd_run_service(args: argparse.Namespace) -> int:
             control = ControlServer(args.control, secret_key=args.server_key, authorized_keys=args.authorized,
                                     allow_remote=args.allow_remote)
             parts.append(control)
+        mesh = None
+        if getattr(args, "reasoning", None):
+            from .cli_reasoning import mesh_from_args
+
+            mesh = mesh_from_args(args)
+            parts.append(mesh)
         # without a feed the egress thread still drains the engine, or a full window would block
-        svc = EngineService(eng, ingress=ingress, feed=feed, control=control,
+        svc = EngineService(eng, ingress=ingress, feed=feed, control=control, mesh=mesh,
                             on_signals=None if feed is not None else (lambda s: None))
         streams = sorted({(instruments.name(int(i)), int(t)) for i, t in zip(pop.records["instrument"],
                                                                                 pop.records["timeframe"])})
@@ -353,6 +359,9 @@ def cmd_run_service(args: argparse.Namespace) -> int:
                   f"{control.stats()['authorised_keys']} authorised client key(s))", flush=True)
         if journal:
             print(f"  journal   : {journal}", flush=True)
+        if mesh is not None:
+            print(f"  reasoning : {mesh.address} ({', '.join(mesh.providers)}; rationales on rat.* topics)",
+                  flush=True)
         if feed is not None and args.wait_subscribers and \
                 not feed.wait_for_subscribers(args.wait_subscribers, timeout=30.0):
             raise CLIError(f"fewer than {args.wait_subscribers} subscriber(s) after 30 s")
@@ -373,11 +382,21 @@ def cmd_run_service(args: argparse.Namespace) -> int:
                     break
         except KeyboardInterrupt:
             interrupted = True
+        if mesh is not None and not interrupted:
+            mesh.wait_idle(timeout=mesh.deadline_s + 1.0)
+            time.sleep(0.1)  # the egress thread publishes the last rationales
         svc.stop()
         st = eng.stats()
         print(f"bars submitted {svc.bars_submitted:,}, accepted {st['accepted']:,}, rejected {st['rejected']:,}; "
               f"signals {st['signals']:,}, published {svc.signals_published:,}; control commands {svc.commands}; "
               f"ingress rejects {ingress.stats()['rejected']}", flush=True)
+        if mesh is not None:
+            from rich.console import Console
+
+            from .cli_reasoning import mesh_summary
+
+            print(f"rationales published {svc.rationales_published:,}", flush=True)
+            mesh_summary(Console(), mesh)
         return 130 if interrupted else 0
     finally:
         if sender_thread is not None:

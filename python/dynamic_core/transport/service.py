@@ -20,14 +20,25 @@ Pause          stop reading the ingress socket; frames wait there (up to its RCV
 Resume         read again.
 SetThrottle    submit at most ``max_bars_per_s`` bars/s (token bucket, bursts of 50 ms);
                0 = unlimited.
-SwapPersona    stored (``service.persona``) and acknowledged; the reasoning mesh reads it.
+SwapPersona    stored (``service.persona``) and handed to the reasoning mesh (when there is
+               one): later rationales are written in that persona.
 UpdateRouting  stored (``service.routing``) and acknowledged.
 LoadPopulation refused with "not supported while running": swapping a population under a
                live engine needs engine support that does not exist yet. Restart the service.
 Snapshot       ``np.save(path, engine.agents())``; relative to ``snapshot_dir`` and confined
                to it when one is given.
-HealthQuery    ``{"engine": engine.stats(), "service": service.stats()}`` as plain values.
+HealthQuery    ``{"engine": engine.stats(), "service": service.stats()}`` as plain values
+               (plus ``"mesh": mesh.stats()`` with a reasoning mesh).
+ReviewQuery    the reasoning mesh's review queue (``{"items": [...]}``).
+Review         approve or reject one review item; adjusts that adapter's ensemble weight.
 ============== =========================================================================
+
+Reasoning
+---------
+With ``mesh=`` (a started :class:`~dynamic_core.reasoning.ReasoningMesh`), the egress thread
+hands each published batch to ``mesh.submit_signals`` (after publishing it: a signal never
+waits for reasoning) and publishes finished rationales as
+:class:`~dynamic_core.payloads.RationaleUpdate` on ``rat.<instrument>.<timeframe>``.
 """
 
 from __future__ import annotations
@@ -49,6 +60,8 @@ from ..payloads import (
     LoadPopulation,
     Pause,
     Resume,
+    Review,
+    ReviewQuery,
     SetThrottle,
     Snapshot,
     SwapPersona,
@@ -111,8 +124,9 @@ class EngineService:
                  control: ControlServer | None = None,
                  on_signals: Callable[[np.ndarray], Any] | None = None,
                  snapshot_dir: str | os.PathLike | None = None, idle_timeout: float = 0.05,
-                 max_frames: int = 64) -> None:
+                 max_frames: int = 64, mesh: Any = None) -> None:
         self.engine = engine
+        self.mesh = mesh
         self.ingress = ingress
         self.feed = feed
         self.control = control
@@ -133,6 +147,7 @@ class EngineService:
         self.commands = 0
         self.bars_submitted = 0
         self.signals_published = 0  # signals taken from the engine by the egress thread
+        self.rationales_published = 0
         self.hook_errors = 0
         self._tokens = 0.0
         self._refill_at = time.monotonic()
@@ -174,14 +189,28 @@ class EngineService:
             return {"max_bars_per_s": self.max_bars_per_s}
         if isinstance(cmd, SwapPersona):
             self.persona = cmd.persona
+            if self.mesh is not None:
+                self.mesh.persona = cmd.persona
             return {"persona": self.persona}
+        if isinstance(cmd, (ReviewQuery, Review)):
+            if self.mesh is None:
+                raise CommandRefused("no reasoning mesh is running (start the service with one)")
+            if isinstance(cmd, ReviewQuery):
+                return {"items": self.mesh.review_list(cmd.limit)}
+            try:
+                return self.mesh.review(cmd.item, cmd.approve)
+            except KeyError:
+                raise CommandRefused(f"no review item {cmd.item} (already decided, or never queued)") from None
         if isinstance(cmd, UpdateRouting):
             self.routing = dict(cmd.table)
             return {"routes": len(self.routing)}
         if isinstance(cmd, Snapshot):
             return self._snapshot(cmd.path)
         if isinstance(cmd, HealthQuery):
-            return {"engine": plain(self.engine.stats()), "service": self.stats()}
+            out = {"engine": plain(self.engine.stats()), "service": self.stats()}
+            if self.mesh is not None:
+                out["mesh"] = plain(self.mesh.stats())
+            return out
         if isinstance(cmd, LoadPopulation):
             raise CommandRefused("LoadPopulation is not supported while running: restart the service "
                                  "with the new population")
@@ -268,6 +297,7 @@ class EngineService:
     # ---- egress thread ------------------------------------------------------------------------
     def _egress_loop(self) -> None:
         feed = self.feed
+        mesh = self.mesh
         while True:
             stopping = self._egress_stop.is_set()
             try:
@@ -286,13 +316,20 @@ class EngineService:
                 self.signals_published += len(sigs)
                 if feed is not None:
                     feed.publish(sigs)
+                if mesh is not None:  # after publishing: reasoning never delays a signal
+                    mesh.submit_signals(sigs)
             elif stopping:
                 return
+            if mesh is not None:
+                for upd in mesh.take_rationales():
+                    if feed is not None:
+                        feed.publish_rationale(upd)
+                    self.rationales_published += 1
             if feed is not None:
                 feed.tick()
 
     def _start_egress(self) -> None:
-        if (self.feed is not None or self.on_signals is not None) and self._egress is None:
+        if (self.feed is not None or self.on_signals is not None or self.mesh is not None) and self._egress is None:
             self._egress_stop.clear()
             self._egress = threading.Thread(target=self._egress_loop, name="dc-service-egress", daemon=True)
             self._egress.start()
@@ -353,6 +390,7 @@ class EngineService:
             "paused": self.paused, "max_bars_per_s": self.max_bars_per_s, "persona": self.persona,
             "routes": len(self.routing), "commands": self.commands, "bars_submitted": self.bars_submitted,
             "signals_published": self.signals_published, "hook_errors": self.hook_errors,
+            "rationales_published": self.rationales_published,
             "pending_bars": 0 if self._pending is None else len(self._pending),
             "ingress": self.ingress.stats() if self.ingress is not None else None,
             "feed": self.feed.stats() if self.feed is not None else None,

@@ -1,0 +1,197 @@
+"""``dynamic-core adapter``, ``dynamic-core review`` and the reasoning options of ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+__all__ = ["add_commands", "add_run_options", "mesh_from_args", "mesh_summary"]
+
+_ADAPTER_EPILOG = """\
+examples:
+  dynamic-core adapter --provider local --connect tcp://127.0.0.1:5600
+  DEEPSEEK_API_KEY=... dynamic-core adapter --provider deepseek --connect tcp://127.0.0.1:5600
+  dynamic-core adapter --provider ollama --base-url http://gpu-box:11434/v1 --model qwen2.5:14b \\
+      --connect tcp://127.0.0.1:5600
+  dynamic-core adapter --provider my-vllm --base-url http://127.0.0.1:8000/v1 --model llama-3-70b \\
+      --connect tcp://127.0.0.1:5600                 a provider that is not built in
+
+providers: chatgpt grok dolphin ollama kimi deepseek qwen minimax zhipu hunyuan, and local (the
+deterministic template narrator, no model, no cost). API keys come only from the environment
+variable the profile names (e.g. DEEPSEEK_API_KEY) or a 0600 TOML secrets file (--secrets or
+$DYNAMIC_CORE_SECRETS); they are never logged. 'dynamic-core run --reasoning ...' starts the
+adapters it needs by itself; run this command to add adapters on other machines or by hand.
+"""
+
+_REVIEW_EPILOG = """\
+examples:
+  dynamic-core review list tcp://127.0.0.1:5557 --server-key keys/server.key --client-key keys/ops.key_secret
+  dynamic-core review approve tcp://127.0.0.1:5557 12 --server-key ... --client-key ...
+  dynamic-core review reject tcp://127.0.0.1:5557 13 --note "contradicts the signal" --server-key ... --client-key ...
+
+Rationales land in the review queue when ensemble members disagree, when the chosen one states a
+low confidence, or when it argues against the signal. Approving raises the answering adapter's
+ensemble weight (x1.1), rejecting lowers it (x0.8); weights persist across restarts.
+"""
+
+
+def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
+    """Register ``adapter`` and ``review`` on the ``dynamic-core`` subparsers."""
+    a = sub.add_parser(
+        "adapter", help="run one reasoning adapter process (an LLM provider behind the mesh)",
+        description="Connect one reasoning adapter to a mesh broker and serve rationale requests "
+                    "for one provider until the broker says stop, ^C, or SIGTERM.",
+        epilog=_ADAPTER_EPILOG, formatter_class=formatter)
+    a.add_argument("--provider", required=True, metavar="NAME", help="provider profile name (see below)")
+    a.add_argument("--connect", required=True, metavar="ADDR", help="the mesh broker's address (ROUTER)")
+    a.add_argument("--base-url", default=None, metavar="URL", help="override the profile's API root (…/v1)")
+    a.add_argument("--model", default=None, help="override the profile's model")
+    a.add_argument("--concurrency", type=int, default=None, metavar="N", help="requests at once [profile]")
+    a.add_argument("--timeout", type=float, default=None, metavar="S", help="HTTP attempt timeout [profile]")
+    a.add_argument("--profile-json", default=None, metavar="JSON",
+                   help="more profile overrides as a JSON object (any ProviderProfile field)")
+    a.add_argument("--secrets", default=None, metavar="FILE",
+                   help="0600 TOML file of API keys (NAME = \"key\") [default: $DYNAMIC_CORE_SECRETS]")
+    a.add_argument("--heartbeat", type=float, default=0.1, metavar="S", help="heartbeat interval [default: 0.1]")
+    a.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    a.set_defaults(func=cmd_adapter)
+
+    r = sub.add_parser(
+        "review", help="list, approve or reject queued rationales over the control plane",
+        description="Work the reasoning mesh's review queue of a running service (needs its CURVE "
+                    "control socket).", epilog=_REVIEW_EPILOG, formatter_class=formatter)
+    r.add_argument("action", choices=("list", "approve", "reject"), help="list, approve or reject")
+    r.add_argument("address", metavar="ADDR", help="the service's control socket")
+    r.add_argument("item", nargs="?", type=int, default=None, help="review item (approve/reject)")
+    r.add_argument("--note", default="", help="a note stored with the decision")
+    r.add_argument("--limit", type=int, default=100, help="items listed [default: 100]")
+    r.add_argument("--server-key", required=True, metavar="FILE", help="the server's public key file (.key)")
+    r.add_argument("--client-key", required=True, metavar="FILE", help="this client's secret key file")
+    r.add_argument("--timeout", type=float, default=5.0, metavar="S", help="reply timeout [default: 5]")
+    r.add_argument("--json", action="store_true", help="print JSON")
+    r.set_defaults(func=cmd_review)
+
+
+def add_run_options(r: argparse.ArgumentParser) -> None:
+    """The reasoning options of ``dynamic-core run``."""
+    g = r.add_argument_group("reasoning (rationales for signals; never delays a signal)")
+    g.add_argument("--reasoning", default=None, metavar="PROVIDERS",
+                   help="start the reasoning mesh with these adapters: 'local' or a comma list, e.g. "
+                        "local,deepseek,qwen (API keys from the environment)")
+    g.add_argument("--reasoning-config", default=None, metavar="FILE",
+                   help="mesh TOML: [policy] rules/limits/breaker and [providers.NAME] profile overrides")
+    g.add_argument("--reasoning-deadline", type=float, default=5.0, metavar="S",
+                   help="seconds from a signal to its rationale, fallbacks included [default: 5]")
+    g.add_argument("--reasoning-select", choices=("change", "nonhold", "all"), default="change",
+                   help="which signals get a rationale: when a stream's action changes, every "
+                        "non-HOLD one, or all [default: change]")
+    g.add_argument("--ensemble", type=int, default=1, metavar="K", help="providers asked per signal [default: 1]")
+    g.add_argument("--secrets", default=None, metavar="FILE", help="0600 TOML file of API keys for the adapters")
+
+
+def cmd_adapter(args: argparse.Namespace) -> int:
+    import logging
+
+    from .reasoning.worker import serve
+
+    over: dict[str, Any] = {}
+    if args.profile_json:
+        try:
+            over = json.loads(args.profile_json)
+        except ValueError as e:
+            raise ValueError(f"--profile-json is not JSON: {e}") from None
+        if not isinstance(over, dict):
+            raise ValueError("--profile-json must be a JSON object")
+    for key, val in (("base_url", args.base_url), ("model", args.model), ("max_concurrency", args.concurrency),
+                     ("timeout_s", args.timeout)):
+        if val is not None:
+            over[key] = val
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s adapter[%(process)d] %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    return serve(args.provider, args.connect, overrides=over or None, secrets_file=args.secrets,
+                 heartbeat_s=args.heartbeat, parent_pid=args.parent_pid)
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from . import payloads as P
+    from .transport import ControlClient
+
+    if args.action != "list" and args.item is None:
+        raise ValueError(f"review {args.action} needs an ITEM number (see 'review list')")
+    for f in (args.server_key, args.client_key):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"no such file: {f}")
+    cmd = (P.ReviewQuery(limit=args.limit) if args.action == "list"
+           else P.Review(item=args.item, approve=args.action == "approve", note=args.note[:256]))
+    with ControlClient(args.address, server_key=args.server_key, client_key=args.client_key,
+                       timeout=args.timeout) as c:
+        reply = c.request(cmd)
+    if not reply.ok:
+        print(f"dynamic-core: error: {reply.error}", file=sys.stderr)
+        return 1
+    if args.json or args.action != "list":
+        print(json.dumps(reply.result, indent=2, sort_keys=True, default=str))
+        return 0
+    items = reply.result.get("items", [])
+    if not items:
+        print("review queue is empty")
+    for it in items:
+        conf = "n/a" if it.get("confidence") is None else f"{it['confidence']:.2f}"
+        print(f"#{it['item']:<5} {it['instrument']:<10} {it['provider']:<9} {it['reason']:<14} conf {conf}  "
+              f"{it['text'][:100]}")
+    return 0
+
+
+def mesh_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~dynamic_core.reasoning.ReasoningMesh` ``run --reasoning`` asks for (started)."""
+    import tomllib
+
+    from .reasoning import ReasoningMesh
+
+    providers = [p.strip() for p in args.reasoning.split(",") if p.strip()]
+    if not providers:
+        raise ValueError("--reasoning needs at least one provider, e.g. --reasoning local")
+    policy: Any = None
+    profiles: dict[str, Any] = {}
+    if args.reasoning_config:
+        with open(args.reasoning_config, "rb") as f:
+            try:
+                cfg = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{args.reasoning_config}: {e}") from None
+        policy = cfg.get("policy")
+        profiles = cfg.get("providers", {})
+    mesh = ReasoningMesh(providers, policy=policy, profiles=profiles, deadline_s=args.reasoning_deadline,
+                         ensemble=args.ensemble, select=args.reasoning_select, secrets_file=args.secrets)
+    return mesh.start(wait=15.0)
+
+
+def mesh_summary(console: Any, mesh: Any) -> None:
+    """Print the mesh telemetry table at the end of a run."""
+    from rich.table import Table
+
+    st = mesh.stats()
+    t = Table(title="Reasoning mesh", title_justify="left")
+    for c in ("provider", "adapters", "requests", "answers", "errors", "tokens in/out", "USD", "p50 ms",
+              "p99 ms", "cache hits", "breaker", "budget left"):
+        t.add_column(c, justify="left" if c in ("provider", "breaker", "errors", "budget left") else "right")
+    for name, row in st["providers"].items():
+        errs = row.get("errors") or {}
+        bl = row.get("budget_left") or {}
+        budget = ", ".join(f"{k} {v:,.4g}" for k, v in bl.items() if v is not None) or "unlimited"
+        p50, p99 = row.get("p50_ms"), row.get("p99_ms")
+        t.add_row(name, str(row.get("adapters", 0)), f"{row.get('requests', 0):,}", f"{row.get('answers', 0):,}",
+                  ", ".join(f"{k} {v}" for k, v in errs.items()) or "-",
+                  f"{row.get('tokens_in', 0):,}/{row.get('tokens_out', 0):,}", f"{row.get('usd', 0.0):.4f}",
+                  "-" if p50 is None else f"{p50:.1f}", "-" if p99 is None else f"{p99:.1f}",
+                  f"{row.get('cache_hits', 0):,}", str(row.get("breaker", "-")), budget)
+    console.print(t)
+    tk = st["tasks"]
+    by = ", ".join(f"{k} {v:,}" for k, v in sorted(tk["by_status"].items())) or "none"
+    p50 = "-" if tk["p50_ms"] is None else f"{tk['p50_ms']:.1f} ms"
+    console.print(f"Rationales: {tk['completed']:,} of {tk['submitted']:,} submitted ({by}); signal to rationale "
+                  f"p50 {p50}; cache hit ratio {st['cache']['hit_ratio'] or 0:.2f}; review queue "
+                  f"{st['review']['pending']} pending; queue shed {sum(st['queue']['shed'].values())}")

@@ -1,0 +1,1001 @@
+"""ReasoningMesh: the broker that turns signals into rationales without ever holding one back.
+
+Threads and sockets
+-------------------
+:meth:`ReasoningMesh.submit` (any thread) appends to a bounded inbox and, when the inbox was
+idle, writes an eventfd: it never blocks and never touches a socket, so the signal path pays a
+few hundred nanoseconds and nothing else. One *broker thread* owns everything else: the ROUTER
+socket the adapter processes connect to, the roster, the router (policy), the queue, the
+cache, the review queue and every timer. Finished rationales go to an outbox the caller drains
+(:meth:`take_rationales`, e.g. the service's egress thread, which publishes them on the feed)
+and, optionally, to ``on_rationale`` (called on the broker thread; keep it short).
+
+A task's life
+-------------
+1. *Route*: the policy's candidates for (class, persona, asset class, deadline), filtered by
+   budgets, quotas, breakers and cooldowns; ``local`` is always last. The cache is looked up
+   under the first candidate; a hit finishes the task at once.
+2. *Queue*: weighted fair queueing by priority, bounded (shed lowest priority first; a shed
+   task still gets the local narration, marked ``shed``).
+3. *Attempt*: sent to the least-busy adapter of the first candidate when it has a free slot.
+   Each attempt has a timeout (the provider's, or what is left of the deadline minus a small
+   reserve). Retryable failures retry the same provider up to ``max_retries`` times (backoff
+   x1.5 with jitter, at least the server's ``Retry-After``), others move down the candidates.
+   An adapter that stops heartbeating, says goodbye or cannot be reached fails its attempts at
+   once (``adapter_lost``) and they fall back.
+4. *Finish*: at the latest at ``deadline - reserve`` the task finishes with what it has (the
+   best ensemble reply, the draft) or with the local narration. Late replies still count
+   toward budgets and telemetry, never toward the result.
+
+Ensemble (``ensemble=k``) sends k providers in parallel and reranks; progressive refinement
+(``refine=True``) lets the cheapest provider draft and the most expensive one refine only when
+the signal's agreement or the draft's confidence is low.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from ..errors import PayloadError, ReasoningError
+from ..instruments import instruments
+from ..payloads import (
+    AdapterBeat,
+    AdapterBye,
+    AdapterHello,
+    Codec,
+    MeshFromAdapter,
+    MeshShutdown,
+    MeshToAdapter,
+    RationaleUpdate,
+    ReasoningContext,
+    ReasonReply,
+    ReasonRequest,
+)
+from ..records import SIGNAL_DTYPE
+from ..transport._common import check_address, endpoint
+from .cache import NarrativeCache
+from .ensemble import ABSplit, Candidate, ReviewQueue, Weights, rerank
+from .narrator import narrate
+from .policy import REQUEST_CLASSES, PolicyConfig, RouteRequest, Router, load_policy
+from .profiles import ProviderProfile, load_profiles
+from .prompts import (
+    TEMPLATE_VERSION,
+    TEMPLATES,
+    action_direction,
+    build_messages,
+    digest,
+    distill,
+    parse_reply,
+    regime_bucket,
+    template_for,
+)
+from .registry import Roster
+from .tasks import PRIORITIES, Task, TaskQueue, priority_index
+
+__all__ = ["Outcome", "ReasoningMesh", "asset_class_of"]
+
+log = logging.getLogger("dynamic_core.reasoning.mesh")
+
+_CRYPTO = ("BTC", "ETH", "SOL", "XRP", "DOGE", "LTC", "ADA")
+_ISO = {"USD", "EUR", "JPY", "GBP", "CHF", "AUD", "NZD", "CAD", "CNH", "CNY", "HKD", "SGD", "SEK", "NOK",
+        "MXN", "ZAR", "TRY", "PLN", "XAU", "XAG"}
+
+
+def asset_class_of(instrument: str) -> str:
+    """A best guess from the name: ``crypto``, ``fx`` (six-letter ISO pairs, metals) or ``equity``."""
+    u = instrument.upper()
+    if any(c in u for c in _CRYPTO):
+        return "crypto"
+    if len(u) == 6 and u[:3] in _ISO and u[3:] in _ISO:
+        return "fx"
+    return "equity"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one task ended (passed to ``on_rationale`` with the update).
+
+    ``status``: ``ok`` (a provider answered), ``cached``, ``fallback`` (the local narrator after
+    providers failed or ran out of time), ``local`` (routed to the narrator in the first
+    place), ``shed`` (refused by a full queue, narrated locally).
+    """
+
+    update: RationaleUpdate
+    task_id: int
+    status: str
+    provider: str
+    attempts: int
+    latency_s: float
+    agreeing: int
+    conflict: bool
+    arm: str
+    model_s: float = 0.0
+    """Time the answering adapter spent in its model (or narrator); 0 for inline answers."""
+
+
+class _Wake:
+    """A thread-safe, syscall-light doorbell for the broker's poller (eventfd on Linux)."""
+
+    def __init__(self) -> None:
+        if hasattr(os, "eventfd"):
+            self.rfd = self.wfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:  # pragma: no cover - non-Linux
+            self.rfd, self.wfd = os.pipe()
+            os.set_blocking(self.rfd, False)
+        self.pending = False
+
+    def ring(self) -> None:
+        if not self.pending:
+            self.pending = True
+            try:
+                os.write(self.wfd, (1).to_bytes(8, sys.byteorder))
+            except (BlockingIOError, OSError):
+                pass
+
+    def clear(self) -> None:
+        self.pending = False
+        try:
+            os.read(self.rfd, 8 if self.rfd == self.wfd else 4096)
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        for fd in {self.rfd, self.wfd}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class ReasoningMesh:
+    """The federated reasoning mesh: a broker thread plus adapter processes.
+
+    Parameters
+    ----------
+    providers : sequence of str
+        Providers to start adapter processes for (with ``spawn=True``); ``local`` is always
+        available, as a process when listed and inline in the broker otherwise.
+    policy : path, TOML text's path, mapping or PolicyConfig, optional
+        Routing rules, limits, breakers (default: the built-in policy).
+    profiles : mapping, optional
+        Per-provider field overrides (``{"deepseek": {"base_url": ...}}``); also passed to the
+        adapter processes this mesh spawns.
+    address : str
+        Where the broker's ROUTER binds (loopback unless ``allow_remote``).
+    spawn : bool
+        Start one adapter process per provider (``workers`` per provider).
+    deadline_s : float
+        Default time from submission to the rationale.
+    queue_size : int
+        Bound of the task queue (``reasoning_queue_size``).
+    cache_size, cache_ttl_s : int, float
+        Narrative cache (``reasoning_cache_size``); 0 disables it.
+    ensemble : int
+        Providers asked in parallel per task (1: no ensemble).
+    refine : bool
+        Progressive refinement (cheap draft, premium refinement when ambiguous).
+    ambiguity : float
+        Refinement and review threshold on ``1 - min(agreement, confidence)``.
+    review_confidence : float
+        Winners with a stated confidence below this go to the review queue.
+    ab_fraction, ab_candidates : float, sequence of str
+        A/B split: that fraction of signals uses ``ab_candidates`` instead of the rule's.
+    weights_path : path, optional
+        Where per-adapter ensemble weights persist (review decisions adjust them).
+    balance : str
+        ``least_connections`` or ``round_robin`` among adapters of one provider.
+    max_retries, backoff_s : int, float
+        Retries within a provider and the first backoff (x1.5 per retry, +-20 % jitter).
+    heartbeat_s, liveness : float, int
+        Adapters beat every ``heartbeat_s``; ``liveness`` missed beats mark one lost.
+    secrets_file : path, optional
+        0600 TOML of API keys for spawned adapters (else environment variables).
+    on_rationale : callable, optional
+        ``on_rationale(outcome)`` for each finished task, on the broker thread.
+    """
+
+    def __init__(self, providers: Sequence[str] = ("local",), *, policy: Any = None,
+                 profiles: Mapping[str, Mapping[str, Any]] | None = None, address: str = "tcp://127.0.0.1:*",
+                 allow_remote: bool = False, spawn: bool = True, workers: int = 1, deadline_s: float = 5.0,
+                 queue_size: int = 1000, cache_size: int = 4096, cache_ttl_s: float = 300.0, ensemble: int = 1,
+                 refine: bool = False, ambiguity: float = 0.5, review_confidence: float = 0.4,
+                 ab_fraction: float = 0.0, ab_candidates: Sequence[str] = (),
+                 weights_path: str | os.PathLike | None = None, balance: str = "least_connections",
+                 max_retries: int = 3, backoff_s: float = 0.05, heartbeat_s: float = 0.1, liveness: int = 5,
+                 max_tokens: int = 256, secrets_file: str | os.PathLike | None = None,
+                 on_rationale: Callable[[Outcome], Any] | None = None, outbox_size: int = 100_000,
+                 select: str = "change", seed: int | None = None,
+                 context: zmq.Context | None = None) -> None:
+        if deadline_s <= 0:
+            raise ValueError("deadline_s must be > 0")
+        if ensemble < 1:
+            raise ValueError("ensemble must be >= 1")
+        if select not in ("change", "all", "nonhold"):
+            raise ValueError("select must be 'change', 'all' or 'nonhold'")
+        self._profile_overrides = {k: dict(v) for k, v in (profiles or {}).items()}
+        self.profiles: dict[str, ProviderProfile] = load_profiles(self._profile_overrides)
+        for p in providers:
+            if p not in self.profiles:
+                raise ReasoningError(f"unknown provider {p!r}: known are {', '.join(self.profiles)}")
+        self.config: PolicyConfig = policy if isinstance(policy, PolicyConfig) else load_policy(policy)
+        self.router = Router(self.config, self.profiles)
+        self.providers = tuple(dict.fromkeys(providers))
+        self.deadline_s = float(deadline_s)
+        self.ensemble = int(ensemble)
+        self.refine = bool(refine)
+        self.ambiguity = float(ambiguity)
+        self.review_confidence = float(review_confidence)
+        self.max_retries = int(max_retries)
+        self.backoff_s = float(backoff_s)
+        self.heartbeat_s = float(heartbeat_s)
+        self.liveness = int(liveness)
+        self.max_tokens = int(max_tokens)
+        self.select = select
+        self.persona = ""
+        self.asset_classes: dict[str, str] = {}
+        self.on_rationale = on_rationale
+        self.secrets_file = os.fspath(secrets_file) if secrets_file is not None else None
+        self.workers = int(workers)
+        self._spawn = bool(spawn)
+        self.cache = NarrativeCache(cache_size, cache_ttl_s)
+        self._cache_on = cache_size > 0
+        self.queue = TaskQueue(queue_size)
+        self.roster = Roster(balance=balance)
+        self.weights = Weights(weights_path)
+        self.review_queue = ReviewQueue(self.weights)
+        self.ab = ABSplit(ab_fraction, ab_candidates)
+        for c in self.ab.candidates:
+            if c not in self.profiles:
+                raise ReasoningError(f"A/B candidate {c!r} is not a known provider")
+        self._rng = random.Random(seed)
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.SNDHWM, 100_000)
+        self._sock.setsockopt(zmq.RCVHWM, 100_000)
+        self._sock.bind(check_address(address, bind=True, allow_remote=allow_remote))
+        self.address = endpoint(self._sock)
+        self._in = Codec(MeshFromAdapter)
+        self._out = Codec(MeshToAdapter)
+        self._wake = _Wake()
+        self._inbox: deque[tuple] = deque()
+        self._inbox_cap = max(1024, 4 * queue_size)
+        self._calls: deque[tuple[Callable[[], Any], threading.Event, list]] = deque()
+        self.outbox: deque[RationaleUpdate] = deque()
+        self._outbox_cap = int(outbox_size)
+        self._ids = itertools.count(1)
+        self._tasks: dict[int, Task] = {}
+        self._timers: list[tuple[float, int, str, int, int]] = []
+        self._tseq = itertools.count()
+        self._last_action: dict[tuple[int, int], int] = {}
+        self._children: dict[int, tuple[str, subprocess.Popen, dict]] = {}
+        self._respawn_at: list[tuple[float, str]] = []
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+        self.counts = {"submitted": 0, "completed": 0, "dropped_inbox": 0, "dropped_outbox": 0,
+                       "late_replies": 0, "unknown_replies": 0, "adapter_lost": 0, "respawned": 0,
+                       "inline_local": 0, "callback_errors": 0, "rejected_frames": 0}
+        self.by_status: dict[str, int] = {}
+        self.provider_extra: dict[str, dict[str, int]] = {}
+        self._latencies: deque[float] = deque(maxlen=4096)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self, wait: float | None = 10.0) -> ReasoningMesh:
+        """Start the broker thread and (with ``spawn``) the adapter processes; wait up to
+        ``wait`` seconds for every adapter to register (None: don't wait)."""
+        if self._thread is not None:
+            return self
+        self._thread = threading.Thread(target=self._loop, name="dc-reasoning-broker", daemon=True)
+        self._thread.start()
+        for p in self.providers if self._spawn else ():
+            for _ in range(self.workers):
+                self.spawn(p)
+        if wait is not None and self._children and not self.wait_ready(timeout=wait):
+            missing = [p for p in self.providers if not self.adapters(p)]
+            log.warning("adapters not registered after %.1fs: %s", wait, ", ".join(missing))
+        return self
+
+    def spawn(self, provider: str, **overrides: Any) -> subprocess.Popen:
+        """Start one adapter process for ``provider`` connected to this broker."""
+        over = dict(self._profile_overrides.get(provider, {}))
+        over.update(overrides)
+        cmd = [sys.executable, "-m", "dynamic_core", "adapter", "--provider", provider, "--connect",
+               self.address, "--parent-pid", str(os.getpid()), "--heartbeat", str(self.heartbeat_s)]
+        if over:
+            cmd += ["--profile-json", json.dumps(over)]
+        if self.secrets_file:
+            cmd += ["--secrets", self.secrets_file]
+        env = dict(os.environ)
+        pkg_root = str(Path(__file__).resolve().parent.parent.parent)
+        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._children[proc.pid] = (provider, proc, over)
+        return proc
+
+    def adapters(self, provider: str | None = None) -> list[dict[str, Any]]:
+        """Registered adapters (``provider``'s only, when given)."""
+        def get() -> list[dict[str, Any]]:
+            return [{"provider": a.provider, "pid": a.hello.pid, "in_flight": a.in_flight, "served": a.served,
+                     "capacity": a.capacity} for a in self.roster.by_id.values()
+                    if provider is None or a.provider == provider]
+        return self._call(get)
+
+    def wait_ready(self, providers: Sequence[str] | None = None, timeout: float = 10.0) -> bool:
+        """Wait until every provider in ``providers`` (default: those spawned) has an adapter."""
+        want = set(self.providers if providers is None else providers)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            have = {a["provider"] for a in self.adapters()}
+            if want <= have:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the broker, ask adapters to exit (then terminate, then kill), close sockets."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._stop.set()
+            self._wake.ring()
+            self._thread.join(timeout)
+            self._thread = None
+        for _, proc, _ in list(self._children.values()):
+            if proc.poll() is None:
+                proc.terminate()
+        end = time.monotonic() + timeout
+        for _, proc, _ in list(self._children.values()):
+            try:
+                proc.wait(max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._children.clear()
+        self._sock.close(0)
+        self._wake.close()
+
+    def __enter__(self) -> ReasoningMesh:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- submission (any thread; never blocks) ------------------------------------------------
+    def submit(self, ctx: ReasoningContext, *, request_class: str = "tactical", priority: str | int = "medium",
+               deadline_s: float | None = None, ensemble: int | None = None, refine: bool | None = None) -> int:
+        """Queue a rationale for ``ctx``; returns the task id, or 0 when the inbox is full
+        (counted as ``dropped_inbox``). Never blocks, never raises on load."""
+        if self._closed:
+            raise ReasoningError("mesh is closed")
+        if request_class not in REQUEST_CLASSES:
+            raise ValueError(f"unknown request class {request_class!r}: use one of {', '.join(REQUEST_CLASSES)}")
+        pri = priority_index(priority)
+        if len(self._inbox) >= self._inbox_cap:
+            self.counts["dropped_inbox"] += 1
+            return 0
+        tid = next(self._ids)
+        now = time.monotonic()
+        self._inbox.append((tid, ctx, request_class, pri, now,
+                            now + (self.deadline_s if deadline_s is None else float(deadline_s)),
+                            self.ensemble if ensemble is None else int(ensemble),
+                            self.refine if refine is None else bool(refine)))
+        self._wake.ring()
+        return tid
+
+    def submit_signals(self, records: np.ndarray, *, request_class: str = "tactical") -> int:
+        """Submit ``SIGNAL_DTYPE`` records as selected by ``select`` (``change``: when a
+        stream's action changes; ``nonhold``; ``all``). Strong actions get high priority.
+        Returns how many were submitted."""
+        if records.dtype != SIGNAL_DTYPE or not len(records):
+            return 0
+        if self.select == "all":
+            rows = range(len(records))
+        elif self.select == "nonhold":
+            rows = np.flatnonzero(records["action"] != 0)
+        else:
+            rows = []
+            last = self._last_action
+            ins, tfs, acts = records["instrument"], records["timeframe"], records["action"]
+            for i in range(len(records)):
+                k = (int(ins[i]), int(tfs[i]))
+                a = int(acts[i])
+                if last.get(k) != a:
+                    last[k] = a
+                    rows.append(i)
+        n = 0
+        for i in rows:
+            r = records[i]
+            name = instruments.name(int(r["instrument"]))
+            ctx = ReasoningContext(
+                signal_id=f"{int(r['population_hash']):016x}:{int(r['seq'])}", instrument=name,
+                timeframe=int(r["timeframe"]), ts=int(r["ts"]), seq=int(r["seq"]), action=int(r["action"]),
+                score=float(r["score"]), confidence=float(r["confidence"]), agreement=float(r["agreement"]),
+                dispersion=float(r["dispersion"]), n_agents=int(r["n_agents"]),
+                asset_class=self.asset_classes.get(name) or asset_class_of(name), persona=self.persona)
+            if self.submit(ctx, request_class=request_class, priority="high" if abs(ctx.action) == 2 else "medium"):
+                n += 1
+        return n
+
+    def take_rationales(self, max_n: int = 1024) -> list[RationaleUpdate]:
+        """Finished rationales, oldest first (any thread)."""
+        out = []
+        box = self.outbox
+        while box and len(out) < max_n:
+            out.append(box.popleft())
+        return out
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until every submitted task has finished."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if not self._inbox and self._call(lambda: len(self._tasks)) == 0:
+                return True
+            time.sleep(0.005)
+        return False
+
+    # ---- review -------------------------------------------------------------------------------
+    def review_list(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._call(lambda: self.review_queue.list(limit))
+
+    def review(self, item: int, approve: bool) -> dict[str, Any]:
+        """Approve or reject a queued rationale; ``KeyError`` for an unknown item."""
+        box: list = []
+
+        def do() -> None:
+            try:
+                box.append(self.review_queue.decide(item, approve))
+            except KeyError:
+                box.append(None)
+        self._call(do)
+        if not box or box[0] is None:
+            raise KeyError(f"no review item {item}")
+        return box[0]
+
+    # ---- telemetry ----------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Per provider: requests, tokens in/out, USD, p50/p99 latency, errors by type, cache
+        hits, budget left, breaker state, adapters; plus tasks, queue, cache, review, A/B."""
+        return self._call(self._stats)
+
+    def _stats(self) -> dict[str, Any]:
+        rs = self.router.stats()
+        roster = self.roster.stats()
+        prov: dict[str, Any] = {}
+        for name in sorted(set(rs) | set(roster) | set(self.provider_extra)):
+            row = dict(rs.get(name, {}))
+            row.update(self.provider_extra.get(name, {}))
+            r = roster.get(name)
+            row["adapters"] = r["adapters"] if r else 0
+            row["in_flight"] = r["in_flight"] if r else 0
+            if row.get("requests") or row["adapters"] or name in self.providers or row.get("answers"):
+                prov[name] = row
+        lat = sorted(self._latencies)
+        return {
+            "providers": prov,
+            "tasks": dict(self.counts, in_progress=len(self._tasks), by_status=dict(self.by_status),
+                          p50_ms=lat[len(lat) // 2] * 1e3 if lat else None,
+                          p99_ms=lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3 if lat else None),
+            "queue": self.queue.stats(),
+            "cache": self.cache.stats(),
+            "review": self.review_queue.stats(),
+            "ab": self.ab.stats(),
+            "adapters_joined": self.roster.joined, "adapters_lost": self.roster.lost,
+            "frames": self._in.stats(),
+        }
+
+    # ---- broker thread ------------------------------------------------------------------------
+    def _call(self, fn: Callable[[], Any], timeout: float = 5.0) -> Any:
+        """Run ``fn`` on the broker thread (directly when it is not running)."""
+        t = self._thread
+        if t is None or not t.is_alive() or threading.current_thread() is t:
+            return fn()
+        ev = threading.Event()
+        box: list = []
+        self._calls.append((fn, ev, box))
+        self._wake.pending = False  # force the doorbell
+        self._wake.ring()
+        if not ev.wait(timeout):
+            raise ReasoningError("reasoning broker did not answer within %.1fs" % timeout)
+        if box and isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0] if box else None
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake.rfd, zmq.POLLIN)
+        next_check = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            wait = next_check - now
+            if self._timers:
+                wait = min(wait, self._timers[0][0] - now)
+            try:
+                events = dict(poller.poll(max(0, int(wait * 1000) + 1) if wait > 0 else 0))
+            except zmq.ZMQError:  # pragma: no cover - context terminated
+                return
+            if self._wake.rfd in events:
+                self._wake.clear()
+            try:
+                if self._sock in events:
+                    self._read_adapters()
+                self._run_calls()
+                self._drain_inbox()
+                now = time.monotonic()
+                self._run_timers(now)
+                if now >= next_check:
+                    self._check_liveness(now)
+                    self._check_children(now)
+                    self._expire_queued(now)
+                    next_check = now + min(0.05, self.heartbeat_s)
+                self._dispatch()
+            except Exception:  # noqa: BLE001 - the broker must outlive any bug in one task
+                log.exception("reasoning broker iteration failed")
+        self._shutdown_adapters()
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, ev, box = self._calls.popleft()
+            try:
+                box.append(fn())
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller
+                box.append(e)
+            ev.set()
+
+    def _shutdown_adapters(self) -> None:
+        raw = self._out.encode(MeshShutdown())
+        for ident in list(self.roster.by_id):
+            try:
+                self._sock.send_multipart([ident, raw], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    # ---- adapters -----------------------------------------------------------------------------
+    def _read_adapters(self) -> None:
+        sock = self._sock
+        for _ in range(4096):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            now = time.monotonic()
+            if len(frames) != 2:
+                self._in.count("bad_shape")
+                self.counts["rejected_frames"] += 1
+                continue
+            ident = frames[0].bytes
+            try:
+                msg = self._in.decode(frames[1].buffer)
+            except PayloadError:
+                self.counts["rejected_frames"] += 1
+                continue
+            if isinstance(msg, ReasonReply):
+                a = self.roster.seen(ident, now)
+                self._on_reply(a, ident, msg, now)
+            elif isinstance(msg, AdapterBeat):
+                self.roster.seen(ident, now)
+            elif isinstance(msg, AdapterHello):
+                a, new = self.roster.hello(ident, msg, now)
+                if new:
+                    log.info("adapter joined: %s (pid %d, %d slots)", msg.provider, msg.pid, msg.max_concurrency)
+                    if msg.provider not in self.profiles:  # a provider configured only in its process
+                        log.warning("adapter for unknown provider %r ignored by routing", msg.provider)
+            elif isinstance(msg, AdapterBye):
+                self._lose(ident, now, "adapter said goodbye")
+
+    def _check_liveness(self, now: float) -> None:
+        for a in self.roster.expired(now, self.heartbeat_s * self.liveness):
+            self._lose(a.identity, now, "missed heartbeats")
+
+    def _lose(self, ident: bytes, now: float, why: str) -> None:
+        a = self.roster.remove(ident)
+        if a is None:
+            return
+        self.counts["adapter_lost"] += 1
+        log.warning("adapter lost: %s (pid %d): %s", a.provider, a.hello.pid, why)
+        for task in list(self._tasks.values()):
+            for att, (prov, wid, sent) in list(task.pending.items()):
+                if wid == ident:
+                    self._attempt_failed(task, att, "adapter_lost", now, None, latency=now - sent)
+
+    def _check_children(self, now: float) -> None:
+        for pid, (prov, proc, over) in list(self._children.items()):
+            if proc.poll() is not None:
+                del self._children[pid]
+                if not self._stop.is_set():
+                    log.warning("adapter process %s (pid %d) exited with %s; restarting in 1s", prov, pid,
+                                proc.returncode)
+                    self._respawn_at.append((now + 1.0, prov))
+        if self._respawn_at and not self._stop.is_set():
+            due = [p for t, p in self._respawn_at if t <= now]
+            self._respawn_at = [(t, p) for t, p in self._respawn_at if t > now]
+            for p in due:
+                try:
+                    self.spawn(p)
+                    self.counts["respawned"] += 1
+                except OSError as e:
+                    log.error("could not restart adapter %s: %s", p, e)
+
+    # ---- tasks --------------------------------------------------------------------------------
+    def _reserve(self, task: Task) -> float:
+        """Time kept back at the end of a task's deadline for the local narration."""
+        return min(0.1, max(0.01, 0.05 * task.total_s))
+
+    def _drain_inbox(self) -> None:
+        box = self._inbox
+        while box:
+            tid, ctx, rclass, pri, created, deadline, ens, refine = box.popleft()
+            self.counts["submitted"] += 1
+            task = Task(tid, ctx, rclass, pri, created, deadline, ens, refine, self.max_tokens)
+            self._tasks[tid] = task
+            hit = self._route(task, created)
+            if hit is not None:  # answered from the narrative cache
+                self._extra(task.candidates[0], "cache_hits")
+                self._deliver(task, "cached", hit[0], task.candidates[0], time.monotonic(), agreeing=int(hit[1]),
+                              conflict=False)
+                continue
+            victim = self.queue.push(task)
+            if victim is not None:
+                self._finish_local(victim, "shed", time.monotonic())
+            self._push_timer(task.deadline - self._reserve(task), "deadline", tid, 0)
+        pressure = len(self.queue) / self.queue.capacity
+        self.router.pressure = 0.0 if pressure < 0.5 else min(1.0, (pressure - 0.5) * 2)
+
+    def _route(self, task: Task, now: float) -> tuple[str, int] | None:
+        """Route ``task`` (sets its candidates) and look it up in the narrative cache under its
+        first candidate: the cached (text, agreeing) or None. What ``bench_reasoning`` times."""
+        ctx = task.ctx
+        task.arm = self.ab.arm(ctx.signal_id)
+        task.est_in = 160 + 12 * len(ctx.features)
+        task.route_req = req = RouteRequest(request_class=task.rclass, persona=ctx.persona,
+                                            asset_class=ctx.asset_class, deadline_s=task.deadline - now,
+                                            tokens_in=task.est_in, tokens_out=task.tokens_out,
+                                            language=ctx.language)
+        if task.arm == "B":
+            cands = [c for c in self.ab.candidates] + [self.config.last_resort]
+            allowed = set(self.router.route(req)) | {self.config.last_resort}
+            task.candidates = [c for c in dict.fromkeys(cands) if c in allowed]
+        else:
+            task.candidates = self.router.route(req)
+        if task.refine and len(task.candidates) > 2:
+            # the cheapest drafts; the most expensive refines (see _after_success)
+            body = task.candidates[:-1]
+            body.sort(key=lambda p: self.profiles[p].unit_cost)
+            task.candidates = body + task.candidates[-1:]
+        primary = task.candidates[0]
+        if self._cache_on:
+            task.key = NarrativeCache.make_key(ctx.instrument, regime_bucket(ctx), ctx.action, primary,
+                                               ctx.persona, TEMPLATE_VERSION, digest(distill(ctx)))
+            return self.cache.get(task.key)
+        return None
+
+    def _first_live(self, task: Task, start: int) -> int:
+        """Index of the first candidate from ``start`` with a registered adapter (the last
+        resort always counts as live: it can run inline)."""
+        c = task.candidates
+        last = len(c) - 1
+        for i in range(start, len(c)):
+            if i == last or self.roster.alive(c[i]):
+                return i
+        return last
+
+    def _fits(self, task: Task) -> bool:
+        i = self._first_live(task, task.ci)
+        task.ci = i
+        if i == len(task.candidates) - 1:
+            p = task.candidates[i]
+            return not self.roster.alive(p) or self.roster.has_free(p)
+        return self.roster.has_free(task.candidates[i])
+
+    def _dispatch(self) -> None:
+        if not self.queue.size:
+            return
+        now = time.monotonic()
+        for task in self.queue.take(self._fits, limit=256):
+            task.state = "running"
+            if task.ensemble > 1:
+                self._start_ensemble(task, now)
+            else:
+                self._try_from(task, task.ci, now)
+
+    def _start_ensemble(self, task: Task, now: float) -> None:
+        sent = 0
+        last = len(task.candidates) - 1
+        i = task.ci
+        while i < last and sent < task.ensemble:
+            p = task.candidates[i]
+            if self.roster.has_free(p) and self._send(task, p, now):
+                sent += 1
+            i += 1
+        task.ci = i
+        if not sent:
+            self._try_from(task, i, now)
+
+    def _try_from(self, task: Task, start: int, now: float) -> None:
+        """Send the next attempt from candidate ``start`` on; the last resort runs inline when
+        no adapter process serves it."""
+        c = task.candidates
+        last = len(c) - 1
+        i = start
+        while i <= last:
+            p = c[i]
+            if task.remaining(now) <= self._reserve(task) and i < last:
+                i = last
+                continue
+            if i == last and not self.roster.has_free(p):
+                task.ci = last + 1
+                self._finish_local(task, "fallback" if task.attempt else "local", now)
+                return
+            if self.roster.has_free(p) and self._send(task, p, now):
+                task.ci = i + 1
+                task.tries_here = 0
+                return
+            i += 1
+        self._finish_local(task, "fallback", now)
+
+    def _send(self, task: Task, provider: str, now: float, exclude: bytes | None = None) -> bool:
+        a = self.roster.pick(provider, exclude)
+        if a is None:
+            return False
+        prof = self.profiles.get(provider) or _profile_from_hello(a.hello)
+        reserve = self._reserve(task)
+        budget = min(prof.timeout_s, task.remaining(now) - reserve)
+        if budget <= 0.001:
+            return False
+        ctx = task.ctx
+        json_mode = prof.style == "json"
+        if prof.kind == "local":
+            msgs: tuple = ()
+            tmpl_name = "local"
+            est = 0
+        else:
+            draft = task.draft.text if task.stage == 1 and task.draft is not None else None
+            tmpl = TEMPLATES["refine/1"] if draft is not None else template_for(prof.style, ctx.language)
+            msgs, est = build_messages(tmpl, ctx, context_window=prof.context_window, max_tokens=task.tokens_out,
+                                       draft=draft)
+            tmpl_name = tmpl.name
+        att = task.attempt
+        if att > 255:
+            return False
+        req = ReasonRequest(task_id=task.id, attempt=att, context=ctx, messages=msgs, template=tmpl_name,
+                            max_tokens=task.tokens_out, timeout_ms=max(1, int(budget * 1000)), json_mode=json_mode)
+        try:
+            self._sock.send_multipart([a.identity, self._out.encode(req)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self._lose(a.identity, now, "unreachable")
+            return False
+        task.attempt += 1
+        task.pending[att] = (provider, a.identity, now)
+        task.used.add(provider)
+        a.in_flight += 1
+        self.router.record_start(provider, est or task.est_in)
+        self._push_timer(now + budget, "attempt", task.id, att)
+        return True
+
+    def _on_reply(self, a: Any, ident: bytes, rep: ReasonReply, now: float) -> None:
+        if a is not None:
+            a.in_flight = max(0, a.in_flight - 1)
+            a.served += 1
+        task = self._tasks.get(rep.task_id)
+        pend = task.pending.pop(rep.attempt, None) if task is not None else None
+        provider = pend[0] if pend is not None else (a.provider if a is not None else "?")
+        latency = now - pend[2] if pend is not None else rep.model_ms / 1e3
+        if pend is None:
+            # the task finished (deadline, another ensemble member) or the attempt timed out:
+            # the spend is real, the answer no longer matters
+            self.counts["late_replies" if a is not None else "unknown_replies"] += 1
+            if provider in self.profiles:
+                self.router.record_result(provider, ok=rep.ok, latency_s=latency, tokens_in=rep.tokens_in,
+                                          tokens_out=rep.tokens_out, error_kind=rep.error_kind or None,
+                                          retry_after=rep.retry_after)
+            return
+        if not rep.ok:
+            if rep.error:
+                log.debug("attempt %d of task %d at %s failed: %s", rep.attempt, task.id, provider, rep.error)
+            self._attempt_failed(task, rep.attempt, rep.error_kind or "server_error", now, rep.retry_after,
+                                 latency=latency, tokens=(rep.tokens_in, rep.tokens_out), recorded=False,
+                                 provider=provider)
+            return
+        self.router.record_result(provider, ok=True, latency_s=latency, tokens_in=rep.tokens_in,
+                                  tokens_out=rep.tokens_out)
+        self._extra(provider, "answers")
+        prof = self.profiles.get(provider)
+        parsed = parse_reply(rep.text, prof.style if prof is not None else "narrative")
+        cand = Candidate(provider=provider, text=parsed.rationale or rep.text, parsed=parsed, latency_s=latency,
+                         model_s=rep.model_ms / 1e3)
+        if task.ensemble > 1:
+            task.replies.append(cand)
+            if len(task.replies) >= task.ensemble or (not task.pending and not self._more_ensemble(task, now)):
+                self._finish_ensemble(task, now)
+            return
+        if task.refine and task.stage == 0:
+            conf = parsed.confidence if parsed.confidence is not None else task.ctx.confidence
+            ambiguity = 1.0 - min(task.ctx.agreement, conf)
+            premium = task.candidates[-2] if len(task.candidates) > 2 else None
+            if ambiguity > self.ambiguity and premium is not None and premium != provider:
+                task.draft = cand
+                task.stage = 1
+                self._extra(premium, "refinements")
+                if self.roster.has_free(premium) and self._send(task, premium, now):
+                    return
+                task.stage = 0  # the premium cannot take it now: the draft stands
+        self._complete(task, cand, now, "ok")
+
+    def _more_ensemble(self, task: Task, now: float) -> bool:
+        """Ask one more candidate after an ensemble member failed; False when none is left."""
+        last = len(task.candidates) - 1
+        while task.ci < last:
+            p = task.candidates[task.ci]
+            task.ci += 1
+            if p not in task.used and self.roster.has_free(p) and self._send(task, p, now):
+                return True
+        return False
+
+    def _attempt_failed(self, task: Task, att: int, kind: str, now: float, retry_after: float | None, *,
+                        latency: float = 0.0, tokens: tuple[int, int] = (0, 0), recorded: bool = False,
+                        provider: str | None = None) -> None:
+        pend = task.pending.pop(att, None)
+        if pend is not None:
+            provider = pend[0]  # a timed-out attempt keeps its adapter slot until the adapter
+            # answers (its own HTTP timeout guarantees it will) or is lost
+        if provider is None:
+            return
+        self.router.record_result(provider, ok=False, latency_s=latency, tokens_in=tokens[0], tokens_out=tokens[1],
+                                  error_kind=kind, retry_after=retry_after)
+        self._extra(provider, f"failed_{kind}")
+        if task.state == "done":
+            return
+        if task.ensemble > 1:
+            if not task.pending and not self._more_ensemble(task, now):
+                self._finish_ensemble(task, now)
+            return
+        if task.stage == 1:  # the refinement failed: the draft stands
+            task.stage = 0
+            self._complete(task, task.draft, now, "ok")
+            return
+        retryable = kind in ("timeout", "rate_limited", "server_error", "connection", "malformed", "adapter_lost")
+        if retryable and task.tries_here < self.max_retries:
+            delay = self.backoff_s * (1.5 ** task.tries_here) * self._rng.uniform(0.8, 1.2)
+            if retry_after:
+                delay = max(delay, retry_after)
+            if now + delay < task.deadline - self._reserve(task) - 0.001 * 5:
+                task.tries_here += 1
+                task.state = "waiting"
+                self._push_timer(now + delay, "retry", task.id, task.ci - 1)
+                return
+        self._try_from(task, task.ci, now)
+
+    # ---- timers -------------------------------------------------------------------------------
+    def _push_timer(self, when: float, kind: str, tid: int, arg: int) -> None:
+        heapq.heappush(self._timers, (when, next(self._tseq), kind, tid, arg))
+
+    def _run_timers(self, now: float) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, kind, tid, arg = heapq.heappop(timers)
+            task = self._tasks.get(tid)
+            if task is None or task.state == "done":
+                continue
+            if kind == "attempt":
+                if arg in task.pending:
+                    self._attempt_failed(task, arg, "timeout", now, None, latency=now - task.pending[arg][2])
+            elif kind == "retry":
+                if task.state == "waiting":
+                    task.state = "running"
+                    p = task.candidates[arg]
+                    if not (self.roster.has_free(p) and self._send(task, p, now)):
+                        self._try_from(task, arg + 1, now)
+            elif kind == "deadline":
+                self._on_deadline(task, now)
+
+    def _expire_queued(self, now: float) -> None:
+        for task in self.queue.remove_expired(now, self._reserve):
+            self._finish_local(task, "fallback", now)
+
+    def _on_deadline(self, task: Task, now: float) -> None:
+        if task.state == "queued":
+            return  # _expire_queued takes it out of the queue
+        if task.ensemble > 1 and task.replies:
+            self._finish_ensemble(task, now)
+        elif task.stage == 1 and task.draft is not None:
+            self._complete(task, task.draft, now, "ok")
+        else:
+            self._finish_local(task, "fallback", now)
+
+    # ---- finishing ----------------------------------------------------------------------------
+    def _finish_ensemble(self, task: Task, now: float) -> None:
+        if not task.replies:
+            self._finish_local(task, "fallback", now)
+            return
+        ranked = rerank(task.replies, task.ctx.action, self.weights.values)
+        self._complete(task, ranked.winner, now, "ok", agreeing=ranked.agreeing, conflict=ranked.conflict)
+
+    def _complete(self, task: Task, cand: Candidate, now: float, status: str, *, agreeing: int | None = None,
+                  conflict: bool = False) -> None:
+        want = action_direction(task.ctx.action)
+        if agreeing is None:
+            agreeing = int(cand.parsed.direction == want)
+        if task.key is not None and status == "ok" and task.key[3] == cand.provider:
+            self.cache.put(task.key, (cand.text, agreeing))
+        reason = None
+        if conflict:
+            reason = "conflict"
+        elif cand.parsed.confidence is not None and cand.parsed.confidence < self.review_confidence:
+            reason = "low_confidence"
+        elif cand.parsed.direction not in (None, want) and not (want == "hold" or cand.parsed.direction == "hold"):
+            reason = "disagrees"
+        if reason is not None:
+            ctx = task.ctx
+            self.review_queue.add(signal_id=ctx.signal_id, instrument=ctx.instrument, timeframe=ctx.timeframe,
+                                  provider=cand.provider, text=cand.text, reason=reason,
+                                  confidence=cand.parsed.confidence)
+        self._deliver(task, status, cand.text, cand.provider, now, agreeing=agreeing, conflict=conflict,
+                      model_s=cand.model_s)
+
+    def _finish_local(self, task: Task, status: str, now: float) -> None:
+        self.counts["inline_local"] += 1
+        text = narrate(task.ctx)
+        self._extra(self.config.last_resort, "answers")
+        self._deliver(task, status, text, self.config.last_resort, now, agreeing=0, conflict=False)
+
+    def _deliver(self, task: Task, status: str, text: str, provider: str, now: float, *, agreeing: int,
+                 conflict: bool, model_s: float = 0.0) -> None:
+        task.state = "done"
+        task.pending.clear()  # abandoned attempts keep their slots until their (late) replies
+        self._tasks.pop(task.id, None)
+        ctx = task.ctx
+        upd = RationaleUpdate(signal_id=ctx.signal_id, instrument=ctx.instrument, timeframe=ctx.timeframe,
+                              text=text[: 1 << 20], provider=provider[:256], ts=time.time_ns())
+        latency = now - task.created
+        self._latencies.append(latency)
+        self.counts["completed"] += 1
+        self.by_status[status] = self.by_status.get(status, 0) + 1
+        self.ab.record(task.arm, ok=status in ("ok", "cached"), fallback=status in ("fallback", "shed"),
+                       agree=agreeing > 0, latency_s=latency)
+        if len(self.outbox) >= self._outbox_cap:
+            self.outbox.popleft()
+            self.counts["dropped_outbox"] += 1
+        self.outbox.append(upd)
+        if self.on_rationale is not None:
+            try:
+                self.on_rationale(Outcome(update=upd, task_id=task.id, status=status, provider=provider,
+                                          attempts=task.attempt, latency_s=latency, agreeing=agreeing,
+                                          conflict=conflict, arm=task.arm, model_s=model_s))
+            except Exception:  # noqa: BLE001 - a callback bug must not stop the broker
+                self.counts["callback_errors"] += 1
+                log.exception("on_rationale raised")
+
+    def _extra(self, provider: str, key: str) -> None:
+        d = self.provider_extra.setdefault(provider, {})
+        d[key] = d.get(key, 0) + 1
+
+
+def _profile_from_hello(h: AdapterHello) -> ProviderProfile:
+    """A profile for an adapter whose provider this broker was not configured with."""
+    return ProviderProfile(name=h.provider if h.provider.islower() else "adapter", kind="local"
+                           if h.kind == "local" else "openai-compatible", base_url="http://unknown/v1",
+                           model=h.model or "?", context_window=max(256, h.context_window or 8192),
+                           style="json" if h.style == "json" else "narrative")
+
+
+PRIORITY_NAMES = PRIORITIES

@@ -1,0 +1,281 @@
+"""The adapter process: one provider behind a DEALER socket connected to the mesh broker.
+
+``dynamic-core adapter --provider deepseek --connect tcp://127.0.0.1:5600`` runs
+:func:`serve`. The adapter announces itself (:class:`~dynamic_core.payloads.AdapterHello`),
+heartbeats every ``heartbeat_s`` (with its in-flight count), and answers each
+:class:`~dynamic_core.payloads.ReasonRequest` with a :class:`~dynamic_core.payloads.ReasonReply`.
+
+* ``openai-compatible`` providers run requests on ``max_concurrency`` threads, each with its own
+  keep-alive HTTP client; a thread hands its reply back to the socket thread through an inproc
+  socket (a ZeroMQ socket is only ever used by one thread).
+* ``local`` (the template narrator) answers inline on the socket thread: no model, no cost.
+
+Errors become ``ok=False`` replies with an :class:`~dynamic_core.errors.AdapterError` kind and a
+message from which every secret the adapter knows has been removed; the process's log records
+are redacted the same way. The adapter exits on :class:`~dynamic_core.payloads.MeshShutdown`,
+SIGTERM/SIGINT, or, with ``parent_pid``, when that process is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+
+from ..errors import AdapterError, DynamicCoreError, PayloadError
+from ..payloads import (
+    AdapterBeat,
+    AdapterBye,
+    AdapterHello,
+    Codec,
+    MeshFromAdapter,
+    MeshShutdown,
+    MeshToAdapter,
+    ReasonReply,
+    ReasonRequest,
+)
+from .profiles import ProviderProfile
+
+__all__ = ["AdapterWorker", "serve"]
+
+log = logging.getLogger("dynamic_core.reasoning.adapter")
+
+HELLO_EVERY_S = 2.0
+"""The hello is repeated this often, so a restarted broker learns about a running adapter."""
+
+
+class AdapterWorker:
+    """One adapter: the socket loop plus, for HTTP providers, a pool of request threads.
+
+    Parameters
+    ----------
+    profile : ProviderProfile
+        What to serve.
+    connect : str
+        The broker's ROUTER address.
+    api_key : Secret or str, optional
+        The provider's key (HTTP providers that need one).
+    heartbeat_s : float
+        Beat interval; the broker declares an adapter lost after a few missed beats.
+    parent_pid : int, optional
+        Exit when this process is no longer our parent.
+    """
+
+    def __init__(self, profile: ProviderProfile, connect: str, *, api_key: Any = None,
+                 heartbeat_s: float = 0.1, parent_pid: int | None = None,
+                 context: zmq.Context | None = None) -> None:
+        self.profile = profile
+        self.connect = connect
+        self.heartbeat_s = float(heartbeat_s)
+        self.parent_pid = parent_pid
+        self._key = api_key
+        self._ctx = context or zmq.Context.instance()
+        self._codec_out = Codec(MeshFromAdapter)
+        self._codec_in = Codec(MeshToAdapter)
+        self.sock = self._ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.connect(connect)
+        self._done_addr = f"inproc://dc-adapter-done-{id(self)}"
+        self._done_pull = self._ctx.socket(zmq.PULL)
+        self._done_pull.bind(self._done_addr)
+        self._jobs: deque[ReasonRequest] = deque()
+        self._jobs_cv = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self.in_flight = 0
+        self.served = 0
+        self.failed = 0
+        self.rejected = 0
+        self._secrets = [api_key] if api_key else []
+
+    # ---- request execution --------------------------------------------------------------------
+    def _answer_local(self, req: ReasonRequest) -> ReasonReply:
+        from .narrator import narrate
+
+        t0 = time.perf_counter()
+        try:
+            text = narrate(req.context, style="json" if req.json_mode else "narrative")
+        except Exception as e:  # noqa: BLE001 - the narrator must not take the adapter down
+            return ReasonReply(task_id=req.task_id, attempt=req.attempt, ok=False, error_kind="malformed",
+                               error=f"narrator failed: {type(e).__name__}")
+        n_out = (len(text.encode()) + 3) // 4
+        return ReasonReply(task_id=req.task_id, attempt=req.attempt, ok=True, text=text, model="template",
+                           tokens_in=0, tokens_out=n_out, model_ms=(time.perf_counter() - t0) * 1e3)
+
+    def _answer_http(self, client: Any, req: ReasonRequest) -> ReasonReply:
+        from .secrets import redact
+
+        try:
+            c = client.complete(req.messages, max_tokens=req.max_tokens, temperature=req.temperature,
+                                timeout=min(req.timeout_ms / 1e3, self.profile.timeout_s),
+                                json_mode=req.json_mode)
+        except AdapterError as e:
+            log.warning("%s request %d failed: %s", self.profile.name, req.task_id, redact(str(e), self._secrets))
+            return ReasonReply(task_id=req.task_id, attempt=req.attempt, ok=False, error_kind=e.kind,
+                               error=redact(str(e), self._secrets)[:2000], status=e.status,
+                               retry_after=e.retry_after)
+        except Exception as e:  # noqa: BLE001 - a client bug must not lose the request
+            return ReasonReply(task_id=req.task_id, attempt=req.attempt, ok=False, error_kind="connection",
+                               error=redact(f"{type(e).__name__}: {e}", self._secrets)[:2000])
+        return ReasonReply(task_id=req.task_id, attempt=req.attempt, ok=True, text=c.text[:1 << 20],
+                           model=c.model[:256], tokens_in=max(0, min(int(c.tokens_in), 2**32 - 1)),
+                           tokens_out=max(0, min(int(c.tokens_out), 2**32 - 1)), model_ms=c.latency_s * 1e3)
+
+    def _pool_thread(self) -> None:
+        from .client import OpenAICompatibleClient
+
+        push = self._ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(self._done_addr)
+        enc = Codec(MeshFromAdapter)
+        client = OpenAICompatibleClient(self.profile, self._key)
+        try:
+            while True:
+                with self._jobs_cv:
+                    while not self._jobs and not self._stop.is_set():
+                        self._jobs_cv.wait(0.5)
+                    if not self._jobs:
+                        return
+                    req = self._jobs.popleft()
+                push.send(enc.encode(self._answer_http(client, req)))
+        finally:
+            client.close()
+            push.close()
+
+    # ---- socket loop --------------------------------------------------------------------------
+    def hello(self) -> AdapterHello:
+        p = self.profile
+        return AdapterHello(provider=p.name, kind=p.kind, model=p.model[:256], context_window=p.context_window,
+                            usd_per_m_input=p.usd_per_m_input, usd_per_m_output=p.usd_per_m_output,
+                            latency_class=p.latency_class, personas=tuple(p.personas)[:256],
+                            languages=tuple(p.languages)[:256], style=p.style,
+                            max_concurrency=p.max_concurrency, pid=os.getpid())
+
+    def _send(self, msg: Any) -> None:
+        self.sock.send(self._codec_out.encode(msg))
+
+    def run(self) -> int:
+        """Serve until shutdown; returns the process exit code."""
+        if self.profile.kind != "local":
+            for i in range(self.profile.max_concurrency):
+                t = threading.Thread(target=self._pool_thread, name=f"dc-adapter-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._done_pull, zmq.POLLIN)
+        self._send(self.hello())
+        next_beat = time.monotonic() + self.heartbeat_s
+        next_hello = time.monotonic() + HELLO_EVERY_S
+        reason = "shutdown"
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                timeout_ms = max(0, int((next_beat - now) * 1000))
+                events = dict(poller.poll(timeout_ms))
+                if self._done_pull in events:
+                    self._forward_done()
+                if self.sock in events and self._read_broker():
+                    break
+                now = time.monotonic()
+                if now >= next_beat:
+                    if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                        reason = "parent gone"
+                        break
+                    self._send(AdapterBeat(in_flight=self.in_flight, ts=time.time_ns()))
+                    next_beat = now + self.heartbeat_s
+                if now >= next_hello:
+                    self._send(self.hello())
+                    next_hello = now + HELLO_EVERY_S
+        finally:
+            self._stop.set()
+            with self._jobs_cv:
+                self._jobs_cv.notify_all()
+            try:
+                self.sock.send(self._codec_out.encode(AdapterBye(reason=reason)), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            self.close()
+        return 0
+
+    def _forward_done(self) -> None:
+        while True:
+            try:
+                raw = self._done_pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.in_flight -= 1
+            self.sock.send(raw)
+
+    def _read_broker(self) -> bool:
+        """Handle every waiting broker message; True on shutdown."""
+        for _ in range(1024):
+            try:
+                raw = self.sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return False
+            try:
+                msg = self._codec_in.decode(raw.buffer)
+            except PayloadError as e:
+                self.rejected += 1
+                log.warning("refused a broker frame: %s", e.reason)
+                continue
+            if isinstance(msg, MeshShutdown):
+                return True
+            if self.profile.kind == "local":
+                reply = self._answer_local(msg)
+                self.served += 1
+                self.sock.send(self._codec_out.encode(reply))
+                continue
+            self.in_flight += 1
+            self.served += 1
+            with self._jobs_cv:
+                self._jobs.append(msg)
+                self._jobs_cv.notify()
+        return False
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        for t in self._threads:
+            t.join(timeout=1.0)
+        self._done_pull.close(0)
+        self.sock.close()
+
+
+def serve(provider: str, connect: str, *, overrides: dict[str, Any] | None = None,
+          secrets_file: str | None = None, heartbeat_s: float = 0.1, parent_pid: int | None = None) -> int:
+    """Run one adapter process until shutdown (what ``dynamic-core adapter`` calls)."""
+    from .profiles import profile as make_profile
+    from .secrets import RedactingFilter, api_key
+
+    prof = make_profile(provider, overrides)
+    key = api_key(prof, secrets_file=secrets_file) if prof.kind != "local" else None
+    logging.getLogger().addFilter(RedactingFilter([key] if key else []))
+    for h in logging.getLogger().handlers:
+        h.addFilter(RedactingFilter([key] if key else []))
+    if prof.kind != "local" and prof.api_key_env and not key:
+        log.warning("provider %s: no API key in $%s or the secrets file; requests will fail with 'auth'",
+                    prof.name, prof.api_key_env)
+    worker = AdapterWorker(prof, connect, api_key=key, heartbeat_s=heartbeat_s, parent_pid=parent_pid)
+
+    def _term(signum: int, frame: Any) -> None:
+        worker.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _term)
+        signal.signal(signal.SIGINT, _term)
+    try:
+        return worker.run()
+    except DynamicCoreError as e:
+        log.error("adapter %s stopped: %s", prof.name, e)
+        return 1
