@@ -1,0 +1,471 @@
+"""The OpenAI-compatible client over real HTTP against a scripted server process, and the secrets
+that feed it (files, environment, redaction of errors and logs)."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import math
+import os
+import pickle
+import socket
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dynamic_core.errors import AdapterError, PolicyError, SecretsError
+from dynamic_core.reasoning.client import Completion, OpenAICompatibleClient, parse_retry_after
+from dynamic_core.reasoning.profiles import ProviderProfile, profile
+from dynamic_core.reasoning.secrets import RedactingFilter, Secret, api_key, load_secrets_file, redact
+
+from .openai_server import FakeOpenAI
+
+KEY = "sk-test-Zq8vR2mN4pL7xK1wY5tB"
+OTHER_KEY = "sk-other-Hj3kL9mN2bV6cX8z"
+MESSAGES = [("system", "You explain trading signals in one sentence."),
+            ("user", "Signal: BUY EURUSD, score 0.82, 1,204 agents agree. Why?")]
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(expect_key=KEY) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _fresh_script(request: pytest.FixtureRequest) -> None:
+    if "fake" in request.fixturenames:
+        request.getfixturevalue("fake").reset()
+
+
+def prof(url: str, **kw: object) -> ProviderProfile:
+    fields: dict[str, object] = {"base_url": url, "model": "fake-model", "api_key_env": "FAKE_API_KEY",
+                                 "timeout_s": 10.0}
+    fields.update(kw)
+    return profile("fakeprov", fields)
+
+
+def client(fake: FakeOpenAI, key: str | Secret | None = KEY, **kw: object) -> OpenAICompatibleClient:
+    return OpenAICompatibleClient(prof(fake.url), key, **kw)  # type: ignore[arg-type]
+
+
+def assert_no_key(err: BaseException, *keys: str) -> None:
+    texts = [str(err), repr(err), "".join(traceback.format_exception(err))]
+    for key in keys or (KEY,):
+        for text in texts:
+            assert key not in text
+            assert key[6:] not in text  # not even the tail
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- successful calls --------------------------------------------------------------------------
+
+
+def test_normal_reply_counts_tokens_and_sends_the_key(fake: FakeOpenAI) -> None:
+    with client(fake) as c:
+        out = c.complete(MESSAGES, max_tokens=77, temperature=0.3)
+    assert isinstance(out, Completion)
+    assert out.status == 200 and out.model == "fake-model"
+    assert "buy" in out.text
+    chars = sum(len(m) for _, m in MESSAGES)
+    assert out.tokens_in == math.ceil(chars / 4)  # the server's usage, computed its way
+    assert out.tokens_out == math.ceil(len(out.text) / 4)
+    assert 0.0 < out.latency_s < 10.0
+    stats = fake.stats()
+    assert stats["requests"] == 1 and stats["authorized"] == 1 and stats["by_mode"] == {"normal": 1}
+    sent = stats["last_request"]
+    assert sent["body"] == {"model": "fake-model", "max_tokens": 77, "temperature": 0.3, "stream": False,
+                            "messages": [{"role": r, "content": m} for r, m in MESSAGES]}
+    assert sent["content_type"] == "application/json"
+    assert sent["user_agent"].startswith("dynamic-core/")
+    with pytest.raises(AttributeError, match="immutable"):
+        out.text = "x"  # type: ignore[misc]
+
+
+def test_usage_comes_from_the_server_and_is_estimated_without_it(fake: FakeOpenAI) -> None:
+    fake.script([{"mode": "normal", "prompt_tokens": 1234, "completion_tokens": 56, "content": "hold it"}])
+    with client(fake) as c:
+        out = c.complete([{"role": "user", "content": "x" * 41}], model="other-model")
+    assert (out.text, out.tokens_in, out.tokens_out, out.model) == ("hold it", 1234, 56, "other-model")
+    assert fake.stats()["models"] == {"other-model": 1}
+
+
+def test_json_mode_reply_parses(fake: FakeOpenAI) -> None:
+    fake.script([{"mode": "normal"}, {"mode": "normal", "direction": "hold", "confidence": 0.25}])
+    with client(fake) as c:
+        first = json.loads(c.complete([("user", "Signal: SELL GBPUSD. Explain.")], json_mode=True).text)
+        second = json.loads(c.complete(MESSAGES, json_mode=True).text)
+    assert first["direction"] == "sell" and first["confidence"] == 0.7 and "sell" in first["rationale"]
+    assert second["direction"] == "hold" and second["confidence"] == 0.25
+    fake.script([{"mode": "normal", "direction_by_model": {"contrarian": "sell"}, "times": 2}])
+    with client(fake) as c:
+        assert json.loads(c.complete(MESSAGES, json_mode=True, model="contrarian").text)["direction"] == "sell"
+        assert json.loads(c.complete(MESSAGES, json_mode=True).text)["direction"] == "buy"
+    assert fake.stats()["last_request"]["body"]["response_format"] == {"type": "json_object"}
+
+
+def test_slow_reply_within_the_timeout_succeeds(fake: FakeOpenAI) -> None:
+    fake.script([{"mode": "slow", "delay": 0.2}])
+    with client(fake) as c:
+        out = c.complete(MESSAGES, timeout=10.0)
+    assert out.latency_s >= 0.2 and "buy" in out.text
+
+
+def test_keep_alive_reuses_one_connection_and_recovers_after_a_drop(fake: FakeOpenAI) -> None:
+    with client(fake) as c:
+        for _ in range(5):
+            c.complete(MESSAGES)
+        assert fake.stats()["connections"] == 1
+        fake.script([{"mode": "drop"}])
+        with pytest.raises(AdapterError) as ei:
+            c.complete(MESSAGES)
+        assert ei.value.kind == "connection" and ei.value.status is None and ei.value.retryable
+        for _ in range(3):
+            assert "buy" in c.complete(MESSAGES).text
+    stats = fake.stats()
+    assert stats["connections"] == 2 and stats["requests"] == 9
+    assert stats["by_mode"] == {"normal": 8, "drop": 1}
+
+
+def test_a_keep_alive_connection_closed_by_the_server_is_replaced_before_sending(fake: FakeOpenAI) -> None:
+    # the server closes after replying without announcing it: the idle socket has gone stale
+    fake.script([{"mode": "normal", "close_after": True}])
+    with client(fake) as c:
+        c.complete(MESSAGES)
+        assert fake.wait_for("open_connections", 0)["open_connections"] == 0
+        c.complete(MESSAGES)  # must not fail with "connection"
+    assert fake.stats()["connections"] >= 2
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", [None, "", "sk-wrong-Aa1Bb2Cc3Dd4Ee5"])
+def test_missing_or_wrong_key_is_auth(fake: FakeOpenAI, key: str | None) -> None:
+    with client(fake, key) as c, pytest.raises(AdapterError) as ei:
+        c.complete(MESSAGES)
+    err = ei.value
+    assert (err.kind, err.status, err.retryable) == ("auth", 401, False)
+    assert "Incorrect API key" in str(err)
+    assert_no_key(err, KEY, *([key] if key else []))
+    assert fake.stats()["authorized"] == 0
+
+
+def test_server_error_body_holding_the_key_is_redacted(fake: FakeOpenAI) -> None:
+    fake.script([{"mode": "status", "status": 401,
+                  "message": f"Incorrect API key provided: {KEY}. Also seen: {OTHER_KEY}; "
+                             f"Authorization: Bearer {KEY}"}])
+    with client(fake) as c, pytest.raises(AdapterError) as ei:
+        c.complete(MESSAGES)
+    assert ei.value.kind == "auth" and "Incorrect API key provided: ***" in str(ei.value)
+    assert_no_key(ei.value, KEY, OTHER_KEY)
+
+
+def test_429_with_retry_after_seconds_and_http_date(fake: FakeOpenAI) -> None:
+    when = email.utils.formatdate(time.time() + 5, usegmt=True)
+    fake.script([{"mode": "status", "status": 429, "retry_after": 2, "message": "Rate limit reached"},
+                 {"mode": "status", "status": 429, "retry_after": when},
+                 {"mode": "status", "status": 429, "retry_after": "soon"},
+                 {"mode": "status", "status": 429}])
+    errors = []
+    with client(fake) as c:
+        for _ in range(4):
+            with pytest.raises(AdapterError) as ei:
+                c.complete(MESSAGES)
+            errors.append(ei.value)
+    assert all(e.kind == "rate_limited" and e.status == 429 and e.retryable for e in errors)
+    assert errors[0].retry_after == 2.0 and "Rate limit reached" in str(errors[0])
+    assert 3.0 <= errors[1].retry_after <= 5.5  # type: ignore[operator] - whole seconds in an HTTP-date
+    assert errors[2].retry_after is None and errors[3].retry_after is None
+
+
+@pytest.mark.parametrize(("step", "kind", "retry_after"), [
+    ({"status": 500}, "server_error", None),
+    ({"status": 502}, "server_error", None),
+    ({"status": 503, "retry_after": 7}, "server_error", 7.0),
+    ({"status": 400, "message": "max_tokens is too large"}, "client_error", None),
+    ({"status": 404}, "client_error", None),
+    ({"status": 403}, "auth", None),
+])
+def test_status_codes_map_to_kinds(fake: FakeOpenAI, step: dict, kind: str,
+                                   retry_after: float | None) -> None:
+    fake.script([{"mode": "status", **step}])
+    with client(fake) as c:
+        with pytest.raises(AdapterError) as ei:
+            c.complete(MESSAGES)
+        assert c.complete(MESSAGES).status == 200  # a fresh connection after the error
+    assert (ei.value.kind, ei.value.status, ei.value.retry_after) == (kind, step["status"], retry_after)
+    assert str(ei.value).startswith(f"{kind}: HTTP {step['status']} from fakeprov")
+    assert step.get("message", "scripted status") in str(ei.value)
+    assert fake.stats()["connections"] == 2
+
+
+@pytest.mark.parametrize("mode", ["malformed", "bad_shape"])
+def test_malformed_and_bad_shape_replies(fake: FakeOpenAI, mode: str) -> None:
+    fake.script([{"mode": mode}])
+    with client(fake) as c:
+        with pytest.raises(AdapterError) as ei:
+            c.complete(MESSAGES)
+        assert c.complete(MESSAGES).status == 200
+    assert (ei.value.kind, ei.value.status) == ("malformed", 200)
+
+
+def test_content_that_is_not_a_string_is_malformed(fake: FakeOpenAI) -> None:
+    fake.script([{"mode": "normal", "content": ["a", "list"]}])
+    with client(fake) as c, pytest.raises(AdapterError, match="choices") as ei:
+        c.complete(MESSAGES)
+    assert ei.value.kind == "malformed"
+
+
+def test_oversized_reply_is_malformed(fake: FakeOpenAI) -> None:
+    fake.script([{"mode": "normal", "content": "x" * 200_000}])
+    with client(fake, max_response_bytes=10_000) as c:
+        with pytest.raises(AdapterError, match="max_response_bytes") as ei:
+            c.complete(MESSAGES)
+        assert ei.value.kind == "malformed"
+        fake.script([{"mode": "normal", "content": "y" * 9_000}])
+        assert c.complete(MESSAGES).text == "y" * 9_000  # under the limit, same client
+
+
+def test_slow_reply_past_the_deadline_times_out_on_time(fake: FakeOpenAI) -> None:
+    fake.script([{"mode": "slow", "delay": 5.0}])
+    with client(fake) as c:
+        t0 = time.monotonic()
+        with pytest.raises(AdapterError) as ei:
+            c.complete(MESSAGES, timeout=0.5)
+        elapsed = time.monotonic() - t0
+        assert (ei.value.kind, ei.value.status, ei.value.retryable) == ("timeout", None, True)
+        assert 0.5 <= elapsed < 1.0
+        assert "buy" in c.complete(MESSAGES).text  # the server moved on; so did the client
+    assert fake.wait_for("in_flight", 0)["in_flight"] == 0  # it noticed the client leave
+
+
+def test_hang_times_out(fake: FakeOpenAI) -> None:
+    fake.script([{"mode": "hang"}])
+    with client(fake) as c:
+        t0 = time.monotonic()
+        with pytest.raises(AdapterError) as ei:
+            c.complete(MESSAGES, timeout=0.3)
+        assert ei.value.kind == "timeout"
+        assert time.monotonic() - t0 < 0.3 + 0.5
+
+
+def test_profile_timeout_is_the_default(fake: FakeOpenAI) -> None:
+    fake.script([{"mode": "hang"}])
+    with OpenAICompatibleClient(prof(fake.url, timeout_s=0.3), KEY) as c, pytest.raises(AdapterError) as ei:
+        c.complete(MESSAGES)
+    assert ei.value.kind == "timeout"
+
+
+def test_nothing_listening_is_connection() -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with OpenAICompatibleClient(prof(url), KEY) as c, pytest.raises(AdapterError) as ei:
+        c.complete(MESSAGES, timeout=5.0)
+    assert (ei.value.kind, ei.value.status) == ("connection", None)
+    assert_no_key(ei.value)
+
+
+def test_dns_failure_is_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_dns(*args: object, **kw: object) -> list:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)  # no real resolver: it may be slow or absent here
+    with OpenAICompatibleClient(prof("https://api.provider.invalid/v1"), KEY) as c, \
+            pytest.raises(AdapterError, match="cannot resolve 'api.provider.invalid'") as ei:
+        c.complete(MESSAGES, timeout=5.0)
+    assert ei.value.kind == "connection"
+
+
+def test_https_to_a_plain_http_server_is_connection(fake: FakeOpenAI) -> None:
+    url = fake.url.replace("http://", "https://")
+    with OpenAICompatibleClient(prof(url), KEY) as c, pytest.raises(AdapterError) as ei:
+        c.complete(MESSAGES, timeout=5.0)
+    assert ei.value.kind == "connection" and "TLS" in str(ei.value)
+    assert_no_key(ei.value)
+
+
+def test_server_killed_between_calls_is_connection() -> None:
+    with FakeOpenAI() as server, OpenAICompatibleClient(prof(server.url), KEY) as c:
+        c.complete(MESSAGES)
+        server.kill()
+        with pytest.raises(AdapterError) as ei:
+            c.complete(MESSAGES, timeout=5.0)
+    assert ei.value.kind == "connection"
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(PolicyError):
+        OpenAICompatibleClient(profile("local"))
+    with pytest.raises(PolicyError, match="credentials"):
+        OpenAICompatibleClient(prof("http://user:pw@127.0.0.1:1/v1"))
+    with pytest.raises(PolicyError):
+        OpenAICompatibleClient(prof("ftp://127.0.0.1/v1"))
+    c = OpenAICompatibleClient(prof("http://127.0.0.1:1/v1"), KEY)
+    assert KEY not in repr(c) and "key=set" in repr(c)
+    for bad in ([], [("user",)], [{"role": "user"}], [("user", 3)]):
+        with pytest.raises((ValueError, TypeError)):
+            c.complete(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        c.complete(MESSAGES, timeout=0)
+
+
+def test_parse_retry_after() -> None:
+    now = 1_700_000_000.0
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after(" 1.5 ") == 1.5
+    assert parse_retry_after(email.utils.formatdate(now + 30, usegmt=True), now=now) == 30.0
+    assert parse_retry_after(email.utils.formatdate(now - 30, usegmt=True), now=now) == 0.0
+    for bad in (None, "", "-1", "nan", "tomorrow", "Mon, 99 Foo 2024"):
+        assert parse_retry_after(bad) is None
+
+
+# -- secrets -----------------------------------------------------------------------------------
+
+
+def write(path: Path, text: str, mode: int) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_secret_never_shows_itself() -> None:
+    s = Secret(KEY)
+    for text in (repr(s), str(s), f"{s}", f"{s!r:>30}", repr([s]), repr({"k": s})):
+        assert KEY not in text and "***" in text
+    assert s.reveal() == KEY and s and not Secret("")
+    same = s
+    assert s != Secret(KEY) and s == same  # identity only
+    with pytest.raises(TypeError):
+        pickle.dumps(s)
+    with pytest.raises(TypeError):
+        Secret(123)  # type: ignore[arg-type]
+
+
+def test_secrets_file_permissions(tmp_path: Path) -> None:
+    path = write(tmp_path / "secrets.toml", f'OPENAI_API_KEY = "{KEY}"\nXAI_API_KEY = "xai-123456"\n', 0o644)
+    with pytest.raises(SecretsError, match=f"chmod 600 {path}") as ei:
+        load_secrets_file(path)
+    assert isinstance(ei.value, PermissionError)
+    path.chmod(0o640)
+    with pytest.raises(SecretsError, match="chmod 600"):
+        load_secrets_file(path)
+    path.chmod(0o600)
+    got = load_secrets_file(path)
+    assert sorted(got) == ["OPENAI_API_KEY", "XAI_API_KEY"]
+    assert got["OPENAI_API_KEY"].reveal() == KEY and isinstance(got["XAI_API_KEY"], Secret)
+    path.chmod(0o400)
+    assert load_secrets_file(str(path))["XAI_API_KEY"].reveal() == "xai-123456"
+
+
+def test_secrets_file_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SecretsError, match="does not exist"):
+        load_secrets_file(tmp_path / "missing.toml")
+    with pytest.raises(SecretsError, match="not a regular file"):
+        load_secrets_file(tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(SecretsError, match="not a regular file"):
+        load_secrets_file(fifo)  # refused without blocking on the open
+    for text, match in ((f'OPENAI_API_KEY = ["{KEY}"]\n', "must be a string"),
+                        ("A = 1\n", "must be a string"),
+                        (f'[OPENAI]\nKEY = "{KEY}"\n', "must be a string"),
+                        (f'openai_key = "{KEY}"\n', "must match"),
+                        (f'"{KEY}" = "x"\n', "must match")):
+        path = write(tmp_path / "s.toml", text, 0o600)
+        with pytest.raises(SecretsError, match=match) as ei:
+            load_secrets_file(path)
+        assert_no_key(ei.value)
+    path = write(tmp_path / "ok.toml", 'A_KEY = "abcdef"\n', 0o600)
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(path).st_uid + 1)
+    with pytest.raises(SecretsError, match="owned by uid"):
+        load_secrets_file(path)
+
+
+@pytest.mark.parametrize("text", [f'OK = "x"\nOPENAI_API_KEY = "{KEY}\n',          # unterminated string
+                                  f'OK = "x"\nOPENAI_API_KEY = {KEY}\n',            # bare value
+                                  f'OK = "x"\nOPENAI_API_KEY "{KEY}"\n',            # no '='
+                                  f'OK = "x"\nOPENAI_API_KEY = "{KEY}" "{KEY}"\n'])  # junk after value
+def test_bad_toml_message_names_the_line_not_the_value(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path / "s.toml", text, 0o600)
+    with pytest.raises(SecretsError, match="line 2") as ei:
+        load_secrets_file(path)
+    assert ei.value.__context__ is None and ei.value.__cause__ is None
+    assert_no_key(ei.value)
+
+
+def test_api_key_resolution_order(tmp_path: Path) -> None:
+    p = prof("http://127.0.0.1:1/v1")  # api_key_env FAKE_API_KEY
+    path = write(tmp_path / "s.toml", 'FAKE_API_KEY = "from-file-1234"\n', 0o600)
+    other = write(tmp_path / "o.toml", 'FAKE_API_KEY = "from-env-file-5678"\n', 0o600)
+    env = {"FAKE_API_KEY": "from-env-9012", "DYNAMIC_CORE_SECRETS": str(other)}
+    assert api_key(p, secrets_file=path, environ=env).reveal() == "from-env-9012"  # type: ignore[union-attr]
+    env["FAKE_API_KEY"] = ""  # empty counts as absent
+    assert api_key(p, secrets_file=path, environ=env).reveal() == "from-file-1234"  # type: ignore[union-attr]
+    assert api_key(p, environ=env).reveal() == "from-env-file-5678"  # type: ignore[union-attr]
+    assert api_key(p, environ={}) is None
+    assert api_key(p, secrets_file=write(tmp_path / "e.toml", "", 0o600), environ={}) is None
+    assert api_key(profile("ollama"), secrets_file=path, environ=env) is None  # needs no key
+    path.chmod(0o644)
+    with pytest.raises(SecretsError):  # a bad file is loud, not silently keyless
+        api_key(p, secrets_file=path, environ={})
+
+
+def test_redact() -> None:
+    text = (f"key={KEY} secret=hunter2-long Bearer abc.DEF-123_x "
+            f"Authorization: Bearer tok-xyz-99\n{{\"authorization\": \"Basic Zm9vOmJhcg==\", \"n\": 1}} "
+            f"sk-proj-AbCdEfGh12_3 api_key=plainvalue99 tiny=abc")
+    out = redact(text, [Secret(KEY), "hunter2-long", "abc", ""])
+    for leaked in (KEY, "hunter2-long", "abc.DEF-123_x", "tok-xyz-99", "Zm9vOmJhcg==", "sk-proj-AbCdEfGh12_3",
+                   "plainvalue99"):
+        assert leaked not in out
+    assert "Authorization: ***" in out and '"n": 1' in out and "tiny=abc" in out  # 3 chars: too short
+    assert redact("nothing to hide here", [KEY]) == "nothing to hide here"
+    assert redact(f"{KEY}{KEY[:-1]}", [KEY, KEY[:-1]]) == "******"  # longest first
+
+
+def test_redacting_filter_on_a_logger() -> None:
+    logger = logging.getLogger("dynamic_core.tests.redaction")
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(self.format(record))
+
+    handler = Collect()
+    logger.addHandler(handler)
+    logger.propagate = False
+    filt = RedactingFilter([Secret(KEY)]).install(logger)
+    try:
+        logger.warning("calling provider with key %s and header %r", KEY, {"Authorization": f"Bearer {KEY}"})
+        filt.add("late-secret-1")
+        try:
+            raise RuntimeError(f"boom with {KEY} and late-secret-1")
+        except RuntimeError:
+            logger.exception("request failed")
+        logging.getLogger("dynamic_core.tests.redaction.child").error("child says %s", KEY)  # via handler
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(filt)
+        logger.propagate = True
+    assert len(seen) == 3
+    assert "calling provider with key ***" in seen[0]
+    assert "RuntimeError: boom with *** and ***" in seen[1]
+    assert seen[2] == "child says ***"
+    for line in seen:
+        assert KEY not in line and "late-secret-1" not in line
+
+
+def test_client_built_from_the_secrets_file(fake: FakeOpenAI, tmp_path: Path) -> None:
+    path = write(tmp_path / "s.toml", f'FAKE_API_KEY = "{KEY}"\n', 0o600)
+    p = prof(fake.url)
+    with OpenAICompatibleClient(p, api_key(p, environ={"DYNAMIC_CORE_SECRETS": str(path)})) as c:
+        assert c.complete(MESSAGES).status == 200
+    assert fake.stats()["authorized"] == 1
