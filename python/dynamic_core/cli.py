@@ -632,7 +632,7 @@ class _Progress:
             return
         for upd in self.mesh.take_rationales(4096):
             text = " ".join(upd.text.split())
-            self.rationales[(instruments.id(upd.instrument), upd.timeframe)] = f"[{upd.provider}] {text}"
+            self.rationales[(instruments.id(upd.instrument), upd.timeframe)] = f"{upd.provider}: {text}"
 
     def add(self, signals: np.ndarray, n_bars: int) -> None:
         self.done += n_bars

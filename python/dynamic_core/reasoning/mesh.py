@@ -38,6 +38,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import subprocess
@@ -78,6 +79,7 @@ from .profiles import ProviderProfile, load_profiles
 from .prompts import (
     TEMPLATE_VERSION,
     TEMPLATES,
+    ParsedReply,
     action_direction,
     build_messages,
     digest,
@@ -283,6 +285,7 @@ class ReasoningMesh:
         self._outbox_cap = int(outbox_size)
         self._ids = itertools.count(1)
         self._tasks: dict[int, Task] = {}
+        self._outq: dict[bytes, list[bytes]] = {}
         self._timers: list[tuple[float, int, str, int, int]] = []
         self._tseq = itertools.count()
         self._last_action: dict[tuple[int, int], int] = {}
@@ -546,12 +549,22 @@ class ReasoningMesh:
                 if now >= next_check:
                     self._check_liveness(now)
                     self._check_children(now)
-                    self._expire_queued(now)
                     next_check = now + min(0.05, self.heartbeat_s)
                 self._dispatch()
+                self._flush()
             except Exception:  # noqa: BLE001 - the broker must outlive any bug in one task
                 log.exception("reasoning broker iteration failed")
         self._shutdown_adapters()
+
+    def _flush(self) -> None:
+        """Send the requests buffered by :meth:`_send`, one multipart message per adapter."""
+        while self._outq:
+            outq, self._outq = self._outq, {}
+            for ident, frames in outq.items():
+                try:
+                    self._sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) > 8)
+                except zmq.ZMQError:  # gone (ROUTER_MANDATORY) or its queue is full: fail over
+                    self._lose(ident, time.monotonic(), "unreachable")
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -579,29 +592,33 @@ class ReasoningMesh:
             except zmq.Again:
                 return
             now = time.monotonic()
-            if len(frames) != 2:
+            if len(frames) < 2:
                 self._in.count("bad_shape")
                 self.counts["rejected_frames"] += 1
                 continue
             ident = frames[0].bytes
-            try:
-                msg = self._in.decode(frames[1].buffer)
-            except PayloadError:
-                self.counts["rejected_frames"] += 1
-                continue
-            if isinstance(msg, ReasonReply):
-                a = self.roster.seen(ident, now)
-                self._on_reply(a, ident, msg, now)
-            elif isinstance(msg, AdapterBeat):
-                self.roster.seen(ident, now)
-            elif isinstance(msg, AdapterHello):
-                a, new = self.roster.hello(ident, msg, now)
-                if new:
-                    log.info("adapter joined: %s (pid %d, %d slots)", msg.provider, msg.pid, msg.max_concurrency)
-                    if msg.provider not in self.profiles:  # a provider configured only in its process
-                        log.warning("adapter for unknown provider %r ignored by routing", msg.provider)
-            elif isinstance(msg, AdapterBye):
-                self._lose(ident, now, "adapter said goodbye")
+            for frame in frames[1:]:  # an adapter may batch several messages in one
+                try:
+                    msg = self._in.decode(frame.buffer)
+                except PayloadError:
+                    self.counts["rejected_frames"] += 1
+                    continue
+                self._on_message(ident, msg, now)
+
+    def _on_message(self, ident: bytes, msg: Any, now: float) -> None:
+        if isinstance(msg, ReasonReply):
+            a = self.roster.seen(ident, now)
+            self._on_reply(a, ident, msg, now)
+        elif isinstance(msg, AdapterBeat):
+            self.roster.seen(ident, now)
+        elif isinstance(msg, AdapterHello):
+            a, new = self.roster.hello(ident, msg, now)
+            if new:
+                log.info("adapter joined: %s (pid %d, %d slots)", msg.provider, msg.pid, msg.max_concurrency)
+                if msg.provider not in self.profiles:  # a provider configured only in its process
+                    log.warning("adapter for unknown provider %r ignored by routing", msg.provider)
+        elif isinstance(msg, AdapterBye):
+            self._lose(ident, now, "adapter said goodbye")
 
     def _check_liveness(self, now: float) -> None:
         for a in self.roster.expired(now, self.heartbeat_s * self.liveness):
@@ -637,9 +654,10 @@ class ReasoningMesh:
                     log.error("could not restart adapter %s: %s", p, e)
 
     # ---- tasks --------------------------------------------------------------------------------
-    def _reserve(self, task: Task) -> float:
+    @staticmethod
+    def _reserve(task: Task) -> float:
         """Time kept back at the end of a task's deadline for the local narration."""
-        return min(0.1, max(0.01, 0.05 * task.total_s))
+        return task.reserve
 
     def _drain_inbox(self) -> None:
         box = self._inbox
@@ -779,11 +797,11 @@ class ReasoningMesh:
             return False
         req = ReasonRequest(task_id=task.id, attempt=att, context=ctx, messages=msgs, template=tmpl_name,
                             max_tokens=task.tokens_out, timeout_ms=max(1, int(budget * 1000)), json_mode=json_mode)
-        try:
-            self._sock.send_multipart([a.identity, self._out.encode(req)], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            self._lose(a.identity, now, "unreachable")
-            return False
+        # buffered per adapter and sent as one multipart message per loop iteration (_flush)
+        buf = self._outq.get(a.identity)
+        if buf is None:
+            buf = self._outq[a.identity] = [a.identity]
+        buf.append(self._out.encode(req))
         task.attempt += 1
         task.pending[att] = (provider, a.identity, now)
         task.used.add(provider)
@@ -820,7 +838,12 @@ class ReasoningMesh:
                                   tokens_out=rep.tokens_out)
         self._extra(provider, "answers")
         prof = self.profiles.get(provider)
-        parsed = parse_reply(rep.text, prof.style if prof is not None else "narrative")
+        if prof is not None and prof.kind == "local":  # the narrator states the signal's own view
+            ctx = task.ctx
+            parsed = ParsedReply(direction=action_direction(ctx.action), confidence=ctx.confidence
+                                 if math.isfinite(ctx.confidence) else None, rationale=rep.text, valid=True)
+        else:
+            parsed = parse_reply(rep.text, prof.style if prof is not None else "narrative")
         cand = Candidate(provider=provider, text=parsed.rationale or rep.text, parsed=parsed, latency_s=latency,
                          model_s=rep.model_ms / 1e3)
         if task.ensemble > 1:
@@ -908,13 +931,11 @@ class ReasoningMesh:
             elif kind == "deadline":
                 self._on_deadline(task, now)
 
-    def _expire_queued(self, now: float) -> None:
-        for task in self.queue.remove_expired(now, self._reserve):
-            self._finish_local(task, "fallback", now)
-
     def _on_deadline(self, task: Task, now: float) -> None:
-        if task.state == "queued":
-            return  # _expire_queued takes it out of the queue
+        if task.state == "queued":  # never got a slot: out of the queue, narrated locally
+            self.queue.remove(task)
+            self._finish_local(task, "fallback", now)
+            return
         if task.ensemble > 1 and task.replies:
             self._finish_ensemble(task, now)
         elif task.stage == 1 and task.draft is not None:

@@ -36,7 +36,7 @@ class Task:
 
     __slots__ = ("id", "ctx", "rclass", "priority", "created", "deadline", "total_s", "candidates", "ci",
                  "tries_here", "attempt", "state", "pending", "replies", "ensemble", "used", "arm",
-                 "refine", "stage", "draft", "tokens_out", "est_in", "route_req", "key", "result")
+                 "refine", "stage", "draft", "tokens_out", "est_in", "route_req", "key", "result", "reserve")
 
     def __init__(self, id: int, ctx: ReasoningContext, rclass: str, priority: int, created: float,
                  deadline: float, ensemble: int, refine: bool, tokens_out: int) -> None:
@@ -47,6 +47,8 @@ class Task:
         self.created = created
         self.deadline = deadline
         self.total_s = deadline - created
+        # kept back at the end of the deadline for the local narration
+        self.reserve = min(0.1, max(0.01, 0.05 * self.total_s))
         self.candidates: list[str] = []
         self.ci = 0  # next candidate to try
         self.tries_here = 0  # retries at candidates[ci - 1]
@@ -149,19 +151,11 @@ class TaskQueue:
             if not progressed:
                 return
 
-    def remove_expired(self, now: float, margin: Callable[[Task], float]) -> list[Task]:
-        """Take out every queued task whose deadline minus ``margin(task)`` has passed."""
-        out = []
-        for lane in self.lanes:
-            if not lane:
-                continue
-            keep = [t for t in lane if t.deadline - margin(t) > now]
-            if len(keep) != len(lane):
-                out.extend(t for t in lane if t.deadline - margin(t) <= now)
-                lane.clear()
-                lane.extend(keep)
-        self.size -= len(out)
-        return out
+    def remove(self, task: Task) -> None:
+        """Take a queued task out (its deadline came before a slot did)."""
+        self.lanes[task.priority].remove(task)
+        self.size -= 1
+        task.state = "expired"
 
     def stats(self) -> dict[str, Any]:
         return {"queued": self.size, "capacity": self.capacity,

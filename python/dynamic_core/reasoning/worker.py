@@ -216,30 +216,35 @@ class AdapterWorker:
             self.sock.send(raw)
 
     def _read_broker(self) -> bool:
-        """Handle every waiting broker message; True on shutdown."""
+        """Handle every waiting broker message (each may batch several requests); True on
+        shutdown. The local narrator answers a batch with one batched reply."""
         for _ in range(1024):
             try:
-                raw = self.sock.recv(zmq.NOBLOCK, copy=False)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return False
-            try:
-                msg = self._codec_in.decode(raw.buffer)
-            except PayloadError as e:
-                self.rejected += 1
-                log.warning("refused a broker frame: %s", e.reason)
-                continue
-            if isinstance(msg, MeshShutdown):
-                return True
-            if self.profile.kind == "local":
-                reply = self._answer_local(msg)
+            replies: list[bytes] = []
+            for raw in frames:
+                try:
+                    msg = self._codec_in.decode(raw.buffer)
+                except PayloadError as e:
+                    self.rejected += 1
+                    log.warning("refused a broker frame: %s", e.reason)
+                    continue
+                if isinstance(msg, MeshShutdown):
+                    if replies:
+                        self.sock.send_multipart(replies)
+                    return True
                 self.served += 1
-                self.sock.send(self._codec_out.encode(reply))
-                continue
-            self.in_flight += 1
-            self.served += 1
-            with self._jobs_cv:
-                self._jobs.append(msg)
-                self._jobs_cv.notify()
+                if self.profile.kind == "local":
+                    replies.append(self._codec_out.encode(self._answer_local(msg)))
+                    continue
+                self.in_flight += 1
+                with self._jobs_cv:
+                    self._jobs.append(msg)
+                    self._jobs_cv.notify()
+            if replies:
+                self.sock.send_multipart(replies, copy=len(replies) > 8)
         return False
 
     def stop(self) -> None:
@@ -260,9 +265,7 @@ def serve(provider: str, connect: str, *, overrides: dict[str, Any] | None = Non
 
     prof = make_profile(provider, overrides)
     key = api_key(prof, secrets_file=secrets_file) if prof.kind != "local" else None
-    logging.getLogger().addFilter(RedactingFilter([key] if key else []))
-    for h in logging.getLogger().handlers:
-        h.addFilter(RedactingFilter([key] if key else []))
+    RedactingFilter([key] if key else []).install()  # the root logger and its handlers
     if prof.kind != "local" and prof.api_key_env and not key:
         log.warning("provider %s: no API key in $%s or the secrets file; requests will fail with 'auth'",
                     prof.name, prof.api_key_env)
