@@ -632,3 +632,14 @@ def test_route_invariants_under_random_traffic(evs, cap, pressure) -> None:
         assert s["requests"] == s["ok"] + sum(s["errors"].values())
         assert set(s["skipped"]) <= set(SKIP_REASONS)
         assert s["cooldown_left_s"] >= 0.0
+
+
+def test_explicit_candidates_replace_the_rule_but_keep_every_filter() -> None:
+    rules = [{"request_class": "*", "candidates": ["a", "local"]}]
+    router, _, _ = make({"rules": rules, "limits": {"d": {"daily_tokens": 10}}})
+    assert router.route(req(), ("c", "d", "b")) == ["c", "b", "local"]  # d: over budget
+    assert skipped(router, "d") == {"budget": 1}
+    assert router.route(req(persona="calm"), ("c", "b")) == ["c", "local"]  # b speaks only "risk"
+    assert router.route(req()) == ["a", "local"]  # the rule itself is untouched
+    with pytest.raises(PolicyError):
+        router.route(req("nope"), ("c",))

@@ -689,12 +689,7 @@ class ReasoningMesh:
                                             asset_class=ctx.asset_class, deadline_s=task.deadline - now,
                                             tokens_in=task.est_in, tokens_out=task.tokens_out,
                                             language=ctx.language)
-        if task.arm == "B":
-            cands = [c for c in self.ab.candidates] + [self.config.last_resort]
-            allowed = set(self.router.route(req)) | {self.config.last_resort}
-            task.candidates = [c for c in dict.fromkeys(cands) if c in allowed]
-        else:
-            task.candidates = self.router.route(req)
+        task.candidates = self.router.route(req, self.ab.candidates if task.arm == "B" else None)
         if task.refine and len(task.candidates) > 2:
             # the cheapest drafts; the most expensive refines (see _after_success)
             body = task.candidates[:-1]

@@ -526,6 +526,7 @@ class Router:
         self._memo: dict[tuple[str, str, str, str], tuple[tuple[float, tuple[_Provider, ...],
                                                                 tuple[dict[str, int], ...],
                                                                 tuple[str, ...]], ...]] = {}
+        self._memo_override: dict[tuple[Any, tuple[str, ...]], tuple[Any, ...]] = {}
         self._day_end = -math.inf
         self._roll_day(self._wall())
 
@@ -586,12 +587,15 @@ class Router:
         self._memo[key] = out
         return out
 
-    def route(self, req: RouteRequest) -> list[str]:
+    def route(self, req: RouteRequest, candidates: tuple[str, ...] | None = None) -> list[str]:
         """Providers to try for ``req``, in order; always ends with ``last_resort``.
 
         Parameters
         ----------
         req : RouteRequest
+        candidates : tuple of str, optional
+            Use these instead of the matching rule's (an A/B variant); every filter still
+            applies. Unknown names raise ``KeyError``.
 
         Returns
         -------
@@ -609,9 +613,19 @@ class Router:
         if wall >= self._day_end:
             self._roll_day(wall)
         key = (req.request_class, req.persona, req.asset_class, req.language)
-        entries = self._memo.get(key)
-        if entries is None:
-            entries = self._build(key)
+        if candidates is None:
+            entries = self._memo.get(key)
+            if entries is None:
+                entries = self._build(key)
+        else:
+            okey = (key, candidates)
+            entries = self._memo_override.get(okey)  # type: ignore[assignment]
+            if entries is None:
+                if req.request_class not in REQUEST_CLASSES:
+                    self._build(key)  # raises PolicyError
+                if len(self._memo_override) >= _MEMO_MAX:
+                    self._memo_override.clear()
+                entries = self._memo_override[okey] = ((math.inf, *self._static(candidates, key)),)
         deadline = req.deadline_s
         for entry in entries:
             if deadline <= entry[0]:
