@@ -621,7 +621,10 @@ class ReasoningMesh:
             self._lose(ident, now, "adapter said goodbye")
 
     def _check_liveness(self, now: float) -> None:
-        for a in self.roster.expired(now, self.heartbeat_s * self.liveness):
+        expired = self.roster.expired(now, self.heartbeat_s * self.liveness)
+        if expired and self._sock.poll(0, zmq.POLLIN):
+            return  # unread messages may hold their beats (a busy broker): read them first
+        for a in expired:
             self._lose(a.identity, now, "missed heartbeats")
 
     def _lose(self, ident: bytes, now: float, why: str) -> None:
@@ -724,7 +727,12 @@ class ReasoningMesh:
         if not self.queue.size:
             return
         now = time.monotonic()
-        for task in self.queue.take(self._fits, limit=256):
+        free = 0
+        for a in self.roster.by_id.values():
+            free += a.hello.max_concurrency - a.in_flight
+        # every slot busy: only tasks that run inline (no adapter serves their last resort) can
+        # start, so a short look at the queue heads is enough
+        for task in self.queue.take(self._fits, limit=min(256, 8 + max(0, free))):
             task.state = "running"
             if task.ensemble > 1:
                 self._start_ensemble(task, now)
@@ -954,7 +962,9 @@ class ReasoningMesh:
         if task.key is not None and status == "ok" and task.key[3] == cand.provider:
             self.cache.put(task.key, (cand.text, agreeing))
         reason = None
-        if conflict:
+        if cand.provider == self.config.last_resort:
+            pass  # the narrator restates the signal: nothing for a person to review
+        elif conflict:
             reason = "conflict"
         elif cand.parsed.confidence is not None and cand.parsed.confidence < self.review_confidence:
             reason = "low_confidence"
