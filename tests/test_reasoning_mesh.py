@@ -359,6 +359,39 @@ def test_ab_split_is_stable_and_recorded(fake) -> None:
         assert ab["A"]["tasks"] + ab["B"]["tasks"] == 20 and ab["A"]["tasks"] and ab["B"]["tasks"]
 
 
+def test_review_over_the_control_plane_with_the_cli(fake, tmp_path) -> None:
+    T.new_keypair(tmp_path, "server")
+    T.new_keypair(tmp_path / "clients", "ops")
+    fake.script([], default={"mode": "normal", "direction": "sell"})  # argues against a BUY signal
+    m, out = mesh(fake, weights_path=tmp_path / "w.json")
+    pop = dc.Population.random(64, instruments=["EURUSD"], timeframes=[3600], seed=1)
+    with m, dc.Engine(pop, threads=1) as eng:
+        control = T.ControlServer(secret_key=tmp_path / "server.key_secret", authorized_keys=tmp_path / "clients")
+        svc = T.EngineService(eng, control=control, mesh=m, on_signals=lambda s: None)
+        with svc:
+            svc.start()
+            m.submit(ctx(1000, action=1))
+            assert out.wait(1)[0].provider == "deepseek"
+            keys = ["--server-key", str(tmp_path / "server.key"), "--client-key",
+                    str(tmp_path / "clients" / "ops.key_secret")]
+
+            def cli(*args: str) -> subprocess.CompletedProcess:
+                return subprocess.run([sys.executable, "-m", "dynamic_core", "review", *args, *keys],
+                                      capture_output=True, text=True, timeout=60)
+
+            r = cli("list", control.endpoint, "--json")
+            assert r.returncode == 0, r.stderr
+            items = json.loads(r.stdout)["items"]
+            assert [(it["reason"], it["provider"]) for it in items] == [("disagrees", "deepseek")]
+            r = cli("reject", control.endpoint, str(items[0]["item"]), "--note", "wrong way round")
+            assert r.returncode == 0 and json.loads(r.stdout)["weight"] == pytest.approx(0.8)
+            r = cli("approve", control.endpoint, str(items[0]["item"]))  # already decided
+            assert r.returncode == 1 and "no review item" in r.stderr
+            r = cli("list", control.endpoint)
+            assert r.returncode == 0 and "review queue is empty" in r.stdout
+    assert json.loads((tmp_path / "w.json").read_text()) == {"deepseek": pytest.approx(0.8)}
+
+
 # ---- reasoning never blocks signals --------------------------------------------------------------
 
 def test_signals_keep_flowing_while_every_adapter_hangs(fake, tmp_path) -> None:
