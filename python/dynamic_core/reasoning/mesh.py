@@ -45,7 +45,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from ..errors import PayloadError, ReasoningError
+from ..errors import AdapterError, PayloadError, ReasoningError
 from ..instruments import instruments
 from ..payloads import (
     AdapterBeat,
@@ -152,11 +152,11 @@ class _Wake:
                 pass
 
     def clear(self) -> None:
-        self.pending = False
         try:
             os.read(self.rfd, 8 if self.rfd == self.wfd else 4096)
         except (BlockingIOError, OSError):
             pass
+        self.pending = False  # after the read: a ring() in between would otherwise be lost
 
     def close(self) -> None:
         for fd in {self.rfd, self.wfd}:
@@ -281,11 +281,13 @@ class ReasoningMesh:
         self._inbox: deque[tuple] = deque()
         self._inbox_cap = max(1024, 4 * queue_size)
         self._calls: deque[tuple[Callable[[], Any], threading.Event, list]] = deque()
-        self.outbox: deque[RationaleUpdate] = deque()
-        self._outbox_cap = int(outbox_size)
-        self._ids = itertools.count(1)
+        self._outbox_cap = max(1, int(outbox_size))
+        self.outbox: deque[RationaleUpdate] = deque(maxlen=self._outbox_cap)  # oldest dropped (counted)
+        # a random start per broker: a reply to an earlier broker's task can never match one of ours
+        self._ids = itertools.count((int.from_bytes(os.urandom(4), "big") << 20) + 1)
         self._tasks: dict[int, Task] = {}
         self._outq: dict[bytes, list[bytes]] = {}
+        self._lost: OrderedDict[bytes, Any] = OrderedDict()  # recently lost adapters, for late replies
         self._timers: list[tuple[float, int, str, int, int]] = []
         self._tseq = itertools.count()
         self._last_action: dict[tuple[int, int], int] = {}
@@ -393,6 +395,8 @@ class ReasoningMesh:
         if request_class not in REQUEST_CLASSES:
             raise ValueError(f"unknown request class {request_class!r}: use one of {', '.join(REQUEST_CLASSES)}")
         pri = priority_index(priority)
+        if deadline_s is not None and not 0.0 < float(deadline_s) <= 86400.0:
+            raise ValueError(f"deadline_s must be in (0, 86400] seconds, got {deadline_s!r}")
         if len(self._inbox) >= self._inbox_cap:
             self.counts["dropped_inbox"] += 1
             return 0
@@ -603,7 +607,10 @@ class ReasoningMesh:
                 except PayloadError:
                     self.counts["rejected_frames"] += 1
                     continue
-                self._on_message(ident, msg, now)
+                try:
+                    self._on_message(ident, msg, now)
+                except Exception:  # noqa: BLE001 - one bad message must not drop the rest of the batch
+                    log.exception("reasoning broker: handling a %s failed", type(msg).__name__)
 
     def _on_message(self, ident: bytes, msg: Any, now: float) -> None:
         if isinstance(msg, ReasonReply):
@@ -612,6 +619,9 @@ class ReasoningMesh:
         elif isinstance(msg, AdapterBeat):
             self.roster.seen(ident, now)
         elif isinstance(msg, AdapterHello):
+            old = self.roster.by_id.get(ident)
+            if old is not None and old.provider != msg.provider:
+                self._lose(ident, now, f"identity reused by provider {msg.provider!r}")
             a, new = self.roster.hello(ident, msg, now)
             if new:
                 log.info("adapter joined: %s (pid %d, %d slots)", msg.provider, msg.pid, msg.max_concurrency)
@@ -623,7 +633,8 @@ class ReasoningMesh:
     def _check_liveness(self, now: float) -> None:
         expired = self.roster.expired(now, self.heartbeat_s * self.liveness)
         if expired and self._sock.poll(0, zmq.POLLIN):
-            return  # unread messages may hold their beats (a busy broker): read them first
+            self._read_adapters()  # unread messages may hold their beats (a busy broker)
+            expired = self.roster.expired(now, self.heartbeat_s * self.liveness)
         for a in expired:
             self._lose(a.identity, now, "missed heartbeats")
 
@@ -633,10 +644,16 @@ class ReasoningMesh:
             return
         self.counts["adapter_lost"] += 1
         log.warning("adapter lost: %s (pid %d): %s", a.provider, a.hello.pid, why)
-        for task in list(self._tasks.values()):
-            for att, (prov, wid, sent) in list(task.pending.items()):
-                if wid == ident:
-                    self._attempt_failed(task, att, "adapter_lost", now, None, latency=now - sent)
+        self._lost[ident] = a  # its late replies still charge tokens
+        while len(self._lost) > 256:
+            self._lost.popitem(last=False)
+        for (tid, att), o in list(a.outstanding.items()):
+            if not o[2]:  # every attempt gets exactly one outcome (a half-open probe included)
+                o[2] = True
+                self._record(o[0], ok=False, latency_s=now - o[1], error_kind="adapter_lost")
+            task = self._tasks.get(tid)
+            if task is not None and task.state != "done" and task.pending.get(att, (None, None))[1] == ident:
+                self._attempt_failed(task, att, "adapter_lost", now, None)
 
     def _check_children(self, now: float) -> None:
         for pid, (prov, proc, over) in list(self._children.items()):
@@ -669,7 +686,14 @@ class ReasoningMesh:
             self.counts["submitted"] += 1
             task = Task(tid, ctx, rclass, pri, created, deadline, ens, refine, self.max_tokens)
             self._tasks[tid] = task
-            hit = self._route(task, created)
+            self._push_timer(task.deadline - task.reserve, "deadline", tid, 0)
+            try:
+                hit = self._route(task, created)
+            except Exception:  # noqa: BLE001 - a context routing cannot handle still gets its rationale
+                log.exception("reasoning broker: routing task %d failed", tid)
+                task.candidates = [self.config.last_resort]
+                self._finish_local(task, "fallback", time.monotonic())
+                continue
             if hit is not None:  # answered from the narrative cache
                 self._extra(task.candidates[0], "cache_hits")
                 self._deliver(task, "cached", hit[0], task.candidates[0], time.monotonic(), agreeing=int(hit[1]),
@@ -678,7 +702,6 @@ class ReasoningMesh:
             victim = self.queue.push(task)
             if victim is not None:
                 self._finish_local(victim, "shed", time.monotonic())
-            self._push_timer(task.deadline - self._reserve(task), "deadline", tid, 0)
         pressure = len(self.queue) / self.queue.capacity
         self.router.pressure = 0.0 if pressure < 0.5 else min(1.0, (pressure - 0.5) * 2)
 
@@ -775,6 +798,8 @@ class ReasoningMesh:
         self._finish_local(task, "fallback", now)
 
     def _send(self, task: Task, provider: str, now: float, exclude: bytes | None = None) -> bool:
+        if provider != self.config.last_resort and not self.router.admits(provider):
+            return False  # its breaker opened (or half-open probes are taken) since routing
         a = self.roster.pick(provider, exclude)
         if a is None:
             return False
@@ -808,37 +833,49 @@ class ReasoningMesh:
         task.attempt += 1
         task.pending[att] = (provider, a.identity, now)
         task.used.add(provider)
-        a.in_flight += 1
+        a.outstanding[(task.id, att)] = [provider, now, False]
         self.router.record_start(provider, est or task.est_in)
         self._push_timer(now + budget, "attempt", task.id, att)
         return True
 
+    def _record(self, provider: str, **kw: Any) -> None:
+        if provider in self.profiles:
+            kind = kw.get("error_kind")
+            if kind is not None and kind not in AdapterError.KINDS:
+                kw["error_kind"] = "server_error"  # bounded error-kind counters
+            self.router.record_result(provider, **kw)
+
     def _on_reply(self, a: Any, ident: bytes, rep: ReasonReply, now: float) -> None:
-        if a is not None:
-            a.in_flight = max(0, a.in_flight - 1)
-            a.served += 1
-        task = self._tasks.get(rep.task_id)
-        pend = task.pending.pop(rep.attempt, None) if task is not None else None
-        provider = pend[0] if pend is not None else (a.provider if a is not None else "?")
-        latency = now - pend[2] if pend is not None else rep.model_ms / 1e3
-        if pend is None:
-            # the task finished (deadline, another ensemble member) or the attempt timed out:
-            # the spend is real, the answer no longer matters
-            self.counts["late_replies" if a is not None else "unknown_replies"] += 1
-            if provider in self.profiles:
-                self.router.record_result(provider, ok=rep.ok, latency_s=latency, tokens_in=rep.tokens_in,
-                                          tokens_out=rep.tokens_out, error_kind=rep.error_kind or None,
-                                          retry_after=rep.retry_after)
+        key = (rep.task_id, rep.attempt)
+        o = a.outstanding.pop(key, None) if a is not None else None
+        if o is None:  # sent before this adapter was lost (and maybe said hello again)
+            lost = self._lost.get(ident)
+            o = lost.outstanding.pop(key, None) if lost is not None else None
+        if o is None:  # never sent there (e.g. meant for an earlier broker): a stray
+            self.counts["unknown_replies"] += 1
             return
+        if a is not None:
+            a.served += 1
+        provider, sent, recorded = o
+        latency = now - sent
+        kind = None if rep.ok else (rep.error_kind if rep.error_kind in AdapterError.KINDS else "server_error")
+        if recorded:  # timed out or lost already: the spend is real, the outcome was counted
+            if provider in self.profiles:
+                self.router.record_tokens(provider, rep.tokens_in, rep.tokens_out)
+        else:
+            self._record(provider, ok=rep.ok, latency_s=latency, tokens_in=rep.tokens_in,
+                         tokens_out=rep.tokens_out, error_kind=kind, retry_after=rep.retry_after)
+        task = self._tasks.get(rep.task_id)
+        pend = task.pending.get(rep.attempt) if task is not None else None
+        if pend is None or pend[1] != ident or task.state == "done":
+            self.counts["late_replies"] += 1  # the task moved on: the answer no longer matters
+            return
+        del task.pending[rep.attempt]
         if not rep.ok:
             if rep.error:
                 log.debug("attempt %d of task %d at %s failed: %s", rep.attempt, task.id, provider, rep.error)
-            self._attempt_failed(task, rep.attempt, rep.error_kind or "server_error", now, rep.retry_after,
-                                 latency=latency, tokens=(rep.tokens_in, rep.tokens_out), recorded=False,
-                                 provider=provider)
+            self._attempt_failed(task, rep.attempt, kind or "server_error", now, rep.retry_after)
             return
-        self.router.record_result(provider, ok=True, latency_s=latency, tokens_in=rep.tokens_in,
-                                  tokens_out=rep.tokens_out)
         self._extra(provider, "answers")
         prof = self.profiles.get(provider)
         if prof is not None and prof.kind == "local":  # the narrator states the signal's own view
@@ -877,17 +914,11 @@ class ReasoningMesh:
                 return True
         return False
 
-    def _attempt_failed(self, task: Task, att: int, kind: str, now: float, retry_after: float | None, *,
-                        latency: float = 0.0, tokens: tuple[int, int] = (0, 0), recorded: bool = False,
-                        provider: str | None = None) -> None:
+    def _attempt_failed(self, task: Task, att: int, kind: str, now: float, retry_after: float | None) -> None:
+        """Move ``task`` on after attempt ``att`` failed (its outcome is recorded elsewhere,
+        once: by the reply, the attempt timer or the adapter's loss)."""
         pend = task.pending.pop(att, None)
-        if pend is not None:
-            provider = pend[0]  # a timed-out attempt keeps its adapter slot until the adapter
-            # answers (its own HTTP timeout guarantees it will) or is lost
-        if provider is None:
-            return
-        self.router.record_result(provider, ok=False, latency_s=latency, tokens_in=tokens[0], tokens_out=tokens[1],
-                                  error_kind=kind, retry_after=retry_after)
+        provider = pend[0] if pend is not None else (task.candidates[task.ci - 1] if task.ci else "?")
         self._extra(provider, f"failed_{kind}")
         if task.state == "done":
             return
@@ -922,17 +953,32 @@ class ReasoningMesh:
             task = self._tasks.get(tid)
             if task is None or task.state == "done":
                 continue
-            if kind == "attempt":
-                if arg in task.pending:
-                    self._attempt_failed(task, arg, "timeout", now, None, latency=now - task.pending[arg][2])
-            elif kind == "retry":
-                if task.state == "waiting":
-                    task.state = "running"
-                    p = task.candidates[arg]
-                    if not (self.roster.has_free(p) and self._send(task, p, now)):
-                        self._try_from(task, arg + 1, now)
-            elif kind == "deadline":
-                self._on_deadline(task, now)
+            try:
+                self._timer(task, kind, tid, arg, now)
+            except Exception:  # noqa: BLE001 - one task's bug must not stop the others' timers
+                log.exception("reasoning broker: %s timer of task %d failed", kind, tid)
+                if task.state != "done":
+                    self._deliver(task, "fallback", _FALLBACK_TEXT, self.config.last_resort, now,
+                                  agreeing=0, conflict=False)
+
+    def _timer(self, task: Task, kind: str, tid: int, arg: int, now: float) -> None:
+        if kind == "attempt":
+            pend = task.pending.get(arg)
+            if pend is not None:
+                a = self.roster.by_id.get(pend[1])
+                o = a.outstanding.get((tid, arg)) if a is not None else None
+                if o is not None and not o[2]:
+                    o[2] = True  # its late reply will only charge tokens
+                    self._record(pend[0], ok=False, latency_s=now - pend[2], error_kind="timeout")
+                self._attempt_failed(task, arg, "timeout", now, None)
+        elif kind == "retry":
+            if task.state == "waiting":
+                task.state = "running"
+                p = task.candidates[arg]
+                if not (self.roster.has_free(p) and self._send(task, p, now)):
+                    self._try_from(task, arg + 1, now)
+        elif kind == "deadline":
+            self._on_deadline(task, now)
 
     def _on_deadline(self, task: Task, now: float) -> None:
         if task.state == "queued":  # never got a slot: out of the queue, narrated locally
@@ -980,7 +1026,11 @@ class ReasoningMesh:
 
     def _finish_local(self, task: Task, status: str, now: float) -> None:
         self.counts["inline_local"] += 1
-        text = narrate(task.ctx)
+        try:
+            text = narrate(task.ctx)
+        except Exception:  # noqa: BLE001 - the last resort must not fail
+            log.exception("narrator failed on task %d", task.id)
+            text = _FALLBACK_TEXT
         self._extra(self.config.last_resort, "answers")
         self._deliver(task, status, text, self.config.last_resort, now, agreeing=0, conflict=False)
 
@@ -999,7 +1049,6 @@ class ReasoningMesh:
         self.ab.record(task.arm, ok=status in ("ok", "cached"), fallback=status in ("fallback", "shed"),
                        agree=agreeing > 0, latency_s=latency)
         if len(self.outbox) >= self._outbox_cap:
-            self.outbox.popleft()
             self.counts["dropped_outbox"] += 1
         self.outbox.append(upd)
         if self.on_rationale is not None:
@@ -1014,6 +1063,9 @@ class ReasoningMesh:
     def _extra(self, provider: str, key: str) -> None:
         d = self.provider_extra.setdefault(provider, {})
         d[key] = d.get(key, 0) + 1
+
+
+_FALLBACK_TEXT = "No rationale available for this signal."
 
 
 def _profile_from_hello(h: AdapterHello) -> ProviderProfile:

@@ -726,7 +726,36 @@ class Router:
         for st in self._p.values():
             st.reset_day()
 
+    def admits(self, provider: str) -> bool:
+        """May an attempt at ``provider`` start now (breaker and cooldown only)? Checked again
+        when an attempt is sent, because a candidate list can be older than a breaker's state
+        (a half-open breaker lets only its probes through). Does not use a probe."""
+        st = self._p.get(provider)
+        if st is None or st.last_resort:
+            return True
+        now = self._clock()
+        if st.cooldown_until > now:
+            return False
+        return st.breaker == "closed" or self._admits(st, now)
+
     # ---- feedback -------------------------------------------------------------------------------
+
+    def record_tokens(self, provider: str, tokens_in: int, tokens_out: int) -> None:
+        """Charge tokens of an attempt whose outcome was already recorded (a reply that came
+        after its timeout): budgets and totals only, not the breaker, latency or quotas."""
+        st = self._p[provider]
+        wall = self._wall()
+        if wall >= self._day_end:
+            self._roll_day(wall)
+        if tokens_in + tokens_out:
+            usd = st.profile.cost_usd(tokens_in, tokens_out)
+            st.tokens_in += tokens_in
+            st.tokens_out += tokens_out
+            st.usd += usd
+            st.spent_tokens += tokens_in + tokens_out
+            st.spent_usd += usd
+            st.tokens_left -= tokens_in + tokens_out
+            st.usd_left -= usd
 
     def record_start(self, provider: str, tokens_in: int) -> None:
         """An attempt at ``provider`` is being sent with about ``tokens_in`` prompt tokens.

@@ -18,9 +18,15 @@ class Adapter:
     identity: bytes
     hello: AdapterHello
     last_seen: float
-    in_flight: int = 0
     served: int = 0
     failed: int = 0
+    outstanding: dict[tuple[int, int], list] = field(default_factory=dict)
+    """(task id, attempt) -> [provider, sent at, outcome recorded]: the attempts this adapter
+    holds a slot for, released only by its reply or its loss."""
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.outstanding)
 
     @property
     def provider(self) -> str:
@@ -32,7 +38,7 @@ class Adapter:
 
     @property
     def free(self) -> int:
-        return self.hello.max_concurrency - self.in_flight
+        return self.hello.max_concurrency - len(self.outstanding)
 
 
 @dataclass
@@ -54,13 +60,10 @@ class Roster:
     def hello(self, identity: bytes, hello: AdapterHello, now: float) -> tuple[Adapter, bool]:
         """Register (or refresh) an adapter; returns (adapter, is_new)."""
         a = self.by_id.get(identity)
-        if a is not None:
-            if a.hello.provider != hello.provider:  # an identity reused by another provider
-                self.remove(identity)
-            else:
-                a.hello = hello
-                a.last_seen = now
-                return a, False
+        if a is not None:  # (the broker loses an identity reused by another provider first)
+            a.hello = hello
+            a.last_seen = now
+            return a, False
         a = Adapter(identity=identity, hello=hello, last_seen=now)
         self.by_id[identity] = a
         self.by_provider.setdefault(hello.provider, []).append(a)

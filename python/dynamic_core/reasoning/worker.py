@@ -145,7 +145,12 @@ class AdapterWorker:
                     if not self._jobs:
                         return
                     req = self._jobs.popleft()
-                push.send(enc.encode(self._answer_http(client, req)))
+                try:
+                    raw = enc.encode(self._answer_http(client, req))
+                except Exception as e:  # noqa: BLE001 - every request gets a reply, or its slot leaks
+                    raw = enc.encode(ReasonReply(task_id=req.task_id, attempt=req.attempt, ok=False,
+                                                 error_kind="connection", error=type(e).__name__))
+                push.send(raw)
         finally:
             client.close()
             push.close()
@@ -165,6 +170,9 @@ class AdapterWorker:
     def run(self) -> int:
         """Serve until shutdown; returns the process exit code."""
         if self.profile.kind != "local":
+            from .client import OpenAICompatibleClient
+
+            OpenAICompatibleClient(self.profile, self._key).close()  # a bad profile fails here, before hello
             for i in range(self.profile.max_concurrency):
                 t = threading.Thread(target=self._pool_thread, name=f"dc-adapter-{i}", daemon=True)
                 t.start()
