@@ -752,7 +752,7 @@ class ReasoningMesh:
         now = time.monotonic()
         free = 0
         for a in self.roster.by_id.values():
-            free += a.hello.max_concurrency - a.in_flight
+            free += a.hello.max_concurrency - len(a.outstanding)
         # every slot busy: only tasks that run inline (no adapter serves their last resort) can
         # start, so a short look at the queue heads is enough
         for task in self.queue.take(self._fits, limit=min(256, 8 + max(0, free))):

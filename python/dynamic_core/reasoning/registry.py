@@ -95,7 +95,7 @@ class Roster:
 
     def has_free(self, provider: str) -> bool:
         for a in self.by_provider.get(provider, ()):
-            if a.in_flight < a.hello.max_concurrency:
+            if len(a.outstanding) < a.hello.max_concurrency:
                 return True
         return False
 
@@ -109,15 +109,16 @@ class Roster:
             start = self._rr.get(provider, 0)
             for k in range(n):
                 a = lst[(start + k) % n]
-                if a.in_flight < a.hello.max_concurrency and a.identity != exclude:
+                if len(a.outstanding) < a.hello.max_concurrency and a.identity != exclude:
                     self._rr[provider] = (start + k + 1) % n
                     return a
             return None
         best = None
+        best_n = 0
         for a in lst:
-            if a.in_flight < a.hello.max_concurrency and a.identity != exclude and (
-                    best is None or a.in_flight < best.in_flight):
-                best = a
+            n = len(a.outstanding)
+            if n < a.hello.max_concurrency and a.identity != exclude and (best is None or n < best_n):
+                best, best_n = a, n
         return best
 
     def stats(self) -> dict[str, Any]:
