@@ -102,7 +102,9 @@ def routing_section(quick: bool) -> dict:
         m.close()
 
 
-def _local_mesh(workers: int, queue: int) -> tuple[ReasoningMesh, list, threading.Event]:
+def _local_mesh(workers: int, queue: int) -> tuple[ReasoningMesh, list, threading.Event, dict]:
+    """A started mesh with ``workers`` local adapter processes; ``ev`` is set once ``done``
+    holds ``state["want"]`` outcomes."""
     done: list = []
     ev = threading.Event()
     state = {"want": 0}
@@ -116,16 +118,14 @@ def _local_mesh(workers: int, queue: int) -> tuple[ReasoningMesh, list, threadin
                       on_rationale=on, outbox_size=1_000_000,
                       policy={"rules": [{"request_class": "*", "candidates": ["local"]}]})
     m.start(wait=30.0)
-    m._bench_state = state  # type: ignore[attr-defined]
-    return m, done, ev
+    return m, done, ev, state
 
 
 def roundtrip_section(quick: bool) -> dict:
     n = 500 if quick else 3000
     ctxs = contexts(n)
-    m, done, ev = _local_mesh(1, 1000)
+    m, done, ev, st = _local_mesh(1, 1000)
     try:
-        st = m._bench_state  # type: ignore[attr-defined]
         for i in range(200):  # warm-up
             ev.clear()
             st["want"] = len(done) + 1
@@ -150,9 +150,8 @@ def roundtrip_section(quick: bool) -> dict:
 def throughput_section(quick: bool) -> dict:
     n = 20_000 if quick else 100_000
     ctxs = contexts(1000)
-    m, done, ev = _local_mesh(2, n)
+    m, done, ev, st = _local_mesh(2, n)
     try:
-        st = m._bench_state  # type: ignore[attr-defined]
         st["want"] = n
         t0 = time.perf_counter()
         for i in range(n):

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import dynamic_core as dc
-import numpy as np
 import pytest
 from dynamic_core import payloads as P
 from dynamic_core import transport as T

@@ -89,7 +89,7 @@ from .prompts import (
     template_for,
 )
 from .registry import Roster
-from .tasks import PRIORITIES, Task, TaskQueue, priority_index
+from .tasks import Task, TaskQueue, priority_index
 
 __all__ = ["Outcome", "ReasoningMesh", "asset_class_of"]
 
@@ -519,7 +519,6 @@ class ReasoningMesh:
         ev = threading.Event()
         box: list = []
         self._calls.append((fn, ev, box))
-        self._wake.pending = False  # force the doorbell
         self._wake.ring()
         if not ev.wait(timeout):
             raise ReasoningError("reasoning broker did not answer within %.1fs" % timeout)
@@ -674,11 +673,6 @@ class ReasoningMesh:
                     log.error("could not restart adapter %s: %s", p, e)
 
     # ---- tasks --------------------------------------------------------------------------------
-    @staticmethod
-    def _reserve(task: Task) -> float:
-        """Time kept back at the end of a task's deadline for the local narration."""
-        return task.reserve
-
     def _drain_inbox(self) -> None:
         box = self._inbox
         while box:
@@ -711,7 +705,7 @@ class ReasoningMesh:
         ctx = task.ctx
         task.arm = self.ab.arm(ctx.signal_id)
         task.est_in = 160 + 12 * len(ctx.features)
-        task.route_req = req = RouteRequest(request_class=task.rclass, persona=ctx.persona,
+        req = RouteRequest(request_class=task.rclass, persona=ctx.persona,
                                             asset_class=ctx.asset_class, deadline_s=task.deadline - now,
                                             tokens_in=task.est_in, tokens_out=task.tokens_out,
                                             language=ctx.language)
@@ -783,7 +777,7 @@ class ReasoningMesh:
         i = start
         while i <= last:
             p = c[i]
-            if task.remaining(now) <= self._reserve(task) and i < last:
+            if task.remaining(now) <= task.reserve and i < last:
                 i = last
                 continue
             if i == last and not self.roster.has_free(p):
@@ -797,14 +791,14 @@ class ReasoningMesh:
             i += 1
         self._finish_local(task, "fallback", now)
 
-    def _send(self, task: Task, provider: str, now: float, exclude: bytes | None = None) -> bool:
+    def _send(self, task: Task, provider: str, now: float) -> bool:
         if provider != self.config.last_resort and not self.router.admits(provider):
             return False  # its breaker opened (or half-open probes are taken) since routing
-        a = self.roster.pick(provider, exclude)
+        a = self.roster.pick(provider)
         if a is None:
             return False
-        prof = self.profiles.get(provider) or _profile_from_hello(a.hello)
-        reserve = self._reserve(task)
+        prof = self.profiles[provider]  # routing only names configured providers
+        reserve = task.reserve
         budget = min(prof.timeout_s, task.remaining(now) - reserve)
         if budget <= 0.001:
             return False
@@ -935,7 +929,7 @@ class ReasoningMesh:
             delay = self.backoff_s * (1.5 ** task.tries_here) * self._rng.uniform(0.8, 1.2)
             if retry_after:
                 delay = max(delay, retry_after)
-            if now + delay < task.deadline - self._reserve(task) - 0.001 * 5:
+            if now + delay < task.deadline - task.reserve - 0.001 * 5:
                 task.tries_here += 1
                 task.state = "waiting"
                 self._push_timer(now + delay, "retry", task.id, task.ci - 1)
@@ -1066,14 +1060,3 @@ class ReasoningMesh:
 
 
 _FALLBACK_TEXT = "No rationale available for this signal."
-
-
-def _profile_from_hello(h: AdapterHello) -> ProviderProfile:
-    """A profile for an adapter whose provider this broker was not configured with."""
-    return ProviderProfile(name=h.provider if h.provider.islower() else "adapter", kind="local"
-                           if h.kind == "local" else "openai-compatible", base_url="http://unknown/v1",
-                           model=h.model or "?", context_window=max(256, h.context_window or 8192),
-                           style="json" if h.style == "json" else "narrative")
-
-
-PRIORITY_NAMES = PRIORITIES

@@ -19,7 +19,6 @@ class Adapter:
     hello: AdapterHello
     last_seen: float
     served: int = 0
-    failed: int = 0
     outstanding: dict[tuple[int, int], list] = field(default_factory=dict)
     """(task id, attempt) -> [provider, sent at, outcome recorded]: the attempts this adapter
     holds a slot for, released only by its reply or its loss."""
@@ -99,7 +98,7 @@ class Roster:
                 return True
         return False
 
-    def pick(self, provider: str, exclude: bytes | None = None) -> Adapter | None:
+    def pick(self, provider: str) -> Adapter | None:
         """An adapter of ``provider`` with a free slot, or None."""
         lst = self.by_provider.get(provider)
         if not lst:
@@ -109,7 +108,7 @@ class Roster:
             start = self._rr.get(provider, 0)
             for k in range(n):
                 a = lst[(start + k) % n]
-                if len(a.outstanding) < a.hello.max_concurrency and a.identity != exclude:
+                if len(a.outstanding) < a.hello.max_concurrency:
                     self._rr[provider] = (start + k + 1) % n
                     return a
             return None
@@ -117,7 +116,7 @@ class Roster:
         best_n = 0
         for a in lst:
             n = len(a.outstanding)
-            if n < a.hello.max_concurrency and a.identity != exclude and (best is None or n < best_n):
+            if n < a.hello.max_concurrency and (best is None or n < best_n):
                 best, best_n = a, n
         return best
 

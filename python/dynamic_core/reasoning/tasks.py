@@ -36,7 +36,7 @@ class Task:
 
     __slots__ = ("id", "ctx", "rclass", "priority", "created", "deadline", "total_s", "candidates", "ci",
                  "tries_here", "attempt", "state", "pending", "replies", "ensemble", "used", "arm",
-                 "refine", "stage", "draft", "tokens_out", "est_in", "route_req", "key", "result", "reserve")
+                 "refine", "stage", "draft", "tokens_out", "est_in", "key", "reserve")
 
     def __init__(self, id: int, ctx: ReasoningContext, rclass: str, priority: int, created: float,
                  deadline: float, ensemble: int, refine: bool, tokens_out: int) -> None:
@@ -64,9 +64,7 @@ class Task:
         self.draft: Any = None
         self.tokens_out = tokens_out
         self.est_in = 0
-        self.route_req: Any = None
         self.key: Any = None
-        self.result: Any = None
 
     def remaining(self, now: float) -> float:
         return self.deadline - now
@@ -107,12 +105,6 @@ class TaskQueue:
         self.size += 1
         task.state = "queued"
         return victim
-
-    def requeue_front(self, task: Task) -> None:
-        """Put back a task taken by :meth:`order` but not dispatched (no capacity bound check)."""
-        self.lanes[task.priority].appendleft(task)
-        self.size += 1
-        task.state = "queued"
 
     def order(self) -> Iterator[int]:
         """Classes in the order WFQ serves them now (non-empty only)."""

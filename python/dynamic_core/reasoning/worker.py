@@ -92,7 +92,6 @@ class AdapterWorker:
         self._stop = threading.Event()
         self.in_flight = 0
         self.served = 0
-        self.failed = 0
         self.rejected = 0
         self._secrets = [api_key] if api_key else []
 
