@@ -70,6 +70,7 @@ __all__ = [
     "Heartbeat",
     "LoadPopulation",
     "Pause",
+    "PlanDecision",
     "PreparedMarketContext",
     "RationaleUpdate",
     "Reject",
@@ -78,6 +79,7 @@ __all__ = [
     "SignalBatch",
     "Snapshot",
     "SwapPersona",
+    "TradingPlan",
     "UpdateRouting",
     "decode_command",
     "encode_command",
@@ -584,6 +586,68 @@ class MeshShutdown(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """The broker asks an adapter process to finish and exit."""
 
     version: Version = PAYLOAD_VERSION
+
+
+# ---- decision: trading plans and the governor's verdicts --------------------------------------
+
+Verdict = Annotated[str, msgspec.Meta(pattern="^(APPROVED|MODIFIED|REJECTED)$")]
+_Price = Annotated[float, msgspec.Meta(ge=0.0)]
+
+
+class TradingPlan(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                  tag="plan"):
+    """What to trade on one signal: direction, entry, stop, targets, size, validity, and the
+    evidence behind it. Built by :func:`dynamic_core.decision.make_plan`; ``plan_id`` is a
+    deterministic hash of the signal's provenance and the plan's terms, so the same signal and
+    configuration always give the same id (the bridge derives its ``client_order_id`` from it).
+
+    Prices are in the instrument's quote currency, ``size`` in lots, ``risk_amount`` in the
+    account currency (the loss at the stop for ``size`` lots, before costs).
+    """
+
+    version: Version = PAYLOAD_VERSION
+    plan_id: ShortText
+    signal_id: ShortText
+    instrument: InstrumentName
+    timeframe: Timeframe
+    ts: I64
+    seq: U64
+    direction: Annotated[int, msgspec.Meta(ge=-1, le=1)]
+    action: Action
+    entry: _Price
+    stop: _Price
+    targets: Annotated[tuple[_Price, ...], msgspec.Meta(max_length=8)] = ()
+    size: Annotated[float, msgspec.Meta(ge=0.0)]
+    risk_amount: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    valid_until: I64
+    score: float = 0.0
+    confidence: float = 0.0
+    agreement: float = 0.0
+    atr: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    contributors: Annotated[tuple[U32, ...], msgspec.Meta(max_length=64)] = ()
+    evidence: Annotated[dict[ShortText, float], msgspec.Meta(max_length=64)] = msgspec.field(default_factory=dict)
+    rationale: Text = ""
+    rationale_provider: ShortText = ""
+    providers_agreeing: U32 = 0
+
+
+class PlanDecision(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                   tag="decision"):
+    """The risk governor's verdict on one plan, journaled for every plan.
+
+    ``reasons`` are machine-readable codes (e.g. ``max_open_positions``, ``min_confidence``,
+    ``resized_exposure``); ``detail`` holds the numbers behind them (limit and value).
+    ``plan`` is the plan as approved (resized when ``MODIFIED``) or as proposed (``REJECTED``).
+    """
+
+    version: Version = PAYLOAD_VERSION
+    plan_id: ShortText
+    verdict: Verdict
+    reasons: Annotated[tuple[ShortText, ...], msgspec.Meta(max_length=64)] = ()
+    detail: Annotated[dict[ShortText, float], msgspec.Meta(max_length=128)] = msgspec.field(default_factory=dict)
+    original_size: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    plan: TradingPlan
+    ts: I64 = 0
 
 
 MeshFromAdapter = AdapterHello | AdapterBeat | ReasonReply | AdapterBye
