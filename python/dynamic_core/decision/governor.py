@@ -1,0 +1,284 @@
+"""The risk governor: every plan ends APPROVED, MODIFIED (resized) or REJECTED, with reasons.
+
+Checks, in this order (a rejection stops the list; resizes accumulate):
+
+=========================  ==================================================================
+reason code                rule
+=========================  ==================================================================
+``halted_drawdown``        equity fell ``max_drawdown_pct`` below its peak: the circuit breaker
+                           halts new plans until :meth:`RiskGovernor.reset_breaker`
+``daily_loss_limit``       equity fell ``daily_loss_pct`` below the day's opening equity (UTC
+                           day of the plan's bar); lifts at the next day
+``cooldown``               ``loss_streak`` losing trades in a row: no plans for
+                           ``cooldown_bars`` bars of the plan's timeframe after the last loss
+``min_confidence``         signal confidence below ``min_confidence``
+``min_agreement``          signal agreement below ``min_agreement``
+``min_providers_agree``    fewer than ``min_providers_agree`` reasoning providers agree with the
+                           signal (0 disables the check)
+``expired``                the plan's ``valid_until`` is before the governor's clock
+``position_open``          a position in the same direction is open (no pyramiding)
+``max_open_positions``     a new position would exceed ``max_open_positions``
+``resized_instrument``     notional over ``max_instrument_leverage`` x equity: resized to fit
+``resized_currency``       a currency's net exposure over ``max_currency_leverage`` x equity:
+                           resized to fit (the account currency is not counted)
+``resized_leverage``       gross notional over ``max_leverage`` x equity: resized to fit
+``below_min_lot``          resizing left less than the instrument's minimum lot
+=========================  ==================================================================
+
+Exposure is notional in the account currency: ``lots x contract_size x price x quote_to_account``.
+A plan opposite to an open position first closes it, so its exposure counts net of that.
+``detail`` carries the numbers behind each reason (``<reason>.limit`` and ``<reason>.value``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import msgspec
+
+from ..payloads import PlanDecision, TradingPlan
+from .specs import InstrumentSpec, instrument_spec, quote_to_account
+
+__all__ = ["DAY_NS", "Portfolio", "RiskGovernor", "RiskLimits"]
+
+DAY_NS = 86_400 * 1_000_000_000
+
+_NonNeg = Annotated[float, msgspec.Meta(ge=0.0)]
+
+
+class RiskLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Portfolio limits and consensus guardrails (0 disables a leverage or count limit)."""
+
+    max_open_positions: Annotated[int, msgspec.Meta(ge=0)] = 8
+    max_instrument_leverage: _NonNeg = 10.0
+    max_currency_leverage: _NonNeg = 15.0
+    max_leverage: _NonNeg = 30.0
+    daily_loss_pct: _NonNeg = 3.0
+    max_drawdown_pct: _NonNeg = 15.0
+    loss_streak: Annotated[int, msgspec.Meta(ge=0)] = 4
+    cooldown_bars: Annotated[int, msgspec.Meta(ge=0)] = 12
+    min_confidence: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
+    min_agreement: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
+    min_providers_agree: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
+    allow_pyramiding: bool = False
+    account: Annotated[str, msgspec.Meta(min_length=3, max_length=8)] = "USD"
+
+
+@dataclass
+class Portfolio:
+    """What the governor needs to know about the account when it judges a plan.
+
+    ``positions`` maps an instrument to its signed net lots; ``prices`` holds the last price of
+    every instrument seen (for notional and currency conversion).
+    """
+
+    equity: float
+    positions: dict[str, float] = field(default_factory=dict)
+    prices: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, broker: Any) -> Portfolio:
+        """A snapshot of a :class:`~dynamic_core.bridges.paper.PaperBroker`-like object
+        (``equity``, ``positions()`` with ``.lots``, ``last_prices()`` or ``prices``)."""
+        pos = {k: float(p.lots) for k, p in broker.positions().items() if p.lots != 0.0}
+        prices = broker.last_prices() if hasattr(broker, "last_prices") else dict(getattr(broker, "prices", {}))
+        return cls(equity=float(broker.equity), positions=pos, prices=dict(prices))
+
+
+class RiskGovernor:
+    """Judges plans against :class:`RiskLimits` and the account's state.
+
+    State it keeps itself: the equity peak and the day's opening equity (fed by :meth:`mark`),
+    the losing streak (fed by :meth:`on_trade_result`) and the breaker. Deterministic: the same
+    plans, marks and results in the same order give the same decisions.
+    """
+
+    def __init__(self, limits: RiskLimits | None = None, *, specs: Mapping[str, InstrumentSpec] | None = None,
+                 equity: float | None = None) -> None:
+        self.limits = limits if limits is not None else RiskLimits()
+        self._specs = dict(specs or {})
+        self._spec_cache: dict[str, InstrumentSpec] = {}
+        self.peak = float(equity) if equity is not None else 0.0
+        self.day = -1
+        self.day_open = float(equity) if equity is not None else 0.0
+        self.halted = False
+        self.streak = 0
+        self.cooldown_until = -1
+        self.now = -(2**63)
+        self.counts: dict[str, int] = {"APPROVED": 0, "MODIFIED": 0, "REJECTED": 0}
+        self.reasons: dict[str, int] = {}
+
+    # ---- state fed by the trader ---------------------------------------------------------------
+
+    def mark(self, ts: int, equity: float) -> None:
+        """Account equity at time ``ts`` (ns): moves the peak, the day's open and the breaker."""
+        if not math.isfinite(equity):
+            return
+        self.now = max(self.now, int(ts))
+        day = int(ts) // DAY_NS
+        if day != self.day:
+            self.day = day
+            self.day_open = equity
+        if equity > self.peak:
+            self.peak = equity
+        lim = self.limits.max_drawdown_pct
+        if lim > 0.0 and self.peak > 0.0 and (self.peak - equity) / self.peak * 100.0 >= lim:
+            self.halted = True
+        self._equity = equity
+
+    def on_trade_result(self, pnl: float, ts: int, timeframe: int) -> None:
+        """A closed trade's net P&L: losses extend the streak; ``loss_streak`` in a row starts a
+        cooldown of ``cooldown_bars`` bars of ``timeframe`` from ``ts``."""
+        if pnl < 0.0:
+            self.streak += 1
+            if self.limits.loss_streak and self.streak >= self.limits.loss_streak:
+                self.cooldown_until = max(self.cooldown_until,
+                                          int(ts) + self.limits.cooldown_bars * int(timeframe) * 1_000_000_000)
+                self.streak = 0
+        elif pnl > 0.0:
+            self.streak = 0
+
+    def reset_breaker(self, equity: float | None = None) -> None:
+        """Lift the drawdown breaker; the peak restarts at ``equity`` (default: the last mark)."""
+        self.halted = False
+        self.peak = float(equity) if equity is not None else getattr(self, "_equity", self.peak)
+
+    # ---- judging -------------------------------------------------------------------------------
+
+    def _spec(self, name: str) -> InstrumentSpec:
+        sp = self._spec_cache.get(name)
+        if sp is None:
+            sp = self._spec_cache[name] = instrument_spec(name, self._specs)
+        return sp
+
+    def _notional_per_lot(self, sp: InstrumentSpec, price: float, prices: Mapping[str, float]) -> float:
+        return sp.contract_size * price * quote_to_account(sp, price, self.limits.account, prices)
+
+    def evaluate(self, plan: TradingPlan, portfolio: Portfolio, *, providers_agreeing: int | None = None) -> PlanDecision:
+        """The verdict on ``plan`` given ``portfolio``; counted in :attr:`counts` and :attr:`reasons`."""
+        lim = self.limits
+        reasons: list[str] = []
+        detail: dict[str, float] = {}
+
+        def reject(code: str, limit: float, value: float) -> PlanDecision:
+            reasons.append(code)
+            detail[code + ".limit"] = float(limit)
+            detail[code + ".value"] = float(value)
+            return self._decide("REJECTED", plan, plan, reasons, detail)
+
+        eq = portfolio.equity
+        if self.halted:
+            dd = (self.peak - eq) / self.peak * 100.0 if self.peak > 0 else 0.0
+            return reject("halted_drawdown", lim.max_drawdown_pct, dd)
+        if lim.daily_loss_pct > 0.0 and self.day == plan.ts // DAY_NS and self.day_open > 0.0:
+            loss = (self.day_open - eq) / self.day_open * 100.0
+            if loss >= lim.daily_loss_pct:
+                return reject("daily_loss_limit", lim.daily_loss_pct, loss)
+        if plan.ts < self.cooldown_until:
+            return reject("cooldown", float(self.cooldown_until), float(plan.ts))
+        if plan.confidence < lim.min_confidence:
+            return reject("min_confidence", lim.min_confidence, plan.confidence)
+        if plan.agreement < lim.min_agreement:
+            return reject("min_agreement", lim.min_agreement, plan.agreement)
+        agreeing = plan.providers_agreeing if providers_agreeing is None else providers_agreeing
+        if lim.min_providers_agree and agreeing < lim.min_providers_agree:
+            return reject("min_providers_agree", lim.min_providers_agree, agreeing)
+        if plan.valid_until < self.now:
+            return reject("expired", float(plan.valid_until), float(self.now))
+
+        positions = portfolio.positions
+        held = positions.get(plan.instrument, 0.0)
+        if held * plan.direction > 0.0 and not lim.allow_pyramiding:
+            return reject("position_open", 0.0, held)
+        n_open = sum(1 for v in positions.values() if v != 0.0)
+        if lim.max_open_positions and held == 0.0 and n_open + 1 > lim.max_open_positions:
+            return reject("max_open_positions", lim.max_open_positions, n_open + 1)
+
+        sp = self._spec(plan.instrument)
+        prices = portfolio.prices
+        try:
+            per_lot = self._notional_per_lot(sp, prices.get(plan.instrument, plan.entry), prices)
+        except KeyError:
+            return reject("no_conversion", 0.0, 0.0)
+        size = plan.size
+        cap = math.inf
+        if eq > 0.0 and per_lot > 0.0:
+            # the position after the fill: what is held plus the plan (an opposite plan nets)
+            if lim.max_instrument_leverage:
+                room = lim.max_instrument_leverage * eq / per_lot  # |held + d*size| <= room
+                c = room - held * plan.direction
+                if c < size:
+                    reasons.append("resized_instrument")
+                    detail["resized_instrument.limit"] = lim.max_instrument_leverage
+                    detail["resized_instrument.value"] = abs(held + plan.direction * size) * per_lot / eq
+                    cap = min(cap, c)
+            gross = 0.0
+            ccy: dict[str, float] = {}
+            try:
+                for name, lots in positions.items():
+                    if name == plan.instrument or lots == 0.0:
+                        continue
+                    s2 = self._spec(name)
+                    n2 = lots * self._notional_per_lot(s2, prices.get(name, 0.0), prices)
+                    gross += abs(n2)
+                    _add_ccy(ccy, s2, n2)
+            except KeyError:
+                return reject("no_conversion", 0.0, 0.0)
+            if lim.max_leverage:
+                room = (lim.max_leverage * eq - gross) / per_lot
+                c = room - held * plan.direction
+                if c < size:
+                    reasons.append("resized_leverage")
+                    detail["resized_leverage.limit"] = lim.max_leverage
+                    detail["resized_leverage.value"] = (gross + abs(held + plan.direction * size) * per_lot) / eq
+                    cap = min(cap, c)
+            if lim.max_currency_leverage:
+                for code, sign in ((sp.base, 1.0), (sp.quote, -1.0)):
+                    if not code or code == lim.account or code == sp.name:
+                        continue
+                    other = ccy.get(code, 0.0)
+                    # net exposure to `code` after the fill: other + sign * per_lot * (held + d*x)
+                    # solve |...| <= L*eq for the largest x >= 0 in the plan's direction
+                    limit = lim.max_currency_leverage * eq
+                    k = sign * plan.direction * per_lot
+                    base = other + sign * per_lot * held
+                    x = (limit - base) / k if k > 0 else (-limit - base) / k
+                    if x < size:
+                        reasons.append("resized_currency")
+                        detail[f"resized_currency.{code}.limit"] = lim.max_currency_leverage
+                        detail[f"resized_currency.{code}.value"] = abs(base + k * size) / eq
+                        cap = min(cap, x)
+        if cap < size:
+            new = sp.round_lots(max(cap, 0.0))
+            if new <= 0.0:
+                reasons.append("below_min_lot")
+                detail["below_min_lot.limit"] = sp.min_lot
+                detail["below_min_lot.value"] = max(cap, 0.0)
+                return self._decide("REJECTED", plan, plan, reasons, detail)
+            resized = msgspec.structs.replace(plan, size=new, risk_amount=plan.risk_amount * new / plan.size)
+            return self._decide("MODIFIED", plan, resized, reasons, detail)
+        return self._decide("APPROVED", plan, plan, reasons, detail)
+
+    def _decide(self, verdict: str, original: TradingPlan, plan: TradingPlan, reasons: list[str],
+                detail: dict[str, float]) -> PlanDecision:
+        self.counts[verdict] += 1
+        for r in reasons:
+            self.reasons[r] = self.reasons.get(r, 0) + 1
+        return PlanDecision(plan_id=original.plan_id, verdict=verdict, reasons=tuple(reasons), detail=detail,
+                            original_size=original.size, plan=plan, ts=original.ts)
+
+    def stats(self) -> dict[str, Any]:
+        return {"decisions": dict(self.counts), "reasons": dict(sorted(self.reasons.items())),
+                "halted": self.halted, "peak": self.peak, "streak": self.streak,
+                "cooldown_until": self.cooldown_until}
+
+
+def _add_ccy(acc: dict[str, float], sp: InstrumentSpec, notional: float) -> None:
+    """Signed net exposure per currency: long base, short quote."""
+    if sp.base:
+        acc[sp.base] = acc.get(sp.base, 0.0) + notional
+    if sp.quote:
+        acc[sp.quote] = acc.get(sp.quote, 0.0) - notional

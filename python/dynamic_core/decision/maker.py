@@ -1,0 +1,298 @@
+"""The decision maker: signals -> plans -> the governor's verdicts -> a trader, and back.
+
+One :class:`DecisionMaker` owns, per account: the ATR trackers behind the stops, the last
+prices, the :class:`~dynamic_core.decision.governor.RiskGovernor`, the plans it made and the
+trader that executes them (a :class:`~dynamic_core.bridges.paper.PaperBroker`, or anything with
+its ``submit_plan`` / ``on_bars`` / ``positions`` / ``equity`` / ``on_trade`` face). Per time
+step the caller does::
+
+    maker.on_bars(bars)            # trader fills pending orders, stops and targets; equity marked
+    signals = engine.run(bars)
+    maker.on_signals(signals, agents=engine.agents())   # plans, verdicts, orders
+
+Every verdict is journaled (when a journal is given) as an event record holding the encoded
+:class:`~dynamic_core.payloads.PlanDecision`. Closed trades are attributed to their plan, the
+plan's signal, its top contributing agents and the adapter whose rationale was attached
+(:meth:`DecisionMaker.attribution`), fed to the governor's loss streak, and credited to the
+contributing agents (:class:`CreditLedger`), which an engine can take as consensus weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from ..instruments import instruments
+from ..payloads import PlanDecision, TradingPlan
+from .governor import Portfolio, RiskGovernor, RiskLimits
+from .plans import AtrTracker, PlanConfig, make_plan, signal_id_for
+from .specs import InstrumentSpec, instrument_spec
+
+__all__ = ["Attribution", "CreditLedger", "DecisionMaker", "top_contributors"]
+
+
+def top_contributors(agents: np.ndarray, instrument: int, timeframe: int, direction: int, k: int = 8,
+                     index: dict[tuple[int, int], np.ndarray] | None = None) -> tuple[int, ...]:
+    """Ids of the ``k`` agents of a stream that voted with ``direction`` and carried the most
+    consensus weight (``fitness x |score|``), strongest first; ties go to the lower id."""
+    rows = index.get((instrument, timeframe)) if index is not None else None
+    if rows is None:
+        rows = np.flatnonzero((agents["instrument"] == instrument) & (agents["timeframe"] == timeframe))
+    a = agents[rows]
+    sel = a[(a["warm"] != 0) & (a["quarantined"] == 0) & (np.sign(a["action"]) == direction)]
+    if len(sel) == 0:
+        return ()
+    w = sel["fitness"] * np.abs(sel["score"])
+    order = np.lexsort((sel["agent_id"], -w))[:k]
+    return tuple(int(i) for i in sel["agent_id"][order])
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """One closed trade traced back to where it came from."""
+
+    plan_id: str
+    signal_id: str
+    instrument: str
+    direction: int
+    lots: float
+    entry_ts: int
+    exit_ts: int
+    exit_reason: str
+    pnl: float
+    r_multiple: float
+    contributors: tuple[int, ...]
+    adapter: str
+
+
+class CreditLedger:
+    """Per-agent credit from live (paper or broker) outcomes: the feedback to agent fitness.
+
+    Each closed trade moves every contributing agent's credit multiplicatively by
+    ``exp(rate * clip(R, -cap, cap))``, where ``R`` is the trade's R multiple; credit stays in
+    [``lo``, ``hi``]. Credit 1.0 is neutral. An engine that supports it multiplies each agent's
+    consensus weight by its credit (:meth:`apply`).
+    """
+
+    def __init__(self, rate: float = 0.1, cap: float = 3.0, lo: float = 0.25, hi: float = 4.0) -> None:
+        self.rate, self.cap, self.lo, self.hi = float(rate), float(cap), float(lo), float(hi)
+        self.credit: dict[int, float] = {}
+        self.trades: dict[int, int] = {}
+        self.pnl: dict[int, float] = {}
+        self._dirty: set[int] = set()
+
+    def record(self, agents: tuple[int, ...], r_multiple: float, pnl: float) -> None:
+        if not agents:
+            return
+        r = r_multiple if math.isfinite(r_multiple) else (1.0 if pnl > 0 else -1.0 if pnl < 0 else 0.0)
+        f = math.exp(self.rate * max(-self.cap, min(self.cap, r)))
+        share = pnl / len(agents)
+        for a in agents:
+            c = self.credit.get(a, 1.0) * f
+            self.credit[a] = min(self.hi, max(self.lo, c))
+            self.trades[a] = self.trades.get(a, 0) + 1
+            self.pnl[a] = self.pnl.get(a, 0.0) + share
+            self._dirty.add(a)
+
+    def take_changes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(agent ids, credits) changed since the last call, ids ascending."""
+        ids = np.array(sorted(self._dirty), dtype=np.uint32)
+        self._dirty.clear()
+        return ids, np.array([self.credit[int(i)] for i in ids], dtype=np.float64)
+
+    def apply(self, engine: Any) -> int:
+        """Hand the changed credits to ``engine.set_credit(ids, credits)`` when it has one;
+        returns how many agents changed."""
+        ids, vals = self.take_changes()
+        if len(ids) and hasattr(engine, "set_credit"):
+            engine.set_credit(ids, vals)
+        return len(ids)
+
+
+class DecisionMaker:
+    """Signals in, verdicts and orders out, outcomes fed back.
+
+    Parameters
+    ----------
+    trader : PaperBroker-like
+        Executes approved plans (``submit_plan(plan)``), reports closed trades (``on_trade``),
+        holds ``equity`` and ``positions()``.
+    plan : PlanConfig, optional
+    limits : RiskLimits, optional
+    specs : mapping of InstrumentSpec, optional
+        Overrides of :data:`~dynamic_core.decision.specs.DEFAULT_SPECS`.
+    journal : callable, optional
+        ``journal(raw_bytes)`` for every verdict, e.g. ``engine.journal_event``.
+    rationale : callable, optional
+        ``rationale(signal_id) -> (text, provider, providers_agreeing) | None``: what the
+        reasoning mesh said about a signal, attached to its plan.
+    credit : CreditLedger, optional
+        Where trade outcomes are credited to contributing agents (default: a new ledger).
+    contributors : int
+        How many top agents a plan names.
+    """
+
+    def __init__(self, trader: Any, *, plan: PlanConfig | None = None, limits: RiskLimits | None = None,
+                 specs: Mapping[str, InstrumentSpec] | None = None, journal: Callable[[bytes], Any] | None = None,
+                 rationale: Callable[[str], tuple[str, str, int] | None] | None = None,
+                 credit: CreditLedger | None = None, contributors: int = 8) -> None:
+        self.trader = trader
+        self.plan_config = plan if plan is not None else PlanConfig()
+        self.specs = dict(specs or {})
+        self.governor = RiskGovernor(limits, specs=self.specs, equity=float(trader.equity))
+        self.atr = AtrTracker(self.plan_config.atr_period)
+        self.prices: dict[str, float] = {}
+        self.plans: dict[str, TradingPlan] = {}
+        self.decisions: list[PlanDecision] = []
+        self.attributions: list[Attribution] = []
+        self.credit = credit if credit is not None else CreditLedger()
+        self.n_contributors = int(contributors)
+        self._journal = journal
+        self._rationale = rationale
+        self._enc = msgspec.msgpack.Encoder()
+        self._spec_cache: dict[str, InstrumentSpec] = {}
+        self._agent_index: dict[tuple[int, int], np.ndarray] | None = None
+        self._index_of: int | None = None
+        self.no_plan = 0
+        trader.on_trade(self._on_trade)
+
+    # ---- inputs --------------------------------------------------------------------------------
+
+    def on_bars(self, bars: np.ndarray) -> None:
+        """Bars of one time step (or more), in time order: the trader fills and marks, the ATRs
+        and last prices move, the governor sees the new equity."""
+        if len(bars) == 0:
+            return
+        self.trader.on_bars(bars)
+        self.atr.update_bars(bars)
+        names = instruments.names()
+        for i, c in zip(bars["instrument"].tolist(), bars["close"].tolist()):
+            if math.isfinite(c) and c > 0.0:
+                self.prices[names[i]] = c
+        self.governor.mark(int(bars["ts"][-1]), float(self.trader.equity))
+
+    def _spec(self, name: str) -> InstrumentSpec:
+        sp = self._spec_cache.get(name)
+        if sp is None:
+            sp = self._spec_cache[name] = instrument_spec(name, self.specs)
+        return sp
+
+    def _index(self, agents: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
+        # agents() comes in population order, so the rows of a stream do not move between calls
+        if self._agent_index is None or self._index_of != len(agents):
+            key = agents["instrument"].astype(np.uint64) << np.uint64(32) | agents["timeframe"].astype(np.uint64)
+            uniq, inv = np.unique(key, return_inverse=True)
+            self._agent_index = {(int(u >> np.uint64(32)), int(u & np.uint64(0xFFFFFFFF))): np.flatnonzero(inv == j)
+                                 for j, u in enumerate(uniq)}
+            self._index_of = len(agents)
+        return self._agent_index
+
+    def on_signals(self, signals: np.ndarray, agents: np.ndarray | Callable[[], np.ndarray] | None = None) -> list[PlanDecision]:
+        """Plan, judge and (when approved) trade each signal. ``agents`` (the engine's
+        ``agents()`` at the signals' bar, or a callable giving it, called only when a plan is
+        made) names each plan's top contributors."""
+        out: list[PlanDecision] = []
+        if len(signals) == 0:
+            return out
+        cfg = self.plan_config
+        names = instruments.names()
+        actions = signals["action"].tolist()
+        snapshot: np.ndarray | None = None
+        for j, act in enumerate(actions):
+            if abs(act) < cfg.min_action:
+                continue
+            s = signals[j]
+            inst, tf = int(s["instrument"]), int(s["timeframe"])
+            name = names[inst]
+            contributors: tuple[int, ...] = ()
+            if agents is not None and self.n_contributors:
+                if snapshot is None:
+                    snapshot = agents() if callable(agents) else agents
+                contributors = top_contributors(snapshot, inst, tf, 1 if act > 0 else -1, self.n_contributors,
+                                                self._index(snapshot))
+            text, provider, agreeing = "", "", 0
+            if self._rationale is not None:
+                got = self._rationale(signal_id_for(int(s["population_hash"]), int(s["seq"])))
+                if got is not None:
+                    text, provider, agreeing = got
+            plan = make_plan(s, entry=self.atr.last_close(inst, tf), atr=self.atr.value(inst, tf),
+                             equity=float(self.trader.equity), config=cfg, spec=self._spec(name), prices=self.prices,
+                             contributors=contributors, rationale=text, rationale_provider=provider,
+                             providers_agreeing=agreeing)
+            if plan is None:
+                self.no_plan += 1
+                continue
+            out.append(self.decide(plan))
+        return out
+
+    def decide(self, plan: TradingPlan) -> PlanDecision:
+        """Judge one plan, journal the verdict, and hand an approved plan to the trader."""
+        d = self.governor.evaluate(plan, Portfolio(equity=float(self.trader.equity),
+                                                   positions=self._positions(), prices=self.prices))
+        self.decisions.append(d)
+        if self._journal is not None:
+            self._journal(self._enc.encode(d))
+        if d.verdict != "REJECTED":
+            self.plans[d.plan.plan_id] = d.plan
+            self.trader.submit_plan(d.plan)
+        return d
+
+    def _positions(self) -> dict[str, float]:
+        return {k: float(p.lots) for k, p in self.trader.positions().items() if p.lots != 0.0}
+
+    # ---- outcomes ------------------------------------------------------------------------------
+
+    def _on_trade(self, trade: Any) -> None:
+        plan = self.plans.get(trade.plan_id)
+        contributors = plan.contributors if plan is not None else ()
+        att = Attribution(plan_id=trade.plan_id, signal_id=plan.signal_id if plan else "",
+                          instrument=trade.instrument, direction=int(trade.direction), lots=float(trade.lots),
+                          entry_ts=int(trade.entry_ts), exit_ts=int(trade.exit_ts), exit_reason=str(trade.exit_reason),
+                          pnl=float(trade.pnl), r_multiple=float(trade.r_multiple), contributors=contributors,
+                          adapter=plan.rationale_provider if plan else "")
+        self.attributions.append(att)
+        self.governor.on_trade_result(att.pnl, att.exit_ts, plan.timeframe if plan else 0)
+        self.credit.record(contributors, att.r_multiple, att.pnl)
+
+    def attribution(self) -> list[Attribution]:
+        """Every closed trade so far, in closing order."""
+        return list(self.attributions)
+
+    def by_agent(self, k: int = 10) -> list[tuple[int, int, float, float]]:
+        """(agent id, trades, attributed P&L, credit) of the ``k`` agents with the most
+        attributed P&L."""
+        led = self.credit
+        rows = sorted(led.pnl.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        return [(a, led.trades[a], p, led.credit[a]) for a, p in rows]
+
+    def stats(self) -> dict[str, Any]:
+        g = self.governor.stats()
+        return {**g, "plans": len(self.decisions), "no_plan": self.no_plan, "trades": len(self.attributions),
+                "pnl": sum(a.pnl for a in self.attributions), "equity": float(self.trader.equity)}
+
+
+def load_decision_config(path: str) -> tuple[PlanConfig, RiskLimits, dict[str, InstrumentSpec], dict[str, Any]]:
+    """``[plan]``, ``[risk]``, ``[instruments.NAME]`` and ``[costs]`` / ``[costs.NAME]`` tables
+    of a TOML file (each optional). Returns (plan config, limits, specs, raw cost tables)."""
+    import tomllib
+
+    from .specs import load_specs
+
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    unknown = set(doc) - {"plan", "risk", "instruments", "costs"}
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {', '.join(sorted(unknown))} "
+                         "(expected plan, risk, instruments, costs)")
+    try:
+        plan = msgspec.convert(doc.get("plan", {}), PlanConfig)
+        limits = msgspec.convert(doc.get("risk", {}), RiskLimits)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"{path}: {e}") from None
+    specs = load_specs(path) if "instruments" in doc else {}
+    return plan, limits, specs, dict(doc.get("costs", {}))

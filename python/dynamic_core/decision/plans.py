@@ -1,0 +1,206 @@
+"""Trading plans: what to do about one signal, sized by risk.
+
+A plan takes a signal's direction, enters at the bar's close, puts its stop ``stop_atr`` ATRs
+away, its targets at R multiples of that distance, and sizes the position so the loss at the
+stop is ``risk_pct`` percent of equity::
+
+    size = round_down(equity * risk_pct / 100 / (|entry - stop| * contract_size * quote_to_account))
+
+rounded down to the instrument's lot step and clipped to its limits (a size that rounds to
+less than the minimum lot gives no plan: it could only be placed by risking more than asked).
+It is valid for ``valid_bars`` bars of its timeframe. The id is a hash of the signal's
+provenance and every term of the plan, so the same signal under the same configuration always
+gives the same id, on any machine.
+
+The ATR the stop uses is tracked per stream by :class:`AtrTracker` (Wilder's ATR with TA-Lib's
+seeding, the same numbers as :func:`dynamic_core.indicators.atr`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import msgspec
+import numpy as np
+
+from ..instruments import instruments
+from ..payloads import TradingPlan
+from .specs import InstrumentSpec, instrument_spec, quote_to_account
+
+__all__ = ["AtrTracker", "PlanConfig", "make_plan", "plan_id_for", "signal_id_for"]
+
+
+class PlanConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How signals become plans.
+
+    Attributes
+    ----------
+    risk_pct : float
+        Percent of equity lost at the stop.
+    stop_atr : float
+        Stop distance in ATRs.
+    targets_r : tuple of float
+        Take-profit levels in multiples of the stop distance (R); the first is the order's.
+    valid_bars : int
+        Bars of the signal's timeframe the plan may still be entered.
+    atr_period : int
+        Period of the ATR behind the stop.
+    min_action : int
+        Smallest ``|action|`` that makes a plan (1: BUY/SELL and stronger, 2: STRONG only).
+    account : str
+        Account currency.
+    """
+
+    risk_pct: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)] = 0.5
+    stop_atr: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)] = 2.0
+    targets_r: Annotated[tuple[Annotated[float, msgspec.Meta(gt=0.0)], ...], msgspec.Meta(max_length=8)] = (1.5, 3.0)
+    valid_bars: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
+    atr_period: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 14
+    min_action: Annotated[int, msgspec.Meta(ge=1, le=2)] = 1
+    account: Annotated[str, msgspec.Meta(min_length=3, max_length=8)] = "USD"
+
+
+def signal_id_for(population_hash: int, seq: int) -> str:
+    """The id a signal is known by everywhere (rationales, plans, attribution)."""
+    return f"{population_hash:016x}:{seq}"
+
+
+_ID_PACK = struct.Struct("<qIQbdddd")
+
+
+def plan_id_for(signal_id: str, instrument: str, timeframe: int, ts: int, seq: int, direction: int,
+                entry: float, stop: float, size: float, target: float) -> str:
+    """A 16-hex-digit id: BLAKE2b over the signal's provenance and the plan's terms."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(signal_id.encode())
+    h.update(instrument.encode())
+    h.update(_ID_PACK.pack(ts, timeframe, seq, direction, entry, stop, size, target))
+    return h.hexdigest()
+
+
+class AtrTracker:
+    """Streaming Wilder ATR per (instrument, timeframe), seeded as TA-Lib seeds it.
+
+    The first ATR is the mean of the first ``period`` true ranges (true ranges start at the
+    second bar); after that ``atr = (atr * (period - 1) + tr) / period``. ``value`` is NaN
+    until then, exactly where :func:`dynamic_core.indicators.atr` is NaN.
+    """
+
+    __slots__ = ("period", "_state")
+
+    def __init__(self, period: int = 14) -> None:
+        if period < 1:
+            raise ValueError("period must be >= 1")
+        self.period = int(period)
+        # key -> [prev_close, n_tr, tr_sum, atr]
+        self._state: dict[tuple[int, int], list[float]] = {}
+
+    def update(self, instrument: int, timeframe: int, high: float, low: float, close: float) -> float:
+        """Take one bar; return the ATR after it (NaN while warming up)."""
+        key = (instrument, timeframe)
+        st = self._state.get(key)
+        if st is None:
+            self._state[key] = [close, 0.0, 0.0, math.nan]
+            return math.nan
+        prev = st[0]
+        tr = max(high - low, abs(high - prev), abs(low - prev))
+        st[0] = close
+        n = self.period
+        if st[1] < n:
+            st[1] += 1.0
+            st[2] += tr
+            if st[1] == n:
+                st[3] = st[2] / n
+            return st[3]
+        st[3] = (st[3] * (n - 1) + tr) / n
+        return st[3]
+
+    def update_bars(self, bars: np.ndarray) -> None:
+        """Take a ``BAR_DTYPE`` array in order."""
+        upd = self.update
+        for i, tf, h, lo, c in zip(bars["instrument"].tolist(), bars["timeframe"].tolist(), bars["high"].tolist(),
+                                   bars["low"].tolist(), bars["close"].tolist()):
+            upd(i, tf, h, lo, c)
+
+    def value(self, instrument: int, timeframe: int) -> float:
+        st = self._state.get((instrument, timeframe))
+        return math.nan if st is None else st[3]
+
+    def last_close(self, instrument: int, timeframe: int) -> float:
+        st = self._state.get((instrument, timeframe))
+        return math.nan if st is None else st[0]
+
+
+def make_plan(signal: Any, *, entry: float, atr: float, equity: float, config: PlanConfig | None = None,
+              spec: InstrumentSpec | None = None, prices: Mapping[str, float] | None = None,
+              contributors: tuple[int, ...] = (), rationale: str = "", rationale_provider: str = "",
+              providers_agreeing: int = 0) -> TradingPlan | None:
+    """The plan for one signal, or ``None`` when it calls for none.
+
+    Parameters
+    ----------
+    signal : AISignal or SIGNAL_DTYPE record
+        The fused signal.
+    entry : float
+        Entry price (the signal bar's close).
+    atr : float
+        The stream's ATR at that bar.
+    equity : float
+        Account equity the risk is a percentage of.
+    spec : InstrumentSpec, optional
+        Contract of the instrument (default: :func:`instrument_spec`).
+    prices : mapping, optional
+        Last prices of other instruments, to convert a quote currency that is neither the
+        account's nor the instrument's base (e.g. EURJPY via USDJPY).
+
+    Returns ``None`` for a HOLD (or weaker than ``min_action``), a non-finite or zero ATR or
+    entry, or a size below the minimum lot. Everything else becomes a plan; whether it may be
+    traded is the governor's call.
+    """
+    cfg = config if config is not None else _DEFAULT_CONFIG
+    if isinstance(signal, np.void):
+        instrument = instruments.name(int(signal["instrument"]))
+        timeframe, ts, seq = int(signal["timeframe"]), int(signal["ts"]), int(signal["seq"])
+        action, score = int(signal["action"]), float(signal["score"])
+        confidence, agreement = float(signal["confidence"]), float(signal["agreement"])
+        pop_hash, dispersion, n_agents = int(signal["population_hash"]), float(signal["dispersion"]), int(signal["n_agents"])
+    else:
+        instrument, timeframe, ts, seq = signal.instrument, signal.timeframe, signal.ts, signal.seq
+        action, score, confidence, agreement = signal.action, signal.score, signal.confidence, signal.agreement
+        pop_hash, dispersion, n_agents = signal.population_hash, signal.dispersion, signal.n_agents
+    if abs(action) < cfg.min_action:
+        return None
+    if not (atr > 0.0 and math.isfinite(atr) and entry > 0.0 and math.isfinite(entry) and equity > 0.0):
+        return None
+    sp = spec if spec is not None else instrument_spec(instrument)
+    direction = 1 if action > 0 else -1
+    dist = cfg.stop_atr * atr
+    stop = entry - direction * dist
+    if stop <= 0.0:
+        return None
+    try:
+        conv = quote_to_account(sp, entry, cfg.account, prices)
+    except KeyError:
+        return None
+    risk_per_lot = dist * sp.contract_size * conv
+    size = sp.round_lots(equity * cfg.risk_pct / 100.0 / risk_per_lot)
+    if size <= 0.0:
+        return None
+    targets = tuple(entry + direction * r * dist for r in cfg.targets_r)
+    signal_id = signal_id_for(pop_hash, seq)
+    pid = plan_id_for(signal_id, instrument, timeframe, ts, seq, direction, entry, stop, size,
+                      targets[0] if targets else 0.0)
+    return TradingPlan(
+        plan_id=pid, signal_id=signal_id, instrument=instrument, timeframe=timeframe, ts=ts, seq=seq,
+        direction=direction, action=action, entry=entry, stop=stop, targets=targets, size=size,
+        risk_amount=size * risk_per_lot, valid_until=ts + cfg.valid_bars * timeframe * 1_000_000_000,
+        score=score, confidence=confidence, agreement=agreement, atr=atr, contributors=contributors,
+        evidence={"dispersion": dispersion, "n_agents": float(n_agents), "atr": atr},
+        rationale=rationale, rationale_provider=rationale_provider, providers_agreeing=providers_agreeing)
+
+
+_DEFAULT_CONFIG = PlanConfig()

@@ -1,0 +1,308 @@
+"""Trading plans, the risk governor and its guardrails: hand-computed cases and oracles."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import numpy as np
+import pytest
+import talib
+from backtesting.test import EURUSD
+
+import dynamic_core as dc
+from dynamic_core.decision import (
+    DAY_NS,
+    AtrTracker,
+    PlanConfig,
+    Portfolio,
+    RiskGovernor,
+    RiskLimits,
+    instrument_spec,
+    load_decision_config,
+    make_plan,
+    quote_to_account,
+)
+from dynamic_core.payloads import AISignal, PlanDecision, TradingPlan
+
+H1 = 3600
+T0 = 1_704_067_200_000_000_000  # 2024-01-01 00:00 UTC
+
+
+def signal(instrument="EURUSD", action=1, *, ts=T0, seq=7, confidence=0.8, agreement=0.7, score=0.4):
+    return AISignal(ts=ts, instrument=instrument, timeframe=H1, seq=seq, population_hash=0xABC, score=score,
+                    confidence=confidence, agreement=agreement, dispersion=0.1, action=action, n_agents=64,
+                    votes=(0, 0, 10, 40, 14))
+
+
+# ---- ATR -----------------------------------------------------------------------------------------
+
+def test_atr_tracker_matches_talib_and_the_engine_indicator():
+    h, lo, c = (EURUSD[k].to_numpy(dtype=np.float64) for k in ("High", "Low", "Close"))
+    for n in (1, 5, 14):
+        t = AtrTracker(n)
+        got = np.array([t.update(3, H1, a, b, x) for a, b, x in zip(h, lo, c)])
+        ref = talib.ATR(h, lo, c, timeperiod=n)
+        assert np.array_equal(np.isnan(got), np.isnan(ref))
+        m = ~np.isnan(ref)
+        np.testing.assert_allclose(got[m], ref[m], rtol=1e-12, atol=0)
+        # the same arithmetic as the engine's own ATR, bit for bit
+        assert np.array_equal(got[m], dc.indicators.atr(h, lo, c, n)[m])
+
+
+def test_atr_tracker_keeps_streams_apart():
+    h, lo, c = (EURUSD[k].to_numpy(dtype=np.float64)[:300] for k in ("High", "Low", "Close"))
+    t = AtrTracker(14)
+    bars = np.zeros(600, dtype=dc.BAR_DTYPE)
+    bars["instrument"] = np.tile([1, 2], 300)
+    bars["timeframe"] = H1
+    bars["high"] = np.repeat(h, 2) * np.tile([1.0, 2.0], 300)
+    bars["low"] = np.repeat(lo, 2) * np.tile([1.0, 2.0], 300)
+    bars["close"] = np.repeat(c, 2) * np.tile([1.0, 2.0], 300)
+    t.update_bars(bars)
+    ref = talib.ATR(h, lo, c, timeperiod=14)[-1]
+    assert t.value(1, H1) == pytest.approx(ref, rel=1e-12)
+    assert t.value(2, H1) == pytest.approx(2 * ref, rel=1e-12)
+    assert math.isnan(t.value(3, H1))
+
+
+# ---- plans ---------------------------------------------------------------------------------------
+
+def test_plan_eurusd_buy_by_hand():
+    # risk 0.5% of 100,000 = 500 USD; stop 2 x ATR 0.0020 = 0.0040 below 1.1000;
+    # one lot loses 0.0040 x 100,000 = 400 USD at the stop -> 1.25 lots
+    p = make_plan(signal(), entry=1.1000, atr=0.0020, equity=100_000.0)
+    assert p is not None
+    assert p.direction == 1 and p.action == 1
+    assert p.stop == pytest.approx(1.0960, abs=1e-12)
+    assert p.targets == pytest.approx((1.1000 + 1.5 * 0.004, 1.1000 + 3.0 * 0.004), abs=1e-12)
+    assert p.size == 1.25
+    assert p.risk_amount == pytest.approx(500.0)
+    assert p.valid_until == T0 + H1 * 1_000_000_000
+    assert p.signal_id == f"{0xABC:016x}:7"
+    assert p.confidence == 0.8 and p.agreement == 0.7
+
+
+def test_plan_sell_and_other_contracts_by_hand():
+    # USDJPY: quote JPY -> USD at 1/150; stop 2 x 0.5 = 1.0 yen; a lot loses 100,000 yen = 666.67 USD
+    p = make_plan(signal("USDJPY", -2), entry=150.0, atr=0.5, equity=100_000.0)
+    assert p.direction == -1 and p.stop == 151.0
+    assert p.size == 0.75  # 500 / 666.67 = 0.75
+    assert p.targets[0] == pytest.approx(150.0 - 1.5)
+    # XAUUSD: 100 oz a lot; stop 10 USD away -> 1,000 USD a lot -> 0.5 lots
+    p = make_plan(signal("XAUUSD"), entry=2000.0, atr=5.0, equity=100_000.0)
+    assert p.size == 0.5
+    # GOOG: whole shares; stop 4 USD away -> 125 shares
+    p = make_plan(signal("GOOG"), entry=100.0, atr=2.0, equity=100_000.0)
+    assert p.size == 125.0
+    # rounding is down: 500 / (0.0041 x 100,000) = 1.2195 -> 1.21 lots
+    p = make_plan(signal(), entry=1.1, atr=0.00205, equity=100_000.0)
+    assert p.size == 1.21
+
+
+def test_no_plan_for_hold_weak_unwarm_or_undersized():
+    assert make_plan(signal(action=0), entry=1.1, atr=0.002, equity=1e5) is None
+    assert make_plan(signal(action=1), entry=1.1, atr=0.002, equity=1e5, config=PlanConfig(min_action=2)) is None
+    assert make_plan(signal(action=2), entry=1.1, atr=0.002, equity=1e5, config=PlanConfig(min_action=2)) is not None
+    assert make_plan(signal(), entry=1.1, atr=math.nan, equity=1e5) is None
+    assert make_plan(signal(), entry=1.1, atr=0.0, equity=1e5) is None
+    # 100 USD x 0.5% = 0.5 USD of risk buys 0.00125 lots, under the 0.01 minimum
+    assert make_plan(signal(), entry=1.1, atr=0.002, equity=100.0) is None
+    # EURJPY needs a JPY->USD rate: none known -> no plan; with USDJPY known -> a plan
+    assert make_plan(signal("EURJPY"), entry=160.0, atr=0.5, equity=1e5) is None
+    p = make_plan(signal("EURJPY"), entry=160.0, atr=0.5, equity=1e5, prices={"USDJPY": 150.0})
+    assert p.size == 0.75
+
+
+def test_plan_id_is_deterministic_and_depends_on_terms():
+    a = make_plan(signal(), entry=1.1, atr=0.002, equity=1e5)
+    b = make_plan(signal(), entry=1.1, atr=0.002, equity=1e5)
+    assert a.plan_id == b.plan_id and len(a.plan_id) == 16
+    assert make_plan(signal(), entry=1.1, atr=0.002, equity=2e5).plan_id != a.plan_id  # size differs
+    assert make_plan(signal(seq=8), entry=1.1, atr=0.002, equity=1e5).plan_id != a.plan_id
+    # a SIGNAL_DTYPE record makes the same plan as its AISignal
+    rec = dc.payloads.signals_to_records([signal()])[0]
+    assert make_plan(rec, entry=1.1, atr=0.002, equity=1e5) == a
+    # and plans survive the wire
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(a), type=TradingPlan) == a
+
+
+def test_specs_round_and_convert():
+    s = instrument_spec("EURUSD")
+    assert s.round_lots(1.239999) == 1.23 and s.round_lots(0.009) == 0.0 and s.round_lots(1e9) == 100.0
+    assert instrument_spec("NZDCAD").quote == "CAD"
+    assert instrument_spec("ACME").contract_size == 1.0
+    assert quote_to_account(instrument_spec("USDJPY"), 150.0) == pytest.approx(1 / 150)
+    assert quote_to_account(instrument_spec("EURGBP"), 0.85, prices={"GBPUSD": 1.25}) == 1.25
+    with pytest.raises(KeyError):
+        quote_to_account(instrument_spec("EURGBP"), 0.85)
+
+
+# ---- governor ------------------------------------------------------------------------------------
+
+def plan_of(instrument="EURUSD", direction=1, size=1.0, *, entry=1.1, ts=T0, confidence=0.8, agreement=0.7,
+            agreeing=0, valid_bars=1):
+    return TradingPlan(plan_id=f"p{instrument}{direction}{size}", signal_id="s", instrument=instrument, timeframe=H1,
+                       ts=ts, seq=1, direction=direction, action=direction, entry=entry,
+                       stop=entry - direction * 0.004 * entry, targets=(entry + direction * 0.006 * entry,),
+                       size=size, risk_amount=100.0 * size, valid_until=ts + valid_bars * H1 * 10**9,
+                       confidence=confidence, agreement=agreement, providers_agreeing=agreeing)
+
+
+def gov(**kw):
+    g = RiskGovernor(RiskLimits(**kw), equity=100_000.0)
+    g.mark(T0, 100_000.0)
+    return g
+
+
+def pf(positions=None, prices=None, equity=100_000.0):
+    px = {"EURUSD": 1.1, "GBPUSD": 1.25, "EURGBP": 0.85, "USDJPY": 150.0}
+    px.update(prices or {})
+    return Portfolio(equity=equity, positions=dict(positions or {}), prices=px)
+
+
+def test_approved_plan_passes_unchanged():
+    d = gov().evaluate(plan_of(), pf())
+    assert d.verdict == "APPROVED" and d.reasons == () and d.plan == plan_of() and d.original_size == 1.0
+
+
+@pytest.mark.parametrize("kw, plan_kw, reason", [
+    ({"min_confidence": 0.9}, {}, "min_confidence"),
+    ({"min_agreement": 0.75}, {}, "min_agreement"),
+    ({"min_providers_agree": 2}, {"agreeing": 1}, "min_providers_agree"),
+])
+def test_guardrails_reject_with_reason_and_numbers(kw, plan_kw, reason):
+    d = gov(**kw).evaluate(plan_of(**plan_kw), pf())
+    assert d.verdict == "REJECTED" and d.reasons == (reason,)
+    assert set(d.detail) == {reason + ".limit", reason + ".value"}
+    # the same plan passes when the guardrail is met
+    ok = {"min_confidence": {"confidence": 0.95}, "min_agreement": {"agreement": 0.8},
+          "min_providers_agree": {"agreeing": 2}}[reason]
+    assert gov(**kw).evaluate(plan_of(**ok), pf()).verdict == "APPROVED"
+
+
+def test_providers_agreeing_can_be_supplied_at_evaluation():
+    g = gov(min_providers_agree=1)
+    assert g.evaluate(plan_of(), pf()).verdict == "REJECTED"
+    assert g.evaluate(plan_of(), pf(), providers_agreeing=1).verdict == "APPROVED"
+
+
+def test_position_open_and_max_open_positions():
+    g = gov(max_open_positions=2)
+    d = g.evaluate(plan_of(direction=1), pf({"EURUSD": 1.0}))
+    assert d.reasons == ("position_open",)
+    # the opposite direction closes it and is allowed
+    assert g.evaluate(plan_of(direction=-1), pf({"EURUSD": 1.0})).verdict == "APPROVED"
+    assert gov(allow_pyramiding=True).evaluate(plan_of(), pf({"EURUSD": 1.0})).verdict == "APPROVED"
+    d = g.evaluate(plan_of(), pf({"GBPUSD": 1.0, "USDJPY": -1.0}))
+    assert d.reasons == ("max_open_positions",) and d.detail["max_open_positions.value"] == 3
+    assert g.evaluate(plan_of(), pf({"GBPUSD": 1.0})).verdict == "APPROVED"
+
+
+def test_instrument_leverage_resizes_down_to_the_lot_step():
+    # 10 x 100,000 = 1,000,000 USD of EURUSD at 1.1 is 9.0909 lots -> 9.09
+    d = gov(max_instrument_leverage=10.0, max_leverage=0, max_currency_leverage=0).evaluate(plan_of(size=12.0), pf())
+    assert d.verdict == "MODIFIED" and d.reasons == ("resized_instrument",)
+    assert d.plan.size == 9.09 and d.original_size == 12.0
+    assert d.plan.risk_amount == pytest.approx(1200.0 * 9.09 / 12.0)
+    assert d.plan.plan_id == d.plan_id  # same plan, resized
+    assert d.detail["resized_instrument.value"] == pytest.approx(12 * 110_000 / 100_000)
+    # an opposite plan nets against the held position: |5 - 12| = 7 lots fits
+    d = gov(max_instrument_leverage=10.0).evaluate(plan_of(direction=-1, size=12.0), pf({"EURUSD": 5.0}))
+    assert d.verdict == "APPROVED"
+
+
+def test_gross_leverage_counts_other_positions():
+    # GBPUSD 10 lots at 1.25 = 1,250,000; USDJPY -5 lots = 500,000 (USD base: 100,000 x 150 / 150)
+    # room under 20 x 100,000 = 2,000,000 - 1,750,000 = 250,000 -> 2.2727 EURUSD lots -> 2.27
+    g = gov(max_leverage=20.0, max_instrument_leverage=0, max_currency_leverage=0, max_open_positions=0)
+    d = g.evaluate(plan_of(size=5.0), pf({"GBPUSD": 10.0, "USDJPY": -5.0}))
+    assert d.verdict == "MODIFIED" and d.reasons == ("resized_leverage",) and d.plan.size == 2.27
+
+
+def test_currency_exposure_resizes_and_ignores_the_account_currency():
+    # EURGBP 2 lots: notional 2 x 100,000 x 0.85 x 1.25 (GBP->USD) = 212,500 long EUR, short GBP.
+    # EURUSD adds 110,000 EUR a lot; the EUR limit 5 x 100,000 leaves 287,500 -> 2.6136 -> 2.61 lots
+    g = gov(max_currency_leverage=5.0, max_instrument_leverage=0, max_leverage=0)
+    d = g.evaluate(plan_of(size=5.0), pf({"EURGBP": 2.0}))
+    assert d.verdict == "MODIFIED" and d.reasons == ("resized_currency",) and d.plan.size == 2.61
+    assert "resized_currency.EUR.value" in d.detail
+    # selling EURUSD reduces EUR exposure: no resize
+    assert g.evaluate(plan_of(direction=-1, size=5.0), pf({"EURGBP": 2.0})).verdict == "APPROVED"
+
+
+def test_resize_below_min_lot_rejects():
+    d = gov(max_instrument_leverage=0.05).evaluate(plan_of(size=1.0), pf())  # 5,000 USD = 0.045 lots
+    assert d.verdict == "MODIFIED" and d.plan.size == 0.04
+    d = gov(max_instrument_leverage=0.005).evaluate(plan_of(size=1.0), pf())  # 0.0045 lots
+    assert d.verdict == "REJECTED" and d.reasons == ("resized_instrument", "below_min_lot")
+
+
+def test_daily_loss_limit_lifts_the_next_day():
+    g = gov(daily_loss_pct=3.0)
+    g.mark(T0 + 3600 * 10**9, 96_900.0)  # 3.1% down on the day
+    d = g.evaluate(plan_of(ts=T0 + 3600 * 10**9), pf(equity=96_900.0))
+    assert d.reasons == ("daily_loss_limit",) and d.detail["daily_loss_limit.value"] == pytest.approx(3.1)
+    g.mark(T0 + DAY_NS, 96_900.0)  # a new day opens at this equity
+    assert g.evaluate(plan_of(ts=T0 + DAY_NS), pf(equity=96_900.0)).verdict == "APPROVED"
+
+
+def test_drawdown_breaker_halts_until_reset():
+    g = gov(max_drawdown_pct=15.0, daily_loss_pct=0)
+    g.mark(T0 + 1, 120_000.0)
+    g.mark(T0 + 2, 103_000.0)  # 14.17% below the peak: still trading
+    assert g.evaluate(plan_of(), pf(equity=103_000.0)).verdict == "APPROVED"
+    g.mark(T0 + 3, 101_000.0)  # 15.83%
+    assert g.evaluate(plan_of(), pf(equity=101_000.0)).reasons == ("halted_drawdown",)
+    g.mark(T0 + 4, 119_000.0)  # recovering does not lift it by itself
+    assert g.evaluate(plan_of(), pf(equity=119_000.0)).reasons == ("halted_drawdown",)
+    g.reset_breaker()
+    assert g.evaluate(plan_of(), pf(equity=119_000.0)).verdict == "APPROVED"
+
+
+def test_loss_streak_cooldown_and_a_win_resets():
+    g = gov(loss_streak=3, cooldown_bars=5)
+    t = T0 + 10 * H1 * 10**9
+    g.on_trade_result(-10.0, t - 3, H1)
+    g.on_trade_result(-10.0, t - 2, H1)
+    g.on_trade_result(+5.0, t - 1, H1)  # the streak starts again
+    g.on_trade_result(-10.0, t, H1)
+    g.on_trade_result(-10.0, t, H1)
+    assert g.evaluate(plan_of(ts=t), pf()).verdict == "APPROVED"
+    g.on_trade_result(-10.0, t, H1)  # third in a row: 5 bars of cooldown
+    assert g.evaluate(plan_of(ts=t + 4 * H1 * 10**9), pf()).reasons == ("cooldown",)
+    assert g.evaluate(plan_of(ts=t + 5 * H1 * 10**9), pf()).verdict == "APPROVED"
+
+
+def test_expired_plan_is_rejected():
+    g = gov()
+    g.mark(T0 + 2 * H1 * 10**9, 100_000.0)
+    assert g.evaluate(plan_of(ts=T0), pf()).reasons == ("expired",)
+    assert g.evaluate(plan_of(ts=T0, valid_bars=3), pf()).verdict == "APPROVED"
+
+
+def test_verdicts_are_counted_and_decode():
+    g = gov(min_confidence=0.5)
+    g.evaluate(plan_of(), pf())
+    d = g.evaluate(plan_of(confidence=0.1), pf())
+    assert g.stats()["decisions"] == {"APPROVED": 1, "MODIFIED": 0, "REJECTED": 1}
+    assert g.stats()["reasons"] == {"min_confidence": 1}
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(d), type=PlanDecision) == d
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({**msgspec.to_builtins(d), "verdict": "MAYBE"}, PlanDecision)
+
+
+def test_decision_config_file(tmp_path):
+    f = tmp_path / "d.toml"
+    f.write_text('[plan]\nrisk_pct = 1.0\ntargets_r = [2.0]\n[risk]\nmin_confidence = 0.3\n'
+                 '[instruments.EURUSD]\nmax_lot = 5.0\n[costs]\nspread = 0.0001\n')
+    plan, limits, specs, costs = load_decision_config(str(f))
+    assert plan.risk_pct == 1.0 and plan.targets_r == (2.0,) and limits.min_confidence == 0.3
+    assert specs["EURUSD"].max_lot == 5.0 and specs["EURUSD"].contract_size == 100_000.0
+    assert costs == {"spread": 0.0001}
+    f.write_text("[risk]\nmin_confidence = 2.0\n")
+    with pytest.raises(ValueError, match="min_confidence"):
+        load_decision_config(str(f))
+    f.write_text("[rsik]\n")
+    with pytest.raises(ValueError, match="unknown section"):
+        load_decision_config(str(f))
