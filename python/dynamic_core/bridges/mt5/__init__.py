@@ -1,0 +1,1 @@
+"""MetaTrader 5 bridge over ZeroMQ."""
