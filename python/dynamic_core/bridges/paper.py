@@ -1,0 +1,723 @@
+"""The paper broker: orders and trading plans filled against bars, with costs, netting and
+conservative intrabar rules, so that a backtest and a live paper account behave alike.
+
+Prices
+    Bar prices are mid prices. A buy fills at ``mid + spread/2`` and a sell at ``mid - spread/2``;
+    ``slippage`` moves market fills, stop-order fills and stop-loss exits further against the
+    order, while limit entries and take-profits fill at their price (they are resting orders).
+    Limit and stop entry prices are compared with mid prices (the spread is paid on top);
+    stop-loss and take-profit levels with the side the position exits at (bid for longs, ask for
+    shorts), as a dealer's terminal does.
+
+Events within one bar of an instrument (:meth:`PaperBroker.on_bar`), in this order
+    1. pending orders with ``0 < valid_until < ts`` expire unfilled;
+    2. pending market orders (``fill_market="next_open"``) fill at the bar's open;
+    3. stop orders trigger (buy: ``high >= price``, filled at ``max(price, open)``) and limit
+       orders (buy: ``low <= price``, filled at ``min(price, open)``); sells mirrored; in
+       submission order;
+    4. stop-losses and take-profits of the open legs, FIFO. The path inside a bar is unknown, so
+       the worst case is assumed: when the bar reaches both levels of a leg the stop is taken; a
+       gap through the stop fills at the open (worse than the stop); a gap through the target
+       fills at the target, not at the better open. A leg opened in this bar follows the same
+       rule (it may be stopped in it, and reaches its target in it only when its stop was out
+       of reach), with its own fill standing in for the open: a leg filled beyond its target
+       exits at the price of that moment, not at the worse target;
+    5. the close becomes the instrument's last price and one equity-curve point is appended.
+
+Netting
+    One net position per instrument, kept as FIFO legs. An order in the position's direction
+    adds a leg; an opposite order closes legs first in, first out (each closed leg or part of
+    one is a :class:`ClosedTrade` of THAT leg's plan) and, when larger than the position, opens a
+    reverse leg with the remainder for the new order's plan. A leg keeps the stop-loss and
+    take-profit of the order that opened it.
+
+Accounting
+    Commission is ``commission_per_lot`` per lot per side, charged to the balance when it is
+    paid; a closed trade carries its share of the entry commission and its exit commission.
+    P&L is ``(exit - entry) * direction * lots * contract_size`` converted to the account
+    currency by :func:`~dynamic_core.decision.specs.quote_to_account` at the exit price, with the
+    last prices of all instruments as crosses. ``equity`` is the balance plus the open legs
+    marked at the price they would exit at now (bid for longs, ask for shorts, no slippage or
+    exit commission), so it equals the balance after the legs close at that price.
+
+Idempotency and bad input
+    A ``client_order_id`` once accepted (pending, filled, cancelled or expired) answers
+    ``"duplicate"`` and changes nothing; a rejected one may be sent again, since nothing was
+    executed. Invalid orders are rejected with a reason code, invalid bars (non-finite, high
+    below low, out of order) are ignored and counted, and a raising trade callback is counted
+    in ``stats()["callback_errors"]`` and logged once; none of them raises. Everything is
+    deterministic: the same calls give the same results bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+
+import msgspec
+import numpy as np
+
+from ..decision.specs import InstrumentSpec, instrument_spec, quote_to_account
+from ..instruments import instruments
+from ..payloads import TradingPlan
+
+__all__ = [
+    "EQUITY_DTYPE",
+    "ClosedTrade",
+    "CostModel",
+    "Fill",
+    "Leg",
+    "Order",
+    "OrderResult",
+    "PaperBroker",
+    "Position",
+    "order_from_plan",
+]
+
+log = logging.getLogger("dynamic_core.bridges.paper")
+
+EQUITY_DTYPE = np.dtype([("ts", "<i8"), ("balance", "<f8"), ("equity", "<f8")])
+"""One equity-curve point: bar time (ns), balance and equity in the account currency."""
+
+_ORDER_TYPES = ("market", "limit", "stop")
+_EPS = 1e-9  # lots below this are float dust from subtracting steps, not a position
+
+
+def _lots(x: float) -> float:
+    # Lots live on a decimal grid (0.01 ...); rounding after each subtraction keeps 0.3 - 0.1
+    # from leaving 0.19999999999999998 lots (and a phantom 1e-17 leg) behind.
+    return round(x, 10)
+
+
+class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Trading costs of one instrument.
+
+    Attributes
+    ----------
+    spread : float
+        Full bid-ask spread in price units: buys fill at ``mid + spread/2``, sells at
+        ``mid - spread/2``.
+    slippage : float
+        Price units against the order on market fills, stop-order fills and stop-loss exits
+        (never on limit entries or take-profits).
+    commission_per_lot : float
+        Account currency per lot per side.
+    """
+
+    spread: float = 0.0
+    slippage: float = 0.0
+    commission_per_lot: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("spread", "slippage", "commission_per_lot"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0.0):
+                raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {v!r}")
+
+
+class Order(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An order to the paper broker.
+
+    Attributes
+    ----------
+    client_order_id : str
+        Idempotency key: a second order with an accepted id is answered ``"duplicate"``.
+    instrument : str
+        Instrument name.
+    side : int
+        +1 buy, -1 sell.
+    type : str
+        ``"market"``, ``"limit"`` or ``"stop"``.
+    lots : float
+        Size, a multiple of the instrument's lot step within its limits.
+    price : float
+        Limit price or stop trigger (mid price); unused by market orders.
+    stop_loss, take_profit : float
+        Levels attached to the leg the order opens; 0 means none.
+    valid_until : int
+        A pending order with ``0 < valid_until < bar ts`` expires unfilled; 0 is good till
+        cancelled.
+    plan_id : str
+        The plan the resulting legs and trades are attributed to.
+    ts : int
+        Submission time, ns (used as the fill time of immediate fills when later than the bar).
+    """
+
+    client_order_id: str
+    instrument: str
+    side: int
+    type: str = "market"
+    lots: float
+    price: float = 0.0
+    stop_loss: float = 0.0
+    take_profit: float = 0.0
+    valid_until: int = 0
+    plan_id: str = ""
+    ts: int = 0
+
+
+class Fill(msgspec.Struct, frozen=True, kw_only=True):
+    """One execution. An order's execution is one fill (``kind`` ``"entry"`` when it only opens
+    or adds, ``"close"`` when it only reduces, ``"reverse"`` when it does both); exits the broker
+    makes (``"stop_loss"``, ``"take_profit"``, ``"close"``, ``"flatten"``) are one fill per leg,
+    carrying the leg's ``client_order_id`` and ``plan_id``."""
+
+    client_order_id: str
+    plan_id: str
+    instrument: str
+    side: int
+    lots: float
+    price: float
+    commission: float
+    ts: int
+    kind: str
+
+
+class OrderResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The broker's answer to :meth:`PaperBroker.submit`: ``status`` is ``"accepted"``
+    (pending), ``"filled"``, ``"duplicate"`` or ``"rejected"`` (with a ``reason`` code)."""
+
+    client_order_id: str
+    status: str
+    reason: str = ""
+    fills: tuple[Fill, ...] = ()
+
+
+class ClosedTrade(msgspec.Struct, frozen=True, kw_only=True):
+    """A leg, or part of one, opened and closed. Money is in the account currency; ``pnl`` is
+    net of ``commission`` (the entry share and the exit); ``r_multiple`` is ``pnl`` over the loss
+    at the leg's stop-loss for these lots (NaN without a stop)."""
+
+    plan_id: str
+    instrument: str
+    direction: int
+    lots: float
+    entry_ts: int
+    entry_price: float
+    exit_ts: int
+    exit_price: float
+    exit_reason: str
+    gross_pnl: float
+    commission: float
+    pnl: float
+    r_multiple: float
+    client_order_id: str = ""
+
+
+class Leg(msgspec.Struct, kw_only=True):
+    """One open leg of a position (``commission`` is the entry commission not yet attributed to
+    a closed trade)."""
+
+    client_order_id: str
+    plan_id: str
+    direction: int
+    lots: float
+    price: float
+    ts: int
+    stop_loss: float = 0.0
+    take_profit: float = 0.0
+    commission: float = 0.0
+
+
+class Position(msgspec.Struct, kw_only=True):
+    """The net position of one instrument: signed ``lots``, lots-weighted ``avg_price`` and the
+    open legs, oldest first."""
+
+    instrument: str
+    lots: float
+    avg_price: float
+    legs: list[Leg]
+
+
+def order_from_plan(plan: TradingPlan, *, client_order_id: str | None = None, type: str = "market") -> Order:
+    """The order that executes ``plan``: its direction, size, stop, first target and validity;
+    a limit or stop order rests at ``plan.entry``. ``client_order_id`` defaults to the plan id,
+    so resubmitting a plan is idempotent."""
+    return Order(
+        client_order_id=plan.plan_id if client_order_id is None else client_order_id,
+        instrument=plan.instrument,
+        side=plan.direction,
+        type=type,
+        lots=plan.size,
+        price=plan.entry if type != "market" else 0.0,
+        stop_loss=plan.stop,
+        take_profit=plan.targets[0] if plan.targets else 0.0,
+        valid_until=plan.valid_until,
+        plan_id=plan.plan_id,
+        ts=plan.ts,
+    )
+
+
+class PaperBroker:
+    """A deterministic simulated account that fills :class:`Order` s against bars.
+
+    Parameters
+    ----------
+    equity : float
+        Starting balance in the account currency.
+    account : str
+        Account currency.
+    costs : CostModel or Mapping[str, CostModel], optional
+        One model for all instruments, or one per instrument name with ``"*"`` as the default.
+    specs : Mapping[str, InstrumentSpec], optional
+        Contract overrides; other instruments use :func:`instrument_spec`.
+    fill_market : str
+        ``"next_open"`` (backtests: market orders fill at the open of the instrument's next bar)
+        or ``"immediate"`` (a terminal: at the last close, rejected ``"no_price"`` before the
+        instrument's first bar).
+    """
+
+    def __init__(self, *, equity: float = 100_000.0, account: str = "USD",
+                 costs: CostModel | Mapping[str, CostModel] | None = None,
+                 specs: Mapping[str, InstrumentSpec] | None = None,
+                 fill_market: str = "next_open") -> None:
+        if fill_market not in ("next_open", "immediate"):
+            raise ValueError(f"fill_market must be 'next_open' or 'immediate', got {fill_market!r}")
+        if not (math.isfinite(equity) and equity > 0):
+            raise ValueError(f"equity must be finite and > 0, got {equity!r}")
+        self._initial = float(equity)
+        self._balance = float(equity)
+        self._account = account
+        self._costs = costs if costs is not None else CostModel()
+        self._overrides = dict(specs or {})
+        self._fill_market = fill_market
+        self._spec_cache: dict[str, InstrumentSpec] = {}
+        self._status: dict[str, str] = {}
+        self._pending: dict[str, Order] = {}  # insertion order = submission order
+        self._legs: dict[str, list[Leg]] = {}
+        self._prices: dict[str, float] = {}  # last close (mid) per instrument: marks and crosses
+        self._last_ts: dict[str, int] = {}
+        self._clock = 0  # latest bar time seen on any instrument
+        self._curve: list[tuple[int, float, float]] = []
+        self._trades: list[ClosedTrade] = []
+        self._fills: list[Fill] = []
+        self._callbacks: list[Callable[[ClosedTrade], object]] = []
+        self._rejects: dict[str, int] = {}
+        self._ignored: dict[str, int] = {}
+        self._callback_errors = 0
+        self._conversion_errors = 0
+        self._commission = 0.0
+        self._names: dict[int, str] = {}
+
+    # ----------------------------------------------------------------------------- lookups
+    def _spec(self, instrument: str) -> InstrumentSpec:
+        spec = self._spec_cache.get(instrument)
+        if spec is None:
+            spec = self._spec_cache[instrument] = instrument_spec(instrument, self._overrides)
+        return spec
+
+    def _cost(self, instrument: str) -> CostModel:
+        if isinstance(self._costs, CostModel):
+            return self._costs
+        return self._costs.get(instrument) or self._costs.get("*") or CostModel()
+
+    def _has_route(self, spec: InstrumentSpec) -> bool:
+        a, q = self._account, spec.quote
+        return q == a or spec.base == a or bool(self._prices.get(q + a)) or bool(self._prices.get(a + q))
+
+    def _conv(self, spec: InstrumentSpec, price: float) -> float:
+        try:
+            return quote_to_account(spec, price, self._account, self._prices)
+        except (KeyError, ZeroDivisionError):
+            # Orders without a route are rejected at submission and prices are never forgotten,
+            # so this needs a zero price; count it rather than take the account down.
+            if self._conversion_errors == 0:
+                log.error("no conversion of %s to %s at %r; P&L taken 1:1", spec.quote, self._account, price)
+            self._conversion_errors += 1
+            return 1.0
+
+    # ----------------------------------------------------------------------------- orders
+    def submit(self, order: Order) -> OrderResult:
+        """Validate ``order`` and accept it (pending) or, for a market order with
+        ``fill_market="immediate"``, fill it now. Never raises for a bad order: rejection reasons
+        are ``bad_order``, ``bad_side``, ``bad_type``, ``bad_size``, ``bad_price``, ``bad_stops``,
+        ``expired``, ``no_conversion`` and ``no_price``."""
+        cid = getattr(order, "client_order_id", None)
+        if not isinstance(cid, str) or not cid:
+            return self._reject("", "bad_order")
+        if self._status.get(cid, "rejected") != "rejected":
+            return OrderResult(client_order_id=cid, status="duplicate")
+        try:
+            reason = self._validate(order)
+        except (TypeError, ValueError, OverflowError):
+            reason = "bad_order"
+        if reason:
+            return self._reject(cid, reason)
+        if order.type == "market" and self._fill_market == "immediate":
+            cost = self._cost(order.instrument)
+            px = self._prices[order.instrument] + order.side * (cost.spread / 2 + cost.slippage)
+            ts = max(int(order.ts), self._last_ts[order.instrument])
+            fill = self._execute(order, px, ts, None)
+            self._status[cid] = "filled"
+            return OrderResult(client_order_id=cid, status="filled", fills=(fill,))
+        self._status[cid] = "pending"
+        self._pending[cid] = order
+        return OrderResult(client_order_id=cid, status="accepted")
+
+    def _validate(self, order: Order) -> str:
+        if not isinstance(order, Order) or not isinstance(order.instrument, str) or not order.instrument:
+            return "bad_order"
+        if order.side not in (1, -1):
+            return "bad_side"
+        if order.type not in _ORDER_TYPES:
+            return "bad_type"
+        spec = self._spec(order.instrument)
+        lots = float(order.lots)
+        if not (math.isfinite(lots) and lots > 0.0) or abs(spec.round_lots(lots) - lots) > _EPS:
+            return "bad_size"
+        price, sl, tp = float(order.price), float(order.stop_loss), float(order.take_profit)
+        int(order.ts), int(order.valid_until)  # raise (-> bad_order) on non-integers
+        if order.type != "market" and not (math.isfinite(price) and price > 0.0):
+            return "bad_price"
+        if not (math.isfinite(sl) and sl >= 0.0 and math.isfinite(tp) and tp >= 0.0):
+            return "bad_stops"
+        if order.type == "market":
+            last = self._prices.get(order.instrument)
+            ref = None if last is None else last + order.side * self._cost(order.instrument).spread / 2
+        else:
+            ref = price
+        if ref is not None:
+            d = order.side
+            if (sl and (sl - ref) * d >= 0.0) or (tp and (tp - ref) * d <= 0.0):
+                return "bad_stops"
+        if 0 < int(order.valid_until) < self._clock:
+            return "expired"
+        if not self._has_route(spec):
+            return "no_conversion"
+        if order.type == "market" and self._fill_market == "immediate" and order.instrument not in self._prices:
+            return "no_price"
+        return ""
+
+    def _reject(self, cid: str, reason: str) -> OrderResult:
+        self._rejects[reason] = self._rejects.get(reason, 0) + 1
+        if cid:  # only ever a new or a previously rejected id: accepted ids are duplicates
+            self._status[cid] = "rejected"
+        return OrderResult(client_order_id=cid, status="rejected", reason=reason)
+
+    def submit_plan(self, plan: TradingPlan, **kw: object) -> OrderResult:
+        """:meth:`submit` the order of :func:`order_from_plan` (``kw`` goes to it)."""
+        return self.submit(order_from_plan(plan, **kw))  # type: ignore[arg-type]
+
+    def cancel(self, client_order_id: str) -> bool:
+        """Cancel a pending order; False when it is not pending (unknown, filled, expired)."""
+        if self._pending.pop(client_order_id, None) is None:
+            return False
+        self._status[client_order_id] = "cancelled"
+        return True
+
+    def pending(self) -> list[Order]:
+        """Pending orders in submission order."""
+        return list(self._pending.values())
+
+    def order_status(self, client_order_id: str) -> str | None:
+        """``"pending"``, ``"filled"``, ``"cancelled"``, ``"expired"``, ``"rejected"`` or None."""
+        return self._status.get(client_order_id)
+
+    # ----------------------------------------------------------------------------- execution
+    def _execute(self, order: Order, px: float, ts: int, refs: dict[int, tuple[Leg, float]] | None,
+                 ref_mid: float = 0.0) -> Fill:
+        """Fill all of ``order`` at ``px``: close opposite legs FIFO, open a leg with the rest."""
+        name, side = order.instrument, order.side
+        spec, cost = self._spec(name), self._cost(name)
+        legs = self._legs.setdefault(name, [])
+        held = _lots(sum(leg.lots for leg in legs))
+        opposite = bool(legs) and legs[0].direction != side
+        remaining = _lots(float(order.lots))
+        reverses = opposite and remaining > held + _EPS
+        commission = 0.0
+        while opposite and legs and remaining > _EPS:
+            leg = legs[0]
+            q = min(remaining, leg.lots)
+            commission += self._close_part(name, spec, cost, leg, q, px, ts, "reverse" if reverses else "close")
+            remaining = _lots(remaining - q)
+            if leg.lots <= _EPS:
+                legs.pop(0)
+        if remaining > _EPS:
+            entry_comm = cost.commission_per_lot * remaining
+            leg = Leg(client_order_id=order.client_order_id, plan_id=order.plan_id, direction=side,
+                      lots=remaining, price=px, ts=ts, stop_loss=float(order.stop_loss),
+                      take_profit=float(order.take_profit), commission=entry_comm)
+            legs.append(leg)
+            self._balance -= entry_comm
+            self._commission += entry_comm
+            commission += entry_comm
+            if refs is not None:
+                refs[id(leg)] = (leg, ref_mid)
+        if not legs:
+            del self._legs[name]
+        kind = "reverse" if reverses else ("close" if opposite else "entry")
+        fill = Fill(client_order_id=order.client_order_id, plan_id=order.plan_id, instrument=name, side=side,
+                    lots=_lots(float(order.lots)), price=px, commission=commission, ts=ts, kind=kind)
+        self._fills.append(fill)
+        return fill
+
+    def _close_part(self, name: str, spec: InstrumentSpec, cost: CostModel, leg: Leg, q: float, px: float,
+                    ts: int, reason: str) -> float:
+        """Close ``q`` lots of ``leg`` at ``px``; book and publish the trade; return the exit
+        commission. The caller removes the leg once it is empty."""
+        scale = leg.direction * q * spec.contract_size
+        gross = (px - leg.price) * scale * self._conv(spec, px)
+        exit_comm = cost.commission_per_lot * q
+        entry_comm = leg.commission if q >= leg.lots else leg.commission * (q / leg.lots)
+        total_comm = entry_comm + exit_comm
+        pnl = gross - total_comm
+        risk = 0.0
+        if leg.stop_loss > 0.0:
+            risk = abs((leg.price - leg.stop_loss) * scale * self._conv(spec, leg.stop_loss))
+        self._balance += gross - exit_comm
+        self._commission += exit_comm
+        leg.lots = _lots(leg.lots - q)
+        leg.commission -= entry_comm
+        self._emit(ClosedTrade(
+            plan_id=leg.plan_id, instrument=name, direction=leg.direction, lots=q, entry_ts=leg.ts,
+            entry_price=leg.price, exit_ts=ts, exit_price=px, exit_reason=reason, gross_pnl=gross,
+            commission=total_comm, pnl=pnl, r_multiple=pnl / risk if risk > 0.0 else math.nan,
+            client_order_id=leg.client_order_id))
+        return exit_comm
+
+    def _exit_leg(self, name: str, leg: Leg, q: float, px: float, ts: int, kind: str) -> Fill:
+        spec, cost = self._spec(name), self._cost(name)
+        comm = self._close_part(name, spec, cost, leg, q, px, ts, kind)
+        fill = Fill(client_order_id=leg.client_order_id, plan_id=leg.plan_id, instrument=name,
+                    side=-leg.direction, lots=q, price=px, commission=comm, ts=ts, kind=kind)
+        self._fills.append(fill)
+        return fill
+
+    def _emit(self, trade: ClosedTrade) -> None:
+        self._trades.append(trade)
+        for cb in self._callbacks:
+            try:
+                cb(trade)
+            except Exception:
+                # The broker's books are already final here; a subscriber's bug must not undo
+                # them or stop the other subscribers.
+                if self._callback_errors == 0:
+                    log.exception("on_trade callback %r raised (further errors only counted)", cb)
+                self._callback_errors += 1
+
+    def on_trade(self, callback: Callable[[ClosedTrade], object]) -> None:
+        """Call ``callback(trade)`` for every :class:`ClosedTrade`, in order, as it closes."""
+        self._callbacks.append(callback)
+
+    # ----------------------------------------------------------------------------- bars
+    def _ignore(self, reason: str) -> list[Fill]:
+        self._ignored[reason] = self._ignored.get(reason, 0) + 1
+        return []
+
+    def on_bar(self, instrument: str, ts: int, open: float, high: float, low: float,
+               close: float) -> list[Fill]:
+        """Process one bar of ``instrument`` (events in the order of the module docstring) and
+        return the fills it caused. Invalid bars are ignored and counted in
+        ``stats()["ignored_bars"]``: ``non_finite``, ``bad_range``, ``out_of_order``,
+        ``bad_bar``."""
+        try:
+            ts, o, h, lo, c = int(ts), float(open), float(high), float(low), float(close)
+        except (TypeError, ValueError, OverflowError):
+            return self._ignore("bad_bar")
+        if not isinstance(instrument, str) or not instrument:
+            return self._ignore("bad_bar")
+        if not (math.isfinite(o) and math.isfinite(h) and math.isfinite(lo) and math.isfinite(c)):
+            return self._ignore("non_finite")
+        if h < max(o, c, lo) or lo > min(o, c):
+            return self._ignore("bad_range")
+        if ts <= self._last_ts.get(instrument, -(2**63)):
+            return self._ignore("out_of_order")
+        self._last_ts[instrument] = ts
+        self._clock = max(self._clock, ts)
+        cost = self._cost(instrument)
+        hs, slip = cost.spread / 2, cost.slippage
+        fills: list[Fill] = []
+        refs: dict[int, tuple[Leg, float]] = {}
+        mine = [od for od in self._pending.values() if od.instrument == instrument]
+        for od in mine:  # (1) expiry
+            if 0 < od.valid_until < ts:
+                del self._pending[od.client_order_id]
+                self._status[od.client_order_id] = "expired"
+        mine = [od for od in mine if od.client_order_id in self._pending]
+        for od in mine:  # (2) market orders at the open
+            if od.type == "market":
+                fills.append(self._fill_pending(od, o + od.side * (hs + slip), ts, refs, o))
+        for od in mine:  # (3) stop and limit orders
+            d, p = od.side, od.price
+            if od.type == "stop" and (h >= p if d > 0 else lo <= p):
+                mid = max(p, o) if d > 0 else min(p, o)
+                fills.append(self._fill_pending(od, mid + d * (hs + slip), ts, refs, mid))
+            elif od.type == "limit" and (lo <= p if d > 0 else h >= p):
+                mid = min(p, o) if d > 0 else max(p, o)
+                fills.append(self._fill_pending(od, mid + d * hs, ts, refs, mid))
+        fills += self._exits(instrument, ts, o, h, lo, hs, slip, refs)  # (4)
+        self._prices[instrument] = c  # (5)
+        self._curve.append((ts, self._balance, self.equity))
+        return fills
+
+    def _fill_pending(self, od: Order, px: float, ts: int, refs: dict[int, tuple[Leg, float]],
+                      ref_mid: float) -> Fill:
+        del self._pending[od.client_order_id]
+        self._status[od.client_order_id] = "filled"
+        return self._execute(od, px, ts, refs, ref_mid)
+
+    def _exits(self, name: str, ts: int, o: float, h: float, lo: float, hs: float, slip: float,
+               refs: dict[int, tuple[Leg, float]]) -> list[Fill]:
+        fills: list[Fill] = []
+        keep: list[Leg] = []
+        for leg in self._legs.get(name, ()):
+            d, sl, tp = leg.direction, leg.stop_loss, leg.take_profit
+            new = id(leg) in refs
+            ref = refs[id(leg)][1] if new else o  # the leg exists from its fill on
+            # The side the leg exits at: bid (mid - hs) for longs, ask for shorts.
+            worst, best, now = (lo - hs, h - hs, ref - hs) if d > 0 else (h + hs, lo + hs, ref + hs)
+            if sl > 0.0 and (worst - sl) * d <= 0.0:
+                px = (min(sl, now) if d > 0 else max(sl, now)) - d * slip
+                fills.append(self._exit_leg(name, leg, leg.lots, px, ts, "stop_loss"))
+            elif tp > 0.0 and (best - tp) * d >= 0.0:
+                px = (max(tp, now) if d > 0 else min(tp, now)) if new else tp
+                fills.append(self._exit_leg(name, leg, leg.lots, px, ts, "take_profit"))
+            else:
+                keep.append(leg)
+        if keep:
+            self._legs[name] = keep
+        else:
+            self._legs.pop(name, None)
+        return fills
+
+    def on_bars(self, bars: np.ndarray) -> list[Fill]:
+        """:meth:`on_bar` for each row of a ``BAR_DTYPE`` array, in order; rows of unknown
+        instrument ids are ignored and counted (``unknown_instrument``)."""
+        fills: list[Fill] = []
+        for ts, iid, o, h, lo, c in zip(bars["ts"].tolist(), bars["instrument"].tolist(), bars["open"].tolist(),
+                                        bars["high"].tolist(), bars["low"].tolist(), bars["close"].tolist(),
+                                        strict=True):
+            name = self._names.get(iid)
+            if name is None:
+                try:
+                    name = self._names[iid] = instruments.name(iid)
+                except KeyError:
+                    self._ignore("unknown_instrument")
+                    continue
+            fills += self.on_bar(name, ts, o, h, lo, c)
+        return fills
+
+    # ----------------------------------------------------------------------------- closing
+    def close(self, instrument: str, *, lots: float | None = None, reason: str = "close") -> list[Fill]:
+        """Close ``lots`` (default all, rounded down to the lot step) of the position FIFO at the
+        last close, exit side (bid for longs, ask for shorts) minus slippage; ``reason`` is the
+        fills' kind and the trades' exit reason. Nothing happens without a position."""
+        legs = self._legs.get(instrument)
+        if not legs:
+            return []
+        held = _lots(sum(leg.lots for leg in legs))
+        try:
+            q_left = held if lots is None else self._spec(instrument).round_lots(min(float(lots), held))
+        except (TypeError, ValueError, OverflowError):
+            return []
+        if not q_left > 0.0:
+            return []
+        cost = self._cost(instrument)
+        d = legs[0].direction
+        px = self._prices[instrument] - d * (cost.spread / 2 + cost.slippage)
+        ts = self._last_ts[instrument]
+        fills: list[Fill] = []
+        while legs and q_left > _EPS:
+            leg = legs[0]
+            q = min(q_left, leg.lots)
+            fills.append(self._exit_leg(instrument, leg, q, px, ts, reason))
+            q_left = _lots(q_left - q)
+            if leg.lots <= _EPS:
+                legs.pop(0)
+        if not legs:
+            del self._legs[instrument]
+        return fills
+
+    def flatten(self, *, reason: str = "flatten") -> list[Fill]:
+        """Cancel every pending order and close every position (instruments in name order)."""
+        for cid in list(self._pending):
+            self.cancel(cid)
+        fills: list[Fill] = []
+        for name in sorted(self._legs):
+            fills += self.close(name, reason=reason)
+        return fills
+
+    # ----------------------------------------------------------------------------- state
+    @property
+    def balance(self) -> float:
+        """Realised account value: initial equity plus closed P&L minus commission paid."""
+        return self._balance
+
+    @property
+    def equity(self) -> float:
+        """Balance plus open legs marked at their exit side of the last close (bid for longs,
+        ask for shorts; no slippage or exit commission)."""
+        value = self._balance
+        for name, legs in self._legs.items():
+            spec = self._spec(name)
+            mark = self._prices.get(name)
+            if mark is None:  # filled immediately before any bar: impossible; defensive
+                continue
+            mark -= legs[0].direction * self._cost(name).spread / 2
+            conv = self._conv(spec, mark)
+            for leg in legs:
+                value += (mark - leg.price) * leg.direction * leg.lots * spec.contract_size * conv
+        return value
+
+    def positions(self) -> dict[str, Position]:
+        """Open positions by instrument (copies: changing them changes nothing here)."""
+        out: dict[str, Position] = {}
+        for name, legs in self._legs.items():
+            lots = sum(leg.lots for leg in legs)
+            avg = sum(leg.lots * leg.price for leg in legs) / lots
+            out[name] = Position(instrument=name, lots=_lots(legs[0].direction * lots), avg_price=avg,
+                                 legs=[msgspec.structs.replace(leg) for leg in legs])
+        return out
+
+    @property
+    def trades(self) -> list[ClosedTrade]:
+        """Closed trades in closing order (a copy)."""
+        return list(self._trades)
+
+    @property
+    def fills(self) -> list[Fill]:
+        """All fills in execution order (a copy)."""
+        return list(self._fills)
+
+    def equity_curve(self) -> np.ndarray:
+        """One :data:`EQUITY_DTYPE` point per accepted bar, after that bar's events."""
+        return np.array(self._curve, dtype=EQUITY_DTYPE)
+
+    def stats(self) -> dict[str, object]:
+        """Summary: trade counts, P&L, commission, drawdown, profit factor and error counters.
+
+        ``max_drawdown`` is the largest fall of the equity curve from its running peak (account
+        currency), ``max_drawdown_pct`` the largest such fall relative to the peak;
+        ``profit_factor`` is the sum of winning net P&L over the sum of losing net P&L (inf
+        without losses, NaN without trades).
+        """
+        pnl = [t.pnl for t in self._trades]
+        won = math.fsum(p for p in pnl if p > 0.0)
+        lost = -math.fsum(p for p in pnl if p < 0.0)
+        eq = np.array([p[2] for p in self._curve], dtype=np.float64)
+        max_dd = max_dd_pct = 0.0
+        if eq.size:
+            peak = np.maximum.accumulate(np.maximum(eq, self._initial))
+            max_dd = float(np.max(peak - eq))
+            max_dd_pct = float(np.max((peak - eq) / peak))
+        wins = sum(p > 0.0 for p in pnl)
+        return {
+            "trades": len(pnl),
+            "wins": wins,
+            "losses": sum(p < 0.0 for p in pnl),
+            "win_rate": wins / len(pnl) if pnl else math.nan,
+            "net_pnl": math.fsum(pnl),
+            "gross_pnl": math.fsum(t.gross_pnl for t in self._trades),
+            "commission": self._commission,
+            "profit_factor": won / lost if lost > 0.0 else (math.inf if won > 0.0 else math.nan),
+            "max_drawdown": max_dd,
+            "max_drawdown_pct": max_dd_pct,
+            "balance": self._balance,
+            "equity": self.equity,
+            "fills": len(self._fills),
+            "rejects": dict(sorted(self._rejects.items())),
+            "ignored_bars": dict(sorted(self._ignored.items())),
+            "callback_errors": self._callback_errors,
+            "conversion_errors": self._conversion_errors,
+        }
