@@ -82,6 +82,8 @@ Lots = Annotated[float, msgspec.Meta(gt=0.0, le=1e9)]
 FilledLots = Annotated[float, msgspec.Meta(ge=0.0, le=1e9)]
 Price = Annotated[float, msgspec.Meta(ge=0.0, le=1e12)]
 Side = Literal["buy", "sell"]
+MaybeSymbol = Annotated[str, msgspec.Meta(max_length=32)]
+MaybeSide = Literal["buy", "sell", ""]
 OrderType = Literal["market", "limit", "stop"]
 Status = Literal["placed", "partial", "filled", "rejected", "expired", "cancelled"]
 
@@ -215,12 +217,13 @@ class ExecReport(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, ta
     ``commission`` the total commission as MT5 reports it (negative: a charge). ``status`` is
     ``placed`` (a limit/stop order resting at the broker), ``partial``, or a final one:
     ``filled``, ``rejected``, ``expired``, ``cancelled``. ``fill_ts`` is the time of the last fill
-    (ms UTC; 0: none)."""
+    (ms UTC; 0: none). ``symbol`` and ``side`` are empty only for the ``cancelled`` report of an
+    order the EA never received."""
 
     client_order_id: ClientOrderId
     status: Status
-    symbol: Symbol
-    side: Side
+    symbol: MaybeSymbol
+    side: MaybeSide
     ticket: Count
     price: Price
     volume: FilledLots

@@ -1,0 +1,115 @@
+"""Plumbing shared by both ends of the bridge: the doorbell, sequence tracking, message stamps."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import zmq
+
+from .protocol import PROTOCOL_VERSION, now_ms
+
+__all__ = ["Doorbell", "SeqTracker", "Stamper", "configure"]
+
+
+class Doorbell:
+    """Wakes a thread blocked in ``zmq.Poller.poll`` from any other thread (an eventfd on Linux,
+    a pipe elsewhere). ``ring`` is one syscall at most, and none while a ring is pending."""
+
+    def __init__(self) -> None:
+        if hasattr(os, "eventfd"):
+            self.rfd = self.wfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:  # pragma: no cover - non-Linux
+            self.rfd, self.wfd = os.pipe()
+            os.set_blocking(self.rfd, False)
+            os.set_blocking(self.wfd, False)
+        self.pending = False
+
+    def ring(self) -> None:
+        if not self.pending:
+            self.pending = True
+            try:
+                os.write(self.wfd, (1).to_bytes(8, sys.byteorder))
+            except OSError:
+                pass
+
+    def clear(self) -> None:
+        try:
+            os.read(self.rfd, 8 if self.rfd == self.wfd else 4096)
+        except OSError:
+            pass
+        self.pending = False  # after the read: a ring() in between would otherwise be lost
+
+    def close(self) -> None:
+        for fd in {self.rfd, self.wfd}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class SeqTracker:
+    """Classifies the ``seq`` of each message of one peer epoch (docs/mt5-bridge.md, section 3).
+
+    :meth:`check` returns ``"first"`` (baseline), ``"ok"``, ``"gap"`` (processed; the missing
+    count is added to ``gaps``), ``"reordered"`` (late but new: processed) or ``"duplicate"``
+    (seen before, or older than the window: to be ignored).
+    """
+
+    WINDOW = 1024
+    _FULL = (1 << WINDOW) - 1
+
+    def __init__(self) -> None:
+        self.hi = 0
+        self.mask = 0
+        self.gaps = 0
+        self.reordered = 0
+        self.duplicates = 0
+
+    def reset(self) -> None:
+        self.hi = 0
+        self.mask = 0
+
+    def check(self, seq: int) -> str:
+        hi = self.hi
+        if hi == 0:
+            self.hi, self.mask = seq, 1
+            return "first"
+        if seq > hi:
+            d = seq - hi
+            self.mask = ((self.mask << d) | 1) & self._FULL if d < self.WINDOW else 1
+            self.hi = seq
+            if d > 1:
+                self.gaps += d - 1
+                return "gap"
+            return "ok"
+        back = hi - seq
+        bit = 1 << back if back < self.WINDOW else 0
+        if not bit or self.mask & bit:
+            self.duplicates += 1
+            return "duplicate"
+        self.mask |= bit
+        self.reordered += 1
+        return "reordered"
+
+
+class Stamper:
+    """The common fields of every message a sender writes: ``v``, its ``epoch``, the next
+    ``seq`` and ``ts`` (ms)."""
+
+    __slots__ = ("epoch", "seq")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.seq = 0
+
+    def __call__(self) -> dict[str, int]:
+        self.seq += 1
+        return {"v": PROTOCOL_VERSION, "epoch": self.epoch, "seq": self.seq, "ts": now_ms()}
+
+
+def configure(sock: zmq.Socket, hwm: int = 10_000) -> None:
+    """Socket options of every bridge socket: no linger, deep queues (never HWM 1)."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)

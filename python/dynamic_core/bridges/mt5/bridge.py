@@ -1,0 +1,991 @@
+"""The engine side of the MetaTrader 5 bridge: :class:`MT5Bridge`.
+
+One thread owns the ROUTER socket and every piece of order and session state. Other threads
+hand it work (orders, cancels, calls) through a deque and a :class:`~._util.Doorbell`, so a
+submitted order is on the wire as soon as the bridge thread wakes, with no polling interval in
+the path. The rules it implements are in ``docs/mt5-bridge.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+import zmq
+
+from ...errors import PayloadError
+from ...payloads import TradingPlan
+from ...transport._common import check_address, endpoint
+from ._util import Doorbell, SeqTracker, Stamper, configure
+from .protocol import (
+    MAX_ID,
+    Ack,
+    Cancel,
+    EngineHello,
+    Error,
+    ExecReport,
+    Flatten,
+    Heartbeat,
+    MT5Codec,
+    Order,
+    Position,
+    PositionsEnd,
+    PositionsQuery,
+    TerminalHello,
+    TerminalMessage,
+    client_order_id_for,
+    new_epoch,
+    now_ms,
+)
+
+__all__ = ["DEFAULT_BRIDGE_ADDRESS", "BridgeReport", "MT5Bridge"]
+
+log = logging.getLogger("dynamic_core.bridges.mt5")
+
+DEFAULT_BRIDGE_ADDRESS = "tcp://127.0.0.1:5560"
+
+# order states (docs/mt5-bridge.md, section 11)
+QUEUED, SENT, ACKED, PLACED, PARTIAL, UNCONFIRMED = "queued", "sent", "acked", "placed", "partial", "unconfirmed"
+FILLED, REJECTED, EXPIRED, CANCELLED, REFUSED = "filled", "rejected", "expired", "cancelled", "refused"
+FINAL = frozenset({FILLED, REJECTED, EXPIRED, CANCELLED, REFUSED})
+_RANK = {QUEUED: 0, SENT: 1, UNCONFIRMED: 1, ACKED: 2, PLACED: 3, PARTIAL: 4}
+_EPS = 1e-9
+
+
+class BridgeReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`MT5Bridge.on_report` callbacks receive: a change in an order's execution.
+
+    ``status`` is an exec-report status (``placed``, ``partial``, ``filled``, ``rejected``,
+    ``expired``, ``cancelled``). ``source`` says who decided it: ``"terminal"`` (an
+    ``exec_report`` or a refused ``ack``), ``"bridge"`` (expired before it could be sent,
+    refused in safe mode, dropped by flatten-on-safe-mode) or ``"reconciliation"`` (found as a
+    position at the terminal). ``volume`` is the cumulative filled volume, ``price`` its
+    average; ``ts`` is the terminal's ``fill_ts`` or the bridge's clock (ms UTC).
+    """
+
+    client_order_id: str
+    plan_id: str
+    status: str
+    symbol: str
+    side: str
+    volume: float
+    price: float
+    commission: float
+    ticket: int
+    reason: str
+    source: str
+    ts: int
+
+
+class _Order:
+    """One order's state, owned by the bridge thread once created."""
+
+    __slots__ = ("coid", "symbol", "side", "order_type", "volume", "price", "sl", "tp", "valid_until",
+                 "plan_id", "comment", "state", "reason", "sends", "ever_sent", "next_send", "backoff",
+                 "ticket", "fill_price", "filled", "commission", "fill_ts", "open", "cancel", "t_submit",
+                 "t_ack", "t_final", "acks")
+
+    def __init__(self, coid: str, symbol: str, side: str, order_type: str, volume: float, price: float,
+                 sl: float, tp: float, valid_until: int, plan_id: str, comment: str) -> None:
+        self.coid, self.symbol, self.side, self.order_type = coid, symbol, side, order_type
+        self.volume, self.price, self.sl, self.tp = volume, price, sl, tp
+        self.valid_until, self.plan_id, self.comment = valid_until, plan_id, comment
+        self.state, self.reason = QUEUED, ""
+        self.sends = 0
+        self.ever_sent = False
+        self.next_send = 0.0
+        self.backoff = 0.0
+        self.ticket = 0
+        self.fill_price = 0.0
+        self.filled = 0.0
+        self.commission = 0.0
+        self.fill_ts = 0
+        self.open = False
+        self.cancel = False
+        self.t_submit = time.perf_counter_ns()
+        self.t_ack = 0
+        self.t_final = 0
+        self.acks = 0
+
+    def view(self) -> dict[str, Any]:
+        return {"client_order_id": self.coid, "state": self.state, "reason": self.reason, "symbol": self.symbol,
+                "side": self.side, "order_type": self.order_type, "volume": self.volume, "price": self.price,
+                "sl": self.sl, "tp": self.tp, "valid_until": self.valid_until, "plan_id": self.plan_id,
+                "sends": self.sends, "ticket": self.ticket, "filled_volume": self.filled,
+                "fill_price": self.fill_price, "commission": self.commission, "fill_ts": self.fill_ts,
+                "open": self.open, "cancel_requested": self.cancel, "acks": self.acks,
+                "ack_latency_us": (self.t_ack - self.t_submit) / 1e3 if self.t_ack else None}
+
+
+class _Query:
+    """One outstanding positions query (or flatten) and the answer collected so far."""
+
+    __slots__ = ("qid", "flatten", "positions", "count", "next_send", "backoff", "sends")
+
+    def __init__(self, qid: int, flatten: bool) -> None:
+        self.qid = qid
+        self.flatten = flatten
+        self.positions: dict[int, Position] = {}
+        self.count: int | None = None
+        self.next_send = 0.0
+        self.backoff = 0.0
+        self.sends = 0
+
+    def complete(self) -> bool:
+        return self.count is not None and all(i in self.positions for i in range(1, self.count + 1))
+
+
+class MT5Bridge:
+    """The engine side of the MetaTrader 5 bridge (ROUTER, binds): sends orders to one EA and
+    makes sure each is executed exactly once (``docs/mt5-bridge.md``).
+
+    Parameters
+    ----------
+    address : str
+        Where the ROUTER binds (default ``tcp://127.0.0.1:5560``; loopback unless
+        ``allow_remote``). ``tcp://127.0.0.1:*`` picks a free port: read :attr:`address`.
+    heartbeat : float
+        Heartbeat interval, seconds.
+    missed : int
+        Heartbeat intervals without any message from the EA before safe mode.
+    resend_timeout : float
+        Seconds without an ack before the first re-send; doubles per re-send.
+    resend_max_delay : float
+        Cap of the re-send backoff, and the interval of status requests for acked orders
+        without a final report.
+    max_sends : int
+        Sends of an order without any ack before it is ``unconfirmed``.
+    magic : int
+        MT5 magic number of the bridge's orders.
+    safe_mode : {"queue", "refuse"}
+        What happens to new orders in safe mode.
+    flatten_on_safe_mode : bool
+        Drop queued orders, cancel unsettled ones and flatten on entering safe mode (section 8).
+    max_queued : int
+        Bound of the queue of orders waiting for a live session.
+    symbols : mapping, optional
+        Engine instrument name -> broker symbol (``{"EURUSD": "EURUSD.r"}``).
+    allow_remote : bool
+        Allow binding beyond loopback (the protocol has no authentication).
+    start : bool
+        Start the bridge thread now (else call :meth:`start`).
+
+    Thread safety: :meth:`submit_plan`, :meth:`submit_order`, :meth:`cancel`, :meth:`flatten`,
+    :meth:`stats`, :meth:`orders`, :meth:`positions` and :meth:`wait` may be called from any
+    thread. Callbacks (:meth:`on_report`, :meth:`on_ack`) run on the bridge thread and must be
+    quick; one that raises is logged and counted (``callback_errors``) and changes nothing else.
+    """
+
+    def __init__(self, address: str = DEFAULT_BRIDGE_ADDRESS, *, heartbeat: float = 1.0, missed: int = 3,
+                 resend_timeout: float = 0.5, resend_max_delay: float = 5.0, max_sends: int = 8,
+                 magic: int = 556001, safe_mode: str = "queue", flatten_on_safe_mode: bool = False,
+                 max_queued: int = 1000, symbols: Mapping[str, str] | None = None, allow_remote: bool = False,
+                 start: bool = True) -> None:
+        if safe_mode not in ("queue", "refuse"):
+            raise ValueError(f"safe_mode must be 'queue' or 'refuse', got {safe_mode!r}")
+        if not (heartbeat > 0 and resend_timeout > 0 and resend_max_delay >= resend_timeout):
+            raise ValueError("need heartbeat > 0 and 0 < resend_timeout <= resend_max_delay")
+        if missed < 1 or max_sends < 1 or max_queued < 0 or not 0 <= magic < 2**63:
+            raise ValueError("need missed >= 1, max_sends >= 1, max_queued >= 0, 0 <= magic < 2**63")
+        check_address(address, bind=True, allow_remote=allow_remote)
+        self.heartbeat = float(heartbeat)
+        self.missed = int(missed)
+        self.resend_timeout = float(resend_timeout)
+        self.resend_max_delay = float(resend_max_delay)
+        self.max_sends = int(max_sends)
+        self.magic = int(magic)
+        self.safe_mode_policy = safe_mode
+        self.flatten_on_safe_mode = bool(flatten_on_safe_mode)
+        self.max_queued = int(max_queued)
+        self.symbols = dict(symbols or {})
+        self.epoch = new_epoch()
+        self._tick = min(0.05, self.heartbeat / 4, self.resend_timeout / 2)
+
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        configure(self._sock)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable EA is an error, not a silent drop
+        try:
+            self._sock.bind(address)
+        except zmq.ZMQError:
+            self._sock.close(0)
+            self._ctx.term()
+            raise
+        self.address = endpoint(self._sock)
+        self._codec = MT5Codec(TerminalMessage)
+        self._enc = msgspec.json.Encoder()
+        self._stamp = Stamper(self.epoch)
+        self._bell = Doorbell()
+
+        self._lock = threading.Lock()  # guards _orders insertion against concurrent submitters
+        self._cond = threading.Condition(threading.Lock())
+        self._waiters = 0
+        self._orders: dict[str, _Order] = {}
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._report_cbs: list[Callable[[BridgeReport], object]] = []
+        self._ack_cbs: list[Callable[[str, bool, str], object]] = []
+
+        # bridge-thread state
+        self._open: dict[str, _Order] = {}  # not final (or expired while unacked): needs attention
+        self._queued: dict[str, _Order] = {}
+        self.link = "waiting"
+        self._term_epoch = 0
+        self._term_ident: bytes | None = None
+        self._term_hello: TerminalHello | None = None
+        self._retired: set[int] = set()
+        self._seq = SeqTracker()
+        self._last_heard = 0.0
+        self._t_silent = 0.0
+        self._next_hb = 0.0
+        self._query: _Query | None = None
+        self._next_qid = 1
+        self._flatten_pending = False
+        self._unknown_hello_at: dict[bytes, float] = {}
+        self._unknown_positions: list[dict[str, Any]] = []
+        self._adoptable: dict[str, Position] = {}
+        self._last_recon: dict[str, Any] = {}
+        self._positions: dict[str, dict[str, Any]] = {}
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("submitted", "idempotent", "sent", "resends", "status_requests", "acks", "acks_refused",
+             "duplicate_acks", "exec_reports", "stale_reports", "fills", "expired", "refused", "stale_epoch",
+             "unknown_epoch", "errors_received", "errors_sent", "unexpected", "send_failures", "safe_mode_entries",
+             "sessions", "reconciliations", "reconciled_fills", "unknown_positions", "late_outcomes",
+             "callback_errors", "unconfirmed", "cancels_sent", "flattens_sent", "heartbeats_sent",
+             "hellos_sent", "queue_full"), 0)
+        self._safe_since: float | None = None
+        self._silence_at_safe = 0.0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+        if start:
+            self.start()
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> MT5Bridge:
+        """Start the bridge thread (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="dc-mt5-bridge", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the bridge thread and close the socket. Orders not settled stay as they are in
+        :meth:`orders` (the EA de-duplicates them if a new bridge submits them again)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._bell.ring()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._sock.close(0)
+        self._ctx.term()
+        self._bell.close()
+
+    def __enter__(self) -> MT5Bridge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- any thread ----------------------------------------------------------------------------
+    def submit_plan(self, plan: TradingPlan, *, order_type: str = "market", attempt: int = 0) -> str:
+        """Send the order that executes ``plan``; returns its ``client_order_id``.
+
+        The id is :func:`~.protocol.client_order_id_for` ``(plan.plan_id, attempt)``, so
+        submitting the same plan again returns the same id and sends nothing (unless the first
+        was refused in safe mode). Side from ``plan.direction``, volume ``plan.size``, stop
+        ``plan.stop``, take profit ``plan.targets[0]``, ``valid_until`` ``plan.valid_until``
+        (ns, sent as ms); a limit/stop order rests at ``plan.entry``. Never blocks.
+        """
+        if plan.direction not in (1, -1):
+            raise ValueError(f"plan {plan.plan_id!r} has no direction")
+        return self.submit_order(
+            symbol=plan.instrument, side="buy" if plan.direction > 0 else "sell", volume=plan.size,
+            valid_until=plan.valid_until // 1_000_000, order_type=order_type,
+            price=plan.entry if order_type != "market" else 0.0, sl=plan.stop,
+            tp=plan.targets[0] if plan.targets else 0.0, plan_id=plan.plan_id,
+            client_order_id=client_order_id_for(plan.plan_id, attempt))
+
+    def submit_order(self, *, symbol: str, side: str, volume: float, valid_until: int, order_type: str = "market",
+                     price: float = 0.0, sl: float = 0.0, tp: float = 0.0, plan_id: str = "",
+                     client_order_id: str | None = None, comment: str | None = None) -> str:
+        """Send an order with explicit fields; returns its ``client_order_id``.
+
+        ``valid_until`` is ms since the Unix epoch (UTC). ``client_order_id`` defaults to
+        :func:`~.protocol.client_order_id_for` ``(plan_id)`` (a random id when there is no
+        ``plan_id``); an id already known returns at once and sends nothing. ``symbol`` is
+        mapped through ``symbols``. Never blocks; raises ValueError for an order that no EA
+        could accept (bad side, type, volume, id).
+        """
+        if side not in ("buy", "sell"):
+            raise ValueError(f"side must be 'buy' or 'sell', got {side!r}")
+        if order_type not in ("market", "limit", "stop"):
+            raise ValueError(f"order_type must be market, limit or stop, got {order_type!r}")
+        if not (volume > 0 and volume < 1e9):
+            raise ValueError(f"volume must be > 0, got {volume!r}")
+        if order_type != "market" and not price > 0:
+            raise ValueError("a limit or stop order needs a price > 0")
+        if client_order_id is None:
+            client_order_id = client_order_id_for(plan_id) if plan_id else "dcx" + os.urandom(10).hex()
+        coid = client_order_id
+        if not (0 < len(coid) <= MAX_ID):
+            raise ValueError(f"client_order_id must be 1..{MAX_ID} characters")
+        o = _Order(coid, self.symbols.get(symbol, symbol), side, order_type, float(volume), float(price),
+                   float(sl), float(tp), int(valid_until), plan_id, coid if comment is None else comment[:31])
+        with self._lock:
+            old = self._orders.get(coid)
+            if old is not None and old.state != REFUSED:
+                self.counts["idempotent"] += 1
+                return coid
+            self._orders[coid] = o
+        self._inbox.append(("order", o))
+        self._bell.ring()
+        return coid
+
+    def cancel(self, client_order_id: str) -> bool:
+        """Ask the EA to cancel an order that is not final; False when it is unknown or final.
+        The outcome arrives as a report (``cancelled``, or the order's real final state)."""
+        o = self._orders.get(client_order_id)
+        if o is None or o.state in FINAL:
+            return False
+        self._inbox.append(("cancel", o))
+        self._bell.ring()
+        return True
+
+    def flatten(self, reason: str = "requested") -> None:
+        """Close every position and pending order of this bridge's magic at the terminal. The
+        answer reconciles; orders wait meanwhile (section 8 of the protocol)."""
+        self._inbox.append(("flatten", reason))
+        self._bell.ring()
+
+    def reconcile(self) -> None:
+        """Reconcile with the terminal now (positions query); orders wait until it completes."""
+        self._inbox.append(("reconcile", None))
+        self._bell.ring()
+
+    def on_report(self, callback: Callable[[BridgeReport], object]) -> None:
+        """Call ``callback(report)`` on the bridge thread for every change in an order's
+        execution (see :class:`BridgeReport`)."""
+        self._report_cbs.append(callback)
+
+    def on_ack(self, callback: Callable[[str, bool, str], object]) -> None:
+        """Call ``callback(client_order_id, accepted, reason)`` on the bridge thread for the first
+        ack of each order."""
+        self._ack_cbs.append(callback)
+
+    def orders(self) -> dict[str, dict[str, Any]]:
+        """A snapshot of every order's state by ``client_order_id`` (``state``, ``reason``,
+        ``sends``, fills, ``open``, ...)."""
+        with self._lock:
+            items = list(self._orders.values())
+        return {o.coid: o.view() for o in items}
+
+    def order(self, client_order_id: str) -> dict[str, Any] | None:
+        """One order's state (as in :meth:`orders`), or None."""
+        o = self._orders.get(client_order_id)
+        return None if o is None else o.view()
+
+    def positions(self) -> dict[str, dict[str, Any]]:
+        """What the bridge believes is open at the terminal, by ``client_order_id``: the
+        positions of the last reconciliation plus orders filled since (``symbol``, ``side``,
+        ``volume``, ``price``, ``ticket``). It does not model netting or stop/target exits: the
+        next reconciliation corrects for those."""
+        return self._call(lambda: {k: dict(v) for k, v in self._positions.items()})
+
+    def reconciliation(self) -> dict[str, Any]:
+        """The outcome of the last reconciliation: ``query_id``, ``positions``, ``matched``,
+        ``reconciled`` (orders found executed), ``closed`` and ``unknown`` positions."""
+        return self._call(lambda: dict(self._last_recon))
+
+    @property
+    def safe_mode(self) -> bool:
+        return self.link == "safe"
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and link state (a snapshot)."""
+        def get() -> dict[str, Any]:
+            states: dict[str, int] = {}
+            for o in list(self._orders.values()):
+                states[o.state] = states.get(o.state, 0) + 1
+            hello = self._term_hello
+            return {
+                "link": self.link, "safe_mode": self.link == "safe", "epoch": self.epoch,
+                "terminal_epoch": self._term_epoch, "address": self.address,
+                "terminal": None if hello is None else {"login": hello.login, "server": hello.server,
+                                                        "build": hello.build, "resumed": hello.resumed},
+                "queued": len(self._queued), "open": len(self._open), "states": states,
+                "gaps": self._seq.gaps, "reordered": self._seq.reordered, "duplicates": self._seq.duplicates,
+                "rejects": dict(self._codec.rejects), "rejected": self._codec.rejected,
+                "silence_at_safe_mode_s": self._silence_at_safe,
+                **self.counts,
+            }
+        return self._call(get)
+
+    def wait(self, client_order_id: str, states: Any = FINAL, timeout: float = 10.0) -> str | None:
+        """Wait until the order's state is in ``states`` (default: final); its state, or None on
+        timeout."""
+        want = {states} if isinstance(states, str) else set(states)
+        ok = self.wait_until(lambda: (o := self._orders.get(client_order_id)) is not None and o.state in want,
+                             timeout)
+        return self._orders[client_order_id].state if ok else None
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+        """Wait until ``predicate()`` is true; re-evaluated whenever the bridge thread changed
+        something. False on timeout."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            self._waiters += 1
+            try:
+                while not predicate():
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(min(left, 0.1))
+                return True
+            finally:
+                self._waiters -= 1
+
+    def _call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Run ``fn`` on the bridge thread (its state is consistent there) and return the result."""
+        if self._thread is None or not self._thread.is_alive() or threading.current_thread() is self._thread:
+            return fn()
+        ev = threading.Event()
+        box: list[Any] = []
+        self._inbox.append(("call", (fn, ev, box)))
+        self._bell.ring()
+        if not ev.wait(timeout):
+            raise TimeoutError("the bridge thread did not answer")
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    # ---- bridge thread: loop --------------------------------------------------------------------
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._bell.rfd, zmq.POLLIN)
+        sock, bell = self._sock, self._bell
+        next_house = 0.0
+        while not self._stop.is_set():
+            wait_ms = max(0, int((next_house - time.monotonic()) * 1000) + 1)
+            try:
+                events = dict(poller.poll(wait_ms))
+            except zmq.ZMQError:  # pragma: no cover - context terminated under us
+                return
+            try:
+                if bell.rfd in events:
+                    bell.clear()
+                if sock in events:
+                    self._read()
+                if self._inbox:
+                    self._drain()
+                now = time.monotonic()
+                if now >= next_house:
+                    self._housekeeping(now)
+                    next_house = now + self._tick
+            except Exception:  # noqa: BLE001 - the bridge must outlive any bug
+                log.exception("mt5 bridge iteration failed")
+            if self._waiters:
+                with self._cond:
+                    self._cond.notify_all()
+        self._drain_calls_on_exit()
+
+    def _drain_calls_on_exit(self) -> None:
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "call":
+                fn, ev, box = item
+                try:
+                    box.append(fn())
+                except BaseException as e:  # noqa: BLE001 - handed back to the caller
+                    box.append(e)
+                ev.set()
+
+    def _drain(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            kind, item = inbox.popleft()
+            if kind == "order":
+                self._new_order(item)
+            elif kind == "call":
+                fn, ev, box = item
+                try:
+                    box.append(fn())
+                except BaseException as e:  # noqa: BLE001 - handed back to the caller
+                    box.append(e)
+                ev.set()
+            elif kind == "cancel":
+                o = item
+                if o.state not in FINAL and not o.cancel:
+                    if o.state == QUEUED or not o.ever_sent:
+                        self._queued.pop(o.coid, None)
+                        self._finish(o, CANCELLED, "cancelled_before_send", "bridge")
+                    else:
+                        o.cancel = True
+                        o.sends, o.backoff, o.next_send = 0, 0.0, 0.0
+                        self._open[o.coid] = o
+                        if self.link == "live":
+                            self._send_cancel(o, time.monotonic())
+            elif kind == "flatten":
+                self._flatten_pending = True
+                if self._term_ident is not None and self.link != "safe":
+                    self._start_reconcile(time.monotonic())
+            elif kind == "reconcile":
+                if self._term_ident is not None and self.link == "live":
+                    self._start_reconcile(time.monotonic())
+
+    # ---- orders ---------------------------------------------------------------------------------
+    def _new_order(self, o: _Order) -> None:
+        self.counts["submitted"] += 1
+        pos = self._adoptable.pop(o.coid, None)
+        if pos is not None:  # an unknown position of the last reconciliation is this order: done
+            self._reconciled_fill(o, [pos])
+            return
+        if self.link == "live":
+            if now_ms() >= o.valid_until:
+                self._finish(o, EXPIRED, "expired_before_send", "bridge")
+                return
+            self._open[o.coid] = o
+            self._send_order(o, time.monotonic())
+            return
+        if self.link == "safe" and self.safe_mode_policy == "refuse":
+            self._finish(o, REFUSED, "safe_mode", "bridge")
+            return
+        if len(self._queued) >= self.max_queued:
+            self.counts["queue_full"] += 1
+            self._finish(o, REFUSED, "queue_full", "bridge")
+            return
+        self._queued[o.coid] = o
+        self._open[o.coid] = o
+
+    def _send_order(self, o: _Order, now: float) -> None:
+        msg = Order(**self._stamp(), client_order_id=o.coid, symbol=o.symbol, side=o.side, order_type=o.order_type,
+                    volume=o.volume, price=o.price, sl=o.sl, tp=o.tp, valid_until=o.valid_until,
+                    plan_id=o.plan_id, magic=self.magic, comment=o.comment, attempt=o.sends)
+        if o.sends:
+            self.counts["resends" if o.state in (SENT, UNCONFIRMED, QUEUED) else "status_requests"] += 1
+        else:
+            self.counts["sent"] += 1
+        if o.state == QUEUED:
+            o.state = SENT
+        o.sends += 1
+        o.ever_sent = True
+        if o.state in (SENT, UNCONFIRMED):
+            o.backoff = self.resend_timeout if not o.backoff else min(o.backoff * 2, self.resend_max_delay)
+        else:
+            o.backoff = self.resend_max_delay
+        o.next_send = now + o.backoff
+        self._send(msg)
+
+    def _send_cancel(self, o: _Order, now: float) -> None:
+        self.counts["cancels_sent"] += 1
+        o.sends += 1
+        o.backoff = self.resend_timeout if not o.backoff else min(o.backoff * 2, self.resend_max_delay)
+        o.next_send = now + o.backoff
+        self._send(Cancel(**self._stamp(), client_order_id=o.coid, reason=o.reason or "requested"))
+
+    def _finish(self, o: _Order, state: str, reason: str, source: str) -> None:
+        """Move ``o`` to a final state decided here (not by an exec report)."""
+        o.state, o.reason = state, reason
+        o.t_final = time.perf_counter_ns()
+        self._open.pop(o.coid, None)
+        self._queued.pop(o.coid, None)
+        if state == EXPIRED:
+            self.counts["expired"] += 1
+            if o.ever_sent:  # the EA may still have placed it in time: keep listening
+                self._open[o.coid] = o
+                o.next_send = float("inf")
+        elif state == REFUSED:
+            self.counts["refused"] += 1
+        status = "rejected" if state == REFUSED else state
+        self._report(o, status, reason, source, now_ms())
+
+    def _report(self, o: _Order, status: str, reason: str, source: str, ts: int) -> None:
+        if not self._report_cbs:
+            return
+        r = BridgeReport(client_order_id=o.coid, plan_id=o.plan_id, status=status, symbol=o.symbol, side=o.side,
+                         volume=o.filled, price=o.fill_price, commission=o.commission, ticket=o.ticket,
+                         reason=reason, source=source, ts=ts)
+        for cb in self._report_cbs:
+            try:
+                cb(r)
+            except Exception:  # noqa: BLE001 - a user callback must not take the bridge down
+                self.counts["callback_errors"] += 1
+                log.exception("on_report callback failed for %s", o.coid)
+
+    def _on_ack(self, m: Ack) -> None:
+        o = self._orders.get(m.client_order_id)
+        if o is None:
+            self.counts["stale_reports"] += 1
+            return
+        self.counts["acks"] += 1
+        if m.duplicate:
+            self.counts["duplicate_acks"] += 1
+        first = o.acks == 0
+        o.acks += 1
+        if first:
+            o.t_ack = time.perf_counter_ns()
+            for cb in self._ack_cbs:
+                try:
+                    cb(o.coid, m.accepted, m.reason)
+                except Exception:  # noqa: BLE001
+                    self.counts["callback_errors"] += 1
+                    log.exception("on_ack callback failed for %s", o.coid)
+        if m.ticket:
+            o.ticket = m.ticket
+        if not m.accepted:
+            self.counts["acks_refused"] += 1
+            if o.state == EXPIRED and m.reason == EXPIRED:  # the EA confirms what we assumed
+                self._open.pop(o.coid, None)
+                return
+            if o.state in FINAL and not (o.state == EXPIRED and o.ever_sent):
+                return
+            state = m.reason if m.reason in (EXPIRED, CANCELLED) else REJECTED
+            self._settle(o, state, m.reason or "refused", "terminal", now_ms())
+            return
+        if o.state in (SENT, UNCONFIRMED):
+            o.state = ACKED
+            o.backoff = self.resend_max_delay
+            o.next_send = time.monotonic() + self.resend_max_delay
+        elif o.state == EXPIRED and o.ever_sent and not o.cancel:
+            # accepted in time after all: wait for its report like any acked order
+            self.counts["late_outcomes"] += 1
+            o.state, o.reason = ACKED, ""
+            o.next_send = time.monotonic() + self.resend_max_delay
+
+    def _on_exec(self, m: ExecReport) -> None:
+        o = self._orders.get(m.client_order_id)
+        if o is None:
+            self.counts["stale_reports"] += 1
+            return
+        self.counts["exec_reports"] += 1
+        if m.ticket:
+            o.ticket = m.ticket
+        st = m.status
+        if st == EXPIRED and o.state == EXPIRED:  # the EA confirms what we assumed
+            self._open.pop(o.coid, None)
+            return
+        late = o.state == EXPIRED and o.ever_sent and st != EXPIRED
+        if o.state in FINAL and not late:
+            return  # final is final; repeats change nothing
+        if late:
+            self.counts["late_outcomes"] += 1
+        if st in FINAL:
+            o.filled, o.fill_price, o.commission, o.fill_ts = m.volume, m.price, m.commission, m.fill_ts
+            self._settle(o, st, m.reason, "terminal", m.fill_ts or now_ms())
+            return
+        # placed / partial: only forward moves, cumulative volume only grows
+        if m.volume + _EPS < o.filled or _RANK.get(st, 0) < _RANK.get(o.state, 0) and m.volume <= o.filled + _EPS:
+            return
+        changed = st != o.state or m.volume > o.filled + _EPS
+        o.filled, o.fill_price, o.commission, o.fill_ts = m.volume, m.price, m.commission, m.fill_ts
+        o.state = st
+        o.next_send = time.monotonic() + self.resend_max_delay
+        if changed:
+            self._report(o, st, m.reason, "terminal", m.fill_ts or now_ms())
+
+    def _settle(self, o: _Order, state: str, reason: str, source: str, ts: int) -> None:
+        """An outcome from the terminal (or reconciliation): final."""
+        o.state, o.reason = state, reason
+        o.t_final = time.perf_counter_ns()
+        self._open.pop(o.coid, None)
+        self._queued.pop(o.coid, None)
+        if state == FILLED:
+            self.counts["fills"] += 1
+            if o.filled > _EPS:
+                o.open = True
+                self._positions[o.coid] = {"symbol": o.symbol, "side": o.side, "volume": o.filled,
+                                           "price": o.fill_price, "ticket": o.ticket}
+        elif state == EXPIRED:
+            self.counts["expired"] += 1
+        self._report(o, state, reason, source, ts)
+
+    # ---- receiving ------------------------------------------------------------------------------
+    def _read(self) -> None:
+        sock, codec = self._sock, self._codec
+        for _ in range(4096):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            ident = frames[0].bytes
+            if len(frames) != 2:
+                codec.count("invalid")
+                self._error(ident, "invalid", f"expected 1 frame, got {len(frames) - 1}", 0)
+                continue
+            try:
+                m = codec.decode(frames[1].buffer)
+            except PayloadError as e:
+                log.warning("refused a frame from the terminal: %s", e)
+                self._error(ident, e.reason, e.detail[:200], 0)
+                continue
+            self._dispatch(ident, m)
+
+    def _error(self, ident: bytes, reason: str, detail: str, ref_seq: int) -> None:
+        self.counts["errors_sent"] += 1
+        self._send(Error(**self._stamp(), reason=reason, detail=detail, ref_seq=ref_seq), ident)
+
+    def _dispatch(self, ident: bytes, m: Any) -> None:
+        now = time.monotonic()
+        ep = m.epoch
+        if ep != self._term_epoch:
+            if ep in self._retired:
+                self.counts["stale_epoch"] += 1
+                return
+            if type(m) is TerminalHello:
+                self._new_session(ident, m, now)
+                return
+            self.counts["unknown_epoch"] += 1
+            if now - self._unknown_hello_at.get(ident, 0.0) >= self.heartbeat:  # tell it to say hello
+                if len(self._unknown_hello_at) > 64:
+                    self._unknown_hello_at.clear()
+                self._unknown_hello_at[ident] = now
+                self._send_hello(ident, 0)
+            return
+        if self._seq.check(m.seq) == "duplicate":
+            return
+        self._term_ident = ident  # a reconnected DEALER gets a new routing id
+        self._last_heard = now
+        if self.link == "safe":
+            log.info("terminal %d heard again: reconciling before leaving safe mode", ep)
+            self._start_reconcile(now)
+        t = type(m)
+        if t is Ack:
+            self._on_ack(m)
+        elif t is ExecReport:
+            self._on_exec(m)
+        elif t is Heartbeat:
+            pass
+        elif t is Position:
+            q = self._query
+            if q is not None and m.query_id == q.qid:
+                q.positions[m.index] = m
+                if q.complete():
+                    self._finish_reconcile(now)
+        elif t is PositionsEnd:
+            q = self._query
+            if q is not None and m.query_id == q.qid:
+                q.count = m.count
+                if q.complete():
+                    self._finish_reconcile(now)
+        elif t is TerminalHello:
+            self._term_hello = m
+            self._send_hello(ident, ep)
+        elif t is Error:
+            self.counts["errors_received"] += 1
+            log.warning("terminal reported an error: %s %s (seq %d)", m.reason, m.detail, m.ref_seq)
+        else:  # pragma: no cover - the union has nothing else
+            self.counts["unexpected"] += 1
+
+    def _new_session(self, ident: bytes, m: TerminalHello, now: float) -> None:
+        if self._term_epoch:
+            self._retired.add(self._term_epoch)
+            log.info("terminal restarted: epoch %d -> %d", self._term_epoch, m.epoch)
+        self.counts["sessions"] += 1
+        self._term_epoch = m.epoch
+        self._term_ident = ident
+        self._term_hello = m
+        self._seq.reset()
+        self._seq.check(m.seq)
+        self._last_heard = now
+        log.info("terminal session: epoch %d login %d server %s build %s resumed %s", m.epoch, m.login, m.server,
+                 m.build, m.resumed)
+        self._send_hello(ident, m.epoch)
+        self._start_reconcile(now)
+
+    def _send_hello(self, ident: bytes, peer_epoch: int) -> None:
+        self.counts["hellos_sent"] += 1
+        self._send(EngineHello(**self._stamp(), peer_epoch=peer_epoch, heartbeat_ms=max(1, round(self.heartbeat * 1000)),
+                               missed=self.missed, magic=self.magic), ident)
+
+    # ---- reconciliation -------------------------------------------------------------------------
+    def _start_reconcile(self, now: float) -> None:
+        self.link = "reconciling"
+        flatten = self._flatten_pending
+        if flatten:  # cancels first, so an order that is still on its way is refused when it lands
+            for o in list(self._open.values()):
+                if o.cancel and o.state not in FINAL:
+                    self._send_cancel(o, now)
+        self._query = _Query(self._next_qid, flatten)
+        self._next_qid += 1
+        self._send_query(now)
+
+    def _send_query(self, now: float) -> None:
+        q = self._query
+        assert q is not None
+        q.sends += 1
+        q.backoff = self.resend_timeout if not q.backoff else min(q.backoff * 2, self.resend_max_delay)
+        q.next_send = now + q.backoff
+        if q.flatten:
+            self.counts["flattens_sent"] += 1
+            self._send(Flatten(**self._stamp(), query_id=q.qid, magic=self.magic, reason="flatten"))
+        else:
+            self._send(PositionsQuery(**self._stamp(), query_id=q.qid, magic=self.magic))
+
+    def _finish_reconcile(self, now: float) -> None:
+        q = self._query
+        assert q is not None
+        self._query = None
+        if q.flatten:
+            self._flatten_pending = False
+        self.counts["reconciliations"] += 1
+        by_coid: dict[str, list[Position]] = {}
+        unknown: list[Position] = []
+        for i in range(1, (q.count or 0) + 1):
+            p = q.positions[i]
+            if p.client_order_id and p.client_order_id in self._orders:
+                by_coid.setdefault(p.client_order_id, []).append(p)
+            else:
+                unknown.append(p)
+        reconciled, closed, matched = [], [], []
+        for o in list(self._orders.values()):
+            ps = by_coid.get(o.coid)
+            if ps:
+                if o.state == FILLED:
+                    matched.append(o.coid)
+                else:
+                    reconciled.append(o.coid)
+                    self._reconciled_fill(o, ps)
+                    continue
+                o.open = True
+                vol = sum(p.volume for p in ps)
+                self._positions[o.coid] = {"symbol": ps[0].symbol, "side": ps[0].side, "volume": vol,
+                                           "price": sum(p.price_open * p.volume for p in ps) / vol,
+                                           "ticket": ps[0].ticket}
+            elif o.open:
+                o.open = False
+                closed.append(o.coid)
+                self._positions.pop(o.coid, None)
+        self._adoptable = {p.client_order_id: p for p in unknown if p.client_order_id}
+        self._unknown_positions = [msgspec.structs.asdict(p) for p in unknown]
+        self.counts["unknown_positions"] += len(unknown)
+        for p in unknown:
+            log.warning("unknown position at the terminal: ticket %d %s %s %.2f magic %d comment %r", p.ticket,
+                        p.symbol, p.side, p.volume, p.magic, p.comment)
+        self._last_recon = {"query_id": q.qid, "flatten": q.flatten, "positions": q.count or 0, "matched": matched,
+                            "reconciled": reconciled, "closed": closed, "unknown": list(self._unknown_positions)}
+        log.info("reconciled with terminal %d: %d positions, %d matched, %d found executed, %d closed, %d unknown",
+                 self._term_epoch, q.count or 0, len(matched), len(reconciled), len(closed), len(unknown))
+        if self.link != "live":
+            if self._safe_since is not None:
+                log.info("leaving safe mode after %.3f s", now - self._safe_since)
+                self._safe_since = None
+            self.link = "live"
+        self._next_hb = 0.0
+        # send what waited, oldest first; re-sends of unsettled orders go out now (the EA de-duplicates)
+        for o in list(self._open.values()):
+            if o.state == UNCONFIRMED:
+                o.sends = 0
+                o.state = SENT
+            if o.state != EXPIRED:
+                o.next_send = now
+        self._queued.clear()
+        self._housekeeping(now)
+
+    def _reconciled_fill(self, o: _Order, ps: list[Position]) -> None:
+        vol = sum(p.volume for p in ps)
+        price = sum(p.price_open * p.volume for p in ps) / vol
+        self.counts["reconciled_fills"] += 1
+        if o.state == EXPIRED and o.ever_sent:
+            self.counts["late_outcomes"] += 1
+        o.filled, o.fill_price, o.ticket = vol, price, ps[0].ticket or o.ticket
+        if o.order_type != "market" and vol + _EPS < o.volume and not o.cancel:
+            o.state = PARTIAL  # a resting order partly filled: still working
+            self._queued.pop(o.coid, None)
+            self._open[o.coid] = o
+            self._report(o, PARTIAL, "reconciled", "reconciliation", now_ms())
+            return
+        self._settle(o, FILLED, "reconciled", "reconciliation", now_ms())
+
+    # ---- timers ---------------------------------------------------------------------------------
+    def _housekeeping(self, now: float) -> None:
+        link = self.link
+        if self._term_ident is None:
+            self._expire_queued()
+            return
+        silent = now - self._last_heard
+        if link in ("live", "reconciling") and silent > self.missed * self.heartbeat:
+            self._enter_safe(now, silent)
+            link = self.link
+        if now >= self._next_hb and link != "safe":
+            self._next_hb = now + self.heartbeat
+            self.counts["heartbeats_sent"] += 1
+            self._send(Heartbeat(**self._stamp(), recv_seq=self._seq.hi))
+        q = self._query
+        if link == "reconciling" and q is not None and now >= q.next_send:
+            q.positions.clear()
+            q.count = None
+            q.qid = self._next_qid  # a fresh id: stragglers of the earlier answer are ignored
+            self._next_qid += 1
+            self._send_query(now)
+        if link != "live":
+            self._expire_queued()
+            return
+        ms = now_ms()
+        for o in list(self._open.values()):
+            if o.state == EXPIRED or now < o.next_send:
+                continue
+            if o.cancel:
+                self._send_cancel(o, now)
+                continue
+            if o.state in (QUEUED, SENT, UNCONFIRMED) and ms >= o.valid_until:
+                self._finish(o, EXPIRED, "expired_unacked" if o.ever_sent else "expired_before_send", "bridge")
+                continue
+            if o.state == SENT and o.sends >= self.max_sends:
+                o.state = UNCONFIRMED
+                o.next_send = float("inf")
+                self.counts["unconfirmed"] += 1
+                log.warning("order %s unconfirmed after %d sends", o.coid, o.sends)
+                continue
+            if o.state == UNCONFIRMED:
+                continue
+            self._send_order(o, now)
+
+    def _expire_queued(self) -> None:
+        if not self._open:
+            return
+        ms = now_ms()
+        for o in list(self._open.values()):
+            if o.state in (QUEUED, SENT) and ms >= o.valid_until:
+                self._finish(o, EXPIRED, "expired_unacked" if o.ever_sent else "expired_before_send", "bridge")
+
+    def _enter_safe(self, now: float, silent: float) -> None:
+        self.link = "safe"
+        self._safe_since = now
+        self._silence_at_safe = silent
+        self._query = None
+        self.counts["safe_mode_entries"] += 1
+        log.warning("terminal %d silent for %.3f s (%d heartbeats): safe mode", self._term_epoch, silent, self.missed)
+        if self.flatten_on_safe_mode:
+            for o in list(self._open.values()):
+                if o.state == QUEUED:
+                    self._finish(o, CANCELLED, "safe_mode_flatten", "bridge")
+                elif o.state not in FINAL:
+                    o.cancel = True
+                    o.reason = "safe_mode_flatten"
+                    o.sends, o.backoff, o.next_send = 0, 0.0, 0.0
+            self._flatten_pending = True
+            qid = self._next_qid
+            self._next_qid += 1
+            self.counts["flattens_sent"] += 1
+            self._send(Flatten(**self._stamp(), query_id=qid, magic=self.magic, reason="safe_mode"))
+
+    # ---- sending --------------------------------------------------------------------------------
+    def _send(self, msg: Any, ident: bytes | None = None) -> bool:
+        ident = self._term_ident if ident is None else ident
+        if ident is None:
+            return False
+        try:
+            self._sock.send_multipart((ident, self._enc.encode(msg)), zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:  # unreachable (disconnected) or its queue is full: timers re-send
+            self.counts["send_failures"] += 1
+            log.debug("send to terminal failed: %s", e)
+            return False
