@@ -306,3 +306,76 @@ def test_decision_config_file(tmp_path):
     f.write_text("[rsik]\n")
     with pytest.raises(ValueError, match="unknown section"):
         load_decision_config(str(f))
+
+
+# ---- credit: outcomes fed back to consensus weights -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def credit_market():
+    sim = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], seed=11)
+    bars = sim.bars(500)
+    pop = dc.Population.random(1000, instruments=["EURUSD", "GBPUSD"], timeframes=["H1"], seed=5)
+    return pop, bars
+
+
+def _credit_run(pop, bars, threads=1, journal=None):
+    with dc.Engine(pop, threads=threads, journal=journal) as eng:
+        first = eng.run(bars[:600])
+        ids = pop.records["agent_id"][::3]
+        eng.set_credit(ids, np.linspace(0.25, 4.0, len(ids)))
+        second = eng.run(bars[600:])
+        return first, second, eng.agents()
+
+
+def test_credit_weighs_consensus_like_the_plain_formula(credit_market):
+    pop, bars = credit_market
+    with dc.Engine(pop, threads=1) as eng:
+        eng.run(bars[:600])
+        ids = pop.records["agent_id"][::3]
+        eng.set_credit(ids, np.linspace(0.25, 4.0, len(ids)))
+        sig = eng.run(bars[600:602])  # one bar of each instrument
+        ag = eng.agents()
+    assert np.array_equal(ag["credit"][::3], np.linspace(0.25, 4.0, len(ids)))
+    assert (ag["credit"][1::3] == 1.0).all()
+    # fitness is max(equity, 0) x (1 - max_drawdown) x credit
+    np.testing.assert_array_equal(ag["fitness"], np.maximum(ag["equity"], 0) * (1 - ag["max_drawdown"]) * ag["credit"])
+    # the fused score is the fitness-weighted mean score of the warm agents of the stream
+    for s in sig:
+        m = (ag["instrument"] == s["instrument"]) & (ag["warm"] != 0)
+        want = np.sum(ag["fitness"][m] * ag["score"][m]) / np.sum(ag["fitness"][m])
+        assert s["score"] == pytest.approx(want, rel=1e-12)
+
+
+def test_credit_changes_signals_deterministically_across_threads(credit_market):
+    pop, bars = credit_market
+    a1, b1, ag1 = _credit_run(pop, bars, threads=1)
+    a2, b2, ag2 = _credit_run(pop, bars, threads=2)
+    assert np.array_equal(b1, b2) and np.array_equal(ag1, ag2)
+    with dc.Engine(pop, threads=1) as eng:
+        eng.run(bars[:600])
+        plain = eng.run(bars[600:])
+    assert np.array_equal(a1[-2:], a2[-2:])
+    assert not np.array_equal(plain["score"], b1["score"])
+
+
+def test_credit_is_journaled_and_replayed(credit_market, tmp_path):
+    pop, bars = credit_market
+    _, b, ag = _credit_run(pop, bars, journal=tmp_path / "j")
+    r = dc.journal.replay(tmp_path / "j")
+    assert r.ok and r.verified == 1000 and not r.mismatched
+    assert np.array_equal(r.agents["credit"], ag["credit"])
+    assert np.array_equal(r.signals[600:], b)
+
+
+def test_set_credit_refuses_bad_input_and_changes_nothing(credit_market):
+    pop, bars = credit_market
+    with dc.Engine(pop) as eng:
+        with pytest.raises(ValueError, match="no agent with id 5000"):
+            eng.set_credit([1, 5000], [2.0, 2.0])
+        with pytest.raises(ValueError, match="finite and > 0"):
+            eng.set_credit([1, 2], [2.0, 0.0])
+        with pytest.raises(ValueError, match="finite and > 0"):
+            eng.set_credit([1], [float("nan")])
+        with pytest.raises(ValueError, match="2 agent ids but 1"):
+            eng.set_credit([1, 2], [2.0])
+        assert (eng.agents()["credit"] == 1.0).all()

@@ -32,6 +32,17 @@ def native_threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def settled_threads(target: int, deadline: float = 2.0) -> int:
+    """The thread count once it reaches ``target`` (or the deadline passes): a joined thread's
+    /proc entry can outlive join() by a moment while the OS tears it down."""
+    end = time.monotonic() + deadline
+    n = native_threads()
+    while n != target and time.monotonic() < end:
+        time.sleep(0.005)
+        n = native_threads()
+    return n
+
+
 def without_seq(s: np.ndarray) -> np.ndarray:
     return rfn.repack_fields(s[[n for n in s.dtype.names if n != "seq"]])
 
@@ -244,11 +255,11 @@ def test_clean_shutdown_no_leaked_threads(pop, market):
         assert native_threads() >= base + 4  # 2 workers, standby, sentinel
         del eng
         gc.collect()
-    assert native_threads() == base
+    assert settled_threads(base) == base
     eng = dc.Engine(pop, threads=2)
     eng.on_signal(lambda s: None)
     eng.close()
     eng.close()  # idempotent
-    assert native_threads() == base
+    assert settled_threads(base) == base
     with pytest.raises(RuntimeError, match="closed"):
         eng.submit(market[:1])

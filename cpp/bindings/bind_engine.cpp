@@ -242,6 +242,19 @@ void bind_engine(py::module_& m) {
            }, "Wait until every submitted bar has been processed.")
       .def("inject_stall", &Engine::inject_stall, py::arg("sm"), py::arg("ns"))
       .def("inject_poison", &Engine::inject_poison, py::arg("agent"))
+      .def("set_credit", [](Engine& e, const py::array_t<uint32_t, py::array::c_style | py::array::forcecast>& agents,
+                            const py::array_t<double, py::array::c_style | py::array::forcecast>& credit,
+                            const py::bytes& event) {
+             if (agents.ndim() != 1 || credit.ndim() != 1 || agents.shape(0) != credit.shape(0))
+               throw py::value_error("set_credit: agents and credit must be 1-d arrays of the same length");
+             const uint32_t* a = agents.data();
+             const double* c = credit.data();
+             const auto n = static_cast<size_t>(agents.shape(0));
+             std::string ev = event;
+             py::gil_scoped_release nogil;
+             e.set_credit(a, c, n, ev);
+           }, py::arg("agents"), py::arg("credit"), py::arg("event") = py::bytes(),
+           "Set the consensus-weight credit of agents (population indices), between updates.")
       .def("run", [](Engine& e, const py::array& bars, uint32_t n_registered) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));

@@ -45,7 +45,8 @@ py::dict layouts() {
                      DC_F(AgentRecord, score, "<f8"), DC_F(AgentRecord, equity, "<f8"),
                      DC_F(AgentRecord, peak, "<f8"), DC_F(AgentRecord, max_drawdown, "<f8"),
                      DC_F(AgentRecord, ret_mean, "<f8"), DC_F(AgentRecord, ret_std, "<f8"),
-                     DC_F(AgentRecord, sharpe, "<f8"), DC_F(AgentRecord, fitness, "<f8")));
+                     DC_F(AgentRecord, sharpe, "<f8"), DC_F(AgentRecord, fitness, "<f8"),
+                     DC_F(AgentRecord, credit, "<f8")));
   // A dead letter is a bar followed by where and why it was refused.
   d["dead_letter"] = py::make_tuple(
       sizeof(DeadLetter),

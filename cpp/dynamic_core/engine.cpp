@@ -793,6 +793,7 @@ LaneView Engine::lane_view(uint32_t base) {
   v.max_dd = state_.max_dd.data() + base;
   v.ret_sum = state_.ret_sum.data() + base;
   v.ret_sq = state_.ret_sq.data() + base;
+  v.credit = state_.credit.data() + base;
   v.trades = state_.trades.data() + base;
   v.wins = state_.wins.data() + base;
   v.n_ret = state_.n_ret.data() + base;
@@ -854,6 +855,26 @@ size_t Engine::validate_locked(const Bar* bars, size_t n, uint32_t n_registered,
   return bad;
 }
 
+void Engine::set_credit(const uint32_t* agents, const double* credit, size_t n, const std::string& event) {
+  for (size_t k = 0; k < n; ++k) {
+    if (agents[k] >= layout_.n_agents)
+      throw std::invalid_argument("set_credit: agent index " + std::to_string(agents[k]) + " out of range");
+    if (!(credit[k] > 0.0) || !dc_finite(credit[k]))
+      throw std::invalid_argument("set_credit: credit of agent index " + std::to_string(agents[k]) +
+                                  " must be finite and > 0");
+  }
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  wait_idle();  // between updates: no worker holds these lanes; the next bar's ring push publishes
+  if (!event.empty()) {
+    std::lock_guard<std::mutex> jl(journal_m_);
+    if (journal_) {
+      journal_->append(RecordType::Event, event.data(), event.size());
+      journal_->commit(true);
+    }
+  }
+  for (size_t k = 0; k < n; ++k) state_.credit[layout_.agent_lane[agents[k]]] = credit[k];
+}
+
 void Engine::agents(AgentRecord* out) {
   std::lock_guard<std::mutex> lk(ingress_m_);
   wait_idle();
@@ -872,7 +893,8 @@ void Engine::agents(AgentRecord* out) {
     r.equity = s.equity;
     r.peak = s.peak;
     r.max_drawdown = s.max_dd;
-    r.fitness = fitness(s.equity, s.max_dd);
+    r.credit = state_.credit[lane];
+    r.fitness = fitness(s.equity, s.max_dd, r.credit);
     if (s.n_ret > 0) {
       const double nr = static_cast<double>(s.n_ret);
       const double mean = s.ret_sum / nr;

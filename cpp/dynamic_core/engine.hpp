@@ -19,6 +19,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -128,6 +129,12 @@ class Engine {
   void close_journal();
 
   void agents(AgentRecord* out);  // population order; waits for in-flight bars first
+  // Sets the consensus-weight credit of agents (population indices) after the bars in flight;
+  // throws std::invalid_argument (nothing changed) for an index out of range or a credit that is
+  // not finite and positive.
+  // With a journal and `event` non-empty, `event` is journaled (an Event record) under the same
+  // lock, so no bar can slip between the record and the change.
+  void set_credit(const uint32_t* agents, const double* credit, size_t n, const std::string& event = {});
   size_t n_agents() const { return layout_.n_agents; }
   const Layout& layout() const { return layout_; }
   EngineStats stats();

@@ -75,6 +75,7 @@ DC_CLONES Summary sm_step(const LaneView& v, int lanes, const double* __restrict
   double* __restrict s_max_dd = v.max_dd;
   double* __restrict s_ret_sum = v.ret_sum;
   double* __restrict s_ret_sq = v.ret_sq;
+  const double* __restrict s_credit = v.credit;
   uint32_t* __restrict s_trades = v.trades;
   uint32_t* __restrict s_wins = v.wins;
   uint32_t* __restrict s_n_ret = v.n_ret;
@@ -150,7 +151,7 @@ DC_CLONES Summary sm_step(const LaneView& v, int lanes, const double* __restrict
     store_i(s_action + i, keep ? act : load_i(s_action + i));
     add_u(s_quar + i, live & ~ok & m1);
     vq += live & ~ok & m1;  // 0 -> 1: only live lanes (quarantined == 0) can fail
-    const vd wgt = ((e < zero) ? zero : e) * (one - mdd1);
+    const vd wgt = ((e < zero) ? zero : e) * (one - mdd1) * load_d(s_credit + i);
     store_d(sw + i, kw ? wgt : zero);
     store_d(sws + i, kw ? wgt * score : zero);
     store_d(ss + i, kw ? score : zero);

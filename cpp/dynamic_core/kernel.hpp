@@ -26,6 +26,7 @@ struct LaneView {
   double* max_dd;
   double* ret_sum;
   double* ret_sq;
+  const double* credit;
   uint32_t* trades;
   uint32_t* wins;
   uint32_t* n_ret;

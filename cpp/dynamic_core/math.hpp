@@ -136,9 +136,11 @@ DC_HOST_DEVICE inline int lane_step(const LaneState& s, LaneState& o, double sco
   return (dc_finite(e) ? 1 : 0) & (dc_finite(score) ? 1 : 0);
 }
 
-// Consensus weight of an agent: equity discounted by its worst drawdown.
-DC_HOST_DEVICE inline double fitness(double equity, double max_dd) {
-  return dc_max(equity, 0.0) * (1.0 - max_dd);
+// Consensus weight of an agent: equity discounted by its worst drawdown, times the credit its
+// live trades earned (1.0 = neutral; set from outside between updates). x * 1.0 is exact, so
+// an engine that never sets credit weighs as before.
+DC_HOST_DEVICE inline double fitness(double equity, double max_dd, double credit = 1.0) {
+  return dc_max(equity, 0.0) * (1.0 - max_dd) * credit;
 }
 
 // ---- SM summaries and fusion ----------------------------------------------------------------

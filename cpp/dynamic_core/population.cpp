@@ -189,6 +189,7 @@ void StateArrays::init(size_t n) {
   entry_equity.assign(n, z.entry_equity);
   peak.assign(n, z.peak);
   max_dd.assign(n, z.max_dd);
+  credit.assign(n, 1.0);
   ret_sum.assign(n, z.ret_sum);
   ret_sq.assign(n, z.ret_sq);
   trades.assign(n, z.trades);

@@ -75,6 +75,7 @@ struct LaneArrays {
 // Agent state as structure-of-arrays, padded like the lanes.
 struct StateArrays {
   std::vector<double> score, equity, entry_equity, peak, max_dd, ret_sum, ret_sq;
+  std::vector<double> credit;  // consensus-weight multiplier from live outcomes, 1.0 = neutral
   std::vector<uint32_t> trades, wins, n_ret, quarantined;
   std::vector<int32_t> position, action;
   void init(size_t n);

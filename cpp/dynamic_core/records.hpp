@@ -78,7 +78,8 @@ struct AgentRecord {
   double ret_mean;
   double ret_std;
   double sharpe;  // per-bar mean / std, annualised by sqrt(bars per calendar year)
-  double fitness;
+  double fitness;  // consensus weight: max(equity, 0) x (1 - max_drawdown) x credit
+  double credit;
 };
 
 struct DeadLetter {
@@ -91,7 +92,7 @@ struct DeadLetter {
 static_assert(sizeof(Bar) == 56);
 static_assert(sizeof(Genome) == 112);
 static_assert(sizeof(Signal) == 96);
-static_assert(sizeof(AgentRecord) == 104);
+static_assert(sizeof(AgentRecord) == 112);
 static_assert(std::is_trivially_copyable_v<Bar> && std::is_standard_layout_v<Bar>);
 static_assert(std::is_trivially_copyable_v<Genome> && std::is_standard_layout_v<Genome>);
 static_assert(std::is_trivially_copyable_v<Signal> && std::is_standard_layout_v<Signal>);

@@ -48,6 +48,10 @@ class Engine:
         """
         Process a time-ordered bar batch; returns signal records as bytes.
         """
+    def set_credit(self, agents: typing.Annotated[numpy.typing.ArrayLike, numpy.uint32], credit: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], event: bytes = b'') -> None:
+        """
+        Set the consensus-weight credit of agents (population indices), between updates.
+        """
     def stats(self) -> dict:
         ...
     def step(self, bar: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex) -> tuple[int, numpy.typing.NDArray[numpy.uint8]]:

@@ -9,6 +9,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from . import _core
@@ -25,6 +26,9 @@ __all__ = ["BACKPRESSURE", "Engine"]
 log = logging.getLogger("dynamic_core.engine")
 
 BACKPRESSURE = {"block": 0, "reject_new": 1, "drop_oldest": 2}
+
+
+_credit_encoder = msgspec.msgpack.Encoder()
 
 
 def usable_cores() -> int:
@@ -352,6 +356,45 @@ class Engine:
         """Per-agent state in population order (``AGENT_DTYPE``): score, action, position,
         equity, trades, wins, Sharpe, max drawdown, quarantined, ..."""
         return self._native.agents().view(AGENT_DTYPE)
+
+    def set_credit(self, agent_ids: Any, credit: Any) -> None:
+        """Set the consensus-weight credit of agents by id (1.0 = neutral), between updates.
+
+        An agent's weight in consensus is ``max(equity, 0) x (1 - max_drawdown) x credit``;
+        the decision layer raises the credit of agents whose live trades worked and lowers it
+        for those whose did not (:class:`dynamic_core.decision.CreditLedger`). With a journal
+        the change is journaled in order with the bars, so replay reproduces it.
+
+        Raises ``ValueError`` for an unknown id or a credit that is not finite and > 0 (nothing
+        changes then).
+        """
+        from .payloads import CreditUpdate
+
+        self._check_open()
+        ids = np.ascontiguousarray(agent_ids, dtype=np.uint32).ravel()
+        vals = np.ascontiguousarray(credit, dtype=np.float64).ravel()
+        if len(ids) != len(vals):
+            raise ValueError(f"set_credit: {len(ids)} agent ids but {len(vals)} credits")
+        idx = self._indices_of(ids)
+        event = b""
+        if self._journal_path is not None:
+            event = _credit_encoder.encode(CreditUpdate(agents=ids.astype("<u4").tobytes(),
+                                                        credit=vals.astype("<f8").tobytes()))
+            self._journal_new_instruments()
+        self._native.set_credit(idx, vals, event)
+
+    def _indices_of(self, ids: np.ndarray) -> np.ndarray:
+        """Population indices of agent ids (``ValueError`` naming an unknown one)."""
+        if getattr(self, "_id_order", None) is None:
+            aid = self._pop.records["agent_id"]
+            self._id_order = np.argsort(aid, kind="stable").astype(np.uint32)
+            self._id_sorted = aid[self._id_order]
+        pos = np.searchsorted(self._id_sorted, ids)
+        pos_c = np.minimum(pos, len(self._id_sorted) - 1)
+        bad = (pos >= len(self._id_sorted)) | (self._id_sorted[pos_c] != ids)
+        if bad.any():
+            raise ValueError(f"set_credit: no agent with id {int(ids[np.flatnonzero(bad)[0]])}")
+        return self._id_order[pos_c]
 
     def dead_letters(self) -> np.ndarray:
         """Rejected bars with batch index and reason code (``DEAD_LETTER_DTYPE``), oldest first."""

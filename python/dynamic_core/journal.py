@@ -68,6 +68,28 @@ _INSTRUMENTS = int(_core.RecordType.INSTRUMENTS)
 _EVENT = int(_core.RecordType.EVENT)
 
 _encoder = msgspec.msgpack.Encoder()
+_credit_decoder = msgspec.msgpack.Decoder(dict)
+
+
+def _credit_of(raw: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    """(agent ids, credits) of a journaled credit event; None for any other event."""
+    from .payloads import CreditUpdate
+
+    try:
+        head = _credit_decoder.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(head, dict) or head.get("type") != "credit":
+        return None
+    try:
+        c = msgspec.convert(head, CreditUpdate)
+    except msgspec.ValidationError as e:
+        raise JournalError(f"unreadable credit event: {e}") from None
+    ids = np.frombuffer(c.agents, dtype="<u4")
+    vals = np.frombuffer(c.credit, dtype="<f8")
+    if len(ids) != len(vals):
+        raise JournalError("credit event with mismatched lengths")
+    return ids, vals
 
 
 class _Meta(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -354,6 +376,10 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
                 dead += len(rec.payload) // DEAD_LETTER_RECORD.itemsize
             elif t == _EVENT:
                 events.append(rec.payload)
+                credit = _credit_of(rec.payload)
+                if credit is not None:
+                    flush()  # applied between the same updates as in the original run
+                    eng.set_credit(*credit)
             elif t == _META:
                 raise JournalError(f"a second meta record at seq {rec.seq}")
             if progress is not None:

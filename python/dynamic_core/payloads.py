@@ -65,6 +65,7 @@ __all__ = [
     "Codec",
     "ControlCommand",
     "ControlReply",
+    "CreditUpdate",
     "FeedMessage",
     "HealthQuery",
     "Heartbeat",
@@ -648,6 +649,19 @@ class PlanDecision(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     original_size: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
     plan: TradingPlan
     ts: I64 = 0
+
+
+class CreditUpdate(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                   tag="credit"):
+    """New consensus-weight credits of some agents, earned by live outcomes (journaled as an
+    event record and applied between the same updates on replay).
+
+    ``agents`` are agent ids as little-endian uint32, ``credit`` the matching float64 values.
+    """
+
+    version: Version = PAYLOAD_VERSION
+    agents: Annotated[bytes, msgspec.Meta(max_length=4 << 24)]
+    credit: Annotated[bytes, msgspec.Meta(max_length=8 << 24)]
 
 
 MeshFromAdapter = AdapterHello | AdapterBeat | ReasonReply | AdapterBye

@@ -18,7 +18,7 @@ struct Lanes {
   std::vector<int32_t> fidx[kFeatures];
   std::vector<double> entry, cost;
   std::vector<int32_t> lookback, long_short, active;
-  std::vector<double> score, equity, entry_equity, peak, max_dd, ret_sum, ret_sq;
+  std::vector<double> score, equity, entry_equity, peak, max_dd, ret_sum, ret_sq, credit;
   std::vector<uint32_t> trades, wins, n_ret, quarantined;
   std::vector<int32_t> position, action;
 
@@ -29,6 +29,7 @@ struct Lanes {
     }
     for (auto* v : {&entry, &cost, &score, &equity, &entry_equity, &peak, &max_dd, &ret_sum, &ret_sq})
       v->resize(n);
+    credit.assign(n, 1.0);
     for (auto* v : {&lookback, &long_short, &active, &position, &action}) v->resize(n);
     for (auto* v : {&trades, &wins, &n_ret, &quarantined}) v->resize(n);
   }
@@ -50,6 +51,7 @@ struct Lanes {
     v.max_dd = max_dd.data();
     v.ret_sum = ret_sum.data();
     v.ret_sq = ret_sq.data();
+    v.credit = credit.data();
     v.trades = trades.data();
     v.wins = wins.data();
     v.n_ret = n_ret.data();
@@ -96,7 +98,7 @@ Summary scalar_step(Lanes& L, int lanes, const double* feat, int32_t t, double r
     L.action[i] = s.action;
     L.quarantined[i] = cur.quarantined | static_cast<uint32_t>(live & !ok);
     const int counts = keep & warm;
-    const double wgt = fitness(nx.equity, nx.max_dd);
+    const double wgt = fitness(nx.equity, nx.max_dd, L.credit[i]);
     sw[i] = counts ? wgt : 0.0;
     sws[i] = counts ? wgt * nx.score : 0.0;
     ss[i] = counts ? nx.score : 0.0;
@@ -204,6 +206,7 @@ int main() {
       a.lookback[i] = static_cast<int32_t>(rng() % 30);
       a.long_short[i] = static_cast<int32_t>(rng() % 2);
       a.active[i] = (rng() % 10) != 0;
+      a.credit[i] = (rng() % 3 == 0) ? 1.0 : 0.25 + 3.75 * (u(rng) + 1.0) / 2.0;
       a.equity[i] = a.entry_equity[i] = a.peak[i] = 1.0;
     }
     Lanes b = a;
