@@ -108,8 +108,16 @@ class Stamper:
         return {"v": PROTOCOL_VERSION, "epoch": self.epoch, "seq": self.seq, "ts": now_ms()}
 
 
+MAX_MSG = 1 << 20
+"""A peer that sends a frame above this is disconnected by ZeroMQ before it is read (it
+reconnects); frames between :data:`~.protocol.MAX_FRAME` and this are read and refused
+(``oversized``) with an ``error`` answer."""
+
+
 def configure(sock: zmq.Socket, hwm: int = 10_000) -> None:
-    """Socket options of every bridge socket: no linger, deep queues (never HWM 1)."""
+    """Socket options of every bridge socket: no linger, deep queues (never HWM 1), a bound on
+    what a peer can make us allocate."""
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)

@@ -124,21 +124,37 @@ class _Order:
 
 
 class _Query:
-    """One outstanding positions query (or flatten) and the answer collected so far."""
+    """The positions queries (or flattens) of one reconciliation and the answers so far, by
+    snapshot: answers describing the same snapshot are merged across re-sent queries."""
 
-    __slots__ = ("qid", "flatten", "positions", "count", "next_send", "backoff", "sends")
+    __slots__ = ("qid", "qids", "flatten", "snaps", "done", "next_send", "backoff", "sends")
 
     def __init__(self, qid: int, flatten: bool) -> None:
         self.qid = qid
+        self.qids = {qid}
         self.flatten = flatten
-        self.positions: dict[int, Position] = {}
-        self.count: int | None = None
+        self.snaps: dict[int, list[Any]] = {}  # snapshot -> [positions by index, count or None]
+        self.done: tuple[int, list[Position]] | None = None
         self.next_send = 0.0
         self.backoff = 0.0
         self.sends = 0
 
-    def complete(self) -> bool:
-        return self.count is not None and all(i in self.positions for i in range(1, self.count + 1))
+    def add(self, snapshot: int, position: Position | None = None, count: int | None = None) -> bool:
+        """Record a position or an end marker; True once ``snapshot`` is complete."""
+        entry = self.snaps.get(snapshot)
+        if entry is None:
+            if len(self.snaps) >= 64:  # a terminal whose positions never hold still: start over
+                self.snaps.clear()
+            entry = self.snaps[snapshot] = [{}, None]
+        if position is not None:
+            entry[0][position.index] = position
+        if count is not None:
+            entry[1] = count
+        n = entry[1]
+        if n is not None and all(i in entry[0] for i in range(1, n + 1)):
+            self.done = (snapshot, [entry[0][i] for i in range(1, n + 1)])
+            return True
+        return False
 
 
 class MT5Bridge:
@@ -712,16 +728,16 @@ class MT5Bridge:
         sock, codec = self._sock, self._codec
         for _ in range(4096):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(zmq.NOBLOCK)  # small frames: copying is cheaper than Frame objects
             except zmq.Again:
                 return
-            ident = frames[0].bytes
+            ident = frames[0]
             if len(frames) != 2:
                 codec.count("invalid")
                 self._error(ident, "invalid", f"expected 1 frame, got {len(frames) - 1}", 0)
                 continue
             try:
-                m = codec.decode(frames[1].buffer)
+                m = codec.decode(frames[1])
             except PayloadError as e:
                 log.warning("refused a frame from the terminal: %s", e)
                 self._error(ident, e.reason, e.detail[:200], 0)
@@ -765,16 +781,12 @@ class MT5Bridge:
             pass
         elif t is Position:
             q = self._query
-            if q is not None and m.query_id == q.qid:
-                q.positions[m.index] = m
-                if q.complete():
-                    self._finish_reconcile(now)
+            if q is not None and m.query_id in q.qids and q.add(m.snapshot, position=m):
+                self._finish_reconcile(now)
         elif t is PositionsEnd:
             q = self._query
-            if q is not None and m.query_id == q.qid:
-                q.count = m.count
-                if q.complete():
-                    self._finish_reconcile(now)
+            if q is not None and m.query_id in q.qids and q.add(m.snapshot, count=m.count):
+                self._finish_reconcile(now)
         elif t is TerminalHello:
             self._term_hello = m
             self._send_hello(ident, ep)
@@ -831,15 +843,15 @@ class MT5Bridge:
 
     def _finish_reconcile(self, now: float) -> None:
         q = self._query
-        assert q is not None
+        assert q is not None and q.done is not None
         self._query = None
         if q.flatten:
             self._flatten_pending = False
         self.counts["reconciliations"] += 1
         by_coid: dict[str, list[Position]] = {}
         unknown: list[Position] = []
-        for i in range(1, (q.count or 0) + 1):
-            p = q.positions[i]
+        snapshot, listed = q.done
+        for p in listed:
             if p.client_order_id and p.client_order_id in self._orders:
                 by_coid.setdefault(p.client_order_id, []).append(p)
             else:
@@ -869,10 +881,11 @@ class MT5Bridge:
         for p in unknown:
             log.warning("unknown position at the terminal: ticket %d %s %s %.2f magic %d comment %r", p.ticket,
                         p.symbol, p.side, p.volume, p.magic, p.comment)
-        self._last_recon = {"query_id": q.qid, "flatten": q.flatten, "positions": q.count or 0, "matched": matched,
+        self._last_recon = {"query_id": q.qid, "snapshot": snapshot, "queries": q.sends, "flatten": q.flatten,
+                            "positions": len(listed), "matched": matched,
                             "reconciled": reconciled, "closed": closed, "unknown": list(self._unknown_positions)}
         log.info("reconciled with terminal %d: %d positions, %d matched, %d found executed, %d closed, %d unknown",
-                 self._term_epoch, q.count or 0, len(matched), len(reconciled), len(closed), len(unknown))
+                 self._term_epoch, len(listed), len(matched), len(reconciled), len(closed), len(unknown))
         if self.link != "live":
             if self._safe_since is not None:
                 log.info("leaving safe mode after %.3f s", now - self._safe_since)
@@ -920,9 +933,8 @@ class MT5Bridge:
             self._send(Heartbeat(**self._stamp(), recv_seq=self._seq.hi))
         q = self._query
         if link == "reconciling" and q is not None and now >= q.next_send:
-            q.positions.clear()
-            q.count = None
-            q.qid = self._next_qid  # a fresh id: stragglers of the earlier answer are ignored
+            q.qid = self._next_qid  # a fresh id; answers to the earlier ones still count (same snapshot)
+            q.qids.add(q.qid)
             self._next_qid += 1
             self._send_query(now)
         if link != "live":

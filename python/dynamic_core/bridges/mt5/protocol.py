@@ -235,9 +235,12 @@ class ExecReport(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, ta
 class Position(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="position"):
     """One open position, the ``index``-th (1-based) of the answer to query ``query_id``.
     ``volume`` is positive lots, the direction is ``side``; ``client_order_id`` is the id the EA
-    read from the order comment (empty when the position was not opened by the bridge)."""
+    read from the order comment (empty when the position was not opened by the bridge).
+    ``snapshot`` identifies the set of positions answered: the EA changes it whenever a position
+    opens, changes or closes, so answers with equal snapshots may be merged."""
 
     query_id: Annotated[int, msgspec.Meta(ge=1, le=_I63)]
+    snapshot: Count
     index: Annotated[int, msgspec.Meta(ge=1, le=_I63)]
     symbol: Symbol
     ticket: Count
@@ -253,9 +256,11 @@ class Position(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag=
 
 
 class PositionsEnd(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="positions_end"):
-    """The end of the answer to query ``query_id``: ``count`` positions were sent."""
+    """The end of the answer to query ``query_id``: ``count`` positions of snapshot
+    ``snapshot`` were sent."""
 
     query_id: Annotated[int, msgspec.Meta(ge=1, le=_I63)]
+    snapshot: Count
     count: Count
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from collections import deque
 from typing import Any
 
@@ -304,7 +305,7 @@ class SimulatedTerminal:
     def _read(self) -> None:
         for _ in range(4096):
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             if len(frames) != 1:
@@ -313,7 +314,7 @@ class SimulatedTerminal:
                 self._reply(Error, reason="invalid", detail=f"expected 1 frame, got {len(frames)}", ref_seq=0)
                 continue
             try:
-                m = self._codec.decode(frames[0].buffer)
+                m = self._codec.decode(frames[0])
             except PayloadError as e:
                 self.counts["errors_sent"] += 1
                 self._reply(Error, reason=e.reason, detail=e.detail[:200], ref_seq=0)
@@ -426,19 +427,23 @@ class SimulatedTerminal:
                 self._queue_report(rec)
 
     def _answer_positions(self, qid: int, magic: int) -> None:
-        n = 0
+        listed = []
         for name, pos in self.broker.positions().items():
             for leg in pos.legs:
                 rec = self._table.get(leg.client_order_id)
                 pmagic = rec.magic if rec is not None else 0
-                if magic and pmagic and pmagic != magic:
-                    continue
-                n += 1
-                self._reply(Position, query_id=qid, index=n, symbol=name, ticket=rec.ticket if rec else 0,
-                            side="buy" if leg.direction > 0 else "sell", volume=leg.lots, price_open=leg.price,
-                            sl=leg.stop_loss, tp=leg.take_profit, magic=pmagic, comment=leg.client_order_id[:31],
-                            client_order_id=leg.client_order_id if rec is not None else "", profit=0.0)
-        self._reply(PositionsEnd, query_id=qid, count=n)
+                if not (magic and pmagic and pmagic != magic):
+                    listed.append((name, leg, rec, pmagic))
+        # the snapshot: a hash of what is listed, so equal answers are recognisably equal
+        snapshot = zlib.crc32(repr([(n, lg.client_order_id, lg.lots, lg.price, lg.stop_loss, lg.take_profit)
+                                    for n, lg, _, _ in listed]).encode())
+        for i, (name, leg, rec, pmagic) in enumerate(listed, 1):
+            self._reply(Position, query_id=qid, snapshot=snapshot, index=i, symbol=name,
+                        ticket=rec.ticket if rec else 0, side="buy" if leg.direction > 0 else "sell", volume=leg.lots,
+                        price_open=leg.price, sl=leg.stop_loss, tp=leg.take_profit, magic=pmagic,
+                        comment=leg.client_order_id[:31],
+                        client_order_id=leg.client_order_id if rec is not None else "", profit=0.0)
+        self._reply(PositionsEnd, query_id=qid, snapshot=snapshot, count=len(listed))
 
     # ---- helpers ------------------------------------------------------------------------------------
     def _filled(self, rec: _Rec, f: Any) -> None:
