@@ -360,6 +360,46 @@ def test_raising_callback_is_counted_not_propagated(caplog: pytest.LogCaptureFix
     assert b.balance == near(100_000.0)
 
 
+def test_callbacks_see_final_books_and_may_call_the_broker() -> None:
+    b = PaperBroker(fill_market="immediate")
+    log_: list[tuple[str, str, float, float]] = []
+
+    def react(t: ClosedTrade) -> None:
+        if t.exit_reason == "stop_loss":  # re-enter the other way, from inside the callback
+            b.submit(sell("again", 1.0, plan_id="R"))
+        pos = b.positions().get("EURUSD")
+        log_.append((t.plan_id, t.exit_reason, pos.lots if pos else 0.0, b.balance))
+
+    b.on_trade(react)
+    b.on_bar("EURUSD", 1, 1.1000, 1.1000, 1.1000, 1.1000)
+    b.submit(buy("a", 1.0, plan_id="A", stop_loss=1.0950))
+    b.submit(buy("b", 1.0, plan_id="B", stop_loss=1.0950))
+    fills = b.on_bar("EURUSD", 2, 1.0990, 1.0990, 1.0940, 1.0960)
+    assert [(f.kind, f.plan_id) for f in fills] == [("stop_loss", "A"), ("stop_loss", "B")]
+    # Both legs were closed and booked before the first callback ran (its balance has both
+    # losses); its re-entry fills at once, and the second trade is delivered only after the first
+    # callback returns (in closing order, not nested); its own "again" is a duplicate.
+    after = near(100_000 - 2 * 500.0)
+    assert log_ == [("A", "stop_loss", -1.0, after), ("B", "stop_loss", -1.0, after)]
+    assert b.positions()["EURUSD"].lots == -1.0 and b.order_status("again") == "filled"
+    assert b.fills[-1].price == 1.0960
+
+
+def test_bad_construction_and_garbage_orders() -> None:
+    with pytest.raises(ValueError, match="spread"):
+        CostModel(spread=-0.1)
+    with pytest.raises(ValueError, match="slippage"):
+        CostModel(slippage=math.nan)
+    with pytest.raises(TypeError, match="costs"):
+        PaperBroker(costs={"*": 0.1})  # type: ignore[dict-item]
+    b = PaperBroker()
+    assert b.submit(None).reason == "bad_order"  # type: ignore[arg-type]
+    assert b.submit(buy("t", 1.0, ts="later")).reason == "bad_order"
+    s = b.stats()
+    assert (s["trades"], s["max_drawdown"], s["equity"], s["rejects"]) == (0, 0.0, 100_000.0, {"bad_order": 2})
+    assert math.isnan(s["profit_factor"]) and b.equity_curve().shape == (0,)
+
+
 def test_plan_to_order() -> None:
     plan = TradingPlan(plan_id="plan-1", signal_id="s", instrument="EURUSD", timeframe=3600, ts=1, seq=1,
                        direction=-1, action=-1, entry=1.1, stop=1.11, targets=(1.08, 1.07), size=0.3,

@@ -1,58 +1,55 @@
-"""The paper broker: orders and trading plans filled against bars, with costs, netting and
+"""The paper broker: orders and trading plans filled against bars with costs, netting and
 conservative intrabar rules, so that a backtest and a live paper account behave alike.
 
-Prices
-    Bar prices are mid prices. A buy fills at ``mid + spread/2`` and a sell at ``mid - spread/2``;
-    ``slippage`` moves market fills, stop-order fills and stop-loss exits further against the
-    order, while limit entries and take-profits fill at their price (they are resting orders).
-    Limit and stop entry prices are compared with mid prices (the spread is paid on top);
-    stop-loss and take-profit levels with the side the position exits at (bid for longs, ask for
-    shorts), as a dealer's terminal does.
+Prices. Bar prices are mid prices: buys fill at ``mid + spread/2``, sells at ``mid - spread/2``;
+``slippage`` worsens market fills, stop-order fills and stop-loss exits, never limit entries or
+take-profits (resting orders). Limit and stop entry prices are compared with mid prices (the
+spread is paid on top); stop-loss and take-profit levels with the side a position exits at (bid
+for longs, ask for shorts), as a dealer's terminal does.
 
-Events within one bar of an instrument (:meth:`PaperBroker.on_bar`), in this order
-    1. pending orders with ``0 < valid_until < ts`` expire unfilled;
-    2. pending market orders (``fill_market="next_open"``) fill at the bar's open;
-    3. stop orders trigger (buy: ``high >= price``, filled at ``max(price, open)``) and limit
-       orders (buy: ``low <= price``, filled at ``min(price, open)``); sells mirrored; in
-       submission order;
-    4. stop-losses and take-profits of the open legs, FIFO. The path inside a bar is unknown, so
-       the worst case is assumed: when the bar reaches both levels of a leg the stop is taken; a
-       gap through the stop fills at the open (worse than the stop); a gap through the target
-       fills at the target, not at the better open. A leg opened in this bar follows the same
-       rule (it may be stopped in it, and reaches its target in it only when its stop was out
-       of reach), with its own fill standing in for the open: a leg filled beyond its target
-       exits at the price of that moment, not at the worse target;
-    5. the close becomes the instrument's last price and one equity-curve point is appended.
+Events within one bar of an instrument (:meth:`PaperBroker.on_bar`), in this order:
 
-Netting
-    One net position per instrument, kept as FIFO legs. An order in the position's direction
-    adds a leg; an opposite order closes legs first in, first out (each closed leg or part of
-    one is a :class:`ClosedTrade` of THAT leg's plan) and, when larger than the position, opens a
-    reverse leg with the remainder for the new order's plan. A leg keeps the stop-loss and
-    take-profit of the order that opened it.
+1. pending orders with ``0 < valid_until < ts`` expire unfilled;
+2. pending market orders (``fill_market="next_open"``) fill at the open;
+3. stop orders trigger (buy: ``high >= price``, filled at ``max(price, open)``) and limit orders
+   (buy: ``low <= price``, filled at ``min(price, open)``), sells mirrored, in submission order;
+4. stop-losses and take-profits of the open legs, FIFO. The path inside a bar is unknown, so the
+   worst case is assumed: a bar reaching both levels of a leg takes the stop; a gap through the
+   stop fills at the open (worse than the stop), a gap through the target at the target (not
+   the better open). A leg opened in this bar follows the same rule from its own fill on: it
+   may be stopped, and reaches its target only when its stop was out of reach; filled beyond
+   its target, it exits at the price of that moment rather than at the worse target;
+5. the close becomes the instrument's last price; one equity-curve point is appended.
 
-Accounting
-    Commission is ``commission_per_lot`` per lot per side, charged to the balance when it is
-    paid; a closed trade carries its share of the entry commission and its exit commission.
-    P&L is ``(exit - entry) * direction * lots * contract_size`` converted to the account
-    currency by :func:`~dynamic_core.decision.specs.quote_to_account` at the exit price, with the
-    last prices of all instruments as crosses. ``equity`` is the balance plus the open legs
-    marked at the price they would exit at now (bid for longs, ask for shorts, no slippage or
-    exit commission), so it equals the balance after the legs close at that price.
+Netting. One net position per instrument, kept as FIFO legs that keep their order's stop-loss
+and take-profit. An order in the position's direction adds a leg; an opposite order closes legs
+first in, first out (each closed leg or part of one is a :class:`ClosedTrade` of THAT leg's
+plan) and, when larger than the position, opens a reverse leg for its own plan.
 
-Idempotency and bad input
-    A ``client_order_id`` once accepted (pending, filled, cancelled or expired) answers
-    ``"duplicate"`` and changes nothing; a rejected one may be sent again, since nothing was
-    executed. Invalid orders are rejected with a reason code, invalid bars (non-finite, high
-    below low, out of order) are ignored and counted, and a raising trade callback is counted
-    in ``stats()["callback_errors"]`` and logged once; none of them raises. Everything is
-    deterministic: the same calls give the same results bit for bit.
+Accounting. Commission (per lot per side) is charged to the balance when paid; a closed trade
+carries its share of the entry commission and its exit commission. P&L is ``(exit - entry) *
+direction * lots * contract_size``, converted to the account currency by
+:func:`~dynamic_core.decision.specs.quote_to_account` at the exit price with the last prices of
+all instruments as crosses. ``equity`` marks open legs at the price they would exit at now (bid
+for longs, ask for shorts; no slippage or exit commission).
+
+Idempotency and bad input. A ``client_order_id`` once accepted answers ``"duplicate"`` and
+changes nothing; a rejected one may be sent again (nothing was executed). Invalid orders are
+rejected with a reason code, invalid bars ignored and counted, a raising trade callback counted
+and logged once: nothing raises. Callbacks run once the call that closed the trade has finished
+its bookkeeping, so they may call the broker. Same calls, same results, bit for bit.
+
+Against backtesting.py (no costs, ``trade_on_close=False``) market entries with brackets and
+netted orders agree exactly but for one case: a position held through a gap beyond its target
+exits there at the better open. It also runs a bar's stop-losses before its market orders and
+puts off a stop/limit entry's same-bar exits to the next bar; here both happen in time order.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Mapping
 
 import msgspec
@@ -62,18 +59,8 @@ from ..decision.specs import InstrumentSpec, instrument_spec, quote_to_account
 from ..instruments import instruments
 from ..payloads import TradingPlan
 
-__all__ = [
-    "EQUITY_DTYPE",
-    "ClosedTrade",
-    "CostModel",
-    "Fill",
-    "Leg",
-    "Order",
-    "OrderResult",
-    "PaperBroker",
-    "Position",
-    "order_from_plan",
-]
+__all__ = ["EQUITY_DTYPE", "ClosedTrade", "CostModel", "Fill", "Leg", "Order", "OrderResult", "PaperBroker",
+           "Position", "order_from_plan"]
 
 log = logging.getLogger("dynamic_core.bridges.paper")
 
@@ -91,23 +78,11 @@ def _lots(x: float) -> float:
 
 
 class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Trading costs of one instrument.
+    """Trading costs of one instrument (all >= 0)."""
 
-    Attributes
-    ----------
-    spread : float
-        Full bid-ask spread in price units: buys fill at ``mid + spread/2``, sells at
-        ``mid - spread/2``.
-    slippage : float
-        Price units against the order on market fills, stop-order fills and stop-loss exits
-        (never on limit entries or take-profits).
-    commission_per_lot : float
-        Account currency per lot per side.
-    """
-
-    spread: float = 0.0
-    slippage: float = 0.0
-    commission_per_lot: float = 0.0
+    spread: float = 0.0  # full spread in price units: buys fill at mid + spread/2, sells at mid - spread/2
+    slippage: float = 0.0  # price units against market, stop-order and stop-loss fills (not limits or targets)
+    commission_per_lot: float = 0.0  # account currency per lot per side
 
     def __post_init__(self) -> None:
         for name in ("spread", "slippage", "commission_per_lot"):
@@ -117,44 +92,19 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 
 class Order(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """An order to the paper broker.
+    """An order to the paper broker; prices are mid prices in the quote currency."""
 
-    Attributes
-    ----------
-    client_order_id : str
-        Idempotency key: a second order with an accepted id is answered ``"duplicate"``.
-    instrument : str
-        Instrument name.
-    side : int
-        +1 buy, -1 sell.
-    type : str
-        ``"market"``, ``"limit"`` or ``"stop"``.
-    lots : float
-        Size, a multiple of the instrument's lot step within its limits.
-    price : float
-        Limit price or stop trigger (mid price); unused by market orders.
-    stop_loss, take_profit : float
-        Levels attached to the leg the order opens; 0 means none.
-    valid_until : int
-        A pending order with ``0 < valid_until < bar ts`` expires unfilled; 0 is good till
-        cancelled.
-    plan_id : str
-        The plan the resulting legs and trades are attributed to.
-    ts : int
-        Submission time, ns (used as the fill time of immediate fills when later than the bar).
-    """
-
-    client_order_id: str
+    client_order_id: str  # idempotency key: once accepted, the same id is answered "duplicate"
     instrument: str
-    side: int
-    type: str = "market"
-    lots: float
-    price: float = 0.0
-    stop_loss: float = 0.0
-    take_profit: float = 0.0
-    valid_until: int = 0
-    plan_id: str = ""
-    ts: int = 0
+    side: int  # +1 buy, -1 sell
+    type: str = "market"  # "market" | "limit" | "stop"
+    lots: float  # a multiple of the instrument's lot step within its limits
+    price: float = 0.0  # limit price or stop trigger; unused by market orders
+    stop_loss: float = 0.0  # attached to the leg the order opens; 0 = none
+    take_profit: float = 0.0  # 0 = none
+    valid_until: int = 0  # ns; a pending order with 0 < valid_until < bar ts expires; 0 = good till cancelled
+    plan_id: str = ""  # the plan the resulting legs and trades belong to
+    ts: int = 0  # submission time, ns (the fill time of an immediate fill when later than the last bar)
 
 
 class Fill(msgspec.Struct, frozen=True, kw_only=True):
@@ -234,19 +184,11 @@ def order_from_plan(plan: TradingPlan, *, client_order_id: str | None = None, ty
     """The order that executes ``plan``: its direction, size, stop, first target and validity;
     a limit or stop order rests at ``plan.entry``. ``client_order_id`` defaults to the plan id,
     so resubmitting a plan is idempotent."""
-    return Order(
-        client_order_id=plan.plan_id if client_order_id is None else client_order_id,
-        instrument=plan.instrument,
-        side=plan.direction,
-        type=type,
-        lots=plan.size,
-        price=plan.entry if type != "market" else 0.0,
-        stop_loss=plan.stop,
-        take_profit=plan.targets[0] if plan.targets else 0.0,
-        valid_until=plan.valid_until,
-        plan_id=plan.plan_id,
-        ts=plan.ts,
-    )
+    return Order(client_order_id=plan.plan_id if client_order_id is None else client_order_id,
+                 instrument=plan.instrument, side=plan.direction, type=type, lots=plan.size,
+                 price=plan.entry if type != "market" else 0.0, stop_loss=plan.stop,
+                 take_profit=plan.targets[0] if plan.targets else 0.0, valid_until=plan.valid_until,
+                 plan_id=plan.plan_id, ts=plan.ts)
 
 
 class PaperBroker:
@@ -276,6 +218,9 @@ class PaperBroker:
             raise ValueError(f"fill_market must be 'next_open' or 'immediate', got {fill_market!r}")
         if not (math.isfinite(equity) and equity > 0):
             raise ValueError(f"equity must be finite and > 0, got {equity!r}")
+        if costs is not None and not isinstance(costs, CostModel) and not all(
+                isinstance(v, CostModel) for v in costs.values()):
+            raise TypeError("costs must be a CostModel or a mapping of instrument name to CostModel")
         self._initial = float(equity)
         self._balance = float(equity)
         self._account = account
@@ -293,10 +238,11 @@ class PaperBroker:
         self._trades: list[ClosedTrade] = []
         self._fills: list[Fill] = []
         self._callbacks: list[Callable[[ClosedTrade], object]] = []
-        self._rejects: dict[str, int] = {}
-        self._ignored: dict[str, int] = {}
-        self._callback_errors = 0
-        self._conversion_errors = 0
+        self._outbox: deque[ClosedTrade] = deque()  # closed trades not yet given to the callbacks
+        self._dispatching = False
+        self._rejects: dict[str, int] = {}  # by reason
+        self._ignored: dict[str, int] = {}  # bars, by reason
+        self._callback_errors = self._conversion_errors = 0
         self._commission = 0.0
         self._names: dict[int, str] = {}
 
@@ -348,8 +294,9 @@ class PaperBroker:
             cost = self._cost(order.instrument)
             px = self._prices[order.instrument] + order.side * (cost.spread / 2 + cost.slippage)
             ts = max(int(order.ts), self._last_ts[order.instrument])
-            fill = self._execute(order, px, ts, None)
             self._status[cid] = "filled"
+            fill = self._execute(order, px, ts, None)
+            self._dispatch()
             return OrderResult(client_order_id=cid, status="filled", fills=(fill,))
         self._status[cid] = "pending"
         self._pending[cid] = order
@@ -419,43 +366,59 @@ class PaperBroker:
                  ref_mid: float = 0.0) -> Fill:
         """Fill all of ``order`` at ``px``: close opposite legs FIFO, open a leg with the rest."""
         name, side = order.instrument, order.side
-        spec, cost = self._spec(name), self._cost(name)
-        legs = self._legs.setdefault(name, [])
+        legs = self._legs.get(name, [])
         held = _lots(sum(leg.lots for leg in legs))
         opposite = bool(legs) and legs[0].direction != side
-        remaining = _lots(float(order.lots))
-        reverses = opposite and remaining > held + _EPS
-        commission = 0.0
-        while opposite and legs and remaining > _EPS:
-            leg = legs[0]
-            q = min(remaining, leg.lots)
-            commission += self._close_part(name, spec, cost, leg, q, px, ts, "reverse" if reverses else "close")
-            remaining = _lots(remaining - q)
-            if leg.lots <= _EPS:
-                legs.pop(0)
+        lots = _lots(float(order.lots))
+        reverses = opposite and lots > held + _EPS
+        commission = remaining = 0.0
+        if opposite:
+            commission, _ = self._reduce(name, lots, px, ts, "reverse" if reverses else "close", per_leg=False)
+            remaining = _lots(lots - held) if reverses else 0.0
+        else:
+            remaining = lots
         if remaining > _EPS:
-            entry_comm = cost.commission_per_lot * remaining
+            entry_comm = self._cost(name).commission_per_lot * remaining
             leg = Leg(client_order_id=order.client_order_id, plan_id=order.plan_id, direction=side,
                       lots=remaining, price=px, ts=ts, stop_loss=float(order.stop_loss),
                       take_profit=float(order.take_profit), commission=entry_comm)
-            legs.append(leg)
+            self._legs.setdefault(name, []).append(leg)
             self._balance -= entry_comm
             self._commission += entry_comm
             commission += entry_comm
             if refs is not None:
                 refs[id(leg)] = (leg, ref_mid)
-        if not legs:
-            del self._legs[name]
         kind = "reverse" if reverses else ("close" if opposite else "entry")
         fill = Fill(client_order_id=order.client_order_id, plan_id=order.plan_id, instrument=name, side=side,
                     lots=_lots(float(order.lots)), price=px, commission=commission, ts=ts, kind=kind)
         self._fills.append(fill)
         return fill
 
-    def _close_part(self, name: str, spec: InstrumentSpec, cost: CostModel, leg: Leg, q: float, px: float,
-                    ts: int, reason: str) -> float:
-        """Close ``q`` lots of ``leg`` at ``px``; book and publish the trade; return the exit
+    def _reduce(self, name: str, lots: float, px: float, ts: int, reason: str,
+                per_leg: bool) -> tuple[float, list[Fill]]:
+        """Close up to ``lots`` of the position FIFO at ``px``; return the exit commission and,
+        when ``per_leg``, one fill per leg touched (an order's own fill covers them otherwise)."""
+        legs = self._legs[name]
+        commission, fills = 0.0, []
+        while legs and lots > _EPS:
+            leg = legs[0]
+            q = min(lots, leg.lots)
+            if per_leg:
+                fills.append(self._exit_leg(name, leg, q, px, ts, reason))
+                commission += fills[-1].commission
+            else:
+                commission += self._close_part(name, leg, q, px, ts, reason)
+            lots = _lots(lots - q)
+            if leg.lots <= _EPS:
+                legs.pop(0)
+        if not legs:
+            del self._legs[name]
+        return commission, fills
+
+    def _close_part(self, name: str, leg: Leg, q: float, px: float, ts: int, reason: str) -> float:
+        """Close ``q`` lots of ``leg`` at ``px``; book and queue the trade; return the exit
         commission. The caller removes the leg once it is empty."""
+        spec, cost = self._spec(name), self._cost(name)
         scale = leg.direction * q * spec.contract_size
         gross = (px - leg.price) * scale * self._conv(spec, px)
         exit_comm = cost.commission_per_lot * q
@@ -477,8 +440,7 @@ class PaperBroker:
         return exit_comm
 
     def _exit_leg(self, name: str, leg: Leg, q: float, px: float, ts: int, kind: str) -> Fill:
-        spec, cost = self._spec(name), self._cost(name)
-        comm = self._close_part(name, spec, cost, leg, q, px, ts, kind)
+        comm = self._close_part(name, leg, q, px, ts, kind)
         fill = Fill(client_order_id=leg.client_order_id, plan_id=leg.plan_id, instrument=name,
                     side=-leg.direction, lots=q, price=px, commission=comm, ts=ts, kind=kind)
         self._fills.append(fill)
@@ -486,18 +448,34 @@ class PaperBroker:
 
     def _emit(self, trade: ClosedTrade) -> None:
         self._trades.append(trade)
-        for cb in self._callbacks:
-            try:
-                cb(trade)
-            except Exception:
-                # The broker's books are already final here; a subscriber's bug must not undo
-                # them or stop the other subscribers.
-                if self._callback_errors == 0:
-                    log.exception("on_trade callback %r raised (further errors only counted)", cb)
-                self._callback_errors += 1
+        self._outbox.append(trade)
+
+    def _dispatch(self) -> None:
+        # Called last by every public method that can close trades, so callbacks see final books
+        # and may call the broker themselves; trades closed by such a nested call are queued and
+        # delivered by the outer loop, in closing order.
+        if self._dispatching:
+            return
+        self._dispatching = True
+        try:
+            while self._outbox:
+                trade = self._outbox.popleft()
+                for cb in list(self._callbacks):
+                    try:
+                        cb(trade)
+                    except Exception:
+                        # A subscriber's bug must neither undo the books nor starve the others.
+                        if self._callback_errors == 0:
+                            log.exception("on_trade callback %r raised (further errors only counted)", cb)
+                        self._callback_errors += 1
+        finally:
+            self._dispatching = False
 
     def on_trade(self, callback: Callable[[ClosedTrade], object]) -> None:
-        """Call ``callback(trade)`` for every :class:`ClosedTrade`, in order, as it closes."""
+        """Call ``callback(trade)`` for every :class:`ClosedTrade`, in closing order, once the
+        broker call that closed it has finished its bookkeeping (so the callback may itself
+        call the broker). A raising callback is logged once and counted in
+        ``stats()["callback_errors"]``."""
         self._callbacks.append(callback)
 
     # ----------------------------------------------------------------------------- bars
@@ -549,6 +527,7 @@ class PaperBroker:
         fills += self._exits(instrument, ts, o, h, lo, hs, slip, refs)  # (4)
         self._prices[instrument] = c  # (5)
         self._curve.append((ts, self._balance, self.equity))
+        self._dispatch()
         return fills
 
     def _fill_pending(self, od: Order, px: float, ts: int, refs: dict[int, tuple[Leg, float]],
@@ -585,9 +564,8 @@ class PaperBroker:
         """:meth:`on_bar` for each row of a ``BAR_DTYPE`` array, in order; rows of unknown
         instrument ids are ignored and counted (``unknown_instrument``)."""
         fills: list[Fill] = []
-        for ts, iid, o, h, lo, c in zip(bars["ts"].tolist(), bars["instrument"].tolist(), bars["open"].tolist(),
-                                        bars["high"].tolist(), bars["low"].tolist(), bars["close"].tolist(),
-                                        strict=True):
+        cols = ("ts", "instrument", "open", "high", "low", "close")
+        for ts, iid, o, h, lo, c in zip(*(bars[k].tolist() for k in cols), strict=True):
             name = self._names.get(iid)
             if name is None:
                 try:
@@ -603,6 +581,11 @@ class PaperBroker:
         """Close ``lots`` (default all, rounded down to the lot step) of the position FIFO at the
         last close, exit side (bid for longs, ask for shorts) minus slippage; ``reason`` is the
         fills' kind and the trades' exit reason. Nothing happens without a position."""
+        fills = self._close(instrument, lots, reason)
+        self._dispatch()
+        return fills
+
+    def _close(self, instrument: str, lots: float | None, reason: str) -> list[Fill]:
         legs = self._legs.get(instrument)
         if not legs:
             return []
@@ -614,20 +597,8 @@ class PaperBroker:
         if not q_left > 0.0:
             return []
         cost = self._cost(instrument)
-        d = legs[0].direction
-        px = self._prices[instrument] - d * (cost.spread / 2 + cost.slippage)
-        ts = self._last_ts[instrument]
-        fills: list[Fill] = []
-        while legs and q_left > _EPS:
-            leg = legs[0]
-            q = min(q_left, leg.lots)
-            fills.append(self._exit_leg(instrument, leg, q, px, ts, reason))
-            q_left = _lots(q_left - q)
-            if leg.lots <= _EPS:
-                legs.pop(0)
-        if not legs:
-            del self._legs[instrument]
-        return fills
+        px = self._prices[instrument] - legs[0].direction * (cost.spread / 2 + cost.slippage)
+        return self._reduce(instrument, q_left, px, self._last_ts[instrument], reason, per_leg=True)[1]
 
     def flatten(self, *, reason: str = "flatten") -> list[Fill]:
         """Cancel every pending order and close every position (instruments in name order)."""
@@ -635,7 +606,8 @@ class PaperBroker:
             self.cancel(cid)
         fills: list[Fill] = []
         for name in sorted(self._legs):
-            fills += self.close(name, reason=reason)
+            fills += self._close(name, None, reason)
+        self._dispatch()
         return fills
 
     # ----------------------------------------------------------------------------- state
@@ -685,13 +657,12 @@ class PaperBroker:
         return np.array(self._curve, dtype=EQUITY_DTYPE)
 
     def stats(self) -> dict[str, object]:
-        """Summary: trade counts, P&L, commission, drawdown, profit factor and error counters.
+        """Trade counts, P&L, commission paid, drawdown, profit factor and error counters.
 
-        ``max_drawdown`` is the largest fall of the equity curve from its running peak (account
-        currency), ``max_drawdown_pct`` the largest such fall relative to the peak;
-        ``profit_factor`` is the sum of winning net P&L over the sum of losing net P&L (inf
-        without losses, NaN without trades).
-        """
+        ``max_drawdown`` is the largest fall of the equity curve below its running peak (the
+        initial equity included), in the account currency; ``max_drawdown_pct`` the same relative
+        to the peak; ``profit_factor`` winning over losing net P&L (inf without losses, NaN
+        without trades)."""
         pnl = [t.pnl for t in self._trades]
         won = math.fsum(p for p in pnl if p > 0.0)
         lost = -math.fsum(p for p in pnl if p < 0.0)
@@ -703,21 +674,13 @@ class PaperBroker:
             max_dd_pct = float(np.max((peak - eq) / peak))
         wins = sum(p > 0.0 for p in pnl)
         return {
-            "trades": len(pnl),
-            "wins": wins,
-            "losses": sum(p < 0.0 for p in pnl),
+            "trades": len(pnl), "wins": wins, "losses": sum(p < 0.0 for p in pnl),
             "win_rate": wins / len(pnl) if pnl else math.nan,
-            "net_pnl": math.fsum(pnl),
-            "gross_pnl": math.fsum(t.gross_pnl for t in self._trades),
+            "net_pnl": math.fsum(pnl), "gross_pnl": math.fsum(t.gross_pnl for t in self._trades),
             "commission": self._commission,
             "profit_factor": won / lost if lost > 0.0 else (math.inf if won > 0.0 else math.nan),
-            "max_drawdown": max_dd,
-            "max_drawdown_pct": max_dd_pct,
-            "balance": self._balance,
-            "equity": self.equity,
-            "fills": len(self._fills),
-            "rejects": dict(sorted(self._rejects.items())),
-            "ignored_bars": dict(sorted(self._ignored.items())),
-            "callback_errors": self._callback_errors,
-            "conversion_errors": self._conversion_errors,
+            "max_drawdown": max_dd, "max_drawdown_pct": max_dd_pct,
+            "balance": self._balance, "equity": self.equity, "fills": len(self._fills),
+            "rejects": dict(sorted(self._rejects.items())), "ignored_bars": dict(sorted(self._ignored.items())),
+            "callback_errors": self._callback_errors, "conversion_errors": self._conversion_errors,
         }
