@@ -192,7 +192,8 @@ def order_from_plan(plan: TradingPlan, *, client_order_id: str | None = None, ty
 
 
 class PaperBroker:
-    """A deterministic simulated account that fills :class:`Order` s against bars.
+    """A deterministic simulated account that fills :class:`Order` s against bars. Not
+    thread-safe: callers sharing one across threads serialise their calls.
 
     Parameters
     ----------
