@@ -221,6 +221,8 @@ examples:
   dynamic-core run --instruments EURUSD,BTCUSD --seed 3
   dynamic-core run --data prices.csv --agents 20000
   dynamic-core run --no-live > report.txt           plain tables, no animation
+  dynamic-core run --paper                          trade the signals on a paper account
+  dynamic-core run --paper --decision-config live.toml --shadow candidate.toml
 
 CSV files need a header with Open, High, Low, Close (any case), optionally Volume, and a
 time/timestamp/date column (or a datetime index column). A symbol or instrument column splits
@@ -368,6 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_reasoning.add_commands(sub, _Formatter)
     cli_reasoning.add_run_options(r)
+
+    # trading: run --paper (cli_decision.py) and bridge mt5 (bridges/mt5/cli.py)
+    from . import cli_decision
+
+    cli_decision.add_run_options(r)
+    try:
+        from .bridges.mt5 import cli as mt5_cli
+    except ImportError:  # pragma: no cover - the bridge ships with the package
+        mt5_cli = None
+    if mt5_cli is not None:
+        mt5_cli.add_parser(sub)
     return p
 
 
@@ -691,6 +704,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``dynamic-core run``."""
     from . import cli_transport
 
+    if getattr(args, "paper", False):
+        if cli_transport.wants_service(args):
+            raise CLIError("--paper runs in this process; it does not combine with --publish/--feed/--control")
+        from . import cli_decision
+
+        return cli_decision.cmd_run_paper(args)
+    if getattr(args, "shadow", None) or getattr(args, "decision_config", None):
+        raise CLIError("--decision-config and --shadow need --paper")
     if cli_transport.wants_service(args):  # --publish/--feed/--control: behind sockets
         return cli_transport.cmd_run_service(args)
     t0 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .governor import DAY_NS, Portfolio, RiskGovernor, RiskLimits
 from .maker import Attribution, CreditLedger, DecisionMaker, load_decision_config, top_contributors
+from .session import RationaleBook, ShadowReport, ShadowSession, TradingSession, time_steps
 from .plans import AtrTracker, PlanConfig, make_plan, plan_id_for, signal_id_for
 from .specs import DEFAULT_SPECS, InstrumentSpec, instrument_spec, load_specs, quote_to_account
 
@@ -19,7 +20,11 @@ __all__ = [
     "PlanConfig",
     "Portfolio",
     "RiskGovernor",
+    "RationaleBook",
     "RiskLimits",
+    "ShadowReport",
+    "ShadowSession",
+    "TradingSession",
     "instrument_spec",
     "load_decision_config",
     "load_specs",
@@ -27,5 +32,6 @@ __all__ = [
     "plan_id_for",
     "quote_to_account",
     "signal_id_for",
+    "time_steps",
     "top_contributors",
 ]

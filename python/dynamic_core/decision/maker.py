@@ -202,9 +202,14 @@ class DecisionMaker:
         cfg = self.plan_config
         names = instruments.names()
         actions = signals["action"].tolist()
+        scores = signals["score"].tolist()
         snapshot: np.ndarray | None = None
         for j, act in enumerate(actions):
-            if abs(act) < cfg.min_action:
+            if abs(act) >= cfg.min_action:
+                direction = 1 if act > 0 else -1
+            elif cfg.min_score > 0.0 and abs(scores[j]) >= cfg.min_score:
+                direction = 1 if scores[j] > 0 else -1
+            else:
                 continue
             s = signals[j]
             inst, tf = int(s["instrument"]), int(s["timeframe"])
@@ -213,7 +218,7 @@ class DecisionMaker:
             if agents is not None and self.n_contributors:
                 if snapshot is None:
                     snapshot = agents() if callable(agents) else agents
-                contributors = top_contributors(snapshot, inst, tf, 1 if act > 0 else -1, self.n_contributors,
+                contributors = top_contributors(snapshot, inst, tf, direction, self.n_contributors,
                                                 self._index(snapshot))
             text, provider, agreeing = "", "", 0
             if self._rationale is not None:
@@ -243,7 +248,14 @@ class DecisionMaker:
         return d
 
     def _positions(self) -> dict[str, float]:
-        return {k: float(p.lots) for k, p in self.trader.positions().items() if p.lots != 0.0}
+        """Net lots per instrument, orders still waiting to fill included: a plan approved on
+        this bar is a position from the next open, and the limits must see it now."""
+        pos = {k: float(p.lots) for k, p in self.trader.positions().items() if p.lots != 0.0}
+        pending = getattr(self.trader, "pending", None)
+        if pending is not None:
+            for o in pending():
+                pos[o.instrument] = pos.get(o.instrument, 0.0) + o.side * o.lots
+        return {k: v for k, v in pos.items() if abs(v) > 1e-12}
 
     # ---- outcomes ------------------------------------------------------------------------------
 

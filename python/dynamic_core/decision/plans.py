@@ -51,6 +51,10 @@ class PlanConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         Period of the ATR behind the stop.
     min_action : int
         Smallest ``|action|`` that makes a plan (1: BUY/SELL and stronger, 2: STRONG only).
+    min_score : float
+        When > 0, a signal whose ``|score|`` reaches it also makes a plan in the score's
+        direction, whatever its action. The fused score of a large, diverse population is a
+        small number (votes cancel), so its action is mostly HOLD; this trades its lean.
     account : str
         Account currency.
     """
@@ -61,6 +65,7 @@ class PlanConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     valid_bars: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
     atr_period: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 14
     min_action: Annotated[int, msgspec.Meta(ge=1, le=2)] = 1
+    min_score: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
     account: Annotated[str, msgspec.Meta(min_length=3, max_length=8)] = "USD"
 
 
@@ -172,12 +177,15 @@ def make_plan(signal: Any, *, entry: float, atr: float, equity: float, config: P
         instrument, timeframe, ts, seq = signal.instrument, signal.timeframe, signal.ts, signal.seq
         action, score, confidence, agreement = signal.action, signal.score, signal.confidence, signal.agreement
         pop_hash, dispersion, n_agents = signal.population_hash, signal.dispersion, signal.n_agents
-    if abs(action) < cfg.min_action:
+    if abs(action) >= cfg.min_action:
+        direction = 1 if action > 0 else -1
+    elif cfg.min_score > 0.0 and abs(score) >= cfg.min_score:
+        direction = 1 if score > 0 else -1
+    else:
         return None
     if not (atr > 0.0 and math.isfinite(atr) and entry > 0.0 and math.isfinite(entry) and equity > 0.0):
         return None
     sp = spec if spec is not None else instrument_spec(instrument)
-    direction = 1 if action > 0 else -1
     dist = cfg.stop_atr * atr
     stop = entry - direction * dist
     if stop <= 0.0:

@@ -1,0 +1,287 @@
+"""``dynamic-core run --paper``: signals -> plans -> risk governor -> paper broker, with
+attribution, credit fed back to the agents and an optional shadow configuration."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from .bridges.paper import CostModel, PaperBroker
+from .decision import (
+    DecisionMaker,
+    PlanConfig,
+    RationaleBook,
+    RiskLimits,
+    ShadowSession,
+    TradingSession,
+    load_decision_config,
+)
+
+__all__ = ["DEFAULT_COSTS", "add_run_options", "cmd_run_paper"]
+
+DEFAULT_COSTS: dict[str, CostModel] = {
+    # typical retail ECN quotes: full spread in price units, commission per lot per side
+    "EURUSD": CostModel(spread=0.00008, slippage=0.00001, commission_per_lot=3.5),
+    "GBPUSD": CostModel(spread=0.00012, slippage=0.00001, commission_per_lot=3.5),
+    "AUDUSD": CostModel(spread=0.00010, slippage=0.00001, commission_per_lot=3.5),
+    "USDJPY": CostModel(spread=0.010, slippage=0.001, commission_per_lot=3.5),
+    "XAUUSD": CostModel(spread=0.25, slippage=0.02, commission_per_lot=3.5),
+    "BTCUSD": CostModel(spread=15.0, slippage=2.0),
+    "SPX": CostModel(spread=0.5, slippage=0.1),
+    "*": CostModel(),
+}
+"""Costs ``run --paper`` charges unless a decision config's ``[costs]`` says otherwise."""
+
+DEFAULT_MIN_SCORE = 0.02
+
+
+def add_run_options(r: argparse.ArgumentParser) -> None:
+    """The trading options of ``dynamic-core run``."""
+    g = r.add_argument_group("paper trading (plans, risk governor, paper broker)")
+    g.add_argument("--paper", action="store_true",
+                   help="trade the signals through plans, the risk governor and a paper broker; end "
+                        "with the equity summary and the attribution table")
+    g.add_argument("--decision-config", default=None, metavar="FILE",
+                   help="TOML with [plan] (risk_pct, stop_atr, targets_r, valid_bars, min_action, "
+                        "min_score), [risk] (limits and guardrails), [costs] / [costs.NAME] "
+                        "(spread, slippage, commission_per_lot) and [instruments.NAME] contract specs")
+    g.add_argument("--shadow", default=None, metavar="FILE",
+                   help="a candidate decision config run beside the live one on the same signals; "
+                        "reports where verdicts and fills differ")
+    g.add_argument("--equity", type=float, default=100_000.0, metavar="USD",
+                   help="starting paper equity [default: 100000]")
+    g.add_argument("--entry-score", type=float, default=None, metavar="X",
+                   help="trade a signal whose |fused score| reaches X even when its action is HOLD "
+                        f"[default: the config's min_score, else {DEFAULT_MIN_SCORE}]")
+    g.add_argument("--no-credit", action="store_true",
+                   help="do not feed trade outcomes back to the agents' consensus weights")
+
+
+def _costs(raw: dict[str, Any]) -> dict[str, CostModel]:
+    import msgspec
+
+    if not raw:
+        return dict(DEFAULT_COSTS)
+    out = dict(DEFAULT_COSTS)
+    flat = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    try:
+        if flat:
+            out = {k: CostModel() for k in out}  # a flat [costs] table replaces the defaults
+            out["*"] = msgspec.convert(flat, CostModel)
+        for name, table in raw.items():
+            if isinstance(table, dict):
+                out[name] = msgspec.convert(table, CostModel)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"[costs]: {e}") from None
+    return out
+
+
+def _maker(args: argparse.Namespace, path: str | None, journal: Any = None,
+           book: RationaleBook | None = None) -> DecisionMaker:
+    plan, limits, specs, costs = (load_decision_config(path) if path else (PlanConfig(), RiskLimits(), {}, {}))
+    if args.entry_score is not None:
+        if not 0.0 <= args.entry_score <= 1.0:
+            raise ValueError("--entry-score must be in [0, 1]")
+        plan = _replace(plan, min_score=args.entry_score)
+    elif plan.min_score == 0.0 and not (path and "min_score" in _plan_keys(path)):
+        plan = _replace(plan, min_score=DEFAULT_MIN_SCORE)
+    if not (math.isfinite(args.equity) and args.equity > 0):
+        raise ValueError("--equity must be a positive number")
+    broker = PaperBroker(equity=args.equity, account=plan.account, costs=_costs(costs), specs=specs)
+    return DecisionMaker(broker, plan=plan, limits=limits, specs=specs, journal=journal,
+                         rationale=book.get if book is not None else None)
+
+
+def _replace(s: Any, **kw: Any) -> Any:
+    import msgspec
+
+    return msgspec.structs.replace(s, **kw)
+
+
+def _plan_keys(path: str) -> set[str]:
+    import tomllib
+
+    with open(path, "rb") as f:
+        return set(tomllib.load(f).get("plan", {}))
+
+
+def cmd_run_paper(args: argparse.Namespace) -> int:
+    """``dynamic-core run --paper``."""
+    from . import cli
+    from .engine import Engine
+    from .instruments import instruments
+
+    t0 = time.perf_counter()
+    console = cli._console()
+    if args.data is not None and args.data.strip().lower() != "sim" and args.instruments is not None:
+        raise cli.CLIError("--instruments chooses simulated instruments; with --data the instruments "
+                           "are those found in the data")
+    choice = 4 if args.instruments is None else args.instruments
+    names = cli.simulated_names(choice) if isinstance(choice, int) else choice
+    bars = cli.load_bars(args.data, sim_names=names, bars=args.bars, timeframe=args.timeframe, seed=args.seed)
+    streams = cli._streams(bars)
+    pop = cli._run_population(bars, args.agents, args.seed)
+    eng = Engine(pop, cores_per_sm=args.cores_per_sm, journal=args.journal, fsync=args.fsync)
+    journal = eng.journal_event if args.journal else None
+
+    mesh = book = None
+    if args.reasoning:
+        from .cli_reasoning import mesh_from_args
+
+        book = RationaleBook()
+        mesh = mesh_from_args(args)
+        mesh.on_rationale = book.add
+    maker = _maker(args, args.decision_config, journal, book)
+    shadow = _maker(args, args.shadow, None, book) if args.shadow else None
+    if shadow is not None:
+        session: Any = ShadowSession(eng, maker, shadow, credit=not args.no_credit)
+        session.live.mesh, session.live.book = mesh, book
+        live = session.live
+    else:
+        session = live = TradingSession(eng, maker, credit=not args.no_credit, mesh=mesh, book=book)
+
+    stream_names = ", ".join(f"{instruments.name(i)} {cli.tf_label(tf)}" for i, tf in streams)
+    cfg = maker.plan_config
+    console.print(f"[bold]{cli.PROG} run --paper[/]: {len(pop):,} agents over {len(streams)} stream(s) "
+                  f"({stream_names}), {len(bars):,} bars; equity {args.equity:,.0f} {cfg.account}, risk "
+                  f"{cfg.risk_pct:g}% a trade, stop {cfg.stop_atr:g} ATR, targets {', '.join(f'{r:g}R' for r in cfg.targets_r)}"
+                  + (f", shadow {args.shadow}" if shadow is not None else ""))
+    interrupted = False
+    try:
+        if console.is_terminal and not args.quiet:
+            progress = cli._progress_bar(console)
+            with progress:
+                task = progress.add_task("trading", total=len(bars), rate="")
+                last = [0.0]
+
+                def on_step(done: int, _sig: np.ndarray) -> None:
+                    now = time.perf_counter()
+                    if now - last[0] > 0.1 or done == len(bars):
+                        last[0] = now
+                        progress.update(task, completed=done, rate=f"equity {maker.trader.equity:,.0f}")
+
+                session.run(bars, on_step)
+        else:
+            session.run(bars)
+    except KeyboardInterrupt:
+        interrupted = True
+    report = session.finish() if shadow is not None else None
+    wall = time.perf_counter() - t0
+
+    _print_summary(console, maker, args.equity, live, wall, args.top)
+    if report is not None:
+        _print_shadow(console, report, args.shadow)
+    if args.journal:
+        j = eng.stats()["journal"]
+        console.print(f"Journal {args.journal}: {j['records']:,} records (bars, credit and every verdict); "
+                      f"replay: {cli.PROG} replay {args.journal} --verify")
+    if mesh is not None:
+        from .cli_reasoning import mesh_summary
+
+        mesh_summary(console, mesh)
+        mesh.close()
+    eng.close()
+    if interrupted:
+        console.print("[yellow]interrupted[/]")
+        return 130
+    return 0
+
+
+def _print_summary(console: Any, maker: DecisionMaker, start: float, session: TradingSession, wall: float,
+                   top: int) -> None:
+    from rich.table import Table
+
+    st = maker.trader.stats()
+    end = float(maker.trader.equity)
+    t = Table(title="Paper account", title_justify="left", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("", justify="right")
+    pf = st["profit_factor"]
+    rows = [
+        ("start equity", f"{start:,.2f}"), ("end equity", f"{end:,.2f}"),
+        ("return", f"{(end / start - 1) * 100:+.2f}%"),
+        ("closed trades", f"{st['trades']:,} ({st['wins']:,} won, {st['losses']:,} lost)"),
+        ("win rate", "n/a" if not st["trades"] else f"{st['win_rate'] * 100:.1f}%"),
+        ("profit factor", "n/a" if math.isnan(pf) else ("inf" if math.isinf(pf) else f"{pf:.2f}")),
+        ("max drawdown", f"{st['max_drawdown']:,.2f} ({st['max_drawdown_pct'] * 100:.2f}%)"),
+        ("commission", f"{st['commission']:,.2f}"),
+        ("open positions", ", ".join(f"{k} {p.lots:+g}" for k, p in sorted(maker.trader.positions().items())) or "none"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+
+    g = maker.governor.stats()
+    d = g["decisions"]
+    reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(g["reasons"].items(), key=lambda kv: -kv[1])) or "none"
+    console.print(f"Plans: {sum(d.values()):,} judged - {d['APPROVED']:,} approved, {d['MODIFIED']:,} modified, "
+                  f"{d['REJECTED']:,} rejected; reasons: {reasons}"
+                  + ("; [red]drawdown breaker tripped[/]" if g["halted"] else ""))
+
+    att = maker.attribution()
+    if att:
+        a = Table(title=f"Attribution (last {min(top, len(att))} of {len(att):,} closed trades)", title_justify="left")
+        for c in ("plan", "signal", "instrument", "side", "lots", "entry → exit (UTC)", "exit", "P&L", "R",
+                  "top agents", "adapter"):
+            a.add_column(c, justify="right" if c in ("lots", "P&L", "R") else "left", no_wrap=True)
+        for x in att[-top:]:
+            a.add_row(x.plan_id[:8], x.signal_id.split(":")[-1], x.instrument, "buy" if x.direction > 0 else "sell",
+                      f"{x.lots:g}", f"{_short_ts(x.entry_ts)} → {_short_ts(x.exit_ts)}",
+                      _EXIT.get(x.exit_reason, x.exit_reason), f"{x.pnl:+,.0f}",
+                      "n/a" if math.isnan(x.r_multiple) else f"{x.r_multiple:+.2f}",
+                      ",".join(str(i) for i in x.contributors[:2]) + ("…" if len(x.contributors) > 2 else ""),
+                      x.adapter or "-")
+        console.print(a)
+        by = maker.by_agent(min(top, 10))
+        if by:
+            b = Table(title="Agents by attributed P&L (credit = their consensus-weight multiplier)",
+                      title_justify="left")
+            for c in ("agent", "trades", "attributed P&L", "credit"):
+                b.add_column(c, justify="right")
+            for aid, n, pnl, cr in by:
+                b.add_row(str(aid), f"{n:,}", f"{pnl:+,.2f}", f"{cr:.3f}")
+            console.print(b)
+    feedback = (f"credit updates sent to the engine: {session.credited:,}" if session.credit
+                else "credit feedback off")
+    extra = ""
+    if session.reasoning_waits:
+        extra = f"; decisions waited for reasoning {session.reasoning_waits:,} times ({session.reasoning_timeouts:,} timed out)"
+    console.print(f"{session.steps:,} time steps, {session.signals:,} signals in {wall:.2f}s; {feedback}{extra}")
+
+
+_EXIT = {"stop_loss": "stop", "take_profit": "target"}
+
+
+def _short_ts(ns: int) -> str:
+    import datetime as _dt
+
+    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.timezone.utc).strftime("%m-%d %H:%M")
+
+
+def _print_shadow(console: Any, r: Any, path: str) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]Shadow[/] {path}: live {r.live_plans:,} plans / {r.live_trades:,} trades / P&L "
+                  f"{r.live_pnl:+,.2f}; candidate {r.candidate_plans:,} / {r.candidate_trades:,} / {r.candidate_pnl:+,.2f}")
+    if not r.differs:
+        console.print("Shadow: no difference in verdicts, sizes or fills")
+        return
+    console.print(f"Shadow differences: verdicts {r.verdicts_differ:,}, sizes {r.sizes_differ:,}, only live "
+                  f"{r.only_live:,}, only candidate {r.only_candidate:,}, fills {r.fills_differ:,}")
+    t = Table(title=f"First {len(r.examples)} differences", title_justify="left")
+    t.add_column("kind")
+    t.add_column("signal")
+    t.add_column("live")
+    t.add_column("candidate")
+    for e in r.examples:
+        if e["kind"] == "fills":
+            t.add_row("fills", "", "; ".join(e["live"]) or "-", "; ".join(e["candidate"]) or "-")
+        else:
+            live = f"{e.get('live', '')} {e.get('live_size', '')} {' '.join(e.get('live_reasons', []))}".strip()
+            cand = f"{e.get('candidate', '')} {e.get('candidate_size', '')} {' '.join(e.get('candidate_reasons', []))}".strip()
+            t.add_row(e["kind"], e.get("signal_id", "").split(":")[-1], live or "-", cand or "-")
+    console.print(t)
