@@ -1,0 +1,224 @@
+"""The decision maker end to end: engine -> plans -> governor -> paper broker -> attribution ->
+credit back to the engine; journal, replay, shadow runs and ``run --paper``."""
+
+from __future__ import annotations
+
+import io
+import math
+from contextlib import redirect_stdout
+
+import msgspec
+import numpy as np
+import pytest
+
+import dynamic_core as dc
+from dynamic_core.bridges.paper import CostModel, PaperBroker
+from dynamic_core.cli import main
+from dynamic_core.decision import (
+    DecisionMaker,
+    PlanConfig,
+    RationaleBook,
+    RiskLimits,
+    ShadowSession,
+    TradingSession,
+    time_steps,
+)
+from dynamic_core.payloads import PlanDecision
+
+NAMES = ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD"]
+
+
+@pytest.fixture(scope="module")
+def market():
+    bars = dc.sim.MarketSimulator(NAMES, seed=2).bars(700)
+    pop = dc.Population.random(3000, instruments=NAMES, timeframes=["H1"], seed=9)
+    return pop, bars
+
+
+def session(pop, bars, *, journal=None, plan=None, limits=None, credit=True, threads=1):
+    eng = dc.Engine(pop, threads=threads, journal=journal)
+    maker = DecisionMaker(PaperBroker(costs=CostModel(spread=0.0001, commission_per_lot=2.0)),
+                          plan=plan or PlanConfig(min_score=0.02), limits=limits,
+                          journal=eng.journal_event if journal else None)
+    s = TradingSession(eng, maker, credit=credit)
+    s.run(bars)
+    return eng, maker, s
+
+
+def test_time_steps_split_on_timestamps(market):
+    _, bars = market
+    parts = list(time_steps(bars))
+    assert len(parts) == 700 and all(len(p) == 4 and (p["ts"] == p["ts"][0]).all() for p in parts)
+    assert np.array_equal(np.concatenate(parts), bars)
+
+
+def test_every_closed_trade_is_attributed_to_its_plan_signal_agents(market):
+    pop, bars = market
+    eng, maker, s = session(pop, bars)
+    try:
+        att = maker.attribution()
+        assert len(att) >= 20
+        decided = {d.plan.plan_id: d for d in maker.decisions}
+        by_signal = {d.plan.signal_id for d in maker.decisions}
+        for a in att:
+            d = decided[a.plan_id]
+            assert d.verdict in ("APPROVED", "MODIFIED")
+            assert a.signal_id == d.plan.signal_id and a.signal_id in by_signal
+            assert a.instrument == d.plan.instrument and a.direction == d.plan.direction
+            assert a.contributors == d.plan.contributors and 1 <= len(a.contributors) <= 8
+        # contributors belong to the plan's instrument
+        inst = dict(zip(pop.records["agent_id"].tolist(), pop.records["instrument"].tolist()))
+        for a in att:
+            assert {inst[c] for c in a.contributors} == {dc.instruments.id(a.instrument)}
+        # the paper account adds up: closed P&L + open marks = equity
+        st = maker.trader.stats()
+        assert st["trades"] == len(att)
+        assert math.fsum(a.pnl for a in att) == pytest.approx(st["net_pnl"], abs=1e-6)
+        maker.trader.flatten()
+        assert maker.trader.equity == pytest.approx(100_000.0 + math.fsum(t.pnl for t in maker.trader.trades),
+                                                    abs=1e-6)
+    finally:
+        eng.close()
+
+
+def test_trade_outcomes_reach_the_engine_as_credit(market):
+    pop, bars = market
+    eng, maker, s = session(pop, bars)
+    try:
+        maker.credit.apply(eng)  # the last trades' credit, normally sent at the next step
+        ag = eng.agents()
+        credit = dict(zip(ag["agent_id"].tolist(), ag["credit"].tolist()))
+        assert maker.credit.credit and s.credited > 0
+        for aid, c in maker.credit.credit.items():
+            assert credit[aid] == c
+        untouched = set(credit) - set(maker.credit.credit)
+        assert all(credit[a] == 1.0 for a in untouched)
+        # winners gained weight, losers lost it
+        winners = [a for a, p in maker.credit.pnl.items() if p > 0 and maker.credit.trades[a] == 1]
+        losers = [a for a, p in maker.credit.pnl.items() if p < 0 and maker.credit.trades[a] == 1]
+        assert winners and losers
+        assert all(credit[a] > 1.0 for a in winners) and all(credit[a] < 1.0 for a in losers)
+    finally:
+        eng.close()
+    # and the feedback changes what the engine says afterwards
+    e2, m2, _ = session(pop, bars, credit=False)
+    try:
+        assert [d.plan.size for d in m2.decisions] != [d.plan.size for d in maker.decisions]
+    finally:
+        e2.close()
+
+
+def test_sessions_are_deterministic_across_thread_counts(market):
+    pop, bars = market
+    e1, m1, _ = session(pop, bars, threads=1)
+    e2, m2, _ = session(pop, bars, threads=2)
+    try:
+        assert m1.decisions == m2.decisions
+        assert m1.trader.trades == m2.trader.trades
+        assert np.array_equal(m1.trader.equity_curve(), m2.trader.equity_curve())
+    finally:
+        e1.close()
+        e2.close()
+
+
+def test_verdicts_and_credit_are_journaled_and_replay_bit_identical(market, tmp_path):
+    pop, bars = market
+    eng, maker, _ = session(pop, bars, journal=tmp_path / "j")
+    eng.close()
+    dec = msgspec.msgpack.Decoder(PlanDecision)
+    journaled, credits = [], 0
+    for rec in dc.journal.read(tmp_path / "j"):
+        if rec.type == "event":
+            head = msgspec.msgpack.decode(rec.payload)
+            if head["type"] == "decision":
+                journaled.append(dec.decode(rec.payload))
+            elif head["type"] == "credit":
+                credits += 1
+    assert journaled == maker.decisions and credits > 0
+    r = dc.journal.replay(tmp_path / "j")
+    assert r.ok and r.verified == len(bars) and not r.mismatched
+
+
+def test_governor_limits_bind_in_a_session(market):
+    pop, bars = market
+    eng, maker, _ = session(pop, bars, limits=RiskLimits(max_open_positions=1, min_agreement=0.45))
+    try:
+        reasons = maker.governor.stats()["reasons"]
+        assert reasons.get("max_open_positions", 0) > 0 and reasons.get("min_agreement", 0) > 0
+        # never more than one position (or pending entry) at a time
+        opened = sorted((t.entry_ts, t.exit_ts) for t in maker.trader.trades)
+        for (a0, a1), (b0, _) in zip(opened, opened[1:]):
+            assert b0 >= a1
+    finally:
+        eng.close()
+
+
+def test_shadow_of_the_same_config_agrees_and_a_different_one_is_reported(market):
+    pop, bars = market
+
+    def shadow(candidate_plan, candidate_limits=None):
+        eng = dc.Engine(pop, threads=1)
+        live = DecisionMaker(PaperBroker(), plan=PlanConfig(min_score=0.02))
+        cand = DecisionMaker(PaperBroker(), plan=candidate_plan, limits=candidate_limits)
+        s = ShadowSession(eng, live, cand)
+        rep = s.run(bars)
+        eng.close()
+        return rep, live, cand
+
+    rep, live, cand = shadow(PlanConfig(min_score=0.02))
+    assert not rep.differs and rep.live_plans == rep.candidate_plans > 0
+    assert rep.live_pnl == rep.candidate_pnl
+    rep, live, cand = shadow(PlanConfig(min_score=0.02, risk_pct=1.0), RiskLimits(max_open_positions=1))
+    assert rep.differs and rep.sizes_differ > 0 and rep.verdicts_differ > 0 and rep.fills_differ > 0
+    assert rep.examples and {e["kind"] for e in rep.examples} <= {"size", "verdict", "fills", "only_live",
+                                                                    "only_candidate"}
+    assert rep.live_trades == len(live.attributions) and rep.candidate_trades == len(cand.attributions)
+
+
+def test_reasoning_guardrail_waits_for_rationales_and_attaches_them():
+    from dynamic_core.reasoning import ReasoningMesh
+
+    bars = dc.sim.MarketSimulator(["EURUSD"], seed=4).bars(300)
+    pop = dc.Population.random(500, instruments=["EURUSD"], timeframes=["H1"], seed=1)
+    book = RationaleBook()
+    with ReasoningMesh(["local"], deadline_s=2.0, select="all", on_rationale=book.add) as mesh:
+        mesh.start()
+        with dc.Engine(pop, threads=1) as eng:
+            maker = DecisionMaker(PaperBroker(), plan=PlanConfig(min_score=0.02),
+                                  limits=RiskLimits(min_providers_agree=1), rationale=book.get)
+            s = TradingSession(eng, maker, mesh=mesh, book=book)
+            s.run(bars)
+    assert s.reasoning_waits > 0 and s.reasoning_timeouts == 0
+    approved = [d for d in maker.decisions if d.verdict != "REJECTED"]
+    assert approved
+    for d in approved:
+        assert d.plan.rationale and d.plan.rationale_provider == "local" and d.plan.providers_agreeing >= 1
+    for a in maker.attribution():
+        assert a.adapter == "local"
+
+
+def test_run_paper_command(tmp_path):
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(["run", "--paper", "--agents", "2000", "--bars", "400", "--no-live", "--seed", "1",
+                     "--journal", str(tmp_path / "j")])
+    text = out.getvalue()
+    assert code == 0, text
+    for needle in ("Paper account", "end equity", "Plans:", "Attribution", "Agents by attributed P&L", "Journal"):
+        assert needle in text
+    assert dc.journal.replay(tmp_path / "j").ok
+
+
+def test_run_paper_shadow_and_config_errors(tmp_path, capsys):
+    cand = tmp_path / "cand.toml"
+    cand.write_text("[plan]\nrisk_pct = 2.0\n[risk]\nmax_open_positions = 1\n")
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["run", "--paper", "--agents", "1000", "--bars", "300", "--no-live", "--shadow", str(cand)]) == 0
+    assert "Shadow differences" in out.getvalue()
+    assert main(["run", "--shadow", str(cand)]) == 2
+    assert "need --paper" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[risk]\nmax_leverage = -1\n")
+    assert main(["run", "--paper", "--decision-config", str(bad), "--bars", "50"]) == 2
+    assert "max_leverage" in capsys.readouterr().err
