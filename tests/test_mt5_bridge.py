@@ -1,0 +1,572 @@
+"""The MetaTrader 5 bridge over real ZeroMQ sockets and threads: MT5Bridge (engine side),
+SimulatedTerminal (the EA's reference behaviour, paper broker behind it) and FaultProxy.
+
+Timings are short (50 ms heartbeats) and every wait is on a condition with a deadline; no
+assertion depends on a fixed sleep. The exactly-once oracle is the paper broker's own fill
+list: every order must appear there exactly once, whatever the network did.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+from dynamic_core.bridges.mt5 import (
+    MAX_FRAME,
+    FaultProxy,
+    Faults,
+    MT5Bridge,
+    MT5Codec,
+    SimulatedTerminal,
+    client_order_id_for,
+)
+from dynamic_core.bridges.mt5 import protocol as PR
+from dynamic_core.bridges.mt5._util import SeqTracker
+from dynamic_core.bridges.paper import Order as PaperOrder
+from dynamic_core.errors import PayloadError
+from dynamic_core.payloads import TradingPlan
+
+HB = 0.05
+TIMEOUT = 15.0  # generous bound on any single wait; never reached when things work
+DOC = Path(__file__).resolve().parent.parent / "docs" / "mt5-bridge.md"
+
+
+def wait_for(pred: Callable[[], object], timeout: float = TIMEOUT, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+PRICE = {"EURUSD": 1.1, "GBPUSD": 1.25}
+
+
+def plan(i: int | str, *, valid_s: float = 60.0, direction: int = 1, size: float = 0.1,
+         instrument: str = "EURUSD") -> TradingPlan:
+    now = time.time_ns()
+    px = PRICE[instrument]
+    return TradingPlan(plan_id=f"plan-{i}", signal_id=f"sig-{i}", instrument=instrument, timeframe=3600, ts=now,
+                       seq=len(str(i)), direction=direction, action=direction, entry=px,
+                       stop=round(px - 0.01 * direction, 5), targets=(round(px + 0.02 * direction, 5),),
+                       size=size, valid_until=now + int(valid_s * 1e9))
+
+
+@pytest.fixture()
+def make() -> Iterator[Callable[..., typing.Any]]:
+    """Factory of bridges, terminals and proxies, all closed at the end (terminals first)."""
+    made: list[typing.Any] = []
+
+    def factory(kind: str, *args: typing.Any, **kw: typing.Any) -> typing.Any:
+        if kind == "bridge":
+            opts = {"heartbeat": HB, "missed": 3, "resend_timeout": 0.03, "resend_max_delay": 0.2}
+            opts.update(kw)
+            obj = MT5Bridge(*(args or ("tcp://127.0.0.1:*",)), **opts)
+        elif kind == "terminal":
+            obj = SimulatedTerminal(*args, **{"heartbeat": HB, **kw})
+            for name, px in PRICE.items():
+                obj.set_price(name, px)
+        else:
+            obj = FaultProxy(*args, **kw)
+        made.append(obj)
+        return obj
+
+    yield factory
+    for obj in sorted(made, key=lambda o: not isinstance(o, SimulatedTerminal)):
+        obj.close()
+
+
+def live(bridge: MT5Bridge) -> None:
+    wait_for(lambda: bridge.link == "live", what="a live session")
+
+
+# ---- protocol --------------------------------------------------------------------------------------
+
+STAMP = {"v": 1, "epoch": 2**63 - 1, "seq": 1, "ts": 1_717_000_000_000}
+SAMPLES = [
+    PR.EngineHello(**STAMP, peer_epoch=5, heartbeat_ms=1000, missed=3, magic=556001),
+    PR.Order(**STAMP, client_order_id="dcabc", symbol="EURUSD", side="buy", order_type="limit", volume=0.1,
+             price=1.1, sl=1.09, tp=1.12, valid_until=1_717_000_060_000, plan_id="p", magic=1, comment="dcabc",
+             attempt=0),
+    PR.Cancel(**STAMP, client_order_id="dcabc", reason="requested"),
+    PR.Heartbeat(**STAMP, recv_seq=7),
+    PR.PositionsQuery(**STAMP, query_id=1, magic=0),
+    PR.Flatten(**STAMP, query_id=2, magic=1, reason="safe_mode"),
+    PR.Error(**STAMP, reason="malformed", detail="x", ref_seq=0),
+    PR.TerminalHello(**STAMP, login=51234567, server="Broker-Demo", resumed=False, peer_epoch=0, build="EA 1.0"),
+    PR.Ack(**STAMP, client_order_id="dcabc", order_seq=7, accepted=True, reason="", duplicate=False, ticket=90001),
+    PR.ExecReport(**STAMP, client_order_id="dcabc", status="filled", symbol="EURUSD", side="sell", ticket=9,
+                  price=1.1, volume=0.1, commission=-0.7, fill_ts=1_717_000_000_001, reason=""),
+    PR.Position(**STAMP, query_id=1, snapshot=3, index=1, symbol="EURUSD", ticket=9, side="buy", volume=0.1,
+                price_open=1.1, sl=0.0, tp=0.0, magic=1, comment="dcabc", client_order_id="dcabc", profit=-2.5),
+    PR.PositionsEnd(**STAMP, query_id=1, snapshot=3, count=1),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_codec_round_trip(msg: typing.Any) -> None:
+    union = PR.EngineMessage if type(msg) in typing.get_args(PR.EngineMessage) else PR.TerminalMessage
+    codec = MT5Codec(union)
+    raw = codec.encode(msg)
+    assert raw.startswith(b'{"type":')
+    assert codec.decode(raw) == msg
+    # flat: every value is a scalar, so a small MQL5 JSON parser reads it
+    obj = json.loads(raw)
+    assert all(isinstance(v, (str, int, float, bool)) for v in obj.values())
+    # key order does not matter, integer literals do for floats
+    shuffled = json.dumps(dict(reversed(list(obj.items())))).encode()
+    assert codec.decode(shuffled) == msg
+
+
+def test_every_message_type_is_flat_and_documented() -> None:
+    doc = DOC.read_text()
+    for union in (PR.EngineMessage, PR.TerminalMessage):
+        for cls in typing.get_args(union):
+            info = msgspec.inspect.type_info(cls)
+            assert f"`{info.tag}`" in doc, info.tag
+            for f in info.fields:
+                t = f.type
+                assert isinstance(t, (msgspec.inspect.StrType, msgspec.inspect.IntType, msgspec.inspect.FloatType,
+                                      msgspec.inspect.BoolType, msgspec.inspect.LiteralType)), (cls, f.name, t)
+                assert f.required, (cls, f.name)  # fixed schema: every field always present
+                assert f"`{f.name}`" in doc, (cls.__name__, f.name)
+
+
+def _reason(codec: MT5Codec, raw: bytes) -> str:
+    with pytest.raises(PayloadError) as e:
+        codec.decode(raw)
+    return e.value.reason
+
+
+def test_codec_rejects() -> None:
+    codec = MT5Codec(PR.TerminalMessage)
+    ok = json.loads(codec.encode(SAMPLES[3]))
+    assert _reason(codec, json.dumps({**ok, "extra": 1}).encode()) == "unknown_field"
+    assert _reason(codec, json.dumps({**ok, "type": "nope"}).encode()) == "unknown_tag"
+    assert _reason(codec, json.dumps({k: v for k, v in ok.items() if k != "type"}).encode()) == "unknown_tag"
+    assert _reason(codec, json.dumps({**ok, "v": 2}).encode()) == "version"
+    assert _reason(codec, json.dumps({**ok, "v": 0}).encode()) == "version"
+    assert _reason(codec, json.dumps({k: v for k, v in ok.items() if k != "recv_seq"}).encode()) == "invalid"
+    assert _reason(codec, json.dumps({**ok, "recv_seq": {"nested": 1}}).encode()) == "invalid"
+    assert _reason(codec, json.dumps({**ok, "epoch": 0}).encode()) == "invalid"
+    assert _reason(codec, json.dumps({**ok, "epoch": 2**63}).encode()) == "invalid"
+    assert _reason(codec, b"[1, 2]") == "invalid"
+    assert _reason(codec, b"\x00\xffgarbage") == "malformed"
+    assert _reason(codec, b'{"type": "heartbeat", "v": 1') == "truncated"
+    assert _reason(codec, b"{" + b" " * MAX_FRAME + b"}") == "oversized"
+    # an engine-only message is not something the engine decodes
+    assert _reason(codec, MT5Codec(PR.EngineMessage).encode(SAMPLES[1])) == "unknown_tag"
+    bad_side = json.loads(codec.encode(SAMPLES[9]))
+    assert _reason(codec, json.dumps({**bad_side, "status": "done"}).encode()) == "invalid"
+    assert codec.rejects == {"unknown_field": 1, "unknown_tag": 3, "version": 2, "invalid": 6, "malformed": 1,
+                             "truncated": 1, "oversized": 1}
+    with pytest.raises(ValueError):  # PayloadError is a ValueError
+        codec.decode(b"nope")
+
+
+def test_client_order_id_for() -> None:
+    a = client_order_id_for("plan-1")
+    assert a == client_order_id_for("plan-1")  # deterministic
+    assert a != client_order_id_for("plan-2") and a != client_order_id_for("plan-1", attempt=1)
+    assert len(a) <= PR.MAX_ID <= 24 and re.fullmatch(r"[A-Za-z0-9_.:-]+", a)
+    assert len({client_order_id_for(f"p{i}") for i in range(20000)}) == 20000
+    assert len(client_order_id_for("x" * 10_000)) == len(a)
+    with pytest.raises(ValueError):
+        client_order_id_for("p", attempt=-1)
+
+
+def test_seq_tracker() -> None:
+    s = SeqTracker()
+    assert [s.check(x) for x in (5, 6, 9, 7, 7, 9, 8, 10)] == [
+        "first", "ok", "gap", "reordered", "duplicate", "duplicate", "reordered", "ok"]
+    assert (s.gaps, s.reordered, s.duplicates) == (2, 2, 2)
+    assert s.check(10 + SeqTracker.WINDOW + 5) == "gap"
+    assert s.check(11) == "duplicate"  # older than the window: refused
+
+
+# ---- round trips -------------------------------------------------------------------------------------
+
+def test_order_ack_exec_report_position(make: Callable[..., typing.Any]) -> None:
+    bridge = make("bridge")
+    reports: list[typing.Any] = []
+    acks: list[tuple[str, bool, str]] = []
+    bridge.on_report(reports.append)
+    bridge.on_ack(lambda *a: acks.append(a))
+    term = make("terminal", bridge.address)
+    live(bridge)
+    p = plan("rt")
+    coid = bridge.submit_plan(p)
+    assert coid == client_order_id_for(p.plan_id)
+    assert bridge.wait(coid) == "filled"
+    o = bridge.order(coid)
+    assert o["sends"] == 1 and o["acks"] == 1 and o["filled_volume"] == pytest.approx(0.1)
+    assert o["fill_price"] == pytest.approx(1.1) and o["ticket"] > 0 and o["sl"] == 1.09 and o["tp"] == 1.12
+    assert acks == [(coid, True, "")]
+    assert [(r.client_order_id, r.status, r.source, r.plan_id) for r in reports] == [
+        (coid, "filled", "terminal", p.plan_id)]
+    # the position is at the terminal, under the order's id, with its stop and target
+    assert term.positions() == {coid: {"symbol": "EURUSD", "side": "buy", "volume": pytest.approx(0.1),
+                                       "price": pytest.approx(1.1), "ticket": o["ticket"]}}
+    assert term.broker.positions()["EURUSD"].legs[0].stop_loss == 1.09
+    assert term.executions() == {coid: 1}
+    # submitting the same plan again sends nothing
+    assert bridge.submit_plan(p) == coid
+    st = bridge.stats()
+    assert st["idempotent"] == 1 and st["sent"] == 1 and st["resends"] == 0
+    assert bridge.positions() == {coid: {"symbol": "EURUSD", "side": "buy", "volume": pytest.approx(0.1),
+                                         "price": pytest.approx(1.1), "ticket": o["ticket"]}}
+    assert term.order_messages == {coid: 1}
+    # heartbeats flow both ways
+    hb = bridge.stats()["heartbeats_sent"]
+    wait_for(lambda: bridge.stats()["heartbeats_sent"] > hb + 2 and term.stats()["heartbeats_sent"] > 2)
+    assert bridge.link == "live"
+
+
+def test_limit_order_rests_fills_on_a_bar_and_cancel(make: Callable[..., typing.Any]) -> None:
+    bridge = make("bridge")
+    reports: list[typing.Any] = []
+    bridge.on_report(reports.append)
+    term = make("terminal", bridge.address)
+    live(bridge)
+    valid = int(time.time() * 1000) + 60_000
+    lim = bridge.submit_order(symbol="EURUSD", side="buy", order_type="limit", price=1.095, volume=0.2,
+                              sl=1.09, tp=1.12, valid_until=valid, plan_id="limit-1")
+    other = bridge.submit_order(symbol="EURUSD", side="buy", order_type="limit", price=1.05, volume=0.1,
+                                valid_until=valid, plan_id="limit-2")
+    assert bridge.wait(lim, "placed") == "placed" and bridge.wait(other, "placed") == "placed"
+    assert term.executions() == {}
+    t = time.time_ns()
+    term.on_bar("EURUSD", t, 1.1, 1.101, 1.094, 1.097)  # reaches 1.095, not 1.05
+    assert bridge.wait(lim) == "filled"
+    assert bridge.order(lim)["fill_price"] == pytest.approx(1.095)
+    assert bridge.cancel(other)
+    assert bridge.wait(other) == "cancelled"
+    assert not bridge.cancel(other)  # final now
+    assert term.executions() == {lim: 1}
+    assert [r.status for r in reports if r.client_order_id == lim] == ["placed", "filled"]
+    assert [r.status for r in reports if r.client_order_id == other] == ["placed", "cancelled"]
+    with pytest.raises(ValueError):
+        bridge.submit_order(symbol="EURUSD", side="long", volume=0.1, valid_until=valid)
+    with pytest.raises(ValueError):
+        bridge.submit_order(symbol="EURUSD", side="buy", order_type="limit", volume=0.1, valid_until=valid)
+
+
+def test_broker_rejection_is_reported(make: Callable[..., typing.Any]) -> None:
+    bridge = make("bridge")
+    make("terminal", bridge.address)
+    live(bridge)
+    bad = bridge.submit_plan(plan("odd-lots", size=0.123))  # not a multiple of the lot step
+    assert bridge.wait(bad) == "rejected"
+    assert bridge.order(bad)["reason"] == "bad_size"
+
+
+# ---- faults ------------------------------------------------------------------------------------------
+
+def test_exactly_once_through_drops_duplicates_delays_and_reorders(make: Callable[..., typing.Any]) -> None:
+    bridge = make("bridge", missed=4, max_sends=100)
+    faults = Faults(drop=0.2, duplicate=0.2, delay=0.3, reorder=0.2, delay_ms=(1.0, 30.0))
+    proxy = make("proxy", bridge.address, to_bridge=faults, to_terminal=faults, seed=7)
+    term = make("terminal", proxy.address)
+    live(bridge)
+    coids = []
+    for i in range(80):
+        coids.append(bridge.submit_plan(plan(f"fault-{i}", size=0.01,
+                                             instrument="EURUSD" if i % 2 else "GBPUSD")))
+        if i % 10 == 0:
+            bridge.submit_plan(plan(f"fault-{i}", size=0.01))  # idempotent resubmission
+    wait_for(lambda: all(o["state"] == "filled" for o in bridge.orders().values()), what="every order filled")
+    # every order executed exactly once at the terminal's broker, nothing else executed
+    assert term.executions() == dict.fromkeys(coids, 1)
+    assert len(term.broker.fills) == 80
+    st, ps, ts = bridge.stats(), proxy.stats(), term.stats()
+    # the faults really happened, and the protocol worked through them
+    assert ps["to_terminal_dropped"] > 0 and ps["to_bridge_dropped"] > 0
+    assert ps["to_terminal_duplicated"] > 0 and ps["to_bridge_reordered"] > 0 and ps["to_terminal_reordered"] > 0
+    assert st["resends"] + st["status_requests"] > 0 and ts["duplicate_orders"] > 0
+    assert st["duplicates"] > 0 and st["gaps"] > 0
+    assert st["sent"] == 80 and st["idempotent"] == 8
+    # the bridge's view equals the terminal's positions
+    wait_for(lambda: bridge.link == "live")
+    assert {k: round(v["volume"], 6) for k, v in bridge.positions().items()} == \
+           {k: round(v["volume"], 6) for k, v in term.positions().items()}
+
+
+def test_stale_orders_expire(make: Callable[..., typing.Any]) -> None:
+    bridge = make("bridge")
+    reports: list[typing.Any] = []
+    bridge.on_report(reports.append)
+    # (1) queued while no terminal is there, expires before it can be sent
+    q = bridge.submit_plan(plan("stale-queued", valid_s=0.15))
+    assert bridge.wait(q) == "expired"
+    assert bridge.order(q)["reason"] == "expired_before_send" and bridge.order(q)["sends"] == 0
+    # (2) already expired when submitted to a live bridge
+    proxy = make("proxy", bridge.address)
+    term = make("terminal", proxy.address)
+    live(bridge)
+    past = bridge.submit_plan(plan("stale-past", valid_s=-1.0))
+    assert bridge.wait(past) == "expired" and bridge.order(past)["reason"] == "expired_before_send"
+    # (3) valid when sent, expired when it reaches the EA (the link is slow): the EA refuses it
+    proxy.set_faults(to_terminal=Faults(delay=1.0, delay_ms=(400.0, 400.0)))
+    slow = bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, plan_id="stale-slow",
+                               valid_until=int(time.time() * 1000) + 150)
+    wait_for(lambda: term.order_status(slow) == "expired", what="the EA refusing the stale order")
+    proxy.set_faults(to_terminal=Faults())
+    wait_for(lambda: bridge.order(slow)["state"] == "expired" and bridge.order(slow)["open"] is False)
+    assert bridge.order(slow)["reason"] in ("expired", "expired_unacked")
+    # none of them was ever executed, and each was reported expired once
+    assert term.executions() == {}
+    assert term.stats()["broker_submits"] == 0 and term.stats()["expired_refused"] == 1
+    assert past not in term.order_messages and q not in term.order_messages
+    for c in (q, past, slow):
+        assert [r.status for r in reports if r.client_order_id == c] == ["expired"]
+    # the link still works
+    ok = bridge.submit_plan(plan("after-stale"))
+    assert bridge.wait(ok) == "filled"
+
+
+# ---- restarts and reconciliation ---------------------------------------------------------------------
+
+def test_terminal_restart_reconciles_without_resending(make: Callable[..., typing.Any]) -> None:
+    bridge = make("bridge", missed=3)
+    proxy = make("proxy", bridge.address)
+    term = make("terminal", proxy.address)
+    live(bridge)
+    done = bridge.submit_plan(plan("before"))
+    assert bridge.wait(done) == "filled"
+    # a position the bridge never ordered (opened by hand at the terminal)
+    with term._lock:
+        term.broker.submit(PaperOrder(client_order_id="manual-1", instrument="GBPUSD", side=-1, lots=0.3))
+    # the EA executes an order, but nothing it says reaches the engine any more
+    proxy.set_faults(to_bridge=Faults(drop=1.0))
+    lost = bridge.submit_plan(plan("executed-unheard"))
+    wait_for(lambda: term.executions().get(lost) == 1, what="the EA executing the order")
+    wait_for(lambda: bridge.safe_mode, what="safe mode")
+    assert bridge.order(lost)["state"] == "sent"
+    # the terminal restarts (new epoch) and the link heals
+    term.kill()
+    later = bridge.submit_plan(plan("while-down"))
+    assert bridge.order(later)["state"] == "queued"
+    seen = dict(term.order_messages)
+    proxy.set_faults(to_bridge=Faults())
+    old_epoch = term.epoch
+    term.restart()
+    assert term.epoch != old_epoch
+    assert bridge.wait(lost) == "filled" and bridge.wait(later) == "filled"
+    wait_for(lambda: bridge.link == "live")
+    o = bridge.order(lost)
+    assert o["reason"] == "reconciled" and o["filled_volume"] == pytest.approx(0.1)
+    # executed orders were not sent again after the reconciliation; every order executed once
+    assert term.order_messages.get(lost, 0) == seen.get(lost, 0)
+    assert term.order_messages.get(done) == 1
+    assert term.executions() == {done: 1, lost: 1, later: 1, "manual-1": 1}
+    rec = bridge.reconciliation()
+    assert rec["reconciled"] == [lost] and rec["matched"] == [done]
+    assert [(u["client_order_id"], u["symbol"], u["side"], u["volume"]) for u in rec["unknown"]] == [
+        ("", "GBPUSD", "sell", pytest.approx(0.3))]
+    st = bridge.stats()
+    assert st["sessions"] == 2 and st["reconciled_fills"] == 1 and st["unknown_positions"] == 1
+    # the bridge's view equals the terminal's positions (those the bridge ordered)
+    mine = {k: v for k, v in term.positions().items() if k != "manual-1"}
+    assert {k: (v["symbol"], v["side"], round(v["volume"], 6)) for k, v in bridge.positions().items()} == \
+           {k: (v["symbol"], v["side"], round(v["volume"], 6)) for k, v in mine.items()}
+
+
+def test_engine_restart_adopts_executed_orders(make: Callable[..., typing.Any]) -> None:
+    first = make("bridge")
+    address = first.address
+    term = make("terminal", address)
+    live(first)
+    p = plan("engine-restart")
+    coid = first.submit_plan(p)
+    assert first.wait(coid) == "filled"
+    first.close()
+    second = make("bridge", address)  # same address, new epoch, no memory of the order
+    assert second.epoch != first.epoch
+    live(second)  # the EA's next message makes the new engine ask for a hello
+    wait_for(lambda: second.reconciliation().get("unknown"), what="the unknown position")
+    assert second.stats()["terminal"]["resumed"] is True
+    # the strategy submits the same plan again: the order is recognised, not placed twice
+    assert second.submit_plan(p) == coid
+    assert second.wait(coid) == "filled"
+    assert second.order(coid)["reason"] == "reconciled" and second.order(coid)["sends"] == 0
+    assert term.executions() == {coid: 1}
+
+
+def test_ea_deduplicates_an_order_it_executed_and_closed(make: Callable[..., typing.Any]) -> None:
+    first = make("bridge")
+    address = first.address
+    term = make("terminal", address)
+    live(first)
+    p = plan("dedupe")
+    coid = first.submit_plan(p)
+    assert first.wait(coid) == "filled"
+    term.on_bar("EURUSD", time.time_ns(), 1.1, 1.1, 1.08, 1.085)  # the stop closes the position
+    assert term.positions() == {}
+    first.close()
+    # a new engine without memory of the order, and no position to find: it sends the order
+    # again, and the EA answers with the first outcome instead of placing it a second time
+    second = make("bridge", address)
+    live(second)
+    assert second.submit_plan(p) == coid
+    assert second.wait(coid) == "filled"
+    o = second.order(coid)
+    assert o["sends"] == 1 and o["filled_volume"] == pytest.approx(0.1) and o["fill_price"] == pytest.approx(1.1)
+    assert second.stats()["duplicate_acks"] == 1
+    assert term.executions() == {coid: 1} and term.stats()["duplicate_orders"] == 1
+
+
+# ---- safe mode -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["queue", "refuse"])
+def test_safe_mode_after_missed_heartbeats(make: Callable[..., typing.Any], policy: str) -> None:
+    bridge = make("bridge", missed=3, safe_mode=policy)
+    reports: list[typing.Any] = []
+    bridge.on_report(reports.append)
+    term = make("terminal", bridge.address)
+    live(bridge)
+    first = bridge.submit_plan(plan(f"safe-{policy}-1"))
+    assert bridge.wait(first) == "filled"
+    term.kill()
+    wait_for(lambda: bridge.safe_mode, what="safe mode")
+    st = bridge.stats()
+    # entered after `missed` silent intervals, not before, and promptly after
+    assert 3 * HB <= st["silence_at_safe_mode_s"] <= 3 * HB + 0.5
+    assert st["safe_mode_entries"] == 1 and st["link"] == "safe"
+    held = bridge.submit_plan(plan(f"safe-{policy}-2"))
+    if policy == "queue":
+        wait_for(lambda: bridge.stats()["queued"] == 1)
+        assert bridge.order(held)["state"] == "queued"
+    else:
+        assert bridge.wait(held) == "refused"
+        assert bridge.order(held)["reason"] == "safe_mode"
+        assert [r.status for r in reports if r.client_order_id == held] == ["rejected"]
+    term.restart()
+    wait_for(lambda: bridge.link == "live", what="leaving safe mode")
+    assert not bridge.safe_mode and bridge.stats()["reconciliations"] == 2
+    if policy == "refuse":  # a refused plan may be submitted again once the link is back
+        assert bridge.submit_plan(plan(f"safe-{policy}-2")) == held
+    assert bridge.wait(held) == "filled"
+    assert term.executions() == {first: 1, held: 1}
+
+
+def test_flatten_on_safe_mode(make: Callable[..., typing.Any]) -> None:
+    bridge = make("bridge", flatten_on_safe_mode=True)
+    term = make("terminal", bridge.address)
+    live(bridge)
+    a = bridge.submit_plan(plan("flat-a"))
+    b = bridge.submit_plan(plan("flat-b", direction=-1, instrument="GBPUSD"))
+    assert bridge.wait(a) == "filled" and bridge.wait(b) == "filled"
+    assert set(term.positions()) == {a, b}
+    term.kill()
+    wait_for(lambda: bridge.safe_mode, what="safe mode")
+    after = bridge.submit_plan(plan("flat-after"))  # queued, sent after the flatten
+    term.restart()
+    wait_for(lambda: bridge.link == "live", what="leaving safe mode")
+    assert term.stats()["flattens"] >= 1
+    assert bridge.wait(after) == "filled"
+    rec = bridge.reconciliation()
+    assert rec["flatten"] is True and rec["positions"] == 0 and set(rec["closed"]) == {a, b}
+    assert set(term.positions()) == {after}
+    assert set(bridge.positions()) == {after}
+    assert term.executions() == {a: 1, b: 1, after: 1}
+
+
+# ---- malformed input -----------------------------------------------------------------------------------
+
+def test_malformed_terminal_messages_are_counted_and_answered(make: Callable[..., typing.Any]) -> None:
+    bridge = make("bridge")
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.setsockopt(zmq.RCVTIMEO, int(TIMEOUT * 1000))
+    raw.connect(bridge.address)
+    dec = MT5Codec(PR.EngineMessage)
+    stamp = {"v": 1, "epoch": 12345, "seq": 1, "ts": 1}
+    hb = {"type": "heartbeat", **stamp, "recv_seq": 0}
+    cases = [
+        ([b"\x00\x01 not json at all \xff"], "malformed"),
+        ([json.dumps({"type": "heartbeat", **stamp}).encode()], "invalid"),              # missing field
+        ([json.dumps({**hb, "bogus": 1}).encode()], "unknown_field"),
+        ([json.dumps({**hb, "type": "launch_missiles"}).encode()], "unknown_tag"),
+        ([json.dumps({**hb, "v": 9}).encode()], "version"),
+        ([b'{"type":"heartbeat","pad":"' + b"x" * (MAX_FRAME + 10) + b'"}'], "oversized"),
+        ([json.dumps(json.loads(MT5Codec(PR.EngineMessage).encode(SAMPLES[1]))).encode()], "unknown_tag"),
+        ([b"{}", b"{}"], "invalid"),                                                      # two frames
+    ]
+    try:
+        for frames, reason in cases:
+            raw.send_multipart(frames)
+            err = dec.decode(raw.recv())
+            assert type(err) is PR.Error and err.reason == reason, (reason, err)
+        # a valid message from a terminal epoch without a session is not acted on: say hello first
+        raw.send(json.dumps(hb).encode())
+        hello = dec.decode(raw.recv())
+        assert type(hello) is PR.EngineHello and hello.peer_epoch == 0
+    finally:
+        raw.close(0)
+        ctx.term()
+    st = bridge.stats()
+    assert st["rejected"] == len(cases) and st["errors_sent"] == len(cases)
+    assert st["rejects"] == {"malformed": 1, "invalid": 2, "unknown_field": 1, "unknown_tag": 2, "version": 1,
+                             "oversized": 1}
+    assert st["unknown_epoch"] == 1 and st["sessions"] == 0
+    # the bridge keeps working: a following order still round-trips
+    make("terminal", bridge.address)
+    live(bridge)
+    coid = bridge.submit_plan(plan("after-garbage"))
+    assert bridge.wait(coid) == "filled"
+
+
+def test_terminal_answers_malformed_engine_messages(make: Callable[..., typing.Any]) -> None:
+    ctx = zmq.Context()
+    engine = ctx.socket(zmq.ROUTER)
+    engine.setsockopt(zmq.LINGER, 0)
+    engine.setsockopt(zmq.RCVTIMEO, int(TIMEOUT * 1000))
+    port = engine.bind_to_random_port("tcp://127.0.0.1")
+    term = make("terminal", f"tcp://127.0.0.1:{port}")
+    dec = MT5Codec(PR.TerminalMessage)
+    try:
+        ident, first = engine.recv_multipart()
+        hello = dec.decode(first)
+        assert type(hello) is PR.TerminalHello and hello.resumed is False and hello.epoch == term.epoch
+        engine.send_multipart([ident, b"garbage"])
+        engine.send_multipart([ident, json.dumps({"type": "order", "v": 1}).encode()])
+        reasons = []
+        while len(reasons) < 2:
+            m = dec.decode(engine.recv_multipart()[1])
+            if type(m) is PR.Error:
+                reasons.append(m.reason)
+        assert reasons == ["malformed", "invalid"]
+        assert term.alive and term.stats()["errors_sent"] == 2
+    finally:
+        engine.close(0)
+        ctx.term()
+
+
+def test_callback_errors_do_not_stop_the_bridge(make: Callable[..., typing.Any]) -> None:
+    bridge = make("bridge")
+
+    def boom(_: typing.Any) -> None:
+        raise RuntimeError("user bug")
+
+    bridge.on_report(boom)
+    make("terminal", bridge.address)
+    live(bridge)
+    a = bridge.submit_plan(plan("cb-1"))
+    b = bridge.submit_plan(plan("cb-2"))
+    assert bridge.wait(a) == "filled" and bridge.wait(b) == "filled"
+    assert bridge.stats()["callback_errors"] == 2
+
+
+def test_bind_policy() -> None:
+    with pytest.raises(ValueError):
+        MT5Bridge("tcp://0.0.0.0:*", start=False)
+    with pytest.raises(ValueError):
+        MT5Bridge("tcp://127.0.0.1:*", safe_mode="panic", start=False)
