@@ -18,16 +18,15 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
+import argparse
+import gc
+import json
+import threading
+import time
 
-import numpy as np  # noqa: E402
-
-from dynamic_core.bridges.mt5 import MT5Bridge, SimulatedTerminal  # noqa: E402
-from dynamic_core.payloads import TradingPlan  # noqa: E402
+import numpy as np
+from dynamic_core.bridges.mt5 import MT5Bridge, SimulatedTerminal
+from dynamic_core.payloads import TradingPlan
 
 
 def _plans(n: int, tag: str) -> list[TradingPlan]:

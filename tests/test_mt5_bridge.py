@@ -570,3 +570,48 @@ def test_bind_policy() -> None:
         MT5Bridge("tcp://0.0.0.0:*", start=False)
     with pytest.raises(ValueError):
         MT5Bridge("tcp://127.0.0.1:*", safe_mode="panic", start=False)
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+def _mt5_parser() -> typing.Any:
+    import argparse
+
+    from dynamic_core.bridges.mt5.cli import add_parser
+
+    p = argparse.ArgumentParser(prog="dynamic-core")
+    bridge = p.add_subparsers(dest="command").add_parser("bridge")
+    add_parser(bridge.add_subparsers(dest="bridge_command"))
+    return p
+
+
+def test_cli_simulated_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    from dynamic_core.bridges.mt5.cli import cmd_bridge_mt5
+
+    args = _mt5_parser().parse_args(["bridge", "mt5", "--bind", "tcp://127.0.0.1:*", "--simulated-terminal",
+                                     "--bars", "60", "--bar-interval", "0", "--heartbeat", "0.05", "--agents", "256",
+                                     "--instruments", "EURUSD"])
+    assert args.func is cmd_bridge_mt5
+    steps: list[int] = []
+
+    def source(signals: typing.Any, bars: typing.Any) -> list[TradingPlan]:
+        steps.append(len(bars))
+        # a plan whose validity is 2 bars of simulated time: rescaled to wall-clock time
+        ts, close = int(bars["ts"][0]), float(bars["close"][0])
+        p = msgspec.structs.replace(plan(f"cli-{len(steps)}"), ts=ts, valid_until=ts + 2 * 3600 * 10**9,
+                                    entry=close, stop=close - 0.01, targets=(close + 0.02,))
+        return [p] if len(steps) <= 5 else []
+
+    assert cmd_bridge_mt5(args, plan_source=source) == 0
+    out = capsys.readouterr().out
+    assert len(steps) == 60 and set(steps) == {1}
+    assert "link: live" in out and "orders: filled 5" in out
+    assert "plans submitted 5, orders executed at the terminal 5, executed more than once 0" in out
+
+
+def test_cli_default_plan_source_runs() -> None:
+    from dynamic_core.bridges.mt5.cli import cmd_bridge_mt5
+
+    args = _mt5_parser().parse_args(["bridge", "mt5", "--bind", "tcp://127.0.0.1:*", "--simulated-terminal",
+                                     "--bars", "120", "--bar-interval", "0", "--heartbeat", "0.05", "-q"])
+    assert cmd_bridge_mt5(args) == 0

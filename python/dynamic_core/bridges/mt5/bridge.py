@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 import zmq
@@ -86,10 +86,36 @@ class BridgeReport(msgspec.Struct, frozen=True, kw_only=True):
 class _Order:
     """One order's state, owned by the bridge thread once created."""
 
-    __slots__ = ("coid", "symbol", "side", "order_type", "volume", "price", "sl", "tp", "valid_until",
-                 "plan_id", "comment", "state", "reason", "sends", "ever_sent", "next_send", "backoff",
-                 "ticket", "fill_price", "filled", "commission", "fill_ts", "open", "cancel", "t_submit",
-                 "t_ack", "t_final", "acks")
+    __slots__ = (
+        "acks",
+        "backoff",
+        "cancel",
+        "coid",
+        "comment",
+        "commission",
+        "ever_sent",
+        "fill_price",
+        "fill_ts",
+        "filled",
+        "next_send",
+        "open",
+        "order_type",
+        "plan_id",
+        "price",
+        "reason",
+        "sends",
+        "side",
+        "sl",
+        "state",
+        "symbol",
+        "t_ack",
+        "t_final",
+        "t_submit",
+        "ticket",
+        "tp",
+        "valid_until",
+        "volume",
+    )
 
     def __init__(self, coid: str, symbol: str, side: str, order_type: str, volume: float, price: float,
                  sl: float, tp: float, valid_until: int, plan_id: str, comment: str) -> None:
@@ -127,7 +153,7 @@ class _Query:
     """The positions queries (or flattens) of one reconciliation and the answers so far, by
     snapshot: answers describing the same snapshot are merged across re-sent queries."""
 
-    __slots__ = ("qid", "qids", "flatten", "snaps", "done", "next_send", "backoff", "sends")
+    __slots__ = ("backoff", "done", "flatten", "next_send", "qid", "qids", "sends", "snaps")
 
     def __init__(self, qid: int, flatten: bool) -> None:
         self.qid = qid
@@ -304,7 +330,7 @@ class MT5Bridge:
         self._ctx.term()
         self._bell.close()
 
-    def __enter__(self) -> MT5Bridge:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -506,7 +532,7 @@ class MT5Bridge:
                 if now >= next_house:
                     self._housekeeping(now)
                     next_house = now + self._tick
-            except Exception:  # noqa: BLE001 - the bridge must outlive any bug
+            except Exception:
                 log.exception("mt5 bridge iteration failed")
             if self._waiters:
                 with self._cond:
@@ -553,9 +579,8 @@ class MT5Bridge:
                 self._flatten_pending = True
                 if self._term_ident is not None and self.link != "safe":
                     self._start_reconcile(time.monotonic())
-            elif kind == "reconcile":
-                if self._term_ident is not None and self.link == "live":
-                    self._start_reconcile(time.monotonic())
+            elif kind == "reconcile" and self._term_ident is not None and self.link == "live":
+                self._start_reconcile(time.monotonic())
 
     # ---- orders ---------------------------------------------------------------------------------
     def _new_order(self, o: _Order) -> None:
@@ -632,7 +657,7 @@ class MT5Bridge:
         for cb in self._report_cbs:
             try:
                 cb(r)
-            except Exception:  # noqa: BLE001 - a user callback must not take the bridge down
+            except Exception:
                 self.counts["callback_errors"] += 1
                 log.exception("on_report callback failed for %s", o.coid)
 
@@ -651,7 +676,7 @@ class MT5Bridge:
             for cb in self._ack_cbs:
                 try:
                     cb(o.coid, m.accepted, m.reason)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     self.counts["callback_errors"] += 1
                     log.exception("on_ack callback failed for %s", o.coid)
         if m.ticket:

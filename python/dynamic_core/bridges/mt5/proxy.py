@@ -14,7 +14,7 @@ import itertools
 import random
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 import zmq
@@ -117,7 +117,7 @@ class FaultProxy:
         self._ctx.term()
         self._bell.close()
 
-    def __enter__(self) -> FaultProxy:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,7 +13,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 import zmq
@@ -51,8 +51,22 @@ _EXEC_KINDS = ("entry", "close", "reverse")  # fills that execute an order (not 
 class _Rec:
     """What the EA remembers of one ``client_order_id`` (persistent: survives restarts)."""
 
-    __slots__ = ("coid", "symbol", "side", "order_type", "magic", "accepted", "ack_reason", "ticket", "status",
-                 "price", "filled", "commission", "fill_ts", "reason")
+    __slots__ = (
+        "accepted",
+        "ack_reason",
+        "coid",
+        "commission",
+        "fill_ts",
+        "filled",
+        "magic",
+        "order_type",
+        "price",
+        "reason",
+        "side",
+        "status",
+        "symbol",
+        "ticket",
+    )
 
     def __init__(self, coid: str, symbol: str = "", side: str = "", order_type: str = "market", magic: int = 0) -> None:
         self.coid, self.symbol, self.side, self.order_type, self.magic = coid, symbol, side, order_type, magic
@@ -174,7 +188,7 @@ class SimulatedTerminal:
         self._ctx.term()
         self._bell.close()
 
-    def __enter__(self) -> SimulatedTerminal:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -274,7 +288,7 @@ class SimulatedTerminal:
                             self._send(Heartbeat(**self._stamp(), recv_seq=self._seq.hi))
                             next_hb = now + self._hb
                         self._check_engine(now)
-                except Exception:  # noqa: BLE001 - the EA must outlive any bug
+                except Exception:
                     log.exception("simulated terminal iteration failed")
         finally:
             sock.close(0)
