@@ -615,3 +615,20 @@ def test_cli_default_plan_source_runs() -> None:
     args = _mt5_parser().parse_args(["bridge", "mt5", "--bind", "tcp://127.0.0.1:*", "--simulated-terminal",
                                      "--bars", "120", "--bar-interval", "0", "--heartbeat", "0.05", "-q"])
     assert cmd_bridge_mt5(args) == 0
+
+
+def test_history_bound_forgets_settled_orders_only(make: Callable[..., typing.Any]) -> None:
+    bridge = make("bridge", history=3)
+    term = make("terminal", bridge.address)
+    live(bridge)
+    coids = [bridge.submit_plan(plan(f"hist-{i}")) for i in range(5)]
+    for c in coids:
+        assert bridge.wait(c) == "filled"
+    term.on_bar("EURUSD", time.time_ns(), 1.1, 1.1, 1.08, 1.085)  # stops close every position
+    bridge.reconcile()
+    wait_for(lambda: len(bridge.orders()) == 3, what="pruning")
+    assert set(bridge.orders()) == set(coids[2:])
+    # a forgotten order submitted again is sent, and the EA answers with its first outcome
+    assert bridge.submit_plan(plan("hist-0")) == coids[0]
+    assert bridge.wait(coids[0]) == "filled"
+    assert term.executions() == dict.fromkeys(coids, 1)

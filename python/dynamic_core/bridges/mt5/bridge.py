@@ -211,6 +211,10 @@ class MT5Bridge:
         Drop queued orders, cancel unsettled ones and flatten on entering safe mode (section 8).
     max_queued : int
         Bound of the queue of orders waiting for a live session.
+    history : int
+        Orders kept in :meth:`orders` (and recognised by id when submitted again); beyond it the
+        oldest final orders without an open position are forgotten. A forgotten order submitted again is sent again and
+        the EA, which remembers every id, answers with its first outcome.
     symbols : mapping, optional
         Engine instrument name -> broker symbol (``{"EURUSD": "EURUSD.r"}``).
     allow_remote : bool
@@ -227,7 +231,8 @@ class MT5Bridge:
     def __init__(self, address: str = DEFAULT_BRIDGE_ADDRESS, *, heartbeat: float = 1.0, missed: int = 3,
                  resend_timeout: float = 0.5, resend_max_delay: float = 5.0, max_sends: int = 8,
                  magic: int = 556001, safe_mode: str = "queue", flatten_on_safe_mode: bool = False,
-                 max_queued: int = 1000, symbols: Mapping[str, str] | None = None, allow_remote: bool = False,
+                 max_queued: int = 1000, history: int = 100_000, symbols: Mapping[str, str] | None = None,
+                 allow_remote: bool = False,
                  start: bool = True) -> None:
         if safe_mode not in ("queue", "refuse"):
             raise ValueError(f"safe_mode must be 'queue' or 'refuse', got {safe_mode!r}")
@@ -245,6 +250,7 @@ class MT5Bridge:
         self.safe_mode_policy = safe_mode
         self.flatten_on_safe_mode = bool(flatten_on_safe_mode)
         self.max_queued = int(max_queued)
+        self.history = max(1, int(history))
         self.symbols = dict(symbols or {})
         self.epoch = new_epoch()
         self._tick = min(0.05, self.heartbeat / 4, self.resend_timeout / 2)
@@ -944,6 +950,8 @@ class MT5Bridge:
 
     # ---- timers ---------------------------------------------------------------------------------
     def _housekeeping(self, now: float) -> None:
+        if len(self._orders) > self.history:
+            self._prune()
         link = self.link
         if self._term_ident is None:
             self._expire_queued()
@@ -984,6 +992,14 @@ class MT5Bridge:
             if o.state == UNCONFIRMED:
                 continue
             self._send_order(o, now)
+
+    def _prune(self) -> None:
+        with self._lock:
+            excess = len(self._orders) - self.history
+            # only settled orders without an open position: those are never needed again
+            old = [c for c, o in self._orders.items() if o.state in FINAL and not o.open and c not in self._open]
+            for coid in old[:excess]:
+                del self._orders[coid]
 
     def _expire_queued(self) -> None:
         if not self._open:
