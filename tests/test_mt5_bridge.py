@@ -632,3 +632,28 @@ def test_history_bound_forgets_settled_orders_only(make: Callable[..., typing.An
     assert bridge.submit_plan(plan("hist-0")) == coids[0]
     assert bridge.wait(coids[0]) == "filled"
     assert term.executions() == dict.fromkeys(coids, 1)
+
+
+def test_order_expired_while_unacked_is_upgraded_by_a_late_fill(make: Callable[..., typing.Any]) -> None:
+    bridge = make("bridge", missed=20)
+    proxy = make("proxy", bridge.address)
+    term = make("terminal", proxy.address)
+    live(bridge)
+    slow = Faults(delay=1.0, delay_ms=(300.0, 300.0))
+    proxy.set_faults(to_bridge=slow, to_terminal=slow)
+    coid = bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, plan_id="late",
+                               valid_until=int(time.time() * 1000) + 450)
+    # unacked when valid_until passes: the bridge stops re-sending and calls it expired ...
+    wait_for(lambda: bridge.order(coid)["state"] not in ("queued", "sent"), what="expiry at the bridge")
+    st = bridge.order(coid)
+    # ... but the EA got it in time, so the late ack and fill win (if the machine was too slow
+    # for that, the EA refused it and both sides agree it expired)
+    wait_for(lambda: term.order_status(coid) in ("filled", "expired"))
+    if term.order_status(coid) == "filled":
+        assert st["state"] == "expired" and st["reason"] == "expired_unacked"
+        assert bridge.wait(coid, "filled") == "filled"
+        assert bridge.stats()["late_outcomes"] >= 1
+        assert term.executions() == {coid: 1}
+    else:
+        wait_for(lambda: bridge.stats()["acks_refused"] >= 1)
+        assert bridge.order(coid)["state"] == "expired" and term.executions() == {}

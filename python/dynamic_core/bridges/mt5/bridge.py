@@ -645,10 +645,9 @@ class MT5Bridge:
         self._open.pop(o.coid, None)
         self._queued.pop(o.coid, None)
         if state == EXPIRED:
+            # sent but unacked: the EA may still have placed it in time; a late ack or report
+            # (or a position found by reconciliation) still upgrades it (see _on_ack, _on_exec)
             self.counts["expired"] += 1
-            if o.ever_sent:  # the EA may still have placed it in time: keep listening
-                self._open[o.coid] = o
-                o.next_send = float("inf")
         elif state == REFUSED:
             self.counts["refused"] += 1
         status = "rejected" if state == REFUSED else state
@@ -706,6 +705,7 @@ class MT5Bridge:
             self.counts["late_outcomes"] += 1
             o.state, o.reason = ACKED, ""
             o.next_send = time.monotonic() + self.resend_max_delay
+            self._open[o.coid] = o
 
     def _on_exec(self, m: ExecReport) -> None:
         o = self._orders.get(m.client_order_id)
@@ -735,6 +735,7 @@ class MT5Bridge:
         o.filled, o.fill_price, o.commission, o.fill_ts = m.volume, m.price, m.commission, m.fill_ts
         o.state = st
         o.next_send = time.monotonic() + self.resend_max_delay
+        self._open[o.coid] = o
         if changed:
             self._report(o, st, m.reason, "terminal", m.fill_ts or now_ms())
 
@@ -975,13 +976,15 @@ class MT5Bridge:
             return
         ms = now_ms()
         for o in list(self._open.values()):
-            if o.state == EXPIRED or now < o.next_send:
+            if o.state == EXPIRED:
+                continue
+            if o.state in (QUEUED, SENT, UNCONFIRMED) and ms >= o.valid_until and not o.cancel:
+                self._finish(o, EXPIRED, "expired_unacked" if o.ever_sent else "expired_before_send", "bridge")
+                continue
+            if now < o.next_send:
                 continue
             if o.cancel:
                 self._send_cancel(o, now)
-                continue
-            if o.state in (QUEUED, SENT, UNCONFIRMED) and ms >= o.valid_until:
-                self._finish(o, EXPIRED, "expired_unacked" if o.ever_sent else "expired_before_send", "bridge")
                 continue
             if o.state == SENT and o.sends >= self.max_sends:
                 o.state = UNCONFIRMED
