@@ -379,3 +379,28 @@ def test_set_credit_refuses_bad_input_and_changes_nothing(credit_market):
         with pytest.raises(ValueError, match="2 agent ids but 1"):
             eng.set_credit([1, 2], [2.0])
         assert (eng.agents()["credit"] == 1.0).all()
+
+
+def test_incremental_exposure_equals_a_fresh_computation():
+    rng = np.random.default_rng(4)
+    names = ["EURUSD", "GBPUSD", "USDJPY", "EURGBP", "XAUUSD"]
+    g = gov()
+    live = pf({"EURUSD": 1.0, "EURGBP": -2.0}, {"XAUUSD": 2000.0})
+    g.evaluate(plan_of(), live)  # fills the cache for `live`
+    for _ in range(200):
+        name = names[int(rng.integers(len(names)))]
+        g.apply(live, name, float(rng.choice([-1.5, -0.5, 0.25, 1.0])))
+        fresh = RiskGovernor(RiskLimits())
+        gross, ccy, per = g._aggregates(live)
+        g2, c2, p2 = fresh._aggregates(Portfolio(equity=live.equity, positions=dict(live.positions), prices=live.prices))
+        assert gross == pytest.approx(g2, rel=1e-9, abs=1e-6)
+        assert set(p2) == set(per) and all(per[k] == pytest.approx(p2[k], rel=1e-12) for k in p2)
+        for k in set(ccy) | set(c2):
+            assert ccy.get(k, 0.0) == pytest.approx(c2.get(k, 0.0), abs=1e-6)
+        # and verdicts agree with a governor that recomputes from scratch
+        for d in (1, -1):
+            p = plan_of("EURUSD", d, 3.0)
+            a = g.evaluate(p, live)
+            b = RiskGovernor(RiskLimits(), equity=100_000.0)
+            b.mark(T0, 100_000.0)
+            assert a == b.evaluate(p, Portfolio(equity=live.equity, positions=dict(live.positions), prices=live.prices))

@@ -633,6 +633,15 @@ class PaperBroker:
                 value += (mark - leg.price) * leg.direction * leg.lots * spec.contract_size * conv
         return value
 
+    def net_lots(self, *, pending: bool = False) -> dict[str, float]:
+        """Signed net lots per instrument with an open position (cheap: no copies of the legs);
+        with ``pending``, orders waiting to fill are counted as if filled."""
+        out = {name: _lots(legs[0].direction * sum(leg.lots for leg in legs)) for name, legs in self._legs.items()}
+        if pending:
+            for o in self._pending.values():
+                out[o.instrument] = _lots(out.get(o.instrument, 0.0) + o.side * o.lots)
+        return {k: v for k, v in out.items() if v != 0.0}
+
     def positions(self) -> dict[str, Position]:
         """Open positions by instrument (copies: changing them changes nothing here)."""
         out: dict[str, Position] = {}

@@ -78,6 +78,8 @@ class Portfolio:
     equity: float
     positions: dict[str, float] = field(default_factory=dict)
     prices: dict[str, float] = field(default_factory=dict)
+    version: int = 0
+    """Bump after changing ``positions`` or ``prices`` in place (the governor caches per version)."""
 
     @classmethod
     def of(cls, broker: Any) -> Portfolio:
@@ -110,6 +112,9 @@ class RiskGovernor:
         self.now = -(2**63)
         self.counts: dict[str, int] = {"APPROVED": 0, "MODIFIED": 0, "REJECTED": 0}
         self.reasons: dict[str, int] = {}
+        self._agg_of: Portfolio | None = None
+        self._agg_key: tuple | None = None
+        self._agg: tuple[float, dict[str, float], dict[str, float]] = (0.0, {}, {})
 
     # ---- state fed by the trader ---------------------------------------------------------------
 
@@ -157,93 +162,139 @@ class RiskGovernor:
     def _notional_per_lot(self, sp: InstrumentSpec, price: float, prices: Mapping[str, float]) -> float:
         return sp.contract_size * price * quote_to_account(sp, price, self.limits.account, prices)
 
+    def _aggregates(self, portfolio: Portfolio) -> tuple[float, dict[str, float], dict[str, float]]:
+        """(gross notional, net notional per currency, signed notional per instrument) of the
+        portfolio's positions, cached until the portfolio's ``version`` or identity changes."""
+        # the object itself is kept (not its id, which a new object could reuse)
+        key = (portfolio.version, portfolio.equity)
+        if self._agg_of is portfolio and self._agg_key == key:
+            return self._agg
+        prices = portfolio.prices
+        gross = 0.0
+        ccy: dict[str, float] = {}
+        per: dict[str, float] = {}
+        for name, lots in portfolio.positions.items():
+            if lots == 0.0:
+                continue
+            sp = self._spec(name)
+            n2 = lots * self._notional_per_lot(sp, prices.get(name, 0.0), prices)  # KeyError: no route
+            per[name] = n2
+            gross += abs(n2)
+            _add_ccy(ccy, sp, n2)
+        self._agg_of, self._agg_key, self._agg = portfolio, key, (gross, ccy, per)
+        return self._agg
+
+    def apply(self, portfolio: Portfolio, instrument: str, lots: float) -> None:
+        """Add ``lots`` (signed) to ``portfolio``'s position in ``instrument`` -- an order just
+        placed -- keeping the cached exposure aggregates current instead of recomputing them."""
+        pos = portfolio.positions
+        old = pos.get(instrument, 0.0)
+        new = old + lots
+        if abs(new) > 1e-12:
+            pos[instrument] = new
+        else:
+            pos.pop(instrument, None)
+        cached = self._agg_of is portfolio and self._agg_key == (portfolio.version, portfolio.equity)
+        portfolio.version += 1
+        if not cached:
+            return
+        gross, ccy, per = self._agg
+        sp = self._spec(instrument)
+        try:
+            n_new = (new if instrument in pos else 0.0) * self._notional_per_lot(
+                sp, portfolio.prices.get(instrument, 0.0), portfolio.prices)
+        except KeyError:
+            self._agg_of = None  # recomputed (and refused) at the next evaluation
+            return
+        n_old = per.get(instrument, 0.0)
+        gross += abs(n_new) - abs(n_old)
+        _add_ccy(ccy, sp, n_new - n_old)
+        if n_new:
+            per[instrument] = n_new
+        else:
+            per.pop(instrument, None)
+        self._agg = (gross, ccy, per)
+        self._agg_key = (portfolio.version, portfolio.equity)
+
+    def _reject(self, plan: TradingPlan, reasons: list[str], detail: dict[str, float], code: str, limit: float,
+                value: float) -> PlanDecision:
+        reasons.append(code)
+        detail[code + ".limit"] = float(limit)
+        detail[code + ".value"] = float(value)
+        return self._decide("REJECTED", plan, plan, reasons, detail)
+
     def evaluate(self, plan: TradingPlan, portfolio: Portfolio, *, providers_agreeing: int | None = None) -> PlanDecision:
         """The verdict on ``plan`` given ``portfolio``; counted in :attr:`counts` and :attr:`reasons`."""
         lim = self.limits
         reasons: list[str] = []
         detail: dict[str, float] = {}
-
-        def reject(code: str, limit: float, value: float) -> PlanDecision:
-            reasons.append(code)
-            detail[code + ".limit"] = float(limit)
-            detail[code + ".value"] = float(value)
-            return self._decide("REJECTED", plan, plan, reasons, detail)
-
         eq = portfolio.equity
         if self.halted:
             dd = (self.peak - eq) / self.peak * 100.0 if self.peak > 0 else 0.0
-            return reject("halted_drawdown", lim.max_drawdown_pct, dd)
+            return self._reject(plan, reasons, detail, "halted_drawdown", lim.max_drawdown_pct, dd)
         if lim.daily_loss_pct > 0.0 and self.day == plan.ts // DAY_NS and self.day_open > 0.0:
             loss = (self.day_open - eq) / self.day_open * 100.0
             if loss >= lim.daily_loss_pct:
-                return reject("daily_loss_limit", lim.daily_loss_pct, loss)
+                return self._reject(plan, reasons, detail, "daily_loss_limit", lim.daily_loss_pct, loss)
         if plan.ts < self.cooldown_until:
-            return reject("cooldown", float(self.cooldown_until), float(plan.ts))
+            return self._reject(plan, reasons, detail, "cooldown", float(self.cooldown_until), float(plan.ts))
         if plan.confidence < lim.min_confidence:
-            return reject("min_confidence", lim.min_confidence, plan.confidence)
+            return self._reject(plan, reasons, detail, "min_confidence", lim.min_confidence, plan.confidence)
         if plan.agreement < lim.min_agreement:
-            return reject("min_agreement", lim.min_agreement, plan.agreement)
+            return self._reject(plan, reasons, detail, "min_agreement", lim.min_agreement, plan.agreement)
         agreeing = plan.providers_agreeing if providers_agreeing is None else providers_agreeing
         if lim.min_providers_agree and agreeing < lim.min_providers_agree:
-            return reject("min_providers_agree", lim.min_providers_agree, agreeing)
+            return self._reject(plan, reasons, detail, "min_providers_agree", lim.min_providers_agree, agreeing)
         if plan.valid_until < self.now:
-            return reject("expired", float(plan.valid_until), float(self.now))
+            return self._reject(plan, reasons, detail, "expired", float(plan.valid_until), float(self.now))
 
         positions = portfolio.positions
         held = positions.get(plan.instrument, 0.0)
-        if held * plan.direction > 0.0 and not lim.allow_pyramiding:
-            return reject("position_open", 0.0, held)
-        n_open = sum(1 for v in positions.values() if v != 0.0)
-        if lim.max_open_positions and held == 0.0 and n_open + 1 > lim.max_open_positions:
-            return reject("max_open_positions", lim.max_open_positions, n_open + 1)
+        d = plan.direction
+        if held * d > 0.0 and not lim.allow_pyramiding:
+            return self._reject(plan, reasons, detail, "position_open", 0.0, held)
+        if lim.max_open_positions and held == 0.0:
+            n_open = sum(1 for v in positions.values() if v != 0.0)
+            if n_open + 1 > lim.max_open_positions:
+                return self._reject(plan, reasons, detail, "max_open_positions", lim.max_open_positions, n_open + 1)
 
         sp = self._spec(plan.instrument)
         prices = portfolio.prices
         try:
             per_lot = self._notional_per_lot(sp, prices.get(plan.instrument, plan.entry), prices)
+            gross_all, ccy_all, per_inst = self._aggregates(portfolio)
         except KeyError:
-            return reject("no_conversion", 0.0, 0.0)
+            return self._reject(plan, reasons, detail, "no_conversion", 0.0, 0.0)
         size = plan.size
         cap = math.inf
         if eq > 0.0 and per_lot > 0.0:
             # the position after the fill: what is held plus the plan (an opposite plan nets)
+            after = abs(held + d * size)
             if lim.max_instrument_leverage:
-                room = lim.max_instrument_leverage * eq / per_lot  # |held + d*size| <= room
-                c = room - held * plan.direction
+                c = lim.max_instrument_leverage * eq / per_lot - held * d  # |held + d*x| <= room
                 if c < size:
                     reasons.append("resized_instrument")
                     detail["resized_instrument.limit"] = lim.max_instrument_leverage
-                    detail["resized_instrument.value"] = abs(held + plan.direction * size) * per_lot / eq
-                    cap = min(cap, c)
-            gross = 0.0
-            ccy: dict[str, float] = {}
-            try:
-                for name, lots in positions.items():
-                    if name == plan.instrument or lots == 0.0:
-                        continue
-                    s2 = self._spec(name)
-                    n2 = lots * self._notional_per_lot(s2, prices.get(name, 0.0), prices)
-                    gross += abs(n2)
-                    _add_ccy(ccy, s2, n2)
-            except KeyError:
-                return reject("no_conversion", 0.0, 0.0)
+                    detail["resized_instrument.value"] = after * per_lot / eq
+                    cap = c
+            own = per_inst.get(plan.instrument, 0.0)
             if lim.max_leverage:
-                room = (lim.max_leverage * eq - gross) / per_lot
-                c = room - held * plan.direction
+                gross = gross_all - abs(own)  # the other positions
+                c = (lim.max_leverage * eq - gross) / per_lot - held * d
                 if c < size:
                     reasons.append("resized_leverage")
                     detail["resized_leverage.limit"] = lim.max_leverage
-                    detail["resized_leverage.value"] = (gross + abs(held + plan.direction * size) * per_lot) / eq
+                    detail["resized_leverage.value"] = (gross + after * per_lot) / eq
                     cap = min(cap, c)
             if lim.max_currency_leverage:
+                limit = lim.max_currency_leverage * eq
                 for code, sign in ((sp.base, 1.0), (sp.quote, -1.0)):
                     if not code or code == lim.account or code == sp.name:
                         continue
-                    other = ccy.get(code, 0.0)
-                    # net exposure to `code` after the fill: other + sign * per_lot * (held + d*x)
-                    # solve |...| <= L*eq for the largest x >= 0 in the plan's direction
-                    limit = lim.max_currency_leverage * eq
-                    k = sign * plan.direction * per_lot
+                    other = ccy_all.get(code, 0.0) - sign * own  # without this instrument's position
+                    # net exposure to `code` after the fill: other + sign * per_lot * (held + d*x);
+                    # the largest x >= 0 in the plan's direction that keeps |...| <= limit
+                    k = sign * d * per_lot
                     base = other + sign * per_lot * held
                     x = (limit - base) / k if k > 0 else (-limit - base) / k
                     if x < size:

@@ -30,7 +30,7 @@ import numpy as np
 from ..instruments import instruments
 from ..payloads import PlanDecision, TradingPlan
 from .governor import Portfolio, RiskGovernor, RiskLimits
-from .plans import AtrTracker, PlanConfig, make_plan, signal_id_for
+from .plans import AtrTracker, PlanConfig, build_plan, signal_id_for
 from .specs import InstrumentSpec, instrument_spec
 
 __all__ = ["Attribution", "CreditLedger", "DecisionMaker", "top_contributors"]
@@ -159,6 +159,7 @@ class DecisionMaker:
         self._agent_index: dict[tuple[int, int], np.ndarray] | None = None
         self._index_of: int | None = None
         self.no_plan = 0
+        self._pf: Portfolio | None = None
         trader.on_trade(self._on_trade)
 
     # ---- inputs --------------------------------------------------------------------------------
@@ -200,10 +201,16 @@ class DecisionMaker:
         if len(signals) == 0:
             return out
         cfg = self.plan_config
-        names = instruments.names()
+        names = instruments._names  # read only: names() copies the list
         actions = signals["action"].tolist()
         scores = signals["score"].tolist()
+        rows = None
+        atr_state = self.atr._state
+        specs = self._spec_cache
         snapshot: np.ndarray | None = None
+        # the account as of this call; only this call's own orders change it until the next bar
+        equity = float(self.trader.equity)
+        self._pf = Portfolio(equity=equity, positions=self._positions(), prices=self.prices)
         for j, act in enumerate(actions):
             if abs(act) >= cfg.min_action:
                 direction = 1 if act > 0 else -1
@@ -211,8 +218,11 @@ class DecisionMaker:
                 direction = 1 if scores[j] > 0 else -1
             else:
                 continue
-            s = signals[j]
-            inst, tf = int(s["instrument"]), int(s["timeframe"])
+            if rows is None:  # columns as Python scalars once: per-row record access is slow
+                rows = list(zip(*(signals[f].tolist() for f in (
+                    "instrument", "timeframe", "ts", "seq", "population_hash", "confidence", "agreement",
+                    "dispersion", "n_agents"))))
+            inst, tf, ts, seq, ph, conf, agr, disp, n_ag = rows[j]
             name = names[inst]
             contributors: tuple[int, ...] = ()
             if agents is not None and self.n_contributors:
@@ -222,34 +232,48 @@ class DecisionMaker:
                                                 self._index(snapshot))
             text, provider, agreeing = "", "", 0
             if self._rationale is not None:
-                got = self._rationale(signal_id_for(int(s["population_hash"]), int(s["seq"])))
+                got = self._rationale(signal_id_for(ph, seq))
                 if got is not None:
                     text, provider, agreeing = got
-            plan = make_plan(s, entry=self.atr.last_close(inst, tf), atr=self.atr.value(inst, tf),
-                             equity=float(self.trader.equity), config=cfg, spec=self._spec(name), prices=self.prices,
-                             contributors=contributors, rationale=text, rationale_provider=provider,
-                             providers_agreeing=agreeing)
+            st = atr_state.get((inst, tf))
+            if st is None:
+                self.no_plan += 1
+                continue
+            sp = specs.get(name) or self._spec(name)
+            plan = build_plan(name, tf, ts, seq, ph, actions[j], scores[j], conf, agr, disp, n_ag,
+                              entry=st[0], atr=st[3], equity=equity,
+                              config=cfg, spec=sp, prices=self.prices, contributors=contributors,
+                              rationale=text, rationale_provider=provider, providers_agreeing=agreeing)
             if plan is None:
                 self.no_plan += 1
                 continue
             out.append(self.decide(plan))
+        self._pf = None
         return out
 
     def decide(self, plan: TradingPlan) -> PlanDecision:
         """Judge one plan, journal the verdict, and hand an approved plan to the trader."""
-        d = self.governor.evaluate(plan, Portfolio(equity=float(self.trader.equity),
-                                                   positions=self._positions(), prices=self.prices))
+        pf = self._pf
+        if pf is None:
+            pf = Portfolio(equity=float(self.trader.equity), positions=self._positions(), prices=self.prices)
+        d = self.governor.evaluate(plan, pf)
         self.decisions.append(d)
         if self._journal is not None:
             self._journal(self._enc.encode(d))
         if d.verdict != "REJECTED":
-            self.plans[d.plan.plan_id] = d.plan
-            self.trader.submit_plan(d.plan)
+            p = d.plan
+            self.plans[p.plan_id] = p
+            res = self.trader.submit_plan(p)
+            if self._pf is not None and getattr(res, "status", "accepted") in ("accepted", "filled"):
+                self.governor.apply(pf, p.instrument, p.direction * p.size)
         return d
 
     def _positions(self) -> dict[str, float]:
         """Net lots per instrument, orders still waiting to fill included: a plan approved on
         this bar is a position from the next open, and the limits must see it now."""
+        net = getattr(self.trader, "net_lots", None)
+        if net is not None:
+            return net(pending=True)
         pos = {k: float(p.lots) for k, p in self.trader.positions().items() if p.lots != 0.0}
         pending = getattr(self.trader, "pending", None)
         if pending is not None:

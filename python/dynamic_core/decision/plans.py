@@ -31,7 +31,7 @@ from ..instruments import instruments
 from ..payloads import TradingPlan
 from .specs import InstrumentSpec, instrument_spec, quote_to_account
 
-__all__ = ["AtrTracker", "PlanConfig", "make_plan", "plan_id_for", "signal_id_for"]
+__all__ = ["AtrTracker", "PlanConfig", "build_plan", "make_plan", "plan_id_for", "signal_id_for"]
 
 
 class PlanConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -80,11 +80,9 @@ _ID_PACK = struct.Struct("<qIQbdddd")
 def plan_id_for(signal_id: str, instrument: str, timeframe: int, ts: int, seq: int, direction: int,
                 entry: float, stop: float, size: float, target: float) -> str:
     """A 16-hex-digit id: BLAKE2b over the signal's provenance and the plan's terms."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(signal_id.encode())
-    h.update(instrument.encode())
-    h.update(_ID_PACK.pack(ts, timeframe, seq, direction, entry, stop, size, target))
-    return h.hexdigest()
+    return hashlib.blake2b(b"".join((signal_id.encode(), instrument.encode(),
+                                     _ID_PACK.pack(ts, timeframe, seq, direction, entry, stop, size, target))),
+                           digest_size=8).hexdigest()
 
 
 class AtrTracker:
@@ -166,7 +164,6 @@ def make_plan(signal: Any, *, entry: float, atr: float, equity: float, config: P
     entry, or a size below the minimum lot. Everything else becomes a plan; whether it may be
     traded is the governor's call.
     """
-    cfg = config if config is not None else _DEFAULT_CONFIG
     if isinstance(signal, np.void):
         instrument = instruments.name(int(signal["instrument"]))
         timeframe, ts, seq = int(signal["timeframe"]), int(signal["ts"]), int(signal["seq"])
@@ -177,6 +174,19 @@ def make_plan(signal: Any, *, entry: float, atr: float, equity: float, config: P
         instrument, timeframe, ts, seq = signal.instrument, signal.timeframe, signal.ts, signal.seq
         action, score, confidence, agreement = signal.action, signal.score, signal.confidence, signal.agreement
         pop_hash, dispersion, n_agents = signal.population_hash, signal.dispersion, signal.n_agents
+    return build_plan(instrument, timeframe, ts, seq, pop_hash, action, score, confidence, agreement, dispersion,
+                      n_agents, entry=entry, atr=atr, equity=equity, config=config, spec=spec, prices=prices,
+                      contributors=contributors, rationale=rationale, rationale_provider=rationale_provider,
+                      providers_agreeing=providers_agreeing)
+
+
+def build_plan(instrument: str, timeframe: int, ts: int, seq: int, pop_hash: int, action: int, score: float,
+               confidence: float, agreement: float, dispersion: float, n_agents: int, *, entry: float, atr: float,
+               equity: float, config: PlanConfig | None = None, spec: InstrumentSpec | None = None,
+               prices: Mapping[str, float] | None = None, contributors: tuple[int, ...] = (), rationale: str = "",
+               rationale_provider: str = "", providers_agreeing: int = 0) -> TradingPlan | None:
+    """:func:`make_plan` from the signal's fields (the decision maker's path: no record access)."""
+    cfg = config if config is not None else _DEFAULT_CONFIG
     if abs(action) >= cfg.min_action:
         direction = 1 if action > 0 else -1
     elif cfg.min_score > 0.0 and abs(score) >= cfg.min_score:
@@ -190,16 +200,19 @@ def make_plan(signal: Any, *, entry: float, atr: float, equity: float, config: P
     stop = entry - direction * dist
     if stop <= 0.0:
         return None
-    try:
-        conv = quote_to_account(sp, entry, cfg.account, prices)
-    except KeyError:
-        return None
+    if sp.quote == cfg.account:
+        conv = 1.0
+    else:
+        try:
+            conv = quote_to_account(sp, entry, cfg.account, prices)
+        except KeyError:
+            return None
     risk_per_lot = dist * sp.contract_size * conv
     size = sp.round_lots(equity * cfg.risk_pct / 100.0 / risk_per_lot)
     if size <= 0.0:
         return None
-    targets = tuple(entry + direction * r * dist for r in cfg.targets_r)
-    signal_id = signal_id_for(pop_hash, seq)
+    targets = tuple([entry + direction * r * dist for r in cfg.targets_r])
+    signal_id = f"{pop_hash:016x}:{seq}"
     pid = plan_id_for(signal_id, instrument, timeframe, ts, seq, direction, entry, stop, size,
                       targets[0] if targets else 0.0)
     return TradingPlan(

@@ -63,15 +63,31 @@ class InstrumentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         below ``min_lot``, clipped to ``max_lot``."""
         if not lots > 0.0:
             return 0.0
-        steps = int(lots / self.lot_step + 1e-9)
-        out = round(steps * self.lot_step, 10)
+        step = self.lot_step
+        steps = int(lots / step + 1e-9)
+        inv = _inverse_step(step)
+        # steps / (1/step) for decimal steps (0.01 -> /100) is the correctly rounded decimal;
+        # steps * 0.01 is not (3 * 0.01 = 0.030000000000000002)
+        out = steps / inv if inv else round(steps * step, 10)
         if out < self.min_lot - 1e-12:
             return 0.0
-        return min(out, self.max_lot)
+        return out if out < self.max_lot else self.max_lot
 
     def round_price(self, price: float) -> float:
         """``price`` on the tick grid, at ``digits`` decimals."""
         return round(round(price / self.tick_size) * self.tick_size, self.digits)
+
+
+_INVERSES: dict[float, int] = {}
+
+
+def _inverse_step(step: float) -> int:
+    """``1 / step`` when that is a whole number (0.01 -> 100, 1.0 -> 1), else 0."""
+    inv = _INVERSES.get(step)
+    if inv is None:
+        r = round(1.0 / step)
+        inv = _INVERSES[step] = r if r >= 1 and abs(1.0 / step - r) < 1e-9 else 0
+    return inv
 
 
 def _fx(name: str, digits: int = 5) -> InstrumentSpec:
