@@ -375,12 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_decision
 
     cli_decision.add_run_options(r)
-    try:
-        from .bridges.mt5 import cli as mt5_cli
-    except ImportError:  # pragma: no cover - the bridge ships with the package
-        mt5_cli = None
-    if mt5_cli is not None:
-        mt5_cli.add_parser(sub)
+    from .bridges.mt5 import cli as mt5_cli
+
+    br = sub.add_parser("bridge", help="execution bridges: mt5 (MetaTrader 5 EA over ZeroMQ)",
+                        description=_wrap("Run an execution bridge. 'mt5' serves a MetaTrader 5 Expert "
+                                          "Advisor (shipped in dynamic_core/bridges/mql5/) over ZeroMQ; see "
+                                          "docs/mt5-bridge.md for the protocol."),
+                        formatter_class=_Formatter)
+    bsub = br.add_subparsers(dest="bridge", metavar="BRIDGE", title="bridges")
+    mt5_cli.add_parser(bsub, _Formatter)
+    br.set_defaults(func=lambda a: (br.print_help(), 2)[1])
     return p
 
 

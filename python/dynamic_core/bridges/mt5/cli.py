@@ -115,27 +115,27 @@ def _positive_int(s: str) -> int:
 
 
 def default_plan_source(equity: float = 100_000.0, min_score: float = 0.02) -> PlanSource:
-    """A plan hook built on :func:`dynamic_core.decision.make_plan`: ATR stops (Wilder, 14),
+    """A plan hook built on :class:`dynamic_core.decision.DecisionMaker`: ATR stops (Wilder, 14),
     risk sizing on ``equity``, a plan for every signal whose action is BUY/SELL or stronger or
     whose fused score reaches ``min_score`` (random populations rarely agree on an action), valid
-    for 3 bars. No risk governor: it shows the bridge working, it is not a trading configuration."""
-    from ...decision import AtrTracker, PlanConfig, make_plan
+    for 3 bars, judged by the risk governor with its default limits. The governor judges against
+    an engine-side paper book that takes the same orders (filled at the next bar's open), so
+    limits, cooldowns and the drawdown breaker apply as in ``run --paper``; the terminal's own
+    account is the one of record, and reconciliation shows any drift."""
+    from ...decision import DecisionMaker, PlanConfig
+    from ..paper import PaperBroker
 
-    atr = AtrTracker()
-    cfg = PlanConfig(min_score=min_score, valid_bars=3)
+    maker = DecisionMaker(PaperBroker(equity=equity), plan=PlanConfig(min_score=min_score, valid_bars=3))
 
     def source(signals: Any, bars: Any) -> Iterable[TradingPlan]:
         if bars is None:
             return ()
-        atr.update_bars(bars)
-        out = []
-        for s in signals if signals is not None else ():
-            i, tf = int(s["instrument"]), int(s["timeframe"])
-            p = make_plan(s, entry=atr.last_close(i, tf), atr=atr.value(i, tf), equity=equity, config=cfg)
-            if p is not None:
-                out.append(p)
-        return out
+        maker.on_bars(bars)
+        if signals is None or not len(signals):
+            return ()
+        return [d.plan for d in maker.on_signals(signals) if d.verdict != "REJECTED"]
 
+    source.maker = maker  # type: ignore[attr-defined]
     return source
 
 
