@@ -1,0 +1,144 @@
+"""From signal to order: plans/s through the decision maker, and the MT5 bridge's signal-to-ack
+round trip over loopback.
+
+Run: ``python -m bench.bench_decision [--quick] [--json PATH]``
+
+1. Decision maker: 16 simulated instruments, one signal per instrument per hourly bar, every
+   signal actionable (random BUY/SELL, STRONG or not). Per time step the paper broker takes the
+   bars (fills, stops, targets, marks; not timed; the costs of ``run --paper``), then ``DecisionMaker.on_signals`` plans,
+   judges and places (timed): ATR stop and targets, risk sizing with lot rounding and currency
+   conversion, a deterministic plan id, the governor's checks (breaker, daily loss, cooldown,
+   guardrails, positions, instrument / gross / currency exposure with resizing), the verdict
+   journaled as msgpack, approved plans submitted to the paper broker. Two limit sets:
+   ``default`` (RiskLimits(): most plans end early, e.g. no pyramiding, the breaker once the
+   random trades lose) and ``all checks`` (breaker, daily loss and cooldown off, so every plan
+   runs the exposure math and about half are placed). Plans/s = plans judged / time in
+   ``on_signals``.
+2. Bridge round trip: ``MT5Bridge.submit_plan`` of a fresh plan -> order over ROUTER/DEALER on
+   loopback TCP -> SimulatedTerminal (the EA side, a paper broker behind it) -> ``ack`` decoded
+   by the bridge thread; one order at a time, after a warm-up (bench/_bridge_rt.py).
+
+Peers: the design documents' decision maker target (1,000 plans/s) and the best-known public
+ZeroMQ MetaTrader bridge, which has no acknowledgements at all (fire-and-forget PUSH with
+HWM 1), so it has no round trip to compare. Targets from the issue (2 cores): >= 100k plans/s;
+round trip p50 <= 300 us. Figures are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+import dynamic_core as dc  # noqa: E402
+from dynamic_core.bridges.paper import PaperBroker  # noqa: E402
+from dynamic_core.cli_decision import DEFAULT_COSTS  # noqa: E402
+from dynamic_core.decision import DecisionMaker, RiskLimits  # noqa: E402
+
+from ._bridge_rt import measure  # noqa: E402
+from ._machine import arg_parser, describe, finish  # noqa: E402
+
+DESIGN_PLANS_PER_S = 1_000.0
+NAMES = ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD", "AUDUSD", "BTCUSD", "SPX"] + [f"SIM{k}" for k in range(7, 16)]
+LIMITS = {
+    "default": RiskLimits(),
+    "all checks": RiskLimits(max_open_positions=0, max_drawdown_pct=0, daily_loss_pct=0, loss_streak=0),
+}
+
+
+def _progress(msg: str) -> None:
+    print(f"  ... {msg}", file=sys.stderr, flush=True)
+
+
+class _Sink:
+    """A journal stand-in that keeps the encoded verdicts in memory (the encoding is timed; the
+    disk write is the journal's, measured by bench_journal)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.bytes = 0
+
+    def __call__(self, raw: bytes) -> None:
+        self.n += 1
+        self.bytes += len(raw)
+
+
+def decision_section(steps: int, limits: RiskLimits) -> dict:
+    k = len(NAMES)
+    bars = dc.sim.MarketSimulator(NAMES, seed=1).bars(steps + 50)
+    ids = np.array([dc.instruments.id(n) for n in NAMES], dtype=np.uint32)
+    rng = np.random.default_rng(3)
+    sink = _Sink()
+    maker = DecisionMaker(PaperBroker(costs=DEFAULT_COSTS), limits=limits,
+                          journal=sink)
+    maker.on_bars(bars[: 50 * k])  # warm the ATRs
+    sigs = []
+    for t in range(steps):
+        b = bars[(50 + t) * k:(51 + t) * k]
+        s = np.zeros(k, dtype=dc.SIGNAL_DTYPE)
+        s["instrument"], s["timeframe"], s["ts"] = ids, 3600, b["ts"][0]
+        s["seq"], s["population_hash"] = np.arange(t * k, (t + 1) * k), 0xD0
+        a = rng.choice([-2, -1, 1, 2], k)
+        s["action"], s["score"] = a, a * 0.3
+        s["confidence"], s["agreement"] = rng.uniform(0, 1, k), rng.uniform(0, 1, k)
+        sigs.append((b, s))
+    spent = 0.0
+    n = 0
+    for b, s in sigs:
+        maker.on_bars(b)
+        t0 = time.perf_counter()
+        n += len(maker.on_signals(s))
+        spent += time.perf_counter() - t0
+    g = maker.governor.stats()
+    return {"plans": n, "seconds": spent, "per_s": n / spent, "us_per_plan": spent / n * 1e6,
+            "decisions": g["decisions"], "reasons": g["reasons"], "journaled": sink.n,
+            "trades": len(maker.attributions)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = arg_parser(__doc__)
+    args = ap.parse_args(argv)
+    t_all = time.perf_counter()
+    print("dynamic_core decision benchmark")
+    print(describe())
+    steps = 500 if args.quick else 4000
+    res: dict = {"decision": {}}
+    for name, lim in LIMITS.items():
+        _progress(f"decision maker, {name} limits ...")
+        decision_section(min(steps, 200), lim)  # warm-up
+        res["decision"][name] = decision_section(steps, lim)
+    _progress("bridge round trip ...")
+    rt = measure(500 if args.quick else 2000)
+    res["bridge"] = rt
+
+    print(f"\n1. Decision maker: {len(NAMES)} instruments x {steps:,} hourly steps, one actionable signal each")
+    for name, r in res["decision"].items():
+        d = r["decisions"]
+        print(f"   {name:<10}: {r['per_s']:>9,.0f} plans/s ({r['us_per_plan']:.1f} us a plan; {r['plans']:,} plans: "
+              f"{d['APPROVED']:,} approved, {d['MODIFIED']:,} modified, {d['REJECTED']:,} rejected)")
+        top = sorted(r["reasons"].items(), key=lambda kv: -kv[1])[:4]
+        print(f"               reasons: {', '.join(f'{k} {v:,}' for k, v in top) or 'none'}; "
+              f"{r['journaled']:,} verdicts encoded for the journal, {r['trades']:,} trades closed")
+    worst = min(r["per_s"] for r in res["decision"].values())
+    print(f"   peer: the design documents' decision maker, {DESIGN_PLANS_PER_S:,.0f} plans/s (target)")
+    print(f"   ratio: ours (slowest limit set) / design = {worst / DESIGN_PLANS_PER_S:,.0f}x")
+    print(f"\n2. MT5 bridge round trip, submit_plan -> ack over loopback TCP ({rt['n']:,} orders, one at a time)")
+    print(f"   p50 {rt['p50_us']:.0f} us   p90 {rt['p90_us']:.0f} us   p99 {rt['p99_us']:.0f} us   "
+          f"(re-sends {rt['resends']}, executions {rt['executions']:,})")
+    print("   peer: the best-known public ZeroMQ MT bridge sends fire-and-forget (no ack, HWM 1): no round "
+          "trip to compare, and a lost command is never noticed")
+    finish([("plans/s, default limits", f"{res['decision']['default']['per_s']:,.0f}", ">=100k",
+             res["decision"]["default"]["per_s"] >= 100_000),
+            ("plans/s, all checks", f"{res['decision']['all checks']['per_s']:,.0f}", ">=100k",
+             res["decision"]["all checks"]["per_s"] >= 100_000),
+            ("bridge round trip p50 (us)", f"{rt['p50_us']:.0f}", "<=300", rt["p50_us"] <= 300)],
+           res, args, t_all)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
