@@ -240,8 +240,8 @@ def test_close_partial_lots_fifo() -> None:
     assert len(b.on_bar("EURUSD", 2, 1.1000, 1.1010, 1.1000, 1.1010)) == 2
     fills = b.close("EURUSD", lots=0.45)
     # At the bid of the last close: 1.1010 - 0.0001; A fully, then 0.15 of B.
-    assert [(f.plan_id, f.lots, f.price, f.kind) for f in fills] == [("A", 0.3, 1.1009, "close"),
-                                                                      ("B", 0.15, 1.1009, "close")]
+    assert [(f.plan_id, f.lots, f.price, f.kind) for f in fills] == [("A", 0.3, 1.1009, "closed_out"),
+                                                                      ("B", 0.15, 1.1009, "closed_out")]
     assert b.positions()["EURUSD"].lots == 0.15
     assert b.close("EURUSD", lots=0.001) == []  # below the lot step
     assert b.close("GBPUSD") == []

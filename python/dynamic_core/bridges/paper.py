@@ -110,7 +110,7 @@ class Order(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 class Fill(msgspec.Struct, frozen=True, kw_only=True):
     """One execution. An order's execution is one fill (``kind`` ``"entry"`` when it only opens
     or adds, ``"close"`` when it only reduces, ``"reverse"`` when it does both); exits the broker
-    makes (``"stop_loss"``, ``"take_profit"``, ``"close"``, ``"flatten"``) are one fill per leg,
+    makes (``"stop_loss"``, ``"take_profit"``, ``"closed_out"``, ``"flatten"``) are one fill per leg,
     carrying the leg's ``client_order_id`` and ``plan_id``."""
 
     client_order_id: str
@@ -578,10 +578,11 @@ class PaperBroker:
         return fills
 
     # ----------------------------------------------------------------------------- closing
-    def close(self, instrument: str, *, lots: float | None = None, reason: str = "close") -> list[Fill]:
+    def close(self, instrument: str, *, lots: float | None = None, reason: str = "closed_out") -> list[Fill]:
         """Close ``lots`` (default all, rounded down to the lot step) of the position FIFO at the
         last close, exit side (bid for longs, ask for shorts) minus slippage; ``reason`` is the
-        fills' kind and the trades' exit reason. Nothing happens without a position."""
+        fills' kind and the trades' exit reason (default ``"closed_out"``: not ``"close"``, which marks
+        an order that executed by reducing a position). Nothing happens without a position."""
         fills = self._close(instrument, lots, reason)
         self._dispatch()
         return fills
