@@ -32,15 +32,14 @@ import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
+import dynamic_core as dc
+import numpy as np
+from dynamic_core.bridges.paper import PaperBroker
+from dynamic_core.cli_decision import DEFAULT_COSTS
+from dynamic_core.decision import DecisionMaker, RiskLimits
 
-import dynamic_core as dc  # noqa: E402
-from dynamic_core.bridges.paper import PaperBroker  # noqa: E402
-from dynamic_core.cli_decision import DEFAULT_COSTS  # noqa: E402
-from dynamic_core.decision import DecisionMaker, RiskLimits  # noqa: E402
-
-from ._bridge_rt import measure  # noqa: E402
-from ._machine import arg_parser, describe, finish  # noqa: E402
+from ._bridge_rt import measure
+from ._machine import arg_parser, describe, finish
 
 DESIGN_PLANS_PER_S = 1_000.0
 NAMES = ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD", "AUDUSD", "BTCUSD", "SPX"] + [f"SIM{k}" for k in range(7, 16)]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 
+import dynamic_core as dc
 import msgspec
 import numpy as np
 import pytest
 import talib
 from backtesting.test import EURUSD
-
-import dynamic_core as dc
 from dynamic_core.decision import (
     DAY_NS,
     AtrTracker,
@@ -368,7 +367,7 @@ def test_credit_is_journaled_and_replayed(credit_market, tmp_path):
 
 
 def test_set_credit_refuses_bad_input_and_changes_nothing(credit_market):
-    pop, bars = credit_market
+    pop, _ = credit_market
     with dc.Engine(pop) as eng:
         with pytest.raises(ValueError, match="no agent with id 5000"):
             eng.set_credit([1, 5000], [2.0, 2.0])

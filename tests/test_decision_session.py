@@ -4,14 +4,14 @@ credit back to the engine; journal, replay, shadow runs and ``run --paper``."""
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from contextlib import redirect_stdout
 
+import dynamic_core as dc
 import msgspec
 import numpy as np
 import pytest
-
-import dynamic_core as dc
 from dynamic_core.bridges.paper import CostModel, PaperBroker
 from dynamic_core.cli import main
 from dynamic_core.decision import (
@@ -54,7 +54,7 @@ def test_time_steps_split_on_timestamps(market):
 
 def test_every_closed_trade_is_attributed_to_its_plan_signal_agents(market):
     pop, bars = market
-    eng, maker, s = session(pop, bars)
+    eng, maker, _s = session(pop, bars)
     try:
         att = maker.attribution()
         assert len(att) >= 20
@@ -147,7 +147,7 @@ def test_governor_limits_bind_in_a_session(market):
         assert reasons.get("max_open_positions", 0) > 0 and reasons.get("min_agreement", 0) > 0
         # never more than one position (or pending entry) at a time
         opened = sorted((t.entry_ts, t.exit_ts) for t in maker.trader.trades)
-        for (a0, a1), (b0, _) in zip(opened, opened[1:]):
+        for (_a0, a1), (b0, _) in itertools.pairwise(opened):
             assert b0 >= a1
     finally:
         eng.close()

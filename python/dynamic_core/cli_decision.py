@@ -259,7 +259,7 @@ _EXIT = {"stop_loss": "stop", "take_profit": "target"}
 def _short_ts(ns: int) -> str:
     import datetime as _dt
 
-    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.timezone.utc).strftime("%m-%d %H:%M")
+    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.UTC).strftime("%m-%d %H:%M")
 
 
 def _print_shadow(console: Any, r: Any, path: str) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from .governor import DAY_NS, Portfolio, RiskGovernor, RiskLimits
 from .maker import Attribution, CreditLedger, DecisionMaker, load_decision_config, top_contributors
-from .session import RationaleBook, ShadowReport, ShadowSession, TradingSession, time_steps
 from .plans import AtrTracker, PlanConfig, make_plan, plan_id_for, signal_id_for
+from .session import RationaleBook, ShadowReport, ShadowSession, TradingSession, time_steps
 from .specs import DEFAULT_SPECS, InstrumentSpec, instrument_spec, load_specs, quote_to_account
 
 __all__ = [
@@ -19,8 +19,8 @@ __all__ = [
     "InstrumentSpec",
     "PlanConfig",
     "Portfolio",
-    "RiskGovernor",
     "RationaleBook",
+    "RiskGovernor",
     "RiskLimits",
     "ShadowReport",
     "ShadowSession",

@@ -127,8 +127,7 @@ class RiskGovernor:
         if day != self.day:
             self.day = day
             self.day_open = equity
-        if equity > self.peak:
-            self.peak = equity
+        self.peak = max(self.peak, equity)
         lim = self.limits.max_drawdown_pct
         if lim > 0.0 and self.peak > 0.0 and (self.peak - equity) / self.peak * 100.0 >= lim:
             self.halted = True

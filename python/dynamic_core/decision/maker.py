@@ -240,7 +240,7 @@ class DecisionMaker:
                 self.no_plan += 1
                 continue
             sp = specs.get(name) or self._spec(name)
-            plan = build_plan(name, tf, ts, seq, ph, actions[j], scores[j], conf, agr, disp, n_ag,
+            plan = build_plan(name, tf, ts, seq, ph, act, scores[j], conf, agr, disp, n_ag,
                               entry=st[0], atr=st[3], equity=equity,
                               config=cfg, spec=sp, prices=self.prices, contributors=contributors,
                               rationale=text, rationale_provider=provider, providers_agreeing=agreeing)

@@ -93,7 +93,7 @@ class AtrTracker:
     until then, exactly where :func:`dynamic_core.indicators.atr` is NaN.
     """
 
-    __slots__ = ("period", "_state")
+    __slots__ = ("_state", "period")
 
     def __init__(self, period: int = 14) -> None:
         if period < 1:

@@ -252,9 +252,9 @@ class ShadowSession:
             elif x.verdict != "REJECTED" and x.plan.size != y.plan.size:
                 r.sizes_differ += 1
                 self._example(kind="size", signal_id=sid, live_size=x.plan.size, candidate_size=y.plan.size)
-        key = lambda f: (f.instrument, f.ts, f.side, f.kind)  # noqa: E731
-        fa = sorted(((key(f), f.lots, f.price) for f in live_fills))
-        fb = sorted(((key(f), f.lots, f.price) for f in cand_fills))
+        key = lambda f: (f.instrument, f.ts, f.side, f.kind)
+        fa = sorted((key(f), f.lots, f.price) for f in live_fills)
+        fb = sorted((key(f), f.lots, f.price) for f in cand_fills)
         if fa != fb:
             n = max(len(fa), len(fb)) - sum(1 for u, v in zip(fa, fb) if u == v)
             r.fills_differ += n
@@ -262,5 +262,5 @@ class ShadowSession:
 
 
 def _fill_text(f: tuple) -> str:
-    (inst, ts, side, kind), lots, price = f
+    (inst, _ts, side, kind), lots, price = f
     return f"{inst} {'buy' if side > 0 else 'sell'} {lots:g} @ {price:.6g} ({kind})"

@@ -71,7 +71,7 @@ class InstrumentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         out = steps / inv if inv else round(steps * step, 10)
         if out < self.min_lot - 1e-12:
             return 0.0
-        return out if out < self.max_lot else self.max_lot
+        return min(self.max_lot, out)
 
     def round_price(self, price: float) -> float:
         """``price`` on the tick grid, at ``digits`` decimals."""
