@@ -403,3 +403,39 @@ def test_incremental_exposure_equals_a_fresh_computation():
             b = RiskGovernor(RiskLimits(), equity=100_000.0)
             b.mark(T0, 100_000.0)
             assert a == b.evaluate(p, Portfolio(equity=live.equity, positions=dict(live.positions), prices=live.prices))
+
+
+def test_review_cases_gross_reduction_prices_account_targets():
+    # a plan that lowers the gross is allowed even when the book is already over the limit
+    g = gov(max_leverage=30.0, max_instrument_leverage=0, max_currency_leverage=0, max_open_positions=0,
+            allow_pyramiding=True)
+    over = pf({"GBPUSD": 25.0, "EURUSD": 2.0})  # 31.25 + 2.2 = 33.45x
+    assert g.evaluate(plan_of(direction=-1, size=1.0), over).verdict == "APPROVED"
+    assert g.evaluate(plan_of(direction=-1, size=4.0), over).verdict == "APPROVED"  # -2: same gross
+    d = g.evaluate(plan_of(direction=1, size=1.0), over)
+    assert d.verdict == "REJECTED" and d.reasons == ("resized_leverage", "below_min_lot")
+    # a held position without a price cannot be valued: refused, not counted as zero
+    d = gov().evaluate(plan_of("GBPUSD"), Portfolio(equity=1e5, positions={"USDJPY": 1.0}, prices={"GBPUSD": 1.25}))
+    assert d.reasons == ("no_conversion",)
+    # Portfolio.of reads the broker's prices
+    from dynamic_core.bridges.paper import PaperBroker
+
+    b = PaperBroker()
+    b.on_bar("EURUSD", T0, 1.1, 1.1, 1.1, 1.1)
+    assert Portfolio.of(b).prices == {"EURUSD": 1.1}
+    # one account currency for plans and limits
+    from dynamic_core.decision import DecisionMaker
+
+    with pytest.raises(ValueError, match="account"):
+        DecisionMaker(b, plan=PlanConfig(account="EUR"), limits=RiskLimits())
+    # a short's targets below zero are dropped
+    p = make_plan(signal("GOOG", -1), entry=100.0, atr=20.0, equity=1e5)
+    assert p.targets == (40.0,)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(p), type=TradingPlan) == p
+
+
+def test_config_account_is_shared(tmp_path):
+    f = tmp_path / "a.toml"
+    f.write_text('[plan]\naccount = "EUR"\n')
+    plan, limits, _, _ = load_decision_config(str(f))
+    assert plan.account == limits.account == "EUR"

@@ -181,7 +181,9 @@ def test_reasoning_guardrail_waits_for_rationales_and_attaches_them():
     bars = dc.sim.MarketSimulator(["EURUSD"], seed=4).bars(300)
     pop = dc.Population.random(500, instruments=["EURUSD"], timeframes=["H1"], seed=1)
     book = RationaleBook()
-    with ReasoningMesh(["local"], deadline_s=2.0, select="all", on_rationale=book.add) as mesh:
+    # the mesh's default selection (only when a stream's action changes): the signals a decision
+    # waits on are sent anyway, so no wait runs into the deadline
+    with ReasoningMesh(["local"], deadline_s=2.0, on_rationale=book.add) as mesh:
         mesh.start()
         with dc.Engine(pop, threads=1) as eng:
             maker = DecisionMaker(PaperBroker(), plan=PlanConfig(min_score=0.02),
@@ -189,6 +191,7 @@ def test_reasoning_guardrail_waits_for_rationales_and_attaches_them():
             s = TradingSession(eng, maker, mesh=mesh, book=book)
             s.run(bars)
     assert s.reasoning_waits > 0 and s.reasoning_timeouts == 0
+    assert mesh.select == "change"
     approved = [d for d in maker.decisions if d.verdict != "REJECTED"]
     assert approved
     for d in approved:
@@ -222,3 +225,46 @@ def test_run_paper_shadow_and_config_errors(tmp_path, capsys):
     bad.write_text("[risk]\nmax_leverage = -1\n")
     assert main(["run", "--paper", "--decision-config", str(bad), "--bars", "50"]) == 2
     assert "max_leverage" in capsys.readouterr().err
+
+
+def test_config_errors_leave_no_journal_behind(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[plan]\nrisk_pct = 500\n")
+    j = tmp_path / "j"
+    assert main(["run", "--paper", "--decision-config", str(bad), "--journal", str(j), "--bars", "50"]) == 2
+    assert "risk_pct" in capsys.readouterr().err and not j.exists()
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text('[plan]\naccount = "EUR"\n[risk]\naccount = "USD"\n')
+    assert main(["run", "--paper", "--decision-config", str(mixed), "--bars", "50"]) == 2
+    assert "differ" in capsys.readouterr().err
+
+
+def test_flat_cost_table_applies_to_every_instrument():
+    from dynamic_core.cli_decision import DEFAULT_COSTS, _costs
+
+    c = _costs({"spread": 0.0002, "commission_per_lot": 7.0, "XAUUSD": {"spread": 0.3}})
+    broker = PaperBroker(costs=c)
+    assert broker._cost("EURUSD") == CostModel(spread=0.0002, commission_per_lot=7.0)
+    assert broker._cost("NZDUSD") == CostModel(spread=0.0002, commission_per_lot=7.0)
+    assert broker._cost("XAUUSD") == CostModel(spread=0.3)
+    assert _costs({}) == DEFAULT_COSTS
+    assert _costs({"EURUSD": {"spread": 0.0003}})["GBPUSD"] == DEFAULT_COSTS["GBPUSD"]
+
+
+def test_shadow_counts_each_differing_fill_once():
+    from dynamic_core.bridges.paper import Fill
+
+    def fill(ts, lots):
+        return Fill(client_order_id="c", plan_id="p", instrument="EURUSD", side=1, lots=lots, price=1.1,
+                    commission=0.0, ts=ts, kind="entry")
+
+    eng = dc.Engine(dc.Population.random(64, instruments=["EURUSD"], timeframes=["H1"], seed=1), threads=1)
+    try:
+        s = ShadowSession(eng, DecisionMaker(PaperBroker()), DecisionMaker(PaperBroker()))
+        s._compare([], [], [fill(1, 1.0), fill(2, 1.0), fill(3, 1.0), fill(4, 1.0)],
+                   [fill(1, 1.0), fill(3, 1.0), fill(4, 1.0)])
+        assert s.report.fills_differ == 1
+        s._compare([], [], [fill(5, 1.0)], [fill(5, 2.0)])  # the same fill, another size
+        assert s.report.fills_differ == 2
+    finally:
+        eng.close()

@@ -55,7 +55,8 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
     g.add_argument("--equity", type=float, default=100_000.0, metavar="USD",
                    help="starting paper equity [default: 100000]")
     g.add_argument("--entry-score", type=float, default=None, metavar="X",
-                   help="trade a signal whose |fused score| reaches X even when its action is HOLD "
+                   help="trade a signal whose |fused score| reaches X even when its action is HOLD (the live "
+                        "configuration; a --shadow config keeps its own min_score) "
                         f"[default: the config's min_score, else {DEFAULT_MIN_SCORE}]")
     g.add_argument("--no-credit", action="store_true",
                    help="do not feed trade outcomes back to the agents' consensus weights")
@@ -69,9 +70,8 @@ def _costs(raw: dict[str, Any]) -> dict[str, CostModel]:
     out = dict(DEFAULT_COSTS)
     flat = {k: v for k, v in raw.items() if not isinstance(v, dict)}
     try:
-        if flat:
-            out = {k: CostModel() for k in out}  # a flat [costs] table replaces the defaults
-            out["*"] = msgspec.convert(flat, CostModel)
+        if flat:  # a flat [costs] table replaces every default; [costs.NAME] tables refine it
+            out = {"*": msgspec.convert(flat, CostModel)}
         for name, table in raw.items():
             if isinstance(table, dict):
                 out[name] = msgspec.convert(table, CostModel)
@@ -80,18 +80,26 @@ def _costs(raw: dict[str, Any]) -> dict[str, CostModel]:
     return out
 
 
-def _maker(args: argparse.Namespace, path: str | None, journal: Any = None,
-           book: RationaleBook | None = None) -> DecisionMaker:
+def _configs(args: argparse.Namespace, path: str | None, *, live: bool) -> tuple[Any, ...]:
+    """(plan config, limits, specs, costs) of one decision config, checked. ``--entry-score``
+    sets the live configuration's ``min_score``; a shadow keeps its own (so it can be compared),
+    and either defaults to 0.02 when its file does not set one."""
     plan, limits, specs, costs = (load_decision_config(path) if path else (PlanConfig(), RiskLimits(), {}, {}))
-    if args.entry_score is not None:
+    if live and args.entry_score is not None:
         if not 0.0 <= args.entry_score <= 1.0:
             raise ValueError("--entry-score must be in [0, 1]")
         plan = _replace(plan, min_score=args.entry_score)
-    elif plan.min_score == 0.0 and not (path and "min_score" in _plan_keys(path)):
+    elif not (path and "min_score" in _plan_keys(path)):
         plan = _replace(plan, min_score=DEFAULT_MIN_SCORE)
     if not (math.isfinite(args.equity) and args.equity > 0):
         raise ValueError("--equity must be a positive number")
-    broker = PaperBroker(equity=args.equity, account=plan.account, costs=_costs(costs), specs=specs)
+    return plan, limits, specs, _costs(costs)
+
+
+def _maker(args: argparse.Namespace, cfg: tuple[Any, ...], journal: Any = None,
+           book: RationaleBook | None = None) -> DecisionMaker:
+    plan, limits, specs, costs = cfg
+    broker = PaperBroker(equity=args.equity, account=plan.account, costs=costs, specs=specs)
     return DecisionMaker(broker, plan=plan, limits=limits, specs=specs, journal=journal,
                          rationale=book.get if book is not None else None)
 
@@ -122,6 +130,9 @@ def cmd_run_paper(args: argparse.Namespace) -> int:
                            "are those found in the data")
     choice = 4 if args.instruments is None else args.instruments
     names = cli.simulated_names(choice) if isinstance(choice, int) else choice
+    # every configuration is checked before anything is created (a journal directory included)
+    live_cfg = _configs(args, args.decision_config, live=True)
+    shadow_cfg = _configs(args, args.shadow, live=False) if args.shadow else None
     bars = cli.load_bars(args.data, sim_names=names, bars=args.bars, timeframe=args.timeframe, seed=args.seed)
     streams = cli._streams(bars)
     pop = cli._run_population(bars, args.agents, args.seed)
@@ -133,10 +144,14 @@ def cmd_run_paper(args: argparse.Namespace) -> int:
         from .cli_reasoning import mesh_from_args
 
         book = RationaleBook()
-        mesh = mesh_from_args(args)
+        try:
+            mesh = mesh_from_args(args)
+        except BaseException:
+            eng.close()
+            raise
         mesh.on_rationale = book.add
-    maker = _maker(args, args.decision_config, journal, book)
-    shadow = _maker(args, args.shadow, None, book) if args.shadow else None
+    maker = _maker(args, live_cfg, journal, book)
+    shadow = _maker(args, shadow_cfg, None, book) if shadow_cfg is not None else None
     if shadow is not None:
         session: Any = ShadowSession(eng, maker, shadow, credit=not args.no_credit)
         session.live.mesh, session.live.book = mesh, book

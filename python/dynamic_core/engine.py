@@ -385,16 +385,18 @@ class Engine:
 
     def _indices_of(self, ids: np.ndarray) -> np.ndarray:
         """Population indices of agent ids (``ValueError`` naming an unknown one)."""
-        if getattr(self, "_id_order", None) is None:
+        index = getattr(self, "_id_index", None)
+        if index is None:  # built once; assigned as one tuple so a concurrent caller sees all or nothing
             aid = self._pop.records["agent_id"]
-            self._id_order = np.argsort(aid, kind="stable").astype(np.uint32)
-            self._id_sorted = aid[self._id_order]
-        pos = np.searchsorted(self._id_sorted, ids)
-        pos_c = np.minimum(pos, len(self._id_sorted) - 1)
-        bad = (pos >= len(self._id_sorted)) | (self._id_sorted[pos_c] != ids)
+            order = np.argsort(aid, kind="stable").astype(np.uint32)
+            index = self._id_index = (order, aid[order])
+        order, srt = index
+        pos = np.searchsorted(srt, ids)
+        pos_c = np.minimum(pos, len(srt) - 1)
+        bad = (pos >= len(srt)) | (srt[pos_c] != ids)
         if bad.any():
             raise ValueError(f"set_credit: no agent with id {int(ids[np.flatnonzero(bad)[0]])}")
-        return self._id_order[pos_c]
+        return order[pos_c]
 
     def dead_letters(self) -> np.ndarray:
         """Rejected bars with batch index and reason code (``DEAD_LETTER_DTYPE``), oldest first."""

@@ -663,6 +663,18 @@ class PaperBroker:
         """All fills in execution order (a copy)."""
         return list(self._fills)
 
+    @property
+    def fill_count(self) -> int:
+        return len(self._fills)
+
+    def fills_since(self, n: int) -> list[Fill]:
+        """Fills after the first ``n`` (no copy of the earlier ones)."""
+        return self._fills[n:]
+
+    def last_prices(self) -> dict[str, float]:
+        """Last close (mid) of every instrument seen (a copy)."""
+        return dict(self._prices)
+
     def equity_curve(self) -> np.ndarray:
         """One :data:`EQUITY_DTYPE` point per accepted bar, after that bar's events."""
         return np.array(self._curve, dtype=EQUITY_DTYPE)

@@ -21,8 +21,10 @@ reason code                rule
 ``resized_instrument``     notional over ``max_instrument_leverage`` x equity: resized to fit
 ``resized_currency``       a currency's net exposure over ``max_currency_leverage`` x equity:
                            resized to fit (the account currency is not counted)
-``resized_leverage``       gross notional over ``max_leverage`` x equity: resized to fit
+``resized_leverage``       gross notional over ``max_leverage`` x equity: resized to fit (a plan
+                           that does not raise the gross is never refused for it)
 ``below_min_lot``          resizing left less than the instrument's minimum lot
+``no_conversion``          a price needed to value exposure (or convert a currency) is unknown
 =========================  ==================================================================
 
 Exposure is notional in the account currency: ``lots x contract_size x price x quote_to_account``.
@@ -84,10 +86,9 @@ class Portfolio:
     @classmethod
     def of(cls, broker: Any) -> Portfolio:
         """A snapshot of a :class:`~dynamic_core.bridges.paper.PaperBroker`-like object
-        (``equity``, ``positions()`` with ``.lots``, ``last_prices()`` or ``prices``)."""
+        (``equity``, ``positions()`` with ``.lots``, ``last_prices()``)."""
         pos = {k: float(p.lots) for k, p in broker.positions().items() if p.lots != 0.0}
-        prices = broker.last_prices() if hasattr(broker, "last_prices") else dict(getattr(broker, "prices", {}))
-        return cls(equity=float(broker.equity), positions=pos, prices=dict(prices))
+        return cls(equity=float(broker.equity), positions=pos, prices=dict(broker.last_prices()))
 
 
 class RiskGovernor:
@@ -159,6 +160,8 @@ class RiskGovernor:
         return sp
 
     def _notional_per_lot(self, sp: InstrumentSpec, price: float, prices: Mapping[str, float]) -> float:
+        if not price > 0.0:  # unknown (0.0) or bad: exposure cannot be valued
+            raise KeyError(f"no price for {sp.name}")
         return sp.contract_size * price * quote_to_account(sp, price, self.limits.account, prices)
 
     def _aggregates(self, portfolio: Portfolio) -> tuple[float, dict[str, float], dict[str, float]]:
@@ -202,7 +205,7 @@ class RiskGovernor:
         try:
             n_new = (new if instrument in pos else 0.0) * self._notional_per_lot(
                 sp, portfolio.prices.get(instrument, 0.0), portfolio.prices)
-        except KeyError:
+        except (KeyError, ZeroDivisionError):
             self._agg_of = None  # recomputed (and refused) at the next evaluation
             return
         n_old = per.get(instrument, 0.0)
@@ -262,7 +265,7 @@ class RiskGovernor:
         try:
             per_lot = self._notional_per_lot(sp, prices.get(plan.instrument, plan.entry), prices)
             gross_all, ccy_all, per_inst = self._aggregates(portfolio)
-        except KeyError:
+        except (KeyError, ZeroDivisionError):
             return self._reject(plan, reasons, detail, "no_conversion", 0.0, 0.0)
         size = plan.size
         cap = math.inf
@@ -279,7 +282,10 @@ class RiskGovernor:
             own = per_inst.get(plan.instrument, 0.0)
             if lim.max_leverage:
                 gross = gross_all - abs(own)  # the other positions
-                c = (lim.max_leverage * eq - gross) / per_lot - held * d
+                # room for this position: the limit's, or what it holds now when that is more (a
+                # plan that does not raise the gross is never refused for it)
+                room = max((lim.max_leverage * eq - gross) / per_lot, abs(held))
+                c = room - held * d
                 if c < size:
                     reasons.append("resized_leverage")
                     detail["resized_leverage.limit"] = lim.max_leverage

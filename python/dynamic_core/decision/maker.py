@@ -110,7 +110,11 @@ class CreditLedger:
         returns how many agents changed."""
         ids, vals = self.take_changes()
         if len(ids) and hasattr(engine, "set_credit"):
-            engine.set_credit(ids, vals)
+            try:
+                engine.set_credit(ids, vals)
+            except BaseException:
+                self._dirty.update(ids.tolist())  # not lost: sent again next time
+                raise
         return len(ids)
 
 
@@ -143,6 +147,9 @@ class DecisionMaker:
                  credit: CreditLedger | None = None, contributors: int = 8) -> None:
         self.trader = trader
         self.plan_config = plan if plan is not None else PlanConfig()
+        if limits is not None and limits.account != self.plan_config.account:
+            raise ValueError(f"the plan config's account currency {self.plan_config.account!r} differs from the "
+                             f"risk limits' {limits.account!r}: set both ([plan] account and [risk] account)")
         self.specs = dict(specs or {})
         self.governor = RiskGovernor(limits, specs=self.specs, equity=float(trader.equity))
         self.atr = AtrTracker(self.plan_config.atr_period)
@@ -165,8 +172,9 @@ class DecisionMaker:
     # ---- inputs --------------------------------------------------------------------------------
 
     def on_bars(self, bars: np.ndarray) -> None:
-        """Bars of one time step (or more), in time order: the trader fills and marks, the ATRs
-        and last prices move, the governor sees the new equity."""
+        """Bars of one time step, in time order: the trader fills and marks, the ATRs and last
+        prices move, the governor sees the new equity. (Several steps at once are allowed, but
+        plans made afterwards use the last bar's close and ATR.)"""
         if len(bars) == 0:
             return
         self.trader.on_bars(bars)
@@ -330,5 +338,14 @@ def load_decision_config(path: str) -> tuple[PlanConfig, RiskLimits, dict[str, I
         limits = msgspec.convert(doc.get("risk", {}), RiskLimits)
     except msgspec.ValidationError as e:
         raise ValueError(f"{path}: {e}") from None
-    specs = load_specs(path) if "instruments" in doc else {}
+    if "account" in doc.get("plan", {}) and "account" not in doc.get("risk", {}):
+        limits = msgspec.structs.replace(limits, account=plan.account)
+    elif "account" in doc.get("risk", {}) and "account" not in doc.get("plan", {}):
+        plan = msgspec.structs.replace(plan, account=limits.account)
+    if plan.account != limits.account:
+        raise ValueError(f"{path}: [plan] account {plan.account!r} and [risk] account {limits.account!r} differ")
+    try:
+        specs = load_specs(path) if "instruments" in doc else {}
+    except (msgspec.ValidationError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: [instruments]: {e}") from None
     return plan, limits, specs, dict(doc.get("costs", {}))

@@ -211,7 +211,8 @@ def build_plan(instrument: str, timeframe: int, ts: int, seq: int, pop_hash: int
     size = sp.round_lots(equity * cfg.risk_pct / 100.0 / risk_per_lot)
     if size <= 0.0:
         return None
-    targets = tuple([entry + direction * r * dist for r in cfg.targets_r])
+    # a short's far targets can fall below zero: those are dropped (no price gets there)
+    targets = tuple([t for t in (entry + direction * r * dist for r in cfg.targets_r) if t > 0.0])
     signal_id = f"{pop_hash:016x}:{seq}"
     pid = plan_id_for(signal_id, instrument, timeframe, ts, seq, direction, entry, stop, size,
                       targets[0] if targets else 0.0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,24 +120,29 @@ class TradingSession:
             self.credited += self.maker.credit.apply(self.engine)
         sig = self.engine.run(bars)
         if self.mesh is not None and len(sig):
-            self.mesh.submit_signals(sig)
-            self._await_reasoning(sig)
+            self._reason(sig)
         self.maker.on_signals(sig, agents=self.engine.agents)
         self.steps += 1
         self.signals += len(sig)
         return sig
 
-    def _await_reasoning(self, sig: np.ndarray) -> None:
+    def _reason(self, sig: np.ndarray) -> None:
+        """Hand the signals to the mesh (selected as the mesh's ``select`` says); with the
+        ``min_providers_agree`` guardrail, every signal that may become a plan is sent too and
+        the decision waits for those rationales (bounded). A signal never sent, or whose
+        rationale is late, counts as no provider agreeing."""
         if not self.maker.governor.limits.min_providers_agree:
+            self.mesh.submit_signal_ids(sig)
             return
         cfg = self.maker.plan_config
         act = np.abs(sig["action"]) >= cfg.min_action
         if cfg.min_score > 0.0:
             act |= np.abs(sig["score"]) >= cfg.min_score
+        sent = set(self.mesh.submit_signal_ids(sig, force=act))
         rows = np.flatnonzero(act)
-        if not len(rows):
+        ids = [i for i in (f"{int(sig['population_hash'][r]):016x}:{int(sig['seq'][r])}" for r in rows) if i in sent]
+        if not ids:
             return
-        ids = [f"{int(sig['population_hash'][i]):016x}:{int(sig['seq'][i])}" for i in rows]
         self.reasoning_waits += 1
         if not self.book.wait_for(ids, self.mesh.deadline_s + self.grace):
             self.reasoning_timeouts += 1
@@ -201,12 +206,12 @@ class ShadowSession:
     def step(self, bars: np.ndarray) -> np.ndarray:
         live = self.live.maker
         n_live, n_cand = len(live.decisions), len(self.candidate.decisions)
-        f_live, f_cand = len(live.trader.fills), len(self.candidate.trader.fills)
+        f_live, f_cand = _n_fills(live.trader), _n_fills(self.candidate.trader)
         self.candidate.on_bars(bars)
         sig = self.live.step(bars)
         self.candidate.on_signals(sig, agents=self.engine.agents)
         self._compare(live.decisions[n_live:], self.candidate.decisions[n_cand:],
-                      live.trader.fills[f_live:], self.candidate.trader.fills[f_cand:])
+                      _fills_since(live.trader, f_live), _fills_since(self.candidate.trader, f_cand))
         self.report.signals += len(sig)
         return sig
 
@@ -252,13 +257,24 @@ class ShadowSession:
             elif x.verdict != "REJECTED" and x.plan.size != y.plan.size:
                 r.sizes_differ += 1
                 self._example(kind="size", signal_id=sid, live_size=x.plan.size, candidate_size=y.plan.size)
-        key = lambda f: (f.instrument, f.ts, f.side, f.kind)
-        fa = sorted((key(f), f.lots, f.price) for f in live_fills)
-        fb = sorted((key(f), f.lots, f.price) for f in cand_fills)
+        fa = Counter(((f.instrument, f.ts, f.side, f.kind), f.lots, f.price) for f in live_fills)
+        fb = Counter(((f.instrument, f.ts, f.side, f.kind), f.lots, f.price) for f in cand_fills)
         if fa != fb:
-            n = max(len(fa), len(fb)) - sum(1 for u, v in zip(fa, fb) if u == v)
-            r.fills_differ += n
-            self._example(kind="fills", live=[_fill_text(f) for f in fa][:4], candidate=[_fill_text(f) for f in fb][:4])
+            only_a, only_b = fa - fb, fb - fa
+            # fills one side has and the other lacks; a changed fill (other size) counts once
+            r.fills_differ += max(sum(only_a.values()), sum(only_b.values()))
+            self._example(kind="fills", live=[_fill_text(f) for f in sorted(only_a.elements())][:4],
+                          candidate=[_fill_text(f) for f in sorted(only_b.elements())][:4])
+
+
+def _n_fills(trader: Any) -> int:
+    n = getattr(trader, "fill_count", None)
+    return n if n is not None else len(trader.fills)
+
+
+def _fills_since(trader: Any, n: int) -> list:
+    since = getattr(trader, "fills_since", None)
+    return since(n) if since is not None else trader.fills[n:]
 
 
 def _fill_text(f: tuple) -> str:

@@ -413,14 +413,21 @@ class ReasoningMesh:
         """Submit ``SIGNAL_DTYPE`` records as selected by ``select`` (``change``: when a
         stream's action changes; ``nonhold``; ``all``). Strong actions get high priority.
         Returns how many were submitted."""
+        return len(self.submit_signal_ids(records, request_class=request_class))
+
+    def submit_signal_ids(self, records: np.ndarray, *, request_class: str = "tactical",
+                          force: np.ndarray | None = None) -> list[str]:
+        """:meth:`submit_signals`, returning the ids of the signals submitted. ``force`` (a
+        boolean mask over ``records``) adds rows whatever ``select`` says, e.g. those a
+        decision waits on."""
         if records.dtype != SIGNAL_DTYPE or not len(records):
-            return 0
+            return []
         if self.select == "all":
-            rows = range(len(records))
+            chosen = np.ones(len(records), dtype=bool)
         elif self.select == "nonhold":
-            rows = np.flatnonzero(records["action"] != 0)
+            chosen = records["action"] != 0
         else:
-            rows = []
+            chosen = np.zeros(len(records), dtype=bool)
             last = self._last_action
             ins, tfs, acts = records["instrument"], records["timeframe"], records["action"]
             for i in range(len(records)):
@@ -428,9 +435,11 @@ class ReasoningMesh:
                 a = int(acts[i])
                 if last.get(k) != a:
                     last[k] = a
-                    rows.append(i)
-        n = 0
-        for i in rows:
+                    chosen[i] = True
+        if force is not None:
+            chosen |= np.asarray(force, dtype=bool)
+        out = []
+        for i in np.flatnonzero(chosen).tolist():
             r = records[i]
             name = instruments.name(int(r["instrument"]))
             ctx = ReasoningContext(
@@ -440,8 +449,8 @@ class ReasoningMesh:
                 dispersion=float(r["dispersion"]), n_agents=int(r["n_agents"]),
                 asset_class=self.asset_classes.get(name) or asset_class_of(name), persona=self.persona)
             if self.submit(ctx, request_class=request_class, priority="high" if abs(ctx.action) == 2 else "medium"):
-                n += 1
-        return n
+                out.append(ctx.signal_id)
+        return out
 
     def take_rationales(self, max_n: int = 1024) -> list[RationaleUpdate]:
         """Finished rationales, oldest first (any thread)."""
