@@ -3,8 +3,9 @@ round trip over loopback.
 
 Run: ``python -m bench.bench_decision [--quick] [--json PATH]``
 
-1. Decision maker: 16 simulated instruments, one signal per instrument per hourly bar, every
-   signal actionable (random BUY/SELL, STRONG or not). Per time step the paper broker takes the
+1. Decision maker: 256 simulated instruments (7 named, the rest simulated equities), one signal
+   per instrument per hourly bar, every signal actionable (random BUY/SELL, STRONG or not); a
+   16-instrument run is printed beside it (fewer plans per call: the per-call work weighs more). Per time step the paper broker takes the
    bars (fills, stops, targets, marks; not timed; the costs of ``run --paper``), then ``DecisionMaker.on_signals`` plans,
    judges and places (timed): ATR stop and targets, risk sizing with lot rounding and currency
    conversion, a deterministic plan id, the governor's checks (breaker, daily loss, cooldown,
@@ -42,7 +43,12 @@ from ._bridge_rt import measure
 from ._machine import arg_parser, describe, finish
 
 DESIGN_PLANS_PER_S = 1_000.0
-NAMES = ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD", "AUDUSD", "BTCUSD", "SPX"] + [f"SIM{k}" for k in range(7, 16)]
+NAMED = ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD", "AUDUSD", "BTCUSD", "SPX"]
+
+
+def names(k: int) -> list[str]:
+    return NAMED[:k] + [f"SIM{i}" for i in range(len(NAMED), k)]
+
 LIMITS = {
     "default": RiskLimits(),
     "all checks": RiskLimits(max_open_positions=0, max_drawdown_pct=0, daily_loss_pct=0, loss_streak=0),
@@ -66,10 +72,10 @@ class _Sink:
         self.bytes += len(raw)
 
 
-def decision_section(steps: int, limits: RiskLimits) -> dict:
-    k = len(NAMES)
-    bars = dc.sim.MarketSimulator(NAMES, seed=1).bars(steps + 50)
-    ids = np.array([dc.instruments.id(n) for n in NAMES], dtype=np.uint32)
+def decision_section(steps: int, limits: RiskLimits, k: int = 256) -> dict:
+    inst = names(k)
+    bars = dc.sim.MarketSimulator(inst, seed=1).bars(steps + 50)
+    ids = np.array([dc.instruments.id(n) for n in inst], dtype=np.uint32)
     rng = np.random.default_rng(3)
     sink = _Sink()
     maker = DecisionMaker(PaperBroker(costs=DEFAULT_COSTS), limits=limits,
@@ -93,7 +99,7 @@ def decision_section(steps: int, limits: RiskLimits) -> dict:
         n += len(maker.on_signals(s))
         spent += time.perf_counter() - t0
     g = maker.governor.stats()
-    return {"plans": n, "seconds": spent, "per_s": n / spent, "us_per_plan": spent / n * 1e6,
+    return {"instruments": k, "steps": steps, "plans": n, "seconds": spent, "per_s": n / spent, "us_per_plan": spent / n * 1e6,
             "decisions": g["decisions"], "reasons": g["reasons"], "journaled": sink.n,
             "trades": len(maker.attributions)}
 
@@ -104,17 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     print("dynamic_core decision benchmark")
     print(describe())
-    steps = 500 if args.quick else 4000
+    steps = 60 if args.quick else 400
     res: dict = {"decision": {}}
     for name, lim in LIMITS.items():
         _progress(f"decision maker, {name} limits ...")
-        decision_section(min(steps, 200), lim)  # warm-up
+        decision_section(20, lim)  # warm-up
         res["decision"][name] = decision_section(steps, lim)
+    _progress("decision maker, 16 instruments ...")
+    res["decision_16"] = decision_section(steps * 16, LIMITS["default"], k=16)
     _progress("bridge round trip ...")
     rt = measure(500 if args.quick else 2000)
     res["bridge"] = rt
 
-    print(f"\n1. Decision maker: {len(NAMES)} instruments x {steps:,} hourly steps, one actionable signal each")
+    print(f"\n1. Decision maker: 256 instruments x {steps:,} hourly steps, one actionable signal each")
     for name, r in res["decision"].items():
         d = r["decisions"]
         print(f"   {name:<10}: {r['per_s']:>9,.0f} plans/s ({r['us_per_plan']:.1f} us a plan; {r['plans']:,} plans: "
@@ -122,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         top = sorted(r["reasons"].items(), key=lambda kv: -kv[1])[:4]
         print(f"               reasons: {', '.join(f'{k} {v:,}' for k, v in top) or 'none'}; "
               f"{r['journaled']:,} verdicts encoded for the journal, {r['trades']:,} trades closed")
+    r16 = res["decision_16"]
+    print(f"   16 instruments x {r16['steps']:,} steps, default limits: {r16['per_s']:,.0f} plans/s "
+          f"({r16['us_per_plan']:.1f} us a plan)")
     worst = min(r["per_s"] for r in res["decision"].values())
     print(f"   peer: the design documents' decision maker, {DESIGN_PLANS_PER_S:,.0f} plans/s (target)")
     print(f"   ratio: ours (slowest limit set) / design = {worst / DESIGN_PLANS_PER_S:,.0f}x")

@@ -268,3 +268,35 @@ def test_shadow_counts_each_differing_fill_once():
         assert s.report.fills_differ == 2
     finally:
         eng.close()
+
+
+def test_batch_plans_equal_one_at_a_time_plans():
+    from dynamic_core.decision import InstrumentSpec, make_plan
+
+    names = ["EURUSD", "USDJPY", "XAUUSD", "EURGBP", "GBPUSD", "ODDLOT"]
+    specs = {"ODDLOT": InstrumentSpec(name="ODDLOT", asset_class="equity", base="ODDLOT", quote="USD",
+                                      contract_size=1.0, lot_step=0.3, min_lot=0.3, max_lot=1e6, tick_size=0.01,
+                                      digits=2)}  # 1 / 0.3 is not whole: the scalar rounding path
+    bars = dc.sim.MarketSimulator(names, seed=3).bars(60)
+    no_limits = RiskLimits(max_open_positions=0, max_instrument_leverage=0, max_currency_leverage=0, max_leverage=0,
+                           daily_loss_pct=0, max_drawdown_pct=0, loss_streak=0, allow_pyramiding=True)
+    maker = DecisionMaker(PaperBroker(specs=specs), plan=PlanConfig(min_score=0.05), limits=no_limits, specs=specs)
+    maker.on_bars(bars)
+    rng = np.random.default_rng(8)
+    sig = np.zeros(300, dtype=dc.SIGNAL_DTYPE)
+    sig["instrument"] = np.array([dc.instruments.id(n) for n in names])[rng.integers(0, len(names), 300)]
+    sig["timeframe"], sig["ts"], sig["seq"], sig["population_hash"] = 3600, bars["ts"][-1], np.arange(300), 99
+    sig["action"] = rng.integers(-2, 3, 300)
+    sig["score"] = rng.uniform(-0.3, 0.3, 300)
+    sig["confidence"], sig["agreement"] = rng.uniform(0, 1, 300), rng.uniform(0, 1, 300)
+    equity = maker.trader.equity
+    got = {d.plan.signal_id: d.plan for d in maker.on_signals(sig)}
+    want = {}
+    for r in sig:
+        i, tf = int(r["instrument"]), int(r["timeframe"])
+        p = make_plan(r, entry=maker.atr.last_close(i, tf), atr=maker.atr.value(i, tf), equity=equity,
+                      config=maker.plan_config, spec=maker._spec(dc.instruments.name(i)), prices=maker.prices)
+        if p is not None:
+            want[p.signal_id] = p
+    assert got == want and len(got) > 100
+    assert any(p.instrument == "ODDLOT" for p in got.values()) and any(p.instrument == "EURGBP" for p in got.values())

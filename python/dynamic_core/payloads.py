@@ -596,7 +596,7 @@ _Price = Annotated[float, msgspec.Meta(ge=0.0)]
 
 
 class TradingPlan(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
-                  tag="plan"):
+                  tag="plan", gc=False):
     """What to trade on one signal: direction, entry, stop, targets, size, validity, and the
     evidence behind it. Built by :func:`dynamic_core.decision.make_plan`; ``plan_id`` is a
     deterministic hash of the signal's provenance and the plan's terms, so the same signal and
@@ -604,6 +604,10 @@ class TradingPlan(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
     Prices are in the instrument's quote currency, ``size`` in lots, ``risk_amount`` in the
     account currency (the loss at the stop for ``size`` lots, before costs).
+
+    Not tracked by the garbage collector (``gc=False``: its fields are numbers, strings and
+    containers of them, which cannot form a cycle), so a long session that keeps its plans does
+    not make every collection slower.
     """
 
     version: Version = PAYLOAD_VERSION
@@ -633,7 +637,7 @@ class TradingPlan(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
 
 class PlanDecision(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
-                   tag="decision"):
+                   tag="decision", gc=False):
     """The risk governor's verdict on one plan, journaled for every plan.
 
     ``reasons`` are machine-readable codes (e.g. ``max_open_positions``, ``min_confidence``,

@@ -91,7 +91,7 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
                 raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {v!r}")
 
 
-class Order(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Order(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """An order to the paper broker; prices are mid prices in the quote currency."""
 
     client_order_id: str  # idempotency key: once accepted, the same id is answered "duplicate"
@@ -107,7 +107,7 @@ class Order(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     ts: int = 0  # submission time, ns (the fill time of an immediate fill when later than the last bar)
 
 
-class Fill(msgspec.Struct, frozen=True, kw_only=True):
+class Fill(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One execution. An order's execution is one fill (``kind`` ``"entry"`` when it only opens
     or adds, ``"close"`` when it only reduces, ``"reverse"`` when it does both); exits the broker
     makes (``"stop_loss"``, ``"take_profit"``, ``"closed_out"``, ``"flatten"``) are one fill per leg,
@@ -124,7 +124,7 @@ class Fill(msgspec.Struct, frozen=True, kw_only=True):
     kind: str
 
 
-class OrderResult(msgspec.Struct, frozen=True, kw_only=True):
+class OrderResult(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The broker's answer to :meth:`PaperBroker.submit`: ``status`` is ``"accepted"``
     (pending), ``"filled"``, ``"duplicate"`` or ``"rejected"`` (with a ``reason`` code)."""
 
@@ -134,7 +134,7 @@ class OrderResult(msgspec.Struct, frozen=True, kw_only=True):
     fills: tuple[Fill, ...] = ()
 
 
-class ClosedTrade(msgspec.Struct, frozen=True, kw_only=True):
+class ClosedTrade(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A leg, or part of one, opened and closed. Money is in the account currency; ``pnl`` is
     net of ``commission`` (the entry share and the exit); ``r_multiple`` is ``pnl`` over the loss
     at the leg's stop-loss for these lots (NaN without a stop)."""
@@ -155,7 +155,7 @@ class ClosedTrade(msgspec.Struct, frozen=True, kw_only=True):
     client_order_id: str = ""
 
 
-class Leg(msgspec.Struct, kw_only=True):
+class Leg(msgspec.Struct, kw_only=True, gc=False):
     """One open leg of a position (``commission`` is the entry commission not yet attributed to
     a closed trade)."""
 

@@ -114,6 +114,9 @@ class RiskGovernor:
         self.counts: dict[str, int] = {"APPROVED": 0, "MODIFIED": 0, "REJECTED": 0}
         self.reasons: dict[str, int] = {}
         self._agg_of: Portfolio | None = None
+        self._open_of: Portfolio | None = None
+        self._open_key: tuple | None = None
+        self._open_n = 0
         self._agg_key: tuple | None = None
         self._agg: tuple[float, dict[str, float], dict[str, float]] = (0.0, {}, {})
 
@@ -218,12 +221,26 @@ class RiskGovernor:
         self._agg = (gross, ccy, per)
         self._agg_key = (portfolio.version, portfolio.equity)
 
+    def _n_open(self, portfolio: Portfolio) -> int:
+        """Open positions in ``portfolio``, counted once per version."""
+        key = (portfolio.version, len(portfolio.positions))
+        if self._open_of is portfolio and self._open_key == key:
+            return self._open_n
+        n = sum(1 for v in portfolio.positions.values() if v != 0.0)
+        self._open_of, self._open_key, self._open_n = portfolio, key, n
+        return n
+
     def _reject(self, plan: TradingPlan, reasons: list[str], detail: dict[str, float], code: str, limit: float,
                 value: float) -> PlanDecision:
-        reasons.append(code)
-        detail[code + ".limit"] = float(limit)
-        detail[code + ".value"] = float(value)
-        return self._decide("REJECTED", plan, plan, reasons, detail)
+        # the common path (one reason, nothing resized): built directly
+        keys = _KEYS.get(code)
+        if keys is None:
+            keys = _KEYS[code] = (code + ".limit", code + ".value")
+        self.counts["REJECTED"] += 1
+        self.reasons[code] = self.reasons.get(code, 0) + 1
+        return PlanDecision(plan_id=plan.plan_id, verdict="REJECTED", reasons=(*reasons, code),
+                            detail={**detail, keys[0]: float(limit), keys[1]: float(value)},
+                            original_size=plan.size, plan=plan, ts=plan.ts)
 
     def evaluate(self, plan: TradingPlan, portfolio: Portfolio, *, providers_agreeing: int | None = None) -> PlanDecision:
         """The verdict on ``plan`` given ``portfolio``; counted in :attr:`counts` and :attr:`reasons`."""
@@ -256,7 +273,7 @@ class RiskGovernor:
         if held * d > 0.0 and not lim.allow_pyramiding:
             return self._reject(plan, reasons, detail, "position_open", 0.0, held)
         if lim.max_open_positions and held == 0.0:
-            n_open = sum(1 for v in positions.values() if v != 0.0)
+            n_open = self._n_open(portfolio)
             if n_open + 1 > lim.max_open_positions:
                 return self._reject(plan, reasons, detail, "max_open_positions", lim.max_open_positions, n_open + 1)
 
@@ -330,6 +347,9 @@ class RiskGovernor:
         return {"decisions": dict(self.counts), "reasons": dict(sorted(self.reasons.items())),
                 "halted": self.halted, "peak": self.peak, "streak": self.streak,
                 "cooldown_until": self.cooldown_until}
+
+
+_KEYS: dict[str, tuple[str, str]] = {}
 
 
 def _add_ccy(acc: dict[str, float], sp: InstrumentSpec, notional: float) -> None:

@@ -30,8 +30,8 @@ import numpy as np
 from ..instruments import instruments
 from ..payloads import PlanDecision, TradingPlan
 from .governor import Portfolio, RiskGovernor, RiskLimits
-from .plans import AtrTracker, PlanConfig, build_plan, signal_id_for
-from .specs import InstrumentSpec, instrument_spec
+from .plans import AtrTracker, PlanConfig, assemble_plan, signal_id_for, size_batch
+from .specs import InstrumentSpec, _inverse_step, instrument_spec, quote_to_account
 
 __all__ = ["Attribution", "CreditLedger", "DecisionMaker", "top_contributors"]
 
@@ -163,6 +163,7 @@ class DecisionMaker:
         self._rationale = rationale
         self._enc = msgspec.msgpack.Encoder()
         self._spec_cache: dict[str, InstrumentSpec] = {}
+        self._spec_rows: dict[str, tuple] = {}
         self._agent_index: dict[tuple[int, int], np.ndarray] | None = None
         self._index_of: int | None = None
         self.no_plan = 0
@@ -201,62 +202,95 @@ class DecisionMaker:
             self._index_of = len(agents)
         return self._agent_index
 
+    def _spec_row(self, name: str) -> tuple:
+        """(spec, contract, lot step, 1/step or 0, min lot, max lot) of an instrument, cached."""
+        row = self._spec_rows.get(name)
+        if row is None:
+            sp = self._spec(name)
+            row = self._spec_rows[name] = (sp, sp.contract_size, sp.lot_step, float(_inverse_step(sp.lot_step)),
+                                           sp.min_lot, sp.max_lot)
+        return row
+
     def on_signals(self, signals: np.ndarray, agents: np.ndarray | Callable[[], np.ndarray] | None = None) -> list[PlanDecision]:
-        """Plan, judge and (when approved) trade each signal. ``agents`` (the engine's
-        ``agents()`` at the signals' bar, or a callable giving it, called only when a plan is
-        made) names each plan's top contributors."""
+        """Plan, judge and (when approved) trade each signal, in order. ``agents`` (the
+        engine's ``agents()`` at the signals' bar, or a callable giving it, called only when a
+        plan is made) names each plan's top contributors.
+
+        Stops and sizes are computed for the whole batch at once (:func:`size_batch`, the same
+        arithmetic as :func:`make_plan`); verdicts are sequential, each seeing the orders placed
+        before it."""
         out: list[PlanDecision] = []
         if len(signals) == 0:
             return out
         cfg = self.plan_config
+        act_all = signals["action"]
+        want = np.abs(act_all) >= cfg.min_action
+        if cfg.min_score > 0.0:
+            want |= np.abs(signals["score"]) >= cfg.min_score
+        rows = np.flatnonzero(want)
+        if len(rows) == 0:
+            return out
+        sel = signals[rows]
+        act = sel["action"]
+        direction = np.where(np.abs(act) >= cfg.min_action, np.sign(act), np.sign(sel["score"])).astype(np.int64)
         names = instruments._names  # read only: names() copies the list
-        actions = signals["action"].tolist()
-        scores = signals["score"].tolist()
-        rows = None
+        inst_l, tf_l = sel["instrument"].tolist(), sel["timeframe"].tolist()
         atr_state = self.atr._state
-        specs = self._spec_cache
-        snapshot: np.ndarray | None = None
+        nan = math.nan
+        st = [atr_state.get(k) for k in zip(inst_l, tf_l)]
+        entry = np.array([x[0] if x is not None else nan for x in st])
+        atr = np.array([x[3] if x is not None else nan for x in st])
+        spec_rows = [self._spec_row(names[i]) for i in inst_l]
+        account = cfg.account
+        conv = np.empty(len(rows))
+        for j, (r, e) in enumerate(zip(spec_rows, entry.tolist())):
+            sp = r[0]
+            if sp.quote == account:
+                conv[j] = 1.0
+            else:
+                try:
+                    conv[j] = quote_to_account(sp, e, account, self.prices)
+                except (KeyError, ZeroDivisionError):
+                    conv[j] = nan
+        cols = np.array([r[1:] for r in spec_rows], dtype=np.float64)
         # the account as of this call; only this call's own orders change it until the next bar
         equity = float(self.trader.equity)
+        dist, stop, size, rpl, ok = size_batch(cfg, entry, atr, direction, cols[:, 0], conv, cols[:, 1], cols[:, 2],
+                                               cols[:, 3], cols[:, 4], equity)
         self._pf = Portfolio(equity=equity, positions=self._positions(), prices=self.prices)
-        for j, act in enumerate(actions):
-            if abs(act) >= cfg.min_action:
-                direction = 1 if act > 0 else -1
-            elif cfg.min_score > 0.0 and abs(scores[j]) >= cfg.min_score:
-                direction = 1 if scores[j] > 0 else -1
-            else:
-                continue
-            if rows is None:  # columns as Python scalars once: per-row record access is slow
-                rows = list(zip(*(signals[f].tolist() for f in (
-                    "instrument", "timeframe", "ts", "seq", "population_hash", "confidence", "agreement",
-                    "dispersion", "n_agents"))))
-            inst, tf, ts, seq, ph, conf, agr, disp, n_ag = rows[j]
-            name = names[inst]
-            contributors: tuple[int, ...] = ()
-            if agents is not None and self.n_contributors:
-                if snapshot is None:
-                    snapshot = agents() if callable(agents) else agents
-                contributors = top_contributors(snapshot, inst, tf, direction, self.n_contributors,
-                                                self._index(snapshot))
-            text, provider, agreeing = "", "", 0
-            if self._rationale is not None:
-                got = self._rationale(signal_id_for(ph, seq))
-                if got is not None:
-                    text, provider, agreeing = got
-            st = atr_state.get((inst, tf))
-            if st is None:
-                self.no_plan += 1
-                continue
-            sp = specs.get(name) or self._spec(name)
-            plan = build_plan(name, tf, ts, seq, ph, act, scores[j], conf, agr, disp, n_ag,
-                              entry=st[0], atr=st[3], equity=equity,
-                              config=cfg, spec=sp, prices=self.prices, contributors=contributors,
-                              rationale=text, rationale_provider=provider, providers_agreeing=agreeing)
-            if plan is None:
-                self.no_plan += 1
-                continue
-            out.append(self.decide(plan))
-        self._pf = None
+        snapshot: np.ndarray | None = None
+        fields = zip(ok.tolist(), direction.tolist(), act.tolist(), sel["score"].tolist(), inst_l, tf_l,
+                     sel["ts"].tolist(), sel["seq"].tolist(), sel["population_hash"].tolist(),
+                     sel["confidence"].tolist(), sel["agreement"].tolist(), sel["dispersion"].tolist(),
+                     sel["n_agents"].tolist(), entry.tolist(), atr.tolist(), dist.tolist(), stop.tolist(),
+                     size.tolist(), rpl.tolist(), spec_rows)
+        try:
+            for (good, d, a, score, inst, tf, ts, seq, ph, conf, agr, disp, n_ag, e, at, ds, sp_stop, sz, rp,
+                 srow) in fields:
+                if not good:
+                    self.no_plan += 1
+                    continue
+                if sz != sz:  # NaN: a lot step that is not 1/n, rounded the scalar way
+                    sz = srow[0].round_lots(equity * cfg.risk_pct / 100.0 / rp)
+                    if sz <= 0.0:
+                        self.no_plan += 1
+                        continue
+                contributors: tuple[int, ...] = ()
+                if agents is not None and self.n_contributors:
+                    if snapshot is None:
+                        snapshot = agents() if callable(agents) else agents
+                    contributors = top_contributors(snapshot, inst, tf, d, self.n_contributors,
+                                                    self._index(snapshot))
+                text, provider, agreeing = "", "", 0
+                if self._rationale is not None:
+                    got = self._rationale(signal_id_for(ph, seq))
+                    if got is not None:
+                        text, provider, agreeing = got
+                plan = assemble_plan(cfg, names[inst], tf, ts, seq, ph, d, a, score, conf, agr, disp, n_ag, e, at,
+                                     ds, sp_stop, sz, rp, contributors, text, provider, agreeing)
+                out.append(self.decide(plan))
+        finally:
+            self._pf = None
         return out
 
     def decide(self, plan: TradingPlan) -> PlanDecision:

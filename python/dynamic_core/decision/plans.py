@@ -31,7 +31,8 @@ from ..instruments import instruments
 from ..payloads import TradingPlan
 from .specs import InstrumentSpec, instrument_spec, quote_to_account
 
-__all__ = ["AtrTracker", "PlanConfig", "build_plan", "make_plan", "plan_id_for", "signal_id_for"]
+__all__ = ["AtrTracker", "PlanConfig", "assemble_plan", "build_plan", "make_plan", "plan_id_for", "signal_id_for",
+           "size_batch"]
 
 
 class PlanConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -211,8 +212,19 @@ def build_plan(instrument: str, timeframe: int, ts: int, seq: int, pop_hash: int
     size = sp.round_lots(equity * cfg.risk_pct / 100.0 / risk_per_lot)
     if size <= 0.0:
         return None
+    return assemble_plan(cfg, instrument, timeframe, ts, seq, pop_hash, direction, action, score, confidence,
+                         agreement, dispersion, n_agents, entry, atr, dist, stop, size, risk_per_lot, contributors,
+                         rationale, rationale_provider, providers_agreeing)
+
+
+def assemble_plan(cfg: PlanConfig, instrument: str, timeframe: int, ts: int, seq: int, pop_hash: int,
+                  direction: int, action: int, score: float, confidence: float, agreement: float, dispersion: float,
+                  n_agents: int, entry: float, atr: float, dist: float, stop: float, size: float,
+                  risk_per_lot: float, contributors: tuple[int, ...] = (), rationale: str = "",
+                  rationale_provider: str = "", providers_agreeing: int = 0) -> TradingPlan:
+    """The :class:`TradingPlan` of terms already sized: targets, ids, validity, evidence."""
     # a short's far targets can fall below zero: those are dropped (no price gets there)
-    targets = tuple([t for t in (entry + direction * r * dist for r in cfg.targets_r) if t > 0.0])
+    targets = tuple([t for t in [entry + direction * r * dist for r in cfg.targets_r] if t > 0.0])
     signal_id = f"{pop_hash:016x}:{seq}"
     pid = plan_id_for(signal_id, instrument, timeframe, ts, seq, direction, entry, stop, size,
                       targets[0] if targets else 0.0)
@@ -223,6 +235,28 @@ def build_plan(instrument: str, timeframe: int, ts: int, seq: int, pop_hash: int
         score=score, confidence=confidence, agreement=agreement, atr=atr, contributors=contributors,
         evidence={"dispersion": dispersion, "n_agents": float(n_agents), "atr": atr},
         rationale=rationale, rationale_provider=rationale_provider, providers_agreeing=providers_agreeing)
+
+
+def size_batch(cfg: PlanConfig, entry: np.ndarray, atr: np.ndarray, direction: np.ndarray, contract: np.ndarray,
+               conv: np.ndarray, step: np.ndarray, inv: np.ndarray, min_lot: np.ndarray, max_lot: np.ndarray,
+               equity: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`build_plan`'s stop and sizing arithmetic over arrays, the same IEEE operations in
+    the same order (so a batch and one-at-a-time give the same plans bit for bit). ``inv`` is
+    ``1 / lot_step`` where that is whole, else 0 (those rows need :meth:`round_lots`; their
+    size comes back NaN). Returns (dist, stop, size, risk_per_lot, ok)."""
+    with np.errstate(all="ignore"):
+        ok = (atr > 0.0) & np.isfinite(atr) & (entry > 0.0) & np.isfinite(entry) & (equity > 0.0) & (conv > 0.0)
+        dist = cfg.stop_atr * atr
+        stop = entry - direction * dist
+        ok &= stop > 0.0
+        rpl = dist * contract * conv
+        lots = equity * cfg.risk_pct / 100.0 / rpl
+        ok &= lots > 0.0
+        steps = np.floor(np.where(ok, lots, 0.0) / step + 1e-9)
+        size = np.where(inv > 0, steps / np.where(inv > 0, inv, 1.0), np.nan)
+        size = np.where(size < min_lot - 1e-12, 0.0, np.minimum(size, max_lot))
+        ok &= (size > 0.0) | np.isnan(size)
+    return dist, stop, size, rpl, ok
 
 
 _DEFAULT_CONFIG = PlanConfig()
