@@ -270,7 +270,7 @@ class DecisionMaker:
                 if not good:
                     self.no_plan += 1
                     continue
-                if sz != sz:  # NaN: a lot step that is not 1/n, rounded the scalar way
+                if math.isnan(sz):  # NaN: a lot step that is not 1/n, rounded the scalar way
                     sz = srow[0].round_lots(equity * cfg.risk_pct / 100.0 / rp)
                     if sz <= 0.0:
                         self.no_plan += 1
