@@ -72,6 +72,51 @@ class _Sink:
         self.bytes += len(raw)
 
 
+def pingpong_floor(n: int = 3000, warmup: int = 500) -> dict:
+    """The same transport without a protocol: a 200-byte frame ROUTER -> DEALER (a thread in
+    this process) -> ROUTER over loopback TCP, one at a time: the floor under the bridge's round
+    trip on this machine (the bridge adds a hop from the caller to its socket thread, JSON
+    encoding and decoding on both sides, sequencing and order state)."""
+    import threading
+
+    import zmq
+
+    ctx = zmq.Context()
+    r = ctx.socket(zmq.ROUTER)
+    r.setsockopt(zmq.LINGER, 0)
+    port = r.bind_to_random_port("tcp://127.0.0.1")
+
+    def echo() -> None:
+        d = ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        d.connect(f"tcp://127.0.0.1:{port}")
+        d.send(b"hi")
+        while True:
+            m = d.recv()
+            if m == b"q":
+                break
+            d.send(m)
+        d.close()
+
+    th = threading.Thread(target=echo, daemon=True)
+    th.start()
+    ident, _ = r.recv_multipart()
+    out = []
+    payload = b"x" * 200
+    for i in range(warmup + n):
+        t0 = time.perf_counter_ns()
+        r.send_multipart([ident, payload])
+        r.recv_multipart()
+        if i >= warmup:
+            out.append((time.perf_counter_ns() - t0) / 1e3)
+    r.send_multipart([ident, b"q"])
+    th.join(5)
+    r.close()
+    ctx.term()
+    a = np.array(out)
+    return {"p50_us": float(np.percentile(a, 50)), "p99_us": float(np.percentile(a, 99))}
+
+
 def decision_section(steps: int, limits: RiskLimits, k: int = 256) -> dict:
     inst = names(k)
     bars = dc.sim.MarketSimulator(inst, seed=1).bars(steps + 50)
@@ -121,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     _progress("bridge round trip ...")
     rt = measure(500 if args.quick else 2000)
     res["bridge"] = rt
+    floor = res["pingpong"] = pingpong_floor()
 
     print(f"\n1. Decision maker: 256 instruments x {steps:,} hourly steps, one actionable signal each")
     for name, r in res["decision"].items():
@@ -139,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n2. MT5 bridge round trip, submit_plan -> ack over loopback TCP ({rt['n']:,} orders, one at a time)")
     print(f"   p50 {rt['p50_us']:.0f} us   p90 {rt['p90_us']:.0f} us   p99 {rt['p99_us']:.0f} us   "
           f"(re-sends {rt['resends']}, executions {rt['executions']:,})")
+    print(f"   floor: bare pyzmq ROUTER/DEALER ping-pong between two threads, same machine: p50 "
+          f"{floor['p50_us']:.0f} us, p99 {floor['p99_us']:.0f} us (the bridge adds {rt['p50_us'] - floor['p50_us']:.0f} us p50)")
     print("   peer: the best-known public ZeroMQ MT bridge sends fire-and-forget (no ack, HWM 1): no round "
           "trip to compare, and a lost command is never noticed")
     finish([("plans/s, default limits", f"{res['decision']['default']['per_s']:,.0f}", ">=100k",
