@@ -255,6 +255,19 @@ void bind_engine(py::module_& m) {
              e.set_credit(a, c, n, ev);
            }, py::arg("agents"), py::arg("credit"), py::arg("event") = py::bytes(),
            "Set the consensus-weight credit of agents (population indices), between updates.")
+      .def("set_external_scores", [](Engine& e, const py::array_t<uint32_t, py::array::c_style | py::array::forcecast>& agents,
+                                     const py::array_t<double, py::array::c_style | py::array::forcecast>& scores,
+                                     const py::bytes& event) {
+             if (agents.ndim() != 1 || scores.ndim() != 1 || agents.shape(0) != scores.shape(0))
+               throw py::value_error("set_external_scores: agents and scores must be 1-d arrays of the same length");
+             const uint32_t* a = agents.data();
+             const double* s = scores.data();
+             const auto n = static_cast<size_t>(agents.shape(0));
+             std::string ev = event;
+             py::gil_scoped_release nogil;
+             e.set_external_scores(a, s, n, ev);
+           }, py::arg("agents"), py::arg("scores"), py::arg("event") = py::bytes(),
+           "Set the scores of external-score agents (kind 1; population indices), between updates.")
       .def("run", [](Engine& e, const py::array& bars, uint32_t n_registered) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));

@@ -266,7 +266,8 @@ void Engine::unit(uint32_t m, uint64_t p, int poison, uint64_t& updates) {
   Slot& s = slot(p);
   sm.bank.update(s.bar);
   const int32_t t = static_cast<int32_t>(sm.bank.nbars - 1 < INT32_MAX ? sm.bank.nbars - 1 : INT32_MAX);
-  const LaneView v = lane_view(sm.lane_begin);
+  LaneView v = lane_view(sm.lane_begin);
+  v.has_external = static_cast<int>(sm.has_external);
   uint64_t q = 0;
   summaries(p)[m - layout_.streams[sm.stream].sm_begin] =
       sm_step(v, static_cast<int>(sm.n_warps) * kWarpSize, sm.bank.feat.data(), t, sm.bank.ret, poison, updates, q);
@@ -794,6 +795,9 @@ LaneView Engine::lane_view(uint32_t base) {
   v.ret_sum = state_.ret_sum.data() + base;
   v.ret_sq = state_.ret_sq.data() + base;
   v.credit = state_.credit.data() + base;
+  v.external = lanes_.external.data() + base;
+  v.ext_score = state_.ext_score.data() + base;
+  v.has_external = 0;
   v.trades = state_.trades.data() + base;
   v.wins = state_.wins.data() + base;
   v.n_ret = state_.n_ret.data() + base;
@@ -873,6 +877,29 @@ void Engine::set_credit(const uint32_t* agents, const double* credit, size_t n, 
     }
   }
   for (size_t k = 0; k < n; ++k) state_.credit[layout_.agent_lane[agents[k]]] = credit[k];
+}
+
+void Engine::set_external_scores(const uint32_t* agents, const double* scores, size_t n, const std::string& event) {
+  for (size_t k = 0; k < n; ++k) {
+    if (agents[k] >= layout_.n_agents)
+      throw std::invalid_argument("set_external_scores: agent index " + std::to_string(agents[k]) + " out of range");
+    if (!lanes_.external[layout_.agent_lane[agents[k]]])
+      throw std::invalid_argument("set_external_scores: agent index " + std::to_string(agents[k]) +
+                                  " is not an external-score agent (kind 1)");
+    if (!dc_finite(scores[k]) || scores[k] < -1.0 || scores[k] > 1.0)
+      throw std::invalid_argument("set_external_scores: score of agent index " + std::to_string(agents[k]) +
+                                  " must be finite and in [-1, 1]");
+  }
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  wait_idle();  // between updates, as set_credit
+  if (!event.empty()) {
+    std::lock_guard<std::mutex> jl(journal_m_);
+    if (journal_) {
+      journal_->append(RecordType::Event, event.data(), event.size());
+      journal_->commit(true);
+    }
+  }
+  for (size_t k = 0; k < n; ++k) state_.ext_score[layout_.agent_lane[agents[k]]] = scores[k];
 }
 
 void Engine::agents(AgentRecord* out) {

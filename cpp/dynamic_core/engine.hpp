@@ -135,6 +135,11 @@ class Engine {
   // With a journal and `event` non-empty, `event` is journaled (an Event record) under the same
   // lock, so no bar can slip between the record and the change.
   void set_credit(const uint32_t* agents, const double* credit, size_t n, const std::string& event = {});
+  // Sets the scores of external-score agents (kind 1; population indices) used from the next
+  // update on, like set_credit (journaled `event`, same lock). Throws std::invalid_argument
+  // (nothing changed) for an index out of range, an agent that is not kind 1, or a score that
+  // is not finite or outside [-1, 1].
+  void set_external_scores(const uint32_t* agents, const double* scores, size_t n, const std::string& event = {});
   size_t n_agents() const { return layout_.n_agents; }
   const Layout& layout() const { return layout_; }
   EngineStats stats();

@@ -90,6 +90,9 @@ DC_CLONES Summary sm_step(const LaneView& v, int lanes, const double* __restrict
     const double fv[kFeatures] = {feat[f0[i]], feat[f1[i]], feat[f2[i]], feat[f3[i]], feat[f4[i]]};
     score_in[i] = blend(fw, fv);
   }
+  if (v.has_external)
+    for (int i = 0; i < lanes; ++i)
+      if (v.external[i]) score_in[i] = v.ext_score[i];
   if (poison >= 0 && poison < lanes) score_in[poison] = __builtin_nan("");
 
   alignas(64) double sw[kMaxSmLanes], sws[kMaxSmLanes], ss[kMaxSmLanes], ss2[kMaxSmLanes];

@@ -27,6 +27,9 @@ struct LaneView {
   double* ret_sum;
   double* ret_sq;
   const double* credit;
+  const int32_t* external;   // kind-1 lanes (score from ext_score)
+  const double* ext_score;
+  int has_external;          // 0: no kind-1 lane in this view (the override loop is skipped)
   uint32_t* trades;
   uint32_t* wins;
   uint32_t* n_ret;

@@ -168,6 +168,7 @@ void LaneArrays::assign(const std::vector<LaneParams>& p) {
   lookback.resize(n);
   long_short.resize(n);
   active.resize(n);
+  external.resize(n);
   for (size_t i = 0; i < n; ++i) {
     for (int f = 0; f < kFeatures; ++f) {
       w[f][i] = p[i].w[f];
@@ -178,6 +179,7 @@ void LaneArrays::assign(const std::vector<LaneParams>& p) {
     lookback[i] = p[i].lookback;
     long_short[i] = p[i].long_short;
     active[i] = p[i].active;
+    external[i] = p[i].external;
   }
 }
 
@@ -190,6 +192,7 @@ void StateArrays::init(size_t n) {
   peak.assign(n, z.peak);
   max_dd.assign(n, z.max_dd);
   credit.assign(n, 1.0);
+  ext_score.assign(n, 0.0);
   ret_sum.assign(n, z.ret_sum);
   ret_sq.assign(n, z.ret_sq);
   trades.assign(n, z.trades);
@@ -214,7 +217,7 @@ void validate_genomes(const Genome* g, size_t n) {
     if (x.entry < 0.0) why = "negative entry";
     if (x.cost_bps < 0.0) why = "negative cost_bps";
     if (x.mode > 1) why = "unknown mode";
-    if (x.kind != 0) why = "unknown kind";
+    if (x.kind > 1) why = "unknown kind";
     if (x.timeframe == 0) why = "timeframe 0";
     if (!why.empty())
       throw std::invalid_argument("invalid genome at row " + std::to_string(i) + " (agent_id " +
@@ -293,12 +296,19 @@ Layout build_layout(const Genome* g, size_t n, int cores_per_sm) {
           p.cost = x.cost_bps * 1e-4;
           p.long_short = x.mode == static_cast<uint32_t>(Mode::LongShort);
           p.lookback = genome_lookback(x);
-          // relative index + 1 per kind; 0 = unused
-          p.fidx[0] = x.w_trend != 0.0 ? bb.trend(x.fast, x.slow, x.atr_period) + 1 : 0;
-          p.fidx[1] = x.w_rsi != 0.0 ? bb.rsi(x.rsi_period) + 1 : 0;
-          p.fidx[2] = x.w_macd != 0.0 ? bb.macd(x.macd_fast, x.macd_slow, x.macd_signal, x.atr_period) + 1 : 0;
-          p.fidx[3] = x.w_bb != 0.0 ? bb.bb(x.bb_period) + 1 : 0;
-          p.fidx[4] = x.w_mom != 0.0 ? bb.mom(x.mom_period) + 1 : 0;
+          p.external = x.kind == 1;
+          if (p.external) {
+            // no bank features: the score is set from outside; periods still set the warm-up
+            for (int f = 0; f < kFeatures; ++f) p.w[f] = 0.0;
+            sm.has_external = 1;
+          } else {
+            // relative index + 1 per kind; 0 = unused
+            p.fidx[0] = x.w_trend != 0.0 ? bb.trend(x.fast, x.slow, x.atr_period) + 1 : 0;
+            p.fidx[1] = x.w_rsi != 0.0 ? bb.rsi(x.rsi_period) + 1 : 0;
+            p.fidx[2] = x.w_macd != 0.0 ? bb.macd(x.macd_fast, x.macd_slow, x.macd_signal, x.atr_period) + 1 : 0;
+            p.fidx[3] = x.w_bb != 0.0 ? bb.bb(x.bb_period) + 1 : 0;
+            p.fidx[4] = x.w_mom != 0.0 ? bb.mom(x.mom_period) + 1 : 0;
+          }
           ++sm.n_active;
           L.agent_lane[a] = static_cast<uint32_t>(L.params.size());
           L.lane_agent.push_back(a);

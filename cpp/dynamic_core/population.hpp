@@ -60,6 +60,7 @@ struct LaneParams {
   uint16_t fidx[kFeatures];
   uint8_t long_short;
   uint8_t active;
+  uint8_t external;  // kind 1: the score comes from StateArrays::ext_score, not the blend
   int32_t lookback;  // bar index from which every used indicator is warm
 };
 
@@ -68,7 +69,7 @@ struct LaneArrays {
   std::vector<double> w[kFeatures];
   std::vector<int32_t> fidx[kFeatures];
   std::vector<double> entry, cost;
-  std::vector<int32_t> lookback, long_short, active;
+  std::vector<int32_t> lookback, long_short, active, external;
   void assign(const std::vector<LaneParams>& p);
 };
 
@@ -76,6 +77,7 @@ struct LaneArrays {
 struct StateArrays {
   std::vector<double> score, equity, entry_equity, peak, max_dd, ret_sum, ret_sq;
   std::vector<double> credit;  // consensus-weight multiplier from live outcomes, 1.0 = neutral
+  std::vector<double> ext_score;  // kind-1 lanes: the score set from outside for the next updates
   std::vector<uint32_t> trades, wins, n_ret, quarantined;
   std::vector<int32_t> position, action;
   void init(size_t n);
@@ -90,6 +92,7 @@ struct Sm {
   uint32_t lane_begin;  // multiple of kWarpSize
   uint32_t n_warps;
   uint32_t n_active;
+  uint32_t has_external;  // any kind-1 lane: the kernel then overrides their blended scores
   Bank bank;
 };
 

@@ -25,7 +25,7 @@ struct Genome {
   uint32_t instrument;
   uint32_t timeframe;
   uint32_t mode;  // Mode
-  uint32_t kind;  // 0 = indicator blend; other kinds are reserved
+  uint32_t kind;  // 0 = indicator blend; 1 = external score (set from outside per update, e.g. learning agents)
   int32_t fast;   // EMA periods of the trend feature
   int32_t slow;
   int32_t rsi_period;

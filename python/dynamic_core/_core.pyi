@@ -52,6 +52,10 @@ class Engine:
         """
         Set the consensus-weight credit of agents (population indices), between updates.
         """
+    def set_external_scores(self, agents: typing.Annotated[numpy.typing.ArrayLike, numpy.uint32], scores: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], event: bytes = b'') -> None:
+        """
+        Set the scores of external-score agents (kind 1; population indices), between updates.
+        """
     def stats(self) -> dict:
         ...
     def step(self, bar: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex) -> tuple[int, numpy.typing.NDArray[numpy.uint8]]:

@@ -28,7 +28,7 @@ log = logging.getLogger("dynamic_core.engine")
 BACKPRESSURE = {"block": 0, "reject_new": 1, "drop_oldest": 2}
 
 
-_credit_encoder = msgspec.msgpack.Encoder()
+_event_encoder = msgspec.msgpack.Encoder()
 
 
 def usable_cores() -> int:
@@ -370,20 +370,41 @@ class Engine:
         """
         from .payloads import CreditUpdate
 
+        self._set_by_id("set_credit", agent_ids, credit, self._native.set_credit,
+                        lambda ids, vals: CreditUpdate(agents=ids, credit=vals))
+
+    def set_external_scores(self, agent_ids: Any, scores: Any) -> None:
+        """Set the scores of external-score agents (genome ``kind`` 1) by id, used from the
+        next update on; between updates, journaled like :meth:`set_credit`.
+
+        An external-score agent is a lane like any other -- position, paper P&L, fitness,
+        votes and weight in consensus -- except that its score in [-1, 1] comes from outside
+        the engine (e.g. a learning model, :mod:`dynamic_core.learning.agents`) instead of the
+        indicator blend. It keeps its last score until set again (0.0 at first).
+
+        Raises ``ValueError`` for an unknown id, an agent that is not kind 1, or a score that
+        is not finite or outside [-1, 1] (nothing changes then).
+        """
+        from .payloads import ExternalScores
+
+        self._set_by_id("set_external_scores", agent_ids, scores, self._native.set_external_scores,
+                        lambda ids, vals: ExternalScores(agents=ids, scores=vals))
+
+    def _set_by_id(self, what: str, agent_ids: Any, values: Any, native: Callable[..., Any],
+                   event: Callable[[bytes, bytes], Any]) -> None:
         self._check_open()
         ids = np.ascontiguousarray(agent_ids, dtype=np.uint32).ravel()
-        vals = np.ascontiguousarray(credit, dtype=np.float64).ravel()
+        vals = np.ascontiguousarray(values, dtype=np.float64).ravel()
         if len(ids) != len(vals):
-            raise ValueError(f"set_credit: {len(ids)} agent ids but {len(vals)} credits")
-        idx = self._indices_of(ids)
-        event = b""
+            raise ValueError(f"{what}: {len(ids)} agent ids but {len(vals)} values")
+        idx = self._indices_of(ids, what)
+        raw = b""
         if self._journal_path is not None:
-            event = _credit_encoder.encode(CreditUpdate(agents=ids.astype("<u4").tobytes(),
-                                                        credit=vals.astype("<f8").tobytes()))
+            raw = _event_encoder.encode(event(ids.astype("<u4").tobytes(), vals.astype("<f8").tobytes()))
             self._journal_new_instruments()
-        self._native.set_credit(idx, vals, event)
+        native(idx, vals, raw)
 
-    def _indices_of(self, ids: np.ndarray) -> np.ndarray:
+    def _indices_of(self, ids: np.ndarray, what: str = "set_credit") -> np.ndarray:
         """Population indices of agent ids (``ValueError`` naming an unknown one)."""
         index = getattr(self, "_id_index", None)
         if index is None:  # built once; assigned as one tuple so a concurrent caller sees all or nothing
@@ -395,7 +416,7 @@ class Engine:
         pos_c = np.minimum(pos, len(srt) - 1)
         bad = (pos >= len(srt)) | (srt[pos_c] != ids)
         if bad.any():
-            raise ValueError(f"set_credit: no agent with id {int(ids[np.flatnonzero(bad)[0]])}")
+            raise ValueError(f"{what}: no agent with id {int(ids[np.flatnonzero(bad)[0]])}")
         return order[pos_c]
 
     def dead_letters(self) -> np.ndarray:

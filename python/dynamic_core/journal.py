@@ -71,25 +71,27 @@ _encoder = msgspec.msgpack.Encoder()
 _credit_decoder = msgspec.msgpack.Decoder(dict)
 
 
-def _credit_of(raw: bytes) -> tuple[np.ndarray, np.ndarray] | None:
-    """(agent ids, credits) of a journaled credit event; None for any other event."""
-    from .payloads import CreditUpdate
+def _engine_event(raw: bytes) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """(kind, agent ids, values) of a journaled event that changes the engine (``credit`` or
+    ``ext_scores``); None for any other event (decisions, ...), which replay only reports."""
+    from .payloads import CreditUpdate, ExternalScores
 
     try:
         head = _credit_decoder.decode(raw)
     except msgspec.DecodeError:
         return None
-    if not isinstance(head, dict) or head.get("type") != "credit":
+    kind = head.get("type") if isinstance(head, dict) else None
+    if kind not in ("credit", "ext_scores"):
         return None
     try:
-        c = msgspec.convert(head, CreditUpdate)
+        c = msgspec.convert(head, CreditUpdate if kind == "credit" else ExternalScores)
     except msgspec.ValidationError as e:
-        raise JournalError(f"unreadable credit event: {e}") from None
+        raise JournalError(f"unreadable {kind} event: {e}") from None
     ids = np.frombuffer(c.agents, dtype="<u4")
-    vals = np.frombuffer(c.credit, dtype="<f8")
+    vals = np.frombuffer(c.credit if kind == "credit" else c.scores, dtype="<f8")
     if len(ids) != len(vals):
-        raise JournalError("credit event with mismatched lengths")
-    return ids, vals
+        raise JournalError(f"{kind} event with mismatched lengths")
+    return kind, ids, vals
 
 
 class _Meta(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -376,10 +378,11 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
                 dead += len(rec.payload) // DEAD_LETTER_RECORD.itemsize
             elif t == _EVENT:
                 events.append(rec.payload)
-                credit = _credit_of(rec.payload)
-                if credit is not None:
+                applied = _engine_event(rec.payload)
+                if applied is not None:
                     flush()  # applied between the same updates as in the original run
-                    eng.set_credit(*credit)
+                    kind, ids, vals = applied
+                    (eng.set_credit if kind == "credit" else eng.set_external_scores)(ids, vals)
             elif t == _META:
                 raise JournalError(f"a second meta record at seq {rec.seq}")
             if progress is not None:

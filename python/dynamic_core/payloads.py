@@ -66,6 +66,7 @@ __all__ = [
     "ControlCommand",
     "ControlReply",
     "CreditUpdate",
+    "ExternalScores",
     "FeedMessage",
     "HealthQuery",
     "Heartbeat",
@@ -666,6 +667,19 @@ class CreditUpdate(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     version: Version = PAYLOAD_VERSION
     agents: Annotated[bytes, msgspec.Meta(max_length=4 << 24)]
     credit: Annotated[bytes, msgspec.Meta(max_length=8 << 24)]
+
+
+class ExternalScores(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                     tag="ext_scores"):
+    """Scores of external-score agents (genome kind 1, e.g. learning agents) for the next
+    updates, journaled as an event record and applied between the same updates on replay.
+
+    ``agents`` are agent ids as little-endian uint32, ``scores`` the matching float64 values.
+    """
+
+    version: Version = PAYLOAD_VERSION
+    agents: Annotated[bytes, msgspec.Meta(max_length=4 << 24)]
+    scores: Annotated[bytes, msgspec.Meta(max_length=8 << 24)]
 
 
 MeshFromAdapter = AdapterHello | AdapterBeat | ReasonReply | AdapterBye

@@ -53,7 +53,7 @@ def check_records(rec: np.ndarray) -> None:
     flag(~np.isfinite(rec["entry"]) | (rec["entry"] < 0), "entry not a finite number >= 0")
     flag(~np.isfinite(rec["cost_bps"]) | (rec["cost_bps"] < 0), "cost_bps not a finite number >= 0")
     flag(rec["mode"] > 1, "unknown mode (0 long_only, 1 long_short)")
-    flag(rec["kind"] != 0, "unknown kind (only 0, indicator blend, exists)")
+    flag(rec["kind"] > 1, "unknown kind (0 indicator blend, 1 external score)")
     flag(rec["timeframe"] == 0, "timeframe 0")
     flag(rec["instrument"] >= len(instruments), "instrument id not registered in dc.instruments")
     ids, first, counts = np.unique(rec["agent_id"], return_index=True, return_counts=True)

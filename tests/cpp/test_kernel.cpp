@@ -52,6 +52,9 @@ struct Lanes {
     v.ret_sum = ret_sum.data();
     v.ret_sq = ret_sq.data();
     v.credit = credit.data();
+    v.external = nullptr;
+    v.ext_score = nullptr;
+    v.has_external = 0;
     v.trades = trades.data();
     v.wins = wins.data();
     v.n_ret = n_ret.data();
