@@ -1,0 +1,104 @@
+"""The frozen base under the LoRA stack, and the head that turns the hidden state into a score.
+
+By default the base is a numpy linear map ``x @ W`` (W orthogonal, drawn from the hierarchy's
+seed, so the hidden state keeps the input's scale). Any frozen callable ``x -> hidden`` can
+take its place; it receives a C-contiguous (n_agents, dim) numpy array and must return an
+array-like of the same shape. It is treated as a constant: no gradient flows into it, only the
+LoRA layers (and, when ``head_learning_rate > 0``, the head) learn.
+
+Wrapping another framework's model means converting at the boundary::
+
+    import torch
+    model.eval()
+
+    def base(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).cpu().numpy()
+
+    backend = LoRABackend(fn=base)
+
+    # JAX: LoRABackend(fn=lambda x: np.asarray(jitted_model(jnp.asarray(x))))
+
+The model's output width must be the hierarchy's ``dim``; determinism is then the model's
+(e.g. ``torch.use_deterministic_algorithms(True)`` and a fixed thread count).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LoRABackend"]
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, copy=True)
+    a.flags.writeable = False
+    return a
+
+
+class LoRABackend:
+    """Frozen base and score head.
+
+    Parameters
+    ----------
+    weight : ndarray (dim, dim), optional
+        The base linear map (``hidden = x @ weight``); drawn orthogonal from the hierarchy's
+        seed when neither it nor ``fn`` is given.
+    head : ndarray (dim,), optional
+        Score head (``score = tanh(hidden @ head)``); drawn N(0, 1/dim) when not given.
+    fn : callable, optional
+        Any frozen ``x -> hidden`` in place of the linear map (not saved by ``state_dict``:
+        pass it again to ``from_state_dict``).
+    """
+
+    def __init__(self, weight: np.ndarray | None = None, head: np.ndarray | None = None,
+                 fn: Callable[[np.ndarray], Any] | None = None) -> None:
+        if fn is not None and weight is not None:
+            raise ValueError("give a weight or a callable, not both")
+        self.weight = None if weight is None else _frozen(weight)
+        self.head = None if head is None else _frozen(np.ravel(head))
+        self.fn = fn
+        if self.weight is not None and (self.weight.ndim != 2 or self.weight.shape[0] != self.weight.shape[1]):
+            raise ValueError("weight must be a square (dim, dim) matrix")
+
+    @property
+    def dim(self) -> int | None:
+        """Width fixed by the given arrays (None when nothing fixes it yet)."""
+        if self.weight is not None:
+            return int(self.weight.shape[0])
+        if self.head is not None:
+            return int(self.head.shape[0])
+        return None
+
+    def bind(self, dim: int, *, seed: int = 0, dtype: Any = np.float64) -> LoRABackend:
+        """A fully specified backend for ``dim`` and ``dtype``: missing arrays drawn from
+        ``seed`` (an orthogonal ``weight`` when there is no ``fn``; a N(0, 1/dim) head)."""
+        dt = np.dtype(dtype)
+        if self.dim is not None and self.dim != dim:
+            raise ValueError(f"backend width {self.dim} differs from the hierarchy's dim {dim}")
+        rng = np.random.default_rng([int(seed), 0x1B4C])  # a stream apart from the layers'
+        weight = self.weight
+        if weight is None and self.fn is None:
+            q, r = np.linalg.qr(rng.normal(size=(dim, dim)))
+            weight = q * np.sign(np.diag(r))  # the sign fix makes the draw unique (Haar)
+        head = self.head
+        if head is None:
+            head = rng.normal(0.0, 1.0 / math.sqrt(dim), size=dim)
+        out = LoRABackend(None if weight is None else np.asarray(weight, dtype=dt),
+                          np.asarray(head, dtype=dt), self.fn)
+        return out
+
+    def base(self, x: np.ndarray) -> np.ndarray:
+        """The frozen base's hidden state for ``x`` (n, dim)."""
+        if self.fn is not None:
+            out = np.asarray(self.fn(np.ascontiguousarray(x)), dtype=x.dtype)
+            if out.shape != x.shape:
+                raise ValueError(f"the base callable returned shape {out.shape}, expected {x.shape}")
+            return out
+        if self.weight is None:
+            raise ValueError("unbound backend: call bind(dim) first")
+        return x @ self.weight

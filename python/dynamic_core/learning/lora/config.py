@@ -1,0 +1,219 @@
+"""The DynamicLoRA knobs (one frozen Struct) and the names of layers, channels and statuses."""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "AGENT_LAYERS",
+    "CHANNELS",
+    "LAYERS",
+    "SHARED_LAYERS",
+    "LoRAConfig",
+]
+
+LAYERS = ("foundation", "domain", "swarm", "agent", "context")
+"""The five layers, slowest first: the order in which ``forward`` applies them."""
+
+SHARED_LAYERS = LAYERS[:3]
+"""One instance serves every agent."""
+
+AGENT_LAYERS = LAYERS[3:]
+"""One instance per agent, stored stacked (a leading agent axis)."""
+
+CHANNELS = (("context", "agent"), ("agent", "swarm"), ("swarm", "domain"), ("domain", "foundation"))
+"""Upward migration channels (from, to), fastest first; bandwidths in the same order."""
+
+
+class LoRAConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Every knob of the DynamicLoRA hierarchy; the defaults are the design's values.
+
+    Tuples indexed by layer follow :data:`LAYERS` (foundation, domain, swarm, agent, context);
+    tuples indexed by channel follow :data:`CHANNELS`.
+
+    Attributes
+    ----------
+    ranks : tuple[int, ...]
+        LoRA rank per layer (64/32/16/8/4).
+    base_inertia : tuple[float, ...]
+        Inertia of each layer at zero interaction density (0.99/0.9/0.7/0.5/0.1); the learning
+        rate is ``1 - effective inertia``, at most ``1 - base_inertia``.
+    inertia_gain : float
+        How much of the remaining ``1 - base_inertia`` interactions can add: effective inertia is
+        ``base + (1 - base) * inertia_gain * rho`` with ``rho = D / (D + density_half)`` in [0, 1),
+        ``D`` the mean of the layer's interaction history. Must be < 1 so the rate stays > 0.
+    density_half : float
+        Interaction density at which half of that rise is reached.
+    interaction_window : int
+        Ticks of interaction history behind the density (a ring).
+    init_scale : float
+        A starts as N(0, init_scale**2 / dim); B starts at zero (standard LoRA: the hierarchy
+        starts as the frozen base exactly).
+    screened_decay, free_decay : float
+        Per-tick drift of a parameter toward its initial value in the SCREENED (1e-4) and FREE
+        (1e-2) phase: ``p = p * (1 - decay) + p_init * decay``.
+    activity_decay : float
+        EMA factor of the activity traces (per input line, rank component and output line).
+    screening_threshold : float
+        Initial threshold: a parameter whose activity exceeds it is SCREENED.
+    threshold_rate : float
+        Homeostasis step: the threshold is multiplied (entropy below budget) or divided (above)
+        by ``1 + threshold_rate`` per tick.
+    threshold_bounds : tuple[float, float]
+        The threshold never leaves this range.
+    entropy_budget : tuple[float, float]
+        (min, max) of a layer's normalised entropy; its midpoint is the optimal entropy the
+        health ratio divides by.
+    step_size : float
+        Multiplies every layer's ``strength``: the step is ``(1 - inertia) * step_size * g``.
+        The design's ``1 - inertia`` sets the layers' *relative* speeds; taken literally (1.0) on
+        per-sample loss gradients it diverges (the context layer would step at up to 0.9), so
+        the default is 0.1 (measured stable from dim 16 to 64 on a learnable target).
+    head_learning_rate : float
+        SGD rate of the backend's head vector (0.0: frozen head; only the LoRA layers learn).
+    horizontal_alpha, horizontal_beta : float
+        Horizontal (swarm) resonance: an agent's swarm gradient is weighted by
+        ``1 + alpha * a`` when its alignment ``a`` with the swarm direction is positive and by
+        ``1 + beta * |a|`` when not (0.5 / -0.3).
+    direction_decay : float
+        EMA factor of the swarm direction the horizontal alignment is measured against.
+    vertical_gamma, vertical_delta, max_amplification : float
+        Vertical resonance (0.3 / 0.2 / 2.0).
+    vertical_threshold, conflict_threshold : float
+        Mean vertical alignment above ``vertical_threshold`` is FAST_TRACK, below
+        ``-conflict_threshold`` is CONFLICT, NORMAL between (0.5 / 0.3).
+    autocorr_window : int
+        Ticks of activation signatures the circuit detector correlates against (100).
+    stability_threshold : float
+        Autocorrelation above which a pattern is a circuit (0.7).
+    min_history : int
+        Signatures a slot must have before it can report a circuit.
+    node_fraction : float
+        A rank component is a node of a circuit when its share of the signature is at least
+        this fraction of the largest one.
+    circuit_cooldown : int
+        Ticks before a slot may report the same circuit again.
+    max_circuits_per_tick : int
+        Per source layer and tick, the most stable ones first.
+    bandwidth : tuple[float, ...]
+        Fraction of the source layer's parameters each channel may move per tick
+        (0.01 / 0.005 / 0.001 / 0.0001).
+    restore_rate : float
+        Share of the used bandwidth restored per tick (``current_transfer *= 1 - restore_rate``).
+    emergency_threshold : float
+        Circuits more critical than this bypass the bandwidth check (counted).
+    max_pending : int
+        Queue length per channel; beyond it the lowest priority request is dropped (counted).
+    migration_blend : float
+        Weight with which a migrated circuit is blended into its target (divided by the number
+        of agents when many per-agent layers feed one shared layer: their mean).
+    match_threshold : float
+        A circuit component joins the target component whose A column it matches with
+        ``|cos| >= match_threshold``; otherwise the least active free component is recruited.
+    consolidation_ticks : int
+        Ticks a consolidated component stays SCREENED whatever its activity.
+    entropy_bands : tuple[float, float, float, float]
+        Health bands of the entropy ratio: (crystallization below, healthy from, healthy to,
+        amnesia above) = (0.5, 0.8, 1.2, 2.0).
+    max_queue_depth, max_avg_wait, max_rejection_rate : float
+        Bandwidth health: every channel strictly below each (10, 5 ticks, 0.01).
+    min_alignment, fast_track_band, max_conflict_rate :
+        Resonance health: ``|mean alignment| > 0.1``, fast-track rate strictly inside
+        (0.05, 0.20), conflict rate ``< 0.05``.
+    resonance_window : int
+        Vertical alignments kept for the health mean.
+    chunk_elems : int
+        Per-agent updates run in chunks of about this many parameters (cache-sized blocks).
+    """
+
+    ranks: tuple[int, ...] = (64, 32, 16, 8, 4)
+    base_inertia: tuple[float, ...] = (0.99, 0.9, 0.7, 0.5, 0.1)
+    inertia_gain: float = 0.5
+    density_half: float = 1.0
+    interaction_window: int = 32
+    init_scale: float = 1.0
+    screened_decay: float = 1e-4
+    free_decay: float = 1e-2
+    activity_decay: float = 0.9
+    screening_threshold: float = 0.5
+    threshold_rate: float = 0.1
+    threshold_bounds: tuple[float, float] = (1e-9, 1e9)
+    entropy_budget: tuple[float, float] = (0.2, 0.6)
+    step_size: float = 0.1
+    head_learning_rate: float = 0.0
+    horizontal_alpha: float = 0.5
+    horizontal_beta: float = -0.3
+    direction_decay: float = 0.9
+    vertical_gamma: float = 0.3
+    vertical_delta: float = 0.2
+    max_amplification: float = 2.0
+    vertical_threshold: float = 0.5
+    conflict_threshold: float = 0.3
+    autocorr_window: int = 100
+    stability_threshold: float = 0.7
+    min_history: int = 10
+    node_fraction: float = 0.5
+    circuit_cooldown: int = 100
+    max_circuits_per_tick: int = 64
+    bandwidth: tuple[float, ...] = (0.01, 0.005, 0.001, 0.0001)
+    restore_rate: float = 0.1
+    emergency_threshold: float = 0.95
+    max_pending: int = 1024
+    migration_blend: float = 0.5
+    match_threshold: float = 0.9
+    consolidation_ticks: int = 100
+    entropy_bands: tuple[float, float, float, float] = (0.5, 0.8, 1.2, 2.0)
+    max_queue_depth: float = 10.0
+    max_avg_wait: float = 5.0
+    max_rejection_rate: float = 0.01
+    min_alignment: float = 0.1
+    fast_track_band: tuple[float, float] = (0.05, 0.20)
+    max_conflict_rate: float = 0.05
+    resonance_window: int = 1000
+    chunk_elems: int = 1 << 17
+
+    def __post_init__(self) -> None:
+        n = len(LAYERS)
+        if len(self.ranks) != n or len(self.base_inertia) != n:
+            raise ValueError(f"ranks and base_inertia need one value per layer ({', '.join(LAYERS)})")
+        if any(r < 1 for r in self.ranks):
+            raise ValueError("every rank must be >= 1")
+        if any(not 0.0 <= b < 1.0 for b in self.base_inertia):
+            raise ValueError("every base_inertia must be in [0, 1)")
+        if not 0.0 <= self.inertia_gain < 1.0:
+            raise ValueError("inertia_gain must be in [0, 1) so the learning rate stays positive")
+        if not self.density_half > 0.0:
+            raise ValueError("density_half must be > 0")
+        for name in ("interaction_window", "autocorr_window", "min_history", "circuit_cooldown",
+                     "max_circuits_per_tick", "max_pending", "resonance_window", "chunk_elems"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.consolidation_ticks < 0:
+            raise ValueError("consolidation_ticks must be >= 0")
+        for name in ("screened_decay", "free_decay", "activity_decay", "restore_rate", "migration_blend",
+                     "direction_decay", "node_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
+        lo, hi = self.threshold_bounds
+        if not 0.0 < lo <= self.screening_threshold <= hi:
+            raise ValueError("need 0 < threshold_bounds[0] <= screening_threshold <= threshold_bounds[1]")
+        elo, ehi = self.entropy_budget
+        if not 0.0 <= elo < ehi <= 1.0:
+            raise ValueError("entropy_budget must be (min, max) with 0 <= min < max <= 1")
+        if len(self.bandwidth) != len(CHANNELS) or any(not 0.0 < b <= 1.0 for b in self.bandwidth):
+            raise ValueError(f"bandwidth needs one value in (0, 1] per channel ({len(CHANNELS)})")
+        b = self.entropy_bands
+        if not 0.0 < b[0] <= b[1] < b[2] <= b[3]:
+            raise ValueError("entropy_bands must be increasing: (crystallization, healthy lo, healthy hi, amnesia)")
+        if not self.max_amplification >= 1.0:
+            raise ValueError("max_amplification must be >= 1")
+        if self.threshold_rate < 0.0:
+            raise ValueError("threshold_rate must be >= 0")
+
+    def rank(self, layer: str) -> int:
+        """Rank of ``layer``."""
+        return self.ranks[LAYERS.index(layer)]
+
+    def inertia(self, layer: str) -> float:
+        """Base inertia of ``layer``."""
+        return self.base_inertia[LAYERS.index(layer)]

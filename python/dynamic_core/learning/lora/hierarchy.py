@@ -1,0 +1,555 @@
+"""The five-layer LoRA hierarchy over a population of agents.
+
+Foundation, domain and swarm are shared (one slot each); agent and context are per agent,
+stored stacked (agent axis first) so one batched contraction applies every agent's own
+matrices, as multi-LoRA serving batches per adapter. Forward, for x (n_agents, dim)::
+
+    h = base(x)
+    for layer in foundation, domain, swarm, agent, context:
+        h = h + (h @ A) @ B            # per agent: h[n] @ A[n] @ B[n]
+    score = tanh(h @ head)
+
+Inference runs on a :class:`LoRASnapshot` (Variant A: frozen weights, deterministic); learning
+accumulates gradients with :meth:`LoRAHierarchy.learn` and applies them in
+:meth:`LoRAHierarchy.system_tick`, in the design's order: homeostasis, gradients, vertical
+resonance, updates, circuit detection, migration, health.
+
+Choices where the design is loose:
+
+* **Gradients** are of ``0.5 * (score - target)**2``, by analytic backprop in numpy; a shared
+  layer takes the mean over the agents that learn in a call (the swarm's weighted by horizontal
+  resonance), a per-agent layer each agent's own; several ``learn`` calls in a tick add up.
+  Updates add ``-(1 - inertia) * strength * gradient`` (descent).
+* **Vertical alignment** compares, for context, agent and swarm, the first-order change each
+  layer's update makes to its effective map ``A @ B``: ``dA @ B + A @ dB``, a dim x dim matrix
+  (summed over agents for the per-agent layers). Comparing the raw gradients of ``A @ B``
+  instead would say little: consecutive residual layers see nearly the same input and output
+  gradient, so those are almost always aligned. Resonance factors reach ``update`` as its
+  ``strength`` (the same product as scaling the gradient).
+* **Circuits** are sought in context, agent, swarm and domain, and each migrates one level up
+  its channel (the design's step 5 sends context circuits to agent, swarm or domain by WaveGen
+  hit rate, but only adjacent channels exist). A migration blends the circuit into the target
+  (:meth:`DynamicLoRALayer.consolidate_circuit`) with weight ``migration_blend`` times the
+  transferred fraction, divided by the number of agents when per-agent layers feed a shared
+  one (their mean). Circuits requested during a FAST_TRACK tick are served first.
+* **Snapshots** share the layers' buffers (O(1)); an update writes into a spare buffer, and any
+  in-place edit copies first, whenever a live snapshot still views the buffer.
+
+Determinism: the same state and inputs give bit-identical outputs and updates at a fixed BLAS
+thread count (the shared layers' matmuls go through BLAS, whose blocking may depend on its
+thread count; set ``OPENBLAS_NUM_THREADS`` to pin it). Per-agent work is split in chunks whose
+results do not depend on one another.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from .backend import LoRABackend
+from .circuits import Circuit, CircuitDetector
+from .config import AGENT_LAYERS, CHANNELS, LAYERS, SHARED_LAYERS, LoRAConfig
+from .health import HealthMonitor
+from .layer import DynamicLoRALayer, LayerGradient, _row_mv_A, _row_mv_At, _row_mv_B, _row_mv_Bt
+from .migration import MigrationCoordinator, MigrationQueue, _Pending
+from .resonance import FAST_TRACK, NORMAL, HorizontalResonance, ResonanceEngine, VerticalResonance
+
+__all__ = ["LoRAHierarchy", "LoRASnapshot"]
+
+
+class LoRASnapshot:
+    """Frozen view of every layer's A and B (read-only arrays) and the head, for inference.
+
+    ``snap["context"]`` is ``(A, B)``: (n_agents, dim, rank) and (n_agents, rank, dim) for a
+    per-agent layer, (dim, rank) and (rank, dim) for a shared one. Later updates never change
+    a snapshot.
+    """
+
+    __slots__ = ("__weakref__", "_layers", "head", "tick")
+
+    def __init__(self, tick: int, head: np.ndarray) -> None:
+        self.tick = int(tick)
+        h = np.array(head, copy=True)
+        h.flags.writeable = False
+        self.head = h
+        self._layers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def layers(self) -> Mapping[str, tuple[np.ndarray, np.ndarray]]:
+        """Layer name -> (A, B)."""
+        return MappingProxyType(self._layers)
+
+    def __getitem__(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return self._layers[name]
+
+    def holds(self, buf: np.ndarray) -> bool:
+        """Whether this snapshot views ``buf``."""
+        return any(v.base is buf for pair in self._layers.values() for v in pair)
+
+
+def _unit_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = math.sqrt(float(np.sum(x * x)) + float(np.sum(y * y)))
+    return (x / n, y / n) if n > 0 else (x, y)
+
+
+class LoRAHierarchy:
+    """DynamicLoRA over ``n_agents`` agents of width ``dim``.
+
+    Parameters
+    ----------
+    n_agents : int
+        Agents (slots of the agent and context layers).
+    dim : int
+        Width of inputs and hidden states.
+    config : LoRAConfig, optional
+        Every knob (defaults: the design's values).
+    backend : LoRABackend, optional
+        Frozen base and head (default: an orthogonal linear map and a N(0, 1/dim) head drawn
+        from ``seed``).
+    seed : int
+        Seeds the initial A of every layer (and the default backend).
+    dtype : numpy dtype
+        float64 (default) or float32 for parameters and activations.
+    """
+
+    def __init__(self, n_agents: int, dim: int, *, config: LoRAConfig | None = None,
+                 backend: LoRABackend | None = None, seed: int = 0, dtype: Any = np.float64) -> None:
+        if n_agents < 1 or dim < 1:
+            raise ValueError("n_agents and dim must be >= 1")
+        cfg = config if config is not None else LoRAConfig()
+        self.config = cfg
+        self.n_agents, self.dim = int(n_agents), int(dim)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError("dtype must be float32 or float64")
+        self.seed = int(seed)
+        rng = np.random.default_rng(self.seed)
+        self.layers: dict[str, DynamicLoRALayer] = {}
+        for name in LAYERS:
+            slots = 1 if name in SHARED_LAYERS else self.n_agents
+            self.layers[name] = DynamicLoRALayer(self.dim, cfg.rank(name), cfg.inertia(name), slots=slots, config=cfg,
+                                                 rng=rng, dtype=self.dtype, name=name)
+        self.backend = (backend if backend is not None else LoRABackend()).bind(self.dim, seed=self.seed,
+                                                                                 dtype=self.dtype)
+        self.head = np.array(self.backend.head, dtype=self.dtype)
+        self.circuit_detector = CircuitDetector(cfg.autocorr_window, cfg.stability_threshold,
+                                                min_history=cfg.min_history, node_fraction=cfg.node_fraction,
+                                                cooldown=cfg.circuit_cooldown, max_per_tick=cfg.max_circuits_per_tick)
+        self.resonance_engine = ResonanceEngine(
+            HorizontalResonance(cfg.horizontal_alpha, cfg.horizontal_beta),
+            VerticalResonance(cfg.vertical_gamma, cfg.vertical_delta, cfg.max_amplification,
+                              vertical_threshold=cfg.vertical_threshold, conflict_threshold=cfg.conflict_threshold),
+            window=cfg.resonance_window)
+        queues = {}
+        for (src, dst), bw in zip(CHANNELS, cfg.bandwidth):
+            q = MigrationQueue(src, dst, bw, total_params=self.layers[src].total_params,
+                               execute=self._executor(src, dst), restore_rate=cfg.restore_rate,
+                               emergency_threshold=cfg.emergency_threshold, max_pending=cfg.max_pending)
+            queues[q.key] = q
+        self.migration_coordinator = MigrationCoordinator(queues)
+        self.health_monitor = HealthMonitor(cfg)
+        self.tick = 0
+        self._reset_grads()
+
+    # ------------------------------------------------------------------ inference
+    def snapshot(self) -> LoRASnapshot:
+        """Frozen view of the current weights (O(1): buffers are shared copy-on-write)."""
+        snap = LoRASnapshot(self.tick, self.head)
+        for name, layer in self.layers.items():
+            A, B = layer.export(snap)
+            snap._layers[name] = (A[0], B[0]) if name in SHARED_LAYERS else (A, B)
+        return snap
+
+    def _weights(self, snap: LoRASnapshot | None) -> tuple[Mapping[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
+        if snap is not None:
+            return snap.layers, snap.head
+        live = {n: ((l._A[0], l._B[0]) if n in SHARED_LAYERS else (l._A, l._B)) for n, l in self.layers.items()}
+        return live, self.head
+
+    def _check_x(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=self.dtype)
+        if x.shape != (self.n_agents, self.dim):
+            raise ValueError(f"x must be (n_agents, dim) = {(self.n_agents, self.dim)}, got {x.shape}")
+        return x
+
+    def _run(self, x: np.ndarray, weights: Mapping[str, tuple[np.ndarray, np.ndarray]], keep: bool):
+        h = self.backend.base(x)
+        trace = []
+        for name in LAYERS:
+            A, B = weights[name]
+            if A.ndim == 2:
+                u = h @ A
+                d = u @ B
+            else:
+                u = _row_mv_A(h, A)
+                d = _row_mv_B(u, B)
+            if keep:
+                trace.append((h, u, d))
+            h = h + d
+        return h, trace
+
+    def forward(self, x: np.ndarray, snapshot: LoRASnapshot | None = None) -> np.ndarray:
+        """Hidden state (n_agents, dim): the base, then the five layers in order, each
+        ``h <- h + (h @ A) @ B`` (agent and context with each agent's own matrices). Pure: uses
+        ``snapshot`` (the live weights when None) and records nothing."""
+        weights, _ = self._weights(snapshot)
+        return self._run(self._check_x(x), weights, False)[0]
+
+    def score(self, x: np.ndarray, snapshot: LoRASnapshot | None = None) -> np.ndarray:
+        """``tanh(forward(x) @ head)`` per agent, in (-1, 1)."""
+        weights, head = self._weights(snapshot)
+        return np.tanh(self._run(self._check_x(x), weights, False)[0] @ head)
+
+    # ------------------------------------------------------------------ learning
+    def _reset_grads(self) -> None:
+        d = self.dim
+        self._g_shared = {n: [np.zeros((d, self.config.rank(n)), self.dtype),
+                              np.zeros((self.config.rank(n), d), self.dtype)] for n in SHARED_LAYERS}
+        self._g_terms: dict[str, tuple[list, list]] = {n: ([], []) for n in AGENT_LAYERS}
+        self._dW = {n: np.zeros((d, d)) for n in AGENT_LAYERS}
+        self._g_head = np.zeros(d)
+        self._calls = 0
+        self._loss_sum = 0.0
+        self._learners = 0
+        self._nonfinite = 0
+        self._h_align: list[float] = []
+
+    def learn(self, x: np.ndarray, target: np.ndarray, snapshot: LoRASnapshot | None = None,
+              mask: np.ndarray | None = None) -> float:
+        """Accumulate this tick's gradients of ``0.5 * (score - target)**2`` wrt every layer's
+        A and B (applied by the next :meth:`system_tick`).
+
+        Parameters
+        ----------
+        x : ndarray (n_agents, dim)
+            Inputs.
+        target : ndarray (n_agents,)
+            Targets in [-1, 1].
+        snapshot : LoRASnapshot, optional
+            The weights that scored ``x`` (the live weights when None).
+        mask : ndarray (n_agents,) bool, optional
+            Agents that learn this call (default all). Rows with a non-finite input or target
+            are left out and counted (``nonfinite`` in the tick's report).
+
+        Returns
+        -------
+        float
+            Mean loss over the agents that learned (NaN when none did).
+        """
+        x = self._check_x(x)
+        t = np.asarray(target, dtype=self.dtype).reshape(-1)
+        if t.shape != (self.n_agents,):
+            raise ValueError(f"target must be (n_agents,) = ({self.n_agents},), got {t.shape}")
+        m = np.ones(self.n_agents, bool) if mask is None else np.asarray(mask, dtype=bool).reshape(-1)
+        if m.shape != (self.n_agents,):
+            raise ValueError(f"mask must be (n_agents,) bool, got {m.shape}")
+        finite = np.isfinite(x).all(axis=1) & np.isfinite(t)
+        self._nonfinite += int(np.count_nonzero(m & ~finite))
+        m = m & finite
+        k = int(np.count_nonzero(m))
+        if k == 0:
+            return math.nan
+        if not m.all():  # rows that do not learn must not carry NaN into the sums
+            x = np.where(m[:, None], x, 0).astype(self.dtype)
+            t = np.where(m, t, 0).astype(self.dtype)
+        weights, head = self._weights(snapshot)
+        hid, trace = self._run(x, weights, True)
+        for name, (h, u, d) in zip(LAYERS, trace):
+            self.layers[name].record_interaction(h, u, d, m)
+        s = np.tanh(hid @ head)
+        err = (s - t) * m
+        e = err * (1 - s * s)
+        loss = 0.5 * float(err @ err)
+        self._loss_sum += loss
+        self._learners += k
+        self._calls += 1
+        if self.config.head_learning_rate > 0.0:
+            self._g_head += (e @ hid) / k
+        g = e[:, None] * head[None, :]  # dL/dhidden
+        inv_k = self.dtype.type(1.0 / k)
+        for name, (h, u, _) in zip(reversed(LAYERS), reversed(trace)):
+            A, B = weights[name]
+            if A.ndim == 2:
+                v = g @ B.T
+                w = np.full(self.n_agents, inv_k, self.dtype)
+                if name == "swarm":
+                    w = w * self._horizontal(h, u, v, g, m, inv_k).astype(self.dtype)
+                hw = h * w[:, None]
+                uw = u * w[:, None]
+                gacc = self._g_shared[name]
+                gacc[0] += hw.T @ v
+                gacc[1] += uw.T @ g
+                g_prev = g + v @ A.T
+            else:
+                v = _row_mv_Bt(g, B)
+                ta, tb = self._g_terms[name]
+                ta.append((h, v))
+                tb.append((u, g))
+                # first-order change of each agent's A @ B, summed: h (x) (v B) + (A u) (x) g
+                dw = h.T @ _row_mv_B(v, B) + _row_mv_At(u, A).T @ g
+                self._dW[name] += dw
+                g_prev = g + _row_mv_At(v, A)
+            g = g_prev
+        return loss / k
+
+    def _horizontal(self, h: np.ndarray, u: np.ndarray, v: np.ndarray, g: np.ndarray, m: np.ndarray,
+                    inv_k: Any) -> np.ndarray:
+        """Per-agent horizontal factors of the swarm contributions ``(h (x) v, u (x) g)``."""
+        hr = self.resonance_engine.horizontal
+        if hr.current_direction is None:
+            hr.current_direction = _unit_pair((h * inv_k).T @ v, (u * inv_k).T @ g)
+        DA, DB = hr.current_direction
+        dot = np.einsum("nr,nr->n", h @ DA, v) + np.einsum("nd,nd->n", u @ DB, g)
+        norm = np.sqrt(np.einsum("nd,nd->n", h, h) * np.einsum("nr,nr->n", v, v)
+                       + np.einsum("nr,nr->n", u, u) * np.einsum("nd,nd->n", g, g))
+        a = np.divide(dot, norm, out=np.zeros(len(dot)), where=norm > 0)
+        a = np.clip(a, -1.0, 1.0)
+        if m.any():
+            self._h_align.append(float(a[m].mean()))
+        return hr.factor(a)
+
+    def gradients(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The loss gradients accumulated since the last tick, dense: (dA, dB) per layer,
+        shaped like the layer's arrays (shared: (1, d, r) and (1, r, d))."""
+        out = {}
+        for name, layer in self.layers.items():
+            if name in SHARED_LAYERS:
+                gA, gB = self._g_shared[name]
+                out[name] = (gA[None].copy(), gB[None].copy())
+            else:
+                ta, tb = self._g_terms[name]
+                out[name] = LayerGradient(terms_A=ta, terms_B=tb).dense(layer.slots, self.dim, layer.rank, self.dtype)
+        return out
+
+    def _descent(self) -> dict[str, LayerGradient | None]:
+        if self._calls == 0:
+            return {n: None for n in LAYERS}
+        out: dict[str, LayerGradient | None] = {}
+        for name in SHARED_LAYERS:
+            gA, gB = self._g_shared[name]
+            out[name] = LayerGradient(-gA, -gB)
+        for name in AGENT_LAYERS:
+            ta, tb = self._g_terms[name]
+            out[name] = LayerGradient(terms_A=[(-L, R) for L, R in ta], terms_B=[(-L, R) for L, R in tb])
+        return out
+
+    # ------------------------------------------------------------------ the tick
+    def system_tick(self) -> dict[str, Any]:
+        """Apply the tick in the design's order: homeostasis, gradients, vertical resonance,
+        updates, circuit detection, migration, health.
+
+        Returns
+        -------
+        dict
+            ``tick``, ``signal`` (FAST_TRACK / CONFLICT / NORMAL), ``alignment`` (None without
+            gradients), ``factors``, ``learning_rate`` (mean per layer), ``loss`` (mean over this
+            tick's learners, None without), ``learners``, ``nonfinite``, ``circuits`` (found per
+            source layer), ``migrations`` (per channel: executed, emergency, queued depth) and
+            ``health`` (see :meth:`HealthMonitor.overall_health`).
+        """
+        cfg = self.config
+        # 1. homeostasis first
+        for layer in self.layers.values():
+            layer.maintain_homeostasis()
+        # 2. gradients (accumulated by learn) and this tick's interactions
+        sigs = {name: layer.end_interactions() for name, layer in self.layers.items()}
+        grads = self._descent()
+        # 3. vertical resonance
+        vr = self.resonance_engine.vertical
+        alignment: float | None = None
+        factors = {"context": 1.0, "agent": 1.0, "swarm": 1.0}
+        signal = NORMAL
+        if self._calls:
+            sw = self.layers["swarm"]
+            gA, gB = self._g_shared["swarm"]
+            dW = {"context": self._dW["context"], "agent": self._dW["agent"],
+                  "swarm": gA.astype(np.float64) @ sw._B[0] + sw._A[0] @ gB.astype(np.float64)}
+            alignment = vr.alignment(dW)
+            factors, signal = vr.factors(alignment)
+            self.resonance_engine.record(alignment, signal)
+            self.resonance_engine.horizontal.update_direction((gA, gB), cfg.direction_decay)
+        # 4. updates
+        lrs = {}
+        for name, layer in self.layers.items():
+            lr = layer.update(grads[name], cfg.step_size * factors.get(name, 1.0))
+            lrs[name] = float(lr.mean())
+        if self._calls and cfg.head_learning_rate > 0.0:
+            self.head = (self.head - cfg.head_learning_rate * self._g_head).astype(self.dtype)
+        # 5. circuit detection: each source layer's circuits go one channel up
+        fast = signal == FAST_TRACK
+        found = {}
+        for src, dst in CHANNELS:
+            sig, active = sigs[src]
+            circuits = self.circuit_detector.observe(src, self.layers[src], sig, active, self.tick)
+            for c in circuits:
+                c.fast_track = fast
+                self.migration_coordinator.migrate_circuit(c, src, dst)
+            self.resonance_engine.record_migrations(len(circuits), fast)
+            found[src] = len(circuits)
+        # 6. migration queues
+        transfers = self.migration_coordinator.tick_all()
+        # 7. health
+        health = self.health_monitor.overall_health(self)
+        report = {
+            "tick": self.tick,
+            "signal": signal,
+            "alignment": alignment,
+            "factors": factors,
+            "learning_rate": lrs,
+            "loss": self._loss_sum / self._learners if self._learners else None,
+            "learners": self._learners,
+            "nonfinite": self._nonfinite,
+            "horizontal_alignment": float(np.mean(self._h_align)) if self._h_align else None,
+            "circuits": found,
+            "migrations": {k: {"executed": sum(1 for t in v if t.kind != "emergency"),
+                               "emergency": sum(1 for t in v if t.kind == "emergency"),
+                               "queued": len(self.migration_coordinator.queues[k].pending)}
+                           for k, v in transfers.items()},
+            "health": health,
+        }
+        self.tick += 1
+        self._reset_grads()
+        return report
+
+    def _executor(self, src: str, dst: str):
+        per_agent_to_shared = src in AGENT_LAYERS and dst in SHARED_LAYERS
+
+        def execute(circuit: Circuit, fraction: float) -> None:
+            w = self.config.migration_blend * fraction
+            if per_agent_to_shared:
+                w /= self.n_agents
+            slot = circuit.slot if dst in AGENT_LAYERS else 0
+            self.layers[dst].consolidate_circuit(circuit, slot=slot, weight=w)
+
+        return execute
+
+    # ------------------------------------------------------------------ population
+    def copy_agent(self, src: int, dst: int) -> None:
+        """Agent ``dst`` takes agent ``src``'s agent and context layers (A, B, initial values,
+        phases, traces, thresholds, interaction history, signature history). ``dst``'s
+        not-yet-applied gradient and its pending migrations are discarded."""
+        for i in (src, dst):
+            if not 0 <= i < self.n_agents:
+                raise IndexError(f"agent {i} out of range [0, {self.n_agents})")
+        if src == dst:
+            return
+        for name in AGENT_LAYERS:
+            self.layers[name].copy_slot(src, dst)
+            self.circuit_detector.copy_slot(name, src, dst)
+            ta, tb = self._g_terms[name]
+            for terms in (ta, tb):
+                for i, (L, R) in enumerate(terms):
+                    L2 = L.copy()
+                    L2[dst] = 0
+                    terms[i] = (L2, R)
+        for q in self.migration_coordinator.queues.values():
+            if q.from_layer in AGENT_LAYERS:
+                q.purge(lambda c: c.slot == dst)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Everything as numpy arrays (and the config as a JSON string under ``"config"``):
+        ``np.savez(path, **h.state_dict())`` saves it. Taken between ticks: raises ValueError
+        when gradients from ``learn`` await a ``system_tick``."""
+        if self._calls:
+            raise ValueError("learn() was called since the last system_tick(): tick first, then save")
+        sd: dict[str, Any] = {
+            "config": msgspec.json.encode(self.config).decode(),
+            "n_agents": np.array(self.n_agents), "dim": np.array(self.dim), "dtype": np.array(self.dtype.str),
+            "seed": np.array(self.seed), "tick": np.array(self.tick), "head": self.head.copy(),
+            "backend.head": np.array(self.backend.head),
+        }
+        if self.backend.weight is not None:
+            sd["backend.weight"] = np.array(self.backend.weight)
+        for name, layer in self.layers.items():
+            for k, v in layer.state().items():
+                sd[f"layer.{name}.{k}"] = v
+        for k, v in self.circuit_detector.state().items():
+            sd[f"detector.{k}"] = v
+        re = self.resonance_engine
+        if re.horizontal.current_direction is not None:
+            sd["resonance.direction_A"], sd["resonance.direction_B"] = (np.array(x) for x in
+                                                                        re.horizontal.current_direction)
+        sd["resonance.alignments"] = np.array(list(re.alignments), dtype=np.float64)
+        sd["resonance.counters"] = np.array([re.fast_track_count, re.total_migrations, re.conflict_count,
+                                             re.fast_track_ticks, re.total_operations], np.int64)
+        sd["resonance.last_signal"] = np.array(re.last_signal)
+        for key, q in self.migration_coordinator.queues.items():
+            p = f"migration.{key}."
+            sd[p + "counters"] = np.array([q.now, q._seq, q.total_requests, q.rejections, q.emergencies, q.dropped,
+                                           q.completed, q.wait_sum], np.int64)
+            sd[p + "floats"] = np.array([q.current_transfer, q.transferred, q.emergency_transfer])
+            sd.update({p + k: v for k, v in _pending_arrays(q, self.layers[q.from_layer]).items()})
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any], *, backend: LoRABackend | None = None) -> LoRAHierarchy:
+        """Rebuild a hierarchy from :meth:`state_dict` (or an ``np.load`` of its ``savez``).
+        A backend built on a callable is not saved: pass it again as ``backend``."""
+        cfg = msgspec.json.decode(str(np.asarray(state["config"])), type=LoRAConfig)
+        if backend is None:
+            if "backend.weight" not in state:
+                raise ValueError("the saved backend wraps a callable: pass backend=LoRABackend(fn=...)")
+            backend = LoRABackend(np.asarray(state["backend.weight"]), np.asarray(state["backend.head"]))
+        h = cls(int(state["n_agents"]), int(state["dim"]), config=cfg, backend=backend, seed=int(state["seed"]),
+                dtype=np.dtype(str(np.asarray(state["dtype"]))))
+        h.tick = int(state["tick"])
+        h.head = np.array(state["head"], dtype=h.dtype)
+        for name, layer in h.layers.items():
+            pre = f"layer.{name}."
+            layer.load_state({k[len(pre):]: np.asarray(v) for k, v in state.items() if k.startswith(pre)})
+        h.circuit_detector.load_state({k[len("detector."):]: np.asarray(v) for k, v in state.items()
+                                       if k.startswith("detector.")})
+        re = h.resonance_engine
+        if "resonance.direction_A" in state:
+            re.horizontal.current_direction = (np.array(state["resonance.direction_A"]),
+                                               np.array(state["resonance.direction_B"]))
+        re.alignments.extend(np.asarray(state["resonance.alignments"]).tolist())
+        (re.fast_track_count, re.total_migrations, re.conflict_count, re.fast_track_ticks,
+         re.total_operations) = (int(v) for v in np.asarray(state["resonance.counters"]))
+        re.last_signal = str(np.asarray(state["resonance.last_signal"]))
+        for key, q in h.migration_coordinator.queues.items():
+            p = f"migration.{key}."
+            (q.now, q._seq, q.total_requests, q.rejections, q.emergencies, q.dropped, q.completed,
+             q.wait_sum) = (int(v) for v in np.asarray(state[p + "counters"]))
+            q.current_transfer, q.transferred, q.emergency_transfer = (float(v) for v in np.asarray(state[p + "floats"]))
+            q.pending = _pending_from(q.from_layer, {k[len(p):]: np.asarray(v) for k, v in state.items()
+                                                     if k.startswith(p)})
+        return h
+
+
+def _pending_arrays(q: MigrationQueue, layer: DynamicLoRALayer) -> dict[str, np.ndarray]:
+    n, r, d = len(q.pending), layer.rank, layer.dim
+    nodes = np.full((n, r), -1, np.int64)
+    a = np.zeros((n, d, r), layer.dtype)
+    b = np.zeros((n, r, d), layer.dtype)
+    ints = np.zeros((n, 7), np.int64)
+    floats = np.zeros((n, 3))
+    for i, p in enumerate(q.pending):
+        c = p.circuit
+        k = len(c.nodes)
+        nodes[i, :k] = c.nodes
+        a[i, :, :k] = c.a_cols
+        b[i, :k, :] = c.b_rows
+        ints[i] = (c.slot, c.parameter_count, c.activation_signature, c.tick, int(c.fast_track), p.enqueued, p.key[2])
+        floats[i] = (c.autocorr, c.criticality, p.remaining)
+    return {"pending.nodes": nodes, "pending.a": a, "pending.b": b, "pending.ints": ints, "pending.floats": floats}
+
+
+def _pending_from(layer: str, arr: dict[str, np.ndarray]) -> list[_Pending]:
+    out = []
+    for i in range(len(arr["pending.ints"])):
+        slot, pc, sig, tick, fast, enq, seq = (int(v) for v in arr["pending.ints"][i])
+        ac, crit, rem = (float(v) for v in arr["pending.floats"][i])
+        nd = tuple(int(j) for j in arr["pending.nodes"][i] if j >= 0)
+        k = len(nd)
+        c = Circuit(layer=layer, slot=slot, nodes=nd, parameter_count=pc, autocorr=ac, criticality=crit,
+                    activation_signature=sig, a_cols=np.array(arr["pending.a"][i][:, :k]),
+                    b_rows=np.array(arr["pending.b"][i][:k, :]), tick=tick, fast_track=bool(fast))
+        out.append(_Pending((-int(c.fast_track), -c.autocorr, seq), c, rem, enq))
+    return out

@@ -1,0 +1,593 @@
+"""One DynamicLoRA layer: A and B with emergent inertia, per-parameter phases and homeostasis.
+
+A layer holds ``slots`` independent instances stacked on a leading axis: one slot for a layer
+shared by every agent (foundation, domain, swarm), one slot per agent for the agent and context
+layers, so one batched contraction applies every agent's own matrices.
+
+Interpretations of the design (where it is loose):
+
+* **Interaction density**: each tick a slot pushes the RMS of its rank activations ``h @ A``
+  (0 when it did not interact) into a ring of ``interaction_window`` ticks; the density ``D``
+  is the ring's mean. Effective inertia is ``base + (1 - base) * inertia_gain * D / (D +
+  density_half)``: the configured base inertia is the floor (an idle layer learns at
+  ``1 - base``), interactions screen a layer further, and it stays below
+  ``base + (1 - base) * inertia_gain < 1``. The learning rate is ``1 - effective inertia``.
+* **Activity** is Hebbian and factorised: traces (EMAs of ``|activation|``) of every input
+  line ``a``, rank component ``m`` and output line ``o`` of a slot; the activity of ``A[i, j]``
+  is ``a[i] * m[j]``, of ``B[j, k]`` is ``m[j] * o[k]``. A parameter is SCREENED when its
+  activity exceeds the slot's screening threshold (evaluated as ``a[i] > threshold / m[j]``),
+  or while its rank component is pinned by a consolidation; otherwise FREE.
+* **Decay** toward the initial values after the gradient step: ``p += decay * (p_init - p)``
+  with decay ``screened_decay`` (1e-4) or ``free_decay`` (1e-2) by phase (the design's
+  ``p * (1 - decay) + p_init * decay``, rearranged to one fewer pass).
+* **Entropy**: with ``p`` the activity normalised over the slot's parameters, the entropy is
+  ``-sum(p log p)`` over the FREE parameters, divided by ``log(#parameters)``: in [0, 1], 0
+  when everything is screened (crystallised), at its largest when everything is free. It rises
+  monotonically with the threshold, which is what lets homeostasis steer it: below the budget
+  the threshold is raised (frees parameters), above it lowered. A slot with no activity at all
+  counts as uniform (entropy = its free fraction) and its threshold is left alone.
+* ``update(gradient, strength)`` *adds* ``(1 - inertia) * strength * gradient`` (the design's
+  sign): the hierarchy passes descent directions.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .config import LoRAConfig
+
+if TYPE_CHECKING:
+    from .circuits import Circuit
+
+__all__ = ["FREE", "SCREENED", "DynamicLoRALayer", "LayerGradient"]
+
+SCREENED = True
+"""Phase value of a parameter locked by interactions (phase arrays hold booleans)."""
+FREE = False
+"""Phase value of a parameter that drifts back to its initial value."""
+
+_TINY = 1e-300
+
+
+def _row_mv_A(h: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """``h[n] @ A[n]`` for every n: (n, d) x (n, d, r) -> (n, r)."""
+    return np.matmul(h[:, None, :], A)[:, 0, :]
+
+
+def _row_mv_B(u: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``u[n] @ B[n]``: (n, r) x (n, r, d) -> (n, d)."""
+    # measured on x86-64/OpenBLAS: einsum's loop beats stacked matmul here in float64, not float32
+    if B.dtype == np.float64:
+        return np.einsum("nr,nrd->nd", u, B)
+    return np.matmul(u[:, None, :], B)[:, 0, :]
+
+
+def _row_mv_Bt(g: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``B[n] @ g[n]``: (n, d) x (n, r, d) -> (n, r)."""
+    if B.dtype == np.float64:
+        return np.einsum("nd,nrd->nr", g, B)
+    return np.matmul(B, g[:, :, None])[:, :, 0]
+
+
+def _row_mv_At(v: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """``A[n] @ v[n]``: (n, r) x (n, d, r) -> (n, d)."""
+    return np.matmul(A, v[:, :, None])[:, :, 0]
+
+
+class LayerGradient:
+    """An update direction for one layer: dense arrays and/or sums of outer products.
+
+    What one learning pass gives a per-agent layer is rank one per agent
+    (``dA[n] = h[n] (x) v[n]``); keeping the factors instead of the dense (n, d, r) array saves
+    a full write and read of it.
+
+    Parameters
+    ----------
+    A, B : ndarray, optional
+        Dense parts, shaped like the layer's ``A`` (slots, d, r) and ``B`` (slots, r, d); a 2-d
+        array is taken as the single slot of a shared layer.
+    terms_A : sequence of (L, R)
+        ``A[s] += L[s] (x) R[s]`` with L (slots, d), R (slots, r).
+    terms_B : sequence of (L, R)
+        ``B[s] += L[s] (x) R[s]`` with L (slots, r), R (slots, d).
+    """
+
+    __slots__ = ("A", "B", "terms_A", "terms_B")
+
+    def __init__(self, A: np.ndarray | None = None, B: np.ndarray | None = None,
+                 terms_A: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+                 terms_B: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> None:
+        self.A = None if A is None else (A[None] if A.ndim == 2 else A)
+        self.B = None if B is None else (B[None] if B.ndim == 2 else B)
+        self.terms_A = list(terms_A)
+        self.terms_B = list(terms_B)
+
+    def dense(self, slots: int, dim: int, rank: int, dtype: Any = np.float64) -> tuple[np.ndarray, np.ndarray]:
+        """The direction as dense (slots, d, r) and (slots, r, d) arrays."""
+        gA = np.zeros((slots, dim, rank), dtype) if self.A is None else np.array(self.A, dtype=dtype)
+        gB = np.zeros((slots, rank, dim), dtype) if self.B is None else np.array(self.B, dtype=dtype)
+        for L, R in self.terms_A:
+            gA += L[:, :, None] * R[:, None, :]
+        for L, R in self.terms_B:
+            gB += L[:, :, None] * R[:, None, :]
+        return gA, gB
+
+    @property
+    def empty(self) -> bool:
+        """No dense part and no term."""
+        return self.A is None and self.B is None and not self.terms_A and not self.terms_B
+
+
+class DynamicLoRALayer:
+    """A LoRA layer (``h <- h + (h @ A) @ B``) with emergent temporal dynamics.
+
+    Parameters
+    ----------
+    dim : int
+        Width of the hidden state.
+    rank : int
+        LoRA rank.
+    base_inertia : float
+        Inertia at zero interaction density.
+    slots : int
+        Independent instances stacked on the leading axis (1 for a shared layer).
+    config : LoRAConfig, optional
+        The decay rates, traces, thresholds and budgets (defaults: the design's).
+    rng : numpy.random.Generator, optional
+        Draws the initial A (N(0, init_scale**2 / dim)); B starts at zero.
+    dtype : numpy dtype
+        Of A and B (float64 or float32); traces and thresholds are always float64.
+    name : str
+        For reports.
+    """
+
+    def __init__(self, dim: int, rank: int, base_inertia: float, *, slots: int = 1,
+                 config: LoRAConfig | None = None, rng: np.random.Generator | None = None,
+                 dtype: Any = np.float64, name: str = "") -> None:
+        cfg = config if config is not None else LoRAConfig()
+        if dim < 1 or rank < 1 or slots < 1:
+            raise ValueError("dim, rank and slots must be >= 1")
+        if not 0.0 <= base_inertia < 1.0:
+            raise ValueError("base_inertia must be in [0, 1)")
+        self.config = cfg
+        self.name = name
+        self.dim, self.rank, self.slots = int(dim), int(rank), int(slots)
+        self.base_inertia = float(base_inertia)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError("dtype must be float32 or float64")
+        rng = rng if rng is not None else np.random.default_rng(0)
+        A0 = rng.normal(0.0, cfg.init_scale / math.sqrt(dim), size=(slots, dim, rank)).astype(self.dtype)
+        self.A_init = A0
+        self.B_init = np.zeros((slots, rank, dim), self.dtype)
+        self._A = A0.copy()
+        self._B = self.B_init.copy()
+        # double buffers: an update writes into the spare one unless a live snapshot holds it
+        self._spare_A: np.ndarray | None = None
+        self._spare_B: np.ndarray | None = None
+        self._holders: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.interaction_history = np.zeros((slots, cfg.interaction_window))
+        self._hist_pos = 0
+        self._hist_sum = np.zeros(slots)
+        self.screening_threshold = np.full(slots, cfg.screening_threshold)
+        self.entropy_budget = tuple(cfg.entropy_budget)
+        self.phase_A = np.zeros((slots, dim, rank), bool)
+        self.phase_B = np.zeros((slots, rank, dim), bool)
+        self.act_in = np.zeros((slots, dim))
+        self.act_mid = np.zeros((slots, rank))
+        self.act_out = np.zeros((slots, dim))
+        self.pins = np.zeros((slots, rank), np.int64)
+        self.current_entropy = np.ones(slots)  # no activity yet: uniform, everything free
+        self._activity_total = np.zeros(slots)
+        self._reset_tick()
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def A(self) -> np.ndarray:
+        """Current A, (slots, d, r), read-only (use :meth:`set_params` to assign)."""
+        v = self._A.view()
+        v.flags.writeable = False
+        return v
+
+    @property
+    def B(self) -> np.ndarray:
+        """Current B, (slots, r, d), read-only."""
+        v = self._B.view()
+        v.flags.writeable = False
+        return v
+
+    @property
+    def params_per_slot(self) -> int:
+        """Parameters of one slot: ``2 * dim * rank``."""
+        return 2 * self.dim * self.rank
+
+    @property
+    def total_params(self) -> int:
+        """Parameters of every slot together."""
+        return self.slots * self.params_per_slot
+
+    def set_params(self, A: np.ndarray | None = None, B: np.ndarray | None = None, *,
+                   A_init: np.ndarray | None = None, B_init: np.ndarray | None = None) -> None:
+        """Assign parameters (copied; a 2-d array sets a single-slot layer)."""
+        for name, val, shape in (("_A", A, (self.slots, self.dim, self.rank)),
+                                 ("_B", B, (self.slots, self.rank, self.dim)),
+                                 ("A_init", A_init, (self.slots, self.dim, self.rank)),
+                                 ("B_init", B_init, (self.slots, self.rank, self.dim))):
+            if val is None:
+                continue
+            arr = np.array(val, dtype=self.dtype).reshape(shape)
+            setattr(self, name, arr)
+
+    def export(self, holder: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Read-only views of the current A and B for ``holder`` (a snapshot): the layer never
+        writes into a buffer a live holder still views (``holder.holds(buffer)``)."""
+        self._holders.add(holder)
+        a, b = self._A.view(), self._B.view()
+        a.flags.writeable = False
+        b.flags.writeable = False
+        return a, b
+
+    def _held(self, buf: np.ndarray | None) -> bool:
+        return buf is not None and any(h.holds(buf) for h in list(self._holders))
+
+    def _fresh(self, spare: np.ndarray | None, like: np.ndarray) -> np.ndarray:
+        if spare is None or self._held(spare):
+            return np.empty_like(like)
+        return spare
+
+    def _own(self) -> None:
+        """Copy-on-write before an in-place edit of A or B."""
+        if self._held(self._A):
+            new = self._fresh(self._spare_A, self._A)
+            np.copyto(new, self._A)
+            self._spare_A, self._A = None, new
+        if self._held(self._B):
+            new = self._fresh(self._spare_B, self._B)
+            np.copyto(new, self._B)
+            self._spare_B, self._B = None, new
+
+    # ------------------------------------------------------------------ forward and recording
+    def forward(self, h: np.ndarray, *, record: bool = True) -> np.ndarray:
+        """``h + (h @ A) @ B``; recorded as this tick's interaction when ``record``.
+
+        A single-slot layer applies its matrices to every row; a stacked layer needs one row
+        per slot (row n uses slot n).
+        """
+        h = np.asarray(h, dtype=self.dtype)
+        if self.slots == 1:
+            u = h @ self._A[0]
+            delta = u @ self._B[0]
+        else:
+            if h.shape != (self.slots, self.dim):
+                raise ValueError(f"a stacked layer takes one row per slot: expected {(self.slots, self.dim)}, "
+                                 f"got {h.shape}")
+            u = _row_mv_A(h, self._A)
+            delta = _row_mv_B(u, self._B)
+        if record:
+            self.record_interaction(h, u, delta)
+        return h + delta
+
+    def _reset_tick(self) -> None:
+        s, d, r = self.slots, self.dim, self.rank
+        self._t_in = np.zeros((s, d))
+        self._t_mid = np.zeros((s, r))
+        self._t_out = np.zeros((s, d))
+        self._t_rms = np.zeros(s)
+        self._t_sig = np.zeros((s, r))
+        self._t_calls = np.zeros(s, np.int64)
+
+    def record_interaction(self, h: np.ndarray, u: np.ndarray, delta: np.ndarray,
+                           mask: np.ndarray | None = None) -> None:
+        """Accumulate one pass's activations (input ``h``, rank activations ``u``, output
+        increment ``delta``) into this tick's interaction.
+
+        A stacked layer takes one row per slot; rows outside ``mask`` did not interact. A
+        single-slot layer takes the mean over all rows (rows outside ``mask`` count as zero:
+        the shared layer's interaction is the population's).
+        """
+        n = h.shape[0]
+        w = np.ones(n) if mask is None else np.asarray(mask, dtype=np.float64)
+        if not w.any():
+            return
+        rms = np.sqrt(np.mean(np.square(u, dtype=np.float64), axis=1))
+        if self.slots == 1:
+            wn = w / n
+            self._t_in[0] += wn @ np.abs(h)
+            self._t_mid[0] += wn @ np.abs(u)
+            self._t_out[0] += wn @ np.abs(delta)
+            self._t_rms[0] += wn @ rms
+            self._t_sig[0] += wn @ u
+            self._t_calls[0] += 1
+        else:
+            wc = w[:, None]
+            self._t_in += wc * np.abs(h)
+            self._t_mid += wc * np.abs(u)
+            self._t_out += wc * np.abs(delta)
+            self._t_rms += w * rms
+            self._t_sig += wc * u
+            self._t_calls += w > 0
+
+    def end_interactions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Fold this tick's interactions into the history and activity traces.
+
+        Returns
+        -------
+        signature : ndarray (slots, rank)
+            Mean rank activation of the tick per slot (the circuit detector's input).
+        active : ndarray (slots,) bool
+            Slots that interacted this tick.
+        """
+        calls = self._t_calls
+        c = np.maximum(calls, 1).astype(np.float64)
+        cfg = self.config
+        entry = self._t_rms / c
+        H = self.interaction_history.shape[1]
+        old = self.interaction_history[:, self._hist_pos].copy()
+        self.interaction_history[:, self._hist_pos] = entry
+        self._hist_sum += entry - old
+        self._hist_pos = (self._hist_pos + 1) % H
+        if self._hist_pos == 0:  # the running sum drifts by rounding: refresh it once a lap
+            self._hist_sum = self.interaction_history.sum(axis=1)
+        k = cfg.activity_decay
+        self.act_in = k * self.act_in + (1.0 - k) * (self._t_in / c[:, None])
+        self.act_mid = k * self.act_mid + (1.0 - k) * (self._t_mid / c[:, None])
+        self.act_out = k * self.act_out + (1.0 - k) * (self._t_out / c[:, None])
+        sig = self._t_sig / c[:, None]
+        active = calls > 0
+        self._reset_tick()
+        return sig, active
+
+    # ------------------------------------------------------------------ dynamics
+    def interaction_density(self) -> np.ndarray:
+        """Mean of each slot's interaction history, (slots,)."""
+        return self._hist_sum / self.interaction_history.shape[1]
+
+    def compute_effective_inertia(self) -> np.ndarray:
+        """Inertia per slot from interaction density: ``base + (1 - base) * inertia_gain * rho``,
+        ``rho = D / (D + density_half)``; in ``[base, base + (1 - base) * inertia_gain]``."""
+        D = np.maximum(self.interaction_density(), 0.0)
+        rho = D / (D + self.config.density_half)
+        b = self.base_inertia
+        return b + (1.0 - b) * self.config.inertia_gain * rho
+
+    def learning_rate(self) -> np.ndarray:
+        """``1 - compute_effective_inertia()`` per slot."""
+        return 1.0 - self.compute_effective_inertia()
+
+    def compute_activity_mask(self) -> tuple[np.ndarray, np.ndarray]:
+        """Activity of every parameter: ``a[i] * m[j]`` for A, ``m[j] * o[k]`` for B (dense)."""
+        return (self.act_in[:, :, None] * self.act_mid[:, None, :],
+                self.act_mid[:, :, None] * self.act_out[:, None, :])
+
+    def _thresholds(self, sl: slice) -> tuple[np.ndarray, np.ndarray]:
+        # a[i] * m[j] > t  <=>  a[i] > t / m[j]: one broadcast compare, no outer product
+        th = self.screening_threshold[sl, None]
+        with np.errstate(divide="ignore"):
+            return th / self.act_mid[sl], th / self.act_out[sl]
+
+    def compute_phase(self) -> tuple[np.ndarray, np.ndarray]:
+        """Phase of every parameter from the current activity, threshold and pins (True =
+        SCREENED): what the next :meth:`update` will use."""
+        sl = slice(None)
+        tm, to = self._thresholds(sl)
+        pA = self.act_in[:, :, None] > tm[:, None, :]
+        pB = self.act_mid[:, :, None] > to[:, None, :]
+        pinned = self.pins > 0
+        pA |= pinned[:, None, :]
+        pB |= pinned[:, :, None]
+        return pA, pB
+
+    def update(self, gradient: LayerGradient | tuple[np.ndarray, np.ndarray] | None = None,
+               strength: float | np.ndarray = 1.0) -> np.ndarray:
+        """One step: ``p += (1 - inertia) * strength * gradient``, then the phase-based decay
+        ``p += decay * (p_init - p)`` (SCREENED 1e-4, FREE 1e-2), for A and B.
+
+        Parameters
+        ----------
+        gradient : LayerGradient or (gA, gB), optional
+            The direction to add (a descent direction for learning); None: decay only.
+        strength : float or ndarray (slots,)
+            Multiplies the step (resonance factors, the config's step size).
+
+        Returns
+        -------
+        ndarray (slots,)
+            The learning rate each slot used.
+        """
+        if isinstance(gradient, tuple):
+            gradient = LayerGradient(gradient[0], gradient[1])
+        if gradient is not None and gradient.empty:
+            gradient = None
+        lr = self.learning_rate()
+        c = (lr * np.asarray(strength, dtype=np.float64)).astype(self.dtype)
+        c = np.broadcast_to(c, (self.slots,))
+        cfg = self.config
+        dt = self.dtype
+        dec_s, dec_f = dt.type(cfg.screened_decay), dt.type(cfg.free_decay)
+        newA = self._fresh(self._spare_A, self._A)
+        newB = self._fresh(self._spare_B, self._B)
+        pinned = self.pins > 0
+        any_pin = bool(pinned.any())
+        s, d, r = self.slots, self.dim, self.rank
+        # free-activity sums for the entropy: rows/cols of the A and B activity over FREE params
+        sA_in = np.empty((s, d))
+        sA_mid = np.empty((s, r))
+        sB_mid = np.empty((s, r))
+        sB_out = np.empty((s, d))
+        step = max(1, self.config.chunk_elems // (d * r))
+        for s0 in range(0, s, step):
+            sl = slice(s0, min(s, s0 + step))
+            tm, to = self._thresholds(sl)
+            for P, P0, new, ph, lines, thr, pin_axis, terms, dense in (
+                    (self._A, self.A_init, newA, self.phase_A, (self.act_in, self.act_mid), tm, 1,
+                     gradient.terms_A if gradient else (), gradient.A if gradient else None),
+                    (self._B, self.B_init, newB, self.phase_B, (self.act_mid, self.act_out), to, 2,
+                     gradient.terms_B if gradient else (), gradient.B if gradient else None)):
+                out = new[sl]
+                cs = c[sl, None, None]
+                if dense is None and not terms:
+                    np.copyto(out, P[sl])
+                else:
+                    first = True
+                    if dense is not None:
+                        np.multiply(dense[sl], cs, out=out)
+                        first = False
+                    for L, R in terms:
+                        Lc = L[sl] * c[sl, None]  # the step folded into the small factor
+                        if first:
+                            np.multiply(Lc[:, :, None], R[sl, None, :], out=out)
+                            first = False
+                        else:
+                            out += Lc[:, :, None] * R[sl, None, :]
+                    out += P[sl]
+                phs = ph[sl]
+                np.greater(lines[0][sl, :, None], thr[:, None, :], out=phs)
+                if any_pin:
+                    phs |= pinned[sl, None, :] if pin_axis == 1 else pinned[sl, :, None]
+                dec = np.where(phs, dec_s, dec_f)
+                diff = np.subtract(P0[sl], out)
+                diff *= dec
+                out += diff
+                # sums of activity over SCREENED params, by row and by column
+                Sf = phs.astype(np.float64)
+                row = np.matmul(Sf, lines[1][sl, :, None])[:, :, 0]
+                col = np.matmul(lines[0][sl, None, :], Sf)[:, 0, :]
+                a0, a1 = lines[0][sl], lines[1][sl]
+                if pin_axis == 1:
+                    sA_in[sl] = a0 * (a1.sum(1, keepdims=True) - row)
+                    sA_mid[sl] = a1 * (a0.sum(1, keepdims=True) - col)
+                else:
+                    sB_mid[sl] = a0 * (a1.sum(1, keepdims=True) - row)
+                    sB_out[sl] = a1 * (a0.sum(1, keepdims=True) - col)
+        self._spare_A, self._A = self._A, newA
+        self._spare_B, self._B = self._B, newB
+        self._entropy(sA_in, sA_mid, sB_mid, sB_out)
+        np.maximum(self.pins - 1, 0, out=self.pins)
+        return lr
+
+    def _entropy(self, sA_in: np.ndarray, sA_mid: np.ndarray, sB_mid: np.ndarray, sB_out: np.ndarray) -> None:
+        a, m, o = self.act_in, self.act_mid, self.act_out
+        Z = a.sum(1) * m.sum(1) + m.sum(1) * o.sum(1)
+        la, lm, lo = (np.log(np.maximum(x, _TINY)) for x in (a, m, o))
+        F = (la * sA_in).sum(1) + (lm * sA_mid).sum(1) + (lm * sB_mid).sum(1) + (lo * sB_out).sum(1)
+        free_mass = sA_in.sum(1) + sB_mid.sum(1)
+        logP = math.log(self.params_per_slot)
+        live = Z > 0.0
+        Zs = np.where(live, Z, 1.0)
+        ent = (free_mass * np.log(Zs) - F) / Zs / logP
+        if not live.all():
+            # no activity: the uniform distribution, whose free entropy is the free fraction
+            free = ((~self.phase_A).sum((1, 2)) + (~self.phase_B).sum((1, 2))) / self.params_per_slot
+            ent = np.where(live, ent, free)
+        self.current_entropy = np.clip(ent, 0.0, 1.0)
+        self._activity_total = Z
+
+    def maintain_homeostasis(self) -> np.ndarray:
+        """Steer each slot's screening threshold toward the entropy budget: raised by
+        ``1 + threshold_rate`` below it (frees parameters), lowered above it. Slots without any
+        activity are left alone (no threshold changes their phases). Returns the thresholds."""
+        lo, hi = self.entropy_budget
+        k = 1.0 + self.config.threshold_rate
+        live = self._activity_total > 0.0
+        e = self.current_entropy
+        th = self.screening_threshold
+        th = np.where(live & (e < lo), th * k, np.where(live & (e > hi), th / k, th))
+        b0, b1 = self.config.threshold_bounds
+        self.screening_threshold = np.clip(th, b0, b1)
+        return self.screening_threshold
+
+    # ------------------------------------------------------------------ circuits
+    def component_strength(self, slot: int | np.ndarray) -> np.ndarray:
+        """``||A[:, j] B[j, :] - A0[:, j] B0[j, :]||_F`` per rank component of ``slot`` (or of
+        each slot in an index array): how much each component has moved the layer's map."""
+        A, B, A0, B0 = self._A[slot], self._B[slot], self.A_init[slot], self.B_init[slot]
+        aa = np.sum(A * A, axis=-2, dtype=np.float64)
+        bb = np.sum(B * B, axis=-1, dtype=np.float64)
+        a0 = np.sum(A0 * A0, axis=-2, dtype=np.float64)
+        b0 = np.sum(B0 * B0, axis=-1, dtype=np.float64)
+        ab = np.sum(A * A0, axis=-2, dtype=np.float64) * np.sum(B * B0, axis=-1, dtype=np.float64)
+        return np.sqrt(np.maximum(aa * bb + a0 * b0 - 2.0 * ab, 0.0))
+
+    def consolidate_circuit(self, circuit: Circuit, *, slot: int = 0, weight: float = 1.0) -> list[int]:
+        """Strengthen a pattern in ``slot``: each of the circuit's components is blended into a
+        rank component of this layer (``x <- (1 - weight) x + weight x_circuit`` for its A
+        column and B row), which is then pinned SCREENED for ``consolidation_ticks``.
+
+        The target component is the one whose A column the circuit's matches with
+        ``|cos| >= match_threshold`` (the pattern is already here: reinforce it), else the
+        least active unpinned one (recruited). The circuit's component is sign-aligned with the
+        target first (``a b`` and ``(-a)(-b)`` are the same map). Returns the components used.
+        """
+        self._own()
+        A, B = self._A[slot], self._B[slot]
+        used: list[int] = []
+        w = float(weight)
+        dt = self.dtype.type
+        order = np.lexsort((self.act_mid[slot], self.pins[slot] > 0))
+        for a_s, b_s in zip(circuit.a_cols.T, circuit.b_rows):
+            if len(used) == self.rank:
+                break
+            free = [k for k in range(self.rank) if k not in used]
+            cols = A[:, free].astype(np.float64)
+            na = np.linalg.norm(cols, axis=0) * float(np.linalg.norm(a_s))
+            cos = np.divide(a_s.astype(np.float64) @ cols, na, out=np.zeros(len(free)), where=na > 0)
+            best = int(np.argmax(np.abs(cos))) if len(free) else -1
+            if best >= 0 and abs(cos[best]) >= self.config.match_threshold:
+                k = free[best]
+                sign = 1.0 if cos[best] >= 0 else -1.0
+            else:
+                k = next(int(j) for j in order if int(j) not in used)
+                dot = float(a_s.astype(np.float64) @ A[:, k])
+                sign = -1.0 if dot < 0 else 1.0
+            A[:, k] = dt(1.0 - w) * A[:, k] + dt(w * sign) * a_s.astype(self.dtype)
+            B[k, :] = dt(1.0 - w) * B[k, :] + dt(w * sign) * b_s.astype(self.dtype)
+            self.pins[slot, k] = max(int(self.pins[slot, k]), self.config.consolidation_ticks)
+            used.append(k)
+        return used
+
+    # ------------------------------------------------------------------ slots and state
+    _SLOT_ARRAYS = ("A_init", "B_init", "interaction_history", "_hist_sum", "screening_threshold", "phase_A",
+                    "phase_B", "act_in", "act_mid", "act_out", "pins", "current_entropy", "_activity_total")
+    _TICK_ARRAYS = ("_t_in", "_t_mid", "_t_out", "_t_rms", "_t_sig", "_t_calls")
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Make slot ``dst`` a copy of slot ``src``: parameters, initial values, history,
+        threshold, phases, traces and pins. What ``dst`` recorded this tick is discarded (the
+        new occupant did not interact yet)."""
+        if src == dst:
+            return
+        self._own()
+        self._A[dst] = self._A[src]
+        self._B[dst] = self._B[src]
+        for name in self._SLOT_ARRAYS:
+            arr = getattr(self, name)
+            arr[dst] = arr[src]
+        for name in self._TICK_ARRAYS:
+            getattr(self, name)[dst] = 0
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The layer's state as named arrays (see :meth:`load_state`)."""
+        out = {"A": self._A.copy(), "B": self._B.copy(), "hist_pos": np.array(self._hist_pos)}
+        for name in self._SLOT_ARRAYS:
+            out[name.lstrip("_")] = np.array(getattr(self, name), copy=True)
+        return out
+
+    def load_state(self, st: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state` gave (same shapes)."""
+        self._A = np.array(st["A"], dtype=self.dtype)
+        self._B = np.array(st["B"], dtype=self.dtype)
+        self._spare_A = self._spare_B = None
+        self._hist_pos = int(st["hist_pos"])
+        for name in self._SLOT_ARRAYS:
+            cur = getattr(self, name)
+            val = np.array(st[name.lstrip("_")], dtype=cur.dtype)
+            if val.shape != cur.shape:
+                raise ValueError(f"layer {self.name}: {name} has shape {val.shape}, expected {cur.shape}")
+            setattr(self, name, val)
+        self.entropy_budget = tuple(self.config.entropy_budget)
+        self._reset_tick()
