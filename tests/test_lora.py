@@ -1,0 +1,819 @@
+"""DynamicLoRA: each mechanism against the design's formulas, gradients against finite
+differences, the batched forward against a per-agent loop, determinism and persistence."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import numpy as np
+import pytest
+
+from dynamic_core.learning.lora import (
+    ACCEPTABLE,
+    AMNESIA_RISK,
+    CONFLICT,
+    CRYSTALLIZATION_RISK,
+    DEGRADED,
+    FAST_TRACK,
+    HEALTHY,
+    LAYERS,
+    NORMAL,
+    SHARED_LAYERS,
+    Circuit,
+    CircuitDetector,
+    DynamicLoRALayer,
+    HealthMonitor,
+    HorizontalResonance,
+    LayerGradient,
+    LoRABackend,
+    LoRAConfig,
+    LoRAHierarchy,
+    MigrationCoordinator,
+    MigrationQueue,
+    ResonanceEngine,
+    VerticalResonance,
+)
+
+TINY_RANKS = (4, 3, 2, 2, 2)
+
+
+def tiny(n: int = 3, d: int = 5, **kw) -> LoRAHierarchy:
+    cfg = LoRAConfig(ranks=TINY_RANKS, **kw)
+    return LoRAHierarchy(n, d, config=cfg, seed=7)
+
+
+def randomise(h: LoRAHierarchy, seed: int = 1, scale: float = 0.3) -> None:
+    """Nonzero B everywhere (B starts at zero, which hides A's gradient)."""
+    rng = np.random.default_rng(seed)
+    for layer in h.layers.values():
+        layer.set_params(B=rng.normal(0.0, scale, size=layer.B.shape))
+
+
+def circuit(autocorr: float = 0.8, params: int = 10, criticality: float = 0.0, slot: int = 0, d: int = 4,
+            k: int = 1, layer: str = "context") -> Circuit:
+    rng = np.random.default_rng(int(autocorr * 1000) + params)
+    return Circuit(layer=layer, slot=slot, nodes=tuple(range(k)), parameter_count=params, autocorr=autocorr,
+                   criticality=criticality, activation_signature=1, a_cols=rng.normal(size=(d, k)),
+                   b_rows=rng.normal(size=(k, d)))
+
+
+# ---------------------------------------------------------------------------------------- config
+def test_config_defaults_are_the_designs() -> None:
+    c = LoRAConfig()
+    assert c.ranks == (64, 32, 16, 8, 4)
+    assert c.base_inertia == (0.99, 0.9, 0.7, 0.5, 0.1)
+    assert (c.screened_decay, c.free_decay) == (1e-4, 1e-2)
+    assert (c.autocorr_window, c.stability_threshold) == (100, 0.7)
+    assert c.bandwidth == (0.01, 0.005, 0.001, 0.0001) and c.restore_rate == 0.1
+    assert (c.horizontal_alpha, c.horizontal_beta) == (0.5, -0.3)
+    assert (c.vertical_gamma, c.vertical_delta, c.max_amplification) == (0.3, 0.2, 2.0)
+    assert (c.vertical_threshold, c.conflict_threshold) == (0.5, 0.3)
+    assert c.entropy_bands == (0.5, 0.8, 1.2, 2.0)
+
+
+def test_config_is_frozen_and_strict() -> None:
+    c = LoRAConfig()
+    with pytest.raises(AttributeError):
+        c.step_size = 2.0  # type: ignore[misc]
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(b'{"ranks": [1, 2, 3, 4, 5], "nope": 1}', type=LoRAConfig)
+    assert msgspec.json.decode(msgspec.json.encode(c), type=LoRAConfig) == c
+    for bad in ({"ranks": (1, 2, 3)}, {"base_inertia": (0.99, 0.9, 0.7, 0.5, 1.0)}, {"inertia_gain": 1.0},
+                {"entropy_budget": (0.6, 0.2)}, {"bandwidth": (0.1,)}, {"screening_threshold": 0.0}):
+        with pytest.raises(ValueError):
+            LoRAConfig(**bad)
+
+
+# ---------------------------------------------------------------------------------------- layer
+def _push_density(layer: DynamicLoRALayer, rms: np.ndarray) -> None:
+    """One tick whose rank activations have the given RMS per slot (constant vectors)."""
+    s, d, r = layer.slots, layer.dim, layer.rank
+    u = np.repeat(np.asarray(rms, float)[:, None], r, axis=1)
+    layer.record_interaction(np.ones((s, d)), u, np.zeros((s, d)))
+    layer.end_interactions()
+
+
+def test_effective_inertia_formula_bounds_and_learning_rate() -> None:
+    cfg = LoRAConfig(screened_decay=0.0, free_decay=0.0)
+    layer = DynamicLoRALayer(4, 2, 0.7, slots=3, config=cfg, rng=np.random.default_rng(0))
+    H = cfg.interaction_window
+    assert np.array_equal(layer.compute_effective_inertia(), np.full(3, 0.7))  # idle: the base
+    pushed = [np.array([0.0, 0.5, 4.0]), np.array([0.0, 1.5, 8.0]), np.array([0.0, 2.5, 16.0])]
+    previous = layer.compute_effective_inertia()
+    for i, rms in enumerate(pushed):
+        _push_density(layer, rms)
+        D = np.sum(pushed[: i + 1], axis=0) / H
+        expect = 0.7 + (1 - 0.7) * cfg.inertia_gain * (D / (D + cfg.density_half))
+        got = layer.compute_effective_inertia()
+        np.testing.assert_allclose(got, expect, rtol=1e-15, atol=0)
+        assert np.all(got >= 0.7) and np.all(got < 0.7 + 0.3 * cfg.inertia_gain)
+        assert np.all(got[1:] > previous[1:]) and got[0] == 0.7  # rises with density, only with it
+        previous = got
+    # the step of update() is (1 - inertia) * strength * gradient, exactly
+    rng = np.random.default_rng(3)
+    gA, gB = rng.normal(size=(3, 4, 2)), rng.normal(size=(3, 2, 4))
+    A0, B0 = layer.A.copy(), layer.B.copy()
+    lr = 1.0 - layer.compute_effective_inertia()
+    used = layer.update((gA, gB), strength=0.37)
+    assert np.array_equal(used, lr)
+    c = lr * 0.37
+    assert np.array_equal(layer.A, A0 + c[:, None, None] * gA)
+    assert np.array_equal(layer.B, B0 + c[:, None, None] * gB)
+
+
+def test_inertia_never_reaches_one_at_any_density() -> None:
+    for base in (0.0, 0.5, 0.99):
+        layer = DynamicLoRALayer(2, 1, base, slots=1, config=LoRAConfig(inertia_gain=0.9))
+        for _ in range(40):
+            _push_density(layer, np.array([1e12]))
+        inertia = float(layer.compute_effective_inertia()[0])
+        assert base <= inertia <= base + (1 - base) * 0.9 < 1.0
+        assert float(layer.learning_rate()[0]) > 0.0
+
+
+def _layer_with_phases() -> DynamicLoRALayer:
+    layer = DynamicLoRALayer(3, 2, 0.5, slots=1, config=LoRAConfig(screening_threshold=1.0),
+                             rng=np.random.default_rng(0))
+    layer.act_in = np.array([[0.5, 2.0, 4.0]])
+    layer.act_mid = np.array([[1.0, 0.3]])
+    layer.act_out = np.array([[3.0, 0.1, 5.0]])
+    rng = np.random.default_rng(1)
+    layer.set_params(A=rng.normal(size=(3, 2)), B=rng.normal(size=(2, 3)), A_init=rng.normal(size=(3, 2)),
+                     B_init=rng.normal(size=(2, 3)))
+    return layer
+
+
+def test_phase_is_activity_above_threshold_and_pins() -> None:
+    layer = _layer_with_phases()
+    actA, actB = layer.compute_activity_mask()
+    pA, pB = layer.compute_phase()
+    assert np.array_equal(pA, actA > 1.0) and np.array_equal(pB, actB > 1.0)
+    assert pA.any() and (~pA).any() and pB.any() and (~pB).any()
+    layer.pins[0, 1] = 3
+    pA, pB = layer.compute_phase()
+    assert pA[0, :, 1].all() and pB[0, 1, :].all()
+
+
+def test_decay_to_init_free_1e2_screened_1e4_exact() -> None:
+    layer = _layer_with_phases()
+    pA, pB = layer.compute_phase()
+    A, B, A0, B0 = layer.A.copy(), layer.B.copy(), layer.A_init.copy(), layer.B_init.copy()
+    layer.update(None)
+    decA = np.where(pA, 1e-4, 1e-2)
+    decB = np.where(pB, 1e-4, 1e-2)
+    assert np.array_equal(layer.A, A + decA * (A0 - A))
+    assert np.array_equal(layer.B, B + decB * (B0 - B))
+    assert np.array_equal(layer.phase_A, pA) and np.array_equal(layer.phase_B, pB)
+    # over many ticks the FREE distance shrinks as 0.99**k, the SCREENED one as 0.9999**k
+    dist0 = np.abs(A - A0)
+    for _ in range(99):
+        layer.update(None)
+    ratio = np.abs(layer.A - A0) / dist0
+    np.testing.assert_allclose(ratio[~pA[0][None]], 0.99 ** 100, rtol=1e-9)
+    np.testing.assert_allclose(ratio[pA[0][None]], 0.9999 ** 100, rtol=1e-9)
+    assert ratio[~pA[0][None]].max() < ratio[pA[0][None]].min()
+
+
+def test_gradient_step_then_decay_exact_and_terms_match_dense() -> None:
+    layer = _layer_with_phases()
+    rng = np.random.default_rng(5)
+    gA, gB = rng.normal(size=(1, 3, 2)), rng.normal(size=(1, 2, 3))
+    twin = _layer_with_phases()
+    A, A0 = layer.A.copy(), layer.A_init.copy()
+    pA, _ = layer.compute_phase()
+    lr = layer.learning_rate()
+    layer.update(LayerGradient(gA, gB), strength=2.0)
+    stepped = A + (lr * 2.0)[:, None, None] * gA
+    assert np.array_equal(layer.A, stepped + np.where(pA, 1e-4, 1e-2) * (A0 - stepped))
+    # the factored form (what learn gives per-agent layers) lands on the same values
+    L, R = rng.normal(size=(1, 3)), rng.normal(size=(1, 2))
+    layer2 = _layer_with_phases()
+    layer2.update(LayerGradient(terms_A=[(L, R)]), strength=1.0)
+    twin.update(LayerGradient(A=L[:, :, None] * R[:, None, :]), strength=1.0)
+    np.testing.assert_allclose(layer2.A, twin.A, rtol=1e-15, atol=1e-15)
+
+
+def _brute_entropy(layer: DynamicLoRALayer) -> np.ndarray:
+    actA, actB = layer.compute_activity_mask()
+    pA, pB = layer.compute_phase()
+    out = []
+    for s in range(layer.slots):
+        act = np.concatenate([actA[s].ravel(), actB[s].ravel()])
+        free = ~np.concatenate([pA[s].ravel(), pB[s].ravel()])
+        p = act / act.sum()
+        q = p[free & (p > 0)]
+        out.append(-(q * np.log(q)).sum() / math.log(act.size))
+    return np.array(out)
+
+
+def test_entropy_matches_brute_force_and_rises_with_threshold() -> None:
+    rng = np.random.default_rng(2)
+    layer = DynamicLoRALayer(6, 3, 0.5, slots=4, config=LoRAConfig(), rng=rng)
+    layer.act_in = rng.uniform(0, 2, size=(4, 6))
+    layer.act_mid = rng.uniform(0, 2, size=(4, 3))
+    layer.act_out = rng.uniform(0, 2, size=(4, 6))
+    layer.act_in[0, 2] = 0.0  # a silent line contributes nothing
+    last = np.full(4, -1.0)
+    for th in (1e-3, 0.3, 0.8, 1.5, 3.0, 100.0):
+        layer.screening_threshold = np.full(4, th)
+        expect = _brute_entropy(layer)
+        layer.update(None)
+        np.testing.assert_allclose(layer.current_entropy, expect, rtol=1e-12, atol=1e-14)
+        assert np.all(layer.current_entropy >= last - 1e-15)
+        last = layer.current_entropy.copy()
+    # everything free: the whole entropy of the activity distribution
+    assert not layer.phase_A.any() and not layer.phase_B.any() and np.all(last > 0.8)
+
+
+def test_homeostasis_steers_threshold_toward_budget() -> None:
+    cfg = LoRAConfig(entropy_budget=(0.3, 0.5), threshold_rate=0.1)
+    layer = DynamicLoRALayer(4, 2, 0.5, slots=3, config=cfg)
+    layer.act_in[:] = 1.0
+    layer.act_mid[:] = 1.0
+    layer.act_out[:] = 1.0
+    layer.act_in[2] = 0.0
+    layer.act_mid[2] = 0.0  # slot 2: no activity at all
+    layer.update(None)
+    layer.current_entropy = np.array([0.1, 0.9, 0.1])
+    th = layer.screening_threshold.copy()
+    layer.maintain_homeostasis()
+    assert layer.screening_threshold[0] == th[0] * 1.1  # too crystallised: free parameters
+    assert layer.screening_threshold[1] == th[1] / 1.1  # too plastic: screen more
+    assert layer.screening_threshold[2] == th[2]  # idle: nothing to steer
+    # closed loop: a layer with fixed activity settles inside the budget
+    rng = np.random.default_rng(0)
+    layer = DynamicLoRALayer(8, 4, 0.5, slots=2, config=cfg)
+    layer.act_in = rng.uniform(0.1, 2, size=(2, 8))
+    layer.act_mid = rng.uniform(0.1, 2, size=(2, 4))
+    layer.act_out = rng.uniform(0.1, 2, size=(2, 8))
+    for _ in range(200):
+        layer.maintain_homeostasis()
+        layer.update(None)
+    assert np.all((layer.current_entropy > 0.2) & (layer.current_entropy < 0.6))
+
+
+def test_consolidate_circuit_blends_and_pins() -> None:
+    cfg = LoRAConfig(consolidation_ticks=7, match_threshold=0.999)
+    layer = DynamicLoRALayer(4, 3, 0.5, slots=2, config=cfg, rng=np.random.default_rng(0))
+    layer.act_mid[1] = [0.5, 0.1, 0.9]
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(4, 1)), rng.normal(size=(1, 4))
+    A, B = layer.A.copy(), layer.B.copy()
+    c = Circuit(layer="context", slot=0, nodes=(0,), parameter_count=8, autocorr=0.9, criticality=0.1,
+                activation_signature=1, a_cols=a, b_rows=b)
+    used = layer.consolidate_circuit(c, slot=1, weight=0.25)
+    assert used == [1]  # the least active component is recruited
+    sign = 1.0 if a[:, 0] @ A[1, :, 1] >= 0 else -1.0
+    assert np.array_equal(layer.A[1, :, 1], 0.75 * A[1, :, 1] + (0.25 * sign) * a[:, 0])
+    assert np.array_equal(layer.B[1, 1, :], 0.75 * B[1, 1, :] + (0.25 * sign) * b[0])
+    assert layer.pins[1, 1] == 7 and layer.pins[1].sum() == 7 and layer.pins[0].sum() == 0
+    assert np.array_equal(layer.A[0], A[0]) and np.array_equal(layer.A[1, :, [0, 2]], A[1, :, [0, 2]])
+    # the same pattern again joins the component that already carries it
+    c2 = Circuit(layer="context", slot=0, nodes=(0,), parameter_count=8, autocorr=0.9, criticality=0.1,
+                 activation_signature=1, a_cols=layer.A[1][:, [1]].copy(), b_rows=b)
+    assert layer.consolidate_circuit(c2, slot=1, weight=0.5) == [1]
+
+
+# ---------------------------------------------------------------------------------------- migration
+def test_migration_never_exceeds_bandwidth_random_sequences() -> None:
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        bw = float(rng.choice([0.01, 0.005, 0.05]))
+        moved: list[tuple[str, float]] = []
+        q = MigrationQueue("context", "agent", bw, total_params=1000, emergency_threshold=0.9,
+                           execute=lambda c, f, moved=moved: moved.append((c.layer, f)), max_pending=50)
+        model = 0.0
+        for _ in range(60):
+            for _ in range(int(rng.integers(0, 6))):
+                crit = float(rng.uniform(0, 1))
+                c = circuit(autocorr=float(rng.uniform(0, 1)), params=int(rng.integers(1, 80)), criticality=crit)
+                before = q.current_transfer
+                res = q.enqueue_migration(c)
+                if res == "executed":
+                    model += c.parameter_count / 1000
+                else:
+                    assert q.current_transfer == before  # emergencies and queued: not accounted
+                assert q.current_transfer <= bw
+            model *= 0.9
+            start = model
+            done = q.tick()
+            queued = [t.size for t in done if t.kind == "queued"]
+            model = min(start + sum(queued), bw)
+            assert start + sum(queued) <= bw * (1 + 1e-12)  # what the tick moved fitted in the room
+            assert q.current_transfer <= bw
+            assert q.current_transfer == pytest.approx(model, rel=1e-12, abs=1e-15)
+        assert q.emergencies > 0 and q.rejections > 0
+
+
+def test_migration_drains_by_priority_fifo_within_ties() -> None:
+    order: list[float] = []
+    q = MigrationQueue("agent", "swarm", 0.1, total_params=100, restore_rate=1.0,
+                       execute=lambda c, f: order.append(c.autocorr))
+    q.enqueue_migration(circuit(autocorr=0.99, params=10))  # fills the channel
+    acs = [0.75, 0.95, 0.8, 0.95, 0.71, 0.9]
+    cs = [circuit(autocorr=a, params=10) for a in acs]
+    for c in cs:
+        assert q.enqueue_migration(c) == "queued"
+    fast = circuit(autocorr=0.5, params=10)
+    fast.fast_track = True
+    q.enqueue_migration(fast)
+    order.clear()
+    for _ in range(10):
+        q.tick()
+    assert order == [0.5, 0.95, 0.95, 0.9, 0.8, 0.75, 0.71]
+    tied = [p for p in (cs[1], cs[3])]
+    assert tied[0].autocorr == tied[1].autocorr
+
+
+def test_migration_emergency_bypass_wait_and_rejection_stats() -> None:
+    q = MigrationQueue("context", "agent", 0.1, total_params=100, restore_rate=1.0, emergency_threshold=0.95)
+    results = [q.enqueue_migration(circuit(autocorr=0.8, params=5)) for _ in range(5)]
+    assert results == ["executed", "executed", "queued", "queued", "queued"]
+    assert q.enqueue_migration(circuit(autocorr=0.8, params=50, criticality=0.96)) == "emergency"
+    assert q.emergencies == 1 and q.current_transfer == pytest.approx(0.1)
+    assert q.rejections == 3 and q.total_requests == 6 and q.rejection_rate == 0.5
+    done = q.tick()  # full restore: two of the three queued fit
+    assert [t.kind for t in done] == ["immediate", "immediate", "emergency", "queued", "queued"]
+    assert len(q.pending) == 1
+    q.tick()
+    assert not q.pending and q.completed == 6
+    assert q.average_wait_time() == pytest.approx(1 / 6)  # one request waited one tick
+    s = q.stats()
+    assert s["queue_depth"] == 0 and s["emergencies"] == 1
+
+
+def test_migration_oversized_circuit_streams_in_slices() -> None:
+    got: list[float] = []
+    q = MigrationQueue("swarm", "domain", 0.001, total_params=2048, execute=lambda c, f: got.append(f))
+    big = circuit(autocorr=0.9, params=128)  # 0.0625 of the layer: 62.5 times the bandwidth
+    assert q.enqueue_migration(big) == "queued"
+    ticks = 0
+    while q.pending:
+        q.tick()
+        ticks += 1
+        assert q.current_transfer <= 0.001
+        assert ticks < 10_000
+    assert sum(got) == pytest.approx(1.0, rel=1e-9)
+    assert q.transferred == pytest.approx(128 / 2048, rel=1e-9)
+    assert q.completed == 1 and q.average_wait_time() == ticks - 1
+
+
+def test_migration_queue_bound_and_coordinator_channels() -> None:
+    q = MigrationQueue("context", "agent", 0.01, total_params=100, max_pending=3)
+    q.enqueue_migration(circuit(autocorr=0.5, params=1))
+    for a in (0.6, 0.7, 0.8, 0.4):
+        q.enqueue_migration(circuit(autocorr=a, params=5))
+    assert [p.circuit.autocorr for p in q.pending] == [0.8, 0.7, 0.6] and q.dropped == 1
+    h = LoRAHierarchy(4, 8)
+    coord = h.migration_coordinator
+    assert isinstance(coord, MigrationCoordinator)
+    assert {k: v.bandwidth for k, v in coord.queues.items()} == {
+        "context->agent": 0.01, "agent->swarm": 0.005, "swarm->domain": 0.001, "domain->foundation": 0.0001}
+    assert coord.queues["agent->swarm"].total_params == 4 * 2 * 8 * 8
+    with pytest.raises(KeyError):
+        coord.migrate_circuit(circuit(), "context", "domain")
+
+
+# ---------------------------------------------------------------------------------------- resonance
+def test_horizontal_resonance_factors() -> None:
+    hr = HorizontalResonance()
+    assert hr.factor(0.4) == 1 + 0.5 * 0.4
+    assert hr.factor(-0.4) == 1 - 0.3 * 0.4  # conflicting gradients are damped
+    assert hr.factor(0.0) == 1.0
+    np.testing.assert_array_equal(hr.factor(np.array([1.0, -1.0])), [1.5, 0.7])
+    g = np.array([1.0, 0.0])
+    out = hr.apply(g, np.array([2.0, 0.0]))
+    assert np.array_equal(out, g * 1.5)
+    assert np.array_equal(hr.apply(-g, np.zeros(2)), -g * 0.7)  # the direction is set once
+
+
+def test_horizontal_weights_in_the_swarm_gradient() -> None:
+    """The swarm gradient is the mean of per-agent contributions, each weighted by the factor of
+    its cosine with the swarm direction (checked against dense per-agent gradients)."""
+    n, d = 5, 4
+    rng = np.random.default_rng(0)
+    x, t = rng.normal(size=(n, d)), rng.uniform(-1, 1, size=n)
+    plain, weighted = tiny(n, d, horizontal_alpha=0.0, horizontal_beta=0.0), tiny(n, d)
+    randomise(plain)
+    randomise(weighted)
+    direction = (rng.normal(size=(d, 2)), rng.normal(size=(2, d)))
+    nrm = math.sqrt(sum(float((z * z).sum()) for z in direction))
+    weighted.resonance_engine.horizontal.current_direction = tuple(z / nrm for z in direction)
+    # per-agent swarm gradients from one-agent masks of the unweighted twin
+    per = []
+    for i in range(n):
+        m = np.zeros(n, bool)
+        m[i] = True
+        plain.learn(x, t, mask=m)
+        gA, gB = plain.gradients()["swarm"]
+        per.append((gA[0].copy(), gB[0].copy()))
+        plain._reset_grads()
+    plain.learn(x, t)
+    np.testing.assert_allclose(plain.gradients()["swarm"][0][0], np.mean([p[0] for p in per], axis=0), atol=1e-14)
+    weighted.learn(x, t)
+    DA, DB = weighted.resonance_engine.horizontal.current_direction
+    f = []
+    for gA, gB in per:
+        a = (np.sum(gA * DA) + np.sum(gB * DB)) / math.sqrt(np.sum(gA * gA) + np.sum(gB * gB))
+        f.append(1 + 0.5 * a if a > 0 else 1 - 0.3 * abs(a))
+    expect = np.mean([fi * p[0] for fi, p in zip(f, per)], axis=0)
+    np.testing.assert_allclose(weighted.gradients()["swarm"][0][0], expect, rtol=1e-10, atol=1e-14)
+    assert len(set(np.round(f, 6))) > 1
+
+
+def test_vertical_resonance_formulas() -> None:
+    vr = VerticalResonance()
+    f, s = vr.factors(0.6)
+    assert s == FAST_TRACK and f == {"context": 1 + 0.3 * 0.6, "agent": 1 + 0.3 * 0.6, "swarm": 1 + 0.3 * 0.6}
+    f, s = VerticalResonance(gamma=5.0).factors(0.9)
+    assert s == FAST_TRACK and set(f.values()) == {2.0}  # amplification capped
+    f, s = vr.factors(-0.5)
+    assert s == CONFLICT and f == {"context": 1 - 0.2 * 0.5, "agent": 1 - 0.1 * 0.5, "swarm": 1.0}
+    for edge in (0.5, -0.3, 0.0):
+        assert vr.factors(edge) == ({"context": 1.0, "agent": 1.0, "swarm": 1.0}, NORMAL)
+    g = {"context": np.array([1.0, 0.0]), "agent": np.array([-1.0, 0.1]), "swarm": np.array([1.0, 0.0])}
+    swarm_before = g["swarm"]
+    a = vr.alignment(g)
+    expect = (-1 / math.sqrt(1.01) + -1 / math.sqrt(1.01) + 1.0) / 3
+    assert a == pytest.approx(expect)
+    g2, sig = vr.apply(dict(g), alignment=-0.8)
+    assert sig == CONFLICT
+    assert np.array_equal(g2["context"], g["context"] * (1 - 0.2 * 0.8))
+    assert np.array_equal(g2["agent"], g["agent"] * (1 - 0.1 * 0.8))
+    assert g2["swarm"] is swarm_before  # the slow layer is trusted
+
+
+def test_vertical_alignment_compares_effective_map_changes() -> None:
+    """The hierarchy's vertical alignment is the mean pairwise cosine of dA @ B + A @ dB
+    (summed over agents for the per-agent layers), and its factors reach the report."""
+    n, d = 4, 5
+    rng = np.random.default_rng(3)
+    h = tiny(n, d)
+    randomise(h)
+    x, t = rng.normal(size=(n, d)), rng.uniform(-1, 1, size=n)
+    h.learn(x, t)
+    grads = h.gradients()
+    dW = {}
+    for name in ("context", "agent", "swarm"):
+        L = h.layers[name]
+        gA, gB = grads[name]
+        dW[name] = sum(gA[i] @ L.B[i] + L.A[i] @ gB[i] for i in range(L.slots))
+    cos = lambda a, b: float(np.sum(a * b) / math.sqrt(np.sum(a * a) * np.sum(b * b)))  # noqa: E731
+    expect = (cos(dW["context"], dW["agent"]) + cos(dW["agent"], dW["swarm"]) + cos(dW["context"], dW["swarm"])) / 3
+    rep = h.system_tick()
+    assert rep["alignment"] == pytest.approx(expect, rel=1e-9)
+    assert (rep["factors"], rep["signal"]) == h.resonance_engine.vertical.factors(rep["alignment"])
+
+
+def test_conflict_damps_fast_layers_in_the_update() -> None:
+    """Forced CONFLICT: context and agent step with (1 - delta|a|) and (1 - delta/2 |a|) of the
+    NORMAL step, swarm with the full one."""
+    n, d = 3, 4
+    rng = np.random.default_rng(4)
+    x, t = rng.normal(size=(n, d)), rng.uniform(-1, 1, size=n)
+    runs = {}
+    for name, kw in (("normal", {"vertical_threshold": 1.0, "conflict_threshold": 1.0}),
+                     ("conflict", {"vertical_threshold": 1.0, "conflict_threshold": -1.0})):
+        h = tiny(n, d, screened_decay=0.0, free_decay=0.0, **kw)
+        randomise(h)
+        before = {k: L.A.copy() for k, L in h.layers.items()}
+        h.learn(x, t)
+        rep = h.system_tick()
+        runs[name] = (rep, {k: h.layers[k].A - before[k] for k in LAYERS})
+    rep, step = runs["conflict"]
+    assert rep["signal"] == CONFLICT
+    a = abs(rep["alignment"])
+    base = runs["normal"][1]
+    np.testing.assert_allclose(step["context"], base["context"] * (1 - 0.2 * a), rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(step["agent"], base["agent"] * (1 - 0.1 * a), rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(step["swarm"], base["swarm"], rtol=1e-12, atol=1e-15)
+    assert np.abs(base["context"]).max() > 0
+
+
+# ---------------------------------------------------------------------------------------- health
+class _Q:
+    def __init__(self, depth: int, wait: float, rej: float) -> None:
+        self.pending = [None] * depth
+        self._wait = wait
+        self.rejection_rate = rej
+
+    def average_wait_time(self) -> float:
+        return self._wait
+
+
+class _C:
+    def __init__(self, *qs: _Q) -> None:
+        self.queues = {str(i): q for i, q in enumerate(qs)}
+
+
+def test_health_thresholds_at_band_edges() -> None:
+    hm = HealthMonitor()
+    cases = {0.4999: CRYSTALLIZATION_RISK, 0.5: ACCEPTABLE, 0.8: ACCEPTABLE, 0.8001: HEALTHY, 1.0: HEALTHY,
+             1.1999: HEALTHY, 1.2: ACCEPTABLE, 2.0: ACCEPTABLE, 2.0001: AMNESIA_RISK}
+    for ratio, status in cases.items():
+        assert hm.entropy_status(ratio) == status, ratio
+    layer = DynamicLoRALayer(2, 1, 0.5, config=LoRAConfig(entropy_budget=(0.2, 0.6)))
+    layer.current_entropy = np.array([0.2])
+    assert hm.entropy_ratio(layer) == pytest.approx(0.5) and hm.check_entropy_health(layer) == ACCEPTABLE
+    ok = _Q(9, 4.99, 0.0099)
+    assert hm.check_bandwidth_health(_C(ok, ok)) == HEALTHY
+    for bad in (_Q(10, 0, 0), _Q(0, 5.0, 0), _Q(0, 0, 0.01)):
+        assert hm.check_bandwidth_health(_C(ok, bad)) == DEGRADED
+    eng = ResonanceEngine(HorizontalResonance(), VerticalResonance())
+    assert hm.check_resonance_health(eng) == DEGRADED  # no signal yet
+
+    def engine(mean: float, ft: int, conflicts: int) -> ResonanceEngine:
+        e = ResonanceEngine(HorizontalResonance(), VerticalResonance())
+        for i in range(100):
+            e.record(mean, CONFLICT if i < conflicts else NORMAL)
+        e.record_migrations(ft, True)
+        e.record_migrations(100 - ft, False)
+        return e
+
+    assert hm.check_resonance_health(engine(0.2, 10, 4)) == HEALTHY
+    assert hm.check_resonance_health(engine(-0.2, 10, 4)) == HEALTHY
+    for args in ((0.1, 10, 4), (0.2, 5, 4), (0.2, 20, 4), (0.2, 10, 5)):
+        assert hm.check_resonance_health(engine(*args)) == DEGRADED, args
+
+
+# ---------------------------------------------------------------------------------------- hierarchy
+def _reference_forward(h: LoRAHierarchy, x: np.ndarray) -> np.ndarray:
+    """Per agent, one small layer at a time."""
+    out = np.empty_like(x)
+    W = h.backend.weight
+    for i in range(h.n_agents):
+        z = x[i] @ W
+        for name in LAYERS:
+            L = h.layers[name]
+            s = 0 if name in SHARED_LAYERS else i
+            z = z + (z @ L.A[s]) @ L.B[s]
+        out[i] = z
+    return out
+
+
+def test_batched_forward_equals_per_agent_loop() -> None:
+    h = LoRAHierarchy(7, 12, seed=3)
+    randomise(h, scale=0.2)
+    x = np.random.default_rng(0).normal(size=(7, 12))
+    np.testing.assert_allclose(h.forward(x, h.snapshot()), _reference_forward(h, x), rtol=0, atol=1e-12)
+    s = h.score(x)
+    np.testing.assert_allclose(s, np.tanh(_reference_forward(h, x) @ h.head), atol=1e-12)
+    assert np.all(np.abs(s) < 1)
+
+
+def test_fresh_hierarchy_is_the_base() -> None:
+    h = LoRAHierarchy(3, 6)
+    x = np.random.default_rng(0).normal(size=(3, 6))
+    assert np.array_equal(h.forward(x), x @ h.backend.weight)  # B starts at zero
+    W = h.backend.weight
+    np.testing.assert_allclose(W @ W.T, np.eye(6), atol=1e-12)
+
+
+def _loss(h: LoRAHierarchy, x: np.ndarray, t: np.ndarray, m: np.ndarray) -> float:
+    s = h.score(x)
+    return float(0.5 * np.sum(((s - t) ** 2)[m]))
+
+
+def test_gradients_equal_central_finite_differences() -> None:
+    n, d = 3, 4
+    h = tiny(n, d, horizontal_alpha=0.0, horizontal_beta=0.0)
+    randomise(h, scale=0.4)
+    rng = np.random.default_rng(9)
+    x, t = rng.normal(size=(n, d)), rng.uniform(-0.9, 0.9, size=n)
+    m = np.array([True, False, True])
+    h.learn(x, t, mask=m)
+    grads = h.gradients()
+    eps = 1e-6
+    checked = 0
+    for name, layer in h.layers.items():
+        for which in ("A", "B"):
+            g = grads[name][0 if which == "A" else 1]
+            base = getattr(layer, which).copy()
+            for idx in np.ndindex(base.shape):
+                p, q = base.copy(), base.copy()
+                p[idx] += eps
+                q[idx] -= eps
+                layer.set_params(**{which: p})
+                lp = _loss(h, x, t, m)
+                layer.set_params(**{which: q})
+                lm = _loss(h, x, t, m)
+                layer.set_params(**{which: base})
+                fd = (lp - lm) / (2 * eps)
+                if name in SHARED_LAYERS:
+                    fd /= m.sum()  # shared layers: the mean over learning agents
+                assert g[idx] == pytest.approx(fd, rel=1e-6, abs=1e-9), (name, which, idx)
+                checked += 1
+    assert checked > 100
+    # the agent that did not learn got no gradient of its own
+    assert not grads["context"][0][1].any() and not grads["agent"][1][1].any()
+
+
+def test_learning_reduces_loss_on_a_learnable_target() -> None:
+    n, d = 32, 16
+    h = LoRAHierarchy(n, d, seed=1)
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=d) / math.sqrt(d)
+    losses = []
+    for _ in range(300):
+        x = rng.normal(size=(n, d))
+        snap = h.snapshot()
+        losses.append(h.learn(x, np.tanh(2 * x @ w), snap))
+        rep = h.system_tick()
+        assert rep["learners"] == n
+    first, last = np.mean(losses[:30]), np.mean(losses[-30:])
+    assert last < 0.3 * first, (first, last)
+
+
+def test_snapshot_determinism_and_isolation() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 8))
+    h = LoRAHierarchy(6, 8, seed=2)
+    for _ in range(3):
+        h.learn(x, np.tanh(x[:, 0]), h.snapshot())
+        h.system_tick()
+    snap = h.snapshot()
+    a, b = h.forward(x, snap), h.forward(x, snap)
+    assert np.array_equal(a, b)
+    frozen = {k: (A.copy(), B.copy()) for k, (A, B) in snap.layers.items()}
+    with pytest.raises(ValueError):
+        snap["context"][0][0, 0, 0] = 1.0  # read-only
+    for _ in range(3):
+        h.learn(x, -np.tanh(x[:, 1]), h.snapshot())
+        h.system_tick()
+    h.layers["agent"].consolidate_circuit(circuit(d=8), slot=0, weight=1.0)  # an in-place edit
+    h.copy_agent(0, 1)
+    for k, (A, B) in snap.layers.items():
+        assert np.array_equal(A, frozen[k][0]) and np.array_equal(B, frozen[k][1]), k
+    assert np.array_equal(h.forward(x, snap), a)
+    assert not np.array_equal(h.forward(x), a)
+
+
+def _run(h: LoRAHierarchy, ticks: int, seed: int, patterns: int = 3) -> list[dict]:
+    """Inputs cycling through a few patterns per agent (so circuits form), some agents idle."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(patterns, h.n_agents, h.dim))
+    reports = []
+    for i in range(ticks):
+        x = base[i % patterns] + 0.01 * rng.normal(size=(h.n_agents, h.dim))
+        mask = rng.uniform(size=h.n_agents) < 0.8
+        snap = h.snapshot()
+        h.learn(x, np.tanh(x[:, 0] - x[:, 1]), snap, mask=mask)
+        reports.append(h.system_tick())
+    return reports
+
+
+def _same_state(a: LoRAHierarchy, b: LoRAHierarchy) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert np.array_equal(np.asarray(sa[k]), np.asarray(sb[k])), k
+
+
+def test_same_state_same_inputs_bit_identical() -> None:
+    cfg = LoRAConfig(ranks=(8, 6, 4, 4, 2), min_history=3, autocorr_window=10)
+    a, b = (LoRAHierarchy(10, 6, config=cfg, seed=5) for _ in range(2))
+    ra, rb = _run(a, 40, seed=1), _run(b, 40, seed=1)
+    assert ra == rb
+    _same_state(a, b)
+    assert sum(sum(r["circuits"].values()) for r in ra) > 0  # the run exercised circuits
+    assert sum(m["executed"] + m["emergency"] for r in ra for m in r["migrations"].values()) > 0
+
+
+def test_state_dict_round_trip(tmp_path) -> None:
+    cfg = LoRAConfig(ranks=(8, 6, 4, 4, 2), min_history=3, autocorr_window=10, emergency_threshold=2.0,
+                     bandwidth=(0.001, 0.001, 0.001, 0.0001))
+    h = LoRAHierarchy(10, 6, config=cfg, seed=5, dtype=np.float32)
+    _run(h, 30, seed=2)
+    assert any(q.pending for q in h.migration_coordinator.queues.values())  # queues are saved too
+    np.savez(tmp_path / "lora.npz", **h.state_dict())
+    with np.load(tmp_path / "lora.npz") as f:
+        g = LoRAHierarchy.from_state_dict(dict(f))
+    assert g.dtype == np.float32 and g.config == cfg and g.tick == h.tick
+    _same_state(h, g)
+    ra, rb = _run(h, 15, seed=3), _run(g, 15, seed=3)
+    assert ra == rb
+    _same_state(h, g)
+    h.learn(np.zeros((10, 6)), np.zeros(10))
+    with pytest.raises(ValueError):
+        h.state_dict()
+
+
+def test_copy_agent() -> None:
+    h = LoRAHierarchy(5, 6, seed=4)
+    randomise(h)
+    rng = np.random.default_rng(0)
+    _run(h, 5, seed=7)
+    x = rng.normal(size=(5, 6))
+    h.learn(x, np.zeros(5))
+    before = h.forward(x)
+    others = {k: h.layers[k].A[[0, 1, 3, 4]].copy() for k in ("agent", "context")}
+    h.copy_agent(2, 4)
+    for name in ("agent", "context"):
+        L = h.layers[name]
+        for arr in (L.A, L.B, L.A_init, L.B_init, L.phase_A, L.act_mid, L.interaction_history,
+                    L.screening_threshold):
+            assert np.array_equal(arr[4], arr[2])
+        assert np.array_equal(L.A[[0, 1, 3]], others[name][:3])
+    xx = x.copy()
+    xx[4] = x[2]
+    after = h.forward(xx)
+    assert np.array_equal(after[4], after[2]) and np.array_equal(after[:4], before[:4])
+    g = h.gradients()
+    assert not g["context"][0][4].any() and g["context"][0][2].any()  # dst's pending gradient dropped
+    with pytest.raises(IndexError):
+        h.copy_agent(0, 5)
+
+
+def test_circuit_detector_reports_stable_patterns_once_per_cooldown() -> None:
+    layer = DynamicLoRALayer(6, 4, 0.5, slots=3, rng=np.random.default_rng(0))
+    det = CircuitDetector(window=20, stability_threshold=0.7, min_history=5, cooldown=8)
+    rng = np.random.default_rng(1)
+    stable = np.array([1.0, -0.8, 0.05, 0.0])
+    found = []
+    for tick in range(30):
+        sig = np.stack([stable * (1 + 0.05 * rng.normal()), rng.normal(size=4), np.zeros(4)])
+        found += [(tick, c) for c in det.observe("context", layer, sig, np.array([True, True, False]), tick)]
+    ticks = [t for t, _ in found]
+    assert ticks == [5, 13, 21, 29]  # first after min_history, then once per cooldown
+    c = found[0][1]
+    assert c.slot == 0 and c.nodes == (0, 1) and c.parameter_count == 2 * 2 * 6 and c.autocorr > 0.99
+    assert c.activation_signature == 0b0011 | (0b0010 << 4)
+    assert np.array_equal(c.a_cols, layer.A[0][:, [0, 1]])
+    assert 0.0 <= c.criticality <= c.autocorr
+    assert det.last_autocorr["context"][1] < 0.7 and det.last_autocorr["context"][2] == 0.0
+
+
+def test_circuits_migrate_within_bandwidth_in_a_run() -> None:
+    cfg = LoRAConfig(ranks=(8, 6, 4, 4, 2), min_history=3, autocorr_window=10)
+    h = LoRAHierarchy(40, 6, config=cfg, seed=5)
+    reps = _run(h, 40, seed=4, patterns=1)
+    q = h.migration_coordinator.queues["context->agent"]
+    assert q.total_requests > 0 and q.completed > 0
+    assert all(qq.current_transfer <= qq.bandwidth for qq in h.migration_coordinator.queues.values())
+    assert h.layers["agent"].pins.any()  # consolidated components are pinned SCREENED
+    assert h.resonance_engine.total_migrations == sum(sum(r["circuits"].values()) for r in reps)
+    health = reps[-1]["health"]
+    assert set(health["entropy"]) == set(LAYERS) and health["bandwidth"] in (HEALTHY, DEGRADED)
+
+
+def test_nonfinite_rows_are_left_out_and_counted() -> None:
+    h, ref = LoRAHierarchy(4, 5, seed=1), LoRAHierarchy(4, 5, seed=1)
+    x = np.random.default_rng(0).normal(size=(4, 5))
+    t = np.array([0.5, -0.5, 0.2, 0.1])
+    bad = x.copy()
+    bad[1, 2] = np.nan
+    h.learn(bad, t)
+    m = np.array([True, False, True, True])
+    ref.learn(x, t, mask=m)
+    for name in LAYERS:
+        for ga, gb in zip(h.gradients()[name], ref.gradients()[name]):
+            assert np.array_equal(ga, gb) and np.isfinite(ga).all()
+    assert h.system_tick()["nonfinite"] == 1
+    with pytest.raises(ValueError):
+        h.learn(np.zeros((3, 5)), np.zeros(3))
+
+
+def test_float32_tracks_float64() -> None:
+    a, b = LoRAHierarchy(6, 8, seed=3), LoRAHierarchy(6, 8, seed=3, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x = rng.normal(size=(6, 8))
+        for h in (a, b):
+            h.learn(x, np.tanh(x[:, 0]), h.snapshot())
+            h.system_tick()
+    x = rng.normal(size=(6, 8))
+    assert b.score(x).dtype == np.float32
+    np.testing.assert_allclose(b.score(x), a.score(x), atol=2e-4)
+
+
+def test_backend_wraps_a_frozen_callable() -> None:
+    d = 5
+    W = np.random.default_rng(0).normal(size=(d, d)) / math.sqrt(d)
+    calls = []
+
+    def model(x: np.ndarray) -> np.ndarray:  # stands in for a torch/jax model behind numpy
+        calls.append(x.shape)
+        return np.tanh(x @ W)
+
+    h = LoRAHierarchy(3, d, backend=LoRABackend(fn=model), seed=2)
+    x = np.random.default_rng(1).normal(size=(3, d))
+    assert np.array_equal(h.forward(x), np.tanh(x @ W))
+    for _ in range(5):
+        h.learn(x, np.array([0.5, -0.5, 0.0]))
+        h.system_tick()
+    assert not np.array_equal(h.forward(x), np.tanh(x @ W)) and calls
+    assert np.array_equal(h.head, h.backend.head)  # frozen head by default
+    with pytest.raises(ValueError):
+        LoRAHierarchy.from_state_dict(h.state_dict())
+    g = LoRAHierarchy.from_state_dict(h.state_dict(), backend=LoRABackend(fn=model))
+    assert np.array_equal(g.forward(x), h.forward(x))
+    with pytest.raises(ValueError):
+        LoRABackend(weight=W, fn=model)
+    with pytest.raises(ValueError):
+        LoRAHierarchy(3, d + 1, backend=LoRABackend(weight=W))
+    head = np.ones(d) / d
+    h2 = LoRAHierarchy(3, d, backend=LoRABackend(weight=W, head=head), config=LoRAConfig(head_learning_rate=0.1))
+    h2.learn(x, np.array([0.9, 0.9, 0.9]))
+    h2.system_tick()
+    assert not np.array_equal(h2.head, head) and np.array_equal(h2.backend.head, head)
