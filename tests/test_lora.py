@@ -8,7 +8,6 @@ import math
 import msgspec
 import numpy as np
 import pytest
-
 from dynamic_core.learning.lora import (
     ACCEPTABLE,
     AMNESIA_RISK,
@@ -459,7 +458,7 @@ def test_vertical_alignment_compares_effective_map_changes() -> None:
         L = h.layers[name]
         gA, gB = grads[name]
         dW[name] = sum(gA[i] @ L.B[i] + L.A[i] @ gB[i] for i in range(L.slots))
-    cos = lambda a, b: float(np.sum(a * b) / math.sqrt(np.sum(a * a) * np.sum(b * b)))  # noqa: E731
+    cos = lambda a, b: float(np.sum(a * b) / math.sqrt(np.sum(a * a) * np.sum(b * b)))
     expect = (cos(dW["context"], dW["agent"]) + cos(dW["agent"], dW["swarm"]) + cos(dW["context"], dW["swarm"])) / 3
     rep = h.system_tick()
     assert rep["alignment"] == pytest.approx(expect, rel=1e-9)
