@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import dynamic_core as dc
 import numpy as np
 import pytest
-
-import dynamic_core as dc
 from dynamic_core.decision import time_steps
 
 NAMES = ["EURUSD", "GBPUSD"]
@@ -60,7 +59,7 @@ def test_external_scores_drive_positions_and_consensus(market):
     rec["entry"] = 0.1
     pop = dc.Population.from_records(rec)
     with dc.Engine(pop, threads=1) as eng:
-        first = list(steps(market))[0]
+        first = next(iter(steps(market)))
         eng.run(first)
         ids = rec["agent_id"]
         scores = np.where(np.arange(len(ids)) % 2 == 0, 0.7, -0.3)

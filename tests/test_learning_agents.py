@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
+import dynamic_core as dc
 import numpy as np
 import pytest
-
-import dynamic_core as dc
 from dynamic_core.decision import time_steps
 from dynamic_core.learning.agents import FEATURES, FeatureBank, LearningAgents, learning_genomes
 
@@ -101,7 +100,7 @@ def test_learning_agents_trade_in_the_engine_end_to_end(tmp_path):
                 out.append(eng.run(part))
             return np.concatenate(out), eng.agents(), la
 
-    sig, ag, la = run(tmp_path / "j")
+    sig, ag, _la = run(tmp_path / "j")
     learners = np.isin(ag["agent_id"], lg["agent_id"])
     assert (ag["trades"][learners] > 0).any() and (ag["score"][learners] != 0).any()
     # they vote in consensus: every signal counts the stream's blend and learning agents once warm

@@ -47,7 +47,7 @@ class FeatureBank:
     """Streaming features of one stream; ``update(bar)`` returns the vector after that bar
     (zeros until ``warm``). All values are clipped to [-5, 5] so one outlier cannot saturate."""
 
-    __slots__ = ("dim", "n", "_closes", "_var", "_mean", "_ew_var", "_gain", "_loss", "_prev", "dsi")
+    __slots__ = ("_closes", "_ew_var", "_gain", "_loss", "_mean", "_prev", "_var", "dim", "dsi", "n")
 
     def __init__(self, dim: int = 16) -> None:
         if dim < len(FEATURES):
@@ -79,7 +79,7 @@ class FeatureBank:
         closes.append(close)
         if len(closes) > _MOM_N + 1:
             del closes[0]
-        if not prev == prev:  # first bar
+        if math.isnan(prev):  # first bar
             self._mean = close
             return out
         r = math.log(close / prev)
