@@ -130,3 +130,21 @@ def test_learning_agents_refuse_blend_genomes():
     g["kind"] = 0
     with pytest.raises(ValueError, match="kind 1"):
         LearningAgents(g)
+
+
+def test_run_command_with_learning_agents(tmp_path):
+    import io
+    from contextlib import redirect_stdout
+
+    from dynamic_core.cli import main
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["run", "--learning", "4", "--bars", "200", "--agents", "500", "--no-live",
+                     "--journal", str(tmp_path / "j")]) == 0
+    assert "Learning agents: 16 (" in out.getvalue()
+    assert dc.journal.replay(tmp_path / "j").ok
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["run", "--paper", "--learning", "2", "--bars", "150", "--agents", "300", "--no-live"]) == 0
+    assert "Learning agents: 8 (" in out.getvalue() and "Paper account" in out.getvalue()

@@ -311,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--journal", default=None, metavar="DIR",
                    help="write an append-only journal of the run to DIR (new directory); "
                         "'dynamic-core replay DIR --verify' reproduces it bit for bit")
+    r.add_argument("--learning", type=int, default=0, metavar="N",
+                   help="add N learning agents per stream: external-score lanes whose LoRA-adapted heads "
+                        "learn online from realised returns (the run then steps one bar time at a time) "
+                        "[default: 0]")
     r.add_argument("--fsync", type=int, choices=(0, 1, 2), default=0,
                    help="journal durability per batch: 0 OS, 1 data (fdatasync), 2 data + metadata [default: 0]")
     r.set_defaults(func=cmd_run)
@@ -670,8 +674,20 @@ class _Progress:
 
 
 def _drive(eng: Engine, bars: np.ndarray, chunk: int, state: _Progress,
-           on_chunk: Callable[[], None] | None = None) -> None:
-    """Feed ``bars`` to ``eng`` ``chunk`` at a time; engine state carries over between calls."""
+           on_chunk: Callable[[], None] | None = None, learners: Any = None) -> None:
+    """Feed ``bars`` to ``eng`` ``chunk`` at a time; engine state carries over between calls.
+    With learning agents, one time step at a time: each step's scores go in before its bars."""
+    if learners is not None:
+        from .decision import time_steps
+
+        for n, part in enumerate(time_steps(bars)):
+            learners.step(part, eng)
+            state.add(eng.run(part), len(part))
+            if on_chunk is not None and n % 50 == 0:
+                on_chunk()
+        if on_chunk is not None:
+            on_chunk()
+        return
     for start in range(0, len(bars), chunk):
         part = bars[start:start + chunk]
         state.add(eng.run(part), len(part))
@@ -685,6 +701,19 @@ def _progress_bar(console):
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("bars"), TimeElapsedColumn(), TextColumn("{task.fields[rate]}"),
                     console=console)
+
+
+def learning_population(pop: Population, bars: np.ndarray, per_stream: int, seed: int) -> tuple[Population, Any]:
+    """``pop`` plus ``per_stream`` learning agents on every stream of ``bars`` (ids after the
+    population's), and the :class:`~dynamic_core.learning.agents.LearningAgents` that score them."""
+    from .learning.agents import LearningAgents, learning_genomes
+
+    first = int(pop.records["agent_id"].max()) + 1 if len(pop) else 0
+    parts = []
+    for k, (i, tf) in enumerate(_streams(bars)):
+        parts.append(learning_genomes(i, tf, per_stream, first_id=first + k * per_stream))
+    lg = np.concatenate(parts)
+    return Population.from_records(np.concatenate([pop.records, lg])), LearningAgents(lg, seed=seed)
 
 
 def _run_population(bars: np.ndarray, n_agents: int, seed: int) -> Population:
@@ -728,6 +757,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     bars = load_bars(args.data, sim_names=names, bars=args.bars, timeframe=args.timeframe, seed=args.seed)
     streams = _streams(bars)
     pop = _run_population(bars, args.agents, args.seed)
+    learners = None
+    if args.learning:
+        pop, learners = learning_population(pop, bars, args.learning, args.seed)
     eng = Engine(pop, cores_per_sm=args.cores_per_sm, journal=args.journal, fsync=args.fsync)
     chunk = args.chunk or 50 * len(streams)
     stream_names = ", ".join(f"{instruments.name(i)} {tf_label(tf)}" for i, tf in streams)
@@ -747,9 +779,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     interrupted = False
     try:
         if live:
-            _run_live(console, eng, bars, chunk, state)
+            _run_live(console, eng, bars, chunk, state, learners)
         else:
-            _drive(eng, bars, chunk, state)
+            _drive(eng, bars, chunk, state, learners=learners)
     except KeyboardInterrupt:
         # summarise what ran so far; the exit code still says it was cut short
         interrupted = True
@@ -768,6 +800,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"Processed {state.done:,} of {len(bars):,} bars, {int(stats['signals']):,} signals, "
                   f"{len(pop):,} agents in {int(stats['n_warps']):,} warps / {int(stats['n_sms']):,} SMs")
     console.print(_throughput_line(stats, wall))
+    if learners is not None:
+        console.print(_learning_line(learners, agents))
     if args.journal:
         j = stats["journal"]
         console.print(f"Journal {args.journal}: {j['records']:,} records, {j['bytes']:,} bytes, "
@@ -784,7 +818,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_live(console, eng: Engine, bars: np.ndarray, chunk: int, state: _Progress) -> None:
+def _run_live(console, eng: Engine, bars: np.ndarray, chunk: int, state: _Progress, learners: Any = None) -> None:
     from rich.console import Group
     from rich.live import Live
 
@@ -802,7 +836,18 @@ def _run_live(console, eng: Engine, bars: np.ndarray, chunk: int, state: _Progre
             progress.update(task, completed=state.done, rate=rate)
             live.update(view())
 
-        _drive(eng, bars, chunk, state, update)
+        _drive(eng, bars, chunk, state, update, learners)
+
+
+def _learning_line(learners: Any, agents: np.ndarray) -> str:
+    """One line on the learning agents: hit rate, trades, equity next to the blend agents'."""
+    mine = np.isin(agents["agent_id"], learners.ids)
+    hit = learners.hit_rate()
+    eq_l = float(np.median(agents["equity"][mine])) if mine.any() else float("nan")
+    eq_b = float(np.median(agents["equity"][~mine])) if (~mine).any() else float("nan")
+    return (f"Learning agents: {int(mine.sum()):,} ({learners.ticks:,} LoRA ticks), next-bar hit rate "
+            f"{'n/a' if math.isnan(hit) else f'{hit * 100:.1f}%'}, {int(agents['trades'][mine].sum()):,} trades, "
+            f"median equity {eq_l:.4f} (blend agents {eq_b:.4f})")
 
 
 def _grid_population(streams: Sequence[tuple[int, int]], params: dict[str, list[Any]]) -> Population:

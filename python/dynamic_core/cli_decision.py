@@ -136,6 +136,9 @@ def cmd_run_paper(args: argparse.Namespace) -> int:
     bars = cli.load_bars(args.data, sim_names=names, bars=args.bars, timeframe=args.timeframe, seed=args.seed)
     streams = cli._streams(bars)
     pop = cli._run_population(bars, args.agents, args.seed)
+    learners = None
+    if args.learning:
+        pop, learners = cli.learning_population(pop, bars, args.learning, args.seed)
     eng = Engine(pop, cores_per_sm=args.cores_per_sm, journal=args.journal, fsync=args.fsync)
     journal = eng.journal_event if args.journal else None
 
@@ -158,6 +161,7 @@ def cmd_run_paper(args: argparse.Namespace) -> int:
         live = session.live
     else:
         session = live = TradingSession(eng, maker, credit=not args.no_credit, mesh=mesh, book=book)
+    live.learners = learners
 
     stream_names = ", ".join(f"{instruments.name(i)} {cli.tf_label(tf)}" for i, tf in streams)
     cfg = maker.plan_config
@@ -188,6 +192,8 @@ def cmd_run_paper(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
 
     _print_summary(console, maker, args.equity, live, wall, args.top)
+    if learners is not None:
+        console.print(cli._learning_line(learners, eng.agents()))
     if report is not None:
         _print_shadow(console, report, args.shadow)
     if args.journal:

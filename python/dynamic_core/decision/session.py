@@ -112,12 +112,15 @@ class TradingSession:
         self.credited = 0
         self.reasoning_waits = 0
         self.reasoning_timeouts = 0
+        self.learners: Any = None  # LearningAgents scored before each step's bars go in
 
     def step(self, bars: np.ndarray) -> np.ndarray:
         """One timestamp's bars through trader, engine and decision maker; returns the signals."""
         self.maker.on_bars(bars)
         if self.credit:
             self.credited += self.maker.credit.apply(self.engine)
+        if self.learners is not None:
+            self.learners.step(bars, self.engine)
         sig = self.engine.run(bars)
         if self.mesh is not None and len(sig):
             self._reason(sig)
