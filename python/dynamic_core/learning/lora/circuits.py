@@ -37,9 +37,11 @@ class Circuit:
     autocorr : float
         Mean cosine similarity of the signature with the window: the queue priority.
     criticality : float
-        ``autocorr`` times the share of the slot's adaptation (component strengths, see
-        :meth:`DynamicLoRALayer.component_strength`) the nodes carry, in [0, 1]; above the
-        emergency threshold a migration bypasses the bandwidth check.
+        ``autocorr`` times ``min(1, S / sqrt(dim))``, ``S`` the summed strengths of the nodes
+        (:meth:`DynamicLoRALayer.component_strength`, how far each moved the layer's map) and
+        ``sqrt(dim)`` the norm of the identity path they add to: a stable pattern that rewrites
+        the layer about as strongly as the identity is critical. In [0, 1]; above the emergency
+        threshold a migration bypasses the bandwidth check.
     activation_signature : int
         Code of the pattern: bit j set when component j is a node, bit ``rank + j`` when it is
         a node with a negative activation. Equal codes are the same circuit.
@@ -80,8 +82,8 @@ class CircuitDetector:
     node_fraction : float
         Component share (of the largest) that makes a node.
     cooldown : int
-        Ticks before a slot reports the same signature code again (a changed code may report
-        at once).
+        Ticks before a slot reports again (whatever its pattern: a slot whose pattern keeps
+        changing would otherwise flood the queues).
     max_per_tick : int
         Circuits per layer and tick, highest autocorrelation first (ties: lower slot first).
     """
@@ -155,24 +157,24 @@ class CircuitDetector:
         bits = np.left_shift(np.int64(1), np.arange(rank, dtype=np.int64))
         code = (nodes.astype(np.int64) @ bits) + ((nodes & (s < 0)).astype(np.int64) @ bits) * (1 << rank) \
             if rank <= 31 else _codes_big(nodes, s)
-        fresh = (tick - st["last_tick"][cand] >= self.cooldown) | (code != st["last_code"][cand])
+        fresh = tick - st["last_tick"][cand] >= self.cooldown
         cand, code, nodes = cand[fresh], code[fresh], nodes[fresh]
         if cand.size == 0:
             return []
         order = np.lexsort((cand, -ac[cand]))[: self.max_per_tick]
         cand, code, nodes = cand[order], code[order], nodes[order]
         strength = layer.component_strength(cand)  # (k, rank)
-        total = strength.sum(axis=1)
-        share = np.divide((strength * nodes).sum(axis=1), total, out=np.zeros(len(cand)), where=total > 0)
+        # how far the nodes have rewritten the layer's map, against the identity path (||I|| = sqrt(dim))
+        weight = np.minimum((strength * nodes).sum(axis=1) / np.sqrt(layer.dim), 1.0)
         out: list[Circuit] = []
-        A, B = layer.A, layer.B
         for i, slot in enumerate(cand.tolist()):
             nd = np.flatnonzero(nodes[i])
             a = float(ac[slot])
+            a_cols, b_rows = layer.circuit_factors(slot, nd)
             out.append(Circuit(layer=name, slot=slot, nodes=tuple(nd.tolist()),
                                parameter_count=int(len(nd) * 2 * layer.dim), autocorr=a,
-                               criticality=a * float(share[i]), activation_signature=int(code[i]),
-                               a_cols=A[slot][:, nd].copy(), b_rows=B[slot][nd, :].copy(), tick=int(tick)))
+                               criticality=a * float(weight[i]), activation_signature=int(code[i]),
+                               a_cols=a_cols, b_rows=b_rows, tick=int(tick)))
         st["last_tick"][cand] = tick
         st["last_code"][cand] = code
         return out

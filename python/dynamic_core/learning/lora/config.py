@@ -124,6 +124,9 @@ class LoRAConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         Vertical alignments kept for the health mean.
     chunk_elems : int
         Per-agent updates run in chunks of about this many parameters (cache-sized blocks).
+    threads : int
+        Threads the chunks of an update are spread over (results do not depend on it: chunks
+        are independent).
     """
 
     ranks: tuple[int, ...] = (64, 32, 16, 8, 4)
@@ -171,6 +174,7 @@ class LoRAConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     max_conflict_rate: float = 0.05
     resonance_window: int = 1000
     chunk_elems: int = 1 << 17
+    threads: int = 1
 
     def __post_init__(self) -> None:
         n = len(LAYERS)
@@ -185,7 +189,7 @@ class LoRAConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         if not self.density_half > 0.0:
             raise ValueError("density_half must be > 0")
         for name in ("interaction_window", "autocorr_window", "min_history", "circuit_cooldown",
-                     "max_circuits_per_tick", "max_pending", "resonance_window", "chunk_elems"):
+                     "max_circuits_per_tick", "max_pending", "resonance_window", "chunk_elems", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.consolidation_ticks < 0:

@@ -55,7 +55,7 @@ from .backend import LoRABackend
 from .circuits import Circuit, CircuitDetector
 from .config import AGENT_LAYERS, CHANNELS, LAYERS, SHARED_LAYERS, LoRAConfig
 from .health import HealthMonitor
-from .layer import DynamicLoRALayer, LayerGradient, _row_mv_A, _row_mv_At, _row_mv_B, _row_mv_Bt
+from .layer import DynamicLoRALayer, LayerGradient, r_rows, rd_dot
 from .migration import MigrationCoordinator, MigrationQueue, _Pending
 from .resonance import FAST_TRACK, NORMAL, HorizontalResonance, ResonanceEngine, VerticalResonance
 
@@ -168,7 +168,7 @@ class LoRAHierarchy:
     def _weights(self, snap: LoRASnapshot | None) -> tuple[Mapping[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
         if snap is not None:
             return snap.layers, snap.head
-        live = {n: ((l._A[0], l._B[0]) if n in SHARED_LAYERS else (l._A, l._B)) for n, l in self.layers.items()}
+        live = {n: ((L.A[0], L.B[0]) if n in SHARED_LAYERS else (L.A, L.B)) for n, L in self.layers.items()}
         return live, self.head
 
     def _check_x(self, x: np.ndarray) -> np.ndarray:
@@ -186,8 +186,8 @@ class LoRAHierarchy:
                 u = h @ A
                 d = u @ B
             else:
-                u = _row_mv_A(h, A)
-                d = _row_mv_B(u, B)
+                u = rd_dot(h, A.transpose(0, 2, 1))  # the layer's rank-major buffer
+                d = r_rows(u, B)
             if keep:
                 trace.append((h, u, d))
             h = h + d
@@ -286,14 +286,14 @@ class LoRAHierarchy:
                 gacc[1] += uw.T @ g
                 g_prev = g + v @ A.T
             else:
-                v = _row_mv_Bt(g, B)
+                At = A.transpose(0, 2, 1)
+                v = rd_dot(g, B)
                 ta, tb = self._g_terms[name]
                 ta.append((h, v))
                 tb.append((u, g))
                 # first-order change of each agent's A @ B, summed: h (x) (v B) + (A u) (x) g
-                dw = h.T @ _row_mv_B(v, B) + _row_mv_At(u, A).T @ g
-                self._dW[name] += dw
-                g_prev = g + _row_mv_At(v, A)
+                self._dW[name] += h.T @ r_rows(v, B) + r_rows(u, At).T @ g
+                g_prev = g + r_rows(v, At)
             g = g_prev
         return loss / k
 
@@ -368,7 +368,7 @@ class LoRAHierarchy:
             sw = self.layers["swarm"]
             gA, gB = self._g_shared["swarm"]
             dW = {"context": self._dW["context"], "agent": self._dW["agent"],
-                  "swarm": gA.astype(np.float64) @ sw._B[0] + sw._A[0] @ gB.astype(np.float64)}
+                  "swarm": gA.astype(np.float64) @ sw.B[0] + sw.A[0] @ gB.astype(np.float64)}
             alignment = vr.alignment(dW)
             factors, signal = vr.factors(alignment)
             self.resonance_engine.record(alignment, signal)
@@ -420,11 +420,12 @@ class LoRAHierarchy:
         per_agent_to_shared = src in AGENT_LAYERS and dst in SHARED_LAYERS
 
         def execute(circuit: Circuit, fraction: float) -> None:
-            w = self.config.migration_blend * fraction
-            if per_agent_to_shared:
-                w /= self.n_agents
+            # a slice moves its fraction of the blend; one of n agents feeding a shared layer
+            # moves 1/n of it (their mean), and pins for as long (n of them pin one full term)
+            share = fraction / self.n_agents if per_agent_to_shared else fraction
             slot = circuit.slot if dst in AGENT_LAYERS else 0
-            self.layers[dst].consolidate_circuit(circuit, slot=slot, weight=w)
+            self.layers[dst].consolidate_circuit(circuit, slot=slot, weight=self.config.migration_blend * share,
+                                                 pin_ticks=self.config.consolidation_ticks * share)
 
         return execute
 
