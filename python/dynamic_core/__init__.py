@@ -12,7 +12,7 @@ Quick start::
 
 from __future__ import annotations
 
-from . import errors, indicators, journal, market, payloads, sim, transport
+from . import decision, errors, indicators, journal, market, payloads, sim, transport
 from .engine import Engine
 from .payloads import AISignal
 from .instruments import InstrumentRegistry, instruments
@@ -43,6 +43,7 @@ __all__ = [
     "InstrumentRegistry",
     "Population",
     "__version__",
+    "decision",
     "errors",
     "indicators",
     "instruments",
