@@ -4,6 +4,9 @@ differences, the batched forward against a per-agent loop, determinism and persi
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import msgspec
 import numpy as np
@@ -816,3 +819,61 @@ def test_backend_wraps_a_frozen_callable() -> None:
     h2.learn(x, np.array([0.9, 0.9, 0.9]))
     h2.system_tick()
     assert not np.array_equal(h2.head, head) and np.array_equal(h2.backend.head, head)
+
+
+def test_update_threads_and_chunking_do_not_change_results() -> None:
+    cfg = LoRAConfig(ranks=(8, 6, 4, 4, 2), min_history=3, autocorr_window=10)
+    runs = []
+    for threads, chunk in ((1, 1 << 17), (2, 16), (3, 40)):
+        h = LoRAHierarchy(37, 6, config=msgspec.structs.replace(cfg, threads=threads, chunk_elems=chunk), seed=5)
+        runs.append((h, _run(h, 12, seed=8)))
+    (h0, r0), *rest = runs
+    for h, r in rest:
+        assert r == r0
+        for name in LAYERS:
+            assert np.array_equal(h.layers[name].A, h0.layers[name].A)
+            assert np.array_equal(h.layers[name].B, h0.layers[name].B)
+            assert np.array_equal(h.layers[name].current_entropy, h0.layers[name].current_entropy)
+
+
+def test_snapshots_share_buffers_until_written() -> None:
+    h = LoRAHierarchy(4, 6, seed=0)
+    x = np.random.default_rng(0).normal(size=(4, 6))
+    s1 = h.snapshot()
+    assert s1["agent"][0].base is h.layers["agent"].A.base  # no copy taken
+    out1 = h.score(x, s1)
+    for _ in range(3):  # each tick writes a buffer no live snapshot views
+        h.learn(x, np.ones(4), h.snapshot())
+        h.system_tick()
+        assert s1["agent"][0].base is not h.layers["agent"].A.base
+    assert np.array_equal(h.score(x, s1), out1)
+
+
+_BLAS_PROBE = """
+import hashlib, numpy as np
+from dynamic_core.learning.lora import LoRAHierarchy
+h = LoRAHierarchy(3000, 64, seed=1)
+rng = np.random.default_rng(0)
+for i in range(3):
+    x = rng.normal(size=(3000, 64))
+    h.learn(x, np.tanh(x[:, 0]), h.snapshot())
+    h.system_tick()
+d = hashlib.sha256(h.score(x).tobytes())
+for L in h.layers.values():
+    d.update(L.A.tobytes() + L.B.tobytes())
+print(d.hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_results_do_not_depend_on_blas_threads() -> None:
+    """OpenBLAS splits long reductions (X.T @ Y over 3000 agents) differently on 2 threads; the
+    hierarchy's reductions over agents must not notice."""
+    out = []
+    for threads in ("1", "2"):
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
+        r = subprocess.run([sys.executable, "-c", _BLAS_PROBE], env=env, capture_output=True, text=True, timeout=300,
+                           check=False)
+        assert r.returncode == 0, r.stderr
+        out.append(r.stdout.strip())
+    assert out[0] == out[1]

@@ -35,10 +35,13 @@ Choices where the design is loose:
 * **Snapshots** share the layers' buffers (O(1)); an update writes into a spare buffer, and any
   in-place edit copies first, whenever a live snapshot still views the buffer.
 
-Determinism: the same state and inputs give bit-identical outputs and updates at a fixed BLAS
-thread count (the shared layers' matmuls go through BLAS, whose blocking may depend on its
-thread count; set ``OPENBLAS_NUM_THREADS`` to pin it). Per-agent work is split in chunks whose
-results do not depend on one another.
+Determinism: the same state and inputs give bit-identical outputs and updates, on any BLAS
+thread count and any ``LoRAConfig.threads``. Products with one row per agent (the forward
+GEMMs) are split by rows, which BLAS threads do not change; every reduction over agents goes
+through :func:`~dynamic_core.learning.lora.layer.xty` (fixed blocks, fixed summation order)
+instead of one long BLAS reduction, whose rounding does change with OpenBLAS's thread count;
+per-agent updates run in chunks independent of one another. Checked against OpenBLAS (numpy's
+wheels) on 1 and 2 threads; another BLAS may choose differently for the forward GEMMs.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from .backend import LoRABackend
 from .circuits import Circuit, CircuitDetector
 from .config import AGENT_LAYERS, CHANNELS, LAYERS, SHARED_LAYERS, LoRAConfig
 from .health import HealthMonitor
-from .layer import DynamicLoRALayer, LayerGradient, r_rows, rd_dot
+from .layer import DynamicLoRALayer, LayerGradient, r_rows, rd_dot, xty
 from .migration import MigrationCoordinator, MigrationQueue, _Pending
 from .resonance import FAST_TRACK, NORMAL, HorizontalResonance, ResonanceEngine, VerticalResonance
 
@@ -264,12 +267,12 @@ class LoRAHierarchy:
         s = np.tanh(hid @ head)
         err = (s - t) * m
         e = err * (1 - s * s)
-        loss = 0.5 * float(err @ err)
+        loss = 0.5 * float(np.sum(err * err))  # numpy's fixed-order sum, not a BLAS dot
         self._loss_sum += loss
         self._learners += k
         self._calls += 1
         if self.config.head_learning_rate > 0.0:
-            self._g_head += (e @ hid) / k
+            self._g_head += xty(e[:, None], hid)[0] / k
         g = e[:, None] * head[None, :]  # dL/dhidden
         inv_k = self.dtype.type(1.0 / k)
         for name, (h, u, _) in zip(reversed(LAYERS), reversed(trace)):
@@ -282,8 +285,8 @@ class LoRAHierarchy:
                 hw = h * w[:, None]
                 uw = u * w[:, None]
                 gacc = self._g_shared[name]
-                gacc[0] += hw.T @ v
-                gacc[1] += uw.T @ g
+                gacc[0] += xty(hw, v)
+                gacc[1] += xty(uw, g)
                 g_prev = g + v @ A.T
             else:
                 At = A.transpose(0, 2, 1)
@@ -292,7 +295,7 @@ class LoRAHierarchy:
                 ta.append((h, v))
                 tb.append((u, g))
                 # first-order change of each agent's A @ B, summed: h (x) (v B) + (A u) (x) g
-                self._dW[name] += h.T @ r_rows(v, B) + r_rows(u, At).T @ g
+                self._dW[name] += xty(h, r_rows(v, B)) + xty(r_rows(u, At), g)
                 g_prev = g + r_rows(v, At)
             g = g_prev
         return loss / k
@@ -302,7 +305,7 @@ class LoRAHierarchy:
         """Per-agent horizontal factors of the swarm contributions ``(h (x) v, u (x) g)``."""
         hr = self.resonance_engine.horizontal
         if hr.current_direction is None:
-            hr.current_direction = _unit_pair((h * inv_k).T @ v, (u * inv_k).T @ g)
+            hr.current_direction = _unit_pair(xty(h * inv_k, v), xty(u * inv_k, g))
         DA, DB = hr.current_direction
         dot = np.einsum("nr,nr->n", h @ DA, v) + np.einsum("nd,nd->n", u @ DB, g)
         norm = np.sqrt(np.einsum("nd,nd->n", h, h) * np.einsum("nr,nr->n", v, v)

@@ -45,7 +45,7 @@ from .config import LoRAConfig
 if TYPE_CHECKING:
     from .circuits import Circuit
 
-__all__ = ["FREE", "SCREENED", "DynamicLoRALayer", "LayerGradient"]
+__all__ = ["FREE", "SCREENED", "DynamicLoRALayer", "LayerGradient", "r_rows", "rd_dot", "xty"]
 
 SCREENED = True
 """Phase value of a parameter locked by interactions (phase arrays hold booleans)."""
@@ -80,6 +80,31 @@ def r_rows(y: np.ndarray, M: np.ndarray) -> np.ndarray:
     if M.dtype == np.float64:
         return np.einsum("nr,nrd->nd", y, M)
     return np.matmul(y[:, None, :], M)[:, 0, :]
+
+
+_XTY_BLOCK = 32
+
+
+def xty(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """``X.T @ Y`` summed over the leading (agent) axis in a fixed order, whatever the BLAS
+    thread count.
+
+    A threaded BLAS may split a long reduction among threads (OpenBLAS does for ``X.T @ Y``
+    with many rows), which changes the rounding with the thread count. Here the rows go in
+    blocks of 32, one small GEMM each (below OpenBLAS's threading threshold of 64 x 64 x 64
+    even for the widest layer), and the partial products are summed by numpy in a fixed order.
+    Measured as fast as one BLAS call on one thread.
+    """
+    n = X.shape[0]
+    m = n - n % _XTY_BLOCK
+    out = np.zeros((X.shape[1], Y.shape[1]), np.result_type(X, Y))
+    if m:
+        parts = np.matmul(X[:m].reshape(-1, _XTY_BLOCK, X.shape[1]).transpose(0, 2, 1),
+                          Y[:m].reshape(-1, _XTY_BLOCK, Y.shape[1]))
+        out += parts.sum(axis=0)
+    if m < n:
+        out += X[m:].T @ Y[m:]
+    return out
 
 
 class LayerGradient:
@@ -325,12 +350,12 @@ class DynamicLoRALayer:
             return
         rms = np.sqrt(np.mean(np.square(u, dtype=np.float64), axis=1))
         if self.slots == 1:
-            wn = w / n
-            self._t_in[0] += wn @ np.abs(h)
-            self._t_mid[0] += wn @ np.abs(u)
-            self._t_out[0] += wn @ np.abs(delta)
-            self._t_rms[0] += wn @ rms
-            self._t_sig[0] += wn @ u
+            wn = (w / n)[:, None]
+            self._t_in[0] += xty(wn, np.abs(h))[0]
+            self._t_mid[0] += xty(wn, np.abs(u))[0]
+            self._t_out[0] += xty(wn, np.abs(delta))[0]
+            self._t_rms[0] += xty(wn, rms[:, None])[0, 0]
+            self._t_sig[0] += xty(wn, u)[0]
             self._t_calls[0] += 1
         elif full:
             self._t_in += np.abs(h)
