@@ -22,7 +22,8 @@ Choices where the design is loose:
   Updates add ``-(1 - inertia) * strength * gradient`` (descent).
 * **Vertical alignment** compares, for context, agent and swarm, the first-order change each
   layer's update makes to its effective map ``A @ B``: ``dA @ B + A @ dB``, a dim x dim matrix
-  (summed over agents for the per-agent layers). Comparing the raw gradients of ``A @ B``
+  (summed over agents for the per-agent layers, over a fixed sample of ``vertical_sample``
+  agents beyond that many). Comparing the raw gradients of ``A @ B``
   instead would say little: consecutive residual layers see nearly the same input and output
   gradient, so those are almost always aligned. Resonance factors reach ``update`` as its
   ``strength`` (the same product as scaling the gradient).
@@ -157,6 +158,8 @@ class LoRAHierarchy:
         self.migration_coordinator = MigrationCoordinator(queues)
         self.health_monitor = HealthMonitor(cfg)
         self.tick = 0
+        k = cfg.vertical_sample
+        self._vsample = None if k == 0 or k >= self.n_agents else np.linspace(0, self.n_agents - 1, k).astype(np.int64)
         self._reset_grads()
 
     # ------------------------------------------------------------------ inference
@@ -294,8 +297,12 @@ class LoRAHierarchy:
                 ta, tb = self._g_terms[name]
                 ta.append((h, v))
                 tb.append((u, g))
-                # first-order change of each agent's A @ B, summed: h (x) (v B) + (A u) (x) g
-                self._dW[name] += xty(h, r_rows(v, B)) + xty(r_rows(u, At), g)
+                # first-order change of each (sampled) agent's A @ B, summed: h (x) (v B) + (A u) (x) g
+                sm = self._vsample
+                if sm is None:
+                    self._dW[name] += xty(h, r_rows(v, B)) + xty(r_rows(u, At), g)
+                else:
+                    self._dW[name] += xty(h[sm], r_rows(v[sm], B[sm])) + xty(r_rows(u[sm], At[sm]), g[sm])
                 g_prev = g + r_rows(v, At)
             g = g_prev
         return loss / k

@@ -350,12 +350,13 @@ class DynamicLoRALayer:
             return
         rms = np.sqrt(np.mean(np.square(u, dtype=np.float64), axis=1))
         if self.slots == 1:
+            # numpy's axis-0 sums: a fixed order, unlike a BLAS vector-matrix product
             wn = (w / n)[:, None]
-            self._t_in[0] += xty(wn, np.abs(h))[0]
-            self._t_mid[0] += xty(wn, np.abs(u))[0]
-            self._t_out[0] += xty(wn, np.abs(delta))[0]
-            self._t_rms[0] += xty(wn, rms[:, None])[0, 0]
-            self._t_sig[0] += xty(wn, u)[0]
+            self._t_in[0] += np.add.reduce(wn * np.abs(h), axis=0)
+            self._t_mid[0] += np.add.reduce(wn * np.abs(u), axis=0)
+            self._t_out[0] += np.add.reduce(wn * np.abs(delta), axis=0)
+            self._t_rms[0] += float(np.add.reduce(wn[:, 0] * rms))
+            self._t_sig[0] += np.add.reduce(wn * u, axis=0)
             self._t_calls[0] += 1
         elif full:
             self._t_in += np.abs(h)
