@@ -443,7 +443,8 @@ class LoRAHierarchy:
     def copy_agent(self, src: int, dst: int) -> None:
         """Agent ``dst`` takes agent ``src``'s agent and context layers (A, B, initial values,
         phases, traces, thresholds, interaction history, signature history). ``dst``'s
-        not-yet-applied gradient and its pending migrations are discarded."""
+        not-yet-applied gradient and its pending migrations are discarded (its share of this
+        tick's vertical-alignment sums, a statistic, stays)."""
         for i in (src, dst):
             if not 0 <= i < self.n_agents:
                 raise IndexError(f"agent {i} out of range [0, {self.n_agents})")
