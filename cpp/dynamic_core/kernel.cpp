@@ -2,57 +2,91 @@
 
 #include "population.hpp"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace dynamic_core {
 
 // The helpers below are always inlined; the ABI note about passing vectors does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12's AVX-512 headers leave some results "undefined" on purpose (_mm512_undefined_pd),
+// which -Wmaybe-uninitialized reports once inlined here.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// Kernels are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and the baseline, and picked
+// at load time (kernel_isa). Results are bit-identical across them: FMA contraction is off and
+// every operation is the same IEEE operation in the same order.
+#if defined(__x86_64__) && !defined(__SANITIZE_THREAD__) && !defined(DC_NO_CLONES)
+#define DC_X86_DISPATCH 1
+#else
+#define DC_X86_DISPATCH 0
+#endif
 
 namespace {
-constexpr int kVec = 4;
-typedef double vd __attribute__((vector_size(kVec * 8)));
-typedef int64_t vm __attribute__((vector_size(kVec * 8)));
-typedef int32_t vi __attribute__((vector_size(kVec * 4)));
-typedef uint32_t vu __attribute__((vector_size(kVec * 4)));
-static_assert(kWarpSize % kVec == 0);
 
-inline __attribute__((always_inline)) vd load_d(const double* p) {
-  vd x;
+// The lane kernel over V lanes at a time (V a power of two dividing kWarpSize), written with
+// vector types: the same operations in the same order as blend + lane_step in math.hpp (tests
+// check bit equality), with every condition a 64-bit mask so that selects vectorise. Integer
+// state is exact in doubles. Instantiated once per instruction set (see sm_step below).
+template <int V>
+struct Lanes {
+  typedef double d __attribute__((vector_size(V * 8)));
+  typedef int64_t m __attribute__((vector_size(V * 8)));
+  typedef int32_t i __attribute__((vector_size(V * 4)));
+  typedef uint32_t u __attribute__((vector_size(V * 4)));
+};
+
+#define DC_AI inline __attribute__((always_inline))
+
+template <int V>
+DC_AI typename Lanes<V>::d ld(const double* p) {
+  typename Lanes<V>::d x;
   __builtin_memcpy(&x, p, sizeof x);
   return x;
 }
-inline __attribute__((always_inline)) void store_d(double* p, vd x) { __builtin_memcpy(p, &x, sizeof x); }
-inline __attribute__((always_inline)) vd load_i(const int32_t* p) {
-  vi x;
-  __builtin_memcpy(&x, p, sizeof x);
-  return __builtin_convertvector(x, vd);
-}
-inline __attribute__((always_inline)) void store_i(int32_t* p, vd x) {
-  const vi y = __builtin_convertvector(x, vi);
-  __builtin_memcpy(p, &y, sizeof y);
-}
-inline __attribute__((always_inline)) vd load_u(const uint32_t* p) {
-  vu x;
-  __builtin_memcpy(&x, p, sizeof x);
-  return __builtin_convertvector(x, vd);
-}
-// p[k] += m[k] (m is 0 or 1), in 32-bit integers.
-inline __attribute__((always_inline)) void add_u(uint32_t* p, vm m) {
-  vu x;
-  __builtin_memcpy(&x, p, sizeof x);
-  x += __builtin_convertvector(m, vu);
+template <int V>
+DC_AI void st(double* p, typename Lanes<V>::d x) {
   __builtin_memcpy(p, &x, sizeof x);
 }
-}  // namespace
+template <int V>
+DC_AI typename Lanes<V>::d ldi(const int32_t* p) {
+  typename Lanes<V>::i x;
+  __builtin_memcpy(&x, p, sizeof x);
+  return __builtin_convertvector(x, typename Lanes<V>::d);
+}
+template <int V>
+DC_AI void sti(int32_t* p, typename Lanes<V>::d x) {
+  const auto y = __builtin_convertvector(x, typename Lanes<V>::i);
+  __builtin_memcpy(p, &y, sizeof y);
+}
+template <int V>
+DC_AI typename Lanes<V>::d ldu(const uint32_t* p) {
+  typename Lanes<V>::u x;
+  __builtin_memcpy(&x, p, sizeof x);
+  return __builtin_convertvector(x, typename Lanes<V>::d);
+}
+// p[k] += m[k] (m is 0 or 1), in 32-bit integers.
+template <int V>
+DC_AI void addu(uint32_t* p, typename Lanes<V>::m m) {
+  typename Lanes<V>::u x;
+  __builtin_memcpy(&x, p, sizeof x);
+  x += __builtin_convertvector(m, typename Lanes<V>::u);
+  __builtin_memcpy(p, &x, sizeof x);
+}
+// feat[idx[k]] for k < V.
+template <int V>
+DC_AI typename Lanes<V>::d gather(const double* __restrict feat, const int32_t* __restrict idx) {
+  typename Lanes<V>::d x;
+  for (int k = 0; k < V; ++k) x[k] = feat[idx[k]];
+  return x;
+}
 
-#if defined(__x86_64__) && !defined(__SANITIZE_THREAD__) && !defined(DC_NO_CLONES)
-#define DC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DC_CLONES
-#endif
-
-DC_CLONES Summary sm_step(const LaneView& v, int lanes, const double* __restrict feat, int32_t t,
-                          double ret, int poison, uint64_t& updates,
-                          uint64_t& quarantined) {
+template <int V>
+DC_AI Summary sm_step_impl(const LaneView& v, int lanes, const double* __restrict feat, int32_t t, double ret,
+                           int poison, uint64_t& updates, uint64_t& quarantined) {
+  typedef typename Lanes<V>::d vd;
+  typedef typename Lanes<V>::m vm;
   const double* __restrict w0 = v.w[0];
   const double* __restrict w1 = v.w[1];
   const double* __restrict w2 = v.w[2];
@@ -76,6 +110,9 @@ DC_CLONES Summary sm_step(const LaneView& v, int lanes, const double* __restrict
   double* __restrict s_ret_sum = v.ret_sum;
   double* __restrict s_ret_sq = v.ret_sq;
   const double* __restrict s_credit = v.credit;
+  const int32_t* __restrict external = v.external;
+  const double* __restrict ext_score = v.ext_score;
+  const int has_external = v.has_external;
   uint32_t* __restrict s_trades = v.trades;
   uint32_t* __restrict s_wins = v.wins;
   uint32_t* __restrict s_n_ret = v.n_ret;
@@ -83,40 +120,38 @@ DC_CLONES Summary sm_step(const LaneView& v, int lanes, const double* __restrict
   int32_t* __restrict s_pos = v.position;
   int32_t* __restrict s_action = v.action;
 
-  // Blended scores first: the feature gathers stay out of the state loop.
-  alignas(64) double score_in[kMaxSmLanes];
-  for (int i = 0; i < lanes; ++i) {
-    const double fw[kFeatures] = {w0[i], w1[i], w2[i], w3[i], w4[i]};
-    const double fv[kFeatures] = {feat[f0[i]], feat[f1[i]], feat[f2[i]], feat[f3[i]], feat[f4[i]]};
-    score_in[i] = blend(fw, fv);
-  }
-  if (v.has_external)
-    for (int i = 0; i < lanes; ++i)
-      if (v.external[i]) score_in[i] = v.ext_score[i];
-  if (poison >= 0 && poison < lanes) score_in[poison] = __builtin_nan("");
-
   alignas(64) double sw[kMaxSmLanes], sws[kMaxSmLanes], ss[kMaxSmLanes], ss2[kMaxSmLanes];
-  // lane_step over kVec lanes at a time, written with vector types: the same operations in the
-  // same order as the scalar lane_step in math.hpp (tests check bit equality), with every
-  // condition a 64-bit mask so that selects vectorise. Integer state is exact in doubles.
   vm vq = {}, vn = {}, vv0 = {}, vv1 = {}, vv2 = {}, vv3 = {}, vv4 = {}, vupd = {};
   const vd zero = {}, one = zero + 1.0, two = one + 1.0, neg1 = zero - 1.0;
   const vd tt = zero + static_cast<double>(t), vret = zero + ret;
   const vm m1 = vm{} + 1;
-  for (int i = 0; i < lanes; i += kVec) {
-    const vd score = load_d(score_in + i);
-    const vm warm = tt >= load_i(lookback + i);
-    const vd ent = load_d(entry + i);
-    const vd cst = load_d(cost + i);
-    const vd ls = load_i(long_short + i);
-    const vm live = (load_i(active + i) != zero) & (load_u(s_quar + i) == zero);
-    const vd prev = load_i(s_pos + i);
-    const vd eq0 = load_d(s_equity + i);
-    const vd eeq0 = load_d(s_entry_eq + i);
-    const vd peak0 = load_d(s_peak + i);
-    const vd mdd0 = load_d(s_max_dd + i);
-    const vd rs0 = load_d(s_ret_sum + i);
-    const vd rq0 = load_d(s_ret_sq + i);
+  for (int i = 0; i < lanes; i += V) {
+    // blend (math.hpp): the weighted sum in feature order, then soft()
+    vd x = ld<V>(w0 + i) * gather<V>(feat, f0 + i);
+    x = x + ld<V>(w1 + i) * gather<V>(feat, f1 + i);
+    x = x + ld<V>(w2 + i) * gather<V>(feat, f2 + i);
+    x = x + ld<V>(w3 + i) * gather<V>(feat, f3 + i);
+    x = x + ld<V>(w4 + i) * gather<V>(feat, f4 + i);
+    vd score = x / (one + (x < zero ? -x : x));
+    if (has_external) {
+      const vm ext = ldi<V>(external + i) != zero;
+      score = ext ? ld<V>(ext_score + i) : score;
+    }
+    if (static_cast<unsigned>(poison - i) < static_cast<unsigned>(V)) score[poison - i] = __builtin_nan("");
+
+    // lane_step (math.hpp)
+    const vm warm = tt >= ldi<V>(lookback + i);
+    const vd ent = ld<V>(entry + i);
+    const vd cst = ld<V>(cost + i);
+    const vd ls = ldi<V>(long_short + i);
+    const vm live = (ldi<V>(active + i) != zero) & (ldu<V>(s_quar + i) == zero);
+    const vd prev = ldi<V>(s_pos + i);
+    const vd eq0 = ld<V>(s_equity + i);
+    const vd eeq0 = ld<V>(s_entry_eq + i);
+    const vd peak0 = ld<V>(s_peak + i);
+    const vd mdd0 = ld<V>(s_max_dd + i);
+    const vd rs0 = ld<V>(s_ret_sum + i);
+    const vd rq0 = ld<V>(s_ret_sq + i);
     const vd g = one + prev * vret;
     vd e = eq0 * g;
     vd pos = (score > ent) ? one : ((score < -ent) ? -ls : prev);
@@ -139,26 +174,27 @@ DC_CLONES Summary sm_step(const LaneView& v, int lanes, const double* __restrict
                    ((score <= -kWeakAction) ? one : zero) - ((score <= -kStrongAction) ? one : zero);
     const vm ok = ((e - e) == zero) & ((score - score) == zero);
     const vm keep = live & ok;
-    store_d(s_score + i, keep ? score : load_d(s_score + i));
-    store_d(s_equity + i, keep ? e : eq0);
-    store_d(s_entry_eq + i, keep ? eeq1 : eeq0);
-    store_d(s_peak + i, keep ? peak1 : peak0);
-    store_d(s_max_dd + i, keep ? mdd1 : mdd0);
-    store_d(s_ret_sum + i, keep ? rs1 : rs0);
-    store_d(s_ret_sq + i, keep ? rq1 : rq0);
+    st<V>(s_score + i, keep ? score : ld<V>(s_score + i));
+    st<V>(s_equity + i, keep ? e : eq0);
+    st<V>(s_entry_eq + i, keep ? eeq1 : eeq0);
+    st<V>(s_peak + i, keep ? peak1 : peak0);
+    st<V>(s_max_dd + i, keep ? mdd1 : mdd0);
+    st<V>(s_ret_sum + i, keep ? rs1 : rs0);
+    st<V>(s_ret_sq + i, keep ? rq1 : rq0);
     const vm kw = keep & warm;
-    add_u(s_n_ret + i, kw & m1);
-    add_u(s_trades + i, keep & closing & m1);
-    add_u(s_wins + i, keep & closing & won & m1);
-    store_i(s_pos + i, keep ? pos : prev);
-    store_i(s_action + i, keep ? act : load_i(s_action + i));
-    add_u(s_quar + i, live & ~ok & m1);
-    vq += live & ~ok & m1;  // 0 -> 1: only live lanes (quarantined == 0) can fail
-    const vd wgt = ((e < zero) ? zero : e) * (one - mdd1) * load_d(s_credit + i);
-    store_d(sw + i, kw ? wgt : zero);
-    store_d(sws + i, kw ? wgt * score : zero);
-    store_d(ss + i, kw ? score : zero);
-    store_d(ss2 + i, kw ? score * score : zero);
+    addu<V>(s_n_ret + i, kw & m1);
+    addu<V>(s_trades + i, keep & closing & m1);
+    addu<V>(s_wins + i, keep & closing & won & m1);
+    sti<V>(s_pos + i, keep ? pos : prev);
+    sti<V>(s_action + i, keep ? act : ldi<V>(s_action + i));
+    const vm fail = live & ~ok & m1;  // 0 -> 1: only live lanes (quarantined == 0) can fail
+    addu<V>(s_quar + i, fail);
+    vq += fail;
+    const vd wgt = ((e < zero) ? zero : e) * (one - mdd1) * ld<V>(s_credit + i);
+    st<V>(sw + i, kw ? wgt : zero);
+    st<V>(sws + i, kw ? wgt * score : zero);
+    st<V>(ss + i, kw ? score : zero);
+    st<V>(ss2 + i, kw ? score * score : zero);
     vn += kw & m1;
     vv0 += kw & (act == -two) & m1;
     vv1 += kw & (act == neg1) & m1;
@@ -168,7 +204,7 @@ DC_CLONES Summary sm_step(const LaneView& v, int lanes, const double* __restrict
     vupd += live & m1;
   }
   uint32_t n = 0, v0 = 0, v1 = 0, v2 = 0, v3 = 0, v4 = 0, upd = 0;
-  for (int k = 0; k < kVec; ++k) {
+  for (int k = 0; k < V; ++k) {
     n += static_cast<uint32_t>(vn[k]);
     v0 += static_cast<uint32_t>(vv0[k]);
     v1 += static_cast<uint32_t>(vv1[k]);
@@ -196,31 +232,395 @@ DC_CLONES Summary sm_step(const LaneView& v, int lanes, const double* __restrict
   return total;
 }
 
-// The feature pass, per feature kind: a scalar pass gathers the indicator outputs each distinct
-// feature reads into contiguous scratch arrays (padded to whole vectors with a harmless 1.0),
-// then a pass written with vector types computes the features with every condition a select (a
-// division by a zero normaliser is computed and discarded). Same operations in the same order as
-// the *_feature functions of math.hpp; tests compare the two bit for bit.
-namespace {
-struct Scratch {
-  alignas(64) double a[kMaxBankFeatures];
-  alignas(64) double b[kMaxBankFeatures];
-  alignas(64) double ok[kMaxBankFeatures];
-  alignas(64) double out[kMaxBankFeatures];
-};
-static_assert(kMaxBankFeatures % kVec == 0);
+#if DC_X86_DISPATCH
+#define DC_V4 __attribute__((target("arch=x86-64-v4")))
+#define DC_V4_AI DC_V4 inline __attribute__((always_inline))
 
-inline int round_up(int n) { return (n + kVec - 1) / kVec * kVec; }
-inline __attribute__((always_inline)) vd vsoft(vd x) {
-  const vd zero = {};
+// feat[idx[k]] for k < 8: scalar loads assembled into a vector (faster than vgatherdpd on the
+// CPUs we measured).
+DC_V4_AI __m512d gather8(const double* __restrict feat, const int32_t* __restrict idx) {
+  const __m128d a = _mm_loadh_pd(_mm_load_sd(feat + idx[0]), feat + idx[1]);
+  const __m128d b = _mm_loadh_pd(_mm_load_sd(feat + idx[2]), feat + idx[3]);
+  const __m128d c = _mm_loadh_pd(_mm_load_sd(feat + idx[4]), feat + idx[5]);
+  const __m128d d = _mm_loadh_pd(_mm_load_sd(feat + idx[6]), feat + idx[7]);
+  const __m256d lo = _mm256_insertf128_pd(_mm256_castpd128_pd256(a), b, 1);
+  const __m256d hi = _mm256_insertf128_pd(_mm256_castpd128_pd256(c), d, 1);
+  return _mm512_insertf64x4(_mm512_castpd256_pd512(lo), hi, 1);
+}
+DC_V4_AI __m256i ld8i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+DC_V4_AI __m256i ld8u(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+// The canonical tree of one warp whose 32 values are a0..a3 (8 lanes each): strides 16, 8, 4,
+// 2, 1, each step v[i] + v[i + stride], as warp_tree.
+DC_V4_AI double warp_tree8(__m512d a0, __m512d a1, __m512d a2, __m512d a3) {
+  const __m512d c = _mm512_add_pd(_mm512_add_pd(a0, a2), _mm512_add_pd(a1, a3));
+  const __m256d d = _mm256_add_pd(_mm512_castpd512_pd256(c), _mm512_extractf64x4_pd(c, 1));
+  const __m128d e = _mm_add_pd(_mm256_castpd256_pd128(d), _mm256_extractf128_pd(d, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(e, _mm_unpackhi_pd(e, e)));
+}
+
+// The lane kernel with AVX-512 intrinsics, 8 lanes at a time: the operations of blend and
+// lane_step in the same order, conditions as mask registers, state written with masked stores
+// where the scalar code keeps the old value.
+DC_V4 Summary sm_step_v4(const LaneView& v, int lanes, const double* __restrict feat, int32_t t, double ret,
+                         int poison, uint64_t& updates, uint64_t& quarantined) {
+  const double* __restrict w0 = v.w[0];
+  const double* __restrict w1 = v.w[1];
+  const double* __restrict w2 = v.w[2];
+  const double* __restrict w3 = v.w[3];
+  const double* __restrict w4 = v.w[4];
+  const int32_t* __restrict f0 = v.fidx[0];
+  const int32_t* __restrict f1 = v.fidx[1];
+  const int32_t* __restrict f2 = v.fidx[2];
+  const int32_t* __restrict f3 = v.fidx[3];
+  const int32_t* __restrict f4 = v.fidx[4];
+  double* __restrict s_score = v.score;
+  double* __restrict s_equity = v.equity;
+  double* __restrict s_entry_eq = v.entry_equity;
+  double* __restrict s_peak = v.peak;
+  double* __restrict s_max_dd = v.max_dd;
+  double* __restrict s_ret_sum = v.ret_sum;
+  double* __restrict s_ret_sq = v.ret_sq;
+  uint32_t* __restrict s_trades = v.trades;
+  uint32_t* __restrict s_wins = v.wins;
+  uint32_t* __restrict s_n_ret = v.n_ret;
+  uint32_t* __restrict s_quar = v.quarantined;
+  int32_t* __restrict s_pos = v.position;
+  int32_t* __restrict s_action = v.action;
+  const int has_external = v.has_external;
+
+  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
+  const __m512d sign = _mm512_set1_pd(-0.0);
+  const __m512d vret = _mm512_set1_pd(ret);
+  const __m512d strong = _mm512_set1_pd(kStrongAction), weak = _mm512_set1_pd(kWeakAction);
+  const __m512d nstrong = _mm512_set1_pd(-kStrongAction), nweak = _mm512_set1_pd(-kWeakAction);
+  const __m256i izero = _mm256_setzero_si256(), ione = _mm256_set1_epi32(1);
+  const __m256i vt = _mm256_set1_epi32(t);
+  uint32_t n = 0, v0 = 0, v1 = 0, v2 = 0, v3 = 0, v4 = 0, upd = 0, nq = 0;
+  __m512d sw[4], sws[4], ss[4], ss2[4];
+  Summary total;
+  summary_zero(total);
+  // Blended scores first (independent iterations: the divisions overlap), then the state.
+  alignas(64) double score_in[kMaxSmLanes];
+  for (int i = 0; i < lanes; i += 8) {
+    // blend: the weighted sum in feature order, then soft()
+    __m512d x = _mm512_mul_pd(_mm512_loadu_pd(w0 + i), gather8(feat, f0 + i));
+    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w1 + i), gather8(feat, f1 + i)));
+    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w2 + i), gather8(feat, f2 + i)));
+    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w3 + i), gather8(feat, f3 + i)));
+    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w4 + i), gather8(feat, f4 + i)));
+    const __m512d ax = _mm512_mask_xor_pd(x, _mm512_cmp_pd_mask(x, zero, _CMP_LT_OQ), x, sign);
+    _mm512_store_pd(score_in + i, _mm512_div_pd(x, _mm512_add_pd(one, ax)));
+  }
+  if (has_external)
+    for (int i = 0; i < lanes; i += 8)
+      _mm512_store_pd(score_in + i, _mm512_mask_loadu_pd(_mm512_load_pd(score_in + i),
+                                                         _mm256_cmpneq_epi32_mask(ld8i(v.external + i), izero),
+                                                         v.ext_score + i));
+  if (poison >= 0 && poison < lanes) score_in[poison] = __builtin_nan("");
+
+  for (int i = 0; i < lanes; i += 8) {
+    const __m512d score = _mm512_load_pd(score_in + i);
+    // lane_step
+    const __mmask8 warm = _mm256_cmp_epi32_mask(ld8i(v.lookback + i), vt, _MM_CMPINT_LE);
+    const __m512d ent = _mm512_loadu_pd(v.entry + i);
+    const __m256i prev_i = ld8i(s_pos + i);
+    const __m256i ls = ld8i(v.long_short + i);
+    const __mmask8 live = _mm256_cmpneq_epi32_mask(ld8i(v.active + i), izero) &
+                          _mm256_cmpeq_epi32_mask(ld8u(s_quar + i), izero);
+    const __mmask8 up = _mm512_cmp_pd_mask(score, ent, _CMP_GT_OQ);
+    const __mmask8 dn = _mm512_cmp_pd_mask(score, _mm512_xor_pd(ent, sign), _CMP_LT_OQ);
+    __m256i pos_i = _mm256_mask_sub_epi32(prev_i, dn, izero, ls);
+    pos_i = _mm256_mask_mov_epi32(pos_i, up, ione);
+    pos_i = _mm256_maskz_mov_epi32(warm, pos_i);
+    const __m512d prev = _mm512_cvtepi32_pd(prev_i);
+    const __m512d g = _mm512_add_pd(one, _mm512_mul_pd(prev, vret));
+    const __m512d eq0 = _mm512_loadu_pd(s_equity + i);
+    __m512d e = _mm512_mul_pd(eq0, g);
+    // |pos - prev| is a small integer: exact in either domain
+    const __m512d d = _mm512_cvtepi32_pd(_mm256_abs_epi32(_mm256_sub_epi32(pos_i, prev_i)));
+    const __m512d c = _mm512_mul_pd(_mm512_loadu_pd(v.cost + i), d);
+    e = _mm512_sub_pd(e, _mm512_mul_pd(e, c));
+    const __m512d r = _mm512_sub_pd(_mm512_mul_pd(g, _mm512_sub_pd(one, c)), one);
+    const __mmask8 changed = _mm256_cmpneq_epi32_mask(pos_i, prev_i);
+    const __mmask8 closing = _mm256_cmpneq_epi32_mask(prev_i, izero) & changed;
+    const __mmask8 opening = _mm256_cmpneq_epi32_mask(pos_i, izero) & changed;
+    const __m512d eeq0 = _mm512_loadu_pd(s_entry_eq + i);
+    const __mmask8 won = _mm512_cmp_pd_mask(e, eeq0, _CMP_GT_OQ);
+    const __m512d peak0 = _mm512_loadu_pd(s_peak + i);
+    const __mmask8 higher = _mm512_cmp_pd_mask(e, peak0, _CMP_GT_OQ);
+    const __m512d peak1 = _mm512_mask_mov_pd(peak0, higher, e);
+    const __m512d dd = _mm512_div_pd(_mm512_sub_pd(peak1, e), peak1);
+    const __m512d mdd0 = _mm512_loadu_pd(s_max_dd + i);
+    const __mmask8 deeper = _mm512_cmp_pd_mask(dd, mdd0, _CMP_GT_OQ);
+    const __m512d mdd1 = _mm512_mask_mov_pd(mdd0, deeper, dd);
+    const __mmask8 ge_s = _mm512_cmp_pd_mask(score, strong, _CMP_GE_OQ);
+    const __mmask8 ge_w = _mm512_cmp_pd_mask(score, weak, _CMP_GE_OQ);
+    const __mmask8 le_w = _mm512_cmp_pd_mask(score, nweak, _CMP_LE_OQ);
+    const __mmask8 le_s = _mm512_cmp_pd_mask(score, nstrong, _CMP_LE_OQ);
+    __m256i act = _mm256_maskz_mov_epi32(ge_s, ione);
+    act = _mm256_mask_add_epi32(act, ge_w, act, ione);
+    act = _mm256_mask_sub_epi32(act, le_w, act, ione);
+    act = _mm256_mask_sub_epi32(act, le_s, act, ione);
+    const __mmask8 ok = _mm512_cmp_pd_mask(_mm512_sub_pd(e, e), zero, _CMP_EQ_OQ) &
+                        _mm512_cmp_pd_mask(_mm512_sub_pd(score, score), zero, _CMP_EQ_OQ);
+    const __mmask8 keep = live & ok;
+    const __mmask8 kw = keep & warm;
+    // Where the scalar code keeps the old value, nothing is stored.
+    _mm512_mask_storeu_pd(s_score + i, keep, score);
+    _mm512_mask_storeu_pd(s_equity + i, keep, e);
+    _mm512_mask_storeu_pd(s_entry_eq + i, keep & opening, e);
+    _mm512_mask_storeu_pd(s_peak + i, keep & higher, e);
+    _mm512_mask_storeu_pd(s_max_dd + i, keep & deeper, dd);
+    _mm512_mask_storeu_pd(s_ret_sum + i, kw, _mm512_add_pd(_mm512_loadu_pd(s_ret_sum + i), r));
+    _mm512_mask_storeu_pd(s_ret_sq + i, kw, _mm512_add_pd(_mm512_loadu_pd(s_ret_sq + i), _mm512_mul_pd(r, r)));
+    _mm256_mask_storeu_epi32(s_n_ret + i, kw, _mm256_add_epi32(ld8u(s_n_ret + i), ione));
+    const __mmask8 kc = keep & closing;
+    _mm256_mask_storeu_epi32(s_trades + i, kc, _mm256_add_epi32(ld8u(s_trades + i), ione));
+    _mm256_mask_storeu_epi32(s_wins + i, kc & won, _mm256_add_epi32(ld8u(s_wins + i), ione));
+    _mm256_mask_storeu_epi32(s_pos + i, keep, pos_i);
+    _mm256_mask_storeu_epi32(s_action + i, keep, act);
+    const __mmask8 fail = live & static_cast<__mmask8>(~ok);  // quarantined is 0 on live lanes
+    _mm256_mask_storeu_epi32(s_quar + i, fail, ione);
+    nq += static_cast<uint32_t>(__builtin_popcount(fail));
+    // consensus weight: fitness(e, mdd1, credit)
+    const __m512d e0 = _mm512_mask_mov_pd(e, _mm512_cmp_pd_mask(e, zero, _CMP_LT_OQ), zero);
+    const __m512d wgt = _mm512_mul_pd(_mm512_mul_pd(e0, _mm512_sub_pd(one, mdd1)), _mm512_loadu_pd(v.credit + i));
+    const int q = (i / 8) & 3;
+    sw[q] = _mm512_maskz_mov_pd(kw, wgt);
+    sws[q] = _mm512_maskz_mov_pd(kw, _mm512_mul_pd(wgt, score));
+    ss[q] = _mm512_maskz_mov_pd(kw, score);
+    ss2[q] = _mm512_maskz_mov_pd(kw, _mm512_mul_pd(score, score));
+    n += static_cast<uint32_t>(__builtin_popcount(kw));
+    v4 += static_cast<uint32_t>(__builtin_popcount(kw & ge_s));
+    v3 += static_cast<uint32_t>(__builtin_popcount(kw & ge_w & static_cast<__mmask8>(~ge_s)));
+    v2 += static_cast<uint32_t>(__builtin_popcount(kw & static_cast<__mmask8>(~(ge_w | le_w))));
+    v1 += static_cast<uint32_t>(__builtin_popcount(kw & le_w & static_cast<__mmask8>(~le_s)));
+    v0 += static_cast<uint32_t>(__builtin_popcount(kw & le_s));
+    upd += static_cast<uint32_t>(__builtin_popcount(live));
+    if (q == 3) {  // a warp is complete: its trees, added in warp order
+      total.sum_w = total.sum_w + warp_tree8(sw[0], sw[1], sw[2], sw[3]);
+      total.sum_ws = total.sum_ws + warp_tree8(sws[0], sws[1], sws[2], sws[3]);
+      total.sum_s = total.sum_s + warp_tree8(ss[0], ss[1], ss[2], ss[3]);
+      total.sum_s2 = total.sum_s2 + warp_tree8(ss2[0], ss2[1], ss2[2], ss2[3]);
+    }
+  }
+  total.n = n;
+  total.votes[0] = v0;
+  total.votes[1] = v1;
+  total.votes[2] = v2;
+  total.votes[3] = v3;
+  total.votes[4] = v4;
+  updates += upd;
+  quarantined += nq;
+  return total;
+}
+
+#endif
+}  // namespace
+
+// ---- the bank: indicator updates and the feature pass ------------------------------------
+
+namespace {
+
+// The steady form of a bank kind is entered at the bar from which every indicator of the kind
+// takes its steady branch (see Bank::resize_values); from then on these loops replace the
+// structs' update(), with the same operations in the same order.
+DC_AI void steady_indicators(Bank& b, const Bar& bar, double c, double prev, int64_t t) {
+  BankValues& v = b.val;
+  BankSteady& s = b.st;
+  if (b.steady[kBankEma]) {  // Ema::update, count >= n
+    double* __restrict val = v.ema.data();
+    const double* __restrict k = s.ema_k.data();
+    const int n = static_cast<int>(s.ema_k.size());
+    for (int i = 0; i < n; ++i) val[i] = ((c - val[i]) * k[i]) + val[i];
+  }
+  if (b.steady[kBankRsi]) {  // Rsi::update, count > n; the difference is the same for every RSI
+    double* __restrict gain = s.rsi_gain.data();
+    double* __restrict loss = s.rsi_loss.data();
+    double* __restrict val = v.rsi.data();
+    const double* __restrict nm1 = s.rsi_nm1.data();
+    const double* __restrict nn = s.rsi_n.data();
+    const int n = static_cast<int>(s.rsi_n.size());
+    const double d = c - prev;
+    if (d < 0) {
+      for (int i = 0; i < n; ++i) {
+        const double l = ((loss[i] * nm1[i]) - d) / nn[i];
+        const double g = (gain[i] * nm1[i]) / nn[i];
+        loss[i] = l;
+        gain[i] = g;
+        const double tot = g + l;
+        val[i] = tot != 0.0 ? 100.0 * (g / tot) : 0.0;
+      }
+    } else {
+      for (int i = 0; i < n; ++i) {
+        const double l = (loss[i] * nm1[i]) / nn[i];
+        const double g = ((gain[i] * nm1[i]) + d) / nn[i];
+        loss[i] = l;
+        gain[i] = g;
+        const double tot = g + l;
+        val[i] = tot != 0.0 ? 100.0 * (g / tot) : 0.0;
+      }
+    }
+  }
+  if (b.steady[kBankAtr]) {  // Atr::update, count > n; the true range is the same for every ATR
+    double* __restrict val = v.atr.data();
+    const double* __restrict nm1 = s.atr_nm1.data();
+    const double* __restrict nn = s.atr_n.data();
+    const int n = static_cast<int>(s.atr_n.size());
+    const double tr = true_range(bar.high, bar.low, prev);
+    for (int i = 0; i < n; ++i) val[i] = ((val[i] * nm1[i]) + tr) / nn[i];
+  }
+  if (b.steady[kBankMacd]) {  // Macd::update past the signal seed
+    double* __restrict fast = s.macd_fast.data();
+    double* __restrict slow = s.macd_slow.data();
+    double* __restrict sig = s.macd_signal.data();
+    double* __restrict hist = v.macd_hist.data();
+    const double* __restrict kf = s.macd_kf.data();
+    const double* __restrict ks = s.macd_ks.data();
+    const double* __restrict ksig = s.macd_ksig.data();
+    const int n = static_cast<int>(s.macd_kf.size());
+    for (int i = 0; i < n; ++i) {
+      const double sl = ((c - slow[i]) * ks[i]) + slow[i];
+      const double fa = ((c - fast[i]) * kf[i]) + fast[i];
+      const double m = fa - sl;
+      const double sg = ((m - sig[i]) * ksig[i]) + sig[i];
+      slow[i] = sl;
+      fast[i] = fa;
+      sig[i] = sg;
+      hist[i] = m - sg;
+    }
+  }
+  if (b.steady[kBankEw]) {  // Ew::update, count >= n
+    double* __restrict mean = v.ew_mean.data();
+    double* __restrict var = v.ew_var.data();
+    const double* __restrict alpha = s.ew_alpha.data();
+    const double* __restrict om = s.ew_om.data();
+    const int n = static_cast<int>(s.ew_alpha.size());
+    for (int i = 0; i < n; ++i) {
+      const double d = c - mean[i];
+      mean[i] = mean[i] + alpha[i] * d;
+      var[i] = om[i] * (var[i] + alpha[i] * d * d);
+    }
+  }
+  if (b.steady[kBankRoc]) {  // Roc::update, count >= n: the close n bars ago
+    double* __restrict val = v.roc.data();
+    const int32_t* __restrict rn = s.roc_n.data();
+    const double* __restrict closes = b.closes.data();
+    const int64_t mask = b.closes_mask;
+    const int n = static_cast<int>(s.roc_n.size());
+    for (int i = 0; i < n; ++i) {
+      const double old = closes[(t - rn[i]) & mask];
+      val[i] = old != 0.0 ? ((c / old) - 1.0) * 100.0 : 0.0;
+    }
+  }
+}
+
+// The feature pass. Warm-up form (some indicator of the kind may be cold): a scalar pass gathers
+// the indicator outputs each distinct feature reads, and their warm flags, into contiguous
+// scratch arrays (padded to whole vectors with a harmless 1.0), then a pass written with vector
+// types computes the features with every condition a select (a division by a zero normaliser is
+// computed and discarded). Steady form (every indicator warm): the gathers go straight into
+// vectors, without flags. Same operations in the same order as the *_feature functions of
+// math.hpp; tests compare the two bit for bit.
+constexpr int kBlock = 128;
+struct Scratch {
+  alignas(64) double a[kBlock];
+  alignas(64) double b[kBlock];
+  alignas(64) double ok[kBlock];
+  alignas(64) double out[kBlock];
+};
+static_assert(kBlock % kBankPad == 0);
+
+template <int V>
+DC_AI typename Lanes<V>::d vsoft(typename Lanes<V>::d x) {
+  const typename Lanes<V>::d zero = {};
   return x / ((zero + 1.0) + (x < zero ? -x : x));
 }
+inline int round_up(int n) { return (n + kBankPad - 1) / kBankPad * kBankPad; }
 inline void pad(double* p, int n) {
   for (int i = n; i < round_up(n); ++i) p[i] = 1.0;
 }
-}  // namespace
+// Stores the V features of chunk i of a kind with n features at out (the part below n).
+template <int V>
+DC_AI void put(double* out, int i, int n, typename Lanes<V>::d x) {
+  if (i + V <= n) {
+    st<V>(out + i, x);
+  } else {
+    alignas(64) double tmp[V];
+    st<V>(tmp, x);
+    for (int k = 0; i + k < n; ++k) out[i + k] = tmp[k];
+  }
+}
 
-DC_CLONES void bank_features(Bank& b, double close) {
+template <int V>
+DC_AI void features_steady(Bank& b, double close, bool trend, bool rsi, bool macd, bool bb, bool mom) {
+  typedef typename Lanes<V>::d vd;
+  const BankValues& v = b.val;
+  const BankIndex& x = b.pidx;
+  double* feat = b.feat.data();
+  const vd zero = {}, one = zero + 1.0;
+  if (trend) {  // soft((ema_fast - ema_slow) / atr), 0 when atr == 0
+    const double* __restrict ema = v.ema.data();
+    const double* __restrict atr = v.atr.data();
+    const int32_t* __restrict tf = x.trend_fast.data();
+    const int32_t* __restrict ts = x.trend_slow.data();
+    const int32_t* __restrict ta = x.trend_atr.data();
+    double* out = feat + b.trend_base;
+    const int n = static_cast<int>(b.trend_fast.size());
+    for (int i = 0; i < n; i += V) {
+      const vd a = gather<V>(ema, tf + i) - gather<V>(ema, ts + i);
+      const vd d = gather<V>(atr, ta + i);
+      const vd f = vsoft<V>(a / d);
+      put<V>(out, i, n, d != zero ? f : zero);
+    }
+  }
+  if (rsi) {  // (rsi - 50) / 50
+    const double* __restrict val = v.rsi.data();
+    const int32_t* __restrict r = x.rsi.data();
+    double* out = feat + b.rsi_base;
+    const int n = static_cast<int>(b.rsi_f.size());
+    const vd fifty = zero + 50.0;
+    for (int i = 0; i < n; i += V) put<V>(out, i, n, (gather<V>(val, r + i) - fifty) / fifty);
+  }
+  if (macd) {  // soft(hist / atr), 0 when atr == 0
+    const double* __restrict hist = v.macd_hist.data();
+    const double* __restrict atr = v.atr.data();
+    const int32_t* __restrict m = x.macd_m.data();
+    const int32_t* __restrict ma = x.macd_atr.data();
+    double* out = feat + b.macd_base;
+    const int n = static_cast<int>(b.macd_m.size());
+    for (int i = 0; i < n; i += V) {
+      const vd d = gather<V>(atr, ma + i);
+      const vd f = vsoft<V>(gather<V>(hist, m + i) / d);
+      put<V>(out, i, n, d != zero ? f : zero);
+    }
+  }
+  if (bb) {  // soft((close - mean) / (2 sd)), sd = sqrt(var) when var > 0, 0 when sd == 0
+    const double* __restrict mean = v.ew_mean.data();
+    const double* __restrict var = v.ew_var.data();
+    const int32_t* __restrict e = x.bb.data();
+    double* out = feat + b.bb_base;
+    const int n = static_cast<int>(b.bb_f.size());
+    const vd c = zero + close, two = one + one;
+    for (int i = 0; i < n; i += V) {
+      vd sd = gather<V>(var, e + i);
+      for (int k = 0; k < V; ++k) sd[k] = sd[k] > 0.0 ? DC_SQRT(sd[k]) : 0.0;
+      const vd f = vsoft<V>((c - gather<V>(mean, e + i)) / (two * sd));
+      put<V>(out, i, n, sd != zero ? f : zero);
+    }
+  }
+  if (mom) {  // soft(roc)
+    const double* __restrict val = v.roc.data();
+    const int32_t* __restrict r = x.mom.data();
+    double* out = feat + b.mom_base;
+    const int n = static_cast<int>(b.mom_f.size());
+    for (int i = 0; i < n; i += V) put<V>(out, i, n, vsoft<V>(gather<V>(val, r + i)));
+  }
+}
+
+template <int V>
+DC_AI void features_warm(Bank& b, double close, bool trend, bool rsi, bool macd, bool bb, bool mom) {
+  typedef typename Lanes<V>::d vd;
   const BankValues& v = b.val;
   double* feat = b.feat.data();
   const double* __restrict ema = v.ema.data();
@@ -238,98 +638,262 @@ DC_CLONES void bank_features(Bank& b, double close) {
   // or the histogram, b = ATR).
   auto ratio_pass = [&](int n) {
     pad(ga, n), pad(gb, n), pad(gok, n);
-    for (int i = 0; i < n; i += kVec) {
-      const vd a = load_d(gb + i);
-      const vd x = vsoft(load_d(ga + i) / a);
-      store_d(go + i, ((load_d(gok + i) != zero) & (a != zero)) ? x : zero);
+    for (int i = 0; i < n; i += V) {
+      const vd a = ld<V>(gb + i);
+      const vd x = vsoft<V>(ld<V>(ga + i) / a);
+      st<V>(go + i, ((ld<V>(gok + i) != zero) & (a != zero)) ? x : zero);
     }
   };
-  // trend: soft((ema_fast - ema_slow) / atr), 0 when atr == 0
-  {
-    const int32_t* __restrict tf = b.trend_fast.data();
-    const int32_t* __restrict ts = b.trend_slow.data();
-    const int32_t* __restrict ta = b.trend_atr.data();
-    const int n = static_cast<int>(b.trend_fast.size());
-    for (int i = 0; i < n; ++i) {
-      ga[i] = ema[tf[i]] - ema[ts[i]];
-      gb[i] = atr[ta[i]];
-      gok[i] = ema_ok[tf[i]] * ema_ok[ts[i]] * atr_ok[ta[i]];
+  // Features in blocks of kBlock (the scratch size).
+  if (trend) {  // soft((ema_fast - ema_slow) / atr), 0 when atr == 0
+    const int total = static_cast<int>(b.trend_fast.size());
+    for (int o = 0; o < total; o += kBlock) {
+      const int32_t* __restrict tf = b.trend_fast.data() + o;
+      const int32_t* __restrict ts = b.trend_slow.data() + o;
+      const int32_t* __restrict ta = b.trend_atr.data() + o;
+      const int n = total - o < kBlock ? total - o : kBlock;
+      for (int i = 0; i < n; ++i) {
+        ga[i] = ema[tf[i]] - ema[ts[i]];
+        gb[i] = atr[ta[i]];
+        gok[i] = ema_ok[tf[i]] * ema_ok[ts[i]] * atr_ok[ta[i]];
+      }
+      ratio_pass(n);
+      emit(b.trend_base + o, n);
     }
-    ratio_pass(n);
-    emit(b.trend_base, n);
   }
-  // rsi: (rsi - 50) / 50
-  {
-    const int32_t* __restrict r = b.rsi_f.data();
-    const double* __restrict val = v.rsi.data();
-    const double* __restrict ok = v.rsi_ok.data();
-    const int n = static_cast<int>(b.rsi_f.size());
-    for (int i = 0; i < n; ++i) {
-      ga[i] = val[r[i]];
-      gok[i] = ok[r[i]];
+  if (rsi) {  // (rsi - 50) / 50
+    const int total = static_cast<int>(b.rsi_f.size());
+    for (int o = 0; o < total; o += kBlock) {
+      const int32_t* __restrict r = b.rsi_f.data() + o;
+      const double* __restrict val = v.rsi.data();
+      const double* __restrict ok = v.rsi_ok.data();
+      const int n = total - o < kBlock ? total - o : kBlock;
+      for (int i = 0; i < n; ++i) {
+        ga[i] = val[r[i]];
+        gok[i] = ok[r[i]];
+      }
+      pad(ga, n), pad(gok, n);
+      const vd fifty = zero + 50.0;
+      for (int i = 0; i < n; i += V) {
+        const vd x = (ld<V>(ga + i) - fifty) / fifty;
+        st<V>(go + i, ld<V>(gok + i) != zero ? x : zero);
+      }
+      emit(b.rsi_base + o, n);
     }
-    pad(ga, n), pad(gok, n);
-    const vd fifty = zero + 50.0;
-    for (int i = 0; i < n; i += kVec) {
-      const vd x = (load_d(ga + i) - fifty) / fifty;
-      store_d(go + i, load_d(gok + i) != zero ? x : zero);
-    }
-    emit(b.rsi_base, n);
   }
-  // macd: soft(hist / atr), 0 when atr == 0
-  {
-    const int32_t* __restrict m = b.macd_m.data();
-    const int32_t* __restrict ma = b.macd_atr.data();
-    const double* __restrict hist = v.macd_hist.data();
-    const double* __restrict mok = v.macd_ok.data();
-    const int n = static_cast<int>(b.macd_m.size());
-    for (int i = 0; i < n; ++i) {
-      ga[i] = hist[m[i]];
-      gb[i] = atr[ma[i]];
-      gok[i] = mok[m[i]] * atr_ok[ma[i]];
+  if (macd) {  // soft(hist / atr), 0 when atr == 0
+    const int total = static_cast<int>(b.macd_m.size());
+    for (int o = 0; o < total; o += kBlock) {
+      const int32_t* __restrict m = b.macd_m.data() + o;
+      const int32_t* __restrict ma = b.macd_atr.data() + o;
+      const double* __restrict hist = v.macd_hist.data();
+      const double* __restrict mok = v.macd_ok.data();
+      const int n = total - o < kBlock ? total - o : kBlock;
+      for (int i = 0; i < n; ++i) {
+        ga[i] = hist[m[i]];
+        gb[i] = atr[ma[i]];
+        gok[i] = mok[m[i]] * atr_ok[ma[i]];
+      }
+      ratio_pass(n);
+      emit(b.macd_base + o, n);
     }
-    ratio_pass(n);
-    emit(b.macd_base, n);
   }
-  // bollinger: soft((close - mean) / (2 sd)), sd = sqrt(var) when var > 0, 0 when sd == 0
-  {
-    const int32_t* __restrict e = b.bb_f.data();
-    const double* __restrict mean = v.ew_mean.data();
-    const double* __restrict var = v.ew_var.data();
-    const double* __restrict ok = v.ew_ok.data();
-    const int n = static_cast<int>(b.bb_f.size());
-    for (int i = 0; i < n; ++i) {
-      ga[i] = mean[e[i]];
-      gb[i] = var[e[i]];
-      gok[i] = ok[e[i]];
+  if (bb) {  // soft((close - mean) / (2 sd)), sd = sqrt(var) when var > 0, 0 when sd == 0
+    const int total = static_cast<int>(b.bb_f.size());
+    for (int o = 0; o < total; o += kBlock) {
+      const int32_t* __restrict e = b.bb_f.data() + o;
+      const double* __restrict mean = v.ew_mean.data();
+      const double* __restrict var = v.ew_var.data();
+      const double* __restrict ok = v.ew_ok.data();
+      const int n = total - o < kBlock ? total - o : kBlock;
+      for (int i = 0; i < n; ++i) {
+        ga[i] = mean[e[i]];
+        gb[i] = var[e[i]];
+        gok[i] = ok[e[i]];
+      }
+      pad(ga, n), pad(gb, n), pad(gok, n);
+      for (int i = 0; i < n; ++i) gb[i] = gb[i] > 0.0 ? DC_SQRT(gb[i]) : 0.0;
+      const vd c = zero + close, two = one + one;
+      for (int i = 0; i < n; i += V) {
+        const vd sd = ld<V>(gb + i);
+        const vd x = vsoft<V>((c - ld<V>(ga + i)) / (two * sd));
+        st<V>(go + i, ((ld<V>(gok + i) != zero) & (sd != zero)) ? x : zero);
+      }
+      emit(b.bb_base + o, n);
     }
-    pad(ga, n), pad(gb, n), pad(gok, n);
-    for (int i = 0; i < n; ++i) gb[i] = gb[i] > 0.0 ? DC_SQRT(gb[i]) : 0.0;
-    const vd c = zero + close, two = one + one;
-    for (int i = 0; i < n; i += kVec) {
-      const vd sd = load_d(gb + i);
-      const vd x = vsoft((c - load_d(ga + i)) / (two * sd));
-      store_d(go + i, ((load_d(gok + i) != zero) & (sd != zero)) ? x : zero);
-    }
-    emit(b.bb_base, n);
   }
-  // momentum: soft(roc)
-  {
-    const int32_t* __restrict r = b.mom_f.data();
-    const double* __restrict val = v.roc.data();
-    const double* __restrict ok = v.roc_ok.data();
-    const int n = static_cast<int>(b.mom_f.size());
-    for (int i = 0; i < n; ++i) {
-      ga[i] = val[r[i]];
-      gok[i] = ok[r[i]];
+  if (mom) {  // soft(roc)
+    const int total = static_cast<int>(b.mom_f.size());
+    for (int o = 0; o < total; o += kBlock) {
+      const int32_t* __restrict r = b.mom_f.data() + o;
+      const double* __restrict val = v.roc.data();
+      const double* __restrict ok = v.roc_ok.data();
+      const int n = total - o < kBlock ? total - o : kBlock;
+      for (int i = 0; i < n; ++i) {
+        ga[i] = val[r[i]];
+        gok[i] = ok[r[i]];
+      }
+      pad(ga, n), pad(gok, n);
+      for (int i = 0; i < n; i += V) {
+        const vd x = vsoft<V>(ld<V>(ga + i));
+        st<V>(go + i, ld<V>(gok + i) != zero ? x : zero);
+      }
+      emit(b.mom_base + o, n);
     }
-    pad(ga, n), pad(gok, n);
-    for (int i = 0; i < n; i += kVec) {
-      const vd x = vsoft(load_d(ga + i));
-      store_d(go + i, load_d(gok + i) != zero ? x : zero);
-    }
-    emit(b.mom_base, n);
   }
+}
+
+template <int V>
+DC_AI void bank_update_impl(Bank& b, const Bar& bar) {
+  const double c = bar.close;
+  const double prev = b.prev_close;
+  b.ret = b.nbars > 0 ? c / b.prev_close - 1.0 : 0.0;
+  b.prev_close = c;
+  const int64_t t = b.nbars++;
+  BankValues& v = b.val;
+  for (int k = 0; k < kBankKinds; ++k)
+    if (!b.steady[k] && t >= b.steady_at[k]) b.enter_steady_kind(k);
+  // Kinds still warming up: the indicator structs.
+  if (!b.steady[kBankEma])
+    for (size_t i = 0; i < b.emas.size(); ++i) {
+      v.ema_ok[i] = static_cast<double>(b.emas[i].update(c));
+      v.ema[i] = b.emas[i].value;
+    }
+  if (!b.steady[kBankRsi])
+    for (size_t i = 0; i < b.rsis.size(); ++i) {
+      v.rsi_ok[i] = static_cast<double>(b.rsis[i].update(c));
+      v.rsi[i] = b.rsis[i].value;
+    }
+  if (!b.steady[kBankAtr])
+    for (size_t i = 0; i < b.atrs.size(); ++i) {
+      v.atr_ok[i] = static_cast<double>(b.atrs[i].update(bar.high, bar.low, c));
+      v.atr[i] = b.atrs[i].value;
+    }
+  if (!b.steady[kBankMacd])
+    for (size_t i = 0; i < b.macds.size(); ++i) {
+      v.macd_ok[i] = static_cast<double>(b.macds[i].update(c));
+      v.macd_hist[i] = b.macds[i].hist;
+    }
+  if (!b.steady[kBankEw])
+    for (size_t i = 0; i < b.ews.size(); ++i) {
+      v.ew_ok[i] = static_cast<double>(b.ews[i].update(c));
+      v.ew_mean[i] = b.ews[i].mean;
+      v.ew_var[i] = b.ews[i].var;
+    }
+  if (!b.steady[kBankRoc])
+    for (size_t i = 0; i < b.rocs.size(); ++i) {
+      v.roc_ok[i] = static_cast<double>(b.rocs[i].update(c, b.roc_buf.data() + b.roc_offset[i]));
+      v.roc[i] = b.rocs[i].value;
+    }
+  steady_indicators(b, bar, c, prev, t);
+  if (!b.closes.empty()) b.closes[static_cast<size_t>(t) & b.closes_mask] = c;
+
+  // Features: the steady form where every indicator a kind reads is.
+  const bool s_trend = b.steady[kBankEma] && b.steady[kBankAtr], s_rsi = b.steady[kBankRsi];
+  const bool s_macd = b.steady[kBankMacd] && b.steady[kBankAtr], s_bb = b.steady[kBankEw];
+  const bool s_mom = b.steady[kBankRoc];
+  features_steady<V>(b, c, s_trend, s_rsi, s_macd, s_bb, s_mom);
+  if (!(s_trend && s_rsi && s_macd && s_bb && s_mom))
+    features_warm<V>(b, c, !s_trend, !s_rsi, !s_macd, !s_bb, !s_mom);
+}
+
+// ---- instruction-set variants and their selection -----------------------------------------
+
+struct Kernels {
+  int isa;
+  Summary (*sm_step)(const LaneView&, int, const double*, int32_t, double, int, uint64_t&, uint64_t&);
+  void (*bank_update)(Bank&, const Bar&);
+};
+
+Summary sm_step_base(const LaneView& v, int lanes, const double* feat, int32_t t, double ret, int poison,
+                     uint64_t& updates, uint64_t& quarantined) {
+  return sm_step_impl<4>(v, lanes, feat, t, ret, poison, updates, quarantined);
+}
+void bank_update_base(Bank& b, const Bar& bar) { bank_update_impl<4>(b, bar); }
+
+#if DC_X86_DISPATCH
+#define DC_V3 __attribute__((target("arch=x86-64-v3")))
+DC_V3 Summary sm_step_v3(const LaneView& v, int lanes, const double* feat, int32_t t, double ret, int poison,
+                         uint64_t& updates, uint64_t& quarantined) {
+  return sm_step_impl<4>(v, lanes, feat, t, ret, poison, updates, quarantined);
+}
+DC_V3 void bank_update_v3(Bank& b, const Bar& bar) { bank_update_impl<4>(b, bar); }
+DC_V4 void bank_update_v4(Bank& b, const Bar& bar) { bank_update_impl<4>(b, bar); }
+#endif
+
+constexpr Kernels kBase{0, sm_step_base, bank_update_base};
+#if DC_X86_DISPATCH
+constexpr Kernels kV3{3, sm_step_v3, bank_update_v3};
+constexpr Kernels kV4{4, sm_step_v4, bank_update_v4};
+#endif
+
+int cpu_isa() {
+#if DC_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return 4;
+  if (__builtin_cpu_supports("x86-64-v3")) return 3;
+#endif
+  return 0;
+}
+const Kernels* kernels_for(int level) {
+#if DC_X86_DISPATCH
+  if (level >= 4) return &kV4;
+  if (level >= 3) return &kV3;
+#endif
+  (void)level;
+  return &kBase;
+}
+const Kernels* active = kernels_for(cpu_isa());
+
+}  // namespace
+
+int kernel_isa() { return active->isa; }
+int set_kernel_isa(int level) {
+  const int cpu = cpu_isa();
+  active = kernels_for(level < cpu ? level : cpu);
+  return active->isa;
+}
+
+Summary sm_step(const LaneView& v, int lanes, const double* feat, int32_t t, double ret, int poison,
+                uint64_t& updates, uint64_t& quarantined) {
+  return active->sm_step(v, lanes, feat, t, ret, poison, updates, quarantined);
+}
+
+void Bank::update(const Bar& bar) { active->bank_update(*this, bar); }
+
+void Bank::enter_steady_kind(int kind) {
+  // Every indicator of the kind is warm from this bar on (ROC from this very bar).
+  BankSteady& s = st;
+  switch (kind) {
+    case kBankEma:  // values are in val.ema already
+      val.ema_ok.assign(emas.size(), 1.0);
+      break;
+    case kBankRsi:
+      for (size_t i = 0; i < rsis.size(); ++i) {
+        s.rsi_gain[i] = rsis[i].gain;
+        s.rsi_loss[i] = rsis[i].loss;
+      }
+      val.rsi_ok.assign(rsis.size(), 1.0);
+      break;
+    case kBankAtr:  // values are in val.atr already
+      val.atr_ok.assign(atrs.size(), 1.0);
+      break;
+    case kBankMacd:
+      for (size_t i = 0; i < macds.size(); ++i) {
+        s.macd_fast[i] = macds[i].fast;
+        s.macd_slow[i] = macds[i].slow;
+        s.macd_signal[i] = macds[i].signal;
+      }
+      val.macd_ok.assign(macds.size(), 1.0);
+      break;
+    case kBankEw:  // mean and variance are in val already
+      val.ew_ok.assign(ews.size(), 1.0);
+      break;
+    case kBankRoc:  // reads the close ring
+      val.roc_ok.assign(rocs.size(), 1.0);
+      break;
+  }
+  steady[kind] = true;
 }
 
 }  // namespace dynamic_core

@@ -43,9 +43,16 @@ struct LaneView {
 // the canonical order; `updates` gets the number of live lanes, `quarantined` the lanes quarantined by this bar. `poison` (fault injection, -1 =
 // none) makes that lane's score NaN, which quarantines it.
 //
-// Compiled for several instruction sets (picked at load time). Results are bit-identical across
-// them: FMA contraction is off and float sums keep their fixed order.
+// Compiled for several instruction sets (picked at load time, see kernel_isa). Results are
+// bit-identical across them: FMA contraction is off and float sums keep their fixed order.
 Summary sm_step(const LaneView& v, int lanes, const double* feat, int32_t t, double ret, int poison,
                 uint64_t& updates, uint64_t& quarantined);
+
+// Instruction-set level of the lane kernel and the bank updates in use: 4 (x86-64-v4), 3
+// (x86-64-v3) or 0 (baseline).
+int kernel_isa();
+// For tests: use the variants for `level`, at most what the CPU supports (not while an engine
+// runs). Returns the level in use.
+int set_kernel_isa(int level);
 
 }  // namespace dynamic_core

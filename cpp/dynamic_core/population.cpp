@@ -121,40 +121,80 @@ void Bank::resize_values() {
   val.ew_ok.assign(ews.size(), 0.0);
   val.roc.assign(rocs.size(), 0.0);
   val.roc_ok.assign(rocs.size(), 0.0);
-}
 
-void Bank::update(const Bar& bar) {
-  const double c = bar.close;
-  ret = nbars > 0 ? c / prev_close - 1.0 : 0.0;
-  prev_close = c;
-  ++nbars;
-  BankValues& v = val;
-  for (size_t i = 0; i < emas.size(); ++i) {
-    v.ema_ok[i] = static_cast<double>(emas[i].update(c));
-    v.ema[i] = emas[i].value;
+  // Steady form. A kind enters it at the first bar (index t, counted from 0) at which every one
+  // of its indicators takes its steady branch: the branch each update() takes from then on.
+  //   Ema: count >= n, count = min(t, n) at entry              -> t >= n
+  //   Rsi, Atr: count > n, count = min(t, n + 1)                -> t >= n + 1
+  //   Macd: count > slow - 1 + signal - 1, count saturating there + 1 -> t >= slow + signal - 1
+  //   Ew: count >= n (warm, the update itself is the same from count 1) -> t >= n
+  //   Roc: count >= n                                            -> t >= n
+  // Every indicator is warm from then on (enter_steady_kind sets the flags).
+  for (int k = 0; k < kBankKinds; ++k) {
+    steady_at[k] = 0;
+    steady[k] = false;
   }
-  for (size_t i = 0; i < rsis.size(); ++i) {
-    v.rsi_ok[i] = static_cast<double>(rsis[i].update(c));
-    v.rsi[i] = rsis[i].value;
+  auto at = [&](int k, int64_t v) { steady_at[k] = v > steady_at[k] ? v : steady_at[k]; };
+  st = BankSteady{};
+  for (const Ema& e : emas) {
+    at(kBankEma, e.n);
+    st.ema_k.push_back(e.k);
   }
-  for (size_t i = 0; i < atrs.size(); ++i) {
-    v.atr_ok[i] = static_cast<double>(atrs[i].update(bar.high, bar.low, c));
-    v.atr[i] = atrs[i].value;
+  for (const Rsi& r : rsis) {
+    at(kBankRsi, static_cast<int64_t>(r.n) + 1);
+    st.rsi_nm1.push_back(static_cast<double>(r.n - 1));
+    st.rsi_n.push_back(static_cast<double>(r.n));
   }
-  for (size_t i = 0; i < macds.size(); ++i) {
-    v.macd_ok[i] = static_cast<double>(macds[i].update(c));
-    v.macd_hist[i] = macds[i].hist;
+  st.rsi_gain.assign(rsis.size(), 0.0);
+  st.rsi_loss.assign(rsis.size(), 0.0);
+  for (const Atr& a : atrs) {
+    at(kBankAtr, static_cast<int64_t>(a.n) + 1);
+    st.atr_nm1.push_back(static_cast<double>(a.n - 1));
+    st.atr_n.push_back(static_cast<double>(a.n));
   }
-  for (size_t i = 0; i < ews.size(); ++i) {
-    v.ew_ok[i] = static_cast<double>(ews[i].update(c));
-    v.ew_mean[i] = ews[i].mean;
-    v.ew_var[i] = ews[i].var;
+  for (const Macd& m : macds) {
+    at(kBankMacd, static_cast<int64_t>(m.slow_n) + m.sig_n - 1);
+    st.macd_kf.push_back(m.kf);
+    st.macd_ks.push_back(m.ks);
+    st.macd_ksig.push_back(m.ksig);
   }
-  for (size_t i = 0; i < rocs.size(); ++i) {
-    v.roc_ok[i] = static_cast<double>(rocs[i].update(c, roc_buf.data() + roc_offset[i]));
-    v.roc[i] = rocs[i].value;
+  st.macd_fast.assign(macds.size(), 0.0);
+  st.macd_slow.assign(macds.size(), 0.0);
+  st.macd_signal.assign(macds.size(), 0.0);
+  for (const Ew& e : ews) {
+    at(kBankEw, e.n);
+    st.ew_alpha.push_back(e.alpha);
+    st.ew_om.push_back(1.0 - e.alpha);
   }
-  bank_features(*this, c);
+  int32_t max_roc = 0;
+  for (const Roc& r : rocs) {
+    at(kBankRoc, r.n);
+    st.roc_n.push_back(r.n);
+    max_roc = r.n > max_roc ? r.n : max_roc;
+  }
+  closes.clear();
+  closes_mask = 0;
+  if (!rocs.empty()) {
+    size_t h = 1;
+    while (h < static_cast<size_t>(max_roc) + 1) h <<= 1;
+    closes.assign(h, 0.0);
+    closes_mask = static_cast<uint32_t>(h - 1);
+  }
+
+  // Feature indices padded with 0 (a valid index whenever the kind has a feature).
+  auto padded = [](const std::vector<int32_t>& v) {
+    std::vector<int32_t> p(v);
+    p.resize((v.size() + kBankPad - 1) / kBankPad * kBankPad, 0);
+    return p;
+  };
+  pidx.trend_fast = padded(trend_fast);
+  pidx.trend_slow = padded(trend_slow);
+  pidx.trend_atr = padded(trend_atr);
+  pidx.rsi = padded(rsi_f);
+  pidx.macd_m = padded(macd_m);
+  pidx.macd_atr = padded(macd_atr);
+  pidx.bb = padded(bb_f);
+  pidx.mom = padded(mom_f);
 }
 
 void LaneArrays::assign(const std::vector<LaneParams>& p) {

@@ -20,6 +20,28 @@ struct BankValues {
   std::vector<double> ema_ok, atr_ok, macd_ok, rsi_ok, ew_ok, roc_ok;
 };
 
+// Indicator kinds of a bank, in update order.
+enum BankKind : int { kBankEma, kBankRsi, kBankAtr, kBankMacd, kBankEw, kBankRoc, kBankKinds };
+
+// The steady state of a bank's indicators as structure of arrays. Once every indicator of a kind
+// is past its warm-up, its update takes the same branch on every bar; from then on the kind is
+// updated from these arrays (and BankValues), vectorised, with the same operations in the same
+// order as the indicator structs, which stop being updated.
+struct BankSteady {
+  std::vector<double> ema_k;
+  std::vector<double> rsi_gain, rsi_loss, rsi_nm1, rsi_n;
+  std::vector<double> atr_nm1, atr_n;
+  std::vector<double> macd_fast, macd_slow, macd_signal, macd_kf, macd_ks, macd_ksig;
+  std::vector<double> ew_alpha, ew_om;
+  std::vector<int32_t> roc_n;
+};
+
+// Feature indices into BankValues, padded with 0 to whole vectors of kBankPad.
+inline constexpr int kBankPad = 8;
+struct BankIndex {
+  std::vector<int32_t> trend_fast, trend_slow, trend_atr, rsi, macd_m, macd_atr, bb, mom;
+};
+
 // Shared scratchpad of one SM: every distinct (indicator, period) its lanes use, updated once
 // per bar, and the distinct features derived from them. feat[0] is the constant 0 that unused
 // features point to.
@@ -33,23 +55,39 @@ struct Bank {
   std::vector<uint32_t> roc_offset;
   std::vector<double> roc_buf;
   // This bar's indicator outputs, flat, and whether each is warm (0/1): what the feature pass
-  // reads by index.
+  // reads by index. Up to date for every kind, in either form.
   BankValues val;
+  // Steady form: bar index from which each kind takes it (the struct form before), and whether
+  // it has.
+  BankSteady st;
+  int64_t steady_at[kBankKinds] = {};
+  bool steady[kBankKinds] = {};
+  // Closes of the last bars (a power-of-two ring indexed by bar index): the ROC inputs.
+  std::vector<double> closes;
+  uint32_t closes_mask = 0;
   // Distinct features, structure of arrays of indices into `val`.
   std::vector<int32_t> trend_fast, trend_slow, trend_atr;
   std::vector<int32_t> rsi_f, bb_f, mom_f;
   std::vector<int32_t> macd_m, macd_atr;
+  BankIndex pidx;  // the same, padded
   std::vector<double> feat;
   uint32_t trend_base = 0, rsi_base = 0, macd_base = 0, bb_base = 0, mom_base = 0;
   int64_t nbars = 0;
   double prev_close = 0.0;
   double ret = 0.0;  // close-to-close return of the current bar
 
+  // Defined with the lane kernel (compiled for several instruction sets).
   void update(const Bar& b);
+  // Sizes the outputs and the steady form once the indicators and features are known.
   void resize_values();
   size_t distinct_indicators() const {
     return emas.size() + rsis.size() + atrs.size() + macds.size() + ews.size() + rocs.size();
   }
+  size_t n_features() const {
+    return trend_fast.size() + rsi_f.size() + macd_m.size() + bb_f.size() + mom_f.size();
+  }
+  // Switches a kind to the steady form (copies the struct state into BankSteady).
+  void enter_steady_kind(int kind);
 };
 
 // Per-lane parameters (read-only while running).
@@ -122,10 +160,6 @@ struct Layout {
   std::vector<uint32_t> agent_id;    // agent_id of each agent (population order)
   size_t n_agents = 0;
 };
-
-// The feature pass of a bank (defined with the lane kernel, vectorised): every distinct feature
-// from this bar's indicator outputs, 0 where an indicator it reads is not warm.
-void bank_features(Bank& b, double close);
 
 Layout build_layout(const Genome* g, size_t n, int cores_per_sm);
 

@@ -1,6 +1,7 @@
 // The vectorised lane kernel (kernel.cpp, every instruction-set clone) against the scalar
 // lane_step of math.hpp that the CUDA kernels share: bit-identical state and summaries. Also the
 // vectorised feature pass of a bank against the scalar *_feature functions.
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -17,7 +18,9 @@ struct Lanes {
   std::vector<double> w[kFeatures];
   std::vector<int32_t> fidx[kFeatures];
   std::vector<double> entry, cost;
-  std::vector<int32_t> lookback, long_short, active;
+  std::vector<int32_t> lookback, long_short, active, external;
+  std::vector<double> ext_score;
+  int has_external = 0;
   std::vector<double> score, equity, entry_equity, peak, max_dd, ret_sum, ret_sq, credit;
   std::vector<uint32_t> trades, wins, n_ret, quarantined;
   std::vector<int32_t> position, action;
@@ -30,7 +33,8 @@ struct Lanes {
     for (auto* v : {&entry, &cost, &score, &equity, &entry_equity, &peak, &max_dd, &ret_sum, &ret_sq})
       v->resize(n);
     credit.assign(n, 1.0);
-    for (auto* v : {&lookback, &long_short, &active, &position, &action}) v->resize(n);
+    for (auto* v : {&lookback, &long_short, &active, &external, &position, &action}) v->resize(n);
+    ext_score.resize(n);
     for (auto* v : {&trades, &wins, &n_ret, &quarantined}) v->resize(n);
   }
   LaneView view() {
@@ -52,9 +56,9 @@ struct Lanes {
     v.ret_sum = ret_sum.data();
     v.ret_sq = ret_sq.data();
     v.credit = credit.data();
-    v.external = nullptr;
-    v.ext_score = nullptr;
-    v.has_external = 0;
+    v.external = external.data();
+    v.ext_score = ext_score.data();
+    v.has_external = has_external;
     v.trades = trades.data();
     v.wins = wins.data();
     v.n_ret = n_ret.data();
@@ -77,6 +81,7 @@ Summary scalar_step(Lanes& L, int lanes, const double* feat, int32_t t, double r
       fv[f] = feat[L.fidx[f][i]];
     }
     double score = blend(fw, fv);
+    if (L.has_external && L.external[i]) score = L.ext_score[i];
     if (i == poison) score = __builtin_nan("");
     const int warm = t >= L.lookback[i];
     const LaneState cur{L.score[i], L.equity[i],  L.entry_equity[i], L.peak[i],     L.max_dd[i],
@@ -123,30 +128,89 @@ bool same(const std::vector<T>& a, const std::vector<T>& b) {
   return std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 
-// Every feature of a bank recomputed with the scalar feature functions; true when bit-identical.
+// Every feature of a bank recomputed with the scalar feature functions from its indicator outputs;
+// true when bit-identical.
 bool features_match(const Bank& b, double close) {
   const BankValues& v = b.val;
   std::vector<double> f(b.feat.size(), 0.0);
   for (size_t i = 0; i < b.trend_fast.size(); ++i) {
     const int32_t ef = b.trend_fast[i], es = b.trend_slow[i], a = b.trend_atr[i];
     const bool w = v.ema_ok[ef] != 0.0 && v.ema_ok[es] != 0.0 && v.atr_ok[a] != 0.0;
-    f[b.trend_base + i] = w ? trend_feature(b.emas[ef].value, b.emas[es].value, b.atrs[a].value) : 0.0;
+    f[b.trend_base + i] = w ? trend_feature(v.ema[ef], v.ema[es], v.atr[a]) : 0.0;
   }
   for (size_t i = 0; i < b.rsi_f.size(); ++i)
-    f[b.rsi_base + i] = v.rsi_ok[b.rsi_f[i]] != 0.0 ? rsi_feature(b.rsis[b.rsi_f[i]].value) : 0.0;
+    f[b.rsi_base + i] = v.rsi_ok[b.rsi_f[i]] != 0.0 ? rsi_feature(v.rsi[b.rsi_f[i]]) : 0.0;
   for (size_t i = 0; i < b.macd_m.size(); ++i) {
     const int32_t m = b.macd_m[i], a = b.macd_atr[i];
-    f[b.macd_base + i] =
-        (v.macd_ok[m] != 0.0 && v.atr_ok[a] != 0.0) ? macd_feature(b.macds[m].hist, b.atrs[a].value) : 0.0;
+    f[b.macd_base + i] = (v.macd_ok[m] != 0.0 && v.atr_ok[a] != 0.0) ? macd_feature(v.macd_hist[m], v.atr[a]) : 0.0;
   }
   for (size_t i = 0; i < b.bb_f.size(); ++i) {
-    const Ew& e = b.ews[b.bb_f[i]];
-    f[b.bb_base + i] = v.ew_ok[b.bb_f[i]] != 0.0 ? bb_feature(close, e.mean, e.var) : 0.0;
+    const int32_t e = b.bb_f[i];
+    f[b.bb_base + i] = v.ew_ok[e] != 0.0 ? bb_feature(close, v.ew_mean[e], v.ew_var[e]) : 0.0;
   }
   for (size_t i = 0; i < b.mom_f.size(); ++i)
-    f[b.mom_base + i] = v.roc_ok[b.mom_f[i]] != 0.0 ? mom_feature(b.rocs[b.mom_f[i]].value) : 0.0;
+    f[b.mom_base + i] = v.roc_ok[b.mom_f[i]] != 0.0 ? mom_feature(v.roc[b.mom_f[i]]) : 0.0;
   return f.size() == b.feat.size() && std::memcmp(f.data(), b.feat.data(), f.size() * sizeof(double)) == 0;
 }
+
+// The indicators of a bank as plain structs, updated with their scalar update() every bar: the
+// reference for the bank's outputs, which switch to the vectorised steady form after warm-up.
+struct ScalarBank {
+  std::vector<Ema> emas;
+  std::vector<Rsi> rsis;
+  std::vector<Atr> atrs;
+  std::vector<Macd> macds;
+  std::vector<Ew> ews;
+  std::vector<Roc> rocs;
+  std::vector<std::vector<double>> roc_buf;
+  explicit ScalarBank(const Bank& b)
+      : emas(b.emas), rsis(b.rsis), atrs(b.atrs), macds(b.macds), ews(b.ews), rocs(b.rocs) {
+    for (const Roc& r : rocs) roc_buf.emplace_back(static_cast<size_t>(r.n), 0.0);
+  }
+  // Updates and compares with the bank's outputs of the same bar (values and warm flags).
+  bool update_and_match(const Bar& bar, const Bank& b) {
+    int kind = 0;
+    const BankValues& v = b.val;
+    bool ok = true;
+    auto same = [&](double x, double y) {  // reports the first difference
+      if (ok && std::memcmp(&x, &y, sizeof x) != 0)
+        std::fprintf(stderr, "bank kind %d, bar %lld: %.17g (scalar) vs %.17g\n", kind,
+                     static_cast<long long>(b.nbars - 1), x, y);
+      ok = ok && std::memcmp(&x, &y, sizeof x) == 0;
+    };
+    for (size_t i = 0; i < emas.size(); ++i) {
+      same(emas[i].update(bar.close) ? 1.0 : 0.0, v.ema_ok[i]);
+      same(emas[i].value, v.ema[i]);
+    }
+    kind = 1;
+    for (size_t i = 0; i < rsis.size(); ++i) {
+      same(rsis[i].update(bar.close) ? 1.0 : 0.0, v.rsi_ok[i]);
+      same(rsis[i].value, v.rsi[i]);
+    }
+    kind = 2;
+    for (size_t i = 0; i < atrs.size(); ++i) {
+      same(atrs[i].update(bar.high, bar.low, bar.close) ? 1.0 : 0.0, v.atr_ok[i]);
+      same(atrs[i].value, v.atr[i]);
+    }
+    kind = 3;
+    for (size_t i = 0; i < macds.size(); ++i) {
+      same(macds[i].update(bar.close) ? 1.0 : 0.0, v.macd_ok[i]);
+      same(macds[i].hist, v.macd_hist[i]);
+    }
+    kind = 4;
+    for (size_t i = 0; i < ews.size(); ++i) {
+      same(ews[i].update(bar.close) ? 1.0 : 0.0, v.ew_ok[i]);
+      same(ews[i].mean, v.ew_mean[i]);
+      same(ews[i].var, v.ew_var[i]);
+    }
+    kind = 5;
+    for (size_t i = 0; i < rocs.size(); ++i) {
+      same(rocs[i].update(bar.close, roc_buf[i].data()) ? 1.0 : 0.0, v.roc_ok[i]);
+      same(rocs[i].value, v.roc[i]);
+    }
+    return ok;
+  }
+};
 
 void check_bank_features() {
   std::mt19937_64 rng(777);
@@ -172,28 +236,33 @@ void check_bank_features() {
     x.entry = 0.1;
   }
   Layout L = build_layout(g.data(), g.size(), 128);
+  std::vector<ScalarBank> ref;
+  for (const Sm& sm : L.sms) ref.emplace_back(sm.bank);
   std::uniform_real_distribution<double> u(-1.0, 1.0);
   double price = 100.0;
-  bool all_same = true;
-  for (int t = 0; t < 600; ++t) {
+  bool all_same = true, values_same = true;
+  for (int t = 0; t < 800; ++t) {
     // A flat stretch first (zero ATR and variance: the discarded divisions), then a random walk
-    // with the odd zero-range bar.
-    if (t >= 120) price *= 1.0 + 0.01 * u(rng);
-    const double spread = (t < 120 || rng() % 50 == 0) ? 0.0 : 0.002 * price;
+    // with the odd zero-range bar and, once every kind is steady, another flat stretch.
+    const bool flat = t < 120 || (t >= 600 && t < 660);
+    if (!flat) price *= 1.0 + 0.01 * u(rng);
+    const double spread = (flat || rng() % 50 == 0) ? 0.0 : 0.002 * price;
     const Bar bar{t * 60'000'000'000LL, 1, 60, price, price + spread, price - spread, price, 1.0};
-    for (Sm& sm : L.sms) {
-      sm.bank.update(bar);
-      all_same = all_same && features_match(sm.bank, bar.close);
+    for (size_t m = 0; m < L.sms.size(); ++m) {
+      Bank& bank = L.sms[m].bank;
+      bank.update(bar);
+      values_same = values_same && ref[m].update_and_match(bar, bank);
+      all_same = all_same && features_match(bank, bar.close);
     }
   }
+  CHECK(values_same);
   CHECK(all_same);
+  for (const Sm& sm : L.sms)
+    for (int k = 0; k < kBankKinds; ++k) CHECK(sm.bank.steady[k]);  // the steady form was exercised
   CHECK(L.sms.size() >= 3);
 }
 
-}  // namespace
-
-int main() {
-  check_bank_features();
+void check_lanes() {
   std::mt19937_64 rng(12345);
   std::uniform_real_distribution<double> u(-1.0, 1.0);
   for (int lanes : {32, 64, 96, 128}) {
@@ -210,8 +279,10 @@ int main() {
       a.long_short[i] = static_cast<int32_t>(rng() % 2);
       a.active[i] = (rng() % 10) != 0;
       a.credit[i] = (rng() % 3 == 0) ? 1.0 : 0.25 + 3.75 * (u(rng) + 1.0) / 2.0;
+      a.external[i] = rng() % 5 == 0;
       a.equity[i] = a.entry_equity[i] = a.peak[i] = 1.0;
     }
+    a.has_external = lanes % 64 == 0;  // external-score lanes in half of the sizes
     Lanes b = a;
     LaneView va = a.view();
     std::vector<double> feat(n_feat);
@@ -220,6 +291,7 @@ int main() {
     for (int32_t t = 0; t < 400; ++t) {
       feat[0] = 0.0;
       for (int k = 1; k < n_feat; ++k) feat[k] = u(rng);
+      for (int i = 0; i < lanes; ++i) a.ext_score[i] = b.ext_score[i] = u(rng);
       const double ret = t == 0 ? 0.0 : 0.01 * u(rng);
       const int poison = (t == 200) ? 5 : -1;
       const Summary sv = sm_step(va, lanes, feat.data(), t, ret, poison, updates, quarantined);
@@ -239,5 +311,19 @@ int main() {
     CHECK(updates > 0);
     CHECK_EQ(quarantined, a.active[5] ? 1u : 0u);
   }
+}
+
+}  // namespace
+
+int main() {
+  // Every instruction-set variant this CPU runs: the baseline, x86-64-v3, x86-64-v4.
+  const int best = kernel_isa();
+  for (int level : {0, 3, 4}) {
+    if (set_kernel_isa(level) != level) continue;
+    check_bank_features();
+    check_lanes();
+    std::printf("kernel: instruction-set level %d checked\n", level);
+  }
+  set_kernel_isa(best);
   return finish("kernel");
 }
