@@ -382,13 +382,14 @@ void Engine::fuse(uint64_t p) {
   latency_[b].fetch_add(1, std::memory_order_relaxed);
   // release: the signal is written before it is marked ready.
   s.ready.store(1, std::memory_order_release);
-  notify_ready();
+  notify_ready(p);
 }
 
-void Engine::notify_ready() {
-  // seq_cst fence: pairs with the consumer's increment of ready_waiters_ before it re-checks.
+void Engine::notify_ready(uint64_t p) {
+  // seq_cst fence: pairs with the consumer's increment of ready_waiters_ before it re-checks;
+  // acquire: the position it waits for was stored before that increment.
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (ready_waiters_.load(std::memory_order_relaxed) > 0) {
+  if (ready_waiters_.load(std::memory_order_acquire) > 0 && wake_pos_.load(std::memory_order_relaxed) == p) {
     std::lock_guard<std::mutex> lk(wait_m_);
     ready_cv_.notify_all();
   }
@@ -509,30 +510,47 @@ size_t Engine::drain(Signal* out, size_t max_n) {
   return k;
 }
 
-size_t Engine::wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns) {
+size_t Engine::wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, size_t min_n) {
   size_t k = drain(out, max_n);
   if (k || timeout_ns == 0 || max_n == 0) return k;
-  const int64_t t_start = now_ns();
-  const int64_t spin = timeout_ns < 0 ? kSpinNs : std::min(kSpinNs, timeout_ns);
-  while (now_ns() - t_start < spin) {
-    if ((k = drain(out, max_n))) return k;
-    cpu_relax();
-  }
-  ready_waiters_.fetch_add(1, std::memory_order_seq_cst);
-  {
-    std::unique_lock<std::mutex> lk(wait_m_);
-    auto ready = [&] {
-      const uint64_t t = tail_.load(std::memory_order_relaxed);
-      return stop_.load(std::memory_order_relaxed) ||
-             (t < head_.load(std::memory_order_acquire) && slot(t).ready.load(std::memory_order_acquire));
-    };
-    if (timeout_ns < 0) {
-      while (!ready()) ready_cv_.wait_for(lk, std::chrono::milliseconds(100));
-    } else {
-      ready_cv_.wait_until(lk, std::chrono::steady_clock::now() + std::chrono::nanoseconds(timeout_ns - spin), ready);
+  int64_t spin = 0;
+  if (min_n <= 1) {  // a consumer waiting for the next signal spins first (latency)
+    const int64_t t_start = now_ns();
+    spin = timeout_ns < 0 ? kSpinNs : std::min(kSpinNs, timeout_ns);
+    while (now_ns() - t_start < spin) {
+      if ((k = drain(out, max_n))) return k;
+      cpu_relax();
     }
   }
-  ready_waiters_.fetch_sub(1, std::memory_order_relaxed);
+  // Sleep until the next min_n bars in flight (all there are, if fewer) are ready, waiting for
+  // one at a time: only the fuser of the awaited bar wakes us, so a batch consumer is not woken
+  // once per bar.
+  const uint64_t t = tail_.load(std::memory_order_relaxed);  // only we move the tail
+  const uint64_t h = head_.load(std::memory_order_acquire);
+  const uint64_t last = t + (h > t ? std::min<uint64_t>(std::max<size_t>(min_n, 1), h - t) - 1 : 0);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(timeout_ns < 0 ? 0 : timeout_ns - spin);
+  uint64_t want = t;
+  while (true) {
+    while (want < last && slot(want).ready.load(std::memory_order_acquire)) ++want;
+    wake_pos_.store(want, std::memory_order_seq_cst);
+    ready_waiters_.fetch_add(1, std::memory_order_seq_cst);
+    bool woke;
+    {
+      std::unique_lock<std::mutex> lk(wait_m_);
+      auto ready = [&] {
+        return stop_.load(std::memory_order_relaxed) ||
+               (want < head_.load(std::memory_order_acquire) && slot(want).ready.load(std::memory_order_acquire));
+      };
+      if (timeout_ns < 0) {
+        while (!ready()) ready_cv_.wait_for(lk, std::chrono::milliseconds(100));
+        woke = true;
+      } else {
+        woke = ready_cv_.wait_until(lk, deadline, ready);
+      }
+    }
+    ready_waiters_.fetch_sub(1, std::memory_order_relaxed);
+    if (!woke || want >= last || stop_.load(std::memory_order_relaxed)) break;
+  }
   return drain(out, max_n);
 }
 
@@ -585,7 +603,7 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
         if (drain_to) {  // run(): the caller is the consumer
           std::lock_guard<std::mutex> lk(egress_m_);
           Signal buf[256];
-          const size_t k = wait_and_drain(buf, 256, 100'000'000);
+          const size_t k = wait_and_drain(buf, 256, 100'000'000, drain_batch());
           drain_to->insert(drain_to->end(), buf, buf + k);
         } else if (wait_for_space) {
           space_waiters_.fetch_add(1, std::memory_order_seq_cst);
@@ -673,7 +691,7 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
   while (tail_.load(std::memory_order_acquire) < head_.load(std::memory_order_acquire)) {
     if (stop_.load()) throw std::logic_error("engine is closed");
     std::lock_guard<std::mutex> eg(egress_m_);
-    const size_t k = wait_and_drain(buf, 256, 100'000'000);
+    const size_t k = wait_and_drain(buf, 256, 100'000'000, drain_batch());
     out.insert(out.end(), buf, buf + k);
   }
   stats_.busy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -11,6 +11,7 @@
 // into the slot; the worker finishing the last SM fuses the summaries in SM-index order into the
 // signal and marks the slot ready; poll() hands ready slots out in position (= bar) order.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -228,7 +229,7 @@ class Engine {
   void sentinel_main();
   void move_sm(uint32_t m, int from);
   void wake_worker(int w);
-  void notify_ready();
+  void notify_ready(uint64_t p);
   bool claim_space(std::unique_lock<std::mutex>& ingress);
   size_t ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wait_for_space,
                 std::vector<Signal>* drain_to);
@@ -237,7 +238,11 @@ class Engine {
   void journal_inputs(const Bar* bars, size_t n, uint32_t n_registered);
   void journal_withdrawn(size_t from);
   void journal_signals(const Signal* s, size_t k);
-  size_t wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns);
+  // Drains up to max_n ready signals; if none is ready, waits up to timeout_ns for the min_n-th
+  // bar in flight (or the last one in flight) to be ready, then drains.
+  size_t wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, size_t min_n = 1);
+  // Signals run() waits for at a time once the window is full: a quarter of it, at most 256.
+  size_t drain_batch() const { return std::max<size_t>(1, std::min<size_t>(256, cap_ / 4)); }
   void wait_idle();  // every claimed bar processed by all its SMs; caller holds ingress_m_
   bool read_slot(uint64_t q, uint32_t& stream, uint64_t& sidx);
   void dead_letter(const Bar& b, uint64_t index, Reason r);
@@ -281,6 +286,7 @@ class Engine {
   std::mutex wait_m_;
   std::condition_variable ready_cv_, space_cv_;
   std::atomic<int32_t> ready_waiters_{0}, space_waiters_{0};
+  std::atomic<uint64_t> wake_pos_{0};  // the position the waiting consumer waits for
 
   std::atomic<uint64_t> latency_[kLatencyBuckets] = {};
   std::atomic<uint64_t> failovers_{0};
