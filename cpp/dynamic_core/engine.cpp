@@ -97,32 +97,74 @@ Engine::Engine(const Genome* genomes, size_t n, const EngineConfig& cfg)
 
   slots_.reset(new Slot[cap_]);
   summ_.resize(static_cast<size_t>(cap_) * max_sms_);
-  smrt_.reset(new SmRuntime[layout_.sms.size()]);
   strt_.reset(new StreamRuntime[std::max<size_t>(layout_.streams.size(), 1)]);
-
-  // SMs to workers: contiguous ranges balanced by lane count. Only which thread runs an SM
-  // depends on this; results do not.
-  const int threads = cfg.threads;
-  n_workers_ = threads + 1;  // the last one is the standby
-  uint64_t total = 0, acc = 0;
-  for (const Sm& sm : layout_.sms) total += sm.n_warps * kWarpSize;
+  n_workers_ = cfg.threads + 1;  // the last one is the standby
+  form_groups();
   const int64_t t_start = now_ns();
-  for (uint32_t m = 0; m < layout_.sms.size(); ++m) {
-    const int w = total ? static_cast<int>(std::min<uint64_t>(threads - 1, acc * threads / total)) : 0;
-    acc += layout_.sms[m].n_warps * kWarpSize;
-    smrt_[m].owner.store(w, std::memory_order_relaxed);
-    smrt_[m].beat_ns.store(t_start, std::memory_order_relaxed);
-    strt_[layout_.sms[m].stream].workers.fetch_or(1ull << w, std::memory_order_relaxed);
-  }
+  for (uint32_t g = 0; g < groups_.size(); ++g) grt_[g].beat_ns.store(t_start, std::memory_order_relaxed);
   t0_ = std::chrono::steady_clock::now();
   for (int w = 0; w < n_workers_; ++w) {
     workers_.push_back(std::make_unique<Worker>(cap_));
-    workers_.back()->standby = w == threads;
+    workers_.back()->standby = w == cfg.threads;
     workers_.back()->beat_ns.store(t_start, std::memory_order_relaxed);
   }
   dead_.reserve(std::min<uint32_t>(cfg.dead_letter_capacity, 1024));
   for (int w = 0; w < n_workers_; ++w) workers_[w]->thread = std::thread([this, w] { worker_main(w); });
   sentinel_ = std::thread([this] { sentinel_main(); });
+}
+
+// Groups and their first owners. Every stream is cut into min(SMs, threads) groups of
+// contiguous SMs, near-equal in size, and its groups go to distinct workers, the least loaded
+// (in lanes) first: each bar is shared among the workers, which keeps every one busy on a live
+// feed, and the load stays balanced. Each group gets one bank merged from its SMs' banks, and
+// its lanes' feature indices are remapped into it. Only performance depends on this.
+void Engine::form_groups() {
+  const int threads = cfg_.threads;
+  std::vector<uint64_t> load(threads, 0);
+  stream_groups_.assign(1, 0);
+  group_of_.assign(layout_.sms.size(), 0);
+  std::vector<int> owner;
+  for (uint32_t s = 0; s < layout_.streams.size(); ++s) {
+    const Stream& st = layout_.streams[s];
+    const uint32_t k = st.sm_end - st.sm_begin;
+    const uint32_t ng = std::min<uint32_t>(k, static_cast<uint32_t>(threads));
+    std::vector<int> order(threads);
+    for (int w = 0; w < threads; ++w) order[w] = w;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return load[a] < load[b]; });
+    for (uint32_t j = 0; j < ng; ++j) {
+      Group grp{};
+      grp.stream = s;
+      grp.sm_begin = st.sm_begin + static_cast<uint32_t>(static_cast<uint64_t>(j) * k / ng);
+      grp.sm_end = st.sm_begin + static_cast<uint32_t>(static_cast<uint64_t>(j + 1) * k / ng);
+      grp.lane_begin = layout_.sms[grp.sm_begin].lane_begin;
+      std::vector<const Bank*> banks;
+      for (uint32_t m = grp.sm_begin; m < grp.sm_end; ++m) {
+        banks.push_back(&layout_.sms[m].bank);
+        grp.lanes += layout_.sms[m].n_warps * kWarpSize;
+        group_of_[m] = static_cast<uint32_t>(groups_.size());
+      }
+      std::vector<std::vector<int32_t>> map;
+      grp.bank = merge_banks(banks, map);
+      for (uint32_t m = grp.sm_begin; m < grp.sm_end; ++m) {
+        const Sm& sm = layout_.sms[m];
+        const std::vector<int32_t>& mk = map[m - grp.sm_begin];
+        for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l)
+          for (int f = 0; f < kFeatures; ++f) lanes_.fidx[f][l] = mk[static_cast<size_t>(lanes_.fidx[f][l])];
+      }
+      const int w = order[j];
+      load[w] += grp.lanes;
+      owner.push_back(w);
+      groups_.push_back(std::move(grp));
+    }
+    stream_groups_.push_back(static_cast<uint32_t>(groups_.size()));
+  }
+  // The SMs' own banks only describe them now (layout()): their per-bar state is not needed.
+  for (Sm& sm : layout_.sms) sm.bank.release_state();
+  grt_.reset(new GroupRuntime[std::max<size_t>(groups_.size(), 1)]);
+  for (uint32_t g = 0; g < groups_.size(); ++g) {
+    grt_[g].owner.store(owner[g], std::memory_order_relaxed);
+    strt_[groups_[g].stream].workers.fetch_or(1ull << owner[g], std::memory_order_relaxed);
+  }
 }
 
 Engine::~Engine() { close(); }
@@ -175,16 +217,16 @@ void Engine::worker_main(int w) {
   while (true) {
     const uint32_t gen = me.adopt_gen.load(std::memory_order_acquire);
     if (gen != seen_adopt) {
-      std::vector<uint32_t> sms;
+      std::vector<uint32_t> adopted;
       {
         std::lock_guard<std::mutex> lk(me.adopt_m);
-        sms.swap(me.adopt);
+        adopted.swap(me.adopt);
       }
       seen_adopt = gen;
       // seq_cst: the sentinel set this worker's stream bit before posting the adoption, so any
       // bar claimed before this load is either below it or also pushed into this ring.
       const uint64_t until = head_.load(std::memory_order_seq_cst);
-      for (uint32_t m : sms) catch_up(w, m, until);
+      for (uint32_t g : adopted) catch_up(w, g, until);
       me.beat_ns.store(now_ns(), std::memory_order_relaxed);
     }
     size_t n = 0;
@@ -252,40 +294,46 @@ void Engine::process_batch(int w, const uint64_t* pos, size_t n) {
     auto& list = lists[s];
     auto& cnt = done[s];
     cnt.assign(list.size(), 0);
-    const Stream& st = layout_.streams[s];
-    for (uint32_t m = st.sm_begin; m < st.sm_end; ++m)
-      if (smrt_[m].owner.load(std::memory_order_relaxed) == w) run_sm(w, m, list.data(), list.size(), cnt.data());
+    for (uint32_t g = stream_groups_[s]; g < stream_groups_[s + 1]; ++g)
+      if (grt_[g].owner.load(std::memory_order_relaxed) == w) run_group(w, g, list.data(), list.size(), cnt.data());
     for (size_t k = 0; k < list.size(); ++k)
       if (cnt[k]) finish_units(list[k], cnt[k]);
     list.clear();
   }
 }
 
-void Engine::unit(uint32_t m, uint64_t p, int poison, uint64_t& updates) {
-  Sm& sm = layout_.sms[m];
+void Engine::unit(uint32_t g, uint64_t p, int poison, uint64_t& updates) {
+  Group& grp = groups_[g];
+  Bank& bank = grp.bank;
   Slot& s = slot(p);
-  sm.bank.update(s.bar);
-  const int32_t t = static_cast<int32_t>(sm.bank.nbars - 1 < INT32_MAX ? sm.bank.nbars - 1 : INT32_MAX);
-  LaneView v = lane_view(sm.lane_begin);
-  v.has_external = static_cast<int>(sm.has_external);
+  bank.update(s.bar);
+  const int32_t t = static_cast<int32_t>(bank.nbars - 1 < INT32_MAX ? bank.nbars - 1 : INT32_MAX);
+  Summary* out = summaries(p);
+  const uint32_t first = layout_.streams[grp.stream].sm_begin;
   uint64_t q = 0;
-  summaries(p)[m - layout_.streams[sm.stream].sm_begin] =
-      sm_step(v, static_cast<int>(sm.n_warps) * kWarpSize, sm.bank.feat.data(), t, sm.bank.ret, poison, updates, q);
-  if (q) smrt_[m].quarantined.fetch_add(q, std::memory_order_relaxed);
+  for (uint32_t m = grp.sm_begin; m < grp.sm_end; ++m) {
+    const Sm& sm = layout_.sms[m];
+    LaneView v = lane_view(sm.lane_begin);
+    v.has_external = static_cast<int>(sm.has_external);
+    const int lanes = static_cast<int>(sm.n_warps) * kWarpSize;
+    const int at = poison - static_cast<int>(sm.lane_begin - grp.lane_begin);  // poisoned lane in this SM
+    out[m - first] = sm_step(v, lanes, bank.feat.data(), t, bank.ret, at >= 0 && at < lanes ? at : -1, updates, q);
+  }
+  if (q) grt_[g].quarantined.fetch_add(q, std::memory_order_relaxed);
 }
 
-bool Engine::claim(int w, uint32_t m) {
-  SmRuntime& r = smrt_[m];
+bool Engine::claim(int w, uint32_t g) {
+  GroupRuntime& r = grt_[g];
   // Busy first, then check ownership (seq_cst both; the sentinel does the mirror image: owner
-  // first, then busy), so an SM is never run by two workers.
+  // first, then busy), so a group is never run by two workers.
   r.busy.store(1, std::memory_order_seq_cst);
   if (r.owner.load(std::memory_order_seq_cst) == w) return true;
   r.busy.store(0, std::memory_order_release);
   return false;
 }
 
-void Engine::release(int w, uint32_t m, uint64_t np, uint64_t updates) {
-  SmRuntime& r = smrt_[m];
+void Engine::release(int w, uint32_t g, uint64_t np, uint64_t updates) {
+  GroupRuntime& r = grt_[g];
   // release: the state written while claimed is visible to whoever reads nproc with acquire.
   r.nproc.store(np, std::memory_order_release);
   r.beat_ns.store(now_ns(), std::memory_order_relaxed);
@@ -293,16 +341,17 @@ void Engine::release(int w, uint32_t m, uint64_t np, uint64_t updates) {
   workers_[w]->updates.fetch_add(updates, std::memory_order_relaxed);
 }
 
-void Engine::replay(uint32_t m, uint64_t until_pos, uint64_t& np, int& poison, uint64_t& updates) {
-  SmRuntime& r = smrt_[m];
-  const uint32_t stream = layout_.sms[m].stream;
-  // Positions below the tail are complete (this SM included), so the scan starts at or after it.
+void Engine::replay(uint32_t g, uint64_t until_pos, uint64_t& np, int& poison, uint64_t& updates) {
+  GroupRuntime& r = grt_[g];
+  const uint32_t stream = groups_[g].stream;
+  // Positions below the tail are complete (this group included), so the scan starts at or after
+  // it.
   const uint64_t from = std::max(r.last_pos, tail_.load(std::memory_order_acquire));
   for (uint64_t q = from; q < until_pos; ++q) {
     uint32_t qs;
     uint64_t qi;
     if (!read_slot(q, qs, qi) || qs != stream || qi != np) continue;
-    unit(m, q, poison, updates);
+    unit(g, q, poison, updates);
     poison = -1;
     ++np;
     r.last_pos = q + 1;
@@ -310,9 +359,9 @@ void Engine::replay(uint32_t m, uint64_t until_pos, uint64_t& np, int& poison, u
   }
 }
 
-bool Engine::run_sm(int w, uint32_t m, const uint64_t* pos, size_t n, uint32_t* done) {
-  SmRuntime& r = smrt_[m];
-  if (faults_) {  // fault injection: a stall before the SM is claimed
+bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_t* done) {
+  GroupRuntime& r = grt_[g];
+  if (faults_) {  // fault injection: a stall before the group is claimed
     int64_t ns = r.stall_ns.exchange(0, std::memory_order_acq_rel);
     const int64_t until = now_ns() + ns;
     while (ns > 0 && !stop_.load(std::memory_order_relaxed)) {
@@ -320,7 +369,7 @@ bool Engine::run_sm(int w, uint32_t m, const uint64_t* pos, size_t n, uint32_t* 
       ns = until - now_ns();
     }
   }
-  if (!claim(w, m)) return false;
+  if (!claim(w, g)) return false;
   int poison = faults_ ? r.poison.exchange(-1, std::memory_order_acq_rel) : -1;
   uint64_t updates = 0;
   uint64_t np = r.nproc.load(std::memory_order_relaxed);
@@ -328,24 +377,24 @@ bool Engine::run_sm(int w, uint32_t m, const uint64_t* pos, size_t n, uint32_t* 
     const uint64_t p = pos[k];
     const uint64_t sidx = slot(p).sidx.load(std::memory_order_relaxed);
     if (sidx < np) continue;                           // done during a catch-up
-    if (sidx > np) replay(m, p, np, poison, updates);  // bars missed before it was moved here
-    unit(m, p, poison, updates);
+    if (sidx > np) replay(g, p, np, poison, updates);  // bars missed before it was moved here
+    unit(g, p, poison, updates);
     poison = -1;
     ++np;
     r.last_pos = p + 1;
     ++done[k];
   }
-  release(w, m, np, updates);
+  release(w, g, np, updates);
   return true;
 }
 
-void Engine::catch_up(int w, uint32_t m, uint64_t until_pos) {
-  if (!claim(w, m)) return;
-  uint64_t np = smrt_[m].nproc.load(std::memory_order_relaxed);
+void Engine::catch_up(int w, uint32_t g, uint64_t until_pos) {
+  if (!claim(w, g)) return;
+  uint64_t np = grt_[g].nproc.load(std::memory_order_relaxed);
   uint64_t updates = 0;
   int poison = -1;
-  replay(m, until_pos, np, poison, updates);
-  release(w, m, np, updates);
+  replay(g, until_pos, np, poison, updates);
+  release(w, g, np, updates);
 }
 
 void Engine::finish_units(uint64_t p, uint32_t count) {
@@ -405,14 +454,14 @@ void Engine::sentinel_main() {
     sentinel_cv_.wait_for(lk, period);
     if (stop_.load(std::memory_order_acquire)) break;
     const int64_t now = now_ns();
-    for (uint32_t m = 0; m < layout_.sms.size(); ++m) {
-      SmRuntime& r = smrt_[m];
+    for (uint32_t g = 0; g < groups_.size(); ++g) {
+      GroupRuntime& r = grt_[g];
       const int32_t owner = r.owner.load(std::memory_order_seq_cst);
-      if (owner < 0) {  // a move waiting for the old owner to leave the SM
-        if (r.busy.load(std::memory_order_seq_cst) == 0) move_sm(m, -1);
+      if (owner < 0) {  // a move waiting for the old owner to leave the group
+        if (r.busy.load(std::memory_order_seq_cst) == 0) move_group(g, -1);
         continue;
       }
-      const uint64_t claimed = strt_[layout_.sms[m].stream].claimed.load(std::memory_order_acquire);
+      const uint64_t claimed = strt_[groups_[g].stream].claimed.load(std::memory_order_acquire);
       const uint64_t np = r.nproc.load(std::memory_order_acquire);
       if (claimed <= np || np != r.seen_nproc || r.pending_since == 0) {
         // idle or progressing: reset the watch
@@ -427,24 +476,24 @@ void Engine::sentinel_main() {
         r.status.store(static_cast<uint32_t>(SmStatus::Stalled), std::memory_order_relaxed);
         r.stalls.fetch_add(1, std::memory_order_relaxed);
         r.pending_since = 0;
-        move_sm(m, owner);
+        move_group(g, owner);
       }
     }
   }
 }
 
-// Moves SM m away from worker `from` (from < 0: finish a move started earlier).
-void Engine::move_sm(uint32_t m, int from) {
-  SmRuntime& r = smrt_[m];
+// Moves group g away from worker `from` (from < 0: finish a move started earlier).
+void Engine::move_group(uint32_t g, int from) {
+  GroupRuntime& r = grt_[g];
   static thread_local std::vector<int> move_from;
-  if (move_from.size() < layout_.sms.size()) move_from.resize(layout_.sms.size(), -1);
+  if (move_from.size() < groups_.size()) move_from.resize(groups_.size(), -1);
   if (from >= 0) {
-    move_from[m] = from;
-    // seq_cst: mirror image of the claim in run_sm (owner first, then busy).
+    move_from[g] = from;
+    // seq_cst: mirror image of the claim in run_group (owner first, then busy).
     r.owner.store(-1, std::memory_order_seq_cst);
     if (r.busy.load(std::memory_order_seq_cst)) return;  // finished on a later tick
   }
-  from = move_from[m];
+  from = move_from[g];
   const int standby = n_workers_ - 1;
   int target = standby;
   const int64_t now = now_ns();
@@ -455,8 +504,9 @@ void Engine::move_sm(uint32_t m, int from) {
     size_t best = SIZE_MAX;
     for (int w = 0; w < n_workers_; ++w) {
       if (w == from || !fresh(w)) continue;
-      size_t owned = 0;
-      for (uint32_t k = 0; k < layout_.sms.size(); ++k) owned += smrt_[k].owner.load(std::memory_order_relaxed) == w;
+      size_t owned = 0;  // lanes
+      for (uint32_t k = 0; k < groups_.size(); ++k)
+        owned += grt_[k].owner.load(std::memory_order_relaxed) == w ? groups_[k].lanes : 0;
       if (owned < best) {
         best = owned;
         target = w;
@@ -464,7 +514,7 @@ void Engine::move_sm(uint32_t m, int from) {
     }
     if (best == SIZE_MAX) target = from == standby ? 0 : standby;
   }
-  const uint32_t s = layout_.sms[m].stream;
+  const uint32_t s = groups_[g].stream;
   // The new owner's stream bit is set before the adoption is posted (see worker_main).
   strt_[s].workers.fetch_or(1ull << target, std::memory_order_seq_cst);
   r.owner.store(target, std::memory_order_seq_cst);
@@ -472,14 +522,14 @@ void Engine::move_sm(uint32_t m, int from) {
   {
     Worker& t = *workers_[target];
     std::lock_guard<std::mutex> lk(t.adopt_m);
-    t.adopt.push_back(m);
+    t.adopt.push_back(g);
     t.adopt_gen.fetch_add(1, std::memory_order_release);
   }
   workers_[target]->wake.fetch_add(1, std::memory_order_release);
   workers_[target]->wake.notify_one();
   bool still = false;
-  const Stream& st = layout_.streams[s];
-  for (uint32_t k = st.sm_begin; k < st.sm_end; ++k) still |= smrt_[k].owner.load(std::memory_order_relaxed) == from;
+  for (uint32_t k = stream_groups_[s]; k < stream_groups_[s + 1]; ++k)
+    still |= grt_[k].owner.load(std::memory_order_relaxed) == from;
   if (!still && from != target) strt_[s].workers.fetch_and(~(1ull << from), std::memory_order_seq_cst);
   failovers_.fetch_add(1, std::memory_order_relaxed);
 }
@@ -637,12 +687,12 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
     sl.t_in = now_ns();
     sl.stream.store(s, std::memory_order_relaxed);
     sl.sidx.store(st->nbars - 1, std::memory_order_relaxed);
-    sl.remaining.store(st->sm_end - st->sm_begin, std::memory_order_relaxed);
+    sl.remaining.store(stream_groups_[s + 1] - stream_groups_[s], std::memory_order_relaxed);
     sl.ready.store(0, std::memory_order_relaxed);
     // release: the slot's fields are visible to whoever reads the tag with acquire.
     sl.tag.store(p + 1, std::memory_order_release);
     strt_[s].claimed.fetch_add(1, std::memory_order_release);
-    // seq_cst: pairs with the sentinel's seq_cst update of the stream's worker bits (see move_sm).
+    // seq_cst: pairs with the sentinel's seq_cst update of the stream's worker bits (see move_group).
     head_.store(p + 1, std::memory_order_seq_cst);
     const size_t depth = p + 1 - tail_.load(std::memory_order_relaxed);
     if (depth > window_hwm_.load(std::memory_order_relaxed)) window_hwm_.store(depth, std::memory_order_relaxed);
@@ -702,9 +752,9 @@ void Engine::wait_idle() {
   // Caller holds ingress_m_, so nothing new is claimed meanwhile.
   while (true) {
     bool idle = true;
-    for (uint32_t m = 0; m < layout_.sms.size() && idle; ++m)
-      idle = smrt_[m].nproc.load(std::memory_order_acquire) ==
-             strt_[layout_.sms[m].stream].claimed.load(std::memory_order_acquire);
+    for (uint32_t g = 0; g < groups_.size() && idle; ++g)
+      idle = grt_[g].nproc.load(std::memory_order_acquire) ==
+             strt_[groups_[g].stream].claimed.load(std::memory_order_acquire);
     if (idle || closed_) return;
     std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
@@ -726,7 +776,7 @@ uint64_t Engine::agent_updates() const {
 
 uint64_t Engine::quarantined() const {
   uint64_t q = 0;
-  for (uint32_t m = 0; m < layout_.sms.size(); ++m) q += smrt_[m].quarantined.load(std::memory_order_relaxed);
+  for (uint32_t g = 0; g < groups_.size(); ++g) q += grt_[g].quarantined.load(std::memory_order_relaxed);
   return q;
 }
 
@@ -742,8 +792,8 @@ double Engine::uptime_s() const {
 std::vector<Engine::SmHealth> Engine::sm_health() const {
   const int64_t now = now_ns();
   std::vector<SmHealth> out(layout_.sms.size());
-  for (uint32_t m = 0; m < layout_.sms.size(); ++m) {
-    const SmRuntime& r = smrt_[m];
+  for (uint32_t m = 0; m < layout_.sms.size(); ++m) {  // each SM as its group
+    const GroupRuntime& r = grt_[group_of_[m]];
     const uint64_t np = r.nproc.load(std::memory_order_acquire);
     const uint64_t claimed = strt_[layout_.sms[m].stream].claimed.load(std::memory_order_acquire);
     // An SM with nothing pending is as fresh as now.
@@ -760,7 +810,8 @@ std::vector<Engine::WorkerHealth> Engine::worker_health() const {
   for (int w = 0; w < n_workers_; ++w) {
     const Worker& k = *workers_[w];
     size_t sms = 0;
-    for (uint32_t m = 0; m < layout_.sms.size(); ++m) sms += smrt_[m].owner.load(std::memory_order_relaxed) == w;
+    for (uint32_t g = 0; g < groups_.size(); ++g)
+      sms += grt_[g].owner.load(std::memory_order_relaxed) == w ? groups_[g].sm_end - groups_[g].sm_begin : 0;
     const bool parked = k.sleeping.load(std::memory_order_relaxed) != 0;
     out.push_back(WorkerHealth{k.ring.size(), k.hwm.load(std::memory_order_relaxed), sms,
                                parked ? 0.0 : std::max<int64_t>(0, now - k.beat_ns.load(std::memory_order_relaxed)) * 1e-9,
@@ -778,7 +829,7 @@ std::vector<uint64_t> Engine::latency_histogram() const {
 void Engine::inject_stall(uint32_t sm, int64_t ns) {
   if (!faults_) throw std::logic_error("fault injection is not armed (EngineConfig::fault_injection)");
   if (sm >= layout_.sms.size()) throw std::out_of_range("no such SM");
-  smrt_[sm].stall_ns.store(ns, std::memory_order_release);
+  grt_[group_of_[sm]].stall_ns.store(ns, std::memory_order_release);
 }
 
 void Engine::inject_poison(uint32_t agent) {
@@ -788,7 +839,8 @@ void Engine::inject_poison(uint32_t agent) {
   for (uint32_t m = 0; m < layout_.sms.size(); ++m) {
     const Sm& sm = layout_.sms[m];
     if (lane >= sm.lane_begin && lane < sm.lane_begin + sm.n_warps * kWarpSize) {
-      smrt_[m].poison.store(static_cast<int32_t>(lane - sm.lane_begin), std::memory_order_release);
+      const uint32_t g = group_of_[m];
+      grt_[g].poison.store(static_cast<int32_t>(lane - groups_[g].lane_begin), std::memory_order_release);
       return;
     }
   }
@@ -951,10 +1003,11 @@ void Engine::agents(AgentRecord* out) {
     out[a] = r;
   }
   // fields that depend on the SM/stream of the lane
-  for (const Sm& sm : layout_.sms) {
+  for (uint32_t m = 0; m < layout_.sms.size(); ++m) {
+    const Sm& sm = layout_.sms[m];
     const Stream& st = layout_.streams[sm.stream];
     const double per_year = 31557600.0 / static_cast<double>(st.timeframe);
-    const int64_t t = sm.bank.nbars - 1;
+    const int64_t t = groups_[group_of_[m]].bank.nbars - 1;  // bars of the stream seen
     for (uint32_t l = 0; l < sm.n_warps * kWarpSize; ++l) {
       const uint32_t lane = sm.lane_begin + l;
       const uint32_t a = layout_.lane_agent[lane];

@@ -6,10 +6,16 @@
 // stalled worker to it; the sentinel thread watches per-SM heartbeats.
 //
 // Data path of one bar: ingress claims the next slot of a bounded window (backpressure when
-// full), pushes the slot's position into the ring of every worker owning an SM of the bar's
-// stream; each worker runs those SMs (bank update + lane kernel) and writes one summary per SM
-// into the slot; the worker finishing the last SM fuses the summaries in SM-index order into the
-// signal and marks the slot ready; poll() hands ready slots out in position (= bar) order.
+// full), pushes the slot's position into the ring of every worker owning a group of the bar's
+// stream; each worker runs those groups (bank update + lane kernel of each SM) and writes one
+// summary per SM into the slot; the worker finishing the last group fuses the summaries in
+// SM-index order into the signal and marks the slot ready; poll() hands ready slots out in
+// position (= bar) order.
+//
+// Groups: the SMs of a stream are cut into at most `threads` contiguous groups, each run by one
+// worker with one bank shared by its SMs (merge_banks): every indicator and feature is updated
+// once per group instead of once per SM. Groups are the unit of ownership and failover; which
+// group a SM is in, and which worker runs it, changes no result.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -73,8 +79,8 @@ size_t validate_bars(const Bar* bars, size_t n, uint32_t n_registered, uint32_t*
 
 enum class SmStatus : uint32_t { Ok = 0, Stalled = 1, Moving = 2 };
 
-// Per-SM runtime state. Written by the owning worker, except owner/status (sentinel).
-struct alignas(kCacheLine) SmRuntime {
+// Per-group runtime state. Written by the owning worker, except owner/status (sentinel).
+struct alignas(kCacheLine) GroupRuntime {
   std::atomic<int32_t> owner{0};
   std::atomic<int32_t> busy{0};
   std::atomic<uint64_t> nproc{0};     // bars of its stream processed (published after the state)
@@ -82,7 +88,7 @@ struct alignas(kCacheLine) SmRuntime {
   std::atomic<uint32_t> status{0};    // SmStatus
   std::atomic<uint32_t> stalls{0};    // times detected stalled
   std::atomic<int64_t> stall_ns{0};   // fault injection: sleep this long before the next unit
-  std::atomic<int32_t> poison{-1};    // fault injection: lane whose next score is NaN
+  std::atomic<int32_t> poison{-1};    // fault injection: lane (in the group) whose next score is NaN
   std::atomic<uint64_t> quarantined{0};
   uint64_t last_pos = 0;              // owner only: position of the last bar processed + 1
   // sentinel only
@@ -176,7 +182,7 @@ class Engine {
   double uptime_s() const;
 
   // Fault injection (only with cfg.fault_injection; throws std::logic_error otherwise).
-  void inject_stall(uint32_t sm, int64_t ns);
+  void inject_stall(uint32_t sm, int64_t ns);  // stalls the group of SM sm
   void inject_poison(uint32_t agent);  // population index
 
  private:
@@ -204,30 +210,39 @@ class Engine {
     std::atomic<size_t> hwm{0};
     std::atomic<uint32_t> adopt_gen{0};
     std::mutex adopt_m;
-    std::vector<uint32_t> adopt;  // SMs handed over by the sentinel, guarded by adopt_m
+    std::vector<uint32_t> adopt;  // groups handed over by the sentinel, guarded by adopt_m
     bool standby = false;
   };
   struct alignas(kCacheLine) StreamRuntime {
     std::atomic<uint64_t> claimed{0};  // bars of this stream claimed by ingress
-    std::atomic<uint64_t> workers{0};  // bit per worker owning an SM of it
+    std::atomic<uint64_t> workers{0};  // bit per worker owning a group of it
+  };
+  // SMs [sm_begin, sm_end) of one stream, sharing one bank and run by one worker at a time.
+  struct Group {
+    uint32_t stream;
+    uint32_t sm_begin, sm_end;
+    uint32_t lane_begin;  // first lane of its first SM
+    uint32_t lanes;
+    Bank bank;
   };
 
   void worker_main(int w);
   void process_batch(int w, const uint64_t* pos, size_t n);
-  // Runs SM m over the positions (all of its stream, increasing); catches up on any bar of the
-  // stream between the SM's last position and the first one given. Returns false if m is not
-  // (or no longer) owned by w. done[k] counts the SM-units finished for pos[k].
-  bool run_sm(int w, uint32_t m, const uint64_t* pos, size_t n, uint32_t* done);
-  void catch_up(int w, uint32_t m, uint64_t until_pos);
-  bool claim(int w, uint32_t m);  // busy/owner handshake; false if w does not own m
-  void release(int w, uint32_t m, uint64_t np, uint64_t updates);
-  // Runs m over the bars of its stream it has not run, from its last position to until_pos.
-  void replay(uint32_t m, uint64_t until_pos, uint64_t& np, int& poison, uint64_t& updates);
-  void unit(uint32_t m, uint64_t p, int poison, uint64_t& updates);
+  // Runs group g over the positions (all of its stream, increasing); catches up on any bar of
+  // the stream between the group's last position and the first one given. Returns false if g is
+  // not (or no longer) owned by w. done[k] counts the group-units finished for pos[k].
+  bool run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_t* done);
+  void catch_up(int w, uint32_t g, uint64_t until_pos);
+  bool claim(int w, uint32_t g);  // busy/owner handshake; false if w does not own g
+  void release(int w, uint32_t g, uint64_t np, uint64_t updates);
+  // Runs g over the bars of its stream it has not run, from its last position to until_pos.
+  void replay(uint32_t g, uint64_t until_pos, uint64_t& np, int& poison, uint64_t& updates);
+  void unit(uint32_t g, uint64_t p, int poison, uint64_t& updates);
+  void form_groups();  // groups, their banks and lanes, and their first owners
   void finish_units(uint64_t p, uint32_t count);
   void fuse(uint64_t p);
   void sentinel_main();
-  void move_sm(uint32_t m, int from);
+  void move_group(uint32_t g, int from);
   void wake_worker(int w);
   void notify_ready(uint64_t p);
   bool claim_space(std::unique_lock<std::mutex>& ingress);
@@ -238,8 +253,8 @@ class Engine {
   void journal_inputs(const Bar* bars, size_t n, uint32_t n_registered);
   void journal_withdrawn(size_t from);
   void journal_signals(const Signal* s, size_t k);
-  // Drains up to max_n ready signals; if none is ready, waits up to timeout_ns for the min_n-th
-  // bar in flight (or the last one in flight) to be ready, then drains.
+  // Drains up to max_n ready signals; if none is ready, waits up to timeout_ns until the next
+  // min_n bars in flight (all of them, if fewer) are ready, then drains.
   size_t wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, size_t min_n = 1);
   // Signals run() waits for at a time once the window is full: a quarter of it, at most 256.
   size_t drain_batch() const { return std::max<size_t>(1, std::min<size_t>(256, cap_ / 4)); }
@@ -265,7 +280,10 @@ class Engine {
 
   std::unique_ptr<Slot[]> slots_;
   std::vector<Summary> summ_;
-  std::unique_ptr<SmRuntime[]> smrt_;
+  std::vector<Group> groups_;
+  std::vector<uint32_t> group_of_;       // group of each SM
+  std::vector<uint32_t> stream_groups_;  // groups of stream s: [stream_groups_[s], stream_groups_[s + 1])
+  std::unique_ptr<GroupRuntime[]> grt_;
   std::unique_ptr<StreamRuntime[]> strt_;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::atomic<uint64_t> signals_out_{0};

@@ -2,6 +2,8 @@
 
 #include "population.hpp"
 
+#include <algorithm>
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -425,14 +427,21 @@ namespace {
 // The steady form of a bank kind is entered at the bar from which every indicator of the kind
 // takes its steady branch (see Bank::resize_values); from then on these loops replace the
 // structs' update(), with the same operations in the same order.
+template <int V>
 DC_AI void steady_indicators(Bank& b, const Bar& bar, double c, double prev, int64_t t) {
+  typedef typename Lanes<V>::d vd;
   BankValues& v = b.val;
   BankSteady& s = b.st;
+  const vd zero = {}, vc = zero + c;
+  // The arrays are padded to whole vectors (kBankPad) with harmless constants.
   if (b.steady[kBankEma]) {  // Ema::update, count >= n
     double* __restrict val = v.ema.data();
     const double* __restrict k = s.ema_k.data();
     const int n = static_cast<int>(s.ema_k.size());
-    for (int i = 0; i < n; ++i) val[i] = ((c - val[i]) * k[i]) + val[i];
+    for (int i = 0; i < n; i += V) {
+      const vd x = ld<V>(val + i);
+      st<V>(val + i, ((vc - x) * ld<V>(k + i)) + x);
+    }
   }
   if (b.steady[kBankRsi]) {  // Rsi::update, count > n; the difference is the same for every RSI
     double* __restrict gain = s.rsi_gain.data();
@@ -442,24 +451,18 @@ DC_AI void steady_indicators(Bank& b, const Bar& bar, double c, double prev, int
     const double* __restrict nn = s.rsi_n.data();
     const int n = static_cast<int>(s.rsi_n.size());
     const double d = c - prev;
-    if (d < 0) {
-      for (int i = 0; i < n; ++i) {
-        const double l = ((loss[i] * nm1[i]) - d) / nn[i];
-        const double g = (gain[i] * nm1[i]) / nn[i];
-        loss[i] = l;
-        gain[i] = g;
-        const double tot = g + l;
-        val[i] = tot != 0.0 ? 100.0 * (g / tot) : 0.0;
-      }
-    } else {
-      for (int i = 0; i < n; ++i) {
-        const double l = (loss[i] * nm1[i]) / nn[i];
-        const double g = ((gain[i] * nm1[i]) + d) / nn[i];
-        loss[i] = l;
-        gain[i] = g;
-        const double tot = g + l;
-        val[i] = tot != 0.0 ? 100.0 * (g / tot) : 0.0;
-      }
+    const vd vd_ = zero + d, hundred = zero + 100.0;
+    const bool down = d < 0;
+    for (int i = 0; i < n; i += V) {
+      const vd m = ld<V>(nm1 + i), q = ld<V>(nn + i);
+      vd l = ld<V>(loss + i) * m, g = ld<V>(gain + i) * m;
+      if (down) l = l - vd_; else g = g + vd_;
+      l = l / q;
+      g = g / q;
+      st<V>(loss + i, l);
+      st<V>(gain + i, g);
+      const vd tot = g + l;
+      st<V>(val + i, tot != zero ? hundred * (g / tot) : zero);
     }
   }
   if (b.steady[kBankAtr]) {  // Atr::update, count > n; the true range is the same for every ATR
@@ -467,8 +470,8 @@ DC_AI void steady_indicators(Bank& b, const Bar& bar, double c, double prev, int
     const double* __restrict nm1 = s.atr_nm1.data();
     const double* __restrict nn = s.atr_n.data();
     const int n = static_cast<int>(s.atr_n.size());
-    const double tr = true_range(bar.high, bar.low, prev);
-    for (int i = 0; i < n; ++i) val[i] = ((val[i] * nm1[i]) + tr) / nn[i];
+    const vd tr = zero + true_range(bar.high, bar.low, prev);
+    for (int i = 0; i < n; i += V) st<V>(val + i, ((ld<V>(val + i) * ld<V>(nm1 + i)) + tr) / ld<V>(nn + i));
   }
   if (b.steady[kBankMacd]) {  // Macd::update past the signal seed
     double* __restrict fast = s.macd_fast.data();
@@ -479,15 +482,16 @@ DC_AI void steady_indicators(Bank& b, const Bar& bar, double c, double prev, int
     const double* __restrict ks = s.macd_ks.data();
     const double* __restrict ksig = s.macd_ksig.data();
     const int n = static_cast<int>(s.macd_kf.size());
-    for (int i = 0; i < n; ++i) {
-      const double sl = ((c - slow[i]) * ks[i]) + slow[i];
-      const double fa = ((c - fast[i]) * kf[i]) + fast[i];
-      const double m = fa - sl;
-      const double sg = ((m - sig[i]) * ksig[i]) + sig[i];
-      slow[i] = sl;
-      fast[i] = fa;
-      sig[i] = sg;
-      hist[i] = m - sg;
+    for (int i = 0; i < n; i += V) {
+      const vd sl0 = ld<V>(slow + i), fa0 = ld<V>(fast + i), sg0 = ld<V>(sig + i);
+      const vd sl = ((vc - sl0) * ld<V>(ks + i)) + sl0;
+      const vd fa = ((vc - fa0) * ld<V>(kf + i)) + fa0;
+      const vd m = fa - sl;
+      const vd sg = ((m - sg0) * ld<V>(ksig + i)) + sg0;
+      st<V>(slow + i, sl);
+      st<V>(fast + i, fa);
+      st<V>(sig + i, sg);
+      st<V>(hist + i, m - sg);
     }
   }
   if (b.steady[kBankEw]) {  // Ew::update, count >= n
@@ -496,10 +500,11 @@ DC_AI void steady_indicators(Bank& b, const Bar& bar, double c, double prev, int
     const double* __restrict alpha = s.ew_alpha.data();
     const double* __restrict om = s.ew_om.data();
     const int n = static_cast<int>(s.ew_alpha.size());
-    for (int i = 0; i < n; ++i) {
-      const double d = c - mean[i];
-      mean[i] = mean[i] + alpha[i] * d;
-      var[i] = om[i] * (var[i] + alpha[i] * d * d);
+    for (int i = 0; i < n; i += V) {
+      const vd m0 = ld<V>(mean + i), a = ld<V>(alpha + i);
+      const vd d = vc - m0;
+      st<V>(mean + i, m0 + a * d);
+      st<V>(var + i, ld<V>(om + i) * (ld<V>(var + i) + a * d * d));
     }
   }
   if (b.steady[kBankRoc]) {  // Roc::update, count >= n: the close n bars ago
@@ -508,9 +513,11 @@ DC_AI void steady_indicators(Bank& b, const Bar& bar, double c, double prev, int
     const double* __restrict closes = b.closes.data();
     const int64_t mask = b.closes_mask;
     const int n = static_cast<int>(s.roc_n.size());
-    for (int i = 0; i < n; ++i) {
-      const double old = closes[(t - rn[i]) & mask];
-      val[i] = old != 0.0 ? ((c / old) - 1.0) * 100.0 : 0.0;
+    const vd one = zero + 1.0, hundred = zero + 100.0;
+    for (int i = 0; i < n; i += V) {
+      vd old;
+      for (int k = 0; k < V; ++k) old[k] = closes[(t - rn[i + k]) & mask];
+      st<V>(val + i, old != zero ? ((vc / old) - one) * hundred : zero);
     }
   }
 }
@@ -785,7 +792,7 @@ DC_AI void bank_update_impl(Bank& b, const Bar& bar) {
       v.roc_ok[i] = static_cast<double>(b.rocs[i].update(c, b.roc_buf.data() + b.roc_offset[i]));
       v.roc[i] = b.rocs[i].value;
     }
-  steady_indicators(b, bar, c, prev, t);
+  steady_indicators<V>(b, bar, c, prev, t);
   if (!b.closes.empty()) b.closes[static_cast<size_t>(t) & b.closes_mask] = c;
 
   // Features: the steady form where every indicator a kind reads is.
@@ -866,17 +873,17 @@ void Bank::enter_steady_kind(int kind) {
   BankSteady& s = st;
   switch (kind) {
     case kBankEma:  // values are in val.ema already
-      val.ema_ok.assign(emas.size(), 1.0);
+      std::fill(val.ema_ok.begin(), val.ema_ok.end(), 1.0);
       break;
     case kBankRsi:
       for (size_t i = 0; i < rsis.size(); ++i) {
         s.rsi_gain[i] = rsis[i].gain;
         s.rsi_loss[i] = rsis[i].loss;
       }
-      val.rsi_ok.assign(rsis.size(), 1.0);
+      std::fill(val.rsi_ok.begin(), val.rsi_ok.end(), 1.0);
       break;
     case kBankAtr:  // values are in val.atr already
-      val.atr_ok.assign(atrs.size(), 1.0);
+      std::fill(val.atr_ok.begin(), val.atr_ok.end(), 1.0);
       break;
     case kBankMacd:
       for (size_t i = 0; i < macds.size(); ++i) {
@@ -884,13 +891,13 @@ void Bank::enter_steady_kind(int kind) {
         s.macd_slow[i] = macds[i].slow;
         s.macd_signal[i] = macds[i].signal;
       }
-      val.macd_ok.assign(macds.size(), 1.0);
+      std::fill(val.macd_ok.begin(), val.macd_ok.end(), 1.0);
       break;
     case kBankEw:  // mean and variance are in val already
-      val.ew_ok.assign(ews.size(), 1.0);
+      std::fill(val.ew_ok.begin(), val.ew_ok.end(), 1.0);
       break;
     case kBankRoc:  // reads the close ring
-      val.roc_ok.assign(rocs.size(), 1.0);
+      std::fill(val.roc_ok.begin(), val.roc_ok.end(), 1.0);
       break;
   }
   steady[kind] = true;

@@ -14,10 +14,10 @@ namespace {
 bool finite(double x) { return dc_finite(x); }
 
 template <class Key>
-uint16_t intern(std::map<Key, uint16_t>& m, const Key& k, size_t next) {
+uint32_t intern(std::map<Key, uint32_t>& m, const Key& k, size_t next) {
   auto it = m.find(k);
   if (it != m.end()) return it->second;
-  const auto id = static_cast<uint16_t>(next);
+  const auto id = static_cast<uint32_t>(next);
   m.emplace(k, id);
   return id;
 }
@@ -27,21 +27,21 @@ uint16_t intern(std::map<Key, uint16_t>& m, const Key& k, size_t next) {
 struct BankBuilder {
   explicit BankBuilder(Bank& bank) : b(bank) {}
   Bank& b;
-  std::map<int32_t, uint16_t> ema_m, rsi_m, atr_m, ew_m, roc_m, rsi_fm, bb_fm, mom_fm;
-  std::map<std::array<int32_t, 3>, uint16_t> macd_m, trend_fm;
-  std::map<std::array<int32_t, 2>, uint16_t> macd_fm;
+  std::map<int32_t, uint32_t> ema_m, rsi_m, atr_m, ew_m, roc_m, rsi_fm, bb_fm, mom_fm;
+  std::map<std::array<int32_t, 3>, uint32_t> macd_m, trend_fm;
+  std::map<std::array<int32_t, 2>, uint32_t> macd_fm;
 
-  uint16_t ema(int32_t n) {
+  uint32_t ema(int32_t n) {
     const auto i = intern(ema_m, n, b.emas.size());
     if (i == b.emas.size()) b.emas.emplace_back().init(n);
     return i;
   }
-  uint16_t atr(int32_t n) {
+  uint32_t atr(int32_t n) {
     const auto i = intern(atr_m, n, b.atrs.size());
     if (i == b.atrs.size()) b.atrs.emplace_back().init(n);
     return i;
   }
-  uint16_t trend(int32_t f, int32_t s, int32_t a) {
+  uint32_t trend(int32_t f, int32_t s, int32_t a) {
     const std::array<int32_t, 3> k{f, s, a};
     const auto i = intern(trend_fm, k, b.trend_fast.size());
     if (i == b.trend_fast.size()) {
@@ -51,7 +51,7 @@ struct BankBuilder {
     }
     return i;
   }
-  uint16_t rsi(int32_t n) {
+  uint32_t rsi(int32_t n) {
     const auto i = intern(rsi_fm, n, b.rsi_f.size());
     if (i == b.rsi_f.size()) {
       const auto r = intern(rsi_m, n, b.rsis.size());
@@ -60,7 +60,7 @@ struct BankBuilder {
     }
     return i;
   }
-  uint16_t macd(int32_t f, int32_t s, int32_t sig, int32_t a) {
+  uint32_t macd(int32_t f, int32_t s, int32_t sig, int32_t a) {
     const std::array<int32_t, 3> mk{f, s, sig};
     const auto m = intern(macd_m, mk, b.macds.size());
     if (m == b.macds.size()) b.macds.emplace_back().init(f, s, sig);
@@ -72,7 +72,7 @@ struct BankBuilder {
     }
     return i;
   }
-  uint16_t bb(int32_t n) {
+  uint32_t bb(int32_t n) {
     const auto i = intern(bb_fm, n, b.bb_f.size());
     if (i == b.bb_f.size()) {
       const auto e = intern(ew_m, n, b.ews.size());
@@ -81,7 +81,7 @@ struct BankBuilder {
     }
     return i;
   }
-  uint16_t mom(int32_t n) {
+  uint32_t mom(int32_t n) {
     const auto i = intern(mom_fm, n, b.mom_f.size());
     if (i == b.mom_f.size()) {
       const auto r = intern(roc_m, n, b.rocs.size());
@@ -107,20 +107,72 @@ struct BankBuilder {
 
 }  // namespace
 
+Bank merge_banks(const std::vector<const Bank*>& banks, std::vector<std::vector<int32_t>>& map) {
+  Bank out;
+  BankBuilder bb(out);
+  map.assign(banks.size(), {});
+  // Indicators are interned by their parameters (MACDs by their ordered periods, equal inputs
+  // giving equal state), features by their indicators: one of each, in first-use order.
+  std::vector<uint32_t> rel[kFeatures];
+  for (size_t k = 0; k < banks.size(); ++k) {
+    const Bank& b = *banks[k];
+    for (auto& r : rel) r.clear();
+    for (size_t i = 0; i < b.trend_fast.size(); ++i)
+      rel[0].push_back(bb.trend(b.emas[b.trend_fast[i]].n, b.emas[b.trend_slow[i]].n, b.atrs[b.trend_atr[i]].n));
+    for (size_t i = 0; i < b.rsi_f.size(); ++i) rel[1].push_back(bb.rsi(b.rsis[b.rsi_f[i]].n));
+    for (size_t i = 0; i < b.macd_m.size(); ++i) {
+      const Macd& m = b.macds[b.macd_m[i]];
+      rel[2].push_back(bb.macd(m.fast_n, m.slow_n, m.sig_n, b.atrs[b.macd_atr[i]].n));
+    }
+    for (size_t i = 0; i < b.bb_f.size(); ++i) rel[3].push_back(bb.bb(b.ews[b.bb_f[i]].n));
+    for (size_t i = 0; i < b.mom_f.size(); ++i) rel[4].push_back(bb.mom(b.rocs[b.mom_f[i]].n));
+    // feature f of bank k: its kind from the bases, then the merged relative index (made absolute
+    // below, once the merged bases are known)
+    std::vector<int32_t>& mk = map[k];
+    mk.assign(b.feat.size(), 0);
+    const uint32_t base[kFeatures] = {b.trend_base, b.rsi_base, b.macd_base, b.bb_base, b.mom_base};
+    for (int f = 0; f < kFeatures; ++f)
+      for (size_t i = 0; i < rel[f].size(); ++i) mk[base[f] + i] = static_cast<int32_t>(rel[f][i]);
+  }
+  bb.finish();
+  const uint32_t mbase[kFeatures] = {out.trend_base, out.rsi_base, out.macd_base, out.bb_base, out.mom_base};
+  for (size_t k = 0; k < banks.size(); ++k) {
+    const Bank& b = *banks[k];
+    const uint32_t base[kFeatures] = {b.trend_base, b.rsi_base, b.macd_base, b.bb_base, b.mom_base};
+    const uint32_t end[kFeatures] = {b.rsi_base, b.macd_base, b.bb_base, b.mom_base,
+                                     static_cast<uint32_t>(b.feat.size())};
+    for (int f = 0; f < kFeatures; ++f)
+      for (uint32_t i = base[f]; i < end[f]; ++i) map[k][i] += static_cast<int32_t>(mbase[f]);
+  }
+  return out;
+}
+
+void Bank::release_state() {
+  val = BankValues{};
+  st = BankSteady{};
+  pidx = BankIndex{};
+  std::vector<double>().swap(closes);
+  std::vector<double>().swap(roc_buf);
+}
+
 void Bank::resize_values() {
-  val.ema.assign(emas.size(), 0.0);
-  val.ema_ok.assign(emas.size(), 0.0);
-  val.atr.assign(atrs.size(), 0.0);
-  val.atr_ok.assign(atrs.size(), 0.0);
-  val.macd_hist.assign(macds.size(), 0.0);
-  val.macd_ok.assign(macds.size(), 0.0);
-  val.rsi.assign(rsis.size(), 0.0);
-  val.rsi_ok.assign(rsis.size(), 0.0);
-  val.ew_mean.assign(ews.size(), 0.0);
-  val.ew_var.assign(ews.size(), 0.0);
-  val.ew_ok.assign(ews.size(), 0.0);
-  val.roc.assign(rocs.size(), 0.0);
-  val.roc_ok.assign(rocs.size(), 0.0);
+  // Outputs and steady state are padded to whole vectors of kBankPad with harmless constants
+  // (the padding is updated with the rest and never read).
+  const size_t ne = bank_padded(emas.size()), na = bank_padded(atrs.size()), nm = bank_padded(macds.size());
+  const size_t nr = bank_padded(rsis.size()), nw = bank_padded(ews.size()), nc = bank_padded(rocs.size());
+  val.ema.assign(ne, 0.0);
+  val.ema_ok.assign(ne, 0.0);
+  val.atr.assign(na, 0.0);
+  val.atr_ok.assign(na, 0.0);
+  val.macd_hist.assign(nm, 0.0);
+  val.macd_ok.assign(nm, 0.0);
+  val.rsi.assign(nr, 0.0);
+  val.rsi_ok.assign(nr, 0.0);
+  val.ew_mean.assign(nw, 0.0);
+  val.ew_var.assign(nw, 0.0);
+  val.ew_ok.assign(nw, 0.0);
+  val.roc.assign(nc, 0.0);
+  val.roc_ok.assign(nc, 0.0);
 
   // Steady form. A kind enters it at the first bar (index t, counted from 0) at which every one
   // of its indicators takes its steady branch: the branch each update() takes from then on.
@@ -136,41 +188,52 @@ void Bank::resize_values() {
   }
   auto at = [&](int k, int64_t v) { steady_at[k] = v > steady_at[k] ? v : steady_at[k]; };
   st = BankSteady{};
-  for (const Ema& e : emas) {
-    at(kBankEma, e.n);
-    st.ema_k.push_back(e.k);
+  st.ema_k.assign(ne, 0.0);
+  for (size_t i = 0; i < emas.size(); ++i) {
+    at(kBankEma, emas[i].n);
+    st.ema_k[i] = emas[i].k;
   }
-  for (const Rsi& r : rsis) {
-    at(kBankRsi, static_cast<int64_t>(r.n) + 1);
-    st.rsi_nm1.push_back(static_cast<double>(r.n - 1));
-    st.rsi_n.push_back(static_cast<double>(r.n));
+  st.rsi_nm1.assign(nr, 0.0);
+  st.rsi_n.assign(nr, 1.0);
+  for (size_t i = 0; i < rsis.size(); ++i) {
+    at(kBankRsi, static_cast<int64_t>(rsis[i].n) + 1);
+    st.rsi_nm1[i] = static_cast<double>(rsis[i].n - 1);
+    st.rsi_n[i] = static_cast<double>(rsis[i].n);
   }
-  st.rsi_gain.assign(rsis.size(), 0.0);
-  st.rsi_loss.assign(rsis.size(), 0.0);
-  for (const Atr& a : atrs) {
-    at(kBankAtr, static_cast<int64_t>(a.n) + 1);
-    st.atr_nm1.push_back(static_cast<double>(a.n - 1));
-    st.atr_n.push_back(static_cast<double>(a.n));
+  st.rsi_gain.assign(nr, 0.0);
+  st.rsi_loss.assign(nr, 0.0);
+  st.atr_nm1.assign(na, 0.0);
+  st.atr_n.assign(na, 1.0);
+  for (size_t i = 0; i < atrs.size(); ++i) {
+    at(kBankAtr, static_cast<int64_t>(atrs[i].n) + 1);
+    st.atr_nm1[i] = static_cast<double>(atrs[i].n - 1);
+    st.atr_n[i] = static_cast<double>(atrs[i].n);
   }
-  for (const Macd& m : macds) {
-    at(kBankMacd, static_cast<int64_t>(m.slow_n) + m.sig_n - 1);
-    st.macd_kf.push_back(m.kf);
-    st.macd_ks.push_back(m.ks);
-    st.macd_ksig.push_back(m.ksig);
+  st.macd_kf.assign(nm, 0.0);
+  st.macd_ks.assign(nm, 0.0);
+  st.macd_ksig.assign(nm, 0.0);
+  for (size_t i = 0; i < macds.size(); ++i) {
+    at(kBankMacd, static_cast<int64_t>(macds[i].slow_n) + macds[i].sig_n - 1);
+    st.macd_kf[i] = macds[i].kf;
+    st.macd_ks[i] = macds[i].ks;
+    st.macd_ksig[i] = macds[i].ksig;
   }
-  st.macd_fast.assign(macds.size(), 0.0);
-  st.macd_slow.assign(macds.size(), 0.0);
-  st.macd_signal.assign(macds.size(), 0.0);
-  for (const Ew& e : ews) {
-    at(kBankEw, e.n);
-    st.ew_alpha.push_back(e.alpha);
-    st.ew_om.push_back(1.0 - e.alpha);
+  st.macd_fast.assign(nm, 0.0);
+  st.macd_slow.assign(nm, 0.0);
+  st.macd_signal.assign(nm, 0.0);
+  st.ew_alpha.assign(nw, 0.0);
+  st.ew_om.assign(nw, 1.0);
+  for (size_t i = 0; i < ews.size(); ++i) {
+    at(kBankEw, ews[i].n);
+    st.ew_alpha[i] = ews[i].alpha;
+    st.ew_om[i] = 1.0 - ews[i].alpha;
   }
   int32_t max_roc = 0;
-  for (const Roc& r : rocs) {
-    at(kBankRoc, r.n);
-    st.roc_n.push_back(r.n);
-    max_roc = r.n > max_roc ? r.n : max_roc;
+  st.roc_n.assign(nc, 1);
+  for (size_t i = 0; i < rocs.size(); ++i) {
+    at(kBankRoc, rocs[i].n);
+    st.roc_n[i] = rocs[i].n;
+    max_roc = rocs[i].n > max_roc ? rocs[i].n : max_roc;
   }
   closes.clear();
   closes_mask = 0;
@@ -343,11 +406,13 @@ Layout build_layout(const Genome* g, size_t n, int cores_per_sm) {
             sm.has_external = 1;
           } else {
             // relative index + 1 per kind; 0 = unused
-            p.fidx[0] = x.w_trend != 0.0 ? bb.trend(x.fast, x.slow, x.atr_period) + 1 : 0;
-            p.fidx[1] = x.w_rsi != 0.0 ? bb.rsi(x.rsi_period) + 1 : 0;
-            p.fidx[2] = x.w_macd != 0.0 ? bb.macd(x.macd_fast, x.macd_slow, x.macd_signal, x.atr_period) + 1 : 0;
-            p.fidx[3] = x.w_bb != 0.0 ? bb.bb(x.bb_period) + 1 : 0;
-            p.fidx[4] = x.w_mom != 0.0 ? bb.mom(x.mom_period) + 1 : 0;
+            // (at most kMaxSmLanes features per kind: they fit)
+            auto rel = [](uint32_t i) { return static_cast<uint16_t>(i + 1); };
+            p.fidx[0] = x.w_trend != 0.0 ? rel(bb.trend(x.fast, x.slow, x.atr_period)) : 0;
+            p.fidx[1] = x.w_rsi != 0.0 ? rel(bb.rsi(x.rsi_period)) : 0;
+            p.fidx[2] = x.w_macd != 0.0 ? rel(bb.macd(x.macd_fast, x.macd_slow, x.macd_signal, x.atr_period)) : 0;
+            p.fidx[3] = x.w_bb != 0.0 ? rel(bb.bb(x.bb_period)) : 0;
+            p.fidx[4] = x.w_mom != 0.0 ? rel(bb.mom(x.mom_period)) : 0;
           }
           ++sm.n_active;
           L.agent_lane[a] = static_cast<uint32_t>(L.params.size());

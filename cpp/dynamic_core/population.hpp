@@ -38,6 +38,7 @@ struct BankSteady {
 
 // Feature indices into BankValues, padded with 0 to whole vectors of kBankPad.
 inline constexpr int kBankPad = 8;
+inline size_t bank_padded(size_t n) { return (n + kBankPad - 1) / kBankPad * kBankPad; }
 struct BankIndex {
   std::vector<int32_t> trend_fast, trend_slow, trend_atr, rsi, macd_m, macd_atr, bb, mom;
 };
@@ -55,7 +56,7 @@ struct Bank {
   std::vector<uint32_t> roc_offset;
   std::vector<double> roc_buf;
   // This bar's indicator outputs, flat, and whether each is warm (0/1): what the feature pass
-  // reads by index. Up to date for every kind, in either form.
+  // reads by index. Up to date for every kind, in either form; padded to whole vectors.
   BankValues val;
   // Steady form: bar index from which each kind takes it (the struct form before), and whether
   // it has.
@@ -88,7 +89,16 @@ struct Bank {
   }
   // Switches a kind to the steady form (copies the struct state into BankSteady).
   void enter_steady_kind(int kind);
+  // Drops the per-bar state, keeping what describes the bank (indicators and features): for a
+  // bank whose lanes an engine serves from a merged bank (merge_banks).
+  void release_state();
 };
+
+// One bank serving the lanes of several banks of the same stream: every distinct indicator and
+// feature of theirs once, fresh (no bar seen). map[k][f] is the index in the merged feature array
+// of feature f of banks[k] (map[k][0] = 0, the constant 0). Feature values do not depend on the
+// bank they are computed in, so lanes read the same values through either.
+Bank merge_banks(const std::vector<const Bank*>& banks, std::vector<std::vector<int32_t>>& map);
 
 // Per-lane parameters (read-only while running).
 struct LaneParams {
