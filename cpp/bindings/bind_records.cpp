@@ -60,6 +60,10 @@ py::dict layouts() {
                      py::make_tuple("volume", offsetof(DeadLetter, bar) + offsetof(Bar, volume), "<f8", 1),
                      DC_F(DeadLetter, index, "<u8"), DC_F(DeadLetter, reason, "<u4"),
                      DC_F(DeadLetter, batch, "<u4")));
+  d["tick"] = py::make_tuple(sizeof(Tick), py::make_tuple(DC_F(Tick, ts, "<i8"), DC_F(Tick, instrument, "<u4"),
+                                                         DC_F(Tick, side, "<u4"), DC_F(Tick, price, "<f8"),
+                                                         DC_F(Tick, size, "<f8"), DC_F(Tick, bid, "<f8"),
+                                                         DC_F(Tick, ask, "<f8")));
   return d;
 }
 #undef DC_F

@@ -131,4 +131,21 @@ inline const char* reason_name(Reason r) {
   return "unknown";
 }
 
+// One trade print with the quote in force when it printed. Quotes are optional: bid == ask == 0
+// means none was known. `side` is the aggressor as the venue reports it.
+enum class TickSide : uint32_t { Unknown = 0, Buy = 1, Sell = 2 };
+
+struct Tick {
+  int64_t ts;           // ns since the epoch
+  uint32_t instrument;  // id from dc.instruments
+  uint32_t side;        // TickSide: 0 unknown, 1 buyer lifted the offer, 2 seller hit the bid
+  double price;
+  double size;
+  double bid;
+  double ask;
+};
+
+static_assert(sizeof(Tick) == 48);
+static_assert(std::is_trivially_copyable_v<Tick> && std::is_standard_layout_v<Tick>);
+
 }  // namespace dynamic_core

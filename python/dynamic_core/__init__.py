@@ -24,6 +24,7 @@ from .records import (
     GENOME_DTYPE,
     REASONS,
     SIGNAL_DTYPE,
+    TICK_DTYPE,
     Action,
     score_to_action,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "GENOME_DTYPE",
     "REASONS",
     "SIGNAL_DTYPE",
+    "TICK_DTYPE",
     "Action",
     "Engine",
     "InstrumentRegistry",

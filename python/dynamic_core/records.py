@@ -14,6 +14,7 @@ __all__ = [
     "SIGNAL_DTYPE",
     "AGENT_DTYPE",
     "DEAD_LETTER_DTYPE",
+    "TICK_DTYPE",
     "REASONS",
     "Action",
     "score_to_action",
@@ -42,6 +43,9 @@ AGENT_DTYPE: np.dtype = _dtype("agent")
 """Per-agent state and paper P&L statistics."""
 DEAD_LETTER_DTYPE: np.dtype = _dtype("dead_letter")
 """A rejected bar with its batch index and reason code."""
+TICK_DTYPE: np.dtype = _dtype("tick")
+"""One trade print: ``ts`` (int64 ns), ``instrument`` (uint32 id), ``side`` (aggressor: 0 unknown,
+1 buy, 2 sell), ``price``, ``size`` and the quote in force, ``bid``/``ask`` (both 0: no quote)."""
 
 REASONS: tuple[str, ...] = tuple(_core.reason_names())
 """Reject reason names indexed by code (0 is ``ok``)."""
