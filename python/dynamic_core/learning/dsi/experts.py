@@ -1,0 +1,480 @@
+"""DSI micro-experts: each reads one instrument's batch of ticks (and its MicroTape) and fires
+directional calls at specific ticks. A call is a tick index and a sign (+1: the next moves
+should go up, -1: down); :mod:`.fusion` turns calls into log-odds.
+
+Every expert keeps O(1) state per instrument and handles a batch with whole-array numpy
+operations; feeding a sequence in one batch or in many gives the same calls.
+
+Patterns over *runs*: a run is a maximal stretch of ticks whose last non-flat move points one
+way (flat ticks continue the run; a move the other way starts the next). Its *moves* are its
+non-flat ticks, its *end price* the price where it turned (its extreme).
+
+``momentum`` (burst)
+    At the ``burst_moves``-th move of a run, when the run's volume is at least ``burst_share``
+    on the run's side (buyers in an up-run) and those moves took at most ``burst_ns``: the run
+    goes on. Sign: the run's direction. Once per run.
+``exhaustion``
+    At the first move of a new run, when the run it ends had at least ``exhaustion_moves``
+    moves and a climax print (size z-score >= ``climax_z``) in it: the old move is spent.
+    Sign: the new run's direction.
+``sweep`` (stop run)
+    A run ``R`` that pushed past the end of the run before the previous one (the last swing
+    extreme in its direction: where the stops sit) with at least ``sweep_moves`` moves and
+    ``sweep_share`` of its volume aggressive on its side, followed by a run that takes back at
+    least ``sweep_retrace`` of ``R``: the break failed. Fires at the first tick of that retrace.
+    Sign: against ``R``.
+``absorption``
+    Over the last ``absorb_window`` ticks, aggressive volume is one-sided (``|buy - sell| >=
+    absorb_share * volume``) and heavy (volume >= ``absorb_volume`` x window x EW mean size), yet
+    the price is no better for the aggressors than before the window: a passive side soaks them
+    up. Fires when the condition starts. Sign: against the aggressors.
+
+Anomaly scorers: EW z-scores (mean and variance *before* the tick, span ``span``, after
+``warmup`` ticks) of size, spread and return. ``volume_anomaly`` fires with the aggressor on a
+size z >= ``z_volume``; ``return_anomaly`` with the move on |return z| >= ``z_return``;
+``spread_anomaly`` (z >= ``z_spread``) has no direction: the fusion damps that tick's calls.
+
+Divergence verifiers: Wilder RSI and the MACD line (EMA fast - EMA slow, seeded with the first
+price) over the trade prices. A pivot high at tick ``c`` is strictly above the ``pivot`` ticks
+before it and at least the ``pivot`` ticks after it, known at ``c + pivot`` (a pivot low
+mirrored). A higher pivot high with a lower RSI (MACD) than the previous pivot high is a
+bearish divergence (-1); a lower pivot low with a higher RSI (MACD) a bullish one (+1). Pivots
+before ``div_warmup`` ticks are not compared.
+
+Sequence classifier: an online n-gram model over coarse MicroTape symbols (direction x
+aggressor x large size) predicting the next tick's direction with Laplace-smoothed counts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from ._scan import EwMoments, ew_filter, prepend, run_start_index
+
+__all__ = [
+    "AbsorptionExpert",
+    "AnomalyScorer",
+    "Calls",
+    "DivergenceVerifier",
+    "NGramClassifier",
+    "RunExperts",
+    "symbols",
+]
+
+
+class Calls(NamedTuple):
+    """An expert's calls in a batch: tick indices (increasing) and signs (+1 / -1; 0 for a
+    non-directional flag)."""
+
+    index: np.ndarray
+    sign: np.ndarray
+
+    @staticmethod
+    def where(mask: np.ndarray, sign: np.ndarray | int) -> Calls:
+        idx = np.flatnonzero(mask)
+        s = sign[idx] if isinstance(sign, np.ndarray) else np.full(len(idx), sign)
+        return Calls(idx, s.astype(np.int8))
+
+
+_EMPTY_I = np.zeros(0, dtype=np.intp)
+
+
+# -- anomaly scorers -------------------------------------------------------------------------
+class AnomalyScorer:
+    """EW z-scores of size, spread and return; calls on the extreme ones."""
+
+    def __init__(self, *, span: float = 200.0, warmup: int = 50, z_volume: float = 3.0,
+                 z_return: float = 4.0, z_spread: float = 3.0) -> None:
+        self._moments = EwMoments(3, span)
+        self.warmup = int(warmup)
+        self.z_volume, self.z_return, self.z_spread = float(z_volume), float(z_return), float(z_spread)
+
+    def zscores(self, size: np.ndarray, spread: np.ndarray, ret: np.ndarray) -> np.ndarray:
+        """(n, 3) z-scores of (size, spread, return) against the EW moments before each tick;
+        0 before ``warmup`` ticks or while the variance is 0."""
+        n = len(size)
+        x = np.empty((n, 3))
+        x[:, 0] = size
+        x[:, 1] = spread
+        x[:, 2] = ret
+        np.nan_to_num(x, copy=False, nan=0.0)
+        seen = self._moments.count
+        mean, var = self._moments.step(x)
+        z = np.zeros_like(x)
+        ok = var > 0
+        ok[: max(0, min(n, self.warmup - seen))] = False
+        np.divide(x - mean, np.sqrt(var, where=ok, out=np.ones_like(var)), out=z, where=ok)
+        return z
+
+    def calls(self, z: np.ndarray, aggressor: np.ndarray, move: np.ndarray) -> dict[str, Calls]:
+        return {
+            "volume_anomaly": Calls.where((z[:, 0] >= self.z_volume) & (aggressor != 0), aggressor),
+            "return_anomaly": Calls.where((np.abs(z[:, 2]) >= self.z_return) & (move != 0), move),
+            "spread_anomaly": Calls.where(z[:, 1] >= self.z_spread, 0),
+        }
+
+
+# -- run patterns ----------------------------------------------------------------------------
+class RunExperts:
+    """``momentum``, ``exhaustion`` and ``sweep`` over the runs of one instrument's ticks."""
+
+    names = ("momentum", "exhaustion", "sweep")
+
+    def __init__(self, *, burst_moves: int = 4, burst_share: float = 0.6, burst_ns: int = 2_000_000_000,
+                 exhaustion_moves: int = 6, climax_z: float = 3.0, sweep_moves: int = 3,
+                 sweep_share: float = 0.6, sweep_retrace: float = 0.5) -> None:
+        self.burst_moves = int(burst_moves)
+        self.burst_share = float(burst_share)
+        self.burst_ns = int(burst_ns)
+        self.exhaustion_moves = int(exhaustion_moves)
+        self.climax_z = float(climax_z)
+        self.sweep_moves = int(sweep_moves)
+        self.sweep_share = float(sweep_share)
+        self.sweep_retrace = float(sweep_retrace)
+        # the run in progress
+        self.dir = 0
+        self.moves = 0.0
+        self.vol = 0.0
+        self.aggvol = 0.0
+        self.maxz = -np.inf
+        self.start_ts = 0
+        self.armed = False  # the sweep condition already held earlier in this run
+        self.last_price = np.nan
+        # completed runs: end prices of the last three (oldest first), attributes of the last
+        self.ends = np.full(3, np.nan)
+        self.prev = np.array([0.0, 0.0, 0.0, -np.inf])  # dir, moves, aggressive share, max size z
+
+    def step(self, ts: np.ndarray, price: np.ndarray, size: np.ndarray, move: np.ndarray,
+             aggressor: np.ndarray, zsize: np.ndarray) -> dict[str, Calls]:
+        n = len(price)
+        if n == 0:
+            return {k: Calls(_EMPTY_I, np.zeros(0, np.int8)) for k in self.names}
+        nz = move != 0
+        li = run_start_index(nz)
+        eff = np.where(li >= 0, move[np.maximum(li, 0)], self.dir).astype(np.int8)
+        new = nz & (move != prepend(self.dir, eff))
+        starts = np.flatnonzero(new)
+        nr = len(starts)
+        rid = np.cumsum(new)
+
+        # running totals within the current run: global cumsums minus each run's base
+        vals = np.empty((n, 3))
+        vals[:, 0] = nz
+        vals[:, 1] = size
+        vals[:, 2] = np.where(aggressor == eff, size, 0.0)
+        csum = np.cumsum(vals, axis=0)
+        base = np.empty((nr + 1, 3))
+        base[0] = (-self.moves, -self.vol, -self.aggvol)
+        base[1:] = csum[starts] - vals[starts]
+        run_tot = csum - base[rid]  # moves, volume, aggressive volume of the run so far
+        start_ts = np.empty(nr + 1, dtype=np.int64)
+        start_ts[0] = self.start_ts
+        start_ts[1:] = ts[starts]
+
+        # completed runs 0..nr-1 end right before the next run's first move
+        p_ext = np.concatenate(([self.last_price], price))
+        end_price = p_ext[starts]
+        ends_idx = starts - 1
+        tot_end = np.where((ends_idx >= 0)[:, None], run_tot[np.maximum(ends_idx, 0)], -base[:-1])
+        dirs = np.empty(nr + 1)
+        dirs[0] = self.dir
+        dirs[1:] = move[starts]
+        maxz = np.maximum.reduceat(np.concatenate(([self.maxz], zsize)), np.concatenate(([0], starts + 1)))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(tot_end[:, 1] > 0, tot_end[:, 2] / tot_end[:, 1], 0.0)
+        # attributes of the run before each tick's run: [carried previous, run 0, ..., run nr-1]
+        p_dir = np.concatenate(([self.prev[0]], dirs[:nr]))
+        p_moves = np.concatenate(([self.prev[1]], tot_end[:, 0]))
+        p_share = np.concatenate(([self.prev[2]], share))
+        p_maxz = np.concatenate(([self.prev[3]], maxz[:nr]))
+        ecat = np.concatenate((self.ends, end_price))
+
+        out: dict[str, Calls] = {}
+        moves_now = run_tot[:, 0]
+        burst = (nz & (moves_now == self.burst_moves) & (run_tot[:, 2] >= self.burst_share * run_tot[:, 1])
+                 & (ts - start_ts[rid] <= self.burst_ns))
+        out["momentum"] = Calls.where(burst, eff)
+
+        exh = new & (p_moves[rid] >= self.exhaustion_moves) & (p_maxz[rid] >= self.climax_z) & (p_dir[rid] != 0)
+        out["exhaustion"] = Calls.where(exh, move)
+
+        e1, e2, e3 = ecat[rid + 2], ecat[rid + 1], ecat[rid]
+        d = eff.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            cond = ((eff != 0) & (-d * (e1 - e3) > 0) & (p_moves[rid] >= self.sweep_moves)
+                    & (p_share[rid] >= self.sweep_share) & (np.abs(e1 - e2) > 0)
+                    & (d * (price - e1) >= self.sweep_retrace * np.abs(e1 - e2)))
+        before = prepend(self.armed, cond)
+        before[new] = False
+        out["sweep"] = Calls.where(cond & ~before, eff)
+
+        # carry
+        if nr:
+            self.ends = ecat[-3:].copy()
+            self.prev = np.array([dirs[nr - 1], tot_end[nr - 1, 0], share[nr - 1], maxz[nr - 1]])
+        self.dir = int(eff[-1])
+        self.moves, self.vol, self.aggvol = (float(v) for v in run_tot[-1])
+        self.maxz = float(maxz[-1])
+        self.start_ts = int(start_ts[-1])
+        self.armed = bool(cond[-1])
+        self.last_price = float(price[-1])
+        return out
+
+
+# -- absorption ------------------------------------------------------------------------------
+class AbsorptionExpert:
+    """One-sided heavy aggression that does not move the price (see the module doc)."""
+
+    name = "absorption"
+
+    def __init__(self, *, window: int = 20, share: float = 0.7, volume: float = 1.5) -> None:
+        if window < 1:
+            raise ValueError("absorption window must be >= 1")
+        self.window = int(window)
+        self.share = float(share)
+        self.volume = float(volume)
+        self._tail = np.zeros((window, 2))  # signed volume, volume
+        self._tail_price = np.full(window, np.nan)
+        self.count = 0
+        self.armed = False
+
+    def step(self, price: np.ndarray, size: np.ndarray, aggressor: np.ndarray, size_ref: np.ndarray) -> Calls:
+        n = len(price)
+        w = self.window
+        if n == 0:
+            return Calls(_EMPTY_I, np.zeros(0, np.int8))
+        x = np.empty((n + w, 2))
+        x[:w] = self._tail
+        x[w:, 0] = aggressor * size
+        x[w:, 1] = size
+        cs = np.empty((n + w + 1, 2))
+        cs[0] = 0.0
+        np.cumsum(x, axis=0, out=cs[1:])
+        win = cs[w + 1:] - cs[1:n + 1]  # sums over the last w ticks, this one included
+        p_ext = np.concatenate((self._tail_price, price))
+        before = p_ext[:n]  # the price just before the window
+        signed, vol = win[:, 0], win[:, 1]
+        side = np.sign(signed)
+        valid = (self.count + np.arange(1, n + 1)) > w
+        with np.errstate(invalid="ignore"):
+            cond = (valid & (signed != 0) & (np.abs(signed) >= self.share * vol)
+                    & (vol >= self.volume * w * size_ref) & (side * (price - before) <= 0))
+        fire = cond & ~prepend(self.armed, cond)
+        self._tail = x[-w:].copy()
+        self._tail_price = p_ext[-w:].copy()
+        self.count += n
+        self.armed = bool(cond[-1])
+        return Calls.where(fire, -side.astype(np.int8))
+
+
+# -- divergence ------------------------------------------------------------------------------
+class DivergenceVerifier:
+    """Price pivots against RSI and MACD-line pivots (see the module doc)."""
+
+    names = ("rsi_divergence", "macd_divergence")
+
+    def __init__(self, *, rsi_period: int = 14, macd_fast: int = 12, macd_slow: int = 26, pivot: int = 5,
+                 warmup: int | None = None) -> None:
+        if not (rsi_period >= 1 and 1 <= macd_fast < macd_slow and pivot >= 1):
+            raise ValueError("need rsi_period >= 1, 1 <= macd_fast < macd_slow, pivot >= 1")
+        self.rsi_period, self.macd_fast, self.macd_slow, self.pivot = rsi_period, macd_fast, macd_slow, pivot
+        self.warmup = int(warmup if warmup is not None else 3 * macd_slow)
+        self.last_price = np.nan
+        self.gain_loss = np.zeros(2)
+        self.emas = np.zeros(2)
+        self.count = 0
+        k2 = 2 * pivot
+        self._tail = np.full((k2, 3), np.nan)  # price, rsi, macd of the last 2*pivot ticks
+        self.last_high = np.full(3, np.nan)  # price, rsi, macd of the previous pivot high
+        self.last_low = np.full(3, np.nan)
+
+    def indicators(self, price: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """RSI and MACD line at each tick (state moves past the batch)."""
+        n = len(price)
+        prev = prepend(self.last_price, price)
+        diff = np.nan_to_num(price - prev, nan=0.0)
+        gl = np.empty((n, 2))
+        np.maximum(diff, 0.0, out=gl[:, 0])
+        np.maximum(-diff, 0.0, out=gl[:, 1])
+        a = 1.0 / self.rsi_period
+        gl *= a
+        avg = ew_filter(gl, 1.0 - a, self.gain_loss)
+        tot = avg[:, 0] + avg[:, 1]
+        rsi = np.full(n, 50.0)
+        np.divide(100.0 * avg[:, 0], tot, out=rsi, where=tot > 0)
+        af, as_ = 2.0 / (self.macd_fast + 1), 2.0 / (self.macd_slow + 1)
+        seed = self.emas if self.count else np.array([price[0], price[0]])
+        ef = ew_filter(af * price, 1.0 - af, seed[0])
+        es = ew_filter(as_ * price, 1.0 - as_, seed[1])
+        self.gain_loss = avg[-1].copy()
+        self.emas = np.array([ef[-1], es[-1]])
+        self.last_price = float(price[-1])
+        return rsi, ef - es
+
+    def step(self, price: np.ndarray) -> dict[str, Calls]:
+        n = len(price)
+        if n == 0:
+            return {k: Calls(_EMPTY_I, np.zeros(0, np.int8)) for k in self.names}
+        k = self.pivot
+        seen = self.count
+        rsi, macd = self.indicators(price)
+        ext = np.empty((n + 2 * k, 3))
+        ext[:2 * k] = self._tail
+        ext[2 * k:, 0] = price
+        ext[2 * k:, 1] = rsi
+        ext[2 * k:, 2] = macd
+        p = ext[:, 0]
+        # centres c = k .. n+k-1 in ext are confirmed at batch tick c - k
+        wmax = np.lib.stride_tricks.sliding_window_view(p, k).max(axis=1)  # max of p[j:j+k]
+        wmin = np.lib.stride_tricks.sliding_window_view(p, k).min(axis=1)
+        c = np.arange(k, n + k)
+        pc = p[c]
+        # ext index of tick j of the whole stream: seen - 2k + c
+        warm = (seen - 2 * k + c) >= self.warmup
+        with np.errstate(invalid="ignore"):
+            high = warm & (pc > wmax[c - k]) & (pc >= wmax[c + 1])
+            low = warm & (pc < wmin[c - k]) & (pc <= wmin[c + 1])
+        out_idx = {name: [] for name in self.names}
+        out_sign = {name: [] for name in self.names}
+        for mask, sign, attr in ((high, -1, "last_high"), (low, 1, "last_low")):
+            at = np.flatnonzero(mask)
+            if not len(at):
+                continue
+            vals = ext[c[at]]
+            prev = np.vstack((getattr(self, attr)[None, :], vals[:-1]))
+            with np.errstate(invalid="ignore"):
+                further = sign * (prev[:, 0] - vals[:, 0]) > 0  # higher high / lower low
+                for j, name in ((1, "rsi_divergence"), (2, "macd_divergence")):
+                    div = further & (sign * (vals[:, j] - prev[:, j]) > 0)
+                    out_idx[name].append(at[div])
+                    out_sign[name].append(np.full(int(div.sum()), sign, dtype=np.int8))
+            setattr(self, attr, vals[-1].copy())
+        self._tail = ext[-2 * k:].copy()
+        self.count += n
+        out = {}
+        for name in self.names:
+            if out_idx[name]:
+                idx = np.concatenate(out_idx[name])
+                sg = np.concatenate(out_sign[name])
+                o = np.argsort(idx, kind="stable")
+                out[name] = Calls(idx[o], sg[o])
+            else:
+                out[name] = Calls(_EMPTY_I, np.zeros(0, np.int8))
+        return out
+
+
+# -- sequence classifier ---------------------------------------------------------------------
+N_SYMBOLS = 18
+
+
+def symbols(move: np.ndarray, aggressor: np.ndarray, size_class: np.ndarray) -> np.ndarray:
+    """Coarse MicroTape symbols for the sequence model: direction (flat, up, down) x aggressor
+    (unknown, buy, sell) x large (size class large or block): 18 symbols."""
+    d = np.where(move < 0, 2, move)
+    a = np.where(aggressor < 0, 2, aggressor)
+    return (d + 3 * (a + 3 * (size_class >= 2))).astype(np.int64)
+
+
+class NGramClassifier:
+    """Online n-gram model: the next tick's direction (flat, up, down) from the previous
+    ``order - 1`` symbols, with counts and Laplace smoothing ``alpha``.
+
+    Its call is the log-odds of an up-move over a down-move after the latest context,
+    ``log((n_up + alpha) / (n_down + alpha))``.
+    """
+
+    name = "sequence"
+
+    def __init__(self, *, order: int = 3, alpha: float = 1.0, n_symbols: int = N_SYMBOLS) -> None:
+        if not 2 <= order <= 6:
+            raise ValueError("order must be in [2, 6]")
+        if alpha <= 0:
+            raise ValueError("alpha must be > 0")
+        self.order, self.alpha, self.n_symbols = int(order), float(alpha), int(n_symbols)
+        self.n_contexts = self.n_symbols ** (self.order - 1)
+        self.counts = np.zeros((self.n_contexts, 3), dtype=np.int64)
+        self._tail = np.full(self.order - 1, -1, dtype=np.int64)
+
+    def _contexts(self, sym: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h = self.order - 1
+        ext = np.concatenate((self._tail, sym))
+        n = len(sym)
+        ctx = np.zeros(n, dtype=np.int64)
+        valid = np.ones(n, dtype=bool)
+        for j in range(h):  # ext[t + j] is the (h - j)-th symbol before tick t
+            s = ext[j:j + n]
+            valid &= s >= 0
+            ctx = ctx * self.n_symbols + np.maximum(s, 0)
+        return ctx, valid
+
+    def update(self, sym: np.ndarray, outcome: np.ndarray, *, predictions: bool = False) -> np.ndarray | None:
+        """Learn a batch (``outcome``: 0 flat, 1 up, 2 down, the direction class of each tick).
+
+        With ``predictions``, also return the (n, 3) probabilities the model gave each tick
+        before seeing it (online, tick by tick), rows of NaN where it had no full context.
+        """
+        sym = np.asarray(sym, dtype=np.int64)
+        outcome = np.asarray(outcome, dtype=np.int64)
+        n = len(sym)
+        ctx, valid = self._contexts(sym)
+        probs = None
+        if predictions:
+            probs = np.full((n, 3), np.nan)
+            idx = np.flatnonzero(valid)
+            if len(idx):
+                c = ctx[idx]
+                o = np.argsort(c, kind="stable")
+                cs, oc = c[o], outcome[idx[o]]
+                onehot = np.zeros((len(o), 3))
+                onehot[np.arange(len(o)), oc] = 1.0
+                run = np.cumsum(onehot, axis=0) - onehot  # earlier same-context ticks in this batch
+                first = np.ones(len(cs), dtype=bool)
+                first[1:] = cs[1:] != cs[:-1]
+                starts = np.flatnonzero(first)
+                grp = np.cumsum(first) - 1
+                run -= run[starts][grp]
+                cnt = self.counts[cs] + run
+                p = (cnt + self.alpha) / (cnt.sum(axis=1, keepdims=True) + 3 * self.alpha)
+                probs[idx[o]] = p
+        keys = ctx[valid] * 3 + outcome[valid]
+        self.counts += np.bincount(keys, minlength=self.n_contexts * 3).reshape(self.n_contexts, 3)
+        h = self.order - 1
+        self._tail = np.concatenate((self._tail, sym))[-h:]
+        return probs
+
+    def context(self) -> int | None:
+        """Context id after the latest tick, or None before ``order - 1`` ticks."""
+        if (self._tail < 0).any():
+            return None
+        c = 0
+        for s in self._tail:
+            c = c * self.n_symbols + int(s)
+        return c
+
+    def predict(self) -> np.ndarray:
+        """P(flat, up, down) of the next tick (uniform without a context)."""
+        c = self.context()
+        cnt = self.counts[c] if c is not None else np.zeros(3)
+        return (cnt + self.alpha) / (cnt.sum() + 3 * self.alpha)
+
+    def log_odds(self) -> float:
+        """log P(up) / P(down) of the next tick."""
+        c = self.context()
+        if c is None:
+            return 0.0
+        up, down = self.counts[c, 1], self.counts[c, 2]
+        return math.log((up + self.alpha) / (down + self.alpha))
+
+    def context_name(self) -> str:
+        """The latest context in words, oldest symbol first (``"up.buy.large>down.sell"``)."""
+        if self.context() is None:
+            return ""
+        parts = []
+        for s in self._tail:
+            s = int(s)
+            d, a, big = s % 3, (s // 3) % 3, s // 9
+            parts.append(".".join([("flat", "up", "down")[d], ("unknown", "buy", "sell")[a]] + (["large"] if big else [])))
+        return ">".join(parts)

@@ -1,0 +1,211 @@
+"""The DSI façade: ticks in, per-instrument microstructure evidence out.
+
+``Dsi.update(ticks)`` validates a ``TICK_DTYPE`` batch (bad ticks are counted by reason and kept
+as dead letters, never raised), splits it by instrument and runs each instrument's slice through
+the MicroTape, the micro-experts and the fusion, all with whole-array numpy operations.
+``Dsi.evidence(instrument)`` is the fused evidence in [-1, 1] after the latest tick and
+``Dsi.top(instrument, k)`` what moved it most. Signals and plans carry ``validation(instrument,
+direction)``: the evidence signed by the direction they propose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+import numpy as np
+
+from ...instruments import instruments as _registry
+from ...ticks import TickValidator, _instrument_order, _segment_starts, as_ticks
+from .experts import AbsorptionExpert, AnomalyScorer, DivergenceVerifier, NGramClassifier, RunExperts, symbols
+from .fusion import Contribution, DsiFusion, FusionState
+from .tape import MicroTape
+
+__all__ = ["EXPERTS", "Dsi", "DsiConfig"]
+
+EXPERTS: tuple[str, ...] = (
+    "momentum",
+    "exhaustion",
+    "sweep",
+    "absorption",
+    "volume_anomaly",
+    "return_anomaly",
+    "rsi_divergence",
+    "macd_divergence",
+)
+"""The directional experts in fusion order (``spread_anomaly`` damps, ``sequence`` adds its
+log-odds)."""
+
+
+class DsiConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Parameters of the tape, the experts and the fusion (periods and windows in ticks)."""
+
+    span: float = 200.0
+    size_edges: tuple[float, float, float] = (0.5, 2.0, 5.0)
+    spread_edges: tuple[float, float] = (1.25, 2.5)
+    warmup: int = 50
+    z_volume: float = 3.0
+    z_return: float = 4.0
+    z_spread: float = 3.0
+    burst_moves: int = 4
+    burst_share: float = 0.6
+    burst_ns: int = 2_000_000_000
+    exhaustion_moves: int = 6
+    climax_z: float = 3.0
+    sweep_moves: int = 3
+    sweep_share: float = 0.6
+    sweep_retrace: float = 0.5
+    absorb_window: int = 20
+    absorb_share: float = 0.7
+    absorb_volume: float = 1.5
+    rsi_period: int = 14
+    macd_fast: int = 12
+    macd_slow: int = 26
+    pivot: int = 5
+    div_warmup: int = 78
+    ngram_order: int = 3
+    ngram_alpha: float = 1.0
+    half_life: float = 200.0
+    spread_damp: float = 0.5
+    weights: dict[str, float] = msgspec.field(default_factory=dict)
+    band: float = 0.01
+    band_spreads: float = 10.0
+    max_dead_letters: int = 10_000
+
+
+class _Instrument:
+    """One instrument's tape, experts and fused state."""
+
+    __slots__ = ("tape", "anomaly", "runs", "absorption", "divergence", "ngram", "fused")
+
+    def __init__(self, cfg: DsiConfig, fusion: DsiFusion) -> None:
+        self.tape = MicroTape(span=cfg.span, size_edges=cfg.size_edges, spread_edges=cfg.spread_edges)
+        self.anomaly = AnomalyScorer(span=cfg.span, warmup=cfg.warmup, z_volume=cfg.z_volume,
+                                     z_return=cfg.z_return, z_spread=cfg.z_spread)
+        self.runs = RunExperts(burst_moves=cfg.burst_moves, burst_share=cfg.burst_share, burst_ns=cfg.burst_ns,
+                               exhaustion_moves=cfg.exhaustion_moves, climax_z=cfg.climax_z,
+                               sweep_moves=cfg.sweep_moves, sweep_share=cfg.sweep_share,
+                               sweep_retrace=cfg.sweep_retrace)
+        self.absorption = AbsorptionExpert(window=cfg.absorb_window, share=cfg.absorb_share,
+                                           volume=cfg.absorb_volume)
+        self.divergence = DivergenceVerifier(rsi_period=cfg.rsi_period, macd_fast=cfg.macd_fast,
+                                             macd_slow=cfg.macd_slow, pivot=cfg.pivot, warmup=cfg.div_warmup)
+        self.ngram = NGramClassifier(order=cfg.ngram_order, alpha=cfg.ngram_alpha)
+        self.fused: FusionState = fusion.new_state()
+
+    def step(self, fusion: DsiFusion, ts, price, size, bid, ask, side) -> None:
+        n = len(price)
+        tape = self.tape.step(price, size, bid, ask, side)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ret = price / tape.prev_price - 1.0
+        z = self.anomaly.zscores(size, tape.spread, ret)
+        calls = self.anomaly.calls(z, tape.aggressor, tape.move)
+        damped = None
+        spread_calls = calls.pop("spread_anomaly")
+        if len(spread_calls.index):
+            damped = np.zeros(n, dtype=bool)
+            damped[spread_calls.index] = True
+        calls.update(self.runs.step(ts, price, size, tape.move, tape.aggressor, z[:, 0]))
+        calls["absorption"] = self.absorption.step(price, size, tape.aggressor, tape.size_ref)
+        calls.update(self.divergence.step(price))
+        outcome = np.where(tape.move < 0, 2, tape.move)
+        self.ngram.update(symbols(tape.move, tape.aggressor, tape.size_class), outcome)
+        fusion.fuse(self.fused, n, calls, tape.token, damped, self.ngram.log_odds(), self.ngram.context_name())
+
+
+class Dsi:
+    """Deep Signal Intelligence over tick feeds: MicroTape, micro-experts, log-odds fusion.
+
+    Parameters
+    ----------
+    instruments : iterable of str or int, optional
+        Instruments to follow (names are registered in ``dc.instruments``); ticks of others are
+        refused as ``unknown_instrument``. Default: every registered instrument.
+    config : DsiConfig, optional
+    **overrides
+        Fields of :class:`DsiConfig` to change (``Dsi(["EURUSD"], half_life=500)``).
+
+    Examples
+    --------
+    >>> dsi = Dsi(["EURUSD"])                              # doctest: +SKIP
+    >>> dsi.update(ticks)                                  # doctest: +SKIP
+    >>> dsi.evidence("EURUSD"), dsi.top("EURUSD", 3)       # doctest: +SKIP
+    """
+
+    def __init__(self, instruments: Iterable[str | int] | None = None, config: DsiConfig | None = None,
+                 **overrides) -> None:
+        cfg = config or DsiConfig()
+        if overrides:
+            cfg = msgspec.structs.replace(cfg, **overrides)
+        self.config = cfg
+        ids = None if instruments is None else [_registry.resolve(x) for x in instruments]
+        self.instruments: tuple[int, ...] | None = None if ids is None else tuple(dict.fromkeys(ids))
+        self.validator = TickValidator(instruments=ids, max_dead_letters=cfg.max_dead_letters, band=cfg.band,
+                                       band_spreads=cfg.band_spreads)
+        self.fusion = DsiFusion(EXPERTS, weights=dict(cfg.weights), half_life=cfg.half_life,
+                                spread_damp=cfg.spread_damp)
+        self._state: dict[int, _Instrument] = {}
+        self.ticks = 0
+
+    # -- data path --------------------------------------------------------------------------
+    def update(self, ticks: np.ndarray) -> None:
+        """Take a batch of ticks (any interleaving of instruments, each in time order)."""
+        good, _ = self.validator(as_ticks(ticks))
+        if len(good) == 0:
+            return
+        inst = good["instrument"]
+        if len(good) > 1 and (inst[1:] != inst[:-1]).any():
+            good = good[_instrument_order(inst)]
+            inst = good["instrument"]
+        starts = _segment_starts(inst)
+        ends = np.append(starts[1:], len(good))
+        ts, price, size = good["ts"], good["price"], good["size"]
+        bid, ask, side = good["bid"], good["ask"], good["side"]
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            i = int(inst[a])
+            st = self._state.get(i)
+            if st is None:
+                st = self._state[i] = _Instrument(self.config, self.fusion)
+            st.step(self.fusion, ts[a:b], price[a:b], size[a:b], bid[a:b], ask[a:b], side[a:b])
+        self.ticks += len(good)
+
+    # -- reading ----------------------------------------------------------------------------
+    def _get(self, instrument: str | int) -> FusionState | None:
+        i = _registry.resolve(instrument) if isinstance(instrument, str) else int(instrument)
+        if self.instruments is not None and i not in self.instruments:
+            raise KeyError(f"Dsi does not follow instrument {instrument!r}")
+        st = self._state.get(i)
+        return None if st is None else st.fused
+
+    def evidence(self, instrument: str | int) -> float:
+        """Fused evidence in [-1, 1] after the latest tick (P(up) - P(down)); 0 before any tick."""
+        st = self._get(instrument)
+        return 0.0 if st is None else DsiFusion.evidence(st)
+
+    def log_odds(self, instrument: str | int) -> float:
+        st = self._get(instrument)
+        return 0.0 if st is None else DsiFusion.log_odds(st)
+
+    def top(self, instrument: str | int, k: int = 5, by: str = "token") -> list[Contribution]:
+        """The ``k`` MicroTape tokens (``by="expert"``: experts) contributing most to the evidence."""
+        st = self._get(instrument)
+        return [] if st is None else self.fusion.top(st, k, by)
+
+    def validation(self, instrument: str | int, direction: float) -> float:
+        """Microstructure validation of a proposed trade: the evidence signed by ``direction``
+        (> 0 long, < 0 short); positive when the tape agrees, 0 for a flat direction."""
+        return float(np.sign(direction)) * self.evidence(instrument)
+
+    def calls(self, instrument: str | int) -> dict[str, int]:
+        """Number of calls each expert has made on ``instrument``."""
+        st = self._get(instrument)
+        if st is None:
+            return {e: 0 for e in EXPERTS}
+        return {e: int(c) for e, c in zip(EXPERTS, st.calls)}
+
+    @property
+    def rejects(self) -> dict[str, int]:
+        return self.validator.rejects
+
+    def dead_letters(self) -> np.ndarray:
+        return self.validator.dead_letters()

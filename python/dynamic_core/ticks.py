@@ -1,0 +1,469 @@
+"""Tick ingress: validation with reason codes and dead letters, and tick-to-bar aggregation.
+
+A tick feed drives the bar agents through :class:`TickAggregator`: trade prints go in (numpy
+``TICK_DTYPE`` batches, in any instrument interleaving), finished ``BAR_DTYPE`` bars come out per
+(instrument, timeframe) — OHLC from the trade prices, volume the sum of the sizes, ``ts`` the
+bucket start (UTC, aligned on the epoch: an H1 bar starts on the hour). A bar is finished when a
+tick of a later bucket of the same instrument arrives, when :meth:`TickAggregator.close_until`
+passes its end, or on :meth:`TickAggregator.flush`. Buckets without ticks give no bar.
+
+Every batch is handled with whole-array numpy operations: there is no Python loop per tick.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from .instruments import instruments as _registry
+from .market import parse_timeframe
+from .records import BAR_DTYPE, TICK_DTYPE
+
+__all__ = [
+    "TICK_DEAD_LETTER_DTYPE",
+    "TICK_REASONS",
+    "TickAggregator",
+    "TickValidator",
+    "as_ticks",
+    "tick_reason_counts",
+    "validate_ticks",
+]
+
+TICK_REASONS: tuple[str, ...] = (
+    "ok",
+    "unknown_instrument",
+    "bad_side",
+    "non_finite",
+    "non_positive_price",
+    "negative_size",
+    "bad_quote",
+    "crossed_quote",
+    "price_out_of_band",
+    "out_of_order",
+)
+"""Tick reject reason names indexed by code (0 is ``ok``); a tick gets the first that applies."""
+
+_R = {name: np.uint32(i) for i, name in enumerate(TICK_REASONS)}
+
+TICK_DEAD_LETTER_DTYPE: np.dtype = np.dtype(
+    {
+        "names": [*TICK_DTYPE.names, "index", "reason", "batch"],
+        "formats": [TICK_DTYPE.fields[n][0] for n in TICK_DTYPE.names] + ["<u8", "<u4", "<u4"],
+        "offsets": [TICK_DTYPE.fields[n][1] for n in TICK_DTYPE.names]
+        + [TICK_DTYPE.itemsize, TICK_DTYPE.itemsize + 8, TICK_DTYPE.itemsize + 12],
+        "itemsize": TICK_DTYPE.itemsize + 16,
+    }
+)
+"""A refused tick followed by its position in its batch, the reason code and the batch number."""
+
+_NONE = np.iinfo(np.int64).min
+_NS = 1_000_000_000
+
+
+def as_ticks(ticks: object, what: str = "ticks") -> np.ndarray:
+    """``ticks`` as a contiguous 1-d ``TICK_DTYPE`` array, or a TypeError saying what was expected."""
+    if not isinstance(ticks, np.ndarray):
+        raise TypeError(f"{what}: expected a 1-d numpy array of dc.TICK_DTYPE, got {type(ticks).__name__}")
+    if ticks.dtype != TICK_DTYPE:
+        raise TypeError(f"{what}: expected dtype dc.TICK_DTYPE, got {ticks.dtype}")
+    if ticks.ndim != 1:
+        raise TypeError(f"{what}: expected a 1-d array, got shape {ticks.shape}")
+    return np.ascontiguousarray(ticks)
+
+
+def _instrument_order(inst: np.ndarray) -> np.ndarray:
+    """Stable order grouping ``inst``; a radix sort when the ids fit 16 bits."""
+    if len(inst) and int(inst.max()) < 65536:
+        return np.argsort(inst.astype(np.uint16), kind="stable")
+    return np.argsort(inst, kind="stable")
+
+
+def _segment_starts(keys: np.ndarray) -> np.ndarray:
+    """Indices where a run of equal values in ``keys`` starts (``keys`` grouped)."""
+    if len(keys) == 0:
+        return np.zeros(0, dtype=np.intp)
+    flag = np.empty(len(keys), dtype=bool)
+    flag[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=flag[1:])
+    return np.flatnonzero(flag)
+
+
+def _out_of_order(ts: np.ndarray, inst: np.ndarray, last_ts: np.ndarray | None) -> np.ndarray:
+    """Flags of the ticks whose ``ts`` is before an earlier tick of their instrument (in this
+    batch, or ``last_ts[instrument]`` from earlier batches). Equal times are in order."""
+    n = len(ts)
+    bad = np.zeros(n, dtype=bool)
+    if n == 0:
+        return bad
+    order = _instrument_order(inst)
+    s_ts = ts[order]
+    s_inst = inst[order]
+    starts = _segment_starts(s_inst)
+    seg = np.zeros(n, dtype=np.int64)
+    seg[starts[1:]] = 1
+    np.cumsum(seg, out=seg)
+    prior = np.full(len(starts), _NONE, dtype=np.int64)
+    if last_ts is not None:
+        ids = s_inst[starts].astype(np.int64)
+        have = ids < len(last_ts)
+        prior[have] = last_ts[ids[have]]
+    tmin, tmax = int(s_ts.min()), int(s_ts.max())
+    span = tmax - tmin + 3
+    if span * (len(starts) + 1) < 2**62:
+        # One running max over the whole batch: each instrument's times are lifted above the
+        # previous instrument's, so the max never leaks across instruments.
+        key = (s_ts - tmin + 1) + seg * span
+        run = np.maximum.accumulate(key)
+        prev = np.empty(n, dtype=np.int64)
+        prev[0] = _NONE
+        prev[1:] = run[:-1] - seg[1:] * span + tmin - 1
+        prev[starts] = _NONE
+    else:  # a batch with absurd time spread: one instrument at a time
+        prev = np.full(n, _NONE, dtype=np.int64)
+        ends = np.append(starts[1:], n)
+        for a, b in zip(starts, ends):
+            if b - a > 1:
+                prev[a + 1:b] = np.maximum.accumulate(s_ts[a:b - 1])
+    prev = np.maximum(prev, prior[seg])
+    bad[order] = s_ts < prev
+    return bad
+
+
+def validate_ticks(ticks: np.ndarray, *, last_ts: np.ndarray | None = None,
+                   allowed: np.ndarray | None = None, band: float = 0.01,
+                   band_spreads: float = 10.0) -> np.ndarray:
+    """Reject reason code of each tick (0 = ok); names in :data:`TICK_REASONS`.
+
+    Parameters
+    ----------
+    ticks : numpy array of ``dc.TICK_DTYPE``
+    last_ts : int64 array, optional
+        Last accepted time per instrument id from earlier batches (``INT64_MIN``: none); a tick
+        earlier than it, or than an earlier valid tick of its instrument in this batch, is
+        ``out_of_order``. Equal times are allowed (several prints in one nanosecond).
+    allowed : bool array, optional
+        Instrument ids accepted (index = id). Default: every id registered in ``dc.instruments``.
+    band, band_spreads : float
+        A quoted tick's price must lie within ``max(band * mid, band_spreads * spread)`` of the
+        quote; ``bid == ask == 0`` means no quote and skips the quote checks.
+    """
+    t = as_ticks(ticks)
+    n = len(t)
+    code = np.zeros(n, dtype=np.uint32)
+    if n == 0:
+        return code
+    inst = t["instrument"]
+    price, size, bid, ask = t["price"], t["size"], t["bid"], t["ask"]
+    if allowed is None:
+        known = inst < len(_registry)
+    else:
+        known = np.zeros(n, dtype=bool)
+        in_range = inst < len(allowed)
+        known[in_range] = allowed[inst[in_range]]
+    has_quote = (bid != 0) | (ask != 0)
+    spread = ask - bid
+    mid = 0.5 * (bid + ask)
+    with np.errstate(invalid="ignore", over="ignore"):
+        width = np.maximum(band * np.abs(mid), band_spreads * spread)
+        outside = has_quote & ((price < bid - width) | (price > ask + width))
+    finite = np.isfinite(price) & np.isfinite(size) & np.isfinite(bid) & np.isfinite(ask)
+    # Later checks first, so the first that applies is the one left standing.
+    code[outside] = _R["price_out_of_band"]
+    code[has_quote & (bid > ask)] = _R["crossed_quote"]
+    code[has_quote & ((bid <= 0) | (ask <= 0))] = _R["bad_quote"]
+    code[size < 0] = _R["negative_size"]
+    code[price <= 0] = _R["non_positive_price"]
+    code[~finite] = _R["non_finite"]
+    code[t["side"] > 2] = _R["bad_side"]
+    code[~known] = _R["unknown_instrument"]
+    ok = code == 0
+    if ok.any():
+        idx = np.flatnonzero(ok)
+        late = _out_of_order(t["ts"][idx], inst[idx], last_ts)
+        code[idx[late]] = _R["out_of_order"]
+    return code
+
+
+def tick_reason_counts(codes: np.ndarray) -> dict[str, int]:
+    """{reason name: count} of the non-zero codes returned by :func:`validate_ticks`."""
+    c = np.asarray(codes)
+    counts = np.bincount(c[c != 0].astype(np.intp), minlength=len(TICK_REASONS))
+    return {TICK_REASONS[i]: int(k) for i, k in enumerate(counts) if k}
+
+
+def _allowed(instruments: Iterable[str | int] | None) -> np.ndarray | None:
+    if instruments is None:
+        return None
+    ids = [_registry.resolve(x) for x in instruments]
+    mask = np.zeros(max(ids, default=-1) + 1, dtype=bool)
+    mask[ids] = True
+    return mask
+
+
+class TickValidator:
+    """Stateful tick validation: per-instrument time order across batches, reject counters by
+    reason, and the most recent refused ticks kept as dead letters (at most ``max_dead_letters``).
+
+    Calling it with a batch returns the accepted ticks (original order) and every tick's code.
+    """
+
+    def __init__(self, *, instruments: Iterable[str | int] | None = None, max_dead_letters: int = 10_000,
+                 band: float = 0.01, band_spreads: float = 10.0) -> None:
+        if max_dead_letters < 0:
+            raise ValueError("max_dead_letters must be >= 0")
+        self._allowed = _allowed(instruments)
+        self._band = float(band)
+        self._band_spreads = float(band_spreads)
+        self._last_ts = np.full(0, _NONE, dtype=np.int64)
+        self._counts = np.zeros(len(TICK_REASONS), dtype=np.int64)
+        self._dead = np.zeros(max_dead_letters, dtype=TICK_DEAD_LETTER_DTYPE)
+        self._dead_n = 0  # ever written; the ring holds the last len(self._dead)
+        self._batch = 0
+
+    def __call__(self, ticks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = as_ticks(ticks)
+        code = validate_ticks(t, last_ts=self._last_ts, allowed=self._allowed, band=self._band,
+                              band_spreads=self._band_spreads)
+        ok = code == 0
+        self._counts += np.bincount(code, minlength=len(TICK_REASONS))
+        if not ok.all():
+            self._bury(t, code)
+        good = t[ok] if not ok.all() else t
+        if len(good):
+            inst = good["instrument"]
+            top = int(inst.max())
+            if top >= len(self._last_ts):
+                grown = np.full(max(top + 1, 2 * len(self._last_ts)), _NONE, dtype=np.int64)
+                grown[:len(self._last_ts)] = self._last_ts
+                self._last_ts = grown
+            # ufunc.at applies every write, so the maximum per instrument wins whatever the order
+            np.maximum.at(self._last_ts, inst, good["ts"])
+        self._batch += 1
+        return good, code
+
+    def _bury(self, t: np.ndarray, code: np.ndarray) -> None:
+        cap = len(self._dead)
+        if cap == 0:
+            return
+        idx = np.flatnonzero(code)[-cap:]
+        k = len(idx)
+        rows = np.zeros(k, dtype=TICK_DEAD_LETTER_DTYPE)
+        for name in TICK_DTYPE.names:
+            rows[name] = t[name][idx]
+        rows["index"] = idx
+        rows["reason"] = code[idx]
+        rows["batch"] = self._batch
+        pos = (self._dead_n + np.arange(k)) % cap
+        self._dead[pos] = rows
+        self._dead_n += k
+
+    @property
+    def rejects(self) -> dict[str, int]:
+        """{reason name: count} of every tick refused so far."""
+        return {TICK_REASONS[i]: int(k) for i, k in enumerate(self._counts) if i and k}
+
+    @property
+    def accepted(self) -> int:
+        """Number of ticks accepted so far."""
+        return int(self._counts[0])
+
+    @property
+    def rejected(self) -> int:
+        """Number of ticks refused so far."""
+        return int(self._counts[1:].sum())
+
+    def dead_letters(self) -> np.ndarray:
+        """The most recent refused ticks, oldest first (``TICK_DEAD_LETTER_DTYPE``)."""
+        cap = len(self._dead)
+        if self._dead_n <= cap:
+            return self._dead[:self._dead_n].copy()
+        start = self._dead_n % cap
+        return np.concatenate([self._dead[start:], self._dead[:start]])
+
+    def last_ts(self, instrument: str | int) -> int | None:
+        """Time of the last accepted tick of ``instrument`` (ns), or None."""
+        i = _registry.resolve(instrument)
+        v = int(self._last_ts[i]) if i < len(self._last_ts) else _NONE
+        return None if v == _NONE else v
+
+
+class _Pending:
+    """The open bar of each instrument for one timeframe, indexed by instrument id."""
+
+    def __init__(self) -> None:
+        self.bucket = np.full(0, _NONE, dtype=np.int64)
+        self.ohlcv = np.zeros((0, 5), dtype=np.float64)
+
+    def grow(self, top: int) -> None:
+        n = len(self.bucket)
+        if top < n:
+            return
+        m = max(top + 1, 2 * n, 16)
+        b = np.full(m, _NONE, dtype=np.int64)
+        b[:n] = self.bucket
+        v = np.zeros((m, 5), dtype=np.float64)
+        v[:n] = self.ohlcv
+        self.bucket, self.ohlcv = b, v
+
+
+def _bars(inst: np.ndarray, bucket: np.ndarray, ohlcv: np.ndarray, tf: int) -> np.ndarray:
+    out = np.zeros(len(inst), dtype=BAR_DTYPE)
+    out["ts"] = bucket * (tf * _NS)
+    out["instrument"] = inst
+    out["timeframe"] = tf
+    out["open"], out["high"], out["low"], out["close"], out["volume"] = ohlcv.T
+    return out
+
+
+class TickAggregator:
+    """Streaming tick-to-bar aggregation for several timeframes at once.
+
+    Parameters
+    ----------
+    timeframes : iterable of int or str
+        Seconds, ``"M1"``/``"H1"`` or pandas offsets (``"1min"``, ``"1h"``).
+    instruments : iterable of str or int, optional
+        Accept only these instruments; default every registered one.
+    max_dead_letters : int
+        Refused ticks kept for inspection (the most recent ones).
+    band, band_spreads : float
+        Price band around the quote, see :func:`validate_ticks`.
+
+    Notes
+    -----
+    Bars come out ordered by their close time (``ts + timeframe``), then timeframe, then
+    instrument, so a stream of them feeds :meth:`dynamic_core.Engine.run` directly. Volume
+    sums the sizes in arrival order, continuing across batches, so splitting a feed into
+    batches does not change a bar.
+    """
+
+    def __init__(self, timeframes: Iterable[int | str], *, instruments: Iterable[str | int] | None = None,
+                 max_dead_letters: int = 10_000, band: float = 0.01, band_spreads: float = 10.0) -> None:
+        tfs = sorted({parse_timeframe(tf) for tf in timeframes})
+        if not tfs:
+            raise ValueError("TickAggregator needs at least one timeframe")
+        self.timeframes: tuple[int, ...] = tuple(tfs)
+        self.validator = TickValidator(instruments=instruments, max_dead_letters=max_dead_letters,
+                                       band=band, band_spreads=band_spreads)
+        self._pending = {tf: _Pending() for tf in self.timeframes}
+        self.bars_out = 0
+
+    # -- counters ---------------------------------------------------------------------------
+    @property
+    def rejects(self) -> dict[str, int]:
+        return self.validator.rejects
+
+    @property
+    def accepted(self) -> int:
+        return self.validator.accepted
+
+    def dead_letters(self) -> np.ndarray:
+        return self.validator.dead_letters()
+
+    # -- data path --------------------------------------------------------------------------
+    def update(self, ticks: np.ndarray) -> np.ndarray:
+        """Take a batch of ticks; return the bars it finished (``BAR_DTYPE``)."""
+        good, _ = self.validator(ticks)
+        if len(good) == 0:
+            return np.zeros(0, dtype=BAR_DTYPE)
+        order = _instrument_order(good["instrument"])
+        inst = good["instrument"][order]
+        ts = good["ts"][order]
+        price = good["price"][order]
+        size = good["size"][order]
+        inst_starts = _segment_starts(inst)
+        out = [self._one(tf, inst, ts, price, size, inst_starts) for tf in self.timeframes]
+        return self._emit(out)
+
+    def _one(self, tf: int, inst: np.ndarray, ts: np.ndarray, price: np.ndarray, size: np.ndarray,
+             inst_starts: np.ndarray) -> list[np.ndarray]:
+        pend = self._pending[tf]
+        pend.grow(int(inst.max()))
+        n = len(ts)
+        bucket = ts // (tf * _NS)  # floor division: epoch-aligned buckets, also before 1970
+        flag = np.zeros(n, dtype=bool)
+        flag[inst_starts] = True
+        flag[1:] |= bucket[1:] != bucket[:-1]
+        g = np.flatnonzero(flag)
+        g_inst = inst[g]
+        g_bucket = bucket[g]
+        first = np.zeros(len(g), dtype=bool)
+        first[np.searchsorted(g, inst_starts)] = True
+        last = np.zeros(len(g), dtype=bool)
+        last[:-1] = first[1:]
+        last[-1] = True
+
+        fi = g_inst[first]
+        p_bucket = pend.bucket[fi]
+        merge = p_bucket == g_bucket[first]
+        closed = (p_bucket != _NONE) & ~merge
+        bars = []
+        if closed.any():
+            ids = fi[closed]
+            bars.append(_bars(ids, p_bucket[closed], pend.ohlcv[ids], tf))
+
+        vol_in = size
+        if merge.any():
+            # The open bar's volume is added to its first new tick so the sum runs in arrival order.
+            vol_in = size.copy()
+            vol_in[g[first][merge]] = pend.ohlcv[fi[merge], 4] + size[g[first][merge]]
+        ohlcv = np.empty((len(g), 5), dtype=np.float64)
+        ohlcv[:, 0] = price[g]
+        ohlcv[:, 1] = np.maximum.reduceat(price, g)
+        ohlcv[:, 2] = np.minimum.reduceat(price, g)
+        ohlcv[:, 3] = price[np.append(g[1:], n) - 1]
+        ohlcv[:, 4] = np.add.reduceat(vol_in, g)
+        if merge.any():
+            rows = np.flatnonzero(first)[merge]
+            prev = pend.ohlcv[fi[merge]]
+            ohlcv[rows, 0] = prev[:, 0]
+            ohlcv[rows, 1] = np.maximum(prev[:, 1], ohlcv[rows, 1])
+            ohlcv[rows, 2] = np.minimum(prev[:, 2], ohlcv[rows, 2])
+
+        done = ~last
+        if done.any():
+            bars.append(_bars(g_inst[done], g_bucket[done], ohlcv[done], tf))
+        li = g_inst[last]
+        pend.bucket[li] = g_bucket[last]
+        pend.ohlcv[li] = ohlcv[last]
+        return bars
+
+    def _emit(self, parts: list[list[np.ndarray]]) -> np.ndarray:
+        flat = [b for p in parts for b in p if len(b)]
+        if not flat:
+            return np.zeros(0, dtype=BAR_DTYPE)
+        bars = np.concatenate(flat) if len(flat) > 1 else flat[0]
+        order = np.lexsort((bars["instrument"], bars["timeframe"],
+                            bars["ts"] + bars["timeframe"].astype(np.int64) * _NS))
+        bars = bars[order]
+        self.bars_out += len(bars)
+        return bars
+
+    def close_until(self, ts: int) -> np.ndarray:
+        """Finish the open bars that end at or before ``ts`` (ns) even though no later tick has
+        come: a clock-driven close for quiet instruments."""
+        out = []
+        for tf in self.timeframes:
+            pend = self._pending[tf]
+            open_ = pend.bucket != _NONE
+            ids = np.flatnonzero(open_)
+            ids = ids[(pend.bucket[ids] + 1) * (tf * _NS) <= ts]
+            if len(ids):
+                out.append([_bars(ids.astype(np.uint32), pend.bucket[ids], pend.ohlcv[ids], tf)])
+                pend.bucket[ids] = _NONE
+        return self._emit(out)
+
+    def flush(self) -> np.ndarray:
+        """Finish every open bar (end of a feed or of a replay)."""
+        return self.close_until(np.iinfo(np.int64).max)
+
+    def pending(self) -> np.ndarray:
+        """The open bars as they stand, without finishing them."""
+        parts = []
+        for tf in self.timeframes:
+            pend = self._pending[tf]
+            ids = np.flatnonzero(pend.bucket != _NONE)
+            parts.append(_bars(ids.astype(np.uint32), pend.bucket[ids], pend.ohlcv[ids], tf))
+        bars = np.concatenate(parts)
+        return bars[np.lexsort((bars["instrument"], bars["timeframe"], bars["ts"]))]
