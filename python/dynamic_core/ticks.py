@@ -332,10 +332,13 @@ class TickAggregator:
 
     Notes
     -----
-    Bars come out ordered by their close time (``ts + timeframe``), then timeframe, then
-    instrument, so a stream of them feeds :meth:`dynamic_core.Engine.run` directly. Volume
-    sums the sizes in arrival order, continuing across batches, so splitting a feed into
-    batches does not change a bar.
+    Each call's bars come out ordered by their close time (``ts + timeframe``), then timeframe,
+    then instrument; across calls each (instrument, timeframe) stream is in time order (a bar
+    closes when its instrument's next bucket starts), so the output feeds
+    :meth:`dynamic_core.Engine.run` directly. Open, high,
+    low and close do not depend on how a feed is cut into batches; volume neither when the
+    sizes add exactly (whole lots, shares, contracts), otherwise it can differ in the last bits
+    (numpy sums a batch's part of a bar pairwise, then adds it to the open bar's volume).
     """
 
     def __init__(self, timeframes: Iterable[int | str], *, instruments: Iterable[str | int] | None = None,
@@ -405,7 +408,7 @@ class TickAggregator:
 
         vol_in = size
         if merge.any():
-            # The open bar's volume is added to its first new tick so the sum runs in arrival order.
+            # the open bar's volume joins the sum through its first new tick
             vol_in = size.copy()
             vol_in[g[first][merge]] = pend.ohlcv[fi[merge], 4] + size[g[first][merge]]
         ohlcv = np.empty((len(g), 5), dtype=np.float64)
