@@ -1,0 +1,534 @@
+"""DSI: MicroTape tokens, each micro-expert on constructed sequences and against plain per-tick
+reference loops, the n-gram classifier on a planted pattern, log-odds fusion arithmetic, and the
+Dsi façade (bounded evidence, batching, malformed ticks)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import dynamic_core as dc
+from dynamic_core.learning.dsi import (
+    AbsorptionExpert,
+    AnomalyScorer,
+    DivergenceVerifier,
+    Dsi,
+    DsiFusion,
+    MicroTape,
+    NGramClassifier,
+    RunExperts,
+    decode,
+    encode,
+    token_name,
+)
+from dynamic_core.learning.dsi._scan import ew_filter
+from dynamic_core.learning.dsi.experts import Calls, symbols
+
+NS = 1_000_000_000
+T0 = 1_700_000_000 * NS
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def moves_of(price: np.ndarray) -> np.ndarray:
+    m = np.zeros(len(price), dtype=np.int8)
+    m[1:] = np.sign(np.diff(price))
+    return m
+
+
+def split_points(n: int, pieces: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(np.arange(1, n), size=pieces - 1, replace=False))
+
+
+def run_batches(step, arrays: list[np.ndarray], cuts) -> dict[str, list[tuple[int, int]]]:
+    """Feed ``step`` the arrays cut at ``cuts``; collect calls as (global index, sign)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    bounds = [0, *list(cuts), len(arrays[0])]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        res = step(*[x[a:b] for x in arrays])
+        if isinstance(res, Calls):
+            res = {"calls": res}
+        for name, c in res.items():
+            out.setdefault(name, []).extend((a + int(i), int(s)) for i, s in zip(c.index, c.sign))
+    return out
+
+
+def microstructure(n: int, seed: int) -> dict[str, np.ndarray]:
+    """A tick stream with bursts, stalls, reversals and size clusters, so every expert fires."""
+    rng = np.random.default_rng(seed)
+    regime = np.repeat(rng.integers(0, 4, n // 40 + 1), 40)[:n]
+    drift = np.choose(regime, [0.0, 0.6, -0.6, 0.0])
+    step = np.sign(rng.normal(drift, 1.0)) * (rng.random(n) < np.where(regime == 3, 0.1, 0.6))
+    step = step * np.where(rng.random(n) < 0.003, 12, 1)  # the odd gap
+    price = 100.0 + 0.01 * np.cumsum(step)
+    size = np.round(rng.lognormal(0.0, 1.0, n) * np.where(rng.random(n) < 0.02, 8.0, 1.0) + 1.0)
+    size *= np.where(regime == 3, 3.0, 1.0)  # heavy one-sided flow at a standstill
+    agg = np.where(regime == 3, np.where(rng.random(n) < 0.95, -1, 1), np.sign(step))
+    agg = np.where(agg == 0, rng.choice([-1, 1], n), agg).astype(np.int8)
+    ts = T0 + np.cumsum(rng.integers(1, 400_000_000, n))
+    return {"ts": ts, "price": price, "size": size, "aggressor": agg}
+
+
+def as_ticks(d: dict[str, np.ndarray], instrument: int) -> np.ndarray:
+    t = np.zeros(len(d["price"]), dtype=dc.TICK_DTYPE)
+    t["ts"] = d["ts"]
+    t["instrument"] = instrument
+    t["price"] = d["price"]
+    t["size"] = d["size"]
+    t["side"] = np.where(d["aggressor"] > 0, 1, 2)
+    t["bid"] = d["price"] - 0.005
+    t["ask"] = d["price"] + 0.005
+    return t
+
+
+# -- MicroTape -------------------------------------------------------------------------------
+def test_token_encoding_round_trips():
+    toks = [encode(d, s, sp, a) for a in range(3) for sp in range(3) for s in range(4) for d in range(3)]
+    assert toks == list(range(108))
+    assert all(encode(*decode(t)) == t for t in toks)
+    assert token_name(encode(1, 2, 0, 1)) == "up/large/tight/buy"
+    assert token_name(encode(2, 3, 2, 2)) == "down/block/blown/sell"
+    np.testing.assert_array_equal(encode(np.array([0, 1]), np.array([1, 1]), 0, 2), [75, 76])
+    with pytest.raises(ValueError):
+        decode(108)
+
+
+def test_tape_on_constructed_ticks():
+    tape = MicroTape(span=200.0)
+    a = 2.0 / 201.0
+    price = np.array([100.0, 100.1, 100.0, 100.0, 100.2])
+    size = np.array([1.0, 10.0, 1.0, 1.0, 1.0])
+    bid = np.array([99.9, 99.9, 99.95, 0.0, 99.8])
+    ask = np.array([100.1, 100.1, 100.15, 0.0, 100.6])
+    side = np.array([1, 0, 0, 0, 2], dtype=np.uint32)
+    out = tape.step(price, size, bid, ask, side)
+    np.testing.assert_array_equal(out.move, [0, 1, -1, 0, 1])
+    # side given; quote rule at the ask; side of the mid; no quote and no move; side given
+    np.testing.assert_array_equal(out.aggressor, [1, 1, -1, 0, -1])
+    m1 = 1.0 + a * 9.0  # EW mean size after the 10-lot
+    m2 = m1 + a * (1.0 - m1)
+    np.testing.assert_allclose(out.size_ref, [1.0, 1.0, m1, m2, m2 + a * (1.0 - m2)], rtol=1e-14)
+    np.testing.assert_array_equal(out.size_class, [1, 3, 1, 1, 1])
+    np.testing.assert_allclose(out.spread[3], 0.2)  # carried over the unquoted tick
+    np.testing.assert_array_equal(out.spread_class, [0, 0, 0, 0, 2])
+    want = [encode(0, 1, 0, 1), encode(1, 3, 0, 1), encode(2, 1, 0, 2), encode(0, 1, 0, 0), encode(1, 1, 2, 2)]
+    np.testing.assert_array_equal(out.token, want)
+    # the next batch continues from the last price
+    nxt = tape.step(np.array([100.1]), np.array([1.0]), np.array([0.0]), np.array([0.0]), np.array([0], np.uint32))
+    assert nxt.move[0] == -1 and nxt.aggressor[0] == -1  # tick rule
+
+
+def test_ew_filter_matches_the_loop_over_many_chunks():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=20_000)
+    r = 0.6  # short chunks: ~1,170 values each
+    y = ew_filter(x, r, 3.0)
+    ref = np.empty_like(x)
+    acc = 3.0
+    for i, v in enumerate(x):
+        acc = r * acc + v
+        ref[i] = acc
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-12)
+
+
+# -- anomaly scorers -------------------------------------------------------------------------
+def test_anomaly_zscores_match_pandas_ewm():
+    rng = np.random.default_rng(3)
+    n = 3000
+    size = rng.lognormal(0, 1, n)
+    spread = rng.uniform(0.1, 0.3, n)
+    ret = rng.normal(0, 1e-4, n)
+    sc = AnomalyScorer(span=50, warmup=30)
+    z = np.concatenate([sc.zscores(size[a:b], spread[a:b], ret[a:b])
+                        for a, b in zip([0, 7, 1000, 2999], [7, 1000, 2999, 3000])])
+    for j, x in enumerate((size, spread, ret)):
+        s = pd.Series(x)
+        m = s.ewm(span=50, adjust=False).mean().shift(1)
+        v = s.ewm(span=50, adjust=False).var(bias=True).shift(1)
+        ref = np.array((s - m) / np.sqrt(v), dtype=np.float64)
+        ref[:30] = 0.0
+        np.testing.assert_allclose(z[:, j], ref, rtol=1e-9, atol=1e-12)
+
+
+def test_anomaly_calls():
+    sc = AnomalyScorer(span=20, warmup=10, z_volume=3.0, z_return=3.0, z_spread=3.0)
+    rng = np.random.default_rng(1)
+    n = 60
+    size = 1.0 + 0.1 * rng.random(n)
+    size[40] = 50.0  # a block print by a seller
+    spread = 0.2 + 0.001 * rng.random(n)
+    spread[50] = 2.0
+    ret = 1e-5 * rng.normal(size=n)
+    ret[45] = 1e-2
+    agg = np.ones(n, dtype=np.int8)
+    agg[40] = -1
+    move = np.ones(n, dtype=np.int8)
+    z = sc.zscores(size, spread, ret)
+    calls = sc.calls(z, agg, move)
+    assert calls["volume_anomaly"].index.tolist() == [40] and calls["volume_anomaly"].sign.tolist() == [-1]
+    assert calls["return_anomaly"].index.tolist() == [45] and calls["return_anomaly"].sign.tolist() == [1]
+    assert calls["spread_anomaly"].index.tolist() == [50] and calls["spread_anomaly"].sign.tolist() == [0]
+
+
+# -- run experts -----------------------------------------------------------------------------
+def _runs(price, aggressor=None, ts=None, zsize=None, size=None, cuts=(), **kw):
+    price = np.asarray(price, dtype=np.float64)
+    n = len(price)
+    move = moves_of(price)
+    aggressor = move.copy() if aggressor is None else np.asarray(aggressor, dtype=np.int8)
+    ts = T0 + np.arange(n, dtype=np.int64) * 100_000_000 if ts is None else np.asarray(ts, dtype=np.int64)
+    zsize = np.zeros(n) if zsize is None else np.asarray(zsize, dtype=np.float64)
+    size = np.ones(n) if size is None else np.asarray(size, dtype=np.float64)
+    ex = RunExperts(**kw)
+    return run_batches(ex.step, [ts, price, size, move, aggressor, zsize], cuts)
+
+
+def test_momentum_burst():
+    price = [100, 101, 102, 102, 103, 104, 105]
+    for cuts in ((), (3,), (1, 2, 5)):
+        assert _runs(price, cuts=cuts)["momentum"] == [(5, 1)]  # 4th move of the run
+    assert _runs([105, 104, 103, 103, 102, 101])["momentum"] == [(5, -1)]
+    sellers = [0, -1, -1, -1, -1, -1, -1]  # up-ticks on selling: not a burst
+    assert _runs(price, aggressor=sellers)["momentum"] == []
+    slow = T0 + np.arange(7) * NS  # four moves over 4 s
+    assert _runs(price, ts=slow)["momentum"] == []
+
+
+def test_exhaustion_after_a_climax():
+    price = [100, 101, 102, 103, 104, 105, 106, 107, 106, 105]
+    z = np.zeros(10)
+    z[5] = 5.0
+    for cuts in ((), (8,), (2, 6, 9)):
+        assert _runs(price, zsize=z, cuts=cuts)["exhaustion"] == [(8, -1)]
+    assert _runs(price)["exhaustion"] == []  # no climax
+    short = [100, 101, 102, 103, 104, 105, 104]  # five moves only
+    assert _runs(short, zsize=np.full(7, 5.0))["exhaustion"] == []
+
+
+SWEEP = [100, 101, 102, 103, 104, 105, 104, 103, 102, 101, 100, 101, 102, 103, 104, 105, 106, 105, 104, 103, 102]
+
+
+def test_sweep_stop_run():
+    for cuts in ((), (17,), (5, 11, 19)):
+        assert _runs(SWEEP, cuts=cuts)["sweep"] == [(19, -1)]
+    mirrored = [200 - p for p in SWEEP]
+    assert _runs(mirrored)["sweep"] == [(19, 1)]
+    no_break = [100, 101, 102, 103, 104, 105, 104, 103, 102, 101, 100, 101, 102, 103, 104, 103, 102, 101]
+    assert _runs(no_break)["sweep"] == []
+    passive = np.sign(np.diff(SWEEP, prepend=SWEEP[0])).astype(np.int8)
+    passive[11:17] = -1  # the break up was made by sellers: not a stop run
+    assert _runs(SWEEP, aggressor=passive)["sweep"] == []
+
+
+class RefRuns:
+    """The run experts as a plain per-tick state machine."""
+
+    def __init__(self, K_m=4, th_m=0.6, T_m=2 * NS, K_e=6, z_e=3.0, K_s=3, th_s=0.6, rho=0.5):
+        self.p = dict(K_m=K_m, th_m=th_m, T_m=T_m, K_e=K_e, z_e=z_e, K_s=K_s, th_s=th_s, rho=rho)
+
+    def run(self, ts, price, size, aggressor, zsize):
+        P = self.p
+        out = {"momentum": [], "exhaustion": [], "sweep": []}
+        last = None
+        d, moves, vol, agg, maxz, start, armed = 0, 0, 0.0, 0.0, -math.inf, 0, False
+        ends = [math.nan] * 3
+        prev = (0, 0, 0.0, -math.inf)
+        for t in range(len(price)):
+            p = float(price[t])
+            mv = 0 if last is None else (p > last) - (p < last)
+            new = mv != 0 and mv != d
+            if new:
+                ends = ends[1:] + [last]
+                prev = (d, moves, agg / vol if vol > 0 else 0.0, maxz)
+                if prev[1] >= P["K_e"] and prev[3] >= P["z_e"] and prev[0] != 0:
+                    out["exhaustion"].append((t, mv))
+                d, moves, vol, agg, maxz, start, armed = mv, 0, 0.0, 0.0, -math.inf, ts[t], False
+            moves += mv != 0
+            vol += size[t]
+            agg += size[t] if aggressor[t] == d else 0.0
+            maxz = max(maxz, zsize[t])
+            if mv != 0 and moves == P["K_m"] and agg >= P["th_m"] * vol and ts[t] - start <= P["T_m"]:
+                out["momentum"].append((t, d))
+            e3, e2, e1 = ends
+            cond = (d != 0 and -d * (e1 - e3) > 0 and prev[1] >= P["K_s"] and prev[2] >= P["th_s"]
+                    and abs(e1 - e2) > 0 and d * (p - e1) >= P["rho"] * abs(e1 - e2))
+            if cond and not armed:
+                out["sweep"].append((t, d))
+            armed = cond
+            last = p
+        return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_run_experts_against_the_reference_state_machine(seed):
+    d = microstructure(20_000, seed)
+    z = np.random.default_rng(seed).normal(0, 1.5, len(d["price"]))
+    ref = RefRuns().run(d["ts"], d["price"], d["size"], d["aggressor"], z)
+    got = _runs(d["price"], aggressor=d["aggressor"], ts=d["ts"], zsize=z, size=d["size"],
+                cuts=split_points(len(z), 40, seed))
+    for name in ("momentum", "exhaustion", "sweep"):
+        assert len(ref[name]) > 5, name
+        assert got[name] == ref[name], name
+
+
+# -- absorption ------------------------------------------------------------------------------
+def _absorb(price, size, aggressor, ref=None, cuts=(), **kw):
+    n = len(price)
+    ex = AbsorptionExpert(**kw)
+    ref = np.ones(n) if ref is None else ref
+    arrays = [np.asarray(price, float), np.asarray(size, float), np.asarray(aggressor, np.int8), ref]
+    return run_batches(ex.step, arrays, cuts).get("calls", [])
+
+
+def test_absorption_of_sellers_at_a_flat_price():
+    n = 12
+    flat = np.full(n, 100.0)
+    sells = -np.ones(n)
+    for cuts in ((), (4,), (3, 5, 6)):
+        assert _absorb(flat, np.full(n, 2.0), sells, window=5, cuts=cuts) == [(5, 1)]
+    assert _absorb(flat, np.full(n, 2.0), -sells, window=5) == [(5, -1)]  # buyers absorbed
+    falling = 100.0 - 0.01 * np.arange(n)  # the sellers get their way: no absorption
+    assert _absorb(falling, np.full(n, 2.0), sells, window=5) == []
+    assert _absorb(flat, np.ones(n), sells, window=5) == []  # not heavy: 5 < 1.5 x 5 x 1
+    mixed = np.where(np.arange(n) % 2 == 0, 1, -1)
+    assert _absorb(flat, np.full(n, 2.0), mixed, window=5) == []  # not one-sided
+    # the condition lapses and returns: a second call
+    sz = np.full(20, 2.0)
+    sz[8:12] = 0.1
+    assert _absorb(np.full(20, 100.0), sz, -np.ones(20), window=5) == [(5, 1), (15, 1)]
+
+
+def test_absorption_against_a_reference_window():
+    d = microstructure(8000, 4)
+    ref_size = pd.Series(d["size"]).ewm(span=200, adjust=False).mean().shift(1).bfill().to_numpy()
+    W, share, vol = 20, 0.7, 1.5
+    want, armed = [], False
+    for t in range(len(ref_size)):
+        cond = False
+        if t >= W:
+            s = float(np.sum(d["aggressor"][t - W + 1:t + 1] * d["size"][t - W + 1:t + 1]))
+            v = float(np.sum(d["size"][t - W + 1:t + 1]))
+            side = np.sign(s)
+            cond = (s != 0 and abs(s) >= share * v and v >= vol * W * ref_size[t]
+                    and side * (d["price"][t] - d["price"][t - W]) <= 0)
+        if cond and not armed:
+            want.append((t, int(-np.sign(s))))
+        armed = cond
+    got = _absorb(d["price"], d["size"], d["aggressor"], ref=ref_size, cuts=split_points(8000, 30, 1))
+    assert len(want) > 5
+    assert got == want
+
+
+# -- divergence ------------------------------------------------------------------------------
+def reference_divergence(price, rsi_n, fast, slow, k, warmup):
+    n = len(price)
+    rsi, macd = np.empty(n), np.empty(n)
+    g = l = 0.0
+    ef = es = price[0]
+    for t in range(n):
+        dlt = 0.0 if t == 0 else price[t] - price[t - 1]
+        g = (1 - 1 / rsi_n) * g + (1 / rsi_n) * max(dlt, 0.0)
+        l = (1 - 1 / rsi_n) * l + (1 / rsi_n) * max(-dlt, 0.0)
+        rsi[t] = 100 * g / (g + l) if g + l > 0 else 50.0
+        af, as_ = 2 / (fast + 1), 2 / (slow + 1)
+        ef = (1 - af) * ef + af * price[t]
+        es = (1 - as_) * es + as_ * price[t]
+        macd[t] = ef - es
+    out = {"rsi_divergence": [], "macd_divergence": []}
+    last = {1: None, -1: None}
+    for t in range(n):
+        c = t - k
+        if c < k or c < warmup:
+            continue
+        left, right = price[c - k:c], price[c + 1:t + 1]
+        for kind, ok in ((1, price[c] > left.max() and price[c] >= right.max()),
+                         (-1, price[c] < left.min() and price[c] <= right.min())):
+            if not ok:
+                continue
+            prev = last[kind]
+            if prev is not None:
+                pc, rc, mc = prev
+                further = kind * (price[c] - pc) > 0
+                if further and kind * (rsi[c] - rc) < 0:
+                    out["rsi_divergence"].append((t, -kind))
+                if further and kind * (macd[c] - mc) < 0:
+                    out["macd_divergence"].append((t, -kind))
+            last[kind] = (price[c], rsi[c], macd[c])
+    return out, rsi, macd
+
+
+def test_divergence_against_the_reference():
+    d = microstructure(6000, 7)
+    price = d["price"]
+    want, rsi, macd = reference_divergence(price, 14, 12, 26, 5, 78)
+    ver = DivergenceVerifier(rsi_period=14, macd_fast=12, macd_slow=26, pivot=5, warmup=78)
+    got = run_batches(ver.step, [price], split_points(len(price), 25, 2))
+    for name in ("rsi_divergence", "macd_divergence"):
+        assert len(want[name]) > 5 and {s for _, s in want[name]} == {-1, 1}
+        assert got[name] == want[name], name
+    r2, m2 = DivergenceVerifier().indicators(price)
+    np.testing.assert_allclose(r2, rsi, atol=1e-9)
+    np.testing.assert_allclose(m2, macd, atol=1e-9)
+
+
+def test_bearish_divergence_on_a_constructed_path():
+    # a steep rally to a high, a pullback, then a slow grind to a slightly higher high
+    up1 = list(np.linspace(100, 110, 11))
+    down = list(np.linspace(109, 105, 5))
+    grind = [105.5, 105.4, 106.0, 105.9, 106.5, 106.4, 107.0, 106.9, 107.5, 107.4, 108.0, 107.9, 108.5, 108.4,
+             109.0, 108.9, 109.5, 109.4, 110.0, 109.9, 110.5]
+    tail = [109.5, 109.0, 108.5, 108.0]
+    price = np.array(up1 + down + grind + tail)
+    ver = DivergenceVerifier(rsi_period=5, macd_fast=3, macd_slow=6, pivot=2, warmup=0)
+    got = run_batches(ver.step, [price], ())
+    c = len(up1) + len(down) + len(grind) - 1  # the second high
+    assert got["rsi_divergence"] == [(c + 2, -1)]
+    assert got["macd_divergence"] == [(c + 2, -1)]
+
+
+# -- sequence classifier ---------------------------------------------------------------------
+def test_ngram_learns_a_planted_pattern():
+    rng = np.random.default_rng(5)
+    n = 6000
+    move = rng.choice([-1, 0, 1], n)
+    for t in range(2, n):  # planted: two up-ticks are always followed by a down-tick
+        if move[t - 2] == 1 and move[t - 1] == 1:
+            move[t] = -1
+    agg = np.where(move > 0, 1, np.where(move < 0, -1, 0)).astype(np.int8)
+    size_class = np.ones(n, dtype=np.uint8)
+    sym = symbols(move, agg, size_class)
+    outcome = np.where(move < 0, 2, move)
+    clf = NGramClassifier(order=3, alpha=1.0)
+    probs = np.concatenate([clf.update(sym[a:b], outcome[a:b], predictions=True)
+                            for a, b in zip([0, 1000, 1001, 3500], [1000, 1001, 3500, n])])
+    # the planted context predicts down, the others stay near a third each
+    up2 = np.zeros(n, dtype=bool)
+    up2[2:] = (move[:-2] == 1) & (move[1:-1] == 1)
+    late = np.arange(n) > n // 2
+    assert (probs[up2 & late].argmax(axis=1) == 2).all()
+    assert probs[up2 & late, 2].min() > 0.95
+    other = ~up2 & late & ~np.isnan(probs[:, 0])
+    assert np.abs(probs[other] - 1 / 3).max() < 0.15
+    # exactly what a tick-by-tick loop with a dict of counts gives
+    counts: dict[tuple[int, int], list[int]] = {}
+    for t in range(2, n):
+        c = counts.setdefault((int(sym[t - 2]), int(sym[t - 1])), [0, 0, 0])
+        ref = (np.array(c) + 1.0) / (sum(c) + 3.0)
+        np.testing.assert_allclose(probs[t], ref, rtol=1e-15)
+        c[outcome[t]] += 1
+    assert np.isnan(probs[:2]).all()
+    # after two up-ticks: down
+    clf.update(symbols(np.array([1, 1]), np.array([1, 1]), np.ones(2)), np.array([1, 1]))
+    assert clf.log_odds() < -3 and clf.predict()[2] > 0.95
+    assert clf.context_name() == "up.buy>up.buy"
+
+
+# -- fusion ----------------------------------------------------------------------------------
+def test_fusion_is_log_odds_arithmetic():
+    f = DsiFusion(("a", "b"), weights={"a": 0.8, "b": 0.5, "sequence": 2.0}, half_life=10.0, spread_damp=0.25)
+    st = f.new_state()
+    tok = np.arange(11, dtype=np.uint8)
+    f.fuse(st, 5, {"a": Calls(np.array([4]), np.array([1], np.int8))}, tok[:5])
+    assert DsiFusion.log_odds(st) == pytest.approx(0.8, rel=1e-15)
+    p = 1.0 / (1.0 + math.exp(-0.8))
+    assert DsiFusion.evidence(st) == pytest.approx(2 * p - 1, rel=1e-14)  # P(up) - P(down)
+    # a call half a life old counts half; the old state fades by the batch's length
+    f.fuse(st, 11, {"b": Calls(np.array([0]), np.array([-1], np.int8))}, tok)
+    want = 0.8 * 0.5 ** 1.1 - 0.5 * 0.5
+    assert DsiFusion.log_odds(st) == pytest.approx(want, rel=1e-13)
+    # a damped tick, and the sequence classifier's log-odds (weighted), which is not accumulated
+    f.fuse(st, 1, {"a": Calls(np.array([0]), np.array([-1], np.int8))}, tok[:1], damped=np.array([True]),
+           sequence=0.3, sequence_context="x")
+    want = want * 0.5 ** 0.1 - 0.8 * 0.25 + 2.0 * 0.3
+    assert DsiFusion.log_odds(st) == pytest.approx(want, rel=1e-13)
+    top = f.top(st, 5, by="expert")
+    assert [c.name for c in top] == ["sequence", "b", "a"] or [c.name for c in top] == ["sequence", "a", "b"]
+    assert abs(top[0].log_odds) >= abs(top[1].log_odds) >= abs(top[2].log_odds)
+    assert sum(c.log_odds for c in top) == pytest.approx(want, rel=1e-12)
+    by_tok = f.top(st, 10, by="token")
+    assert sum(c.log_odds for c in by_tok) == pytest.approx(want, rel=1e-12)
+    assert by_tok[0].name == "sequence:x"
+    assert {c.name for c in by_tok[1:]} == {token_name(0), token_name(4)}
+
+
+def test_evidence_is_bounded():
+    f = DsiFusion(("a",), weights={"a": 1e6}, half_life=1e9)
+    st = f.new_state()
+    f.fuse(st, 3, {"a": Calls(np.arange(3), np.ones(3, np.int8))}, np.zeros(3, np.uint8))
+    assert DsiFusion.evidence(st) == 1.0
+    f.fuse(st, 3, {"a": Calls(np.arange(3), -np.ones(3, np.int8) * 1)}, np.zeros(3, np.uint8))
+    f.fuse(st, 3, {"a": Calls(np.arange(3), -np.ones(3, np.int8))}, np.zeros(3, np.uint8))
+    assert DsiFusion.evidence(st) == -1.0
+    with pytest.raises(ValueError):
+        DsiFusion(("a",), weights={"nope": 1.0})
+
+
+# -- the façade ------------------------------------------------------------------------------
+def _feed(names, seed, n=30_000):
+    ids = [dc.instruments.id(x) for x in names]
+    parts = [as_ticks(microstructure(n, seed + k), i) for k, i in enumerate(ids)]
+    allt = np.concatenate(parts)
+    return allt[np.argsort(allt["ts"], kind="stable")]
+
+
+def test_dsi_evidence_is_bounded_and_does_not_depend_on_batching():
+    names = ["DSI_A", "DSI_B", "DSI_C"]
+    ticks = _feed(names, 11)
+    one = Dsi(names)
+    one.update(ticks)
+    many = Dsi(names)
+    for part in np.split(ticks, split_points(len(ticks), 60, 3)):
+        many.update(part)
+    for nm in names:
+        assert -1.0 <= one.evidence(nm) <= 1.0
+        assert one.calls(nm) == many.calls(nm)
+        assert all(v > 0 for v in one.calls(nm).values()), one.calls(nm)
+        assert one.evidence(nm) == pytest.approx(many.evidence(nm), abs=1e-9)
+        top = one.top(nm, 4)
+        assert len(top) == 4 and all(abs(a.log_odds) >= abs(b.log_odds) for a, b in zip(top, top[1:]))
+    assert one.ticks == len(ticks) and one.rejects == {}
+
+
+def test_dsi_reads_an_aggressive_rally_as_up():
+    rng = np.random.default_rng(2)
+    n = 3000
+    step = np.where(rng.random(n) < 0.7, 1, np.where(rng.random(n) < 0.5, 0, -1))
+    price = 100 + 0.01 * np.cumsum(step)
+    d = {"ts": T0 + np.arange(n) * 50_000_000, "price": price, "size": np.ones(n) + (step > 0),
+         "aggressor": np.where(step >= 0, 1, -1).astype(np.int8)}
+    dsi = Dsi(["RALLY"])
+    dsi.update(as_ticks(d, dc.instruments.id("RALLY")))
+    assert dsi.evidence("RALLY") > 0.5
+    assert dsi.validation("RALLY", +1) == dsi.evidence("RALLY") == -dsi.validation("RALLY", -2.0)
+    assert dsi.validation("RALLY", 0) == 0.0
+    assert dsi.top("RALLY", 1, by="expert")[0].log_odds > 0
+
+
+def test_dsi_rejects_malformed_ticks_and_counts_them():
+    dsi = Dsi(["DSI_A"], max_dead_letters=2)
+    i = dc.instruments.id("DSI_A")
+    other = dc.instruments.id("DSI_OTHER")
+    t = as_ticks(microstructure(100, 1), i)
+    bad = t[:4].copy()
+    bad["price"][0] = np.nan
+    bad["size"][1] = -1
+    bad["instrument"][2] = other
+    bad["ts"][3] = t["ts"][0] - 1
+    dsi.update(np.concatenate([t[:50], bad, t[50:]]))
+    assert dsi.rejects == {"non_finite": 1, "negative_size": 1, "unknown_instrument": 1, "out_of_order": 1}
+    assert dsi.ticks == 100 and len(dsi.dead_letters()) == 2
+    with pytest.raises(KeyError):
+        dsi.evidence("DSI_OTHER")
+    assert Dsi(["DSI_A"]).evidence("DSI_A") == 0.0 and Dsi(["DSI_A"]).top("DSI_A") == []
+    with pytest.raises(TypeError):
+        dsi.update(np.zeros(3))
+
+
+def test_dsi_config_is_checked():
+    with pytest.raises(TypeError):
+        Dsi(["DSI_A"], no_such_field=1)
+    with pytest.raises(ValueError):
+        Dsi(["DSI_A"], weights={"nope": 1.0})
