@@ -89,12 +89,14 @@ class AnomalyScorer:
     def __init__(self, *, span: float = 200.0, warmup: int = 50, z_volume: float = 3.0,
                  z_return: float = 4.0, z_spread: float = 3.0) -> None:
         self._moments = EwMoments(3, span)
+        self.mean_before = np.zeros((0, 3))
         self.warmup = int(warmup)
         self.z_volume, self.z_return, self.z_spread = float(z_volume), float(z_return), float(z_spread)
 
     def zscores(self, size: np.ndarray, spread: np.ndarray, ret: np.ndarray) -> np.ndarray:
         """(n, 3) z-scores of (size, spread, return) against the EW moments before each tick;
-        0 before ``warmup`` ticks or while the variance is 0."""
+        0 before ``warmup`` ticks or while the variance is 0. The means are kept in
+        ``mean_before`` until the next call."""
         n = len(size)
         x = np.empty((n, 3))
         x[:, 0] = size
@@ -103,6 +105,7 @@ class AnomalyScorer:
         np.nan_to_num(x, copy=False, nan=0.0)
         seen = self._moments.count
         mean, var = self._moments.step(x)
+        self.mean_before = mean
         z = np.zeros_like(x)
         ok = var > 0
         ok[: max(0, min(n, self.warmup - seen))] = False
@@ -328,8 +331,12 @@ class DivergenceVerifier:
         ext[2 * k:, 2] = macd
         p = ext[:, 0]
         # centres c = k .. n+k-1 in ext are confirmed at batch tick c - k
-        wmax = np.lib.stride_tricks.sliding_window_view(p, k).max(axis=1)  # max of p[j:j+k]
-        wmin = np.lib.stride_tricks.sliding_window_view(p, k).min(axis=1)
+        m = len(p) - k + 1
+        wmax = p[:m].copy()  # wmax[j] = max(p[j:j+k]), NaN if any is NaN
+        wmin = p[:m].copy()
+        for j in range(1, k):
+            np.maximum(wmax, p[j:j + m], out=wmax)
+            np.minimum(wmin, p[j:j + m], out=wmin)
         c = np.arange(k, n + k)
         pc = p[c]
         # ext index of tick j of the whole stream: seen - 2k + c

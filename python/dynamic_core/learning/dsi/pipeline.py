@@ -11,6 +11,7 @@ direction)``: the evidence signed by the direction they propose.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import numpy as np
@@ -95,10 +96,16 @@ class _Instrument:
 
     def step(self, fusion: DsiFusion, ts, price, size, bid, ask, side) -> None:
         n = len(price)
-        tape = self.tape.step(price, size, bid, ask, side)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ret = price / tape.prev_price - 1.0
-        z = self.anomaly.zscores(size, tape.spread, ret)
+        zs = []
+
+        def means(size_, spread, prev):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ret = price / prev - 1.0
+            zs.append(self.anomaly.zscores(size_, spread, ret))
+            return self.anomaly.mean_before
+
+        tape = self.tape.step(price, size, bid, ask, side, means=means)
+        z = zs[0]
         calls = self.anomaly.calls(z, tape.aggressor, tape.move)
         damped = None
         spread_calls = calls.pop("spread_anomaly")
@@ -122,6 +129,9 @@ class Dsi:
         Instruments to follow (names are registered in ``dc.instruments``); ticks of others are
         refused as ``unknown_instrument``. Default: every registered instrument.
     config : DsiConfig, optional
+    threads : int
+        Worker threads sharing a batch's instruments (each instrument's ticks stay on one
+        thread, so results do not depend on it). 1 runs in the caller's thread.
     **overrides
         Fields of :class:`DsiConfig` to change (``Dsi(["EURUSD"], half_life=500)``).
 
@@ -133,7 +143,7 @@ class Dsi:
     """
 
     def __init__(self, instruments: Iterable[str | int] | None = None, config: DsiConfig | None = None,
-                 **overrides) -> None:
+                 *, threads: int = 1, **overrides) -> None:
         cfg = config or DsiConfig()
         if overrides:
             cfg = msgspec.structs.replace(cfg, **overrides)
@@ -146,6 +156,22 @@ class Dsi:
                                 spread_damp=cfg.spread_damp)
         self._state: dict[int, _Instrument] = {}
         self.ticks = 0
+        if not 1 <= threads <= 64:
+            raise ValueError("threads must be in [1, 64]")
+        self.threads = int(threads)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dsi") if threads > 1 else None
+
+    def close(self) -> None:
+        """Stop the worker threads (``threads > 1``); the state stays readable."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> Dsi:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- data path --------------------------------------------------------------------------
     def update(self, ticks: np.ndarray) -> None:
@@ -154,19 +180,35 @@ class Dsi:
         if len(good) == 0:
             return
         inst = good["instrument"]
+        # contiguous columns, grouped by instrument (each instrument's slice stays in time order)
         if len(good) > 1 and (inst[1:] != inst[:-1]).any():
-            good = good[_instrument_order(inst)]
-            inst = good["instrument"]
+            order = _instrument_order(inst)
+            inst = inst[order]
+            ts, price, size, bid, ask, side = (good[k][order] for k in ("ts", "price", "size", "bid", "ask", "side"))
+        else:
+            ts, price, size, bid, ask, side = (np.ascontiguousarray(good[k])
+                                               for k in ("ts", "price", "size", "bid", "ask", "side"))
         starts = _segment_starts(inst)
         ends = np.append(starts[1:], len(good))
-        ts, price, size = good["ts"], good["price"], good["size"]
-        bid, ask, side = good["bid"], good["ask"], good["side"]
+        jobs = []
         for a, b in zip(starts.tolist(), ends.tolist()):
             i = int(inst[a])
             st = self._state.get(i)
             if st is None:
                 st = self._state[i] = _Instrument(self.config, self.fusion)
+            jobs.append((st, a, b))
+
+        def run(job) -> None:
+            st, a, b = job
             st.step(self.fusion, ts[a:b], price[a:b], size[a:b], bid[a:b], ask[a:b], side[a:b])
+
+        if self._pool is not None and len(jobs) > 1:
+            # instruments are independent: numpy releases the GIL inside each array operation
+            jobs.sort(key=lambda j: j[1] - j[2])  # longest first
+            list(self._pool.map(run, jobs))
+        else:
+            for job in jobs:
+                run(job)
         self.ticks += len(good)
 
     # -- reading ----------------------------------------------------------------------------

@@ -110,8 +110,14 @@ class MicroTape:
         self.count = 0
 
     def step(self, price: np.ndarray, size: np.ndarray, bid: np.ndarray, ask: np.ndarray,
-             side: np.ndarray) -> Tape:
-        """Tokens of a batch of one instrument's (valid, time-ordered) ticks."""
+             side: np.ndarray, *, means=None) -> Tape:
+        """Tokens of a batch of one instrument's (valid, time-ordered) ticks.
+
+        ``means``, optional: a callable ``(size, spread, prev_price) -> (n, >=2) array`` giving the
+        EW mean size and spread before each tick, used instead of the tape's own (the Dsi passes
+        its anomaly scorer, which keeps the same means, so they are computed once). ``spread``
+        is 0 before the first quote.
+        """
         n = len(price)
         prev = prepend(self.last_price, price)
         move = (price > prev).astype(np.int8)
@@ -140,7 +146,10 @@ class MicroTape:
         x = np.empty((n, 2))
         x[:, 0] = size
         x[:, 1] = np.where(np.isnan(spread), 0.0, spread)
-        mean, _ = self._moments.step(x)
+        if means is None:
+            mean, _ = self._moments.step(x)
+        else:
+            mean = means(size, x[:, 1], prev)
         with np.errstate(divide="ignore", invalid="ignore"):
             size_ratio = np.where(mean[:, 0] > 0, size / mean[:, 0], 1.0)
             spread_ratio = np.where(mean[:, 1] > 0, x[:, 1] / mean[:, 1], 0.0)
