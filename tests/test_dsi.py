@@ -5,6 +5,7 @@ Dsi façade (bounded evidence, batching, malformed ticks)."""
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import pandas as pd
@@ -47,7 +48,7 @@ def run_batches(step, arrays: list[np.ndarray], cuts) -> dict[str, list[tuple[in
     """Feed ``step`` the arrays cut at ``cuts``; collect calls as (global index, sign)."""
     out: dict[str, list[tuple[int, int]]] = {}
     bounds = [0, *list(cuts), len(arrays[0])]
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in pairwise(bounds):
         res = step(*[x[a:b] for x in arrays])
         if isinstance(res, Calls):
             res = {"calls": res}
@@ -227,7 +228,7 @@ class RefRuns:
     """The run experts as a plain per-tick state machine."""
 
     def __init__(self, K_m=4, th_m=0.6, T_m=2 * NS, K_e=6, z_e=3.0, K_s=3, th_s=0.6, rho=0.5):
-        self.p = dict(K_m=K_m, th_m=th_m, T_m=T_m, K_e=K_e, z_e=z_e, K_s=K_s, th_s=th_s, rho=rho)
+        self.p = {"K_m": K_m, "th_m": th_m, "T_m": T_m, "K_e": K_e, "z_e": z_e, "K_s": K_s, "th_s": th_s, "rho": rho}
 
     def run(self, ts, price, size, aggressor, zsize):
         P = self.p
@@ -488,7 +489,7 @@ def test_dsi_evidence_is_bounded_and_does_not_depend_on_batching():
         assert all(v > 0 for v in one.calls(nm).values()), one.calls(nm)
         assert one.evidence(nm) == pytest.approx(many.evidence(nm), abs=1e-9)
         top = one.top(nm, 4)
-        assert len(top) == 4 and all(abs(a.log_odds) >= abs(b.log_odds) for a, b in zip(top, top[1:]))
+        assert len(top) == 4 and all(abs(a.log_odds) >= abs(b.log_odds) for a, b in pairwise(top))
     assert one.ticks == len(ticks) and one.rejects == {}
 
 
@@ -532,3 +533,17 @@ def test_dsi_config_is_checked():
         Dsi(["DSI_A"], no_such_field=1)
     with pytest.raises(ValueError):
         Dsi(["DSI_A"], weights={"nope": 1.0})
+
+
+def test_dsi_worker_threads_give_the_same_state():
+    names = ["DSI_A", "DSI_B", "DSI_C"]
+    ticks = _feed(names, 21, n=5000)
+    one = Dsi(names)
+    with Dsi(names, threads=2) as two:
+        for part in np.array_split(ticks, 4):
+            one.update(part)
+            two.update(part)
+        for nm in names:
+            assert one.calls(nm) == two.calls(nm)
+            assert one.evidence(nm) == two.evidence(nm)
+            assert one.top(nm, 5) == two.top(nm, 5)

@@ -51,7 +51,7 @@ class Contribution:
 class FusionState:
     """One instrument's fused log-odds, broken down by expert and by token."""
 
-    __slots__ = ("by_expert", "by_token", "last_token", "calls", "sequence", "sequence_context", "ticks")
+    __slots__ = ("by_expert", "by_token", "calls", "last_token", "sequence", "sequence_context", "ticks")
 
     def __init__(self, n_experts: int) -> None:
         self.by_expert = np.zeros(n_experts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Self
 
 import msgspec
 import numpy as np
@@ -77,7 +78,7 @@ class DsiConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 class _Instrument:
     """One instrument's tape, experts and fused state."""
 
-    __slots__ = ("tape", "anomaly", "runs", "absorption", "divergence", "ngram", "fused")
+    __slots__ = ("absorption", "anomaly", "divergence", "fused", "ngram", "runs", "tape")
 
     def __init__(self, cfg: DsiConfig, fusion: DsiFusion) -> None:
         self.tape = MicroTape(span=cfg.span, size_edges=cfg.size_edges, spread_edges=cfg.spread_edges)
@@ -167,7 +168,7 @@ class Dsi:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def __enter__(self) -> Dsi:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
