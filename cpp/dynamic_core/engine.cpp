@@ -6,6 +6,11 @@
 #include <stdexcept>
 #include <thread>
 
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+#endif
+
 namespace dynamic_core {
 
 namespace {
@@ -14,14 +19,11 @@ int64_t now_ns() {
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#else
-  std::this_thread::yield();
-#endif
-}
-constexpr int64_t kSpinNs = 50'000;   // workers and waiting consumers spin this long, then park
+// Workers and waiting consumers spin this long, then park. A parked thread takes tens of
+// microseconds to wake (much more on a busy or virtual machine), so on a live feed they should
+// rarely park; they spin yielding the CPU, so a thread with work (the caller, another worker)
+// gets it at once when threads outnumber cores.
+constexpr int64_t kSpinNs = 2'000'000;
 inline uint64_t stream_key(uint32_t instrument, uint32_t timeframe) {
   return (static_cast<uint64_t>(instrument) << 32) | timeframe;
 }
@@ -212,6 +214,26 @@ void Engine::wake_worker(int w) {
 
 void Engine::worker_main(int w) {
   Worker& me = *workers_[w];
+#if defined(__linux__)
+  // Live workers on distinct CPUs of the process's set when there are enough: two busy workers
+  // then never share a core while another idles (the caller's thread, not pinned, shares with
+  // one of them; the spinning workers yield to it).
+  if (!me.standby) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) >= cfg_.threads) {
+      int k = -1, cpu = -1;
+      for (int c = 0; c < CPU_SETSIZE && k < w; ++c)
+        if (CPU_ISSET(c, &set)) {
+          ++k;
+          cpu = c;
+        }
+      cpu_set_t one;
+      CPU_ZERO(&one);
+      CPU_SET(cpu, &one);
+      pthread_setaffinity_np(pthread_self(), sizeof one, &one);  // best effort
+    }
+  }
+#endif
   std::vector<uint64_t> buf(batch_);
   uint32_t seen_adopt = 0;
   while (true) {
@@ -246,7 +268,7 @@ void Engine::worker_main(int w) {
         work = true;
         break;
       }
-      for (int i = 0; i < 16; ++i) cpu_relax();
+      std::this_thread::yield();
     }
     if (work) continue;
     const uint32_t w0 = me.wake.load(std::memory_order_acquire);
@@ -569,7 +591,7 @@ size_t Engine::wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, siz
     spin = timeout_ns < 0 ? kSpinNs : std::min(kSpinNs, timeout_ns);
     while (now_ns() - t_start < spin) {
       if ((k = drain(out, max_n))) return k;
-      cpu_relax();
+      std::this_thread::yield();
     }
   }
   // Sleep until the next min_n bars in flight (all there are, if fewer) are ready, waiting for
