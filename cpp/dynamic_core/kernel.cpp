@@ -76,11 +76,17 @@ DC_AI void addu(uint32_t* p, typename Lanes<V>::m m) {
   x += __builtin_convertvector(m, typename Lanes<V>::u);
   __builtin_memcpy(p, &x, sizeof x);
 }
-// feat[idx[k]] for k < V.
+// feat[idx[k]] for k < V (the indices read two at a time: fewer loads).
 template <int V>
 DC_AI typename Lanes<V>::d gather(const double* __restrict feat, const int32_t* __restrict idx) {
+  static_assert(V % 2 == 0);
   typename Lanes<V>::d x;
-  for (int k = 0; k < V; ++k) x[k] = feat[idx[k]];
+  for (int k = 0; k < V; k += 2) {
+    uint64_t q;
+    __builtin_memcpy(&q, idx + k, sizeof q);
+    x[k] = feat[static_cast<int32_t>(static_cast<uint32_t>(q))];
+    x[k + 1] = feat[static_cast<int64_t>(q) >> 32];
+  }
   return x;
 }
 
@@ -241,30 +247,137 @@ DC_AI Summary sm_step_impl(const LaneView& v, int lanes, const double* __restric
 // feat[idx[k]] for k < 8: scalar loads assembled into a vector (faster than vgatherdpd on the
 // CPUs we measured).
 DC_V4_AI __m512d gather8(const double* __restrict feat, const int32_t* __restrict idx) {
-  const __m128d a = _mm_loadh_pd(_mm_load_sd(feat + idx[0]), feat + idx[1]);
-  const __m128d b = _mm_loadh_pd(_mm_load_sd(feat + idx[2]), feat + idx[3]);
-  const __m128d c = _mm_loadh_pd(_mm_load_sd(feat + idx[4]), feat + idx[5]);
-  const __m128d d = _mm_loadh_pd(_mm_load_sd(feat + idx[6]), feat + idx[7]);
+  // the indices two at a time (fewer loads: the load ports are the bottleneck here)
+  uint64_t q[4];
+  __builtin_memcpy(q, idx, sizeof q);
+  auto first = [](uint64_t x) { return static_cast<int64_t>(static_cast<int32_t>(static_cast<uint32_t>(x))); };
+  auto second = [](uint64_t x) { return static_cast<int64_t>(x) >> 32; };
+  const __m128d a = _mm_loadh_pd(_mm_load_sd(feat + first(q[0])), feat + second(q[0]));
+  const __m128d b = _mm_loadh_pd(_mm_load_sd(feat + first(q[1])), feat + second(q[1]));
+  const __m128d c = _mm_loadh_pd(_mm_load_sd(feat + first(q[2])), feat + second(q[2]));
+  const __m128d d = _mm_loadh_pd(_mm_load_sd(feat + first(q[3])), feat + second(q[3]));
   const __m256d lo = _mm256_insertf128_pd(_mm256_castpd128_pd256(a), b, 1);
   const __m256d hi = _mm256_insertf128_pd(_mm256_castpd128_pd256(c), d, 1);
   return _mm512_insertf64x4(_mm512_castpd256_pd512(lo), hi, 1);
 }
 DC_V4_AI __m256i ld8i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 DC_V4_AI __m256i ld8u(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-// The canonical tree of one warp whose 32 values are a0..a3 (8 lanes each): strides 16, 8, 4,
-// 2, 1, each step v[i] + v[i + stride], as warp_tree.
-DC_V4_AI double warp_tree8(__m512d a0, __m512d a1, __m512d a2, __m512d a3) {
-  const __m512d c = _mm512_add_pd(_mm512_add_pd(a0, a2), _mm512_add_pd(a1, a3));
+DC_V4_AI void st8(void* p, __m256i x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x); }
+// The canonical tree of one warp, given as the pairwise sums of its first two steps: p02 = lanes
+// 0-7 + lanes 16-23, p13 = lanes 8-15 + lanes 24-31 (stride 16). Then strides 8, 4, 2, 1, each
+// step v[i] + v[i + stride], as warp_tree.
+DC_V4_AI double warp_tree8(__m512d p02, __m512d p13) {
+  const __m512d c = _mm512_add_pd(p02, p13);
   const __m256d d = _mm256_add_pd(_mm512_castpd512_pd256(c), _mm512_extractf64x4_pd(c, 1));
   const __m128d e = _mm_add_pd(_mm256_castpd256_pd128(d), _mm256_extractf128_pd(d, 1));
   return _mm_cvtsd_f64(_mm_add_sd(e, _mm_unpackhi_pd(e, e)));
 }
 
+// Per-lane counts of the state pass, summed at the end.
+struct Counts8 {
+  __m256i n, ge_s, ge_w, le_w, le_s, live, fail;
+};
+// The four float sums of 8 lanes (0 for lanes that do not count).
+struct Sums8 {
+  __m512d w, ws, s, s2;
+};
+
+// lane_step for the 8 lanes at i, whose blended scores are at score_in + i.
+DC_V4_AI Sums8 lane_step8(const LaneView& v, const double* __restrict score_in, int i, __m256i vt, __m512d vret,
+                          Counts8& cn) {
+  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
+  const __m256i izero = _mm256_setzero_si256(), ione = _mm256_set1_epi32(1);
+  const __m512d score = _mm512_load_pd(score_in + i);
+  const __mmask8 warm = _mm256_cmp_epi32_mask(ld8i(v.lookback + i), vt, _MM_CMPINT_LE);
+  const __m512d ent = _mm512_loadu_pd(v.entry + i);
+  const __m256i prev_i = ld8i(v.position + i);
+  const __m256i quar = ld8u(v.quarantined + i);
+  const __mmask8 live = _mm256_cmpneq_epi32_mask(ld8i(v.active + i), izero) & _mm256_cmpeq_epi32_mask(quar, izero);
+  const __mmask8 up = _mm512_cmp_pd_mask(score, ent, _CMP_GT_OQ);
+  const __mmask8 dn = _mm512_cmp_pd_mask(score, _mm512_xor_pd(ent, _mm512_set1_pd(-0.0)), _CMP_LT_OQ);
+  __m256i pos_i = _mm256_mask_sub_epi32(prev_i, dn, izero, ld8i(v.long_short + i));
+  pos_i = _mm256_mask_mov_epi32(pos_i, up, ione);
+  pos_i = _mm256_maskz_mov_epi32(warm, pos_i);
+  const __m512d g = _mm512_add_pd(one, _mm512_mul_pd(_mm512_cvtepi32_pd(prev_i), vret));
+  const __m512d eq0 = _mm512_loadu_pd(v.equity + i);
+  __m512d e = _mm512_mul_pd(eq0, g);
+  // |pos - prev| is a small integer: exact in either domain
+  const __m512d d = _mm512_cvtepi32_pd(_mm256_abs_epi32(_mm256_sub_epi32(pos_i, prev_i)));
+  const __m512d c = _mm512_mul_pd(_mm512_loadu_pd(v.cost + i), d);
+  e = _mm512_sub_pd(e, _mm512_mul_pd(e, c));
+  const __m512d r = _mm512_sub_pd(_mm512_mul_pd(g, _mm512_sub_pd(one, c)), one);
+  const __mmask8 changed = _mm256_cmpneq_epi32_mask(pos_i, prev_i);
+  const __mmask8 closing = _mm256_mask_cmpneq_epi32_mask(changed, prev_i, izero);
+  const __mmask8 opening = _mm256_mask_cmpneq_epi32_mask(changed, pos_i, izero);
+  const __m512d eeq0 = _mm512_loadu_pd(v.entry_equity + i);
+  const __mmask8 won = _mm512_cmp_pd_mask(e, eeq0, _CMP_GT_OQ);
+  const __m512d peak0 = _mm512_loadu_pd(v.peak + i);
+  const __mmask8 higher = _mm512_cmp_pd_mask(e, peak0, _CMP_GT_OQ);
+  const __m512d peak1 = _mm512_mask_mov_pd(peak0, higher, e);
+  const __m512d dd = _mm512_div_pd(_mm512_sub_pd(peak1, e), peak1);
+  const __m512d mdd0 = _mm512_loadu_pd(v.max_dd + i);
+  const __mmask8 deeper = _mm512_cmp_pd_mask(dd, mdd0, _CMP_GT_OQ);
+  const __m512d mdd1 = _mm512_mask_mov_pd(mdd0, deeper, dd);
+  const __mmask8 ge_s = _mm512_cmp_pd_mask(score, _mm512_set1_pd(kStrongAction), _CMP_GE_OQ);
+  const __mmask8 ge_w = _mm512_cmp_pd_mask(score, _mm512_set1_pd(kWeakAction), _CMP_GE_OQ);
+  const __mmask8 le_w = _mm512_cmp_pd_mask(score, _mm512_set1_pd(-kWeakAction), _CMP_LE_OQ);
+  const __mmask8 le_s = _mm512_cmp_pd_mask(score, _mm512_set1_pd(-kStrongAction), _CMP_LE_OQ);
+  __m256i act = _mm256_maskz_mov_epi32(ge_s, ione);
+  act = _mm256_mask_add_epi32(act, ge_w, act, ione);
+  act = _mm256_mask_sub_epi32(act, le_w, act, ione);
+  act = _mm256_mask_sub_epi32(act, le_s, act, ione);
+  // finite: not NaN or +-inf (the scalar code's (x - x) == 0)
+  const __mmask8 ok = static_cast<__mmask8>(~(_mm512_fpclass_pd_mask(e, 0x99) | _mm512_fpclass_pd_mask(score, 0x99)));
+  const __mmask8 keep = live & ok;
+  const __mmask8 kw = keep & warm;
+  // The new state where kept, the old elsewhere (selects, then whole stores: cheaper than masked
+  // stores).
+  _mm512_storeu_pd(v.score + i, _mm512_mask_mov_pd(_mm512_loadu_pd(v.score + i), keep, score));
+  _mm512_storeu_pd(v.equity + i, _mm512_mask_mov_pd(eq0, keep, e));
+  _mm512_storeu_pd(v.entry_equity + i, _mm512_mask_mov_pd(eeq0, keep & opening, e));
+  _mm512_storeu_pd(v.peak + i, _mm512_mask_mov_pd(peak0, keep & higher, e));
+  _mm512_storeu_pd(v.max_dd + i, _mm512_mask_mov_pd(mdd0, keep & deeper, dd));
+  const __m512d rs0 = _mm512_loadu_pd(v.ret_sum + i), rq0 = _mm512_loadu_pd(v.ret_sq + i);
+  _mm512_storeu_pd(v.ret_sum + i, _mm512_mask_add_pd(rs0, kw, rs0, r));
+  _mm512_storeu_pd(v.ret_sq + i, _mm512_mask_add_pd(rq0, kw, rq0, _mm512_mul_pd(r, r)));
+  const __m256i nr0 = ld8u(v.n_ret + i), tr0 = ld8u(v.trades + i), wi0 = ld8u(v.wins + i);
+  const __mmask8 kc = keep & closing;
+  st8(v.n_ret + i, _mm256_mask_add_epi32(nr0, kw, nr0, ione));
+  st8(v.trades + i, _mm256_mask_add_epi32(tr0, kc, tr0, ione));
+  st8(v.wins + i, _mm256_mask_add_epi32(wi0, kc & won, wi0, ione));
+  st8(v.position + i, _mm256_mask_mov_epi32(prev_i, keep, pos_i));
+  st8(v.action + i, _mm256_mask_mov_epi32(ld8i(v.action + i), keep, act));
+  const __mmask8 fail = live & static_cast<__mmask8>(~ok);  // quarantined is 0 on live lanes
+  st8(v.quarantined + i, _mm256_mask_mov_epi32(quar, fail, ione));
+  // Counts: votes follow from the threshold masks (ge_s within ge_w, le_s within le_w, and a
+  // counted score is finite, so ge_w and le_w are disjoint).
+  cn.n = _mm256_mask_add_epi32(cn.n, kw, cn.n, ione);
+  cn.ge_s = _mm256_mask_add_epi32(cn.ge_s, kw & ge_s, cn.ge_s, ione);
+  cn.ge_w = _mm256_mask_add_epi32(cn.ge_w, kw & ge_w, cn.ge_w, ione);
+  cn.le_w = _mm256_mask_add_epi32(cn.le_w, kw & le_w, cn.le_w, ione);
+  cn.le_s = _mm256_mask_add_epi32(cn.le_s, kw & le_s, cn.le_s, ione);
+  cn.live = _mm256_mask_add_epi32(cn.live, live, cn.live, ione);
+  cn.fail = _mm256_mask_add_epi32(cn.fail, fail, cn.fail, ione);
+  // consensus weight: fitness(e, mdd1, credit)
+  const __m512d e0 = _mm512_mask_mov_pd(e, _mm512_cmp_pd_mask(e, zero, _CMP_LT_OQ), zero);
+  const __m512d wgt = _mm512_mul_pd(_mm512_mul_pd(e0, _mm512_sub_pd(one, mdd1)), _mm512_loadu_pd(v.credit + i));
+  return Sums8{_mm512_maskz_mov_pd(kw, wgt), _mm512_maskz_mov_pd(kw, _mm512_mul_pd(wgt, score)),
+               _mm512_maskz_mov_pd(kw, score), _mm512_maskz_mov_pd(kw, _mm512_mul_pd(score, score))};
+}
+
+DC_V4_AI uint32_t hsum8(__m256i x) {
+  const __m128i a = _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+  const __m128i b = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4e));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(_mm_add_epi32(b, _mm_shuffle_epi32(b, 0xb1))));
+}
+
 // The lane kernel with AVX-512 intrinsics, 8 lanes at a time: the operations of blend and
 // lane_step in the same order, conditions as mask registers, state written with masked stores
 // where the scalar code keeps the old value.
-DC_V4 Summary sm_step_v4(const LaneView& v, int lanes, const double* __restrict feat, int32_t t, double ret,
+DC_V4 Summary sm_step_v4(const LaneView& view, int lanes, const double* __restrict feat, int32_t t, double ret,
                          int poison, uint64_t& updates, uint64_t& quarantined) {
+  // A local copy: the compiler then knows no store through the lane arrays changes a pointer.
+  const LaneView v = view;
   const double* __restrict w0 = v.w[0];
   const double* __restrict w1 = v.w[1];
   const double* __restrict w2 = v.w[2];
@@ -275,32 +388,10 @@ DC_V4 Summary sm_step_v4(const LaneView& v, int lanes, const double* __restrict 
   const int32_t* __restrict f2 = v.fidx[2];
   const int32_t* __restrict f3 = v.fidx[3];
   const int32_t* __restrict f4 = v.fidx[4];
-  double* __restrict s_score = v.score;
-  double* __restrict s_equity = v.equity;
-  double* __restrict s_entry_eq = v.entry_equity;
-  double* __restrict s_peak = v.peak;
-  double* __restrict s_max_dd = v.max_dd;
-  double* __restrict s_ret_sum = v.ret_sum;
-  double* __restrict s_ret_sq = v.ret_sq;
-  uint32_t* __restrict s_trades = v.trades;
-  uint32_t* __restrict s_wins = v.wins;
-  uint32_t* __restrict s_n_ret = v.n_ret;
-  uint32_t* __restrict s_quar = v.quarantined;
-  int32_t* __restrict s_pos = v.position;
-  int32_t* __restrict s_action = v.action;
-  const int has_external = v.has_external;
-
   const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
   const __m512d sign = _mm512_set1_pd(-0.0);
-  const __m512d vret = _mm512_set1_pd(ret);
-  const __m512d strong = _mm512_set1_pd(kStrongAction), weak = _mm512_set1_pd(kWeakAction);
-  const __m512d nstrong = _mm512_set1_pd(-kStrongAction), nweak = _mm512_set1_pd(-kWeakAction);
-  const __m256i izero = _mm256_setzero_si256(), ione = _mm256_set1_epi32(1);
-  const __m256i vt = _mm256_set1_epi32(t);
-  uint32_t n = 0, v0 = 0, v1 = 0, v2 = 0, v3 = 0, v4 = 0, upd = 0, nq = 0;
-  __m512d sw[4], sws[4], ss[4], ss2[4];
-  Summary total;
-  summary_zero(total);
+  const __m256i izero = _mm256_setzero_si256();
+
   // Blended scores first (independent iterations: the divisions overlap), then the state.
   alignas(64) double score_in[kMaxSmLanes];
   for (int i = 0; i < lanes; i += 8) {
@@ -313,107 +404,41 @@ DC_V4 Summary sm_step_v4(const LaneView& v, int lanes, const double* __restrict 
     const __m512d ax = _mm512_mask_xor_pd(x, _mm512_cmp_pd_mask(x, zero, _CMP_LT_OQ), x, sign);
     _mm512_store_pd(score_in + i, _mm512_div_pd(x, _mm512_add_pd(one, ax)));
   }
-  if (has_external)
+  if (v.has_external)
     for (int i = 0; i < lanes; i += 8)
       _mm512_store_pd(score_in + i, _mm512_mask_loadu_pd(_mm512_load_pd(score_in + i),
                                                          _mm256_cmpneq_epi32_mask(ld8i(v.external + i), izero),
                                                          v.ext_score + i));
   if (poison >= 0 && poison < lanes) score_in[poison] = __builtin_nan("");
 
-  for (int i = 0; i < lanes; i += 8) {
-    const __m512d score = _mm512_load_pd(score_in + i);
-    // lane_step
-    const __mmask8 warm = _mm256_cmp_epi32_mask(ld8i(v.lookback + i), vt, _MM_CMPINT_LE);
-    const __m512d ent = _mm512_loadu_pd(v.entry + i);
-    const __m256i prev_i = ld8i(s_pos + i);
-    const __m256i ls = ld8i(v.long_short + i);
-    const __mmask8 live = _mm256_cmpneq_epi32_mask(ld8i(v.active + i), izero) &
-                          _mm256_cmpeq_epi32_mask(ld8u(s_quar + i), izero);
-    const __mmask8 up = _mm512_cmp_pd_mask(score, ent, _CMP_GT_OQ);
-    const __mmask8 dn = _mm512_cmp_pd_mask(score, _mm512_xor_pd(ent, sign), _CMP_LT_OQ);
-    __m256i pos_i = _mm256_mask_sub_epi32(prev_i, dn, izero, ls);
-    pos_i = _mm256_mask_mov_epi32(pos_i, up, ione);
-    pos_i = _mm256_maskz_mov_epi32(warm, pos_i);
-    const __m512d prev = _mm512_cvtepi32_pd(prev_i);
-    const __m512d g = _mm512_add_pd(one, _mm512_mul_pd(prev, vret));
-    const __m512d eq0 = _mm512_loadu_pd(s_equity + i);
-    __m512d e = _mm512_mul_pd(eq0, g);
-    // |pos - prev| is a small integer: exact in either domain
-    const __m512d d = _mm512_cvtepi32_pd(_mm256_abs_epi32(_mm256_sub_epi32(pos_i, prev_i)));
-    const __m512d c = _mm512_mul_pd(_mm512_loadu_pd(v.cost + i), d);
-    e = _mm512_sub_pd(e, _mm512_mul_pd(e, c));
-    const __m512d r = _mm512_sub_pd(_mm512_mul_pd(g, _mm512_sub_pd(one, c)), one);
-    const __mmask8 changed = _mm256_cmpneq_epi32_mask(pos_i, prev_i);
-    const __mmask8 closing = _mm256_cmpneq_epi32_mask(prev_i, izero) & changed;
-    const __mmask8 opening = _mm256_cmpneq_epi32_mask(pos_i, izero) & changed;
-    const __m512d eeq0 = _mm512_loadu_pd(s_entry_eq + i);
-    const __mmask8 won = _mm512_cmp_pd_mask(e, eeq0, _CMP_GT_OQ);
-    const __m512d peak0 = _mm512_loadu_pd(s_peak + i);
-    const __mmask8 higher = _mm512_cmp_pd_mask(e, peak0, _CMP_GT_OQ);
-    const __m512d peak1 = _mm512_mask_mov_pd(peak0, higher, e);
-    const __m512d dd = _mm512_div_pd(_mm512_sub_pd(peak1, e), peak1);
-    const __m512d mdd0 = _mm512_loadu_pd(s_max_dd + i);
-    const __mmask8 deeper = _mm512_cmp_pd_mask(dd, mdd0, _CMP_GT_OQ);
-    const __m512d mdd1 = _mm512_mask_mov_pd(mdd0, deeper, dd);
-    const __mmask8 ge_s = _mm512_cmp_pd_mask(score, strong, _CMP_GE_OQ);
-    const __mmask8 ge_w = _mm512_cmp_pd_mask(score, weak, _CMP_GE_OQ);
-    const __mmask8 le_w = _mm512_cmp_pd_mask(score, nweak, _CMP_LE_OQ);
-    const __mmask8 le_s = _mm512_cmp_pd_mask(score, nstrong, _CMP_LE_OQ);
-    __m256i act = _mm256_maskz_mov_epi32(ge_s, ione);
-    act = _mm256_mask_add_epi32(act, ge_w, act, ione);
-    act = _mm256_mask_sub_epi32(act, le_w, act, ione);
-    act = _mm256_mask_sub_epi32(act, le_s, act, ione);
-    const __mmask8 ok = _mm512_cmp_pd_mask(_mm512_sub_pd(e, e), zero, _CMP_EQ_OQ) &
-                        _mm512_cmp_pd_mask(_mm512_sub_pd(score, score), zero, _CMP_EQ_OQ);
-    const __mmask8 keep = live & ok;
-    const __mmask8 kw = keep & warm;
-    // Where the scalar code keeps the old value, nothing is stored.
-    _mm512_mask_storeu_pd(s_score + i, keep, score);
-    _mm512_mask_storeu_pd(s_equity + i, keep, e);
-    _mm512_mask_storeu_pd(s_entry_eq + i, keep & opening, e);
-    _mm512_mask_storeu_pd(s_peak + i, keep & higher, e);
-    _mm512_mask_storeu_pd(s_max_dd + i, keep & deeper, dd);
-    _mm512_mask_storeu_pd(s_ret_sum + i, kw, _mm512_add_pd(_mm512_loadu_pd(s_ret_sum + i), r));
-    _mm512_mask_storeu_pd(s_ret_sq + i, kw, _mm512_add_pd(_mm512_loadu_pd(s_ret_sq + i), _mm512_mul_pd(r, r)));
-    _mm256_mask_storeu_epi32(s_n_ret + i, kw, _mm256_add_epi32(ld8u(s_n_ret + i), ione));
-    const __mmask8 kc = keep & closing;
-    _mm256_mask_storeu_epi32(s_trades + i, kc, _mm256_add_epi32(ld8u(s_trades + i), ione));
-    _mm256_mask_storeu_epi32(s_wins + i, kc & won, _mm256_add_epi32(ld8u(s_wins + i), ione));
-    _mm256_mask_storeu_epi32(s_pos + i, keep, pos_i);
-    _mm256_mask_storeu_epi32(s_action + i, keep, act);
-    const __mmask8 fail = live & static_cast<__mmask8>(~ok);  // quarantined is 0 on live lanes
-    _mm256_mask_storeu_epi32(s_quar + i, fail, ione);
-    nq += static_cast<uint32_t>(__builtin_popcount(fail));
-    // consensus weight: fitness(e, mdd1, credit)
-    const __m512d e0 = _mm512_mask_mov_pd(e, _mm512_cmp_pd_mask(e, zero, _CMP_LT_OQ), zero);
-    const __m512d wgt = _mm512_mul_pd(_mm512_mul_pd(e0, _mm512_sub_pd(one, mdd1)), _mm512_loadu_pd(v.credit + i));
-    const int q = (i / 8) & 3;
-    sw[q] = _mm512_maskz_mov_pd(kw, wgt);
-    sws[q] = _mm512_maskz_mov_pd(kw, _mm512_mul_pd(wgt, score));
-    ss[q] = _mm512_maskz_mov_pd(kw, score);
-    ss2[q] = _mm512_maskz_mov_pd(kw, _mm512_mul_pd(score, score));
-    n += static_cast<uint32_t>(__builtin_popcount(kw));
-    v4 += static_cast<uint32_t>(__builtin_popcount(kw & ge_s));
-    v3 += static_cast<uint32_t>(__builtin_popcount(kw & ge_w & static_cast<__mmask8>(~ge_s)));
-    v2 += static_cast<uint32_t>(__builtin_popcount(kw & static_cast<__mmask8>(~(ge_w | le_w))));
-    v1 += static_cast<uint32_t>(__builtin_popcount(kw & le_w & static_cast<__mmask8>(~le_s)));
-    v0 += static_cast<uint32_t>(__builtin_popcount(kw & le_s));
-    upd += static_cast<uint32_t>(__builtin_popcount(live));
-    if (q == 3) {  // a warp is complete: its trees, added in warp order
-      total.sum_w = total.sum_w + warp_tree8(sw[0], sw[1], sw[2], sw[3]);
-      total.sum_ws = total.sum_ws + warp_tree8(sws[0], sws[1], sws[2], sws[3]);
-      total.sum_s = total.sum_s + warp_tree8(ss[0], ss[1], ss[2], ss[3]);
-      total.sum_s2 = total.sum_s2 + warp_tree8(ss2[0], ss2[1], ss2[2], ss2[3]);
-    }
+  // The state, one warp (4 x 8 lanes) at a time; its sums go through the canonical tree.
+  const __m256i vt = _mm256_set1_epi32(t);
+  const __m512d vret = _mm512_set1_pd(ret);
+  Counts8 cn{izero, izero, izero, izero, izero, izero, izero};
+  Summary total;
+  summary_zero(total);
+  for (int i = 0; i < lanes; i += kWarpSize) {
+    const Sums8 a0 = lane_step8(v, score_in, i, vt, vret, cn);
+    const Sums8 a1 = lane_step8(v, score_in, i + 8, vt, vret, cn);
+    const Sums8 a2 = lane_step8(v, score_in, i + 16, vt, vret, cn);
+    const __m512d w02 = _mm512_add_pd(a0.w, a2.w), ws02 = _mm512_add_pd(a0.ws, a2.ws);
+    const __m512d s02 = _mm512_add_pd(a0.s, a2.s), s202 = _mm512_add_pd(a0.s2, a2.s2);
+    const Sums8 a3 = lane_step8(v, score_in, i + 24, vt, vret, cn);
+    total.sum_w = total.sum_w + warp_tree8(w02, _mm512_add_pd(a1.w, a3.w));
+    total.sum_ws = total.sum_ws + warp_tree8(ws02, _mm512_add_pd(a1.ws, a3.ws));
+    total.sum_s = total.sum_s + warp_tree8(s02, _mm512_add_pd(a1.s, a3.s));
+    total.sum_s2 = total.sum_s2 + warp_tree8(s202, _mm512_add_pd(a1.s2, a3.s2));
   }
+  const uint32_t n = hsum8(cn.n), ge_s = hsum8(cn.ge_s), ge_w = hsum8(cn.ge_w);
+  const uint32_t le_w = hsum8(cn.le_w), le_s = hsum8(cn.le_s);
   total.n = n;
-  total.votes[0] = v0;
-  total.votes[1] = v1;
-  total.votes[2] = v2;
-  total.votes[3] = v3;
-  total.votes[4] = v4;
-  updates += upd;
-  quarantined += nq;
+  total.votes[0] = le_s;
+  total.votes[1] = le_w - le_s;
+  total.votes[2] = n - ge_w - le_w;
+  total.votes[3] = ge_w - ge_s;
+  total.votes[4] = ge_s;
+  updates += hsum8(cn.live);
+  quarantined += hsum8(cn.fail);
   return total;
 }
 
