@@ -439,3 +439,35 @@ def test_config_account_is_shared(tmp_path):
     f.write_text('[plan]\naccount = "EUR"\n')
     plan, limits, _, _ = load_decision_config(str(f))
     assert plan.account == limits.account == "EUR"
+
+
+def test_dsi_validation_guardrail():
+    p = msgspec.structs.replace(plan_of(), evidence={"dsi": -0.4})
+    assert gov().evaluate(p, pf()).verdict == "APPROVED"  # off by default
+    d = gov(min_dsi_validation=-0.2).evaluate(p, pf())
+    assert d.reasons == ("dsi_disagrees",) and d.detail["dsi_disagrees.value"] == -0.4
+    assert gov(min_dsi_validation=-0.5).evaluate(p, pf()).verdict == "APPROVED"
+    assert gov(min_dsi_validation=0.5).evaluate(plan_of(), pf()).verdict == "APPROVED"  # no DSI evidence
+
+
+def test_plans_carry_dsi_validation_from_the_tape():
+    from dynamic_core.bridges.paper import PaperBroker
+    from dynamic_core.decision import DecisionMaker
+
+    class Tape:  # what dynamic_core.learning.dsi.Dsi offers: evidence per instrument
+        def evidence(self, name):
+            return {"EURUSD": 0.5, "GBPUSD": -0.25}.get(name, 0.0)
+
+    bars = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], seed=2).bars(40)
+    m = DecisionMaker(PaperBroker(), plan=PlanConfig(min_score=0.01), limits=RiskLimits(min_dsi_validation=0.0),
+                      dsi=Tape())
+    m.on_bars(bars)
+    sig = np.zeros(4, dtype=dc.SIGNAL_DTYPE)
+    sig["instrument"] = [dc.instruments.id(n) for n in ("EURUSD", "EURUSD", "GBPUSD", "GBPUSD")]
+    sig["timeframe"], sig["ts"], sig["seq"] = 3600, bars["ts"][-1], np.arange(4)
+    sig["action"] = [1, -1, 1, -1]
+    out = {(d.plan.instrument, d.plan.direction): d for d in m.on_signals(sig)}
+    assert out[("EURUSD", 1)].plan.evidence["dsi"] == 0.5 and out[("EURUSD", 1)].verdict == "APPROVED"
+    assert out[("EURUSD", -1)].plan.evidence["dsi"] == -0.5 and out[("EURUSD", -1)].reasons == ("dsi_disagrees",)
+    assert out[("GBPUSD", -1)].plan.evidence["dsi"] == 0.25 and out[("GBPUSD", -1)].verdict == "APPROVED"
+    assert out[("GBPUSD", 1)].reasons == ("dsi_disagrees",)

@@ -15,6 +15,9 @@ reason code                rule
 ``min_agreement``          signal agreement below ``min_agreement``
 ``min_providers_agree``    fewer than ``min_providers_agree`` reasoning providers agree with the
                            signal (0 disables the check)
+``dsi_disagrees``          the plan's microstructure validation (``evidence["dsi"]``: direction x
+                           DSI evidence) is below ``min_dsi_validation`` (-1 disables the check;
+                           plans without DSI evidence are not checked)
 ``expired``                the plan's ``valid_until`` is before the governor's clock
 ``position_open``          a position in the same direction is open (no pyramiding)
 ``max_open_positions``     a new position would exceed ``max_open_positions``
@@ -65,6 +68,7 @@ class RiskLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     min_confidence: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
     min_agreement: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
     min_providers_agree: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
+    min_dsi_validation: Annotated[float, msgspec.Meta(ge=-1.0, le=1.0)] = -1.0
     allow_pyramiding: bool = False
     account: Annotated[str, msgspec.Meta(min_length=3, max_length=8)] = "USD"
 
@@ -264,6 +268,10 @@ class RiskGovernor:
         agreeing = plan.providers_agreeing if providers_agreeing is None else providers_agreeing
         if lim.min_providers_agree and agreeing < lim.min_providers_agree:
             return self._reject(plan, reasons, detail, "min_providers_agree", lim.min_providers_agree, agreeing)
+        if lim.min_dsi_validation > -1.0 and "dsi" in plan.evidence:
+            v = plan.evidence["dsi"]
+            if v < lim.min_dsi_validation:
+                return self._reject(plan, reasons, detail, "dsi_disagrees", lim.min_dsi_validation, v)
         if plan.valid_until < self.now:
             return self._reject(plan, reasons, detail, "expired", float(plan.valid_until), float(self.now))
 

@@ -139,12 +139,16 @@ class DecisionMaker:
         Where trade outcomes are credited to contributing agents (default: a new ledger).
     contributors : int
         How many top agents a plan names.
+    dsi : object with ``evidence(instrument) -> float``, optional
+        Microstructure evidence in [-1, 1] (e.g. :class:`dynamic_core.learning.dsi.Dsi`); a
+        plan carries ``evidence["dsi"]`` = its direction x the evidence (the tape agreeing is
+        positive), which the governor's ``min_dsi_validation`` can require.
     """
 
     def __init__(self, trader: Any, *, plan: PlanConfig | None = None, limits: RiskLimits | None = None,
                  specs: Mapping[str, InstrumentSpec] | None = None, journal: Callable[[bytes], Any] | None = None,
                  rationale: Callable[[str], tuple[str, str, int] | None] | None = None,
-                 credit: CreditLedger | None = None, contributors: int = 8) -> None:
+                 credit: CreditLedger | None = None, contributors: int = 8, dsi: Any = None) -> None:
         self.trader = trader
         self.plan_config = plan if plan is not None else PlanConfig()
         if limits is not None and limits.account != self.plan_config.account:
@@ -159,6 +163,7 @@ class DecisionMaker:
         self.attributions: list[Attribution] = []
         self.credit = credit if credit is not None else CreditLedger()
         self.n_contributors = int(contributors)
+        self.dsi = dsi
         self._journal = journal
         self._rationale = rationale
         self._enc = msgspec.msgpack.Encoder()
@@ -286,8 +291,12 @@ class DecisionMaker:
                     got = self._rationale(signal_id_for(ph, seq))
                     if got is not None:
                         text, provider, agreeing = got
+                extra = None
+                if self.dsi is not None:
+                    ev = float(self.dsi.evidence(names[inst]))
+                    extra = {"dsi": d * (ev if math.isfinite(ev) else 0.0)}
                 plan = assemble_plan(cfg, names[inst], tf, ts, seq, ph, d, a, score, conf, agr, disp, n_ag, e, at,
-                                     ds, sp_stop, sz, rp, contributors, text, provider, agreeing)
+                                     ds, sp_stop, sz, rp, contributors, text, provider, agreeing, extra)
                 out.append(self.decide(plan))
         finally:
             self._pf = None

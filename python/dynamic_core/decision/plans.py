@@ -221,7 +221,8 @@ def assemble_plan(cfg: PlanConfig, instrument: str, timeframe: int, ts: int, seq
                   direction: int, action: int, score: float, confidence: float, agreement: float, dispersion: float,
                   n_agents: int, entry: float, atr: float, dist: float, stop: float, size: float,
                   risk_per_lot: float, contributors: tuple[int, ...] = (), rationale: str = "",
-                  rationale_provider: str = "", providers_agreeing: int = 0) -> TradingPlan:
+                  rationale_provider: str = "", providers_agreeing: int = 0,
+                  extra: dict[str, float] | None = None) -> TradingPlan:
     """The :class:`TradingPlan` of terms already sized: targets, ids, validity, evidence."""
     # a short's far targets can fall below zero: those are dropped (no price gets there)
     targets = tuple([t for t in [entry + direction * r * dist for r in cfg.targets_r] if t > 0.0])
@@ -233,7 +234,7 @@ def assemble_plan(cfg: PlanConfig, instrument: str, timeframe: int, ts: int, seq
         direction=direction, action=action, entry=entry, stop=stop, targets=targets, size=size,
         risk_amount=size * risk_per_lot, valid_until=ts + cfg.valid_bars * timeframe * 1_000_000_000,
         score=score, confidence=confidence, agreement=agreement, atr=atr, contributors=contributors,
-        evidence={"dispersion": dispersion, "n_agents": float(n_agents), "atr": atr},
+        evidence={"dispersion": dispersion, "n_agents": float(n_agents), "atr": atr, **(extra or {})},
         rationale=rationale, rationale_provider=rationale_provider, providers_agreeing=providers_agreeing)
 
 
