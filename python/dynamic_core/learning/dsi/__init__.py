@@ -6,6 +6,7 @@ from __future__ import annotations
 from .experts import AbsorptionExpert, AnomalyScorer, Calls, DivergenceVerifier, NGramClassifier, RunExperts
 from .fusion import DEFAULT_WEIGHTS, Contribution, DsiFusion
 from .pipeline import EXPERTS, Dsi, DsiConfig
+from .smc import SmcDetector, SmcEvent
 from .tape import MicroTape, Tape, decode, encode, token_name
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "MicroTape",
     "NGramClassifier",
     "RunExperts",
+    "SmcDetector",
+    "SmcEvent",
     "Tape",
     "decode",
     "encode",

@@ -1,0 +1,366 @@
+"""Causal SMC structure (learning.dsi.smc) against the smartmoneyconcepts package, which looks
+ahead: agreement on real data where the package's labels are settled, hand-made bar sequences
+with exact events and confirmation bars, and causality (no event about a bar before it could be
+known; nothing ever revised)."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import numpy as np
+import pandas as pd
+import pytest
+
+import dynamic_core as dc
+from dynamic_core.learning.dsi import smc
+from dynamic_core.learning.dsi.smc import SmcDetector, SmcEvent, detect
+from dynamic_core.learning.harness import (CONCEPTS, format_report, reference_labels, replay_report,
+                                           smc_agreement)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def _real(name: str) -> pd.DataFrame:
+    if name == "SP500":
+        from arch.data import sp500
+
+        return sp500.load()
+    import backtesting.test as bt
+
+    return getattr(bt, name)
+
+
+_CACHE: dict[tuple[str, int], dict] = {}
+
+
+def _agreement(name: str, L: int) -> dict:
+    if (name, L) not in _CACHE:
+        _CACHE[(name, L)] = smc_agreement(_real(name), L)
+    return _CACHE[(name, L)]
+
+
+def _frame(rows: list[tuple[float, float, float, float]], volume: float = 100.0) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=["open", "high", "low", "close"])
+    df["volume"] = volume
+    return df
+
+
+def _mirror(rows: list[tuple[float, float, float, float]], k: float = 30.0) -> list[tuple[float, float, float, float]]:
+    """The same bars upside down (highs become lows): bullish structure turns bearish."""
+    return [(k - o, k - lo, k - h, k - c) for o, h, lo, c in rows]
+
+
+def _of(events: list[SmcEvent], *kinds: str) -> list[SmcEvent]:
+    return [e for e in events if e.kind in kinds]
+
+
+# (open, high, low, close). swing_length=2: a swing at bar i is the extreme of bars i-1 .. i+2.
+# Swing low a=3 (8.0), swing high b=6 (12.0), higher low c=9 (9.0); bar 12 closes above b.
+STRUCTURE = [
+    (9.5, 10.0, 9.0, 9.6),      # 0
+    (9.6, 10.5, 9.5, 10.2),     # 1
+    (10.2, 10.2, 9.2, 9.4),     # 2
+    (9.4, 9.8, 8.0, 8.6),       # 3  swing low a
+    (8.6, 10.0, 8.5, 9.8),      # 4
+    (9.8, 11.0, 9.0, 10.8),     # 5
+    (10.8, 12.0, 10.0, 11.2),   # 6  swing high b
+    (11.2, 11.5, 10.0, 10.4),   # 7
+    (10.4, 11.0, 9.5, 9.7),     # 8
+    (9.7, 10.5, 9.0, 10.3),     # 9  swing low c; the lowest bar before the break: order block
+    (10.3, 11.0, 9.4, 10.9),    # 10
+    (10.9, 11.8, 10.0, 11.7),   # 11
+    (11.7, 12.6, 11.0, 12.5),   # 12 closes above b: bullish BOS, order block; bullish gap 11-12-13
+    (12.5, 13.0, 12.0, 12.8),   # 13
+    (12.8, 13.5, 12.5, 13.4),   # 14
+    (13.4, 14.0, 13.0, 13.2),   # 15 swing high d
+    (13.2, 13.5, 12.8, 12.9),   # 16
+    (12.9, 13.0, 12.0, 12.2),   # 17 low 12.0 fills the gap of bar 12; bearish gap 16-17-18
+    (12.2, 12.5, 11.5, 11.6),   # 18 swing low e
+    (11.6, 12.8, 11.8, 12.7),   # 19 high 12.8 fills the gap of bar 17
+    (12.7, 13.2, 12.2, 13.1),   # 20
+    (13.1, 13.6, 12.6, 13.5),   # 21
+    (13.5, 14.02, 13.2, 13.4),  # 22 swing high within the band of d: buy-side liquidity pool
+    (13.4, 13.6, 12.9, 13.0),   # 23
+    (13.0, 13.3, 12.5, 12.6),   # 24
+    (12.6, 13.0, 12.2, 12.9),   # 25
+    (12.9, 13.8, 12.8, 13.7),   # 26
+    (13.7, 14.3, 13.6, 13.9),   # 27 wick above the pool, close below d: a sweep, no break
+    (13.9, 14.0, 13.0, 13.1),   # 28
+    (13.1, 13.4, 12.6, 12.7),   # 29
+    (12.7, 13.0, 12.3, 12.4),   # 30
+    (12.4, 12.6, 11.9, 12.0),   # 31
+]
+
+
+# ---- agreement with smartmoneyconcepts on real data ----------------------------------------------
+@pytest.mark.parametrize("name", ["EURUSD", "GOOG", "SP500"])
+@pytest.mark.parametrize("L", [5, 10])
+def test_agreement_swings_and_breaks(name, L):
+    """Settled swings agree exactly; BOS and CHoCH >= 95% precision and recall (each kind on its
+    own: the direction and the BOS/CHoCH distinction must both match)."""
+    a = _agreement(name, L)
+    assert a["swing"]["n_ref"] >= 90
+    assert a["swing"]["precision"] == 1.0 and a["swing"]["recall"] == 1.0
+    # every settled swing was emitted when first confirmed, some later superseded
+    assert a["swing_first"]["recall"] == 1.0 and a["swing_first"]["lag"] == L
+    for kind in ("bos", "choch"):
+        assert a[kind]["n_ref"] >= 10, (kind, a[kind])
+        assert a[kind]["precision"] >= 0.95, (kind, a[kind])
+        assert a[kind]["recall"] >= 0.95, (kind, a[kind])
+        assert a[kind]["attr"] >= 0.98   # the bar that broke the level
+
+
+@pytest.mark.parametrize("name", ["EURUSD", "GOOG", "SP500"])
+@pytest.mark.parametrize("L", [5, 10])
+def test_agreement_gaps_liquidity_order_blocks(name, L):
+    """Gaps agree exactly (mitigation bar included); liquidity with the package's band and order
+    blocks >= 95% and >= 90% (the package dates a block from swings confirmed only later)."""
+    a = _agreement(name, L)
+    assert a["fvg"]["n_ref"] >= 500
+    assert a["fvg"]["precision"] == a["fvg"]["recall"] == a["fvg"]["attr"] == 1.0
+    assert a["liquidity"]["n_ref"] >= 10
+    assert a["liquidity"]["precision"] >= 0.95 and a["liquidity"]["recall"] >= 0.95
+    assert a["liquidity"]["attr"] >= 0.95   # mean level and sweep bar
+    assert a["order_block"]["n_ref"] >= 10
+    assert a["order_block"]["precision"] >= 0.9 and a["order_block"]["recall"] >= 0.9
+    assert a["order_block"]["attr"] == 1.0  # top and bottom
+
+
+def test_reference_labels_are_the_package_s():
+    """The harness feeds the package the bars unchanged: its swings are the raw candidates
+    reduced to one per leg."""
+    df = _real("GOOG")
+    ref = reference_labels(df, 5)
+    _, h, lo, _, _ = smc.ohlcv_arrays(df)
+    cand = smc.swing_candidates(h, lo, 5)
+    kept = []
+    for i in np.flatnonzero(cand):
+        d = int(cand[i])
+        x = h[i] if d == 1 else lo[i]
+        if kept and kept[-1][1] == d:
+            if d * x > d * kept[-1][2]:
+                kept[-1] = (int(i), d, x)
+        else:
+            kept.append((int(i), d, x))
+    hl = ref["swing"]["HighLow"].to_numpy()
+    pkg = [(int(i), int(hl[i])) for i in np.flatnonzero(~np.isnan(hl)) if 0 < i < len(df) - 1]
+    assert pkg == [(i, d) for i, d, _ in kept]
+
+
+# ---- causality -----------------------------------------------------------------------------------
+def test_prefix_and_other_futures_never_change_past_events():
+    """Events of a prefix are exactly the full run's events confirmed within it, whatever follows."""
+    df = _real("EURUSD").iloc[:3000]
+    full = detect(df, 5)
+    assert len(_of(full, "bos", "choch")) > 50 and len(_of(full, "order_block")) > 10
+    rng = np.random.default_rng(7)
+    for m in (250, 1111, 2999):
+        assert detect(df.iloc[:m], 5) == [e for e in full if e.confirmed_at < m]
+        # a different future (bars shuffled) leaves everything confirmed before it alone
+        other = pd.concat([df.iloc[:m], df.iloc[m:].sample(frac=1.0, random_state=int(rng.integers(1 << 30)))])
+        got = detect(other, 5)
+        assert [e for e in got if e.confirmed_at < m] == [e for e in full if e.confirmed_at < m]
+
+
+def test_events_are_never_earlier_than_their_information():
+    L = 5
+    ev = detect(_real("SP500"), L)
+    for e in ev:
+        assert e.confirmed_at >= e.bar
+        if e.kind == smc.SWING:
+            assert e.confirmed_at == e.bar + L
+        elif e.kind == smc.FVG:
+            assert e.confirmed_at == e.bar + 1
+        elif e.kind in (smc.BOS, smc.CHOCH):
+            # the close that broke the swing came after the swing was confirmed
+            assert e.bar + L < e.ref <= e.confirmed_at
+        elif e.kind == smc.ORDER_BLOCK:
+            assert e.bar < e.ref == e.confirmed_at
+        elif e.kind == smc.LIQUIDITY:
+            assert e.confirmed_at == e.ref + L
+        elif e.kind in (smc.FVG_MITIGATED, smc.LIQUIDITY_SWEPT, smc.OB_MITIGATED, smc.OB_INVALIDATED):
+            assert e.ref == e.confirmed_at
+
+
+def test_superseding_swings():
+    """A swing superseded later is followed by one strictly more extreme of the same leg."""
+    ev = _of(detect(_real("EURUSD"), 5), smc.SWING)
+    seen: dict[int, SmcEvent] = {}
+    n = 0
+    for e in ev:
+        if e.ref >= 0:
+            n += 1
+            old = seen[e.ref]
+            assert old.direction == e.direction and e.direction * e.level > e.direction * old.level
+            # no swing of the other kind in between
+            assert not any(x.direction != e.direction and old.bar < x.bar < e.bar for x in seen.values())
+        seen[e.bar] = e
+    assert n > 20
+
+
+def test_batch_forms_match_the_stream():
+    df = _real("EURUSD")
+    o, h, lo, c, _ = smc.ohlcv_arrays(df)
+    d, top, bot, mit = smc.fvg_batch(o, h, lo, c)
+    ev = detect(df, 5)
+    gaps = {(e.bar, e.direction): (e.top, e.bottom) for e in _of(ev, smc.FVG)}
+    assert {(int(i), int(d[i])): (top[i], bot[i]) for i in np.flatnonzero(d)} == gaps
+    m = {e.bar: e.ref for e in _of(ev, smc.FVG_MITIGATED)}
+    assert {int(i): int(mit[i]) for i in np.flatnonzero(mit >= 0)} == m
+    cand = smc.swing_candidates(h, lo, 5)
+    for e in _of(ev, smc.SWING):
+        assert cand[e.bar] == e.direction
+
+
+def test_inputs():
+    det = SmcDetector(3)
+    det.update(1, 2, 0.5, 1.5)
+    with pytest.raises(ValueError):
+        det.update(1, math.nan, 0.5, 1.5)
+    assert det.n_bars == 1
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError):
+            SmcDetector(bad)
+    with pytest.raises(ValueError):
+        SmcDetector(3, liquidity_tolerance=-1.0)
+    arr = np.array(STRUCTURE)
+    assert detect(arr, 2) == detect(_frame(STRUCTURE, 0.0), 2)
+    bars = np.zeros(len(STRUCTURE), dtype=dc.BAR_DTYPE)
+    for k, name in enumerate(("open", "high", "low", "close")):
+        bars[name] = arr[:, k]
+    assert detect(bars, 2) == detect(_frame(STRUCTURE, 0.0), 2)
+    e = detect(arr, 2)[0]
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(e), type=SmcEvent) == e
+
+
+# ---- hand-made sequences -------------------------------------------------------------------------
+def _structure_events(rows, **kw):
+    det = SmcDetector(2, **kw)
+    out: list[list[SmcEvent]] = []
+    for o, h, lo, c in rows:
+        out.append(det.update(o, h, lo, c, 100.0))
+    return det, out
+
+
+def test_swings_and_bos_exact():
+    _, per_bar = _structure_events(STRUCTURE)
+    ev = [e for bar in per_bar for e in bar]
+    assert [(e.bar, e.direction, e.level, e.confirmed_at) for e in _of(ev, smc.SWING)] == [
+        (3, -1, 8.0, 5), (6, 1, 12.0, 8), (9, -1, 9.0, 11), (15, 1, 14.0, 17), (18, -1, 11.5, 20),
+        (22, 1, 14.02, 24), (25, -1, 12.2, 27), (27, 1, 14.3, 29)]
+    bos, choch = _of(ev, smc.BOS, smc.CHOCH)
+    assert (bos.kind, bos.bar, bos.direction, bos.level, bos.ref, bos.confirmed_at) == ("bos", 6, 1, 12.0, 12, 12)
+    assert bos in per_bar[12]
+    # 25 made a higher low than 18, 27 a higher high than 22; bar 31 closes below 25
+    assert (choch.kind, choch.bar, choch.direction, choch.ref, choch.confirmed_at) == ("choch", 25, -1, 31, 31)
+    # the package labels the same (it knows at bar 12 what it will only confirm later)
+    ref = reference_labels(_frame(STRUCTURE), 2)
+    hl = ref["swing"]["HighLow"]
+    assert hl.dropna().index.tolist()[1:-1] == [3, 6, 9, 15, 18, 22, 25, 27]
+    bc = ref["bos_choch"]
+    assert bc["BOS"].dropna().to_dict() == {6: 1.0} and bc["CHOCH"].dropna().to_dict() == {25: -1.0}
+    assert bc["BrokenIndex"].dropna().to_dict() == {6: 12.0, 25: 31.0}
+
+
+def test_choch_and_bearish_mirror():
+    rows = list(STRUCTURE)
+    rows[9] = (9.7, 10.5, 7.5, 10.3)   # c below a: a lower low, then the break is a change of character
+    _, per_bar = _structure_events(rows)
+    e = _of([x for b in per_bar for x in b], smc.BOS, smc.CHOCH)[0]
+    assert (e.kind, e.bar, e.direction, e.confirmed_at) == ("choch", 6, 1, 12)
+    ref = reference_labels(_frame(rows), 2)["bos_choch"]
+    assert ref["CHOCH"][6] == 1 and ref["BrokenIndex"][6] == 12
+    _, per_bar = _structure_events(_mirror(STRUCTURE))
+    got = [(e.kind, e.bar, e.direction, e.level, e.confirmed_at)
+           for e in _of([x for b in per_bar for x in b], smc.BOS, smc.CHOCH)]
+    assert got == [("bos", 6, -1, 18.0, 12), ("choch", 25, 1, 17.8, 31)]
+
+
+def test_fair_value_gaps_exact():
+    _, per_bar = _structure_events(STRUCTURE)
+    ev = [e for b in per_bar for e in b]
+    gaps = [(e.kind, e.bar, e.direction, e.top, e.bottom, e.confirmed_at) for e in _of(ev, smc.FVG, smc.FVG_MITIGATED)]
+    assert gaps == [("fvg", 12, 1, 12.0, 11.8, 13), ("fvg_mitigated", 12, 1, 12.0, 11.8, 17),
+                    ("fvg", 17, -1, 12.8, 12.5, 18), ("fvg_mitigated", 17, -1, 12.8, 12.5, 19),
+                    ("fvg", 26, 1, 13.6, 13.0, 27), ("fvg_mitigated", 26, 1, 13.6, 13.0, 28),
+                    # bar 29 reaches the bottom but is the gap's own third bar; no bar after it does
+                    ("fvg", 28, -1, 13.6, 13.4, 29)]
+    ref = reference_labels(_frame(STRUCTURE), 2)["fvg"]
+    got = ref[ref["FVG"].notna()]
+    assert got.index.tolist() == [12, 17, 26, 28] and got["MitigatedIndex"].tolist() == [17, 19, 28, 0]
+
+
+def test_liquidity_pool_and_sweep_exact():
+    df = _frame(STRUCTURE)
+    tol = reference_labels(df, 2)["liquidity_tolerance"]
+    _, per_bar = _structure_events(STRUCTURE, liquidity_tolerance=tol)
+    ev = [e for b in per_bar for e in b]
+    (pool,) = _of(ev, smc.LIQUIDITY)
+    assert (pool.bar, pool.direction, pool.ref, pool.confirmed_at) == (15, 1, 22, 24)
+    assert pool.level == pytest.approx(14.01)
+    (swept,) = _of(ev, smc.LIQUIDITY_SWEPT)
+    assert (swept.bar, swept.confirmed_at) == (15, 27) and swept in per_bar[27]
+    assert not _of(per_bar[27], smc.BOS, smc.CHOCH)   # a wick through the pool, no close beyond
+    ref = reference_labels(df, 2)["liquidity"]
+    assert ref["Liquidity"][15] == 1 and ref["End"][15] == 22 and ref["Swept"][15] == 27
+    assert ref["Level"][15] == pytest.approx(14.01)
+
+
+def test_order_block_lifecycle_exact():
+    rows = list(STRUCTURE[:20]) + [
+        (12.7, 12.9, 8.8, 9.0),     # 20 low below the block's bottom (9.0): mitigated
+        (9.0, 10.2, 8.9, 10.0),     # 21
+        (10.0, 10.8, 9.6, 10.7),    # 22 high above the block's top (10.5) after mitigation: invalidated
+        (10.7, 11.0, 10.2, 10.4),   # 23
+    ]
+    _, per_bar = _structure_events(rows)
+    ev = [e for b in per_bar for e in b]
+    obs = [(e.kind, e.bar, e.direction, e.top, e.bottom, e.confirmed_at)
+           for e in _of(ev, smc.ORDER_BLOCK, smc.OB_MITIGATED, smc.OB_INVALIDATED)]
+    assert obs[:3] == [("order_block", 9, 1, 10.5, 9.0, 12), ("ob_mitigated", 9, 1, 10.5, 9.0, 20),
+                       ("ob_invalidated", 9, 1, 10.5, 9.0, 22)]
+    (block,) = _of(per_bar[12], smc.ORDER_BLOCK)
+    assert block.volume == 300.0 and block.strength == 0.5
+    ref = reference_labels(_frame(rows), 2)["ob"]
+    assert math.isnan(ref["OB"][9])   # the package drops invalidated blocks
+    ref = reference_labels(_frame(rows[:21]), 2)["ob"]
+    assert ref["OB"][9] == 1 and ref["Top"][9] == 10.5 and ref["Bottom"][9] == 9.0
+
+
+def test_evidence_follows_the_last_break_and_decays():
+    det = SmcDetector(2, evidence_half_life=4)
+    vals = []
+    for o, h, lo, c in STRUCTURE:
+        det.update(o, h, lo, c, 1.0)
+        vals.append(det.evidence())
+    assert vals[:12] == [0.0] * 12
+    assert vals[12] == 1.0 and vals[16] == pytest.approx(0.5) and vals[20] == pytest.approx(0.25)
+    assert vals[30] == pytest.approx(2 ** -4.5)
+    assert vals[31] == -1.0 and det.trend == -1   # the bearish CHoCH of bar 31
+    det = SmcDetector(2)
+    for o, h, lo, c in _mirror(STRUCTURE):
+        det.update(o, h, lo, c)
+        assert -1.0 <= det.evidence() <= 1.0
+    assert det.trend == 1 and det.evidence() == 1.0
+
+
+# ---- replay harness --------------------------------------------------------------------------------
+def test_replay_report_from_an_engine_journal(tmp_path):
+    names = ["EURUSD", "XAUUSD"]
+    bars = dc.sim.MarketSimulator(names, 3600, seed=3).bars(1200)
+    pop = dc.Population.random(128, instruments=names, timeframes=[3600], seed=1)
+    with dc.Engine(pop, threads=1, journal=tmp_path / "j") as eng:
+        eng.run(bars)
+    table = replay_report(tmp_path / "j", swing_length=5, engine=True)
+    assert sorted(set(table["stream"])) == ["EURUSD/3600", "XAUUSD/3600"]
+    assert list(table.columns[:3]) == ["stream", "bars", "concept"]
+    per_stream = len(bars) // 2
+    assert len(table) == 2 * len(CONCEPTS) and (table["bars"] == per_stream).all()
+    sw = table[table["concept"] == "swing"]
+    assert (sw["precision"] == 1.0).all() and (sw["recall"] == 1.0).all()
+    assert table.attrs["engine"]["bars"] == len(bars) and table.attrs["engine"]["signals"] > 0
+    text = format_report(table)
+    assert "order_block" in text and f"engine replay: {len(bars)} bars" in text
+    # the same bars given directly give the same table
+    direct = replay_report(bars, swing_length=5)
+    pd.testing.assert_frame_equal(direct.reset_index(drop=True), table.reset_index(drop=True))
