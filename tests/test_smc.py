@@ -364,3 +364,12 @@ def test_replay_report_from_an_engine_journal(tmp_path):
     # the same bars given directly give the same table
     direct = replay_report(bars, swing_length=5)
     pd.testing.assert_frame_equal(direct.reset_index(drop=True), table.reset_index(drop=True))
+
+
+def test_smc_command(capsys):
+    from dynamic_core.cli import main
+
+    assert main(["smc", "backtesting:GOOG", "--swing-length", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "SMC agreement with smartmoneyconcepts" in out and "choch" in out and "order_block" in out
+    assert main(["smc", "backtesting:GOOG", "--engine"]) == 2

@@ -379,6 +379,21 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_decision
 
     cli_decision.add_run_options(r)
+
+    sm = sub.add_parser(
+        "smc", help="causal Smart Money Concepts detectors against the smartmoneyconcepts labels",
+        description=_wrap("Run the causal SMC detectors (swings, BOS/CHoCH, fair value gaps, liquidity, "
+                          "order blocks) over a journal's bars or a data source and print precision and "
+                          "recall against the smartmoneyconcepts package's settled labels (it looks ahead, "
+                          "so only labels that can no longer change are compared)."),
+        formatter_class=_Formatter)
+    sm.add_argument("source", metavar="SOURCE",
+                    help="a journal directory, a CSV file, or 'backtesting:EURUSD|GOOG|BTCUSD'")
+    sm.add_argument("--swing-length", type=_positive_int, default=10, metavar="L",
+                    help="bars on each side of a swing [default: 10]")
+    sm.add_argument("--engine", action="store_true",
+                    help="with a journal: also replay it through the engine and verify its signals")
+    sm.set_defaults(func=cmd_smc)
     from .bridges.mt5 import cli as mt5_cli
 
     br = sub.add_parser("bridge", help="execution bridges: mt5 (MetaTrader 5 EA over ZeroMQ)",
@@ -848,6 +863,25 @@ def _learning_line(learners: Any, agents: np.ndarray) -> str:
     return (f"Learning agents: {int(mine.sum()):,} ({learners.ticks:,} LoRA ticks), next-bar hit rate "
             f"{'n/a' if math.isnan(hit) else f'{hit * 100:.1f}%'}, {int(agents['trades'][mine].sum()):,} trades, "
             f"median equity {eq_l:.4f} (blend agents {eq_b:.4f})")
+
+
+def cmd_smc(args: argparse.Namespace) -> int:
+    """``dynamic-core smc``."""
+    from .learning.harness import print_replay_report
+
+    src = args.source
+    if os.path.isdir(src):
+        source: Any = src
+    else:
+        if args.engine:
+            raise CLIError("--engine needs a journal directory")
+        bars = load_bars(src, sim_names=["EURUSD"], bars=None, timeframe=None, seed=0)
+        source = bars
+    try:
+        print_replay_report(source, args.swing_length, **({"engine": True} if args.engine else {}))
+    except ImportError as e:
+        raise CLIError(f"{e}: install the test extra (pip install dynamic_core[test])") from None
+    return 0
 
 
 def _grid_population(streams: Sequence[tuple[int, int]], params: dict[str, list[Any]]) -> Population:
