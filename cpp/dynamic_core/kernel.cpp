@@ -282,10 +282,13 @@ struct Sums8 {
   __m512d w, ws, s, s2;
 };
 
-// lane_step for the 8 lanes at i, whose blended scores are at score_in + i.
-DC_V4_AI Sums8 lane_step8(const LaneView& v, const double* __restrict score_in, int i, __m256i vt, __m512d vret,
-                          Counts8& cn) {
-  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
+// lane_step for the 8 lanes at i, whose blended scores are at score_in + i, in two passes over
+// the lanes (shorter dependency chains, so more lanes are in flight): this one everything but
+// the peak and drawdown, leaving the new equity in te and the keep / keep-and-warm masks in tk /
+// tkw; lane_dd8 the rest.
+DC_V4_AI void lane_step8(const LaneView& v, const double* __restrict score_in, int i, __m256i vt, __m512d vret,
+                         Counts8& cn, double* __restrict te, __mmask8* tk, __mmask8* tkw) {
+  const __m512d one = _mm512_set1_pd(1.0);
   const __m256i izero = _mm256_setzero_si256(), ione = _mm256_set1_epi32(1);
   const __m512d score = _mm512_load_pd(score_in + i);
   const __mmask8 warm = _mm256_cmp_epi32_mask(ld8i(v.lookback + i), vt, _MM_CMPINT_LE);
@@ -311,13 +314,6 @@ DC_V4_AI Sums8 lane_step8(const LaneView& v, const double* __restrict score_in, 
   const __mmask8 opening = _mm256_mask_cmpneq_epi32_mask(changed, pos_i, izero);
   const __m512d eeq0 = _mm512_loadu_pd(v.entry_equity + i);
   const __mmask8 won = _mm512_cmp_pd_mask(e, eeq0, _CMP_GT_OQ);
-  const __m512d peak0 = _mm512_loadu_pd(v.peak + i);
-  const __mmask8 higher = _mm512_cmp_pd_mask(e, peak0, _CMP_GT_OQ);
-  const __m512d peak1 = _mm512_mask_mov_pd(peak0, higher, e);
-  const __m512d dd = _mm512_div_pd(_mm512_sub_pd(peak1, e), peak1);
-  const __m512d mdd0 = _mm512_loadu_pd(v.max_dd + i);
-  const __mmask8 deeper = _mm512_cmp_pd_mask(dd, mdd0, _CMP_GT_OQ);
-  const __m512d mdd1 = _mm512_mask_mov_pd(mdd0, deeper, dd);
   const __mmask8 ge_s = _mm512_cmp_pd_mask(score, _mm512_set1_pd(kStrongAction), _CMP_GE_OQ);
   const __mmask8 ge_w = _mm512_cmp_pd_mask(score, _mm512_set1_pd(kWeakAction), _CMP_GE_OQ);
   const __mmask8 le_w = _mm512_cmp_pd_mask(score, _mm512_set1_pd(-kWeakAction), _CMP_LE_OQ);
@@ -335,8 +331,9 @@ DC_V4_AI Sums8 lane_step8(const LaneView& v, const double* __restrict score_in, 
   _mm512_storeu_pd(v.score + i, _mm512_mask_mov_pd(_mm512_loadu_pd(v.score + i), keep, score));
   _mm512_storeu_pd(v.equity + i, _mm512_mask_mov_pd(eq0, keep, e));
   _mm512_storeu_pd(v.entry_equity + i, _mm512_mask_mov_pd(eeq0, keep & opening, e));
-  _mm512_storeu_pd(v.peak + i, _mm512_mask_mov_pd(peak0, keep & higher, e));
-  _mm512_storeu_pd(v.max_dd + i, _mm512_mask_mov_pd(mdd0, keep & deeper, dd));
+  _mm512_store_pd(te + i, e);
+  tk[i / 8] = keep;
+  tkw[i / 8] = kw;
   const __m512d rs0 = _mm512_loadu_pd(v.ret_sum + i), rq0 = _mm512_loadu_pd(v.ret_sq + i);
   _mm512_storeu_pd(v.ret_sum + i, _mm512_mask_add_pd(rs0, kw, rs0, r));
   _mm512_storeu_pd(v.ret_sq + i, _mm512_mask_add_pd(rq0, kw, rq0, _mm512_mul_pd(r, r)));
@@ -358,6 +355,23 @@ DC_V4_AI Sums8 lane_step8(const LaneView& v, const double* __restrict score_in, 
   cn.le_s = _mm256_mask_add_epi32(cn.le_s, kw & le_s, cn.le_s, ione);
   cn.live = _mm256_mask_add_epi32(cn.live, live, cn.live, ione);
   cn.fail = _mm256_mask_add_epi32(cn.fail, fail, cn.fail, ione);
+}
+
+// Peak, drawdown and the consensus sums of the 8 lanes at i (second pass of lane_step8).
+DC_V4_AI Sums8 lane_dd8(const LaneView& v, const double* __restrict score_in, int i, const double* __restrict te,
+                        __mmask8 keep, __mmask8 kw) {
+  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
+  const __m512d score = _mm512_load_pd(score_in + i);
+  const __m512d e = _mm512_load_pd(te + i);
+  const __m512d peak0 = _mm512_loadu_pd(v.peak + i);
+  const __mmask8 higher = _mm512_cmp_pd_mask(e, peak0, _CMP_GT_OQ);
+  const __m512d peak1 = _mm512_mask_mov_pd(peak0, higher, e);
+  const __m512d dd = _mm512_div_pd(_mm512_sub_pd(peak1, e), peak1);
+  const __m512d mdd0 = _mm512_loadu_pd(v.max_dd + i);
+  const __mmask8 deeper = _mm512_cmp_pd_mask(dd, mdd0, _CMP_GT_OQ);
+  const __m512d mdd1 = _mm512_mask_mov_pd(mdd0, deeper, dd);
+  _mm512_storeu_pd(v.peak + i, _mm512_mask_mov_pd(peak0, keep & higher, e));
+  _mm512_storeu_pd(v.max_dd + i, _mm512_mask_mov_pd(mdd0, keep & deeper, dd));
   // consensus weight: fitness(e, mdd1, credit)
   const __m512d e0 = _mm512_mask_mov_pd(e, _mm512_cmp_pd_mask(e, zero, _CMP_LT_OQ), zero);
   const __m512d wgt = _mm512_mul_pd(_mm512_mul_pd(e0, _mm512_sub_pd(one, mdd1)), _mm512_loadu_pd(v.credit + i));
@@ -411,19 +425,23 @@ DC_V4 Summary sm_step_v4(const LaneView& view, int lanes, const double* __restri
                                                          v.ext_score + i));
   if (poison >= 0 && poison < lanes) score_in[poison] = __builtin_nan("");
 
-  // The state, one warp (4 x 8 lanes) at a time; its sums go through the canonical tree.
+  // The state, 8 lanes at a time; then peak, drawdown and sums one warp (4 x 8 lanes) at a time,
+  // its sums through the canonical tree.
   const __m256i vt = _mm256_set1_epi32(t);
   const __m512d vret = _mm512_set1_pd(ret);
   Counts8 cn{izero, izero, izero, izero, izero, izero, izero};
   Summary total;
   summary_zero(total);
+  alignas(64) double te[kMaxSmLanes];
+  __mmask8 tk[kMaxSmLanes / 8], tkw[kMaxSmLanes / 8];
+  for (int i = 0; i < lanes; i += 8) lane_step8(v, score_in, i, vt, vret, cn, te, tk, tkw);
   for (int i = 0; i < lanes; i += kWarpSize) {
-    const Sums8 a0 = lane_step8(v, score_in, i, vt, vret, cn);
-    const Sums8 a1 = lane_step8(v, score_in, i + 8, vt, vret, cn);
-    const Sums8 a2 = lane_step8(v, score_in, i + 16, vt, vret, cn);
+    const Sums8 a0 = lane_dd8(v, score_in, i, te, tk[i / 8], tkw[i / 8]);
+    const Sums8 a1 = lane_dd8(v, score_in, i + 8, te, tk[i / 8 + 1], tkw[i / 8 + 1]);
+    const Sums8 a2 = lane_dd8(v, score_in, i + 16, te, tk[i / 8 + 2], tkw[i / 8 + 2]);
     const __m512d w02 = _mm512_add_pd(a0.w, a2.w), ws02 = _mm512_add_pd(a0.ws, a2.ws);
     const __m512d s02 = _mm512_add_pd(a0.s, a2.s), s202 = _mm512_add_pd(a0.s2, a2.s2);
-    const Sums8 a3 = lane_step8(v, score_in, i + 24, vt, vret, cn);
+    const Sums8 a3 = lane_dd8(v, score_in, i + 24, te, tk[i / 8 + 3], tkw[i / 8 + 3]);
     total.sum_w = total.sum_w + warp_tree8(w02, _mm512_add_pd(a1.w, a3.w));
     total.sum_ws = total.sum_ws + warp_tree8(ws02, _mm512_add_pd(a1.ws, a3.ws));
     total.sum_s = total.sum_s + warp_tree8(s02, _mm512_add_pd(a1.s, a3.s));
