@@ -477,22 +477,24 @@ DC_AI void steady_indicators(Bank& b, const Bar& bar, double c, double prev, int
   BankSteady& s = b.st;
   const vd zero = {}, vc = zero + c;
   // The arrays are padded to whole vectors (kBankPad) with harmless constants.
-  if (b.steady[kBankEma]) {  // Ema::update, count >= n
+  // Indicators [0, kBankPad * steady_chunks) of each kind are in the steady form.
+  auto count = [&](int kind) { return kBankPad * b.steady_chunks[kind]; };
+  {  // Ema::update, count >= n
     double* __restrict val = v.ema.data();
     const double* __restrict k = s.ema_k.data();
-    const int n = static_cast<int>(s.ema_k.size());
+    const int n = count(kBankEma);
     for (int i = 0; i < n; i += V) {
       const vd x = ld<V>(val + i);
       st<V>(val + i, ((vc - x) * ld<V>(k + i)) + x);
     }
   }
-  if (b.steady[kBankRsi]) {  // Rsi::update, count > n; the difference is the same for every RSI
+  {  // Rsi::update, count > n; the difference is the same for every RSI
     double* __restrict gain = s.rsi_gain.data();
     double* __restrict loss = s.rsi_loss.data();
     double* __restrict val = v.rsi.data();
     const double* __restrict nm1 = s.rsi_nm1.data();
     const double* __restrict nn = s.rsi_n.data();
-    const int n = static_cast<int>(s.rsi_n.size());
+    const int n = count(kBankRsi);
     const double d = c - prev;
     const vd vd_ = zero + d, hundred = zero + 100.0;
     const bool down = d < 0;
@@ -508,15 +510,15 @@ DC_AI void steady_indicators(Bank& b, const Bar& bar, double c, double prev, int
       st<V>(val + i, tot != zero ? hundred * (g / tot) : zero);
     }
   }
-  if (b.steady[kBankAtr]) {  // Atr::update, count > n; the true range is the same for every ATR
+  if (count(kBankAtr)) {  // Atr::update, count > n; the true range is the same for every ATR
     double* __restrict val = v.atr.data();
     const double* __restrict nm1 = s.atr_nm1.data();
     const double* __restrict nn = s.atr_n.data();
-    const int n = static_cast<int>(s.atr_n.size());
+    const int n = count(kBankAtr);
     const vd tr = zero + true_range(bar.high, bar.low, prev);
     for (int i = 0; i < n; i += V) st<V>(val + i, ((ld<V>(val + i) * ld<V>(nm1 + i)) + tr) / ld<V>(nn + i));
   }
-  if (b.steady[kBankMacd]) {  // Macd::update past the signal seed
+  {  // Macd::update past the signal seed
     double* __restrict fast = s.macd_fast.data();
     double* __restrict slow = s.macd_slow.data();
     double* __restrict sig = s.macd_signal.data();
@@ -524,7 +526,7 @@ DC_AI void steady_indicators(Bank& b, const Bar& bar, double c, double prev, int
     const double* __restrict kf = s.macd_kf.data();
     const double* __restrict ks = s.macd_ks.data();
     const double* __restrict ksig = s.macd_ksig.data();
-    const int n = static_cast<int>(s.macd_kf.size());
+    const int n = count(kBankMacd);
     for (int i = 0; i < n; i += V) {
       const vd sl0 = ld<V>(slow + i), fa0 = ld<V>(fast + i), sg0 = ld<V>(sig + i);
       const vd sl = ((vc - sl0) * ld<V>(ks + i)) + sl0;
@@ -537,12 +539,12 @@ DC_AI void steady_indicators(Bank& b, const Bar& bar, double c, double prev, int
       st<V>(hist + i, m - sg);
     }
   }
-  if (b.steady[kBankEw]) {  // Ew::update, count >= n
+  {  // Ew::update, count >= n
     double* __restrict mean = v.ew_mean.data();
     double* __restrict var = v.ew_var.data();
     const double* __restrict alpha = s.ew_alpha.data();
     const double* __restrict om = s.ew_om.data();
-    const int n = static_cast<int>(s.ew_alpha.size());
+    const int n = count(kBankEw);
     for (int i = 0; i < n; i += V) {
       const vd m0 = ld<V>(mean + i), a = ld<V>(alpha + i);
       const vd d = vc - m0;
@@ -550,12 +552,12 @@ DC_AI void steady_indicators(Bank& b, const Bar& bar, double c, double prev, int
       st<V>(var + i, ld<V>(om + i) * (ld<V>(var + i) + a * d * d));
     }
   }
-  if (b.steady[kBankRoc]) {  // Roc::update, count >= n: the close n bars ago
+  {  // Roc::update, count >= n: the close n bars ago
     double* __restrict val = v.roc.data();
     const int32_t* __restrict rn = s.roc_n.data();
     const double* __restrict closes = b.closes.data();
     const int64_t mask = b.closes_mask;
-    const int n = static_cast<int>(s.roc_n.size());
+    const int n = count(kBankRoc);
     const vd one = zero + 1.0, hundred = zero + 100.0;
     for (int i = 0; i < n; i += V) {
       vd old;
@@ -801,40 +803,41 @@ DC_AI void bank_update_impl(Bank& b, const Bar& bar) {
   b.prev_close = c;
   const int64_t t = b.nbars++;
   BankValues& v = b.val;
-  for (int k = 0; k < kBankKinds; ++k)
-    if (!b.steady[k] && t >= b.steady_at[k]) b.enter_steady_kind(k);
-  // Kinds still warming up: the indicator structs.
-  if (!b.steady[kBankEma])
-    for (size_t i = 0; i < b.emas.size(); ++i) {
+  for (int k = 0; k < kBankKinds; ++k) {
+    const int32_t chunks = static_cast<int32_t>(b.chunk_at[k].size());
+    while (b.steady_chunks[k] < chunks && t >= b.chunk_at[k][b.steady_chunks[k]])
+      b.enter_steady_chunk(k, b.steady_chunks[k]++);
+    b.steady[k] = b.steady_chunks[k] == chunks;
+  }
+  // Indicators still warming up: the structs.
+  auto from = [&](int kind) { return static_cast<size_t>(kBankPad) * b.steady_chunks[kind]; };
+  {
+    for (size_t i = from(kBankEma); i < b.emas.size(); ++i) {
       v.ema_ok[i] = static_cast<double>(b.emas[i].update(c));
       v.ema[i] = b.emas[i].value;
     }
-  if (!b.steady[kBankRsi])
-    for (size_t i = 0; i < b.rsis.size(); ++i) {
+    for (size_t i = from(kBankRsi); i < b.rsis.size(); ++i) {
       v.rsi_ok[i] = static_cast<double>(b.rsis[i].update(c));
       v.rsi[i] = b.rsis[i].value;
     }
-  if (!b.steady[kBankAtr])
-    for (size_t i = 0; i < b.atrs.size(); ++i) {
+    for (size_t i = from(kBankAtr); i < b.atrs.size(); ++i) {
       v.atr_ok[i] = static_cast<double>(b.atrs[i].update(bar.high, bar.low, c));
       v.atr[i] = b.atrs[i].value;
     }
-  if (!b.steady[kBankMacd])
-    for (size_t i = 0; i < b.macds.size(); ++i) {
+    for (size_t i = from(kBankMacd); i < b.macds.size(); ++i) {
       v.macd_ok[i] = static_cast<double>(b.macds[i].update(c));
       v.macd_hist[i] = b.macds[i].hist;
     }
-  if (!b.steady[kBankEw])
-    for (size_t i = 0; i < b.ews.size(); ++i) {
+    for (size_t i = from(kBankEw); i < b.ews.size(); ++i) {
       v.ew_ok[i] = static_cast<double>(b.ews[i].update(c));
       v.ew_mean[i] = b.ews[i].mean;
       v.ew_var[i] = b.ews[i].var;
     }
-  if (!b.steady[kBankRoc])
-    for (size_t i = 0; i < b.rocs.size(); ++i) {
+    for (size_t i = from(kBankRoc); i < b.rocs.size(); ++i) {
       v.roc_ok[i] = static_cast<double>(b.rocs[i].update(c, b.roc_buf.data() + b.roc_offset[i]));
       v.roc[i] = b.rocs[i].value;
     }
+  }
   steady_indicators<V>(b, bar, c, prev, t);
   if (!b.closes.empty()) b.closes[static_cast<size_t>(t) & b.closes_mask] = c;
 
@@ -911,39 +914,40 @@ Summary sm_step(const LaneView& v, int lanes, const double* feat, int32_t t, dou
 
 void Bank::update(const Bar& bar) { active->bank_update(*this, bar); }
 
-void Bank::enter_steady_kind(int kind) {
-  // Every indicator of the kind is warm from this bar on (ROC from this very bar).
+void Bank::enter_steady_chunk(int kind, int32_t c) {
+  // Every indicator of the chunk is warm from this bar on (ROC from this very bar).
   BankSteady& s = st;
+  const size_t lo = static_cast<size_t>(kBankPad) * c, hi = lo + kBankPad;
+  auto warm = [&](std::vector<double>& ok) { std::fill(ok.begin() + lo, ok.begin() + hi, 1.0); };
   switch (kind) {
     case kBankEma:  // values are in val.ema already
-      std::fill(val.ema_ok.begin(), val.ema_ok.end(), 1.0);
+      warm(val.ema_ok);
       break;
     case kBankRsi:
-      for (size_t i = 0; i < rsis.size(); ++i) {
+      for (size_t i = lo; i < hi && i < rsis.size(); ++i) {
         s.rsi_gain[i] = rsis[i].gain;
         s.rsi_loss[i] = rsis[i].loss;
       }
-      std::fill(val.rsi_ok.begin(), val.rsi_ok.end(), 1.0);
+      warm(val.rsi_ok);
       break;
     case kBankAtr:  // values are in val.atr already
-      std::fill(val.atr_ok.begin(), val.atr_ok.end(), 1.0);
+      warm(val.atr_ok);
       break;
     case kBankMacd:
-      for (size_t i = 0; i < macds.size(); ++i) {
+      for (size_t i = lo; i < hi && i < macds.size(); ++i) {
         s.macd_fast[i] = macds[i].fast;
         s.macd_slow[i] = macds[i].slow;
         s.macd_signal[i] = macds[i].signal;
       }
-      std::fill(val.macd_ok.begin(), val.macd_ok.end(), 1.0);
+      warm(val.macd_ok);
       break;
     case kBankEw:  // mean and variance are in val already
-      std::fill(val.ew_ok.begin(), val.ew_ok.end(), 1.0);
+      warm(val.ew_ok);
       break;
     case kBankRoc:  // reads the close ring
-      std::fill(val.roc_ok.begin(), val.roc_ok.end(), 1.0);
+      warm(val.roc_ok);
       break;
   }
-  steady[kind] = true;
 }
 
 }  // namespace dynamic_core

@@ -155,7 +155,75 @@ void Bank::release_state() {
   std::vector<double>().swap(roc_buf);
 }
 
+namespace {
+// Bar index (from 0) from which an indicator takes its steady branch on every update:
+//   Ema: count >= n, count = min(t, n) at entry                -> t >= n
+//   Rsi, Atr: count > n, count = min(t, n + 1)                  -> t >= n + 1
+//   Macd: count > slow - 1 + signal - 1, saturating there + 1    -> t >= slow + signal - 1
+//   Ew: count >= n (warm; the update itself is the same from count 1) -> t >= n
+//   Roc: count >= n                                              -> t >= n
+// Every indicator is warm from then on (enter_steady_chunk sets the flags).
+int64_t steady_from(const Ema& e) { return e.n; }
+int64_t steady_from(const Rsi& r) { return static_cast<int64_t>(r.n) + 1; }
+int64_t steady_from(const Atr& a) { return static_cast<int64_t>(a.n) + 1; }
+int64_t steady_from(const Macd& m) { return static_cast<int64_t>(m.slow_n) + m.sig_n - 1; }
+int64_t steady_from(const Ew& e) { return e.n; }
+int64_t steady_from(const Roc& r) { return r.n; }
+
+// Sorts v by steady_from (stable) and returns the new index of each old one.
+template <class T>
+std::vector<int32_t> sort_by_warmup(std::vector<T>& v) {
+  std::vector<int32_t> order(v.size()), inv(v.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return steady_from(v[a]) < steady_from(v[b]); });
+  std::vector<T> sorted;
+  sorted.reserve(v.size());
+  for (size_t i = 0; i < order.size(); ++i) {
+    sorted.push_back(v[order[i]]);
+    inv[order[i]] = static_cast<int32_t>(i);
+  }
+  v.swap(sorted);
+  return inv;
+}
+// The bar from which each chunk of kBankPad indicators (sorted) is steady: its last one's.
+template <class T>
+void chunk_thresholds(const std::vector<T>& v, std::vector<int64_t>& at) {
+  at.clear();
+  for (size_t c = 0; c * kBankPad < v.size(); ++c)
+    at.push_back(steady_from(v[std::min(v.size(), (c + 1) * kBankPad) - 1]));
+}
+}  // namespace
+
 void Bank::resize_values() {
+  // Indicators of each kind in order of warm-up length (only their order changes; features
+  // follow them), so the steady form can be entered a chunk at a time.
+  {
+    const auto ie = sort_by_warmup(emas), ia = sort_by_warmup(atrs), im = sort_by_warmup(macds);
+    const auto ir = sort_by_warmup(rsis), iw = sort_by_warmup(ews);
+    const std::vector<uint32_t> off(roc_offset);
+    const auto ic = sort_by_warmup(rocs);
+    for (size_t i = 0; i < off.size(); ++i) roc_offset[ic[i]] = off[i];
+    for (auto& x : trend_fast) x = ie[x];
+    for (auto& x : trend_slow) x = ie[x];
+    for (auto& x : trend_atr) x = ia[x];
+    for (auto& x : macd_m) x = im[x];
+    for (auto& x : macd_atr) x = ia[x];
+    for (auto& x : rsi_f) x = ir[x];
+    for (auto& x : bb_f) x = iw[x];
+    for (auto& x : mom_f) x = ic[x];
+  }
+  chunk_thresholds(emas, chunk_at[kBankEma]);
+  chunk_thresholds(rsis, chunk_at[kBankRsi]);
+  chunk_thresholds(atrs, chunk_at[kBankAtr]);
+  chunk_thresholds(macds, chunk_at[kBankMacd]);
+  chunk_thresholds(ews, chunk_at[kBankEw]);
+  chunk_thresholds(rocs, chunk_at[kBankRoc]);
+  for (int k = 0; k < kBankKinds; ++k) {
+    steady_chunks[k] = 0;
+    steady[k] = chunk_at[k].empty();
+  }
+
   // Outputs and steady state are padded to whole vectors of kBankPad with harmless constants
   // (the padding is updated with the rest and never read).
   const size_t ne = bank_padded(emas.size()), na = bank_padded(atrs.size()), nm = bank_padded(macds.size());
@@ -174,29 +242,13 @@ void Bank::resize_values() {
   val.roc.assign(nc, 0.0);
   val.roc_ok.assign(nc, 0.0);
 
-  // Steady form. A kind enters it at the first bar (index t, counted from 0) at which every one
-  // of its indicators takes its steady branch: the branch each update() takes from then on.
-  //   Ema: count >= n, count = min(t, n) at entry              -> t >= n
-  //   Rsi, Atr: count > n, count = min(t, n + 1)                -> t >= n + 1
-  //   Macd: count > slow - 1 + signal - 1, count saturating there + 1 -> t >= slow + signal - 1
-  //   Ew: count >= n (warm, the update itself is the same from count 1) -> t >= n
-  //   Roc: count >= n                                            -> t >= n
-  // Every indicator is warm from then on (enter_steady_kind sets the flags).
-  for (int k = 0; k < kBankKinds; ++k) {
-    steady_at[k] = 0;
-    steady[k] = false;
-  }
-  auto at = [&](int k, int64_t v) { steady_at[k] = v > steady_at[k] ? v : steady_at[k]; };
+  // The steady form's constants and state (see steady_from).
   st = BankSteady{};
   st.ema_k.assign(ne, 0.0);
-  for (size_t i = 0; i < emas.size(); ++i) {
-    at(kBankEma, emas[i].n);
-    st.ema_k[i] = emas[i].k;
-  }
+  for (size_t i = 0; i < emas.size(); ++i) st.ema_k[i] = emas[i].k;
   st.rsi_nm1.assign(nr, 0.0);
   st.rsi_n.assign(nr, 1.0);
   for (size_t i = 0; i < rsis.size(); ++i) {
-    at(kBankRsi, static_cast<int64_t>(rsis[i].n) + 1);
     st.rsi_nm1[i] = static_cast<double>(rsis[i].n - 1);
     st.rsi_n[i] = static_cast<double>(rsis[i].n);
   }
@@ -205,7 +257,6 @@ void Bank::resize_values() {
   st.atr_nm1.assign(na, 0.0);
   st.atr_n.assign(na, 1.0);
   for (size_t i = 0; i < atrs.size(); ++i) {
-    at(kBankAtr, static_cast<int64_t>(atrs[i].n) + 1);
     st.atr_nm1[i] = static_cast<double>(atrs[i].n - 1);
     st.atr_n[i] = static_cast<double>(atrs[i].n);
   }
@@ -213,7 +264,6 @@ void Bank::resize_values() {
   st.macd_ks.assign(nm, 0.0);
   st.macd_ksig.assign(nm, 0.0);
   for (size_t i = 0; i < macds.size(); ++i) {
-    at(kBankMacd, static_cast<int64_t>(macds[i].slow_n) + macds[i].sig_n - 1);
     st.macd_kf[i] = macds[i].kf;
     st.macd_ks[i] = macds[i].ks;
     st.macd_ksig[i] = macds[i].ksig;
@@ -224,14 +274,12 @@ void Bank::resize_values() {
   st.ew_alpha.assign(nw, 0.0);
   st.ew_om.assign(nw, 1.0);
   for (size_t i = 0; i < ews.size(); ++i) {
-    at(kBankEw, ews[i].n);
     st.ew_alpha[i] = ews[i].alpha;
     st.ew_om[i] = 1.0 - ews[i].alpha;
   }
   int32_t max_roc = 0;
   st.roc_n.assign(nc, 1);
   for (size_t i = 0; i < rocs.size(); ++i) {
-    at(kBankRoc, rocs[i].n);
     st.roc_n[i] = rocs[i].n;
     max_roc = rocs[i].n > max_roc ? rocs[i].n : max_roc;
   }

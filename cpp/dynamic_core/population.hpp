@@ -58,10 +58,13 @@ struct Bank {
   // This bar's indicator outputs, flat, and whether each is warm (0/1): what the feature pass
   // reads by index. Up to date for every kind, in either form; padded to whole vectors.
   BankValues val;
-  // Steady form: bar index from which each kind takes it (the struct form before), and whether
-  // it has.
+  // Steady form, entered a vector (kBankPad indicators) at a time: indicators are sorted by the
+  // length of their warm-up, chunk_at[k][c] is the bar index from which every indicator of chunk
+  // c of kind k takes its steady branch, steady_chunks[k] how many chunks (from the first) are in
+  // the steady form (the rest in the struct form), steady[k] whether all are.
   BankSteady st;
-  int64_t steady_at[kBankKinds] = {};
+  std::vector<int64_t> chunk_at[kBankKinds];
+  int32_t steady_chunks[kBankKinds] = {};
   bool steady[kBankKinds] = {};
   // Closes of the last bars (a power-of-two ring indexed by bar index): the ROC inputs.
   std::vector<double> closes;
@@ -87,8 +90,8 @@ struct Bank {
   size_t n_features() const {
     return trend_fast.size() + rsi_f.size() + macd_m.size() + bb_f.size() + mom_f.size();
   }
-  // Switches a kind to the steady form (copies the struct state into BankSteady).
-  void enter_steady_kind(int kind);
+  // Switches chunk c of a kind to the steady form (copies the struct state into BankSteady).
+  void enter_steady_chunk(int kind, int32_t c);
   // Drops the per-bar state, keeping what describes the bank (indicators and features): for a
   // bank whose lanes an engine serves from a merged bank (merge_banks).
   void release_state();

@@ -262,6 +262,76 @@ void check_bank_features() {
   CHECK(L.sms.size() >= 3);
 }
 
+// A bank merged from several SMs' banks (merge_banks) gives every SM's features the same values,
+// bit for bit, through its map.
+void check_merged_banks() {
+  std::mt19937_64 rng(4242);
+  auto pick = [&](int lo, int hi) { return lo + static_cast<int32_t>(rng() % static_cast<uint64_t>(hi - lo)); };
+  std::vector<Genome> g(700);
+  for (size_t i = 0; i < g.size(); ++i) {
+    Genome& x = g[i];
+    x = Genome{};
+    x.agent_id = static_cast<uint32_t>(i);
+    x.instrument = 2;
+    x.timeframe = 60;
+    x.fast = pick(1, 30);
+    x.slow = pick(1, 120);  // sometimes below fast
+    x.rsi_period = pick(1, 25);
+    x.macd_fast = pick(1, 15);
+    x.macd_slow = pick(1, 30);  // sometimes below macd_fast (the periods are swapped)
+    x.macd_signal = pick(1, 10);
+    x.atr_period = pick(1, 30);
+    x.bb_period = pick(1, 40);
+    x.mom_period = pick(1, 30);
+    x.w_trend = (rng() % 4 == 0) ? 0.0 : 1.0;
+    x.w_rsi = (rng() % 4 == 0) ? 0.0 : 0.5;
+    x.w_macd = (rng() % 4 == 0) ? 0.0 : 0.25;
+    x.w_bb = (rng() % 4 == 0) ? 0.0 : -0.5;
+    x.w_mom = (rng() % 4 == 0) ? 0.0 : 0.1;
+    x.entry = 0.1;
+  }
+  Layout L = build_layout(g.data(), g.size(), 64);
+  CHECK(L.sms.size() >= 6);
+  // groups: every SM alone, pairs, and all of them
+  std::vector<std::vector<size_t>> groups;
+  for (size_t m = 0; m < L.sms.size(); m += 2) groups.push_back({m, m + 1 < L.sms.size() ? m + 1 : m});
+  groups.emplace_back();
+  for (size_t m = 0; m < L.sms.size(); ++m) groups.back().push_back(m);
+  std::vector<Bank> merged;
+  std::vector<std::vector<std::vector<int32_t>>> maps;
+  for (const auto& grp : groups) {
+    std::vector<const Bank*> banks;
+    for (size_t m : grp) banks.push_back(&L.sms[m].bank);
+    maps.emplace_back();
+    merged.push_back(merge_banks(banks, maps.back()));
+  }
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  double price = 50.0;
+  bool same = true;
+  for (int t = 0; t < 300; ++t) {
+    price *= 1.0 + 0.01 * u(rng);
+    const Bar bar{t * 60'000'000'000LL, 2, 60, price, price * 1.002, price * 0.998, price, 1.0};
+    for (Sm& sm : L.sms) sm.bank.update(bar);
+    for (size_t k = 0; k < groups.size(); ++k) {
+      merged[k].update(bar);
+      for (size_t j = 0; j < groups[k].size(); ++j) {
+        const Bank& b = L.sms[groups[k][j]].bank;
+        for (size_t f = 0; f < b.feat.size(); ++f) {
+          const double x = b.feat[f], y = merged[k].feat[static_cast<size_t>(maps[k][j][f])];
+          same = same && std::memcmp(&x, &y, sizeof x) == 0;
+        }
+      }
+    }
+  }
+  CHECK(same);
+  // the merged bank of all SMs has no more indicators than their banks together, and fewer
+  CHECK(merged.back().distinct_indicators() < [&] {
+    size_t n = 0;
+    for (const Sm& sm : L.sms) n += sm.bank.distinct_indicators();
+    return n;
+  }());
+}
+
 void check_lanes() {
   std::mt19937_64 rng(12345);
   std::uniform_real_distribution<double> u(-1.0, 1.0);
@@ -321,6 +391,7 @@ int main() {
   for (int level : {0, 3, 4}) {
     if (set_kernel_isa(level) != level) continue;
     check_bank_features();
+    check_merged_banks();
     check_lanes();
     std::printf("kernel: instruction-set level %d checked\n", level);
   }
