@@ -567,30 +567,15 @@ DC_AI void steady_indicators(Bank& b, const Bar& bar, double c, double prev, int
   }
 }
 
-// The feature pass. Warm-up form (some indicator of the kind may be cold): a scalar pass gathers
-// the indicator outputs each distinct feature reads, and their warm flags, into contiguous
-// scratch arrays (padded to whole vectors with a harmless 1.0), then a pass written with vector
-// types computes the features with every condition a select (a division by a zero normaliser is
-// computed and discarded). Steady form (every indicator warm): the gathers go straight into
-// vectors, without flags. Same operations in the same order as the *_feature functions of
-// math.hpp; tests compare the two bit for bit.
-constexpr int kBlock = 128;
-struct Scratch {
-  alignas(64) double a[kBlock];
-  alignas(64) double b[kBlock];
-  alignas(64) double ok[kBlock];
-  alignas(64) double out[kBlock];
-};
-static_assert(kBlock % kBankPad == 0);
-
+// The feature pass: the warm features of each kind (they come first, see Bank::feat_from), the
+// indicator outputs gathered straight into vectors, every condition a select (a division by a
+// zero normaliser is computed and discarded). Same operations in the same order as the
+// *_feature functions of math.hpp; tests compare the two bit for bit. Features that are not
+// warm stay 0.
 template <int V>
 DC_AI typename Lanes<V>::d vsoft(typename Lanes<V>::d x) {
   const typename Lanes<V>::d zero = {};
   return x / ((zero + 1.0) + (x < zero ? -x : x));
-}
-inline int round_up(int n) { return (n + kBankPad - 1) / kBankPad * kBankPad; }
-inline void pad(double* p, int n) {
-  for (int i = n; i < round_up(n); ++i) p[i] = 1.0;
 }
 // Stores the V features of chunk i of a kind with n features at out (the part below n).
 template <int V>
@@ -605,20 +590,21 @@ DC_AI void put(double* out, int i, int n, typename Lanes<V>::d x) {
 }
 
 template <int V>
-DC_AI void features_steady(Bank& b, double close, bool trend, bool rsi, bool macd, bool bb, bool mom) {
+DC_AI void features(Bank& b, double close) {
   typedef typename Lanes<V>::d vd;
   const BankValues& v = b.val;
   const BankIndex& x = b.pidx;
   double* feat = b.feat.data();
   const vd zero = {}, one = zero + 1.0;
-  if (trend) {  // soft((ema_fast - ema_slow) / atr), 0 when atr == 0
+  // The warm features of each kind (the first feat_warm); the others stay 0.
+  {  // soft((ema_fast - ema_slow) / atr), 0 when atr == 0
     const double* __restrict ema = v.ema.data();
     const double* __restrict atr = v.atr.data();
     const int32_t* __restrict tf = x.trend_fast.data();
     const int32_t* __restrict ts = x.trend_slow.data();
     const int32_t* __restrict ta = x.trend_atr.data();
     double* out = feat + b.trend_base;
-    const int n = static_cast<int>(b.trend_fast.size());
+    const int n = b.feat_warm[0];
     for (int i = 0; i < n; i += V) {
       const vd a = gather<V>(ema, tf + i) - gather<V>(ema, ts + i);
       const vd d = gather<V>(atr, ta + i);
@@ -626,33 +612,33 @@ DC_AI void features_steady(Bank& b, double close, bool trend, bool rsi, bool mac
       put<V>(out, i, n, d != zero ? f : zero);
     }
   }
-  if (rsi) {  // (rsi - 50) / 50
+  {  // (rsi - 50) / 50
     const double* __restrict val = v.rsi.data();
     const int32_t* __restrict r = x.rsi.data();
     double* out = feat + b.rsi_base;
-    const int n = static_cast<int>(b.rsi_f.size());
+    const int n = b.feat_warm[1];
     const vd fifty = zero + 50.0;
     for (int i = 0; i < n; i += V) put<V>(out, i, n, (gather<V>(val, r + i) - fifty) / fifty);
   }
-  if (macd) {  // soft(hist / atr), 0 when atr == 0
+  {  // soft(hist / atr), 0 when atr == 0
     const double* __restrict hist = v.macd_hist.data();
     const double* __restrict atr = v.atr.data();
     const int32_t* __restrict m = x.macd_m.data();
     const int32_t* __restrict ma = x.macd_atr.data();
     double* out = feat + b.macd_base;
-    const int n = static_cast<int>(b.macd_m.size());
+    const int n = b.feat_warm[2];
     for (int i = 0; i < n; i += V) {
       const vd d = gather<V>(atr, ma + i);
       const vd f = vsoft<V>(gather<V>(hist, m + i) / d);
       put<V>(out, i, n, d != zero ? f : zero);
     }
   }
-  if (bb) {  // soft((close - mean) / (2 sd)), sd = sqrt(var) when var > 0, 0 when sd == 0
+  {  // soft((close - mean) / (2 sd)), sd = sqrt(var) when var > 0, 0 when sd == 0
     const double* __restrict mean = v.ew_mean.data();
     const double* __restrict var = v.ew_var.data();
     const int32_t* __restrict e = x.bb.data();
     double* out = feat + b.bb_base;
-    const int n = static_cast<int>(b.bb_f.size());
+    const int n = b.feat_warm[3];
     const vd c = zero + close, two = one + one;
     for (int i = 0; i < n; i += V) {
       vd sd = gather<V>(var, e + i);
@@ -661,137 +647,12 @@ DC_AI void features_steady(Bank& b, double close, bool trend, bool rsi, bool mac
       put<V>(out, i, n, sd != zero ? f : zero);
     }
   }
-  if (mom) {  // soft(roc)
+  {  // soft(roc)
     const double* __restrict val = v.roc.data();
     const int32_t* __restrict r = x.mom.data();
     double* out = feat + b.mom_base;
-    const int n = static_cast<int>(b.mom_f.size());
+    const int n = b.feat_warm[4];
     for (int i = 0; i < n; i += V) put<V>(out, i, n, vsoft<V>(gather<V>(val, r + i)));
-  }
-}
-
-template <int V>
-DC_AI void features_warm(Bank& b, double close, bool trend, bool rsi, bool macd, bool bb, bool mom) {
-  typedef typename Lanes<V>::d vd;
-  const BankValues& v = b.val;
-  double* feat = b.feat.data();
-  const double* __restrict ema = v.ema.data();
-  const double* __restrict ema_ok = v.ema_ok.data();
-  const double* __restrict atr = v.atr.data();
-  const double* __restrict atr_ok = v.atr_ok.data();
-  Scratch sc;
-  double* __restrict ga = sc.a;
-  double* __restrict gb = sc.b;
-  double* __restrict gok = sc.ok;
-  double* __restrict go = sc.out;
-  const vd zero = {}, one = zero + 1.0;
-  auto emit = [&](uint32_t base, int n) { __builtin_memcpy(feat + base, go, sizeof(double) * n); };
-  // soft(a / b), 0 unless warm and b != 0: the trend and MACD features (a = ema_fast - ema_slow
-  // or the histogram, b = ATR).
-  auto ratio_pass = [&](int n) {
-    pad(ga, n), pad(gb, n), pad(gok, n);
-    for (int i = 0; i < n; i += V) {
-      const vd a = ld<V>(gb + i);
-      const vd x = vsoft<V>(ld<V>(ga + i) / a);
-      st<V>(go + i, ((ld<V>(gok + i) != zero) & (a != zero)) ? x : zero);
-    }
-  };
-  // Features in blocks of kBlock (the scratch size).
-  if (trend) {  // soft((ema_fast - ema_slow) / atr), 0 when atr == 0
-    const int total = static_cast<int>(b.trend_fast.size());
-    for (int o = 0; o < total; o += kBlock) {
-      const int32_t* __restrict tf = b.trend_fast.data() + o;
-      const int32_t* __restrict ts = b.trend_slow.data() + o;
-      const int32_t* __restrict ta = b.trend_atr.data() + o;
-      const int n = total - o < kBlock ? total - o : kBlock;
-      for (int i = 0; i < n; ++i) {
-        ga[i] = ema[tf[i]] - ema[ts[i]];
-        gb[i] = atr[ta[i]];
-        gok[i] = ema_ok[tf[i]] * ema_ok[ts[i]] * atr_ok[ta[i]];
-      }
-      ratio_pass(n);
-      emit(b.trend_base + o, n);
-    }
-  }
-  if (rsi) {  // (rsi - 50) / 50
-    const int total = static_cast<int>(b.rsi_f.size());
-    for (int o = 0; o < total; o += kBlock) {
-      const int32_t* __restrict r = b.rsi_f.data() + o;
-      const double* __restrict val = v.rsi.data();
-      const double* __restrict ok = v.rsi_ok.data();
-      const int n = total - o < kBlock ? total - o : kBlock;
-      for (int i = 0; i < n; ++i) {
-        ga[i] = val[r[i]];
-        gok[i] = ok[r[i]];
-      }
-      pad(ga, n), pad(gok, n);
-      const vd fifty = zero + 50.0;
-      for (int i = 0; i < n; i += V) {
-        const vd x = (ld<V>(ga + i) - fifty) / fifty;
-        st<V>(go + i, ld<V>(gok + i) != zero ? x : zero);
-      }
-      emit(b.rsi_base + o, n);
-    }
-  }
-  if (macd) {  // soft(hist / atr), 0 when atr == 0
-    const int total = static_cast<int>(b.macd_m.size());
-    for (int o = 0; o < total; o += kBlock) {
-      const int32_t* __restrict m = b.macd_m.data() + o;
-      const int32_t* __restrict ma = b.macd_atr.data() + o;
-      const double* __restrict hist = v.macd_hist.data();
-      const double* __restrict mok = v.macd_ok.data();
-      const int n = total - o < kBlock ? total - o : kBlock;
-      for (int i = 0; i < n; ++i) {
-        ga[i] = hist[m[i]];
-        gb[i] = atr[ma[i]];
-        gok[i] = mok[m[i]] * atr_ok[ma[i]];
-      }
-      ratio_pass(n);
-      emit(b.macd_base + o, n);
-    }
-  }
-  if (bb) {  // soft((close - mean) / (2 sd)), sd = sqrt(var) when var > 0, 0 when sd == 0
-    const int total = static_cast<int>(b.bb_f.size());
-    for (int o = 0; o < total; o += kBlock) {
-      const int32_t* __restrict e = b.bb_f.data() + o;
-      const double* __restrict mean = v.ew_mean.data();
-      const double* __restrict var = v.ew_var.data();
-      const double* __restrict ok = v.ew_ok.data();
-      const int n = total - o < kBlock ? total - o : kBlock;
-      for (int i = 0; i < n; ++i) {
-        ga[i] = mean[e[i]];
-        gb[i] = var[e[i]];
-        gok[i] = ok[e[i]];
-      }
-      pad(ga, n), pad(gb, n), pad(gok, n);
-      for (int i = 0; i < n; ++i) gb[i] = gb[i] > 0.0 ? DC_SQRT(gb[i]) : 0.0;
-      const vd c = zero + close, two = one + one;
-      for (int i = 0; i < n; i += V) {
-        const vd sd = ld<V>(gb + i);
-        const vd x = vsoft<V>((c - ld<V>(ga + i)) / (two * sd));
-        st<V>(go + i, ((ld<V>(gok + i) != zero) & (sd != zero)) ? x : zero);
-      }
-      emit(b.bb_base + o, n);
-    }
-  }
-  if (mom) {  // soft(roc)
-    const int total = static_cast<int>(b.mom_f.size());
-    for (int o = 0; o < total; o += kBlock) {
-      const int32_t* __restrict r = b.mom_f.data() + o;
-      const double* __restrict val = v.roc.data();
-      const double* __restrict ok = v.roc_ok.data();
-      const int n = total - o < kBlock ? total - o : kBlock;
-      for (int i = 0; i < n; ++i) {
-        ga[i] = val[r[i]];
-        gok[i] = ok[r[i]];
-      }
-      pad(ga, n), pad(gok, n);
-      for (int i = 0; i < n; i += V) {
-        const vd x = vsoft<V>(ld<V>(ga + i));
-        st<V>(go + i, ld<V>(gok + i) != zero ? x : zero);
-      }
-      emit(b.mom_base + o, n);
-    }
   }
 }
 
@@ -841,13 +702,12 @@ DC_AI void bank_update_impl(Bank& b, const Bar& bar) {
   steady_indicators<V>(b, bar, c, prev, t);
   if (!b.closes.empty()) b.closes[static_cast<size_t>(t) & b.closes_mask] = c;
 
-  // Features: the steady form where every indicator a kind reads is.
-  const bool s_trend = b.steady[kBankEma] && b.steady[kBankAtr], s_rsi = b.steady[kBankRsi];
-  const bool s_macd = b.steady[kBankMacd] && b.steady[kBankAtr], s_bb = b.steady[kBankEw];
-  const bool s_mom = b.steady[kBankRoc];
-  features_steady<V>(b, c, s_trend, s_rsi, s_macd, s_bb, s_mom);
-  if (!(s_trend && s_rsi && s_macd && s_bb && s_mom))
-    features_warm<V>(b, c, !s_trend, !s_rsi, !s_macd, !s_bb, !s_mom);
+  // Features: those warm from this bar on join the computed ones (sorted by warm-up).
+  for (int f = 0; f < kFeatures; ++f) {
+    const int32_t nf = static_cast<int32_t>(b.feat_from[f].size());
+    while (b.feat_warm[f] < nf && b.feat_from[f][b.feat_warm[f]] <= t) ++b.feat_warm[f];
+  }
+  features<V>(b, c);
 }
 
 // ---- instruction-set variants and their selection -----------------------------------------

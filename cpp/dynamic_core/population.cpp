@@ -94,7 +94,10 @@ struct BankBuilder {
     }
     return i;
   }
+  // Relative feature index of each kind -> its index once the features are sorted (finish).
+  std::vector<uint32_t> remap[kFeatures];
   void finish() {
+    b.sort_features(remap);
     b.trend_base = 1;
     b.rsi_base = b.trend_base + static_cast<uint32_t>(b.trend_fast.size());
     b.macd_base = b.rsi_base + static_cast<uint32_t>(b.rsi_f.size());
@@ -142,7 +145,8 @@ Bank merge_banks(const std::vector<const Bank*>& banks, std::vector<std::vector<
     const uint32_t end[kFeatures] = {b.rsi_base, b.macd_base, b.bb_base, b.mom_base,
                                      static_cast<uint32_t>(b.feat.size())};
     for (int f = 0; f < kFeatures; ++f)
-      for (uint32_t i = base[f]; i < end[f]; ++i) map[k][i] += static_cast<int32_t>(mbase[f]);
+      for (uint32_t i = base[f]; i < end[f]; ++i)
+        map[k][i] = static_cast<int32_t>(mbase[f] + bb.remap[f][static_cast<size_t>(map[k][i])]);
   }
   return out;
 }
@@ -195,6 +199,40 @@ void chunk_thresholds(const std::vector<T>& v, std::vector<int64_t>& at) {
 }
 }  // namespace
 
+void Bank::sort_features(std::vector<uint32_t> (&remap)[kFeatures]) {
+  // Bar index from which a feature is warm: the latest of its indicators' first warm bars.
+  auto lb_ema = [&](int32_t i) { return static_cast<int64_t>(Ema::lookback(emas[i].n)); };
+  auto lb_atr = [&](int32_t i) { return static_cast<int64_t>(Atr::lookback(atrs[i].n)); };
+  auto lb_macd = [&](int32_t i) {
+    return static_cast<int64_t>(Macd::lookback(macds[i].fast_n, macds[i].slow_n, macds[i].sig_n));
+  };
+  std::vector<int64_t> from[kFeatures];
+  for (size_t i = 0; i < trend_fast.size(); ++i)
+    from[0].push_back(std::max({lb_ema(trend_fast[i]), lb_ema(trend_slow[i]), lb_atr(trend_atr[i])}));
+  for (int32_t r : rsi_f) from[1].push_back(Rsi::lookback(rsis[r].n));
+  for (size_t i = 0; i < macd_m.size(); ++i) from[2].push_back(std::max(lb_macd(macd_m[i]), lb_atr(macd_atr[i])));
+  for (int32_t e : bb_f) from[3].push_back(Ew::lookback(ews[e].n));
+  for (int32_t r : mom_f) from[4].push_back(Roc::lookback(rocs[r].n));
+  std::vector<int32_t>* idx[kFeatures][3] = {{&trend_fast, &trend_slow, &trend_atr},
+                                             {&rsi_f, nullptr, nullptr},
+                                             {&macd_m, &macd_atr, nullptr},
+                                             {&bb_f, nullptr, nullptr},
+                                             {&mom_f, nullptr, nullptr}};
+  for (int f = 0; f < kFeatures; ++f) {
+    std::vector<uint32_t> order(from[f].size());
+    std::iota(order.begin(), order.end(), 0u);
+    std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return from[f][a] < from[f][b]; });
+    remap[f].assign(order.size(), 0);
+    for (size_t i = 0; i < order.size(); ++i) remap[f][order[i]] = static_cast<uint32_t>(i);
+    for (auto* v : idx[f]) {
+      if (!v) continue;
+      std::vector<int32_t> sorted(v->size());
+      for (size_t i = 0; i < order.size(); ++i) sorted[i] = (*v)[order[i]];
+      v->swap(sorted);
+    }
+  }
+}
+
 void Bank::resize_values() {
   // Indicators of each kind in order of warm-up length (only their order changes; features
   // follow them), so the steady form can be entered a chunk at a time.
@@ -223,6 +261,22 @@ void Bank::resize_values() {
     steady_chunks[k] = 0;
     steady[k] = chunk_at[k].empty();
   }
+  // Features in order of their first warm bar (sort_features): the first feat_warm[f] of kind f
+  // are warm, the others 0.
+  for (auto& v : feat_from) v.clear();
+  for (size_t i = 0; i < trend_fast.size(); ++i)
+    feat_from[0].push_back(std::max({static_cast<int64_t>(Ema::lookback(emas[trend_fast[i]].n)),
+                                     static_cast<int64_t>(Ema::lookback(emas[trend_slow[i]].n)),
+                                     static_cast<int64_t>(Atr::lookback(atrs[trend_atr[i]].n))}));
+  for (int32_t r : rsi_f) feat_from[1].push_back(Rsi::lookback(rsis[r].n));
+  for (size_t i = 0; i < macd_m.size(); ++i) {
+    const Macd& m = macds[macd_m[i]];
+    feat_from[2].push_back(std::max(static_cast<int64_t>(Macd::lookback(m.fast_n, m.slow_n, m.sig_n)),
+                                    static_cast<int64_t>(Atr::lookback(atrs[macd_atr[i]].n))));
+  }
+  for (int32_t e : bb_f) feat_from[3].push_back(Ew::lookback(ews[e].n));
+  for (int32_t r : mom_f) feat_from[4].push_back(Roc::lookback(rocs[r].n));
+  for (int f = 0; f < kFeatures; ++f) feat_warm[f] = 0;
 
   // Outputs and steady state are padded to whole vectors of kBankPad with harmless constants
   // (the padding is updated with the rest and never read).
@@ -476,7 +530,7 @@ Layout build_layout(const Genome* g, size_t n, int cores_per_sm) {
       for (size_t l = 0; l < lanes; ++l) {
         LaneParams& p = L.params[sm.lane_begin + l];
         for (int f = 0; f < kFeatures; ++f)
-          p.fidx[f] = p.fidx[f] == 0 ? 0 : static_cast<uint16_t>(base[f] + p.fidx[f] - 1);
+          p.fidx[f] = p.fidx[f] == 0 ? 0 : static_cast<uint16_t>(base[f] + bb.remap[f][p.fidx[f] - 1u]);
       }
       L.sms.push_back(std::move(sm));
     }

@@ -74,6 +74,10 @@ struct Bank {
   std::vector<int32_t> rsi_f, bb_f, mom_f;
   std::vector<int32_t> macd_m, macd_atr;
   BankIndex pidx;  // the same, padded
+  // Features of each kind are sorted by the bar from which they are warm (feat_from, ascending);
+  // the first feat_warm[f] of kind f are warm. A feature that is not warm is 0.
+  std::vector<int64_t> feat_from[kFeatures];
+  int32_t feat_warm[kFeatures] = {};
   std::vector<double> feat;
   uint32_t trend_base = 0, rsi_base = 0, macd_base = 0, bb_base = 0, mom_base = 0;
   int64_t nbars = 0;
@@ -82,6 +86,9 @@ struct Bank {
 
   // Defined with the lane kernel (compiled for several instruction sets).
   void update(const Bar& b);
+  // Sorts the features of each kind by the bar from which they are warm; remap[f][i] is the new
+  // index of feature i of kind f (relative to the kind).
+  void sort_features(std::vector<uint32_t> (&remap)[kFeatures]);
   // Sizes the outputs and the steady form once the indicators and features are known.
   void resize_values();
   size_t distinct_indicators() const {
