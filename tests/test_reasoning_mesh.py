@@ -310,10 +310,14 @@ def test_full_queue_sheds_the_lowest_priority_first(fake) -> None:
         high = m.submit(ctx(510), priority="high")  # sheds the newest low
         o = out.wait(1)[0]
         assert (o.task_id, o.status, o.provider) == (lows[-1], "shed", "local")
-        m.submit(ctx(511), priority="low")  # nothing lower queued: the newcomer itself is shed
-        assert out.wait(2)[1].status == "shed"
+        newest = m.submit(ctx(511), priority="low")  # nothing lower queued: the newcomer never waits
+        o2 = next(x for x in out.wait(2) if x.task_id == newest)
+        # shed by the full queue, or -- when the queue's pressure had already dropped the remote
+        # provider from its route -- narrated at once; either way by the last resort, never queued
+        assert (o2.status, o2.provider) in (("shed", "local"), ("local", "local")), o2
         q = m.stats()["queue"]
-        assert q["shed"]["low"] == 2 and q["by_priority"]["high"] == 1 and high > 0
+        assert q["shed"]["low"] == (2 if o2.status == "shed" else 1)
+        assert q["by_priority"]["high"] == 1 and high > 0
 
 
 # ---- secrets ------------------------------------------------------------------------------------
