@@ -317,10 +317,14 @@ def test_full_queue_sheds_the_lowest_priority_first(fake) -> None:
         # shed by the full queue, or -- when the queue's pressure had already dropped the remote
         # provider from its route -- narrated at once; either way by the last resort, never queued
         assert (o2.status, o2.provider) in (("shed", "local"), ("local", "local")), o2
-        assert [x.task_id for x in out.items] == [lows[-1], newest]  # nothing else finished
+        done = {x.task_id: x for x in out.items}
+        # the older lows wait behind the hanging request; the high task is never shed (under queue
+        # pressure the router may have sent it to the last resort at once instead of queueing it)
+        assert lows[0] not in done and lows[1] not in done, done
+        assert high not in done or (done[high].status, done[high].provider) == ("local", "local"), done
         q = m.stats()["queue"]
         assert q["shed"]["low"] == (2 if o2.status == "shed" else 1)
-        assert q["by_priority"]["high"] == 1 and high > 0
+        assert q["shed"].get("high", 0) == 0 and q["shed"].get("critical", 0) == 0
 
 
 # ---- secrets ------------------------------------------------------------------------------------
