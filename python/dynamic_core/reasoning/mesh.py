@@ -71,6 +71,7 @@ from ..payloads import (
 )
 from ..records import SIGNAL_DTYPE
 from ..transport._common import check_address, endpoint
+from ..transport.doorbell import Doorbell
 from .cache import NarrativeCache
 from .ensemble import ABSplit, Candidate, ReviewQueue, Weights, rerank
 from .narrator import narrate
@@ -130,40 +131,6 @@ class Outcome:
     arm: str
     model_s: float = 0.0
     """Time the answering adapter spent in its model (or narrator); 0 for inline answers."""
-
-
-class _Wake:
-    """A thread-safe, syscall-light doorbell for the broker's poller (eventfd on Linux)."""
-
-    def __init__(self) -> None:
-        if hasattr(os, "eventfd"):
-            self.rfd = self.wfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        else:  # pragma: no cover - non-Linux
-            self.rfd, self.wfd = os.pipe()
-            os.set_blocking(self.rfd, False)
-        self.pending = False
-
-    def ring(self) -> None:
-        if not self.pending:
-            self.pending = True
-            try:
-                os.write(self.wfd, (1).to_bytes(8, sys.byteorder))
-            except (BlockingIOError, OSError):
-                pass
-
-    def clear(self) -> None:
-        try:
-            os.read(self.rfd, 8 if self.rfd == self.wfd else 4096)
-        except (BlockingIOError, OSError):
-            pass
-        self.pending = False  # after the read: a ring() in between would otherwise be lost
-
-    def close(self) -> None:
-        for fd in {self.rfd, self.wfd}:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 class ReasoningMesh:
@@ -277,7 +244,7 @@ class ReasoningMesh:
         self.address = endpoint(self._sock)
         self._in = Codec(MeshFromAdapter)
         self._out = Codec(MeshToAdapter)
-        self._wake = _Wake()
+        self._wake = Doorbell()
         self._inbox: deque[tuple] = deque()
         self._inbox_cap = max(1024, 4 * queue_size)
         self._calls: deque[tuple[Callable[[], Any], threading.Event, list]] = deque()
