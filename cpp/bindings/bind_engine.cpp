@@ -153,6 +153,23 @@ py::dict layout_dict(const Engine& e) {
   return d;
 }
 
+// The binding of a per-agent lane setter (set_credit, set_external_scores): (population
+// indices, values, journal event bytes), checked for shape, run without the GIL.
+template <void (Engine::*Set)(const uint32_t*, const double*, size_t, const std::string&)>
+auto lane_setter(const char* name) {
+  return [name](Engine& e, const py::array_t<uint32_t, py::array::c_style | py::array::forcecast>& agents,
+                const py::array_t<double, py::array::c_style | py::array::forcecast>& values, const py::bytes& event) {
+    if (agents.ndim() != 1 || values.ndim() != 1 || agents.shape(0) != values.shape(0))
+      throw py::value_error(std::string(name) + ": agents and values must be 1-d arrays of the same length");
+    const uint32_t* a = agents.data();
+    const double* v = values.data();
+    const auto n = static_cast<size_t>(agents.shape(0));
+    std::string ev = event;
+    py::gil_scoped_release nogil;
+    (e.*Set)(a, v, n, ev);
+  };
+}
+
 }  // namespace
 
 void bind_engine(py::module_& m) {
@@ -242,31 +259,11 @@ void bind_engine(py::module_& m) {
            }, "Wait until every submitted bar has been processed.")
       .def("inject_stall", &Engine::inject_stall, py::arg("sm"), py::arg("ns"))
       .def("inject_poison", &Engine::inject_poison, py::arg("agent"))
-      .def("set_credit", [](Engine& e, const py::array_t<uint32_t, py::array::c_style | py::array::forcecast>& agents,
-                            const py::array_t<double, py::array::c_style | py::array::forcecast>& credit,
-                            const py::bytes& event) {
-             if (agents.ndim() != 1 || credit.ndim() != 1 || agents.shape(0) != credit.shape(0))
-               throw py::value_error("set_credit: agents and credit must be 1-d arrays of the same length");
-             const uint32_t* a = agents.data();
-             const double* c = credit.data();
-             const auto n = static_cast<size_t>(agents.shape(0));
-             std::string ev = event;
-             py::gil_scoped_release nogil;
-             e.set_credit(a, c, n, ev);
-           }, py::arg("agents"), py::arg("credit"), py::arg("event") = py::bytes(),
+      .def("set_credit", lane_setter<&Engine::set_credit>("set_credit"), py::arg("agents"), py::arg("credit"),
+           py::arg("event") = py::bytes(),
            "Set the consensus-weight credit of agents (population indices), between updates.")
-      .def("set_external_scores", [](Engine& e, const py::array_t<uint32_t, py::array::c_style | py::array::forcecast>& agents,
-                                     const py::array_t<double, py::array::c_style | py::array::forcecast>& scores,
-                                     const py::bytes& event) {
-             if (agents.ndim() != 1 || scores.ndim() != 1 || agents.shape(0) != scores.shape(0))
-               throw py::value_error("set_external_scores: agents and scores must be 1-d arrays of the same length");
-             const uint32_t* a = agents.data();
-             const double* s = scores.data();
-             const auto n = static_cast<size_t>(agents.shape(0));
-             std::string ev = event;
-             py::gil_scoped_release nogil;
-             e.set_external_scores(a, s, n, ev);
-           }, py::arg("agents"), py::arg("scores"), py::arg("event") = py::bytes(),
+      .def("set_external_scores", lane_setter<&Engine::set_external_scores>("set_external_scores"),
+           py::arg("agents"), py::arg("scores"), py::arg("event") = py::bytes(),
            "Set the scores of external-score agents (kind 1; population indices), between updates.")
       .def("run", [](Engine& e, const py::array& bars, uint32_t n_registered) {
              const Bar* b = records_of<Bar>(bars, "bar");

@@ -959,6 +959,11 @@ void Engine::set_credit(const uint32_t* agents, const double* credit, size_t n, 
       throw std::invalid_argument("set_credit: credit of agent index " + std::to_string(agents[k]) +
                                   " must be finite and > 0");
   }
+  set_lane_values(state_.credit, agents, credit, n, event);
+}
+
+void Engine::set_lane_values(std::vector<double>& dst, const uint32_t* agents, const double* values, size_t n,
+                             const std::string& event) {
   std::lock_guard<std::mutex> lk(ingress_m_);
   wait_idle();  // between updates: no worker holds these lanes; the next bar's ring push publishes
   if (!event.empty()) {
@@ -968,7 +973,7 @@ void Engine::set_credit(const uint32_t* agents, const double* credit, size_t n, 
       journal_->commit(true);
     }
   }
-  for (size_t k = 0; k < n; ++k) state_.credit[layout_.agent_lane[agents[k]]] = credit[k];
+  for (size_t k = 0; k < n; ++k) dst[layout_.agent_lane[agents[k]]] = values[k];
 }
 
 void Engine::set_external_scores(const uint32_t* agents, const double* scores, size_t n, const std::string& event) {
@@ -982,16 +987,7 @@ void Engine::set_external_scores(const uint32_t* agents, const double* scores, s
       throw std::invalid_argument("set_external_scores: score of agent index " + std::to_string(agents[k]) +
                                   " must be finite and in [-1, 1]");
   }
-  std::lock_guard<std::mutex> lk(ingress_m_);
-  wait_idle();  // between updates, as set_credit
-  if (!event.empty()) {
-    std::lock_guard<std::mutex> jl(journal_m_);
-    if (journal_) {
-      journal_->append(RecordType::Event, event.data(), event.size());
-      journal_->commit(true);
-    }
-  }
-  for (size_t k = 0; k < n; ++k) state_.ext_score[layout_.agent_lane[agents[k]]] = scores[k];
+  set_lane_values(state_.ext_score, agents, scores, n, event);
 }
 
 void Engine::agents(AgentRecord* out) {

@@ -263,6 +263,10 @@ class Engine {
   void dead_letter(const Bar& b, uint64_t index, Reason r);
   const Stream* find_stream(uint32_t instrument, uint32_t timeframe) const;
   LaneView lane_view(uint32_t base);
+  // Writes per-agent lane values (validated by the caller) between updates, journaling `event`
+  // under the same lock: the shared body of set_credit and set_external_scores.
+  void set_lane_values(std::vector<double>& dst, const uint32_t* agents, const double* values, size_t n,
+                       const std::string& event);
   Slot& slot(uint64_t p) { return slots_[p & (cap_ - 1)]; }
   Summary* summaries(uint64_t p) { return summ_.data() + (p & (cap_ - 1)) * max_sms_; }
 
