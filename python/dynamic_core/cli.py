@@ -764,17 +764,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return cli_transport.cmd_run_service(args)
     t0 = time.perf_counter()
     console = _console()
-    if args.data is not None and args.data.strip().lower() != "sim" and args.instruments is not None:
-        raise CLIError("--instruments chooses simulated instruments; with --data the instruments "
-                       "are those found in the data")
-    choice = 4 if args.instruments is None else args.instruments
-    names = simulated_names(choice) if isinstance(choice, int) else choice
-    bars = load_bars(args.data, sim_names=names, bars=args.bars, timeframe=args.timeframe, seed=args.seed)
-    streams = _streams(bars)
-    pop = _run_population(bars, args.agents, args.seed)
-    learners = None
-    if args.learning:
-        pop, learners = learning_population(pop, bars, args.learning, args.seed)
+    bars, streams, pop, learners = run_inputs(args)
     eng = Engine(pop, cores_per_sm=args.cores_per_sm, journal=args.journal, fsync=args.fsync)
     chunk = args.chunk or 50 * len(streams)
     stream_names = ", ".join(f"{instruments.name(i)} {tf_label(tf)}" for i, tf in streams)
@@ -817,10 +807,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(_throughput_line(stats, wall))
     if learners is not None:
         console.print(_learning_line(learners, agents))
+    return finish_run(console, args, eng, mesh, interrupted,
+                      lambda j: f"{j['records']:,} records, {j['bytes']:,} bytes, {j['syncs']:,} syncs")
+
+
+def run_inputs(args: argparse.Namespace) -> tuple[np.ndarray, list[tuple[int, int]], Population, Any]:
+    """The bars, their streams, the population (random agents, plus ``--learning`` agents) and
+    the learning agents' model (or None) of ``run`` and ``run --paper``."""
+    if args.data is not None and args.data.strip().lower() != "sim" and args.instruments is not None:
+        raise CLIError("--instruments chooses simulated instruments; with --data the instruments "
+                       "are those found in the data")
+    choice = 4 if args.instruments is None else args.instruments
+    names = simulated_names(choice) if isinstance(choice, int) else choice
+    bars = load_bars(args.data, sim_names=names, bars=args.bars, timeframe=args.timeframe, seed=args.seed)
+    pop = _run_population(bars, args.agents, args.seed)
+    learners = None
+    if args.learning:
+        pop, learners = learning_population(pop, bars, args.learning, args.seed)
+    return bars, _streams(bars), pop, learners
+
+
+def finish_run(console: Any, args: argparse.Namespace, eng: Engine, mesh: Any, interrupted: bool,
+               journal_summary: Callable[[dict[str, Any]], str]) -> int:
+    """The common end of ``run`` and ``run --paper``: the journal line (``journal_summary`` of the
+    engine's journal statistics), the mesh summary, closing everything, and the exit code (130
+    when interrupted)."""
     if args.journal:
-        j = stats["journal"]
-        console.print(f"Journal {args.journal}: {j['records']:,} records, {j['bytes']:,} bytes, "
-                      f"{j['syncs']:,} syncs (replay: {PROG} replay {args.journal} --verify)")
+        console.print(f"Journal {args.journal}: {journal_summary(eng.stats()['journal'])} "
+                      f"(replay: {PROG} replay {args.journal} --verify)")
     if mesh is not None:
         from .cli_reasoning import mesh_summary
 

@@ -125,20 +125,10 @@ def cmd_run_paper(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     console = cli._console()
-    if args.data is not None and args.data.strip().lower() != "sim" and args.instruments is not None:
-        raise cli.CLIError("--instruments chooses simulated instruments; with --data the instruments "
-                           "are those found in the data")
-    choice = 4 if args.instruments is None else args.instruments
-    names = cli.simulated_names(choice) if isinstance(choice, int) else choice
     # every configuration is checked before anything is created (a journal directory included)
     live_cfg = _configs(args, args.decision_config, live=True)
     shadow_cfg = _configs(args, args.shadow, live=False) if args.shadow else None
-    bars = cli.load_bars(args.data, sim_names=names, bars=args.bars, timeframe=args.timeframe, seed=args.seed)
-    streams = cli._streams(bars)
-    pop = cli._run_population(bars, args.agents, args.seed)
-    learners = None
-    if args.learning:
-        pop, learners = cli.learning_population(pop, bars, args.learning, args.seed)
+    bars, streams, pop, learners = cli.run_inputs(args)
     eng = Engine(pop, cores_per_sm=args.cores_per_sm, journal=args.journal, fsync=args.fsync)
     journal = eng.journal_event if args.journal else None
 
@@ -196,20 +186,8 @@ def cmd_run_paper(args: argparse.Namespace) -> int:
         console.print(cli._learning_line(learners, eng.agents()))
     if report is not None:
         _print_shadow(console, report, args.shadow)
-    if args.journal:
-        j = eng.stats()["journal"]
-        console.print(f"Journal {args.journal}: {j['records']:,} records (bars, credit and every verdict); "
-                      f"replay: {cli.PROG} replay {args.journal} --verify")
-    if mesh is not None:
-        from .cli_reasoning import mesh_summary
-
-        mesh_summary(console, mesh)
-        mesh.close()
-    eng.close()
-    if interrupted:
-        console.print("[yellow]interrupted[/]")
-        return 130
-    return 0
+    return cli.finish_run(console, args, eng, mesh, interrupted,
+                          lambda j: f"{j['records']:,} records (bars, credit and every verdict)")
 
 
 def _print_summary(console: Any, maker: DecisionMaker, start: float, session: TradingSession, wall: float,

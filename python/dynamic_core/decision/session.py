@@ -41,6 +41,16 @@ def time_steps(bars: np.ndarray) -> Iterator[np.ndarray]:
     yield bars[start:]
 
 
+def _run_steps(step: Callable[[np.ndarray], np.ndarray], bars: np.ndarray,
+               on_step: Callable[[int, np.ndarray], Any] | None) -> None:
+    done = 0
+    for part in time_steps(bars):
+        sig = step(part)
+        done += len(part)
+        if on_step is not None:
+            on_step(done, sig)
+
+
 class RationaleBook:
     """What the reasoning mesh said about each signal, for the plans made from it.
 
@@ -153,12 +163,7 @@ class TradingSession:
     def run(self, bars: np.ndarray, on_step: Callable[[int, np.ndarray], Any] | None = None) -> None:
         """All of ``bars`` (time-ordered), one timestamp at a time; ``on_step(n_bars_done,
         signals)`` after each."""
-        done = 0
-        for part in time_steps(bars):
-            sig = self.step(part)
-            done += len(part)
-            if on_step is not None:
-                on_step(done, sig)
+        _run_steps(self.step, bars, on_step)
 
 
 @dataclass
@@ -219,12 +224,8 @@ class ShadowSession:
         return sig
 
     def run(self, bars: np.ndarray, on_step: Callable[[int, np.ndarray], Any] | None = None) -> ShadowReport:
-        done = 0
-        for part in time_steps(bars):
-            sig = self.step(part)
-            done += len(part)
-            if on_step is not None:
-                on_step(done, sig)
+        """As :meth:`TradingSession.run`; returns the finished report."""
+        _run_steps(self.step, bars, on_step)
         return self.finish()
 
     def finish(self) -> ShadowReport:
