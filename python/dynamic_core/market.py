@@ -62,16 +62,22 @@ def empty(n: int = 0) -> np.ndarray:
     return np.zeros(n, dtype=BAR_DTYPE)
 
 
+def as_records(records: object, dtype: np.dtype, name: str, what: str, hint: str = "") -> np.ndarray:
+    """``records`` as a contiguous 1-d array of ``dtype`` (called ``dc.<name>`` in messages), or a
+    TypeError saying what was expected (``hint`` added when it is not an array at all)."""
+    if not isinstance(records, np.ndarray):
+        raise TypeError(f"{what}: expected a 1-d numpy array of dc.{name}, got {type(records).__name__}{hint}")
+    if records.dtype != dtype:
+        raise TypeError(f"{what}: expected dtype dc.{name}, got {records.dtype}")
+    if records.ndim != 1:
+        raise TypeError(f"{what}: expected a 1-d array, got shape {records.shape}")
+    return np.ascontiguousarray(records)
+
+
 def as_bars(bars: object, what: str = "bars") -> np.ndarray:
     """``bars`` as a contiguous 1-d ``BAR_DTYPE`` array, or a TypeError saying what was expected."""
-    if not isinstance(bars, np.ndarray):
-        hint = " (use dc.market.from_pandas for a DataFrame)" if hasattr(bars, "columns") else ""
-        raise TypeError(f"{what}: expected a 1-d numpy array of dc.BAR_DTYPE, got {type(bars).__name__}{hint}")
-    if bars.dtype != BAR_DTYPE:
-        raise TypeError(f"{what}: expected dtype dc.BAR_DTYPE, got {bars.dtype}")
-    if bars.ndim != 1:
-        raise TypeError(f"{what}: expected a 1-d array, got shape {bars.shape}")
-    return np.ascontiguousarray(bars)
+    hint = " (use dc.market.from_pandas for a DataFrame)" if hasattr(bars, "columns") else ""
+    return as_records(bars, BAR_DTYPE, "BAR_DTYPE", what, hint)
 
 
 def validate(bars: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from .instruments import instruments as _registry
-from .market import parse_timeframe
+from .market import as_records, parse_timeframe
 from .records import BAR_DTYPE, TICK_DTYPE
 
 __all__ = [
@@ -63,13 +63,7 @@ _NS = 1_000_000_000
 
 def as_ticks(ticks: object, what: str = "ticks") -> np.ndarray:
     """``ticks`` as a contiguous 1-d ``TICK_DTYPE`` array, or a TypeError saying what was expected."""
-    if not isinstance(ticks, np.ndarray):
-        raise TypeError(f"{what}: expected a 1-d numpy array of dc.TICK_DTYPE, got {type(ticks).__name__}")
-    if ticks.dtype != TICK_DTYPE:
-        raise TypeError(f"{what}: expected dtype dc.TICK_DTYPE, got {ticks.dtype}")
-    if ticks.ndim != 1:
-        raise TypeError(f"{what}: expected a 1-d array, got shape {ticks.shape}")
-    return np.ascontiguousarray(ticks)
+    return as_records(ticks, TICK_DTYPE, "TICK_DTYPE", what)
 
 
 def _instrument_order(inst: np.ndarray) -> np.ndarray:
