@@ -21,6 +21,56 @@ double percentile(const std::vector<uint64_t>& h, double q) {
   return 0.0;
 }
 
+// EvolutionConfig from a dict of its fields (unknown keys are an error).
+EvolutionConfig evolution_config(const py::dict& d) {
+  EvolutionConfig c;
+  for (auto item : d) {
+    const std::string k = py::cast<std::string>(item.first);
+    const py::handle v = item.second;
+    if (k == "replace_fraction") c.replace_fraction = py::cast<double>(v);
+    else if (k == "tournament") c.tournament = py::cast<uint32_t>(v);
+    else if (k == "min_trades") c.min_trades = py::cast<uint32_t>(v);
+    else if (k == "min_age") c.min_age = py::cast<uint32_t>(v);
+    else if (k == "dd_penalty") c.dd_penalty = py::cast<double>(v);
+    else if (k == "p_crossover") c.p_crossover = py::cast<double>(v);
+    else if (k == "p_migrate") c.p_migrate = py::cast<double>(v);
+    else if (k == "sigma_weight") c.sigma_weight = py::cast<double>(v);
+    else if (k == "w_max") c.w_max = py::cast<double>(v);
+    else if (k == "sigma_entry") c.sigma_entry = py::cast<double>(v);
+    else if (k == "entry_min") c.entry_min = py::cast<double>(v);
+    else if (k == "entry_max") c.entry_max = py::cast<double>(v);
+    else if (k == "p_period") c.p_period = py::cast<double>(v);
+    else if (k == "period_step") c.period_step = py::cast<int32_t>(v);
+    else if (k == "period_min") c.period_min = py::cast<int32_t>(v);
+    else if (k == "period_max") c.period_max = py::cast<int32_t>(v);
+    else if (k == "gap_share") c.gap_share = py::cast<double>(v);
+    else if (k == "spawn_fraction") c.spawn_fraction = py::cast<double>(v);
+    else if (k == "stream") c.stream = py::cast<int64_t>(v);
+    else throw std::invalid_argument("evolution config: unknown field '" + k + "'");
+  }
+  return c;
+}
+
+py::dict report_dict(const GenerationReport& r) {
+  py::dict d;
+  d["generation"] = r.generation;
+  d["judged"] = r.judged;
+  d["eligible"] = r.eligible;
+  d["replaced"] = r.replaced;
+  d["crossovers"] = r.crossovers;
+  d["migrants"] = r.migrants;
+  d["spawns"] = r.spawns;
+  d["period_moves"] = r.period_moves;
+  d["best"] = r.best;
+  d["median"] = r.median;
+  d["mean"] = r.mean;
+  py::list styles;
+  for (uint64_t c : r.style_counts) styles.append(c);
+  d["styles"] = styles;
+  d["births"] = to_bytes(r.births.data(), r.births.size());
+  return d;
+}
+
 py::dict stats_dict(Engine& e) {
   EngineStats s;
   {
@@ -305,6 +355,34 @@ void bind_engine(py::module_& m) {
              }
              return to_bytes(d.data(), d.size());
            }, "Rejected bars with reason codes, oldest first, as bytes.")
+      .def("evolve", [](Engine& e, const py::dict& config, uint64_t seed, uint32_t generation,
+                        const py::bytes& event) {
+             const EvolutionConfig cfg = evolution_config(config);
+             const std::string ev = event;
+             GenerationReport r;
+             {
+               py::gil_scoped_release nogil;
+               r = e.evolve(cfg, seed, generation, ev);
+             }
+             return report_dict(r);
+           }, py::arg("config"), py::arg("seed"), py::arg("generation"), py::arg("event") = py::bytes(),
+           "One generation of evolution between updates; returns the report (births as bytes).")
+      .def("genomes", [](Engine& e) {
+             std::vector<Genome> out(e.n_agents());
+             {
+               py::gil_scoped_release nogil;
+               e.genomes(out.data());
+             }
+             return to_bytes(out.data(), out.size());
+           }, "The current (evolved) genomes in population order, as bytes.")
+      .def("lineage", [](Engine& e) {
+             std::vector<Lineage> out(e.n_agents());
+             {
+               py::gil_scoped_release nogil;
+               e.lineage(out.data());
+             }
+             return to_bytes(out.data(), out.size());
+           }, "Lineage of the agent in each population slot, as bytes.")
       .def("stats", [](Engine& e) {
              return stats_dict(e);
            })

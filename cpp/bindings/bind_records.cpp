@@ -1,5 +1,6 @@
 #include <cstddef>
 
+#include "../dynamic_core/evolution.hpp"
 #include "../dynamic_core/math.hpp"
 #include "../dynamic_core/records.hpp"
 #include "common.hpp"
@@ -64,6 +65,15 @@ py::dict layouts() {
                                                          DC_F(Tick, side, "<u4"), DC_F(Tick, price, "<f8"),
                                                          DC_F(Tick, size, "<f8"), DC_F(Tick, bid, "<f8"),
                                                          DC_F(Tick, ask, "<f8")));
+  d["lineage"] = py::make_tuple(
+      sizeof(Lineage),
+      py::make_tuple(DC_F(Lineage, agent_id, "<u4"), DC_F(Lineage, parent_a, "<u4"), DC_F(Lineage, parent_b, "<u4"),
+                     DC_F(Lineage, generation, "<u4"), DC_F(Lineage, birth_bar, "<i8")));
+  d["birth"] = py::make_tuple(
+      sizeof(Birth),
+      py::make_tuple(DC_F(Birth, slot, "<u4"), DC_F(Birth, agent_id, "<u4"), DC_F(Birth, replaced_id, "<u4"),
+                     DC_F(Birth, parent_a, "<u4"), DC_F(Birth, parent_b, "<u4"), DC_F(Birth, stream, "<u4"),
+                     DC_F(Birth, sm, "<u4"), DC_F(Birth, how, "<u4"), DC_F(Birth, replaced_fitness, "<f8")));
   return d;
 }
 #undef DC_F

@@ -67,6 +67,13 @@ Engine::Engine(const Genome* genomes, size_t n, const EngineConfig& cfg)
   if (cfg.stall_deadline_ns < 1'000'000) throw std::invalid_argument("stall deadline must be >= 1 ms");
   lanes_.assign(layout_.params);
   state_.init(layout_.params.size());
+  genomes_.assign(genomes, genomes + n);
+  lineage_.resize(n);
+  for (size_t a = 0; a < n; ++a) {
+    lineage_[a] = Lineage{genomes[a].agent_id, UINT32_MAX, UINT32_MAX, 0, 0};
+    next_id_ = std::max(next_id_, genomes[a].agent_id);
+  }
+  if (n) next_id_ = next_id_ == UINT32_MAX ? UINT32_MAX : next_id_ + 1;
   faults_ = cfg.fault_injection;
   uint64_t max_stream_lanes = kWarpSize;
   for (uint32_t s = 0; s < layout_.streams.size(); ++s) {
@@ -125,6 +132,7 @@ void Engine::form_groups() {
   std::vector<uint64_t> load(threads, 0);
   stream_groups_.assign(1, 0);
   group_of_.assign(layout_.sms.size(), 0);
+  sm_fmap_.assign(layout_.sms.size(), {});
   std::vector<int> owner;
   for (uint32_t s = 0; s < layout_.streams.size(); ++s) {
     const Stream& st = layout_.streams[s];
@@ -147,6 +155,7 @@ void Engine::form_groups() {
       }
       std::vector<std::vector<int32_t>> map;
       grp.bank = merge_banks(banks, map);
+      for (uint32_t m = grp.sm_begin; m < grp.sm_end; ++m) sm_fmap_[m] = map[m - grp.sm_begin];
       for (uint32_t m = grp.sm_begin; m < grp.sm_end; ++m) {
         const Sm& sm = layout_.sms[m];
         const std::vector<int32_t>& mk = map[m - grp.sm_begin];
@@ -966,14 +975,29 @@ void Engine::set_lane_values(std::vector<double>& dst, const uint32_t* agents, c
                              const std::string& event) {
   std::lock_guard<std::mutex> lk(ingress_m_);
   wait_idle();  // between updates: no worker holds these lanes; the next bar's ring push publishes
-  if (!event.empty()) {
-    std::lock_guard<std::mutex> jl(journal_m_);
-    if (journal_) {
-      journal_->append(RecordType::Event, event.data(), event.size());
-      journal_->commit(true);
-    }
-  }
+  journal_event_locked(event);
   for (size_t k = 0; k < n; ++k) dst[layout_.agent_lane[agents[k]]] = values[k];
+}
+
+void Engine::journal_event_locked(const std::string& event) {
+  if (event.empty()) return;
+  std::lock_guard<std::mutex> jl(journal_m_);
+  if (journal_) {
+    journal_->append(RecordType::Event, event.data(), event.size());
+    journal_->commit(true);
+  }
+}
+
+void Engine::genomes(Genome* out) {
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  wait_idle();
+  std::copy(genomes_.begin(), genomes_.end(), out);
+}
+
+void Engine::lineage(Lineage* out) {
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  wait_idle();
+  std::copy(lineage_.begin(), lineage_.end(), out);
 }
 
 void Engine::set_external_scores(const uint32_t* agents, const double* scores, size_t n, const std::string& event) {

@@ -30,6 +30,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "evolution.hpp"
 #include "journal.hpp"
 #include "kernel.hpp"
 #include "population.hpp"
@@ -147,6 +148,14 @@ class Engine {
   // (nothing changed) for an index out of range, an agent that is not kind 1, or a score that
   // is not finite or outside [-1, 1].
   void set_external_scores(const uint32_t* agents, const double* scores, size_t n, const std::string& event = {});
+  // One generation of evolution on the streams in scope (evolution.hpp), between updates;
+  // `event` journaled first like set_credit's. Children take the slots (population indices) of
+  // the agents they replace, with new agent ids from max(founding ids) + 1 on.
+  GenerationReport evolve(const EvolutionConfig& cfg, uint64_t seed, uint32_t generation,
+                          const std::string& event = {});
+  // The current genomes and lineage, population order (after the bars in flight).
+  void genomes(Genome* out);
+  void lineage(Lineage* out);
   size_t n_agents() const { return layout_.n_agents; }
   const Layout& layout() const { return layout_; }
   EngineStats stats();
@@ -267,6 +276,8 @@ class Engine {
   // under the same lock: the shared body of set_credit and set_external_scores.
   void set_lane_values(std::vector<double>& dst, const uint32_t* agents, const double* values, size_t n,
                        const std::string& event);
+  // Journals an owner-encoded event and commits it durably; the caller holds ingress_m_.
+  void journal_event_locked(const std::string& event);
   Slot& slot(uint64_t p) { return slots_[p & (cap_ - 1)]; }
   Summary* summaries(uint64_t p) { return summ_.data() + (p & (cap_ - 1)) * max_sms_; }
 
@@ -274,6 +285,11 @@ class Engine {
   Layout layout_;
   LaneArrays lanes_;
   StateArrays state_;
+  std::vector<Genome> genomes_;   // population order, as evolved
+  std::vector<Lineage> lineage_;  // population order
+  std::vector<std::vector<int32_t>> sm_fmap_;  // per SM: its feature index -> its group bank's
+  std::vector<SmLattice> lattice_;  // per SM, built at the first generation
+  uint32_t next_id_ = 0;
   std::unordered_map<uint64_t, uint32_t> stream_of_;
   uint32_t batch_ = 0;
   uint32_t cap_ = 0;

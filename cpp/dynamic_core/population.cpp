@@ -408,6 +408,26 @@ void StateArrays::init(size_t n) {
   action.assign(n, z.action);
 }
 
+void StateArrays::reset(size_t i) {
+  LaneState z;
+  lane_init(z);
+  score[i] = z.score;
+  equity[i] = z.equity;
+  entry_equity[i] = z.entry_equity;
+  peak[i] = z.peak;
+  max_dd[i] = z.max_dd;
+  credit[i] = 1.0;
+  ext_score[i] = 0.0;
+  ret_sum[i] = z.ret_sum;
+  ret_sq[i] = z.ret_sq;
+  trades[i] = z.trades;
+  wins[i] = z.wins;
+  n_ret[i] = z.n_ret;
+  quarantined[i] = z.quarantined;
+  position[i] = z.position;
+  action[i] = z.action;
+}
+
 void validate_genomes(const Genome* g, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     const Genome& x = g[i];

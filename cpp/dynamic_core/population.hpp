@@ -139,6 +139,7 @@ struct StateArrays {
   std::vector<uint32_t> trades, wins, n_ret, quarantined;
   std::vector<int32_t> position, action;
   void init(size_t n);
+  void reset(size_t i);  // lane i back to its initial state (credit 1.0, external score 0.0)
   LaneState get(size_t i) const {
     return LaneState{score[i], equity[i], entry_equity[i], peak[i],   max_dd[i], ret_sum[i],    ret_sq[i],
                      trades[i], wins[i],  n_ret[i],        position[i], action[i], quarantined[i]};

@@ -19,7 +19,8 @@ from .instruments import instruments
 from .market import as_bars
 from .population import Population
 from .payloads import AISignal, signal_from_record
-from .records import AGENT_DTYPE, BAR_DTYPE, DEAD_LETTER_DTYPE, REASONS, SIGNAL_DTYPE
+from .records import (AGENT_DTYPE, BAR_DTYPE, BIRTH_DTYPE, DEAD_LETTER_DTYPE, GENOME_DTYPE, LINEAGE_DTYPE,
+                      REASONS, SIGNAL_DTYPE)
 
 __all__ = ["BACKPRESSURE", "Engine"]
 
@@ -404,11 +405,71 @@ class Engine:
             self._journal_new_instruments()
         native(idx, vals, raw)
 
+    def evolve(self, config: Any = None, *, seed: int = 0, generation: int = 0,
+               trigger: str = "manual") -> dict[str, Any]:
+        """Run one generation of evolution on the population in place, between updates.
+
+        In each SM (an island of up to ``cores_per_sm`` agents) the weakest judged agents (and
+        any quarantined one) are replaced by children of the fittest: tournament selection,
+        block crossover, mutation of weights, entry threshold and periods, migrants from the
+        neighbouring SM of the same stream, spawns into styles the stream lacks. Periods move
+        only among the features the SM's bank already computes, so every child reads warm
+        indicators at once. Children get new agent ids and fresh paper state; see
+        :class:`dynamic_core.payloads.EvolutionConfig` for the knobs and
+        :mod:`dynamic_core.learning.evolution` for a driver that triggers generations.
+
+        Deterministic: a function of the population, its state, ``seed`` and ``generation``
+        (any thread count). With a journal the generation is journaled first, and replay applies
+        it between the same updates.
+
+        Returns the report: ``judged``, ``eligible``, ``replaced``, ``crossovers``, ``migrants``,
+        ``spawns``, ``period_moves``, ``best``/``median``/``mean`` fitness of the judged agents
+        before replacement, ``styles`` (agents per dominant feature after it) and ``births``
+        (``BIRTH_DTYPE``).
+        """
+        from .payloads import EvolutionConfig, GenerationEvent
+
+        self._check_open()
+        cfg = EvolutionConfig() if config is None else config
+        if isinstance(cfg, dict):
+            cfg = msgspec.convert(cfg, EvolutionConfig)
+        if not isinstance(cfg, EvolutionConfig):
+            raise TypeError(f"expected an EvolutionConfig or a dict, got {type(cfg).__name__}")
+        if not 0 <= int(seed) < 1 << 64 or not 0 <= int(generation) < 1 << 32:
+            raise ValueError("seed must be in [0, 2^64) and generation in [0, 2^32)")
+        raw = b""
+        if self._journal_path is not None:
+            raw = _event_encoder.encode(GenerationEvent(generation=int(generation), seed=int(seed),
+                                                        trigger=str(trigger)[:256], config=cfg))
+            self._journal_new_instruments()
+        return self._evolve_native(cfg, int(seed), int(generation), raw)
+
+    def _evolve_native(self, cfg: Any, seed: int, generation: int, raw: bytes) -> dict[str, Any]:
+        rep = self._native.evolve(msgspec.structs.asdict(cfg), seed, generation, raw)
+        rep["births"] = np.frombuffer(rep["births"], dtype=BIRTH_DTYPE).copy()
+        if len(rep["births"]):
+            self._evolved = True
+            self._id_index = None  # ids changed
+        return rep
+
+    def genomes(self) -> np.ndarray:
+        """The current genomes in population order (``GENOME_DTYPE``): the founding population
+        as evolved so far (``population`` stays the founding one)."""
+        self._check_open()
+        return np.frombuffer(self._native.genomes(), dtype=GENOME_DTYPE).copy()
+
+    def lineage(self) -> np.ndarray:
+        """Lineage of the agent in each population slot (``LINEAGE_DTYPE``): parents, generation
+        and stream bar of birth."""
+        self._check_open()
+        return np.frombuffer(self._native.lineage(), dtype=LINEAGE_DTYPE).copy()
+
     def _indices_of(self, ids: np.ndarray, what: str = "set_credit") -> np.ndarray:
         """Population indices of agent ids (``ValueError`` naming an unknown one)."""
         index = getattr(self, "_id_index", None)
-        if index is None:  # built once; assigned as one tuple so a concurrent caller sees all or nothing
-            aid = self._pop.records["agent_id"]
+        if index is None:  # assigned as one tuple so a concurrent caller sees all or nothing
+            aid = (self._pop.records["agent_id"] if getattr(self, "_evolved", False) is False
+                   else np.frombuffer(self._native.genomes(), dtype=GENOME_DTYPE)["agent_id"])
             order = np.argsort(aid, kind="stable").astype(np.uint32)
             index = self._id_index = (order, aid[order])
         order, srt = index

@@ -71,16 +71,22 @@ _encoder = msgspec.msgpack.Encoder()
 _credit_decoder = msgspec.msgpack.Decoder(dict)
 
 
-def _engine_event(raw: bytes) -> tuple[str, np.ndarray, np.ndarray] | None:
+def _engine_event(raw: bytes) -> tuple[str, Any, Any] | None:
     """(kind, agent ids, values) of a journaled event that changes the engine (``credit`` or
-    ``ext_scores``); None for any other event (decisions, ...), which replay only reports."""
-    from .payloads import CreditUpdate, ExternalScores
+    ``ext_scores``), ("generation", GenerationEvent, None) for a generation of evolution; None
+    for any other event (decisions, ...), which replay only reports."""
+    from .payloads import CreditUpdate, ExternalScores, GenerationEvent
 
     try:
         head = _credit_decoder.decode(raw)
     except msgspec.DecodeError:
         return None
     kind = head.get("type") if isinstance(head, dict) else None
+    if kind == "generation":
+        try:
+            return kind, msgspec.convert(head, GenerationEvent), None
+        except (msgspec.ValidationError, ValueError) as e:
+            raise JournalError(f"unreadable generation event: {e}") from None
     if kind not in ("credit", "ext_scores"):
         return None
     try:
@@ -382,7 +388,10 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
                 if applied is not None:
                     flush()  # applied between the same updates as in the original run
                     kind, ids, vals = applied
-                    (eng.set_credit if kind == "credit" else eng.set_external_scores)(ids, vals)
+                    if kind == "generation":
+                        eng._evolve_native(ids.config, ids.seed, ids.generation, b"")
+                    else:
+                        (eng.set_credit if kind == "credit" else eng.set_external_scores)(ids, vals)
             elif t == _META:
                 raise JournalError(f"a second meta record at seq {rec.seq}")
             if progress is not None:

@@ -66,7 +66,9 @@ __all__ = [
     "ControlCommand",
     "ControlReply",
     "CreditUpdate",
+    "EvolutionConfig",
     "ExternalScores",
+    "GenerationEvent",
     "FeedMessage",
     "HealthQuery",
     "Heartbeat",
@@ -680,6 +682,55 @@ class ExternalScores(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=
     version: Version = PAYLOAD_VERSION
     agents: Annotated[bytes, msgspec.Meta(max_length=4 << 24)]
     scores: Annotated[bytes, msgspec.Meta(max_length=8 << 24)]
+
+
+class EvolutionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How one generation of in-place evolution judges, selects, recombines and mutates
+    (:mod:`dynamic_core.learning.evolution`). Journaled with every generation, so replay applies
+    the same generation.
+
+    Fitness of an agent is its per-bar Sharpe ratio (mean / std of its returns over the warm bars
+    since its birth) minus ``dd_penalty`` x its worst drawdown. Agents younger than ``min_age``
+    bars are not judged; judged agents need ``min_trades`` closed trades to be parents.
+    """
+
+    replace_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.10
+    tournament: Annotated[int, msgspec.Meta(ge=1, le=64)] = 3
+    min_trades: Annotated[int, msgspec.Meta(ge=0, le=1 << 31)] = 2
+    min_age: Annotated[int, msgspec.Meta(ge=0, le=1 << 31)] = 100
+    dd_penalty: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] = 0.5
+    p_crossover: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.5
+    p_migrate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.05
+    sigma_weight: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] = 0.15
+    w_max: Annotated[float, msgspec.Meta(gt=0.0, le=1e6)] = 4.0
+    sigma_entry: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] = 0.03
+    entry_min: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] = 0.0
+    entry_max: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] = 0.95
+    p_period: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.25
+    period_step: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
+    period_min: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1
+    period_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100_000
+    gap_share: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.25
+    spawn_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.25
+    stream: Annotated[int, msgspec.Meta(ge=-1, le=1 << 31)] = -1
+
+    def __post_init__(self) -> None:
+        if self.entry_min > self.entry_max:
+            raise ValueError("entry_min must be <= entry_max")
+        if self.period_min > self.period_max:
+            raise ValueError("period_min must be <= period_max")
+
+
+class GenerationEvent(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                      tag="generation"):
+    """One generation of evolution, journaled in order with the bars before it is applied;
+    replay applies it between the same updates and gets the same children."""
+
+    version: Version = PAYLOAD_VERSION
+    generation: Annotated[int, msgspec.Meta(ge=0, le=(1 << 32) - 1)]
+    seed: Annotated[int, msgspec.Meta(ge=0, le=(1 << 64) - 1)]
+    trigger: ShortText = "manual"
+    config: EvolutionConfig
 
 
 MeshFromAdapter = AdapterHello | AdapterBeat | ReasonReply | AdapterBye

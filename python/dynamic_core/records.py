@@ -15,6 +15,8 @@ __all__ = [
     "AGENT_DTYPE",
     "DEAD_LETTER_DTYPE",
     "TICK_DTYPE",
+    "LINEAGE_DTYPE",
+    "BIRTH_DTYPE",
     "REASONS",
     "Action",
     "score_to_action",
@@ -46,6 +48,15 @@ DEAD_LETTER_DTYPE: np.dtype = _dtype("dead_letter")
 TICK_DTYPE: np.dtype = _dtype("tick")
 """One trade print: ``ts`` (int64 ns), ``instrument`` (uint32 id), ``side`` (aggressor: 0 unknown,
 1 buy, 2 sell), ``price``, ``size`` and the quote in force, ``bid``/``ask`` (both 0: no quote)."""
+
+LINEAGE_DTYPE: np.dtype = _dtype("lineage")
+"""Lineage of the agent in one population slot: ``agent_id``, ``parent_a``/``parent_b`` (ids;
+0xFFFFFFFF for none: founders have neither, a clone no second parent), ``generation`` of birth
+(0 for founders) and ``birth_bar`` (bar index of its stream at birth)."""
+BIRTH_DTYPE: np.dtype = _dtype("birth")
+"""One child of a generation: ``slot`` (population index), ``agent_id``, ``replaced_id``,
+parents, ``stream``, ``sm``, ``how`` (bits: 1 crossover, 2 migrant parent, 4 gap spawn,
+8 replaced a quarantined agent) and the fitness of the agent it replaced."""
 
 REASONS: tuple[str, ...] = tuple(_core.reason_names())
 """Reject reason names indexed by code (0 is ``ok``)."""

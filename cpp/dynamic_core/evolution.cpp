@@ -1,0 +1,483 @@
+#include "evolution.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+#include "engine.hpp"
+#include "rng.hpp"
+
+namespace dynamic_core {
+
+namespace {
+constexpr uint32_t kNone = UINT32_MAX;
+constexpr uint32_t kCrossover = 1, kMigrant = 2, kSpawn = 4, kQuarantined = 8;
+
+bool in_unit(double x) { return x >= 0.0 && x <= 1.0; }
+
+double& weight(Genome& g, int f) {
+  switch (f) {
+    case 0: return g.w_trend;
+    case 1: return g.w_rsi;
+    case 2: return g.w_macd;
+    case 3: return g.w_bb;
+    default: return g.w_mom;
+  }
+}
+double weight(const Genome& g, int f) { return weight(const_cast<Genome&>(g), f); }
+
+// The feature with the largest |weight| (the lowest index on ties), or -1 if all are 0.
+int style_of(const Genome& g) {
+  int best = -1;
+  double top = 0.0;
+  for (int f = 0; f < kFeatures; ++f) {
+    const double a = std::fabs(weight(g, f));
+    if (a > top) {
+      top = a;
+      best = f;
+    }
+  }
+  return best;
+}
+}  // namespace
+
+void validate_evolution(const EvolutionConfig& c) {
+  auto bad = [](const std::string& what) { throw std::invalid_argument("evolution config: " + what); };
+  if (!in_unit(c.replace_fraction)) bad("replace_fraction must be in [0, 1]");
+  if (c.tournament < 1 || c.tournament > 64) bad("tournament must be in [1, 64]");
+  if (!(c.dd_penalty >= 0.0) || !std::isfinite(c.dd_penalty)) bad("dd_penalty must be finite and >= 0");
+  if (!in_unit(c.p_crossover) || !in_unit(c.p_migrate) || !in_unit(c.p_period))
+    bad("p_crossover, p_migrate and p_period must be in [0, 1]");
+  if (!(c.sigma_weight >= 0.0) || !std::isfinite(c.sigma_weight) || !(c.sigma_entry >= 0.0) ||
+      !std::isfinite(c.sigma_entry))
+    bad("sigma_weight and sigma_entry must be finite and >= 0");
+  if (!(c.w_max > 0.0) || !std::isfinite(c.w_max)) bad("w_max must be finite and > 0");
+  if (!(c.entry_min >= 0.0) || !(c.entry_max >= c.entry_min) || !std::isfinite(c.entry_max))
+    bad("entry bounds must satisfy 0 <= entry_min <= entry_max (finite)");
+  if (c.period_step < 1 || c.period_step > 1000) bad("period_step must be in [1, 1000]");
+  if (c.period_min < 1 || c.period_max > kMaxPeriod || c.period_min > c.period_max)
+    bad("period bounds must satisfy 1 <= period_min <= period_max <= " + std::to_string(kMaxPeriod));
+  if (!in_unit(c.gap_share) || !in_unit(c.spawn_fraction)) bad("gap_share and spawn_fraction must be in [0, 1]");
+}
+
+double agent_fitness(const LaneState& s, double dd_penalty) {
+  if (s.n_ret == 0) return std::numeric_limits<double>::quiet_NaN();
+  const double n = static_cast<double>(s.n_ret);
+  const double mean = s.ret_sum / n;
+  double var = s.ret_sq / n - mean * mean;
+  if (var < 0.0) var = 0.0;
+  const double sd = DC_SQRT(var);
+  const double sharpe = sd > 0.0 ? mean / sd : 0.0;
+  return sharpe - dd_penalty * s.max_dd;
+}
+
+std::array<int32_t, 4> genome_key(const Genome& g, int f) {
+  switch (f) {
+    case 0: return {g.atr_period, g.slow, g.fast, 0};
+    case 1: return {g.rsi_period, 0, 0, 0};
+    case 2: {
+      const int32_t lo = std::min(g.macd_fast, g.macd_slow), hi = std::max(g.macd_fast, g.macd_slow);
+      return {g.atr_period, hi, lo, g.macd_signal};
+    }
+    case 3: return {g.bb_period, 0, 0, 0};
+    default: return {g.mom_period, 0, 0, 0};
+  }
+}
+
+void set_genome_key(Genome& g, int f, const std::array<int32_t, 4>& k) {
+  switch (f) {
+    case 0: g.atr_period = k[0]; g.slow = k[1]; g.fast = k[2]; break;
+    case 1: g.rsi_period = k[0]; break;
+    case 2: g.atr_period = k[0]; g.macd_slow = k[1]; g.macd_fast = k[2]; g.macd_signal = k[3]; break;
+    case 3: g.bb_period = k[0]; break;
+    default: g.mom_period = k[0]; break;
+  }
+}
+
+SmLattice build_lattice(const Bank& b) {
+  SmLattice L;
+  const uint32_t base[kFeatures] = {b.trend_base, b.rsi_base, b.macd_base, b.bb_base, b.mom_base};
+  std::vector<std::array<int32_t, 4>> keys[kFeatures];
+  for (size_t i = 0; i < b.trend_fast.size(); ++i)
+    keys[0].push_back({b.atrs[b.trend_atr[i]].n, b.emas[b.trend_slow[i]].n, b.emas[b.trend_fast[i]].n, 0});
+  for (int32_t r : b.rsi_f) keys[1].push_back({b.rsis[r].n, 0, 0, 0});
+  for (size_t i = 0; i < b.macd_m.size(); ++i) {
+    const Macd& m = b.macds[b.macd_m[i]];
+    keys[2].push_back({b.atrs[b.macd_atr[i]].n, m.slow_n, m.fast_n, m.sig_n});
+  }
+  for (int32_t e : b.bb_f) keys[3].push_back({b.ews[e].n, 0, 0, 0});
+  for (int32_t r : b.mom_f) keys[4].push_back({b.rocs[r].n, 0, 0, 0});
+  for (int f = 0; f < kFeatures; ++f) {
+    L.base[f] = base[f];
+    std::vector<int32_t> order(keys[f].size());
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int32_t x, int32_t y) { return keys[f][x] < keys[f][y]; });
+    L.sorted[f] = order;
+    for (int32_t i : order) L.key[f].push_back(keys[f][i]);
+    const size_t n = order.size();
+    L.run_begin[f].assign(n, 0);
+    L.run_end[f].assign(n, static_cast<int32_t>(n));
+    if (f == 0 || f == 2) {
+      size_t i = 0;
+      while (i < n) {
+        size_t j = i;
+        while (j < n && L.key[f][j][0] == L.key[f][i][0]) ++j;
+        for (size_t k = i; k < j; ++k) {
+          L.run_begin[f][k] = static_cast<int32_t>(i);
+          L.run_end[f][k] = static_cast<int32_t>(j);
+        }
+        i = j;
+      }
+    }
+  }
+  return L;
+}
+
+namespace {
+
+// Rank of key k in the lattice of kind f, or -1 if the SM's bank has no such feature.
+int32_t find_rank(const SmLattice& L, int f, const std::array<int32_t, 4>& k) {
+  const auto& v = L.key[f];
+  auto it = std::lower_bound(v.begin(), v.end(), k);
+  if (it == v.end() || *it != k) return -1;
+  return static_cast<int32_t>(it - v.begin());
+}
+
+bool key_in_bounds(const std::array<int32_t, 4>& k, int f, const EvolutionConfig& c) {
+  const int used = f == 2 ? 4 : (f == 0 ? 3 : 1);
+  for (int i = 0; i < used; ++i)
+    if (k[i] < c.period_min || k[i] > c.period_max) return false;
+  return true;
+}
+
+// A child under construction: a genome (periods, weights, entry, mode, cost) whose used features
+// are on the lattice of the SM it is born in.
+struct Child {
+  Genome g;
+  int32_t rank[kFeatures];  // lattice rank of each used feature, -1 if unused
+};
+
+// Expresses a parent genome on lattice L; false if a feature it uses is not there.
+bool express(const Genome& parent, const SmLattice& L, Child& c) {
+  c.g = parent;
+  for (int f = 0; f < kFeatures; ++f) {
+    c.rank[f] = -1;
+    if (weight(parent, f) == 0.0) continue;
+    c.rank[f] = find_rank(L, f, genome_key(parent, f));
+    if (c.rank[f] < 0) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint32_t generation,
+                                const std::string& event) {
+  validate_evolution(cfg);
+  if (cfg.stream >= static_cast<int64_t>(layout_.streams.size()))
+    throw std::invalid_argument("evolution config: stream " + std::to_string(cfg.stream) + " out of range (" +
+                                std::to_string(layout_.streams.size()) + " streams)");
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  if (next_id_ > UINT32_MAX - 1 - lanes_.active.size())
+    throw std::overflow_error("evolution: agent ids exhausted (the next id would pass 2^32 - 1)");
+  wait_idle();  // between updates, like set_credit
+  journal_event_locked(event);
+
+  if (lattice_.size() != layout_.sms.size()) {
+    lattice_.clear();
+    lattice_.reserve(layout_.sms.size());
+    for (const Sm& sm : layout_.sms) lattice_.push_back(build_lattice(sm.bank));
+  }
+
+  GenerationReport rep;
+  rep.generation = generation;
+  const uint32_t s_begin = cfg.stream < 0 ? 0u : static_cast<uint32_t>(cfg.stream);
+  const uint32_t s_end = cfg.stream < 0 ? static_cast<uint32_t>(layout_.streams.size()) : s_begin + 1;
+  if (s_begin >= s_end) return rep;
+
+  // ---- phase 1: judge every SM of the streams in scope --------------------------------------
+  struct Island {
+    std::vector<uint32_t> pool;    // lanes that may parent, by fitness
+    std::vector<uint32_t> losers;  // lanes to replace, quarantined first, then weakest first
+  };
+  const uint32_t m_begin = layout_.streams[s_begin].sm_begin, m_end = layout_.streams[s_end - 1].sm_end;
+  std::vector<Island> isl(m_end - m_begin);
+  std::vector<double> fit(lanes_.active.size(), std::numeric_limits<double>::quiet_NaN());
+  std::vector<double> judged_fit;
+  std::vector<std::pair<double, uint32_t>> order;
+  for (uint32_t m = m_begin; m < m_end; ++m) {
+    const Sm& sm = layout_.sms[m];
+    const int64_t nbars = groups_[group_of_[m]].bank.nbars;
+    Island& I = isl[m - m_begin];
+    order.clear();
+    for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
+      const uint32_t a = layout_.lane_agent[l];
+      if (a == kNone || lanes_.external[l]) continue;
+      if (state_.quarantined[l]) {
+        I.losers.push_back(l);
+        continue;
+      }
+      if (nbars - lineage_[a].birth_bar < static_cast<int64_t>(cfg.min_age)) continue;
+      double x = agent_fitness(state_.get(l), cfg.dd_penalty);
+      if (!std::isfinite(x)) x = 0.0;  // no warm bar yet: nothing earned, nothing lost
+      fit[l] = x;
+      ++rep.judged;
+      const bool traded = state_.trades[l] >= cfg.min_trades;
+      if (traded) judged_fit.push_back(x);
+      order.emplace_back(traded ? x : -std::numeric_limits<double>::infinity(), l);
+    }
+    // weakest first (agents short of the minimum trade count below every other), equal
+    // fitness by agent id, so the order is a function of the population
+    std::sort(order.begin(), order.end(), [&](const auto& x, const auto& y) {
+      if (x.first != y.first) return x.first < y.first;
+      return layout_.agent_id[layout_.lane_agent[x.second]] < layout_.agent_id[layout_.lane_agent[y.second]];
+    });
+    const size_t n_rep = static_cast<size_t>(cfg.replace_fraction * static_cast<double>(order.size()));
+    for (size_t k = 0; k < order.size(); ++k) {
+      const uint32_t l = order[k].second;
+      if (k < n_rep) I.losers.push_back(l);
+      else if (order[k].first > -std::numeric_limits<double>::infinity()) I.pool.push_back(l);
+    }
+    rep.eligible += I.pool.size();
+  }
+  if (!judged_fit.empty()) {
+    double sum = 0.0;
+    for (double x : judged_fit) sum += x;  // in SM, then lane order: deterministic
+    rep.mean = sum / static_cast<double>(judged_fit.size());
+    rep.best = *std::max_element(judged_fit.begin(), judged_fit.end());
+    const size_t mid = judged_fit.size() / 2;
+    std::nth_element(judged_fit.begin(), judged_fit.begin() + mid, judged_fit.end());
+    rep.median = judged_fit[mid];
+    if (judged_fit.size() % 2 == 0) {
+      const double lo = *std::max_element(judged_fit.begin(), judged_fit.begin() + mid);
+      rep.median = (lo + rep.median) / 2.0;
+    }
+  }
+
+  // Agents per style (dominant feature), per stream in scope, kept current as children are born.
+  std::vector<std::array<int64_t, kFeatures>> styles(s_end - s_begin);
+  std::vector<int64_t> stream_agents(s_end - s_begin, 0);
+  for (uint32_t m = m_begin; m < m_end; ++m) {
+    const Sm& sm = layout_.sms[m];
+    auto& cnt = styles[sm.stream - s_begin];
+    for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
+      const uint32_t a = layout_.lane_agent[l];
+      if (a == kNone || lanes_.external[l]) continue;
+      ++stream_agents[sm.stream - s_begin];
+      const int s = style_of(genomes_[a]);
+      if (s >= 0) ++cnt[s];
+    }
+  }
+
+  auto better = [&](uint32_t x, uint32_t y) {  // fitter, then lower agent id
+    if (fit[x] != fit[y]) return fit[x] > fit[y];
+    return layout_.agent_id[layout_.lane_agent[x]] < layout_.agent_id[layout_.lane_agent[y]];
+  };
+  auto tournament = [&](const std::vector<uint32_t>& pool, CounterRng& rng) {
+    uint32_t best = pool[rng.below(static_cast<uint32_t>(pool.size()))];
+    for (uint32_t k = 1; k < cfg.tournament; ++k) {
+      const uint32_t c = pool[rng.below(static_cast<uint32_t>(pool.size()))];
+      if (better(c, best)) best = c;
+    }
+    return best;
+  };
+
+  // ---- phase 2: children, SM by SM, weakest slot first --------------------------------------
+  // Parents are read from a snapshot: a slot replaced earlier in this generation is never a
+  // parent (pools exclude losers), so writing children in place cannot change a later child.
+  for (uint32_t m = m_begin; m < m_end; ++m) {
+    Island& I = isl[m - m_begin];
+    if (I.losers.empty()) continue;
+    const Sm& sm = layout_.sms[m];
+    const Stream& st = layout_.streams[sm.stream];
+    const SmLattice& L = lattice_[m];
+    const int64_t nbars = groups_[group_of_[m]].bank.nbars;
+    auto& cnt = styles[sm.stream - s_begin];
+    const double even = static_cast<double>(stream_agents[sm.stream - s_begin]) / kFeatures;
+    uint32_t spawns_left = static_cast<uint32_t>(cfg.spawn_fraction * static_cast<double>(I.losers.size()));
+    // neighbouring SM of the same stream (migrants come from there)
+    const uint32_t nb = st.sm_end - st.sm_begin > 1 ? (m + 1 < st.sm_end ? m + 1 : st.sm_begin) : kNone;
+    const std::vector<uint32_t>* nb_pool =
+        nb != kNone && nb >= m_begin && nb < m_end && !isl[nb - m_begin].pool.empty() ? &isl[nb - m_begin].pool
+                                                                                     : nullptr;
+    for (uint32_t slot_lane : I.losers) {
+      const uint32_t a = layout_.lane_agent[slot_lane];
+      const uint32_t old_id = layout_.agent_id[a];
+      CounterRng rng(seed, old_id, generation);
+      uint32_t how = state_.quarantined[slot_lane] ? kQuarantined : 0;
+      if (I.pool.empty() && !nb_pool) break;
+
+      // the style this child is spawned into, if the stream lacks one
+      int gap = -1;
+      if (spawns_left > 0) {
+        int64_t least = INT64_MAX;
+        for (int f = 0; f < kFeatures; ++f)
+          if (!L.sorted[f].empty() && static_cast<double>(cnt[f]) < cfg.gap_share * even && cnt[f] < least) {
+            least = cnt[f];
+            gap = f;
+          }
+      }
+
+      // first parent: a migrant from the next SM when drawn and expressible here, else local
+      Child c{};
+      uint32_t pa = kNone, pb = kNone;
+      if (nb_pool && rng.uniform() < cfg.p_migrate) {
+        const uint32_t cand = tournament(*nb_pool, rng);
+        if (express(genomes_[layout_.lane_agent[cand]], L, c)) {
+          pa = cand;
+          how |= kMigrant;
+        }
+      }
+      if (pa == kNone) {
+        if (I.pool.empty()) continue;
+        pa = tournament(I.pool, rng);
+        express(genomes_[layout_.lane_agent[pa]], L, c);  // its own SM: always on the lattice
+      }
+
+      // crossover: gene blocks {trend, macd, atr}, rsi, bb, mom, {entry, mode} from either parent
+      if (I.pool.size() > 1 && rng.uniform() < cfg.p_crossover) {
+        pb = tournament(I.pool, rng);
+        if (pb == pa) pb = tournament(I.pool, rng);
+        if (pb != pa) {
+          Child d{};
+          express(genomes_[layout_.lane_agent[pb]], L, d);
+          how |= kCrossover;
+          if (rng.uniform() < 0.5) {
+            for (int f : {0, 2}) {
+              weight(c.g, f) = weight(d.g, f);
+              c.rank[f] = d.rank[f];
+            }
+            c.g.atr_period = d.g.atr_period;
+            c.g.fast = d.g.fast, c.g.slow = d.g.slow;
+            c.g.macd_fast = d.g.macd_fast, c.g.macd_slow = d.g.macd_slow, c.g.macd_signal = d.g.macd_signal;
+          }
+          for (int f : {1, 3, 4})
+            if (rng.uniform() < 0.5) {
+              weight(c.g, f) = weight(d.g, f);
+              c.rank[f] = d.rank[f];
+              set_genome_key(c.g, f, genome_key(d.g, f));
+            }
+          if (rng.uniform() < 0.5) {
+            c.g.entry = d.g.entry;
+            c.g.mode = d.g.mode;
+          }
+        } else {
+          pb = kNone;
+        }
+      }
+
+      // mutation: weights and entry (normal steps, clamped), periods (steps along the lattice
+      // within the same ATR run and the period bounds)
+      for (int f = 0; f < kFeatures; ++f) {
+        double& w = weight(c.g, f);
+        if (w == 0.0) continue;
+        w = std::clamp(w + cfg.sigma_weight * rng.normal(), -cfg.w_max, cfg.w_max);
+        if (w == 0.0) w = f == 0 ? 1e-9 : -1e-9;  // a used feature stays used
+      }
+      c.g.entry = std::clamp(c.g.entry + cfg.sigma_entry * rng.normal(), cfg.entry_min, cfg.entry_max);
+      for (int f = 0; f < kFeatures; ++f) {
+        if (c.rank[f] < 0 || rng.uniform() >= cfg.p_period) continue;
+        const int32_t span = 2 * cfg.period_step;
+        int32_t step = static_cast<int32_t>(rng.below(static_cast<uint32_t>(span))) - cfg.period_step;
+        if (step >= 0) ++step;  // never 0
+        const int32_t r = std::clamp(c.rank[f] + step, L.run_begin[f][c.rank[f]], L.run_end[f][c.rank[f]] - 1);
+        if (r == c.rank[f] || !key_in_bounds(L.key[f][r], f, cfg)) continue;
+        c.rank[f] = r;
+        set_genome_key(c.g, f, L.key[f][r]);
+        ++rep.period_moves;
+      }
+      // trend and macd share the ATR period: both stay in the run of the parent's ATR, so
+      // moving one never changes the other's
+
+      // spawn into a gap: the gap's feature becomes the dominant one
+      if (gap >= 0 && style_of(c.g) != gap) {
+        double& w = weight(c.g, gap);
+        if (c.rank[gap] < 0) {
+          // pick a feature of that kind: in the ATR run of the other ATR feature when it is used
+          int32_t lo = 0, hi = static_cast<int32_t>(L.sorted[gap].size());
+          const int other = gap == 0 ? 2 : (gap == 2 ? 0 : -1);
+          if (other >= 0 && c.rank[other] >= 0) {
+            const auto& v = L.key[gap];
+            const std::array<int32_t, 4> from{c.g.atr_period, 0, 0, 0}, to{c.g.atr_period + 1, 0, 0, 0};
+            lo = static_cast<int32_t>(std::lower_bound(v.begin(), v.end(), from) - v.begin());
+            hi = static_cast<int32_t>(std::lower_bound(v.begin(), v.end(), to) - v.begin());
+          }
+          std::vector<int32_t> ok;
+          for (int32_t r = lo; r < hi; ++r)
+            if (key_in_bounds(L.key[gap][r], gap, cfg)) ok.push_back(r);
+          if (!ok.empty()) {
+            c.rank[gap] = ok[rng.below(static_cast<uint32_t>(ok.size()))];
+            set_genome_key(c.g, gap, L.key[gap][c.rank[gap]]);
+          }
+        }
+        if (c.rank[gap] >= 0) {
+          double top = 0.0;
+          for (int f = 0; f < kFeatures; ++f)
+            if (f != gap) top = std::max(top, std::fabs(weight(c.g, f)));
+          const double mag = cfg.w_max * (0.5 + 0.5 * rng.uniform());
+          w = (rng.uniform() < 0.5 ? -mag : mag);
+          if (top >= mag) {  // shrink the others below it
+            const double k = 0.5 * mag / top;
+            for (int f = 0; f < kFeatures; ++f)
+              if (f != gap) weight(c.g, f) *= k;
+          }
+          how |= kSpawn;
+          --spawns_left;
+        }
+      }
+
+      // ---- write the child into the slot ---------------------------------------------------
+      const int before = style_of(genomes_[a]);
+      if (before >= 0) --cnt[before];
+      c.g.agent_id = next_id_++;
+      c.g.instrument = st.instrument;
+      c.g.timeframe = st.timeframe;
+      c.g.kind = 0;
+      genomes_[a] = c.g;
+      const int after = style_of(c.g);
+      if (after >= 0) ++cnt[after];
+
+      LaneParams& p = layout_.params[slot_lane];
+      p.w[0] = c.g.w_trend;
+      p.w[1] = c.g.w_rsi;
+      p.w[2] = c.g.w_macd;
+      p.w[3] = c.g.w_bb;
+      p.w[4] = c.g.w_mom;
+      p.entry = c.g.entry;
+      p.cost = c.g.cost_bps * 1e-4;
+      p.long_short = c.g.mode == static_cast<uint32_t>(Mode::LongShort);
+      p.lookback = genome_lookback(c.g);
+      for (int f = 0; f < kFeatures; ++f)
+        p.fidx[f] = c.rank[f] < 0 || p.w[f] == 0.0
+                        ? 0
+                        : static_cast<uint16_t>(L.base[f] + static_cast<uint32_t>(L.sorted[f][c.rank[f]]));
+      for (int f = 0; f < kFeatures; ++f) {
+        lanes_.w[f][slot_lane] = p.w[f];
+        lanes_.fidx[f][slot_lane] = sm_fmap_[m][p.fidx[f]];
+      }
+      lanes_.entry[slot_lane] = p.entry;
+      lanes_.cost[slot_lane] = p.cost;
+      lanes_.lookback[slot_lane] = p.lookback;
+      lanes_.long_short[slot_lane] = p.long_short;
+      state_.reset(slot_lane);
+
+      layout_.agent_id[a] = c.g.agent_id;
+      const uint32_t ida = layout_.agent_id[layout_.lane_agent[pa]];
+      const uint32_t idb = pb == kNone ? kNone : layout_.agent_id[layout_.lane_agent[pb]];
+      lineage_[a] = Lineage{c.g.agent_id, ida, idb, generation, nbars};
+      rep.births.push_back(Birth{a, c.g.agent_id, old_id, ida, idb, sm.stream, m, how, fit[slot_lane]});
+      rep.crossovers += (how & kCrossover) != 0;
+      rep.migrants += (how & kMigrant) != 0;
+      rep.spawns += (how & kSpawn) != 0;
+      ++rep.replaced;
+    }
+  }
+  for (uint32_t s = s_begin; s < s_end; ++s)
+    for (int f = 0; f < kFeatures; ++f) rep.style_counts[f] += static_cast<uint64_t>(styles[s - s_begin][f]);
+  return rep;
+}
+
+}  // namespace dynamic_core

@@ -1,0 +1,106 @@
+// Evolution of a running population, in place: each SM is an island whose weakest mature agents
+// are replaced by children of its fittest (tournament selection, block crossover, mutation of
+// weights, entry threshold and periods), with occasional migrants from the neighbouring SM of the
+// same stream and spawns into regions of parameter space the stream lacks.
+//
+// Periods move on the SM's lattice: the (indicator, period) features its bank already updates.
+// A child therefore reads features that have been updated since the first bar (warm state
+// inherited, nothing starts cold), the SM's bank and the layout do not change, and a generation
+// costs no indicator work. A migrant is accepted only if every feature it uses is on the
+// receiving SM's lattice with the same periods.
+//
+// Everything a generation decides is a function of the SM layout (population-determined), the
+// agents' state and (seed, agent id, generation) through the counter-based RNG: the same on any
+// thread count, and reproduced by replaying the journaled generation event at the same point.
+#pragma once
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "population.hpp"
+#include "records.hpp"
+
+namespace dynamic_core {
+
+struct EvolutionConfig {
+  double replace_fraction = 0.10;  // of each SM's judged agents, the weakest, replaced per generation
+  uint32_t tournament = 3;         // tournament size of parent selection
+  uint32_t min_trades = 2;         // closed trades to rank by fitness and parent; fewer ranks below all
+  uint32_t min_age = 100;          // bars since birth before an agent is judged at all
+  double dd_penalty = 0.5;         // fitness = per-bar Sharpe - dd_penalty * max drawdown
+  double p_crossover = 0.5;        // second parent, gene blocks taken from either
+  double p_migrate = 0.05;         // first parent from the next SM of the stream
+  double sigma_weight = 0.15;      // weight mutation (normal, absolute)
+  double w_max = 4.0;              // weights stay in [-w_max, w_max]
+  double sigma_entry = 0.03;       // entry-threshold mutation
+  double entry_min = 0.0;
+  double entry_max = 0.95;
+  double p_period = 0.25;          // per used feature: move along the lattice
+  int32_t period_step = 2;         // at most this many lattice positions per move
+  int32_t period_min = 1;          // every period of a feature a child moves to is in bounds
+  int32_t period_max = kMaxPeriod;
+  double gap_share = 0.25;         // a style with fewer agents than this share of an even split is a gap
+  double spawn_fraction = 0.25;    // of an SM's replacements, at most this share spawned into gaps
+  int64_t stream = -1;             // evolve only this stream (index), or every stream (-1)
+};
+
+// Throws std::invalid_argument naming the first bad field.
+void validate_evolution(const EvolutionConfig& c);
+
+// Lineage of the agent in one population slot.
+struct Lineage {
+  uint32_t agent_id;
+  uint32_t parent_a;    // UINT32_MAX for the founding population
+  uint32_t parent_b;    // second parent of a crossover, else UINT32_MAX
+  uint32_t generation;  // generation of birth, 0 for founders
+  int64_t birth_bar;    // bar index of its stream at birth (0 for founders)
+};
+
+// One child: where it was born, from whom, and whom it replaced.
+struct Birth {
+  uint32_t slot;         // population index
+  uint32_t agent_id;
+  uint32_t replaced_id;
+  uint32_t parent_a;
+  uint32_t parent_b;
+  uint32_t stream;
+  uint32_t sm;
+  uint32_t how;          // bit 0 crossover, bit 1 migrant parent, bit 2 gap spawn, bit 3 replaced a quarantined agent
+  double replaced_fitness;
+};
+
+struct GenerationReport {
+  uint32_t generation = 0;
+  uint64_t judged = 0;      // mature agents (old enough to be judged)
+  uint64_t eligible = 0;    // of those, with enough trades to be parents and not replaced
+  uint64_t replaced = 0;
+  uint64_t crossovers = 0, migrants = 0, spawns = 0, period_moves = 0;
+  // fitness of the judged agents with the minimum trade count, before replacement
+  double best = 0.0, median = 0.0, mean = 0.0;
+  uint64_t style_counts[kFeatures] = {};        // agents per dominant feature after the generation
+  std::vector<Birth> births;
+};
+
+// Per-bar Sharpe of an agent's warm bars minus the drawdown penalty; NaN if it has no return.
+double agent_fitness(const LaneState& s, double dd_penalty);
+
+// The features an SM's bank updates, by kind, sorted by their periods: the lattice children move on.
+struct SmLattice {
+  // per kind: SM-relative feature indices sorted by key, and each feature's rank
+  std::vector<int32_t> sorted[kFeatures];
+  // key of sorted[f][i], ascending: trend (atr, slow, fast), rsi/bb/mom (period), macd (atr, slow,
+  // fast, signal) with the MACD periods ordered as the bank orders them
+  std::vector<std::array<int32_t, 4>> key[kFeatures];
+  // ranks [run_begin, run_end) share the rank's ATR period (trend, macd; the whole kind otherwise)
+  std::vector<int32_t> run_begin[kFeatures], run_end[kFeatures];
+  uint32_t base[kFeatures] = {};  // SM-relative feature index = base + feature index within the kind
+};
+SmLattice build_lattice(const Bank& bank);
+// Key of the feature of kind f a genome uses (see SmLattice::key).
+std::array<int32_t, 4> genome_key(const Genome& g, int f);
+// Writes the periods of lattice key k of kind f into g.
+void set_genome_key(Genome& g, int f, const std::array<int32_t, 4>& k);
+
+}  // namespace dynamic_core
