@@ -177,6 +177,7 @@ bool express(const Genome& parent, const SmLattice& L, Child& c) {
 GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint32_t generation,
                                 const std::string& event) {
   validate_evolution(cfg);
+  if (generation == 0) throw std::invalid_argument("evolution: generation 0 is the founders'; count from 1");
   if (cfg.stream >= static_cast<int64_t>(layout_.streams.size()))
     throw std::invalid_argument("evolution config: stream " + std::to_string(cfg.stream) + " out of range (" +
                                 std::to_string(layout_.streams.size()) + " streams)");

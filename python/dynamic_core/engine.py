@@ -432,11 +432,14 @@ class Engine:
         self._check_open()
         cfg = EvolutionConfig() if config is None else config
         if isinstance(cfg, dict):
-            cfg = msgspec.convert(cfg, EvolutionConfig)
+            try:
+                cfg = msgspec.convert(cfg, EvolutionConfig)
+            except msgspec.ValidationError as e:
+                raise ValueError(f"evolution config: {e}") from None
         if not isinstance(cfg, EvolutionConfig):
             raise TypeError(f"expected an EvolutionConfig or a dict, got {type(cfg).__name__}")
-        if not 0 <= int(seed) < 1 << 64 or not 0 <= int(generation) < 1 << 32:
-            raise ValueError("seed must be in [0, 2^64) and generation in [0, 2^32)")
+        if not 0 <= int(seed) < 1 << 64 or not 0 < int(generation) < 1 << 32:
+            raise ValueError("seed must be in [0, 2^64) and generation in [1, 2^32) (0 is the founders')")
         raw = b""
         if self._journal_path is not None:
             raw = _event_encoder.encode(GenerationEvent(generation=int(generation), seed=int(seed),

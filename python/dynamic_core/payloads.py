@@ -728,7 +728,7 @@ class GenerationEvent(_Payload, frozen=True, kw_only=True, forbid_unknown_fields
 
     version: Version = PAYLOAD_VERSION
     generation: Annotated[int, msgspec.Meta(ge=0, le=(1 << 32) - 1)]
-    seed: Annotated[int, msgspec.Meta(ge=0, le=(1 << 64) - 1)]
+    seed: Annotated[int, msgspec.Meta(ge=0)]  # < 2^64, checked by Engine.evolve
     trigger: ShortText = "manual"
     config: EvolutionConfig
 

@@ -1,0 +1,241 @@
+"""Organic growth: the population evolves while it trades.
+
+The generation itself runs in C++ on the population in place (:meth:`dynamic_core.Engine.evolve`):
+each SM is an island whose weakest judged agents are replaced by children of its fittest
+(tournament selection, block crossover, mutation of weights, entry threshold and periods),
+with migrants from the neighbouring SM of the stream and spawns into feature styles the stream
+lacks. Periods move only among the features the SM's bank already computes, so children read
+warm indicators from their first bar. Every draw comes from a counter-based RNG keyed by
+(seed, agent id, generation): a generation is deterministic on any thread count, and journaled
+generations replay bit for bit.
+
+This module decides *when*: :class:`Evolution` runs bars through the engine and starts a
+generation of a stream every ``every`` bars of that stream and when the stream's volatility
+regime changes, splitting batches at the trigger bar so the result does not depend on how the
+bars were chunked. It keeps the evolution trace (best/median fitness per generation).
+
+>>> evo = Evolution(eng, every=500, seed=7)
+>>> signals = evo.run(bars)            # like eng.run, with generations in between
+>>> print(evo.table())
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from ..payloads import EvolutionConfig
+from ..records import SIGNAL_DTYPE
+
+__all__ = ["Evolution", "EvolutionConfig", "GenerationRow", "VolatilityRegime", "format_trace"]
+
+
+class GenerationRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One generation of the trace."""
+
+    generation: int
+    stream: int
+    instrument: int
+    timeframe: int
+    bar: int          # bars of the stream seen when it ran
+    trigger: str      # "every" or "regime"
+    judged: int
+    eligible: int
+    replaced: int
+    crossovers: int
+    migrants: int
+    spawns: int
+    period_moves: int
+    best: float
+    median: float
+    mean: float
+    styles: tuple[int, ...]
+
+
+class VolatilityRegime:
+    """Volatility regime of one stream: the ratio of a fast to a slow exponentially weighted
+    variance of close-to-close returns. The regime turns ``high`` when the ratio rises above
+    ``high`` and back to ``normal`` when it falls below ``low`` (hysteresis), after ``warmup``
+    bars. :meth:`update` returns True on a change."""
+
+    def __init__(self, fast: int = 20, slow: int = 200, high: float = 3.0, low: float = 1.5,
+                 warmup: int | None = None) -> None:
+        if not 1 <= fast < slow:
+            raise ValueError("need 1 <= fast < slow")
+        if not high > low > 0:
+            raise ValueError("need high > low > 0")
+        self._af, self._as = 2.0 / (fast + 1), 2.0 / (slow + 1)
+        self._high, self._low = high, low
+        self._warmup = slow if warmup is None else int(warmup)
+        self._vf = self._vs = 0.0
+        self._prev: float | None = None
+        self._n = 0
+        self.state = "normal"
+
+    def update(self, close: float) -> bool:
+        if self._prev is None or self._prev <= 0 or not math.isfinite(close):
+            self._prev = close
+            return False
+        r = close / self._prev - 1.0
+        self._prev = close
+        r2 = r * r
+        self._vf += self._af * (r2 - self._vf)
+        self._vs += self._as * (r2 - self._vs)
+        self._n += 1
+        if self._n < self._warmup or self._vs <= 0.0:
+            return False
+        ratio = self._vf / self._vs
+        new = ("high" if ratio > self._high else "normal") if self.state == "normal" else (
+            "normal" if ratio < self._low else "high")
+        changed = new != self.state
+        self.state = new
+        return changed
+
+
+class Evolution:
+    """Runs bars through ``engine`` with generations of evolution in between.
+
+    Parameters
+    ----------
+    engine : dynamic_core.Engine
+    config : EvolutionConfig or dict, optional
+        How a generation judges and breeds (defaults: :class:`EvolutionConfig`). Its ``stream``
+        is set per generation.
+    every : int
+        Bars of a stream between its generations (0: never by count).
+    regime : bool
+        Also start a generation of a stream when its volatility regime changes (at most one per
+        ``config.min_age`` bars of the stream, so children are judged before the next).
+    seed : int
+        Seed of the counter-based RNG; the generation number is the second key.
+    regime_kwargs : dict
+        Passed to :class:`VolatilityRegime`.
+    """
+
+    def __init__(self, engine: Any, config: EvolutionConfig | dict[str, Any] | None = None, *,
+                 every: int = 500, regime: bool = True, seed: int = 0,
+                 regime_kwargs: dict[str, Any] | None = None) -> None:
+        cfg = EvolutionConfig() if config is None else config
+        if isinstance(cfg, dict):
+            try:
+                cfg = msgspec.convert(cfg, EvolutionConfig)
+            except msgspec.ValidationError as e:
+                raise ValueError(f"evolution config: {e}") from None
+        if not isinstance(cfg, EvolutionConfig):
+            raise TypeError(f"expected an EvolutionConfig or a dict, got {type(cfg).__name__}")
+        if every < 0:
+            raise ValueError("every must be >= 0")
+        self.engine = engine
+        self.config = cfg
+        self.every = int(every)
+        self.seed = int(seed)
+        self.generation = 0
+        self.trace: list[GenerationRow] = []
+        lay = engine.layout()
+        self._streams = {(int(i), int(t)): s for s, (i, t) in
+                         enumerate(zip(lay["stream_instrument"], lay["stream_timeframe"]))}
+        n = len(self._streams)
+        self._seen = [0] * n          # bars of each stream run so far
+        self._last = [0] * n          # bar of each stream's last generation
+        self._regime = [VolatilityRegime(**(regime_kwargs or {})) for _ in range(n)] if regime else None
+
+    def _due(self, s: int, close: float) -> str | None:
+        self._seen[s] += 1
+        changed = self._regime[s].update(close) if self._regime is not None else False
+        since = self._seen[s] - self._last[s]
+        if self.every and since >= self.every:
+            return "every"
+        if changed and since >= max(1, self.config.min_age):
+            return "regime"
+        return None
+
+    def run(self, bars: np.ndarray) -> np.ndarray:
+        """Like ``engine.run(bars)``, with each due generation applied right after the bar that
+        made it due. Returns the signals of all bars (``SIGNAL_DTYPE``)."""
+        out: list[np.ndarray] = []
+        start = 0
+        inst, tf, close = bars["instrument"], bars["timeframe"], bars["close"]
+        for i in range(len(bars)):
+            s = self._streams.get((int(inst[i]), int(tf[i])))
+            if s is None:
+                continue
+            why = self._due(s, float(close[i]))
+            if why is None:
+                continue
+            out.append(self.engine.run(bars[start:i + 1]))
+            start = i + 1
+            self.evolve(s, why)
+        if start < len(bars):
+            out.append(self.engine.run(bars[start:]))
+        return np.concatenate(out) if out else np.empty(0, dtype=SIGNAL_DTYPE)
+
+    def evolve(self, stream: int = -1, trigger: str = "manual") -> dict[str, Any]:
+        """One generation now, of one stream (index) or all (-1); recorded in :attr:`trace`."""
+        self.generation += 1
+        cfg = msgspec.structs.replace(self.config, stream=int(stream))
+        rep = self.engine.evolve(cfg, seed=self.seed, generation=self.generation, trigger=trigger)
+        lay = self.engine.layout()
+        streams = range(len(self._streams)) if stream < 0 else (stream,)
+        for s in streams:
+            self._last[s] = self._seen[s]
+        s0 = max(stream, 0)
+        self.trace.append(GenerationRow(
+            generation=self.generation, stream=int(stream),
+            instrument=int(lay["stream_instrument"][s0]) if stream >= 0 else -1,
+            timeframe=int(lay["stream_timeframe"][s0]) if stream >= 0 else -1,
+            bar=self._seen[s0], trigger=trigger,
+            **{k: rep[k] for k in ("judged", "eligible", "replaced", "crossovers", "migrants", "spawns",
+                                   "period_moves", "best", "median", "mean")},
+            styles=tuple(int(x) for x in rep["styles"])))
+        return rep
+
+    def table(self) -> str:
+        """The trace as a text table."""
+        return format_trace(self.trace)
+
+    def plot(self, path: str | os.PathLike[str], title: str = "evolution trace") -> str:
+        """Best and median fitness per generation, saved as an image (PNG by extension)."""
+        return plot_trace(self.trace, path, title)
+
+
+_STYLES = ("trend", "rsi", "macd", "bb", "mom")
+
+
+def format_trace(rows: Sequence[GenerationRow]) -> str:
+    """Generation, stream, bar, trigger, counts and best/median/mean fitness, one line each."""
+    head = (f"{'gen':>4} {'stream':>6} {'bar':>7} {'trigger':>7} {'judged':>7} {'parents':>7} "
+            f"{'replaced':>8} {'cross':>5} {'migr':>4} {'spawn':>5} {'best':>9} {'median':>9} {'mean':>9}"
+            f"  styles ({'/'.join(_STYLES)})")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.generation:>4} {r.stream:>6} {r.bar:>7} {r.trigger:>7} {r.judged:>7} "
+                     f"{r.eligible:>7} {r.replaced:>8} {r.crossovers:>5} {r.migrants:>4} {r.spawns:>5} "
+                     f"{r.best:>9.4f} {r.median:>9.4f} {r.mean:>9.4f}  {'/'.join(map(str, r.styles))}")
+    return "\n".join(lines)
+
+
+def plot_trace(rows: Sequence[GenerationRow], path: str | os.PathLike[str], title: str = "evolution trace") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    g = [r.generation for r in rows]
+    ax.plot(g, [r.best for r in rows], marker="o", label="best")
+    ax.plot(g, [r.median for r in rows], marker="s", label="median")
+    ax.plot(g, [r.mean for r in rows], linestyle=":", label="mean")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness (per-bar Sharpe - penalty x max drawdown)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=110)
+    plt.close(fig)
+    return os.fspath(path)

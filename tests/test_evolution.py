@@ -1,0 +1,302 @@
+"""Evolution of the running population: determinism and replay, selection against a reference
+ranking, bounds, lineage, warm inheritance (children's scores equal a fresh engine's), selection
+pressure on a planted edge versus a no-evolution control, triggers, and bad configs."""
+
+from __future__ import annotations
+
+import math
+
+import dynamic_core as dc
+import msgspec
+import numpy as np
+import pytest
+from dynamic_core.learning.evolution import Evolution, EvolutionConfig, VolatilityRegime, format_trace
+from dynamic_core.payloads import GenerationEvent
+
+from .test_learning_agents import planted_market
+
+NONE = 0xFFFFFFFF
+WEIGHTS = ("w_trend", "w_rsi", "w_macd", "w_bb", "w_mom")
+
+
+def _pop(n: int = 512, seed: int = 2, name: str = "PLANT") -> dc.Population:
+    return dc.Population.random(n, instruments=(name,), seed=seed, cost_bps=0.2)
+
+
+def _bytes(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a).tobytes()
+
+
+def _evolved_run(pop, bars, threads, cfg=None, every=300, seed=3, chunks=1):
+    with dc.Engine(pop, threads=threads, cores_per_sm=64) as eng:
+        evo = Evolution(eng, cfg or dict(min_age=150, replace_fraction=0.2), every=every, regime=False, seed=seed)
+        sigs = [evo.run(part) for part in np.array_split(bars, chunks)]
+        return np.concatenate(sigs), eng.genomes(), eng.lineage(), eng.agents(), evo.trace
+
+
+def test_generations_are_deterministic_on_any_thread_count_and_chunking():
+    bars = planted_market(2000, seed=5)
+    pop = _pop()
+    a = _evolved_run(pop, bars, threads=1)
+    b = _evolved_run(pop, bars, threads=2, chunks=7)
+    assert len(a[4]) == 6 and sum(r.replaced for r in a[4]) > 0
+    for x, y in zip(a[:4], b[:4]):
+        assert _bytes(x) == _bytes(y)
+    assert a[4] == b[4]
+    c = _evolved_run(pop, bars, threads=1, seed=4)  # another seed breeds other children
+    assert _bytes(c[1]) != _bytes(a[1])
+
+
+def test_journaled_generations_replay_bit_identically(tmp_path):
+    bars = planted_market(1500, seed=6)
+    pop = _pop(300)
+    path = tmp_path / "j"
+    with dc.Engine(pop, threads=2, journal=path) as eng:
+        evo = Evolution(eng, dict(min_age=100, replace_fraction=0.25), every=250, regime=False, seed=11)
+        sigs = evo.run(bars)
+        genomes, lineage, agents = eng.genomes(), eng.lineage(), eng.agents()
+    assert sum(r.replaced for r in evo.trace) > 0
+    res = dc.Engine.replay(path, threads=1)
+    assert res.mismatched == [] and res.missing == [] and res.verified == len(sigs)
+    assert _bytes(res.signals) == _bytes(sigs)
+    assert _bytes(res.agents) == _bytes(agents)
+    gens = [msgspec.msgpack.decode(e, type=GenerationEvent) for e in res.events]
+    assert [g.generation for g in gens] == [r.generation for r in evo.trace]
+    assert all(g.seed == 11 and g.trigger == "every" for g in gens)
+    del genomes, lineage
+
+
+def _fitness(rec: np.ndarray, dd_penalty: float) -> np.ndarray:
+    """Reference fitness from agent records: per-bar Sharpe minus the drawdown penalty."""
+    sharpe = np.where(rec["ret_std"] > 0, rec["ret_mean"] / np.where(rec["ret_std"] > 0, rec["ret_std"], 1), 0.0)
+    return np.where(rec["n_returns"] > 0, sharpe - dd_penalty * rec["max_drawdown"], 0.0)
+
+
+def test_the_weakest_of_each_sm_are_replaced_and_parents_come_from_the_fittest():
+    bars = planted_market(800, seed=7)
+    pop = _pop(256)
+    cfg = EvolutionConfig(min_age=0, replace_fraction=0.25, min_trades=2, dd_penalty=0.5, p_migrate=0.0)
+    with dc.Engine(pop, threads=1, cores_per_sm=64) as eng:
+        eng.run(bars)
+        before = eng.agents()
+        rep = eng.evolve(cfg, seed=1, generation=1)
+    fit = _fitness(before, 0.5)
+    # a plain reference of the selection: per SM (64 agents, population order here), agents
+    # short of min_trades rank below all, then by fitness, then by agent id; the weakest quarter go
+    expected_slots, parents_ok = set(), {}
+    for sm in range(4):
+        idx = np.arange(sm * 64, (sm + 1) * 64)
+        traded = before["trades"][idx] >= 2
+        key = [(1 if t else 0, f if t else -math.inf, int(before["agent_id"][i]))
+               for i, t, f in zip(idx, traded, fit[idx])]
+        ranked = [i for _, i in sorted(zip(key, idx))]
+        losers = ranked[:16]
+        expected_slots.update(int(i) for i in losers)
+        parents_ok[sm] = {int(before["agent_id"][i]) for i in ranked[16:] if before["trades"][i] >= 2}
+    births = rep["births"]
+    assert set(births["slot"].tolist()) == expected_slots and rep["replaced"] == 64
+    for b in births:
+        assert int(b["parent_a"]) in parents_ok[int(b["sm"])]
+        if b["parent_b"] != NONE:
+            assert int(b["parent_b"]) in parents_ok[int(b["sm"])] and b["how"] & 1
+        assert b["replaced_fitness"] == pytest.approx(fit[b["slot"]], abs=1e-12)
+    traded = before["trades"] >= 2
+    assert rep["best"] == pytest.approx(fit[traded].max(), abs=1e-12)
+    assert rep["median"] == pytest.approx(np.median(fit[traded]), abs=1e-12)
+
+
+def test_children_stay_in_bounds_and_on_their_sm_lattice():
+    bars = planted_market(1200, seed=8)
+    pop = _pop(512, seed=9)
+    rec = pop.records
+    cfg = EvolutionConfig(min_age=50, replace_fraction=0.3, w_max=0.8, sigma_weight=0.5, entry_min=0.05,
+                          entry_max=0.3, sigma_entry=0.2, p_period=1.0, period_step=5, period_min=3,
+                          period_max=40, p_crossover=0.7, p_migrate=0.5)
+    # founders' periods all within [3, 40] already except slow EMAs (up to 199): moves must not
+    # leave the bounds, so every used period of a moved feature stays inside
+    with dc.Engine(pop, threads=2, cores_per_sm=64) as eng:
+        for gen, part in enumerate(np.array_split(bars, 6), start=1):
+            eng.run(part)
+            eng.evolve(cfg, seed=2, generation=gen)
+        g = eng.genomes()
+        lin = eng.lineage()
+    born = lin["generation"] > 0
+    assert born.sum() > 300
+    c = g[born]
+    for w in WEIGHTS:
+        assert (np.abs(c[w]) <= 0.8).all()
+    assert ((c["entry"] >= 0.05) & (c["entry"] <= 0.3)).all()
+    # every used feature of a child is one its SM's founders use (the SM's bank computes it)
+    slots = np.flatnonzero(born)
+    keys = {
+        "w_trend": ("atr_period", "slow", "fast"), "w_rsi": ("rsi_period",),
+        "w_macd": ("atr_period", "macd_slow", "macd_fast", "macd_signal"), "w_bb": ("bb_period",),
+        "w_mom": ("mom_period",),
+    }
+
+    def key(r, w):
+        k = tuple(int(r[f]) for f in keys[w])
+        if w == "w_macd":  # the bank orders the MACD periods
+            k = (k[0], max(k[1], k[2]), min(k[1], k[2]), k[3])
+        return k
+
+    for s in slots:
+        sm = s // 64
+        founders = rec[sm * 64:(sm + 1) * 64]
+        for w in WEIGHTS:
+            if g[s][w] == 0:
+                continue
+            lattice = {key(f, w) for f in founders if f[w] != 0}
+            assert key(g[s], w) in lattice, (s, w)
+    # a moved period stays in [3, 40] when it started inside: rsi, bb, mom periods of founders are
+    for w, f in (("w_rsi", "rsi_period"), ("w_bb", "bb_period"), ("w_mom", "mom_period")):
+        used = c[w] != 0
+        assert ((c[f][used] >= 2) & (c[f][used] <= 50)).all()
+
+
+def test_lineage_records_parents_generation_and_birth_bar():
+    bars = planted_market(900, seed=10)
+    pop = _pop(256, seed=12)
+    with dc.Engine(pop, threads=1, cores_per_sm=128) as eng:
+        ids_alive = set(pop.records["agent_id"].tolist())
+        for gen, part in enumerate(np.array_split(bars, 3), start=1):
+            eng.run(part)
+            rep = eng.evolve(dict(min_age=100, replace_fraction=0.2), seed=5, generation=gen)
+            b = rep["births"]
+            assert set(b["parent_a"].tolist()) <= ids_alive
+            assert set(b["parent_b"][b["parent_b"] != NONE].tolist()) <= ids_alive
+            assert set(b["replaced_id"].tolist()) <= ids_alive
+            assert not set(b["agent_id"].tolist()) & ids_alive  # fresh ids
+            ids_alive = (ids_alive - set(b["replaced_id"].tolist())) | set(b["agent_id"].tolist())
+            lin = eng.lineage()
+            got = lin[b["slot"]]
+            assert (got["agent_id"] == b["agent_id"]).all() and (got["generation"] == gen).all()
+            assert (got["birth_bar"] == 300 * gen).all()
+            assert (got["parent_a"] == b["parent_a"]).all() and (got["parent_b"] == b["parent_b"]).all()
+        assert set(eng.agents()["agent_id"].tolist()) == ids_alive
+        assert set(eng.genomes()["agent_id"].tolist()) == ids_alive
+        founders = lin[lin["generation"] == 0]
+        assert (founders["parent_a"] == NONE).all() and (founders["birth_bar"] == 0).all()
+        # credit is addressed by the new ids; a replaced id is gone
+        child = int(b["agent_id"][0])
+        eng.set_credit([child], [1.5])
+        assert eng.agents()["credit"][b["slot"][0]] == 1.5
+        with pytest.raises(ValueError, match="no agent with id"):
+            eng.set_credit([int(b["replaced_id"][0])], [1.5])
+
+
+def test_children_read_warm_indicators_from_their_first_bar():
+    # A child's score depends only on its weights and the bank's features; features it inherits
+    # have been updated since bar 0, so its scores equal those of a fresh engine that ran the
+    # child's genome from bar 0 (a child starting cold would score 0 until warm).
+    bars = planted_market(1000, seed=13)
+    pop = _pop(128, seed=14)
+    with dc.Engine(pop, threads=2, cores_per_sm=32) as eng:  # SM banks merged into group banks
+        eng.run(bars[:600])
+        rep = eng.evolve(dict(min_age=100, replace_fraction=0.3, p_period=1.0), seed=9, generation=1)
+        children = eng.genomes()[rep["births"]["slot"]]
+        slots = rep["births"]["slot"]
+        scores, warm = [], []
+        for i in range(600, 640):
+            eng.run(bars[i:i + 1])
+            a = eng.agents()
+            scores.append(a["score"][slots])
+            warm.append(a["warm"][slots])
+    assert len(slots) > 20 and np.array(warm).all()
+    kids = children.copy()
+    kids["kind"] = 0
+    with dc.Engine(dc.Population(kids), threads=1) as ref:
+        ref.run(bars[:600])
+        for k, i in enumerate(range(600, 640)):
+            ref.run(bars[i:i + 1])
+            assert np.array_equal(ref.agents()["score"], scores[k])
+
+
+def test_quarantined_agents_are_replaced_first():
+    bars = planted_market(400, seed=15)
+    pop = _pop(64, seed=16)
+    with dc.Engine(pop, threads=1, fault_injection=True) as eng:
+        eng.run(bars[:300])
+        eng.faults.poison(5)
+        eng.run(bars[300:301])
+        assert eng.agents()["quarantined"][5] == 1
+        rep = eng.evolve(dict(min_age=0, replace_fraction=0.0), seed=1, generation=1)  # nobody else goes
+        b = rep["births"]
+        assert b["slot"].tolist() == [5] and b["how"][0] & 8 and math.isnan(b["replaced_fitness"][0])
+        assert eng.agents()["quarantined"][5] == 0
+        eng.run(bars[301:])
+        assert eng.agents()["quarantined"][5] == 0
+
+
+def test_selection_pressure_on_a_planted_edge_beats_a_no_evolution_control():
+    # returns follow r[t] = 0.3 r[t-1] + noise: momentum-like agents earn, others pay costs.
+    # The same population with and without replacement (replace_fraction 0 only judges).
+    bars = planted_market(6000, phi=0.3, seed=1)
+    pop = _pop(1024, seed=2)
+    traces = {}
+    for rf in (0.0, 0.2):
+        with dc.Engine(pop, threads=2) as eng:
+            evo = Evolution(eng, dict(replace_fraction=rf, min_age=300), every=500, regime=False, seed=3)
+            evo.run(bars)
+            traces[rf] = evo.trace
+    control = np.array([r.median for r in traces[0.0]])
+    evolved = np.array([r.median for r in traces[0.2]])
+    assert len(evolved) == 12 and traces[0.0][0].median == traces[0.2][0].median  # same start
+    assert sum(r.replaced for r in traces[0.0]) == 0
+    # the median climbs generation over generation (last third above the first third) ...
+    assert evolved[-4:].mean() > evolved[:4].mean() + 0.05
+    # ... and ends above the control's in every one of the last four generations
+    assert (evolved[-4:] > control[-4:] + 0.05).all(), (evolved, control)
+
+
+def test_regime_changes_trigger_a_generation():
+    reg = VolatilityRegime()
+    rng = np.random.default_rng(0)
+    calm = 100 * np.exp(np.cumsum(rng.normal(0, 0.001, 1500)))
+    wild = calm[-1] * np.exp(np.cumsum(rng.normal(0, 0.004, 60)))
+    flips = [i for i, c in enumerate(np.concatenate([calm, wild])) if reg.update(float(c))]
+    assert flips == [flips[0]] and 1500 <= flips[0] < 1520 and reg.state == "high"
+    # through the driver: a volatility burst in the bars starts a generation tagged "regime"
+    bars = planted_market(900, seed=17)
+    r = np.diff(np.log(bars["close"]))
+    r[600:] *= 4.0
+    close = bars["close"][0] * np.exp(np.concatenate([[0.0], np.cumsum(r)]))
+    bars["close"] = close
+    bars["open"] = np.concatenate([[close[0]], close[:-1]])
+    bars["high"] = np.maximum(bars["open"], close) * 1.0001
+    bars["low"] = np.minimum(bars["open"], close) * 0.9999
+    with dc.Engine(_pop(128), threads=1) as eng:
+        evo = Evolution(eng, dict(min_age=50), every=0, regime=True, seed=1)
+        evo.run(bars)
+    assert [t.trigger for t in evo.trace][:1] == ["regime"] and 600 <= evo.trace[0].bar < 640
+
+
+def test_bad_configs_are_typed_errors_and_change_nothing():
+    with dc.Engine(_pop(64), threads=1) as eng:
+        eng.run(planted_market(200, seed=1))
+        g0 = eng.genomes()
+        for bad in (dict(replace_fraction=1.5), dict(tournament=0), dict(entry_min=0.5, entry_max=0.1),
+                    dict(period_min=50, period_max=10), dict(unknown=1), dict(stream=5)):
+            with pytest.raises(ValueError):
+                eng.evolve(bad, seed=1, generation=1)
+        with pytest.raises(TypeError):
+            eng.evolve("fast please", seed=1, generation=1)
+        with pytest.raises(ValueError):
+            eng.evolve(None, seed=-1, generation=1)
+        with pytest.raises(ValueError, match="generation"):
+            eng.evolve(None, seed=1, generation=0)  # 0 is the founders'
+        assert _bytes(eng.genomes()) == _bytes(g0)
+
+
+def test_trace_table_and_plot(tmp_path):
+    bars = planted_market(1200, seed=18)
+    with dc.Engine(_pop(256), threads=1) as eng:
+        evo = Evolution(eng, dict(min_age=100), every=300, regime=False, seed=2)
+        evo.run(bars)
+    text = evo.table()
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["gen", "stream", "bar"] and len(lines) == 2 + len(evo.trace) == 6
+    assert format_trace(evo.trace) == text
+    out = evo.plot(tmp_path / "trace.png")
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
