@@ -67,10 +67,14 @@ Engine::Engine(const Genome* genomes, size_t n, const EngineConfig& cfg)
   if (cfg.stall_deadline_ns < 1'000'000) throw std::invalid_argument("stall deadline must be >= 1 ms");
   lanes_.assign(layout_.params);
   state_.init(layout_.params.size());
-  genomes_.assign(genomes, genomes + n);
-  lineage_.resize(n);
+  lane_genome_.assign(layout_.params.size(), Genome{});
+  lane_lineage_.assign(layout_.params.size(), Lineage{UINT32_MAX, UINT32_MAX, UINT32_MAX, 0, 0});
+  lane_id_.assign(layout_.params.size(), UINT32_MAX);
   for (size_t a = 0; a < n; ++a) {
-    lineage_[a] = Lineage{genomes[a].agent_id, UINT32_MAX, UINT32_MAX, 0, 0};
+    const uint32_t l = layout_.agent_lane[a];
+    lane_genome_[l] = genomes[a];
+    lane_lineage_[l] = Lineage{genomes[a].agent_id, UINT32_MAX, UINT32_MAX, 0, 0};
+    lane_id_[l] = genomes[a].agent_id;
     next_id_ = std::max(next_id_, genomes[a].agent_id);
   }
   if (n) next_id_ = next_id_ == UINT32_MAX ? UINT32_MAX : next_id_ + 1;
@@ -991,13 +995,13 @@ void Engine::journal_event_locked(const std::string& event) {
 void Engine::genomes(Genome* out) {
   std::lock_guard<std::mutex> lk(ingress_m_);
   wait_idle();
-  std::copy(genomes_.begin(), genomes_.end(), out);
+  for (size_t a = 0; a < layout_.n_agents; ++a) out[a] = lane_genome_[layout_.agent_lane[a]];
 }
 
 void Engine::lineage(Lineage* out) {
   std::lock_guard<std::mutex> lk(ingress_m_);
   wait_idle();
-  std::copy(lineage_.begin(), lineage_.end(), out);
+  for (size_t a = 0; a < layout_.n_agents; ++a) out[a] = lane_lineage_[layout_.agent_lane[a]];
 }
 
 void Engine::set_external_scores(const uint32_t* agents, const double* scores, size_t n, const std::string& event) {

@@ -18,6 +18,7 @@
 // group a SM is in, and which worker runs it, changes no result.
 #pragma once
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -285,10 +286,18 @@ class Engine {
   Layout layout_;
   LaneArrays lanes_;
   StateArrays state_;
-  std::vector<Genome> genomes_;   // population order, as evolved
-  std::vector<Lineage> lineage_;  // population order
+  // Per lane (an SM's lanes are contiguous, so a generation touches memory SM by SM): the
+  // genome as evolved, its lineage and agent id (masked lanes: zero / UINT32_MAX).
+  std::vector<Genome> lane_genome_;
+  std::vector<Lineage> lane_lineage_;
+  std::vector<uint32_t> lane_id_;
   std::vector<std::vector<int32_t>> sm_fmap_;  // per SM: its feature index -> its group bank's
-  std::vector<SmLattice> lattice_;  // per SM, built at the first generation
+  std::vector<SmLattice> lattice_;  // per SM, built at the first generation, with:
+  std::vector<int64_t> lane_birth_;  // per lane: its agent's birth bar (compact, for judging)
+  std::vector<std::array<int16_t, kFeatures>> lane_rank_;  // per lane: lattice rank of each used feature, -1
+  std::vector<int8_t> lane_style_;  // per lane: dominant feature (-1: none)
+  std::vector<std::array<int64_t, kFeatures + 1>> styles_;  // per stream: agents per dominant feature, all
+  std::vector<double> fit_;  // scratch: fitness per lane of the last generation
   uint32_t next_id_ = 0;
   std::unordered_map<uint64_t, uint32_t> stream_of_;
   uint32_t batch_ = 0;

@@ -188,9 +188,35 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   journal_event_locked(event);
 
   if (lattice_.size() != layout_.sms.size()) {
+    // first generation: each SM's lattice, each lane's birth bar and each stream's style counts,
+    // kept current from then on
     lattice_.clear();
     lattice_.reserve(layout_.sms.size());
     for (const Sm& sm : layout_.sms) lattice_.push_back(build_lattice(sm.bank));
+    lane_birth_.assign(lanes_.active.size(), 0);
+    lane_rank_.assign(lanes_.active.size(), {-1, -1, -1, -1, -1});
+    lane_style_.assign(lanes_.active.size(), -1);
+    styles_.assign(layout_.streams.size(), {});
+    for (uint32_t m = 0; m < layout_.sms.size(); ++m) {
+      const Sm& sm = layout_.sms[m];
+      const SmLattice& L = lattice_[m];
+      std::vector<int16_t> rank_of[kFeatures];  // feature index within the kind -> lattice rank
+      for (int f = 0; f < kFeatures; ++f) {
+        rank_of[f].assign(L.sorted[f].size(), -1);
+        for (size_t r = 0; r < L.sorted[f].size(); ++r) rank_of[f][L.sorted[f][r]] = static_cast<int16_t>(r);
+      }
+      for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
+        if (layout_.lane_agent[l] == kNone || lanes_.external[l]) continue;
+        lane_birth_[l] = lane_lineage_[l].birth_bar;
+        for (int f = 0; f < kFeatures; ++f) {
+          const uint16_t fi = layout_.params[l].fidx[f];
+          if (fi) lane_rank_[l][f] = rank_of[f][fi - L.base[f]];
+        }
+        ++styles_[sm.stream][kFeatures];
+        lane_style_[l] = static_cast<int8_t>(style_of(lane_genome_[l]));
+        if (lane_style_[l] >= 0) ++styles_[sm.stream][lane_style_[l]];
+      }
+    }
   }
 
   GenerationReport rep;
@@ -206,41 +232,65 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   };
   const uint32_t m_begin = layout_.streams[s_begin].sm_begin, m_end = layout_.streams[s_end - 1].sm_end;
   std::vector<Island> isl(m_end - m_begin);
-  std::vector<double> fit(lanes_.active.size(), std::numeric_limits<double>::quiet_NaN());
+  fit_.resize(lanes_.active.size());  // read only for the lanes judged below
+  double* fit = fit_.data();
   std::vector<double> judged_fit;
+  judged_fit.reserve(lanes_.active.size());
   std::vector<std::pair<double, uint32_t>> order;
+  const uint32_t* lane_agent = layout_.lane_agent.data();
+  const uint32_t* lane_id = lane_id_.data();
+  const int32_t* external = lanes_.external.data();
+  const uint32_t* quar = state_.quarantined.data();
+  const uint32_t* n_ret = state_.n_ret.data();
+  const uint32_t* trades = state_.trades.data();
+  const double* ret_sum = state_.ret_sum.data();
+  const double* ret_sq = state_.ret_sq.data();
+  const double* max_dd = state_.max_dd.data();
+  const int64_t* birth = lane_birth_.data();
+  constexpr double kNotTraded = -std::numeric_limits<double>::infinity();
   for (uint32_t m = m_begin; m < m_end; ++m) {
     const Sm& sm = layout_.sms[m];
-    const int64_t nbars = groups_[group_of_[m]].bank.nbars;
+    const int64_t born_by = groups_[group_of_[m]].bank.nbars - static_cast<int64_t>(cfg.min_age);
     Island& I = isl[m - m_begin];
     order.clear();
     for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
-      const uint32_t a = layout_.lane_agent[l];
-      if (a == kNone || lanes_.external[l]) continue;
-      if (state_.quarantined[l]) {
+      if (lane_agent[l] == kNone || external[l]) continue;
+      if (quar[l]) {
         I.losers.push_back(l);
+        fit[l] = std::numeric_limits<double>::quiet_NaN();
         continue;
       }
-      if (nbars - lineage_[a].birth_bar < static_cast<int64_t>(cfg.min_age)) continue;
-      double x = agent_fitness(state_.get(l), cfg.dd_penalty);
-      if (!std::isfinite(x)) x = 0.0;  // no warm bar yet: nothing earned, nothing lost
+      if (birth[l] > born_by) continue;  // too young to judge
+      // agent_fitness, from the arrays it reads
+      double x = 0.0;  // no warm bar yet: nothing earned, nothing lost
+      if (n_ret[l]) {
+        const double n = static_cast<double>(n_ret[l]);
+        const double mean = ret_sum[l] / n;
+        double var = ret_sq[l] / n - mean * mean;
+        if (var < 0.0) var = 0.0;
+        const double sd = DC_SQRT(var);
+        x = (sd > 0.0 ? mean / sd : 0.0) - cfg.dd_penalty * max_dd[l];
+        if (!std::isfinite(x)) x = 0.0;
+      }
       fit[l] = x;
-      ++rep.judged;
-      const bool traded = state_.trades[l] >= cfg.min_trades;
+      const bool traded = trades[l] >= cfg.min_trades;
       if (traded) judged_fit.push_back(x);
-      order.emplace_back(traded ? x : -std::numeric_limits<double>::infinity(), l);
+      order.emplace_back(traded ? x : kNotTraded, l);
     }
+    rep.judged += order.size();
     // weakest first (agents short of the minimum trade count below every other), equal
     // fitness by agent id, so the order is a function of the population
-    std::sort(order.begin(), order.end(), [&](const auto& x, const auto& y) {
+    auto weaker = [&](const std::pair<double, uint32_t>& x, const std::pair<double, uint32_t>& y) {
       if (x.first != y.first) return x.first < y.first;
-      return layout_.agent_id[layout_.lane_agent[x.second]] < layout_.agent_id[layout_.lane_agent[y.second]];
-    });
+      return lane_id[x.second] < lane_id[y.second];
+    };
     const size_t n_rep = static_cast<size_t>(cfg.replace_fraction * static_cast<double>(order.size()));
+    if (n_rep > 0 && n_rep < order.size()) std::nth_element(order.begin(), order.begin() + n_rep, order.end(), weaker);
+    std::sort(order.begin(), order.begin() + n_rep, weaker);
     for (size_t k = 0; k < order.size(); ++k) {
       const uint32_t l = order[k].second;
       if (k < n_rep) I.losers.push_back(l);
-      else if (order[k].first > -std::numeric_limits<double>::infinity()) I.pool.push_back(l);
+      else if (order[k].first != kNotTraded) I.pool.push_back(l);
     }
     rep.eligible += I.pool.size();
   }
@@ -258,24 +308,14 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     }
   }
 
-  // Agents per style (dominant feature), per stream in scope, kept current as children are born.
-  std::vector<std::array<int64_t, kFeatures>> styles(s_end - s_begin);
-  std::vector<int64_t> stream_agents(s_end - s_begin, 0);
-  for (uint32_t m = m_begin; m < m_end; ++m) {
-    const Sm& sm = layout_.sms[m];
-    auto& cnt = styles[sm.stream - s_begin];
-    for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
-      const uint32_t a = layout_.lane_agent[l];
-      if (a == kNone || lanes_.external[l]) continue;
-      ++stream_agents[sm.stream - s_begin];
-      const int s = style_of(genomes_[a]);
-      if (s >= 0) ++cnt[s];
-    }
-  }
-
   auto better = [&](uint32_t x, uint32_t y) {  // fitter, then lower agent id
     if (fit[x] != fit[y]) return fit[x] > fit[y];
-    return layout_.agent_id[layout_.lane_agent[x]] < layout_.agent_id[layout_.lane_agent[y]];
+    return lane_id[x] < lane_id[y];
+  };
+  // A parent of the SM itself: its genome and the lattice ranks of its features, as kept per lane.
+  auto express_local = [&](uint32_t lane, Child& c) {
+    c.g = lane_genome_[lane];
+    for (int f = 0; f < kFeatures; ++f) c.rank[f] = lane_rank_[lane][f];
   };
   auto tournament = [&](const std::vector<uint32_t>& pool, CounterRng& rng) {
     uint32_t best = pool[rng.below(static_cast<uint32_t>(pool.size()))];
@@ -296,8 +336,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     const Stream& st = layout_.streams[sm.stream];
     const SmLattice& L = lattice_[m];
     const int64_t nbars = groups_[group_of_[m]].bank.nbars;
-    auto& cnt = styles[sm.stream - s_begin];
-    const double even = static_cast<double>(stream_agents[sm.stream - s_begin]) / kFeatures;
+    auto& cnt = styles_[sm.stream];  // agents per style (dominant feature), then all
+    const double even = static_cast<double>(cnt[kFeatures]) / kFeatures;
     uint32_t spawns_left = static_cast<uint32_t>(cfg.spawn_fraction * static_cast<double>(I.losers.size()));
     // neighbouring SM of the same stream (migrants come from there)
     const uint32_t nb = st.sm_end - st.sm_begin > 1 ? (m + 1 < st.sm_end ? m + 1 : st.sm_begin) : kNone;
@@ -306,7 +346,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
                                                                                      : nullptr;
     for (uint32_t slot_lane : I.losers) {
       const uint32_t a = layout_.lane_agent[slot_lane];
-      const uint32_t old_id = layout_.agent_id[a];
+      const uint32_t old_id = lane_id[slot_lane];
       CounterRng rng(seed, old_id, generation);
       uint32_t how = state_.quarantined[slot_lane] ? kQuarantined : 0;
       if (I.pool.empty() && !nb_pool) break;
@@ -327,7 +367,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       uint32_t pa = kNone, pb = kNone;
       if (nb_pool && rng.uniform() < cfg.p_migrate) {
         const uint32_t cand = tournament(*nb_pool, rng);
-        if (express(genomes_[layout_.lane_agent[cand]], L, c)) {
+        if (express(lane_genome_[cand], L, c)) {
           pa = cand;
           how |= kMigrant;
         }
@@ -335,7 +375,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       if (pa == kNone) {
         if (I.pool.empty()) continue;
         pa = tournament(I.pool, rng);
-        express(genomes_[layout_.lane_agent[pa]], L, c);  // its own SM: always on the lattice
+        express_local(pa, c);
       }
 
       // crossover: gene blocks {trend, macd, atr}, rsi, bb, mom, {entry, mode} from either parent
@@ -344,7 +384,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         if (pb == pa) pb = tournament(I.pool, rng);
         if (pb != pa) {
           Child d{};
-          express(genomes_[layout_.lane_agent[pb]], L, d);
+          express_local(pb, d);
           how |= kCrossover;
           if (rng.uniform() < 0.5) {
             for (int f : {0, 2}) {
@@ -431,15 +471,16 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       }
 
       // ---- write the child into the slot ---------------------------------------------------
-      const int before = style_of(genomes_[a]);
+      const int before = lane_style_[slot_lane];
       if (before >= 0) --cnt[before];
       c.g.agent_id = next_id_++;
       c.g.instrument = st.instrument;
       c.g.timeframe = st.timeframe;
       c.g.kind = 0;
-      genomes_[a] = c.g;
+      lane_genome_[slot_lane] = c.g;
       const int after = style_of(c.g);
       if (after >= 0) ++cnt[after];
+      lane_style_[slot_lane] = static_cast<int8_t>(after);
 
       LaneParams& p = layout_.params[slot_lane];
       p.w[0] = c.g.w_trend;
@@ -451,10 +492,11 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       p.cost = c.g.cost_bps * 1e-4;
       p.long_short = c.g.mode == static_cast<uint32_t>(Mode::LongShort);
       p.lookback = genome_lookback(c.g);
-      for (int f = 0; f < kFeatures; ++f)
-        p.fidx[f] = c.rank[f] < 0 || p.w[f] == 0.0
-                        ? 0
-                        : static_cast<uint16_t>(L.base[f] + static_cast<uint32_t>(L.sorted[f][c.rank[f]]));
+      for (int f = 0; f < kFeatures; ++f) {
+        const bool used = c.rank[f] >= 0 && p.w[f] != 0.0;
+        p.fidx[f] = used ? static_cast<uint16_t>(L.base[f] + static_cast<uint32_t>(L.sorted[f][c.rank[f]])) : 0;
+        lane_rank_[slot_lane][f] = static_cast<int16_t>(used ? c.rank[f] : -1);
+      }
       for (int f = 0; f < kFeatures; ++f) {
         lanes_.w[f][slot_lane] = p.w[f];
         lanes_.fidx[f][slot_lane] = sm_fmap_[m][p.fidx[f]];
@@ -464,11 +506,13 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       lanes_.lookback[slot_lane] = p.lookback;
       lanes_.long_short[slot_lane] = p.long_short;
       state_.reset(slot_lane);
+      lane_birth_[slot_lane] = nbars;
 
       layout_.agent_id[a] = c.g.agent_id;
-      const uint32_t ida = layout_.agent_id[layout_.lane_agent[pa]];
-      const uint32_t idb = pb == kNone ? kNone : layout_.agent_id[layout_.lane_agent[pb]];
-      lineage_[a] = Lineage{c.g.agent_id, ida, idb, generation, nbars};
+      lane_id_[slot_lane] = c.g.agent_id;
+      const uint32_t ida = lane_id[pa];
+      const uint32_t idb = pb == kNone ? kNone : lane_id[pb];
+      lane_lineage_[slot_lane] = Lineage{c.g.agent_id, ida, idb, generation, nbars};
       rep.births.push_back(Birth{a, c.g.agent_id, old_id, ida, idb, sm.stream, m, how, fit[slot_lane]});
       rep.crossovers += (how & kCrossover) != 0;
       rep.migrants += (how & kMigrant) != 0;
@@ -477,7 +521,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     }
   }
   for (uint32_t s = s_begin; s < s_end; ++s)
-    for (int f = 0; f < kFeatures; ++f) rep.style_counts[f] += static_cast<uint64_t>(styles[s - s_begin][f]);
+    for (int f = 0; f < kFeatures; ++f) rep.style_counts[f] += static_cast<uint64_t>(styles_[s][f]);
   return rep;
 }
 
