@@ -300,3 +300,34 @@ def test_trace_table_and_plot(tmp_path):
     out = evo.plot(tmp_path / "trace.png")
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_run_evolves_journals_and_replays(tmp_path):
+    from .test_cli import assert_clean_error, dynamic_core
+
+    proc = dynamic_core("run", "-q", "--agents", "600", "--bars", "900", "--instruments", "2", "--evolve", "300",
+                        "--journal", "j", "--evolve-plot", "t.png", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "Evolution: " in out and "children born" in out and " every " in out
+    assert (tmp_path / "t.png").stat().st_size > 1000
+    rep = dynamic_core("replay", "j", "--verify", cwd=tmp_path)
+    assert rep.returncode == 0, rep.stderr
+    assert "0 mismatched; 0 missing" in rep.stdout
+    assert_clean_error(dynamic_core("run", "--evolve", "-5", cwd=tmp_path), "--evolve")
+    assert_clean_error(dynamic_core("run", "--evolve-plot", "x.png", cwd=tmp_path), "--evolve")
+    assert_clean_error(dynamic_core("run", "--paper", "--evolve", "100", cwd=tmp_path), "--paper")
+
+
+def test_harness_traces_evolution_on_real_data():
+    pytest.importorskip("backtesting")
+    from dynamic_core.learning.harness import format_report, replay_report
+    from dynamic_core.cli import load_bars
+
+    bars = load_bars("backtesting:EURUSD", sim_names=["EURUSD"], bars=2000, timeframe=None, seed=0)
+    table = replay_report(bars, 10, evolve=400, evolve_agents=512)
+    rows = table.attrs["evolution"]
+    assert len(rows) >= 5 and all(r.replaced > 0 for r in rows)
+    assert rows[0].trigger == "every" and rows[0].bar == 400
+    text = format_report(table)
+    assert "evolution trace" in text and "best" in text and "median" in text

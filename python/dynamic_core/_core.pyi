@@ -26,6 +26,14 @@ class Engine:
         """
         Rejected bars with reason codes, oldest first, as bytes.
         """
+    def evolve(self, config: dict, seed: typing.SupportsInt | typing.SupportsIndex, generation: typing.SupportsInt | typing.SupportsIndex, event: bytes = b'') -> dict:
+        """
+        One generation of evolution between updates; returns the report (births as bytes).
+        """
+    def genomes(self) -> numpy.typing.NDArray[numpy.uint8]:
+        """
+        The current (evolved) genomes in population order, as bytes.
+        """
     def has_journal(self) -> bool:
         ...
     def inject_poison(self, agent: typing.SupportsInt | typing.SupportsIndex) -> None:
@@ -38,6 +46,10 @@ class Engine:
         ...
     def layout(self) -> dict:
         ...
+    def lineage(self) -> numpy.typing.NDArray[numpy.uint8]:
+        """
+        Lineage of the agent in each population slot, as bytes.
+        """
     def open_journal(self, dir: str, meta: bytes, population_hash: typing.SupportsInt | typing.SupportsIndex, config_hash: typing.SupportsInt | typing.SupportsIndex, build_id: str, fsync_level: typing.SupportsInt | typing.SupportsIndex, segment_bytes: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def poll(self, max_n: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint8]:

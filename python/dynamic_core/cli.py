@@ -317,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "[default: 0]")
     r.add_argument("--fsync", type=int, choices=(0, 1, 2), default=0,
                    help="journal durability per batch: 0 OS, 1 data (fdatasync), 2 data + metadata [default: 0]")
+    r.add_argument("--evolve", type=int, default=0, metavar="N",
+                   help="evolve the population while it trades: a generation of a stream every N of its bars "
+                        "and when its volatility regime changes (the weakest 10%% of each SM replaced by "
+                        "children of its fittest); prints the evolution trace [default: 0, off]")
+    r.add_argument("--evolve-seed", type=int, default=0, metavar="S",
+                   help="seed of the evolution's counter-based RNG [default: 0]")
+    r.add_argument("--evolve-plot", default=None, metavar="PNG",
+                   help="also plot best/median fitness per generation to this image file")
     r.set_defaults(func=cmd_run)
 
     b = sub.add_parser(
@@ -393,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bars on each side of a swing [default: 10]")
     sm.add_argument("--engine", action="store_true",
                     help="with a journal: also replay it through the engine and verify its signals")
+    sm.add_argument("--evolve", type=int, default=0, metavar="N",
+                    help="also replay the bars through random agents that evolve every N bars of a stream "
+                         "and print the evolution trace (best/median fitness per generation) [default: 0, off]")
+    sm.add_argument("--evolve-agents", type=_positive_int, default=2048, metavar="K",
+                    help="agents of the evolving population [default: 2048]")
+    sm.add_argument("--evolve-plot", default=None, metavar="PNG",
+                    help="plot the evolution trace to this image file")
     sm.set_defaults(func=cmd_smc)
     from .bridges.mt5 import cli as mt5_cli
 
@@ -689,15 +704,18 @@ class _Progress:
 
 
 def _drive(eng: Engine, bars: np.ndarray, chunk: int, state: _Progress,
-           on_chunk: Callable[[], None] | None = None, learners: Any = None) -> None:
+           on_chunk: Callable[[], None] | None = None, learners: Any = None, evo: Any = None) -> None:
     """Feed ``bars`` to ``eng`` ``chunk`` at a time; engine state carries over between calls.
-    With learning agents, one time step at a time: each step's scores go in before its bars."""
+    With learning agents, one time step at a time: each step's scores go in before its bars.
+    With ``evo`` (an :class:`~dynamic_core.learning.evolution.Evolution`), generations run
+    between the bars that trigger them."""
+    run = eng.run if evo is None else evo.run
     if learners is not None:
         from .decision import time_steps
 
         for n, part in enumerate(time_steps(bars)):
             learners.step(part, eng)
-            state.add(eng.run(part), len(part))
+            state.add(run(part), len(part))
             if on_chunk is not None and n % 50 == 0:
                 on_chunk()
         if on_chunk is not None:
@@ -705,7 +723,7 @@ def _drive(eng: Engine, bars: np.ndarray, chunk: int, state: _Progress,
         return
     for start in range(0, len(bars), chunk):
         part = bars[start:start + chunk]
-        state.add(eng.run(part), len(part))
+        state.add(run(part), len(part))
         if on_chunk is not None:
             on_chunk()
 
@@ -753,6 +771,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import cli_transport
 
     if getattr(args, "paper", False):
+        if getattr(args, "evolve", 0):
+            raise CLIError("--evolve does not combine with --paper yet: the decision layer's credit "
+                           "ledger follows agent ids, which evolution replaces")
         if cli_transport.wants_service(args):
             raise CLIError("--paper runs in this process; it does not combine with --publish/--feed/--control")
         from . import cli_decision
@@ -760,7 +781,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return cli_decision.cmd_run_paper(args)
     if getattr(args, "shadow", None) or getattr(args, "decision_config", None):
         raise CLIError("--decision-config and --shadow need --paper")
+    if args.evolve < 0:
+        raise CLIError("--evolve takes a number of bars >= 0")
+    if args.evolve_plot and not args.evolve:
+        raise CLIError("--evolve-plot needs --evolve N")
     if cli_transport.wants_service(args):  # --publish/--feed/--control: behind sockets
+        if args.evolve:
+            raise CLIError("--evolve runs in the plain 'run'; it does not combine with --publish/--feed/--control yet")
         return cli_transport.cmd_run_service(args)
     t0 = time.perf_counter()
     console = _console()
@@ -779,14 +806,21 @@ def cmd_run(args: argparse.Namespace) -> int:
                       f"{', '.join(sorted({a['provider'] for a in mesh.adapters()})) or 'none yet'}, "
                       f"deadline {mesh.deadline_s:g}s")
 
+    evo = None
+    if args.evolve:
+        from .learning.evolution import Evolution
+
+        evo = Evolution(eng, every=args.evolve, seed=args.evolve_seed)
+        console.print(f"evolution: a generation of a stream every {args.evolve:,} of its bars and on a "
+                      f"volatility regime change (seed {args.evolve_seed})")
     state = _Progress.new(mesh)
     live = console.is_terminal and not (args.no_live or args.quiet)
     interrupted = False
     try:
         if live:
-            _run_live(console, eng, bars, chunk, state, learners)
+            _run_live(console, eng, bars, chunk, state, learners, evo)
         else:
-            _drive(eng, bars, chunk, state, learners=learners)
+            _drive(eng, bars, chunk, state, learners=learners, evo=evo)
     except KeyboardInterrupt:
         # summarise what ran so far; the exit code still says it was cut short
         interrupted = True
@@ -807,8 +841,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(_throughput_line(stats, wall))
     if learners is not None:
         console.print(_learning_line(learners, agents))
+    if evo is not None:
+        _evolution_summary(console, evo, args.evolve_plot)
     return finish_run(console, args, eng, mesh, interrupted,
                       lambda j: f"{j['records']:,} records, {j['bytes']:,} bytes, {j['syncs']:,} syncs")
+
+
+def _evolution_summary(console: Any, evo: Any, plot: str | None) -> None:
+    """The evolution trace (one line per generation) and, if asked, its plot."""
+    if not evo.trace:
+        console.print("evolution: no generation was due (fewer bars per stream than --evolve)")
+        return
+    born = sum(r.replaced for r in evo.trace)
+    console.print(f"Evolution: {len(evo.trace)} generation(s), {born:,} children born")
+    console.print(evo.table(), markup=False, highlight=False, soft_wrap=True)
+    if plot:
+        console.print(f"evolution trace plotted to {evo.plot(plot)}")
 
 
 def run_inputs(args: argparse.Namespace) -> tuple[np.ndarray, list[tuple[int, int]], Population, Any]:
@@ -847,7 +895,8 @@ def finish_run(console: Any, args: argparse.Namespace, eng: Engine, mesh: Any, i
     return 0
 
 
-def _run_live(console, eng: Engine, bars: np.ndarray, chunk: int, state: _Progress, learners: Any = None) -> None:
+def _run_live(console, eng: Engine, bars: np.ndarray, chunk: int, state: _Progress, learners: Any = None,
+              evo: Any = None) -> None:
     from rich.console import Group
     from rich.live import Live
 
@@ -865,7 +914,7 @@ def _run_live(console, eng: Engine, bars: np.ndarray, chunk: int, state: _Progre
             progress.update(task, completed=state.done, rate=rate)
             live.update(view())
 
-        _drive(eng, bars, chunk, state, update, learners)
+        _drive(eng, bars, chunk, state, update, learners, evo)
 
 
 def _learning_line(learners: Any, agents: np.ndarray) -> str:
@@ -891,8 +940,13 @@ def cmd_smc(args: argparse.Namespace) -> int:
             raise CLIError("--engine needs a journal directory")
         bars = load_bars(src, sim_names=["EURUSD"], bars=None, timeframe=None, seed=0)
         source = bars
+    if args.evolve < 0:
+        raise CLIError("--evolve takes a number of bars >= 0")
+    extra: dict[str, Any] = {"engine": True} if args.engine else {}
+    if args.evolve:
+        extra.update(evolve=args.evolve, evolve_agents=args.evolve_agents, evolve_plot=args.evolve_plot)
     try:
-        print_replay_report(source, args.swing_length, **({"engine": True} if args.engine else {}))
+        print_replay_report(source, args.swing_length, **extra)
     except ImportError as e:
         raise CLIError(f"{e}: install the test extra (pip install dynamic_core[test])") from None
     return 0

@@ -334,8 +334,52 @@ def _streams(bars: np.ndarray, names: list[str] | None = None) -> dict[str, np.n
     return out
 
 
+def evolution_trace(streams: Mapping[str, Any], *, agents: int = 2048, every: int = 250, seed: int = 0,
+                    plot: str | os.PathLike[str] | None = None) -> Any:
+    """Replay the bars of ``streams`` (``{"NAME/timeframe_s" or any name: BAR_DTYPE array}``, as
+    :func:`journal_bars` gives) in time order through ``agents`` random agents that evolve while
+    they trade (:class:`~dynamic_core.learning.evolution.Evolution`: a generation of a stream every
+    ``every`` of its bars and on a volatility regime change). Returns the
+    :class:`~dynamic_core.learning.evolution.Evolution`, whose ``trace`` holds best/median fitness
+    per generation; ``plot`` saves it as an image."""
+    from ..engine import Engine
+    from ..instruments import instruments
+    from ..population import Population
+    from ..records import BAR_DTYPE
+    from .evolution import Evolution
+
+    parts = []
+    for name, bars in streams.items():
+        arr = np.array(bars, dtype=BAR_DTYPE, copy=True) if isinstance(bars, np.ndarray) else None
+        if arr is None or arr.dtype != BAR_DTYPE:
+            raise TypeError(f"stream {name!r}: evolution needs BAR_DTYPE bars")
+        # the journal numbered instruments in its own process: register them here by name
+        arr["instrument"] = instruments.id(str(name).split("/")[0])
+        parts.append(arr)
+    if not parts:
+        raise ValueError("no bars to evolve over")
+    allbars = np.concatenate(parts)
+    allbars = allbars[np.argsort(allbars["ts"], kind="stable")]
+    keys = sorted({(int(i), int(t)) for i, t in zip(allbars["instrument"], allbars["timeframe"])})
+    pop = Population.random(agents, instruments=sorted({i for i, _ in keys}),
+                            timeframes=sorted({t for _, t in keys}), seed=seed)
+    if len(keys) != len({i for i, _ in keys}) * len({t for _, t in keys}):  # only the streams present
+        rec = pop.records.copy()
+        which = np.arange(agents) % len(keys)
+        rec["instrument"] = np.array([k[0] for k in keys], dtype=np.uint32)[which]
+        rec["timeframe"] = np.array([k[1] for k in keys], dtype=np.uint32)[which]
+        pop = Population.from_records(rec)
+    with Engine(pop) as eng:
+        evo = Evolution(eng, every=every, seed=seed)
+        evo.run(allbars)
+    if plot is not None and evo.trace:
+        evo.plot(plot, title=f"evolution trace: {', '.join(streams)}")
+    return evo
+
+
 def replay_report(source: Any, swing_length: int = 10, *, engine: bool = False,
-                  min_bars: int | None = None, **kwargs: Any) -> Any:
+                  min_bars: int | None = None, evolve: int = 0, evolve_agents: int = 2048,
+                  evolve_plot: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
     """The agreement table of every stream in ``source``: a pandas DataFrame with one row per
     (stream, concept) and the columns of :func:`smc_agreement`.
 
@@ -353,6 +397,10 @@ def replay_report(source: Any, swing_length: int = 10, *, engine: bool = False,
     min_bars : int, optional
         Skip streams shorter than this (default ``6 * swing_length``); they are listed in
         ``table.attrs["skipped"]``.
+    evolve : int
+        When > 0, also replay the bars through ``evolve_agents`` random agents evolving every
+        ``evolve`` bars of a stream (:func:`evolution_trace`); the trace goes in
+        ``table.attrs["evolution"]`` (and a plot to ``evolve_plot``).
     kwargs
         ``close_break``, ``close_mitigation``, ``range_percent`` for :func:`smc_agreement`.
     """
@@ -389,6 +437,12 @@ def replay_report(source: Any, swing_length: int = 10, *, engine: bool = False,
             rows.append({"stream": name, "bars": len(bars), "concept": concept, **agg[concept]})
     cols = ["stream", "bars", "concept", "n_ref", "n_ours", "tp", "fp", "fn", "precision", "recall",
             "f1", "attr", "lag"]
+    if evolve > 0:
+        arrays = {k: v for k, v in streams.items() if isinstance(v, np.ndarray) and v.dtype.names
+                  and "instrument" in v.dtype.names}
+        if arrays:
+            evo = evolution_trace(arrays, agents=evolve_agents, every=evolve, plot=evolve_plot)
+            attrs["evolution"] = list(evo.trace)
     table = pd.DataFrame(rows, columns=cols)
     table.attrs.update(attrs)
     return table
@@ -410,6 +464,13 @@ def format_report(table: Any) -> str:
         lines.append(f"engine replay: {e['bars']} bars, {e['signals']} signals, {e['verified']} verified")
     if table.attrs.get("skipped"):
         lines.append(f"skipped: {', '.join(table.attrs['skipped'])}")
+    if "evolution" in table.attrs:
+        from .evolution import format_trace
+
+        rows = table.attrs["evolution"]
+        lines.append(f"\nevolution trace ({len(rows)} generations; fitness = per-bar Sharpe - "
+                     f"penalty x max drawdown)")
+        lines.append(format_trace(rows) if rows else "no generation was due")
     return "\n".join(lines)
 
 
