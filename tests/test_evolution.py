@@ -331,3 +331,45 @@ def test_harness_traces_evolution_on_real_data():
     assert rows[0].trigger == "every" and rows[0].bar == 400
     text = format_report(table)
     assert "evolution trace" in text and "best" in text and "median" in text
+
+
+_WRITE = """
+import sys, numpy as np, dynamic_core as dc
+from dynamic_core.learning.evolution import Evolution
+dc.instruments.id("EVB"); dc.instruments.id("EVA")      # EVB gets the lower id here
+parts = []
+for k, name in enumerate(("EVA", "EVB")):
+    b = dc.sim.MarketSimulator([name], seed=3 + k).bars(1000)
+    parts.append(b)
+bars = np.concatenate(parts); bars = bars[np.argsort(bars["ts"], kind="stable")]
+pop = dc.Population.random(400, instruments=("EVA", "EVB"), seed=1)
+with dc.Engine(pop, threads=2, journal=sys.argv[1]) as eng:
+    evo = Evolution(eng, dict(min_age=100, replace_fraction=0.25), every=300, regime=False, seed=5)
+    evo.run(bars[:1800])
+    eng.evolve(dict(min_age=100), seed=5, generation=99)   # all streams at once
+    eng.run(bars[1800:])
+print(sum(r.replaced for r in evo.trace))
+"""
+_READ = """
+import sys, dynamic_core as dc
+dc.instruments.id("EVA"); dc.instruments.id("EVB")      # the other order
+res = dc.Engine.replay(sys.argv[1])
+print(res.verified, len(res.mismatched), len(res.missing))
+"""
+
+
+def test_generations_replay_in_a_process_with_other_instrument_ids(tmp_path):
+    import subprocess
+    import sys
+
+    from .test_cli import PKG_ROOT
+
+    env = {"PYTHONPATH": PKG_ROOT, "OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    j = str(tmp_path / "j")
+    w = subprocess.run([sys.executable, "-c", _WRITE, j], capture_output=True, text=True, env=env, timeout=120)
+    assert w.returncode == 0, w.stderr
+    assert int(w.stdout.split()[-1]) > 100
+    r = subprocess.run([sys.executable, "-c", _READ, j], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    verified, mismatched, missing = map(int, r.stdout.split())
+    assert verified == 2000 and mismatched == 0 and missing == 0

@@ -1,6 +1,8 @@
 #include "../dynamic_core/engine.hpp"
 #include "common.hpp"
 
+#include <pybind11/stl.h>
+
 #include <cmath>
 
 namespace dynamic_core::bindings {
@@ -356,16 +358,17 @@ void bind_engine(py::module_& m) {
              return to_bytes(d.data(), d.size());
            }, "Rejected bars with reason codes, oldest first, as bytes.")
       .def("evolve", [](Engine& e, const py::dict& config, uint64_t seed, uint32_t generation,
-                        const py::bytes& event) {
+                        const py::bytes& event, const std::vector<uint32_t>& streams) {
              const EvolutionConfig cfg = evolution_config(config);
              const std::string ev = event;
              GenerationReport r;
              {
                py::gil_scoped_release nogil;
-               r = e.evolve(cfg, seed, generation, ev);
+               r = e.evolve(cfg, seed, generation, ev, streams);
              }
              return report_dict(r);
            }, py::arg("config"), py::arg("seed"), py::arg("generation"), py::arg("event") = py::bytes(),
+           py::arg("streams") = std::vector<uint32_t>{},
            "One generation of evolution between updates; returns the report (births as bytes).")
       .def("genomes", [](Engine& e) {
              std::vector<Genome> out(e.n_agents());

@@ -152,8 +152,10 @@ class Engine {
   // One generation of evolution on the streams in scope (evolution.hpp), between updates;
   // `event` journaled first like set_credit's. Children take the slots (population indices) of
   // the agents they replace, with new agent ids from max(founding ids) + 1 on.
+  // `streams` (indices) sets the scope and the order in which streams are bred, which child
+  // ids follow; empty: cfg.stream, or every stream in index order.
   GenerationReport evolve(const EvolutionConfig& cfg, uint64_t seed, uint32_t generation,
-                          const std::string& event = {});
+                          const std::string& event = {}, const std::vector<uint32_t>& streams = {});
   // The current genomes and lineage, population order (after the bars in flight).
   void genomes(Genome* out);
   void lineage(Lineage* out);

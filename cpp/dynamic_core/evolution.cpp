@@ -175,12 +175,27 @@ bool express(const Genome& parent, const SmLattice& L, Child& c) {
 }  // namespace
 
 GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint32_t generation,
-                                const std::string& event) {
+                                const std::string& event, const std::vector<uint32_t>& streams) {
   validate_evolution(cfg);
   if (generation == 0) throw std::invalid_argument("evolution: generation 0 is the founders'; count from 1");
   if (cfg.stream >= static_cast<int64_t>(layout_.streams.size()))
     throw std::invalid_argument("evolution config: stream " + std::to_string(cfg.stream) + " out of range (" +
                                 std::to_string(layout_.streams.size()) + " streams)");
+  // the streams in scope, in the order their SMs are judged and bred (child ids follow it)
+  std::vector<uint32_t> scope(streams);
+  if (scope.empty()) {
+    if (cfg.stream >= 0) scope.push_back(static_cast<uint32_t>(cfg.stream));
+    else
+      for (uint32_t s = 0; s < layout_.streams.size(); ++s) scope.push_back(s);
+  }
+  {
+    std::vector<char> seen(layout_.streams.size(), 0);
+    for (uint32_t s : scope) {
+      if (s >= layout_.streams.size() || seen[s])
+        throw std::invalid_argument("evolution: stream list holds an unknown or repeated stream " + std::to_string(s));
+      seen[s] = 1;
+    }
+  }
   std::lock_guard<std::mutex> lk(ingress_m_);
   if (next_id_ > UINT32_MAX - 1 - lanes_.active.size())
     throw std::overflow_error("evolution: agent ids exhausted (the next id would pass 2^32 - 1)");
@@ -221,17 +236,20 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
 
   GenerationReport rep;
   rep.generation = generation;
-  const uint32_t s_begin = cfg.stream < 0 ? 0u : static_cast<uint32_t>(cfg.stream);
-  const uint32_t s_end = cfg.stream < 0 ? static_cast<uint32_t>(layout_.streams.size()) : s_begin + 1;
-  if (s_begin >= s_end) return rep;
+  std::vector<uint32_t> sm_order;
+  std::vector<char> in_scope(layout_.sms.size(), 0);
+  for (uint32_t s : scope)
+    for (uint32_t m = layout_.streams[s].sm_begin; m < layout_.streams[s].sm_end; ++m) {
+      sm_order.push_back(m);
+      in_scope[m] = 1;
+    }
 
   // ---- phase 1: judge every SM of the streams in scope --------------------------------------
   struct Island {
     std::vector<uint32_t> pool;    // lanes that may parent, by fitness
     std::vector<uint32_t> losers;  // lanes to replace, quarantined first, then weakest first
   };
-  const uint32_t m_begin = layout_.streams[s_begin].sm_begin, m_end = layout_.streams[s_end - 1].sm_end;
-  std::vector<Island> isl(m_end - m_begin);
+  std::vector<Island> isl(layout_.sms.size());
   fit_.resize(lanes_.active.size());  // read only for the lanes judged below
   double* fit = fit_.data();
   std::vector<double> judged_fit;
@@ -248,10 +266,10 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   const double* max_dd = state_.max_dd.data();
   const int64_t* birth = lane_birth_.data();
   constexpr double kNotTraded = -std::numeric_limits<double>::infinity();
-  for (uint32_t m = m_begin; m < m_end; ++m) {
+  for (uint32_t m : sm_order) {
     const Sm& sm = layout_.sms[m];
     const int64_t born_by = groups_[group_of_[m]].bank.nbars - static_cast<int64_t>(cfg.min_age);
-    Island& I = isl[m - m_begin];
+    Island& I = isl[m];
     order.clear();
     for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
       if (lane_agent[l] == kNone || external[l]) continue;
@@ -260,7 +278,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         fit[l] = std::numeric_limits<double>::quiet_NaN();
         continue;
       }
-      if (birth[l] > born_by) continue;  // too young to judge
+      // too young to judge: fewer than min_age bars since birth, or since its features warmed up
+      if (std::max(birth[l], static_cast<int64_t>(lanes_.lookback[l])) > born_by) continue;
       // agent_fitness, from the arrays it reads
       double x = 0.0;  // no warm bar yet: nothing earned, nothing lost
       if (n_ret[l]) {
@@ -292,9 +311,12 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       if (k < n_rep) I.losers.push_back(l);
       else if (order[k].first != kNotTraded) I.pool.push_back(l);
     }
+    std::sort(I.pool.begin(), I.pool.end());  // lane order: nth_element leaves it unspecified
     rep.eligible += I.pool.size();
   }
-  if (!judged_fit.empty()) {
+  if (judged_fit.empty()) {
+    rep.best = rep.median = rep.mean = std::numeric_limits<double>::quiet_NaN();
+  } else {
     double sum = 0.0;
     for (double x : judged_fit) sum += x;  // in SM, then lane order: deterministic
     rep.mean = sum / static_cast<double>(judged_fit.size());
@@ -329,8 +351,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   // ---- phase 2: children, SM by SM, weakest slot first --------------------------------------
   // Parents are read from a snapshot: a slot replaced earlier in this generation is never a
   // parent (pools exclude losers), so writing children in place cannot change a later child.
-  for (uint32_t m = m_begin; m < m_end; ++m) {
-    Island& I = isl[m - m_begin];
+  for (uint32_t m : sm_order) {
+    Island& I = isl[m];
     if (I.losers.empty()) continue;
     const Sm& sm = layout_.sms[m];
     const Stream& st = layout_.streams[sm.stream];
@@ -342,7 +364,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     // neighbouring SM of the same stream (migrants come from there)
     const uint32_t nb = st.sm_end - st.sm_begin > 1 ? (m + 1 < st.sm_end ? m + 1 : st.sm_begin) : kNone;
     const std::vector<uint32_t>* nb_pool =
-        nb != kNone && nb >= m_begin && nb < m_end && !isl[nb - m_begin].pool.empty() ? &isl[nb - m_begin].pool
+        nb != kNone && in_scope[nb] && !isl[nb].pool.empty() ? &isl[nb].pool
                                                                                      : nullptr;
     for (uint32_t slot_lane : I.losers) {
       const uint32_t a = layout_.lane_agent[slot_lane];
@@ -520,7 +542,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       ++rep.replaced;
     }
   }
-  for (uint32_t s = s_begin; s < s_end; ++s)
+  for (uint32_t s : scope)
     for (int f = 0; f < kFeatures; ++f) rep.style_counts[f] += static_cast<uint64_t>(styles_[s][f]);
   return rep;
 }

@@ -2,6 +2,7 @@
 dynamic_core native engine (private; use the dynamic_core package)
 """
 from __future__ import annotations
+import collections.abc
 import numpy
 import numpy.typing
 import typing
@@ -26,7 +27,7 @@ class Engine:
         """
         Rejected bars with reason codes, oldest first, as bytes.
         """
-    def evolve(self, config: dict, seed: typing.SupportsInt | typing.SupportsIndex, generation: typing.SupportsInt | typing.SupportsIndex, event: bytes = b'') -> dict:
+    def evolve(self, config: dict, seed: typing.SupportsInt | typing.SupportsIndex, generation: typing.SupportsInt | typing.SupportsIndex, event: bytes = b'', streams: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> dict:
         """
         One generation of evolution between updates; returns the report (births as bytes).
         """

@@ -132,6 +132,7 @@ class Engine:
         if not 1 << 16 <= journal_segment_bytes <= 1 << 40:
             raise ValueError("journal_segment_bytes must be in [64 KiB, 1 TiB]")
         self._pop = population
+        self._ids_lock = threading.RLock()  # agent ids -> slots vs generations replacing them
         self.strict = bool(strict)
         self.backpressure = backpressure
         self._population_hash = population.hash if population_hash is None else int(population_hash)
@@ -398,14 +399,15 @@ class Engine:
         vals = np.ascontiguousarray(values, dtype=np.float64).ravel()
         if len(ids) != len(vals):
             raise ValueError(f"{what}: {len(ids)} agent ids but {len(vals)} values")
-        idx = self._indices_of(ids, what)
-        raw = b""
-        if self._journal_path is not None:
-            raw = _event_encoder.encode(event(ids.astype("<u4").tobytes(), vals.astype("<f8").tobytes()))
-            self._journal_new_instruments()
-        native(idx, vals, raw)
+        with self._ids_lock:  # no generation may replace these agents between lookup and write
+            idx = self._indices_of(ids, what)
+            raw = b""
+            if self._journal_path is not None:
+                raw = _event_encoder.encode(event(ids.astype("<u4").tobytes(), vals.astype("<f8").tobytes()))
+                self._journal_new_instruments()
+            native(idx, vals, raw)
 
-    def evolve(self, config: Any = None, *, seed: int = 0, generation: int = 0,
+    def evolve(self, config: Any = None, *, seed: int = 0, generation: int,
                trigger: str = "manual") -> dict[str, Any]:
         """Run one generation of evolution on the population in place, between updates.
 
@@ -440,19 +442,40 @@ class Engine:
             raise TypeError(f"expected an EvolutionConfig or a dict, got {type(cfg).__name__}")
         if not 0 <= int(seed) < 1 << 64 or not 0 < int(generation) < 1 << 32:
             raise ValueError("seed must be in [0, 2^64) and generation in [1, 2^32) (0 is the founders')")
+        # Streams are bred in (instrument name, timeframe) order, which any process agrees on
+        # (stream indices follow instrument ids, which differ between processes).
+        lay = self._native.layout()
+        keys = list(zip(lay["stream_instrument"], lay["stream_timeframe"]))
+        if not -1 <= cfg.stream < len(keys):
+            raise ValueError(f"evolution config: stream {cfg.stream} out of range ({len(keys)} streams)")
+        scope = range(len(keys)) if cfg.stream < 0 else (cfg.stream,)
+        pairs = sorted(((int(keys[s][0]), int(keys[s][1])) for s in scope),
+                       key=lambda k: (instruments.name(k[0]), k[1]))
         raw = b""
         if self._journal_path is not None:
             raw = _event_encoder.encode(GenerationEvent(generation=int(generation), seed=int(seed),
-                                                        trigger=str(trigger)[:256], config=cfg))
+                                                        trigger=str(trigger)[:256], config=cfg,
+                                                        streams=tuple(pairs)))
             self._journal_new_instruments()
-        return self._evolve_native(cfg, int(seed), int(generation), raw)
+        return self._evolve_native(cfg, int(seed), int(generation), raw, pairs)
 
-    def _evolve_native(self, cfg: Any, seed: int, generation: int, raw: bytes) -> dict[str, Any]:
-        rep = self._native.evolve(msgspec.structs.asdict(cfg), seed, generation, raw)
-        rep["births"] = np.frombuffer(rep["births"], dtype=BIRTH_DTYPE).copy()
-        if len(rep["births"]):
-            self._evolved = True
-            self._id_index = None  # ids changed
+    def _evolve_native(self, cfg: Any, seed: int, generation: int, raw: bytes,
+                       pairs: Any = ()) -> dict[str, Any]:
+        """The native generation over the streams ``pairs`` ((instrument id, timeframe), in
+        breeding order; empty: the config's scope in stream order)."""
+        lay = self._native.layout()
+        index = {(int(i), int(t)): s for s, (i, t) in
+                 enumerate(zip(lay["stream_instrument"], lay["stream_timeframe"]))}
+        try:
+            streams = [index[(int(i), int(t))] for i, t in pairs]
+        except KeyError as e:
+            raise ValueError(f"evolution: no stream {e.args[0]} in this engine") from None
+        with self._ids_lock:
+            rep = self._native.evolve(msgspec.structs.asdict(cfg), seed, generation, raw, streams)
+            rep["births"] = np.frombuffer(rep["births"], dtype=BIRTH_DTYPE).copy()
+            if len(rep["births"]):
+                self._evolved = True
+                self._id_index = None  # ids changed
         return rep
 
     def genomes(self) -> np.ndarray:

@@ -389,7 +389,13 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
                     flush()  # applied between the same updates as in the original run
                     kind, ids, vals = applied
                     if kind == "generation":
-                        eng._evolve_native(ids.config, ids.seed, ids.generation, b"")
+                        if ids.generation == 0 or ids.seed >= 1 << 64:
+                            raise JournalError(f"generation event at seq {rec.seq} out of range")
+                        pairs = [(jmap[i] if 0 <= i < len(jmap) else -1, tf) for i, tf in ids.streams]
+                        try:
+                            eng._evolve_native(ids.config, ids.seed, ids.generation, b"", pairs)
+                        except ValueError as e:
+                            raise JournalError(f"generation event at seq {rec.seq}: {e}") from None
                     else:
                         (eng.set_credit if kind == "credit" else eng.set_external_scores)(ids, vals)
             elif t == _META:

@@ -731,6 +731,9 @@ class GenerationEvent(_Payload, frozen=True, kw_only=True, forbid_unknown_fields
     seed: Annotated[int, msgspec.Meta(ge=0)]  # < 2^64, checked by Engine.evolve
     trigger: ShortText = "manual"
     config: EvolutionConfig
+    # the streams bred, in order, as (instrument id, timeframe s) in the journal's numbering:
+    # replay maps them to its own stream indices, so child ids come out the same
+    streams: Annotated[tuple[tuple[int, int], ...], msgspec.Meta(max_length=1 << 20)] = ()
 
 
 MeshFromAdapter = AdapterHello | AdapterBeat | ReasonReply | AdapterBye

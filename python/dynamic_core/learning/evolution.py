@@ -78,7 +78,9 @@ class VolatilityRegime:
         self.state = "normal"
 
     def update(self, close: float) -> bool:
-        if self._prev is None or self._prev <= 0 or not math.isfinite(close):
+        if not (math.isfinite(close) and close > 0):  # a bad close (the engine rejects it) is skipped
+            return False
+        if self._prev is None:
             self._prev = close
             return False
         r = close / self._prev - 1.0
