@@ -63,17 +63,6 @@ void validate_evolution(const EvolutionConfig& c) {
   if (!in_unit(c.gap_share) || !in_unit(c.spawn_fraction)) bad("gap_share and spawn_fraction must be in [0, 1]");
 }
 
-double agent_fitness(const LaneState& s, double dd_penalty) {
-  if (s.n_ret == 0) return std::numeric_limits<double>::quiet_NaN();
-  const double n = static_cast<double>(s.n_ret);
-  const double mean = s.ret_sum / n;
-  double var = s.ret_sq / n - mean * mean;
-  if (var < 0.0) var = 0.0;
-  const double sd = DC_SQRT(var);
-  const double sharpe = sd > 0.0 ? mean / sd : 0.0;
-  return sharpe - dd_penalty * s.max_dd;
-}
-
 std::array<int32_t, 4> genome_key(const Genome& g, int f) {
   switch (f) {
     case 0: return {g.atr_period, g.slow, g.fast, 0};
@@ -280,17 +269,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       }
       // too young to judge: fewer than min_age bars since birth, or since its features warmed up
       if (std::max(birth[l], static_cast<int64_t>(lanes_.lookback[l])) > born_by) continue;
-      // agent_fitness, from the arrays it reads
-      double x = 0.0;  // no warm bar yet: nothing earned, nothing lost
-      if (n_ret[l]) {
-        const double n = static_cast<double>(n_ret[l]);
-        const double mean = ret_sum[l] / n;
-        double var = ret_sq[l] / n - mean * mean;
-        if (var < 0.0) var = 0.0;
-        const double sd = DC_SQRT(var);
-        x = (sd > 0.0 ? mean / sd : 0.0) - cfg.dd_penalty * max_dd[l];
-        if (!std::isfinite(x)) x = 0.0;
-      }
+      const double x = agent_fitness(n_ret[l], ret_sum[l], ret_sq[l], max_dd[l], cfg.dd_penalty);
       fit[l] = x;
       const bool traded = trades[l] >= cfg.min_trades;
       if (traded) judged_fit.push_back(x);

@@ -83,8 +83,18 @@ struct GenerationReport {
   std::vector<Birth> births;
 };
 
-// Per-bar Sharpe of an agent's warm bars minus the drawdown penalty; NaN if it has no return.
-double agent_fitness(const LaneState& s, double dd_penalty);
+// Per-bar Sharpe of an agent's warm bars (n returns, their sum and sum of squares) minus the
+// drawdown penalty; 0 with no return yet (nothing earned, nothing lost) or a non-finite result.
+inline double agent_fitness(uint32_t n, double sum, double sq, double max_dd, double dd_penalty) {
+  if (n == 0) return 0.0;
+  const double nn = static_cast<double>(n);
+  const double mean = sum / nn;
+  double var = sq / nn - mean * mean;
+  if (var < 0.0) var = 0.0;
+  const double sd = DC_SQRT(var);
+  const double x = (sd > 0.0 ? mean / sd : 0.0) - dd_penalty * max_dd;
+  return dc_finite(x) ? x : 0.0;
+}
 
 // The features an SM's bank updates, by kind, sorted by their periods: the lattice children move on.
 struct SmLattice {

@@ -161,14 +161,23 @@ def _axis(kind: type) -> Callable[[str], list[Any]]:
     return convert
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
     return v
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (0: off)."""
+    return _int_at_least(text, 0)
 
 
 def _instrument_choice(text: str) -> int | list[str]:
@@ -317,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "[default: 0]")
     r.add_argument("--fsync", type=int, choices=(0, 1, 2), default=0,
                    help="journal durability per batch: 0 OS, 1 data (fdatasync), 2 data + metadata [default: 0]")
-    r.add_argument("--evolve", type=int, default=0, metavar="N",
+    r.add_argument("--evolve", type=_count, default=0, metavar="N",
                    help="evolve the population while it trades: a generation of a stream every N of its bars "
                         "and when its volatility regime changes (the weakest 10%% of each SM replaced by "
                         "children of its fittest); prints the evolution trace [default: 0, off]")
@@ -401,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bars on each side of a swing [default: 10]")
     sm.add_argument("--engine", action="store_true",
                     help="with a journal: also replay it through the engine and verify its signals")
-    sm.add_argument("--evolve", type=int, default=0, metavar="N",
+    sm.add_argument("--evolve", type=_count, default=0, metavar="N",
                     help="also replay the bars through random agents that evolve every N bars of a stream "
                          "and print the evolution trace (best/median fitness per generation) [default: 0, off]")
     sm.add_argument("--evolve-agents", type=_positive_int, default=2048, metavar="K",
@@ -751,19 +760,7 @@ def learning_population(pop: Population, bars: np.ndarray, per_stream: int, seed
 
 def _run_population(bars: np.ndarray, n_agents: int, seed: int) -> Population:
     """``n_agents`` random agents spread over exactly the streams present in ``bars``."""
-    streams = _streams(bars)
-    ids = sorted({i for i, _ in streams})
-    tfs = sorted({t for _, t in streams})
-    pop = Population.random(n_agents, instruments=ids, timeframes=tfs, seed=seed)
-    if len(streams) == len(ids) * len(tfs):
-        return pop
-    # Population.random spreads agents over every instrument x timeframe pair; data with e.g.
-    # EURUSD H1 and GOOG D1 only would leave half of them on streams that never tick
-    rec = pop.records.copy()
-    which = np.arange(n_agents) % len(streams)
-    rec["instrument"] = np.array([s[0] for s in streams], dtype=np.uint32)[which]
-    rec["timeframe"] = np.array([s[1] for s in streams], dtype=np.uint32)[which]
-    return Population.from_records(rec)
+    return Population.random_on(_streams(bars), n_agents, seed)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -781,8 +778,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         return cli_decision.cmd_run_paper(args)
     if getattr(args, "shadow", None) or getattr(args, "decision_config", None):
         raise CLIError("--decision-config and --shadow need --paper")
-    if args.evolve < 0:
-        raise CLIError("--evolve takes a number of bars >= 0")
     if args.evolve_plot and not args.evolve:
         raise CLIError("--evolve-plot needs --evolve N")
     if cli_transport.wants_service(args):  # --publish/--feed/--control: behind sockets
@@ -940,8 +935,6 @@ def cmd_smc(args: argparse.Namespace) -> int:
             raise CLIError("--engine needs a journal directory")
         bars = load_bars(src, sim_names=["EURUSD"], bars=None, timeframe=None, seed=0)
         source = bars
-    if args.evolve < 0:
-        raise CLIError("--evolve takes a number of bars >= 0")
     extra: dict[str, Any] = {"engine": True} if args.engine else {}
     if args.evolve:
         extra.update(evolve=args.evolve, evolve_agents=args.evolve_agents, evolve_plot=args.evolve_plot)

@@ -429,28 +429,19 @@ class Engine:
         before replacement, ``styles`` (agents per dominant feature after it) and ``births``
         (``BIRTH_DTYPE``).
         """
-        from .payloads import EvolutionConfig, GenerationEvent
+        from .payloads import GenerationEvent, evolution_config
 
         self._check_open()
-        cfg = EvolutionConfig() if config is None else config
-        if isinstance(cfg, dict):
-            try:
-                cfg = msgspec.convert(cfg, EvolutionConfig)
-            except msgspec.ValidationError as e:
-                raise ValueError(f"evolution config: {e}") from None
-        if not isinstance(cfg, EvolutionConfig):
-            raise TypeError(f"expected an EvolutionConfig or a dict, got {type(cfg).__name__}")
+        cfg = evolution_config(config)
         if not 0 <= int(seed) < 1 << 64 or not 0 < int(generation) < 1 << 32:
             raise ValueError("seed must be in [0, 2^64) and generation in [1, 2^32) (0 is the founders')")
         # Streams are bred in (instrument name, timeframe) order, which any process agrees on
         # (stream indices follow instrument ids, which differ between processes).
-        lay = self._native.layout()
-        keys = list(zip(lay["stream_instrument"], lay["stream_timeframe"]))
+        keys = self._stream_keys()
         if not -1 <= cfg.stream < len(keys):
             raise ValueError(f"evolution config: stream {cfg.stream} out of range ({len(keys)} streams)")
         scope = range(len(keys)) if cfg.stream < 0 else (cfg.stream,)
-        pairs = sorted(((int(keys[s][0]), int(keys[s][1])) for s in scope),
-                       key=lambda k: (instruments.name(k[0]), k[1]))
+        pairs = sorted((keys[s] for s in scope), key=lambda k: (instruments.name(k[0]), k[1]))
         raw = b""
         if self._journal_path is not None:
             raw = _event_encoder.encode(GenerationEvent(generation=int(generation), seed=int(seed),
@@ -463,9 +454,7 @@ class Engine:
                        pairs: Any = ()) -> dict[str, Any]:
         """The native generation over the streams ``pairs`` ((instrument id, timeframe), in
         breeding order; empty: the config's scope in stream order)."""
-        lay = self._native.layout()
-        index = {(int(i), int(t)): s for s, (i, t) in
-                 enumerate(zip(lay["stream_instrument"], lay["stream_timeframe"]))}
+        index = {k: s for s, k in enumerate(self._stream_keys())}
         try:
             streams = [index[(int(i), int(t))] for i, t in pairs]
         except KeyError as e:
@@ -477,6 +466,14 @@ class Engine:
                 self._evolved = True
                 self._id_index = None  # ids changed
         return rep
+
+    def _stream_keys(self) -> list[tuple[int, int]]:
+        """(instrument id, timeframe) of each stream, by stream index (fixed by the population)."""
+        keys = getattr(self, "_keys", None)
+        if keys is None:
+            lay = self._native.layout()
+            keys = self._keys = [(int(i), int(t)) for i, t in zip(lay["stream_instrument"], lay["stream_timeframe"])]
+        return keys
 
     def genomes(self) -> np.ndarray:
         """The current genomes in population order (``GENOME_DTYPE``): the founding population

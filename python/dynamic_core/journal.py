@@ -389,11 +389,12 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
                     flush()  # applied between the same updates as in the original run
                     kind, ids, vals = applied
                     if kind == "generation":
-                        if ids.generation == 0 or ids.seed >= 1 << 64:
+                        gen = ids  # a GenerationEvent
+                        if gen.generation == 0 or gen.seed >= 1 << 64:
                             raise JournalError(f"generation event at seq {rec.seq} out of range")
-                        pairs = [(jmap[i] if 0 <= i < len(jmap) else -1, tf) for i, tf in ids.streams]
+                        pairs = [(jmap[i] if 0 <= i < len(jmap) else -1, tf) for i, tf in gen.streams]
                         try:
-                            eng._evolve_native(ids.config, ids.seed, ids.generation, b"", pairs)
+                            eng._evolve_native(gen.config, gen.seed, gen.generation, b"", pairs)
                         except ValueError as e:
                             raise JournalError(f"generation event at seq {rec.seq}: {e}") from None
                     else:

@@ -67,6 +67,7 @@ __all__ = [
     "ControlReply",
     "CreditUpdate",
     "EvolutionConfig",
+    "evolution_config",
     "ExternalScores",
     "GenerationEvent",
     "FeedMessage",
@@ -719,6 +720,21 @@ class EvolutionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             raise ValueError("entry_min must be <= entry_max")
         if self.period_min > self.period_max:
             raise ValueError("period_min must be <= period_max")
+
+
+def evolution_config(config: Any) -> EvolutionConfig:
+    """``config`` (None: the defaults, a dict of fields, or an EvolutionConfig) as an
+    EvolutionConfig; ``ValueError`` for a bad field, ``TypeError`` for anything else."""
+    if config is None:
+        return EvolutionConfig()
+    if isinstance(config, dict):
+        try:
+            return msgspec.convert(config, EvolutionConfig)
+        except msgspec.ValidationError as e:
+            raise ValueError(f"evolution config: {e}") from None
+    if not isinstance(config, EvolutionConfig):
+        raise TypeError(f"expected an EvolutionConfig or a dict, got {type(config).__name__}")
+    return config
 
 
 class GenerationEvent(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,

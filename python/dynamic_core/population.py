@@ -169,6 +169,27 @@ class Population:
         rec["cost_bps"] = cost_bps if cost_bps is not None else rng.random(n) * 2.0
         return cls(rec)
 
+    @classmethod
+    def random_on(cls, streams: Sequence[tuple[str | int, int | str]], n: int, seed: int = 0) -> Population:
+        """``n`` random agents (as :meth:`random` draws them) spread evenly over exactly these
+        (instrument, timeframe) streams: data with, say, EURUSD H1 and GOOG D1 only gets no
+        agents on EURUSD D1 or GOOG H1, whose bars never come."""
+        from .instruments import instruments as registry
+
+        keys = [(registry.resolve(i), parse_timeframe(t)) for i, t in streams]
+        if not keys:
+            raise ValueError("need at least one stream")
+        ids = sorted({i for i, _ in keys})
+        tfs = sorted({t for _, t in keys})
+        pop = cls.random(n, instruments=ids, timeframes=tfs, seed=seed)
+        if len(set(keys)) == len(ids) * len(tfs):
+            return pop
+        rec = pop.records.copy()
+        which = np.arange(n) % len(keys)
+        rec["instrument"] = np.array([k[0] for k in keys], dtype=np.uint32)[which]
+        rec["timeframe"] = np.array([k[1] for k in keys], dtype=np.uint32)[which]
+        return cls.from_records(rec)
+
     # ---- views -------------------------------------------------------------------------------
     @property
     def records(self) -> np.ndarray:

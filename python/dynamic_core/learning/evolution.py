@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from ..payloads import EvolutionConfig
+from ..payloads import EvolutionConfig, evolution_config
 from ..records import SIGNAL_DTYPE
 
 __all__ = ["Evolution", "EvolutionConfig", "GenerationRow", "VolatilityRegime", "format_trace"]
@@ -122,14 +122,7 @@ class Evolution:
     def __init__(self, engine: Any, config: EvolutionConfig | dict[str, Any] | None = None, *,
                  every: int = 500, regime: bool = True, seed: int = 0,
                  regime_kwargs: dict[str, Any] | None = None) -> None:
-        cfg = EvolutionConfig() if config is None else config
-        if isinstance(cfg, dict):
-            try:
-                cfg = msgspec.convert(cfg, EvolutionConfig)
-            except msgspec.ValidationError as e:
-                raise ValueError(f"evolution config: {e}") from None
-        if not isinstance(cfg, EvolutionConfig):
-            raise TypeError(f"expected an EvolutionConfig or a dict, got {type(cfg).__name__}")
+        cfg = evolution_config(config)
         if every < 0:
             raise ValueError("every must be >= 0")
         self.engine = engine
@@ -138,9 +131,8 @@ class Evolution:
         self.seed = int(seed)
         self.generation = 0
         self.trace: list[GenerationRow] = []
-        lay = engine.layout()
-        self._streams = {(int(i), int(t)): s for s, (i, t) in
-                         enumerate(zip(lay["stream_instrument"], lay["stream_timeframe"]))}
+        self._keys = engine._stream_keys()
+        self._streams = {k: s for s, k in enumerate(self._keys)}
         n = len(self._streams)
         self._seen = [0] * n          # bars of each stream run so far
         self._last = [0] * n          # bar of each stream's last generation
@@ -181,15 +173,14 @@ class Evolution:
         self.generation += 1
         cfg = msgspec.structs.replace(self.config, stream=int(stream))
         rep = self.engine.evolve(cfg, seed=self.seed, generation=self.generation, trigger=trigger)
-        lay = self.engine.layout()
         streams = range(len(self._streams)) if stream < 0 else (stream,)
         for s in streams:
             self._last[s] = self._seen[s]
         s0 = max(stream, 0)
         self.trace.append(GenerationRow(
             generation=self.generation, stream=int(stream),
-            instrument=int(lay["stream_instrument"][s0]) if stream >= 0 else -1,
-            timeframe=int(lay["stream_timeframe"][s0]) if stream >= 0 else -1,
+            instrument=self._keys[s0][0] if stream >= 0 else -1,
+            timeframe=self._keys[s0][1] if stream >= 0 else -1,
             bar=self._seen[s0], trigger=trigger,
             **{k: rep[k] for k in ("judged", "eligible", "replaced", "crossovers", "migrants", "spawns",
                                    "period_moves", "best", "median", "mean")},

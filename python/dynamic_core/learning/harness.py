@@ -361,14 +361,7 @@ def evolution_trace(streams: Mapping[str, Any], *, agents: int = 2048, every: in
     allbars = np.concatenate(parts)
     allbars = allbars[np.argsort(allbars["ts"], kind="stable")]
     keys = sorted({(int(i), int(t)) for i, t in zip(allbars["instrument"], allbars["timeframe"])})
-    pop = Population.random(agents, instruments=sorted({i for i, _ in keys}),
-                            timeframes=sorted({t for _, t in keys}), seed=seed)
-    if len(keys) != len({i for i, _ in keys}) * len({t for _, t in keys}):  # only the streams present
-        rec = pop.records.copy()
-        which = np.arange(agents) % len(keys)
-        rec["instrument"] = np.array([k[0] for k in keys], dtype=np.uint32)[which]
-        rec["timeframe"] = np.array([k[1] for k in keys], dtype=np.uint32)[which]
-        pop = Population.from_records(rec)
+    pop = Population.random_on(keys, agents, seed)
     with Engine(pop) as eng:
         evo = Evolution(eng, every=every, seed=seed)
         evo.run(allbars)

@@ -638,12 +638,16 @@ class MT5Bridge:
         o.next_send = now + o.backoff
         self._send(Cancel(**self._stamp(), client_order_id=o.coid, reason=o.reason or "requested"))
 
-    def _finish(self, o: _Order, state: str, reason: str, source: str) -> None:
-        """Move ``o`` to a final state decided here (not by an exec report)."""
+    def _close(self, o: _Order, state: str, reason: str) -> None:
+        """``o`` leaves the open and queued books in its final ``state``."""
         o.state, o.reason = state, reason
         o.t_final = time.perf_counter_ns()
         self._open.pop(o.coid, None)
         self._queued.pop(o.coid, None)
+
+    def _finish(self, o: _Order, state: str, reason: str, source: str) -> None:
+        """Move ``o`` to a final state decided here (not by an exec report)."""
+        self._close(o, state, reason)
         if state == EXPIRED:
             # sent but unacked: the EA may still have placed it in time; a late ack or report
             # (or a position found by reconciliation) still upgrades it (see _on_ack, _on_exec)
@@ -741,10 +745,7 @@ class MT5Bridge:
 
     def _settle(self, o: _Order, state: str, reason: str, source: str, ts: int) -> None:
         """An outcome from the terminal (or reconciliation): final."""
-        o.state, o.reason = state, reason
-        o.t_final = time.perf_counter_ns()
-        self._open.pop(o.coid, None)
-        self._queued.pop(o.coid, None)
+        self._close(o, state, reason)
         if state == FILLED:
             self.counts["fills"] += 1
             if o.filled > _EPS:
