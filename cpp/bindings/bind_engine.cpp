@@ -224,6 +224,67 @@ auto lane_setter(const char* name) {
 
 }  // namespace
 
+namespace {
+template <class T>
+py::array_t<T> vec_array(const std::vector<T>& v) {
+  py::array_t<T> a(static_cast<py::ssize_t>(v.size()));
+  if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(T));
+  return a;
+}
+template <class T>
+void array_vec(const py::dict& d, const char* key, std::vector<T>& v) {
+  if (!d.contains(key)) throw py::key_error(std::string("agent state lacks '") + key + "'");
+  auto a = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(d[key]);
+  if (!a || a.ndim() != 1) throw py::type_error(std::string("agent state '") + key + "' must be a 1-d array");
+  v.assign(a.data(), a.data() + a.shape(0));
+}
+// The agent state arrays by name (lane order); the same names in both directions.
+#define DC_STATE_FIELDS(X)                                                                                   \
+  X(score) X(equity) X(entry_equity) X(peak) X(max_dd) X(ret_sum) X(ret_sq) X(credit) X(ext_score) X(trades) \
+  X(wins) X(n_ret) X(quarantined) X(position) X(action)
+py::dict state_dict(const StateArrays& s) {
+  py::dict d;
+#define DC_PUT(f) d[#f] = vec_array(s.f);
+  DC_STATE_FIELDS(DC_PUT)
+#undef DC_PUT
+  return d;
+}
+StateArrays state_from(const py::dict& d) {
+  StateArrays s;
+#define DC_GET(f) array_vec(d, #f, s.f);
+  DC_STATE_FIELDS(DC_GET)
+#undef DC_GET
+  return s;
+}
+py::dict plan_dict(const DevicePlan& p) {
+  py::dict d;
+#define DC_PLAN(f) d[#f] = vec_array(p.f);
+  DC_PLAN(st_instrument) DC_PLAN(st_timeframe) DC_PLAN(st_sm_begin) DC_PLAN(st_sm_end) DC_PLAN(st_ind_begin)
+  DC_PLAN(st_feat_begin) DC_PLAN(sm_stream) DC_PLAN(sm_lane_begin) DC_PLAN(sm_lanes) DC_PLAN(ind_kind)
+  DC_PLAN(ind_p0) DC_PLAN(ind_p1) DC_PLAN(ind_p2) DC_PLAN(ind_buf) DC_PLAN(feat_kind) DC_PLAN(feat_a)
+  DC_PLAN(feat_b) DC_PLAN(feat_c) DC_PLAN(feat_from)
+#undef DC_PLAN
+  d["buf_size"] = p.buf_size;
+  return d;
+}
+py::dict lanes_dict(const LaneArrays& l) {
+  py::dict d;
+  static const char* const w[kFeatures] = {"w0", "w1", "w2", "w3", "w4"};
+  static const char* const fidx[kFeatures] = {"fidx0", "fidx1", "fidx2", "fidx3", "fidx4"};
+  for (int f = 0; f < kFeatures; ++f) {
+    d[w[f]] = vec_array(l.w[f]);
+    d[fidx[f]] = vec_array(l.fidx[f]);
+  }
+  d["entry"] = vec_array(l.entry);
+  d["cost"] = vec_array(l.cost);
+  d["lookback"] = vec_array(l.lookback);
+  d["long_short"] = vec_array(l.long_short);
+  d["active"] = vec_array(l.active);
+  d["external"] = vec_array(l.external);
+  return d;
+}
+}  // namespace
+
 void bind_engine(py::module_& m) {
   m.def("validate_bars", [](const py::array& bars, uint32_t n_registered) {
         const Bar* b = records_of<Bar>(bars, "bar");
@@ -389,6 +450,52 @@ void bind_engine(py::module_& m) {
       .def("stats", [](Engine& e) {
              return stats_dict(e);
            })
+      .def("admit", [](Engine& e, const py::array& bars, uint32_t n_registered) {
+             const Bar* b = records_of<Bar>(bars, "bar");
+             const auto n = static_cast<size_t>(bars.shape(0));
+             std::vector<AdmittedBar> out;
+             {
+               py::gil_scoped_release nogil;
+               out.reserve(n);
+               e.admit(b, n, n_registered, out);
+             }
+             py::array_t<uint32_t> stream(static_cast<py::ssize_t>(out.size())), index(static_cast<py::ssize_t>(out.size()));
+             py::array_t<uint64_t> sidx(static_cast<py::ssize_t>(out.size())), seq(static_cast<py::ssize_t>(out.size()));
+             for (size_t k = 0; k < out.size(); ++k) {
+               stream.mutable_data()[k] = out[k].stream;
+               index.mutable_data()[k] = out[k].index;
+               sidx.mutable_data()[k] = out[k].sidx;
+               seq.mutable_data()[k] = out[k].seq;
+             }
+             return py::make_tuple(stream, index, sidx, seq);
+           }, py::arg("bars"), py::arg("n_registered"),
+           "Device backends: validate, sequence and journal a batch without running it; returns "
+           "(stream, index in batch, index in stream, seq) arrays of the bars to run.")
+      .def("emit_external", [](Engine& e, const py::array& signals, uint64_t updates, uint64_t quarantined,
+                               double seconds) {
+             const Signal* s = records_of<Signal>(signals, "signal");
+             const auto n = static_cast<size_t>(signals.shape(0));
+             py::gil_scoped_release nogil;
+             e.emit_external(s, n, updates, quarantined, seconds);
+           }, py::arg("signals"), py::arg("updates"), py::arg("quarantined"), py::arg("seconds"),
+           "Device backends: journal and count signals computed outside the workers.")
+      .def("device_plan", [](const Engine& e) { return plan_dict(e.device_plan()); },
+           "Streams, SMs, per-stream banks (indicators, features) for a device backend.")
+      .def("lane_arrays", [](const Engine& e) { return lanes_dict(e.lane_arrays()); },
+           "Per-lane parameters (structure of arrays, lane order).")
+      .def("read_state", [](Engine& e) {
+             StateArrays s;
+             {
+               py::gil_scoped_release nogil;
+               e.read_state(s);
+             }
+             return state_dict(s);
+           }, "Per-lane agent state (structure of arrays, lane order).")
+      .def("write_state", [](Engine& e, const py::dict& d) {
+             StateArrays s = state_from(d);
+             py::gil_scoped_release nogil;
+             e.write_state(s);
+           }, py::arg("state"), "Replaces the per-lane agent state (as read_state returns it).")
       .def("layout", &layout_dict)
       .def_property_readonly("n_agents", &Engine::n_agents);
   bind_engine_journal(engine);

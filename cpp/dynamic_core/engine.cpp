@@ -649,7 +649,7 @@ size_t Engine::in_flight() const {
 }
 
 size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wait_for_space,
-                      std::vector<Signal>* drain_to) {
+                      std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted) {
   if (closed_) throw std::logic_error("engine is closed");
   if (journal_) journal_inputs(bars, n, n_registered);
   stats_.bars_in += n;
@@ -677,6 +677,15 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
       ++stats_.accepted;
       ++seq_;
       ++stats_.skipped_unfollowed;
+      continue;
+    }
+    if (admitted) {  // run outside the workers
+      ++stats_.accepted;
+      ++seq_;
+      st->has_last = true;
+      st->last_ts = b.ts;
+      ++st->nbars;
+      admitted->push_back(AdmittedBar{s, static_cast<uint32_t>(i), st->nbars - 1, seq_});
       continue;
     }
     // Room in the window?
@@ -795,6 +804,104 @@ void Engine::wait_idle() {
   }
 }
 
+size_t Engine::admit(const Bar* bars, size_t n, uint32_t n_registered, std::vector<AdmittedBar>& out) {
+  std::unique_lock<std::mutex> lk(ingress_m_);
+  ++stats_.batches;
+  return ingest(bars, n, n_registered, false, nullptr, &out);
+}
+
+void Engine::emit_external(const Signal* s, size_t k, uint64_t updates, uint64_t quarantined, double seconds) {
+  {
+    std::lock_guard<std::mutex> eg(egress_m_);
+    if (k && journal_) journal_signals(s, k);
+    signals_out_.fetch_add(k, std::memory_order_relaxed);
+  }
+  ext_updates_.fetch_add(updates, std::memory_order_relaxed);
+  ext_quarantined_.fetch_add(quarantined, std::memory_order_relaxed);
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  stats_.busy_seconds += seconds;
+}
+
+DevicePlan Engine::device_plan() const {
+  DevicePlan p;
+  if (groups_.size() != layout_.streams.size())
+    throw std::logic_error("a device plan needs one bank per stream (an engine with one worker)");
+  p.st_ind_begin.push_back(0);
+  p.st_feat_begin.push_back(0);
+  for (uint32_t s = 0; s < layout_.streams.size(); ++s) {
+    const Stream& st = layout_.streams[s];
+    const Bank& b = groups_[s].bank;
+    p.st_instrument.push_back(st.instrument);
+    p.st_timeframe.push_back(st.timeframe);
+    p.st_sm_begin.push_back(st.sm_begin);
+    p.st_sm_end.push_back(st.sm_end);
+    auto ind = [&](int32_t kind, int32_t a, int32_t b2, int32_t c) {
+      p.ind_kind.push_back(kind);
+      p.ind_p0.push_back(a);
+      p.ind_p1.push_back(b2);
+      p.ind_p2.push_back(c);
+      p.ind_buf.push_back(-1);
+    };
+    ind(DevicePlan::Ret, 0, 0, 0);
+    const int32_t ema0 = 1;
+    for (const Ema& x : b.emas) ind(DevicePlan::Ema, x.n, 0, 0);
+    const int32_t rsi0 = ema0 + static_cast<int32_t>(b.emas.size());
+    for (const Rsi& x : b.rsis) ind(DevicePlan::Rsi, x.n, 0, 0);
+    const int32_t atr0 = rsi0 + static_cast<int32_t>(b.rsis.size());
+    for (const Atr& x : b.atrs) ind(DevicePlan::Atr, x.n, 0, 0);
+    const int32_t macd0 = atr0 + static_cast<int32_t>(b.atrs.size());
+    for (const Macd& x : b.macds) ind(DevicePlan::Macd, x.fast_n, x.slow_n, x.sig_n);
+    const int32_t ew0 = macd0 + static_cast<int32_t>(b.macds.size());
+    for (const Ew& x : b.ews) ind(DevicePlan::Ew, x.n, 0, 0);
+    const int32_t roc0 = ew0 + static_cast<int32_t>(b.ews.size());
+    for (const Roc& x : b.rocs) {
+      ind(DevicePlan::Roc, x.n, 0, 0);
+      p.ind_buf.back() = p.buf_size;
+      p.buf_size += x.n;
+    }
+    p.st_ind_begin.push_back(static_cast<uint32_t>(p.ind_kind.size()));
+    auto feat = [&](int32_t kind, int32_t a, int32_t b2, int32_t c, int64_t from) {
+      p.feat_kind.push_back(kind);
+      p.feat_a.push_back(a);
+      p.feat_b.push_back(b2);
+      p.feat_c.push_back(c);
+      p.feat_from.push_back(from);
+    };
+    feat(-1, 0, 0, 0, 0);
+    for (size_t j = 0; j < b.trend_fast.size(); ++j)
+      feat(0, ema0 + b.trend_fast[j], ema0 + b.trend_slow[j], atr0 + b.trend_atr[j], b.feat_from[0][j]);
+    for (size_t j = 0; j < b.rsi_f.size(); ++j) feat(1, rsi0 + b.rsi_f[j], 0, 0, b.feat_from[1][j]);
+    for (size_t j = 0; j < b.macd_m.size(); ++j)
+      feat(2, macd0 + b.macd_m[j], 0, atr0 + b.macd_atr[j], b.feat_from[2][j]);
+    for (size_t j = 0; j < b.bb_f.size(); ++j) feat(3, ew0 + b.bb_f[j], 0, 0, b.feat_from[3][j]);
+    for (size_t j = 0; j < b.mom_f.size(); ++j) feat(4, roc0 + b.mom_f[j], 0, 0, b.feat_from[4][j]);
+    p.st_feat_begin.push_back(static_cast<uint32_t>(p.feat_kind.size()));
+  }
+  for (const Sm& sm : layout_.sms) {
+    p.sm_stream.push_back(sm.stream);
+    p.sm_lane_begin.push_back(sm.lane_begin);
+    p.sm_lanes.push_back(sm.n_warps * kWarpSize);
+  }
+  return p;
+}
+
+void Engine::read_state(StateArrays& out) {
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  wait_idle();
+  out = state_;
+}
+
+void Engine::write_state(const StateArrays& in) {
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  wait_idle();
+  const size_t n = state_.score.size();
+  for (size_t m : {in.score.size(), in.equity.size(), in.entry_equity.size(), in.peak.size(), in.max_dd.size(),
+                   in.ret_sum.size(), in.ret_sq.size(), in.credit.size(), in.ext_score.size(), in.trades.size(),
+                   in.wins.size(), in.n_ret.size(), in.quarantined.size(), in.position.size(), in.action.size()})
+    if (m != n) throw std::invalid_argument("agent state arrays must have one value per lane");
+  state_ = in;
+}
+
 EngineStats Engine::stats() {
   std::lock_guard<std::mutex> lk(ingress_m_);
   EngineStats s = stats_;
@@ -806,13 +913,13 @@ EngineStats Engine::stats() {
 uint64_t Engine::agent_updates() const {
   uint64_t u = 0;
   for (const auto& w : workers_) u += w->updates.load(std::memory_order_relaxed);
-  return u;
+  return u + ext_updates_.load(std::memory_order_relaxed);
 }
 
 uint64_t Engine::quarantined() const {
   uint64_t q = 0;
   for (uint32_t g = 0; g < groups_.size(); ++g) q += grt_[g].quarantined.load(std::memory_order_relaxed);
-  return q;
+  return q + ext_quarantined_.load(std::memory_order_relaxed);
 }
 
 void Engine::wait_all() {
@@ -1053,7 +1160,7 @@ void Engine::agents(AgentRecord* out) {
     const Sm& sm = layout_.sms[m];
     const Stream& st = layout_.streams[sm.stream];
     const double per_year = 31557600.0 / static_cast<double>(st.timeframe);
-    const int64_t t = groups_[group_of_[m]].bank.nbars - 1;  // bars of the stream seen
+    const int64_t t = static_cast<int64_t>(st.nbars) - 1;  // bars of the stream seen (all run: wait_idle)
     for (uint32_t l = 0; l < sm.n_warps * kWarpSize; ++l) {
       const uint32_t lane = sm.lane_begin + l;
       const uint32_t a = layout_.lane_agent[lane];

@@ -79,6 +79,36 @@ Reason check_bar(const Bar& b, uint32_t n_registered);
 // check_bar plus time order within the batch for every (instrument, timeframe), followed or not.
 size_t validate_bars(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
 
+// A bar admitted for execution outside the engine's workers (a device backend): its stream, its
+// position in the batch, its index within the stream and its ingress sequence number.
+struct AdmittedBar {
+  uint32_t stream;
+  uint32_t index;
+  uint64_t sidx;
+  uint64_t seq;
+};
+
+// What a device backend needs to run the population as the engine does: the streams, the SMs,
+// one bank per stream (the merged bank of all its SMs, as one worker runs it) and, in the lane
+// arrays (Engine::lane_arrays), feature indices into that bank.
+//
+// Indicators are numbered per stream: 0 is the stream's close-to-close return, then its EMAs,
+// RSIs, ATRs, MACDs, EW mean/variances and ROCs in the bank's order. Features are numbered per
+// stream as in the bank (0 is the constant 0); a, b, c are the stream-local indicators a feature
+// reads (trend: fast EMA, slow EMA, ATR; rsi: RSI; macd: MACD, -, ATR; bb: EW; mom: ROC) and
+// `from` the bar index from which it is warm (before that it is 0).
+struct DevicePlan {
+  enum IndKind : int32_t { Ret = 0, Ema = 1, Rsi = 2, Atr = 3, Macd = 4, Ew = 5, Roc = 6 };
+  std::vector<uint32_t> st_instrument, st_timeframe, st_sm_begin, st_sm_end;
+  std::vector<uint32_t> st_ind_begin, st_feat_begin;  // size streams + 1
+  std::vector<uint32_t> sm_stream, sm_lane_begin, sm_lanes;
+  std::vector<int32_t> ind_kind, ind_p0, ind_p1, ind_p2;  // global, stream after stream
+  std::vector<int64_t> ind_buf;  // ROC: offset of its n-value buffer; -1 otherwise
+  int64_t buf_size = 0;
+  std::vector<int32_t> feat_kind, feat_a, feat_b, feat_c;  // global; kind -1: the constant 0
+  std::vector<int64_t> feat_from;
+};
+
 enum class SmStatus : uint32_t { Ok = 0, Stalled = 1, Moving = 2 };
 
 // Per-group runtime state. Written by the owning worker, except owner/status (sentinel).
@@ -136,6 +166,22 @@ class Engine {
   bool has_journal() const { return journal_ != nullptr; }
   JournalStats journal_stats();
   void close_journal();
+
+  // Device backends: ingress without the workers. Validates, sequences, journals and
+  // dead-letters like submit(), and appends the accepted bars of followed streams to `out`
+  // instead of running them; the caller runs them and hands their signals to emit_external
+  // in order. Not to be mixed with run/submit/step on the same engine.
+  size_t admit(const Bar* bars, size_t n, uint32_t n_registered, std::vector<AdmittedBar>& out);
+  // Signals computed outside: journaled (hashes) and counted like polled ones, with the agent
+  // updates, quarantines and busy time that produced them.
+  void emit_external(const Signal* s, size_t k, uint64_t updates, uint64_t quarantined, double seconds);
+  // Requires one worker (one bank per stream); throws std::logic_error otherwise.
+  DevicePlan device_plan() const;
+  const LaneArrays& lane_arrays() const { return lanes_; }
+  // Agent state, lane order (after the bars in flight): a device backend's mirror, so that
+  // agents() and the other readers see its state.
+  void read_state(StateArrays& out);
+  void write_state(const StateArrays& in);  // throws std::invalid_argument on a size mismatch
 
   void agents(AgentRecord* out);  // population order; waits for in-flight bars first
   // Sets the consensus-weight credit of agents (population indices) after the bars in flight;
@@ -259,7 +305,7 @@ class Engine {
   void notify_ready(uint64_t p);
   bool claim_space(std::unique_lock<std::mutex>& ingress);
   size_t ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wait_for_space,
-                std::vector<Signal>* drain_to);
+                std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted = nullptr);
   size_t drain(Signal* out, size_t max_n);
   size_t validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
   void journal_inputs(const Bar* bars, size_t n, uint32_t n_registered);
@@ -339,6 +385,7 @@ class Engine {
 
   std::atomic<uint64_t> latency_[kLatencyBuckets] = {};
   std::atomic<uint64_t> failovers_{0};
+  std::atomic<uint64_t> ext_updates_{0}, ext_quarantined_{0};  // emit_external
   std::atomic<bool> stop_{false};
   std::thread sentinel_;
   std::mutex sentinel_m_;

@@ -257,7 +257,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   constexpr double kNotTraded = -std::numeric_limits<double>::infinity();
   for (uint32_t m : sm_order) {
     const Sm& sm = layout_.sms[m];
-    const int64_t born_by = groups_[group_of_[m]].bank.nbars - static_cast<int64_t>(cfg.min_age);
+    // bars of the stream seen (all of them run: wait_idle); a device backend advances no bank here
+    const int64_t born_by = static_cast<int64_t>(layout_.streams[sm.stream].nbars) - static_cast<int64_t>(cfg.min_age);
     Island& I = isl[m];
     order.clear();
     for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
@@ -336,7 +337,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     const Sm& sm = layout_.sms[m];
     const Stream& st = layout_.streams[sm.stream];
     const SmLattice& L = lattice_[m];
-    const int64_t nbars = groups_[group_of_[m]].bank.nbars;
+    const int64_t nbars = static_cast<int64_t>(st.nbars);
     auto& cnt = styles_[sm.stream];  // agents per style (dominant feature), then all
     const double even = static_cast<double>(cnt[kFeatures]) / kFeatures;
     uint32_t spawns_left = static_cast<uint32_t>(cfg.spawn_fraction * static_cast<double>(I.losers.size()));

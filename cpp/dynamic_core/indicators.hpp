@@ -2,9 +2,7 @@
 // period), the same lookback and the same order of floating-point operations, so the values
 // equal TA-Lib's from its first output on. update() returns true once the indicator is warm.
 #pragma once
-#include <cstdint>
-
-#include "math.hpp"
+#include "math.hpp"  // also the fixed-width integer types (under NVRTC too)
 
 namespace dynamic_core {
 
@@ -19,7 +17,7 @@ struct Ema {
   double sum;
   double value;
 
-  static constexpr int32_t lookback(int32_t n) { return n - 1; }
+  DC_HOST_DEVICE static constexpr int32_t lookback(int32_t n) { return n - 1; }
   DC_HOST_DEVICE void init(int32_t period) {
     n = period;
     count = 0;
@@ -48,7 +46,7 @@ struct Rsi {
   double loss;
   double value;
 
-  static constexpr int32_t lookback(int32_t n) { return n; }
+  DC_HOST_DEVICE static constexpr int32_t lookback(int32_t n) { return n; }
   DC_HOST_DEVICE void init(int32_t period) {
     n = period;
     count = 0;
@@ -101,7 +99,7 @@ struct Atr {
   double sum;
   double value;
 
-  static constexpr int32_t lookback(int32_t n) { return n; }
+  DC_HOST_DEVICE static constexpr int32_t lookback(int32_t n) { return n; }
   DC_HOST_DEVICE void init(int32_t period) {
     n = period;
     count = 0;
@@ -148,7 +146,7 @@ struct Macd {
   double signal;
   double hist;
 
-  static constexpr int32_t lookback(int32_t f, int32_t s, int32_t sig) {
+  DC_HOST_DEVICE static constexpr int32_t lookback(int32_t f, int32_t s, int32_t sig) {
     return (s < f ? f : s) - 1 + sig - 1;
   }
   DC_HOST_DEVICE void init(int32_t f, int32_t s, int32_t sig) {
@@ -210,7 +208,7 @@ struct Ew {
   double mean;
   double var;
 
-  static constexpr int32_t lookback(int32_t n) { return n - 1; }
+  DC_HOST_DEVICE static constexpr int32_t lookback(int32_t n) { return n - 1; }
   DC_HOST_DEVICE void init(int32_t period) {
     n = period;
     count = 0;
@@ -240,7 +238,7 @@ struct Roc {
   int32_t pad_;
   double value;
 
-  static constexpr int32_t lookback(int32_t n) { return n; }
+  DC_HOST_DEVICE static constexpr int32_t lookback(int32_t n) { return n; }
   DC_HOST_DEVICE void init(int32_t period) {
     n = period;
     count = 0;

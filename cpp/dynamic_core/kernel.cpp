@@ -660,7 +660,7 @@ template <int V>
 DC_AI void bank_update_impl(Bank& b, const Bar& bar) {
   const double c = bar.close;
   const double prev = b.prev_close;
-  b.ret = b.nbars > 0 ? c / b.prev_close - 1.0 : 0.0;
+  b.ret = b.nbars > 0 ? bar_return(c, b.prev_close) : 0.0;
   b.prev_close = c;
   const int64_t t = b.nbars++;
   BankValues& v = b.val;

@@ -6,7 +6,7 @@
 
 namespace dynamic_core {
 
-inline constexpr int kMaxSmLanes = 128;
+inline constexpr int kMaxSmLanes = kMaxWarpsPerSm * kWarpSize;
 // Distinct features of one kind in one bank: at most one per lane.
 inline constexpr int kMaxBankFeatures = kMaxSmLanes;
 

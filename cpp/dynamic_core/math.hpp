@@ -2,7 +2,19 @@
 // no libm transcendental calls, so the same code gives bit-identical results in cuda/.
 // Build with FMA contraction off (-ffp-contract=off, NVRTC --fmad=false).
 #pragma once
+#if defined(__CUDACC_RTC__)
+// NVRTC has no C++ standard library headers: the fixed-width types the shared headers use.
+typedef signed char int8_t;
+typedef short int16_t;
+typedef int int32_t;
+typedef long long int64_t;
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+#else
 #include <cstdint>
+#endif
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define DC_HOST_DEVICE __host__ __device__
@@ -17,12 +29,16 @@ namespace dynamic_core {
 inline constexpr double kWeakAction = 0.2;
 inline constexpr double kStrongAction = 0.6;
 inline constexpr int kWarpSize = 32;
+inline constexpr int kMaxWarpsPerSm = 4;  // cores_per_sm: 32 .. 128
 inline constexpr int kFeatures = 5;  // trend, rsi, macd, bb, mom
 
 DC_HOST_DEVICE inline double dc_abs(double x) { return x < 0.0 ? -x : x; }
 DC_HOST_DEVICE inline double dc_max(double a, double b) { return a < b ? b : a; }
 // x - x is NaN for +-inf and NaN, 0 otherwise.
 DC_HOST_DEVICE inline bool dc_finite(double x) { return (x - x) == 0.0; }
+
+// Close-to-close return of a bar (the first bar of a stream has none: 0).
+DC_HOST_DEVICE inline double bar_return(double close, double prev_close) { return close / prev_close - 1.0; }
 
 // Squash to (-1, 1).
 DC_HOST_DEVICE inline double soft(double x) { return x / (1.0 + dc_abs(x)); }

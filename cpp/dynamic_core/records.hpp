@@ -1,9 +1,14 @@
 // Fixed-layout records shared with numpy: the Python dtypes are built from the offsets the
 // bindings export, so the two sides cannot drift.
 #pragma once
+#include "math.hpp"  // the fixed-width integer types, under NVRTC too (cuda/ writes Signal records)
+#if !defined(__CUDACC_RTC__)
 #include <cstddef>
-#include <cstdint>
 #include <type_traits>
+#define DC_STANDARD_LAYOUT(T) static_assert(std::is_trivially_copyable_v<T> && std::is_standard_layout_v<T>)
+#else
+#define DC_STANDARD_LAYOUT(T) static_assert(true)
+#endif
 
 namespace dynamic_core {
 
@@ -93,10 +98,10 @@ static_assert(sizeof(Bar) == 56);
 static_assert(sizeof(Genome) == 112);
 static_assert(sizeof(Signal) == 96);
 static_assert(sizeof(AgentRecord) == 112);
-static_assert(std::is_trivially_copyable_v<Bar> && std::is_standard_layout_v<Bar>);
-static_assert(std::is_trivially_copyable_v<Genome> && std::is_standard_layout_v<Genome>);
-static_assert(std::is_trivially_copyable_v<Signal> && std::is_standard_layout_v<Signal>);
-static_assert(std::is_trivially_copyable_v<AgentRecord> && std::is_standard_layout_v<AgentRecord>);
+DC_STANDARD_LAYOUT(Bar);
+DC_STANDARD_LAYOUT(Genome);
+DC_STANDARD_LAYOUT(Signal);
+DC_STANDARD_LAYOUT(AgentRecord);
 
 // Why a bar was refused. Skipping a valid bar that no agent follows is not a reject.
 enum class Reason : uint32_t {
@@ -114,7 +119,7 @@ enum class Reason : uint32_t {
 };
 inline constexpr uint32_t kReasonCount = 11;
 
-inline const char* reason_name(Reason r) {
+DC_HOST_DEVICE inline const char* reason_name(Reason r) {
   switch (r) {
     case Reason::Ok: return "ok";
     case Reason::NonFinite: return "non_finite";
@@ -146,6 +151,6 @@ struct Tick {
 };
 
 static_assert(sizeof(Tick) == 48);
-static_assert(std::is_trivially_copyable_v<Tick> && std::is_standard_layout_v<Tick>);
+DC_STANDARD_LAYOUT(Tick);
 
 }  // namespace dynamic_core

@@ -13,6 +13,10 @@ class Engine:
     """
     def __init__(self, genomes: numpy.ndarray, cores_per_sm: typing.SupportsInt | typing.SupportsIndex = 128, population_hash: typing.SupportsInt | typing.SupportsIndex = 0, dead_letter_capacity: typing.SupportsInt | typing.SupportsIndex = 10000, block_bars: typing.SupportsInt | typing.SupportsIndex = 0, threads: typing.SupportsInt | typing.SupportsIndex = 1, capacity: typing.SupportsInt | typing.SupportsIndex = 0, backpressure: typing.SupportsInt | typing.SupportsIndex = 0, stall_deadline_ns: typing.SupportsInt | typing.SupportsIndex = 50000000, fault_injection: bool = False) -> None:
         ...
+    def admit(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.uint32], numpy.typing.NDArray[numpy.uint32], numpy.typing.NDArray[numpy.uint64], numpy.typing.NDArray[numpy.uint64]]:
+        """
+        Device backends: validate, sequence and journal a batch without running it; returns (stream, index in batch, index in stream, seq) arrays of the bars to run.
+        """
     def agents(self) -> numpy.typing.NDArray[numpy.uint8]:
         """
         Per-agent state in population order, as bytes.
@@ -26,6 +30,14 @@ class Engine:
     def dead_letters(self) -> numpy.typing.NDArray[numpy.uint8]:
         """
         Rejected bars with reason codes, oldest first, as bytes.
+        """
+    def device_plan(self) -> dict:
+        """
+        Streams, SMs, per-stream banks (indicators, features) for a device backend.
+        """
+    def emit_external(self, signals: numpy.ndarray, updates: typing.SupportsInt | typing.SupportsIndex, quarantined: typing.SupportsInt | typing.SupportsIndex, seconds: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        """
+        Device backends: journal and count signals computed outside the workers.
         """
     def evolve(self, config: dict, seed: typing.SupportsInt | typing.SupportsIndex, generation: typing.SupportsInt | typing.SupportsIndex, event: bytes = b'', streams: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> dict:
         """
@@ -45,6 +57,10 @@ class Engine:
         ...
     def journal_stats(self) -> dict:
         ...
+    def lane_arrays(self) -> dict:
+        """
+        Per-lane parameters (structure of arrays, lane order).
+        """
     def layout(self) -> dict:
         ...
     def lineage(self) -> numpy.typing.NDArray[numpy.uint8]:
@@ -56,6 +72,10 @@ class Engine:
     def poll(self, max_n: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint8]:
         """
         Up to max_n ready signals in bar order, as bytes; waits up to timeout_ns (<0: forever).
+        """
+    def read_state(self) -> dict:
+        """
+        Per-lane agent state (structure of arrays, lane order).
         """
     def run(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint8]:
         """
@@ -86,6 +106,10 @@ class Engine:
     def wait_idle(self) -> None:
         """
         Wait until every submitted bar has been processed.
+        """
+    def write_state(self, state: dict) -> None:
+        """
+        Replaces the per-lane agent state (as read_state returns it).
         """
     @property
     def n_agents(self) -> int:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
 import numpy as np
 
 from . import _core
-from .errors import InvalidInput, JournalError
+from .errors import BackendUnavailable, InvalidInput, JournalError
 from .journal import DEFAULT_SEGMENT_BYTES
 from .instruments import instruments
 from .market import as_bars
@@ -88,6 +89,15 @@ class Engine:
     population_hash : int, optional
         Provenance written into every signal (default: ``population.hash``). Replay passes the
         journaled value so signals stay identical when instrument ids differ between processes.
+    backend : {"cpu", "cuda", "auto"}
+        Where the agents run. ``"cuda"``: population, indicator banks and agent state in GPU
+        memory (:mod:`dynamic_core.gpu`; needs ``pip install 'dynamic_core[cuda]'`` and an NVIDIA
+        GPU, else :class:`dynamic_core.errors.BackendUnavailable` says what is missing), with
+        signals and agent state bit-identical to the CPU's. ``"auto"``: the GPU when one is
+        usable. With ``"cuda"``, ``run`` (``block_bars`` bars per kernel launch) and ``step``
+        run on the device; ``submit``/``poll``/``on_signal`` and fault injection are CPU-only.
+    device : optional
+        The device object for ``backend="cuda"`` (default: the current CuPy device).
 
     Examples
     --------
@@ -111,14 +121,22 @@ class Engine:
                  block_bars: int = 0, fault_injection: bool = False,
                  journal: str | os.PathLike[str] | None = None, fsync: int = 0,
                  journal_segment_bytes: int = DEFAULT_SEGMENT_BYTES,
-                 population_hash: int | None = None) -> None:
+                 population_hash: int | None = None, backend: str = "cpu", device: Any = None) -> None:
+        from . import gpu
         if not isinstance(population, Population):
             raise TypeError(f"expected a dc.Population, got {type(population).__name__}")
         if cores_per_sm not in (32, 64, 96, 128):
             raise ValueError(f"cores_per_sm must be 32, 64, 96 or 128, got {cores_per_sm!r}")
         if not 0 <= dead_letter_capacity <= 10_000_000:
             raise ValueError("dead_letter_capacity must be in [0, 10M]")
+        factory = gpu.make_device(backend) if device is None else (lambda: device)
+        if factory is not None and backend == "cpu":
+            raise ValueError("a device was given but backend='cpu'")
+        if factory is not None and fault_injection:
+            raise BackendUnavailable("fault injection runs on the CPU backend only")
         threads = usable_cores() if threads is None else int(threads)
+        if factory is not None:
+            threads = 1  # the native engine only mirrors: ingress, journal, state for readers
         if not 1 <= threads <= 63:
             raise ValueError(f"threads must be in [1, 63], got {threads}")
         if backpressure not in BACKPRESSURE:
@@ -157,6 +175,16 @@ class Engine:
         self._journal_path: str | None = None
         self._journal_lock = threading.Lock()
         self._journal_instruments = 0
+        self._device: Any = None
+        self._device_lock = threading.RLock()
+        if factory is not None:
+            try:
+                self._device = gpu.DeviceRunner(self._native, factory(), population_hash=self._population_hash,
+                                                block_bars=block_bars)
+            except BaseException:
+                _close_native(self._native)
+                raise
+        self.backend = "cpu" if self._device is None else "cuda"
         if journal is not None:
             self._open_journal(os.fspath(journal), fsync, journal_segment_bytes)
 
@@ -245,6 +273,9 @@ class Engine:
                 more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
                 raise InvalidInput(f"{len(bad)} bad bar(s), batch not processed: {shown}{more}",
                                    rows=bad.tolist(), reasons=names)
+        if self._device is not None:
+            with self._device_lock:
+                return self._device.run(b, len(instruments))
         return self._native.run(b, len(instruments)).view(SIGNAL_DTYPE)
 
     # ---- streaming ----------------------------------------------------------------------------
@@ -259,6 +290,7 @@ class Engine:
         Safe to call from several threads (calls are serialised, each batch stays contiguous).
         """
         self._check_open()
+        self._cpu_only("submit")
         b = as_bars(bars)
         self._journal_new_instruments()
         return int(self._native.submit(b, len(instruments)))
@@ -267,6 +299,7 @@ class Engine:
         """Ready signals in bar order (``SIGNAL_DTYPE``), at most ``max_n``. Waits up to
         ``timeout`` seconds for the first one (``None``: until one is ready; 0: not at all)."""
         self._check_open()
+        self._cpu_only("poll")
         n = 1 << 20 if max_n is None else int(max_n)
         if n < 0:
             raise ValueError("max_n must be >= 0")
@@ -283,6 +316,10 @@ class Engine:
             raise ValueError(f"step() takes one bar, got {len(b)}")
         t = -1 if timeout is None else int(max(0.0, timeout) * 1e9)
         self._journal_new_instruments()
+        if self._device is not None:
+            with self._device_lock:
+                out = self._device.run(b, len(instruments))
+            return signal_from_record(out[0]) if len(out) else None
         status, raw = self._native.step(b, len(instruments), t)
         if status < 0:
             return None
@@ -301,6 +338,7 @@ class Engine:
         if not callable(callback):
             raise TypeError("callback must be callable")
         self._check_open()
+        self._cpu_only("on_signal")
         self._callbacks.append(callback)
         if self._dispatcher is None:
             self._dispatcher = threading.Thread(target=self._dispatch, name="dc-signal-dispatch",
@@ -357,7 +395,31 @@ class Engine:
     def agents(self) -> np.ndarray:
         """Per-agent state in population order (``AGENT_DTYPE``): score, action, position,
         equity, trades, wins, Sharpe, max drawdown, quarantined, ..."""
-        return self._native.agents().view(AGENT_DTYPE)
+        with self._mirror():
+            return self._native.agents().view(AGENT_DTYPE)
+
+    def _cpu_only(self, what: str) -> None:
+        if self._device is not None:
+            raise BackendUnavailable(f"{what}() runs on the CPU backend only; with backend='cuda' use run() "
+                                     "(blocks of bars) or step() (one bar, its signal)")
+
+    @contextlib.contextmanager
+    def _mirror(self, changes: bool = False, lanes: bool = False) -> Iterator[None]:
+        """Around native calls that read (or, ``changes``, write) agent state: with a device, its
+        state is copied to the native mirror first and, after a change, back (with the lanes'
+        parameters, which a generation rewrites)."""
+        if self._device is None:
+            yield
+            return
+        with self._device_lock:
+            self._device.store_state()
+            try:
+                yield
+            finally:
+                if changes:
+                    if lanes:
+                        self._device.load_lanes()
+                    self._device.load_state()
 
     def set_credit(self, agent_ids: Any, credit: Any) -> None:
         """Set the consensus-weight credit of agents by id (1.0 = neutral), between updates.
@@ -405,7 +467,8 @@ class Engine:
             if self._journal_path is not None:
                 raw = _event_encoder.encode(event(ids.astype("<u4").tobytes(), vals.astype("<f8").tobytes()))
                 self._journal_new_instruments()
-            native(idx, vals, raw)
+            with self._mirror(changes=True):
+                native(idx, vals, raw)
 
     def evolve(self, config: Any = None, *, seed: int = 0, generation: int,
                trigger: str = "manual") -> dict[str, Any]:
@@ -459,7 +522,7 @@ class Engine:
             streams = [index[(int(i), int(t))] for i, t in pairs]
         except KeyError as e:
             raise ValueError(f"evolution: no stream {e.args[0]} in this engine") from None
-        with self._ids_lock:
+        with self._ids_lock, self._mirror(changes=True, lanes=True):
             rep = self._native.evolve(msgspec.structs.asdict(cfg), seed, generation, raw, streams)
             rep["births"] = np.frombuffer(rep["births"], dtype=BIRTH_DTYPE).copy()
             if len(rep["births"]):
@@ -515,7 +578,11 @@ class Engine:
         high-water mark and heartbeat age, per-SM owner/status/heartbeat age (``sms``), warp
         occupancy (active lanes / 32 over all warps), callback errors and, with a journal, its
         records/bytes/commits/syncs/segments (``journal``)."""
-        s = self._native.stats()
+        with self._mirror():
+            s = self._native.stats()
+        s["backend"] = self.backend
+        if self._device is not None:
+            s["device"] = getattr(self._device.dev, "name", "")
         if self._journal_path is not None:
             s["journal"] = dict(self._native.journal_stats(), path=self._journal_path)
         lay = self._native.layout()
@@ -536,7 +603,8 @@ class Engine:
 
     def __repr__(self) -> str:
         lay = self._native.layout()
-        state = "closed" if self._closed else f"{self._native.stats()['threads']} threads"
+        state = ("closed" if self._closed else "cuda" if self._device is not None
+                 else f"{self._native.stats()['threads']} threads")
         return (f"Engine({lay['n_agents']} agents, {lay['n_warps']} warps, {lay['n_sms']} SMs, "
                 f"{lay['n_streams']} streams, {state})")
 

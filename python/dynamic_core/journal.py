@@ -280,7 +280,8 @@ class ReplayResult:
 
 def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | None = None,
            on_control: Callable[[bytes], Any] | None = None,
-           progress: Callable[[int, int], Any] | None = None) -> ReplayResult:
+           progress: Callable[[int, int], Any] | None = None, backend: str = "cpu",
+           device: Any = None) -> ReplayResult:
     """Rebuild the engine recorded in the journal at ``path`` and run its inputs again.
 
     Parameters
@@ -296,6 +297,9 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
         original run (after the bars that preceded it, before those that followed).
     progress : callable, optional
         ``progress(bytes_done, bytes_total)`` after each record.
+    backend, device : optional
+        Where the replaying engine runs (see :class:`dynamic_core.Engine`): a journal written on
+        the CPU replays bit for bit on the GPU and the other way round.
 
     A torn tail is tolerated (what precedes it replays; ``result.report.status`` says so);
     corruption raises :class:`JournalCorrupt`.
@@ -333,7 +337,8 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
     pop = Population.from_records(genomes)
     cfg = dict(meta.config)
     eng = Engine(pop, threads=threads, cores_per_sm=int(cfg.get("cores_per_sm", 128)),
-                 block_bars=int(cfg.get("block_bars", 0)), population_hash=meta.population_hash)
+                 block_bars=int(cfg.get("block_bars", 0)), population_hash=meta.population_hash,
+                 backend=backend, device=device)
     total = sum(os.path.getsize(s) for s in Path(p).glob("seg-*.dcj"))
     done = 0
     out: list[np.ndarray] = []

@@ -1,0 +1,399 @@
+"""The CUDA backend: the population, its indicator banks and its state in GPU memory (CuPy),
+run by the kernels of ``cuda/engine.cu`` compiled at run time by NVRTC.
+
+``dc.Engine(pop, backend="cuda")`` uses it; ``backend="auto"`` uses it when :func:`probe`
+finds a usable GPU. The kernels include the engine's own ``math.hpp`` and ``indicators.hpp``
+(no second copy of the arithmetic) and are compiled with ``--fmad=false``, so the signals and
+agent state are bit-identical to the CPU backend's.
+
+Ingress (validation, sequencing, dead letters, the journal) stays in the native engine, which
+also mirrors the agent state for ``agents()``, ``set_credit`` and ``evolve``: the device state is
+copied to it before any of them reads or changes it, and back after a change.
+
+``python -m dynamic_core.gpu`` says whether a GPU is usable and why not; ``--check`` compiles
+the kernels with NVRTC (no GPU needed, only the NVRTC library).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import glob
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import BackendUnavailable
+from .records import SIGNAL_DTYPE
+
+__all__ = ["GpuStatus", "probe", "kernel_source", "include_dir", "nvrtc_options", "compile_ptx",
+           "DeviceRunner", "CupyDevice", "KERNELS"]
+
+_PKG = Path(__file__).resolve().parent
+# The kernels each launch runs (the emulator in tests/ and the CuPy device load the same names).
+KERNELS = ("dc_sizes", "dc_ind_init", "dc_ind_block", "dc_feat_block", "dc_lanes_block", "dc_fuse_block")
+# Bytes of device memory one block's scratch (indicator outputs, features, SM summaries) may take.
+SCRATCH_BYTES = 256 << 20
+DEFAULT_BLOCK_BARS = 4096
+
+
+def _first(*paths: Path) -> Path | None:
+    return next((p for p in paths if p.exists()), None)
+
+
+def kernel_dir() -> Path:
+    """Where the ``.cu`` files are: inside the installed package, or the source tree's ``cuda/``."""
+    d = _first(_PKG / "cuda", _PKG.parent.parent / "cuda")
+    if d is None or not (d / "engine.cu").exists():
+        raise BackendUnavailable("the CUDA kernels (cuda/engine.cu) are not installed with this package")
+    return d
+
+
+def include_dir() -> Path:
+    """The directory holding ``dynamic_core/math.hpp`` (the arithmetic the kernels share)."""
+    d = _first(_PKG / "include", _PKG.parent.parent / "cpp")
+    if d is None or not (d / "dynamic_core" / "math.hpp").exists():
+        raise BackendUnavailable("the engine headers (dynamic_core/math.hpp) are not installed with this package")
+    return d
+
+
+def kernel_source() -> str:
+    return (kernel_dir() / "engine.cu").read_text()
+
+
+def nvrtc_options(arch: str | None = None) -> tuple[str, ...]:
+    """NVRTC options: FMA contraction off (bit-identical to the CPU), C++17, the headers."""
+    opts = ("--fmad=false", "-std=c++17", f"-I{include_dir()}")
+    return opts + ((f"--gpu-architecture={arch}",) if arch else ())
+
+
+@dataclass(frozen=True)
+class GpuStatus:
+    usable: bool
+    reason: str  # why not, or the device in words
+    device: str = ""
+
+    def __bool__(self) -> bool:
+        return self.usable
+
+
+def probe() -> GpuStatus:
+    """Is a GPU usable from here? Names what is missing when not (CuPy, driver, device)."""
+    try:
+        import cupy  # noqa: F401
+    except ImportError as e:
+        return GpuStatus(False, f"CuPy is not installed (pip install 'dynamic_core[cuda]'): {e}")
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError: no driver, no device
+        return GpuStatus(False, f"CuPy found no usable CUDA driver or device: {e}")
+    if n == 0:
+        return GpuStatus(False, "CuPy found no CUDA device")
+    try:
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        mem = props["totalGlobalMem"] / 2**30
+        cc = f"{props['major']}.{props['minor']}"
+    except Exception as e:
+        return GpuStatus(False, f"the CUDA device could not be queried: {e}")
+    dev = f"{name} ({mem:.0f} GiB, compute capability {cc})"
+    return GpuStatus(True, dev, dev)
+
+
+# ---- NVRTC without CuPy (compile checks on machines without a GPU) ---------------------------
+
+def _load_nvrtc() -> ctypes.CDLL:
+    names: list[str] = []
+    try:
+        import nvidia.cuda_nvrtc as pkg  # the NVRTC wheel (nvidia-cuda-nvrtc-cu12)
+        for d in pkg.__path__:
+            names += sorted(glob.glob(os.path.join(d, "lib", "libnvrtc.so*")))
+    except ImportError:
+        pass
+    names += sorted(glob.glob("/usr/local/cuda*/lib64/libnvrtc.so*"))
+    found = ctypes.util.find_library("nvrtc")
+    if found:
+        names.append(found)
+    errors = []
+    for n in names:
+        if "builtins" in n or ".alt." in n:
+            continue
+        try:
+            return ctypes.CDLL(n)
+        except OSError as e:
+            errors.append(f"{n}: {e}")
+    raise BackendUnavailable("the NVRTC library was not found (pip install nvidia-cuda-nvrtc-cu12, or a CUDA "
+                             "toolkit)" + (": " + "; ".join(errors) if errors else ""))
+
+
+def compile_ptx(source: str | None = None, arch: str = "compute_90") -> tuple[str, str]:
+    """Compiles the kernels with NVRTC as CuPy would (same options); returns (ptx, log).
+    Raises :class:`BackendUnavailable` without NVRTC and ``RuntimeError`` with the log when the
+    compilation fails."""
+    lib = _load_nvrtc()
+    src = kernel_source() if source is None else source
+    prog = ctypes.c_void_p()
+    c = ctypes.c_char_p
+    rc = lib.nvrtcCreateProgram(ctypes.byref(prog), c(src.encode()), c(b"engine.cu"), 0, None, None)
+    if rc != 0:
+        raise RuntimeError(f"nvrtcCreateProgram failed ({rc})")
+    opts = [o.encode() for o in nvrtc_options(arch)]
+    arr = (ctypes.c_char_p * len(opts))(*opts)
+    try:
+        rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, buf)
+        log = buf.value.decode(errors="replace")
+        if rc != 0:
+            raise RuntimeError(f"NVRTC could not compile cuda/engine.cu:\n{log}")
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        return ptx.value.decode(), log
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+# ---- devices -----------------------------------------------------------------------------------
+
+class CupyDevice:
+    """Device memory and kernel launches through CuPy (the kernels compiled once per process)."""
+
+    _module: Any = None
+
+    def __init__(self) -> None:
+        status = probe()
+        if not status:
+            raise BackendUnavailable(f"backend='cuda' needs a usable GPU: {status.reason}")
+        import cupy
+        self.xp = cupy
+        self.name = status.device
+        if CupyDevice._module is None:
+            CupyDevice._module = cupy.RawModule(code=kernel_source(), options=nvrtc_options())
+        self._fn = {k: CupyDevice._module.get_function(k) for k in KERNELS}
+
+    def launch(self, name: str, grid: tuple[int, int], block: int, args: tuple[Any, ...]) -> None:
+        self._fn[name](grid, (block,), args)
+
+    def put(self, a: np.ndarray) -> Any:
+        return self.xp.asarray(np.ascontiguousarray(a))
+
+    def get(self, a: Any) -> np.ndarray:
+        return self.xp.asnumpy(a)
+
+    def zeros(self, n: int, dtype: Any) -> Any:
+        return self.xp.zeros(n, dtype=dtype)
+
+    def sync(self) -> None:
+        self.xp.cuda.get_current_stream().synchronize()
+
+
+# ---- the runner ----------------------------------------------------------------------------------
+
+_STATE_F64 = ("score", "equity", "entry_equity", "peak", "max_dd", "ret_sum", "ret_sq", "credit", "ext_score")
+_STATE_U32 = ("trades", "wins", "n_ret", "quarantined")
+_STATE_I32 = ("position", "action")
+_STATE = _STATE_F64 + _STATE_U32 + _STATE_I32
+_LANES_F64 = ("w0", "w1", "w2", "w3", "w4", "entry", "cost")
+_LANES_I32 = ("fidx0", "fidx1", "fidx2", "fidx3", "fidx4", "lookback", "long_short", "active", "external")
+
+
+class DeviceRunner:
+    """Runs a native engine's population on a device: uploads the plan, the lanes and the state,
+    then turns each admitted batch into signals, ``block_bars`` bars per launch of each kernel
+    (the time loop inside the lane kernel, agent state in registers)."""
+
+    def __init__(self, native: Any, device: Any, *, population_hash: int, block_bars: int = 0) -> None:
+        self.native = native
+        self.dev = device
+        self.population_hash = int(population_hash)
+        plan = native.device_plan()
+        self.n_streams = len(plan["st_instrument"])
+        self.n_sms = len(plan["sm_stream"])
+        self._plan = plan
+        self.n_ind = len(plan["ind_kind"])
+        self._I = np.diff(plan["st_ind_begin"]).astype(np.int64)
+        self._F = np.diff(plan["st_feat_begin"]).astype(np.int64)
+        self._M = (plan["st_sm_end"].astype(np.int64) - plan["st_sm_begin"])
+        self.sm_block = int(plan["sm_lanes"].max()) if self.n_sms else 32
+        d = self.dev
+        self._p = {k: d.put(v) for k, v in plan.items() if isinstance(v, np.ndarray)}
+        sizes = d.zeros(3, np.uint64)
+        d.launch("dc_sizes", (1, 1), 1, (sizes,))
+        self.ind_state_bytes, self.summary_bytes, self.signal_bytes = (int(x) for x in d.get(sizes))
+        if self.signal_bytes != SIGNAL_DTYPE.itemsize:
+            raise BackendUnavailable(f"the kernels' Signal record has {self.signal_bytes} bytes, "
+                                     f"SIGNAL_DTYPE {SIGNAL_DTYPE.itemsize}: rebuild the package")
+        self._ind = d.zeros(max(1, self.n_ind) * self.ind_state_bytes, np.uint8)
+        self._roc = d.zeros(max(1, int(plan["buf_size"])), np.float64)
+        if self.n_ind:
+            d.launch("dc_ind_init", (_blocks(self.n_ind, 128), 1), 128,
+                     (np.int32(self.n_ind), self._p["ind_kind"], self._p["ind_p0"], self._p["ind_p1"],
+                      self._p["ind_p2"], self._ind))
+        self.load_lanes()
+        self.load_state()
+        self._counters = d.zeros(2, np.uint64)
+        per_row = int(max(16 * self._I.max(initial=1), 8 * self._F.max(initial=1),
+                          self.summary_bytes * self._M.max(initial=1)))
+        self.block_bars = int(block_bars) or max(1, min(DEFAULT_BLOCK_BARS, SCRATCH_BYTES // per_row))
+        self._scratch: dict[str, Any] = {}
+        self.state_dirty = False  # device state newer than the native mirror
+
+    # -- state ----------------------------------------------------------------------------------
+    def load_lanes(self) -> None:
+        lanes = self.native.lane_arrays()
+        self._lanes = {k: self.dev.put(lanes[k].astype(np.float64 if k in _LANES_F64 else np.int32))
+                       for k in _LANES_F64 + _LANES_I32}
+
+    def load_state(self) -> None:
+        """Native mirror -> device (after a change made on the native side)."""
+        st = self.native.read_state()
+        self._state = {k: self.dev.put(st[k]) for k in _STATE}
+        self.state_dirty = False
+
+    def store_state(self) -> None:
+        """Device -> native mirror, when the device has run bars since the last copy."""
+        if self.state_dirty:
+            self.native.write_state({k: self.dev.get(v) for k, v in self._state.items()})
+            self.state_dirty = False
+
+    # -- running ----------------------------------------------------------------------------------
+    def run(self, bars: np.ndarray, n_registered: int) -> np.ndarray:
+        t0 = time.perf_counter()
+        stream, index, sidx, seq = self.native.admit(bars, n_registered)
+        out = np.empty(len(stream), dtype=SIGNAL_DTYPE)
+        before = self.dev.get(self._counters)
+        for a in range(0, len(stream), self.block_bars):
+            b = min(len(stream), a + self.block_bars)
+            out[a:b] = self._block(bars[index[a:b]], stream[a:b], sidx[a:b], seq[a:b])
+        after = self.dev.get(self._counters)
+        if len(stream):
+            self.state_dirty = True
+        upd, quar = (int(x) - int(y) for x, y in zip(after, before))
+        self.native.emit_external(out, upd, quar, time.perf_counter() - t0)
+        return out
+
+    def _buf(self, name: str, n: int, dtype: Any) -> Any:
+        cur = self._scratch.get(name)
+        if cur is None or cur.size < n:
+            cur = self.dev.zeros(max(n, 1), dtype)
+            self._scratch[name] = cur
+        return cur
+
+    def _block(self, bars: np.ndarray, stream: np.ndarray, sidx: np.ndarray, seq: np.ndarray) -> np.ndarray:
+        d, p, n = self.dev, self._p, len(stream)
+        S = self.n_streams
+        counts = np.bincount(stream, minlength=S).astype(np.int64)
+        order = np.argsort(stream, kind="stable").astype(np.uint32)  # rows grouped by stream, in time order
+        row_begin = np.concatenate(([0], np.cumsum(counts))).astype(np.uint32)
+        row_k = np.empty(n, np.uint32)
+        row_k[order] = np.arange(n, dtype=np.uint32) - row_begin[stream[order]]
+
+        def bases(per: np.ndarray) -> tuple[np.ndarray, int]:
+            sizes = counts * per
+            base = np.concatenate(([0], np.cumsum(sizes[:-1]))).astype(np.uint64)
+            return base, int(sizes.sum())
+        ind_base, n_ind_out = bases(2 * self._I)
+        feat_base, n_feat = bases(self._F)
+        summ_base, n_summ = bases(self._M)
+        host = {
+            "high": np.ascontiguousarray(bars["high"]), "low": np.ascontiguousarray(bars["low"]),
+            "close": np.ascontiguousarray(bars["close"]), "ts": np.ascontiguousarray(bars["ts"]),
+            "instrument": np.ascontiguousarray(bars["instrument"]),
+            "timeframe": np.ascontiguousarray(bars["timeframe"]),
+            "sidx": sidx.astype(np.int64), "seq": seq.astype(np.uint64), "rows": order,
+            "row_begin": row_begin, "row_stream": stream.astype(np.uint32), "row_k": row_k,
+            "ind_base": ind_base, "feat_base": feat_base, "summ_base": summ_base,
+        }
+        g = {k: d.put(v) for k, v in host.items()}
+        ind_out = self._buf("ind_out", n_ind_out, np.float64)
+        feat = self._buf("feat", n_feat, np.float64)
+        summ = self._buf("summ", n_summ * self.summary_bytes, np.uint8)
+        sig = self._buf("sig", n * self.signal_bytes, np.uint8)
+        if self.n_ind:
+            d.launch("dc_ind_block", (_blocks(self.n_ind, 128), 1), 128,
+                     (np.int32(self.n_ind), p["ind_kind"], self._ind_stream(), p["st_ind_begin"], p["ind_buf"],
+                      self._roc, self._ind, g["high"], g["low"], g["close"], g["rows"], g["row_begin"],
+                      g["ind_base"], ind_out))
+        max_feats = int((counts * self._F).max(initial=0))
+        if max_feats and S:
+            d.launch("dc_feat_block", (_blocks(max_feats, 256), S), 256,
+                     (p["st_ind_begin"], p["st_feat_begin"], p["feat_kind"], p["feat_a"], p["feat_b"],
+                      p["feat_c"], p["feat_from"], g["close"], g["sidx"], g["rows"], g["row_begin"],
+                      g["ind_base"], ind_out, g["feat_base"], feat))
+        if self.n_sms:
+            L, s = self._lanes, self._state
+            d.launch("dc_lanes_block", (self.n_sms, 1), self.sm_block,
+                     (p["sm_stream"], p["sm_lane_begin"], p["sm_lanes"], p["st_sm_begin"], p["st_sm_end"],
+                      p["st_ind_begin"], p["st_feat_begin"],
+                      L["w0"], L["w1"], L["w2"], L["w3"], L["w4"], L["fidx0"], L["fidx1"], L["fidx2"], L["fidx3"],
+                      L["fidx4"], L["entry"], L["cost"], L["lookback"], L["long_short"], L["active"],
+                      L["external"],
+                      s["score"], s["equity"], s["entry_equity"], s["peak"], s["max_dd"], s["ret_sum"],
+                      s["ret_sq"], s["credit"], s["ext_score"], s["trades"], s["wins"], s["n_ret"],
+                      s["quarantined"], s["position"], s["action"],
+                      g["sidx"], g["rows"], g["row_begin"], g["ind_base"], ind_out, g["feat_base"], feat,
+                      g["summ_base"], summ, self._counters))
+        d.launch("dc_fuse_block", (_blocks(n, 128), 1), 128,
+                 (np.uint32(n), g["row_stream"], g["row_k"], p["st_sm_begin"], p["st_sm_end"], g["summ_base"],
+                  summ, g["ts"], g["instrument"], g["timeframe"], g["seq"], np.uint64(self.population_hash), sig))
+        return d.get(sig[: n * self.signal_bytes]).view(SIGNAL_DTYPE)
+
+    def _ind_stream(self) -> Any:
+        if "ind_stream" not in self._p:
+            b = self._plan["st_ind_begin"]
+            self._p["ind_stream"] = self.dev.put(np.repeat(np.arange(self.n_streams, dtype=np.uint32), np.diff(b)))
+        return self._p["ind_stream"]
+
+
+def _blocks(n: int, per: int) -> int:
+    return max(1, (int(n) + per - 1) // per)
+
+
+def make_device(backend: str) -> Callable[[], Any] | None:
+    """The device factory for an ``Engine`` backend name: None for the CPU."""
+    if backend == "cpu":
+        return None
+    if backend == "cuda":
+        return CupyDevice
+    if backend == "auto":
+        return CupyDevice if probe() else None
+    raise ValueError(f"backend must be 'cpu', 'cuda' or 'auto', got {backend!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m dynamic_core.gpu",
+        description="Whether the CUDA backend can run here, and why not. With --check, compile the kernels "
+                    "(cuda/engine.cu) with NVRTC exactly as the backend does; that needs only the NVRTC library.")
+    ap.add_argument("--check", action="store_true", help="compile the kernels with NVRTC and report the result")
+    ap.add_argument("--arch", default="compute_90", help="virtual architecture for --check (default compute_90)")
+    args = ap.parse_args(argv)
+    st = probe()
+    print(f"GPU: {'usable: ' + st.device if st else 'not usable: ' + st.reason}")
+    print(f"kernels: {kernel_dir() / 'engine.cu'}; headers: {include_dir()}")
+    if args.check:
+        try:
+            ptx, log = compile_ptx(arch=args.arch)
+        except BackendUnavailable as e:
+            print(f"NVRTC: {e}")
+            return 2
+        except RuntimeError as e:
+            print(e)
+            return 1
+        entries = [k for k in KERNELS if f".entry {k}(" in ptx]
+        print(f"NVRTC: compiled ({len(ptx)} bytes of PTX for {args.arch}; kernels: {', '.join(entries)})"
+              + (f"\n{log}" if log.strip() else ""))
+        return 0 if len(entries) == len(KERNELS) else 1
+    return 0 if st else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

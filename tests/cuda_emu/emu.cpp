@@ -1,0 +1,17 @@
+// The kernels of cuda/engine.cu built for the host (shim.hpp), behind one C entry point for
+// tests/cuda_emu.py: dc_emu_launch(name, grid x, grid y, block, args, nargs, cooperative).
+#include "shim.hpp"
+
+#include "../../cuda/engine.cu"
+
+#define DC_EMU_KERNELS(X) X(dc_sizes) X(dc_ind_init) X(dc_ind_block) X(dc_feat_block) X(dc_lanes_block) X(dc_fuse_block)
+
+extern "C" int dc_emu_launch(const char* name, unsigned gx, unsigned gy, unsigned bx, const uint64_t* args,
+                             int nargs, int cooperative) {
+  const dim3 grid{gx, gy, 1}, block{bx, 1, 1};
+#define DC_EMU_CASE(k) \
+  if (std::strcmp(name, #k) == 0) return emu::launch(k, grid, block, args, nargs, cooperative != 0);
+  DC_EMU_KERNELS(DC_EMU_CASE)
+#undef DC_EMU_CASE
+  return -2000;  // no such kernel
+}

@@ -1,0 +1,138 @@
+// Enough of CUDA's device-side language for the host to run cuda/*.cu kernels as written: each
+// CUDA thread of a block is an OS thread; __syncthreads, warp shuffles and ballots are barriers
+// over the block or the warp, with CUDA's semantics (a shuffle from past the warp's end returns
+// the caller's own value). Blocks run one at a time, so __shared__ is a static. Kernels that use
+// none of these run their threads one after another (launch(..., cooperative = false)).
+//
+// This is a test harness: it checks the kernels' logic and the host code that drives them
+// against the CPU engine on machines without a GPU. It says nothing about NVRTC's code.
+#pragma once
+#include <atomic>
+#include <barrier>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+namespace emu {
+inline thread_local dim3 thread_idx, block_idx;
+inline dim3 block_dim, grid_dim;
+constexpr int kWarp = 32;
+struct Warp {
+  explicit Warp(int n) : bar(n) {}
+  std::barrier<> bar;
+  double d[kWarp];
+  unsigned u[kWarp];
+};
+inline std::unique_ptr<std::barrier<>> block_bar;
+inline std::vector<std::unique_ptr<Warp>> warps;
+inline Warp& my_warp() { return *warps[thread_idx.x / kWarp]; }
+}  // namespace emu
+
+#define threadIdx (emu::thread_idx)
+#define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+
+inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
+
+inline double __shfl_down_sync(unsigned, double v, int delta) {
+  emu::Warp& w = emu::my_warp();
+  const unsigned lane = threadIdx.x % emu::kWarp;
+  w.d[lane] = v;
+  w.bar.arrive_and_wait();
+  const double r = lane + delta < emu::kWarp ? w.d[lane + delta] : v;
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+inline unsigned __ballot_sync(unsigned, int pred) {
+  emu::Warp& w = emu::my_warp();
+  const unsigned lane = threadIdx.x % emu::kWarp;
+  w.u[lane] = pred ? 1u : 0u;
+  w.bar.arrive_and_wait();
+  unsigned b = 0;
+  for (int i = 0; i < emu::kWarp; ++i) b |= w.u[i] << i;
+  w.bar.arrive_and_wait();
+  return b;
+}
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
+}
+
+namespace emu {
+// Runs kernel `k` over the grid: cooperative blocks as one OS thread per CUDA thread (the
+// block's size a multiple of the warp), others one thread after another.
+template <class F>
+void run(dim3 grid, dim3 block, bool cooperative, F&& k) {
+  grid_dim = grid;
+  block_dim = block;
+  for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      const dim3 b{bx, by, 1};
+      if (!cooperative) {
+        block_idx = b;
+        for (unsigned t = 0; t < block.x; ++t) {
+          thread_idx = dim3{t, 0, 0};
+          k();
+        }
+        continue;
+      }
+      block_bar = std::make_unique<std::barrier<>>(block.x);
+      warps.clear();
+      for (unsigned w = 0; w < (block.x + kWarp - 1) / kWarp; ++w) warps.push_back(std::make_unique<Warp>(kWarp));
+      std::vector<std::thread> th;
+      th.reserve(block.x);
+      for (unsigned t = 0; t < block.x; ++t)
+        th.emplace_back([&, t] {
+          block_idx = b;
+          thread_idx = dim3{t, 0, 0};
+          k();
+        });
+      for (auto& x : th) x.join();
+    }
+}
+
+template <class T>
+T from_bits(uint64_t b) {
+  if constexpr (std::is_pointer_v<T>) {
+    return reinterpret_cast<T>(static_cast<uintptr_t>(b));
+  } else if constexpr (std::is_floating_point_v<T>) {
+    T x;
+    std::memcpy(&x, &b, sizeof x);
+    return x;
+  } else {
+    return static_cast<T>(b);
+  }
+}
+
+template <class... A, size_t... I>
+void call(void (*k)(A...), const uint64_t* a, std::index_sequence<I...>) {
+  k(from_bits<A>(a[I])...);
+}
+
+// Launches kernel k with its arguments as 64-bit words (pointers, integers, doubles' bits).
+template <class... A>
+int launch(void (*k)(A...), dim3 grid, dim3 block, const uint64_t* a, int nargs, bool cooperative) {
+  if (nargs != static_cast<int>(sizeof...(A))) return -static_cast<int>(sizeof...(A)) - 1;
+  if (cooperative && block.x % kWarp != 0) return -1000;
+  run(grid, block, cooperative, [&] { call(k, a, std::index_sequence_for<A...>{}); });
+  return 0;
+}
+}  // namespace emu
