@@ -241,3 +241,18 @@ def test_gpu_parity_on_the_device(eurusd: np.ndarray) -> None:
     with dc.Engine(pop, backend="cuda") as live:  # live mode: one bar per launch
         sig = [live.step(bar) for bar in eurusd[:300]]
         assert [s.score for s in sig] == a["score"][:300].tolist()
+
+
+def test_cli_backend_option(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from dynamic_core import cli
+
+    if gpu.probe():
+        pytest.skip("a GPU is usable here")
+    assert cli.main(["run", "--agents", "64", "--bars", "50", "--backend", "cuda", "-q"]) == 2
+    assert "needs a usable GPU" in capsys.readouterr().err
+    assert cli.main(["run", "--agents", "64", "--bars", "50", "--backend", "auto", "-q",
+                     "--journal", str(tmp_path / "j")]) == 0
+    assert cli.main(["replay", str(tmp_path / "j"), "--verify", "--backend", "cuda", "-q"]) == 2
+    assert "needs a usable GPU" in capsys.readouterr().err
+    assert cli.main(["run", "--agents", "64", "--bars", "50", "--backend", "cuda", "--paper", "-q"]) == 2
+    assert "CPU backend" in capsys.readouterr().err

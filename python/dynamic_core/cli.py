@@ -334,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the evolution's counter-based RNG [default: 0]")
     r.add_argument("--evolve-plot", default=None, metavar="PNG",
                    help="also plot best/median fitness per generation to this image file")
+    r.add_argument("--backend", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="where the agents run: cpu, cuda (an NVIDIA GPU through CuPy: pip install "
+                        "'dynamic_core[cuda]'; same signals bit for bit) or auto (the GPU when usable) "
+                        "[default: cpu]")
     r.set_defaults(func=cmd_run)
 
     b = sub.add_parser(
@@ -767,6 +771,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``dynamic-core run``."""
     from . import cli_transport
 
+    if getattr(args, "backend", "cpu") != "cpu" and (getattr(args, "paper", False) or cli_transport.wants_service(args)):
+        raise CLIError("--backend cuda/auto runs the plain 'run' (and replay); --paper and --publish/--feed/--control "
+                       "run on the CPU backend")
     if getattr(args, "paper", False):
         if getattr(args, "evolve", 0):
             raise CLIError("--evolve does not combine with --paper yet: the decision layer's credit "
@@ -787,11 +794,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     console = _console()
     bars, streams, pop, learners = run_inputs(args)
-    eng = Engine(pop, cores_per_sm=args.cores_per_sm, journal=args.journal, fsync=args.fsync)
+    eng = Engine(pop, cores_per_sm=args.cores_per_sm, journal=args.journal, fsync=args.fsync,
+                 backend=getattr(args, "backend", "cpu"))
     chunk = args.chunk or 50 * len(streams)
     stream_names = ", ".join(f"{instruments.name(i)} {tf_label(tf)}" for i, tf in streams)
     console.print(f"[bold]{PROG} run[/]: {len(pop):,} agents over {len(streams)} stream(s) "
-                  f"({stream_names}), {len(bars):,} bars, {chunk:,} per engine call")
+                  f"({stream_names}), {len(bars):,} bars, {chunk:,} per engine call"
+                  + (f", on {eng.stats()['device']}" if eng.backend == "cuda" else ""))
     mesh = None
     if args.reasoning:
         from .cli_reasoning import mesh_from_args

@@ -64,6 +64,9 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     r.add_argument("--verify", action="store_true", help="fail (exit 1) unless every journaled signal is reproduced bit for bit")
     r.add_argument("--threads", type=int, default=None, metavar="N",
                    help="worker threads of the replaying engine (any count gives the same signals) [default: usable cores]")
+    r.add_argument("--backend", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="where the replaying engine runs; a journal written on either backend replays "
+                        "bit for bit on the other [default: cpu]")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_replay)
 
@@ -119,7 +122,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             prog.update(task, completed=done, total=total)
 
         try:
-            res = jr.replay(args.dir, verify=False, threads=args.threads, progress=tick)
+            res = jr.replay(args.dir, verify=False, threads=args.threads, progress=tick, backend=args.backend)
         except JournalCorrupt as e:
             print(f"corrupt journal: {e}", file=sys.stderr)
             return 1
