@@ -239,7 +239,8 @@ class DeviceRunner:
                       self._p["ind_p2"], self._ind))
         self.load_lanes()
         self.load_state()
-        self._counters = d.zeros(2, np.uint64)
+        self._counters = d.zeros(2, np.uint64)  # agent updates, quarantines (atomics in the lane kernel)
+        self._counted = np.zeros(2, np.uint64)  # their values after the last run
         per_row = int(max(16 * self._I.max(initial=1), 8 * self._F.max(initial=1),
                           self.summary_bytes * self._M.max(initial=1)))
         self.block_bars = int(block_bars) or max(1, min(DEFAULT_BLOCK_BARS, SCRATCH_BYTES // per_row))
@@ -269,11 +270,12 @@ class DeviceRunner:
         t0 = time.perf_counter()
         stream, index, sidx, seq = self.native.admit(bars, n_registered)
         out = np.empty(len(stream), dtype=SIGNAL_DTYPE)
-        before = self.dev.get(self._counters)
+        before = self._counted
         for a in range(0, len(stream), self.block_bars):
             b = min(len(stream), a + self.block_bars)
             out[a:b] = self._block(bars[index[a:b]], stream[a:b], sidx[a:b], seq[a:b])
-        after = self.dev.get(self._counters)
+        after = self.dev.get(self._counters) if len(stream) else before
+        self._counted = after
         if len(stream):
             self.state_dirty = True
         upd, quar = (int(x) - int(y) for x, y in zip(after, before))
@@ -312,7 +314,7 @@ class DeviceRunner:
             "row_begin": row_begin, "row_stream": stream.astype(np.uint32), "row_k": row_k,
             "ind_base": ind_base, "feat_base": feat_base, "summ_base": summ_base,
         }
-        g = {k: d.put(v) for k, v in host.items()}
+        g = self._upload(host)
         ind_out = self._buf("ind_out", n_ind_out, np.float64)
         feat = self._buf("feat", n_feat, np.float64)
         summ = self._buf("summ", n_summ * self.summary_bytes, np.uint8)
@@ -345,6 +347,19 @@ class DeviceRunner:
                  (np.uint32(n), g["row_stream"], g["row_k"], p["st_sm_begin"], p["st_sm_end"], g["summ_base"],
                   summ, g["ts"], g["instrument"], g["timeframe"], g["seq"], np.uint64(self.population_hash), sig))
         return d.get(sig[: n * self.signal_bytes]).view(SIGNAL_DTYPE)
+
+    def _upload(self, host: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The block's host arrays in one copy to the device (8-byte aligned views of one buffer):
+        one transfer per block instead of one per array, which is most of live mode's cost."""
+        offs, total = {}, 0
+        for k, v in host.items():
+            offs[k] = total
+            total += (v.nbytes + 7) // 8 * 8
+        packed = np.zeros(max(total, 8), np.uint8)
+        for k, v in host.items():
+            packed[offs[k]: offs[k] + v.nbytes] = np.ascontiguousarray(v).view(np.uint8)
+        dev = self.dev.put(packed)
+        return {k: dev[offs[k]: offs[k] + v.nbytes].view(v.dtype) for k, v in host.items()}
 
     def _ind_stream(self) -> Any:
         if "ind_stream" not in self._p:
