@@ -314,8 +314,13 @@ extern "C" __global__ void dc_lanes_block(
     s_action[l] = st.action;
     s_quarantined[l] = st.quarantined;
   }
-  if (updates) atomicAdd(counters, updates);
-  if (quarantined) atomicAdd(counters + 1, quarantined);
+  // The counts of the warp's lanes (integers: any order), then one atomic per warp.
+  for (int stride = kWarpSize / 2; stride > 0; stride /= 2) {
+    updates += __shfl_down_sync(0xffffffffu, updates, stride);
+    quarantined += __shfl_down_sync(0xffffffffu, quarantined, stride);
+  }
+  if (lane_in_warp == 0 && updates) atomicAdd(counters, updates);
+  if (lane_in_warp == 0 && quarantined) atomicAdd(counters + 1, quarantined);
 }
 
 // The consensus of every row (one thread each, rows in input order): the SM summaries of its

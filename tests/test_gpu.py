@@ -256,3 +256,40 @@ def test_cli_backend_option(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert "needs a usable GPU" in capsys.readouterr().err
     assert cli.main(["run", "--agents", "64", "--bars", "50", "--backend", "cuda", "--paper", "-q"]) == 2
     assert "CPU backend" in capsys.readouterr().err
+
+
+def test_kernel_cache_key_follows_the_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CuPy caches compiled kernels by source and options: the included headers' digest is in the
+    # options, so editing math.hpp (not engine.cu) still recompiles.
+    before = gpu.nvrtc_options()
+    inc = tmp_path / "include"
+    shutil.copytree(gpu.include_dir() / "dynamic_core", inc / "dynamic_core")
+    monkeypatch.setattr(gpu, "include_dir", lambda: inc)
+    assert gpu.nvrtc_options()[-1] == before[-1]  # same headers, same key
+    math = inc / "dynamic_core" / "math.hpp"
+    math.write_text(math.read_text().replace("kWeakAction = 0.2", "kWeakAction = 0.25"))
+    assert gpu.nvrtc_options()[-1] != before[-1]
+
+
+class _FailingEmu(EmuDevice):
+    fail_at = -1
+
+    def launch(self, name, grid, block, args):  # type: ignore[no-untyped-def]
+        if name == "dc_lanes_block":
+            self.fail_at -= 1
+            if self.fail_at == 0:
+                raise MemoryError("out of device memory (injected)")
+        super().launch(name, grid, block, args)
+
+
+def test_a_device_failure_mid_batch_stops_the_engine(emu: EmuDevice, eurusd: np.ndarray) -> None:
+    # The batch was admitted (sequenced, journaled) before it ran: after a failure in its second
+    # block the device state matches no journal, so the engine refuses further bars.
+    dev = _FailingEmu(Path(emu._lib._name))
+    dev.fail_at = 2
+    pop = dc.Population.random(64, instruments=["EURUSD"], seed=1)
+    with dc.Engine(pop, cores_per_sm=32, backend="cuda", device=dev, block_bars=20) as eng:
+        with pytest.raises(MemoryError):
+            eng.run(eurusd[:60])
+        with pytest.raises(BackendUnavailable, match="failed in an earlier batch.*MemoryError"):
+            eng.run(eurusd[60:70])

@@ -97,7 +97,8 @@ class Engine:
         usable. With ``"cuda"``, ``run`` (``block_bars`` bars per kernel launch) and ``step``
         run on the device; ``submit``/``poll``/``on_signal`` and fault injection are CPU-only.
     device : optional
-        The device object for ``backend="cuda"`` (default: the current CuPy device).
+        The device for ``backend="cuda"``: a :class:`dynamic_core.gpu.CupyDevice` (its ordinal
+        picks the GPU); default ``CupyDevice()``, the current CuPy device.
 
     Examples
     --------
@@ -129,6 +130,8 @@ class Engine:
             raise ValueError(f"cores_per_sm must be 32, 64, 96 or 128, got {cores_per_sm!r}")
         if not 0 <= dead_letter_capacity <= 10_000_000:
             raise ValueError("dead_letter_capacity must be in [0, 10M]")
+        if backend == "auto" and fault_injection:
+            backend = "cpu"  # fault injection is CPU-only; auto never picks what cannot run
         factory = gpu.make_device(backend) if device is None else (lambda: device)
         if factory is not None and backend == "cpu":
             raise ValueError("a device was given but backend='cpu'")
@@ -373,6 +376,10 @@ class Engine:
         self._finalizer()
         if self._journal_path is not None:
             self._native.close_journal()
+        if self._device is not None:  # device memory back now, not at garbage collection
+            with self._device_lock:
+                self._device.store_state()  # agents() still answers after close
+                self._device = _ClosedDevice()
 
     @property
     def closed(self) -> bool:
@@ -578,8 +585,7 @@ class Engine:
         high-water mark and heartbeat age, per-SM owner/status/heartbeat age (``sms``), warp
         occupancy (active lanes / 32 over all warps), callback errors and, with a journal, its
         records/bytes/commits/syncs/segments (``journal``)."""
-        with self._mirror():
-            s = self._native.stats()
+        s = self._native.stats()  # counters only: the device's state need not be mirrored
         s["backend"] = self.backend
         if self._device is not None:
             s["device"] = getattr(self._device.dev, "name", "")
@@ -607,6 +613,20 @@ class Engine:
                  else f"{self._native.stats()['threads']} threads")
         return (f"Engine({lay['n_agents']} agents, {lay['n_warps']} warps, {lay['n_sms']} SMs, "
                 f"{lay['n_streams']} streams, {state})")
+
+
+class _ClosedDevice:
+    """Stands in for the device runner of a closed engine (its memory released)."""
+
+    dev = None
+
+    def store_state(self) -> None:
+        pass
+
+    def load_state(self) -> None:
+        raise RuntimeError("engine is closed")
+
+    load_lanes = load_state
 
 
 class _Faults:

@@ -66,9 +66,24 @@ def kernel_source() -> str:
     return (kernel_dir() / "engine.cu").read_text()
 
 
+HEADERS = ("math.hpp", "indicators.hpp", "records.hpp")
+
+
+def headers_digest() -> str:
+    """A digest of the headers the kernels include. CuPy's kernel cache keys on the source and
+    the options, not on included files: the digest goes into the options, so a changed header
+    never reuses a kernel compiled from the old one."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in HEADERS:
+        h.update((include_dir() / "dynamic_core" / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def nvrtc_options(arch: str | None = None) -> tuple[str, ...]:
-    """NVRTC options: FMA contraction off (bit-identical to the CPU), C++17, the headers."""
-    opts = ("--fmad=false", "-std=c++17", f"-I{include_dir()}")
+    """NVRTC options: FMA contraction off (bit-identical to the CPU), C++17, the headers (and
+    their digest, see :func:`headers_digest`)."""
+    opts = ("--fmad=false", "-std=c++17", f"-I{include_dir()}", f"-DDC_HEADERS_DIGEST=0x{headers_digest()}ull")
     return opts + ((f"--gpu-architecture={arch}",) if arch else ())
 
 
@@ -164,35 +179,45 @@ def compile_ptx(source: str | None = None, arch: str = "compute_90") -> tuple[st
 # ---- devices -----------------------------------------------------------------------------------
 
 class CupyDevice:
-    """Device memory and kernel launches through CuPy (the kernels compiled once per process)."""
+    """Device memory and kernel launches through CuPy on one GPU (``ordinal``; default: the
+    current CuPy device), whichever thread calls: every call runs with that device current."""
 
-    _module: Any = None
+    _modules: dict[int, Any] = {}  # compiled kernels, per device
 
-    def __init__(self) -> None:
+    def __init__(self, ordinal: int | None = None) -> None:
         status = probe()
         if not status:
             raise BackendUnavailable(f"backend='cuda' needs a usable GPU: {status.reason}")
         import cupy
         self.xp = cupy
-        self.name = status.device
-        if CupyDevice._module is None:
-            CupyDevice._module = cupy.RawModule(code=kernel_source(), options=nvrtc_options())
-        self._fn = {k: CupyDevice._module.get_function(k) for k in KERNELS}
+        self.device = cupy.cuda.Device(ordinal) if ordinal is not None else cupy.cuda.Device()
+        self.name = status.device if ordinal is None else f"CUDA device {self.device.id}"
+        with self.device:
+            mod = CupyDevice._modules.get(self.device.id)
+            if mod is None:
+                mod = CupyDevice._modules[self.device.id] = cupy.RawModule(code=kernel_source(),
+                                                                            options=nvrtc_options())
+            self._fn = {k: mod.get_function(k) for k in KERNELS}
 
     def launch(self, name: str, grid: tuple[int, int], block: int, args: tuple[Any, ...]) -> None:
-        self._fn[name](grid, (block,), args)
+        with self.device:
+            self._fn[name](grid, (block,), args)
 
     def put(self, a: np.ndarray) -> Any:
-        return self.xp.asarray(np.ascontiguousarray(a))
+        with self.device:
+            return self.xp.asarray(np.ascontiguousarray(a))
 
     def get(self, a: Any) -> np.ndarray:
-        return self.xp.asnumpy(a)
+        with self.device:
+            return self.xp.asnumpy(a)
 
     def zeros(self, n: int, dtype: Any) -> Any:
-        return self.xp.zeros(n, dtype=dtype)
+        with self.device:
+            return self.xp.zeros(n, dtype=dtype)
 
     def sync(self) -> None:
-        self.xp.cuda.get_current_stream().synchronize()
+        with self.device:
+            self.xp.cuda.get_current_stream().synchronize()
 
 
 # ---- the runner ----------------------------------------------------------------------------------
@@ -216,6 +241,9 @@ class DeviceRunner:
         self.population_hash = int(population_hash)
         plan = native.device_plan()
         self.n_streams = len(plan["st_instrument"])
+        if self.n_streams > 65535:  # grid.y of the feature kernel
+            raise BackendUnavailable(f"the CUDA backend runs at most 65,535 streams, this population has {self.n_streams:,}")
+        self.failed: str | None = None
         self.n_sms = len(plan["sm_stream"])
         self._plan = plan
         self.n_ind = len(plan["ind_kind"])
@@ -243,7 +271,8 @@ class DeviceRunner:
         self._counted = np.zeros(2, np.uint64)  # their values after the last run
         per_row = int(max(16 * self._I.max(initial=1), 8 * self._F.max(initial=1),
                           self.summary_bytes * self._M.max(initial=1)))
-        self.block_bars = int(block_bars) or max(1, min(DEFAULT_BLOCK_BARS, SCRATCH_BYTES // per_row))
+        cap = max(1, SCRATCH_BYTES // per_row)  # bars whose scratch fits in SCRATCH_BYTES
+        self.block_bars = min(int(block_bars) or DEFAULT_BLOCK_BARS, cap)
         self._scratch: dict[str, Any] = {}
         self.state_dirty = False  # device state newer than the native mirror
 
@@ -267,17 +296,26 @@ class DeviceRunner:
 
     # -- running ----------------------------------------------------------------------------------
     def run(self, bars: np.ndarray, n_registered: int) -> np.ndarray:
+        if self.failed:
+            raise BackendUnavailable(f"the device failed in an earlier batch ({self.failed}); its state is "
+                                     "no longer that of the journaled inputs: start a new engine (or replay)")
         t0 = time.perf_counter()
         stream, index, sidx, seq = self.native.admit(bars, n_registered)
         out = np.empty(len(stream), dtype=SIGNAL_DTYPE)
         before = self._counted
-        for a in range(0, len(stream), self.block_bars):
-            b = min(len(stream), a + self.block_bars)
-            out[a:b] = self._block(bars[index[a:b]], stream[a:b], sidx[a:b], seq[a:b])
-        after = self.dev.get(self._counters) if len(stream) else before
-        self._counted = after
         if len(stream):
             self.state_dirty = True
+        try:
+            for a in range(0, len(stream), self.block_bars):
+                b = min(len(stream), a + self.block_bars)
+                out[a:b] = self._block(bars[index[a:b]], stream[a:b], sidx[a:b], seq[a:b])
+            after = self.dev.get(self._counters) if len(stream) else before
+        except BaseException as e:
+            # The bars were admitted (sequenced, journaled) but not all run: nothing after this
+            # could match the journal, so the runner refuses further work.
+            self.failed = f"{type(e).__name__}: {e}"
+            raise
+        self._counted = after
         upd, quar = (int(x) - int(y) for x, y in zip(after, before))
         self.native.emit_external(out, upd, quar, time.perf_counter() - t0)
         return out

@@ -34,7 +34,7 @@ constexpr int kWarp = 32;
 struct Warp {
   explicit Warp(int n) : bar(n) {}
   std::barrier<> bar;
-  double d[kWarp];
+  uint64_t q[kWarp];
   unsigned u[kWarp];
 };
 inline std::unique_ptr<std::barrier<>> block_bar;
@@ -49,12 +49,16 @@ inline Warp& my_warp() { return *warps[thread_idx.x / kWarp]; }
 
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
 
-inline double __shfl_down_sync(unsigned, double v, int delta) {
+// 64-bit values (double, unsigned long long), as the kernels shuffle them.
+template <class T>
+inline T __shfl_down_sync(unsigned, T v, int delta) {
+  static_assert(sizeof(T) == 8 && std::is_trivially_copyable_v<T>);
   emu::Warp& w = emu::my_warp();
   const unsigned lane = threadIdx.x % emu::kWarp;
-  w.d[lane] = v;
+  std::memcpy(&w.q[lane], &v, 8);
   w.bar.arrive_and_wait();
-  const double r = lane + delta < emu::kWarp ? w.d[lane + delta] : v;
+  T r = v;
+  if (lane + delta < emu::kWarp) std::memcpy(&r, &w.q[lane + delta], 8);
   w.bar.arrive_and_wait();
   return r;
 }
