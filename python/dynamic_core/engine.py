@@ -411,19 +411,24 @@ class Engine:
                                      "(blocks of bars) or step() (one bar, its signal)")
 
     @contextlib.contextmanager
-    def _mirror(self, changes: bool = False, lanes: bool = False) -> Iterator[None]:
+    def _mirror(self, changes: bool = False, lanes: bool = False,
+                only: tuple[str, ...] = ()) -> Iterator[None]:
         """Around native calls that read (or, ``changes``, write) agent state: with a device, its
         state is copied to the native mirror first and, after a change, back (with the lanes'
-        parameters, which a generation rewrites)."""
+        parameters, which a generation rewrites). ``only``: the call writes just these state
+        arrays and reads none, so only they travel, and only back."""
         if self._device is None:
             yield
             return
         with self._device_lock:
-            self._device.store_state()
+            if not only:
+                self._device.store_state()
             try:
                 yield
             finally:
-                if changes:
+                if only:
+                    self._device.load_fields(only)
+                elif changes:
                     if lanes:
                         self._device.load_lanes()
                     self._device.load_state()
@@ -474,7 +479,7 @@ class Engine:
             if self._journal_path is not None:
                 raw = _event_encoder.encode(event(ids.astype("<u4").tobytes(), vals.astype("<f8").tobytes()))
                 self._journal_new_instruments()
-            with self._mirror(changes=True):
+            with self._mirror(changes=True, only=("credit", "ext_score")):
                 native(idx, vals, raw)
 
     def evolve(self, config: Any = None, *, seed: int = 0, generation: int,
@@ -627,6 +632,9 @@ class _ClosedDevice:
         raise RuntimeError("engine is closed")
 
     load_lanes = load_state
+
+    def load_fields(self, names: tuple[str, ...]) -> None:
+        self.load_state()
 
 
 class _Faults:

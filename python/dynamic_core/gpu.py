@@ -288,6 +288,13 @@ class DeviceRunner:
         self._state = {k: self.dev.put(st[k]) for k in _STATE}
         self.state_dirty = False
 
+    def load_fields(self, names: tuple[str, ...]) -> None:
+        """Native mirror -> device for some state arrays only (credit, external scores: what
+        set_credit and set_external_scores change; the rest of the mirror may be stale)."""
+        st = self.native.read_state()
+        for k in names:
+            self._state[k] = self.dev.put(st[k])
+
     def store_state(self) -> None:
         """Device -> native mirror, when the device has run bars since the last copy."""
         if self.state_dirty:
