@@ -336,24 +336,6 @@ extern "C" __global__ void dc_fuse_block(uint32_t n_rows, const uint32_t* __rest
   if (r >= n_rows) return;
   const uint32_t s = row_stream[r];
   const uint32_t n_sm = st_sm_end[s] - st_sm_begin[s];
-  const Summary* sm = summ + summ_base[s] + static_cast<uint64_t>(n_sm) * row_k[r];
-  Summary total;
-  summary_zero(total);
-  for (uint32_t m = 0; m < n_sm; ++m) summary_add(total, sm[m]);  // SM order
-  const Fused f = fuse(total);
-  Signal sig;
-  sig.ts = ts[r];
-  sig.instrument = instrument[r];
-  sig.timeframe = timeframe[r];
-  sig.seq = seq[r];
-  sig.population_hash = population_hash;
-  sig.score = f.score;
-  sig.confidence = f.confidence;
-  sig.agreement = f.agreement;
-  sig.dispersion = f.dispersion;
-  sig.action = f.action;
-  sig.n_agents = f.n;
-  for (int v = 0; v < 5; ++v) sig.votes[v] = f.votes[v];
-  sig.flags = 0;
-  out[r] = sig;
+  out[r] = fused_signal(summ + summ_base[s] + static_cast<uint64_t>(n_sm) * row_k[r], n_sm, ts[r], instrument[r],
+                        timeframe[r], seq[r], population_hash);
 }

@@ -71,6 +71,3 @@ class EmuDevice:
 
     def zeros(self, n: int, dtype: Any) -> np.ndarray:
         return np.zeros(n, dtype=dtype)
-
-    def sync(self) -> None:
-        pass

@@ -459,18 +459,10 @@ void bind_engine(py::module_& m) {
                out.reserve(n);
                e.admit(b, n, n_registered, out);
              }
-             py::array_t<uint32_t> stream(static_cast<py::ssize_t>(out.size())), index(static_cast<py::ssize_t>(out.size()));
-             py::array_t<uint64_t> sidx(static_cast<py::ssize_t>(out.size())), seq(static_cast<py::ssize_t>(out.size()));
-             for (size_t k = 0; k < out.size(); ++k) {
-               stream.mutable_data()[k] = out[k].stream;
-               index.mutable_data()[k] = out[k].index;
-               sidx.mutable_data()[k] = out[k].sidx;
-               seq.mutable_data()[k] = out[k].seq;
-             }
-             return py::make_tuple(stream, index, sidx, seq);
+             return to_bytes(out.data(), out.size());
            }, py::arg("bars"), py::arg("n_registered"),
            "Device backends: validate, sequence and journal a batch without running it; returns "
-           "(stream, index in batch, index in stream, seq) arrays of the bars to run.")
+           "the bars to run as admitted records (stream, index in batch, index in stream, seq), as bytes.")
       .def("emit_external", [](Engine& e, const py::array& signals, uint64_t updates, uint64_t quarantined,
                                double seconds) {
              const Signal* s = records_of<Signal>(signals, "signal");

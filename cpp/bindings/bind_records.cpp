@@ -69,6 +69,9 @@ py::dict layouts() {
       sizeof(Lineage),
       py::make_tuple(DC_F(Lineage, agent_id, "<u4"), DC_F(Lineage, parent_a, "<u4"), DC_F(Lineage, parent_b, "<u4"),
                      DC_F(Lineage, generation, "<u4"), DC_F(Lineage, birth_bar, "<i8")));
+  d["admitted"] = py::make_tuple(sizeof(AdmittedBar),
+                                 py::make_tuple(DC_F(AdmittedBar, stream, "<u4"), DC_F(AdmittedBar, index, "<u4"),
+                                                DC_F(AdmittedBar, sidx, "<u8"), DC_F(AdmittedBar, seq, "<u8")));
   d["birth"] = py::make_tuple(
       sizeof(Birth),
       py::make_tuple(DC_F(Birth, slot, "<u4"), DC_F(Birth, agent_id, "<u4"), DC_F(Birth, replaced_id, "<u4"),

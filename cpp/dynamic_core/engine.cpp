@@ -441,25 +441,8 @@ void Engine::fuse(uint64_t p) {
   Slot& s = slot(p);
   const uint32_t st_i = s.stream.load(std::memory_order_relaxed);
   const Stream& st = layout_.streams[st_i];
-  const Summary* sm = summaries(p);
-  Summary total;
-  summary_zero(total);
-  for (uint32_t m = 0; m < st.sm_end - st.sm_begin; ++m) summary_add(total, sm[m]);  // SM order
-  const Fused f = dynamic_core::fuse(total);
-  Signal sig{};
-  sig.ts = s.bar.ts;
-  sig.instrument = s.bar.instrument;
-  sig.timeframe = s.bar.timeframe;
-  sig.seq = s.seq;
-  sig.population_hash = cfg_.population_hash;
-  sig.score = f.score;
-  sig.confidence = f.confidence;
-  sig.agreement = f.agreement;
-  sig.dispersion = f.dispersion;
-  sig.action = f.action;
-  sig.n_agents = f.n;
-  for (int v = 0; v < 5; ++v) sig.votes[v] = f.votes[v];
-  s.sig = sig;
+  s.sig = fused_signal(summaries(p), st.sm_end - st.sm_begin, s.bar.ts, s.bar.instrument, s.bar.timeframe, s.seq,
+                       cfg_.population_hash);
   const int64_t lat = now_ns() - s.t_in;
   int b = 0;
   if (lat > 1) b = std::min(kLatencyBuckets - 1, static_cast<int>(std::log2(static_cast<double>(lat)) * kLatencyBucketsPerOctave));

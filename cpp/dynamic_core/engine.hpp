@@ -79,15 +79,6 @@ Reason check_bar(const Bar& b, uint32_t n_registered);
 // check_bar plus time order within the batch for every (instrument, timeframe), followed or not.
 size_t validate_bars(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
 
-// A bar admitted for execution outside the engine's workers (a device backend): its stream, its
-// position in the batch, its index within the stream and its ingress sequence number.
-struct AdmittedBar {
-  uint32_t stream;
-  uint32_t index;
-  uint64_t sidx;
-  uint64_t seq;
-};
-
 // What a device backend needs to run the population as the engine does: the streams, the SMs,
 // one bank per stream (the merged bank of all its SMs, as one worker runs it) and, in the lane
 // arrays (Engine::lane_arrays), feature indices into that bank.

@@ -65,6 +65,39 @@ struct Signal {
   uint32_t flags;
 };
 
+// A bar admitted for execution outside the engine's workers (a device backend): its stream, its
+// position in the batch, its index within the stream and its ingress sequence number.
+struct AdmittedBar {
+  uint32_t stream;
+  uint32_t index;
+  uint64_t sidx;
+  uint64_t seq;
+};
+
+// DynamicFusionAlgo for one bar: the summaries of its stream's SMs added in SM order, fused, as
+// the signal record (the CPU consensus and cuda/engine.cu both build signals with this).
+DC_HOST_DEVICE inline Signal fused_signal(const Summary* sm, uint32_t n_sm, int64_t ts, uint32_t instrument,
+                                          uint32_t timeframe, uint64_t seq, uint64_t population_hash) {
+  Summary total;
+  summary_zero(total);
+  for (uint32_t m = 0; m < n_sm; ++m) summary_add(total, sm[m]);  // SM order
+  const Fused f = fuse(total);
+  Signal sig{};
+  sig.ts = ts;
+  sig.instrument = instrument;
+  sig.timeframe = timeframe;
+  sig.seq = seq;
+  sig.population_hash = population_hash;
+  sig.score = f.score;
+  sig.confidence = f.confidence;
+  sig.agreement = f.agreement;
+  sig.dispersion = f.dispersion;
+  sig.action = f.action;
+  sig.n_agents = f.n;
+  for (int v = 0; v < 5; ++v) sig.votes[v] = f.votes[v];
+  return sig;
+}
+
 struct AgentRecord {
   uint32_t agent_id;
   uint32_t instrument;
@@ -102,6 +135,7 @@ DC_STANDARD_LAYOUT(Bar);
 DC_STANDARD_LAYOUT(Genome);
 DC_STANDARD_LAYOUT(Signal);
 DC_STANDARD_LAYOUT(AgentRecord);
+DC_STANDARD_LAYOUT(AdmittedBar);
 
 // Why a bar was refused. Skipping a valid bar that no agent follows is not a reject.
 enum class Reason : uint32_t {

@@ -13,9 +13,9 @@ class Engine:
     """
     def __init__(self, genomes: numpy.ndarray, cores_per_sm: typing.SupportsInt | typing.SupportsIndex = 128, population_hash: typing.SupportsInt | typing.SupportsIndex = 0, dead_letter_capacity: typing.SupportsInt | typing.SupportsIndex = 10000, block_bars: typing.SupportsInt | typing.SupportsIndex = 0, threads: typing.SupportsInt | typing.SupportsIndex = 1, capacity: typing.SupportsInt | typing.SupportsIndex = 0, backpressure: typing.SupportsInt | typing.SupportsIndex = 0, stall_deadline_ns: typing.SupportsInt | typing.SupportsIndex = 50000000, fault_injection: bool = False) -> None:
         ...
-    def admit(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.uint32], numpy.typing.NDArray[numpy.uint32], numpy.typing.NDArray[numpy.uint64], numpy.typing.NDArray[numpy.uint64]]:
+    def admit(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint8]:
         """
-        Device backends: validate, sequence and journal a batch without running it; returns (stream, index in batch, index in stream, seq) arrays of the bars to run.
+        Device backends: validate, sequence and journal a batch without running it; returns the bars to run as admitted records (stream, index in batch, index in stream, seq), as bytes.
         """
     def agents(self) -> numpy.typing.NDArray[numpy.uint8]:
         """

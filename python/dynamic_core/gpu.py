@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import BackendUnavailable
-from .records import SIGNAL_DTYPE
+from .records import ADMITTED_DTYPE, SIGNAL_DTYPE
 
 __all__ = ["GpuStatus", "probe", "kernel_source", "include_dir", "nvrtc_options", "compile_ptx",
            "DeviceRunner", "CupyDevice", "KERNELS"]
@@ -215,19 +215,14 @@ class CupyDevice:
         with self.device:
             return self.xp.zeros(n, dtype=dtype)
 
-    def sync(self) -> None:
-        with self.device:
-            self.xp.cuda.get_current_stream().synchronize()
 
 
 # ---- the runner ----------------------------------------------------------------------------------
 
-_STATE_F64 = ("score", "equity", "entry_equity", "peak", "max_dd", "ret_sum", "ret_sq", "credit", "ext_score")
-_STATE_U32 = ("trades", "wins", "n_ret", "quarantined")
-_STATE_I32 = ("position", "action")
-_STATE = _STATE_F64 + _STATE_U32 + _STATE_I32
-_LANES_F64 = ("w0", "w1", "w2", "w3", "w4", "entry", "cost")
-_LANES_I32 = ("fidx0", "fidx1", "fidx2", "fidx3", "fidx4", "lookback", "long_short", "active", "external")
+_STATE = ("score", "equity", "entry_equity", "peak", "max_dd", "ret_sum", "ret_sq", "credit", "ext_score",
+          "trades", "wins", "n_ret", "quarantined", "position", "action")
+_LANES = ("w0", "w1", "w2", "w3", "w4", "entry", "cost",  # float64
+          "fidx0", "fidx1", "fidx2", "fidx3", "fidx4", "lookback", "long_short", "active", "external")  # int32
 
 
 class DeviceRunner:
@@ -253,6 +248,7 @@ class DeviceRunner:
         self.sm_block = int(plan["sm_lanes"].max()) if self.n_sms else 32
         d = self.dev
         self._p = {k: d.put(v) for k, v in plan.items() if isinstance(v, np.ndarray)}
+        self._p["ind_stream"] = d.put(np.repeat(np.arange(self.n_streams, dtype=np.uint32), self._I))
         sizes = d.zeros(3, np.uint64)
         d.launch("dc_sizes", (1, 1), 1, (sizes,))
         self.ind_state_bytes, self.summary_bytes, self.signal_bytes = (int(x) for x in d.get(sizes))
@@ -279,8 +275,7 @@ class DeviceRunner:
     # -- state ----------------------------------------------------------------------------------
     def load_lanes(self) -> None:
         lanes = self.native.lane_arrays()
-        self._lanes = {k: self.dev.put(lanes[k].astype(np.float64 if k in _LANES_F64 else np.int32))
-                       for k in _LANES_F64 + _LANES_I32}
+        self._lanes = {k: self.dev.put(lanes[k]) for k in _LANES}
 
     def load_state(self) -> None:
         """Native mirror -> device (after a change made on the native side)."""
@@ -307,7 +302,8 @@ class DeviceRunner:
             raise BackendUnavailable(f"the device failed in an earlier batch ({self.failed}); its state is "
                                      "no longer that of the journaled inputs: start a new engine (or replay)")
         t0 = time.perf_counter()
-        stream, index, sidx, seq = self.native.admit(bars, n_registered)
+        adm = np.frombuffer(self.native.admit(bars, n_registered), dtype=ADMITTED_DTYPE)
+        stream, index, sidx, seq = adm["stream"], adm["index"], adm["sidx"], adm["seq"]
         out = np.empty(len(stream), dtype=SIGNAL_DTYPE)
         before = self._counted
         if len(stream):
@@ -366,7 +362,7 @@ class DeviceRunner:
         sig = self._buf("sig", n * self.signal_bytes, np.uint8)
         if self.n_ind:
             d.launch("dc_ind_block", (_blocks(self.n_ind, 128), 1), 128,
-                     (np.int32(self.n_ind), p["ind_kind"], self._ind_stream(), p["st_ind_begin"], p["ind_buf"],
+                     (np.int32(self.n_ind), p["ind_kind"], p["ind_stream"], p["st_ind_begin"], p["ind_buf"],
                       self._roc, self._ind, g["high"], g["low"], g["close"], g["rows"], g["row_begin"],
                       g["ind_base"], ind_out))
         max_feats = int((counts * self._F).max(initial=0))
@@ -405,12 +401,6 @@ class DeviceRunner:
             packed[offs[k]: offs[k] + v.nbytes] = np.ascontiguousarray(v).view(np.uint8)
         dev = self.dev.put(packed)
         return {k: dev[offs[k]: offs[k] + v.nbytes].view(v.dtype) for k, v in host.items()}
-
-    def _ind_stream(self) -> Any:
-        if "ind_stream" not in self._p:
-            b = self._plan["st_ind_begin"]
-            self._p["ind_stream"] = self.dev.put(np.repeat(np.arange(self.n_streams, dtype=np.uint32), np.diff(b)))
-        return self._p["ind_stream"]
 
 
 def _blocks(n: int, per: int) -> int:

@@ -53,6 +53,9 @@ LINEAGE_DTYPE: np.dtype = _dtype("lineage")
 """Lineage of the agent in one population slot: ``agent_id``, ``parent_a``/``parent_b`` (ids;
 0xFFFFFFFF for none: founders have neither, a clone no second parent), ``generation`` of birth
 (0 for founders) and ``birth_bar`` (bar index of its stream at birth)."""
+ADMITTED_DTYPE: np.dtype = _dtype("admitted")
+"""A bar admitted for a device backend to run: ``stream`` (index), ``index`` (position in its
+batch), ``sidx`` (bar index within the stream) and ``seq`` (ingress sequence number)."""
 BIRTH_DTYPE: np.dtype = _dtype("birth")
 """One child of a generation: ``slot`` (population index), ``agent_id``, ``replaced_id``,
 parents, ``stream``, ``sm``, ``how`` (bits: 1 crossover, 2 migrant parent, 4 gap spawn,
