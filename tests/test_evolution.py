@@ -47,6 +47,20 @@ def test_generations_are_deterministic_on_any_thread_count_and_chunking():
     assert _bytes(c[1]) != _bytes(a[1])
 
 
+def test_large_generations_split_over_threads_breed_the_same_children():
+    # 20,000 agents: enough lanes (>= 16,384) that a generation judges, breeds and writes its SMs
+    # on the engine's threads; the children, ids, lineage and later signals match 1 thread's
+    bars = planted_market(700, seed=8)
+    pop = _pop(20_000, seed=9)
+    cfg = dict(min_age=120, replace_fraction=0.15, p_migrate=0.3)
+    a = _evolved_run(pop, bars, threads=1, cfg=cfg, every=250)
+    b = _evolved_run(pop, bars, threads=2, cfg=cfg, every=250, chunks=3)
+    assert len(a[4]) == 2 and all(r.replaced > 1000 for r in a[4])
+    for x, y in zip(a[:4], b[:4]):
+        assert _bytes(x) == _bytes(y)
+    assert a[4] == b[4]
+
+
 def test_journaled_generations_replay_bit_identically(tmp_path):
     bars = planted_market(1500, seed=6)
     pop = _pop(300)

@@ -407,7 +407,9 @@ bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_
   if (!claim(w, g)) return false;
   int poison = faults_ ? r.poison.exchange(-1, std::memory_order_acq_rel) : -1;
   uint64_t updates = 0;
-  uint64_t np = r.nproc.load(std::memory_order_relaxed);
+  // acquire: pairs with the release of nproc by the group's previous runner, which may have been
+  // another worker (the sentinel moved the group), so its state (banks, lanes, last_pos) is ours
+  uint64_t np = r.nproc.load(std::memory_order_acquire);
   for (size_t k = 0; k < n; ++k) {
     const uint64_t p = pos[k];
     const uint64_t sidx = slot(p).sidx.load(std::memory_order_relaxed);
@@ -425,7 +427,7 @@ bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_
 
 void Engine::catch_up(int w, uint32_t g, uint64_t until_pos) {
   if (!claim(w, g)) return;
-  uint64_t np = grt_[g].nproc.load(std::memory_order_relaxed);
+  uint64_t np = grt_[g].nproc.load(std::memory_order_acquire);  // as in run_group
   uint64_t updates = 0;
   int poison = -1;
   replay(g, until_pos, np, poison, updates);

@@ -337,6 +337,7 @@ class Engine {
   std::vector<int8_t> lane_style_;  // per lane: dominant feature (-1: none)
   std::vector<std::array<int64_t, kFeatures + 1>> styles_;  // per stream: agents per dominant feature, all
   std::vector<double> fit_;  // scratch: fitness per lane of the last generation
+  EvolutionScratch evo_;     // scratch of a generation
   uint32_t next_id_ = 0;
   std::unordered_map<uint64_t, uint32_t> stream_of_;
   uint32_t batch_ = 0;

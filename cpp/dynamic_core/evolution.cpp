@@ -1,11 +1,16 @@
 #include "evolution.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
+#include <mutex>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #include "engine.hpp"
 #include "rng.hpp"
@@ -142,12 +147,84 @@ bool key_in_bounds(const std::array<int32_t, 4>& k, int f, const EvolutionConfig
   return true;
 }
 
-// A child under construction: a genome (periods, weights, entry, mode, cost) whose used features
-// are on the lattice of the SM it is born in.
-struct Child {
-  Genome g;
-  int32_t rank[kFeatures];  // lattice rank of each used feature, -1 if unused
-};
+using Child = EvolutionScratch::Child;
+using Kid = EvolutionScratch::Kid;
+using Island = EvolutionScratch::Island;
+
+// Populations from this many lanes run a generation's per-SM phases on the engine's thread count.
+constexpr size_t kParallelLanes = 16384;
+
+// f(i, t) for i in [0, n) on `threads` threads (t: the thread's index; the caller is thread 0),
+// SMs taken in chunks; first() runs on thread 0 before it takes any. The first exception is
+// rethrown once all have joined.
+template <class F, class G = void (*)()>
+void for_each_parallel(uint32_t n, int threads, F&& f, G&& first = [] {}) {
+  if (threads <= 1 || n < 2) {
+    first();
+    for (uint32_t i = 0; i < n; ++i) f(i, 0);
+    return;
+  }
+  constexpr uint32_t kChunk = 8;
+  std::atomic<uint32_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_m;
+  auto body = [&](int t) {
+    try {
+      if (t == 0) first();
+      for (uint32_t i; (i = next.fetch_add(kChunk, std::memory_order_relaxed)) < n;)
+        for (uint32_t j = i; j < std::min(n, i + kChunk); ++j) f(j, t);
+    } catch (...) {
+      std::lock_guard<std::mutex> g(error_m);
+      if (!error) error = std::current_exception();
+      next.store(n, std::memory_order_relaxed);
+    }
+  };
+  std::vector<std::thread> extra;
+  extra.reserve(static_cast<size_t>(threads - 1));
+  for (int t = 1; t < threads; ++t) extra.emplace_back(body, t);
+  body(0);
+  for (std::thread& th : extra) th.join();
+  if (error) std::rethrow_exception(error);
+}
+
+// Median of v (reordered; finite values), the mean of the two middle ones for an even count.
+// Large inputs are first bucketed by the top 16 bits of an order-preserving key (sign, exponent
+// and 4 mantissa bits), so the selection runs only within the bucket holding the middle.
+double median_of(std::vector<double>& v, std::vector<double>& tmp) {
+  const size_t n = v.size(), mid = n / 2;
+  if (n < 8192) {
+    std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(mid), v.end());
+    double med = v[mid];
+    if (n % 2 == 0) med = (*std::max_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(mid)) + med) / 2.0;
+    return med;
+  }
+  auto bucket = [](double x) {
+    uint64_t u;
+    std::memcpy(&u, &x, sizeof u);
+    u = (u >> 63) ? ~u : u | (uint64_t{1} << 63);
+    return static_cast<uint32_t>(u >> 48);
+  };
+  std::vector<uint32_t> count(65536, 0);
+  for (double x : v) ++count[bucket(x)];
+  uint32_t b = 0;
+  size_t below = 0;  // values in buckets before b
+  while (below + count[b] <= mid) below += count[b++];
+  tmp.clear();
+  double lower_max = -std::numeric_limits<double>::infinity();  // largest value below bucket b
+  for (double x : v) {
+    const uint32_t k = bucket(x);
+    if (k == b) tmp.push_back(x);
+    else if (k < b && x > lower_max) lower_max = x;
+  }
+  const size_t r = mid - below;
+  std::nth_element(tmp.begin(), tmp.begin() + static_cast<std::ptrdiff_t>(r), tmp.end());
+  double med = tmp[r];
+  if (n % 2 == 0) {
+    const double lo = r > 0 ? *std::max_element(tmp.begin(), tmp.begin() + static_cast<std::ptrdiff_t>(r)) : lower_max;
+    med = (lo + med) / 2.0;
+  }
+  return med;
+}
 
 // Expresses a parent genome on lattice L; false if a feature it uses is not there.
 bool express(const Genome& parent, const SmLattice& L, Child& c) {
@@ -191,18 +268,20 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   wait_idle();  // between updates, like set_credit
   journal_event_locked(event);
 
-  if (lattice_.size() != layout_.sms.size()) {
+  const uint32_t n_sms = static_cast<uint32_t>(layout_.sms.size());
+  const int threads = layout_.lane_agent.size() >= kParallelLanes ? std::max(1, cfg_.threads) : 1;
+
+  if (lattice_.size() != n_sms) {
     // first generation: each SM's lattice, each lane's birth bar and each stream's style counts,
     // kept current from then on
-    lattice_.clear();
-    lattice_.reserve(layout_.sms.size());
-    for (const Sm& sm : layout_.sms) lattice_.push_back(build_lattice(sm.bank));
+    lattice_.assign(n_sms, SmLattice{});
     lane_birth_.assign(lanes_.active.size(), 0);
     lane_rank_.assign(lanes_.active.size(), {-1, -1, -1, -1, -1});
     lane_style_.assign(lanes_.active.size(), -1);
     styles_.assign(layout_.streams.size(), {});
-    for (uint32_t m = 0; m < layout_.sms.size(); ++m) {
+    for_each_parallel(n_sms, threads, [&](uint32_t m, int) {
       const Sm& sm = layout_.sms[m];
+      lattice_[m] = build_lattice(sm.bank);
       const SmLattice& L = lattice_[m];
       std::vector<int16_t> rank_of[kFeatures];  // feature index within the kind -> lattice rank
       for (int f = 0; f < kFeatures; ++f) {
@@ -216,34 +295,39 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
           const uint16_t fi = layout_.params[l].fidx[f];
           if (fi) lane_rank_[l][f] = rank_of[f][fi - L.base[f]];
         }
-        ++styles_[sm.stream][kFeatures];
         lane_style_[l] = static_cast<int8_t>(style_of(lane_genome_[l]));
+      }
+    });
+    for (const Sm& sm : layout_.sms)
+      for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
+        if (layout_.lane_agent[l] == kNone || lanes_.external[l]) continue;
+        ++styles_[sm.stream][kFeatures];
         if (lane_style_[l] >= 0) ++styles_[sm.stream][lane_style_[l]];
       }
-    }
   }
 
   GenerationReport rep;
   rep.generation = generation;
   std::vector<uint32_t> sm_order;
-  std::vector<char> in_scope(layout_.sms.size(), 0);
+  std::vector<char> in_scope(n_sms, 0);
   for (uint32_t s : scope)
     for (uint32_t m = layout_.streams[s].sm_begin; m < layout_.streams[s].sm_end; ++m) {
       sm_order.push_back(m);
       in_scope[m] = 1;
     }
+  const uint32_t n_order = static_cast<uint32_t>(sm_order.size());
 
-  // ---- phase 1: judge every SM of the streams in scope --------------------------------------
-  struct Island {
-    std::vector<uint32_t> pool;    // lanes that may parent, by fitness
-    std::vector<uint32_t> losers;  // lanes to replace, quarantined first, then weakest first
-  };
-  std::vector<Island> isl(layout_.sms.size());
+  // Each SM is judged and bred on its own (phases 1 and 2, in parallel over SMs), reading only
+  // the generation's starting point: its lanes, its neighbour's parents (never replaced) and its
+  // stream's style counts as they were. Child ids are then handed out in SM order (serially) and
+  // the children written into their slots (phase 3, in parallel). Nothing depends on the thread
+  // count or on which thread runs an SM.
+
+  EvolutionScratch& X = evo_;
+  if (X.isl.size() != n_sms) X.isl.assign(n_sms, Island{});
+  std::vector<Island>& isl = X.isl;
   fit_.resize(lanes_.active.size());  // read only for the lanes judged below
   double* fit = fit_.data();
-  std::vector<double> judged_fit;
-  judged_fit.reserve(lanes_.active.size());
-  std::vector<std::pair<double, uint32_t>> order;
   const uint32_t* lane_agent = layout_.lane_agent.data();
   const uint32_t* lane_id = lane_id_.data();
   const int32_t* external = lanes_.external.data();
@@ -254,12 +338,33 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   const double* ret_sq = state_.ret_sq.data();
   const double* max_dd = state_.max_dd.data();
   const int64_t* birth = lane_birth_.data();
-  constexpr double kNotTraded = -std::numeric_limits<double>::infinity();
-  for (uint32_t m : sm_order) {
+  // Rank of a judged lane, weakest first: its fitness (agents short of the minimum trade count
+  // below every other), then its agent id, so the order is a function of the population; the
+  // lane rides in the low bits. One 128-bit integer, compared without branches.
+  using Ranked = EvolutionScratch::Ranked;
+  auto ranked = [&](bool traded, double x, uint32_t l) {
+    uint64_t u = 0;  // order-preserving bits of the fitness; 0 below every finite value
+    if (traded) {
+      x += 0.0;  // -0 ranks as +0
+      std::memcpy(&u, &x, sizeof u);
+      u = (u >> 63) ? ~u : u | (uint64_t{1} << 63);
+    }
+    return static_cast<Ranked>(u) << 64 | static_cast<Ranked>(lane_id[l]) << 32 | l;
+  };
+  auto lane_of = [](Ranked r) { return static_cast<uint32_t>(r); };
+  auto traded_rank = [](Ranked r) { return static_cast<uint64_t>(r >> 64) != 0; };
+
+  // ---- phase 1: judge every SM of the streams in scope --------------------------------------
+  X.order_of.resize(static_cast<size_t>(threads));
+  X.weakest_of.resize(static_cast<size_t>(threads));
+  for_each_parallel(n_order, threads, [&](uint32_t i, int t) {
+    const uint32_t m = sm_order[i];
     const Sm& sm = layout_.sms[m];
     // bars of the stream seen (all of them run: wait_idle); a device backend advances no bank here
     const int64_t born_by = static_cast<int64_t>(layout_.streams[sm.stream].nbars) - static_cast<int64_t>(cfg.min_age);
     Island& I = isl[m];
+    I.reset();
+    std::vector<Ranked>& order = X.order_of[t];
     order.clear();
     for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
       if (lane_agent[l] == kNone || external[l]) continue;
@@ -273,43 +378,35 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       const double x = agent_fitness(n_ret[l], ret_sum[l], ret_sq[l], max_dd[l], cfg.dd_penalty);
       fit[l] = x;
       const bool traded = trades[l] >= cfg.min_trades;
-      if (traded) judged_fit.push_back(x);
-      order.emplace_back(traded ? x : kNotTraded, l);
+      if (traded) I.traded.push_back(x);
+      order.push_back(ranked(traded, x, l));
     }
-    rep.judged += order.size();
-    // weakest first (agents short of the minimum trade count below every other), equal
-    // fitness by agent id, so the order is a function of the population
-    auto weaker = [&](const std::pair<double, uint32_t>& x, const std::pair<double, uint32_t>& y) {
-      if (x.first != y.first) return x.first < y.first;
-      return lane_id[x.second] < lane_id[y.second];
-    };
+    I.judged = order.size();
+    // the n_rep weakest, weakest first; the pool is the rest (those with the trade count), in
+    // lane order: everything stronger than the last loser
     const size_t n_rep = static_cast<size_t>(cfg.replace_fraction * static_cast<double>(order.size()));
-    if (n_rep > 0 && n_rep < order.size()) std::nth_element(order.begin(), order.begin() + n_rep, order.end(), weaker);
-    std::sort(order.begin(), order.begin() + n_rep, weaker);
-    for (size_t k = 0; k < order.size(); ++k) {
-      const uint32_t l = order[k].second;
-      if (k < n_rep) I.losers.push_back(l);
-      else if (order[k].first != kNotTraded) I.pool.push_back(l);
+    if (n_rep > 0) {
+      std::vector<Ranked>& weakest = X.weakest_of[t];
+      weakest.assign(order.begin(), order.end());
+      std::partial_sort(weakest.begin(), weakest.begin() + static_cast<std::ptrdiff_t>(n_rep), weakest.end());
+      for (size_t k = 0; k < n_rep; ++k) I.losers.push_back(lane_of(weakest[k]));
+      const Ranked last = weakest[n_rep - 1];
+      for (const Ranked x : order)
+        if (traded_rank(x) && x > last) I.pool.push_back(lane_of(x));
+    } else {
+      for (const Ranked x : order)
+        if (traded_rank(x)) I.pool.push_back(lane_of(x));
     }
-    std::sort(I.pool.begin(), I.pool.end());  // lane order: nth_element leaves it unspecified
+  });
+  size_t n_losers = 0, n_traded = 0;
+  for (uint32_t m : sm_order) {
+    const Island& I = isl[m];
+    rep.judged += I.judged;
     rep.eligible += I.pool.size();
+    isl[m].kid_begin = n_losers;
+    n_losers += I.losers.size();
+    n_traded += I.traded.size();
   }
-  if (judged_fit.empty()) {
-    rep.best = rep.median = rep.mean = std::numeric_limits<double>::quiet_NaN();
-  } else {
-    double sum = 0.0;
-    for (double x : judged_fit) sum += x;  // in SM, then lane order: deterministic
-    rep.mean = sum / static_cast<double>(judged_fit.size());
-    rep.best = *std::max_element(judged_fit.begin(), judged_fit.end());
-    const size_t mid = judged_fit.size() / 2;
-    std::nth_element(judged_fit.begin(), judged_fit.begin() + mid, judged_fit.end());
-    rep.median = judged_fit[mid];
-    if (judged_fit.size() % 2 == 0) {
-      const double lo = *std::max_element(judged_fit.begin(), judged_fit.begin() + mid);
-      rep.median = (lo + rep.median) / 2.0;
-    }
-  }
-
   auto better = [&](uint32_t x, uint32_t y) {  // fitter, then lower agent id
     if (fit[x] != fit[y]) return fit[x] > fit[y];
     return lane_id[x] < lane_id[y];
@@ -328,40 +425,56 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     return best;
   };
 
+  // the fitness summary (best, median, mean), on thread 0 of phase 2 before it breeds
+  auto summary = [&] {
+    if (n_traded == 0) {
+      rep.best = rep.median = rep.mean = std::numeric_limits<double>::quiet_NaN();
+    } else {
+      std::vector<double>& judged_fit = X.judged_fit;
+      judged_fit.clear();
+      for (uint32_t m : sm_order) judged_fit.insert(judged_fit.end(), isl[m].traded.begin(), isl[m].traded.end());
+      double sum = 0.0;
+      for (double x : judged_fit) sum += x;  // in SM, then lane order: deterministic
+      rep.mean = sum / static_cast<double>(judged_fit.size());
+      rep.best = *std::max_element(judged_fit.begin(), judged_fit.end());
+      rep.median = median_of(judged_fit, X.median_scratch);
+    }
+  };
+
   // ---- phase 2: children, SM by SM, weakest slot first --------------------------------------
-  // Parents are read from a snapshot: a slot replaced earlier in this generation is never a
-  // parent (pools exclude losers), so writing children in place cannot change a later child.
-  for (uint32_t m : sm_order) {
+  // Parents are read from a snapshot: a slot replaced in this generation is never a parent
+  // (pools exclude losers), and children are written only in phase 3.
+  X.kids.resize(n_losers);
+  std::vector<Kid>& kids = X.kids;
+  for_each_parallel(n_order, threads, [&](uint32_t i, int) {
+    const uint32_t m = sm_order[i];
     Island& I = isl[m];
-    if (I.losers.empty()) continue;
+    if (I.losers.empty()) return;
     const Sm& sm = layout_.sms[m];
     const Stream& st = layout_.streams[sm.stream];
     const SmLattice& L = lattice_[m];
-    const int64_t nbars = static_cast<int64_t>(st.nbars);
-    auto& cnt = styles_[sm.stream];  // agents per style (dominant feature), then all
-    const double even = static_cast<double>(cnt[kFeatures]) / kFeatures;
+    const auto& cnt0 = styles_[sm.stream];  // agents per style (dominant feature), then all, as they were
+    const double even = static_cast<double>(cnt0[kFeatures]) / kFeatures;
     uint32_t spawns_left = static_cast<uint32_t>(cfg.spawn_fraction * static_cast<double>(I.losers.size()));
     // neighbouring SM of the same stream (migrants come from there)
     const uint32_t nb = st.sm_end - st.sm_begin > 1 ? (m + 1 < st.sm_end ? m + 1 : st.sm_begin) : kNone;
-    const std::vector<uint32_t>* nb_pool =
-        nb != kNone && in_scope[nb] && !isl[nb].pool.empty() ? &isl[nb].pool
-                                                                                     : nullptr;
+    const std::vector<uint32_t>* nb_pool = nb != kNone && in_scope[nb] && !isl[nb].pool.empty() ? &isl[nb].pool : nullptr;
     for (uint32_t slot_lane : I.losers) {
-      const uint32_t a = layout_.lane_agent[slot_lane];
-      const uint32_t old_id = lane_id[slot_lane];
-      CounterRng rng(seed, old_id, generation);
-      uint32_t how = state_.quarantined[slot_lane] ? kQuarantined : 0;
+      CounterRng rng(seed, lane_id[slot_lane], generation);
+      uint32_t how = quar[slot_lane] ? kQuarantined : 0;
       if (I.pool.empty() && !nb_pool) break;
 
       // the style this child is spawned into, if the stream lacks one
       int gap = -1;
       if (spawns_left > 0) {
         int64_t least = INT64_MAX;
-        for (int f = 0; f < kFeatures; ++f)
-          if (!L.sorted[f].empty() && static_cast<double>(cnt[f]) < cfg.gap_share * even && cnt[f] < least) {
-            least = cnt[f];
+        for (int f = 0; f < kFeatures; ++f) {
+          const int64_t n = cnt0[f] + I.dstyle[f];
+          if (!L.sorted[f].empty() && static_cast<double>(n) < cfg.gap_share * even && n < least) {
+            least = n;
             gap = f;
           }
+        }
       }
 
       // first parent: a migrant from the next SM when drawn and expressible here, else local
@@ -430,7 +543,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         if (r == c.rank[f] || !key_in_bounds(L.key[f][r], f, cfg)) continue;
         c.rank[f] = r;
         set_genome_key(c.g, f, L.key[f][r]);
-        ++rep.period_moves;
+        ++I.period_moves;
       }
       // trend and macd share the ATR period: both stay in the run of the parent's ATR, so
       // moving one never changes the other's
@@ -472,18 +585,52 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         }
       }
 
-      // ---- write the child into the slot ---------------------------------------------------
-      const int before = lane_style_[slot_lane];
-      if (before >= 0) --cnt[before];
-      c.g.agent_id = next_id_++;
       c.g.instrument = st.instrument;
       c.g.timeframe = st.timeframe;
       c.g.kind = 0;
-      lane_genome_[slot_lane] = c.g;
-      const int after = style_of(c.g);
-      if (after >= 0) ++cnt[after];
-      lane_style_[slot_lane] = static_cast<int8_t>(after);
+      const int before = lane_style_[slot_lane], after = style_of(c.g);
+      if (before >= 0) --I.dstyle[before];
+      if (after >= 0) ++I.dstyle[after];
+      kids[I.kid_begin + I.kids++] = Kid{c, slot_lane, pa, pb, how, static_cast<int8_t>(after)};
+      I.crossovers += (how & kCrossover) != 0;
+      I.migrants += (how & kMigrant) != 0;
+      I.spawns += (how & kSpawn) != 0;
+    }
+  }, summary);
 
+  // ---- ids: in SM order, then in the order the children were bred ---------------------------
+  size_t n_kids = 0;
+  for (uint32_t m : sm_order) {
+    Island& I = isl[m];
+    I.birth_begin = n_kids;
+    n_kids += I.kids;
+    rep.crossovers += I.crossovers;
+    rep.migrants += I.migrants;
+    rep.spawns += I.spawns;
+    rep.period_moves += I.period_moves;
+    for (int f = 0; f < kFeatures; ++f) styles_[layout_.sms[m].stream][f] += I.dstyle[f];
+  }
+  rep.replaced = n_kids;
+  rep.births.resize(n_kids);
+  const uint32_t first_id = next_id_;
+  next_id_ += static_cast<uint32_t>(n_kids);
+
+  // ---- phase 3: write the children into their slots -----------------------------------------
+  for_each_parallel(n_order, threads, [&](uint32_t i, int) {
+    const uint32_t m = sm_order[i];
+    Island& I = isl[m];
+    const SmLattice& L = lattice_[m];
+    const int64_t nbars = static_cast<int64_t>(layout_.streams[layout_.sms[m].stream].nbars);
+    for (size_t j = 0; j < I.kids; ++j) {
+      Kid& kid = kids[I.kid_begin + j];
+      const Child& c = kid.c;
+      const uint32_t slot_lane = kid.slot_lane;
+      kid.c.g.agent_id = first_id + static_cast<uint32_t>(I.birth_begin + j);
+      Birth& b = rep.births[I.birth_begin + j];
+      b = Birth{lane_agent[slot_lane], c.g.agent_id, lane_id[slot_lane], lane_id[kid.pa],
+                kid.pb == kNone ? kNone : lane_id[kid.pb], layout_.sms[m].stream, m, kid.how, fit[slot_lane]};
+      lane_genome_[slot_lane] = c.g;
+      lane_style_[slot_lane] = kid.style;
       LaneParams& p = layout_.params[slot_lane];
       p.w[0] = c.g.w_trend;
       p.w[1] = c.g.w_rsi;
@@ -509,19 +656,11 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       lanes_.long_short[slot_lane] = p.long_short;
       state_.reset(slot_lane);
       lane_birth_[slot_lane] = nbars;
-
-      layout_.agent_id[a] = c.g.agent_id;
+      layout_.agent_id[lane_agent[slot_lane]] = c.g.agent_id;
       lane_id_[slot_lane] = c.g.agent_id;
-      const uint32_t ida = lane_id[pa];
-      const uint32_t idb = pb == kNone ? kNone : lane_id[pb];
-      lane_lineage_[slot_lane] = Lineage{c.g.agent_id, ida, idb, generation, nbars};
-      rep.births.push_back(Birth{a, c.g.agent_id, old_id, ida, idb, sm.stream, m, how, fit[slot_lane]});
-      rep.crossovers += (how & kCrossover) != 0;
-      rep.migrants += (how & kMigrant) != 0;
-      rep.spawns += (how & kSpawn) != 0;
-      ++rep.replaced;
+      lane_lineage_[slot_lane] = Lineage{c.g.agent_id, b.parent_a, b.parent_b, generation, nbars};
     }
-  }
+  });
   for (uint32_t s : scope)
     for (int f = 0; f < kFeatures; ++f) rep.style_counts[f] += static_cast<uint64_t>(styles_[s][f]);
   return rep;

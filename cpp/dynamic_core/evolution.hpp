@@ -12,6 +12,9 @@
 // Everything a generation decides is a function of the SM layout (population-determined), the
 // agents' state and (seed, agent id, generation) through the counter-based RNG: the same on any
 // thread count, and reproduced by replaying the journaled generation event at the same point.
+// Each SM is judged and bred from the generation's starting point alone (its lanes, its
+// neighbour's parents, which are never replaced, and its stream's style counts as they were), so
+// the SMs run in parallel on the engine's threads; child ids follow the SM order.
 #pragma once
 #include <array>
 #include <cstddef>
@@ -95,6 +98,45 @@ inline double agent_fitness(uint32_t n, double sum, double sq, double max_dd, do
   const double x = (sd > 0.0 ? mean / sd : 0.0) - dd_penalty * max_dd;
   return dc_finite(x) ? x : 0.0;
 }
+
+// Buffers of a generation (Engine::evolve), kept between generations for their capacity.
+struct EvolutionScratch {
+  // A child under construction: a genome (periods, weights, entry, mode, cost) whose used
+  // features are on the lattice of the SM it is born in.
+  struct Child {
+    Genome g;
+    int32_t rank[kFeatures];  // lattice rank of each used feature, -1 if unused
+  };
+  // A child bred into a slot, before it gets its id and is written there.
+  struct Kid {
+    Child c;
+    uint32_t slot_lane, pa, pb, how;
+    int8_t style;  // its dominant feature, -1: none
+  };
+  // One SM of a generation.
+  struct Island {
+    std::vector<uint32_t> pool;    // lanes that may parent, in lane order
+    std::vector<uint32_t> losers;  // lanes to replace, quarantined first, then weakest first
+    std::vector<double> traded;    // fitness of its judged agents with the minimum trade count, lane order
+    uint64_t judged = 0;
+    size_t kid_begin = 0, kids = 0;  // its children in the generation's child buffer
+    size_t birth_begin = 0;          // its first child in the report's births
+    uint64_t period_moves = 0, crossovers = 0, migrants = 0, spawns = 0;
+    int64_t dstyle[kFeatures] = {};  // change of its stream's style counts by its children
+    void reset() {
+      pool.clear();
+      losers.clear();
+      traded.clear();
+      judged = kids = kid_begin = birth_begin = period_moves = crossovers = migrants = spawns = 0;
+      for (int64_t& d : dstyle) d = 0;
+    }
+  };
+  std::vector<Island> isl;  // per SM
+  std::vector<Kid> kids;
+  std::vector<double> judged_fit, median_scratch;
+  __extension__ typedef unsigned __int128 Ranked;  // see Engine::evolve
+  std::vector<std::vector<Ranked>> order_of, weakest_of;  // per thread
+};
 
 // The features an SM's bank updates, by kind, sorted by their periods: the lattice children move on.
 struct SmLattice {
