@@ -193,7 +193,7 @@ extern "C" __global__ void dc_lanes_block(
     double* __restrict__ s_score, double* __restrict__ s_equity, double* __restrict__ s_entry_equity,
     double* __restrict__ s_peak, double* __restrict__ s_max_dd, double* __restrict__ s_ret_sum,
     double* __restrict__ s_ret_sq, const double* __restrict__ s_credit, const double* __restrict__ s_ext_score,
-    uint32_t* __restrict__ s_trades, uint32_t* __restrict__ s_wins, uint32_t* __restrict__ s_n_ret,
+    const double* __restrict__ s_dsi, uint32_t* __restrict__ s_trades, uint32_t* __restrict__ s_wins, uint32_t* __restrict__ s_n_ret,
     uint32_t* __restrict__ s_quarantined, int32_t* __restrict__ s_position, int32_t* __restrict__ s_action,
     // the block
     const int64_t* __restrict__ sidx, const uint32_t* __restrict__ rows, const uint32_t* __restrict__ st_row_begin,
@@ -218,7 +218,7 @@ extern "C" __global__ void dc_lanes_block(
 
   double w[kFeatures] = {w0[l], w1[l], w2[l], w3[l], w4[l]};
   const int32_t fi[kFeatures] = {f0[l], f1[l], f2[l], f3[l], f4[l]};
-  const double ent = entry[l], cst = cost[l], credit = s_credit[l], ext_score = s_ext_score[l];
+  const double ent = entry[l], cst = cost[l], credit = s_credit[l], ext_score = s_ext_score[l], dsi = s_dsi[l];
   const int32_t lb = lookback[l], ls = long_short[l], ext = external[l];
   const int is_active = valid && active[l] != 0 ? 1 : 0;
   LaneState st;
@@ -245,7 +245,7 @@ extern "C" __global__ void dc_lanes_block(
     const int32_t t = ti < 2147483647 ? static_cast<int32_t>(ti) : 2147483647;
     const double ret = ir[0];  // indicator 0: the stream's return
     const double fv[kFeatures] = {fr[fi[0]], fr[fi[1]], fr[fi[2]], fr[fi[3]], fr[fi[4]]};
-    double score = blend(w, fv);
+    double score = blend(w, fv, dsi);
     if (ext) score = ext_score;
     const int warm = t >= lb ? 1 : 0;
     const int live = is_active & (st.quarantined == 0 ? 1 : 0);

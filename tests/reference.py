@@ -77,8 +77,9 @@ def features(g, o: np.ndarray, h: np.ndarray, l: np.ndarray, c: np.ndarray):
     return f, warm_from
 
 
-def run_agent(g, o, h, l, c) -> dict:
-    """Final state of one agent over one instrument's bars."""
+def run_agent(g, o, h, l, c, dsi=None) -> dict:
+    """Final state of one agent over one instrument's bars; ``dsi[t]``: the DSI evidence of its
+    instrument in effect at bar t (read through ``w_dsi``; none: 0)."""
     f, warm_from = features(g, o, h, l, c)
     w = [g["w_trend"], g["w_rsi"], g["w_macd"], g["w_bb"], g["w_mom"]]
     cost = g["cost_bps"] * 1e-4
@@ -93,6 +94,9 @@ def run_agent(g, o, h, l, c) -> dict:
         for k in range(5):
             fk = f[t, k] if warm else 0.0
             x = x + w[k] * (0.0 if math.isnan(fk) else fk)
+        d = g["w_dsi"] * dsi[t] if dsi is not None and g["kind"] == 0 else 0.0
+        if d != 0.0:
+            x = x + d
         s = soft(x)
         ret = c[t] / c[t - 1] - 1.0 if t > 0 else 0.0
         growth = 1.0 + pos * ret

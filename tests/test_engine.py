@@ -46,6 +46,37 @@ def test_entry_threshold_holds_position_inside_band(eurusd):
     compare_with_reference(pop, eurusd[:1500])
 
 
+def test_dsi_readers_add_their_weighted_evidence_to_the_blend(goog):
+    # half the agents read DSI; the evidence changes between updates (journal-style batches)
+    pop = dc.Population.random(64, instruments=["GOOG"], timeframes=[86400], seed=7, dsi_share=0.5)
+    g = pop.records
+    assert 0 < (g["w_dsi"] != 0).sum() < len(g)
+    cuts = [0, 300, 700, 1100, len(goog)]
+    levels = [0.0, 0.8, -0.35, 1.0]
+    ev = np.zeros(len(goog))
+    eng = dc.Engine(pop, cores_per_sm=32)
+    for a, b, x in zip(cuts, cuts[1:], levels):
+        assert eng.set_dsi({"GOOG": x, "NOT-TRADED": 0.5}) == 1  # the unknown name is skipped
+        ev[a:b] = x
+        eng.run(goog[a:b])
+    agents = eng.agents()
+    o, h, l, c = (goog[k] for k in ("open", "high", "low", "close"))
+    moved = 0
+    for i, gi in enumerate(g):
+        ref = run_agent(gi, o, h, l, c, dsi=ev)
+        for f in FIELDS_EXACT:
+            assert agents[i][f] == ref[f], (i, f)
+        for f in FIELDS_CLOSE:
+            np.testing.assert_allclose(agents[i][f], ref[f], rtol=1e-12, atol=1e-15, err_msg=f"agent {i} {f}")
+        if gi["w_dsi"] != 0:
+            moved += run_agent(gi, o, h, l, c)["trades"] != ref["trades"]
+    assert moved > 0  # the evidence changed what readers did
+    with pytest.raises(ValueError, match="finite and in"):
+        eng.set_dsi({"GOOG": 1.5})
+    with pytest.raises(ValueError, match="finite and in"):
+        eng.set_dsi({"GOOG": float("nan")})
+
+
 def test_consensus_is_fitness_weighted_mean_of_warm_agents(sim_bars):
     pop = dc.Population.random(300, instruments=["EURUSD", "GBPUSD"], timeframes=["H1"], seed=2)
     eng = dc.Engine(pop, cores_per_sm=64)

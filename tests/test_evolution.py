@@ -199,13 +199,18 @@ def test_lineage_records_parents_generation_and_birth_bar():
             eng.set_credit([int(b["replaced_id"][0])], [1.5])
 
 
-def test_children_read_warm_indicators_from_their_first_bar():
-    # A child's score depends only on its weights and the bank's features; features it inherits
-    # have been updated since bar 0, so its scores equal those of a fresh engine that ran the
-    # child's genome from bar 0 (a child starting cold would score 0 until warm).
+@pytest.mark.parametrize("dsi", [None, -0.4])
+def test_children_read_warm_indicators_from_their_first_bar(dsi):
+    # A child's score depends only on its weights, the bank's features and (a DSI reader) its
+    # stream's DSI evidence; features it inherits have been updated since bar 0, so its scores
+    # equal those of a fresh engine that ran the child's genome from bar 0 (a child starting
+    # cold would score 0 until warm). A DSI reader's child reads the evidence set before its birth.
     bars = planted_market(1000, seed=13)
-    pop = _pop(128, seed=14)
+    pop = _pop(128, seed=14) if dsi is None else dc.Population.random(128, instruments=("PLANT",), seed=14,
+                                                                      cost_bps=0.2, dsi_share=0.7)
     with dc.Engine(pop, threads=2, cores_per_sm=32) as eng:  # SM banks merged into group banks
+        if dsi is not None:
+            eng.set_dsi({"PLANT": dsi})
         eng.run(bars[:600])
         rep = eng.evolve(dict(min_age=100, replace_fraction=0.3, p_period=1.0), seed=9, generation=1)
         children = eng.genomes()[rep["births"]["slot"]]
@@ -219,7 +224,11 @@ def test_children_read_warm_indicators_from_their_first_bar():
     assert len(slots) > 20 and np.array(warm).all()
     kids = children.copy()
     kids["kind"] = 0
+    if dsi is not None:
+        assert (kids["w_dsi"] != 0).sum() > 5 and (np.abs(kids["w_dsi"]) <= 4.0).all()
     with dc.Engine(dc.Population(kids), threads=1) as ref:
+        if dsi is not None:
+            ref.set_dsi({"PLANT": dsi})
         ref.run(bars[:600])
         for k, i in enumerate(range(600, 640)):
             ref.run(bars[i:i + 1])

@@ -150,8 +150,10 @@ def test_eurusd_sweep_is_bit_identical_to_the_cpu(emu: EmuDevice, eurusd: np.nda
 
 def test_mixed_streams_rejects_and_external_agents(emu: EmuDevice, sim_bars: np.ndarray) -> None:
     # Four instruments interleaved, a few bad bars (dead-lettered, not run), a stream nobody
-    # follows (skipped), and external-score agents whose scores are set between batches.
-    rec = dc.Population.random(160, instruments=["EURUSD", "GBPUSD", "USDJPY"], seed=3).records.copy()
+    # follows (skipped), external-score agents whose scores are set between batches, and DSI
+    # readers whose evidence changes between batches.
+    rec = dc.Population.random(160, instruments=["EURUSD", "GBPUSD", "USDJPY"], seed=3,
+                               dsi_share=0.4).records.copy()
     rec["kind"][::9] = 1
     pop = dc.Population.from_records(rec)
     bars = sim_bars[:240].copy()
@@ -166,6 +168,7 @@ def test_mixed_streams_rejects_and_external_agents(emu: EmuDevice, sim_bars: np.
             s1 = eng.run(bars[:120])
             eng.set_external_scores(ext, scores)
             eng.set_credit(rec["agent_id"][:10], np.full(10, 2.5))
+            assert eng.set_dsi({"EURUSD": 0.6, "GBPUSD": -0.45}) == 2
             s2 = eng.run(bars[120:])
             out.append((np.concatenate([s1, s2]), eng.agents(), eng.dead_letters(), eng.stats()))
         (a, ag_a, dl_a, st_a), (b, ag_b, dl_b, st_b) = out
@@ -193,12 +196,13 @@ def test_live_step_matches_backtest_blocks(emu: EmuDevice, eurusd: np.ndarray) -
 def test_evolution_with_the_device_state(emu: EmuDevice, eurusd: np.ndarray) -> None:
     # A generation reads the device's agent state (copied to the native mirror) and the device
     # runs the children afterwards: the same as on the CPU.
-    pop = dc.Population.random(128, instruments=["EURUSD"], seed=5)
+    pop = dc.Population.random(128, instruments=["EURUSD"], seed=5, dsi_share=0.5)
     cfg = dc.payloads.EvolutionConfig(min_age=20, min_trades=0, replace_fraction=0.25)
     with dc.Engine(pop, threads=1, cores_per_sm=64) as cpu, \
             dc.Engine(pop, cores_per_sm=64, backend="cuda", device=emu) as dev:
         res = []
         for eng in (cpu, dev):
+            eng.set_dsi({"EURUSD": 0.7})
             s1 = eng.run(eurusd[:150])
             rep = eng.evolve(cfg, seed=3, generation=1)
             s2 = eng.run(eurusd[150:260])
@@ -220,9 +224,15 @@ def test_a_device_run_replays_bit_for_bit_on_the_cpu(emu: EmuDevice, eurusd: np.
     assert res.ok and res.verified == len(sig) == 180
     assert_same_signals(res.signals, sig)
     # and the other way: a CPU journal replayed on the device
+    # (with DSI readers and a journaled DSI change)
+    pop = dc.Population.random(100, instruments=["EURUSD"], seed=2, dsi_share=0.5)
     with dc.Engine(pop, threads=2, cores_per_sm=32, journal=tmp_path / "k") as cpu:
-        cpu.run(eurusd[:120])
+        cpu.run(eurusd[:60])
+        cpu.set_dsi({"EURUSD": -0.9})
+        cpu.run(eurusd[60:120])
     res = dc.journal.replay(tmp_path / "k", verify=True, backend="cuda", device=emu)
+    assert res.ok and res.verified == 120
+    res = dc.journal.replay(tmp_path / "k", verify=True)
     assert res.ok and res.verified == 120
 
 

@@ -117,7 +117,7 @@ def test_score_to_action_thresholds():
 
 
 def test_dtypes_match_native_layouts():
-    assert dc.BAR_DTYPE.itemsize == 56 and dc.GENOME_DTYPE.itemsize == 112
+    assert dc.BAR_DTYPE.itemsize == 56 and dc.GENOME_DTYPE.itemsize == 120
     assert dc.SIGNAL_DTYPE.itemsize == 96 and dc.AGENT_DTYPE.itemsize == 112
     assert dc.BAR_DTYPE.names == ("ts", "instrument", "timeframe", "open", "high", "low", "close", "volume")
     assert dc.SIGNAL_DTYPE["votes"].shape == (5,)

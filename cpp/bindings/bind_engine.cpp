@@ -240,8 +240,8 @@ void array_vec(const py::dict& d, const char* key, std::vector<T>& v) {
 }
 // The agent state arrays by name (lane order); the same names in both directions.
 #define DC_STATE_FIELDS(X)                                                                                   \
-  X(score) X(equity) X(entry_equity) X(peak) X(max_dd) X(ret_sum) X(ret_sq) X(credit) X(ext_score) X(trades) \
-  X(wins) X(n_ret) X(quarantined) X(position) X(action)
+  X(score) X(equity) X(entry_equity) X(peak) X(max_dd) X(ret_sum) X(ret_sq) X(credit) X(ext_score) X(dsi) \
+  X(trades) X(wins) X(n_ret) X(quarantined) X(position) X(action)
 py::dict state_dict(const StateArrays& s) {
   py::dict d;
 #define DC_PUT(f) d[#f] = vec_array(s.f);
@@ -378,6 +378,19 @@ void bind_engine(py::module_& m) {
       .def("set_external_scores", lane_setter<&Engine::set_external_scores>("set_external_scores"),
            py::arg("agents"), py::arg("scores"), py::arg("event") = py::bytes(),
            "Set the scores of external-score agents (kind 1; population indices), between updates.")
+      .def("set_dsi", [](Engine& e, const py::array_t<uint32_t, py::array::c_style | py::array::forcecast>& inst,
+                         const py::array_t<double, py::array::c_style | py::array::forcecast>& evidence,
+                         const py::bytes& event) {
+             if (inst.ndim() != 1 || evidence.ndim() != 1 || inst.shape(0) != evidence.shape(0))
+               throw py::value_error("set_dsi: instruments and evidence must be 1-d arrays of the same length");
+             const uint32_t* a = inst.data();
+             const double* v = evidence.data();
+             const auto n = static_cast<size_t>(inst.shape(0));
+             std::string ev = event;
+             py::gil_scoped_release nogil;
+             return e.set_dsi(a, v, n, ev);
+           }, py::arg("instruments"), py::arg("evidence"), py::arg("event") = py::bytes(),
+           "Set the DSI evidence of instruments (ids), read by lanes with w_dsi != 0; returns the streams updated.")
       .def("run", [](Engine& e, const py::array& bars, uint32_t n_registered) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));

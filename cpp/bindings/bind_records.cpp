@@ -27,7 +27,7 @@ py::dict layouts() {
                      DC_F(Genome, bb_period, "<i4"), DC_F(Genome, mom_period, "<i4"),
                      DC_F(Genome, w_trend, "<f8"), DC_F(Genome, w_rsi, "<f8"), DC_F(Genome, w_macd, "<f8"),
                      DC_F(Genome, w_bb, "<f8"), DC_F(Genome, w_mom, "<f8"), DC_F(Genome, entry, "<f8"),
-                     DC_F(Genome, cost_bps, "<f8")));
+                     DC_F(Genome, cost_bps, "<f8"), DC_F(Genome, w_dsi, "<f8")));
   d["signal"] = py::make_tuple(
       sizeof(Signal),
       py::make_tuple(DC_F(Signal, ts, "<i8"), DC_F(Signal, instrument, "<u4"), DC_F(Signal, timeframe, "<u4"),

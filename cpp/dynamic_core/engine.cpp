@@ -350,6 +350,7 @@ void Engine::unit(uint32_t g, uint64_t p, int poison, uint64_t& updates) {
     const Sm& sm = layout_.sms[m];
     LaneView v = lane_view(sm.lane_begin);
     v.has_external = static_cast<int>(sm.has_external);
+    v.has_dsi = static_cast<int>(sm.has_dsi);
     const int lanes = static_cast<int>(sm.n_warps) * kWarpSize;
     const int at = poison - static_cast<int>(sm.lane_begin - grp.lane_begin);  // poisoned lane in this SM
     out[m - first] = sm_step(v, lanes, bank.feat.data(), t, bank.ret, at >= 0 && at < lanes ? at : -1, updates, q);
@@ -995,6 +996,8 @@ LaneView Engine::lane_view(uint32_t base) {
   v.external = lanes_.external.data() + base;
   v.ext_score = state_.ext_score.data() + base;
   v.has_external = 0;
+  v.dsi = state_.dsi.data() + base;
+  v.has_dsi = 0;
   v.trades = state_.trades.data() + base;
   v.wins = state_.wins.data() + base;
   v.n_ret = state_.n_ret.data() + base;
@@ -1065,6 +1068,33 @@ void Engine::set_credit(const uint32_t* agents, const double* credit, size_t n, 
                                   " must be finite and > 0");
   }
   set_lane_values(state_.credit, agents, credit, n, event);
+}
+
+size_t Engine::set_dsi(const uint32_t* instruments, const double* evidence, size_t n, const std::string& event) {
+  for (size_t k = 0; k < n; ++k)
+    if (!dc_finite(evidence[k]) || evidence[k] < -1.0 || evidence[k] > 1.0)
+      throw std::invalid_argument("set_dsi: evidence of instrument " + std::to_string(instruments[k]) +
+                                  " must be finite and in [-1, 1]");
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  wait_idle();  // between updates, like set_credit
+  journal_event_locked(event);
+  if (stream_dsi_.size() != layout_.streams.size()) stream_dsi_.assign(layout_.streams.size(), 0.0);
+  size_t updated = 0;
+  for (size_t k = 0; k < n; ++k)
+    for (uint32_t s = 0; s < layout_.streams.size(); ++s) {
+      const Stream& st = layout_.streams[s];
+      if (st.instrument != instruments[k]) continue;
+      ++updated;
+      stream_dsi_[s] = evidence[k];
+      for (uint32_t m = st.sm_begin; m < st.sm_end; ++m) {
+        const Sm& sm = layout_.sms[m];
+        if (!sm.has_dsi) continue;
+        for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l)
+          if (layout_.lane_agent[l] != UINT32_MAX && !lanes_.external[l])
+            state_.dsi[l] = lane_genome_[l].w_dsi * evidence[k];
+      }
+    }
+  return updated;
 }
 
 void Engine::set_lane_values(std::vector<double>& dst, const uint32_t* agents, const double* values, size_t n,

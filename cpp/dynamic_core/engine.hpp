@@ -186,6 +186,13 @@ class Engine {
   // (nothing changed) for an index out of range, an agent that is not kind 1, or a score that
   // is not finite or outside [-1, 1].
   void set_external_scores(const uint32_t* agents, const double* scores, size_t n, const std::string& event = {});
+  // DSI microstructure evidence in [-1, 1] per instrument id, read from the next update on by the
+  // lanes of every stream of that instrument with w_dsi != 0 (as w_dsi x evidence, added to their
+  // blend); between updates and journaled like set_credit. Instruments without a stream are
+  // skipped; returns the number of streams updated. Throws std::invalid_argument (nothing
+  // changes) for evidence that is not finite or outside [-1, 1].
+  size_t set_dsi(const uint32_t* instruments, const double* evidence, size_t n, const std::string& event = {});
+  double stream_dsi(uint32_t stream) const { return stream < stream_dsi_.size() ? stream_dsi_[stream] : 0.0; }
   // One generation of evolution on the streams in scope (evolution.hpp), between updates;
   // `event` journaled first like set_credit's. Children take the slots (population indices) of
   // the agents they replace, with new agent ids from max(founding ids) + 1 on.
@@ -338,6 +345,7 @@ class Engine {
   std::vector<std::array<int64_t, kFeatures + 1>> styles_;  // per stream: agents per dominant feature, all
   std::vector<double> fit_;  // scratch: fitness per lane of the last generation
   EvolutionScratch evo_;     // scratch of a generation
+  std::vector<double> stream_dsi_;  // per stream: the DSI evidence last set (set_dsi)
   uint32_t next_id_ = 0;
   std::unordered_map<uint64_t, uint32_t> stream_of_;
   uint32_t batch_ = 0;

@@ -519,6 +519,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
           if (rng.uniform() < 0.5) {
             c.g.entry = d.g.entry;
             c.g.mode = d.g.mode;
+            c.g.w_dsi = d.g.w_dsi;
           }
         } else {
           pb = kNone;
@@ -534,6 +535,10 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         if (w == 0.0) w = f == 0 ? 1e-9 : -1e-9;  // a used feature stays used
       }
       c.g.entry = std::clamp(c.g.entry + cfg.sigma_entry * rng.normal(), cfg.entry_min, cfg.entry_max);
+      if (c.g.w_dsi != 0.0) {  // a DSI reader stays one (drawn only for them)
+        c.g.w_dsi = std::clamp(c.g.w_dsi + cfg.sigma_weight * rng.normal(), -cfg.w_max, cfg.w_max);
+        if (c.g.w_dsi == 0.0) c.g.w_dsi = 1e-9;
+      }
       for (int f = 0; f < kFeatures; ++f) {
         if (c.rank[f] < 0 || rng.uniform() >= cfg.p_period) continue;
         const int32_t span = 2 * cfg.period_step;
@@ -655,6 +660,10 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       lanes_.lookback[slot_lane] = p.lookback;
       lanes_.long_short[slot_lane] = p.long_short;
       state_.reset(slot_lane);
+      if (c.g.w_dsi != 0.0) {  // reads its stream's DSI evidence from its first bar
+        state_.dsi[slot_lane] = c.g.w_dsi * stream_dsi(layout_.sms[m].stream);
+        layout_.sms[m].has_dsi = 1;
+      }
       lane_birth_[slot_lane] = nbars;
       layout_.agent_id[lane_agent[slot_lane]] = c.g.agent_id;
       lane_id_[slot_lane] = c.g.agent_id;

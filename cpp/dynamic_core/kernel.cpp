@@ -121,6 +121,8 @@ DC_AI Summary sm_step_impl(const LaneView& v, int lanes, const double* __restric
   const int32_t* __restrict external = v.external;
   const double* __restrict ext_score = v.ext_score;
   const int has_external = v.has_external;
+  const double* __restrict dsi = v.dsi;
+  const int has_dsi = v.has_dsi;
   uint32_t* __restrict s_trades = v.trades;
   uint32_t* __restrict s_wins = v.wins;
   uint32_t* __restrict s_n_ret = v.n_ret;
@@ -140,6 +142,10 @@ DC_AI Summary sm_step_impl(const LaneView& v, int lanes, const double* __restric
     x = x + ld<V>(w2 + i) * gather<V>(feat, f2 + i);
     x = x + ld<V>(w3 + i) * gather<V>(feat, f3 + i);
     x = x + ld<V>(w4 + i) * gather<V>(feat, f4 + i);
+    if (has_dsi) {
+      const vd dv = ld<V>(dsi + i);
+      x = (dv != zero) ? x + dv : x;
+    }
     vd score = x / (one + (x < zero ? -x : x));
     if (has_external) {
       const vm ext = ldi<V>(external + i) != zero;
@@ -415,6 +421,10 @@ DC_V4 Summary sm_step_v4(const LaneView& view, int lanes, const double* __restri
     x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w2 + i), gather8(feat, f2 + i)));
     x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w3 + i), gather8(feat, f3 + i)));
     x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w4 + i), gather8(feat, f4 + i)));
+    if (v.has_dsi) {
+      const __m512d dv = _mm512_loadu_pd(v.dsi + i);
+      x = _mm512_mask_add_pd(x, _mm512_cmp_pd_mask(dv, zero, _CMP_NEQ_UQ), x, dv);
+    }
     const __m512d ax = _mm512_mask_xor_pd(x, _mm512_cmp_pd_mask(x, zero, _CMP_LT_OQ), x, sign);
     _mm512_store_pd(score_in + i, _mm512_div_pd(x, _mm512_add_pd(one, ax)));
   }

@@ -30,6 +30,8 @@ struct LaneView {
   const int32_t* external;   // kind-1 lanes (score from ext_score)
   const double* ext_score;
   int has_external;          // 0: no kind-1 lane in this view (the override loop is skipped)
+  const double* dsi;         // per lane: w_dsi x its stream's DSI evidence, added to the blend
+  int has_dsi;               // 0: no lane of this view reads DSI (the term is skipped)
   uint32_t* trades;
   uint32_t* wins;
   uint32_t* n_ret;

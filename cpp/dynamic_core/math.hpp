@@ -67,13 +67,15 @@ DC_HOST_DEVICE inline double bb_feature(double close, double mean, double var) {
 // Rate of change in percent (TA-Lib ROC), squashed.
 DC_HOST_DEVICE inline double mom_feature(double roc_pct) { return soft(roc_pct); }
 
-// Weighted blend in a fixed order.
-DC_HOST_DEVICE inline double blend(const double* w, const double* f) {
+// Weighted blend in a fixed order; `dsi` (the lane's w_dsi x its stream's DSI evidence) is added
+// last when it is not 0, so lanes that do not read DSI blend exactly as without it.
+DC_HOST_DEVICE inline double blend(const double* w, const double* f, double dsi = 0.0) {
   double x = w[0] * f[0];
   x = x + w[1] * f[1];
   x = x + w[2] * f[2];
   x = x + w[3] * f[3];
   x = x + w[4] * f[4];
+  if (dsi != 0.0) x = x + dsi;
   return soft(x);
 }
 

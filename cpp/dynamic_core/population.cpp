@@ -398,6 +398,7 @@ void StateArrays::init(size_t n) {
   max_dd.assign(n, z.max_dd);
   credit.assign(n, 1.0);
   ext_score.assign(n, 0.0);
+  dsi.assign(n, 0.0);
   ret_sum.assign(n, z.ret_sum);
   ret_sq.assign(n, z.ret_sq);
   trades.assign(n, z.trades);
@@ -418,6 +419,7 @@ void StateArrays::reset(size_t i) {
   max_dd[i] = z.max_dd;
   credit[i] = 1.0;
   ext_score[i] = 0.0;
+  dsi[i] = 0.0;
   ret_sum[i] = z.ret_sum;
   ret_sq[i] = z.ret_sq;
   trades[i] = z.trades;
@@ -436,7 +438,7 @@ void validate_genomes(const Genome* g, size_t n) {
     std::string why;
     for (int32_t p : periods)
       if (p < 1 || p > kMaxPeriod) why = "period outside [1, " + std::to_string(kMaxPeriod) + "]";
-    const double reals[] = {x.w_trend, x.w_rsi, x.w_macd, x.w_bb, x.w_mom, x.entry, x.cost_bps};
+    const double reals[] = {x.w_trend, x.w_rsi, x.w_macd, x.w_bb, x.w_mom, x.entry, x.cost_bps, x.w_dsi};
     for (double r : reals)
       if (!finite(r)) why = "non-finite weight, entry or cost";
     if (x.entry < 0.0) why = "negative entry";
@@ -522,6 +524,7 @@ Layout build_layout(const Genome* g, size_t n, int cores_per_sm) {
           p.long_short = x.mode == static_cast<uint32_t>(Mode::LongShort);
           p.lookback = genome_lookback(x);
           p.external = x.kind == 1;
+          if (!p.external && x.w_dsi != 0.0) sm.has_dsi = 1;
           if (p.external) {
             // no bank features: the score is set from outside; periods still set the warm-up
             for (int f = 0; f < kFeatures; ++f) p.w[f] = 0.0;

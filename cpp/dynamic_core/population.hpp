@@ -136,6 +136,7 @@ struct StateArrays {
   std::vector<double> score, equity, entry_equity, peak, max_dd, ret_sum, ret_sq;
   std::vector<double> credit;  // consensus-weight multiplier from live outcomes, 1.0 = neutral
   std::vector<double> ext_score;  // kind-1 lanes: the score set from outside for the next updates
+  std::vector<double> dsi;        // w_dsi x the stream's DSI evidence (Engine::set_dsi), 0 when unread
   std::vector<uint32_t> trades, wins, n_ret, quarantined;
   std::vector<int32_t> position, action;
   void init(size_t n);
@@ -152,6 +153,7 @@ struct Sm {
   uint32_t n_warps;
   uint32_t n_active;
   uint32_t has_external;  // any kind-1 lane: the kernel then overrides their blended scores
+  uint32_t has_dsi;       // any lane with w_dsi != 0 (set for good once one appears)
   Bank bank;
 };
 

@@ -47,6 +47,7 @@ struct Genome {
   double w_mom;
   double entry;     // |score| threshold for taking a position
   double cost_bps;  // cost per unit of position change, in basis points of equity
+  double w_dsi;     // weight of the stream's DSI microstructure evidence (Engine::set_dsi); 0: not read
 };
 
 struct Signal {
@@ -128,7 +129,7 @@ struct DeadLetter {
 };
 
 static_assert(sizeof(Bar) == 56);
-static_assert(sizeof(Genome) == 112);
+static_assert(sizeof(Genome) == 120);
 static_assert(sizeof(Signal) == 96);
 static_assert(sizeof(AgentRecord) == 112);
 DC_STANDARD_LAYOUT(Bar);

@@ -85,6 +85,10 @@ class Engine:
         """
         Set the consensus-weight credit of agents (population indices), between updates.
         """
+    def set_dsi(self, instruments: typing.Annotated[numpy.typing.ArrayLike, numpy.uint32], evidence: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], event: bytes = b'') -> int:
+        """
+        Set the DSI evidence of instruments (ids), read by lanes with w_dsi != 0; returns the streams updated.
+        """
     def set_external_scores(self, agents: typing.Annotated[numpy.typing.ArrayLike, numpy.uint32], scores: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], event: bytes = b'') -> None:
         """
         Set the scores of external-score agents (kind 1; population indices), between updates.

@@ -52,7 +52,7 @@ _SIM_ORDER = ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD"] + [
 
 _INT_PARAMS = ("fast", "slow", "rsi_period", "macd_fast", "macd_slow", "macd_signal", "atr_period",
                "bb_period", "mom_period")
-_FLOAT_PARAMS = ("w_trend", "w_rsi", "w_macd", "w_bb", "w_mom", "entry", "cost_bps")
+_FLOAT_PARAMS = ("w_trend", "w_rsi", "w_macd", "w_bb", "w_mom", "w_dsi", "entry", "cost_bps")
 
 _ACTION_STYLE = {
     Action.STRONG_SELL: "bold red",

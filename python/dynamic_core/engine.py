@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import msgspec
@@ -481,6 +482,49 @@ class Engine:
                 self._journal_new_instruments()
             with self._mirror(changes=True, only=("credit", "ext_score")):
                 native(idx, vals, raw)
+
+    def set_dsi(self, evidence: Mapping[str | int, float]) -> int:
+        """Set the DSI microstructure evidence (in [-1, 1]) of instruments, between updates.
+
+        Agents whose genome has ``w_dsi != 0`` add ``w_dsi x evidence`` of their stream's
+        instrument (every timeframe of it) to their blend before the squash, from the next update
+        on; the others are untouched. Feed it from :class:`dynamic_core.learning.dsi.Dsi`, e.g.
+        ``eng.set_dsi({name: dsi.evidence(name) for name in names})``. With a journal the change
+        is journaled in order with the bars, so replay reproduces it.
+
+        Returns the number of streams updated (instruments this engine has no stream of are
+        skipped). Raises ``ValueError`` for evidence that is not finite or outside [-1, 1], or an
+        unknown instrument id (nothing changes then).
+        """
+        from .payloads import DsiEvidence
+
+        self._check_open()
+        names: list[str] = []
+        ids: list[int] = []
+        vals: list[float] = []
+        for k, v in evidence.items():
+            x = float(v)
+            if not (math.isfinite(x) and -1.0 <= x <= 1.0):
+                raise ValueError(f"set_dsi: evidence of {k!r} must be finite and in [-1, 1], got {v!r}")
+            if isinstance(k, str):
+                i = instruments.get(k)
+                if i is None:  # never registered: no stream of it
+                    continue
+            else:
+                try:
+                    i = instruments.resolve(k)
+                except KeyError as e:
+                    raise ValueError(f"set_dsi: {e.args[0]}") from None
+            names.append(instruments.name(i))
+            ids.append(i)
+            vals.append(x)
+        raw = b""
+        if self._journal_path is not None:
+            raw = _event_encoder.encode(DsiEvidence(instruments=tuple(names), evidence=tuple(vals)))
+            self._journal_new_instruments()
+        with self._mirror(changes=True, only=("dsi",)):
+            return int(self._native.set_dsi(np.asarray(ids, dtype=np.uint32), np.asarray(vals, dtype=np.float64),
+                                            raw))
 
     def evolve(self, config: Any = None, *, seed: int = 0, generation: int,
                trigger: str = "manual") -> dict[str, Any]:

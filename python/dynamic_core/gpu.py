@@ -219,7 +219,7 @@ class CupyDevice:
 
 # ---- the runner ----------------------------------------------------------------------------------
 
-_STATE = ("score", "equity", "entry_equity", "peak", "max_dd", "ret_sum", "ret_sq", "credit", "ext_score",
+_STATE = ("score", "equity", "entry_equity", "peak", "max_dd", "ret_sum", "ret_sq", "credit", "ext_score", "dsi",
           "trades", "wins", "n_ret", "quarantined", "position", "action")
 _LANES = ("w0", "w1", "w2", "w3", "w4", "entry", "cost",  # float64
           "fidx0", "fidx1", "fidx2", "fidx3", "fidx4", "lookback", "long_short", "active", "external")  # int32
@@ -380,7 +380,7 @@ class DeviceRunner:
                       L["fidx4"], L["entry"], L["cost"], L["lookback"], L["long_short"], L["active"],
                       L["external"],
                       s["score"], s["equity"], s["entry_equity"], s["peak"], s["max_dd"], s["ret_sum"],
-                      s["ret_sq"], s["credit"], s["ext_score"], s["trades"], s["wins"], s["n_ret"],
+                      s["ret_sq"], s["credit"], s["ext_score"], s["dsi"], s["trades"], s["wins"], s["n_ret"],
                       s["quarantined"], s["position"], s["action"],
                       g["sidx"], g["rows"], g["row_begin"], g["ind_base"], ind_out, g["feat_base"], feat,
                       g["summ_base"], summ, self._counters))

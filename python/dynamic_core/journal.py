@@ -72,10 +72,10 @@ _credit_decoder = msgspec.msgpack.Decoder(dict)
 
 
 def _engine_event(raw: bytes) -> tuple[str, Any, Any] | None:
-    """(kind, agent ids, values) of a journaled event that changes the engine (``credit`` or
+    """(kind, agent ids, values) of a journaled event that changes the engine (``credit``, ``dsi`` (names, evidence) or
     ``ext_scores``), ("generation", GenerationEvent, None) for a generation of evolution; None
     for any other event (decisions, ...), which replay only reports."""
-    from .payloads import CreditUpdate, ExternalScores, GenerationEvent
+    from .payloads import CreditUpdate, DsiEvidence, ExternalScores, GenerationEvent
 
     try:
         head = _credit_decoder.decode(raw)
@@ -87,6 +87,14 @@ def _engine_event(raw: bytes) -> tuple[str, Any, Any] | None:
             return kind, msgspec.convert(head, GenerationEvent), None
         except (msgspec.ValidationError, ValueError) as e:
             raise JournalError(f"unreadable generation event: {e}") from None
+    if kind == "dsi":
+        try:
+            d = msgspec.convert(head, DsiEvidence)
+        except msgspec.ValidationError as e:
+            raise JournalError(f"unreadable dsi event: {e}") from None
+        if len(d.instruments) != len(d.evidence):
+            raise JournalError("dsi event with mismatched lengths")
+        return kind, d.instruments, d.evidence
     if kind not in ("credit", "ext_scores"):
         return None
     try:
@@ -402,6 +410,8 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
                             eng._evolve_native(gen.config, gen.seed, gen.generation, b"", pairs)
                         except ValueError as e:
                             raise JournalError(f"generation event at seq {rec.seq}: {e}") from None
+                    elif kind == "dsi":
+                        eng.set_dsi(dict(zip(ids, vals)))
                     else:
                         (eng.set_credit if kind == "credit" else eng.set_external_scores)(ids, vals)
             elif t == _META:

@@ -69,6 +69,7 @@ __all__ = [
     "EvolutionConfig",
     "evolution_config",
     "ExternalScores",
+    "DsiEvidence",
     "GenerationEvent",
     "FeedMessage",
     "HealthQuery",
@@ -670,6 +671,16 @@ class CreditUpdate(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     version: Version = PAYLOAD_VERSION
     agents: Annotated[bytes, msgspec.Meta(max_length=4 << 24)]
     credit: Annotated[bytes, msgspec.Meta(max_length=8 << 24)]
+
+
+class DsiEvidence(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="dsi"):
+    """DSI microstructure evidence in [-1, 1] per instrument (by name), read by the agents with
+    ``w_dsi != 0`` from the next update on; journaled as an event record and applied between the
+    same updates on replay (:meth:`dynamic_core.Engine.set_dsi`)."""
+
+    version: Version = PAYLOAD_VERSION
+    instruments: Annotated[tuple[ShortText, ...], msgspec.Meta(max_length=65_536)]
+    evidence: Annotated[tuple[Annotated[float, msgspec.Meta(ge=-1.0, le=1.0)], ...], msgspec.Meta(max_length=65_536)]
 
 
 class ExternalScores(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,

@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "fast": 12, "slow": 26, "rsi_period": 14, "macd_fast": 12, "macd_slow": 26, "macd_signal": 9,
     "atr_period": 14, "bb_period": 20, "mom_period": 10,
     "w_trend": 1.0, "w_rsi": 0.0, "w_macd": 0.0, "w_bb": 0.0, "w_mom": 0.0,
-    "entry": 0.0, "cost_bps": 0.0, "mode": "long_short", "kind": 0,
+    "entry": 0.0, "cost_bps": 0.0, "mode": "long_short", "kind": 0, "w_dsi": 0.0,
 }
 """Genome defaults: a plain EMA(12)/EMA(26) trend follower, long/short, no costs."""
 
@@ -131,13 +131,16 @@ class Population:
     @classmethod
     def random(cls, n: int, instruments: Sequence[str | int] = ("SIM0",),
                timeframes: Sequence[int | str] = (3600,), seed: int = 0,
-               mode: str | None = None, cost_bps: float | None = None) -> Population:
+               mode: str | None = None, cost_bps: float | None = None,
+               dsi_share: float = 0.0) -> Population:
         """``n`` random agents spread evenly over every (instrument, timeframe) pair.
 
         Periods are drawn in trader-typical ranges, each feature weight is N(0, 1) and zero with
         probability 0.3, entry thresholds in [0, 0.5), mode long/short with probability 0.5
-        (unless ``mode`` is given) and costs in [0, 2) bps (unless ``cost_bps`` is given). The
-        same ``seed`` gives the same population.
+        (unless ``mode`` is given) and costs in [0, 2) bps (unless ``cost_bps`` is given). A
+        share ``dsi_share`` of the agents also read DSI microstructure evidence
+        (:meth:`Engine.set_dsi`) with a weight ``w_dsi`` ~ N(0, 1). The same ``seed`` gives the
+        same population.
         """
         from .instruments import instruments as registry
 
@@ -167,6 +170,10 @@ class Population:
         rec["entry"] = rng.random(n) * 0.5
         rec["mode"] = MODES[mode] if mode is not None else rng.integers(0, 2, n)
         rec["cost_bps"] = cost_bps if cost_bps is not None else rng.random(n) * 2.0
+        if not 0.0 <= dsi_share <= 1.0:
+            raise ValueError(f"dsi_share must be in [0, 1], got {dsi_share}")
+        if dsi_share > 0.0:  # drawn last: populations without DSI readers stay as they were
+            rec["w_dsi"] = np.where(rng.random(n) < dsi_share, rng.standard_normal(n), 0.0)
         return cls(rec)
 
     @classmethod

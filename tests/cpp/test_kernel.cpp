@@ -21,6 +21,8 @@ struct Lanes {
   std::vector<int32_t> lookback, long_short, active, external;
   std::vector<double> ext_score;
   int has_external = 0;
+  std::vector<double> dsi;  // w_dsi x evidence per lane
+  int has_dsi = 0;
   std::vector<double> score, equity, entry_equity, peak, max_dd, ret_sum, ret_sq, credit;
   std::vector<uint32_t> trades, wins, n_ret, quarantined;
   std::vector<int32_t> position, action;
@@ -35,6 +37,7 @@ struct Lanes {
     credit.assign(n, 1.0);
     for (auto* v : {&lookback, &long_short, &active, &external, &position, &action}) v->resize(n);
     ext_score.resize(n);
+    dsi.resize(n);
     for (auto* v : {&trades, &wins, &n_ret, &quarantined}) v->resize(n);
   }
   LaneView view() {
@@ -59,6 +62,8 @@ struct Lanes {
     v.external = external.data();
     v.ext_score = ext_score.data();
     v.has_external = has_external;
+    v.dsi = dsi.data();
+    v.has_dsi = has_dsi;
     v.trades = trades.data();
     v.wins = wins.data();
     v.n_ret = n_ret.data();
@@ -80,7 +85,7 @@ Summary scalar_step(Lanes& L, int lanes, const double* feat, int32_t t, double r
       fw[f] = L.w[f][i];
       fv[f] = feat[L.fidx[f][i]];
     }
-    double score = blend(fw, fv);
+    double score = blend(fw, fv, L.has_dsi ? L.dsi[i] : 0.0);
     if (L.has_external && L.external[i]) score = L.ext_score[i];
     if (i == poison) score = __builtin_nan("");
     const int warm = t >= L.lookback[i];
@@ -353,6 +358,8 @@ void check_lanes() {
       a.equity[i] = a.entry_equity[i] = a.peak[i] = 1.0;
     }
     a.has_external = lanes % 64 == 0;  // external-score lanes in half of the sizes
+    a.has_dsi = lanes != 64;            // DSI readers (a third of the lanes) in three sizes of four
+    for (int i = 0; i < lanes; ++i) a.dsi[i] = (rng() % 3 == 0) ? 0.8 * u(rng) : 0.0;
     Lanes b = a;
     LaneView va = a.view();
     std::vector<double> feat(n_feat);
@@ -362,6 +369,8 @@ void check_lanes() {
       feat[0] = 0.0;
       for (int k = 1; k < n_feat; ++k) feat[k] = u(rng);
       for (int i = 0; i < lanes; ++i) a.ext_score[i] = b.ext_score[i] = u(rng);
+      if (t == 150)  // the evidence changes
+        for (int i = 0; i < lanes; ++i) a.dsi[i] = b.dsi[i] = -0.5 * a.dsi[i];
       const double ret = t == 0 ? 0.0 : 0.01 * u(rng);
       const int poison = (t == 200) ? 5 : -1;
       const Summary sv = sm_step(va, lanes, feat.data(), t, ret, poison, updates, quarantined);
