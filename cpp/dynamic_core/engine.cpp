@@ -361,10 +361,13 @@ void Engine::unit(uint32_t g, uint64_t p, int poison, uint64_t& updates) {
 bool Engine::claim(int w, uint32_t g) {
   GroupRuntime& r = grt_[g];
   // Busy first, then check ownership (seq_cst both; the sentinel does the mirror image: owner
-  // first, then busy), so a group is never run by two workers.
-  r.busy.store(1, std::memory_order_seq_cst);
+  // first, then busy), so a group is never run by two workers. busy counts the workers inside
+  // this handshake or holding the group: a worker whose claim fails (a stale adoption, a group
+  // moved meanwhile) takes back only its own increment, never the holder's (a flag cleared by
+  // a failed claim let the sentinel finish a move while the holder still ran the group).
+  r.busy.fetch_add(1, std::memory_order_seq_cst);
   if (r.owner.load(std::memory_order_seq_cst) == w) return true;
-  r.busy.store(0, std::memory_order_release);
+  r.busy.fetch_sub(1, std::memory_order_release);
   return false;
 }
 
@@ -373,7 +376,7 @@ void Engine::release(int w, uint32_t g, uint64_t np, uint64_t updates) {
   // release: the state written while claimed is visible to whoever reads nproc with acquire.
   r.nproc.store(np, std::memory_order_release);
   r.beat_ns.store(now_ns(), std::memory_order_relaxed);
-  r.busy.store(0, std::memory_order_release);
+  r.busy.fetch_sub(1, std::memory_order_release);
   workers_[w]->updates.fetch_add(updates, std::memory_order_relaxed);
 }
 

@@ -105,7 +105,7 @@ enum class SmStatus : uint32_t { Ok = 0, Stalled = 1, Moving = 2 };
 // Per-group runtime state. Written by the owning worker, except owner/status (sentinel).
 struct alignas(kCacheLine) GroupRuntime {
   std::atomic<int32_t> owner{0};
-  std::atomic<int32_t> busy{0};
+  std::atomic<int32_t> busy{0};       // workers in claim() or holding the group (a count)
   std::atomic<uint64_t> nproc{0};     // bars of its stream processed (published after the state)
   std::atomic<int64_t> beat_ns{0};    // steady-clock time of the last unit of progress
   std::atomic<uint32_t> status{0};    // SmStatus
