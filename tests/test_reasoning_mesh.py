@@ -310,7 +310,12 @@ def test_full_queue_sheds_the_lowest_priority_first(fake) -> None:
         lows = [m.submit(ctx(501 + i), priority="low") for i in range(3)]  # fills the queue
         high = m.submit(ctx(510), priority="high")  # sheds the newest low
         o = out.wait(1)[0]
-        assert (o.task_id, o.status, o.provider) == (lows[-1], "shed", "local"), (o, first)
+        # the newest low: shed by the high task when the four submits reached the broker in one
+        # batch; when the broker woke in between, the queue's pressure (updated per batch) had
+        # already dropped the remote provider from its route and the last resort narrated it at
+        # once. Either way the newest low, never an older one or the high task.
+        assert o.task_id == lows[-1] and (o.status, o.provider) in (("shed", "local"), ("local", "local")), \
+            (o, first)
         newest = m.submit(ctx(511), priority="low")  # nothing lower queued: the newcomer never waits
         wait_until(lambda: any(x.task_id == newest for x in out.items))
         o2 = next(x for x in out.items if x.task_id == newest)
@@ -323,7 +328,7 @@ def test_full_queue_sheds_the_lowest_priority_first(fake) -> None:
         assert lows[0] not in done and lows[1] not in done, done
         assert high not in done or (done[high].status, done[high].provider) == ("local", "local"), done
         q = m.stats()["queue"]
-        assert q["shed"]["low"] == (2 if o2.status == "shed" else 1)
+        assert q["shed"]["low"] == (o.status == "shed") + (o2.status == "shed")
         assert q["shed"].get("high", 0) == 0 and q["shed"].get("critical", 0) == 0
 
 
