@@ -65,6 +65,7 @@ def test_from_records_round_trip_and_immutability():
     ("slow", 200_000, "slow outside"),
     ("w_rsi", np.nan, "w_rsi not finite"),
     ("w_mom", np.inf, "w_mom not finite"),
+    ("w_dsi", np.nan, "w_dsi not finite"),
     ("mode", 7, "unknown mode"),
     ("entry", -0.1, "entry"),
     ("cost_bps", np.nan, "cost_bps"),

@@ -885,7 +885,8 @@ void Engine::write_state(const StateArrays& in) {
   wait_idle();
   const size_t n = state_.score.size();
   for (size_t m : {in.score.size(), in.equity.size(), in.entry_equity.size(), in.peak.size(), in.max_dd.size(),
-                   in.ret_sum.size(), in.ret_sq.size(), in.credit.size(), in.ext_score.size(), in.trades.size(),
+                   in.ret_sum.size(), in.ret_sq.size(), in.credit.size(), in.ext_score.size(), in.dsi.size(),
+                   in.trades.size(),
                    in.wins.size(), in.n_ret.size(), in.quarantined.size(), in.position.size(), in.action.size()})
     if (m != n) throw std::invalid_argument("agent state arrays must have one value per lane");
   state_ = in;

@@ -10,6 +10,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 
 #include "engine.hpp"
@@ -181,7 +182,11 @@ void for_each_parallel(uint32_t n, int threads, F&& f, G&& first = [] {}) {
   };
   std::vector<std::thread> extra;
   extra.reserve(static_cast<size_t>(threads - 1));
-  for (int t = 1; t < threads; ++t) extra.emplace_back(body, t);
+  try {
+    for (int t = 1; t < threads; ++t) extra.emplace_back(body, t);
+  } catch (const std::system_error&) {
+    // no more threads to be had: those started and this one take every chunk
+  }
   body(0);
   for (std::thread& th : extra) th.join();
   if (error) std::rethrow_exception(error);

@@ -53,7 +53,7 @@ __all__ = [
     "verify",
 ]
 
-META_FORMAT = 1
+META_FORMAT = 2  # 2: genome records carry w_dsi (120 bytes); journals of format 1 do not replay
 DEFAULT_SEGMENT_BYTES = 64 << 20
 DEAD_LETTER_RECORD = np.dtype([("bar", BAR_DTYPE), ("reason", "<u4"), ("pad", "<u4")])
 
@@ -340,6 +340,9 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
             raise JournalError("a bar names an instrument id the journal never registered")
         return table[ids.astype(np.int64)].astype(np.uint32)
 
+    if len(meta.genomes) % GENOME_DTYPE.itemsize:
+        raise JournalError(f"journal genomes are {len(meta.genomes)} bytes, not whole "
+                           f"{GENOME_DTYPE.itemsize}-byte genome records")
     genomes = np.frombuffer(meta.genomes, dtype=GENOME_DTYPE).copy()
     genomes["instrument"] = to_local(genomes["instrument"])
     pop = Population.from_records(genomes)

@@ -50,6 +50,7 @@ def check_records(rec: np.ndarray) -> None:
         flag((rec[p] < 1) | (rec[p] > MAX_PERIOD), f"{p} outside [1, {MAX_PERIOD}]")
     for w in WEIGHTS:
         flag(~np.isfinite(rec[w]), f"{w} not finite")
+    flag(~np.isfinite(rec["w_dsi"]), "w_dsi not finite")
     flag(~np.isfinite(rec["entry"]) | (rec["entry"] < 0), "entry not a finite number >= 0")
     flag(~np.isfinite(rec["cost_bps"]) | (rec["cost_bps"] < 0), "cost_bps not a finite number >= 0")
     flag(rec["mode"] > 1, "unknown mode (0 long_only, 1 long_short)")
