@@ -7,7 +7,6 @@ import gc
 import os
 import threading
 import time
-from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -198,12 +197,11 @@ def test_a_storm_of_failovers_loses_nothing_and_changes_nothing(threads):
     import subprocess
     import sys
 
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    root = str(Path(dc.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    from .test_journal import _env
+
     try:
         r = subprocess.run([sys.executable, "-c", _FAILOVER_STORM, str(threads)], capture_output=True, text=True,
-                           timeout=240, env=env)
+                           timeout=240, env=_env())
     except subprocess.TimeoutExpired:
         pytest.fail("a run hung under failover")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -192,34 +192,32 @@ void for_each_parallel(uint32_t n, int threads, F&& f, G&& first = [] {}) {
   if (error) std::rethrow_exception(error);
 }
 
-// Median of v (reordered; finite values), the mean of the two middle ones for an even count.
-// Large inputs are first bucketed by the top 16 bits of an order-preserving key (sign, exponent
-// and 4 mantissa bits), so the selection runs only within the bucket holding the middle.
-double median_of(std::vector<double>& v, std::vector<double>& tmp) {
+// Median of v (finite values), the mean of the two middle ones for an even count. Large inputs
+// are first bucketed by the top 16 bits of an order-preserving key (sign, exponent and 4 mantissa
+// bits), so the selection runs only within the bucket holding the middle (small ones: all of v).
+double median_of(const std::vector<double>& v, std::vector<double>& tmp) {
   const size_t n = v.size(), mid = n / 2;
+  size_t below = 0;                                                // values before the selected ones
+  double lower_max = -std::numeric_limits<double>::infinity();     // the largest of them
   if (n < 8192) {
-    std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(mid), v.end());
-    double med = v[mid];
-    if (n % 2 == 0) med = (*std::max_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(mid)) + med) / 2.0;
-    return med;
-  }
-  auto bucket = [](double x) {
-    uint64_t u;
-    std::memcpy(&u, &x, sizeof u);
-    u = (u >> 63) ? ~u : u | (uint64_t{1} << 63);
-    return static_cast<uint32_t>(u >> 48);
-  };
-  std::vector<uint32_t> count(65536, 0);
-  for (double x : v) ++count[bucket(x)];
-  uint32_t b = 0;
-  size_t below = 0;  // values in buckets before b
-  while (below + count[b] <= mid) below += count[b++];
-  tmp.clear();
-  double lower_max = -std::numeric_limits<double>::infinity();  // largest value below bucket b
-  for (double x : v) {
-    const uint32_t k = bucket(x);
-    if (k == b) tmp.push_back(x);
-    else if (k < b && x > lower_max) lower_max = x;
+    tmp.assign(v.begin(), v.end());
+  } else {
+    auto bucket = [](double x) {
+      uint64_t u;
+      std::memcpy(&u, &x, sizeof u);
+      u = (u >> 63) ? ~u : u | (uint64_t{1} << 63);
+      return static_cast<uint32_t>(u >> 48);
+    };
+    std::vector<uint32_t> count(65536, 0);
+    for (double x : v) ++count[bucket(x)];
+    uint32_t b = 0;
+    while (below + count[b] <= mid) below += count[b++];
+    tmp.clear();
+    for (double x : v) {
+      const uint32_t k = bucket(x);
+      if (k == b) tmp.push_back(x);
+      else if (k < b && x > lower_max) lower_max = x;
+    }
   }
   const size_t r = mid - below;
   std::nth_element(tmp.begin(), tmp.begin() + static_cast<std::ptrdiff_t>(r), tmp.end());
