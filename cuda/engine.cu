@@ -324,18 +324,19 @@ extern "C" __global__ void dc_lanes_block(
 }
 
 // The consensus of every row (one thread each, rows in input order): the SM summaries of its
-// stream added in SM order, fused, written as the signal record.
+// stream added in SM order, fused, written as the signal record with its stream's DSI evidence.
 extern "C" __global__ void dc_fuse_block(uint32_t n_rows, const uint32_t* __restrict__ row_stream,
                                          const uint32_t* __restrict__ row_k, const uint32_t* __restrict__ st_sm_begin,
                                          const uint32_t* __restrict__ st_sm_end,
                                          const uint64_t* __restrict__ summ_base, const Summary* __restrict__ summ,
                                          const int64_t* __restrict__ ts, const uint32_t* __restrict__ instrument,
                                          const uint32_t* __restrict__ timeframe, const uint64_t* __restrict__ seq,
+                                         const double* __restrict__ st_dsi, const uint32_t* __restrict__ st_flags,
                                          uint64_t population_hash, Signal* __restrict__ out) {
   const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
   if (r >= n_rows) return;
   const uint32_t s = row_stream[r];
   const uint32_t n_sm = st_sm_end[s] - st_sm_begin[s];
   out[r] = fused_signal(summ + summ_base[s] + static_cast<uint64_t>(n_sm) * row_k[r], n_sm, ts[r], instrument[r],
-                        timeframe[r], seq[r], population_hash);
+                        timeframe[r], seq[r], population_hash, st_dsi[s], st_flags[s]);
 }

@@ -77,6 +77,57 @@ def test_dsi_readers_add_their_weighted_evidence_to_the_blend(goog):
         eng.set_dsi({"GOOG": float("nan")})
 
 
+def test_signals_carry_their_streams_dsi_evidence(sim_bars):
+    # A signal carries the DSI evidence its bar's agents read (set_dsi, per instrument) and the
+    # SIGNAL_DSI flag once evidence was set for its stream; other streams stay unflagged. The
+    # evidence travels on through AISignal, the feed's batch encoding and the plans.
+    names = ("EURUSD", "GBPUSD", "USDJPY")
+    pop = dc.Population.random(150, instruments=list(names), seed=4, dsi_share=0.3)
+    bars = sim_bars[np.isin(sim_bars["instrument"], [dc.instruments.id(n) for n in names])][:300]
+    runs = []
+    for threads in (1, 2):
+        with dc.Engine(pop, threads=threads, cores_per_sm=32) as eng:
+            s1 = eng.run(bars[:100])
+            assert eng.set_dsi({"EURUSD": 0.55, "GBPUSD": 0.0}) == 2
+            s2 = eng.run(bars[100:200])
+            eng.set_dsi({"EURUSD": -0.25})
+            s3 = eng.run(bars[200:])
+        runs.append((s1, s2, s3))
+    for a, b in zip(runs[0], runs[1]):
+        assert a.tobytes() == b.tobytes()  # any thread count
+    s1, s2, s3 = runs[0]
+    assert (s1["flags"] == 0).all() and (s1["dsi"] == 0.0).all()
+    eur, gbp, jpy = (dc.instruments.id(n) for n in names)
+    for sig, want_eur in ((s2, 0.55), (s3, -0.25)):
+        e, g, j = (sig["instrument"] == i for i in (eur, gbp, jpy))
+        assert e.any() and g.any() and j.any()
+        assert (sig["dsi"][e] == want_eur).all() and (sig["flags"][e] == dc.SIGNAL_DSI).all()
+        assert (sig["dsi"][g] == 0.0).all() and (sig["flags"][g] == dc.SIGNAL_DSI).all()  # set, neutral
+        assert (sig["dsi"][j] == 0.0).all() and (sig["flags"][j] == 0).all()  # never set
+    objs = dc.payloads.signals_from_records(s3)
+    assert [o.dsi for o in objs] == s3["dsi"].tolist()
+    assert [o.has_dsi for o in objs] == ((s3["flags"] & dc.SIGNAL_DSI) != 0).tolist()
+    one = dc.payloads.signal_from_record(s3[0])
+    assert one == objs[0]
+    k = int(np.flatnonzero(s3["instrument"] == eur)[0])
+    o = objs[k]
+    assert o.dsi_validation == float(np.sign(o.score)) * -0.25
+    batch = dc.payloads.Codec(dc.payloads.FeedMessage).decode(
+        dc.payloads.encode_signal_batch(1, 0, s3[s3["instrument"] == eur]))
+    assert all(x.dsi == -0.25 and x.has_dsi for x in batch.signals)
+    assert (dc.payloads.signals_to_records(objs) == s3).all()
+    # a plan made from a signal carries direction x its evidence
+    from dynamic_core.decision import make_plan
+    rec = s3[k]
+    plan = make_plan(rec, entry=1.1, atr=0.001, equity=100_000.0,
+                     config=dc.decision.PlanConfig(min_action=1, min_score=1e-9))
+    assert plan is not None and plan.evidence["dsi"] == plan.direction * -0.25
+    j0 = s3[s3["instrument"] == jpy][0]
+    plan = make_plan(j0, entry=150.0, atr=0.2, equity=100_000.0,
+                     config=dc.decision.PlanConfig(min_action=1, min_score=1e-9))
+    assert plan is None or "dsi" not in plan.evidence
+
+
 def test_consensus_is_fitness_weighted_mean_of_warm_agents(sim_bars):
     pop = dc.Population.random(300, instruments=["EURUSD", "GBPUSD"], timeframes=["H1"], seed=2)
     eng = dc.Engine(pop, cores_per_sm=64)

@@ -173,6 +173,11 @@ def test_mixed_streams_rejects_and_external_agents(emu: EmuDevice, sim_bars: np.
             out.append((np.concatenate([s1, s2]), eng.agents(), eng.dead_letters(), eng.stats()))
         (a, ag_a, dl_a, st_a), (b, ag_b, dl_b, st_b) = out
         assert set(dc.instruments.name(int(i)) for i in a["instrument"]) == {"EURUSD", "GBPUSD", "USDJPY"}
+        # the device's consensus writes each stream's evidence into its signals, as the CPU's does
+        late = np.arange(len(a)) >= len(s1)  # the second batch: after set_dsi
+        eur = a["instrument"] == dc.instruments.id("EURUSD")
+        assert (b["dsi"][late & eur] == 0.6).all() and (b["flags"][late & eur] == dc.SIGNAL_DSI).all()
+        assert (b["flags"][~late] == 0).all() and (b["dsi"][~late] == 0.0).all()
         assert_same_signals(a, b)
         assert_same_agents(ag_a, ag_b)
         assert dl_a.tobytes() == dl_b.tobytes() and len(dl_a) == 3

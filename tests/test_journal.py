@@ -60,9 +60,10 @@ def test_signal_hash_is_fnv1a64_of_the_record(sim_bars):
     with dc.Engine(_pop(200, ("EURUSD", "GBPUSD", "USDJPY", "XAUUSD")), threads=1) as eng:
         sig = eng.run(sim_bars[:50])
     raw = sig[:3].tobytes()
+    n = dc.SIGNAL_DTYPE.itemsize
     for i in range(3):
         h = 0xCBF29CE484222325
-        for byte in raw[i * 96:(i + 1) * 96]:
+        for byte in raw[i * n:(i + 1) * n]:
             h = ((h ^ byte) * 0x100000001B3) & (2**64 - 1)
         assert _core.signal_hashes(sig[i:i + 1])[0] == h
 

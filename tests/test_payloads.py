@@ -119,6 +119,21 @@ def test_vectorised_batch_encoding_equals_msgspec(signals: np.ndarray, n: int) -
     assert msgspec.msgpack.decode(raw) == msgspec.msgpack.decode(msgspec.msgpack.encode(expected))
 
 
+def test_version_1_signals_decode_without_dsi_and_out_of_range_dsi_is_refused(signals: np.ndarray) -> None:
+    # a version-1 peer's signal has no dsi field: it decodes with dsi 0.0 and no SIGNAL_DSI flag
+    sig = P.signal_from_record(signals[0])
+    d = msgspec.to_builtins(sig)
+    d.pop("dsi")
+    d["version"] = 1
+    codec = P.Codec(P.AISignal)
+    old = codec.decode(msgspec.msgpack.encode(d))
+    assert old.dsi == 0.0 and not old.has_dsi and old.dsi_validation == 0.0
+    d["version"], d["dsi"] = P.PAYLOAD_VERSION, 1.5
+    with pytest.raises(P.PayloadError):
+        codec.decode(msgspec.msgpack.encode(d))
+    assert codec.rejects == {"invalid": 1}
+
+
 def test_market_context_bars(sim_bars: np.ndarray) -> None:
     ctxs = P.split_bars(sim_bars, max_bars=7)
     # runs of one stream, in the original order: concatenating gives the same bars back

@@ -119,6 +119,7 @@ def test_score_to_action_thresholds():
 
 def test_dtypes_match_native_layouts():
     assert dc.BAR_DTYPE.itemsize == 56 and dc.GENOME_DTYPE.itemsize == 120
-    assert dc.SIGNAL_DTYPE.itemsize == 96 and dc.AGENT_DTYPE.itemsize == 112
+    assert dc.SIGNAL_DTYPE.itemsize == 104 and dc.AGENT_DTYPE.itemsize == 112
     assert dc.BAR_DTYPE.names == ("ts", "instrument", "timeframe", "open", "high", "low", "close", "volume")
     assert dc.SIGNAL_DTYPE["votes"].shape == (5,)
+    assert dc.SIGNAL_DTYPE.names[8:10] == ("dispersion", "dsi") and dc.SIGNAL_DSI == 1

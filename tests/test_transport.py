@@ -387,7 +387,7 @@ def _eur_context(n: int) -> bytes:
 
 BAD_INGRESS_FRAMES = [
     ("oversized", _eur_context(200)),  # about 9 kB > max_frame 4096
-    ("version", msgspec.msgpack.encode({"type": "market", "version": 2})),
+    ("version", msgspec.msgpack.encode({"type": "market", "version": P.PAYLOAD_VERSION + 1})),
     ("truncated", P.Codec(P.PreparedMarketContext).encode(P.split_bars(market(3))[0])[:-5]),
     ("unknown_field", msgspec.msgpack.encode({"type": "market", "colour": 1})),
     ("unknown_tag", msgspec.msgpack.encode({"type": "signal_batch", "epoch": 1, "seq": 0, "signals": []})),

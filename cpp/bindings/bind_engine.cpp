@@ -391,6 +391,16 @@ void bind_engine(py::module_& m) {
              return e.set_dsi(a, v, n, ev);
            }, py::arg("instruments"), py::arg("evidence"), py::arg("event") = py::bytes(),
            "Set the DSI evidence of instruments (ids), read by lanes with w_dsi != 0; returns the streams updated.")
+      .def("stream_dsi", [](const Engine& e) {
+             const auto n = static_cast<py::ssize_t>(e.layout().streams.size());
+             py::array_t<double> v(n);
+             py::array_t<uint32_t> f(n);
+             for (py::ssize_t s = 0; s < n; ++s) {
+               v.mutable_at(s) = e.stream_dsi(static_cast<uint32_t>(s));
+               f.mutable_at(s) = e.stream_flags(static_cast<uint32_t>(s));
+             }
+             return py::make_tuple(v, f);
+           }, "(evidence float64, signal flags uint32) per stream, as set_dsi left them; read between updates.")
       .def("run", [](Engine& e, const py::array& bars, uint32_t n_registered) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));

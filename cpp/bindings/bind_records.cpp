@@ -34,7 +34,7 @@ py::dict layouts() {
                      DC_F(Signal, seq, "<u8"), DC_F(Signal, population_hash, "<u8"),
                      DC_F(Signal, score, "<f8"), DC_F(Signal, confidence, "<f8"),
                      DC_F(Signal, agreement, "<f8"), DC_F(Signal, dispersion, "<f8"),
-                     DC_F(Signal, action, "<i4"), DC_F(Signal, n_agents, "<u4"),
+                     DC_F(Signal, dsi, "<f8"), DC_F(Signal, action, "<i4"), DC_F(Signal, n_agents, "<u4"),
                      DC_FN(Signal, votes, "<u4", 5), DC_F(Signal, flags, "<u4")));
   d["agent"] = py::make_tuple(
       sizeof(AgentRecord),
@@ -86,6 +86,7 @@ py::dict layouts() {
 void bind_records(py::module_& m) {
   m.def("record_layouts", &layouts,
         "Size and (name, offset, numpy type, count) of every field of each native record.");
+  m.attr("SIGNAL_DSI") = kSignalDsi;
   m.def("reason_names", [] {
     py::list l;
     for (uint32_t r = 0; r < kReasonCount; ++r) l.append(reason_name(static_cast<Reason>(r)));

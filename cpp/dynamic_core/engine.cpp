@@ -447,8 +447,11 @@ void Engine::fuse(uint64_t p) {
   Slot& s = slot(p);
   const uint32_t st_i = s.stream.load(std::memory_order_relaxed);
   const Stream& st = layout_.streams[st_i];
+  // stream_dsi_ changes only between updates (set_dsi waits for idle workers), so every bar of a
+  // batch reads the evidence its agents read.
+  const bool has = st_i < stream_dsi_.size();
   s.sig = fused_signal(summaries(p), st.sm_end - st.sm_begin, s.bar.ts, s.bar.instrument, s.bar.timeframe, s.seq,
-                       cfg_.population_hash);
+                       cfg_.population_hash, has ? stream_dsi_[st_i] : 0.0, has ? stream_flags_[st_i] : 0u);
   const int64_t lat = now_ns() - s.t_in;
   int b = 0;
   if (lat > 1) b = std::min(kLatencyBuckets - 1, static_cast<int>(std::log2(static_cast<double>(lat)) * kLatencyBucketsPerOctave));
@@ -1082,7 +1085,10 @@ size_t Engine::set_dsi(const uint32_t* instruments, const double* evidence, size
   std::lock_guard<std::mutex> lk(ingress_m_);
   wait_idle();  // between updates, like set_credit
   journal_event_locked(event);
-  if (stream_dsi_.size() != layout_.streams.size()) stream_dsi_.assign(layout_.streams.size(), 0.0);
+  if (stream_dsi_.size() != layout_.streams.size()) {
+    stream_dsi_.assign(layout_.streams.size(), 0.0);
+    stream_flags_.assign(layout_.streams.size(), 0u);
+  }
   size_t updated = 0;
   for (size_t k = 0; k < n; ++k)
     for (uint32_t s = 0; s < layout_.streams.size(); ++s) {
@@ -1090,6 +1096,7 @@ size_t Engine::set_dsi(const uint32_t* instruments, const double* evidence, size
       if (st.instrument != instruments[k]) continue;
       ++updated;
       stream_dsi_[s] = evidence[k];
+      stream_flags_[s] |= kSignalDsi;
       for (uint32_t m = st.sm_begin; m < st.sm_end; ++m) {
         const Sm& sm = layout_.sms[m];
         if (!sm.has_dsi) continue;

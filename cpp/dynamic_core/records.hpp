@@ -60,11 +60,15 @@ struct Signal {
   double confidence;
   double agreement;
   double dispersion;
+  double dsi;      // the stream's DSI microstructure evidence in [-1, 1] that the bar's agents read
   int32_t action;  // Action: -2..2
   uint32_t n_agents;
   uint32_t votes[5];  // STRONG_SELL, SELL, HOLD, BUY, STRONG_BUY
-  uint32_t flags;
+  uint32_t flags;     // kSignalDsi: `dsi` holds evidence set for the stream (Engine::set_dsi)
 };
+
+// Signal::flags bits.
+constexpr uint32_t kSignalDsi = 1u;  // DSI evidence was set for the stream before this bar
 
 // A bar admitted for execution outside the engine's workers (a device backend): its stream, its
 // position in the batch, its index within the stream and its ingress sequence number.
@@ -78,7 +82,8 @@ struct AdmittedBar {
 // DynamicFusionAlgo for one bar: the summaries of its stream's SMs added in SM order, fused, as
 // the signal record (the CPU consensus and cuda/engine.cu both build signals with this).
 DC_HOST_DEVICE inline Signal fused_signal(const Summary* sm, uint32_t n_sm, int64_t ts, uint32_t instrument,
-                                          uint32_t timeframe, uint64_t seq, uint64_t population_hash) {
+                                          uint32_t timeframe, uint64_t seq, uint64_t population_hash,
+                                          double dsi = 0.0, uint32_t flags = 0) {
   Summary total;
   summary_zero(total);
   for (uint32_t m = 0; m < n_sm; ++m) summary_add(total, sm[m]);  // SM order
@@ -93,9 +98,11 @@ DC_HOST_DEVICE inline Signal fused_signal(const Summary* sm, uint32_t n_sm, int6
   sig.confidence = f.confidence;
   sig.agreement = f.agreement;
   sig.dispersion = f.dispersion;
+  sig.dsi = dsi;
   sig.action = f.action;
   sig.n_agents = f.n;
   for (int v = 0; v < 5; ++v) sig.votes[v] = f.votes[v];
+  sig.flags = flags;
   return sig;
 }
 
@@ -130,7 +137,7 @@ struct DeadLetter {
 
 static_assert(sizeof(Bar) == 56);
 static_assert(sizeof(Genome) == 120);
-static_assert(sizeof(Signal) == 96);
+static_assert(sizeof(Signal) == 104);
 static_assert(sizeof(AgentRecord) == 112);
 DC_STANDARD_LAYOUT(Bar);
 DC_STANDARD_LAYOUT(Genome);

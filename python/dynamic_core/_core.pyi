@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'atr', 'crc32c', 'ema', 'ew_bands', 'journal_bench', 'journal_scan', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'signal_hashes', 'validate_bars']
+__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'ema', 'ew_bands', 'journal_bench', 'journal_scan', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'signal_hashes', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -98,6 +98,10 @@ class Engine:
     def step(self, bar: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex) -> tuple[int, numpy.typing.NDArray[numpy.uint8]]:
         """
         One bar in, (1, signal bytes) out; (0, b'') on timeout, (-1, b'') if no signal is due.
+        """
+    def stream_dsi(self) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.uint32]]:
+        """
+        (evidence float64, signal flags uint32) per stream, as set_dsi left them; read between updates.
         """
     def submit(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> int:
         """
@@ -245,3 +249,4 @@ def validate_bars(bars: numpy.ndarray, n_registered: typing.SupportsInt | typing
     """
     Reject reason of every bar: value checks and time order per (instrument, timeframe).
     """
+SIGNAL_DSI: int = 1

@@ -281,7 +281,14 @@ class DeviceRunner:
         """Native mirror -> device (after a change made on the native side)."""
         st = self.native.read_state()
         self._state = {k: self.dev.put(st[k]) for k in _STATE}
+        self._load_stream_dsi()
         self.state_dirty = False
+
+    def _load_stream_dsi(self) -> None:
+        """Each stream's DSI evidence and signal flags (what set_dsi left) -> device: the
+        consensus kernel writes them into every signal, as the CPU consensus does."""
+        ev, flags = self.native.stream_dsi()
+        self._st_dsi, self._st_flags = self.dev.put(ev), self.dev.put(flags)
 
     def load_fields(self, names: tuple[str, ...]) -> None:
         """Native mirror -> device for some state arrays only (credit, external scores: what
@@ -289,6 +296,8 @@ class DeviceRunner:
         st = self.native.read_state()
         for k in names:
             self._state[k] = self.dev.put(st[k])
+        if "dsi" in names:
+            self._load_stream_dsi()
 
     def store_state(self) -> None:
         """Device -> native mirror, when the device has run bars since the last copy."""
@@ -386,7 +395,8 @@ class DeviceRunner:
                       g["summ_base"], summ, self._counters))
         d.launch("dc_fuse_block", (_blocks(n, 128), 1), 128,
                  (np.uint32(n), g["row_stream"], g["row_k"], p["st_sm_begin"], p["st_sm_end"], g["summ_base"],
-                  summ, g["ts"], g["instrument"], g["timeframe"], g["seq"], np.uint64(self.population_hash), sig))
+                  summ, g["ts"], g["instrument"], g["timeframe"], g["seq"], self._st_dsi, self._st_flags,
+                  np.uint64(self.population_hash), sig))
         return d.get(sig[: n * self.signal_bytes]).view(SIGNAL_DTYPE)
 
     def _upload(self, host: dict[str, np.ndarray]) -> dict[str, Any]:

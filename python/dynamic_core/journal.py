@@ -53,7 +53,8 @@ __all__ = [
     "verify",
 ]
 
-META_FORMAT = 2  # 2: genome records carry w_dsi (120 bytes); journals of format 1 do not replay
+META_FORMAT = 3  # 2: genome records carry w_dsi (120 bytes); 3: signal records (and their hashes) carry dsi.
+# Journals of another format do not replay.
 DEFAULT_SEGMENT_BYTES = 64 << 20
 DEAD_LETTER_RECORD = np.dtype([("bar", BAR_DTYPE), ("reason", "<u4"), ("pad", "<u4")])
 

@@ -44,7 +44,7 @@ import numpy as np
 
 from .errors import PayloadError
 from .instruments import MAX_NAME, instruments
-from .records import BAR_DTYPE, SIGNAL_DTYPE
+from .records import BAR_DTYPE, SIGNAL_DSI, SIGNAL_DTYPE
 
 __all__ = [
     "CONTROL_COMMANDS",
@@ -97,8 +97,9 @@ __all__ = [
     "split_bars",
 ]
 
-PAYLOAD_VERSION = 1
-"""Schema version written by this build; decoders accept 1..PAYLOAD_VERSION."""
+PAYLOAD_VERSION = 2
+"""Schema version written by this build; decoders accept 1..PAYLOAD_VERSION.
+2: :class:`AISignal` carries ``dsi`` (version-1 signals decode with ``dsi=0.0``, no flag)."""
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 """Frames above this many bytes are refused before decoding (``reason="oversized"``)."""
@@ -134,6 +135,12 @@ class AISignal(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
     ``action`` is an :class:`dynamic_core.Action` value (-2 STRONG_SELL .. 2 STRONG_BUY);
     ``votes`` counts warm agents per action in that order. ``seq`` is the ingress sequence
     number of the bar and, with ``population_hash``, identifies the signal across processes.
+
+    ``dsi`` is the microstructure validation: the stream's DSI evidence in [-1, 1] (positive:
+    the tape leans to buying) that the bar's agents read, as last set by
+    :meth:`dynamic_core.Engine.set_dsi`; ``flags & SIGNAL_DSI`` tells evidence that was set
+    (possibly 0.0) from none at all. ``dsi_validation`` is the direction the consensus takes
+    times that evidence: positive when the tape agrees with the signal.
     """
 
     version: Version = PAYLOAD_VERSION
@@ -150,6 +157,18 @@ class AISignal(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
     n_agents: U32
     votes: tuple[U32, U32, U32, U32, U32]
     flags: U32 = 0
+    dsi: Annotated[float, msgspec.Meta(ge=-1.0, le=1.0)] = 0.0
+
+    @property
+    def has_dsi(self) -> bool:
+        """Whether DSI evidence had been set for the stream (``flags & SIGNAL_DSI``)."""
+        return bool(self.flags & SIGNAL_DSI)
+
+    @property
+    def dsi_validation(self) -> float:
+        """sign(score) x dsi: > 0 when the tape agrees with the consensus direction, < 0 when it
+        disagrees, 0 without evidence or without a direction."""
+        return (1.0 if self.score > 0 else -1.0 if self.score < 0 else 0.0) * self.dsi
 
     @property
     def id(self) -> str:
@@ -165,12 +184,12 @@ def signal_from_record(r: np.void) -> AISignal:
         population_hash=int(r["population_hash"]), score=float(r["score"]),
         confidence=float(r["confidence"]), agreement=float(r["agreement"]),
         dispersion=float(r["dispersion"]), action=int(r["action"]), n_agents=int(r["n_agents"]),
-        votes=tuple(int(v) for v in r["votes"]), flags=int(r["flags"]),
+        votes=tuple(int(v) for v in r["votes"]), flags=int(r["flags"]), dsi=float(r["dsi"]),
     )
 
 
 _SIGNAL_SCALARS = ("ts", "timeframe", "seq", "population_hash", "score", "confidence", "agreement",
-                   "dispersion", "action", "n_agents", "flags")
+                   "dispersion", "action", "n_agents", "flags", "dsi")
 
 
 def signals_from_records(arr: np.ndarray) -> list[AISignal]:
@@ -185,8 +204,8 @@ def signals_from_records(arr: np.ndarray) -> list[AISignal]:
     return [
         AISignal(ts=ts, instrument=n, timeframe=tf, seq=sq, population_hash=ph, score=sc,
                  confidence=cf, agreement=ag, dispersion=dp, action=ac, n_agents=na, flags=fl,
-                 votes=v)
-        for ts, tf, sq, ph, sc, cf, ag, dp, ac, na, fl, n, v in zip(*cols, inst, votes)
+                 dsi=ds, votes=v)
+        for ts, tf, sq, ph, sc, cf, ag, dp, ac, na, fl, ds, n, v in zip(*cols, inst, votes)
     ]
 
 
@@ -923,7 +942,8 @@ def _mp_str(s: str) -> bytes:
 
 
 _VALUE_FIELDS = ("ts", "timeframe", "seq", "population_hash", "score", "confidence", "agreement",
-                 "dispersion", "action", "n_agents", "votes0", "votes1", "votes2", "votes3", "votes4", "flags")
+                 "dispersion", "action", "n_agents", "votes0", "votes1", "votes2", "votes3", "votes4", "flags",
+                 "dsi")
 
 
 def _source_view_dtype() -> np.dtype:
@@ -956,7 +976,7 @@ def _signal_layout(instrument: str) -> tuple[np.ndarray, np.dtype]:
     k = _mp_str
     # (constant bytes before the value, value name, big-endian format)
     segs = [
-        (b"\x8f" + k("type") + k("signal") + k("version") + bytes([PAYLOAD_VERSION]) + k("ts") + b"\xd3",
+        (b"\xde\x00\x10" + k("type") + k("signal") + k("version") + bytes([PAYLOAD_VERSION]) + k("ts") + b"\xd3",
          "ts", ">i8"),
         (k("instrument") + k(instrument) + k("timeframe") + b"\xce", "timeframe", ">u4"),
         (k("seq") + b"\xcf", "seq", ">u8"),
@@ -973,6 +993,7 @@ def _signal_layout(instrument: str) -> tuple[np.ndarray, np.dtype]:
         (b"\xce", "votes3", ">u4"),
         (b"\xce", "votes4", ">u4"),
         (k("flags") + b"\xce", "flags", ">u4"),
+        (k("dsi") + b"\xcb", "dsi", ">f8"),
     ]
     assert tuple(name for _, name, _ in segs) == _VALUE_FIELDS
     template = bytearray()

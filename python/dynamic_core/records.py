@@ -12,6 +12,7 @@ __all__ = [
     "BAR_DTYPE",
     "GENOME_DTYPE",
     "SIGNAL_DTYPE",
+    "SIGNAL_DSI",
     "AGENT_DTYPE",
     "DEAD_LETTER_DTYPE",
     "TICK_DTYPE",
@@ -40,7 +41,9 @@ BAR_DTYPE: np.dtype = _dtype("bar")
 GENOME_DTYPE: np.dtype = _dtype("genome")
 """One agent's parameters: periods, feature weights, ``entry``, ``mode``, ``cost_bps``."""
 SIGNAL_DTYPE: np.dtype = _dtype("signal")
-"""One fused signal per (instrument, timeframe, bar)."""
+"""One fused signal per (instrument, timeframe, bar); ``dsi`` is its stream's DSI evidence."""
+SIGNAL_DSI: int = int(_core.SIGNAL_DSI)
+"""``SIGNAL_DTYPE['flags']`` bit: DSI evidence had been set for the signal's stream."""
 AGENT_DTYPE: np.dtype = _dtype("agent")
 """Per-agent state and paper P&L statistics."""
 DEAD_LETTER_DTYPE: np.dtype = _dtype("dead_letter")

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..instruments import instruments
 from ..payloads import PlanDecision, TradingPlan
+from ..records import SIGNAL_DSI
 from .governor import Portfolio, RiskGovernor, RiskLimits
 from .plans import AtrTracker, PlanConfig, assemble_plan, signal_id_for, size_batch
 from .specs import InstrumentSpec, _inverse_step, instrument_spec, quote_to_account
@@ -142,7 +143,9 @@ class DecisionMaker:
     dsi : object with ``evidence(instrument) -> float``, optional
         Microstructure evidence in [-1, 1] (e.g. :class:`dynamic_core.learning.dsi.Dsi`); a
         plan carries ``evidence["dsi"]`` = its direction x the evidence (the tape agreeing is
-        positive), which the governor's ``min_dsi_validation`` can require.
+        positive), which the governor's ``min_dsi_validation`` can require. Without it, a
+        signal that carries DSI evidence (``flags & dc.SIGNAL_DSI``: the engine's
+        :meth:`~dynamic_core.Engine.set_dsi` had reached its stream) lends the plan its own.
     """
 
     def __init__(self, trader: Any, *, plan: PlanConfig | None = None, limits: RiskLimits | None = None,
@@ -268,10 +271,11 @@ class DecisionMaker:
                      sel["ts"].tolist(), sel["seq"].tolist(), sel["population_hash"].tolist(),
                      sel["confidence"].tolist(), sel["agreement"].tolist(), sel["dispersion"].tolist(),
                      sel["n_agents"].tolist(), entry.tolist(), atr.tolist(), dist.tolist(), stop.tolist(),
-                     size.tolist(), rpl.tolist(), spec_rows)
+                     size.tolist(), rpl.tolist(), spec_rows, sel["dsi"].tolist(),
+                     ((sel["flags"] & SIGNAL_DSI) != 0).tolist())
         try:
             for (good, d, a, score, inst, tf, ts, seq, ph, conf, agr, disp, n_ag, e, at, ds, sp_stop, sz, rp,
-                 srow) in fields:
+                 srow, sig_dsi, sig_has_dsi) in fields:
                 if not good:
                     self.no_plan += 1
                     continue
@@ -295,6 +299,8 @@ class DecisionMaker:
                 if self.dsi is not None:
                     ev = float(self.dsi.evidence(names[inst]))
                     extra = {"dsi": d * (ev if math.isfinite(ev) else 0.0)}
+                elif sig_has_dsi:
+                    extra = {"dsi": d * sig_dsi}
                 plan = assemble_plan(cfg, names[inst], tf, ts, seq, ph, d, a, score, conf, agr, disp, n_ag, e, at,
                                      ds, sp_stop, sz, rp, contributors, text, provider, agreeing, extra)
                 out.append(self.decide(plan))

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..instruments import instruments
 from ..payloads import TradingPlan
+from ..records import SIGNAL_DSI
 from .specs import InstrumentSpec, instrument_spec, quote_to_account
 
 __all__ = ["AtrTracker", "PlanConfig", "assemble_plan", "build_plan", "make_plan", "plan_id_for", "signal_id_for",
@@ -171,22 +172,27 @@ def make_plan(signal: Any, *, entry: float, atr: float, equity: float, config: P
         action, score = int(signal["action"]), float(signal["score"])
         confidence, agreement = float(signal["confidence"]), float(signal["agreement"])
         pop_hash, dispersion, n_agents = int(signal["population_hash"]), float(signal["dispersion"]), int(signal["n_agents"])
+        flags, dsi = int(signal["flags"]), float(signal["dsi"])
     else:
         instrument, timeframe, ts, seq = signal.instrument, signal.timeframe, signal.ts, signal.seq
         action, score, confidence, agreement = signal.action, signal.score, signal.confidence, signal.agreement
         pop_hash, dispersion, n_agents = signal.population_hash, signal.dispersion, signal.n_agents
+        flags, dsi = signal.flags, signal.dsi
     return build_plan(instrument, timeframe, ts, seq, pop_hash, action, score, confidence, agreement, dispersion,
                       n_agents, entry=entry, atr=atr, equity=equity, config=config, spec=spec, prices=prices,
                       contributors=contributors, rationale=rationale, rationale_provider=rationale_provider,
-                      providers_agreeing=providers_agreeing)
+                      providers_agreeing=providers_agreeing, dsi=dsi if flags & SIGNAL_DSI else None)
 
 
 def build_plan(instrument: str, timeframe: int, ts: int, seq: int, pop_hash: int, action: int, score: float,
                confidence: float, agreement: float, dispersion: float, n_agents: int, *, entry: float, atr: float,
                equity: float, config: PlanConfig | None = None, spec: InstrumentSpec | None = None,
                prices: Mapping[str, float] | None = None, contributors: tuple[int, ...] = (), rationale: str = "",
-               rationale_provider: str = "", providers_agreeing: int = 0) -> TradingPlan | None:
-    """:func:`make_plan` from the signal's fields (the decision maker's path: no record access)."""
+               rationale_provider: str = "", providers_agreeing: int = 0,
+               dsi: float | None = None) -> TradingPlan | None:
+    """:func:`make_plan` from the signal's fields (the decision maker's path: no record access).
+    ``dsi``: the signal's DSI evidence (None: none was set); the plan carries
+    ``evidence["dsi"]`` = direction x dsi."""
     cfg = config if config is not None else _DEFAULT_CONFIG
     if abs(action) >= cfg.min_action:
         direction = 1 if action > 0 else -1
@@ -214,7 +220,8 @@ def build_plan(instrument: str, timeframe: int, ts: int, seq: int, pop_hash: int
         return None
     return assemble_plan(cfg, instrument, timeframe, ts, seq, pop_hash, direction, action, score, confidence,
                          agreement, dispersion, n_agents, entry, atr, dist, stop, size, risk_per_lot, contributors,
-                         rationale, rationale_provider, providers_agreeing)
+                         rationale, rationale_provider, providers_agreeing,
+                         None if dsi is None else {"dsi": direction * dsi})
 
 
 def assemble_plan(cfg: PlanConfig, instrument: str, timeframe: int, ts: int, seq: int, pop_hash: int,

@@ -1,8 +1,10 @@
 """DSI: tick microstructure. MicroTape tokens (:mod:`.tape`), micro-experts (:mod:`.experts`),
-log-odds fusion (:mod:`.fusion`) behind the :class:`Dsi` façade (:mod:`.pipeline`)."""
+log-odds fusion (:mod:`.fusion`) behind the :class:`Dsi` façade (:mod:`.pipeline`); a tick feed
+driving an engine with its evidence (:class:`TickDriver`, :mod:`.driver`)."""
 
 from __future__ import annotations
 
+from .driver import TickDriver
 from .experts import AbsorptionExpert, AnomalyScorer, Calls, DivergenceVerifier, NGramClassifier, RunExperts
 from .fusion import DEFAULT_WEIGHTS, Contribution, DsiFusion
 from .pipeline import EXPERTS, Dsi, DsiConfig
@@ -26,6 +28,7 @@ __all__ = [
     "SmcDetector",
     "SmcEvent",
     "Tape",
+    "TickDriver",
     "decode",
     "encode",
     "token_name",

@@ -213,6 +213,10 @@ class Dsi:
         self.ticks += len(good)
 
     # -- reading ----------------------------------------------------------------------------
+    def seen(self) -> list[int]:
+        """Ids of the instruments it has taken ticks of, ascending."""
+        return sorted(self._state)
+
     def _get(self, instrument: str | int) -> FusionState | None:
         i = _registry.resolve(instrument) if isinstance(instrument, str) else int(instrument)
         if self.instruments is not None and i not in self.instruments:
