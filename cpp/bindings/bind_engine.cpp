@@ -1,6 +1,7 @@
 #include "../dynamic_core/engine.hpp"
 #include "common.hpp"
 
+#include <cstring>
 #include <pybind11/stl.h>
 
 #include <cmath>
@@ -69,7 +70,10 @@ py::dict report_dict(const GenerationReport& r) {
   py::list styles;
   for (uint64_t c : r.style_counts) styles.append(c);
   d["styles"] = styles;
-  d["births"] = to_bytes(r.births.data(), r.births.size());
+  // one copy, into a numpy buffer Python views as BIRTH_DTYPE
+  py::array_t<uint8_t> births(static_cast<py::ssize_t>(r.births.size() * sizeof(Birth)));
+  if (!r.births.empty()) std::memcpy(births.mutable_data(), r.births.data(), r.births.size() * sizeof(Birth));
+  d["births"] = births;
   return d;
 }
 
@@ -453,7 +457,7 @@ void bind_engine(py::module_& m) {
              return report_dict(r);
            }, py::arg("config"), py::arg("seed"), py::arg("generation"), py::arg("event") = py::bytes(),
            py::arg("streams") = std::vector<uint32_t>{},
-           "One generation of evolution between updates; returns the report (births as bytes).")
+           "One generation of evolution between updates; returns the report (births as a uint8 array).")
       .def("genomes", [](Engine& e) {
              std::vector<Genome> out(e.n_agents());
              {

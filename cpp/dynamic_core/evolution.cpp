@@ -150,14 +150,49 @@ bool key_in_bounds(const std::array<int32_t, 4>& k, int f, const EvolutionConfig
 
 using Child = EvolutionScratch::Child;
 using Kid = EvolutionScratch::Kid;
+using Pick = EvolutionScratch::Pick;
 using Island = EvolutionScratch::Island;
+
+// Asks for the cache lines of [p, p + n) ahead of their use.
+inline void prefetch_range(const void* p, size_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (size_t o = 0; o < n; o += 64) __builtin_prefetch(c + o);
+  if (n) __builtin_prefetch(c + n - 1);
+}
 
 // Populations from this many lanes run a generation's per-SM phases on the engine's thread count.
 constexpr size_t kParallelLanes = 16384;
 
+// body(t) on `threads` threads (t: the thread's index; the caller is thread 0), as many as can
+// be started; `stop` is called when a body throws. The first exception is rethrown once all
+// have joined.
+template <class B, class S>
+void run_threads(int threads, B&& body, S&& stop) {
+  std::exception_ptr error;
+  std::mutex error_m;
+  auto guarded = [&](int t) {
+    try {
+      body(t);
+    } catch (...) {
+      std::lock_guard<std::mutex> g(error_m);
+      if (!error) error = std::current_exception();
+      stop();
+    }
+  };
+  std::vector<std::thread> extra;
+  extra.reserve(static_cast<size_t>(threads - 1));
+  try {
+    for (int t = 1; t < threads; ++t) extra.emplace_back(guarded, t);
+  } catch (const std::system_error&) {
+    // no more threads to be had: those started and this one share the work
+  }
+  guarded(0);
+  for (std::thread& th : extra) th.join();
+  if (error) std::rethrow_exception(error);
+}
+
 // f(i, t) for i in [0, n) on `threads` threads (t: the thread's index; the caller is thread 0),
-// SMs taken in chunks; first() runs on thread 0 before it takes any. The first exception is
-// rethrown once all have joined.
+// SMs taken in chunks; first() runs on thread 0 before it takes any.
 template <class F, class G = void (*)()>
 void for_each_parallel(uint32_t n, int threads, F&& f, G&& first = [] {}) {
   if (threads <= 1 || n < 2) {
@@ -167,58 +202,39 @@ void for_each_parallel(uint32_t n, int threads, F&& f, G&& first = [] {}) {
   }
   constexpr uint32_t kChunk = 8;
   std::atomic<uint32_t> next{0};
-  std::exception_ptr error;
-  std::mutex error_m;
-  auto body = [&](int t) {
-    try {
-      if (t == 0) first();
-      for (uint32_t i; (i = next.fetch_add(kChunk, std::memory_order_relaxed)) < n;)
-        for (uint32_t j = i; j < std::min(n, i + kChunk); ++j) f(j, t);
-    } catch (...) {
-      std::lock_guard<std::mutex> g(error_m);
-      if (!error) error = std::current_exception();
-      next.store(n, std::memory_order_relaxed);
-    }
-  };
-  std::vector<std::thread> extra;
-  extra.reserve(static_cast<size_t>(threads - 1));
-  try {
-    for (int t = 1; t < threads; ++t) extra.emplace_back(body, t);
-  } catch (const std::system_error&) {
-    // no more threads to be had: those started and this one take every chunk
-  }
-  body(0);
-  for (std::thread& th : extra) th.join();
-  if (error) std::rethrow_exception(error);
+  run_threads(threads, [&](int t) {
+    if (t == 0) first();
+    for (uint32_t i; (i = next.fetch_add(kChunk, std::memory_order_relaxed)) < n;)
+      for (uint32_t j = i; j < std::min(n, i + kChunk); ++j) f(j, t);
+  }, [&] { next.store(n, std::memory_order_relaxed); });
 }
 
-// Median of v (finite values), the mean of the two middle ones for an even count. Large inputs
-// are first bucketed by the top 16 bits of an order-preserving key (sign, exponent and 4 mantissa
-// bits), so the selection runs only within the bucket holding the middle (small ones: all of v).
-double median_of(const std::vector<double>& v, std::vector<double>& tmp) {
-  const size_t n = v.size(), mid = n / 2;
-  size_t below = 0;                                                // values before the selected ones
-  double lower_max = -std::numeric_limits<double>::infinity();     // the largest of them
-  if (n < 8192) {
-    tmp.assign(v.begin(), v.end());
-  } else {
-    auto bucket = [](double x) {
-      uint64_t u;
-      std::memcpy(&u, &x, sizeof u);
-      u = (u >> 63) ? ~u : u | (uint64_t{1} << 63);
-      return static_cast<uint32_t>(u >> 48);
-    };
-    std::vector<uint32_t> count(65536, 0);
-    for (double x : v) ++count[bucket(x)];
-    uint32_t b = 0;
-    while (below + count[b] <= mid) below += count[b++];
-    tmp.clear();
-    for (double x : v) {
-      const uint32_t k = bucket(x);
-      if (k == b) tmp.push_back(x);
-      else if (k < b && x > lower_max) lower_max = x;
-    }
-  }
+// Bucket of a finite value: the top 16 bits of an order-preserving key (sign, exponent and 4
+// mantissa bits), so buckets ascend with the values.
+inline uint32_t value_bucket(double x) {
+  uint64_t u;
+  std::memcpy(&u, &x, sizeof u);
+  u = (u >> 63) ? ~u : u | (uint64_t{1} << 63);
+  return static_cast<uint32_t>(u >> 48);
+}
+constexpr size_t kValueBuckets = size_t{1} << 16;
+
+// Median of n > 0 finite values (the mean of the two middle ones for an even count), given how
+// many fall in each value_bucket; each(fn) calls fn(x) for every value. The selection runs only
+// within the bucket holding the middle.
+template <class Each>
+double median_bucketed(size_t n, const uint32_t* count, Each&& each, std::vector<double>& tmp) {
+  const size_t mid = n / 2;
+  size_t below = 0;                                             // values in the buckets before b
+  double lower_max = -std::numeric_limits<double>::infinity();  // the largest of them
+  uint32_t b = 0;
+  while (below + count[b] <= mid) below += count[b++];
+  tmp.clear();
+  each([&](double x) {
+    const uint32_t k = value_bucket(x);
+    if (k == b) tmp.push_back(x);
+    else if (k < b && x > lower_max) lower_max = x;
+  });
   const size_t r = mid - below;
   std::nth_element(tmp.begin(), tmp.begin() + static_cast<std::ptrdiff_t>(r), tmp.end());
   double med = tmp[r];
@@ -359,6 +375,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
 
   // ---- phase 1: judge every SM of the streams in scope --------------------------------------
   X.order_of.resize(static_cast<size_t>(threads));
+  X.hist_of.resize(static_cast<size_t>(threads));
+  for (std::vector<uint32_t>& h : X.hist_of) h.assign(kValueBuckets, 0);  // fitness histogram (median)
   X.weakest_of.resize(static_cast<size_t>(threads));
   for_each_parallel(n_order, threads, [&](uint32_t i, int t) {
     const uint32_t m = sm_order[i];
@@ -367,6 +385,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     const int64_t born_by = static_cast<int64_t>(layout_.streams[sm.stream].nbars) - static_cast<int64_t>(cfg.min_age);
     Island& I = isl[m];
     I.reset();
+    uint32_t* hist = X.hist_of[t].data();
     std::vector<Ranked>& order = X.order_of[t];
     order.clear();
     for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
@@ -385,13 +404,25 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       order.push_back(ranked(traded, x, l));
     }
     I.judged = order.size();
+    {  // for the report: sum (lane order), best, and the median's histogram
+      double sum = 0.0, best = -std::numeric_limits<double>::infinity();
+      for (const double x : I.traded) {
+        sum += x;
+        best = std::max(best, x);
+        ++hist[value_bucket(x)];
+      }
+      I.sum = sum;
+      I.best = best;
+    }
     // the n_rep weakest, weakest first; the pool is the rest (those with the trade count), in
     // lane order: everything stronger than the last loser
     const size_t n_rep = static_cast<size_t>(cfg.replace_fraction * static_cast<double>(order.size()));
     if (n_rep > 0) {
       std::vector<Ranked>& weakest = X.weakest_of[t];
       weakest.assign(order.begin(), order.end());
-      std::partial_sort(weakest.begin(), weakest.begin() + static_cast<std::ptrdiff_t>(n_rep), weakest.end());
+      const auto cut = weakest.begin() + static_cast<std::ptrdiff_t>(n_rep);
+      if (n_rep < weakest.size()) std::nth_element(weakest.begin(), cut - 1, weakest.end());
+      std::sort(weakest.begin(), cut);
       for (size_t k = 0; k < n_rep; ++k) I.losers.push_back(lane_of(weakest[k]));
       const Ranked last = weakest[n_rep - 1];
       for (const Ranked x : order)
@@ -432,16 +463,22 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   auto summary = [&] {
     if (n_traded == 0) {
       rep.best = rep.median = rep.mean = std::numeric_limits<double>::quiet_NaN();
-    } else {
-      std::vector<double>& judged_fit = X.judged_fit;
-      judged_fit.clear();
-      for (uint32_t m : sm_order) judged_fit.insert(judged_fit.end(), isl[m].traded.begin(), isl[m].traded.end());
-      double sum = 0.0;
-      for (double x : judged_fit) sum += x;  // in SM, then lane order: deterministic
-      rep.mean = sum / static_cast<double>(judged_fit.size());
-      rep.best = *std::max_element(judged_fit.begin(), judged_fit.end());
-      rep.median = median_of(judged_fit, X.median_scratch);
+      return;
     }
+    double sum = 0.0, best = -std::numeric_limits<double>::infinity();
+    for (uint32_t m : sm_order) {  // SM sums (each in lane order) in SM order: deterministic
+      sum += isl[m].sum;
+      best = std::max(best, isl[m].best);
+    }
+    rep.mean = sum / static_cast<double>(n_traded);
+    rep.best = best;
+    std::vector<uint32_t>& count = X.hist_of[0];
+    for (size_t t = 1; t < X.hist_of.size(); ++t)
+      for (size_t k = 0; k < kValueBuckets; ++k) count[k] += X.hist_of[t][k];
+    rep.median = median_bucketed(n_traded, count.data(), [&](auto&& fn) {
+      for (uint32_t m : sm_order)
+        for (double x : isl[m].traded) fn(x);
+    }, X.median_scratch);
   };
 
   // ---- phase 2: children, SM by SM, weakest slot first --------------------------------------
@@ -449,7 +486,16 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   // (pools exclude losers), and children are written only in phase 3.
   X.kids.resize(n_losers);
   std::vector<Kid>& kids = X.kids;
-  for_each_parallel(n_order, threads, [&](uint32_t i, int) {
+  X.picks_of.resize(static_cast<size_t>(threads));
+  // the lines pass 2 reads of a parent: its genome and its lattice ranks
+  auto prefetch_parent = [&](uint32_t lane) {
+    const char* g = reinterpret_cast<const char*>(&lane_genome_[lane]);
+    __builtin_prefetch(g);
+    __builtin_prefetch(g + 64);
+    __builtin_prefetch(g + sizeof(Genome) - 1);
+    __builtin_prefetch(&lane_rank_[lane]);
+  };
+  for_each_parallel(n_order, threads, [&](uint32_t i, int t) {
     const uint32_t m = sm_order[i];
     Island& I = isl[m];
     if (I.losers.empty()) return;
@@ -462,10 +508,64 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     // neighbouring SM of the same stream (migrants come from there)
     const uint32_t nb = st.sm_end - st.sm_begin > 1 ? (m + 1 < st.sm_end ? m + 1 : st.sm_begin) : kNone;
     const std::vector<uint32_t>* nb_pool = nb != kNone && in_scope[nb] && !isl[nb].pool.empty() ? &isl[nb].pool : nullptr;
-    for (uint32_t slot_lane : I.losers) {
+    if (I.pool.empty() && !nb_pool) return;
+    // The SM's lattice, read by period moves in pass 2 at ranks not known yet: all of it, early.
+    for (int f = 0; f < kFeatures; ++f) {
+      prefetch_range(L.run_begin[f].data(), L.run_begin[f].size() * sizeof(int32_t));
+      prefetch_range(L.run_end[f].data(), L.run_end[f].size() * sizeof(int32_t));
+      prefetch_range(L.key[f].data(), L.key[f].size() * sizeof(L.key[f][0]));
+      prefetch_range(L.sorted[f].data(), L.sorted[f].size() * sizeof(int32_t));
+    }
+    const std::vector<int32_t>& fmap = sm_fmap_[m];
+    prefetch_range(fmap.data(), fmap.size() * sizeof(int32_t));
+    // Pass 1: each slot's parents (the first draws of its stream), with their genomes and
+    // lattice ranks prefetched, so pass 2 finds them in cache instead of waiting on each in turn.
+    std::vector<Pick>& picks = X.picks_of[t];
+    picks.resize(I.losers.size());
+    for (size_t k = 0; k < I.losers.size(); ++k) {
+      const uint32_t slot_lane = I.losers[k];
+      Pick& pk = picks[k];
       CounterRng rng(seed, lane_id[slot_lane], generation);
-      uint32_t how = quar[slot_lane] ? kQuarantined : 0;
-      if (I.pool.empty() && !nb_pool) break;
+      pk.how = quar[slot_lane] ? kQuarantined : 0;
+      pk.pa = pk.pb = kNone;
+      // first parent: a migrant from the next SM when drawn and expressible here, else local
+      if (nb_pool && rng.uniform() < cfg.p_migrate) {
+        const uint32_t cand = tournament(*nb_pool, rng);
+        pk.c = Child{};
+        if (express(lane_genome_[cand], L, pk.c)) {
+          pk.pa = cand;
+          pk.how |= kMigrant;
+        }
+      }
+      if (pk.pa == kNone) {
+        if (I.pool.empty()) {
+          pk.counter = 0;
+          continue;  // no child for this slot
+        }
+        pk.pa = tournament(I.pool, rng);
+        prefetch_parent(pk.pa);
+      }
+      // crossover partner
+      if (I.pool.size() > 1 && rng.uniform() < cfg.p_crossover) {
+        uint32_t pb = tournament(I.pool, rng);
+        if (pb == pk.pa) pb = tournament(I.pool, rng);
+        if (pb != pk.pa) {
+          pk.pb = pb;
+          pk.how |= kCrossover;
+          prefetch_parent(pb);
+        }
+      }
+      pk.counter = rng.counter;
+    }
+    // Pass 2: the children, weakest slot first, each continuing its own random stream.
+    for (size_t k = 0; k < I.losers.size(); ++k) {
+      const uint32_t slot_lane = I.losers[k];
+      const Pick& pk = picks[k];
+      if (pk.pa == kNone) continue;
+      CounterRng rng(seed, lane_id[slot_lane], generation);
+      rng.counter = pk.counter;
+      uint32_t how = pk.how;
+      const uint32_t pa = pk.pa, pb = pk.pb;
 
       // the style this child is spawned into, if the stream lacks one
       int gap = -1;
@@ -480,52 +580,33 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         }
       }
 
-      // first parent: a migrant from the next SM when drawn and expressible here, else local
       Child c{};
-      uint32_t pa = kNone, pb = kNone;
-      if (nb_pool && rng.uniform() < cfg.p_migrate) {
-        const uint32_t cand = tournament(*nb_pool, rng);
-        if (express(lane_genome_[cand], L, c)) {
-          pa = cand;
-          how |= kMigrant;
-        }
-      }
-      if (pa == kNone) {
-        if (I.pool.empty()) continue;
-        pa = tournament(I.pool, rng);
-        express_local(pa, c);
-      }
+      if (how & kMigrant) c = pk.c;
+      else express_local(pa, c);
 
       // crossover: gene blocks {trend, macd, atr}, rsi, bb, mom, {entry, mode} from either parent
-      if (I.pool.size() > 1 && rng.uniform() < cfg.p_crossover) {
-        pb = tournament(I.pool, rng);
-        if (pb == pa) pb = tournament(I.pool, rng);
-        if (pb != pa) {
-          Child d{};
-          express_local(pb, d);
-          how |= kCrossover;
-          if (rng.uniform() < 0.5) {
-            for (int f : {0, 2}) {
-              weight(c.g, f) = weight(d.g, f);
-              c.rank[f] = d.rank[f];
-            }
-            c.g.atr_period = d.g.atr_period;
-            c.g.fast = d.g.fast, c.g.slow = d.g.slow;
-            c.g.macd_fast = d.g.macd_fast, c.g.macd_slow = d.g.macd_slow, c.g.macd_signal = d.g.macd_signal;
+      if (pb != kNone) {
+        Child d{};
+        express_local(pb, d);
+        if (rng.uniform() < 0.5) {
+          for (int f : {0, 2}) {
+            weight(c.g, f) = weight(d.g, f);
+            c.rank[f] = d.rank[f];
           }
-          for (int f : {1, 3, 4})
-            if (rng.uniform() < 0.5) {
-              weight(c.g, f) = weight(d.g, f);
-              c.rank[f] = d.rank[f];
-              set_genome_key(c.g, f, genome_key(d.g, f));
-            }
+          c.g.atr_period = d.g.atr_period;
+          c.g.fast = d.g.fast, c.g.slow = d.g.slow;
+          c.g.macd_fast = d.g.macd_fast, c.g.macd_slow = d.g.macd_slow, c.g.macd_signal = d.g.macd_signal;
+        }
+        for (int f : {1, 3, 4})
           if (rng.uniform() < 0.5) {
-            c.g.entry = d.g.entry;
-            c.g.mode = d.g.mode;
-            c.g.w_dsi = d.g.w_dsi;
+            weight(c.g, f) = weight(d.g, f);
+            c.rank[f] = d.rank[f];
+            set_genome_key(c.g, f, genome_key(d.g, f));
           }
-        } else {
-          pb = kNone;
+        if (rng.uniform() < 0.5) {
+          c.g.entry = d.g.entry;
+          c.g.mode = d.g.mode;
+          c.g.w_dsi = d.g.w_dsi;
         }
       }
 
@@ -599,14 +680,21 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       const int before = lane_style_[slot_lane], after = style_of(c.g);
       if (before >= 0) --I.dstyle[before];
       if (after >= 0) ++I.dstyle[after];
-      kids[I.kid_begin + I.kids++] = Kid{c, slot_lane, pa, pb, how, static_cast<int8_t>(after)};
+      Kid& kid = kids[I.kid_begin + I.kids++];
+      kid.c = c;
+      kid.slot_lane = slot_lane, kid.pa = pa, kid.pb = pb, kid.how = how;
+      kid.style = static_cast<int8_t>(after);
+      for (int f = 0; f < kFeatures; ++f) {  // the features it reads (the lattice is in cache here)
+        const bool used = c.rank[f] >= 0 && weight(c.g, f) != 0.0;
+        kid.fidx[f] = used ? static_cast<uint16_t>(L.base[f] + static_cast<uint32_t>(L.sorted[f][c.rank[f]])) : 0;
+        kid.lane_fidx[f] = fmap[kid.fidx[f]];
+      }
       I.crossovers += (how & kCrossover) != 0;
       I.migrants += (how & kMigrant) != 0;
       I.spawns += (how & kSpawn) != 0;
     }
   }, summary);
 
-  // ---- ids: in SM order, then in the order the children were bred ---------------------------
   size_t n_kids = 0;
   for (uint32_t m : sm_order) {
     Island& I = isl[m];
@@ -627,8 +715,17 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   for_each_parallel(n_order, threads, [&](uint32_t i, int) {
     const uint32_t m = sm_order[i];
     Island& I = isl[m];
-    const SmLattice& L = lattice_[m];
     const int64_t nbars = static_cast<int64_t>(layout_.streams[layout_.sms[m].stream].nbars);
+    for (size_t j = 0; j < I.kids; ++j) {  // the slots' widest records, written below, asked for first
+      const uint32_t l = kids[I.kid_begin + j].slot_lane;
+      const char* g = reinterpret_cast<const char*>(&lane_genome_[l]);
+      const char* q = reinterpret_cast<const char*>(&layout_.params[l]);
+      __builtin_prefetch(g, 1);
+      __builtin_prefetch(g + sizeof(Genome) - 1, 1);
+      __builtin_prefetch(q, 1);
+      __builtin_prefetch(q + sizeof(LaneParams) - 1, 1);
+      __builtin_prefetch(&lane_lineage_[l], 1);
+    }
     for (size_t j = 0; j < I.kids; ++j) {
       Kid& kid = kids[I.kid_begin + j];
       const Child& c = kid.c;
@@ -650,13 +747,12 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       p.long_short = c.g.mode == static_cast<uint32_t>(Mode::LongShort);
       p.lookback = genome_lookback(c.g);
       for (int f = 0; f < kFeatures; ++f) {
-        const bool used = c.rank[f] >= 0 && p.w[f] != 0.0;
-        p.fidx[f] = used ? static_cast<uint16_t>(L.base[f] + static_cast<uint32_t>(L.sorted[f][c.rank[f]])) : 0;
-        lane_rank_[slot_lane][f] = static_cast<int16_t>(used ? c.rank[f] : -1);
+        p.fidx[f] = kid.fidx[f];
+        lane_rank_[slot_lane][f] = static_cast<int16_t>(kid.fidx[f] ? c.rank[f] : -1);
       }
       for (int f = 0; f < kFeatures; ++f) {
         lanes_.w[f][slot_lane] = p.w[f];
-        lanes_.fidx[f][slot_lane] = sm_fmap_[m][p.fidx[f]];
+        lanes_.fidx[f][slot_lane] = kid.lane_fidx[f];
       }
       lanes_.entry[slot_lane] = p.entry;
       lanes_.cost[slot_lane] = p.cost;

@@ -19,6 +19,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -111,7 +112,16 @@ struct EvolutionScratch {
   struct Kid {
     Child c;
     uint32_t slot_lane, pa, pb, how;
-    int8_t style;  // its dominant feature, -1: none
+    int32_t lane_fidx[kFeatures];  // per feature: its index in the SM's group bank (LaneArrays::fidx)
+    uint16_t fidx[kFeatures];      // per feature: SM-relative index + 1, 0: unused (LaneParams::fidx)
+    int8_t style;                  // its dominant feature, -1: none
+  };
+  // The parents drawn for one slot (the first draws of its random stream), before the child is
+  // varied: lanes (kNone: none), how it was bred, and the stream's counter after the draws.
+  struct Pick {
+    Child c;  // a migrant parent, expressed on the SM's lattice (kMigrant)
+    uint32_t pa, pb, how;
+    uint64_t counter;
   };
   // One SM of a generation.
   struct Island {
@@ -119,6 +129,8 @@ struct EvolutionScratch {
     std::vector<uint32_t> losers;  // lanes to replace, quarantined first, then weakest first
     std::vector<double> traded;    // fitness of its judged agents with the minimum trade count, lane order
     uint64_t judged = 0;
+    double sum = 0.0;  // of `traded`, in lane order
+    double best = -std::numeric_limits<double>::infinity();  // of `traded`
     size_t kid_begin = 0, kids = 0;  // its children in the generation's child buffer
     size_t birth_begin = 0;          // its first child in the report's births
     uint64_t period_moves = 0, crossovers = 0, migrants = 0, spawns = 0;
@@ -128,12 +140,16 @@ struct EvolutionScratch {
       losers.clear();
       traded.clear();
       judged = kids = kid_begin = birth_begin = period_moves = crossovers = migrants = spawns = 0;
+      sum = 0.0;
+      best = -std::numeric_limits<double>::infinity();
       for (int64_t& d : dstyle) d = 0;
     }
   };
   std::vector<Island> isl;  // per SM
   std::vector<Kid> kids;
-  std::vector<double> judged_fit, median_scratch;
+  std::vector<std::vector<Pick>> picks_of;  // per thread
+  std::vector<double> median_scratch;
+  std::vector<std::vector<uint32_t>> hist_of;  // per thread: judged fitness per value bucket
   __extension__ typedef unsigned __int128 Ranked;  // see Engine::evolve
   std::vector<std::vector<Ranked>> order_of, weakest_of;  // per thread
 };

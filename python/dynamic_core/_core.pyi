@@ -41,7 +41,7 @@ class Engine:
         """
     def evolve(self, config: dict, seed: typing.SupportsInt | typing.SupportsIndex, generation: typing.SupportsInt | typing.SupportsIndex, event: bytes = b'', streams: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> dict:
         """
-        One generation of evolution between updates; returns the report (births as bytes).
+        One generation of evolution between updates; returns the report (births as a uint8 array).
         """
     def genomes(self) -> numpy.typing.NDArray[numpy.uint8]:
         """

@@ -580,7 +580,7 @@ class Engine:
             raise ValueError(f"evolution: no stream {e.args[0]} in this engine") from None
         with self._ids_lock, self._mirror(changes=True, lanes=True):
             rep = self._native.evolve(msgspec.structs.asdict(cfg), seed, generation, raw, streams)
-            rep["births"] = np.frombuffer(rep["births"], dtype=BIRTH_DTYPE).copy()
+            rep["births"] = rep["births"].view(BIRTH_DTYPE)  # a fresh array the report owns
             if len(rep["births"]):
                 self._evolved = True
                 self._id_index = None  # ids changed
