@@ -70,6 +70,8 @@ Engine::Engine(const Genome* genomes, size_t n, const EngineConfig& cfg)
   lane_genome_.assign(layout_.params.size(), Genome{});
   lane_lineage_.assign(layout_.params.size(), Lineage{UINT32_MAX, UINT32_MAX, UINT32_MAX, 0, 0});
   lane_id_.assign(layout_.params.size(), UINT32_MAX);
+  stream_dsi_.assign(layout_.streams.size(), 0.0);
+  stream_flags_.assign(layout_.streams.size(), 0u);
   for (size_t a = 0; a < n; ++a) {
     const uint32_t l = layout_.agent_lane[a];
     lane_genome_[l] = genomes[a];
@@ -449,9 +451,8 @@ void Engine::fuse(uint64_t p) {
   const Stream& st = layout_.streams[st_i];
   // stream_dsi_ changes only between updates (set_dsi waits for idle workers), so every bar of a
   // batch reads the evidence its agents read.
-  const bool has = st_i < stream_dsi_.size();
   s.sig = fused_signal(summaries(p), st.sm_end - st.sm_begin, s.bar.ts, s.bar.instrument, s.bar.timeframe, s.seq,
-                       cfg_.population_hash, has ? stream_dsi_[st_i] : 0.0, has ? stream_flags_[st_i] : 0u);
+                       cfg_.population_hash, stream_dsi_[st_i], stream_flags_[st_i]);
   const int64_t lat = now_ns() - s.t_in;
   int b = 0;
   if (lat > 1) b = std::min(kLatencyBuckets - 1, static_cast<int>(std::log2(static_cast<double>(lat)) * kLatencyBucketsPerOctave));
@@ -1085,10 +1086,6 @@ size_t Engine::set_dsi(const uint32_t* instruments, const double* evidence, size
   std::lock_guard<std::mutex> lk(ingress_m_);
   wait_idle();  // between updates, like set_credit
   journal_event_locked(event);
-  if (stream_dsi_.size() != layout_.streams.size()) {
-    stream_dsi_.assign(layout_.streams.size(), 0.0);
-    stream_flags_.assign(layout_.streams.size(), 0u);
-  }
   size_t updated = 0;
   for (size_t k = 0; k < n; ++k)
     for (uint32_t s = 0; s < layout_.streams.size(); ++s) {

@@ -192,9 +192,9 @@ class Engine {
   // skipped; returns the number of streams updated. Throws std::invalid_argument (nothing
   // changes) for evidence that is not finite or outside [-1, 1].
   size_t set_dsi(const uint32_t* instruments, const double* evidence, size_t n, const std::string& event = {});
-  double stream_dsi(uint32_t stream) const { return stream < stream_dsi_.size() ? stream_dsi_[stream] : 0.0; }
+  double stream_dsi(uint32_t stream) const { return stream_dsi_[stream]; }
   // Signal flags of a stream's signals (kSignalDsi once set_dsi reached it); read between updates.
-  uint32_t stream_flags(uint32_t stream) const { return stream < stream_flags_.size() ? stream_flags_[stream] : 0u; }
+  uint32_t stream_flags(uint32_t stream) const { return stream_flags_[stream]; }
   // One generation of evolution on the streams in scope (evolution.hpp), between updates;
   // `event` journaled first like set_credit's. Children take the slots (population indices) of
   // the agents they replace, with new agent ids from max(founding ids) + 1 on.
@@ -347,7 +347,7 @@ class Engine {
   std::vector<std::array<int64_t, kFeatures + 1>> styles_;  // per stream: agents per dominant feature, all
   std::vector<double> fit_;  // scratch: fitness per lane of the last generation
   EvolutionScratch evo_;     // scratch of a generation
-  std::vector<double> stream_dsi_;  // per stream: the DSI evidence last set (set_dsi)
+  std::vector<double> stream_dsi_;      // per stream: the DSI evidence last set (set_dsi), 0 before
   std::vector<uint32_t> stream_flags_;  // per stream: Signal::flags of its signals (kSignalDsi)
   uint32_t next_id_ = 0;
   std::unordered_map<uint64_t, uint32_t> stream_of_;

@@ -538,10 +538,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         }
       }
       if (pk.pa == kNone) {
-        if (I.pool.empty()) {
-          pk.counter = 0;
-          continue;  // no child for this slot
-        }
+        if (I.pool.empty()) continue;  // no child for this slot
         pk.pa = tournament(I.pool, rng);
         prefetch_parent(pk.pa);
       }
@@ -695,6 +692,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     }
   }, summary);
 
+  // ---- ids: in SM order, then in the order the children were bred ---------------------------
   size_t n_kids = 0;
   for (uint32_t m : sm_order) {
     Island& I = isl[m];
