@@ -287,6 +287,8 @@ from dynamic_core import _core
 pop = dc.Population.random(800, instruments=["EURUSD", "GBPUSD"], timeframes=[3600], seed=5)
 bars = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], 3600, seed=9).bars(200_000)
 eng = dc.Engine(pop, threads=2, journal=sys.argv[1], fsync=1)
+# instrument ids are per process and signal hashes cover them: name the ones hashed below
+sys.stdout.write("ids " + " ".join(f"{n}={dc.instruments.id(n)}" for n in ("EURUSD", "GBPUSD")) + "\\n")
 i = 0
 while True:  # runs until killed
     sig = eng.run(bars[i:i + 40])
@@ -302,8 +304,12 @@ def test_kill_9_mid_stream_then_recover_and_replay(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(d)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_env())
     published: dict[int, int] = {}
+    writer_ids: dict[str, int] = {}
     try:
         for line in proc.stdout:
+            if line.startswith("ids "):
+                writer_ids = {n: int(i) for n, i in (kv.split("=") for kv in line.split()[1:])}
+                continue
             s, h = line.split()
             published[int(s)] = int(h)
             if len(published) >= 3000:
@@ -320,7 +326,10 @@ def test_kill_9_mid_stream_then_recover_and_replay(tmp_path):
     assert jr.verify(d).ok
     res = dc.Engine.replay(d, threads=1)
     assert res.ok
-    got = dict(zip(res.signals["seq"].tolist(), _core.signal_hashes(res.signals).tolist()))
+    # the replayed signals carry this process's instrument ids: hash them in the writer's
+    as_written = res.signals.copy()
+    as_written["instrument"] = [writer_ids[dc.instruments.name(int(i))] for i in res.signals["instrument"]]
+    got = dict(zip(res.signals["seq"].tolist(), _core.signal_hashes(as_written).tolist()))
     # every signal published before the kill is reproduced bit for bit
     assert all(got.get(s) == h for s, h in published.items())
     assert len(got) >= len(published)
