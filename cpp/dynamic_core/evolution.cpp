@@ -105,24 +105,33 @@ SmLattice build_lattice(const Bank& b) {
   }
   for (int32_t e : b.bb_f) keys[3].push_back({b.ews[e].n, 0, 0, 0});
   for (int32_t r : b.mom_f) keys[4].push_back({b.rocs[r].n, 0, 0, 0});
+  size_t total = 0;
   for (int f = 0; f < kFeatures; ++f) {
     L.base[f] = base[f];
+    L.n[f] = static_cast<int32_t>(keys[f].size());
+    L.off[f] = static_cast<uint32_t>(total);
+    total += keys[f].size() * static_cast<size_t>(SmLattice::stride(f));
+  }
+  L.buf.assign(total, 0);
+  for (int f = 0; f < kFeatures; ++f) {
     std::vector<int32_t> order(keys[f].size());
     std::iota(order.begin(), order.end(), 0);
     std::sort(order.begin(), order.end(), [&](int32_t x, int32_t y) { return keys[f][x] < keys[f][y]; });
-    L.sorted[f] = order;
-    for (int32_t i : order) L.key[f].push_back(keys[f][i]);
-    const size_t n = order.size();
-    L.run_begin[f].assign(n, 0);
-    L.run_end[f].assign(n, static_cast<int32_t>(n));
-    if (f == 0 || f == 2) {
-      size_t i = 0;
+    const int32_t n = L.n[f], len = SmLattice::kKeyLen[f];
+    for (int32_t r = 0; r < n; ++r) {
+      int32_t* p = L.buf.data() + L.off[f] + static_cast<size_t>(r) * SmLattice::stride(f);
+      for (int i = 0; i < len; ++i) p[i] = keys[f][order[r]][i];
+      p[len] = order[r];
+    }
+    if (SmLattice::has_runs(f)) {
+      int32_t i = 0;
       while (i < n) {
-        size_t j = i;
-        while (j < n && L.key[f][j][0] == L.key[f][i][0]) ++j;
-        for (size_t k = i; k < j; ++k) {
-          L.run_begin[f][k] = static_cast<int32_t>(i);
-          L.run_end[f][k] = static_cast<int32_t>(j);
+        int32_t j = i;
+        while (j < n && L.rec(f, j)[0] == L.rec(f, i)[0]) ++j;
+        for (int32_t k = i; k < j; ++k) {
+          int32_t* p = L.buf.data() + L.off[f] + static_cast<size_t>(k) * SmLattice::stride(f);
+          p[len + 1] = i;
+          p[len + 2] = j;
         }
         i = j;
       }
@@ -135,10 +144,9 @@ namespace {
 
 // Rank of key k in the lattice of kind f, or -1 if the SM's bank has no such feature.
 int32_t find_rank(const SmLattice& L, int f, const std::array<int32_t, 4>& k) {
-  const auto& v = L.key[f];
-  auto it = std::lower_bound(v.begin(), v.end(), k);
-  if (it == v.end() || *it != k) return -1;
-  return static_cast<int32_t>(it - v.begin());
+  const int32_t r = L.lower_bound(f, k);
+  if (r == L.n[f] || L.key(f, r) != k) return -1;
+  return r;
 }
 
 bool key_in_bounds(const std::array<int32_t, 4>& k, int f, const EvolutionConfig& c) {
@@ -304,8 +312,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       const SmLattice& L = lattice_[m];
       std::vector<int16_t> rank_of[kFeatures];  // feature index within the kind -> lattice rank
       for (int f = 0; f < kFeatures; ++f) {
-        rank_of[f].assign(L.sorted[f].size(), -1);
-        for (size_t r = 0; r < L.sorted[f].size(); ++r) rank_of[f][L.sorted[f][r]] = static_cast<int16_t>(r);
+        rank_of[f].assign(static_cast<size_t>(L.n[f]), -1);
+        for (int32_t r = 0; r < L.n[f]; ++r) rank_of[f][L.feature(f, r)] = static_cast<int16_t>(r);
       }
       for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
         if (layout_.lane_agent[l] == kNone || lanes_.external[l]) continue;
@@ -378,6 +386,12 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   X.hist_of.resize(static_cast<size_t>(threads));
   for (std::vector<uint32_t>& h : X.hist_of) h.assign(kValueBuckets, 0);  // fitness histogram (median)
   X.weakest_of.resize(static_cast<size_t>(threads));
+  X.traded_of.resize(static_cast<size_t>(threads));
+  {
+    uint32_t widest = 0;  // lanes of the widest SM
+    for (uint32_t m : sm_order) widest = std::max(widest, layout_.sms[m].n_warps * kWarpSize);
+    for (std::vector<double>& v : X.traded_of) v.resize(widest);
+  }
   for_each_parallel(n_order, threads, [&](uint32_t i, int t) {
     const uint32_t m = sm_order[i];
     const Sm& sm = layout_.sms[m];
@@ -388,7 +402,13 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     uint32_t* hist = X.hist_of[t].data();
     std::vector<Ranked>& order = X.order_of[t];
     order.clear();
-    for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
+    const uint32_t lb = sm.lane_begin, le = sm.lane_begin + sm.n_warps * kWarpSize;
+    // every lane's fitness first (no branches: vectorised), read below for the judged ones
+    const double pen = cfg.dd_penalty;
+    for (uint32_t l = lb; l < le; ++l) fit[l] = agent_fitness(n_ret[l], ret_sum[l], ret_sq[l], max_dd[l], pen);
+    double* traded_x = X.traded_of[t].data();  // the traded ones' fitness, lane order
+    size_t n_tr = 0;
+    for (uint32_t l = lb; l < le; ++l) {
       if (lane_agent[l] == kNone || external[l]) continue;
       if (quar[l]) {
         I.losers.push_back(l);
@@ -397,16 +417,18 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       }
       // too young to judge: fewer than min_age bars since birth, or since its features warmed up
       if (std::max(birth[l], static_cast<int64_t>(lanes_.lookback[l])) > born_by) continue;
-      const double x = agent_fitness(n_ret[l], ret_sum[l], ret_sq[l], max_dd[l], cfg.dd_penalty);
-      fit[l] = x;
+      const double x = fit[l];
       const bool traded = trades[l] >= cfg.min_trades;
-      if (traded) I.traded.push_back(x);
+      traded_x[n_tr] = x;  // kept when traded
+      n_tr += traded;
       order.push_back(ranked(traded, x, l));
     }
+    I.traded.assign(traded_x, traded_x + n_tr);
     I.judged = order.size();
     {  // for the report: sum (lane order), best, and the median's histogram
       double sum = 0.0, best = -std::numeric_limits<double>::infinity();
-      for (const double x : I.traded) {
+      for (size_t k = 0; k < n_tr; ++k) {
+        const double x = traded_x[k];
         sum += x;
         best = std::max(best, x);
         ++hist[value_bucket(x)];
@@ -510,12 +532,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     const std::vector<uint32_t>* nb_pool = nb != kNone && in_scope[nb] && !isl[nb].pool.empty() ? &isl[nb].pool : nullptr;
     if (I.pool.empty() && !nb_pool) return;
     // The SM's lattice, read by period moves in pass 2 at ranks not known yet: all of it, early.
-    for (int f = 0; f < kFeatures; ++f) {
-      prefetch_range(L.run_begin[f].data(), L.run_begin[f].size() * sizeof(int32_t));
-      prefetch_range(L.run_end[f].data(), L.run_end[f].size() * sizeof(int32_t));
-      prefetch_range(L.key[f].data(), L.key[f].size() * sizeof(L.key[f][0]));
-      prefetch_range(L.sorted[f].data(), L.sorted[f].size() * sizeof(int32_t));
-    }
+    prefetch_range(L.buf.data(), L.buf.size() * sizeof(int32_t));
     const std::vector<int32_t>& fmap = sm_fmap_[m];
     prefetch_range(fmap.data(), fmap.size() * sizeof(int32_t));
     // Pass 1: each slot's parents (the first draws of its stream), with their genomes and
@@ -570,7 +587,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         int64_t least = INT64_MAX;
         for (int f = 0; f < kFeatures; ++f) {
           const int64_t n = cnt0[f] + I.dstyle[f];
-          if (!L.sorted[f].empty() && static_cast<double>(n) < cfg.gap_share * even && n < least) {
+          if (L.n[f] > 0 && static_cast<double>(n) < cfg.gap_share * even && n < least) {
             least = n;
             gap = f;
           }
@@ -625,10 +642,12 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         const int32_t span = 2 * cfg.period_step;
         int32_t step = static_cast<int32_t>(rng.below(static_cast<uint32_t>(span))) - cfg.period_step;
         if (step >= 0) ++step;  // never 0
-        const int32_t r = std::clamp(c.rank[f] + step, L.run_begin[f][c.rank[f]], L.run_end[f][c.rank[f]] - 1);
-        if (r == c.rank[f] || !key_in_bounds(L.key[f][r], f, cfg)) continue;
+        const int32_t r = std::clamp(c.rank[f] + step, L.run_begin(f, c.rank[f]), L.run_end(f, c.rank[f]) - 1);
+        if (r == c.rank[f]) continue;
+        const std::array<int32_t, 4> k = L.key(f, r);
+        if (!key_in_bounds(k, f, cfg)) continue;
         c.rank[f] = r;
-        set_genome_key(c.g, f, L.key[f][r]);
+        set_genome_key(c.g, f, k);
         ++I.period_moves;
       }
       // trend and macd share the ATR period: both stay in the run of the parent's ATR, so
@@ -639,20 +658,18 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         double& w = weight(c.g, gap);
         if (c.rank[gap] < 0) {
           // pick a feature of that kind: in the ATR run of the other ATR feature when it is used
-          int32_t lo = 0, hi = static_cast<int32_t>(L.sorted[gap].size());
+          int32_t lo = 0, hi = L.n[gap];
           const int other = gap == 0 ? 2 : (gap == 2 ? 0 : -1);
           if (other >= 0 && c.rank[other] >= 0) {
-            const auto& v = L.key[gap];
-            const std::array<int32_t, 4> from{c.g.atr_period, 0, 0, 0}, to{c.g.atr_period + 1, 0, 0, 0};
-            lo = static_cast<int32_t>(std::lower_bound(v.begin(), v.end(), from) - v.begin());
-            hi = static_cast<int32_t>(std::lower_bound(v.begin(), v.end(), to) - v.begin());
+            lo = L.lower_bound(gap, {c.g.atr_period, 0, 0, 0});
+            hi = L.lower_bound(gap, {c.g.atr_period + 1, 0, 0, 0});
           }
           std::vector<int32_t> ok;
           for (int32_t r = lo; r < hi; ++r)
-            if (key_in_bounds(L.key[gap][r], gap, cfg)) ok.push_back(r);
+            if (key_in_bounds(L.key(gap, r), gap, cfg)) ok.push_back(r);
           if (!ok.empty()) {
             c.rank[gap] = ok[rng.below(static_cast<uint32_t>(ok.size()))];
-            set_genome_key(c.g, gap, L.key[gap][c.rank[gap]]);
+            set_genome_key(c.g, gap, L.key(gap, c.rank[gap]));
           }
         }
         if (c.rank[gap] >= 0) {
@@ -683,7 +700,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       kid.style = static_cast<int8_t>(after);
       for (int f = 0; f < kFeatures; ++f) {  // the features it reads (the lattice is in cache here)
         const bool used = c.rank[f] >= 0 && weight(c.g, f) != 0.0;
-        kid.fidx[f] = used ? static_cast<uint16_t>(L.base[f] + static_cast<uint32_t>(L.sorted[f][c.rank[f]])) : 0;
+        kid.fidx[f] = used ? static_cast<uint16_t>(L.base[f] + static_cast<uint32_t>(L.feature(f, c.rank[f]))) : 0;
         kid.lane_fidx[f] = fmap[kid.fidx[f]];
       }
       I.crossovers += (how & kCrossover) != 0;

@@ -89,15 +89,17 @@ struct GenerationReport {
 
 // Per-bar Sharpe of an agent's warm bars (n returns, their sum and sum of squares) minus the
 // drawdown penalty; 0 with no return yet (nothing earned, nothing lost) or a non-finite result.
+// Written without branches (every operand defined, the result picked), so a loop over lanes
+// vectorises.
 inline double agent_fitness(uint32_t n, double sum, double sq, double max_dd, double dd_penalty) {
-  if (n == 0) return 0.0;
-  const double nn = static_cast<double>(n);
+  const double nn = static_cast<double>(n > 0 ? n : 1u);
   const double mean = sum / nn;
   double var = sq / nn - mean * mean;
-  if (var < 0.0) var = 0.0;
+  var = var < 0.0 ? 0.0 : var;
   const double sd = DC_SQRT(var);
-  const double x = (sd > 0.0 ? mean / sd : 0.0) - dd_penalty * max_dd;
-  return dc_finite(x) ? x : 0.0;
+  const bool spread = sd > 0.0;
+  const double x = (spread ? mean / (spread ? sd : 1.0) : 0.0) - dd_penalty * max_dd;
+  return n > 0 && dc_finite(x) ? x : 0.0;
 }
 
 // Buffers of a generation (Engine::evolve), kept between generations for their capacity.
@@ -152,18 +154,44 @@ struct EvolutionScratch {
   std::vector<std::vector<uint32_t>> hist_of;  // per thread: judged fitness per value bucket
   __extension__ typedef unsigned __int128 Ranked;  // see Engine::evolve
   std::vector<std::vector<Ranked>> order_of, weakest_of;  // per thread
+  std::vector<std::vector<double>> traded_of;              // per thread: an SM's traded fitness
 };
 
 // The features an SM's bank updates, by kind, sorted by their periods: the lattice children move on.
+// One buffer per SM, one record of int32 per rank (what a child's move reads of a rank shares a
+// cache line): the key's periods, the feature's index within its kind, and for trend and macd
+// the ranks [run_begin, run_end) that share its ATR period (the whole kind for the others).
+// Keys: trend (atr, slow, fast), rsi/bb/mom (period), macd (atr, slow, fast, signal) with the
+// MACD periods ordered as the bank orders them.
 struct SmLattice {
-  // per kind: SM-relative feature indices sorted by key, and each feature's rank
-  std::vector<int32_t> sorted[kFeatures];
-  // key of sorted[f][i], ascending: trend (atr, slow, fast), rsi/bb/mom (period), macd (atr, slow,
-  // fast, signal) with the MACD periods ordered as the bank orders them
-  std::vector<std::array<int32_t, 4>> key[kFeatures];
-  // ranks [run_begin, run_end) share the rank's ATR period (trend, macd; the whole kind otherwise)
-  std::vector<int32_t> run_begin[kFeatures], run_end[kFeatures];
+  static constexpr int kKeyLen[kFeatures] = {3, 1, 4, 1, 1};
+  static constexpr bool has_runs(int f) { return f == 0 || f == 2; }
+  static constexpr int stride(int f) { return kKeyLen[f] + 1 + (has_runs(f) ? 2 : 0); }
+  std::vector<int32_t> buf;
+  uint32_t off[kFeatures] = {};   // first record of each kind in buf
+  int32_t n[kFeatures] = {};      // ranks per kind
   uint32_t base[kFeatures] = {};  // SM-relative feature index = base + feature index within the kind
+
+  const int32_t* rec(int f, int32_t r) const { return buf.data() + off[f] + static_cast<size_t>(r) * stride(f); }
+  std::array<int32_t, 4> key(int f, int32_t r) const {
+    std::array<int32_t, 4> k{0, 0, 0, 0};
+    const int32_t* p = rec(f, r);
+    for (int i = 0; i < kKeyLen[f]; ++i) k[i] = p[i];
+    return k;
+  }
+  int32_t feature(int f, int32_t r) const { return rec(f, r)[kKeyLen[f]]; }
+  int32_t run_begin(int f, int32_t r) const { return has_runs(f) ? rec(f, r)[kKeyLen[f] + 1] : 0; }
+  int32_t run_end(int f, int32_t r) const { return has_runs(f) ? rec(f, r)[kKeyLen[f] + 2] : n[f]; }
+  // First rank whose key is not below k (n[f] if none).
+  int32_t lower_bound(int f, const std::array<int32_t, 4>& k) const {
+    int32_t lo = 0, hi = n[f];
+    while (lo < hi) {
+      const int32_t mid = lo + (hi - lo) / 2;
+      if (key(f, mid) < k) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
 };
 SmLattice build_lattice(const Bank& bank);
 // Key of the feature of kind f a genome uses (see SmLattice::key).
