@@ -304,7 +304,8 @@ bool Engine::read_slot(uint64_t q, uint32_t& stream, uint64_t& sidx) {
   if (s.tag.load(std::memory_order_acquire) != q + 1) return false;
   stream = s.stream.load(std::memory_order_relaxed);
   sidx = s.sidx.load(std::memory_order_relaxed);
-  // acquire fence + re-check: the two fields belong to position q, not to a reuse of the slot.
+  // acquire fence + re-check: the two fields belong to position q, not to a reuse of the slot
+  // (ingress invalidates the tag before it rewrites them).
   std::atomic_thread_fence(std::memory_order_acquire);
   return s.tag.load(std::memory_order_relaxed) == q + 1;
 }
@@ -418,7 +419,10 @@ bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_
   uint64_t np = r.nproc.load(std::memory_order_acquire);
   for (size_t k = 0; k < n; ++k) {
     const uint64_t p = pos[k];
-    const uint64_t sidx = slot(p).sidx.load(std::memory_order_relaxed);
+    uint32_t stream;
+    uint64_t sidx;
+    // a position this group has done may be complete and its slot reused: read it checked
+    if (!read_slot(p, stream, sidx)) continue;         // reused: done during a catch-up
     if (sidx < np) continue;                           // done during a catch-up
     if (sidx > np) replay(g, p, np, poison, updates);  // bars missed before it was moved here
     unit(g, p, poison, updates);
@@ -719,6 +723,12 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
     st->last_ts = b.ts;
     ++st->nbars;
     Slot& sl = slot(p);
+    // The slot last held position p - capacity, complete, yet a worker holding a stale copy of
+    // that position may still be reading it (read_slot): the tag goes invalid first, and the
+    // release fence orders that before the fields below, so a reader that sees any new field
+    // fails its tag re-check (a seqlock).
+    sl.tag.store(0, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release);
     sl.bar = b;
     sl.seq = seq_;
     sl.t_in = now_ns();
