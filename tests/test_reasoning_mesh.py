@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import dynamic_core as dc
+import numpy as np
 import pytest
 from dynamic_core import payloads as P
 from dynamic_core import transport as T
@@ -508,3 +509,27 @@ def test_cli_adapter_help_and_unknown_provider() -> None:
     r = subprocess.run([sys.executable, "-m", "dynamic_core", "adapter", "--provider", "nope", "--connect",
                         "tcp://127.0.0.1:1"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown provider 'nope'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_signals_with_dsi_evidence_carry_it_into_the_rationale_context(fake) -> None:
+    # signals of a stream whose DSI evidence was set reach the writer as the feature
+    # `dsi_evidence` (here the narrator lists it); a stream without evidence adds no feature
+    from dynamic_core.sim import MarketSimulator
+
+    names = ("DSIA", "DSIB")
+    bars = MarketSimulator(names, seed=5).bars(60)
+    pop = dc.Population.random(256, instruments=list(names), seed=2)
+    with dc.Engine(pop) as eng:
+        eng.run(bars[:40 * len(names)])
+        eng.set_dsi({"DSIA": 0.625})
+        recs = eng.run(bars[40 * len(names):])
+    last = {dc.instruments.name(int(r["instrument"])): r for r in recs}
+    assert last["DSIA"]["flags"] & dc.SIGNAL_DSI and last["DSIA"]["dsi"] == 0.625
+    assert not last["DSIB"]["flags"] & dc.SIGNAL_DSI
+    out = Collect()
+    with ReasoningMesh([], policy=policy("local"), profiles=deepseek(fake), on_rationale=out, select="all") as m:
+        ids = m.submit_signal_ids(np.stack([last["DSIA"], last["DSIB"]]))
+        assert len(ids) == 2
+        got = {o.update.signal_id: o.update.text for o in out.wait(2)}
+    assert "dsi_evidence 0.625" in got[ids[0]]
+    assert "dsi_evidence" not in got[ids[1]]

@@ -69,7 +69,7 @@ from ..payloads import (
     ReasonReply,
     ReasonRequest,
 )
-from ..records import SIGNAL_DTYPE
+from ..records import SIGNAL_DSI, SIGNAL_DTYPE
 from ..transport._common import check_address, endpoint
 from ..transport.doorbell import Doorbell
 from .cache import NarrativeCache
@@ -379,7 +379,8 @@ class ReasoningMesh:
     def submit_signals(self, records: np.ndarray, *, request_class: str = "tactical") -> int:
         """Submit ``SIGNAL_DTYPE`` records as selected by ``select`` (``change``: when a
         stream's action changes; ``nonhold``; ``all``). Strong actions get high priority.
-        Returns how many were submitted."""
+        A signal whose stream had DSI evidence (``flags & SIGNAL_DSI``) carries it to the
+        prompt as the feature ``dsi_evidence``. Returns how many were submitted."""
         return len(self.submit_signal_ids(records, request_class=request_class))
 
     def submit_signal_ids(self, records: np.ndarray, *, request_class: str = "tactical",
@@ -414,7 +415,9 @@ class ReasoningMesh:
                 timeframe=int(r["timeframe"]), ts=int(r["ts"]), seq=int(r["seq"]), action=int(r["action"]),
                 score=float(r["score"]), confidence=float(r["confidence"]), agreement=float(r["agreement"]),
                 dispersion=float(r["dispersion"]), n_agents=int(r["n_agents"]),
-                asset_class=self.asset_classes.get(name) or asset_class_of(name), persona=self.persona)
+                asset_class=self.asset_classes.get(name) or asset_class_of(name), persona=self.persona,
+                # microstructure evidence the agents read (Engine.set_dsi), when the stream had any
+                features={"dsi_evidence": float(r["dsi"])} if int(r["flags"]) & SIGNAL_DSI else {})
             if self.submit(ctx, request_class=request_class, priority="high" if abs(ctx.action) == 2 else "medium"):
                 out.append(ctx.signal_id)
         return out

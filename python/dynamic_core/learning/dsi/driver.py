@@ -1,20 +1,21 @@
 """A tick feed driving an engine: ticks become bars for the agents and DSI evidence for their
 ``dsi`` feature and their signals.
 
-Each batch of ticks goes, in this order:
+Each batch of ticks is taken bar close by bar close. For every close time ``e`` among the bars
+the batch finishes (:class:`~dynamic_core.ticks.TickAggregator`), in ascending order:
 
-1. the evidence :class:`~dynamic_core.learning.dsi.Dsi` holds from the *earlier* batches is set
-   on the engine (:meth:`dynamic_core.Engine.set_dsi`, journaled with a journal) for every
-   instrument it has seen ticks of and whose evidence changed;
-2. the bars the batch finishes (:class:`~dynamic_core.ticks.TickAggregator`) run through the
-   engine: their agents read that evidence, their signals carry it (``SIGNAL_DTYPE['dsi']``,
-   ``flags & dc.SIGNAL_DSI``);
-3. the batch's ticks update the DSI state.
+1. the batch's ticks before ``e`` that the DSI state has not seen update it (for each
+   instrument the ticks up to its first one at or after ``e``: its own time order is kept);
+2. the evidence :class:`~dynamic_core.learning.dsi.Dsi` then holds is set on the engine
+   (:meth:`dynamic_core.Engine.set_dsi`, journaled with a journal) for every instrument it has
+   seen ticks of and whose evidence changed;
+3. the bars closing at ``e`` run through the engine: their agents read that evidence, their
+   signals carry it (``SIGNAL_DTYPE['dsi']``, ``flags & dc.SIGNAL_DSI``).
 
-So a bar never sees evidence from ticks that came after the batch that finished it (the
-evidence is causal), at the price of lagging the bar's own last ticks by up to one batch:
-smaller batches give fresher evidence. A journaled run replays bit-identically from the journal
-alone, since the evidence is journaled where it changed.
+The batch's remaining ticks then update the DSI state. So a bar's agents read the evidence of
+every tick before its close and of none at or after it, however the feed is cut into batches
+(the evidence is causal and does not lag). A journaled run replays bit-identically from the
+journal alone, since the evidence is journaled where it changed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ __all__ = ["TickDriver"]
 
 
 class TickDriver:
-    """Ticks -> bars -> ``engine.run`` with DSI evidence set before each batch's bars.
+    """Ticks -> bars -> ``engine.run``, each bar run with the DSI evidence of the ticks before its close.
 
     Parameters
     ----------
@@ -90,14 +91,30 @@ class TickDriver:
 
     def update(self, ticks: np.ndarray) -> np.ndarray:
         """Take a batch of ticks (``TICK_DTYPE``, any interleaving of instruments, each in time
-        order); return the signals of the bars it finished. Malformed ticks are refused and
-        counted by the aggregator and the DSI pipeline (``.aggregator.rejects``)."""
+        order); return the signals of the bars it finished, in close-time order. Malformed ticks
+        are refused and counted by the aggregator and the DSI pipeline (``.aggregator.rejects``)."""
         t = as_ticks(ticks)
-        self._set_evidence()
-        sig = self._run(self.aggregator.update(t))
-        if self.dsi is not None:
+        bars = self.aggregator.update(t)
+        if self.dsi is None:
+            return self._run(bars)
+        if len(bars) == 0:
             self.dsi.update(t)
-        return sig
+            return np.zeros(0, dtype=SIGNAL_DTYPE)
+        ends = bars["ts"] + bars["timeframe"].astype(np.int64) * 1_000_000_000
+        reached = _running_max_by_instrument(t)
+        fed = np.zeros(len(t), dtype=bool)
+        out = []
+        cuts = np.flatnonzero(np.diff(ends)) + 1  # bars come out ordered by close time
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(bars)]):
+            take = ~fed & (reached < ends[lo])
+            if take.any():
+                self.dsi.update(t[take])
+                fed |= take
+            self._set_evidence()
+            out.append(self._run(bars[lo:hi]))
+        if not fed.all():
+            self.dsi.update(t[~fed])
+        return np.concatenate(out)
 
     def flush(self) -> np.ndarray:
         """Finish the open bars (end of the feed) with the evidence of every tick seen."""
@@ -107,3 +124,14 @@ class TickDriver:
     def close(self) -> None:
         if self.dsi is not None:
             self.dsi.close()
+
+
+def _running_max_by_instrument(t: np.ndarray) -> np.ndarray:
+    """Per tick: the largest ``ts`` of its instrument's ticks up to it (in batch order). The
+    ticks of an instrument with this below a time ``e`` are a prefix of that instrument's ticks."""
+    inst, ts = t["instrument"], t["ts"]
+    out = np.empty_like(ts)
+    for i in np.unique(inst).tolist():
+        m = inst == i
+        out[m] = np.maximum.accumulate(ts[m])
+    return out
