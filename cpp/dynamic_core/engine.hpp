@@ -341,7 +341,9 @@ class Engine {
   std::vector<uint32_t> lane_id_;
   std::vector<std::vector<int32_t>> sm_fmap_;  // per SM: its feature index -> its group bank's
   std::vector<SmLattice> lattice_;  // per SM, built at the first generation, with:
-  std::vector<int64_t> lane_birth_;  // per lane: its agent's birth bar (compact, for judging)
+  // per lane: the first stream bar its agent may be judged at, max(birth bar, lookback)
+  // (INT64_MAX: never, a padding lane or an external agent)
+  std::vector<int64_t> lane_judge_from_;
   std::vector<std::array<int16_t, kFeatures>> lane_rank_;  // per lane: lattice rank of each used feature, -1
   std::vector<int8_t> lane_style_;  // per lane: dominant feature (-1: none)
   std::vector<std::array<int64_t, kFeatures + 1>> styles_;  // per stream: agents per dominant feature, all

@@ -20,6 +20,7 @@ namespace dynamic_core {
 
 namespace {
 constexpr uint32_t kNone = UINT32_MAX;
+constexpr int64_t kNeverJudged = INT64_MAX;  // Engine::lane_judge_from_ of lanes never judged
 constexpr uint32_t kCrossover = 1, kMigrant = 2, kSpawn = 4, kQuarantined = 8;
 
 bool in_unit(double x) { return x >= 0.0 && x <= 1.0; }
@@ -299,10 +300,10 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   const int threads = layout_.lane_agent.size() >= kParallelLanes ? std::max(1, cfg_.threads) : 1;
 
   if (lattice_.size() != n_sms) {
-    // first generation: each SM's lattice, each lane's birth bar and each stream's style counts,
-    // kept current from then on
+    // first generation: each SM's lattice, the bar each lane may be judged from and each
+    // stream's style counts, kept current from then on
     lattice_.assign(n_sms, SmLattice{});
-    lane_birth_.assign(lanes_.active.size(), 0);
+    lane_judge_from_.assign(lanes_.active.size(), kNeverJudged);
     lane_rank_.assign(lanes_.active.size(), {-1, -1, -1, -1, -1});
     lane_style_.assign(lanes_.active.size(), -1);
     styles_.assign(layout_.streams.size(), {});
@@ -317,7 +318,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       }
       for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
         if (layout_.lane_agent[l] == kNone || lanes_.external[l]) continue;
-        lane_birth_[l] = lane_lineage_[l].birth_bar;
+        lane_judge_from_[l] = std::max(lane_lineage_[l].birth_bar, static_cast<int64_t>(lanes_.lookback[l]));
         for (int f = 0; f < kFeatures; ++f) {
           const uint16_t fi = layout_.params[l].fidx[f];
           if (fi) lane_rank_[l][f] = rank_of[f][fi - L.base[f]];
@@ -357,14 +358,13 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   double* fit = fit_.data();
   const uint32_t* lane_agent = layout_.lane_agent.data();
   const uint32_t* lane_id = lane_id_.data();
-  const int32_t* external = lanes_.external.data();
   const uint32_t* quar = state_.quarantined.data();
   const uint32_t* n_ret = state_.n_ret.data();
   const uint32_t* trades = state_.trades.data();
   const double* ret_sum = state_.ret_sum.data();
   const double* ret_sq = state_.ret_sq.data();
   const double* max_dd = state_.max_dd.data();
-  const int64_t* birth = lane_birth_.data();
+  const int64_t* judge_from = lane_judge_from_.data();
   // Rank of a judged lane, weakest first: its fitness (agents short of the minimum trade count
   // below every other), then its agent id, so the order is a function of the population; the
   // lane rides in the low bits. One 128-bit integer, compared without branches.
@@ -409,14 +409,15 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     double* traded_x = X.traded_of[t].data();  // the traded ones' fitness, lane order
     size_t n_tr = 0;
     for (uint32_t l = lb; l < le; ++l) {
-      if (lane_agent[l] == kNone || external[l]) continue;
+      const int64_t from = judge_from[l];
+      if (from == kNeverJudged) continue;  // a padding lane or an external agent
       if (quar[l]) {
         I.losers.push_back(l);
         fit[l] = std::numeric_limits<double>::quiet_NaN();
         continue;
       }
       // too young to judge: fewer than min_age bars since birth, or since its features warmed up
-      if (std::max(birth[l], static_cast<int64_t>(lanes_.lookback[l])) > born_by) continue;
+      if (from > born_by) continue;
       const double x = fit[l];
       const bool traded = trades[l] >= cfg.min_trades;
       traded_x[n_tr] = x;  // kept when traded
@@ -778,7 +779,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         state_.dsi[slot_lane] = c.g.w_dsi * stream_dsi(layout_.sms[m].stream);
         layout_.sms[m].has_dsi = 1;
       }
-      lane_birth_[slot_lane] = nbars;
+      lane_judge_from_[slot_lane] = std::max(nbars, static_cast<int64_t>(p.lookback));
       layout_.agent_id[lane_agent[slot_lane]] = c.g.agent_id;
       lane_id_[slot_lane] = c.g.agent_id;
       lane_lineage_[slot_lane] = Lineage{c.g.agent_id, b.parent_a, b.parent_b, generation, nbars};
