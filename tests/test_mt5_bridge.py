@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import threading
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -657,3 +658,36 @@ def test_order_expired_while_unacked_is_upgraded_by_a_late_fill(make: Callable[.
     else:
         wait_for(lambda: bridge.stats()["acks_refused"] >= 1)
         assert bridge.order(coid)["state"] == "expired" and term.executions() == {}
+
+
+def test_concurrent_submitters_each_order_exactly_once(make: Callable[..., typing.Any]) -> None:
+    # Four threads submit 50 orders each at once: some go out from the submitting thread (the
+    # fast path), others through the bridge thread's queue when the lock is busy; every order is
+    # sent, acked and filled once, and the socket keeps being read (acks, reports, heartbeats).
+    bridge = make("bridge")
+    acks: list[str] = []
+    bridge.on_ack(lambda coid, ok, reason: acks.append(coid))
+    term = make("terminal", bridge.address)
+    live(bridge)
+    ids: list[list[str]] = [[] for _ in range(4)]
+    go = threading.Barrier(4)
+
+    def submit(k: int) -> None:
+        go.wait()
+        for i in range(50):
+            ids[k].append(bridge.submit_plan(plan(f"cc{k}-{i}")))
+
+    threads = [threading.Thread(target=submit, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    coids = [c for part in ids for c in part]
+    assert len(set(coids)) == 200
+    for c in coids:
+        assert bridge.wait(c, timeout=10) == "filled", bridge.order(c)
+    st = bridge.stats()
+    assert st["submitted"] == 200 and st["sent"] == 200 and st["acks"] == 200
+    assert sorted(acks) == sorted(coids)
+    assert term.executions() == dict.fromkeys(coids, 1)
+    assert set(term.order_messages.values()) == {1}

@@ -1,9 +1,12 @@
 """The engine side of the MetaTrader 5 bridge: :class:`MT5Bridge`.
 
-One thread owns the ROUTER socket and every piece of order and session state. Other threads
-hand it work (orders, cancels, calls) through a deque and a :class:`~._util.Doorbell`, so a
-submitted order is on the wire as soon as the bridge thread wakes, with no polling interval in
-the path. The rules it implements are in ``docs/mt5-bridge.md``.
+One thread owns the ROUTER socket and every piece of order and session state, and works on
+them holding a lock (it waits for the socket on its file descriptor, without the lock). Other
+threads hand it work (orders, cancels, calls) through a deque and a
+:class:`~._util.Doorbell`; a new order on a live link, when the lock is free and nothing is
+queued before it, is instead sent by the submitting thread itself under the lock, so it is on
+the wire without waiting for the bridge thread to wake. The rules it implements are in
+``docs/mt5-bridge.md``.
 """
 
 from __future__ import annotations
@@ -272,6 +275,9 @@ class MT5Bridge:
         self._bell = Doorbell()
 
         self._lock = threading.Lock()  # guards _orders insertion against concurrent submitters
+        # held by whoever works on the socket and the bridge-thread state below: the bridge thread
+        # for each round of its loop, a submitter for the fast path of submit_order
+        self._state_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._waiters = 0
         self._orders: dict[str, _Order] = {}
@@ -325,14 +331,15 @@ class MT5Bridge:
     def close(self, timeout: float = 5.0) -> None:
         """Stop the bridge thread and close the socket. Orders not settled stay as they are in
         :meth:`orders` (the EA de-duplicates them if a new bridge submits them again)."""
-        if self._closed:
+        if self._stop.is_set():
             return
-        self._closed = True
         self._stop.set()
         self._bell.ring()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._sock.close(0)
+        with self._state_lock:  # no submitter is sending on the socket
+            self._closed = True
+            self._sock.close(0)
         self._ctx.term()
         self._bell.close()
 
@@ -393,9 +400,31 @@ class MT5Bridge:
                 self.counts["idempotent"] += 1
                 return coid
             self._orders[coid] = o
-        self._inbox.append(("order", o))
-        self._bell.ring()
+        if not self._send_now(o):
+            self._inbox.append(("order", o))
+            self._bell.ring()
         return coid
+
+    def _send_now(self, o: _Order) -> bool:
+        """The fast path of :meth:`submit_order`: send ``o`` from this thread when the lock is
+        free, the link is live, nothing is queued before it and sending is all there is to do
+        (no callback runs here: those stay on the bridge thread). False: hand it over."""
+        if self._thread is None or self._inbox or not self._state_lock.acquire(blocking=False):
+            return False
+        try:
+            if (self._closed or self._stop.is_set() or self._inbox or self.link != "live"
+                    or o.coid in self._adoptable or now_ms() >= o.valid_until):
+                return False
+            self.counts["submitted"] += 1
+            self._open[o.coid] = o
+            self._send_order(o, time.monotonic())
+            # a send can take the socket's readiness signal: wake the bridge thread if a
+            # message waits
+            if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._bell.ring()
+            return True
+        finally:
+            self._state_lock.release()
 
     def cancel(self, client_order_id: str) -> bool:
         """Ask the EA to cancel an order that is not final; False when it is unknown or final.
@@ -516,34 +545,46 @@ class MT5Bridge:
 
     # ---- bridge thread: loop --------------------------------------------------------------------
     def _loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._bell.rfd, zmq.POLLIN)
+        # The socket is waited for on its file descriptor (ZMQ_FD, edge-triggered: readable when
+        # its events may have changed), so the wait does not touch the socket and needs no lock;
+        # ZMQ_EVENTS, read under the lock, says whether a message is really there.
         sock, bell = self._sock, self._bell
+        poller = zmq.Poller()
+        poller.register(sock.getsockopt(zmq.FD), zmq.POLLIN)
+        poller.register(bell.rfd, zmq.POLLIN)
         next_house = 0.0
+        more = False  # messages left after a round: go again without waiting
         while not self._stop.is_set():
-            wait_ms = max(0, int((next_house - time.monotonic()) * 1000) + 1)
+            wait_ms = 0 if more else max(0, int((next_house - time.monotonic()) * 1000) + 1)
             try:
                 events = dict(poller.poll(wait_ms))
             except zmq.ZMQError:  # pragma: no cover - context terminated under us
                 return
-            try:
-                if bell.rfd in events:
-                    bell.clear()
-                if sock in events:
-                    self._read()
-                if self._inbox:
-                    self._drain()
-                now = time.monotonic()
-                if now >= next_house:
-                    self._housekeeping(now)
-                    next_house = now + self._tick
-            except Exception:
-                log.exception("mt5 bridge iteration failed")
+            with self._state_lock:
+                if self._closed:  # pragma: no cover - closed while the thread did not answer
+                    return
+                try:
+                    if bell.rfd in events:
+                        bell.clear()
+                    if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        self._read()
+                    if self._inbox:
+                        self._drain()
+                    now = time.monotonic()
+                    if now >= next_house:
+                        self._housekeeping(now)
+                        next_house = now + self._tick
+                except Exception:
+                    log.exception("mt5 bridge iteration failed")
+                try:
+                    more = bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+                except zmq.ZMQError:  # pragma: no cover - context terminated under us
+                    return
             if self._waiters:
                 with self._cond:
                     self._cond.notify_all()
-        self._drain_calls_on_exit()
+        with self._state_lock:
+            self._drain_calls_on_exit()
 
     def _drain_calls_on_exit(self) -> None:
         while self._inbox:
