@@ -549,7 +549,6 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       // first parent: a migrant from the next SM when drawn and expressible here, else local
       if (nb_pool && rng.uniform() < cfg.p_migrate) {
         const uint32_t cand = tournament(*nb_pool, rng);
-        pk.c = Child{};
         if (express(lane_genome_[cand], L, pk.c)) {
           pk.pa = cand;
           pk.how |= kMigrant;
@@ -595,13 +594,15 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         }
       }
 
-      Child c{};
+      // built in place in its slot of the child buffer (every field is assigned below)
+      Kid& kid = kids[I.kid_begin + I.kids++];
+      Child& c = kid.c;
       if (how & kMigrant) c = pk.c;
       else express_local(pa, c);
 
       // crossover: gene blocks {trend, macd, atr}, rsi, bb, mom, {entry, mode} from either parent
       if (pb != kNone) {
-        Child d{};
+        Child d;  // express_local assigns every field
         express_local(pb, d);
         if (rng.uniform() < 0.5) {
           for (int f : {0, 2}) {
@@ -695,8 +696,6 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       const int before = lane_style_[slot_lane], after = style_of(c.g);
       if (before >= 0) --I.dstyle[before];
       if (after >= 0) ++I.dstyle[after];
-      Kid& kid = kids[I.kid_begin + I.kids++];
-      kid.c = c;
       kid.slot_lane = slot_lane, kid.pa = pa, kid.pb = pb, kid.how = how;
       kid.style = static_cast<int8_t>(after);
       for (int f = 0; f < kFeatures; ++f) {  // the features it reads (the lattice is in cache here)
