@@ -93,7 +93,7 @@ void set_genome_key(Genome& g, int f, const std::array<int32_t, 4>& k) {
   }
 }
 
-SmLattice build_lattice(const Bank& b) {
+SmLattice build_lattice(const Bank& b, const std::vector<int32_t>& fmap) {
   SmLattice L;
   const uint32_t base[kFeatures] = {b.trend_base, b.rsi_base, b.macd_base, b.bb_base, b.mom_base};
   std::vector<std::array<int32_t, 4>> keys[kFeatures];
@@ -123,6 +123,9 @@ SmLattice build_lattice(const Bank& b) {
       int32_t* p = L.buf.data() + L.off[f] + static_cast<size_t>(r) * SmLattice::stride(f);
       for (int i = 0; i < len; ++i) p[i] = keys[f][order[r]][i];
       p[len] = order[r];
+      const size_t fidx = L.base[f] + static_cast<size_t>(order[r]);
+      if (fidx >= fmap.size()) throw std::logic_error("evolution: feature index outside the SM's group map");
+      p[len + 1] = fmap[fidx];
     }
     if (SmLattice::has_runs(f)) {
       int32_t i = 0;
@@ -131,8 +134,8 @@ SmLattice build_lattice(const Bank& b) {
         while (j < n && L.rec(f, j)[0] == L.rec(f, i)[0]) ++j;
         for (int32_t k = i; k < j; ++k) {
           int32_t* p = L.buf.data() + L.off[f] + static_cast<size_t>(k) * SmLattice::stride(f);
-          p[len + 1] = i;
-          p[len + 2] = j;
+          p[len + 2] = i;
+          p[len + 3] = j;
         }
         i = j;
       }
@@ -309,7 +312,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     styles_.assign(layout_.streams.size(), {});
     for_each_parallel(n_sms, threads, [&](uint32_t m, int) {
       const Sm& sm = layout_.sms[m];
-      lattice_[m] = build_lattice(sm.bank);
+      lattice_[m] = build_lattice(sm.bank, sm_fmap_[m]);
       const SmLattice& L = lattice_[m];
       std::vector<int16_t> rank_of[kFeatures];  // feature index within the kind -> lattice rank
       for (int f = 0; f < kFeatures; ++f) {
@@ -534,8 +537,6 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     if (I.pool.empty() && !nb_pool) return;
     // The SM's lattice, read by period moves in pass 2 at ranks not known yet: all of it, early.
     prefetch_range(L.buf.data(), L.buf.size() * sizeof(int32_t));
-    const std::vector<int32_t>& fmap = sm_fmap_[m];
-    prefetch_range(fmap.data(), fmap.size() * sizeof(int32_t));
     // Pass 1: each slot's parents (the first draws of its stream), with their genomes and
     // lattice ranks prefetched, so pass 2 finds them in cache instead of waiting on each in turn.
     std::vector<Pick>& picks = X.picks_of[t];
@@ -701,7 +702,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       for (int f = 0; f < kFeatures; ++f) {  // the features it reads (the lattice is in cache here)
         const bool used = c.rank[f] >= 0 && weight(c.g, f) != 0.0;
         kid.fidx[f] = used ? static_cast<uint16_t>(L.base[f] + static_cast<uint32_t>(L.feature(f, c.rank[f]))) : 0;
-        kid.lane_fidx[f] = fmap[kid.fidx[f]];
+        kid.lane_fidx[f] = used ? L.group_index(f, c.rank[f]) : 0;
       }
       I.crossovers += (how & kCrossover) != 0;
       I.migrants += (how & kMigrant) != 0;

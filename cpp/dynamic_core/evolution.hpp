@@ -159,14 +159,15 @@ struct EvolutionScratch {
 
 // The features an SM's bank updates, by kind, sorted by their periods: the lattice children move on.
 // One buffer per SM, one record of int32 per rank (what a child's move reads of a rank shares a
-// cache line): the key's periods, the feature's index within its kind, and for trend and macd
-// the ranks [run_begin, run_end) that share its ATR period (the whole kind for the others).
+// cache line): the key's periods, the feature's index within its kind, its index in the SM's
+// group bank (what a lane reading it holds in LaneArrays::fidx), and for trend and macd the ranks
+// [run_begin, run_end) that share its ATR period (the whole kind for the others).
 // Keys: trend (atr, slow, fast), rsi/bb/mom (period), macd (atr, slow, fast, signal) with the
 // MACD periods ordered as the bank orders them.
 struct SmLattice {
   static constexpr int kKeyLen[kFeatures] = {3, 1, 4, 1, 1};
   static constexpr bool has_runs(int f) { return f == 0 || f == 2; }
-  static constexpr int stride(int f) { return kKeyLen[f] + 1 + (has_runs(f) ? 2 : 0); }
+  static constexpr int stride(int f) { return kKeyLen[f] + 2 + (has_runs(f) ? 2 : 0); }
   std::vector<int32_t> buf;
   uint32_t off[kFeatures] = {};   // first record of each kind in buf
   int32_t n[kFeatures] = {};      // ranks per kind
@@ -180,8 +181,9 @@ struct SmLattice {
     return k;
   }
   int32_t feature(int f, int32_t r) const { return rec(f, r)[kKeyLen[f]]; }
-  int32_t run_begin(int f, int32_t r) const { return has_runs(f) ? rec(f, r)[kKeyLen[f] + 1] : 0; }
-  int32_t run_end(int f, int32_t r) const { return has_runs(f) ? rec(f, r)[kKeyLen[f] + 2] : n[f]; }
+  int32_t group_index(int f, int32_t r) const { return rec(f, r)[kKeyLen[f] + 1]; }
+  int32_t run_begin(int f, int32_t r) const { return has_runs(f) ? rec(f, r)[kKeyLen[f] + 2] : 0; }
+  int32_t run_end(int f, int32_t r) const { return has_runs(f) ? rec(f, r)[kKeyLen[f] + 3] : n[f]; }
   // First rank whose key is not below k (n[f] if none).
   int32_t lower_bound(int f, const std::array<int32_t, 4>& k) const {
     int32_t lo = 0, hi = n[f];
@@ -193,7 +195,8 @@ struct SmLattice {
     return lo;
   }
 };
-SmLattice build_lattice(const Bank& bank);
+// fmap: SM-relative feature index -> index in the SM's group bank (Engine::sm_fmap_).
+SmLattice build_lattice(const Bank& bank, const std::vector<int32_t>& fmap);
 // Key of the feature of kind f a genome uses (see SmLattice::key).
 std::array<int32_t, 4> genome_key(const Genome& g, int f);
 // Writes the periods of lattice key k of kind f into g.
