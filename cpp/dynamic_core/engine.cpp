@@ -66,10 +66,14 @@ Engine::Engine(const Genome* genomes, size_t n, const EngineConfig& cfg)
   if (cfg.threads < 1 || cfg.threads > 63) throw std::invalid_argument("threads must be in [1, 63]");
   if (cfg.stall_deadline_ns < 1'000'000) throw std::invalid_argument("stall deadline must be >= 1 ms");
   lanes_.assign(layout_.params);
-  state_.init(layout_.params.size());
-  lane_genome_.assign(layout_.params.size(), Genome{});
-  lane_lineage_.assign(layout_.params.size(), Lineage{UINT32_MAX, UINT32_MAX, UINT32_MAX, 0, 0});
-  lane_id_.assign(layout_.params.size(), UINT32_MAX);
+  const size_t n_lanes = layout_.params.size();
+  // From here on the lane arrays are the lanes' parameters (a generation rewrites them); the
+  // per-lane records they were built from are released.
+  std::vector<LaneParams>().swap(layout_.params);
+  state_.init(n_lanes);
+  lane_genome_.assign(n_lanes, Genome{});
+  lane_lineage_.assign(n_lanes, Lineage{UINT32_MAX, UINT32_MAX, UINT32_MAX, 0, 0});
+  lane_id_.assign(n_lanes, UINT32_MAX);
   stream_dsi_.assign(layout_.streams.size(), 0.0);
   stream_flags_.assign(layout_.streams.size(), 0u);
   for (size_t a = 0; a < n; ++a) {
@@ -1201,7 +1205,7 @@ void Engine::agents(AgentRecord* out) {
       AgentRecord& r = out[a];
       r.instrument = st.instrument;
       r.timeframe = st.timeframe;
-      r.warm = t >= layout_.params[lane].lookback;
+      r.warm = t >= lanes_.lookback[lane];
       r.sharpe = r.ret_std > 0.0 ? r.ret_mean / r.ret_std * DC_SQRT(per_year) : 0.0;
     }
   }

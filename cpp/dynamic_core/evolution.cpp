@@ -314,19 +314,13 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       const Sm& sm = layout_.sms[m];
       lattice_[m] = build_lattice(sm.bank, sm_fmap_[m]);
       const SmLattice& L = lattice_[m];
-      std::vector<int16_t> rank_of[kFeatures];  // feature index within the kind -> lattice rank
-      for (int f = 0; f < kFeatures; ++f) {
-        rank_of[f].assign(static_cast<size_t>(L.n[f]), -1);
-        for (int32_t r = 0; r < L.n[f]; ++r) rank_of[f][L.feature(f, r)] = static_cast<int16_t>(r);
-      }
       for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
         if (layout_.lane_agent[l] == kNone || lanes_.external[l]) continue;
         lane_judge_from_[l] = std::max(lane_lineage_[l].birth_bar, static_cast<int64_t>(lanes_.lookback[l]));
-        for (int f = 0; f < kFeatures; ++f) {
-          const uint16_t fi = layout_.params[l].fidx[f];
-          if (fi) lane_rank_[l][f] = rank_of[f][fi - L.base[f]];
-        }
-        lane_style_[l] = static_cast<int8_t>(style_of(lane_genome_[l]));
+        const Genome& g = lane_genome_[l];
+        for (int f = 0; f < kFeatures; ++f)  // a used feature (weight != 0) is in its SM's bank
+          if (weight(g, f) != 0.0) lane_rank_[l][f] = static_cast<int16_t>(find_rank(L, f, genome_key(g, f)));
+        lane_style_[l] = static_cast<int8_t>(style_of(g));
       }
     });
     for (const Sm& sm : layout_.sms)
@@ -735,11 +729,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     for (size_t j = 0; j < I.kids; ++j) {  // the slots' widest records, written below, asked for first
       const uint32_t l = kids[I.kid_begin + j].slot_lane;
       const char* g = reinterpret_cast<const char*>(&lane_genome_[l]);
-      const char* q = reinterpret_cast<const char*>(&layout_.params[l]);
       __builtin_prefetch(g, 1);
       __builtin_prefetch(g + sizeof(Genome) - 1, 1);
-      __builtin_prefetch(q, 1);
-      __builtin_prefetch(q + sizeof(LaneParams) - 1, 1);
       __builtin_prefetch(&lane_lineage_[l], 1);
     }
     for (size_t j = 0; j < I.kids; ++j) {
@@ -752,34 +743,24 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
                 kid.pb == kNone ? kNone : lane_id[kid.pb], layout_.sms[m].stream, m, kid.how, fit[slot_lane]};
       lane_genome_[slot_lane] = c.g;
       lane_style_[slot_lane] = kid.style;
-      LaneParams& p = layout_.params[slot_lane];
-      p.w[0] = c.g.w_trend;
-      p.w[1] = c.g.w_rsi;
-      p.w[2] = c.g.w_macd;
-      p.w[3] = c.g.w_bb;
-      p.w[4] = c.g.w_mom;
-      p.entry = c.g.entry;
-      p.cost = c.g.cost_bps * 1e-4;
-      p.long_short = c.g.mode == static_cast<uint32_t>(Mode::LongShort);
-      p.lookback = genome_lookback(c.g);
+      // the lane arrays the kernel reads, as build_layout derives a lane's parameters from a genome
+      const double w[kFeatures] = {c.g.w_trend, c.g.w_rsi, c.g.w_macd, c.g.w_bb, c.g.w_mom};
+      const int32_t lookback = genome_lookback(c.g);
       for (int f = 0; f < kFeatures; ++f) {
-        p.fidx[f] = kid.fidx[f];
         lane_rank_[slot_lane][f] = static_cast<int16_t>(kid.fidx[f] ? c.rank[f] : -1);
-      }
-      for (int f = 0; f < kFeatures; ++f) {
-        lanes_.w[f][slot_lane] = p.w[f];
+        lanes_.w[f][slot_lane] = w[f];
         lanes_.fidx[f][slot_lane] = kid.lane_fidx[f];
       }
-      lanes_.entry[slot_lane] = p.entry;
-      lanes_.cost[slot_lane] = p.cost;
-      lanes_.lookback[slot_lane] = p.lookback;
-      lanes_.long_short[slot_lane] = p.long_short;
+      lanes_.entry[slot_lane] = c.g.entry;
+      lanes_.cost[slot_lane] = c.g.cost_bps * 1e-4;
+      lanes_.lookback[slot_lane] = lookback;
+      lanes_.long_short[slot_lane] = c.g.mode == static_cast<uint32_t>(Mode::LongShort);
       state_.reset(slot_lane);
       if (c.g.w_dsi != 0.0) {  // reads its stream's DSI evidence from its first bar
         state_.dsi[slot_lane] = c.g.w_dsi * stream_dsi(layout_.sms[m].stream);
         layout_.sms[m].has_dsi = 1;
       }
-      lane_judge_from_[slot_lane] = std::max(nbars, static_cast<int64_t>(p.lookback));
+      lane_judge_from_[slot_lane] = std::max(nbars, static_cast<int64_t>(lookback));
       layout_.agent_id[lane_agent[slot_lane]] = c.g.agent_id;
       lane_id_[slot_lane] = c.g.agent_id;
       lane_lineage_[slot_lane] = Lineage{c.g.agent_id, b.parent_a, b.parent_b, generation, nbars};

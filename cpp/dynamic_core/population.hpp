@@ -177,7 +177,8 @@ int32_t genome_lookback(const Genome& g);
 struct Layout {
   std::vector<Stream> streams;
   std::vector<Sm> sms;
-  std::vector<LaneParams> params;   // per lane, padded to whole warps
+  std::vector<LaneParams> params;   // per lane, padded to whole warps (an Engine moves them into
+                                    // its lane arrays and releases these)
   std::vector<uint32_t> lane_agent;  // population index of each lane, UINT32_MAX when masked
   std::vector<uint32_t> agent_lane;  // lane of each agent (population order)
   std::vector<uint32_t> agent_id;    // agent_id of each agent (population order)
