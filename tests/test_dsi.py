@@ -558,7 +558,6 @@ def test_a_tick_driver_feeds_bars_and_causal_evidence_to_the_engine(tmp_path):
     # independent Dsi fed, tick by tick in a plain loop, each instrument's ticks up to the
     # close), its signal carries that evidence, and the journal replays bit for bit.
     names = ["DRV_A", "DRV_B"]
-    ids = [dc.instruments.id(x) for x in names]
     ticks = _feed(names, 21, n=12_000)
     # a first batch of 2000 ticks finishing several bars, the rest cut at random
     parts = [ticks[:2000], *np.split(ticks[2000:], split_points(len(ticks) - 2000, 30, 5))]

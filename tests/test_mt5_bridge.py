@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import threading
+import time
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -691,3 +691,50 @@ def test_concurrent_submitters_each_order_exactly_once(make: Callable[..., typin
     assert sorted(acks) == sorted(coids)
     assert term.executions() == dict.fromkeys(coids, 1)
     assert set(term.order_messages.values()) == {1}
+
+
+def test_an_order_cancelled_before_it_is_sent_is_never_sent(make: Callable[..., typing.Any]) -> None:
+    # A cancel from another thread can reach the bridge thread's queue before the order it
+    # cancels (the id is known in advance: client_order_id_for(plan_id)). The order then ends
+    # cancelled_before_send and must not go out afterwards (it did, and was re-sent for ever).
+    bridge = make("bridge")
+    term = make("terminal", bridge.address)
+    live(bridge)
+    p = plan("cancel-first")
+    coid = client_order_id_for(p.plan_id)
+    real = bridge._send_now
+
+    def cancel_first(o: typing.Any) -> bool:  # the interleaving, made deterministic
+        assert bridge.cancel(coid)
+        return False  # the order is queued behind the cancel
+
+    bridge._send_now = cancel_first
+    assert bridge.submit_plan(p) == coid
+    bridge._send_now = real
+    assert bridge.wait(coid) == "cancelled"
+    time.sleep(3 * 0.2)  # resend_max_delay of the test bridges: a wrongly open order would re-send
+    o = bridge.order(coid)
+    assert (o["state"], o["reason"], o["sends"]) == ("cancelled", "cancelled_before_send", 0)
+    assert coid not in term.order_messages and bridge.stats()["sent"] == 0
+
+
+def test_close_keeps_its_timeout_while_a_callback_is_slow(make: Callable[..., typing.Any]) -> None:
+    # Callbacks run on the bridge thread holding its lock; close(timeout) still returns in about
+    # that time, and the bridge thread closes the socket once the callback is done.
+    bridge = make("bridge")
+    make("terminal", bridge.address)
+    live(bridge)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(coid: str, ok: bool, reason: str) -> None:
+        entered.set()
+        release.wait(10)
+
+    bridge.on_ack(slow)
+    bridge.submit_plan(plan("slow-cb"))
+    assert entered.wait(5)
+    t0 = time.monotonic()
+    bridge.close(timeout=0.3)
+    assert time.monotonic() - t0 < 2.0
+    release.set()
+    wait_for(lambda: bridge._sock.closed, what="the bridge thread closing its socket")

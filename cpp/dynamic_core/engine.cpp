@@ -729,8 +729,9 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
     Slot& sl = slot(p);
     // The slot last held position p - capacity, complete, yet a worker holding a stale copy of
     // that position may still be reading it (read_slot): the tag goes invalid first, and the
-    // release fence orders that before the fields below, so a reader that sees any new field
-    // fails its tag re-check (a seqlock).
+    // release fence orders that before the fields below, so a reader that sees a new value of an
+    // atomic field (stream, sidx) fails its tag re-check (a seqlock). The plain fields (bar, seq,
+    // t_in) are read only for positions not yet complete, which are never refilled.
     sl.tag.store(0, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_release);
     sl.bar = b;

@@ -245,8 +245,10 @@ class Engine {
 
  private:
   struct Slot {
-    // tag = position + 1 while the slot holds that position (0 before first use). Readers that
-    // may race with reuse (only after an SM moved) read tag, stream, sidx, tag like a seqlock.
+    // tag = position + 1 while the slot holds that position (0 before first use and while
+    // ingress refills it). Readers that may race with reuse (only after an SM moved) read tag,
+    // stream, sidx, tag like a seqlock; the plain fields are read only for positions not yet
+    // complete, which ingress never refills.
     std::atomic<uint64_t> tag{0};
     std::atomic<uint32_t> stream{0};
     std::atomic<uint64_t> sidx{0};  // index of the bar within its stream

@@ -1,11 +1,12 @@
 """The engine side of the MetaTrader 5 bridge: :class:`MT5Bridge`.
 
-One thread owns the ROUTER socket and every piece of order and session state, and works on
-them holding a lock (it waits for the socket on its file descriptor, without the lock). Other
-threads hand it work (orders, cancels, calls) through a deque and a
-:class:`~._util.Doorbell`; a new order on a live link, when the lock is free and nothing is
-queued before it, is instead sent by the submitting thread itself under the lock, so it is on
-the wire without waiting for the bridge thread to wake. The rules it implements are in
+The ROUTER socket and every piece of order and session state are worked on only under one
+lock, ``_state_lock``. The bridge thread takes it for each round of its loop (it waits for the
+socket on its file descriptor, without the lock; callbacks run in those rounds, holding it).
+Other threads hand it work (orders, cancels, calls) through a deque and a
+:class:`~._util.Doorbell`, with one exception: a new order on a live link, when the lock is free
+and nothing is queued before it, is sent by the submitting thread itself under the lock, so it
+is on the wire without waiting for the bridge thread to wake. The rules it implements are in
 ``docs/mt5-bridge.md``.
 """
 
@@ -87,7 +88,7 @@ class BridgeReport(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Order:
-    """One order's state, owned by the bridge thread once created."""
+    """One order's state, changed only under the bridge's state lock once created."""
 
     __slots__ = (
         "acks",
@@ -273,6 +274,7 @@ class MT5Bridge:
         self._enc = msgspec.json.Encoder()
         self._stamp = Stamper(self.epoch)
         self._bell = Doorbell()
+        self._sock_fd = self._sock.getsockopt(zmq.FD)  # what the bridge thread waits on
 
         self._lock = threading.Lock()  # guards _orders insertion against concurrent submitters
         # held by whoever works on the socket and the bridge-thread state below: the bridge thread
@@ -335,11 +337,20 @@ class MT5Bridge:
             return
         self._stop.set()
         self._bell.ring()
+        t_end = time.monotonic() + timeout
         if self._thread is not None:
             self._thread.join(timeout)
-        with self._state_lock:  # no submitter is sending on the socket
+        # the lock: no submitter is sending on the socket, and the bridge thread is out of its round
+        if not self._state_lock.acquire(timeout=max(0.0, t_end - time.monotonic())):
+            log.warning("mt5 bridge: still busy %.1f s after close (a slow callback?); "
+                        "the bridge thread closes the socket when it gets out", timeout)
+            self._closed = True
+            return
+        try:
             self._closed = True
             self._sock.close(0)
+        finally:
+            self._state_lock.release()
         self._ctx.term()
         self._bell.close()
 
@@ -413,7 +424,8 @@ class MT5Bridge:
             return False
         try:
             if (self._closed or self._stop.is_set() or self._inbox or self.link != "live"
-                    or o.coid in self._adoptable or now_ms() >= o.valid_until):
+                    or o.state != QUEUED or o.cancel or o.coid in self._adoptable
+                    or now_ms() >= o.valid_until):
                 return False
             self.counts["submitted"] += 1
             self._open[o.coid] = o
@@ -422,9 +434,12 @@ class MT5Bridge:
             # message waits
             if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 self._bell.ring()
-            return True
         finally:
             self._state_lock.release()
+        if self._waiters:  # wait(coid, "sent") and the like
+            with self._cond:
+                self._cond.notify_all()
+        return True
 
     def cancel(self, client_order_id: str) -> bool:
         """Ask the EA to cancel an order that is not final; False when it is unknown or final.
@@ -548,9 +563,22 @@ class MT5Bridge:
         # The socket is waited for on its file descriptor (ZMQ_FD, edge-triggered: readable when
         # its events may have changed), so the wait does not touch the socket and needs no lock;
         # ZMQ_EVENTS, read under the lock, says whether a message is really there.
+        try:
+            self._rounds()
+        finally:
+            with self._state_lock:
+                self._drain_calls_on_exit()
+                late = self._closed and not self._sock.closed  # close() timed out waiting for us
+                if late:
+                    self._sock.close(0)
+            if late:
+                self._ctx.term()
+                self._bell.close()
+
+    def _rounds(self) -> None:
         sock, bell = self._sock, self._bell
         poller = zmq.Poller()
-        poller.register(sock.getsockopt(zmq.FD), zmq.POLLIN)
+        poller.register(self._sock_fd, zmq.POLLIN)
         poller.register(bell.rfd, zmq.POLLIN)
         next_house = 0.0
         more = False  # messages left after a round: go again without waiting
@@ -583,8 +611,6 @@ class MT5Bridge:
             if self._waiters:
                 with self._cond:
                     self._cond.notify_all()
-        with self._state_lock:
-            self._drain_calls_on_exit()
 
     def _drain_calls_on_exit(self) -> None:
         while self._inbox:
@@ -632,6 +658,8 @@ class MT5Bridge:
     # ---- orders ---------------------------------------------------------------------------------
     def _new_order(self, o: _Order) -> None:
         self.counts["submitted"] += 1
+        if o.state != QUEUED or o.cancel:  # cancelled (by a cancel drained first) before it was sent
+            return
         pos = self._adoptable.pop(o.coid, None)
         if pos is not None:  # an unknown position of the last reconciliation is this order: done
             self._reconciled_fill(o, [pos])
