@@ -115,7 +115,9 @@ Engine::Engine(const Genome* genomes, size_t n, const EngineConfig& cfg)
   batch_ = std::min(batch_, cap_);
 
   slots_.reset(new Slot[cap_]);
-  summ_.resize(static_cast<size_t>(cap_) * max_sms_);
+  // not zeroed: a position's summaries are all written (by its units) before consensus reads
+  // them, so pages the run never reaches are never touched
+  summ_.reset(new Summary[static_cast<size_t>(cap_) * max_sms_]);
   strt_.reset(new StreamRuntime[std::max<size_t>(layout_.streams.size(), 1)]);
   n_workers_ = cfg.threads + 1;  // the last one is the standby
   form_groups();

@@ -330,7 +330,7 @@ class Engine {
   // Journals an owner-encoded event and commits it durably; the caller holds ingress_m_.
   void journal_event_locked(const std::string& event);
   Slot& slot(uint64_t p) { return slots_[p & (cap_ - 1)]; }
-  Summary* summaries(uint64_t p) { return summ_.data() + (p & (cap_ - 1)) * max_sms_; }
+  Summary* summaries(uint64_t p) { return summ_.get() + (p & (cap_ - 1)) * max_sms_; }
 
   EngineConfig cfg_;
   Layout layout_;
@@ -363,7 +363,7 @@ class Engine {
   std::chrono::steady_clock::time_point t0_;
 
   std::unique_ptr<Slot[]> slots_;
-  std::vector<Summary> summ_;
+  std::unique_ptr<Summary[]> summ_;  // cap_ x max_sms_, by position
   std::vector<Group> groups_;
   std::vector<uint32_t> group_of_;       // group of each SM
   std::vector<uint32_t> stream_groups_;  // groups of stream s: [stream_groups_[s], stream_groups_[s + 1])
