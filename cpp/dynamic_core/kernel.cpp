@@ -249,6 +249,7 @@ DC_AI Summary sm_step_impl(const LaneView& v, int lanes, const double* __restric
 #if DC_X86_DISPATCH
 #define DC_V4 __attribute__((target("arch=x86-64-v4")))
 #define DC_V4_AI DC_V4 inline __attribute__((always_inline))
+#define DC_V4_AI_LAMBDA __attribute__((target("arch=x86-64-v4"), always_inline))
 
 // feat[idx[k]] for k < 8: scalar loads assembled into a vector (faster than vgatherdpd on the
 // CPUs we measured).
@@ -414,13 +415,21 @@ DC_V4 Summary sm_step_v4(const LaneView& view, int lanes, const double* __restri
 
   // Blended scores first (independent iterations: the divisions overlap), then the state.
   alignas(64) double score_in[kMaxSmLanes];
+  // feat[idx] for 8 lanes; when none of them uses the feature (every index 0, the constant
+  // feature) that is feat[0] broadcast, the same values without the loads (single-feature
+  // populations, such as a parameter sweep, skip most gathers)
+  const __m512d unused = _mm512_set1_pd(feat[0]);
+  auto gat = [&](const int32_t* __restrict fi) DC_V4_AI_LAMBDA {
+    const __m256i idx = ld8i(fi);
+    return _mm256_testz_si256(idx, idx) ? unused : gather8(feat, fi);
+  };
   for (int i = 0; i < lanes; i += 8) {
     // blend: the weighted sum in feature order, then soft()
-    __m512d x = _mm512_mul_pd(_mm512_loadu_pd(w0 + i), gather8(feat, f0 + i));
-    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w1 + i), gather8(feat, f1 + i)));
-    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w2 + i), gather8(feat, f2 + i)));
-    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w3 + i), gather8(feat, f3 + i)));
-    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w4 + i), gather8(feat, f4 + i)));
+    __m512d x = _mm512_mul_pd(_mm512_loadu_pd(w0 + i), gat(f0 + i));
+    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w1 + i), gat(f1 + i)));
+    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w2 + i), gat(f2 + i)));
+    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w3 + i), gat(f3 + i)));
+    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w4 + i), gat(f4 + i)));
     if (v.has_dsi) {
       const __m512d dv = _mm512_loadu_pd(v.dsi + i);
       x = _mm512_mask_add_pd(x, _mm512_cmp_pd_mask(dv, zero, _CMP_NEQ_UQ), x, dv);
