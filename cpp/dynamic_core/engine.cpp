@@ -610,25 +610,28 @@ size_t Engine::wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, siz
       std::this_thread::yield();
     }
   }
-  // Sleep until the next min_n bars in flight (all there are, if fewer) are ready, waiting for
-  // one at a time: only the fuser of the awaited bar wakes us, so a batch consumer is not woken
-  // once per bar.
+  // Sleep until the next min_n bars in flight (all there are, if fewer) are ready. Only the
+  // fuser of the awaited bar wakes us, and we await the furthest one not ready first: bars
+  // fused in order then wake a batch consumer once per batch, not once per bar (an earlier bar
+  // still missing after that is awaited next).
   const uint64_t t = tail_.load(std::memory_order_relaxed);  // only we move the tail
   const uint64_t h = head_.load(std::memory_order_acquire);
   const uint64_t last = t + (h > t ? std::min<uint64_t>(std::max<size_t>(min_n, 1), h - t) - 1 : 0);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(timeout_ns < 0 ? 0 : timeout_ns - spin);
+  auto is_ready = [&](uint64_t q) {
+    return q < head_.load(std::memory_order_acquire) && slot(q).ready.load(std::memory_order_acquire);
+  };
   uint64_t want = t;
   while (true) {
-    while (want < last && slot(want).ready.load(std::memory_order_acquire)) ++want;
-    wake_pos_.store(want, std::memory_order_seq_cst);
+    while (want <= last && is_ready(want)) ++want;
+    if (want > last) break;  // all of them
+    const uint64_t target = is_ready(last) ? want : last;
+    wake_pos_.store(target, std::memory_order_seq_cst);
     ready_waiters_.fetch_add(1, std::memory_order_seq_cst);
     bool woke;
     {
       std::unique_lock<std::mutex> lk(wait_m_);
-      auto ready = [&] {
-        return stop_.load(std::memory_order_relaxed) ||
-               (want < head_.load(std::memory_order_acquire) && slot(want).ready.load(std::memory_order_acquire));
-      };
+      auto ready = [&] { return stop_.load(std::memory_order_relaxed) || is_ready(target); };
       if (timeout_ns < 0) {
         while (!ready()) ready_cv_.wait_for(lk, std::chrono::milliseconds(100));
         woke = true;
@@ -637,7 +640,7 @@ size_t Engine::wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, siz
       }
     }
     ready_waiters_.fetch_sub(1, std::memory_order_relaxed);
-    if (!woke || want >= last || stop_.load(std::memory_order_relaxed)) break;
+    if (!woke || stop_.load(std::memory_order_relaxed)) break;
   }
   return drain(out, max_n);
 }
