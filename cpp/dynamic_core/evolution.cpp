@@ -438,11 +438,10 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     // lane order: everything stronger than the last loser
     const size_t n_rep = static_cast<size_t>(cfg.replace_fraction * static_cast<double>(order.size()));
     if (n_rep > 0) {
+      // a heap of the n_rep weakest seen so far: most lanes are rejected by one comparison
       std::vector<Ranked>& weakest = X.weakest_of[t];
-      weakest.assign(order.begin(), order.end());
-      const auto cut = weakest.begin() + static_cast<std::ptrdiff_t>(n_rep);
-      if (n_rep < weakest.size()) std::nth_element(weakest.begin(), cut - 1, weakest.end());
-      std::sort(weakest.begin(), cut);
+      weakest.resize(n_rep);
+      std::partial_sort_copy(order.begin(), order.end(), weakest.begin(), weakest.end());
       for (size_t k = 0; k < n_rep; ++k) I.losers.push_back(lane_of(weakest[k]));
       const Ranked last = weakest[n_rep - 1];
       for (const Ranked x : order)
