@@ -530,6 +530,15 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     if (I.pool.empty() && !nb_pool) return;
     // The SM's lattice, read by period moves in pass 2 at ranks not known yet: all of it, early.
     prefetch_range(L.buf.data(), L.buf.size() * sizeof(int32_t));
+    {  // what the tournaments and slots read of this SM: fitness, ids, pool, flags
+      const size_t lb = sm.lane_begin, nl = static_cast<size_t>(sm.n_warps) * kWarpSize;
+      prefetch_range(fit + lb, nl * sizeof(double));
+      prefetch_range(lane_id + lb, nl * sizeof(uint32_t));
+      prefetch_range(quar + lb, nl * sizeof(uint32_t));
+      prefetch_range(lane_style_.data() + lb, nl);
+      prefetch_range(I.pool.data(), I.pool.size() * sizeof(uint32_t));
+      prefetch_range(I.losers.data(), I.losers.size() * sizeof(uint32_t));
+    }
     // Pass 1: each slot's parents (the first draws of its stream), with their genomes and
     // lattice ranks prefetched, so pass 2 finds them in cache instead of waiting on each in turn.
     std::vector<Pick>& picks = X.picks_of[t];
