@@ -47,6 +47,7 @@ from .instruments import MAX_NAME, instruments
 from .records import BAR_DTYPE, SIGNAL_DSI, SIGNAL_DTYPE
 
 __all__ = [
+    "BATCH_MAX",
     "CONTROL_COMMANDS",
     "DEFAULT_MAX_FRAME",
     "PAYLOAD_VERSION",
@@ -54,33 +55,32 @@ __all__ = [
     "AdapterBeat",
     "AdapterBye",
     "AdapterHello",
-    "MeshFromAdapter",
-    "MeshShutdown",
-    "MeshToAdapter",
-    "ReasonReply",
-    "ReasonRequest",
-    "ReasoningContext",
-    "Review",
-    "ReviewQuery",
     "Codec",
     "ControlCommand",
     "ControlReply",
     "CreditUpdate",
-    "EvolutionConfig",
-    "evolution_config",
-    "ExternalScores",
     "DsiEvidence",
-    "GenerationEvent",
+    "EvolutionConfig",
+    "ExternalScores",
     "FeedMessage",
+    "GenerationEvent",
     "HealthQuery",
     "Heartbeat",
     "LoadPopulation",
+    "MeshFromAdapter",
+    "MeshShutdown",
+    "MeshToAdapter",
     "Pause",
     "PlanDecision",
     "PreparedMarketContext",
     "RationaleUpdate",
+    "ReasonReply",
+    "ReasonRequest",
+    "ReasoningContext",
     "Reject",
     "Resume",
+    "Review",
+    "ReviewQuery",
     "SetThrottle",
     "SignalBatch",
     "Snapshot",
@@ -88,13 +88,16 @@ __all__ = [
     "TradingPlan",
     "UpdateRouting",
     "decode_command",
+    "encode_batch",
     "encode_command",
     "encode_signal_batch",
+    "evolution_config",
     "plain",
     "signal_from_record",
     "signals_from_records",
     "signals_to_records",
     "split_bars",
+    "split_batch",
 ]
 
 PAYLOAD_VERSION = 2
@@ -904,6 +907,36 @@ class Codec:
 
     def stats(self) -> dict[str, Any]:
         return {"decoded": self.decoded, "rejected": self.rejected, "rejects": dict(self.rejects)}
+
+
+# ---- batch frames ---------------------------------------------------------------------------
+# Sockets that carry many small messages at once (the reasoning mesh's broker <-> adapters) put
+# them in one frame: a msgpack array of the encoded messages, each still decoded (and rejected)
+# on its own. A single message (a msgpack map) is a frame as it is, so both kinds can be read.
+
+BATCH_MAX = 256
+"""Messages per batch frame (:func:`encode_batch` callers split longer lists)."""
+
+_BATCH_ENC = msgspec.msgpack.Encoder()
+_BATCH_DEC = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
+def encode_batch(encoded: list[bytes]) -> bytes:
+    """One frame holding already encoded msgpack messages (at most :data:`BATCH_MAX`)."""
+    return _BATCH_ENC.encode([msgspec.Raw(m) for m in encoded])
+
+
+def split_batch(buf: Any) -> list[Any]:
+    """The messages of a frame: those of a batch frame (a msgpack array), else the frame itself.
+    A frame that starts like an array but is not a valid one comes back whole, so the caller's
+    codec rejects it like any malformed frame."""
+    mv = memoryview(buf)
+    if mv.nbytes and (0x90 <= mv[0] <= 0x9F or mv[0] in (0xDC, 0xDD)):
+        try:
+            return _BATCH_DEC.decode(mv)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            pass
+    return [buf]
 
 
 _COMMAND_CODEC_ENC = msgspec.msgpack.Encoder()

@@ -57,6 +57,7 @@ import zmq
 from ..errors import AdapterError, PayloadError, ReasoningError
 from ..instruments import instruments
 from ..payloads import (
+    BATCH_MAX,
     AdapterBeat,
     AdapterBye,
     AdapterHello,
@@ -68,6 +69,8 @@ from ..payloads import (
     ReasoningContext,
     ReasonReply,
     ReasonRequest,
+    encode_batch,
+    split_batch,
 )
 from ..records import SIGNAL_DSI, SIGNAL_DTYPE
 from ..transport._common import check_address, endpoint
@@ -539,10 +542,14 @@ class ReasoningMesh:
         self._shutdown_adapters()
 
     def _flush(self) -> None:
-        """Send the requests buffered by :meth:`_send`, one multipart message per adapter."""
+        """Send the requests buffered by :meth:`_send`: one multipart message per adapter, several
+        requests in batch frames (:func:`~dynamic_core.payloads.encode_batch`)."""
         while self._outq:
             outq, self._outq = self._outq, {}
             for ident, frames in outq.items():
+                if len(frames) > 2:  # several requests: batch frames of up to BATCH_MAX each
+                    reqs = frames[1:]
+                    frames = [ident] + [encode_batch(reqs[i:i + BATCH_MAX]) for i in range(0, len(reqs), BATCH_MAX)]
                 try:
                     self._sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) > 8)
                 except zmq.ZMQError:  # gone (ROUTER_MANDATORY) or its queue is full: fail over
@@ -579,9 +586,10 @@ class ReasoningMesh:
                 self.counts["rejected_frames"] += 1
                 continue
             ident = frames[0].bytes
-            for frame in frames[1:]:  # an adapter may batch several messages in one
+            # an adapter may send several messages in one multipart message and in batch frames
+            for buf in (m for frame in frames[1:] for m in split_batch(frame.buffer)):
                 try:
-                    msg = self._in.decode(frame.buffer)
+                    msg = self._in.decode(buf)
                 except PayloadError:
                     self.counts["rejected_frames"] += 1
                     continue

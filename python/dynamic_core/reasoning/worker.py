@@ -30,6 +30,7 @@ import zmq
 
 from ..errors import AdapterError, DynamicCoreError, PayloadError
 from ..payloads import (
+    BATCH_MAX,
     AdapterBeat,
     AdapterBye,
     AdapterHello,
@@ -39,6 +40,8 @@ from ..payloads import (
     MeshToAdapter,
     ReasonReply,
     ReasonRequest,
+    encode_batch,
+    split_batch,
 )
 from .profiles import ProviderProfile
 
@@ -231,16 +234,15 @@ class AdapterWorker:
             except zmq.Again:
                 return False
             replies: list[bytes] = []
-            for raw in frames:
+            for buf in (m for raw in frames for m in split_batch(raw.buffer)):
                 try:
-                    msg = self._codec_in.decode(raw.buffer)
+                    msg = self._codec_in.decode(buf)
                 except PayloadError as e:
                     self.rejected += 1
                     log.warning("refused a broker frame: %s", e.reason)
                     continue
                 if isinstance(msg, MeshShutdown):
-                    if replies:
-                        self.sock.send_multipart(replies)
+                    self._send_replies(replies)
                     return True
                 self.served += 1
                 if self.profile.kind == "local":
@@ -250,9 +252,15 @@ class AdapterWorker:
                 with self._jobs_cv:
                     self._jobs.append(msg)
                     self._jobs_cv.notify()
-            if replies:
-                self.sock.send_multipart(replies, copy=len(replies) > 8)
+            self._send_replies(replies)
         return False
+
+    def _send_replies(self, replies: list[bytes]) -> None:
+        """The local narrator's answers to one broker message: in batch frames when several."""
+        if len(replies) > 1:
+            replies = [encode_batch(replies[i:i + BATCH_MAX]) for i in range(0, len(replies), BATCH_MAX)]
+        if replies:
+            self.sock.send_multipart(replies)
 
     def stop(self) -> None:
         self._stop.set()
