@@ -249,14 +249,16 @@ DC_AI Summary sm_step_impl(const LaneView& v, int lanes, const double* __restric
 #if DC_X86_DISPATCH
 #define DC_V4 __attribute__((target("arch=x86-64-v4")))
 #define DC_V4_AI DC_V4 inline __attribute__((always_inline))
-#define DC_V4_AI_LAMBDA __attribute__((target("arch=x86-64-v4"), always_inline))
 
 // feat[idx[k]] for k < 8: scalar loads assembled into a vector (faster than vgatherdpd on the
-// CPUs we measured).
+// CPUs we measured). When no lane uses the feature (every index 0, the constant feature) that is
+// feat[0] broadcast: the same values without the loads, so single-feature populations (a
+// parameter sweep) skip most gathers.
 DC_V4_AI __m512d gather8(const double* __restrict feat, const int32_t* __restrict idx) {
   // the indices two at a time (fewer loads: the load ports are the bottleneck here)
   uint64_t q[4];
   __builtin_memcpy(q, idx, sizeof q);
+  if ((q[0] | q[1] | q[2] | q[3]) == 0) return _mm512_set1_pd(feat[0]);
   auto first = [](uint64_t x) { return static_cast<int64_t>(static_cast<int32_t>(static_cast<uint32_t>(x))); };
   auto second = [](uint64_t x) { return static_cast<int64_t>(x) >> 32; };
   const __m128d a = _mm_loadh_pd(_mm_load_sd(feat + first(q[0])), feat + second(q[0]));
@@ -415,21 +417,13 @@ DC_V4 Summary sm_step_v4(const LaneView& view, int lanes, const double* __restri
 
   // Blended scores first (independent iterations: the divisions overlap), then the state.
   alignas(64) double score_in[kMaxSmLanes];
-  // feat[idx] for 8 lanes; when none of them uses the feature (every index 0, the constant
-  // feature) that is feat[0] broadcast, the same values without the loads (single-feature
-  // populations, such as a parameter sweep, skip most gathers)
-  const __m512d unused = _mm512_set1_pd(feat[0]);
-  auto gat = [&](const int32_t* __restrict fi) DC_V4_AI_LAMBDA {
-    const __m256i idx = ld8i(fi);
-    return _mm256_testz_si256(idx, idx) ? unused : gather8(feat, fi);
-  };
   for (int i = 0; i < lanes; i += 8) {
     // blend: the weighted sum in feature order, then soft()
-    __m512d x = _mm512_mul_pd(_mm512_loadu_pd(w0 + i), gat(f0 + i));
-    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w1 + i), gat(f1 + i)));
-    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w2 + i), gat(f2 + i)));
-    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w3 + i), gat(f3 + i)));
-    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w4 + i), gat(f4 + i)));
+    __m512d x = _mm512_mul_pd(_mm512_loadu_pd(w0 + i), gather8(feat, f0 + i));
+    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w1 + i), gather8(feat, f1 + i)));
+    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w2 + i), gather8(feat, f2 + i)));
+    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w3 + i), gather8(feat, f3 + i)));
+    x = _mm512_add_pd(x, _mm512_mul_pd(_mm512_loadu_pd(w4 + i), gather8(feat, f4 + i)));
     if (v.has_dsi) {
       const __m512d dv = _mm512_loadu_pd(v.dsi + i);
       x = _mm512_mask_add_pd(x, _mm512_cmp_pd_mask(dv, zero, _CMP_NEQ_UQ), x, dv);
