@@ -108,7 +108,6 @@ SmLattice build_lattice(const Bank& b, const std::vector<int32_t>& fmap) {
   for (int32_t r : b.mom_f) keys[4].push_back({b.rocs[r].n, 0, 0, 0});
   size_t total = 0;
   for (int f = 0; f < kFeatures; ++f) {
-    L.base[f] = base[f];
     L.n[f] = static_cast<int32_t>(keys[f].size());
     L.off[f] = static_cast<uint32_t>(total);
     total += keys[f].size() * static_cast<size_t>(SmLattice::stride(f));
@@ -122,10 +121,10 @@ SmLattice build_lattice(const Bank& b, const std::vector<int32_t>& fmap) {
     for (int32_t r = 0; r < n; ++r) {
       int32_t* p = L.buf.data() + L.off[f] + static_cast<size_t>(r) * SmLattice::stride(f);
       for (int i = 0; i < len; ++i) p[i] = keys[f][order[r]][i];
-      p[len] = order[r];
-      const size_t fidx = L.base[f] + static_cast<size_t>(order[r]);
-      if (fidx >= fmap.size()) throw std::logic_error("evolution: feature index outside the SM's group map");
-      p[len + 1] = fmap[fidx];
+      const size_t fidx = base[f] + static_cast<size_t>(order[r]);  // SM-relative feature index
+      if (fidx >= fmap.size() || fmap[fidx] == 0)
+        throw std::logic_error("evolution: a feature of the SM's bank is missing from its group map");
+      p[len] = fmap[fidx];
     }
     if (SmLattice::has_runs(f)) {
       int32_t i = 0;
@@ -134,8 +133,8 @@ SmLattice build_lattice(const Bank& b, const std::vector<int32_t>& fmap) {
         while (j < n && L.rec(f, j)[0] == L.rec(f, i)[0]) ++j;
         for (int32_t k = i; k < j; ++k) {
           int32_t* p = L.buf.data() + L.off[f] + static_cast<size_t>(k) * SmLattice::stride(f);
-          p[len + 2] = i;
-          p[len + 3] = j;
+          p[len + 1] = i;
+          p[len + 2] = j;
         }
         i = j;
       }
@@ -703,7 +702,6 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       kid.style = static_cast<int8_t>(after);
       for (int f = 0; f < kFeatures; ++f) {  // the features it reads (the lattice is in cache here)
         const bool used = c.rank[f] >= 0 && weight(c.g, f) != 0.0;
-        kid.fidx[f] = used ? static_cast<uint16_t>(L.base[f] + static_cast<uint32_t>(L.feature(f, c.rank[f]))) : 0;
         kid.lane_fidx[f] = used ? L.group_index(f, c.rank[f]) : 0;
       }
       I.crossovers += (how & kCrossover) != 0;
@@ -755,7 +753,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       const double w[kFeatures] = {c.g.w_trend, c.g.w_rsi, c.g.w_macd, c.g.w_bb, c.g.w_mom};
       const int32_t lookback = genome_lookback(c.g);
       for (int f = 0; f < kFeatures; ++f) {
-        lane_rank_[slot_lane][f] = static_cast<int16_t>(kid.fidx[f] ? c.rank[f] : -1);
+        lane_rank_[slot_lane][f] = static_cast<int16_t>(kid.lane_fidx[f] ? c.rank[f] : -1);
         lanes_.w[f][slot_lane] = w[f];
         lanes_.fidx[f][slot_lane] = kid.lane_fidx[f];
       }

@@ -114,8 +114,7 @@ struct EvolutionScratch {
   struct Kid {
     Child c;
     uint32_t slot_lane, pa, pb, how;
-    int32_t lane_fidx[kFeatures];  // per feature: its index in the SM's group bank (LaneArrays::fidx)
-    uint16_t fidx[kFeatures];      // per feature: SM-relative index + 1, 0: unused (LaneParams::fidx)
+    int32_t lane_fidx[kFeatures];  // per feature: its index in the SM's group bank (LaneArrays::fidx), 0: unused
     int8_t style;                  // its dominant feature, -1: none
   };
   // The parents drawn for one slot (the first draws of its random stream), before the child is
@@ -159,19 +158,18 @@ struct EvolutionScratch {
 
 // The features an SM's bank updates, by kind, sorted by their periods: the lattice children move on.
 // One buffer per SM, one record of int32 per rank (what a child's move reads of a rank shares a
-// cache line): the key's periods, the feature's index within its kind, its index in the SM's
-// group bank (what a lane reading it holds in LaneArrays::fidx), and for trend and macd the ranks
+// cache line): the key's periods, the feature's index in the SM's group bank (what a lane reading
+// it holds in LaneArrays::fidx; never 0, the constant feature), and for trend and macd the ranks
 // [run_begin, run_end) that share its ATR period (the whole kind for the others).
 // Keys: trend (atr, slow, fast), rsi/bb/mom (period), macd (atr, slow, fast, signal) with the
 // MACD periods ordered as the bank orders them.
 struct SmLattice {
   static constexpr int kKeyLen[kFeatures] = {3, 1, 4, 1, 1};
   static constexpr bool has_runs(int f) { return f == 0 || f == 2; }
-  static constexpr int stride(int f) { return kKeyLen[f] + 2 + (has_runs(f) ? 2 : 0); }
+  static constexpr int stride(int f) { return kKeyLen[f] + 1 + (has_runs(f) ? 2 : 0); }
   std::vector<int32_t> buf;
   uint32_t off[kFeatures] = {};   // first record of each kind in buf
   int32_t n[kFeatures] = {};      // ranks per kind
-  uint32_t base[kFeatures] = {};  // SM-relative feature index = base + feature index within the kind
 
   const int32_t* rec(int f, int32_t r) const { return buf.data() + off[f] + static_cast<size_t>(r) * stride(f); }
   std::array<int32_t, 4> key(int f, int32_t r) const {
@@ -180,10 +178,9 @@ struct SmLattice {
     for (int i = 0; i < kKeyLen[f]; ++i) k[i] = p[i];
     return k;
   }
-  int32_t feature(int f, int32_t r) const { return rec(f, r)[kKeyLen[f]]; }
-  int32_t group_index(int f, int32_t r) const { return rec(f, r)[kKeyLen[f] + 1]; }
-  int32_t run_begin(int f, int32_t r) const { return has_runs(f) ? rec(f, r)[kKeyLen[f] + 2] : 0; }
-  int32_t run_end(int f, int32_t r) const { return has_runs(f) ? rec(f, r)[kKeyLen[f] + 3] : n[f]; }
+  int32_t group_index(int f, int32_t r) const { return rec(f, r)[kKeyLen[f]]; }
+  int32_t run_begin(int f, int32_t r) const { return has_runs(f) ? rec(f, r)[kKeyLen[f] + 1] : 0; }
+  int32_t run_end(int f, int32_t r) const { return has_runs(f) ? rec(f, r)[kKeyLen[f] + 2] : n[f]; }
   // First rank whose key is not below k (n[f] if none).
   int32_t lower_bound(int f, const std::array<int32_t, 4>& k) const {
     int32_t lo = 0, hi = n[f];
