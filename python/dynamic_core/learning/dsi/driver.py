@@ -101,19 +101,23 @@ class TickDriver:
             self.dsi.update(t)
             return np.zeros(0, dtype=SIGNAL_DTYPE)
         ends = bars["ts"] + bars["timeframe"].astype(np.int64) * 1_000_000_000
+        # ticks in order of the time their instrument has reached by them: those before a close
+        # are a prefix of this order, and the next close only extends it
         reached = _running_max_by_instrument(t)
-        fed = np.zeros(len(t), dtype=bool)
+        order = np.argsort(reached, kind="stable")
+        reached = reached[order]
+        fed = 0
         out = []
         cuts = np.flatnonzero(np.diff(ends)) + 1  # bars come out ordered by close time
         for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(bars)]):
-            take = ~fed & (reached < ends[lo])
-            if take.any():
-                self.dsi.update(t[take])
-                fed |= take
+            upto = int(np.searchsorted(reached, ends[lo], side="left"))
+            if upto > fed:
+                self.dsi.update(t[np.sort(order[fed:upto])])  # in batch order
+                fed = upto
             self._set_evidence()
             out.append(self._run(bars[lo:hi]))
-        if not fed.all():
-            self.dsi.update(t[~fed])
+        if fed < len(t):
+            self.dsi.update(t[np.sort(order[fed:])])
         return np.concatenate(out)
 
     def flush(self) -> np.ndarray:
