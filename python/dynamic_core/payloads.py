@@ -87,6 +87,7 @@ __all__ = [
     "SwapPersona",
     "TradingPlan",
     "UpdateRouting",
+    "batch_frames",
     "decode_command",
     "encode_batch",
     "encode_command",
@@ -915,7 +916,7 @@ class Codec:
 # on its own. A single message (a msgpack map) is a frame as it is, so both kinds can be read.
 
 BATCH_MAX = 256
-"""Messages per batch frame (:func:`encode_batch` callers split longer lists)."""
+"""Messages per batch frame (:func:`batch_frames` splits longer lists)."""
 
 _BATCH_ENC = msgspec.msgpack.Encoder()
 _BATCH_DEC = msgspec.msgpack.Decoder(list[msgspec.Raw])
@@ -924,6 +925,14 @@ _BATCH_DEC = msgspec.msgpack.Decoder(list[msgspec.Raw])
 def encode_batch(encoded: list[bytes]) -> bytes:
     """One frame holding already encoded msgpack messages (at most :data:`BATCH_MAX`)."""
     return _BATCH_ENC.encode([msgspec.Raw(m) for m in encoded])
+
+
+def batch_frames(encoded: list[bytes]) -> list[bytes]:
+    """The frames that carry already encoded messages: a single one as it is, several in batch
+    frames of at most :data:`BATCH_MAX` each."""
+    if len(encoded) <= 1:
+        return encoded
+    return [encode_batch(encoded[i:i + BATCH_MAX]) for i in range(0, len(encoded), BATCH_MAX)]
 
 
 def split_batch(buf: Any) -> list[Any]:

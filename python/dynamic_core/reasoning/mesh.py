@@ -57,7 +57,6 @@ import zmq
 from ..errors import AdapterError, PayloadError, ReasoningError
 from ..instruments import instruments
 from ..payloads import (
-    BATCH_MAX,
     AdapterBeat,
     AdapterBye,
     AdapterHello,
@@ -69,7 +68,7 @@ from ..payloads import (
     ReasoningContext,
     ReasonReply,
     ReasonRequest,
-    encode_batch,
+    batch_frames,
     split_batch,
 )
 from ..records import SIGNAL_DSI, SIGNAL_DTYPE
@@ -256,7 +255,7 @@ class ReasoningMesh:
         # a random start per broker: a reply to an earlier broker's task can never match one of ours
         self._ids = itertools.count((int.from_bytes(os.urandom(4), "big") << 20) + 1)
         self._tasks: dict[int, Task] = {}
-        self._outq: dict[bytes, list[bytes]] = {}
+        self._outq: dict[bytes, list[bytes]] = {}  # per adapter: encoded requests for the next _flush
         self._lost: OrderedDict[bytes, Any] = OrderedDict()  # recently lost adapters, for late replies
         self._timers: list[tuple[float, int, str, int, int]] = []
         self._tseq = itertools.count()
@@ -543,13 +542,11 @@ class ReasoningMesh:
 
     def _flush(self) -> None:
         """Send the requests buffered by :meth:`_send`: one multipart message per adapter, several
-        requests in batch frames (:func:`~dynamic_core.payloads.encode_batch`)."""
+        requests in batch frames (:func:`~dynamic_core.payloads.batch_frames`)."""
         while self._outq:
             outq, self._outq = self._outq, {}
-            for ident, frames in outq.items():
-                if len(frames) > 2:  # several requests: batch frames of up to BATCH_MAX each
-                    reqs = frames[1:]
-                    frames = [ident] + [encode_batch(reqs[i:i + BATCH_MAX]) for i in range(0, len(reqs), BATCH_MAX)]
+            for ident, reqs in outq.items():
+                frames = [ident, *batch_frames(reqs)]
                 try:
                     self._sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) > 8)
                 except zmq.ZMQError:  # gone (ROUTER_MANDATORY) or its queue is full: fail over
@@ -807,10 +804,7 @@ class ReasoningMesh:
         req = ReasonRequest(task_id=task.id, attempt=att, context=ctx, messages=msgs, template=tmpl_name,
                             max_tokens=task.tokens_out, timeout_ms=max(1, int(budget * 1000)), json_mode=json_mode)
         # buffered per adapter and sent as one multipart message per loop iteration (_flush)
-        buf = self._outq.get(a.identity)
-        if buf is None:
-            buf = self._outq[a.identity] = [a.identity]
-        buf.append(self._out.encode(req))
+        self._outq.setdefault(a.identity, []).append(self._out.encode(req))
         task.attempt += 1
         task.pending[att] = (provider, a.identity, now)
         task.used.add(provider)

@@ -30,7 +30,6 @@ import zmq
 
 from ..errors import AdapterError, DynamicCoreError, PayloadError
 from ..payloads import (
-    BATCH_MAX,
     AdapterBeat,
     AdapterBye,
     AdapterHello,
@@ -40,7 +39,7 @@ from ..payloads import (
     MeshToAdapter,
     ReasonReply,
     ReasonRequest,
-    encode_batch,
+    batch_frames,
     split_batch,
 )
 from .profiles import ProviderProfile
@@ -257,10 +256,8 @@ class AdapterWorker:
 
     def _send_replies(self, replies: list[bytes]) -> None:
         """The local narrator's answers to one broker message: in batch frames when several."""
-        if len(replies) > 1:
-            replies = [encode_batch(replies[i:i + BATCH_MAX]) for i in range(0, len(replies), BATCH_MAX)]
         if replies:
-            self.sock.send_multipart(replies)
+            self.sock.send_multipart(batch_frames(replies))
 
     def stop(self) -> None:
         self._stop.set()
