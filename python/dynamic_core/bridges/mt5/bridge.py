@@ -423,13 +423,12 @@ class MT5Bridge:
         if self._thread is None or self._inbox or not self._state_lock.acquire(blocking=False):
             return False
         try:
+            # _new_order would only send it (its other outcomes call back: bridge thread only)
             if (self._closed or self._stop.is_set() or self._inbox or self.link != "live"
                     or o.state != QUEUED or o.cancel or o.coid in self._adoptable
                     or now_ms() >= o.valid_until):
                 return False
-            self.counts["submitted"] += 1
-            self._open[o.coid] = o
-            self._send_order(o, time.monotonic())
+            self._new_order(o)
             # a send can take the socket's readiness signal: wake the bridge thread if a
             # message waits
             if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
