@@ -175,10 +175,10 @@ inline void prefetch_range(const void* p, size_t n) {
 constexpr size_t kParallelLanes = 16384;
 
 // body(t) on `threads` threads (t: the thread's index; the caller is thread 0), as many as can
-// be started; `stop` is called when a body throws. The first exception is rethrown once all
-// have joined.
-template <class B, class S>
-void run_threads(int threads, B&& body, S&& stop) {
+// be started (their count is passed to `started` before thread 0 runs its body); `stop` is
+// called when a body throws. The first exception is rethrown once all have joined.
+template <class B, class S, class N = void (*)(int)>
+void run_threads(int threads, B&& body, S&& stop, N&& started = [](int) {}) {
   std::exception_ptr error;
   std::mutex error_m;
   auto guarded = [&](int t) {
@@ -197,27 +197,71 @@ void run_threads(int threads, B&& body, S&& stop) {
   } catch (const std::system_error&) {
     // no more threads to be had: those started and this one share the work
   }
+  started(static_cast<int>(extra.size()) + 1);
   guarded(0);
   for (std::thread& th : extra) th.join();
   if (error) std::rethrow_exception(error);
 }
 
+// Threads that run several phases one after the other, each a loop over [0, n) taken in chunks,
+// with barriers between them: one set of threads for a whole generation instead of threads
+// started for each phase. run() calls body(t) on every thread (t: its index; the caller is 0).
+class Team {
+ public:
+  struct Stopped {};  // thrown at a barrier once another thread has failed
+
+  template <class B>
+  void run(int threads, B&& body) {
+    std::atomic<bool> go{false};  // the others wait until the team's size is known
+    run_threads(threads, [&](int t) {
+      if (t == 0) {
+        go.store(true, std::memory_order_release);
+      } else {
+        while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
+      }
+      body(t);
+    }, [&] { stopped_.store(true, std::memory_order_relaxed); }, [&](int started) { size_ = started; });
+  }
+  // f(i, t) for the i of [0, n) this thread takes, in chunks from the phase's own counter
+  template <class F>
+  void loop(int phase, uint32_t n, int t, F&& f) {
+    constexpr uint32_t kChunk = 8;
+    std::atomic<uint32_t>& next = next_[phase];
+    for (uint32_t i; !stopped_.load(std::memory_order_relaxed) && (i = next.fetch_add(kChunk, std::memory_order_relaxed)) < n;)
+      for (uint32_t j = i; j < std::min(n, i + kChunk); ++j) f(j, t);
+  }
+  // returns once every thread has arrived; what each wrote before is visible to all after
+  void barrier() {
+    const uint32_t gen = gen_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == size_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      gen_.store(gen + 1, std::memory_order_release);
+      return;
+    }
+    for (uint32_t spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
+      if (stopped_.load(std::memory_order_relaxed)) throw Stopped{};
+      if (spins > 256) std::this_thread::yield();
+    }
+  }
+
+ private:
+  static constexpr int kPhases = 4;
+  std::atomic<uint32_t> next_[kPhases] = {};
+  std::atomic<uint32_t> arrived_{0}, gen_{0};
+  std::atomic<bool> stopped_{false};
+  uint32_t size_ = 1;  // threads in the team (set before any of them runs its body)
+};
+
 // f(i, t) for i in [0, n) on `threads` threads (t: the thread's index; the caller is thread 0),
-// SMs taken in chunks; first() runs on thread 0 before it takes any.
-template <class F, class G = void (*)()>
-void for_each_parallel(uint32_t n, int threads, F&& f, G&& first = [] {}) {
+// taken in chunks.
+template <class F>
+void for_each_parallel(uint32_t n, int threads, F&& f) {
   if (threads <= 1 || n < 2) {
-    first();
     for (uint32_t i = 0; i < n; ++i) f(i, 0);
     return;
   }
-  constexpr uint32_t kChunk = 8;
-  std::atomic<uint32_t> next{0};
-  run_threads(threads, [&](int t) {
-    if (t == 0) first();
-    for (uint32_t i; (i = next.fetch_add(kChunk, std::memory_order_relaxed)) < n;)
-      for (uint32_t j = i; j < std::min(n, i + kChunk); ++j) f(j, t);
-  }, [&] { next.store(n, std::memory_order_relaxed); });
+  Team team;
+  team.run(threads, [&](int t) { team.loop(0, n, t, f); });
 }
 
 // Bucket of a finite value: the top 16 bits of an order-preserving key (sign, exponent and 4
@@ -388,7 +432,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     for (uint32_t m : sm_order) widest = std::max(widest, layout_.sms[m].n_warps * kWarpSize);
     for (std::vector<double>& v : X.traded_of) v.resize(widest);
   }
-  for_each_parallel(n_order, threads, [&](uint32_t i, int t) {
+  auto judge_sm = [&](uint32_t i, int t) {
     const uint32_t m = sm_order[i];
     const Sm& sm = layout_.sms[m];
     // bars of the stream seen (all of them run: wait_idle); a device backend advances no bank here
@@ -449,16 +493,21 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       for (const Ranked x : order)
         if (traded_rank(x)) I.pool.push_back(lane_of(x));
     }
-  });
-  size_t n_losers = 0, n_traded = 0;
-  for (uint32_t m : sm_order) {
-    const Island& I = isl[m];
-    rep.judged += I.judged;
-    rep.eligible += I.pool.size();
-    isl[m].kid_begin = n_losers;
-    n_losers += I.losers.size();
-    n_traded += I.traded.size();
-  }
+  };
+  size_t n_traded = 0;
+  std::vector<Kid>& kids = X.kids;
+  auto after_judge = [&] {  // serial: the report's counts and each SM's first slot in `kids`
+    size_t n_losers = 0;
+    for (uint32_t m : sm_order) {
+      const Island& I = isl[m];
+      rep.judged += I.judged;
+      rep.eligible += I.pool.size();
+      isl[m].kid_begin = n_losers;
+      n_losers += I.losers.size();
+      n_traded += I.traded.size();
+    }
+    kids.resize(n_losers);
+  };
   auto better = [&](uint32_t x, uint32_t y) {  // fitter, then lower agent id
     if (fit[x] != fit[y]) return fit[x] > fit[y];
     return lane_id[x] < lane_id[y];
@@ -502,8 +551,6 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   // ---- phase 2: children, SM by SM, weakest slot first --------------------------------------
   // Parents are read from a snapshot: a slot replaced in this generation is never a parent
   // (pools exclude losers), and children are written only in phase 3.
-  X.kids.resize(n_losers);
-  std::vector<Kid>& kids = X.kids;
   X.picks_of.resize(static_cast<size_t>(threads));
   // the lines pass 2 reads of a parent: its genome and its lattice ranks
   auto prefetch_parent = [&](uint32_t lane) {
@@ -513,7 +560,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     __builtin_prefetch(g + sizeof(Genome) - 1);
     __builtin_prefetch(&lane_rank_[lane]);
   };
-  for_each_parallel(n_order, threads, [&](uint32_t i, int t) {
+  auto breed_sm = [&](uint32_t i, int t) {
     const uint32_t m = sm_order[i];
     Island& I = isl[m];
     if (I.losers.empty()) return;
@@ -708,27 +755,30 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       I.migrants += (how & kMigrant) != 0;
       I.spawns += (how & kSpawn) != 0;
     }
-  }, summary);
+  };
 
-  // ---- ids: in SM order, then in the order the children were bred ---------------------------
-  size_t n_kids = 0;
-  for (uint32_t m : sm_order) {
-    Island& I = isl[m];
-    I.birth_begin = n_kids;
-    n_kids += I.kids;
-    rep.crossovers += I.crossovers;
-    rep.migrants += I.migrants;
-    rep.spawns += I.spawns;
-    rep.period_moves += I.period_moves;
-    for (int f = 0; f < kFeatures; ++f) styles_[layout_.sms[m].stream][f] += I.dstyle[f];
-  }
-  rep.replaced = n_kids;
-  rep.births.resize(n_kids);
-  const uint32_t first_id = next_id_;
-  next_id_ += static_cast<uint32_t>(n_kids);
+  // ---- ids: in SM order, then in the order the children were bred (serial) ------------------
+  uint32_t first_id = 0;
+  auto assign_ids = [&] {
+    size_t n_kids = 0;
+    for (uint32_t m : sm_order) {
+      Island& I = isl[m];
+      I.birth_begin = n_kids;
+      n_kids += I.kids;
+      rep.crossovers += I.crossovers;
+      rep.migrants += I.migrants;
+      rep.spawns += I.spawns;
+      rep.period_moves += I.period_moves;
+      for (int f = 0; f < kFeatures; ++f) styles_[layout_.sms[m].stream][f] += I.dstyle[f];
+    }
+    rep.replaced = n_kids;
+    rep.births.resize(n_kids);
+    first_id = next_id_;
+    next_id_ += static_cast<uint32_t>(n_kids);
+  };
 
   // ---- phase 3: write the children into their slots -----------------------------------------
-  for_each_parallel(n_order, threads, [&](uint32_t i, int) {
+  auto write_sm = [&](uint32_t i, int) {
     const uint32_t m = sm_order[i];
     Island& I = isl[m];
     const int64_t nbars = static_cast<int64_t>(layout_.streams[layout_.sms[m].stream].nbars);
@@ -738,6 +788,20 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       __builtin_prefetch(g, 1);
       __builtin_prefetch(g + sizeof(Genome) - 1, 1);
       __builtin_prefetch(&lane_lineage_[l], 1);
+      __builtin_prefetch(&lane_rank_[l], 1);
+      for (int f = 0; f < kFeatures; ++f) {
+        __builtin_prefetch(&lanes_.w[f][l], 1);
+        __builtin_prefetch(&lanes_.fidx[f][l], 1);
+      }
+      __builtin_prefetch(&lanes_.entry[l], 1);
+      __builtin_prefetch(&lanes_.cost[l], 1);
+      __builtin_prefetch(&state_.score[l], 1);
+      __builtin_prefetch(&state_.equity[l], 1);
+      __builtin_prefetch(&state_.entry_equity[l], 1);
+      __builtin_prefetch(&state_.peak[l], 1);
+      __builtin_prefetch(&state_.ext_score[l], 1);
+      __builtin_prefetch(&state_.credit[l], 1);
+      __builtin_prefetch(&state_.dsi[l], 1);
     }
     for (size_t j = 0; j < I.kids; ++j) {
       Kid& kid = kids[I.kid_begin + j];
@@ -771,6 +835,21 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       lane_id_[slot_lane] = c.g.agent_id;
       lane_lineage_[slot_lane] = Lineage{c.g.agent_id, b.parent_a, b.parent_b, generation, nbars};
     }
+  };
+
+  // The phases on one team of threads; the serial steps on thread 0 between barriers.
+  Team team;
+  team.run(threads, [&](int t) {
+    team.loop(0, n_order, t, judge_sm);
+    team.barrier();
+    if (t == 0) after_judge();
+    team.barrier();
+    if (t == 0) summary();  // while the others breed
+    team.loop(1, n_order, t, breed_sm);
+    team.barrier();
+    if (t == 0) assign_ids();
+    team.barrier();
+    team.loop(2, n_order, t, write_sm);
   });
   for (uint32_t s : scope)
     for (int f = 0; f < kFeatures; ++f) rep.style_counts[f] += static_cast<uint64_t>(styles_[s][f]);
