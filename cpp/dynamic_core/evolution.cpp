@@ -431,6 +431,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     uint32_t widest = 0;  // lanes of the widest SM
     for (uint32_t m : sm_order) widest = std::max(widest, layout_.sms[m].n_warps * kWarpSize);
     for (std::vector<double>& v : X.traded_of) v.resize(widest);
+    for (std::vector<Ranked>& v : X.order_of) v.resize(widest);
+    for (std::vector<Ranked>& v : X.weakest_of) v.resize(widest);
   }
   auto judge_sm = [&](uint32_t i, int t) {
     const uint32_t m = sm_order[i];
@@ -440,8 +442,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     Island& I = isl[m];
     I.reset();
     uint32_t* hist = X.hist_of[t].data();
-    std::vector<Ranked>& order = X.order_of[t];
-    order.clear();
+    Ranked* order = X.order_of[t].data();  // the judged, lane order
+    size_t n_ord = 0;
     const uint32_t lb = sm.lane_begin, le = sm.lane_begin + sm.n_warps * kWarpSize;
     // every lane's fitness first (no branches: vectorised), read below for the judged ones
     const double pen = cfg.dd_penalty;
@@ -462,10 +464,10 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       const bool traded = trades[l] >= cfg.min_trades;
       traded_x[n_tr] = x;  // kept when traded
       n_tr += traded;
-      order.push_back(ranked(traded, x, l));
+      order[n_ord++] = ranked(traded, x, l);
     }
     I.traded.assign(traded_x, traded_x + n_tr);
-    I.judged = order.size();
+    I.judged = n_ord;
     {  // for the report: sum (lane order), best, and the median's histogram
       double sum = 0.0, best = -std::numeric_limits<double>::infinity();
       for (size_t k = 0; k < n_tr; ++k) {
@@ -478,21 +480,35 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       I.best = best;
     }
     // the n_rep weakest, weakest first; the pool is the rest (those with the trade count), in
-    // lane order: everything stronger than the last loser
-    const size_t n_rep = static_cast<size_t>(cfg.replace_fraction * static_cast<double>(order.size()));
+    // lane order: everything stronger than the last loser (a traded rank is above 0)
+    const size_t n_rep = static_cast<size_t>(cfg.replace_fraction * static_cast<double>(n_ord));
+    Ranked last = 0;
     if (n_rep > 0) {
-      // a heap of the n_rep weakest seen so far: most lanes are rejected by one comparison
-      std::vector<Ranked>& weakest = X.weakest_of[t];
-      weakest.resize(n_rep);
-      std::partial_sort_copy(order.begin(), order.end(), weakest.begin(), weakest.end());
-      for (size_t k = 0; k < n_rep; ++k) I.losers.push_back(lane_of(weakest[k]));
-      const Ranked last = weakest[n_rep - 1];
-      for (const Ranked x : order)
-        if (traded_rank(x) && x > last) I.pool.push_back(lane_of(x));
-    } else {
-      for (const Ranked x : order)
-        if (traded_rank(x)) I.pool.push_back(lane_of(x));
+      // the n_rep weakest seen so far, ascending: most lanes are rejected by one comparison
+      Ranked* w = X.weakest_of[t].data();
+      size_t k = 0;
+      for (size_t j = 0; j < n_ord; ++j) {
+        const Ranked x = order[j];
+        if (k == n_rep) {
+          if (!(x < w[k - 1])) continue;
+          --k;  // the strongest of them leaves
+        }
+        size_t p = k++;
+        for (; p > 0 && x < w[p - 1]; --p) w[p] = w[p - 1];
+        w[p] = x;
+      }
+      for (size_t j = 0; j < n_rep; ++j) I.losers.push_back(lane_of(w[j]));
+      last = w[n_rep - 1];
     }
+    I.pool.resize(n_ord);
+    uint32_t* pool = I.pool.data();
+    size_t n_pool = 0;
+    for (size_t j = 0; j < n_ord; ++j) {
+      const Ranked x = order[j];
+      pool[n_pool] = lane_of(x);
+      n_pool += traded_rank(x) && x > last;
+    }
+    I.pool.resize(n_pool);
   };
   size_t n_traded = 0;
   std::vector<Kid>& kids = X.kids;
@@ -840,16 +856,23 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   // The phases on one team of threads; the serial steps on thread 0 between barriers.
   Team team;
   team.run(threads, [&](int t) {
+    
     team.loop(0, n_order, t, judge_sm);
+    
     team.barrier();
     if (t == 0) after_judge();
     team.barrier();
+    
     if (t == 0) summary();  // while the others breed
+    
     team.loop(1, n_order, t, breed_sm);
+    
     team.barrier();
     if (t == 0) assign_ids();
     team.barrier();
+    
     team.loop(2, n_order, t, write_sm);
+    
   });
   for (uint32_t s : scope)
     for (int f = 0; f < kFeatures; ++f) rep.style_counts[f] += static_cast<uint64_t>(styles_[s][f]);
