@@ -223,9 +223,9 @@ class Team {
     }, [&] { stopped_.store(true, std::memory_order_relaxed); }, [&](int started) { size_ = started; });
   }
   // f(i, t) for the i of [0, n) this thread takes, in chunks from the phase's own counter
+  static constexpr uint32_t kChunk = 8;  // loop() hands out [k * kChunk, (k + 1) * kChunk)
   template <class F>
   void loop(int phase, uint32_t n, int t, F&& f) {
-    constexpr uint32_t kChunk = 8;
     std::atomic<uint32_t>& next = next_[phase];
     for (uint32_t i; !stopped_.load(std::memory_order_relaxed) && (i = next.fetch_add(kChunk, std::memory_order_relaxed)) < n;)
       for (uint32_t j = i; j < std::min(n, i + kChunk); ++j) f(j, t);
@@ -794,17 +794,18 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   };
 
   // ---- phase 3: write the children into their slots -----------------------------------------
-  auto write_sm = [&](uint32_t i, int) {
-    const uint32_t m = sm_order[i];
-    Island& I = isl[m];
-    const int64_t nbars = static_cast<int64_t>(layout_.streams[layout_.sms[m].stream].nbars);
-    for (size_t j = 0; j < I.kids; ++j) {  // the slots' widest records, written below, asked for first
+  // The lines phase 3 writes of SM m's slots (and reads: the slot's agent), asked for one SM
+  // ahead; the agent's id entry (an index read from those lines) while the SM itself is written.
+  auto prefetch_slots = [&](uint32_t m) {
+    const Island& I = isl[m];
+    for (size_t j = 0; j < I.kids; ++j) {
       const uint32_t l = kids[I.kid_begin + j].slot_lane;
       const char* g = reinterpret_cast<const char*>(&lane_genome_[l]);
       __builtin_prefetch(g, 1);
       __builtin_prefetch(g + sizeof(Genome) - 1, 1);
       __builtin_prefetch(&lane_lineage_[l], 1);
       __builtin_prefetch(&lane_rank_[l], 1);
+      __builtin_prefetch(&lane_agent[l]);
       for (int f = 0; f < kFeatures; ++f) {
         __builtin_prefetch(&lanes_.w[f][l], 1);
         __builtin_prefetch(&lanes_.fidx[f][l], 1);
@@ -819,6 +820,15 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       __builtin_prefetch(&state_.credit[l], 1);
       __builtin_prefetch(&state_.dsi[l], 1);
     }
+  };
+  auto write_sm = [&](uint32_t i, int) {
+    const uint32_t m = sm_order[i];
+    Island& I = isl[m];
+    const int64_t nbars = static_cast<int64_t>(layout_.streams[layout_.sms[m].stream].nbars);
+    if (i % Team::kChunk == 0) prefetch_slots(m);  // the first SM of what this thread took
+    if ((i + 1) % Team::kChunk != 0 && i + 1 < n_order) prefetch_slots(sm_order[i + 1]);
+    for (size_t j = 0; j < I.kids; ++j)
+      __builtin_prefetch(&layout_.agent_id[lane_agent[kids[I.kid_begin + j].slot_lane]], 1);
     for (size_t j = 0; j < I.kids; ++j) {
       Kid& kid = kids[I.kid_begin + j];
       const Child& c = kid.c;
@@ -856,23 +866,16 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   // The phases on one team of threads; the serial steps on thread 0 between barriers.
   Team team;
   team.run(threads, [&](int t) {
-    
     team.loop(0, n_order, t, judge_sm);
-    
     team.barrier();
     if (t == 0) after_judge();
     team.barrier();
-    
     if (t == 0) summary();  // while the others breed
-    
     team.loop(1, n_order, t, breed_sm);
-    
     team.barrier();
     if (t == 0) assign_ids();
     team.barrier();
-    
     team.loop(2, n_order, t, write_sm);
-    
   });
   for (uint32_t s : scope)
     for (int f = 0; f < kFeatures; ++f) rep.style_counts[f] += static_cast<uint64_t>(styles_[s][f]);
