@@ -454,7 +454,12 @@ void bind_engine(py::module_& m) {
                py::gil_scoped_release nogil;
                r = e.evolve(cfg, seed, generation, ev, streams);
              }
-             return report_dict(r);
+             py::dict d = report_dict(r);
+             {
+               py::gil_scoped_release nogil;
+               e.recycle(r);  // its births buffer serves the next generation
+             }
+             return d;
            }, py::arg("config"), py::arg("seed"), py::arg("generation"), py::arg("event") = py::bytes(),
            py::arg("streams") = std::vector<uint32_t>{},
            "One generation of evolution between updates; returns the report (births as a uint8 array).")

@@ -202,6 +202,9 @@ class Engine {
   // ids follow; empty: cfg.stream, or every stream in index order.
   GenerationReport evolve(const EvolutionConfig& cfg, uint64_t seed, uint32_t generation,
                           const std::string& event = {}, const std::vector<uint32_t>& streams = {});
+  // Hands a report's births buffer back once read, for the next generation's report (a caller
+  // that evolves often then allocates and page-faults no fresh buffer each time). Optional.
+  void recycle(GenerationReport& r);
   // The current genomes and lineage, population order (after the bars in flight).
   void genomes(Genome* out);
   void lineage(Lineage* out);
@@ -351,6 +354,7 @@ class Engine {
   std::vector<std::array<int64_t, kFeatures + 1>> styles_;  // per stream: agents per dominant feature, all
   std::vector<double> fit_;  // scratch: fitness per lane of the last generation
   EvolutionScratch evo_;     // scratch of a generation
+  std::vector<Birth> births_spare_;  // a report's births buffer handed back (recycle)
   std::vector<double> stream_dsi_;      // per stream: the DSI evidence last set (set_dsi), 0 before
   std::vector<uint32_t> stream_flags_;  // per stream: Signal::flags of its signals (kSignalDsi)
   uint32_t next_id_ = 0;

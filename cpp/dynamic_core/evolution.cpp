@@ -392,7 +392,15 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   // count or on which thread runs an SM.
 
   EvolutionScratch& X = evo_;
-  if (X.isl.size() != n_sms) X.isl.assign(n_sms, Island{});
+  if (X.isl.size() != n_sms) {
+    X.isl.assign(n_sms, Island{});
+    for (uint32_t m = 0; m < n_sms; ++m) {  // room for every lane of the SM: no growth later
+      const size_t nl = static_cast<size_t>(layout_.sms[m].n_warps) * kWarpSize;
+      X.isl[m].pool.reserve(nl);
+      X.isl[m].losers.reserve(nl);
+      X.isl[m].traded.reserve(nl);
+    }
+  }
   std::vector<Island>& isl = X.isl;
   fit_.resize(lanes_.active.size());  // read only for the lanes judged below
   double* fit = fit_.data();
@@ -788,6 +796,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       for (int f = 0; f < kFeatures; ++f) styles_[layout_.sms[m].stream][f] += I.dstyle[f];
     }
     rep.replaced = n_kids;
+    rep.births.swap(births_spare_);  // a buffer handed back by recycle, if any
     rep.births.resize(n_kids);
     first_id = next_id_;
     next_id_ += static_cast<uint32_t>(n_kids);
@@ -880,6 +889,12 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   for (uint32_t s : scope)
     for (int f = 0; f < kFeatures; ++f) rep.style_counts[f] += static_cast<uint64_t>(styles_[s][f]);
   return rep;
+}
+
+void Engine::recycle(GenerationReport& r) {
+  std::lock_guard<std::mutex> lk(ingress_m_);
+  r.births.clear();
+  if (r.births.capacity() > births_spare_.capacity()) births_spare_.swap(r.births);
 }
 
 }  // namespace dynamic_core
