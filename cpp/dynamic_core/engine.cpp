@@ -283,7 +283,7 @@ void Engine::worker_main(int w) {
     // Spin briefly, then park until ingress or the sentinel wakes us.
     const int64_t t_spin = now_ns();
     bool work = false;
-    while (now_ns() - t_spin < kSpinNs) {
+    while (now_ns() - t_spin < kSpinNs && !park_.load(std::memory_order_relaxed)) {
       if (!me.ring.empty() || me.adopt_gen.load(std::memory_order_relaxed) != seen_adopt ||
           stop_.load(std::memory_order_relaxed)) {
         work = true;

@@ -398,6 +398,9 @@ class Engine {
   std::atomic<uint64_t> failovers_{0};
   std::atomic<uint64_t> ext_updates_{0}, ext_quarantined_{0};  // emit_external
   std::atomic<bool> stop_{false};
+  // Set while a between-updates operation (a generation) holds the ingress lock with every bar
+  // done: idle workers park at once instead of spinning on the cores it runs on.
+  std::atomic<bool> park_{false};
   std::thread sentinel_;
   std::mutex sentinel_m_;
   std::condition_variable sentinel_cv_;

@@ -341,6 +341,12 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     throw std::overflow_error("evolution: agent ids exhausted (the next id would pass 2^32 - 1)");
   wait_idle();  // between updates, like set_credit
   journal_event_locked(event);
+  // idle workers park (nothing reaches them before this returns) rather than spin beside it
+  struct Park {
+    std::atomic<bool>& flag;
+    ~Park() { flag.store(false, std::memory_order_relaxed); }
+  } park{park_};
+  park_.store(true, std::memory_order_relaxed);
 
   const uint32_t n_sms = static_cast<uint32_t>(layout_.sms.size());
   const int threads = layout_.lane_agent.size() >= kParallelLanes ? std::max(1, cfg_.threads) : 1;
