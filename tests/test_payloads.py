@@ -106,6 +106,19 @@ def test_signal_records_round_trip(signals: np.ndarray) -> None:
     assert objs == [P.signal_from_record(r) for r in signals]
     assert P.signals_to_records(objs).tobytes() == signals.tobytes()
     assert objs[5].id == f"{int(signals['population_hash'][5]):016x}:{int(signals['seq'][5])}"
+    # a few records go row by row, many column by column: the same signals either way, with
+    # plain Python values, field by field as the record holds them
+    for k in (1, 2, 3, 40):
+        assert P.signals_from_records(signals[7:7 + k]) == objs[7:7 + k]
+    r, s = signals[9], P.signal_from_record(signals[9])
+    assert s.votes == tuple(int(v) for v in r["votes"]) and type(s.votes[0]) is int
+    assert (s.ts, s.seq, s.action, s.flags) == (int(r["ts"]), int(r["seq"]), int(r["action"]), int(r["flags"]))
+    assert type(s.ts) is int and type(s.score) is float and s.score == float(r["score"])
+    assert s.instrument == dc.instruments.name(int(r["instrument"]))
+    bad = signals[:1].copy()
+    bad["instrument"] = 2**32 - 1
+    with pytest.raises(KeyError):
+        P.signal_from_record(bad[0])
 
 
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 300])
