@@ -72,7 +72,7 @@ from ..payloads import (
     split_batch,
 )
 from ..records import SIGNAL_DSI, SIGNAL_DTYPE
-from ..transport._common import check_address, endpoint
+from ..transport._common import check_address, endpoint, readable
 from ..transport.doorbell import Doorbell
 from .cache import NarrativeCache
 from .ensemble import ABSplit, Candidate, ReviewQueue, Weights, rerank
@@ -573,9 +573,11 @@ class ReasoningMesh:
     def _read_adapters(self) -> None:
         sock = self._sock
         for _ in range(4096):
+            if not readable(sock):
+                return
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            except zmq.Again:  # pragma: no cover - EVENTS said readable
                 return
             now = time.monotonic()
             if len(frames) < 2:

@@ -13,12 +13,22 @@ import zmq
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["DEFAULT_ADDRESS", "check_address", "endpoint", "is_loopback", "recv_frames"]
+__all__ = ["DEFAULT_ADDRESS", "check_address", "endpoint", "is_loopback", "readable", "recv_frames"]
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:*"
 """Where sockets bind by default: loopback, with a port chosen by the OS (see ``.endpoint``)."""
 
 _TCP = re.compile(r"^tcp://(?:(?P<iface>[^;]*);)?(?P<host>\[[^\]]*\]|[^:\[\]]*):(?P<port>\*|!?\[?[0-9-]*\]?|[0-9]+)$")
+
+
+_POLLIN = int(zmq.POLLIN)  # a plain int: IntFlag arithmetic costs about a microsecond
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """Whether ``sock`` holds a whole message to read now (ZMQ_EVENTS, no system call). Drain
+    loops ask this before each receive instead of catching ``zmq.Again`` at the end: raising and
+    catching it costs 6 us, this 2 us. Only from the thread that uses the socket."""
+    return bool(sock.getsockopt(zmq.EVENTS) & _POLLIN)
 
 
 def is_loopback(address: str) -> bool:

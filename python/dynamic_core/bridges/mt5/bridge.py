@@ -25,7 +25,7 @@ import zmq
 
 from ...errors import PayloadError
 from ...payloads import TradingPlan
-from ...transport._common import check_address, endpoint
+from ...transport._common import check_address, endpoint, readable
 from ._util import Doorbell, SeqTracker, Stamper, configure
 from .protocol import (
     MAX_ID,
@@ -828,9 +828,11 @@ class MT5Bridge:
     def _read(self) -> None:
         sock, codec = self._sock, self._codec
         for _ in range(4096):
+            if not readable(sock):
+                return
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)  # small frames: copying is cheaper than Frame objects
-            except zmq.Again:
+            except zmq.Again:  # pragma: no cover - EVENTS said readable
                 return
             ident = frames[0]
             if len(frames) != 2:

@@ -19,6 +19,7 @@ import msgspec
 import zmq
 
 from ...errors import PayloadError
+from ...transport._common import readable
 from ..paper import CostModel, PaperBroker
 from ..paper import Order as PaperOrder
 from ._util import Doorbell, SeqTracker, Stamper, configure
@@ -318,9 +319,11 @@ class SimulatedTerminal:
 
     def _read(self) -> None:
         for _ in range(4096):
+            if not readable(self._sock):
+                return
             try:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            except zmq.Again:  # pragma: no cover - EVENTS said readable
                 return
             if len(frames) != 1:
                 self._codec.count("invalid")
