@@ -20,7 +20,7 @@ from .journal import DEFAULT_SEGMENT_BYTES
 from .instruments import instruments
 from .market import as_bars
 from .population import Population
-from .payloads import AISignal, signal_from_record
+from .payloads import AISignal, signal_from_record, signals_from_records
 from .records import (AGENT_DTYPE, BAR_DTYPE, BIRTH_DTYPE, DEAD_LETTER_DTYPE, GENOME_DTYPE, LINEAGE_DTYPE,
                       REASONS, SIGNAL_DTYPE)
 
@@ -356,8 +356,7 @@ class Engine:
                 batch = self._native.poll(4096, 50_000_000)
             except RuntimeError:  # closed underneath us
                 return
-            for r in np.frombuffer(batch, dtype=SIGNAL_DTYPE):
-                sig = signal_from_record(r)
+            for sig in signals_from_records(np.frombuffer(batch, dtype=SIGNAL_DTYPE)):
                 for cb in list(self._callbacks):
                     try:
                         cb(sig)
