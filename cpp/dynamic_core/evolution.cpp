@@ -264,42 +264,6 @@ void for_each_parallel(uint32_t n, int threads, F&& f) {
   team.run(threads, [&](int t) { team.loop(0, n, t, f); });
 }
 
-// Bucket of a finite value: the top 16 bits of an order-preserving key (sign, exponent and 4
-// mantissa bits), so buckets ascend with the values.
-inline uint32_t value_bucket(double x) {
-  uint64_t u;
-  std::memcpy(&u, &x, sizeof u);
-  u = (u >> 63) ? ~u : u | (uint64_t{1} << 63);
-  return static_cast<uint32_t>(u >> 48);
-}
-constexpr size_t kValueBuckets = size_t{1} << 16;
-
-// Median of n > 0 finite values (the mean of the two middle ones for an even count), given how
-// many fall in each value_bucket; each(fn) calls fn(x) for every value. The selection runs only
-// within the bucket holding the middle.
-template <class Each>
-double median_bucketed(size_t n, const uint32_t* count, Each&& each, std::vector<double>& tmp) {
-  const size_t mid = n / 2;
-  size_t below = 0;                                             // values in the buckets before b
-  double lower_max = -std::numeric_limits<double>::infinity();  // the largest of them
-  uint32_t b = 0;
-  while (below + count[b] <= mid) below += count[b++];
-  tmp.clear();
-  each([&](double x) {
-    const uint32_t k = value_bucket(x);
-    if (k == b) tmp.push_back(x);
-    else if (k < b && x > lower_max) lower_max = x;
-  });
-  const size_t r = mid - below;
-  std::nth_element(tmp.begin(), tmp.begin() + static_cast<std::ptrdiff_t>(r), tmp.end());
-  double med = tmp[r];
-  if (n % 2 == 0) {
-    const double lo = r > 0 ? *std::max_element(tmp.begin(), tmp.begin() + static_cast<std::ptrdiff_t>(r)) : lower_max;
-    med = (lo + med) / 2.0;
-  }
-  return med;
-}
-
 // Expresses a parent genome on lattice L; false if a feature it uses is not there.
 bool express(const Genome& parent, const SmLattice& L, Child& c) {
   c.g = parent;

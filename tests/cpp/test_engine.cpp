@@ -1,11 +1,14 @@
 // Engine: layout, rejects, determinism across block sizes.
+#include <algorithm>
 #include <cmath>
+#include <random>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
 
 #include "check.hpp"
 #include "dynamic_core/engine.hpp"
+#include "dynamic_core/evolution.hpp"
 
 using namespace dynamic_core;
 
@@ -55,7 +58,36 @@ static std::vector<Bar> bars(size_t n) {
   return b;
 }
 
+// median_bucketed (a generation's report median) against a full sort, including an even count
+// whose lower middle value lies in an earlier bucket than the upper one.
+static void check_median() {
+  auto exact = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2.0;
+  };
+  auto bucketed = [](const std::vector<double>& v) {
+    std::vector<uint32_t> count(kValueBuckets, 0);
+    for (double x : v) ++count[value_bucket(x)];
+    std::vector<double> tmp;
+    return median_bucketed(v.size(), count.data(), [&](auto&& fn) {
+      for (double x : v) fn(x);
+    }, tmp);
+  };
+  std::mt19937_64 g(5);
+  std::normal_distribution<double> nd(0.01, 0.2);
+  for (size_t n : {1, 2, 3, 4, 7, 100, 101, 5000, 5001}) {
+    std::vector<double> v(n);
+    for (double& x : v) x = nd(g);
+    CHECK_EQ(bucketed(v), exact(v));
+  }
+  CHECK_EQ(bucketed({1.0, 2.0}), 1.5);            // the lower middle in an earlier bucket
+  CHECK_EQ(bucketed({-3.0, -0.5, 0.25, 9.0}), -0.125);
+  CHECK_EQ(bucketed({2.0, 2.0, 2.0, 5.0}), 2.0);  // ties within one bucket
+}
+
 int main() {
+  check_median();
   const auto g = population(300);
   const auto b = bars(400);
   EngineConfig cfg;
