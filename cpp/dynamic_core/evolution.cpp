@@ -502,9 +502,9 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     }
     kids.resize(n_losers);
   };
-  auto better = [&](uint32_t x, uint32_t y) {  // fitter, then lower agent id
-    if (fit[x] != fit[y]) return fit[x] > fit[y];
-    return lane_id[x] < lane_id[y];
+  auto better = [&](uint32_t x, uint32_t y) {  // fitter, then lower agent id (no branches: random)
+    const double fx = fit[x], fy = fit[y];
+    return (fx > fy) | ((fx == fy) & (lane_id[x] < lane_id[y]));
   };
   // A parent of the SM itself: its genome and the lattice ranks of its features, as kept per lane.
   auto express_local = [&](uint32_t lane, Child& c) {
@@ -515,7 +515,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     uint32_t best = pool[rng.below(static_cast<uint32_t>(pool.size()))];
     for (uint32_t k = 1; k < cfg.tournament; ++k) {
       const uint32_t c = pool[rng.below(static_cast<uint32_t>(pool.size()))];
-      if (better(c, best)) best = c;
+      best = better(c, best) ? c : best;
     }
     return best;
   };
