@@ -1,10 +1,10 @@
 #include "../dynamic_core/engine.hpp"
 #include "common.hpp"
 
-#include <cstring>
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <cstring>
 
 namespace dynamic_core::bindings {
 

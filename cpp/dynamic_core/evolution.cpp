@@ -222,8 +222,9 @@ class Team {
       body(t);
     }, [&] { stopped_.store(true, std::memory_order_relaxed); }, [&](int started) { size_ = started; });
   }
-  // f(i, t) for the i of [0, n) this thread takes, in chunks from the phase's own counter
+  static constexpr int kPhases = 3;      // loops per run, each with its own counter
   static constexpr uint32_t kChunk = 8;  // loop() hands out [k * kChunk, (k + 1) * kChunk)
+  // f(i, t) for the i of [0, n) this thread takes, in chunks from the phase's own counter
   template <class F>
   void loop(int phase, uint32_t n, int t, F&& f) {
     std::atomic<uint32_t>& next = next_[phase];
@@ -245,7 +246,6 @@ class Team {
   }
 
  private:
-  static constexpr int kPhases = 4;
   std::atomic<uint32_t> next_[kPhases] = {};
   std::atomic<uint32_t> arrived_{0}, gen_{0};
   std::atomic<bool> stopped_{false};
@@ -404,11 +404,9 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   X.hist_of.resize(static_cast<size_t>(threads));
   for (std::vector<uint32_t>& h : X.hist_of) h.assign(kValueBuckets, 0);  // fitness histogram (median)
   X.weakest_of.resize(static_cast<size_t>(threads));
-  X.traded_of.resize(static_cast<size_t>(threads));
   {
     uint32_t widest = 0;  // lanes of the widest SM
     for (uint32_t m : sm_order) widest = std::max(widest, layout_.sms[m].n_warps * kWarpSize);
-    for (std::vector<double>& v : X.traded_of) v.resize(widest);
     for (std::vector<Ranked>& v : X.order_of) v.resize(widest);
     for (std::vector<Ranked>& v : X.weakest_of) v.resize(widest);
   }
@@ -426,7 +424,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     // every lane's fitness first (no branches: vectorised), read below for the judged ones
     const double pen = cfg.dd_penalty;
     for (uint32_t l = lb; l < le; ++l) fit[l] = agent_fitness(n_ret[l], ret_sum[l], ret_sq[l], max_dd[l], pen);
-    double* traded_x = X.traded_of[t].data();  // the traded ones' fitness, lane order
+    I.traded.resize(le - lb);  // room reserved: no allocation
+    double* traded_x = I.traded.data();  // the traded ones' fitness, lane order
     size_t n_tr = 0;
     for (uint32_t l = lb; l < le; ++l) {
       const int64_t from = judge_from[l];
@@ -444,7 +443,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       n_tr += traded;
       order[n_ord++] = ranked(traded, x, l);
     }
-    I.traded.assign(traded_x, traded_x + n_tr);
+    I.traded.resize(n_tr);
     I.judged = n_ord;
     {  // for the report: sum (lane order), best, and the median's histogram
       double sum = 0.0, best = -std::numeric_limits<double>::infinity();

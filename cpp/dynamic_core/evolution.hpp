@@ -155,7 +155,6 @@ struct EvolutionScratch {
   std::vector<std::vector<uint32_t>> hist_of;  // per thread: judged fitness per value bucket
   __extension__ typedef unsigned __int128 Ranked;  // see Engine::evolve
   std::vector<std::vector<Ranked>> order_of, weakest_of;  // per thread
-  std::vector<std::vector<double>> traded_of;              // per thread: an SM's traded fitness
 };
 
 // The features an SM's bank updates, by kind, sorted by their periods: the lattice children move on.
@@ -220,8 +219,8 @@ inline double median_bucketed(size_t n, const uint32_t* count, Each&& each, std:
   size_t below = 0;  // values in the buckets before b
   uint32_t b = 0;
   while (below + count[b] <= mid) below += count[b++];
-  // One pass collects bucket b's values (a branch rarely taken: 3x faster than also tracking
-  // the largest value below b, whose branch goes either way about half the time).
+  // One pass collects bucket b's values: a branch rarely taken (tracking the largest value
+  // below b in the same pass would add one that goes either way about half the time).
   tmp.clear();
   each([&](double x) {
     if (value_bucket(x) == b) tmp.push_back(x);
