@@ -37,7 +37,7 @@ then refuses the frame (``unknown_field`` or ``version``) instead of misreading 
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -187,26 +187,17 @@ _SIGNAL_ROW = operator.itemgetter(*(SIGNAL_DTYPE.names.index(f) for f in (
     "dispersion", "action", "n_agents", "votes", "flags", "dsi")))
 
 
-def _signal_from_row(row: tuple, names: Sequence[str]) -> AISignal:
+def _signal_from_row(row: tuple, name_of: Callable[[int], str]) -> AISignal:
     ts, inst, tf, sq, ph, sc, cf, ag, dp, ac, na, v, fl, ds = _SIGNAL_ROW(row)
-    return AISignal(ts=ts, instrument=names[inst], timeframe=tf, seq=sq, population_hash=ph, score=sc,
+    return AISignal(ts=ts, instrument=name_of(inst), timeframe=tf, seq=sq, population_hash=ph, score=sc,
                     confidence=cf, agreement=ag, dispersion=dp, action=ac, n_agents=na,
                     votes=tuple(v.tolist()), flags=fl, dsi=ds)
-
-
-class _OneName:
-    """names[i] for one record: the registry's name of id i (KeyError when unknown)."""
-
-    __slots__ = ()
-
-    def __getitem__(self, i: int) -> str:
-        return instruments.name(i)
 
 
 def signal_from_record(r: np.void) -> AISignal:
     """``SIGNAL_DTYPE`` record -> :class:`AISignal` (one conversion of the record to Python
     values, not one per field)."""
-    return _signal_from_row(r.item(), _OneName())
+    return _signal_from_row(r.item(), instruments.name)
 
 
 _SIGNAL_SCALARS = ("ts", "timeframe", "seq", "population_hash", "score", "confidence", "agreement",
@@ -220,7 +211,7 @@ def signals_from_records(arr: np.ndarray) -> list[AISignal]:
         raise TypeError(f"expected dtype dc.SIGNAL_DTYPE, got {arr.dtype}")
     names = instruments.names()
     if len(arr) <= _ROWWISE_MAX:
-        return [_signal_from_row(row, names) for row in arr.tolist()]
+        return [_signal_from_row(row, names.__getitem__) for row in arr.tolist()]
     cols = [arr[f].tolist() for f in _SIGNAL_SCALARS]
     inst = [names[i] for i in arr["instrument"].tolist()]
     votes = [tuple(v) for v in arr["votes"].tolist()]

@@ -55,7 +55,6 @@ import numpy as np
 import zmq
 
 from ..errors import AdapterError, PayloadError, ReasoningError
-from ..instruments import instruments
 from ..payloads import (
     AdapterBeat,
     AdapterBye,
@@ -69,9 +68,10 @@ from ..payloads import (
     ReasonReply,
     ReasonRequest,
     batch_frames,
+    signals_from_records,
     split_batch,
 )
-from ..records import SIGNAL_DSI, SIGNAL_DTYPE
+from ..records import SIGNAL_DTYPE
 from ..transport._common import check_address, endpoint, readable
 from ..transport.doorbell import Doorbell
 from .cache import NarrativeCache
@@ -409,17 +409,15 @@ class ReasoningMesh:
         if force is not None:
             chosen |= np.asarray(force, dtype=bool)
         out = []
-        for i in np.flatnonzero(chosen).tolist():
-            r = records[i]
-            name = instruments.name(int(r["instrument"]))
+        for s in signals_from_records(records[chosen]):
+            name = s.instrument
             ctx = ReasoningContext(
-                signal_id=f"{int(r['population_hash']):016x}:{int(r['seq'])}", instrument=name,
-                timeframe=int(r["timeframe"]), ts=int(r["ts"]), seq=int(r["seq"]), action=int(r["action"]),
-                score=float(r["score"]), confidence=float(r["confidence"]), agreement=float(r["agreement"]),
-                dispersion=float(r["dispersion"]), n_agents=int(r["n_agents"]),
-                asset_class=self.asset_classes.get(name) or asset_class_of(name), persona=self.persona,
+                signal_id=s.id, instrument=name, timeframe=s.timeframe, ts=s.ts, seq=s.seq, action=s.action,
+                score=s.score, confidence=s.confidence, agreement=s.agreement, dispersion=s.dispersion,
+                n_agents=s.n_agents, asset_class=self.asset_classes.get(name) or asset_class_of(name),
+                persona=self.persona,
                 # microstructure evidence the agents read (Engine.set_dsi), when the stream had any
-                features={"dsi_evidence": float(r["dsi"])} if int(r["flags"]) & SIGNAL_DSI else {})
+                features={"dsi_evidence": s.dsi} if s.has_dsi else {})
             if self.submit(ctx, request_class=request_class, priority="high" if abs(ctx.action) == 2 else "medium"):
                 out.append(ctx.signal_id)
         return out

@@ -71,7 +71,7 @@ from ..payloads import (
     encode_signal_batch,
 )
 from ..records import SIGNAL_DTYPE
-from ._common import DEFAULT_ADDRESS, SocketOwner, attach, recv_valid
+from ._common import DEFAULT_ADDRESS, SocketOwner, attach, readable, recv_valid
 
 __all__ = ["HEARTBEAT_TOPIC", "EpochChange", "Gap", "SignalFeed", "SignalSubscriber", "signal_topic"]
 
@@ -264,7 +264,7 @@ class SignalFeed(SocketOwner):
     # ---- subscriptions ------------------------------------------------------------------------
     def _drain_subscriptions(self) -> None:
         sock = self._sock
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a recv that raises Again
+        while readable(sock):
             try:
                 m = sock.recv(zmq.NOBLOCK)
             except zmq.Again:  # pragma: no cover - EVENTS said readable

@@ -431,7 +431,7 @@ class MT5Bridge:
             self._new_order(o)
             # a send can take the socket's readiness signal: wake the bridge thread if a
             # message waits
-            if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if readable(self._sock):
                 self._bell.ring()
         finally:
             self._state_lock.release()
@@ -593,8 +593,7 @@ class MT5Bridge:
                 try:
                     if bell.rfd in events:
                         bell.clear()
-                    if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                        self._read()
+                    self._read()  # returns at once when no message waits
                     if self._inbox:
                         self._drain()
                     now = time.monotonic()
@@ -604,7 +603,7 @@ class MT5Bridge:
                 except Exception:
                     log.exception("mt5 bridge iteration failed")
                 try:
-                    more = bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+                    more = readable(sock)
                 except zmq.ZMQError:  # pragma: no cover - context terminated under us
                     return
             if self._waiters:
