@@ -367,6 +367,34 @@ void Engine::unit(uint32_t g, uint64_t p, int poison, uint64_t& updates) {
   if (q) grt_[g].quarantined.fetch_add(q, std::memory_order_relaxed);
 }
 
+void Engine::units(uint32_t g, const uint64_t* ps, int nb, uint64_t& updates) {
+  Group& grp = groups_[g];
+  Bank& bank = grp.bank;
+  const size_t nf = bank.feat.size();
+  thread_local std::vector<double> feat;
+  if (feat.size() < nf * nb) feat.resize(nf * nb);
+  int32_t ts[kUnitBlock];
+  double rets[kUnitBlock];
+  Summary* outs[kUnitBlock];
+  const uint32_t first = layout_.streams[grp.stream].sm_begin;
+  for (int j = 0; j < nb; ++j) {
+    bank.update_into(slot(ps[j]).bar, feat.data() + nf * j);
+    ts[j] = static_cast<int32_t>(bank.nbars - 1 < INT32_MAX ? bank.nbars - 1 : INT32_MAX);
+    rets[j] = bank.ret;
+    outs[j] = summaries(ps[j]);
+  }
+  uint64_t q = 0;
+  for (uint32_t m = grp.sm_begin; m < grp.sm_end; ++m) {
+    const Sm& sm = layout_.sms[m];
+    LaneView v = lane_view(sm.lane_begin);
+    v.has_external = static_cast<int>(sm.has_external);
+    v.has_dsi = static_cast<int>(sm.has_dsi);
+    const int lanes = static_cast<int>(sm.n_warps) * kWarpSize;
+    for (int j = 0; j < nb; ++j) outs[j][m - first] = sm_step(v, lanes, feat.data() + nf * j, ts[j], rets[j], -1, updates, q);
+  }
+  if (q) grt_[g].quarantined.fetch_add(q, std::memory_order_relaxed);
+}
+
 bool Engine::claim(int w, uint32_t g) {
   GroupRuntime& r = grt_[g];
   // Busy first, then check ownership (seq_cst both; the sentinel does the mirror image: owner
@@ -423,6 +451,12 @@ bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_
   // acquire: pairs with the release of nproc by the group's previous runner, which may have been
   // another worker (the sentinel moved the group), so its state (banks, lanes, last_pos) is ours
   uint64_t np = r.nproc.load(std::memory_order_acquire);
+  // Bars are run in blocks of up to ub, SM by SM, when a block's features fit in about half
+  // of a core's L2 (a group with many features runs bar by bar).
+  const size_t nf = groups_[g].bank.feat.size();
+  const int ub = static_cast<int>(std::clamp<size_t>(kUnitBlockBytes / (sizeof(double) * nf), 1, kUnitBlock));
+  uint64_t block[kUnitBlock];
+  int nb = 0;
   for (size_t k = 0; k < n; ++k) {
     const uint64_t p = pos[k];
     uint32_t stream;
@@ -430,13 +464,28 @@ bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_
     // a position this group has done may be complete and its slot reused: read it checked
     if (!read_slot(p, stream, sidx)) continue;         // reused: done during a catch-up
     if (sidx < np) continue;                           // done during a catch-up
-    if (sidx > np) replay(g, p, np, poison, updates);  // bars missed before it was moved here
-    unit(g, p, poison, updates);
-    poison = -1;
+    if (sidx > np) {  // bars missed before it was moved here
+      if (nb) units(g, block, nb, updates);
+      nb = 0;
+      replay(g, p, np, poison, updates);
+    }
+    if (poison >= 0 || ub == 1) {
+      if (nb) units(g, block, nb, updates);
+      nb = 0;
+      unit(g, p, poison, updates);
+      poison = -1;
+    } else {
+      block[nb++] = p;
+      if (nb == ub) {
+        units(g, block, nb, updates);
+        nb = 0;
+      }
+    }
     ++np;
     r.last_pos = p + 1;
     ++done[k];
   }
+  if (nb) units(g, block, nb, updates);
   release(w, g, np, updates);
   return true;
 }

@@ -603,11 +603,10 @@ DC_AI void put(double* out, int i, int n, typename Lanes<V>::d x) {
 }
 
 template <int V>
-DC_AI void features(Bank& b, double close) {
+DC_AI void features(Bank& b, double close, double* feat) {
   typedef typename Lanes<V>::d vd;
   const BankValues& v = b.val;
   const BankIndex& x = b.pidx;
-  double* feat = b.feat.data();
   const vd zero = {}, one = zero + 1.0;
   // The warm features of each kind (the first feat_warm); the others stay 0.
   {  // soft((ema_fast - ema_slow) / atr), 0 when atr == 0
@@ -670,7 +669,7 @@ DC_AI void features(Bank& b, double close) {
 }
 
 template <int V>
-DC_AI void bank_update_impl(Bank& b, const Bar& bar) {
+DC_AI void bank_update_impl(Bank& b, const Bar& bar, double* feat) {
   const double c = bar.close;
   const double prev = b.prev_close;
   b.ret = b.nbars > 0 ? bar_return(c, b.prev_close) : 0.0;
@@ -720,7 +719,7 @@ DC_AI void bank_update_impl(Bank& b, const Bar& bar) {
     const int32_t nf = static_cast<int32_t>(b.feat_from[f].size());
     while (b.feat_warm[f] < nf && b.feat_from[f][b.feat_warm[f]] <= t) ++b.feat_warm[f];
   }
-  features<V>(b, c);
+  features<V>(b, c, feat);
 }
 
 // ---- instruction-set variants and their selection -----------------------------------------
@@ -728,14 +727,14 @@ DC_AI void bank_update_impl(Bank& b, const Bar& bar) {
 struct Kernels {
   int isa;
   Summary (*sm_step)(const LaneView&, int, const double*, int32_t, double, int, uint64_t&, uint64_t&);
-  void (*bank_update)(Bank&, const Bar&);
+  void (*bank_update)(Bank&, const Bar&, double*);
 };
 
 Summary sm_step_base(const LaneView& v, int lanes, const double* feat, int32_t t, double ret, int poison,
                      uint64_t& updates, uint64_t& quarantined) {
   return sm_step_impl<4>(v, lanes, feat, t, ret, poison, updates, quarantined);
 }
-void bank_update_base(Bank& b, const Bar& bar) { bank_update_impl<4>(b, bar); }
+void bank_update_base(Bank& b, const Bar& bar, double* feat) { bank_update_impl<4>(b, bar, feat); }
 
 #if DC_X86_DISPATCH
 #define DC_V3 __attribute__((target("arch=x86-64-v3")))
@@ -743,8 +742,8 @@ DC_V3 Summary sm_step_v3(const LaneView& v, int lanes, const double* feat, int32
                          uint64_t& updates, uint64_t& quarantined) {
   return sm_step_impl<4>(v, lanes, feat, t, ret, poison, updates, quarantined);
 }
-DC_V3 void bank_update_v3(Bank& b, const Bar& bar) { bank_update_impl<4>(b, bar); }
-DC_V4 void bank_update_v4(Bank& b, const Bar& bar) { bank_update_impl<4>(b, bar); }
+DC_V3 void bank_update_v3(Bank& b, const Bar& bar, double* feat) { bank_update_impl<4>(b, bar, feat); }
+DC_V4 void bank_update_v4(Bank& b, const Bar& bar, double* feat) { bank_update_impl<4>(b, bar, feat); }
 #endif
 
 constexpr Kernels kBase{0, sm_step_base, bank_update_base};
@@ -785,7 +784,18 @@ Summary sm_step(const LaneView& v, int lanes, const double* feat, int32_t t, dou
   return active->sm_step(v, lanes, feat, t, ret, poison, updates, quarantined);
 }
 
-void Bank::update(const Bar& bar) { active->bank_update(*this, bar); }
+void Bank::update(const Bar& bar) { active->bank_update(*this, bar, feat.data()); }
+
+void Bank::update_into(const Bar& bar, double* out) {
+  active->bank_update(*this, bar, out);
+  // The feature pass writes the warm features only; the others (and the constant) are 0.
+  out[0] = 0.0;
+  const uint32_t base[kFeatures] = {trend_base, rsi_base, macd_base, bb_base, mom_base};
+  const size_t count[kFeatures] = {trend_fast.size(), rsi_f.size(), macd_m.size(), bb_f.size(), mom_f.size()};
+  for (int f = 0; f < kFeatures; ++f)
+    if (static_cast<size_t>(feat_warm[f]) < count[f])
+      std::fill(out + base[f] + feat_warm[f], out + base[f] + count[f], 0.0);
+}
 
 void Bank::enter_steady_chunk(int kind, int32_t c) {
   // Every indicator of the chunk is warm from this bar on (ROC from this very bar).

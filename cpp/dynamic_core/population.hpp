@@ -86,6 +86,9 @@ struct Bank {
 
   // Defined with the lane kernel (compiled for several instruction sets).
   void update(const Bar& b);
+  // The same, with this bar's features written to out (feat.size() values) instead of feat:
+  // every one, the features not warm yet and feat[0] as 0.
+  void update_into(const Bar& b, double* out);
   // Sorts the features of each kind by the bar from which they are warm; remap[f][i] is the new
   // index of feature i of kind f (relative to the kind).
   void sort_features(std::vector<uint32_t> (&remap)[kFeatures]);
