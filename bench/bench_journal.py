@@ -30,7 +30,6 @@ import zlib
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
 
 import dynamic_core as dc  # noqa: E402
 from dynamic_core import _core  # noqa: E402

@@ -21,7 +21,7 @@ from .instruments import instruments
 from .market import as_bars
 from .population import Population
 from .payloads import AISignal, signal_from_record, signals_from_records
-from .records import (AGENT_DTYPE, BAR_DTYPE, BIRTH_DTYPE, DEAD_LETTER_DTYPE, GENOME_DTYPE, LINEAGE_DTYPE,
+from .records import (AGENT_DTYPE, BIRTH_DTYPE, DEAD_LETTER_DTYPE, GENOME_DTYPE, LINEAGE_DTYPE,
                       REASONS, SIGNAL_DTYPE)
 
 __all__ = ["BACKPRESSURE", "Engine"]
