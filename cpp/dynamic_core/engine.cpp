@@ -454,7 +454,8 @@ bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_
   // Bars are run in blocks of up to ub, SM by SM, when a block's features fit in about half
   // of a core's L2 (a group with many features runs bar by bar).
   const size_t nf = groups_[g].bank.feat.size();
-  const int ub = static_cast<int>(std::clamp<size_t>(kUnitBlockBytes / (sizeof(double) * nf), 1, kUnitBlock));
+  const size_t fit = cfg_.unit_block ? cfg_.unit_block : kUnitBlockBytes / (sizeof(double) * nf);
+  const int ub = static_cast<int>(std::clamp<size_t>(fit, 1, kUnitBlock));
   uint64_t block[kUnitBlock];
   int nb = 0;
   for (size_t k = 0; k < n; ++k) {

@@ -52,6 +52,7 @@ struct EngineConfig {
   Backpressure backpressure = Backpressure::Block;
   int64_t stall_deadline_ns = 50'000'000;
   bool fault_injection = false;  // allow inject_stall / inject_poison
+  uint32_t unit_block = 0;  // most bars a group runs SM by SM (1 = bar by bar); 0 = sized from its features
 };
 
 inline constexpr int kLatencyBucketsPerOctave = 8;

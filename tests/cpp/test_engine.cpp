@@ -113,6 +113,19 @@ int main() {
   e2.agents(a2.data());
   CHECK(std::memcmp(a1.data(), a2.data(), a1.size() * sizeof(AgentRecord)) == 0);
   CHECK(s1.back().n_agents > 0);
+  // Bars run SM by SM in blocks (the default here) and bar by bar: the same signals and state.
+  for (uint32_t ub : {1u, 5u}) {
+    EngineConfig cu = cfg;
+    cu.unit_block = ub;
+    Engine eu(g.data(), g.size(), cu);
+    std::vector<Signal> su;
+    eu.run(b.data(), b.size(), 2, su);
+    CHECK_EQ(su.size(), s1.size());
+    CHECK(std::memcmp(su.data(), s1.data(), s1.size() * sizeof(Signal)) == 0);
+    std::vector<AgentRecord> au(g.size());
+    eu.agents(au.data());
+    CHECK(std::memcmp(au.data(), a1.data(), a1.size() * sizeof(AgentRecord)) == 0);
+  }
 
   // rejects: each reason counted, processing continues
   Engine e3(g.data(), g.size(), cfg);
