@@ -346,39 +346,20 @@ void Engine::process_batch(int w, const uint64_t* pos, size_t n) {
   }
 }
 
-void Engine::unit(uint32_t g, uint64_t p, int poison, uint64_t& updates) {
-  Group& grp = groups_[g];
-  Bank& bank = grp.bank;
-  Slot& s = slot(p);
-  bank.update(s.bar);
-  const int32_t t = static_cast<int32_t>(bank.nbars - 1 < INT32_MAX ? bank.nbars - 1 : INT32_MAX);
-  Summary* out = summaries(p);
-  const uint32_t first = layout_.streams[grp.stream].sm_begin;
-  uint64_t q = 0;
-  for (uint32_t m = grp.sm_begin; m < grp.sm_end; ++m) {
-    const Sm& sm = layout_.sms[m];
-    LaneView v = lane_view(sm.lane_begin);
-    v.has_external = static_cast<int>(sm.has_external);
-    v.has_dsi = static_cast<int>(sm.has_dsi);
-    const int lanes = static_cast<int>(sm.n_warps) * kWarpSize;
-    const int at = poison - static_cast<int>(sm.lane_begin - grp.lane_begin);  // poisoned lane in this SM
-    out[m - first] = sm_step(v, lanes, bank.feat.data(), t, bank.ret, at >= 0 && at < lanes ? at : -1, updates, q);
-  }
-  if (q) grt_[g].quarantined.fetch_add(q, std::memory_order_relaxed);
-}
-
-void Engine::units(uint32_t g, const uint64_t* ps, int nb, uint64_t& updates) {
+void Engine::units(uint32_t g, const uint64_t* ps, int nb, int poison, uint64_t& updates) {
   Group& grp = groups_[g];
   Bank& bank = grp.bank;
   const size_t nf = bank.feat.size();
-  thread_local std::vector<double> feat;
-  if (feat.size() < nf * nb) feat.resize(nf * nb);
+  // One bar's features go to the bank's own row; a block's to a buffer of nb rows.
+  thread_local std::vector<double> block;
+  if (nb > 1 && block.size() < nf * nb) block.resize(nf * nb);
+  double* feat = nb > 1 ? block.data() : bank.feat.data();
   int32_t ts[kUnitBlock];
   double rets[kUnitBlock];
   Summary* outs[kUnitBlock];
   const uint32_t first = layout_.streams[grp.stream].sm_begin;
   for (int j = 0; j < nb; ++j) {
-    bank.update_into(slot(ps[j]).bar, feat.data() + nf * j);
+    bank.update_into(slot(ps[j]).bar, feat + nf * j);
     ts[j] = static_cast<int32_t>(bank.nbars - 1 < INT32_MAX ? bank.nbars - 1 : INT32_MAX);
     rets[j] = bank.ret;
     outs[j] = summaries(ps[j]);
@@ -390,7 +371,10 @@ void Engine::units(uint32_t g, const uint64_t* ps, int nb, uint64_t& updates) {
     v.has_external = static_cast<int>(sm.has_external);
     v.has_dsi = static_cast<int>(sm.has_dsi);
     const int lanes = static_cast<int>(sm.n_warps) * kWarpSize;
-    for (int j = 0; j < nb; ++j) outs[j][m - first] = sm_step(v, lanes, feat.data() + nf * j, ts[j], rets[j], -1, updates, q);
+    const int at = poison - static_cast<int>(sm.lane_begin - grp.lane_begin);  // poisoned lane in this SM
+    for (int j = 0; j < nb; ++j)
+      outs[j][m - first] = sm_step(v, lanes, feat + nf * j, ts[j], rets[j], j == 0 && at >= 0 && at < lanes ? at : -1,
+                                   updates, q);
   }
   if (q) grt_[g].quarantined.fetch_add(q, std::memory_order_relaxed);
 }
@@ -427,7 +411,7 @@ void Engine::replay(uint32_t g, uint64_t until_pos, uint64_t& np, int& poison, u
     uint32_t qs;
     uint64_t qi;
     if (!read_slot(q, qs, qi) || qs != stream || qi != np) continue;
-    unit(g, q, poison, updates);
+    units(g, &q, 1, poison, updates);
     poison = -1;
     ++np;
     r.last_pos = q + 1;
@@ -458,6 +442,13 @@ bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_
   const int ub = static_cast<int>(std::clamp<size_t>(fit, 1, kUnitBlock));
   uint64_t block[kUnitBlock];
   int nb = 0;
+  // the poisoned lane, if any, is poisoned on the first bar this call runs
+  auto flush = [&] {
+    if (!nb) return;
+    units(g, block, nb, poison, updates);
+    poison = -1;
+    nb = 0;
+  };
   for (size_t k = 0; k < n; ++k) {
     const uint64_t p = pos[k];
     uint32_t stream;
@@ -466,27 +457,16 @@ bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_
     if (!read_slot(p, stream, sidx)) continue;         // reused: done during a catch-up
     if (sidx < np) continue;                           // done during a catch-up
     if (sidx > np) {  // bars missed before it was moved here
-      if (nb) units(g, block, nb, updates);
-      nb = 0;
+      flush();
       replay(g, p, np, poison, updates);
     }
-    if (poison >= 0 || ub == 1) {
-      if (nb) units(g, block, nb, updates);
-      nb = 0;
-      unit(g, p, poison, updates);
-      poison = -1;
-    } else {
-      block[nb++] = p;
-      if (nb == ub) {
-        units(g, block, nb, updates);
-        nb = 0;
-      }
-    }
+    block[nb++] = p;
+    if (nb == ub) flush();
     ++np;
     r.last_pos = p + 1;
     ++done[k];
   }
-  if (nb) units(g, block, nb, updates);
+  flush();
   release(w, g, np, updates);
   return true;
 }

@@ -301,13 +301,13 @@ class Engine {
   void release(int w, uint32_t g, uint64_t np, uint64_t updates);
   // Runs g over the bars of its stream it has not run, from its last position to until_pos.
   void replay(uint32_t g, uint64_t until_pos, uint64_t& np, int& poison, uint64_t& updates);
-  void unit(uint32_t g, uint64_t p, int poison, uint64_t& updates);
-  // Runs g over nb <= kUnitBlock bars of its stream in order (no fault injection), SM by SM:
-  // each SM's lanes stay in the nearest cache over the block. The same steps in the same order
-  // per SM as unit(), so the results are the same.
+  // Runs g over nb <= kUnitBlock bars of its stream, in order, SM by SM: each SM's lanes stay
+  // in the nearest cache over the block. Every SM steps through the bars in order, so the
+  // results do not depend on nb. `poison` (fault injection, -1 = none) is a lane of the group
+  // whose score turns NaN on the first bar.
   static constexpr int kUnitBlock = 32;
   static constexpr size_t kUnitBlockBytes = 512 * 1024;  // a block's features at most
-  void units(uint32_t g, const uint64_t* ps, int nb, uint64_t& updates);
+  void units(uint32_t g, const uint64_t* ps, int nb, int poison, uint64_t& updates);
   void form_groups();  // groups, their banks and lanes, and their first owners
   void finish_units(uint64_t p, uint32_t count);
   void fuse(uint64_t p);
