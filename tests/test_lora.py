@@ -839,6 +839,93 @@ def test_update_threads_and_chunking_do_not_change_results() -> None:
             assert np.array_equal(h.layers[name].current_entropy, h0.layers[name].current_entropy)
 
 
+def _random_layer(dtype, native: bool, slots: int = 9, dim: int = 13, rank: int = 5) -> DynamicLoRALayer:
+    rng = np.random.default_rng(11)
+    layer = DynamicLoRALayer(dim, rank, 0.5, slots=slots, config=LoRAConfig(), rng=rng, dtype=dtype)
+    layer.native = native
+    layer.set_params(A=rng.normal(size=(slots, dim, rank)), B=rng.normal(size=(slots, rank, dim)),
+                     A_init=rng.normal(size=(slots, dim, rank)), B_init=rng.normal(size=(slots, rank, dim)))
+    layer.act_in = rng.uniform(0, 2, size=(slots, dim))
+    layer.act_mid = rng.uniform(0, 2, size=(slots, rank))
+    layer.act_out = rng.uniform(0, 2, size=(slots, dim))
+    layer.act_mid[1, 2] = 0.0  # a silent rank line: threshold / 0 = inf, never SCREENED by activity
+    layer.act_in[2, :] = 0.0
+    layer.screening_threshold = rng.uniform(0.2, 2.0, size=slots)
+    layer.pins[3, 1] = 4  # a pinned component: SCREENED whatever its activity
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_native_update_is_the_numpy_reference_bit_for_bit(dtype) -> None:
+    rng = np.random.default_rng(12)
+    S, d, r = 9, 13, 5
+    gA = rng.normal(size=(S, d, r)).astype(dtype)
+    terms_A = [(rng.normal(size=(S, d)).astype(dtype), rng.normal(size=(S, r)).astype(dtype)) for _ in range(2)]
+    terms_B = [(rng.normal(size=(S, r)).astype(dtype), rng.normal(size=(S, d)).astype(dtype))]
+    steps = [None, LayerGradient(A=gA), LayerGradient(terms_A=terms_A, terms_B=terms_B),
+             LayerGradient(A=gA, terms_A=terms_A[:1], terms_B=terms_B)]
+    strength = rng.uniform(0.5, 1.5, size=S)
+    for step in steps:
+        native, ref = _random_layer(dtype, True), _random_layer(dtype, False)
+        for _ in range(3):  # pins count down, phases and entropy feed the next update
+            lr_n, lr_r = native.update(step, strength), ref.update(step, strength)
+            assert np.array_equal(lr_n, lr_r)
+            assert np.array_equal(native.A, ref.A) and np.array_equal(native.B, ref.B)
+            assert np.array_equal(native.phase_A, ref.phase_A) and np.array_equal(native.phase_B, ref.phase_B)
+            assert native.phase_A.any() and (~native.phase_A).any()
+            np.testing.assert_allclose(native.current_entropy, ref.current_entropy, rtol=1e-12, atol=1e-15)
+            assert np.array_equal(native.pins, ref.pins)
+    # a step in another dtype than the layer's takes the reference path (its rounding)
+    other = np.float32 if dtype == np.float64 else np.float64
+    native, ref = _random_layer(dtype, True), _random_layer(dtype, False)
+    native.update(LayerGradient(A=gA.astype(other)), 0.7)
+    ref.update(LayerGradient(A=gA.astype(other)), 0.7)
+    assert np.array_equal(native.A, ref.A)
+
+
+def test_native_update_hierarchy_matches_reference_over_ticks() -> None:
+    cfg = LoRAConfig(ranks=(8, 6, 4, 4, 2), min_history=3, autocorr_window=10)
+    for dtype in (np.float64, np.float32):
+        hs = []
+        for native in (True, False):
+            h = LoRAHierarchy(23, 6, config=cfg, seed=5, dtype=dtype)
+            for L in h.layers.values():
+                L.native = native
+            hs.append((h, _run(h, 15, seed=8)))
+        (hn, rn), (hr, rr) = hs
+        for name in LAYERS:
+            assert np.array_equal(hn.layers[name].A, hr.layers[name].A), (dtype, name)
+            assert np.array_equal(hn.layers[name].B, hr.layers[name].B), (dtype, name)
+
+
+def test_native_update_rejects_bad_arrays_with_typed_errors() -> None:
+    from dynamic_core import _core
+
+    S, r, d = 3, 2, 4
+    P = np.zeros((S, r, d))
+    sums = (np.zeros((S, r)), np.zeros((S, d)))
+
+    def mat(P=P, out=None, phase=None, col=None, terms=()):
+        return (P, np.zeros_like(P), np.zeros_like(P) if out is None else out,
+                np.zeros(P.shape, bool) if phase is None else phase, None, list(terms),
+                np.ones((S, d)) if col is None else col, *sums)
+
+    args = (np.ones(S), np.ones((S, r)), np.ones(S), None, 1e-4, 1e-2)
+    _core.lora_update(0, S, 1, *args, mat(), mat())  # well-formed: runs
+    with pytest.raises(ValueError):
+        _core.lora_update(0, S + 1, 1, *args, mat(), mat())  # slots out of range
+    with pytest.raises(ValueError):
+        _core.lora_update(0, S, 1, *args, mat(out=np.zeros((S, r, d + 1))), mat())
+    with pytest.raises(TypeError):
+        _core.lora_update(0, S, 1, *args, mat(out=np.zeros((S, r, d), np.float32)), mat())
+    with pytest.raises(ValueError):
+        _core.lora_update(0, S, 1, *args, mat(out=P), mat())  # out aliasing P
+    with pytest.raises(ValueError):
+        _core.lora_update(0, S, 1, *args, mat(terms=[(np.ones((S, r)), np.ones((S, d + 1)))]), mat())
+    with pytest.raises(TypeError):
+        _core.lora_update(0, S, 1, *args, mat(col=np.ones((S, d), np.float32)), mat())
+
+
 def test_snapshots_share_buffers_until_written() -> None:
     h = LoRAHierarchy(4, 6, seed=0)
     x = np.random.default_rng(0).normal(size=(4, 6))

@@ -15,6 +15,7 @@ void bind_indicators(py::module_& m);
 void bind_engine(py::module_& m);
 void bind_bench(py::module_& m);
 void bind_journal(py::module_& m);
+void bind_lora(py::module_& m);
 }  // namespace dynamic_core::bindings
 namespace dynamic_core {
 class Engine;

@@ -11,6 +11,7 @@ PYBIND11_MODULE(_core, m) {
   bind_engine(m);
   bind_bench(m);
   bind_journal(m);
+  bind_lora(m);
   // Engine errors map to dynamic_core.errors; everything else keeps pybind11's mapping.
   py::register_exception_translator([](std::exception_ptr p) {
     try {

@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'ema', 'ew_bands', 'journal_bench', 'journal_scan', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'signal_hashes', 'validate_bars']
+__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'ema', 'ew_bands', 'journal_bench', 'journal_scan', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'signal_hashes', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -218,6 +218,10 @@ def journal_bench(dir: str, n: typing.SupportsInt | typing.SupportsIndex, payloa
 def journal_scan(dir: str, repair: bool = False) -> dict:
     """
     Walk a journal checking framing and CRCs; with repair, truncate a torn tail.
+    """
+def lora_update(s0: typing.SupportsInt | typing.SupportsIndex, s1: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex, c: numpy.ndarray, mid: numpy.ndarray, threshold: numpy.ndarray, pinned: typing.Any, dec_screened: typing.SupportsFloat | typing.SupportsIndex, dec_free: typing.SupportsFloat | typing.SupportsIndex, A: tuple, B: tuple) -> None:
+    """
+    DynamicLoRA update of slots [s0, s1) of a stacked layer in one pass per matrix (internal; see dynamic_core.learning.lora.layer). A and B are (P, P0, out, phase, dense, terms, col, sum_rank, sum_dim); writes out, phase and the sums; `threads` splits the slots.
     """
 def macd(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], fast: typing.SupportsInt | typing.SupportsIndex, slow: typing.SupportsInt | typing.SupportsIndex, signal: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
     ...

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ... import _core
 from .config import LoRAConfig
 
 if TYPE_CHECKING:
@@ -184,6 +185,10 @@ class DynamicLoRALayer:
     name : str
         For reports.
     """
+
+    native: bool = True
+    """Run :meth:`update` in the native kernel (False: the numpy reference; same parameters
+    and phases bit for bit, entropy within rounding)."""
 
     def __init__(self, dim: int, rank: int, base_inertia: float, *, slots: int = 1,
                  config: LoRAConfig | None = None, rng: np.random.Generator | None = None,
@@ -473,23 +478,48 @@ class DynamicLoRALayer:
         s, d, r = self.slots, self.dim, self.rank
         sums = {k: np.empty((s, d if k.endswith("d") else r)) for k in ("Ad", "Ar", "Br", "Bd")}
         pinned = self.pins > 0
-        step = max(1, self.config.chunk_elems // (d * r))
-        chunks = [slice(s0, min(s, s0 + step)) for s0 in range(0, s, step)]
         job = (c, parts, newA, newB, sums, pinned if pinned.any() else None)
-        threads = min(self.config.threads, len(chunks))
-        if threads > 1:
-            list(_pool(threads).map(lambda sl: self._update_chunk(sl, *job), chunks))
-        else:
-            for sl in chunks:
-                self._update_chunk(sl, *job)
+        if not (self.native and self._update_native(*job)):
+            step = max(1, self.config.chunk_elems // (d * r))
+            chunks = [slice(s0, min(s, s0 + step)) for s0 in range(0, s, step)]
+            threads = min(self.config.threads, len(chunks))
+            if threads > 1:
+                list(_pool(threads).map(lambda sl: self._update_chunk_numpy(sl, *job), chunks))
+            else:
+                for sl in chunks:
+                    self._update_chunk_numpy(sl, *job)
         self._spare_At, self._At = self._At, newA
         self._spare_B, self._B = self._B, newB
         self._entropy(sums["Ad"], sums["Ar"], sums["Br"], sums["Bd"])
         np.maximum(self.pins - 1, 0, out=self.pins)
         return lr
 
-    def _update_chunk(self, sl: slice, c: np.ndarray, parts: Any, newA: np.ndarray, newB: np.ndarray,
-                      sums: dict[str, np.ndarray], pinned: np.ndarray | None) -> None:
+    def _update_native(self, c: np.ndarray, parts: Any, newA: np.ndarray, newB: np.ndarray,
+                       sums: dict[str, np.ndarray], pinned: np.ndarray | None) -> bool:
+        """The update in the native kernel (one pass per matrix): the numpy reference's
+        parameters and phases bit for bit. False (nothing done) when a step array's dtype is not
+        the layer's, whose mixed-precision rounding only the reference reproduces."""
+        dt = self.dtype
+        mats = []
+        for (dense, terms), P, P0, new, ph, col, kr, kd in (
+                (parts[0], self._At, self._At0, newA, self._phA, self.act_in, "Ar", "Ad"),
+                (parts[1], self._B, self._B0, newB, self._phB, self.act_out, "Br", "Bd")):
+            if (dense is not None and dense.dtype != dt) or any(R.dtype != dt or C.dtype != dt for R, C in terms):
+                return False
+            mats.append((np.ascontiguousarray(P), np.ascontiguousarray(P0), new, ph,
+                         None if dense is None else np.ascontiguousarray(dense),
+                         [(np.ascontiguousarray(R), np.ascontiguousarray(C)) for R, C in terms],
+                         np.ascontiguousarray(col, dtype=np.float64), sums[kr], sums[kd]))
+        _core.lora_update(0, self.slots, self.config.threads, np.ascontiguousarray(c, dtype=dt),
+                          np.ascontiguousarray(self.act_mid, dtype=np.float64),
+                          np.ascontiguousarray(self.screening_threshold, dtype=np.float64), pinned,
+                          self.config.screened_decay, self.config.free_decay, tuple(mats[0]), tuple(mats[1]))
+        return True
+
+    def _update_chunk_numpy(self, sl: slice, c: np.ndarray, parts: Any, newA: np.ndarray, newB: np.ndarray,
+                            sums: dict[str, np.ndarray], pinned: np.ndarray | None) -> None:
+        """The update of slots ``sl`` in numpy: the reference the native kernel is tested
+        against, and the path for steps in another dtype than the layer's."""
         cfg = self.config
         dt = self.dtype.type
         dec_s, dec_f = dt(cfg.screened_decay), dt(cfg.free_decay)

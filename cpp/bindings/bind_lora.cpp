@@ -1,0 +1,108 @@
+// DynamicLoRA's fused per-parameter update (used by dynamic_core.learning.lora.layer).
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include "../dynamic_core/lora.hpp"
+#include "common.hpp"
+
+namespace dynamic_core::bindings {
+
+namespace {
+
+// Checks dtype, C-contiguity, writability and shape; returns the data pointer.
+template <class T>
+T* view(const py::array& a, std::initializer_list<py::ssize_t> shape, const char* what, bool write = false) {
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(what) + ": expected dtype " + py::str(py::dtype::of<T>()).cast<std::string>() +
+                         ", got " + py::str(a.dtype()).cast<std::string>());
+  if (!(a.flags() & py::array::c_style)) throw py::type_error(std::string(what) + " must be C-contiguous");
+  if (write && !a.writeable()) throw py::type_error(std::string(what) + " must be writable");
+  if (a.ndim() != static_cast<py::ssize_t>(shape.size()))
+    throw py::value_error(std::string(what) + ": expected " + std::to_string(shape.size()) + " dimensions");
+  size_t k = 0;
+  for (py::ssize_t n : shape)
+    if (a.shape(k++) != n) throw py::value_error(std::string(what) + ": shape does not match the layer");
+  return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+template <class T>
+lora::Matrix<T> matrix(const py::tuple& t, bool is_a, py::ssize_t S, py::ssize_t r, py::ssize_t d) {
+  if (t.size() != 9)
+    throw py::value_error("a matrix is (P, P0, out, phase, dense, terms, col, sum_rank, sum_dim)");
+  lora::Matrix<T> m;
+  m.is_a = is_a;
+  m.P = view<T>(t[0], {S, r, d}, "P");
+  m.P0 = view<T>(t[1], {S, r, d}, "P0");
+  m.out = view<T>(t[2], {S, r, d}, "out", true);
+  m.phase = view<uint8_t>(py::array(t[3]).view("u1"), {S, r, d}, "phase", true);
+  if (m.out == m.P) throw py::value_error("out may not be P");
+  if (!t[4].is_none()) m.dense = view<T>(t[4], {S, r, d}, "dense");
+  for (auto item : py::list(t[5])) {
+    auto pair = item.cast<py::tuple>();
+    if (pair.size() != 2) throw py::value_error("a term is (rank-side, dim-side)");
+    m.terms.push_back({view<T>(pair[0], {S, r}, "term rank side"), view<T>(pair[1], {S, d}, "term dim side")});
+  }
+  m.col = view<double>(t[6], {S, d}, "line trace");
+  m.sum_rank = view<double>(t[7], {S, r}, "sum_rank", true);
+  m.sum_dim = view<double>(t[8], {S, d}, "sum_dim", true);
+  return m;
+}
+
+template <class T>
+void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array& mid, const py::array& thr,
+         const py::object& pinned, double dec_s, double dec_f, const py::tuple& A, const py::tuple& B) {
+  const py::ssize_t S = c.ndim() == 1 ? c.shape(0) : -1;
+  const py::ssize_t r = mid.ndim() == 2 ? mid.shape(1) : -1;
+  const py::ssize_t d = py::array(A[0]).ndim() == 3 ? py::array(A[0]).shape(2) : -1;
+  if (S < 1 || r < 1 || d < 1) throw py::value_error("c (slots,), mid (slots, rank) and A (slots, rank, dim) expected");
+  if (s0 > s1 || s1 > static_cast<size_t>(S)) throw py::value_error("slot range out of bounds");
+  lora::Update<T> u;
+  u.rank = static_cast<size_t>(r);
+  u.dim = static_cast<size_t>(d);
+  u.c = view<T>(c, {S}, "c");
+  u.mid = view<double>(mid, {S, r}, "mid");
+  u.threshold = view<double>(thr, {S}, "threshold");
+  if (!pinned.is_none()) u.pinned = view<uint8_t>(py::array(pinned).view("u1"), {S, r}, "pinned");
+  u.dec_screened = static_cast<T>(dec_s);
+  u.dec_free = static_cast<T>(dec_f);
+  const lora::Matrix<T> ma = matrix<T>(A, true, S, r, d), mb = matrix<T>(B, false, S, r, d);
+  py::gil_scoped_release nogil;
+  auto work = [&](size_t a, size_t b) {
+    lora::update_matrix(u, ma, a, b);
+    lora::update_matrix(u, mb, a, b);
+  };
+  const size_t n = s1 - s0;
+  const size_t k = threads > 1 ? std::min<size_t>(static_cast<size_t>(threads), n) : 1;
+  if (k <= 1) {
+    work(s0, s1);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < k; ++t) pool.emplace_back(work, s0 + n * t / k, s0 + n * (t + 1) / k);
+  work(s0, s0 + n / k);
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace
+
+void bind_lora(py::module_& m) {
+  m.def("lora_update",
+        [](size_t s0, size_t s1, int threads, const py::array& c, const py::array& mid, const py::array& thr,
+           const py::object& pinned, double dec_s, double dec_f, const py::tuple& A, const py::tuple& B) {
+          const py::array P(A[0]);
+          if (P.dtype().is(py::dtype::of<double>()))
+            run<double>(s0, s1, threads, c, mid, thr, pinned, dec_s, dec_f, A, B);
+          else if (P.dtype().is(py::dtype::of<float>()))
+            run<float>(s0, s1, threads, c, mid, thr, pinned, dec_s, dec_f, A, B);
+          else
+            throw py::type_error("parameters must be float32 or float64");
+        },
+        py::arg("s0"), py::arg("s1"), py::arg("threads"), py::arg("c"), py::arg("mid"), py::arg("threshold"),
+        py::arg("pinned"), py::arg("dec_screened"), py::arg("dec_free"), py::arg("A"), py::arg("B"),
+        "DynamicLoRA update of slots [s0, s1) of a stacked layer in one pass per matrix (internal; see "
+        "dynamic_core.learning.lora.layer). A and B are (P, P0, out, phase, dense, terms, col, sum_rank, "
+        "sum_dim); writes out, phase and the sums; `threads` splits the slots.");
+}
+
+}  // namespace dynamic_core::bindings
