@@ -926,6 +926,86 @@ def test_native_update_rejects_bad_arrays_with_typed_errors() -> None:
         _core.lora_update(0, S, 1, *args, mat(col=np.ones((S, d), np.float32)), mat())
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_native_stacked_products_in_their_documented_order(dtype) -> None:
+    from dynamic_core.learning.lora.layer import r_rows, rd_dot
+
+    rng = np.random.default_rng(21)
+    n, r, d = 11, 5, 21  # two blocks of 8 lanes and a tail of 5
+    x = rng.normal(size=(n, d)).astype(dtype)
+    y = rng.normal(size=(n, r)).astype(dtype)
+    M = rng.normal(size=(n, r, d)).astype(dtype)
+    # rd_dot: products in 8 lanes summed block by block, a fixed tree, then the tail in order
+    P = x[:, None, :] * M
+    acc = P[..., 0:8]
+    for b in range(1, d // 8):
+        acc = acc + P[..., 8 * b:8 * b + 8]
+    u = ((acc[..., 0] + acc[..., 1]) + (acc[..., 2] + acc[..., 3])) + ((acc[..., 4] + acc[..., 5])
+                                                                        + (acc[..., 6] + acc[..., 7]))
+    for i in range(8 * (d // 8), d):
+        u = u + P[..., i]
+    got = rd_dot(x, M)
+    assert got.dtype == dtype and np.array_equal(got, u)
+    np.testing.assert_allclose(got, np.einsum("nd,nrd->nr", x, M), rtol=1e-4 if dtype == np.float32 else 1e-12)
+    # r_rows: rank by rank
+    o = y[:, 0, None] * M[:, 0]
+    for j in range(1, r):
+        o = o + y[:, j, None] * M[:, j]
+    assert np.array_equal(r_rows(y, M), o)
+    with pytest.raises(ValueError):
+        rd_dot(x[:, :-1], M)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("slots", [1, 9])
+@pytest.mark.parametrize("masked", [False, True])
+def test_native_record_and_fold_are_the_numpy_formulas(dtype, slots, masked) -> None:
+    rng = np.random.default_rng(22)
+    n, r, d = 9, 5, 13
+    layer = DynamicLoRALayer(d, r, 0.5, slots=slots, rng=rng, dtype=dtype)
+    t = {k: np.zeros_like(getattr(layer, "_t_" + k)) for k in ("in", "mid", "out", "rms", "sig")}
+    calls = np.zeros(slots, np.int64)
+    for _ in range(3):
+        h, delta = rng.normal(size=(n, d)).astype(dtype), rng.normal(size=(n, d)).astype(dtype)
+        u = rng.normal(size=(n, r)).astype(dtype)
+        mask = rng.random(n) > 0.4 if masked else None
+        layer.record_interaction(h, u, delta, mask)
+        # the oracle: the formulas in numpy
+        w = np.ones(n) if mask is None else mask.astype(np.float64)
+        rms = np.sqrt(np.mean(np.square(u, dtype=np.float64), axis=1))
+        if slots == 1:
+            wn = (w / n)[:, None]
+            t["in"][0] += np.add.reduce(wn * np.abs(h), axis=0)
+            t["mid"][0] += np.add.reduce(wn * np.abs(u), axis=0)
+            t["out"][0] += np.add.reduce(wn * np.abs(delta), axis=0)
+            t["rms"][0] += float(np.add.reduce(wn[:, 0] * rms))
+            t["sig"][0] += np.add.reduce(wn * u, axis=0)
+            calls += 1
+        else:
+            wc = w[:, None]
+            t["in"] += wc * np.abs(h)
+            t["mid"] += wc * np.abs(u)
+            t["out"] += wc * np.abs(delta)
+            t["rms"] += w * rms
+            t["sig"] += wc * u
+            calls += (w > 0)
+        for k, v in t.items():
+            assert np.array_equal(getattr(layer, "_t_" + k), v), k
+        assert np.array_equal(layer._t_calls, calls)
+    act = {k: getattr(layer, "act_" + k).copy() for k in ("in", "mid", "out")}
+    sig, active = layer.end_interactions()
+    c = np.maximum(calls, 1).astype(np.float64)
+    k = layer.config.activity_decay
+    for name, a in act.items():
+        assert np.array_equal(getattr(layer, "act_" + name), k * a + (1.0 - k) * (t[name] / c[:, None])), name
+    assert np.array_equal(sig, t["sig"] / c[:, None]) and np.array_equal(active, calls > 0)
+    for name in ("in", "mid", "out", "rms", "sig", "calls"):
+        assert not getattr(layer, "_t_" + name).any()  # the next tick starts from zero
+    if slots > 1:
+        with pytest.raises(ValueError):
+            layer.record_interaction(h[:-1], u[:-1], delta[:-1])
+
+
 def test_snapshots_share_buffers_until_written() -> None:
     h = LoRAHierarchy(4, 6, seed=0)
     x = np.random.default_rng(0).normal(size=(4, 6))
@@ -967,3 +1047,23 @@ def test_results_do_not_depend_on_blas_threads() -> None:
         assert r.returncode == 0, r.stderr
         out.append(r.stdout.strip())
     assert out[0] == out[1]
+
+
+def test_results_do_not_depend_on_the_native_instruction_set() -> None:
+    """The native kernels run an AVX2 build where the CPU has it; the baseline build must give
+    the same bits (float32 and float64). Without AVX2 both runs take the baseline."""
+    probe = _BLAS_PROBE.replace("3000", "300").replace("seed=1)", "seed=1, dtype=DT)")
+    out = []
+    for dt in ("np.float64", "np.float32"):
+        runs = []
+        for baseline in (False, True):
+            env = {k: v for k, v in os.environ.items() if k != "DYNAMIC_CORE_LORA_BASELINE"}
+            if baseline:
+                env["DYNAMIC_CORE_LORA_BASELINE"] = "1"
+            r = subprocess.run([sys.executable, "-c", probe.replace("DT", dt)], env=env, capture_output=True,
+                               text=True, timeout=300, check=False)
+            assert r.returncode == 0, r.stderr
+            runs.append(r.stdout.strip())
+        assert runs[0] == runs[1] and len(runs[0]) == 64, dt
+        out.append(runs[0])
+    assert out[0] != out[1]

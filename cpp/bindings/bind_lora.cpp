@@ -84,9 +84,88 @@ void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array&
   for (auto& th : pool) th.join();
 }
 
+template <class T>
+py::array stacked_product(const py::array& x, const py::array& M, bool rd) {
+  if (M.ndim() != 3) throw py::value_error("M must be (n, rank, dim)");
+  const py::ssize_t n = M.shape(0), r = M.shape(1), d = M.shape(2);
+  const T* pm = view<T>(M, {n, r, d}, "M");
+  const T* px = view<T>(x, {n, rd ? d : r}, rd ? "x (n, dim)" : "y (n, rank)");
+  py::array_t<T> out(std::vector<py::ssize_t>{n, rd ? r : d});
+  T* po = out.mutable_data();
+  py::gil_scoped_release nogil;
+  if (rd)
+    lora::rd_dot(px, pm, po, n, r, d);
+  else
+    lora::r_rows(px, pm, po, n, r, d);
+  return out;
+}
+
+py::array dispatch_product(const py::array& x, const py::array& M, bool rd) {
+  if (M.dtype().is(py::dtype::of<double>())) return stacked_product<double>(x, M, rd);
+  if (M.dtype().is(py::dtype::of<float>())) return stacked_product<float>(x, M, rd);
+  throw py::type_error("M must be float32 or float64");
+}
+
+template <class T>
+void record(const py::array& h, const py::array& u, const py::array& delta, const py::object& w, bool shared,
+            const py::array& t_in, const py::array& t_mid, const py::array& t_out, const py::array& t_rms,
+            const py::array& t_sig) {
+  if (h.ndim() != 2 || u.ndim() != 2) throw py::value_error("h (n, dim) and u (n, rank) expected");
+  const py::ssize_t n = h.shape(0), d = h.shape(1), r = u.shape(1);
+  const py::ssize_t S = shared ? 1 : n;
+  const T* ph = view<T>(h, {n, d}, "h");
+  const T* pu = view<T>(u, {n, r}, "u");
+  const T* pd = view<T>(delta, {n, d}, "delta");
+  const double* pw = w.is_none() ? nullptr : view<double>(py::array(w), {n}, "w");
+  double* ti = view<double>(t_in, {S, d}, "t_in", true);
+  double* tm = view<double>(t_mid, {S, r}, "t_mid", true);
+  double* to = view<double>(t_out, {S, d}, "t_out", true);
+  double* tr = view<double>(t_rms, {S}, "t_rms", true);
+  double* ts = view<double>(t_sig, {S, r}, "t_sig", true);
+  py::gil_scoped_release nogil;
+  lora::record(ph, pu, pd, pw, n, r, d, shared, ti, tm, to, tr, ts);
+}
+
 }  // namespace
 
 void bind_lora(py::module_& m) {
+  m.def("lora_rd_dot", [](const py::array& x, const py::array& M) { return dispatch_product(x, M, true); },
+        py::arg("x"), py::arg("M"),
+        "u[n, j] = sum_i x[n, i] M[n, j, i] for (n, dim) x and (n, rank, dim) M, in a fixed order (internal).");
+  m.def("lora_r_rows", [](const py::array& y, const py::array& M) { return dispatch_product(y, M, false); },
+        py::arg("y"), py::arg("M"),
+        "out[n, i] = sum_j y[n, j] M[n, j, i] for (n, rank) y and (n, rank, dim) M, rank by rank (internal).");
+  m.def("lora_record",
+        [](const py::array& h, const py::array& u, const py::array& delta, const py::object& w, bool shared,
+           const py::array& t_in, const py::array& t_mid, const py::array& t_out, const py::array& t_rms,
+           const py::array& t_sig) {
+          if (h.dtype().is(py::dtype::of<double>()))
+            record<double>(h, u, delta, w, shared, t_in, t_mid, t_out, t_rms, t_sig);
+          else if (h.dtype().is(py::dtype::of<float>()))
+            record<float>(h, u, delta, w, shared, t_in, t_mid, t_out, t_rms, t_sig);
+          else
+            throw py::type_error("activations must be float32 or float64");
+        },
+        py::arg("h"), py::arg("u"), py::arg("delta"), py::arg("w"), py::arg("shared"), py::arg("t_in"),
+        py::arg("t_mid"), py::arg("t_out"), py::arg("t_rms"), py::arg("t_sig"),
+        "Fold one pass's activations into a layer's tick accumulators (internal; see "
+        "DynamicLoRALayer.record_interaction).");
+  m.def("lora_fold",
+        [](const py::array& act, const py::array& t, const py::array& c, double k, double omk) {
+          if (act.ndim() != 2) throw py::value_error("act must be (slots, width)");
+          const py::ssize_t n = act.shape(0), w = act.shape(1);
+          const double* pa = view<double>(act, {n, w}, "act");
+          double* pt = view<double>(t, {n, w}, "t", true);
+          const double* pc = view<double>(c, {n}, "c");
+          if (static_cast<const void*>(pa) == static_cast<const void*>(pt)) throw py::value_error("act may not be t");
+          py::array_t<double> out(std::vector<py::ssize_t>{n, w});
+          double* po = out.mutable_data();
+          py::gil_scoped_release nogil;
+          lora::fold(pa, pt, po, pc, n, w, k, omk);
+          return out;
+        },
+        py::arg("act"), py::arg("t"), py::arg("c"), py::arg("k"), py::arg("omk"),
+        "k * act + omk * (t / c[:, None]) as a new array; t is zeroed (internal).");
   m.def("lora_update",
         [](size_t s0, size_t s1, int threads, const py::array& c, const py::array& mid, const py::array& thr,
            const py::object& pinned, double dec_s, double dec_f, const py::tuple& A, const py::tuple& B) {

@@ -18,8 +18,10 @@
 // slot's screening threshold. Slots are independent: any split of [s0, s1) among threads gives
 // the same bits.
 #pragma once
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 namespace dynamic_core::lora {
@@ -61,7 +63,7 @@ struct Update {
 namespace detail {
 
 template <class T, bool IsA>
-void update_rows(const Update<T>& u, const Matrix<T>& mx, size_t s0, size_t s1) {
+[[gnu::always_inline]] inline void update_rows(const Update<T>& u, const Matrix<T>& mx, size_t s0, size_t s1) {
   const size_t r = u.rank, d = u.dim, nt = mx.terms.size();
   std::vector<T> rc(nt);
   std::vector<double> thr_col(d), scr_dim(d), f(d);
@@ -135,15 +137,197 @@ void update_rows(const Update<T>& u, const Matrix<T>& mx, size_t s0, size_t s1) 
   }
 }
 
+// The kernels are compiled twice on x86-64: for the baseline and for AVX2, picked at run time.
+// Without FMA contraction or reassociation both give the same bits; only the speed differs.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DC_LORA_AVX2 1
+// DYNAMIC_CORE_LORA_BASELINE=1 keeps the baseline build (the tests compare the two).
+inline bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && std::getenv("DYNAMIC_CORE_LORA_BASELINE") == nullptr;
+  return yes;
+}
+template <class T, bool IsA>
+[[gnu::target("avx2")]] void update_rows_avx2(const Update<T>& u, const Matrix<T>& mx, size_t s0, size_t s1) {
+  update_rows<T, IsA>(u, mx, s0, s1);
+}
+#endif
+
+template <class T, bool IsA>
+void update_rows_any(const Update<T>& u, const Matrix<T>& mx, size_t s0, size_t s1) {
+#ifdef DC_LORA_AVX2
+  if (has_avx2()) return update_rows_avx2<T, IsA>(u, mx, s0, s1);
+#endif
+  update_rows<T, IsA>(u, mx, s0, s1);
+}
+
 }  // namespace detail
 
 // Updates slots [s0, s1) of one matrix.
 template <class T>
 void update_matrix(const Update<T>& u, const Matrix<T>& mx, size_t s0, size_t s1) {
   if (mx.is_a)
-    detail::update_rows<T, true>(u, mx, s0, s1);
+    detail::update_rows_any<T, true>(u, mx, s0, s1);
   else
-    detail::update_rows<T, false>(u, mx, s0, s1);
+    detail::update_rows_any<T, false>(u, mx, s0, s1);
+}
+
+// u[n, j] = sum_i x[n, i] * M[n, j, i]: each agent's (rank, dim) matrix times its row; the dot
+// products run in 8 fixed lanes, then a fixed tree, then the tail in order.
+namespace detail {
+template <class T>
+[[gnu::always_inline]] inline void rd_dot_body(const T* x, const T* M, T* u, size_t n, size_t r, size_t d) {
+  for (size_t a = 0; a < n; ++a) {
+    const T* xa = x + a * d;
+    for (size_t j = 0; j < r; ++j) {
+      const T* row = M + (a * r + j) * d;
+      T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      size_t i = 0;
+      for (; i + 8 <= d; i += 8)
+        for (size_t l = 0; l < 8; ++l) acc[l] = acc[l] + xa[i + l] * row[i + l];
+      T sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      for (; i < d; ++i) sum = sum + xa[i] * row[i];
+      u[a * r + j] = sum;
+    }
+  }
+}
+
+// out[n, i] = sum_j y[n, j] * M[n, j, i], rank by rank in order.
+template <class T>
+[[gnu::always_inline]] inline void r_rows_body(const T* y, const T* M, T* out, size_t n, size_t r, size_t d) {
+  for (size_t a = 0; a < n; ++a) {
+    T* o = out + a * d;
+    const T* ya = y + a * r;
+    const T* Ma = M + a * r * d;
+    for (size_t i = 0; i < d; ++i) o[i] = ya[0] * Ma[i];
+    for (size_t j = 1; j < r; ++j) {
+      const T yj = ya[j];
+      const T* row = Ma + j * d;
+      for (size_t i = 0; i < d; ++i) o[i] = o[i] + yj * row[i];
+    }
+  }
+}
+
+#ifdef DC_LORA_AVX2
+template <class T>
+[[gnu::target("avx2")]] void rd_dot_avx2(const T* x, const T* M, T* u, size_t n, size_t r, size_t d) {
+  rd_dot_body(x, M, u, n, r, d);
+}
+template <class T>
+[[gnu::target("avx2")]] void r_rows_avx2(const T* y, const T* M, T* out, size_t n, size_t r, size_t d) {
+  r_rows_body(y, M, out, n, r, d);
+}
+#endif
+}  // namespace detail
+
+template <class T>
+void rd_dot(const T* x, const T* M, T* u, size_t n, size_t r, size_t d) {
+#ifdef DC_LORA_AVX2
+  if (detail::has_avx2()) return detail::rd_dot_avx2(x, M, u, n, r, d);
+#endif
+  detail::rd_dot_body(x, M, u, n, r, d);
+}
+
+template <class T>
+void r_rows(const T* y, const T* M, T* out, size_t n, size_t r, size_t d) {
+#ifdef DC_LORA_AVX2
+  if (detail::has_avx2()) return detail::r_rows_avx2(y, M, out, n, r, d);
+#endif
+  detail::r_rows_body(y, M, out, n, r, d);
+}
+
+// numpy's pairwise sum (add.reduce over a contiguous run): the same rounding.
+inline double pairwise_sum(const double* a, size_t n) {
+  if (n < 8) {
+    double res = 0.0;
+    for (size_t i = 0; i < n; ++i) res += a[i];
+    return res;
+  }
+  if (n <= 128) {
+    double r[8];
+    for (size_t l = 0; l < 8; ++l) r[l] = a[l];
+    size_t i = 8;
+    for (; i < n - (n % 8); i += 8)
+      for (size_t l = 0; l < 8; ++l) r[l] += a[i + l];
+    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; ++i) res += a[i];
+    return res;
+  }
+  size_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+// One pass's activations folded into a layer's tick accumulators (numpy's record_interaction,
+// the same operations in the same order). h, delta: (n, d); u: (n, r); w: weight per row (1 or
+// 0; null = all 1). Stacked layer (slots == n): t_x[s] += w * |x[s]|, t_rms[s] += w * rms(u[s]),
+// t_sig[s] += w * u[s]. Shared layer (one slot): t_x += sum over rows of (w / n) * |x| (rows in
+// order), t_rms += the pairwise sum of (w / n) * rms, t_sig += sum of (w / n) * u.
+template <class T>
+void record(const T* h, const T* u, const T* delta, const double* w, size_t n, size_t r, size_t d, bool shared,
+            double* t_in, double* t_mid, double* t_out, double* t_rms, double* t_sig) {
+  std::vector<double> rms(n), sq(r);
+  for (size_t a = 0; a < n; ++a) {
+    const T* ua = u + a * r;
+    for (size_t j = 0; j < r; ++j) sq[j] = static_cast<double>(ua[j]) * static_cast<double>(ua[j]);
+    rms[a] = std::sqrt(pairwise_sum(sq.data(), r) / static_cast<double>(r));
+  }
+  auto ab = [](T v) { return static_cast<double>(std::fabs(v)); };
+  if (shared) {
+    const double nn = static_cast<double>(n);
+    std::vector<double> wr(n);
+    for (size_t a = 0; a < n; ++a) wr[a] = ((w != nullptr ? w[a] : 1.0) / nn) * rms[a];
+    // numpy reduces (w / n) * x over rows into a zeroed sum, then adds it: same here
+    auto colsum = [&](const T* x, size_t width, double* t, bool absval) {
+      std::vector<double> acc(width, 0.0);
+      for (size_t a = 0; a < n; ++a) {
+        const double wn = (w != nullptr ? w[a] : 1.0) / nn;
+        const T* xa = x + a * width;
+        if (absval)
+          for (size_t i = 0; i < width; ++i) acc[i] += wn * ab(xa[i]);
+        else
+          for (size_t i = 0; i < width; ++i) acc[i] += wn * static_cast<double>(xa[i]);
+      }
+      for (size_t i = 0; i < width; ++i) t[i] += acc[i];
+    };
+    colsum(h, d, t_in, true);
+    colsum(u, r, t_mid, true);
+    colsum(delta, d, t_out, true);
+    t_rms[0] += pairwise_sum(wr.data(), n);
+    colsum(u, r, t_sig, false);
+    return;
+  }
+  for (size_t a = 0; a < n; ++a) {
+    const T *ha = h + a * d, *ua = u + a * r, *da = delta + a * d;
+    double *ti = t_in + a * d, *tm = t_mid + a * r, *to = t_out + a * d, *ts = t_sig + a * r;
+    if (w == nullptr) {
+      for (size_t i = 0; i < d; ++i) ti[i] += ab(ha[i]);
+      for (size_t j = 0; j < r; ++j) tm[j] += ab(ua[j]);
+      for (size_t i = 0; i < d; ++i) to[i] += ab(da[i]);
+      t_rms[a] += rms[a];
+      for (size_t j = 0; j < r; ++j) ts[j] += static_cast<double>(ua[j]);
+    } else {
+      const double wa = w[a];
+      for (size_t i = 0; i < d; ++i) ti[i] += wa * ab(ha[i]);
+      for (size_t j = 0; j < r; ++j) tm[j] += wa * ab(ua[j]);
+      for (size_t i = 0; i < d; ++i) to[i] += wa * ab(da[i]);
+      t_rms[a] += wa * rms[a];
+      for (size_t j = 0; j < r; ++j) ts[j] += wa * static_cast<double>(ua[j]);
+    }
+  }
+}
+
+// A tick's accumulator folded into an activity trace: out = k * act + omk * (t / c[s]) (omk is
+// 1 - k), row s of width w; t is zeroed for the next tick.
+inline void fold(const double* act, double* t, double* out, const double* c, size_t n, size_t w, double k,
+                 double omk) {
+  for (size_t s = 0; s < n; ++s) {
+    const double cs = c[s];
+    for (size_t i = 0; i < w; ++i) {
+      const size_t q = s * w + i;
+      out[q] = k * act[q] + omk * (t[q] / cs);
+      t[q] = 0.0;
+    }
+  }
 }
 
 }  // namespace dynamic_core::lora

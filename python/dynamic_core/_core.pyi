@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'ema', 'ew_bands', 'journal_bench', 'journal_scan', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'signal_hashes', 'validate_bars']
+__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'ema', 'ew_bands', 'journal_bench', 'journal_scan', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'signal_hashes', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -218,6 +218,22 @@ def journal_bench(dir: str, n: typing.SupportsInt | typing.SupportsIndex, payloa
 def journal_scan(dir: str, repair: bool = False) -> dict:
     """
     Walk a journal checking framing and CRCs; with repair, truncate a torn tail.
+    """
+def lora_fold(act: numpy.ndarray, t: numpy.ndarray, c: numpy.ndarray, k: typing.SupportsFloat | typing.SupportsIndex, omk: typing.SupportsFloat | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float64]:
+    """
+    k * act + omk * (t / c[:, None]) as a new array; t is zeroed (internal).
+    """
+def lora_r_rows(y: numpy.ndarray, M: numpy.ndarray) -> numpy.ndarray:
+    """
+    out[n, i] = sum_j y[n, j] M[n, j, i] for (n, rank) y and (n, rank, dim) M, rank by rank (internal).
+    """
+def lora_rd_dot(x: numpy.ndarray, M: numpy.ndarray) -> numpy.ndarray:
+    """
+    u[n, j] = sum_i x[n, i] M[n, j, i] for (n, dim) x and (n, rank, dim) M, in a fixed order (internal).
+    """
+def lora_record(h: numpy.ndarray, u: numpy.ndarray, delta: numpy.ndarray, w: typing.Any, shared: bool, t_in: numpy.ndarray, t_mid: numpy.ndarray, t_out: numpy.ndarray, t_rms: numpy.ndarray, t_sig: numpy.ndarray) -> None:
+    """
+    Fold one pass's activations into a layer's tick accumulators (internal; see DynamicLoRALayer.record_interaction).
     """
 def lora_update(s0: typing.SupportsInt | typing.SupportsIndex, s1: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex, c: numpy.ndarray, mid: numpy.ndarray, threshold: numpy.ndarray, pinned: typing.Any, dec_screened: typing.SupportsFloat | typing.SupportsIndex, dec_free: typing.SupportsFloat | typing.SupportsIndex, A: tuple, B: tuple) -> None:
     """

@@ -68,19 +68,21 @@ def _pool(n: int) -> ThreadPoolExecutor:
 # then runs along dim (64 wide) instead of rank (4-8 wide), where numpy's per-row overhead
 # dominated (measured 3x on the decay and phase passes), and every per-agent contraction is one
 # of the two forms below.
+def _same_float(*arrays: np.ndarray) -> list[np.ndarray]:
+    dt = np.result_type(*arrays)
+    dt = dt if dt in (np.float32, np.float64) else np.dtype(np.float64)
+    return [np.ascontiguousarray(a, dtype=dt) for a in arrays]
+
+
 def rd_dot(x: np.ndarray, M: np.ndarray) -> np.ndarray:
-    """``M[n] @ x[n]`` for every n: (n, d) x (n, r, d) -> (n, r)."""
-    # measured on x86-64/OpenBLAS: einsum's loop beats stacked matmul here in float64, not float32
-    if M.dtype == np.float64:
-        return np.einsum("nd,nrd->nr", x, M)
-    return np.matmul(M, x[:, :, None])[:, :, 0]
+    """``M[n] @ x[n]`` for every n: (n, d) x (n, r, d) -> (n, r), natively, each dot product
+    summed in a fixed order (8 lanes, a fixed tree, then the tail)."""
+    return _core.lora_rd_dot(*_same_float(x, M))
 
 
 def r_rows(y: np.ndarray, M: np.ndarray) -> np.ndarray:
-    """``y[n] @ M[n]`` for every n: (n, r) x (n, r, d) -> (n, d)."""
-    if M.dtype == np.float64:
-        return np.einsum("nr,nrd->nd", y, M)
-    return np.matmul(y[:, None, :], M)[:, 0, :]
+    """``y[n] @ M[n]`` for every n: (n, r) x (n, r, d) -> (n, d), natively, rank by rank."""
+    return _core.lora_r_rows(*_same_float(y, M))
 
 
 _XTY_BLOCK = 32
@@ -350,34 +352,15 @@ class DynamicLoRALayer:
         """
         n = h.shape[0]
         full = mask is None or bool(np.all(mask))
-        w = np.ones(n) if mask is None else np.asarray(mask, dtype=np.float64)
-        if not w.any():
+        w = None if full else np.ascontiguousarray(mask, dtype=np.float64)
+        if w is not None and not w.any():
             return
-        rms = np.sqrt(np.mean(np.square(u, dtype=np.float64), axis=1))
-        if self.slots == 1:
-            # numpy's axis-0 sums: a fixed order, unlike a BLAS vector-matrix product
-            wn = (w / n)[:, None]
-            self._t_in[0] += np.add.reduce(wn * np.abs(h), axis=0)
-            self._t_mid[0] += np.add.reduce(wn * np.abs(u), axis=0)
-            self._t_out[0] += np.add.reduce(wn * np.abs(delta), axis=0)
-            self._t_rms[0] += float(np.add.reduce(wn[:, 0] * rms))
-            self._t_sig[0] += np.add.reduce(wn * u, axis=0)
-            self._t_calls[0] += 1
-        elif full:
-            self._t_in += np.abs(h)
-            self._t_mid += np.abs(u)
-            self._t_out += np.abs(delta)
-            self._t_rms += rms
-            self._t_sig += u
-            self._t_calls += 1
-        else:
-            wc = w[:, None]
-            self._t_in += wc * np.abs(h)
-            self._t_mid += wc * np.abs(u)
-            self._t_out += wc * np.abs(delta)
-            self._t_rms += w * rms
-            self._t_sig += wc * u
-            self._t_calls += w > 0
+        if self.slots != 1 and n != self.slots:
+            raise ValueError(f"a stacked layer records one row per slot: expected {self.slots} rows, got {n}")
+        h, u, delta = _same_float(h, u, delta)
+        _core.lora_record(h, u, delta, w, self.slots == 1, self._t_in, self._t_mid, self._t_out, self._t_rms,
+                          self._t_sig)
+        self._t_calls += 1 if (w is None or self.slots == 1) else (w > 0)
 
     def end_interactions(self) -> tuple[np.ndarray, np.ndarray]:
         """Fold this tick's interactions into the history and activity traces.
@@ -401,12 +384,16 @@ class DynamicLoRALayer:
         if self._hist_pos == 0:  # the running sum drifts by rounding: refresh it once a lap
             self._hist_sum = self.interaction_history.sum(axis=1)
         k = cfg.activity_decay
-        self.act_in = k * self.act_in + (1.0 - k) * (self._t_in / c[:, None])
-        self.act_mid = k * self.act_mid + (1.0 - k) * (self._t_mid / c[:, None])
-        self.act_out = k * self.act_out + (1.0 - k) * (self._t_out / c[:, None])
+        # k * act + (1 - k) * (t / c), one native pass each; the accumulators are zeroed
+        self.act_in = _core.lora_fold(np.ascontiguousarray(self.act_in, dtype=np.float64), self._t_in, c, k, 1.0 - k)
+        self.act_mid = _core.lora_fold(np.ascontiguousarray(self.act_mid, dtype=np.float64), self._t_mid, c, k,
+                                       1.0 - k)
+        self.act_out = _core.lora_fold(np.ascontiguousarray(self.act_out, dtype=np.float64), self._t_out, c, k,
+                                       1.0 - k)
         sig = self._t_sig / c[:, None]
         active = calls > 0
-        self._reset_tick()
+        for t in (self._t_rms, self._t_sig, self._t_calls):
+            t.fill(0)
         return sig, active
 
     # ------------------------------------------------------------------ dynamics
