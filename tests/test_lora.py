@@ -852,6 +852,8 @@ def _random_layer(dtype, native: bool, slots: int = 9, dim: int = 13, rank: int 
     layer.act_in[2, :] = 0.0
     layer.screening_threshold = rng.uniform(0.2, 2.0, size=slots)
     layer.pins[3, 1] = 4  # a pinned component: SCREENED whatever its activity
+    layer.act_in[4], layer.act_mid[4], layer.act_out[4] = 0.0, 0.0, 0.0  # no activity: uniform
+    layer.pins[4, 0] = 9  # ... with one component pinned: entropy = free fraction < 1
     return layer
 
 
@@ -865,6 +867,7 @@ def test_native_update_is_the_numpy_reference_bit_for_bit(dtype) -> None:
     steps = [None, LayerGradient(A=gA), LayerGradient(terms_A=terms_A, terms_B=terms_B),
              LayerGradient(A=gA, terms_A=terms_A[:1], terms_B=terms_B)]
     strength = rng.uniform(0.5, 1.5, size=S)
+    rank = r
     for step in steps:
         native, ref = _random_layer(dtype, True), _random_layer(dtype, False)
         for _ in range(3):  # pins count down, phases and entropy feed the next update
@@ -874,6 +877,8 @@ def test_native_update_is_the_numpy_reference_bit_for_bit(dtype) -> None:
             assert np.array_equal(native.phase_A, ref.phase_A) and np.array_equal(native.phase_B, ref.phase_B)
             assert native.phase_A.any() and (~native.phase_A).any()
             np.testing.assert_allclose(native.current_entropy, ref.current_entropy, rtol=1e-12, atol=1e-15)
+            assert native.current_entropy[4] == ref.current_entropy[4] == 1.0 - 1 / rank
+            np.testing.assert_allclose(native._activity_total, ref._activity_total, rtol=1e-14, atol=0)
             assert np.array_equal(native.pins, ref.pins)
     # a step in another dtype than the layer's takes the reference path (its rounding)
     other = np.float32 if dtype == np.float64 else np.float64
@@ -903,27 +908,34 @@ def test_native_update_rejects_bad_arrays_with_typed_errors() -> None:
 
     S, r, d = 3, 2, 4
     P = np.zeros((S, r, d))
-    sums = (np.zeros((S, r)), np.zeros((S, d)))
 
     def mat(P=P, out=None, phase=None, col=None, terms=()):
         return (P, np.zeros_like(P), np.zeros_like(P) if out is None else out,
                 np.zeros(P.shape, bool) if phase is None else phase, None, list(terms),
-                np.ones((S, d)) if col is None else col, *sums)
+                np.ones((S, d)) if col is None else col, np.zeros((S, d)))
 
-    args = (np.ones(S), np.ones((S, r)), np.ones(S), None, 1e-4, 1e-2)
-    _core.lora_update(0, S, 1, *args, mat(), mat())  # well-formed: runs
+    def call(s1=S, A=None, B=None, entropy=None):
+        _core.lora_update(0, s1, 1, np.ones(S), np.ones((S, r)), np.zeros((S, r)), np.ones(S), None, 1e-4, 1e-2,
+                          mat() if A is None else A, mat() if B is None else B,
+                          np.zeros(S) if entropy is None else entropy, np.zeros(S))
+
+    call()  # well-formed: runs
     with pytest.raises(ValueError):
-        _core.lora_update(0, S + 1, 1, *args, mat(), mat())  # slots out of range
+        call(s1=S + 1)  # slots out of range
     with pytest.raises(ValueError):
-        _core.lora_update(0, S, 1, *args, mat(out=np.zeros((S, r, d + 1))), mat())
+        call(A=mat(out=np.zeros((S, r, d + 1))))
     with pytest.raises(TypeError):
-        _core.lora_update(0, S, 1, *args, mat(out=np.zeros((S, r, d), np.float32)), mat())
+        call(A=mat(out=np.zeros((S, r, d), np.float32)))
     with pytest.raises(ValueError):
-        _core.lora_update(0, S, 1, *args, mat(out=P), mat())  # out aliasing P
+        call(A=mat(out=P))  # out aliasing P
     with pytest.raises(ValueError):
-        _core.lora_update(0, S, 1, *args, mat(terms=[(np.ones((S, r)), np.ones((S, d + 1)))]), mat())
+        call(A=mat(terms=[(np.ones((S, r)), np.ones((S, d + 1)))]))
     with pytest.raises(TypeError):
-        _core.lora_update(0, S, 1, *args, mat(col=np.ones((S, d), np.float32)), mat())
+        call(B=mat(col=np.ones((S, d), np.float32)))
+    with pytest.raises(ValueError):
+        call(entropy=np.zeros(S + 1))
+    with pytest.raises(ValueError):
+        call(A=mat()[:7])
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -1,4 +1,6 @@
 // DynamicLoRA's fused per-parameter update (used by dynamic_core.learning.lora.layer).
+#include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -27,11 +29,9 @@ T* view(const py::array& a, std::initializer_list<py::ssize_t> shape, const char
 }
 
 template <class T>
-lora::Matrix<T> matrix(const py::tuple& t, bool is_a, py::ssize_t S, py::ssize_t r, py::ssize_t d) {
-  if (t.size() != 9)
-    throw py::value_error("a matrix is (P, P0, out, phase, dense, terms, col, sum_rank, sum_dim)");
+lora::Matrix<T> matrix(const py::tuple& t, py::ssize_t S, py::ssize_t r, py::ssize_t d) {
+  if (t.size() != 8) throw py::value_error("a matrix is (P, P0, out, phase, dense, terms, col, log_col)");
   lora::Matrix<T> m;
-  m.is_a = is_a;
   m.P = view<T>(t[0], {S, r, d}, "P");
   m.P0 = view<T>(t[1], {S, r, d}, "P0");
   m.out = view<T>(t[2], {S, r, d}, "out", true);
@@ -44,14 +44,14 @@ lora::Matrix<T> matrix(const py::tuple& t, bool is_a, py::ssize_t S, py::ssize_t
     m.terms.push_back({view<T>(pair[0], {S, r}, "term rank side"), view<T>(pair[1], {S, d}, "term dim side")});
   }
   m.col = view<double>(t[6], {S, d}, "line trace");
-  m.sum_rank = view<double>(t[7], {S, r}, "sum_rank", true);
-  m.sum_dim = view<double>(t[8], {S, d}, "sum_dim", true);
+  m.log_col = view<double>(t[7], {S, d}, "log of the line trace");
   return m;
 }
 
 template <class T>
-void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array& mid, const py::array& thr,
-         const py::object& pinned, double dec_s, double dec_f, const py::tuple& A, const py::tuple& B) {
+void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array& mid, const py::array& log_mid,
+         const py::array& thr, const py::object& pinned, double dec_s, double dec_f, const py::tuple& A,
+         const py::tuple& B, const py::array& entropy, const py::array& total) {
   const py::ssize_t S = c.ndim() == 1 ? c.shape(0) : -1;
   const py::ssize_t r = mid.ndim() == 2 ? mid.shape(1) : -1;
   const py::ssize_t d = py::array(A[0]).ndim() == 3 ? py::array(A[0]).shape(2) : -1;
@@ -62,25 +62,26 @@ void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array&
   u.dim = static_cast<size_t>(d);
   u.c = view<T>(c, {S}, "c");
   u.mid = view<double>(mid, {S, r}, "mid");
+  u.log_mid = view<double>(log_mid, {S, r}, "log_mid");
   u.threshold = view<double>(thr, {S}, "threshold");
   if (!pinned.is_none()) u.pinned = view<uint8_t>(py::array(pinned).view("u1"), {S, r}, "pinned");
   u.dec_screened = static_cast<T>(dec_s);
   u.dec_free = static_cast<T>(dec_f);
-  const lora::Matrix<T> ma = matrix<T>(A, true, S, r, d), mb = matrix<T>(B, false, S, r, d);
+  u.log_params = std::log(static_cast<double>(2 * r * d));
+  u.entropy = view<double>(entropy, {S}, "entropy", true);
+  u.total = view<double>(total, {S}, "total", true);
+  const lora::Matrix<T> ma = matrix<T>(A, S, r, d), mb = matrix<T>(B, S, r, d);
   py::gil_scoped_release nogil;
-  auto work = [&](size_t a, size_t b) {
-    lora::update_matrix(u, ma, a, b);
-    lora::update_matrix(u, mb, a, b);
-  };
   const size_t n = s1 - s0;
   const size_t k = threads > 1 ? std::min<size_t>(static_cast<size_t>(threads), n) : 1;
   if (k <= 1) {
-    work(s0, s1);
+    lora::update(u, ma, mb, s0, s1);
     return;
   }
   std::vector<std::thread> pool;
-  for (size_t t = 1; t < k; ++t) pool.emplace_back(work, s0 + n * t / k, s0 + n * (t + 1) / k);
-  work(s0, s0 + n / k);
+  for (size_t t = 1; t < k; ++t)
+    pool.emplace_back([&, t] { lora::update(u, ma, mb, s0 + n * t / k, s0 + n * (t + 1) / k); });
+  lora::update(u, ma, mb, s0, s0 + n / k);
   for (auto& th : pool) th.join();
 }
 
@@ -167,21 +168,23 @@ void bind_lora(py::module_& m) {
         py::arg("act"), py::arg("t"), py::arg("c"), py::arg("k"), py::arg("omk"),
         "k * act + omk * (t / c[:, None]) as a new array; t is zeroed (internal).");
   m.def("lora_update",
-        [](size_t s0, size_t s1, int threads, const py::array& c, const py::array& mid, const py::array& thr,
-           const py::object& pinned, double dec_s, double dec_f, const py::tuple& A, const py::tuple& B) {
+        [](size_t s0, size_t s1, int threads, const py::array& c, const py::array& mid, const py::array& log_mid,
+           const py::array& thr, const py::object& pinned, double dec_s, double dec_f, const py::tuple& A,
+           const py::tuple& B, const py::array& entropy, const py::array& total) {
           const py::array P(A[0]);
           if (P.dtype().is(py::dtype::of<double>()))
-            run<double>(s0, s1, threads, c, mid, thr, pinned, dec_s, dec_f, A, B);
+            run<double>(s0, s1, threads, c, mid, log_mid, thr, pinned, dec_s, dec_f, A, B, entropy, total);
           else if (P.dtype().is(py::dtype::of<float>()))
-            run<float>(s0, s1, threads, c, mid, thr, pinned, dec_s, dec_f, A, B);
+            run<float>(s0, s1, threads, c, mid, log_mid, thr, pinned, dec_s, dec_f, A, B, entropy, total);
           else
             throw py::type_error("parameters must be float32 or float64");
         },
-        py::arg("s0"), py::arg("s1"), py::arg("threads"), py::arg("c"), py::arg("mid"), py::arg("threshold"),
-        py::arg("pinned"), py::arg("dec_screened"), py::arg("dec_free"), py::arg("A"), py::arg("B"),
+        py::arg("s0"), py::arg("s1"), py::arg("threads"), py::arg("c"), py::arg("mid"), py::arg("log_mid"),
+        py::arg("threshold"), py::arg("pinned"), py::arg("dec_screened"), py::arg("dec_free"), py::arg("A"),
+        py::arg("B"), py::arg("entropy"), py::arg("total"),
         "DynamicLoRA update of slots [s0, s1) of a stacked layer in one pass per matrix (internal; see "
-        "dynamic_core.learning.lora.layer). A and B are (P, P0, out, phase, dense, terms, col, sum_rank, "
-        "sum_dim); writes out, phase and the sums; `threads` splits the slots.");
+        "dynamic_core.learning.lora.layer). A and B are (P, P0, out, phase, dense, terms, col, log_col); writes "
+        "out, phase, each slot's entropy and total activity; `threads` splits the slots.");
 }
 
 }  // namespace dynamic_core::bindings

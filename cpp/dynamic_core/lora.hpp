@@ -2,11 +2,11 @@
 //
 // What python/dynamic_core/learning/lora/layer.py (DynamicLoRALayer._update_chunk_numpy) does in
 // about fifteen numpy passes per matrix, done here in one: the gradient step, the phase of each
-// parameter, the phase-based decay toward the initial value, and the line sums of the SCREENED
-// activity that the entropy needs. The parameter arithmetic is the numpy reference's, operation
-// for operation in the same order and precision (FMA contraction is off), so the parameters and
-// phases are bit-identical to it; the activity sums are float64 sums in a fixed order (numpy's
-// pairwise sums round differently in the last bits).
+// parameter, the phase-based decay toward the initial value, and the slot's free entropy (from
+// line sums of the SCREENED activity). The parameter arithmetic is the numpy reference's,
+// operation for operation in the same order and precision (FMA contraction is off), so the
+// parameters and phases are bit-identical to it; the entropy is float64 sums in a fixed order
+// (numpy's pairwise sums round differently in the last bits).
 //
 // Layout: a matrix of a stacked layer is (slots, rank, dim), rank-major (A is held transposed).
 // Per slot s, row j, column i:
@@ -18,6 +18,7 @@
 // slot's screening threshold. Slots are independent: any split of [s0, s1) among threads gives
 // the same bits.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -43,97 +44,154 @@ struct Matrix {
   uint8_t* phase = nullptr;  // 1 = SCREENED, written
   const T* dense = nullptr;  // dense step (slots, rank, dim) or null
   std::vector<Term<T>> terms;
-  bool is_a = true;             // phase rule of A (input line vs rank line) or of B
-  const double* col = nullptr;  // line trace along dim (slots, dim): act_in for A, act_out for B
-  double* sum_rank = nullptr;   // out (slots, rank): m[j] * (sum col - sum_i phase[j,i] col[i])
-  double* sum_dim = nullptr;    // out (slots, dim): col[i] * (sum m - sum_j m[j] phase[j,i])
+  const double* col = nullptr;      // line trace along dim (slots, dim): act_in for A, act_out for B
+  const double* log_col = nullptr;  // log(max(col, tiny)), for the entropy
 };
 
-// The layer-wide inputs.
+// The layer-wide inputs and the entropy outputs.
 template <class T>
 struct Update {
   size_t rank = 0, dim = 0;
   const T* c = nullptr;               // step scale per slot
   const double* mid = nullptr;        // rank-line trace (slots, rank)
+  const double* log_mid = nullptr;    // log(max(mid, tiny))
   const double* threshold = nullptr;  // screening threshold per slot
   const uint8_t* pinned = nullptr;    // (slots, rank) or null: pinned rows are SCREENED
   T dec_screened = 0, dec_free = 0;
+  double log_params = 0.0;    // log(2 * rank * dim)
+  double* entropy = nullptr;  // out (slots,): free entropy, clipped to [0, 1]
+  double* total = nullptr;    // out (slots,): total activity Z
 };
 
 namespace detail {
 
+template <class T>
+struct Scratch {
+  std::vector<T> rc;
+  std::vector<double> thr_col, scr_dim, f, sum_rank_a, sum_dim_a, sum_rank_b, sum_dim_b;
+  Scratch(size_t nt, size_t r, size_t d)
+      : rc(nt), thr_col(d), scr_dim(d), f(d), sum_rank_a(r), sum_dim_a(d), sum_rank_b(r), sum_dim_b(d) {}
+};
+
+// One matrix of slot s. Fills sum_rank[j] = m[j] * (sum col - sum_i phase[j,i] col[i]) and
+// sum_dim[i] = col[i] * (sum m - sum_j m[j] phase[j,i]) (the FREE activity by line); returns
+// sum col.
 template <class T, bool IsA>
-[[gnu::always_inline]] inline void update_rows(const Update<T>& u, const Matrix<T>& mx, size_t s0, size_t s1) {
+[[gnu::always_inline]] inline double update_one(const Update<T>& u, const Matrix<T>& mx, size_t s, Scratch<T>& w,
+                                                double* sum_rank, double* sum_dim) {
   const size_t r = u.rank, d = u.dim, nt = mx.terms.size();
-  std::vector<T> rc(nt);
-  std::vector<double> thr_col(d), scr_dim(d), f(d);
-  for (size_t s = s0; s < s1; ++s) {
-    const T cs = u.c[s];
-    const double thr = u.threshold[s];
-    const double* m = u.mid + s * r;
-    const double* col = mx.col + s * d;
-    double sum_col = 0.0, sum_m = 0.0;
-    for (size_t i = 0; i < d; ++i) sum_col += col[i];
-    for (size_t j = 0; j < r; ++j) sum_m += m[j];
-    if constexpr (!IsA)
-      for (size_t i = 0; i < d; ++i) thr_col[i] = thr / col[i];
-    for (size_t i = 0; i < d; ++i) scr_dim[i] = 0.0;
-    for (size_t j = 0; j < r; ++j) {
-      const size_t row = (s * r + j) * d;
-      const T* P = mx.P + row;
-      const T* P0 = mx.P0 + row;
-      T* out = mx.out + row;
-      uint8_t* ph = mx.phase + row;
-      const bool pin = u.pinned != nullptr && u.pinned[s * r + j] != 0;
-      const double mj = m[j];
-      // the phase of the row, as 1.0 (SCREENED) / 0.0
-      if (pin) {
-        for (size_t i = 0; i < d; ++i) f[i] = 1.0;
-      } else if constexpr (IsA) {
-        const double thr_row = thr / mj;
-        for (size_t i = 0; i < d; ++i) f[i] = col[i] > thr_row ? 1.0 : 0.0;
-      } else {
-        for (size_t i = 0; i < d; ++i) f[i] = mj > thr_col[i] ? 1.0 : 0.0;
-      }
-      // the step
-      for (size_t k = 0; k < nt; ++k) rc[k] = mx.terms[k].rank[s * r + j] * cs;
-      if (mx.dense != nullptr) {
-        const T* D = mx.dense + row;
-        for (size_t i = 0; i < d; ++i) out[i] = D[i] * cs;
-      }
-      for (size_t k = 0; k < nt; ++k) {
-        const T rk = rc[k];
-        const T* C = mx.terms[k].dim + s * d;
-        if (k == 0 && mx.dense == nullptr)
-          for (size_t i = 0; i < d; ++i) out[i] = rk * C[i];
-        else
-          for (size_t i = 0; i < d; ++i) out[i] = out[i] + rk * C[i];
-      }
-      // + P, then the decay toward the initial value
-      const T ds = u.dec_screened, df = u.dec_free;
-      if (mx.dense != nullptr || nt > 0) {
-        for (size_t i = 0; i < d; ++i) {
-          const T v = out[i] + P[i];
-          out[i] = v + (P0[i] - v) * (f[i] != 0.0 ? ds : df);
-        }
-      } else {
-        for (size_t i = 0; i < d; ++i) {
-          const T v = P[i];
-          out[i] = v + (P0[i] - v) * (f[i] != 0.0 ? ds : df);
-        }
-      }
-      for (size_t i = 0; i < d; ++i) ph[i] = static_cast<uint8_t>(static_cast<int32_t>(f[i]));
-      // screened activity: along the row in 8 fixed lanes (then a fixed tree), down the column
-      double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      size_t i = 0;
-      for (; i + 8 <= d; i += 8)
-        for (size_t l = 0; l < 8; ++l) acc[l] += f[i + l] * col[i + l];
-      for (; i < d; ++i) acc[0] += f[i] * col[i];
-      const double scr_row = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-      for (size_t q = 0; q < d; ++q) scr_dim[q] += mj * f[q];
-      mx.sum_rank[s * r + j] = mj * (sum_col - scr_row);
+  double* f = w.f.data();
+  double* scr_dim = w.scr_dim.data();
+  const T cs = u.c[s];
+  const double thr = u.threshold[s];
+  const double* m = u.mid + s * r;
+  const double* col = mx.col + s * d;
+  double sum_col = 0.0, sum_m = 0.0;
+  for (size_t i = 0; i < d; ++i) sum_col += col[i];
+  for (size_t j = 0; j < r; ++j) sum_m += m[j];
+  if constexpr (!IsA)
+    for (size_t i = 0; i < d; ++i) w.thr_col[i] = thr / col[i];
+  for (size_t i = 0; i < d; ++i) scr_dim[i] = 0.0;
+  for (size_t j = 0; j < r; ++j) {
+    const size_t row = (s * r + j) * d;
+    const T* P = mx.P + row;
+    const T* P0 = mx.P0 + row;
+    T* out = mx.out + row;
+    uint8_t* ph = mx.phase + row;
+    const bool pin = u.pinned != nullptr && u.pinned[s * r + j] != 0;
+    const double mj = m[j];
+    // the phase of the row, as 1.0 (SCREENED) / 0.0
+    if (pin) {
+      for (size_t i = 0; i < d; ++i) f[i] = 1.0;
+    } else if constexpr (IsA) {
+      const double thr_row = thr / mj;
+      for (size_t i = 0; i < d; ++i) f[i] = col[i] > thr_row ? 1.0 : 0.0;
+    } else {
+      for (size_t i = 0; i < d; ++i) f[i] = mj > w.thr_col[i] ? 1.0 : 0.0;
     }
-    for (size_t i = 0; i < d; ++i) mx.sum_dim[s * d + i] = col[i] * (sum_m - scr_dim[i]);
+    // the step
+    for (size_t k = 0; k < nt; ++k) w.rc[k] = mx.terms[k].rank[s * r + j] * cs;
+    if (mx.dense != nullptr) {
+      const T* D = mx.dense + row;
+      for (size_t i = 0; i < d; ++i) out[i] = D[i] * cs;
+    }
+    for (size_t k = 0; k < nt; ++k) {
+      const T rk = w.rc[k];
+      const T* C = mx.terms[k].dim + s * d;
+      if (k == 0 && mx.dense == nullptr)
+        for (size_t i = 0; i < d; ++i) out[i] = rk * C[i];
+      else
+        for (size_t i = 0; i < d; ++i) out[i] = out[i] + rk * C[i];
+    }
+    // + P, then the decay toward the initial value
+    const T ds = u.dec_screened, df = u.dec_free;
+    if (mx.dense != nullptr || nt > 0) {
+      for (size_t i = 0; i < d; ++i) {
+        const T v = out[i] + P[i];
+        out[i] = v + (P0[i] - v) * (f[i] != 0.0 ? ds : df);
+      }
+    } else {
+      for (size_t i = 0; i < d; ++i) {
+        const T v = P[i];
+        out[i] = v + (P0[i] - v) * (f[i] != 0.0 ? ds : df);
+      }
+    }
+    for (size_t i = 0; i < d; ++i) ph[i] = static_cast<uint8_t>(static_cast<int32_t>(f[i]));
+    // screened activity: along the row in 8 fixed lanes (then a fixed tree), down the column
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + 8 <= d; i += 8)
+      for (size_t l = 0; l < 8; ++l) acc[l] += f[i + l] * col[i + l];
+    for (; i < d; ++i) acc[0] += f[i] * col[i];
+    const double scr_row = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (size_t q = 0; q < d; ++q) scr_dim[q] += mj * f[q];
+    sum_rank[j] = mj * (sum_col - scr_row);
+  }
+  for (size_t i = 0; i < d; ++i) sum_dim[i] = col[i] * (sum_m - scr_dim[i]);
+  return sum_col;
+}
+
+inline double dot(const double* a, const double* b, size_t n) {
+  double s = 0.0;
+  for (size_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Slots [s0, s1): A, then B, then the slot's entropy. With p the activity normalised over the
+// slot's parameters (A[i, j]: a[i] m[j], B[j, k]: m[j] o[k]), the free entropy is
+// -sum_FREE p log p / log(#params) = (free_mass * log Z - F) / Z / log(#params), from line sums
+// only (log of a product is a sum of logs); a slot without activity (Z = 0) counts as uniform:
+// its free fraction.
+template <class T>
+[[gnu::always_inline]] inline void update_slots(const Update<T>& u, const Matrix<T>& ma, const Matrix<T>& mb,
+                                                size_t s0, size_t s1) {
+  const size_t r = u.rank, d = u.dim;
+  Scratch<T> w(std::max(ma.terms.size(), mb.terms.size()), r, d);
+  for (size_t s = s0; s < s1; ++s) {
+    const double sum_a = update_one<T, true>(u, ma, s, w, w.sum_rank_a.data(), w.sum_dim_a.data());
+    const double sum_o = update_one<T, false>(u, mb, s, w, w.sum_rank_b.data(), w.sum_dim_b.data());
+    const double* m = u.mid + s * r;
+    const double* lm = u.log_mid + s * r;
+    double sum_m = 0.0;
+    for (size_t j = 0; j < r; ++j) sum_m += m[j];
+    const double Z = sum_a * sum_m + sum_m * sum_o;
+    double ent;
+    if (Z > 0.0) {
+      const double F = dot(ma.log_col + s * d, w.sum_dim_a.data(), d) + dot(lm, w.sum_rank_a.data(), r) +
+                       dot(lm, w.sum_rank_b.data(), r) + dot(mb.log_col + s * d, w.sum_dim_b.data(), d);
+      double free_mass = 0.0;
+      for (size_t i = 0; i < d; ++i) free_mass += w.sum_dim_a[i];
+      double free_b = 0.0;
+      for (size_t j = 0; j < r; ++j) free_b += w.sum_rank_b[j];
+      free_mass += free_b;
+      ent = (free_mass * std::log(Z) - F) / Z / u.log_params;
+    } else {
+      size_t free = 0;
+      for (size_t q = 0; q < r * d; ++q) free += (ma.phase[s * r * d + q] == 0) + (mb.phase[s * r * d + q] == 0);
+      ent = static_cast<double>(free) / static_cast<double>(2 * r * d);
+    }
+    u.entropy[s] = ent < 0.0 ? 0.0 : (ent > 1.0 ? 1.0 : ent);
+    u.total[s] = Z;
   }
 }
 
@@ -146,29 +204,22 @@ inline bool has_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && std::getenv("DYNAMIC_CORE_LORA_BASELINE") == nullptr;
   return yes;
 }
-template <class T, bool IsA>
-[[gnu::target("avx2")]] void update_rows_avx2(const Update<T>& u, const Matrix<T>& mx, size_t s0, size_t s1) {
-  update_rows<T, IsA>(u, mx, s0, s1);
+template <class T>
+[[gnu::target("avx2")]] void update_slots_avx2(const Update<T>& u, const Matrix<T>& ma, const Matrix<T>& mb,
+                                               size_t s0, size_t s1) {
+  update_slots(u, ma, mb, s0, s1);
 }
 #endif
-
-template <class T, bool IsA>
-void update_rows_any(const Update<T>& u, const Matrix<T>& mx, size_t s0, size_t s1) {
-#ifdef DC_LORA_AVX2
-  if (has_avx2()) return update_rows_avx2<T, IsA>(u, mx, s0, s1);
-#endif
-  update_rows<T, IsA>(u, mx, s0, s1);
-}
 
 }  // namespace detail
 
-// Updates slots [s0, s1) of one matrix.
+// Updates slots [s0, s1) of a stacked layer: A (ma), B (mb) and each slot's entropy.
 template <class T>
-void update_matrix(const Update<T>& u, const Matrix<T>& mx, size_t s0, size_t s1) {
-  if (mx.is_a)
-    detail::update_rows_any<T, true>(u, mx, s0, s1);
-  else
-    detail::update_rows_any<T, false>(u, mx, s0, s1);
+void update(const Update<T>& u, const Matrix<T>& ma, const Matrix<T>& mb, size_t s0, size_t s1) {
+#ifdef DC_LORA_AVX2
+  if (detail::has_avx2()) return detail::update_slots_avx2(u, ma, mb, s0, s1);
+#endif
+  detail::update_slots(u, ma, mb, s0, s1);
 }
 
 // u[n, j] = sum_i x[n, i] * M[n, j, i]: each agent's (rank, dim) matrix times its row; the dot

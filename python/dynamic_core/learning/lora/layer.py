@@ -463,10 +463,11 @@ class DynamicLoRALayer:
         newA = self._fresh(self._spare_At, self._At)
         newB = self._fresh(self._spare_B, self._B)
         s, d, r = self.slots, self.dim, self.rank
-        sums = {k: np.empty((s, d if k.endswith("d") else r)) for k in ("Ad", "Ar", "Br", "Bd")}
         pinned = self.pins > 0
-        job = (c, parts, newA, newB, sums, pinned if pinned.any() else None)
-        if not (self.native and self._update_native(*job)):
+        pinned = pinned if pinned.any() else None
+        if not (self.native and self._update_native(c, parts, newA, newB, pinned)):
+            sums = {k: np.empty((s, d if k.endswith("d") else r)) for k in ("Ad", "Ar", "Br", "Bd")}
+            job = (c, parts, newA, newB, sums, pinned)
             step = max(1, self.config.chunk_elems // (d * r))
             chunks = [slice(s0, min(s, s0 + step)) for s0 in range(0, s, step)]
             threads = min(self.config.threads, len(chunks))
@@ -475,32 +476,38 @@ class DynamicLoRALayer:
             else:
                 for sl in chunks:
                     self._update_chunk_numpy(sl, *job)
+            self._entropy(sums["Ad"], sums["Ar"], sums["Br"], sums["Bd"])
         self._spare_At, self._At = self._At, newA
         self._spare_B, self._B = self._B, newB
-        self._entropy(sums["Ad"], sums["Ar"], sums["Br"], sums["Bd"])
         np.maximum(self.pins - 1, 0, out=self.pins)
         return lr
 
     def _update_native(self, c: np.ndarray, parts: Any, newA: np.ndarray, newB: np.ndarray,
-                       sums: dict[str, np.ndarray], pinned: np.ndarray | None) -> bool:
-        """The update in the native kernel (one pass per matrix): the numpy reference's
-        parameters and phases bit for bit. False (nothing done) when a step array's dtype is not
-        the layer's, whose mixed-precision rounding only the reference reproduces."""
+                       pinned: np.ndarray | None) -> bool:
+        """The update in the native kernel, one pass per matrix, with each slot's entropy: the
+        numpy reference's parameters and phases bit for bit, its entropy within rounding. False
+        (nothing done) when a step array's dtype is not the layer's, whose mixed-precision
+        rounding only the reference reproduces."""
         dt = self.dtype
+        logs = [np.log(np.maximum(np.ascontiguousarray(x, dtype=np.float64), _TINY))
+                for x in (self.act_in, self.act_mid, self.act_out)]
         mats = []
-        for (dense, terms), P, P0, new, ph, col, kr, kd in (
-                (parts[0], self._At, self._At0, newA, self._phA, self.act_in, "Ar", "Ad"),
-                (parts[1], self._B, self._B0, newB, self._phB, self.act_out, "Br", "Bd")):
+        for (dense, terms), P, P0, new, ph, col, log_col in (
+                (parts[0], self._At, self._At0, newA, self._phA, self.act_in, logs[0]),
+                (parts[1], self._B, self._B0, newB, self._phB, self.act_out, logs[2])):
             if (dense is not None and dense.dtype != dt) or any(R.dtype != dt or C.dtype != dt for R, C in terms):
                 return False
             mats.append((np.ascontiguousarray(P), np.ascontiguousarray(P0), new, ph,
                          None if dense is None else np.ascontiguousarray(dense),
                          [(np.ascontiguousarray(R), np.ascontiguousarray(C)) for R, C in terms],
-                         np.ascontiguousarray(col, dtype=np.float64), sums[kr], sums[kd]))
+                         np.ascontiguousarray(col, dtype=np.float64), log_col))
+        entropy, total = np.empty(self.slots), np.empty(self.slots)
         _core.lora_update(0, self.slots, self.config.threads, np.ascontiguousarray(c, dtype=dt),
-                          np.ascontiguousarray(self.act_mid, dtype=np.float64),
+                          np.ascontiguousarray(self.act_mid, dtype=np.float64), logs[1],
                           np.ascontiguousarray(self.screening_threshold, dtype=np.float64), pinned,
-                          self.config.screened_decay, self.config.free_decay, tuple(mats[0]), tuple(mats[1]))
+                          self.config.screened_decay, self.config.free_decay, tuple(mats[0]), tuple(mats[1]),
+                          entropy, total)
+        self.current_entropy, self._activity_total = entropy, total
         return True
 
     def _update_chunk_numpy(self, sl: slice, c: np.ndarray, parts: Any, newA: np.ndarray, newB: np.ndarray,
