@@ -10,8 +10,12 @@ the per-layer effective-map changes for vertical resonance) and ``system_tick()`
 vertical resonance, the update of every layer: gradient step, per-parameter phase, decay toward
 the initial values, entropy; circuit detection, migration, health). Every agent learns every
 tick (the heaviest case); inputs are N(0, 1), targets ``tanh(x @ w)``. Figures are medians over
-the timed ticks after a warm-up, for float64 and float32, on 1 thread and on 2 (the update's
-per-agent chunks on ``LoRAConfig.threads`` and BLAS on as many, through threadpoolctl).
+the timed ticks after a warm-up, for float64 and float32, on 1 thread and on 2 (the native
+update's slots split over ``LoRAConfig.threads`` and BLAS on as many, through threadpoolctl).
+
+Floor: one tick reads every per-agent parameter in ``learn`` and reads it, its initial value and
+writes it again in the update: about 15.4M parameters x ~16 bytes (float32) = ~250 MB a tick,
+~10 ms at this class of machine's ~23 GB/s; the 1 ms target is below that floor on 2 cores.
 
 Peer: the same math as a Python loop over agents, each with its own one-slot agent and context
 ``DynamicLoRALayer`` (shared layers as in the batched run): forward, backprop, interaction

@@ -127,10 +127,11 @@ class LoRAConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         alignment; 0: all. The alignment is one scalar per tick: a fixed sample of 1024 measures
         it at a tenth of the cost for 10k agents.
     chunk_elems : int
-        Per-agent updates run in chunks of about this many parameters (cache-sized blocks).
+        The numpy reference update (a step in another dtype than the layer's, or
+        ``DynamicLoRALayer.native = False``) runs in chunks of about this many parameters.
     threads : int
-        Threads the chunks of an update are spread over (results do not depend on it: chunks
-        are independent).
+        Threads an update's slots are split over, in the native kernel (or the reference's
+        chunks); results do not depend on it: slots are independent.
     """
 
     ranks: tuple[int, ...] = (64, 32, 16, 8, 4)
