@@ -284,8 +284,21 @@ def test_telemetry(pop, market):
     assert 0 < st["warp_occupancy"] <= 1
 
 
+def stable_threads(deadline: float = 2.0) -> int:
+    """The thread count once it has not changed for 50 ms (threads of earlier tests may still
+    be leaving)."""
+    end = time.monotonic() + deadline
+    n, since = native_threads(), time.monotonic()
+    while time.monotonic() < end and time.monotonic() - since < 0.05:
+        time.sleep(0.005)
+        m = native_threads()
+        if m != n:
+            n, since = m, time.monotonic()
+    return n
+
+
 def test_clean_shutdown_no_leaked_threads(pop, market):
-    base = native_threads()
+    base = stable_threads()
     for _ in range(5):
         eng = dc.Engine(pop, threads=2)
         eng.submit(market[:100])

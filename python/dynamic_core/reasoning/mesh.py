@@ -522,6 +522,9 @@ class ReasoningMesh:
             if self._wake.rfd in events:
                 self._wake.clear()
             try:
+                # timers due before the replies read now: an attempt whose budget ran out while
+                # this loop was busy is a timeout, whatever reply sits in the socket behind it
+                self._run_timers(time.monotonic())
                 if self._sock in events:
                     self._read_adapters()
                 self._run_calls()
