@@ -839,7 +839,8 @@ def test_update_threads_and_chunking_do_not_change_results() -> None:
             assert np.array_equal(h.layers[name].current_entropy, h0.layers[name].current_entropy)
 
 
-def _random_layer(dtype, native: bool, slots: int = 9, dim: int = 13, rank: int = 5) -> DynamicLoRALayer:
+def _random_layer(dtype, native: bool, slots: int = 9, dim: int = 13, rank: int = 5,
+                  ties: bool = False) -> DynamicLoRALayer:
     rng = np.random.default_rng(11)
     layer = DynamicLoRALayer(dim, rank, 0.5, slots=slots, config=LoRAConfig(), rng=rng, dtype=dtype)
     layer.native = native
@@ -854,11 +855,19 @@ def _random_layer(dtype, native: bool, slots: int = 9, dim: int = 13, rank: int 
     layer.pins[3, 1] = 4  # a pinned component: SCREENED whatever its activity
     layer.act_in[4], layer.act_mid[4], layer.act_out[4] = 0.0, 0.0, 0.0  # no activity: uniform
     layer.pins[4, 0] = 9  # ... with one component pinned: entropy = free fraction < 1
+    if ties:  # traces on a grid with threshold 1: a[i] == 1 / m[j] and m[j] == 1 / o[k] happen often
+        grid = np.array([0.0, 0.5, 1.0, 2.0])
+        for name in ("act_in", "act_mid", "act_out"):
+            arr = getattr(layer, name)
+            setattr(layer, name, grid[rng.integers(0, 4, size=arr.shape)])
+        layer.screening_threshold = np.ones(slots)
+        layer.act_in[4], layer.act_mid[4], layer.act_out[4] = 0.0, 0.0, 0.0
     return layer
 
 
+@pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_native_update_is_the_numpy_reference_bit_for_bit(dtype) -> None:
+def test_native_update_is_the_numpy_reference_bit_for_bit(dtype, ties) -> None:
     rng = np.random.default_rng(12)
     S, d, r = 9, 13, 5
     gA = rng.normal(size=(S, d, r)).astype(dtype)
@@ -869,7 +878,7 @@ def test_native_update_is_the_numpy_reference_bit_for_bit(dtype) -> None:
     strength = rng.uniform(0.5, 1.5, size=S)
     rank = r
     for step in steps:
-        native, ref = _random_layer(dtype, True), _random_layer(dtype, False)
+        native, ref = _random_layer(dtype, True, ties=ties), _random_layer(dtype, False, ties=ties)
         for _ in range(3):  # pins count down, phases and entropy feed the next update
             lr_n, lr_r = native.update(step, strength), ref.update(step, strength)
             assert np.array_equal(lr_n, lr_r)
