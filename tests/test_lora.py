@@ -977,6 +977,25 @@ def test_native_stacked_products_in_their_documented_order(dtype) -> None:
         rd_dot(x[:, :-1], M)
 
 
+def test_native_passes_split_rows_over_threads_with_the_same_bits() -> None:
+    from dynamic_core.learning.lora.layer import r_rows, rd_dot
+
+    rng = np.random.default_rng(23)
+    n, r, d = 1000, 8, 64
+    x, y = rng.normal(size=(n, d)), rng.normal(size=(n, r))
+    M = rng.normal(size=(n, r, d))
+    for threads in (2, 3):
+        assert np.array_equal(rd_dot(x, M, threads), rd_dot(x, M))
+        assert np.array_equal(r_rows(y, M, threads), r_rows(y, M))
+    layers = [DynamicLoRALayer(d, r, 0.5, slots=n, config=LoRAConfig(threads=t)) for t in (1, 3)]
+    mask = rng.random(n) > 0.3
+    for L in layers:
+        for m in (None, mask):
+            L.record_interaction(x, y, x * 0.5, m)
+    for k in ("in", "mid", "out", "rms", "sig", "calls"):
+        assert np.array_equal(getattr(layers[0], "_t_" + k), getattr(layers[1], "_t_" + k)), k
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("slots", [1, 9])
 @pytest.mark.parametrize("masked", [False, True])

@@ -85,8 +85,23 @@ void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array&
   for (auto& th : pool) th.join();
 }
 
+// Runs fn(a, b) over row ranges that split [0, n) among up to `threads` threads (rows are
+// independent: any split gives the same bits).
+template <class F>
+void split_rows(size_t n, int threads, F fn) {
+  const size_t k = threads > 1 ? std::min<size_t>(static_cast<size_t>(threads), n / 64 + 1) : 1;
+  if (k <= 1) {
+    fn(size_t{0}, n);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < k; ++t) pool.emplace_back([&, t] { fn(n * t / k, n * (t + 1) / k); });
+  fn(size_t{0}, n / k);
+  for (auto& th : pool) th.join();
+}
+
 template <class T>
-py::array stacked_product(const py::array& x, const py::array& M, bool rd) {
+py::array stacked_product(const py::array& x, const py::array& M, bool rd, int threads) {
   if (M.ndim() != 3) throw py::value_error("M must be (n, rank, dim)");
   const py::ssize_t n = M.shape(0), r = M.shape(1), d = M.shape(2);
   const T* pm = view<T>(M, {n, r, d}, "M");
@@ -94,23 +109,26 @@ py::array stacked_product(const py::array& x, const py::array& M, bool rd) {
   py::array_t<T> out(std::vector<py::ssize_t>{n, rd ? r : d});
   T* po = out.mutable_data();
   py::gil_scoped_release nogil;
-  if (rd)
-    lora::rd_dot(px, pm, po, n, r, d);
-  else
-    lora::r_rows(px, pm, po, n, r, d);
+  const size_t R = static_cast<size_t>(r), D = static_cast<size_t>(d);
+  split_rows(static_cast<size_t>(n), threads, [&](size_t a, size_t b) {
+    if (rd)
+      lora::rd_dot(px + a * D, pm + a * R * D, po + a * R, b - a, R, D);
+    else
+      lora::r_rows(px + a * R, pm + a * R * D, po + a * D, b - a, R, D);
+  });
   return out;
 }
 
-py::array dispatch_product(const py::array& x, const py::array& M, bool rd) {
-  if (M.dtype().is(py::dtype::of<double>())) return stacked_product<double>(x, M, rd);
-  if (M.dtype().is(py::dtype::of<float>())) return stacked_product<float>(x, M, rd);
+py::array dispatch_product(const py::array& x, const py::array& M, bool rd, int threads) {
+  if (M.dtype().is(py::dtype::of<double>())) return stacked_product<double>(x, M, rd, threads);
+  if (M.dtype().is(py::dtype::of<float>())) return stacked_product<float>(x, M, rd, threads);
   throw py::type_error("M must be float32 or float64");
 }
 
 template <class T>
 void record(const py::array& h, const py::array& u, const py::array& delta, const py::object& w, bool shared,
             const py::array& t_in, const py::array& t_mid, const py::array& t_out, const py::array& t_rms,
-            const py::array& t_sig) {
+            const py::array& t_sig, int threads) {
   if (h.ndim() != 2 || u.ndim() != 2) throw py::value_error("h (n, dim) and u (n, rank) expected");
   const py::ssize_t n = h.shape(0), d = h.shape(1), r = u.shape(1);
   const py::ssize_t S = shared ? 1 : n;
@@ -124,31 +142,41 @@ void record(const py::array& h, const py::array& u, const py::array& delta, cons
   double* tr = view<double>(t_rms, {S}, "t_rms", true);
   double* ts = view<double>(t_sig, {S, r}, "t_sig", true);
   py::gil_scoped_release nogil;
-  lora::record(ph, pu, pd, pw, n, r, d, shared, ti, tm, to, tr, ts);
+  if (shared) {  // sums over rows: one thread, rows in order
+    lora::record(ph, pu, pd, pw, n, r, d, true, ti, tm, to, tr, ts);
+    return;
+  }
+  const size_t R = static_cast<size_t>(r), D = static_cast<size_t>(d);
+  split_rows(static_cast<size_t>(n), threads, [&](size_t a, size_t b) {
+    lora::record(ph + a * D, pu + a * R, pd + a * D, pw != nullptr ? pw + a : nullptr, b - a, R, D, false,
+                 ti + a * D, tm + a * R, to + a * D, tr + a, ts + a * R);
+  });
 }
 
 }  // namespace
 
 void bind_lora(py::module_& m) {
-  m.def("lora_rd_dot", [](const py::array& x, const py::array& M) { return dispatch_product(x, M, true); },
-        py::arg("x"), py::arg("M"),
+  m.def("lora_rd_dot",
+        [](const py::array& x, const py::array& M, int threads) { return dispatch_product(x, M, true, threads); },
+        py::arg("x"), py::arg("M"), py::arg("threads") = 1,
         "u[n, j] = sum_i x[n, i] M[n, j, i] for (n, dim) x and (n, rank, dim) M, in a fixed order (internal).");
-  m.def("lora_r_rows", [](const py::array& y, const py::array& M) { return dispatch_product(y, M, false); },
-        py::arg("y"), py::arg("M"),
+  m.def("lora_r_rows",
+        [](const py::array& y, const py::array& M, int threads) { return dispatch_product(y, M, false, threads); },
+        py::arg("y"), py::arg("M"), py::arg("threads") = 1,
         "out[n, i] = sum_j y[n, j] M[n, j, i] for (n, rank) y and (n, rank, dim) M, rank by rank (internal).");
   m.def("lora_record",
         [](const py::array& h, const py::array& u, const py::array& delta, const py::object& w, bool shared,
            const py::array& t_in, const py::array& t_mid, const py::array& t_out, const py::array& t_rms,
-           const py::array& t_sig) {
+           const py::array& t_sig, int threads) {
           if (h.dtype().is(py::dtype::of<double>()))
-            record<double>(h, u, delta, w, shared, t_in, t_mid, t_out, t_rms, t_sig);
+            record<double>(h, u, delta, w, shared, t_in, t_mid, t_out, t_rms, t_sig, threads);
           else if (h.dtype().is(py::dtype::of<float>()))
-            record<float>(h, u, delta, w, shared, t_in, t_mid, t_out, t_rms, t_sig);
+            record<float>(h, u, delta, w, shared, t_in, t_mid, t_out, t_rms, t_sig, threads);
           else
             throw py::type_error("activations must be float32 or float64");
         },
         py::arg("h"), py::arg("u"), py::arg("delta"), py::arg("w"), py::arg("shared"), py::arg("t_in"),
-        py::arg("t_mid"), py::arg("t_out"), py::arg("t_rms"), py::arg("t_sig"),
+        py::arg("t_mid"), py::arg("t_out"), py::arg("t_rms"), py::arg("t_sig"), py::arg("threads") = 1,
         "Fold one pass's activations into a layer's tick accumulators (internal; see "
         "DynamicLoRALayer.record_interaction).");
   m.def("lora_fold",

@@ -223,15 +223,15 @@ def lora_fold(act: numpy.ndarray, t: numpy.ndarray, c: numpy.ndarray, k: typing.
     """
     k * act + omk * (t / c[:, None]) as a new array; t is zeroed (internal).
     """
-def lora_r_rows(y: numpy.ndarray, M: numpy.ndarray) -> numpy.ndarray:
+def lora_r_rows(y: numpy.ndarray, M: numpy.ndarray, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> numpy.ndarray:
     """
     out[n, i] = sum_j y[n, j] M[n, j, i] for (n, rank) y and (n, rank, dim) M, rank by rank (internal).
     """
-def lora_rd_dot(x: numpy.ndarray, M: numpy.ndarray) -> numpy.ndarray:
+def lora_rd_dot(x: numpy.ndarray, M: numpy.ndarray, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> numpy.ndarray:
     """
     u[n, j] = sum_i x[n, i] M[n, j, i] for (n, dim) x and (n, rank, dim) M, in a fixed order (internal).
     """
-def lora_record(h: numpy.ndarray, u: numpy.ndarray, delta: numpy.ndarray, w: typing.Any, shared: bool, t_in: numpy.ndarray, t_mid: numpy.ndarray, t_out: numpy.ndarray, t_rms: numpy.ndarray, t_sig: numpy.ndarray) -> None:
+def lora_record(h: numpy.ndarray, u: numpy.ndarray, delta: numpy.ndarray, w: typing.Any, shared: bool, t_in: numpy.ndarray, t_mid: numpy.ndarray, t_out: numpy.ndarray, t_rms: numpy.ndarray, t_sig: numpy.ndarray, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> None:
     """
     Fold one pass's activations into a layer's tick accumulators (internal; see DynamicLoRALayer.record_interaction).
     """

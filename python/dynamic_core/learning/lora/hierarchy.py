@@ -184,6 +184,7 @@ class LoRAHierarchy:
         return x
 
     def _run(self, x: np.ndarray, weights: Mapping[str, tuple[np.ndarray, np.ndarray]], keep: bool):
+        th = self.config.threads
         h = self.backend.base(x)
         trace = []
         for name in LAYERS:
@@ -192,8 +193,8 @@ class LoRAHierarchy:
                 u = h @ A
                 d = u @ B
             else:
-                u = rd_dot(h, A.transpose(0, 2, 1))  # the layer's rank-major buffer
-                d = r_rows(u, B)
+                u = rd_dot(h, A.transpose(0, 2, 1), th)  # the layer's rank-major buffer
+                d = r_rows(u, B, th)
             if keep:
                 trace.append((h, u, d))
             h = h + d
@@ -277,6 +278,7 @@ class LoRAHierarchy:
         if self.config.head_learning_rate > 0.0:
             self._g_head += xty(e[:, None], hid)[0] / k
         g = e[:, None] * head[None, :]  # dL/dhidden
+        th = self.config.threads
         inv_k = self.dtype.type(1.0 / k)
         for name, (h, u, _) in zip(reversed(LAYERS), reversed(trace)):
             A, B = weights[name]
@@ -293,17 +295,18 @@ class LoRAHierarchy:
                 g_prev = g + v @ A.T
             else:
                 At = A.transpose(0, 2, 1)
-                v = rd_dot(g, B)
+                v = rd_dot(g, B, th)
                 ta, tb = self._g_terms[name]
                 ta.append((h, v))
                 tb.append((u, g))
                 # first-order change of each (sampled) agent's A @ B, summed: h (x) (v B) + (A u) (x) g
                 sm = self._vsample
                 if sm is None:
-                    self._dW[name] += xty(h, r_rows(v, B)) + xty(r_rows(u, At), g)
+                    self._dW[name] += xty(h, r_rows(v, B, th)) + xty(r_rows(u, At, th), g)
                 else:
-                    self._dW[name] += xty(h[sm], r_rows(v[sm], B[sm])) + xty(r_rows(u[sm], At[sm]), g[sm])
-                g_prev = g + r_rows(v, At)
+                    self._dW[name] += (xty(h[sm], r_rows(v[sm], B[sm], th))
+                                       + xty(r_rows(u[sm], At[sm], th), g[sm]))
+                g_prev = g + r_rows(v, At, th)
             g = g_prev
         return loss / k
 

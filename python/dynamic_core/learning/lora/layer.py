@@ -74,15 +74,17 @@ def _same_float(*arrays: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(a, dtype=dt) for a in arrays]
 
 
-def rd_dot(x: np.ndarray, M: np.ndarray) -> np.ndarray:
+def rd_dot(x: np.ndarray, M: np.ndarray, threads: int = 1) -> np.ndarray:
     """``M[n] @ x[n]`` for every n: (n, d) x (n, r, d) -> (n, r), natively, each dot product
-    summed in a fixed order (8 lanes, a fixed tree, then the tail)."""
-    return _core.lora_rd_dot(*_same_float(x, M))
+    summed in a fixed order (8 lanes, a fixed tree, then the tail); rows split over
+    ``threads`` (the same bits on any count)."""
+    return _core.lora_rd_dot(*_same_float(x, M), threads)
 
 
-def r_rows(y: np.ndarray, M: np.ndarray) -> np.ndarray:
-    """``y[n] @ M[n]`` for every n: (n, r) x (n, r, d) -> (n, d), natively, rank by rank."""
-    return _core.lora_r_rows(*_same_float(y, M))
+def r_rows(y: np.ndarray, M: np.ndarray, threads: int = 1) -> np.ndarray:
+    """``y[n] @ M[n]`` for every n: (n, r) x (n, r, d) -> (n, d), natively, rank by rank; rows
+    split over ``threads``."""
+    return _core.lora_r_rows(*_same_float(y, M), threads)
 
 
 _XTY_BLOCK = 32
@@ -326,8 +328,8 @@ class DynamicLoRALayer:
             if h.shape != (self.slots, self.dim):
                 raise ValueError(f"a stacked layer takes one row per slot: expected {(self.slots, self.dim)}, "
                                  f"got {h.shape}")
-            u = rd_dot(h, self._At)
-            delta = r_rows(u, self._B)
+            u = rd_dot(h, self._At, self.config.threads)
+            delta = r_rows(u, self._B, self.config.threads)
         if record:
             self.record_interaction(h, u, delta)
         return h + delta
@@ -359,7 +361,7 @@ class DynamicLoRALayer:
             raise ValueError(f"a stacked layer records one row per slot: expected {self.slots} rows, got {n}")
         h, u, delta = _same_float(h, u, delta)
         _core.lora_record(h, u, delta, w, self.slots == 1, self._t_in, self._t_mid, self._t_out, self._t_rms,
-                          self._t_sig)
+                          self._t_sig, self.config.threads)
         self._t_calls += 1 if (w is None or self.slots == 1) else (w > 0)
 
     def end_interactions(self) -> tuple[np.ndarray, np.ndarray]:
