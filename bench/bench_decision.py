@@ -10,7 +10,8 @@ Run: ``python -m bench.bench_decision [--quick] [--json PATH]``
    judges and places (timed): ATR stop and targets, risk sizing with lot rounding and currency
    conversion, a deterministic plan id, the governor's checks (breaker, daily loss, cooldown,
    guardrails, positions, instrument / gross / currency exposure with resizing), the verdict
-   journaled as msgpack, approved plans submitted to the paper broker. Two limit sets:
+   journaled as msgpack, approved plans submitted to the paper broker. The broker's own time per
+   bar (fills, exits, equity) is printed beside it. Two limit sets:
    ``default`` (RiskLimits(): most plans end early, e.g. no pyramiding, the breaker once the
    random trades lose) and ``all checks`` (breaker, daily loss and cooldown off, so every plan
    runs the exposure math and about half are placed). Plans/s = plans judged / time in
@@ -123,8 +124,8 @@ def decision_section(steps: int, limits: RiskLimits, k: int = 256) -> dict:
     ids = np.array([dc.instruments.id(n) for n in inst], dtype=np.uint32)
     rng = np.random.default_rng(3)
     sink = _Sink()
-    maker = DecisionMaker(PaperBroker(costs=DEFAULT_COSTS), limits=limits,
-                          journal=sink)
+    broker = PaperBroker(costs=DEFAULT_COSTS)
+    maker = DecisionMaker(broker, limits=limits, journal=sink)
     maker.on_bars(bars[: 50 * k])  # warm the ATRs
     sigs = []
     for t in range(steps):
@@ -136,17 +137,21 @@ def decision_section(steps: int, limits: RiskLimits, k: int = 256) -> dict:
         s["action"], s["score"] = a, a * 0.3
         s["confidence"], s["agreement"] = rng.uniform(0, 1, k), rng.uniform(0, 1, k)
         sigs.append((b, s))
-    spent = 0.0
-    n = 0
+    spent = bars_s = 0.0
+    n = positions = 0
     for b, s in sigs:
-        maker.on_bars(b)
         t0 = time.perf_counter()
+        maker.on_bars(b)
+        t1 = time.perf_counter()
         n += len(maker.on_signals(s))
-        spent += time.perf_counter() - t0
+        spent += time.perf_counter() - t1
+        bars_s += t1 - t0
+        positions += len(broker.net_lots())
     g = maker.governor.stats()
     return {"instruments": k, "steps": steps, "plans": n, "seconds": spent, "per_s": n / spent, "us_per_plan": spent / n * 1e6,
             "decisions": g["decisions"], "reasons": g["reasons"], "journaled": sink.n,
-            "trades": len(maker.attributions)}
+            "trades": len(maker.attributions), "broker_us_per_bar": bars_s / (steps * k) * 1e6,
+            "mean_open_positions": positions / steps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         top = sorted(r["reasons"].items(), key=lambda kv: -kv[1])[:4]
         print(f"               reasons: {', '.join(f'{k} {v:,}' for k, v in top) or 'none'}; "
               f"{r['journaled']:,} verdicts encoded for the journal, {r['trades']:,} trades closed")
+        print(f"               paper broker (not in plans/s): {r['broker_us_per_bar']:.1f} us a bar with "
+              f"{r['mean_open_positions']:.0f} open positions on average")
     r16 = res["decision_16"]
     print(f"   16 instruments x {r16['steps']:,} steps, default limits: {r16['per_s']:,.0f} plans/s "
           f"({r16['us_per_plan']:.1f} us a plan)")

@@ -269,6 +269,50 @@ def test_usdjpy_pnl_converted_with_its_own_price_and_crosses() -> None:
     assert b.trades[-1].pnl == near(10_000 / 151.10)
 
 
+def _equity_by_hand(b: PaperBroker) -> float:
+    """Balance plus every open leg marked at the exit side of its instrument's last close,
+    converted at the current crosses: the whole sum, recomputed from the positions."""
+    from dynamic_core.decision.specs import instrument_spec, quote_to_account
+
+    prices = b.last_prices()
+    total = b.balance
+    for name, pos in b.positions().items():
+        spec = instrument_spec(name)
+        mark = prices[name] - math.copysign(1.0, pos.lots) * 0.0002 / 2
+        conv = quote_to_account(spec, mark, "USD", prices)
+        total += sum((mark - leg.price) * leg.direction * leg.lots * spec.contract_size * conv for leg in pos.legs)
+    return total
+
+
+def test_equity_kept_per_instrument_equals_a_full_recomputation_with_crosses() -> None:
+    """Equity keeps each open instrument's marked value and refreshes it when its legs, its mark
+    or a cross its conversion reads move; at every bar it must equal the sum recomputed from
+    all positions (JPY and GBP crosses: a USDJPY or GBPUSD bar revalues EURJPY and EURGBP)."""
+    rng = np.random.default_rng(7)
+    names = ["EURUSD", "USDJPY", "EURJPY", "GBPUSD", "EURGBP", "XAUUSD"]
+    px = {"EURUSD": 1.10, "USDJPY": 150.0, "EURJPY": 165.0, "GBPUSD": 1.27, "EURGBP": 0.86, "XAUUSD": 2000.0}
+    b = PaperBroker(costs=CostModel(spread=0.0002, commission_per_lot=3.0))
+    checked = crosses = 0
+    for t in range(1, 400):
+        name = names[rng.integers(len(names))]
+        o = px[name]
+        c = o * (1 + rng.normal(0, 0.002))
+        px[name] = c
+        b.on_bar(name, t, o, max(o, c) * 1.0005, min(o, c) * 0.9995, c)
+        if rng.random() < 0.3:
+            side = buy if rng.random() < 0.5 else sell
+            b.submit(side(f"o{t}", float(rng.choice([0.1, 0.2, 0.5])), names[rng.integers(len(names))]))
+        if rng.random() < 0.05 and b.positions():
+            b.close(sorted(b.positions())[0])
+        assert b.equity == pytest.approx(_equity_by_hand(b), rel=1e-12, abs=1e-7), t
+        checked += bool(b.positions())
+        crosses += bool(set(b.positions()) & {"EURJPY", "EURGBP"}) and name in ("USDJPY", "GBPUSD")
+    assert checked > 200 and len(b.trades) > 10
+    assert crosses > 20  # bars of a cross's conversion price while the cross was open
+    b.flatten()
+    assert b.equity == b.balance
+
+
 def test_lot_rounding_and_validation_rejects() -> None:
     b = PaperBroker(specs={"GOOG": GOOG_SPEC})
     b.on_bar("EURUSD", 1, 1.1, 1.1, 1.1, 1.1)

@@ -231,8 +231,15 @@ class PaperBroker:
         self._spec_cache: dict[str, InstrumentSpec] = {}
         self._status: dict[str, str] = {}
         self._pending: dict[str, Order] = {}  # insertion order = submission order
+        self._pending_at: dict[str, dict[str, Order]] = {}  # the same, by instrument
         self._legs: dict[str, list[Leg]] = {}
         self._prices: dict[str, float] = {}  # last close (mid) per instrument: marks and crosses
+        # equity without a pass over every position per bar: each open instrument's marked value,
+        # recomputed when its legs or its mark change, or a price its conversion reads
+        self._open_value: dict[str, float] = {}
+        self._stale: set[str] = set()
+        self._conv_users: dict[str, set[str]] = {}  # conversion price name -> open instruments
+        self._conv_of: dict[str, tuple[str, ...]] = {}  # open instrument -> its conversion prices
         self._last_ts: dict[str, int] = {}
         self._clock = 0  # latest bar time seen on any instrument
         self._curve: list[tuple[int, float, float]] = []
@@ -301,6 +308,7 @@ class PaperBroker:
             return OrderResult(client_order_id=cid, status="filled", fills=(fill,))
         self._status[cid] = "pending"
         self._pending[cid] = order
+        self._pending_at.setdefault(order.instrument, {})[cid] = order
         return OrderResult(client_order_id=cid, status="accepted")
 
     def _validate(self, order: Order) -> str:
@@ -349,8 +357,10 @@ class PaperBroker:
 
     def cancel(self, client_order_id: str) -> bool:
         """Cancel a pending order; False when it is not pending (unknown, filled, expired)."""
-        if self._pending.pop(client_order_id, None) is None:
+        od = self._pending.pop(client_order_id, None)
+        if od is None:
             return False
+        self._unpend(od)
         self._status[client_order_id] = "cancelled"
         return True
 
@@ -367,6 +377,7 @@ class PaperBroker:
                  ref_mid: float = 0.0) -> Fill:
         """Fill all of ``order`` at ``px``: close opposite legs FIFO, open a leg with the rest."""
         name, side = order.instrument, order.side
+        self._stale.add(name)
         legs = self._legs.get(name, [])
         held = _lots(sum(leg.lots for leg in legs))
         opposite = bool(legs) and legs[0].direction != side
@@ -399,6 +410,7 @@ class PaperBroker:
                 per_leg: bool) -> tuple[float, list[Fill]]:
         """Close up to ``lots`` of the position FIFO at ``px``; return the exit commission and,
         when ``per_leg``, one fill per leg touched (an order's own fill covers them otherwise)."""
+        self._stale.add(name)
         legs = self._legs[name]
         commission, fills = 0.0, []
         while legs and lots > _EPS:
@@ -508,10 +520,11 @@ class PaperBroker:
         hs, slip = cost.spread / 2, cost.slippage
         fills: list[Fill] = []
         refs: dict[int, tuple[Leg, float]] = {}
-        mine = [od for od in self._pending.values() if od.instrument == instrument]
+        mine = list(self._pending_at.get(instrument, {}).values())
         for od in mine:  # (1) expiry
             if 0 < od.valid_until < ts:
                 del self._pending[od.client_order_id]
+                self._unpend(od)
                 self._status[od.client_order_id] = "expired"
         mine = [od for od in mine if od.client_order_id in self._pending]
         for od in mine:  # (2) market orders at the open
@@ -527,6 +540,10 @@ class PaperBroker:
                 fills.append(self._fill_pending(od, mid + d * hs, ts, refs, mid))
         fills += self._exits(instrument, ts, o, h, lo, hs, slip, refs)  # (4)
         self._prices[instrument] = c  # (5)
+        self._stale.add(instrument)
+        users = self._conv_users.get(instrument)
+        if users:
+            self._stale.update(users)
         self._curve.append((ts, self._balance, self.equity))
         self._dispatch()
         return fills
@@ -534,8 +551,15 @@ class PaperBroker:
     def _fill_pending(self, od: Order, px: float, ts: int, refs: dict[int, tuple[Leg, float]],
                       ref_mid: float) -> Fill:
         del self._pending[od.client_order_id]
+        self._unpend(od)
         self._status[od.client_order_id] = "filled"
         return self._execute(od, px, ts, refs, ref_mid)
+
+    def _unpend(self, od: Order) -> None:
+        at = self._pending_at[od.instrument]
+        del at[od.client_order_id]
+        if not at:
+            del self._pending_at[od.instrument]
 
     def _exits(self, name: str, ts: int, o: float, h: float, lo: float, hs: float, slip: float,
                refs: dict[int, tuple[Leg, float]]) -> list[Fill]:
@@ -621,18 +645,41 @@ class PaperBroker:
     @property
     def equity(self) -> float:
         """Balance plus open legs marked at their exit side of the last close (bid for longs,
-        ask for shorts; no slippage or exit commission)."""
-        value = self._balance
-        for name, legs in self._legs.items():
-            spec = self._spec(name)
-            mark = self._prices.get(name)
-            if mark is None:  # filled immediately before any bar: impossible; defensive
-                continue
-            mark -= legs[0].direction * self._cost(name).spread / 2
-            conv = self._conv(spec, mark)
-            for leg in legs:
-                value += (mark - leg.price) * leg.direction * leg.lots * spec.contract_size * conv
-        return value
+        ask for shorts; no slippage or exit commission).
+
+        Each open instrument's marked value is kept and recomputed only when its legs, its
+        mark or a price its currency conversion reads changed, so a bar costs O(1) here rather
+        than a pass over every position; the total is the balance plus those values in a fixed
+        order (the same events give the same bits)."""
+        if self._stale:
+            for name in sorted(self._stale):
+                self._revalue(name)
+            self._stale.clear()
+        return self._balance + sum(self._open_value.values())
+
+    def _revalue(self, name: str) -> None:
+        legs = self._legs.get(name)
+        mark = self._prices.get(name)
+        for k in self._conv_of.pop(name, ()):
+            users = self._conv_users[k]
+            users.discard(name)
+            if not users:
+                del self._conv_users[k]
+        if not legs or mark is None:  # flat (or, defensively, filled before any bar)
+            self._open_value.pop(name, None)
+            return
+        spec = self._spec(name)
+        a, q = self._account, spec.quote
+        keys = () if q == a or spec.base == a else (q + a, a + q)
+        self._conv_of[name] = keys
+        for k in keys:
+            self._conv_users.setdefault(k, set()).add(name)
+        mark -= legs[0].direction * self._cost(name).spread / 2
+        conv = self._conv(spec, mark)
+        value = 0.0
+        for leg in legs:
+            value += (mark - leg.price) * leg.direction * leg.lots * spec.contract_size * conv
+        self._open_value[name] = value
 
     def net_lots(self, *, pending: bool = False) -> dict[str, float]:
         """Signed net lots per instrument with an open position (cheap: no copies of the legs);
