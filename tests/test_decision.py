@@ -471,3 +471,31 @@ def test_plans_carry_dsi_validation_from_the_tape():
     assert out[("EURUSD", -1)].plan.evidence["dsi"] == -0.5 and out[("EURUSD", -1)].reasons == ("dsi_disagrees",)
     assert out[("GBPUSD", -1)].plan.evidence["dsi"] == 0.25 and out[("GBPUSD", -1)].verdict == "APPROVED"
     assert out[("GBPUSD", 1)].reasons == ("dsi_disagrees",)
+
+
+def test_top_contributors_against_a_plain_python_ranking():
+    """The agents of a stream that voted with the plan's direction, warm and not quarantined,
+    ranked by consensus weight (fitness x |score|) then lower id: checked against sorting the
+    records in plain Python, with weight ties and every direction."""
+    from dynamic_core.decision import top_contributors
+
+    pop = dc.Population.random(3000, instruments=["EURUSD", "GBPUSD", "XAUUSD"], seed=5)
+    with dc.Engine(pop) as eng:
+        eng.run(dc.sim.MarketSimulator(("EURUSD", "GBPUSD", "XAUUSD"), seed=6).bars(200))
+        agents = eng.agents().copy()
+    rng = np.random.default_rng(1)
+    agents["fitness"][rng.random(len(agents)) < 0.3] = 1.0  # many equal weights: the id decides
+    agents["score"][rng.random(len(agents)) < 0.3] = 0.5
+    agents["quarantined"][rng.random(len(agents)) < 0.05] = 1
+    agents["warm"][rng.random(len(agents)) < 0.05] = 0
+    streams = {(int(i), int(t)) for i, t in zip(agents["instrument"], agents["timeframe"])}
+    checked = 0
+    for inst, tf in sorted(streams):
+        for d in (1, -1, 0):
+            expect = sorted(((-(float(a["fitness"]) * abs(float(a["score"]))), int(a["agent_id"]))
+                             for a in agents if a["instrument"] == inst and a["timeframe"] == tf and a["warm"]
+                             and not a["quarantined"] and np.sign(a["action"]) == d))
+            got = top_contributors(agents, inst, tf, d, k=8)
+            assert got == tuple(i for _, i in expect[:8]), (inst, tf, d)
+            checked += len(got) == 8
+    assert checked >= 4
