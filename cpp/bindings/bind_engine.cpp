@@ -430,12 +430,14 @@ void bind_engine(py::module_& m) {
            }, py::arg("bars"), py::arg("n_registered"),
            "Reject reason of every bar as run() would see it, without changing state.")
       .def("agents", [](Engine& e) {
-             std::vector<AgentRecord> out(e.n_agents());
+             // filled in place: no zeroed staging vector and no second copy (20k agents: ~2 MB each)
+             py::array_t<uint8_t> out(static_cast<py::ssize_t>(e.n_agents() * sizeof(AgentRecord)));
+             auto* rec = reinterpret_cast<AgentRecord*>(out.mutable_data());
              {
                py::gil_scoped_release nogil;
-               e.agents(out.data());
+               e.agents(rec);
              }
-             return to_bytes(out.data(), out.size());
+             return out;
            }, "Per-agent state in population order, as bytes.")
       .def("dead_letters", [](Engine& e) {
              std::vector<DeadLetter> d;
