@@ -37,8 +37,10 @@ Choices where the design is loose:
   in-place edit copies first, whenever a live snapshot still views the buffer.
 
 Determinism: the same state and inputs give bit-identical outputs and updates, on any BLAS
-thread count and any ``LoRAConfig.threads``. Products with one row per agent (the forward
-GEMMs) are split by rows, which BLAS threads do not change; every reduction over agents goes
+thread count and any ``LoRAConfig.threads``. The per-agent layers' products, recording and
+update run in native kernels whose sums have a fixed order and whose threads split agents,
+never a sum; the shared layers' products with one row per agent (the forward GEMMs) are split
+by rows, which BLAS threads do not change; every reduction over agents goes
 through :func:`~dynamic_core.learning.lora.layer.xty` (fixed blocks, fixed summation order)
 instead of one long BLAS reduction, whose rounding does change with OpenBLAS's thread count;
 per-agent updates run in chunks independent of one another. Checked against OpenBLAS (numpy's
