@@ -1046,6 +1046,23 @@ def test_native_record_and_fold_are_the_numpy_formulas(dtype, slots, masked) -> 
             layer.record_interaction(h[:-1], u[:-1], delta[:-1])
 
 
+def test_hierarchy_is_bit_identical_on_any_thread_count_at_a_size_that_splits() -> None:
+    """300 agents: enough rows for the native products and recording to split (the small
+    hierarchies elsewhere run them on one thread)."""
+    cfg = LoRAConfig(ranks=(8, 6, 4, 4, 2), min_history=3, autocorr_window=10)
+    runs = []
+    for threads in (1, 3):
+        h = LoRAHierarchy(300, 8, config=msgspec.structs.replace(cfg, threads=threads), seed=2, dtype=np.float32)
+        runs.append((h, _run(h, 8, seed=4)))
+    (h0, r0), (h1, r1) = runs
+    assert r0 == r1
+    x = np.random.default_rng(9).normal(size=(300, 8)).astype(np.float32)
+    assert np.array_equal(h0.score(x), h1.score(x))
+    for name in LAYERS:
+        assert np.array_equal(h0.layers[name].A, h1.layers[name].A), name
+        assert np.array_equal(h0.layers[name].act_in, h1.layers[name].act_in), name
+
+
 def test_snapshots_share_buffers_until_written() -> None:
     h = LoRAHierarchy(4, 6, seed=0)
     x = np.random.default_rng(0).normal(size=(4, 6))
