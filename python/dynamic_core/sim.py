@@ -8,6 +8,7 @@ at plausible prices with plausible annual volatility; other names start at 100 w
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 
 import numpy as np
@@ -105,38 +106,54 @@ class MarketSimulator:
         volm = np.array([v[1] for v in REGIMES.values()])
         kappa = np.array([v[2] for v in REGIMES.values()])
         cum = np.cumsum(_TRANSITION, axis=1)
+        # The per-bar recurrence runs on Python floats (numpy's per-call overhead dominated a
+        # loop over 6-step arrays); every operation and its order are numpy's, so the bars are
+        # the same bits: bisect_right is searchsorted(side="right"), the path is o + a running
+        # sum of the steps, as o + cumsum(steps) was.
+        cum_l = cum.tolist()
+        drift_l, kappa_l = drift.tolist(), kappa.tolist()
         for j in range(k):
             r_regime, r_shock, r_gap, r_volume, _ = self._rngs[j]
-            u = r_regime.random(n)
-            reg = np.empty(n, dtype=np.int64)
+            reg_l = []
             r = int(self._regime[j])
-            for i in range(n):
-                r = int(np.searchsorted(cum[r], u[i], side="right"))
-                r = min(r, 3)
-                reg[i] = r
+            for ui in r_regime.random(n).tolist():
+                r = min(bisect_right(cum_l[r], ui), 3)
+                reg_l.append(r)
+            reg = np.array(reg_l, dtype=np.int64)
             self._regime[j] = r
-            self.regimes[j].extend(reg.tolist())
+            self.regimes[j].extend(reg_l)
             sigma = self._vol[j] * volm[reg]
             # Student-t(4) scaled to unit variance, split over intrabar steps
             shocks = r_shock.standard_t(4, size=(n, _SUBSTEPS)) / np.sqrt(2.0) / np.sqrt(_SUBSTEPS)
+            noise = (sigma[:, None] * shocks).tolist()
             logp = float(self._logp[j])
+            anchor = float(self._anchor[j])
             opens = np.empty(n)
             highs = np.empty(n)
             lows = np.empty(n)
             closes = np.empty(n)
             gaps = r_gap.standard_normal(n) * 0.05
-            for i in range(n):
-                o = logp + gaps[i] * sigma[i]
-                pull = -kappa[reg[i]] * (logp - self._anchor[j])
-                steps = (drift[reg[i]] + pull) / _SUBSTEPS + sigma[i] * shocks[i]
-                path = o + np.cumsum(steps)
+            for i, (g, sg, ri, ni) in enumerate(zip(gaps.tolist(), sigma.tolist(), reg_l, noise)):
+                o = logp + g * sg
+                kap = kappa_l[ri]
+                a = (drift_l[ri] + -kap * (logp - anchor)) / _SUBSTEPS
+                run = a + ni[0]
+                hi = lo = last = o + run
+                for x in ni[1:]:
+                    run = run + (a + x)
+                    last = o + run
+                    if last > hi:
+                        hi = last
+                    if last < lo:
+                        lo = last
                 opens[i] = o
-                highs[i] = max(o, path.max())
-                lows[i] = min(o, path.min())
-                closes[i] = path[-1]
-                logp = closes[i]
-                if kappa[reg[i]] == 0.0:  # trends and shocks move the level the range reverts to
-                    self._anchor[j] = 0.99 * self._anchor[j] + 0.01 * logp
+                highs[i] = max(o, hi)
+                lows[i] = min(o, lo)
+                closes[i] = last
+                logp = last
+                if kap == 0.0:  # trends and shocks move the level the range reverts to
+                    anchor = 0.99 * anchor + 0.01 * logp
+            self._anchor[j] = anchor
             self._logp[j] = logp
             absret = np.abs(closes - opens)
             vol = self._base_volume[j] * (1.0 + absret / np.maximum(sigma, 1e-12)) * r_volume.lognormal(0, 0.3, n)
