@@ -1107,20 +1107,35 @@ def test_results_do_not_depend_on_blas_threads() -> None:
 
 
 def test_results_do_not_depend_on_the_native_instruction_set() -> None:
-    """The native kernels run an AVX2 build where the CPU has it; the baseline build must give
-    the same bits (float32 and float64). Without AVX2 both runs take the baseline."""
-    probe = _BLAS_PROBE.replace("3000", "300").replace("seed=1)", "seed=1, dtype=DT)")
+    """The native kernels follow the engine's instruction-set level (x86-64-v3 where the CPU has
+    it); the baseline build must give the same bits (float32 and float64). Without it both runs
+    take the baseline."""
+    import hashlib
+
+    from dynamic_core import _core
+
+    def probe(dtype) -> str:
+        h = LoRAHierarchy(300, 64, seed=1, dtype=dtype)
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            x = rng.normal(size=(300, 64))
+            h.learn(x, np.tanh(x[:, 0]), h.snapshot())
+            h.system_tick()
+        d = hashlib.sha256(h.score(x).tobytes())
+        for L in h.layers.values():
+            d.update(L.A.tobytes() + L.B.tobytes())
+        return d.hexdigest()
+
+    best = _core.kernel_isa()
     out = []
-    for dt in ("np.float64", "np.float32"):
-        runs = []
-        for baseline in (False, True):
-            env = {k: v for k, v in os.environ.items() if k != "DYNAMIC_CORE_LORA_BASELINE"}
-            if baseline:
-                env["DYNAMIC_CORE_LORA_BASELINE"] = "1"
-            r = subprocess.run([sys.executable, "-c", probe.replace("DT", dt)], env=env, capture_output=True,
-                               text=True, timeout=300, check=False)
-            assert r.returncode == 0, r.stderr
-            runs.append(r.stdout.strip())
-        assert runs[0] == runs[1] and len(runs[0]) == 64, dt
-        out.append(runs[0])
+    try:
+        for dt in (np.float64, np.float32):
+            runs = []
+            for level in (best, 0):
+                assert _core.set_kernel_isa(level) == level
+                runs.append(probe(dt))
+            assert runs[0] == runs[1] and len(runs[0]) == 64, dt
+            out.append(runs[0])
+    finally:
+        _core.set_kernel_isa(best)
     assert out[0] != out[1]

@@ -290,6 +290,12 @@ py::dict lanes_dict(const LaneArrays& l) {
 }  // namespace
 
 void bind_engine(py::module_& m) {
+  m.def("kernel_isa", &kernel_isa,
+        "Instruction-set level of the native kernels in use (lane kernel, bank updates, DynamicLoRA): "
+        "4 (x86-64-v4), 3 (x86-64-v3) or 0 (baseline). Results are the same bits on every level.");
+  m.def("set_kernel_isa", &set_kernel_isa, py::arg("level"),
+        "For tests and comparisons: use the kernels of `level`, at most what the CPU supports; not while an "
+        "engine runs. Returns the level in use.");
   m.def("validate_bars", [](const py::array& bars, uint32_t n_registered) {
         const Bar* b = records_of<Bar>(bars, "bar");
         const auto n = static_cast<py::ssize_t>(bars.shape(0));

@@ -12,6 +12,21 @@ namespace dynamic_core::bindings {
 
 namespace {
 
+// Runs fn(a, b) over ranges that split [0, n) among at most `threads` threads and n / 64 + 1 (a
+// thread is not worth fewer rows); rows are independent, so any split gives the same bits.
+template <class F>
+void split_rows(size_t n, int threads, F fn) {
+  const size_t k = threads > 1 ? std::min<size_t>(static_cast<size_t>(threads), n / 64 + 1) : 1;
+  if (k <= 1) {
+    fn(size_t{0}, n);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < k; ++t) pool.emplace_back([&, t] { fn(n * t / k, n * (t + 1) / k); });
+  fn(size_t{0}, n / k);
+  for (auto& th : pool) th.join();
+}
+
 // Checks dtype, C-contiguity, writability and shape; returns the data pointer.
 template <class T>
 T* view(const py::array& a, std::initializer_list<py::ssize_t> shape, const char* what, bool write = false) {
@@ -72,32 +87,7 @@ void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array&
   u.total = view<double>(total, {S}, "total", true);
   const lora::Matrix<T> ma = matrix<T>(A, S, r, d), mb = matrix<T>(B, S, r, d);
   py::gil_scoped_release nogil;
-  const size_t n = s1 - s0;
-  const size_t k = threads > 1 ? std::min<size_t>(static_cast<size_t>(threads), n) : 1;
-  if (k <= 1) {
-    lora::update(u, ma, mb, s0, s1);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (size_t t = 1; t < k; ++t)
-    pool.emplace_back([&, t] { lora::update(u, ma, mb, s0 + n * t / k, s0 + n * (t + 1) / k); });
-  lora::update(u, ma, mb, s0, s0 + n / k);
-  for (auto& th : pool) th.join();
-}
-
-// Runs fn(a, b) over row ranges that split [0, n) among up to `threads` threads (rows are
-// independent: any split gives the same bits).
-template <class F>
-void split_rows(size_t n, int threads, F fn) {
-  const size_t k = threads > 1 ? std::min<size_t>(static_cast<size_t>(threads), n / 64 + 1) : 1;
-  if (k <= 1) {
-    fn(size_t{0}, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (size_t t = 1; t < k; ++t) pool.emplace_back([&, t] { fn(n * t / k, n * (t + 1) / k); });
-  fn(size_t{0}, n / k);
-  for (auto& th : pool) th.join();
+  split_rows(s1 - s0, threads, [&](size_t a, size_t b) { lora::update(u, ma, mb, s0 + a, s0 + b); });
 }
 
 template <class T>

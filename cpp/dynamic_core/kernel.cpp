@@ -17,13 +17,8 @@ namespace dynamic_core {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // Kernels are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and the baseline, and picked
-// at load time (kernel_isa). Results are bit-identical across them: FMA contraction is off and
-// every operation is the same IEEE operation in the same order.
-#if defined(__x86_64__) && !defined(__SANITIZE_THREAD__) && !defined(DC_NO_CLONES)
-#define DC_X86_DISPATCH 1
-#else
-#define DC_X86_DISPATCH 0
-#endif
+// at load time (kernel_isa; DC_X86_DISPATCH in kernel.hpp). Results are bit-identical across
+// them: FMA contraction is off and every operation is the same IEEE operation in the same order.
 
 namespace {
 

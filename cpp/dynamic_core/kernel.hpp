@@ -4,6 +4,13 @@
 
 #include "math.hpp"
 
+// Whether kernels are also compiled for x86-64-v3/v4 and picked at load time (kernel_isa).
+#if defined(__x86_64__) && !defined(__SANITIZE_THREAD__) && !defined(DC_NO_CLONES)
+#define DC_X86_DISPATCH 1
+#else
+#define DC_X86_DISPATCH 0
+#endif
+
 namespace dynamic_core {
 
 inline constexpr int kMaxSmLanes = kMaxWarpsPerSm * kWarpSize;
@@ -50,8 +57,8 @@ struct LaneView {
 Summary sm_step(const LaneView& v, int lanes, const double* feat, int32_t t, double ret, int poison,
                 uint64_t& updates, uint64_t& quarantined);
 
-// Instruction-set level of the lane kernel and the bank updates in use: 4 (x86-64-v4), 3
-// (x86-64-v3) or 0 (baseline).
+// Instruction-set level of the lane kernel, the bank updates and the DynamicLoRA kernels
+// (lora.hpp) in use: 4 (x86-64-v4), 3 (x86-64-v3) or 0 (baseline).
 int kernel_isa();
 // For tests: use the variants for `level`, at most what the CPU supports (not while an engine
 // runs). Returns the level in use.

@@ -22,8 +22,9 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <vector>
+
+#include "kernel.hpp"
 
 namespace dynamic_core::lora {
 
@@ -195,18 +196,13 @@ template <class T>
   }
 }
 
-// The kernels are compiled twice on x86-64: for the baseline and for AVX2, picked at run time.
-// Without FMA contraction or reassociation both give the same bits; only the speed differs.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DC_LORA_AVX2 1
-// DYNAMIC_CORE_LORA_BASELINE=1 keeps the baseline build (the tests compare the two).
-inline bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && std::getenv("DYNAMIC_CORE_LORA_BASELINE") == nullptr;
-  return yes;
-}
+// The kernels are also compiled for x86-64-v3 (AVX2) and follow the engine's instruction-set
+// choice (kernel_isa, set_kernel_isa). Without FMA contraction or reassociation both builds give
+// the same bits; only the speed differs.
+#if DC_X86_DISPATCH
 template <class T>
-[[gnu::target("avx2")]] void update_slots_avx2(const Update<T>& u, const Matrix<T>& ma, const Matrix<T>& mb,
-                                               size_t s0, size_t s1) {
+[[gnu::target("arch=x86-64-v3")]] void update_slots_v3(const Update<T>& u, const Matrix<T>& ma, const Matrix<T>& mb,
+                                                       size_t s0, size_t s1) {
   update_slots(u, ma, mb, s0, s1);
 }
 #endif
@@ -216,15 +212,15 @@ template <class T>
 // Updates slots [s0, s1) of a stacked layer: A (ma), B (mb) and each slot's entropy.
 template <class T>
 void update(const Update<T>& u, const Matrix<T>& ma, const Matrix<T>& mb, size_t s0, size_t s1) {
-#ifdef DC_LORA_AVX2
-  if (detail::has_avx2()) return detail::update_slots_avx2(u, ma, mb, s0, s1);
+#if DC_X86_DISPATCH
+  if (kernel_isa() >= 3) return detail::update_slots_v3(u, ma, mb, s0, s1);
 #endif
   detail::update_slots(u, ma, mb, s0, s1);
 }
 
+namespace detail {
 // u[n, j] = sum_i x[n, i] * M[n, j, i]: each agent's (rank, dim) matrix times its row; the dot
 // products run in 8 fixed lanes, then a fixed tree, then the tail in order.
-namespace detail {
 template <class T>
 [[gnu::always_inline]] inline void rd_dot_body(const T* x, const T* M, T* u, size_t n, size_t r, size_t d) {
   for (size_t a = 0; a < n; ++a) {
@@ -258,32 +254,39 @@ template <class T>
   }
 }
 
-#ifdef DC_LORA_AVX2
-template <class T>
-[[gnu::target("avx2")]] void rd_dot_avx2(const T* x, const T* M, T* u, size_t n, size_t r, size_t d) {
-  rd_dot_body(x, M, u, n, r, d);
+// Rd: rd_dot (in = x (n, d), out (n, r)); otherwise r_rows (in = y (n, r), out (n, d)).
+template <class T, bool Rd>
+[[gnu::always_inline]] inline void product_body(const T* in, const T* M, T* out, size_t n, size_t r, size_t d) {
+  if constexpr (Rd)
+    rd_dot_body(in, M, out, n, r, d);
+  else
+    r_rows_body(in, M, out, n, r, d);
 }
-template <class T>
-[[gnu::target("avx2")]] void r_rows_avx2(const T* y, const T* M, T* out, size_t n, size_t r, size_t d) {
-  r_rows_body(y, M, out, n, r, d);
+
+#if DC_X86_DISPATCH
+template <class T, bool Rd>
+[[gnu::target("arch=x86-64-v3")]] void product_v3(const T* in, const T* M, T* out, size_t n, size_t r, size_t d) {
+  product_body<T, Rd>(in, M, out, n, r, d);
 }
 #endif
+
+template <class T, bool Rd>
+void product(const T* in, const T* M, T* out, size_t n, size_t r, size_t d) {
+#if DC_X86_DISPATCH
+  if (kernel_isa() >= 3) return product_v3<T, Rd>(in, M, out, n, r, d);
+#endif
+  product_body<T, Rd>(in, M, out, n, r, d);
+}
 }  // namespace detail
 
 template <class T>
 void rd_dot(const T* x, const T* M, T* u, size_t n, size_t r, size_t d) {
-#ifdef DC_LORA_AVX2
-  if (detail::has_avx2()) return detail::rd_dot_avx2(x, M, u, n, r, d);
-#endif
-  detail::rd_dot_body(x, M, u, n, r, d);
+  detail::product<T, true>(x, M, u, n, r, d);
 }
 
 template <class T>
 void r_rows(const T* y, const T* M, T* out, size_t n, size_t r, size_t d) {
-#ifdef DC_LORA_AVX2
-  if (detail::has_avx2()) return detail::r_rows_avx2(y, M, out, n, r, d);
-#endif
-  detail::r_rows_body(y, M, out, n, r, d);
+  detail::product<T, false>(y, M, out, n, r, d);
 }
 
 // numpy's pairwise sum (add.reduce over a contiguous run): the same rounding.

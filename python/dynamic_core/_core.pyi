@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'ema', 'ew_bands', 'journal_bench', 'journal_scan', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'signal_hashes', 'validate_bars']
+__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'ema', 'ew_bands', 'journal_bench', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -219,6 +219,10 @@ def journal_scan(dir: str, repair: bool = False) -> dict:
     """
     Walk a journal checking framing and CRCs; with repair, truncate a torn tail.
     """
+def kernel_isa() -> int:
+    """
+    Instruction-set level of the native kernels in use (lane kernel, bank updates, DynamicLoRA): 4 (x86-64-v4), 3 (x86-64-v3) or 0 (baseline). Results are the same bits on every level.
+    """
 def lora_fold(act: numpy.ndarray, t: numpy.ndarray, c: numpy.ndarray, k: typing.SupportsFloat | typing.SupportsIndex, omk: typing.SupportsFloat | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float64]:
     """
     k * act + omk * (t / c[:, None]) as a new array; t is zeroed (internal).
@@ -260,6 +264,10 @@ def rsi(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], n: typing.Su
 def score_to_action(score: typing.SupportsFloat | typing.SupportsIndex, weak: typing.SupportsFloat | typing.SupportsIndex = 0.2, strong: typing.SupportsFloat | typing.SupportsIndex = 0.6) -> int:
     """
     Map a score in (-1, 1) to an action code -2..2.
+    """
+def set_kernel_isa(level: typing.SupportsInt | typing.SupportsIndex) -> int:
+    """
+    For tests and comparisons: use the kernels of `level`, at most what the CPU supports; not while an engine runs. Returns the level in use.
     """
 def signal_hashes(signals: numpy.ndarray) -> numpy.typing.NDArray[numpy.uint64]:
     """

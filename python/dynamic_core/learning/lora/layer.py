@@ -491,14 +491,15 @@ class DynamicLoRALayer:
         (nothing done) when a step array's dtype is not the layer's, whose mixed-precision
         rounding only the reference reproduces."""
         dt = self.dtype
+        for dense, terms in parts:
+            if (dense is not None and dense.dtype != dt) or any(R.dtype != dt or C.dtype != dt for R, C in terms):
+                return False
         logs = [np.log(np.maximum(np.ascontiguousarray(x, dtype=np.float64), _TINY))
                 for x in (self.act_in, self.act_mid, self.act_out)]
         mats = []
         for (dense, terms), P, P0, new, ph, col, log_col in (
                 (parts[0], self._At, self._At0, newA, self._phA, self.act_in, logs[0]),
                 (parts[1], self._B, self._B0, newB, self._phB, self.act_out, logs[2])):
-            if (dense is not None and dense.dtype != dt) or any(R.dtype != dt or C.dtype != dt for R, C in terms):
-                return False
             mats.append((np.ascontiguousarray(P), np.ascontiguousarray(P0), new, ph,
                          None if dense is None else np.ascontiguousarray(dense),
                          [(np.ascontiguousarray(R), np.ascontiguousarray(C)) for R, C in terms],
