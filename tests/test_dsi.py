@@ -27,7 +27,7 @@ from dynamic_core.learning.dsi import (
     encode,
     token_name,
 )
-from dynamic_core.learning.dsi._scan import ew_filter
+from dynamic_core.learning.dsi._scan import EwMoments, ew_filter
 from dynamic_core.learning.dsi.experts import Calls, symbols
 from dynamic_core.ticks import TickAggregator
 
@@ -125,17 +125,58 @@ def test_tape_on_constructed_ticks():
     assert nxt.move[0] == -1 and nxt.aggressor[0] == -1  # tick rule
 
 
-def test_ew_filter_matches_the_loop_over_many_chunks():
+def test_ew_filter_is_the_sequential_loop_bit_for_bit_however_batched():
     rng = np.random.default_rng(0)
-    x = rng.normal(size=20_000)
-    r = 0.6  # short chunks: ~1,170 values each
-    y = ew_filter(x, r, 3.0)
+    x = rng.normal(size=(20_000, 2))
+    r = 0.6
     ref = np.empty_like(x)
-    acc = 3.0
-    for i, v in enumerate(x):
-        acc = r * acc + v
-        ref[i] = acc
-    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-12)
+    acc = [3.0, -1.0]
+    for i in range(len(x)):
+        for c in range(2):
+            acc[c] = r * acc[c] + float(x[i, c])
+            ref[i, c] = acc[c]
+    np.testing.assert_array_equal(ew_filter(x, r, np.array([3.0, -1.0])), ref)
+    # 1-d with a scalar seed, and in batches carrying the last value
+    np.testing.assert_array_equal(ew_filter(x[:, 0], r, 3.0), ref[:, 0])
+    parts, y = [], 3.0
+    for a, b in pairwise([0, *split_points(len(x), 30, 1).tolist(), len(x)]):
+        parts.append(ew_filter(x[a:b, 0], r, y))
+        y = parts[-1][-1] if len(parts[-1]) else y
+    np.testing.assert_array_equal(np.concatenate(parts), ref[:, 0])
+
+
+def test_ew_filter_and_moments_refuse_bad_shapes():
+    with pytest.raises(ValueError, match="decay"):
+        ew_filter(np.ones(3), 1.0, 0.0)
+    with pytest.raises(TypeError, match="dimensional"):
+        ew_filter(np.ones((2, 2, 2)), 0.5, 0.0)
+    with pytest.raises(ValueError, match="one value per series"):
+        ew_filter(np.ones((4, 3)), 0.5, np.zeros(2))
+    with pytest.raises(ValueError, match="one value per series"):
+        dc._core.ew_moments(np.ones((4, 3)), 0.1, np.zeros(3), np.zeros(5))
+
+
+def test_ew_moments_are_wests_recurrence_bit_for_bit_however_batched():
+    rng = np.random.default_rng(5)
+    x = rng.lognormal(0, 1, (5000, 3))
+    a = 2.0 / (50 + 1.0)
+    # the recurrence as written in EwMoments' docstring, one value at a time
+    mb, vb = np.empty_like(x), np.empty_like(x)
+    for c in range(3):
+        m, v = float(x[0, c]), 0.0
+        for i in range(len(x)):
+            mb[i, c], vb[i, c] = m, v
+            d = float(x[i, c]) - m
+            m = (1 - a) * m + a * float(x[i, c])
+            v = (1 - a) * v + (1 - a) * a * d * d
+    em = EwMoments(3, 50)
+    got = [em.step(x[a_:b]) for a_, b in pairwise([0, *split_points(len(x), 25, 2).tolist(), len(x)])]
+    np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), mb)
+    np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), vb)
+    assert em.count == len(x)
+    # and pandas agrees on the values (its own rounding)
+    want = pd.DataFrame(x).ewm(span=50, adjust=False).mean().to_numpy()
+    np.testing.assert_allclose(mb[1:], want[:-1], rtol=1e-12)
 
 
 # -- anomaly scorers -------------------------------------------------------------------------
@@ -585,7 +626,7 @@ def test_a_tick_driver_feeds_bars_and_causal_evidence_to_the_engine(tmp_path):
             ref.update(ticks[start:pos])
         i = int(allsig["instrument"][k])
         if i in ref.seen():
-            # batch cuts move the last bits of the EW filters (as in the batching test above)
+            # batch cuts move the last bits of the evidence (as in the batching test above)
             assert allsig["dsi"][k] == pytest.approx(ref.evidence(dc.instruments.name(i)), abs=1e-9)
             assert allsig["flags"][k] == dc.SIGNAL_DSI
             flagged += 1

@@ -1,7 +1,12 @@
 // Batch forms of the streaming indicators: the code the agents run, over a whole array.
+#include <algorithm>
 #include <limits>
 #include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
 
+#include "../dynamic_core/ew.hpp"
 #include "../dynamic_core/indicators.hpp"
 #include "../dynamic_core/population.hpp"
 #include "common.hpp"
@@ -22,6 +27,29 @@ void check_period(int32_t n) {
                                 std::to_string(n));
 }
 Arr out_like(py::ssize_t n) { return Arr(n); }
+
+// (n, k) of a 1-d (k = 1) or 2-d float64 array of series side by side.
+std::pair<size_t, size_t> series_shape(const Arr& x) {
+  if (x.ndim() == 1) return {static_cast<size_t>(x.shape(0)), 1};
+  if (x.ndim() == 2) return {static_cast<size_t>(x.shape(0)), static_cast<size_t>(x.shape(1))};
+  throw py::type_error("x must be 1- or 2-dimensional (ticks, series)");
+}
+// The k carried values: a scalar (every series) or k of them.
+std::vector<double> carried(const Arr& v, size_t k, const char* name) {
+  if (v.ndim() == 0 || (v.ndim() == 1 && v.shape(0) == 1)) return std::vector<double>(k, *v.data());
+  if (v.ndim() == 1 && static_cast<size_t>(v.shape(0)) == k) return {v.data(), v.data() + k};
+  throw std::invalid_argument(std::string(name) + " must be a scalar or hold one value per series (" +
+                              std::to_string(k) + ")");
+}
+Arr like(const Arr& x) {
+  std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+  return Arr(shape);
+}
+Arr state_out(const std::vector<double>& v) {
+  Arr out(static_cast<py::ssize_t>(v.size()));
+  std::copy(v.begin(), v.end(), out.mutable_data());
+  return out;
+}
 
 template <class State, class F>
 Arr unary(const Arr& x, int32_t n, F value) {
@@ -116,6 +144,31 @@ void bind_indicators(py::module_& m) {
         }
         return py::make_tuple(mean, var, pos);
       }, py::arg("x"), py::arg("n"));
+
+  // Sequential EW recurrences of the DSI experts (ew.hpp).
+  ind.def("ew_filter", [](const Arr& x, double r, const Arr& y0) {
+        const auto [n, k] = series_shape(x);
+        std::vector<double> y = carried(y0, k, "y0");
+        Arr out = like(x);
+        {
+          py::gil_scoped_release nogil;
+          ew::filter(x.data(), n, k, r, y.data(), out.mutable_data());
+        }
+        return out;
+      }, py::arg("x"), py::arg("r"), py::arg("y0"),
+      "y[t] = r * y[t-1] + x[t] along axis 0 (x 1-d or (n, k)), y[-1] = y0 (a scalar or k values).");
+  ind.def("ew_moments", [](const Arr& x, double alpha, const Arr& mean0, const Arr& var0) {
+        const auto [n, k] = series_shape(x);
+        std::vector<double> mean = carried(mean0, k, "mean"), var = carried(var0, k, "var");
+        Arr mb = like(x), vb = like(x);
+        {
+          py::gil_scoped_release nogil;
+          ew::moments(x.data(), n, k, alpha, mean.data(), var.data(), mb.mutable_data(), vb.mutable_data());
+        }
+        return py::make_tuple(mb, vb, state_out(mean), state_out(var));
+      }, py::arg("x"), py::arg("alpha"), py::arg("mean"), py::arg("var"),
+      "West's EW mean and variance of the series of x (1-d or (n, k)) before each row, from the "
+      "state (mean, var); returns (mean_before, var_before, mean, var), the last two the state after x.");
 }
 
 }  // namespace dynamic_core::bindings

@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'ema', 'ew_bands', 'journal_bench', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
+__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'ema', 'ew_bands', 'ew_filter', 'ew_moments', 'journal_bench', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -211,6 +211,14 @@ def ema(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], n: typing.Su
     ...
 def ew_bands(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], n: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
     ...
+def ew_filter(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], r: typing.SupportsFloat | typing.SupportsIndex, y0: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> numpy.typing.NDArray[numpy.float64]:
+    """
+    y[t] = r * y[t-1] + x[t] along axis 0 (x 1-d or (n, k)), y[-1] = y0 (a scalar or k values).
+    """
+def ew_moments(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], alpha: typing.SupportsFloat | typing.SupportsIndex, mean: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], var: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
+    """
+    West's EW mean and variance of the series of x (1-d or (n, k)) before each row, from the state (mean, var); returns (mean_before, var_before, mean, var), the last two the state after x.
+    """
 def journal_bench(dir: str, n: typing.SupportsInt | typing.SupportsIndex, payload: typing.SupportsInt | typing.SupportsIndex, fsync_level: typing.SupportsInt | typing.SupportsIndex, batch: typing.SupportsInt | typing.SupportsIndex) -> dict:
     """
     Append n records of `payload` bytes to a new journal in dir, committing (and syncing by fsync_level) every `batch` records; seconds taken.
