@@ -319,6 +319,21 @@ def test_run_experts_against_the_reference_state_machine(seed):
         assert got[name] == ref[name], name
 
 
+def test_run_experts_native_pass_refuses_mismatched_columns():
+    ex = RunExperts()
+    z = np.zeros(3)
+    with pytest.raises(ValueError, match="one length"):
+        ex.step(np.arange(3, dtype=np.int64), np.ones(3), np.ones(2), np.zeros(3, np.int8), np.zeros(3, np.int8), z)
+    with pytest.raises(ValueError, match="8 values"):
+        dc._core.dsi_runs(np.arange(3), np.ones(3), np.ones(3), np.zeros(3, np.int8), np.zeros(3, np.int8), z,
+                          [1.0], ex._state, ex._start_ts)
+    with pytest.raises(TypeError):  # the carried state is written in place: never a converted copy
+        dc._core.dsi_runs(np.arange(3), np.ones(3), np.ones(3), np.zeros(3, np.int8), np.zeros(3, np.int8), z,
+                          ex._params, ex._state.astype(np.float32), ex._start_ts)
+    assert ex.dir == 0 and len(ex.step(*(np.zeros(0, d) for d in (np.int64, float, float, np.int8, np.int8, float)))
+                               ["momentum"].index) == 0
+
+
 # -- absorption ------------------------------------------------------------------------------
 def _absorb(price, size, aggressor, ref=None, cuts=(), **kw):
     n = len(price)

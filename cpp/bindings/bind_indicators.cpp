@@ -6,10 +6,13 @@
 #include <utility>
 #include <vector>
 
+#include "../dynamic_core/dsi_runs.hpp"
 #include "../dynamic_core/ew.hpp"
 #include "../dynamic_core/indicators.hpp"
 #include "../dynamic_core/population.hpp"
 #include "common.hpp"
+
+#include <pybind11/stl.h>
 
 namespace dynamic_core::bindings {
 
@@ -169,6 +172,43 @@ void bind_indicators(py::module_& m) {
       }, py::arg("x"), py::arg("alpha"), py::arg("mean"), py::arg("var"),
       "West's EW mean and variance of the series of x (1-d or (n, k)) before each row, from the "
       "state (mean, var); returns (mean_before, var_before, mean, var), the last two the state after x.");
+  ind.def("dsi_runs", [](const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& ts, const Arr& price,
+                         const Arr& size, const py::array_t<int8_t, py::array::c_style | py::array::forcecast>& move,
+                         const py::array_t<int8_t, py::array::c_style | py::array::forcecast>& aggressor,
+                         const Arr& zsize, const std::vector<double>& params, py::array_t<double, py::array::c_style> state,
+                         py::array_t<int64_t, py::array::c_style> start_ts) {
+        const py::ssize_t n = price.size();
+        for (const py::array* a : {static_cast<const py::array*>(&ts), static_cast<const py::array*>(&price),
+                                   static_cast<const py::array*>(&size), static_cast<const py::array*>(&move),
+                                   static_cast<const py::array*>(&aggressor), static_cast<const py::array*>(&zsize)})
+          if (a->ndim() != 1 || a->size() != n) throw std::invalid_argument("the tick columns must be 1-d and of one length");
+        if (params.size() != 8) throw std::invalid_argument("params: 8 values (see RunExperts)");
+        if (state.ndim() != 1 || state.size() != dsi::kRunState || !state.writeable())
+          throw std::invalid_argument("state: a writeable float64 array of " + std::to_string(dsi::kRunState));
+        if (start_ts.ndim() != 1 || start_ts.size() != 1 || !start_ts.writeable())
+          throw std::invalid_argument("start_ts: a writeable int64 array of 1");
+        const dsi::RunParams p{params[0], params[1], static_cast<int64_t>(params[2]), params[3],
+                               params[4],  params[5], params[6],                      params[7]};
+        dsi::Calls mo, ex, sw;
+        double* st = state.mutable_data();
+        int64_t* t0 = start_ts.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          dsi::runs(ts.data(), price.data(), size.data(), move.data(), aggressor.data(), zsize.data(),
+                    static_cast<size_t>(n), p, st, *t0, mo, ex, sw);
+        }
+        auto pair = [](const dsi::Calls& c) {
+          py::array_t<int64_t> idx(static_cast<py::ssize_t>(c.index.size()));
+          py::array_t<int8_t> sg(static_cast<py::ssize_t>(c.sign.size()));
+          std::copy(c.index.begin(), c.index.end(), idx.mutable_data());
+          std::copy(c.sign.begin(), c.sign.end(), sg.mutable_data());
+          return py::make_tuple(idx, sg);
+        };
+        return py::make_tuple(pair(mo), pair(ex), pair(sw));
+      }, py::arg("ts"), py::arg("price"), py::arg("size"), py::arg("move"), py::arg("aggressor"), py::arg("zsize"),
+      py::arg("params"), py::arg("state").noconvert(), py::arg("start_ts").noconvert(),
+      "The DSI run experts over one instrument's ticks (dsi_runs.hpp); state and start_ts are "
+      "carried in place. Returns ((index, sign) of momentum, exhaustion, sweep).");
 }
 
 }  // namespace dynamic_core::bindings

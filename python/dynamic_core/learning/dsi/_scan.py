@@ -11,7 +11,7 @@ import numpy as np
 
 from ... import _core
 
-__all__ = ["EwMoments", "ew_filter", "prepend", "run_start_index"]
+__all__ = ["EwMoments", "ew_filter", "prepend"]
 
 
 def ew_filter(x: np.ndarray, r: float, y0: float | np.ndarray) -> np.ndarray:
@@ -30,12 +30,6 @@ def prepend(first, rest: np.ndarray) -> np.ndarray:
         out[0] = first
         out[1:] = rest[:-1]
     return out
-
-
-def run_start_index(flag: np.ndarray) -> np.ndarray:
-    """For each position, the index of the latest ``True`` in ``flag`` at or before it (-1: none)."""
-    idx = np.where(flag, np.arange(len(flag)), -1)
-    return np.maximum.accumulate(idx) if len(idx) else idx
 
 
 class EwMoments:

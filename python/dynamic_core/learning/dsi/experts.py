@@ -3,7 +3,8 @@ directional calls at specific ticks. A call is a tick index and a sign (+1: the 
 should go up, -1: down); :mod:`.fusion` turns calls into log-odds.
 
 Every expert keeps O(1) state per instrument and handles a batch with whole-array numpy
-operations; feeding a sequence in one batch or in many gives the same calls.
+operations (the run experts with one native pass over the batch, ``_core.dsi_runs``); feeding a
+sequence in one batch or in many gives the same calls.
 
 Patterns over *runs*: a run is a maximal stretch of ticks whose last non-flat move points one
 way (flat ticks continue the run; a move the other way starts the next). Its *moves* are its
@@ -52,7 +53,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._scan import EwMoments, ew_filter, prepend, run_start_index
+from ... import _core
+from ._scan import EwMoments, ew_filter, prepend
 
 __all__ = [
     "AbsorptionExpert",
@@ -137,94 +139,29 @@ class RunExperts:
         self.sweep_moves = int(sweep_moves)
         self.sweep_share = float(sweep_share)
         self.sweep_retrace = float(sweep_retrace)
-        # the run in progress
-        self.dir = 0
-        self.moves = 0.0
-        self.vol = 0.0
-        self.aggvol = 0.0
-        self.maxz = -np.inf
-        self.start_ts = 0
-        self.armed = False  # the sweep condition already held earlier in this run
-        self.last_price = np.nan
-        # completed runs: end prices of the last three (oldest first), attributes of the last
-        self.ends = np.full(3, np.nan)
-        self.prev = np.array([0.0, 0.0, 0.0, -np.inf])  # dir, moves, aggressive share, max size z
+        self._params = [float(self.burst_moves), self.burst_share, float(self.burst_ns),
+                        float(self.exhaustion_moves), self.climax_z, float(self.sweep_moves), self.sweep_share,
+                        self.sweep_retrace]
+        # The carried state (cpp/dynamic_core/dsi_runs.hpp, RunSlot): the run in progress
+        # (direction, moves, volume, aggressive volume, largest size z, sweep armed), the last
+        # price, the end prices of the last three finished runs (oldest first) and the last
+        # finished run's direction, moves, aggressive share and largest size z.
+        self._state = np.array([0.0, 0.0, 0.0, 0.0, -np.inf, 0.0, np.nan, np.nan, np.nan, np.nan,
+                                0.0, 0.0, 0.0, -np.inf])
+        self._start_ts = np.zeros(1, dtype=np.int64)
+
+    @property
+    def dir(self) -> int:
+        """Direction of the run in progress (0 before the first move)."""
+        return int(self._state[0])
 
     def step(self, ts: np.ndarray, price: np.ndarray, size: np.ndarray, move: np.ndarray,
              aggressor: np.ndarray, zsize: np.ndarray) -> dict[str, Calls]:
-        n = len(price)
-        if n == 0:
-            return {k: Calls(_EMPTY_I, np.zeros(0, np.int8)) for k in self.names}
-        nz = move != 0
-        li = run_start_index(nz)
-        eff = np.where(li >= 0, move[np.maximum(li, 0)], self.dir).astype(np.int8)
-        new = nz & (move != prepend(self.dir, eff))
-        starts = np.flatnonzero(new)
-        nr = len(starts)
-        rid = np.cumsum(new)
-
-        # running totals within the current run: global cumsums minus each run's base
-        vals = np.empty((n, 3))
-        vals[:, 0] = nz
-        vals[:, 1] = size
-        vals[:, 2] = np.where(aggressor == eff, size, 0.0)
-        csum = np.cumsum(vals, axis=0)
-        base = np.empty((nr + 1, 3))
-        base[0] = (-self.moves, -self.vol, -self.aggvol)
-        base[1:] = csum[starts] - vals[starts]
-        run_tot = csum - base[rid]  # moves, volume, aggressive volume of the run so far
-        start_ts = np.empty(nr + 1, dtype=np.int64)
-        start_ts[0] = self.start_ts
-        start_ts[1:] = ts[starts]
-
-        # completed runs 0..nr-1 end right before the next run's first move
-        p_ext = np.concatenate(([self.last_price], price))
-        end_price = p_ext[starts]
-        ends_idx = starts - 1
-        tot_end = np.where((ends_idx >= 0)[:, None], run_tot[np.maximum(ends_idx, 0)], -base[:-1])
-        dirs = np.empty(nr + 1)
-        dirs[0] = self.dir
-        dirs[1:] = move[starts]
-        maxz = np.maximum.reduceat(np.concatenate(([self.maxz], zsize)), np.concatenate(([0], starts + 1)))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.where(tot_end[:, 1] > 0, tot_end[:, 2] / tot_end[:, 1], 0.0)
-        # attributes of the run before each tick's run: [carried previous, run 0, ..., run nr-1]
-        p_dir = np.concatenate(([self.prev[0]], dirs[:nr]))
-        p_moves = np.concatenate(([self.prev[1]], tot_end[:, 0]))
-        p_share = np.concatenate(([self.prev[2]], share))
-        p_maxz = np.concatenate(([self.prev[3]], maxz[:nr]))
-        ecat = np.concatenate((self.ends, end_price))
-
-        out: dict[str, Calls] = {}
-        moves_now = run_tot[:, 0]
-        burst = (nz & (moves_now == self.burst_moves) & (run_tot[:, 2] >= self.burst_share * run_tot[:, 1])
-                 & (ts - start_ts[rid] <= self.burst_ns))
-        out["momentum"] = Calls.where(burst, eff)
-
-        exh = new & (p_moves[rid] >= self.exhaustion_moves) & (p_maxz[rid] >= self.climax_z) & (p_dir[rid] != 0)
-        out["exhaustion"] = Calls.where(exh, move)
-
-        e1, e2, e3 = ecat[rid + 2], ecat[rid + 1], ecat[rid]
-        d = eff.astype(np.float64)
-        with np.errstate(invalid="ignore"):
-            cond = ((eff != 0) & (-d * (e1 - e3) > 0) & (p_moves[rid] >= self.sweep_moves)
-                    & (p_share[rid] >= self.sweep_share) & (np.abs(e1 - e2) > 0)
-                    & (d * (price - e1) >= self.sweep_retrace * np.abs(e1 - e2)))
-        before = prepend(self.armed, cond)
-        before[new] = False
-        out["sweep"] = Calls.where(cond & ~before, eff)
-
-        # carry
-        if nr:
-            self.ends = ecat[-3:].copy()
-            self.prev = np.array([dirs[nr - 1], tot_end[nr - 1, 0], share[nr - 1], maxz[nr - 1]])
-        self.dir = int(eff[-1])
-        self.moves, self.vol, self.aggvol = (float(v) for v in run_tot[-1])
-        self.maxz = float(maxz[-1])
-        self.start_ts = int(start_ts[-1])
-        self.armed = bool(cond[-1])
-        self.last_price = float(price[-1])
-        return out
+        """The calls of a batch, in one native pass over its ticks (the state machine of the
+        module doc, ``_core.dsi_runs``)."""
+        mo, ex, sw = _core.dsi_runs(ts, price, size, move, aggressor, zsize, self._params, self._state,
+                                    self._start_ts)
+        return {"momentum": Calls(*mo), "exhaustion": Calls(*ex), "sweep": Calls(*sw)}
 
 
 # -- absorption ------------------------------------------------------------------------------
