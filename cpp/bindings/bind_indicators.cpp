@@ -48,6 +48,14 @@ Arr like(const Arr& x) {
   std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
   return Arr(shape);
 }
+// An expert's calls as (index int64, sign int8) arrays.
+py::tuple calls_pair(const dsi::Calls& c) {
+  py::array_t<int64_t> idx(static_cast<py::ssize_t>(c.index.size()));
+  py::array_t<int8_t> sg(static_cast<py::ssize_t>(c.sign.size()));
+  std::copy(c.index.begin(), c.index.end(), idx.mutable_data());
+  std::copy(c.sign.begin(), c.sign.end(), sg.mutable_data());
+  return py::make_tuple(idx, sg);
+}
 Arr state_out(const std::vector<double>& v) {
   Arr out(static_cast<py::ssize_t>(v.size()));
   std::copy(v.begin(), v.end(), out.mutable_data());
@@ -197,18 +205,37 @@ void bind_indicators(py::module_& m) {
           dsi::runs(ts.data(), price.data(), size.data(), move.data(), aggressor.data(), zsize.data(),
                     static_cast<size_t>(n), p, st, *t0, mo, ex, sw);
         }
-        auto pair = [](const dsi::Calls& c) {
-          py::array_t<int64_t> idx(static_cast<py::ssize_t>(c.index.size()));
-          py::array_t<int8_t> sg(static_cast<py::ssize_t>(c.sign.size()));
-          std::copy(c.index.begin(), c.index.end(), idx.mutable_data());
-          std::copy(c.sign.begin(), c.sign.end(), sg.mutable_data());
-          return py::make_tuple(idx, sg);
-        };
-        return py::make_tuple(pair(mo), pair(ex), pair(sw));
+        return py::make_tuple(calls_pair(mo), calls_pair(ex), calls_pair(sw));
       }, py::arg("ts"), py::arg("price"), py::arg("size"), py::arg("move"), py::arg("aggressor"), py::arg("zsize"),
       py::arg("params"), py::arg("state").noconvert(), py::arg("start_ts").noconvert(),
       "The DSI run experts over one instrument's ticks (dsi_runs.hpp); state and start_ts are "
       "carried in place. Returns ((index, sign) of momentum, exhaustion, sweep).");
+  ind.def("dsi_divergence", [](const Arr& price, const std::vector<int64_t>& params,
+                               py::array_t<double, py::array::c_style> state, py::array_t<double, py::array::c_style> tail) {
+        if (price.ndim() != 1) throw std::invalid_argument("price must be 1-d");
+        if (params.size() != 5) throw std::invalid_argument("params: rsi_period, macd_fast, macd_slow, pivot, warmup");
+        const dsi::DivParams p{static_cast<int32_t>(params[0]), static_cast<int32_t>(params[1]),
+                               static_cast<int32_t>(params[2]), static_cast<int32_t>(params[3]), params[4]};
+        if (p.rsi_period < 1 || p.macd_fast < 1 || p.macd_slow <= p.macd_fast || p.pivot < 1 || p.pivot > 10'000)
+          throw std::invalid_argument("need rsi_period >= 1, 1 <= macd_fast < macd_slow, 1 <= pivot <= 10000");
+        if (state.ndim() != 1 || state.size() != dsi::kDivState || !state.writeable())
+          throw std::invalid_argument("state: a writeable float64 array of " + std::to_string(dsi::kDivState));
+        if (tail.ndim() != 2 || tail.shape(0) != 2 * p.pivot || tail.shape(1) != 3 || !tail.writeable())
+          throw std::invalid_argument("tail: a writeable float64 array of (2 * pivot, 3)");
+        dsi::Calls rc, mc;
+        double* st = state.mutable_data();
+        double* tl = tail.mutable_data();
+        Arr rsi = out_like(price.size()), macd = out_like(price.size());
+        {
+          py::gil_scoped_release nogil;
+          dsi::divergence(price.data(), static_cast<size_t>(price.size()), p, st, tl, rc, mc, rsi.mutable_data(),
+                          macd.mutable_data());
+        }
+        return py::make_tuple(calls_pair(rc), calls_pair(mc), rsi, macd);
+      }, py::arg("price"), py::arg("params"), py::arg("state").noconvert(), py::arg("tail").noconvert(),
+      "The DSI divergence verifier over one instrument's trade prices (dsi_runs.hpp); state and "
+      "tail are carried in place. Returns ((index, sign) of rsi_divergence, of macd_divergence, the RSI and "
+      "the MACD line at each tick).");
 }
 
 }  // namespace dynamic_core::bindings

@@ -16,6 +16,7 @@
 //     dir) with >= sweep_moves moves and >= sweep_share aggressive volume, and this run has
 //     taken back >= sweep_retrace of it; fires when that starts to hold within a run.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -118,6 +119,109 @@ inline void runs(const int64_t* ts, const double* price, const double* size, con
   st[kPrevMoves] = pmoves;
   st[kPrevShare] = pshare;
   st[kPrevMaxZ] = pmaxz;
+}
+
+}  // namespace dynamic_core::dsi
+
+namespace dynamic_core::dsi {
+
+// The divergence verifier (DivergenceVerifier in experts.py) as one pass over a batch: Wilder
+// RSI and the MACD line (EMAs seeded with the first price) over the trade prices, then pivots
+// confirmed `pivot` ticks after their centre (a high strictly above the `pivot` prices before
+// it and at least the `pivot` after it; a low mirrored), each compared with the previous pivot
+// of its kind: a further high (low) with a lower (higher) RSI or MACD line is a divergence,
+// signed against it, called at the confirming tick. Every value is the numpy formulation's
+// arithmetic in its order.
+struct DivParams {
+  int32_t rsi_period, macd_fast, macd_slow, pivot;
+  int64_t warmup;  // pivots whose centre is an earlier tick of the stream are not compared
+};
+
+enum DivSlot : int {
+  kDivLastPrice,
+  kDivGain,
+  kDivLoss,
+  kDivEmaFast,
+  kDivEmaSlow,
+  kDivCount,  // ticks seen before this batch
+  kDivHigh,   // price, rsi, macd of the previous pivot high
+  kDivLow = kDivHigh + 3,
+  kDivState = kDivLow + 3
+};
+
+// np.nan_to_num(x, nan=0.0)
+inline double nan_to_num(double x) {
+  if (std::isnan(x)) return 0.0;
+  if (std::isinf(x)) return x > 0 ? std::numeric_limits<double>::max() : std::numeric_limits<double>::lowest();
+  return x;
+}
+
+// tail: the last 2 * pivot (price, rsi, macd) rows before the batch, row-major; updated.
+// rsi_out and macd_out (n values each) take the indicators at each tick.
+inline void divergence(const double* price, size_t n, const DivParams& p, double* st, double* tail, Calls& rsi_calls,
+                       Calls& macd_calls, double* rsi_out, double* macd_out) {
+  if (n == 0) return;
+  const size_t k = static_cast<size_t>(p.pivot), k2 = 2 * k;
+  std::vector<double> ext((n + k2) * 3);
+  std::copy(tail, tail + k2 * 3, ext.begin());
+  const double a = 1.0 / p.rsi_period, r = 1.0 - a;
+  const double af = 2.0 / (p.macd_fast + 1), as = 2.0 / (p.macd_slow + 1);
+  const double rf = 1.0 - af, rs = 1.0 - as;
+  const int64_t seen = static_cast<int64_t>(st[kDivCount]);
+  double last = st[kDivLastPrice], g = st[kDivGain], l = st[kDivLoss];
+  double ef = seen ? st[kDivEmaFast] : price[0], es = seen ? st[kDivEmaSlow] : price[0];
+  for (size_t t = 0; t < n; ++t) {
+    const double diff = nan_to_num(price[t] - last);
+    const double nd = -diff;
+    g = r * g + (diff >= 0.0 ? diff : 0.0) * a;
+    l = r * l + (nd >= 0.0 ? nd : 0.0) * a;
+    const double tot = g + l;
+    ef = rf * ef + af * price[t];
+    es = rs * es + as * price[t];
+    double* row = &ext[(k2 + t) * 3];
+    row[0] = price[t];
+    row[1] = tot > 0.0 ? (100.0 * g) / tot : 50.0;
+    row[2] = ef - es;
+    rsi_out[t] = row[1];
+    macd_out[t] = row[2];
+    last = price[t];
+  }
+  double* high = st + kDivHigh;
+  double* low = st + kDivLow;
+  for (size_t c = k; c < n + k; ++c) {
+    if (seen - static_cast<int64_t>(k2) + static_cast<int64_t>(c) < p.warmup) continue;
+    const double pc = ext[c * 3];
+    // max / min of the k prices before and the k after, NaN if any is NaN (no pivot then)
+    double lmax = ext[(c - k) * 3], lmin = lmax, rmax = ext[(c + 1) * 3], rmin = rmax;
+    bool nan = std::isnan(pc);
+    for (size_t j = 0; j < k; ++j) {
+      const double x = ext[(c - k + j) * 3], y = ext[(c + 1 + j) * 3];
+      nan = nan || std::isnan(x) || std::isnan(y);
+      lmax = x > lmax ? x : lmax;
+      lmin = x < lmin ? x : lmin;
+      rmax = y > rmax ? y : rmax;
+      rmin = y < rmin ? y : rmin;
+    }
+    if (nan) continue;
+    const double* v = &ext[c * 3];
+    auto compare = [&](double* prev, int sign) {
+      const bool further = sign * (prev[0] - v[0]) > 0;
+      if (further && sign * (v[1] - prev[1]) > 0) rsi_calls.add(c - k, sign);
+      if (further && sign * (v[2] - prev[2]) > 0) macd_calls.add(c - k, sign);
+      prev[0] = v[0];
+      prev[1] = v[1];
+      prev[2] = v[2];
+    };
+    if (pc > lmax && pc >= rmax) compare(high, -1);
+    else if (pc < lmin && pc <= rmin) compare(low, 1);
+  }
+  std::copy(ext.end() - static_cast<std::ptrdiff_t>(k2 * 3), ext.end(), tail);
+  st[kDivLastPrice] = last;
+  st[kDivGain] = g;
+  st[kDivLoss] = l;
+  st[kDivEmaFast] = ef;
+  st[kDivEmaSlow] = es;
+  st[kDivCount] = static_cast<double>(seen + static_cast<int64_t>(n));
 }
 
 }  // namespace dynamic_core::dsi

@@ -54,7 +54,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ... import _core
-from ._scan import EwMoments, ew_filter, prepend
+from ._scan import EwMoments, prepend
 
 __all__ = [
     "AbsorptionExpert",
@@ -222,92 +222,26 @@ class DivergenceVerifier:
             raise ValueError("need rsi_period >= 1, 1 <= macd_fast < macd_slow, pivot >= 1")
         self.rsi_period, self.macd_fast, self.macd_slow, self.pivot = rsi_period, macd_fast, macd_slow, pivot
         self.warmup = int(warmup if warmup is not None else 3 * macd_slow)
-        self.last_price = np.nan
-        self.gain_loss = np.zeros(2)
-        self.emas = np.zeros(2)
-        self.count = 0
-        k2 = 2 * pivot
-        self._tail = np.full((k2, 3), np.nan)  # price, rsi, macd of the last 2*pivot ticks
-        self.last_high = np.full(3, np.nan)  # price, rsi, macd of the previous pivot high
-        self.last_low = np.full(3, np.nan)
+        self._params = [rsi_period, macd_fast, macd_slow, pivot, self.warmup]
+        # the carried state (cpp/dynamic_core/dsi_runs.hpp, DivSlot): last price, RSI gain and
+        # loss averages, the two EMAs, ticks seen, then price, rsi, macd of the previous pivot
+        # high and of the previous pivot low; and the last 2 * pivot (price, rsi, macd) rows
+        self._state = np.array([np.nan, 0.0, 0.0, 0.0, 0.0, 0.0] + [np.nan] * 6)
+        self._tail = np.full((2 * pivot, 3), np.nan)
+        self.rsi = np.zeros(0)
+        """The RSI at each tick of the last batch."""
+        self.macd = np.zeros(0)
+        """The MACD line (EMA fast - EMA slow) at each tick of the last batch."""
 
-    def indicators(self, price: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """RSI and MACD line at each tick (state moves past the batch)."""
-        n = len(price)
-        prev = prepend(self.last_price, price)
-        diff = np.nan_to_num(price - prev, nan=0.0)
-        gl = np.empty((n, 2))
-        np.maximum(diff, 0.0, out=gl[:, 0])
-        np.maximum(-diff, 0.0, out=gl[:, 1])
-        a = 1.0 / self.rsi_period
-        gl *= a
-        avg = ew_filter(gl, 1.0 - a, self.gain_loss)
-        tot = avg[:, 0] + avg[:, 1]
-        rsi = np.full(n, 50.0)
-        np.divide(100.0 * avg[:, 0], tot, out=rsi, where=tot > 0)
-        af, as_ = 2.0 / (self.macd_fast + 1), 2.0 / (self.macd_slow + 1)
-        seed = self.emas if self.count else np.array([price[0], price[0]])
-        ef = ew_filter(af * price, 1.0 - af, seed[0])
-        es = ew_filter(as_ * price, 1.0 - as_, seed[1])
-        self.gain_loss = avg[-1].copy()
-        self.emas = np.array([ef[-1], es[-1]])
-        self.last_price = float(price[-1])
-        return rsi, ef - es
+    @property
+    def count(self) -> int:
+        """Ticks seen."""
+        return int(self._state[5])
 
     def step(self, price: np.ndarray) -> dict[str, Calls]:
-        n = len(price)
-        if n == 0:
-            return {k: Calls(_EMPTY_I, np.zeros(0, np.int8)) for k in self.names}
-        k = self.pivot
-        seen = self.count
-        rsi, macd = self.indicators(price)
-        ext = np.empty((n + 2 * k, 3))
-        ext[:2 * k] = self._tail
-        ext[2 * k:, 0] = price
-        ext[2 * k:, 1] = rsi
-        ext[2 * k:, 2] = macd
-        p = ext[:, 0]
-        # centres c = k .. n+k-1 in ext are confirmed at batch tick c - k
-        m = len(p) - k + 1
-        wmax = p[:m].copy()  # wmax[j] = max(p[j:j+k]), NaN if any is NaN
-        wmin = p[:m].copy()
-        for j in range(1, k):
-            np.maximum(wmax, p[j:j + m], out=wmax)
-            np.minimum(wmin, p[j:j + m], out=wmin)
-        c = np.arange(k, n + k)
-        pc = p[c]
-        # ext index of tick j of the whole stream: seen - 2k + c
-        warm = (seen - 2 * k + c) >= self.warmup
-        with np.errstate(invalid="ignore"):
-            high = warm & (pc > wmax[c - k]) & (pc >= wmax[c + 1])
-            low = warm & (pc < wmin[c - k]) & (pc <= wmin[c + 1])
-        out_idx = {name: [] for name in self.names}
-        out_sign = {name: [] for name in self.names}
-        for mask, sign, attr in ((high, -1, "last_high"), (low, 1, "last_low")):
-            at = np.flatnonzero(mask)
-            if not len(at):
-                continue
-            vals = ext[c[at]]
-            prev = np.vstack((getattr(self, attr)[None, :], vals[:-1]))
-            with np.errstate(invalid="ignore"):
-                further = sign * (prev[:, 0] - vals[:, 0]) > 0  # higher high / lower low
-                for j, name in ((1, "rsi_divergence"), (2, "macd_divergence")):
-                    div = further & (sign * (vals[:, j] - prev[:, j]) > 0)
-                    out_idx[name].append(at[div])
-                    out_sign[name].append(np.full(int(div.sum()), sign, dtype=np.int8))
-            setattr(self, attr, vals[-1].copy())
-        self._tail = ext[-2 * k:].copy()
-        self.count += n
-        out = {}
-        for name in self.names:
-            if out_idx[name]:
-                idx = np.concatenate(out_idx[name])
-                sg = np.concatenate(out_sign[name])
-                o = np.argsort(idx, kind="stable")
-                out[name] = Calls(idx[o], sg[o])
-            else:
-                out[name] = Calls(_EMPTY_I, np.zeros(0, np.int8))
-        return out
+        """The calls of a batch, in one native pass (``_core.dsi_divergence``)."""
+        rsi, macd, self.rsi, self.macd = _core.dsi_divergence(price, self._params, self._state, self._tail)
+        return {"rsi_divergence": Calls(*rsi), "macd_divergence": Calls(*macd)}
 
 
 # -- sequence classifier ---------------------------------------------------------------------
