@@ -27,7 +27,7 @@ from dynamic_core.learning.dsi import (
     encode,
     token_name,
 )
-from dynamic_core.learning.dsi._scan import EwMoments, ew_filter
+from dynamic_core.learning.dsi._scan import EwMoments
 from dynamic_core.learning.dsi.experts import Calls, symbols
 from dynamic_core.ticks import TickAggregator
 
@@ -125,33 +125,11 @@ def test_tape_on_constructed_ticks():
     assert nxt.move[0] == -1 and nxt.aggressor[0] == -1  # tick rule
 
 
-def test_ew_filter_is_the_sequential_loop_bit_for_bit_however_batched():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(20_000, 2))
-    r = 0.6
-    ref = np.empty_like(x)
-    acc = [3.0, -1.0]
-    for i in range(len(x)):
-        for c in range(2):
-            acc[c] = r * acc[c] + float(x[i, c])
-            ref[i, c] = acc[c]
-    np.testing.assert_array_equal(ew_filter(x, r, np.array([3.0, -1.0])), ref)
-    # 1-d with a scalar seed, and in batches carrying the last value
-    np.testing.assert_array_equal(ew_filter(x[:, 0], r, 3.0), ref[:, 0])
-    parts, y = [], 3.0
-    for a, b in pairwise([0, *split_points(len(x), 30, 1).tolist(), len(x)]):
-        parts.append(ew_filter(x[a:b, 0], r, y))
-        y = parts[-1][-1] if len(parts[-1]) else y
-    np.testing.assert_array_equal(np.concatenate(parts), ref[:, 0])
-
-
-def test_ew_filter_and_moments_refuse_bad_shapes():
-    with pytest.raises(ValueError, match="decay"):
-        ew_filter(np.ones(3), 1.0, 0.0)
+def test_ew_moments_refuse_bad_shapes():
     with pytest.raises(TypeError, match="dimensional"):
-        ew_filter(np.ones((2, 2, 2)), 0.5, 0.0)
+        dc._core.ew_moments(np.ones((2, 2, 2)), 0.1, 0.0, 0.0)
     with pytest.raises(ValueError, match="one value per series"):
-        ew_filter(np.ones((4, 3)), 0.5, np.zeros(2))
+        dc._core.ew_moments(np.ones((4, 3)), 0.1, np.zeros(2), np.zeros(3))
     with pytest.raises(ValueError, match="one value per series"):
         dc._core.ew_moments(np.ones((4, 3)), 0.1, np.zeros(3), np.zeros(5))
 

@@ -6,7 +6,7 @@
 #include <utility>
 #include <vector>
 
-#include "../dynamic_core/dsi_runs.hpp"
+#include "../dynamic_core/dsi.hpp"
 #include "../dynamic_core/ew.hpp"
 #include "../dynamic_core/indicators.hpp"
 #include "../dynamic_core/population.hpp"
@@ -156,18 +156,7 @@ void bind_indicators(py::module_& m) {
         return py::make_tuple(mean, var, pos);
       }, py::arg("x"), py::arg("n"));
 
-  // Sequential EW recurrences of the DSI experts (ew.hpp).
-  ind.def("ew_filter", [](const Arr& x, double r, const Arr& y0) {
-        const auto [n, k] = series_shape(x);
-        std::vector<double> y = carried(y0, k, "y0");
-        Arr out = like(x);
-        {
-          py::gil_scoped_release nogil;
-          ew::filter(x.data(), n, k, r, y.data(), out.mutable_data());
-        }
-        return out;
-      }, py::arg("x"), py::arg("r"), py::arg("y0"),
-      "y[t] = r * y[t-1] + x[t] along axis 0 (x 1-d or (n, k)), y[-1] = y0 (a scalar or k values).");
+  // The DSI experts' sequential passes (ew.hpp, dsi.hpp).
   ind.def("ew_moments", [](const Arr& x, double alpha, const Arr& mean0, const Arr& var0) {
         const auto [n, k] = series_shape(x);
         std::vector<double> mean = carried(mean0, k, "mean"), var = carried(var0, k, "var");
@@ -186,10 +175,10 @@ void bind_indicators(py::module_& m) {
                          const Arr& zsize, const std::vector<double>& params, py::array_t<double, py::array::c_style> state,
                          py::array_t<int64_t, py::array::c_style> start_ts) {
         const py::ssize_t n = price.size();
-        for (const py::array* a : {static_cast<const py::array*>(&ts), static_cast<const py::array*>(&price),
-                                   static_cast<const py::array*>(&size), static_cast<const py::array*>(&move),
-                                   static_cast<const py::array*>(&aggressor), static_cast<const py::array*>(&zsize)})
-          if (a->ndim() != 1 || a->size() != n) throw std::invalid_argument("the tick columns must be 1-d and of one length");
+        auto column = [n](const py::array& a) {
+          if (a.ndim() != 1 || a.size() != n) throw std::invalid_argument("the tick columns must be 1-d and of one length");
+        };
+        column(ts), column(price), column(size), column(move), column(aggressor), column(zsize);
         if (params.size() != 8) throw std::invalid_argument("params: 8 values (see RunExperts)");
         if (state.ndim() != 1 || state.size() != dsi::kRunState || !state.writeable())
           throw std::invalid_argument("state: a writeable float64 array of " + std::to_string(dsi::kRunState));
@@ -208,7 +197,7 @@ void bind_indicators(py::module_& m) {
         return py::make_tuple(calls_pair(mo), calls_pair(ex), calls_pair(sw));
       }, py::arg("ts"), py::arg("price"), py::arg("size"), py::arg("move"), py::arg("aggressor"), py::arg("zsize"),
       py::arg("params"), py::arg("state").noconvert(), py::arg("start_ts").noconvert(),
-      "The DSI run experts over one instrument's ticks (dsi_runs.hpp); state and start_ts are "
+      "The DSI run experts over one instrument's ticks (dsi.hpp); state and start_ts are "
       "carried in place. Returns ((index, sign) of momentum, exhaustion, sweep).");
   ind.def("dsi_divergence", [](const Arr& price, const std::vector<int64_t>& params,
                                py::array_t<double, py::array::c_style> state, py::array_t<double, py::array::c_style> tail) {
@@ -233,7 +222,7 @@ void bind_indicators(py::module_& m) {
         }
         return py::make_tuple(calls_pair(rc), calls_pair(mc), rsi, macd);
       }, py::arg("price"), py::arg("params"), py::arg("state").noconvert(), py::arg("tail").noconvert(),
-      "The DSI divergence verifier over one instrument's trade prices (dsi_runs.hpp); state and "
+      "The DSI divergence verifier over one instrument's trade prices (dsi.hpp); state and "
       "tail are carried in place. Returns ((index, sign) of rsi_divergence, of macd_divergence, the RSI and "
       "the MACD line at each tick).");
 }

@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_filter', 'ew_moments', 'journal_bench', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
+__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -209,20 +209,16 @@ def crc32c(data: bytes, crc: typing.SupportsInt | typing.SupportsIndex = 0) -> i
     """
 def dsi_divergence(price: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], params: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], state: numpy.typing.NDArray[numpy.float64], tail: numpy.typing.NDArray[numpy.float64]) -> tuple[tuple, tuple, numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
     """
-    The DSI divergence verifier over one instrument's trade prices (dsi_runs.hpp); state and tail are carried in place. Returns ((index, sign) of rsi_divergence, of macd_divergence, the RSI and the MACD line at each tick).
+    The DSI divergence verifier over one instrument's trade prices (dsi.hpp); state and tail are carried in place. Returns ((index, sign) of rsi_divergence, of macd_divergence, the RSI and the MACD line at each tick).
     """
 def dsi_runs(ts: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], price: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], size: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], move: typing.Annotated[numpy.typing.ArrayLike, numpy.int8], aggressor: typing.Annotated[numpy.typing.ArrayLike, numpy.int8], zsize: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], params: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], state: numpy.typing.NDArray[numpy.float64], start_ts: numpy.typing.NDArray[numpy.int64]) -> tuple[tuple, tuple, tuple]:
     """
-    The DSI run experts over one instrument's ticks (dsi_runs.hpp); state and start_ts are carried in place. Returns ((index, sign) of momentum, exhaustion, sweep).
+    The DSI run experts over one instrument's ticks (dsi.hpp); state and start_ts are carried in place. Returns ((index, sign) of momentum, exhaustion, sweep).
     """
 def ema(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], n: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float64]:
     ...
 def ew_bands(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], n: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
     ...
-def ew_filter(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], r: typing.SupportsFloat | typing.SupportsIndex, y0: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> numpy.typing.NDArray[numpy.float64]:
-    """
-    y[t] = r * y[t-1] + x[t] along axis 0 (x 1-d or (n, k)), y[-1] = y0 (a scalar or k values).
-    """
 def ew_moments(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], alpha: typing.SupportsFloat | typing.SupportsIndex, mean: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], var: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
     """
     West's EW mean and variance of the series of x (1-d or (n, k)) before each row, from the state (mean, var); returns (mean_before, var_before, mean, var), the last two the state after x.

@@ -1,8 +1,8 @@
-"""Whole-array forms of the sequential updates the DSI experts need (no Python loop per tick).
+"""Whole-array helpers of the DSI experts (no Python loop per tick).
 
-The exponentially weighted recurrences run natively (``dynamic_core._core.ew_filter`` and
-``ew_moments``, cpp/dynamic_core/ew.hpp): one pass in time order, each value the recurrence's own
-arithmetic, so a batch split anywhere gives the same bits as the whole batch.
+The exponentially weighted moments run natively (``dynamic_core._core.ew_moments``,
+cpp/dynamic_core/ew.hpp): one pass in time order, each value the recurrence's own arithmetic, so
+a batch split anywhere gives the same bits as the whole batch.
 """
 
 from __future__ import annotations
@@ -11,15 +11,7 @@ import numpy as np
 
 from ... import _core
 
-__all__ = ["EwMoments", "ew_filter", "prepend"]
-
-
-def ew_filter(x: np.ndarray, r: float, y0: float | np.ndarray) -> np.ndarray:
-    """``y[t] = r * y[t-1] + x[t]`` with ``y[-1] = y0``, along axis 0 (``x`` 1-d or 2-d; ``y0`` a
-    scalar or one value per column)."""
-    if not 0.0 < r < 1.0:
-        raise ValueError(f"decay must be in (0, 1), got {r}")
-    return _core.ew_filter(x, r, np.asarray(y0, dtype=np.float64))
+__all__ = ["EwMoments", "prepend"]
 
 
 def prepend(first, rest: np.ndarray) -> np.ndarray:

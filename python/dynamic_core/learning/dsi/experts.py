@@ -142,7 +142,7 @@ class RunExperts:
         self._params = [float(self.burst_moves), self.burst_share, float(self.burst_ns),
                         float(self.exhaustion_moves), self.climax_z, float(self.sweep_moves), self.sweep_share,
                         self.sweep_retrace]
-        # The carried state (cpp/dynamic_core/dsi_runs.hpp, RunSlot): the run in progress
+        # The carried state (cpp/dynamic_core/dsi.hpp, RunSlot): the run in progress
         # (direction, moves, volume, aggressive volume, largest size z, sweep armed), the last
         # price, the end prices of the last three finished runs (oldest first) and the last
         # finished run's direction, moves, aggressive share and largest size z.
@@ -223,7 +223,7 @@ class DivergenceVerifier:
         self.rsi_period, self.macd_fast, self.macd_slow, self.pivot = rsi_period, macd_fast, macd_slow, pivot
         self.warmup = int(warmup if warmup is not None else 3 * macd_slow)
         self._params = [rsi_period, macd_fast, macd_slow, pivot, self.warmup]
-        # the carried state (cpp/dynamic_core/dsi_runs.hpp, DivSlot): last price, RSI gain and
+        # the carried state (cpp/dynamic_core/dsi.hpp, DivSlot): last price, RSI gain and
         # loss averages, the two EMAs, ticks seen, then price, rsi, macd of the previous pivot
         # high and of the previous pivot low; and the last 2 * pivot (price, rsi, macd) rows
         self._state = np.array([np.nan, 0.0, 0.0, 0.0, 0.0, 0.0] + [np.nan] * 6)

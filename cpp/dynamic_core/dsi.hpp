@@ -1,5 +1,7 @@
-// The DSI run experts (momentum burst, exhaustion, sweep / stop run) as one pass over an
-// instrument's ticks: the per-tick state machine python/dynamic_core/learning/dsi/experts.py
+// DSI micro-experts that are sequential by nature, each one pass over an instrument's batch of
+// ticks with its state carried between batches (python/dynamic_core/learning/dsi/experts.py).
+//
+// The run experts (momentum burst, exhaustion, sweep / stop run): the per-tick state machine python/dynamic_core/learning/dsi/experts.py
 // describes (RunExperts), with its state carried between batches, so a feed batched anywhere
 // gives the same calls.
 //
@@ -22,6 +24,8 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
+
+#include "ew.hpp"
 
 namespace dynamic_core::dsi {
 
@@ -121,10 +125,6 @@ inline void runs(const int64_t* ts, const double* price, const double* size, con
   st[kPrevMaxZ] = pmaxz;
 }
 
-}  // namespace dynamic_core::dsi
-
-namespace dynamic_core::dsi {
-
 // The divergence verifier (DivergenceVerifier in experts.py) as one pass over a batch: Wilder
 // RSI and the MACD line (EMAs seeded with the first price) over the trade prices, then pivots
 // confirmed `pivot` ticks after their centre (a high strictly above the `pivot` prices before
@@ -173,11 +173,11 @@ inline void divergence(const double* price, size_t n, const DivParams& p, double
   for (size_t t = 0; t < n; ++t) {
     const double diff = nan_to_num(price[t] - last);
     const double nd = -diff;
-    g = r * g + (diff >= 0.0 ? diff : 0.0) * a;
-    l = r * l + (nd >= 0.0 ? nd : 0.0) * a;
+    g = ew::step(g, r, (diff >= 0.0 ? diff : 0.0) * a);
+    l = ew::step(l, r, (nd >= 0.0 ? nd : 0.0) * a);
     const double tot = g + l;
-    ef = rf * ef + af * price[t];
-    es = rs * es + as * price[t];
+    ef = ew::step(ef, rf, af * price[t]);
+    es = ew::step(es, rs, as * price[t]);
     double* row = &ext[(k2 + t) * 3];
     row[0] = price[t];
     row[1] = tot > 0.0 ? (100.0 * g) / tot : 50.0;
