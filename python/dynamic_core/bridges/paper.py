@@ -55,7 +55,7 @@ from collections.abc import Callable, Mapping
 import msgspec
 import numpy as np
 
-from ..decision.specs import InstrumentSpec, instrument_spec, quote_to_account
+from ..decision.specs import InstrumentSpec, conversion_prices, instrument_spec, quote_to_account
 from ..instruments import instruments
 from ..payloads import TradingPlan
 
@@ -669,8 +669,7 @@ class PaperBroker:
             self._open_value.pop(name, None)
             return
         spec = self._spec(name)
-        a, q = self._account, spec.quote
-        keys = () if q == a or spec.base == a else (q + a, a + q)
+        keys = conversion_prices(spec, self._account)
         self._conv_of[name] = keys
         for k in keys:
             self._conv_users.setdefault(k, set()).add(name)

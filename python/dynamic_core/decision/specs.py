@@ -16,7 +16,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-__all__ = ["DEFAULT_SPECS", "InstrumentSpec", "instrument_spec", "load_specs", "quote_to_account"]
+__all__ = ["DEFAULT_SPECS", "InstrumentSpec", "conversion_prices", "instrument_spec", "load_specs",
+           "quote_to_account"]
 
 _Pos = Annotated[float, msgspec.Meta(gt=0.0)]
 
@@ -129,6 +130,14 @@ def instrument_spec(name: str, overrides: Mapping[str, InstrumentSpec] | None = 
                           lot_step=1.0, min_lot=1.0, max_lot=1_000_000.0, tick_size=0.01, digits=2)
 
 
+def conversion_prices(spec: InstrumentSpec, account: str = "USD") -> tuple[str, ...]:
+    """The names of the cross prices :func:`quote_to_account` reads for ``spec`` (the direct
+    quote-account pair first, then the inverse); none when the quote or the base is the account."""
+    if spec.quote == account or spec.base == account:
+        return ()
+    return (spec.quote + account, account + spec.quote)
+
+
 def quote_to_account(spec: InstrumentSpec, price: float, account: str = "USD",
                      prices: Mapping[str, float] | None = None) -> float:
     """Account-currency value of one unit of ``spec.quote`` at ``price`` (the instrument's
@@ -139,10 +148,11 @@ def quote_to_account(spec: InstrumentSpec, price: float, account: str = "USD",
     if spec.base == account:
         return 1.0 / price
     prices = prices or {}
-    direct = prices.get(spec.quote + account)
+    direct_name, inverse_name = conversion_prices(spec, account)
+    direct = prices.get(direct_name)
     if direct:
         return float(direct)
-    inverse = prices.get(account + spec.quote)
+    inverse = prices.get(inverse_name)
     if inverse:
         return 1.0 / float(inverse)
     raise KeyError(f"no price converts {spec.quote} to {account} (need {spec.quote}{account} or {account}{spec.quote})")
