@@ -242,7 +242,7 @@ DC_AI Summary sm_step_impl(const LaneView& v, int lanes, const double* __restric
 }
 
 #if DC_X86_DISPATCH
-#define DC_V4 __attribute__((target("arch=x86-64-v4")))
+#define DC_V4 __attribute__((target(DC_ISA_V4)))
 #define DC_V4_AI DC_V4 inline __attribute__((always_inline))
 
 // feat[idx[k]] for k < 8: scalar loads assembled into a vector (faster than vgatherdpd on the
@@ -732,7 +732,7 @@ Summary sm_step_base(const LaneView& v, int lanes, const double* feat, int32_t t
 void bank_update_base(Bank& b, const Bar& bar, double* feat) { bank_update_impl<4>(b, bar, feat); }
 
 #if DC_X86_DISPATCH
-#define DC_V3 __attribute__((target("arch=x86-64-v3")))
+#define DC_V3 __attribute__((target(DC_ISA_V3)))
 DC_V3 Summary sm_step_v3(const LaneView& v, int lanes, const double* feat, int32_t t, double ret, int poison,
                          uint64_t& updates, uint64_t& quarantined) {
   return sm_step_impl<4>(v, lanes, feat, t, ret, poison, updates, quarantined);

@@ -11,6 +11,12 @@
 #define DC_X86_DISPATCH 0
 #endif
 
+// The instruction sets of those clones, as features added to the build's own target: the ISA of
+// arch=x86-64-v3 / -v4 on a default build. (target("arch=...") would replace a -march given with
+// DC_ARCH, leaving the clone below the intrinsics' target, which GCC then refuses to inline.)
+#define DC_ISA_V3 "sse3,ssse3,sse4.1,sse4.2,popcnt,cx16,sahf,avx,avx2,bmi,bmi2,f16c,fma,lzcnt,movbe,xsave"
+#define DC_ISA_V4 DC_ISA_V3 ",avx512f,avx512bw,avx512cd,avx512dq,avx512vl"
+
 namespace dynamic_core {
 
 inline constexpr int kMaxSmLanes = kMaxWarpsPerSm * kWarpSize;

@@ -201,7 +201,7 @@ template <class T>
 // the same bits; only the speed differs.
 #if DC_X86_DISPATCH
 template <class T>
-[[gnu::target("arch=x86-64-v3")]] void update_slots_v3(const Update<T>& u, const Matrix<T>& ma, const Matrix<T>& mb,
+[[gnu::target(DC_ISA_V3)]] void update_slots_v3(const Update<T>& u, const Matrix<T>& ma, const Matrix<T>& mb,
                                                        size_t s0, size_t s1) {
   update_slots(u, ma, mb, s0, s1);
 }
@@ -265,7 +265,7 @@ template <class T, bool Rd>
 
 #if DC_X86_DISPATCH
 template <class T, bool Rd>
-[[gnu::target("arch=x86-64-v3")]] void product_v3(const T* in, const T* M, T* out, size_t n, size_t r, size_t d) {
+[[gnu::target(DC_ISA_V3)]] void product_v3(const T* in, const T* M, T* out, size_t n, size_t r, size_t d) {
   product_body<T, Rd>(in, M, out, n, r, d);
 }
 #endif
