@@ -270,7 +270,8 @@ def test_shadow_counts_each_differing_fill_once():
         eng.close()
 
 
-def test_batch_plans_equal_one_at_a_time_plans():
+@pytest.mark.parametrize("targets_r", [(1.5, 3.0), (1.5, 400.0, 3.0)])  # 400 R: shorts' far target is < 0
+def test_batch_plans_equal_one_at_a_time_plans(targets_r):
     from dynamic_core.decision import InstrumentSpec, make_plan
 
     names = ["EURUSD", "USDJPY", "XAUUSD", "EURGBP", "GBPUSD", "ODDLOT"]
@@ -280,7 +281,8 @@ def test_batch_plans_equal_one_at_a_time_plans():
     bars = dc.sim.MarketSimulator(names, seed=3).bars(60)
     no_limits = RiskLimits(max_open_positions=0, max_instrument_leverage=0, max_currency_leverage=0, max_leverage=0,
                            daily_loss_pct=0, max_drawdown_pct=0, loss_streak=0, allow_pyramiding=True)
-    maker = DecisionMaker(PaperBroker(specs=specs), plan=PlanConfig(min_score=0.05), limits=no_limits, specs=specs)
+    maker = DecisionMaker(PaperBroker(specs=specs), plan=PlanConfig(min_score=0.05, targets_r=targets_r),
+                          limits=no_limits, specs=specs)
     maker.on_bars(bars)
     rng = np.random.default_rng(8)
     sig = np.zeros(300, dtype=dc.SIGNAL_DTYPE)
@@ -300,3 +302,5 @@ def test_batch_plans_equal_one_at_a_time_plans():
             want[p.signal_id] = p
     assert got == want and len(got) > 100
     assert any(p.instrument == "ODDLOT" for p in got.values()) and any(p.instrument == "EURGBP" for p in got.values())
+    kept = {len(p.targets) for p in got.values()}
+    assert kept == ({2} if len(targets_r) == 2 else {2, 3})  # a dropped target leaves the others in order

@@ -31,7 +31,7 @@ from ..instruments import instruments
 from ..payloads import PlanDecision, TradingPlan
 from ..records import SIGNAL_DSI
 from .governor import Portfolio, RiskGovernor, RiskLimits
-from .plans import AtrTracker, PlanConfig, assemble_plan, signal_id_for, size_batch
+from .plans import AtrTracker, PlanConfig, assemble_plan, signal_id_for, size_batch, target_batch
 from .specs import InstrumentSpec, _inverse_step, instrument_spec, quote_to_account
 
 __all__ = ["Attribution", "CreditLedger", "DecisionMaker", "top_contributors"]
@@ -268,6 +268,7 @@ class DecisionMaker:
         equity = float(self.trader.equity)
         dist, stop, size, rpl, ok = size_batch(cfg, entry, atr, direction, cols[:, 0], conv, cols[:, 1], cols[:, 2],
                                                cols[:, 3], cols[:, 4], equity)
+        targets = target_batch(cfg, entry, direction, dist)
         self._pf = Portfolio(equity=equity, positions=self._positions(), prices=self.prices)
         snapshot: np.ndarray | None = None
         fields = zip(ok.tolist(), direction.tolist(), act.tolist(), sel["score"].tolist(), inst_l, tf_l,
@@ -275,10 +276,10 @@ class DecisionMaker:
                      sel["confidence"].tolist(), sel["agreement"].tolist(), sel["dispersion"].tolist(),
                      sel["n_agents"].tolist(), entry.tolist(), atr.tolist(), dist.tolist(), stop.tolist(),
                      size.tolist(), rpl.tolist(), spec_rows, sel["dsi"].tolist(),
-                     ((sel["flags"] & SIGNAL_DSI) != 0).tolist())
+                     ((sel["flags"] & SIGNAL_DSI) != 0).tolist(), targets)
         try:
             for (good, d, a, score, inst, tf, ts, seq, ph, conf, agr, disp, n_ag, e, at, ds, sp_stop, sz, rp,
-                 srow, sig_dsi, sig_has_dsi) in fields:
+                 srow, sig_dsi, sig_has_dsi, tgs) in fields:
                 if not good:
                     self.no_plan += 1
                     continue
@@ -305,7 +306,7 @@ class DecisionMaker:
                 elif sig_has_dsi:
                     extra = {"dsi": d * sig_dsi}
                 plan = assemble_plan(cfg, names[inst], tf, ts, seq, ph, d, a, score, conf, agr, disp, n_ag, e, at,
-                                     ds, sp_stop, sz, rp, contributors, text, provider, agreeing, extra)
+                                     ds, sp_stop, sz, rp, contributors, text, provider, agreeing, extra, tgs)
                 out.append(self.decide(plan))
         finally:
             self._pf = None

@@ -229,10 +229,12 @@ def assemble_plan(cfg: PlanConfig, instrument: str, timeframe: int, ts: int, seq
                   n_agents: int, entry: float, atr: float, dist: float, stop: float, size: float,
                   risk_per_lot: float, contributors: tuple[int, ...] = (), rationale: str = "",
                   rationale_provider: str = "", providers_agreeing: int = 0,
-                  extra: dict[str, float] | None = None) -> TradingPlan:
-    """The :class:`TradingPlan` of terms already sized: targets, ids, validity, evidence."""
-    # a short's far targets can fall below zero: those are dropped (no price gets there)
-    targets = tuple([t for t in [entry + direction * r * dist for r in cfg.targets_r] if t > 0.0])
+                  extra: dict[str, float] | None = None, targets: tuple[float, ...] | None = None) -> TradingPlan:
+    """The :class:`TradingPlan` of terms already sized: targets, ids, validity, evidence.
+    ``targets``: the plan's targets when already computed (:func:`target_batch`)."""
+    if targets is None:
+        # a short's far targets can fall below zero: those are dropped (no price gets there)
+        targets = tuple([t for t in [entry + direction * r * dist for r in cfg.targets_r] if t > 0.0])
     signal_id = f"{pop_hash:016x}:{seq}"
     pid = plan_id_for(signal_id, instrument, timeframe, ts, seq, direction, entry, stop, size,
                       targets[0] if targets else 0.0)
@@ -265,6 +267,20 @@ def size_batch(cfg: PlanConfig, entry: np.ndarray, atr: np.ndarray, direction: n
         size = np.where(size < min_lot - 1e-12, 0.0, np.minimum(size, max_lot))
         ok &= (size > 0.0) | np.isnan(size)
     return dist, stop, size, rpl, ok
+
+
+def target_batch(cfg: PlanConfig, entry: np.ndarray, direction: np.ndarray, dist: np.ndarray) -> list[tuple[float, ...]]:
+    """Each row's targets, as :func:`assemble_plan` computes them one plan at a time (the same
+    IEEE operations: ``entry + direction * r * dist``; targets at or below zero dropped)."""
+    if not cfg.targets_r or len(entry) == 0:
+        return [()] * len(entry)
+    with np.errstate(all="ignore"):
+        cols = [entry + direction * r * dist for r in cfg.targets_r]
+    rows = list(zip(*[c.tolist() for c in cols]))
+    bad = np.flatnonzero(~np.logical_and.reduce([c > 0.0 for c in cols]))
+    for j in bad.tolist():
+        rows[j] = tuple([t for t in rows[j] if t > 0.0])
+    return rows
 
 
 _DEFAULT_CONFIG = PlanConfig()
