@@ -741,3 +741,108 @@ def test_close_keeps_its_timeout_while_a_callback_is_slow(make: Callable[..., ty
     assert time.monotonic() - t0 < 2.0
     release.set()
     wait_for(lambda: bridge._sock.closed, what="the bridge thread closing its socket")
+
+
+# ---- an EA that lies: reports and answers no order or query can have ----------------------------
+
+class _RawEA:
+    """A terminal written by hand over a raw DEALER: says what a test tells it to."""
+
+    def __init__(self, address: str, epoch: int = 777) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVTIMEO, int(TIMEOUT * 1000))
+        self.sock.connect(address)
+        self.epoch, self.seq = epoch, 0
+        self.dec = MT5Codec(PR.EngineMessage)
+
+    def send(self, kind: str, **fields: typing.Any) -> int:
+        self.seq += 1
+        self.sock.send(json.dumps({"type": kind, "v": 1, "epoch": self.epoch, "seq": self.seq,
+                                   "ts": PR.now_ms(), **fields}).encode())
+        return self.seq
+
+    def recv(self, cls: type) -> typing.Any:
+        while True:  # heartbeats and the like in between are skipped
+            m = self.dec.decode(self.sock.recv())
+            if type(m) is cls:
+                return m
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture()
+def raw_live(make: Callable[..., typing.Any]) -> Iterator[tuple[MT5Bridge, _RawEA]]:
+    bridge = make("bridge", heartbeat=0.5, missed=20)
+    ea = _RawEA(bridge.address)
+    try:
+        ea.send("hello", login=1, server="s", resumed=False, peer_epoch=0, build="b")
+        q = ea.recv(PR.PositionsQuery)
+        ea.send("positions_end", query_id=q.query_id, snapshot=1, count=0)
+        live(bridge)
+        yield bridge, ea
+    finally:
+        ea.close()
+
+
+def test_an_exec_report_that_does_not_match_its_order_is_refused(raw_live: tuple[MT5Bridge, _RawEA]) -> None:
+    bridge, ea = raw_live
+    coid = bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, valid_until=PR.now_ms() + 60_000)
+    o = ea.recv(PR.Order)
+    ea.send("ack", client_order_id=coid, order_seq=o.seq, accepted=True, reason="", duplicate=False, ticket=1)
+    report = {"client_order_id": coid, "status": "filled", "symbol": "EURUSD", "side": "buy", "ticket": 1,
+              "price": 1.1, "volume": 0.1, "commission": 0.0, "fill_ts": PR.now_ms(), "reason": ""}
+    for bad in ({"volume": 50.0}, {"symbol": "GBPUSD"}, {"side": "sell"}):
+        seq = ea.send("exec_report", **{**report, **bad})
+        err = ea.recv(PR.Error)
+        assert err.reason == "invalid" and err.ref_seq == seq and coid in err.detail, (bad, err)
+    assert bridge.order(coid)["state"] == "acked" and bridge.positions() == {}
+    assert bridge.stats()["inconsistent_reports"] == 3
+    ea.send("exec_report", **report)  # the true report still settles it
+    assert bridge.wait(coid) == "filled"
+    assert [p["volume"] for p in bridge.positions().values()] == [0.1]
+
+
+def test_position_answers_are_bounded_and_strays_counted(raw_live: tuple[MT5Bridge, _RawEA]) -> None:
+    from dynamic_core.bridges.mt5.bridge import MAX_POSITIONS
+
+    bridge, ea = raw_live
+    pos = {"snapshot": 5, "symbol": "EURUSD", "ticket": 9, "side": "buy", "volume": 0.1, "price_open": 1.1,
+           "sl": 0.0, "tp": 0.0, "magic": bridge.magic, "comment": "", "client_order_id": "", "profit": 0.0}
+    before = bridge.stats()["stale_reports"]
+    ea.send("position", query_id=99, index=1, **pos)  # no reconciliation asked for these
+    ea.send("positions_end", query_id=99, snapshot=5, count=1)
+    wait_for(lambda: bridge.stats()["stale_reports"] == before + 2, what="stray answers counted")
+    bridge.reconcile()
+    q = ea.recv(PR.PositionsQuery)
+    bad = [("positions_end", {"snapshot": 5, "count": MAX_POSITIONS + 1}),  # more than the bridge holds
+           ("position", {**pos, "index": MAX_POSITIONS + 1}),
+           ("positions_end", {"snapshot": 5, "count": 2}),
+           ("position", {**pos, "index": 3}),                                  # past the snapshot's count
+           ("positions_end", {"snapshot": 5, "count": 3})]                     # a second, different count
+    for kind, fields in bad:
+        seq = ea.send(kind, query_id=q.query_id, **fields)
+        if kind == "positions_end" and fields["count"] == 2:
+            continue  # accepted
+        err = ea.recv(PR.Error)
+        assert err.reason == "invalid" and err.ref_seq == seq, (kind, fields, err)
+    assert bridge.stats()["bad_answers"] == 4
+    ea.send("position", query_id=q.query_id, index=2, **pos)
+    ea.send("position", query_id=q.query_id, index=1, **{**pos, "ticket": 8})
+    wait_for(lambda: bridge.reconciliation().get("query_id") == q.query_id, what="the answer completes")
+    rec = bridge.reconciliation()
+    assert rec["snapshot"] == 5 and rec["positions"] == 2 and len(rec["unknown"]) == 2
+    live(bridge)
+
+
+def test_submit_refuses_what_no_ea_could_accept(make: Callable[..., typing.Any]) -> None:
+    bridge = make("bridge")
+    ok = {"symbol": "EURUSD", "side": "buy", "volume": 0.1, "valid_until": PR.now_ms() + 60_000}
+    for bad in ({"client_order_id": "a b/c"}, {"sl": float("nan")}, {"tp": -1.0}, {"plan_id": "p" * 300},
+                {"symbol": ""}, {"valid_until": 2**64}, {"volume": float("inf")}, {"price": 1e13}):
+        with pytest.raises(ValueError):
+            bridge.submit_order(**{**ok, **bad})
+    assert bridge.orders() == {} and bridge.stats()["submitted"] == 0

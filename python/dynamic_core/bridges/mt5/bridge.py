@@ -29,6 +29,7 @@ from ...transport._common import check_address, endpoint, readable
 from ._util import Doorbell, SeqTracker, Stamper, configure
 from .protocol import (
     MAX_ID,
+    PROTOCOL_VERSION,
     Ack,
     Cancel,
     EngineHello,
@@ -60,6 +61,8 @@ FILLED, REJECTED, EXPIRED, CANCELLED, REFUSED = "filled", "rejected", "expired",
 FINAL = frozenset({FILLED, REJECTED, EXPIRED, CANCELLED, REFUSED})
 _RANK = {QUEUED: 0, SENT: 1, UNCONFIRMED: 1, ACKED: 2, PLACED: 3, PARTIAL: 4}
 _EPS = 1e-9
+MAX_POSITIONS = 10_000
+"""Most positions one reconciliation answer may list (a larger answer is refused: ``bad_answers``)."""
 
 
 class BridgeReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -157,32 +160,51 @@ class _Query:
     """The positions queries (or flattens) of one reconciliation and the answers so far, by
     snapshot: answers describing the same snapshot are merged across re-sent queries."""
 
-    __slots__ = ("backoff", "done", "flatten", "next_send", "qid", "qids", "sends", "snaps")
+    __slots__ = ("backoff", "done", "flatten", "next_send", "qid", "qids", "sends", "snaps", "stored")
 
     def __init__(self, qid: int, flatten: bool) -> None:
         self.qid = qid
         self.qids = {qid}
         self.flatten = flatten
         self.snaps: dict[int, list[Any]] = {}  # snapshot -> [positions by index, count or None]
+        self.stored = 0  # positions kept, all snapshots
         self.done: tuple[int, list[Position]] | None = None
         self.next_send = 0.0
         self.backoff = 0.0
         self.sends = 0
 
     def add(self, snapshot: int, position: Position | None = None, count: int | None = None) -> bool:
-        """Record a position or an end marker; True once ``snapshot`` is complete."""
+        """Record a position or an end marker; True once ``snapshot`` is complete. Raises
+        ValueError for an answer no complete snapshot can hold (an index past the snapshot's
+        count or past :data:`MAX_POSITIONS`, a count above it); nothing is kept of it."""
         entry = self.snaps.get(snapshot)
+        n = entry[1] if entry is not None else None
+        if count is not None and (count > MAX_POSITIONS or (n is not None and count != n)):
+            raise ValueError(f"positions_end of snapshot {snapshot}: count {count} "
+                             + (f"after {n}" if n is not None and count <= MAX_POSITIONS
+                                else f"above the bridge's limit of {MAX_POSITIONS} positions"))
+        if position is not None and position.index > (n if n is not None else MAX_POSITIONS):
+            raise ValueError(f"position {position.index} of snapshot {snapshot}: past its count "
+                             f"({n if n is not None else f'limit {MAX_POSITIONS}'})")
         if entry is None:
-            if len(self.snaps) >= 64:  # a terminal whose positions never hold still: start over
+            # a terminal whose positions never hold still (or a flood of snapshots): start over
+            if len(self.snaps) >= 64 or self.stored >= 4 * MAX_POSITIONS:
                 self.snaps.clear()
+                self.stored = 0
             entry = self.snaps[snapshot] = [{}, None]
+        got = entry[0]
+        if position is not None and position.index not in got:
+            self.stored += 1
         if position is not None:
-            entry[0][position.index] = position
-        if count is not None:
-            entry[1] = count
-        n = entry[1]
-        if n is not None and all(i in entry[0] for i in range(1, n + 1)):
-            self.done = (snapshot, [entry[0][i] for i in range(1, n + 1)])
+            got[position.index] = position
+        if count is not None and entry[1] is None:
+            entry[1] = n = count
+            for i in [i for i in got if i > n]:  # indices past the count: not of this snapshot
+                del got[i]
+                self.stored -= 1
+        # every index kept is in 1..n, so n of them are all of them
+        if n is not None and len(got) == n:
+            self.done = (snapshot, [got[i] for i in range(1, n + 1)])
             return True
         return False
 
@@ -313,7 +335,7 @@ class MT5Bridge:
              "unknown_epoch", "errors_received", "errors_sent", "unexpected", "send_failures", "safe_mode_entries",
              "sessions", "reconciliations", "reconciled_fills", "unknown_positions", "late_outcomes",
              "callback_errors", "unconfirmed", "cancels_sent", "flattens_sent", "heartbeats_sent",
-             "hellos_sent", "queue_full"), 0)
+             "hellos_sent", "queue_full", "inconsistent_reports", "bad_answers"), 0)
         self._safe_since: float | None = None
         self._silence_at_safe = 0.0
         self._thread: threading.Thread | None = None
@@ -405,6 +427,13 @@ class MT5Bridge:
             raise ValueError(f"client_order_id must be 1..{MAX_ID} characters")
         o = _Order(coid, self.symbols.get(symbol, symbol), side, order_type, float(volume), float(price),
                    float(sl), float(tp), int(valid_until), plan_id, coid if comment is None else comment[:31])
+        try:  # every field as the protocol bounds it (docs/mt5-bridge.md, section 2.1)
+            msgspec.convert({"v": PROTOCOL_VERSION, "epoch": 1, "seq": 1, "ts": 0, "client_order_id": coid,
+                             "symbol": o.symbol, "side": side, "order_type": order_type, "volume": o.volume,
+                             "price": o.price, "sl": o.sl, "tp": o.tp, "valid_until": o.valid_until,
+                             "plan_id": plan_id, "magic": self.magic, "comment": o.comment, "attempt": 0}, Order)
+        except (msgspec.ValidationError, TypeError, ValueError) as e:
+            raise ValueError(f"no EA could accept order {coid!r}: {e}") from None
         with self._lock:
             old = self._orders.get(coid)
             if old is not None and old.state != REFUSED:
@@ -783,6 +812,16 @@ class MT5Bridge:
         if o is None:
             self.counts["stale_reports"] += 1
             return
+        if (m.volume > o.volume + _EPS or (m.symbol and m.symbol != o.symbol)
+                or (m.side and m.side != o.side)):  # not a report of this order: the order is unchanged
+            self.counts["inconsistent_reports"] += 1
+            log.warning("refused an exec report for %s: %s %s %.8g lots, the order is %s %s %.8g", o.coid,
+                        m.symbol, m.side, m.volume, o.symbol, o.side, o.volume)
+            if self._term_ident is not None:
+                self._error(self._term_ident, "invalid", f"exec_report for {o.coid} does not match the order "
+                            f"({m.symbol} {m.side} {m.volume:.8g} lots; ordered {o.symbol} {o.side} "
+                            f"{o.volume:.8g})"[:200], m.seq)
+            return
         self.counts["exec_reports"] += 1
         if m.ticket:
             o.ticket = m.ticket
@@ -881,13 +920,18 @@ class MT5Bridge:
             self._on_exec(m)
         elif t is Heartbeat:
             pass
-        elif t is Position:
+        elif t is Position or t is PositionsEnd:
             q = self._query
-            if q is not None and m.query_id in q.qids and q.add(m.snapshot, position=m):
-                self._finish_reconcile(now)
-        elif t is PositionsEnd:
-            q = self._query
-            if q is not None and m.query_id in q.qids and q.add(m.snapshot, count=m.count):
+            if q is None or m.query_id not in q.qids:  # no reconciliation asked for it (any more)
+                self.counts["stale_reports"] += 1
+                return
+            try:
+                done = q.add(m.snapshot, position=m) if t is Position else q.add(m.snapshot, count=m.count)
+            except ValueError as e:
+                self.counts["bad_answers"] += 1
+                self._error(ident, "invalid", str(e)[:200], m.seq)
+                return
+            if done:
                 self._finish_reconcile(now)
         elif t is TerminalHello:
             self._term_hello = m
