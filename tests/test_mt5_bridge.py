@@ -846,3 +846,23 @@ def test_submit_refuses_what_no_ea_could_accept(make: Callable[..., typing.Any])
         with pytest.raises(ValueError):
             bridge.submit_order(**{**ok, **bad})
     assert bridge.orders() == {} and bridge.stats()["submitted"] == 0
+
+
+def test_a_terminal_replaced_by_a_stray_hello_comes_back_once_the_stray_is_silent(
+        make: Callable[..., typing.Any]) -> None:
+    bridge = make("bridge", heartbeat=0.1)
+    term = make("terminal", bridge.address, heartbeat=0.1)
+    live(bridge)
+    stray = _RawEA(bridge.address, epoch=4242)  # a second EA attached by mistake, or a replayed hello
+    try:
+        stray.send("hello", login=1, server="s", resumed=False, peer_epoch=0, build="b")
+        q = stray.recv(PR.PositionsQuery)
+        stray.send("positions_end", query_id=q.query_id, snapshot=1, count=0)
+        wait_for(lambda: bridge.stats()["stale_epoch"] > 0, what="the first terminal's traffic refused")
+    finally:
+        stray.close()
+    # the stray is silent: safe mode, then the first terminal is told to say hello and is back
+    wait_for(lambda: bridge.stats()["sessions"] == 3 and bridge.link == "live", what="the terminal's new session")
+    assert term.alive and term.handshaked
+    coid = bridge.submit_plan(plan("after-stray"))
+    assert bridge.wait(coid) == "filled"

@@ -316,7 +316,7 @@ class MT5Bridge:
         self._term_epoch = 0
         self._term_ident: bytes | None = None
         self._term_hello: TerminalHello | None = None
-        self._retired: set[int] = set()
+        self._retired: dict[int, None] = {}  # epochs of replaced sessions, oldest first (at most 256)
         self._seq = SeqTracker()
         self._last_heard = 0.0
         self._t_silent = 0.0
@@ -893,7 +893,9 @@ class MT5Bridge:
         now = time.monotonic()
         ep = m.epoch
         if ep != self._term_epoch:
-            if ep in self._retired:
+            # a replaced session's traffic is dropped, unless the session that replaced it has gone
+            # silent (safe mode): then that terminal may come back (told to say hello, below)
+            if ep in self._retired and self.link != "safe":
                 self.counts["stale_epoch"] += 1
                 return
             if type(m) is TerminalHello:
@@ -943,8 +945,11 @@ class MT5Bridge:
             self.counts["unexpected"] += 1
 
     def _new_session(self, ident: bytes, m: TerminalHello, now: float) -> None:
+        self._retired.pop(m.epoch, None)
         if self._term_epoch:
-            self._retired.add(self._term_epoch)
+            self._retired[self._term_epoch] = None
+            if len(self._retired) > 256:
+                del self._retired[next(iter(self._retired))]
             log.info("terminal restarted: epoch %d -> %d", self._term_epoch, m.epoch)
         self.counts["sessions"] += 1
         self._term_epoch = m.epoch
