@@ -190,6 +190,25 @@ def test_seq_tracker() -> None:
     assert (s.gaps, s.reordered, s.duplicates) == (2, 2, 2)
     assert s.check(10 + SeqTracker.WINDOW + 5) == "gap"
     assert s.check(11) == "duplicate"  # older than the window: refused
+    hi = 10 + SeqTracker.WINDOW + 5
+    assert s.check(2**63 - 2) == "jump" and s.jumps == 1  # a bad number moves nothing
+    assert [s.check(x) for x in (hi + 1, hi + 1 + SeqTracker.MAX_JUMP)] == ["ok", "gap"]
+
+
+def test_one_bad_sequence_number_does_not_poison_the_session(raw_live: tuple[MT5Bridge, _RawEA]) -> None:
+    bridge, ea = raw_live
+    coid = bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, valid_until=PR.now_ms() + 60_000)
+    o = ea.recv(PR.Order)
+    seq = ea.seq
+    ea.seq = 2**63 - 3
+    ea.send("heartbeat", recv_seq=0)
+    ea.seq = seq
+    ea.send("ack", client_order_id=coid, order_seq=o.seq, accepted=True, reason="", duplicate=False, ticket=1)
+    ea.send("exec_report", client_order_id=coid, status="filled", symbol="EURUSD", side="buy", ticket=1,
+            price=1.1, volume=0.1, commission=0.0, fill_ts=PR.now_ms(), reason="")
+    assert bridge.wait(coid) == "filled"
+    st = bridge.stats()
+    assert st["seq_jumps"] == 1 and st["gaps"] < 10 and st["link"] == "live"
 
 
 # ---- round trips -------------------------------------------------------------------------------------

@@ -420,7 +420,8 @@ void Dispatch(DcEngineMessage &m)
         }
       return;
      }
-   if(g_in.Check(m.h.seq)==DC_SEQ_DUPLICATE)
+   const int seq_class=g_in.Check(m.h.seq);
+   if(seq_class==DC_SEQ_DUPLICATE || seq_class==DC_SEQ_JUMP)
       return;
    g_last_heard_us=GetMicrosecondCount();
    g_engine_lost=false;

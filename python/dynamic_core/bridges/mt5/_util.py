@@ -14,11 +14,15 @@ class SeqTracker:
     """Classifies the ``seq`` of each message of one peer epoch (docs/mt5-bridge.md, section 3).
 
     :meth:`check` returns ``"first"`` (baseline), ``"ok"``, ``"gap"`` (processed; the missing
-    count is added to ``gaps``), ``"reordered"`` (late but new: processed) or ``"duplicate"``
-    (seen before, or older than the window: to be ignored).
+    count is added to ``gaps``), ``"reordered"`` (late but new: processed), ``"duplicate"``
+    (seen before, or older than the window: to be ignored) or ``"jump"`` (more than
+    :attr:`MAX_JUMP` ahead: no link loses that many, so the number is bad; ignored, counted in
+    ``jumps``, and the baseline stays where it was, so one bad number cannot make every later
+    message look old).
     """
 
     WINDOW = 1024
+    MAX_JUMP = 1 << 20
     _FULL = (1 << WINDOW) - 1
 
     def __init__(self) -> None:
@@ -27,6 +31,7 @@ class SeqTracker:
         self.gaps = 0
         self.reordered = 0
         self.duplicates = 0
+        self.jumps = 0
 
     def reset(self) -> None:
         self.hi = 0
@@ -39,6 +44,9 @@ class SeqTracker:
             return "first"
         if seq > hi:
             d = seq - hi
+            if d > self.MAX_JUMP:
+                self.jumps += 1
+                return "jump"
             self.mask = ((self.mask << d) | 1) & self._FULL if d < self.WINDOW else 1
             self.hi = seq
             if d > 1:

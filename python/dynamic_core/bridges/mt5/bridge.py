@@ -542,6 +542,7 @@ class MT5Bridge:
                                                         "build": hello.build, "resumed": hello.resumed},
                 "queued": len(self._queued), "open": len(self._open), "states": states,
                 "gaps": self._seq.gaps, "reordered": self._seq.reordered, "duplicates": self._seq.duplicates,
+                "seq_jumps": self._seq.jumps,
                 "rejects": dict(self._codec.rejects), "rejected": self._codec.rejected,
                 "silence_at_safe_mode_s": self._silence_at_safe,
                 **self.counts,
@@ -908,7 +909,7 @@ class MT5Bridge:
                 self._unknown_hello_at[ident] = now
                 self._send_hello(ident, 0)
             return
-        if self._seq.check(m.seq) == "duplicate":
+        if self._seq.check(m.seq) in ("duplicate", "jump"):
             return
         self._term_ident = ident  # a reconnected DEALER gets a new routing id
         self._last_heard = now

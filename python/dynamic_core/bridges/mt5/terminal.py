@@ -252,7 +252,8 @@ class SimulatedTerminal:
     def stats(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "engine_epoch": self.engine_epoch, "handshaked": self.handshaked,
                 "alive": self.alive, "gaps": self._seq.gaps, "reordered": self._seq.reordered,
-                "duplicates": self._seq.duplicates, "rejects": dict(self._codec.rejects), **self.counts}
+                "duplicates": self._seq.duplicates, "seq_jumps": self._seq.jumps, "rejects": dict(self._codec.rejects),
+                **self.counts}
 
     # ---- EA thread --------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -365,7 +366,7 @@ class SimulatedTerminal:
             if self.handshaked:  # an engine restarted: introduce ourselves to it
                 self.handshaked = False
             return
-        if self._seq.check(m.seq) == "duplicate":
+        if self._seq.check(m.seq) in ("duplicate", "jump"):
             return
         self._last_heard = time.monotonic()
         self._engine_lost = False

@@ -98,6 +98,8 @@ public:
 #define DC_SEQ_GAP       2
 #define DC_SEQ_REORDERED 3
 #define DC_SEQ_DUPLICATE 4
+#define DC_SEQ_JUMP      5   // more than DC_SEQ_MAX_JUMP ahead: a bad number, ignored
+#define DC_SEQ_MAX_JUMP  1048576
 
 class CDcSeqTracker
   {
@@ -110,7 +112,8 @@ public:
    long              gaps;
    long              reordered;
    long              duplicates;
-                     CDcSeqTracker(void) : m_hi(0),gaps(0),reordered(0),duplicates(0) { Clear(); }
+   long              jumps;
+                     CDcSeqTracker(void) : m_hi(0),gaps(0),reordered(0),duplicates(0),jumps(0) { Clear(); }
    long              Highest(void) const { return(m_hi); }
    void              Reset(void) { m_hi=0; Clear(); }
    int               Check(const long seq)
@@ -125,6 +128,11 @@ public:
       if(seq>m_hi)
         {
          long d=seq-m_hi;
+         if(d>DC_SEQ_MAX_JUMP)
+           {
+            jumps++;
+            return(DC_SEQ_JUMP);
+           }
          if(d>=DC_SEQ_WINDOW)
             Clear();
          else
