@@ -790,3 +790,37 @@ def test_cli_run_serves_a_market_feed_with_control(tmp_path: Path, keys: Path, p
     assert run.proc.returncode == 130, err
     assert "signals 80, published 80;" in out and "control commands 1;" in out
 
+
+
+def test_topics_are_bounded() -> None:
+    import zmq
+    from dynamic_core.transport._common import MAX_TOPIC
+
+    long = "sig." + "A" * 200_000  # libzmq's subscription trie would recurse once per byte
+    with pytest.raises(ValueError, match="topic prefix"):
+        T.SignalSubscriber("tcp://127.0.0.1:5999", topics=[long])
+    with pytest.raises(ValueError, match="topic prefix"):
+        T.MarketIngress("tcp://127.0.0.1:5999", kind="sub", topics=["mkt." + "A" * 200_000])
+    # a publisher's topic frames longer than any feed topic are rejected, not tracked
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    sub = T.SignalSubscriber(f"tcp://127.0.0.1:{port}", topics=["sig."])
+    try:
+        pub.setsockopt(zmq.RCVTIMEO, 10_000)
+        while pub.recv() != b"\x01sig.":  # the subscriber's subscription has reached the publisher
+            pass
+        empty = msgspec.msgpack.encode(P.SignalBatch(epoch=1, seq=0, signals=()))
+        good = b"sig.EURUSD.3600"
+        for topic in (b"sig." + b"A" * MAX_TOPIC, good):
+            pub.send_multipart([topic, empty])
+        got = None
+        deadline = time.monotonic() + 10
+        while got is None and time.monotonic() < deadline:
+            got = sub.recv(timeout=0.5)
+        assert isinstance(got, P.SignalBatch)
+        assert sub.stats()["rejected"] == 1 and list(sub._expect) == [good.decode()]
+    finally:
+        sub.close()
+        pub.close(0)

@@ -24,6 +24,24 @@ _TCP = re.compile(r"^tcp://(?:(?P<iface>[^;]*);)?(?P<host>\[[^\]]*\]|[^:\[\]]*):
 _POLLIN = int(zmq.POLLIN)  # a plain int: IntFlag arithmetic costs about a microsecond
 
 
+MAX_TOPIC = 256
+"""Longest topic (or subscription prefix) in bytes: a feed topic is ``sig.<instrument>.<tf>``.
+Longer ones are refused: libzmq's subscription trie recurses once per byte, and a topic frame is
+otherwise bounded only by the socket's message size."""
+
+
+def check_topics(topics: Any) -> list[bytes]:
+    """Subscription prefixes as bytes (one str/bytes or an iterable of them); ValueError for one
+    above :data:`MAX_TOPIC` bytes."""
+    if isinstance(topics, (str, bytes)):
+        topics = [topics]
+    out = [t.encode() if isinstance(t, str) else bytes(t) for t in topics]
+    for t in out:
+        if len(t) > MAX_TOPIC:
+            raise ValueError(f"topic prefix of {len(t)} bytes: the limit is {MAX_TOPIC}")
+    return out
+
+
 def readable(sock: zmq.Socket) -> bool:
     """Whether ``sock`` holds a whole message to read now (ZMQ_EVENTS, no system call). Drain
     loops ask this before each receive instead of catching ``zmq.Again`` at the end: raising and

@@ -71,12 +71,14 @@ from ..payloads import (
     encode_signal_batch,
 )
 from ..records import SIGNAL_DTYPE
-from ._common import DEFAULT_ADDRESS, SocketOwner, attach, readable, recv_valid
+from ._common import DEFAULT_ADDRESS, MAX_TOPIC, SocketOwner, attach, check_topics, readable, recv_valid
 
 __all__ = ["HEARTBEAT_TOPIC", "EpochChange", "Gap", "SignalFeed", "SignalSubscriber", "signal_topic"]
 
 HEARTBEAT_TOPIC = b"hb"
 MAX_TOPICS_IN_HEARTBEAT = 4096
+MAX_TRACKED_TOPICS = 65_536
+"""Topics a subscriber tracks sequence numbers of (beyond it, the oldest is forgotten)."""
 
 
 def signal_topic(instrument: str, timeframe: int) -> bytes:
@@ -135,6 +137,9 @@ class SignalFeed(SocketOwner):
         self._sock = ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, int(sndhwm))
         self._sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscription, not only the first per topic
+        # what a peer sends here is a subscription (one byte and a topic prefix): a larger frame
+        # drops that peer instead of being buffered
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_TOPIC + 64)
         self._sock.setsockopt(zmq.LINGER, 0)
         try:
             self.endpoint = attach(self._sock, address, bind=bind, allow_remote=allow_remote)
@@ -369,15 +374,13 @@ class SignalSubscriber(SocketOwner):
                  max_frame: int = DEFAULT_MAX_FRAME, rcvhwm: int = 100_000, max_events: int = 1000,
                  bind: bool = False, allow_remote: bool = False,
                  context: zmq.Context | None = None) -> None:
+        self.topics = check_topics(topics)
         self._codec = Codec(FeedMessage, fmt=fmt, max_frame=max_frame)
         ctx = context if context is not None else zmq.Context.instance()
         self._sock = ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, int(rcvhwm))
         self._sock.setsockopt(zmq.MAXMSGSIZE, 2 * int(max_frame) + 4096)
         self._sock.setsockopt(zmq.LINGER, 0)
-        if isinstance(topics, (str, bytes)):
-            topics = [topics]
-        self.topics = [t.encode() if isinstance(t, str) else bytes(t) for t in topics]
         for t in self.topics:
             self._sock.setsockopt(zmq.SUBSCRIBE, t)
         if not any(HEARTBEAT_TOPIC.startswith(t) for t in self.topics):
@@ -420,6 +423,10 @@ class SignalSubscriber(SocketOwner):
             self.rejects.append(("malformed", f"{len(frames)} frames, expected [topic, payload]"))
             return None
         topic_b = frames[0].bytes
+        if len(topic_b) > MAX_TOPIC:  # no feed topic is that long
+            self._codec.count("invalid")
+            self.rejects.append(("invalid", f"topic of {len(topic_b)} bytes (limit {MAX_TOPIC})"))
+            return None
         try:
             msg = self._codec.decode(frames[1].buffer)
         except PayloadError as e:
@@ -457,6 +464,8 @@ class SignalSubscriber(SocketOwner):
 
     def _check_seq(self, topic: str, seq: int, n: int) -> None:
         exp = self._expect.get(topic)
+        if exp is None and len(self._expect) >= MAX_TRACKED_TOPICS:  # the oldest topic is forgotten
+            del self._expect[next(iter(self._expect))]
         self._expect[topic] = seq + n
         if exp is not None and seq != exp:
             # seq < exp (a replay or duplicate) is reported too, with a negative ``missed``

@@ -32,7 +32,7 @@ import zmq
 
 from ..errors import PayloadError
 from ..payloads import DEFAULT_MAX_FRAME, Codec, PreparedMarketContext, Reject, split_bars
-from ._common import DEFAULT_ADDRESS, SocketOwner, attach, close_socket, recv_valid
+from ._common import DEFAULT_ADDRESS, SocketOwner, attach, check_topics, close_socket, recv_valid
 
 __all__ = ["MarketIngress", "MarketSender", "market_topic"]
 
@@ -80,6 +80,7 @@ class MarketIngress(SocketOwner):
             raise ValueError(f"kind must be 'pull' or 'sub', got {kind!r}")
         if dead_letter_capacity < 0:
             raise ValueError("dead_letter_capacity must be >= 0")
+        subscriptions = check_topics(topics) if kind == "sub" else []
         self.kind = kind
         self.engine = engine
         self.on_reject = on_reject
@@ -90,10 +91,8 @@ class MarketIngress(SocketOwner):
         self._sock.setsockopt(zmq.MAXMSGSIZE, 2 * int(max_frame) + 4096)
         self._sock.setsockopt(zmq.LINGER, 0)
         if kind == "sub":
-            if isinstance(topics, (str, bytes)):
-                topics = [topics]
-            for t in topics:
-                self._sock.setsockopt(zmq.SUBSCRIBE, t.encode() if isinstance(t, str) else bytes(t))
+            for t in subscriptions:
+                self._sock.setsockopt(zmq.SUBSCRIBE, t)
         bind = (kind == "pull") if bind is None else bind
         try:
             self.endpoint = attach(self._sock, address, bind=bind, allow_remote=allow_remote)
