@@ -10,14 +10,20 @@ import math
 import os
 import pickle
 import socket
+import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from dynamic_core.errors import AdapterError, PolicyError, SecretsError
-from dynamic_core.reasoning.client import Completion, OpenAICompatibleClient, parse_retry_after
+from dynamic_core.reasoning.client import (
+    MAX_RETRY_AFTER_S,
+    Completion,
+    OpenAICompatibleClient,
+    parse_retry_after,
+)
 from dynamic_core.reasoning.profiles import ProviderProfile, profile
 from dynamic_core.reasoning.secrets import RedactingFilter, Secret, api_key, load_secrets_file, redact
 
@@ -64,6 +70,68 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class RawServer:
+    """An HTTP server on a raw socket, for replies FakeOpenAI cannot script (a body nested too
+    deeply to decode, headers dripped a line at a time). Each connection's request is read
+    whole, then each ``(delay_s, data)`` step is sent after its delay; a client gone or the
+    server stopping ends the reply."""
+
+    def __init__(self, steps: Sequence[tuple[float, bytes]]) -> None:
+        self.steps = list(steps)
+        self.stopping = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10.0)
+            try:
+                buf = b""
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, body = buf.partition(b"\r\n\r\n")
+                length = int(next((line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length:")), b"0"))
+                while len(body) < length:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    body += data
+                for delay, data in self.steps:
+                    if self.stopping.wait(delay):
+                        return
+                    conn.sendall(data)
+            except OSError:
+                return
+
+    def __enter__(self) -> RawServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join()
+        self.sock.close()
+
+
+def reply(status: int, body: bytes, reason: bytes = b"X") -> bytes:
+    return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" \
+           b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body)
 
 
 # -- successful calls --------------------------------------------------------------------------
@@ -187,6 +255,18 @@ def test_429_with_retry_after_seconds_and_http_date(fake: FakeOpenAI) -> None:
     assert errors[2].retry_after is None and errors[3].retry_after is None
 
 
+def test_retry_after_beyond_the_cap_is_capped(fake: FakeOpenAI) -> None:
+    fake.script([{"mode": "status", "status": 429, "retry_after": "Fri, 31 Dec 9999 23:59:59 GMT"},
+                 {"mode": "status", "status": 429, "retry_after": 1e12},
+                 {"mode": "status", "status": 503, "retry_after": "86400"}])
+    with client(fake) as c:
+        for kind in ("rate_limited", "rate_limited", "server_error"):
+            with pytest.raises(AdapterError) as ei:
+                c.complete(MESSAGES)
+            assert (ei.value.kind, ei.value.retry_after) == (kind, MAX_RETRY_AFTER_S)
+    assert MAX_RETRY_AFTER_S == 300.0
+
+
 @pytest.mark.parametrize(("step", "kind", "retry_after"), [
     ({"status": 500}, "server_error", None),
     ({"status": 502}, "server_error", None),
@@ -235,6 +315,20 @@ def test_oversized_reply_is_malformed(fake: FakeOpenAI) -> None:
         assert c.complete(MESSAGES).text == "y" * 9_000  # under the limit, same client
 
 
+@pytest.mark.parametrize(("status", "kind"), [(200, "malformed"), (401, "auth"), (403, "auth"),
+                                              (500, "server_error"), (429, "rate_limited"),
+                                              (400, "client_error")])
+def test_json_nested_too_deeply_is_an_adapter_error(status: int, kind: str) -> None:
+    # deeper than msgspec decodes: its RecursionError must become the kind the status calls for
+    for body in (b"[" * 2000, b'{"error": ' + b"[" * 2000 + b"]" * 2000 + b"}"):
+        with RawServer([(0.0, reply(status, body))]) as server, \
+                OpenAICompatibleClient(prof(server.url), KEY) as c, pytest.raises(AdapterError) as ei:
+            c.complete(MESSAGES, timeout=5.0)
+        assert (ei.value.kind, ei.value.status) == (kind, status)
+        assert len(str(ei.value)) < 400
+        assert_no_key(ei.value)
+
+
 def test_slow_reply_past_the_deadline_times_out_on_time(fake: FakeOpenAI) -> None:
     fake.script([{"mode": "slow", "delay": 5.0}])
     with client(fake) as c:
@@ -256,6 +350,26 @@ def test_hang_times_out(fake: FakeOpenAI) -> None:
             c.complete(MESSAGES, timeout=0.3)
         assert ei.value.kind == "timeout"
         assert time.monotonic() - t0 < 0.3 + 0.5
+
+
+DRIP_HEADERS = [(0.0, b"HTTP/1.1 200 OK\r\n"), *[(0.2, b"X-Drip: 1\r\n")] * 50]
+DRIP_CHUNKS = [(0.0, (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n")),
+               *[(0.1, b"1\r\n"), (0.1, b" \r\n")] * 50]
+DRIP_BODY = [(0.0, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"),
+             *[(0.2, b" ")] * 50]
+
+
+@pytest.mark.parametrize("steps", [DRIP_HEADERS, DRIP_CHUNKS, DRIP_BODY], ids=["headers", "chunks", "body"])
+def test_a_server_dripping_its_reply_times_out_on_time(steps: list[tuple[float, bytes]]) -> None:
+    # each read makes progress, so only the overall deadline can end the attempt
+    with RawServer(steps) as server, OpenAICompatibleClient(prof(server.url), KEY) as c:
+        t0 = time.monotonic()
+        with pytest.raises(AdapterError) as ei:
+            c.complete(MESSAGES, timeout=1.0)
+        elapsed = time.monotonic() - t0
+    assert (ei.value.kind, ei.value.status, ei.value.retryable) == ("timeout", None, True)
+    assert 1.0 <= elapsed < 1.0 + 0.5
 
 
 def test_profile_timeout_is_the_default(fake: FakeOpenAI) -> None:
@@ -301,6 +415,46 @@ def test_server_killed_between_calls_is_connection() -> None:
     assert ei.value.kind == "connection"
 
 
+@pytest.mark.parametrize("raw", [KEY + "\r\n", KEY + "\r", KEY + "\n", "  \t" + KEY + " \r\n"])
+def test_api_key_surrounding_whitespace_is_stripped(fake: FakeOpenAI, raw: str) -> None:
+    # e.g. read from a CRLF .env file
+    for key in (raw, Secret(raw)):
+        with client(fake, key) as c:
+            assert c.complete(MESSAGES).status == 200
+            assert KEY not in repr(c) and "key=set" in repr(c)
+    assert fake.stats()["authorized"] == 2
+
+
+@pytest.mark.parametrize("bad", [KEY[:10] + "\n" + KEY[10:], KEY[:10] + "\r\n" + KEY[10:], KEY + "\x00",
+                                 KEY[:10] + "\x7f" + KEY[10:], KEY[:10] + "\u2028" + KEY[10:], KEY + "\u20ac",
+                                 KEY[:10] + "\r\nX-Injected: 1\r\n" + KEY[10:]])
+def test_api_key_with_control_or_non_latin1_characters_is_refused_unseen(fake: FakeOpenAI, bad: str) -> None:
+    for key in (bad, Secret(bad)):
+        with pytest.raises(PolicyError, match="API key holds control characters") as ei:
+            client(fake, key)
+        assert ei.value.__context__ is None and ei.value.__cause__ is None
+        for text in (str(ei.value), repr(ei.value), "".join(traceback.format_exception(ei.value))):
+            for part in (bad, KEY, KEY[:10], KEY[10:], repr(bad)[1:-1]):
+                assert part not in text
+    assert fake.stats()["requests"] == 0
+
+
+def test_a_header_http_cannot_carry_is_a_redacted_client_error(fake: FakeOpenAI) -> None:
+    # the constructor refuses such a key; should one reach the request anyway (a Secret mutated in
+    # place), http.client's refusal, which quotes the header, must not escape
+    bad = KEY[:10] + "\n" + KEY[10:]
+    with client(fake) as c:
+        c._key._value = bad  # type: ignore[union-attr]
+        with pytest.raises(AdapterError) as ei:
+            c.complete(MESSAGES)
+    assert (ei.value.kind, ei.value.status, ei.value.retryable) == ("client_error", None, False)
+    assert ei.value.__context__ is None and ei.value.__cause__ is None
+    for text in (str(ei.value), repr(ei.value), "".join(traceback.format_exception(ei.value))):
+        for part in (KEY[:10], KEY[10:], repr(bad)[1:-1]):
+            assert part not in text
+    assert fake.stats()["requests"] == 0
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(PolicyError):
         OpenAICompatibleClient(profile("local"))
@@ -325,6 +479,12 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(email.utils.formatdate(now - 30, usegmt=True), now=now) == 0.0
     for bad in (None, "", "-1", "nan", "tomorrow", "Mon, 99 Foo 2024"):
         assert parse_retry_after(bad) is None
+    for huge in ("1e12", "86400", "Fri, 31 Dec 9999 23:59:59 GMT",
+                 email.utils.formatdate(now + 301, usegmt=True)):
+        assert parse_retry_after(huge, now=now) == MAX_RETRY_AFTER_S
+        assert parse_retry_after(huge, now=now, cap=10.0) == 10.0
+    assert parse_retry_after(email.utils.formatdate(now + 299, usegmt=True), now=now) == 299.0
+    assert parse_retry_after("86400", cap=math.inf) == 86400.0
 
 
 # -- secrets -----------------------------------------------------------------------------------

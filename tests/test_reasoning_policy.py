@@ -11,6 +11,7 @@ import math
 import pytest
 from dynamic_core.errors import PolicyError
 from dynamic_core.reasoning.cache import NarrativeCache
+from dynamic_core.reasoning.client import parse_retry_after
 from dynamic_core.reasoning.policy import (
     DEFAULT_POLICY_TOML,
     REQUEST_CLASSES,
@@ -404,6 +405,26 @@ def test_rate_limited_retry_after() -> None:
     assert router.route(req())[0] == "a"
 
 
+@pytest.mark.parametrize(("header", "policy", "benched_s"), [
+    ("Fri, 31 Dec 9999 23:59:59 GMT", {}, 300.0),
+    ("1e12", {}, 300.0),
+    ("86400", {"max_retry_after_s": 60.0}, 60.0),
+    ("86400", {"max_retry_after_s": 60.0, "cooldown_failures": 1, "cooldown_s": 90.0}, 90.0),
+    ("45", {}, 45.0),
+])
+def test_retry_after_is_capped(header: str, policy: dict, benched_s: float) -> None:
+    # a server asking for hours (or for the year 9999) benches the provider for the cap, not for good
+    router, clock, _ = make({**RULE_AB, "breaker": {"min_requests": 1000}, **policy})
+    retry_after = parse_retry_after(header, cap=math.inf)
+    assert retry_after is not None and retry_after >= 45.0
+    fail(router, kind="rate_limited", retry_after=retry_after)
+    assert router.stats()["a"]["cooldown_left_s"] == pytest.approx(benched_s)
+    clock.advance(benched_s - 0.1)
+    assert router.route(req())[0] == "c" and not router.admits("a")
+    clock.advance(0.1)
+    assert router.route(req())[0] == "a" and router.admits("a")
+
+
 # ---- throttling, cap, last resort -------------------------------------------------------------
 
 THROTTLE_PROFILES = {
@@ -583,8 +604,8 @@ def test_cache_size_zero_disables() -> None:
 
 def test_default_policy_toml_is_documented() -> None:
     # the default text is what users copy: every top-level knob is present and commented
-    for knob in ("fallback_cap", "cooldown_failures", "cooldown_s", "last_resort", "throttle_margin",
-                 "[breaker]", "[[rules]]", "[limits."):
+    for knob in ("fallback_cap", "cooldown_failures", "cooldown_s", "max_retry_after_s", "last_resort",
+                 "throttle_margin", "[breaker]", "[[rules]]", "[limits."):
         assert knob in DEFAULT_POLICY_TOML
     assert DEFAULT_POLICY_TOML.count("#") >= 10
     assert math.isfinite(load_policy(None).cooldown_s)

@@ -236,6 +236,17 @@ def test_parse_narrative_replies(text, direction, confidence, tags) -> None:
     assert r.rationale == text.strip()
 
 
+@pytest.mark.parametrize("wrap", ["{}", "```json\n{}\n```", "Here: {} Done."])
+def test_json_nested_too_deeply_is_read_as_narrative(wrap) -> None:
+    # deeper than msgspec decodes (its RecursionError must not escape: the mesh would drop the answer)
+    deep = '{"direction": "sell", "confidence": 0.9, "rationale": "Bearish breakdown.", "n": ' \
+           + "[" * 2000 + "]" * 2000 + "}"
+    text = wrap.format(deep)
+    r = parse_reply(text, "json")
+    assert (r.direction, r.valid, r.rationale) == ("sell", False, text.strip())
+    assert "heuristic" in r.tags
+
+
 @given(st.text(max_size=300), st.sampled_from(["json", "narrative"]))
 @FAST
 def test_parse_reply_never_raises(text, style) -> None:

@@ -10,7 +10,9 @@ client makes exactly one attempt per call.
 from __future__ import annotations
 
 import email.utils
+import functools
 import http.client
+import io
 import math
 import select
 import socket
@@ -28,10 +30,15 @@ from ..errors import AdapterError, PolicyError
 from .profiles import ProviderProfile
 from .secrets import Secret, redact
 
-__all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "Completion", "OpenAICompatibleClient", "parse_retry_after"]
+__all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "MAX_RETRY_AFTER_S", "Completion", "OpenAICompatibleClient",
+           "parse_retry_after"]
 
 DEFAULT_MAX_RESPONSE_BYTES = 4 << 20
 """Largest response body a client reads by default (a rationale is a few KiB)."""
+
+MAX_RETRY_AFTER_S = 300.0
+"""Longest wait :func:`parse_retry_after` returns by default: a ``Retry-After`` of a day or a
+date in the year 9999 is a server bug, not a reason to give up on the provider."""
 
 _CHUNK = 64 << 10
 _ERROR_BODY_BYTES = 64 << 10  # enough for any error JSON; the excerpt is 200 characters anyway
@@ -64,7 +71,8 @@ class Completion(msgspec.Struct, frozen=True):
     status: int
 
 
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+def parse_retry_after(value: str | None, *, now: float | None = None,
+                      cap: float = MAX_RETRY_AFTER_S) -> float | None:
     """Seconds to wait from a ``Retry-After`` header value.
 
     Parameters
@@ -73,11 +81,14 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         Delta-seconds (``"2"``, also ``"1.5"``) or an HTTP-date.
     now : float, optional
         The current POSIX time (default :func:`time.time`), for an HTTP-date.
+    cap : float
+        Longest wait returned (default :data:`MAX_RETRY_AFTER_S`): a longer one, in either
+        form, gives ``cap``.
 
     Returns
     -------
     float or None
-        Non-negative seconds (a date in the past gives 0.0); ``None`` when absent or
+        Seconds in ``[0, cap]`` (a date in the past gives 0.0); ``None`` when absent or
         unparseable.
     """
     if value is None:
@@ -90,7 +101,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     except ValueError:
         pass
     else:
-        return seconds if math.isfinite(seconds) and seconds >= 0.0 else None
+        return min(seconds, cap) if math.isfinite(seconds) and seconds >= 0.0 else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -100,11 +111,16 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     if when.tzinfo is None:  # "-0000" dates parse naive; HTTP-dates are UTC by definition
         when = when.replace(tzinfo=timezone.utc)
     base = time.time() if now is None else now
-    return max(0.0, when.timestamp() - base)
+    return min(max(0.0, when.timestamp() - base), cap)
 
 
 def _estimate_tokens(chars: int) -> int:
     return -(-chars // 4)
+
+
+def _header_safe(value: str) -> bool:
+    """``value`` fits an HTTP header value: Latin-1, and no control characters."""
+    return all(" " <= ch <= "\xff" and not "\x7f" <= ch <= "\x9f" for ch in value)
 
 
 def _socket_dropped(sock: socket.socket) -> bool:
@@ -119,6 +135,48 @@ def _socket_dropped(sock: socket.socket) -> bool:
         return bool(readable)
     except (OSError, ValueError):
         return True
+
+
+class _DeadlineReader(io.RawIOBase):
+    """``sock.makefile("rb", buffering=0)`` with every read bounded by an overall deadline (a
+    :func:`time.monotonic` time): the socket's timeout is the time left before each read, and
+    a read at or past the deadline raises :class:`TimeoutError`. A server that drips a byte
+    at a time cannot stretch the attempt past it."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def readinto(self, buffer: Any) -> int | None:
+        left = self._deadline - time.monotonic()
+        if left <= 0.0:
+            raise TimeoutError("deadline passed")
+        self._sock.settimeout(left)
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An HTTP response whose status line, headers, chunk sizes and body are all read against
+    the attempt's overall ``deadline`` (see :class:`_DeadlineReader`)."""
+
+    def __init__(self, sock: socket.socket, debuglevel: int = 0, method: str | None = None,
+                 url: str | None = None, *, deadline: float) -> None:
+        super().__init__(sock, debuglevel, method, url)
+        unbounded, self.fp = self.fp, io.BufferedReader(_DeadlineReader(sock, deadline))
+        unbounded.close()
 
 
 def _normalise_messages(messages: Sequence[tuple[str, str]] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -153,14 +211,17 @@ class OpenAICompatibleClient:
         An ``openai-compatible`` profile; ``base_url`` may carry a path prefix
         (``http://127.0.0.1:8000/v1``).
     api_key : Secret or str, optional
-        Sent as ``Authorization: Bearer <key>``; ``None`` or empty sends no header.
+        Sent as ``Authorization: Bearer <key>``; ``None`` or empty sends no header. Surrounding
+        whitespace (the ``\r\n`` of a key read from a CRLF file) is stripped.
     max_response_bytes : int
         A larger response body is not read further and fails with kind ``malformed``.
 
     Raises
     ------
     PolicyError
-        A ``local`` profile, or a ``base_url`` that is not ``http(s)://host[:port][/path]``.
+        A ``local`` profile, a ``base_url`` that is not ``http(s)://host[:port][/path]``, or an
+        ``api_key`` that still holds control characters or characters outside Latin-1 once
+        stripped (an HTTP header cannot carry them; the message does not quote the key).
     """
 
     def __init__(self, profile: ProviderProfile, api_key: Secret | str | None = None, *,
@@ -190,6 +251,11 @@ class OpenAICompatibleClient:
         self._path = url.path.rstrip("/") + "/chat/completions" + (f"?{url.query}" if url.query else "")
         if isinstance(api_key, str):
             api_key = Secret(api_key)
+        if api_key and api_key.reveal() != api_key.reveal().strip():
+            api_key = Secret(api_key.reveal().strip())
+        if api_key and not _header_safe(api_key.reveal()):
+            raise PolicyError(f"provider {profile.name!r}: the API key holds control characters or "
+                              "characters outside Latin-1 (key not shown); check how it was stored")
         self._key: Secret | None = api_key if api_key else None
         self._headers = {"Content-Type": "application/json", "Accept": "application/json",
                          "User-Agent": f"dynamic-core/{__version__}"}
@@ -280,8 +346,8 @@ class OpenAICompatibleClient:
         temperature : float
             Sampling temperature.
         timeout : float, optional
-            Overall deadline of the attempt in seconds, connect to last byte (default
-            ``profile.timeout_s``).
+            Overall deadline of the attempt in seconds, connect to last byte, however slowly the
+            server drips its status line, headers or body (default ``profile.timeout_s``).
         json_mode : bool
             Ask for a JSON object (``response_format: {"type": "json_object"}``).
         model : str, optional
@@ -297,10 +363,11 @@ class OpenAICompatibleClient:
             ``timeout`` (deadline passed), ``connection`` (refused, reset, closed without a
             reply, DNS, TLS), ``rate_limited`` (429, with ``retry_after``), ``server_error``
             (5xx, with ``retry_after`` when the server sent one), ``auth`` (401/403),
-            ``client_error`` (other 4xx, or an unexpected status), ``malformed`` (a 2xx body
-            that is not JSON, lacks ``choices[0].message.content``, or exceeds
-            ``max_response_bytes``). ``status`` is set when the server answered. The message
-            holds at most a 200-character redacted excerpt of the server's error.
+            ``client_error`` (other 4xx, an unexpected status, or a header HTTP cannot carry),
+            ``malformed`` (a 2xx body that is not JSON, is nested too deeply to decode, lacks
+            ``choices[0].message.content``, or exceeds ``max_response_bytes``). ``status`` is
+            set when the server answered. The message holds at most a 200-character redacted
+            excerpt of the server's error.
         ValueError, TypeError
             Empty or ill-formed ``messages`` (a content that is not a str: TypeError), or a
             non-positive ``timeout``.
@@ -325,8 +392,17 @@ class OpenAICompatibleClient:
         try:
             conn, sock = self._connected(deadline)
             sock.settimeout(self._remaining(deadline))
-            conn.request("POST", self._path, body=body, headers=headers)
+            unsendable = None
+            try:
+                conn.request("POST", self._path, body=body, headers=headers)
+            except ValueError as e:  # UnicodeError too: a header http.client refuses
+                unsendable = type(e).__name__
+            if unsendable is not None:  # outside the except: the refusal quotes the header
+                raise AdapterError("client_error", f"the request to {name} cannot be sent: a header holds "
+                                   f"characters HTTP does not allow ({unsendable}; value not shown)")
             sock.settimeout(self._remaining(deadline))
+            conn.response_class = functools.partial(  # type: ignore[assignment]
+                _DeadlineResponse, deadline=deadline)
             resp = conn.getresponse()
             status = resp.status
             ok = 200 <= status < 300
@@ -379,7 +455,7 @@ class OpenAICompatibleClient:
     def _error_detail(self, data: bytes) -> str:
         try:
             doc = msgspec.json.decode(data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError, ValueError):
             return self._excerpt(data[: 4 * _EXCERPT_CHARS].decode("utf-8", "replace"))
         err = doc.get("error") if isinstance(doc, dict) else None
         if isinstance(err, dict) and isinstance(err.get("message"), str):
@@ -407,9 +483,9 @@ class OpenAICompatibleClient:
         name = self.profile.name
         try:
             doc = msgspec.json.decode(data)
-        except msgspec.DecodeError:
-            raise AdapterError("malformed", f"{name} answered {status} with a body that is not JSON",
-                               status=status) from None
+        except (msgspec.DecodeError, RecursionError, ValueError):
+            raise AdapterError("malformed", f"{name} answered {status} with a body that is not JSON "
+                               "(or nested too deeply to decode)", status=status) from None
         text = None
         choices = doc.get("choices") if isinstance(doc, dict) else None
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):

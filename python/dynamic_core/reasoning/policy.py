@@ -162,6 +162,9 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         Most candidates tried per task, ``last_resort`` not counted.
     cooldown_failures, cooldown_s : int, float
         That many consecutive failures bench a provider for ``cooldown_s``.
+    max_retry_after_s : float
+        Longest a ``Retry-After`` benches a provider (a longer one counts as this long), so a
+        server asking for hours, or for a date in the year 9999, cannot disable it for good.
     breaker : BreakerConfig
     default_candidates : tuple[str, ...]
         Candidates when no rule matches.
@@ -177,6 +180,7 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     fallback_cap: Annotated[int, msgspec.Meta(ge=0, le=64)] = 3
     cooldown_failures: Annotated[int, msgspec.Meta(ge=1)] = 3
     cooldown_s: NonNegFloat = 30.0
+    max_retry_after_s: NonNegFloat = 300.0
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     default_candidates: tuple[Name, ...] = ("local",)
     last_resort: Name = "local"
@@ -196,6 +200,7 @@ DEFAULT_POLICY_TOML = """\
 fallback_cap = 3            # remote providers tried per task at most
 cooldown_failures = 3       # consecutive failures that bench a provider ...
 cooldown_s = 30.0           # ... for this long (longer when a 429 says Retry-After)
+max_retry_after_s = 300.0   # a longer Retry-After counts as this long
 default_candidates = ["chatgpt", "deepseek"]
 last_resort = "local"       # the deterministic narrator: free, instant, never filtered
 throttle_margin = 1.0       # drop a provider whose expected latency exceeds the time left
@@ -797,9 +802,9 @@ class Router:
             are not the provider's failures: they touch neither the breaker nor the cooldown
             (a cancelled half-open probe frees its slot).
         retry_after : float | None
-            Seconds a ``rate_limited`` reply asked to wait: the provider cools down at least
-            that long at once, and ``max(cooldown_s, retry_after)`` after
-            ``cooldown_failures`` consecutive failures.
+            Seconds a ``rate_limited`` reply asked to wait, at most ``max_retry_after_s``: the
+            provider cools down at least that long at once, and ``max(cooldown_s, retry_after)``
+            after ``cooldown_failures`` consecutive failures.
         """
         st = self._p[provider]
         now = self._clock()
@@ -849,7 +854,7 @@ class Router:
         st.consecutive += 1
         wait = 0.0
         if kind == "rate_limited" and retry_after is not None and retry_after > 0.0:
-            wait = retry_after
+            wait = min(retry_after, self.config.max_retry_after_s)
         if st.consecutive >= self.config.cooldown_failures:
             wait = max(wait, self.config.cooldown_s)
         if wait > 0.0:

@@ -586,7 +586,7 @@ def _json_object(text: str, tags: list[str]) -> dict[str, Any] | None:
     if m:
         try:
             obj = msgspec.json.decode(m.group(1).strip())
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError, ValueError):
             obj = None
         if isinstance(obj, dict):
             tags.append("fenced")
@@ -596,7 +596,7 @@ def _json_object(text: str, tags: list[str]) -> dict[str, Any] | None:
     if 0 <= i < j:
         try:
             obj = msgspec.json.decode(text[i:j + 1])
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError, ValueError):
             return None
         if isinstance(obj, dict):
             if text[:i].strip() or text[j + 1:].strip():
@@ -623,7 +623,7 @@ def parse_reply(text: str, style: str) -> ParsedReply:
     Returns
     -------
     ParsedReply
-        Never raises on any string.
+        Never raises on any string (JSON nested too deeply to decode is read as narrative).
     """
     tags: list[str] = []
     if style == "json":
