@@ -251,8 +251,6 @@ class OpenAICompatibleClient:
         self._path = url.path.rstrip("/") + "/chat/completions" + (f"?{url.query}" if url.query else "")
         if isinstance(api_key, str):
             api_key = Secret(api_key)
-        if api_key and api_key.reveal() != api_key.reveal().strip():
-            api_key = Secret(api_key.reveal().strip())
         if api_key and not _header_safe(api_key.reveal()):
             raise PolicyError(f"provider {profile.name!r}: the API key holds control characters or "
                               "characters outside Latin-1 (key not shown); check how it was stored")

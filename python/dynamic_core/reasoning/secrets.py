@@ -59,7 +59,8 @@ class Secret:
     Parameters
     ----------
     value : str
-        The key.
+        The key. Surrounding whitespace is not part of it (the line end of a key read from a
+        CRLF file, say) and is dropped.
     """
 
     __slots__ = ("_value",)
@@ -67,7 +68,7 @@ class Secret:
     def __init__(self, value: str) -> None:
         if not isinstance(value, str):
             raise TypeError(f"a Secret wraps a str, got {type(value).__name__}")
-        self._value = value
+        self._value = value.strip()
 
     def reveal(self) -> str:
         """The key itself."""

@@ -63,8 +63,7 @@ class AdapterWorker:
     connect : str
         The broker's ROUTER address.
     api_key : Secret or str, optional
-        The provider's key (HTTP providers that need one). Error messages are scrubbed of it
-        both as given and stripped of surrounding whitespace (the form the client sends).
+        The provider's key (HTTP providers that need one); error messages are scrubbed of it.
     heartbeat_s : float
         Beat interval; the broker declares an adapter lost after a few missed beats.
     parent_pid : int, optional
@@ -99,10 +98,7 @@ class AdapterWorker:
         self.rejected = 0
         from .secrets import Secret
 
-        self._secrets: list[Secret] = []
-        if api_key:
-            value = api_key.reveal() if isinstance(api_key, Secret) else str(api_key)
-            self._secrets = [Secret(value), Secret(value.strip())]
+        self._secrets = [Secret(api_key) if isinstance(api_key, str) else api_key] if api_key else []
 
     # ---- request execution --------------------------------------------------------------------
     def _answer_local(self, req: ReasonRequest) -> ReasonReply:
@@ -282,12 +278,10 @@ def serve(provider: str, connect: str, *, overrides: dict[str, Any] | None = Non
           secrets_file: str | None = None, heartbeat_s: float = 0.1, parent_pid: int | None = None) -> int:
     """Run one adapter process until shutdown (what ``dynamic-core adapter`` calls)."""
     from .profiles import profile as make_profile
-    from .secrets import RedactingFilter, Secret, api_key
+    from .secrets import RedactingFilter, api_key
 
     prof = make_profile(provider, overrides)
     key = api_key(prof, secrets_file=secrets_file) if prof.kind != "local" else None
-    if key and key.reveal() != key.reveal().strip():
-        key = Secret(key.reveal().strip())  # what the client sends; a blank key counts as none
     RedactingFilter([key] if key else []).install()  # the root logger and its handlers
     if prof.kind != "local" and prof.api_key_env and not key:
         log.warning("provider %s: no API key in $%s or the secrets file; requests will fail with 'auth'",
