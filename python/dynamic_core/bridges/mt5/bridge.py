@@ -61,6 +61,7 @@ FILLED, REJECTED, EXPIRED, CANCELLED, REFUSED = "filled", "rejected", "expired",
 FINAL = frozenset({FILLED, REJECTED, EXPIRED, CANCELLED, REFUSED})
 _RANK = {QUEUED: 0, SENT: 1, UNCONFIRMED: 1, ACKED: 2, PLACED: 3, PARTIAL: 4}
 _EPS = 1e-9
+_CHECK_STAMP = {"v": PROTOCOL_VERSION, "epoch": 1, "seq": 1, "ts": 0}  # a valid stamp, for checking an order
 MAX_POSITIONS = 10_000
 """Most positions one reconciliation answer may list (a larger answer is refused: ``bad_answers``)."""
 
@@ -179,13 +180,11 @@ class _Query:
         count or past :data:`MAX_POSITIONS`, a count above it); nothing is kept of it."""
         entry = self.snaps.get(snapshot)
         n = entry[1] if entry is not None else None
+        limit = MAX_POSITIONS if n is None else n
         if count is not None and (count > MAX_POSITIONS or (n is not None and count != n)):
-            raise ValueError(f"positions_end of snapshot {snapshot}: count {count} "
-                             + (f"after {n}" if n is not None and count <= MAX_POSITIONS
-                                else f"above the bridge's limit of {MAX_POSITIONS} positions"))
-        if position is not None and position.index > (n if n is not None else MAX_POSITIONS):
-            raise ValueError(f"position {position.index} of snapshot {snapshot}: past its count "
-                             f"({n if n is not None else f'limit {MAX_POSITIONS}'})")
+            raise ValueError(f"positions_end of snapshot {snapshot}: count {count} (limit {limit})")
+        if position is not None and position.index > limit:
+            raise ValueError(f"position {position.index} of snapshot {snapshot}: past {limit}")
         if entry is None:
             # a terminal whose positions never hold still (or a flood of snapshots): start over
             if len(self.snaps) >= 64 or self.stored >= 4 * MAX_POSITIONS:
@@ -193,9 +192,8 @@ class _Query:
                 self.stored = 0
             entry = self.snaps[snapshot] = [{}, None]
         got = entry[0]
-        if position is not None and position.index not in got:
-            self.stored += 1
         if position is not None:
+            self.stored += position.index not in got
             got[position.index] = position
         if count is not None and entry[1] is None:
             entry[1] = n = count
@@ -427,11 +425,8 @@ class MT5Bridge:
             raise ValueError(f"client_order_id must be 1..{MAX_ID} characters")
         o = _Order(coid, self.symbols.get(symbol, symbol), side, order_type, float(volume), float(price),
                    float(sl), float(tp), int(valid_until), plan_id, coid if comment is None else comment[:31])
-        try:  # every field as the protocol bounds it (docs/mt5-bridge.md, section 2.1)
-            msgspec.convert({"v": PROTOCOL_VERSION, "epoch": 1, "seq": 1, "ts": 0, "client_order_id": coid,
-                             "symbol": o.symbol, "side": side, "order_type": order_type, "volume": o.volume,
-                             "price": o.price, "sl": o.sl, "tp": o.tp, "valid_until": o.valid_until,
-                             "plan_id": plan_id, "magic": self.magic, "comment": o.comment, "attempt": 0}, Order)
+        try:  # the message it will be, checked against the protocol's bounds (docs/mt5-bridge.md, 2.1)
+            msgspec.convert(msgspec.structs.asdict(self._order_message(o, _CHECK_STAMP)), Order)
         except (msgspec.ValidationError, TypeError, ValueError) as e:
             raise ValueError(f"no EA could accept order {coid!r}: {e}") from None
         with self._lock:
@@ -709,10 +704,13 @@ class MT5Bridge:
         self._queued[o.coid] = o
         self._open[o.coid] = o
 
+    def _order_message(self, o: _Order, stamp: dict[str, int]) -> Order:
+        return Order(**stamp, client_order_id=o.coid, symbol=o.symbol, side=o.side, order_type=o.order_type,
+                     volume=o.volume, price=o.price, sl=o.sl, tp=o.tp, valid_until=o.valid_until,
+                     plan_id=o.plan_id, magic=self.magic, comment=o.comment, attempt=o.sends)
+
     def _send_order(self, o: _Order, now: float) -> None:
-        msg = Order(**self._stamp(), client_order_id=o.coid, symbol=o.symbol, side=o.side, order_type=o.order_type,
-                    volume=o.volume, price=o.price, sl=o.sl, tp=o.tp, valid_until=o.valid_until,
-                    plan_id=o.plan_id, magic=self.magic, comment=o.comment, attempt=o.sends)
+        msg = self._order_message(o, self._stamp())
         if o.sends:
             self.counts["resends" if o.state in (SENT, UNCONFIRMED, QUEUED) else "status_requests"] += 1
         else:
