@@ -272,7 +272,7 @@ def size_batch(cfg: PlanConfig, entry: np.ndarray, atr: np.ndarray, direction: n
 def target_batch(cfg: PlanConfig, entry: np.ndarray, direction: np.ndarray, dist: np.ndarray) -> list[tuple[float, ...]]:
     """Each row's targets, as :func:`assemble_plan` computes them one plan at a time (the same
     IEEE operations: ``entry + direction * r * dist``; targets at or below zero dropped)."""
-    if not cfg.targets_r or len(entry) == 0:
+    if not cfg.targets_r:
         return [()] * len(entry)
     with np.errstate(all="ignore"):
         cols = [entry + direction * r * dist for r in cfg.targets_r]
