@@ -198,7 +198,7 @@ def test_flipped_byte_is_detected_with_its_offset(tmp_path):
     victim = recs[len(recs) // 2]
     seg = tmp_path / "j" / f"seg-{victim.segment:06d}.dcj"
     data = bytearray(seg.read_bytes())
-    data[victim.offset + 20 + len(victim.payload) // 2] ^= 0x40
+    data[victim.offset + _core.JOURNAL_RECORD_HEADER + len(victim.payload) // 2] ^= 0x40
     seg.write_bytes(bytes(data))
     rep = jr.verify(tmp_path / "j")
     assert rep.status == "corrupt" and "CRC" in rep.detail
@@ -247,7 +247,7 @@ def test_torn_tail_is_reported_repaired_and_replayed(tmp_path):
     recs = _records(tmp_path / "j")
     last_bars = [r for r in recs if r.type == "bars"][-1]
     seg = tmp_path / "j" / f"seg-{last_bars.segment:06d}.dcj"
-    cut = last_bars.offset + 20 + len(last_bars.payload) // 3  # a write cut short by a crash
+    cut = last_bars.offset + _core.JOURNAL_RECORD_HEADER + len(last_bars.payload) // 3  # a write cut short by a crash
     size = seg.stat().st_size
     with open(seg, "r+b") as f:
         f.truncate(cut)
@@ -277,6 +277,161 @@ def test_journal_errors_are_typed(tmp_path):
         dc.Engine(pop, journal=tmp_path / "k", fsync=3)
     with dc.Engine(pop) as eng, pytest.raises(JournalError, match="no journal"):
         eng.journal_control(b"x")
+
+
+def test_a_file_where_the_journal_directory_goes_is_a_journal_error(tmp_path):
+    (tmp_path / "f").write_text("not a directory")
+    with pytest.raises(JournalError, match="cannot open journal") as e:
+        dc.Engine(_pop(50), journal=tmp_path / "f")
+    assert isinstance(e.value.__cause__, OSError)
+
+
+def _append_record(path: Path, kind: int, payload: bytes, flags: int = 0) -> None:
+    """Frames one record exactly as the writer does (24-byte header: length, type, flags, seq,
+    payload CRC32C, header CRC32C) and appends it to the last segment."""
+    last = list(jr.read(path))[-1]
+    head = (len(payload).to_bytes(4, "little") + kind.to_bytes(2, "little") + flags.to_bytes(2, "little")
+            + (last.seq + 1).to_bytes(8, "little") + _core.crc32c(payload).to_bytes(4, "little"))
+    head += _core.crc32c(head).to_bytes(4, "little")
+    seg = sorted(path.glob("seg-*.dcj"))[-1]
+    with open(seg, "ab") as f:
+        f.write(head + payload)
+
+
+@pytest.mark.parametrize("kind,payload,what", [
+    (_core.RecordType.BARS, bytes(dc.BAR_DTYPE.itemsize - 1), "not whole"),
+    (_core.RecordType.WITHDRAWN, b"\x01\x00\x00", "not 8"),
+    (_core.RecordType.SIGNAL_HASHES, bytes(20), "not whole"),
+    (_core.RecordType.DEAD_LETTER, bytes(7), "not whole"),
+    (_core.RecordType.INSTRUMENTS, b"\xc1garbage", "unreadable instrument"),
+    (_core.RecordType.BARS, bytes(dc.BAR_DTYPE.itemsize), "continues a batch"),
+])
+def test_replay_of_a_well_framed_record_with_bad_contents_is_a_journal_error(tmp_path, kind, payload, what):
+    """A record whose framing and CRCs hold but whose contents do not make sense (a foreign or
+    buggy writer) stops replay with JournalError naming the record, not a numpy or msgspec error."""
+    _journaled_run(tmp_path / "j", _pop(60), _bars(40), chunk=20)
+    _journaled_control = tmp_path / "j"
+    if what == "continues a batch":  # a continuation right after a control record
+        _append_record(_journaled_control, int(_core.RecordType.CONTROL), b"cmd")
+        _append_record(_journaled_control, int(kind), payload, flags=_core.RECORD_CONTINUES)
+    else:
+        _append_record(_journaled_control, int(kind), payload)
+    assert jr.verify(tmp_path / "j").ok  # the framing is sound
+    with pytest.raises(JournalError, match=what) as e:
+        dc.Engine.replay(tmp_path / "j")
+    assert "seq" in str(e.value)
+
+
+def test_a_segment_name_that_is_not_a_file_is_corruption(tmp_path):
+    _journaled_run(tmp_path / "j", _pop(60), _bars(40), chunk=20)
+    (tmp_path / "j" / "seg-000001.dcj").mkdir()
+    rep = jr.verify(tmp_path / "j", repair=True)
+    assert rep.status == "corrupt" and "not a regular file" in rep.detail and not rep.repaired
+    os.mkfifo(tmp_path / "j" / "seg-000002.dcj")  # never opened for a blocking read
+    assert jr.verify(tmp_path / "j").status == "corrupt"
+
+
+def test_a_flipped_length_bit_in_the_last_record_is_corruption_not_a_torn_tail(tmp_path):
+    """The header CRC covers the length: a bit flip that makes the last record claim more bytes
+    than the file holds must not read as a crash's torn tail, whose repair would delete it."""
+    _journaled_run(tmp_path / "j", _pop(60), _bars(80), chunk=20)
+    last = list(jr.read(tmp_path / "j"))[-1]
+    seg = tmp_path / "j" / f"seg-{last.segment:06d}.dcj"
+    data = bytearray(seg.read_bytes())
+    data[last.offset + 2] ^= 0x10  # length += 1 MiB
+    seg.write_bytes(bytes(data))
+    rep = jr.verify(tmp_path / "j", repair=True)
+    assert rep.status == "corrupt" and not rep.repaired and rep.bad_offset == last.offset
+    assert seg.read_bytes() == bytes(data)
+
+
+def test_withdrawal_of_a_batch_split_over_several_records_replays(tmp_path):
+    """A batch above one record's size limit (64 MiB: ~1.4M bars) is journaled as several bars
+    records; reject_new withdraws bars across all of them, and replay takes exactly the ones the
+    live engine took."""
+    n = _core.JOURNAL_MAX_RECORD // dc.BAR_DTYPE.itemsize + 50_000
+    eur = dc.instruments.id("EURUSD")
+    rng = np.random.default_rng(3)
+    bars = np.zeros(n, dtype=dc.BAR_DTYPE)
+    bars["ts"] = (np.arange(n, dtype=np.int64) + 1) * 3_600_000_000_000
+    bars["instrument"], bars["timeframe"], bars["volume"] = eur, 3600, 1.0
+    close = 1.1 + np.cumsum(rng.normal(0, 1e-4, n))
+    bars["open"] = np.r_[close[0], close[:-1]]
+    bars["close"] = close
+    bars["high"] = np.maximum(bars["open"], close) + 1e-4
+    bars["low"] = np.minimum(bars["open"], close) - 1e-4
+    pop = _pop(64, ("EURUSD",))
+    with dc.Engine(pop, threads=1, journal=tmp_path / "j", backpressure="reject_new", capacity=64) as eng:
+        taken = eng.submit(bars)
+        assert 0 < taken < n
+        got = []
+        while sum(len(g) for g in got) < taken:
+            got.append(eng.poll(timeout=5.0).copy())
+    live = np.concatenate(got)
+    recs = [r for r in jr.read(tmp_path / "j") if r.type in ("bars", "withdrawn")]
+    assert [r.type for r in recs] == ["bars", "bars", "withdrawn"] and recs[1].continues
+    res = dc.Engine.replay(tmp_path / "j", threads=1)
+    assert res.bars == taken and res.signals.tobytes() == live.tobytes() and res.verified == taken
+
+
+_FULL_DISK = """
+import json, os, resource, signal, sys
+import numpy as np
+import dynamic_core as dc
+from dynamic_core.errors import JournalError
+d, mode = sys.argv[1], sys.argv[2]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # write(2) then fails with EFBIG, as on a full disk
+pop = dc.Population.random(300, instruments=["EURUSD", "GBPUSD"], timeframes=[3600], seed=5)
+bars = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], 3600, seed=9).bars(6000)
+eng = dc.Engine(pop, threads=2, journal=d, fsync=1)
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(os.path.join(d, "seg-000000.dcj")) + 60_000, hard))
+handed, failed_at, errors = [], None, []
+i = 0
+while i < len(bars):
+    try:
+        if mode == "run":
+            handed.append(eng.run(bars[i:i + 50]).copy())
+            i += 50
+        else:
+            i += eng.submit(bars[i:i + 50])
+            handed.append(eng.poll(timeout=2.0).copy())   # never raises for the journal
+    except JournalError as e:
+        errors.append(str(e))
+        if failed_at is None:
+            failed_at = i
+        else:
+            break                                          # refused again: the failure is final
+while mode == "poll" and sum(len(h) for h in handed) < i:
+    handed.append(eng.poll(timeout=5.0).copy())
+error = eng.stats()["journal"]["error"]
+eng.close()                                                # told already: does not raise again
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+res = dc.Engine.replay(d, threads=1)
+live = np.concatenate(handed)
+print(json.dumps({"failed_at": failed_at, "i": i, "errors": len(errors), "error": error,
+                  "same": res.signals.tobytes() == live.tobytes(), "ok": res.ok, "bars": res.bars,
+                  "handed": int(len(live)), "status": res.report.status}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["run", "poll"])
+def test_a_failed_journal_write_is_final_typed_and_loses_nothing(tmp_path, mode):
+    """A write that fails (the file size limit stands in for a full disk) raises JournalError
+    once where it happens, refuses every later input, hands out every signal computed, and
+    leaves a journal that verifies and replays to exactly the signals handed out."""
+    import json
+
+    d = tmp_path / "j"
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK, str(d), mode], capture_output=True, text=True,
+                         timeout=300, env=_env())
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.splitlines()[-1])
+    assert r["failed_at"] is not None and r["errors"] == 2, r
+    assert "File too large" in r["error"]
+    assert r["same"] and r["ok"] and r["status"] == "ok", r
+    assert r["bars"] == r["handed"] == r["failed_at"] if mode == "run" else r["bars"] == r["handed"] == r["i"]
+    assert jr.verify(d).ok
 
 
 # ---- kill -9 --------------------------------------------------------------------------------

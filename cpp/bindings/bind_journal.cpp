@@ -68,6 +68,11 @@ void bind_journal(py::module_& m) {
       .value("INSTRUMENTS", RecordType::Instruments)
       .value("EVENT", RecordType::Event);
 
+  m.attr("JOURNAL_FORMAT") = kJournalFormat;
+  m.attr("JOURNAL_RECORD_HEADER") = kJournalRecordHeader;
+  m.attr("JOURNAL_MAX_RECORD") = kJournalMaxRecord;
+  m.attr("JOURNAL_MAX_META") = kJournalMaxMeta;
+  m.attr("RECORD_CONTINUES") = kRecordContinues;
   m.def("crc32c", [](py::bytes data, uint32_t crc) {
         const std::string_view v = data;
         return crc32c(crc, v.data(), v.size());
@@ -100,8 +105,8 @@ void bind_journal(py::module_& m) {
                ok = r.next(rec);
              }
              if (!ok) return py::none();
-             return py::make_tuple(rec.type, rec.seq, py::bytes(rec.payload), rec.segment, rec.offset);
-           }, "Next record as (type, seq, payload, segment, offset), or None at the end or at a bad record.")
+             return py::make_tuple(rec.type, rec.seq, py::bytes(rec.payload), rec.segment, rec.offset, rec.flags);
+           }, "Next record as (type, seq, payload, segment, offset, flags), or None at the end or at a bad record.")
       .def("report", [](const JournalReader& r) { return report_dict(r.report()); },
            "Where reading stopped and why (status ok, torn_tail, corrupt or empty).");
 
@@ -123,7 +128,11 @@ void bind_engine_journal(py::class_<Engine>& e) {
              py::gil_scoped_release nogil;
              return en.journal_append(type, copy.data(), copy.size(), durable);
            }, py::arg("type"), py::arg("data"), py::arg("durable") = true)
-      .def("journal_stats", [](Engine& en) { return stats_dict(en.journal_stats()); })
+      .def("journal_stats", [](Engine& en) {
+             py::dict d = stats_dict(en.journal_stats());
+             d["error"] = en.journal_error();
+             return d;
+           })
       .def("has_journal", &Engine::has_journal)
       .def("close_journal", [](Engine& en) {
              py::gil_scoped_release nogil;

@@ -1,4 +1,6 @@
 #include "../dynamic_core/errors.hpp"
+
+#include <system_error>
 #include "common.hpp"
 
 namespace py = pybind11;
@@ -19,6 +21,15 @@ PYBIND11_MODULE(_core, m) {
     } catch (const dynamic_core::InvalidInput& e) {
       py::object cls = py::module_::import("dynamic_core.errors").attr("InvalidInput");
       PyErr_SetString(cls.ptr(), e.what());
+    } catch (const dynamic_core::JournalFailure& e) {
+      py::object cls = py::module_::import("dynamic_core.errors").attr("JournalError");
+      PyErr_SetString(cls.ptr(), e.what());
+    } catch (const std::system_error& e) {
+      // OSError(errno, message): Python picks the subclass (FileExistsError, PermissionError...).
+      const int code = e.code().category() == std::generic_category() || e.code().category() == std::system_category()
+                           ? e.code().value()
+                           : 0;
+      PyErr_SetObject(PyExc_OSError, py::make_tuple(code, std::string(e.what())).ptr());
     }
   });
 }

@@ -1,5 +1,7 @@
 #include "engine.hpp"
 
+#include "errors.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -608,13 +610,13 @@ size_t Engine::drain(Signal* out, size_t max_n) {
   uint64_t t = tail_.load(std::memory_order_relaxed);
   const uint64_t h = head_.load(std::memory_order_acquire);
   size_t k = 0;
-  while (k < max_n && t < h && slot(t).ready.load(std::memory_order_acquire)) {
-    if (out) out[k] = slot(t).sig;
-    slot(t).ready.store(0, std::memory_order_relaxed);
-    ++t;
+  while (k < max_n && t + k < h && slot(t + k).ready.load(std::memory_order_acquire)) {
+    if (out) out[k] = slot(t + k).sig;
     ++k;
   }
-  if (k && out && journal_) journal_signals(out, k);
+  if (k && out && journal_) journal_signals(out, k);  // never throws: see journal_signals
+  for (size_t i = 0; i < k; ++i) slot(t + i).ready.store(0, std::memory_order_relaxed);
+  t += k;
   if (k) {
     // release: our reads of the slots happen before ingress reuses them.
     tail_.store(t, std::memory_order_release);
@@ -1167,8 +1169,10 @@ void Engine::journal_event_locked(const std::string& event) {
   if (event.empty()) return;
   std::lock_guard<std::mutex> jl(journal_m_);
   if (journal_) {
-    journal_->append(RecordType::Event, event.data(), event.size());
-    journal_->commit(true);
+    journal_reported([&] {
+      journal_->append(RecordType::Event, event.data(), event.size());
+      journal_->commit(true);
+    });
   }
 }
 
@@ -1264,9 +1268,17 @@ uint64_t Engine::journal_append(RecordType type, const void* data, size_t n, boo
   std::lock_guard<std::mutex> lk(ingress_m_);
   std::lock_guard<std::mutex> jl(journal_m_);
   if (!journal_) throw std::logic_error("the engine has no journal");
-  const uint64_t seq = journal_->append(type, data, n);
-  journal_->commit(durable);
+  uint64_t seq = 0;
+  journal_reported([&] {
+    seq = journal_->append(type, data, n);
+    journal_->commit(durable);
+  });
   return seq;
+}
+
+std::string Engine::journal_error() {
+  std::lock_guard<std::mutex> jl(journal_m_);
+  return journal_ ? journal_->error() : std::string();
 }
 
 JournalStats Engine::journal_stats() {
@@ -1278,7 +1290,26 @@ void Engine::close_journal() {
   std::lock_guard<std::mutex> lk(ingress_m_);
   std::lock_guard<std::mutex> eg(egress_m_);
   std::lock_guard<std::mutex> jl(journal_m_);
-  if (journal_) journal_->close();
+  if (!journal_ || journal_->closed()) return;
+  journal_reported([&] { journal_->close(); });
+  // A failure only signal hashes or a withdrawal met (they never throw) is told here at the latest.
+  if (journal_->failed() && !journal_failure_told_) {
+    journal_failure_told_ = true;
+    throw JournalFailure("the journal in " + journal_->dir() + " failed during the run (" + journal_->error() +
+                         "); everything committed before the failure is intact and replays");
+  }
+}
+
+// Caller holds journal_m_. Runs `write`; a JournalFailure it throws goes on to the caller, who is
+// then told of the failure (close_journal does not repeat it).
+template <class F>
+void Engine::journal_reported(F&& write) {
+  try {
+    write();
+  } catch (const JournalFailure&) {
+    journal_failure_told_ = true;
+    throw;
+  }
 }
 
 // Caller holds ingress_m_. The same decisions ingest is about to make (validate_locked mirrors
@@ -1300,15 +1331,21 @@ void Engine::journal_inputs(const Bar* bars, size_t n, uint32_t n_registered) {
     }
   }
   std::lock_guard<std::mutex> jl(journal_m_);
-  // Large batches are split so a record stays under the size limit.
-  constexpr size_t kPerRecord = kJournalMaxRecord / sizeof(Bar);
-  for (size_t i = 0; i < j_bars_.size(); i += kPerRecord)
-    journal_->append(RecordType::Bars, j_bars_.data() + i, std::min(kPerRecord, j_bars_.size() - i) * sizeof(Bar));
-  constexpr size_t kDeadSize = sizeof(Bar) + 8;
-  constexpr size_t kDeadPerRecord = kJournalMaxRecord / kDeadSize;
-  for (size_t i = 0; i < j_dead_.size(); i += kDeadPerRecord * kDeadSize)
-    journal_->append(RecordType::DeadLetter, j_dead_.data() + i, std::min(kDeadPerRecord * kDeadSize, j_dead_.size() - i));
-  journal_->commit(true);
+  // A failure throws before any bar of the batch is taken: the caller keeps them all.
+  journal_reported([&] {
+    // Large batches are split so a record stays under the size limit; the parts after the first
+    // are marked as continuing it, so a withdrawal applies to the whole batch on replay.
+    constexpr size_t kPerRecord = kJournalMaxRecord / sizeof(Bar);
+    for (size_t i = 0; i < j_bars_.size(); i += kPerRecord)
+      journal_->append(RecordType::Bars, j_bars_.data() + i, std::min(kPerRecord, j_bars_.size() - i) * sizeof(Bar),
+                       i ? kRecordContinues : 0);
+    constexpr size_t kDeadSize = sizeof(Bar) + 8;
+    constexpr size_t kDeadPerRecord = kJournalMaxRecord / kDeadSize;
+    for (size_t i = 0; i < j_dead_.size(); i += kDeadPerRecord * kDeadSize)
+      journal_->append(RecordType::DeadLetter, j_dead_.data() + i,
+                       std::min(kDeadPerRecord * kDeadSize, j_dead_.size() - i));
+    journal_->commit(true);
+  });
 }
 
 // Caller holds ingress_m_: bars from..n of the batch were not taken (reject_new).
@@ -1318,8 +1355,13 @@ void Engine::journal_withdrawn(size_t from) {
   for (size_t i = from; i < j_reasons_.size(); ++i) k += j_reasons_[i] == 0;
   if (!k) return;
   std::lock_guard<std::mutex> jl(journal_m_);
-  journal_->append(RecordType::Withdrawn, &k, sizeof k);
-  journal_->commit(true);
+  // Never throws: the first i bars are taken and the caller must learn how many. A failure here
+  // fails the writer; the next input, or close_journal, reports it.
+  try {
+    journal_->append(RecordType::Withdrawn, &k, sizeof k);
+    journal_->commit(true);
+  } catch (const JournalFailure&) {
+  }
 }
 
 // Caller holds egress_m_.
@@ -1330,9 +1372,15 @@ void Engine::journal_signals(const Signal* s, size_t k) {
     j_hashes_[2 * i + 1] = fnv1a64(&s[i], sizeof(Signal));
   }
   std::lock_guard<std::mutex> jl(journal_m_);
-  if (journal_->closed()) return;
-  journal_->append(RecordType::SignalHashes, j_hashes_.data(), j_hashes_.size() * sizeof(uint64_t));
-  journal_->commit(false);
+  if (journal_->closed() || journal_->failed()) return;
+  // Never throws: the signals are computed from journaled inputs and are handed out whatever
+  // happens to their hashes (replay counts them unverified). A failure here fails the writer;
+  // the next input, or close_journal, reports it.
+  try {
+    journal_->append(RecordType::SignalHashes, j_hashes_.data(), j_hashes_.size() * sizeof(uint64_t));
+    journal_->commit(false);
+  } catch (const JournalFailure&) {
+  }
 }
 
 }  // namespace dynamic_core

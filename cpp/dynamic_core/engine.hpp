@@ -157,6 +157,9 @@ class Engine {
   uint64_t journal_append(RecordType type, const void* data, size_t n, bool durable);
   bool has_journal() const { return journal_ != nullptr; }
   JournalStats journal_stats();
+  // Why the journal failed (a write or sync error), empty while it works. After a failure every
+  // input is refused with JournalFailure; close_journal throws it if no call has yet.
+  std::string journal_error();
   void close_journal();
 
   // Device backends: ingress without the workers. Validates, sequences, journals and
@@ -417,6 +420,9 @@ class Engine {
   // hashes); journal_m_ serialises the two.
   std::mutex journal_m_;
   std::unique_ptr<JournalWriter> journal_;
+  bool journal_failure_told_ = false;  // a JournalFailure has reached a caller
+  template <class F>
+  void journal_reported(F&& write);
   std::vector<uint32_t> j_reasons_;   // ingress only
   std::vector<Bar> j_bars_;           // ingress only
   std::vector<char> j_dead_;          // ingress only

@@ -1,5 +1,7 @@
 #include "journal.hpp"
 
+#include "errors.hpp"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -124,23 +126,20 @@ uint64_t get64(const char* p) {
   return v;
 }
 
-// CRC of the record header fields after the CRC-less prefix, then the payload.
-uint32_t record_crc(uint16_t type, uint16_t flags, uint64_t seq, const void* payload, size_t n) {
-  char h[12];
-  put16(h, type);
-  put16(h + 2, flags);
-  put64(h + 4, seq);
-  return crc32c(crc32c(0, h, sizeof h), payload, n);
+// A record header: the 20 bytes before header_crc, then their CRC.
+void put_record_header(char* h, uint32_t n, uint16_t type, uint16_t flags, uint64_t seq, uint32_t payload_crc) {
+  put32(h, n);
+  put16(h + 4, type);
+  put16(h + 6, flags);
+  put64(h + 8, seq);
+  put32(h + 16, payload_crc);
+  put32(h + 20, crc32c(0, h, 20));
 }
 
 std::string segment_name(uint32_t k) {
   char b[32];
   std::snprintf(b, sizeof b, "seg-%06u.dcj", k);
   return b;
-}
-
-[[noreturn]] void sys_fail(const std::string& what) {
-  throw std::system_error(errno, std::generic_category(), what);
 }
 
 void sync_dir(const std::string& dir) {
@@ -171,14 +170,28 @@ JournalWriter::JournalWriter(const std::string& dir, const JournalIdentity& id, 
     : dir_(dir), id_(id), level_(fsync_level), segment_bytes_(segment_bytes) {
   if (fsync_level < 0 || fsync_level > 2) throw std::invalid_argument("fsync level must be 0, 1 or 2");
   if (segment_bytes < (1u << 16)) throw std::invalid_argument("segment size must be at least 64 KiB");
+  if (meta_n > kJournalMaxMeta)
+    throw std::length_error("journal meta record of " + std::to_string(meta_n) + " bytes exceeds the limit of " +
+                            std::to_string(kJournalMaxMeta) + " (the population is too large to journal)");
   std::error_code ec;
   fs::create_directories(dir_, ec);
   if (ec) throw std::system_error(ec, "cannot create journal directory " + dir_);
+  if (!fs::is_directory(dir_, ec))
+    throw std::system_error(std::make_error_code(std::errc::not_a_directory), "journal path " + dir_);
   if (!journal_segments(dir_).empty())
     throw std::invalid_argument("journal directory " + dir_ + " already holds a journal");
-  open_segment();
-  append(RecordType::Meta, meta, meta_n);
-  commit(true);
+  try {
+    open_segment();
+    append(RecordType::Meta, meta, meta_n);
+    commit(true);
+  } catch (...) {
+    // Nothing half-made stays behind: no open file, no segment without its meta record.
+    const bool made = fd_ >= 0 || failed();
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+    if (made) fs::remove(fs::path(dir_) / segment_name(0), ec);
+    throw;
+  }
 }
 
 JournalWriter::~JournalWriter() {
@@ -188,16 +201,39 @@ JournalWriter::~JournalWriter() {
   }
 }
 
+void JournalWriter::check_usable() const {
+  if (failed()) throw JournalFailure("the journal in " + dir_ + " failed earlier (" + error_ + ") and takes no more records");
+}
+
+void JournalWriter::fail(const std::string& what) {
+  // Cut back to the last complete commit so the file ends at a record boundary; if even that
+  // fails, a reader sees a torn tail there, which repair removes.
+  if (fd_ >= 0) {
+    const int rc = ::ftruncate(fd_, static_cast<off_t>(seg_size_));
+    (void)rc;
+  }
+  buf_.clear();
+  error_ = what;
+  throw JournalFailure("journal write failed: " + what + "; the journal takes no more records (everything committed "
+                       "before it is intact and replays)");
+}
+
 void JournalWriter::open_segment() {
   if (fd_ >= 0) {
-    if (level_ >= 1) ::fdatasync(fd_);
+    if (level_ >= 1 && ::fdatasync(fd_) != 0) fail(std::string("sync failed: ") + std::strerror(errno));
     ::close(fd_);
     fd_ = -1;
     ++segment_;
   }
   const std::string path = (fs::path(dir_) / segment_name(segment_)).string();
   fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (fd_ < 0) sys_fail("cannot create journal segment " + path);
+  if (fd_ < 0) {
+    const int e = errno;
+    if (segment_ == 0) throw std::system_error(e, std::generic_category(), "cannot create journal segment " + path);
+    error_ = "cannot create segment " + path + ": " + std::strerror(e);
+    throw JournalFailure("journal failed: " + error_ + "; the journal takes no more records");
+  }
+  seg_size_ = 0;
   char h[kJournalFileHeader] = {};
   std::memcpy(h, kJournalMagic, 8);
   put32(h + 8, kJournalFormat);
@@ -210,16 +246,18 @@ void JournalWriter::open_segment() {
   seg_size_ = sizeof h;
   ++stats_.segments;
   if (level_ >= 2) {
-    ::fsync(fd_);
+    if (::fsync(fd_) != 0) fail(std::string("sync failed: ") + std::strerror(errno));
     sync_dir(dir_);
   }
 }
 
-uint64_t JournalWriter::append(RecordType type, const void* data, size_t n) {
-  if (fd_ < 0) throw std::logic_error("journal is closed");
-  if (n > kJournalMaxRecord)
+uint64_t JournalWriter::append(RecordType type, const void* data, size_t n, uint16_t flags) {
+  if (fd_ < 0 && !failed()) throw std::logic_error("journal is closed");
+  check_usable();
+  const size_t limit = type == RecordType::Meta ? kJournalMaxMeta : kJournalMaxRecord;
+  if (n > limit)
     throw std::length_error("journal record of " + std::to_string(n) + " bytes exceeds the limit of " +
-                            std::to_string(kJournalMaxRecord));
+                            std::to_string(limit));
   // A new segment when this record would overflow the current one (records never straddle).
   const uint64_t rec = kJournalRecordHeader + n;
   if (seg_size_ + buf_.size() + rec > segment_bytes_ && seg_size_ + buf_.size() > kJournalFileHeader) {
@@ -227,15 +265,10 @@ uint64_t JournalWriter::append(RecordType type, const void* data, size_t n) {
     open_segment();
   }
   const uint64_t seq = ++seq_;
-  const auto t = static_cast<uint16_t>(type);
   const size_t at = buf_.size();
   buf_.resize(at + rec);
   char* p = buf_.data() + at;
-  put32(p, static_cast<uint32_t>(n));
-  put16(p + 4, t);
-  put16(p + 6, 0);
-  put64(p + 8, seq);
-  put32(p + 16, record_crc(t, 0, seq, data, n));
+  put_record_header(p, static_cast<uint32_t>(n), static_cast<uint16_t>(type), flags, seq, crc32c(0, data, n));
   if (n) std::memcpy(p + kJournalRecordHeader, data, n);
   ++stats_.records;
   return seq;
@@ -247,15 +280,17 @@ void JournalWriter::write_all(const void* p, size_t n) {
     const ssize_t k = ::write(fd_, c, n);
     if (k < 0) {
       if (errno == EINTR) continue;
-      sys_fail("journal write failed in " + dir_);
+      fail(std::string(std::strerror(errno)) + " in " + dir_);
     }
+    if (k == 0) fail("write made no progress in " + dir_);
     c += k;
     n -= static_cast<size_t>(k);
   }
 }
 
 void JournalWriter::commit(bool durable) {
-  if (fd_ < 0) return;
+  if (fd_ < 0 && !failed()) return;
+  check_usable();
   if (!buf_.empty()) {
     write_all(buf_.data(), buf_.size());
     seg_size_ += buf_.size();
@@ -264,14 +299,23 @@ void JournalWriter::commit(bool durable) {
     ++stats_.commits;
   }
   if (durable && level_ >= 1) {
-    if ((level_ == 1 ? ::fdatasync(fd_) : ::fsync(fd_)) != 0) sys_fail("journal sync failed in " + dir_);
+    if ((level_ == 1 ? ::fdatasync(fd_) : ::fsync(fd_)) != 0)
+      fail(std::string("sync failed: ") + std::strerror(errno) + " in " + dir_);
     ++stats_.syncs;
   }
 }
 
 void JournalWriter::close() {
   if (fd_ < 0) return;
-  commit(true);
+  if (!failed()) {
+    try {
+      commit(true);
+    } catch (...) {
+      ::close(fd_);
+      fd_ = -1;
+      throw;
+    }
+  }
   ::close(fd_);
   fd_ = -1;
 }
@@ -287,44 +331,69 @@ JournalReader::JournalReader(const std::string& dir) : paths_(journal_segments(d
   if (!open_next_segment()) done_ = true;
 }
 
+JournalReader::~JournalReader() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+size_t JournalReader::read_at(uint64_t off, void* p, size_t n) const {
+  char* c = static_cast<char*>(p);
+  size_t got = 0;
+  while (got < n) {
+    const ssize_t k = ::pread(fd_, c + got, n - got, static_cast<off_t>(off + got));
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) break;
+    got += static_cast<size_t>(k);
+  }
+  return got;
+}
+
+// Every byte from `from` to the end of the file is zero (and there are not too many to look at).
+bool JournalReader::zeros_to_end(uint64_t from) const {
+  if (size_ - from > 2ull * kJournalMaxRecord) return false;
+  char buf[1 << 16];
+  for (uint64_t at = from; at < size_;) {
+    const size_t want = static_cast<size_t>(std::min<uint64_t>(sizeof buf, size_ - at));
+    const size_t got = read_at(at, buf, want);
+    if (got != want) return false;
+    for (size_t i = 0; i < got; ++i)
+      if (buf[i] != 0) return false;
+    at += got;
+  }
+  return true;
+}
+
 bool JournalReader::open_next_segment() {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
   if (cur_ >= paths_.size()) return false;
   const std::string& path = paths_[cur_];
-  FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) {
-    rep_.status = ScanStatus::Corrupt;
-    rep_.detail = "cannot open " + path;
-    return false;
-  }
-  std::fseek(f, 0, SEEK_END);
-  const long size = std::ftell(f);
-  std::fseek(f, 0, SEEK_SET);
-  data_.resize(size > 0 ? static_cast<size_t>(size) : 0);
-  const size_t got = data_.empty() ? 0 : std::fread(data_.data(), 1, data_.size(), f);
-  std::fclose(f);
-  data_.resize(got);
   rep_.segments = static_cast<uint32_t>(cur_ + 1);
   rep_.bad_segment = static_cast<uint32_t>(cur_);
+  rep_.bad_offset = 0;
+  auto bad = [&](ScanStatus s, const std::string& why) {
+    rep_.status = s;
+    rep_.detail = why;
+    return false;
+  };
+  // O_NONBLOCK: a FIFO named like a segment must not hang the reader before fstat refuses it.
+  fd_ = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd_ < 0) return bad(ScanStatus::Corrupt, "cannot open " + path + ": " + std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) return bad(ScanStatus::Corrupt, "cannot stat " + path + ": " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) return bad(ScanStatus::Corrupt, path + " is not a regular file");
+  size_ = static_cast<uint64_t>(st.st_size);
   const bool last = cur_ + 1 == paths_.size();
-  if (data_.size() < kJournalFileHeader) {
-    rep_.status = last ? ScanStatus::TornTail : ScanStatus::Corrupt;
-    rep_.bad_offset = 0;
-    rep_.detail = "segment " + path + " is shorter than its header";
-    return false;
-  }
-  const char* h = data_.data();
-  if (std::memcmp(h, kJournalMagic, 8) != 0 || get32(h + 60) != crc32c(0, h, 60)) {
-    rep_.status = ScanStatus::Corrupt;
-    rep_.bad_offset = 0;
-    rep_.detail = "bad segment header in " + path;
-    return false;
-  }
+  char h[kJournalFileHeader];
+  if (size_ < kJournalFileHeader || read_at(0, h, sizeof h) != sizeof h)
+    return bad(last ? ScanStatus::TornTail : ScanStatus::Corrupt, "segment " + path + " is shorter than its header");
+  if (std::memcmp(h, kJournalMagic, 8) != 0 || get32(h + 60) != crc32c(0, h, 60))
+    return bad(ScanStatus::Corrupt, "bad segment header in " + path);
   const uint32_t fmt = get32(h + 8);
-  if (fmt != kJournalFormat) {
-    rep_.status = ScanStatus::Corrupt;
-    rep_.detail = "unsupported journal format " + std::to_string(fmt) + " in " + path;
-    return false;
-  }
+  if (fmt != kJournalFormat)
+    return bad(ScanStatus::Corrupt, "unsupported journal format " + std::to_string(fmt) + " in " + path +
+                                        " (this build reads format " + std::to_string(kJournalFormat) + ")");
+  if (get32(h + 12) != cur_)
+    return bad(ScanStatus::Corrupt, "segment " + path + " says it is segment " + std::to_string(get32(h + 12)));
   if (cur_ == 0) {
     rep_.format = fmt;
     rep_.identity.population_hash = get64(h + 16);
@@ -337,7 +406,7 @@ bool JournalReader::open_next_segment() {
 
 bool JournalReader::next(JournalRecord& r) {
   while (!done_) {
-    if (pos_ == data_.size()) {  // end of this segment
+    if (pos_ == size_) {  // end of this segment
       ++cur_;
       if (!open_next_segment()) {
         done_ = true;
@@ -346,7 +415,7 @@ bool JournalReader::next(JournalRecord& r) {
       continue;
     }
     const bool last = cur_ + 1 == paths_.size();
-    const size_t left = data_.size() - pos_;
+    const uint64_t left = size_ - pos_;
     auto fail = [&](ScanStatus s, const std::string& why) {
       rep_.status = s;
       rep_.bad_segment = static_cast<uint32_t>(cur_);
@@ -355,20 +424,25 @@ bool JournalReader::next(JournalRecord& r) {
       done_ = true;
       return false;
     };
-    if (left < kJournalRecordHeader)
-      return fail(last ? ScanStatus::TornTail : ScanStatus::Corrupt, "truncated record header");
-    const char* p = data_.data() + pos_;
-    const uint32_t n = get32(p);
-    const uint16_t type = get16(p + 4);
-    const uint16_t flags = get16(p + 6);
-    const uint64_t seq = get64(p + 8);
-    const uint32_t crc = get32(p + 16);
-    if (n > kJournalMaxRecord) return fail(ScanStatus::Corrupt, "record length " + std::to_string(n) + " over the limit");
-    if (left < kJournalRecordHeader + n)
-      return fail(last ? ScanStatus::TornTail : ScanStatus::Corrupt, "truncated record");
-    if (record_crc(type, flags, seq, p + kJournalRecordHeader, n) != crc) {
+    const ScanStatus cut = last ? ScanStatus::TornTail : ScanStatus::Corrupt;
+    char h[kJournalRecordHeader];
+    if (left < kJournalRecordHeader || read_at(pos_, h, sizeof h) != sizeof h)
+      return fail(cut, "truncated record header");
+    if (get32(h + 20) != crc32c(0, h, 20))
+      return fail(last && zeros_to_end(pos_) ? ScanStatus::TornTail : ScanStatus::Corrupt,
+                  "record header CRC mismatch");
+    const uint32_t n = get32(h);
+    const uint16_t type = get16(h + 4);
+    const uint16_t flags = get16(h + 6);
+    const uint64_t seq = get64(h + 8);
+    const uint32_t limit = static_cast<RecordType>(type) == RecordType::Meta ? kJournalMaxMeta : kJournalMaxRecord;
+    if (n > limit) return fail(ScanStatus::Corrupt, "record length " + std::to_string(n) + " over the limit");
+    if (left < kJournalRecordHeader + n) return fail(cut, "truncated record");
+    std::string payload(n, '\0');
+    if (read_at(pos_ + kJournalRecordHeader, payload.data(), n) != n) return fail(cut, "truncated record");
+    if (crc32c(0, payload.data(), n) != get32(h + 16)) {
       const bool at_end = left == kJournalRecordHeader + n;
-      return fail(last && at_end ? ScanStatus::TornTail : ScanStatus::Corrupt, "CRC mismatch");
+      return fail(last && at_end ? ScanStatus::TornTail : ScanStatus::Corrupt, "payload CRC mismatch");
     }
     if (seq != rep_.last_seq + 1)
       return fail(ScanStatus::Corrupt, "sequence " + std::to_string(seq) + " after " + std::to_string(rep_.last_seq));
@@ -377,7 +451,7 @@ bool JournalReader::next(JournalRecord& r) {
     r.seq = seq;
     r.segment = static_cast<uint32_t>(cur_);
     r.offset = pos_;
-    r.payload.assign(p + kJournalRecordHeader, n);
+    r.payload = std::move(payload);
     pos_ += kJournalRecordHeader + n;
     rep_.last_seq = seq;
     ++rep_.records;

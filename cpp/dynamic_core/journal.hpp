@@ -3,22 +3,30 @@
 //
 // On disk: a directory of segment files `seg-NNNNNN.dcj`. Each segment starts with a fixed
 // 64-byte file header (magic "DCJRNL01", format version, segment index, population hash, engine
-// config hash, build id) followed by records. A record is
+// config hash, build id, CRC32C of the first 60 bytes) followed by records. A record is
 //
-//   u32 length | u16 type | u16 flags | u64 seq | u32 crc32c | payload[length]
+//   u32 length | u16 type | u16 flags | u64 seq | u32 payload_crc | u32 header_crc | payload
 //
-// little-endian, where seq numbers the records of the whole journal from 1 and the CRC32C
-// (Castagnoli) covers type, flags, seq and the payload. The first record of segment 0 is a Meta
-// record whose payload the writer's owner chooses (the Python engine stores the population,
-// the engine configuration and the instrument names there).
+// little-endian, where seq numbers the records of the whole journal from 1, payload_crc is the
+// CRC32C (Castagnoli) of the payload and header_crc that of the 20 header bytes before it (so
+// the length is covered: a flipped length bit is corruption, never a "torn tail"). The first
+// record of segment 0 is a Meta record whose payload the writer's owner chooses (the Python
+// engine stores the population, the engine configuration and the instrument names there).
+// Flags: kRecordContinues marks a Bars record that continues the previous one (a batch split to
+// keep records under the size limit), so a Withdrawn record applies to the whole batch.
 //
 // Durability: records are buffered in memory; commit() writes the buffer with write(2) and then,
 // when asked for a durable commit, syncs by level: 0 leaves it to the OS, 1 fdatasync()s the
-// data, 2 fsync()s data and metadata (and the directory when a segment is created).
+// data, 2 fsync()s data and metadata (and the directory when a segment is created). A failed
+// write or sync is final: the writer cuts the segment back to its last complete commit (best
+// effort), keeps the reason, and refuses everything after with JournalFailure, so the journal
+// on disk always ends at a record boundary and never holds a record twice.
 //
-// Recovery: a reader walks every record checking framing and CRC. A last record of the last
-// segment that runs past the end of the file, or whose CRC fails while it ends exactly at the
-// end of the file, is a torn tail (a write cut short by a crash); scan(repair=true) truncates
+// Recovery: a reader walks every record checking framing and CRCs, reading one record at a time
+// (memory is bounded by the record size limit, whatever the file). In the last segment, a record
+// whose header or payload runs past the end of the file, whose payload CRC fails while it ends
+// exactly at the end of the file, or a header that fails its CRC where every byte from there to
+// the end is zero (blocks a crash left unwritten), is a torn tail: scan(repair=true) truncates
 // it. Any other failure is corruption, reported with its segment and byte offset.
 #pragma once
 #include <cstddef>
@@ -28,10 +36,12 @@
 
 namespace dynamic_core {
 
-inline constexpr uint32_t kJournalFormat = 1;
+inline constexpr uint32_t kJournalFormat = 2;  // 1: 20-byte record headers, length not under a CRC
 inline constexpr size_t kJournalFileHeader = 64;
-inline constexpr size_t kJournalRecordHeader = 20;
+inline constexpr size_t kJournalRecordHeader = 24;
 inline constexpr uint32_t kJournalMaxRecord = 64u << 20;  // bytes of payload
+inline constexpr uint32_t kJournalMaxMeta = 1u << 30;     // the Meta record (a whole population)
+inline constexpr uint16_t kRecordContinues = 1;           // flag: continues the previous Bars record
 inline constexpr char kJournalMagic[8] = {'D', 'C', 'J', 'R', 'N', 'L', '0', '1'};
 
 enum class RecordType : uint16_t {
@@ -72,12 +82,17 @@ class JournalWriter {
   JournalWriter(const JournalWriter&) = delete;
   JournalWriter& operator=(const JournalWriter&) = delete;
 
-  // Buffers one record; returns its sequence number. Throws std::length_error past the limit.
-  uint64_t append(RecordType type, const void* data, size_t n);
-  // Writes the buffer; with durable, syncs by the fsync level.
+  // Buffers one record; returns its sequence number. Throws std::length_error past the limit,
+  // JournalFailure once the writer has failed.
+  uint64_t append(RecordType type, const void* data, size_t n, uint16_t flags = 0);
+  // Writes the buffer; with durable, syncs by the fsync level. A failed write or sync throws
+  // JournalFailure and fails the writer for good (see the file comment).
   void commit(bool durable);
+  // Commits and closes; a failed writer just closes its file.
   void close();
   bool closed() const { return fd_ < 0; }
+  bool failed() const { return !error_.empty(); }
+  const std::string& error() const { return error_; }
   const JournalStats& stats() const { return stats_; }
   int fsync_level() const { return level_; }
   const std::string& dir() const { return dir_; }
@@ -85,6 +100,8 @@ class JournalWriter {
  private:
   void open_segment();
   void write_all(const void* p, size_t n);
+  void check_usable() const;
+  [[noreturn]] void fail(const std::string& what);
 
   std::string dir_;
   JournalIdentity id_;
@@ -96,6 +113,7 @@ class JournalWriter {
   uint64_t seq_ = 0;
   std::vector<char> buf_;
   JournalStats stats_;
+  std::string error_;  // why the writer failed; empty while it works
 };
 
 struct JournalRecord {
@@ -128,16 +146,22 @@ struct ScanReport {
 class JournalReader {
  public:
   explicit JournalReader(const std::string& dir);
+  ~JournalReader();
+  JournalReader(const JournalReader&) = delete;
+  JournalReader& operator=(const JournalReader&) = delete;
   bool next(JournalRecord& r);
   const ScanReport& report() const { return rep_; }
   const std::vector<std::string>& segment_paths() const { return paths_; }
 
  private:
   bool open_next_segment();
+  size_t read_at(uint64_t off, void* p, size_t n) const;
+  bool zeros_to_end(uint64_t from) const;
   std::vector<std::string> paths_;
   size_t cur_ = 0;
-  std::string data_;  // the current segment file
-  size_t pos_ = 0;
+  int fd_ = -1;        // the current segment file
+  uint64_t size_ = 0;  // its size when opened
+  uint64_t pos_ = 0;
   bool done_ = false;
   ScanReport rep_;
 };

@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'JournalReader', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
+__all__: list[str] = ['Engine', 'JOURNAL_FORMAT', 'JOURNAL_MAX_META', 'JOURNAL_MAX_RECORD', 'JOURNAL_RECORD_HEADER', 'JournalReader', 'RECORD_CONTINUES', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -195,7 +195,7 @@ class JournalReader:
         ...
     def next(self) -> typing.Any:
         """
-        Next record as (type, seq, payload, segment, offset), or None at the end or at a bad record.
+        Next record as (type, seq, payload, segment, offset, flags), or None at the end or at a bad record.
         """
     def report(self) -> dict:
         """
@@ -289,4 +289,9 @@ def validate_bars(bars: numpy.ndarray, n_registered: typing.SupportsInt | typing
     """
     Reject reason of every bar: value checks and time order per (instrument, timeframe).
     """
+JOURNAL_FORMAT: int = 2
+JOURNAL_MAX_META: int = 1073741824
+JOURNAL_MAX_RECORD: int = 67108864
+JOURNAL_RECORD_HEADER: int = 24
+RECORD_CONTINUES: int = 1
 SIGNAL_DSI: int = 1

@@ -81,7 +81,12 @@ class Engine:
         Directory of a new append-only journal (see :mod:`dynamic_core.journal`): the population
         and configuration, every accepted bar (written before it is processed), rejects,
         control commands and the hash of every signal handed out. ``Engine.replay(path)``
-        reproduces the run bit for bit.
+        reproduces the run bit for bit. A failed journal write or sync (a full disk, an I/O
+        error) raises :class:`~dynamic_core.errors.JournalError` where it happens and is final:
+        every later input is refused with it (the batch is not taken), signals already computed
+        are still handed out, and the journal on disk ends at its last complete commit, which
+        verifies and replays. ``stats()["journal"]["error"]`` says why; ``close()`` raises it if
+        no call has yet.
     fsync : {0, 1, 2}
         Journal durability per batch: 0 leaves flushing to the OS, 1 syncs the data
         (fdatasync), 2 syncs data and metadata (fsync, and the directory on new segments).
@@ -374,12 +379,15 @@ class Engine:
         if self._dispatcher is not None and self._dispatcher is not threading.current_thread():
             self._dispatcher.join()
         self._finalizer()
-        if self._journal_path is not None:
-            self._native.close_journal()
-        if self._device is not None:  # device memory back now, not at garbage collection
-            with self._device_lock:
-                self._device.store_state()  # agents() still answers after close
-                self._device = _ClosedDevice()
+        try:
+            if self._journal_path is not None:
+                # raises JournalError if the journal failed and no call has said so yet
+                self._native.close_journal()
+        finally:
+            if self._device is not None:  # device memory back now, not at garbage collection
+                with self._device_lock:
+                    self._device.store_state()  # agents() still answers after close
+                    self._device = _ClosedDevice()
 
     @property
     def closed(self) -> bool:

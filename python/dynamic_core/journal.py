@@ -164,6 +164,13 @@ class JournalRecord:
     payload: bytes
     segment: int
     offset: int
+    flags: int = 0
+
+    @property
+    def continues(self) -> bool:
+        """A ``bars`` record that continues the previous one: the same batch, split to keep
+        records under the size limit."""
+        return bool(self.flags & _core.RECORD_CONTINUES)
 
     @property
     def type_code(self) -> int:
@@ -238,8 +245,8 @@ def read(path: str | os.PathLike[str]) -> Iterator[JournalRecord]:
         r = rd.next()
         if r is None:
             break
-        t, seq, payload, seg, off = r
-        yield JournalRecord(_TYPE_NAMES.get(t, f"type{t}"), seq, payload, seg, off)
+        t, seq, payload, seg, off, flags = r
+        yield JournalRecord(_TYPE_NAMES.get(t, f"type{t}"), seq, payload, seg, off, flags)
     rep = rd.report()
     if rep["status"] == "corrupt":
         raise JournalCorrupt(f"corrupt journal: {rep['detail']}", rep["bad_segment"], rep["bad_offset"])
@@ -333,7 +340,10 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
         raise JournalError(f"journal meta format {meta.format} is not supported (expected {META_FORMAT})")
 
     # Instrument ids are per process: map the journal's ids to this process's.
-    jmap: list[int] = [instruments.id(n) for n in meta.instruments]
+    try:
+        jmap: list[int] = [instruments.id(n) for n in meta.instruments]
+    except (ValueError, TypeError) as e:
+        raise JournalError(f"unreadable instrument names in the meta record: {e}") from None
 
     def to_local(ids: np.ndarray) -> np.ndarray:
         table = np.asarray(jmap, dtype=np.int64)
@@ -369,22 +379,36 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
             n_bars += len(held)
         held = None
 
+    def whole(rec: JournalRecord, itemsize: int) -> None:
+        if len(rec.payload) % itemsize:
+            raise JournalError(f"{rec.type} record (seq {rec.seq}) holds {len(rec.payload)} bytes, "
+                               f"not whole {itemsize}-byte items")
+
     try:
         for rec in records:
             n_records += 1
-            done += len(rec.payload) + 20
+            done += len(rec.payload) + _core.JOURNAL_RECORD_HEADER
             t = rec.type_code
             if t == _BARS:
-                flush()
+                whole(rec, BAR_DTYPE.itemsize)
                 bars = np.frombuffer(rec.payload, dtype=BAR_DTYPE).copy()
                 bars["instrument"] = to_local(bars["instrument"])
-                held = bars
+                if rec.continues:  # the same batch as the record before: a withdrawal spans both
+                    if held is None:
+                        raise JournalError(f"bars record (seq {rec.seq}) continues a batch that is not there")
+                    held = np.concatenate([held, bars])
+                else:
+                    flush()
+                    held = bars
             elif t == _WITHDRAWN:
+                if len(rec.payload) != 8:
+                    raise JournalError(f"withdrawn record (seq {rec.seq}) holds {len(rec.payload)} bytes, not 8")
                 k = int(np.frombuffer(rec.payload, dtype="<u8")[0])
                 if held is None or k > len(held):
                     raise JournalError(f"withdrawn record (seq {rec.seq}) names more bars than its batch held")
                 held = held[: len(held) - k]
             elif t == _HASHES:
+                whole(rec, 16)
                 pairs = np.frombuffer(rec.payload, dtype="<u8").reshape(-1, 2)
                 expected.update(zip(pairs[:, 0].tolist(), pairs[:, 1].tolist()))
             elif t == _CONTROL:
@@ -393,11 +417,16 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
                 if on_control is not None:
                     on_control(rec.payload)
             elif t == _INSTRUMENTS:
-                r = _instr_decoder.decode(rec.payload)
+                try:
+                    r = _instr_decoder.decode(rec.payload)
+                    names = [instruments.id(n) for n in r.names]
+                except (msgspec.DecodeError, ValueError, TypeError) as e:
+                    raise JournalError(f"unreadable instrument record (seq {rec.seq}): {e}") from None
                 if r.first != len(jmap):
                     raise JournalError(f"instrument record (seq {rec.seq}) starts at id {r.first}, expected {len(jmap)}")
-                jmap.extend(instruments.id(n) for n in r.names)
+                jmap.extend(names)
             elif t == _DEAD:
+                whole(rec, DEAD_LETTER_RECORD.itemsize)
                 dead += len(rec.payload) // DEAD_LETTER_RECORD.itemsize
             elif t == _EVENT:
                 events.append(rec.payload)

@@ -1,6 +1,10 @@
 // The journal writer and reader alone: framing, CRC32C, segment rollover, torn tail and repair,
-// corruption with its offset.
+// corruption with its offset, a failed write, files that are not segments.
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <filesystem>
 #include <fstream>
@@ -8,6 +12,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "dynamic_core/errors.hpp"
 #include "dynamic_core/journal.hpp"
 
 using namespace dynamic_core;
@@ -99,6 +104,100 @@ int main() {
   CHECK(bad.status == ScanStatus::Corrupt && !bad.repaired);
   CHECK_EQ(bad.bad_offset, victim.offset);
   CHECK_EQ(bad.records, 20u);
+
+  // a flipped bit in the length of the last record: its header CRC fails, so it is corruption
+  // (format 1 read it as a torn tail, and repair deleted the intact record)
+  const std::string dir3 = write_journal(base / "c", 30, 1 << 20);
+  ScanReport r3;
+  auto recs3 = read_all(dir3, r3);
+  {
+    std::fstream f(journal_segments(dir3)[0], std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(recs3.back().offset + 2));
+    f.put('\x7f');  // length now runs far past the end of the file
+  }
+  ScanReport flipped = scan_journal(dir3, true);
+  CHECK(flipped.status == ScanStatus::Corrupt && !flipped.repaired);
+  CHECK_EQ(flipped.bad_offset, recs3.back().offset);
+
+  // a tail of zeros (blocks a crash left unwritten) is torn, and repair removes it
+  const std::string dir4 = write_journal(base / "d", 10, 1 << 20);
+  const uint64_t size4 = fs::file_size(journal_segments(dir4)[0]);
+  {
+    std::ofstream f(journal_segments(dir4)[0], std::ios::binary | std::ios::app);
+    const std::string z(5000, '\0');
+    f.write(z.data(), static_cast<std::streamsize>(z.size()));
+  }
+  ScanReport ztail = scan_journal(dir4, true);
+  CHECK(ztail.status == ScanStatus::TornTail && ztail.repaired);
+  CHECK_EQ(ztail.truncated_bytes, uint64_t{5000});
+  CHECK_EQ(fs::file_size(journal_segments(dir4)[0]), size4);
+
+  // a failed write (the file size limit stands in for a full disk): JournalFailure, the file cut
+  // back to the last complete commit, everything after refused, the journal intact
+  {
+    const std::string dir5 = (base / "e").string();
+    std::signal(SIGXFSZ, SIG_IGN);
+    rlimit old{};
+    ::getrlimit(RLIMIT_FSIZE, &old);
+    JournalWriter w(dir5, JournalIdentity{}, "m", 1, 0, 1 << 20);
+    rlimit lim = old;
+    lim.rlim_cur = 100000;
+    CHECK_EQ(::setrlimit(RLIMIT_FSIZE, &lim), 0);
+    const std::string p(3000, 'x');
+    int committed = 0;
+    bool failed = false;
+    for (int i = 0; i < 100 && !failed; ++i) {
+      try {
+        w.append(RecordType::Bars, p.data(), p.size());
+        w.append(RecordType::Bars, p.data(), p.size());
+        w.commit(true);
+        committed += 2;
+      } catch (const JournalFailure&) {
+        failed = true;
+      }
+    }
+    ::setrlimit(RLIMIT_FSIZE, &old);
+    CHECK(failed && w.failed() && committed > 0);
+    bool refused = false;
+    try {
+      w.append(RecordType::Bars, p.data(), p.size());
+    } catch (const JournalFailure&) {
+      refused = true;
+    }
+    CHECK(refused);
+    w.close();
+    ScanReport r5 = scan_journal(dir5, false);
+    CHECK(r5.status == ScanStatus::Ok);
+    CHECK_EQ(r5.records, static_cast<uint64_t>(committed) + 1);
+    CHECK_EQ(fs::file_size(journal_segments(dir5)[0]),
+             kJournalFileHeader + (kJournalRecordHeader + 1) + committed * (kJournalRecordHeader + p.size()));
+  }
+
+  // a meta record over the limit: refused before anything is made
+  {
+    bool too_big = false;
+    try {
+      const std::vector<char> huge(static_cast<size_t>(kJournalMaxMeta) + 1);
+      JournalWriter w((base / "f").string(), JournalIdentity{}, huge.data(), huge.size(), 0, 1 << 20);
+    } catch (const std::length_error&) {
+      too_big = true;
+    }
+    CHECK(too_big);
+    CHECK(journal_segments((base / "f").string()).empty());
+  }
+
+  // names of segments that are not regular files: corruption, read without hanging
+  {
+    const fs::path g = base / "g";
+    fs::create_directories(g);
+    CHECK_EQ(::mkfifo((g / "seg-000000.dcj").c_str(), 0600), 0);
+    ScanReport fifo = scan_journal(g.string(), false);
+    CHECK(fifo.status == ScanStatus::Corrupt);
+    CHECK(fifo.detail.find("not a regular file") != std::string::npos);
+    fs::remove(g / "seg-000000.dcj");
+    fs::create_directories(g / "seg-000000.dcj");
+    CHECK(scan_journal(g.string(), false).status == ScanStatus::Corrupt);
+  }
 
   fs::remove_all(base);
   return finish("journal");
