@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -280,6 +281,57 @@ def test_feed_publishes_objects_rationales_and_waits_for_subscribers() -> None:
             feed.publish(np.zeros(2, dtype=dc.BAR_DTYPE))
 
 
+def _subscribers_become(feed: T.SignalFeed, n: int) -> int:
+    """Drive the feed (as its owner's loop would) until it counts ``n`` subscribers or TIMEOUT
+    passes; returns the last count."""
+    deadline = time.monotonic() + TIMEOUT
+    while feed.subscribers != n and time.monotonic() < deadline:
+        feed.tick()
+        time.sleep(0.005)
+    return feed.subscribers
+
+
+def test_feed_counts_subscribers_down_as_they_leave() -> None:
+    # two subscribers on the same topics: libzmq reports the leaving of each one only with
+    # XPUB_VERBOSER (XPUB_VERBOSE passes every subscribe but only the last unsubscribe of a topic)
+    with T.SignalFeed(heartbeat_interval=3600) as feed:
+        first = T.SignalSubscriber(feed.endpoint, topics="sig.EURUSD.")
+        second = T.SignalSubscriber(feed.endpoint, topics="sig.EURUSD.")
+        try:
+            assert feed.wait_for_subscribers(2, timeout=TIMEOUT)
+            assert _subscribers_become(feed, 2) == 2
+            first.close()
+            assert _subscribers_become(feed, 1) == 1
+            feed.heartbeat()
+            assert isinstance(second.recv(timeout=TIMEOUT), P.Heartbeat)  # the one left still gets them
+            second.close()
+            assert _subscribers_become(feed, 0) == 0
+        finally:
+            first.close()
+            second.close()
+        assert feed.stats()["subscribers"] == 0
+        assert not feed.wait_for_subscribers(1, timeout=0.05)
+        with T.SignalSubscriber(feed.endpoint) as third:  # and counting up still works
+            assert feed.wait_for_subscribers(1, timeout=TIMEOUT)
+            assert _subscribers_become(feed, 1) == 1
+            feed.heartbeat()
+            assert isinstance(third.recv(timeout=TIMEOUT), P.Heartbeat)
+        assert _subscribers_become(feed, 0) == 0
+
+
+def test_feed_counts_out_a_killed_subscriber_process(peers: list[Peer]) -> None:
+    with T.SignalFeed(heartbeat_interval=3600) as feed, \
+            T.SignalSubscriber(feed.endpoint, topics="sig.EURUSD.") as local:
+        assert feed.wait_for_subscribers(1, timeout=TIMEOUT)
+        remote = Peer("subscribe", feed.endpoint, "--topic", "sig.EURUSD.", module=True)
+        peers.append(remote)
+        assert feed.wait_for_subscribers(2, timeout=TIMEOUT)
+        remote.kill()  # SIGKILL: no goodbye, only the connection dropping
+        assert _subscribers_become(feed, 1) == 1
+        feed.heartbeat()
+        assert isinstance(local.recv(timeout=TIMEOUT), P.Heartbeat)
+
+
 # ---- market ingress --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["ipc", "tcp"])
@@ -518,6 +570,56 @@ def test_malformed_commands_get_error_replies(served: Served, keys: Path) -> Non
     st = served.server.stats()
     assert st["errors"] == 6 and st["handler_errors"] == 1 and st["rejected"] == 5
     assert st["rejects"] == {"malformed": 2, "unknown_tag": 1, "version": 1, "invalid": 1}
+
+
+DEEP = 100_000
+
+
+def _mp_map(*pairs: tuple[str, bytes]) -> bytes:
+    """A msgpack map from keys and already encoded values (lets a value be a crafted nesting)."""
+    assert len(pairs) < 16
+    return bytes([0x80 | len(pairs)]) + b"".join(msgspec.msgpack.encode(k) + v for k, v in pairs)
+
+
+def _js_obj(*pairs: tuple[str, bytes]) -> bytes:
+    return b"{" + b", ".join(json.dumps(k).encode() + b": " + v for k, v in pairs) + b"}"
+
+
+MP_DEEP = b"\x91" * DEEP + b"\xc0"  # [[[...[nil]...]]]
+JS_DEEP = b"[" * DEEP + b"]" * DEEP
+MP_WIDE = b"\xdd" + (4 << 20).to_bytes(4, "big") + b"\xc0" * (4 << 20)  # 4 Mi nils: 4 MiB on the wire
+
+
+@pytest.mark.parametrize("raw,rid", [
+    (_mp_map(("type", msgspec.msgpack.encode("pause")), ("request_id", msgspec.msgpack.encode(91)),
+             ("junk", MP_DEEP)), 0),  # deeper than msgspec skips: no id, but no harm either
+    (_mp_map(("junk", b"\x91" * 100 + b"\xc0"), ("request_id", msgspec.msgpack.encode(92)),
+             ("type", msgspec.msgpack.encode("pause"))), 92),
+    (_mp_map(("type", msgspec.msgpack.encode("pause")), ("request_id", msgspec.msgpack.encode(93)),
+             ("junk", MP_WIDE)), 93),
+    (_mp_map(("request_id", msgspec.msgpack.encode(94)), ("junk", MP_DEEP[:-1])), 0),  # truncated too
+    (_mp_map(("request_id", msgspec.msgpack.encode(True)), ("junk", b"\xc0")), 0),  # a bool is no id
+    (_js_obj(("type", b'"pause"'), ("request_id", b"96"), ("junk", JS_DEEP)), 0),
+    (_js_obj(("junk", b'[{"a": "]}\\""}, ' + b"[" * 100 + b"]" * 100 + b"]"), ("request_id", b"97")), 97),
+    (_js_obj(("request_id", b"-1"), ("junk", b"[]")), 0),
+    (_js_obj(("request_id", b"1e3"), ("junk", b"[]")), 0),
+], ids=["mp-deep", "mp-nested-before", "mp-wide", "mp-truncated", "mp-bool", "js-deep", "js-nested-before",
+        "js-negative", "js-float"])
+def test_malformed_command_nested_or_huge_gets_an_error_reply(served: Served, keys: Path, raw: bytes,
+                                                              rid: int) -> None:
+    # the id is read by a typed decode that builds none of the command's other fields: a wide
+    # one costs no memory, a deep one gives up (id 0); the server answers and goes on
+    with _client(served, keys) as c:
+        tracemalloc.start()
+        try:
+            r = c.send_raw(raw, timeout=TIMEOUT)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert not r.ok and r.request_id == rid
+        assert peak < len(raw) // 2 + (1 << 20), f"{peak} bytes allocated for a {len(raw)}-byte command"
+        assert c.health().ok  # the server goes on
+    assert served.applied == [P.HealthQuery(request_id=served.applied[0].request_id)]
 
 
 def test_control_survives_garbage(served: Served, keys: Path) -> None:

@@ -29,7 +29,9 @@ that drives the engine, so every command is applied *between* updates, never con
 with one. For each request, in order:
 
 1. decode; a malformed command (garbage, unknown type or field, wrong version...) gets
-   ``ok=False`` with the reason and is counted; nothing else happens;
+   ``ok=False`` with the reason and is counted; nothing else happens. The reply carries the
+   command's ``request_id`` when a typed decode of that one field succeeds (it builds none of
+   the others, so a huge frame costs no memory), else 0;
 2. ``journal_hook(raw)`` is called with the command re-encoded as canonical msgpack (decode it
    with :func:`dynamic_core.payloads.decode_command`), BEFORE it is applied. If the hook
    raises, the command is refused (``ok=False``, "not journaled") and not applied: nothing is
@@ -104,14 +106,25 @@ class _KeyRing:
         return False
 
 
+class _RequestIdOnly(msgspec.Struct):
+    """The one field of a command an error reply needs. Unknown fields are allowed: msgspec
+    skips their values without building them, so a huge field costs no memory."""
+
+    request_id: int = 0
+
+
+_RID_DECODERS = {False: msgspec.msgpack.Decoder(_RequestIdOnly), True: msgspec.json.Decoder(_RequestIdOnly)}
+
+
 def _request_id_of(raw: Any, is_json: bool) -> int:
-    """Best-effort ``request_id`` of a command that failed to decode, for the error reply."""
+    """Best-effort ``request_id`` of a command that failed to decode, for the error reply: read
+    by a typed decode that builds nothing else, 0 when it fails (garbage, or a nesting deeper
+    than msgspec skips)."""
     try:
-        obj = msgspec.json.decode(raw) if is_json else msgspec.msgpack.decode(raw)
+        rid = _RID_DECODERS[is_json].decode(raw).request_id
     except Exception:  # noqa: BLE001 - garbage: there is no id to find
         return 0
-    rid = obj.get("request_id") if isinstance(obj, dict) else None
-    return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**64 else 0
+    return rid if 0 <= rid < 2**64 else 0
 
 
 class ControlServer(SocketOwner):

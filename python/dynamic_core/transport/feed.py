@@ -43,6 +43,8 @@ Slow joiners
 The feed's socket is an XPUB, which sees subscriptions arrive. :meth:`SignalFeed.wait_for_subscribers`
 returns once ``n`` subscribers that receive heartbeats (every :class:`SignalSubscriber` does)
 have subscribed, so a publisher can wait for its audience instead of sleeping.
+:attr:`SignalFeed.subscribers` is the number of them connected now: a subscriber that closes
+or disconnects is counted out (seen the next time the feed publishes, ticks or waits).
 """
 
 from __future__ import annotations
@@ -136,7 +138,11 @@ class SignalFeed(SocketOwner):
         ctx = context if context is not None else zmq.Context.instance()
         self._sock = ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, int(sndhwm))
-        self._sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscription, not only the first per topic
+        # VERBOSER, not VERBOSE: both pass every subscribe, but VERBOSE passes only the last
+        # unsubscribe of a topic (and none for a peer that disconnects while another peer holds
+        # the same topic), so ``subscribers`` would never come back down. (Setting VERBOSE after
+        # this would switch the unsubscribes off again.) libzmq >= 4.2.
+        self._sock.setsockopt(zmq.XPUB_VERBOSER, 1)
         # what a peer sends here is a subscription (one byte and a topic prefix): a larger frame
         # drops that peer instead of being buffered
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_TOPIC + 64)
@@ -153,7 +159,9 @@ class SignalFeed(SocketOwner):
         self.signals = 0
         self.heartbeats = 0
         self.rationales = 0
-        self.subscribers = 0  # subscriptions that receive heartbeats, minus unsubscriptions
+        # heartbeat-receiving subscriptions now active: +1 per subscribe, -1 per unsubscribe,
+        # including the ones libzmq reports for a subscriber that closed or disconnected
+        self.subscribers = 0
         self.subscriptions = 0
 
     # ---- publishing ---------------------------------------------------------------------------
