@@ -398,6 +398,58 @@ def test_dns_failure_is_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ei.value.kind == "connection"
 
 
+class Resolver:
+    """``socket.getaddrinfo`` for a test: the stand-in for a DNS server, which a test cannot
+    run (the only thing patched here; the HTTP exchange that follows is real). ``slow`` names
+    take ``delay`` seconds then fail, ``alias`` names resolve as 127.0.0.1, anything else goes
+    to the real resolver; every call is recorded with the thread that made it."""
+
+    def __init__(self, *, slow: str = "", alias: str = "", delay: float = 5.0) -> None:
+        self.slow, self.alias, self.delay = slow, alias, delay
+        self.released = threading.Event()
+        self.calls: list[tuple[str, str]] = []
+        self._real = socket.getaddrinfo
+
+    def __call__(self, host: str, *args: object, **kw: object) -> list:
+        self.calls.append((host, threading.current_thread().name))
+        if host == self.slow:
+            self.released.wait(self.delay)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return self._real("127.0.0.1" if host == self.alias else host, *args, **kw)  # type: ignore[arg-type]
+
+
+def test_slow_name_resolution_times_out_on_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resolver that answers after 5 s cannot hold a 0.5 s call past its deadline: the lookup
+    is waited for only as long as the deadline allows, and the call fails as a ``timeout``."""
+    resolver = Resolver(slow="api.slow-dns.invalid")
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    try:
+        with OpenAICompatibleClient(prof("https://api.slow-dns.invalid/v1"), KEY) as c:
+            t0 = time.monotonic()
+            with pytest.raises(AdapterError) as ei:
+                c.complete(MESSAGES, timeout=0.5)
+            elapsed = time.monotonic() - t0
+    finally:
+        resolver.released.set()  # the lookup thread may finish now
+    assert (ei.value.kind, ei.value.status, ei.value.retryable) == ("timeout", None, True)
+    assert 0.5 <= elapsed < 3.0
+    assert_no_key(ei.value)
+    assert [h for h, _ in resolver.calls] == ["api.slow-dns.invalid"]
+
+
+def test_names_resolve_within_the_deadline_and_literals_need_no_lookup(fake: FakeOpenAI,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    resolver = Resolver(alias="api.fast-dns.test")
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    caller = threading.current_thread().name
+    for host in ("api.fast-dns.test", "127.0.0.1", "localhost"):
+        with OpenAICompatibleClient(prof(fake.url.replace("127.0.0.1", host)), KEY) as c:
+            assert "buy" in c.complete(MESSAGES, timeout=5.0).text
+    threads = dict(resolver.calls)
+    assert threads["api.fast-dns.test"] != caller  # looked up where a slow answer can be left behind
+    assert threads.get("127.0.0.1", caller) == caller and threads.get("localhost", caller) == caller
+
+
 def test_https_to_a_plain_http_server_is_connection(fake: FakeOpenAI) -> None:
     url = fake.url.replace("http://", "https://")
     with OpenAICompatibleClient(prof(url), KEY) as c, pytest.raises(AdapterError) as ei:

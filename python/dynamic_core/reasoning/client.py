@@ -1,7 +1,7 @@
 """A small, strict client for OpenAI-compatible chat completions over real HTTP.
 
 Standard library only (``http.client``, ``ssl``): one keep-alive connection per client, one
-overall deadline per attempt (connect + send + read), every failure an
+overall deadline per attempt (name lookup + connect + send + read), every failure an
 :class:`~dynamic_core.errors.AdapterError` whose ``kind`` says what to do next (retry, back off,
 give up) and whose message never carries the API key. Retrying is the caller's business: the
 client makes exactly one attempt per call.
@@ -13,12 +13,15 @@ import email.utils
 import functools
 import http.client
 import io
+import ipaddress
 import math
 import select
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from datetime import timezone
 from types import TracebackType
 from typing import Any
@@ -116,6 +119,81 @@ def parse_retry_after(value: str | None, *, now: float | None = None,
 
 def _estimate_tokens(chars: int) -> int:
     return -(-chars // 4)
+
+
+_RESOLVER_THREADS = 4
+"""Name lookups in flight at most, all clients together. A lookup runs on a thread of its own
+so that a slow resolver holds that thread, not the call; past the deadline the call gives up
+and the thread finishes (or hangs) unwatched."""
+
+_resolver_slots = threading.BoundedSemaphore(_RESOLVER_THREADS)
+
+
+def _time_left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0.0:
+        raise TimeoutError("deadline passed")
+    return left
+
+
+def _needs_lookup(host: str) -> bool:
+    if host == "localhost":  # /etc/hosts, not a DNS server
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
+
+
+def _resolve(host: str, port: int, deadline: float) -> list[tuple[Any, ...]]:
+    """``getaddrinfo`` for a TCP connection to ``host``, waited for until ``deadline`` at most
+    (then :class:`TimeoutError`); a lookup that fails raises its ``socket.gaierror``.
+
+    The lookup runs on a daemon thread rather than a ``concurrent.futures`` pool: the pool's
+    workers are joined at interpreter exit, so a resolver that hangs would hold the exit too.
+    """
+    if not _needs_lookup(host):
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    if not _resolver_slots.acquire(timeout=_time_left(deadline)):
+        raise TimeoutError("every resolver thread is busy")
+    result: Future[list[tuple[Any, ...]]] = Future()
+
+    def lookup() -> None:
+        try:
+            result.set_result(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+        except Exception as e:  # noqa: BLE001 - handed to the waiting call, which classifies it
+            result.set_exception(e)
+        finally:
+            _resolver_slots.release()
+
+    try:
+        threading.Thread(target=lookup, name="dynamic-core-resolve", daemon=True).start()
+    except BaseException:
+        _resolver_slots.release()
+        raise
+    return result.result(timeout=_time_left(deadline))  # its TimeoutError is the builtin one
+
+
+def _connect(address: tuple[str, int], timeout: float | None = None,
+             source_address: tuple[str, int] | None = None, *, deadline: float) -> socket.socket:
+    """``socket.create_connection`` with the name lookup and each connect attempt bounded by
+    ``deadline`` (``timeout``, what http.client passes, is superseded by it)."""
+    host, port = address
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in _resolve(host, port, deadline):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(_time_left(deadline))
+            if source_address is not None:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            sock.settimeout(_time_left(deadline))  # what is left for the TLS handshake
+            return sock
+        except OSError as e:  # TimeoutError included: the next address fails at once then
+            sock.close()
+            error = e
+    raise error if error is not None else OSError(f"no address found for {host!r}")
 
 
 def _header_safe(value: str) -> bool:
@@ -290,16 +368,16 @@ class OpenAICompatibleClient:
                 conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl)
             else:
                 conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+            # connect() opens its socket through this attribute (http.client's hook, set in
+            # __init__); ours holds the name lookup to the deadline as well
+            conn._create_connection = functools.partial(_connect, deadline=deadline)  # type: ignore[attr-defined]
             self._conn = conn
             conn.connect()
         assert conn.sock is not None
         return conn, conn.sock
 
     def _remaining(self, deadline: float) -> float:
-        left = deadline - time.monotonic()
-        if left <= 0.0:
-            raise TimeoutError("deadline passed")
-        return left
+        return _time_left(deadline)
 
     def _read_body(self, resp: http.client.HTTPResponse, sock: socket.socket, deadline: float,
                    limit: int, strict: bool) -> bytes:
@@ -344,8 +422,9 @@ class OpenAICompatibleClient:
         temperature : float
             Sampling temperature.
         timeout : float, optional
-            Overall deadline of the attempt in seconds, connect to last byte, however slowly the
-            server drips its status line, headers or body (default ``profile.timeout_s``).
+            Overall deadline of the attempt in seconds, name lookup to last byte, however slowly
+            the resolver answers or the server drips its status line, headers or body (default
+            ``profile.timeout_s``).
         json_mode : bool
             Ask for a JSON object (``response_format: {"type": "json_object"}``).
         model : str, optional
