@@ -121,7 +121,7 @@ def test_control_commands_replay_between_the_same_updates(tmp_path):
 
 
 def test_streaming_submit_poll_with_reject_new_replays(tmp_path):
-    """Bars refused by reject_new are withdrawn in the journal; the resubmitted ones count once."""
+    """The journal holds exactly the bars reject_new took; the resubmitted ones count once."""
     pop, bars = _pop(400), _bars(1500)
     got = []
     with dc.Engine(pop, threads=2, journal=tmp_path / "j", backpressure="reject_new", capacity=64) as eng:
@@ -136,8 +136,9 @@ def test_streaming_submit_poll_with_reject_new_replays(tmp_path):
             got.append(eng.poll(timeout=5.0).copy())
         assert eng.stats()["backpressure"]["rejected"] > 0
     live = np.concatenate(got)
-    kinds = [r.type for r in jr.read(tmp_path / "j")]
-    assert "withdrawn" in kinds
+    assert withdrawn > 0
+    journaled = sum(len(r.payload) // dc.BAR_DTYPE.itemsize for r in jr.read(tmp_path / "j") if r.type == "bars")
+    assert journaled == len(bars)
     res = dc.Engine.replay(tmp_path / "j", threads=1)
     assert res.bars == len(bars)
     assert res.signals.tobytes() == live.tobytes()
@@ -300,26 +301,55 @@ def _append_record(path: Path, kind: int, payload: bytes, flags: int = 0) -> Non
 
 @pytest.mark.parametrize("kind,payload,what", [
     (_core.RecordType.BARS, bytes(dc.BAR_DTYPE.itemsize - 1), "not whole"),
-    (_core.RecordType.WITHDRAWN, b"\x01\x00\x00", "not 8"),
     (_core.RecordType.SIGNAL_HASHES, bytes(20), "not whole"),
     (_core.RecordType.DEAD_LETTER, bytes(7), "not whole"),
     (_core.RecordType.INSTRUMENTS, b"\xc1garbage", "unreadable instrument"),
-    (_core.RecordType.BARS, bytes(dc.BAR_DTYPE.itemsize), "continues a batch"),
+    (_core.RecordType.BARS, bytes(dc.BAR_DTYPE.itemsize), "inside a batch"),
 ])
 def test_replay_of_a_well_framed_record_with_bad_contents_is_a_journal_error(tmp_path, kind, payload, what):
     """A record whose framing and CRCs hold but whose contents do not make sense (a foreign or
     buggy writer) stops replay with JournalError naming the record, not a numpy or msgspec error."""
     _journaled_run(tmp_path / "j", _pop(60), _bars(40), chunk=20)
     _journaled_control = tmp_path / "j"
-    if what == "continues a batch":  # a continuation right after a control record
+    if what == "inside a batch":  # a batch's bars followed by a control record
+        _append_record(_journaled_control, int(kind), payload, flags=_core.RECORD_MORE)
         _append_record(_journaled_control, int(_core.RecordType.CONTROL), b"cmd")
-        _append_record(_journaled_control, int(kind), payload, flags=_core.RECORD_CONTINUES)
     else:
         _append_record(_journaled_control, int(kind), payload)
     assert jr.verify(tmp_path / "j").ok  # the framing is sound
     with pytest.raises(JournalError, match=what) as e:
         dc.Engine.replay(tmp_path / "j")
     assert "seq" in str(e.value)
+
+
+@pytest.mark.parametrize("where", ["at_a_header", "inside_a_header", "inside_a_payload", "new_segment_header"])
+def test_a_tail_of_zeros_a_crash_left_is_torn_and_repaired(tmp_path, where):
+    """A crash can leave the file longer than what reached the disk, the rest zeros (from a page
+    boundary: inside a record header, inside the payload of the first record of a commit of
+    several, or a new segment whose header never made it): a torn tail, never corruption."""
+    import shutil
+
+    pop, bars = _pop(60, ("EURUSD",)), _bars(400, ("EURUSD",))
+    bars["close"][390:] = np.nan  # the last batch: a bars record and a dead_letter record
+    with dc.Engine(pop, threads=1, journal=tmp_path / "j") as eng:
+        eng.run(bars[:200])
+        eng.submit(bars[200:])  # no poll: the batch is the journal's last commit
+    recs = list(jr.read(tmp_path / "j"))
+    assert [r.type for r in recs[-2:]] == ["bars", "dead_letter"] and recs[-2].more
+    seg = tmp_path / "j" / "seg-000000.dcj"
+    data = seg.read_bytes()
+    zero_from = {"at_a_header": recs[-1].offset, "inside_a_header": recs[-1].offset + 8,
+                 "inside_a_payload": recs[-2].offset + _core.JOURNAL_RECORD_HEADER + 1000}.get(where)
+    if zero_from is None:
+        (tmp_path / "j" / "seg-000001.dcj").write_bytes(bytes(64))
+    else:
+        seg.write_bytes(data[:zero_from] + bytes(len(data) - zero_from))
+    rep = jr.verify(tmp_path / "j", repair=True)
+    assert rep.status == "torn_tail" and rep.repaired, rep.summary()
+    assert jr.verify(tmp_path / "j").ok
+    res = dc.Engine.replay(tmp_path / "j", threads=1)
+    # the last batch, torn anywhere, is not replayed at all (a torn new segment took none of it)
+    assert res.bars == (390 if zero_from is None else 200)
 
 
 def test_a_segment_name_that_is_not_a_file_is_corruption(tmp_path):
@@ -345,11 +375,13 @@ def test_a_flipped_length_bit_in_the_last_record_is_corruption_not_a_torn_tail(t
     assert seg.read_bytes() == bytes(data)
 
 
-def test_withdrawal_of_a_batch_split_over_several_records_replays(tmp_path):
+def test_a_batch_split_over_several_records_replays_whole_or_not_at_all(tmp_path):
     """A batch above one record's size limit (64 MiB: ~1.4M bars) is journaled as several bars
-    records; reject_new withdraws bars across all of them, and replay takes exactly the ones the
-    live engine took."""
-    n = _core.JOURNAL_MAX_RECORD // dc.BAR_DTYPE.itemsize + 50_000
+    records in one commit, each but the last flagged ``more``; replay runs it as the one batch it
+    was, and a crash that tore its last record leaves none of it (the live engine took none)."""
+    import shutil
+
+    n = _core.JOURNAL_MAX_RECORD // dc.BAR_DTYPE.itemsize + 20_000
     eur = dc.instruments.id("EURUSD")
     rng = np.random.default_rng(3)
     bars = np.zeros(n, dtype=dc.BAR_DTYPE)
@@ -360,18 +392,46 @@ def test_withdrawal_of_a_batch_split_over_several_records_replays(tmp_path):
     bars["close"] = close
     bars["high"] = np.maximum(bars["open"], close) + 1e-4
     bars["low"] = np.minimum(bars["open"], close) - 1e-4
-    pop = _pop(64, ("EURUSD",))
-    with dc.Engine(pop, threads=1, journal=tmp_path / "j", backpressure="reject_new", capacity=64) as eng:
-        taken = eng.submit(bars)
-        assert 0 < taken < n
-        got = []
-        while sum(len(g) for g in got) < taken:
-            got.append(eng.poll(timeout=5.0).copy())
-    live = np.concatenate(got)
-    recs = [r for r in jr.read(tmp_path / "j") if r.type in ("bars", "withdrawn")]
-    assert [r.type for r in recs] == ["bars", "bars", "withdrawn"] and recs[1].continues
+    pop = _pop(32, ("EURUSD",))
+    with dc.Engine(pop, threads=1, journal=tmp_path / "j") as eng:
+        live = eng.run(bars)
+    recs = [r for r in jr.read(tmp_path / "j") if r.type == "bars"]
+    assert len(recs) == 2 and recs[0].more and not recs[1].more
     res = dc.Engine.replay(tmp_path / "j", threads=1)
-    assert res.bars == taken and res.signals.tobytes() == live.tobytes() and res.verified == taken
+    assert res.bars == n and res.signals.tobytes() == live.tobytes() and res.verified == n
+    # a crash inside the batch's second record (so before anything after it): the batch goes whole
+    shutil.copytree(tmp_path / "j", tmp_path / "t")
+    for later in (tmp_path / "t").glob("seg-*.dcj"):
+        if int(later.stem[4:]) > recs[1].segment:
+            later.unlink()
+    seg = tmp_path / "t" / f"seg-{recs[1].segment:06d}.dcj"
+    with open(seg, "r+b") as f:
+        f.truncate(recs[1].offset + _core.JOURNAL_RECORD_HEADER + 1000)
+    assert jr.verify(tmp_path / "t").status == "torn_tail"
+    assert dc.Engine.replay(tmp_path / "t", threads=1).bars == 0
+
+
+def test_a_failed_segment_rollover_is_final_and_typed(tmp_path):
+    """When the next segment cannot be created (here: a file already holds its name), the batch
+    that needed it is refused with JournalError and so is every later one: nothing runs
+    unjournaled. The journal replays to exactly the signals handed out."""
+    pop, bars = _pop(100), _bars(3000)
+    d = tmp_path / "j"
+    handed, errors = [], 0
+    with dc.Engine(pop, threads=2, journal=d, journal_segment_bytes=1 << 16) as eng:
+        (d / "seg-000001.dcj").write_bytes(b"")  # in the way of the rollover
+        for i in range(0, len(bars), 50):
+            try:
+                handed.append(eng.run(bars[i:i + 50]).copy())
+            except JournalError:
+                errors += 1
+        assert eng.stats()["journal"]["error"].startswith("cannot create segment")
+        taken = eng.stats()["accepted"]
+    assert len(handed) > 0 and errors == len(bars) // 50 - len(handed)
+    assert taken == sum(len(h) for h in handed)
+    (d / "seg-000001.dcj").unlink()
+    res = dc.Engine.replay(d, threads=1)
+    assert res.ok and res.signals.tobytes() == np.concatenate(handed).tobytes()
 
 
 _FULL_DISK = """

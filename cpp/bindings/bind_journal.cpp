@@ -23,6 +23,7 @@ const char* status_name(ScanStatus s) {
     case ScanStatus::TornTail: return "torn_tail";
     case ScanStatus::Corrupt: return "corrupt";
     case ScanStatus::Empty: return "empty";
+    case ScanStatus::Unsupported: return "unsupported";
   }
   return "unknown";
 }
@@ -61,7 +62,6 @@ void bind_journal(py::module_& m) {
   py::enum_<RecordType>(m, "RecordType", "Journal record types.")
       .value("META", RecordType::Meta)
       .value("BARS", RecordType::Bars)
-      .value("WITHDRAWN", RecordType::Withdrawn)
       .value("DEAD_LETTER", RecordType::DeadLetter)
       .value("CONTROL", RecordType::Control)
       .value("SIGNAL_HASHES", RecordType::SignalHashes)
@@ -72,7 +72,7 @@ void bind_journal(py::module_& m) {
   m.attr("JOURNAL_RECORD_HEADER") = kJournalRecordHeader;
   m.attr("JOURNAL_MAX_RECORD") = kJournalMaxRecord;
   m.attr("JOURNAL_MAX_META") = kJournalMaxMeta;
-  m.attr("RECORD_CONTINUES") = kRecordContinues;
+  m.attr("RECORD_MORE") = kRecordMore;
   m.def("crc32c", [](py::bytes data, uint32_t crc) {
         const std::string_view v = data;
         return crc32c(crc, v.data(), v.size());

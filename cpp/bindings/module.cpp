@@ -25,11 +25,11 @@ PYBIND11_MODULE(_core, m) {
       py::object cls = py::module_::import("dynamic_core.errors").attr("JournalError");
       PyErr_SetString(cls.ptr(), e.what());
     } catch (const std::system_error& e) {
-      // OSError(errno, message): Python picks the subclass (FileExistsError, PermissionError...).
-      const int code = e.code().category() == std::generic_category() || e.code().category() == std::system_category()
-                           ? e.code().value()
-                           : 0;
-      PyErr_SetObject(PyExc_OSError, py::make_tuple(code, std::string(e.what())).ptr());
+      // An errno: OSError(errno, message), Python picks the subclass (FileExistsError,
+      // PermissionError...). Other categories keep pybind11's RuntimeError.
+      const auto& cat = e.code().category();
+      if (cat != std::generic_category() && cat != std::system_category()) throw;
+      PyErr_SetObject(PyExc_OSError, py::make_tuple(e.code().value(), std::string(e.what())).ptr());
     }
   });
 }

@@ -689,7 +689,30 @@ size_t Engine::in_flight() const {
 size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wait_for_space,
                       std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted) {
   if (closed_) throw std::logic_error("engine is closed");
-  if (journal_) journal_inputs(bars, n, n_registered);
+  bool validated = false;
+  if (!admitted && !drain_to && !wait_for_space && cfg_.backpressure == Backpressure::RejectNew) {
+    // reject_new takes the bars up to the first that finds no room. The window only empties
+    // while ingress holds its lock (consumers free slots, nothing else takes them), so the room
+    // there is now is room for the whole prefix: it is decided before anything is journaled,
+    // and the journal holds exactly the bars taken.
+    j_reasons_.resize(n);
+    validate_locked(bars, n, n_registered, j_reasons_.data());
+    validated = true;
+    const uint64_t room = cap_ - (head_.load(std::memory_order_relaxed) - tail_.load(std::memory_order_acquire));
+    uint64_t need = 0;
+    for (size_t i = 0; i < n; ++i) {
+      if (j_reasons_[i] != 0 || stream_of_.find(stream_key(bars[i].instrument, bars[i].timeframe)) == stream_of_.end())
+        continue;  // rejected or unfollowed: takes no slot
+      if (need == room) {
+        ++stats_.backpressure_events;
+        stats_.backpressure_rejected += n - i;
+        n = i;
+        break;
+      }
+      ++need;
+    }
+  }
+  if (journal_) journal_inputs(bars, n, n_registered, validated);
   stats_.bars_in += n;
   for (size_t i = 0; i < n; ++i) {
     const Bar& b = bars[i];
@@ -750,11 +773,8 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
           std::lock_guard<std::mutex> lk(egress_m_);
           const size_t k = wait_and_drain(nullptr, 1, 100'000'000);
           stats_.backpressure_dropped += k;
-        } else {  // RejectNew: the caller keeps bars i.. and may resubmit them
-          stats_.backpressure_rejected += n - i;
-          stats_.bars_in -= n - i;
-          if (journal_) journal_withdrawn(i);
-          return i;
+        } else {  // RejectNew: the prefix taken was sized to the room above
+          throw std::logic_error("reject_new: the window filled while ingress held it");
         }
       }
     }
@@ -1292,7 +1312,7 @@ void Engine::close_journal() {
   std::lock_guard<std::mutex> jl(journal_m_);
   if (!journal_ || journal_->closed()) return;
   journal_reported([&] { journal_->close(); });
-  // A failure only signal hashes or a withdrawal met (they never throw) is told here at the latest.
+  // A failure only signal hashes met (they never throw) is told here at the latest.
   if (journal_->failed() && !journal_failure_told_) {
     journal_failure_told_ = true;
     throw JournalFailure("the journal in " + journal_->dir() + " failed during the run (" + journal_->error() +
@@ -1314,10 +1334,12 @@ void Engine::journal_reported(F&& write) {
 
 // Caller holds ingress_m_. The same decisions ingest is about to make (validate_locked mirrors
 // its checks against the streams' last timestamps), journaled and committed first.
-void Engine::journal_inputs(const Bar* bars, size_t n, uint32_t n_registered) {
+void Engine::journal_inputs(const Bar* bars, size_t n, uint32_t n_registered, bool validated) {
   if (journal_->closed()) return;
-  j_reasons_.resize(n);
-  validate_locked(bars, n, n_registered, j_reasons_.data());
+  if (!validated) {  // else j_reasons_ holds them already (for a longer batch: the same prefix)
+    j_reasons_.resize(n);
+    validate_locked(bars, n, n_registered, j_reasons_.data());
+  }
   j_bars_.clear();
   j_dead_.clear();
   for (size_t i = 0; i < n; ++i) {
@@ -1331,37 +1353,25 @@ void Engine::journal_inputs(const Bar* bars, size_t n, uint32_t n_registered) {
     }
   }
   std::lock_guard<std::mutex> jl(journal_m_);
-  // A failure throws before any bar of the batch is taken: the caller keeps them all.
+  // One commit per batch, its records split to stay under the size limit, each but the last
+  // flagged kRecordMore: replay takes a batch only when the whole of it is there. A failure
+  // throws before any bar of the batch is taken: the caller keeps them all.
+  constexpr size_t kPerRecord = kJournalMaxRecord / sizeof(Bar);
+  constexpr size_t kDeadSize = sizeof(Bar) + 8;
+  constexpr size_t kDeadPerRecord = kJournalMaxRecord / kDeadSize;
+  const size_t records = (j_bars_.size() + kPerRecord - 1) / kPerRecord +
+                         (j_dead_.size() / kDeadSize + kDeadPerRecord - 1) / kDeadPerRecord;
+  size_t k = 0;
+  auto flags = [&] { return ++k < records ? kRecordMore : uint16_t{0}; };
   journal_reported([&] {
-    // Large batches are split so a record stays under the size limit; the parts after the first
-    // are marked as continuing it, so a withdrawal applies to the whole batch on replay.
-    constexpr size_t kPerRecord = kJournalMaxRecord / sizeof(Bar);
     for (size_t i = 0; i < j_bars_.size(); i += kPerRecord)
       journal_->append(RecordType::Bars, j_bars_.data() + i, std::min(kPerRecord, j_bars_.size() - i) * sizeof(Bar),
-                       i ? kRecordContinues : 0);
-    constexpr size_t kDeadSize = sizeof(Bar) + 8;
-    constexpr size_t kDeadPerRecord = kJournalMaxRecord / kDeadSize;
+                       flags());
     for (size_t i = 0; i < j_dead_.size(); i += kDeadPerRecord * kDeadSize)
       journal_->append(RecordType::DeadLetter, j_dead_.data() + i,
-                       std::min(kDeadPerRecord * kDeadSize, j_dead_.size() - i));
+                       std::min(kDeadPerRecord * kDeadSize, j_dead_.size() - i), flags());
     journal_->commit(true);
   });
-}
-
-// Caller holds ingress_m_: bars from..n of the batch were not taken (reject_new).
-void Engine::journal_withdrawn(size_t from) {
-  if (journal_->closed()) return;
-  uint64_t k = 0;
-  for (size_t i = from; i < j_reasons_.size(); ++i) k += j_reasons_[i] == 0;
-  if (!k) return;
-  std::lock_guard<std::mutex> jl(journal_m_);
-  // Never throws: the first i bars are taken and the caller must learn how many. A failure here
-  // fails the writer; the next input, or close_journal, reports it.
-  try {
-    journal_->append(RecordType::Withdrawn, &k, sizeof k);
-    journal_->commit(true);
-  } catch (const JournalFailure&) {
-  }
 }
 
 // Caller holds egress_m_.
@@ -1376,8 +1386,11 @@ void Engine::journal_signals(const Signal* s, size_t k) {
   // Never throws: the signals are computed from journaled inputs and are handed out whatever
   // happens to their hashes (replay counts them unverified). A failure here fails the writer;
   // the next input, or close_journal, reports it.
+  constexpr size_t kPerRecord = kJournalMaxRecord / (2 * sizeof(uint64_t));
   try {
-    journal_->append(RecordType::SignalHashes, j_hashes_.data(), j_hashes_.size() * sizeof(uint64_t));
+    for (size_t i = 0; i < k; i += kPerRecord)
+      journal_->append(RecordType::SignalHashes, j_hashes_.data() + 2 * i,
+                       std::min(kPerRecord, k - i) * 2 * sizeof(uint64_t));
     journal_->commit(false);
   } catch (const JournalFailure&) {
   }

@@ -323,8 +323,7 @@ class Engine {
                 std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted = nullptr);
   size_t drain(Signal* out, size_t max_n);
   size_t validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
-  void journal_inputs(const Bar* bars, size_t n, uint32_t n_registered);
-  void journal_withdrawn(size_t from);
+  void journal_inputs(const Bar* bars, size_t n, uint32_t n_registered, bool validated);
   void journal_signals(const Signal* s, size_t k);
   // Drains up to max_n ready signals; if none is ready, waits up to timeout_ns until the next
   // min_n bars in flight (all of them, if fewer) are ready, then drains.

@@ -22,7 +22,6 @@ const char* record_type_name(uint16_t t) {
   switch (static_cast<RecordType>(t)) {
     case RecordType::Meta: return "meta";
     case RecordType::Bars: return "bars";
-    case RecordType::Withdrawn: return "withdrawn";
     case RecordType::DeadLetter: return "dead_letter";
     case RecordType::Control: return "control";
     case RecordType::SignalHashes: return "signal_hashes";
@@ -189,6 +188,7 @@ JournalWriter::JournalWriter(const std::string& dir, const JournalIdentity& id, 
     const bool made = fd_ >= 0 || failed();
     if (fd_ >= 0) ::close(fd_);
     fd_ = -1;
+    closed_ = true;
     if (made) fs::remove(fs::path(dir_) / segment_name(0), ec);
     throw;
   }
@@ -205,22 +205,23 @@ void JournalWriter::check_usable() const {
   if (failed()) throw JournalFailure("the journal in " + dir_ + " failed earlier (" + error_ + ") and takes no more records");
 }
 
-void JournalWriter::fail(const std::string& what) {
-  // Cut back to the last complete commit so the file ends at a record boundary; if even that
-  // fails, a reader sees a torn tail there, which repair removes.
+void JournalWriter::fail(const std::string& what, uint64_t keep) {
+  // Cut the segment back to where the failed commit began, so the journal ends with the last
+  // commit that succeeded; if even that fails, a reader sees a torn tail there (repair removes it).
   if (fd_ >= 0) {
-    const int rc = ::ftruncate(fd_, static_cast<off_t>(seg_size_));
+    const int rc = ::ftruncate(fd_, static_cast<off_t>(keep));
     (void)rc;
   }
   buf_.clear();
+  pending_ = 0;
   error_ = what;
-  throw JournalFailure("journal write failed: " + what + "; the journal takes no more records (everything committed "
-                       "before it is intact and replays)");
+  throw JournalFailure("journal write failed: " + what + "; the journal takes no more records (every commit before "
+                       "it is intact and replays)");
 }
 
 void JournalWriter::open_segment() {
   if (fd_ >= 0) {
-    if (level_ >= 1 && ::fdatasync(fd_) != 0) fail(std::string("sync failed: ") + std::strerror(errno));
+    if (level_ >= 1 && ::fdatasync(fd_) != 0) fail(std::string("sync failed: ") + std::strerror(errno), seg_size_);
     ::close(fd_);
     fd_ = -1;
     ++segment_;
@@ -230,10 +231,8 @@ void JournalWriter::open_segment() {
   if (fd_ < 0) {
     const int e = errno;
     if (segment_ == 0) throw std::system_error(e, std::generic_category(), "cannot create journal segment " + path);
-    error_ = "cannot create segment " + path + ": " + std::strerror(e);
-    throw JournalFailure("journal failed: " + error_ + "; the journal takes no more records");
+    fail("cannot create segment " + path + ": " + std::strerror(e), 0);
   }
-  seg_size_ = 0;
   char h[kJournalFileHeader] = {};
   std::memcpy(h, kJournalMagic, 8);
   put32(h + 8, kJournalFormat);
@@ -242,70 +241,78 @@ void JournalWriter::open_segment() {
   put64(h + 24, id_.config_hash);
   std::memcpy(h + 32, id_.build_id, sizeof id_.build_id);
   put32(h + 60, crc32c(0, h, 60));
-  write_all(h, sizeof h);
+  int err = write_all(h, sizeof h);
+  if (!err && level_ >= 2 && ::fsync(fd_) != 0) err = errno;
+  if (err) {  // a segment without its header holds nothing: it goes
+    ::close(fd_);
+    fd_ = -1;
+    ::unlink(path.c_str());
+    fail("cannot start segment " + path + ": " + std::strerror(err), 0);
+  }
+  if (level_ >= 2) sync_dir(dir_);
   seg_size_ = sizeof h;
   ++stats_.segments;
-  if (level_ >= 2) {
-    if (::fsync(fd_) != 0) fail(std::string("sync failed: ") + std::strerror(errno));
-    sync_dir(dir_);
-  }
 }
 
 uint64_t JournalWriter::append(RecordType type, const void* data, size_t n, uint16_t flags) {
-  if (fd_ < 0 && !failed()) throw std::logic_error("journal is closed");
+  if (closed_) throw std::logic_error("journal is closed");
   check_usable();
   const size_t limit = type == RecordType::Meta ? kJournalMaxMeta : kJournalMaxRecord;
   if (n > limit)
     throw std::length_error("journal record of " + std::to_string(n) + " bytes exceeds the limit of " +
                             std::to_string(limit));
-  // A new segment when this record would overflow the current one (records never straddle).
   const uint64_t rec = kJournalRecordHeader + n;
-  if (seg_size_ + buf_.size() + rec > segment_bytes_ && seg_size_ + buf_.size() > kJournalFileHeader) {
-    commit(false);
-    open_segment();
-  }
   const uint64_t seq = ++seq_;
   const size_t at = buf_.size();
   buf_.resize(at + rec);
   char* p = buf_.data() + at;
   put_record_header(p, static_cast<uint32_t>(n), static_cast<uint16_t>(type), flags, seq, crc32c(0, data, n));
   if (n) std::memcpy(p + kJournalRecordHeader, data, n);
-  ++stats_.records;
+  ++pending_;
   return seq;
 }
 
-void JournalWriter::write_all(const void* p, size_t n) {
+int JournalWriter::write_all(const void* p, size_t n) {
   const char* c = static_cast<const char*>(p);
   while (n) {
     const ssize_t k = ::write(fd_, c, n);
     if (k < 0) {
       if (errno == EINTR) continue;
-      fail(std::string(std::strerror(errno)) + " in " + dir_);
+      return errno;
     }
-    if (k == 0) fail("write made no progress in " + dir_);
+    if (k == 0) return EIO;
     c += k;
     n -= static_cast<size_t>(k);
   }
+  return 0;
 }
 
 void JournalWriter::commit(bool durable) {
-  if (fd_ < 0 && !failed()) return;
+  if (closed_) return;
   check_usable();
+  const bool sync = durable && level_ >= 1;
+  if (buf_.empty() && !sync) return;
+  // A commit never spans segments: a batch is whole in one file or not there at all.
+  if (!buf_.empty() && seg_size_ + buf_.size() > segment_bytes_ && seg_size_ > kJournalFileHeader) open_segment();
+  const uint64_t begin = seg_size_;
+  if (const int err = write_all(buf_.data(), buf_.size()))
+    fail(std::string(std::strerror(err)) + " in " + dir_, begin);
+  if (sync && (level_ == 1 ? ::fdatasync(fd_) : ::fsync(fd_)) != 0)
+    fail(std::string("sync failed: ") + std::strerror(errno) + " in " + dir_, begin);
   if (!buf_.empty()) {
-    write_all(buf_.data(), buf_.size());
-    seg_size_ += buf_.size();
+    seg_size_ = begin + buf_.size();
     stats_.bytes += buf_.size();
-    buf_.clear();
+    stats_.records += pending_;
     ++stats_.commits;
+    buf_.clear();
+    pending_ = 0;
   }
-  if (durable && level_ >= 1) {
-    if ((level_ == 1 ? ::fdatasync(fd_) : ::fsync(fd_)) != 0)
-      fail(std::string("sync failed: ") + std::strerror(errno) + " in " + dir_);
-    ++stats_.syncs;
-  }
+  stats_.syncs += sync;
 }
 
 void JournalWriter::close() {
+  if (closed_) return;
+  closed_ = true;
   if (fd_ < 0) return;
   if (!failed()) {
     try {
@@ -347,19 +354,26 @@ size_t JournalReader::read_at(uint64_t off, void* p, size_t n) const {
   return got;
 }
 
-// Every byte from `from` to the end of the file is zero (and there are not too many to look at).
-bool JournalReader::zeros_to_end(uint64_t from) const {
-  if (size_ - from > 2ull * kJournalMaxRecord) return false;
+// Where the run of zero bytes that ends the current segment begins (its size when the last byte
+// is not zero). Looks back at most 2 record limits; a longer run of zeros reads as starting there.
+uint64_t JournalReader::zero_tail() const {
+  if (zero_tail_ != UINT64_MAX) return zero_tail_;
+  const uint64_t floor = size_ > 2ull * kJournalMaxRecord ? size_ - 2ull * kJournalMaxRecord : 0;
   char buf[1 << 16];
-  for (uint64_t at = from; at < size_;) {
-    const size_t want = static_cast<size_t>(std::min<uint64_t>(sizeof buf, size_ - at));
-    const size_t got = read_at(at, buf, want);
-    if (got != want) return false;
-    for (size_t i = 0; i < got; ++i)
-      if (buf[i] != 0) return false;
-    at += got;
+  uint64_t at = size_;
+  while (at > floor) {
+    const size_t want = static_cast<size_t>(std::min<uint64_t>(sizeof buf, at - floor));
+    if (read_at(at - want, buf, want) != want) break;
+    size_t i = want;
+    while (i > 0 && buf[i - 1] == 0) --i;
+    if (i > 0) {
+      zero_tail_ = at - want + i;
+      return zero_tail_;
+    }
+    at -= want;
   }
-  return true;
+  zero_tail_ = at;
+  return zero_tail_;
 }
 
 bool JournalReader::open_next_segment() {
@@ -382,16 +396,19 @@ bool JournalReader::open_next_segment() {
   if (::fstat(fd_, &st) != 0) return bad(ScanStatus::Corrupt, "cannot stat " + path + ": " + std::strerror(errno));
   if (!S_ISREG(st.st_mode)) return bad(ScanStatus::Corrupt, path + " is not a regular file");
   size_ = static_cast<uint64_t>(st.st_size);
+  zero_tail_ = UINT64_MAX;
   const bool last = cur_ + 1 == paths_.size();
   char h[kJournalFileHeader];
   if (size_ < kJournalFileHeader || read_at(0, h, sizeof h) != sizeof h)
     return bad(last ? ScanStatus::TornTail : ScanStatus::Corrupt, "segment " + path + " is shorter than its header");
   if (std::memcmp(h, kJournalMagic, 8) != 0 || get32(h + 60) != crc32c(0, h, 60))
-    return bad(ScanStatus::Corrupt, "bad segment header in " + path);
+    return bad(last && zero_tail() <= kJournalFileHeader ? ScanStatus::TornTail : ScanStatus::Corrupt,
+               "bad segment header in " + path);
   const uint32_t fmt = get32(h + 8);
   if (fmt != kJournalFormat)
-    return bad(ScanStatus::Corrupt, "unsupported journal format " + std::to_string(fmt) + " in " + path +
-                                        " (this build reads format " + std::to_string(kJournalFormat) + ")");
+    return bad(ScanStatus::Unsupported, "journal format " + std::to_string(fmt) + " in " + path +
+                                            " is not supported (this build reads format " +
+                                            std::to_string(kJournalFormat) + ")");
   if (get32(h + 12) != cur_)
     return bad(ScanStatus::Corrupt, "segment " + path + " says it is segment " + std::to_string(get32(h + 12)));
   if (cur_ == 0) {
@@ -428,9 +445,12 @@ bool JournalReader::next(JournalRecord& r) {
     char h[kJournalRecordHeader];
     if (left < kJournalRecordHeader || read_at(pos_, h, sizeof h) != sizeof h)
       return fail(cut, "truncated record header");
+    // zeros from somewhere inside the record (or before) to the end: blocks a crash left unwritten
+    auto torn_if_zeros_from = [&](uint64_t end) {
+      return last && zero_tail() <= end ? ScanStatus::TornTail : ScanStatus::Corrupt;
+    };
     if (get32(h + 20) != crc32c(0, h, 20))
-      return fail(last && zeros_to_end(pos_) ? ScanStatus::TornTail : ScanStatus::Corrupt,
-                  "record header CRC mismatch");
+      return fail(torn_if_zeros_from(pos_ + kJournalRecordHeader), "record header CRC mismatch");
     const uint32_t n = get32(h);
     const uint16_t type = get16(h + 4);
     const uint16_t flags = get16(h + 6);
@@ -442,7 +462,8 @@ bool JournalReader::next(JournalRecord& r) {
     if (read_at(pos_ + kJournalRecordHeader, payload.data(), n) != n) return fail(cut, "truncated record");
     if (crc32c(0, payload.data(), n) != get32(h + 16)) {
       const bool at_end = left == kJournalRecordHeader + n;
-      return fail(last && at_end ? ScanStatus::TornTail : ScanStatus::Corrupt, "payload CRC mismatch");
+      return fail(last && at_end ? ScanStatus::TornTail : torn_if_zeros_from(pos_ + kJournalRecordHeader + n),
+                  "payload CRC mismatch");
     }
     if (seq != rep_.last_seq + 1)
       return fail(ScanStatus::Corrupt, "sequence " + std::to_string(seq) + " after " + std::to_string(rep_.last_seq));

@@ -12,22 +12,28 @@
 // the length is covered: a flipped length bit is corruption, never a "torn tail"). The first
 // record of segment 0 is a Meta record whose payload the writer's owner chooses (the Python
 // engine stores the population, the engine configuration and the instrument names there).
-// Flags: kRecordContinues marks a Bars record that continues the previous one (a batch split to
-// keep records under the size limit), so a Withdrawn record applies to the whole batch.
+// Flags: kRecordMore says the next record belongs to the same batch (the engine journals a
+// batch's accepted bars, split to keep records under the size limit, and its dead letters as
+// one commit); replay takes a batch only once its last record is there.
 //
 // Durability: records are buffered in memory; commit() writes the buffer with write(2) and then,
 // when asked for a durable commit, syncs by level: 0 leaves it to the OS, 1 fdatasync()s the
-// data, 2 fsync()s data and metadata (and the directory when a segment is created). A failed
-// write or sync is final: the writer cuts the segment back to its last complete commit (best
-// effort), keeps the reason, and refuses everything after with JournalFailure, so the journal
-// on disk always ends at a record boundary and never holds a record twice.
+// data, 2 fsync()s data and metadata (and the directory when a segment is created). A commit
+// never spans segments: the writer starts a new one before a commit that would overflow the
+// current one (a single commit larger than the segment size makes a larger segment). A failed
+// write or sync is final: the writer cuts the segment back to where the failed commit began
+// (best effort), keeps the reason, and refuses everything after with JournalFailure, so the
+// journal on disk ends with the last commit that succeeded.
 //
 // Recovery: a reader walks every record checking framing and CRCs, reading one record at a time
-// (memory is bounded by the record size limit, whatever the file). In the last segment, a record
-// whose header or payload runs past the end of the file, whose payload CRC fails while it ends
-// exactly at the end of the file, or a header that fails its CRC where every byte from there to
-// the end is zero (blocks a crash left unwritten), is a torn tail: scan(repair=true) truncates
-// it. Any other failure is corruption, reported with its segment and byte offset.
+// (memory is bounded by the record size limit, whatever the file). In the last segment, a bad
+// record is a torn tail (a write a crash cut short) when its header or payload runs past the end
+// of the file, when its payload CRC fails and it ends exactly at the end of the file, or when
+// every byte from somewhere inside it (or its header) to the end of the file is zero (blocks a
+// crash left unwritten); a last segment whose header is torn that way is torn too.
+// scan(repair=true) truncates a torn tail (or removes a torn segment). Any other failure is
+// corruption, reported with its segment and byte offset; a segment of another format version is
+// Unsupported.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -41,13 +47,13 @@ inline constexpr size_t kJournalFileHeader = 64;
 inline constexpr size_t kJournalRecordHeader = 24;
 inline constexpr uint32_t kJournalMaxRecord = 64u << 20;  // bytes of payload
 inline constexpr uint32_t kJournalMaxMeta = 1u << 30;     // the Meta record (a whole population)
-inline constexpr uint16_t kRecordContinues = 1;           // flag: continues the previous Bars record
+inline constexpr uint16_t kRecordMore = 1;                // flag: the next record is of the same batch
 inline constexpr char kJournalMagic[8] = {'D', 'C', 'J', 'R', 'N', 'L', '0', '1'};
 
 enum class RecordType : uint16_t {
   Meta = 1,          // owner-defined (population, config, instruments)
   Bars = 2,          // accepted bars (raw Bar structs), journaled before they are processed
-  Withdrawn = 3,     // u64: the last k bars of the previous Bars record were not taken (reject_new)
+  // 3: format 1's Withdrawn; format 2 journals only the bars a batch takes
   DeadLetter = 4,    // rejected bars: (Bar, u32 reason, u32 pad) each
   Control = 5,       // owner-encoded control command, applied between updates
   SignalHashes = 6,  // (u64 seq, u64 hash) pairs of signals handed out
@@ -90,7 +96,7 @@ class JournalWriter {
   void commit(bool durable);
   // Commits and closes; a failed writer just closes its file.
   void close();
-  bool closed() const { return fd_ < 0; }
+  bool closed() const { return closed_; }
   bool failed() const { return !error_.empty(); }
   const std::string& error() const { return error_; }
   const JournalStats& stats() const { return stats_; }
@@ -99,15 +105,17 @@ class JournalWriter {
 
  private:
   void open_segment();
-  void write_all(const void* p, size_t n);
+  int write_all(const void* p, size_t n);  // 0, or the errno of the failure
   void check_usable() const;
-  [[noreturn]] void fail(const std::string& what);
+  [[noreturn]] void fail(const std::string& what, uint64_t keep);
 
   std::string dir_;
   JournalIdentity id_;
   int level_;
   uint64_t segment_bytes_;
   int fd_ = -1;
+  bool closed_ = false;
+  uint32_t pending_ = 0;  // records in buf_
   uint32_t segment_ = 0;
   uint64_t seg_size_ = 0;
   uint64_t seq_ = 0;
@@ -125,7 +133,7 @@ struct JournalRecord {
   std::string payload;
 };
 
-enum class ScanStatus : uint32_t { Ok = 0, TornTail = 1, Corrupt = 2, Empty = 3 };
+enum class ScanStatus : uint32_t { Ok = 0, TornTail = 1, Corrupt = 2, Empty = 3, Unsupported = 4 };
 
 struct ScanReport {
   ScanStatus status = ScanStatus::Ok;
@@ -156,12 +164,13 @@ class JournalReader {
  private:
   bool open_next_segment();
   size_t read_at(uint64_t off, void* p, size_t n) const;
-  bool zeros_to_end(uint64_t from) const;
+  uint64_t zero_tail() const;
   std::vector<std::string> paths_;
   size_t cur_ = 0;
   int fd_ = -1;        // the current segment file
   uint64_t size_ = 0;  // its size when opened
   uint64_t pos_ = 0;
+  mutable uint64_t zero_tail_ = UINT64_MAX;  // where the last segment's run of trailing zeros begins
   bool done_ = false;
   ScanReport rep_;
 };

@@ -61,7 +61,6 @@ DEAD_LETTER_RECORD = np.dtype([("bar", BAR_DTYPE), ("reason", "<u4"), ("pad", "<
 _TYPE_NAMES = {int(v): k.lower() for k, v in _core.RecordType.__members__.items()}
 _META = int(_core.RecordType.META)
 _BARS = int(_core.RecordType.BARS)
-_WITHDRAWN = int(_core.RecordType.WITHDRAWN)
 _DEAD = int(_core.RecordType.DEAD_LETTER)
 _CONTROL = int(_core.RecordType.CONTROL)
 _HASHES = int(_core.RecordType.SIGNAL_HASHES)
@@ -167,10 +166,10 @@ class JournalRecord:
     flags: int = 0
 
     @property
-    def continues(self) -> bool:
-        """A ``bars`` record that continues the previous one: the same batch, split to keep
-        records under the size limit."""
-        return bool(self.flags & _core.RECORD_CONTINUES)
+    def more(self) -> bool:
+        """The next record belongs to the same batch (a batch's bars, split to keep records
+        under the size limit, and its dead letters are journaled as one commit)."""
+        return bool(self.flags & _core.RECORD_MORE)
 
     @property
     def type_code(self) -> int:
@@ -183,7 +182,8 @@ class JournalReport:
 
     ``status`` is ``ok``, ``torn_tail`` (the last record was cut short by a crash: everything
     before it is intact; ``repair`` truncates it), ``corrupt`` (a framing or CRC failure
-    elsewhere, at ``bad_segment``/``bad_offset``) or ``empty`` (no segments).
+    elsewhere, at ``bad_segment``/``bad_offset``), ``unsupported`` (a journal format this build
+    does not read) or ``empty`` (no segments).
     """
 
     path: str
@@ -211,7 +211,7 @@ class JournalReport:
             head += f"; bad record in segment {self.bad_segment} at byte {self.bad_offset} ({self.detail})"
         if self.repaired:
             head += f"; repaired: {self.truncated_bytes} byte(s) of torn tail truncated"
-        if self.status == "empty":
+        if self.status in ("empty", "unsupported"):
             head += f" ({self.detail})"
         return head
 
@@ -250,8 +250,20 @@ def read(path: str | os.PathLike[str]) -> Iterator[JournalRecord]:
     rep = rd.report()
     if rep["status"] == "corrupt":
         raise JournalCorrupt(f"corrupt journal: {rep['detail']}", rep["bad_segment"], rep["bad_offset"])
-    if rep["status"] == "empty":
+    if rep["status"] in ("empty", "unsupported"):
         raise JournalError(rep["detail"])
+
+
+def _grouped(records: Iterator[JournalRecord]) -> Iterator[list[JournalRecord]]:
+    """The records in units: a batch's records together (a chain of ``more`` flags and the
+    record that ends it), every other record alone. A batch cut short at the end of the journal
+    (a torn tail) never became input: it is left out."""
+    unit: list[JournalRecord] = []
+    for rec in records:
+        unit.append(rec)
+        if not rec.more:
+            yield unit
+            unit = []
 
 
 # ---- replay -----------------------------------------------------------------------------------
@@ -370,14 +382,6 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
     dead = 0
     n_bars = 0
     n_records = 1
-    held: np.ndarray | None = None
-
-    def flush() -> None:
-        nonlocal held, n_bars
-        if held is not None and len(held):
-            out.append(eng.run(held).copy())
-            n_bars += len(held)
-        held = None
 
     def whole(rec: JournalRecord, itemsize: int) -> None:
         if len(rec.payload) % itemsize:
@@ -385,34 +389,34 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
                                f"not whole {itemsize}-byte items")
 
     try:
-        for rec in records:
-            n_records += 1
-            done += len(rec.payload) + _core.JOURNAL_RECORD_HEADER
+        for unit in _grouped(records):
+            n_records += len(unit)
+            done += sum(len(r.payload) + _core.JOURNAL_RECORD_HEADER for r in unit)
+            rec = unit[0]
             t = rec.type_code
-            if t == _BARS:
-                whole(rec, BAR_DTYPE.itemsize)
-                bars = np.frombuffer(rec.payload, dtype=BAR_DTYPE).copy()
-                bars["instrument"] = to_local(bars["instrument"])
-                if rec.continues:  # the same batch as the record before: a withdrawal spans both
-                    if held is None:
-                        raise JournalError(f"bars record (seq {rec.seq}) continues a batch that is not there")
-                    held = np.concatenate([held, bars])
-                else:
-                    flush()
-                    held = bars
-            elif t == _WITHDRAWN:
-                if len(rec.payload) != 8:
-                    raise JournalError(f"withdrawn record (seq {rec.seq}) holds {len(rec.payload)} bytes, not 8")
-                k = int(np.frombuffer(rec.payload, dtype="<u8")[0])
-                if held is None or k > len(held):
-                    raise JournalError(f"withdrawn record (seq {rec.seq}) names more bars than its batch held")
-                held = held[: len(held) - k]
+            if t in (_BARS, _DEAD):  # one batch: its accepted bars run together, as they did live
+                parts = []
+                for r in unit:
+                    if r.type_code == _BARS:
+                        whole(r, BAR_DTYPE.itemsize)
+                        parts.append(np.frombuffer(r.payload, dtype=BAR_DTYPE))
+                    elif r.type_code == _DEAD:
+                        whole(r, DEAD_LETTER_RECORD.itemsize)
+                        dead += len(r.payload) // DEAD_LETTER_RECORD.itemsize
+                    else:
+                        raise JournalError(f"{r.type} record (seq {r.seq}) inside a batch of bars")
+                if parts:
+                    bars = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+                    bars["instrument"] = to_local(bars["instrument"])
+                    out.append(eng.run(bars).copy())
+                    n_bars += len(bars)
+            elif len(unit) > 1:
+                raise JournalError(f"{rec.type} record (seq {rec.seq}) starts a batch; only bars do")
             elif t == _HASHES:
                 whole(rec, 16)
                 pairs = np.frombuffer(rec.payload, dtype="<u8").reshape(-1, 2)
                 expected.update(zip(pairs[:, 0].tolist(), pairs[:, 1].tolist()))
             elif t == _CONTROL:
-                flush()
                 controls.append((n_bars, rec.payload))
                 if on_control is not None:
                     on_control(rec.payload)
@@ -425,14 +429,10 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
                 if r.first != len(jmap):
                     raise JournalError(f"instrument record (seq {rec.seq}) starts at id {r.first}, expected {len(jmap)}")
                 jmap.extend(names)
-            elif t == _DEAD:
-                whole(rec, DEAD_LETTER_RECORD.itemsize)
-                dead += len(rec.payload) // DEAD_LETTER_RECORD.itemsize
             elif t == _EVENT:
                 events.append(rec.payload)
                 applied = _engine_event(rec.payload)
-                if applied is not None:
-                    flush()  # applied between the same updates as in the original run
+                if applied is not None:  # applied between the same updates as in the original run
                     kind, ids, vals = applied
                     if kind == "generation":
                         gen = ids  # a GenerationEvent
@@ -451,7 +451,6 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
                 raise JournalError(f"a second meta record at seq {rec.seq}")
             if progress is not None:
                 progress(done, total)
-        flush()
         agents = eng.agents().copy()
         stats = eng.stats()
     finally:

@@ -297,27 +297,20 @@ def smc_agreement(bars: Any, swing_length: int = 50, *, close_break: bool = True
 # ---- replay ------------------------------------------------------------------------------------
 def journal_bars(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The accepted bars of an engine journal, per stream ``"INSTRUMENT/timeframe_s"``, in the
-    order the engine processed them (bars withdrawn by backpressure left out)."""
+    order the engine processed them."""
     from .. import journal as jr
     from ..records import BAR_DTYPE
 
     names: list[str] = []
     batches: list[np.ndarray] = []
-    held: np.ndarray | None = None
-    for rec in jr.read(path):
+    for unit in jr._grouped(jr.read(path)):  # whole batches only, as replay takes them
+        rec = unit[0]
         if rec.type == "meta":
             names = list(jr._meta_decoder.decode(rec.payload).instruments)
         elif rec.type == "instruments":
             names.extend(jr._instr_decoder.decode(rec.payload).names)
-        elif rec.type == "bars":
-            if held is not None:
-                batches.append(held)
-            held = np.frombuffer(rec.payload, dtype=BAR_DTYPE).copy()
-        elif rec.type == "withdrawn" and held is not None:
-            k = int(np.frombuffer(rec.payload, dtype="<u8")[0])
-            held = held[: len(held) - k]
-    if held is not None:
-        batches.append(held)
+        else:
+            batches.extend(np.frombuffer(r.payload, dtype=BAR_DTYPE) for r in unit if r.type == "bars")
     allbars = np.concatenate(batches) if batches else np.zeros(0, dtype=BAR_DTYPE)
     return _streams(allbars, names)
 
