@@ -146,6 +146,44 @@ def test_backpressure_block_waits_for_consumer(pop, market):
     assert len(np.concatenate(got)) == len(market)
 
 
+def test_a_submit_waiting_for_room_blocks_no_reader_and_not_close(pop, market):
+    """While a submit waits for room (backpressure="block"), its consumer may ask for stats,
+    agents and dead letters (they used to wait for the submit, which waited for them), and
+    close() ends the wait: the submit raises, close returns."""
+    eng = dc.Engine(pop, threads=1, capacity=64)
+    raised: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            eng.submit(market)
+        except RuntimeError as e:
+            raised.append(e)
+
+    prod = threading.Thread(target=produce, daemon=True)
+    prod.start()
+    got = 0
+    while got < 100:
+        got += len(eng.poll(timeout=1.0))
+    time.sleep(0.2)  # the submit is parked now: the window is full and nobody polls
+    done = threading.Event()
+
+    def read() -> None:
+        s = eng.stats()
+        assert s["accepted"] >= got
+        assert len(eng.agents()) == len(pop)
+        eng.dead_letters()
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert done.wait(10), "a reader waited for the parked submit"
+    closer = threading.Thread(target=eng.close, daemon=True)
+    closer.start()
+    closer.join(10)
+    prod.join(10)
+    assert not closer.is_alive() and not prod.is_alive()
+    assert raised and "closed" in str(raised[0])
+
+
 def test_stalled_sm_fails_over_without_losing_signals(pop, market):
     with dc.Engine(pop, threads=1) as a:
         ref = a.run(market)

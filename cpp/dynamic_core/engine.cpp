@@ -195,10 +195,16 @@ void Engine::form_groups() {
 Engine::~Engine() { close(); }
 
 void Engine::close() {
-  std::lock_guard<std::mutex> lk(ingress_m_);
+  // Stop first: a submit parked for room (which may wait for a consumer that is this caller, or
+  // gone) sees it and leaves, so the lock below is never waited for forever.
+  stop_.store(true, std::memory_order_seq_cst);
+  {
+    std::lock_guard<std::mutex> g(wait_m_);
+    space_cv_.notify_all();
+  }
+  auto lk = lock_ingress();
   if (closed_) return;
   closed_ = true;
-  stop_.store(true, std::memory_order_seq_cst);
   for (auto& w : workers_) {
     w->wake.fetch_add(1, std::memory_order_seq_cst);
     w->wake.notify_one();
@@ -686,8 +692,15 @@ size_t Engine::in_flight() const {
   return head_.load(std::memory_order_acquire) - tail_.load(std::memory_order_acquire);
 }
 
+std::unique_lock<std::mutex> Engine::lock_ingress() {
+  std::unique_lock<std::mutex> lk(ingress_m_);
+  unparked_cv_.wait(lk, [&] { return !parked_; });
+  return lk;
+}
+
 size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wait_for_space,
-                      std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted) {
+                      std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted,
+                      std::unique_lock<std::mutex>* lk) {
   if (closed_) throw std::logic_error("engine is closed");
   bool validated = false;
   if (!admitted && !drain_to && !wait_for_space && cfg_.backpressure == Backpressure::RejectNew) {
@@ -763,8 +776,25 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
         } else if (wait_for_space) {
           space_waiters_.fetch_add(1, std::memory_order_seq_cst);
           {
-            std::unique_lock<std::mutex> lk(wait_m_);
-            space_cv_.wait_for(lk, std::chrono::milliseconds(100), [&] {
+            // Parked: ingress_m_ goes free for readers (a consumer asking for stats must not
+            // wait for this submit, which waits for it); changes still wait (lock_ingress).
+            struct Park {
+              Engine& e;
+              std::unique_lock<std::mutex>* lk;
+              Park(Engine& en, std::unique_lock<std::mutex>* l) : e(en), lk(l) {
+                if (!lk) return;
+                e.parked_ = true;
+                lk->unlock();
+              }
+              ~Park() {
+                if (!lk) return;
+                lk->lock();
+                e.parked_ = false;
+                e.unparked_cv_.notify_all();
+              }
+            } park(*this, lk);
+            std::unique_lock<std::mutex> wl(wait_m_);
+            space_cv_.wait_for(wl, std::chrono::milliseconds(100), [&] {
               return p - tail_.load(std::memory_order_acquire) < cap_ || stop_.load(std::memory_order_relaxed);
             });
           }
@@ -824,17 +854,17 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
 }
 
 size_t Engine::submit(const Bar* bars, size_t n, uint32_t n_registered) {
-  std::unique_lock<std::mutex> lk(ingress_m_);
+  auto lk = lock_ingress();
   ++stats_.batches;
-  return ingest(bars, n, n_registered, cfg_.backpressure == Backpressure::Block, nullptr);
+  return ingest(bars, n, n_registered, cfg_.backpressure == Backpressure::Block, nullptr, nullptr, &lk);
 }
 
 int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns) {
   {
-    std::unique_lock<std::mutex> lk(ingress_m_);
+    auto lk = lock_ingress();
     ++stats_.batches;
     const uint64_t h0 = head_.load(std::memory_order_relaxed);
-    ingest(&bar, 1, n_registered, true, nullptr);
+    ingest(&bar, 1, n_registered, true, nullptr, nullptr, &lk);
     if (head_.load(std::memory_order_relaxed) == h0) return -1;
   }
   return poll(out, 1, timeout_ns) ? 1 : 0;
@@ -843,7 +873,7 @@ int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t tim
 size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out) {
   const auto t0 = std::chrono::steady_clock::now();
   const size_t before = out.size();
-  std::unique_lock<std::mutex> lk(ingress_m_);
+  auto lk = lock_ingress();
   ++stats_.batches;
   ingest(bars, n, n_registered, true, &out);
   Signal buf[256];
@@ -870,7 +900,7 @@ void Engine::wait_idle() {
 }
 
 size_t Engine::admit(const Bar* bars, size_t n, uint32_t n_registered, std::vector<AdmittedBar>& out) {
-  std::unique_lock<std::mutex> lk(ingress_m_);
+  auto lk = lock_ingress();
   ++stats_.batches;
   return ingest(bars, n, n_registered, false, nullptr, &out);
 }
@@ -883,7 +913,7 @@ void Engine::emit_external(const Signal* s, size_t k, uint64_t updates, uint64_t
   }
   ext_updates_.fetch_add(updates, std::memory_order_relaxed);
   ext_quarantined_.fetch_add(quarantined, std::memory_order_relaxed);
-  std::lock_guard<std::mutex> lk(ingress_m_);
+  auto lk = lock_ingress();
   stats_.busy_seconds += seconds;
 }
 
@@ -957,7 +987,7 @@ void Engine::read_state(StateArrays& out) {
 }
 
 void Engine::write_state(const StateArrays& in) {
-  std::lock_guard<std::mutex> lk(ingress_m_);
+  auto lk = lock_ingress();
   wait_idle();
   const size_t n = state_.score.size();
   for (size_t m : {in.score.size(), in.equity.size(), in.entry_equity.size(), in.peak.size(), in.max_dd.size(),
@@ -1155,7 +1185,7 @@ size_t Engine::set_dsi(const uint32_t* instruments, const double* evidence, size
     if (!dc_finite(evidence[k]) || evidence[k] < -1.0 || evidence[k] > 1.0)
       throw std::invalid_argument("set_dsi: evidence of instrument " + std::to_string(instruments[k]) +
                                   " must be finite and in [-1, 1]");
-  std::lock_guard<std::mutex> lk(ingress_m_);
+  auto lk = lock_ingress();
   wait_idle();  // between updates, like set_credit
   journal_event_locked(event);
   size_t updated = 0;
@@ -1179,7 +1209,7 @@ size_t Engine::set_dsi(const uint32_t* instruments, const double* evidence, size
 
 void Engine::set_lane_values(std::vector<double>& dst, const uint32_t* agents, const double* values, size_t n,
                              const std::string& event) {
-  std::lock_guard<std::mutex> lk(ingress_m_);
+  auto lk = lock_ingress();
   wait_idle();  // between updates: no worker holds these lanes; the next bar's ring push publishes
   journal_event_locked(event);
   for (size_t k = 0; k < n; ++k) dst[layout_.agent_lane[agents[k]]] = values[k];
@@ -1275,7 +1305,7 @@ void Engine::agents(AgentRecord* out) {
 
 void Engine::open_journal(const std::string& dir, const JournalIdentity& id, const void* meta, size_t meta_n,
                           int fsync_level, uint64_t segment_bytes) {
-  std::lock_guard<std::mutex> lk(ingress_m_);
+  auto lk = lock_ingress();
   std::lock_guard<std::mutex> eg(egress_m_);
   std::lock_guard<std::mutex> jl(journal_m_);
   if (journal_) throw std::logic_error("the engine already has a journal");
@@ -1285,7 +1315,7 @@ void Engine::open_journal(const std::string& dir, const JournalIdentity& id, con
 }
 
 uint64_t Engine::journal_append(RecordType type, const void* data, size_t n, bool durable) {
-  std::lock_guard<std::mutex> lk(ingress_m_);
+  auto lk = lock_ingress();
   std::lock_guard<std::mutex> jl(journal_m_);
   if (!journal_) throw std::logic_error("the engine has no journal");
   uint64_t seq = 0;
@@ -1307,7 +1337,7 @@ JournalStats Engine::journal_stats() {
 }
 
 void Engine::close_journal() {
-  std::lock_guard<std::mutex> lk(ingress_m_);
+  auto lk = lock_ingress();
   std::lock_guard<std::mutex> eg(egress_m_);
   std::lock_guard<std::mutex> jl(journal_m_);
   if (!journal_ || journal_->closed()) return;

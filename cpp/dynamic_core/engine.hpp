@@ -319,8 +319,14 @@ class Engine {
   void wake_worker(int w);
   void notify_ready(uint64_t p);
   bool claim_space(std::unique_lock<std::mutex>& ingress);
+  // `lk` (the caller's hold on ingress_m_), when given, is released while a submit waits for
+  // room (parked_): readers (stats, agents...) go on meanwhile; changes wait (lock_ingress).
   size_t ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wait_for_space,
-                std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted = nullptr);
+                std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted = nullptr,
+                std::unique_lock<std::mutex>* lk = nullptr);
+  // ingress_m_ for a change of engine state: waits while a submit is parked mid-batch, so a
+  // change never lands between the bars of one batch (the journal has the batch whole first).
+  std::unique_lock<std::mutex> lock_ingress();
   size_t drain(Signal* out, size_t max_n);
   size_t validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
   void journal_inputs(const Bar* bars, size_t n, uint32_t n_registered, bool validated);
@@ -400,6 +406,8 @@ class Engine {
   // waiting: consumers for ready signals, ingress for room
   std::mutex wait_m_;
   std::condition_variable ready_cv_, space_cv_;
+  bool parked_ = false;                    // under ingress_m_: a submit waits for room, lock released
+  std::condition_variable unparked_cv_;    // with ingress_m_: parked_ went false
   std::atomic<int32_t> ready_waiters_{0}, space_waiters_{0};
   std::atomic<uint64_t> wake_pos_{0};  // the position the waiting consumer waits for
 

@@ -300,7 +300,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       seen[s] = 1;
     }
   }
-  std::lock_guard<std::mutex> lk(ingress_m_);
+  auto lk = lock_ingress();
   if (next_id_ > UINT32_MAX - 1 - lanes_.active.size())
     throw std::overflow_error("evolution: agent ids exhausted (the next id would pass 2^32 - 1)");
   wait_idle();  // between updates, like set_credit
@@ -861,7 +861,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
 }
 
 void Engine::recycle(GenerationReport& r) {
-  std::lock_guard<std::mutex> lk(ingress_m_);
+  auto lk = lock_ingress();
   r.births.clear();
   if (r.births.capacity() > births_spare_.capacity()) births_spare_.swap(r.births);
 }

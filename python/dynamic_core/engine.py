@@ -297,6 +297,10 @@ class Engine:
         bars from the returned index on were not taken (resubmit them); ``"drop_oldest"`` drops
         the oldest ready, unpolled signals. Every case is counted in ``stats()["backpressure"]``.
         Safe to call from several threads (calls are serialised, each batch stays contiguous).
+        While a ``"block"`` submit waits for room, readers (``stats``, ``agents``,
+        ``dead_letters``...) answer and ``close`` ends the wait (the submit raises); changes
+        (``evolve``, ``set_credit``, ``set_dsi``, another ``submit``) wait until the batch is
+        taken, so a thread that is the batch's only consumer must poll before it makes one.
         """
         self._check_open()
         self._cpu_only("submit")
