@@ -8,6 +8,7 @@ __all__ = [
     "DynamicCoreError",
     "InvalidInput",
     "InvalidGenome",
+    "UnknownInstrument",
     "BackendUnavailable",
     "PayloadError",
     "TransportTimeout",
@@ -56,6 +57,14 @@ class InvalidGenome(DynamicCoreError, ValueError):
     def __init__(self, message: str, rows: Sequence[int] = ()) -> None:
         super().__init__(message)
         self.rows = list(rows)
+
+
+class UnknownInstrument(DynamicCoreError, ValueError, KeyError):
+    """An instrument name or id that is not registered in ``dc.instruments``, or that the
+    component asked does not follow. A ``ValueError`` (bad argument) that is also a ``KeyError``
+    (what the registry raised before), so either ``except`` keeps working."""
+
+    __str__ = ValueError.__str__  # KeyError's would quote the message
 
 
 class BackendUnavailable(DynamicCoreError, RuntimeError):

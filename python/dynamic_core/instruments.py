@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-__all__ = ["InstrumentRegistry", "instruments"]
+from .errors import UnknownInstrument
+
+__all__ = ["InstrumentRegistry", "UnknownInstrument", "instruments"]
 
 MAX_INSTRUMENTS = 1_000_000
 MAX_NAME = 64
@@ -47,21 +51,49 @@ class InstrumentRegistry:
         return self._ids.get(name)
 
     def name(self, i: int) -> str:
-        """Name of id ``i``; KeyError when unknown."""
+        """Name of id ``i``; :class:`UnknownInstrument` (a KeyError) when unknown."""
         try:
             if i < 0:
                 raise IndexError
             return self._names[int(i)]
         except (IndexError, TypeError, ValueError):
-            raise KeyError(f"unknown instrument id {i!r}") from None
+            raise UnknownInstrument(f"unknown instrument id {i!r}: not registered in dc.instruments") from None
 
     def resolve(self, x: str | int) -> int:
-        """Id of a name (registering it) or a registered id."""
+        """Id of a name (registering it) or a registered id; :class:`UnknownInstrument` for an
+        unregistered id, TypeError for anything but a str or an integer."""
         if isinstance(x, str):
             return self.id(x)
-        i = int(x)
+        return self._registered_id(x)
+
+    def lookup(self, x: str | int) -> int:
+        """Id of a registered name or id, never registering anything; :class:`UnknownInstrument`
+        otherwise."""
+        if isinstance(x, str):
+            i = self._ids.get(x)
+            if i is None:
+                raise UnknownInstrument(f"unknown instrument {x!r}: not registered in dc.instruments")
+            return i
+        return self._registered_id(x)
+
+    def _registered_id(self, x: object) -> int:
+        if isinstance(x, bool):
+            raise TypeError("an instrument is a name (str) or an id (int), got bool")
+        try:
+            i = operator.index(x)
+        except TypeError:
+            raise TypeError(f"an instrument is a name (str) or an id (int), got {type(x).__name__}") from None
         self.name(i)
         return i
+
+    def resolve_all(self, xs: str | int | Iterable[str | int]) -> list[int]:
+        """Ids of ``xs``, each as :meth:`resolve` gives it; a single name or id counts as one
+        instrument (``"EURUSD"`` is not six one-letter instruments)."""
+        if isinstance(xs, (bytes, bytearray)):
+            raise TypeError("instruments: names are str, not bytes")
+        if isinstance(xs, (str, numbers.Integral)):
+            xs = [xs]
+        return [self.resolve(x) for x in xs]
 
     def names(self) -> list[str]:
         return list(self._names)

@@ -36,7 +36,10 @@ then refuses the frame (``unknown_field`` or ``version``) instead of misreading 
 
 from __future__ import annotations
 
+import functools
+import math
 import operator
+import typing
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
@@ -763,10 +766,34 @@ class EvolutionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     stream: Annotated[int, msgspec.Meta(ge=-1, le=1 << 31)] = -1
 
     def __post_init__(self) -> None:
+        # msgspec checks the field constraints only when decoding or converting: an instance
+        # built directly must meet the same ones, or a generation runs and is journaled that
+        # replay (which decodes) then refuses
+        for name, (typ, lo, lo_strict, hi) in EvolutionConfig._limits().items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int if typ is int else (int, float)):
+                raise TypeError(f"EvolutionConfig.{name}: expected {typ.__name__}, got {type(v).__name__}")
+            if not ((v > lo if lo_strict else v >= lo) and v <= hi):  # NaN fails too
+                raise ValueError(f"EvolutionConfig.{name}: expected a value {'>' if lo_strict else '>='} {lo} "
+                                 f"and <= {hi}, got {v!r}")
         if self.entry_min > self.entry_max:
             raise ValueError("entry_min must be <= entry_max")
         if self.period_min > self.period_max:
             raise ValueError("period_min must be <= period_max")
+
+    @classmethod
+    @functools.cache
+    def _limits(cls) -> dict[str, tuple[type, float, bool, float]]:
+        """{field: (type, lower bound, lower bound strict, upper bound)}, read from the
+        ``msgspec.Meta`` annotations above so both checks are the same."""
+        out = {}
+        for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+            typ, *metas = typing.get_args(hint) or (hint,)
+            meta = next((m for m in metas if isinstance(m, msgspec.Meta)), msgspec.Meta())
+            strict = meta.gt is not None
+            lo = meta.gt if strict else (meta.ge if meta.ge is not None else -math.inf)
+            out[name] = (typ, lo, strict, meta.le if meta.le is not None else math.inf)
+        return out
 
 
 def evolution_config(config: Any) -> EvolutionConfig:

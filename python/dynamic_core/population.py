@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,12 +32,12 @@ DEFAULTS: dict[str, Any] = {
 """Genome defaults: a plain EMA(12)/EMA(26) trend follower, long/short, no costs."""
 
 
-def _mode_code(m: Any) -> int:
+def _mode_code(m: Any) -> Any:
     if isinstance(m, str):
         if m not in MODES:
             raise InvalidGenome(f"unknown mode {m!r}; expected one of {sorted(MODES)}")
         return MODES[m]
-    return int(m)
+    return m  # an integer code, range-checked with the other genome fields
 
 
 def check_records(rec: np.ndarray) -> None:
@@ -115,6 +117,8 @@ class Population:
         for k, default in DEFAULTS.items():
             axes[k] = _as_list(params.get(k, default))
         axes["mode"] = [_mode_code(m) for m in axes["mode"]]
+        for k, values in axes.items():
+            _check_axis(k, values)
         names = list(axes)
         n = int(np.prod([len(v) for v in axes.values()]))
         if n == 0:
@@ -145,10 +149,17 @@ class Population:
         """
         from .instruments import instruments as registry
 
+        if isinstance(n, bool):
+            raise TypeError("n must be an int")
+        n = operator.index(n)
         if n < 1 or n > 50_000_000:
             raise ValueError(f"n must be in [1, 50M], got {n}")
-        pairs = list(itertools.product([registry.resolve(i) for i in instruments],
-                                       [parse_timeframe(t) for t in timeframes]))
+        mode_code = None if mode is None else _mode_code(mode)
+        if mode_code is not None and mode_code not in MODES.values():
+            raise InvalidGenome(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
+        # a single name (or timeframe) is one instrument, not one per character
+        pairs = list(itertools.product(registry.resolve_all(instruments),
+                                       [parse_timeframe(t) for t in _as_list(timeframes)]))
         if not pairs:
             raise ValueError("need at least one instrument and one timeframe")
         rng = np.random.default_rng(seed)
@@ -169,7 +180,7 @@ class Population:
         for w in WEIGHTS:
             rec[w] = np.where(rng.random(n) < 0.3, 0.0, rng.standard_normal(n))
         rec["entry"] = rng.random(n) * 0.5
-        rec["mode"] = MODES[mode] if mode is not None else rng.integers(0, 2, n)
+        rec["mode"] = mode_code if mode_code is not None else rng.integers(0, 2, n)
         rec["cost_bps"] = cost_bps if cost_bps is not None else rng.random(n) * 2.0
         if not 0.0 <= dsi_share <= 1.0:
             raise ValueError(f"dsi_share must be in [0, 1], got {dsi_share}")
@@ -227,6 +238,29 @@ class Population:
     def __repr__(self) -> str:
         pairs = len(np.unique(self._rec[["instrument", "timeframe"]]))
         return f"Population({len(self)} agents, {pairs} instrument/timeframe streams, hash={self._hash:016x})"
+
+
+def _check_axis(name: str, values: list[Any]) -> None:
+    """Refuse values that the genome field cannot hold as given: numpy's cast into the record
+    would wrap an out-of-range integer (``2**32 + 5`` -> 5) or truncate a fractional one."""
+    kind = GENOME_DTYPE[name]
+    if kind.kind not in "iu":
+        return
+    info = np.iinfo(kind)
+    for v in values:
+        if isinstance(v, (bool, np.bool_)):
+            raise InvalidGenome(f"{name}: expected an integer, got {v!r}")
+        if isinstance(v, (float, np.floating)):
+            if not (math.isfinite(v) and float(v).is_integer()):
+                raise InvalidGenome(f"{name}: expected an integer, got {v!r}")
+            v = int(v)
+        try:
+            i = operator.index(v)
+        except TypeError:
+            raise InvalidGenome(f"{name}: expected an integer, got {v!r}") from None
+        if not info.min <= i <= info.max:
+            raise InvalidGenome(f"{name}: {i} does not fit the genome field ({kind.name}, "
+                                f"[{info.min}, {info.max}])")
 
 
 def _as_list(v: Any) -> list[Any]:

@@ -5,13 +5,17 @@ A tick feed drives the bar agents through :class:`TickAggregator`: trade prints 
 (instrument, timeframe) — OHLC from the trade prices, volume the sum of the sizes, ``ts`` the
 bucket start (UTC, aligned on the epoch: an H1 bar starts on the hour). A bar is finished when a
 tick of a later bucket of the same instrument arrives, when :meth:`TickAggregator.close_until`
-passes its end, or on :meth:`TickAggregator.flush`. Buckets without ticks give no bar.
+passes its end, or on :meth:`TickAggregator.flush`. Buckets without ticks give no bar. A bar,
+once finished, never reopens: a later tick of its bucket is refused as ``late``.
 
 Every batch is handled with whole-array numpy operations: there is no Python loop per tick.
 """
 
 from __future__ import annotations
 
+import math
+import operator
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -41,8 +45,14 @@ TICK_REASONS: tuple[str, ...] = (
     "crossed_quote",
     "price_out_of_band",
     "out_of_order",
+    "bad_timestamp",
+    "late",
 )
-"""Tick reject reason names indexed by code (0 is ``ok``); a tick gets the first that applies."""
+"""Tick reject reason names indexed by code (0 is ``ok``). A tick gets the first that applies,
+in this order except that ``bad_timestamp`` (a time whose bar would not fit int64 nanoseconds,
+:class:`TickAggregator`) and ``late`` (a tick of a bar the aggregator has already finished by
+the clock) come before ``out_of_order``: a refused tick never counts for the order of the
+next ones. Codes are only ever appended, so a stored code keeps its meaning."""
 
 _R = {name: np.uint32(i) for i, name in enumerate(TICK_REASONS)}
 
@@ -58,7 +68,10 @@ TICK_DEAD_LETTER_DTYPE: np.dtype = np.dtype(
 """A refused tick followed by its position in its batch, the reason code and the batch number."""
 
 _NONE = np.iinfo(np.int64).min
+_INT64_MAX = np.iinfo(np.int64).max
 _NS = 1_000_000_000
+MAX_DEAD_LETTERS = 10_000_000
+"""Largest ``max_dead_letters`` (the Engine's dead-letter capacity bound)."""
 
 
 def as_ticks(ticks: object, what: str = "ticks") -> np.ndarray:
@@ -124,9 +137,19 @@ def _out_of_order(ts: np.ndarray, inst: np.ndarray, last_ts: np.ndarray | None) 
     return bad
 
 
+def _check_band(band: float, band_spreads: float) -> tuple[float, float]:
+    b, bs = float(band), float(band_spreads)
+    if not (math.isfinite(b) and b >= 0.0):
+        raise ValueError(f"band must be a finite number >= 0, got {band!r}")
+    if not (math.isfinite(bs) and bs >= 0.0):
+        raise ValueError(f"band_spreads must be a finite number >= 0, got {band_spreads!r}")
+    return b, bs
+
+
 def validate_ticks(ticks: np.ndarray, *, last_ts: np.ndarray | None = None,
                    allowed: np.ndarray | None = None, band: float = 0.01,
-                   band_spreads: float = 10.0) -> np.ndarray:
+                   band_spreads: float = 10.0, ts_range: tuple[int, int] | None = None,
+                   sealed: np.ndarray | None = None) -> np.ndarray:
     """Reject reason code of each tick (0 = ok); names in :data:`TICK_REASONS`.
 
     Parameters
@@ -140,8 +163,13 @@ def validate_ticks(ticks: np.ndarray, *, last_ts: np.ndarray | None = None,
         Instrument ids accepted (index = id). Default: every id registered in ``dc.instruments``.
     band, band_spreads : float
         A quoted tick's price must lie within ``max(band * mid, band_spreads * spread)`` of the
-        quote; ``bid == ask == 0`` means no quote and skips the quote checks.
+        quote; ``bid == ask == 0`` means no quote and skips the quote checks. Finite, >= 0.
+    ts_range : (int, int), optional
+        Times accepted (ns, both ends included); others are ``bad_timestamp``.
+    sealed : int64 array, optional
+        Per instrument id, the time before which its ticks are ``late`` (``INT64_MIN``: none).
     """
+    band, band_spreads = _check_band(band, band_spreads)
     t = as_ticks(ticks)
     n = len(t)
     code = np.zeros(n, dtype=np.uint32)
@@ -172,6 +200,21 @@ def validate_ticks(ticks: np.ndarray, *, last_ts: np.ndarray | None = None,
     code[t["side"] > 2] = _R["bad_side"]
     code[~known] = _R["unknown_instrument"]
     ok = code == 0
+    if ts_range is not None or sealed is not None:
+        ts = t["ts"]
+        t_lo, t_hi = int(ts.min()), int(ts.max())  # the usual batch needs neither mask below
+        again = False
+        if sealed is not None and len(sealed) and t_lo < int(sealed.max()):
+            in_range = inst < len(sealed)
+            floor = np.full(n, _NONE, dtype=np.int64)
+            floor[in_range] = sealed[inst[in_range]]
+            code[ok & (ts < floor)] = _R["late"]
+            again = True
+        if ts_range is not None and (t_lo < ts_range[0] or t_hi > ts_range[1]):
+            code[ok & ((ts < ts_range[0]) | (ts > ts_range[1]))] = _R["bad_timestamp"]
+            again = True
+        if again:
+            ok = code == 0
     if ok.any():
         idx = np.flatnonzero(ok)
         late = _out_of_order(t["ts"][idx], inst[idx], last_ts)
@@ -186,10 +229,10 @@ def tick_reason_counts(codes: np.ndarray) -> dict[str, int]:
     return {TICK_REASONS[i]: int(k) for i, k in enumerate(counts) if k}
 
 
-def _allowed(instruments: Iterable[str | int] | None) -> np.ndarray | None:
+def _allowed(instruments: str | int | Iterable[str | int] | None) -> np.ndarray | None:
     if instruments is None:
         return None
-    ids = [_registry.resolve(x) for x in instruments]
+    ids = _registry.resolve_all(instruments)
     mask = np.zeros(max(ids, default=-1) + 1, dtype=bool)
     mask[ids] = True
     return mask
@@ -200,15 +243,25 @@ class TickValidator:
     reason, and the most recent refused ticks kept as dead letters (at most ``max_dead_letters``).
 
     Calling it with a batch returns the accepted ticks (original order) and every tick's code.
+
+    ``instruments`` (a name, an id or an iterable of them) restricts the accepted instruments;
+    ``max_dead_letters`` is at most :data:`MAX_DEAD_LETTERS`; ``band`` and ``band_spreads`` as
+    for :func:`validate_ticks`; ``ts_range`` (ns, inclusive) refuses other times as
+    ``bad_timestamp``.
     """
 
-    def __init__(self, *, instruments: Iterable[str | int] | None = None, max_dead_letters: int = 10_000,
-                 band: float = 0.01, band_spreads: float = 10.0) -> None:
-        if max_dead_letters < 0:
-            raise ValueError("max_dead_letters must be >= 0")
+    def __init__(self, *, instruments: str | int | Iterable[str | int] | None = None,
+                 max_dead_letters: int = 10_000, band: float = 0.01, band_spreads: float = 10.0,
+                 ts_range: tuple[int, int] | None = None) -> None:
+        if isinstance(max_dead_letters, bool):
+            raise TypeError("max_dead_letters must be an int")
+        max_dead_letters = operator.index(max_dead_letters)
+        if not 0 <= max_dead_letters <= MAX_DEAD_LETTERS:
+            raise ValueError(f"max_dead_letters must be in [0, {MAX_DEAD_LETTERS}], got {max_dead_letters}")
+        self._band, self._band_spreads = _check_band(band, band_spreads)
         self._allowed = _allowed(instruments)
-        self._band = float(band)
-        self._band_spreads = float(band_spreads)
+        self._ts_range = None if ts_range is None else (int(ts_range[0]), int(ts_range[1]))
+        self._sealed: np.ndarray | None = None  # per instrument: ticks before it are late
         self._last_ts = np.full(0, _NONE, dtype=np.int64)
         self._counts = np.zeros(len(TICK_REASONS), dtype=np.int64)
         self._dead = np.zeros(max_dead_letters, dtype=TICK_DEAD_LETTER_DTYPE)
@@ -218,7 +271,7 @@ class TickValidator:
     def __call__(self, ticks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = as_ticks(ticks)
         code = validate_ticks(t, last_ts=self._last_ts, allowed=self._allowed, band=self._band,
-                              band_spreads=self._band_spreads)
+                              band_spreads=self._band_spreads, ts_range=self._ts_range, sealed=self._sealed)
         ok = code == 0
         self._counts += np.bincount(code, minlength=len(TICK_REASONS))
         if not ok.all():
@@ -235,6 +288,21 @@ class TickValidator:
             np.maximum.at(self._last_ts, inst, good["ts"])
         self._batch += 1
         return good, code
+
+    def seal(self, instruments: np.ndarray, until: np.ndarray) -> None:
+        """Refuse, as ``late``, every later tick of ``instruments[k]`` before ``until[k]`` (ns):
+        its bar has been finished."""
+        ids = np.asarray(instruments, dtype=np.int64)
+        if len(ids) == 0:
+            return
+        top = int(ids.max())
+        cur = self._sealed if self._sealed is not None else np.full(0, _NONE, dtype=np.int64)
+        if top >= len(cur):
+            grown = np.full(max(top + 1, 2 * len(cur)), _NONE, dtype=np.int64)
+            grown[:len(cur)] = cur
+            cur = grown
+        np.maximum.at(cur, ids, np.asarray(until, dtype=np.int64))
+        self._sealed = cur
 
     def _bury(self, t: np.ndarray, code: np.ndarray) -> None:
         cap = len(self._dead)
@@ -276,8 +344,10 @@ class TickValidator:
         return np.concatenate([self._dead[start:], self._dead[:start]])
 
     def last_ts(self, instrument: str | int) -> int | None:
-        """Time of the last accepted tick of ``instrument`` (ns), or None."""
-        i = _registry.resolve(instrument)
+        """Time of the last accepted tick of ``instrument`` (ns), or None;
+        :class:`~dynamic_core.instruments.UnknownInstrument` (a ValueError) for an unregistered
+        name or id (a name is never registered by asking)."""
+        i = _registry.lookup(instrument)
         v = int(self._last_ts[i]) if i < len(self._last_ts) else _NONE
         return None if v == _NONE else v
 
@@ -301,6 +371,29 @@ class _Pending:
         self.bucket, self.ohlcv = b, v
 
 
+def _whole_seconds(tf: int | str) -> int:
+    """:func:`~dynamic_core.market.parse_timeframe`, refusing a string that is not a whole
+    number of seconds (``"1.5s"`` would otherwise be truncated to 1 s)."""
+    seconds = parse_timeframe(tf)
+    if isinstance(tf, str) and not re.fullmatch(r"([MHDW])(\d+)", tf.strip().upper()):
+        import pandas as pd
+
+        if pd.Timedelta(tf).value % _NS:
+            raise ValueError(f"timeframe {tf!r} is not a whole number of seconds")
+    return seconds
+
+
+def _ts_range(timeframes: Iterable[int]) -> tuple[int, int]:
+    """Tick times (ns, inclusive) whose bucket start and end fit int64 for every timeframe."""
+    lo, hi = -(2**63), 2**63 - 1
+    for tf in timeframes:
+        w = tf * _NS
+        first = -((2**63) // w)  # the earliest bucket starting at or after INT64_MIN
+        last = (2**63 - 1) // w - 1  # the latest bucket ending at or before INT64_MAX
+        lo, hi = max(lo, first * w), min(hi, (last + 1) * w - 1)
+    return lo, hi
+
+
 def _bars(inst: np.ndarray, bucket: np.ndarray, ohlcv: np.ndarray, tf: int) -> np.ndarray:
     out = np.zeros(len(inst), dtype=BAR_DTYPE)
     out["ts"] = bucket * (tf * _NS)
@@ -315,9 +408,9 @@ class TickAggregator:
 
     Parameters
     ----------
-    timeframes : iterable of int or str
-        Seconds, ``"M1"``/``"H1"`` or pandas offsets (``"1min"``, ``"1h"``).
-    instruments : iterable of str or int, optional
+    timeframes : int, str or an iterable of them
+        Whole seconds, ``"M1"``/``"H1"`` or pandas offsets (``"1min"``, ``"1h"``).
+    instruments : str, int or an iterable of them, optional
         Accept only these instruments; default every registered one.
     max_dead_letters : int
         Refused ticks kept for inspection (the most recent ones).
@@ -333,16 +426,25 @@ class TickAggregator:
     low and close do not depend on how a feed is cut into batches; volume neither when the
     sizes add exactly (whole lots, shares, contracts), otherwise it can differ in the last bits
     (numpy sums a batch's part of a bar pairwise, then adds it to the open bar's volume).
+
+    Two kinds of tick are refused here on top of :func:`validate_ticks`' checks (counted and
+    dead-lettered like the others): ``bad_timestamp``, a time whose bar would start or end
+    outside int64 nanoseconds for one of the timeframes (within one timeframe of 1677 or 2262),
+    and ``late``, a tick of a bar already finished by :meth:`close_until` or :meth:`flush`
+    (it would make a second bar with the same ``ts``).
     """
 
-    def __init__(self, timeframes: Iterable[int | str], *, instruments: Iterable[str | int] | None = None,
+    def __init__(self, timeframes: int | str | Iterable[int | str], *,
+                 instruments: str | int | Iterable[str | int] | None = None,
                  max_dead_letters: int = 10_000, band: float = 0.01, band_spreads: float = 10.0) -> None:
-        tfs = sorted({parse_timeframe(tf) for tf in timeframes})
+        if isinstance(timeframes, (str, int, np.integer)):
+            timeframes = [timeframes]
+        tfs = sorted({_whole_seconds(tf) for tf in timeframes})
         if not tfs:
             raise ValueError("TickAggregator needs at least one timeframe")
         self.timeframes: tuple[int, ...] = tuple(tfs)
         self.validator = TickValidator(instruments=instruments, max_dead_letters=max_dead_letters,
-                                       band=band, band_spreads=band_spreads)
+                                       band=band, band_spreads=band_spreads, ts_range=_ts_range(tfs))
         self._pending = {tf: _Pending() for tf in self.timeframes}
         self.bars_out = 0
 
@@ -431,6 +533,7 @@ class TickAggregator:
         if not flat:
             return np.zeros(0, dtype=BAR_DTYPE)
         bars = np.concatenate(flat) if len(flat) > 1 else flat[0]
+        # close times fit int64: ticks whose bar would end past it are refused (bad_timestamp)
         order = np.lexsort((bars["instrument"], bars["timeframe"],
                             bars["ts"] + bars["timeframe"].astype(np.int64) * _NS))
         bars = bars[order]
@@ -439,16 +542,24 @@ class TickAggregator:
 
     def close_until(self, ts: int) -> np.ndarray:
         """Finish the open bars that end at or before ``ts`` (ns) even though no later tick has
-        come: a clock-driven close for quiet instruments."""
+        come: a clock-driven close for quiet instruments. Later ticks of a bar finished so are
+        refused as ``late``."""
+        if isinstance(ts, bool):
+            raise TypeError("close_until: ts must be an int (ns)")
+        ts = min(max(operator.index(ts), int(_NONE)), int(_INT64_MAX))
         out = []
         for tf in self.timeframes:
             pend = self._pending[tf]
             open_ = pend.bucket != _NONE
             ids = np.flatnonzero(open_)
-            ids = ids[(pend.bucket[ids] + 1) * (tf * _NS) <= ts]
+            # bucket ends fit int64: ticks whose would not are refused as bad_timestamp
+            end = (pend.bucket[ids] + 1) * (tf * _NS)
+            done = end <= ts
+            ids = ids[done]
             if len(ids):
                 out.append([_bars(ids.astype(np.uint32), pend.bucket[ids], pend.ohlcv[ids], tf)])
                 pend.bucket[ids] = _NONE
+                self.validator.seal(ids, end[done])
         return self._emit(out)
 
     def flush(self) -> np.ndarray:

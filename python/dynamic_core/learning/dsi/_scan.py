@@ -7,11 +7,41 @@ a batch split anywhere gives the same bits as the whole batch.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ... import _core
 
-__all__ = ["EwMoments", "prepend"]
+__all__ = ["EwMoments", "check_int", "check_real", "prepend"]
+
+
+def check_int(name: str, v: object, lo: int, hi: int) -> int:
+    """``v`` as an int in ``[lo, hi]``: TypeError for a non-integer (bool and float included,
+    as msgspec decodes an int field), ValueError naming ``name`` when out of range (a C++ cast
+    would wrap it)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    i = int(v)
+    if not lo <= i <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {i}")
+    return i
+
+
+def check_real(name: str, v: object, lo: float = -math.inf, hi: float = math.inf, *,
+               lo_open: bool = False) -> float:
+    """``v`` as a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``): TypeError for a
+    non-number, ValueError naming ``name`` for NaN, an infinity or a value out of range."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    try:
+        x = float(v)
+    except OverflowError:
+        x = math.inf
+    if not (math.isfinite(x) and (x > lo if lo_open else x >= lo) and x <= hi):
+        bound = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise ValueError(f"{name} must be a finite number in {bound}, got {v!r}")
+    return x
 
 
 def prepend(first, rest: np.ndarray) -> np.ndarray:
@@ -31,15 +61,30 @@ class EwMoments:
     ``delta = x - mean``, ``mean = (1 - alpha) * mean + alpha * x``, ``var = (1 - alpha) * var +
     (1 - alpha) * alpha * delta**2`` (West's recurrence, pandas' ``ewm(adjust=False)``). ``step`` returns the mean and variance in
     force *before* each value, so a score of a value never includes the value itself.
+
+    A value whose update would make its series' mean or variance non-finite (a finite but huge
+    print: ``delta**2`` overflows) is left out: that series' moments stay as they were and
+    ``skipped`` counts it, so one bad print cannot disable the series for ever. After
+    ``restart_after`` (``ceil(span)``) such values in a row the series restarts from the next
+    one (mean = the value, variance 0; counted in ``restarts``): the stream, not the state, has
+    moved (e.g. the very first value was the huge one). Feeds without such values give the
+    recurrence's bits exactly, however they are batched.
     """
 
     def __init__(self, k: int, span: float) -> None:
-        if span < 1:
-            raise ValueError("span must be >= 1")
+        span = float(span)
+        if not (math.isfinite(span) and span >= 1):
+            raise ValueError(f"span must be a finite number >= 1, got {span!r}")
         self.alpha = 2.0 / (span + 1.0)
         self.mean = np.zeros(k)
         self.var = np.zeros(k)
         self.count = 0
+        self.restart_after = max(1, math.ceil(span))
+        self.skipped = np.zeros(k, dtype=np.int64)
+        """Values left out per series (their update would have overflowed)."""
+        self.restarts = np.zeros(k, dtype=np.int64)
+        """Restarts per series after ``restart_after`` values in a row were left out."""
+        self._streak = np.zeros(k, dtype=np.int64)  # values left out in a row, per series
 
     def step(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean and variance before each row of ``x`` (n, k); the state moves past ``x``."""
@@ -47,6 +92,65 @@ class EwMoments:
         if n == 0:
             return np.zeros_like(x), np.zeros_like(x)
         m0 = x[0] if self.count == 0 else self.mean
-        mean_before, var_before, self.mean, self.var = _core.ew_moments(x, self.alpha, m0, self.var)
+        mean_before, var_before, mean, var = _core.ew_moments(x, self.alpha, m0, self.var)
+        # a non-finite variance stays non-finite: checking the state after the batch is enough
+        if not all(map(math.isfinite, mean.tolist() + var.tolist())):
+            return self._step_guarded(x, m0)
+        self.mean, self.var = mean, var
+        self._streak[:] = 0
+        self.count += n
+        return mean_before, var_before
+
+    def _step_guarded(self, x: np.ndarray, m0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``step`` leaving out the values whose update overflows: native passes over the clean
+        stretches (growing, so a batch costs O(n) plus O(64) per bad row), the bad rows one
+        value at a time with the kernel's own arithmetic."""
+        n, k = x.shape
+        a = self.alpha
+        r = 1.0 - a
+        w = r * a
+        mean_before = np.empty_like(x)
+        var_before = np.empty_like(x)
+        mean = np.array(m0, dtype=np.float64)
+        var = self.var.copy()
+        pos, width = 0, 64
+        while pos < n:
+            seg = x[pos:pos + width]
+            mb, vb, m1, v1 = _core.ew_moments(seg, a, mean, var)
+            after_m = np.concatenate((mb[1:], m1[None]))
+            after_v = np.concatenate((vb[1:], v1[None]))
+            bad = ~(np.isfinite(after_m) & np.isfinite(after_v)).all(axis=1)
+            if not bad.any():
+                mean_before[pos:pos + len(seg)] = mb
+                var_before[pos:pos + len(seg)] = vb
+                mean, var = m1, v1
+                self._streak[:] = 0
+                pos += len(seg)
+                width *= 2
+                continue
+            t = int(np.argmax(bad))
+            mean_before[pos:pos + t + 1] = mb[:t + 1]
+            var_before[pos:pos + t + 1] = vb[:t + 1]
+            if t:
+                self._streak[:] = 0
+            mean, var = mb[t].copy(), vb[t].copy()
+            for c in range(k):
+                xc, m, v = float(seg[t, c]), float(mean[c]), float(var[c])
+                delta = xc - m
+                m_new = r * m + a * xc  # ew.hpp: step(m, r, a * x)
+                v_new = r * v + (w * delta) * delta
+                if math.isfinite(m_new) and math.isfinite(v_new):
+                    mean[c], var[c] = m_new, v_new
+                    self._streak[c] = 0
+                elif self._streak[c] >= self.restart_after:
+                    mean[c], var[c] = xc, 0.0
+                    self._streak[c] = 0
+                    self.restarts[c] += 1
+                else:
+                    self.skipped[c] += 1
+                    self._streak[c] += 1
+            pos += t + 1
+            width = 64
+        self.mean, self.var = mean, var
         self.count += n
         return mean_before, var_before

@@ -100,6 +100,7 @@ class TickDriver:
         if len(bars) == 0:
             self.dsi.update(t)
             return np.zeros(0, dtype=SIGNAL_DTYPE)
+        # fits int64: the aggregator refuses (bad_timestamp) a tick whose bar would end past it
         ends = bars["ts"] + bars["timeframe"].astype(np.int64) * 1_000_000_000
         # ticks in order of the time their instrument has reached by them: those before a close
         # are a prefix of this order, and the next close only extends it

@@ -44,6 +44,12 @@ before ``div_warmup`` ticks are not compared.
 
 Sequence classifier: an online n-gram model over coarse MicroTape symbols (direction x
 aggressor x large size) predicting the next tick's direction with Laplace-smoothed counts.
+
+Every parameter is checked when an expert is built, with the bounds the native passes
+(``cpp/dynamic_core/dsi.hpp``) need, so an update never fails half-way: periods fit int32
+(``MAX_PERIOD``), ``pivot <= MAX_PIVOT``, ``burst_ns <= MAX_BURST_NS`` (exact as a float64),
+``absorb_window <= MAX_ABSORB_WINDOW``, ``ngram_order <= MAX_NGRAM_ORDER``; thresholds, shares
+and weights are finite.
 """
 
 from __future__ import annotations
@@ -54,9 +60,15 @@ from typing import NamedTuple
 import numpy as np
 
 from ... import _core
-from ._scan import EwMoments, prepend
+from ._scan import EwMoments, check_int, check_real, prepend
 
 __all__ = [
+    "MAX_ABSORB_WINDOW",
+    "MAX_BURST_NS",
+    "MAX_NGRAM_ORDER",
+    "MAX_NGRAM_TABLE_BYTES",
+    "MAX_PERIOD",
+    "MAX_PIVOT",
     "AbsorptionExpert",
     "AnomalyScorer",
     "Calls",
@@ -83,17 +95,43 @@ class Calls(NamedTuple):
 
 _EMPTY_I = np.zeros(0, dtype=np.intp)
 
+MAX_PERIOD = 2**31 - 2
+"""Largest RSI / MACD period: the native pass holds them as int32 and computes ``period + 1``."""
+MAX_PIVOT = 10_000
+"""Largest divergence ``pivot`` (the native pass refuses more)."""
+MAX_BURST_NS = 2**53
+"""Largest ``burst_ns``: it travels as a float64, exact up to 2**53, into an int64."""
+MAX_ABSORB_WINDOW = 10_000
+"""Largest absorption window (its tail, ``24 * window`` bytes, is kept per instrument)."""
+MAX_NGRAM_ORDER = 4
+"""Largest n-gram order: the count table is ``18 ** (order - 1) * 3`` int64 per instrument,
+137 KiB at order 4 (order 5 would be 2.4 MiB, 6 would be 45 MiB)."""
+MAX_NGRAM_TABLE_BYTES = 1 << 20
+"""Largest n-gram count table per instrument (1 MiB), whatever the alphabet."""
+_MAX_COUNT = 2**31 - 1
+_MAX_I64 = 2**63 - 1
+
 
 # -- anomaly scorers -------------------------------------------------------------------------
 class AnomalyScorer:
     """EW z-scores of size, spread and return; calls on the extreme ones."""
 
+    series = ("size", "spread", "return")
+
     def __init__(self, *, span: float = 200.0, warmup: int = 50, z_volume: float = 3.0,
                  z_return: float = 4.0, z_spread: float = 3.0) -> None:
-        self._moments = EwMoments(3, span)
+        self._moments = EwMoments(3, check_real("span", span, 1.0))
         self.mean_before = np.zeros((0, 3))
-        self.warmup = int(warmup)
-        self.z_volume, self.z_return, self.z_spread = float(z_volume), float(z_return), float(z_spread)
+        self.warmup = check_int("warmup", warmup, 0, _MAX_I64)
+        self.z_volume = check_real("z_volume", z_volume)
+        self.z_return = check_real("z_return", z_return)
+        self.z_spread = check_real("z_spread", z_spread)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Values left out of the EW moments per series because their update would overflow
+        (a finite but absurd print, e.g. a size of 1e300): see :class:`._scan.EwMoments`."""
+        return {s: int(k) for s, k in zip(self.series, self._moments.skipped)}
 
     def zscores(self, size: np.ndarray, spread: np.ndarray, ret: np.ndarray) -> np.ndarray:
         """(n, 3) z-scores of (size, spread, return) against the EW moments before each tick;
@@ -131,14 +169,14 @@ class RunExperts:
     def __init__(self, *, burst_moves: int = 4, burst_share: float = 0.6, burst_ns: int = 2_000_000_000,
                  exhaustion_moves: int = 6, climax_z: float = 3.0, sweep_moves: int = 3,
                  sweep_share: float = 0.6, sweep_retrace: float = 0.5) -> None:
-        self.burst_moves = int(burst_moves)
-        self.burst_share = float(burst_share)
-        self.burst_ns = int(burst_ns)
-        self.exhaustion_moves = int(exhaustion_moves)
-        self.climax_z = float(climax_z)
-        self.sweep_moves = int(sweep_moves)
-        self.sweep_share = float(sweep_share)
-        self.sweep_retrace = float(sweep_retrace)
+        self.burst_moves = check_int("burst_moves", burst_moves, 1, _MAX_COUNT)
+        self.burst_share = check_real("burst_share", burst_share, 0.0, 1.0)
+        self.burst_ns = check_int("burst_ns", burst_ns, 0, MAX_BURST_NS)
+        self.exhaustion_moves = check_int("exhaustion_moves", exhaustion_moves, 0, _MAX_COUNT)
+        self.climax_z = check_real("climax_z", climax_z)
+        self.sweep_moves = check_int("sweep_moves", sweep_moves, 0, _MAX_COUNT)
+        self.sweep_share = check_real("sweep_share", sweep_share, 0.0, 1.0)
+        self.sweep_retrace = check_real("sweep_retrace", sweep_retrace, 0.0)
         self._params = [float(self.burst_moves), self.burst_share, float(self.burst_ns),
                         float(self.exhaustion_moves), self.climax_z, float(self.sweep_moves), self.sweep_share,
                         self.sweep_retrace]
@@ -171,11 +209,10 @@ class AbsorptionExpert:
     name = "absorption"
 
     def __init__(self, *, window: int = 20, share: float = 0.7, volume: float = 1.5) -> None:
-        if window < 1:
-            raise ValueError("absorption window must be >= 1")
-        self.window = int(window)
-        self.share = float(share)
-        self.volume = float(volume)
+        window = check_int("absorb_window", window, 1, MAX_ABSORB_WINDOW)
+        self.window = window
+        self.share = check_real("absorb_share", share, 0.0, 1.0)
+        self.volume = check_real("absorb_volume", volume, 0.0)
         self._tail = np.zeros((window, 2))  # signed volume, volume
         self._tail_price = np.full(window, np.nan)
         self.count = 0
@@ -218,10 +255,16 @@ class DivergenceVerifier:
 
     def __init__(self, *, rsi_period: int = 14, macd_fast: int = 12, macd_slow: int = 26, pivot: int = 5,
                  warmup: int | None = None) -> None:
-        if not (rsi_period >= 1 and 1 <= macd_fast < macd_slow and pivot >= 1):
-            raise ValueError("need rsi_period >= 1, 1 <= macd_fast < macd_slow, pivot >= 1")
+        # the native pass's own check (bind_indicators.cpp, dsi_divergence), done here so an
+        # update never fails after the validator and the other experts have taken the batch
+        rsi_period = check_int("rsi_period", rsi_period, 1, MAX_PERIOD)
+        macd_fast = check_int("macd_fast", macd_fast, 1, MAX_PERIOD - 1)
+        macd_slow = check_int("macd_slow", macd_slow, 2, MAX_PERIOD)
+        if macd_slow <= macd_fast:
+            raise ValueError(f"need macd_fast < macd_slow, got macd_fast={macd_fast}, macd_slow={macd_slow}")
+        pivot = check_int("pivot", pivot, 1, MAX_PIVOT)
         self.rsi_period, self.macd_fast, self.macd_slow, self.pivot = rsi_period, macd_fast, macd_slow, pivot
-        self.warmup = int(warmup if warmup is not None else 3 * macd_slow)
+        self.warmup = check_int("div_warmup", warmup if warmup is not None else 3 * macd_slow, 0, _MAX_I64)
         self._params = [rsi_period, macd_fast, macd_slow, pivot, self.warmup]
         # the carried state (cpp/dynamic_core/dsi.hpp, DivSlot): last price, RSI gain and
         # loss averages, the two EMAs, ticks seen, then price, rsi, macd of the previous pivot
@@ -262,16 +305,22 @@ class NGramClassifier:
 
     Its call is the log-odds of an up-move over a down-move after the latest context,
     ``log((n_up + alpha) / (n_down + alpha))``.
+
+    ``order`` is in [2, :data:`MAX_NGRAM_ORDER`] (4): the counts are a dense table of
+    ``n_symbols ** (order - 1) x 3`` int64 per instrument, at most
+    :data:`MAX_NGRAM_TABLE_BYTES` (1 MiB; 137 KiB at order 4 over the 18 symbols).
     """
 
     name = "sequence"
 
     def __init__(self, *, order: int = 3, alpha: float = 1.0, n_symbols: int = N_SYMBOLS) -> None:
-        if not 2 <= order <= 6:
-            raise ValueError("order must be in [2, 6]")
-        if alpha <= 0:
-            raise ValueError("alpha must be > 0")
-        self.order, self.alpha, self.n_symbols = int(order), float(alpha), int(n_symbols)
+        order = check_int("ngram_order", order, 2, MAX_NGRAM_ORDER)
+        alpha = check_real("ngram_alpha", alpha, 0.0, lo_open=True)
+        n_symbols = check_int("n_symbols", n_symbols, 1, 1 << 16)
+        if n_symbols ** (order - 1) * 3 * 8 > MAX_NGRAM_TABLE_BYTES:
+            raise ValueError(f"n-gram table of {n_symbols} ** {order - 1} contexts is over "
+                             f"{MAX_NGRAM_TABLE_BYTES} bytes")
+        self.order, self.alpha, self.n_symbols = order, alpha, n_symbols
         self.n_contexts = self.n_symbols ** (self.order - 1)
         self.counts = np.zeros((self.n_contexts, 3), dtype=np.int64)
         self._tail = np.full(self.order - 1, -1, dtype=np.int64)

@@ -19,10 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._scan import check_real
 from .experts import Calls
 from .tape import N_TOKENS, token_name
 
-__all__ = ["DEFAULT_WEIGHTS", "Contribution", "DsiFusion", "FusionState"]
+__all__ = ["DEFAULT_WEIGHTS", "MAX_WEIGHT", "Contribution", "DsiFusion", "FusionState"]
+
+MAX_WEIGHT = 1e6
+"""Largest |weight| (a log likelihood ratio; real experts are below 10)."""
 
 DEFAULT_WEIGHTS: dict[str, float] = {
     "momentum": math.log(0.6 / 0.4),
@@ -74,24 +78,27 @@ class DsiFusion:
         Log likelihood ratio per expert (and ``"sequence"``); missing names take
         :data:`DEFAULT_WEIGHTS` (or ``log(0.6/0.4)``).
     half_life : float
-        Ticks after which a call counts half.
+        Ticks after which a call counts half (finite, > 0).
     spread_damp : float
-        Factor on calls made on ticks flagged ``spread_anomaly``.
+        Factor on calls made on ticks flagged ``spread_anomaly``, in [0, 1].
+
+    Weights are finite and at most :data:`MAX_WEIGHT` in size, so the fused log-odds stay
+    finite and the evidence in [-1, 1].
     """
 
     def __init__(self, experts: tuple[str, ...] | list[str], *, weights: dict[str, float] | None = None,
                  half_life: float = 200.0, spread_damp: float = 0.5) -> None:
-        if half_life <= 0:
-            raise ValueError("half_life must be > 0")
-        if not 0.0 <= spread_damp <= 1.0:
-            raise ValueError("spread_damp must be in [0, 1]")
+        half_life = check_real("half_life", half_life, 0.0, lo_open=True)
+        spread_damp = check_real("spread_damp", spread_damp, 0.0, 1.0)
         self.experts = tuple(experts)
         self._index = {e: i for i, e in enumerate(self.experts)}
         w = dict(DEFAULT_WEIGHTS)
         w.update(weights or {})
         unknown = set(weights or {}) - set(self.experts) - {"sequence"}
         if unknown:
-            raise ValueError(f"weights for unknown experts: {sorted(unknown)}")
+            raise ValueError(f"weights for unknown experts: {sorted(unknown, key=str)}")
+        for name, v in (weights or {}).items():  # a NaN or infinite weight makes the evidence NaN
+            check_real(f"weights[{name!r}]", v, -MAX_WEIGHT, MAX_WEIGHT)
         self.weights = np.array([w.get(e, math.log(0.6 / 0.4)) for e in self.experts])
         self.w_sequence = float(w["sequence"])
         self.half_life = float(half_life)

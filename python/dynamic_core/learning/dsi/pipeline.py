@@ -17,8 +17,17 @@ from typing import Self
 import msgspec
 import numpy as np
 
+from ...instruments import UnknownInstrument
 from ...instruments import instruments as _registry
-from ...ticks import TickValidator, _instrument_order, _segment_starts, as_ticks
+from ...ticks import (
+    MAX_DEAD_LETTERS,
+    TickValidator,
+    _check_band,
+    _instrument_order,
+    _segment_starts,
+    as_ticks,
+)
+from ._scan import check_int
 from .experts import AbsorptionExpert, AnomalyScorer, DivergenceVerifier, NGramClassifier, RunExperts, symbols
 from .fusion import Contribution, DsiFusion, FusionState
 from .tape import MicroTape
@@ -40,7 +49,14 @@ log-odds)."""
 
 
 class DsiConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Parameters of the tape, the experts and the fusion (periods and windows in ticks)."""
+    """Parameters of the tape, the experts and the fusion (periods and windows in ticks).
+
+    Checked when built (directly, by ``msgspec.structs.replace`` or decoded): TypeError for a
+    value of the wrong type, ValueError naming the field for one out of range, with the bounds
+    the native passes need (:mod:`.experts`: ``pivot <= 10000``, periods within int32,
+    ``absorb_window <= 10000``, ``ngram_order <= 4``, ``burst_ns <= 2**53``; every float finite;
+    ``max_dead_letters <= 10_000_000``). So a :class:`Dsi` never fails half-way through an update.
+    """
 
     span: float = 200.0
     size_edges: tuple[float, float, float] = (0.5, 2.0, 5.0)
@@ -73,6 +89,14 @@ class DsiConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     band: float = 0.01
     band_spreads: float = 10.0
     max_dead_letters: int = 10_000
+
+    def __post_init__(self) -> None:
+        # the components check their own parameters; building one instrument's set checks all
+        fusion = DsiFusion(EXPERTS, weights=dict(self.weights), half_life=self.half_life,
+                           spread_damp=self.spread_damp)
+        _Instrument(self, fusion)
+        _check_band(self.band, self.band_spreads)
+        check_int("max_dead_letters", self.max_dead_letters, 0, MAX_DEAD_LETTERS)
 
 
 class _Instrument:
@@ -126,9 +150,10 @@ class Dsi:
 
     Parameters
     ----------
-    instruments : iterable of str or int, optional
-        Instruments to follow (names are registered in ``dc.instruments``); ticks of others are
-        refused as ``unknown_instrument``. Default: every registered instrument.
+    instruments : str, int or an iterable of them, optional
+        Instruments to follow (names are registered in ``dc.instruments``; ids must be
+        registered); ticks of others are refused as ``unknown_instrument``. Default: every
+        registered instrument.
     config : DsiConfig, optional
     threads : int
         Worker threads sharing a batch's instruments (each instrument's ticks stay on one
@@ -145,21 +170,23 @@ class Dsi:
 
     def __init__(self, instruments: Iterable[str | int] | None = None, config: DsiConfig | None = None,
                  *, threads: int = 1, **overrides) -> None:
-        cfg = config or DsiConfig()
+        cfg = DsiConfig() if config is None else config
+        if not isinstance(cfg, DsiConfig):
+            raise TypeError(f"config must be a DsiConfig, got {type(cfg).__name__}")
         if overrides:
-            cfg = msgspec.structs.replace(cfg, **overrides)
+            cfg = msgspec.structs.replace(cfg, **overrides)  # checked by DsiConfig.__post_init__
+        threads = check_int("threads", threads, 1, 64)
         self.config = cfg
-        ids = None if instruments is None else [_registry.resolve(x) for x in instruments]
+        ids = None if instruments is None else _registry.resolve_all(instruments)
         self.instruments: tuple[int, ...] | None = None if ids is None else tuple(dict.fromkeys(ids))
+        self._followed = None if ids is None else frozenset(ids)
         self.validator = TickValidator(instruments=ids, max_dead_letters=cfg.max_dead_letters, band=cfg.band,
                                        band_spreads=cfg.band_spreads)
         self.fusion = DsiFusion(EXPERTS, weights=dict(cfg.weights), half_life=cfg.half_life,
                                 spread_damp=cfg.spread_damp)
         self._state: dict[int, _Instrument] = {}
         self.ticks = 0
-        if not 1 <= threads <= 64:
-            raise ValueError("threads must be in [1, 64]")
-        self.threads = int(threads)
+        self.threads = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dsi") if threads > 1 else None
 
     def close(self) -> None:
@@ -217,15 +244,22 @@ class Dsi:
         """Ids of the instruments it has taken ticks of, ascending."""
         return sorted(self._state)
 
+    def _slot(self, instrument: str | int) -> _Instrument | None:
+        # lookup, not resolve: asking about a name must not register it
+        i = _registry.lookup(instrument)
+        if self._followed is not None and i not in self._followed:
+            raise UnknownInstrument(f"Dsi does not follow instrument {instrument!r}")
+        return self._state.get(i)
+
     def _get(self, instrument: str | int) -> FusionState | None:
-        i = _registry.resolve(instrument) if isinstance(instrument, str) else int(instrument)
-        if self.instruments is not None and i not in self.instruments:
-            raise KeyError(f"Dsi does not follow instrument {instrument!r}")
-        st = self._state.get(i)
+        st = self._slot(instrument)
         return None if st is None else st.fused
 
     def evidence(self, instrument: str | int) -> float:
-        """Fused evidence in [-1, 1] after the latest tick (P(up) - P(down)); 0 before any tick."""
+        """Fused evidence in [-1, 1] after the latest tick (P(up) - P(down)); 0 before any tick.
+
+        :class:`~dynamic_core.instruments.UnknownInstrument` (a ValueError, also a KeyError)
+        for an instrument that is not registered or not followed; the same for every reader."""
         st = self._get(instrument)
         return 0.0 if st is None else DsiFusion.evidence(st)
 
@@ -249,6 +283,15 @@ class Dsi:
         if st is None:
             return {e: 0 for e in EXPERTS}
         return {e: int(c) for e, c in zip(EXPERTS, st.calls)}
+
+    def anomaly_skips(self, instrument: str | int) -> dict[str, int]:
+        """Values of ``instrument`` left out of the anomaly scorer's moments, per series (size,
+        spread, return), because they would have made them overflow (see
+        :class:`~dynamic_core.learning.dsi._scan.EwMoments`)."""
+        st = self._slot(instrument)
+        if st is None:
+            return dict.fromkeys(AnomalyScorer.series, 0)
+        return st.anomaly.skipped
 
     @property
     def rejects(self) -> dict[str, int]:

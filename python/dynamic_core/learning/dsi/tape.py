@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._scan import EwMoments, prepend
+from ._scan import EwMoments, check_real, prepend
 
 __all__ = [
     "AGGRESSORS",
@@ -77,6 +77,15 @@ class Tape(NamedTuple):
     size_ref: np.ndarray   # EW mean size before the tick (the size class's yardstick)
 
 
+def _edges(name: str, edges: tuple[float, ...], k: int) -> tuple[float, ...]:
+    if isinstance(edges, (str, bytes)) or len(edges) != k:
+        raise ValueError(f"{name}: {k} increasing finite multiples")
+    out = tuple(check_real(f"{name}[{i}]", e, 0.0) for i, e in enumerate(edges))
+    if list(out) != sorted(out):
+        raise ValueError(f"{name}: {k} increasing finite multiples, got {edges!r}")
+    return out
+
+
 def _classes(ratio: np.ndarray, edges: tuple[float, ...]) -> np.ndarray:
     out = np.zeros(len(ratio), dtype=np.uint8)
     for e in edges:
@@ -98,13 +107,9 @@ class MicroTape:
 
     def __init__(self, *, span: float = 200.0, size_edges: tuple[float, ...] = (0.5, 2.0, 5.0),
                  spread_edges: tuple[float, ...] = (1.25, 2.5)) -> None:
-        if len(size_edges) != len(SIZES) - 1 or list(size_edges) != sorted(size_edges):
-            raise ValueError(f"size_edges: {len(SIZES) - 1} increasing multiples")
-        if len(spread_edges) != len(SPREADS) - 1 or list(spread_edges) != sorted(spread_edges):
-            raise ValueError(f"spread_edges: {len(SPREADS) - 1} increasing multiples")
-        self.size_edges = tuple(float(e) for e in size_edges)
-        self.spread_edges = tuple(float(e) for e in spread_edges)
-        self._moments = EwMoments(2, span)
+        self.size_edges = _edges("size_edges", size_edges, len(SIZES) - 1)
+        self.spread_edges = _edges("spread_edges", spread_edges, len(SPREADS) - 1)
+        self._moments = EwMoments(2, check_real("span", span, 1.0))
         self.last_price = np.nan
         self.last_spread = np.nan
         self.count = 0

@@ -1,0 +1,415 @@
+"""Hostile inputs to the Python face: configs built by hand, extreme timestamps, stragglers,
+absurd prints, bare strings where lists are expected, unknown instruments. Each refusal is
+checked against an independent reference (msgspec's own decoder, the native pass's own check,
+plain Python integers, a plain-Python recurrence), not against the code under test."""
+
+from __future__ import annotations
+
+import math
+import typing
+
+import msgspec
+import numpy as np
+import pytest
+
+import dynamic_core as dc
+from dynamic_core import _core
+from dynamic_core.instruments import UnknownInstrument
+from dynamic_core.learning.dsi import Dsi, DsiConfig
+from dynamic_core.learning.dsi._scan import EwMoments
+from dynamic_core.learning.dsi.experts import NGramClassifier
+from dynamic_core.payloads import EvolutionConfig, evolution_config
+from dynamic_core.ticks import TICK_REASONS, TickAggregator, TickValidator
+
+NS = 1_000_000_000
+H = 3600 * NS
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+
+
+def _ticks(rows, instrument: int) -> np.ndarray:
+    t = np.zeros(len(rows), dtype=dc.TICK_DTYPE)
+    for k, (ts, price, size) in enumerate(rows):
+        t[k]["ts"], t[k]["price"], t[k]["size"] = ts, price, size
+    t["instrument"] = instrument
+    return t
+
+
+# -- 1. EvolutionConfig built directly meets the limits replay decodes with ---------------------
+_PROBES = [-2, -1, 0, 1, 2, 3, 64, 65, 1000, 1001, 100_000, 100_001, 2**31, 2**31 + 1]
+_FLOAT_PROBES = [-0.5, 0.0, 0.5, 0.95, 1.0, 1.5, 4.0, 1e6, 1.000001e6, math.nan, math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("field", [f.name for f in msgspec.structs.fields(EvolutionConfig)])
+def test_evolution_config_direct_construction_refuses_what_decoding_refuses(field):
+    # the oracle: msgspec's own constrained decoding of the same value
+    typ = next(f.type for f in msgspec.structs.fields(EvolutionConfig) if f.name == field)
+    is_int = typing.get_args(typ)[0] is int
+    for v in _PROBES + ([] if is_int else _FLOAT_PROBES):
+        try:
+            msgspec.convert({field: v}, EvolutionConfig)
+            decodes = True
+        except msgspec.ValidationError:
+            decodes = False
+        if decodes:
+            assert getattr(EvolutionConfig(**{field: v}), field) == v
+        else:
+            with pytest.raises(ValueError, match=field):
+                EvolutionConfig(**{field: v})
+
+
+def test_evolution_config_wrong_types_and_negative_min_age():
+    with pytest.raises(ValueError, match="min_age"):
+        EvolutionConfig(min_age=-1)  # was a pybind "Unable to cast" RuntimeError at evolve
+    with pytest.raises(ValueError, match="min_age"):
+        evolution_config({"min_age": -1})
+    with pytest.raises(TypeError, match="tournament"):
+        EvolutionConfig(tournament="3")
+    with pytest.raises(TypeError, match="min_trades"):
+        EvolutionConfig(min_trades=True)
+
+
+def test_a_generation_evolved_with_a_hand_built_config_replays(tmp_path):
+    with pytest.raises(ValueError, match="dd_penalty"):
+        EvolutionConfig(dd_penalty=1e7, min_age=50)  # refused before anything is journaled
+    bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(240)
+    pop = dc.Population.random(64, instruments=["EURUSD"], timeframes=["H1"], seed=7)
+    d = str(tmp_path / "j")
+    with dc.Engine(pop, threads=1, journal=d) as eng:
+        eng.run(bars[:160])
+        eng.evolve(EvolutionConfig(dd_penalty=1e6, min_age=50), seed=1, generation=1)  # at the limit
+        eng.run(bars[160:])
+    assert dc.Engine.replay(d, threads=1).verified
+
+
+# -- 2. tick times whose bar would not fit int64 ------------------------------------------------
+def test_ticks_whose_bucket_would_overflow_int64_are_refused_and_edges_are_exact():
+    i = dc.instruments.id("EURUSD")
+    w = H
+    # plain Python integers: the first bucket starting at or after INT64_MIN, the last ending
+    # at or before INT64_MAX
+    first = -((-I64_MIN) // w) * w
+    assert first >= I64_MIN and first - w < I64_MIN
+    last_end = (I64_MAX // w) * w
+    agg = TickAggregator(["H1"])
+    bad = [I64_MIN, I64_MIN + 1, first - 1, last_end, I64_MAX - 5, I64_MAX]
+    for ts in bad:
+        assert len(agg.update(_ticks([(ts, 1.0, 1.0)], i))) == 0
+    assert agg.rejects == {"bad_timestamp": len(bad)} and agg.accepted == 0
+    assert [TICK_REASONS[r] for r in agg.dead_letters()["reason"]] == ["bad_timestamp"] * len(bad)
+    assert len(agg.flush()) == 0
+
+    lo = TickAggregator(["H1"])
+    lo.update(_ticks([(first, 1.0, 1.0)], i))
+    bar = lo.flush()
+    assert bar["ts"].tolist() == [first]
+    hi = TickAggregator(["H1"])
+    hi.update(_ticks([(last_end - 1, 2.0, 1.0)], i))
+    assert len(hi.close_until(0)) == 0  # its bar ends at INT64_MAX's hour, not before 0
+    bar = hi.flush()
+    assert bar["ts"].tolist() == [last_end - w]
+    assert hi.rejects == {}
+
+
+def test_a_sentinel_timestamp_does_not_poison_the_bar_stream():
+    i = dc.instruments.id("EURUSD")
+    agg = TickAggregator(["H1"])
+    out = [agg.update(_ticks([(I64_MIN, 1.0, 1.0)], i))]
+    t0 = 1_700_000_000 * NS
+    for h in range(1, 6):
+        out.append(agg.update(_ticks([(t0 + h * H, 1.0 + h / 100, 1.0)], i)))
+    bars = np.concatenate(out + [agg.flush()])
+    assert bars["ts"].tolist() == [(t0 + h * H) // H * H for h in range(1, 6)]
+    assert agg.rejects == {"bad_timestamp": 1}
+    eng = dc.Engine(dc.Population.random(16, instruments=["EURUSD"], timeframes=["H1"], seed=1), threads=1)
+    eng.run(bars)
+    assert not any(eng.stats()["rejects"].values())
+    eng.close()
+
+
+# -- 3. a straggler of a bar finished by the clock ----------------------------------------------
+def test_a_tick_of_a_bar_closed_by_close_until_is_refused_as_late():
+    i = dc.instruments.id("EURUSD")
+    agg = TickAggregator(["M1", "H1"])
+    agg.update(_ticks([(10, 1.0, 1.0)], i))
+    closed = agg.close_until(H)
+    assert sorted(closed["timeframe"].tolist()) == [60, 3600]
+    assert len(agg.update(_ticks([(20, 1.5, 7.0)], i))) == 0
+    assert agg.rejects == {"late": 1} and agg.accepted == 1
+    dead = agg.dead_letters()
+    assert TICK_REASONS[int(dead["reason"][0])] == "late" and dead["price"][0] == 1.5
+    assert len(agg.flush()) == 0  # no second bar with the same ts
+    agg.update(_ticks([(H + 5, 2.0, 1.0)], i))  # the next hour is open
+    assert agg.flush()["ts"].tolist() == [H, H]
+    # the engine takes every bar: nothing duplicated, nothing lost silently
+    eng = dc.Engine(dc.Population.random(16, instruments=["EURUSD"], timeframes=["H1"], seed=1), threads=1)
+    eng.run(closed[closed["timeframe"] == 3600])
+    assert not any(eng.stats()["rejects"].values())
+    eng.close()
+
+
+def test_late_is_per_instrument_and_only_before_the_closed_bar_end():
+    i, j = dc.instruments.id("EURUSD"), dc.instruments.id("GBPUSD")
+    agg = TickAggregator(["H1"])
+    agg.update(_ticks([(10, 1.0, 1.0)], i))
+    agg.close_until(2 * H)
+    both = np.concatenate([_ticks([(30, 1.0, 1.0)], j), _ticks([(H - 1, 1.0, 1.0), (H, 1.2, 1.0)], i)])
+    agg.update(both)
+    assert agg.rejects == {"late": 1}  # GBPUSD had no bar closed; EURUSD's H is the next bar
+    assert sorted(agg.flush()["ts"].tolist()) == [0, H]
+
+
+# -- 4. Dsi / expert parameters checked at construction ------------------------------------------
+@pytest.mark.parametrize("pivot, native_ok", [(10_000, True), (10_001, False), (0, False)])
+def test_dsi_pivot_bound_is_the_native_one(pivot, native_ok):
+    # the oracle: the native pass's own check
+    state = np.array([np.nan, 0.0, 0.0, 0.0, 0.0, 0.0] + [np.nan] * 6)
+    tail = np.full((2 * max(pivot, 1), 3), np.nan)
+    try:
+        _core.dsi_divergence(np.ones(3), [14, 12, 26, pivot, 78], state, tail)
+        ok = True
+    except ValueError:
+        ok = False
+    assert ok == native_ok
+    if native_ok:
+        d = Dsi(["EURUSD"], pivot=pivot)
+        d.update(_ticks([(k, 1.0 + k * 1e-4, 1.0) for k in range(50)], dc.instruments.id("EURUSD")))
+        assert d.ticks == 50
+    else:
+        with pytest.raises(ValueError, match="pivot"):
+            Dsi(["EURUSD"], pivot=pivot)
+
+
+@pytest.mark.parametrize("kw", [
+    {"rsi_period": 2**32 + 14}, {"rsi_period": 0}, {"macd_fast": 26}, {"macd_slow": 2**31},
+    {"burst_ns": 2**63}, {"burst_ns": -1}, {"warmup": -5}, {"div_warmup": 2**64}, {"absorb_window": 0},
+    {"span": math.nan}, {"span": 0.5}, {"z_volume": math.nan}, {"climax_z": math.inf},
+    {"burst_share": 1.5}, {"size_edges": (5.0, 2.0, 0.5)}, {"spread_edges": (1.0, math.nan)},
+    {"ngram_alpha": 0.0}, {"band": math.nan}, {"band_spreads": -1.0}, {"max_dead_letters": 10**12},
+])
+def test_bad_dsi_parameters_are_refused_before_any_tick(kw):
+    (name,) = kw
+    with pytest.raises(ValueError, match=name):
+        Dsi(["EURUSD"], **kw)
+    with pytest.raises(ValueError, match=name):
+        DsiConfig(**kw)
+
+
+@pytest.mark.parametrize("kw", [{"pivot": 5.0}, {"rsi_period": "14"}, {"burst_moves": True}])
+def test_dsi_parameters_of_the_wrong_type_are_refused(kw):
+    with pytest.raises(TypeError):
+        Dsi(["EURUSD"], **kw)
+
+
+def test_a_refused_config_leaves_nothing_half_done():
+    i = dc.instruments.id("EURUSD")
+    t = _ticks([(k, 1.0 + k * 1e-4, 1.0) for k in range(100)], i)
+    with pytest.raises(ValueError):
+        Dsi(["EURUSD"], pivot=20_000)
+    d = Dsi(["EURUSD"], pivot=10_000, rsi_period=2**31 - 2, macd_fast=2**31 - 3, macd_slow=2**31 - 2)
+    d.update(t)
+    assert d.ticks == d.validator.accepted == 100 and d.rejects == {}
+
+
+# -- 5. one absurd print must not disable the anomaly experts ------------------------------------
+def _ew_oracle(x: np.ndarray, span: float) -> tuple[np.ndarray, np.ndarray]:
+    """West's recurrence in plain Python, a value left out when it would make the moments
+    non-finite, a series restarted after ceil(span) values in a row left out."""
+    a = 2.0 / (span + 1.0)
+    r, w = 1.0 - a, (1.0 - a) * a
+    n, k = x.shape
+    mb, vb = np.empty((n, k)), np.empty((n, k))
+    for c in range(k):
+        m, v, streak = float(x[0, c]), 0.0, 0
+        for t in range(n):
+            mb[t, c], vb[t, c] = m, v
+            xv = float(x[t, c])
+            d = xv - m
+            m2, v2 = r * m + a * xv, r * v + (w * d) * d
+            if math.isfinite(m2) and math.isfinite(v2):
+                m, v, streak = m2, v2, 0
+            elif streak >= math.ceil(span):
+                m, v, streak = xv, 0.0, 0
+            else:
+                streak += 1
+    return mb, vb
+
+
+@pytest.mark.parametrize("cuts", [[], [1, 2, 3], [37, 600, 601, 602, 1999]])
+def test_ew_moments_leave_out_values_that_would_overflow(cuts):
+    rng = np.random.default_rng(5)
+    x = rng.exponential(2.0, (2500, 3))
+    x[100, 0] = 1e300          # one spike
+    x[400:404, 1] = 1e250      # a few in a row
+    x[0, 2] = 1e300            # the very first value (the seed) absurd: restarts after `span`
+    x[1000:1300, 2] = 1e200    # a long run: the series moves there, then back
+    want_m, want_v = _ew_oracle(x, 50.0)
+    em = EwMoments(3, 50.0)
+    got = [em.step(p) for p in np.split(x, cuts)]
+    np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), want_m)
+    np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), want_v)
+    assert np.isfinite(em.var).all() and em.skipped[0] == 1 and em.skipped[1] == 4
+    assert em.restarts[2] >= 2
+
+
+def _feed(n: int, t0: int, seed: int, instrument: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.zeros(n, dc.TICK_DTYPE)
+    t["ts"] = t0 + np.arange(n)
+    t["instrument"] = instrument
+    t["price"] = 1.1 + np.cumsum(rng.standard_normal(n)) * 1e-4
+    t["size"] = rng.exponential(3.0, n) + 0.1
+    t["side"] = rng.integers(0, 3, n)
+    return t
+
+
+def test_anomaly_experts_call_again_soon_after_a_huge_print():
+    i = dc.instruments.id("HOSTILE_SPIKE")
+    warm, later = _feed(500, 0, 3, i), _feed(8000, 10_000, 4, i)
+    for k in (2000, 5000, 7000):  # genuine jumps (~100 sigma) well after the spike
+        later["price"][k:] += 0.01
+    spike = _feed(1, 600, 5, i)
+    spike["price"] = spike["size"] = 1e300
+    runs = {}
+    for name, parts in (("clean", [warm, later]), ("spike", [warm, spike, later])):
+        d = Dsi(["HOSTILE_SPIKE"])
+        for p in parts[:-1]:
+            d.update(p)
+        c0 = d.calls("HOSTILE_SPIKE")
+        d.update(parts[-1])
+        c1 = d.calls("HOSTILE_SPIKE")
+        runs[name] = ({k: c1[k] - c0[k] for k in c1}, d)
+    clean, spiked = runs["clean"][0], runs["spike"][0]
+    assert clean["volume_anomaly"] > 50 and clean["return_anomaly"] >= 3
+    # the size series skipped the spike: the same size calls (the first tick's aggressor may differ)
+    assert abs(spiked["volume_anomaly"] - clean["volume_anomaly"]) <= 1
+    assert spiked["return_anomaly"] >= 3  # each later jump is still seen
+    d = runs["spike"][1]
+    assert d.anomaly_skips("HOSTILE_SPIKE") == {"size": 1, "spread": 0, "return": 1}
+    assert math.isfinite(d.evidence("HOSTILE_SPIKE"))
+
+
+def test_dsi_results_without_absurd_prints_are_bit_identical_to_before():
+    # numbers computed by the code before the overflow guard, on the same ticks
+    ids = [dc.instruments.id(x) for x in ("HX_GOLD_A", "HX_GOLD_B")]
+    rng = np.random.default_rng(11)
+    n = 6000
+    t = np.zeros(n, dc.TICK_DTYPE)
+    t["ts"] = np.arange(n) * 1_000_000
+    t["instrument"] = np.array(ids, np.uint32)[rng.integers(0, 2, n)]
+    t["price"] = 1.1 + np.cumsum(rng.standard_normal(n)) * 1e-4
+    t["size"] = rng.exponential(3.0, n) + 0.1
+    t["side"] = rng.integers(0, 3, n)
+    q = rng.random(n) < 0.5
+    sp = rng.exponential(1e-4, n) + 1e-5
+    t["bid"] = np.where(q, t["price"] - sp / 2, 0.0)
+    t["ask"] = np.where(q, t["price"] + sp / 2, 0.0)
+    d = Dsi(["HX_GOLD_A", "HX_GOLD_B"])
+    for p in np.array_split(t, 7):
+        d.update(p)
+    assert (d.evidence("HX_GOLD_A"), d.log_odds("HX_GOLD_A")) == (0.8212776690447561, 2.3214601719977126)
+    assert (d.evidence("HX_GOLD_B"), d.log_odds("HX_GOLD_B")) == (-0.03205703992331653, -0.06413605575785002)
+    assert d.calls("HX_GOLD_A") == {"momentum": 110, "exhaustion": 6, "sweep": 66, "absorption": 0,
+                                    "volume_anomaly": 51, "return_anomaly": 5, "rsi_divergence": 34,
+                                    "macd_divergence": 32}
+
+
+# -- 6. NaN / infinite fusion parameters ---------------------------------------------------------
+@pytest.mark.parametrize("kw", [{"weights": {"momentum": math.nan}}, {"weights": {"sequence": math.inf}},
+                                {"weights": {"sweep": 1e300}}, {"half_life": math.nan},
+                                {"half_life": math.inf}, {"spread_damp": math.nan}])
+def test_non_finite_fusion_parameters_are_refused(kw):
+    with pytest.raises(ValueError):
+        Dsi(["EURUSD"], **kw)
+
+
+def test_finite_extreme_weights_keep_the_evidence_in_range():
+    i = dc.instruments.id("EURUSD")
+    d = Dsi(["EURUSD"], weights={e: 1e6 for e in ("momentum", "sweep", "sequence")}, half_life=1e-300)
+    d.update(_feed(3000, 0, 0, i))
+    assert -1.0 <= d.evidence("EURUSD") <= 1.0
+
+
+# -- 7. single names, unknown ids, no registration by asking -------------------------------------
+def test_a_single_name_is_one_instrument():
+    e = dc.instruments.id("EURUSD")
+    n0 = len(dc.instruments)
+    pop = dc.Population.random(10, instruments="EURUSD", timeframes="H1")
+    assert set(pop.records["instrument"].tolist()) == {e} and set(pop.records["timeframe"].tolist()) == {3600}
+    agg = TickAggregator("H1", instruments="EURUSD")
+    agg.update(_ticks([(1, 1.0, 1.0)], e))
+    assert agg.accepted == 1
+    assert Dsi("EURUSD").instruments == (e,)
+    assert TickValidator(instruments=e)(_ticks([(1, 1.0, 1.0)], e))[0].size == 1
+    assert len(dc.instruments) == n0
+    for junk in ("E", "U", "R", "S", "D"):
+        assert junk not in dc.instruments
+
+
+@pytest.mark.parametrize("call", [
+    lambda: dc.Population.random(8, instruments=[999_999]),
+    lambda: TickAggregator(["H1"], instruments=[999_999]),
+    lambda: TickValidator().last_ts(999_999),
+    lambda: Dsi([999_999]),
+    lambda: Dsi(["EURUSD"]).evidence("GBPUSD"),
+    lambda: Dsi().evidence(-1),
+])
+def test_unknown_instruments_are_value_errors(call):
+    dc.instruments.id("GBPUSD")
+    with pytest.raises(ValueError) as e:
+        call()
+    assert isinstance(e.value, dc.errors.DynamicCoreError) and isinstance(e.value, KeyError)
+    assert "instrument" in str(e.value) and not str(e.value).startswith("'")
+
+
+def test_asking_about_a_name_does_not_register_it():
+    n0 = len(dc.instruments)
+    with pytest.raises(UnknownInstrument):
+        Dsi().evidence("HOSTILE_NEVER_SEEN")
+    with pytest.raises(UnknownInstrument):
+        TickValidator().last_ts("HOSTILE_NEVER_SEEN_2")
+    assert len(dc.instruments) == n0 and "HOSTILE_NEVER_SEEN" not in dc.instruments
+
+
+def test_unknown_mode_is_a_value_error():
+    with pytest.raises(ValueError, match="mode"):
+        dc.Population.random(8, mode="bogus")
+    assert set(dc.Population.random(8, mode="long_only").records["mode"].tolist()) == {0}
+
+
+# -- 8. grid values that the genome fields cannot hold -------------------------------------------
+@pytest.mark.parametrize("kw", [{"fast": [2**32 + 5]}, {"slow": [26, 2**31]}, {"mode": [2**32 + 1]},
+                                {"kind": [-1]}, {"fast": [5.5]}, {"fast": [True]}])
+def test_grid_refuses_values_that_would_wrap_in_the_cast(kw):
+    (name,) = kw
+    with pytest.raises(dc.errors.InvalidGenome, match=name):
+        dc.Population.grid("EURUSD", "H1", **kw)
+
+
+def test_grid_keeps_integral_values():
+    rec = dc.Population.grid("EURUSD", "H1", fast=[5, 7.0], slow=[np.int64(50)]).records
+    assert rec["fast"].tolist() == [5, 7] and rec["slow"].tolist() == [50, 50]
+
+
+# -- 9. bounded n-gram table and absorption window -----------------------------------------------
+def test_ngram_order_is_capped_so_the_table_stays_small():
+    with pytest.raises(ValueError, match="ngram_order"):
+        Dsi(["EURUSD"], ngram_order=5)
+    with pytest.raises(ValueError, match="ngram_order"):
+        NGramClassifier(order=6)
+    assert NGramClassifier(order=4).counts.nbytes <= 1 << 20
+    with pytest.raises(ValueError, match="absorb_window"):
+        Dsi(["EURUSD"], absorb_window=10_001)
+    Dsi(["EURUSD"], absorb_window=10_000, ngram_order=4)
+
+
+# -- 10. validator and aggregator knobs ----------------------------------------------------------
+def test_validator_knobs_are_bounded():
+    with pytest.raises(ValueError, match="max_dead_letters"):
+        TickValidator(max_dead_letters=10**12)  # was a MemoryError
+    for kw in ({"band": math.nan}, {"band_spreads": math.nan}, {"band": math.inf}, {"band": -0.01}):
+        with pytest.raises(ValueError, match="band"):
+            TickValidator(**kw)
+    for tf in ("1.5s", "1500ms", "2.5min 0.1s"):
+        with pytest.raises(ValueError, match="whole number of seconds"):
+            TickAggregator([tf])
+    assert TickAggregator(["2000ms", "90s", "H1"]).timeframes == (2, 90, 3600)
