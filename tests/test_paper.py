@@ -703,3 +703,101 @@ def test_instruments_by_id_through_on_bars() -> None:
     b.submit(buy("a", 1.0))
     (f,) = b.on_bars(bars[1:])
     assert f.ts == 2 and b.stats()["ignored_bars"] == {"unknown_instrument": 1}
+
+
+# ---------------------------------------------------------------------------------- observation and memory
+
+
+def test_reading_equity_changes_nothing_later() -> None:
+    # Values are summed in instrument-name order, whenever they were revalued: a run that reads
+    # equity after every event gives the same curve, bit for bit, as one that never does.
+    h = 3_600_000_000_000
+
+    def run(peek: bool, seed: int) -> np.ndarray:
+        r = np.random.default_rng(seed)
+        names = ["AAA", "BBB", "CCC", "DDD"]  # 1-unit USD equities
+        b = PaperBroker(equity=1e6, fill_market="immediate")
+        for n in names:
+            p = float(r.uniform(10, 1000))
+            b.on_bar(n, h, p, p, p, p)
+        for n in reversed(names):  # opened in reverse name order
+            b.submit(Order(client_order_id=n, instrument=n, side=1, lots=float(r.integers(1, 500))))
+            if peek:
+                _ = b.equity  # only looking
+        for t in range(2, 40):
+            for n in names:
+                c = float(r.uniform(10, 1000))
+                b.on_bar(n, t * h, c, c, c, c)
+                if peek:
+                    _ = b.equity  # only looking
+            if t % 9 == 0:  # close one and reopen it: the values' insertion order changes
+                n = names[t % 4]
+                b.close(n)
+                if peek:
+                    _ = b.equity  # only looking
+                b.submit(Order(client_order_id=f"{n}{t}", instrument=n, side=-1, lots=3.0))
+        return b.equity_curve()
+
+    for seed in range(30):
+        assert run(False, seed).tobytes() == run(True, seed).tobytes(), seed
+
+
+def test_history_is_bounded_and_stats_cover_the_whole_run(goog: np.ndarray) -> None:
+    costs = CostModel(spread=0.10, slippage=0.05, commission_per_lot=0.5)
+    full = PaperBroker(specs={"GOOG": GOOG_SPEC}, costs=costs, history=None)
+    small = PaperBroker(specs={"GOOG": GOOG_SPEC}, costs=costs, history=40)
+    since, n0 = [], 0
+    for i in range(0, len(goog), 50):  # fills_since by running count across the cuts
+        for b in (full, small):
+            _churn_part(b, goog, i, min(i + 50, len(goog)))
+        since += small.fills_since(n0)
+        n0 = small.fill_count
+        assert len(small.fills) <= 40 + 5 and len(small.equity_curve()) <= 40 + 5 and len(small._status) <= 40 + 5
+    assert since == full.fills and small.fill_count == full.fill_count > 200
+    a, b = full.stats(), small.stats()
+    assert b.pop("dropped")["trades"] > 100 and a.pop("dropped") == {"curve": 0, "fills": 0, "trades": 0, "statuses": 0}
+    assert a == b  # the same figures, bit for bit, from the kept sums and the running drawdown
+    assert small.trades == full.trades[-len(small.trades):]
+    assert small.equity_curve().tobytes() == full.equity_curve()[-len(small.equity_curve()):].tobytes()
+    # state is never dropped: legs and pending orders as in the full broker
+    assert small.positions() == full.positions() and small.pending() == full.pending()
+    for od in small.pending():
+        assert small.order_status(od.client_order_id) == "pending"
+        assert small.submit(od).status == "duplicate"
+    # oracle for the whole-run figures: the full broker's lists, summed and scanned in plain Python
+    pnl = [t.pnl for t in full.trades]
+    eq = full.equity_curve()["equity"]
+    assert a["net_pnl"] == math.fsum(pnl) and a["trades"] == len(pnl)
+    assert a["max_drawdown"] == float(np.max(np.maximum.accumulate(np.maximum(eq, 100_000.0)) - eq))
+
+
+def _churn_part(b: PaperBroker, bars: np.ndarray, lo: int, hi: int) -> None:
+    close = bars["close"]
+    for i in range(lo, hi):
+        b.on_bars(bars[i:i + 1])
+        if i % 7 == 0:
+            side = 1 if (i // 7) % 3 else -1
+            c = float(close[i])
+            b.submit(Order(client_order_id=f"c{i}", instrument="GOOG", side=side, lots=float(1 + i % 5),
+                           stop_loss=c * (1 - 0.04 * side), take_profit=c * (1 + 0.06 * side), plan_id=f"P{i % 4}"))
+        if i % 11 == 0:
+            b.submit(Order(client_order_id=f"l{i}", instrument="GOOG", side=1, type="limit", lots=2.0,
+                           price=float(close[i]) * 0.99, valid_until=int(bars["ts"][min(i + 3, len(bars) - 1)])))
+
+
+def test_exact_sum_equals_fsum() -> None:
+    from dynamic_core.bridges.paper import _ExactSum
+
+    r = np.random.default_rng(2)
+    for scale in (1.0, 1e-280, 1e280):
+        xs = (r.standard_normal(2000) * scale * 10.0 ** r.integers(-20, 20, 2000)).tolist()
+        s = _ExactSum()
+        for x in xs:
+            s.add(x)
+        assert s.value() == math.fsum(xs)
+    s = _ExactSum()
+    for x in (1.0, math.inf, 2.0):
+        s.add(x)
+    assert s.value() == math.inf
+    with pytest.raises(ValueError, match="history"):
+        PaperBroker(history=0)

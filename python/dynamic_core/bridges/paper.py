@@ -37,7 +37,14 @@ Idempotency and bad input. A ``client_order_id`` once accepted answers ``"duplic
 changes nothing; a rejected one may be sent again (nothing was executed). Invalid orders are
 rejected with a reason code, invalid bars ignored and counted, a raising trade callback counted
 and logged once: nothing raises. Callbacks run once the call that closed the trade has finished
-its bookkeeping, so they may call the broker. Same calls, same results, bit for bit.
+its bookkeeping, so they may call the broker. Same calls, same results, bit for bit; reading
+``equity`` (or anything else) between calls changes nothing.
+
+Memory. The equity curve, the fills, the closed trades and the statuses of finished orders are
+history: the latest ``history`` of each are kept (the oldest dropped a chunk at a time), while
+``stats()`` and the counts cover the whole run. Open legs and pending orders are state and are
+never dropped. A ``client_order_id`` is answered ``"duplicate"`` while its status is kept: for
+at least the last ``history`` orders.
 
 Against backtesting.py (no costs, ``trade_on_close=False``) market entries with brackets and
 netted orders agree exactly but for one case: a position held through a gap beyond its target
@@ -68,6 +75,8 @@ EQUITY_DTYPE = np.dtype([("ts", "<i8"), ("balance", "<f8"), ("equity", "<f8")])
 """One equity-curve point: bar time (ns), balance and equity in the account currency."""
 
 _ORDER_TYPES = ("market", "limit", "stop")
+HISTORY = 100_000
+"""Curve points, fills, closed trades and finished-order statuses a broker keeps by default."""
 _EPS = 1e-9  # lots below this are float dust from subtracting steps, not a position
 
 
@@ -209,16 +218,22 @@ class PaperBroker:
         ``"next_open"`` (backtests: market orders fill at the open of the instrument's next bar)
         or ``"immediate"`` (a terminal: at the last close, rejected ``"no_price"`` before the
         instrument's first bar).
+    history : int or None
+        How many equity-curve points, fills, closed trades and finished-order statuses are kept
+        in memory (default :data:`HISTORY`; None keeps all). ``stats()`` covers the whole run
+        either way; a journal of the decisions is the durable record.
     """
 
     def __init__(self, *, equity: float = 100_000.0, account: str = "USD",
                  costs: CostModel | Mapping[str, CostModel] | None = None,
                  specs: Mapping[str, InstrumentSpec] | None = None,
-                 fill_market: str = "next_open") -> None:
+                 fill_market: str = "next_open", history: int | None = HISTORY) -> None:
         if fill_market not in ("next_open", "immediate"):
             raise ValueError(f"fill_market must be 'next_open' or 'immediate', got {fill_market!r}")
         if not (math.isfinite(equity) and equity > 0):
             raise ValueError(f"equity must be finite and > 0, got {equity!r}")
+        if history is not None and (not isinstance(history, int) or history < 1):
+            raise ValueError(f"history must be an int >= 1 or None, got {history!r}")
         if costs is not None and not isinstance(costs, CostModel) and not all(
                 isinstance(v, CostModel) for v in costs.values()):
             raise TypeError("costs must be a CostModel or a mapping of instrument name to CostModel")
@@ -253,6 +268,16 @@ class PaperBroker:
         self._callback_errors = self._conversion_errors = 0
         self._commission = 0.0
         self._names: dict[int, str] = {}
+        # bounded history: each list is cut back to `_keep` once it is a chunk longer
+        self._keep = history if history is not None else 2**63 - 1
+        self._chunk = max(1, self._keep // 8)
+        self._dropped = {"curve": 0, "fills": 0, "trades": 0, "statuses": 0}
+        self._status_at = self._keep + self._chunk
+        # the whole run's figures, kept as they come (exact sums: the same bits as fsum over all)
+        self._n_trades = self._wins = self._losses = 0
+        self._sums = {k: _ExactSum() for k in ("won", "lost", "net", "gross")}
+        self._peak = self._initial
+        self._max_dd = self._max_dd_pct = 0.0
 
     # ----------------------------------------------------------------------------- lookups
     def _spec(self, instrument: str) -> InstrumentSpec:
@@ -302,11 +327,11 @@ class PaperBroker:
             cost = self._cost(order.instrument)
             px = self._prices[order.instrument] + order.side * (cost.spread / 2 + cost.slippage)
             ts = max(int(order.ts), self._last_ts[order.instrument])
-            self._status[cid] = "filled"
+            self._set_status(cid, "filled")
             fill = self._execute(order, px, ts, None)
             self._dispatch()
             return OrderResult(client_order_id=cid, status="filled", fills=(fill,))
-        self._status[cid] = "pending"
+        self._set_status(cid, "pending")
         self._pending[cid] = order
         self._pending_at.setdefault(order.instrument, {})[cid] = order
         return OrderResult(client_order_id=cid, status="accepted")
@@ -348,7 +373,7 @@ class PaperBroker:
     def _reject(self, cid: str, reason: str) -> OrderResult:
         self._rejects[reason] = self._rejects.get(reason, 0) + 1
         if cid:  # only ever a new or a previously rejected id: accepted ids are duplicates
-            self._status[cid] = "rejected"
+            self._set_status(cid, "rejected")
         return OrderResult(client_order_id=cid, status="rejected", reason=reason)
 
     def submit_plan(self, plan: TradingPlan, **kw: object) -> OrderResult:
@@ -361,7 +386,7 @@ class PaperBroker:
         if od is None:
             return False
         self._unpend(od)
-        self._status[client_order_id] = "cancelled"
+        self._set_status(client_order_id, "cancelled")
         return True
 
     def pending(self) -> list[Order]:
@@ -403,7 +428,7 @@ class PaperBroker:
         kind = "reverse" if reverses else ("close" if opposite else "entry")
         fill = Fill(client_order_id=order.client_order_id, plan_id=order.plan_id, instrument=name, side=side,
                     lots=_lots(float(order.lots)), price=px, commission=commission, ts=ts, kind=kind)
-        self._fills.append(fill)
+        self._add_fill(fill)
         return fill
 
     def _reduce(self, name: str, lots: float, px: float, ts: int, reason: str,
@@ -456,12 +481,46 @@ class PaperBroker:
         comm = self._close_part(name, leg, q, px, ts, kind)
         fill = Fill(client_order_id=leg.client_order_id, plan_id=leg.plan_id, instrument=name,
                     side=-leg.direction, lots=q, price=px, commission=comm, ts=ts, kind=kind)
-        self._fills.append(fill)
+        self._add_fill(fill)
         return fill
 
     def _emit(self, trade: ClosedTrade) -> None:
+        p = trade.pnl
+        self._n_trades += 1
+        self._wins += p > 0.0
+        self._losses += p < 0.0
+        sums = self._sums
+        sums["net"].add(p)
+        sums["gross"].add(trade.gross_pnl)
+        if p > 0.0:
+            sums["won"].add(p)
+        elif p < 0.0:
+            sums["lost"].add(-p)
         self._trades.append(trade)
+        if len(self._trades) > self._keep + self._chunk:
+            self._trim(self._trades, "trades")
         self._outbox.append(trade)
+
+    def _add_fill(self, fill: Fill) -> None:
+        self._fills.append(fill)
+        if len(self._fills) > self._keep + self._chunk:
+            self._trim(self._fills, "fills")
+
+    def _trim(self, history: list, what: str) -> None:
+        drop = len(history) - self._keep
+        del history[:drop]
+        self._dropped[what] += drop
+
+    def _set_status(self, cid: str, status: str) -> None:
+        self._status[cid] = status
+        if len(self._status) > self._status_at:
+            # the oldest finished orders are forgotten; a pending one is state and stays
+            excess = len(self._status) - self._keep
+            old = [k for k, v in self._status.items() if v != "pending"][:excess]
+            for k in old:
+                del self._status[k]
+            self._dropped["statuses"] += len(old)
+            self._status_at = max(self._keep, len(self._status)) + self._chunk
 
     def _dispatch(self) -> None:
         # Called last by every public method that can close trades, so callbacks see final books
@@ -525,7 +584,7 @@ class PaperBroker:
             if 0 < od.valid_until < ts:
                 del self._pending[od.client_order_id]
                 self._unpend(od)
-                self._status[od.client_order_id] = "expired"
+                self._set_status(od.client_order_id, "expired")
         mine = [od for od in mine if od.client_order_id in self._pending]
         for od in mine:  # (2) market orders at the open
             if od.type == "market":
@@ -544,7 +603,15 @@ class PaperBroker:
         users = self._conv_users.get(instrument)
         if users:
             self._stale.update(users)
-        self._curve.append((ts, self._balance, self.equity))
+        eq = self.equity
+        self._curve.append((ts, self._balance, eq))
+        if len(self._curve) > self._keep + self._chunk:
+            self._trim(self._curve, "curve")
+        # the drawdown of the whole curve, point by point: stats() used to take it from the list
+        self._peak = peak = max(self._peak, eq)
+        dd = peak - eq
+        self._max_dd = max(self._max_dd, dd)
+        self._max_dd_pct = max(self._max_dd_pct, dd / peak)
         self._dispatch()
         return fills
 
@@ -552,7 +619,7 @@ class PaperBroker:
                       ref_mid: float) -> Fill:
         del self._pending[od.client_order_id]
         self._unpend(od)
-        self._status[od.client_order_id] = "filled"
+        self._set_status(od.client_order_id, "filled")
         return self._execute(od, px, ts, refs, ref_mid)
 
     def _unpend(self, od: Order) -> None:
@@ -650,7 +717,8 @@ class PaperBroker:
         Each open instrument's marked value is kept and recomputed only when its legs, its
         mark or a price its currency conversion reads changed, so a bar costs O(1) here rather
         than a pass over every position; the total is the balance plus those values in a fixed
-        order (the same events give the same bits)."""
+        order (the same events give the same bits): the instruments' name order, so reading
+        equity between two events changes nothing later."""
         if self._stale:
             for name in sorted(self._stale):
                 self._revalue(name)
@@ -678,7 +746,13 @@ class PaperBroker:
         value = 0.0
         for leg in legs:
             value += (mark - leg.price) * leg.direction * leg.lots * spec.contract_size * conv
-        self._open_value[name] = value
+        ov = self._open_value
+        fresh = name not in ov
+        ov[name] = value
+        if fresh and len(ov) > 1:
+            # kept in name order (re-sorted only when an instrument opens): the sum's order must
+            # not depend on when equity was read, which decides when each value is inserted
+            self._open_value = dict(sorted(ov.items()))
 
     def net_lots(self, *, pending: bool = False) -> dict[str, float]:
         """Signed net lots per instrument with an open position (cheap: no copies of the legs);
@@ -701,28 +775,31 @@ class PaperBroker:
 
     @property
     def trades(self) -> list[ClosedTrade]:
-        """Closed trades in closing order (a copy)."""
+        """The latest ``history`` closed trades in closing order (a copy)."""
         return list(self._trades)
 
     @property
     def fills(self) -> list[Fill]:
-        """All fills in execution order (a copy)."""
+        """The latest ``history`` fills in execution order (a copy)."""
         return list(self._fills)
 
     @property
     def fill_count(self) -> int:
-        return len(self._fills)
+        """Fills so far, dropped history included."""
+        return len(self._fills) + self._dropped["fills"]
 
     def fills_since(self, n: int) -> list[Fill]:
-        """Fills after the first ``n`` (no copy of the earlier ones)."""
-        return self._fills[n:]
+        """Fills after the first ``n`` of :attr:`fill_count`, as far as they are kept (no copy of
+        the earlier ones)."""
+        return self._fills[max(0, n - self._dropped["fills"]):]
 
     def last_prices(self) -> dict[str, float]:
         """Last close (mid) of every instrument seen (a copy)."""
         return dict(self._prices)
 
     def equity_curve(self) -> np.ndarray:
-        """One :data:`EQUITY_DTYPE` point per accepted bar, after that bar's events."""
+        """One :data:`EQUITY_DTYPE` point per accepted bar, after that bar's events (the latest
+        ``history``)."""
         return np.array(self._curve, dtype=EQUITY_DTYPE)
 
     def stats(self) -> dict[str, object]:
@@ -731,25 +808,53 @@ class PaperBroker:
         ``max_drawdown`` is the largest fall of the equity curve below its running peak (the
         initial equity included), in the account currency; ``max_drawdown_pct`` the same relative
         to the peak; ``profit_factor`` winning over losing net P&L (inf without losses, NaN
-        without trades)."""
-        pnl = [t.pnl for t in self._trades]
-        won = math.fsum(p for p in pnl if p > 0.0)
-        lost = -math.fsum(p for p in pnl if p < 0.0)
-        eq = np.array([p[2] for p in self._curve], dtype=np.float64)
-        max_dd = max_dd_pct = 0.0
-        if eq.size:
-            peak = np.maximum.accumulate(np.maximum(eq, self._initial))
-            max_dd = float(np.max(peak - eq))
-            max_dd_pct = float(np.max((peak - eq) / peak))
-        wins = sum(p > 0.0 for p in pnl)
+        without trades). All of them cover the whole run, dropped history included
+        (``dropped`` counts what was)."""
+        n, wins = self._n_trades, self._wins
+        won, lost = self._sums["won"].value(), self._sums["lost"].value()
         return {
-            "trades": len(pnl), "wins": wins, "losses": sum(p < 0.0 for p in pnl),
-            "win_rate": wins / len(pnl) if pnl else math.nan,
-            "net_pnl": math.fsum(pnl), "gross_pnl": math.fsum(t.gross_pnl for t in self._trades),
+            "trades": n, "wins": wins, "losses": self._losses,
+            "win_rate": wins / n if n else math.nan,
+            "net_pnl": self._sums["net"].value(), "gross_pnl": self._sums["gross"].value(),
             "commission": self._commission,
             "profit_factor": won / lost if lost > 0.0 else (math.inf if won > 0.0 else math.nan),
-            "max_drawdown": max_dd, "max_drawdown_pct": max_dd_pct,
-            "balance": self._balance, "equity": self.equity, "fills": len(self._fills),
+            "max_drawdown": self._max_dd, "max_drawdown_pct": self._max_dd_pct,
+            "balance": self._balance, "equity": self.equity, "fills": self.fill_count,
             "rejects": dict(sorted(self._rejects.items())), "ignored_bars": dict(sorted(self._ignored.items())),
             "callback_errors": self._callback_errors, "conversion_errors": self._conversion_errors,
+            "dropped": dict(self._dropped),
         }
+
+
+class _ExactSum:
+    """A sum kept exactly as non-overlapping partials (Shewchuk's algorithm, the one behind
+    math.fsum): :meth:`value` is ``math.fsum`` of every value added, without keeping them."""
+
+    __slots__ = ("partials", "special")
+
+    def __init__(self) -> None:
+        self.partials: list[float] = []
+        self.special = 0.0  # inf / NaN terms (and an overflow), added plainly
+
+    def add(self, x: float) -> None:
+        if not math.isfinite(x):
+            self.special += x
+            return
+        partials = self.partials
+        i = 0
+        for y in partials:
+            if abs(x) < abs(y):
+                x, y = y, x
+            hi = x + y
+            if not math.isfinite(hi):  # past the float range: fsum raises; the total is hi
+                self.special += hi
+                return
+            lo = y - (hi - x)
+            if lo:
+                partials[i] = lo
+                i += 1
+            x = hi
+        partials[i:] = [x]
+
+    def value(self) -> float:
+        return self.special if self.special else math.fsum(self.partials)

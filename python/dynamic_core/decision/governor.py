@@ -11,16 +11,17 @@ reason code                rule
                            day of the plan's bar); lifts at the next day
 ``cooldown``               ``loss_streak`` losing trades in a row: no plans for
                            ``cooldown_bars`` bars of the plan's timeframe after the last loss
-``min_confidence``         signal confidence below ``min_confidence``
-``min_agreement``          signal agreement below ``min_agreement``
+``min_confidence``         signal confidence below ``min_confidence`` (or NaN)
+``min_agreement``          signal agreement below ``min_agreement`` (or NaN)
 ``min_providers_agree``    fewer than ``min_providers_agree`` reasoning providers agree with the
                            signal (0 disables the check)
 ``dsi_disagrees``          the plan's microstructure validation (``evidence["dsi"]``: direction x
-                           DSI evidence) is below ``min_dsi_validation`` (-1 disables the check;
-                           plans without DSI evidence are not checked)
+                           DSI evidence) is below ``min_dsi_validation`` or NaN (-1 disables the
+                           check; plans without DSI evidence are not checked)
 ``expired``                the plan's ``valid_until`` is before the governor's clock
 ``position_open``          a position in the same direction is open (no pyramiding)
 ``max_open_positions``     a new position would exceed ``max_open_positions``
+``no_equity``              equity is not finite and > 0: no exposure limit can be applied
 ``resized_instrument``     notional over ``max_instrument_leverage`` x equity: resized to fit
 ``resized_currency``       a currency's net exposure over ``max_currency_leverage`` x equity:
                            resized to fit (the account currency is not counted)
@@ -28,7 +29,11 @@ reason code                rule
                            that does not raise the gross is never refused for it)
 ``below_min_lot``          resizing left less than the instrument's minimum lot
 ``no_conversion``          a price needed to value exposure (or convert a currency) is unknown
+                           (or values a lot at no finite amount > 0)
 =========================  ==================================================================
+
+A guardrail refuses what it cannot compare: a NaN signal value fails it, as does equity that
+is NaN or not positive (every limit is a multiple of equity).
 
 Exposure is notional in the account currency: ``lots x contract_size x price x quote_to_account``.
 A plan opposite to an open position first closes it, so its exposure counts net of that.
@@ -45,7 +50,7 @@ from typing import Annotated, Any
 import msgspec
 
 from ..payloads import PlanDecision, TradingPlan
-from .specs import InstrumentSpec, instrument_spec, quote_to_account
+from .specs import InstrumentSpec, check_fields, instrument_spec, quote_to_account
 
 __all__ = ["DAY_NS", "Portfolio", "RiskGovernor", "RiskLimits"]
 
@@ -55,7 +60,10 @@ _NonNeg = Annotated[float, msgspec.Meta(ge=0.0)]
 
 
 class RiskLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Portfolio limits and consensus guardrails (0 disables a leverage or count limit)."""
+    """Portfolio limits and consensus guardrails (0 disables a leverage or count limit).
+
+    Every field is checked on construction as on decoding (``ValueError`` naming it); floats
+    must be finite (a NaN limit would compare false and switch itself off)."""
 
     max_open_positions: Annotated[int, msgspec.Meta(ge=0)] = 8
     max_instrument_leverage: _NonNeg = 10.0
@@ -71,6 +79,9 @@ class RiskLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     min_dsi_validation: Annotated[float, msgspec.Meta(ge=-1.0, le=1.0)] = -1.0
     allow_pyramiding: bool = False
     account: Annotated[str, msgspec.Meta(min_length=3, max_length=8)] = "USD"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -196,9 +207,12 @@ class RiskGovernor:
     def apply(self, portfolio: Portfolio, instrument: str, lots: float) -> None:
         """Add ``lots`` (signed) to ``portfolio``'s position in ``instrument`` -- an order just
         placed -- keeping the cached exposure aggregates current instead of recomputing them."""
+        self.set_position(portfolio, instrument, portfolio.positions.get(instrument, 0.0) + lots)
+
+    def set_position(self, portfolio: Portfolio, instrument: str, new: float) -> None:
+        """Set ``portfolio``'s position in ``instrument`` to ``new`` signed lots, keeping the
+        cached exposure aggregates current (as :meth:`apply`)."""
         pos = portfolio.positions
-        old = pos.get(instrument, 0.0)
-        new = old + lots
         if abs(new) > 1e-12:
             pos[instrument] = new
         else:
@@ -261,16 +275,17 @@ class RiskGovernor:
                 return self._reject(plan, reasons, detail, "daily_loss_limit", lim.daily_loss_pct, loss)
         if plan.ts < self.cooldown_until:
             return self._reject(plan, reasons, detail, "cooldown", float(self.cooldown_until), float(plan.ts))
-        if plan.confidence < lim.min_confidence:
+        # `not >=`: a NaN signal value fails the guardrail rather than passing every comparison
+        if not plan.confidence >= lim.min_confidence:
             return self._reject(plan, reasons, detail, "min_confidence", lim.min_confidence, plan.confidence)
-        if plan.agreement < lim.min_agreement:
+        if not plan.agreement >= lim.min_agreement:
             return self._reject(plan, reasons, detail, "min_agreement", lim.min_agreement, plan.agreement)
         agreeing = plan.providers_agreeing if providers_agreeing is None else providers_agreeing
         if lim.min_providers_agree and agreeing < lim.min_providers_agree:
             return self._reject(plan, reasons, detail, "min_providers_agree", lim.min_providers_agree, agreeing)
         if lim.min_dsi_validation > -1.0 and "dsi" in plan.evidence:
             v = plan.evidence["dsi"]
-            if v < lim.min_dsi_validation:
+            if not v >= lim.min_dsi_validation:
                 return self._reject(plan, reasons, detail, "dsi_disagrees", lim.min_dsi_validation, v)
         if plan.valid_until < self.now:
             return self._reject(plan, reasons, detail, "expired", float(plan.valid_until), float(self.now))
@@ -285,6 +300,8 @@ class RiskGovernor:
             if n_open + 1 > lim.max_open_positions:
                 return self._reject(plan, reasons, detail, "max_open_positions", lim.max_open_positions, n_open + 1)
 
+        if not (eq > 0.0 and eq < math.inf):  # every limit is a multiple of equity: none can hold
+            return self._reject(plan, reasons, detail, "no_equity", 0.0, eq)
         sp = self._spec(plan.instrument)
         prices = portfolio.prices
         try:
@@ -292,46 +309,47 @@ class RiskGovernor:
             gross_all, ccy_all, per_inst = self._aggregates(portfolio)
         except (KeyError, ZeroDivisionError):
             return self._reject(plan, reasons, detail, "no_conversion", 0.0, 0.0)
+        if not (per_lot > 0.0 and per_lot < math.inf):  # a lot valued at nothing (or at inf) fits any limit
+            return self._reject(plan, reasons, detail, "no_conversion", 0.0, per_lot)
         size = plan.size
         cap = math.inf
-        if eq > 0.0 and per_lot > 0.0:
-            # the position after the fill: what is held plus the plan (an opposite plan nets)
-            after = abs(held + d * size)
-            if lim.max_instrument_leverage:
-                c = lim.max_instrument_leverage * eq / per_lot - held * d  # |held + d*x| <= room
-                if c < size:
-                    reasons.append("resized_instrument")
-                    detail["resized_instrument.limit"] = lim.max_instrument_leverage
-                    detail["resized_instrument.value"] = after * per_lot / eq
-                    cap = c
-            own = per_inst.get(plan.instrument, 0.0)
-            if lim.max_leverage:
-                gross = gross_all - abs(own)  # the other positions
-                # room for this position: the limit's, or what it holds now when that is more (a
-                # plan that does not raise the gross is never refused for it)
-                room = max((lim.max_leverage * eq - gross) / per_lot, abs(held))
-                c = room - held * d
-                if c < size:
-                    reasons.append("resized_leverage")
-                    detail["resized_leverage.limit"] = lim.max_leverage
-                    detail["resized_leverage.value"] = (gross + after * per_lot) / eq
-                    cap = min(cap, c)
-            if lim.max_currency_leverage:
-                limit = lim.max_currency_leverage * eq
-                for code, sign in ((sp.base, 1.0), (sp.quote, -1.0)):
-                    if not code or code == lim.account or code == sp.name:
-                        continue
-                    other = ccy_all.get(code, 0.0) - sign * own  # without this instrument's position
-                    # net exposure to `code` after the fill: other + sign * per_lot * (held + d*x);
-                    # the largest x >= 0 in the plan's direction that keeps |...| <= limit
-                    k = sign * d * per_lot
-                    base = other + sign * per_lot * held
-                    x = (limit - base) / k if k > 0 else (-limit - base) / k
-                    if x < size:
-                        reasons.append("resized_currency")
-                        detail[f"resized_currency.{code}.limit"] = lim.max_currency_leverage
-                        detail[f"resized_currency.{code}.value"] = abs(base + k * size) / eq
-                        cap = min(cap, x)
+        # the position after the fill: what is held plus the plan (an opposite plan nets)
+        after = abs(held + d * size)
+        if lim.max_instrument_leverage:
+            c = lim.max_instrument_leverage * eq / per_lot - held * d  # |held + d*x| <= room
+            if c < size:
+                reasons.append("resized_instrument")
+                detail["resized_instrument.limit"] = lim.max_instrument_leverage
+                detail["resized_instrument.value"] = after * per_lot / eq
+                cap = c
+        own = per_inst.get(plan.instrument, 0.0)
+        if lim.max_leverage:
+            gross = gross_all - abs(own)  # the other positions
+            # room for this position: the limit's, or what it holds now when that is more (a
+            # plan that does not raise the gross is never refused for it)
+            room = max((lim.max_leverage * eq - gross) / per_lot, abs(held))
+            c = room - held * d
+            if c < size:
+                reasons.append("resized_leverage")
+                detail["resized_leverage.limit"] = lim.max_leverage
+                detail["resized_leverage.value"] = (gross + after * per_lot) / eq
+                cap = min(cap, c)
+        if lim.max_currency_leverage:
+            limit = lim.max_currency_leverage * eq
+            for code, sign in ((sp.base, 1.0), (sp.quote, -1.0)):
+                if not code or code == lim.account or code == sp.name:
+                    continue
+                other = ccy_all.get(code, 0.0) - sign * own  # without this instrument's position
+                # net exposure to `code` after the fill: other + sign * per_lot * (held + d*x);
+                # the largest x >= 0 in the plan's direction that keeps |...| <= limit
+                k = sign * d * per_lot
+                base = other + sign * per_lot * held
+                x = (limit - base) / k if k > 0 else (-limit - base) / k
+                if x < size:
+                    reasons.append("resized_currency")
+                    detail[f"resized_currency.{code}.limit"] = lim.max_currency_leverage
+                    detail[f"resized_currency.{code}.value"] = abs(base + k * size) / eq
+                    cap = min(cap, x)
         if cap < size:
             new = sp.round_lots(max(cap, 0.0))
             if new <= 0.0:

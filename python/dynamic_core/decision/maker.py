@@ -15,13 +15,20 @@ Every verdict is journaled (when a journal is given) as an event record holding 
 plan's signal, its top contributing agents and the adapter whose rationale was attached
 (:meth:`DecisionMaker.attribution`), fed to the governor's loss streak, and credited to the
 contributing agents (:class:`CreditLedger`), which an engine can take as consensus weights.
+
+Bad input is skipped and counted, never raised and never half-applied: bars the trader refuses
+(non-finite prices, high below open/close, low above them, a time not after the stream's last,
+an unknown instrument id) move no ATR and no price (``stats()["skipped_bars"]``), and signals
+of an unknown instrument id make no plan (``stats()["skipped_signals"]``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import msgspec
@@ -31,10 +38,40 @@ from ..instruments import instruments
 from ..payloads import PlanDecision, TradingPlan
 from ..records import SIGNAL_DSI
 from .governor import Portfolio, RiskGovernor, RiskLimits
-from .plans import AtrTracker, PlanConfig, assemble_plan, signal_id_for, size_batch, target_batch
-from .specs import InstrumentSpec, _inverse_step, instrument_spec, quote_to_account
+from .plans import (
+    AtrTracker,
+    PlanConfig,
+    assemble_plan,
+    signal_id_for,
+    size_batch,
+    target_batch,
+    valid_until_fits,
+)
+from .specs import (
+    InstrumentSpec,
+    _inverse_step,
+    _load_toml,
+    instrument_spec,
+    quote_to_account,
+    specs_from_tables,
+)
 
-__all__ = ["Attribution", "CreditLedger", "DecisionMaker", "top_contributors"]
+__all__ = ["HISTORY", "Attribution", "CreditLedger", "DecisionMaker", "top_contributors"]
+
+HISTORY = 100_000
+"""How many verdicts, closed-trade attributions and finished plans a :class:`DecisionMaker`
+keeps in memory by default (the journal is the durable record)."""
+
+_TS_MIN = -(2**63)
+_BAR_REASONS = ("", "unknown_instrument", "non_finite", "bad_range", "out_of_order")
+_I64_MAX = 2**63 - 1
+
+
+def _worse(filled: float, with_pending: float) -> float:
+    """The governor's view of one instrument: whichever of the filled position and the position
+    once its pending orders fill is the larger. A pending order can only add to what the limits
+    see -- one that would close a position may yet expire unfilled."""
+    return with_pending if abs(with_pending) > abs(filled) else filled
 
 
 def top_contributors(agents: np.ndarray, instrument: int, timeframe: int, direction: int, k: int = 8,
@@ -149,17 +186,36 @@ class DecisionMaker:
         positive), which the governor's ``min_dsi_validation`` can require. Without it, a
         signal that carries DSI evidence (``flags & dc.SIGNAL_DSI``: the engine's
         :meth:`~dynamic_core.Engine.set_dsi` had reached its stream) lends the plan its own.
+    history : int or None
+        How many verdicts (:attr:`decisions`), attributions (:attr:`attributions`) and plans no
+        longer needed (:attr:`plans`) are kept in memory, the oldest dropped first, a chunk at a
+        time (default :data:`HISTORY`; None keeps everything). The journal is the durable record
+        of every verdict; what is dropped is counted (``stats()["dropped"]``) and the totals
+        (``stats()["plans"]``, ``["trades"]``, ``["pnl"]``) still cover everything. A plan whose
+        order is pending or whose legs are open is never dropped: its trades need it.
+
+    Attributes
+    ----------
+    decisions : list of PlanDecision
+        The latest verdicts, oldest first (:meth:`decisions_since` reads them by running count).
+    plans : dict
+        Approved plans by id, for attributing their trades.
+    attributions : list of Attribution
+        The latest closed trades, in closing order.
     """
 
     def __init__(self, trader: Any, *, plan: PlanConfig | None = None, limits: RiskLimits | None = None,
                  specs: Mapping[str, InstrumentSpec] | None = None, journal: Callable[[bytes], Any] | None = None,
                  rationale: Callable[[str], tuple[str, str, int] | None] | None = None,
-                 credit: CreditLedger | None = None, contributors: int = 8, dsi: Any = None) -> None:
+                 credit: CreditLedger | None = None, contributors: int = 8, dsi: Any = None,
+                 history: int | None = HISTORY) -> None:
         self.trader = trader
         self.plan_config = plan if plan is not None else PlanConfig()
         if limits is not None and limits.account != self.plan_config.account:
             raise ValueError(f"the plan config's account currency {self.plan_config.account!r} differs from the "
                              f"risk limits' {limits.account!r}: set both ([plan] account and [risk] account)")
+        if history is not None and (not isinstance(history, int) or history < 1):
+            raise ValueError(f"history must be an int >= 1 or None, got {history!r}")
         self.specs = dict(specs or {})
         self.governor = RiskGovernor(limits, specs=self.specs, equity=float(trader.equity))
         self.atr = AtrTracker(self.plan_config.atr_period)
@@ -178,7 +234,19 @@ class DecisionMaker:
         self._agent_index: dict[tuple[int, int], np.ndarray] | None = None
         self._index_of: int | None = None
         self.no_plan = 0
+        self.skipped_bars: dict[str, int] = {}
+        self.skipped_signals: dict[str, int] = {}
+        self._bar_ts: dict[tuple[int, int], int] = {}  # last accepted bar time per stream
+        self.history = history
+        self._keep = keep = history if history is not None else _I64_MAX
+        self._chunk = max(1, keep // 8)  # trimmed a chunk at a time: amortised O(1) per append
+        self._decisions_at = self._attributions_at = self._plans_at = keep + self._chunk
+        self.decisions_dropped = self.attributions_dropped = self.plans_dropped = 0
+        self._trades_total = 0
+        self._pnl_total = 0.0
         self._pf: Portfolio | None = None
+        self._filled: dict[str, float] = {}
+        self._both: dict[str, float] = {}
         trader.on_trade(self._on_trade)
 
     # ---- inputs --------------------------------------------------------------------------------
@@ -186,16 +254,45 @@ class DecisionMaker:
     def on_bars(self, bars: np.ndarray) -> None:
         """Bars of one time step, in time order: the trader fills and marks, the ATRs and last
         prices move, the governor sees the new equity. (Several steps at once are allowed, but
-        plans made afterwards use the last bar's close and ATR.)"""
+        plans made afterwards use the last bar's close and ATR.)
+
+        A bar the trader would refuse moves neither an ATR nor a price (one NaN high would
+        leave its stream's ATR NaN for good): it is skipped and counted by reason in
+        ``stats()["skipped_bars"]`` -- ``unknown_instrument``, ``non_finite``, ``bad_range``
+        (high below open or close, low above them), ``out_of_order`` (not after the last bar of
+        its (instrument, timeframe))."""
         if len(bars) == 0:
             return
         self.trader.on_bars(bars)
-        self.atr.update_bars(bars)
-        names = instruments.names()
-        for i, c in zip(bars["instrument"].tolist(), bars["close"].tolist()):
-            if math.isfinite(c) and c > 0.0:
-                self.prices[names[i]] = c
-        self.governor.mark(int(bars["ts"][-1]), float(self.trader.equity))
+        names = instruments._names  # read only: names() copies the list
+        o, h, lo, c = bars["open"], bars["high"], bars["low"], bars["close"]
+        inst = bars["instrument"]
+        # lo <= min(open, close) <= max(open, close) <= high, with high < inf and low > -inf,
+        # holds exactly when all four are finite and in range (a NaN fails every comparison)
+        good = (h >= np.maximum(o, c)) & (lo <= np.minimum(o, c)) & (h < math.inf) & (lo > -math.inf)
+        if good.all() and int(inst.max()) < len(names):
+            codes: Any = repeat(0)
+        else:  # 0: good; else the index of its reason in _BAR_REASONS (the trader's checks, in its order)
+            finite = np.isfinite(o) & np.isfinite(h) & np.isfinite(lo) & np.isfinite(c)
+            codes = np.where(inst >= len(names), 1, np.where(~finite, 2, np.where(good, 0, 3))).tolist()
+        upd, last, prices, skipped = self.atr.update, self._bar_ts, self.prices, self.skipped_bars
+        mark_ts = None
+        for i, tf, ts, hh, ll, cc, bad in zip(inst.tolist(), bars["timeframe"].tolist(), bars["ts"].tolist(),
+                                              h.tolist(), lo.tolist(), c.tolist(), codes):
+            if not bad:
+                key = (i, tf)
+                if ts > last.get(key, _TS_MIN):
+                    last[key] = ts
+                    upd(i, tf, hh, ll, cc)
+                    if cc > 0.0:
+                        prices[names[i]] = cc
+                    mark_ts = ts
+                    continue
+                bad = 4
+            reason = _BAR_REASONS[bad]
+            skipped[reason] = skipped.get(reason, 0) + 1
+        if mark_ts is not None:  # no bar taken: nothing filled, and a bad bar's time is no clock
+            self.governor.mark(mark_ts, float(self.trader.equity))
 
     def _spec(self, name: str) -> InstrumentSpec:
         sp = self._spec_cache.get(name)
@@ -229,7 +326,8 @@ class DecisionMaker:
 
         Stops and sizes are computed for the whole batch at once (:func:`size_batch`, the same
         arithmetic as :func:`make_plan`); verdicts are sequential, each seeing the orders placed
-        before it."""
+        before it. An actionable signal of an unknown instrument id is skipped and counted
+        (``stats()["skipped_signals"]["unknown_instrument"]``) before anything changes."""
         out: list[PlanDecision] = []
         if len(signals) == 0:
             return out
@@ -242,10 +340,19 @@ class DecisionMaker:
         if len(rows) == 0:
             return out
         sel = signals[rows]
+        names = instruments._names  # read only: names() copies the list
+        inst_l = sel["instrument"].tolist()
+        if max(inst_l) >= len(names):  # before anything changes
+            known = sel["instrument"] < len(names)
+            n_bad = len(inst_l) - int(np.count_nonzero(known))
+            self.skipped_signals["unknown_instrument"] = self.skipped_signals.get("unknown_instrument", 0) + n_bad
+            sel = sel[known]
+            if len(sel) == 0:
+                return out
+            inst_l = sel["instrument"].tolist()
         act = sel["action"]
         direction = np.where(np.abs(act) >= cfg.min_action, np.sign(act), np.sign(sel["score"])).astype(np.int64)
-        names = instruments._names  # read only: names() copies the list
-        inst_l, tf_l = sel["instrument"].tolist(), sel["timeframe"].tolist()
+        tf_l = sel["timeframe"].tolist()
         atr_state = self.atr._state
         nan = math.nan
         st = [atr_state.get(k) for k in zip(inst_l, tf_l)]
@@ -253,7 +360,7 @@ class DecisionMaker:
         atr = np.array([x[3] if x is not None else nan for x in st])
         spec_rows = [self._spec_row(names[i]) for i in inst_l]
         account = cfg.account
-        conv = np.empty(len(rows))
+        conv = np.empty(len(sel))
         for j, (r, e) in enumerate(zip(spec_rows, entry.tolist())):
             sp = r[0]
             if sp.quote == account:
@@ -268,11 +375,17 @@ class DecisionMaker:
         equity = float(self.trader.equity)
         dist, stop, size, rpl, ok = size_batch(cfg, entry, atr, direction, cols[:, 0], conv, cols[:, 1], cols[:, 2],
                                                cols[:, 3], cols[:, 4], equity)
+        # valid_until = ts + valid_bars * timeframe s must stay an int64 time (valid_until_fits)
+        ts_a = sel["ts"]
+        # valid_until = ts + valid_bars * timeframe s must stay an int64 time (valid_until_fits);
+        # checked row by row only when the batch's extremes do not fit
+        if not valid_until_fits(cfg, int(ts_a.max()), max(tf_l)):
+            ok &= np.array([valid_until_fits(cfg, t, f) for t, f in zip(ts_a.tolist(), tf_l)], dtype=bool)
         targets = target_batch(cfg, entry, direction, dist)
         self._pf = Portfolio(equity=equity, positions=self._positions(), prices=self.prices)
         snapshot: np.ndarray | None = None
         fields = zip(ok.tolist(), direction.tolist(), act.tolist(), sel["score"].tolist(), inst_l, tf_l,
-                     sel["ts"].tolist(), sel["seq"].tolist(), sel["population_hash"].tolist(),
+                     ts_a.tolist(), sel["seq"].tolist(), sel["population_hash"].tolist(),
                      sel["confidence"].tolist(), sel["agreement"].tolist(), sel["dispersion"].tolist(),
                      sel["n_agents"].tolist(), entry.tolist(), atr.tolist(), dist.tolist(), stop.tolist(),
                      size.tolist(), rpl.tolist(), spec_rows, sel["dsi"].tolist(),
@@ -319,28 +432,101 @@ class DecisionMaker:
             pf = Portfolio(equity=float(self.trader.equity), positions=self._positions(), prices=self.prices)
         d = self.governor.evaluate(plan, pf)
         self.decisions.append(d)
+        if len(self.decisions) > self._decisions_at:
+            self._trim_decisions()
         if self._journal is not None:
             self._journal(self._enc.encode(d))
         if d.verdict != "REJECTED":
             p = d.plan
             self.plans[p.plan_id] = p
             res = self.trader.submit_plan(p)
-            if self._pf is not None and getattr(res, "status", "accepted") in ("accepted", "filled"):
-                self.governor.apply(pf, p.instrument, p.direction * p.size)
+            if len(self.plans) > self._plans_at:  # after the submission: this plan's order is live
+                self._trim_plans()
+            status = getattr(res, "status", "accepted")
+            if self._pf is not None and status in ("accepted", "filled"):
+                name, x = p.instrument, p.direction * p.size
+                both = self._both[name] = self._both.get(name, 0.0) + x
+                filled = self._filled.get(name, 0.0)
+                if status == "filled":
+                    filled = self._filled[name] = filled + x
+                self.governor.set_position(pf, name, _worse(filled, both))
         return d
 
     def _positions(self) -> dict[str, float]:
-        """Net lots per instrument, orders still waiting to fill included: a plan approved on
-        this bar is a position from the next open, and the limits must see it now."""
+        """The positions the governor judges by: per instrument, the larger of the filled net
+        lots and the net lots once the pending orders fill (:func:`_worse`). A plan approved on
+        this bar is a position from the next open, so the limits must see it now; but an order
+        that would close a position frees neither its ``max_open_positions`` slot nor its
+        exposure until it has filled (it may expire unfilled). Keeps both books for the orders
+        :meth:`decide` places during this call."""
         net = getattr(self.trader, "net_lots", None)
         if net is not None:
-            return net(pending=True)
-        pos = {k: float(p.lots) for k, p in self.trader.positions().items() if p.lots != 0.0}
+            filled = net()
+            pending = getattr(self.trader, "pending", None)
+            # (orders placed on a bar fill at the next open: usually none are left by now)
+            both = net(pending=True) if pending is None or pending() else dict(filled)
+        else:
+            filled = {k: float(p.lots) for k, p in self.trader.positions().items() if p.lots != 0.0}
+            both = dict(filled)
+            pending = getattr(self.trader, "pending", None)
+            if pending is not None:
+                for o in pending():
+                    both[o.instrument] = both.get(o.instrument, 0.0) + o.side * o.lots
+            both = {k: v for k, v in both.items() if abs(v) > 1e-12}
+        self._filled, self._both = filled, both
+        if both == filled:
+            return dict(filled)
+        # the order of the books (not of a set): the governor sums exposure in this order
+        view = {k: _worse(f, both.get(k, 0.0)) for k, f in filled.items()}
+        for k, b in both.items():
+            if k not in view:
+                view[k] = b
+        return view
+
+    # ---- bounded history -----------------------------------------------------------------------
+
+    @property
+    def decision_count(self) -> int:
+        """Verdicts given so far, dropped ones included."""
+        return len(self.decisions) + self.decisions_dropped
+
+    def decisions_since(self, n: int) -> list[PlanDecision]:
+        """The verdicts after the first ``n`` ever given (:attr:`decision_count`), as far as they
+        are still kept."""
+        return self.decisions[max(0, n - self.decisions_dropped):]
+
+    def _trim_decisions(self) -> None:
+        drop = len(self.decisions) - self._keep
+        del self.decisions[:drop]
+        self.decisions_dropped += drop
+
+    def _trim_plans(self) -> None:
+        live = self._live_plan_ids()
+        if live is not None:
+            excess = len(self.plans) - self._keep
+            for pid in list(self.plans):  # oldest first
+                if excess <= 0:
+                    break
+                if pid not in live:
+                    del self.plans[pid]
+                    excess -= 1
+                    self.plans_dropped += 1
+        # plans still in play are kept whatever their number: look again a chunk later
+        self._plans_at = max(self._keep, len(self.plans)) + self._chunk
+
+    def _live_plan_ids(self) -> set[str] | None:
+        """Ids of the plans with a pending order or an open leg at the trader; None when the
+        trader cannot say (then no plan is dropped)."""
         pending = getattr(self.trader, "pending", None)
-        if pending is not None:
-            for o in pending():
-                pos[o.instrument] = pos.get(o.instrument, 0.0) + o.side * o.lots
-        return {k: v for k, v in pos.items() if abs(v) > 1e-12}
+        if pending is None:
+            return None
+        live = {o.plan_id for o in pending()}
+        for pos in self.trader.positions().values():
+            legs = getattr(pos, "legs", None)
+            if legs is None:
+                return None
+            live.update(leg.plan_id for leg in legs)
+        return live
 
     # ---- outcomes ------------------------------------------------------------------------------
 
@@ -353,11 +539,17 @@ class DecisionMaker:
                           pnl=float(trade.pnl), r_multiple=float(trade.r_multiple), contributors=contributors,
                           adapter=plan.rationale_provider if plan else "")
         self.attributions.append(att)
+        self._trades_total += 1
+        self._pnl_total += att.pnl
+        if len(self.attributions) > self._attributions_at:
+            drop = len(self.attributions) - self._keep
+            del self.attributions[:drop]
+            self.attributions_dropped += drop
         self.governor.on_trade_result(att.pnl, att.exit_ts, plan.timeframe if plan else 0)
         self.credit.record(contributors, att.r_multiple, att.pnl)
 
     def attribution(self) -> list[Attribution]:
-        """Every closed trade so far, in closing order."""
+        """The closed trades kept (the latest ``history``; every one without it), in closing order."""
         return list(self.attributions)
 
     def by_agent(self, k: int = 10) -> list[tuple[int, int, float, float]]:
@@ -368,24 +560,30 @@ class DecisionMaker:
         return [(a, led.trades[a], p, led.credit[a]) for a, p in rows]
 
     def stats(self) -> dict[str, Any]:
+        """The governor's counts and, over the whole run (dropped history included): plans
+        judged, signals that made no plan, trades closed and their P&L; bars and signals skipped
+        by reason; how much history was dropped."""
         g = self.governor.stats()
-        return {**g, "plans": len(self.decisions), "no_plan": self.no_plan, "trades": len(self.attributions),
-                "pnl": sum(a.pnl for a in self.attributions), "equity": float(self.trader.equity)}
+        return {**g, "plans": self.decision_count, "no_plan": self.no_plan, "trades": self._trades_total,
+                "pnl": self._pnl_total, "equity": float(self.trader.equity),
+                "skipped_bars": dict(sorted(self.skipped_bars.items())),
+                "skipped_signals": dict(sorted(self.skipped_signals.items())),
+                "dropped": {"decisions": self.decisions_dropped, "attributions": self.attributions_dropped,
+                            "plans": self.plans_dropped}}
 
 
 def load_decision_config(path: str) -> tuple[PlanConfig, RiskLimits, dict[str, InstrumentSpec], dict[str, Any]]:
     """``[plan]``, ``[risk]``, ``[instruments.NAME]`` and ``[costs]`` / ``[costs.NAME]`` tables
     of a TOML file (each optional). Returns (plan config, limits, specs, raw cost tables)."""
-    import tomllib
-
-    from .specs import load_specs
-
-    with open(path, "rb") as f:
-        doc = tomllib.load(f)
+    doc = _load_toml(path)
+    path = os.fspath(path)
     unknown = set(doc) - {"plan", "risk", "instruments", "costs"}
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {', '.join(sorted(unknown))} "
                          "(expected plan, risk, instruments, costs)")
+    for key in ("plan", "risk", "instruments", "costs"):
+        if key in doc and not isinstance(doc[key], dict):
+            raise ValueError(f"{path}: {key} must be a table ([{key}]), got {type(doc[key]).__name__}")
     try:
         plan = msgspec.convert(doc.get("plan", {}), PlanConfig)
         limits = msgspec.convert(doc.get("risk", {}), RiskLimits)
@@ -397,8 +595,5 @@ def load_decision_config(path: str) -> tuple[PlanConfig, RiskLimits, dict[str, I
         plan = msgspec.structs.replace(plan, account=limits.account)
     if plan.account != limits.account:
         raise ValueError(f"{path}: [plan] account {plan.account!r} and [risk] account {limits.account!r} differ")
-    try:
-        specs = load_specs(path) if "instruments" in doc else {}
-    except (msgspec.ValidationError, ValueError, TypeError) as e:
-        raise ValueError(f"{path}: [instruments]: {e}") from None
+    specs = specs_from_tables(doc["instruments"], path) if "instruments" in doc else {}
     return plan, limits, specs, dict(doc.get("costs", {}))

@@ -30,10 +30,10 @@ import numpy as np
 from ..instruments import instruments
 from ..payloads import TradingPlan
 from ..records import SIGNAL_DSI
-from .specs import InstrumentSpec, instrument_spec, quote_to_account
+from .specs import InstrumentSpec, check_fields, instrument_spec, quote_to_account
 
 __all__ = ["AtrTracker", "PlanConfig", "assemble_plan", "build_plan", "make_plan", "plan_id_for", "signal_id_for",
-           "size_batch"]
+           "size_batch", "valid_until_fits"]
 
 
 class PlanConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -59,6 +59,11 @@ class PlanConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         small number (votes cancel), so its action is mostly HOLD; this trades its lean.
     account : str
         Account currency.
+
+    Every field is checked on construction as on decoding (``ValueError`` naming it; floats
+    must be finite). A plan's validity, ``valid_bars`` bars of its timeframe after its bar,
+    must end by int64 nanoseconds (the year 2262): a signal whose window would not (10,000
+    monthly bars) makes no plan.
     """
 
     risk_pct: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)] = 0.5
@@ -69,6 +74,18 @@ class PlanConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     min_action: Annotated[int, msgspec.Meta(ge=1, le=2)] = 1
     min_score: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
     account: Annotated[str, msgspec.Meta(min_length=3, max_length=8)] = "USD"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+_I64_MAX = 2**63 - 1
+_NS = 1_000_000_000
+
+
+def valid_until_fits(cfg: PlanConfig, ts: int, timeframe: int) -> bool:
+    """Whether ``ts + valid_bars * timeframe`` seconds is still an int64 nanosecond time."""
+    return cfg.valid_bars * timeframe <= (_I64_MAX - max(ts, 0)) // _NS
 
 
 def signal_id_for(population_hash: int, seq: int) -> str:
@@ -162,9 +179,11 @@ def make_plan(signal: Any, *, entry: float, atr: float, equity: float, config: P
         Last prices of other instruments, to convert a quote currency that is neither the
         account's nor the instrument's base (e.g. EURJPY via USDJPY).
 
-    Returns ``None`` for a HOLD (or weaker than ``min_action``), a non-finite or zero ATR or
-    entry, or a size below the minimum lot. Everything else becomes a plan; whether it may be
-    traded is the governor's call.
+    Returns ``None`` for a HOLD (or weaker than ``min_action``), a non-finite or zero ATR,
+    entry or equity, a stop distance that rounds to nothing, a currency conversion that is not
+    a finite rate > 0, a validity window past int64 nanoseconds, or a size below the minimum
+    lot: never an arithmetic error. Everything else becomes a plan; whether it may be traded is
+    the governor's call.
     """
     if isinstance(signal, np.void):
         instrument = instruments.name(int(signal["instrument"]))
@@ -200,22 +219,31 @@ def build_plan(instrument: str, timeframe: int, ts: int, seq: int, pop_hash: int
         direction = 1 if score > 0 else -1
     else:
         return None
-    if not (atr > 0.0 and math.isfinite(atr) and entry > 0.0 and math.isfinite(entry) and equity > 0.0):
+    if not (atr > 0.0 and math.isfinite(atr) and entry > 0.0 and math.isfinite(entry) and equity > 0.0
+            and math.isfinite(equity)):
+        return None
+    if not valid_until_fits(cfg, ts, timeframe):
         return None
     sp = spec if spec is not None else instrument_spec(instrument)
     dist = cfg.stop_atr * atr
     stop = entry - direction * dist
-    if stop <= 0.0:
+    # the same tests, in the same IEEE arithmetic, as size_batch
+    if not (stop > 0.0 and stop != entry):  # a stop distance lost in the entry's rounding is none
         return None
     if sp.quote == cfg.account:
         conv = 1.0
     else:
         try:
             conv = quote_to_account(sp, entry, cfg.account, prices)
-        except KeyError:
+        except (KeyError, ZeroDivisionError):
             return None
     risk_per_lot = dist * sp.contract_size * conv
-    size = sp.round_lots(equity * cfg.risk_pct / 100.0 / risk_per_lot)
+    if not risk_per_lot > 0.0:  # (size_batch: x / 0 is inf there, refused below as here)
+        return None
+    lots = equity * cfg.risk_pct / 100.0 / risk_per_lot
+    if not 0.0 < lots < math.inf:
+        return None
+    size = sp.round_lots(lots)
     if size <= 0.0:
         return None
     return assemble_plan(cfg, instrument, timeframe, ts, seq, pop_hash, direction, action, score, confidence,
@@ -253,15 +281,17 @@ def size_batch(cfg: PlanConfig, entry: np.ndarray, atr: np.ndarray, direction: n
     """:func:`build_plan`'s stop and sizing arithmetic over arrays, the same IEEE operations in
     the same order (so a batch and one-at-a-time give the same plans bit for bit). ``inv`` is
     ``1 / lot_step`` where that is whole, else 0 (those rows need :meth:`round_lots`; their
-    size comes back NaN). Returns (dist, stop, size, risk_per_lot, ok)."""
+    size comes back NaN). Returns (dist, stop, size, risk_per_lot, ok). (The validity window's
+    int64 bound is the caller's: it needs the rows' times.)"""
     with np.errstate(all="ignore"):
-        ok = (atr > 0.0) & np.isfinite(atr) & (entry > 0.0) & np.isfinite(entry) & (equity > 0.0) & (conv > 0.0)
+        ok = (atr > 0.0) & np.isfinite(atr) & (entry > 0.0) & np.isfinite(entry) & (0.0 < equity < math.inf)
         dist = cfg.stop_atr * atr
         stop = entry - direction * dist
-        ok &= stop > 0.0
+        ok &= (stop > 0.0) & (stop != entry)  # dist > 0 lost in the entry's rounding: no stop
         rpl = dist * contract * conv
+        # a risk per lot that is 0, NaN, < 0 or inf leaves lots inf, NaN, < 0 or 0: refused here
         lots = equity * cfg.risk_pct / 100.0 / rpl
-        ok &= lots > 0.0
+        ok &= (lots > 0.0) & (lots < math.inf)
         steps = np.floor(np.where(ok, lots, 0.0) / step + 1e-9)
         size = np.where(inv > 0, steps / np.where(inv > 0, inv, 1.0), np.nan)
         size = np.where(size < min_lot - 1e-12, 0.0, np.minimum(size, max_lot))

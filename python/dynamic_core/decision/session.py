@@ -213,12 +213,13 @@ class ShadowSession:
 
     def step(self, bars: np.ndarray) -> np.ndarray:
         live = self.live.maker
-        n_live, n_cand = len(live.decisions), len(self.candidate.decisions)
+        # running counts, not list lengths: the makers keep a bounded history
+        n_live, n_cand = live.decision_count, self.candidate.decision_count
         f_live, f_cand = _n_fills(live.trader), _n_fills(self.candidate.trader)
         self.candidate.on_bars(bars)
         sig = self.live.step(bars)
         self.candidate.on_signals(sig, agents=self.engine.agents)
-        self._compare(live.decisions[n_live:], self.candidate.decisions[n_cand:],
+        self._compare(live.decisions_since(n_live), self.candidate.decisions_since(n_cand),
                       _fills_since(live.trader, f_live), _fills_since(self.candidate.trader, f_cand))
         self.report.signals += len(sig)
         return sig
@@ -230,10 +231,9 @@ class ShadowSession:
 
     def finish(self) -> ShadowReport:
         r = self.report
-        r.live_trades = len(self.live.maker.attributions)
-        r.candidate_trades = len(self.candidate.attributions)
-        r.live_pnl = sum(a.pnl for a in self.live.maker.attributions)
-        r.candidate_pnl = sum(a.pnl for a in self.candidate.attributions)
+        live, cand = self.live.maker.stats(), self.candidate.stats()
+        r.live_trades, r.candidate_trades = live["trades"], cand["trades"]
+        r.live_pnl, r.candidate_pnl = live["pnl"], cand["pnl"]
         return r
 
     def _example(self, **kw: Any) -> None:

@@ -9,17 +9,103 @@ contract of one unit per lot; :func:`load_specs` reads overrides from TOML.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import msgspec
 
-__all__ = ["DEFAULT_SPECS", "InstrumentSpec", "conversion_prices", "instrument_spec", "load_specs",
+__all__ = ["DEFAULT_SPECS", "MIN_LOT_STEP", "InstrumentSpec", "conversion_prices", "instrument_spec", "load_specs",
            "quote_to_account"]
 
 _Pos = Annotated[float, msgspec.Meta(gt=0.0)]
+
+MIN_LOT_STEP = 1e-9
+"""The smallest lot step a spec may have: sizes are counted in steps, and a finer step makes
+those counts overflow (``lots / 1e-320`` is inf) while no venue trades below it."""
+
+
+# ---- field checks that also hold for Structs built in Python --------------------------------------
+#
+# msgspec checks ``Meta`` constraints only when it decodes or converts; a config Struct built in
+# Python (the README's way) would take NaN, a negative limit or a wrong type unchecked. The same
+# constraints, read once per class from its annotations, are checked in ``__post_init__`` (which
+# msgspec runs on construction, decode, convert and ``structs.replace``), and floats must also be
+# finite: NaN compares false and would switch a limit off, inf has no size to trade.
+
+_CHECKS: dict[type, tuple[tuple[str, Callable[[Any], str]], ...]] = {}
+
+
+def _bounds(t: Any) -> str:
+    parts = [f"{op} {v!r}" for op, v in ((">", t.gt), (">=", t.ge), ("<", t.lt), ("<=", t.le)) if v is not None]
+    return " and ".join(parts)
+
+
+def _in_bounds(t: Any, v: Any) -> bool:
+    return ((t.gt is None or v > t.gt) and (t.ge is None or v >= t.ge) and (t.lt is None or v < t.lt)
+            and (t.le is None or v <= t.le))
+
+
+def _checker(t: Any) -> Callable[[Any], str]:
+    """A function of a value returning '' when ``t`` (a msgspec.inspect type) admits it, else
+    what it must be."""
+    ti = msgspec.inspect
+    if isinstance(t, ti.FloatType):
+        want = "a finite number" + (f" {_bounds(t)}" if _bounds(t) else "")
+
+        def check(v: Any) -> str:
+            ok = (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                  and _in_bounds(t, v))
+            return "" if ok else want
+        return check
+    if isinstance(t, ti.IntType):
+        want = "an integer" + (f" {_bounds(t)}" if _bounds(t) else "")
+
+        def check(v: Any) -> str:
+            ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and _in_bounds(t, v)
+            return "" if ok else want
+        return check
+    if isinstance(t, ti.StrType):
+        lo, hi = t.min_length or 0, t.max_length
+        want = f"a string of {lo} to {hi} characters" if hi is not None else f"a string of at least {lo} characters"
+
+        def check(v: Any) -> str:
+            ok = isinstance(v, str) and len(v) >= lo and (hi is None or len(v) <= hi)
+            return "" if ok else want
+        return check
+    if isinstance(t, ti.BoolType):
+        return lambda v: "" if isinstance(v, bool) else "true or false"
+    if isinstance(t, ti.VarTupleType):
+        item = _checker(t.item_type)
+        hi = t.max_length
+
+        def check(v: Any) -> str:
+            if not isinstance(v, tuple) or (hi is not None and len(v) > hi):
+                return "a tuple" + (f" of at most {hi} items" if hi is not None else "")
+            for x in v:
+                bad = item(x)
+                if bad:
+                    return f"a tuple of items each {bad}"
+            return ""
+        return check
+    return lambda v: ""  # a type without constraints of ours
+
+
+def check_fields(obj: msgspec.Struct) -> None:
+    """Raise ``ValueError`` naming the first field of ``obj`` its annotation's constraints
+    refuse (and any non-finite float), as decoding it would."""
+    cls = type(obj)
+    checks = _CHECKS.get(cls)
+    if checks is None:
+        checks = _CHECKS[cls] = tuple((f.name, _checker(f.type)) for f in msgspec.inspect.type_info(cls).fields)
+    for name, check in checks:
+        v = getattr(obj, name)
+        bad = check(v)
+        if bad:
+            raise ValueError(f"{cls.__name__}.{name} must be {bad}, got {v!r}")
 
 
 class InstrumentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -56,6 +142,9 @@ class InstrumentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     digits: Annotated[int, msgspec.Meta(ge=0, le=12)] = 5
 
     def __post_init__(self) -> None:
+        check_fields(self)
+        if self.lot_step < MIN_LOT_STEP:
+            raise ValueError(f"{self.name}: InstrumentSpec.lot_step must be >= {MIN_LOT_STEP!r}, got {self.lot_step!r}")
         if self.min_lot > self.max_lot:
             raise ValueError(f"{self.name}: min_lot {self.min_lot} > max_lot {self.max_lot}")
 
@@ -65,7 +154,10 @@ class InstrumentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         if not lots > 0.0:
             return 0.0
         step = self.lot_step
-        steps = int(lots / step + 1e-9)
+        q = lots / step + 1e-9
+        if q == math.inf:  # more steps than a float counts (or lots = inf): the most there is
+            return self.max_lot if lots != math.inf else 0.0
+        steps = int(q)
         inv = _inverse_step(step)
         # steps / (1/step) for decimal steps (0.01 -> /100) is the correctly rounded decimal;
         # steps * 0.01 is not (3 * 0.01 = 0.030000000000000002)
@@ -142,31 +234,61 @@ def quote_to_account(spec: InstrumentSpec, price: float, account: str = "USD",
                      prices: Mapping[str, float] | None = None) -> float:
     """Account-currency value of one unit of ``spec.quote`` at ``price`` (the instrument's
     own price) or via a cross in ``prices`` (``{"USDJPY": 150.0}``). 1.0 when the quote
-    currency is the account's; raises ``KeyError`` when no route is known."""
+    currency is the account's; raises ``KeyError`` when no route is known. A price that is not
+    finite and > 0, or a rate that is not, is no route (a NaN or inf cross would otherwise size
+    plans and value exposure by it)."""
     if spec.quote == account:
         return 1.0
     if spec.base == account:
-        return 1.0 / price
+        r = 1.0 / price if price > 0.0 else math.nan
+        if 0.0 < r < math.inf:
+            return r
+        raise KeyError(f"no rate converts {spec.quote} to {account} at {spec.name} price {price!r}")
     prices = prices or {}
     direct_name, inverse_name = conversion_prices(spec, account)
     direct = prices.get(direct_name)
-    if direct:
+    if direct and 0.0 < direct < math.inf:
         return float(direct)
     inverse = prices.get(inverse_name)
-    if inverse:
-        return 1.0 / float(inverse)
+    if inverse and 0.0 < inverse < math.inf:
+        r = 1.0 / float(inverse)
+        if r < math.inf:
+            return r
     raise KeyError(f"no price converts {spec.quote} to {account} (need {spec.quote}{account} or {account}{spec.quote})")
 
 
 def load_specs(path: str | os.PathLike[str]) -> dict[str, InstrumentSpec]:
     """Instrument specs from a TOML file of ``[instruments.NAME]`` tables (fields of
     :class:`InstrumentSpec`; omitted fields default as for :func:`instrument_spec`)."""
+    return specs_from_tables(_load_toml(path).get("instruments", {}), path)
+
+
+def _load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A TOML file's tables; a syntax error is a ``ValueError`` naming the file."""
     with open(path, "rb") as f:
-        doc: dict[str, Any] = tomllib.load(f)
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{os.fspath(path)}: not valid TOML: {e}") from None
+
+
+def specs_from_tables(tables: Any, path: str | os.PathLike[str] = "<config>") -> dict[str, InstrumentSpec]:
+    """Specs of an ``[instruments]`` table (``{NAME: {field: value}}``); ``ValueError`` naming
+    the file and the key for anything that is not such a table or not a valid spec."""
+    where = os.fspath(path)
+    if not isinstance(tables, dict):
+        # a ValueError, as every other error in a config file's contents
+        raise ValueError(f"{where}: [instruments] must be a table of [instruments.NAME] tables, "  # noqa: TRY004
+                         f"got {type(tables).__name__}")
     out: dict[str, InstrumentSpec] = {}
-    for name, table in (doc.get("instruments") or {}).items():
-        base = msgspec.structs.asdict(instrument_spec(name))
-        base.update(table)
-        base["name"] = name
-        out[name] = msgspec.convert(base, InstrumentSpec)
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"{where}: [instruments.{name}] must be a table, got {type(table).__name__}")  # noqa: TRY004
+        try:
+            base = msgspec.structs.asdict(instrument_spec(name))
+            base.update(table)
+            base["name"] = name
+            out[name] = msgspec.convert(base, InstrumentSpec)
+        except (msgspec.ValidationError, ValueError, TypeError) as e:
+            raise ValueError(f"{where}: [instruments.{name}]: {e}") from None
     return out
