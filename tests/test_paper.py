@@ -465,17 +465,7 @@ def test_plan_to_order() -> None:
 
 def _churn(b: PaperBroker, bars: np.ndarray) -> None:
     """A deterministic order stream: alternate sides and sizes, some bracketed, some pending."""
-    close = bars["close"]
-    for i in range(len(bars)):
-        b.on_bars(bars[i:i + 1])
-        if i % 7 == 0:
-            side = 1 if (i // 7) % 3 else -1
-            c = float(close[i])
-            b.submit(Order(client_order_id=f"c{i}", instrument="GOOG", side=side, lots=float(1 + i % 5),
-                           stop_loss=c * (1 - 0.04 * side), take_profit=c * (1 + 0.06 * side), plan_id=f"P{i % 4}"))
-        if i % 11 == 0:
-            b.submit(Order(client_order_id=f"l{i}", instrument="GOOG", side=1, type="limit", lots=2.0,
-                           price=float(close[i]) * 0.99, valid_until=int(bars["ts"][min(i + 3, len(bars) - 1)])))
+    _churn_part(b, bars, 0, len(bars))
 
 
 def test_equity_curve_and_flat_equity_equals_initial_plus_trades(goog: np.ndarray) -> None:
@@ -772,6 +762,7 @@ def test_history_is_bounded_and_stats_cover_the_whole_run(goog: np.ndarray) -> N
 
 
 def _churn_part(b: PaperBroker, bars: np.ndarray, lo: int, hi: int) -> None:
+    """Bars lo..hi of :func:`_churn`'s order stream."""
     close = bars["close"]
     for i in range(lo, hi):
         b.on_bars(bars[i:i + 1])
