@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +145,82 @@ def test_streaming_submit_poll_with_reject_new_replays(tmp_path):
     assert res.bars == len(bars)
     assert res.signals.tobytes() == live.tobytes()
     assert res.verified == len(live)
+
+
+def test_the_only_consumer_of_a_blocked_submit_may_evolve_and_the_journal_replays(tmp_path):
+    """A blocking submit journals its batch in pieces that fit the window, so a change made while
+    it waits for room (here evolve, by the thread that is its only consumer) lands between two
+    pieces instead of waiting for the batch, which waits for it."""
+    pop, bars = _pop(512), _bars(1200)
+    got: list[np.ndarray] = []
+    errors: list[BaseException] = []
+    evolved = []
+    eng = dc.Engine(pop, threads=2, capacity=64, journal=tmp_path / "j")
+
+    def consume() -> None:
+        try:
+            while sum(map(len, got)) < len(bars):
+                got.append(eng.poll(timeout=5.0).copy())
+                if sum(map(len, got)) >= 300 * (len(evolved) + 1) and len(evolved) < 3:
+                    time.sleep(0.05)  # the window fills: the submit waits for room
+                    assert eng.stats()["backpressure"]["events"] > len(evolved)
+                    eng.evolve(dict(min_age=50, replace_fraction=0.2), seed=3, generation=len(evolved) + 1)
+                    eng.set_credit([int(eng.agents()["agent_id"][0])], [1.5])
+                    evolved.append(sum(map(len, got)))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    prod = threading.Thread(target=eng.submit, args=(bars,), daemon=True)
+    cons = threading.Thread(target=consume, daemon=True)
+    prod.start()
+    cons.start()
+    cons.join(60)
+    hung = cons.is_alive()
+    if not hung:
+        prod.join(10)
+        agents = eng.agents().copy()
+    eng.close()
+    prod.join(10)
+    assert not hung, "the consumer's evolve waited for the submit that waited for it"
+    assert not errors, errors
+    assert len(evolved) == 3
+    live = np.concatenate(got)
+    assert len(live) == len(bars)
+    res = dc.Engine.replay(tmp_path / "j", threads=1)
+    assert res.ok and res.verified == len(live) and res.unverified == 0
+    assert res.signals.tobytes() == live.tobytes()
+    assert res.agents.tobytes() == agents.tobytes()
+
+
+def test_close_during_a_blocked_submit_journals_only_the_bars_taken(tmp_path):
+    """close() ends a submit waiting for room; the journal holds the bars it took, not the rest
+    of its batch (replay would process bars the live engine never did)."""
+    pop, bars = _pop(300), _bars(1000)
+    raised: list[BaseException] = []
+    eng = dc.Engine(pop, threads=1, capacity=64, journal=tmp_path / "j")
+
+    def produce() -> None:
+        try:
+            eng.submit(bars)
+        except RuntimeError as e:
+            raised.append(e)
+
+    prod = threading.Thread(target=produce, daemon=True)
+    prod.start()
+    polled = 0
+    while polled < 100:
+        polled += len(eng.poll(timeout=5.0))
+    time.sleep(0.2)  # the window is full again and nobody polls: the submit waits
+    taken = eng.stats()["bars_in"]
+    assert polled < taken < len(bars)
+    eng.close()
+    prod.join(10)
+    assert not prod.is_alive() and raised and "closed" in str(raised[0])
+    journaled = sum(len(r.payload) // dc.BAR_DTYPE.itemsize for r in jr.read(tmp_path / "j") if r.type == "bars")
+    assert journaled == taken
+    res = dc.Engine.replay(tmp_path / "j", threads=1)
+    assert res.ok and res.bars == taken
+    assert res.verified == polled and res.unverified == taken - polled
 
 
 def test_segments_roll_over_and_replay(tmp_path):

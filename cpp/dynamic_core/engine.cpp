@@ -692,16 +692,35 @@ size_t Engine::in_flight() const {
   return head_.load(std::memory_order_acquire) - tail_.load(std::memory_order_acquire);
 }
 
-std::unique_lock<std::mutex> Engine::lock_ingress() {
-  std::unique_lock<std::mutex> lk(ingress_m_);
-  unparked_cv_.wait(lk, [&] { return !parked_; });
-  return lk;
-}
-
 size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wait_for_space,
                       std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted,
                       std::unique_lock<std::mutex>* lk) {
   if (closed_) throw std::logic_error("engine is closed");
+  if (lk && wait_for_space) {
+    // Blocking: the batch goes in pieces, each no longer than the room the window has now (so
+    // it needs no wait), journaled and taken before the next. Only ingress fills the window, so
+    // the room only grows while it holds its lock; that is released only between pieces, while
+    // waiting for room, so a
+    // change made meanwhile (by the consumer this submit waits for, say) lands between two
+    // pieces, journaled there, and the journal holds exactly the bars taken when close() or a
+    // failure ends the batch early.
+    size_t i = 0;
+    bool full = false;
+    while (i < n) {
+      const uint64_t room = cap_ - (head_.load(std::memory_order_relaxed) - tail_.load(std::memory_order_acquire));
+      if (room == 0) {
+        if (!full) ++stats_.backpressure_events;
+        full = true;
+        wait_for_room(*lk);
+        continue;
+      }
+      full = false;
+      const size_t m = static_cast<size_t>(std::min<uint64_t>(n - i, room));
+      take(bars + i, m, n_registered, false, nullptr, nullptr, i);
+      i += m;
+    }
+    return n;
+  }
   bool validated = false;
   if (!admitted && !drain_to && !wait_for_space && cfg_.backpressure == Backpressure::RejectNew) {
     // reject_new takes the bars up to the first that finds no room. The window only empties
@@ -725,6 +744,27 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
       ++need;
     }
   }
+  take(bars, n, n_registered, validated, drain_to, admitted, 0);
+  return n;
+}
+
+void Engine::wait_for_room(std::unique_lock<std::mutex>& lk) {
+  space_waiters_.fetch_add(1, std::memory_order_seq_cst);
+  lk.unlock();
+  {
+    std::unique_lock<std::mutex> wl(wait_m_);
+    space_cv_.wait_for(wl, std::chrono::milliseconds(100), [&] {
+      return head_.load(std::memory_order_acquire) - tail_.load(std::memory_order_acquire) < cap_ ||
+             stop_.load(std::memory_order_relaxed);
+    });
+  }
+  space_waiters_.fetch_sub(1, std::memory_order_relaxed);
+  lk.lock();
+  if (closed_ || stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
+}
+
+void Engine::take(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
+                  std::vector<AdmittedBar>* admitted, size_t row0) {
   if (journal_) journal_inputs(bars, n, n_registered, validated);
   stats_.bars_in += n;
   for (size_t i = 0; i < n; ++i) {
@@ -744,7 +784,7 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
     if (r != Reason::Ok) {
       ++stats_.rejected;
       ++stats_.rejects[static_cast<uint32_t>(r)];
-      dead_letter(b, i, r);
+      dead_letter(b, row0 + i, r);
       continue;
     }
     if (st == nullptr) {
@@ -759,7 +799,7 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
       st->has_last = true;
       st->last_ts = b.ts;
       ++st->nbars;
-      admitted->push_back(AdmittedBar{s, static_cast<uint32_t>(i), st->nbars - 1, seq_});
+      admitted->push_back(AdmittedBar{s, static_cast<uint32_t>(row0 + i), st->nbars - 1, seq_});
       continue;
     }
     // Room in the window?
@@ -773,38 +813,12 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
           Signal buf[256];
           const size_t k = wait_and_drain(buf, 256, 100'000'000, drain_batch());
           drain_to->insert(drain_to->end(), buf, buf + k);
-        } else if (wait_for_space) {
-          space_waiters_.fetch_add(1, std::memory_order_seq_cst);
-          {
-            // Parked: ingress_m_ goes free for readers (a consumer asking for stats must not
-            // wait for this submit, which waits for it); changes still wait (lock_ingress).
-            struct Park {
-              Engine& e;
-              std::unique_lock<std::mutex>* lk;
-              Park(Engine& en, std::unique_lock<std::mutex>* l) : e(en), lk(l) {
-                if (!lk) return;
-                e.parked_ = true;
-                lk->unlock();
-              }
-              ~Park() {
-                if (!lk) return;
-                lk->lock();
-                e.parked_ = false;
-                e.unparked_cv_.notify_all();
-              }
-            } park(*this, lk);
-            std::unique_lock<std::mutex> wl(wait_m_);
-            space_cv_.wait_for(wl, std::chrono::milliseconds(100), [&] {
-              return p - tail_.load(std::memory_order_acquire) < cap_ || stop_.load(std::memory_order_relaxed);
-            });
-          }
-          space_waiters_.fetch_sub(1, std::memory_order_relaxed);
         } else if (cfg_.backpressure == Backpressure::DropOldest) {
           std::lock_guard<std::mutex> lk(egress_m_);
           const size_t k = wait_and_drain(nullptr, 1, 100'000'000);
           stats_.backpressure_dropped += k;
-        } else {  // RejectNew: the prefix taken was sized to the room above
-          throw std::logic_error("reject_new: the window filled while ingress held it");
+        } else {  // RejectNew and blocking pieces were sized to the room
+          throw std::logic_error("ingest: the window filled while ingress held it");
         }
       }
     }
@@ -850,10 +864,10 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
       wake_worker(w);
     }
   }
-  return n;
 }
 
 size_t Engine::submit(const Bar* bars, size_t n, uint32_t n_registered) {
+  std::lock_guard<std::mutex> feed(feed_m_);
   auto lk = lock_ingress();
   ++stats_.batches;
   return ingest(bars, n, n_registered, cfg_.backpressure == Backpressure::Block, nullptr, nullptr, &lk);
@@ -861,6 +875,7 @@ size_t Engine::submit(const Bar* bars, size_t n, uint32_t n_registered) {
 
 int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns) {
   {
+    std::lock_guard<std::mutex> feed(feed_m_);
     auto lk = lock_ingress();
     ++stats_.batches;
     const uint64_t h0 = head_.load(std::memory_order_relaxed);
@@ -873,6 +888,7 @@ int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t tim
 size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out) {
   const auto t0 = std::chrono::steady_clock::now();
   const size_t before = out.size();
+  std::lock_guard<std::mutex> feed(feed_m_);
   auto lk = lock_ingress();
   ++stats_.batches;
   ingest(bars, n, n_registered, true, &out);
@@ -900,6 +916,7 @@ void Engine::wait_idle() {
 }
 
 size_t Engine::admit(const Bar* bars, size_t n, uint32_t n_registered, std::vector<AdmittedBar>& out) {
+  std::lock_guard<std::mutex> feed(feed_m_);
   auto lk = lock_ingress();
   ++stats_.batches;
   return ingest(bars, n, n_registered, false, nullptr, &out);

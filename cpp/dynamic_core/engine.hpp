@@ -319,14 +319,20 @@ class Engine {
   void wake_worker(int w);
   void notify_ready(uint64_t p);
   bool claim_space(std::unique_lock<std::mutex>& ingress);
-  // `lk` (the caller's hold on ingress_m_), when given, is released while a submit waits for
-  // room (parked_): readers (stats, agents...) go on meanwhile; changes wait (lock_ingress).
+  // `lk` (the caller's hold on ingress_m_), when given with wait_for_space, makes this a
+  // blocking submit: the batch goes in pieces that fit the room in the window, each journaled
+  // and taken before the next, and ingress_m_ is released while it waits for room (readers and
+  // changes go on meanwhile and land between two pieces; other feeders wait on feed_m_).
   size_t ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wait_for_space,
                 std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted = nullptr,
                 std::unique_lock<std::mutex>* lk = nullptr);
-  // ingress_m_ for a change of engine state: waits while a submit is parked mid-batch, so a
-  // change never lands between the bars of one batch (the journal has the batch whole first).
-  std::unique_lock<std::mutex> lock_ingress();
+  // Journals bars[0, n) (unless `validated`, checking them first) and takes them; `row0` is the
+  // first bar's row in the caller's batch (dead letters name it).
+  void take(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
+            std::vector<AdmittedBar>* admitted, size_t row0);
+  // Releases ingress (`lk`) until the window has room or the engine stops (then throws).
+  void wait_for_room(std::unique_lock<std::mutex>& lk);
+  std::unique_lock<std::mutex> lock_ingress() { return std::unique_lock<std::mutex>(ingress_m_); }
   size_t drain(Signal* out, size_t max_n);
   size_t validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
   void journal_inputs(const Bar* bars, size_t n, uint32_t n_registered, bool validated);
@@ -391,6 +397,8 @@ class Engine {
   std::vector<std::unique_ptr<Worker>> workers_;
   std::atomic<uint64_t> signals_out_{0};
 
+  // feeders (submit, step, run, admit) one at a time, each batch contiguous; taken before ingress_m_
+  std::mutex feed_m_;
   // ingress (guarded by ingress_m_)
   std::mutex ingress_m_;
   EngineStats stats_;
@@ -406,8 +414,6 @@ class Engine {
   // waiting: consumers for ready signals, ingress for room
   std::mutex wait_m_;
   std::condition_variable ready_cv_, space_cv_;
-  bool parked_ = false;                    // under ingress_m_: a submit waits for room, lock released
-  std::condition_variable unparked_cv_;    // with ingress_m_: parked_ went false
   std::atomic<int32_t> ready_waiters_{0}, space_waiters_{0};
   std::atomic<uint64_t> wake_pos_{0};  // the position the waiting consumer waits for
 

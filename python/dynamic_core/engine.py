@@ -296,11 +296,14 @@ class Engine:
         decides: ``"block"`` waits until a consumer polls; ``"reject_new"`` returns early, the
         bars from the returned index on were not taken (resubmit them); ``"drop_oldest"`` drops
         the oldest ready, unpolled signals. Every case is counted in ``stats()["backpressure"]``.
-        Safe to call from several threads (calls are serialised, each batch stays contiguous).
-        While a ``"block"`` submit waits for room, readers (``stats``, ``agents``,
-        ``dead_letters``...) answer and ``close`` ends the wait (the submit raises); changes
-        (``evolve``, ``set_credit``, ``set_dsi``, another ``submit``) wait until the batch is
-        taken, so a thread that is the batch's only consumer must poll before it makes one.
+        Safe to call from several threads (feeding calls, ``submit``, ``step``, ``run``, are
+        serialised and each batch stays contiguous among them). A ``"block"`` submit takes its
+        batch in pieces that fit the room in the window, each journaled as it is taken. While it
+        waits for room, readers (``stats``, ``agents``, ``dead_letters``...) and changes
+        (``evolve``, ``set_credit``, ``set_dsi``...) go on, a change landing between two pieces
+        (the journal records it there, so replay matches); another feeding call waits for the
+        batch. ``close`` ends the wait: the submit raises, and the bars taken before it (counted
+        in ``stats()["bars_in"]``) are the ones journaled.
         """
         self._check_open()
         self._cpu_only("submit")

@@ -4,6 +4,7 @@
 #include <random>
 #include <cstring>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "check.hpp"
@@ -272,6 +273,40 @@ int main() {
       threw = true;
     }
     CHECK(threw);
+  }
+  // a blocking submit waiting for room leaves ingress free for changes: the thread that is its
+  // only consumer evolves and sets credit between pieces of the batch (they used to wait for the
+  // whole batch, which waited for them: a deadlock); every bar is taken once (also under TSan)
+  {
+    EvolutionConfig ec;
+    ec.min_age = 30;
+    ec.replace_fraction = 0.25;
+    EngineConfig ct = cfg;
+    ct.threads = 2;
+    ct.capacity = 16;
+    ct.backpressure = Backpressure::Block;
+    Engine two(g.data(), g.size(), ct);
+    size_t taken = 0;
+    std::thread producer([&] { taken = two.submit(b.data(), b.size(), 2); });
+    std::vector<Signal> got(b.size());
+    size_t n_got = 0, births = 0;
+    uint32_t gen = 0;
+    while (n_got < b.size()) {
+      n_got += two.poll(got.data() + n_got, b.size() - n_got, 1'000'000);
+      if (n_got >= 80 * (gen + 1) && gen < 4) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        births += two.evolve(ec, 11, ++gen).births.size();
+        const uint32_t a = 0;
+        const double credit = 1.5;
+        two.set_credit(&a, &credit, 1);
+      }
+    }
+    producer.join();
+    CHECK(taken == b.size());
+    CHECK(births > 0);
+    CHECK(two.stats().backpressure_events > 0);
+    for (size_t i = 1; i < got.size(); ++i) CHECK(got[i].seq > got[i - 1].seq);
+    two.close();
   }
   // a generation large enough to run its per-SM phases on the engine's threads (>= 16,384
   // lanes) breeds the same children, ids and lineage on 1, 2 and 3 threads (also under TSan)
