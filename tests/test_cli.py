@@ -198,6 +198,12 @@ def test_bad_range_is_a_clean_error(value: str, tmp_path: Path) -> None:
     assert not (tmp_path / "backtest_results.csv").exists()
 
 
+@pytest.mark.parametrize("value", ["1.5s", "0", "4294967296", "H1.5"])
+def test_timeframe_that_is_not_whole_seconds_is_a_clean_error(value: str, tmp_path: Path) -> None:
+    proc = dynamic_core("run", "--timeframe", value, "--bars", "10", "--agents", "32", cwd=tmp_path)
+    assert_clean_error(proc, "--timeframe", repr(value) if not value.isdigit() else value)
+
+
 def test_invalid_genome_is_a_clean_error(tmp_path: Path) -> None:
     assert_clean_error(dynamic_core("backtest", "--data", "sim", "--fast", "0", cwd=tmp_path), "fast")
 

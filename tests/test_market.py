@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -170,15 +172,49 @@ def test_read_csv_round_trip(tmp_path, sim_bars):
 
 
 @pytest.mark.parametrize("tf,sec", [(60, 60), ("M5", 300), ("H1", 3600), ("H4", 14400), ("D1", 86400),
-                                    ("1h", 3600), ("15min", 900), ("1D", 86400)])
+                                    ("1h", 3600), ("15min", 900), ("1D", 86400), ("W1", 604800),
+                                    ("0.5m", 30), ("2000ms", 2), (np.uint32(60), 60), (2**32 - 1, 2**32 - 1)])
 def test_parse_timeframe(tf, sec):
     assert dc.market.parse_timeframe(tf) == sec
 
 
-@pytest.mark.parametrize("bad", [0, -5, "fortnightly", 2**40])
+# timeframes are uint32 whole seconds: anything else is refused, never rounded or wrapped
+NOT_WHOLE_SECONDS = ["1.5s", "1500ms", "0.5s", "0.01m", 1.5, 60.0, np.float64(90.0), "90.5", "60", True,
+                     np.bool_(True), 0, -60, "-1h", 2**32, 2**40, "M0", "fortnightly", "nan"]
+
+
+@pytest.mark.parametrize("bad", NOT_WHOLE_SECONDS, ids=repr)
 def test_parse_timeframe_rejects(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
         dc.market.parse_timeframe(bad)
+
+
+@pytest.mark.parametrize("bad", ["1.5s", 1.5, "0.01m", 0, -60, 2**32, True], ids=repr)
+def test_population_and_engine_refuse_a_timeframe_that_is_not_whole_seconds(bad):
+    """Every way a timeframe enters refuses it the same way (``"1.5s"`` used to become 1 s)."""
+    from dynamic_core.learning.agents import learning_genomes
+    from dynamic_core.ticks import TickAggregator
+
+    named = re.escape(repr(bad))
+    with pytest.raises(ValueError, match=named):
+        dc.Engine(dc.Population.grid("EURUSD", bad), threads=1)
+    with pytest.raises(ValueError, match=named):
+        dc.Engine(dc.Population.random(64, instruments=["EURUSD"], timeframes=[bad]), threads=1)
+    with pytest.raises(ValueError, match=named):
+        dc.Population.random_on([("EURUSD", bad)], 64)
+    with pytest.raises(ValueError, match=named):
+        dc.sim.MarketSimulator(["EURUSD"], timeframe=bad)
+    with pytest.raises(ValueError, match=named):
+        TickAggregator(bad)
+    with pytest.raises(ValueError, match=named):
+        learning_genomes("EURUSD", bad, 4)
+
+
+def test_population_and_engine_take_every_spelling_of_a_whole_timeframe():
+    pop = dc.Population.grid("EURUSD", ["1h", "H1", 3600, np.int64(3600), "60min", "0.5m", "D1"])
+    assert sorted(set(pop.records["timeframe"].tolist())) == [30, 3600, 86400]
+    eng = dc.Engine(dc.Population.random(64, instruments=["EURUSD"], timeframes=["15m", "H1"], seed=2), threads=1)
+    assert sorted(set(eng.population.records["timeframe"].tolist())) == [900, 3600]
 
 
 def test_simulator_is_deterministic_valid_and_continuous():

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -455,6 +455,97 @@ def test_https_to_a_plain_http_server_is_connection(fake: FakeOpenAI) -> None:
     with OpenAICompatibleClient(prof(url), KEY) as c, pytest.raises(AdapterError) as ei:
         c.complete(MESSAGES, timeout=5.0)
     assert ei.value.kind == "connection" and "TLS" in str(ei.value)
+    assert_no_key(ei.value)
+
+
+class DripTLSServer:
+    """A server that answers a TLS ClientHello slowly: ``flight(hello)`` is sent ``chunk`` bytes
+    every 0.3 s (20 sends, 6 s, at most). Each of the client's handshake reads makes progress,
+    so only a deadline over the whole handshake ends the attempt on time."""
+
+    def __init__(self, flight: Callable[[bytes], bytes], chunk: int) -> None:
+        self.flight, self.chunk = flight, chunk
+        self.stopping = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            try:
+                data = self.flight(conn.recv(65536))
+                for i in range(0, min(len(data), 20 * self.chunk), self.chunk):
+                    if i and self.stopping.wait(0.3):
+                        return
+                    conn.sendall(data[i:i + self.chunk])
+            except OSError:
+                return
+
+    def __enter__(self) -> DripTLSServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(5.0)
+        self.sock.close()
+
+
+def _record_header(hello: bytes) -> bytes:
+    """A handshake record that announces 16 KiB and starts a ServerHello it never finishes."""
+    return b"\x16\x03\x03\x40\x00\x02" + b"\x00" * 19
+
+
+def _real_server_flight(hello: bytes) -> bytes:
+    """The first flight of a real TLS server (a self-signed certificate) answering ``hello``:
+    ServerHello, then the certificate, which arrives too late to be refused."""
+    import datetime
+    import ssl
+    import tempfile
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as tmp:
+        pem = Path(tmp) / "server.pem"
+        pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()) + cert.public_bytes(serialization.Encoding.PEM))
+        ctx.load_cert_chain(pem)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_side=True)
+    incoming.write(hello)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:  # it has answered and waits for the client's next flight
+        pass
+    return outgoing.read()
+
+
+@pytest.mark.parametrize("flight,chunk", [(_record_header, 1), (_real_server_flight, 32)],
+                         ids=["record", "real-server"])
+def test_a_server_dripping_its_tls_handshake_times_out_on_time(flight: Callable[[bytes], bytes],
+                                                               chunk: int) -> None:
+    """A TLS handshake dripped over 6 s cannot hold a 1 s call past its deadline: the deadline
+    bounds connect + handshake + request as a whole, not each read of the handshake."""
+    if flight is _real_server_flight:
+        pytest.importorskip("cryptography")
+    with DripTLSServer(flight, chunk) as server, OpenAICompatibleClient(prof(server.url), KEY) as c:
+        t0 = time.monotonic()
+        with pytest.raises(AdapterError) as ei:
+            c.complete(MESSAGES, timeout=1.0)
+        elapsed = time.monotonic() - t0
+    assert (ei.value.kind, ei.value.status, ei.value.retryable) == ("timeout", None, True)
+    assert 1.0 <= elapsed < 3.0
     assert_no_key(ei.value)
 
 

@@ -29,31 +29,59 @@ __all__ = [
 ]
 
 _MT_FRAMES = {"M": 60, "H": 3600, "D": 86400, "W": 604800}
+_MT_NAME = re.compile(r"([MHDW])(\d+)")
+_BARE_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_NS = 1_000_000_000
 _TIME_COLUMNS = ("ts", "time", "timestamp", "datetime", "date", "open_time")
 
 
 def parse_timeframe(tf: int | str) -> int:
     """Timeframe in seconds from an int, a MetaTrader name (``"M5"``, ``"H1"``, ``"D1"``) or a
-    pandas offset (``"5min"``, ``"1h"``, ``"1D"``)."""
+    pandas offset (``"5min"``, ``"1h"``, ``"1D"``).
+
+    Timeframes are whole seconds (``uint32``). A value that is not a whole positive number of
+    seconds below 2**32 is refused with a ``ValueError`` naming it, never rounded: ``"1.5s"``,
+    ``"1500ms"``, ``1.5`` (floats are refused, even ``60.0``), ``True``, ``0``, ``2**32``, and
+    a string without a unit (``"60"``, which pandas would read as nanoseconds).
+    """
+    # a ValueError, as for "1.5s": these are numbers, but not a whole number of seconds
     if isinstance(tf, (bool, np.bool_)):
-        raise TypeError("timeframe must be seconds (int) or a string such as 'H1' or '1h'")
+        raise ValueError(f"timeframe {tf!r} is a bool, not a number of seconds")  # noqa: TRY004
+    if isinstance(tf, (float, np.floating)):
+        raise ValueError(  # noqa: TRY004
+            f"timeframe {tf!r} is a float: pass whole seconds as an int, or a string such as 'H1' or '1h'")
     if isinstance(tf, (int, np.integer)):
         seconds = int(tf)
     elif isinstance(tf, str):
-        m = re.fullmatch(r"([MHDW])(\d+)", tf.strip().upper())
+        m = _MT_NAME.fullmatch(tf.strip().upper())
         if m:
             seconds = _MT_FRAMES[m.group(1)] * int(m.group(2))
         else:
-            import pandas as pd
-
-            try:
-                seconds = int(pd.Timedelta(tf).total_seconds())
-            except ValueError:
-                raise ValueError(f"cannot read timeframe {tf!r}: use seconds, 'H1' or '1h'") from None
+            seconds = _offset_seconds(tf)
     else:
         raise TypeError(f"timeframe must be int or str, got {type(tf).__name__}")
     if not 0 < seconds < 2**32:
-        raise ValueError(f"timeframe must be between 1 s and 2**32-1 s, got {seconds}")
+        shown = f"{tf!r} ({seconds} s)" if isinstance(tf, str) else repr(tf)
+        raise ValueError(f"timeframe {shown} is not between 1 s and 2**32-1 s (a uint32 number of seconds)")
+    return seconds
+
+
+def _offset_seconds(tf: str) -> int:
+    """Whole seconds of a pandas offset string; refuses one that is not a whole number of them."""
+    import pandas as pd
+
+    if _BARE_NUMBER.fullmatch(tf.strip()):
+        raise ValueError(f"cannot read timeframe {tf!r}: a string needs a unit ('60s', 'H1', '1h'); "
+                         "pass bare seconds as an int")
+    try:
+        td = pd.Timedelta(tf)
+    except (ValueError, OverflowError):
+        raise ValueError(f"cannot read timeframe {tf!r}: use seconds, 'H1' or '1h'") from None
+    if pd.isna(td):
+        raise ValueError(f"cannot read timeframe {tf!r}: use seconds, 'H1' or '1h'")
+    seconds, rest = divmod(td.value, _NS)
+    if rest:
+        raise ValueError(f"timeframe {tf!r} is not a whole number of seconds")
     return seconds
 
 

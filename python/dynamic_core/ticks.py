@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -371,18 +370,6 @@ class _Pending:
         self.bucket, self.ohlcv = b, v
 
 
-def _whole_seconds(tf: int | str) -> int:
-    """:func:`~dynamic_core.market.parse_timeframe`, refusing a string that is not a whole
-    number of seconds (``"1.5s"`` would otherwise be truncated to 1 s)."""
-    seconds = parse_timeframe(tf)
-    if isinstance(tf, str) and not re.fullmatch(r"([MHDW])(\d+)", tf.strip().upper()):
-        import pandas as pd
-
-        if pd.Timedelta(tf).value % _NS:
-            raise ValueError(f"timeframe {tf!r} is not a whole number of seconds")
-    return seconds
-
-
 def _ts_range(timeframes: Iterable[int]) -> tuple[int, int]:
     """Tick times (ns, inclusive) whose bucket start and end fit int64 for every timeframe."""
     lo, hi = -(2**63), 2**63 - 1
@@ -437,9 +424,9 @@ class TickAggregator:
     def __init__(self, timeframes: int | str | Iterable[int | str], *,
                  instruments: str | int | Iterable[str | int] | None = None,
                  max_dead_letters: int = 10_000, band: float = 0.01, band_spreads: float = 10.0) -> None:
-        if isinstance(timeframes, (str, int, np.integer)):
+        if isinstance(timeframes, (str, int, float, np.integer, np.floating)):
             timeframes = [timeframes]
-        tfs = sorted({_whole_seconds(tf) for tf in timeframes})
+        tfs = sorted({parse_timeframe(tf) for tf in timeframes})
         if not tfs:
             raise ValueError("TickAggregator needs at least one timeframe")
         self.timeframes: tuple[int, ...] = tuple(tfs)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..instruments import instruments
+from ..market import parse_timeframe
 from ..records import GENOME_DTYPE
 
 __all__ = ["FEATURES", "FeatureBank", "LearningAgents", "learning_genomes"]
@@ -113,7 +114,7 @@ class FeatureBank:
         return out
 
 
-def learning_genomes(instrument: int | str, timeframe: int, n: int, *, first_id: int = 0, entry: float = 0.1,
+def learning_genomes(instrument: int | str, timeframe: int | str, n: int, *, first_id: int = 0, entry: float = 0.1,
                      long_short: bool = True) -> np.ndarray:
     """``n`` external-score genomes (kind 1) on one stream, agent ids from ``first_id``. Their
     indicator weights are zero (the score comes from outside); ``entry`` is the |score| that
@@ -121,7 +122,7 @@ def learning_genomes(instrument: int | str, timeframe: int, n: int, *, first_id:
     g = np.zeros(n, dtype=GENOME_DTYPE)
     g["agent_id"] = np.arange(first_id, first_id + n, dtype=np.uint32)
     g["instrument"] = instruments.resolve(instrument)
-    g["timeframe"] = timeframe
+    g["timeframe"] = parse_timeframe(timeframe)
     g["mode"] = 1 if long_short else 0
     g["kind"] = 1
     for p, v in (("fast", 12), ("slow", 26), ("rsi_period", 14), ("macd_fast", 12), ("macd_slow", 26),

@@ -188,7 +188,11 @@ def _connect(address: tuple[str, int], timeout: float | None = None,
             if source_address is not None:
                 sock.bind(source_address)
             sock.connect(sockaddr)
-            sock.settimeout(_time_left(deadline))  # what is left for the TLS handshake
+            # what is left for the TLS handshake: CPython's do_handshake takes the socket's
+            # timeout as one deadline for the whole handshake (every read of it together), so
+            # a server dripping its handshake cannot stretch the attempt past ``deadline``
+            # (test_a_server_dripping_its_tls_handshake_times_out_on_time)
+            sock.settimeout(_time_left(deadline))
             return sock
         except OSError as e:  # TimeoutError included: the next address fails at once then
             sock.close()
