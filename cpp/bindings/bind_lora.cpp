@@ -3,6 +3,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 
 #include "../dynamic_core/lora.hpp"
@@ -21,15 +22,40 @@ void split_rows(size_t n, int threads, F fn) {
     fn(size_t{0}, n);
     return;
   }
-  std::vector<std::thread> pool;
-  for (size_t t = 1; t < k; ++t) pool.emplace_back([&, t] { fn(n * t / k, n * (t + 1) / k); });
+  // Threads that could not be started leave their ranges to the caller; every started thread
+  // is joined before this returns or throws (a joinable std::thread destroyed ends the process).
+  struct Pool {
+    std::vector<std::thread> v;
+    ~Pool() {
+      for (auto& th : v) th.join();
+    }
+  } pool;
+  pool.v.reserve(k - 1);
+  size_t started = 1;
+  try {
+    for (; started < k; ++started) {
+      const size_t t = started;
+      pool.v.emplace_back([&fn, n, k, t] { fn(n * t / k, n * (t + 1) / k); });
+    }
+  } catch (const std::system_error&) {
+  }
   fn(size_t{0}, n / k);
-  for (auto& th : pool) th.join();
+  for (size_t t = started; t < k; ++t) fn(n * t / k, n * (t + 1) / k);
+}
+
+// `h` as the numpy array it must be: never converted (a converted temporary would die while its
+// data pointer is still used, and a write to it would be lost).
+py::array as_array(const py::handle& h, const char* what) {
+  if (!py::isinstance<py::array>(h))
+    throw py::type_error(std::string(what) + ": expected a numpy array, got " +
+                         py::str(py::type::handle_of(h).attr("__name__")).cast<std::string>());
+  return py::reinterpret_borrow<py::array>(h);
 }
 
 // Checks dtype, C-contiguity, writability and shape; returns the data pointer.
 template <class T>
-T* view(const py::array& a, std::initializer_list<py::ssize_t> shape, const char* what, bool write = false) {
+T* view(const py::handle& h, std::initializer_list<py::ssize_t> shape, const char* what, bool write = false) {
+  const py::array a = as_array(h, what);
   if (!a.dtype().is(py::dtype::of<T>()))
     throw py::type_error(std::string(what) + ": expected dtype " + py::str(py::dtype::of<T>()).cast<std::string>() +
                          ", got " + py::str(a.dtype()).cast<std::string>());
@@ -50,12 +76,16 @@ lora::Matrix<T> matrix(const py::tuple& t, py::ssize_t S, py::ssize_t r, py::ssi
   m.P = view<T>(t[0], {S, r, d}, "P");
   m.P0 = view<T>(t[1], {S, r, d}, "P0");
   m.out = view<T>(t[2], {S, r, d}, "out", true);
-  m.phase = view<uint8_t>(py::array(t[3]).view("u1"), {S, r, d}, "phase", true);
+  m.phase = view<uint8_t>(as_array(t[3], "phase").view("u1"), {S, r, d}, "phase", true);
   if (m.out == m.P) throw py::value_error("out may not be P");
   if (!t[4].is_none()) m.dense = view<T>(t[4], {S, r, d}, "dense");
-  for (auto item : py::list(t[5])) {
-    auto pair = item.cast<py::tuple>();
-    if (pair.size() != 2) throw py::value_error("a term is (rank-side, dim-side)");
+  // the terms' arrays are held by the caller's own list (never a copy that dies here)
+  const py::object terms = t[5];
+  if (!py::isinstance<py::list>(terms) && !py::isinstance<py::tuple>(terms))
+    throw py::type_error("terms must be a list of (rank-side, dim-side) pairs");
+  for (auto item : terms) {
+    if (!py::isinstance<py::tuple>(item) || py::len(item) != 2) throw py::value_error("a term is (rank-side, dim-side)");
+    const auto pair = py::reinterpret_borrow<py::tuple>(item);
     m.terms.push_back({view<T>(pair[0], {S, r}, "term rank side"), view<T>(pair[1], {S, d}, "term dim side")});
   }
   m.col = view<double>(t[6], {S, d}, "line trace");
@@ -69,7 +99,8 @@ void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array&
          const py::tuple& B, const py::array& entropy, const py::array& total) {
   const py::ssize_t S = c.ndim() == 1 ? c.shape(0) : -1;
   const py::ssize_t r = mid.ndim() == 2 ? mid.shape(1) : -1;
-  const py::ssize_t d = py::array(A[0]).ndim() == 3 ? py::array(A[0]).shape(2) : -1;
+  const py::array P = as_array(A[0], "P");
+  const py::ssize_t d = P.ndim() == 3 ? P.shape(2) : -1;
   if (S < 1 || r < 1 || d < 1) throw py::value_error("c (slots,), mid (slots, rank) and A (slots, rank, dim) expected");
   if (s0 > s1 || s1 > static_cast<size_t>(S)) throw py::value_error("slot range out of bounds");
   lora::Update<T> u;
@@ -79,7 +110,7 @@ void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array&
   u.mid = view<double>(mid, {S, r}, "mid");
   u.log_mid = view<double>(log_mid, {S, r}, "log_mid");
   u.threshold = view<double>(thr, {S}, "threshold");
-  if (!pinned.is_none()) u.pinned = view<uint8_t>(py::array(pinned).view("u1"), {S, r}, "pinned");
+  if (!pinned.is_none()) u.pinned = view<uint8_t>(as_array(pinned, "pinned").view("u1"), {S, r}, "pinned");
   u.dec_screened = static_cast<T>(dec_s);
   u.dec_free = static_cast<T>(dec_f);
   u.log_params = std::log(static_cast<double>(2 * r * d));
@@ -125,7 +156,7 @@ void record(const py::array& h, const py::array& u, const py::array& delta, cons
   const T* ph = view<T>(h, {n, d}, "h");
   const T* pu = view<T>(u, {n, r}, "u");
   const T* pd = view<T>(delta, {n, d}, "delta");
-  const double* pw = w.is_none() ? nullptr : view<double>(py::array(w), {n}, "w");
+  const double* pw = w.is_none() ? nullptr : view<double>(w, {n}, "w");
   double* ti = view<double>(t_in, {S, d}, "t_in", true);
   double* tm = view<double>(t_mid, {S, r}, "t_mid", true);
   double* to = view<double>(t_out, {S, d}, "t_out", true);
@@ -189,7 +220,9 @@ void bind_lora(py::module_& m) {
         [](size_t s0, size_t s1, int threads, const py::array& c, const py::array& mid, const py::array& log_mid,
            const py::array& thr, const py::object& pinned, double dec_s, double dec_f, const py::tuple& A,
            const py::tuple& B, const py::array& entropy, const py::array& total) {
-          const py::array P(A[0]);
+          if (A.size() != 8 || B.size() != 8)
+            throw py::value_error("a matrix is (P, P0, out, phase, dense, terms, col, log_col)");
+          const py::array P = as_array(A[0], "P");
           if (P.dtype().is(py::dtype::of<double>()))
             run<double>(s0, s1, threads, c, mid, log_mid, thr, pinned, dec_s, dec_f, A, B, entropy, total);
           else if (P.dtype().is(py::dtype::of<float>()))

@@ -1,0 +1,64 @@
+"""The LoRA layers' native kernels (``_core.lora_*``) at their edges: arrays are never converted
+behind the caller's back (a converted temporary dies while the kernel still writes through its
+pointer), and threads that cannot be started leave their rows to the caller instead of ending
+the process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from dynamic_core import _core
+
+
+def _matrix(S: int, r: int, d: int, out) -> tuple:
+    return (np.ones((S, r, d)), np.zeros((S, r, d)), out, np.zeros((S, r, d), bool), None, [],
+            np.ones((S, d)), np.zeros((S, d)))
+
+
+@pytest.mark.parametrize("where", ["out", "P", "phase", "terms"])
+def test_lora_update_refuses_what_is_not_an_array(where):
+    S, r, d = 8, 2, 4
+    a = list(_matrix(S, r, d, np.zeros((S, r, d))))
+    if where == "out":
+        a[2] = np.zeros((S, r, d)).tolist()  # was converted: the writes went to a freed copy
+    elif where == "P":
+        a[0] = np.ones((S, r, d)).tolist()
+    elif where == "phase":
+        a[3] = np.zeros((S, r, d), bool).tolist()
+    else:
+        a[5] = [(np.ones((S, r)).tolist(), np.ones((S, d)))]
+    b = _matrix(S, r, d, np.zeros((S, r, d)))
+    with pytest.raises(TypeError, match="numpy array"):
+        _core.lora_update(0, S, 1, np.ones(S), np.ones((S, r)), np.zeros((S, r)), np.ones(S), None,
+                          1e-4, 1e-2, tuple(a), b, np.empty(S), np.empty(S))
+
+
+def test_lora_record_refuses_a_list_of_weights():
+    n, d, r = 4, 3, 2
+    acc = [np.zeros((n, d)), np.zeros((n, r)), np.zeros((n, d)), np.zeros(n), np.zeros((n, r))]
+    with pytest.raises(TypeError, match="numpy array"):
+        _core.lora_record(np.ones((n, d)), np.ones((n, r)), np.ones((n, d)), [1.0] * n, False, *acc)
+
+
+def test_threads_that_cannot_start_leave_their_rows_to_the_caller():
+    """With the address space capped, most of 3,000 requested threads fail to start: the call
+    still returns the one-thread result (it used to abort the process in std::terminate)."""
+    code = textwrap.dedent("""
+        import resource, sys
+        import numpy as np
+        from dynamic_core import _core
+        n, r, d = 64 * 3000, 2, 4
+        rng = np.random.default_rng(1)
+        x, M = rng.normal(size=(n, d)), rng.normal(size=(n, r, d))
+        ref = _core.lora_rd_dot(x, M, 1)
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # 3 GiB: ~380 8 MiB stacks
+        got = _core.lora_rd_dot(x, M, 3000)
+        sys.exit(0 if got.tobytes() == ref.tobytes() else 3)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
