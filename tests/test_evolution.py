@@ -10,7 +10,13 @@ import dynamic_core as dc
 import msgspec
 import numpy as np
 import pytest
-from dynamic_core.learning.evolution import Evolution, EvolutionConfig, VolatilityRegime, format_trace
+from dynamic_core.learning.evolution import (
+    Evolution,
+    EvolutionConfig,
+    EvolutionInterrupted,
+    VolatilityRegime,
+    format_trace,
+)
 from dynamic_core.payloads import GenerationEvent
 
 from .test_learning_agents import planted_market
@@ -309,6 +315,106 @@ def test_bad_configs_are_typed_errors_and_change_nothing():
         with pytest.raises(ValueError, match="generation"):
             eng.evolve(None, seed=1, generation=0)  # 0 is the founders'
         assert _bytes(eng.genomes()) == _bytes(g0)
+
+
+def test_driver_arguments_are_checked_before_any_bar_runs():
+    with dc.Engine(_pop(128), threads=1) as eng:
+        for kw, err in (({"seed": -1}, ValueError), ({"seed": 1 << 64}, ValueError), ({"seed": 1.0}, TypeError),
+                        ({"seed": True}, TypeError), ({"every": True}, TypeError), ({"every": 100.0}, TypeError),
+                        ({"every": -1}, ValueError), ({"every": "100"}, TypeError)):
+            with pytest.raises(err, match=next(iter(kw))):
+                Evolution(eng, {"min_age": 50}, regime=False, **kw)
+        assert eng.stats()["accepted"] == 0
+        evo = Evolution(eng, every=np.int64(100), seed=np.uint64((1 << 64) - 1), regime=False)
+        assert (evo.every, evo.seed) == (100, (1 << 64) - 1)
+
+
+def test_a_failed_generation_keeps_the_generation_number():
+    with dc.Engine(_pop(128), threads=1) as eng:
+        eng.run(planted_market(300, seed=1))
+        evo = Evolution(eng, {"min_age": 50}, every=0, regime=False, seed=1)
+        g0 = eng.genomes()
+        for bad, err in ((7, ValueError), (-2, ValueError), (True, TypeError), (0.0, TypeError)):
+            with pytest.raises(err, match="stream"):
+                evo.evolve(stream=bad)
+        assert evo.generation == 0 and evo.trace == [] and _bytes(eng.genomes()) == _bytes(g0)
+        evo.evolve(0)
+        assert evo.generation == 1 and [r.generation for r in evo.trace] == [1]
+    with pytest.raises(RuntimeError, match="closed"):  # the engine refuses: still generation 1
+        evo.evolve(0)
+    assert evo.generation == 1 and len(evo.trace) == 1
+
+
+def test_a_run_that_stops_part_way_loses_no_signals():
+    bars = planted_market(400, seed=5)
+    pop = _pop(256)
+    with dc.Engine(pop, threads=1) as ref:
+        want = ref.run(bars[:100])
+    with dc.Engine(pop, threads=1) as eng:
+        evo = Evolution(eng, {"min_age": 50}, every=100, regime=False, seed=1)
+
+        def broken(*_a, **_k):
+            raise OSError("disk full")
+        eng.evolve = broken  # the generation due after bar 100 fails
+        with pytest.raises(EvolutionInterrupted) as err:
+            evo.run(bars)
+        e = err.value
+        assert isinstance(e.__cause__, OSError) and e.done == 100 == eng.stats()["accepted"]
+        assert _bytes(e.signals) == _bytes(want) and evo.generation == 0
+        del eng.evolve  # resume where it stopped: the missed generation comes due at once
+        rest = evo.run(bars[e.done:])
+        assert len(e.signals) + len(rest) == 400 and [r.bar for r in evo.trace] == [101, 201, 301]
+
+
+def test_a_run_whose_engine_fails_part_way_resumes_exactly():
+    bars = planted_market(400, seed=5)
+    pop = _pop(256)
+    with dc.Engine(pop, threads=1) as ref:
+        evo = Evolution(ref, {"min_age": 50}, every=100, regime=True, seed=1)
+        want = (evo.run(bars).tobytes(), _bytes(ref.genomes()), evo.trace)
+    with dc.Engine(pop, threads=1) as eng:
+        evo = Evolution(eng, {"min_age": 50}, every=100, regime=True, seed=1)
+        run, calls = eng.run, []
+
+        def flaky(b, **kw):  # the second chunk fails before the engine takes any of it
+            calls.append(len(b))
+            if len(calls) == 2:
+                raise ConnectionError("feed lost")
+            return run(b, **kw)
+        eng.run = flaky
+        with pytest.raises(EvolutionInterrupted) as err:
+            evo.run(bars)
+        assert err.value.done == 100 == eng.stats()["accepted"] and evo._seen == [100]
+        del eng.run
+        rest = evo.run(bars[err.value.done:])
+        assert (np.concatenate([err.value.signals, rest]).tobytes(), _bytes(eng.genomes()), evo.trace) == want
+
+
+def test_a_strict_engine_refuses_a_bad_batch_before_running_any_of_it():
+    bars = planted_market(400, seed=5)
+    bars["close"][250] = math.nan
+    with dc.Engine(_pop(256), threads=1, strict=True) as eng:
+        evo = Evolution(eng, {"min_age": 50}, every=100, regime=False, seed=1)
+        with pytest.raises(dc.errors.InvalidInput) as err:
+            evo.run(bars)
+        assert err.value.rows == [250] and err.value.reasons == ["non_finite"]
+        assert eng.stats()["accepted"] == 0 and evo.trace == [] and evo._seen == [0]
+
+
+def test_rejected_bars_do_not_count_toward_a_generation():
+    bars = planted_market(400, seed=5)
+    bad = bars.copy()
+    bad["close"][[30, 60]] = bad["high"][[30, 60]] * 2  # close_out_of_range: the engine rejects them
+    bad["ts"][90] = bad["ts"][89]                        # duplicate_timestamp
+    out = {}
+    for name, data in (("clean", np.delete(bars, [30, 60, 90])), ("bad", bad)):
+        with dc.Engine(_pop(256), threads=1) as eng:
+            evo = Evolution(eng, {"min_age": 50}, every=100, regime=True, seed=1)
+            sig = evo.run(data)
+            out[name] = (sig["score"].tobytes(), _bytes(eng.genomes()), [(r.bar, r.generation) for r in evo.trace])
+            if name == "bad":
+                assert eng.stats()["rejected"] == 3
+    assert out["bad"] == out["clean"] and len(out["clean"][2]) == 3
 
 
 def test_trace_table_and_plot(tmp_path):

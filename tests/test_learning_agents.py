@@ -8,7 +8,8 @@ import dynamic_core as dc
 import numpy as np
 import pytest
 from dynamic_core.decision import time_steps
-from dynamic_core.learning.agents import FEATURES, FeatureBank, LearningAgents, learning_genomes
+from dynamic_core.errors import InvalidInput
+from dynamic_core.learning.agents import FEATURES, MAX_DIM, FeatureBank, LearningAgents, learning_genomes
 
 
 def planted_market(n: int, phi: float = 0.35, seed: int = 0, name: str = "PLANT") -> np.ndarray:
@@ -148,3 +149,205 @@ def test_run_command_with_learning_agents(tmp_path):
     with redirect_stdout(out):
         assert main(["run", "--paper", "--learning", "2", "--bars", "150", "--agents", "300", "--no-live"]) == 0
     assert "Learning agents: 8 (" in out.getvalue() and "Paper account" in out.getvalue()
+
+
+# ---- hostile input: what the engine rejects, callbacks, batching, bad arguments -----------------
+
+def _state(la: LearningAgents) -> tuple:
+    """Everything a step may change, as bytes (bit-identical comparisons)."""
+    layers = tuple((n, L.A.tobytes(), L.B.tobytes()) for n, L in la.model.layers.items())
+    banks = tuple((b.n, b._var, b._mean, b._ew_var, b._gain, b._loss, b._prev, b.dsi, tuple(b._closes))
+                  for b in la.banks)
+    prev_x = tuple(None if x is None else x.tobytes() for x in la._prev_x)
+    return (la.scores.tobytes(), la.features.tobytes(), la.hits.tobytes(), la.calls.tobytes(), la.ticks,
+            la.model.tick, la.model.head.tobytes(), layers, banks, prev_x, tuple(la._prev_close), tuple(la._vol))
+
+
+@pytest.mark.parametrize("bad", ["close_inf", "close_above_high", "duplicate_ts", "out_of_order"])
+@pytest.mark.parametrize("with_engine", [True, False])
+def test_bars_the_engine_rejects_teach_nothing(bad, with_engine):
+    # a rejected bar must leave the agents exactly as if it had never come: no learning target
+    # from it, no feature or volatility update, no previous close moved
+    bars = planted_market(60, seed=1)
+    data = bars.copy()
+    if bad == "close_inf":
+        data["close"][50] = np.inf
+    elif bad == "close_above_high":
+        data["close"][50] = 10 * data["high"][50]
+    elif bad == "duplicate_ts":  # a valid bar but for its time
+        data["ts"][50] = data["ts"][49]
+    else:
+        data["ts"][50] = data["ts"][48]
+    g = learning_genomes("PLANT", 3600, 4)
+
+    def run(feed):
+        with dc.Engine(dc.Population.from_records(g)) as eng:
+            la = LearningAgents(g, seed=0)
+            for i in range(len(feed)):
+                la.step(feed[i:i + 1], eng if with_engine else None)
+                eng.run(feed[i:i + 1])
+            return la, eng.stats()
+
+    got, stats = run(data)
+    want, _ = run(np.delete(bars, 50))
+    assert _state(got) == _state(want)
+    reason = {"close_inf": "non_finite", "close_above_high": "close_out_of_range",
+              "duplicate_ts": "duplicate_timestamp", "out_of_order": "out_of_order"}[bad]
+    assert stats["rejects"][reason] == stats["rejected"] == stats["dead_letters"] == 1  # as usual
+    assert got.stats()["rejected"] == {reason: 1} and got.stats()["bars"] == 59
+
+
+def test_a_nonfinite_dsi_counts_as_zero():
+    bars = planted_market(60, seed=1)
+    g = learning_genomes("PLANT", 3600, 4)
+
+    def provider(bad):
+        n = {"k": 0}
+
+        def dsi(_inst):
+            n["k"] += 1
+            return bad if n["k"] > 40 and n["k"] % 3 else 0.1
+        return dsi
+
+    out = []
+    for bad in (math.nan, math.inf, 0.0):
+        with dc.Engine(dc.Population.from_records(g)) as eng:
+            la = LearningAgents(g, seed=0, dsi=provider(bad))
+            for i in range(len(bars)):
+                la.step(bars[i:i + 1], eng)
+                eng.run(bars[i:i + 1])
+            assert np.isfinite(la.scores).all() and (la.scores != 0).any()
+            out.append((_state(la), la.stats()["dsi_nonfinite"], eng.agents()))
+    nan, inf, zero = out
+    assert nan[0] == zero[0] and inf[0] == zero[0]  # exactly as if the provider had said 0
+    assert nan[1] == inf[1] == 13 and zero[1] == 0
+    assert np.array_equal(nan[2], zero[2])
+
+
+def test_a_step_that_raises_changes_nothing():
+    bars = planted_market(80, seed=1)
+    g = learning_genomes("PLANT", 3600, 4)
+    calls = {"n": 0, "fail_at": -1, "value": 0.2}
+
+    def dsi(_inst):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise KeyError("provider down")
+        return calls["value"]
+
+    with dc.Engine(dc.Population.from_records(g)) as eng:
+        la = LearningAgents(g, seed=0, dsi=dsi)
+        for i in range(60):
+            la.step(bars[i:i + 1], eng)
+            eng.run(bars[i:i + 1])
+        before, agents = _state(la), eng.agents()
+        # the provider fails on the second bar of a three-bar call: the first is not half-taken
+        calls["fail_at"] = calls["n"] + 2
+        with pytest.raises(KeyError, match="provider down"):
+            la.step(bars[60:63], eng)
+        assert _state(la) == before
+        calls["fail_at"], calls["value"] = -1, "strong"  # not a number: a TypeError
+        with pytest.raises(TypeError, match="dsi"):
+            la.step(bars[60:63], eng)
+        assert _state(la) == before
+        calls["value"] = 0.2
+        with pytest.raises(TypeError):
+            la.step([1, 2, 3], eng)
+        assert _state(la) == before and la.stats()["rejected"] == {}
+        assert np.array_equal(eng.agents(), agents)  # no score was handed over either
+    with pytest.raises(RuntimeError, match="closed"):
+        la.step(bars[60:61], eng)
+    assert _state(la) == before
+    # a strict engine refuses a batch with a bad bar in run: the agents refuse it in step
+    with dc.Engine(dc.Population.from_records(g), strict=True) as eng:
+        la = LearningAgents(g, seed=0)
+        bad = bars[:30].copy()
+        bad["close"][20] = math.nan
+        with pytest.raises(InvalidInput) as err:
+            la.step(bad, eng)
+        assert err.value.rows == [20] and err.value.reasons == ["non_finite"]
+        assert la.ticks == 0 and la.banks[0].n == 0 and la.stats()["rejected"] == {}
+
+
+def test_a_nonfinite_score_is_contained():
+    # a model fault must not reach the engine (which would refuse it after the model moved)
+    bars = planted_market(40, seed=1)
+    g = learning_genomes("PLANT", 3600, 4)
+    with dc.Engine(dc.Population.from_records(g)) as eng:
+        la = LearningAgents(g, seed=0)
+        la.model.score = lambda x, snapshot=None: np.full(len(x), np.nan)
+        for i in range(len(bars)):
+            la.step(bars[i:i + 1], eng)
+            eng.run(bars[i:i + 1])
+        assert (la.scores == 0).all() and la.stats()["nonfinite_scores"] == 4 * 20  # the warm bars
+        assert (eng.agents()["score"] == 0).all()
+
+
+def _two_streams(n: int) -> np.ndarray:
+    a = planted_market(n, seed=2)
+    b = planted_market(n, seed=3, name="PLANT2")
+    b["ts"] += 1800 * 10**9 * (np.arange(n) % 2)  # interleaved, some timestamps shared
+    return np.sort(np.concatenate([a, b]), order=["ts", "instrument"], kind="stable")
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_any_batching_gives_bit_identical_learning(streams):
+    bars = planted_market(200, seed=2) if streams == 1 else _two_streams(150)
+    g = learning_genomes("PLANT", 3600, 4)
+    if streams == 2:
+        g = np.concatenate([g, learning_genomes("PLANT2", 3600, 3, first_id=100)])
+    feeds = {
+        "bar by bar": [bars[i:i + 1] for i in range(len(bars))],
+        "pairs": [bars[i:i + 2] for i in range(0, len(bars), 2)],
+        "uneven": np.array_split(bars, [3, 4, 40, 41, 42, 97]),
+        "time steps": list(time_steps(bars)),
+        "one batch": [bars],
+    }
+    runs = {}
+    for name, parts in feeds.items():
+        la = LearningAgents(g, seed=3, dsi=lambda inst: 0.3 if inst % 2 else -0.2)
+        for p in parts:
+            la.step(p)
+        runs[name] = la
+    ref = runs["bar by bar"]
+    assert ref.ticks > (170 if streams == 1 else 250)  # every bar after warm-up teaches
+    for name, got in runs.items():
+        assert _state(got) == _state(ref), name
+    assert all(got.stats() == ref.stats() for got in runs.values())
+
+
+def test_constructor_arguments_are_checked():
+    g = learning_genomes("PLANT", 3600, 4)
+    for bad in (math.nan, math.inf, -math.inf, 0.0, -1.0):
+        with pytest.raises(ValueError, match="target_scale"):
+            LearningAgents(g, target_scale=bad)
+    for bad in ("1", None, True):
+        with pytest.raises(TypeError, match="target_scale"):
+            LearningAgents(g, target_scale=bad)
+    for cls in (FeatureBank, lambda dim: LearningAgents(g, dim=dim)):
+        for bad in (16.9, 16.0, True, "16", None):
+            with pytest.raises(TypeError, match="dim"):
+                cls(bad)
+        for bad in (len(FEATURES) - 1, -16, 10**7, MAX_DIM + 1):
+            with pytest.raises(ValueError, match="dim"):
+                cls(bad)
+    assert FeatureBank(np.int64(MAX_DIM)).dim == MAX_DIM and LearningAgents(g, dim=len(FEATURES)).dim == 12
+    for bad, err in ((-1, ValueError), (1 << 64, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="seed"):
+            LearningAgents(g, seed=bad)
+    with pytest.raises(TypeError, match="dsi"):
+        LearningAgents(g, dsi=0.5)
+    with pytest.raises(ValueError, match="GENOME_DTYPE"):
+        LearningAgents(list(g))
+
+
+def test_rows_the_model_drops_as_nonfinite_are_counted():
+    # the tick report's count of non-finite learning rows is what reveals learning gone quiet
+    la = LearningAgents(learning_genomes("PLANT", 3600, 4), seed=0)
+    for p in time_steps(planted_market(40, seed=1)):
+        la.step(p)
+    assert la.stats()["nonfinite_rows"] == 0 and la.ticks > 0
+    la.target_scale = math.nan  # past the constructor's check: every target non-finite
+    for p in time_steps(planted_market(60, seed=1)[40:]):
+        la.step(p)
+    assert la.stats()["nonfinite_rows"] == 4 * 20

@@ -18,7 +18,14 @@ score comes from :meth:`Engine.set_external_scores`. :class:`LearningAgents` own
   them without the model.
 
 Deterministic: the same bars and seed give the same scores bit for bit (the model runs on one
-thread's arithmetic; see :mod:`dynamic_core.learning.lora`).
+thread's arithmetic; see :mod:`dynamic_core.learning.lora`), however the bars are batched: a call
+is processed bar by bar in input order, each bar its own learning tick.
+
+Bad input is never learned from: a bar the engine rejects (its own validation, the same reason
+codes ``engine.run`` gives) is skipped without touching the stream's features, previous close or
+learning sample, and counted by reason in :meth:`LearningAgents.stats` (the engine counts and
+dead-letters it as usual). A non-finite ``dsi`` value counts as 0 (counted). Every check that can
+fail runs before the first change of state, so a step that raises changes nothing.
 """
 
 from __future__ import annotations
@@ -29,14 +36,20 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidInput
 from ..instruments import instruments
-from ..market import parse_timeframe
-from ..records import GENOME_DTYPE
+from ..market import as_bars, parse_timeframe, reason_counts, validate
+from ..records import BAR_DTYPE, GENOME_DTYPE, REASONS
+from .dsi._scan import check_int, check_real
 
-__all__ = ["FEATURES", "FeatureBank", "LearningAgents", "learning_genomes"]
+__all__ = ["FEATURES", "MAX_DIM", "FeatureBank", "LearningAgents", "learning_genomes"]
 
 FEATURES = ("ret1", "ret2", "ret3", "ret4", "ret5", "ret8", "range", "rsi", "band", "mom10", "bias", "dsi")
 """Names of the feature vector's leading components (the rest, up to ``dim``, are zero)."""
+
+MAX_DIM = 1024
+"""Largest feature dimension (``dim``): the components past ``len(FEATURES)`` are zero, and every
+agent carries ``dim x rank`` weights per layer, so a larger one only costs memory."""
 
 _VOL_N = 20
 _RSI_N = 14
@@ -46,14 +59,15 @@ _MOM_N = 10
 
 class FeatureBank:
     """Streaming features of one stream; ``update(bar)`` returns the vector after that bar
-    (zeros until ``warm``). All values are clipped to [-5, 5] so one outlier cannot saturate."""
+    (zeros until ``warm``). All values are clipped to [-5, 5] so one outlier cannot saturate.
+
+    ``dim`` is an int in ``[len(FEATURES), MAX_DIM]`` (TypeError for a non-int, bool and float
+    included; ValueError out of range)."""
 
     __slots__ = ("_closes", "_ew_var", "_gain", "_loss", "_mean", "_prev", "_var", "dim", "dsi", "n")
 
     def __init__(self, dim: int = 16) -> None:
-        if dim < len(FEATURES):
-            raise ValueError(f"dim must be >= {len(FEATURES)}, got {dim}")
-        self.dim = int(dim)
+        self.dim = check_int("dim", dim, len(FEATURES), MAX_DIM)
         self.n = 0
         self._closes: list[float] = []
         self._var = 0.0
@@ -141,16 +155,23 @@ class LearningAgents:
         The learning agents' genomes (kind 1), e.g. from :func:`learning_genomes`; they must
         also be in the engine's population.
     dim : int
-        Feature dimension (the first ``len(FEATURES)`` are filled, the rest zero).
+        Feature dimension in ``[len(FEATURES), MAX_DIM]`` (the first ``len(FEATURES)`` are
+        filled, the rest zero).
     learn : bool
         Train online; ``False`` keeps the initial weights (a frozen control).
     target_scale : float
-        The target of a realised return ``r`` is ``tanh(target_scale * r / vol)``.
-    config, seed, dtype
+        Finite and > 0: the target of a realised return ``r`` is ``tanh(target_scale * r / vol)``.
+    config, dtype
         Passed to :class:`~dynamic_core.learning.lora.LoRAHierarchy`.
+    seed : int
+        In ``[0, 2**64)``; seeds the :class:`~dynamic_core.learning.lora.LoRAHierarchy`.
     dsi : callable, optional
-        ``dsi(instrument_id) -> float`` in [-1, 1]: microstructure evidence for the stream's
-        ``dsi`` feature (0 without one).
+        ``dsi(instrument_id) -> float`` in [-1, 1] (clipped): microstructure evidence for the
+        stream's ``dsi`` feature (0 without one). A non-finite value counts as 0 and is counted
+        (``stats()["dsi_nonfinite"]``); a value that is not a number is a TypeError.
+
+    Bad arguments are TypeError (wrong type: bool and float are not ints) or ValueError (out of
+    range), raised here.
     """
 
     def __init__(self, genomes: np.ndarray, *, dim: int = 16, learn: bool = True, target_scale: float = 1.0,
@@ -158,24 +179,34 @@ class LearningAgents:
                  dsi: Callable[[int], float] | None = None) -> None:
         from .lora import LoRAHierarchy
 
-        if genomes.dtype != GENOME_DTYPE or len(genomes) == 0:
-            raise ValueError("genomes must be a non-empty GENOME_DTYPE array")
+        if not isinstance(genomes, np.ndarray) or genomes.dtype != GENOME_DTYPE or genomes.ndim != 1 \
+                or len(genomes) == 0:
+            raise ValueError("genomes must be a non-empty 1-d GENOME_DTYPE array")
         if (genomes["kind"] != 1).any():
             raise ValueError("learning agents are external-score agents: every genome needs kind 1")
+        dim = check_int("dim", dim, len(FEATURES), MAX_DIM)
+        # NaN would make every target non-finite: learning silently off for good
+        target_scale = check_real("target_scale", target_scale, 0.0, lo_open=True)
+        seed = check_int("seed", seed, 0, (1 << 64) - 1)
+        if dsi is not None and not callable(dsi):
+            raise TypeError(f"dsi must be a callable or None, got {type(dsi).__name__}")
         self.ids = genomes["agent_id"].astype(np.uint32).copy()
         keys = list(zip(genomes["instrument"].tolist(), genomes["timeframe"].tolist()))
         self.streams: list[tuple[int, int]] = sorted(set(keys))
-        index = {k: i for i, k in enumerate(self.streams)}
-        self.stream_of = np.array([index[k] for k in keys], dtype=np.int64)
+        self._index = {k: i for i, k in enumerate(self.streams)}
+        self.stream_of = np.array([self._index[k] for k in keys], dtype=np.int64)
         self.members = [np.flatnonzero(self.stream_of == s) for s in range(len(self.streams))]
-        self.dim = int(dim)
+        self.dim = dim
         self.banks = [FeatureBank(dim) for _ in self.streams]
         self.features = np.zeros((len(self.streams), self.dim))
         self._prev_x: list[np.ndarray | None] = [None] * len(self.streams)
         self._prev_close = [math.nan] * len(self.streams)
         self._vol = [0.0] * len(self.streams)
+        # each stream's last bar taken: without an engine, the time-order check of the next call
+        self._last_bar = np.zeros(len(self.streams), dtype=BAR_DTYPE)
+        self._has_last = np.zeros(len(self.streams), dtype=bool)
         self.learn_enabled = bool(learn)
-        self.target_scale = float(target_scale)
+        self.target_scale = target_scale
         self.dsi = dsi
         self.model = LoRAHierarchy(len(self.ids), self.dim, config=config, seed=seed, dtype=dtype)
         self.snapshot = self.model.snapshot()
@@ -185,60 +216,150 @@ class LearningAgents:
         self.hits = np.zeros(len(self.ids), dtype=np.int64)
         self.calls = np.zeros(len(self.ids), dtype=np.int64)
         self._last_scores: list[np.ndarray | None] = [None] * len(self.streams)
+        self._rejected: dict[str, int] = {}
+        self._counts = {"bars": 0, "dsi_nonfinite": 0, "nonfinite_rows": 0, "nonfinite_scores": 0}
 
     def step(self, bars: np.ndarray, engine: Any = None) -> np.ndarray:
         """One time step's bars (call before ``engine.run`` of the same bars): learn from the
         realised returns, tick the hierarchy, score the streams these bars belong to, and hand
-        the scores to ``engine`` (when given). Returns the scores of every learning agent."""
-        index = {k: i for i, k in enumerate(self.streams)}
-        touched: list[int] = []
-        x_learn = np.zeros((len(self.ids), self.dim))
-        target = np.zeros(len(self.ids))
-        mask = np.zeros(len(self.ids), dtype=bool)
-        for inst, tf, h, lo, c in zip(bars["instrument"].tolist(), bars["timeframe"].tolist(), bars["high"].tolist(),
-                                      bars["low"].tolist(), bars["close"].tolist()):
-            s = index.get((inst, tf))
-            if s is None:
-                continue
-            prev_c, prev_x = self._prev_close[s], self._prev_x[s]
-            if prev_x is not None and prev_c > 0.0 and c > 0.0:
-                r = math.log(c / prev_c)
-                m = self.members[s]
-                last = self._last_scores[s]
-                if last is not None:
-                    moved = np.sign(last) != 0
-                    self.calls[m] += moved
-                    self.hits[m] += moved & (np.sign(last) == np.sign(r))
-                if self.learn_enabled and self._vol[s] > 0.0:
-                    x_learn[m] = prev_x
-                    target[m] = math.tanh(self.target_scale * r / self._vol[s])
-                    mask[m] = True
-            bank = self.banks[s]
-            if self.dsi is not None:
-                bank.dsi = float(np.clip(self.dsi(inst), -1.0, 1.0))
-            x = bank.update(h, lo, c)
-            self.features[s] = x
-            self._prev_close[s] = c
-            self._vol[s] = math.sqrt(bank._var)
-            self._prev_x[s] = x if bank.warm else None
-            touched.append(s)
-        if mask.any():
-            self.model.learn(x_learn, target, self.snapshot, mask=mask)
-            self.model.system_tick()
+        the scores to ``engine`` (when given). Returns the scores of every learning agent.
+
+        The bars are taken one at a time in input order, each one that teaches anything its own
+        learning tick, so any batching of the same bars gives the same state bit for bit. A bar
+        the engine rejects is skipped and counted (:meth:`stats`): with ``engine`` its own
+        verdict decides (``engine.validate``: what ``run`` will give, hence before it), without
+        one the same checks (:func:`dynamic_core.market.validate`, time order continued from
+        the previous calls).
+
+        Raises
+        ------
+        TypeError
+            ``bars`` is not a ``BAR_DTYPE`` array, or ``dsi`` returned something not a number.
+        InvalidInput
+            ``engine`` is strict and the batch has bad bars (its ``run`` will refuse it too).
+        RuntimeError
+            ``engine`` is closed.
+
+        Every check (the ``dsi`` callback included) runs before the first change, so a step that
+        raises changes nothing. A score that comes out non-finite (a model fault) is set to 0
+        and counted instead of reaching the engine.
+        """
+        b = as_bars(bars)
+        reasons = self._verdicts(b, engine)
+        inst = b["instrument"].tolist()
+        todo: list[tuple[int, int]] = []  # (row, stream) of the bars to take, in input order
+        for i, (ok, tf) in enumerate(zip((reasons == 0).tolist(), b["timeframe"].tolist())):
+            s = self._index.get((inst[i], tf)) if ok else None
+            if s is not None:
+                todo.append((i, s))
+        dsi = self._dsi_values([inst[i] for i, _ in todo])
+        # from here on nothing raises on account of the input
+        for name, k in reason_counts(reasons).items():
+            self._rejected[name] = self._rejected.get(name, 0) + k
+        high, low, close = b["high"].tolist(), b["low"].tolist(), b["close"].tolist()
+        touched: dict[int, None] = {}
+        for (i, s), d in zip(todo, dsi):
+            self._take(s, high[i], low[i], close[i], d)
+            self._last_bar[s] = b[i]
+            self._has_last[s] = True
+            touched[s] = None
+        self._counts["bars"] += len(todo)
+        if touched and engine is not None:
+            rows = np.concatenate([self.members[s] for s in touched])
+            engine.set_external_scores(self.ids[rows], np.clip(self.scores[rows], -1.0, 1.0))
+        return self.scores
+
+    def _verdicts(self, b: np.ndarray, engine: Any) -> np.ndarray:
+        """Reject reason of each bar (0 = taken), from the engine's own validation."""
+        if engine is None:
+            # the stateless check sees time order within its batch only: lead with each
+            # stream's last bar taken (valid, so reason 0) to continue it across calls
+            ref = self._last_bar[self._has_last]
+            return validate(np.concatenate([ref, b]))[len(ref):]
+        if engine.closed:
+            raise RuntimeError("engine is closed")
+        reasons = np.asarray(engine.validate(b))
+        if engine.strict and reasons.any():
+            bad = np.flatnonzero(reasons)
+            names = [REASONS[int(r)] for r in reasons[bad]]
+            raise InvalidInput(f"{len(bad)} bad bar(s) for a strict engine, step not applied "
+                               f"(first: row {int(bad[0])}: {names[0]})", rows=bad.tolist(), reasons=names)
+        return reasons
+
+    def _dsi_values(self, insts: list[int]) -> list[float | None]:
+        """The ``dsi`` provider's value for each bar to take (None without a provider)."""
+        if self.dsi is None:
+            return [None] * len(insts)
+        out: list[float | None] = []
+        bad = 0
+        for inst in insts:
+            v = self.dsi(inst)
+            try:
+                x = float(v)
+            except (TypeError, ValueError):
+                raise TypeError(f"dsi({inst}) must return a number, got {type(v).__name__}") from None
+            if math.isfinite(x):
+                out.append(float(np.clip(x, -1.0, 1.0)))
+            else:  # NaN would poison the features and every score of the stream
+                out.append(0.0)
+                bad += 1
+        self._counts["dsi_nonfinite"] += bad
+        return out
+
+    def _take(self, s: int, h: float, lo: float, c: float, dsi: float | None) -> None:
+        """One accepted bar of stream ``s``: learn from its return, update the features, score."""
+        m = self.members[s]
+        n = len(self.ids)
+        prev_c, prev_x = self._prev_close[s], self._prev_x[s]
+        sample = None
+        if prev_x is not None and prev_c > 0.0:
+            r = math.log(c / prev_c)
+            last = self._last_scores[s]
+            if last is not None:
+                moved = np.sign(last) != 0
+                self.calls[m] += moved
+                self.hits[m] += moved & (np.sign(last) == np.sign(r))
+            if self.learn_enabled and self._vol[s] > 0.0:
+                x_learn = np.zeros((n, self.dim))
+                target = np.zeros(n)
+                mask = np.zeros(n, dtype=bool)
+                x_learn[m] = prev_x
+                target[m] = math.tanh(self.target_scale * r / self._vol[s])
+                mask[m] = True
+                sample = (x_learn, target, mask)
+        bank = self.banks[s]
+        if dsi is not None:
+            bank.dsi = dsi
+        x = bank.update(h, lo, c)
+        self.features[s] = x
+        self._prev_close[s] = c
+        self._vol[s] = math.sqrt(bank._var)
+        self._prev_x[s] = x if bank.warm else None
+        if sample is not None:
+            self.model.learn(sample[0], sample[1], self.snapshot, mask=sample[2])
+            report = self.model.system_tick()
+            self._counts["nonfinite_rows"] += int(report["nonfinite"])
             self.snapshot = self.model.snapshot()
             self.ticks += 1
-        if touched:
-            rows = np.concatenate([self.members[s] for s in touched])
-            X = self.features[self.stream_of]
-            scores = self.model.score(X, self.snapshot)
-            warm = np.array([self.banks[s].warm for s in range(len(self.streams))])[self.stream_of]
-            scores = np.where(warm, scores, 0.0)
-            self.scores[rows] = scores[rows]
-            for s in touched:
-                self._last_scores[s] = self.scores[self.members[s]].copy() if self.banks[s].warm else None
-            if engine is not None:
-                engine.set_external_scores(self.ids[rows], np.clip(self.scores[rows], -1.0, 1.0))
-        return self.scores
+        if bank.warm:
+            scores = self.model.score(self.features[self.stream_of], self.snapshot)[m]
+            bad = ~np.isfinite(scores)
+            if bad.any():  # set_external_scores would refuse it after the model moved
+                self._counts["nonfinite_scores"] += int(np.count_nonzero(bad))
+                scores[bad] = 0.0
+            self.scores[m] = scores
+            self._last_scores[s] = scores.copy()
+        else:
+            self.scores[m] = 0.0
+            self._last_scores[s] = None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``ticks`` (learning ticks), ``bars`` (bars of the agents' streams taken),
+        ``rejected`` ({reason: bars skipped because the engine rejects them}),
+        ``dsi_nonfinite`` (``dsi`` values taken as 0), ``nonfinite_rows`` (learning rows the
+        model left out as non-finite: the ``nonfinite`` of its tick reports) and
+        ``nonfinite_scores`` (agent scores that came out non-finite and were set to 0)."""
+        return {"ticks": self.ticks, **self._counts, "rejected": dict(self._rejected)}
 
     def hit_rate(self, agents: Sequence[int] | None = None) -> float:
         """Share of scored bars (score != 0) whose sign matched the next bar's return."""

@@ -17,10 +17,16 @@ bars were chunked. It keeps the evolution trace (best/median fitness per generat
 >>> evo = Evolution(eng, every=500, seed=7)
 >>> signals = evo.run(bars)            # like eng.run, with generations in between
 >>> print(evo.table())
+
+Arguments are checked when the :class:`Evolution` is made, so a run does not stop at its first
+generation with bars already in the engine. Should a run still fail part-way (e.g. the engine was
+closed from another thread), the signals of the bars the engine took are not lost: they come
+with the :class:`EvolutionInterrupted` it raises.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Sequence
@@ -29,10 +35,39 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from ..errors import DynamicCoreError, InvalidInput
+from ..market import as_bars
 from ..payloads import EvolutionConfig, evolution_config
-from ..records import SIGNAL_DTYPE
+from ..records import REASONS, SIGNAL_DTYPE
+from .dsi._scan import check_int
 
-__all__ = ["Evolution", "EvolutionConfig", "GenerationRow", "VolatilityRegime", "format_trace"]
+__all__ = ["Evolution", "EvolutionConfig", "EvolutionInterrupted", "GenerationRow", "VolatilityRegime",
+           "format_trace"]
+
+_MAX_SEED = (1 << 64) - 1  # the engine's counter-based RNG key is 64 bits
+_MAX_EVERY = (1 << 63) - 1
+
+
+class EvolutionInterrupted(DynamicCoreError, RuntimeError):
+    """:meth:`Evolution.run` failed part-way, after the engine had taken some of the bars.
+
+    The cause is chained (``__cause__``). Nothing the engine produced is lost: resume with
+    ``bars[done:]``.
+
+    Attributes
+    ----------
+    signals : ndarray of SIGNAL_DTYPE
+        The signals of the bars the engine took, as ``run`` would have returned them.
+    done : int
+        How many leading rows of the batch the engine took; the driver's bar counts cover
+        exactly these. Their due generations ran, except a failed one, which comes due again
+        on the stream's next bar.
+    """
+
+    def __init__(self, message: str, signals: np.ndarray, done: int) -> None:
+        super().__init__(message)
+        self.signals = signals
+        self.done = done
 
 
 class GenerationRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -109,26 +144,29 @@ class Evolution:
         How a generation judges and breeds (defaults: :class:`EvolutionConfig`). Its ``stream``
         is set per generation.
     every : int
-        Bars of a stream between its generations (0: never by count).
+        Bars of a stream between its generations (0: never by count); an int >= 0 (not a bool
+        or a float).
     regime : bool
         Also start a generation of a stream when its volatility regime changes (at most one per
         ``config.min_age`` bars of the stream, so children are judged before the next).
     seed : int
-        Seed of the counter-based RNG; the generation number is the second key.
+        Seed of the counter-based RNG, in ``[0, 2**64)``; the generation number is the second key.
     regime_kwargs : dict
         Passed to :class:`VolatilityRegime`.
+
+    Bad arguments raise here: TypeError for a wrong type, ValueError for a value out of range.
+    Only bars the engine accepts count toward ``every`` and the volatility regime (a rejected
+    bar is counted and dead-lettered by the engine, as with ``engine.run``).
     """
 
     def __init__(self, engine: Any, config: EvolutionConfig | dict[str, Any] | None = None, *,
                  every: int = 500, regime: bool = True, seed: int = 0,
                  regime_kwargs: dict[str, Any] | None = None) -> None:
         cfg = evolution_config(config)
-        if every < 0:
-            raise ValueError("every must be >= 0")
+        self.every = check_int("every", every, 0, _MAX_EVERY)
+        self.seed = check_int("seed", seed, 0, _MAX_SEED)
         self.engine = engine
         self.config = cfg
-        self.every = int(every)
-        self.seed = int(seed)
         self.generation = 0
         self.trace: list[GenerationRow] = []
         self._keys = engine._stream_keys()
@@ -148,31 +186,75 @@ class Evolution:
             return "regime"
         return None
 
+    def _mark(self) -> tuple[list[int], list[VolatilityRegime] | None]:
+        """What feeding bars to :meth:`_due` changes, to put back when the engine fails to take
+        them (a resumed run then counts each bar once)."""
+        return list(self._seen), None if self._regime is None else [copy.copy(r) for r in self._regime]
+
     def run(self, bars: np.ndarray) -> np.ndarray:
         """Like ``engine.run(bars)``, with each due generation applied right after the bar that
-        made it due. Returns the signals of all bars (``SIGNAL_DTYPE``)."""
+        made it due. Returns the signals of all bars (``SIGNAL_DTYPE``).
+
+        Raises
+        ------
+        InvalidInput
+            The engine is strict and the batch has bad bars: nothing is run (as ``engine.run``).
+        EvolutionInterrupted
+            A failure after the engine took some of the bars; it carries their signals and how
+            many rows were taken.
+        """
+        bars = as_bars(bars)
+        # the engine's verdict on each bar now is its verdict when its chunk runs (a generation
+        # does not touch ingress), so a strict batch fails whole, before anything runs
+        reasons = np.asarray(self.engine.validate(bars))
+        if self.engine.strict and reasons.any():
+            bad = np.flatnonzero(reasons)
+            names = [REASONS[int(r)] for r in reasons[bad]]
+            raise InvalidInput(f"{len(bad)} bad bar(s), batch not processed (first: row {int(bad[0])}: "
+                               f"{names[0]})", rows=bad.tolist(), reasons=names)
         out: list[np.ndarray] = []
         start = 0
-        inst, tf, close = bars["instrument"], bars["timeframe"], bars["close"]
-        for i in range(len(bars)):
-            s = self._streams.get((int(inst[i]), int(tf[i])))
-            if s is None:
-                continue
-            why = self._due(s, float(close[i]))
-            if why is None:
-                continue
-            out.append(self.engine.run(bars[start:i + 1]))
-            start = i + 1
-            self.evolve(s, why)
-        if start < len(bars):
-            out.append(self.engine.run(bars[start:]))
+        inst, tf, close = bars["instrument"].tolist(), bars["timeframe"].tolist(), bars["close"].tolist()
+        ok = (reasons == 0).tolist()
+        mark = self._mark()
+
+        def take(end: int) -> None:
+            nonlocal start, mark
+            try:
+                out.append(self.engine.run(bars[start:end]))
+            except Exception:
+                self._seen, self._regime = mark  # the engine took none of the chunk
+                raise
+            start, mark = end, self._mark()
+
+        try:
+            for i in range(len(bars)):
+                s = self._streams.get((inst[i], tf[i])) if ok[i] else None
+                if s is None:
+                    continue
+                why = self._due(s, close[i])
+                if why is None:
+                    continue
+                take(i + 1)
+                self.evolve(s, why)
+            if start < len(bars):
+                take(len(bars))
+        except Exception as exc:
+            if not out:  # the engine took nothing: the error as it is
+                raise
+            raise EvolutionInterrupted(f"evolution run stopped after {start} of {len(bars)} bars: {exc!r}",
+                                       np.concatenate(out), start) from exc
         return np.concatenate(out) if out else np.empty(0, dtype=SIGNAL_DTYPE)
 
     def evolve(self, stream: int = -1, trigger: str = "manual") -> dict[str, Any]:
-        """One generation now, of one stream (index) or all (-1); recorded in :attr:`trace`."""
+        """One generation now, of one stream (index) or all (-1); recorded in :attr:`trace`.
+
+        The generation number (the RNG's second key) moves only when the generation ran: a
+        failed one changes nothing."""
+        stream = check_int("stream", stream, -1, len(self._keys) - 1)
+        cfg = msgspec.structs.replace(self.config, stream=stream)
+        rep = self.engine.evolve(cfg, seed=self.seed, generation=self.generation + 1, trigger=trigger)
         self.generation += 1
-        cfg = msgspec.structs.replace(self.config, stream=int(stream))
-        rep = self.engine.evolve(cfg, seed=self.seed, generation=self.generation, trigger=trigger)
         streams = range(len(self._streams)) if stream < 0 else (stream,)
         for s in streams:
             self._last[s] = self._seen[s]
