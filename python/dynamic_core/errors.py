@@ -5,21 +5,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
-    "DynamicCoreError",
-    "InvalidInput",
-    "InvalidGenome",
-    "UnknownInstrument",
-    "BackendUnavailable",
-    "PayloadError",
-    "TransportTimeout",
-    "CommandRefused",
-    "JournalError",
-    "JournalCorrupt",
-    "ReplayMismatch",
-    "ReasoningError",
     "AdapterError",
-    "SecretsError",
+    "BackendUnavailable",
+    "CommandRefused",
+    "DynamicCoreError",
+    "InvalidGenome",
+    "InvalidInput",
+    "JournalCorrupt",
+    "JournalError",
+    "PayloadError",
     "PolicyError",
+    "ReasoningError",
+    "ReplayMismatch",
+    "SecretsError",
+    "StateError",
+    "TransportTimeout",
+    "UnknownInstrument",
 ]
 
 
@@ -129,6 +130,13 @@ class ReplayMismatch(DynamicCoreError, AssertionError):
     def __init__(self, message: str, mismatches: Sequence[int] = ()) -> None:
         super().__init__(message)
         self.mismatches = list(mismatches)
+
+
+class StateError(DynamicCoreError, ValueError):
+    """A saved state (a ``state_dict``, or the file it was saved to) that cannot be restored: a
+    missing key, a wrong dtype or shape, a value out of range or non-finite, a configuration that
+    does not validate, or a size beyond the documented caps. Raised before anything is allocated
+    from it; the message names the offending key."""
 
 
 class CommandRefused(DynamicCoreError, ValueError):

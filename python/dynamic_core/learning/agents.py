@@ -338,7 +338,7 @@ class LearningAgents:
         if sample is not None:
             self.model.learn(sample[0], sample[1], self.snapshot, mask=sample[2])
             report = self.model.system_tick()
-            self._counts["nonfinite_rows"] += int(report["nonfinite"])
+            self._counts["nonfinite_rows"] += int(report["nonfinite"]) + int(report.get("overflow", 0))
             self.snapshot = self.model.snapshot()
             self.ticks += 1
         if bank.warm:

@@ -11,13 +11,20 @@ a copy of their A columns and B rows, and a signature code (which components, wh
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from ...errors import StateError
+from . import _state
 from .layer import DynamicLoRALayer
 
 __all__ = ["Circuit", "CircuitDetector"]
+
+_NEVER = np.iinfo(np.int64).min // 2
+"""``last_tick`` of a slot that never reported (far enough from int64's ends to subtract)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -109,7 +116,7 @@ class CircuitDetector:
                 "pos": np.zeros((), np.int64),
                 "count": np.zeros((), np.int64),
                 "last_code": np.full(slots, -1, np.int64),
-                "last_tick": np.full(slots, np.iinfo(np.int64).min // 2, np.int64),
+                "last_tick": np.full(slots, _NEVER, np.int64),
             }
             self._state[name] = st
         return st
@@ -191,12 +198,64 @@ class CircuitDetector:
         """Named arrays of every watched layer."""
         return {f"{name}.{k}": np.array(v, copy=True) for name, st in self._state.items() for k, v in st.items()}
 
-    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
-        """Restore what :meth:`state` gave."""
-        self._state = {}
-        for key, v in arrays.items():
-            name, k = key.rsplit(".", 1)
-            self._state.setdefault(name, {})[k] = np.array(v, copy=True)
+    def load_state(self, arrays: Mapping[str, np.ndarray],
+                   shapes: Mapping[str, tuple[int, int]] | None = None) -> None:
+        """Restore what :meth:`state` gave, checked first (:meth:`check_state`): ``shapes``
+        maps each layer it may hold to its (slots, rank); by default each layer's ring says.
+
+        Raises
+        ------
+        StateError
+            A key that is missing or unknown, an array of the wrong dtype or shape, a
+            non-finite value or a ring position outside the window; the detector is unchanged.
+        """
+        if shapes is None:
+            shapes = {}
+            for key, v in arrays.items():
+                name, _, k = key.rpartition(".")
+                if k == "ring" and isinstance(v, np.ndarray) and v.ndim == 3:
+                    shapes[name] = (v.shape[0], v.shape[2])
+        self._restore(self.check_state(arrays, shapes, self.window))
+
+    _KEYS = ("ring", "sum", "pos", "count", "last_code", "last_tick")
+
+    @classmethod
+    def check_state(cls, state: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]], window: int,
+                    prefix: str = "") -> dict[str, dict[str, np.ndarray]]:
+        """The arrays of :meth:`state` (keys ``prefix + "<layer>.<array>"`` of ``state``; other
+        keys are ignored) checked for layers of the given (slots, rank) and a detector of that
+        ``window``: each layer's six arrays present, of their dtype and shape, finite, positions
+        inside the window. Returns them by layer and name (not copied).
+
+        Raises
+        ------
+        StateError
+            Naming the first key that is missing, unknown or does not fit.
+        """
+        names = set()
+        for key in state:
+            if key.startswith(prefix):
+                name, _, k = key[len(prefix):].rpartition(".")
+                if name not in shapes or k not in cls._KEYS:
+                    raise StateError(f"{key}: not part of a circuit detector's state")
+                names.add(name)
+        out = {}
+        for name in sorted(names):
+            slots, rank = shapes[name]
+            p = f"{prefix}{name}."
+            out[name] = {
+                "ring": _state.real_array(state, p + "ring", (slots, window, rank), np.float32),
+                "sum": _state.real_array(state, p + "sum", (slots, rank), np.float64),
+                "pos": _state.whole_array(state, p + "pos", (), lo=0, hi=window - 1),
+                "count": _state.whole_array(state, p + "count", (), lo=0, hi=window),
+                "last_code": _state.whole_array(state, p + "last_code", (slots,)),
+                "last_tick": _state.whole_array(state, p + "last_tick", (slots,), lo=_NEVER, hi=-_NEVER),
+            }
+        return out
+
+    def _restore(self, states: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """Restore what :meth:`check_state` accepted (copied)."""
+        self._state = {name: {k: np.array(v, copy=True) for k, v in st.items()} for name, st in states.items()}
 
 
 def _codes_big(nodes: np.ndarray, s: np.ndarray) -> np.ndarray:

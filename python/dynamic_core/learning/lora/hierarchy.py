@@ -35,6 +35,18 @@ Choices where the design is loose:
   one (their mean). Circuits requested during a FAST_TRACK tick are served first.
 * **Snapshots** share the layers' buffers (O(1)); an update writes into a spare buffer, and any
   in-place edit copies first, whenever a live snapshot still views the buffer.
+* **Containment**: a learning row whose input or target is non-finite, or whose forward pass
+  overflows (a finite but huge input: the squares behind a layer's RMS activation, or any
+  hidden state, stop being finite), is left out of the tick like a masked row and counted
+  (``nonfinite`` and ``overflow`` in the tick's report); a slot whose update would still come
+  out non-finite keeps its parameters (``rejected_steps``). One such row would otherwise turn
+  the interaction density infinite, the learning rate NaN and every weight NaN for good. The
+  checks only read: inputs without such rows give the same bits as before them.
+* **Sizes** are capped: ``n_agents`` <= ``MAX_AGENTS`` (2**24), ``dim`` <= ``MAX_DIM`` (4096),
+  and the per-agent state ``n_agents * (2 * dim * (rank_agent + rank_context) + 2 *
+  interaction_window + autocorr_window * (rank_agent + rank_context))`` <=
+  ``MAX_STATE_ELEMENTS`` (2**32), checked before anything is allocated (by the constructor and
+  by :meth:`LoRAHierarchy.from_state_dict`, which checks every saved array too).
 
 Determinism: the same state and inputs give bit-identical outputs and updates, on any BLAS
 thread count and any ``LoRAConfig.threads``. The per-agent layers' products, recording and
@@ -57,13 +69,25 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from ...errors import StateError
+from ..dsi._scan import check_int
+from . import _state
 from .backend import LoRABackend
 from .circuits import Circuit, CircuitDetector
-from .config import AGENT_LAYERS, CHANNELS, LAYERS, SHARED_LAYERS, LoRAConfig
+from .config import (
+    AGENT_LAYERS,
+    CHANNELS,
+    LAYERS,
+    MAX_AGENTS,
+    MAX_DIM,
+    MAX_STATE_ELEMENTS,
+    SHARED_LAYERS,
+    LoRAConfig,
+)
 from .health import HealthMonitor
-from .layer import DynamicLoRALayer, LayerGradient, r_rows, rd_dot, xty
+from .layer import DynamicLoRALayer, LayerGradient, check_state, r_rows, rd_dot, xty
 from .migration import MigrationCoordinator, MigrationQueue, _Pending
-from .resonance import FAST_TRACK, NORMAL, HorizontalResonance, ResonanceEngine, VerticalResonance
+from .resonance import CONFLICT, FAST_TRACK, NORMAL, HorizontalResonance, ResonanceEngine, VerticalResonance
 
 __all__ = ["LoRAHierarchy", "LoRASnapshot"]
 
@@ -98,6 +122,31 @@ class LoRASnapshot:
         return any(v.base is buf for pair in self._layers.values() for v in pair)
 
 
+def _check_size(n_agents: object, dim: object, cfg: LoRAConfig) -> tuple[int, int]:
+    """``(n_agents, dim)`` as ints within the caps (TypeError, ValueError), the per-agent state
+    they imply included."""
+    n = check_int("n_agents", n_agents, 1, MAX_AGENTS)
+    d = check_int("dim", dim, 1, MAX_DIM)
+    r = cfg.rank("agent") + cfg.rank("context")
+    per_agent = 2 * d * r + 2 * cfg.interaction_window + cfg.autocorr_window * r
+    if n * per_agent > MAX_STATE_ELEMENTS:
+        raise ValueError(f"{n} agents of width {d} need {n * per_agent} elements of per-agent state, more than "
+                         f"MAX_STATE_ELEMENTS = {MAX_STATE_ELEMENTS}")
+    return n, d
+
+
+def _finite_rows(hid: np.ndarray, trace: list, s: np.ndarray) -> np.ndarray:
+    """Rows (n,) whose forward pass stayed finite: the score and the sum of the squares of
+    every hidden state, rank activation and increment (the squares behind the layers' RMS
+    activations among them). Reads only (call under ``np.errstate``)."""
+    acc = np.einsum("nd,nd->n", hid, hid)
+    for h, u, d in trace:
+        acc += np.einsum("nd,nd->n", h, h)
+        acc += np.einsum("nr,nr->n", u, u)
+        acc += np.einsum("nd,nd->n", d, d)
+    return np.isfinite(acc) & np.isfinite(s)
+
+
 def _unit_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = math.sqrt(float(np.sum(x * x)) + float(np.sum(y * y)))
     return (x / n, y / n) if n > 0 else (x, y)
@@ -109,9 +158,10 @@ class LoRAHierarchy:
     Parameters
     ----------
     n_agents : int
-        Agents (slots of the agent and context layers).
+        Agents (slots of the agent and context layers), in [1, 2**24].
     dim : int
-        Width of inputs and hidden states.
+        Width of inputs and hidden states, in [1, 4096]. Together they bound the per-agent
+        state (see the module's note on sizes): ValueError beyond it.
     config : LoRAConfig, optional
         Every knob (defaults: the design's values).
     backend : LoRABackend, optional
@@ -125,11 +175,11 @@ class LoRAHierarchy:
 
     def __init__(self, n_agents: int, dim: int, *, config: LoRAConfig | None = None,
                  backend: LoRABackend | None = None, seed: int = 0, dtype: Any = np.float64) -> None:
-        if n_agents < 1 or dim < 1:
-            raise ValueError("n_agents and dim must be >= 1")
         cfg = config if config is not None else LoRAConfig()
+        if not isinstance(cfg, LoRAConfig):
+            raise TypeError(f"config must be a LoRAConfig, got {type(cfg).__name__}")
         self.config = cfg
-        self.n_agents, self.dim = int(n_agents), int(dim)
+        self.n_agents, self.dim = _check_size(n_agents, dim, cfg)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError("dtype must be float32 or float64")
@@ -226,6 +276,7 @@ class LoRAHierarchy:
         self._loss_sum = 0.0
         self._learners = 0
         self._nonfinite = 0
+        self._overflow = 0
         self._h_align: list[float] = []
 
     def learn(self, x: np.ndarray, target: np.ndarray, snapshot: LoRASnapshot | None = None,
@@ -243,7 +294,9 @@ class LoRAHierarchy:
             The weights that scored ``x`` (the live weights when None).
         mask : ndarray (n_agents,) bool, optional
             Agents that learn this call (default all). Rows with a non-finite input or target
-            are left out and counted (``nonfinite`` in the tick's report).
+            are left out and counted (``nonfinite`` in the tick's report), and so are rows whose
+            forward pass overflows (``overflow``): a finite input so large that a hidden state,
+            a rank activation or the sum of squares behind its RMS is no longer finite.
 
         Returns
         -------
@@ -263,14 +316,26 @@ class LoRAHierarchy:
         k = int(np.count_nonzero(m))
         if k == 0:
             return math.nan
-        if not m.all():  # rows that do not learn must not carry NaN into the sums
-            x = np.where(m[:, None], x, 0).astype(self.dtype)
-            t = np.where(m, t, 0).astype(self.dtype)
         weights, head = self._weights(snapshot)
-        hid, trace = self._run(x, weights, True)
+        while True:
+            if not m.all():  # rows that do not learn must not carry NaN (or an overflow) into the sums
+                x = np.where(m[:, None], x, 0).astype(self.dtype)
+                t = np.where(m, t, 0).astype(self.dtype)
+            with np.errstate(over="ignore", invalid="ignore"):
+                hid, trace = self._run(x, weights, True)
+                s = np.tanh(hid @ head)
+                blown = m & ~_finite_rows(hid, trace, s)
+            if not blown.any():
+                break
+            # left out like a masked row, and the pass run again without it (rows are independent:
+            # the others' values do not change)
+            self._overflow += int(np.count_nonzero(blown))
+            m = m & ~blown
+            k = int(np.count_nonzero(m))
+            if k == 0:
+                return math.nan
         for name, (h, u, d) in zip(LAYERS, trace):
             self.layers[name].record_interaction(h, u, d, m)
-        s = np.tanh(hid @ head)
         err = (s - t) * m
         e = err * (1 - s * s)
         loss = 0.5 * float(np.sum(err * err))  # numpy's fixed-order sum, not a BLAS dot
@@ -363,15 +428,20 @@ class LoRAHierarchy:
         dict
             ``tick``, ``signal`` (FAST_TRACK / CONFLICT / NORMAL), ``alignment`` (None without
             gradients), ``factors``, ``learning_rate`` (mean per layer), ``loss`` (mean over this
-            tick's learners, None without), ``learners``, ``nonfinite``, ``circuits`` (found per
-            source layer), ``migrations`` (per channel: executed, emergency, queued depth) and
-            ``health`` (see :meth:`HealthMonitor.overall_health`).
+            tick's learners, None without), ``learners``, ``nonfinite`` (learning rows left out
+            for a non-finite input or target), ``overflow`` (left out for a forward pass that
+            overflowed), ``rejected_steps`` (per layer, slots whose update came out non-finite
+            and were kept as they were; ``head`` for the head), ``dropped_interactions`` (per
+            layer, slots whose recorded activations were non-finite and were discarded),
+            ``circuits`` (found per source layer), ``migrations`` (per channel: executed,
+            emergency, queued depth) and ``health`` (see :meth:`HealthMonitor.overall_health`).
         """
         cfg = self.config
         # 1. homeostasis first
         for layer in self.layers.values():
             layer.maintain_homeostasis()
         # 2. gradients (accumulated by learn) and this tick's interactions
+        dropped0 = {name: layer.dropped_interactions for name, layer in self.layers.items()}
         sigs = {name: layer.end_interactions() for name, layer in self.layers.items()}
         grads = self._descent()
         # 3. vertical resonance
@@ -390,11 +460,19 @@ class LoRAHierarchy:
             self.resonance_engine.horizontal.update_direction((gA, gB), cfg.direction_decay)
         # 4. updates
         lrs = {}
+        rejected: dict[str, int] = {}
         for name, layer in self.layers.items():
             lr = layer.update(grads[name], cfg.step_size * factors.get(name, 1.0))
             lrs[name] = float(lr.mean())
+            rejected[name] = layer.last_rejected
+        rejected["head"] = 0
         if self._calls and cfg.head_learning_rate > 0.0:
-            self.head = (self.head - cfg.head_learning_rate * self._g_head).astype(self.dtype)
+            with np.errstate(over="ignore", invalid="ignore"):
+                head = (self.head - cfg.head_learning_rate * self._g_head).astype(self.dtype)
+            if np.isfinite(head).all():
+                self.head = head
+            else:  # kept, like a layer's slot
+                rejected["head"] = 1
         # 5. circuit detection: each source layer's circuits go one channel up
         fast = signal == FAST_TRACK
         found = {}
@@ -419,6 +497,10 @@ class LoRAHierarchy:
             "loss": self._loss_sum / self._learners if self._learners else None,
             "learners": self._learners,
             "nonfinite": self._nonfinite,
+            "overflow": self._overflow,
+            "rejected_steps": rejected,
+            "dropped_interactions": {name: layer.dropped_interactions - dropped0[name]
+                                     for name, layer in self.layers.items()},
             "horizontal_alignment": float(np.mean(self._h_align)) if self._h_align else None,
             "circuits": found,
             "migrations": {k: {"executed": sum(1 for t in v if t.kind != "emergency"),
@@ -507,37 +589,134 @@ class LoRAHierarchy:
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any], *, backend: LoRABackend | None = None) -> LoRAHierarchy:
         """Rebuild a hierarchy from :meth:`state_dict` (or an ``np.load`` of its ``savez``).
-        A backend built on a callable is not saved: pass it again as ``backend``."""
-        cfg = msgspec.json.decode(str(np.asarray(state["config"])), type=LoRAConfig)
+        A backend built on a callable is not saved: pass it again as ``backend``.
+
+        Raises
+        ------
+        StateError
+            (a ValueError) Before anything is allocated from ``state``: a missing or unknown
+            key, an array of the wrong dtype or shape (shapes follow from the saved config,
+            ``n_agents`` and ``dim``), a non-finite or out-of-range value, a config that does
+            not validate, or sizes beyond the caps (see the module's note on sizes).
+        """
+        v = _check_saved(state, need_backend=backend is None)
+        cfg: LoRAConfig = v["config"]
         if backend is None:
-            if "backend.weight" not in state:
-                raise ValueError("the saved backend wraps a callable: pass backend=LoRABackend(fn=...)")
-            backend = LoRABackend(np.asarray(state["backend.weight"]), np.asarray(state["backend.head"]))
-        h = cls(int(state["n_agents"]), int(state["dim"]), config=cfg, backend=backend, seed=int(state["seed"]),
-                dtype=np.dtype(str(np.asarray(state["dtype"]))))
-        h.tick = int(state["tick"])
-        h.head = np.array(state["head"], dtype=h.dtype)
+            backend = LoRABackend(v["backend.weight"], v["backend.head"])
+        h = cls(v["n_agents"], v["dim"], config=cfg, backend=backend, seed=v["seed"], dtype=v["dtype"])
+        h.tick = v["tick"]
+        h.head = np.array(v["head"], dtype=h.dtype)
         for name, layer in h.layers.items():
-            pre = f"layer.{name}."
-            layer.load_state({k[len(pre):]: np.asarray(v) for k, v in state.items() if k.startswith(pre)})
-        h.circuit_detector.load_state({k[len("detector."):]: np.asarray(v) for k, v in state.items()
-                                       if k.startswith("detector.")})
+            layer._restore(v[f"layer.{name}"])
+        h.circuit_detector._restore(v["detector"])
         re = h.resonance_engine
-        if "resonance.direction_A" in state:
-            re.horizontal.current_direction = (np.array(state["resonance.direction_A"]),
-                                               np.array(state["resonance.direction_B"]))
-        re.alignments.extend(np.asarray(state["resonance.alignments"]).tolist())
+        if "resonance.direction_A" in v:
+            re.horizontal.current_direction = (np.array(v["resonance.direction_A"]),
+                                               np.array(v["resonance.direction_B"]))
+        re.alignments.extend(v["resonance.alignments"].tolist())
         (re.fast_track_count, re.total_migrations, re.conflict_count, re.fast_track_ticks,
-         re.total_operations) = (int(v) for v in np.asarray(state["resonance.counters"]))
-        re.last_signal = str(np.asarray(state["resonance.last_signal"]))
+         re.total_operations) = (int(x) for x in v["resonance.counters"])
+        re.last_signal = v["resonance.last_signal"]
         for key, q in h.migration_coordinator.queues.items():
             p = f"migration.{key}."
             (q.now, q._seq, q.total_requests, q.rejections, q.emergencies, q.dropped, q.completed,
-             q.wait_sum) = (int(v) for v in np.asarray(state[p + "counters"]))
-            q.current_transfer, q.transferred, q.emergency_transfer = (float(v) for v in np.asarray(state[p + "floats"]))
-            q.pending = _pending_from(q.from_layer, {k[len(p):]: np.asarray(v) for k, v in state.items()
-                                                     if k.startswith(p)})
+             q.wait_sum) = (int(x) for x in v[p + "counters"])
+            q.current_transfer, q.transferred, q.emergency_transfer = (float(x) for x in v[p + "floats"])
+            q.pending = _pending_from(q.from_layer, {k: v[p + k] for k in _PENDING_KEYS})
         return h
+
+
+_COUNT_MAX = 1 << 62  # saved counters and ticks: far from int64's wrap
+
+
+def _check_saved(state: Mapping[str, Any], *, need_backend: bool) -> dict[str, Any]:
+    """Every entry of a saved hierarchy, checked (StateError naming the key) without allocating
+    anything from it: the config first (it fixes the shapes), then the sizes against the caps,
+    then each array's dtype, shape, finiteness and range. Returns the values to restore."""
+    if not isinstance(state, Mapping):
+        raise StateError(f"a saved state is a mapping of names to arrays, got {type(state).__name__}")
+    try:
+        cfg = msgspec.json.decode(_state.string(state, "config"), type=LoRAConfig)
+    except (msgspec.DecodeError, TypeError, ValueError) as e:
+        raise StateError(f"config: {e}") from None
+    v: dict[str, Any] = {"config": cfg}
+    n = _state.integer(state, "n_agents", 1, MAX_AGENTS)
+    d = _state.integer(state, "dim", 1, MAX_DIM)
+    try:
+        _check_size(n, d, cfg)
+    except ValueError as e:
+        raise StateError(str(e)) from None
+    dtype = np.dtype(_state.string(state, "dtype", 8, (np.dtype(np.float64).str, np.dtype(np.float32).str)))
+    v.update(n_agents=n, dim=d, dtype=dtype, seed=_state.integer(state, "seed", 0, (1 << 63) - 1),
+             tick=_state.integer(state, "tick", 0, _COUNT_MAX))
+    known = set(v)
+    for key in ("head", "backend.head"):
+        v[key] = _state.real_array(state, key, (d,), dtype)
+    if "backend.weight" in state:
+        v["backend.weight"] = _state.real_array(state, "backend.weight", (d, d), dtype)
+    elif need_backend:
+        raise StateError("backend.weight: missing: the saved backend wraps a callable, pass "
+                         "backend=LoRABackend(fn=...)")
+    for name in LAYERS:
+        slots = 1 if name in SHARED_LAYERS else n
+        v[f"layer.{name}"] = check_state(state, f"layer.{name}.", slots, d, cfg.rank(name), cfg, dtype)
+    known |= {"head", "backend.head", "backend.weight"}
+    known |= {f"layer.{name}.{k}" for name in LAYERS for k in v[f"layer.{name}"]}
+    shapes = {src: (1 if src in SHARED_LAYERS else n, cfg.rank(src)) for src, _ in CHANNELS}
+    v["detector"] = CircuitDetector.check_state(state, shapes, cfg.autocorr_window, prefix="detector.")
+    known |= {k for k in state if k.startswith("detector.")}
+    rs = cfg.rank("swarm")
+    if "resonance.direction_A" in state or "resonance.direction_B" in state:
+        for key, shape in (("resonance.direction_A", (d, rs)), ("resonance.direction_B", (rs, d))):
+            a = _state.get(state, key)
+            dt = np.float32 if isinstance(a, np.ndarray) and a.dtype == np.float32 else np.float64
+            v[key] = _state.real_array(state, key, shape, dt)
+            known.add(key)
+    v["resonance.alignments"] = _state.real_array(state, "resonance.alignments", (None,), np.float64, lo=-1.0, hi=1.0)
+    if len(v["resonance.alignments"]) > cfg.resonance_window:
+        raise StateError(f"resonance.alignments: more than resonance_window = {cfg.resonance_window} values")
+    v["resonance.counters"] = _state.whole_array(state, "resonance.counters", (5,), lo=0, hi=_COUNT_MAX)
+    v["resonance.last_signal"] = _state.string(state, "resonance.last_signal", 16, (FAST_TRACK, CONFLICT, NORMAL))
+    known |= {"resonance.alignments", "resonance.counters", "resonance.last_signal"}
+    for src, dst in CHANNELS:
+        p = f"migration.{src}->{dst}."
+        v[p + "counters"] = _state.whole_array(state, p + "counters", (8,), lo=0, hi=_COUNT_MAX)
+        v[p + "floats"] = _state.real_array(state, p + "floats", (3,), np.float64, lo=0.0)
+        slots = 1 if src in SHARED_LAYERS else n
+        v.update({p + k: a for k, a in _check_pending(state, p, slots, d, cfg.rank(src), cfg, dtype).items()})
+        known |= {p + "counters", p + "floats"} | {p + k for k in _PENDING_KEYS}
+    unknown = sorted(k for k in state if k not in known)
+    if unknown:
+        raise StateError(f"{unknown[0]}: not part of a saved hierarchy ({len(unknown)} such keys)")
+    return v
+
+
+_PENDING_KEYS = ("pending.nodes", "pending.a", "pending.b", "pending.ints", "pending.floats")
+
+
+def _check_pending(state: Mapping[str, Any], p: str, slots: int, d: int, r: int, cfg: LoRAConfig,
+                   dtype: np.dtype) -> dict[str, np.ndarray]:
+    """A channel's saved queue (see :func:`_pending_arrays`), checked; keyed without ``p``."""
+    ints = _state.whole_array(state, p + "pending.ints", (None, 7))
+    k = len(ints)
+    if k > cfg.max_pending:
+        raise StateError(f"{p}pending.ints: {k} requests, more than max_pending = {cfg.max_pending}")
+    out = {"pending.ints": ints,
+           "pending.nodes": _state.whole_array(state, p + "pending.nodes", (k, r), lo=-1, hi=r - 1),
+           "pending.a": _state.real_array(state, p + "pending.a", (k, d, r), dtype),
+           "pending.b": _state.real_array(state, p + "pending.b", (k, r, d), dtype),
+           "pending.floats": _state.real_array(state, p + "pending.floats", (k, 3), np.float64)}
+    # slot, parameter_count, signature, tick, fast_track, enqueued, sequence
+    for col, name, lo, hi in ((0, "slot", 0, slots - 1), (1, "parameter count", 0, 2 * d * r),
+                              (3, "tick", 0, _COUNT_MAX), (4, "fast_track", 0, 1), (5, "enqueued", 0, _COUNT_MAX),
+                              (6, "sequence", 0, _COUNT_MAX)):
+        c = ints[:, col]
+        if k and (c.min() < lo or c.max() > hi):
+            raise StateError(f"{p}pending.ints: a {name} outside [{lo}, {hi}]")
+    rem = out["pending.floats"][:, 2]
+    if k and (rem.min() < 0.0 or rem.max() > 1.0):
+        raise StateError(f"{p}pending.floats: a remaining fraction outside [0, 1]")
+    return out
 
 
 def _pending_arrays(q: MigrationQueue, layer: DynamicLoRALayer) -> dict[str, np.ndarray]:

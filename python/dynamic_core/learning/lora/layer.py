@@ -28,6 +28,12 @@ Interpretations of the design (where it is loose):
   counts as uniform (entropy = its free fraction) and its threshold is left alone.
 * ``update(gradient, strength)`` *adds* ``(1 - inertia) * strength * gradient`` (the design's
   sign): the hierarchy passes descent directions.
+
+Containment: a slot whose update would leave a parameter non-finite (an overflowing step, a NaN
+strength) keeps its parameters as they were for that tick, counted in ``rejected_steps``; a
+slot whose tick recorded non-finite activations (a huge input through ``forward`` or
+``record_interaction``) has that tick's interaction discarded, counted in
+``dropped_interactions``. Neither check changes a value of a finite slot.
 """
 
 from __future__ import annotations
@@ -41,12 +47,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ... import _core
-from .config import LoRAConfig
+from ..dsi._scan import check_int
+from . import _state
+from .config import MAX_AGENTS, MAX_DIM, MAX_RANK, MAX_STATE_ELEMENTS, LoRAConfig
 
 if TYPE_CHECKING:
     from .circuits import Circuit
 
-__all__ = ["FREE", "SCREENED", "DynamicLoRALayer", "LayerGradient", "r_rows", "rd_dot", "xty"]
+__all__ = ["FREE", "SCREENED", "DynamicLoRALayer", "LayerGradient", "check_state", "r_rows", "rd_dot", "xty"]
 
 SCREENED = True
 """Phase value of a parameter locked by interactions (phase arrays hold booleans)."""
@@ -198,8 +206,11 @@ class DynamicLoRALayer:
                  config: LoRAConfig | None = None, rng: np.random.Generator | None = None,
                  dtype: Any = np.float64, name: str = "") -> None:
         cfg = config if config is not None else LoRAConfig()
-        if dim < 1 or rank < 1 or slots < 1:
-            raise ValueError("dim, rank and slots must be >= 1")
+        check_int("dim", dim, 1, MAX_DIM)
+        check_int("rank", rank, 1, MAX_RANK)
+        check_int("slots", slots, 1, MAX_AGENTS)
+        if slots * dim * rank > MAX_STATE_ELEMENTS:
+            raise ValueError(f"slots * dim * rank = {slots * dim * rank} exceeds {MAX_STATE_ELEMENTS}")
         if not 0.0 <= base_inertia < 1.0:
             raise ValueError("base_inertia must be in [0, 1)")
         self.config = cfg
@@ -232,6 +243,9 @@ class DynamicLoRALayer:
         self.pins = np.zeros((slots, rank))  # ticks a consolidated component stays SCREENED
         self.current_entropy = np.ones(slots)  # no activity yet: uniform, everything free
         self._activity_total = np.zeros(slots)
+        self.rejected_steps = 0  # slot updates refused for a non-finite result (cumulative)
+        self.last_rejected = 0  # of the last update
+        self.dropped_interactions = 0  # slot-ticks of non-finite activations discarded (cumulative)
         self._reset_tick()
 
     # ------------------------------------------------------------------ parameters
@@ -374,6 +388,7 @@ class DynamicLoRALayer:
         active : ndarray (slots,) bool
             Slots that interacted this tick.
         """
+        self._drop_nonfinite_tick()
         calls = self._t_calls
         c = np.maximum(calls, 1).astype(np.float64)
         cfg = self.config
@@ -397,6 +412,21 @@ class DynamicLoRALayer:
         for t in (self._t_rms, self._t_sig, self._t_calls):
             t.fill(0)
         return sig, active
+
+    def _drop_nonfinite_tick(self) -> None:
+        """Discard (and count) the tick of every slot whose accumulated activations are not all
+        finite: folded in, one such value would make the slot's density, and then its learning
+        rate and every parameter, NaN for good."""
+        with np.errstate(over="ignore", invalid="ignore"):  # one sum per slot: NaN and infinities survive it
+            total = self._t_rms + np.einsum("sd->s", self._t_in) + np.einsum("sr->s", self._t_mid)
+            total += np.einsum("sd->s", self._t_out) + np.einsum("sr->s", self._t_sig)
+        ok = np.isfinite(total)
+        if ok.all():
+            return
+        bad = ~ok
+        for t in (self._t_in, self._t_mid, self._t_out, self._t_rms, self._t_sig, self._t_calls):
+            t[bad] = 0
+        self.dropped_interactions += int(np.count_nonzero(bad))
 
     # ------------------------------------------------------------------ dynamics
     def interaction_density(self) -> np.ndarray:
@@ -454,6 +484,9 @@ class DynamicLoRALayer:
         -------
         ndarray (slots,)
             The learning rate each slot used.
+
+        A slot whose result would not be finite keeps its parameters (see the module's
+        containment note); ``last_rejected`` says how many did.
         """
         if isinstance(gradient, tuple):
             gradient = LayerGradient(gradient[0], gradient[1])
@@ -479,10 +512,26 @@ class DynamicLoRALayer:
                 for sl in chunks:
                     self._update_chunk_numpy(sl, *job)
             self._entropy(sums["Ad"], sums["Ar"], sums["Br"], sums["Bd"])
+        self._keep_nonfinite_slots(newA, newB)
         self._spare_At, self._At = self._At, newA
         self._spare_B, self._B = self._B, newB
         np.maximum(self.pins - 1, 0, out=self.pins)
         return lr
+
+    def _keep_nonfinite_slots(self, newA: np.ndarray, newB: np.ndarray) -> None:
+        """Slots whose new parameters are not all finite keep their current ones (counted).
+        One sum per slot finds them (einsum's: the fastest pass): NaN and infinities survive a
+        sum (a sum overflowing on finite parameters near the dtype's limit also counts: such a
+        slot is lost anyway)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            ok = np.isfinite(np.einsum("srd->s", newA)) & np.isfinite(np.einsum("srd->s", newB))
+        n = self.slots - int(np.count_nonzero(ok))
+        self.last_rejected = n
+        if n:
+            bad = ~ok
+            newA[bad] = self._At[bad]
+            newB[bad] = self._B[bad]
+            self.rejected_steps += n
 
     def _update_native(self, c: np.ndarray, parts: Any, newA: np.ndarray, newB: np.ndarray,
                        pinned: np.ndarray | None) -> bool:
@@ -695,19 +744,48 @@ class DynamicLoRALayer:
         return out
 
     def load_state(self, st: dict[str, np.ndarray]) -> None:
-        """Restore what :meth:`state` gave (same shapes)."""
+        """Restore what :meth:`state` gave. Every array is checked first (:func:`check_state`):
+        :class:`~dynamic_core.errors.StateError` leaves the layer as it was."""
+        self._restore(check_state(st, "", self.slots, self.dim, self.rank, self.config, self.dtype))
+
+    def _restore(self, st: dict[str, np.ndarray]) -> None:
+        """Restore arrays :func:`check_state` accepted."""
         self._At = np.array(st["At"], dtype=self.dtype)
         self._B = np.array(st["B"], dtype=self.dtype)
-        if self._At.shape != self._B.shape or self._B.shape != (self.slots, self.rank, self.dim):
-            raise ValueError(f"layer {self.name}: parameters of shape {self._B.shape}, expected "
-                             f"{(self.slots, self.rank, self.dim)}")
         self._spare_At = self._spare_B = None
         self._hist_pos = int(st["hist_pos"])
         for name in self._SLOT_ARRAYS:
-            cur = getattr(self, name)
-            val = np.array(st[name.lstrip("_")], dtype=cur.dtype)
-            if val.shape != cur.shape:
-                raise ValueError(f"layer {self.name}: {name} has shape {val.shape}, expected {cur.shape}")
-            setattr(self, name, val)
+            setattr(self, name, np.array(st[name.lstrip("_")], dtype=getattr(self, name).dtype))
         self.entropy_budget = tuple(self.config.entropy_budget)
         self._reset_tick()
+
+
+def check_state(state: Any, prefix: str, slots: int, dim: int, rank: int, config: LoRAConfig,
+                dtype: Any) -> dict[str, Any]:
+    """The arrays of a layer's :meth:`~DynamicLoRALayer.state` (keys ``prefix + name`` of
+    ``state``), checked against the shapes and dtypes a layer of that size keeps, finite and in
+    their ranges (thresholds within ``threshold_bounds``, traces and history >= 0, pins within
+    ``consolidation_ticks``, the ring position inside the ring); keyed by name.
+
+    Raises
+    ------
+    StateError
+        Naming the first key that is missing or does not fit.
+    """
+    s, d, r = slots, dim, rank
+    f64 = np.float64
+    out: dict[str, Any] = {"hist_pos": _state.integer(state, prefix + "hist_pos", 0, config.interaction_window - 1)}
+    for name in ("At", "B", "At0", "B0"):
+        out[name] = _state.real_array(state, prefix + name, (s, r, d), dtype)
+    for name in ("phA", "phB"):
+        out[name] = _state.whole_array(state, prefix + name, (s, r, d), bool)
+    lo, hi = config.threshold_bounds
+    for name, shape, bounds in (("interaction_history", (s, config.interaction_window), (0.0, np.inf)),
+                                ("hist_sum", (s,), (-np.inf, np.inf)),
+                                ("screening_threshold", (s,), (lo, hi)),
+                                ("act_in", (s, d), (0.0, np.inf)), ("act_mid", (s, r), (0.0, np.inf)),
+                                ("act_out", (s, d), (0.0, np.inf)),
+                                ("pins", (s, r), (0.0, float(config.consolidation_ticks))),
+                                ("current_entropy", (s,), (0.0, 1.0)), ("activity_total", (s,), (0.0, np.inf))):
+        out[name] = _state.real_array(state, prefix + name, shape, f64, lo=bounds[0], hi=bounds[1])
+    return out
