@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "AdapterError",
     "BackendUnavailable",
     "CommandRefused",
     "DynamicCoreError",
+    "EvolutionInterrupted",
     "InvalidGenome",
     "InvalidInput",
     "JournalCorrupt",
@@ -130,6 +132,28 @@ class ReplayMismatch(DynamicCoreError, AssertionError):
     def __init__(self, message: str, mismatches: Sequence[int] = ()) -> None:
         super().__init__(message)
         self.mismatches = list(mismatches)
+
+
+class EvolutionInterrupted(DynamicCoreError, RuntimeError):
+    """:meth:`dynamic_core.learning.evolution.Evolution.run` failed part-way, after the engine had taken some of the bars.
+
+    The cause is chained (``__cause__``). Nothing the engine produced is lost: resume with
+    ``bars[done:]``.
+
+    Attributes
+    ----------
+    signals : numpy.ndarray of SIGNAL_DTYPE
+        The signals of the bars the engine took, as ``run`` would have returned them.
+    done : int
+        How many leading rows of the batch the engine took; the driver's bar counts cover
+        exactly these. Their due generations ran, except a failed one, which comes due again
+        on the stream's next bar.
+    """
+
+    def __init__(self, message: str, signals: Any, done: int) -> None:
+        super().__init__(message)
+        self.signals = signals
+        self.done = done
 
 
 class StateError(DynamicCoreError, ValueError):

@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from ..errors import DynamicCoreError, InvalidInput
+from ..errors import EvolutionInterrupted, InvalidInput
 from ..market import as_bars
 from ..payloads import EvolutionConfig, evolution_config
 from ..records import REASONS, SIGNAL_DTYPE
@@ -46,28 +46,6 @@ __all__ = ["Evolution", "EvolutionConfig", "EvolutionInterrupted", "GenerationRo
 
 _MAX_SEED = (1 << 64) - 1  # the engine's counter-based RNG key is 64 bits
 _MAX_EVERY = (1 << 63) - 1
-
-
-class EvolutionInterrupted(DynamicCoreError, RuntimeError):
-    """:meth:`Evolution.run` failed part-way, after the engine had taken some of the bars.
-
-    The cause is chained (``__cause__``). Nothing the engine produced is lost: resume with
-    ``bars[done:]``.
-
-    Attributes
-    ----------
-    signals : ndarray of SIGNAL_DTYPE
-        The signals of the bars the engine took, as ``run`` would have returned them.
-    done : int
-        How many leading rows of the batch the engine took; the driver's bar counts cover
-        exactly these. Their due generations ran, except a failed one, which comes due again
-        on the stream's next bar.
-    """
-
-    def __init__(self, message: str, signals: np.ndarray, done: int) -> None:
-        super().__init__(message)
-        self.signals = signals
-        self.done = done
 
 
 class GenerationRow(msgspec.Struct, frozen=True, kw_only=True):
