@@ -27,7 +27,7 @@ from dynamic_core.learning.dsi import (
     encode,
     token_name,
 )
-from dynamic_core.learning.dsi._scan import EwMoments
+from dynamic_core.learning.dsi._scan import EwMoments, window_sums
 from dynamic_core.learning.dsi.experts import Calls, symbols
 from dynamic_core.ticks import TickAggregator
 
@@ -360,6 +360,51 @@ def test_absorption_against_a_reference_window():
     assert got == want
 
 
+def test_absorption_after_a_block_print_does_not_depend_on_batching():
+    # one valid print of 1e17 in a flat, sell-heavy tape: differences of one running total over
+    # the batch lost the small prints' volume for the rest of the batch (3 calls in one batch,
+    # 102 in batches of 200); each window's sum must be its own ticks' sum
+    rng = np.random.default_rng(0)
+    n, W = 4000, 20
+    price = np.full(n, 100.0)
+    size = rng.uniform(1, 3, n)
+    size[100] = 1e17
+    agg = rng.choice([-1, 1], n, p=[0.9, 0.1]).astype(np.int8)
+    ref = np.full(n, 2.0)
+    want, armed = [], False
+    for t in range(n):
+        cond = False
+        if t >= W:
+            s = math.fsum(agg[t - W + 1:t + 1] * size[t - W + 1:t + 1])
+            v = math.fsum(size[t - W + 1:t + 1])
+            cond = s != 0 and abs(s) >= 0.7 * v and v >= 0.5 * W * 2.0  # flat price: absorbed
+        if cond and not armed:
+            want.append((t, int(-np.sign(s))))
+        armed = cond
+    assert sum(t > 120 for t, _ in want) > 50
+    for cuts in ((), range(200, n, 200), split_points(n, 50, 2), (1, 2, 3, 99, 100, 101, 119, 120, 121)):
+        assert _absorb(price, size, agg, ref=ref, cuts=cuts, window=W, volume=0.5) == want
+
+
+
+@pytest.mark.parametrize("w", [1, 3, 20, 500])
+def test_window_sums_are_each_window_s_own_and_batch_invariant(w):
+    rng = np.random.default_rng(w)
+    n = 3000
+    x = rng.integers(-50, 50, (2, n + w - 1)).astype(float)  # integer sums are exact
+    x[1, 700] = 1e17  # a window without it must not feel it
+    got = window_sums(x, w, first=-5)
+    want = np.array([[math.fsum(x[c, j:j + w]) for j in range(n)] for c in range(2)])
+    np.testing.assert_array_equal(got[0], want[0])
+    clear = (np.arange(n) + w - 1 < 700) | (np.arange(n) > 700)
+    np.testing.assert_array_equal(got[1][clear], want[1][clear])
+    # the same bits from any later start, whichever way the running sums go (few or many blocks)
+    y = rng.standard_normal((2, n + w - 1)) * 10.0 ** rng.integers(-8, 8, n + w - 1)
+    full = window_sums(y, w, first=12345)
+    for cut in (1, w // 2 + 1, 1000, n - 2, n - 1):
+        np.testing.assert_array_equal(window_sums(y[:, cut:], w, first=12345 + cut), full[:, cut:])
+
+
 # -- divergence ------------------------------------------------------------------------------
 def reference_divergence(price, rsi_n, fast, slow, k, warmup):
     n = len(price)
@@ -398,11 +443,8 @@ def reference_divergence(price, rsi_n, fast, slow, k, warmup):
     return out, rsi, macd
 
 
-def test_divergence_against_the_reference():
-    d = microstructure(6000, 7)
-    price = d["price"]
-    want, rsi, macd = reference_divergence(price, 14, 12, 26, 5, 78)
-    ver = DivergenceVerifier(rsi_period=14, macd_fast=12, macd_slow=26, pivot=5, warmup=78)
+def _divergence_batches(ver, price, cuts):
+    """The verifier's calls over ``price`` cut at ``cuts``, and its RSI and MACD at every tick."""
     values = []
 
     def step(p):
@@ -410,13 +452,22 @@ def test_divergence_against_the_reference():
         values.append((ver.rsi, ver.macd))
         return out
 
-    got = run_batches(step, [price], split_points(len(price), 25, 2))
+    got = run_batches(step, [price], cuts)
+    return got, np.concatenate([v[0] for v in values]), np.concatenate([v[1] for v in values])
+
+
+def test_divergence_against_the_reference():
+    d = microstructure(6000, 7)
+    price = d["price"]
+    want, rsi, macd = reference_divergence(price, 14, 12, 26, 5, 78)
+    ver = DivergenceVerifier(rsi_period=14, macd_fast=12, macd_slow=26, pivot=5, warmup=78)
+    got, got_rsi, got_macd = _divergence_batches(ver, price, split_points(len(price), 25, 2))
     for name in ("rsi_divergence", "macd_divergence"):
         assert len(want[name]) > 5 and {s for _, s in want[name]} == {-1, 1}
         assert got[name] == want[name], name
     # the indicators are the reference's recurrences, value for value, however the feed is cut
-    np.testing.assert_array_equal(np.concatenate([v[0] for v in values]), rsi)
-    np.testing.assert_array_equal(np.concatenate([v[1] for v in values]), macd)
+    np.testing.assert_array_equal(got_rsi, rsi)
+    np.testing.assert_array_equal(got_macd, macd)
     assert ver.count == len(price)
 
 
@@ -433,6 +484,94 @@ def test_bearish_divergence_on_a_constructed_path():
     c = len(up1) + len(down) + len(grind) - 1  # the second high
     assert got["rsi_divergence"] == [(c + 2, -1)]
     assert got["macd_divergence"] == [(c + 2, -1)]
+
+
+@pytest.mark.parametrize("pieces", [1, 7, 40])
+def test_divergence_leaves_out_absurd_prints_however_batched(pieces):
+    # absurd prints (finite or not, far above or below the last price taken) stayed in the RSI
+    # averages and the EMAs for thousands of ticks; left out, the calls are those of the feed
+    # without them, at the same ticks
+    clean = microstructure(6000, 7)["price"]
+    at = [1000, 1001, 2500, 4000, 4500]
+    bad = [1e300, 1e300, math.inf, 1e-300, clean[4500 - 5] * 50]
+    price = clean.copy()
+    for k, (i, x) in enumerate(zip(at, bad)):
+        price = np.insert(price, i + k, x)
+    pos = np.setdiff1d(np.arange(len(price)), [i + k for k, i in enumerate(at)])  # the clean ticks
+    want, rsi, macd = reference_divergence(clean, 14, 12, 26, 5, 78)
+    ver = DivergenceVerifier(rsi_period=14, macd_fast=12, macd_slow=26, pivot=5, warmup=78)
+    cuts = sorted({*split_points(len(price), pieces, 3).tolist(), 1000, 1001, 1002}) if pieces > 1 else ()
+    got, r, m = _divergence_batches(ver, price, cuts)
+    for name in ("rsi_divergence", "macd_divergence"):
+        assert len(want[name]) > 5
+        assert got[name] == [(int(pos[t]), s) for t, s in want[name]], name
+    np.testing.assert_array_equal(r[pos], rsi)
+    np.testing.assert_array_equal(m[pos], macd)
+    assert np.isnan(np.delete(r, pos)).all() and np.isnan(np.delete(m, pos)).all()
+    assert (ver.skipped, ver.restarts, ver.count) == (5, 0, len(clean))
+
+
+@pytest.mark.parametrize("cuts", [(), (50,), (1, 100, 101, 102)])
+def test_divergence_restarts_when_the_stream_has_moved(cuts):
+    # the first print is the absurd one: the next DIV_RESTART_AFTER are left out, then the
+    # indicators start over from the next print as on a new stream
+    from dynamic_core.learning.dsi.experts import DIV_RESTART_AFTER as R
+
+    clean = microstructure(4000, 8)["price"]
+    price = np.concatenate(([1e300], clean))
+    want, _, _ = reference_divergence(clean[R:], 14, 12, 26, 5, 78)
+    ver = DivergenceVerifier(rsi_period=14, macd_fast=12, macd_slow=26, pivot=5, warmup=78)
+    got = run_batches(ver.step, [price], cuts)
+    assert (ver.skipped, ver.restarts, ver.count) == (R, 1, len(clean) - R)
+    for name in ("rsi_divergence", "macd_divergence"):
+        assert len(want[name]) > 5
+        assert got[name] == [(t + R + 1, s) for t, s in want[name]], name
+
+
+
+def _screen_oracle(price, max_jump):
+    """The absurd-print rule tick by tick: what the verifier takes, and where it restarts."""
+    from dynamic_core.learning.dsi.experts import DIV_RESTART_AFTER
+
+    ref, streak, taken, restarts = math.nan, 0, [], []
+    for t, p in enumerate(price.tolist()):
+        ok = math.isfinite(p) and p > 0
+        if math.isinf(p) or (ok and (p > max_jump * ref or p < ref / max_jump)):
+            if not ok or streak < DIV_RESTART_AFTER:
+                taken.append(False)
+                streak += 1
+                continue
+            restarts.append(t)
+        taken.append(True)
+        if ok:  # a NaN or non-positive print is not judged and does not end a run of absurd ones
+            ref, streak = p, 0
+    return np.array(taken), restarts
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_divergence_screen_follows_the_per_tick_rule_however_batched(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(25):
+        n = int(rng.integers(1, 900))
+        price = 100 * np.exp(np.cumsum(rng.normal(0, 0.05, n)))
+        kind = rng.integers(0, 40, n)
+        price[kind == 1] = 1e300
+        price[kind == 2] = np.inf
+        price[kind == 3] = 1e-300
+        price[kind == 4] = np.nan
+        price[kind == 5] = -1.0
+        price[: int(rng.integers(0, n + 1)) if rng.random() < 0.3 else 0] *= 1e6  # the stream moves
+        jump = float(rng.choice([1.5, 10.0, 1e3]))
+        taken, restarts = _screen_oracle(price, jump)
+        ver = DivergenceVerifier(rsi_period=3, macd_fast=2, macd_slow=4, pivot=1, warmup=0, max_jump=jump)
+        cuts = split_points(n, min(n, 6), int(rng.integers(1 << 30))) if n > 1 else ()
+        rsi = []
+        for a, b in pairwise([0, *cuts, n]):
+            ver.step(price[a:b])
+            rsi.append(ver.rsi)
+        # a print left out has no RSI; every print taken has one
+        np.testing.assert_array_equal(np.isnan(np.concatenate(rsi)), ~taken)
+        assert (ver.skipped, ver.restarts) == (int((~taken).sum()), len(restarts))
 
 
 # -- sequence classifier ---------------------------------------------------------------------

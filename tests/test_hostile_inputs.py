@@ -185,6 +185,7 @@ def test_dsi_pivot_bound_is_the_native_one(pivot, native_ok):
     {"span": math.nan}, {"span": 0.5}, {"z_volume": math.nan}, {"climax_z": math.inf},
     {"burst_share": 1.5}, {"size_edges": (5.0, 2.0, 0.5)}, {"spread_edges": (1.0, math.nan)},
     {"ngram_alpha": 0.0}, {"band": math.nan}, {"band_spreads": -1.0}, {"max_dead_letters": 10**12},
+    {"div_max_jump": 1.0}, {"div_max_jump": math.inf},
 ])
 def test_bad_dsi_parameters_are_refused_before_any_tick(kw):
     (name,) = kw
@@ -262,6 +263,17 @@ def _feed(n: int, t0: int, seed: int, instrument: int) -> np.ndarray:
     return t
 
 
+def _calls_in_last_part(name: str, parts: list[np.ndarray]) -> tuple[dict[str, int], Dsi]:
+    """A fresh Dsi fed ``parts`` in turn: the calls each expert made in the last part."""
+    d = Dsi([name])
+    for p in parts[:-1]:
+        d.update(p)
+    c0 = d.calls(name)
+    d.update(parts[-1])
+    c1 = d.calls(name)
+    return {k: c1[k] - c0[k] for k in c1}, d
+
+
 def test_anomaly_experts_call_again_soon_after_a_huge_print():
     i = dc.instruments.id("HOSTILE_SPIKE")
     warm, later = _feed(500, 0, 3, i), _feed(8000, 10_000, 4, i)
@@ -269,15 +281,8 @@ def test_anomaly_experts_call_again_soon_after_a_huge_print():
         later["price"][k:] += 0.01
     spike = _feed(1, 600, 5, i)
     spike["price"] = spike["size"] = 1e300
-    runs = {}
-    for name, parts in (("clean", [warm, later]), ("spike", [warm, spike, later])):
-        d = Dsi(["HOSTILE_SPIKE"])
-        for p in parts[:-1]:
-            d.update(p)
-        c0 = d.calls("HOSTILE_SPIKE")
-        d.update(parts[-1])
-        c1 = d.calls("HOSTILE_SPIKE")
-        runs[name] = ({k: c1[k] - c0[k] for k in c1}, d)
+    runs = {name: _calls_in_last_part("HOSTILE_SPIKE", parts)
+            for name, parts in (("clean", [warm, later]), ("spike", [warm, spike, later]))}
     clean, spiked = runs["clean"][0], runs["spike"][0]
     assert clean["volume_anomaly"] > 50 and clean["return_anomaly"] >= 3
     # the size series skipped the spike: the same size calls (the first tick's aggressor may differ)
@@ -286,6 +291,21 @@ def test_anomaly_experts_call_again_soon_after_a_huge_print():
     d = runs["spike"][1]
     assert d.anomaly_skips("HOSTILE_SPIKE") == {"size": 1, "spread": 0, "return": 1}
     assert math.isfinite(d.evidence("HOSTILE_SPIKE"))
+
+
+def test_divergence_experts_do_not_carry_a_huge_print():
+    # the RSI averages and MACD EMAs took 1e300 in and decayed over thousands of ticks (more
+    # calls than the feed without it for the whole next batch); now it is left out and counted
+    i = dc.instruments.id("HOSTILE_DIV_SPIKE")
+    warm, later = _feed(500, 0, 3, i), _feed(8000, 10_000, 4, i)
+    spike = _feed(1, 600, 5, i)
+    spike["price"] = 1e300
+    (clean, d0), (spiked, d1) = (_calls_in_last_part("HOSTILE_DIV_SPIKE", parts)
+                                 for parts in ([warm, later], [warm, spike, later]))
+    div = ("rsi_divergence", "macd_divergence")
+    assert clean["rsi_divergence"] > 50 and clean["macd_divergence"] > 50
+    assert {k: spiked[k] for k in div} == {k: clean[k] for k in div}
+    assert d1.divergence_skips("HOSTILE_DIV_SPIKE") == 1 and d0.divergence_skips("HOSTILE_DIV_SPIKE") == 0
 
 
 def test_dsi_results_without_absurd_prints_are_bit_identical_to_before():

@@ -327,6 +327,56 @@ def test_order_block_lifecycle_exact():
     assert ref["OB"][9] == 1 and ref["Top"][9] == 10.5 and ref["Bottom"][9] == 9.0
 
 
+# ---- bounded state -------------------------------------------------------------------------------
+def _trend_bars(n: int):
+    """A falling zig-zag: each swing high below the last, never revisited (no sweep ever)."""
+    for t in range(1, n + 1):
+        c = 1e6 - 0.5 * t + 5.0 * math.sin(t / 2.0)
+        yield c, c + 0.1, c - 0.1, c
+
+
+def _paired_highs(n: int, period: int = 12):
+    """A falling staircase with two swing highs per step, the second 0.01 lower: one pool of two
+    members per step (tolerance 0.02), above every later price, so never swept."""
+    for t in range(n):
+        j, k = divmod(t, period)
+        peak = 1e4 - 3.0 * (j // 2) - 0.01 * (j % 2)
+        x = peak - 10.0 * abs(k - period // 2) / (period // 2)
+        yield x, x + 0.001 * (k == period // 2), x - 0.001, x
+
+
+def _run_watched(bars, **kw):
+    det = SmcDetector(3, **kw)
+    events, most = [], 0
+    for row in bars:
+        events += det.update(*row)
+        most = max(most, *(len(h) for h in det._sweep_heap.values()))
+    return det, events, most
+
+
+def test_sweep_watch_stays_bounded_in_a_trend(monkeypatch):
+    # every swing high anchors a pool the trend never sweeps; anchors beyond the 256 newest take
+    # no member and can report nothing: their entries went unpurged (1,590 at 20,000 bars,
+    # 31,830 at 400,000)
+    det, events, most = _run_watched(_trend_bars(20_000), liquidity_tolerance=0.0)
+    assert most <= 2 * smc._MAX_SWEEP and det.pools_dropped == 0
+    monkeypatch.setattr(smc, "_MAX_SWEEP", 10**9)   # the unbounded heap: the same events
+    _, unbounded, most_unbounded = _run_watched(_trend_bars(20_000), liquidity_tolerance=0.0)
+    assert most_unbounded > 1500 and events == unbounded
+
+
+def test_sweep_watch_drops_the_farthest_live_pools_and_counts_them(monkeypatch):
+    monkeypatch.setattr(smc, "_MAX_SWEEP", 32)
+    det, events, most = _run_watched(_paired_highs(6000), liquidity_tolerance=0.02)
+    pools = {e.bar for e in _of(events, smc.LIQUIDITY) if e.direction == 1}
+    assert len(pools) > 200 and most <= 64
+    kept = sorted(p.anchor.idx for _, _, p in det._sweep_heap[1] if p.swept_at == -1)
+    # none was swept: each is still watched or counted as dropped, and the watched ones are the
+    # nearest to the price (the newest, lowest steps)
+    assert 32 <= len(kept) <= 64 and det.pools_dropped == len(pools) - len(kept)
+    assert kept == sorted(pools)[-len(kept):]
+
+
 def test_evidence_follows_the_last_break_and_decays():
     det = SmcDetector(2, evidence_half_life=4)
     vals = []

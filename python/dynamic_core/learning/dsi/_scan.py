@@ -13,7 +13,7 @@ import numpy as np
 
 from ... import _core
 
-__all__ = ["EwMoments", "check_int", "check_real", "prepend"]
+__all__ = ["EwMoments", "check_int", "check_real", "prepend", "window_sums"]
 
 
 def check_int(name: str, v: object, lo: int, hi: int) -> int:
@@ -52,6 +52,42 @@ def prepend(first, rest: np.ndarray) -> np.ndarray:
         out[0] = first
         out[1:] = rest[:-1]
     return out
+
+
+def window_sums(x: np.ndarray, w: int, first: int) -> np.ndarray:
+    """Sums of ``w`` consecutive values along the last axis of ``x`` (k, n), one per window end
+    from ``w - 1`` on: ``out[:, j] = x[:, j:j + w].sum(axis=1)`` up to rounding, (k, n - w + 1).
+
+    Column ``r`` of ``x`` is tick ``first + r`` of the stream, and the rounding depends only on
+    the ticks and their numbers, never on where a batch starts: the stream is cut into blocks of
+    ``w`` ticks at multiples of ``w`` (van Herk / Gil-Werman), and a window is the sum of the
+    block suffix it starts in (added from the right) and the block prefix it ends in (added from
+    the left). Nothing outside the window enters its sum, so one huge value cannot swamp later
+    windows (differences of one running total lose every small value added after it).
+    """
+    k, n = x.shape
+    f = first % w  # ticks of the first block before x[:, 0]
+    nb = -(-(f + n) // w)
+    pad = np.zeros((k, nb * w))
+    pad[:, f:f + n] = x
+    # (w, k, nb): position in the block, series, block. Running sums add one value at a time
+    # in order; win takes the block suffixes, then each window starting at position i > 0 adds
+    # the next block's prefix up to position i - 1.
+    cols = np.ascontiguousarray(pad.reshape(k, nb, w).transpose(2, 0, 1))
+    del pad
+    if w > k * nb:  # few blocks: numpy's accumulate along the short axis
+        win = np.cumsum(cols[::-1], axis=0)[::-1]
+        np.add(win[1:, :, :-1], np.cumsum(cols[:-1], axis=0)[:, :, 1:], out=win[1:, :, :-1])
+    else:  # the same additions, a whole contiguous row per call
+        win = np.empty_like(cols)
+        win[-1] = cols[-1]
+        for i in range(w - 2, -1, -1):
+            np.add(win[i + 1], cols[i], out=win[i])
+        pre = cols[0].copy()
+        for i in range(1, w):
+            np.add(win[i, :, :-1], pre[:, 1:], out=win[i, :, :-1])
+            np.add(pre, cols[i], out=pre)
+    return win.transpose(1, 2, 0).reshape(k, nb * w)[:, f:f + n - w + 1]
 
 
 class EwMoments:

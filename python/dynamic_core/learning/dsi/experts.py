@@ -40,7 +40,12 @@ price) over the trade prices. A pivot high at tick ``c`` is strictly above the `
 before it and at least the ``pivot`` ticks after it, known at ``c + pivot`` (a pivot low
 mirrored). A higher pivot high with a lower RSI (MACD) than the previous pivot high is a
 bearish divergence (-1); a lower pivot low with a higher RSI (MACD) a bullish one (+1). Pivots
-before ``div_warmup`` ticks are not compared.
+before ``div_warmup`` ticks are not compared. An absurd print, more than ``max_jump`` (10) times
+above or below the last positive finite price the verifier took (an infinite one included), is
+left out of its indicators and pivots (counted in ``skipped``): one print of 1e300 would
+otherwise sit in the averages for thousands of ticks. After :data:`DIV_RESTART_AFTER` (100)
+such prints in a row the stream, not the print, has moved: the indicators restart from the next
+one as on a new stream (warm-up included; counted in ``restarts``).
 
 Sequence classifier: an online n-gram model over coarse MicroTape symbols (direction x
 aggressor x large size) predicting the next tick's direction with Laplace-smoothed counts.
@@ -49,7 +54,7 @@ Every parameter is checked when an expert is built, with the bounds the native p
 (``cpp/dynamic_core/dsi.hpp``) need, so an update never fails half-way: periods fit int32
 (``MAX_PERIOD``), ``pivot <= MAX_PIVOT``, ``burst_ns <= MAX_BURST_NS`` (exact as a float64),
 ``absorb_window <= MAX_ABSORB_WINDOW``, ``ngram_order <= MAX_NGRAM_ORDER``; thresholds, shares
-and weights are finite.
+and weights are finite; ``max_jump > 1``.
 """
 
 from __future__ import annotations
@@ -60,9 +65,10 @@ from typing import NamedTuple
 import numpy as np
 
 from ... import _core
-from ._scan import EwMoments, check_int, check_real, prepend
+from ._scan import EwMoments, check_int, check_real, prepend, window_sums
 
 __all__ = [
+    "DIV_RESTART_AFTER",
     "MAX_ABSORB_WINDOW",
     "MAX_BURST_NS",
     "MAX_NGRAM_ORDER",
@@ -108,6 +114,8 @@ MAX_NGRAM_ORDER = 4
 137 KiB at order 4 (order 5 would be 2.4 MiB, 6 would be 45 MiB)."""
 MAX_NGRAM_TABLE_BYTES = 1 << 20
 """Largest n-gram count table per instrument (1 MiB), whatever the alphabet."""
+DIV_RESTART_AFTER = 100
+"""Absurd prints in a row after which the divergence verifier restarts its indicators."""
 _MAX_COUNT = 2**31 - 1
 _MAX_I64 = 2**63 - 1
 
@@ -213,7 +221,7 @@ class AbsorptionExpert:
         self.window = window
         self.share = check_real("absorb_share", share, 0.0, 1.0)
         self.volume = check_real("absorb_volume", volume, 0.0)
-        self._tail = np.zeros((window, 2))  # signed volume, volume
+        self._tail = np.zeros((2, window))  # signed volume, volume
         self._tail_price = np.full(window, np.nan)
         self.count = 0
         self.armed = False
@@ -223,24 +231,23 @@ class AbsorptionExpert:
         w = self.window
         if n == 0:
             return Calls(_EMPTY_I, np.zeros(0, np.int8))
-        x = np.empty((n + w, 2))
-        x[:w] = self._tail
-        x[w:, 0] = aggressor * size
-        x[w:, 1] = size
-        cs = np.empty((n + w + 1, 2))
-        cs[0] = 0.0
-        np.cumsum(x, axis=0, out=cs[1:])
-        win = cs[w + 1:] - cs[1:n + 1]  # sums over the last w ticks, this one included
+        x = np.empty((2, n + w))
+        x[:, :w] = self._tail
+        x[0, w:] = aggressor * size
+        x[1, w:] = size
+        # sums over the last w ticks, this one included, added the same way however the ticks
+        # are batched (x[:, 0] is tick count - w)
+        win = window_sums(x[:, 1:], w, self.count - w + 1)
         p_ext = np.concatenate((self._tail_price, price))
         before = p_ext[:n]  # the price just before the window
-        signed, vol = win[:, 0], win[:, 1]
+        signed, vol = win
         side = np.sign(signed)
         valid = (self.count + np.arange(1, n + 1)) > w
         with np.errstate(invalid="ignore"):
             cond = (valid & (signed != 0) & (np.abs(signed) >= self.share * vol)
                     & (vol >= self.volume * w * size_ref) & (side * (price - before) <= 0))
         fire = cond & ~prepend(self.armed, cond)
-        self._tail = x[-w:].copy()
+        self._tail = x[:, -w:].copy()
         self._tail_price = p_ext[-w:].copy()
         self.count += n
         self.armed = bool(cond[-1])
@@ -254,7 +261,7 @@ class DivergenceVerifier:
     names = ("rsi_divergence", "macd_divergence")
 
     def __init__(self, *, rsi_period: int = 14, macd_fast: int = 12, macd_slow: int = 26, pivot: int = 5,
-                 warmup: int | None = None) -> None:
+                 warmup: int | None = None, max_jump: float = 10.0) -> None:
         # the native pass's own check (bind_indicators.cpp, dsi_divergence), done here so an
         # update never fails after the validator and the other experts have taken the batch
         rsi_period = check_int("rsi_period", rsi_period, 1, MAX_PERIOD)
@@ -265,26 +272,128 @@ class DivergenceVerifier:
         pivot = check_int("pivot", pivot, 1, MAX_PIVOT)
         self.rsi_period, self.macd_fast, self.macd_slow, self.pivot = rsi_period, macd_fast, macd_slow, pivot
         self.warmup = check_int("div_warmup", warmup if warmup is not None else 3 * macd_slow, 0, _MAX_I64)
+        self.max_jump = check_real("div_max_jump", max_jump, 1.0, lo_open=True)
         self._params = [rsi_period, macd_fast, macd_slow, pivot, self.warmup]
         # the carried state (cpp/dynamic_core/dsi.hpp, DivSlot): last price, RSI gain and
         # loss averages, the two EMAs, ticks seen, then price, rsi, macd of the previous pivot
         # high and of the previous pivot low; and the last 2 * pivot (price, rsi, macd) rows
-        self._state = np.array([np.nan, 0.0, 0.0, 0.0, 0.0, 0.0] + [np.nan] * 6)
-        self._tail = np.full((2 * pivot, 3), np.nan)
+        self._state = np.empty(12)
+        self._tail = np.empty((2 * pivot, 3))
+        self._start()
+        self._ref = math.nan  # the last positive finite price taken: absurd prints are judged by it
+        self._streak = 0      # absurd prints left out in a row
+        self.skipped = 0
+        """Absurd prints left out of the indicators."""
+        self.restarts = 0
+        """Restarts after :data:`DIV_RESTART_AFTER` absurd prints in a row."""
         self.rsi = np.zeros(0)
-        """The RSI at each tick of the last batch."""
+        """The RSI at each tick of the last batch (NaN at a print left out)."""
         self.macd = np.zeros(0)
-        """The MACD line (EMA fast - EMA slow) at each tick of the last batch."""
+        """The MACD line (EMA fast - EMA slow) at each tick of the last batch (NaN at a print
+        left out)."""
+
+    def _start(self) -> None:
+        """The indicators of a new stream (in place: the native pass holds the arrays)."""
+        self._state[:] = [np.nan, 0.0, 0.0, 0.0, 0.0, 0.0] + [np.nan] * 6
+        self._tail[:] = np.nan
 
     @property
     def count(self) -> int:
-        """Ticks seen."""
+        """Ticks taken since the indicators (re)started."""
         return int(self._state[5])
 
     def step(self, price: np.ndarray) -> dict[str, Calls]:
-        """The calls of a batch, in one native pass (``_core.dsi_divergence``)."""
-        rsi, macd, self.rsi, self.macd = _core.dsi_divergence(price, self._params, self._state, self._tail)
-        return {"rsi_divergence": Calls(*rsi), "macd_divergence": Calls(*macd)}
+        """The calls of a batch, in one native pass (``_core.dsi_divergence``) over the prints
+        that are not absurd."""
+        price = np.ascontiguousarray(price, dtype=np.float64)
+        taken, restart_at = self._screen(price)
+        if taken is None:
+            rsi, macd, self.rsi, self.macd = _core.dsi_divergence(price, self._params, self._state, self._tail)
+            return {"rsi_divergence": Calls(*rsi), "macd_divergence": Calls(*macd)}
+        # one native pass per stretch between restarts, over the prints taken; calls and
+        # indicators mapped back to the batch's ticks
+        pos = np.flatnonzero(taken)
+        self.rsi = np.full(len(price), np.nan)
+        self.macd = np.full(len(price), np.nan)
+        rsi_calls: list[tuple[np.ndarray, np.ndarray]] = []
+        macd_calls: list[tuple[np.ndarray, np.ndarray]] = []
+        cuts = np.searchsorted(pos, restart_at).tolist()
+        for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, len(pos)])):
+            if i:  # pos[a] restarts the indicators
+                self._start()
+            seg = pos[a:b]
+            rsi, macd, r_val, m_val = _core.dsi_divergence(price[seg], self._params, self._state, self._tail)
+            self.rsi[seg], self.macd[seg] = r_val, m_val
+            rsi_calls.append((seg[rsi[0]], rsi[1]))
+            macd_calls.append((seg[macd[0]], macd[1]))
+        return {name: Calls(*map(np.concatenate, zip(*calls)))
+                for name, calls in zip(self.names, (rsi_calls, macd_calls))}
+
+    def _screen(self, price: np.ndarray) -> tuple[np.ndarray | None, list[int]]:
+        """The prints of a batch the indicators take (None: all of them) and the ticks that
+        restart them. A print is absurd when it is infinite, or positive and more than
+        ``max_jump`` times above or below the last positive finite price taken; NaN and
+        non-positive prints are not judged here (the native pass handles them as it did). An
+        infinite print never restarts the indicators."""
+        n = len(price)
+        if n == 0:
+            return None, []
+        j = self.max_jump
+        lo, hi = float(price.min()), float(price.max())
+        if not math.isnan(self._ref):
+            lo, hi = min(lo, self._ref), max(hi, self._ref)
+        if lo > 0 and math.isfinite(hi) and hi <= j * lo and lo >= hi / j:
+            # every print within max_jump of any price it could be judged by (the usual case)
+            self._ref, self._streak = float(price[-1]), 0
+            return None, []
+        good = np.isfinite(price) & (price > 0)
+        # the reference before each tick if every print is taken: the last good price before it
+        ref = np.empty(n)
+        ref[0] = self._ref
+        if good.all():
+            ref[1:] = price[:-1]
+        else:
+            last = np.where(good, np.arange(n), -1)
+            np.maximum.accumulate(last, out=last)
+            ref[1:] = np.where(last[:-1] >= 0, price[np.maximum(last[:-1], 0)], self._ref)
+        with np.errstate(over="ignore", invalid="ignore"):
+            absurd = np.isinf(price) | (good & ((price > j * ref) | (price < ref / j)))
+        flagged = np.flatnonzero(absurd)
+        if len(flagged) == 0:
+            if good.any():
+                self._ref, self._streak = float(price[np.flatnonzero(good)[-1]]), 0
+            return None, []
+        # one tick at a time from the first absurd print; once a good print is taken, the
+        # vector reference holds again up to the next flagged tick
+        taken = np.ones(n, dtype=bool)
+        restart_at: list[int] = []
+        t = int(flagged[0])
+        r = float(ref[t])
+        streak = 0 if good[:t].any() else self._streak  # NaN prints neither end nor extend it
+        while t < n:
+            p = float(price[t])
+            ok = math.isfinite(p) and p > 0
+            if math.isinf(p) or (ok and (p > j * r or p < r / j)):
+                if not ok or streak < DIV_RESTART_AFTER:
+                    taken[t] = False
+                    streak += 1
+                    self.skipped += 1
+                    t += 1
+                    continue
+                restart_at.append(t)  # the stream has moved: start over from this print
+                self.restarts += 1
+            if not ok:
+                t += 1
+                continue
+            streak = 0
+            k = int(np.searchsorted(flagged, t, side="right"))
+            if k == len(flagged):
+                r = float(price[np.flatnonzero(good)[-1]])
+                break
+            t = int(flagged[k])
+            r = float(ref[t])
+        self._ref, self._streak = r, streak
+        return taken, restart_at
 
 
 # -- sequence classifier ---------------------------------------------------------------------

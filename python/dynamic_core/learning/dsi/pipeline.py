@@ -55,7 +55,10 @@ class DsiConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     value of the wrong type, ValueError naming the field for one out of range, with the bounds
     the native passes need (:mod:`.experts`: ``pivot <= 10000``, periods within int32,
     ``absorb_window <= 10000``, ``ngram_order <= 4``, ``burst_ns <= 2**53``; every float finite;
-    ``max_dead_letters <= 10_000_000``). So a :class:`Dsi` never fails half-way through an update.
+    ``div_max_jump > 1``; ``max_dead_letters <= 10_000_000``). ``div_max_jump``: a trade price
+    more than this many times above or below the last one the divergence verifier took is an
+    absurd print it leaves out (:class:`.experts.DivergenceVerifier`; counted by
+    :meth:`Dsi.divergence_skips`). So a :class:`Dsi` never fails half-way through an update.
     """
 
     span: float = 200.0
@@ -81,6 +84,7 @@ class DsiConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     macd_slow: int = 26
     pivot: int = 5
     div_warmup: int = 78
+    div_max_jump: float = 10.0
     ngram_order: int = 3
     ngram_alpha: float = 1.0
     half_life: float = 200.0
@@ -115,7 +119,8 @@ class _Instrument:
         self.absorption = AbsorptionExpert(window=cfg.absorb_window, share=cfg.absorb_share,
                                            volume=cfg.absorb_volume)
         self.divergence = DivergenceVerifier(rsi_period=cfg.rsi_period, macd_fast=cfg.macd_fast,
-                                             macd_slow=cfg.macd_slow, pivot=cfg.pivot, warmup=cfg.div_warmup)
+                                             macd_slow=cfg.macd_slow, pivot=cfg.pivot, warmup=cfg.div_warmup,
+                                             max_jump=cfg.div_max_jump)
         self.ngram = NGramClassifier(order=cfg.ngram_order, alpha=cfg.ngram_alpha)
         self.fused: FusionState = fusion.new_state()
 
@@ -292,6 +297,13 @@ class Dsi:
         if st is None:
             return dict.fromkeys(AnomalyScorer.series, 0)
         return st.anomaly.skipped
+
+    def divergence_skips(self, instrument: str | int) -> int:
+        """Absurd prints of ``instrument`` left out of the divergence experts' indicators (a
+        price more than ``div_max_jump`` times above or below the last one they took; see
+        :class:`~dynamic_core.learning.dsi.experts.DivergenceVerifier`)."""
+        st = self._slot(instrument)
+        return 0 if st is None else st.divergence.skipped
 
     @property
     def rejects(self) -> dict[str, int]:

@@ -126,6 +126,13 @@ KINDS: tuple[str, ...] = (SWING, BOS, CHOCH, FVG, FVG_MITIGATED, LIQUIDITY, LIQU
 # the reference keeps all of them, which only matters after this many untouched levels.
 _MAX_OPEN = 256
 _MAX_RECORDS = 4096
+# Unswept liquidity pools watched for their sweep, per side. An anchor that left ``_anchors``
+# alone (no second member) or was superseded can report nothing more, and its heap entry is
+# purged once a side holds 2 * _MAX_SWEEP entries (so the purge costs O(1) per push, amortised);
+# pools that still could report a sweep beyond _MAX_SWEEP go farthest from the price first
+# (``SmcDetector.pools_dropped``). In a trend the price never comes back to sweep old anchors:
+# without this the heap grew by one entry per swing for ever.
+_MAX_SWEEP = 2 * _MAX_OPEN
 
 
 class SmcEvent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -261,6 +268,13 @@ class SmcDetector:
         See ``liquidity_tolerance`` (the reference's ``range_percent``, 0.01).
     evidence_half_life : float, optional
         Bars over which :meth:`evidence` halves; ``swing_length`` when omitted.
+
+    Attributes
+    ----------
+    pools_dropped : int
+        Liquidity pools of two or more members no longer watched for their sweep because more
+        than 512 per side were waiting (the farthest from the price went first): their sweep is
+        never reported. Zero unless a stream leaves that many reported pools unswept.
     """
 
     def __init__(self, swing_length: int = 50, *, close_break: bool = True,
@@ -307,6 +321,7 @@ class SmcDetector:
         # liquidity: anchors still able to take members, and unswept anchors by sweep threshold
         self._anchors: list[_Pool] = []
         self._sweep_heap: dict[int, list[tuple[float, int, _Pool]]] = {1: [], -1: []}
+        self.pools_dropped = 0
         self._trend = 0
         self._trend_at = -1
 
@@ -631,7 +646,7 @@ class SmcDetector:
                 break
         self._anchors.append(pool)
         if pool.swept_at < 0:
-            heapq.heappush(self._sweep_heap[s.typ], (s.typ * pool.threshold, s.idx, pool))
+            self._watch_sweep(pool)
         if len(self._anchors) > _MAX_OPEN:
             # anchors swept more than L bars ago can take no member any more
             t = self._t
@@ -656,7 +671,29 @@ class SmcDetector:
                 break
         self._anchors.append(pool)
         if pool.swept_at < 0:
-            heapq.heappush(self._sweep_heap[a.typ], (a.typ * thr, a.idx, pool))
+            self._watch_sweep(pool)
+
+    def _watch_sweep(self, pool: _Pool) -> None:
+        heap = self._sweep_heap[pool.typ]
+        heapq.heappush(heap, (pool.typ * pool.threshold, pool.anchor.idx, pool))
+        if len(heap) <= 2 * _MAX_SWEEP:
+            return
+        # Keep what a sweep can still report: an unswept pool that is still an anchor (it may
+        # get members) or has members already. (The bar keys are distinct: tuples never compare
+        # pools.)
+        anchors = set(self._anchors)
+        live = [e for e in heap if e[2].swept_at == -1 and (len(e[2].members) > 1 or e[2] in anchors)]
+        if len(live) > _MAX_SWEEP:
+            live.sort()   # nearest threshold first, and a sorted list is a heap
+            for _, _, p in live[_MAX_SWEEP:]:
+                p.swept_at = -3   # not watched any more: like a swept pool, it takes no member
+                if p in anchors:
+                    self._anchors.remove(p)
+                self.pools_dropped += 1
+            del live[_MAX_SWEEP:]
+        else:
+            heapq.heapify(live)
+        heap[:] = live
 
     def _emit_pool(self, pool: _Pool, events: list[SmcEvent]) -> None:
         lv = sum(m.level for m in pool.members) / len(pool.members)
