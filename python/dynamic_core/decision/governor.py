@@ -134,6 +134,7 @@ class RiskGovernor:
         self._open_n = 0
         self._agg_key: tuple | None = None
         self._agg: tuple[float, dict[str, float], dict[str, float]] = (0.0, {}, {})
+        self._inst_cache: dict[str, tuple[InstrumentSpec, tuple[tuple[str, float, str, str], ...], str]] = {}
 
     # ---- state fed by the trader ---------------------------------------------------------------
 
@@ -248,126 +249,171 @@ class RiskGovernor:
         self._open_of, self._open_key, self._open_n = portfolio, key, n
         return n
 
-    def _reject(self, plan: TradingPlan, reasons: list[str], detail: dict[str, float], code: str, limit: float,
-                value: float) -> PlanDecision:
+    def _reject(self, plan: TradingPlan, code: str, limit: float, value: float) -> PlanDecision:
         # the common path (one reason, nothing resized): built directly
         keys = _KEYS.get(code)
         if keys is None:
-            keys = _KEYS[code] = (code + ".limit", code + ".value")
+            keys = _KEYS[code] = (code + ".limit", code + ".value", (code,))
         self.counts["REJECTED"] += 1
-        self.reasons[code] = self.reasons.get(code, 0) + 1
-        return PlanDecision(plan_id=plan.plan_id, verdict="REJECTED", reasons=(*reasons, code),
-                            detail={**detail, keys[0]: float(limit), keys[1]: float(value)},
+        reasons = self.reasons
+        reasons[code] = reasons.get(code, 0) + 1
+        return PlanDecision(plan_id=plan.plan_id, verdict="REJECTED", reasons=keys[2],
+                            detail={keys[0]: float(limit), keys[1]: float(value)},
                             original_size=plan.size, plan=plan, ts=plan.ts)
+
+    def _instrument(self, name: str, account: str) -> tuple[InstrumentSpec, tuple[tuple[str, float, str, str], ...], str]:
+        """(spec, currency legs, account) of an instrument, cached: the legs are (code, sign,
+        limit key, value key) of each currency the currency limit counts for it (the base +1,
+        then the quote -1; neither the account's nor the instrument's own name)."""
+        got = self._inst_cache.get(name)
+        if got is not None and got[2] == account:
+            return got
+        sp = self._spec(name)
+        legs = tuple((code, sign, f"resized_currency.{code}.limit", f"resized_currency.{code}.value")
+                     for code, sign in ((sp.base, 1.0), (sp.quote, -1.0))
+                     if code and code != account and code != sp.name)
+        got = self._inst_cache[name] = (sp, legs, account)
+        return got
 
     def evaluate(self, plan: TradingPlan, portfolio: Portfolio, *, providers_agreeing: int | None = None) -> PlanDecision:
         """The verdict on ``plan`` given ``portfolio``; counted in :attr:`counts` and :attr:`reasons`."""
         lim = self.limits
-        reasons: list[str] = []
-        detail: dict[str, float] = {}
         eq = portfolio.equity
         if self.halted:
             dd = (self.peak - eq) / self.peak * 100.0 if self.peak > 0 else 0.0
-            return self._reject(plan, reasons, detail, "halted_drawdown", lim.max_drawdown_pct, dd)
-        if lim.daily_loss_pct > 0.0 and self.day == plan.ts // DAY_NS and self.day_open > 0.0:
+            return self._reject(plan, "halted_drawdown", lim.max_drawdown_pct, dd)
+        ts = plan.ts
+        if lim.daily_loss_pct > 0.0 and self.day == ts // DAY_NS and self.day_open > 0.0:
             loss = (self.day_open - eq) / self.day_open * 100.0
             if loss >= lim.daily_loss_pct:
-                return self._reject(plan, reasons, detail, "daily_loss_limit", lim.daily_loss_pct, loss)
-        if plan.ts < self.cooldown_until:
-            return self._reject(plan, reasons, detail, "cooldown", float(self.cooldown_until), float(plan.ts))
+                return self._reject(plan, "daily_loss_limit", lim.daily_loss_pct, loss)
+        if ts < self.cooldown_until:
+            return self._reject(plan, "cooldown", float(self.cooldown_until), float(ts))
         # `not >=`: a NaN signal value fails the guardrail rather than passing every comparison
         if not plan.confidence >= lim.min_confidence:
-            return self._reject(plan, reasons, detail, "min_confidence", lim.min_confidence, plan.confidence)
+            return self._reject(plan, "min_confidence", lim.min_confidence, plan.confidence)
         if not plan.agreement >= lim.min_agreement:
-            return self._reject(plan, reasons, detail, "min_agreement", lim.min_agreement, plan.agreement)
-        agreeing = plan.providers_agreeing if providers_agreeing is None else providers_agreeing
-        if lim.min_providers_agree and agreeing < lim.min_providers_agree:
-            return self._reject(plan, reasons, detail, "min_providers_agree", lim.min_providers_agree, agreeing)
+            return self._reject(plan, "min_agreement", lim.min_agreement, plan.agreement)
+        if lim.min_providers_agree:
+            agreeing = plan.providers_agreeing if providers_agreeing is None else providers_agreeing
+            if agreeing < lim.min_providers_agree:
+                return self._reject(plan, "min_providers_agree", lim.min_providers_agree, agreeing)
         if lim.min_dsi_validation > -1.0 and "dsi" in plan.evidence:
             v = plan.evidence["dsi"]
             if not v >= lim.min_dsi_validation:
-                return self._reject(plan, reasons, detail, "dsi_disagrees", lim.min_dsi_validation, v)
+                return self._reject(plan, "dsi_disagrees", lim.min_dsi_validation, v)
         if plan.valid_until < self.now:
-            return self._reject(plan, reasons, detail, "expired", float(plan.valid_until), float(self.now))
+            return self._reject(plan, "expired", float(plan.valid_until), float(self.now))
 
-        positions = portfolio.positions
-        held = positions.get(plan.instrument, 0.0)
+        name = plan.instrument
+        held = portfolio.positions.get(name, 0.0)
         d = plan.direction
         if held * d > 0.0 and not lim.allow_pyramiding:
-            return self._reject(plan, reasons, detail, "position_open", 0.0, held)
+            return self._reject(plan, "position_open", 0.0, held)
         if lim.max_open_positions and held == 0.0:
             n_open = self._n_open(portfolio)
             if n_open + 1 > lim.max_open_positions:
-                return self._reject(plan, reasons, detail, "max_open_positions", lim.max_open_positions, n_open + 1)
+                return self._reject(plan, "max_open_positions", lim.max_open_positions, n_open + 1)
 
         if not (eq > 0.0 and eq < math.inf):  # every limit is a multiple of equity: none can hold
-            return self._reject(plan, reasons, detail, "no_equity", 0.0, eq)
-        sp = self._spec(plan.instrument)
+            return self._reject(plan, "no_equity", 0.0, eq)
+        account = lim.account
+        inst = self._inst_cache.get(name)
+        if inst is None or inst[2] != account:
+            inst = self._instrument(name, account)
+        sp = inst[0]
         prices = portfolio.prices
         try:
-            per_lot = self._notional_per_lot(sp, prices.get(plan.instrument, plan.entry), prices)
-            gross_all, ccy_all, per_inst = self._aggregates(portfolio)
+            # the notional of one lot (_notional_per_lot, inline)
+            price = prices.get(name, plan.entry)
+            if not price > 0.0:  # unknown (0.0) or bad: exposure cannot be valued
+                raise KeyError(name)
+            # (quote_to_account is exactly 1.0 for an instrument quoted in the account currency)
+            per_lot = sp.contract_size * price * (1.0 if sp.quote == account
+                                                  else quote_to_account(sp, price, account, prices))
+            if self._agg_of is portfolio and self._agg_key == (portfolio.version, eq):
+                gross_all, ccy_all, per_inst = self._agg
+            else:
+                gross_all, ccy_all, per_inst = self._aggregates(portfolio)
         except (KeyError, ZeroDivisionError):
-            return self._reject(plan, reasons, detail, "no_conversion", 0.0, 0.0)
+            return self._reject(plan, "no_conversion", 0.0, 0.0)
         if not (per_lot > 0.0 and per_lot < math.inf):  # a lot valued at nothing (or at inf) fits any limit
-            return self._reject(plan, reasons, detail, "no_conversion", 0.0, per_lot)
+            return self._reject(plan, "no_conversion", 0.0, per_lot)
+        reasons: list[str] = []
+        detail: dict[str, float] = {}
         size = plan.size
         cap = math.inf
         # the position after the fill: what is held plus the plan (an opposite plan nets)
         after = abs(held + d * size)
+        hd = held * d
+        # (min(a, b) and max(a, b) below are written out as the builtins decide: the first
+        # argument unless the second is strictly smaller / larger)
         if lim.max_instrument_leverage:
-            c = lim.max_instrument_leverage * eq / per_lot - held * d  # |held + d*x| <= room
+            c = lim.max_instrument_leverage * eq / per_lot - hd  # |held + d*x| <= room
             if c < size:
                 reasons.append("resized_instrument")
                 detail["resized_instrument.limit"] = lim.max_instrument_leverage
                 detail["resized_instrument.value"] = after * per_lot / eq
                 cap = c
-        own = per_inst.get(plan.instrument, 0.0)
+        own = per_inst.get(name, 0.0)
         if lim.max_leverage:
             gross = gross_all - abs(own)  # the other positions
             # room for this position: the limit's, or what it holds now when that is more (a
             # plan that does not raise the gross is never refused for it)
-            room = max((lim.max_leverage * eq - gross) / per_lot, abs(held))
-            c = room - held * d
+            room = (lim.max_leverage * eq - gross) / per_lot
+            a_held = abs(held)
+            if a_held > room:  # noqa: PLR1730 (max(), without the call)
+                room = a_held
+            c = room - hd
             if c < size:
                 reasons.append("resized_leverage")
                 detail["resized_leverage.limit"] = lim.max_leverage
                 detail["resized_leverage.value"] = (gross + after * per_lot) / eq
-                cap = min(cap, c)
+                if c < cap:  # noqa: PLR1730
+                    cap = c
         if lim.max_currency_leverage:
-            limit = lim.max_currency_leverage * eq
-            for code, sign in ((sp.base, 1.0), (sp.quote, -1.0)):
-                if not code or code == lim.account or code == sp.name:
-                    continue
-                other = ccy_all.get(code, 0.0) - sign * own  # without this instrument's position
-                # net exposure to `code` after the fill: other + sign * per_lot * (held + d*x);
-                # the largest x >= 0 in the plan's direction that keeps |...| <= limit
-                k = sign * d * per_lot
-                base = other + sign * per_lot * held
-                x = (limit - base) / k if k > 0 else (-limit - base) / k
-                if x < size:
-                    reasons.append("resized_currency")
-                    detail[f"resized_currency.{code}.limit"] = lim.max_currency_leverage
-                    detail[f"resized_currency.{code}.value"] = abs(base + k * size) / eq
-                    cap = min(cap, x)
+            legs = inst[1]
+            if legs:
+                limit = lim.max_currency_leverage * eq
+                for code, sign, k_limit, k_value in legs:
+                    other = ccy_all.get(code, 0.0) - sign * own  # without this instrument's position
+                    # net exposure to `code` after the fill: other + sign * per_lot * (held + d*x);
+                    # the largest x >= 0 in the plan's direction that keeps |...| <= limit
+                    k = sign * d * per_lot
+                    base = other + sign * per_lot * held
+                    x = (limit - base) / k if k > 0 else (-limit - base) / k
+                    if x < size:
+                        reasons.append("resized_currency")
+                        detail[k_limit] = lim.max_currency_leverage
+                        detail[k_value] = abs(base + k * size) / eq
+                        if x < cap:  # noqa: PLR1730
+                            cap = x
+        counts, seen = self.counts, self.reasons
         if cap < size:
-            new = sp.round_lots(max(cap, 0.0))
+            floor = 0.0 if 0.0 > cap else cap  # noqa: FURB136 (max(cap, 0.0))
+            new = sp.round_lots(floor) if floor > 0.0 else 0.0  # (what round_lots gives for <= 0)
             if new <= 0.0:
                 reasons.append("below_min_lot")
                 detail["below_min_lot.limit"] = sp.min_lot
-                detail["below_min_lot.value"] = max(cap, 0.0)
-                return self._decide("REJECTED", plan, plan, reasons, detail)
-            resized = msgspec.structs.replace(plan, size=new, risk_amount=plan.risk_amount * new / plan.size)
-            return self._decide("MODIFIED", plan, resized, reasons, detail)
-        return self._decide("APPROVED", plan, plan, reasons, detail)
-
-    def _decide(self, verdict: str, original: TradingPlan, plan: TradingPlan, reasons: list[str],
-                detail: dict[str, float]) -> PlanDecision:
-        self.counts[verdict] += 1
+                detail["below_min_lot.value"] = floor
+                verdict, out = "REJECTED", plan
+            else:
+                verdict, out = "MODIFIED", _replace(plan, size=new, risk_amount=plan.risk_amount * new / size)
+        else:
+            verdict, out = "APPROVED", plan
+        counts[verdict] += 1
         for r in reasons:
-            self.reasons[r] = self.reasons.get(r, 0) + 1
-        return PlanDecision(plan_id=original.plan_id, verdict=verdict, reasons=tuple(reasons), detail=detail,
-                            original_size=original.size, plan=plan, ts=original.ts)
+            seen[r] = seen.get(r, 0) + 1
+        # one tuple per combination of reasons, shared by the verdicts that give it (every verdict
+        # is kept: a tuple each adds up)
+        got = tuple(reasons)
+        shared = _REASONS.get(got)
+        if shared is None:
+            shared = got
+            if len(_REASONS) < 4096:
+                _REASONS[got] = got
+        return PlanDecision(plan_id=plan.plan_id, verdict=verdict, reasons=shared, detail=detail,
+                            original_size=size, plan=out, ts=ts)
 
     def stats(self) -> dict[str, Any]:
         return {"decisions": dict(self.counts), "reasons": dict(sorted(self.reasons.items())),
@@ -375,7 +421,9 @@ class RiskGovernor:
                 "cooldown_until": self.cooldown_until}
 
 
-_KEYS: dict[str, tuple[str, str]] = {}
+_KEYS: dict[str, tuple[str, str, tuple[str]]] = {}
+_REASONS: dict[tuple[str, ...], tuple[str, ...]] = {}
+_replace = msgspec.structs.replace
 
 
 def _add_ccy(acc: dict[str, float], sp: InstrumentSpec, notional: float) -> None:

@@ -41,8 +41,7 @@ from .governor import Portfolio, RiskGovernor, RiskLimits
 from .plans import (
     AtrTracker,
     PlanConfig,
-    assemble_plan,
-    signal_id_for,
+    _new_plan,
     size_batch,
     target_batch,
     valid_until_fits,
@@ -230,7 +229,7 @@ class DecisionMaker:
         self._rationale = rationale
         self._enc = msgspec.msgpack.Encoder()
         self._spec_cache: dict[str, InstrumentSpec] = {}
-        self._spec_rows: dict[str, tuple] = {}
+        self._tab: tuple | None = None  # _spec_table's cache
         self._agent_index: dict[tuple[int, int], np.ndarray] | None = None
         self._index_of: int | None = None
         self.no_plan = 0
@@ -310,14 +309,31 @@ class DecisionMaker:
             self._index_of = len(agents)
         return self._agent_index
 
-    def _spec_row(self, name: str) -> tuple:
-        """(spec, contract, lot step, 1/step or 0, min lot, max lot) of an instrument, cached."""
-        row = self._spec_rows.get(name)
-        if row is None:
-            sp = self._spec(name)
-            row = self._spec_rows[name] = (sp, sp.contract_size, sp.lot_step, float(_inverse_step(sp.lot_step)),
-                                           sp.min_lot, sp.max_lot)
-        return row
+    def _spec_table(self, inst: np.ndarray, names: list[str], account: str) -> tuple[list, np.ndarray, np.ndarray]:
+        """Per instrument id, cached: the row list (name, name encoded, spec, id), the sizing columns
+        (contract, lot step, 1/step or 0, min lot, max lot) and whether the quote currency is
+        not the account's (a conversion is needed). Rows are filled for the ids in ``inst``."""
+        tab = self._tab
+        if tab is None or tab[0] is not names or tab[1] != account:
+            tab = self._tab = (names, account, [], np.zeros((0, 5)), np.zeros(0, dtype=bool), np.zeros(0, dtype=bool))
+        _, _, rows, cols, conv, have = tab
+        n = len(names)
+        if len(rows) < n:  # instruments registered since: room for them
+            rows.extend([None] * (n - len(rows)))
+            cols = np.concatenate([cols, np.zeros((n - len(cols), 5))])
+            conv = np.concatenate([conv, np.zeros(n - len(conv), dtype=bool)])
+            have = np.concatenate([have, np.zeros(n - len(have), dtype=bool)])
+            tab = self._tab = (names, account, rows, cols, conv, have)
+        known = have[inst]
+        if not known.all():
+            for i in sorted(set(inst[~known].tolist())):
+                name = names[i]
+                sp = self._spec(name)
+                rows[i] = (name, name.encode(), sp, i)
+                cols[i] = (sp.contract_size, sp.lot_step, float(_inverse_step(sp.lot_step)), sp.min_lot, sp.max_lot)
+                conv[i] = sp.quote != account
+                have[i] = True
+        return rows, cols, conv
 
     def on_signals(self, signals: np.ndarray, agents: np.ndarray | Callable[[], np.ndarray] | None = None) -> list[PlanDecision]:
         """Plan, judge and (when approved) trade each signal, in order. ``agents`` (the
@@ -336,91 +352,135 @@ class DecisionMaker:
         want = np.abs(act_all) >= cfg.min_action
         if cfg.min_score > 0.0:
             want |= np.abs(signals["score"]) >= cfg.min_score
-        rows = np.flatnonzero(want)
-        if len(rows) == 0:
-            return out
-        sel = signals[rows]
+        if want.all():  # (only read: no copy needed)
+            sel = signals
+        else:
+            rows = np.flatnonzero(want)
+            if len(rows) == 0:
+                return out
+            sel = signals[rows]
         names = instruments._names  # read only: names() copies the list
-        inst_l = sel["instrument"].tolist()
+        inst_a = sel["instrument"]
+        inst_l = inst_a.tolist()
         if max(inst_l) >= len(names):  # before anything changes
-            known = sel["instrument"] < len(names)
+            known = inst_a < len(names)
             n_bad = len(inst_l) - int(np.count_nonzero(known))
             self.skipped_signals["unknown_instrument"] = self.skipped_signals.get("unknown_instrument", 0) + n_bad
             sel = sel[known]
             if len(sel) == 0:
                 return out
-            inst_l = sel["instrument"].tolist()
+            inst_a = sel["instrument"]
+            inst_l = inst_a.tolist()
         act = sel["action"]
-        direction = np.where(np.abs(act) >= cfg.min_action, np.sign(act), np.sign(sel["score"])).astype(np.int64)
+        if cfg.min_score > 0.0:
+            direction = np.where(np.abs(act) >= cfg.min_action, np.sign(act), np.sign(sel["score"])).astype(np.int64)
+        else:  # every signal taken is actionable by its action
+            direction = np.sign(act).astype(np.int64)
         tf_l = sel["timeframe"].tolist()
         atr_state = self.atr._state
         nan = math.nan
         st = [atr_state.get(k) for k in zip(inst_l, tf_l)]
         entry = np.array([x[0] if x is not None else nan for x in st])
         atr = np.array([x[3] if x is not None else nan for x in st])
-        spec_rows = [self._spec_row(names[i]) for i in inst_l]
+        entry_l = entry.tolist()
         account = cfg.account
-        conv = np.empty(len(sel))
-        for j, (r, e) in enumerate(zip(spec_rows, entry.tolist())):
-            sp = r[0]
-            if sp.quote == account:
-                conv[j] = 1.0
-            else:
-                try:
-                    conv[j] = quote_to_account(sp, e, account, self.prices)
-                except (KeyError, ZeroDivisionError):
-                    conv[j] = nan
-        cols = np.array([r[1:] for r in spec_rows], dtype=np.float64)
+        spec_rows, spec_cols, needs_conv = self._spec_table(inst_a, names, account)
+        srows = [spec_rows[i] for i in inst_l]
+        conv = np.ones(len(sel))
+        for j in np.flatnonzero(needs_conv[inst_a]).tolist():
+            try:
+                conv[j] = quote_to_account(srows[j][2], entry_l[j], account, self.prices)
+            except (KeyError, ZeroDivisionError):
+                conv[j] = nan
+        cols = spec_cols[inst_a]
         # the account as of this call; only this call's own orders change it until the next bar
         equity = float(self.trader.equity)
         dist, stop, size, rpl, ok = size_batch(cfg, entry, atr, direction, cols[:, 0], conv, cols[:, 1], cols[:, 2],
                                                cols[:, 3], cols[:, 4], equity)
-        # valid_until = ts + valid_bars * timeframe s must stay an int64 time (valid_until_fits)
         ts_a = sel["ts"]
         # valid_until = ts + valid_bars * timeframe s must stay an int64 time (valid_until_fits);
         # checked row by row only when the batch's extremes do not fit
         if not valid_until_fits(cfg, int(ts_a.max()), max(tf_l)):
             ok &= np.array([valid_until_fits(cfg, t, f) for t, f in zip(ts_a.tolist(), tf_l)], dtype=bool)
         targets = target_batch(cfg, entry, direction, dist)
-        self._pf = Portfolio(equity=equity, positions=self._positions(), prices=self.prices)
+        pf = self._pf = Portfolio(equity=equity, positions=self._positions(), prices=self.prices)
         snapshot: np.ndarray | None = None
-        fields = zip(ok.tolist(), direction.tolist(), act.tolist(), sel["score"].tolist(), inst_l, tf_l,
-                     ts_a.tolist(), sel["seq"].tolist(), sel["population_hash"].tolist(),
+        # the signal ids (signal_id_for): when one population made the whole batch (the usual
+        # case), its hash's prefix is formatted once
+        ph_a, seq_l = sel["population_hash"], sel["seq"].tolist()
+        ph0 = int(ph_a[0])
+        if (ph_a == ph0).all():
+            pre0 = f"{ph0:016x}:"
+            sids = [pre0 + str(q) for q in seq_l]
+        else:
+            sids = [f"{p:016x}:{q}" for p, q in zip(ph_a.tolist(), seq_l)]
+        # the start of each plan id's hash input (plan_id_for): the signal id and the instrument
+        id_pre = [sid.encode() + r[1] for sid, r in zip(sids, srows)]
+        # valid_until = ts + valid_bars * timeframe s; a batch of one bar time and timeframe (the
+        # usual case) shares the three ints
+        valid_ns = cfg.valid_bars * 1_000_000_000
+        ts_l = ts_a.tolist()
+        ts0, tf0 = ts_l[0], tf_l[0]
+        if (ts_a == ts0).all() and tf_l.count(tf0) == len(tf_l):
+            n = len(ts_l)
+            ts_l, tf_l, vu_l = [ts0] * n, [tf0] * n, [ts0 + valid_ns * tf0] * n
+        else:
+            vu_l = [t + valid_ns * f for t, f in zip(ts_l, tf_l)]
+        fields = zip(ok.tolist(), direction.tolist(), act.tolist(), sel["score"].tolist(), tf_l,
+                     ts_l, vu_l, seq_l, sids, id_pre,
                      sel["confidence"].tolist(), sel["agreement"].tolist(), sel["dispersion"].tolist(),
-                     sel["n_agents"].tolist(), entry.tolist(), atr.tolist(), dist.tolist(), stop.tolist(),
-                     size.tolist(), rpl.tolist(), spec_rows, sel["dsi"].tolist(),
+                     sel["n_agents"].astype(np.float64).tolist(), entry_l, atr.tolist(), stop.tolist(),
+                     size.tolist(), rpl.tolist(), srows, sel["dsi"].tolist(),
                      ((sel["flags"] & SIGNAL_DSI) != 0).tolist(), targets)
+        risk = cfg.risk_pct
+        contrib_k = self.n_contributors if agents is not None else 0
+        rationale, dsi_src = self._rationale, self.dsi
+        evaluate = self.governor.evaluate
+        decisions = self.decisions
+        keep, push, trim_at = decisions.append, out.append, self._decisions_at
+        journal = self._journal
+        encode = self._enc.encode
+        new_plan, isnan = _new_plan, math.isnan
         try:
-            for (good, d, a, score, inst, tf, ts, seq, ph, conf, agr, disp, n_ag, e, at, ds, sp_stop, sz, rp,
+            for (good, d, a, score, tf, ts, vu, seq, sid, pre, conf, agr, disp, n_ag, e, at, sp_stop, sz, rp,
                  srow, sig_dsi, sig_has_dsi, tgs) in fields:
                 if not good:
                     self.no_plan += 1
                     continue
-                if math.isnan(sz):  # NaN: a lot step that is not 1/n, rounded the scalar way
-                    sz = srow[0].round_lots(equity * cfg.risk_pct / 100.0 / rp)
+                if isnan(sz):  # NaN: a lot step that is not 1/n, rounded the scalar way
+                    sz = srow[2].round_lots(equity * risk / 100.0 / rp)
                     if sz <= 0.0:
                         self.no_plan += 1
                         continue
                 contributors: tuple[int, ...] = ()
-                if agents is not None and self.n_contributors:
+                if contrib_k:
                     if snapshot is None:
                         snapshot = agents() if callable(agents) else agents
-                    contributors = top_contributors(snapshot, inst, tf, d, self.n_contributors,
-                                                    self._index(snapshot))
+                    contributors = top_contributors(snapshot, srow[3], tf, d, contrib_k, self._index(snapshot))
                 text, provider, agreeing = "", "", 0
-                if self._rationale is not None:
-                    got = self._rationale(signal_id_for(ph, seq))
+                if rationale is not None:
+                    got = rationale(sid)
                     if got is not None:
                         text, provider, agreeing = got
-                extra = None
-                if self.dsi is not None:
-                    ev = float(self.dsi.evidence(names[inst]))
-                    extra = {"dsi": d * (ev if math.isfinite(ev) else 0.0)}
+                evidence = {"dispersion": disp, "n_agents": n_ag, "atr": at}
+                if dsi_src is not None:
+                    ev = float(dsi_src.evidence(srow[0]))
+                    evidence["dsi"] = d * (ev if math.isfinite(ev) else 0.0)
                 elif sig_has_dsi:
-                    extra = {"dsi": d * sig_dsi}
-                plan = assemble_plan(cfg, names[inst], tf, ts, seq, ph, d, a, score, conf, agr, disp, n_ag, e, at,
-                                     ds, sp_stop, sz, rp, contributors, text, provider, agreeing, extra, tgs)
-                out.append(self.decide(plan))
+                    evidence["dsi"] = d * sig_dsi
+                plan = new_plan(sid, pre, srow[0], tf, ts, seq, d, a, e, sp_stop, tgs, sz, sz * rp,
+                                vu, score, conf, agr, at, contributors, evidence, text, provider,
+                                agreeing)
+                # judged, kept, journaled and placed (decide(), inline)
+                v = evaluate(plan, pf)
+                keep(v)
+                if len(decisions) > trim_at:
+                    self._trim_decisions()
+                if journal is not None:
+                    journal(encode(v))
+                if v.verdict != "REJECTED":
+                    self._place(v.plan, pf)
+                push(v)
         finally:
             self._pf = None
         return out
@@ -437,20 +497,24 @@ class DecisionMaker:
         if self._journal is not None:
             self._journal(self._enc.encode(d))
         if d.verdict != "REJECTED":
-            p = d.plan
-            self.plans[p.plan_id] = p
-            res = self.trader.submit_plan(p)
-            if len(self.plans) > self._plans_at:  # after the submission: this plan's order is live
-                self._trim_plans()
-            status = getattr(res, "status", "accepted")
-            if self._pf is not None and status in ("accepted", "filled"):
-                name, x = p.instrument, p.direction * p.size
-                both = self._both[name] = self._both.get(name, 0.0) + x
-                filled = self._filled.get(name, 0.0)
-                if status == "filled":
-                    filled = self._filled[name] = filled + x
-                self.governor.set_position(pf, name, _worse(filled, both))
+            self._place(d.plan, pf)
         return d
+
+    def _place(self, p: TradingPlan, pf: Portfolio) -> None:
+        """Hand an approved plan to the trader; within :meth:`on_signals`, the governor's view of
+        the positions takes the order in (:meth:`_positions`)."""
+        self.plans[p.plan_id] = p
+        res = self.trader.submit_plan(p)
+        if len(self.plans) > self._plans_at:  # after the submission: this plan's order is live
+            self._trim_plans()
+        status = getattr(res, "status", "accepted")
+        if self._pf is not None and status in ("accepted", "filled"):
+            name, x = p.instrument, p.direction * p.size
+            both = self._both[name] = self._both.get(name, 0.0) + x
+            filled = self._filled.get(name, 0.0)
+            if status == "filled":
+                filled = self._filled[name] = filled + x
+            self.governor.set_position(pf, name, _worse(filled, both))
 
     def _positions(self) -> dict[str, float]:
         """The positions the governor judges by: per instrument, the larger of the filled net

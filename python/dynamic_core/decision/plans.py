@@ -94,14 +94,16 @@ def signal_id_for(population_hash: int, seq: int) -> str:
 
 
 _ID_PACK = struct.Struct("<qIQbdddd")
+_pack_id = _ID_PACK.pack
+_blake2b = hashlib.blake2b
 
 
 def plan_id_for(signal_id: str, instrument: str, timeframe: int, ts: int, seq: int, direction: int,
                 entry: float, stop: float, size: float, target: float) -> str:
     """A 16-hex-digit id: BLAKE2b over the signal's provenance and the plan's terms."""
-    return hashlib.blake2b(b"".join((signal_id.encode(), instrument.encode(),
-                                     _ID_PACK.pack(ts, timeframe, seq, direction, entry, stop, size, target))),
-                           digest_size=8).hexdigest()
+    return _blake2b(b"".join((signal_id.encode(), instrument.encode(),
+                              _pack_id(ts, timeframe, seq, direction, entry, stop, size, target))),
+                    digest_size=8).hexdigest()
 
 
 class AtrTracker:
@@ -263,16 +265,39 @@ def assemble_plan(cfg: PlanConfig, instrument: str, timeframe: int, ts: int, seq
     if targets is None:
         # a short's far targets can fall below zero: those are dropped (no price gets there)
         targets = tuple([t for t in [entry + direction * r * dist for r in cfg.targets_r] if t > 0.0])
+    evidence = {"dispersion": dispersion, "n_agents": float(n_agents), "atr": atr}
+    if extra:
+        evidence.update(extra)
     signal_id = f"{pop_hash:016x}:{seq}"
-    pid = plan_id_for(signal_id, instrument, timeframe, ts, seq, direction, entry, stop, size,
-                      targets[0] if targets else 0.0)
-    return TradingPlan(
-        plan_id=pid, signal_id=signal_id, instrument=instrument, timeframe=timeframe, ts=ts, seq=seq,
-        direction=direction, action=action, entry=entry, stop=stop, targets=targets, size=size,
-        risk_amount=size * risk_per_lot, valid_until=ts + cfg.valid_bars * timeframe * 1_000_000_000,
-        score=score, confidence=confidence, agreement=agreement, atr=atr, contributors=contributors,
-        evidence={"dispersion": dispersion, "n_agents": float(n_agents), "atr": atr, **(extra or {})},
-        rationale=rationale, rationale_provider=rationale_provider, providers_agreeing=providers_agreeing)
+    return _new_plan(signal_id, signal_id.encode() + instrument.encode(), instrument, timeframe, ts, seq, direction,
+                     action, entry, stop, targets, size, size * risk_per_lot,
+                     ts + cfg.valid_bars * timeframe * 1_000_000_000, score, confidence, agreement, atr,
+                     contributors, evidence, rationale, rationale_provider, providers_agreeing)
+
+
+_replace = msgspec.structs.replace
+_ID_HASH = hashlib.blake2b(digest_size=8)  # copied per id: cheaper than a new one
+
+
+def _new_plan(signal_id: str, id_prefix: bytes, instrument: str, timeframe: int, ts: int, seq: int,
+              direction: int, action: int, entry: float, stop: float, targets: tuple[float, ...], size: float,
+              risk_amount: float, valid_until: int, score: float, confidence: float, agreement: float, atr: float,
+              contributors: tuple[int, ...], evidence: dict[str, float], rationale: str, rationale_provider: str,
+              providers_agreeing: int) -> TradingPlan:
+    """The plan with these terms and its id (:func:`plan_id_for`, whose hash input starts with
+    ``id_prefix``: the signal id and the instrument's name, encoded)."""
+    h = _ID_HASH.copy()
+    h.update(id_prefix)
+    h.update(_pack_id(ts, timeframe, seq, direction, entry, stop, size, targets[0] if targets else 0.0))
+    pid = h.hexdigest()
+    # built in two calls of at most 15 keywords each: a call with more passes them as a dict
+    # (CPython's CALL_FUNCTION_EX), which costs more than both calls together
+    plan = TradingPlan(plan_id=pid, signal_id=signal_id, instrument=instrument, timeframe=timeframe, ts=ts,
+                       seq=seq, direction=direction, action=action, entry=entry, stop=stop, targets=targets,
+                       size=size, risk_amount=risk_amount, valid_until=valid_until, score=score)
+    return _replace(plan, confidence=confidence, agreement=agreement, atr=atr, contributors=contributors,
+                    evidence=evidence, rationale=rationale, rationale_provider=rationale_provider,
+                    providers_agreeing=providers_agreeing)
 
 
 def size_batch(cfg: PlanConfig, entry: np.ndarray, atr: np.ndarray, direction: np.ndarray, contract: np.ndarray,
@@ -307,9 +332,12 @@ def target_batch(cfg: PlanConfig, entry: np.ndarray, direction: np.ndarray, dist
     with np.errstate(all="ignore"):
         cols = [entry + direction * r * dist for r in cfg.targets_r]
     rows = list(zip(*[c.tolist() for c in cols]))
-    bad = np.flatnonzero(~np.logical_and.reduce([c > 0.0 for c in cols]))
-    for j in bad.tolist():
-        rows[j] = tuple([t for t in rows[j] if t > 0.0])
+    good = cols[0] > 0.0
+    for c in cols[1:]:
+        good &= c > 0.0
+    if not good.all():
+        for j in np.flatnonzero(~good).tolist():
+            rows[j] = tuple([t for t in rows[j] if t > 0.0])
     return rows
 
 

@@ -158,7 +158,9 @@ class InstrumentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         if q == math.inf:  # more steps than a float counts (or lots = inf): the most there is
             return self.max_lot if lots != math.inf else 0.0
         steps = int(q)
-        inv = _inverse_step(step)
+        inv = _INVERSES.get(step)
+        if inv is None:
+            inv = _inverse_step(step)
         # steps / (1/step) for decimal steps (0.01 -> /100) is the correctly rounded decimal;
         # steps * 0.01 is not (3 * 0.01 = 0.030000000000000002)
         out = steps / inv if inv else round(steps * step, 10)
@@ -208,6 +210,10 @@ _ISO = {"USD", "EUR", "JPY", "GBP", "CHF", "AUD", "NZD", "CAD", "CNH", "CNY", "H
         "MXN", "ZAR", "TRY", "PLN"}
 
 
+_GUESSED: dict[str, InstrumentSpec] = {}
+_GUESSED_MAX = 1 << 16  # guessed specs kept (a spec is immutable: callers may share one)
+
+
 def instrument_spec(name: str, overrides: Mapping[str, InstrumentSpec] | None = None) -> InstrumentSpec:
     """The spec of ``name``: ``overrides``, then :data:`DEFAULT_SPECS`, then a guess (a
     six-letter ISO pair is an FX major; anything else one unit per lot, two decimals)."""
@@ -215,11 +221,18 @@ def instrument_spec(name: str, overrides: Mapping[str, InstrumentSpec] | None = 
         return overrides[name]
     if name in DEFAULT_SPECS:
         return DEFAULT_SPECS[name]
+    sp = _GUESSED.get(name)
+    if sp is not None:
+        return sp
     u = name.upper()
     if len(u) == 6 and u[:3] in _ISO and u[3:] in _ISO:
-        return _fx(name, 3 if u[3:] == "JPY" else 5)
-    return InstrumentSpec(name=name, asset_class="equity", base=name, quote="USD", contract_size=1.0,
-                          lot_step=1.0, min_lot=1.0, max_lot=1_000_000.0, tick_size=0.01, digits=2)
+        sp = _fx(name, 3 if u[3:] == "JPY" else 5)
+    else:
+        sp = InstrumentSpec(name=name, asset_class="equity", base=name, quote="USD", contract_size=1.0,
+                            lot_step=1.0, min_lot=1.0, max_lot=1_000_000.0, tick_size=0.01, digits=2)
+    if len(_GUESSED) < _GUESSED_MAX:
+        _GUESSED[name] = sp
+    return sp
 
 
 def conversion_prices(spec: InstrumentSpec, account: str = "USD") -> tuple[str, ...]:
