@@ -171,6 +171,42 @@ def test_read_csv_round_trip(tmp_path, sim_bars):
     assert back.tobytes() == sim_bars.tobytes()
 
 
+def _symbol_csv(path, rows: list[tuple[str, str]]):
+    """A CSV of hourly bars from (symbol, close) pairs, each symbol's bars an hour apart."""
+    seen: dict[str, int] = {}
+    lines = ["time,symbol,open,high,low,close"]
+    for sym, close in rows:
+        h = seen[sym.strip()] = seen.get(sym.strip(), -1) + 1
+        lines.append(f"2024-01-01 {h:02d}:00,{sym},1.1,1.2,1.0,{close}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_read_csv_keeps_symbols_pandas_would_read_as_missing(tmp_path):
+    # "NA", "NULL", "nan" are names like any other: read as missing, their rows were dropped unseen
+    rows = [(s, "1.15") for s in ("EURUSD", "NA", "NULL", "nan", "GBPUSD") for _ in range(3)]
+    rows.append(("NA", "NA"))  # a missing price still reads as NaN: that bar is rejected and counted
+    bars = dc.market.read_csv(_symbol_csv(tmp_path / "s.csv", rows))
+    assert len(bars) == 16
+    names = sorted(dc.instruments.name(int(i)) for i in np.unique(bars["instrument"]))
+    assert names == sorted(["EURUSD", "NA", "NULL", "nan", "GBPUSD"])
+    assert dc.market.reason_counts(dc.market.validate(bars)) == {"non_finite": 1}
+
+
+def test_read_csv_strips_blanks_around_symbols(tmp_path):
+    bars = dc.market.read_csv(_symbol_csv(tmp_path / "s.csv", [(" GBPUSD ", "1.15"), ("GBPUSD", "1.15")]))
+    assert len(bars) == 2 and {dc.instruments.name(int(i)) for i in bars["instrument"]} == {"GBPUSD"}
+
+
+def test_read_csv_refuses_rows_without_a_symbol_naming_them(tmp_path):
+    rows = [("EURUSD", "1.15")] * 3 + [("", "1.15"), ("  ", "1.15")] + [("EURUSD", "1.15")] * 12
+    with pytest.raises(ValueError, match=re.escape("2 row(s) with an empty 'symbol': rows 4, 5 ")):
+        dc.market.read_csv(_symbol_csv(tmp_path / "s.csv", rows))
+    rows = [("", "1.15")] * 12
+    with pytest.raises(ValueError, match=re.escape("rows 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ... ")):
+        dc.market.read_csv(_symbol_csv(tmp_path / "s.csv", rows))
+
+
 @pytest.mark.parametrize("tf,sec", [(60, 60), ("M5", 300), ("H1", 3600), ("H4", 14400), ("D1", 86400),
                                     ("1h", 3600), ("15min", 900), ("1D", 86400), ("W1", 604800),
                                     ("0.5m", 30), ("2000ms", 2), (np.uint32(60), 60), (2**32 - 1, 2**32 - 1)])

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -163,6 +164,67 @@ def test_fallback_within_the_deadline_when_the_adapter_process_is_killed_mid_req
         assert st["tasks"]["adapter_lost"] >= 1 and st["providers"]["deepseek"]["errors"].get("adapter_lost") == 1
         # the mesh restarts the dead adapter
         wait_until(lambda: any(a["pid"] != pid for a in m.adapters("deepseek")))
+
+
+def _bad_secrets(tmp_path: Path) -> Path:
+    """A secrets file adapters must refuse to read (mode 0644)."""
+    f = tmp_path / "secrets.toml"
+    f.write_text('DC_TEST_NO_SUCH_KEY = "sk-never-read"\n')
+    f.chmod(0o644)
+    return f
+
+
+def test_an_adapter_that_exits_with_a_configuration_error_is_not_restarted(fake, tmp_path) -> None:
+    # exit status 2 (here: a secrets file readable by others) fails the same way on every restart
+    out = Collect()
+    m = ReasoningMesh(["deepseek"], policy=policy("deepseek", "local"), on_rationale=out,
+                      profiles=deepseek(fake, api_key_env="DC_TEST_NO_SUCH_KEY"), secrets_file=_bad_secrets(tmp_path))
+    with m:
+        m.start(wait=TIMEOUT)  # returns once the only provider is down, not after the full wait
+        assert not m.wait_ready(timeout=TIMEOUT)
+        assert "configuration error" in m.down["deepseek"]
+        time.sleep(1.5)  # a restart would have come after 1 s
+        st = m.stats()
+        assert st["tasks"]["adapter_config_errors"] == 1 and st["tasks"]["respawned"] == 0
+        assert "configuration error" in st["providers"]["deepseek"]["down"]
+        m.submit(ctx(700))
+        o = out.wait(1)[0]
+        assert o.provider == "local"  # the provider is down: its requests fall back
+    assert fake.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_adapter_without_a_broker_drops_stale_heartbeats_and_still_stops_on_a_signal(sig) -> None:
+    # no broker: every heartbeat queues until the send queue (100k) is full; a blocking send then
+    # never returned, and a signal (whose handler only sets a flag) could not end the process
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    lines: list[str] = []
+    with subprocess.Popen([sys.executable, "-m", "dynamic_core", "adapter", "--provider", "local",
+                           "--connect", f"tcp://127.0.0.1:{port}", "--heartbeat", "0.000001"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
+        try:
+            wait_until(lambda: any("send queue full" in line for line in lines), timeout=60)
+            proc.send_signal(sig)
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            reader.join(10)
+    stop = [line for line in lines if "messages the broker never took" in line]
+    assert len(stop) == 1 and "beats" in stop[0] and "Traceback" not in "".join(lines)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_adapter_heartbeat_must_be_a_positive_finite_number(value: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "dynamic_core", "adapter", "--provider", "local", "--connect",
+                        "tcp://127.0.0.1:1", "--heartbeat", value], capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 2 and "argument --heartbeat:" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("step,kind", [
@@ -500,6 +562,26 @@ def test_cli_run_with_local_reasoning_prints_rationales_and_mesh_telemetry() -> 
     assert r.returncode == 0, r.stderr
     assert "latest rationale" in r.stdout and "local: EURUSD H1" in r.stdout
     assert "Reasoning mesh" in r.stdout and "Rationales:" in r.stdout
+
+
+def test_cli_run_with_a_bad_secrets_file_fails_before_starting_adapters(tmp_path) -> None:
+    r = subprocess.run([sys.executable, "-m", "dynamic_core", "run", "--agents", "100", "--bars", "10", "-q",
+                        "--reasoning", "deepseek", "--secrets", str(_bad_secrets(tmp_path))],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("has mode 0644") == 1 and "restarting in" not in r.stderr
+
+
+def test_cli_run_stops_when_an_adapter_it_spawned_has_a_configuration_error(tmp_path) -> None:
+    # the secrets file comes from the environment, so only the adapter process reads it
+    env = {k: v for k, v in os.environ.items() if k != "DEEPSEEK_API_KEY"}
+    env["DYNAMIC_CORE_SECRETS"] = str(_bad_secrets(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "dynamic_core", "run", "--agents", "100", "--bars", "10", "-q",
+                        "--reasoning", "deepseek"], env=env, capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("has mode 0644") == 1 and "restarting in" not in r.stderr
+    assert "dynamic-core: error: --reasoning: the adapter of deepseek could not start" in r.stderr
 
 
 def test_cli_adapter_help_and_unknown_provider() -> None:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:
+    # ^C while the command line is still importing: the same word and code as main's
+    print("dynamic-core: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -33,15 +33,18 @@ from .engine import Engine
 from .errors import DynamicCoreError
 from .instruments import instruments
 from .market import from_pandas, parse_timeframe, read_csv
-from .population import DEFAULTS, Population
+from .population import DEFAULTS, MAX_PERIOD, Population
 from .records import Action
 from .sim import PROFILES, MarketSimulator
 
-__all__ = ["main", "build_parser", "parse_values", "simulated_names"]
+__all__ = ["main", "build_parser", "parse_values", "positive_float", "simulated_names"]
 
 PROG = "dynamic-core"
 MAX_SIM_INSTRUMENTS = 64
 MAX_AXIS_VALUES = 1_000_000
+MAX_LEARNING = 10_000
+"""``run --learning`` upper bound per stream: each learning agent carries its own LoRA state
+(about 6 kB), so 10,000 per stream is already 240 MB on 4 streams and 3.5 GB on 64."""
 BACKTESTING_SETS = ("EURUSD", "GOOG", "BTCUSD")
 
 # The simulator's default four come first so `--instruments 4` means the same market as
@@ -53,6 +56,29 @@ _SIM_ORDER = ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD"] + [
 _INT_PARAMS = ("fast", "slow", "rsi_period", "macd_fast", "macd_slow", "macd_signal", "atr_period",
                "bb_period", "mom_period")
 _FLOAT_PARAMS = ("w_trend", "w_rsi", "w_macd", "w_bb", "w_mom", "w_dsi", "entry", "cost_bps")
+
+_GENOME_HELP = {
+    "fast": "fast EMA period of the trend feature, soft((EMA fast - EMA slow) / ATR)",
+    "slow": "slow EMA period of the trend feature",
+    "rsi_period": "RSI period of the RSI feature, (RSI - 50) / 50",
+    "macd_fast": "fast EMA period of the MACD feature, soft(histogram / ATR)",
+    "macd_slow": "slow EMA period of the MACD feature",
+    "macd_signal": "signal EMA period of the MACD feature",
+    "atr_period": "ATR period that scales the trend and MACD features",
+    "bb_period": "period of the Bollinger feature, soft((close - mean) / 2 sd), exponentially weighted",
+    "mom_period": "lookback of the momentum feature, soft(rate of change in %%)",
+    "w_trend": "weight of the trend feature",
+    "w_rsi": "weight of the RSI feature",
+    "w_macd": "weight of the MACD feature",
+    "w_bb": "weight of the Bollinger feature",
+    "w_mom": "weight of the momentum feature",
+    "w_dsi": "weight of the DSI microstructure evidence (Engine.set_dsi); a CLI backtest has none, "
+             "so it changes nothing here",
+    "entry": "|score| that takes a position, >= 0: long above +entry, short (or flat) below -entry, "
+             "else the position is kept; 1 or more never trades",
+    "cost_bps": "cost per unit of position change, in basis points of equity",
+}
+"""``backtest --help`` text of each genome option (the README's "What an agent does")."""
 
 _ACTION_STYLE = {
     Action.STRONG_SELL: "bold red",
@@ -180,6 +206,34 @@ def _count(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def _learning_count(text: str) -> int:
+    """``--learning``: learning agents per stream, 0 (off) to :data:`MAX_LEARNING`."""
+    v = _int_at_least(text, 0)
+    if v > MAX_LEARNING:
+        raise argparse.ArgumentTypeError(f"at most {MAX_LEARNING:,} learning agents per stream, got {v:,}")
+    return v
+
+
+def _seed(text: str) -> int:
+    """A seed: a whole number in [0, 2**64), the range every seeded component takes."""
+    v = _int_at_least(text, 0)
+    if v >= 2**64:
+        raise argparse.ArgumentTypeError(f"must be below 2**64, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (NaN and inf refused: a NaN duration or timeout
+    compares false with everything, so it would never expire)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
 def _instrument_choice(text: str) -> int | list[str]:
     """``--instruments``: a count of simulated names, or a comma list of names."""
     t = text.strip()
@@ -264,6 +318,23 @@ examples:
       --w-rsi 1 --rsi-period 7:21:7 --entry 0:0.3:0.1
 """
 
+_SMC_EPILOG = """\
+examples:
+  dynamic-core smc backtesting:EURUSD                 the bundled EURUSD hourly bars
+  dynamic-core smc prices.csv --swing-length 5        your own bars, tighter swings
+  dynamic-core smc runs/today --engine                a journal's bars; also replay its signals
+  dynamic-core smc backtesting:EURUSD --evolve 500 --evolve-plot evo.png
+
+The reference labels come from the smartmoneyconcepts package (pip install 'dynamic_core[test]').
+"""
+
+_BRIDGE_EPILOG = """\
+examples:
+  dynamic-core bridge mt5 --simulated-terminal --duration 10    the whole path on one machine
+  dynamic-core bridge mt5 --bind tcp://127.0.0.1:5560           wait for a real EA
+  dynamic-core bridge mt5 --help                                every option of the MT5 bridge
+"""
+
 
 def _wrap(text: str) -> str:
     # RawDescriptionHelpFormatter keeps the epilogs' layout but stops wrapping descriptions too
@@ -305,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "inferred from --data]")
     r.add_argument("--data", default=None, metavar="SOURCE",
                    help="CSV file, 'sim', or 'backtesting:EURUSD|GOOG|BTCUSD' instead of the simulator")
-    r.add_argument("--seed", type=int, default=0,
-                   help="seed of the simulated market and of the population [default: 0]")
+    r.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the simulated market and of the population, 0 to 2**64-1 [default: 0]")
     r.add_argument("--cores-per-sm", type=int, choices=(32, 64, 96, 128), default=128,
                    help="agents (lanes) per streaming multiprocessor [default: 128]")
     r.add_argument("--chunk", type=_positive_int, default=None, metavar="N",
@@ -320,18 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--journal", default=None, metavar="DIR",
                    help="write an append-only journal of the run to DIR (new directory); "
                         "'dynamic-core replay DIR --verify' reproduces it bit for bit")
-    r.add_argument("--learning", type=int, default=0, metavar="N",
+    r.add_argument("--learning", type=_learning_count, default=0, metavar="N",
                    help="add N learning agents per stream: external-score lanes whose LoRA-adapted heads "
-                        "learn online from realised returns (the run then steps one bar time at a time) "
-                        "[default: 0]")
+                        "learn online from realised returns (the run then steps one bar time at a time); "
+                        f"0 to {MAX_LEARNING:,} [default: 0, off]")
     r.add_argument("--fsync", type=int, choices=(0, 1, 2), default=0,
                    help="journal durability per batch: 0 OS, 1 data (fdatasync), 2 data + metadata [default: 0]")
     r.add_argument("--evolve", type=_count, default=0, metavar="N",
                    help="evolve the population while it trades: a generation of a stream every N of its bars "
                         "and when its volatility regime changes (the weakest 10%% of each SM replaced by "
                         "children of its fittest); prints the evolution trace [default: 0, off]")
-    r.add_argument("--evolve-seed", type=int, default=0, metavar="S",
-                   help="seed of the evolution's counter-based RNG [default: 0]")
+    r.add_argument("--evolve-seed", type=_seed, default=0, metavar="S",
+                   help="seed of the evolution's counter-based RNG, 0 to 2**64-1 [default: 0]")
     r.add_argument("--evolve-plot", default=None, metavar="PNG",
                    help="also plot best/median fitness per generation to this image file")
     r.add_argument("--backend", choices=("cpu", "cuda", "auto"), default="cpu",
@@ -358,17 +429,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bar length (H1, D1, 1h, seconds) [default: inferred; H1 for sim]")
     b.add_argument("--bars", type=_positive_int, default=None, metavar="N",
                    help="bars per instrument [default: 2000 for sim; all bars of a file, else the first N]")
-    b.add_argument("--seed", type=int, default=0,
-                   help="seed of the simulated market (--data sim) [default: 0]")
-    genome = b.add_argument_group("genome (each takes a value, list or inclusive range; see below)")
+    b.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the simulated market (--data sim), 0 to 2**64-1 [default: 0]")
+    genome = b.add_argument_group(
+        "genome (each takes a value, list or inclusive range; see below)",
+        _wrap("Per bar an agent blends features in [-1, 1] into score = soft(sum of weight x feature), "
+              "soft(x) = x / (1 + |x|), then goes long above +entry and short (flat with long_only) "
+              "below -entry. A weight of 0 leaves its feature out (its warm-up is not waited for). "
+              f"Periods are in bars, 1 to {MAX_PERIOD:,}."))
     for name in _INT_PARAMS + _FLOAT_PARAMS:
-        if name == "cost_bps":
-            continue  # added with its own help below
         kind = int if name in _INT_PARAMS else float
+        default = DEFAULTS[name]
         genome.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_axis(kind), default=None,
-                            metavar="V", help=f"[default: {DEFAULTS[name]}]")
-    genome.add_argument("--cost-bps", dest="cost_bps", type=_axis(float), default=None, metavar="V",
-                        help="cost per unit of position change, basis points of equity [default: 0]")
+                            metavar="V", help=f"{_GENOME_HELP[name]} [default: {default:g}]")
     genome.add_argument("--mode", type=_modes, default=None, metavar="MODE",
                         help="long_only, long_short, or both (comma list allowed) [default: long_short]")
     b.add_argument("--out", default="backtest_results.csv", metavar="FILE",
@@ -407,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "order blocks) over a journal's bars or a data source and print precision and "
                           "recall against the smartmoneyconcepts package's settled labels (it looks ahead, "
                           "so only labels that can no longer change are compared)."),
-        formatter_class=_Formatter)
+        epilog=_SMC_EPILOG, formatter_class=_Formatter)
     sm.add_argument("source", metavar="SOURCE",
                     help="a journal directory, a CSV file, or 'backtesting:EURUSD|GOOG|BTCUSD'")
     sm.add_argument("--swing-length", type=_positive_int, default=10, metavar="L",
@@ -428,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description=_wrap("Run an execution bridge. 'mt5' serves a MetaTrader 5 Expert "
                                           "Advisor (shipped in dynamic_core/bridges/mql5/) over ZeroMQ; see "
                                           "docs/mt5-bridge.md for the protocol."),
-                        formatter_class=_Formatter)
+                        epilog=_BRIDGE_EPILOG, formatter_class=_Formatter)
     bsub = br.add_subparsers(dest="bridge", metavar="BRIDGE", title="bridges")
     mt5_cli.add_parser(bsub, _Formatter)
     br.set_defaults(func=lambda a: (br.print_help(), 2)[1])
@@ -657,6 +730,10 @@ def _throughput_line(stats: dict[str, Any], wall: float) -> str:
             f"| wall time {wall:.2f} s")
 
 
+_PIPE_WIDTH = 1000
+"""Console width when stdout is not a terminal: no table of ours is this wide, so none is cut."""
+
+
 def _console():
     from rich.console import Console
 
@@ -664,7 +741,9 @@ def _console():
     # highlight off: rich's number highlighter would colour fragments such as "26." of "26.58M"
     if sys.stdout.isatty():
         return Console(highlight=False)
-    return Console(width=max(100, _env_int("COLUMNS", 100)), highlight=False)
+    # not a terminal: wide enough that no table is squeezed or cut (rich only pads a table to
+    # its own width); COLUMNS still narrows it when set
+    return Console(width=max(100, _env_int("COLUMNS", _PIPE_WIDTH)), highlight=False)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -805,7 +884,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.reasoning:
         from .cli_reasoning import mesh_from_args
 
-        mesh = mesh_from_args(args)
+        try:
+            mesh = mesh_from_args(args)
+        except BaseException:
+            eng.close()  # the journal, if any, ends cleanly
+            raise
         console.print(f"reasoning mesh at {mesh.address}: adapters "
                       f"{', '.join(sorted({a['provider'] for a in mesh.adapters()})) or 'none yet'}, "
                       f"deadline {mesh.deadline_s:g}s")
@@ -1054,8 +1137,10 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 2 for bad arguments or inputs (one ``dynamic-core: error: ...`` line on
         stderr, never a traceback), 130 when interrupted.
     """
-    parser = build_parser()
     try:
+        # inside the try: building the parser imports most of the package, and a ^C then is
+        # "interrupted" like any other
+        parser = build_parser()
         args = parser.parse_args(argv)
         if getattr(args, "func", None) is None:
             parser.print_help()
@@ -1073,7 +1158,31 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
     except OSError as e:
         _error(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+    except MemoryError:
+        _error("out of memory: try fewer agents (--agents, --learning) or a smaller grid "
+               "(fewer values per backtest option)")
+    except _zmq_errors() as e:
+        _error(_socket_message(e))
     return 2
+
+
+def _zmq_errors() -> tuple[type[BaseException], ...]:
+    """``(zmq.ZMQError,)`` when zmq is loaded, else ``()`` (an except clause matching nothing):
+    a ZMQError can only come from code that imported zmq, and main does not import it itself."""
+    zmq = sys.modules.get("zmq")
+    return (zmq.ZMQError,) if zmq is not None else ()
+
+
+def _socket_message(e: BaseException) -> str:
+    """One line for a ZeroMQ error (a bind to a busy port, an address ZeroMQ cannot parse)."""
+    import zmq
+
+    text = str(e)
+    if getattr(e, "errno", None) == zmq.EADDRINUSE:
+        return f"{text}: another process is bound there; stop it or choose another port"
+    if getattr(e, "errno", None) == zmq.EINVAL and "addr=" in text:
+        return f"{text}: expected a ZeroMQ address such as tcp://127.0.0.1:5556 or ipc:///tmp/dc.sock"
+    return f"socket error: {text}"
 
 
 def _error(message: str) -> None:

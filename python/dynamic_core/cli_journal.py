@@ -24,12 +24,14 @@ examples:
   dynamic-core journal dump runs/today --limit 20      # list records (type, seq, size, place)
   dynamic-core replay runs/today --verify              # reproduce the signals bit for bit
 
-exit codes: 0 ok; 1 corrupt journal or replay mismatch (and, for verify, a torn tail not
-repaired); 2 bad arguments or no journal there.
+exit codes: 0 ok; 1 corrupt journal or replay mismatch (and, for verify and dump, a torn tail
+not repaired); 2 bad arguments or no journal there.
 """
 
 
 def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
+    from .cli import _count
+
     j = sub.add_parser(
         "journal", help="verify, repair or list an append-only journal",
         description="Inspect the append-only journal an engine writes with --journal DIR: "
@@ -47,9 +49,16 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     v.add_argument("--repair", action="store_true", help="truncate a torn tail so the journal replays cleanly")
     v.set_defaults(func=cmd_journal_verify)
     d = jsub.add_parser("dump", help="list records: type, sequence number, size and place",
-                        formatter_class=formatter)
+                        description="List the journal's records in order, one line each: sequence "
+                                    "number, type (meta, bars, rejects, control, signal_hashes, ...), "
+                                    "payload size, segment and byte offset; then the count of each "
+                                    "type. Every intact record is listed; a torn tail (the last record "
+                                    "cut short by a crash) or a corrupt record is then reported on "
+                                    "stderr and the exit status is 1 ('journal verify DIR --repair' "
+                                    "truncates a torn tail).",
+                        epilog=_JOURNAL_EPILOG, formatter_class=formatter)
     d.add_argument("dir", metavar="DIR", help="journal directory")
-    d.add_argument("--limit", type=int, default=50, metavar="N", help="records listed [default: 50; 0 = all]")
+    d.add_argument("--limit", type=_count, default=50, metavar="N", help="records listed [default: 50; 0 = all]")
     d.set_defaults(func=cmd_journal_dump)
     j.set_defaults(func=lambda a: _need_action(j))
 
@@ -104,7 +113,13 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
     total = sum(counts.values())
     if args.limit and total > shown:
         print(f"... {total - shown} more")
-    print("records: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    print("records: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+    # read() stops quietly at a torn tail; a second, read-only walk says whether it did
+    rep = jr.verify(args.dir)
+    if rep.status == "torn_tail":
+        print(f"warning: torn tail ({rep.detail}): the last record was cut short and is not listed; "
+              f"'dynamic-core journal verify {args.dir} --repair' truncates it", file=sys.stderr)
+        return 1
     return 0
 
 

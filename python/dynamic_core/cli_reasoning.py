@@ -24,6 +24,9 @@ deterministic template narrator, no model, no cost). API keys come only from the
 variable the profile names (e.g. DEEPSEEK_API_KEY) or a 0600 TOML secrets file (--secrets or
 $DYNAMIC_CORE_SECRETS); they are never logged. 'dynamic-core run --reasoning ...' starts the
 adapters it needs by itself; run this command to add adapters on other machines or by hand.
+
+exit codes: 0 stopped (broker shutdown, ^C, SIGTERM); 1 failed while serving (a mesh restarts
+it); 2 bad arguments or configuration: provider, secrets file, address (a mesh does not restart it).
 """
 
 _REVIEW_EPILOG = """\
@@ -40,6 +43,8 @@ ensemble weight (x1.1), rejecting lowers it (x0.8); weights persist across resta
 
 def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     """Register ``adapter`` and ``review`` on the ``dynamic-core`` subparsers."""
+    from .cli import _positive_int, positive_float
+
     a = sub.add_parser(
         "adapter", help="run one reasoning adapter process (an LLM provider behind the mesh)",
         description="Connect one reasoning adapter to a mesh broker and serve rationale requests "
@@ -49,13 +54,14 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     a.add_argument("--connect", required=True, metavar="ADDR", help="the mesh broker's address (ROUTER)")
     a.add_argument("--base-url", default=None, metavar="URL", help="override the profile's API root (…/v1)")
     a.add_argument("--model", default=None, help="override the profile's model")
-    a.add_argument("--concurrency", type=int, default=None, metavar="N", help="requests at once [profile]")
-    a.add_argument("--timeout", type=float, default=None, metavar="S", help="HTTP attempt timeout [profile]")
+    a.add_argument("--concurrency", type=_positive_int, default=None, metavar="N", help="requests at once [profile]")
+    a.add_argument("--timeout", type=positive_float, default=None, metavar="S", help="HTTP attempt timeout [profile]")
     a.add_argument("--profile-json", default=None, metavar="JSON",
                    help="more profile overrides as a JSON object (any ProviderProfile field)")
     a.add_argument("--secrets", default=None, metavar="FILE",
                    help="0600 TOML file of API keys (NAME = \"key\") [default: $DYNAMIC_CORE_SECRETS]")
-    a.add_argument("--heartbeat", type=float, default=0.1, metavar="S", help="heartbeat interval [default: 0.1]")
+    a.add_argument("--heartbeat", type=positive_float, default=0.1, metavar="S",
+                   help="heartbeat interval in seconds, > 0 [default: 0.1]")
     a.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     a.set_defaults(func=cmd_adapter)
 
@@ -67,28 +73,31 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     r.add_argument("address", metavar="ADDR", help="the service's control socket")
     r.add_argument("item", nargs="?", type=int, default=None, help="review item (approve/reject)")
     r.add_argument("--note", default="", help="a note stored with the decision")
-    r.add_argument("--limit", type=int, default=100, help="items listed [default: 100]")
+    r.add_argument("--limit", type=_positive_int, default=100, help="items listed [default: 100]")
     r.add_argument("--server-key", required=True, metavar="FILE", help="the server's public key file (.key)")
     r.add_argument("--client-key", required=True, metavar="FILE", help="this client's secret key file")
-    r.add_argument("--timeout", type=float, default=5.0, metavar="S", help="reply timeout [default: 5]")
+    r.add_argument("--timeout", type=positive_float, default=5.0, metavar="S", help="reply timeout [default: 5]")
     r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(func=cmd_review)
 
 
 def add_run_options(r: argparse.ArgumentParser) -> None:
     """The reasoning options of ``dynamic-core run``."""
+    from .cli import _positive_int, positive_float
+
     g = r.add_argument_group("reasoning (rationales for signals; never delays a signal)")
     g.add_argument("--reasoning", default=None, metavar="PROVIDERS",
                    help="start the reasoning mesh with these adapters: 'local' or a comma list, e.g. "
                         "local,deepseek,qwen (API keys from the environment)")
     g.add_argument("--reasoning-config", default=None, metavar="FILE",
                    help="mesh TOML: [policy] rules/limits/breaker and [providers.NAME] profile overrides")
-    g.add_argument("--reasoning-deadline", type=float, default=5.0, metavar="S",
+    g.add_argument("--reasoning-deadline", type=positive_float, default=5.0, metavar="S",
                    help="seconds from a signal to its rationale, fallbacks included [default: 5]")
     g.add_argument("--reasoning-select", choices=("change", "nonhold", "all"), default="change",
                    help="which signals get a rationale: when a stream's action changes, every "
                         "non-HOLD one, or all [default: change]")
-    g.add_argument("--ensemble", type=int, default=1, metavar="K", help="providers asked per signal [default: 1]")
+    g.add_argument("--ensemble", type=_positive_int, default=1, metavar="K",
+                   help="providers asked per signal [default: 1]")
     g.add_argument("--secrets", default=None, metavar="FILE", help="0600 TOML file of API keys for the adapters")
 
 
@@ -154,6 +163,12 @@ def mesh_from_args(args: argparse.Namespace) -> Any:
     providers = [p.strip() for p in args.reasoning.split(",") if p.strip()]
     if not providers:
         raise ValueError("--reasoning needs at least one provider, e.g. --reasoning local")
+    if args.secrets:
+        from .reasoning.secrets import load_secrets_file
+
+        # every adapter would read it and exit with the same error: say it once, before any
+        # process starts (a SecretsError names the file, never its contents)
+        load_secrets_file(args.secrets)
     policy: Any = None
     profiles: dict[str, Any] = {}
     if args.reasoning_config:
@@ -166,7 +181,13 @@ def mesh_from_args(args: argparse.Namespace) -> Any:
         profiles = cfg.get("providers", {})
     mesh = ReasoningMesh(providers, policy=policy, profiles=profiles, deadline_s=args.reasoning_deadline,
                          ensemble=args.ensemble, select=args.reasoning_select, secrets_file=args.secrets)
-    return mesh.start(wait=15.0)
+    mesh.start(wait=15.0)
+    if mesh.down:
+        down = ", ".join(sorted(mesh.down))
+        mesh.close()
+        raise ValueError(f"--reasoning: the adapter of {down} could not start (a configuration error: "
+                         "its message is above)")
+    return mesh
 
 
 def mesh_summary(console: Any, mesh: Any) -> None:
@@ -187,7 +208,8 @@ def mesh_summary(console: Any, mesh: Any) -> None:
                   ", ".join(f"{k} {v}" for k, v in errs.items()) or "-",
                   f"{row.get('tokens_in', 0):,}/{row.get('tokens_out', 0):,}", f"{row.get('usd', 0.0):.4f}",
                   "-" if p50 is None else f"{p50:.1f}", "-" if p99 is None else f"{p99:.1f}",
-                  f"{row.get('cache_hits', 0):,}", str(row.get("breaker", "-")), budget)
+                  f"{row.get('cache_hits', 0):,}", "down" if row.get("down") else str(row.get("breaker", "-")),
+                  budget)
     console.print(t)
     tk = st["tasks"]
     by = ", ".join(f"{k} {v:,}" for k, v in sorted(tk["by_status"].items())) or "none"

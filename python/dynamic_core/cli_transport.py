@@ -69,6 +69,8 @@ Give the server's .key to clients, keep every .key_secret private (it is written
 
 def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     """Register ``subscribe``, ``ctl`` and ``keys`` on the ``dynamic-core`` subparsers."""
+    from .cli import _count, positive_float
+
     s = sub.add_parser(
         "subscribe", help="print a signal feed (ZeroMQ SUB)",
         description="Connect to a dynamic-core signal feed and print every signal as it arrives, "
@@ -78,8 +80,8 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     s.add_argument("--json", action="store_true", help="print one JSON object per signal (and rationale)")
     s.add_argument("--topic", action="append", default=None, metavar="PREFIX",
                    help="topic prefix to subscribe to; repeatable [default: sig. (all signals)]")
-    s.add_argument("--count", type=int, default=0, metavar="N", help="exit after N signals [default: run until ^C]")
-    s.add_argument("--timeout", type=float, default=None, metavar="S",
+    s.add_argument("--count", type=_count, default=0, metavar="N", help="exit after N signals [default: run until ^C]")
+    s.add_argument("--timeout", type=positive_float, default=None, metavar="S",
                    help="exit with status 1 if nothing (not even a heartbeat) arrives for S seconds")
     s.add_argument("--heartbeats", action="store_true", help="also print heartbeats")
     s.set_defaults(func=cmd_subscribe)
@@ -97,7 +99,8 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     c.add_argument("--server-key", required=True, metavar="FILE", help="the server's public key file (.key)")
     c.add_argument("--client-key", required=True, metavar="FILE",
                    help="this client's secret key file (.key_secret); its .key must be authorised")
-    c.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for the reply [default: 5]")
+    c.add_argument("--timeout", type=positive_float, default=5.0, metavar="S",
+                   help="seconds to wait for the reply [default: 5]")
     c.add_argument("--json-wire", action="store_true", help="send the command as JSON instead of msgpack")
     c.set_defaults(func=cmd_ctl)
 
@@ -121,6 +124,8 @@ def _need_action(parser: argparse.ArgumentParser) -> int:
 
 def add_run_options(r: argparse.ArgumentParser) -> None:
     """The socket options of ``dynamic-core run``."""
+    from .cli import _count, positive_float
+
     g = r.add_argument_group(
         "sockets (any of these runs the engine as a service; every address binds loopback "
         "unless --allow-remote)")
@@ -138,11 +143,11 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
     g.add_argument("--authorized", default=None, metavar="DIR",
                    help="directory of authorised client public keys (*.key)")
     g.add_argument("--json-feed", action="store_true", help="publish JSON instead of msgpack")
-    g.add_argument("--heartbeat", type=float, default=1.0, metavar="S",
+    g.add_argument("--heartbeat", type=positive_float, default=1.0, metavar="S",
                    help="heartbeat after S idle seconds [default: 1]")
-    g.add_argument("--wait-subscribers", type=int, default=0, metavar="N",
+    g.add_argument("--wait-subscribers", type=_count, default=0, metavar="N",
                    help="before sending bars, wait (up to 30 s) until N subscribers are connected [default: 0]")
-    g.add_argument("--duration", type=float, default=None, metavar="S",
+    g.add_argument("--duration", type=positive_float, default=None, metavar="S",
                    help="serve for S seconds (with --feed: default until ^C; without: default until "
                         "every bar's signal is published)")
     g.add_argument("--allow-remote", action="store_true",
@@ -163,10 +168,6 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     from .records import Action
     from .transport import SignalSubscriber
 
-    if args.count < 0:
-        raise ValueError("--count must be >= 0")
-    if args.timeout is not None and args.timeout <= 0:
-        raise ValueError("--timeout must be > 0")
     out = sys.stdout
     enc = msgspec.json.Encoder()
 
@@ -304,8 +305,6 @@ def cmd_run_service(args: argparse.Namespace) -> int:
         raise CLIError("--control needs --server-key FILE (.key_secret) and --authorized DIR")
     if (args.server_key or args.authorized) and not args.control:
         raise CLIError("--server-key/--authorized only make sense with --control ADDR")
-    if args.duration is not None and args.duration <= 0:
-        raise CLIError("--duration must be > 0")
     if args.feed and args.data is not None:
         raise CLIError("--feed takes bars from the socket; --data does not apply (the population "
                        "follows --instruments and --timeframe)")
@@ -391,12 +390,11 @@ def cmd_run_service(args: argparse.Namespace) -> int:
               f"signals {st['signals']:,}, published {svc.signals_published:,}; control commands {svc.commands}; "
               f"ingress rejects {ingress.stats()['rejected']}", flush=True)
         if mesh is not None:
-            from rich.console import Console
-
+            from .cli import _console
             from .cli_reasoning import mesh_summary
 
             print(f"rationales published {svc.rationales_published:,}", flush=True)
-            mesh_summary(Console(), mesh)
+            mesh_summary(_console(), mesh)
         return 130 if interrupted else 0
     finally:
         if sender_thread is not None:

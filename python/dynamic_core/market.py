@@ -190,18 +190,43 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     """Bars from a CSV file with a header (see :func:`from_pandas` for the columns).
 
     When ``instrument`` is omitted, a ``symbol``/``instrument`` column names each row's
-    instrument; failing that, the file's stem is the instrument name.
+    instrument (as written, surrounding blanks removed: ``NA``, ``NULL`` and ``nan`` are names
+    like any other); failing that, the file's stem is the instrument name.
+
+    Raises
+    ------
+    ValueError
+        Besides the errors of :func:`from_pandas`: rows whose symbol is empty, naming them (such a
+        row belongs to no instrument, and dropping it would lose data without a word).
     """
     import pandas as pd
 
-    df = pd.read_csv(path)
-    scol = _find(df.columns, "symbol") or _find(df.columns, "instrument")
-    if instrument is None and scol is not None:
-        parts = [from_pandas(g.drop(columns=[scol]), str(name), timeframe) for name, g in df.groupby(scol, sort=True)]
-        return merge(*parts)
+    scol = None
     if instrument is None:
-        instrument = os.path.splitext(os.path.basename(os.fspath(path)))[0]
-    return from_pandas(df, instrument, timeframe)
+        header = pd.read_csv(path, nrows=0).columns
+        scol = _find(header, "symbol") or _find(header, "instrument")
+    if scol is None:
+        df = pd.read_csv(path)
+        if instrument is None:
+            instrument = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+        return from_pandas(df, instrument, timeframe)
+    from pandas._libs.parsers import STR_NA_VALUES  # read_csv's documented default NA strings
+
+    # the symbol column as text, without NA detection: by default "NA", "NULL", "nan" and ""
+    # read as missing and groupby drops their rows silently; the other columns keep the
+    # defaults, so a missing price is still NaN and its bar is rejected and counted
+    df = pd.read_csv(path, dtype={scol: str}, keep_default_na=False,
+                     na_values={c: STR_NA_VALUES for c in header if c != scol})
+    names = df[scol].str.strip()
+    empty = np.flatnonzero((names == "").to_numpy())
+    if len(empty):
+        shown = ", ".join(str(i + 1) for i in empty[:10]) + (", ..." if len(empty) > 10 else "")
+        raise ValueError(f"{len(empty):,} row(s) with an empty {scol!r}: rows {shown} (counted from 1 after "
+                         f"the header); give every row an instrument, or drop the column to name all rows "
+                         f"after the file")
+    parts = [from_pandas(g.drop(columns=[scol]), name, timeframe)
+             for name, g in df.groupby(names, sort=True, dropna=False)]
+    return merge(*parts)
 
 
 def merge(*arrays: np.ndarray) -> np.ndarray:

@@ -98,6 +98,10 @@ __all__ = ["Outcome", "ReasoningMesh", "asset_class_of"]
 
 log = logging.getLogger("dynamic_core.reasoning.mesh")
 
+CONFIG_ERROR_EXIT = 2
+"""Exit status of ``dynamic-core adapter`` for bad arguments or configuration (secrets file,
+profile, address): such an adapter is not restarted, since it would fail the same way."""
+
 _CRYPTO = ("BTC", "ETH", "SOL", "XRP", "DOGE", "LTC", "ADA")
 _ISO = {"USD", "EUR", "JPY", "GBP", "CHF", "AUD", "NZD", "CAD", "CNH", "CNY", "HKD", "SGD", "SEK", "NOK",
         "MXN", "ZAR", "TRY", "PLN", "XAU", "XAG"}
@@ -180,6 +184,11 @@ class ReasoningMesh:
         0600 TOML of API keys for spawned adapters (else environment variables).
     on_rationale : callable, optional
         ``on_rationale(outcome)`` for each finished task, on the broker thread.
+
+    A spawned adapter process that dies is restarted a second later, except one that exits with
+    :data:`CONFIG_ERROR_EXIT` (a bad secrets file, profile or address): that is counted
+    (``adapter_config_errors``), logged once, and its provider is marked down in ``down``
+    (provider -> reason, cleared when an adapter of it joins); its requests fall back.
     """
 
     def __init__(self, providers: Sequence[str] = ("local",), *, policy: Any = None,
@@ -267,7 +276,8 @@ class ReasoningMesh:
         self._closed = False
         self.counts = {"submitted": 0, "completed": 0, "dropped_inbox": 0, "dropped_outbox": 0,
                        "late_replies": 0, "unknown_replies": 0, "adapter_lost": 0, "respawned": 0,
-                       "inline_local": 0, "callback_errors": 0, "rejected_frames": 0}
+                       "inline_local": 0, "callback_errors": 0, "rejected_frames": 0, "adapter_config_errors": 0}
+        self.down: dict[str, str] = {}  # provider -> why its spawned adapters are not restarted
         self.by_status: dict[str, int] = {}
         self.provider_extra: dict[str, dict[str, int]] = {}
         self._latencies: deque[float] = deque(maxlen=4096)
@@ -284,8 +294,9 @@ class ReasoningMesh:
             for _ in range(self.workers):
                 self.spawn(p)
         if wait is not None and self._children and not self.wait_ready(timeout=wait):
-            missing = [p for p in self.providers if not self.adapters(p)]
-            log.warning("adapters not registered after %.1fs: %s", wait, ", ".join(missing))
+            missing = [p for p in self.providers if not self.adapters(p) and p not in self.down]
+            if missing:  # a provider that is down said so already
+                log.warning("adapters not registered after %.1fs: %s", wait, ", ".join(missing))
         return self
 
     def spawn(self, provider: str, **overrides: Any) -> subprocess.Popen:
@@ -314,13 +325,16 @@ class ReasoningMesh:
         return self._call(get)
 
     def wait_ready(self, providers: Sequence[str] | None = None, timeout: float = 10.0) -> bool:
-        """Wait until every provider in ``providers`` (default: those spawned) has an adapter."""
+        """Wait until every provider in ``providers`` (default: those spawned) has an adapter.
+        False at the timeout, or as soon as every provider still missing is in :attr:`down`."""
         want = set(self.providers if providers is None else providers)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            have = {a["provider"] for a in self.adapters()}
+            have, down = self._call(lambda: ({a.provider for a in self.roster.by_id.values()}, set(self.down)))
             if want <= have:
                 return True
+            if want - have <= down:  # the rest will not come: their adapters failed to configure
+                return False
             time.sleep(0.02)
         return False
 
@@ -473,6 +487,8 @@ class ReasoningMesh:
             r = roster.get(name)
             row["adapters"] = r["adapters"] if r else 0
             row["in_flight"] = r["in_flight"] if r else 0
+            if name in self.down:
+                row["down"] = self.down[name]
             if row.get("requests") or row["adapters"] or name in self.providers or row.get("answers"):
                 prov[name] = row
         lat = sorted(self._latencies)
@@ -611,6 +627,7 @@ class ReasoningMesh:
             a, new = self.roster.hello(ident, msg, now)
             if new:
                 log.info("adapter joined: %s (pid %d, %d slots)", msg.provider, msg.pid, msg.max_concurrency)
+                self.down.pop(msg.provider, None)
                 if msg.provider not in self.profiles:  # a provider configured only in its process
                     log.warning("adapter for unknown provider %r ignored by routing", msg.provider)
         elif isinstance(msg, AdapterBye):
@@ -645,10 +662,20 @@ class ReasoningMesh:
         for pid, (prov, proc, over) in list(self._children.items()):
             if proc.poll() is not None:
                 del self._children[pid]
-                if not self._stop.is_set():
-                    log.warning("adapter process %s (pid %d) exited with %s; restarting in 1s", prov, pid,
-                                proc.returncode)
-                    self._respawn_at.append((now + 1.0, prov))
+                if self._stop.is_set():
+                    continue
+                if proc.returncode == CONFIG_ERROR_EXIT:
+                    # a bad secrets file, profile or address: a restart would fail the same way
+                    self.counts["adapter_config_errors"] += 1
+                    if prov not in self.down:
+                        self.down[prov] = f"adapter process exited with {CONFIG_ERROR_EXIT} (configuration error)"
+                        log.error("adapter process %s (pid %d) exited with %d, a configuration error (its own "
+                                  "message is above); not restarting it: %s is down, its requests fall back",
+                                  prov, pid, CONFIG_ERROR_EXIT, prov)
+                    continue
+                log.warning("adapter process %s (pid %d) exited with %s; restarting in 1s", prov, pid,
+                            proc.returncode)
+                self._respawn_at.append((now + 1.0, prov))
         if self._respawn_at and not self._stop.is_set():
             due = [p for t, p in self._respawn_at if t <= now]
             self._respawn_at = [(t, p) for t, p in self._respawn_at if t > now]

@@ -52,6 +52,9 @@ log = logging.getLogger("dynamic_core.reasoning.adapter")
 HELLO_EVERY_S = 2.0
 """The hello is repeated this often, so a restarted broker learns about a running adapter."""
 
+POLL_MAX_S = 0.2
+"""Longest socket wait: a SIGTERM/SIGINT handler only sets a flag, which the loop sees this soon."""
+
 
 class AdapterWorker:
     """One adapter: the socket loop plus, for HTTP providers, a pool of request threads.
@@ -68,6 +71,10 @@ class AdapterWorker:
         Beat interval; the broker declares an adapter lost after a few missed beats.
     parent_pid : int, optional
         Exit when this process is no longer our parent.
+
+    Sends never block: with no broker for long enough to fill the send queue (100k messages),
+    heartbeats, hellos and replies are dropped and counted in ``dropped``, and SIGTERM/SIGINT
+    still stop the adapter within :data:`POLL_MAX_S`.
     """
 
     def __init__(self, profile: ProviderProfile, connect: str, *, api_key: Any = None,
@@ -96,6 +103,10 @@ class AdapterWorker:
         self.in_flight = 0
         self.served = 0
         self.rejected = 0
+        # messages the broker could not take (no broker for a long time: the send queue is full);
+        # a heartbeat or hello is worthless once stale, and a reply's task has timed out by then
+        self.dropped = {"beats": 0, "hellos": 0, "replies": 0}
+        self._send_blocked = False
         from .secrets import Secret
 
         self._secrets = [Secret(api_key) if isinstance(api_key, str) else api_key] if api_key else []
@@ -168,8 +179,29 @@ class AdapterWorker:
                             languages=tuple(p.languages)[:256], style=p.style,
                             max_concurrency=p.max_concurrency, pid=os.getpid())
 
-    def _send(self, msg: Any) -> None:
-        self.sock.send(self._codec_out.encode(msg))
+    def _send(self, msg: Any, what: str) -> bool:
+        return self._send_frames([self._codec_out.encode(msg)], what)
+
+    def _send_frames(self, frames: list[Any], what: str, n: int = 1) -> bool:
+        """Send without blocking. A full send queue (SNDHWM: the broker has been away long) drops
+        the message, counted under ``dropped[what]`` (``n`` messages), and logs once per outage:
+        a blocking send would never return without a broker, and signals could not stop it."""
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped[what] += n
+            if not self._send_blocked:
+                self._send_blocked = True
+                log.warning("the broker at %s takes no messages (send queue full): dropping heartbeats "
+                            "and replies until it does", self.connect)
+            return False
+        if self._send_blocked:
+            self._send_blocked = False
+            log.info("the broker at %s takes messages again (dropped so far: %s)", self.connect, self._dropped_text())
+        return True
+
+    def _dropped_text(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.dropped.items())
 
     def run(self) -> int:
         """Serve until shutdown; returns the process exit code."""
@@ -184,14 +216,14 @@ class AdapterWorker:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._done_pull, zmq.POLLIN)
-        self._send(self.hello())
+        self._send(self.hello(), "hellos")
         next_beat = time.monotonic() + self.heartbeat_s
         next_hello = time.monotonic() + HELLO_EVERY_S
         reason = "shutdown"
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                timeout_ms = max(0, int((next_beat - now) * 1000))
+                timeout_ms = max(0, int(min(next_beat - now, POLL_MAX_S) * 1000))
                 events = dict(poller.poll(timeout_ms))
                 if self._done_pull in events:
                     self._forward_done()
@@ -202,10 +234,10 @@ class AdapterWorker:
                     if self.parent_pid is not None and os.getppid() != self.parent_pid:
                         reason = "parent gone"
                         break
-                    self._send(AdapterBeat(in_flight=self.in_flight, ts=time.time_ns()))
+                    self._send(AdapterBeat(in_flight=self.in_flight, ts=time.time_ns()), "beats")
                     next_beat = now + self.heartbeat_s
                 if now >= next_hello:
-                    self._send(self.hello())
+                    self._send(self.hello(), "hellos")
                     next_hello = now + HELLO_EVERY_S
         finally:
             self._stop.set()
@@ -215,6 +247,8 @@ class AdapterWorker:
                 self.sock.send(self._codec_out.encode(AdapterBye(reason=reason)), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
+            if any(self.dropped.values()):
+                log.warning("adapter stopped (%s); messages the broker never took: %s", reason, self._dropped_text())
             self.close()
         return 0
 
@@ -225,7 +259,7 @@ class AdapterWorker:
             except zmq.Again:  # pragma: no cover - EVENTS said readable
                 return
             self.in_flight -= 1
-            self.sock.send(raw)
+            self._send_frames([raw], "replies")
 
     def _read_broker(self) -> bool:
         """Handle every waiting broker message (each may batch several requests); True on
@@ -262,7 +296,7 @@ class AdapterWorker:
     def _send_replies(self, replies: list[bytes]) -> None:
         """The local narrator's answers to one broker message: in batch frames when several."""
         if replies:
-            self.sock.send_multipart(batch_frames(replies))
+            self._send_frames(batch_frames(replies), "replies", len(replies))
 
     def stop(self) -> None:
         self._stop.set()
@@ -276,7 +310,11 @@ class AdapterWorker:
 
 def serve(provider: str, connect: str, *, overrides: dict[str, Any] | None = None,
           secrets_file: str | None = None, heartbeat_s: float = 0.1, parent_pid: int | None = None) -> int:
-    """Run one adapter process until shutdown (what ``dynamic-core adapter`` calls)."""
+    """Run one adapter process until shutdown (what ``dynamic-core adapter`` calls).
+
+    Returns 0 after a shutdown and 1 when serving failed; a bad profile, secrets file or address
+    raises before serving starts (the command line turns that into exit status 2, which a
+    :class:`~dynamic_core.reasoning.ReasoningMesh` does not restart)."""
     from .profiles import profile as make_profile
     from .secrets import RedactingFilter, api_key
 
@@ -296,6 +334,8 @@ def serve(provider: str, connect: str, *, overrides: dict[str, Any] | None = Non
         signal.signal(signal.SIGINT, _term)
     try:
         return worker.run()
-    except DynamicCoreError as e:
+    except (DynamicCoreError, OSError, ValueError, zmq.ZMQError) as e:
+        # 1, not the command line's 2: exit 2 tells a mesh "configuration error, do not restart",
+        # and a failure while serving is worth a restart
         log.error("adapter %s stopped: %s", prof.name, e)
         return 1

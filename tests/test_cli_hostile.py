@@ -1,0 +1,211 @@
+"""The command line under hostile or careless input: every user mistake is one
+``dynamic-core: error: ...`` line and a non-zero exit, never a traceback, a hang or lost rows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zmq
+from dynamic_core import cli
+
+from .test_cli import PKG_ROOT, assert_clean_error, dynamic_core
+
+
+def _csv(path: Path, symbols: list[str], rows: int = 24) -> Path:
+    lines = ["time,symbol,open,high,low,close"]
+    for s in symbols:
+        for h in range(rows):
+            lines.append(f"2024-01-{1 + h // 24:02d} {h % 24:02d}:00,{s},1.1,1.2,1.0,1.15")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---- CSV symbols ------------------------------------------------------------------------------
+
+def test_symbols_na_null_nan_are_instruments_not_lost_rows(tmp_path: Path) -> None:
+    path = _csv(tmp_path / "na.csv", ["EURUSD", "NA", "NULL", "nan"])
+    proc = dynamic_core("run", "--agents", "100", "--data", str(path), "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 stream(s)" in proc.stdout and "Processed 96 of 96 bars" in proc.stdout
+    proc = dynamic_core("backtest", "--data", str(path), "--out", str(tmp_path / "r.csv"), "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "96 bars" in proc.stdout
+
+
+def test_rows_without_a_symbol_are_a_clean_error_naming_them(tmp_path: Path) -> None:
+    path = _csv(tmp_path / "blank.csv", ["EURUSD", ""], rows=3)
+    assert_clean_error(dynamic_core("run", "--agents", "100", "--data", str(path), "-q", cwd=tmp_path),
+                       "blank.csv", "3 row(s) with an empty 'symbol'", "rows 4, 5, 6")
+
+
+# ---- sockets ----------------------------------------------------------------------------------
+
+@pytest.fixture()
+def busy_port():
+    """An address another socket is bound to."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUB)
+    s.setsockopt(zmq.LINGER, 0)
+    s.bind("tcp://127.0.0.1:*")
+    yield s.getsockopt_string(zmq.LAST_ENDPOINT)
+    s.close()
+    ctx.term()
+
+
+@pytest.mark.parametrize("option", ["--publish", "--feed"])
+def test_a_port_in_use_is_a_clean_error(option: str, busy_port: str, tmp_path: Path) -> None:
+    proc = dynamic_core("run", "--agents", "100", "--bars", "10", "-q", option, busy_port, "--duration", "5",
+                        cwd=tmp_path)
+    assert_clean_error(proc, "Address already in use", busy_port, "choose another port")
+
+
+def test_an_address_zeromq_cannot_parse_is_a_clean_error(tmp_path: Path) -> None:
+    proc = dynamic_core("adapter", "--provider", "local", "--connect", "garbage", cwd=tmp_path)
+    assert_clean_error(proc, "garbage", "tcp://127.0.0.1:5556")
+
+
+# ---- numbers that never expire or cannot be ---------------------------------------------------
+
+@pytest.mark.parametrize("args, option", [
+    (["run", "--publish", "tcp://127.0.0.1:*", "--duration", "nan"], "--duration"),
+    (["run", "--publish", "tcp://127.0.0.1:*", "--duration", "inf"], "--duration"),
+    (["run", "--publish", "tcp://127.0.0.1:*", "--duration", "0"], "--duration"),
+    (["run", "--publish", "tcp://127.0.0.1:*", "--heartbeat", "nan"], "--heartbeat"),
+    (["run", "--reasoning", "local", "--reasoning-deadline", "nan"], "--reasoning-deadline"),
+    (["run", "--learning", "-3"], "--learning"),
+    (["run", "--learning", "300000"], "--learning"),
+    (["run", "--seed", "-1"], "--seed"),
+    (["run", "--seed", str(2**64)], "--seed"),
+    (["run", "--evolve", "5", "--evolve-seed", "-1"], "--evolve-seed"),
+    (["backtest", "--data", "sim", "--seed", "-1"], "--seed"),
+    (["subscribe", "tcp://127.0.0.1:5995", "--timeout", "nan"], "--timeout"),
+    (["ctl", "tcp://127.0.0.1:5996", "health", "--server-key", "k", "--client-key", "k", "--timeout", "-1"],
+     "--timeout"),
+    (["journal", "dump", ".", "--limit", "-1"], "--limit"),
+])
+def test_bad_numbers_are_refused_at_parse_time_naming_the_option(args: list[str], option: str,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # parse only: with the old parser some of these ran for ever (a NaN duration never expires)
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(args)
+    assert e.value.code == 2
+    assert f"error: argument {option}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, option", [
+    (["run", "--agents", "100", "--bars", "10", "-q", "--publish", "tcp://127.0.0.1:*", "--duration", "nan"],
+     "--duration"),
+    (["run", "--agents", "100", "--bars", "10", "-q", "--seed", "-1"], "--seed"),
+    (["run", "--agents", "100", "--bars", "10", "-q", "--learning", "-3"], "--learning"),
+])
+def test_bad_numbers_name_their_option(args: list[str], option: str, tmp_path: Path) -> None:
+    proc = dynamic_core(*args, cwd=tmp_path, timeout=30)
+    assert_clean_error(proc, f"argument {option}:")
+
+
+def test_out_of_memory_is_one_line_suggesting_fewer_agents(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    def huge(*args: object, **kw: object) -> None:
+        raise MemoryError("Unable to allocate 37.3 GiB for an array")
+
+    monkeypatch.setattr(cli.Population, "random_on", huge)
+    assert cli.main(["run", "--agents", "100", "--bars", "10", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dynamic-core: error: out of memory") and "--agents" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+# ---- ^C before the command runs ---------------------------------------------------------------
+
+def test_interrupt_while_building_the_parser_exits_130(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    try:
+        code = cli.main(["run"])
+    except KeyboardInterrupt:  # caught here: escaping, it would stop the whole test session
+        pytest.fail("KeyboardInterrupt escaped main()")
+    assert code == 130
+    assert capsys.readouterr().err == "dynamic-core: interrupted\n"
+
+
+def test_interrupt_while_python_m_imports_the_cli_exits_130(tmp_path: Path) -> None:
+    # a ^C that lands while `python -m dynamic_core` imports dynamic_core.cli, made deterministic
+    # by an import hook that raises it there
+    code = (
+        "import runpy, sys\n"
+        "class Hook:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'dynamic_core.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Hook())\n"
+        "runpy.run_module('dynamic_core', run_name='__main__', alter_sys=True)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (PKG_ROOT, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "dynamic-core: interrupted\n"
+
+
+# ---- help -------------------------------------------------------------------------------------
+
+def test_backtest_help_explains_every_genome_option(tmp_path: Path) -> None:
+    out = dynamic_core("backtest", "--help", cwd=tmp_path, timeout=30).stdout
+    lines = out.splitlines()
+    for name in cli._INT_PARAMS + cli._FLOAT_PARAMS:
+        opt = f"--{name.replace('_', '-')} V"
+        (i,) = [k for k, line in enumerate(lines) if line.strip().startswith(opt)]
+        text = " ".join(lines[i:i + 3])
+        # more than the bare default: what the value means
+        assert len(text.split("[default:")[0].replace(opt, "").split()) >= 3, text
+    assert "soft(x) = x / (1 + |x|)" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("command, needle", [
+    (["smc"], "dynamic-core smc backtesting:EURUSD"),
+    (["bridge"], "dynamic-core bridge mt5 --simulated-terminal"),
+    (["journal", "dump"], "torn tail"),
+])
+def test_help_teaches_with_examples(command: list[str], needle: str, tmp_path: Path) -> None:
+    proc = dynamic_core(*command, "--help", cwd=tmp_path, timeout=30)
+    assert proc.returncode == 0
+    assert needle in " ".join(proc.stdout.split())
+
+
+# ---- journal dump on a torn journal -----------------------------------------------------------
+
+def test_journal_dump_lists_what_it_can_then_warns_of_a_torn_tail(tmp_path: Path) -> None:
+    d = tmp_path / "j"
+    assert dynamic_core("run", "--agents", "100", "--bars", "50", "-q", "--chunk", "20", "--journal", str(d),
+                        cwd=tmp_path).returncode == 0
+    seg = d / "seg-000000.dcj"
+    seg.write_bytes(seg.read_bytes()[:-7])
+    proc = dynamic_core("journal", "dump", str(d), "--limit", "0", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "meta" in proc.stdout and "records: bars" in proc.stdout
+    assert "torn tail" in proc.stderr and "--repair" in proc.stderr and "Traceback" not in proc.stderr
+    assert dynamic_core("journal", "verify", str(d), "--repair", cwd=tmp_path).returncode == 0
+    assert dynamic_core("journal", "dump", str(d), cwd=tmp_path).returncode == 0
+
+
+# ---- output width -----------------------------------------------------------------------------
+
+def test_tables_are_not_squeezed_when_stdout_is_not_a_terminal(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_ROOT, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-m", "dynamic_core", "run", "--agents", "256", "--bars", "60",
+                           "--instruments", "1", "--no-live", "--reasoning", "local"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    header = next(line for line in proc.stdout.splitlines() if "latest rationale" in line)
+    assert "instrument" in header and "time (UTC)" in header  # not squeezed to "…"
+    mesh = next(line for line in proc.stdout.splitlines() if "provider" in line)
+    for col in ("tokens in/out", "cache hits", "budget left"):
+        assert col in mesh  # every header on one line, none cut
