@@ -12,6 +12,7 @@ import talib
 from backtesting.test import EURUSD
 from dynamic_core.decision import (
     DAY_NS,
+    DAYS_KEPT,
     AtrTracker,
     PlanConfig,
     Portfolio,
@@ -278,6 +279,124 @@ def test_expired_plan_is_rejected():
     g.mark(T0 + 2 * H1 * 10**9, 100_000.0)
     assert g.evaluate(plan_of(ts=T0), pf()).reasons == ("expired",)
     assert g.evaluate(plan_of(ts=T0, valid_bars=3), pf()).verdict == "APPROVED"
+
+
+def _with(portfolio, **kw):
+    """``portfolio`` with fields set (orders waiting to fill)."""
+    for k, v in kw.items():
+        setattr(portfolio, k, v)
+    return portfolio
+
+
+def test_pending_orders_are_judged_from_both_books():
+    # EURUSD: 5 lots long filled, a sell of 5 waiting to fill (flat once it does). A second sell of
+    # 5 closes the long if that order expires, or opens a 5-lot short if it fills: judged only as
+    # the close (|5 - 5| = 0 lots after), it always passed; the short must fit too
+    # (3.3 x 100,000 / 110,000 = 3 lots of EURUSD)
+    g = gov(max_instrument_leverage=3.3, max_leverage=0, max_currency_leverage=0)
+    books = pf({"EURUSD": 5.0})
+    assert g.evaluate(plan_of(direction=-1, size=5.0), books).verdict == "APPROVED"  # no order waiting
+    books = _with(pf({"EURUSD": 5.0}), pending={"EURUSD": (5.0, 0.0)})
+    d = g.evaluate(plan_of(direction=-1, size=5.0), books)
+    assert d.verdict == "MODIFIED" and d.plan.size == 3.0 and d.reasons == ("resized_instrument",)
+    assert d.detail["resized_instrument.value"] == pytest.approx(5.0 * 110_000 / 100_000)  # the short's
+    # long 1 filled and a 2-lot sell waiting (short 1 once it fills): another sell pyramids that short
+    d = gov().evaluate(plan_of(direction=-1), _with(pf({"EURUSD": 1.0}), pending={"EURUSD": (1.0, -1.0)}))
+    assert d.reasons == ("position_open",) and d.detail["position_open.value"] == -1.0
+    # ... and a buy pyramids the long the sell leaves if it expires
+    d = gov().evaluate(plan_of(direction=1), _with(pf({"EURUSD": -1.0}), pending={"EURUSD": (1.0, -1.0)}))
+    assert d.reasons == ("position_open",) and d.detail["position_open.value"] == 1.0
+    # a flip inside the flat book takes a slot: 2 open (EURUSD counted once) + 0 = fits 2, not 1
+    both = _with(pf({"EURUSD": 1.0, "GBPUSD": 1.0}), pending={"EURUSD": (1.0, 0.0)})
+    assert gov(max_open_positions=2).evaluate(plan_of(direction=-1), both).verdict == "APPROVED"
+    both = _with(pf({"EURUSD": 1.0, "GBPUSD": 1.0, "USDJPY": 1.0}), pending={"EURUSD": (1.0, 0.0)})
+    d = gov(max_open_positions=2).evaluate(plan_of(direction=-1), both)
+    assert d.reasons == ("max_open_positions",) and d.detail["max_open_positions.value"] == 3
+    # the plan whose order is waiting, judged again, is not approved twice
+    p = plan_of(direction=-1)
+    waiting = _with(pf({"EURUSD": 1.0}), pending={"EURUSD": (1.0, 0.0)}, pending_plans={p.plan_id})
+    assert gov().evaluate(p, waiting).reasons == ("duplicate_plan",)
+    assert gov().evaluate(plan_of(direction=-1, size=0.5), waiting).verdict == "APPROVED"  # another plan
+
+
+def test_two_books_give_the_worse_of_two_one_book_verdicts():
+    # oracle: the plan judged twice by a fresh governor, its instrument at the filled lots and at
+    # the lots once the orders fill (every other instrument as given): refused when either refuses,
+    # else the smaller size, the union of the reasons and each number at its larger
+    rng = np.random.default_rng(11)
+    names = ["EURUSD", "GBPUSD", "USDJPY", "EURGBP", "XAUUSD"]
+    lots = [-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0]
+    seen = set()
+    for _ in range(600):
+        kw = {"max_open_positions": int(rng.integers(0, 4)), "allow_pyramiding": bool(rng.integers(2)),
+              "max_instrument_leverage": float(rng.choice([0.0, 2.0, 5.0])),
+              "max_leverage": float(rng.choice([0.0, 6.0, 12.0])),
+              "max_currency_leverage": float(rng.choice([0.0, 3.0, 8.0]))}
+        others = {n: float(rng.choice(lots)) for n in names[1:] if rng.integers(2)}
+        f, b = (float(x) for x in rng.choice(lots, 2, replace=False))
+        name, d, size = "EURUSD", int(rng.choice([-1, 1])), float(rng.choice([0.5, 2.0, 4.0]))
+        view = max((b, f), key=abs) if abs(b) > abs(f) else f
+        two = _with(pf({**others, name: view} if view else others), pending={name: (f, b)})
+        got = gov(**kw).evaluate(plan_of(name, d, size), two)
+        one = [gov(**kw).evaluate(plan_of(name, d, size), pf({**others, name: h} if h else others)) for h in (f, b)]
+        seen.add(got.verdict)
+        if any(v.verdict == "REJECTED" for v in one):
+            assert got.verdict == "REJECTED", (kw, others, f, b, d, size)
+            continue
+        assert got.plan.size == min(v.plan.size for v in one), (kw, others, f, b, d, size)
+        assert got.verdict == ("APPROVED" if got.plan.size == size else "MODIFIED")
+        assert set(got.reasons) == {r for v in one for r in v.reasons}
+        for v in one:
+            for k, x in v.detail.items():
+                assert got.detail[k] >= x
+    assert seen == {"APPROVED", "MODIFIED", "REJECTED"}
+
+
+def test_portfolio_of_a_broker_sees_its_pending_orders():
+    from dynamic_core.bridges.paper import Order, PaperBroker
+
+    b = PaperBroker()
+    b.on_bar("EURUSD", T0, 1.1, 1.1, 1.1, 1.1)
+    b.submit(Order(client_order_id="a", instrument="EURUSD", side=1, lots=2.0, plan_id="A"))
+    b.on_bar("EURUSD", T0 + 1, 1.1, 1.1, 1.1, 1.1)  # long 2
+    b.submit(Order(client_order_id="b", instrument="EURUSD", side=-1, lots=3.0, plan_id="B"))
+    b.submit(Order(client_order_id="c", instrument="GBPUSD", side=-1, lots=1.0, plan_id="C"))
+    got = Portfolio.of(b)
+    assert got.positions == {"EURUSD": 2.0, "GBPUSD": -1.0}
+    assert got.pending == {"EURUSD": (2.0, -1.0), "GBPUSD": (0.0, -1.0)} and got.pending_plans == {"B", "C"}
+
+
+def test_a_late_plan_is_judged_by_the_loss_of_its_own_day():
+    h = 3600 * 10**9
+    g = gov(daily_loss_pct=3.0)  # day 0 opens at 100,000
+    g.mark(T0 + 5 * h, 96_000.0)  # 4% down
+    g.mark(T0 + 20 * h, 99_000.0)  # 1% down at the close
+    g.mark(T0 + DAY_NS, 99_000.0)  # day 1 opens at 99,000
+    # stamped at 21:00 on day 0 (valid 10 bars), judged on day 1: that day hit the limit (its
+    # worst mark, 4% down); it used to skip the check, its day not being the governor's
+    late = plan_of(ts=T0 + 21 * h, valid_bars=10)
+    d = g.evaluate(late, pf(equity=99_000.0))
+    assert d.reasons == ("daily_loss_limit",) and d.detail["daily_loss_limit.value"] == pytest.approx(4.0)
+    assert g.evaluate(plan_of(ts=T0 + DAY_NS), pf(equity=99_000.0)).verdict == "APPROVED"  # today's own
+    # a late plan of a day that stayed within the limit passes, unless today is over it (its order
+    # executes today)
+    g.mark(T0 + 2 * DAY_NS, 99_000.0)
+    day1 = plan_of(ts=T0 + DAY_NS + 23 * h, valid_bars=10)
+    assert g.evaluate(day1, pf(equity=99_000.0)).verdict == "APPROVED"
+    d = g.evaluate(day1, pf(equity=95_000.0))  # 4.04% down today
+    assert d.reasons == ("daily_loss_limit",) and d.detail["daily_loss_limit.value"] == pytest.approx(400 / 99)
+    # a day the governor never marked, or no longer keeps, cannot be checked: refused
+    g2 = gov(daily_loss_pct=3.0)
+    g2.mark(T0 + 3 * DAY_NS, 100_000.0)
+    d = g2.evaluate(plan_of(ts=T0 + 2 * DAY_NS + 23 * h, valid_bars=10), pf())
+    assert d.reasons == ("daily_loss_unknown",) and d.detail["daily_loss_unknown.value"] == T0 // DAY_NS + 2
+    for k in range(4, 4 + DAYS_KEPT + 2):  # days 0, 3, 4, ... recorded as each ends; the last 8 kept
+        g2.mark(T0 + k * DAY_NS, 100_000.0)
+    assert g2.evaluate(plan_of(ts=T0 + 4 * DAY_NS + h, valid_bars=10**4), pf()).reasons == ("daily_loss_unknown",)
+    assert g2.evaluate(plan_of(ts=T0 + 5 * DAY_NS + h, valid_bars=10**4), pf()).verdict == "APPROVED"
+    assert len(g2._past_loss) == DAYS_KEPT
+    # with the limit off, nothing is checked
+    assert gov(daily_loss_pct=0).evaluate(plan_of(ts=T0 - DAY_NS, valid_bars=100), pf()).verdict == "APPROVED"
 
 
 def test_verdicts_are_counted_and_decode():

@@ -104,6 +104,103 @@ def test_pending_orders_only_add_to_what_the_governor_sees():
     assert m._positions() == {"EURUSD": 2.0, "GBPUSD": -2.0, "XAUUSD": -2.0, "USDJPY": 0.5}
 
 
+def _long_then_sells(limits, sells, *, again=False, long_lots=1.0, eur2_short=False):
+    """EURUSD (lots of 1, at most 2): a long of ``long_lots`` placed at bar 38 (filled at 39's
+    open), then ``sells`` sell signals in one call at bar 39 (filled at 40's open) -- the same
+    signals twice with ``again``; with ``eur2_short``, a 2-lot short of EUR2 (a EUR/USD contract
+    of 1,000 EUR at ~100) from bar 37. Returns the maker, the sells' verdicts and EURUSD's
+    position at bar 40."""
+    spec = {"EURUSD": InstrumentSpec(name="EURUSD", base="EUR", quote="USD", lot_step=1.0, min_lot=1.0, max_lot=2.0),
+            "EUR2": InstrumentSpec(name="EUR2", base="EUR", quote="USD", contract_size=1000.0, lot_step=1.0,
+                                   min_lot=1.0, max_lot=2.0)}
+    bars = dc.sim.MarketSimulator(["EURUSD", "EUR2"], seed=2).bars(41)
+    eu = dc.instruments.id("EURUSD")
+    m = DecisionMaker(PaperBroker(equity=1e8, specs=spec), specs=spec, plan=PlanConfig(stop_atr=20.0), limits=limits)
+
+    def place(name, direction, lots, step):
+        close = float(step["close"][step["instrument"] == dc.instruments.id(name)][0])
+        p = make_plan(ai_signal(name, direction, ts=int(step["ts"][0])), entry=close, atr=close / 1000, equity=1e8,
+                      config=PlanConfig(stop_atr=20.0), spec=spec[name])
+        assert m.decide(msgspec.structs.replace(p, size=lots)).verdict == "APPROVED"
+
+    verdicts = []
+    for k, step in enumerate(time_steps(bars)):
+        m.on_bars(step)
+        if k == 37 and eur2_short:
+            place("EUR2", -1, 2.0, step)
+        if k == 38:
+            place("EURUSD", 1, long_lots, step)
+        if k == 39:
+            assert m.trader.net_lots().get("EURUSD") == long_lots
+            s = signals(eu, int(step["ts"][0]), action=-1, n=sells)
+            verdicts += m.on_signals(s)
+            if again:
+                verdicts += m.on_signals(s)
+    return m, verdicts, m.trader.positions().get("EURUSD")
+
+
+def test_a_second_sell_while_a_reversal_is_pending_is_judged_from_both_books():
+    # long 1 filled; the first sell (2 lots) reverses it, waiting for the next open (short 1 once
+    # it fills); the second sell was judged against the filled long alone -- as a close -- and
+    # approved: both filled into a 3-lot short of two plans, pyramiding that allow_pyramiding=False forbids
+    _, (first, second), pos = _long_then_sells(RiskLimits(), 2)
+    assert first.verdict == "APPROVED" and first.plan.size == 2.0
+    assert second.verdict == "REJECTED" and second.reasons == ("position_open",)
+    assert second.detail["position_open.value"] == -1.0  # the book once the reversal fills
+    assert pos.lots == -1.0 and [leg.plan_id for leg in pos.legs] == [first.plan_id]
+
+
+def test_a_second_sell_while_a_close_is_pending_must_fit_as_a_new_short():
+    # EUR exposure: EUR2 short 2 (-2 x 1,000 x ~100 = -200k), EURUSD long 2 (+2 x 100,000 x ~1.07 =
+    # +214k); the limit 0.0025 x 1e8 = 250k either way. The first sell (2 lots) closes the long,
+    # waiting; the second, judged as closing the same long (EUR ~+14k - 107k x 2), was approved and
+    # left EUR at ~-414k once both filled. Judged from the flat book too it is a new short, room
+    # for (250k - 200k) / 107k = 0.47 lots: under the minimum lot
+    lim = RiskLimits(max_currency_leverage=0.0025, max_instrument_leverage=0, max_leverage=0)
+    m, (first, second), pos = _long_then_sells(lim, 2, long_lots=2.0, eur2_short=True)
+    assert first.verdict == "APPROVED" and first.plan.size == 2.0
+    assert second.verdict == "REJECTED" and second.reasons == ("resized_currency", "below_min_lot")
+    assert pos is None
+    # the limit holds on the books as they are (prices of the last bar)
+    eur = sum(p.lots * (1000.0 if n == "EUR2" else 100_000.0) * m.prices[n] for n, p in m.trader.positions().items())
+    assert abs(eur) <= 0.0025 * m.trader.equity
+
+
+def test_a_plan_whose_order_waits_is_not_approved_twice():
+    # the same sell signal twice before its order fills: it closes the long once; judged again
+    # against the filled long it was approved again (and answered "duplicate" by the broker)
+    m, verdicts, pos = _long_then_sells(RiskLimits(), 1, again=True, long_lots=2.0)
+    first, again = verdicts
+    assert first.verdict == "APPROVED" and again.plan_id == first.plan_id
+    assert again.verdict == "REJECTED" and again.reasons == ("duplicate_plan",)
+    assert pos is None and m.stats()["decisions"] == {"APPROVED": 2, "MODIFIED": 0, "REJECTED": 1}
+    assert [f.kind for f in m.trader.fills] == ["entry", "close"]
+
+
+def test_no_position_ever_pyramids_through_orders_waiting_to_fill():
+    # three signals per instrument per bar, random sides: with pyramiding off every position is
+    # one plan's leg at every bar, and max_open_positions holds (the old single-book view let a
+    # second sell through while a first one reversed the position)
+    names = ["EURUSD", "GBPUSD", "USDJPY"]
+    bars = dc.sim.MarketSimulator(names, seed=5).bars(400)
+    ids = [dc.instruments.id(n) for n in names]
+    m = DecisionMaker(PaperBroker(), limits=NO_LIMITS.__class__(
+        **{**msgspec.structs.asdict(NO_LIMITS), "allow_pyramiding": False, "max_open_positions": 2}))
+    rng = np.random.default_rng(8)
+    refused = 0
+    for k, step in enumerate(time_steps(bars)):
+        m.on_bars(step)
+        for pos in m.trader.positions().values():
+            assert len(pos.legs) == 1, (k, pos)
+        assert len(m.trader.positions()) <= 2
+        if k >= 20:
+            s = np.concatenate([signals(i, int(step["ts"][0]), action=int(rng.choice([-1, 1])), n=1)
+                                for i in ids for _ in range(3)])
+            s["seq"] = np.arange(len(s)) + 10 * k
+            refused += sum(v.reasons[:1] == ("position_open",) for v in m.on_signals(s))
+    assert refused > 100 and m.stats()["trades"] > 50
+
+
 # ---- 2 + 6. the governor fails closed on NaN and on no equity -----------------------------------------
 
 @pytest.mark.parametrize("field, reason", [("confidence", "min_confidence"), ("agreement", "min_agreement")])

@@ -352,6 +352,58 @@ def test_duplicate_client_order_id_changes_nothing() -> None:
     assert b.positions()["EURUSD"].lots == 1.0 and len(b.fills) == 1
 
 
+def _id_stream(b: PaperBroker, n: int = 2500, ids: int = 1200) -> list[tuple[str, str]]:
+    """Market, limit and stop orders on EURUSD with ids reused from far back (order i has id
+    i % ``ids``), some expiring, one in 50 cancelled, one in 40 refused (bad size); the answers."""
+    rng = np.random.default_rng(5)
+    px, out = 1.1, []
+    for i in range(n):
+        px *= 1 + rng.normal(0, 0.001)
+        b.on_bar("EURUSD", (i + 1) * 60, px, px * 1.001, px * 0.999, px)
+        side, typ = int(rng.choice([-1, 1])), ("market", "limit", "stop")[i % 3]
+        price = 0.0 if typ == "market" else px * (1 - side * 0.0005 if typ == "limit" else 1 + side * 0.0005)
+        lots = 0.015 if i % 40 == 0 else float(rng.choice([0.1, 0.2]))
+        od = Order(client_order_id=f"o{i % ids}", instrument="EURUSD", side=side, type=typ, lots=lots, price=price,
+                   valid_until=(i + 3) * 60, plan_id=f"P{i % ids}")
+        r = b.submit(od)
+        out.append((r.status, r.reason))
+        if i % 50 == 0:
+            b.cancel(od.client_order_id)
+    return out
+
+
+def test_an_id_is_a_duplicate_long_after_its_status_is_dropped() -> None:
+    # oracle: a broker that keeps every status. With 3 kept, ids sent again 1,200 orders later were
+    # accepted and executed a second time
+    full, small = PaperBroker(history=None), PaperBroker(history=3)
+    got = _id_stream(small)
+    assert got == _id_stream(full)
+    assert small.fills == full.fills[-len(small.fills):] and small.fill_count == full.fill_count
+    assert small.stats()["dropped"]["statuses"] > 1000 and len(small._status) <= 3 + 1 + len(small.pending())
+    assert got.count(("duplicate", "")) > 1000 and ("rejected", "bad_size") in got
+    assert small._old_ids.n > 512  # the table grew (from 1,024 slots) and kept every id
+    # an id accepted 2,400 orders ago: its status is gone, the id is not; a refused id (o0 always
+    # had a bad size) may be sent again: nothing was executed under it
+    early = [f"o{i}" for i, (st, _) in enumerate(got[:100]) if st == "accepted"]
+    assert len(early) > 50 and {small.order_status(c) for c in early} == {None}
+    assert {small.submit(buy(c, 0.1)).status for c in early} == {"duplicate"}
+    assert small.submit(buy("o0", 0.1)).status == "accepted"
+
+
+def test_order_id_memory_is_capped_and_refuses_new_ids_rather_than_forget() -> None:
+    b = PaperBroker(history=1, max_order_ids=5, fill_market="immediate")
+    b.on_bar("EURUSD", 1, 1.1, 1.1, 1.1, 1.1)
+    answers = [b.submit((buy if i % 2 else sell)(f"i{i}", 0.1)).status for i in range(10)]
+    # 5 ids hashed, then the next one finished could not be: kept whole, and new ids refused
+    assert answers == ["filled"] * 7 + ["rejected"] * 3
+    assert b.stats()["rejects"] == {"ids_full": 3} and b._old_ids.n == 5 and len(b._status) == 2
+    assert [b.submit(buy(f"i{i}", 0.1)).status for i in range(7)] == ["duplicate"] * 7
+    assert len(b.fills) == 1 and b.fill_count == 7  # nothing executed twice
+    assert b.submit(buy("i8", 0.1)).reason == "ids_full" and len(b._status) == 2  # refusals take no memory
+    with pytest.raises(ValueError, match="max_order_ids"):
+        PaperBroker(max_order_ids=-1)
+
+
 def test_fill_market_immediate_and_no_price() -> None:
     b = PaperBroker(fill_market="immediate", costs=CostModel(spread=0.0002, slippage=0.0001))
     r = b.submit(buy("p1", 1.0, ts=5))

@@ -34,17 +34,21 @@ all instruments as crosses. ``equity`` marks open legs at the price they would e
 for longs, ask for shorts; no slippage or exit commission).
 
 Idempotency and bad input. A ``client_order_id`` once accepted answers ``"duplicate"`` and
-changes nothing; a rejected one may be sent again (nothing was executed). Invalid orders are
-rejected with a reason code, invalid bars ignored and counted, a raising trade callback counted
-and logged once: nothing raises. Callbacks run once the call that closed the trade has finished
-its bookkeeping, so they may call the broker. Same calls, same results, bit for bit; reading
-``equity`` (or anything else) between calls changes nothing.
+changes nothing, however long ago it was accepted (see Memory); a rejected one may be sent again
+(nothing was executed). Invalid orders are rejected with a reason code, invalid bars ignored and
+counted, a raising trade callback counted and logged once: nothing raises. Callbacks run once
+the call that closed the trade has finished its bookkeeping, so they may call the broker. Same
+calls, same results, bit for bit; reading ``equity`` (or anything else) between calls changes
+nothing.
 
 Memory. The equity curve, the fills, the closed trades and the statuses of finished orders are
 history: the latest ``history`` of each are kept (the oldest dropped a chunk at a time), while
 ``stats()`` and the counts cover the whole run. Open legs and pending orders are state and are
-never dropped. A ``client_order_id`` is answered ``"duplicate"`` while its status is kept: for
-at least the last ``history`` orders.
+never dropped. The id of a finished order whose status is dropped is kept as a 64-bit hash (16
+bytes an id) so that a resubmission is still answered ``"duplicate"``, up to ``max_order_ids``
+of them (:data:`MAX_ORDER_IDS`); once that many are kept, a new id is rejected ``"ids_full"``
+rather than risk accepting a duplicate the broker no longer knows (a new id whose hash equals an
+old one's is answered ``"duplicate"``: odds about one in 2**64 / ``max_order_ids`` an order).
 
 Against backtesting.py (no costs, ``trade_on_close=False``) market entries with brackets and
 netted orders agree exactly but for one case: a position held through a gap beyond its target
@@ -56,8 +60,10 @@ from __future__ import annotations
 
 import logging
 import math
+from array import array
 from collections import deque
 from collections.abc import Callable, Mapping
+from hashlib import blake2b
 
 import msgspec
 import numpy as np
@@ -66,8 +72,8 @@ from ..decision.specs import InstrumentSpec, conversion_prices, instrument_spec,
 from ..instruments import instruments
 from ..payloads import TradingPlan
 
-__all__ = ["EQUITY_DTYPE", "ClosedTrade", "CostModel", "Fill", "Leg", "Order", "OrderResult", "PaperBroker",
-           "Position", "order_from_plan"]
+__all__ = ["EQUITY_DTYPE", "MAX_ORDER_IDS", "ClosedTrade", "CostModel", "Fill", "Leg", "Order", "OrderResult",
+           "PaperBroker", "Position", "order_from_plan"]
 
 log = logging.getLogger("dynamic_core.bridges.paper")
 
@@ -77,6 +83,9 @@ EQUITY_DTYPE = np.dtype([("ts", "<i8"), ("balance", "<f8"), ("equity", "<f8")])
 _ORDER_TYPES = ("market", "limit", "stop")
 HISTORY = 100_000
 """Curve points, fills, closed trades and finished-order statuses a broker keeps by default."""
+MAX_ORDER_IDS = 1 << 24
+"""Ids of finished orders (beyond the ``history`` statuses) a broker remembers by default, as
+64-bit hashes: at most 256 MiB; past that, new ids are rejected ``"ids_full"``."""
 _EPS = 1e-9  # lots below this are float dust from subtracting steps, not a position
 
 
@@ -222,18 +231,25 @@ class PaperBroker:
         How many equity-curve points, fills, closed trades and finished-order statuses are kept
         in memory (default :data:`HISTORY`; None keeps all). ``stats()`` covers the whole run
         either way; a journal of the decisions is the durable record.
+    max_order_ids : int or None
+        How many ids of finished orders whose status was dropped are remembered (as 64-bit
+        hashes) to refuse their resubmission (default :data:`MAX_ORDER_IDS`; None: no cap).
+        Once full, new ids are rejected ``"ids_full"``: a duplicate is never accepted.
     """
 
     def __init__(self, *, equity: float = 100_000.0, account: str = "USD",
                  costs: CostModel | Mapping[str, CostModel] | None = None,
                  specs: Mapping[str, InstrumentSpec] | None = None,
-                 fill_market: str = "next_open", history: int | None = HISTORY) -> None:
+                 fill_market: str = "next_open", history: int | None = HISTORY,
+                 max_order_ids: int | None = MAX_ORDER_IDS) -> None:
         if fill_market not in ("next_open", "immediate"):
             raise ValueError(f"fill_market must be 'next_open' or 'immediate', got {fill_market!r}")
         if not (math.isfinite(equity) and equity > 0):
             raise ValueError(f"equity must be finite and > 0, got {equity!r}")
         if history is not None and (not isinstance(history, int) or history < 1):
             raise ValueError(f"history must be an int >= 1 or None, got {history!r}")
+        if max_order_ids is not None and (not isinstance(max_order_ids, int) or max_order_ids < 0):
+            raise ValueError(f"max_order_ids must be an int >= 0 or None, got {max_order_ids!r}")
         if costs is not None and not isinstance(costs, CostModel) and not all(
                 isinstance(v, CostModel) for v in costs.values()):
             raise TypeError("costs must be a CostModel or a mapping of instrument name to CostModel")
@@ -245,6 +261,10 @@ class PaperBroker:
         self._fill_market = fill_market
         self._spec_cache: dict[str, InstrumentSpec] = {}
         self._status: dict[str, str] = {}
+        # ids of finished orders whose status was dropped: a resubmission is still a duplicate
+        self._old_ids = _IdHashes()
+        self._max_ids = max_order_ids if max_order_ids is not None else 2**63 - 1
+        self._ids_full = False  # max_order_ids reached: new ids are refused
         self._pending: dict[str, Order] = {}  # insertion order = submission order
         self._pending_at: dict[str, dict[str, Order]] = {}  # the same, by instrument
         self._legs: dict[str, list[Leg]] = {}
@@ -311,11 +331,19 @@ class PaperBroker:
         """Validate ``order`` and accept it (pending) or, for a market order with
         ``fill_market="immediate"``, fill it now. Never raises for a bad order: rejection reasons
         are ``bad_order``, ``bad_side``, ``bad_type``, ``bad_size``, ``bad_price``, ``bad_stops``,
-        ``expired``, ``no_conversion`` and ``no_price``."""
+        ``expired``, ``no_conversion``, ``no_price`` and ``ids_full`` (a new id once
+        ``max_order_ids`` finished ids are remembered)."""
         cid = getattr(order, "client_order_id", None)
         if not isinstance(cid, str) or not cid:
             return self._reject("", "bad_order")
-        if self._status.get(cid, "rejected") != "rejected":
+        st = self._status.get(cid)
+        if st is None:
+            if self._old_ids.n and _IdHashes.key(cid) in self._old_ids:
+                return OrderResult(client_order_id=cid, status="duplicate")
+            if self._ids_full:  # not recorded: a refused id takes no memory
+                self._rejects["ids_full"] = self._rejects.get("ids_full", 0) + 1
+                return OrderResult(client_order_id=cid, status="rejected", reason="ids_full")
+        elif st != "rejected":
             return OrderResult(client_order_id=cid, status="duplicate")
         try:
             reason = self._validate(order)
@@ -514,12 +542,20 @@ class PaperBroker:
     def _set_status(self, cid: str, status: str) -> None:
         self._status[cid] = status
         if len(self._status) > self._status_at:
-            # the oldest finished orders are forgotten; a pending one is state and stays
+            # the oldest finished orders' statuses are dropped (a pending one is state and stays);
+            # an executed or cancelled one's id is kept as a hash: resubmitted, it is a duplicate
             excess = len(self._status) - self._keep
             old = [k for k, v in self._status.items() if v != "pending"][:excess]
+            ids, status_of, dropped = self._old_ids, self._status, 0
             for k in old:
-                del self._status[k]
-            self._dropped["statuses"] += len(old)
+                if status_of[k] != "rejected":
+                    if ids.n >= self._max_ids:  # kept whole instead, and no new id from now on
+                        self._ids_full = True
+                        continue
+                    ids.add(_IdHashes.key(k))
+                del status_of[k]
+                dropped += 1
+            self._dropped["statuses"] += dropped
             self._status_at = max(self._keep, len(self._status)) + self._chunk
 
     def _dispatch(self) -> None:
@@ -824,6 +860,54 @@ class PaperBroker:
             "callback_errors": self._callback_errors, "conversion_errors": self._conversion_errors,
             "dropped": dict(self._dropped),
         }
+
+
+class _IdHashes:
+    """A set of 64-bit hashes of order ids (BLAKE2b: the same in every process), in one array
+    with open addressing and linear probing, at most half full: 16 bytes an id."""
+
+    __slots__ = ("mask", "n", "table")
+
+    def __init__(self) -> None:
+        self.table = array("q", bytes(8 * 1024))
+        self.mask = 1023
+        self.n = 0
+
+    @staticmethod
+    def key(cid: str) -> int:
+        h = int.from_bytes(blake2b(cid.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little",
+                           signed=True)
+        return h or 1  # 0 marks an empty slot
+
+    def _slot(self, h: int) -> int:
+        """Where ``h`` is, or the empty slot where it would go."""
+        table, mask = self.table, self.mask
+        i = h & mask
+        while True:
+            v = table[i]
+            if v == h or not v:
+                return i
+            i = (i + 1) & mask
+
+    def __contains__(self, h: int) -> bool:
+        return self.table[self._slot(h)] == h
+
+    def add(self, h: int) -> None:
+        if 2 * (self.n + 1) > len(self.table):
+            old = self.table
+            self.table = array("q", bytes(16 * len(old)))
+            self.mask = len(self.table) - 1
+            self.n = 0
+            for v in old:
+                if v:
+                    self._put(v)
+        self._put(h)
+
+    def _put(self, h: int) -> None:
+        i = self._slot(h)
+        if self.table[i] != h:
+            self.table[i] = h
+            self.n += 1
 
 
 class _ExactSum:

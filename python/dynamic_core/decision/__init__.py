@@ -3,13 +3,14 @@ and the decision maker that joins them to a trader."""
 
 from __future__ import annotations
 
-from .governor import DAY_NS, Portfolio, RiskGovernor, RiskLimits
+from .governor import DAY_NS, DAYS_KEPT, Portfolio, RiskGovernor, RiskLimits
 from .maker import Attribution, CreditLedger, DecisionMaker, load_decision_config, top_contributors
 from .plans import AtrTracker, PlanConfig, make_plan, plan_id_for, signal_id_for
 from .session import RationaleBook, ShadowReport, ShadowSession, TradingSession, time_steps
 from .specs import DEFAULT_SPECS, InstrumentSpec, instrument_spec, load_specs, quote_to_account
 
 __all__ = [
+    "DAYS_KEPT",
     "DAY_NS",
     "DEFAULT_SPECS",
     "AtrTracker",

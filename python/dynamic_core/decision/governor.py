@@ -8,7 +8,11 @@ reason code                rule
 ``halted_drawdown``        equity fell ``max_drawdown_pct`` below its peak: the circuit breaker
                            halts new plans until :meth:`RiskGovernor.reset_breaker`
 ``daily_loss_limit``       equity fell ``daily_loss_pct`` below the day's opening equity (UTC
-                           day of the plan's bar); lifts at the next day
+                           day of the plan's bar); lifts at the next day. A plan stamped on an
+                           earlier day than the governor's (it arrived after the day rolled) must
+                           pass both that day's worst loss (its lowest mark) and today's
+``daily_loss_unknown``     a late plan's day is not among the last :data:`DAYS_KEPT` the governor
+                           marked: its loss cannot be checked, so the plan is refused
 ``cooldown``               ``loss_streak`` losing trades in a row: no plans for
                            ``cooldown_bars`` bars of the plan's timeframe after the last loss
 ``min_confidence``         signal confidence below ``min_confidence`` (or NaN)
@@ -19,6 +23,8 @@ reason code                rule
                            DSI evidence) is below ``min_dsi_validation`` or NaN (-1 disables the
                            check; plans without DSI evidence are not checked)
 ``expired``                the plan's ``valid_until`` is before the governor's clock
+``duplicate_plan``         the plan's own order is still waiting to fill (the same plan judged
+                           again: it is approved once)
 ``position_open``          a position in the same direction is open (no pyramiding)
 ``max_open_positions``     a new position would exceed ``max_open_positions``
 ``no_equity``              equity is not finite and > 0: no exposure limit can be applied
@@ -38,6 +44,14 @@ is NaN or not positive (every limit is a multiple of equity).
 Exposure is notional in the account currency: ``lots x contract_size x price x quote_to_account``.
 A plan opposite to an open position first closes it, so its exposure counts net of that.
 ``detail`` carries the numbers behind each reason (``<reason>.limit`` and ``<reason>.value``).
+
+Orders waiting to fill (:attr:`Portfolio.pending`) only ever add to what the limits see: each
+other instrument counts at the larger in size of its filled position and its position once they
+fill, and a plan on an instrument with such orders must pass every check from both (the
+tighter resize wins; each number in ``detail`` is the worse of the two). So a second sell while
+a sell closing a long is pending is judged as opening a short as well as closing the long: an
+order that would close a position frees neither its slot nor its exposure until it fills (it
+may expire unfilled), and one that reverses a position is already the position it reverses to.
 """
 
 from __future__ import annotations
@@ -52,9 +66,11 @@ import msgspec
 from ..payloads import PlanDecision, TradingPlan
 from .specs import InstrumentSpec, check_fields, instrument_spec, quote_to_account
 
-__all__ = ["DAY_NS", "Portfolio", "RiskGovernor", "RiskLimits"]
+__all__ = ["DAYS_KEPT", "DAY_NS", "Portfolio", "RiskGovernor", "RiskLimits"]
 
 DAY_NS = 86_400 * 1_000_000_000
+DAYS_KEPT = 8
+"""How many past days' worst losses a :class:`RiskGovernor` keeps to judge late plans."""
 
 _NonNeg = Annotated[float, msgspec.Meta(ge=0.0)]
 
@@ -89,7 +105,10 @@ class Portfolio:
     """What the governor needs to know about the account when it judges a plan.
 
     ``positions`` maps an instrument to its signed net lots; ``prices`` holds the last price of
-    every instrument seen (for notional and currency conversion).
+    every instrument seen (for notional and currency conversion). With orders waiting to fill,
+    ``pending`` holds each instrument's (filled, filled + pending) net lots where the two differ,
+    ``positions`` the larger in size of the two (as the decision maker gives them), and
+    ``pending_plans`` the ids of the plans those orders execute.
     """
 
     equity: float
@@ -97,21 +116,66 @@ class Portfolio:
     prices: dict[str, float] = field(default_factory=dict)
     version: int = 0
     """Bump after changing ``positions`` or ``prices`` in place (the governor caches per version)."""
+    pending: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Instrument -> (filled, filled + pending) signed net lots, for instruments with orders
+    waiting to fill: a plan on one must pass every limit from both."""
+    pending_plans: set[str] = field(default_factory=set)
+    """Ids of the plans with an order waiting to fill: judged again, such a plan is refused."""
 
     @classmethod
     def of(cls, broker: Any) -> Portfolio:
         """A snapshot of a :class:`~dynamic_core.bridges.paper.PaperBroker`-like object
-        (``equity``, ``positions()`` with ``.lots``, ``last_prices()``)."""
-        pos = {k: float(p.lots) for k, p in broker.positions().items() if p.lots != 0.0}
-        return cls(equity=float(broker.equity), positions=pos, prices=dict(broker.last_prices()))
+        (``equity``, ``positions()`` with ``.lots``, ``last_prices()``, and ``pending()`` orders
+        with ``instrument``, ``side``, ``lots`` and ``plan_id`` when it has them)."""
+        filled = {k: float(p.lots) for k, p in broker.positions().items() if p.lots != 0.0}
+        get = getattr(broker, "pending", None)
+        orders = get() if get is not None else ()
+        both = dict(filled)
+        for o in orders:
+            both[o.instrument] = both.get(o.instrument, 0.0) + o.side * float(o.lots)
+        pos, pend = _book_view(filled, both)
+        return cls(equity=float(broker.equity), positions=pos, prices=dict(broker.last_prices()), pending=pend,
+                   pending_plans={o.plan_id for o in orders if o.plan_id})
+
+
+_FLAT = 1e-12  # lots closer to 0 than this are float dust, not a position
+
+
+def _worse(filled: float, with_pending: float) -> float:
+    """The governor's view of one instrument: whichever of the filled position and the position
+    once its pending orders fill is the larger. A pending order can only add to what the limits
+    see -- one that would close a position may yet expire unfilled."""
+    return with_pending if abs(with_pending) > abs(filled) else filled
+
+
+def _book_view(filled: Mapping[str, float], both: Mapping[str, float]) -> tuple[dict[str, float],
+                                                                                 dict[str, tuple[float, float]]]:
+    """(positions, pending) of a :class:`Portfolio` from the filled net lots and the net lots
+    once the pending orders fill, per instrument: positions the larger in size (:func:`_worse`),
+    in the order of ``filled`` then ``both`` (the governor sums exposure in this order), and
+    pending the pair of each instrument where the two differ."""
+    pend: dict[str, tuple[float, float]] = {}
+    view: dict[str, float] = {}
+    for k, f in filled.items():
+        b = both.get(k, 0.0)
+        if abs(f - b) > _FLAT:
+            pend[k] = (f, b if abs(b) > _FLAT else 0.0)
+        if abs(f) > _FLAT or abs(b) > _FLAT:
+            view[k] = _worse(f, b)
+    for k, b in both.items():
+        if k not in filled and abs(b) > _FLAT:
+            pend[k] = (0.0, b)
+            view[k] = b
+    return view, pend
 
 
 class RiskGovernor:
     """Judges plans against :class:`RiskLimits` and the account's state.
 
-    State it keeps itself: the equity peak and the day's opening equity (fed by :meth:`mark`),
-    the losing streak (fed by :meth:`on_trade_result`) and the breaker. Deterministic: the same
-    plans, marks and results in the same order give the same decisions.
+    State it keeps itself: the equity peak, the day's opening equity and the worst loss of each
+    of the last :data:`DAYS_KEPT` days (fed by :meth:`mark`), the losing streak (fed by
+    :meth:`on_trade_result`) and the breaker. Deterministic: the same plans, marks and results in
+    the same order give the same decisions.
     """
 
     def __init__(self, limits: RiskLimits | None = None, *, specs: Mapping[str, InstrumentSpec] | None = None,
@@ -121,7 +185,10 @@ class RiskGovernor:
         self._spec_cache: dict[str, InstrumentSpec] = {}
         self.peak = float(equity) if equity is not None else 0.0
         self.day = -1
+        self._day_start = -DAY_NS  # self.day's first ns: a plan stamped before it is late
         self.day_open = float(equity) if equity is not None else 0.0
+        self._day_low: float | None = None  # the lowest equity marked today (None: no mark yet)
+        self._past_loss: dict[int, float] = {}  # day -> its worst loss in %, the last DAYS_KEPT marked
         self.halted = False
         self.streak = 0
         self.cooldown_until = -1
@@ -145,8 +212,19 @@ class RiskGovernor:
         self.now = max(self.now, int(ts))
         day = int(ts) // DAY_NS
         if day != self.day:
+            low = self._day_low
+            if low is not None and self.day_open > 0.0:  # the day left: kept for plans stamped on it
+                past = self._past_loss
+                loss = (self.day_open - low) / self.day_open * 100.0
+                past[self.day] = max(past.get(self.day, loss), loss)
+                if len(past) > DAYS_KEPT:
+                    del past[min(past)]
             self.day = day
+            self._day_start = day * DAY_NS
             self.day_open = equity
+            self._day_low = equity
+        elif self._day_low is None or equity < self._day_low:
+            self._day_low = equity
         self.peak = max(self.peak, equity)
         lim = self.limits.max_drawdown_pct
         if lim > 0.0 and self.peak > 0.0 and (self.peak - equity) / self.peak * 100.0 >= lim:
@@ -249,6 +327,26 @@ class RiskGovernor:
         self._open_of, self._open_key, self._open_n = portfolio, key, n
         return n
 
+    def _late(self, plan: TradingPlan, eq: float) -> PlanDecision | None:
+        """The daily loss check of a plan stamped on an earlier day than the governor's (it
+        arrived after the day rolled): its order executes today, so today's loss counts, and so
+        does the worst loss of its own day; a day not among the last :data:`DAYS_KEPT` marked
+        cannot be checked, and the plan is refused."""
+        lim = self.limits
+        day = plan.ts // DAY_NS
+        own = self._past_loss.get(day)
+        if own is None:
+            oldest = min(self._past_loss, default=self.day)
+            return self._reject(plan, "daily_loss_unknown", float(oldest), float(day))
+        loss = own
+        if self.day_open > 0.0:
+            today = (self.day_open - eq) / self.day_open * 100.0
+            if today > loss:  # noqa: PLR1730
+                loss = today
+        if loss >= lim.daily_loss_pct:
+            return self._reject(plan, "daily_loss_limit", lim.daily_loss_pct, loss)
+        return None
+
     def _reject(self, plan: TradingPlan, code: str, limit: float, value: float) -> PlanDecision:
         # the common path (one reason, nothing resized): built directly
         keys = _KEYS.get(code)
@@ -287,6 +385,10 @@ class RiskGovernor:
             loss = (self.day_open - eq) / self.day_open * 100.0
             if loss >= lim.daily_loss_pct:
                 return self._reject(plan, "daily_loss_limit", lim.daily_loss_pct, loss)
+        elif ts < self._day_start and lim.daily_loss_pct > 0.0:  # stamped before today: late
+            late = self._late(plan, eq)
+            if late is not None:
+                return late
         if ts < self.cooldown_until:
             return self._reject(plan, "cooldown", float(self.cooldown_until), float(ts))
         # `not >=`: a NaN signal value fails the guardrail rather than passing every comparison
@@ -304,16 +406,35 @@ class RiskGovernor:
                 return self._reject(plan, "dsi_disagrees", lim.min_dsi_validation, v)
         if plan.valid_until < self.now:
             return self._reject(plan, "expired", float(plan.valid_until), float(self.now))
+        if portfolio.pending_plans and plan.plan_id in portfolio.pending_plans:
+            return self._reject(plan, "duplicate_plan", 0.0, 0.0)
 
         name = plan.instrument
         held = portfolio.positions.get(name, 0.0)
         d = plan.direction
-        if held * d > 0.0 and not lim.allow_pyramiding:
-            return self._reject(plan, "position_open", 0.0, held)
-        if lim.max_open_positions and held == 0.0:
-            n_open = self._n_open(portfolio)
-            if n_open + 1 > lim.max_open_positions:
-                return self._reject(plan, "max_open_positions", lim.max_open_positions, n_open + 1)
+        views = portfolio.pending.get(name) if portfolio.pending else None
+        if views is None:
+            if held * d > 0.0 and not lim.allow_pyramiding:
+                return self._reject(plan, "position_open", 0.0, held)
+            if lim.max_open_positions and held == 0.0:
+                n_open = self._n_open(portfolio)
+                if n_open + 1 > lim.max_open_positions:
+                    return self._reject(plan, "max_open_positions", lim.max_open_positions, n_open + 1)
+        else:
+            # orders on this instrument wait to fill: the plan must pass from the filled position
+            # and from the position once they fill (and from `held`, the larger of the two)
+            helds = tuple(dict.fromkeys(h if abs(h) > _FLAT else 0.0 for h in (held, *views)))
+            held = helds[0]
+            if not lim.allow_pyramiding:
+                for h in helds:
+                    if h * d > 0.0:
+                        return self._reject(plan, "position_open", 0.0, h)
+            if lim.max_open_positions and 0.0 in helds:
+                # a new position where one of the books is flat; every other instrument counts
+                # where it is open in either book (as in `positions`)
+                n_open = self._n_open(portfolio) + (held == 0.0)
+                if n_open > lim.max_open_positions:
+                    return self._reject(plan, "max_open_positions", lim.max_open_positions, n_open)
 
         if not (eq > 0.0 and eq < math.inf):  # every limit is a multiple of equity: none can hold
             return self._reject(plan, "no_equity", 0.0, eq)
@@ -341,53 +462,71 @@ class RiskGovernor:
             return self._reject(plan, "no_conversion", 0.0, per_lot)
         reasons: list[str] = []
         detail: dict[str, float] = {}
+        rs, dt = reasons, detail  # the first book's; a later book's are merged in
         size = plan.size
         cap = math.inf
-        # the position after the fill: what is held plus the plan (an opposite plan nets)
-        after = abs(held + d * size)
-        hd = held * d
-        # (min(a, b) and max(a, b) below are written out as the builtins decide: the first
-        # argument unless the second is strictly smaller / larger)
-        if lim.max_instrument_leverage:
-            c = lim.max_instrument_leverage * eq / per_lot - hd  # |held + d*x| <= room
-            if c < size:
-                reasons.append("resized_instrument")
-                detail["resized_instrument.limit"] = lim.max_instrument_leverage
-                detail["resized_instrument.value"] = after * per_lot / eq
-                cap = c
         own = per_inst.get(name, 0.0)
-        if lim.max_leverage:
-            gross = gross_all - abs(own)  # the other positions
-            # room for this position: the limit's, or what it holds now when that is more (a
-            # plan that does not raise the gross is never refused for it)
-            room = (lim.max_leverage * eq - gross) / per_lot
-            a_held = abs(held)
-            if a_held > room:  # noqa: PLR1730 (max(), without the call)
-                room = a_held
-            c = room - hd
-            if c < size:
-                reasons.append("resized_leverage")
-                detail["resized_leverage.limit"] = lim.max_leverage
-                detail["resized_leverage.value"] = (gross + after * per_lot) / eq
-                if c < cap:  # noqa: PLR1730
-                    cap = c
-        if lim.max_currency_leverage:
-            legs = inst[1]
-            if legs:
-                limit = lim.max_currency_leverage * eq
-                for code, sign, k_limit, k_value in legs:
-                    other = ccy_all.get(code, 0.0) - sign * own  # without this instrument's position
-                    # net exposure to `code` after the fill: other + sign * per_lot * (held + d*x);
-                    # the largest x >= 0 in the plan's direction that keeps |...| <= limit
-                    k = sign * d * per_lot
-                    base = other + sign * per_lot * held
-                    x = (limit - base) / k if k > 0 else (-limit - base) / k
-                    if x < size:
-                        reasons.append("resized_currency")
-                        detail[k_limit] = lim.max_currency_leverage
-                        detail[k_value] = abs(base + k * size) / eq
-                        if x < cap:  # noqa: PLR1730
-                            cap = x
+        n_book = 0
+        while True:  # once per book (helds): once but for orders waiting to fill on this instrument
+            # the position after the fill: what is held plus the plan (an opposite plan nets)
+            after = abs(held + d * size)
+            hd = held * d
+            # (min(a, b) and max(a, b) below are written out as the builtins decide: the first
+            # argument unless the second is strictly smaller / larger)
+            if lim.max_instrument_leverage:
+                c = lim.max_instrument_leverage * eq / per_lot - hd  # |held + d*x| <= room
+                if c < size:
+                    rs.append("resized_instrument")
+                    dt["resized_instrument.limit"] = lim.max_instrument_leverage
+                    dt["resized_instrument.value"] = after * per_lot / eq
+                    if c < cap:  # noqa: PLR1730
+                        cap = c
+            if lim.max_leverage:
+                gross = gross_all - abs(own)  # the other positions
+                # room for this position: the limit's, or what it holds now when that is more (a
+                # plan that does not raise the gross is never refused for it)
+                room = (lim.max_leverage * eq - gross) / per_lot
+                a_held = abs(held)
+                if a_held > room:  # noqa: PLR1730 (max(), without the call)
+                    room = a_held
+                c = room - hd
+                if c < size:
+                    rs.append("resized_leverage")
+                    dt["resized_leverage.limit"] = lim.max_leverage
+                    dt["resized_leverage.value"] = (gross + after * per_lot) / eq
+                    if c < cap:  # noqa: PLR1730
+                        cap = c
+            if lim.max_currency_leverage:
+                legs = inst[1]
+                if legs:
+                    limit = lim.max_currency_leverage * eq
+                    for code, sign, k_limit, k_value in legs:
+                        other = ccy_all.get(code, 0.0) - sign * own  # without this instrument's position
+                        # net exposure to `code` after the fill: other + sign * per_lot * (held + d*x);
+                        # the largest x >= 0 in the plan's direction that keeps |...| <= limit
+                        k = sign * d * per_lot
+                        base = other + sign * per_lot * held
+                        x = (limit - base) / k if k > 0 else (-limit - base) / k
+                        if x < size:
+                            rs.append("resized_currency")
+                            dt[k_limit] = lim.max_currency_leverage
+                            dt[k_value] = abs(base + k * size) / eq
+                            if x < cap:  # noqa: PLR1730
+                                cap = x
+            if views is None:
+                break
+            if n_book:  # a later book: its reasons join the first's, each number at its worse
+                for r in rs:
+                    if r not in reasons:
+                        reasons.append(r)
+                for key, v in dt.items():
+                    if not detail.get(key, -math.inf) >= v:
+                        detail[key] = v
+            n_book += 1
+            if n_book == len(helds):
+                break
+            held = helds[n_book]
+            rs, dt = [], {}
         counts, seen = self.counts, self.reasons
         if cap < size:
             floor = 0.0 if 0.0 > cap else cap  # noqa: FURB136 (max(cap, 0.0))

@@ -37,7 +37,7 @@ import numpy as np
 from ..instruments import instruments
 from ..payloads import PlanDecision, TradingPlan
 from ..records import SIGNAL_DSI
-from .governor import Portfolio, RiskGovernor, RiskLimits
+from .governor import _FLAT, Portfolio, RiskGovernor, RiskLimits, _book_view, _worse
 from .plans import (
     AtrTracker,
     PlanConfig,
@@ -64,13 +64,6 @@ keeps in memory by default (the journal is the durable record)."""
 _TS_MIN = -(2**63)
 _BAR_REASONS = ("", "unknown_instrument", "non_finite", "bad_range", "out_of_order")
 _I64_MAX = 2**63 - 1
-
-
-def _worse(filled: float, with_pending: float) -> float:
-    """The governor's view of one instrument: whichever of the filled position and the position
-    once its pending orders fill is the larger. A pending order can only add to what the limits
-    see -- one that would close a position may yet expire unfilled."""
-    return with_pending if abs(with_pending) > abs(filled) else filled
 
 
 def top_contributors(agents: np.ndarray, instrument: int, timeframe: int, direction: int, k: int = 8,
@@ -246,6 +239,8 @@ class DecisionMaker:
         self._pf: Portfolio | None = None
         self._filled: dict[str, float] = {}
         self._both: dict[str, float] = {}
+        self._pend: dict[str, tuple[float, float]] = {}
+        self._pend_plans: set[str] = set()
         trader.on_trade(self._on_trade)
 
     # ---- inputs --------------------------------------------------------------------------------
@@ -403,7 +398,8 @@ class DecisionMaker:
         if not valid_until_fits(cfg, int(ts_a.max()), max(tf_l)):
             ok &= np.array([valid_until_fits(cfg, t, f) for t, f in zip(ts_a.tolist(), tf_l)], dtype=bool)
         targets = target_batch(cfg, entry, direction, dist)
-        pf = self._pf = Portfolio(equity=equity, positions=self._positions(), prices=self.prices)
+        pf = self._pf = Portfolio(equity=equity, positions=self._positions(), prices=self.prices,
+                                  pending=self._pend, pending_plans=self._pend_plans)
         snapshot: np.ndarray | None = None
         # the signal ids (signal_id_for): when one population made the whole batch (the usual
         # case), its hash's prefix is formatted once
@@ -489,7 +485,8 @@ class DecisionMaker:
         """Judge one plan, journal the verdict, and hand an approved plan to the trader."""
         pf = self._pf
         if pf is None:
-            pf = Portfolio(equity=float(self.trader.equity), positions=self._positions(), prices=self.prices)
+            pf = Portfolio(equity=float(self.trader.equity), positions=self._positions(), prices=self.prices,
+                           pending=self._pend, pending_plans=self._pend_plans)
         d = self.governor.evaluate(plan, pf)
         self.decisions.append(d)
         if len(self.decisions) > self._decisions_at:
@@ -514,6 +511,12 @@ class DecisionMaker:
             filled = self._filled.get(name, 0.0)
             if status == "filled":
                 filled = self._filled[name] = filled + x
+            else:  # waiting to fill: judged again, the plan is a duplicate
+                pf.pending_plans.add(p.plan_id)
+            if abs(filled - both) > _FLAT:  # the next plan on it is judged from both books
+                pf.pending[name] = (filled, both if abs(both) > _FLAT else 0.0)
+            else:
+                pf.pending.pop(name, None)
             self.governor.set_position(pf, name, _worse(filled, both))
 
     def _positions(self) -> dict[str, float]:
@@ -522,29 +525,30 @@ class DecisionMaker:
         this bar is a position from the next open, so the limits must see it now; but an order
         that would close a position frees neither its ``max_open_positions`` slot nor its
         exposure until it has filled (it may expire unfilled). Keeps both books for the orders
-        :meth:`decide` places during this call."""
+        :meth:`decide` places during this call, and (``_pend``, ``_pend_plans``) the
+        :class:`Portfolio`'s ``pending`` and ``pending_plans``: a plan on an instrument with
+        orders waiting is judged from both books, and a plan whose order waits is not judged
+        twice."""
+        pending = getattr(self.trader, "pending", None)
+        orders = pending() if pending is not None else None
         net = getattr(self.trader, "net_lots", None)
         if net is not None:
             filled = net()
-            pending = getattr(self.trader, "pending", None)
             # (orders placed on a bar fill at the next open: usually none are left by now)
-            both = net(pending=True) if pending is None or pending() else dict(filled)
+            both = net(pending=True) if orders is None or orders else dict(filled)
         else:
             filled = {k: float(p.lots) for k, p in self.trader.positions().items() if p.lots != 0.0}
             both = dict(filled)
-            pending = getattr(self.trader, "pending", None)
-            if pending is not None:
-                for o in pending():
-                    both[o.instrument] = both.get(o.instrument, 0.0) + o.side * o.lots
-            both = {k: v for k, v in both.items() if abs(v) > 1e-12}
+            for o in orders or ():
+                both[o.instrument] = both.get(o.instrument, 0.0) + o.side * o.lots
+            both = {k: v for k, v in both.items() if abs(v) > _FLAT}
         self._filled, self._both = filled, both
+        self._pend_plans = {o.plan_id for o in orders if o.plan_id} if orders else set()
         if both == filled:
+            self._pend = {}
             return dict(filled)
         # the order of the books (not of a set): the governor sums exposure in this order
-        view = {k: _worse(f, both.get(k, 0.0)) for k, f in filled.items()}
-        for k, b in both.items():
-            if k not in view:
-                view[k] = b
+        view, self._pend = _book_view(filled, both)
         return view
 
     # ---- bounded history -----------------------------------------------------------------------
