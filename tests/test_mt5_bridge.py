@@ -188,11 +188,14 @@ def test_seq_tracker() -> None:
     assert [s.check(x) for x in (5, 6, 9, 7, 7, 9, 8, 10)] == [
         "first", "ok", "gap", "reordered", "duplicate", "duplicate", "reordered", "ok"]
     assert (s.gaps, s.reordered, s.duplicates) == (2, 2, 2)
-    assert s.check(10 + SeqTracker.WINDOW + 5) == "gap"
-    assert s.check(11) == "duplicate"  # older than the window: refused
-    hi = 10 + SeqTracker.WINDOW + 5
-    assert s.check(2**63 - 2) == "jump" and s.jumps == 1  # a bad number moves nothing
-    assert [s.check(x) for x in (hi + 1, hi + 1 + SeqTracker.MAX_JUMP)] == ["ok", "gap"]
+    w = SeqTracker.WINDOW
+    assert [s.check(x) for x in (10 + w - 1, 11, 11)] == ["gap", "reordered", "duplicate"]  # the window's edge
+    # a window or more away, ahead or behind: processed, and the window restarts there
+    hi = 10 + w - 1
+    assert s.check(hi + 5 * w) == "jump" and (s.jumps, s.hi) == (1, hi + 5 * w)
+    assert [s.check(x) for x in (hi + 1, hi + 2, hi + 2)] == ["jump", "ok", "duplicate"]  # back with the true numbers
+    assert s.check(2**63 - 2) == "jump" and s.check(hi + 3) == "jump" and s.jumps == 4
+    assert s.gaps == 2 + w - 2  # jumps count no gap
 
 
 def test_one_bad_sequence_number_does_not_poison_the_session(raw_live: tuple[MT5Bridge, _RawEA]) -> None:
@@ -208,7 +211,28 @@ def test_one_bad_sequence_number_does_not_poison_the_session(raw_live: tuple[MT5
             price=1.1, volume=0.1, commission=0.0, fill_ts=PR.now_ms(), reason="")
     assert bridge.wait(coid) == "filled"
     st = bridge.stats()
-    assert st["seq_jumps"] == 1 and st["gaps"] < 10 and st["link"] == "live"
+    assert st["seq_jumps"] == 2 and st["gaps"] < 10 and st["link"] == "live"  # away and back
+
+
+@pytest.mark.parametrize("ahead", [2 * SeqTracker.WINDOW, 5000, 1 << 20])
+def test_a_bad_sequence_number_a_little_ahead_does_not_lock_the_terminal_out(
+        raw_live: tuple[MT5Bridge, _RawEA], ahead: int) -> None:
+    # one number between the window and a million ahead used to move the highest seq there, and
+    # every later message of the EA (acks, reports, heartbeats, hello) was dropped as too old
+    bridge, ea = raw_live
+    coid = bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, valid_until=PR.now_ms() + 60_000)
+    o = ea.recv(PR.Order)
+    good = ea.seq
+    ea.seq = good + ahead - 1
+    ea.send("heartbeat", recv_seq=0)
+    ea.seq = good  # the EA carries on with its true numbering
+    ea.send("ack", client_order_id=coid, order_seq=o.seq, accepted=True, reason="", duplicate=False, ticket=1)
+    ea.send("exec_report", client_order_id=coid, status="filled", symbol="EURUSD", side="buy", ticket=1,
+            price=1.1, volume=0.1, commission=0.0, fill_ts=PR.now_ms(), reason="")
+    assert bridge.wait(coid, timeout=5.0) == "filled"
+    st = bridge.stats()
+    assert (st["seq_jumps"], st["duplicates"], st["acks"], st["exec_reports"]) == (2, 0, 1, 1)
+    assert st["link"] == "live" and st["gaps"] == 0
 
 
 # ---- round trips -------------------------------------------------------------------------------------
@@ -637,6 +661,26 @@ def test_cli_default_plan_source_runs() -> None:
     assert cmd_bridge_mt5(args) == 0
 
 
+@pytest.mark.parametrize(("option", "value"), [
+    ("--bar-interval", "-1"), ("--bar-interval", "nan"), ("--bar-interval", "inf"), ("--heartbeat", "nan"),
+    ("--resend-timeout", "-0.5"), ("--duration", "inf"), ("--magic", "-1"), ("--bind", "tcp://127.0.0.1:99999"),
+    ("--bind", "tcp://127.0.0.1:0"), ("--bind", "tcp://127.0.0.1:x"), ("--bind", "tcp://127.0.0.1")])
+def test_cli_refuses_bad_values_when_parsing(option: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # --bar-interval -1 made every order expire before it was sent (exit 0), nan crashed after the
+    # bridge was up, and port 99999 bound another port
+    with pytest.raises(SystemExit) as e:
+        _mt5_parser().parse_args(["bridge", "mt5", option, value, "--simulated-terminal"])
+    assert e.value.code == 2 and f"argument {option}:" in capsys.readouterr().err
+
+
+def test_bridge_refuses_a_port_out_of_range() -> None:
+    for bad in ("tcp://127.0.0.1:99999", "tcp://127.0.0.1:65536", "tcp://127.0.0.1:0", "tcp://127.0.0.1"):
+        with pytest.raises(ValueError, match="port"):
+            MT5Bridge(bad, start=False).close()  # (closed if it binds after all)
+    args = _mt5_parser().parse_args(["bridge", "mt5", "--bind", "tcp://[::1]:5560", "--bar-interval", "0"])
+    assert (args.bind, args.bar_interval) == ("tcp://[::1]:5560", 0.0)
+
+
 def test_history_bound_forgets_settled_orders_only(make: Callable[..., typing.Any]) -> None:
     bridge = make("bridge", history=3)
     term = make("terminal", bridge.address)
@@ -814,15 +858,135 @@ def test_an_exec_report_that_does_not_match_its_order_is_refused(raw_live: tuple
     ea.send("ack", client_order_id=coid, order_seq=o.seq, accepted=True, reason="", duplicate=False, ticket=1)
     report = {"client_order_id": coid, "status": "filled", "symbol": "EURUSD", "side": "buy", "ticket": 1,
               "price": 1.1, "volume": 0.1, "commission": 0.0, "fill_ts": PR.now_ms(), "reason": ""}
-    for bad in ({"volume": 50.0}, {"symbol": "GBPUSD"}, {"side": "sell"}):
+    bads = ({"volume": 50.0}, {"symbol": "GBPUSD"}, {"side": "sell"},
+            # price 0 means nothing filled: a fill at price 0, or filled with no volume, is no fill
+            {"volume": 0.0, "price": 0.0}, {"price": 0.0}, {"status": "partial", "volume": 0.05, "price": 0.0})
+    for bad in bads:
         seq = ea.send("exec_report", **{**report, **bad})
         err = ea.recv(PR.Error)
         assert err.reason == "invalid" and err.ref_seq == seq and coid in err.detail, (bad, err)
-    assert bridge.order(coid)["state"] == "acked" and bridge.positions() == {}
-    assert bridge.stats()["inconsistent_reports"] == 3
+    order = bridge.order(coid)
+    assert order is not None and (order["state"], order["filled_volume"], order["inconsistent_reports"]) == (
+        "acked", 0.0, len(bads))
+    assert bridge.positions() == {} and bridge.stats()["inconsistent_reports"] == len(bads)
     ea.send("exec_report", **report)  # the true report still settles it
     assert bridge.wait(coid) == "filled"
-    assert [p["volume"] for p in bridge.positions().values()] == [0.1]
+    assert list(bridge.positions().values()) == [
+        {"symbol": "EURUSD", "side": "buy", "volume": 0.1, "price": 1.1, "ticket": 1}]
+
+
+def _listed(bridge: MT5Bridge, ea: _RawEA, coid: str, **fields: typing.Any) -> tuple[PR.PositionsQuery, int]:
+    """Reconcile, answering one position under ``coid`` (a EURUSD buy 0.1 @ 1.1 but for ``fields``);
+    returns the query and the position's seq."""
+    bridge.reconcile()
+    q = ea.recv(PR.PositionsQuery)
+    pos = {"symbol": "EURUSD", "ticket": 5, "side": "buy", "volume": 0.1, "price_open": 1.1, "sl": 0.0, "tp": 0.0,
+           "magic": bridge.magic, "comment": coid, "client_order_id": coid, "profit": 0.0, **fields}
+    seq = ea.send("position", query_id=q.query_id, snapshot=q.query_id, index=1, **pos)
+    ea.send("positions_end", query_id=q.query_id, snapshot=q.query_id, count=1)
+    wait_for(lambda: bridge.reconciliation().get("query_id") == q.query_id, what="the reconciliation")
+    return q, seq
+
+
+@pytest.mark.parametrize("bad", [{"symbol": "GBPUSD"}, {"side": "sell"}, {"volume": 500.0}, {"price_open": 0.0},
+                                 {"symbol": "GBPUSD", "side": "sell", "volume": 500.0, "price_open": 0.0}],
+                         ids=["symbol", "side", "volume", "price", "all"])
+def test_a_reconciled_position_that_does_not_match_its_order_settles_nothing(
+        raw_live: tuple[MT5Bridge, _RawEA], bad: dict[str, typing.Any]) -> None:
+    # the same rules as an exec_report: such a position used to settle the order filled at its numbers
+    bridge, ea = raw_live
+    reports: list[typing.Any] = []
+    bridge.on_report(reports.append)
+    coid = bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, valid_until=PR.now_ms() + 60_000)
+    o = ea.recv(PR.Order)  # received, not acked yet
+    _, seq = _listed(bridge, ea, coid, **bad)
+    err = ea.recv(PR.Error)
+    assert err.reason == "invalid" and err.ref_seq == seq and coid in err.detail
+    order = bridge.order(coid)
+    assert order is not None and order["state"] == "sent" and order["filled_volume"] == 0.0
+    assert order["inconsistent_reports"] == 1 and not order["open"]
+    assert bridge.positions() == {} and reports == []
+    rec = bridge.reconciliation()
+    assert rec["inconsistent"] == [coid] and rec["reconciled"] == [] and len(rec["unknown"]) == 1
+    st = bridge.stats()
+    assert (st["inconsistent_reports"], st["reconciled_fills"], st["fills"]) == (1, 0, 0)
+    # the order is still worked on: the true outcome settles it
+    ea.send("ack", client_order_id=coid, order_seq=o.seq, accepted=True, reason="", duplicate=False, ticket=1)
+    ea.send("exec_report", client_order_id=coid, status="filled", symbol="EURUSD", side="buy", ticket=1,
+            price=1.1, volume=0.1, commission=0.0, fill_ts=PR.now_ms(), reason="")
+    assert bridge.wait(coid) == "filled"
+    want = {coid: {"symbol": "EURUSD", "side": "buy", "volume": 0.1, "price": 1.1, "ticket": 1}}
+    assert bridge.positions() == want
+    # a filled order's position that contradicts it changes nothing either
+    _listed(bridge, ea, coid, **bad)
+    assert bridge.positions() == want and bridge.order(coid)["state"] == "filled"  # type: ignore[index]
+    assert bridge.stats()["inconsistent_reports"] == 2 and bridge.reconciliation()["inconsistent"] == [coid]
+
+
+def test_an_unknown_position_that_contradicts_a_later_order_is_not_adopted(raw_live: tuple[MT5Bridge, _RawEA]) -> None:
+    bridge, ea = raw_live
+    _listed(bridge, ea, "dcadopt1", volume=500.0)  # no such order yet: an unknown position
+    assert len(bridge.reconciliation()["unknown"]) == 1
+    coid = bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, valid_until=PR.now_ms() + 60_000,
+                               client_order_id="dcadopt1")
+    assert ea.recv(PR.Order).client_order_id == coid  # sent, not taken as filled by that position
+    order = bridge.order(coid)
+    assert order is not None and order["state"] == "sent" and order["inconsistent_reports"] == 1
+    assert bridge.positions() == {}
+
+
+def test_a_frame_flood_is_logged_and_answered_in_bounded_volume(raw_live: tuple[MT5Bridge, _RawEA]) -> None:
+    import logging
+
+    bridge, ea = raw_live
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("dynamic_core.bridges.mt5")
+    handler = Keep(logging.INFO)
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.setsockopt(zmq.RCVHWM, 100_000)
+    raw.connect(bridge.address)
+    n = 3000
+    frames = [b"\xff\xfegarbage", b'{"type":"ack","v":1,"epoch":"x"}', b'{"type":"launch","v":1}']
+    try:
+        t0 = time.monotonic()
+        for i in range(n):
+            raw.send(frames[i % 3])
+        wait_for(lambda: bridge.stats()["rejected"] >= n, what="every frame counted")
+        elapsed = time.monotonic() - t0
+        answers = 0
+        while raw.poll(300):
+            raw.recv()
+            answers += 1
+        st = bridge.stats()
+        assert st["rejects"] == {"malformed": n // 3, "invalid": n // 3, "unknown_tag": n // 3}
+        assert answers == st["errors_sent"] and st["errors_sent"] + st["errors_suppressed"] == n
+        assert st["errors_sent"] <= 50 + 10 * elapsed + 1  # burst, then 10 a second
+        warnings = [r for r in records if r.levelno == logging.WARNING]
+        assert len(warnings) == 3 * 10 and st["logs_suppressed"] == n - 30  # the first 10 per reason
+        # once the minute is over, one line per reason with the count of the rest
+        bridge._call(lambda: bridge._logs.flush(time.monotonic() + 61.0))
+        summaries = [r.getMessage() for r in records if "more not logged" in r.getMessage()]
+        assert len(summaries) == 3 and all(f"{n // 3 - 10} more not logged" in m for m in summaries)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        raw.close(0)
+        ctx.term()
+    # the real EA is still served
+    coid = bridge.submit_order(symbol="EURUSD", side="sell", volume=0.1, valid_until=PR.now_ms() + 60_000)
+    o = ea.recv(PR.Order)
+    ea.send("ack", client_order_id=coid, order_seq=o.seq, accepted=True, reason="", duplicate=False, ticket=2)
+    assert bridge.wait(coid, "acked") == "acked"
 
 
 def test_position_answers_are_bounded_and_strays_counted(raw_live: tuple[MT5Bridge, _RawEA]) -> None:

@@ -420,8 +420,7 @@ void Dispatch(DcEngineMessage &m)
         }
       return;
      }
-   const int seq_class=g_in.Check(m.h.seq);
-   if(seq_class==DC_SEQ_DUPLICATE || seq_class==DC_SEQ_JUMP)
+   if(g_in.Check(m.h.seq)==DC_SEQ_DUPLICATE)
       return;
    g_last_heard_us=GetMicrosecondCount();
    g_engine_lost=false;

@@ -1,13 +1,18 @@
-"""Plumbing shared by both ends of the bridge: the doorbell, sequence tracking, message stamps."""
+"""Plumbing shared by both ends of the bridge: the doorbell, sequence tracking, message stamps,
+bounds on what a peer can make us log or answer."""
 
 from __future__ import annotations
+
+import logging
+import time
+from typing import Any
 
 import zmq
 
 from ...transport.doorbell import Doorbell
 from .protocol import PROTOCOL_VERSION, now_ms
 
-__all__ = ["Doorbell", "SeqTracker", "Stamper", "configure"]
+__all__ = ["Doorbell", "LogLimiter", "ReplyThrottle", "SeqTracker", "Stamper", "check_port", "configure"]
 
 
 class SeqTracker:
@@ -15,14 +20,14 @@ class SeqTracker:
 
     :meth:`check` returns ``"first"`` (baseline), ``"ok"``, ``"gap"`` (processed; the missing
     count is added to ``gaps``), ``"reordered"`` (late but new: processed), ``"duplicate"``
-    (seen before, or older than the window: to be ignored) or ``"jump"`` (more than
-    :attr:`MAX_JUMP` ahead: no link loses that many, so the number is bad; ignored, counted in
-    ``jumps``, and the baseline stays where it was, so one bad number cannot make every later
-    message look old).
+    (seen before within the window: to be ignored) or ``"jump"`` (:attr:`WINDOW` or more away
+    from the highest ``seq``, ahead or behind: processed, counted in ``jumps``, and the window
+    restarts at it). A jump moves the window instead of being judged against it, so one bad
+    number costs two jumps (away and back) and never makes later messages look old; sequence
+    numbers only detect, the order-level rules make every message safe to process again.
     """
 
     WINDOW = 1024
-    MAX_JUMP = 1 << 20
     _FULL = (1 << WINDOW) - 1
 
     def __init__(self) -> None:
@@ -42,25 +47,109 @@ class SeqTracker:
         if hi == 0:
             self.hi, self.mask = seq, 1
             return "first"
-        if seq > hi:
-            d = seq - hi
-            if d > self.MAX_JUMP:
-                self.jumps += 1
-                return "jump"
-            self.mask = ((self.mask << d) | 1) & self._FULL if d < self.WINDOW else 1
+        d = seq - hi
+        if d >= self.WINDOW or -d >= self.WINDOW:
+            self.hi, self.mask = seq, 1
+            self.jumps += 1
+            return "jump"
+        if d > 0:
+            self.mask = ((self.mask << d) | 1) & self._FULL
             self.hi = seq
             if d > 1:
                 self.gaps += d - 1
                 return "gap"
             return "ok"
-        back = hi - seq
-        bit = 1 << back if back < self.WINDOW else 0
-        if not bit or self.mask & bit:
+        bit = 1 << -d
+        if self.mask & bit:
             self.duplicates += 1
             return "duplicate"
         self.mask |= bit
         self.reordered += 1
         return "reordered"
+
+
+class LogLimiter:
+    """Bounded logging of what a peer can make happen once per message.
+
+    Per ``key`` (a fixed string, never peer data: the keys stay few), the first ``first`` records
+    of every ``interval`` seconds are logged; the rest are counted (``suppressed``, in all) and
+    summed up in one line of the same level once the interval is over (at the next record of
+    that key, or at :meth:`flush`). So a flood logs at most ``first + 1`` lines per key and
+    interval.
+    """
+
+    def __init__(self, logger: logging.Logger, first: int = 10, interval: float = 60.0) -> None:
+        self.log = logger
+        self.first = first
+        self.interval = interval
+        self.suppressed = 0
+        self._keys: dict[str, list[Any]] = {}  # key -> [window start, logged, suppressed, level]
+
+    def __call__(self, key: str, level: int, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        st = self._keys.get(key)
+        if st is None or now - st[0] >= self.interval:
+            if st is not None:
+                self._summary(key, st, now)
+            st = self._keys[key] = [now, 0, 0, level]
+        if st[1] < self.first:
+            st[1] += 1
+            self.log.log(level, msg, *args)
+        else:
+            st[2] += 1
+            self.suppressed += 1
+
+    def flush(self, now: float | None = None) -> None:
+        """Write the summary of every interval that is over."""
+        now = time.monotonic() if now is None else now
+        for key, st in list(self._keys.items()):
+            if now - st[0] >= self.interval:
+                self._summary(key, st, now)
+                del self._keys[key]
+
+    def _summary(self, key: str, st: list[Any], now: float) -> None:
+        if st[2]:
+            self.log.log(st[3], "%s: %d more not logged in the last %.1f s", key, st[2], now - st[0])
+
+
+class ReplyThrottle:
+    """A token bucket per peer identity: at most ``burst`` replies at once, then ``rate`` per
+    second. At most ``peers`` identities are remembered (the oldest is forgotten first), so a
+    peer reconnecting under new identities cannot grow it."""
+
+    def __init__(self, rate: float = 10.0, burst: int = 50, peers: int = 1024) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.peers = peers
+        self._buckets: dict[bytes, list[float]] = {}  # identity -> [tokens, last refill]
+
+    def allow(self, ident: bytes) -> bool:
+        now = time.monotonic()
+        b = self._buckets.get(ident)
+        if b is None:
+            if len(self._buckets) >= self.peers:
+                del self._buckets[next(iter(self._buckets))]
+            b = self._buckets[ident] = [float(self.burst), now]
+        else:
+            b[0] = min(float(self.burst), b[0] + (now - b[1]) * self.rate)
+            b[1] = now
+        if b[0] < 1.0:
+            return False
+        b[0] -= 1.0
+        return True
+
+
+def check_port(address: str) -> str:
+    """A ``tcp://`` bind address must name its port: 1..65535, or ``*`` for a free one (ZeroMQ
+    would silently bind another port for 99999). Raises ValueError; other transports pass."""
+    if not isinstance(address, str) or not address.startswith("tcp://"):
+        return address
+    host, sep, port = address[len("tcp://"):].rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"no port in {address!r} (e.g. tcp://127.0.0.1:5560, or :* for a free port)")
+    if port != "*" and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"port must be 1..65535 or *, got {port!r} in {address!r}")
+    return address
 
 
 class Stamper:

@@ -26,7 +26,7 @@ import zmq
 from ...errors import PayloadError
 from ...payloads import TradingPlan
 from ...transport._common import check_address, endpoint, readable
-from ._util import Doorbell, SeqTracker, Stamper, configure
+from ._util import Doorbell, LogLimiter, ReplyThrottle, SeqTracker, Stamper, check_port, configure
 from .protocol import (
     MAX_ID,
     PROTOCOL_VERSION,
@@ -105,6 +105,7 @@ class _Order:
         "fill_price",
         "fill_ts",
         "filled",
+        "inconsistent",
         "next_send",
         "open",
         "order_type",
@@ -140,6 +141,7 @@ class _Order:
         self.filled = 0.0
         self.commission = 0.0
         self.fill_ts = 0
+        self.inconsistent = 0
         self.open = False
         self.cancel = False
         self.t_submit = time.perf_counter_ns()
@@ -154,7 +156,37 @@ class _Order:
                 "sends": self.sends, "ticket": self.ticket, "filled_volume": self.filled,
                 "fill_price": self.fill_price, "commission": self.commission, "fill_ts": self.fill_ts,
                 "open": self.open, "cancel_requested": self.cancel, "acks": self.acks,
+                "inconsistent_reports": self.inconsistent,
                 "ack_latency_us": (self.t_ack - self.t_submit) / 1e3 if self.t_ack else None}
+
+
+def _mismatch(o: _Order, status: str, symbol: str, side: str, volume: float, price: float) -> str:
+    """Why an execution (an ``exec_report``, or a position found by reconciliation as status
+    ``filled``) cannot be of order ``o``; "" when it can (docs/mt5-bridge.md, section 5): the
+    order's symbol and side (empty: not said), at most the ordered volume, a price > 0 for any
+    volume filled (price 0 means nothing filled), and some volume when ``filled``."""
+    if symbol and symbol != o.symbol:
+        return f"symbol {symbol}"
+    if side and side != o.side:
+        return f"side {side}"
+    if volume > o.volume + _EPS:
+        return f"{volume:.8g} lots filled"
+    if volume > _EPS and not price > 0:
+        return f"{volume:.8g} lots filled at price {price:.8g}"
+    if status == FILLED and not volume > _EPS:
+        return "filled without volume"
+    return ""
+
+
+def _positions_mismatch(o: _Order, ps: list[Position]) -> tuple[str, int]:
+    """:func:`_mismatch` of the positions listed under ``o``'s id, their volumes together; with
+    the ``seq`` of the first position that cannot be ``o``'s."""
+    vol = sum(p.volume for p in ps)
+    for p in ps:
+        why = _mismatch(o, FILLED, p.symbol, p.side, vol, p.price_open)
+        if why:
+            return f"position {p.ticket}: {why}", p.seq
+    return "", 0
 
 
 class _Query:
@@ -215,7 +247,8 @@ class MT5Bridge:
     ----------
     address : str
         Where the ROUTER binds (default ``tcp://127.0.0.1:5560``; loopback unless
-        ``allow_remote``). ``tcp://127.0.0.1:*`` picks a free port: read :attr:`address`.
+        ``allow_remote``). ``tcp://127.0.0.1:*`` picks a free port: read :attr:`address`; any
+        other port must be 1..65535 (ValueError).
     heartbeat : float
         Heartbeat interval, seconds.
     missed : int
@@ -264,6 +297,7 @@ class MT5Bridge:
             raise ValueError("need heartbeat > 0 and 0 < resend_timeout <= resend_max_delay")
         if missed < 1 or max_sends < 1 or max_queued < 0 or not 0 <= magic < 2**63:
             raise ValueError("need missed >= 1, max_sends >= 1, max_queued >= 0, 0 <= magic < 2**63")
+        check_port(address)  # first: an address without a port reads as a remote one
         check_address(address, bind=True, allow_remote=allow_remote)
         self.heartbeat = float(heartbeat)
         self.missed = int(missed)
@@ -316,6 +350,9 @@ class MT5Bridge:
         self._term_hello: TerminalHello | None = None
         self._retired: dict[int, None] = {}  # epochs of replaced sessions, oldest first (at most 256)
         self._seq = SeqTracker()
+        # what the terminal (or anyone reaching the socket) can make happen once per frame is bounded
+        self._logs = LogLimiter(log)
+        self._replies = ReplyThrottle()
         self._last_heard = 0.0
         self._t_silent = 0.0
         self._next_hb = 0.0
@@ -333,7 +370,7 @@ class MT5Bridge:
              "unknown_epoch", "errors_received", "errors_sent", "unexpected", "send_failures", "safe_mode_entries",
              "sessions", "reconciliations", "reconciled_fills", "unknown_positions", "late_outcomes",
              "callback_errors", "unconfirmed", "cancels_sent", "flattens_sent", "heartbeats_sent",
-             "hellos_sent", "queue_full", "inconsistent_reports", "bad_answers"), 0)
+             "hellos_sent", "queue_full", "inconsistent_reports", "bad_answers", "errors_suppressed"), 0)
         self._safe_since: float | None = None
         self._silence_at_safe = 0.0
         self._thread: threading.Thread | None = None
@@ -539,7 +576,7 @@ class MT5Bridge:
                 "gaps": self._seq.gaps, "reordered": self._seq.reordered, "duplicates": self._seq.duplicates,
                 "seq_jumps": self._seq.jumps,
                 "rejects": dict(self._codec.rejects), "rejected": self._codec.rejected,
-                "silence_at_safe_mode_s": self._silence_at_safe,
+                "silence_at_safe_mode_s": self._silence_at_safe, "logs_suppressed": self._logs.suppressed,
                 **self.counts,
             }
         return self._call(get)
@@ -685,8 +722,11 @@ class MT5Bridge:
             return
         pos = self._adoptable.pop(o.coid, None)
         if pos is not None:  # an unknown position of the last reconciliation is this order: done
-            self._reconciled_fill(o, [pos])
-            return
+            why, ref_seq = _positions_mismatch(o, [pos])
+            if not why:
+                self._reconciled_fill(o, [pos])
+                return
+            self._inconsistent(o, "a listed position", why, ref_seq)  # not this order's: send it (the EA de-duplicates)
         if self.link == "live":
             if now_ms() >= o.valid_until:
                 self._finish(o, EXPIRED, "expired_before_send", "bridge")
@@ -806,20 +846,24 @@ class MT5Bridge:
             o.next_send = time.monotonic() + self.resend_max_delay
             self._open[o.coid] = o
 
+    def _inconsistent(self, o: _Order, what: str, why: str, ref_seq: int) -> None:
+        """An execution that cannot be of ``o`` (see :func:`_mismatch`): counted (in all and on
+        the order), logged, answered with ``error`` ``invalid``; ``o`` itself is unchanged."""
+        self.counts["inconsistent_reports"] += 1
+        o.inconsistent += 1
+        detail = f"{what} for {o.coid} does not match the order ({why}; the order: {o.symbol} {o.side} {o.volume:.8g})"
+        self._logs("inconsistent reports", logging.WARNING, "refused %s", detail)
+        if self._term_ident is not None:
+            self._error(self._term_ident, "invalid", detail[:200], ref_seq)
+
     def _on_exec(self, m: ExecReport) -> None:
         o = self._orders.get(m.client_order_id)
         if o is None:
             self.counts["stale_reports"] += 1
             return
-        if (m.volume > o.volume + _EPS or (m.symbol and m.symbol != o.symbol)
-                or (m.side and m.side != o.side)):  # not a report of this order: the order is unchanged
-            self.counts["inconsistent_reports"] += 1
-            log.warning("refused an exec report for %s: %s %s %.8g lots, the order is %s %s %.8g", o.coid,
-                        m.symbol, m.side, m.volume, o.symbol, o.side, o.volume)
-            if self._term_ident is not None:
-                self._error(self._term_ident, "invalid", f"exec_report for {o.coid} does not match the order "
-                            f"({m.symbol} {m.side} {m.volume:.8g} lots; ordered {o.symbol} {o.side} "
-                            f"{o.volume:.8g})"[:200], m.seq)
+        why = _mismatch(o, m.status, m.symbol, m.side, m.volume, m.price)
+        if why:  # not a report of this order: the order is unchanged
+            self._inconsistent(o, "exec_report", why, m.seq)
             return
         self.counts["exec_reports"] += 1
         if m.ticket:
@@ -879,12 +923,15 @@ class MT5Bridge:
             try:
                 m = codec.decode(frames[1])
             except PayloadError as e:
-                log.warning("refused a frame from the terminal: %s", e)
+                self._logs(f"refused frames ({e.reason})", logging.WARNING, "refused a frame from the terminal: %s", e)
                 self._error(ident, e.reason, e.detail[:200], 0)
                 continue
             self._dispatch(ident, m)
 
     def _error(self, ident: bytes, reason: str, detail: str, ref_seq: int) -> None:
+        if not self._replies.allow(ident):  # a flood gets a bounded number of answers
+            self.counts["errors_suppressed"] += 1
+            return
         self.counts["errors_sent"] += 1
         self._send(Error(**self._stamp(), reason=reason, detail=detail, ref_seq=ref_seq), ident)
 
@@ -907,7 +954,7 @@ class MT5Bridge:
                 self._unknown_hello_at[ident] = now
                 self._send_hello(ident, 0)
             return
-        if self._seq.check(m.seq) in ("duplicate", "jump"):
+        if self._seq.check(m.seq) == "duplicate":
             return
         self._term_ident = ident  # a reconnected DEALER gets a new routing id
         self._last_heard = now
@@ -939,7 +986,8 @@ class MT5Bridge:
             self._send_hello(ident, ep)
         elif t is Error:
             self.counts["errors_received"] += 1
-            log.warning("terminal reported an error: %s %s (seq %d)", m.reason, m.detail, m.ref_seq)
+            self._logs("errors from the terminal", logging.WARNING, "terminal reported an error: %s %s (seq %d)",
+                       m.reason, m.detail, m.ref_seq)
         else:  # pragma: no cover - the union has nothing else
             self.counts["unexpected"] += 1
 
@@ -949,7 +997,8 @@ class MT5Bridge:
             self._retired[self._term_epoch] = None
             if len(self._retired) > 256:
                 del self._retired[next(iter(self._retired))]
-            log.info("terminal restarted: epoch %d -> %d", self._term_epoch, m.epoch)
+            self._logs("terminal restarts", logging.INFO, "terminal restarted: epoch %d -> %d", self._term_epoch,
+                       m.epoch)
         self.counts["sessions"] += 1
         self._term_epoch = m.epoch
         self._term_ident = ident
@@ -957,8 +1006,8 @@ class MT5Bridge:
         self._seq.reset()
         self._seq.check(m.seq)
         self._last_heard = now
-        log.info("terminal session: epoch %d login %d server %s build %s resumed %s", m.epoch, m.login, m.server,
-                 m.build, m.resumed)
+        self._logs("terminal sessions", logging.INFO, "terminal session: epoch %d login %d server %s build %s "
+                   "resumed %s", m.epoch, m.login, m.server, m.build, m.resumed)
         self._send_hello(ident, m.epoch)
         self._start_reconcile(now)
 
@@ -1006,10 +1055,16 @@ class MT5Bridge:
                 by_coid.setdefault(p.client_order_id, []).append(p)
             else:
                 unknown.append(p)
-        reconciled, closed, matched = [], [], []
+        reconciled, closed, matched, inconsistent = [], [], [], []
         for o in list(self._orders.values()):
             ps = by_coid.get(o.coid)
             if ps:
+                why, ref_seq = _positions_mismatch(o, ps)
+                if why:  # not this order's: listed with the unknown positions, the order unchanged
+                    inconsistent.append(o.coid)
+                    unknown.extend(ps)
+                    self._inconsistent(o, "a listed position", why, ref_seq)
+                    continue
                 if o.state == FILLED:
                     matched.append(o.coid)
                 else:
@@ -1025,17 +1080,21 @@ class MT5Bridge:
                 o.open = False
                 closed.append(o.coid)
                 self._positions.pop(o.coid, None)
-        self._adoptable = {p.client_order_id: p for p in unknown if p.client_order_id}
+        # adopted by an order submitted later under its id; never one that contradicts an order
+        self._adoptable = {p.client_order_id: p for p in unknown
+                           if p.client_order_id and p.client_order_id not in self._orders}
         self._unknown_positions = [msgspec.structs.asdict(p) for p in unknown]
         self.counts["unknown_positions"] += len(unknown)
         for p in unknown:
-            log.warning("unknown position at the terminal: ticket %d %s %s %.2f magic %d comment %r", p.ticket,
-                        p.symbol, p.side, p.volume, p.magic, p.comment)
+            self._logs("unknown positions", logging.WARNING, "unknown position at the terminal: ticket %d %s %s "
+                       "%.2f magic %d comment %r", p.ticket, p.symbol, p.side, p.volume, p.magic, p.comment)
         self._last_recon = {"query_id": q.qid, "snapshot": snapshot, "queries": q.sends, "flatten": q.flatten,
                             "positions": len(listed), "matched": matched,
-                            "reconciled": reconciled, "closed": closed, "unknown": list(self._unknown_positions)}
-        log.info("reconciled with terminal %d: %d positions, %d matched, %d found executed, %d closed, %d unknown",
-                 self._term_epoch, len(listed), len(matched), len(reconciled), len(closed), len(unknown))
+                            "reconciled": reconciled, "closed": closed, "inconsistent": inconsistent,
+                            "unknown": list(self._unknown_positions)}
+        self._logs("reconciliations", logging.INFO, "reconciled with terminal %d: %d positions, %d matched, %d found "
+                   "executed, %d closed, %d unknown (%d contradicting their order)", self._term_epoch, len(listed),
+                   len(matched), len(reconciled), len(closed), len(unknown), len(inconsistent))
         if self.link != "live":
             if self._safe_since is not None:
                 log.info("leaving safe mode after %.3f s", now - self._safe_since)
@@ -1069,6 +1128,7 @@ class MT5Bridge:
 
     # ---- timers ---------------------------------------------------------------------------------
     def _housekeeping(self, now: float) -> None:
+        self._logs.flush(now)
         if len(self._orders) > self.history:
             self._prune()
         link = self.link

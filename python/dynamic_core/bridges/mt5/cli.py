@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 
 from ...payloads import TradingPlan
+from ._util import check_port
 from .bridge import DEFAULT_BRIDGE_ADDRESS, BridgeReport, MT5Bridge
 
 __all__ = ["PlanSource", "add_parser", "cmd_bridge_mt5", "default_plan_source"]
@@ -64,7 +65,7 @@ def add_parser(subparsers: Any, formatter: type[argparse.HelpFormatter] | None =
         description="Serve a MetaTrader 5 EA over ZeroMQ (ROUTER): orders with acks, re-sends and "
                     "idempotent ids, heartbeats, position reconciliation and safe mode.",
         epilog=_EPILOG, formatter_class=formatter or argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bind", default=DEFAULT_BRIDGE_ADDRESS, metavar="ADDR",
+    p.add_argument("--bind", type=_bind_address, default=DEFAULT_BRIDGE_ADDRESS, metavar="ADDR",
                    help=f"address the bridge binds [default: {DEFAULT_BRIDGE_ADDRESS}]")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow binding beyond loopback (the protocol has no authentication)")
@@ -74,7 +75,7 @@ def add_parser(subparsers: Any, formatter: type[argparse.HelpFormatter] | None =
                    help="silent heartbeat intervals before safe mode [default: 3]")
     p.add_argument("--resend-timeout", type=_positive_float, default=0.5, metavar="S",
                    help="seconds without an ack before an order is re-sent (doubles per re-send) [default: 0.5]")
-    p.add_argument("--magic", type=int, default=556001, help="MT5 magic number of the orders [default: 556001]")
+    p.add_argument("--magic", type=_magic, default=556001, help="MT5 magic number of the orders [default: 556001]")
     p.add_argument("--safe-mode", choices=("queue", "refuse"), default="queue",
                    help="what new orders do in safe mode [default: queue]")
     p.add_argument("--flatten-on-safe-mode", action="store_true",
@@ -91,8 +92,8 @@ def add_parser(subparsers: Any, formatter: type[argparse.HelpFormatter] | None =
                      help="random agents of the engine [default: 2000]")
     sim.add_argument("--bars", type=_positive_int, default=300, metavar="N",
                      help="simulated bars per instrument [default: 300]")
-    sim.add_argument("--bar-interval", type=float, default=0.02, metavar="S",
-                     help="wall-clock seconds between simulated bars [default: 0.02]")
+    sim.add_argument("--bar-interval", type=_nonnegative_float, default=0.02, metavar="S",
+                     help="wall-clock seconds between simulated bars (0: no pause) [default: 0.02]")
     sim.add_argument("--timeframe", default="H1", metavar="TF", help="simulated bar length [default: H1]")
     sim.add_argument("--seed", type=int, default=0, help="seed of the market and the population [default: 0]")
     sim.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
@@ -100,10 +101,32 @@ def add_parser(subparsers: Any, formatter: type[argparse.HelpFormatter] | None =
     return p
 
 
-def _positive_float(s: str) -> float:
+def _finite_float(s: str, *, zero: bool) -> float:
     v = float(s)
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s!r}")
+    if not (math.isfinite(v) and (v > 0 or (zero and v == 0))):
+        raise argparse.ArgumentTypeError(f"must be a {'non-negative' if zero else 'positive'} number, got {s!r}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    return _finite_float(s, zero=False)
+
+
+def _nonnegative_float(s: str) -> float:
+    return _finite_float(s, zero=True)
+
+
+def _bind_address(s: str) -> str:
+    try:
+        return check_port(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _magic(s: str) -> int:
+    v = int(s)
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be 0..2**63-1 (an MQL5 long), got {s!r}")
     return v
 
 

@@ -366,7 +366,7 @@ class SimulatedTerminal:
             if self.handshaked:  # an engine restarted: introduce ourselves to it
                 self.handshaked = False
             return
-        if self._seq.check(m.seq) in ("duplicate", "jump"):
+        if self._seq.check(m.seq) == "duplicate":
             return
         self._last_heard = time.monotonic()
         self._engine_lost = False

@@ -98,8 +98,7 @@ public:
 #define DC_SEQ_GAP       2
 #define DC_SEQ_REORDERED 3
 #define DC_SEQ_DUPLICATE 4
-#define DC_SEQ_JUMP      5   // more than DC_SEQ_MAX_JUMP ahead: a bad number, ignored
-#define DC_SEQ_MAX_JUMP  1048576
+#define DC_SEQ_JUMP      5   // DC_SEQ_WINDOW or more away (ahead or behind): processed, the window restarts there
 
 class CDcSeqTracker
   {
@@ -125,19 +124,21 @@ public:
          m_seen[Slot(seq)]=1;
          return(DC_SEQ_FIRST);
         }
+      //--- too far from the window to be judged by it (a bad number, or a long loss): move the
+      //--- window, so one bad number never makes later messages look old
+      if(seq-m_hi>=DC_SEQ_WINDOW || m_hi-seq>=DC_SEQ_WINDOW)
+        {
+         Clear();
+         m_hi=seq;
+         m_seen[Slot(seq)]=1;
+         jumps++;
+         return(DC_SEQ_JUMP);
+        }
       if(seq>m_hi)
         {
          long d=seq-m_hi;
-         if(d>DC_SEQ_MAX_JUMP)
-           {
-            jumps++;
-            return(DC_SEQ_JUMP);
-           }
-         if(d>=DC_SEQ_WINDOW)
-            Clear();
-         else
-            for(long s=m_hi+1; s<=seq; s++)
-               m_seen[Slot(s)]=0;
+         for(long s=m_hi+1; s<=seq; s++)
+            m_seen[Slot(s)]=0;
          m_seen[Slot(seq)]=1;
          m_hi=seq;
          if(d>1)
@@ -147,8 +148,7 @@ public:
            }
          return(DC_SEQ_OK);
         }
-      long back=m_hi-seq;
-      if(back>=DC_SEQ_WINDOW || m_seen[Slot(seq)]!=0)
+      if(m_seen[Slot(seq)]!=0)
         {
          duplicates++;
          return(DC_SEQ_DUPLICATE);
