@@ -5,12 +5,17 @@ Three layers, each against the CPU engine as the oracle:
   compiles them at run time (no GPU needed for either);
 - the kernel source and the host driver run on the CPU through a host emulation of the device
   (tests/cuda_emu): signals, agent state, stats and journals bit-identical to the CPU backend's;
+- gpu.CupyDevice itself over an emulated CuPy (tests/cuda_emu.FakeCupy): its own stream, errors
+  while the backend starts (typed; "auto" falls back to the CPU), device errors mid-run (raised
+  once; the engine refuses state it no longer has), ``--check`` through cupy.RawModule;
 - on a machine with an NVIDIA GPU (``-m gpu``), the same parity on the device itself.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +25,7 @@ import dynamic_core as dc
 from dynamic_core import gpu
 from dynamic_core.errors import BackendUnavailable
 
-from .cuda_emu import EmuDevice
+from .cuda_emu import EmuDevice, FakeCupy
 
 ROOT = Path(__file__).resolve().parent.parent
 CU_FILES = sorted((ROOT / "cuda").glob("*.cu"))
@@ -109,9 +114,12 @@ def test_cuda_backend_without_a_gpu_says_what_is_missing() -> None:
     pop = dc.Population.random(64, instruments=["EURUSD"], seed=1)
     with pytest.raises(BackendUnavailable, match="backend='cuda' needs a usable GPU: .*(CuPy|CUDA)"):
         dc.Engine(pop, backend="cuda")
-    with dc.Engine(pop, backend="auto") as eng:  # falls back to the CPU
-        assert eng.backend == "cpu"
+    with dc.Engine(pop, backend="auto") as eng:  # falls back to the CPU, saying why
+        assert eng.backend == "cpu" and eng.backend_fallback
         assert eng.stats()["backend"] == "cpu"
+        assert "needs a usable GPU" in eng.stats()["backend_fallback"]
+    with dc.Engine(pop) as eng:
+        assert eng.stats()["backend_fallback"] is None
     with pytest.raises(ValueError, match="backend must be"):
         dc.Engine(pop, backend="tpu")
 
@@ -306,5 +314,269 @@ def test_a_device_failure_mid_batch_stops_the_engine(emu: EmuDevice, eurusd: np.
     with dc.Engine(pop, cores_per_sm=32, backend="cuda", device=dev, block_bars=20) as eng:
         with pytest.raises(MemoryError):
             eng.run(eurusd[:60])
-        with pytest.raises(BackendUnavailable, match="failed in an earlier batch.*MemoryError"):
+        with pytest.raises(BackendUnavailable, match="device failed earlier.*MemoryError"):
             eng.run(eurusd[60:70])
+
+
+# ---- CupyDevice itself, through an emulated CuPy ----------------------------------------------------
+
+@pytest.fixture
+def fake_cupy(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> FakeCupy:
+    """CuPy's API over the host emulation, installed as ``cupy``: gpu.probe() finds a usable
+    GPU and ``Engine(backend="cuda")`` runs gpu.CupyDevice, compiling through its RawModule."""
+    from dynamic_core import engine
+
+    monkeypatch.setattr(gpu.CupyDevice, "_modules", {})  # no module of another test's CuPy
+    monkeypatch.setattr(engine, "_fallbacks_logged", set())
+    return FakeCupy(tmp_path_factory.mktemp("fake_cupy")).install(monkeypatch)
+
+
+def test_cupy_device_runs_every_operation_on_its_own_stream(fake_cupy: FakeCupy, eurusd: np.ndarray) -> None:
+    # Uploads (pinned, asynchronous in CuPy), launches and downloads all on the device's own
+    # non-blocking stream, whatever stream the calling thread has current; every download
+    # synchronises that stream. And the parity with the CPU through the real CupyDevice.
+    pop = dc.Population.random(96, instruments=["EURUSD"], seed=4)
+    bars = eurusd[:160]
+    user_stream = fake_cupy.module.cuda.Stream(non_blocking=True)
+    with dc.Engine(pop, threads=1, cores_per_sm=32) as cpu, user_stream, \
+            dc.Engine(pop, cores_per_sm=32, backend="cuda", block_bars=50) as dev:
+        assert dev.backend == "cuda" and dev.stats()["device"].startswith("Emulated CUDA device")
+        a = cpu.run(bars[:150])
+        b = dev.run(bars[:150])
+        live = [dev.step(bar) for bar in bars[150:]]
+        a2 = cpu.run(bars[150:])
+        assert_same_signals(a, b)
+        assert [s.score for s in live] == a2["score"].tolist()
+        assert_same_agents(cpu.agents(), dev.agents())
+        own = dev._device.dev.stream
+    assert own.non_blocking and own is not user_stream
+    log = fake_cupy.log
+    assert {what for what, _, _ in log} >= {"put", "zeros", "launch", "get", "sync"}
+    assert all(stream is own for _, stream, _ in log), {(w, repr(s)) for w, s, _ in log if s is not own}
+    for i, (what, _, _) in enumerate(log):
+        if what == "get":
+            assert log[i + 1][0] == "sync", f"download {i} not followed by a synchronisation of the stream"
+    # compiled once, by the RawModule, from the kernel source with the backend's options
+    assert fake_cupy.compiled == [(gpu.kernel_source(), gpu.nvrtc_options())]
+    assert "--fmad=false" in fake_cupy.compiled[0][1]
+
+
+_START_FAILURES = {
+    # where, which failure, how many of those operations succeed first, what the message names
+    "compile error": ("compile", "CompileException", (("engine.cu(12): error: identifier \"x\" is undefined\n"
+                                                       "1 error detected in the compilation of \"engine.cu\"."),), 0),
+    "no libnvrtc": ("compile", "RuntimeError", (("CuPy failed to load libnvrtc.so.12: OSError: libnvrtc.so.12: "
+                                                 "cannot open shared object file: No such file or directory"),), 0),
+    "no CUDA root": ("compile", "RuntimeError", (("Failed to auto-detect CUDA root directory. Please specify "
+                                                  "`CUDA_PATH` environment variable"),), 0),
+    "first launch": ("launch", "CUDARuntimeError", (209, "cudaErrorNoKernelImageForDevice"), 0),
+    "first sync": ("sync", "CUDARuntimeError", (700, "cudaErrorIllegalAddress"), 0),
+    "upload": ("put", "OutOfMemoryError", ("Out of memory allocating 268,435,456 bytes",), 3),
+    "allocation": ("zeros", "OutOfMemoryError", ("Out of memory allocating 1,048,576 bytes",), 2),
+}
+
+
+def _exc(fake: FakeCupy, kind: str, args: tuple) -> BaseException:
+    cls = {"RuntimeError": RuntimeError, "CompileException": fake.CompileException,
+           "CUDARuntimeError": fake.CUDARuntimeError, "OutOfMemoryError": fake.OutOfMemoryError}[kind]
+    return cls(*args)
+
+
+@pytest.mark.parametrize("case", list(_START_FAILURES), ids=lambda c: c.replace(" ", "-"))
+def test_a_backend_that_cannot_start_is_typed_and_auto_falls_back(
+        case: str, fake_cupy: FakeCupy, eurusd: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    point, kind, args, after = _START_FAILURES[case]
+    pop = dc.Population.random(64, instruments=["EURUSD"], seed=1)
+    exc = _exc(fake_cupy, kind, args)
+    fake_cupy.inject(point, exc, after=after)
+    with pytest.raises(BackendUnavailable, match=f"could not (start|take).*{kind}") as ei:
+        dc.Engine(pop, backend="cuda")
+    assert ei.value.__cause__ is exc  # CuPy's exception, chained
+    assert "\n" not in str(ei.value)  # one line (a compiler's log stays in the cause)
+    with caplog.at_level(logging.INFO, logger="dynamic_core.engine"):
+        for _ in range(2):
+            fake_cupy.inject(point, _exc(fake_cupy, kind, args), after=after)
+            with dc.Engine(pop, backend="auto", threads=2) as eng:
+                assert eng.backend == "cpu" and eng.backend_fallback
+                st = eng.stats()
+                assert st["backend"] == "cpu" and kind in st["backend_fallback"] and "device" not in st
+                assert st["threads"] == 2  # the CPU engine, not the device's mirror
+                assert len(eng.run(eurusd[:50])) == 50
+    fallbacks = [r for r in caplog.records if "backend='auto' runs on the CPU" in r.getMessage()]
+    assert len(fallbacks) == 1 and fallbacks[0].levelno == logging.WARNING  # logged once
+    # the failure was injected once each time: the next engine starts
+    with dc.Engine(pop, backend="auto") as eng:
+        assert eng.backend == "cuda" and eng.stats()["backend_fallback"] is None
+
+
+def test_probe_reports_a_broken_cupy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    # A CuPy whose import fails with something else than ImportError (a binary built against
+    # NumPy 1.x under NumPy 2 raises AttributeError/ValueError): unusable, with the reason.
+    pkg = tmp_path / "cupy"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise AttributeError('_ARRAY_API not found')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    status = gpu.probe()
+    assert not status and "cannot be imported" in status.reason and "AttributeError: _ARRAY_API" in status.reason
+    pop = dc.Population.random(64, instruments=["EURUSD"], seed=1)
+    with pytest.raises(BackendUnavailable, match="needs a usable GPU: CuPy is installed but cannot be imported"):
+        dc.Engine(pop, backend="cuda")
+    from dynamic_core import engine
+
+    monkeypatch.setattr(engine, "_fallbacks_logged", set())
+    with caplog.at_level(logging.INFO, logger="dynamic_core.engine"), dc.Engine(pop, backend="auto") as eng:
+        assert eng.backend == "cpu" and "AttributeError" in eng.stats()["backend_fallback"]
+    # a broken install is worth a warning (no CuPy at all is what "auto" expects: info)
+    assert [r.levelno for r in caplog.records if "runs on the CPU" in r.getMessage()] == [logging.WARNING]
+    assert gpu.main([]) == 3
+
+
+def test_check_compiles_through_cupy_when_a_gpu_is_usable(fake_cupy: FakeCupy, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    assert gpu.main(["--check"]) == 0
+    out = capsys.readouterr().out
+    assert "CuPy" in out and "compiled and loaded" in out and "dc_lanes_block" in out
+    assert fake_cupy.compiled == [(gpu.kernel_source(), gpu.nvrtc_options())]  # the backend's RawModule
+    # a compile error: the compiler's log, exit 1
+    monkeypatch.setattr(gpu.CupyDevice, "_modules", {})
+    fake_cupy.inject("compile", fake_cupy.CompileException("engine.cu(3): error: expected a \";\""))
+    assert gpu.main(["--check"]) == 1
+    out = capsys.readouterr().out
+    assert "do not compile" in out and 'expected a ";"' in out
+    # CuPy without its NVRTC: exit 2, the reason
+    fake_cupy.inject("compile", RuntimeError("CuPy failed to load libnvrtc.so.12"))
+    assert gpu.main(["--check"]) == 2
+    assert "failed to load libnvrtc" in capsys.readouterr().out
+
+
+def test_cli_backend_errors_are_one_line(fake_cupy: FakeCupy, capsys: pytest.CaptureFixture[str],
+                                         tmp_path: Path) -> None:
+    from dynamic_core import cli
+
+    fake_cupy.inject("compile", fake_cupy.CompileException("engine.cu(7): error: bad\n1 error detected"))
+    assert cli.main(["run", "--agents", "64", "--bars", "50", "--backend", "cuda", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dynamic-core: error: the CUDA backend could not start") and "CompileException" in err
+    assert err.count("\n") == 1
+    # a device failure mid-run: one line too, the journal closed and replayable
+    fake_cupy.inject("launch", fake_cupy.CUDARuntimeError(700, "cudaErrorIllegalAddress"), kernel="dc_lanes_block",
+                     sticky=True)
+    rc = cli.main(["run", "--agents", "64", "--bars", "50", "--backend", "cuda", "-q",
+                   "--journal", str(tmp_path / "j")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("dynamic-core: error: the CUDA device failed") and err.count("\n") == 1
+    assert "CUDARuntimeError" in err and "replay" in err
+    assert dc.journal.replay(tmp_path / "j").ok
+
+
+def _failing_engine(pop: dc.Population, **kw) -> dc.Engine:  # type: ignore[no-untyped-def]
+    return dc.Engine(pop, cores_per_sm=32, backend="cuda", block_bars=20, **kw)
+
+
+def test_a_sticky_device_error_surfaces_once_and_close_adds_nothing(fake_cupy: FakeCupy, eurusd: np.ndarray,
+                                                                     tmp_path: Path) -> None:
+    # A context-poisoning error in the second block of the second batch: every later CUDA call
+    # fails too. The run raises it once; leaving the `with` copies nothing back (the runner
+    # failed), so it raises nothing on top of it, and the engine ends closed.
+    pop = dc.Population.random(64, instruments=["EURUSD"], seed=1)
+    err = fake_cupy.CUDARuntimeError(700, "an illegal memory access was encountered")
+    fake_cupy.inject("launch", err, kernel="dc_lanes_block", after=2, sticky=True)
+    raised = []
+    with pytest.raises(fake_cupy.CUDARuntimeError) as ei:
+        with _failing_engine(pop, journal=tmp_path / "j") as eng:
+            eng.run(eurusd[:20])
+            try:
+                eng.run(eurusd[20:80])
+            except BaseException as e:
+                raised.append(e)
+                ops = len(fake_cupy.log)
+                raise
+    assert ei.value is err and raised == [err]
+    assert ei.value.__context__ is None and ei.value.__cause__ is None
+    assert len(fake_cupy.log) == ops  # nothing touched the device after the failure: close() copied nothing back
+    assert eng.closed
+    with pytest.raises(BackendUnavailable, match="CUDA device failed.*CUDARuntimeError.*replay the journal"):
+        eng.agents()
+    assert "CUDARuntimeError" in eng.stats()["device_error"]
+    eng.close()  # idempotent
+    res = dc.journal.replay(tmp_path / "j")  # the journal holds every admitted bar
+    assert res.ok and len(res.signals) == 80
+
+
+def test_a_one_off_device_error_mid_batch_leaves_no_half_run_state(fake_cupy: FakeCupy, eurusd: np.ndarray) -> None:
+    # Out of memory in the second block of a batch (not sticky: the device still answers): its
+    # first block ran, so copying the device state back would show a state matching no journal
+    # position. agents() and the other state calls refuse instead, before and after close.
+    pop = dc.Population.random(64, instruments=["EURUSD"], seed=1)
+    fake_cupy.inject("launch", fake_cupy.OutOfMemoryError("Out of memory allocating 4,096 bytes"),
+                     kernel="dc_lanes_block", after=2)
+    with _failing_engine(pop) as eng:
+        eng.run(eurusd[:20])
+        assert len(eng.agents()) == 64
+        with pytest.raises(MemoryError):
+            eng.run(eurusd[20:80])
+        for call in (eng.agents, lambda: eng.set_credit(pop.records["agent_id"][:1], [2.0]),
+                     lambda: eng.evolve(dc.payloads.EvolutionConfig(min_age=1, min_trades=0), seed=1, generation=1)):
+            with pytest.raises(BackendUnavailable, match="CUDA device failed.*OutOfMemoryError"):
+                call()
+        with pytest.raises(BackendUnavailable, match="device failed earlier"):
+            eng.run(eurusd[80:90])
+        assert eng.stats()["accepted"] == 80 and "OutOfMemoryError" in eng.stats()["device_error"]
+    with pytest.raises(BackendUnavailable, match="CUDA device failed"):
+        eng.agents()
+
+
+def test_a_device_error_found_at_close_is_logged_not_raised(fake_cupy: FakeCupy, eurusd: np.ndarray,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    pop = dc.Population.random(64, instruments=["EURUSD"], seed=1)
+    with caplog.at_level(logging.WARNING, logger="dynamic_core.engine"), _failing_engine(pop) as eng:
+        eng.run(eurusd[:40])
+        fake_cupy.inject("get", fake_cupy.CUDARuntimeError(700, "cudaErrorIllegalAddress"), sticky=True)
+    assert eng.closed
+    assert any("copied back at close" in r.getMessage() for r in caplog.records)
+    with pytest.raises(BackendUnavailable, match="CUDA device failed.*copying the agent state back"):
+        eng.agents()
+
+
+# ---- the emulator's own checks --------------------------------------------------------------------
+
+def test_the_emulator_checks_arguments_and_launch_limits(emu: EmuDevice) -> None:
+    # What a real launch gets silently wrong: the driver copies sizeof(parameter) bytes of each
+    # argument (CuPy passes a Python int as an int64), and CUDA refuses blocks over 1024
+    # threads and grids over 65535 in y.
+    sizes = np.zeros(3, np.uint64)
+    emu.launch("dc_sizes", (1, 1), 1, (sizes,))
+    assert sizes.min() > 0
+    with pytest.raises(TypeError, match="pointer"):
+        emu.launch("dc_sizes", (1, 1), 1, (5,))
+    with pytest.raises(TypeError, match="8-byte integers"):
+        emu.launch("dc_sizes", (1, 1), 1, (np.zeros(3, np.uint32),))
+    with pytest.raises(TypeError, match="1 arguments for 2|2 arguments for 1"):
+        emu.launch("dc_sizes", (1, 1), 1, (sizes, sizes))
+    i32 = np.zeros(4, np.int32)
+    st = np.zeros(4096, np.uint8)
+
+    def init(n):  # type: ignore[no-untyped-def]
+        return (n, i32, i32, i32, i32, st)
+    emu.launch("dc_ind_init", (1, 1), 128, init(np.int32(0)))
+    for bad in (0, np.int64(0), np.uint16(0), np.float32(0.0)):  # int32 parameter
+        with pytest.raises(TypeError, match="4-byte integer"):
+            emu.launch("dc_ind_init", (1, 1), 128, init(bad))
+    with pytest.raises(TypeError, match="4-byte integers"):
+        emu.launch("dc_ind_init", (1, 1), 128, (np.int32(0), i32.astype(np.int64), i32, i32, i32, st))
+    u32, i64, u64, f64 = (np.zeros(4, t) for t in (np.uint32, np.int64, np.uint64, np.float64))
+    block = [np.int32(0), i32, u32, u32, i64, f64, st, f64, f64, f64, u32, u32, u64, f64]  # dc_ind_block's
+    emu.launch("dc_ind_block", (1, 1), 128, tuple(block))
+    block[5] = np.zeros(4, np.float32)  # double* buf
+    with pytest.raises(TypeError, match="argument 5 .* 8-byte floats"):
+        emu.launch("dc_ind_block", (1, 1), 128, tuple(block))
+    with pytest.raises(RuntimeError, match="block size"):
+        emu.launch("dc_ind_init", (1, 1), 2048, init(np.int32(0)))
+    with pytest.raises(RuntimeError, match="block size"):
+        emu.launch("dc_ind_init", (1, 1), 0, init(np.int32(0)))
+    for grid in ((1, 65536), (0, 1), (1, 0)):
+        with pytest.raises(RuntimeError, match="grid"):
+            emu.launch("dc_ind_init", grid, 128, init(np.int32(0)))
+    emu.launch("dc_ind_init", (1, 65535), 1, init(np.int32(0)))  # the limit itself is fine

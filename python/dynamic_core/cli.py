@@ -911,6 +911,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # summarise what ran so far; the exit code still says it was cut short
         interrupted = True
+    except Exception as e:
+        error = eng.stats().get("device_error") if eng.backend == "cuda" else None
+        if error is None:
+            raise
+        # a GPU failure mid-run: one line (the journal, if any, ends cleanly and replays the run)
+        if mesh is not None:
+            mesh.close()
+        eng.close()
+        raise CLIError(f"the CUDA device failed after {state.done:,} bars: {error}"
+                       + (f"; the journal {args.journal} replays what ran ({PROG} replay {args.journal})"
+                          if args.journal else "")) from e
     wall = time.perf_counter() - t0
 
     if mesh is not None:

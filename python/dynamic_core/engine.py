@@ -27,6 +27,8 @@ from .records import (AGENT_DTYPE, BIRTH_DTYPE, DEAD_LETTER_DTYPE, GENOME_DTYPE,
 __all__ = ["BACKPRESSURE", "Engine"]
 
 log = logging.getLogger("dynamic_core.engine")
+_fallbacks_logged: set[str] = set()  # backend="auto" fallback reasons already logged
+_fallbacks_lock = threading.Lock()
 
 BACKPRESSURE = {"block": 0, "reject_new": 1, "drop_oldest": 2}
 
@@ -99,9 +101,16 @@ class Engine:
         Where the agents run. ``"cuda"``: population, indicator banks and agent state in GPU
         memory (:mod:`dynamic_core.gpu`; needs ``pip install 'dynamic_core[cuda]'`` and an NVIDIA
         GPU, else :class:`dynamic_core.errors.BackendUnavailable` says what is missing), with
-        signals and agent state bit-identical to the CPU's. ``"auto"``: the GPU when one is
-        usable. With ``"cuda"``, ``run`` (``block_bars`` bars per kernel launch) and ``step``
-        run on the device; ``submit``/``poll``/``on_signal`` and fault injection are CPU-only.
+        signals and agent state bit-identical to the CPU's; whatever keeps the backend from
+        starting (compiler, driver, device, memory) is a ``BackendUnavailable`` raised here.
+        ``"auto"``: the GPU when the backend starts, else the CPU, with the reason in
+        ``stats()["backend_fallback"]`` (and logged once per reason). With ``"cuda"``, ``run``
+        (``block_bars`` bars per kernel launch) and ``step`` run on the device;
+        ``submit``/``poll``/``on_signal`` and fault injection are CPU-only. A device error while
+        bars run is raised once as the device's own exception; the device state then matches no
+        journal position, so later feeding calls and reads of agent state (``agents()``,
+        ``evolve``...) raise ``BackendUnavailable`` (``stats()["device_error"]`` says why; the
+        journal replays the run).
     device : optional
         The device for ``backend="cuda"``: a :class:`dynamic_core.gpu.CupyDevice` (its ordinal
         picks the GPU); default ``CupyDevice()``, the current CuPy device.
@@ -143,11 +152,9 @@ class Engine:
             raise ValueError("a device was given but backend='cpu'")
         if factory is not None and fault_injection:
             raise BackendUnavailable("fault injection runs on the CPU backend only")
-        threads = usable_cores() if threads is None else int(threads)
-        if factory is not None:
-            threads = 1  # the native engine only mirrors: ingress, journal, state for readers
-        if not 1 <= threads <= 63:
-            raise ValueError(f"threads must be in [1, 63], got {threads}")
+        cpu_threads = usable_cores() if threads is None else int(threads)
+        if factory is None and not 1 <= cpu_threads <= 63:
+            raise ValueError(f"threads must be in [1, 63], got {cpu_threads}")
         if backpressure not in BACKPRESSURE:
             raise ValueError(f"backpressure must be one of {sorted(BACKPRESSURE)}, got {backpressure!r}")
         if not 0 <= capacity <= 1 << 20:
@@ -166,13 +173,41 @@ class Engine:
         self._config = {"cores_per_sm": cores_per_sm, "block_bars": int(block_bars),
                         "strict": self.strict, "backpressure": backpressure,
                         "capacity": int(capacity), "dead_letter_capacity": int(dead_letter_capacity)}
-        self._native = _core.Engine(population.records, cores_per_sm=cores_per_sm,
-                                    population_hash=self._population_hash,
-                                    dead_letter_capacity=dead_letter_capacity, block_bars=block_bars,
-                                    threads=threads, capacity=capacity,
-                                    backpressure=BACKPRESSURE[backpressure],
-                                    stall_deadline_ns=int(stall_deadline * 1e9),
-                                    fault_injection=fault_injection)
+        native_config = {"cores_per_sm": cores_per_sm, "population_hash": self._population_hash,
+                         "dead_letter_capacity": dead_letter_capacity, "block_bars": block_bars,
+                         "capacity": capacity, "backpressure": BACKPRESSURE[backpressure],
+                         "stall_deadline_ns": int(stall_deadline * 1e9), "fault_injection": fault_injection}
+        self.backend_fallback: str | None = None  # why backend="auto" runs on the CPU
+        self._device: Any = None
+        self._device_lock = threading.RLock()
+        dev = None
+        if factory is not None:
+            try:
+                dev = factory()  # CupyDevice: compiles, loads and runs a kernel, or BackendUnavailable
+            except BackendUnavailable as e:
+                if backend != "auto":
+                    raise
+                self._fall_back(e)
+        if dev is None and not 1 <= cpu_threads <= 63:
+            raise ValueError(f"threads must be in [1, 63], got {cpu_threads}")
+        # with a device the native engine only mirrors: ingress, journal, state for readers
+        self._native = _core.Engine(population.records, threads=1 if dev is not None else cpu_threads,
+                                    **native_config)
+        if dev is not None:
+            try:
+                self._device = gpu.DeviceRunner(self._native, dev, population_hash=self._population_hash,
+                                                block_bars=block_bars)
+            except BackendUnavailable as e:
+                _close_native(self._native)
+                if backend != "auto":
+                    raise
+                self._fall_back(e)
+                if not 1 <= cpu_threads <= 63:
+                    raise ValueError(f"threads must be in [1, 63], got {cpu_threads}") from None
+                self._native = _core.Engine(population.records, threads=cpu_threads, **native_config)
+            except BaseException:
+                _close_native(self._native)
+                raise
         self._callbacks: list[Callable[[AISignal], Any]] = []
         self._dispatcher: threading.Thread | None = None
         self._stop = threading.Event()
@@ -184,18 +219,22 @@ class Engine:
         self._journal_path: str | None = None
         self._journal_lock = threading.Lock()
         self._journal_instruments = 0
-        self._device: Any = None
-        self._device_lock = threading.RLock()
-        if factory is not None:
-            try:
-                self._device = gpu.DeviceRunner(self._native, factory(), population_hash=self._population_hash,
-                                                block_bars=block_bars)
-            except BaseException:
-                _close_native(self._native)
-                raise
         self.backend = "cpu" if self._device is None else "cuda"
         if journal is not None:
             self._open_journal(os.fspath(journal), fsync, journal_segment_bytes)
+
+    def _fall_back(self, e: BaseException) -> None:
+        """backend="auto" could not start the GPU backend: run on the CPU, saying why (in
+        ``stats()["backend_fallback"]``, and in the log once per reason and process)."""
+        reason = str(e)
+        self.backend_fallback = reason
+        with _fallbacks_lock:
+            if reason in _fallbacks_logged:
+                return
+            _fallbacks_logged.add(reason)
+        # no GPU stack here is the expected case of "auto"; a broken one, or a GPU that failed to start, is not
+        level = logging.INFO if getattr(e, "no_gpu", False) else logging.WARNING
+        log.log(level, "backend='auto' runs on the CPU: %s", reason)
 
     # ---- journal ------------------------------------------------------------------------------
     def _open_journal(self, path: str, fsync: int, segment_bytes: int) -> None:
@@ -393,8 +432,19 @@ class Engine:
         finally:
             if self._device is not None:  # device memory back now, not at garbage collection
                 with self._device_lock:
-                    self._device.store_state()  # agents() still answers after close
-                    self._device = _ClosedDevice()
+                    self._close_device()
+
+    def _close_device(self) -> None:
+        """Copies the device's state to the native mirror (so agents() still answers after
+        close) and lets the device go. Raises nothing: after a device failure (or one found by
+        this copy, logged) there is no state to copy, and agents() says so."""
+        dev = self._device
+        try:
+            dev.store_state()  # a no-op once the runner failed
+        except Exception as e:
+            log.warning("the CUDA device failed while its agent state was copied back at close: %s", e)
+        finally:
+            self._device = _ClosedDevice(getattr(dev, "failed", None))
 
     @property
     def closed(self) -> bool:
@@ -416,7 +466,12 @@ class Engine:
 
     def agents(self) -> np.ndarray:
         """Per-agent state in population order (``AGENT_DTYPE``): score, action, position,
-        equity, trades, wins, Sharpe, max drawdown, quarantined, ..."""
+        equity, trades, wins, Sharpe, max drawdown, quarantined, ...
+
+        With ``backend="cuda"``, after a device error (in ``run``/``step``, or while state was
+        copied) raises :class:`~dynamic_core.errors.BackendUnavailable` naming it, also after
+        ``close()``: the device held the only current state, and what it held when it failed
+        matches no journal position (replay the journal for it)."""
         with self._mirror():
             return self._native.agents().view(AGENT_DTYPE)
 
@@ -436,6 +491,10 @@ class Engine:
             yield
             return
         with self._device_lock:
+            if self._device.failed:
+                raise BackendUnavailable(f"the CUDA device failed ({self._device.failed}): the agent state it "
+                                         "held is lost and the mirror's is stale; replay the journal "
+                                         "(dc.journal.replay) for the state")
             if not only:
                 self._device.store_state()
             try:
@@ -647,11 +706,15 @@ class Engine:
         window depth and high-water mark, backpressure events, failovers, per-worker queue depth,
         high-water mark and heartbeat age, per-SM owner/status/heartbeat age (``sms``), warp
         occupancy (active lanes / 32 over all warps), callback errors and, with a journal, its
-        records/bytes/commits/syncs/segments (``journal``)."""
+        records/bytes/commits/syncs/segments (``journal``). Also ``backend``, ``backend_fallback``
+        (why ``backend="auto"`` runs on the CPU, else None) and, on the CUDA backend, ``device``
+        and ``device_error`` (the device failure that stopped it, else None)."""
         s = self._native.stats()  # counters only: the device's state need not be mirrored
         s["backend"] = self.backend
+        s["backend_fallback"] = self.backend_fallback
         if self._device is not None:
             s["device"] = getattr(self._device.dev, "name", "")
+            s["device_error"] = self._device.failed
         if self._journal_path is not None:
             s["journal"] = dict(self._native.journal_stats(), path=self._journal_path)
         lay = self._native.layout()
@@ -679,9 +742,13 @@ class Engine:
 
 
 class _ClosedDevice:
-    """Stands in for the device runner of a closed engine (its memory released)."""
+    """Stands in for the device runner of a closed engine (its memory released); ``failed``:
+    the runner's failure, if it had one."""
 
     dev = None
+
+    def __init__(self, failed: str | None = None) -> None:
+        self.failed = failed
 
     def store_state(self) -> None:
         pass

@@ -10,8 +10,23 @@ Ingress (validation, sequencing, dead letters, the journal) stays in the native 
 also mirrors the agent state for ``agents()``, ``set_credit`` and ``evolve``: the device state is
 copied to it before any of them reads or changes it, and back after a change.
 
+Errors: whatever stops the backend from starting (no CuPy or a broken one, no driver or device,
+NVRTC missing or failing to compile, a device or memory error while the kernels load or the
+population uploads) is a :class:`~dynamic_core.errors.BackendUnavailable` naming it (the CuPy
+exception chained as its cause), raised when the engine is created, never at its first run; an
+engine created with ``backend="auto"`` then runs on the CPU and says why in
+``stats()["backend_fallback"]``. A device error while bars run (or state travels) re-raises the
+device's own exception (CuPy's ``OutOfMemoryError``, a ``MemoryError``; ``CUDARuntimeError``, a
+``RuntimeError``) once, and the runner is failed from then on: the batch had been admitted and
+journaled, so the device's state matches no journal position any more. Later ``run``/``step``
+calls and every call that reads or changes agent state (``agents()``, ``evolve``, ``set_credit``,
+...) raise ``BackendUnavailable`` naming the failure; ``close()`` adds nothing to it; the
+journal, ``stats()`` (``"device_error"``) and ``dead_letters()`` still answer. Replaying the
+journal (on either backend) recovers the state.
+
 ``python -m dynamic_core.gpu`` says whether a GPU is usable and why not; ``--check`` compiles
-the kernels with NVRTC (no GPU needed, only the NVRTC library).
+the kernels as the backend does: through CuPy (``cupy.RawModule``, the backend's options) where a
+GPU is usable, else with the NVRTC library it finds (no GPU needed), naming which.
 """
 from __future__ import annotations
 
@@ -19,6 +34,7 @@ import argparse
 import ctypes
 import ctypes.util
 import glob
+import hashlib
 import os
 import sys
 import time
@@ -73,7 +89,6 @@ def headers_digest() -> str:
     """A digest of the headers the kernels include. CuPy's kernel cache keys on the source and
     the options, not on included files: the digest goes into the options, so a changed header
     never reuses a kernel compiled from the old one."""
-    import hashlib
     h = hashlib.sha256()
     for name in HEADERS:
         h.update((include_dir() / "dynamic_core" / name).read_bytes())
@@ -97,12 +112,19 @@ class GpuStatus:
         return self.usable
 
 
+_BROKEN_CUPY = "CuPy is installed but cannot be imported"
+
+
 def probe() -> GpuStatus:
     """Is a GPU usable from here? Names what is missing when not (CuPy, driver, device)."""
     try:
         import cupy  # noqa: F401
-    except ImportError as e:
+    except ModuleNotFoundError as e:
+        if e.name != "cupy":
+            return GpuStatus(False, f"{_BROKEN_CUPY}: {_why(e)}")
         return GpuStatus(False, f"CuPy is not installed (pip install 'dynamic_core[cuda]'): {e}")
+    except Exception as e:  # a broken install: a missing library, an ABI mismatch with NumPy 2...
+        return GpuStatus(False, f"{_BROKEN_CUPY}: {_why(e)}")
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # CUDARuntimeError: no driver, no device
@@ -178,43 +200,94 @@ def compile_ptx(source: str | None = None, arch: str = "compute_90") -> tuple[st
 
 # ---- devices -----------------------------------------------------------------------------------
 
+def _why(e: BaseException) -> str:
+    """One line naming an exception: its type and the first line of its message (a compiler's
+    log, a CUDA error's detail) cut at 300 characters."""
+    lines = str(e).strip().splitlines()
+    msg = lines[0].strip() if lines else ""
+    if len(msg) > 300:
+        msg = msg[:297] + "..."
+    more = " [...]" if len(lines) > 1 else ""
+    return f"{type(e).__name__}: {msg}{more}" if msg else type(e).__name__
+
+
+_STARTUP_HINT = ("`python -m dynamic_core.gpu --check` says more; pip install 'dynamic_core[cuda]' brings CuPy "
+                 "with the CUDA components it needs (NVRTC, headers)")
+
+
+def _load_kernels(cupy: Any, device_id: int) -> dict[str, Any]:
+    """The kernels on the current CuPy device: a ``cupy.RawModule`` of :func:`kernel_source`
+    with :func:`nvrtc_options`, compiled by CuPy's NVRTC and loaded. CuPy compiles a RawModule
+    lazily, at its first ``get_function``: this is where a missing NVRTC or CUDA headers, or a
+    compile error (``CompileException``, with the log), surface. A module is kept (per device,
+    source and options) once all its kernels loaded."""
+    code, opts = kernel_source(), nvrtc_options()
+    key = (int(device_id), hashlib.sha256(code.encode()).hexdigest(), opts)
+    mod = CupyDevice._modules.get(key)
+    if mod is None:
+        mod = cupy.RawModule(code=code, options=opts)
+    fns = {k: mod.get_function(k) for k in KERNELS}
+    CupyDevice._modules[key] = mod
+    return fns
+
+
 class CupyDevice:
     """Device memory and kernel launches through CuPy on one GPU (``ordinal``; default: the
-    current CuPy device), whichever thread calls: every call runs with that device current."""
+    current CuPy device), whichever thread calls: every call runs with that device current.
 
-    _modules: dict[int, Any] = {}  # compiled kernels, per device
+    It owns a non-blocking CUDA stream, and every upload, allocation, launch and download runs
+    on it (``with self.device, self.stream``), never on whatever stream the calling thread has
+    current: CuPy's uploads of host arrays go through pinned staging buffers, asynchronously on
+    the current stream, so work on one stream is what keeps each launch after the uploads it
+    reads. A download synchronises the stream before its result is returned.
+
+    Creating one compiles the kernels (:func:`_load_kernels`), runs one tiny kernel and waits for
+    it: any failure (NVRTC, compiler, driver, device, memory) is a :class:`BackendUnavailable`
+    here, with the CuPy exception as its cause, not an error at the first run."""
+
+    _modules: dict[tuple[int, str, tuple[str, ...]], Any] = {}  # compiled kernels, per device, source, options
 
     def __init__(self, ordinal: int | None = None) -> None:
         status = probe()
         if not status:
-            raise BackendUnavailable(f"backend='cuda' needs a usable GPU: {status.reason}")
+            err = BackendUnavailable(f"backend='cuda' needs a usable GPU: {status.reason}")
+            # no CuPy, driver or device: what backend="auto" expects on most machines (a broken
+            # CuPy install is not)
+            err.no_gpu = _BROKEN_CUPY not in status.reason  # type: ignore[attr-defined]
+            raise err
         import cupy
         self.xp = cupy
-        self.device = cupy.cuda.Device(ordinal) if ordinal is not None else cupy.cuda.Device()
-        self.name = status.device if ordinal is None else f"CUDA device {self.device.id}"
-        with self.device:
-            mod = CupyDevice._modules.get(self.device.id)
-            if mod is None:
-                mod = CupyDevice._modules[self.device.id] = cupy.RawModule(code=kernel_source(),
-                                                                            options=nvrtc_options())
-            self._fn = {k: mod.get_function(k) for k in KERNELS}
+        self.name = status.device if ordinal is None else f"CUDA device {ordinal}"
+        try:
+            self.device = cupy.cuda.Device(ordinal) if ordinal is not None else cupy.cuda.Device()
+            with self.device:
+                self.stream = cupy.cuda.Stream(non_blocking=True)
+                self._fn = _load_kernels(cupy, self.device.id)
+                with self.stream:  # one launch, to completion: the module loads and runs here
+                    sizes = cupy.zeros(3, dtype=np.uint64)
+                    self._fn["dc_sizes"]((1,), (1,), (sizes,))
+                    self.stream.synchronize()
+        except Exception as e:
+            raise BackendUnavailable(f"the CUDA backend could not start on {self.name}: {_why(e)} "
+                                     f"({_STARTUP_HINT})") from e
 
     def launch(self, name: str, grid: tuple[int, int], block: int, args: tuple[Any, ...]) -> None:
-        with self.device:
+        with self.device, self.stream:
             self._fn[name](grid, (block,), args)
 
     def put(self, a: np.ndarray) -> Any:
-        with self.device:
+        with self.device, self.stream:
             return self.xp.asarray(np.ascontiguousarray(a))
 
     def get(self, a: Any) -> np.ndarray:
-        with self.device:
-            return self.xp.asnumpy(a)
+        with self.device, self.stream:
+            out = self.xp.asnumpy(a)  # on this stream, after everything queued on it
+            self.stream.synchronize()
+            return out
 
     def zeros(self, n: int, dtype: Any) -> Any:
-        with self.device:
+        with self.device, self.stream:
             return self.xp.zeros(n, dtype=dtype)
-
 
 
 # ---- the runner ----------------------------------------------------------------------------------
@@ -228,7 +301,13 @@ _LANES = ("w0", "w1", "w2", "w3", "w4", "entry", "cost",  # float64
 class DeviceRunner:
     """Runs a native engine's population on a device: uploads the plan, the lanes and the state,
     then turns each admitted batch into signals, ``block_bars`` bars per launch of each kernel
-    (the time loop inside the lane kernel, agent state in registers)."""
+    (the time loop inside the lane kernel, agent state in registers).
+
+    A device error while it starts (uploads, the sizes kernel) is a :class:`BackendUnavailable`
+    with the device's exception as its cause. After that, a device error in ``run`` or while
+    state travels re-raises the device's exception and sets ``failed``: from then on ``run``
+    raises ``BackendUnavailable``, ``store_state`` leaves the native mirror alone (it never takes
+    a half-run state), and the engine refuses reads of agent state."""
 
     def __init__(self, native: Any, device: Any, *, population_hash: int, block_bars: int = 0) -> None:
         self.native = native
@@ -246,6 +325,21 @@ class DeviceRunner:
         self._F = np.diff(plan["st_feat_begin"]).astype(np.int64)
         self._M = (plan["st_sm_end"].astype(np.int64) - plan["st_sm_begin"])
         self.sm_block = int(plan["sm_lanes"].max()) if self.n_sms else 32
+        self.state_dirty = False  # device state newer than the native mirror
+        try:
+            self._start(plan)
+        except BackendUnavailable:
+            raise
+        except Exception as e:  # CuPy: OutOfMemoryError, CUDARuntimeError, ...
+            raise BackendUnavailable(f"the CUDA device could not take the population: {_why(e)}") from e
+        per_row = int(max(16 * self._I.max(initial=1), 8 * self._F.max(initial=1),
+                          self.summary_bytes * self._M.max(initial=1)))
+        cap = max(1, SCRATCH_BYTES // per_row)  # bars whose scratch fits in SCRATCH_BYTES
+        self.block_bars = min(int(block_bars) or DEFAULT_BLOCK_BARS, cap)
+        self._scratch: dict[str, Any] = {}
+
+    def _start(self, plan: dict[str, Any]) -> None:
+        """The plan, the indicator banks, the lanes and the state to the device."""
         d = self.dev
         self._p = {k: d.put(v) for k, v in plan.items() if isinstance(v, np.ndarray)}
         self._p["ind_stream"] = d.put(np.repeat(np.arange(self.n_streams, dtype=np.uint32), self._I))
@@ -265,23 +359,31 @@ class DeviceRunner:
         self.load_state()
         self._counters = d.zeros(2, np.uint64)  # agent updates, quarantines (atomics in the lane kernel)
         self._counted = np.zeros(2, np.uint64)  # their values after the last run
-        per_row = int(max(16 * self._I.max(initial=1), 8 * self._F.max(initial=1),
-                          self.summary_bytes * self._M.max(initial=1)))
-        cap = max(1, SCRATCH_BYTES // per_row)  # bars whose scratch fits in SCRATCH_BYTES
-        self.block_bars = min(int(block_bars) or DEFAULT_BLOCK_BARS, cap)
-        self._scratch: dict[str, Any] = {}
-        self.state_dirty = False  # device state newer than the native mirror
+        d.get(self._counters)  # waits for all of the above: a device error surfaces here, not at the first run
+
+    def _failing(self, what: str, e: BaseException) -> None:
+        """Marks the runner failed by ``e`` (raised while doing ``what``)."""
+        if self.failed is None:
+            self.failed = f"{_why(e)} (while {what})"
 
     # -- state ----------------------------------------------------------------------------------
     def load_lanes(self) -> None:
         lanes = self.native.lane_arrays()
-        self._lanes = {k: self.dev.put(lanes[k]) for k in _LANES}
+        try:
+            self._lanes = {k: self.dev.put(lanes[k]) for k in _LANES}
+        except BaseException as e:
+            self._failing("uploading the lanes", e)
+            raise
 
     def load_state(self) -> None:
         """Native mirror -> device (after a change made on the native side)."""
         st = self.native.read_state()
-        self._state = {k: self.dev.put(st[k]) for k in _STATE}
-        self._load_stream_dsi()
+        try:
+            self._state = {k: self.dev.put(st[k]) for k in _STATE}
+            self._load_stream_dsi()
+        except BaseException as e:
+            self._failing("uploading the agent state", e)
+            raise
         self.state_dirty = False
 
     def _load_stream_dsi(self) -> None:
@@ -294,22 +396,32 @@ class DeviceRunner:
         """Native mirror -> device for some state arrays only (credit, external scores: what
         set_credit and set_external_scores change; the rest of the mirror may be stale)."""
         st = self.native.read_state()
-        for k in names:
-            self._state[k] = self.dev.put(st[k])
-        if "dsi" in names:
-            self._load_stream_dsi()
+        try:
+            for k in names:
+                self._state[k] = self.dev.put(st[k])
+            if "dsi" in names:
+                self._load_stream_dsi()
+        except BaseException as e:
+            self._failing("uploading agent state", e)
+            raise
 
     def store_state(self) -> None:
-        """Device -> native mirror, when the device has run bars since the last copy."""
-        if self.state_dirty:
-            self.native.write_state({k: self.dev.get(v) for k, v in self._state.items()})
+        """Device -> native mirror, when the device has run bars since the last copy. Never
+        after a failure: the device's state then matches no journal position."""
+        if self.state_dirty and not self.failed:
+            try:
+                st = {k: self.dev.get(v) for k, v in self._state.items()}
+            except BaseException as e:
+                self._failing("copying the agent state back", e)
+                raise
+            self.native.write_state(st)
             self.state_dirty = False
 
     # -- running ----------------------------------------------------------------------------------
     def run(self, bars: np.ndarray, n_registered: int) -> np.ndarray:
         if self.failed:
-            raise BackendUnavailable(f"the device failed in an earlier batch ({self.failed}); its state is "
-                                     "no longer that of the journaled inputs: start a new engine (or replay)")
+            raise BackendUnavailable(f"the device failed earlier ({self.failed}); its state is no longer that "
+                                     "of the journaled inputs: start a new engine (or replay the journal)")
         t0 = time.perf_counter()
         adm = np.frombuffer(self.native.admit(bars, n_registered), dtype=ADMITTED_DTYPE)
         stream, index, sidx, seq = adm["stream"], adm["index"], adm["sidx"], adm["seq"]
@@ -325,7 +437,7 @@ class DeviceRunner:
         except BaseException as e:
             # The bars were admitted (sequenced, journaled) but not all run: nothing after this
             # could match the journal, so the runner refuses further work.
-            self.failed = f"{type(e).__name__}: {e}"
+            self._failing("running a batch", e)
             raise
         self._counted = after
         upd, quar = (int(x) - int(y) for x, y in zip(after, before))
@@ -418,29 +530,58 @@ def _blocks(n: int, per: int) -> int:
 
 
 def make_device(backend: str) -> Callable[[], Any] | None:
-    """The device factory for an ``Engine`` backend name: None for the CPU."""
+    """The device factory for an ``Engine`` backend name: None for the CPU. For ``"auto"`` the
+    same factory as ``"cuda"``: the engine falls back to the CPU on its ``BackendUnavailable``
+    (which says why)."""
     if backend == "cpu":
         return None
-    if backend == "cuda":
+    if backend in ("cuda", "auto"):
         return CupyDevice
-    if backend == "auto":
-        return CupyDevice if probe() else None
     raise ValueError(f"backend must be 'cpu', 'cuda' or 'auto', got {backend!r}")
+
+
+def _check_with_cupy(status: GpuStatus) -> int:
+    """--check where a GPU is usable: the kernels compiled and loaded exactly as the backend
+    does (:func:`_load_kernels`: cupy.RawModule, CuPy's NVRTC, :func:`nvrtc_options`)."""
+    import cupy
+    opts = " ".join(nvrtc_options())
+    try:
+        dev = cupy.cuda.Device()
+        with dev:
+            fns = _load_kernels(cupy, dev.id)
+    except Exception as e:
+        ce = getattr(getattr(cupy.cuda, "compiler", None), "CompileException", None)
+        compile_error = isinstance(ce, type) and isinstance(e, ce)
+        print(f"CuPy (cupy.RawModule, NVRTC; options {opts}): "
+              + ("the kernels do not compile:" if compile_error else f"could not compile the kernels: {_why(e)}"))
+        if compile_error:
+            print(str(e))
+        return 1 if compile_error else 2
+    print(f"CuPy {getattr(cupy, '__version__', '?')} (cupy.RawModule, NVRTC; options {opts}): compiled and loaded on "
+          f"{status.device}; kernels: {', '.join(k for k in KERNELS if k in fns)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m dynamic_core.gpu",
         description="Whether the CUDA backend can run here, and why not. With --check, compile the kernels "
-                    "(cuda/engine.cu) with NVRTC exactly as the backend does; that needs only the NVRTC library.")
-    ap.add_argument("--check", action="store_true", help="compile the kernels with NVRTC and report the result")
-    ap.add_argument("--arch", default="compute_90", help="virtual architecture for --check (default compute_90)")
+                    "(cuda/engine.cu) as the backend does: through CuPy (cupy.RawModule, the backend's NVRTC "
+                    "options) where a GPU is usable; elsewhere with the NVRTC library found here (named in the "
+                    "output; CuPy may load another), which needs no GPU.")
+    ap.add_argument("--check", action="store_true", help="compile the kernels and report the result")
+    ap.add_argument("--arch", default="compute_90",
+                    help="virtual architecture for --check without a GPU (default compute_90); with one, CuPy "
+                         "compiles for the device")
     args = ap.parse_args(argv)
     st = probe()
     print(f"GPU: {'usable: ' + st.device if st else 'not usable: ' + st.reason}")
     print(f"kernels: {kernel_dir() / 'engine.cu'}; headers: {include_dir()}")
     if args.check:
+        if st:
+            return _check_with_cupy(st)
         try:
+            lib = _load_nvrtc()
             ptx, log = compile_ptx(arch=args.arch)
         except BackendUnavailable as e:
             print(f"NVRTC: {e}")
@@ -449,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
             print(e)
             return 1
         entries = [k for k in KERNELS if f".entry {k}(" in ptx]
-        print(f"NVRTC: compiled ({len(ptx)} bytes of PTX for {args.arch}; kernels: {', '.join(entries)})"
+        print(f"NVRTC ({getattr(lib, '_name', '?')}; no usable GPU, so not through CuPy): compiled with the "
+              f"backend's options ({len(ptx)} bytes of PTX for {args.arch}; kernels: {', '.join(entries)})"
               + (f"\n{log}" if log.strip() else ""))
         return 0 if len(entries) == len(KERNELS) else 1
     return 0 if st else 3

@@ -131,10 +131,65 @@ void call(void (*k)(A...), const uint64_t* a, std::index_sequence<I...>) {
   k(from_bits<A>(a[I])...);
 }
 
-// Launches kernel k with its arguments as 64-bit words (pointers, integers, doubles' bits).
+// What a kernel parameter is, for the launcher to check its arguments against (the driver copies
+// sizeof(parameter) bytes of each argument whatever the caller meant; CuPy passes a Python int as
+// an int64, a numpy scalar as its own dtype, an array as a pointer).
+enum ParamKind : int { kInt = 0, kFloat = 1, kPtrInt = 2, kPtrFloat = 3, kPtrOther = 4 };
+
+template <class T>
+constexpr int param_kind() {
+  if constexpr (std::is_pointer_v<T>) {
+    using P = std::remove_cv_t<std::remove_pointer_t<T>>;
+    if constexpr (std::is_floating_point_v<P>) return kPtrFloat;
+    else if constexpr (std::is_integral_v<P>) return kPtrInt;
+    else return kPtrOther;  // a struct (or void) in a byte buffer
+  } else if constexpr (std::is_floating_point_v<T>) {
+    return kFloat;
+  } else {
+    return kInt;
+  }
+}
+
+// sizeof the parameter; for a pointer, sizeof what it points to (1 for void).
+template <class T>
+constexpr int param_size() {
+  if constexpr (std::is_pointer_v<T>) {
+    using P = std::remove_cv_t<std::remove_pointer_t<T>>;
+    if constexpr (std::is_void_v<P>) return 1;
+    else return static_cast<int>(sizeof(P));
+  } else {
+    return static_cast<int>(sizeof(T));
+  }
+}
+
+// Kernel k's parameters (kind, size), at most cap of them; returns how many it has.
+template <class... A>
+int signature(void (*)(A...), int* kinds, int* sizes, int cap) {
+  constexpr int n = static_cast<int>(sizeof...(A));
+  if constexpr (n > 0) {
+    const int k[] = {param_kind<A>()...};
+    const int s[] = {param_size<A>()...};
+    for (int i = 0; i < n && i < cap; ++i) {
+      kinds[i] = k[i];
+      sizes[i] = s[i];
+    }
+  }
+  return n;
+}
+
+// CUDA's launch limits (every GPU since compute capability 2.0): a block of at most 1024 threads,
+// a grid of at most 2^31-1 blocks in x and 65535 in y; none may be 0.
+constexpr unsigned kMaxBlock = 1024, kMaxGridX = 2147483647u, kMaxGridY = 65535;
+
+// Launches kernel k with its arguments as 64-bit words (pointers, integers, floats' bits).
+// Returns 0, or: -(n+1) for a wrong argument count (n parameters), -1000 for a cooperative block
+// that is not whole warps, -1001 for a block size outside [1, 1024], -1002 for a grid outside
+// [1, 2^31-1] x [1, 65535].
 template <class... A>
 int launch(void (*k)(A...), dim3 grid, dim3 block, const uint64_t* a, int nargs, bool cooperative) {
   if (nargs != static_cast<int>(sizeof...(A))) return -static_cast<int>(sizeof...(A)) - 1;
+  if (block.x == 0 || block.x > kMaxBlock || block.y != 1 || block.z != 1) return -1001;
+  if (grid.x == 0 || grid.x > kMaxGridX || grid.y == 0 || grid.y > kMaxGridY || grid.z != 1) return -1002;
   if (cooperative && block.x % kWarp != 0) return -1000;
   run(grid, block, cooperative, [&] { call(k, a, std::index_sequence_for<A...>{}); });
   return 0;
