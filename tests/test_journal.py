@@ -23,6 +23,8 @@ from dynamic_core import _core
 from dynamic_core import journal as jr
 from dynamic_core.errors import JournalCorrupt, JournalError, ReplayMismatch
 
+from .test_runtime import blocked_submit
+
 
 def _pop(n: int = 600, names=("EURUSD", "GBPUSD"), seed: int = 5) -> dc.Population:
     return dc.Population.random(n, instruments=list(names), timeframes=[3600], seed=seed)
@@ -196,21 +198,8 @@ def test_close_during_a_blocked_submit_journals_only_the_bars_taken(tmp_path):
     """close() ends a submit waiting for room; the journal holds the bars it took, not the rest
     of its batch (replay would process bars the live engine never did)."""
     pop, bars = _pop(300), _bars(1000)
-    raised: list[BaseException] = []
     eng = dc.Engine(pop, threads=1, capacity=64, journal=tmp_path / "j")
-
-    def produce() -> None:
-        try:
-            eng.submit(bars)
-        except RuntimeError as e:
-            raised.append(e)
-
-    prod = threading.Thread(target=produce, daemon=True)
-    prod.start()
-    polled = 0
-    while polled < 100:
-        polled += len(eng.poll(timeout=5.0))
-    time.sleep(0.2)  # the window is full again and nobody polls: the submit waits
+    prod, raised, polled = blocked_submit(eng, bars)
     taken = eng.stats()["bars_in"]
     assert polled < taken < len(bars)
     eng.close()

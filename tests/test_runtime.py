@@ -146,25 +146,34 @@ def test_backpressure_block_waits_for_consumer(pop, market):
     assert len(np.concatenate(got)) == len(market)
 
 
-def test_a_submit_waiting_for_room_blocks_no_reader_and_not_close(pop, market):
-    """While a submit waits for room (backpressure="block"), its consumer may ask for stats,
-    agents and dead letters (they used to wait for the submit, which waited for them), and
-    close() ends the wait: the submit raises, close returns."""
-    eng = dc.Engine(pop, threads=1, capacity=64)
+def blocked_submit(eng: dc.Engine, bars: np.ndarray, polled: int = 100
+                   ) -> tuple[threading.Thread, list[BaseException], int]:
+    """A thread submitting ``bars`` to ``eng`` (capacity well below their number), left waiting
+    for room: at least ``polled`` signals are polled first, then nobody polls. Returns the
+    thread, the RuntimeErrors its submit raised (once the engine closes) and the count polled."""
     raised: list[BaseException] = []
 
     def produce() -> None:
         try:
-            eng.submit(market)
+            eng.submit(bars)
         except RuntimeError as e:
             raised.append(e)
 
     prod = threading.Thread(target=produce, daemon=True)
     prod.start()
     got = 0
-    while got < 100:
-        got += len(eng.poll(timeout=1.0))
-    time.sleep(0.2)  # the submit is parked now: the window is full and nobody polls
+    while got < polled:
+        got += len(eng.poll(timeout=5.0))
+    time.sleep(0.2)  # the window is full again and nobody polls: the submit waits
+    return prod, raised, got
+
+
+def test_a_submit_waiting_for_room_blocks_no_reader_and_not_close(pop, market):
+    """While a submit waits for room (backpressure="block"), its consumer may ask for stats,
+    agents and dead letters (they used to wait for the submit, which waited for them), and
+    close() ends the wait: the submit raises, close returns."""
+    eng = dc.Engine(pop, threads=1, capacity=64)
+    prod, raised, got = blocked_submit(eng, market)
     done = threading.Event()
 
     def read() -> None:
