@@ -1,12 +1,12 @@
 // DynamicLoRA's fused per-parameter update (used by dynamic_core.learning.lora.layer).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <stdexcept>
 #include <string>
-#include <system_error>
-#include <thread>
 
 #include "../dynamic_core/lora.hpp"
+#include "../dynamic_core/threads.hpp"
 #include "common.hpp"
 
 namespace dynamic_core::bindings {
@@ -22,25 +22,11 @@ void split_rows(size_t n, int threads, F fn) {
     fn(size_t{0}, n);
     return;
   }
-  // Threads that could not be started leave their ranges to the caller; every started thread
-  // is joined before this returns or throws (a joinable std::thread destroyed ends the process).
-  struct Pool {
-    std::vector<std::thread> v;
-    ~Pool() {
-      for (auto& th : v) th.join();
-    }
-  } pool;
-  pool.v.reserve(k - 1);
-  size_t started = 1;
-  try {
-    for (; started < k; ++started) {
-      const size_t t = started;
-      pool.v.emplace_back([&fn, n, k, t] { fn(n * t / k, n * (t + 1) / k); });
-    }
-  } catch (const std::system_error&) {
-  }
-  fn(size_t{0}, n / k);
-  for (size_t t = started; t < k; ++t) fn(n * t / k, n * (t + 1) / k);
+  // ranges handed out in turn: threads that could not be started leave theirs to the others
+  std::atomic<size_t> next{0};
+  run_threads(static_cast<int>(k), [&](int) {
+    for (size_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < k;) fn(n * t / k, n * (t + 1) / k);
+  }, [] {});
 }
 
 // `h` as the numpy array it must be: never converted (a converted temporary would die while its

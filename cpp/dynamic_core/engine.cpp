@@ -704,14 +704,17 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
     // change made meanwhile (by the consumer this submit waits for, say) lands between two
     // pieces, journaled there, and the journal holds exactly the bars taken when close() or a
     // failure ends the batch early.
+    // A piece waits for a quarter of the window (or the rest of the batch) rather than for one
+    // slot, so a consumer freeing slots one by one does not make a journal commit per bar.
     size_t i = 0;
     bool full = false;
     while (i < n) {
       const uint64_t room = cap_ - (head_.load(std::memory_order_relaxed) - tail_.load(std::memory_order_acquire));
-      if (room == 0) {
+      const uint64_t want = std::min<uint64_t>(n - i, std::max<uint64_t>(1, cap_ / 4));
+      if (room < want) {
         if (!full) ++stats_.backpressure_events;
         full = true;
-        wait_for_room(*lk);
+        wait_for_room(*lk, want);
         continue;
       }
       full = false;
@@ -727,10 +730,14 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
     // while ingress holds its lock (consumers free slots, nothing else takes them), so the room
     // there is now is room for the whole prefix: it is decided before anything is journaled,
     // and the journal holds exactly the bars taken.
+    const uint64_t room = cap_ - (head_.load(std::memory_order_relaxed) - tail_.load(std::memory_order_acquire));
+    if (room >= n) {  // every bar fits (a bar takes at most one slot): nothing to cut, no pre-pass
+      take(bars, n, n_registered, false, nullptr, nullptr, 0);
+      return n;
+    }
     j_reasons_.resize(n);
     validate_locked(bars, n, n_registered, j_reasons_.data());
     validated = true;
-    const uint64_t room = cap_ - (head_.load(std::memory_order_relaxed) - tail_.load(std::memory_order_acquire));
     uint64_t need = 0;
     for (size_t i = 0; i < n; ++i) {
       if (j_reasons_[i] != 0 || stream_of_.find(stream_key(bars[i].instrument, bars[i].timeframe)) == stream_of_.end())
@@ -748,13 +755,13 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
   return n;
 }
 
-void Engine::wait_for_room(std::unique_lock<std::mutex>& lk) {
+void Engine::wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want) {
   space_waiters_.fetch_add(1, std::memory_order_seq_cst);
   lk.unlock();
   {
     std::unique_lock<std::mutex> wl(wait_m_);
     space_cv_.wait_for(wl, std::chrono::milliseconds(100), [&] {
-      return head_.load(std::memory_order_acquire) - tail_.load(std::memory_order_acquire) < cap_ ||
+      return cap_ - (head_.load(std::memory_order_acquire) - tail_.load(std::memory_order_acquire)) >= want ||
              stop_.load(std::memory_order_relaxed);
     });
   }

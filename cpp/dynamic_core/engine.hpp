@@ -330,8 +330,9 @@ class Engine {
   // first bar's row in the caller's batch (dead letters name it).
   void take(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
             std::vector<AdmittedBar>* admitted, size_t row0);
-  // Releases ingress (`lk`) until the window has room or the engine stops (then throws).
-  void wait_for_room(std::unique_lock<std::mutex>& lk);
+  // Releases ingress (`lk`) until the window has `want` free slots (up to 100 ms) or the engine
+  // stops (then throws).
+  void wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want);
   std::unique_lock<std::mutex> lock_ingress() { return std::unique_lock<std::mutex>(ingress_m_); }
   size_t drain(Signal* out, size_t max_n);
   size_t validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
