@@ -236,10 +236,11 @@ def verify(path: str | os.PathLike[str], *, repair: bool = False) -> JournalRepo
     return _report(path, _core.journal_scan(_check_dir(path), repair))
 
 
-def read(path: str | os.PathLike[str]) -> Iterator[JournalRecord]:
+def read(path: str | os.PathLike[str], report: dict[str, Any] | None = None) -> Iterator[JournalRecord]:
     """The records of a journal in order. Stops quietly at a torn tail; raises
     :class:`JournalCorrupt` (with segment and offset) at a corrupt record, after yielding every
-    record before it."""
+    record before it. ``report``, when given, receives the reader's scan report once the records
+    run out (``status``: ``"ok"`` or ``"torn_tail"``, ``detail``...)."""
     rd = _core.JournalReader(_check_dir(path))
     while True:
         r = rd.next()
@@ -248,6 +249,8 @@ def read(path: str | os.PathLike[str]) -> Iterator[JournalRecord]:
         t, seq, payload, seg, off, flags = r
         yield JournalRecord(_TYPE_NAMES.get(t, f"type{t}"), seq, payload, seg, off, flags)
     rep = rd.report()
+    if report is not None:
+        report.update(rep)
     if rep["status"] == "corrupt":
         raise JournalCorrupt(f"corrupt journal: {rep['detail']}", rep["bad_segment"], rep["bad_offset"])
     if rep["status"] in ("empty", "unsupported"):
