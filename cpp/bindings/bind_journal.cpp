@@ -53,6 +53,7 @@ py::dict stats_dict(const JournalStats& s) {
   d["commits"] = s.commits;
   d["syncs"] = s.syncs;
   d["segments"] = s.segments;
+  d["error"] = s.error;
   return d;
 }
 
@@ -128,11 +129,7 @@ void bind_engine_journal(py::class_<Engine>& e) {
              py::gil_scoped_release nogil;
              return en.journal_append(type, copy.data(), copy.size(), durable);
            }, py::arg("type"), py::arg("data"), py::arg("durable") = true)
-      .def("journal_stats", [](Engine& en) {
-             py::dict d = stats_dict(en.journal_stats());
-             d["error"] = en.journal_error();
-             return d;
-           })
+      .def("journal_stats", [](Engine& en) { return stats_dict(en.journal_stats()); })
       .def("has_journal", &Engine::has_journal)
       .def("close_journal", [](Engine& en) {
              py::gil_scoped_release nogil;

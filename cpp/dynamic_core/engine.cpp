@@ -1350,11 +1350,6 @@ uint64_t Engine::journal_append(RecordType type, const void* data, size_t n, boo
   return seq;
 }
 
-std::string Engine::journal_error() {
-  std::lock_guard<std::mutex> jl(journal_m_);
-  return journal_ ? journal_->error() : std::string();
-}
-
 JournalStats Engine::journal_stats() {
   std::lock_guard<std::mutex> jl(journal_m_);
   return journal_ ? journal_->stats() : JournalStats{};

@@ -156,10 +156,10 @@ class Engine {
   // durable commits sync by the fsync level. Returns the record's sequence number.
   uint64_t journal_append(RecordType type, const void* data, size_t n, bool durable);
   bool has_journal() const { return journal_ != nullptr; }
+  // The journal's counts and, in `error`, why it failed (a write or sync error; empty while it
+  // works). After a failure every input is refused with JournalFailure; close_journal throws it
+  // if no call has yet.
   JournalStats journal_stats();
-  // Why the journal failed (a write or sync error), empty while it works. After a failure every
-  // input is refused with JournalFailure; close_journal throws it if no call has yet.
-  std::string journal_error();
   void close_journal();
 
   // Device backends: ingress without the workers. Validates, sequences, journals and

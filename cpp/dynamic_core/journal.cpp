@@ -202,7 +202,7 @@ JournalWriter::~JournalWriter() {
 }
 
 void JournalWriter::check_usable() const {
-  if (failed()) throw JournalFailure("the journal in " + dir_ + " failed earlier (" + error_ + ") and takes no more records");
+  if (failed()) throw JournalFailure("the journal in " + dir_ + " failed earlier (" + stats_.error + ") and takes no more records");
 }
 
 void JournalWriter::fail(const std::string& what, uint64_t keep) {
@@ -214,7 +214,7 @@ void JournalWriter::fail(const std::string& what, uint64_t keep) {
   }
   buf_.clear();
   pending_ = 0;
-  error_ = what;
+  stats_.error = what;
   throw JournalFailure("journal write failed: " + what + "; the journal takes no more records (every commit before "
                        "it is intact and replays)");
 }
@@ -458,7 +458,8 @@ bool JournalReader::next(JournalRecord& r) {
     const uint32_t limit = static_cast<RecordType>(type) == RecordType::Meta ? kJournalMaxMeta : kJournalMaxRecord;
     if (n > limit) return fail(ScanStatus::Corrupt, "record length " + std::to_string(n) + " over the limit");
     if (left < kJournalRecordHeader + n) return fail(cut, "truncated record");
-    std::string payload(n, '\0');
+    std::string& payload = r.payload;  // the caller's buffer, its capacity kept from record to record
+    payload.resize(n);
     if (read_at(pos_ + kJournalRecordHeader, payload.data(), n) != n) return fail(cut, "truncated record");
     if (crc32c(0, payload.data(), n) != get32(h + 16)) {
       const bool at_end = left == kJournalRecordHeader + n;
@@ -472,7 +473,6 @@ bool JournalReader::next(JournalRecord& r) {
     r.seq = seq;
     r.segment = static_cast<uint32_t>(cur_);
     r.offset = pos_;
-    r.payload = std::move(payload);
     pos_ += kJournalRecordHeader + n;
     rep_.last_seq = seq;
     ++rep_.records;

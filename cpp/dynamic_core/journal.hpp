@@ -77,6 +77,7 @@ struct JournalStats {
   uint64_t commits = 0;
   uint64_t syncs = 0;
   uint32_t segments = 0;
+  std::string error;  // why the writer failed; empty while it works
 };
 
 class JournalWriter {
@@ -97,8 +98,8 @@ class JournalWriter {
   // Commits and closes; a failed writer just closes its file.
   void close();
   bool closed() const { return closed_; }
-  bool failed() const { return !error_.empty(); }
-  const std::string& error() const { return error_; }
+  bool failed() const { return !stats_.error.empty(); }
+  const std::string& error() const { return stats_.error; }
   const JournalStats& stats() const { return stats_; }
   int fsync_level() const { return level_; }
   const std::string& dir() const { return dir_; }
@@ -121,7 +122,6 @@ class JournalWriter {
   uint64_t seq_ = 0;
   std::vector<char> buf_;
   JournalStats stats_;
-  std::string error_;  // why the writer failed; empty while it works
 };
 
 struct JournalRecord {
