@@ -29,6 +29,10 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from ._argtypes import count as _count
+from ._argtypes import int_range, positive_float
+from ._argtypes import positive_int as _positive_int
+from ._argtypes import seed as _seed
 from .engine import Engine
 from .errors import DynamicCoreError
 from .instruments import instruments
@@ -187,51 +191,8 @@ def _axis(kind: type) -> Callable[[str], list[Any]]:
     return convert
 
 
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < low:
-        raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    return _int_at_least(text, 1)
-
-
-def _count(text: str) -> int:
-    """A whole number >= 0 (0: off)."""
-    return _int_at_least(text, 0)
-
-
-def _learning_count(text: str) -> int:
-    """``--learning``: learning agents per stream, 0 (off) to :data:`MAX_LEARNING`."""
-    v = _int_at_least(text, 0)
-    if v > MAX_LEARNING:
-        raise argparse.ArgumentTypeError(f"at most {MAX_LEARNING:,} learning agents per stream, got {v:,}")
-    return v
-
-
-def _seed(text: str) -> int:
-    """A seed: a whole number in [0, 2**64), the range every seeded component takes."""
-    v = _int_at_least(text, 0)
-    if v >= 2**64:
-        raise argparse.ArgumentTypeError(f"must be below 2**64, got {v}")
-    return v
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0 (NaN and inf refused: a NaN duration or timeout
-    compares false with everything, so it would never expire)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return v
+_learning_count = int_range(0, MAX_LEARNING, span=f"0..{MAX_LEARNING:,} learning agents per stream")
+"""``--learning``: learning agents per stream, 0 (off) to :data:`MAX_LEARNING`."""
 
 
 def _instrument_choice(text: str) -> int | list[str]:

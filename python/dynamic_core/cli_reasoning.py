@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from ._argtypes import positive_float, positive_int
+
 __all__ = ["add_commands", "add_run_options", "mesh_from_args", "mesh_summary"]
 
 _ADAPTER_EPILOG = """\
@@ -43,8 +45,6 @@ ensemble weight (x1.1), rejecting lowers it (x0.8); weights persist across resta
 
 def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     """Register ``adapter`` and ``review`` on the ``dynamic-core`` subparsers."""
-    from .cli import _positive_int, positive_float
-
     a = sub.add_parser(
         "adapter", help="run one reasoning adapter process (an LLM provider behind the mesh)",
         description="Connect one reasoning adapter to a mesh broker and serve rationale requests "
@@ -54,7 +54,7 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     a.add_argument("--connect", required=True, metavar="ADDR", help="the mesh broker's address (ROUTER)")
     a.add_argument("--base-url", default=None, metavar="URL", help="override the profile's API root (…/v1)")
     a.add_argument("--model", default=None, help="override the profile's model")
-    a.add_argument("--concurrency", type=_positive_int, default=None, metavar="N", help="requests at once [profile]")
+    a.add_argument("--concurrency", type=positive_int, default=None, metavar="N", help="requests at once [profile]")
     a.add_argument("--timeout", type=positive_float, default=None, metavar="S", help="HTTP attempt timeout [profile]")
     a.add_argument("--profile-json", default=None, metavar="JSON",
                    help="more profile overrides as a JSON object (any ProviderProfile field)")
@@ -73,7 +73,7 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     r.add_argument("address", metavar="ADDR", help="the service's control socket")
     r.add_argument("item", nargs="?", type=int, default=None, help="review item (approve/reject)")
     r.add_argument("--note", default="", help="a note stored with the decision")
-    r.add_argument("--limit", type=_positive_int, default=100, help="items listed [default: 100]")
+    r.add_argument("--limit", type=positive_int, default=100, help="items listed [default: 100]")
     r.add_argument("--server-key", required=True, metavar="FILE", help="the server's public key file (.key)")
     r.add_argument("--client-key", required=True, metavar="FILE", help="this client's secret key file")
     r.add_argument("--timeout", type=positive_float, default=5.0, metavar="S", help="reply timeout [default: 5]")
@@ -83,8 +83,6 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
 def add_run_options(r: argparse.ArgumentParser) -> None:
     """The reasoning options of ``dynamic-core run``."""
-    from .cli import _positive_int, positive_float
-
     g = r.add_argument_group("reasoning (rationales for signals; never delays a signal)")
     g.add_argument("--reasoning", default=None, metavar="PROVIDERS",
                    help="start the reasoning mesh with these adapters: 'local' or a comma list, e.g. "
@@ -96,7 +94,7 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
     g.add_argument("--reasoning-select", choices=("change", "nonhold", "all"), default="change",
                    help="which signals get a rationale: when a stream's action changes, every "
                         "non-HOLD one, or all [default: change]")
-    g.add_argument("--ensemble", type=_positive_int, default=1, metavar="K",
+    g.add_argument("--ensemble", type=positive_int, default=1, metavar="K",
                    help="providers asked per signal [default: 1]")
     g.add_argument("--secrets", default=None, metavar="FILE", help="0600 TOML file of API keys for the adapters")
 

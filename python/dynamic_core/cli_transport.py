@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Any
 
+from ._argtypes import count, positive_float
+
 __all__ = ["add_commands", "add_run_options", "cmd_run_service", "wants_service"]
 
 _SUBSCRIBE_EPILOG = """\
@@ -69,8 +71,6 @@ Give the server's .key to clients, keep every .key_secret private (it is written
 
 def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     """Register ``subscribe``, ``ctl`` and ``keys`` on the ``dynamic-core`` subparsers."""
-    from .cli import _count, positive_float
-
     s = sub.add_parser(
         "subscribe", help="print a signal feed (ZeroMQ SUB)",
         description="Connect to a dynamic-core signal feed and print every signal as it arrives, "
@@ -80,7 +80,7 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     s.add_argument("--json", action="store_true", help="print one JSON object per signal (and rationale)")
     s.add_argument("--topic", action="append", default=None, metavar="PREFIX",
                    help="topic prefix to subscribe to; repeatable [default: sig. (all signals)]")
-    s.add_argument("--count", type=_count, default=0, metavar="N", help="exit after N signals [default: run until ^C]")
+    s.add_argument("--count", type=count, default=0, metavar="N", help="exit after N signals [default: run until ^C]")
     s.add_argument("--timeout", type=positive_float, default=None, metavar="S",
                    help="exit with status 1 if nothing (not even a heartbeat) arrives for S seconds")
     s.add_argument("--heartbeats", action="store_true", help="also print heartbeats")
@@ -124,8 +124,6 @@ def _need_action(parser: argparse.ArgumentParser) -> int:
 
 def add_run_options(r: argparse.ArgumentParser) -> None:
     """The socket options of ``dynamic-core run``."""
-    from .cli import _count, positive_float
-
     g = r.add_argument_group(
         "sockets (any of these runs the engine as a service; every address binds loopback "
         "unless --allow-remote)")
@@ -145,7 +143,7 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
     g.add_argument("--json-feed", action="store_true", help="publish JSON instead of msgpack")
     g.add_argument("--heartbeat", type=positive_float, default=1.0, metavar="S",
                    help="heartbeat after S idle seconds [default: 1]")
-    g.add_argument("--wait-subscribers", type=_count, default=0, metavar="N",
+    g.add_argument("--wait-subscribers", type=count, default=0, metavar="N",
                    help="before sending bars, wait (up to 30 s) until N subscribers are connected [default: 0]")
     g.add_argument("--duration", type=positive_float, default=None, metavar="S",
                    help="serve for S seconds (with --feed: default until ^C; without: default until "

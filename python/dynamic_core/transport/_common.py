@@ -77,10 +77,25 @@ def check_address(address: str, *, bind: bool, allow_remote: bool) -> str:
     scheme = address.split("://", 1)[0]
     if scheme not in ("tcp", "ipc", "inproc"):
         raise ValueError(f"unsupported transport {scheme!r} in {address!r}: use tcp://, ipc:// or inproc://")
+    if bind and scheme == "tcp":
+        _check_port(address)  # first: an address without a port reads as a remote one
     if bind and not allow_remote and not is_loopback(address):
         raise ValueError(f"refusing to bind {address!r} beyond loopback: pass allow_remote=True "
                          "(CLI: --allow-remote) to expose it to the network")
     return address
+
+
+def _check_port(address: str) -> None:
+    """A ``tcp://`` bind address must name its port: 1..65535, ``*`` for a free one, or another
+    form :data:`_TCP` accepts (ZeroMQ would silently bind another port for 99999)."""
+    _, sep, port = address[len("tcp://"):].rpartition(":")
+    if not sep or not port:
+        raise ValueError(f"no port in {address!r} (e.g. tcp://127.0.0.1:5560, or :* for a free port)")
+    if port.isascii() and port.isdigit():
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"port must be in 1..65535, got {port} in {address!r}")
+    elif port != "*" and not _TCP.match(address):
+        raise ValueError(f"port must be in 1..65535 or *, got {port!r} in {address!r}")
 
 
 def endpoint(sock: zmq.Socket) -> str:

@@ -12,7 +12,7 @@ import zmq
 from ...transport.doorbell import Doorbell
 from .protocol import PROTOCOL_VERSION, now_ms
 
-__all__ = ["Doorbell", "LogLimiter", "ReplyThrottle", "SeqTracker", "Stamper", "check_port", "configure"]
+__all__ = ["Doorbell", "LogLimiter", "ReplyThrottle", "SeqTracker", "Stamper", "configure"]
 
 
 class SeqTracker:
@@ -137,19 +137,6 @@ class ReplyThrottle:
             return False
         b[0] -= 1.0
         return True
-
-
-def check_port(address: str) -> str:
-    """A ``tcp://`` bind address must name its port: 1..65535, or ``*`` for a free one (ZeroMQ
-    would silently bind another port for 99999). Raises ValueError; other transports pass."""
-    if not isinstance(address, str) or not address.startswith("tcp://"):
-        return address
-    host, sep, port = address[len("tcp://"):].rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"no port in {address!r} (e.g. tcp://127.0.0.1:5560, or :* for a free port)")
-    if port != "*" and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        raise ValueError(f"port must be 1..65535 or *, got {port!r} in {address!r}")
-    return address
 
 
 class Stamper:

@@ -26,7 +26,7 @@ import zmq
 from ...errors import PayloadError
 from ...payloads import TradingPlan
 from ...transport._common import check_address, endpoint, readable
-from ._util import Doorbell, LogLimiter, ReplyThrottle, SeqTracker, Stamper, check_port, configure
+from ._util import Doorbell, LogLimiter, ReplyThrottle, SeqTracker, Stamper, configure
 from .protocol import (
     MAX_ID,
     PROTOCOL_VERSION,
@@ -297,7 +297,6 @@ class MT5Bridge:
             raise ValueError("need heartbeat > 0 and 0 < resend_timeout <= resend_max_delay")
         if missed < 1 or max_sends < 1 or max_queued < 0 or not 0 <= magic < 2**63:
             raise ValueError("need missed >= 1, max_sends >= 1, max_queued >= 0, 0 <= magic < 2**63")
-        check_port(address)  # first: an address without a port reads as a remote one
         check_address(address, bind=True, allow_remote=allow_remote)
         self.heartbeat = float(heartbeat)
         self.missed = int(missed)

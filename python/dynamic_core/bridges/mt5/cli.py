@@ -25,7 +25,6 @@ The plan hook
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -33,8 +32,9 @@ from typing import Any
 
 import msgspec
 
+from ..._argtypes import int_range, nonnegative_float, positive_float, positive_int, seed
 from ...payloads import TradingPlan
-from ._util import check_port
+from ...transport._common import check_address
 from .bridge import DEFAULT_BRIDGE_ADDRESS, BridgeReport, MT5Bridge
 
 __all__ = ["PlanSource", "add_parser", "cmd_bridge_mt5", "default_plan_source"]
@@ -69,11 +69,11 @@ def add_parser(subparsers: Any, formatter: type[argparse.HelpFormatter] | None =
                    help=f"address the bridge binds [default: {DEFAULT_BRIDGE_ADDRESS}]")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow binding beyond loopback (the protocol has no authentication)")
-    p.add_argument("--heartbeat", type=_positive_float, default=1.0, metavar="S",
+    p.add_argument("--heartbeat", type=positive_float, default=1.0, metavar="S",
                    help="heartbeat interval in seconds [default: 1]")
-    p.add_argument("--missed", type=_positive_int, default=3, metavar="N",
+    p.add_argument("--missed", type=positive_int, default=3, metavar="N",
                    help="silent heartbeat intervals before safe mode [default: 3]")
-    p.add_argument("--resend-timeout", type=_positive_float, default=0.5, metavar="S",
+    p.add_argument("--resend-timeout", type=positive_float, default=0.5, metavar="S",
                    help="seconds without an ack before an order is re-sent (doubles per re-send) [default: 0.5]")
     p.add_argument("--magic", type=_magic, default=556001, help="MT5 magic number of the orders [default: 556001]")
     p.add_argument("--safe-mode", choices=("queue", "refuse"), default="queue",
@@ -81,60 +81,34 @@ def add_parser(subparsers: Any, formatter: type[argparse.HelpFormatter] | None =
     p.add_argument("--flatten-on-safe-mode", action="store_true",
                    help="on safe mode: drop queued orders, cancel unsettled ones and flatten the account "
                         "(at once, and again when the EA is back)")
-    p.add_argument("--duration", type=_positive_float, default=None, metavar="S",
+    p.add_argument("--duration", type=positive_float, default=None, metavar="S",
                    help="stop after S seconds [default: until ^C, or the end of the simulation]")
     sim = p.add_argument_group("simulation")
     sim.add_argument("--simulated-terminal", action="store_true",
                      help="also run a simulated market, an engine and a simulated EA terminal (paper broker)")
     sim.add_argument("--instruments", default="EURUSD,GBPUSD", metavar="NAMES",
                      help="simulated instruments, comma separated [default: EURUSD,GBPUSD]")
-    sim.add_argument("--agents", type=_positive_int, default=2000, metavar="N",
+    sim.add_argument("--agents", type=positive_int, default=2000, metavar="N",
                      help="random agents of the engine [default: 2000]")
-    sim.add_argument("--bars", type=_positive_int, default=300, metavar="N",
+    sim.add_argument("--bars", type=positive_int, default=300, metavar="N",
                      help="simulated bars per instrument [default: 300]")
-    sim.add_argument("--bar-interval", type=_nonnegative_float, default=0.02, metavar="S",
+    sim.add_argument("--bar-interval", type=nonnegative_float, default=0.02, metavar="S",
                      help="wall-clock seconds between simulated bars (0: no pause) [default: 0.02]")
     sim.add_argument("--timeframe", default="H1", metavar="TF", help="simulated bar length [default: H1]")
-    sim.add_argument("--seed", type=int, default=0, help="seed of the market and the population [default: 0]")
+    sim.add_argument("--seed", type=seed, default=0, help="seed of the market and the population [default: 0]")
     sim.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     p.set_defaults(func=cmd_bridge_mt5)
     return p
 
 
-def _finite_float(s: str, *, zero: bool) -> float:
-    v = float(s)
-    if not (math.isfinite(v) and (v > 0 or (zero and v == 0))):
-        raise argparse.ArgumentTypeError(f"must be a {'non-negative' if zero else 'positive'} number, got {s!r}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    return _finite_float(s, zero=False)
-
-
-def _nonnegative_float(s: str) -> float:
-    return _finite_float(s, zero=True)
-
-
 def _bind_address(s: str) -> str:
     try:
-        return check_port(s)
+        return check_address(s, bind=True, allow_remote=True)  # the loopback rule: MT5Bridge, with --allow-remote
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _magic(s: str) -> int:
-    v = int(s)
-    if not 0 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"must be 0..2**63-1 (an MQL5 long), got {s!r}")
-    return v
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {s!r}")
-    return v
+_magic = int_range(0, 2**63 - 1, span="0..2**63-1 (an MQL5 long)")
 
 
 def default_plan_source(equity: float = 100_000.0, min_score: float = 0.02) -> PlanSource:
