@@ -367,7 +367,7 @@ class OpenAICompatibleClient:
             self.close()
             conn = None
         if conn is None:
-            timeout = self._remaining(deadline)
+            timeout = _time_left(deadline)
             if self._https:
                 conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl)
             else:
@@ -380,12 +380,9 @@ class OpenAICompatibleClient:
         assert conn.sock is not None
         return conn, conn.sock
 
-    def _remaining(self, deadline: float) -> float:
-        return _time_left(deadline)
-
-    def _read_body(self, resp: http.client.HTTPResponse, sock: socket.socket, deadline: float,
-                   limit: int, strict: bool) -> bytes:
-        """The body, read a chunk at a time against the deadline; at most ``limit`` bytes (more:
+    def _read_body(self, resp: http.client.HTTPResponse, limit: int, strict: bool) -> bytes:
+        """The body, a chunk at a time (each read held to the deadline by the response's
+        reader, :class:`_DeadlineReader`); at most ``limit`` bytes (more:
         ``malformed`` when ``strict``, else the first ``limit`` bytes, the rest left unread)."""
         if strict and resp.length is not None and resp.length > limit:
             raise AdapterError("malformed", f"{self.profile.name} sent a {resp.length}-byte body, "
@@ -396,7 +393,6 @@ class OpenAICompatibleClient:
             if resp.length == 0:  # read1 does not mark a Content-Length body done; read() does
                 resp.read()
                 break
-            sock.settimeout(self._remaining(deadline))
             chunk = resp.read1(_CHUNK)
             if not chunk:
                 break
@@ -472,7 +468,7 @@ class OpenAICompatibleClient:
         name = self.profile.name
         try:
             conn, sock = self._connected(deadline)
-            sock.settimeout(self._remaining(deadline))
+            sock.settimeout(_time_left(deadline))  # the send; the response's reads hold to it themselves
             unsendable = None
             try:
                 conn.request("POST", self._path, body=body, headers=headers)
@@ -481,13 +477,12 @@ class OpenAICompatibleClient:
             if unsendable is not None:  # outside the except: the refusal quotes the header
                 raise AdapterError("client_error", f"the request to {name} cannot be sent: a header holds "
                                    f"characters HTTP does not allow ({unsendable}; value not shown)")
-            sock.settimeout(self._remaining(deadline))
             conn.response_class = functools.partial(  # type: ignore[assignment]
                 _DeadlineResponse, deadline=deadline)
             resp = conn.getresponse()
             status = resp.status
             ok = 200 <= status < 300
-            data = self._read_body(resp, sock, deadline, self.max_response_bytes if ok else
+            data = self._read_body(resp, self.max_response_bytes if ok else
                                    min(self.max_response_bytes, _ERROR_BODY_BYTES), strict=ok)
             if not ok or resp.will_close or not resp.isclosed():
                 self.close()
