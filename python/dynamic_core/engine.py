@@ -15,14 +15,13 @@ import msgspec
 import numpy as np
 
 from . import _core
-from .errors import BackendUnavailable, InvalidInput, JournalError
+from .errors import BackendUnavailable, JournalError
 from .journal import DEFAULT_SEGMENT_BYTES
 from .instruments import instruments
-from .market import as_bars
+from .market import as_bars, refuse_bad
 from .population import Population
 from .payloads import AISignal, signal_from_record, signals_from_records
-from .records import (AGENT_DTYPE, BIRTH_DTYPE, DEAD_LETTER_DTYPE, GENOME_DTYPE, LINEAGE_DTYPE,
-                      REASONS, SIGNAL_DTYPE)
+from .records import AGENT_DTYPE, BIRTH_DTYPE, DEAD_LETTER_DTYPE, GENOME_DTYPE, LINEAGE_DTYPE, SIGNAL_DTYPE
 
 __all__ = ["BACKPRESSURE", "Engine"]
 
@@ -153,8 +152,6 @@ class Engine:
         if factory is not None and fault_injection:
             raise BackendUnavailable("fault injection runs on the CPU backend only")
         cpu_threads = usable_cores() if threads is None else int(threads)
-        if factory is None and not 1 <= cpu_threads <= 63:
-            raise ValueError(f"threads must be in [1, 63], got {cpu_threads}")
         if backpressure not in BACKPRESSURE:
             raise ValueError(f"backpressure must be one of {sorted(BACKPRESSURE)}, got {backpressure!r}")
         if not 0 <= capacity <= 1 << 20:
@@ -177,6 +174,14 @@ class Engine:
                          "dead_letter_capacity": dead_letter_capacity, "block_bars": block_bars,
                          "capacity": capacity, "backpressure": BACKPRESSURE[backpressure],
                          "stall_deadline_ns": int(stall_deadline * 1e9), "fault_injection": fault_injection}
+
+        def cpu_engine() -> Any:
+            """The native engine on ``cpu_threads`` CPU threads (no device, or auto's fallback):
+            the only place ``threads`` is checked, a device runs on its own."""
+            if not 1 <= cpu_threads <= 63:
+                raise ValueError(f"threads must be in [1, 63], got {cpu_threads}") from None
+            return _core.Engine(population.records, threads=cpu_threads, **native_config)
+
         self.backend_fallback: str | None = None  # why backend="auto" runs on the CPU
         self._device: Any = None
         self._device_lock = threading.RLock()
@@ -188,12 +193,10 @@ class Engine:
                 if backend != "auto":
                     raise
                 self._fall_back(e)
-        if dev is None and not 1 <= cpu_threads <= 63:
-            raise ValueError(f"threads must be in [1, 63], got {cpu_threads}")
-        # with a device the native engine only mirrors: ingress, journal, state for readers
-        self._native = _core.Engine(population.records, threads=1 if dev is not None else cpu_threads,
-                                    **native_config)
-        if dev is not None:
+        if dev is None:
+            self._native = cpu_engine()
+        else:  # the native engine only mirrors: ingress, journal, state for readers
+            self._native = _core.Engine(population.records, threads=1, **native_config)
             try:
                 self._device = gpu.DeviceRunner(self._native, dev, population_hash=self._population_hash,
                                                 block_bars=block_bars)
@@ -202,9 +205,7 @@ class Engine:
                 if backend != "auto":
                     raise
                 self._fall_back(e)
-                if not 1 <= cpu_threads <= 63:
-                    raise ValueError(f"threads must be in [1, 63], got {cpu_threads}") from None
-                self._native = _core.Engine(population.records, threads=cpu_threads, **native_config)
+                self._native = cpu_engine()
             except BaseException:
                 _close_native(self._native)
                 raise
@@ -313,14 +314,7 @@ class Engine:
         b = as_bars(bars)
         self._journal_new_instruments()
         if self.strict if strict is None else strict:
-            reasons = self._native.validate(b, len(instruments))
-            bad = np.flatnonzero(reasons)
-            if len(bad):
-                names = [REASONS[int(r)] for r in reasons[bad]]
-                shown = ", ".join(f"row {int(i)}: {n}" for i, n in zip(bad[:10], names[:10]))
-                more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
-                raise InvalidInput(f"{len(bad)} bad bar(s), batch not processed: {shown}{more}",
-                                   rows=bad.tolist(), reasons=names)
+            refuse_bad(self._native.validate(b, len(instruments)))
         if self._device is not None:
             with self._device_lock:
                 return self._device.run(b, len(instruments))

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from . import _core
+from .errors import InvalidInput
 from .instruments import instruments
 from .records import BAR_DTYPE, REASONS
 
@@ -24,6 +25,7 @@ __all__ = [
     "parse_timeframe",
     "read_csv",
     "reason_counts",
+    "refuse_bad",
     "to_pandas",
     "validate",
 ]
@@ -117,6 +119,20 @@ def reason_counts(reasons: np.ndarray) -> dict[str, int]:
     """{reason name: count} of the non-zero codes returned by :func:`validate`."""
     codes, counts = np.unique(np.asarray(reasons)[np.asarray(reasons) != 0], return_counts=True)
     return {REASONS[int(c)]: int(k) for c, k in zip(codes, counts)}
+
+
+def refuse_bad(reasons: np.ndarray, what: str = "batch not processed") -> None:
+    """What a strict engine does with a batch: :class:`~dynamic_core.errors.InvalidInput` when
+    any of the reject codes ``reasons`` (from :func:`validate`) is non-zero, naming ``what``
+    happened to the batch and the first ten bad rows (``rows`` and ``reasons`` carry them all)."""
+    reasons = np.asarray(reasons)
+    bad = np.flatnonzero(reasons)
+    if not len(bad):
+        return
+    names = [REASONS[int(r)] for r in reasons[bad]]
+    shown = ", ".join(f"row {int(i)}: {n}" for i, n in zip(bad[:10], names[:10]))
+    more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+    raise InvalidInput(f"{len(bad)} bad bar(s), {what}: {shown}{more}", rows=bad.tolist(), reasons=names)
 
 
 def _find(columns: Iterable[str], name: str) -> str | None:

@@ -13,12 +13,12 @@ Every batch is handled with whole-array numpy operations: there is no Python loo
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Iterable
 
 import numpy as np
 
+from ._checks import check_int, check_real
 from .instruments import instruments as _registry
 from .market import as_records, parse_timeframe
 from .records import BAR_DTYPE, TICK_DTYPE
@@ -137,12 +137,7 @@ def _out_of_order(ts: np.ndarray, inst: np.ndarray, last_ts: np.ndarray | None) 
 
 
 def _check_band(band: float, band_spreads: float) -> tuple[float, float]:
-    b, bs = float(band), float(band_spreads)
-    if not (math.isfinite(b) and b >= 0.0):
-        raise ValueError(f"band must be a finite number >= 0, got {band!r}")
-    if not (math.isfinite(bs) and bs >= 0.0):
-        raise ValueError(f"band_spreads must be a finite number >= 0, got {band_spreads!r}")
-    return b, bs
+    return check_real("band", band, 0.0), check_real("band_spreads", band_spreads, 0.0)
 
 
 def validate_ticks(ticks: np.ndarray, *, last_ts: np.ndarray | None = None,
@@ -252,11 +247,7 @@ class TickValidator:
     def __init__(self, *, instruments: str | int | Iterable[str | int] | None = None,
                  max_dead_letters: int = 10_000, band: float = 0.01, band_spreads: float = 10.0,
                  ts_range: tuple[int, int] | None = None) -> None:
-        if isinstance(max_dead_letters, bool):
-            raise TypeError("max_dead_letters must be an int")
-        max_dead_letters = operator.index(max_dead_letters)
-        if not 0 <= max_dead_letters <= MAX_DEAD_LETTERS:
-            raise ValueError(f"max_dead_letters must be in [0, {MAX_DEAD_LETTERS}], got {max_dead_letters}")
+        max_dead_letters = check_int("max_dead_letters", max_dead_letters, 0, MAX_DEAD_LETTERS)
         self._band, self._band_spreads = _check_band(band, band_spreads)
         self._allowed = _allowed(instruments)
         self._ts_range = None if ts_range is None else (int(ts_range[0]), int(ts_range[1]))

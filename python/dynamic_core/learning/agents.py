@@ -36,11 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidInput
+from .._checks import check_int, check_real
 from ..instruments import instruments
-from ..market import as_bars, parse_timeframe, reason_counts, validate
-from ..records import BAR_DTYPE, GENOME_DTYPE, REASONS
-from .dsi._scan import check_int, check_real
+from ..market import as_bars, parse_timeframe, reason_counts, refuse_bad, validate
+from ..records import BAR_DTYPE, GENOME_DTYPE
 
 __all__ = ["FEATURES", "MAX_DIM", "FeatureBank", "LearningAgents", "learning_genomes"]
 
@@ -216,6 +215,7 @@ class LearningAgents:
         self.hits = np.zeros(len(self.ids), dtype=np.int64)
         self.calls = np.zeros(len(self.ids), dtype=np.int64)
         self._last_scores: list[np.ndarray | None] = [None] * len(self.streams)
+        self._dirty: dict[int, None] = {}  # streams taken since the last _flush, in order
         self._rejected: dict[str, int] = {}
         self._counts = {"bars": 0, "dsi_nonfinite": 0, "nonfinite_rows": 0, "nonfinite_scores": 0}
 
@@ -264,6 +264,7 @@ class LearningAgents:
             self._has_last[s] = True
             touched[s] = None
         self._counts["bars"] += len(todo)
+        self._flush()
         if touched and engine is not None:
             rows = np.concatenate([self.members[s] for s in touched])
             engine.set_external_scores(self.ids[rows], np.clip(self.scores[rows], -1.0, 1.0))
@@ -279,11 +280,8 @@ class LearningAgents:
         if engine.closed:
             raise RuntimeError("engine is closed")
         reasons = np.asarray(engine.validate(b))
-        if engine.strict and reasons.any():
-            bad = np.flatnonzero(reasons)
-            names = [REASONS[int(r)] for r in reasons[bad]]
-            raise InvalidInput(f"{len(bad)} bad bar(s) for a strict engine, step not applied "
-                               f"(first: row {int(bad[0])}: {names[0]})", rows=bad.tolist(), reasons=names)
+        if engine.strict:
+            refuse_bad(reasons, "step not applied (a strict engine)")
         return reasons
 
     def _dsi_values(self, insts: list[int]) -> list[float | None]:
@@ -307,7 +305,10 @@ class LearningAgents:
         return out
 
     def _take(self, s: int, h: float, lo: float, c: float, dsi: float | None) -> None:
-        """One accepted bar of stream ``s``: learn from its return, update the features, score."""
+        """One accepted bar of stream ``s``: learn from its return, update the features, and mark
+        the stream to be scored (by :meth:`_flush`)."""
+        if s in self._dirty:  # its hit count below reads the scores, its features change
+            self._flush()
         m = self.members[s]
         n = len(self.ids)
         prev_c, prev_x = self._prev_close[s], self._prev_x[s]
@@ -336,22 +337,37 @@ class LearningAgents:
         self._vol[s] = math.sqrt(bank._var)
         self._prev_x[s] = x if bank.warm else None
         if sample is not None:
+            self._flush()  # the weights are about to change
             self.model.learn(sample[0], sample[1], self.snapshot, mask=sample[2])
             report = self.model.system_tick()
             self._counts["nonfinite_rows"] += int(report["nonfinite"]) + int(report.get("overflow", 0))
             self.snapshot = self.model.snapshot()
             self.ticks += 1
-        if bank.warm:
-            scores = self.model.score(self.features[self.stream_of], self.snapshot)[m]
-            bad = ~np.isfinite(scores)
-            if bad.any():  # set_external_scores would refuse it after the model moved
-                self._counts["nonfinite_scores"] += int(np.count_nonzero(bad))
-                scores[bad] = 0.0
-            self.scores[m] = scores
-            self._last_scores[s] = scores.copy()
-        else:
-            self.scores[m] = 0.0
-            self._last_scores[s] = None
+        self._dirty[s] = None
+
+    def _flush(self) -> None:
+        """Score the streams marked by :meth:`_take`: one score call of every agent (a subset of
+        rows would not give the same bits), kept for each marked stream's agents. Runs before
+        anything a pending score depends on changes: the stream's features, the weights."""
+        if not self._dirty:
+            return
+        full = None
+        for s in self._dirty:
+            m = self.members[s]
+            if self.banks[s].warm:
+                if full is None:
+                    full = self.model.score(self.features[self.stream_of], self.snapshot)
+                scores = full[m]
+                bad = ~np.isfinite(scores)
+                if bad.any():  # set_external_scores would refuse it after the model moved
+                    self._counts["nonfinite_scores"] += int(np.count_nonzero(bad))
+                    scores[bad] = 0.0
+                self.scores[m] = scores
+                self._last_scores[s] = scores.copy()
+            else:
+                self.scores[m] = 0.0
+                self._last_scores[s] = None
+        self._dirty.clear()
 
     def stats(self) -> dict[str, Any]:
         """Counters: ``ticks`` (learning ticks), ``bars`` (bars of the agents' streams taken),

@@ -35,11 +35,11 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from ..errors import EvolutionInterrupted, InvalidInput
-from ..market import as_bars
+from .._checks import check_int
+from ..errors import EvolutionInterrupted
+from ..market import as_bars, refuse_bad
 from ..payloads import EvolutionConfig, evolution_config
-from ..records import REASONS, SIGNAL_DTYPE
-from .dsi._scan import check_int
+from ..records import SIGNAL_DTYPE
 
 __all__ = ["Evolution", "EvolutionConfig", "EvolutionInterrupted", "GenerationRow", "VolatilityRegime",
            "format_trace"]
@@ -185,11 +185,8 @@ class Evolution:
         # the engine's verdict on each bar now is its verdict when its chunk runs (a generation
         # does not touch ingress), so a strict batch fails whole, before anything runs
         reasons = np.asarray(self.engine.validate(bars))
-        if self.engine.strict and reasons.any():
-            bad = np.flatnonzero(reasons)
-            names = [REASONS[int(r)] for r in reasons[bad]]
-            raise InvalidInput(f"{len(bad)} bad bar(s), batch not processed (first: row {int(bad[0])}: "
-                               f"{names[0]})", rows=bad.tolist(), reasons=names)
+        if self.engine.strict:
+            refuse_bad(reasons)
         out: list[np.ndarray] = []
         start = 0
         inst, tf, close = bars["instrument"].tolist(), bars["timeframe"].tolist(), bars["close"].tolist()
@@ -199,7 +196,8 @@ class Evolution:
         def take(end: int) -> None:
             nonlocal start, mark
             try:
-                out.append(self.engine.run(bars[start:end]))
+                # strict=False: the batch was refused whole above if it had a bad bar
+                out.append(self.engine.run(bars[start:end], strict=False))
             except Exception:
                 self._seen, self._regime = mark  # the engine took none of the chunk
                 raise

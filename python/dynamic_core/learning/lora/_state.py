@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ..._checks import check_int
 from ...errors import StateError
-from ..dsi._scan import check_int
 
 __all__ = ["get", "integer", "real_array", "string", "whole_array"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from ..dsi._scan import check_int, check_real
+from ..._checks import check_int, check_real
 
 __all__ = [
     "AGENT_LAYERS",

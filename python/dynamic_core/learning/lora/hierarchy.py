@@ -69,8 +69,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from ..._checks import check_int
 from ...errors import StateError
-from ..dsi._scan import check_int
 from . import _state
 from .backend import LoRABackend
 from .circuits import Circuit, CircuitDetector

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ... import _core
-from ..dsi._scan import check_int
+from ..._checks import check_int
 from . import _state
 from .config import MAX_AGENTS, MAX_DIM, MAX_RANK, MAX_STATE_ELEMENTS, LoRAConfig
 

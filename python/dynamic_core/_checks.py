@@ -1,0 +1,38 @@
+"""Argument checks shared across the package: an int or a finite real within bounds, TypeError for
+the wrong type and ValueError naming the argument when out of range. Imports numpy only."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["check_int", "check_real"]
+
+
+def check_int(name: str, v: object, lo: int, hi: int) -> int:
+    """``v`` as an int in ``[lo, hi]``: TypeError for a non-integer (bool and float included,
+    as msgspec decodes an int field), ValueError naming ``name`` when out of range (a C++ cast
+    would wrap it)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    i = int(v)
+    if not lo <= i <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {i}")
+    return i
+
+
+def check_real(name: str, v: object, lo: float = -math.inf, hi: float = math.inf, *,
+               lo_open: bool = False) -> float:
+    """``v`` as a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``): TypeError for a
+    non-number, ValueError naming ``name`` for NaN, an infinity or a value out of range."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    try:
+        x = float(v)
+    except OverflowError:
+        x = math.inf
+    if not (math.isfinite(x) and (x > lo if lo_open else x >= lo) and x <= hi):
+        bound = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise ValueError(f"{name} must be a finite number in {bound}, got {v!r}")
+    return x
