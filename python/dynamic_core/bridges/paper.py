@@ -68,6 +68,7 @@ from hashlib import blake2b
 import msgspec
 import numpy as np
 
+from ..decision._history import _History
 from ..decision.specs import InstrumentSpec, conversion_prices, instrument_spec, quote_to_account
 from ..instruments import instruments
 from ..payloads import TradingPlan
@@ -277,9 +278,10 @@ class PaperBroker:
         self._conv_of: dict[str, tuple[str, ...]] = {}  # open instrument -> its conversion prices
         self._last_ts: dict[str, int] = {}
         self._clock = 0  # latest bar time seen on any instrument
-        self._curve: list[tuple[int, float, float]] = []
-        self._trades: list[ClosedTrade] = []
-        self._fills: list[Fill] = []
+        # bounded history: each list is cut back to `history` once it is a chunk longer
+        self._curve: _History = _History(history)  # of (ts, balance, equity)
+        self._trades: _History = _History(history)  # of ClosedTrade
+        self._fills: _History = _History(history)  # of Fill
         self._callbacks: list[Callable[[ClosedTrade], object]] = []
         self._outbox: deque[ClosedTrade] = deque()  # closed trades not yet given to the callbacks
         self._dispatching = False
@@ -288,10 +290,10 @@ class PaperBroker:
         self._callback_errors = self._conversion_errors = 0
         self._commission = 0.0
         self._names: dict[int, str] = {}
-        # bounded history: each list is cut back to `_keep` once it is a chunk longer
+        # the statuses of finished orders are bounded the same way (a pending order's stays)
         self._keep = history if history is not None else 2**63 - 1
         self._chunk = max(1, self._keep // 8)
-        self._dropped = {"curve": 0, "fills": 0, "trades": 0, "statuses": 0}
+        self._statuses_dropped = 0
         self._status_at = self._keep + self._chunk
         # the whole run's figures, kept as they come (exact sums: the same bits as fsum over all)
         self._n_trades = self._wins = self._losses = 0
@@ -456,7 +458,7 @@ class PaperBroker:
         kind = "reverse" if reverses else ("close" if opposite else "entry")
         fill = Fill(client_order_id=order.client_order_id, plan_id=order.plan_id, instrument=name, side=side,
                     lots=_lots(float(order.lots)), price=px, commission=commission, ts=ts, kind=kind)
-        self._add_fill(fill)
+        self._fills.append(fill)
         return fill
 
     def _reduce(self, name: str, lots: float, px: float, ts: int, reason: str,
@@ -509,7 +511,7 @@ class PaperBroker:
         comm = self._close_part(name, leg, q, px, ts, kind)
         fill = Fill(client_order_id=leg.client_order_id, plan_id=leg.plan_id, instrument=name,
                     side=-leg.direction, lots=q, price=px, commission=comm, ts=ts, kind=kind)
-        self._add_fill(fill)
+        self._fills.append(fill)
         return fill
 
     def _emit(self, trade: ClosedTrade) -> None:
@@ -525,19 +527,7 @@ class PaperBroker:
         elif p < 0.0:
             sums["lost"].add(-p)
         self._trades.append(trade)
-        if len(self._trades) > self._keep + self._chunk:
-            self._trim(self._trades, "trades")
         self._outbox.append(trade)
-
-    def _add_fill(self, fill: Fill) -> None:
-        self._fills.append(fill)
-        if len(self._fills) > self._keep + self._chunk:
-            self._trim(self._fills, "fills")
-
-    def _trim(self, history: list, what: str) -> None:
-        drop = len(history) - self._keep
-        del history[:drop]
-        self._dropped[what] += drop
 
     def _set_status(self, cid: str, status: str) -> None:
         self._status[cid] = status
@@ -555,7 +545,7 @@ class PaperBroker:
                     ids.add(_IdHashes.key(k))
                 del status_of[k]
                 dropped += 1
-            self._dropped["statuses"] += dropped
+            self._statuses_dropped += dropped
             self._status_at = max(self._keep, len(self._status)) + self._chunk
 
     def _dispatch(self) -> None:
@@ -641,8 +631,6 @@ class PaperBroker:
             self._stale.update(users)
         eq = self.equity
         self._curve.append((ts, self._balance, eq))
-        if len(self._curve) > self._keep + self._chunk:
-            self._trim(self._curve, "curve")
         # the drawdown of the whole curve, point by point: stats() used to take it from the list
         self._peak = peak = max(self._peak, eq)
         dd = peak - eq
@@ -822,12 +810,12 @@ class PaperBroker:
     @property
     def fill_count(self) -> int:
         """Fills so far, dropped history included."""
-        return len(self._fills) + self._dropped["fills"]
+        return self._fills.total
 
     def fills_since(self, n: int) -> list[Fill]:
         """Fills after the first ``n`` of :attr:`fill_count`, as far as they are kept (no copy of
         the earlier ones)."""
-        return self._fills[max(0, n - self._dropped["fills"]):]
+        return self._fills.since(n)
 
     def last_prices(self) -> dict[str, float]:
         """Last close (mid) of every instrument seen (a copy)."""
@@ -858,7 +846,8 @@ class PaperBroker:
             "balance": self._balance, "equity": self.equity, "fills": self.fill_count,
             "rejects": dict(sorted(self._rejects.items())), "ignored_bars": dict(sorted(self._ignored.items())),
             "callback_errors": self._callback_errors, "conversion_errors": self._conversion_errors,
-            "dropped": dict(self._dropped),
+            "dropped": {"curve": self._curve.dropped, "fills": self._fills.dropped,
+                        "trades": self._trades.dropped, "statuses": self._statuses_dropped},
         }
 
 

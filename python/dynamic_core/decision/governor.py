@@ -57,7 +57,7 @@ may expire unfilled), and one that reverses a position is already the position i
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -127,12 +127,7 @@ class Portfolio:
         """A snapshot of a :class:`~dynamic_core.bridges.paper.PaperBroker`-like object
         (``equity``, ``positions()`` with ``.lots``, ``last_prices()``, and ``pending()`` orders
         with ``instrument``, ``side``, ``lots`` and ``plan_id`` when it has them)."""
-        filled = {k: float(p.lots) for k, p in broker.positions().items() if p.lots != 0.0}
-        get = getattr(broker, "pending", None)
-        orders = get() if get is not None else ()
-        both = dict(filled)
-        for o in orders:
-            both[o.instrument] = both.get(o.instrument, 0.0) + o.side * float(o.lots)
+        filled, both, orders = _books(broker)
         pos, pend = _book_view(filled, both)
         return cls(equity=float(broker.equity), positions=pos, prices=dict(broker.last_prices()), pending=pend,
                    pending_plans={o.plan_id for o in orders if o.plan_id})
@@ -148,24 +143,52 @@ def _worse(filled: float, with_pending: float) -> float:
     return with_pending if abs(with_pending) > abs(filled) else filled
 
 
+def _books(trader: Any, orders: Iterable[Any] | None = None) -> tuple[dict[str, float], dict[str, float], Any]:
+    """(filled, both, orders) of a trader: the signed net lots of its open positions
+    (``positions()`` with ``.lots``, flat ones left out), the same once ``orders`` fill (each
+    with ``instrument``, ``side`` and ``lots``; by default the trader's ``pending()``, read after
+    its positions, or none when it has no such method), and those orders."""
+    filled = {k: float(p.lots) for k, p in trader.positions().items() if p.lots != 0.0}
+    if orders is None:
+        get = getattr(trader, "pending", None)
+        orders = get() if get is not None else ()
+    both = dict(filled)
+    for o in orders:
+        both[o.instrument] = both.get(o.instrument, 0.0) + o.side * float(o.lots)
+    return filled, both, orders
+
+
+def _book_entry(filled: float, both: float) -> tuple[tuple[float, float] | None, float]:
+    """(pending, position) of one instrument from its filled net lots and its net lots once its
+    pending orders fill: pending the pair (filled, both; a dust ``both`` as 0.0) when the two
+    differ by more than dust, else None; position the larger in size (:func:`_worse`), which is
+    no position when it is dust."""
+    pair = (filled, both if abs(both) > _FLAT else 0.0) if abs(filled - both) > _FLAT else None
+    return pair, _worse(filled, both)
+
+
 def _book_view(filled: Mapping[str, float], both: Mapping[str, float]) -> tuple[dict[str, float],
                                                                                  dict[str, tuple[float, float]]]:
     """(positions, pending) of a :class:`Portfolio` from the filled net lots and the net lots
-    once the pending orders fill, per instrument: positions the larger in size (:func:`_worse`),
-    in the order of ``filled`` then ``both`` (the governor sums exposure in this order), and
+    once the pending orders fill, per instrument (:func:`_book_entry`): positions in the order
+    of ``filled`` then ``both`` (the governor sums exposure in this order), dust left out, and
     pending the pair of each instrument where the two differ."""
     pend: dict[str, tuple[float, float]] = {}
     view: dict[str, float] = {}
     for k, f in filled.items():
         b = both.get(k, 0.0)
-        if abs(f - b) > _FLAT:
-            pend[k] = (f, b if abs(b) > _FLAT else 0.0)
+        pair, v = _book_entry(f, b)
+        if pair is not None:
+            pend[k] = pair
         if abs(f) > _FLAT or abs(b) > _FLAT:
-            view[k] = _worse(f, b)
+            view[k] = v
     for k, b in both.items():
-        if k not in filled and abs(b) > _FLAT:
-            pend[k] = (0.0, b)
-            view[k] = b
+        if k not in filled:
+            pair, v = _book_entry(0.0, b)
+            if pair is not None:
+                pend[k] = pair
+            if abs(v) > _FLAT:
+                view[k] = v
     return view, pend
 
 

@@ -37,7 +37,8 @@ import numpy as np
 from ..instruments import instruments
 from ..payloads import PlanDecision, TradingPlan
 from ..records import SIGNAL_DSI
-from .governor import _FLAT, Portfolio, RiskGovernor, RiskLimits, _book_view, _worse
+from ._history import _History
+from .governor import _FLAT, Portfolio, RiskGovernor, RiskLimits, _book_entry, _book_view, _books
 from .plans import (
     AtrTracker,
     PlanConfig,
@@ -213,8 +214,8 @@ class DecisionMaker:
         self.atr = AtrTracker(self.plan_config.atr_period)
         self.prices: dict[str, float] = {}
         self.plans: dict[str, TradingPlan] = {}
-        self.decisions: list[PlanDecision] = []
-        self.attributions: list[Attribution] = []
+        self.decisions: _History = _History(history)  # of PlanDecision
+        self.attributions: _History = _History(history)  # of Attribution
         self.credit = credit if credit is not None else CreditLedger()
         self.n_contributors = int(contributors)
         self.dsi = dsi
@@ -232,8 +233,8 @@ class DecisionMaker:
         self.history = history
         self._keep = keep = history if history is not None else _I64_MAX
         self._chunk = max(1, keep // 8)  # trimmed a chunk at a time: amortised O(1) per append
-        self._decisions_at = self._attributions_at = self._plans_at = keep + self._chunk
-        self.decisions_dropped = self.attributions_dropped = self.plans_dropped = 0
+        self._plans_at = keep + self._chunk
+        self.plans_dropped = 0
         self._trades_total = 0
         self._pnl_total = 0.0
         self._pf: Portfolio | None = None
@@ -398,8 +399,9 @@ class DecisionMaker:
         if not valid_until_fits(cfg, int(ts_a.max()), max(tf_l)):
             ok &= np.array([valid_until_fits(cfg, t, f) for t, f in zip(ts_a.tolist(), tf_l)], dtype=bool)
         targets = target_batch(cfg, entry, direction, dist)
-        pf = self._pf = Portfolio(equity=equity, positions=self._positions(), prices=self.prices,
-                                  pending=self._pend, pending_plans=self._pend_plans)
+        # decide() judges every plan of the batch against this one view, which _place keeps current
+        self._pf = Portfolio(equity=equity, positions=self._positions(), prices=self.prices,
+                             pending=self._pend, pending_plans=self._pend_plans)
         snapshot: np.ndarray | None = None
         # the signal ids (signal_id_for): when one population made the whole batch (the usual
         # case), its hash's prefix is formatted once
@@ -431,11 +433,7 @@ class DecisionMaker:
         risk = cfg.risk_pct
         contrib_k = self.n_contributors if agents is not None else 0
         rationale, dsi_src = self._rationale, self.dsi
-        evaluate = self.governor.evaluate
-        decisions = self.decisions
-        keep, push, trim_at = decisions.append, out.append, self._decisions_at
-        journal = self._journal
-        encode = self._enc.encode
+        decide, push = self.decide, out.append
         new_plan, isnan = _new_plan, math.isnan
         try:
             for (good, d, a, score, tf, ts, vu, seq, sid, pre, conf, agr, disp, n_ag, e, at, sp_stop, sz, rp,
@@ -467,16 +465,7 @@ class DecisionMaker:
                 plan = new_plan(sid, pre, srow[0], tf, ts, seq, d, a, e, sp_stop, tgs, sz, sz * rp,
                                 vu, score, conf, agr, at, contributors, evidence, text, provider,
                                 agreeing)
-                # judged, kept, journaled and placed (decide(), inline)
-                v = evaluate(plan, pf)
-                keep(v)
-                if len(decisions) > trim_at:
-                    self._trim_decisions()
-                if journal is not None:
-                    journal(encode(v))
-                if v.verdict != "REJECTED":
-                    self._place(v.plan, pf)
-                push(v)
+                push(decide(plan))
         finally:
             self._pf = None
         return out
@@ -489,8 +478,6 @@ class DecisionMaker:
                            pending=self._pend, pending_plans=self._pend_plans)
         d = self.governor.evaluate(plan, pf)
         self.decisions.append(d)
-        if len(self.decisions) > self._decisions_at:
-            self._trim_decisions()
         if self._journal is not None:
             self._journal(self._enc.encode(d))
         if d.verdict != "REJECTED":
@@ -513,11 +500,12 @@ class DecisionMaker:
                 filled = self._filled[name] = filled + x
             else:  # waiting to fill: judged again, the plan is a duplicate
                 pf.pending_plans.add(p.plan_id)
-            if abs(filled - both) > _FLAT:  # the next plan on it is judged from both books
-                pf.pending[name] = (filled, both if abs(both) > _FLAT else 0.0)
+            pair, view = _book_entry(filled, both)
+            if pair is not None:  # the next plan on it is judged from both books
+                pf.pending[name] = pair
             else:
                 pf.pending.pop(name, None)
-            self.governor.set_position(pf, name, _worse(filled, both))
+            self.governor.set_position(pf, name, view)
 
     def _positions(self) -> dict[str, float]:
         """The positions the governor judges by: per instrument, the larger of the filled net
@@ -537,10 +525,7 @@ class DecisionMaker:
             # (orders placed on a bar fill at the next open: usually none are left by now)
             both = net(pending=True) if orders is None or orders else dict(filled)
         else:
-            filled = {k: float(p.lots) for k, p in self.trader.positions().items() if p.lots != 0.0}
-            both = dict(filled)
-            for o in orders or ():
-                both[o.instrument] = both.get(o.instrument, 0.0) + o.side * o.lots
+            filled, both, _ = _books(self.trader, orders or ())
             both = {k: v for k, v in both.items() if abs(v) > _FLAT}
         self._filled, self._both = filled, both
         self._pend_plans = {o.plan_id for o in orders if o.plan_id} if orders else set()
@@ -556,17 +541,22 @@ class DecisionMaker:
     @property
     def decision_count(self) -> int:
         """Verdicts given so far, dropped ones included."""
-        return len(self.decisions) + self.decisions_dropped
+        return self.decisions.total
 
     def decisions_since(self, n: int) -> list[PlanDecision]:
         """The verdicts after the first ``n`` ever given (:attr:`decision_count`), as far as they
         are still kept."""
-        return self.decisions[max(0, n - self.decisions_dropped):]
+        return self.decisions.since(n)
 
-    def _trim_decisions(self) -> None:
-        drop = len(self.decisions) - self._keep
-        del self.decisions[:drop]
-        self.decisions_dropped += drop
+    @property
+    def decisions_dropped(self) -> int:
+        """Verdicts no longer kept."""
+        return self.decisions.dropped
+
+    @property
+    def attributions_dropped(self) -> int:
+        """Attributions no longer kept."""
+        return self.attributions.dropped
 
     def _trim_plans(self) -> None:
         live = self._live_plan_ids()
@@ -609,10 +599,6 @@ class DecisionMaker:
         self.attributions.append(att)
         self._trades_total += 1
         self._pnl_total += att.pnl
-        if len(self.attributions) > self._attributions_at:
-            drop = len(self.attributions) - self._keep
-            del self.attributions[:drop]
-            self.attributions_dropped += drop
         self.governor.on_trade_result(att.pnl, att.exit_ts, plan.timeframe if plan else 0)
         self.credit.record(contributors, att.r_multiple, att.pnl)
 
