@@ -327,6 +327,7 @@ def fake_cupy(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     from dynamic_core import engine
 
     monkeypatch.setattr(gpu.CupyDevice, "_modules", {})  # no module of another test's CuPy
+    monkeypatch.setattr(gpu.CupyDevice, "_compile_failed", {})  # nor another test's failed compile
     monkeypatch.setattr(engine, "_fallbacks_logged", set())
     return FakeCupy(tmp_path_factory.mktemp("fake_cupy")).install(monkeypatch)
 
@@ -393,17 +394,23 @@ def test_a_backend_that_cannot_start_is_typed_and_auto_falls_back(
         dc.Engine(pop, backend="cuda")
     assert ei.value.__cause__ is exc  # CuPy's exception, chained
     assert "\n" not in str(ei.value)  # one line (a compiler's log stays in the cause)
+    final = kind == "CompileException"  # the source or options: not compiled again in this process
     with caplog.at_level(logging.INFO, logger="dynamic_core.engine"):
         for _ in range(2):
-            fake_cupy.inject(point, _exc(fake_cupy, kind, args), after=after)
+            if not final:
+                fake_cupy.inject(point, _exc(fake_cupy, kind, args), after=after)
             with dc.Engine(pop, backend="auto", threads=2) as eng:
                 assert eng.backend == "cpu" and eng.backend_fallback
                 st = eng.stats()
                 assert st["backend"] == "cpu" and kind in st["backend_fallback"] and "device" not in st
                 assert st["threads"] == 2  # the CPU engine, not the device's mirror
                 assert len(eng.run(eurusd[:50])) == 50
+                assert ("not tried again" in st["backend_fallback"]) == final
     fallbacks = [r for r in caplog.records if "backend='auto' runs on the CPU" in r.getMessage()]
     assert len(fallbacks) == 1 and fallbacks[0].levelno == logging.WARNING  # logged once
+    if final:
+        assert fake_cupy.compiled == []  # the failed compile was never tried again
+        gpu.CupyDevice._compile_failed.clear()  # as in a new process: it compiles again
     # the failure was injected once each time: the next engine starts
     with dc.Engine(pop, backend="auto") as eng:
         assert eng.backend == "cuda" and eng.stats()["backend_fallback"] is None
@@ -445,6 +452,7 @@ def test_check_compiles_through_cupy_when_a_gpu_is_usable(fake_cupy: FakeCupy, c
     assert gpu.main(["--check"]) == 1
     out = capsys.readouterr().out
     assert "do not compile" in out and 'expected a ";"' in out
+    gpu.CupyDevice._compile_failed.clear()  # each --check is a process of its own
     # CuPy without its NVRTC: exit 2, the reason
     fake_cupy.inject("compile", RuntimeError("CuPy failed to load libnvrtc.so.12"))
     assert gpu.main(["--check"]) == 2
@@ -460,6 +468,7 @@ def test_cli_backend_errors_are_one_line(fake_cupy: FakeCupy, capsys: pytest.Cap
     err = capsys.readouterr().err
     assert err.startswith("dynamic-core: error: the CUDA backend could not start") and "CompileException" in err
     assert err.count("\n") == 1
+    gpu.CupyDevice._compile_failed.clear()  # each run is a process of its own
     # a device failure mid-run: one line too, the journal closed and replayable
     fake_cupy.inject("launch", fake_cupy.CUDARuntimeError(700, "cudaErrorIllegalAddress"), kernel="dc_lanes_block",
                      sticky=True)
@@ -580,3 +589,18 @@ def test_the_emulator_checks_arguments_and_launch_limits(emu: EmuDevice) -> None
         with pytest.raises(RuntimeError, match="grid"):
             emu.launch("dc_ind_init", grid, 128, init(np.int32(0)))
     emu.launch("dc_ind_init", (1, 65535), 1, init(np.int32(0)))  # the limit itself is fine
+
+
+def test_replay_on_a_failing_device_is_one_line(fake_cupy: FakeCupy, capsys: pytest.CaptureFixture[str],
+                                                tmp_path: Path) -> None:
+    from dynamic_core import cli
+
+    journal = str(tmp_path / "j")
+    assert cli.main(["run", "--agents", "64", "--bars", "120", "-q", "--journal", journal]) == 0
+    capsys.readouterr()
+    fake_cupy.inject("launch", fake_cupy.CUDARuntimeError(700, "cudaErrorIllegalAddress"), kernel="dc_lanes_block",
+                     sticky=True)
+    rc = cli.main(["replay", journal, "--backend", "cuda", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("dynamic-core: error: the CUDA device failed") and err.count("\n") == 1, err
+    assert "CUDARuntimeError" in err

@@ -220,13 +220,23 @@ def _load_kernels(cupy: Any, device_id: int) -> dict[str, Any]:
     with :func:`nvrtc_options`, compiled by CuPy's NVRTC and loaded. CuPy compiles a RawModule
     lazily, at its first ``get_function``: this is where a missing NVRTC or CUDA headers, or a
     compile error (``CompileException``, with the log), surface. A module is kept (per device,
-    source and options) once all its kernels loaded."""
+    source and options) once all its kernels loaded; a compile that failed is not tried again
+    in this process (every later engine would pay seconds of NVRTC for the same error): its
+    error is raised again at once."""
     code, opts = kernel_source(), nvrtc_options()
     key = (int(device_id), hashlib.sha256(code.encode()).hexdigest(), opts)
+    failed = CupyDevice._compile_failed.get(key)
+    if failed is not None:
+        raise RuntimeError(f"{failed} (compiled once in this process already; not tried again)")
     mod = CupyDevice._modules.get(key)
     if mod is None:
         mod = cupy.RawModule(code=code, options=opts)
-    fns = {k: mod.get_function(k) for k in KERNELS}
+    try:
+        fns = {k: mod.get_function(k) for k in KERNELS}
+    except Exception as e:
+        if type(e).__name__ == "CompileException":  # the source or options, not the moment: final
+            CupyDevice._compile_failed[key] = _why(e)
+        raise
     CupyDevice._modules[key] = mod
     return fns
 
@@ -246,6 +256,7 @@ class CupyDevice:
     here, with the CuPy exception as its cause, not an error at the first run."""
 
     _modules: dict[tuple[int, str, tuple[str, ...]], Any] = {}  # compiled kernels, per device, source, options
+    _compile_failed: dict[tuple[int, str, tuple[str, ...]], str] = {}  # compiles that failed: their error
 
     def __init__(self, ordinal: int | None = None) -> None:
         status = probe()

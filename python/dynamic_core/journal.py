@@ -39,7 +39,7 @@ import msgspec
 import numpy as np
 
 from . import _core
-from .errors import JournalCorrupt, JournalError, ReplayMismatch
+from .errors import BackendUnavailable, JournalCorrupt, JournalError, ReplayMismatch
 from .instruments import instruments
 from .records import BAR_DTYPE, GENOME_DTYPE, SIGNAL_DTYPE
 
@@ -333,7 +333,8 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
         the CPU replays bit for bit on the GPU and the other way round.
 
     A torn tail is tolerated (what precedes it replays; ``result.report.status`` says so);
-    corruption raises :class:`JournalCorrupt`.
+    corruption raises :class:`JournalCorrupt`. A GPU that fails mid-replay raises
+    :class:`~dynamic_core.errors.BackendUnavailable` naming the failure (CuPy's error chained).
     """
     from .engine import Engine
     from .population import Population
@@ -456,6 +457,12 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
                 progress(done, total)
         agents = eng.agents().copy()
         stats = eng.stats()
+    except Exception as e:
+        error = eng.stats().get("device_error") if eng.backend == "cuda" else None
+        if error is None:
+            raise
+        # CuPy's own error, from deep inside a launch: named in one line, chained
+        raise BackendUnavailable(f"the CUDA device failed after {n_bars:,} replayed bars: {error}") from e
     finally:
         eng.close()
     signals = np.concatenate(out) if out else np.empty(0, dtype=SIGNAL_DTYPE)
