@@ -360,3 +360,50 @@ def test_clean_shutdown_no_leaked_threads(pop, market):
     assert settled_threads(base) == base
     with pytest.raises(RuntimeError, match="closed"):
         eng.submit(market[:1])
+
+
+_DAEMONS_AT_EXIT = r"""
+import atexit, sys, threading, time, numpy as np, dynamic_core as dc
+from dynamic_core.transport import EngineService
+closing = []
+atexit.register(lambda: [e.close() for e in closing])        # runs after dynamic_core's own hook
+bars = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], "H1", seed=3).bars(4000)
+pop = dc.Population.random(2000, instruments=["EURUSD", "GBPUSD"], seed=1)
+waiting = dc.Engine(pop, threads=1)                          # a consumer waiting in poll
+full = dc.Engine(pop, threads=1, capacity=64, backpressure="block")  # a producer blocked on room
+busy = dc.Engine(pop, threads=2)                             # a long run in progress
+listened = dc.Engine(pop, threads=2)
+listened.on_signal(lambda s: None)                           # its dispatcher waits in poll
+closing.append(listened)
+served = dc.Engine(pop, threads=1)
+svc = EngineService(served, on_signals=lambda recs: None)
+svc.start()                                                  # left running: no stop()
+started = threading.Barrier(4)
+def wait():
+    started.wait(); waiting.poll(timeout=None)
+def produce():
+    started.wait(); full.submit(bars)
+def compute():
+    started.wait()
+    for _ in range(1000): busy.run(bars)
+for f in (wait, produce, compute):
+    threading.Thread(target=f, daemon=True).start()
+started.wait()
+time.sleep(0.3)                                              # all three inside native calls
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_daemon_threads_inside_the_engine_at_exit(code: int) -> None:
+    # Daemon threads still inside engine calls (GIL released) when the interpreter exits: the
+    # process ends with the script's own exit code. CPython ends such threads when they come
+    # back for the GIL during finalization; out of pybind11's GIL guard that aborted the process
+    # ("terminate called without an active exception", exit 134).
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _DAEMONS_AT_EXIT, str(code)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == code, r.stderr[-2000:]
+    assert "terminate" not in r.stderr and "Fatal" not in r.stderr, r.stderr[-2000:]

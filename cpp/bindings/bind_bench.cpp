@@ -35,7 +35,7 @@ void bind_bench(py::module_& m) {
         double secs;
         JournalStats st;
         {
-          py::gil_scoped_release nogil;
+          GilRelease nogil;
           JournalIdentity id;
           JournalWriter w(dir, id, nullptr, 0, fsync_level, 64ull << 20);
           const auto t0 = std::chrono::steady_clock::now();
@@ -60,7 +60,7 @@ void bind_bench(py::module_& m) {
         py::dict d;
         double ring, locked;
         {
-          py::gil_scoped_release nogil;
+          GilRelease nogil;
           SpscRing<uint64_t> r(capacity);
           ring = transfer_ns(n, [&](uint64_t v) { r.push(v); }, [&] { return r.pop(); });
           std::mutex mu;

@@ -80,7 +80,7 @@ py::dict report_dict(const GenerationReport& r) {
 py::dict stats_dict(Engine& e) {
   EngineStats s;
   {
-    py::gil_scoped_release nogil;  // stats() takes the ingress lock, which submit may hold
+    GilRelease nogil;  // stats() takes the ingress lock, which submit may hold
     s = e.stats();
   }
   const uint64_t updates = e.agent_updates();
@@ -221,7 +221,7 @@ auto lane_setter(const char* name) {
     const double* v = values.data();
     const auto n = static_cast<size_t>(agents.shape(0));
     std::string ev = event;
-    py::gil_scoped_release nogil;
+    GilRelease nogil;
     (e.*Set)(a, v, n, ev);
   };
 }
@@ -302,7 +302,7 @@ void bind_engine(py::module_& m) {
         py::array_t<uint32_t> reasons(n);
         uint32_t* r = reasons.mutable_data();
         {
-          py::gil_scoped_release nogil;
+          GilRelease nogil;
           validate_bars(b, static_cast<size_t>(n), n_registered, r);
         }
         return reasons;
@@ -326,7 +326,7 @@ void bind_engine(py::module_& m) {
              cfg.stall_deadline_ns = stall_deadline_ns;
              cfg.fault_injection = fault_injection;
              const auto n = static_cast<size_t>(genomes.shape(0));
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              return new Engine(g, n, cfg);
            }),
            py::arg("genomes"), py::arg("cores_per_sm") = 128, py::arg("population_hash") = 0,
@@ -336,7 +336,7 @@ void bind_engine(py::module_& m) {
       .def("submit", [](Engine& e, const py::array& bars, uint32_t n_registered) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              return e.submit(b, n, n_registered);
            }, py::arg("bars"), py::arg("n_registered"),
            "Validate, sequence and dispatch bars; returns how many were taken.")
@@ -347,7 +347,7 @@ void bind_engine(py::module_& m) {
              std::vector<Signal> out;
              Signal buf[256];
              {
-               py::gil_scoped_release nogil;
+               GilRelease nogil;
                int64_t wait = timeout_ns;
                while (out.size() < n) {
                  const size_t k = e.poll(buf, std::min<size_t>(256, n - out.size()), wait);
@@ -366,18 +366,18 @@ void bind_engine(py::module_& m) {
              Signal s{};
              int r;
              {
-               py::gil_scoped_release nogil;
+               GilRelease nogil;
                r = e.step(*b, n_registered, &s, timeout_ns);
              }
              return py::make_tuple(r, to_bytes(&s, r == 1 ? 1 : 0));
            }, py::arg("bar"), py::arg("n_registered"), py::arg("timeout_ns"),
            "One bar in, (1, signal bytes) out; (0, b'') on timeout, (-1, b'') if no signal is due.")
       .def("close", [](Engine& e) {
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              e.close();
            }, "Join the worker and sentinel threads.")
       .def("wait_idle", [](Engine& e) {
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              e.wait_all();
            }, "Wait until every submitted bar has been processed.")
       .def("inject_stall", &Engine::inject_stall, py::arg("sm"), py::arg("ns"))
@@ -397,7 +397,7 @@ void bind_engine(py::module_& m) {
              const double* v = evidence.data();
              const auto n = static_cast<size_t>(inst.shape(0));
              std::string ev = event;
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              return e.set_dsi(a, v, n, ev);
            }, py::arg("instruments"), py::arg("evidence"), py::arg("event") = py::bytes(),
            "Set the DSI evidence of instruments (ids), read by lanes with w_dsi != 0; returns the streams updated.")
@@ -416,7 +416,7 @@ void bind_engine(py::module_& m) {
              const auto n = static_cast<size_t>(bars.shape(0));
              std::vector<Signal> out;
              {
-               py::gil_scoped_release nogil;
+               GilRelease nogil;
                out.reserve(n);
                e.run(b, n, n_registered, out);
              }
@@ -429,7 +429,7 @@ void bind_engine(py::module_& m) {
              py::array_t<uint32_t> reasons(n);
              uint32_t* r = reasons.mutable_data();
              {
-               py::gil_scoped_release nogil;
+               GilRelease nogil;
                e.validate(b, static_cast<size_t>(n), n_registered, r);
              }
              return reasons;
@@ -440,7 +440,7 @@ void bind_engine(py::module_& m) {
              py::array_t<uint8_t> out(static_cast<py::ssize_t>(e.n_agents() * sizeof(AgentRecord)));
              auto* rec = reinterpret_cast<AgentRecord*>(out.mutable_data());
              {
-               py::gil_scoped_release nogil;
+               GilRelease nogil;
                e.agents(rec);
              }
              return out;
@@ -448,7 +448,7 @@ void bind_engine(py::module_& m) {
       .def("dead_letters", [](Engine& e) {
              std::vector<DeadLetter> d;
              {
-               py::gil_scoped_release nogil;
+               GilRelease nogil;
                d = e.dead_letters();
              }
              return to_bytes(d.data(), d.size());
@@ -459,12 +459,12 @@ void bind_engine(py::module_& m) {
              const std::string ev = event;
              GenerationReport r;
              {
-               py::gil_scoped_release nogil;
+               GilRelease nogil;
                r = e.evolve(cfg, seed, generation, ev, streams);
              }
              py::dict d = report_dict(r);
              {
-               py::gil_scoped_release nogil;
+               GilRelease nogil;
                e.recycle(r);  // its births buffer serves the next generation
              }
              return d;
@@ -474,7 +474,7 @@ void bind_engine(py::module_& m) {
       .def("genomes", [](Engine& e) {
              std::vector<Genome> out(e.n_agents());
              {
-               py::gil_scoped_release nogil;
+               GilRelease nogil;
                e.genomes(out.data());
              }
              return to_bytes(out.data(), out.size());
@@ -482,7 +482,7 @@ void bind_engine(py::module_& m) {
       .def("lineage", [](Engine& e) {
              std::vector<Lineage> out(e.n_agents());
              {
-               py::gil_scoped_release nogil;
+               GilRelease nogil;
                e.lineage(out.data());
              }
              return to_bytes(out.data(), out.size());
@@ -495,7 +495,7 @@ void bind_engine(py::module_& m) {
              const auto n = static_cast<size_t>(bars.shape(0));
              std::vector<AdmittedBar> out;
              {
-               py::gil_scoped_release nogil;
+               GilRelease nogil;
                out.reserve(n);
                e.admit(b, n, n_registered, out);
              }
@@ -507,7 +507,7 @@ void bind_engine(py::module_& m) {
                                double seconds) {
              const Signal* s = records_of<Signal>(signals, "signal");
              const auto n = static_cast<size_t>(signals.shape(0));
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              e.emit_external(s, n, updates, quarantined, seconds);
            }, py::arg("signals"), py::arg("updates"), py::arg("quarantined"), py::arg("seconds"),
            "Device backends: journal and count signals computed outside the workers.")
@@ -518,14 +518,14 @@ void bind_engine(py::module_& m) {
       .def("read_state", [](Engine& e) {
              StateArrays s;
              {
-               py::gil_scoped_release nogil;
+               GilRelease nogil;
                e.read_state(s);
              }
              return state_dict(s);
            }, "Per-lane agent state (structure of arrays, lane order).")
       .def("write_state", [](Engine& e, const py::dict& d) {
              StateArrays s = state_from(d);
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              e.write_state(s);
            }, py::arg("state"), "Replaces the per-lane agent state (as read_state returns it).")
       .def("layout", &layout_dict)

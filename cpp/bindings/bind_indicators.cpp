@@ -70,7 +70,7 @@ Arr unary(const Arr& x, int32_t n, F value) {
   Arr out = out_like(len);
   double* o = out.mutable_data();
   {
-    py::gil_scoped_release nogil;
+    GilRelease nogil;
     State s;
     s.init(n);
     for (py::ssize_t i = 0; i < len; ++i) o[i] = s.update(in[i]) ? value(s) : kNaN;
@@ -93,7 +93,7 @@ void bind_indicators(py::module_& m) {
         Arr out = out_like(len);
         double* o = out.mutable_data();
         {
-          py::gil_scoped_release nogil;
+          GilRelease nogil;
           Atr s;
           s.init(n);
           for (py::ssize_t i = 0; i < len; ++i) o[i] = s.update(ph[i], pl[i], pc[i]) ? s.value : kNaN;
@@ -109,7 +109,7 @@ void bind_indicators(py::module_& m) {
         Arr a = out_like(len), b = out_like(len), c = out_like(len);
         double *pa = a.mutable_data(), *pb = b.mutable_data(), *pc = c.mutable_data();
         {
-          py::gil_scoped_release nogil;
+          GilRelease nogil;
           Macd st;
           st.init(f, s, sig);
           for (py::ssize_t i = 0; i < len; ++i) {
@@ -128,7 +128,7 @@ void bind_indicators(py::module_& m) {
         Arr out = out_like(len);
         double* o = out.mutable_data();
         {
-          py::gil_scoped_release nogil;
+          GilRelease nogil;
           std::vector<double> buf(static_cast<size_t>(n));
           Roc s;
           s.init(n);
@@ -143,7 +143,7 @@ void bind_indicators(py::module_& m) {
         Arr mean = out_like(len), var = out_like(len), pos = out_like(len);
         double *pm = mean.mutable_data(), *pv = var.mutable_data(), *pp = pos.mutable_data();
         {
-          py::gil_scoped_release nogil;
+          GilRelease nogil;
           Ew s;
           s.init(n);
           for (py::ssize_t i = 0; i < len; ++i) {
@@ -162,7 +162,7 @@ void bind_indicators(py::module_& m) {
         std::vector<double> mean = carried(mean0, k, "mean"), var = carried(var0, k, "var");
         Arr mb = like(x), vb = like(x);
         {
-          py::gil_scoped_release nogil;
+          GilRelease nogil;
           ew::moments(x.data(), n, k, alpha, mean.data(), var.data(), mb.mutable_data(), vb.mutable_data());
         }
         return py::make_tuple(mb, vb, state_out(mean), state_out(var));
@@ -190,7 +190,7 @@ void bind_indicators(py::module_& m) {
         double* st = state.mutable_data();
         int64_t* t0 = start_ts.mutable_data();
         {
-          py::gil_scoped_release nogil;
+          GilRelease nogil;
           dsi::runs(ts.data(), price.data(), size.data(), move.data(), aggressor.data(), zsize.data(),
                     static_cast<size_t>(n), p, st, *t0, mo, ex, sw);
         }
@@ -216,7 +216,7 @@ void bind_indicators(py::module_& m) {
         double* tl = tail.mutable_data();
         Arr rsi = out_like(price.size()), macd = out_like(price.size());
         {
-          py::gil_scoped_release nogil;
+          GilRelease nogil;
           dsi::divergence(price.data(), static_cast<size_t>(price.size()), p, st, tl, rc, mc, rsi.mutable_data(),
                           macd.mutable_data());
         }

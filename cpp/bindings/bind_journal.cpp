@@ -89,7 +89,7 @@ void bind_journal(py::module_& m) {
   m.def("journal_scan", [](const std::string& dir, bool repair) {
         ScanReport r;
         {
-          py::gil_scoped_release nogil;
+          GilRelease nogil;
           r = scan_journal(dir, repair);
         }
         return report_dict(r);
@@ -102,7 +102,7 @@ void bind_journal(py::module_& m) {
              JournalRecord rec;
              bool ok;
              {
-               py::gil_scoped_release nogil;
+               GilRelease nogil;
                ok = r.next(rec);
              }
              if (!ok) return py::none();
@@ -119,20 +119,20 @@ void bind_engine_journal(py::class_<Engine>& e) {
                            uint64_t segment_bytes) {
          const std::string_view v = meta;
          const std::string copy(v);
-         py::gil_scoped_release nogil;
+         GilRelease nogil;
          en.open_journal(dir, identity(population_hash, config_hash, build_id), copy.data(), copy.size(),
                          fsync_level, segment_bytes);
        }, py::arg("dir"), py::arg("meta"), py::arg("population_hash"), py::arg("config_hash"),
        py::arg("build_id"), py::arg("fsync_level"), py::arg("segment_bytes"))
       .def("journal_append", [](Engine& en, RecordType type, py::bytes data, bool durable) {
              const std::string copy(static_cast<std::string_view>(data));
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              return en.journal_append(type, copy.data(), copy.size(), durable);
            }, py::arg("type"), py::arg("data"), py::arg("durable") = true)
       .def("journal_stats", [](Engine& en) { return stats_dict(en.journal_stats()); })
       .def("has_journal", &Engine::has_journal)
       .def("close_journal", [](Engine& en) {
-             py::gil_scoped_release nogil;
+             GilRelease nogil;
              en.close_journal();
            });
 }

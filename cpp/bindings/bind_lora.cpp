@@ -103,7 +103,7 @@ void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array&
   u.entropy = view<double>(entropy, {S}, "entropy", true);
   u.total = view<double>(total, {S}, "total", true);
   const lora::Matrix<T> ma = matrix<T>(A, S, r, d), mb = matrix<T>(B, S, r, d);
-  py::gil_scoped_release nogil;
+  GilRelease nogil;
   split_rows(s1 - s0, threads, [&](size_t a, size_t b) { lora::update(u, ma, mb, s0 + a, s0 + b); });
 }
 
@@ -115,7 +115,7 @@ py::array stacked_product(const py::array& x, const py::array& M, bool rd, int t
   const T* px = view<T>(x, {n, rd ? d : r}, rd ? "x (n, dim)" : "y (n, rank)");
   py::array_t<T> out(std::vector<py::ssize_t>{n, rd ? r : d});
   T* po = out.mutable_data();
-  py::gil_scoped_release nogil;
+  GilRelease nogil;
   const size_t R = static_cast<size_t>(r), D = static_cast<size_t>(d);
   split_rows(static_cast<size_t>(n), threads, [&](size_t a, size_t b) {
     if (rd)
@@ -148,7 +148,7 @@ void record(const py::array& h, const py::array& u, const py::array& delta, cons
   double* to = view<double>(t_out, {S, d}, "t_out", true);
   double* tr = view<double>(t_rms, {S}, "t_rms", true);
   double* ts = view<double>(t_sig, {S, r}, "t_sig", true);
-  py::gil_scoped_release nogil;
+  GilRelease nogil;
   if (shared) {  // sums over rows: one thread, rows in order
     lora::record(ph, pu, pd, pw, n, r, d, true, ti, tm, to, tr, ts);
     return;
@@ -196,7 +196,7 @@ void bind_lora(py::module_& m) {
           if (static_cast<const void*>(pa) == static_cast<const void*>(pt)) throw py::value_error("act may not be t");
           py::array_t<double> out(std::vector<py::ssize_t>{n, w});
           double* po = out.mutable_data();
-          py::gil_scoped_release nogil;
+          GilRelease nogil;
           lora::fold(pa, pt, po, pc, n, w, k, omk);
           return out;
         },

@@ -3,8 +3,11 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace dynamic_core::bindings {
@@ -21,6 +24,42 @@ namespace dynamic_core {
 class Engine;
 }
 namespace dynamic_core::bindings {
+// The thread that runs the interpreter's exit (dynamic_core registers _core._exiting with
+// atexit), once it has begun.
+inline std::atomic<bool> g_exiting{false};
+inline std::atomic<std::thread::id> g_exiting_thread{};
+
+inline bool interpreter_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+// Releases the GIL for the scope, like py::gil_scoped_release, for threads the interpreter may
+// abandon. A daemon thread that comes back from native work once the interpreter finalizes is
+// ended by CPython with pthread_exit (a forced unwind) from PyEval_RestoreThread; out of a
+// noexcept destructor (py::gil_scoped_release's) that unwind aborts the whole process in
+// std::terminate. Here such a thread does not touch Python again: it sleeps until the process
+// ends (what CPython 3.14 does with daemon threads). One that reaches PyEval_RestoreThread just
+// before finalization begins may still be ended there: the destructor lets that unwind through.
+class GilRelease {
+ public:
+  GilRelease() : state_(PyEval_SaveThread()) {}
+  GilRelease(const GilRelease&) = delete;
+  GilRelease& operator=(const GilRelease&) = delete;
+  ~GilRelease() noexcept(false) {
+    if (g_exiting.load(std::memory_order_acquire) && g_exiting_thread.load() != std::this_thread::get_id() &&
+        interpreter_finalizing())
+      for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
+    PyEval_RestoreThread(state_);
+  }
+
+ private:
+  PyThreadState* state_;
+};
+
 // The engine's journal methods (bind_journal.cpp), added by bind_engine.
 void bind_engine_journal(py::class_<Engine>& e);
 

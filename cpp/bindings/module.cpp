@@ -14,6 +14,12 @@ PYBIND11_MODULE(_core, m) {
   bind_bench(m);
   bind_journal(m);
   bind_lora(m);
+  m.def("_exiting", [] {
+          g_exiting_thread.store(std::this_thread::get_id());
+          g_exiting.store(true, std::memory_order_release);
+        },
+        "Marks the calling thread as the one running the interpreter's exit (an atexit hook of "
+        "dynamic_core; see GilRelease in cpp/bindings/common.hpp).");
   // Engine errors map to dynamic_core.errors; everything else keeps pybind11's mapping.
   py::register_exception_translator([](std::exception_ptr p) {
     try {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -76,8 +77,16 @@ class Engine:
         heartbeat) before the health sentinel marks it stalled and moves it to the standby.
     dead_letter_capacity : int
         How many rejected bars are kept (the newest); older ones are counted as dropped.
+    block_bars : int
+        Bars per execution block. On the CPU: the most bars a worker takes from its queue and
+        runs as one batch; 0 (default) sizes it from the population and the thread count so a
+        batch takes about a quarter of ``stall_deadline`` (1 to 256 bars); never more than
+        ``capacity``. With ``backend="cuda"``: bars per kernel launch; 0 means 4096, fewer
+        when a block's scratch memory would pass 256 MiB. Results are bit-identical for any
+        value.
     fault_injection : bool
-        Arms ``eng.faults`` (stall an SM, poison an agent) for tests; inert otherwise.
+        Arms ``eng.faults`` (stall an SM, poison an agent) for tests; when it is False, those
+        calls raise ``RuntimeError``.
     journal : path, optional
         Directory of a new append-only journal (see :mod:`dynamic_core.journal`): the population
         and configuration, every accepted bar (written before it is processed), rejects,
@@ -216,6 +225,12 @@ class Engine:
         self._closed = False
         # Threads are joined when the engine is garbage-collected, even without close().
         self._finalizer = weakref.finalize(self, _close_native, self._native)
+        # The native side learns which thread runs the interpreter's exit, so that a daemon
+        # thread coming back from a native call once the interpreter finalizes waits for the
+        # process to end instead of taking the GIL (which aborted the process). Registered
+        # again with each engine: atexit runs the last registration first.
+        atexit.unregister(_core._exiting)
+        atexit.register(_core._exiting)
         self.faults = _Faults(self._native, fault_injection)
         self._journal_path: str | None = None
         self._journal_lock = threading.Lock()
@@ -757,7 +772,8 @@ class _ClosedDevice:
 
 
 class _Faults:
-    """Fault injection for tests (``Engine(..., fault_injection=True)``); inert otherwise."""
+    """Fault injection for tests (``Engine(..., fault_injection=True)``); when the engine was
+    created without it, every call raises ``RuntimeError``."""
 
     def __init__(self, native: Any, armed: bool) -> None:
         self._native = native
