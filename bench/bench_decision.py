@@ -14,8 +14,9 @@ Run: ``python -m bench.bench_decision [--quick] [--json PATH]``
    bar (fills, exits, equity) is printed beside it. Two limit sets:
    ``default`` (RiskLimits(): most plans end early, e.g. no pyramiding, the breaker once the
    random trades lose) and ``all checks`` (breaker, daily loss and cooldown off, so every plan
-   runs the exposure math and about half are placed). Plans/s = plans judged / time in
-   ``on_signals``.
+   runs the exposure math; about 6-7% are placed, approved or resized, and most of the rest are
+   rejected because resizing them to the leverage limit leaves less than the minimum lot).
+   Plans/s = plans judged / time in ``on_signals``.
 2. Bridge round trip: ``MT5Bridge.submit_plan`` of a fresh plan -> order over ROUTER/DEALER on
    loopback TCP -> SimulatedTerminal (the EA side, a paper broker behind it) -> ``ack`` decoded
    by the bridge thread; one order at a time, after a warm-up (bench/_bridge_rt.py).

@@ -8,8 +8,9 @@ Run: ``python -m bench.bench_runtime [--quick] [--json PATH]``
 2. Bar-to-signal latency at 1k, 10k and 100k agents: (a) ``eng.step(bar)`` timed from Python
    (submit + wait + AISignal construction), (b) ``submit`` then ``poll`` of one bar, and (c) the
    engine's own ingress-to-fused histogram (``stats()["latency_s"]``, buckets 9% wide).
-   Bars are fed one at a time (warm-up included), as a live feed would. Workers and the waiting
-   consumer spin 50 us before they park, so a feed slower than that pays a futex wake-up.
+   Bars are fed one at a time (warm-up included), as a live feed would. Workers and a consumer
+   waiting for one signal spin up to 2 ms (yielding the CPU) before they park, so only a feed
+   slower than that pays a futex wake-up.
 3. SPSC ring: ns per element moved between two threads, against a mutex-guarded std::deque.
 
 Figures are printed, never asserted. Targets from the issue (2 cores): p50 <= 30 us and

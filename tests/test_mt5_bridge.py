@@ -673,6 +673,32 @@ def test_cli_refuses_bad_values_when_parsing(option: str, value: str, capsys: py
     assert e.value.code == 2 and f"argument {option}:" in capsys.readouterr().err
 
 
+def test_cli_timeframe_and_instruments_parse_like_run(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # `run --timeframe 3600` worked while `bridge mt5 --timeframe 3600` was refused ("a string
+    # needs a unit") after the bridge had bound its socket
+    args = _mt5_parser().parse_args(["bridge", "mt5", "--simulated-terminal", "--timeframe", "3600",
+                                     "--instruments", "EURUSD, USDJPY"])
+    assert (args.timeframe, args.instruments) == (3600, ["EURUSD", "USDJPY"])
+    args = _mt5_parser().parse_args(["bridge", "mt5", "--timeframe", "M15", "--instruments", "3"])
+    assert (args.timeframe, args.instruments) == (900, ["EURUSD", "GBPUSD", "USDJPY"])
+    assert _mt5_parser().parse_args(["bridge", "mt5"]).timeframe == 3600  # the default, H1
+
+    from dynamic_core import cli
+    from dynamic_core.bridges.mt5 import cli as mt5_cli
+
+    def no_bind(*a: typing.Any, **k: typing.Any) -> typing.Any:
+        raise AssertionError("bound a socket before the arguments were checked")
+
+    monkeypatch.setattr(mt5_cli, "MT5Bridge", no_bind)
+    for option, value in (("--timeframe", "1.5s"), ("--timeframe", "0"), ("--timeframe", "soon"),
+                          ("--instruments", "EURUSD,,GBPUSD"), ("--instruments", "0"),
+                          ("--instruments", "X" * 65)):
+        assert cli.main(["bridge", "mt5", "--simulated-terminal", option, value]) == 2
+        err = capsys.readouterr().err
+        assert f"argument {option}:" in err and "Traceback" not in err, err
+
+
 def test_bridge_refuses_a_port_out_of_range() -> None:
     for bad in ("tcp://127.0.0.1:99999", "tcp://127.0.0.1:65536", "tcp://127.0.0.1:0", "tcp://127.0.0.1"):
         with pytest.raises(ValueError, match="port"):

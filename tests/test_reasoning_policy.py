@@ -105,6 +105,24 @@ def test_load_policy_from_file_str_and_pathlike(tmp_path) -> None:
         load_policy(tmp_path / "missing.toml")
 
 
+@pytest.mark.parametrize("name", ["missing.toml", "conf/missing", "Policy.TOML"])
+def test_missing_policy_file_named_by_str_says_so(tmp_path, monkeypatch, name) -> None:
+    # a str that looks like a path but names no file is a missing file, not TOML text
+    monkeypatch.chdir(tmp_path)
+    for source in (name, str(tmp_path / name)):
+        with pytest.raises(PolicyError, match=r"file does not exist") as info:
+            load_policy(source)
+        assert "TOML syntax" not in str(info.value)
+    # one-line TOML text is still parsed as text
+    assert load_policy("fallback_cap = 2").fallback_cap == 2
+    with pytest.raises(PolicyError, match="TOML syntax error"):
+        load_policy("fallback_cap 2")
+    (tmp_path / "conf").mkdir()
+    with pytest.raises(PolicyError, match="conf") as info:
+        load_policy("conf/")
+    assert "TOML syntax" not in str(info.value)
+
+
 @pytest.mark.parametrize("source, needle", [
     ({"rules": [{"request_class": "deep", "candidates": ["a"], "bogus": 1}]}, r"bogus.*\$\.rules\[0\]"),
     ({"fallback_cap": "three"}, r"\$\.fallback_cap"),

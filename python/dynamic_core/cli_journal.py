@@ -44,18 +44,19 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
                         description="Walk every record. A torn tail (the last record cut short by "
                                     "a crash) is reported and, with --repair, truncated; corruption "
                                     "anywhere else is reported with its segment and byte offset.",
-                        formatter_class=formatter)
+                        epilog=_JOURNAL_EPILOG, formatter_class=formatter)
     v.add_argument("dir", metavar="DIR", help="journal directory")
     v.add_argument("--repair", action="store_true", help="truncate a torn tail so the journal replays cleanly")
     v.set_defaults(func=cmd_journal_verify)
     d = jsub.add_parser("dump", help="list records: type, sequence number, size and place",
                         description="List the journal's records in order, one line each: sequence "
                                     "number, type (meta, bars, rejects, control, signal_hashes, ...), "
-                                    "payload size, segment and byte offset; then the count of each "
-                                    "type. Every intact record is listed; a torn tail (the last record "
-                                    "cut short by a crash) or a corrupt record is then reported on "
-                                    "stderr and the exit status is 1 ('journal verify DIR --repair' "
-                                    "truncates a torn tail).",
+                                    "payload size, segment and byte offset; then how many more there "
+                                    "are and the count of each type. The first --limit N intact records "
+                                    "are listed (default 50; --limit 0 lists every one). A torn tail "
+                                    "(the last record cut short by a crash) or a corrupt record is "
+                                    "reported on stderr and the exit status is 1 ('journal verify DIR "
+                                    "--repair' truncates a torn tail).",
                         epilog=_JOURNAL_EPILOG, formatter_class=formatter)
     d.add_argument("dir", metavar="DIR", help="journal directory")
     d.add_argument("--limit", type=_count, default=50, metavar="N", help="records listed [default: 50; 0 = all]")

@@ -23,11 +23,14 @@ examples:
   dynamic-core subscribe tcp://127.0.0.1:5556                    every signal, one line each
   dynamic-core subscribe ipc:///tmp/dc-signals --topic sig.EURUSD. --count 10
   dynamic-core subscribe tcp://127.0.0.1:5556 --json | jq .score   JSON lines for other tools
+  dynamic-core subscribe tcp://127.0.0.1:5556 --topic sig. --topic rat.   signals and rationales
 
-Topics are sig.<instrument>.<timeframe seconds> (sig.EURUSD.3600); --topic is a prefix, so end
-it with a dot to match one instrument exactly. The feed may publish msgpack (default) or JSON;
-both are read. Sequence gaps (messages the publisher dropped because this subscriber was slow)
-and publisher restarts (a new epoch) are reported on stderr, and counted in the summary.
+Signals are on topics sig.<instrument>.<timeframe seconds> (sig.EURUSD.3600), rationales on
+rat.<instrument>.<timeframe seconds>; the default topic is sig. (signals only). --topic is a
+prefix, so end it with a dot to match one instrument exactly. The feed may publish msgpack
+(default) or JSON; both are read. Sequence gaps (messages the publisher dropped because this
+subscriber was slow) and publisher restarts (a new epoch) are reported on stderr, and counted
+in the summary.
 
 exit codes: 0 done (--count reached, or interrupted); 1 nothing received within --timeout.
 """
@@ -38,10 +41,12 @@ commands:
   resume                     take them again
   throttle N                 at most N bars per second (0 = unlimited)
   persona NAME               switch the reasoning persona
-  routing KEY=VALUE ...      replace the routing table
+  routing KEY=VALUE ...      replace the routing table: stored and acknowledged; not used by
+                             the engine yet
   snapshot PATH              write the agents' state to PATH (.npy) on the server
   health                     the engine's and the service's counters
-  load-population PATH       load a population .npy on the server (a running service refuses)
+  load-population PATH       load a population .npy on the server: refused while the engine
+                             runs (exit 1)
 
 examples:
   dynamic-core keys new keys --name server
@@ -79,7 +84,8 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     s.add_argument("address", metavar="ADDR", help="the feed's address, e.g. tcp://127.0.0.1:5556 or ipc:///tmp/dc")
     s.add_argument("--json", action="store_true", help="print one JSON object per signal (and rationale)")
     s.add_argument("--topic", action="append", default=None, metavar="PREFIX",
-                   help="topic prefix to subscribe to; repeatable [default: sig. (all signals)]")
+                   help="topic prefix to subscribe to; repeatable; rationales are on rat. "
+                        "[default: sig. (all signals)]")
     s.add_argument("--count", type=count, default=0, metavar="N", help="exit after N signals [default: run until ^C]")
     s.add_argument("--timeout", type=positive_float, default=None, metavar="S",
                    help="exit with status 1 if nothing (not even a heartbeat) arrives for S seconds")
@@ -130,8 +136,9 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
     g.add_argument("--publish", default=None, metavar="ADDR",
                    help="publish signals here (PUB), e.g. tcp://127.0.0.1:5556 or ipc:///tmp/dc-signals")
     g.add_argument("--feed", default=None, metavar="ADDR",
-                   help="take market bars from here (PULL, PreparedMarketContext frames) instead of "
-                        "the simulator/--data; serves until --duration or ^C")
+                   help="take market bars from here (PULL, PreparedMarketContext frames, as sent by "
+                        "dynamic_core.transport.MarketSender) instead of the simulator/--data; serves "
+                        "until --duration or ^C")
     g.add_argument("--feed-kind", choices=("pull", "sub"), default="pull",
                    help="pull: bind ADDR for PUSH senders; sub: connect to a market PUB [default: pull]")
     g.add_argument("--control", default=None, metavar="ADDR",

@@ -147,8 +147,12 @@ class ReasoningMesh:
     providers : sequence of str
         Providers to start adapter processes for (with ``spawn=True``); ``local`` is always
         available, as a process when listed and inline in the broker otherwise.
-    policy : path, TOML text's path, mapping or PolicyConfig, optional
-        Routing rules, limits, breakers (default: the built-in policy).
+    policy : path, str, mapping or PolicyConfig, optional
+        Routing rules, limits, breakers (default: the built-in policy). A ``str`` naming an
+        existing file is read as a TOML file; any other ``str`` is parsed as TOML text, except
+        one that looks like a path (one line, ending in ``.toml``, or holding a path separator
+        and no ``=``), which raises :class:`~dynamic_core.errors.PolicyError` saying the file
+        does not exist. See :func:`~dynamic_core.reasoning.policy.load_policy`.
     profiles : mapping, optional
         Per-provider field overrides (``{"deepseek": {"base_url": ...}}``); also passed to the
         adapter processes this mesh spawns.

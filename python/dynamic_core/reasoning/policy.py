@@ -288,6 +288,15 @@ def _convert(data: Any) -> PolicyConfig:
         raise PolicyError(f"routing policy: {msg}") from None
 
 
+def _looks_like_path(text: str) -> bool:
+    """Whether a one-line ``str`` policy source is meant as a file name rather than TOML text:
+    it ends in ``.toml``, or it holds a path separator and no ``=``."""
+    if text.rstrip().lower().endswith(".toml"):
+        return True
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return "=" not in text and any(c in text for c in seps)
+
+
 def load_policy(source: str | os.PathLike[str] | Mapping[str, Any] | None = None) -> PolicyConfig:
     """Read a routing policy.
 
@@ -295,8 +304,11 @@ def load_policy(source: str | os.PathLike[str] | Mapping[str, Any] | None = None
     ----------
     source : str | os.PathLike | Mapping | None
         ``None``: :data:`DEFAULT_POLICY_TOML`. A path (``PathLike``, or a ``str`` naming an
-        existing file): that TOML file. Any other ``str``: TOML text. A mapping: the parsed
-        document (e.g. the ``policy`` table of a larger config file).
+        existing file): that TOML file is read. A ``str`` that looks like a path (one line,
+        ending in ``.toml``, or holding a path separator and no ``=``) but names no file:
+        :class:`PolicyError` saying the file does not exist. Any other ``str``: parsed as TOML
+        text. A mapping: the parsed document (e.g. the ``policy`` table of a larger config
+        file).
 
     Returns
     -------
@@ -305,8 +317,8 @@ def load_policy(source: str | os.PathLike[str] | Mapping[str, Any] | None = None
     Raises
     ------
     PolicyError
-        A file that cannot be read, a TOML syntax error, an unknown field or a value of the
-        wrong type or out of range; the message gives the path of the bad field
+        A file that does not exist or cannot be read, a TOML syntax error, an unknown field or
+        a value of the wrong type or out of range; the message gives the path of the bad field
         (``$.rules[2].candidates``).
     """
     if source is None:
@@ -315,11 +327,13 @@ def load_policy(source: str | os.PathLike[str] | Mapping[str, Any] | None = None
         return _convert(source)
     where = "policy text"
     if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
-                                           and os.path.isfile(source)):
+                                           and (os.path.isfile(source) or _looks_like_path(source))):
         where = os.fspath(source)
         try:
             with open(where, "rb") as f:
                 raw = f.read()
+        except FileNotFoundError:
+            raise PolicyError(f"routing policy {where}: the file does not exist") from None
         except OSError as e:
             raise PolicyError(f"routing policy {where}: {e.strerror or e}") from None
         try:

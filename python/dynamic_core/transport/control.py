@@ -323,7 +323,7 @@ class ControlClient(SocketOwner):
     --------
     >>> with ControlClient(server.endpoint, server_key="keys/server.key",
     ...                    client_key="keys/ops.key_secret") as c:
-    ...     c.pause(); c.health().result["bars_in"]; c.resume()
+    ...     c.pause(); c.health().result["engine"]["bars_in"]; c.resume()
     """
 
     def __init__(self, address: str, *, server_key: str | bytes | os.PathLike,

@@ -33,6 +33,8 @@ from typing import Any
 import msgspec
 
 from ..._argtypes import int_range, nonnegative_float, positive_float, positive_int, seed
+from ...cli import _instrument_choice, _timeframe, simulated_names
+from ...instruments import MAX_NAME
 from ...payloads import TradingPlan
 from ...transport._common import check_address
 from .bridge import DEFAULT_BRIDGE_ADDRESS, BridgeReport, MT5Bridge
@@ -46,7 +48,12 @@ examples:
   dynamic-core bridge mt5 --simulated-terminal                       watch it work, all simulated
   dynamic-core bridge mt5 --simulated-terminal --bars 500 --bar-interval 0.01 --agents 5000
   dynamic-core bridge mt5 --bind tcp://127.0.0.1:5560 --heartbeat 1 --missed 3 \\
-      --flatten-on-safe-mode                                        wait for a real EA
+      --flatten-on-safe-mode                                        serve a real EA (no plans)
+
+Without --simulated-terminal the command submits no plans: it only serves the session with
+the EA (handshake, heartbeats, reconciliation, safe mode). Plans are submitted from Python:
+dynamic_core.bridges.mt5.MT5Bridge(...).submit_plan(plan), or
+cmd_bridge_mt5(args, plan_source=...) of dynamic_core.bridges.mt5.cli with a plan hook.
 
 The EA connects a ZeroMQ DEALER to --bind and speaks the protocol of docs/mt5-bridge.md (flat
 JSON, acks, re-sends with the same client_order_id, reconciliation after every reconnect, safe
@@ -86,15 +93,17 @@ def add_parser(subparsers: Any, formatter: type[argparse.HelpFormatter] | None =
     sim = p.add_argument_group("simulation")
     sim.add_argument("--simulated-terminal", action="store_true",
                      help="also run a simulated market, an engine and a simulated EA terminal (paper broker)")
-    sim.add_argument("--instruments", default="EURUSD,GBPUSD", metavar="NAMES",
-                     help="simulated instruments, comma separated [default: EURUSD,GBPUSD]")
+    sim.add_argument("--instruments", type=_instruments, default="EURUSD,GBPUSD", metavar="K|NAMES",
+                     help="simulated instruments: a count K (the first K of 'run --instruments') or a "
+                          "comma list of names [default: EURUSD,GBPUSD]")
     sim.add_argument("--agents", type=positive_int, default=2000, metavar="N",
                      help="random agents of the engine [default: 2000]")
     sim.add_argument("--bars", type=positive_int, default=300, metavar="N",
                      help="simulated bars per instrument [default: 300]")
     sim.add_argument("--bar-interval", type=nonnegative_float, default=0.02, metavar="S",
                      help="wall-clock seconds between simulated bars (0: no pause) [default: 0.02]")
-    sim.add_argument("--timeframe", default="H1", metavar="TF", help="simulated bar length [default: H1]")
+    sim.add_argument("--timeframe", type=_timeframe, default="H1", metavar="TF",
+                     help="simulated bar length: H1, M15, D1, 1h, or seconds [default: H1]")
     sim.add_argument("--seed", type=seed, default=0, help="seed of the market and the population [default: 0]")
     sim.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     p.set_defaults(func=cmd_bridge_mt5)
@@ -106,6 +115,17 @@ def _bind_address(s: str) -> str:
         return check_address(s, bind=True, allow_remote=True)  # the loopback rule: MT5Bridge, with --allow-remote
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _instruments(text: str) -> list[str]:
+    """``--instruments``: the type of ``run --instruments`` (a count or a comma list of names),
+    resolved to names, each a valid instrument name."""
+    choice = _instrument_choice(text)
+    names = simulated_names(choice) if isinstance(choice, int) else choice
+    for n in names:
+        if len(n) > MAX_NAME or not n.isprintable():
+            raise argparse.ArgumentTypeError(f"invalid instrument name {n!r}: 1-{MAX_NAME} printable characters")
+    return names
 
 
 _magic = int_range(0, 2**63 - 1, span="0..2**63-1 (an MQL5 long)")
@@ -189,7 +209,7 @@ def _run_simulated(args: argparse.Namespace, bridge: MT5Bridge, plan_source: Pla
     from ...sim import MarketSimulator
     from .terminal import SimulatedTerminal
 
-    names = [n.strip() for n in args.instruments.split(",") if n.strip()]
+    names = list(args.instruments)
     if not names:
         raise ValueError("--instruments needs at least one name")
     sim = MarketSimulator(names, timeframe=args.timeframe, seed=args.seed)
