@@ -490,10 +490,12 @@ def test_set_credit_refuses_bad_input_and_changes_nothing(credit_market):
     with dc.Engine(pop) as eng:
         with pytest.raises(ValueError, match="no agent with id 5000"):
             eng.set_credit([1, 5000], [2.0, 2.0])
-        with pytest.raises(ValueError, match="finite and > 0"):
+        with pytest.raises(ValueError, match="> 0 and at most 1e6"):
             eng.set_credit([1, 2], [2.0, 0.0])
-        with pytest.raises(ValueError, match="finite and > 0"):
+        with pytest.raises(ValueError, match="> 0 and at most 1e6"):
             eng.set_credit([1], [float("nan")])
+        with pytest.raises(ValueError, match="> 0 and at most 1e6"):  # 1e307 overflowed consensus
+            eng.set_credit([1], [1.000001e6])
         with pytest.raises(ValueError, match="2 agent ids but 1"):
             eng.set_credit([1, 2], [2.0])
         assert (eng.agents()["credit"] == 1.0).all()

@@ -6,6 +6,7 @@ plain Python integers, a plain-Python recurrence), not against the code under te
 from __future__ import annotations
 
 import math
+import os
 import typing
 
 import msgspec
@@ -443,3 +444,153 @@ def test_validator_knobs_are_bounded():
         with pytest.raises(ValueError, match="whole number of seconds"):
             TickAggregator([tf])
     assert TickAggregator(["2000ms", "90s", "H1"]).timeframes == (2, 90, 3600)
+
+
+# -- 11. agent ids, engine arguments and sizes that a cast would wrap ---------------------------
+@pytest.fixture(scope="module")
+def small_pop() -> dc.Population:
+    return dc.Population.random(64, instruments=["EURUSD"], timeframes=["H1"], seed=1)
+
+
+@pytest.mark.parametrize("ids, error", [
+    (np.array([2**32 + 5]), ValueError), ([2**32 + 5], ValueError), ([2**64 + 5], ValueError),
+    (np.array([-1]), ValueError), ([-1, 2**63], ValueError), ([5.9], TypeError), ([5.0], TypeError),
+    (np.array([5.0]), TypeError), (["5"], TypeError), ([True], TypeError), (np.array([True]), TypeError),
+    ([5, None], TypeError), (None, TypeError), ([[5], [5, 6]], TypeError)], ids=repr)
+def test_agent_ids_are_integers_in_uint32_or_refused_changing_nothing(small_pop, ids, error):
+    rec = small_pop.records.copy()
+    rec["kind"] = 1
+    with dc.Engine(dc.Population.from_records(rec), threads=1) as eng:
+        before = eng.agents().tobytes()
+        for call in (eng.set_credit, eng.set_external_scores):
+            with pytest.raises(error, match="agent_ids"):
+                call(ids, [0.5] * max(1, len(ids) if isinstance(ids, list) else 1))
+        assert eng.agents().tobytes() == before
+        eng.set_credit(np.array([5], dtype=np.uint64), [2.0])  # numpy integers of any width are fine
+        eng.set_external_scores(5, 0.5)
+        a = eng.agents()
+        assert a["credit"][a["agent_id"] == 5].tolist() == [2.0]
+
+
+def test_credit_and_scores_must_be_numbers(small_pop):
+    with dc.Engine(small_pop, threads=1) as eng:
+        before = eng.agents().tobytes()
+        with pytest.raises(TypeError, match="agent_ids"):
+            eng.set_credit(None, None)
+        for bad in (None, ["2.0"], [True], [object()]):
+            with pytest.raises(TypeError, match="credit"):
+                eng.set_credit([5], bad)
+        assert eng.agents().tobytes() == before
+
+
+def test_an_empty_id_list_is_a_no_op_and_an_empty_population_knows_no_id(small_pop):
+    with dc.Engine(small_pop, threads=1, journal=None) as eng:
+        before = eng.agents().tobytes()
+        eng.set_credit([], [])
+        eng.set_external_scores(np.empty(0, dtype=np.uint32), np.empty(0))
+        assert eng.agents().tobytes() == before
+    with dc.Engine(small_pop[0:0], threads=1) as eng:
+        eng.set_credit([], [])
+        for call in (eng.set_credit, eng.set_external_scores):
+            with pytest.raises(ValueError, match="no agent with id 1"):
+                call([1], [0.5])
+
+
+@pytest.mark.parametrize("kw, error, name", [
+    ({"block_bars": -1}, ValueError, "block_bars"), ({"block_bars": 2**32}, ValueError, "block_bars"),
+    ({"block_bars": 1.5}, TypeError, "block_bars"), ({"capacity": 2.5}, TypeError, "capacity"),
+    ({"dead_letter_capacity": 2.5}, TypeError, "dead_letter_capacity"),
+    ({"cores_per_sm": 128.0}, TypeError, "cores_per_sm"),
+    ({"population_hash": -1}, ValueError, "population_hash"),
+    ({"population_hash": 2**64}, ValueError, "population_hash"),
+    ({"backpressure": []}, TypeError, "backpressure"),
+    ({"stall_deadline": "1"}, TypeError, "stall_deadline"),
+    ({"stall_deadline": math.nan}, ValueError, "stall_deadline"),
+    ({"threads": 2.7}, TypeError, "threads"), ({"threads": "2"}, TypeError, "threads"),
+    ({"threads": True}, TypeError, "threads"), ({"strict": "no"}, TypeError, "strict"),
+    ({"fsync": 1.0}, TypeError, "fsync"),
+    ({"journal_segment_bytes": 1e6}, TypeError, "journal_segment_bytes"),
+], ids=repr)
+def test_engine_arguments_of_the_wrong_type_or_range_are_named(small_pop, kw, error, name):
+    with pytest.raises(error, match=f"{name} must be"):  # not pybind11's list of its signature
+        dc.Engine(small_pop, **kw)
+
+
+def test_engine_arguments_take_numpy_integers_and_bounds(small_pop):
+    with dc.Engine(small_pop, threads=np.int64(1), cores_per_sm=np.int32(64), block_bars=2**32 - 1,
+                   population_hash=2**64 - 1, strict=np.bool_(True)) as eng:
+        assert eng.strict is True and eng.stats()["threads"] == 1
+
+
+def test_call_arguments_of_the_wrong_type_are_named(small_pop):
+    bars = dc.sim.MarketSimulator(["EURUSD"], "H1", seed=3).bars(2)
+    with dc.Engine(small_pop, threads=1) as eng:
+        with pytest.raises(TypeError, match="mapping"):
+            eng.set_dsi([("EURUSD", 0.5)])
+        with pytest.raises(TypeError, match="EURUSD"):
+            eng.set_dsi({"EURUSD": None})
+        with pytest.raises(TypeError, match="strict"):
+            eng.run(bars, strict="no")
+        for kw, name in (({"generation": 1.5}, "generation"), ({"generation": "3"}, "generation"),
+                         ({"seed": 1.5, "generation": 1}, "seed"),
+                         ({"seed": 2**64, "generation": 1}, "seed")):
+            with pytest.raises((TypeError, ValueError), match=name):
+                eng.evolve(None, **{"seed": 1, **kw})
+        assert eng.stats()["bars_in"] == 0 and len(eng.lineage()) == 64
+        eng.evolve(None, seed=np.uint64(2**64 - 1), generation=np.int32(1))
+
+
+def test_a_grid_too_large_for_int64_is_too_many_agents_not_empty():
+    ints = ["fast", "slow", "rsi_period", "macd_fast", "macd_slow", "macd_signal", "atr_period", "bb_period",
+            "mom_period"]
+    reals = ["w_trend", "w_rsi", "w_macd", "w_bb", "w_mom", "entry"]
+    for last, total in ((16, 2**64), (8, 2**63)):  # np.prod wrapped these to 0 and to a negative size
+        kw: dict[str, list] = {k: list(range(1, 17)) for k in ints}
+        kw.update({k: [float(i) for i in range(16)] for k in reals})
+        kw["cost_bps"] = [float(i) for i in range(last)]
+        with pytest.raises(ValueError, match=f"grid of {total} agents is larger than the 50M limit"):
+            dc.Population.grid("EURUSD", "H1", **kw)
+
+
+def test_simulated_times_that_would_pass_int64_are_refused_changing_nothing():
+    s = dc.sim.MarketSimulator(["EURUSD"], timeframe=2**32 - 1, seed=1)
+    with pytest.raises(ValueError, match="int64"):
+        s.bars(3)  # the third bar would wrap to a time before the first
+    assert np.diff(s.bars(2)["ts"]).tolist() == [(2**32 - 1) * NS]
+    late = dc.sim.MarketSimulator(["EURUSD"], "D1", start="2262-04-10", seed=1)
+    with pytest.raises(ValueError, match="int64"):
+        late.bars(3)
+    ref = dc.sim.MarketSimulator(["EURUSD"], "D1", start="2262-04-10", seed=1).bars(2)
+    assert late.bars(2).tobytes() == ref.tobytes()  # the refused call drew nothing
+    assert len(late.bars(0)) == 0
+    early = dc.sim.MarketSimulator(["EURUSD"], timeframe=2**32 - 1, start="1677-09-22", seed=1).bars(4)
+    assert (np.diff(early["ts"]) == (2**32 - 1) * NS).all() and early["ts"][0] < 0
+    with pytest.raises(ValueError, match="1e8"):
+        dc.sim.MarketSimulator([f"S{i}" for i in range(1000)], "H1").bars(100_001)
+    with pytest.raises(TypeError, match="n must be an int"):
+        s.bars(2.0)
+
+
+def test_a_population_whose_history_would_not_fit_in_memory_is_refused_before_allocating() -> None:
+    # Valid genomes whose momentum periods differ within each SM and are near the maximum: every
+    # SM's bank keeps a ring of `period` closes per distinct period (~1.6 MB an agent here).
+    # Enough of them to pass this machine's memory by half: refused up front with MemoryError
+    # saying what needs it (a 24 GB machine was OOM-killed allocating it); the check itself
+    # allocates nothing of that size.
+    import resource
+
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    n = int(1.5 * physical / 1.6e6) // 128 * 128 + 128
+    r = np.zeros(n, dc.GENOME_DTYPE)
+    r["agent_id"] = np.arange(n)
+    r["instrument"] = dc.instruments.id("EURUSD")
+    r["timeframe"] = 3600
+    for f in ("fast", "slow", "rsi_period", "macd_fast", "macd_slow", "macd_signal", "atr_period", "bb_period"):
+        r[f] = 14
+    r["mom_period"] = 100_000 - np.arange(n) % 128
+    r["w_mom"] = 1.0
+    pop = dc.Population.from_records(r)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(MemoryError, match=r"momentum periods' price history would need at least \d+\.\d GiB"):
+        dc.Engine(pop, threads=1)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing big allocated

@@ -164,6 +164,69 @@ def test_from_pandas_lowercase_and_epoch_time_columns():
         dc.market.from_pandas(df.drop(columns=["time"]), instrument="LOWER")
 
 
+def _ohlc(n: int, **cols) -> pd.DataFrame:
+    return pd.DataFrame({**cols, "open": [1.0] * n, "high": [1.0] * n, "low": [1.0] * n, "close": [1.0] * n})
+
+
+@pytest.mark.parametrize("dtype", ["int64", "uint64", "Int64"])
+def test_from_pandas_integer_epochs_are_exact(dtype):
+    t0 = 1_700_000_000_000_000_000
+    ns = [t0 + 100 * i for i in range(5)]  # 100 ns apart: float64 rounded them to 256 ns
+    b = dc.market.from_pandas(_ohlc(5, time=pd.Series(ns, dtype=dtype)), "EXACT", "1s")
+    assert b["ts"].tolist() == ns and (dc.market.validate(b) == 0).all()
+    us = [1_700_000_000_123_457, 1_700_000_000_123_458]
+    b = dc.market.from_pandas(_ohlc(2, time=pd.Series(us, dtype=dtype)), "EXACT", "1s")
+    assert b["ts"].tolist() == [u * 1000 for u in us]
+    s = [1_700_000_000 + 60 * i for i in range(3)]
+    b = dc.market.from_pandas(_ohlc(3, time=pd.Series(s, dtype=dtype)), "EXACT", "M1")
+    assert b["ts"].tolist() == [x * NS for x in s]
+
+
+def test_from_pandas_datetimes_are_exact_in_any_unit():
+    t = pd.DatetimeIndex(["2024-01-01 00:00:00.000000100", "2024-01-01 00:00:00.000000200"])
+    b = dc.market.from_pandas(_ohlc(2).set_index(t), "EXACT", "1s")
+    assert b["ts"].tolist() == [1_704_067_200_000_000_100, 1_704_067_200_000_000_200]
+    late = pd.Series(pd.to_datetime(["2024-01-01", "2200-01-01"]).as_unit("s"))
+    b = dc.market.from_pandas(_ohlc(2, time=late), "EXACT", "H1")
+    assert b["ts"].tolist() == [pd.Timestamp("2024-01-01").value, pd.Timestamp("2200-01-01").value]
+    berlin = pd.Series(pd.DatetimeIndex(["2024-01-01 01:00"], tz="Europe/Berlin").as_unit("us"))
+    assert dc.market.from_pandas(_ohlc(1, time=berlin), "EXACT", "H1")["ts"].tolist() == [1_704_067_200 * NS]
+
+
+@pytest.mark.parametrize("times", [
+    [np.nan, 1.7e9, 1.7e9 + 3600, 1.7e9 + 7200],                 # NaN: was ts = INT64_MIN, accepted
+    [1.7e9, np.inf, 1.7e9 + 3600, 1.7e9 + 7200],
+    [1e30, 2e30, 3e30, 4e30],                                     # past int64 ns
+    pd.array([1_700_000_000, None, 1_700_003_600, 1_700_007_200], dtype="Int64"),
+    [1_700_000_000, 10**10, 1_700_003_600, 1_700_007_200],        # seconds past 2262
+    np.array([2**63, 1, 2, 3], dtype=np.uint64),
+    [pd.NaT, "2024-01-01 01:00", "2024-01-01 02:00", "2024-01-01 03:00"],
+    ["2024-01-01 00:00", "not a time", "2024-01-01 02:00", "2024-01-01 03:00"],
+    pd.to_datetime(["2024-01-01 00:00", "3000-01-01 00:00", "2024-01-01 02:00",
+                    "2024-01-01 03:00"]).as_unit("us"),                     # wrapped in the cast to ns
+], ids=repr)
+def test_from_pandas_refuses_bad_times_naming_the_rows(times):
+    with pytest.raises(ValueError, match=r"of time column 'time' with .*: rows \d"):
+        dc.market.from_pandas(_ohlc(4, time=times), "BADTIME", "H1")
+
+
+def test_from_pandas_refuses_a_nat_index_and_boolean_times():
+    idx = pd.DatetimeIndex([pd.NaT, "2024-01-01 01:00", "2024-01-01 02:00"])
+    with pytest.raises(ValueError, match="DatetimeIndex .*rows 0"):
+        dc.market.from_pandas(_ohlc(3).set_index(idx), "BADTIME", "H1")
+    for col in ([True, False, True], pd.array([True, None, False], dtype="boolean"), [True, False, None]):
+        with pytest.raises(TypeError, match="booleans"):
+            dc.market.from_pandas(_ohlc(3, time=col), "BADTIME", "H1")
+
+
+def test_reason_counts_refuses_unknown_codes():
+    assert dc.market.reason_counts(np.array([0, 1, 1, 3], dtype=np.uint32)) == {
+        dc.REASONS[1]: 2, dc.REASONS[3]: 1}
+    for bad in ([0, 99], [-1], [len(dc.REASONS)]):
+        with pytest.raises(ValueError, match="reject reason code"):
+            dc.market.reason_counts(bad)
+
+
 def test_read_csv_round_trip(tmp_path, sim_bars):
     path = tmp_path / "bars.csv"
     dc.market.to_pandas(sim_bars).rename_axis("time").to_csv(path)

@@ -4,6 +4,7 @@ backpressure, stalled-SM failover, quarantine and clean shutdown."""
 from __future__ import annotations
 
 import gc
+import math
 import os
 import threading
 import time
@@ -298,6 +299,41 @@ def test_step_returns_frozen_aisignal(pop, market):
     assert msgspec.msgpack.decode(wire, type=dc.AISignal) == sigs[-1]
 
 
+def test_step_and_run_return_their_own_signals_or_refuse(pop, market):
+    # With signals of earlier bars unpolled (a submit not polled, a step that timed out), step
+    # and run refuse instead of handing those out as their own (step returned bar i-1's signal
+    # for bar i from then on; run(10 bars) returned 110 signals).
+    with dc.Engine(pop, threads=1) as a:
+        ref = a.run(market[:120])
+    with dc.Engine(pop, threads=2) as eng:
+        assert eng.submit(market[:100]) == 100
+        with pytest.raises(RuntimeError, match="100 signal.*not polled yet.*poll"):
+            eng.step(market[100])
+        with pytest.raises(RuntimeError, match="not polled yet"):
+            eng.run(market[100:110])
+        assert eng.stats()["bars_in"] == 100  # nothing taken by the refused calls
+        got = [eng.poll(timeout=10.0)]
+        while sum(map(len, got)) < 100:
+            got.append(eng.poll(timeout=10.0))
+        polled = np.concatenate(got)
+        assert polled["seq"].tolist() == ref["seq"][:100].tolist()
+        s = eng.step(market[100])
+        assert (s.seq, s.score) == (ref["seq"][100], ref["score"][100])
+        out = eng.run(market[101:110])
+        assert out["seq"].tolist() == ref["seq"][101:110].tolist()
+    # a step that times out (its SM stalled) leaves its signal to poll; the next step refuses
+    with dc.Engine(pop, threads=1, fault_injection=True) as eng:
+        assert eng.run(market[:110])["seq"].tolist() == ref["seq"][:110].tolist()
+        for sm in range(len(eng.stats()["sms"]["owner"])):
+            eng.faults.stall_sm(sm, 0.3)
+        with pytest.raises(TimeoutError):
+            eng.step(market[110], timeout=0.05)
+        with pytest.raises(RuntimeError, match="1 signal.*not polled yet"):
+            eng.step(market[111])
+        assert eng.poll(timeout=10.0)["seq"].tolist() == [ref["seq"][110]]
+        assert eng.step(market[111]).seq == ref["seq"][111]
+
+
 def test_on_signal_delivers_in_order_and_survives_raising_callback(pop, market, caplog):
     seen: list[int] = []
 
@@ -315,6 +351,138 @@ def test_on_signal_delivers_in_order_and_survives_raising_callback(pop, market, 
     assert seen == list(range(1, len(market) + 1))
     assert errors == len(market)
     assert "boom" in caplog.text
+
+
+def wait_for(cond, deadline: float = 30.0) -> bool:
+    end = time.monotonic() + deadline
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+    return cond()
+
+
+def test_a_callback_raising_a_base_exception_keeps_the_dispatcher_delivering(pop, market, caplog):
+    seen: list[int] = []
+
+    def cb(sig: dc.AISignal) -> None:
+        seen.append(sig.seq)
+        if len(seen) == 3:
+            raise SystemExit("a callback calling sys.exit()")  # ended the dispatcher, losing its batch
+
+    with dc.Engine(pop, threads=2) as eng:
+        eng.on_signal(cb)
+        eng.submit(market)
+        assert wait_for(lambda: len(seen) == len(market)), f"{len(seen)} of {len(market)} delivered"
+        assert eng.stats()["callback_errors"] == 1 and eng._dispatcher.is_alive()
+    assert seen == list(range(1, len(market) + 1))
+    assert "sys.exit" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the planted death
+def test_on_signal_starts_a_new_dispatcher_when_the_last_one_died(pop, market, monkeypatch):
+    import dynamic_core.engine as engine_mod
+
+    real = engine_mod.signals_from_records
+    died = threading.Event()
+
+    def dies_once(records):  # the dispatcher's own code failing, not a callback: it ends
+        if not died.is_set():
+            died.set()
+            raise SystemExit
+        return real(records)
+
+    monkeypatch.setattr(engine_mod, "signals_from_records", dies_once)
+    seen: list[int] = []
+    with dc.Engine(pop, threads=2) as eng:
+        eng.on_signal(lambda s: None)
+        eng.submit(market[:4])
+        assert died.wait(10) and wait_for(lambda: not eng._dispatcher.is_alive(), 10)
+        eng.on_signal(lambda s: seen.append(s.seq))  # was never delivered: the dead one stayed
+        eng.submit(market[4:8])
+        assert wait_for(lambda: len(seen) == 4, 10), seen
+    assert seen == [5, 6, 7, 8]
+
+
+def test_an_on_signal_callback_cannot_feed_the_engine(pop, market):
+    raised: list[str] = []
+    done = threading.Event()
+
+    def cb(sig: dc.AISignal) -> None:
+        if done.is_set():
+            return
+        for call in (lambda: eng.run(market[8:12]), lambda: eng.submit(market[8:12])):
+            try:
+                call()
+            except RuntimeError as e:
+                raised.append(str(e))
+        done.set()
+
+    with dc.Engine(pop, threads=2) as eng:
+        eng.on_signal(cb)
+        eng.submit(market[:4])
+        assert done.wait(10)
+        assert wait_for(lambda: eng.stats()["in_flight"] == 0, 10)
+        assert eng.stats()["bars_in"] == 4  # nothing was fed from the callback
+    assert len(raised) == 2 and all("on_signal callback cannot feed the engine" in m for m in raised), raised
+
+
+def test_close_stops_the_engine_before_joining_a_dispatcher_waiting_on_it(pop, market):
+    eng = dc.Engine(pop, threads=2, capacity=64)
+    ended: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            eng.submit(market)  # 1200 bars through a window of 64: waits for the consumer
+        except Exception as e:  # noqa: BLE001 - close ends the wait with an error
+            ended.append(e)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    waiting = threading.Event()
+
+    def cb(sig: dc.AISignal) -> None:
+        if not waiting.is_set():
+            waiting.set()
+            feeder.join()  # the consumer waits on a feeding call that waits on the consumer
+
+    eng.on_signal(cb)
+    feeder.start()
+    assert waiting.wait(10)
+    closer = threading.Thread(target=eng.close, daemon=True)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive(), "close() hangs joining the dispatcher before stopping the engine"
+    assert not feeder.is_alive() and len(ended) == 1
+    assert not eng._dispatcher.is_alive()
+
+
+def test_default_threads_stay_within_the_native_limit_on_many_cores(monkeypatch):
+    import dynamic_core.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "usable_cores", lambda: 96)  # a 96-core machine
+    pop = dc.Population.random(64, instruments=["EURUSD"], timeframes=["H1"], seed=1)
+    with dc.Engine(pop) as eng:
+        assert eng.stats()["threads"] == engine_mod.MAX_THREADS == 63
+    with pytest.raises(ValueError, match=r"threads must be in \[1, 63\]"):
+        dc.Engine(pop, threads=96)
+
+
+def test_poll_and_step_take_an_infinite_or_huge_timeout_and_max_n(pop, market):
+    with dc.Engine(pop, threads=2) as eng:
+        eng.submit(market[:3])
+        assert len(eng.poll(max_n=1, timeout=math.inf)) == 1  # inf: no limit, like None
+        assert len(eng.poll(max_n=1, timeout=1e10)) == 1      # ~317 years: clamped
+        assert len(eng.poll(max_n=2**64, timeout=10**400)) == 1  # past the native size_t
+        eng.submit(market[3:4])
+        assert len(eng.poll(max_n=1, timeout=1e300)) == 1  # x 1e9 is inf in a float
+        assert eng.step(market[4], timeout=math.inf).seq == 5
+        assert eng.step(market[5], timeout=1e10).seq == 6
+        with pytest.raises(ValueError, match="timeout"):
+            eng.poll(timeout=math.nan)
+        with pytest.raises(TypeError, match="timeout"):
+            eng.poll(timeout="1")
+        with pytest.raises(TypeError, match="max_n"):
+            eng.poll(max_n=2.5)
+        with pytest.raises(ValueError, match="max_n"):
+            eng.poll(max_n=-1)
 
 
 def test_telemetry(pop, market):

@@ -100,6 +100,9 @@ Engine::Engine(const Genome* genomes, size_t n, const EngineConfig& cfg)
   if (cfg.capacity) {
     cap_ = 2;
     while (cap_ < cfg.capacity && cap_ < (1u << 20)) cap_ <<= 1;
+    check_memory(static_cast<uint64_t>(cap_) * max_sms_ * sizeof(Summary),
+                 "a window of " + std::to_string(cap_) + " bars (capacity) over " + std::to_string(max_sms_) +
+                     " SMs of one stream");
   } else {
     const uint64_t fit = (32ull << 20) / (static_cast<uint64_t>(max_sms_) * sizeof(Summary));
     cap_ = 64;
@@ -880,10 +883,21 @@ size_t Engine::submit(const Bar* bars, size_t n, uint32_t n_registered) {
   return ingest(bars, n, n_registered, cfg_.backpressure == Backpressure::Block, nullptr, nullptr, &lk);
 }
 
+// step and run hand back the signals of their own bars only: with signals of earlier bars
+// still unpolled (a submit not polled, a step that timed out), those would come first.
+void Engine::check_drained(const char* what) const {
+  if (closed_) throw std::logic_error("engine is closed");
+  if (const size_t older = in_flight())
+    throw std::logic_error(std::string(what) + "(): " + std::to_string(older) +
+                           " signal(s) of earlier bars are not polled yet (a submit, or a step that "
+                           "timed out): poll() them first; " + what + "() returns its own bars' signals only");
+}
+
 int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns) {
   {
     std::lock_guard<std::mutex> feed(feed_m_);
     auto lk = lock_ingress();
+    check_drained("step");
     ++stats_.batches;
     const uint64_t h0 = head_.load(std::memory_order_relaxed);
     ingest(&bar, 1, n_registered, true, nullptr, nullptr, &lk);
@@ -897,6 +911,7 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
   const size_t before = out.size();
   std::lock_guard<std::mutex> feed(feed_m_);
   auto lk = lock_ingress();
+  check_drained("run");
   ++stats_.batches;
   ingest(bars, n, n_registered, true, &out);
   Signal buf[256];
@@ -1197,9 +1212,9 @@ void Engine::set_credit(const uint32_t* agents, const double* credit, size_t n, 
   for (size_t k = 0; k < n; ++k) {
     if (agents[k] >= layout_.n_agents)
       throw std::invalid_argument("set_credit: agent index " + std::to_string(agents[k]) + " out of range");
-    if (!(credit[k] > 0.0) || !dc_finite(credit[k]))
+    if (!(credit[k] > 0.0 && credit[k] <= kMaxCredit))
       throw std::invalid_argument("set_credit: credit of agent index " + std::to_string(agents[k]) +
-                                  " must be finite and > 0");
+                                  " must be > 0 and at most 1e6 (1.0 is neutral)");
   }
   set_lane_values(state_.credit, agents, credit, n, event);
 }

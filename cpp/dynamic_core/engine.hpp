@@ -240,6 +240,8 @@ class Engine {
     uint64_t agent_updates;
   };
   std::vector<WorkerHealth> worker_health() const;
+  // Throws std::logic_error naming `what` when signals of earlier bars are not polled yet.
+  void check_drained(const char* what) const;
   size_t in_flight() const;  // claimed, not yet polled
   size_t in_flight_high_water() const { return window_hwm_.load(std::memory_order_relaxed); }
   std::vector<uint64_t> latency_histogram() const;  // kLatencyBuckets counts

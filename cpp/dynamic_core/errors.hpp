@@ -1,7 +1,10 @@
 // Engine errors; the bindings translate each to its class in dynamic_core.errors.
 #pragma once
+#include <cstdint>
+#include <new>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace dynamic_core {
 
@@ -17,5 +20,22 @@ class JournalFailure : public std::runtime_error {
  public:
   explicit JournalFailure(const std::string& what) : std::runtime_error(what) {}
 };
+
+// An engine that would need more memory than the machine has, found before allocating it: a
+// std::bad_alloc (MemoryError in Python) that says what needs the memory.
+class MemoryBudget : public std::bad_alloc {
+ public:
+  explicit MemoryBudget(std::string what) : what_(std::move(what)) {}
+  const char* what() const noexcept override { return what_.c_str(); }
+
+ private:
+  std::string what_;
+};
+
+// Bytes of physical memory of this machine (0 when unknown).
+uint64_t physical_memory();
+
+// Throws MemoryBudget when `bytes` (what `what` needs) pass the machine's physical memory.
+void check_memory(uint64_t bytes, const std::string& what);
 
 }  // namespace dynamic_core

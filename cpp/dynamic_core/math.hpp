@@ -157,6 +157,9 @@ DC_HOST_DEVICE inline int lane_step(const LaneState& s, LaneState& o, double sco
 // Consensus weight of an agent: equity discounted by its worst drawdown, times the credit its
 // live trades earned (1.0 = neutral; set from outside between updates). x * 1.0 is exact, so
 // an engine that never sets credit weighs as before.
+// Credit is at most kMaxCredit (set_credit refuses more): 1e6 times the weight of the fittest
+// agent is already all of the consensus.
+inline constexpr double kMaxCredit = 1e6;
 DC_HOST_DEVICE inline double fitness(double equity, double max_dd, double credit = 1.0) {
   return dc_max(equity, 0.0) * (1.0 - max_dd) * credit;
 }
@@ -224,7 +227,10 @@ DC_HOST_DEVICE inline Fused fuse(const Summary& t) {
     return f;
   }
   const double n = static_cast<double>(t.n);
-  f.score = t.sum_w > 0.0 ? t.sum_ws / t.sum_w : t.sum_s / n;
+  // fitness-weighted; the plain mean when no agent has weight, or when the weighted sums
+  // overflowed (equities grown past ~1e300 by absurd prices): inf/inf would be NaN
+  const bool weighted = t.sum_w > 0.0 && dc_finite(t.sum_w) && dc_finite(t.sum_ws);
+  f.score = weighted ? t.sum_ws / t.sum_w : t.sum_s / n;
   f.action = score_to_action(f.score);
   const double mean = t.sum_s / n;
   double var = t.sum_s2 / n - mean * mean;

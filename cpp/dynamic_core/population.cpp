@@ -1,7 +1,12 @@
 #include "population.hpp"
 
+#include "errors.hpp"
+
+#include <unistd.h>
+
 #include <algorithm>
 #include <array>
+#include <cstdio>
 #include <map>
 #include <numeric>
 #include <stdexcept>
@@ -470,6 +475,56 @@ int32_t genome_lookback(const Genome& g) {
   return lb;
 }
 
+// Bytes of price history the banks of a layout hold for momentum (ROC): per SM, a ring of n
+// closes for each distinct period n and a power-of-two ring of closes longer than the longest,
+// each twice (the SM's bank and the merged bank serving its group). Agents in `order` (sorted by
+// stream); SMs of `lanes` lanes, cut as build_layout cuts them. Computed before any is allocated.
+uint64_t history_bytes(const Genome* g, const std::vector<uint32_t>& order, size_t lanes) {
+  uint64_t total = 0;
+  std::vector<int32_t> periods;
+  auto add_sm = [&] {
+    if (periods.empty()) return;
+    std::sort(periods.begin(), periods.end());
+    periods.erase(std::unique(periods.begin(), periods.end()), periods.end());
+    uint64_t ring = 1;
+    while (ring < static_cast<uint64_t>(periods.back()) + 1) ring <<= 1;
+    uint64_t sum = ring;
+    for (int32_t p : periods) sum += static_cast<uint64_t>(p);
+    total += 2 * sizeof(double) * sum;
+    periods.clear();
+  };
+  size_t i = 0;
+  while (i < order.size()) {
+    const Genome& head = g[order[i]];
+    size_t j = i;
+    while (j < order.size() && g[order[j]].instrument == head.instrument && g[order[j]].timeframe == head.timeframe) ++j;
+    for (size_t a = i; a < j; a += lanes) {
+      for (size_t k = a; k < std::min(j, a + lanes); ++k) {
+        const Genome& x = g[order[k]];
+        if (x.kind == 0 && x.w_mom != 0.0) periods.push_back(x.mom_period);
+      }
+      add_sm();
+    }
+    i = j;
+  }
+  return total;
+}
+
+uint64_t physical_memory() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) : 0;
+}
+
+void check_memory(uint64_t bytes, const std::string& what) {
+  const uint64_t have = physical_memory();
+  if (have && bytes > have) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.1f GiB, more than the %.1f GiB", static_cast<double>(bytes) / (1ull << 30),
+                  static_cast<double>(have) / (1ull << 30));
+    throw MemoryBudget(what + " would need at least " + buf + " of memory this machine has");
+  }
+}
+
 Layout build_layout(const Genome* g, size_t n, int cores_per_sm) {
   if (cores_per_sm < 32 || cores_per_sm > 128 || cores_per_sm % kWarpSize != 0)
     throw std::invalid_argument("cores_per_sm must be 32, 64, 96 or 128, got " +
@@ -485,6 +540,7 @@ Layout build_layout(const Genome* g, size_t n, int cores_per_sm) {
     return g[a].kind < g[b].kind;
   });
   const uint32_t warps_per_sm = static_cast<uint32_t>(cores_per_sm / kWarpSize);
+  check_memory(history_bytes(g, order, warps_per_sm * kWarpSize), "the momentum periods' price history");
   L.agent_lane.assign(n, 0);
   L.agent_id.resize(n);
   for (size_t a = 0; a < n; ++a) L.agent_id[a] = g[a].agent_id;

@@ -198,6 +198,10 @@ class JournalReader:
         """
         Where reading stopped and why (status ok, torn_tail, corrupt or empty).
         """
+def _exiting() -> None:
+    """
+    Marks the calling thread as the one running the interpreter's exit (an atexit hook of dynamic_core; see GilRelease in cpp/bindings/common.hpp).
+    """
 def atr(high: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], low: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], close: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], n: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float64]:
     ...
 def crc32c(data: bytes, crc: typing.SupportsInt | typing.SupportsIndex = 0) -> int:

@@ -16,6 +16,7 @@ import msgspec
 import numpy as np
 
 from . import _core
+from ._checks import check_int, check_real
 from .errors import BackendUnavailable, JournalError
 from .journal import DEFAULT_SEGMENT_BYTES
 from .instruments import instruments
@@ -44,6 +45,92 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+MAX_THREADS = 63  # the native engine's limit of SM worker threads
+# The longest wait handed to the native side (~146 years): its deadline is now + timeout in
+# int64 ns, which a timeout near the int64 limit (~292 years) would overflow.
+_MAX_WAIT_NS = 1 << 62
+_MAX_POLL = (1 << 64) - 1  # the native max_n (size_t); at most `capacity` signals are ever ready
+
+
+def _timeout_ns(timeout: object) -> int:
+    """A timeout in seconds as the native side's nanoseconds: None or +inf wait forever (-1),
+    0 or less not at all, anything longer than ``_MAX_WAIT_NS`` is clamped to it (forever in
+    practice). TypeError for a non-number, ValueError for NaN."""
+    if timeout is None:
+        return -1
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)):
+        raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
+    try:
+        x = float(timeout)
+    except OverflowError:  # an int past the float range
+        x = math.inf
+    if math.isnan(x):
+        raise ValueError("timeout must be a number of seconds or None, got nan")
+    if x == math.inf:
+        return -1
+    if x <= 0.0:
+        return 0
+    return _MAX_WAIT_NS if x >= _MAX_WAIT_NS / 1e9 else int(x * 1e9)
+
+
+def _check_strict(strict: object, allow_none: bool) -> bool | None:
+    """``strict`` as a bool (None kept when ``allow_none``); TypeError for anything else."""
+    if strict is None and allow_none:
+        return None
+    if not isinstance(strict, (bool, np.bool_)):
+        raise TypeError(f"strict must be a bool{' or None' if allow_none else ''}, got {strict!r}")
+    return bool(strict)
+
+
+def _agent_ids(what: str, agent_ids: object) -> np.ndarray:
+    """Agent ids as uint32 (flat): integers only (no bool, float, str or object) in [0, 2**32),
+    TypeError/ValueError naming the offending value otherwise (a cast would wrap or truncate
+    it into another agent's id)."""
+    expected = f"{what}: agent_ids must be integer agent ids in [0, 2**32)"
+    if agent_ids is None:
+        raise TypeError(f"{expected}, got None")
+    try:
+        a = np.asarray(agent_ids)
+        if a.dtype.kind == "f" and not isinstance(agent_ids, np.ndarray):
+            a = np.asarray(agent_ids, dtype=object)  # [-1, 2**63] is float64: judge each value
+    except (ValueError, TypeError, OverflowError) as e:
+        raise TypeError(f"{expected}: {e}") from None
+    flat = a.ravel()
+    if flat.size == 0:  # any dtype: [] is float64
+        return np.empty(0, dtype=np.uint32)
+    if a.dtype.kind == "O":  # Python ints past int64/uint64, or mixed objects
+        for v in flat:
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{expected}, got {v!r} ({type(v).__name__})")
+        for v in flat:
+            if not 0 <= int(v) < 1 << 32:
+                raise ValueError(f"{expected}, got {int(v)}")
+        return np.array([int(v) for v in flat], dtype=np.uint32)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{expected}, got {flat[0].item()!r} (dtype {a.dtype})")
+    bad = (flat < 0) | (flat > 0xFFFFFFFF)
+    if bad.any():
+        raise ValueError(f"{expected}, got {int(flat[np.flatnonzero(bad)[0]])}")
+    return np.ascontiguousarray(flat, dtype=np.uint32)
+
+
+def _real_values(what: str, name: str, values: object) -> np.ndarray:
+    """Numbers (int or float, no bool, str or object) as float64, flat; TypeError naming
+    ``name`` otherwise. Their range is the native side's check."""
+    expected = f"{what}: {name} must be numbers"
+    if values is None:
+        raise TypeError(f"{expected}, got None")
+    try:
+        a = np.asarray(values)
+    except (ValueError, TypeError) as e:
+        raise TypeError(f"{expected}: {e}") from None
+    if a.size and a.dtype.kind not in "iuf":
+        first = a.ravel()[0]
+        raise TypeError(f"{expected}, got {first.item() if isinstance(first, np.generic) else first!r} "
+                        f"(dtype {a.dtype})")
+    return np.ascontiguousarray(a, dtype=np.float64).ravel()
+
+
 def _close_native(native: Any) -> None:
     native.close()
 
@@ -58,9 +145,9 @@ class Engine:
         The agents. Their layout into warps of 32 lanes and SMs depends only on the population
         and ``cores_per_sm``.
     threads : int, optional
-        SM worker threads (default: the cores this process may use). Each SM is owned by one
-        worker for the whole run; a standby worker is started besides them for failover.
-        Results are bit-identical for any thread count.
+        SM worker threads, 1 to 63 (default: the cores this process may use, at most 63). Each
+        SM is owned by one worker for the whole run; a standby worker is started besides them
+        for failover. Results are bit-identical for any thread count.
     cores_per_sm : int
         Lanes per streaming multiprocessor: 32, 64, 96 or 128.
     strict : bool
@@ -149,10 +236,14 @@ class Engine:
         from . import gpu
         if not isinstance(population, Population):
             raise TypeError(f"expected a dc.Population, got {type(population).__name__}")
+        any_int = (-math.inf, math.inf)  # check_int's type check; the range is checked below
+        cores_per_sm = check_int("cores_per_sm", cores_per_sm, *any_int)
         if cores_per_sm not in (32, 64, 96, 128):
             raise ValueError(f"cores_per_sm must be 32, 64, 96 or 128, got {cores_per_sm!r}")
-        if not 0 <= dead_letter_capacity <= 10_000_000:
-            raise ValueError("dead_letter_capacity must be in [0, 10M]")
+        if not 0 <= check_int("dead_letter_capacity", dead_letter_capacity, *any_int) <= 10_000_000:
+            raise ValueError(f"dead_letter_capacity must be in [0, 10M], got {dead_letter_capacity}")
+        dead_letter_capacity = int(dead_letter_capacity)
+        strict = _check_strict(strict, allow_none=False)
         if backend == "auto" and fault_injection:
             backend = "cpu"  # fault injection is CPU-only; auto never picks what cannot run
         factory = gpu.make_device(backend) if device is None else (lambda: device)
@@ -160,22 +251,30 @@ class Engine:
             raise ValueError("a device was given but backend='cpu'")
         if factory is not None and fault_injection:
             raise BackendUnavailable("fault injection runs on the CPU backend only")
-        cpu_threads = usable_cores() if threads is None else int(threads)
-        if backpressure not in BACKPRESSURE:
-            raise ValueError(f"backpressure must be one of {sorted(BACKPRESSURE)}, got {backpressure!r}")
-        if not 0 <= capacity <= 1 << 20:
-            raise ValueError("capacity must be in [0, 2**20] (0 = automatic)")
-        if not 0.001 <= stall_deadline <= 3600:
-            raise ValueError("stall_deadline must be in [0.001, 3600] seconds")
-        if fsync not in (0, 1, 2):
+        # default: every usable core, up to the native limit (a 96-core machine runs 63 workers)
+        cpu_threads = (min(usable_cores(), MAX_THREADS) if threads is None
+                       else check_int("threads", threads, *any_int))
+        if not isinstance(backpressure, str) or backpressure not in BACKPRESSURE:
+            raise (ValueError if isinstance(backpressure, str) else TypeError)(
+                f"backpressure must be one of {sorted(BACKPRESSURE)}, got {backpressure!r}")
+        if not 0 <= check_int("capacity", capacity, *any_int) <= 1 << 20:
+            raise ValueError(f"capacity must be in [0, 2**20] (0 = automatic), got {capacity}")
+        capacity = int(capacity)
+        block_bars = check_int("block_bars", block_bars, 0, (1 << 32) - 1)
+        stall_deadline = check_real("stall_deadline", stall_deadline, 0.001, 3600)
+        if check_int("fsync", fsync, *any_int) not in (0, 1, 2):
             raise ValueError(f"fsync must be 0, 1 or 2, got {fsync!r}")
-        if not 1 << 16 <= journal_segment_bytes <= 1 << 40:
-            raise ValueError("journal_segment_bytes must be in [64 KiB, 1 TiB]")
+        fsync = int(fsync)
+        if not 1 << 16 <= check_int("journal_segment_bytes", journal_segment_bytes, *any_int) <= 1 << 40:
+            raise ValueError(f"journal_segment_bytes must be in [64 KiB, 1 TiB], got {journal_segment_bytes}")
+        journal_segment_bytes = int(journal_segment_bytes)
+        if population_hash is not None:
+            population_hash = check_int("population_hash", population_hash, 0, (1 << 64) - 1)
         self._pop = population
         self._ids_lock = threading.RLock()  # agent ids -> slots vs generations replacing them
-        self.strict = bool(strict)
+        self.strict = strict
         self.backpressure = backpressure
-        self._population_hash = population.hash if population_hash is None else int(population_hash)
+        self._population_hash = population.hash if population_hash is None else population_hash
         self._config = {"cores_per_sm": cores_per_sm, "block_bars": int(block_bars),
                         "strict": self.strict, "backpressure": backpressure,
                         "capacity": int(capacity), "dead_letter_capacity": int(dead_letter_capacity)}
@@ -186,9 +285,9 @@ class Engine:
 
         def cpu_engine() -> Any:
             """The native engine on ``cpu_threads`` CPU threads (no device, or auto's fallback):
-            the only place ``threads`` is checked, a device runs on its own."""
-            if not 1 <= cpu_threads <= 63:
-                raise ValueError(f"threads must be in [1, 63], got {cpu_threads}") from None
+            the only place the range of ``threads`` is checked, a device runs on its own."""
+            if not 1 <= cpu_threads <= MAX_THREADS:
+                raise ValueError(f"threads must be in [1, {MAX_THREADS}], got {cpu_threads}") from None
             return _core.Engine(population.records, threads=cpu_threads, **native_config)
 
         self.backend_fallback: str | None = None  # why backend="auto" runs on the CPU
@@ -220,6 +319,7 @@ class Engine:
                 raise
         self._callbacks: list[Callable[[AISignal], Any]] = []
         self._dispatcher: threading.Thread | None = None
+        self._dispatch_lock = threading.Lock()  # one dispatcher started at a time
         self._stop = threading.Event()
         self._callback_errors = 0
         self._closed = False
@@ -326,6 +426,8 @@ class Engine:
         history can be fed in pieces. The GIL is released while the batch runs.
         """
         self._check_open()
+        self._not_from_dispatcher("run")
+        strict = _check_strict(strict, allow_none=True)
         b = as_bars(bars)
         self._journal_new_instruments()
         if self.strict if strict is None else strict:
@@ -355,20 +457,20 @@ class Engine:
         """
         self._check_open()
         self._cpu_only("submit")
+        self._not_from_dispatcher("submit")
         b = as_bars(bars)
         self._journal_new_instruments()
         return int(self._native.submit(b, len(instruments)))
 
     def poll(self, max_n: int | None = None, timeout: float | None = 0.0) -> np.ndarray:
         """Ready signals in bar order (``SIGNAL_DTYPE``), at most ``max_n``. Waits up to
-        ``timeout`` seconds for the first one (``None``: until one is ready; 0: not at all)."""
+        ``timeout`` seconds for the first one (``None`` or ``inf``: until one is ready; 0: not at
+        all; longer than ~146 years: clamped to that)."""
         self._check_open()
         self._cpu_only("poll")
-        n = 1 << 20 if max_n is None else int(max_n)
-        if n < 0:
-            raise ValueError("max_n must be >= 0")
-        t = -1 if timeout is None else int(max(0.0, timeout) * 1e9)
-        return np.frombuffer(self._native.poll(n, t), dtype=SIGNAL_DTYPE)
+        # more than the native maximum means "all there are", like it
+        n = 1 << 20 if max_n is None else min(check_int("max_n", max_n, 0, math.inf), _MAX_POLL)
+        return np.frombuffer(self._native.poll(n, _timeout_ns(timeout)), dtype=SIGNAL_DTYPE)
 
     def step(self, bar: np.ndarray | np.void, timeout: float | None = 10.0) -> AISignal | None:
         """One bar in, its signal out (a frozen :class:`AISignal`). Returns None when the bar
@@ -378,7 +480,7 @@ class Engine:
         b = as_bars(np.atleast_1d(bar))
         if len(b) != 1:
             raise ValueError(f"step() takes one bar, got {len(b)}")
-        t = -1 if timeout is None else int(max(0.0, timeout) * 1e9)
+        t = _timeout_ns(timeout)
         self._journal_new_instruments()
         if self._device is not None:
             with self._device_lock:
@@ -398,16 +500,21 @@ class Engine:
         logged (``logging.getLogger("dynamic_core.engine")``) and counted in
         ``stats()["callback_errors"]``; the signal is not redelivered, and later signals and the
         other callbacks still run. Workers never run Python. Usable as a decorator.
+
+        A callback must not feed the engine: ``run`` and ``submit`` called from it raise
+        ``RuntimeError`` (the dispatcher is the engine's only consumer, so a feeding call waiting
+        for room from it could wait forever).
         """
         if not callable(callback):
             raise TypeError("callback must be callable")
         self._check_open()
         self._cpu_only("on_signal")
-        self._callbacks.append(callback)
-        if self._dispatcher is None:
-            self._dispatcher = threading.Thread(target=self._dispatch, name="dc-signal-dispatch",
-                                                daemon=True)
-            self._dispatcher.start()
+        with self._dispatch_lock:
+            self._callbacks.append(callback)
+            if self._dispatcher is None or not self._dispatcher.is_alive():  # none yet, or it died
+                self._dispatcher = threading.Thread(target=self._dispatch, name="dc-signal-dispatch",
+                                                    daemon=True)
+                self._dispatcher.start()
         return callback
 
     def _dispatch(self) -> None:
@@ -420,9 +527,16 @@ class Engine:
                 for cb in list(self._callbacks):
                     try:
                         cb(sig)
-                    except Exception:
+                    except BaseException:  # SystemExit too: it would end the dispatcher, losing the batch
                         self._callback_errors += 1
                         log.exception("on_signal callback %r raised for signal %s", cb, sig.id)
+
+    def _not_from_dispatcher(self, what: str) -> None:
+        """RuntimeError when called from an ``on_signal`` callback (the dispatcher thread)."""
+        if self._dispatcher is not None and threading.current_thread() is self._dispatcher:
+            raise RuntimeError(f"{what}() called from an on_signal callback: an on_signal callback cannot "
+                               "feed the engine (its dispatcher is the engine's only consumer, so feeding "
+                               "from it can deadlock); feed from another thread")
 
     def close(self) -> None:
         """Stop the dispatcher, workers and sentinel and join them. Bars still in flight are
@@ -431,9 +545,11 @@ class Engine:
             return
         self._closed = True
         self._stop.set()
+        # The native engine stops first: a callback waiting on it (a feeding call from another
+        # thread it waits for, a submit parked for room) is released, so the join can end.
+        self._finalizer()
         if self._dispatcher is not None and self._dispatcher is not threading.current_thread():
             self._dispatcher.join()
-        self._finalizer()
         try:
             if self._journal_path is not None:
                 # raises JournalError if the journal failed and no call has said so yet
@@ -524,13 +640,14 @@ class Engine:
         for those whose did not (:class:`dynamic_core.decision.CreditLedger`). With a journal
         the change is journaled in order with the bars, so replay reproduces it.
 
-        Raises ``ValueError`` for an unknown id or a credit that is not finite and > 0 (nothing
-        changes then).
+        Raises ``ValueError`` for an unknown id (or one outside [0, 2**32)) or a credit that is
+        not in (0, 1e6], ``TypeError`` for ids that are not integers (a bool, float or str is
+        no id) or credits that are not numbers (nothing changes then). No ids: nothing to do.
         """
         from .payloads import CreditUpdate
 
         self._set_by_id("set_credit", agent_ids, credit, self._native.set_credit,
-                        lambda ids, vals: CreditUpdate(agents=ids, credit=vals))
+                        lambda ids, vals: CreditUpdate(agents=ids, credit=vals), "credit")
 
     def set_external_scores(self, agent_ids: Any, scores: Any) -> None:
         """Set the scores of external-score agents (genome ``kind`` 1) by id, used from the
@@ -542,20 +659,23 @@ class Engine:
         indicator blend. It keeps its last score until set again (0.0 at first).
 
         Raises ``ValueError`` for an unknown id, an agent that is not kind 1, or a score that
-        is not finite or outside [-1, 1] (nothing changes then).
+        is not finite or outside [-1, 1], ``TypeError`` for ids or scores of the wrong type, as
+        :meth:`set_credit` (nothing changes then).
         """
         from .payloads import ExternalScores
 
         self._set_by_id("set_external_scores", agent_ids, scores, self._native.set_external_scores,
-                        lambda ids, vals: ExternalScores(agents=ids, scores=vals))
+                        lambda ids, vals: ExternalScores(agents=ids, scores=vals), "scores")
 
     def _set_by_id(self, what: str, agent_ids: Any, values: Any, native: Callable[..., Any],
-                   event: Callable[[bytes, bytes], Any]) -> None:
+                   event: Callable[[bytes, bytes], Any], name: str = "values") -> None:
         self._check_open()
-        ids = np.ascontiguousarray(agent_ids, dtype=np.uint32).ravel()
-        vals = np.ascontiguousarray(values, dtype=np.float64).ravel()
+        ids = _agent_ids(what, agent_ids)
+        vals = _real_values(what, name, values)
         if len(ids) != len(vals):
             raise ValueError(f"{what}: {len(ids)} agent ids but {len(vals)} values")
+        if not len(ids):
+            return  # nothing to set (nor to journal)
         with self._ids_lock:  # no generation may replace these agents between lookup and write
             idx = self._indices_of(ids, what)
             raw = b""
@@ -581,11 +701,20 @@ class Engine:
         from .payloads import DsiEvidence
 
         self._check_open()
+        # a mapping, or what has its items() (a pandas Series)
+        if not isinstance(evidence, Mapping) and not callable(getattr(evidence, "items", None)):
+            raise TypeError("set_dsi: evidence must be a mapping of instrument (name or id) to evidence "
+                            f"in [-1, 1], got {type(evidence).__name__}")
         names: list[str] = []
         ids: list[int] = []
         vals: list[float] = []
         for k, v in evidence.items():
-            x = float(v)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"set_dsi: evidence of {k!r} must be a number, got {type(v).__name__}")
+            try:
+                x = float(v)
+            except OverflowError:  # an int past the float range: out of [-1, 1] below
+                x = math.inf
             if not (math.isfinite(x) and -1.0 <= x <= 1.0):
                 raise ValueError(f"set_dsi: evidence of {k!r} must be finite and in [-1, 1], got {v!r}")
             if isinstance(k, str):
@@ -634,8 +763,9 @@ class Engine:
 
         self._check_open()
         cfg = evolution_config(config)
-        if not 0 <= int(seed) < 1 << 64 or not 0 < int(generation) < 1 << 32:
-            raise ValueError("seed must be in [0, 2^64) and generation in [1, 2^32) (0 is the founders')")
+        seed = check_int("seed", seed, 0, (1 << 64) - 1)
+        if not 0 < check_int("generation", generation, -math.inf, math.inf) < 1 << 32:
+            raise ValueError(f"generation must be in [1, 2^32) (0 is the founders'), got {generation}")
         # Streams are bred in (instrument name, timeframe) order, which any process agrees on
         # (stream indices follow instrument ids, which differ between processes).
         keys = self._stream_keys()
@@ -697,6 +827,8 @@ class Engine:
             order = np.argsort(aid, kind="stable").astype(np.uint32)
             index = self._id_index = (order, aid[order])
         order, srt = index
+        if not len(srt) and len(ids):  # no agents: every id is unknown
+            raise ValueError(f"{what}: no agent with id {int(ids[0])} (the population is empty)")
         pos = np.searchsorted(srt, ids)
         pos_c = np.minimum(pos, len(srt) - 1)
         bad = (pos >= len(srt)) | (srt[pos_c] != ids)

@@ -116,9 +116,15 @@ def validate(bars: np.ndarray) -> np.ndarray:
 
 
 def reason_counts(reasons: np.ndarray) -> dict[str, int]:
-    """{reason name: count} of the non-zero codes returned by :func:`validate`."""
-    codes, counts = np.unique(np.asarray(reasons)[np.asarray(reasons) != 0], return_counts=True)
-    return {REASONS[int(c)]: int(k) for c, k in zip(codes, counts)}
+    """{reason name: count} of the non-zero codes returned by :func:`validate`; ValueError for a
+    code that names no reason."""
+    r = np.asarray(reasons)
+    codes, counts = np.unique(r[r != 0], return_counts=True)
+    unknown = [c for c in codes.tolist()
+               if isinstance(c, bool) or not (isinstance(c, int) and 0 < c < len(REASONS))]
+    if unknown:
+        raise ValueError(f"reason_counts: {unknown[0]!r} is not a reject reason code (1..{len(REASONS) - 1})")
+    return {REASONS[c]: int(k) for c, k in zip(codes.tolist(), counts)}
 
 
 def refuse_bad(reasons: np.ndarray, what: str = "batch not processed") -> None:
@@ -155,6 +161,10 @@ def from_pandas(df, instrument: str | int, timeframe: int | str | None = None) -
         Instrument name (registered on first use) or id.
     timeframe : int or str, optional
         Seconds, ``"H1"`` or ``"1h"``. Inferred from the median spacing of the times when omitted.
+
+    Raises ``ValueError`` naming the first rows whose time is missing (NaN, NaT), non-finite,
+    unreadable or outside the int64 nanosecond range (years 1677 to 2262), and ``TypeError`` for
+    a boolean time column. Integer epochs are converted exactly (integer arithmetic).
     """
     import pandas as pd
 
@@ -166,9 +176,9 @@ def from_pandas(df, instrument: str | int, timeframe: int | str | None = None) -
         raise ValueError(f"DataFrame lacks columns {missing} (have {cols})")
     tcol = next((c for name in _TIME_COLUMNS if (c := _find(cols, name)) is not None), None)
     if tcol is not None:
-        ts = _to_ns(df[tcol])
+        ts = _to_ns(df[tcol], f"time column {tcol!r}")
     elif isinstance(df.index, pd.DatetimeIndex):
-        ts = _to_ns(pd.Series(df.index))
+        ts = _to_ns(pd.Series(df.index), "the DatetimeIndex")
     else:
         raise ValueError("no times: give the DataFrame a DatetimeIndex or a time/timestamp/date column")
     out = empty(len(df))
@@ -189,16 +199,66 @@ def from_pandas(df, instrument: str | int, timeframe: int | str | None = None) -
     return out
 
 
-def _to_ns(col) -> np.ndarray:
+_INT64_MAX = (1 << 63) - 1
+_OUT_OF_RANGE = "a time outside the int64 nanosecond range (1677..2262)"
+_NS_PER_UNIT = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
+
+
+def _epoch_scale(mag: float) -> int:
+    """ns per unit of epoch numbers whose largest magnitude is ``mag``: seconds, ms, us or ns."""
+    return 10**9 if mag < 1e11 else 10**6 if mag < 1e14 else 10**3 if mag < 1e17 else 1
+
+
+def _refuse_times(bad: np.ndarray, source: str, why: str) -> None:
+    """ValueError naming the first rows (positions) flagged in ``bad``, if any."""
+    rows = np.flatnonzero(bad)
+    if len(rows):
+        shown = ", ".join(str(int(i)) for i in rows[:10]) + (", ..." if len(rows) > 10 else "")
+        raise ValueError(f"{len(rows):,} row(s) of {source} with {why}: rows {shown} (positions, from 0)")
+
+
+def _scaled(v: np.ndarray, per: int, source: str) -> np.ndarray:
+    """int64 ``v`` times ``per`` in integer arithmetic, refusing rows that would leave int64
+    (INT64_MIN, the NaT sentinel, included)."""
+    lim = _INT64_MAX // per
+    _refuse_times((v > lim) | (v < -lim), source, _OUT_OF_RANGE)
+    return v * np.int64(per)
+
+
+def _to_ns(col, source: str = "the time column") -> np.ndarray:
+    """Times as int64 ns since the epoch: epoch numbers (seconds, ms, us or ns, told apart by
+    magnitude; integers in integer arithmetic, so ns stay exact) or datetimes (UTC when naive).
+    ValueError naming the first bad rows for a missing, non-finite, unreadable or out-of-range
+    time; TypeError for booleans."""
     import pandas as pd
 
+    if pd.api.types.is_bool_dtype(col) or (
+            col.dtype == object and pd.api.types.infer_dtype(col, skipna=True) == "boolean"):
+        raise TypeError(f"{source} holds booleans, not times (datetimes or epoch numbers)")
+    if pd.api.types.is_integer_dtype(col):
+        _refuse_times(col.isna().to_numpy(), source, "a missing time")
+        if pd.api.types.is_unsigned_integer_dtype(col):
+            u = col.to_numpy(dtype=np.uint64)
+            _refuse_times(u > _INT64_MAX, source, _OUT_OF_RANGE)
+            v = u.astype(np.int64)
+        else:
+            v = col.to_numpy(dtype=np.int64)
+        mag = max(-int(v.min()), int(v.max())) if len(v) else 0
+        return _scaled(v, _epoch_scale(mag), source)
     if pd.api.types.is_numeric_dtype(col):
-        v = col.to_numpy(dtype=np.float64)
-        mag = np.nanmax(np.abs(v)) if len(v) else 0.0
-        scale = 1e9 if mag < 1e11 else 1e6 if mag < 1e14 else 1e3 if mag < 1e17 else 1.0
-        return (v * scale).astype(np.int64)
-    t = pd.to_datetime(col, utc=True)
-    return t.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").astype(np.int64)
+        f = col.to_numpy(dtype=np.float64, na_value=np.nan)
+        _refuse_times(~np.isfinite(f), source, "a missing or non-finite time")
+        mag = float(np.max(np.abs(f))) if len(f) else 0.0
+        ns = f * float(_epoch_scale(mag))
+        _refuse_times(~(np.abs(ns) < 2.0**63), source, _OUT_OF_RANGE)
+        return ns.astype(np.int64)
+    t = pd.to_datetime(col, utc=True, errors="coerce")
+    _refuse_times(t.isna().to_numpy(), source, "a missing, unreadable or out-of-range time")
+    d = np.asarray(t.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy())
+    unit = np.datetime_data(d.dtype)[0]
+    if unit not in _NS_PER_UNIT:  # pragma: no cover - pandas resolutions are s/ms/us/ns
+        d, unit = d.astype("datetime64[ns]"), "ns"
+    return _scaled(d.view(np.int64), _NS_PER_UNIT[unit], source)
 
 
 def read_csv(path: str | os.PathLike, instrument: str | int | None = None,

@@ -120,7 +120,7 @@ class Population:
         for k, values in axes.items():
             _check_axis(k, values)
         names = list(axes)
-        n = int(np.prod([len(v) for v in axes.values()]))
+        n = math.prod(len(v) for v in axes.values())  # Python ints: np.prod would wrap in int64
         if n == 0:
             raise ValueError("the grid is empty (a parameter has an empty list)")
         if n > 50_000_000:

@@ -8,17 +8,20 @@ at plausible prices with plausible annual volatility; other names start at 100 w
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Sequence
 
 import numpy as np
 
+from ._checks import check_int
 from .instruments import instruments as registry
 from .market import empty, parse_timeframe
 
 __all__ = ["MarketSimulator", "PROFILES", "REGIMES"]
 
 YEAR_S = 365.25 * 86400.0
+_INT64_MAX = (1 << 63) - 1  # bar times are int64 ns
 
 PROFILES: dict[str, tuple[float, float]] = {
     # name: (start price, annual volatility)
@@ -97,10 +100,22 @@ class MarketSimulator:
         self.regimes: list[list[int]] = [[] for _ in range(k)]
 
     def bars(self, n: int) -> np.ndarray:
-        """The next ``n`` bars of every instrument as one time-ordered ``BAR_DTYPE`` array."""
-        if n < 0 or n > 100_000_000:
+        """The next ``n`` bars of every instrument as one time-ordered ``BAR_DTYPE`` array.
+
+        Raises ``ValueError`` (changing nothing) when ``n`` is outside [0, 1e8], when ``n`` bars
+        of every instrument would pass 1e8 bars, or when a bar's time would pass the int64
+        nanosecond range (2262-04-11), which bar times cannot hold."""
+        if check_int("n", n, -math.inf, math.inf) < 0 or n > 100_000_000:
             raise ValueError(f"n must be in [0, 1e8], got {n}")
+        n = int(n)
         k = len(self.names)
+        if n == 0:  # the clock may already be past int64 (after the last bar it can hold)
+            return empty(0)
+        if n * k > 100_000_000:
+            raise ValueError(f"{n:,} bars of {k:,} instruments are {n * k:,} bars, more than the 1e8 limit")
+        if self._t + self._dt_ns * (n - 1) > _INT64_MAX:  # Python ints: no wrap
+            raise ValueError(f"bar times would pass the int64 nanosecond range (2262-04-11): {n:,} bars of "
+                             f"{self.timeframe:,} s from {self._t} ns; the simulated clock cannot go on")
         out = empty(n * k)
         drift = np.array([v[0] for v in REGIMES.values()]) * (self.timeframe / YEAR_S)
         volm = np.array([v[1] for v in REGIMES.values()])
@@ -164,7 +179,10 @@ class MarketSimulator:
             out["close"][sl] = np.exp(closes)
             out["volume"][sl] = np.round(vol)
             out["instrument"][sl] = self.ids[j]
-        ts = self._t + self._dt_ns * np.arange(n, dtype=np.int64)
+        # modulo 2**64, then as int64: exact, as every time is within int64 (checked above), even
+        # where the step alone would not be (a start before 1970 and a timeframe near 2**32 s)
+        steps = np.uint64(self._dt_ns) * np.arange(n, dtype=np.uint64)
+        ts = (np.uint64(self._t % (1 << 64)) + steps).view(np.int64)
         out["ts"] = np.repeat(ts, k)
         out["timeframe"] = self.timeframe
         # exp() of the extremes can round across open/close by one ulp; keep bars consistent

@@ -1,6 +1,7 @@
 // The vectorised lane kernel (kernel.cpp, every instruction-set clone) against the scalar
 // lane_step of math.hpp that the CUDA kernels share: bit-identical state and summaries. Also the
 // vectorised feature pass of a bank against the scalar *_feature functions.
+#include <limits>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -392,9 +393,36 @@ void check_lanes() {
   }
 }
 
+// Fusion weighs by fitness; when the weighted sums overflow (equities near the double range,
+// credit at its maximum) it falls back to the plain mean instead of inf/inf = NaN or 0.
+void check_fuse_overflow() {
+  Summary t;
+  summary_zero(t);
+  t.n = 4;
+  t.sum_s = 0.4 * 4;
+  t.sum_s2 = 0.16 * 4;
+  t.votes[3] = 4;
+  t.sum_w = 2.0;
+  t.sum_ws = 1.0;
+  CHECK_EQ(fuse(t).score, 0.5);  // weighted
+  const double inf = std::numeric_limits<double>::infinity();
+  t.sum_w = inf;
+  t.sum_ws = inf;
+  CHECK_EQ(fuse(t).score, 0.4);  // was NaN
+  t.sum_ws = 1e300;
+  CHECK_EQ(fuse(t).score, 0.4);  // was 0
+  t.sum_w = 1e300;
+  t.sum_ws = -inf;
+  CHECK_EQ(fuse(t).score, 0.4);  // was -inf
+  t.sum_w = 0.0;
+  t.sum_ws = 0.0;
+  CHECK_EQ(fuse(t).score, 0.4);  // no weight: the plain mean, as before
+}
+
 }  // namespace
 
 int main() {
+  check_fuse_overflow();
   // Every instruction-set variant this CPU runs: the baseline, x86-64-v3, x86-64-v4.
   const int best = kernel_isa();
   for (int level : {0, 3, 4}) {
