@@ -8,6 +8,7 @@ guarantees: e.g. a fallback must land before the task's deadline.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -615,3 +616,456 @@ def test_signals_with_dsi_evidence_carry_it_into_the_rationale_context(fake) -> 
         got = {o.update.signal_id: o.update.text for o in out.wait(2)}
     assert "dsi_evidence 0.625" in got[ids[0]]
     assert "dsi_evidence" not in got[ids[1]]
+
+
+# ---- audit fixes: secrets, scheduling, configuration, shutdown, bounds ------------------------
+
+@pytest.fixture(scope="module")
+def fake2():
+    """A second provider server, for tests where two providers must behave differently."""
+    with FakeOpenAI(expect_key=KEY) as f:
+        yield f
+
+
+def provider(fake: FakeOpenAI, name: str, **over) -> dict:
+    d = {"base_url": fake.url, "api_key_env": KEY_ENV, "timeout_s": 10.0, "max_concurrency": 2,
+         "latency_class": "fast"}
+    d.update(over)
+    return {name: d}
+
+
+def test_a_key_echoed_in_a_successful_reply_never_reaches_the_rationale_or_the_cache(fake, caplog) -> None:
+    # a provider that answers 200 and quotes the request's Authorization header back
+    fake.script([], default={"mode": "normal", "content": f"Direction: buy. You sent Authorization: Bearer {KEY} "
+                                                         f"and the key {KEY} again."})
+    caplog.set_level(logging.DEBUG, logger="dynamic_core")
+    m, out = mesh(fake, prof=deepseek(fake, style="narrative"))
+    with m:
+        m.submit(ctx(1100))
+        o = out.wait(1)[0]
+        assert (o.status, o.provider) == ("ok", "deepseek")
+        assert KEY not in o.update.text and "***" in o.update.text
+        m.submit(ctx(1100))  # answered from the cache: what was cached is the redacted text
+        o2 = out.wait(2)[1]
+        assert o2.status == "cached" and KEY not in o2.update.text
+        cached = m._call(lambda: [v[0] for v in m.cache._d.values()])
+        stats = json.dumps(m.stats(), default=str)
+    for text in (*map(str, cached), stats, caplog.text, *(u.text for u in m.take_rationales())):
+        assert KEY not in text and KEY[10:] not in text
+
+
+def test_the_adapter_redacts_a_key_that_straddles_the_reply_cut() -> None:
+    from dynamic_core.reasoning.profiles import profile
+    from dynamic_core.reasoning.worker import MIN_REPLY_CHARS, AdapterWorker
+
+    key = "Zq9custom4471secretvalue"  # no shape any generic pattern knows: only the key itself matches
+    w = AdapterWorker(profile("deepseek", {"base_url": "http://127.0.0.1:9/v1"}), "tcp://127.0.0.1:9", api_key=key)
+    try:
+        for before in (5, 12, len(key) - 1):  # the cut falls inside the key
+            text = "x" * (MIN_REPLY_CHARS + 1 - before) + key + " tail"
+            clipped = w._clip(text, MIN_REPLY_CHARS + 1)
+            assert len(clipped) <= MIN_REPLY_CHARS + 1 and "***" in clipped
+            assert key[:4] not in clipped  # not even a prefix of it is left at the end
+    finally:
+        w.close()
+
+
+class _Echo:
+    """A stand-in client: a successful completion of ``n`` characters echoing the key."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def complete(self, messages, **kw):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(text=("a" * self.n + KEY + " risk-adjusted, bearer bonds"), model=f"m-{KEY}",
+                               tokens_in=1, tokens_out=1, latency_s=0.0)
+
+
+def test_the_adapter_sends_at_most_one_character_over_the_reply_limit_redacted() -> None:
+    from dynamic_core.reasoning.profiles import profile
+    from dynamic_core.reasoning.worker import MIN_REPLY_CHARS, REPLY_CHARS_PER_TOKEN, AdapterWorker
+
+    w = AdapterWorker(profile("deepseek", {"base_url": "http://127.0.0.1:9/v1"}), "tcp://127.0.0.1:9", api_key=KEY)
+    try:
+        req = P.ReasonRequest(task_id=1, attempt=0, context=ctx(1), messages=(("user", "hi"),), max_tokens=1024,
+                              timeout_ms=1000)
+        rep = w._answer_http(_Echo(1 << 20), req)
+        assert rep.ok and len(rep.text) == REPLY_CHARS_PER_TOKEN * 1024 + 1
+        assert KEY not in rep.model and "***" in rep.model
+        rep = w._answer_http(_Echo(10), req)
+        assert rep.text == "a" * 10 + "*** risk-adjusted, bearer bonds"  # only the key, not look-alikes
+        req = P.ReasonRequest(task_id=1, attempt=0, context=ctx(1), messages=(("user", "hi"),), max_tokens=1,
+                              timeout_ms=1000)
+        assert len(w._answer_http(_Echo(1 << 20), req).text) == MIN_REPLY_CHARS + 1
+    finally:
+        w.close()
+
+
+def test_a_task_for_an_idle_provider_does_not_wait_behind_a_backlog_for_a_hung_one(fake, fake2) -> None:
+    # 'deep' tasks wait for a hung deepseek (1 slot); 'tactical' ones, routed to an idle qwen,
+    # queued behind them in the same priority class, start at once
+    fake.script([], default={"mode": "hang", "delay": 60})
+    fake2.reset()
+    prof = {**deepseek(fake, max_concurrency=1, timeout_s=30.0), **provider(fake2, "qwen", max_concurrency=4)}
+    pol = {"rules": [{"request_class": "deep", "candidates": ["deepseek"]},
+                     {"request_class": "tactical", "candidates": ["qwen"]}],
+           "default_candidates": ["local"], "breaker": {"min_requests": 1000}, "cooldown_failures": 1000}
+    m, out = mesh(fake, ("deepseek", "qwen"), pol=pol, prof=prof, deadline_s=20.0, queue_size=100)
+    with m:
+        deep = [m.submit(ctx(1200 + i), request_class="deep") for i in range(30)]
+        wait_until(lambda: m.stats()["queue"]["queued"] == 29)  # one at deepseek, the rest queued
+        tac = [m.submit(ctx(1300 + i), request_class="tactical", deadline_s=5.0) for i in range(5)]
+        got = {o.task_id: o for o in out.wait(5, timeout=10)}
+        assert set(got) == set(tac)
+        assert all((o.status, o.provider) == ("ok", "qwen") and o.latency_s < 2.0 for o in got.values()), got
+        assert fake2.stats()["requests"] == 5 and len(deep) == 30
+
+
+def test_a_queued_task_goes_to_the_next_live_candidate_with_a_free_slot(fake, fake2) -> None:
+    # candidates [deepseek, qwen, local]: deepseek hangs with its only slot taken, so the tasks
+    # behind the first go to qwen now instead of waiting for deepseek until their deadline
+    fake.script([], default={"mode": "hang", "delay": 60})
+    fake2.reset()
+    prof = {**deepseek(fake, max_concurrency=1, timeout_s=30.0), **provider(fake2, "qwen", max_concurrency=4)}
+    m, out = mesh(fake, ("deepseek", "qwen"), pol=policy("deepseek", "qwen", "local"), prof=prof, deadline_s=5.0,
+                  max_retries=0)
+    with m:
+        first = m.submit(ctx(1400))
+        wait_until(lambda: fake.stats()["in_flight"] >= 1)
+        rest = [m.submit(ctx(1401 + i)) for i in range(4)]
+        got = out.wait(4, timeout=10)
+        assert {o.task_id for o in got} == set(rest)
+        assert all((o.status, o.provider) == ("ok", "qwen") and o.latency_s < 2.0 for o in got), got
+        assert first not in {o.task_id for o in got}
+
+
+def test_the_queue_decides_per_route_and_keeps_priority_order_among_runnable_tasks() -> None:
+    from dynamic_core.reasoning.tasks import Task, TaskQueue
+
+    q = TaskQueue(100)
+    tasks = []
+    for i in range(40):  # a backlog for "busy", interleaved with tasks "idle" can take
+        t = Task(i + 1, ctx(i), "tactical", (3, 2, 1)[i % 3], 0.0, 10.0, 1, False, 64)
+        t.candidates = ["busy", "local"] if i % 4 else ["idle", "local"]
+        assert q.push(t) is None
+        tasks.append(t)
+    asked: list[tuple] = []
+
+    def runnable(route: tuple) -> bool:
+        asked.append(route)
+        return route[0] == "idle"
+
+    taken = []
+    for _ in range(len(tasks) + 1):
+        t = q.take(runnable)
+        if t is None:
+            break
+        assert isinstance(t, Task)
+        taken.append(t)
+    assert {t.candidates[0] for t in taken} == {"idle"} and len(taken) == 10
+    assert len(asked) <= 2 * (len(taken) + 1)  # per route, not per queued task
+    # every runnable task of a more urgent class before any of a less urgent one still queued
+    pris = [t.priority for t in taken]
+    assert pris[0] == min(pris) and len(q) == 30
+    for p in set(pris):  # arrival order within a class
+        ids = [t.id for t in taken if t.priority == p]
+        assert ids == sorted(ids)
+
+
+@pytest.mark.parametrize("kw", [
+    {"deadline_s": float("nan")}, {"deadline_s": float("inf")}, {"deadline_s": 1e9}, {"deadline_s": 0.0},
+    {"heartbeat_s": 0.0}, {"heartbeat_s": -1.0}, {"heartbeat_s": float("nan")}, {"liveness": 0},
+    {"max_retries": -5}, {"backoff_s": float("nan")}, {"backoff_s": float("inf")}, {"workers": 0},
+    {"ensemble": 0}, {"queue_size": 0}, {"cache_size": -1}, {"cache_ttl_s": float("inf")},
+    {"cache_bytes": -1}, {"ambiguity": 1.5}, {"review_confidence": float("nan")}, {"ab_fraction": 2.0},
+    {"max_tokens": 0}, {"outbox_size": 0},
+])
+def test_the_constructor_checks_every_number_and_names_it(kw) -> None:
+    (name,) = kw
+    with pytest.raises(ValueError, match=name):
+        ReasoningMesh([], spawn=False, **kw)
+
+
+def test_the_constructor_refuses_wrong_types_and_submit_checks_its_numbers() -> None:
+    with pytest.raises(TypeError, match="queue_size"):
+        ReasoningMesh([], spawn=False, queue_size="10")  # type: ignore[arg-type]
+    with ReasoningMesh([], spawn=False) as m:
+        for bad in (float("nan"), float("inf"), 0.0, 1e9):
+            with pytest.raises(ValueError, match="deadline_s"):
+                m.submit(ctx(1), deadline_s=bad)
+        for bad in (0, -1, 65):
+            with pytest.raises(ValueError, match="ensemble"):
+                m.submit(ctx(1), ensemble=bad)
+
+
+def test_a_non_finite_timer_fires_at_once_instead_of_blocking_every_later_timer() -> None:
+    m = ReasoningMesh([], spawn=False)
+    try:
+        for when in (float("nan"), float("inf")):
+            m._push_timer(when, "deadline", 1, 0)
+        m._push_timer(time.monotonic() + 1.0, "deadline", 2, 0)
+        assert all(t[0] < float("inf") for t in m._timers)  # (NaN compares False too)
+        m._run_timers(time.monotonic() + 2.0)
+        assert m._timers == []  # every timer was due: none stuck behind a NaN root
+    finally:
+        m.close()
+
+
+def test_profiles_refuse_a_base_url_the_http_client_would_refuse() -> None:
+    from dynamic_core.errors import PolicyError
+    from dynamic_core.reasoning.profiles import load_profiles, profile
+
+    for url in ("ftp://127.0.0.1/v1", "file:///etc/passwd", "127.0.0.1:8000/v1", "http:///v1", ""):
+        with pytest.raises(PolicyError, match="deepseek.*base_url"):
+            profile("deepseek", {"base_url": url})
+    with pytest.raises(PolicyError, match="credentials") as ei:
+        load_profiles({"deepseek": {"base_url": "http://user:sk-embedded-secret-123456@127.0.0.1:9/v1"}})
+    assert "sk-embedded" not in str(ei.value)
+    with pytest.raises(PolicyError, match="credentials"):
+        ReasoningMesh(["deepseek"], spawn=False, profiles={"deepseek": {"base_url": "https://a:b@example.com/v1"}})
+    assert profile("deepseek", {"base_url": "https://example.com:8443/v1"}).base_url.endswith("/v1")
+    assert profile("local").base_url == ""  # the narrator needs none
+
+
+def test_an_adapter_whose_client_refuses_its_key_is_marked_down_not_restarted(fake, monkeypatch) -> None:
+    # a key no HTTP header can carry: the client refuses it when the adapter starts; that is a
+    # configuration error (exit 2), not a crash to restart every second forever
+    monkeypatch.setenv(KEY_ENV, "sk-\u20ac-not-latin-1-0123456789")
+    out = Collect()
+    m = ReasoningMesh(["deepseek"], policy=policy("deepseek", "local"), profiles=deepseek(fake), on_rationale=out)
+    with m:
+        m.start(wait=TIMEOUT)
+        wait_until(lambda: "deepseek" in m.down)
+        assert "configuration error" in m.down["deepseek"]
+        time.sleep(1.3)  # a restart would have come after 1 s
+        st = m.stats()
+        assert st["tasks"]["adapter_config_errors"] == 1 and st["tasks"]["respawned"] == 0
+        m.submit(ctx(1500))
+        assert out.wait(1)[0].provider == "local"
+    assert fake.stats()["requests"] == 0
+
+
+class _DeadProc:
+    """A Popen stand-in for an adapter process that has already exited."""
+
+    _pids = itertools.count(10_000_000)
+
+    def __init__(self, code: int = 1) -> None:
+        self.pid = next(self._pids)
+        self.returncode = code
+
+    def poll(self) -> int:
+        return self.returncode
+
+
+def test_adapters_that_keep_dying_are_restarted_with_capped_exponential_backoff(monkeypatch) -> None:
+    from dynamic_core.reasoning import mesh as mesh_mod
+
+    m = ReasoningMesh([], spawn=False)
+    spawns: list[float] = []
+    clock = [0.0]
+
+    def spawn(p: str, **kw) -> _DeadProc:  # every restart dies again at once
+        spawns.append(clock[0])
+        proc = _DeadProc()
+        m._children[proc.pid] = (p, proc, {})
+        return proc
+
+    monkeypatch.setattr(m, "spawn", spawn)
+    try:
+        first = _DeadProc()
+        m._children[first.pid] = ("deepseek", first, {})
+        while clock[0] < 200.0:
+            m._check_children(clock[0])
+            clock[0] += 0.05
+        gaps = [round(b - a) for a, b in zip([0.0, *spawns], spawns)]
+        assert gaps[:6] == [1, 2, 4, 8, 16, 32], gaps  # doubling ...
+        assert all(g == mesh_mod.RESPAWN_MAX_S for g in gaps[6:]), gaps  # ... up to the cap
+        st = m.stats()
+        assert st["tasks"]["respawned"] == len(spawns) and st["tasks"]["adapter_exits"] == len(spawns) + 1
+        assert st["respawn"] == {"deepseek": len(spawns) + 1}
+    finally:
+        m._children.clear()
+        m.close()
+
+
+def test_close_ends_every_unfinished_task_once_with_the_narrator(fake) -> None:
+    fake.script([], default={"mode": "hang", "delay": 60})
+    m, out = mesh(fake, deadline_s=30.0, queue_size=100)
+    ids = [m.submit(ctx(1600 + i)) for i in range(6)]  # 2 at the hung provider, 4 queued
+    wait_until(lambda: fake.stats()["in_flight"] >= 2)
+    ids += [m.submit(ctx(1610 + i)) for i in range(3)]  # (maybe still in the inbox)
+    t0 = time.monotonic()
+    m.close()
+    assert time.monotonic() - t0 < 4.0
+    got = out.wait(len(ids), timeout=1.0)  # delivered by close itself
+    assert sorted(o.task_id for o in got) == sorted(ids)
+    assert {(o.status, o.provider, o.reason) for o in got} == {("fallback", "local", "closed")}
+    assert len(m.take_rationales()) == len(ids)
+    assert m.counts["ended_by_close"] == len(ids) and not m._tasks
+    # a mesh closed without ever starting ends its submitted tasks too
+    out2 = Collect()
+    m2 = ReasoningMesh([], policy=policy("local"), on_rationale=out2)
+    a, b = m2.submit(ctx(1620)), m2.submit(ctx(1621))
+    m2.close()
+    assert sorted(o.task_id for o in out2.wait(2, timeout=1.0)) == sorted((a, b))
+
+
+def test_adapter_close_waits_for_its_request_threads_together_not_one_after_another() -> None:
+    from dynamic_core.reasoning.profiles import profile
+    from dynamic_core.reasoning.worker import JOIN_S, AdapterWorker
+
+    w = AdapterWorker(profile("local"), "tcp://127.0.0.1:9")
+    release = threading.Event()
+    w._threads = [threading.Thread(target=release.wait, daemon=True) for _ in range(6)]  # six hung requests
+    for t in w._threads:
+        t.start()
+    try:
+        t0 = time.monotonic()
+        w.close()
+        assert time.monotonic() - t0 < JOIN_S + 0.5
+    finally:
+        release.set()
+
+
+def test_a_submit_racing_close_never_rings_a_closed_doorbell(monkeypatch) -> None:
+    # the submitter is paused after its argument checks; close() runs and closes the eventfd,
+    # whose number an unrelated file then gets: the submit must neither write there nor return
+    # an id that would never complete
+    import tempfile
+
+    from dynamic_core.reasoning import mesh as mesh_mod
+
+    m = ReasoningMesh([], policy=policy("local"))
+    m.start()
+    m.submit(ctx(1700))
+    assert m.wait_idle(5)
+    go, paused = threading.Event(), threading.Event()
+    real = mesh_mod.priority_index
+
+    def slow_priority(p):
+        paused.set()
+        go.wait(5)
+        return real(p)
+
+    monkeypatch.setattr(mesh_mod, "priority_index", slow_priority)
+    res: list[int] = []
+    t = threading.Thread(target=lambda: res.append(m.submit(ctx(1701))))
+    t.start()
+    assert paused.wait(5)
+    fd = m._wake.wfd
+    m.close()
+    files = []
+    try:
+        while True:
+            f = tempfile.TemporaryFile()
+            files.append(f)
+            if f.fileno() == fd or len(files) > 50:
+                break
+        go.set()
+        t.join(5)
+        assert res == [0] and m.counts["refused_closed"] == 1
+        files[-1].seek(0)
+        assert files[-1].read() == b""
+    finally:
+        go.set()
+        for f in files:
+            f.close()
+    assert m.submit(ctx(1702)) == 0  # after close: refused, not raised
+
+
+def test_finished_tasks_leave_no_timers_behind() -> None:
+    n = 6000
+    out: list = []
+    with ReasoningMesh([], policy=policy("local"), deadline_s=3600.0, on_rationale=out.append,
+                       queue_size=n) as m:
+        for i in range(n):
+            while not m.submit(ctx(1800 + i)):
+                time.sleep(0.001)
+        assert m.wait_idle(30)
+        timers = m._call(lambda: len(m._timers))
+        assert len(out) == n
+        assert timers < 2 * 1024 + 100, timers  # not one per finished task until its deadline
+        assert m.stats()["tasks"]["timers_compacted"] >= 1
+
+
+def test_a_reply_far_beyond_max_tokens_is_cut_and_counted_and_the_cache_has_a_byte_budget(fake) -> None:
+    from dynamic_core.reasoning.worker import MIN_REPLY_CHARS
+
+    fake.script([], default={"mode": "normal", "content": "Direction: buy. " + "y" * 300_000, "completion_tokens": 50})
+    m, out = mesh(fake, prof=deepseek(fake, style="narrative"), max_tokens=64, cache_bytes=3 * MIN_REPLY_CHARS)
+    with m:
+        for i in range(3):
+            m.submit(ctx(1900 + i))
+            o = out.wait(i + 1)[i]
+            assert (o.status, o.provider) == ("ok", "deepseek") and len(o.update.text) <= MIN_REPLY_CHARS
+        st = m.stats()
+        assert st["tasks"]["truncated_replies"] == 3 and st["providers"]["deepseek"]["truncated"] == 3
+        assert st["cache"]["bytes"] <= st["cache"]["max_bytes"] == 3 * MIN_REPLY_CHARS
+        assert st["cache"]["size"] < 3 and st["cache"]["evictions"] >= 1
+
+
+def test_changing_features_after_submit_changes_neither_the_prompt_nor_the_cache_key(fake) -> None:
+    fake.script([{"mode": "slow", "delay": 0.6}], default={"mode": "normal"})
+    m, out = mesh(fake, prof=deepseek(fake, max_concurrency=1))
+    with m:
+        m.submit(ctx(2000))  # holds the only slot
+        wait_until(lambda: fake.stats()["in_flight"] >= 1)
+        feats = {"atr_pct": 0.3}
+        b = P.ReasoningContext(signal_id="b:1", instrument="EURUSD", timeframe=3600, action=0, confidence=0.7,
+                               agreement=0.8, n_agents=10, features=feats)
+        m.submit(b)
+        wait_until(lambda: m.stats()["queue"]["queued"] == 1)  # routed (cache key taken) and queued
+        feats["zz_injected"] = 9.0  # the caller reuses its dict
+        feats["atr_pct"] = 5.0
+        ob = next(o for o in out.wait(2) if o.update.signal_id == "b:1")
+        assert ob.status == "ok"
+        user = next(x["content"] for x in fake.stats()["last_request"]["body"]["messages"] if x["role"] == "user")
+        assert "zz_injected" not in user and "atr_pct" in user and "5.0" not in user
+        # an unrelated signal with the numbers B was submitted with hits B's entry, rightly
+        c = P.ReasoningContext(signal_id="c:1", instrument="EURUSD", timeframe=3600, action=0, confidence=0.7,
+                               agreement=0.8, n_agents=10, features={"atr_pct": 0.3})
+        m.submit(c)
+        oc = next(o for o in out.wait(3) if o.update.signal_id == "c:1")
+        assert (oc.status, oc.update.text) == ("cached", ob.update.text)
+
+
+def test_ensemble_applies_policy_weights_and_breaks_ties_by_routing_order(fake, fake2) -> None:
+    # deepseek answers late; qwen and kimi at once; every reply agrees with the signal, so the
+    # scores are equal but for the weights
+    fake.script([], default={"mode": "slow", "delay": 0.4})
+    fake2.reset()
+    prof = {**deepseek(fake), **provider(fake2, "qwen"), **provider(fake2, "kimi", personas=["*"])}
+    pol = {"rules": [{"request_class": "tactical", "candidates": ["deepseek", "qwen", "local"]},
+                     {"request_class": "deep", "candidates": ["kimi", "deepseek", "local"]}],
+           "limits": {"kimi": {"weight": 0.5}}}
+    m, out = mesh(fake, ("deepseek", "qwen", "kimi"), pol=pol, prof=prof, ensemble=2, cache_size=0)
+    with m:
+        m.submit(ctx(2100), request_class="tactical")  # a tie: the routing order, not qwen's head start
+        o = out.wait(1)[0]
+        assert (o.status, o.provider, o.agreeing) == ("ok", "deepseek", 2)
+        m.submit(ctx(2101), request_class="deep")  # kimi (weight 0.5) first in line and first back
+        o = out.wait(2)[1]
+        assert (o.status, o.provider, o.agreeing) == ("ok", "deepseek", 2)
+
+
+def test_a_full_inbox_makes_room_for_an_urgent_task_by_evicting_a_lower_one() -> None:
+    out = Collect()
+    m = ReasoningMesh([], policy=policy("local"), on_rationale=out, queue_size=10)  # inbox: 1024
+    try:
+        lows = [m.submit(ctx(i), priority="low") for i in range(1024)]
+        assert all(lows) and m.submit(ctx(5000), priority="low") == 0  # full: a low is refused
+        assert m.submit(ctx(5001), priority="medium") == 0  # only critical and high evict
+        crit = m.submit(ctx(5002), priority="critical")
+        high = m.submit(ctx(5003), priority="high")
+        assert crit and high
+        assert m.counts["evicted_inbox"] == 2 and m.counts["dropped_inbox"] == 2
+    finally:
+        m.close()  # never started: close ends everything in the inbox
+    got = {o.task_id: o for o in out.wait(1026, timeout=5)}
+    assert crit in got and high in got
+    evicted = [o for o in got.values() if o.reason == "evicted"]
+    assert sorted(o.task_id for o in evicted) == sorted(lows[-2:])  # the newest lows
+    assert all(o.status == "fallback" and o.provider == "local" for o in evicted)

@@ -603,10 +603,12 @@ def test_cache_hit_ratio_and_clear() -> None:
     for _ in range(3):
         assert cache.get(key) == "text"
     assert cache.get(("other",)) is None
-    assert cache.stats() == {"size": 1, "capacity": 4, "hits": 3, "misses": 1, "hit_ratio": 0.75,
-                             "evictions": 0, "expired": 0}
+    s = cache.stats()
+    assert 0 < s.pop("bytes") < 1024
+    assert s == {"size": 1, "capacity": 4, "max_bytes": 32 << 20, "hits": 3, "misses": 1, "hit_ratio": 0.75,
+                 "evictions": 0, "expired": 0, "too_big": 0}
     cache.clear()
-    assert len(cache) == 0 and cache.get(key) is None
+    assert len(cache) == 0 and cache.get(key) is None and cache.stats()["bytes"] == 0
 
 
 def test_cache_size_zero_disables() -> None:
@@ -682,3 +684,59 @@ def test_explicit_candidates_replace_the_rule_but_keep_every_filter() -> None:
     assert router.route(req()) == ["a", "local"]  # the rule itself is untouched
     with pytest.raises(PolicyError):
         router.route(req("nope"), ("c",))
+
+
+# ---- audit fixes: finite bounds, a local last resort, weights, the cache's byte budget ---------
+
+@pytest.mark.parametrize("source, where", [
+    ("cooldown_s = inf\n", r"\$\.cooldown_s"),
+    ("cooldown_s = 1e9\n", r"\$\.cooldown_s"),
+    ("max_retry_after_s = inf\n", r"\$\.max_retry_after_s"),
+    ("throttle_margin = inf\n", r"\$\.throttle_margin"),
+    ("[breaker]\nopen_s = inf\n", r"\$\.breaker\.open_s"),
+    ("[breaker]\nwindow_s = inf\n", r"\$\.breaker\.window_s"),
+    ("[limits.a]\nweight = inf\n", r"\$\.limits\.a\.weight"),
+    ("[limits.a]\nweight = 1e6\n", r"\$\.limits\.a\.weight"),
+    ("[limits.a]\ndaily_usd = inf\n", r"\$\.limits\.a\.daily_usd"),
+    ("[limits.a]\nrpm = 9223372036854775807\n", r"\$\.limits\.a\.rpm"),
+])
+def test_every_policy_number_has_a_finite_upper_bound(source, where) -> None:
+    # an infinity would bench a provider for good after one failure (or disable a filter)
+    with pytest.raises(PolicyError, match=r"<= .*" + where):
+        load_policy(source)
+
+
+def test_the_largest_allowed_values_still_let_a_provider_back() -> None:
+    router, clock, _ = make({**RULE_AB, "cooldown_failures": 1, "cooldown_s": 86400.0,
+                             "breaker": {"min_requests": 1, "open_s": 86400.0, "window_s": 86400.0}})
+    fail(router, "a")
+    assert router.route(req())[0] == "c"
+    clock.advance(86400.0)
+    assert router.route(req())[0] == "a"
+
+
+def test_last_resort_must_be_a_local_provider() -> None:
+    # the last resort skips budgets, breaker and cooldown: a paid one would spend without limit
+    with pytest.raises(PolicyError, match="last_resort must name a provider of kind 'local'.*'a'"):
+        Router(load_policy({"last_resort": "a"}), PROFILES)
+    narrator = ProviderProfile(name="narrator", kind="local", model="template")
+    router = Router(load_policy({**RULE_AB, "last_resort": "narrator"}), {**PROFILES, "narrator": narrator})
+    assert router.route(req())[-1] == "narrator"
+
+
+def test_cache_byte_budget_evicts_least_recently_used_and_refuses_oversized_values() -> None:
+    from dynamic_core.reasoning.cache import weigh
+
+    cache = NarrativeCache(size=100, clock=Clock(), max_bytes=10_000)
+    for i in range(10):
+        cache.put(("k", i), ("t" * 2000, 1))
+    s = cache.stats()
+    assert s["bytes"] <= 10_000 and s["size"] == 4 and s["evictions"] == 6
+    assert s["bytes"] == sum(weigh(("k", i)) + weigh(("t" * 2000, 1)) for i in range(6, 10))
+    assert ("k", 9) in cache and ("k", 5) not in cache
+    cache.put("huge", "x" * 20_000)  # bigger than the whole budget: not cached, nothing evicted
+    assert "huge" not in cache and cache.stats()["too_big"] == 1 and len(cache) == 4
+    cache.put(("k", 9), "short")  # replacing an entry gives its bytes back
+    assert cache.stats()["bytes"] < s["bytes"]
+    with pytest.raises(ValueError):
+        NarrativeCache(max_bytes=-1)

@@ -25,12 +25,11 @@ from concurrent.futures import Future
 from datetime import timezone
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
 
 from ..errors import AdapterError, PolicyError
-from .profiles import ProviderProfile
+from .profiles import ProviderProfile, check_base_url
 from .secrets import Secret, redact
 
 __all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "MAX_RETRY_AFTER_S", "Completion", "OpenAICompatibleClient",
@@ -310,17 +309,8 @@ class OpenAICompatibleClient:
                  max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
         if profile.kind != "openai-compatible":
             raise PolicyError(f"provider {profile.name!r} is {profile.kind!r}, not an HTTP provider")
-        url = urlsplit(profile.base_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise PolicyError(f"provider {profile.name!r}: base_url must be http(s)://host[:port][/path], "
-                              f"got {redact(profile.base_url)!r}")
-        if url.username is not None or url.password is not None:
-            raise PolicyError(f"provider {profile.name!r}: base_url must not carry credentials; "
-                              "give the key through api_key_env")
-        try:
-            port = url.port
-        except ValueError:
-            raise PolicyError(f"provider {profile.name!r}: bad port in base_url") from None
+        url = check_base_url(profile.name, profile.base_url)
+        port = url.port
         if max_response_bytes < 1:
             raise ValueError("max_response_bytes must be positive")
         from .. import __version__  # here, not at import time: the package may still be importing

@@ -3,8 +3,9 @@
 Threads and sockets
 -------------------
 :meth:`ReasoningMesh.submit` (any thread) appends to a bounded inbox and, when the inbox was
-idle, writes an eventfd: it never blocks and never touches a socket, so the signal path pays a
-few hundred nanoseconds and nothing else. One *broker thread* owns everything else: the ROUTER
+idle, writes an eventfd: it never blocks (beyond a lock held for a few hundred nanoseconds, which
+also keeps :meth:`~ReasoningMesh.close` from closing the eventfd under it) and never touches a
+socket. One *broker thread* owns everything else: the ROUTER
 socket the adapter processes connect to, the roster, the router (policy), the queue, the
 cache, the review queue and every timer. Finished rationales go to an outbox the caller drains
 (:meth:`take_rationales`, e.g. the service's egress thread, which publishes them on the feed)
@@ -17,7 +18,9 @@ A task's life
    under the first candidate; a hit finishes the task at once.
 2. *Queue*: weighted fair queueing by priority, bounded (shed lowest priority first; a shed
    task still gets the local narration, marked ``shed``).
-3. *Attempt*: sent to the least-busy adapter of the first candidate when it has a free slot.
+3. *Attempt*: sent to the least-busy adapter of the first *live* candidate (adapter registered,
+   breaker not open, not cooling down) with a free slot; while every live one is busy the task
+   waits, and tasks behind it that another provider can serve start meanwhile.
    Each attempt has a timeout (the provider's, or what is left of the deadline minus a small
    reserve). Retryable failures retry the same provider up to ``max_retries`` times (backoff
    x1.5 with jitter, at least the server's ``Retry-After``), others move down the candidates.
@@ -34,6 +37,7 @@ the signal's agreement or the draft's confidence is low.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 import json
@@ -51,9 +55,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import zmq
 
+from .._checks import check_int, check_real
 from ..errors import AdapterError, PayloadError, ReasoningError
 from ..payloads import (
     AdapterBeat,
@@ -92,15 +98,33 @@ from .prompts import (
     template_for,
 )
 from .registry import Roster
-from .tasks import Task, TaskQueue, priority_index
+from .tasks import PRIORITIES, Task, TaskQueue, priority_index
+from .worker import CONFIG_ERROR_EXIT, MIN_REPLY_CHARS, REPLY_CHARS_PER_TOKEN
 
 __all__ = ["Outcome", "ReasoningMesh", "asset_class_of"]
 
 log = logging.getLogger("dynamic_core.reasoning.mesh")
 
-CONFIG_ERROR_EXIT = 2
-"""Exit status of ``dynamic-core adapter`` for bad arguments or configuration (secrets file,
-profile, address): such an adapter is not restarted, since it would fail the same way."""
+# CONFIG_ERROR_EXIT (2, from .worker): the exit status of ``dynamic-core adapter`` for bad
+# arguments or configuration (secrets file, profile, address, API key): such an adapter is not
+# restarted, since it would fail the same way.
+
+MAX_DEADLINE_S = 86400.0
+"""Longest deadline a task may have (``deadline_s`` of the constructor and of ``submit``)."""
+
+RESPAWN_MIN_S = 1.0
+RESPAWN_MAX_S = 60.0
+"""A spawned adapter that dies is restarted after ``RESPAWN_MIN_S``, doubling for each exit in
+a row of the same provider (one that ran :data:`RESPAWN_STABLE_S` resets the count), at most
+``RESPAWN_MAX_S``."""
+RESPAWN_STABLE_S = 60.0
+
+# REPLY_CHARS_PER_TOKEN, MIN_REPLY_CHARS (from .worker): a provider's reply is cut to
+# max(MIN_REPLY_CHARS, REPLY_CHARS_PER_TOKEN * max_tokens) characters before it is parsed
+# (counted as ``truncated_replies``): one that ignores max_tokens cannot make the broker parse,
+# cache or publish megabytes per rationale.
+
+_DISPATCH_MAX = 1024  # tasks started per broker round at most (the loop comes straight back)
 
 _CRYPTO = ("BTC", "ETH", "SOL", "XRP", "DOGE", "LTC", "ADA")
 _ISO = {"USD", "EUR", "JPY", "GBP", "CHF", "AUD", "NZD", "CAD", "CNH", "CNY", "HKD", "SGD", "SEK", "NOK",
@@ -115,6 +139,43 @@ def asset_class_of(instrument: str) -> str:
     if len(u) == 6 and u[:3] in _ISO and u[3:] in _ISO:
         return "fx"
     return "equity"
+
+
+class _Inbox:
+    """Submitted tasks on their way to the broker: one FIFO per priority class. Appended to (and,
+    to make room for an urgent task, popped from the right) under the mesh's lock; drained from
+    the left by the broker thread (single deque operations are atomic)."""
+
+    __slots__ = ("lanes",)
+
+    def __init__(self) -> None:
+        self.lanes: tuple[deque[tuple], ...] = tuple(deque() for _ in PRIORITIES)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.lanes))
+
+    def __bool__(self) -> bool:
+        return any(self.lanes)
+
+
+_IMMUTABLE_VALUES = frozenset((float, int, str, bool, type(None)))
+_replace = msgspec.structs.replace
+
+
+def _snapshot(ctx: ReasoningContext) -> ReasoningContext:
+    """``ctx`` with a copy of its ``features``: the struct is frozen but the dict is not, and the
+    broker reads it later (cache key when routing, prompt when sending). A shallow copy when every
+    value is immutable (the declared ``dict[str, float]``), else a deep copy."""
+    if not isinstance(ctx, ReasoningContext):
+        return ctx  # (the broker refuses what it cannot route; not this thread's business)
+    f = ctx.features
+    if type(f) is dict:
+        for v in f.values():
+            if type(v) not in _IMMUTABLE_VALUES:
+                break
+        else:
+            return _replace(ctx, features=f.copy())
+    return _replace(ctx, features=copy.deepcopy(dict(f)) if isinstance(f, Mapping) else copy.deepcopy(f))
 
 
 @dataclass(frozen=True)
@@ -137,6 +198,9 @@ class Outcome:
     arm: str
     model_s: float = 0.0
     """Time the answering adapter spent in its model (or narrator); 0 for inline answers."""
+    reason: str = ""
+    """Why a ``fallback`` came without the providers having failed: ``closed`` (the mesh
+    closed first) or ``evicted`` (a full inbox made room for a more urgent task); else empty."""
 
 
 class ReasoningMesh:
@@ -166,6 +230,9 @@ class ReasoningMesh:
         Bound of the task queue (``reasoning_queue_size``).
     cache_size, cache_ttl_s : int, float
         Narrative cache (``reasoning_cache_size``); 0 disables it.
+    cache_bytes : int
+        Byte budget of the cached texts (default 32 MiB): least recently used entries go first
+        when it is exceeded, whatever ``cache_size`` says.
     ensemble : int
         Providers asked in parallel per task (1: no ensemble).
     refine : bool
@@ -189,10 +256,22 @@ class ReasoningMesh:
     on_rationale : callable, optional
         ``on_rationale(outcome)`` for each finished task, on the broker thread.
 
-    A spawned adapter process that dies is restarted a second later, except one that exits with
-    :data:`CONFIG_ERROR_EXIT` (a bad secrets file, profile or address): that is counted
-    (``adapter_config_errors``), logged once, and its provider is marked down in ``down``
-    (provider -> reason, cleared when an adapter of it joins); its requests fall back.
+    Every number is checked (``TypeError`` for a wrong type, ``ValueError`` naming the argument
+    for NaN, an infinity or a value out of range): ``deadline_s`` in (0, 86400] as in
+    :meth:`submit`, ``heartbeat_s`` in [0.01, 60], ``workers`` in [1, 256], ``ensemble`` in
+    [1, 64], ``ambiguity``, ``review_confidence`` and ``ab_fraction`` in [0, 1], ``max_retries``
+    in [0, 100], ``backoff_s`` in [0, 60], ``liveness`` in [1, 1000], ``max_tokens`` in
+    [1, 2**20], ``cache_ttl_s`` in (0, 30 days], sizes at least 1 (0 for the cache).
+
+    A spawned adapter process that dies is restarted a second later, and after each further exit
+    in a row twice as late, up to a minute (``adapter_exits``, ``respawned``, ``respawn`` in
+    :meth:`stats`); one that exits with :data:`CONFIG_ERROR_EXIT` (a bad secrets file, profile,
+    address or API key) is not: that is counted (``adapter_config_errors``), logged once, and its
+    provider is marked down in ``down`` (provider -> reason, cleared when an adapter of it
+    joins); its requests fall back.
+
+    :meth:`close` ends every task still in progress with the local narration (status
+    ``fallback``, ``Outcome.reason`` ``closed``) before it stops the adapters.
     """
 
     def __init__(self, providers: Sequence[str] = ("local",), *, policy: Any = None,
@@ -206,11 +285,25 @@ class ReasoningMesh:
                  max_tokens: int = 256, secrets_file: str | os.PathLike | None = None,
                  on_rationale: Callable[[Outcome], Any] | None = None, outbox_size: int = 100_000,
                  select: str = "change", seed: int | None = None,
-                 context: zmq.Context | None = None) -> None:
-        if deadline_s <= 0:
-            raise ValueError("deadline_s must be > 0")
-        if ensemble < 1:
-            raise ValueError("ensemble must be >= 1")
+                 context: zmq.Context | None = None, cache_bytes: int = 32 << 20) -> None:
+        workers = check_int("workers", workers, 1, 256)
+        deadline_s = check_real("deadline_s", deadline_s, 0.0, MAX_DEADLINE_S, lo_open=True)
+        queue_size = check_int("queue_size", queue_size, 1, 10_000_000)
+        cache_size = check_int("cache_size", cache_size, 0, 10_000_000)
+        cache_ttl_s = check_real("cache_ttl_s", cache_ttl_s, 0.0, 30 * 86400.0, lo_open=True)
+        cache_bytes = check_int("cache_bytes", cache_bytes, 0, 1 << 40)
+        ensemble = check_int("ensemble", ensemble, 1, 64)
+        ambiguity = check_real("ambiguity", ambiguity, 0.0, 1.0)
+        review_confidence = check_real("review_confidence", review_confidence, 0.0, 1.0)
+        ab_fraction = check_real("ab_fraction", ab_fraction, 0.0, 1.0)
+        max_retries = check_int("max_retries", max_retries, 0, 100)
+        backoff_s = check_real("backoff_s", backoff_s, 0.0, 60.0)
+        heartbeat_s = check_real("heartbeat_s", heartbeat_s, 0.01, 60.0)
+        liveness = check_int("liveness", liveness, 1, 1000)
+        max_tokens = check_int("max_tokens", max_tokens, 1, 1 << 20)
+        outbox_size = check_int("outbox_size", outbox_size, 1, 100_000_000)
+        if seed is not None:
+            check_int("seed", seed, -(1 << 63), (1 << 64) - 1)
         if select not in ("change", "all", "nonhold"):
             raise ValueError("select must be 'change', 'all' or 'nonhold'")
         self._profile_overrides = {k: dict(v) for k, v in (profiles or {}).items()}
@@ -238,8 +331,8 @@ class ReasoningMesh:
         self.secrets_file = os.fspath(secrets_file) if secrets_file is not None else None
         self.workers = int(workers)
         self._spawn = bool(spawn)
-        self.cache = NarrativeCache(cache_size, cache_ttl_s)
-        self._cache_on = cache_size > 0
+        self.cache = NarrativeCache(cache_size, cache_ttl_s, max_bytes=cache_bytes)
+        self._cache_on = cache_size > 0 and cache_bytes > 0
         self.queue = TaskQueue(queue_size)
         self.roster = Roster(balance=balance)
         self.weights = Weights(weights_path)
@@ -260,8 +353,13 @@ class ReasoningMesh:
         self._in = Codec(MeshFromAdapter)
         self._out = Codec(MeshToAdapter)
         self._wake = Doorbell()
-        self._inbox: deque[tuple] = deque()
+        # submit's closed check, inbox bound and doorbell ring happen under this lock, and close
+        # sets _closed under it: no submit rings (or queues) after close has begun
+        self._lock = threading.Lock()
+        self._inbox = _Inbox()
         self._inbox_cap = max(1024, 4 * queue_size)
+        self._evicted: deque[tuple] = deque()  # inbox entries that made room for a more urgent one
+        self._more_work = False  # the last dispatch round stopped at _DISPATCH_MAX
         self._calls: deque[tuple[Callable[[], Any], threading.Event, list]] = deque()
         self._outbox_cap = max(1, int(outbox_size))
         self.outbox: deque[RationaleUpdate] = deque(maxlen=self._outbox_cap)  # oldest dropped (counted)
@@ -271,16 +369,21 @@ class ReasoningMesh:
         self._outq: dict[bytes, list[bytes]] = {}  # per adapter: encoded requests for the next _flush
         self._lost: OrderedDict[bytes, Any] = OrderedDict()  # recently lost adapters, for late replies
         self._timers: list[tuple[float, int, str, int, int]] = []
+        self._dead_timers = 0  # heap entries of finished tasks (lazy deletion; see _compact_timers)
         self._tseq = itertools.count()
         self._last_action: dict[tuple[int, int], int] = {}
         self._children: dict[int, tuple[str, subprocess.Popen, dict]] = {}
+        self._spawned_at: dict[int, float] = {}
+        self._exits: dict[str, int] = {}  # provider -> its adapters' exits in a row
         self._respawn_at: list[tuple[float, str]] = []
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
         self.counts = {"submitted": 0, "completed": 0, "dropped_inbox": 0, "dropped_outbox": 0,
                        "late_replies": 0, "unknown_replies": 0, "adapter_lost": 0, "respawned": 0,
-                       "inline_local": 0, "callback_errors": 0, "rejected_frames": 0, "adapter_config_errors": 0}
+                       "inline_local": 0, "callback_errors": 0, "rejected_frames": 0, "adapter_config_errors": 0,
+                       "adapter_exits": 0, "refused_closed": 0, "evicted_inbox": 0, "ended_by_close": 0,
+                       "truncated_replies": 0, "timers_compacted": 0}
         self.down: dict[str, str] = {}  # provider -> why its spawned adapters are not restarted
         self.by_status: dict[str, int] = {}
         self.provider_extra: dict[str, dict[str, int]] = {}
@@ -318,6 +421,7 @@ class ReasoningMesh:
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         self._children[proc.pid] = (provider, proc, over)
+        self._spawned_at[proc.pid] = time.monotonic()
         return proc
 
     def adapters(self, provider: str | None = None) -> list[dict[str, Any]]:
@@ -343,15 +447,31 @@ class ReasoningMesh:
         return False
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the broker, ask adapters to exit (then terminate, then kill), close sockets."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._thread is not None:
+        """Stop the broker, ask adapters to exit (then terminate, then kill), close sockets.
+
+        Every task not finished yet (queued, in flight, or still in the inbox) ends first, once,
+        with the local narration: status ``fallback``, ``Outcome.reason`` ``closed`` (counted as
+        ``ended_by_close``), through ``on_rationale`` and the outbox. A :meth:`submit` after
+        ``close`` has begun is refused (returns 0)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True  # from here on no submit or _call rings the doorbell
+        t = self._thread
+        if t is not None:
             self._stop.set()
             self._wake.ring()
-            self._thread.join(timeout)
-            self._thread = None
+            if t is not threading.current_thread():  # (close from on_rationale: the loop ends after it)
+                t.join(timeout)
+                if t.is_alive():
+                    log.warning("reasoning broker did not stop within %.1fs", timeout)
+            if not t.is_alive():
+                self._thread = None
+        else:  # never started: this thread owns the broker's state
+            try:
+                self._end_unfinished("closed")
+            except Exception:  # noqa: BLE001 - close must go on
+                log.exception("ending the unfinished tasks failed")
         for _, proc, _ in list(self._children.values()):
             if proc.poll() is None:
                 proc.terminate()
@@ -363,8 +483,9 @@ class ReasoningMesh:
                 proc.kill()
                 proc.wait()
         self._children.clear()
-        self._sock.close(0)
-        self._wake.close()
+        if self._thread is None:  # (a broker that did not stop may still use them)
+            self._sock.close(0)
+            self._wake.close()
 
     def __enter__(self) -> ReasoningMesh:
         return self.start()
@@ -375,26 +496,55 @@ class ReasoningMesh:
     # ---- submission (any thread; never blocks) ------------------------------------------------
     def submit(self, ctx: ReasoningContext, *, request_class: str = "tactical", priority: str | int = "medium",
                deadline_s: float | None = None, ensemble: int | None = None, refine: bool | None = None) -> int:
-        """Queue a rationale for ``ctx``; returns the task id, or 0 when the inbox is full
-        (counted as ``dropped_inbox``). Never blocks, never raises on load."""
-        if self._closed:
-            raise ReasoningError("mesh is closed")
+        """Queue a rationale for ``ctx``; returns the task id, or 0 when refused: the inbox is
+        full (counted as ``dropped_inbox``) or the mesh is closed (``refused_closed``). Never
+        blocks, never raises on load.
+
+        A full inbox makes room for a ``critical`` or ``high`` task by evicting its newest task
+        of the lowest class ranking below it (``evicted_inbox``; that task ends at once with the
+        local narration, status ``fallback``, ``Outcome.reason`` ``evicted``); only when nothing
+        ranks lower is the newcomer refused. ``ctx.features`` is copied here: changing the
+        caller's dict afterwards changes neither the prompt nor the cache key.
+
+        ``deadline_s`` must be in (0, 86400] and ``ensemble`` in [1, 64] (``ValueError``)."""
         if request_class not in REQUEST_CLASSES:
             raise ValueError(f"unknown request class {request_class!r}: use one of {', '.join(REQUEST_CLASSES)}")
         pri = priority_index(priority)
-        if deadline_s is not None and not 0.0 < float(deadline_s) <= 86400.0:
-            raise ValueError(f"deadline_s must be in (0, 86400] seconds, got {deadline_s!r}")
-        if len(self._inbox) >= self._inbox_cap:
-            self.counts["dropped_inbox"] += 1
-            return 0
-        tid = next(self._ids)
-        now = time.monotonic()
-        self._inbox.append((tid, ctx, request_class, pri, now,
-                            now + (self.deadline_s if deadline_s is None else float(deadline_s)),
-                            self.ensemble if ensemble is None else int(ensemble),
-                            self.refine if refine is None else bool(refine)))
-        self._wake.ring()
+        dl = self.deadline_s if deadline_s is None else check_real("deadline_s", deadline_s, 0.0, MAX_DEADLINE_S,
+                                                                     lo_open=True)
+        ens = self.ensemble if ensemble is None else check_int("ensemble", ensemble, 1, 64)
+        ref = self.refine if refine is None else bool(refine)
+        with self._lock:
+            if self._closed:
+                self.counts["refused_closed"] += 1
+                return 0
+            lanes = self._inbox.lanes
+            l0, l1, l2, l3 = lanes
+            if len(l0) + len(l1) + len(l2) + len(l3) >= self._inbox_cap and not self._evict_for(pri):
+                self.counts["dropped_inbox"] += 1
+                return 0
+            ctx = _snapshot(ctx)
+            tid = next(self._ids)
+            now = time.monotonic()
+            lanes[pri].append((tid, ctx, request_class, pri, now, now + dl, ens, ref))
+            self._wake.ring()
         return tid
+
+    def _evict_for(self, pri: int) -> bool:
+        """A full inbox and a critical or high newcomer: move the newest entry of the lowest class
+        ranking below ``pri`` to the evicted list (the broker narrates it). Under ``_lock``."""
+        if pri > 1:
+            return False
+        lanes = self._inbox.lanes
+        for low in range(len(lanes) - 1, pri, -1):
+            try:
+                victim = lanes[low].pop()  # (the broker may have just drained it)
+            except IndexError:
+                continue
+            self._evicted.append(victim)
+            self.counts["evicted_inbox"] += 1
+            return True
+        return False
 
     def submit_signals(self, records: np.ndarray, *, request_class: str = "tactical") -> int:
         """Submit ``SIGNAL_DTYPE`` records as selected by ``select`` (``change``: when a
@@ -452,7 +602,7 @@ class ReasoningMesh:
         """Wait until every submitted task has finished."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if not self._inbox and self._call(lambda: len(self._tasks)) == 0:
+            if not self._inbox and not self._evicted and self._call(lambda: len(self._tasks)) == 0:
                 return True
             time.sleep(0.005)
         return False
@@ -506,6 +656,7 @@ class ReasoningMesh:
             "review": self.review_queue.stats(),
             "ab": self.ab.stats(),
             "adapters_joined": self.roster.joined, "adapters_lost": self.roster.lost,
+            "respawn": dict(self._exits),
             "frames": self._in.stats(),
         }
 
@@ -517,8 +668,16 @@ class ReasoningMesh:
             return fn()
         ev = threading.Event()
         box: list = []
-        self._calls.append((fn, ev, box))
-        self._wake.ring()
+        with self._lock:
+            closing = self._closed
+            if not closing:
+                self._calls.append((fn, ev, box))
+                self._wake.ring()
+        if closing:  # no ring after close has begun: run it once the broker has stopped
+            t.join(timeout)
+            if t.is_alive():
+                raise ReasoningError(f"reasoning broker did not stop within {timeout:.1f}s")
+            return fn()
         if not ev.wait(timeout):
             raise ReasoningError("reasoning broker did not answer within %.1fs" % timeout)
         if box and isinstance(box[0], BaseException):
@@ -535,6 +694,8 @@ class ReasoningMesh:
             wait = next_check - now
             if self._timers:
                 wait = min(wait, self._timers[0][0] - now)
+            if self._more_work:
+                wait = 0.0
             try:
                 events = dict(poller.poll(max(0, int(wait * 1000) + 1) if wait > 0 else 0))
             except zmq.ZMQError:  # pragma: no cover - context terminated
@@ -559,7 +720,42 @@ class ReasoningMesh:
                 self._flush()
             except Exception:  # noqa: BLE001 - the broker must outlive any bug in one task
                 log.exception("reasoning broker iteration failed")
+        self._run_calls()  # (queued before close began)
+        try:
+            self._end_unfinished("closed")
+        except Exception:  # noqa: BLE001 - the adapters must still be told to stop
+            log.exception("reasoning broker: ending the unfinished tasks failed")
         self._shutdown_adapters()
+
+    def _end_unfinished(self, reason: str) -> None:
+        """Finish every task not finished yet (in the inbox, queued, waiting or in flight) with
+        the local narration, status ``fallback`` and ``reason``: each exactly once."""
+        now = time.monotonic()
+        n = 0
+        for lane in self._inbox.lanes:
+            while lane:
+                tid, ctx, rclass, pri, created, deadline, ens, refine = lane.popleft()
+                self.counts["submitted"] += 1
+                n += 1
+                self._finish_local(Task(tid, ctx, rclass, pri, created, deadline, ens, refine, self.max_tokens),
+                                   "fallback", now, reason=reason)
+        self._finish_evicted(now)
+        for task in list(self._tasks.values()):
+            if task.state == "done":
+                continue
+            if task.state == "queued":
+                self.queue.remove(task)
+            n += 1
+            self._finish_local(task, "fallback", now, reason=reason)
+        self.counts["ended_by_close"] += n
+
+    def _finish_evicted(self, now: float) -> None:
+        box = self._evicted
+        while box:
+            tid, ctx, rclass, pri, created, deadline, ens, refine = box.popleft()
+            self.counts["submitted"] += 1
+            self._finish_local(Task(tid, ctx, rclass, pri, created, deadline, ens, refine, self.max_tokens),
+                               "fallback", now, reason="evicted")
 
     def _flush(self) -> None:
         """Send the requests buffered by :meth:`_send`: one multipart message per adapter, several
@@ -666,6 +862,7 @@ class ReasoningMesh:
         for pid, (prov, proc, over) in list(self._children.items()):
             if proc.poll() is not None:
                 del self._children[pid]
+                born = self._spawned_at.pop(pid, now)
                 if self._stop.is_set():
                     continue
                 if proc.returncode == CONFIG_ERROR_EXIT:
@@ -677,9 +874,15 @@ class ReasoningMesh:
                                   "message is above); not restarting it: %s is down, its requests fall back",
                                   prov, pid, CONFIG_ERROR_EXIT, prov)
                     continue
-                log.warning("adapter process %s (pid %d) exited with %s; restarting in 1s", prov, pid,
-                            proc.returncode)
-                self._respawn_at.append((now + 1.0, prov))
+                # capped exponential backoff: an adapter that keeps dying (a crash at start, a
+                # provider that kills it) is not restarted every second forever
+                n = 0 if now - born >= RESPAWN_STABLE_S else self._exits.get(prov, 0)
+                delay = min(RESPAWN_MAX_S, RESPAWN_MIN_S * 2.0 ** min(n, 32))
+                self._exits[prov] = n + 1
+                self.counts["adapter_exits"] += 1
+                log.warning("adapter process %s (pid %d) exited with %s; restarting in %.0fs", prov, pid,
+                            proc.returncode, delay)
+                self._respawn_at.append((now + delay, prov))
         if self._respawn_at and not self._stop.is_set():
             due = [p for t, p in self._respawn_at if t <= now]
             self._respawn_at = [(t, p) for t, p in self._respawn_at if t > now]
@@ -692,9 +895,19 @@ class ReasoningMesh:
 
     # ---- tasks --------------------------------------------------------------------------------
     def _drain_inbox(self) -> None:
-        box = self._inbox
+        if self._evicted:
+            self._finish_evicted(time.monotonic())
+        for box in self._inbox.lanes:  # the most urgent first
+            self._drain_lane(box)
+        pressure = len(self.queue) / self.queue.capacity
+        self.router.pressure = 0.0 if pressure < 0.5 else min(1.0, (pressure - 0.5) * 2)
+
+    def _drain_lane(self, box: deque[tuple]) -> None:
         while box:
-            tid, ctx, rclass, pri, created, deadline, ens, refine = box.popleft()
+            try:
+                tid, ctx, rclass, pri, created, deadline, ens, refine = box.popleft()
+            except IndexError:  # (taken by a submit making room for a more urgent task)
+                return
             self.counts["submitted"] += 1
             task = Task(tid, ctx, rclass, pri, created, deadline, ens, refine, self.max_tokens)
             self._tasks[tid] = task
@@ -714,8 +927,6 @@ class ReasoningMesh:
             victim = self.queue.push(task)
             if victim is not None:
                 self._finish_local(victim, "shed", time.monotonic())
-        pressure = len(self.queue) / self.queue.capacity
-        self.router.pressure = 0.0 if pressure < 0.5 else min(1.0, (pressure - 0.5) * 2)
 
     def _route(self, task: Task, now: float) -> tuple[str, int] | None:
         """Route ``task`` (sets its candidates) and look it up in the narrative cache under its
@@ -740,39 +951,61 @@ class ReasoningMesh:
             return self.cache.get(task.key)
         return None
 
-    def _first_live(self, task: Task, start: int) -> int:
-        """Index of the first candidate from ``start`` with a registered adapter (the last
-        resort always counts as live: it can run inline)."""
-        c = task.candidates
-        last = len(c) - 1
-        for i in range(start, len(c)):
-            if i == last or self.roster.alive(c[i]):
-                return i
-        return last
-
-    def _fits(self, task: Task) -> bool:
-        i = self._first_live(task, task.ci)
-        task.ci = i
-        if i == len(task.candidates) - 1:
-            p = task.candidates[i]
-            return not self.roster.alive(p) or self.roster.has_free(p)
-        return self.roster.has_free(task.candidates[i])
+    def _pick(self, route: tuple[str, ...]) -> int:
+        """Where a queued task with these remaining candidates can start now: the index of the
+        first *live* candidate (an adapter registered, breaker not open, not cooling down) with
+        a free slot; -1 while every live one is busy (it waits for them, its deadline brings
+        the narrator). With no live candidate left before the last, the last (the last resort:
+        inline when no adapter serves it, else when one of them has a free slot)."""
+        roster = self.roster
+        admits = self.router.admits
+        last = len(route) - 1
+        live = False
+        for i in range(last):
+            p = route[i]
+            if roster.alive(p) and admits(p):
+                if roster.has_free(p):
+                    return i
+                live = True
+        if live:
+            return -1
+        p = route[last]
+        return last if not roster.alive(p) or roster.has_free(p) else -1
 
     def _dispatch(self) -> None:
-        if not self.queue.size:
+        """Start queued tasks that can start now, in WFQ then arrival order. Decided per route
+        (see :meth:`_pick`, asked again only for the routes sharing a provider that just took a
+        task), so a backlog for a busy provider costs nothing per round and never holds back a
+        task another candidate could serve."""
+        self._more_work = False
+        q = self.queue
+        if not q.size:
             return
         now = time.monotonic()
-        free = 0
-        for a in self.roster.by_id.values():
-            free += a.hello.max_concurrency - len(a.outstanding)
-        # every slot busy: only tasks that run inline (no adapter serves their last resort) can
-        # start, so a short look at the queue heads is enough
-        for task in self.queue.take(self._fits, limit=min(256, 8 + max(0, free))):
+        memo: dict[tuple[str, ...], int] = {}
+        pick = self._pick
+
+        def runnable(route: tuple[str, ...]) -> bool:
+            i = memo.get(route)
+            if i is None:
+                i = memo[route] = pick(route)
+            return i >= 0
+
+        for _ in range(_DISPATCH_MAX):
+            task = q.take(runnable)
+            if task is None:
+                return
+            task.ci += memo[task.qkey]  # type: ignore[index]
             task.state = "running"
             if task.ensemble > 1:
                 self._start_ensemble(task, now)
             else:
                 self._try_from(task, task.ci, now)
+            if task.pending:  # slots (and maybe half-open probes) were taken: ask those routes again
+                used = {pend[0] for pend in task.pending.values()}
+                for route in [r for r in memo if not used.isdisjoint(r)]:
+                    del memo[route]
+        self._more_work = bool(q.size)
 
     def _start_ensemble(self, task: Task, now: float) -> None:
         sent = 0
@@ -886,14 +1119,20 @@ class ReasoningMesh:
             self._attempt_failed(task, rep.attempt, kind or "server_error", now, rep.retry_after)
             return
         self._extra(provider, "answers")
+        text = rep.text
+        limit = max(MIN_REPLY_CHARS, REPLY_CHARS_PER_TOKEN * task.tokens_out)
+        if len(text) > limit:  # it ignored max_tokens: cut before parsing, caching or publishing
+            text = text[:limit]
+            self.counts["truncated_replies"] += 1
+            self._extra(provider, "truncated")
         prof = self.profiles.get(provider)
         if prof is not None and prof.kind == "local":  # the narrator states the signal's own view
             ctx = task.ctx
             parsed = ParsedReply(direction=action_direction(ctx.action), confidence=ctx.confidence
-                                 if math.isfinite(ctx.confidence) else None, rationale=rep.text, valid=True)
+                                 if math.isfinite(ctx.confidence) else None, rationale=text, valid=True)
         else:
-            parsed = parse_reply(rep.text, prof.style if prof is not None else "narrative")
-        cand = Candidate(provider=provider, text=parsed.rationale or rep.text, parsed=parsed, latency_s=latency,
+            parsed = parse_reply(text, prof.style if prof is not None else "narrative")
+        cand = Candidate(provider=provider, text=parsed.rationale or text, parsed=parsed, latency_s=latency,
                          model_s=rep.model_ms / 1e3)
         if task.ensemble > 1:
             task.replies.append(cand)
@@ -953,7 +1192,29 @@ class ReasoningMesh:
 
     # ---- timers -------------------------------------------------------------------------------
     def _push_timer(self, when: float, kind: str, tid: int, arg: int) -> None:
+        if not when < math.inf:  # NaN or +inf would sit at (or corrupt) the heap's root: fire now
+            log.error("reasoning broker: %s timer of task %d at %r; firing it now", kind, tid, when)
+            when = time.monotonic()
+        task = self._tasks.get(tid)
+        if task is not None:
+            task.ntimers += 1
+        else:
+            self._dead_timers += 1
         heapq.heappush(self._timers, (when, next(self._tseq), kind, tid, arg))
+        self._maybe_compact_timers()
+
+    def _maybe_compact_timers(self) -> None:
+        """Drop the timers of finished tasks once they are more than half of a heap of over 1024
+        (lazy deletion: a finished task's timers otherwise stay until they are due, an hour
+        later for an hour's deadline). Each compaction halves the heap at least: amortized O(1)."""
+        timers = self._timers
+        if self._dead_timers * 2 <= len(timers) or len(timers) <= 1024:
+            return
+        live = self._tasks
+        timers[:] = [e for e in timers if e[3] in live]  # in place: _run_timers may hold the list
+        heapq.heapify(timers)
+        self._dead_timers = 0
+        self.counts["timers_compacted"] += 1
 
     def _run_timers(self, now: float) -> None:
         timers = self._timers
@@ -961,7 +1222,9 @@ class ReasoningMesh:
             _, _, kind, tid, arg = heapq.heappop(timers)
             task = self._tasks.get(tid)
             if task is None or task.state == "done":
+                self._dead_timers -= 1
                 continue
+            task.ntimers -= 1
             try:
                 self._timer(task, kind, tid, arg, now)
             except Exception:  # noqa: BLE001 - one task's bug must not stop the others' timers
@@ -1006,8 +1269,21 @@ class ReasoningMesh:
         if not task.replies:
             self._finish_local(task, "fallback", now)
             return
-        ranked = rerank(task.replies, task.ctx.action, self.weights.values)
+        # routing order, not arrival order: ties go to the earlier candidate, whatever answered first
+        order = {p: i for i, p in enumerate(task.candidates)}
+        replies = sorted(task.replies, key=lambda c: order.get(c.provider, len(order)))
+        weights = {c.provider: self._weight(c.provider) for c in replies}
+        ranked = rerank(replies, task.ctx.action, weights)
         self._complete(task, ranked.winner, now, "ok", agreeing=ranked.agreeing, conflict=ranked.conflict)
+
+    def _weight(self, provider: str) -> float:
+        """A provider's ensemble weight: the policy's ``[limits.NAME] weight`` times the weight
+        review decisions gave it (both 1.0 when unset)."""
+        try:
+            w = self.router.weight(provider)
+        except KeyError:
+            w = 1.0
+        return w * self.weights.get(provider)
 
     def _complete(self, task: Task, cand: Candidate, now: float, status: str, *, agreeing: int | None = None,
                   conflict: bool = False) -> None:
@@ -1017,7 +1293,8 @@ class ReasoningMesh:
         if task.key is not None and status == "ok" and task.key[3] == cand.provider:
             self.cache.put(task.key, (cand.text, agreeing))
         reason = None
-        if cand.provider == self.config.last_resort:
+        prof = self.profiles.get(cand.provider)
+        if cand.provider == self.config.last_resort or (prof is not None and prof.kind == "local"):
             pass  # the narrator restates the signal: nothing for a person to review
         elif conflict:
             reason = "conflict"
@@ -1033,7 +1310,7 @@ class ReasoningMesh:
         self._deliver(task, status, cand.text, cand.provider, now, agreeing=agreeing, conflict=conflict,
                       model_s=cand.model_s)
 
-    def _finish_local(self, task: Task, status: str, now: float) -> None:
+    def _finish_local(self, task: Task, status: str, now: float, *, reason: str = "") -> None:
         self.counts["inline_local"] += 1
         try:
             text = narrate(task.ctx)
@@ -1041,13 +1318,16 @@ class ReasoningMesh:
             log.exception("narrator failed on task %d", task.id)
             text = _FALLBACK_TEXT
         self._extra(self.config.last_resort, "answers")
-        self._deliver(task, status, text, self.config.last_resort, now, agreeing=0, conflict=False)
+        self._deliver(task, status, text, self.config.last_resort, now, agreeing=0, conflict=False, reason=reason)
 
     def _deliver(self, task: Task, status: str, text: str, provider: str, now: float, *, agreeing: int,
-                 conflict: bool, model_s: float = 0.0) -> None:
+                 conflict: bool, model_s: float = 0.0, reason: str = "") -> None:
         task.state = "done"
         task.pending.clear()  # abandoned attempts keep their slots until their (late) replies
-        self._tasks.pop(task.id, None)
+        if self._tasks.pop(task.id, None) is not None and task.ntimers:
+            self._dead_timers += task.ntimers  # its timers are dead weight now
+            task.ntimers = 0
+            self._maybe_compact_timers()
         ctx = task.ctx
         upd = RationaleUpdate(signal_id=ctx.signal_id, instrument=ctx.instrument, timeframe=ctx.timeframe,
                               text=text[: 1 << 20], provider=provider[:256], ts=time.time_ns())
@@ -1064,7 +1344,7 @@ class ReasoningMesh:
             try:
                 self.on_rationale(Outcome(update=upd, task_id=task.id, status=status, provider=provider,
                                           attempts=task.attempt, latency_s=latency, agreeing=agreeing,
-                                          conflict=conflict, arm=task.arm, model_s=model_s))
+                                          conflict=conflict, arm=task.arm, model_s=model_s, reason=reason))
             except Exception:  # noqa: BLE001 - a callback bug must not stop the broker
                 self.counts["callback_errors"] += 1
                 log.exception("on_rationale raised")

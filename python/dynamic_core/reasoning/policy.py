@@ -72,6 +72,12 @@ RequestClass = Literal["tactical", "deep", "multilingual", "regional-CN", "numer
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0.0)]
+# every number has a finite upper bound: an infinity (TOML's ``inf``) would bench a provider
+# forever after one failure, or disable a filter for good
+_DAY_S = 86400.0
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=_DAY_S)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=10**15)]
+MAX_WEIGHT = 1000.0
 
 
 class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -93,7 +99,7 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     request_class: RequestClass = "*"
     persona: Name | None = None
     asset_class: Name | None = None
-    max_deadline_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    max_deadline_ms: Annotated[int, msgspec.Meta(ge=0, le=int(_DAY_S * 1000))] | None = None
     candidates: Annotated[tuple[Name, ...], msgspec.Meta(min_length=1, max_length=64)]
 
     @property
@@ -121,16 +127,20 @@ class ProviderLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     personas : tuple[str, ...] | None
         Personas it may speak as (``None``: the profile's ``personas``; ``"*"``: any).
     weight : float
-        Its ensemble weight (not used for routing; read with :meth:`Router.weight`).
+        Its ensemble weight, in [0, 1000]: an ensemble reply's rerank score is multiplied by it
+        (and by the weight review decisions gave the provider). Not used for routing; read with
+        :meth:`Router.weight`.
+
+    Counts are at most 10**15 and ``daily_usd`` at most 1e12 (a finite number).
     """
 
-    daily_tokens: NonNegInt | None = None
-    daily_usd: NonNegFloat | None = None
-    rpm: NonNegInt | None = None
-    tpm: NonNegInt | None = None
+    daily_tokens: Count | None = None
+    daily_usd: Annotated[float, msgspec.Meta(ge=0.0, le=1e12)] | None = None
+    rpm: Count | None = None
+    tpm: Count | None = None
     asset_classes: tuple[Name, ...] | None = None
     personas: tuple[Name, ...] | None = None
-    weight: NonNegFloat = 1.0
+    weight: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_WEIGHT)] = 1.0
 
 
 class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -140,13 +150,16 @@ class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     recorded and ``failure_pct`` % or more of them failed. Open -> half-open ``open_s`` later,
     when up to ``half_open_probes`` attempts may start; the first probe result decides: success
     closes (with an empty window), failure opens again for another ``open_s``.
+
+    ``window_s`` and ``open_s`` are at most a day (86400 s); ``min_requests`` and
+    ``half_open_probes`` at most 10**6.
     """
 
     failure_pct: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)] = 50.0
-    min_requests: Annotated[int, msgspec.Meta(ge=1)] = 10
-    window_s: Annotated[float, msgspec.Meta(gt=0.0)] = 60.0
-    open_s: NonNegFloat = 30.0
-    half_open_probes: Annotated[int, msgspec.Meta(ge=1)] = 1
+    min_requests: Annotated[int, msgspec.Meta(ge=1, le=10**6)] = 10
+    window_s: Annotated[float, msgspec.Meta(gt=0.0, le=_DAY_S)] = 60.0
+    open_s: Seconds = 30.0
+    half_open_probes: Annotated[int, msgspec.Meta(ge=1, le=10**6)] = 1
 
 
 class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -161,30 +174,33 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     fallback_cap : int
         Most candidates tried per task, ``last_resort`` not counted.
     cooldown_failures, cooldown_s : int, float
-        That many consecutive failures bench a provider for ``cooldown_s``.
+        That many consecutive failures bench a provider for ``cooldown_s`` (at most a day).
     max_retry_after_s : float
         Longest a ``Retry-After`` benches a provider (a longer one counts as this long), so a
-        server asking for hours, or for a date in the year 9999, cannot disable it for good.
+        server asking for hours, or for a date in the year 9999, cannot disable it for good
+        (at most a day itself).
     breaker : BreakerConfig
     default_candidates : tuple[str, ...]
         Candidates when no rule matches.
     last_resort : str
-        Appended to every route and never filtered (the zero-cost local narrator).
+        Appended to every route and never filtered (no budget, breaker or cooldown applies),
+        so it must name a provider of kind ``local`` (the zero-cost narrator): the
+        :class:`Router` refuses any other.
     throttle_margin : float
         A candidate is dropped when the task's remaining deadline is below its expected
-        latency times this.
+        latency times this (in (0, 1000]).
     """
 
     rules: tuple[Rule, ...] = ()
     limits: dict[Name, ProviderLimits] = msgspec.field(default_factory=dict)
     fallback_cap: Annotated[int, msgspec.Meta(ge=0, le=64)] = 3
-    cooldown_failures: Annotated[int, msgspec.Meta(ge=1)] = 3
-    cooldown_s: NonNegFloat = 30.0
-    max_retry_after_s: NonNegFloat = 300.0
+    cooldown_failures: Annotated[int, msgspec.Meta(ge=1, le=10**6)] = 3
+    cooldown_s: Seconds = 30.0
+    max_retry_after_s: Seconds = 300.0
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
     default_candidates: tuple[Name, ...] = ("local",)
     last_resort: Name = "local"
-    throttle_margin: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
+    throttle_margin: Annotated[float, msgspec.Meta(gt=0.0, le=1000.0)] = 1.0
 
 
 DEFAULT_POLICY_TOML = """\
@@ -502,7 +518,7 @@ class Router:
     ------
     PolicyError
         A provider named in the rules, limits, ``default_candidates`` or ``last_resort`` that
-        is not in ``profiles``.
+        is not in ``profiles``, or a ``last_resort`` whose profile is not of kind ``local``.
 
     Notes
     -----
@@ -526,6 +542,12 @@ class Router:
             if name not in profiles:
                 raise PolicyError(f"routing policy: unknown provider {name!r} in {where}; known are "
                                   f"{', '.join(profiles)}")
+        lr = profiles[config.last_resort]
+        if lr.kind != "local":
+            # the last resort bypasses budgets, breaker and cooldown: a paid one would spend
+            # without limit and keep being asked while it fails
+            raise PolicyError(f"routing policy: last_resort must name a provider of kind 'local' (the "
+                              f"narrator), but {config.last_resort!r} is {lr.kind!r}")
         no_limits = ProviderLimits()
         self._p: dict[str, _Provider] = {
             n: _Provider(p, config.limits.get(n, no_limits), n == config.last_resort)

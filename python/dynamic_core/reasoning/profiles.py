@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
+from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 
 from ..errors import PolicyError
 
-__all__ = ["BUILTIN_PROFILES", "LATENCY_CLASSES", "PROVIDERS", "ProviderProfile", "load_profiles", "profile"]
+__all__ = ["BUILTIN_PROFILES", "LATENCY_CLASSES", "PROVIDERS", "ProviderProfile", "check_base_url", "load_profiles",
+           "profile"]
 
 LATENCY_CLASSES = ("instant", "fast", "standard", "slow")
 """Latency classes, fastest first (``instant``: no model behind it, e.g. the local narrator)."""
@@ -144,11 +146,35 @@ PROVIDERS: tuple[str, ...] = tuple(n for n in BUILTIN_PROFILES if n != "local")
 """The ten named remote providers."""
 
 
+def check_base_url(name: str, base_url: str) -> SplitResult:
+    """``base_url`` of provider ``name`` split, or :class:`~dynamic_core.errors.PolicyError`
+    unless it is ``http(s)://host[:port][/path]`` without credentials (a key belongs in
+    ``api_key_env``; the message never quotes a URL's credentials)."""
+    from .secrets import redact
+
+    try:
+        url = urlsplit(base_url)
+        host = url.hostname
+    except ValueError:  # e.g. an unbalanced IPv6 bracket
+        url, host = None, None
+    if url is None or url.scheme not in ("http", "https") or not host:
+        shown = redact(base_url.rsplit("@", 1)[-1]) if "@" in base_url else redact(base_url)
+        raise PolicyError(f"provider {name!r}: base_url must be http(s)://host[:port][/path], got {shown!r}")
+    if url.username is not None or url.password is not None:
+        raise PolicyError(f"provider {name!r}: base_url must not carry credentials; give the key through api_key_env")
+    try:
+        _ = url.port
+    except ValueError:
+        raise PolicyError(f"provider {name!r}: bad port in base_url") from None
+    return url
+
+
 def profile(name: str, overrides: Mapping[str, Any] | None = None) -> ProviderProfile:
     """The profile called ``name`` with ``overrides`` applied (validated like a config file).
 
     Raises :class:`~dynamic_core.errors.PolicyError` for an unknown name without ``base_url``
-    and ``model``, an unknown field or a value out of range.
+    and ``model``, an unknown field, a value out of range, or (``openai-compatible``) a
+    ``base_url`` that is not ``http(s)://host[:port][/path]`` or that carries credentials.
     """
     base = BUILTIN_PROFILES.get(name)
     fields: dict[str, Any] = msgspec.structs.asdict(base) if base is not None else {"name": name}
@@ -161,9 +187,12 @@ def profile(name: str, overrides: Mapping[str, Any] | None = None) -> ProviderPr
         raise PolicyError(f"unknown provider {name!r}: built in are {known}; a new provider needs "
                           "base_url and model")
     try:
-        return msgspec.convert(fields, ProviderProfile)
+        prof = msgspec.convert(fields, ProviderProfile)
     except msgspec.ValidationError as e:
         raise PolicyError(f"provider {name!r}: {e}") from None
+    if prof.kind == "openai-compatible":
+        check_base_url(name, prof.base_url)  # refused here, not by every adapter process at start
+    return prof
 
 
 def load_profiles(config: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, ProviderProfile]:

@@ -2,13 +2,18 @@
 
 A :class:`Task` is one rationale to write (one signal). It waits in the :class:`TaskQueue`
 (four priority classes served by weighted fair queueing: critical 8, high 4, medium 2, low 1)
-until an adapter of one of its candidate providers has a free slot. The queue is bounded: when
-it is full, the newest task of the lowest non-empty priority is shed (or the incoming one, when
-nothing queued ranks lower). Everything here runs on the broker thread only.
+until one of its candidate providers can take it. Queued tasks are grouped by their remaining
+candidate list (their *route*), so the broker decides per route, not per task, whether a task
+can start now: a backlog waiting for one busy provider never hides a task another provider
+could serve at once, and a round costs O(routes), not O(queued tasks). Among the tasks that
+can start, the WFQ order of their classes decides, then arrival order. The queue is bounded:
+when it is full, the newest task of the lowest non-empty priority is shed (or the incoming
+one, when nothing queued ranks lower). Everything here runs on the broker thread only.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,7 +41,8 @@ class Task:
 
     __slots__ = ("id", "ctx", "rclass", "priority", "created", "deadline", "total_s", "candidates", "ci",
                  "tries_here", "attempt", "state", "pending", "replies", "ensemble", "used", "arm",
-                 "refine", "stage", "draft", "tokens_out", "est_in", "key", "reserve")
+                 "refine", "stage", "draft", "tokens_out", "est_in", "key", "reserve", "qkey", "qseq",
+                 "ntimers")
 
     def __init__(self, id: int, ctx: ReasoningContext, rclass: str, priority: int, created: float,
                  deadline: float, ensemble: int, refine: bool, tokens_out: int) -> None:
@@ -65,21 +71,30 @@ class Task:
         self.tokens_out = tokens_out
         self.est_in = 0
         self.key: Any = None
+        self.qkey: tuple[str, ...] | None = None  # its route while queued (TaskQueue)
+        self.qseq = 0  # arrival order in the queue
+        self.ntimers = 0  # its entries in the broker's timer heap
 
     def remaining(self, now: float) -> float:
         return self.deadline - now
 
 
 class TaskQueue:
-    """Bounded weighted-fair queue over the four priority classes."""
+    """Bounded weighted-fair queue over the four priority classes, grouped by route.
+
+    ``groups`` maps a route (the task's remaining candidates, ``tuple(candidates[ci:])``) to
+    one FIFO per class. The broker tells :meth:`take` which routes can start a task now and
+    at which of their candidates (see ``ReasoningMesh._pick``)."""
 
     def __init__(self, capacity: int = 1000) -> None:
         if capacity < 1:
             raise ValueError("queue capacity must be >= 1")
         self.capacity = int(capacity)
-        self.lanes: tuple[deque[Task], ...] = tuple(deque() for _ in PRIORITIES)
+        self.groups: dict[tuple[str, ...], tuple[deque[Task], ...]] = {}
+        self.counts = [0] * len(PRIORITIES)  # queued tasks per class
         self._vt = [0.0] * len(PRIORITIES)
         self._now_vt = 0.0
+        self._seq = itertools.count()
         self.size = 0
         self.shed = [0] * len(PRIORITIES)
         self.served = [0] * len(PRIORITIES)
@@ -88,69 +103,97 @@ class TaskQueue:
         return self.size
 
     def push(self, task: Task) -> Task | None:
-        """Queue ``task``; returns the task shed to make room (possibly ``task`` itself)."""
+        """Queue ``task`` (its ``candidates`` and ``ci`` set); returns the task shed to make
+        room (possibly ``task`` itself)."""
         victim = None
         if self.size >= self.capacity:
-            low = max((i for i, lane in enumerate(self.lanes) if lane), default=-1)
+            low = max((i for i, n in enumerate(self.counts) if n), default=-1)
             if low <= task.priority:  # nothing queued ranks lower than the newcomer: refuse it
                 self.shed[task.priority] += 1
                 return task
-            victim = self.lanes[low].pop()  # the newest of the lowest class
-            self.size -= 1
+            victim = self._pop_newest(low)
             self.shed[low] += 1
-        lane = self.lanes[task.priority]
-        if not lane:  # (re)activated class: starts at the current virtual time
-            self._vt[task.priority] = max(self._vt[task.priority], self._now_vt)
-        lane.append(task)
+        cls = task.priority
+        if not self.counts[cls]:  # (re)activated class: starts at the current virtual time
+            self._vt[cls] = max(self._vt[cls], self._now_vt)
+        key = tuple(task.candidates[task.ci:])
+        lanes = self.groups.get(key)
+        if lanes is None:
+            lanes = self.groups[key] = tuple(deque() for _ in PRIORITIES)
+        lanes[cls].append(task)
+        task.qkey = key
+        task.qseq = next(self._seq)
+        self.counts[cls] += 1
         self.size += 1
         task.state = "queued"
         return victim
 
+    def _pop_newest(self, cls: int) -> Task:
+        """Take out the newest queued task of class ``cls`` (which has one)."""
+        best_key = None
+        best_seq = -1
+        for key, lanes in self.groups.items():
+            lane = lanes[cls]
+            if lane and lane[-1].qseq > best_seq:
+                best_key, best_seq = key, lane[-1].qseq
+        assert best_key is not None
+        lanes = self.groups[best_key]
+        t = lanes[cls].pop()
+        self._unlink(t, best_key, lanes)
+        t.state = "shed"
+        return t
+
+    def _unlink(self, task: Task, key: tuple[str, ...], lanes: tuple[deque[Task], ...]) -> None:
+        self.counts[task.priority] -= 1
+        self.size -= 1
+        if not any(lanes):
+            del self.groups[key]
+
     def order(self) -> Iterator[int]:
         """Classes in the order WFQ serves them now (non-empty only)."""
-        active = [i for i, lane in enumerate(self.lanes) if lane]
+        active = [i for i, n in enumerate(self.counts) if n]
         # smallest virtual finish time first (start tag + 1/weight), ties to the higher priority
         active.sort(key=lambda i: (self._vt[i] + 1.0 / WEIGHTS[i], i))
         return iter(active)
 
-    def take(self, fits: Callable[[Task], bool], limit: int = 64) -> Iterator[Task]:
-        """Yield queued tasks in WFQ order that ``fits`` accepts, removing them, scanning at
-        most ``limit`` tasks; tasks it declines stay queued in their place."""
-        scanned = 0
-        while scanned < limit and self.size:
-            progressed = False
-            for cls in self.order():
-                lane = self.lanes[cls]
-                skipped: list[Task] = []
-                picked = None
-                while lane and scanned < limit:
-                    t = lane.popleft()
-                    scanned += 1
-                    if fits(t):
-                        picked = t
-                        break
-                    skipped.append(t)
-                lane.extendleft(reversed(skipped))
-                if picked is not None:
-                    self.size -= 1
-                    self._now_vt = self._vt[cls]  # the system's virtual time: the served start tag
-                    self._vt[cls] += 1.0 / WEIGHTS[cls]
-                    self.served[cls] += 1
-                    picked.state = "taken"
-                    progressed = True
-                    yield picked
-                    break  # re-evaluate the WFQ order after each pick
-            if not progressed:
-                return
+    def take(self, runnable: Callable[[tuple[str, ...]], bool]) -> Task | None:
+        """Remove and return the next task to start: the first in WFQ order of classes, then
+        arrival, among the routes ``runnable`` accepts (asked once per route); None when no
+        queued task can start. A taken task keeps its route in ``qkey``."""
+        ok = [lanes for key, lanes in self.groups.items() if runnable(key)]
+        if not ok:
+            return None
+        for cls in self.order():
+            best = None
+            for lanes in ok:
+                lane = lanes[cls]
+                if lane and (best is None or lane[0].qseq < best[0].qseq):
+                    best = lane
+            if best is None:
+                continue
+            t = best.popleft()
+            self._unlink(t, t.qkey, self.groups[t.qkey])  # type: ignore[index]
+            self._now_vt = self._vt[cls]  # the system's virtual time: the served start tag
+            self._vt[cls] += 1.0 / WEIGHTS[cls]
+            self.served[cls] += 1
+            t.state = "taken"
+            return t
+        return None
+
+    def tasks(self) -> list[Task]:
+        """Every queued task (any order)."""
+        return [t for lanes in self.groups.values() for lane in lanes for t in lane]
 
     def remove(self, task: Task) -> None:
         """Take a queued task out (its deadline came before a slot did)."""
-        self.lanes[task.priority].remove(task)
-        self.size -= 1
+        key = task.qkey
+        lanes = self.groups[key]  # type: ignore[index]
+        lanes[task.priority].remove(task)
+        self._unlink(task, key, lanes)  # type: ignore[arg-type]
         task.state = "expired"
 
     def stats(self) -> dict[str, Any]:
-        return {"queued": self.size, "capacity": self.capacity,
-                "by_priority": {p: len(self.lanes[i]) for i, p in enumerate(PRIORITIES)},
+        return {"queued": self.size, "capacity": self.capacity, "routes": len(self.groups),
+                "by_priority": {p: self.counts[i] for i, p in enumerate(PRIORITIES)},
                 "shed": {p: self.shed[i] for i, p in enumerate(PRIORITIES)},
                 "served": {p: self.served[i] for i, p in enumerate(PRIORITIES)}}

@@ -11,8 +11,9 @@ heartbeats every ``heartbeat_s`` (with its in-flight count), and answers each
 * ``local`` (the template narrator) answers inline on the socket thread: no model, no cost.
 
 Errors become ``ok=False`` replies with an :class:`~dynamic_core.errors.AdapterError` kind and a
-message from which every secret the adapter knows has been removed; the process's log records
-are redacted the same way. The adapter exits on :class:`~dynamic_core.payloads.MeshShutdown`,
+message from which every secret the adapter knows has been removed; a successful reply's text and
+model name are redacted the same way (a provider may echo the key it was sent), and so are the
+process's log records. The adapter exits on :class:`~dynamic_core.payloads.MeshShutdown`,
 SIGTERM/SIGINT, or, with ``parent_pid``, when that process is gone.
 """
 
@@ -28,7 +29,7 @@ from typing import Any
 
 import zmq
 
-from ..errors import AdapterError, DynamicCoreError, PayloadError
+from ..errors import AdapterError, DynamicCoreError, PayloadError, PolicyError
 from ..payloads import (
     AdapterBeat,
     AdapterBye,
@@ -45,7 +46,7 @@ from ..payloads import (
 from ..transport._common import readable
 from .profiles import ProviderProfile
 
-__all__ = ["AdapterWorker", "serve"]
+__all__ = ["CONFIG_ERROR_EXIT", "AdapterWorker", "serve"]
 
 log = logging.getLogger("dynamic_core.reasoning.adapter")
 
@@ -54,6 +55,21 @@ HELLO_EVERY_S = 2.0
 
 POLL_MAX_S = 0.2
 """Longest socket wait: a SIGTERM/SIGINT handler only sets a flag, which the loop sees this soon."""
+
+CONFIG_ERROR_EXIT = 2
+"""Exit status of ``dynamic-core adapter`` for bad arguments or configuration (secrets file,
+profile, address, API key): such an adapter is not restarted, since it would fail the same way.
+(Also :data:`dynamic_core.reasoning.mesh.CONFIG_ERROR_EXIT`.)"""
+
+REPLY_CHARS_PER_TOKEN = 16
+MIN_REPLY_CHARS = 4096
+"""A reply's text is cut to ``max(MIN_REPLY_CHARS, REPLY_CHARS_PER_TOKEN * max_tokens)``
+characters by the broker (``truncated_replies``) before it is parsed, cached or published: a
+provider that ignores ``max_tokens`` cannot make it hold megabytes per rationale. The adapter
+sends at most one character more (so the broker still sees and counts the excess), redacted."""
+
+JOIN_S = 1.0
+"""How long :meth:`AdapterWorker.close` waits for its request threads, all of them together."""
 
 
 class AdapterWorker:
@@ -110,6 +126,9 @@ class AdapterWorker:
         from .secrets import Secret
 
         self._secrets = [Secret(api_key) if isinstance(api_key, str) else api_key] if api_key else []
+        # the keys' values, longest first, as redact() uses them (shorter ones would match words)
+        self._key_values = sorted({v for v in (k.reveal() for k in self._secrets) if len(v) >= 4}, key=len,
+                                  reverse=True)
 
     # ---- request execution --------------------------------------------------------------------
     def _answer_local(self, req: ReasonRequest) -> ReasonReply:
@@ -140,9 +159,23 @@ class AdapterWorker:
         except Exception as e:  # noqa: BLE001 - a client bug must not lose the request
             return ReasonReply(task_id=req.task_id, attempt=req.attempt, ok=False, error_kind="connection",
                                error=redact(f"{type(e).__name__}: {e}", self._secrets)[:2000])
-        return ReasonReply(task_id=req.task_id, attempt=req.attempt, ok=True, text=c.text[:1 << 20],
-                           model=c.model[:256], tokens_in=max(0, min(int(c.tokens_in), 2**32 - 1)),
+        # a provider may echo what it was sent, the key included: no key leaves in a reply
+        limit = min(1 << 20, max(MIN_REPLY_CHARS, REPLY_CHARS_PER_TOKEN * req.max_tokens) + 1)
+        return ReasonReply(task_id=req.task_id, attempt=req.attempt, ok=True, text=self._clip(c.text, limit),
+                           model=self._clip(c.model, 256), tokens_in=max(0, min(int(c.tokens_in), 2**32 - 1)),
                            tokens_out=max(0, min(int(c.tokens_out), 2**32 - 1)), model_ms=c.latency_s * 1e3)
+
+    def _clip(self, text: str, n: int) -> str:
+        """``text`` with every key this adapter knows replaced by ``***``, cut to ``n``
+        characters. The replacement sees a window longer than ``n`` by the longest key, so a key
+        straddling the cut is replaced whole, not left half there. Only the keys themselves: the
+        generic patterns :func:`~dynamic_core.reasoning.secrets.redact` adds for error messages
+        (``sk-...``, ``Bearer ...``) would garble a rationale's "risk-adjusted" or "bearer bonds"."""
+        keys = self._key_values
+        out = text[:n + (len(keys[0]) if keys else 0)]
+        for k in keys:
+            out = out.replace(k, "***")
+        return out[:n]
 
     def _pool_thread(self) -> None:
         from .client import OpenAICompatibleClient
@@ -302,8 +335,11 @@ class AdapterWorker:
         self._stop.set()
 
     def close(self) -> None:
+        # one deadline for every request thread (a hung request holds its thread until its own
+        # timeout; they are daemons and die with the process): not JOIN_S per thread
+        end = time.monotonic() + JOIN_S
         for t in self._threads:
-            t.join(timeout=1.0)
+            t.join(timeout=max(0.0, end - time.monotonic()))
         self._done_pull.close(0)
         self.sock.close()
 
@@ -312,14 +348,21 @@ def serve(provider: str, connect: str, *, overrides: dict[str, Any] | None = Non
           secrets_file: str | None = None, heartbeat_s: float = 0.1, parent_pid: int | None = None) -> int:
     """Run one adapter process until shutdown (what ``dynamic-core adapter`` calls).
 
-    Returns 0 after a shutdown and 1 when serving failed; a bad profile, secrets file or address
-    raises before serving starts (the command line turns that into exit status 2, which a
+    Returns 0 after a shutdown and 1 when serving failed; a bad profile (a ``base_url`` the HTTP
+    client refuses included), secrets file, API key or address raises before serving starts (the
+    command line turns that into exit status :data:`CONFIG_ERROR_EXIT`, which a
     :class:`~dynamic_core.reasoning.ReasoningMesh` does not restart)."""
     from .profiles import profile as make_profile
     from .secrets import RedactingFilter, api_key
 
     prof = make_profile(provider, overrides)
     key = api_key(prof, secrets_file=secrets_file) if prof.kind != "local" else None
+    if prof.kind != "local":
+        from .client import OpenAICompatibleClient
+
+        # what the client refuses (a base_url, a key no header can carry) is configuration:
+        # raised here it exits 2, not 1 from inside run(), which a mesh would restart forever
+        OpenAICompatibleClient(prof, key).close()
     RedactingFilter([key] if key else []).install()  # the root logger and its handlers
     if prof.kind != "local" and prof.api_key_env and not key:
         log.warning("provider %s: no API key in $%s or the secrets file; requests will fail with 'auth'",
@@ -334,6 +377,9 @@ def serve(provider: str, connect: str, *, overrides: dict[str, Any] | None = Non
         signal.signal(signal.SIGINT, _term)
     try:
         return worker.run()
+    except PolicyError as e:  # a profile the client refuses: it would fail the same way again
+        log.error("adapter %s stopped: %s", prof.name, e)
+        return CONFIG_ERROR_EXIT
     except (DynamicCoreError, OSError, ValueError, zmq.ZMQError) as e:
         # 1, not the command line's 2: exit 2 tells a mesh "configuration error, do not restart",
         # and a failure while serving is worth a restart
