@@ -721,7 +721,9 @@ def test_service_across_processes(keys: Path, peers: list[Peer]) -> None:
         assert ctl.swap_persona("contrarian").result == {"persona": "contrarian"}
     out, _ = svc.finish()
     final = json.loads(out.strip().splitlines()[-1])
-    assert final["journaled"] == final["commands"] == 8 and final["errors"] == 2
+    # 8 commands: the two refusals are refused before they are journaled or applied, and the two
+    # health queries change nothing, so they are applied but not journaled
+    assert final["journaled"] == 4 and final["commands"] == 6 and final["errors"] == 2
 
 
 def test_service_throttle_and_pause_in_process(tmp_path: Path) -> None:
@@ -874,7 +876,7 @@ def test_cli_run_serves_a_market_feed_with_control(tmp_path: Path, keys: Path, p
     bars_addr, sig_addr = f"ipc://{tmp_path / 'bars.sock'}", f"ipc://{tmp_path / 'sig.sock'}"
     run = Peer("run", "--agents", "300", "--instruments", "EURUSD,GBPUSD", "--feed", bars_addr, "--publish", sig_addr,
                "--heartbeat", "0.05", "--control", "tcp://127.0.0.1:*", "--server-key", str(keys / "server.key_secret"),
-               "--authorized", str(keys / "clients"), module=True)
+               "--authorized", str(keys / "clients"), "--journal", str(tmp_path / "journal"), module=True)
     peers.append(run)
     lines = [run.proc.stdout.readline() for _ in range(4)]  # the banner names the endpoints
     control = next(x.split()[2] for x in lines if x.strip().startswith("control"))
@@ -887,10 +889,20 @@ def test_cli_run_serves_a_market_feed_with_control(tmp_path: Path, keys: Path, p
         while sub.signals_received < 80:
             assert sub.recv(timeout=TIMEOUT) is not None
         assert ctl.health().result["engine"]["bars_in"] == 80
+        # snapshots are confined to a directory by default (with --journal: JOURNAL/snapshots)
+        snap = ctl.snapshot("s1")
+        assert snap.ok and Path(snap.result["path"]) == (tmp_path / "journal" / "snapshots" / "s1.npy").resolve()
+        for outside in (str(tmp_path / "abs"), "../escape", "../../x"):
+            r = ctl.snapshot(outside)
+            assert not r.ok and "leaves the snapshot directory" in r.error
     run.proc.send_signal(signal.SIGINT)  # serves until interrupted
     out, err = run.proc.communicate(timeout=TIMEOUT)
     assert run.proc.returncode == 130, err
-    assert "signals 80, published 80;" in out and "control commands 1;" in out
+    assert "signals 80, published 80;" in out and "control commands 2;" in out  # the refusals never applied
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bars.sock", "journal", "sig.sock"]
+    assert dc.journal.verify(tmp_path / "journal").status == "ok"
+    p = _cli("run", "--bars", "5", "--snapshot-dir", str(tmp_path / "s"))
+    assert p.returncode == 2 and "--snapshot-dir only makes sense with --control" in p.stderr
 
 
 
@@ -926,3 +938,453 @@ def test_topics_are_bounded() -> None:
     finally:
         sub.close()
         pub.close(0)
+
+
+# ---- service: limits, shutdown, hooks, replay, retries, peers, keys ---------------------------
+
+def _clean(n: int, seed: int = 3) -> np.ndarray:
+    """2n bars of two instruments, all valid."""
+    return dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], timeframe="H1", seed=seed).bars(n)
+
+
+def _until(pred, timeout: float = TIMEOUT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
+        time.sleep(0.005)
+
+
+def test_throttle_is_bounded_and_a_dead_loop_is_reported(tmp_path: Path, caplog) -> None:
+    import logging
+
+    # over the wire: infinity (and anything above MAX_BARS_PER_S) and NaN do not decode
+    for v in (float("inf"), 1e308, float("nan"), -1.0):
+        with pytest.raises(dc.errors.PayloadError):
+            P.decode_command(msgspec.msgpack.encode({"type": "set_throttle", "max_bars_per_s": v}))
+    assert P.decode_command(msgspec.msgpack.encode({"type": "set_throttle", "max_bars_per_s": P.MAX_BARS_PER_S}))
+
+    def on_reject(rej: P.Reject) -> None:
+        raise OSError("dead-letter disk full")
+
+    with dc.Engine(population(), threads=1) as eng:
+        ingress = T.MarketIngress(f"ipc://{tmp_path / 'in.sock'}", on_reject=on_reject)
+        svc = T.EngineService(eng, ingress=ingress, on_signals=lambda s: None, idle_timeout=0.005)
+        with svc, T.MarketSender(ingress.endpoint) as tx:
+            # built in-process, a bad rate is refused by apply as well, and changes nothing
+            for v in (float("inf"), float("nan"), -1.0, 1e13):
+                with pytest.raises(dc.errors.CommandRefused, match="max_bars_per_s"):
+                    svc.apply(P.SetThrottle(max_bars_per_s=v))
+            assert svc.max_bars_per_s == 0.0
+            svc.max_bars_per_s = float("inf")  # set by hand: the token bucket must not overflow
+            svc.start()
+            tx.send(_clean(10))
+            _until(lambda: svc.bars_submitted == 20, what="bars submitted at an infinite rate")
+            assert svc.stats()["running"] and svc.stats()["error"] is None
+            # an exception that ends the loop (here the documented on_reject hook raising) is
+            # recorded, logged once, and shows in stats and the health reply
+            with caplog.at_level(logging.ERROR, logger="dynamic_core.transport.service"):
+                tx.send_raw(b"\xc1garbage")
+                _until(lambda: not svc.stats()["running"], what="the loop ending")
+            st = svc.stats()
+            assert st["error"] == "OSError: dead-letter disk full" and st["loop_errors"] == 1
+            assert svc.apply(P.HealthQuery())["service"]["error"] == "OSError: dead-letter disk full"
+            assert len([r for r in caplog.records if "dead-letter disk full" in r.getMessage()]) == 1
+            # it may run again; the last error stays reported
+            svc.ingress.on_reject = None
+            svc.start()
+            tx.send(_clean(5, seed=4))
+            _until(lambda: svc.bars_submitted == 30, what="bars after the restart")
+            assert svc.stats()["running"] and svc.stats()["error"] == "OSError: dead-letter disk full"
+            assert svc.stop() is True
+
+
+def test_stop_that_times_out_keeps_the_threads_and_close_leaves_the_sockets(tmp_path: Path) -> None:
+    release, entered = threading.Event(), threading.Event()
+
+    def hook(s: np.ndarray) -> None:
+        entered.set()
+        release.wait()  # a hook that does not return (until the test lets it)
+
+    bars = _clean(300)  # prefixes of one simulation: each phase sends later bars
+    with dc.Engine(population(), threads=1, capacity=16) as eng:
+        ingress = T.MarketIngress(f"ipc://{tmp_path / 'in.sock'}")
+        feed = T.SignalFeed(f"ipc://{tmp_path / 'out.sock'}")
+        svc = T.EngineService(eng, ingress=ingress, feed=feed, on_signals=hook, idle_timeout=0.005)
+        try:
+            svc.start()
+            with pytest.raises(RuntimeError, match="already running"):
+                svc.run(duration=0.1)  # a second loop on the same sockets: refused
+            with T.MarketSender(ingress.endpoint, send_timeout=1) as tx:
+                tx.send(bars[:200])
+                assert entered.wait(TIMEOUT)
+                t0 = time.monotonic()
+                assert svc.stop(timeout=0.3) is False  # the egress thread is stuck in the hook
+                assert time.monotonic() - t0 < 2.0
+                assert svc.stats()["egress_running"] and not svc.stats()["running"]
+                with pytest.raises(RuntimeError, match="still running"):
+                    svc.start()
+                with pytest.raises(RuntimeError, match="still running"):
+                    svc.run(duration=0.1)
+                # once the hook returns, the service can run again, with a new egress thread
+                release.set()
+                _until(lambda: not svc.stats()["egress_running"], what="the egress thread ending")
+                svc.start()
+                tx.send(bars[200:400])
+                _until(lambda: svc.stats()["ingress"]["bars"] > 200 and eng.stats()["in_flight"] == 0
+                       and svc.stats()["pending_bars"] == 0 and svc.signals_published >= 200,
+                       what="bars after the restart")
+                # a stuck hook again: close() does not close the sockets under it
+                entered.clear()
+                release.clear()
+                tx.send(bars[400:])
+                assert entered.wait(TIMEOUT)
+                assert svc.close(timeout=0.2) is False
+                assert not ingress.socket.closed and not feed.socket.closed
+                release.set()
+                # the last thread to end closes them
+                _until(lambda: ingress.socket.closed and feed.socket.closed, what="the deferred close")
+            assert svc.stop() is True and svc.close() is True
+            st = svc.stats()
+            assert not st["running"] and not st["egress_running"] and st["error"] is None
+            # every bar taken from the socket was submitted or counted as dropped, none vanished
+            assert st["dropped_on_stop"] > 0
+            assert st["bars_submitted"] + st["dropped_on_stop"] == st["ingress"]["bars"]
+            assert st["bars_submitted"] == eng.stats()["bars_in"]
+            with pytest.raises(RuntimeError, match="closed"):
+                svc.start()
+        finally:
+            release.set()
+            svc.close()
+
+
+@pytest.mark.parametrize("how", ["stop", "close"])
+def test_stop_or_close_from_the_hook_returns_at_once(how: str, tmp_path: Path) -> None:
+    calls: list[tuple[float, object, int]] = []
+    svc: T.EngineService | None = None
+
+    def hook(s: np.ndarray) -> None:
+        if not calls:
+            t0 = time.monotonic()
+            result = getattr(svc, how)()
+            calls.append((time.monotonic() - t0, result, len(s)))
+
+    with dc.Engine(population(), threads=1) as eng:
+        ingress = T.MarketIngress(f"ipc://{tmp_path / 'in.sock'}")
+        feed = T.SignalFeed(f"ipc://{tmp_path / 'out.sock'}", heartbeat_interval=3600)
+        svc = T.EngineService(eng, ingress=ingress, feed=feed, on_signals=hook, idle_timeout=0.005)
+        try:
+            with T.SignalSubscriber(feed.endpoint) as sub, T.MarketSender(ingress.endpoint) as tx:
+                assert feed.wait_for_subscribers(1, timeout=TIMEOUT)
+                svc.start()
+                tx.send(_clean(25))
+                _until(lambda: bool(calls), what="the hook's call returning")
+                (took, result, n), = calls
+                assert took < 1.0 and result is False  # it only asked
+                _until(lambda: not svc.stats()["running"] and not svc.stats()["egress_running"],
+                       what="the service ending on its own")
+                # the batch that called it was still published
+                got = 0
+                while got < n:
+                    msg = sub.recv(timeout=TIMEOUT)
+                    assert msg is not None, f"{got} of {n} signals"
+                    got += len(getattr(msg, "signals", ()))
+                assert svc.signals_published >= n
+                if how == "close":
+                    _until(lambda: ingress.socket.closed and feed.socket.closed, what="the deferred close")
+        finally:
+            svc.close()
+
+
+def test_a_hook_that_feeds_the_engine_gets_an_error_not_a_deadlock(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+    extra = _clean(20, seed=9)
+
+    def hook(s: np.ndarray) -> None:
+        try:
+            eng.submit(extra)
+        except RuntimeError as e:
+            errors.append(e)
+
+    with dc.Engine(population(), threads=1) as other:
+        # the mechanism: a registered consumer thread cannot feed its engine
+        other.register_consumer()
+        with pytest.raises(RuntimeError, match="consumer thread cannot feed the engine"):
+            other.submit(extra[:1])
+        with pytest.raises(RuntimeError, match="consumer thread cannot feed the engine"):
+            other.run(extra[:1])
+        assert other.stats()["bars_in"] == 0
+        other.unregister_consumer()
+        assert len(other.run(extra[:2])) == 2
+    with dc.Engine(population(), threads=1, capacity=16) as eng:
+        before = eng.stats()["bars_in"]
+        ingress = T.MarketIngress(f"ipc://{tmp_path / 'in.sock'}")
+        svc = T.EngineService(eng, ingress=ingress, on_signals=hook, idle_timeout=0.005)
+        with svc, T.MarketSender(ingress.endpoint) as tx:
+            svc.start()
+            tx.send(_clean(20))
+            _until(lambda: svc.signals_published == 40, what="all signals published")
+            assert errors and "consumer thread cannot feed the engine" in str(errors[0])
+            assert eng.stats()["bars_in"] == before + 40  # the hook's bars were never taken
+            assert svc.stop(timeout=TIMEOUT) is True
+        assert svc.stats()["hook_errors"] == 0  # the hook caught its error
+
+
+def test_a_hook_raising_base_exception_loses_nothing(tmp_path: Path) -> None:
+    n = {"calls": 0}
+
+    def hook(s: np.ndarray) -> None:
+        n["calls"] += 1
+        if n["calls"] == 2:
+            raise SystemExit("boom")
+
+    with dc.Engine(population(), threads=1, capacity=16) as eng:
+        ingress = T.MarketIngress(f"ipc://{tmp_path / 'in.sock'}")
+        svc = T.EngineService(eng, ingress=ingress, on_signals=hook, idle_timeout=0.005)
+        with svc, T.MarketSender(ingress.endpoint) as tx:
+            svc.start()
+            tx.send(_clean(100))
+            _until(lambda: svc.signals_published == 200, what="every signal published")
+            st = svc.stats()
+            assert st["hook_errors"] == 1 and st["egress_running"] and st["error"] is None
+            assert svc.stop(timeout=TIMEOUT) is True
+
+
+def test_replay_control_reproduces_a_run_with_commands(tmp_path: Path, keys: Path) -> None:
+    snaps = tmp_path / "snaps"
+    snaps.mkdir()
+    bars = _clean(100, seed=5)
+    live: list[np.ndarray] = []
+    eng = dc.Engine(population(), threads=1, journal=tmp_path / "journal")
+    control = T.ControlServer(secret_key=keys / "server.key_secret", authorized_keys=keys / "clients")
+    svc = T.EngineService(eng, control=control, on_signals=lambda s: live.append(s.copy()), snapshot_dir=snaps)
+    try:
+        svc.start()
+        with T.ControlClient(control.endpoint, server_key=keys / "server.key",
+                             client_key=keys / "clients" / "ops.key_secret") as c:
+            eng.submit(bars[:50])
+            assert c.pause().ok and c.set_throttle(50).ok
+            eng.submit(bars[50:100])
+            assert c.snapshot("mid").ok and c.health().ok
+            r = c.load_population(path="x.npy")
+            assert not r.ok and "not supported while running" in r.error
+            assert not c.snapshot("../escape").ok and not c.set_throttle(1e13).ok
+            eng.submit(bars[100:])
+            assert c.resume().ok
+            _until(lambda: svc.signals_published == len(bars), what="live signals")
+    finally:
+        svc.close()
+        eng.close()
+    live_sig = np.concatenate(live)
+    mid = snaps / "mid.npy"
+    stamp = (mid.read_bytes(), mid.stat().st_mtime_ns)
+    # refusals and queries were never journaled
+    res = dc.journal.replay(tmp_path / "journal")
+    assert [type(P.decode_command(r)).__name__ for _, r in res.controls] == [
+        "Pause", "SetThrottle", "Snapshot", "Resume"]
+    # the documented recipe: bit-identical signals, the service's state as it was live, and the
+    # snapshot file left alone
+    with dc.Engine(population(), threads=1) as scratch:
+        again = T.EngineService(scratch, snapshot_dir=snaps)
+        res = dc.journal.replay(tmp_path / "journal", on_control=again.replay_control)
+        assert res.ok and res.signals.tobytes() == live_sig.tobytes()
+        assert again.max_bars_per_s == 50.0 and not again.paused
+        assert (mid.read_bytes(), mid.stat().st_mtime_ns) == stamp and sorted(os.listdir(snaps)) == ["mid.npy"]
+        # a journal written before refusals were kept out of it still replays: a refused or
+        # query command is skipped, never raised
+        assert again.replay_control(P.encode_command(P.LoadPopulation(path="x.npy"))) is None
+        assert again.replay_control(P.encode_command(P.HealthQuery())) is None
+        assert again.replay_control(P.encode_command(P.Pause())) == {"paused": True}
+
+
+def test_snapshot_paths_stay_in_the_snapshot_directory(tmp_path: Path) -> None:
+    snaps, outside = tmp_path / "snaps", tmp_path / "outside"
+    snaps.mkdir()
+    outside.mkdir()
+    # a symlink planted at the old predictable temporary name must not be followed
+    (snaps / "link.npy.tmp").symlink_to(outside / "victim")
+    with dc.Engine(population(), threads=1) as eng:
+        svc = T.EngineService(eng, snapshot_dir=snaps)
+        for bad in (".", "a/..", "..", "../x", str(outside / "abs"), "sub/", "a\x00b", "x" * 252):
+            with pytest.raises(dc.errors.CommandRefused):
+                svc.check(P.Snapshot(path=bad))  # refused before anything is journaled...
+            with pytest.raises(dc.errors.CommandRefused):
+                svc.apply(P.Snapshot(path=bad))  # ...and when applied
+        assert svc.apply(P.Snapshot(path="link"))["path"] == str(snaps / "link.npy")
+        assert not (outside / "victim").exists()
+        assert svc.apply(P.Snapshot(path="x" * 251))["path"] == str(snaps / ("x" * 251 + ".npy"))  # 255 bytes
+        assert sorted(p.name for p in outside.iterdir()) == []
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["outside", "snaps"]
+        assert sorted(p.name for p in snaps.iterdir()) == ["link.npy", "link.npy.tmp", "x" * 251 + ".npy"]
+        assert ((snaps / "link.npy").stat().st_mode & 0o777) == 0o600
+        assert len(np.load(snaps / "link.npy")) == 300
+        # created on demand when asked to
+        svc2 = T.EngineService(eng, snapshot_dir=tmp_path / "later", create_snapshot_dir=True)
+        assert svc2.apply(P.Snapshot(path="s"))["path"] == str(tmp_path / "later" / "s.npy")
+        assert ((tmp_path / "later").stat().st_mode & 0o777) == 0o700
+
+
+def test_close_submits_the_bars_already_taken(tmp_path: Path) -> None:
+    bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=3).bars(200)
+    with dc.Engine(population(), threads=1) as eng:
+        ingress = T.MarketIngress(f"ipc://{tmp_path / 'in.sock'}")
+        svc = T.EngineService(eng, ingress=ingress, on_signals=lambda s: None, idle_timeout=0.005)
+        svc.apply(P.SetThrottle(max_bars_per_s=20))  # they will wait in the service, not the socket
+        with T.MarketSender(ingress.endpoint) as tx:
+            svc.start()
+            tx.send(bars)
+            _until(lambda: svc.stats()["ingress"]["bars"] == 200 and svc.stats()["pending_bars"] > 100,
+                   what="the frame taken")
+        closed = svc.close()
+        st = svc.stats()
+        assert st["bars_submitted"] == 200 and st["dropped_on_stop"] == 0 and st["pending_bars"] == 0
+        assert eng.stats()["bars_in"] == 200
+        assert svc.signals_published == 200  # their signals were published before it returned
+        assert closed is True
+
+
+def test_repeated_requests_are_applied_once(keys: Path) -> None:
+    journal: list[bytes] = []
+    server = T.ControlServer(secret_key=keys / "server.key_secret", authorized_keys=keys / "clients",
+                             journal_hook=journal.append)
+    applied: list = []
+    server.handler = lambda cmd: applied.append(cmd) or {"n": len(applied)}
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            server.serve(0.01)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    try:
+        with T.ControlClient(server.endpoint, server_key=keys / "server.key",
+                             client_key=keys / "clients" / "ops.key_secret") as c:
+            # the server is busy (not serving): the request times out and is retried with its id
+            with pytest.raises(TransportTimeout):
+                c.request(P.Snapshot(path="s", request_id=7), timeout=0.2, retries=2)
+            # reusing that id for another command while its reply is outstanding is refused
+            with pytest.raises(ValueError, match="request_id 7"):
+                c.request(P.Pause(request_id=7), timeout=0.2)
+            thread.start()
+            r = c.request(P.Snapshot(path="s", request_id=7), timeout=TIMEOUT)  # a manual retry
+            assert r.ok and r.request_id == 7
+            assert [type(x).__name__ for x in applied] == ["Snapshot"]  # four sends, applied once
+            assert [type(P.decode_command(x)).__name__ for x in journal] == ["Snapshot"]  # journaled once
+            # the same id twice
+            r1, r2 = c.request(P.Pause(request_id=42)), c.request(P.Pause(request_id=42))
+            assert r1 == r2 and r1.ok and [type(x).__name__ for x in applied] == ["Snapshot", "Pause"]
+            # the same id for another command once answered: a new request, applied
+            r3 = c.request(P.Resume(request_id=42))
+            assert r3.ok and r3.result == {"n": 3} and type(applied[-1]).__name__ == "Resume"
+            # queries are answered afresh every time, and never journaled
+            c.request(P.HealthQuery(request_id=5))
+            c.request(P.HealthQuery(request_id=5))
+            assert [type(x).__name__ for x in applied][-2:] == ["HealthQuery", "HealthQuery"]
+            assert "HealthQuery" not in [type(P.decode_command(x)).__name__ for x in journal]
+            # the late replies of the timed-out sends were dropped, never taken for another's
+            r4 = c.request(P.Pause(), timeout=TIMEOUT)
+            assert r4.ok and r4.result == {"n": 6}
+        assert server.stats()["duplicates"] >= 3
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+        server.close()
+
+
+def test_control_answers_while_a_slow_consumer_fills_the_window(tmp_path: Path, keys: Path) -> None:
+    slow = threading.Event()
+    slow.set()
+
+    def hook(s: np.ndarray) -> None:
+        if slow.is_set():
+            time.sleep(0.002 * len(s))
+
+    with dc.Engine(population(), threads=1, capacity=512) as eng:
+        ingress = T.MarketIngress(f"ipc://{tmp_path / 'in.sock'}")
+        control = T.ControlServer(secret_key=keys / "server.key_secret", authorized_keys=keys / "clients")
+        svc = T.EngineService(eng, ingress=ingress, control=control, on_signals=hook)
+        with svc, T.MarketSender(ingress.endpoint, max_bars=1024) as tx, \
+                T.ControlClient(control.endpoint, server_key=keys / "server.key",
+                                client_key=keys / "clients" / "ops.key_secret") as c:
+            svc.start()
+            tx.send(_clean(2000))
+            _until(lambda: svc.stats()["pending_bars"] > 0 and eng.stats()["in_flight"] >= 400,
+                   what="a full window")
+            worst = 0.0
+            for _ in range(30):
+                t0 = time.monotonic()
+                assert c.health(timeout=TIMEOUT).ok
+                worst = max(worst, time.monotonic() - t0)
+                time.sleep(0.02)
+            assert worst < 0.5, f"a health query waited {worst:.2f} s behind the engine's window"
+            slow.clear()
+            _until(lambda: svc.signals_published == 4000, what="the backlog drained")
+
+
+def test_failed_handshakes_are_counted(keys: Path) -> None:
+    import socket
+
+    with dc.Engine(population(), threads=1) as eng:
+        control = T.ControlServer(secret_key=keys / "server.key_secret", authorized_keys=keys / "clients")
+        svc = T.EngineService(eng, control=control, idle_timeout=0.01)
+        with svc:
+            svc.start()
+            ctx = zmq.Context.instance()
+            for plain in (False, True):  # no key at all (NULL mechanism), then PLAIN
+                s = ctx.socket(zmq.DEALER)
+                s.linger = 0
+                if plain:
+                    s.plain_username, s.plain_password = b"admin", b"x"
+                s.connect(control.endpoint)
+                s.send_multipart([b"", msgspec.msgpack.encode({"type": "pause", "request_id": 1})])
+                assert not s.poll(300)
+                s.close()
+            with T.ControlClient(control.endpoint, server_key=keys / "clients" / "ops.key",  # wrong server key
+                                 client_key=keys / "clients" / "ops.key_secret") as confused, \
+                    pytest.raises(TransportTimeout):
+                confused.health(timeout=0.3)
+            host, port = control.endpoint[len("tcp://"):].rsplit(":", 1)
+            with socket.create_connection((host, int(port))) as raw:
+                raw.sendall(b"GET / HTTP/1.0\r\n\r\n" + b"\x00" * 64)  # not ZMTP at all
+                time.sleep(0.2)
+
+            def counted() -> bool:
+                f = control.stats()["handshake_failures"]
+                return f["protocol"] >= 2 and f["no_detail"] >= 1 and f["no_handshake"] >= 1
+
+            _until(counted, what="the handshake failures counted")
+            st = control.stats()
+            assert st["handshake_failed"] == sum(st["handshake_failures"].values())
+            assert st["requests"] == 0 and svc.commands == 0
+            with T.ControlClient(control.endpoint, server_key=keys / "server.key",
+                                 client_key=keys / "clients" / "ops.key_secret") as good:
+                assert good.health().ok
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX file modes")
+def test_key_files_and_directories_are_private(tmp_path: Path, caplog) -> None:
+    import logging
+
+    old = os.umask(0)
+    try:
+        T.new_keypair(tmp_path / "a" / "b", "srv")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "a" / "b").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "a" / "b" / "srv.key_secret").stat().st_mode & 0o777 == 0o600
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with caplog.at_level(logging.WARNING, logger="dynamic_core.transport.keys"):
+        T.new_keypair(open_dir, "one")
+        T.new_keypair(open_dir, "two")
+        T.authorised_keys(open_dir)
+    assert len([r for r in caplog.records if str(open_dir) in r.getMessage()]) == 1  # once
+    secret = open_dir / "one.key_secret"
+    assert T.load_keypair(secret)[1]
+    secret.chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        T.load_keypair(secret)
+    with pytest.raises(PermissionError):
+        T.ControlServer(secret_key=secret, authorized_keys=open_dir)

@@ -43,7 +43,8 @@ commands:
   persona NAME               switch the reasoning persona
   routing KEY=VALUE ...      replace the routing table: stored and acknowledged; not used by
                              the engine yet
-  snapshot PATH              write the agents' state to PATH (.npy) on the server
+  snapshot PATH              write the agents' state to PATH (.npy) on the server, relative
+                             to its snapshot directory (run --snapshot-dir) and confined to it
   health                     the engine's and the service's counters
   load-population PATH       load a population .npy on the server: refused while the engine
                              runs (exit 1)
@@ -147,6 +148,10 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
                    help="the control server's secret key file (.key_secret; see 'dynamic-core keys new')")
     g.add_argument("--authorized", default=None, metavar="DIR",
                    help="directory of authorised client public keys (*.key)")
+    g.add_argument("--snapshot-dir", default=None, metavar="DIR",
+                   help="with --control: where 'ctl snapshot PATH' writes (PATH is relative to DIR and "
+                        "confined to it; DIR is created, mode 0700, at the first snapshot) "
+                        "[default: JOURNAL/snapshots with --journal, else ./snapshots]")
     g.add_argument("--json-feed", action="store_true", help="publish JSON instead of msgpack")
     g.add_argument("--heartbeat", type=positive_float, default=1.0, metavar="S",
                    help="heartbeat after S idle seconds [default: 1]")
@@ -160,7 +165,8 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
 
 
 def wants_service(args: argparse.Namespace) -> bool:
-    return any(getattr(args, a, None) for a in ("publish", "feed", "control"))
+    # --snapshot-dir too: cmd_run_service says it needs --control instead of ignoring it
+    return any(getattr(args, a, None) for a in ("publish", "feed", "control", "snapshot_dir"))
 
 
 # ---- subscribe -------------------------------------------------------------------------------
@@ -310,6 +316,8 @@ def cmd_run_service(args: argparse.Namespace) -> int:
         raise CLIError("--control needs --server-key FILE (.key_secret) and --authorized DIR")
     if (args.server_key or args.authorized) and not args.control:
         raise CLIError("--server-key/--authorized only make sense with --control ADDR")
+    if getattr(args, "snapshot_dir", None) and not args.control:
+        raise CLIError("--snapshot-dir only makes sense with --control ADDR (snapshots are control commands)")
     if args.feed and args.data is not None:
         raise CLIError("--feed takes bars from the socket; --data does not apply (the population "
                        "follows --instruments and --timeframe)")
@@ -320,6 +328,10 @@ def cmd_run_service(args: argparse.Namespace) -> int:
     pop = _run_population(bars, args.agents, args.seed)
     journal = getattr(args, "journal", None)
     extra = {"journal": journal, "fsync": getattr(args, "fsync", 0)} if journal else {}
+    # snapshots are always confined to a directory: a control client must not write anywhere
+    # the server process can
+    snapshot_dir = getattr(args, "snapshot_dir", None) or (
+        os.path.join(journal, "snapshots") if journal else "snapshots")
     eng = Engine(pop, cores_per_sm=args.cores_per_sm, **extra)
     own_ingress = not args.feed
     ingress_addr = args.feed or f"inproc://dynamic-core-run-{os.getpid()}"
@@ -348,7 +360,8 @@ def cmd_run_service(args: argparse.Namespace) -> int:
             parts.append(mesh)
         # without a feed the egress thread still drains the engine, or a full window would block
         svc = EngineService(eng, ingress=ingress, feed=feed, control=control, mesh=mesh,
-                            on_signals=None if feed is not None else (lambda s: None))
+                            on_signals=None if feed is not None else (lambda s: None),
+                            snapshot_dir=snapshot_dir, create_snapshot_dir=True)
         streams = sorted({(instruments.name(int(i)), int(t)) for i, t in zip(pop.records["instrument"],
                                                                                 pop.records["timeframe"])})
         print(f"dynamic-core run (service): {len(pop):,} agents over "
@@ -361,6 +374,7 @@ def cmd_run_service(args: argparse.Namespace) -> int:
         if control is not None:
             print(f"  control   : {control.endpoint} (CURVE, server public key {control.public_key}, "
                   f"{control.stats()['authorised_keys']} authorised client key(s))", flush=True)
+            print(f"  snapshots : {svc.snapshot_dir}", flush=True)
         if journal:
             print(f"  journal   : {journal}", flush=True)
         if mesh is not None:

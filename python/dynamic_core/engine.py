@@ -320,6 +320,9 @@ class Engine:
         self._callbacks: list[Callable[[AISignal], Any]] = []
         self._dispatcher: threading.Thread | None = None
         self._dispatch_lock = threading.Lock()  # one dispatcher started at a time
+        # other threads that consume this engine's signals (an EngineService's egress thread):
+        # like the dispatcher, they may not feed it (see register_consumer)
+        self._consumers: set[threading.Thread] = set()
         self._stop = threading.Event()
         self._callback_errors = 0
         self._closed = False
@@ -537,6 +540,22 @@ class Engine:
             raise RuntimeError(f"{what}() called from an on_signal callback: an on_signal callback cannot "
                                "feed the engine (its dispatcher is the engine's only consumer, so feeding "
                                "from it can deadlock); feed from another thread")
+        me = threading.current_thread()
+        if me in self._consumers:
+            raise RuntimeError(f"{what}() called from {me.name!r}, a consumer thread of this engine: a "
+                               "consumer thread cannot feed the engine (it is the one that makes room, so "
+                               "feeding from it can deadlock); feed from another thread")
+
+    def register_consumer(self, thread: threading.Thread | None = None) -> None:
+        """Declare ``thread`` (default: the calling one) a consumer of this engine's signals, e.g.
+        the egress thread of an :class:`~dynamic_core.transport.EngineService`: ``run`` and
+        ``submit`` called from it raise ``RuntimeError`` instead of deadlocking. Undo with
+        :meth:`unregister_consumer`."""
+        self._consumers.add(threading.current_thread() if thread is None else thread)
+
+    def unregister_consumer(self, thread: threading.Thread | None = None) -> None:
+        """Undo :meth:`register_consumer` (no error if ``thread`` was not registered)."""
+        self._consumers.discard(threading.current_thread() if thread is None else thread)
 
     def close(self) -> None:
         """Stop the dispatcher, workers and sentinel and join them. Bars still in flight are

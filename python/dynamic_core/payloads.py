@@ -54,6 +54,7 @@ __all__ = [
     "BATCH_MAX",
     "CONTROL_COMMANDS",
     "DEFAULT_MAX_FRAME",
+    "MAX_BARS_PER_S",
     "PAYLOAD_VERSION",
     "AISignal",
     "AdapterBeat",
@@ -113,6 +114,9 @@ DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 """Frames above this many bytes are refused before decoding (``reason="oversized"``)."""
 
 MAX_BARS_PER_CONTEXT = 1 << 20
+MAX_BARS_PER_S = 1e12
+"""Largest :class:`SetThrottle` rate (bars per second). Finite, so a token bucket never holds
+infinitely many tokens; far above anything an engine takes (use 0 for "unlimited")."""
 MAX_SIGNALS_PER_BATCH = 1 << 20
 MAX_TEXT = 1 << 20
 
@@ -441,9 +445,10 @@ class Resume(_Command, frozen=True, kw_only=True, forbid_unknown_fields=True,
 
 class SetThrottle(_Command, frozen=True, kw_only=True, forbid_unknown_fields=True,
            tag="set_throttle"):
-    """Submit at most ``max_bars_per_s`` bars per second to the engine (0 = unlimited)."""
+    """Submit at most ``max_bars_per_s`` bars per second to the engine (0 = unlimited; at most
+    :data:`MAX_BARS_PER_S`: infinity and NaN are refused)."""
 
-    max_bars_per_s: Annotated[float, msgspec.Meta(ge=0.0)]
+    max_bars_per_s: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_BARS_PER_S)]
 
 
 class SwapPersona(_Command, frozen=True, kw_only=True, forbid_unknown_fields=True,

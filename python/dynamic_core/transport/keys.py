@@ -11,13 +11,22 @@ writes and ``zmq.auth.load_certificate(s)`` reads. The usual layout:
   files: every one of them is authorised.
 
 Secret keys are never logged, printed or put in a ``repr`` by dynamic_core.
+
+Permissions (POSIX): directories :func:`new_keypair` creates are mode 0700 whatever the umask;
+a key directory (or authorised-keys directory) that group or others may write to is logged as a
+warning, once per directory and process (anyone who can write there can add an authorised key
+or swap a key file); :func:`load_keypair` refuses a secret key file that group or others may
+access at all (``PermissionError``; fix: ``chmod 600 FILE``).
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
+import stat
+import threading
 from pathlib import Path
 
 import zmq
@@ -27,6 +36,50 @@ from zmq.utils import z85
 __all__ = ["authorised_keys", "load_keypair", "load_public_key", "new_keypair"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+log = logging.getLogger("dynamic_core.transport.keys")
+
+_POSIX_MODES = hasattr(os, "geteuid")  # Windows has neither uids nor these mode bits
+_warned_dirs: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_if_open(directory: str | os.PathLike) -> None:
+    """Log once per directory (and process) when group or others may write to it."""
+    if not _POSIX_MODES:
+        return
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return
+    if not st.st_mode & 0o022:
+        return
+    key = os.path.realpath(directory)
+    with _warned_lock:
+        if key in _warned_dirs:
+            return
+        _warned_dirs.add(key)
+    log.warning("key directory %s has mode %04o: group or others can write to it (and so add or replace "
+                "keys); run: chmod go-w %s", directory, stat.S_IMODE(st.st_mode), directory)
+
+
+def _make_dirs(d: Path) -> None:
+    """``mkdir -p`` where every directory created is mode 0700 (``Path.mkdir(parents=True)``
+    gives the parents the umask's default mode: 0777 under umask 0)."""
+    missing = []
+    p = d
+    while not os.path.lexists(p):
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for q in reversed(missing):
+        try:
+            os.mkdir(q, 0o700)
+        except FileExistsError:  # made by someone else meanwhile: fine if it is a directory
+            pass
+    if not d.is_dir():
+        raise NotADirectoryError(f"{d} is not a directory")
 
 _BANNER = """#   ****  Generated on {now} by dynamic_core (pyzmq {pyzmq} / libzmq {libzmq})  ****
 #   ZeroMQ CURVE {what}
@@ -49,14 +102,16 @@ def new_keypair(directory: str | os.PathLike, name: str = "client", *,
                 overwrite: bool = False) -> tuple[Path, Path]:
     """Create a CURVE key pair: ``(DIR/name.key, DIR/name.key_secret)``.
 
-    The directory is created (mode 0700) if missing; the secret file is created with mode 0600.
-    Existing files are refused unless ``overwrite=True`` (a silently replaced server key locks
-    every client out).
+    The directory, and any missing parent, is created with mode 0700; the secret file is created
+    with mode 0600. An existing directory that group or others may write to is logged as a
+    warning (once). Existing files are refused unless ``overwrite=True`` (a silently replaced
+    server key locks every client out).
     """
     if not _NAME.match(name):
         raise ValueError(f"key name {name!r}: use 1-64 letters, digits, '_', '-' or '.'")
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _make_dirs(d)
+    _warn_if_open(d)
     public_file, secret_file = d / f"{name}.key", d / f"{name}.key_secret"
     for f in (public_file, secret_file):
         if f.exists():
@@ -74,8 +129,19 @@ def new_keypair(directory: str | os.PathLike, name: str = "client", *,
 
 
 def load_keypair(secret_file: str | os.PathLike) -> tuple[bytes, bytes]:
-    """``(public, secret)`` z85 keys from a ``.key_secret`` file."""
-    public, secret = zmq.auth.load_certificate(os.fspath(secret_file))
+    """``(public, secret)`` z85 keys from a ``.key_secret`` file.
+
+    On POSIX systems a file that group or others may read, write or execute (any of the mode
+    bits 0077, e.g. 0644) is refused with ``PermissionError`` before it is read: fix it with
+    ``chmod 600 FILE``. A group/world-writable directory holding it is logged as a warning."""
+    path = os.fspath(secret_file)
+    if _POSIX_MODES:
+        st = os.stat(path)  # FileNotFoundError as before for a missing file
+        if st.st_mode & 0o077:
+            raise PermissionError(f"secret key file {path} has mode {stat.S_IMODE(st.st_mode):04o}: it must not "
+                                  f"be accessible by group or others; run: chmod 600 {path}")
+        _warn_if_open(os.path.dirname(os.path.abspath(path)))
+    public, secret = zmq.auth.load_certificate(path)
     if not secret:
         raise ValueError(f"{secret_file}: no secret key in it (pass the .key_secret file)")
     return public, secret
@@ -96,4 +162,5 @@ def authorised_keys(directory: str | os.PathLike) -> set[bytes]:
     d = os.fspath(directory)
     if not os.path.isdir(d):
         raise FileNotFoundError(f"authorised-keys directory not found: {d}")
+    _warn_if_open(d)
     return set(zmq.auth.load_certificates(d))
