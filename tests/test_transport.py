@@ -7,6 +7,7 @@ Every receive has a timeout. Handshakes replace sleeps: a publisher waits for it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -947,6 +948,17 @@ def _clean(n: int, seed: int = 3) -> np.ndarray:
     return dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], timeframe="H1", seed=seed).bars(n)
 
 
+@contextlib.contextmanager
+def _hooked_service(eng: dc.Engine, tmp_path: Path, hook) -> Iterator[tuple[T.EngineService, T.MarketSender]]:
+    """A started service reading bars from an ipc ingress, with ``hook`` as its on_signals, and
+    a sender into it; both closed on exit."""
+    ingress = T.MarketIngress(f"ipc://{tmp_path / 'in.sock'}")
+    svc = T.EngineService(eng, ingress=ingress, on_signals=hook, idle_timeout=0.005)
+    with svc, T.MarketSender(ingress.endpoint) as tx:
+        svc.start()
+        yield svc, tx
+
+
 def _until(pred, timeout: float = TIMEOUT, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -1117,10 +1129,7 @@ def test_a_hook_that_feeds_the_engine_gets_an_error_not_a_deadlock(tmp_path: Pat
         assert len(other.run(extra[:2])) == 2
     with dc.Engine(population(), threads=1, capacity=16) as eng:
         before = eng.stats()["bars_in"]
-        ingress = T.MarketIngress(f"ipc://{tmp_path / 'in.sock'}")
-        svc = T.EngineService(eng, ingress=ingress, on_signals=hook, idle_timeout=0.005)
-        with svc, T.MarketSender(ingress.endpoint) as tx:
-            svc.start()
+        with _hooked_service(eng, tmp_path, hook) as (svc, tx):
             tx.send(_clean(20))
             _until(lambda: svc.signals_published == 40, what="all signals published")
             assert errors and "consumer thread cannot feed the engine" in str(errors[0])
@@ -1138,10 +1147,7 @@ def test_a_hook_raising_base_exception_loses_nothing(tmp_path: Path) -> None:
             raise SystemExit("boom")
 
     with dc.Engine(population(), threads=1, capacity=16) as eng:
-        ingress = T.MarketIngress(f"ipc://{tmp_path / 'in.sock'}")
-        svc = T.EngineService(eng, ingress=ingress, on_signals=hook, idle_timeout=0.005)
-        with svc, T.MarketSender(ingress.endpoint) as tx:
-            svc.start()
+        with _hooked_service(eng, tmp_path, hook) as (svc, tx):
             tx.send(_clean(100))
             _until(lambda: svc.signals_published == 200, what="every signal published")
             st = svc.stats()

@@ -320,9 +320,10 @@ class Engine:
         self._callbacks: list[Callable[[AISignal], Any]] = []
         self._dispatcher: threading.Thread | None = None
         self._dispatch_lock = threading.Lock()  # one dispatcher started at a time
-        # other threads that consume this engine's signals (an EngineService's egress thread):
-        # like the dispatcher, they may not feed it (see register_consumer)
-        self._consumers: set[threading.Thread] = set()
+        # threads that consume this engine's signals and so may not feed it (see
+        # register_consumer): the on_signal dispatcher, an EngineService's egress thread; each
+        # with how a refusal names it
+        self._consumers: dict[threading.Thread, str] = {}
         self._stop = threading.Event()
         self._callback_errors = 0
         self._closed = False
@@ -429,7 +430,7 @@ class Engine:
         history can be fed in pieces. The GIL is released while the batch runs.
         """
         self._check_open()
-        self._not_from_dispatcher("run")
+        self._not_from_consumer("run")
         strict = _check_strict(strict, allow_none=True)
         b = as_bars(bars)
         self._journal_new_instruments()
@@ -460,7 +461,7 @@ class Engine:
         """
         self._check_open()
         self._cpu_only("submit")
-        self._not_from_dispatcher("submit")
+        self._not_from_consumer("submit")
         b = as_bars(bars)
         self._journal_new_instruments()
         return int(self._native.submit(b, len(instruments)))
@@ -515,8 +516,11 @@ class Engine:
         with self._dispatch_lock:
             self._callbacks.append(callback)
             if self._dispatcher is None or not self._dispatcher.is_alive():  # none yet, or it died
+                if self._dispatcher is not None:
+                    self.unregister_consumer(self._dispatcher)
                 self._dispatcher = threading.Thread(target=self._dispatch, name="dc-signal-dispatch",
                                                     daemon=True)
+                self.register_consumer(self._dispatcher, "an on_signal callback")
                 self._dispatcher.start()
         return callback
 
@@ -534,28 +538,27 @@ class Engine:
                         self._callback_errors += 1
                         log.exception("on_signal callback %r raised for signal %s", cb, sig.id)
 
-    def _not_from_dispatcher(self, what: str) -> None:
-        """RuntimeError when called from an ``on_signal`` callback (the dispatcher thread)."""
-        if self._dispatcher is not None and threading.current_thread() is self._dispatcher:
-            raise RuntimeError(f"{what}() called from an on_signal callback: an on_signal callback cannot "
-                               "feed the engine (its dispatcher is the engine's only consumer, so feeding "
-                               "from it can deadlock); feed from another thread")
+    def _not_from_consumer(self, what: str) -> None:
+        """RuntimeError when called from a consumer thread (see :meth:`register_consumer`)."""
         me = threading.current_thread()
-        if me in self._consumers:
-            raise RuntimeError(f"{what}() called from {me.name!r}, a consumer thread of this engine: a "
-                               "consumer thread cannot feed the engine (it is the one that makes room, so "
-                               "feeding from it can deadlock); feed from another thread")
+        who = self._consumers.get(me)
+        if who is not None:
+            raise RuntimeError(f"{what}() called from {who} ({me.name!r}): {who} cannot feed the engine "
+                               "(a consumer thread is the one that makes room, so feeding from it can "
+                               "deadlock); feed from another thread")
 
-    def register_consumer(self, thread: threading.Thread | None = None) -> None:
+    def register_consumer(self, thread: threading.Thread | None = None,
+                          who: str = "a consumer thread") -> None:
         """Declare ``thread`` (default: the calling one) a consumer of this engine's signals, e.g.
-        the egress thread of an :class:`~dynamic_core.transport.EngineService`: ``run`` and
-        ``submit`` called from it raise ``RuntimeError`` instead of deadlocking. Undo with
+        the egress thread of an :class:`~dynamic_core.transport.EngineService` (the ``on_signal``
+        dispatcher is one from its start): ``run`` and ``submit`` called from it raise
+        ``RuntimeError``, naming it as ``who``, instead of deadlocking. Undo with
         :meth:`unregister_consumer`."""
-        self._consumers.add(threading.current_thread() if thread is None else thread)
+        self._consumers[threading.current_thread() if thread is None else thread] = who
 
     def unregister_consumer(self, thread: threading.Thread | None = None) -> None:
         """Undo :meth:`register_consumer` (no error if ``thread`` was not registered)."""
-        self._consumers.discard(threading.current_thread() if thread is None else thread)
+        self._consumers.pop(threading.current_thread() if thread is None else thread, None)
 
     def close(self) -> None:
         """Stop the dispatcher, workers and sentinel and join them. Bars still in flight are

@@ -734,11 +734,8 @@ class ReasoningMesh:
         n = 0
         for lane in self._inbox.lanes:
             while lane:
-                tid, ctx, rclass, pri, created, deadline, ens, refine = lane.popleft()
-                self.counts["submitted"] += 1
                 n += 1
-                self._finish_local(Task(tid, ctx, rclass, pri, created, deadline, ens, refine, self.max_tokens),
-                                   "fallback", now, reason=reason)
+                self._finish_local(self._task_of(lane.popleft()), "fallback", now, reason=reason)
         self._finish_evicted(now)
         for task in list(self._tasks.values()):
             if task.state == "done":
@@ -752,10 +749,13 @@ class ReasoningMesh:
     def _finish_evicted(self, now: float) -> None:
         box = self._evicted
         while box:
-            tid, ctx, rclass, pri, created, deadline, ens, refine = box.popleft()
-            self.counts["submitted"] += 1
-            self._finish_local(Task(tid, ctx, rclass, pri, created, deadline, ens, refine, self.max_tokens),
-                               "fallback", now, reason="evicted")
+            self._finish_local(self._task_of(box.popleft()), "fallback", now, reason="evicted")
+
+    def _task_of(self, entry: tuple) -> Task:
+        """The task of an inbox entry (a submit), counted as submitted."""
+        tid, ctx, rclass, pri, created, deadline, ens, refine = entry
+        self.counts["submitted"] += 1
+        return Task(tid, ctx, rclass, pri, created, deadline, ens, refine, self.max_tokens)
 
     def _flush(self) -> None:
         """Send the requests buffered by :meth:`_send`: one multipart message per adapter, several
@@ -905,17 +905,16 @@ class ReasoningMesh:
     def _drain_lane(self, box: deque[tuple]) -> None:
         while box:
             try:
-                tid, ctx, rclass, pri, created, deadline, ens, refine = box.popleft()
+                entry = box.popleft()
             except IndexError:  # (taken by a submit making room for a more urgent task)
                 return
-            self.counts["submitted"] += 1
-            task = Task(tid, ctx, rclass, pri, created, deadline, ens, refine, self.max_tokens)
-            self._tasks[tid] = task
-            self._push_timer(task.deadline - task.reserve, "deadline", tid, 0)
+            task = self._task_of(entry)
+            self._tasks[task.id] = task
+            self._push_timer(task.deadline - task.reserve, "deadline", task.id, 0)
             try:
-                hit = self._route(task, created)
+                hit = self._route(task, task.created)
             except Exception:  # noqa: BLE001 - a context routing cannot handle still gets its rationale
-                log.exception("reasoning broker: routing task %d failed", tid)
+                log.exception("reasoning broker: routing task %d failed", task.id)
                 task.candidates = [self.config.last_resort]
                 self._finish_local(task, "fallback", time.monotonic())
                 continue

@@ -413,9 +413,15 @@ class EngineService:
                 return None
         return min(want, self._room_known)
 
-    def _submitted(self, taken: int) -> None:
+    def _submit_pending(self, k: int) -> int:
+        """Submit the first ``k`` pending bars; returns how many the engine took (the rest stay
+        pending)."""
+        bars = self._pending
+        taken = int(self.engine.submit(bars[:k]))
         self.bars_submitted += taken
         self._room_known = max(0, self._room_known - taken)
+        self._pending = bars[taken:] if taken < len(bars) else None
+        return taken
 
     def run_once(self, timeout: float | None = None) -> int:
         """One iteration of the ingress loop: wait up to ``timeout`` (default ``idle_timeout``)
@@ -465,10 +471,8 @@ class EngineService:
             k = self._take(want, time.monotonic())
             if k == 0:
                 break
-            taken = int(self.engine.submit(bars[:k]))
+            taken = self._submit_pending(k)
             n += taken
-            self._submitted(taken)
-            self._pending = bars[taken:] if taken < len(bars) else None
             if taken < k or self._room_limited:  # engine full: control first, then retry
                 break
             if self.control is not None and self.control.socket.poll(0, zmq.POLLIN):
@@ -491,12 +495,10 @@ class EngineService:
                 time.sleep(0.002)
                 continue
             try:
-                taken = int(self.engine.submit(bars[:k]))
+                taken = self._submit_pending(k)
             except Exception as e:  # noqa: BLE001 - the engine is closed or its journal failed
                 log.warning("submitting the pending bars at stop failed: %s: %s", type(e).__name__, e)
                 break
-            self._submitted(taken)
-            self._pending = bars[taken:] if taken < len(bars) else None
             if taken < k:
                 if time.monotonic() >= end_by:
                     break
