@@ -952,7 +952,8 @@ def test_a_submit_racing_close_never_rings_a_closed_doorbell(monkeypatch) -> Non
 
     monkeypatch.setattr(mesh_mod, "priority_index", slow_priority)
     res: list[int] = []
-    t = threading.Thread(target=lambda: res.append(m.submit(ctx(1701))))
+    # (a priority given as an index goes through priority_index: the pause point)
+    t = threading.Thread(target=lambda: res.append(m.submit(ctx(1701), priority=2)))
     t.start()
     assert paused.wait(5)
     fd = m._wake.wfd
@@ -1069,3 +1070,38 @@ def test_a_full_inbox_makes_room_for_an_urgent_task_by_evicting_a_lower_one() ->
     evicted = [o for o in got.values() if o.reason == "evicted"]
     assert sorted(o.task_id for o in evicted) == sorted(lows[-2:])  # the newest lows
     assert all(o.status == "fallback" and o.provider == "local" for o in evicted)
+
+
+def test_submit_many_queues_in_order_refuses_past_a_full_inbox_and_evicts_like_submit() -> None:
+    out = Collect()
+    m = ReasoningMesh([], policy=policy("local"), on_rationale=out, queue_size=10)  # inbox: 1024
+    try:
+        first = m.submit_many([ctx(i) for i in range(1000)], priority="low")
+        assert first == sorted(first) and len(set(first)) == 1000 and all(first)
+        more = m.submit_many([ctx(3000 + i) for i in range(30)], priority="low")
+        assert all(more[:24]) and more[24:] == [0] * 6  # the inbox holds 1024
+        assert m.counts["dropped_inbox"] == 6
+        urgent = m.submit_many([ctx(4000), ctx(4001)], priority="critical")
+        assert all(urgent) and m.counts["evicted_inbox"] == 2  # made room, as submit does
+        with pytest.raises(ValueError, match="priority"):
+            m.submit_many([ctx(4002)], priority="urgent")
+        with pytest.raises(ValueError, match="deadline_s"):
+            m.submit_many([ctx(4003)], deadline_s=float("nan"))
+    finally:
+        m.close()
+    assert m.submit_many([ctx(4004), ctx(4005)]) == [0, 0] and m.counts["refused_closed"] == 2
+    got = {o.task_id: o for o in out.wait(1026, timeout=5)}
+    assert set(got) == {t for t in first + more + urgent if t}
+    with pytest.raises(AttributeError):
+        got[urgent[0]].status = "ok"  # type: ignore[misc]  # an Outcome is immutable
+
+
+def test_submit_many_through_a_started_mesh_completes_every_task_once() -> None:
+    out = Collect()
+    with ReasoningMesh([], policy=policy("local"), on_rationale=out) as m:
+        m.start()
+        ids = m.submit_many([ctx(5100 + i) for i in range(300)], priority="high")
+        assert all(ids)
+        got = out.wait(300)
+    assert sorted(o.task_id for o in got) == sorted(ids)
+    assert sorted(o.update.signal_id for o in got) == sorted(ctx(5100 + i).signal_id for i in range(300))

@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from .prompts import ParsedReply, action_direction
 
 __all__ = ["ABSplit", "Candidate", "Ranked", "ReviewItem", "ReviewQueue", "Weights", "rerank"]
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One adapter's reply to an ensemble request."""
+class Candidate(msgspec.Struct, frozen=True, kw_only=True):
+    """One adapter's reply (to an ensemble request, or the one reply of a task)."""
 
     provider: str
     text: str

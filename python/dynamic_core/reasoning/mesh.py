@@ -51,7 +51,6 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +157,7 @@ class _Inbox:
         return any(self.lanes)
 
 
+_PRIORITY_OF = {p: i for i, p in enumerate(PRIORITIES)}
 _IMMUTABLE_VALUES = frozenset((float, int, str, bool, type(None)))
 _replace = msgspec.structs.replace
 
@@ -178,9 +178,8 @@ def _snapshot(ctx: ReasoningContext) -> ReasoningContext:
     return _replace(ctx, features=copy.deepcopy(dict(f)) if isinstance(f, Mapping) else copy.deepcopy(f))
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """How one task ended (passed to ``on_rationale`` with the update).
+class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    """How one task ended (passed to ``on_rationale`` with the update; immutable).
 
     ``status``: ``ok`` (a provider answered), ``cached``, ``fallback`` (the local narrator after
     providers failed or ran out of time), ``local`` (routed to the narrator in the first
@@ -507,28 +506,55 @@ class ReasoningMesh:
         caller's dict afterwards changes neither the prompt nor the cache key.
 
         ``deadline_s`` must be in (0, 86400] and ``ensemble`` in [1, 64] (``ValueError``)."""
+        return self._submit((ctx,), request_class, priority, deadline_s, ensemble, refine)[0]
+
+    def submit_many(self, ctxs: Sequence[ReasoningContext], *, request_class: str = "tactical",
+                    priority: str | int = "medium", deadline_s: float | None = None, ensemble: int | None = None,
+                    refine: bool | None = None) -> list[int]:
+        """:meth:`submit` for each context, with the same options, under one lock and one
+        wake-up of the broker (cheaper per task when a caller has several at once): the task
+        ids in order, 0 for each context refused (inbox full, or the mesh closed)."""
+        return self._submit(ctxs, request_class, priority, deadline_s, ensemble, refine)
+
+    def _submit(self, ctxs: Sequence[ReasoningContext], request_class: str, priority: str | int,
+                deadline_s: float | None, ensemble: int | None, refine: bool | None) -> list[int]:
         if request_class not in REQUEST_CLASSES:
             raise ValueError(f"unknown request class {request_class!r}: use one of {', '.join(REQUEST_CLASSES)}")
-        pri = priority_index(priority)
+        pri = _PRIORITY_OF.get(priority) if type(priority) is str else None
+        if pri is None:
+            pri = priority_index(priority)  # (an index, or raises naming the choices)
         dl = self.deadline_s if deadline_s is None else check_real("deadline_s", deadline_s, 0.0, MAX_DEADLINE_S,
                                                                      lo_open=True)
         ens = self.ensemble if ensemble is None else check_int("ensemble", ensemble, 1, 64)
         ref = self.refine if refine is None else bool(refine)
+        out: list[int] = []
         with self._lock:
             if self._closed:
-                self.counts["refused_closed"] += 1
-                return 0
+                self.counts["refused_closed"] += len(ctxs)
+                return [0] * len(ctxs)
             lanes = self._inbox.lanes
-            l0, l1, l2, l3 = lanes
-            if len(l0) + len(l1) + len(l2) + len(l3) >= self._inbox_cap and not self._evict_for(pri):
-                self.counts["dropped_inbox"] += 1
-                return 0
-            ctx = _snapshot(ctx)
-            tid = next(self._ids)
-            now = time.monotonic()
-            lanes[pri].append((tid, ctx, request_class, pri, now, now + dl, ens, ref))
-            self._wake.ring()
-        return tid
+            lane = lanes[pri]
+            cap = self._inbox_cap
+            ids = self._ids
+            queued = -1  # inbox length, when known (the broker drains concurrently: only ever less)
+            accepted = False
+            for ctx in ctxs:
+                if queued < 0 or queued >= cap:
+                    queued = len(lanes[0]) + len(lanes[1]) + len(lanes[2]) + len(lanes[3])
+                    if queued >= cap and not self._evict_for(pri):
+                        self.counts["dropped_inbox"] += 1
+                        out.append(0)
+                        continue
+                ctx = _snapshot(ctx)
+                tid = next(ids)
+                now = time.monotonic()
+                lane.append((tid, ctx, request_class, pri, now, now + dl, ens, ref))
+                queued += 1
+                out.append(tid)
+                accepted = True
+            if accepted:
+                self._wake.ring()
+        return out
 
     def _evict_for(self, pri: int) -> bool:
         """A full inbox and a critical or high newcomer: move the newest entry of the lowest class
@@ -718,6 +744,7 @@ class ReasoningMesh:
                     next_check = now + min(0.05, self.heartbeat_s)
                 self._dispatch()
                 self._flush()
+                self._compact_timers()
             except Exception:  # noqa: BLE001 - the broker must outlive any bug in one task
                 log.exception("reasoning broker iteration failed")
         self._run_calls()  # (queued before close began)
@@ -910,7 +937,7 @@ class ReasoningMesh:
                 return
             task = self._task_of(entry)
             self._tasks[task.id] = task
-            self._push_timer(task.deadline - task.reserve, "deadline", task.id, 0)
+            self._push_timer(task.deadline - task.reserve, "deadline", task.id, 0, task)
             try:
                 hit = self._route(task, task.created)
             except Exception:  # noqa: BLE001 - a context routing cannot handle still gets its rationale
@@ -1001,9 +1028,12 @@ class ReasoningMesh:
             else:
                 self._try_from(task, task.ci, now)
             if task.pending:  # slots (and maybe half-open probes) were taken: ask those routes again
-                used = {pend[0] for pend in task.pending.values()}
-                for route in [r for r in memo if not used.isdisjoint(r)]:
-                    del memo[route]
+                if len(memo) == 1:  # (its own route, which holds the provider it went to)
+                    memo.clear()
+                else:
+                    used = {pend[0] for pend in task.pending.values()}
+                    for route in [r for r in memo if not used.isdisjoint(r)]:
+                        del memo[route]
         self._more_work = bool(q.size)
 
     def _start_ensemble(self, task: Task, now: float) -> None:
@@ -1076,7 +1106,7 @@ class ReasoningMesh:
         task.used.add(provider)
         a.outstanding[(task.id, att)] = [provider, now, False]
         self.router.record_start(provider, est or task.est_in)
-        self._push_timer(now + budget, "attempt", task.id, att)
+        self._push_timer(now + budget, "attempt", task.id, att, task)
         return True
 
     def _record(self, provider: str, **kw: Any) -> None:
@@ -1185,27 +1215,30 @@ class ReasoningMesh:
             if now + delay < task.deadline - task.reserve - 0.001 * 5:
                 task.tries_here += 1
                 task.state = "waiting"
-                self._push_timer(now + delay, "retry", task.id, task.ci - 1)
+                self._push_timer(now + delay, "retry", task.id, task.ci - 1, task)
                 return
         self._try_from(task, task.ci, now)
 
     # ---- timers -------------------------------------------------------------------------------
-    def _push_timer(self, when: float, kind: str, tid: int, arg: int) -> None:
+    def _push_timer(self, when: float, kind: str, tid: int, arg: int, task: Task | None = None) -> None:
+        """Schedule ``kind`` for task ``tid`` at ``when`` (``task``: that task, when the caller has
+        it). Finished tasks' entries are dropped in bulk by :meth:`_compact_timers`."""
         if not when < math.inf:  # NaN or +inf would sit at (or corrupt) the heap's root: fire now
             log.error("reasoning broker: %s timer of task %d at %r; firing it now", kind, tid, when)
             when = time.monotonic()
-        task = self._tasks.get(tid)
+        if task is None:
+            task = self._tasks.get(tid)
         if task is not None:
             task.ntimers += 1
         else:
             self._dead_timers += 1
         heapq.heappush(self._timers, (when, next(self._tseq), kind, tid, arg))
-        self._maybe_compact_timers()
 
-    def _maybe_compact_timers(self) -> None:
+    def _compact_timers(self) -> None:
         """Drop the timers of finished tasks once they are more than half of a heap of over 1024
         (lazy deletion: a finished task's timers otherwise stay until they are due, an hour
-        later for an hour's deadline). Each compaction halves the heap at least: amortized O(1)."""
+        later for an hour's deadline). Asked once per broker iteration; each compaction halves
+        the heap at least: amortized O(1) per timer."""
         timers = self._timers
         if self._dead_timers * 2 <= len(timers) or len(timers) <= 1024:
             return
@@ -1326,7 +1359,6 @@ class ReasoningMesh:
         if self._tasks.pop(task.id, None) is not None and task.ntimers:
             self._dead_timers += task.ntimers  # its timers are dead weight now
             task.ntimers = 0
-            self._maybe_compact_timers()
         ctx = task.ctx
         upd = RationaleUpdate(signal_id=ctx.signal_id, instrument=ctx.instrument, timeframe=ctx.timeframe,
                               text=text[: 1 << 20], provider=provider[:256], ts=time.time_ns())

@@ -14,6 +14,7 @@ one, when nothing queued ranks lower). Everything here runs on the broker thread
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = ["PRIORITIES", "Task", "TaskQueue", "priority_index"]
 PRIORITIES = ("critical", "high", "medium", "low")
 """Priority classes, most urgent first."""
 WEIGHTS = (8.0, 4.0, 2.0, 1.0)
+_STEP = tuple(1.0 / w for w in WEIGHTS)  # a served task's virtual-time cost per class
 
 
 def priority_index(p: str | int) -> int:
@@ -153,14 +155,32 @@ class TaskQueue:
         """Classes in the order WFQ serves them now (non-empty only)."""
         active = [i for i, n in enumerate(self.counts) if n]
         # smallest virtual finish time first (start tag + 1/weight), ties to the higher priority
-        active.sort(key=lambda i: (self._vt[i] + 1.0 / WEIGHTS[i], i))
+        active.sort(key=lambda i: (self._vt[i] + _STEP[i], i))
         return iter(active)
+
+    def _first_class(self) -> int:
+        """The first class of :meth:`order` (-1 when the queue is empty), without the sort."""
+        best, best_v = -1, math.inf
+        vt = self._vt
+        for i, n in enumerate(self.counts):
+            if n:
+                v = vt[i] + _STEP[i]
+                if v < best_v:  # strictly: ties stay with the higher priority
+                    best, best_v = i, v
+        return best
 
     def take(self, runnable: Callable[[tuple[str, ...]], bool]) -> Task | None:
         """Remove and return the next task to start: the first in WFQ order of classes, then
         arrival, among the routes ``runnable`` accepts (asked once per route); None when no
         queued task can start. A taken task keeps its route in ``qkey``."""
-        ok = [lanes for key, lanes in self.groups.items() if runnable(key)]
+        groups = self.groups
+        if len(groups) == 1:  # one route (the common case): its first task of the first class
+            for key, lanes in groups.items():
+                if not runnable(key):
+                    return None
+                cls = self._first_class()
+                return self._taken(lanes[cls], cls) if cls >= 0 else None
+        ok = [lanes for key, lanes in groups.items() if runnable(key)]
         if not ok:
             return None
         for cls in self.order():
@@ -169,16 +189,18 @@ class TaskQueue:
                 lane = lanes[cls]
                 if lane and (best is None or lane[0].qseq < best[0].qseq):
                     best = lane
-            if best is None:
-                continue
-            t = best.popleft()
-            self._unlink(t, t.qkey, self.groups[t.qkey])  # type: ignore[index]
-            self._now_vt = self._vt[cls]  # the system's virtual time: the served start tag
-            self._vt[cls] += 1.0 / WEIGHTS[cls]
-            self.served[cls] += 1
-            t.state = "taken"
-            return t
+            if best is not None:
+                return self._taken(best, cls)
         return None
+
+    def _taken(self, lane: deque[Task], cls: int) -> Task:
+        t = lane.popleft()
+        self._unlink(t, t.qkey, self.groups[t.qkey])  # type: ignore[index]
+        self._now_vt = self._vt[cls]  # the system's virtual time: the served start tag
+        self._vt[cls] += _STEP[cls]
+        self.served[cls] += 1
+        t.state = "taken"
+        return t
 
     def tasks(self) -> list[Task]:
         """Every queued task (any order)."""
