@@ -248,7 +248,7 @@ def test_retries_within_the_provider_then_falls_back(fake, step, kind) -> None:
 
 def test_rate_limited_waits_for_retry_after_then_succeeds(fake) -> None:
     fake.script([{"mode": "status", "status": 429, "retry_after": 1}])
-    m, out = mesh(fake, deadline_s=5.0)
+    m, out = mesh(fake, deadline_s=10.0)  # (room for a loaded CI machine after the 1 s wait)
     with m:
         t0 = time.monotonic()
         m.submit(ctx(5))
@@ -1105,3 +1105,25 @@ def test_submit_many_through_a_started_mesh_completes_every_task_once() -> None:
         got = out.wait(300)
     assert sorted(o.task_id for o in got) == sorted(ids)
     assert sorted(o.update.signal_id for o in got) == sorted(ctx(5100 + i).signal_id for i in range(300))
+
+
+def test_close_called_from_on_rationale_ends_the_broker_and_closes_its_sockets() -> None:
+    got: list = []
+    holder: list = []
+
+    def on(o) -> None:
+        got.append(o)
+        if len(got) == 1:
+            holder[0].close()  # on the broker thread: it cannot join itself
+
+    m = ReasoningMesh([], policy=policy("local"), on_rationale=on)
+    holder.append(m)
+    m.start()
+    m.submit(ctx(5200))
+    deadline = time.monotonic() + 5
+    while not m._sock.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert m._sock.closed  # the loop closed the socket and the doorbell as it ended
+    assert m._thread is not None and not m._thread.is_alive() or m._thread is None
+    assert m.submit(ctx(5201)) == 0 and len(got) == 1
+    m.close()  # again, from outside: nothing left to do, no error

@@ -376,6 +376,7 @@ class ReasoningMesh:
         self._exits: dict[str, int] = {}  # provider -> its adapters' exits in a row
         self._respawn_at: list[tuple[float, str]] = []
         self._thread: threading.Thread | None = None
+        self._close_in_loop = False  # close() was called on the broker thread
         self._stop = threading.Event()
         self._closed = False
         self.counts = {"submitted": 0, "completed": 0, "dropped_inbox": 0, "dropped_outbox": 0,
@@ -460,12 +461,15 @@ class ReasoningMesh:
         if t is not None:
             self._stop.set()
             self._wake.ring()
-            if t is not threading.current_thread():  # (close from on_rationale: the loop ends after it)
+            if t is threading.current_thread():
+                # close from on_rationale: the loop ends after it and closes the sockets itself
+                self._close_in_loop = True
+            else:
                 t.join(timeout)
                 if t.is_alive():
                     log.warning("reasoning broker did not stop within %.1fs", timeout)
-            if not t.is_alive():
-                self._thread = None
+                else:
+                    self._thread = None
         else:  # never started: this thread owns the broker's state
             try:
                 self._end_unfinished("closed")
@@ -753,6 +757,9 @@ class ReasoningMesh:
         except Exception:  # noqa: BLE001 - the adapters must still be told to stop
             log.exception("reasoning broker: ending the unfinished tasks failed")
         self._shutdown_adapters()
+        if self._close_in_loop:  # close() ran on this thread (from on_rationale): nobody joins it
+            self._sock.close(0)
+            self._wake.close()
 
     def _end_unfinished(self, reason: str) -> None:
         """Finish every task not finished yet (in the inbox, queued, waiting or in flight) with
