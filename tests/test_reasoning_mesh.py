@@ -1127,3 +1127,46 @@ def test_close_called_from_on_rationale_ends_the_broker_and_closes_its_sockets()
     assert m._thread is not None and not m._thread.is_alive() or m._thread is None
     assert m.submit(ctx(5201)) == 0 and len(got) == 1
     m.close()  # again, from outside: nothing left to do, no error
+
+
+def test_submit_many_is_all_or_nothing_when_a_context_cannot_be_copied() -> None:
+    out = Collect()
+    bad = P.ReasoningContext(signal_id="bad:1", instrument="EURUSD", timeframe=3600, seq=1, action=1,
+                           score=0.3, confidence=0.7, agreement=0.8, dispersion=0.1, n_agents=10,
+                           features={"lock": threading.Lock()})  # type: ignore[dict-item]
+    with ReasoningMesh([], policy=policy("local"), on_rationale=out) as m:
+        m.start()
+        with pytest.raises(TypeError):
+            m.submit_many([ctx(5300), ctx(5301), bad])
+        assert len(m._inbox) == 0  # nothing of the batch was queued
+        time.sleep(0.3)
+        assert out.items == [] and m.counts["submitted"] == 0
+
+
+def test_a_producer_that_keeps_the_inbox_full_cannot_hold_the_broker_in_one_drain(monkeypatch) -> None:
+    from dynamic_core.reasoning import mesh as mesh_mod
+
+    most = {"drained": 0, "timers": 0}
+    real = mesh_mod.ReasoningMesh._drain_inbox
+
+    def drain(self) -> None:
+        before = self.counts["submitted"]
+        real(self)
+        most["drained"] = max(most["drained"], self.counts["submitted"] - before)
+        most["timers"] = max(most["timers"], len(self._timers))
+
+    monkeypatch.setattr(mesh_mod.ReasoningMesh, "_drain_inbox", drain)
+    # queue_size=1: nearly every task is shed while draining, leaving a dead deadline timer
+    m = ReasoningMesh([], policy=policy("local"), queue_size=1, deadline_s=3600.0, cache_size=0,
+                      on_rationale=lambda o: None)
+    try:
+        m.start()
+        cs = [ctx(5400 + i) for i in range(100)]
+        stop = time.monotonic() + 1.5
+        while time.monotonic() < stop:
+            m.submit_many(cs)
+    finally:
+        m.close()
+    cap = m._inbox_cap
+    assert 0 < most["drained"] <= cap  # at most an inbox's worth per iteration
+    assert most["timers"] <= 2 * cap + 2, most  # dead timers compacted every iteration

@@ -358,7 +358,7 @@ class ReasoningMesh:
         self._inbox = _Inbox()
         self._inbox_cap = max(1024, 4 * queue_size)
         self._evicted: deque[tuple] = deque()  # inbox entries that made room for a more urgent one
-        self._more_work = False  # the last dispatch round stopped at _DISPATCH_MAX
+        self._more_work = False  # work left for the next iteration (dispatch or inbox cut short)
         self._calls: deque[tuple[Callable[[], Any], threading.Event, list]] = deque()
         self._outbox_cap = max(1, int(outbox_size))
         self.outbox: deque[RationaleUpdate] = deque(maxlen=self._outbox_cap)  # oldest dropped (counted)
@@ -531,25 +531,27 @@ class ReasoningMesh:
                                                                      lo_open=True)
         ens = self.ensemble if ensemble is None else check_int("ensemble", ensemble, 1, 64)
         ref = self.refine if refine is None else bool(refine)
+        # copies first, outside the lock: a context that cannot be copied raises before any of
+        # the batch is queued (all or nothing)
+        snaps = [_snapshot(c) for c in ctxs]
         out: list[int] = []
         with self._lock:
             if self._closed:
-                self.counts["refused_closed"] += len(ctxs)
-                return [0] * len(ctxs)
+                self.counts["refused_closed"] += len(snaps)
+                return [0] * len(snaps)
             lanes = self._inbox.lanes
             lane = lanes[pri]
             cap = self._inbox_cap
             ids = self._ids
             queued = -1  # inbox length, when known (the broker drains concurrently: only ever less)
             accepted = False
-            for ctx in ctxs:
+            for ctx in snaps:
                 if queued < 0 or queued >= cap:
                     queued = len(lanes[0]) + len(lanes[1]) + len(lanes[2]) + len(lanes[3])
                     if queued >= cap and not self._evict_for(pri):
                         self.counts["dropped_inbox"] += 1
                         out.append(0)
                         continue
-                ctx = _snapshot(ctx)
                 tid = next(ids)
                 now = time.monotonic()
                 lane.append((tid, ctx, request_class, pri, now, now + dl, ens, ref))
@@ -715,6 +717,14 @@ class ReasoningMesh:
         return box[0] if box else None
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self._close_in_loop:  # close() ran on this thread (from on_rationale): nobody joins it
+                self._sock.close(0)
+                self._wake.close()
+
+    def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake.rfd, zmq.POLLIN)
@@ -732,6 +742,7 @@ class ReasoningMesh:
                 return
             if self._wake.rfd in events:
                 self._wake.clear()
+            self._more_work = False  # (set below when work is left for the next iteration)
             try:
                 # timers due before the replies read now: an attempt whose budget ran out while
                 # this loop was busy is a timeout, whatever reply sits in the socket behind it
@@ -757,9 +768,6 @@ class ReasoningMesh:
         except Exception:  # noqa: BLE001 - the adapters must still be told to stop
             log.exception("reasoning broker: ending the unfinished tasks failed")
         self._shutdown_adapters()
-        if self._close_in_loop:  # close() ran on this thread (from on_rationale): nobody joins it
-            self._sock.close(0)
-            self._wake.close()
 
     def _end_unfinished(self, reason: str) -> None:
         """Finish every task not finished yet (in the inbox, queued, waiting or in flight) with
@@ -929,19 +937,28 @@ class ReasoningMesh:
 
     # ---- tasks --------------------------------------------------------------------------------
     def _drain_inbox(self) -> None:
+        """Route and queue what was submitted: at most an inbox's worth per loop iteration, so a
+        producer that keeps the inbox full cannot hold the broker (replies, timers, dispatch)
+        here, and the timers of what this sheds wait at most one iteration for compaction."""
         if self._evicted:
             self._finish_evicted(time.monotonic())
+        budget = self._inbox_cap
         for box in self._inbox.lanes:  # the most urgent first
-            self._drain_lane(box)
+            budget = self._drain_lane(box, budget)
+            if budget <= 0:
+                self._more_work = True  # (the rest next iteration, without waiting in poll)
+                break
         pressure = len(self.queue) / self.queue.capacity
         self.router.pressure = 0.0 if pressure < 0.5 else min(1.0, (pressure - 0.5) * 2)
 
-    def _drain_lane(self, box: deque[tuple]) -> None:
-        while box:
+    def _drain_lane(self, box: deque[tuple], budget: int) -> int:
+        """Up to ``budget`` entries of one inbox lane; returns the budget left."""
+        while box and budget > 0:
             try:
                 entry = box.popleft()
             except IndexError:  # (taken by a submit making room for a more urgent task)
-                return
+                break
+            budget -= 1
             task = self._task_of(entry)
             self._tasks[task.id] = task
             self._push_timer(task.deadline - task.reserve, "deadline", task.id, 0, task)
@@ -960,6 +977,7 @@ class ReasoningMesh:
             victim = self.queue.push(task)
             if victim is not None:
                 self._finish_local(victim, "shed", time.monotonic())
+        return budget
 
     def _route(self, task: Task, now: float) -> tuple[str, int] | None:
         """Route ``task`` (sets its candidates) and look it up in the narrative cache under its
@@ -1010,7 +1028,6 @@ class ReasoningMesh:
         (see :meth:`_pick`, asked again only for the routes sharing a provider that just took a
         task), so a backlog for a busy provider costs nothing per round and never holds back a
         task another candidate could serve."""
-        self._more_work = False
         q = self.queue
         if not q.size:
             return
@@ -1041,7 +1058,8 @@ class ReasoningMesh:
                     used = {pend[0] for pend in task.pending.values()}
                     for route in [r for r in memo if not used.isdisjoint(r)]:
                         del memo[route]
-        self._more_work = bool(q.size)
+        if q.size:
+            self._more_work = True
 
     def _start_ensemble(self, task: Task, now: float) -> None:
         sent = 0
