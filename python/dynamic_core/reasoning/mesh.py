@@ -545,6 +545,7 @@ class ReasoningMesh:
             ids = self._ids
             queued = -1  # inbox length, when known (the broker drains concurrently: only ever less)
             accepted = False
+            now = time.monotonic()  # (one submission time for the whole batch)
             for ctx in snaps:
                 if queued < 0 or queued >= cap:
                     queued = len(lanes[0]) + len(lanes[1]) + len(lanes[2]) + len(lanes[3])
@@ -553,7 +554,6 @@ class ReasoningMesh:
                         out.append(0)
                         continue
                 tid = next(ids)
-                now = time.monotonic()
                 lane.append((tid, ctx, request_class, pri, now, now + dl, ens, ref))
                 queued += 1
                 out.append(tid)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from ..payloads import ReasoningContext
@@ -151,47 +151,29 @@ class TaskQueue:
         if not any(lanes):
             del self.groups[key]
 
-    def order(self) -> Iterator[int]:
-        """Classes in the order WFQ serves them now (non-empty only)."""
-        active = [i for i, n in enumerate(self.counts) if n]
-        # smallest virtual finish time first (start tag + 1/weight), ties to the higher priority
-        active.sort(key=lambda i: (self._vt[i] + _STEP[i], i))
-        return iter(active)
-
-    def _first_class(self) -> int:
-        """The first class of :meth:`order` (-1 when the queue is empty), without the sort."""
-        best, best_v = -1, math.inf
-        vt = self._vt
-        for i, n in enumerate(self.counts):
-            if n:
-                v = vt[i] + _STEP[i]
-                if v < best_v:  # strictly: ties stay with the higher priority
-                    best, best_v = i, v
-        return best
-
     def take(self, runnable: Callable[[tuple[str, ...]], bool]) -> Task | None:
         """Remove and return the next task to start: the first in WFQ order of classes, then
         arrival, among the routes ``runnable`` accepts (asked once per route); None when no
         queued task can start. A taken task keeps its route in ``qkey``."""
-        groups = self.groups
-        if len(groups) == 1:  # one route (the common case): its first task of the first class
-            for key, lanes in groups.items():
-                if not runnable(key):
-                    return None
-                cls = self._first_class()
-                return self._taken(lanes[cls], cls) if cls >= 0 else None
-        ok = [lanes for key, lanes in groups.items() if runnable(key)]
+        ok = [lanes for key, lanes in self.groups.items() if runnable(key)]
         if not ok:
             return None
-        for cls in self.order():
-            best = None
-            for lanes in ok:
-                lane = lanes[cls]
-                if lane and (best is None or lane[0].qseq < best[0].qseq):
-                    best = lane
-            if best is not None:
-                return self._taken(best, cls)
-        return None
+        # WFQ: of the classes with a task that can start, the smallest virtual finish time
+        # (start tag + 1/weight), ties to the higher priority; within it the earliest arrival
+        best, best_cls, best_v = None, -1, math.inf
+        vt = self._vt
+        for cls, n in enumerate(self.counts):
+            if n:
+                v = vt[cls] + _STEP[cls]
+                if v < best_v:  # (strictly: ties stay with the higher priority)
+                    first = None
+                    for lanes in ok:
+                        lane = lanes[cls]
+                        if lane and (first is None or lane[0].qseq < first[0].qseq):
+                            first = lane
+                    if first is not None:
+                        best, best_cls, best_v = first, cls, v
+        return self._taken(best, best_cls) if best is not None else None
 
     def _taken(self, lane: deque[Task], cls: int) -> Task:
         t = lane.popleft()
