@@ -86,6 +86,13 @@ def test_run_prints_summary_without_a_tty(tmp_path: Path) -> None:
     assert "Top 10 agents by Sharpe" in out
     assert "agent-updates/s" in out and "wall time" in out
     assert "Actions over all signals" in out and "STRONG_BUY" in out
+    # beside the fused signals, the agents' own actions (the signals' vote counts): random
+    # agents buy and sell even where their consensus holds
+    assert "agent actions" in out
+    rows = {ln.split()[1]: ln.split() for ln in out.splitlines()
+            if ln.split()[1:2] and ln.split()[1] in ("STRONG_SELL", "SELL", "HOLD", "BUY", "STRONG_BUY")}
+    agent = {a: int(r[7].replace(",", "")) for a, r in rows.items()}
+    assert len(agent) == 5 and agent["BUY"] > 0 and agent["SELL"] > 0
     assert "Rejected bars: none" in out
     assert "Latest fused signal per instrument" in out
     for name in ("EURUSD", "GBPUSD", "USDJPY", "XAUUSD"):

@@ -23,7 +23,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -660,17 +660,30 @@ def _fmt_value(v: Any) -> str:
     return str(v)
 
 
-def _actions_table(action_counts: np.ndarray):
+def _actions_table(action_counts: np.ndarray, votes: np.ndarray | None = None):
+    """Fused signals per action and, beside them, the agents' own actions (the SM vote counts
+    summed over every signal): a population of opposing views fuses to HOLD while its agents
+    buy and sell."""
     from rich.table import Table
 
     total = int(action_counts.sum())
-    t = Table(title="Actions over all signals", title_justify="left")
+    v_total = int(votes.sum()) if votes is not None else 0
+    t = Table(title="Actions over all signals", title_justify="left",
+              caption="agent actions: each warm agent's own view, bar by bar" if votes is not None else None,
+              caption_justify="left")
     t.add_column("action")
     t.add_column("signals", justify="right")
     t.add_column("share", justify="right")
+    if votes is not None:
+        t.add_column("agent actions", justify="right")
+        t.add_column("share", justify="right")
     for a in Action:
         n = int(action_counts[int(a) + 2])
-        t.add_row(_action_text(int(a)), f"{n:,}", f"{100 * n / total:.1f}%" if total else "-")
+        row = [_action_text(int(a)), f"{n:,}", f"{100 * n / total:.1f}%" if total else "-"]
+        if votes is not None:
+            m = int(votes[int(a) + 2])
+            row += [f"{m:,}", f"{100 * m / v_total:.1f}%" if v_total else "-"]
+        t.add_row(*row)
     return t
 
 
@@ -723,6 +736,7 @@ class _Progress:
     latest: dict[tuple[int, int], np.void]
     counts: dict[tuple[int, int], int]
     actions: np.ndarray
+    votes: np.ndarray = field(default_factory=lambda: np.zeros(5, dtype=np.int64))
     done: int = 0
     mesh: Any = None
     rationales: dict[tuple[int, int], str] | None = None
@@ -746,6 +760,7 @@ class _Progress:
         if len(signals) == 0:
             return
         self.actions += np.bincount(np.clip(signals["action"], -2, 2) + 2, minlength=5)
+        self.votes += signals["votes"].sum(axis=0, dtype=np.int64)  # the agents' own actions
         keys = _stream_keys(signals)
         uniq, inverse, cnt = np.unique(keys, return_inverse=True, return_counts=True)
         # the last signal of each stream: first occurrence in the reversed chunk
@@ -893,7 +908,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     agents = eng.agents()
     stats = eng.stats()
     console.print(_agents_table(agents, args.top, f"Top {min(args.top, len(agents))} agents by Sharpe"))
-    console.print(_actions_table(state.actions))
+    console.print(_actions_table(state.actions, state.votes))
     console.print(_rejects_line(stats))
     console.print(f"Processed {state.done:,} of {len(bars):,} bars, {int(stats['signals']):,} signals, "
                   f"{len(pop):,} agents in {int(stats['n_warps']):,} warps / {int(stats['n_sms']):,} SMs")
