@@ -270,3 +270,58 @@ def test_main_returns_codes_instead_of_exiting(capsys: pytest.CaptureFixture[str
     assert cli.main(["backtest", "--data", "sim", "--fast", "5:x"]) == 2
     err = capsys.readouterr().err
     assert "--fast" in err and "Traceback" not in err
+
+
+# ---- ^C while the package is still importing -------------------------------------------------
+
+_SLOW_IMPORT = '''
+import sys, time
+
+class _Slow:  # holds the import of dynamic_core.payloads (inside the package's __init__)
+    def find_spec(self, name, path=None, target=None):
+        if name == "dynamic_core.payloads":
+            print("importing", flush=True)
+            time.sleep(60)
+        return None
+
+sys.meta_path.insert(0, _Slow())
+'''
+
+
+def _interrupt_while_importing(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Runs cmd with a sitecustomize that parks the package's import, sends SIGINT there."""
+    import signal
+
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_SLOW_IMPORT)
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), PKG_ROOT, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "importing"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("how", ["python -m", "console script"])
+def test_interrupt_while_the_command_imports_is_one_line(tmp_path: Path, how: str) -> None:
+    if how == "python -m":
+        cmd = [sys.executable, "-m", "dynamic_core", "--version"]
+    else:  # what pip writes for [project.scripts], under the script's own name
+        script = tmp_path / "dynamic-core"
+        script.write_text("import sys\nfrom dynamic_core.cli import main\nsys.exit(main())\n")
+        cmd = [sys.executable, str(script), "--version"]
+    proc = _interrupt_while_importing(cmd, tmp_path)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "dynamic-core: interrupted\n"
+
+
+def test_interrupt_while_a_library_imports_the_package_propagates(tmp_path: Path) -> None:
+    proc = _interrupt_while_importing([sys.executable, "-c", "import dynamic_core"], tmp_path)
+    assert "Traceback" in proc.stderr and "KeyboardInterrupt" in proc.stderr
+    assert proc.returncode != 130

@@ -12,23 +12,29 @@ Quick start::
 
 from __future__ import annotations
 
-from . import decision, errors, indicators, journal, market, payloads, sim, transport
-from .engine import Engine
-from .payloads import AISignal
-from .instruments import InstrumentRegistry, instruments
-from .population import Population
-from .records import (
-    AGENT_DTYPE,
-    BAR_DTYPE,
-    DEAD_LETTER_DTYPE,
-    GENOME_DTYPE,
-    REASONS,
-    SIGNAL_DSI,
-    SIGNAL_DTYPE,
-    TICK_DTYPE,
-    Action,
-    score_to_action,
-)
+from . import _launch
+
+try:  # a ^C while the command line imports the package: one line, exit 130 (see _launch)
+    from . import decision, errors, indicators, journal, market, payloads, sim, transport
+    from .engine import Engine
+    from .payloads import AISignal
+    from .instruments import InstrumentRegistry, instruments
+    from .population import Population
+    from .records import (
+        AGENT_DTYPE,
+        BAR_DTYPE,
+        DEAD_LETTER_DTYPE,
+        GENOME_DTYPE,
+        REASONS,
+        SIGNAL_DSI,
+        SIGNAL_DTYPE,
+        TICK_DTYPE,
+        Action,
+        score_to_action,
+    )
+except KeyboardInterrupt:
+    _launch.interrupted()
+    raise
 
 __version__ = "0.1.0"
 

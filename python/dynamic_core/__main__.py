@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
+from . import _launch
+
 try:
     from .cli import main
-except KeyboardInterrupt:
-    # ^C while the command line is still importing: the same word and code as main's
-    print("dynamic-core: interrupted", file=sys.stderr)
-    sys.exit(130)
+except KeyboardInterrupt:  # ^C while the command line is still importing: as main ends one
+    _launch.interrupted(command=True)
+    raise
 
 sys.exit(main())

@@ -35,6 +35,7 @@ from ._argtypes import positive_int as _positive_int
 from ._argtypes import seed as _seed
 from .engine import Engine
 from .errors import DynamicCoreError
+from ._launch import PROG
 from .instruments import instruments
 from .market import from_pandas, parse_timeframe, read_csv
 from .population import DEFAULTS, MAX_PERIOD, Population
@@ -43,7 +44,6 @@ from .sim import PROFILES, MarketSimulator
 
 __all__ = ["main", "build_parser", "parse_values", "positive_float", "simulated_names"]
 
-PROG = "dynamic-core"
 MAX_SIM_INSTRUMENTS = 64
 MAX_AXIS_VALUES = 1_000_000
 MAX_LEARNING = 10_000
