@@ -926,12 +926,24 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
 }
 
 void Engine::wait_idle() {
-  // Caller holds ingress_m_, so nothing new is claimed meanwhile.
+  // Caller holds ingress_m_, so nothing new is claimed (head_ stays) and no slot is refilled.
+  // Idle is every claimed bar run by all its SMs and fused: a group publishes nproc before its
+  // worker finishes the bar's units, and the last finisher fuses after that, reading the
+  // stream's DSI and flags. Without the second check a caller (set_dsi, evolve, wait_all) could
+  // go on while a signal was still being fused: a DSI change landing in an earlier bar's signal,
+  // or poll() after wait_all missing the last signals.
   while (true) {
     bool idle = true;
     for (uint32_t g = 0; g < groups_.size() && idle; ++g)
       idle = grt_[g].nproc.load(std::memory_order_acquire) ==
              strt_[groups_[g].stream].claimed.load(std::memory_order_acquire);
+    if (idle) {
+      // Every position not yet handed out is ready (a drain racing with this only clears the
+      // flags of positions it has taken: the loop then sees them not ready and looks again).
+      const uint64_t h = head_.load(std::memory_order_acquire);
+      for (uint64_t q = tail_.load(std::memory_order_acquire); idle && q < h; ++q)
+        idle = slot(q).ready.load(std::memory_order_acquire) != 0;
+    }
     if (idle || closed_) return;
     std::this_thread::sleep_for(std::chrono::microseconds(50));
   }

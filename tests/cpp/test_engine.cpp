@@ -87,8 +87,34 @@ static void check_median() {
   CHECK_EQ(bucketed({2.0, 2.0, 2.0, 5.0}), 2.0);  // ties within one bucket
 }
 
+
+// wait_all: every submitted bar is fused when it returns, so a poll without waiting takes them
+// all (a group published its progress before its worker fused the bar: the last signals could
+// still be on their way, and a set_dsi after a wait could land in an earlier bar's signal)
+static void check_wait_all_fuses() {
+  const auto g = population(1200);
+  const auto b = bars(3000);  // 750 rounds
+  EngineConfig cfg;
+  cfg.cores_per_sm = 32;  // many SMs, so the last finisher of a bar is often another worker
+  cfg.threads = 2;
+  Engine e(g.data(), g.size(), cfg);
+  std::vector<Signal> out(b.size());
+  size_t short_polls = 0;
+  for (size_t i = 0; i + 8 <= b.size(); i += 8) {
+    size_t sent = 0;
+    while (sent < 8) sent += e.submit(b.data() + i + sent, 8 - sent, 2);
+    e.wait_all();
+    const size_t k = e.poll(out.data(), out.size(), 0);
+    short_polls += k != 8;
+    if (k != 8) e.poll(out.data(), out.size(), 1'000'000'000);  // take the rest before going on
+  }
+  CHECK_EQ(short_polls, 0u);
+  e.close();
+}
+
 int main() {
   check_median();
+  check_wait_all_fuses();
   const auto g = population(300);
   const auto b = bars(400);
   EngineConfig cfg;
