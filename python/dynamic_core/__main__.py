@@ -9,7 +9,6 @@ from . import _launch
 try:
     from .cli import main
 except KeyboardInterrupt:  # ^C while the command line is still importing: as main ends one
-    _launch.interrupted(command=True)
-    raise
+    _launch.end_interrupted()
 
 sys.exit(main())

@@ -29,11 +29,15 @@ def is_command() -> bool:
     return False
 
 
-def interrupted(command: bool = False) -> None:
+def end_interrupted() -> None:
+    """End the command as ``main`` ends an interrupted one: one line on stderr, exit code 130."""
+    print(f"{PROG}: interrupted", file=sys.stderr)
+    raise SystemExit(130)
+
+
+def interrupted() -> None:
     """In an ``except KeyboardInterrupt`` around an import, before a bare ``raise``: end the
-    command as ``main`` does (exit 130, one line) when this process is the command (or
-    ``command`` says so: ``__main__``); otherwise return, and the caller re-raises the
+    command when this process is the command; otherwise return, and the caller re-raises the
     interrupt."""
-    if command or is_command():
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        raise SystemExit(130)
+    if is_command():
+        end_interrupted()
