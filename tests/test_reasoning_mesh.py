@@ -58,13 +58,17 @@ def ctx(i: int = 1, action: int = 1, agreement: float = 0.8, confidence: float =
                               **kw)  # distinct features: distinct cache keys
 
 
-def deepseek(fake: FakeOpenAI, **over) -> dict:
+def provider(fake: FakeOpenAI, name: str, **over) -> dict:
     # latency class "fast": adaptive throttling would drop a "standard" provider (prior 4 s) for
     # the short deadlines used here before it has latency samples of its own
     d = {"base_url": fake.url, "api_key_env": KEY_ENV, "timeout_s": 10.0, "max_concurrency": 2,
          "latency_class": "fast"}
     d.update(over)
-    return {"deepseek": d}
+    return {name: d}
+
+
+def deepseek(fake: FakeOpenAI, **over) -> dict:
+    return provider(fake, "deepseek", **over)
 
 
 def policy(*cands: str, **limits) -> dict:
@@ -625,13 +629,6 @@ def fake2():
     """A second provider server, for tests where two providers must behave differently."""
     with FakeOpenAI(expect_key=KEY) as f:
         yield f
-
-
-def provider(fake: FakeOpenAI, name: str, **over) -> dict:
-    d = {"base_url": fake.url, "api_key_env": KEY_ENV, "timeout_s": 10.0, "max_concurrency": 2,
-         "latency_class": "fast"}
-    d.update(over)
-    return {name: d}
 
 
 def test_a_key_echoed_in_a_successful_reply_never_reaches_the_rationale_or_the_cache(fake, caplog) -> None:

@@ -79,7 +79,7 @@ from ..payloads import (
 from ..records import SIGNAL_DTYPE
 from ..transport._common import check_address, endpoint, readable
 from ..transport.doorbell import Doorbell
-from .cache import NarrativeCache
+from .cache import DEFAULT_MAX_BYTES, NarrativeCache
 from .ensemble import ABSplit, Candidate, ReviewQueue, Weights, rerank
 from .narrator import narrate
 from .policy import REQUEST_CLASSES, PolicyConfig, RouteRequest, Router, load_policy
@@ -98,7 +98,7 @@ from .prompts import (
 )
 from .registry import Roster
 from .tasks import PRIORITIES, Task, TaskQueue, priority_index
-from .worker import CONFIG_ERROR_EXIT, MIN_REPLY_CHARS, REPLY_CHARS_PER_TOKEN
+from .worker import CONFIG_ERROR_EXIT, reply_limit
 
 __all__ = ["Outcome", "ReasoningMesh", "asset_class_of"]
 
@@ -118,7 +118,7 @@ a row of the same provider (one that ran :data:`RESPAWN_STABLE_S` resets the cou
 ``RESPAWN_MAX_S``."""
 RESPAWN_STABLE_S = 60.0
 
-# REPLY_CHARS_PER_TOKEN, MIN_REPLY_CHARS (from .worker): a provider's reply is cut to
+# reply_limit (from .worker): a provider's reply is cut to
 # max(MIN_REPLY_CHARS, REPLY_CHARS_PER_TOKEN * max_tokens) characters before it is parsed
 # (counted as ``truncated_replies``): one that ignores max_tokens cannot make the broker parse,
 # cache or publish megabytes per rationale.
@@ -157,15 +157,18 @@ class _Inbox:
         return any(self.lanes)
 
 
-_PRIORITY_OF = {p: i for i, p in enumerate(PRIORITIES)}
-_IMMUTABLE_VALUES = frozenset((float, int, str, bool, type(None)))
+# value types copied by reference (immutable): Python's and numpy's scalars (features computed
+# with numpy are numpy floats)
+_IMMUTABLE_VALUES = frozenset((float, int, str, bool, type(None), np.float64, np.float32, np.int64, np.int32,
+                               np.bool_))
 _replace = msgspec.structs.replace
 
 
 def _snapshot(ctx: ReasoningContext) -> ReasoningContext:
     """``ctx`` with a copy of its ``features``: the struct is frozen but the dict is not, and the
     broker reads it later (cache key when routing, prompt when sending). A shallow copy when every
-    value is immutable (the declared ``dict[str, float]``), else a deep copy."""
+    value is an immutable scalar (the declared ``dict[str, float]``, numpy's included), else a
+    deep copy."""
     if not isinstance(ctx, ReasoningContext):
         return ctx  # (the broker refuses what it cannot route; not this thread's business)
     f = ctx.features
@@ -284,7 +287,7 @@ class ReasoningMesh:
                  max_tokens: int = 256, secrets_file: str | os.PathLike | None = None,
                  on_rationale: Callable[[Outcome], Any] | None = None, outbox_size: int = 100_000,
                  select: str = "change", seed: int | None = None,
-                 context: zmq.Context | None = None, cache_bytes: int = 32 << 20) -> None:
+                 context: zmq.Context | None = None, cache_bytes: int = DEFAULT_MAX_BYTES) -> None:
         workers = check_int("workers", workers, 1, 256)
         deadline_s = check_real("deadline_s", deadline_s, 0.0, MAX_DEADLINE_S, lo_open=True)
         queue_size = check_int("queue_size", queue_size, 1, 10_000_000)
@@ -524,9 +527,7 @@ class ReasoningMesh:
                 deadline_s: float | None, ensemble: int | None, refine: bool | None) -> list[int]:
         if request_class not in REQUEST_CLASSES:
             raise ValueError(f"unknown request class {request_class!r}: use one of {', '.join(REQUEST_CLASSES)}")
-        pri = _PRIORITY_OF.get(priority) if type(priority) is str else None
-        if pri is None:
-            pri = priority_index(priority)  # (an index, or raises naming the choices)
+        pri = priority_index(priority)  # a name or an index, or raises naming the choices
         dl = self.deadline_s if deadline_s is None else check_real("deadline_s", deadline_s, 0.0, MAX_DEADLINE_S,
                                                                      lo_open=True)
         ens = self.ensemble if ensemble is None else check_int("ensemble", ensemble, 1, 64)
@@ -1174,7 +1175,7 @@ class ReasoningMesh:
             return
         self._extra(provider, "answers")
         text = rep.text
-        limit = max(MIN_REPLY_CHARS, REPLY_CHARS_PER_TOKEN * task.tokens_out)
+        limit = reply_limit(task.tokens_out)
         if len(text) > limit:  # it ignored max_tokens: cut before parsing, caching or publishing
             text = text[:limit]
             self.counts["truncated_replies"] += 1

@@ -158,7 +158,7 @@ def check_base_url(name: str, base_url: str) -> SplitResult:
     except ValueError:  # e.g. an unbalanced IPv6 bracket
         url, host = None, None
     if url is None or url.scheme not in ("http", "https") or not host:
-        shown = redact(base_url.rsplit("@", 1)[-1]) if "@" in base_url else redact(base_url)
+        shown = redact(base_url.rsplit("@", 1)[-1])  # userinfo (before an @) never shown
         raise PolicyError(f"provider {name!r}: base_url must be http(s)://host[:port][/path], got {shown!r}")
     if url.username is not None or url.password is not None:
         raise PolicyError(f"provider {name!r}: base_url must not carry credentials; give the key through api_key_env")

@@ -29,7 +29,12 @@ WEIGHTS = (8.0, 4.0, 2.0, 1.0)
 _STEP = tuple(1.0 / w for w in WEIGHTS)  # a served task's virtual-time cost per class
 
 
+_INDEX = {p: i for i, p in enumerate(PRIORITIES)}
+
+
 def priority_index(p: str | int) -> int:
+    if type(p) is str and p in _INDEX:  # the common case: a name, one dict lookup
+        return _INDEX[p]
     if isinstance(p, int) and 0 <= p < len(PRIORITIES):
         return p
     try:
@@ -183,10 +188,6 @@ class TaskQueue:
         self.served[cls] += 1
         t.state = "taken"
         return t
-
-    def tasks(self) -> list[Task]:
-        """Every queued task (any order)."""
-        return [t for lanes in self.groups.values() for lane in lanes for t in lane]
 
     def remove(self, task: Task) -> None:
         """Take a queued task out (its deadline came before a slot did)."""

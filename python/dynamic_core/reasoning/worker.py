@@ -68,6 +68,12 @@ characters by the broker (``truncated_replies``) before it is parsed, cached or 
 provider that ignores ``max_tokens`` cannot make it hold megabytes per rationale. The adapter
 sends at most one character more (so the broker still sees and counts the excess), redacted."""
 
+
+def reply_limit(max_tokens: int) -> int:
+    """Characters a reply asked for ``max_tokens`` keeps: ``max(MIN_REPLY_CHARS,
+    REPLY_CHARS_PER_TOKEN * max_tokens)``."""
+    return max(MIN_REPLY_CHARS, REPLY_CHARS_PER_TOKEN * max_tokens)
+
 JOIN_S = 1.0
 """How long :meth:`AdapterWorker.close` waits for its request threads, all of them together."""
 
@@ -160,7 +166,7 @@ class AdapterWorker:
             return ReasonReply(task_id=req.task_id, attempt=req.attempt, ok=False, error_kind="connection",
                                error=redact(f"{type(e).__name__}: {e}", self._secrets)[:2000])
         # a provider may echo what it was sent, the key included: no key leaves in a reply
-        limit = min(1 << 20, max(MIN_REPLY_CHARS, REPLY_CHARS_PER_TOKEN * req.max_tokens) + 1)
+        limit = min(1 << 20, reply_limit(req.max_tokens) + 1)
         return ReasonReply(task_id=req.task_id, attempt=req.attempt, ok=True, text=self._clip(c.text, limit),
                            model=self._clip(c.model, 256), tokens_in=max(0, min(int(c.tokens_in), 2**32 - 1)),
                            tokens_out=max(0, min(int(c.tokens_out), 2**32 - 1)), model_ms=c.latency_s * 1e3)
