@@ -1227,6 +1227,15 @@ def test_snapshot_paths_stay_in_the_snapshot_directory(tmp_path: Path) -> None:
         svc2 = T.EngineService(eng, snapshot_dir=tmp_path / "later", create_snapshot_dir=True)
         assert svc2.apply(P.Snapshot(path="s"))["path"] == str(tmp_path / "later" / "s.npy")
         assert ((tmp_path / "later").stat().st_mode & 0o777) == 0o700
+        # its missing parents are private too, whatever the umask (as key directories are)
+        svc3 = T.EngineService(eng, snapshot_dir=tmp_path / "p" / "q", create_snapshot_dir=True)
+        old = os.umask(0)
+        try:
+            svc3.apply(P.Snapshot(path="s"))
+        finally:
+            os.umask(old)
+        assert ((tmp_path / "p").stat().st_mode & 0o777) == 0o700
+        assert ((tmp_path / "p" / "q").stat().st_mode & 0o777) == 0o700
 
 
 def test_close_submits_the_bars_already_taken(tmp_path: Path) -> None:

@@ -487,6 +487,7 @@ void bind_engine(py::module_& m) {
              }
              return to_bytes(out.data(), out.size());
            }, "Lineage of the agent in each population slot, as bytes.")
+      .def("in_flight", &Engine::in_flight, "Bars claimed whose signals are not yet polled (lock-free).")
       .def("stats", [](Engine& e) {
              return stats_dict(e);
            })

@@ -932,6 +932,7 @@ void Engine::wait_idle() {
   // stream's DSI and flags. Without the second check a caller (set_dsi, evolve, wait_all) could
   // go on while a signal was still being fused: a DSI change landing in an earlier bar's signal,
   // or poll() after wait_all missing the last signals.
+  uint64_t seen = 0;  // positions below it were found ready (they stay so until drained)
   while (true) {
     bool idle = true;
     for (uint32_t g = 0; g < groups_.size() && idle; ++g)
@@ -939,10 +940,15 @@ void Engine::wait_idle() {
              strt_[groups_[g].stream].claimed.load(std::memory_order_acquire);
     if (idle) {
       // Every position not yet handed out is ready (a drain racing with this only clears the
-      // flags of positions it has taken: the loop then sees them not ready and looks again).
+      // flags of positions it has taken, below the tail it then publishes: the loop sees them
+      // not ready and looks again from the new tail).
       const uint64_t h = head_.load(std::memory_order_acquire);
-      for (uint64_t q = tail_.load(std::memory_order_acquire); idle && q < h; ++q)
-        idle = slot(q).ready.load(std::memory_order_acquire) != 0;
+      for (uint64_t q = std::max(seen, tail_.load(std::memory_order_acquire)); q < h; ++q)
+        if (!slot(q).ready.load(std::memory_order_acquire)) {
+          idle = false;
+          seen = q;
+          break;
+        }
     }
     if (idle || closed_) return;
     std::this_thread::sleep_for(std::chrono::microseconds(50));

@@ -49,6 +49,10 @@ class Engine:
         """
     def has_journal(self) -> bool:
         ...
+    def in_flight(self) -> int:
+        """
+        Bars claimed whose signals are not yet polled (lock-free).
+        """
     def inject_poison(self, agent: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def inject_stall(self, sm: typing.SupportsInt | typing.SupportsIndex, ns: typing.SupportsInt | typing.SupportsIndex) -> None:

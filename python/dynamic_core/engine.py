@@ -862,6 +862,11 @@ class Engine:
         """Rejected bars with batch index and reason code (``DEAD_LETTER_DTYPE``), oldest first."""
         return self._native.dead_letters().view(DEAD_LETTER_DTYPE)
 
+    def in_flight(self) -> int:
+        """Bars submitted whose signals are not yet polled (``stats()["in_flight"]`` without the
+        rest of the health report: one lock-free read)."""
+        return int(self._native.in_flight())
+
     def stats(self) -> dict[str, Any]:
         """Counters and health: bars in/accepted/rejected (by reason)/skipped, signals, agent
         updates and agent-updates/s (of the time spent in ``run``), quarantined agents,

@@ -16,12 +16,12 @@ import numpy as np
 
 from ._checks import check_int
 from .instruments import instruments as registry
-from .market import empty, parse_timeframe
+from .market import _INT64_MAX, empty, parse_timeframe  # bar times are int64 ns
 
 __all__ = ["MarketSimulator", "PROFILES", "REGIMES"]
 
 YEAR_S = 365.25 * 86400.0
-_INT64_MAX = (1 << 63) - 1  # bar times are int64 ns
+
 
 PROFILES: dict[str, tuple[float, float]] = {
     # name: (start price, annual volatility)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ._checks import check_int, check_real
 from .instruments import instruments as _registry
-from .market import as_records, parse_timeframe
+from .market import _INT64_MAX, as_records, parse_timeframe
 from .records import BAR_DTYPE, TICK_DTYPE
 
 __all__ = [
@@ -67,7 +67,7 @@ TICK_DEAD_LETTER_DTYPE: np.dtype = np.dtype(
 """A refused tick followed by its position in its batch, the reason code and the batch number."""
 
 _NONE = np.iinfo(np.int64).min
-_INT64_MAX = np.iinfo(np.int64).max
+
 _NS = 1_000_000_000
 MAX_DEAD_LETTERS = 10_000_000
 """Largest ``max_dead_letters`` (the Engine's dead-letter capacity bound)."""

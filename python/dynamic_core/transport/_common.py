@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -168,3 +170,22 @@ class SocketOwner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def make_private_dirs(d: Path) -> None:
+    """``mkdir -p`` where every directory created is mode 0700 (``Path.mkdir(parents=True)``
+    gives the parents the umask's default mode: 0777 under umask 0)."""
+    missing = []
+    p = d
+    while not os.path.lexists(p):
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for q in reversed(missing):
+        try:
+            os.mkdir(q, 0o700)
+        except FileExistsError:  # made by someone else meanwhile: fine if it is a directory
+            pass
+    if not d.is_dir():
+        raise NotADirectoryError(f"{d} is not a directory")

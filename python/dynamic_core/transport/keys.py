@@ -33,6 +33,8 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
+from ._common import make_private_dirs
+
 __all__ = ["authorised_keys", "load_keypair", "load_public_key", "new_keypair"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -63,24 +65,6 @@ def _warn_if_open(directory: str | os.PathLike) -> None:
                 "keys); run: chmod go-w %s", directory, stat.S_IMODE(st.st_mode), directory)
 
 
-def _make_dirs(d: Path) -> None:
-    """``mkdir -p`` where every directory created is mode 0700 (``Path.mkdir(parents=True)``
-    gives the parents the umask's default mode: 0777 under umask 0)."""
-    missing = []
-    p = d
-    while not os.path.lexists(p):
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    for q in reversed(missing):
-        try:
-            os.mkdir(q, 0o700)
-        except FileExistsError:  # made by someone else meanwhile: fine if it is a directory
-            pass
-    if not d.is_dir():
-        raise NotADirectoryError(f"{d} is not a directory")
-
 _BANNER = """#   ****  Generated on {now} by dynamic_core (pyzmq {pyzmq} / libzmq {libzmq})  ****
 #   ZeroMQ CURVE {what}
 #   {advice}
@@ -110,7 +94,7 @@ def new_keypair(directory: str | os.PathLike, name: str = "client", *,
     if not _NAME.match(name):
         raise ValueError(f"key name {name!r}: use 1-64 letters, digits, '_', '-' or '.'")
     d = Path(directory)
-    _make_dirs(d)
+    make_private_dirs(d)
     _warn_if_open(d)
     public_file, secret_file = d / f"{name}.key", d / f"{name}.key_secret"
     for f in (public_file, secret_file):

@@ -108,6 +108,7 @@ from ..payloads import (
     decode_command,
     plain,
 )
+from ._common import make_private_dirs
 from .control import ControlServer
 from .feed import SignalFeed
 from .ingress import MarketIngress
@@ -371,7 +372,7 @@ class EngineService:
     def _snapshot(self, path: str) -> dict[str, Any]:
         p = self._snapshot_path(path)
         if self.create_snapshot_dir and p.parent == self.snapshot_dir and not os.path.lexists(p.parent):
-            p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dirs(p.parent)  # its missing parents 0700 too, whatever the umask
         agents = self.engine.agents()
         # a fresh temporary name (O_CREAT|O_EXCL, mode 0600): never an existing file or a
         # symlink planted under a predictable name
@@ -401,14 +402,13 @@ class EngineService:
 
     def _room(self, want: int) -> int | None:
         """How many of ``want`` bars the engine's window has room for now (None: unknown, an
-        engine-like object). Asks ``engine.stats()`` only when the room known from the last
+        engine-like object). Asks ``engine.in_flight()`` only when the room known from the last
         time (less what this loop submitted since; the egress thread only makes more) is short."""
         if self._cap <= 0:
             return None
         if self._room_known < want:
             try:
-                st = self.engine.stats()
-                self._room_known = max(0, int(st["capacity"]) - int(st["in_flight"]))
+                self._room_known = max(0, self._cap - int(self.engine.in_flight()))
             except Exception:  # noqa: BLE001 - closed or engine-like: let submit say what is wrong
                 return None
         return min(want, self._room_known)
@@ -529,7 +529,7 @@ class EngineService:
 
     def _in_flight(self) -> int:
         try:
-            return int(self.engine.stats()["in_flight"])
+            return int(self.engine.in_flight())
         except Exception:  # noqa: BLE001 - closed or engine-like: nothing to wait for
             return 0
 
