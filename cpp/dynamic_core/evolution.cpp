@@ -360,12 +360,13 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   // lane rides in the low bits. One 128-bit integer, compared without branches.
   using Ranked = EvolutionScratch::Ranked;
   auto ranked = [&](bool traded, double x, uint32_t l) {
-    uint64_t u = 0;  // order-preserving bits of the fitness; 0 below every finite value
-    if (traded) {
-      x += 0.0;  // -0 ranks as +0
-      std::memcpy(&u, &x, sizeof u);
-      u = (u >> 63) ? ~u : u | (uint64_t{1} << 63);
-    }
+    x += 0.0;  // -0 ranks as +0
+    uint64_t u;
+    std::memcpy(&u, &x, sizeof u);
+    // order-preserving bits of the fitness (all of them flipped below 0, the sign bit above),
+    // 0 below every finite value when short of the trade count; no branches
+    u ^= static_cast<uint64_t>(static_cast<int64_t>(u) >> 63) | (uint64_t{1} << 63);
+    u &= uint64_t{0} - static_cast<uint64_t>(traded);
     return static_cast<Ranked>(u) << 64 | static_cast<Ranked>(lane_id[l]) << 32 | l;
   };
   auto lane_of = [](Ranked r) { return static_cast<uint32_t>(r); };
@@ -376,11 +377,19 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   X.hist_of.resize(static_cast<size_t>(threads));
   for (std::vector<uint32_t>& h : X.hist_of) h.assign(kValueBuckets, 0);  // fitness histogram (median)
   X.weakest_of.resize(static_cast<size_t>(threads));
+  X.mid_of.resize(static_cast<size_t>(threads));
+  X.judged_of.resize(static_cast<size_t>(threads));
+  for (std::vector<uint32_t>& v : X.judged_of) {
+    v.clear();
+    v.reserve(n_order);  // no growth while judging
+  }
   {
     uint32_t widest = 0;  // lanes of the widest SM
     for (uint32_t m : sm_order) widest = std::max(widest, layout_.sms[m].n_warps * kWarpSize);
     for (std::vector<Ranked>& v : X.order_of) v.resize(widest);
     for (std::vector<Ranked>& v : X.weakest_of) v.resize(widest);
+    X.picks_of.resize(static_cast<size_t>(threads));
+    for (std::vector<Pick>& v : X.picks_of) v.reserve(widest);
   }
   auto judge_sm = [&](uint32_t i, int t) {
     const uint32_t m = sm_order[i];
@@ -389,6 +398,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     const int64_t born_by = static_cast<int64_t>(layout_.streams[sm.stream].nbars) - static_cast<int64_t>(cfg.min_age);
     Island& I = isl[m];
     I.reset();
+    X.judged_of[t].push_back(m);
     uint32_t* hist = X.hist_of[t].data();
     Ranked* order = X.order_of[t].data();  // the judged, lane order
     size_t n_ord = 0;
@@ -400,20 +410,22 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     double* traded_x = I.traded.data();  // the traded ones' fitness, lane order
     size_t n_tr = 0;
     for (uint32_t l = lb; l < le; ++l) {
-      const int64_t from = judge_from[l];
-      if (from == kNeverJudged) continue;  // a padding lane or an external agent
-      if (quar[l]) {
+      const int64_t from = judge_from[l];  // kNeverJudged: a padding lane or an external agent
+      if (quar[l] && from != kNeverJudged) [[unlikely]] {
         I.losers.push_back(l);
         fit[l] = std::numeric_limits<double>::quiet_NaN();
         continue;
       }
-      // too young to judge: fewer than min_age bars since birth, or since its features warmed up
-      if (from > born_by) continue;
+      // Judged unless too young: fewer than min_age bars since birth, or since its features
+      // warmed up (the last generation's children, scattered: no branch). Written either way,
+      // kept when counted.
+      const bool judged = from <= born_by;
       const double x = fit[l];
       const bool traded = trades[l] >= cfg.min_trades;
-      traded_x[n_tr] = x;  // kept when traded
-      n_tr += traded;
-      order[n_ord++] = ranked(traded, x, l);
+      traded_x[n_tr] = x;
+      n_tr += traded & judged;
+      order[n_ord] = ranked(traded, x, l);
+      n_ord += judged;
     }
     I.traded.resize(n_tr);
     I.judged = n_ord;
@@ -455,7 +467,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     for (size_t j = 0; j < n_ord; ++j) {
       const Ranked x = order[j];
       pool[n_pool] = lane_of(x);
-      n_pool += traded_rank(x) && x > last;
+      n_pool += traded_rank(x) & (x > last);
     }
     I.pool.resize(n_pool);
   };
@@ -472,6 +484,9 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       n_traded += I.traded.size();
     }
     kids.resize(n_losers);
+    // room for a birth per slot, before any slot is written (see phase 2)
+    rep.births.swap(births_spare_);  // a buffer handed back by recycle, if any
+    rep.births.resize(n_losers);
   };
   auto better = [&](uint32_t x, uint32_t y) {  // fitter, then lower agent id (no branches: random)
     const double fx = fit[x], fy = fit[y];
@@ -491,7 +506,10 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     return best;
   };
 
-  // the fitness summary (best, median, mean), on thread 0 of phase 2 before it breeds
+  // The fitness summary (best, median, mean): thread 0 finds the median's bucket, every thread
+  // collects that bucket's values from the SMs it judged (in its own cache), and thread 0 selects
+  // the median from them after breeding.
+  MedianBucket mb;
   auto summary = [&] {
     if (n_traded == 0) {
       rep.best = rep.median = rep.mean = std::numeric_limits<double>::quiet_NaN();
@@ -507,16 +525,61 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     std::vector<uint32_t>& count = X.hist_of[0];
     for (size_t t = 1; t < X.hist_of.size(); ++t)
       for (size_t k = 0; k < kValueBuckets; ++k) count[k] += X.hist_of[t][k];
-    rep.median = median_bucketed(n_traded, count.data(), [&](auto&& fn) {
+    mb = median_bucket(n_traded, count.data());
+    for (std::vector<double>& mid : X.mid_of) mid.reserve(count[mb.b]);  // no allocation from here
+    X.median_scratch.reserve(count[mb.b]);
+  };
+  auto collect_median = [&](int t) {
+    std::vector<double>& mid = X.mid_of[t];
+    mid.clear();
+    if (n_traded == 0) return;
+    for (uint32_t m : X.judged_of[t])
+      for (double x : isl[m].traded)
+        if (value_bucket(x) == mb.b) [[unlikely]] mid.push_back(x);
+  };
+  auto finish_median = [&] {
+    if (n_traded == 0) return;
+    std::vector<double>& tmp = X.median_scratch;  // the bucket's values (their order is immaterial)
+    tmp.clear();
+    for (const std::vector<double>& mid : X.mid_of) tmp.insert(tmp.end(), mid.begin(), mid.end());
+    rep.median = median_finish(mb, tmp, [&](auto&& fn) {
       for (uint32_t m : sm_order)
         for (double x : isl[m].traded) fn(x);
-    }, X.median_scratch);
+    });
   };
 
-  // ---- phase 2: children, SM by SM, weakest slot first --------------------------------------
-  // Parents are read from a snapshot: a slot replaced in this generation is never a parent
-  // (pools exclude losers), and children are written only in phase 3.
-  X.picks_of.resize(static_cast<size_t>(threads));
+  // ---- phase 2: children, SM by SM, weakest slot first, each written into its slot ----------
+  // Parents are never slots: pools hold no loser, so what a child overwrites is read by no other
+  // child, whichever thread breeds it. Only the ids wait for phase 3. Nothing here allocates
+  // (picks have room for the widest SM), so no error leaves a generation half written.
+  // The lines a child is written to in its slot (the genome, the lane arrays the kernel reads,
+  // the paper state, the evolution's own per-lane entries), asked for ahead of the writes.
+  auto prefetch_slot = [&](uint32_t l) {
+    {
+      const char* g = reinterpret_cast<const char*>(&lane_genome_[l]);
+      __builtin_prefetch(g, 1);
+      __builtin_prefetch(g + sizeof(Genome) - 1, 1);
+      __builtin_prefetch(&lane_rank_[l], 1);
+      __builtin_prefetch(&lane_style_[l], 1);
+      __builtin_prefetch(&lane_judge_from_[l], 1);
+      for (int f = 0; f < kFeatures; ++f) {
+        __builtin_prefetch(&lanes_.w[f][l], 1);
+        __builtin_prefetch(&lanes_.fidx[f][l], 1);
+      }
+      __builtin_prefetch(&lanes_.entry[l], 1);
+      __builtin_prefetch(&lanes_.cost[l], 1);
+      __builtin_prefetch(&lanes_.lookback[l], 1);
+      __builtin_prefetch(&lanes_.long_short[l], 1);
+      for (double* a : {state_.score.data(), state_.equity.data(), state_.entry_equity.data(), state_.peak.data(),
+                        state_.max_dd.data(), state_.ret_sum.data(), state_.ret_sq.data(), state_.credit.data(),
+                        state_.ext_score.data(), state_.dsi.data()})
+        __builtin_prefetch(a + l, 1);
+      for (uint32_t* a : {state_.trades.data(), state_.wins.data(), state_.n_ret.data(), state_.quarantined.data()})
+        __builtin_prefetch(a + l, 1);
+      __builtin_prefetch(&state_.position[l], 1);
+      __builtin_prefetch(&state_.action[l], 1);
+    }
+  };
   // the lines pass 2 reads of a parent: its genome and its lattice ranks
   auto prefetch_parent = [&](uint32_t lane) {
     const char* g = reinterpret_cast<const char*>(&lane_genome_[lane]);
@@ -539,6 +602,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     const uint32_t nb = st.sm_end - st.sm_begin > 1 ? (m + 1 < st.sm_end ? m + 1 : st.sm_begin) : kNone;
     const std::vector<uint32_t>* nb_pool = nb != kNone && in_scope[nb] && !isl[nb].pool.empty() ? &isl[nb].pool : nullptr;
     if (I.pool.empty() && !nb_pool) return;
+    constexpr size_t P = 2;  // slots asked for ahead of the one being written
+    for (size_t k = 0; k < std::min(P, I.losers.size()); ++k) prefetch_slot(I.losers[k]);
     // The SM's lattice, read by period moves in pass 2 at ranks not known yet: all of it, early.
     prefetch_range(L.buf.data(), L.buf.size() * sizeof(int32_t));
     {  // what the tournaments and slots read of this SM: fitness, ids, pool, flags
@@ -589,6 +654,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     for (size_t k = 0; k < I.losers.size(); ++k) {
       const uint32_t slot_lane = I.losers[k];
       const Pick& pk = picks[k];
+      if (k + P < I.losers.size()) prefetch_slot(I.losers[k + P]);
       if (pk.pa == kNone) continue;
       CounterRng rng(seed, lane_id[slot_lane], generation);
       rng.counter = pk.counter;
@@ -608,9 +674,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         }
       }
 
-      // built in place in its slot of the child buffer (every field is assigned below)
       Kid& kid = kids[I.kid_begin + I.kids++];
-      Child& c = kid.c;
+      Child c;  // every field is assigned below
       if (how & kMigrant) c = pk.c;
       else express_local(pa, c);
 
@@ -680,12 +745,16 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
             lo = L.lower_bound(gap, {c.g.atr_period, 0, 0, 0});
             hi = L.lower_bound(gap, {c.g.atr_period + 1, 0, 0, 0});
           }
-          std::vector<int32_t> ok;
-          for (int32_t r = lo; r < hi; ++r)
-            if (key_in_bounds(L.key(gap, r), gap, cfg)) ok.push_back(r);
-          if (!ok.empty()) {
-            c.rank[gap] = ok[rng.below(static_cast<uint32_t>(ok.size()))];
-            set_genome_key(c.g, gap, L.key(gap, c.rank[gap]));
+          // one of the ranks in bounds, drawn uniformly: counted, then found (no allocation)
+          uint32_t n_ok = 0;
+          for (int32_t r = lo; r < hi; ++r) n_ok += key_in_bounds(L.key(gap, r), gap, cfg);
+          if (n_ok > 0) {
+            uint32_t k = rng.below(n_ok);
+            int32_t r = lo;
+            for (;; ++r)
+              if (key_in_bounds(L.key(gap, r), gap, cfg) && k-- == 0) break;
+            c.rank[gap] = r;
+            set_genome_key(c.g, gap, L.key(gap, r));
           }
         }
         if (c.rank[gap] >= 0) {
@@ -707,15 +776,34 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       c.g.instrument = st.instrument;
       c.g.timeframe = st.timeframe;
       c.g.kind = 0;
+      c.g.agent_id = kNone;  // phase 3 gives it its id
       const int before = lane_style_[slot_lane], after = style_of(c.g);
       if (before >= 0) --I.dstyle[before];
       if (after >= 0) ++I.dstyle[after];
       kid.slot_lane = slot_lane, kid.pa = pa, kid.pb = pb, kid.how = how;
-      kid.style = static_cast<int8_t>(after);
+
+      // into the slot: the lane arrays the kernel reads, as build_layout derives a lane's
+      // parameters from a genome, and fresh paper state
+      lane_genome_[slot_lane] = c.g;
+      lane_style_[slot_lane] = static_cast<int8_t>(after);
+      const double w[kFeatures] = {c.g.w_trend, c.g.w_rsi, c.g.w_macd, c.g.w_bb, c.g.w_mom};
+      const int32_t lookback = genome_lookback(c.g);
       for (int f = 0; f < kFeatures; ++f) {  // the features it reads (the lattice is in cache here)
-        const bool used = c.rank[f] >= 0 && weight(c.g, f) != 0.0;
-        kid.lane_fidx[f] = used ? L.group_index(f, c.rank[f]) : 0;
+        const bool used = c.rank[f] >= 0 && w[f] != 0.0;
+        lane_rank_[slot_lane][f] = static_cast<int16_t>(used ? c.rank[f] : -1);
+        lanes_.w[f][slot_lane] = w[f];
+        lanes_.fidx[f][slot_lane] = used ? L.group_index(f, c.rank[f]) : 0;
       }
+      lanes_.entry[slot_lane] = c.g.entry;
+      lanes_.cost[slot_lane] = c.g.cost_bps * 1e-4;
+      lanes_.lookback[slot_lane] = lookback;
+      lanes_.long_short[slot_lane] = c.g.mode == static_cast<uint32_t>(Mode::LongShort);
+      state_.reset(slot_lane);
+      if (c.g.w_dsi != 0.0) {  // reads its stream's DSI evidence from its first bar
+        state_.dsi[slot_lane] = c.g.w_dsi * stream_dsi(sm.stream);
+        layout_.sms[m].has_dsi = 1;
+      }
+      lane_judge_from_[slot_lane] = std::max(static_cast<int64_t>(st.nbars), static_cast<int64_t>(lookback));
       I.crossovers += (how & kCrossover) != 0;
       I.migrants += (how & kMigrant) != 0;
       I.spawns += (how & kSpawn) != 0;
@@ -737,79 +825,43 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       for (int f = 0; f < kFeatures; ++f) styles_[layout_.sms[m].stream][f] += I.dstyle[f];
     }
     rep.replaced = n_kids;
-    rep.births.swap(births_spare_);  // a buffer handed back by recycle, if any
-    rep.births.resize(n_kids);
+    rep.births.resize(n_kids);  // no more than after_judge made room for
     first_id = next_id_;
     next_id_ += static_cast<uint32_t>(n_kids);
   };
 
-  // ---- phase 3: write the children into their slots -----------------------------------------
-  // The lines phase 3 writes of SM m's slots (and reads: the slot's agent), asked for one SM
-  // ahead; the agent's id entry (an index read from those lines) while the SM itself is written.
-  auto prefetch_slots = [&](uint32_t m) {
+  // ---- phase 3: the children's ids, in their slots, lineage and births -----------------------
+  // The lines phase 3 touches of SM m's slots, asked for one SM ahead; the agent's id entry (an
+  // index read from those lines) while the SM itself is written.
+  auto prefetch_ids = [&](uint32_t m) {
     const Island& I = isl[m];
     for (size_t j = 0; j < I.kids; ++j) {
       const uint32_t l = kids[I.kid_begin + j].slot_lane;
-      const char* g = reinterpret_cast<const char*>(&lane_genome_[l]);
-      __builtin_prefetch(g, 1);
-      __builtin_prefetch(g + sizeof(Genome) - 1, 1);
+      __builtin_prefetch(&lane_genome_[l], 1);
       __builtin_prefetch(&lane_lineage_[l], 1);
-      __builtin_prefetch(&lane_rank_[l], 1);
+      __builtin_prefetch(&lane_id_[l], 1);
       __builtin_prefetch(&lane_agent[l]);
-      for (int f = 0; f < kFeatures; ++f) {
-        __builtin_prefetch(&lanes_.w[f][l], 1);
-        __builtin_prefetch(&lanes_.fidx[f][l], 1);
-      }
-      __builtin_prefetch(&lanes_.entry[l], 1);
-      __builtin_prefetch(&lanes_.cost[l], 1);
-      __builtin_prefetch(&state_.score[l], 1);
-      __builtin_prefetch(&state_.equity[l], 1);
-      __builtin_prefetch(&state_.entry_equity[l], 1);
-      __builtin_prefetch(&state_.peak[l], 1);
-      __builtin_prefetch(&state_.ext_score[l], 1);
-      __builtin_prefetch(&state_.credit[l], 1);
-      __builtin_prefetch(&state_.dsi[l], 1);
     }
   };
-  auto write_sm = [&](uint32_t i, int) {
+  auto name_sm = [&](uint32_t i, int) {
     const uint32_t m = sm_order[i];
     Island& I = isl[m];
     const int64_t nbars = static_cast<int64_t>(layout_.streams[layout_.sms[m].stream].nbars);
-    if (i % Team::kChunk == 0) prefetch_slots(m);  // the first SM of what this thread took
-    if ((i + 1) % Team::kChunk != 0 && i + 1 < n_order) prefetch_slots(sm_order[i + 1]);
+    if (i % Team::kChunk == 0) prefetch_ids(m);  // the first SM of what this thread took
+    if ((i + 1) % Team::kChunk != 0 && i + 1 < n_order) prefetch_ids(sm_order[i + 1]);
     for (size_t j = 0; j < I.kids; ++j)
       __builtin_prefetch(&layout_.agent_id[lane_agent[kids[I.kid_begin + j].slot_lane]], 1);
     for (size_t j = 0; j < I.kids; ++j) {
-      Kid& kid = kids[I.kid_begin + j];
-      const Child& c = kid.c;
+      const Kid& kid = kids[I.kid_begin + j];
       const uint32_t slot_lane = kid.slot_lane;
-      kid.c.g.agent_id = first_id + static_cast<uint32_t>(I.birth_begin + j);
+      const uint32_t id = first_id + static_cast<uint32_t>(I.birth_begin + j);
       Birth& b = rep.births[I.birth_begin + j];
-      b = Birth{lane_agent[slot_lane], c.g.agent_id, lane_id[slot_lane], lane_id[kid.pa],
+      b = Birth{lane_agent[slot_lane], id, lane_id[slot_lane], lane_id[kid.pa],
                 kid.pb == kNone ? kNone : lane_id[kid.pb], layout_.sms[m].stream, m, kid.how, fit[slot_lane]};
-      lane_genome_[slot_lane] = c.g;
-      lane_style_[slot_lane] = kid.style;
-      // the lane arrays the kernel reads, as build_layout derives a lane's parameters from a genome
-      const double w[kFeatures] = {c.g.w_trend, c.g.w_rsi, c.g.w_macd, c.g.w_bb, c.g.w_mom};
-      const int32_t lookback = genome_lookback(c.g);
-      for (int f = 0; f < kFeatures; ++f) {
-        lane_rank_[slot_lane][f] = static_cast<int16_t>(kid.lane_fidx[f] ? c.rank[f] : -1);
-        lanes_.w[f][slot_lane] = w[f];
-        lanes_.fidx[f][slot_lane] = kid.lane_fidx[f];
-      }
-      lanes_.entry[slot_lane] = c.g.entry;
-      lanes_.cost[slot_lane] = c.g.cost_bps * 1e-4;
-      lanes_.lookback[slot_lane] = lookback;
-      lanes_.long_short[slot_lane] = c.g.mode == static_cast<uint32_t>(Mode::LongShort);
-      state_.reset(slot_lane);
-      if (c.g.w_dsi != 0.0) {  // reads its stream's DSI evidence from its first bar
-        state_.dsi[slot_lane] = c.g.w_dsi * stream_dsi(layout_.sms[m].stream);
-        layout_.sms[m].has_dsi = 1;
-      }
-      lane_judge_from_[slot_lane] = std::max(nbars, static_cast<int64_t>(lookback));
-      layout_.agent_id[lane_agent[slot_lane]] = c.g.agent_id;
-      lane_id_[slot_lane] = c.g.agent_id;
-      lane_lineage_[slot_lane] = Lineage{c.g.agent_id, b.parent_a, b.parent_b, generation, nbars};
+      lane_genome_[slot_lane].agent_id = id;
+      layout_.agent_id[lane_agent[slot_lane]] = id;
+      lane_id_[slot_lane] = id;
+      lane_lineage_[slot_lane] = Lineage{id, b.parent_a, b.parent_b, generation, nbars};
     }
   };
 
@@ -818,14 +870,20 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   team.run(threads, [&](int t) {
     team.loop(0, n_order, t, judge_sm);
     team.barrier();
-    if (t == 0) after_judge();
+    if (t == 0) {
+      after_judge();
+      summary();
+    }
     team.barrier();
-    if (t == 0) summary();  // while the others breed
+    collect_median(t);
     team.loop(1, n_order, t, breed_sm);
     team.barrier();
-    if (t == 0) assign_ids();
+    if (t == 0) {
+      assign_ids();
+      finish_median();
+    }
     team.barrier();
-    team.loop(2, n_order, t, write_sm);
+    team.loop(2, n_order, t, name_sm);
   });
   for (uint32_t s : scope)
     for (int f = 0; f < kFeatures; ++f) rep.style_counts[f] += static_cast<uint64_t>(styles_[s][f]);

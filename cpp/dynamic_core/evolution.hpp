@@ -112,12 +112,9 @@ struct EvolutionScratch {
     Genome g;
     int32_t rank[kFeatures];  // lattice rank of each used feature, -1 if unused
   };
-  // A child bred into a slot, before it gets its id and is written there.
+  // A child written into its slot by the breeding phase, before it gets its id.
   struct Kid {
-    Child c;
     uint32_t slot_lane, pa, pb, how;
-    int32_t lane_fidx[kFeatures];  // per feature: its index in the SM's group bank (LaneArrays::fidx), 0: unused
-    int8_t style;                  // its dominant feature, -1: none
   };
   // The parents drawn for one slot (the first draws of its random stream), before the child is
   // varied: lanes (kNone: none), how it was bred, and the stream's counter after the draws.
@@ -152,6 +149,8 @@ struct EvolutionScratch {
   std::vector<Kid> kids;
   std::vector<std::vector<Pick>> picks_of;  // per thread
   std::vector<double> median_scratch;
+  std::vector<std::vector<double>> mid_of;      // per thread: the values it found in the median's bucket
+  std::vector<std::vector<uint32_t>> judged_of;  // per thread: the SMs it judged
   std::vector<std::vector<uint32_t>> hist_of;  // per thread: judged fitness per value bucket
   __extension__ typedef unsigned __int128 Ranked;  // see Engine::evolve
   std::vector<std::vector<Ranked>> order_of, weakest_of;  // per thread
@@ -174,10 +173,9 @@ struct SmLattice {
 
   const int32_t* rec(int f, int32_t r) const { return buf.data() + off[f] + static_cast<size_t>(r) * stride(f); }
   std::array<int32_t, 4> key(int f, int32_t r) const {
-    std::array<int32_t, 4> k{0, 0, 0, 0};
-    const int32_t* p = rec(f, r);
-    for (int i = 0; i < kKeyLen[f]; ++i) k[i] = p[i];
-    return k;
+    const int32_t* p = rec(f, r);  // p[1] is in the record (the group index after a 1-long key)
+    const int len = kKeyLen[f];
+    return {p[0], len > 1 ? p[1] : 0, len > 2 ? p[2] : 0, len > 3 ? p[3] : 0};
   }
   int32_t group_index(int f, int32_t r) const { return rec(f, r)[kKeyLen[f]]; }
   int32_t run_begin(int f, int32_t r) const { return has_runs(f) ? rec(f, r)[kKeyLen[f] + 1] : 0; }
@@ -210,36 +208,50 @@ inline uint32_t value_bucket(double x) {
 }
 constexpr size_t kValueBuckets = size_t{1} << 16;
 
-// Median of n > 0 finite values (the mean of the two middle ones for an even count), given how
-// many fall in each value_bucket; each(fn) calls fn(x) for every value. The selection runs only
-// within the bucket holding the middle.
-template <class Each>
-inline double median_bucketed(size_t n, const uint32_t* count, Each&& each, std::vector<double>& tmp) {
-  const size_t mid = n / 2;
-  size_t below = 0;  // values in the buckets before b
+// Where the median of n > 0 values lies, given how many fall in each value_bucket: bucket b,
+// after `below` values in the buckets before it.
+struct MedianBucket {
+  size_t n = 0, below = 0;
   uint32_t b = 0;
-  while (below + count[b] <= mid) below += count[b++];
-  // One pass collects bucket b's values: a branch rarely taken (tracking the largest value
-  // below b in the same pass would add one that goes either way about half the time).
-  tmp.clear();
-  each([&](double x) {
-    if (value_bucket(x) == b) tmp.push_back(x);
-  });
-  const size_t r = mid - below;
+};
+inline MedianBucket median_bucket(size_t n, const uint32_t* count) {
+  MedianBucket m{n, 0, 0};
+  const size_t mid = n / 2;
+  while (m.below + count[m.b] <= mid) m.below += count[m.b++];
+  return m;
+}
+// The median from bucket b's values `tmp` (any order; reordered); each(fn) calls fn(x) for every
+// value, needed only for an even count whose lower middle value lies below b (rarely).
+template <class Each>
+inline double median_finish(const MedianBucket& m, std::vector<double>& tmp, Each&& each) {
+  const size_t r = m.n / 2 - m.below;
   std::nth_element(tmp.begin(), tmp.begin() + static_cast<std::ptrdiff_t>(r), tmp.end());
   double med = tmp[r];
-  if (n % 2 == 0) {
+  if (m.n % 2 == 0) {
     double lo = -std::numeric_limits<double>::infinity();
     if (r > 0) {
       lo = *std::max_element(tmp.begin(), tmp.begin() + static_cast<std::ptrdiff_t>(r));
-    } else {  // the lower middle value is the largest below bucket b: another pass, rarely
+    } else {  // the lower middle value is the largest below bucket b: another pass
       each([&](double x) {
-        if (value_bucket(x) < b) lo = std::max(lo, x);
+        if (value_bucket(x) < m.b) lo = std::max(lo, x);
       });
     }
     med = (lo + med) / 2.0;
   }
   return med;
+}
+// Median of n > 0 finite values (the mean of the two middle ones for an even count), given how
+// many fall in each value_bucket; each(fn) calls fn(x) for every value. The selection runs only
+// within the bucket holding the middle.
+template <class Each>
+inline double median_bucketed(size_t n, const uint32_t* count, Each&& each, std::vector<double>& tmp) {
+  const MedianBucket m = median_bucket(n, count);
+  // One pass collects bucket b's values: a branch rarely taken.
+  tmp.clear();
+  each([&](double x) {
+    if (value_bucket(x) == m.b) tmp.push_back(x);
+  });
+  return median_finish(m, tmp, each);
 }
 
 }  // namespace dynamic_core

@@ -344,6 +344,7 @@ int main() {
     ec.p_migrate = 0.5;
     std::vector<Genome> ref_g(big.size());
     std::vector<Birth> ref_b;
+    double ref_stats[3] = {};  // best, median, mean: the median's bucket is collected per thread
     for (int th : {1, 2, 3}) {
       EngineConfig c = cfg;
       c.threads = th;
@@ -365,7 +366,11 @@ int main() {
         CHECK(r.births.size() > 1000);
         ref_g = gg;
         ref_b = r.births;
+        ref_stats[0] = r.best, ref_stats[1] = r.median, ref_stats[2] = r.mean;
+        CHECK(std::isfinite(r.median) && r.best >= r.median);
       } else {
+        const double got[3] = {r.best, r.median, r.mean};
+        CHECK(std::memcmp(got, ref_stats, sizeof got) == 0);
         CHECK_EQ(r.births.size(), ref_b.size());
         CHECK(std::memcmp(r.births.data(), ref_b.data(), ref_b.size() * sizeof(Birth)) == 0);
         CHECK(std::memcmp(gg.data(), ref_g.data(), gg.size() * sizeof(Genome)) == 0);
