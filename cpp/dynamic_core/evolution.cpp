@@ -555,30 +555,28 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   // The lines a child is written to in its slot (the genome, the lane arrays the kernel reads,
   // the paper state, the evolution's own per-lane entries), asked for ahead of the writes.
   auto prefetch_slot = [&](uint32_t l) {
-    {
-      const char* g = reinterpret_cast<const char*>(&lane_genome_[l]);
-      __builtin_prefetch(g, 1);
-      __builtin_prefetch(g + sizeof(Genome) - 1, 1);
-      __builtin_prefetch(&lane_rank_[l], 1);
-      __builtin_prefetch(&lane_style_[l], 1);
-      __builtin_prefetch(&lane_judge_from_[l], 1);
-      for (int f = 0; f < kFeatures; ++f) {
-        __builtin_prefetch(&lanes_.w[f][l], 1);
-        __builtin_prefetch(&lanes_.fidx[f][l], 1);
-      }
-      __builtin_prefetch(&lanes_.entry[l], 1);
-      __builtin_prefetch(&lanes_.cost[l], 1);
-      __builtin_prefetch(&lanes_.lookback[l], 1);
-      __builtin_prefetch(&lanes_.long_short[l], 1);
-      for (double* a : {state_.score.data(), state_.equity.data(), state_.entry_equity.data(), state_.peak.data(),
-                        state_.max_dd.data(), state_.ret_sum.data(), state_.ret_sq.data(), state_.credit.data(),
-                        state_.ext_score.data(), state_.dsi.data()})
-        __builtin_prefetch(a + l, 1);
-      for (uint32_t* a : {state_.trades.data(), state_.wins.data(), state_.n_ret.data(), state_.quarantined.data()})
-        __builtin_prefetch(a + l, 1);
-      __builtin_prefetch(&state_.position[l], 1);
-      __builtin_prefetch(&state_.action[l], 1);
+    const char* g = reinterpret_cast<const char*>(&lane_genome_[l]);
+    __builtin_prefetch(g, 1);
+    __builtin_prefetch(g + sizeof(Genome) - 1, 1);
+    __builtin_prefetch(&lane_rank_[l], 1);
+    __builtin_prefetch(&lane_style_[l], 1);
+    __builtin_prefetch(&lane_judge_from_[l], 1);
+    for (int f = 0; f < kFeatures; ++f) {
+      __builtin_prefetch(&lanes_.w[f][l], 1);
+      __builtin_prefetch(&lanes_.fidx[f][l], 1);
     }
+    __builtin_prefetch(&lanes_.entry[l], 1);
+    __builtin_prefetch(&lanes_.cost[l], 1);
+    __builtin_prefetch(&lanes_.lookback[l], 1);
+    __builtin_prefetch(&lanes_.long_short[l], 1);
+    for (double* a : {state_.score.data(), state_.equity.data(), state_.entry_equity.data(), state_.peak.data(),
+                      state_.max_dd.data(), state_.ret_sum.data(), state_.ret_sq.data(), state_.credit.data(),
+                      state_.ext_score.data(), state_.dsi.data()})
+      __builtin_prefetch(a + l, 1);
+    for (uint32_t* a : {state_.trades.data(), state_.wins.data(), state_.n_ret.data(), state_.quarantined.data()})
+      __builtin_prefetch(a + l, 1);
+    __builtin_prefetch(&state_.position[l], 1);
+    __builtin_prefetch(&state_.action[l], 1);
   };
   // the lines pass 2 reads of a parent: its genome and its lattice ranks
   auto prefetch_parent = [&](uint32_t lane) {
