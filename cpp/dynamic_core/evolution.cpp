@@ -552,32 +552,6 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   // Parents are never slots: pools hold no loser, so what a child overwrites is read by no other
   // child, whichever thread breeds it. Only the ids wait for phase 3. Nothing here allocates
   // (picks have room for the widest SM), so no error leaves a generation half written.
-  // The lines a child is written to in its slot (the genome, the lane arrays the kernel reads,
-  // the paper state, the evolution's own per-lane entries), asked for ahead of the writes.
-  auto prefetch_slot = [&](uint32_t l) {
-    const char* g = reinterpret_cast<const char*>(&lane_genome_[l]);
-    __builtin_prefetch(g, 1);
-    __builtin_prefetch(g + sizeof(Genome) - 1, 1);
-    __builtin_prefetch(&lane_rank_[l], 1);
-    __builtin_prefetch(&lane_style_[l], 1);
-    __builtin_prefetch(&lane_judge_from_[l], 1);
-    for (int f = 0; f < kFeatures; ++f) {
-      __builtin_prefetch(&lanes_.w[f][l], 1);
-      __builtin_prefetch(&lanes_.fidx[f][l], 1);
-    }
-    __builtin_prefetch(&lanes_.entry[l], 1);
-    __builtin_prefetch(&lanes_.cost[l], 1);
-    __builtin_prefetch(&lanes_.lookback[l], 1);
-    __builtin_prefetch(&lanes_.long_short[l], 1);
-    for (double* a : {state_.score.data(), state_.equity.data(), state_.entry_equity.data(), state_.peak.data(),
-                      state_.max_dd.data(), state_.ret_sum.data(), state_.ret_sq.data(), state_.credit.data(),
-                      state_.ext_score.data(), state_.dsi.data()})
-      __builtin_prefetch(a + l, 1);
-    for (uint32_t* a : {state_.trades.data(), state_.wins.data(), state_.n_ret.data(), state_.quarantined.data()})
-      __builtin_prefetch(a + l, 1);
-    __builtin_prefetch(&state_.position[l], 1);
-    __builtin_prefetch(&state_.action[l], 1);
-  };
   // the lines pass 2 reads of a parent: its genome and its lattice ranks
   auto prefetch_parent = [&](uint32_t lane) {
     const char* g = reinterpret_cast<const char*>(&lane_genome_[lane]);
@@ -600,8 +574,6 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     const uint32_t nb = st.sm_end - st.sm_begin > 1 ? (m + 1 < st.sm_end ? m + 1 : st.sm_begin) : kNone;
     const std::vector<uint32_t>* nb_pool = nb != kNone && in_scope[nb] && !isl[nb].pool.empty() ? &isl[nb].pool : nullptr;
     if (I.pool.empty() && !nb_pool) return;
-    constexpr size_t P = 2;  // slots asked for ahead of the one being written
-    for (size_t k = 0; k < std::min(P, I.losers.size()); ++k) prefetch_slot(I.losers[k]);
     // The SM's lattice, read by period moves in pass 2 at ranks not known yet: all of it, early.
     prefetch_range(L.buf.data(), L.buf.size() * sizeof(int32_t));
     {  // what the tournaments and slots read of this SM: fitness, ids, pool, flags
@@ -652,7 +624,6 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     for (size_t k = 0; k < I.losers.size(); ++k) {
       const uint32_t slot_lane = I.losers[k];
       const Pick& pk = picks[k];
-      if (k + P < I.losers.size()) prefetch_slot(I.losers[k + P]);
       if (pk.pa == kNone) continue;
       CounterRng rng(seed, lane_id[slot_lane], generation);
       rng.counter = pk.counter;

@@ -67,7 +67,6 @@ TICK_DEAD_LETTER_DTYPE: np.dtype = np.dtype(
 """A refused tick followed by its position in its batch, the reason code and the batch number."""
 
 _NONE = np.iinfo(np.int64).min
-
 _NS = 1_000_000_000
 MAX_DEAD_LETTERS = 10_000_000
 """Largest ``max_dead_letters`` (the Engine's dead-letter capacity bound)."""

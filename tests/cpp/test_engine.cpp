@@ -87,7 +87,6 @@ static void check_median() {
   CHECK_EQ(bucketed({2.0, 2.0, 2.0, 5.0}), 2.0);  // ties within one bucket
 }
 
-
 // wait_all: every submitted bar is fused when it returns, so a poll without waiting takes them
 // all (a group published its progress before its worker fused the bar: the last signals could
 // still be on their way, and a set_dsi after a wait could land in an earlier bar's signal)

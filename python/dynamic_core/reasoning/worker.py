@@ -74,6 +74,7 @@ def reply_limit(max_tokens: int) -> int:
     REPLY_CHARS_PER_TOKEN * max_tokens)``."""
     return max(MIN_REPLY_CHARS, REPLY_CHARS_PER_TOKEN * max_tokens)
 
+
 JOIN_S = 1.0
 """How long :meth:`AdapterWorker.close` waits for its request threads, all of them together."""
 
