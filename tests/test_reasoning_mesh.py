@@ -1144,14 +1144,21 @@ def test_a_producer_that_keeps_the_inbox_full_cannot_hold_the_broker_in_one_drai
     from dynamic_core.reasoning import mesh as mesh_mod
 
     most = {"drained": 0, "timers": 0}
+    taken = [0]  # inbox entries made into tasks (submitted counts them at submit)
     real = mesh_mod.ReasoningMesh._drain_inbox
+    real_task_of = mesh_mod.ReasoningMesh._task_of
+
+    def task_of(self, entry):
+        taken[0] += 1
+        return real_task_of(self, entry)
 
     def drain(self) -> None:
-        before = self.counts["submitted"]
+        before = taken[0]
         real(self)
-        most["drained"] = max(most["drained"], self.counts["submitted"] - before)
+        most["drained"] = max(most["drained"], taken[0] - before)
         most["timers"] = max(most["timers"], len(self._timers))
 
+    monkeypatch.setattr(mesh_mod.ReasoningMesh, "_task_of", task_of)
     monkeypatch.setattr(mesh_mod.ReasoningMesh, "_drain_inbox", drain)
     # queue_size=1: nearly every task is shed while draining, leaving a dead deadline timer
     m = ReasoningMesh([], policy=policy("local"), queue_size=1, deadline_s=3600.0, cache_size=0,

@@ -545,7 +545,7 @@ class ReasoningMesh:
             cap = self._inbox_cap
             ids = self._ids
             queued = -1  # inbox length, when known (the broker drains concurrently: only ever less)
-            accepted = False
+            accepted = 0
             now = time.monotonic()  # (one submission time for the whole batch)
             for ctx in snaps:
                 if queued < 0 or queued >= cap:
@@ -558,7 +558,10 @@ class ReasoningMesh:
                 lane.append((tid, ctx, request_class, pri, now, now + dl, ens, ref))
                 queued += 1
                 out.append(tid)
-                accepted = True
+                accepted += 1
+            # counted here, as the refusals are: submitted + dropped_inbox is every context
+            # offered, whether or not the broker has taken it out of the inbox yet
+            self.counts["submitted"] += accepted
             if accepted:
                 self._wake.ring()
         return out
@@ -795,9 +798,8 @@ class ReasoningMesh:
             self._finish_local(self._task_of(box.popleft()), "fallback", now, reason="evicted")
 
     def _task_of(self, entry: tuple) -> Task:
-        """The task of an inbox entry (a submit), counted as submitted."""
+        """The task of an inbox entry (a submit; counted as submitted by it)."""
         tid, ctx, rclass, pri, created, deadline, ens, refine = entry
-        self.counts["submitted"] += 1
         return Task(tid, ctx, rclass, pri, created, deadline, ens, refine, self.max_tokens)
 
     def _flush(self) -> None:
