@@ -378,11 +378,6 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   for (std::vector<uint32_t>& h : X.hist_of) h.assign(kValueBuckets, 0);  // fitness histogram (median)
   X.weakest_of.resize(static_cast<size_t>(threads));
   X.mid_of.resize(static_cast<size_t>(threads));
-  X.judged_of.resize(static_cast<size_t>(threads));
-  for (std::vector<uint32_t>& v : X.judged_of) {
-    v.clear();
-    v.reserve(n_order);  // no growth while judging
-  }
   {
     uint32_t widest = 0;  // lanes of the widest SM
     for (uint32_t m : sm_order) widest = std::max(widest, layout_.sms[m].n_warps * kWarpSize);
@@ -398,7 +393,6 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     const int64_t born_by = static_cast<int64_t>(layout_.streams[sm.stream].nbars) - static_cast<int64_t>(cfg.min_age);
     Island& I = isl[m];
     I.reset();
-    X.judged_of[t].push_back(m);
     uint32_t* hist = X.hist_of[t].data();
     Ranked* order = X.order_of[t].data();  // the judged, lane order
     size_t n_ord = 0;
@@ -506,9 +500,9 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     return best;
   };
 
-  // The fitness summary (best, median, mean): thread 0 finds the median's bucket, every thread
-  // collects that bucket's values from the SMs it judged (in its own cache), and thread 0 selects
-  // the median from them after breeding.
+  // The fitness summary (best, median, mean): thread 0 finds the median's bucket, each SM's
+  // values in it are collected as the SM is bred (its island is read then anyway), and thread 0
+  // selects the median from them after breeding.
   MedianBucket mb;
   auto summary = [&] {
     if (n_traded == 0) {
@@ -526,16 +520,17 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     for (size_t t = 1; t < X.hist_of.size(); ++t)
       for (size_t k = 0; k < kValueBuckets; ++k) count[k] += X.hist_of[t][k];
     mb = median_bucket(n_traded, count.data());
-    for (std::vector<double>& mid : X.mid_of) mid.reserve(count[mb.b]);  // no allocation from here
+    for (std::vector<double>& mid : X.mid_of) {  // no allocation from here
+      mid.clear();
+      mid.reserve(count[mb.b]);
+    }
     X.median_scratch.reserve(count[mb.b]);
   };
-  auto collect_median = [&](int t) {
-    std::vector<double>& mid = X.mid_of[t];
-    mid.clear();
+  auto collect_median = [&](const Island& I, int t) {  // the SM's values in the median's bucket
     if (n_traded == 0) return;
-    for (uint32_t m : X.judged_of[t])
-      for (double x : isl[m].traded)
-        if (value_bucket(x) == mb.b) [[unlikely]] mid.push_back(x);
+    std::vector<double>& mid = X.mid_of[t];
+    for (double x : I.traded)
+      if (value_bucket(x) == mb.b) [[unlikely]] mid.push_back(x);
   };
   auto finish_median = [&] {
     if (n_traded == 0) return;
@@ -563,6 +558,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   auto breed_sm = [&](uint32_t i, int t) {
     const uint32_t m = sm_order[i];
     Island& I = isl[m];
+    collect_median(I, t);
     if (I.losers.empty()) return;
     const Sm& sm = layout_.sms[m];
     const Stream& st = layout_.streams[sm.stream];
@@ -844,7 +840,6 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       summary();
     }
     team.barrier();
-    collect_median(t);
     team.loop(1, n_order, t, breed_sm);
     team.barrier();
     if (t == 0) {

@@ -150,7 +150,6 @@ struct EvolutionScratch {
   std::vector<std::vector<Pick>> picks_of;  // per thread
   std::vector<double> median_scratch;
   std::vector<std::vector<double>> mid_of;      // per thread: the values it found in the median's bucket
-  std::vector<std::vector<uint32_t>> judged_of;  // per thread: the SMs it judged
   std::vector<std::vector<uint32_t>> hist_of;  // per thread: judged fitness per value bucket
   __extension__ typedef unsigned __int128 Ranked;  // see Engine::evolve
   std::vector<std::vector<Ranked>> order_of, weakest_of;  // per thread
