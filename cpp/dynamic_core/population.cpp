@@ -179,6 +179,13 @@ int64_t steady_from(const Macd& m) { return static_cast<int64_t>(m.slow_n) + m.s
 int64_t steady_from(const Ew& e) { return e.n; }
 int64_t steady_from(const Roc& r) { return r.n; }
 
+// Length of a bank's ring of closes for ROC periods up to max_period: the power of two above it.
+size_t closes_ring(int32_t max_period) {
+  size_t h = 1;
+  while (h < static_cast<size_t>(max_period) + 1) h <<= 1;
+  return h;
+}
+
 // Sorts v by steady_from (stable) and returns the new index of each old one.
 template <class T>
 std::vector<int32_t> sort_by_warmup(std::vector<T>& v) {
@@ -345,8 +352,7 @@ void Bank::resize_values() {
   closes.clear();
   closes_mask = 0;
   if (!rocs.empty()) {
-    size_t h = 1;
-    while (h < static_cast<size_t>(max_roc) + 1) h <<= 1;
+    const size_t h = closes_ring(max_roc);
     closes.assign(h, 0.0);
     closes_mask = static_cast<uint32_t>(h - 1);
   }
@@ -486,9 +492,7 @@ uint64_t history_bytes(const Genome* g, const std::vector<uint32_t>& order, size
     if (periods.empty()) return;
     std::sort(periods.begin(), periods.end());
     periods.erase(std::unique(periods.begin(), periods.end()), periods.end());
-    uint64_t ring = 1;
-    while (ring < static_cast<uint64_t>(periods.back()) + 1) ring <<= 1;
-    uint64_t sum = ring;
+    uint64_t sum = closes_ring(periods.back());
     for (int32_t p : periods) sum += static_cast<uint64_t>(p);
     total += 2 * sizeof(double) * sum;
     periods.clear();

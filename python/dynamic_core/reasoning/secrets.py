@@ -226,6 +226,22 @@ def api_key(profile: ProviderProfile, *, secrets_file: str | os.PathLike[str] | 
     return found if found else None
 
 
+def key_values(secrets: Iterable[Secret | str]) -> list[str]:
+    """The values of ``secrets`` that :func:`redact` replaces: distinct, at least 4 characters
+    long (shorter ones would match ordinary words), longest first (so a key that contains another
+    is not left half-redacted)."""
+    values = {s.reveal() if isinstance(s, Secret) else s for s in secrets}
+    return sorted((v for v in values if isinstance(v, str) and len(v) >= _MIN_SECRET_LEN), key=len, reverse=True)
+
+
+def redact_keys(text: str, keys: list[str]) -> str:
+    """``text`` with each of ``keys`` (as :func:`key_values` gives them) replaced by ``***``;
+    only the keys, not the generic patterns :func:`redact` adds."""
+    for k in keys:
+        text = text.replace(k, "***")
+    return text
+
+
 def redact(text: str, secrets: Iterable[Secret | str] = ()) -> str:
     """``text`` with every secret replaced by ``***``.
 
@@ -243,11 +259,7 @@ def redact(text: str, secrets: Iterable[Secret | str] = ()) -> str:
         ``api_key=...`` values and anything shaped like a provider key (``sk-...``) replaced by
         ``***``.
     """
-    values = {s.reveal() if isinstance(s, Secret) else s for s in secrets}
-    # longest first, so a key that contains another is not left half-redacted
-    for value in sorted((v for v in values if isinstance(v, str) and len(v) >= _MIN_SECRET_LEN),
-                        key=len, reverse=True):
-        text = text.replace(value, "***")
+    text = redact_keys(text, key_values(secrets))
     for pattern, repl in _PATTERNS:
         text = pattern.sub(repl, text)
     return text

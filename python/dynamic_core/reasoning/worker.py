@@ -45,6 +45,7 @@ from ..payloads import (
 )
 from ..transport._common import readable
 from .profiles import ProviderProfile
+from .secrets import Secret, key_values, redact, redact_keys
 
 __all__ = ["CONFIG_ERROR_EXIT", "AdapterWorker", "serve"]
 
@@ -130,12 +131,8 @@ class AdapterWorker:
         # a heartbeat or hello is worthless once stale, and a reply's task has timed out by then
         self.dropped = {"beats": 0, "hellos": 0, "replies": 0}
         self._send_blocked = False
-        from .secrets import Secret
-
         self._secrets = [Secret(api_key) if isinstance(api_key, str) else api_key] if api_key else []
-        # the keys' values, longest first, as redact() uses them (shorter ones would match words)
-        self._key_values = sorted({v for v in (k.reveal() for k in self._secrets) if len(v) >= 4}, key=len,
-                                  reverse=True)
+        self._key_values = key_values(self._secrets)  # as redact() replaces them
 
     # ---- request execution --------------------------------------------------------------------
     def _answer_local(self, req: ReasonRequest) -> ReasonReply:
@@ -152,8 +149,6 @@ class AdapterWorker:
                            tokens_in=0, tokens_out=n_out, model_ms=(time.perf_counter() - t0) * 1e3)
 
     def _answer_http(self, client: Any, req: ReasonRequest) -> ReasonReply:
-        from .secrets import redact
-
         try:
             c = client.complete(req.messages, max_tokens=req.max_tokens, temperature=req.temperature,
                                 timeout=min(req.timeout_ms / 1e3, self.profile.timeout_s),
@@ -179,10 +174,7 @@ class AdapterWorker:
         generic patterns :func:`~dynamic_core.reasoning.secrets.redact` adds for error messages
         (``sk-...``, ``Bearer ...``) would garble a rationale's "risk-adjusted" or "bearer bonds"."""
         keys = self._key_values
-        out = text[:n + (len(keys[0]) if keys else 0)]
-        for k in keys:
-            out = out.replace(k, "***")
-        return out[:n]
+        return redact_keys(text[:n + (len(keys[0]) if keys else 0)], keys)[:n]
 
     def _pool_thread(self) -> None:
         from .client import OpenAICompatibleClient
