@@ -327,11 +327,11 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     }
   const uint32_t n_order = static_cast<uint32_t>(sm_order.size());
 
-  // Each SM is judged and bred on its own (phases 1 and 2, in parallel over SMs), reading only
-  // the generation's starting point: its lanes, its neighbour's parents (never replaced) and its
-  // stream's style counts as they were. Child ids are then handed out in SM order (serially) and
-  // the children written into their slots (phase 3, in parallel). Nothing depends on the thread
-  // count or on which thread runs an SM.
+  // Each SM is judged, then bred with its children written into their slots (phases 1 and 2, in
+  // parallel over SMs), reading only the generation's starting point: its lanes, its neighbour's
+  // parents (never replaced) and its stream's style counts as they were. Child ids are then
+  // handed out in SM order (serially) and given to the children in their slots (phase 3, in
+  // parallel). Nothing depends on the thread count or on which thread runs an SM.
 
   EvolutionScratch& X = evo_;
   if (X.isl.size() != n_sms) {

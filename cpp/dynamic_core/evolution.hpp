@@ -239,18 +239,5 @@ inline double median_finish(const MedianBucket& m, std::vector<double>& tmp, Eac
   }
   return med;
 }
-// Median of n > 0 finite values (the mean of the two middle ones for an even count), given how
-// many fall in each value_bucket; each(fn) calls fn(x) for every value. The selection runs only
-// within the bucket holding the middle.
-template <class Each>
-inline double median_bucketed(size_t n, const uint32_t* count, Each&& each, std::vector<double>& tmp) {
-  const MedianBucket m = median_bucket(n, count);
-  // One pass collects bucket b's values: a branch rarely taken.
-  tmp.clear();
-  each([&](double x) {
-    if (value_bucket(x) == m.b) tmp.push_back(x);
-  });
-  return median_finish(m, tmp, each);
-}
 
 }  // namespace dynamic_core
