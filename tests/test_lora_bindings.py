@@ -38,6 +38,36 @@ def test_lora_update_refuses_what_is_not_an_array(where):
                           1e-4, 1e-2, tuple(a), b, np.empty(S), np.empty(S))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_lora_update_reports_each_slots_finiteness(dtype, threads):
+    """`finite` says, per slot, whether every updated parameter of A and B is finite: NaN and
+    infinities anywhere in a slot (first row, last column, the tail past the 8-wide lanes) clear
+    it; finite values at the dtype's limit do not (a sum over them would overflow)."""
+    S, r, d = 200, 3, 11
+    rng = np.random.default_rng(5)
+    top = np.finfo(dtype).max
+
+    def matrix(bad: dict[int, tuple]) -> tuple:
+        P = rng.normal(size=(S, r, d)).astype(dtype)
+        for s, (j, i, v) in bad.items():
+            P[s, j, i] = v
+        return (P, P.copy(), np.zeros((S, r, d), dtype), np.zeros((S, r, d), bool), None, [],
+                np.ones((S, d)), np.zeros((S, d)))
+
+    P_A = {3: (0, 0, np.nan), 77: (2, 10, np.inf), 150: (1, 9, top), 151: (0, 3, -top)}
+    P_B = {4: (1, 8, -np.inf), 150: (2, 10, top)}
+    A, B = matrix(P_A), matrix(P_B)
+    finite = np.zeros(S, bool)
+    c = np.zeros(S, dtype)  # no step: the values are P's, decayed toward P0 == P
+    _core.lora_update(0, S, threads, c, np.ones((S, r)), np.zeros((S, r)), np.ones(S), None, 1e-4, 1e-2, A, B,
+                      np.empty(S), np.empty(S), finite)
+    want = np.ones(S, bool)
+    want[[3, 77, 4]] = False
+    assert np.array_equal(finite, want)
+    assert np.isfinite(A[2][150]).all() and np.isfinite(B[2][150]).all()  # kept at the limit
+
+
 def test_lora_record_refuses_a_list_of_weights():
     n, d, r = 4, 3, 2
     acc = [np.zeros((n, d)), np.zeros((n, r)), np.zeros((n, d)), np.zeros(n), np.zeros((n, r))]

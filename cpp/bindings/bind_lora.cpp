@@ -82,7 +82,7 @@ lora::Matrix<T> matrix(const py::tuple& t, py::ssize_t S, py::ssize_t r, py::ssi
 template <class T>
 void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array& mid, const py::array& log_mid,
          const py::array& thr, const py::object& pinned, double dec_s, double dec_f, const py::tuple& A,
-         const py::tuple& B, const py::array& entropy, const py::array& total) {
+         const py::tuple& B, const py::array& entropy, const py::array& total, const py::object& finite) {
   const py::ssize_t S = c.ndim() == 1 ? c.shape(0) : -1;
   const py::ssize_t r = mid.ndim() == 2 ? mid.shape(1) : -1;
   const py::array P = as_array(A[0], "P");
@@ -102,6 +102,7 @@ void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array&
   u.log_params = std::log(static_cast<double>(2 * r * d));
   u.entropy = view<double>(entropy, {S}, "entropy", true);
   u.total = view<double>(total, {S}, "total", true);
+  if (!finite.is_none()) u.finite = view<uint8_t>(as_array(finite, "finite").view("u1"), {S}, "finite", true);
   const lora::Matrix<T> ma = matrix<T>(A, S, r, d), mb = matrix<T>(B, S, r, d);
   GilRelease nogil;
   split_rows(s1 - s0, threads, [&](size_t a, size_t b) { lora::update(u, ma, mb, s0 + a, s0 + b); });
@@ -205,23 +206,24 @@ void bind_lora(py::module_& m) {
   m.def("lora_update",
         [](size_t s0, size_t s1, int threads, const py::array& c, const py::array& mid, const py::array& log_mid,
            const py::array& thr, const py::object& pinned, double dec_s, double dec_f, const py::tuple& A,
-           const py::tuple& B, const py::array& entropy, const py::array& total) {
+           const py::tuple& B, const py::array& entropy, const py::array& total, const py::object& finite) {
           if (A.size() != 8 || B.size() != 8)
             throw py::value_error("a matrix is (P, P0, out, phase, dense, terms, col, log_col)");
           const py::array P = as_array(A[0], "P");
           if (P.dtype().is(py::dtype::of<double>()))
-            run<double>(s0, s1, threads, c, mid, log_mid, thr, pinned, dec_s, dec_f, A, B, entropy, total);
+            run<double>(s0, s1, threads, c, mid, log_mid, thr, pinned, dec_s, dec_f, A, B, entropy, total, finite);
           else if (P.dtype().is(py::dtype::of<float>()))
-            run<float>(s0, s1, threads, c, mid, log_mid, thr, pinned, dec_s, dec_f, A, B, entropy, total);
+            run<float>(s0, s1, threads, c, mid, log_mid, thr, pinned, dec_s, dec_f, A, B, entropy, total, finite);
           else
             throw py::type_error("parameters must be float32 or float64");
         },
         py::arg("s0"), py::arg("s1"), py::arg("threads"), py::arg("c"), py::arg("mid"), py::arg("log_mid"),
         py::arg("threshold"), py::arg("pinned"), py::arg("dec_screened"), py::arg("dec_free"), py::arg("A"),
-        py::arg("B"), py::arg("entropy"), py::arg("total"),
+        py::arg("B"), py::arg("entropy"), py::arg("total"), py::arg("finite") = py::none(),
         "DynamicLoRA update of slots [s0, s1) of a stacked layer in one pass per matrix (internal; see "
         "dynamic_core.learning.lora.layer). A and B are (P, P0, out, phase, dense, terms, col, log_col); writes "
-        "out, phase, each slot's entropy and total activity; `threads` splits the slots.");
+        "out, phase, each slot's entropy and total activity, and into `finite` (slots,) bool when given whether "
+        "all of a slot's updated parameters are finite; `threads` splits the slots.");
 }
 
 }  // namespace dynamic_core::bindings

@@ -2,11 +2,12 @@
 //
 // What python/dynamic_core/learning/lora/layer.py (DynamicLoRALayer._update_chunk_numpy) does in
 // about fifteen numpy passes per matrix, done here in one: the gradient step, the phase of each
-// parameter, the phase-based decay toward the initial value, and the slot's free entropy (from
-// line sums of the SCREENED activity). The parameter arithmetic is the numpy reference's,
-// operation for operation in the same order and precision (FMA contraction is off), so the
-// parameters and phases are bit-identical to it; the entropy is float64 sums in a fixed order
-// (numpy's pairwise sums round differently in the last bits).
+// parameter, the phase-based decay toward the initial value, the slot's free entropy (from
+// line sums of the SCREENED activity) and whether all of the slot's new values are finite. The
+// parameter arithmetic is the numpy reference's, operation for operation in the same order and
+// precision (FMA contraction is off), so the parameters and phases are bit-identical to it; the
+// entropy is float64 sums in a fixed order (numpy's pairwise sums round differently in the last
+// bits).
 //
 // Layout: a matrix of a stacked layer is (slots, rank, dim), rank-major (A is held transposed).
 // Per slot s, row j, column i:
@@ -19,9 +20,11 @@
 // the same bits.
 #pragma once
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "kernel.hpp"
@@ -62,9 +65,20 @@ struct Update {
   double log_params = 0.0;    // log(2 * rank * dim)
   double* entropy = nullptr;  // out (slots,): free entropy, clipped to [0, 1]
   double* total = nullptr;    // out (slots,): total activity Z
+  uint8_t* finite = nullptr;  // out (slots,) or null: 1 when every updated parameter is finite
 };
 
 namespace detail {
+
+// The unsigned integer of T's width, and the exponent field's bits as 1 when all of them are set
+// (v is NaN or infinite), else 0: branch-free, so the loops that use it vectorise.
+template <class T>
+using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+template <class T>
+[[gnu::always_inline]] inline Bits<T> nonfinite_bits(T v) {
+  constexpr Bits<T> exp = static_cast<Bits<T>>(sizeof(T) == 8 ? 0x7ff0000000000000ull : 0x7f800000ull);
+  return static_cast<Bits<T>>((std::bit_cast<Bits<T>>(v) & exp) == exp);
+}
 
 template <class T>
 struct Scratch {
@@ -76,10 +90,10 @@ struct Scratch {
 
 // One matrix of slot s. Fills sum_rank[j] = m[j] * (sum col - sum_i phase[j,i] col[i]) and
 // sum_dim[i] = col[i] * (sum m - sum_j m[j] phase[j,i]) (the FREE activity by line); returns
-// sum col.
+// sum col. `finite` is cleared when an updated parameter is NaN or infinite.
 template <class T, bool IsA>
 [[gnu::always_inline]] inline double update_one(const Update<T>& u, const Matrix<T>& mx, size_t s, Scratch<T>& w,
-                                                double* sum_rank, double* sum_dim) {
+                                                double* sum_rank, double* sum_dim, bool& finite) {
   const size_t r = u.rank, d = u.dim, nt = mx.terms.size();
   double* f = w.f.data();
   double* scr_dim = w.scr_dim.data();
@@ -93,6 +107,9 @@ template <class T, bool IsA>
   if constexpr (!IsA)
     for (size_t i = 0; i < d; ++i) w.thr_col[i] = thr / col[i];
   for (size_t i = 0; i < d; ++i) scr_dim[i] = 0.0;
+  // set when an updated value's exponent bits are all ones (NaN or infinite): an integer OR,
+  // folded into the loop that writes the values
+  Bits<T> nonfin = 0;
   for (size_t j = 0; j < r; ++j) {
     const size_t row = (s * r + j) * d;
     const T* P = mx.P + row;
@@ -129,12 +146,16 @@ template <class T, bool IsA>
     if (mx.dense != nullptr || nt > 0) {
       for (size_t i = 0; i < d; ++i) {
         const T v = out[i] + P[i];
-        out[i] = v + (P0[i] - v) * (f[i] != 0.0 ? ds : df);
+        const T o = v + (P0[i] - v) * (f[i] != 0.0 ? ds : df);
+        out[i] = o;
+        nonfin |= nonfinite_bits(o);
       }
     } else {
       for (size_t i = 0; i < d; ++i) {
         const T v = P[i];
-        out[i] = v + (P0[i] - v) * (f[i] != 0.0 ? ds : df);
+        const T o = v + (P0[i] - v) * (f[i] != 0.0 ? ds : df);
+        out[i] = o;
+        nonfin |= nonfinite_bits(o);
       }
     }
     for (size_t i = 0; i < d; ++i) ph[i] = static_cast<uint8_t>(static_cast<int32_t>(f[i]));
@@ -149,6 +170,7 @@ template <class T, bool IsA>
     sum_rank[j] = mj * (sum_col - scr_row);
   }
   for (size_t i = 0; i < d; ++i) sum_dim[i] = col[i] * (sum_m - scr_dim[i]);
+  finite = finite && nonfin == 0;
   return sum_col;
 }
 
@@ -169,8 +191,10 @@ template <class T>
   const size_t r = u.rank, d = u.dim;
   Scratch<T> w(std::max(ma.terms.size(), mb.terms.size()), r, d);
   for (size_t s = s0; s < s1; ++s) {
-    const double sum_a = update_one<T, true>(u, ma, s, w, w.sum_rank_a.data(), w.sum_dim_a.data());
-    const double sum_o = update_one<T, false>(u, mb, s, w, w.sum_rank_b.data(), w.sum_dim_b.data());
+    bool finite = true;
+    const double sum_a = update_one<T, true>(u, ma, s, w, w.sum_rank_a.data(), w.sum_dim_a.data(), finite);
+    const double sum_o = update_one<T, false>(u, mb, s, w, w.sum_rank_b.data(), w.sum_dim_b.data(), finite);
+    if (u.finite != nullptr) u.finite[s] = finite;
     const double* m = u.mid + s * r;
     const double* lm = u.log_mid + s * r;
     double sum_m = 0.0;

@@ -256,9 +256,9 @@ def lora_record(h: numpy.ndarray, u: numpy.ndarray, delta: numpy.ndarray, w: typ
     """
     Fold one pass's activations into a layer's tick accumulators (internal; see DynamicLoRALayer.record_interaction).
     """
-def lora_update(s0: typing.SupportsInt | typing.SupportsIndex, s1: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex, c: numpy.ndarray, mid: numpy.ndarray, log_mid: numpy.ndarray, threshold: numpy.ndarray, pinned: typing.Any, dec_screened: typing.SupportsFloat | typing.SupportsIndex, dec_free: typing.SupportsFloat | typing.SupportsIndex, A: tuple, B: tuple, entropy: numpy.ndarray, total: numpy.ndarray) -> None:
+def lora_update(s0: typing.SupportsInt | typing.SupportsIndex, s1: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex, c: numpy.ndarray, mid: numpy.ndarray, log_mid: numpy.ndarray, threshold: numpy.ndarray, pinned: typing.Any, dec_screened: typing.SupportsFloat | typing.SupportsIndex, dec_free: typing.SupportsFloat | typing.SupportsIndex, A: tuple, B: tuple, entropy: numpy.ndarray, total: numpy.ndarray, finite: typing.Any = None) -> None:
     """
-    DynamicLoRA update of slots [s0, s1) of a stacked layer in one pass per matrix (internal; see dynamic_core.learning.lora.layer). A and B are (P, P0, out, phase, dense, terms, col, log_col); writes out, phase, each slot's entropy and total activity; `threads` splits the slots.
+    DynamicLoRA update of slots [s0, s1) of a stacked layer in one pass per matrix (internal; see dynamic_core.learning.lora.layer). A and B are (P, P0, out, phase, dense, terms, col, log_col); writes out, phase, each slot's entropy and total activity, and into `finite` (slots,) bool when given whether all of a slot's updated parameters are finite; `threads` splits the slots.
     """
 def macd(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], fast: typing.SupportsInt | typing.SupportsIndex, slow: typing.SupportsInt | typing.SupportsIndex, signal: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
     ...

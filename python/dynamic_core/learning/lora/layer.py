@@ -62,6 +62,15 @@ FREE = False
 """Phase value of a parameter that drifts back to its initial value."""
 
 _TINY = 1e-300
+
+
+def _log_floor(x: np.ndarray) -> np.ndarray:
+    """``log(max(x, 1e-300))`` in float64, C-contiguous, computed in the one array it returns
+    (a second temporary costs as much as the log at these sizes)."""
+    out = np.maximum(np.asarray(x, dtype=np.float64), _TINY, order="C")
+    return np.log(out, out=out)
+
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -500,7 +509,9 @@ class DynamicLoRALayer:
         s, d, r = self.slots, self.dim, self.rank
         pinned = self.pins > 0
         pinned = pinned if pinned.any() else None
-        if not (self.native and self._update_native(c, parts, newA, newB, pinned)):
+        finite = np.empty(self.slots, bool) if self.native else None
+        if not (self.native and self._update_native(c, parts, newA, newB, pinned, finite)):
+            finite = None
             sums = {k: np.empty((s, d if k.endswith("d") else r)) for k in ("Ad", "Ar", "Br", "Bd")}
             job = (c, parts, newA, newB, sums, pinned)
             step = max(1, self.config.chunk_elems // (d * r))
@@ -512,29 +523,29 @@ class DynamicLoRALayer:
                 for sl in chunks:
                     self._update_chunk_numpy(sl, *job)
             self._entropy(sums["Ad"], sums["Ar"], sums["Br"], sums["Bd"])
-        self._keep_nonfinite_slots(newA, newB)
+        self._keep_nonfinite_slots(newA, newB, finite)
         self._spare_At, self._At = self._At, newA
         self._spare_B, self._B = self._B, newB
         np.maximum(self.pins - 1, 0, out=self.pins)
         return lr
 
-    def _keep_nonfinite_slots(self, newA: np.ndarray, newB: np.ndarray) -> None:
+    def _keep_nonfinite_slots(self, newA: np.ndarray, newB: np.ndarray, finite: np.ndarray | None = None) -> None:
         """Slots whose new parameters are not all finite keep their current ones (counted).
-        One sum per slot finds them (einsum's: the fastest pass): NaN and infinities survive a
-        sum (a sum overflowing on finite parameters near the dtype's limit also counts: such a
-        slot is lost anyway)."""
-        with np.errstate(over="ignore", invalid="ignore"):
-            ok = np.isfinite(np.einsum("srd->s", newA)) & np.isfinite(np.einsum("srd->s", newB))
-        n = self.slots - int(np.count_nonzero(ok))
+        ``finite`` (slots,) is the native update's per-slot answer, found while it wrote the
+        values; without it (the numpy path) every value is checked here."""
+        if finite is None:
+            finite = np.isfinite(newA.reshape(self.slots, -1)).all(axis=1)
+            finite &= np.isfinite(newB.reshape(self.slots, -1)).all(axis=1)
+        n = self.slots - int(np.count_nonzero(finite))
         self.last_rejected = n
         if n:
-            bad = ~ok
+            bad = ~finite
             newA[bad] = self._At[bad]
             newB[bad] = self._B[bad]
             self.rejected_steps += n
 
     def _update_native(self, c: np.ndarray, parts: Any, newA: np.ndarray, newB: np.ndarray,
-                       pinned: np.ndarray | None) -> bool:
+                       pinned: np.ndarray | None, finite: np.ndarray | None = None) -> bool:
         """The update in the native kernel, one pass per matrix, with each slot's entropy: the
         numpy reference's parameters and phases bit for bit, its entropy within rounding. False
         (nothing done) when a step array's dtype is not the layer's, whose mixed-precision
@@ -543,8 +554,7 @@ class DynamicLoRALayer:
         for dense, terms in parts:
             if (dense is not None and dense.dtype != dt) or any(R.dtype != dt or C.dtype != dt for R, C in terms):
                 return False
-        logs = [np.log(np.maximum(np.ascontiguousarray(x, dtype=np.float64), _TINY))
-                for x in (self.act_in, self.act_mid, self.act_out)]
+        logs = [_log_floor(x) for x in (self.act_in, self.act_mid, self.act_out)]
         mats = []
         for (dense, terms), P, P0, new, ph, col, log_col in (
                 (parts[0], self._At, self._At0, newA, self._phA, self.act_in, logs[0]),
@@ -558,7 +568,7 @@ class DynamicLoRALayer:
                           np.ascontiguousarray(self.act_mid, dtype=np.float64), logs[1],
                           np.ascontiguousarray(self.screening_threshold, dtype=np.float64), pinned,
                           self.config.screened_decay, self.config.free_decay, tuple(mats[0]), tuple(mats[1]),
-                          entropy, total)
+                          entropy, total, finite)
         self.current_entropy, self._activity_total = entropy, total
         return True
 
@@ -629,7 +639,7 @@ class DynamicLoRALayer:
         # -sum_free p log p with p = T / Z and log T[i, j] = log a[i] + log m[j]: line sums only
         a, m, o = self.act_in, self.act_mid, self.act_out
         Z = a.sum(1) * m.sum(1) + m.sum(1) * o.sum(1)
-        la, lm, lo = (np.log(np.maximum(x, _TINY)) for x in (a, m, o))
+        la, lm, lo = (_log_floor(x) for x in (a, m, o))
         F = (la * sA_in).sum(1) + (lm * sA_mid).sum(1) + (lm * sB_mid).sum(1) + (lo * sB_out).sum(1)
         free_mass = sA_in.sum(1) + sB_mid.sum(1)
         logP = math.log(self.params_per_slot)
