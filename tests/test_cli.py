@@ -272,6 +272,44 @@ def test_main_returns_codes_instead_of_exiting(capsys: pytest.CaptureFixture[str
     assert "--fast" in err and "Traceback" not in err
 
 
+def test_an_unknown_option_is_reported_by_its_command(tmp_path: Path) -> None:
+    proc = dynamic_core("run", "--bogus", cwd=tmp_path)
+    assert_clean_error(proc, "dynamic-core run: error: unrecognized arguments: --bogus", "usage: dynamic-core run")
+    proc = dynamic_core("journal", "verify", str(tmp_path), "--nope", cwd=tmp_path)
+    assert_clean_error(proc, "dynamic-core journal verify: error: unrecognized arguments: --nope")
+
+
+def test_evolve_plot_without_matplotlib_is_refused_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    png = tmp_path / "evo.png"
+    assert cli.main(["run", "--agents", "64", "--bars", "200", "--evolve", "50", "--evolve-plot", str(png),
+                     "-q"]) == 2
+    captured = capsys.readouterr()
+    assert "--evolve-plot needs matplotlib" in captured.err and "agents over" not in captured.out
+    assert cli.main(["smc", "sim", "--evolve", "50", "--evolve-plot", str(png)]) == 2
+    assert "--evolve-plot needs matplotlib" in capsys.readouterr().err
+    assert not png.exists()
+
+
+def test_run_header_says_how_bars_are_fed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "--agents", "64", "--bars", "60", "--no-live"]) == 0
+    assert "200 per engine call" in capsys.readouterr().out  # 50 per instrument, 4 instruments
+    assert cli.main(["run", "--agents", "64", "--bars", "60", "--learning", "4", "--no-live"]) == 0
+    assert "one time step per engine call (learning agents)" in capsys.readouterr().out
+
+
+def test_backend_auto_says_when_it_runs_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    from dynamic_core import gpu
+
+    if gpu.probe():
+        pytest.skip("a GPU is usable here")
+    assert cli.main(["run", "--agents", "64", "--bars", "60", "--backend", "auto", "--no-live"]) == 0
+    assert "backend auto: running on the CPU (" in capsys.readouterr().out
+
+
 # ---- ^C while the package is still importing -------------------------------------------------
 
 _SLOW_IMPORT = '''

@@ -234,6 +234,27 @@ def test_read_csv_round_trip(tmp_path, sim_bars):
     assert back.tobytes() == sim_bars.tobytes()
 
 
+def test_read_csv_takes_an_unnamed_index_column_as_the_times(tmp_path, sim_bars):
+    """DataFrame.to_csv writes a DatetimeIndex without a name as an unnamed first column: its
+    times, read as such (with or without a symbol column)."""
+    df = dc.market.to_pandas(sim_bars).rename_axis(None)
+    df.to_csv(tmp_path / "bars.csv")
+    assert (tmp_path / "bars.csv").read_text().startswith(",")
+    assert dc.market.read_csv(tmp_path / "bars.csv").tobytes() == sim_bars.tobytes()
+    one = sim_bars[sim_bars["instrument"] == sim_bars["instrument"][0]]
+    two = dc.market.to_pandas(one).rename_axis(None).assign(symbol="EURUSD")
+    two.to_csv(tmp_path / "sym.csv")
+    back = dc.market.read_csv(tmp_path / "sym.csv")
+    assert np.array_equal(back["ts"], one["ts"]) and np.array_equal(back["close"], one["close"])
+
+
+def test_read_csv_without_times_names_the_file_and_the_columns(tmp_path):
+    path = tmp_path / "prices.csv"
+    path.write_text("when,open,high,low,close\n2024-01-01,1,2,0.5,1.5\n")
+    with pytest.raises(ValueError, match=r"prices\.csv: no time column: name one ts/time/timestamp.*have \['when'"):
+        dc.market.read_csv(path)
+
+
 def _symbol_csv(path, rows: list[tuple[str, str]]):
     """A CSV of hourly bars from (symbol, close) pairs, each symbol's bars an hour apart."""
     seen: dict[str, int] = {}

@@ -16,6 +16,7 @@ through the ``dynamic-core`` entry point or ``python -m dynamic_core``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import shutil
@@ -249,7 +250,8 @@ examples:
   dynamic-core run --paper --decision-config live.toml --shadow candidate.toml
 
 CSV files need a header with Open, High, Low, Close (any case), optionally Volume, and a
-time/timestamp/date column (or a datetime index column). A symbol or instrument column splits
+time/timestamp/date column (or an unnamed first column: the index DataFrame.to_csv writes). A
+symbol or instrument column splits
 the rows by instrument; without one the file name is the instrument. The timeframe is inferred
 from the spacing of the times unless --timeframe is given.
 
@@ -365,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--evolve-seed", type=_seed, default=0, metavar="S",
                    help="seed of the evolution's counter-based RNG, 0 to 2**64-1 [default: 0]")
     r.add_argument("--evolve-plot", default=None, metavar="PNG",
-                   help="also plot best/median fitness per generation to this image file")
+                   help="also plot best/median fitness per generation to this image file (needs matplotlib)")
     r.add_argument("--backend", choices=("cpu", "cuda", "auto"), default="cpu",
                    help="where the agents run: cpu, cuda (an NVIDIA GPU through CuPy: pip install "
                         "'dynamic_core[cuda]'; same signals bit for bit) or auto (the GPU when usable) "
@@ -454,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--evolve-agents", type=_positive_int, default=2048, metavar="K",
                     help="agents of the evolving population [default: 2048]")
     sm.add_argument("--evolve-plot", default=None, metavar="PNG",
-                    help="plot the evolution trace to this image file")
+                    help="plot the evolution trace to this image file (needs matplotlib)")
     sm.set_defaults(func=cmd_smc)
     from .bridges.mt5 import cli as mt5_cli
 
@@ -500,7 +502,7 @@ def _backtesting_bars(name: str, instrument: str | None, timeframe: int | None) 
     try:
         import backtesting.test as bt
     except ImportError:
-        raise CLIError("--data backtesting:... needs the backtesting package: "
+        raise CLIError(f"backtesting:{name} needs the backtesting package (it ships the data): "
                        "pip install backtesting") from None
     return from_pandas(getattr(bt, key), instrument=instrument or key, timeframe=timeframe)
 
@@ -842,6 +844,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError("--decision-config and --shadow need --paper")
     if args.evolve_plot and not args.evolve:
         raise CLIError("--evolve-plot needs --evolve N")
+    _need_matplotlib(args.evolve_plot)
     if cli_transport.wants_service(args):  # --publish/--feed/--control: behind sockets
         if args.evolve:
             raise CLIError("--evolve runs in the plain 'run'; it does not combine with --publish/--feed/--control yet")
@@ -853,9 +856,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                  backend=getattr(args, "backend", "cpu"))
     chunk = args.chunk or 50 * len(streams)
     stream_names = ", ".join(f"{instruments.name(i)} {tf_label(tf)}" for i, tf in streams)
+    feed = "one time step per engine call (learning agents)" if learners is not None else f"{chunk:,} per engine call"
     console.print(f"[bold]{PROG} run[/]: {len(pop):,} agents over {len(streams)} stream(s) "
-                  f"({stream_names}), {len(bars):,} bars, {chunk:,} per engine call"
+                  f"({stream_names}), {len(bars):,} bars, {feed}"
                   + (f", on {eng.stats()['device']}" if eng.backend == "cuda" else ""))
+    if eng.backend_fallback:
+        console.print(f"backend auto: running on the CPU ({eng.backend_fallback})")
     mesh = None
     if args.reasoning:
         from .cli_reasoning import mesh_from_args
@@ -919,6 +925,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         _evolution_summary(console, evo, args.evolve_plot)
     return finish_run(console, args, eng, mesh, interrupted,
                       lambda j: f"{j['records']:,} records, {j['bytes']:,} bytes, {j['syncs']:,} syncs")
+
+
+def _need_matplotlib(plot: str | None) -> None:
+    """Refuses --evolve-plot before any work when matplotlib cannot be imported."""
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise CLIError("--evolve-plot needs matplotlib: pip install matplotlib (it is in the test extra)")
 
 
 def _evolution_summary(console: Any, evo: Any, plot: str | None) -> None:
@@ -1015,6 +1027,9 @@ def cmd_smc(args: argparse.Namespace) -> int:
         bars = load_bars(src, sim_names=["EURUSD"], bars=None, timeframe=None, seed=0)
         source = bars
     extra: dict[str, Any] = {"engine": True} if args.engine else {}
+    if args.evolve_plot and not args.evolve:
+        raise CLIError("--evolve-plot needs --evolve N")
+    _need_matplotlib(args.evolve_plot)
     if args.evolve:
         extra.update(evolve=args.evolve, evolve_agents=args.evolve_agents, evolve_plot=args.evolve_plot)
     try:
@@ -1128,7 +1143,9 @@ def main(argv: list[str] | None = None) -> int:
         # inside the try: building the parser imports most of the package, and a ^C then is
         # "interrupted" like any other
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # reported by the (sub)command they were given to, with its usage line
+            _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 2
@@ -1151,6 +1168,16 @@ def main(argv: list[str] | None = None) -> int:
     except _zmq_errors() as e:
         _error(_socket_message(e))
     return 2
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the innermost (sub)command ``args`` were parsed for."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, sub.dest, None) if sub is not None else None
+        if name is None or name not in sub.choices:
+            return parser
+        parser = sub.choices[name]
 
 
 def _zmq_errors() -> tuple[type[BaseException], ...]:

@@ -265,6 +265,9 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
              timeframe: int | str | None = None) -> np.ndarray:
     """Bars from a CSV file with a header (see :func:`from_pandas` for the columns).
 
+    Times come from a column named ts/time/timestamp/datetime/date/open_time or, when there is
+    none, from an unnamed first column (the index ``DataFrame.to_csv`` writes).
+
     When ``instrument`` is omitted, a ``symbol``/``instrument`` column names each row's
     instrument (as written, surrounding blanks removed: ``NA``, ``NULL`` and ``nan`` are names
     like any other); failing that, the file's stem is the instrument name.
@@ -277,12 +280,21 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     """
     import pandas as pd
 
+    header = pd.read_csv(path, nrows=0).columns
+    # times: a named column, or the unnamed first column DataFrame.to_csv writes for the index
+    index_col = None
+    if not any(_find(header, name) is not None for name in _TIME_COLUMNS):
+        if len(header) and str(header[0]).startswith("Unnamed: 0"):
+            index_col = 0
+        elif all(_find(header, c) is not None for c in ("open", "high", "low", "close")):  # else: those first
+            raise ValueError(f"{os.fspath(path)}: no time column: name one {'/'.join(_TIME_COLUMNS)} "
+                             f"(any case), or leave the first header cell empty for an index written by "
+                             f"DataFrame.to_csv (have {list(header)})")
     scol = None
     if instrument is None:
-        header = pd.read_csv(path, nrows=0).columns
         scol = _find(header, "symbol") or _find(header, "instrument")
     if scol is None:
-        df = pd.read_csv(path)
+        df = _index_times(pd.read_csv(path), index_col)
         if instrument is None:
             instrument = os.path.splitext(os.path.basename(os.fspath(path)))[0]
         return from_pandas(df, instrument, timeframe)
@@ -291,8 +303,8 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     # the symbol column as text, without NA detection: by default "NA", "NULL", "nan" and ""
     # read as missing and groupby drops their rows silently; the other columns keep the
     # defaults, so a missing price is still NaN and its bar is rejected and counted
-    df = pd.read_csv(path, dtype={scol: str}, keep_default_na=False,
-                     na_values={c: STR_NA_VALUES for c in header if c != scol})
+    df = _index_times(pd.read_csv(path, dtype={scol: str}, keep_default_na=False,
+                                  na_values={c: STR_NA_VALUES for c in header if c != scol}), index_col)
     names = df[scol].str.strip()
     empty = np.flatnonzero((names == "").to_numpy())
     if len(empty):
@@ -303,6 +315,13 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     parts = [from_pandas(g.drop(columns=[scol]), name, timeframe)
              for name, g in df.groupby(names, sort=True, dropna=False)]
     return merge(*parts)
+
+
+def _index_times(df, index_col: int | None):
+    """``df`` with its column ``index_col`` (an index column without a name) as the time column."""
+    if index_col is None:
+        return df
+    return df.rename(columns={df.columns[index_col]: "time"})
 
 
 def merge(*arrays: np.ndarray) -> np.ndarray:

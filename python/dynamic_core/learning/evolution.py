@@ -271,7 +271,10 @@ def format_trace(rows: Sequence[GenerationRow]) -> str:
 
 
 def plot_trace(rows: Sequence[GenerationRow], path: str | os.PathLike[str], title: str = "evolution trace") -> str:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plotting the evolution trace needs matplotlib: pip install matplotlib") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
