@@ -277,6 +277,13 @@ def test_an_unknown_option_is_reported_by_its_command(tmp_path: Path) -> None:
     assert_clean_error(proc, "dynamic-core run: error: unrecognized arguments: --bogus", "usage: dynamic-core run")
     proc = dynamic_core("journal", "verify", str(tmp_path), "--nope", cwd=tmp_path)
     assert_clean_error(proc, "dynamic-core journal verify: error: unrecognized arguments: --nope")
+    # ctl's own positional COMMAND does not hide it (it shared the top level's dest)
+    proc = dynamic_core("ctl", "tcp://127.0.0.1:1", "pause", "--server-key", "k", "--client-key", "c", "--bogus",
+                        cwd=tmp_path)
+    assert_clean_error(proc, "dynamic-core ctl: error: unrecognized arguments: --bogus")
+    # given before the subcommand's name: the top level's
+    proc = dynamic_core("--bogus", "run", cwd=tmp_path)
+    assert_clean_error(proc, "dynamic-core: error: unrecognized arguments: --bogus")
 
 
 def test_evolve_plot_without_matplotlib_is_refused_before_any_work(

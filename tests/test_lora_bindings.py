@@ -68,6 +68,26 @@ def test_lora_update_reports_each_slots_finiteness(dtype, threads):
     assert np.isfinite(A[2][150]).all() and np.isfinite(B[2][150]).all()  # kept at the limit
 
 
+@pytest.mark.parametrize("where", ["phase", "pinned", "finite"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float64])
+def test_lora_update_flag_arrays_must_be_bool(where, dtype):
+    """phase, pinned and finite are bool arrays: bytes of another dtype are refused, never
+    reinterpreted (a float64 array of the right length passed the byte view's checks)."""
+    S, r, d = 8, 2, 4
+    a = list(_matrix(S, r, d, np.zeros((S, r, d))))
+    pinned, finite = None, None
+    if where == "phase":
+        a[3] = np.zeros((S, r, d), dtype)
+    elif where == "pinned":
+        pinned = np.zeros((S, r), dtype)
+    else:
+        finite = np.zeros(S, dtype)
+    with pytest.raises(TypeError, match=f"{where}: expected dtype bool"):
+        _core.lora_update(0, S, 1, np.ones(S), np.ones((S, r)), np.zeros((S, r)), np.ones(S), pinned,
+                          1e-4, 1e-2, tuple(a), _matrix(S, r, d, np.zeros((S, r, d))), np.empty(S), np.empty(S),
+                          finite)
+
+
 def test_lora_record_refuses_a_list_of_weights():
     n, d, r = 4, 3, 2
     acc = [np.zeros((n, d)), np.zeros((n, r)), np.zeros((n, d)), np.zeros(n), np.zeros((n, r))]

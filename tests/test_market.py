@@ -253,6 +253,16 @@ def test_read_csv_without_times_names_the_file_and_the_columns(tmp_path):
     path.write_text("when,open,high,low,close\n2024-01-01,1,2,0.5,1.5\n")
     with pytest.raises(ValueError, match=r"prices\.csv: no time column: name one ts/time/timestamp.*have \['when'"):
         dc.market.read_csv(path)
+    # an unnamed integer index (to_csv of a RangeIndex) is not times: 0, 1, 2... were read as
+    # 1970 epoch seconds
+    df = pd.DataFrame({"Gmt time": ["2024-01-01 00:00", "2024-01-01 01:00"], "Open": [1.0, 1.1],
+                       "High": [1.2, 1.2], "Low": [0.9, 1.0], "Close": [1.1, 1.15]})
+    df.to_csv(path)
+    with pytest.raises(ValueError, match=r"no time column"):
+        dc.market.read_csv(path)
+    df.assign(symbol="EURUSD").to_csv(path)
+    with pytest.raises(ValueError, match=r"no time column"):
+        dc.market.read_csv(path)
 
 
 def _symbol_csv(path, rows: list[tuple[str, str]]):

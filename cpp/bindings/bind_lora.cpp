@@ -55,6 +55,15 @@ T* view(const py::handle& h, std::initializer_list<py::ssize_t> shape, const cha
   return static_cast<T*>(const_cast<void*>(a.data()));
 }
 
+// A bool array's bytes (phase, pinned, finite flags): any other dtype is refused, not
+// reinterpreted.
+uint8_t* flags(const py::handle& h, std::initializer_list<py::ssize_t> shape, const char* what, bool write) {
+  py::array a = as_array(h, what);
+  if (a.dtype().kind() != 'b')
+    throw py::type_error(std::string(what) + ": expected dtype bool, got " + py::str(a.dtype()).cast<std::string>());
+  return view<uint8_t>(a.view("u1"), shape, what, write);
+}
+
 template <class T>
 lora::Matrix<T> matrix(const py::tuple& t, py::ssize_t S, py::ssize_t r, py::ssize_t d) {
   if (t.size() != 8) throw py::value_error("a matrix is (P, P0, out, phase, dense, terms, col, log_col)");
@@ -62,7 +71,7 @@ lora::Matrix<T> matrix(const py::tuple& t, py::ssize_t S, py::ssize_t r, py::ssi
   m.P = view<T>(t[0], {S, r, d}, "P");
   m.P0 = view<T>(t[1], {S, r, d}, "P0");
   m.out = view<T>(t[2], {S, r, d}, "out", true);
-  m.phase = view<uint8_t>(as_array(t[3], "phase").view("u1"), {S, r, d}, "phase", true);
+  m.phase = flags(t[3], {S, r, d}, "phase", true);
   if (m.out == m.P) throw py::value_error("out may not be P");
   if (!t[4].is_none()) m.dense = view<T>(t[4], {S, r, d}, "dense");
   // the terms' arrays are held by the caller's own list (never a copy that dies here)
@@ -96,13 +105,13 @@ void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array&
   u.mid = view<double>(mid, {S, r}, "mid");
   u.log_mid = view<double>(log_mid, {S, r}, "log_mid");
   u.threshold = view<double>(thr, {S}, "threshold");
-  if (!pinned.is_none()) u.pinned = view<uint8_t>(as_array(pinned, "pinned").view("u1"), {S, r}, "pinned");
+  if (!pinned.is_none()) u.pinned = flags(pinned, {S, r}, "pinned", false);
   u.dec_screened = static_cast<T>(dec_s);
   u.dec_free = static_cast<T>(dec_f);
   u.log_params = std::log(static_cast<double>(2 * r * d));
   u.entropy = view<double>(entropy, {S}, "entropy", true);
   u.total = view<double>(total, {S}, "total", true);
-  if (!finite.is_none()) u.finite = view<uint8_t>(as_array(finite, "finite").view("u1"), {S}, "finite", true);
+  if (!finite.is_none()) u.finite = flags(finite, {S}, "finite", true);
   const lora::Matrix<T> ma = matrix<T>(A, S, r, d), mb = matrix<T>(B, S, r, d);
   GilRelease nogil;
   split_rows(s1 - s0, threads, [&](size_t a, size_t b) { lora::update(u, ma, mb, s0 + a, s0 + b); });

@@ -1018,6 +1018,9 @@ def cmd_smc(args: argparse.Namespace) -> int:
     """``dynamic-core smc``."""
     from .learning.harness import print_replay_report
 
+    if args.evolve_plot and not args.evolve:
+        raise CLIError("--evolve-plot needs --evolve N")
+    _need_matplotlib(args.evolve_plot)
     src = args.source
     if os.path.isdir(src):
         source: Any = src
@@ -1027,9 +1030,6 @@ def cmd_smc(args: argparse.Namespace) -> int:
         bars = load_bars(src, sim_names=["EURUSD"], bars=None, timeframe=None, seed=0)
         source = bars
     extra: dict[str, Any] = {"engine": True} if args.engine else {}
-    if args.evolve_plot and not args.evolve:
-        raise CLIError("--evolve-plot needs --evolve N")
-    _need_matplotlib(args.evolve_plot)
     if args.evolve:
         extra.update(evolve=args.evolve, evolve_agents=args.evolve_agents, evolve_plot=args.evolve_plot)
     try:
@@ -1143,9 +1143,10 @@ def main(argv: list[str] | None = None) -> int:
         # inside the try: building the parser imports most of the package, and a ^C then is
         # "interrupted" like any other
         parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # reported by the (sub)command they were given to, with its usage line
-            _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+            _command_parser(parser, args, argv, unknown).error(f"unrecognized arguments: {' '.join(unknown)}")
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 2
@@ -1170,13 +1171,19 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
-    """The parser of the innermost (sub)command ``args`` were parsed for."""
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str],
+                    unknown: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser of the innermost (sub)command ``args`` were parsed for whose name comes before
+    the first of the ``unknown`` arguments in ``argv`` (an option given before a subcommand's
+    name is the enclosing command's)."""
+    first_unknown = argv.index(unknown[0]) if unknown[0] in argv else len(argv)
+    at = 0  # where the current parser's arguments begin in argv
     while True:
         sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-        name = getattr(args, sub.dest, None) if sub is not None else None
-        if name is None or name not in sub.choices:
+        name = getattr(args, sub.dest, None) if sub is not None and sub.dest else None
+        if name is None or name not in sub.choices or name not in argv[at:first_unknown]:
             return parser
+        at = argv.index(name, at) + 1
         parser = sub.choices[name]
 
 

@@ -98,7 +98,7 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         description="Send one command to a running service's control socket and print the reply.",
         epilog=_CTL_EPILOG, formatter_class=formatter)
     c.add_argument("address", metavar="ADDR", help="the control socket, e.g. tcp://127.0.0.1:5557")
-    c.add_argument("command", metavar="COMMAND",
+    c.add_argument("ctl_command", metavar="COMMAND",
                    choices=("pause", "resume", "throttle", "persona", "routing", "snapshot", "health",
                             "load-population"),
                    help="pause, resume, throttle, persona, routing, snapshot, health, load-population")
@@ -278,7 +278,7 @@ def _command(name: str, argv: list[str]) -> Any:
 def cmd_ctl(args: argparse.Namespace) -> int:
     from .transport import ControlClient
 
-    cmd = _command(args.command, list(args.args))
+    cmd = _command(args.ctl_command, list(args.args))
     for f in (args.server_key, args.client_key):
         if not os.path.isfile(f):
             raise FileNotFoundError(f"no such file: {f}")
@@ -286,7 +286,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
                        fmt="json" if args.json_wire else "msgpack", timeout=args.timeout) as c:
         reply = c.request(cmd)
     if not reply.ok:
-        print(f"dynamic-core: error: server refused {args.command}: {reply.error}", file=sys.stderr)
+        print(f"dynamic-core: error: server refused {args.ctl_command}: {reply.error}", file=sys.stderr)
         return 1
     print(json.dumps(reply.result, indent=2, sort_keys=True, default=str))
     return 0

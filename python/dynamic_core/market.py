@@ -282,19 +282,20 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
 
     header = pd.read_csv(path, nrows=0).columns
     # times: a named column, or the unnamed first column DataFrame.to_csv writes for the index
-    index_col = None
+    index_col, no_times = None, None
     if not any(_find(header, name) is not None for name in _TIME_COLUMNS):
-        if len(header) and str(header[0]).startswith("Unnamed: 0"):
+        no_times = ValueError(f"{os.fspath(path)}: no time column: name one {'/'.join(_TIME_COLUMNS)} "
+                              f"(any case), or leave the first header cell empty for a DatetimeIndex "
+                              f"written by DataFrame.to_csv (have {list(header)})")
+        if len(header) and str(header[0]) == "Unnamed: 0":
             index_col = 0
         elif all(_find(header, c) is not None for c in ("open", "high", "low", "close")):  # else: those first
-            raise ValueError(f"{os.fspath(path)}: no time column: name one {'/'.join(_TIME_COLUMNS)} "
-                             f"(any case), or leave the first header cell empty for an index written by "
-                             f"DataFrame.to_csv (have {list(header)})")
+            raise no_times
     scol = None
     if instrument is None:
         scol = _find(header, "symbol") or _find(header, "instrument")
     if scol is None:
-        df = _index_times(pd.read_csv(path), index_col)
+        df = _index_times(pd.read_csv(path), index_col, no_times)
         if instrument is None:
             instrument = os.path.splitext(os.path.basename(os.fspath(path)))[0]
         return from_pandas(df, instrument, timeframe)
@@ -304,7 +305,8 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     # read as missing and groupby drops their rows silently; the other columns keep the
     # defaults, so a missing price is still NaN and its bar is rejected and counted
     df = _index_times(pd.read_csv(path, dtype={scol: str}, keep_default_na=False,
-                                  na_values={c: STR_NA_VALUES for c in header if c != scol}), index_col)
+                                  na_values={c: STR_NA_VALUES for c in header if c != scol}), index_col,
+                      no_times)
     names = df[scol].str.strip()
     empty = np.flatnonzero((names == "").to_numpy())
     if len(empty):
@@ -317,11 +319,17 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     return merge(*parts)
 
 
-def _index_times(df, index_col: int | None):
-    """``df`` with its column ``index_col`` (an index column without a name) as the time column."""
+def _index_times(df, index_col: int | None, no_times: Exception | None):
+    """``df`` with its column ``index_col`` (an index column without a name) as the time column.
+    Numbers there are an integer index (``RangeIndex``), not times: ``no_times`` is raised."""
     if index_col is None:
         return df
-    return df.rename(columns={df.columns[index_col]: "time"})
+    import pandas as pd
+
+    col = df.columns[index_col]
+    if pd.api.types.is_numeric_dtype(df[col]) or pd.api.types.is_bool_dtype(df[col]):
+        raise no_times
+    return df.rename(columns={col: "time"})
 
 
 def merge(*arrays: np.ndarray) -> np.ndarray:
