@@ -241,3 +241,59 @@ def test_tick_dtype_layout():
     assert dc.TICK_DTYPE.itemsize == 48
     assert dc.TICK_DTYPE.names == ("ts", "instrument", "side", "price", "size", "bid", "ask")
     assert dc.TICK_DTYPE.fields["price"][1] == 16
+
+
+# ---- the built-in tick simulator -------------------------------------------------------------
+
+def test_tick_simulator_is_deterministic_and_the_same_however_time_is_cut() -> None:
+    names = ["EURUSD", "USDJPY", "BTCUSD"]
+    whole = dc.sim.TickSimulator(names, seed=4).ticks(2 * 3600)
+    cut = dc.sim.TickSimulator(names, seed=4)
+    parts = [cut.ticks(s) for s in (0.0, 1e-9, 0.25, 59.75, 1740.0, 0.0, 5400.0)]
+    assert np.concatenate(parts).tobytes() == whole.tobytes()
+    assert dc.sim.TickSimulator(names, seed=5).ticks(2 * 3600).tobytes() != whole.tobytes()
+    # the Poisson arrivals: 2 prints a second on average per instrument
+    assert abs(len(whole) - 2 * 2 * 3600 * 3) < 5 * np.sqrt(2 * 2 * 3600 * 3)
+
+
+def test_tick_simulator_prints_are_valid_ordered_and_consistent_with_their_quotes() -> None:
+    sim = dc.sim.TickSimulator(["EURUSD", "XAUUSD", "SIMTICK"], seed=2, rate=5.0)
+    t = sim.ticks(3600)
+    assert tick_reason_counts(validate_ticks(t)) == {}
+    assert (np.diff(t["ts"]) >= 0).all() and t["ts"][0] >= pd.Timestamp("2024-01-01", tz="UTC").value
+    for i in np.unique(t["instrument"]):
+        assert (np.diff(t["ts"][t["instrument"] == i]) > 0).all()
+    assert (t["bid"] < t["ask"]).all() and set(np.unique(t["side"])) == {1, 2}
+    assert (t["price"] == np.where(t["side"] == 1, t["ask"], t["bid"])).all()
+    assert (t["size"] >= 1).all() and (t["size"] == np.round(t["size"])).all()
+    # prices on the instrument's grid of increments
+    for name, inc in zip(sim.names, sim.increments):
+        b = t["bid"][t["instrument"] == dc.instruments.id(name)]
+        assert np.allclose(b / inc, np.round(b / inc), rtol=0, atol=1e-6)
+    # aggregated into bars the engine accepts, every print counted in their volume
+    agg = TickAggregator([60, 3600])
+    bars = np.concatenate([agg.update(t), agg.flush()])
+    assert dc.market.reason_counts(dc.market.validate(bars)) == {}
+    h1 = bars[bars["timeframe"] == 3600]
+    assert h1["volume"].sum() == t["size"].sum() and len(h1) == 3
+
+
+@pytest.mark.parametrize(("kwargs", "seconds", "error", "match"), [
+    ({}, -1.0, ValueError, "seconds"),
+    ({}, float("nan"), ValueError, "seconds"),
+    ({}, "10", TypeError, "seconds"),
+    ({"rate": 0.0}, 1.0, ValueError, "rate"),
+    ({"rate": float("inf")}, 1.0, ValueError, "rate"),
+    ({"seed": -1}, 1.0, ValueError, "seed"),
+    ({"instruments": []}, 1.0, ValueError, "instrument"),
+    ({"rate": 1000.0, "instruments": ["EURUSD", "GBPUSD"]}, 1e5, ValueError, "1e8 expected prints"),
+    ({"start": "2262-04-11"}, 86400.0, ValueError, "int64 nanosecond range"),
+])
+def test_tick_simulator_refuses_bad_arguments_changing_nothing(kwargs, seconds, error, match) -> None:
+    with pytest.raises(error, match=match):
+        sim = dc.sim.TickSimulator(**{"instruments": ["EURUSD"], **kwargs})
+        before = repr(sim.__dict__)
+        try:
+            sim.ticks(seconds)
+        finally:
+            assert repr(sim.__dict__) == before

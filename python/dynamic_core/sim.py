@@ -1,9 +1,13 @@
 """The built-in simulated market: a regime-switching random walk with realistic volatility.
 
-Each instrument follows its own Markov chain of regimes (quiet up-trend, quiet down-trend,
-mean-reverting range, volatile) with fat-tailed (Student-t, 4 degrees of freedom) returns,
-intrabar paths for high/low, and volume that rises with absolute returns. Named majors start
-at plausible prices with plausible annual volatility; other names start at 100 with 20%.
+:class:`MarketSimulator` makes bars. Each instrument follows its own Markov chain of regimes
+(quiet up-trend, quiet down-trend, mean-reverting range, volatile) with fat-tailed (Student-t, 4
+degrees of freedom) returns, intrabar paths for high/low, and volume that rises with absolute
+returns. Named majors start at plausible prices with plausible annual volatility; other names
+start at 100 with 20%.
+
+:class:`TickSimulator` makes trade prints (``TICK_DTYPE``) with the quote in force: for the tick
+path (:class:`~dynamic_core.ticks.TickAggregator`, the DSI micro-experts, ``TickDriver``).
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._checks import check_int
+from ._checks import check_int, check_real
 from .instruments import instruments as registry
 from .market import _INT64_MAX, empty, parse_timeframe  # bar times are int64 ns
+from .records import TICK_DTYPE
 
-__all__ = ["MarketSimulator", "PROFILES", "REGIMES"]
+__all__ = ["MarketSimulator", "PROFILES", "REGIMES", "TickSimulator"]
 
 YEAR_S = 365.25 * 86400.0
 
@@ -193,3 +198,173 @@ class MarketSimulator:
 
     def __repr__(self) -> str:
         return f"MarketSimulator({self.names}, timeframe={self.timeframe}s, seed={self.seed})"
+
+
+# ---- ticks -----------------------------------------------------------------------------------
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_TICK_FIELDS = 9  # draws per tick: arrival, move, direction, magnitude, size (2), side, spread, large print
+_REGIME_TICKS = 256  # ticks per regime block
+# regime: (probability of a move per tick, probability that a move is up, largest move in
+# price increments, probability that a print without a move is a buy)
+_TICK_REGIMES = {
+    "trend_up": (0.35, 0.62, 1, 0.58),
+    "trend_down": (0.35, 0.38, 1, 0.42),
+    "range": (0.25, 0.50, 1, 0.50),
+    "volatile": (0.60, 0.50, 3, 0.50),
+}
+
+
+def _nice(x: float) -> float:
+    """``x`` rounded to 1, 2 or 5 times a power of ten."""
+    e = math.floor(math.log10(x))
+    m = x / 10.0**e
+    m = 1.0 if m < 1.5 else (2.0 if m < 3.5 else (5.0 if m < 7.5 else 10.0))
+    return float(f"{m * 10.0**e:.12g}")
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic): rng.hpp's rng_mix."""
+    z = z + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _uniform(key: int, index: np.ndarray, field: int) -> np.ndarray:
+    """Uniform draws in (0, 1), one per index: a pure function of (key, index, field), so a
+    tick's draws do not depend on how the ticks are asked for."""
+    z = _mix(np.uint64(key) + (index.astype(np.uint64) * np.uint64(_TICK_FIELDS) + np.uint64(field)) * _GOLDEN)
+    return ((z >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 9007199254740992.0)
+
+
+class TickSimulator:
+    """Deterministic simulated trade prints for several instruments.
+
+    Parameters
+    ----------
+    instruments : sequence of str
+        Instrument names (registered in ``dc.instruments``); prices start as in
+        :data:`PROFILES` (100 for other names).
+    seed : int
+        Same seed, same ticks (0 to 2**64 - 1).
+    start : str
+        Time the feed starts (UTC).
+    rate : float
+        Mean prints per second of each instrument (Poisson arrivals), in (0, 1000].
+
+    ``ticks(seconds)`` returns every print of the next ``seconds`` of the feed, time-ordered
+    (instruments in the given order at equal times); successive calls continue it, and the ticks
+    are the same bits however the time is cut into calls. Each instrument's quote moves on a
+    grid of price increments (``increments``; 0.00001 for EURUSD, 5 for BTCUSD at the default
+    rate) sized so that an hour of prints moves it about as much as the profile's annual
+    volatility says (within a factor of about 2: the increment is rounded to 1, 2 or 5 times a
+    power of ten, and trends add their drift), in regimes of 256 prints drawn independently (trend up, trend down, range,
+    volatile: more moves, larger ones and a wider spread); a print that moves the quote up is a
+    buy at the ask, one
+    that moves it down a sell at the bid, others lean with the regime's flow. Sizes are
+    log-normal with occasional large prints. Every tick passes
+    :func:`~dynamic_core.ticks.validate_ticks`.
+    """
+
+    def __init__(self, instruments: Sequence[str] = ("EURUSD",), seed: int = 0, start: str = "2024-01-01",
+                 rate: float = 2.0) -> None:
+        import pandas as pd
+
+        if isinstance(instruments, str):
+            instruments = [instruments]
+        if not instruments:
+            raise ValueError("need at least one instrument")
+        self.names = list(instruments)
+        self.ids = np.array([registry.id(n) for n in self.names], dtype=np.uint32)
+        self.seed = check_int("seed", seed, 0, (1 << 64) - 1)
+        self.rate = check_real("rate", rate, 0.0, 1000.0, lo_open=True)
+        self._t = int(pd.Timestamp(start, tz="UTC").value)  # the feed's clock: ticks before it are out
+        base = int(_mix(np.array([self.seed], dtype=np.uint64))[0])
+        self._keys = [int(_mix(np.array([base ^ (j << 32 | 0x7469636B)], dtype=np.uint64))[0])
+                      for j in range(len(self.names))]
+        prof = [PROFILES.get(n, (100.0, 0.20)) for n in self.names]
+        prices = [p for p, _ in prof]
+        # the increment that gives about the profile's volatility over an hour of prints (a
+        # print moves the quote by ~0.97 increments rms, averaged over the regimes), rounded
+        # to 1, 2 or 5 times a power of ten
+        hour = 3600.0 * self.rate
+        self.increments = [_nice(p * v * math.sqrt(3600.0 / YEAR_S) / (0.97 * math.sqrt(hour))) for p, v in prof]
+        self._level = [int(round(p / inc)) for p, inc in zip(prices, self.increments)]  # the bid's walk, in increments
+        self._k = [0] * len(self.names)  # prints made so far
+        self._last = [self._t] * len(self.names)  # time of the last print
+
+    def ticks(self, seconds: float) -> np.ndarray:
+        """The prints of the next ``seconds`` of every instrument, one time-ordered
+        ``TICK_DTYPE`` array. Raises ``ValueError`` (changing nothing) for a negative or
+        non-finite span, one whose expected prints pass 1e8, or one that would take the clock
+        past the int64 nanosecond range (2262-04-11)."""
+        seconds = check_real("seconds", seconds, 0.0, 1e9)
+        if self.rate * seconds * len(self.names) > 1e8:
+            raise ValueError(f"{seconds:g} s at {self.rate:g} prints/s over {len(self.names)} instrument(s) is more "
+                             f"than 1e8 expected prints")
+        horizon = self._t + int(round(seconds * 1e9))
+        if horizon > _INT64_MAX:
+            raise ValueError(f"the tick clock would pass the int64 nanosecond range (2262-04-11) at {horizon} ns")
+        parts, state = [], []
+        for j in range(len(self.names)):
+            part, st = self._instrument(j, horizon)
+            parts.append(part)
+            state.append(st)
+        for j, (k, last, level) in enumerate(state):  # nothing changes before every part is made
+            self._k[j], self._last[j], self._level[j] = k, last, level
+        self._t = horizon
+        out = np.concatenate(parts) if parts else np.zeros(0, TICK_DTYPE)
+        return out[np.argsort(out["ts"], kind="stable")]
+
+    def _instrument(self, j: int, horizon: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+        key, k, last, level = self._keys[j], self._k[j], self._last[j], self._level[j]
+        mean_ns = 1e9 / self.rate
+        ts_parts, idx_parts = [], []
+        while True:
+            left = (horizon - last) / mean_ns
+            n = int(1.2 * left + 4.0 * math.sqrt(left + 1.0)) + 16
+            idx = np.arange(k, k + n, dtype=np.int64)
+            dt = np.maximum(1, (-np.log(_uniform(key, idx, 0)) * mean_ns).astype(np.int64))
+            ts = last + np.cumsum(dt)
+            c = int(np.searchsorted(ts, horizon, side="left"))  # the prints before the horizon
+            if c:
+                ts_parts.append(ts[:c])
+                idx_parts.append(idx[:c])
+                last, k = int(ts[c - 1]), k + c
+            if c < n:
+                break
+        if not ts_parts:
+            return np.zeros(0, TICK_DTYPE), (k, last, level)
+        ts = np.concatenate(ts_parts)
+        idx = np.concatenate(idx_parts)
+        regs = list(_TICK_REGIMES.values())
+        block = np.unique(idx // _REGIME_TICKS)
+        draw = (_uniform(key ^ 0x5245474D, block, 0) * len(regs)).astype(np.int64)  # regime of each block
+        reg = draw[np.searchsorted(block, idx // _REGIME_TICKS)]
+        p_move, p_up, biggest, p_buy = (np.array([r[i] for r in regs])[reg] for i in range(4))
+        moves = _uniform(key, idx, 1) < p_move
+        up = _uniform(key, idx, 2) < p_up
+        size_of_move = 1 + (_uniform(key, idx, 3) * biggest).astype(np.int64)
+        step = np.where(moves, np.where(up, size_of_move, -size_of_move), 0)
+        walk = level + np.cumsum(step)  # integers: exact however the calls cut the feed
+        bid = np.maximum(walk, 1)  # a price stays positive (the walk itself goes on)
+        volatile = biggest > 1
+        spread = 1 + (_uniform(key, idx, 7) * np.where(volatile, 4, 2)).astype(np.int64)
+        buy = np.where(step > 0, True, np.where(step < 0, False, _uniform(key, idx, 6) < p_buy))
+        u1, u2 = _uniform(key, idx, 4), _uniform(key, idx, 5)
+        normal = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+        size = np.round(np.exp(normal) * np.where(_uniform(key, idx, 8) < 0.02, 8.0, 1.0) + 1.0)
+        inc = self.increments[j]
+        out = np.zeros(len(ts), TICK_DTYPE)
+        out["ts"] = ts
+        out["instrument"] = self.ids[j]
+        out["bid"] = bid * inc
+        out["ask"] = (bid + spread) * inc
+        out["price"] = np.where(buy, out["ask"], out["bid"])
+        out["side"] = np.where(buy, 1, 2)
+        out["size"] = size
+        return out, (k, last, int(walk[-1]))
+
+    def __repr__(self) -> str:
+        return f"TickSimulator({self.names}, seed={self.seed}, rate={self.rate:g}/s)"
