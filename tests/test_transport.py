@@ -1336,6 +1336,28 @@ def test_control_answers_while_a_slow_consumer_fills_the_window(tmp_path: Path, 
             _until(lambda: svc.signals_published == 4000, what="the backlog drained")
 
 
+def test_a_client_whose_handshake_is_refused_times_out_instead_of_blocking(keys: Path) -> None:
+    """A refused handshake (an unauthorised client key) tears the DEALER's pipe down, after
+    which a plain send blocks until a connection exists: with that key, never. The first request
+    used to time out and the next one (or a retry) to hang for good; every one now ends in
+    TransportTimeout within its timeout (the send waits for room only until the deadline)."""
+    with dc.Engine(population(), threads=1) as eng:
+        control = T.ControlServer(secret_key=keys / "server.key_secret", authorized_keys=keys / "clients")
+        with T.EngineService(eng, control=control, idle_timeout=0.01) as svc:
+            svc.start()
+            with T.ControlClient(control.endpoint, server_key=keys / "server.key",
+                                 client_key=keys / "strangers" / "mallory.key_secret") as mallory:
+                for _ in range(4):
+                    t0 = time.monotonic()
+                    with pytest.raises(TransportTimeout):
+                        mallory.health(timeout=0.3)
+                    assert time.monotonic() - t0 < 2.0
+                t0 = time.monotonic()
+                with pytest.raises(TransportTimeout):
+                    mallory.pause(timeout=0.2, retries=2)
+                assert time.monotonic() - t0 < 3.0
+
+
 def test_failed_handshakes_are_counted(keys: Path) -> None:
     import socket
 
@@ -1348,10 +1370,14 @@ def test_failed_handshakes_are_counted(keys: Path) -> None:
             for plain in (False, True):  # no key at all (NULL mechanism), then PLAIN
                 s = ctx.socket(zmq.DEALER)
                 s.linger = 0
+                s.sndtimeo = 1000  # a DEALER whose only pipe a failed handshake tore down blocks in send
                 if plain:
                     s.plain_username, s.plain_password = b"admin", b"x"
                 s.connect(control.endpoint)
-                s.send_multipart([b"", msgspec.msgpack.encode({"type": "pause", "request_id": 1})])
+                try:
+                    s.send_multipart([b"", msgspec.msgpack.encode({"type": "pause", "request_id": 1})])
+                except zmq.Again:  # nothing to send it on: the handshake was refused already
+                    pass
                 assert not s.poll(300)
                 s.close()
             with T.ControlClient(control.endpoint, server_key=keys / "clients" / "ops.key",  # wrong server key

@@ -606,10 +606,21 @@ class ControlClient(SocketOwner):
 
     def _roundtrip(self, payload: bytes, rid: int | None, timeout: float | None) -> ControlReply:
         t = self.timeout if timeout is None else timeout
-        self._sock.send_multipart([b"", payload])
+        deadline = time.monotonic() + t
+        # A DEALER with no connection to send on (the server down, or its handshake refused
+        # this client, which tears the pipe down) blocks in send: wait for room only until the
+        # deadline, like the reply.
+        while True:
+            try:
+                self._sock.send_multipart([b"", payload], flags=zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._sock.poll(max(1, int(left * 1000)), zmq.POLLOUT):
+                    raise TransportTimeout(f"could not send to {self.endpoint} within {t} s (no connection: server "
+                                           "down, or this client's key not authorised?)") from None
         if rid is not None:
             self._sent(rid, payload)
-        deadline = time.monotonic() + t
         while True:
             left = deadline - time.monotonic()
             frames = recv_frames(self._sock, max(0.0, left)) if left > 0 else None
