@@ -86,6 +86,8 @@ def test_an_address_zeromq_cannot_parse_is_a_clean_error(tmp_path: Path) -> None
     (["ctl", "tcp://127.0.0.1:5996", "health", "--server-key", "k", "--client-key", "k", "--timeout", "-1"],
      "--timeout"),
     (["journal", "dump", ".", "--limit", "-1"], "--limit"),
+    (["review", "approve", "tcp://127.0.0.1:5997", str(10**23), "--server-key", "k", "--client-key", "k"], "ITEM"),
+    (["review", "approve", "tcp://127.0.0.1:5997", "-1", "--server-key", "k", "--client-key", "k"], "ITEM"),
 ])
 def test_bad_numbers_are_refused_at_parse_time_naming_the_option(args: list[str], option: str,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:

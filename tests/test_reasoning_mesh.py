@@ -179,6 +179,23 @@ def _bad_secrets(tmp_path: Path) -> Path:
     return f
 
 
+def test_an_adapter_without_its_key_refuses_requests_at_once_with_auth(fake) -> None:
+    """A provider that takes an API key, started without one: its requests fail with 'auth'
+    inside the adapter, never sent without credentials, and fall back to the narrator."""
+    out = Collect()
+    m = ReasoningMesh(["deepseek"], policy=policy("deepseek", "local"), on_rationale=out,
+                      profiles=deepseek(fake, api_key_env="DC_TEST_NO_SUCH_KEY"))
+    with m:
+        m.start(wait=TIMEOUT)
+        assert m.wait_ready(timeout=TIMEOUT)
+        m.submit(ctx(710))
+        o = out.wait(1)[0]
+        assert o.provider == "local"
+        errors = m.stats()["providers"]["deepseek"]["errors"]
+        assert set(errors) == {"auth"} and errors["auth"] >= 1
+    assert fake.stats()["requests"] == 0
+
+
 def test_an_adapter_that_exits_with_a_configuration_error_is_not_restarted(fake, tmp_path) -> None:
     # exit status 2 (here: a secrets file readable by others) fails the same way on every restart
     out = Collect()

@@ -481,6 +481,9 @@ def test_keypair_files(keys: Path) -> None:
         T.new_keypair(keys, "server")
     with pytest.raises(ValueError):
         T.new_keypair(keys, "../escape")
+    # a public key file where a secret one belongs: said so, not "chmod 600" (0644 is right for it)
+    with pytest.raises(ValueError, match=r"no secret key in it \(pass the \.key_secret file\)"):
+        T.load_keypair(keys / "server.key")
 
 
 class Served:
@@ -836,6 +839,7 @@ def test_cli_subscribe_times_out_cleanly() -> None:
     with T.SignalFeed(heartbeat_interval=3600) as feed:
         p = _cli("subscribe", feed.endpoint, "--timeout", "0.3")
     assert p.returncode == 1 and "no message within 0.3 s" in p.stderr and "Traceback" not in p.stderr
+    assert "received 0 signal(s); 0 missed in 0 gap(s)" in p.stderr  # the summary, on a timeout too
 
 
 def test_cli_ctl(served: Served, keys: Path) -> None:

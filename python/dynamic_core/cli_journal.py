@@ -139,7 +139,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         try:
             res = jr.replay(args.dir, verify=False, threads=args.threads, progress=tick, backend=args.backend)
         except JournalCorrupt as e:
-            print(f"corrupt journal: {e}", file=sys.stderr)
+            print(str(e) if str(e).startswith("corrupt journal") else f"corrupt journal: {e}", file=sys.stderr)
             return 1
     print(f"replayed {res.bars:,} bars ({res.records:,} records) -> {len(res.signals):,} signals "
           f"in {res.seconds:.3f} s ({res.updates_per_s / 1e6:,.1f} M agent-updates/s)")

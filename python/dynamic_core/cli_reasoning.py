@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from ._argtypes import positive_float, positive_int
+from ._argtypes import int_range, positive_float, positive_int
 
 __all__ = ["add_commands", "add_run_options", "mesh_from_args", "mesh_summary"]
 
@@ -25,7 +25,9 @@ providers: chatgpt grok dolphin ollama kimi deepseek qwen minimax zhipu hunyuan,
 deterministic template narrator, no model, no cost). API keys come only from the environment
 variable the profile names (e.g. DEEPSEEK_API_KEY) or a 0600 TOML secrets file (--secrets or
 $DYNAMIC_CORE_SECRETS); they are never logged. 'dynamic-core run --reasoning ...' starts the
-adapters it needs by itself; run this command to add adapters on other machines or by hand.
+adapters it needs by itself (its broker listens on loopback, at the address it prints as
+'reasoning'); run this command to add an adapter to it by hand on the same machine, or to a
+ReasoningMesh built in Python with a broker address other machines can reach.
 
 exit codes: 0 stopped (broker shutdown, ^C, SIGTERM); 1 failed while serving (a mesh restarts
 it); 2 bad arguments or configuration: provider, secrets file, address (a mesh does not restart it).
@@ -39,7 +41,9 @@ examples:
 
 Rationales land in the review queue when ensemble members disagree, when the chosen one states a
 low confidence, or when it argues against the signal. Approving raises the answering adapter's
-ensemble weight (x1.1), rejecting lowers it (x0.8); weights persist across restarts.
+ensemble weight (x1.1), rejecting lowers it (x0.8). The weights persist across restarts when
+the run keeps them in a file: 'run --reasoning-weights FILE', or by default
+JOURNAL/reasoning_weights.json with --journal; otherwise they last as long as the run.
 """
 
 
@@ -71,7 +75,8 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
                     "control socket).", epilog=_REVIEW_EPILOG, formatter_class=formatter)
     r.add_argument("action", choices=("list", "approve", "reject"), help="list, approve or reject")
     r.add_argument("address", metavar="ADDR", help="the service's control socket")
-    r.add_argument("item", nargs="?", type=int, default=None, help="review item (approve/reject)")
+    r.add_argument("item", nargs="?", type=int_range(0, 2**64 - 1), default=None, metavar="ITEM",
+                   help="review item number, from 'review list' (approve/reject)")
     r.add_argument("--note", default="", help="a note stored with the decision")
     r.add_argument("--limit", type=positive_int, default=100, help="items listed [default: 100]")
     r.add_argument("--server-key", required=True, metavar="FILE", help="the server's public key file (.key)")
@@ -97,6 +102,10 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
     g.add_argument("--ensemble", type=positive_int, default=1, metavar="K",
                    help="providers asked per signal [default: 1]")
     g.add_argument("--secrets", default=None, metavar="FILE", help="0600 TOML file of API keys for the adapters")
+    g.add_argument("--reasoning-weights", default=None, metavar="FILE",
+                   help="JSON file keeping the ensemble weights that review approve/reject adjust, read at "
+                        "start and rewritten on each decision [default: JOURNAL/reasoning_weights.json with "
+                        "--journal, else none: in memory]")
 
 
 def cmd_adapter(args: argparse.Namespace) -> int:
@@ -177,8 +186,22 @@ def mesh_from_args(args: argparse.Namespace) -> Any:
                 raise ValueError(f"{args.reasoning_config}: {e}") from None
         policy = cfg.get("policy")
         profiles = cfg.get("providers", {})
+    weights = getattr(args, "reasoning_weights", None)
+    if weights is None and getattr(args, "journal", None):
+        weights = os.path.join(args.journal, "reasoning_weights.json")
     mesh = ReasoningMesh(providers, policy=policy, profiles=profiles, deadline_s=args.reasoning_deadline,
-                         ensemble=args.ensemble, select=args.reasoning_select, secrets_file=args.secrets)
+                         ensemble=args.ensemble, select=args.reasoning_select, secrets_file=args.secrets,
+                         weights_path=weights)
+    # the rules a 'tactical' request can match: the class's own when it has any (they beat "*")
+    rules = [r for r in mesh.config.rules if r.request_class == "tactical"] or \
+        [r for r in mesh.config.rules if r.request_class == "*"]
+    routed = {c for r in rules for c in r.candidates} if rules else set(mesh.config.default_candidates)
+    unrouted = [p for p in providers if p != "local" and p not in routed]
+    if unrouted:  # started for nothing: run asks 'tactical' rationales only
+        print(f"dynamic-core: warning: --reasoning {', '.join(unrouted)}: no 'tactical' routing rule names "
+              f"{'it' if len(unrouted) == 1 else 'them'}, so 'run' will send {'it' if len(unrouted) == 1 else 'them'} "
+              "no request; add a [[policy.rules]] entry (request_class = \"tactical\") in --reasoning-config",
+              file=sys.stderr)
     mesh.start(wait=15.0)
     if mesh.down:
         down = ", ".join(sorted(mesh.down))

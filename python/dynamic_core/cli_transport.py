@@ -184,13 +184,13 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
     def gap(g: Any) -> None:
         where = "at heartbeat" if g.at_heartbeat else "at batch"
-        print(f"gap on {g.topic}: expected seq {g.expected}, got {g.got} ({g.missed} signal(s) missed, {where})",
+        print(f"gap on {g.topic}: expected feed seq {g.expected}, got {g.got} ({g.missed} signal(s) missed, {where})",
               file=sys.stderr, flush=True)
 
     def epoch(e: Any) -> None:
         print(f"publisher restarted: epoch {e.old:#x} -> {e.new:#x}", file=sys.stderr, flush=True)
 
-    n = 0
+    n, rc = 0, 0
     with SignalSubscriber(args.address, topics=args.topic or ["sig."], on_gap=gap, on_epoch=epoch) as sub:
         try:
             while not args.count or n < args.count:
@@ -198,14 +198,15 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
                 if msg is None:
                     print(f"dynamic-core: no message within {args.timeout} s from {args.address}",
                           file=sys.stderr)
-                    return 1
+                    rc = 1
+                    break
                 if isinstance(msg, SignalBatch):
                     for s in msg.signals[: (args.count - n) if args.count else None]:
                         if args.json:
                             out.write(enc.encode(s).decode() + "\n")
                         else:
                             t = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.ts / 1e9))
-                            out.write(f"{t}  {s.instrument:<8} {tf_label(s.timeframe):<4} seq {s.seq:<8} "
+                            out.write(f"{t}  {s.instrument:<8} {tf_label(s.timeframe):<4} signal seq {s.seq:<8} "
                                       f"{Action(s.action).name:<11} score {s.score:+.4f}  conf {s.confidence:.3f}  "
                                       f"agree {s.agreement:.3f}  agents {s.n_agents}\n")
                         n += 1
@@ -225,7 +226,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
         st = sub.stats()
     print(f"received {n} signal(s); {st['gap_signals']} missed in {st['gaps']} gap(s); "
           f"{st['epoch_changes']} restart(s); {st['rejected']} bad frame(s)", file=sys.stderr)
-    return 0
+    return rc
 
 
 # ---- ctl -------------------------------------------------------------------------------------
@@ -406,7 +407,9 @@ def cmd_run_service(args: argparse.Namespace) -> int:
         svc.stop()
         st = eng.stats()
         print(f"bars submitted {svc.bars_submitted:,}, accepted {st['accepted']:,}, rejected {st['rejected']:,}; "
-              f"signals {st['signals']:,}, published {svc.signals_published:,}; control commands {svc.commands}; "
+              f"signals {st['signals']:,}"
+              + (f", published {svc.signals_published:,}" if feed is not None else " (no --publish: none published)")
+              + f"; control commands {svc.commands}; "
               f"ingress rejects {ingress.stats()['rejected']}", flush=True)
         if mesh is not None:
             from .cli import _console

@@ -149,6 +149,12 @@ class AdapterWorker:
                            tokens_in=0, tokens_out=n_out, model_ms=(time.perf_counter() - t0) * 1e3)
 
     def _answer_http(self, client: Any, req: ReasonRequest) -> ReasonReply:
+        if self.profile.api_key_env and not self._secrets:
+            # the provider takes a key and this adapter has none: refused here, at once, like
+            # the provider's own 401 would be (the broker's cooldown and fallback then apply),
+            # instead of a request sent without credentials
+            return ReasonReply(task_id=req.task_id, attempt=req.attempt, ok=False, error_kind="auth",
+                               error=f"no API key: set ${self.profile.api_key_env} or put it in the secrets file")
         try:
             c = client.complete(req.messages, max_tokens=req.max_tokens, temperature=req.temperature,
                                 timeout=min(req.timeout_ms / 1e3, self.profile.timeout_s),
@@ -364,8 +370,8 @@ def serve(provider: str, connect: str, *, overrides: dict[str, Any] | None = Non
         OpenAICompatibleClient(prof, key).close()
     RedactingFilter([key] if key else []).install()  # the root logger and its handlers
     if prof.kind != "local" and prof.api_key_env and not key:
-        log.warning("provider %s: no API key in $%s or the secrets file; requests will fail with 'auth'",
-                    prof.name, prof.api_key_env)
+        log.warning("provider %s: no API key in $%s or the secrets file; its requests fail at once with 'auth' "
+                    "(the mesh falls back)", prof.name, prof.api_key_env)
     worker = AdapterWorker(prof, connect, api_key=key, heartbeat_s=heartbeat_s, parent_pid=parent_pid)
 
     def _term(signum: int, frame: Any) -> None:

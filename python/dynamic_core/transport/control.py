@@ -625,8 +625,8 @@ class ControlClient(SocketOwner):
             left = deadline - time.monotonic()
             frames = recv_frames(self._sock, max(0.0, left)) if left > 0 else None
             if frames is None:
-                raise TransportTimeout(f"no reply from {self.endpoint} within {t} s (server down, or "
-                                       "this client's key not authorised?)")
+                raise TransportTimeout(f"no reply from {self.endpoint} within {t} s (server down, a wrong server "
+                                       "key, or this client's key not authorised?)")
             body = frames[1:] if len(frames) == 2 and len(frames[0]) == 0 else frames
             if len(body) != 1:
                 continue

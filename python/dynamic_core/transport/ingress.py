@@ -9,9 +9,11 @@ one instrument and timeframe, columnar, msgpack or JSON) as its LAST frame:
 * PUB -> SUB: ``[topic, payload]`` with topic ``mkt.<instrument>.<timeframe>``; the ingress
   subscribes to ``topics`` (prefixes, default ``mkt.``).
 
-PUSH/PULL is the lossless choice: the sender blocks (or queues) when the ingress falls behind,
-and a single PUSH connection keeps its order, so the engine sees exactly the sender's bar
-sequence. PUB/SUB fans one market feed out to many engines but drops at the high-water mark.
+PUSH/PULL is the lossless choice while the ingress lives: the sender blocks (or queues) when the
+ingress falls behind, and a single PUSH connection keeps its order, so the engine sees exactly the
+sender's bar sequence. A frame ``send`` returned for has been queued, not delivered: frames
+queued when the receiving process dies are lost with it (the journal tells what the engine
+took). PUB/SUB fans one market feed out to many engines but drops at the high-water mark.
 
 Bad frames never reach the engine: an undecodable frame is counted by reason (see
 :class:`~dynamic_core.errors.PayloadError`) and kept as a :class:`~dynamic_core.payloads.Reject`
@@ -180,7 +182,8 @@ class MarketSender(SocketOwner):
     address : str
         The ingress endpoint (connects by default; ``bind=True`` to bind, e.g. as a market PUB).
     kind : {"push", "pub"}
-        PUSH for a PULL ingress (blocks when it falls behind, never loses), PUB for SUB ingresses.
+        PUSH for a PULL ingress (blocks when it falls behind; frames still queued when the
+        receiving process dies are lost), PUB for SUB ingresses.
     fmt : {"msgpack", "json"}
     max_bars : int
         Bars per frame at most.

@@ -100,7 +100,8 @@ def new_keypair(directory: str | os.PathLike, name: str = "client", *,
     for f in (public_file, secret_file):
         if f.exists():
             if not overwrite:
-                raise FileExistsError(f"{f} exists (pass overwrite=True / --force to replace it)")
+                raise FileExistsError(f"{f} exists (--force on the command line, overwrite=True in Python, "
+                                      "replaces it)")
             f.unlink()
     public, secret = zmq.curve_keypair()
     fmt = {"now": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -116,12 +117,14 @@ def load_keypair(secret_file: str | os.PathLike) -> tuple[bytes, bytes]:
     """``(public, secret)`` z85 keys from a ``.key_secret`` file.
 
     On POSIX systems a file that group or others may read, write or execute (any of the mode
-    bits 0077, e.g. 0644) is refused with ``PermissionError`` before it is read: fix it with
-    ``chmod 600 FILE``. A group/world-writable directory holding it is logged as a warning."""
+    bits 0077, e.g. 0644) is refused with ``PermissionError`` (fix it with ``chmod 600 FILE``),
+    or with ``ValueError`` when it holds no secret key at all (a public ``.key`` file). A group/world-writable directory holding it is logged as a warning."""
     path = os.fspath(secret_file)
     if _POSIX_MODES:
         st = os.stat(path)  # FileNotFoundError as before for a missing file
         if st.st_mode & 0o077:
+            if not zmq.auth.load_certificate(path)[1]:  # a public key file (0644 is right for it)
+                raise ValueError(f"{secret_file}: no secret key in it (pass the .key_secret file)")
             raise PermissionError(f"secret key file {path} has mode {stat.S_IMODE(st.st_mode):04o}: it must not "
                                   f"be accessible by group or others; run: chmod 600 {path}")
         _warn_if_open(os.path.dirname(os.path.abspath(path)))
