@@ -211,3 +211,37 @@ def test_tables_are_not_squeezed_when_stdout_is_not_a_terminal(tmp_path: Path) -
     mesh = next(line for line in proc.stdout.splitlines() if "provider" in line)
     for col in ("tokens in/out", "cache hits", "budget left"):
         assert col in mesh  # every header on one line, none cut
+
+
+def test_run_reasoning_keeps_review_weights_in_the_journal_and_warns_of_unrouted_providers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The mesh 'run --reasoning' builds: ensemble weights in a file (--reasoning-weights, else
+    the journal's directory), and a warning for a provider no 'tactical' rule names."""
+    import argparse
+
+    from dynamic_core import cli_reasoning, reasoning
+    from dynamic_core.reasoning.policy import load_policy
+
+    made: list[dict] = []
+
+    class Mesh:  # the constructor's arguments; nothing started
+        def __init__(self, providers, **kw) -> None:
+            made.append({"providers": providers, **kw})
+            self.config, self.down = load_policy(kw.get("policy")), {}
+
+        def start(self, wait: float) -> None:
+            pass
+
+    monkeypatch.setattr(reasoning, "ReasoningMesh", Mesh)
+    base = dict(reasoning="local,qwen,deepseek", reasoning_config=None, reasoning_deadline=3.0, ensemble=1,
+                reasoning_select="change", secrets=None)
+    cli_reasoning.mesh_from_args(argparse.Namespace(**base, journal=str(tmp_path / "j"), reasoning_weights=None))
+    assert made[-1]["weights_path"] == str(tmp_path / "j" / "reasoning_weights.json")
+    err = capsys.readouterr().err
+    assert "--reasoning deepseek: no 'tactical' routing rule names it" in err and "qwen" not in err
+    cli_reasoning.mesh_from_args(argparse.Namespace(**base, journal=None, reasoning_weights=str(tmp_path / "w.json")))
+    assert made[-1]["weights_path"] == str(tmp_path / "w.json")
+    capsys.readouterr()
+    cli_reasoning.mesh_from_args(argparse.Namespace(**{**base, "reasoning": "local,qwen"}, journal=None,
+                                                    reasoning_weights=None))
+    assert made[-1]["weights_path"] is None and "warning" not in capsys.readouterr().err
