@@ -286,8 +286,11 @@ void Engine::worker_main(int w) {
     size_t n = 0;
     while (n < batch_ && me.ring.try_pop(buf[n])) ++n;
     if (n) {
+      const int64_t t_batch = now_ns();
       process_batch(w, buf.data(), n);
-      me.beat_ns.store(now_ns(), std::memory_order_relaxed);
+      const int64_t t_done = now_ns();
+      me.busy_ns.fetch_add(t_done - t_batch, std::memory_order_relaxed);
+      me.beat_ns.store(t_done, std::memory_order_relaxed);
       continue;
     }
     if (stop_.load(std::memory_order_acquire)) break;
@@ -1067,6 +1070,12 @@ uint64_t Engine::agent_updates() const {
   uint64_t u = 0;
   for (const auto& w : workers_) u += w->updates.load(std::memory_order_relaxed);
   return u + ext_updates_.load(std::memory_order_relaxed);
+}
+
+double Engine::worker_busy_seconds() const {
+  int64_t ns = 0;
+  for (const auto& w : workers_) ns += w->busy_ns.load(std::memory_order_relaxed);
+  return static_cast<double>(ns) * 1e-9;
 }
 
 uint64_t Engine::quarantined() const {

@@ -217,6 +217,7 @@ class Engine {
   EngineStats stats();
   uint64_t agent_updates() const;
   uint64_t quarantined() const;  // agents quarantined so far (as counted by the workers)
+  double worker_busy_seconds() const;  // summed over the workers: time spent running bars
   uint64_t sequence() const { return seq_; }
   std::vector<DeadLetter> dead_letters();
   const EngineConfig& config() const { return cfg_; }
@@ -276,6 +277,7 @@ class Engine {
     std::atomic<int32_t> sleeping{0};
     std::atomic<int64_t> beat_ns{0};
     std::atomic<uint64_t> updates{0};
+    std::atomic<int64_t> busy_ns{0};  // time spent running batches
     std::atomic<size_t> hwm{0};
     std::atomic<uint32_t> adopt_gen{0};
     std::mutex adopt_m;
