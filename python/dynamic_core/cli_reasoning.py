@@ -91,7 +91,7 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
     g = r.add_argument_group("reasoning (rationales for signals; never delays a signal)")
     g.add_argument("--reasoning", default=None, metavar="PROVIDERS",
                    help="start the reasoning mesh with these adapters: 'local' or a comma list, e.g. "
-                        "local,deepseek,qwen (API keys from the environment)")
+                        "local,grok,qwen (API keys from the environment; 'run' asks 'tactical' rationales)")
     g.add_argument("--reasoning-config", default=None, metavar="FILE",
                    help="mesh TOML: [policy] rules/limits/breaker and [providers.NAME] profile overrides")
     g.add_argument("--reasoning-deadline", type=positive_float, default=5.0, metavar="S",
