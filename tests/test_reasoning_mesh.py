@@ -239,6 +239,8 @@ def test_an_adapter_without_a_broker_drops_stale_heartbeats_and_still_stops_on_a
             reader.join(10)
     stop = [line for line in lines if "messages the broker never took" in line]
     assert len(stop) == 1 and "beats" in stop[0] and "Traceback" not in "".join(lines)
+    # and it said there was no broker, once (not in silence, not at every retry)
+    assert sum(f"no broker at tcp://127.0.0.1:{port}" in line for line in lines) == 1
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])

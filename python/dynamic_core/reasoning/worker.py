@@ -112,6 +112,7 @@ class AdapterWorker:
         self._ctx = context or zmq.Context.instance()
         self._codec_out = Codec(MeshFromAdapter)
         self._codec_in = Codec(MeshToAdapter)
+        self._no_broker = False  # a connection retry or loss was reported, not yet a connection
         self.sock = self._ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 500)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -254,6 +255,11 @@ class AdapterWorker:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._done_pull, zmq.POLLIN)
+        # the connection's events, to say when there is no broker (the adapter would otherwise
+        # wait in silence: the broker sends only requests)
+        monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED |
+                                               zmq.EVENT_DISCONNECTED)
+        poller.register(monitor, zmq.POLLIN)
         self._send(self.hello(), "hellos")
         next_beat = time.monotonic() + self.heartbeat_s
         next_hello = time.monotonic() + HELLO_EVERY_S
@@ -263,6 +269,8 @@ class AdapterWorker:
                 now = time.monotonic()
                 timeout_ms = max(0, int(min(next_beat - now, POLL_MAX_S) * 1000))
                 events = dict(poller.poll(timeout_ms))
+                if monitor in events:
+                    self._connection_events(monitor)
                 if self._done_pull in events:
                     self._forward_done()
                 if self.sock in events and self._read_broker():
@@ -282,6 +290,11 @@ class AdapterWorker:
             with self._jobs_cv:
                 self._jobs_cv.notify_all()
             try:
+                self.sock.disable_monitor()
+            except zmq.ZMQError:  # pragma: no cover - the socket is open until close() below
+                pass
+            monitor.close(0)
+            try:
                 self.sock.send(self._codec_out.encode(AdapterBye(reason=reason)), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
@@ -289,6 +302,27 @@ class AdapterWorker:
                 log.warning("adapter stopped (%s); messages the broker never took: %s", reason, self._dropped_text())
             self.close()
         return 0
+
+    def _connection_events(self, monitor: zmq.Socket) -> None:
+        """Logs the connection to the broker: a warning while there is none (once per
+        outage), then when it comes (back)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while readable(monitor):
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:  # pragma: no cover - EVENTS said readable
+                return
+            if event == zmq.EVENT_CONNECT_RETRIED and not self._no_broker:
+                self._no_broker = True
+                log.warning("no broker at %s: retrying until one listens there (a mesh that 'run --reasoning' "
+                            "starts binds a new loopback port each time: use the address it prints)", self.connect)
+            elif event == zmq.EVENT_DISCONNECTED and not self._no_broker:
+                self._no_broker = True
+                log.warning("lost the broker at %s: reconnecting", self.connect)
+            elif event == zmq.EVENT_CONNECTED and self._no_broker:
+                self._no_broker = False
+                log.info("connected to the broker at %s", self.connect)
 
     def _forward_done(self) -> None:
         while readable(self._done_pull):
