@@ -254,8 +254,11 @@ class TickSimulator:
         Mean prints per second of each instrument (Poisson arrivals), in (0, 1000].
 
     ``ticks(seconds)`` returns every print of the next ``seconds`` of the feed, time-ordered
-    (instruments in the given order at equal times); successive calls continue it, and the ticks
-    are the same bits however the time is cut into calls. Each instrument's quote moves on a
+    (instruments in the given order at equal times); successive calls continue it. The feed's
+    clock advances by ``seconds`` rounded to the nanosecond at each call, and a print's time and
+    contents depend only on its place in its instrument's stream, so calls that advance the
+    clock by the same nanoseconds in all return the same ticks, bit for bit, however they cut
+    the time. Each instrument's quote moves on a
     grid of price increments (``increments``; 0.00001 for EURUSD, 5 for BTCUSD at the default
     rate) sized so that an hour of prints moves it about as much as the profile's annual
     volatility says (within a factor of about 2: the increment is rounded to 1, 2 or 5 times a
