@@ -256,6 +256,23 @@ def test_tick_simulator_is_deterministic_and_the_same_however_time_is_cut() -> N
     assert abs(len(whole) - 2 * 2 * 3600 * 3) < 5 * np.sqrt(2 * 2 * 3600 * 3)
 
 
+def test_tick_simulator_cuts_that_add_up_agree_and_extreme_rates_and_dates_stay_in_range() -> None:
+    # thirds of a second: each rounded alone, 30 calls would drift from one call of 10 s
+    a, b = (dc.sim.TickSimulator(["EURUSD", "BTCUSD"], seed=3, rate=50.0) for _ in range(2))
+    assert np.concatenate([a.ticks(1 / 3) for _ in range(30)]).tobytes() == b.ticks(10.0).tobytes()
+    # the slowest feed: gaps of up to ~10 hours, every print inside the window asked for
+    slow = dc.sim.TickSimulator(["EURUSD"], rate=1e-3, seed=1)
+    t0 = slow._t
+    t = slow.ticks(1e6)
+    assert 800 < len(t) < 1200 and t0 < t["ts"].min() and t["ts"].max() < t0 + 10**15
+    # near the end of int64 time: the prints stop at the clock, then the clock refuses to pass it
+    late = dc.sim.TickSimulator(["EURUSD"], start="2262-04-11 23:47:00")
+    t = late.ticks(16)
+    assert len(t) and (np.diff(t["ts"]) > 0).all() and tick_reason_counts(validate_ticks(t)) == {}
+    with pytest.raises(ValueError, match="int64 nanosecond range"):
+        late.ticks(10)
+
+
 def test_tick_simulator_prints_are_valid_ordered_and_consistent_with_their_quotes() -> None:
     sim = dc.sim.TickSimulator(["EURUSD", "XAUUSD", "SIMTICK"], seed=2, rate=5.0)
     t = sim.ticks(3600)
@@ -286,7 +303,9 @@ def test_tick_simulator_prints_are_valid_ordered_and_consistent_with_their_quote
     ({"rate": float("inf")}, 1.0, ValueError, "rate"),
     ({"seed": -1}, 1.0, ValueError, "seed"),
     ({"instruments": []}, 1.0, ValueError, "instrument"),
-    ({"rate": 1000.0, "instruments": ["EURUSD", "GBPUSD"]}, 1e5, ValueError, "1e8 expected prints"),
+    ({"rate": 1000.0, "instruments": ["EURUSD", "GBPUSD"]}, 1e4, ValueError, "1e7 expected prints"),
+    ({}, 2e8, ValueError, "seconds"),
+    ({"rate": 1e-4}, 1.0, ValueError, "rate"),
     ({"start": "2262-04-11"}, 86400.0, ValueError, "int64 nanosecond range"),
 ])
 def test_tick_simulator_refuses_bad_arguments_changing_nothing(kwargs, seconds, error, match) -> None:

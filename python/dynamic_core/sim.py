@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from fractions import Fraction
 from collections.abc import Sequence
 
 import numpy as np
@@ -235,7 +236,7 @@ def _uniform(key: int, index: np.ndarray, field: int) -> np.ndarray:
     """Uniform draws in (0, 1), one per index: a pure function of (key, index, field), so a
     tick's draws do not depend on how the ticks are asked for."""
     z = _mix(np.uint64(key) + (index.astype(np.uint64) * np.uint64(_TICK_FIELDS) + np.uint64(field)) * _GOLDEN)
-    return ((z >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 9007199254740992.0)
+    return ((z >> np.uint64(12)).astype(np.float64) + 0.5) * (1.0 / 4503599627370496.0)  # exact: never 0 or 1
 
 
 class TickSimulator:
@@ -251,14 +252,14 @@ class TickSimulator:
     start : str
         Time the feed starts (UTC).
     rate : float
-        Mean prints per second of each instrument (Poisson arrivals), in (0, 1000].
+        Mean prints per second of each instrument (Poisson arrivals), in [0.001, 1000].
 
     ``ticks(seconds)`` returns every print of the next ``seconds`` of the feed, time-ordered
-    (instruments in the given order at equal times); successive calls continue it. The feed's
-    clock advances by ``seconds`` rounded to the nanosecond at each call, and a print's time and
-    contents depend only on its place in its instrument's stream, so calls that advance the
-    clock by the same nanoseconds in all return the same ticks, bit for bit, however they cut
-    the time. Each instrument's quote moves on a
+    (instruments in the given order at equal times); successive calls continue it. A print's
+    time and contents depend only on its place in its instrument's stream, and the clock is the start
+    plus the exact sum of the ``seconds`` asked for, rounded to the nanosecond: so calls whose
+    seconds add up to the same total return the same ticks, bit for bit, however they cut the
+    time. A call may ask for up to 1e8 s and 1e7 expected prints. Each instrument's quote moves on a
     grid of price increments (``increments``; 0.00001 for EURUSD, 5 for BTCUSD at the default
     rate) sized so that an hour of prints moves it about as much as the profile's annual
     volatility says (within a factor of about 2: the increment is rounded to 1, 2 or 5 times a
@@ -281,8 +282,10 @@ class TickSimulator:
         self.names = list(instruments)
         self.ids = np.array([registry.id(n) for n in self.names], dtype=np.uint32)
         self.seed = check_int("seed", seed, 0, (1 << 64) - 1)
-        self.rate = check_real("rate", rate, 0.0, 1000.0, lo_open=True)
-        self._t = int(pd.Timestamp(start, tz="UTC").value)  # the feed's clock: ticks before it are out
+        self.rate = check_real("rate", rate, 1e-3, 1000.0)
+        self._t0 = int(pd.Timestamp(start, tz="UTC").value)
+        self._elapsed = Fraction(0)  # seconds asked for so far, summed exactly
+        self._t = self._t0  # the feed's clock (ns): the prints before it are out
         base = int(_mix(np.array([self.seed], dtype=np.uint64))[0])
         self._keys = [int(_mix(np.array([base ^ (j << 32 | 0x7469636B)], dtype=np.uint64))[0])
                       for j in range(len(self.names))]
@@ -302,11 +305,12 @@ class TickSimulator:
         ``TICK_DTYPE`` array. Raises ``ValueError`` (changing nothing) for a negative or
         non-finite span, one whose expected prints pass 1e8, or one that would take the clock
         past the int64 nanosecond range (2262-04-11)."""
-        seconds = check_real("seconds", seconds, 0.0, 1e9)
-        if self.rate * seconds * len(self.names) > 1e8:
+        seconds = check_real("seconds", seconds, 0.0, 1e8)
+        if self.rate * seconds * len(self.names) > 1e7:
             raise ValueError(f"{seconds:g} s at {self.rate:g} prints/s over {len(self.names)} instrument(s) is more "
-                             f"than 1e8 expected prints")
-        horizon = self._t + int(round(seconds * 1e9))
+                             f"than 1e7 expected prints (~2 GB): ask for less time per call")
+        elapsed = self._elapsed + Fraction(seconds)
+        horizon = self._t0 + round(elapsed * 10**9)
         if horizon > _INT64_MAX:
             raise ValueError(f"the tick clock would pass the int64 nanosecond range (2262-04-11) at {horizon} ns")
         parts, state = [], []
@@ -316,7 +320,7 @@ class TickSimulator:
             state.append(st)
         for j, (k, last, level) in enumerate(state):  # nothing changes before every part is made
             self._k[j], self._last[j], self._level[j] = k, last, level
-        self._t = horizon
+        self._t, self._elapsed = horizon, elapsed
         out = np.concatenate(parts) if parts else np.zeros(0, TICK_DTYPE)
         return out[np.argsort(out["ts"], kind="stable")]
 
@@ -328,11 +332,15 @@ class TickSimulator:
             left = (horizon - last) / mean_ns
             n = int(1.2 * left + 4.0 * math.sqrt(left + 1.0)) + 16
             idx = np.arange(k, k + n, dtype=np.int64)
-            dt = np.maximum(1, (-np.log(_uniform(key, idx, 0)) * mean_ns).astype(np.int64))
-            ts = last + np.cumsum(dt)
-            c = int(np.searchsorted(ts, horizon, side="left"))  # the prints before the horizon
+            span = horizon - last  # >= 0
+            # gaps past the horizon are cut to just past it (the prints kept are the same), so the
+            # sums, taken from `last`, stay far inside int64
+            gap = np.maximum(1, (-np.log(_uniform(key, idx, 0)) * mean_ns).astype(np.int64))  # < 4e13 ns
+            rel = np.cumsum(np.minimum(gap, span + 1))
+            c = int(np.searchsorted(rel, span, side="left"))  # the prints before the horizon
             if c:
-                ts_parts.append(ts[:c])
+                ts = last + rel[:c]
+                ts_parts.append(ts)
                 idx_parts.append(idx[:c])
                 last, k = int(ts[c - 1]), k + c
             if c < n:
