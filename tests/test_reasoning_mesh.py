@@ -1193,3 +1193,34 @@ def test_a_producer_that_keeps_the_inbox_full_cannot_hold_the_broker_in_one_drai
     cap = m._inbox_cap
     assert 0 < most["drained"] <= cap  # at most an inbox's worth per iteration
     assert most["timers"] <= 2 * cap + 2, most  # dead timers compacted every iteration
+
+
+def test_an_adapter_facing_a_listener_that_is_no_broker_warns_once() -> None:
+    """A port whose listener accepts and closes (not a ZeroMQ broker): TCP connects succeed, no
+    handshake does. One 'no broker' warning for the whole outage, no 'connected'/'lost' pairs."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+
+    def accept_and_close() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            c.close()
+
+    threading.Thread(target=accept_and_close, daemon=True).start()
+    port = srv.getsockname()[1]
+    try:
+        with subprocess.Popen([sys.executable, "-m", "dynamic_core", "adapter", "--provider", "local",
+                               "--connect", f"tcp://127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+            time.sleep(2.5)  # many reconnects
+            proc.send_signal(signal.SIGTERM)
+            err = proc.communicate(timeout=10)[1]
+            assert proc.returncode == 0
+    finally:
+        srv.close()
+    assert err.count(f"no broker at tcp://127.0.0.1:{port}") == 1
+    assert "connected to the broker" not in err and "lost the broker" not in err and "Traceback" not in err

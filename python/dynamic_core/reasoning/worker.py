@@ -112,7 +112,8 @@ class AdapterWorker:
         self._ctx = context or zmq.Context.instance()
         self._codec_out = Codec(MeshFromAdapter)
         self._codec_in = Codec(MeshToAdapter)
-        self._no_broker = False  # a connection retry or loss was reported, not yet a connection
+        self._no_broker = False  # an outage was reported and no handshake has succeeded since
+        self._had_broker = False  # a handshake with the broker succeeded once
         self.sock = self._ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 500)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -256,15 +257,18 @@ class AdapterWorker:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._done_pull, zmq.POLLIN)
         # the connection's events, to say when there is no broker (the adapter would otherwise
-        # wait in silence: the broker sends only requests)
-        monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED |
-                                               zmq.EVENT_DISCONNECTED)
-        poller.register(monitor, zmq.POLLIN)
-        self._send(self.hello(), "hellos")
-        next_beat = time.monotonic() + self.heartbeat_s
-        next_hello = time.monotonic() + HELLO_EVERY_S
+        # wait in silence: the broker sends only requests); a broker is there once a ZMTP
+        # handshake succeeds, not when a TCP connect does (any listener accepts those)
+        monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         reason = "shutdown"
         try:
+            poller.register(monitor, zmq.POLLIN)
+            self._send(self.hello(), "hellos")
+            next_beat = time.monotonic() + self.heartbeat_s
+            next_hello = time.monotonic() + HELLO_EVERY_S
             while not self._stop.is_set():
                 now = time.monotonic()
                 timeout_ms = max(0, int(min(next_beat - now, POLL_MAX_S) * 1000))
@@ -313,16 +317,18 @@ class AdapterWorker:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
             except zmq.Again:  # pragma: no cover - EVENTS said readable
                 return
-            if event == zmq.EVENT_CONNECT_RETRIED and not self._no_broker:
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self._no_broker:
+                    log.info("connected to the broker at %s", self.connect)
+                self._no_broker, self._had_broker = False, True
+            elif not self._no_broker:  # a retry, a lost connection or a failed handshake: one outage
                 self._no_broker = True
-                log.warning("no broker at %s: retrying until one listens there (a mesh that 'run --reasoning' "
-                            "starts binds a new loopback port each time: use the address it prints)", self.connect)
-            elif event == zmq.EVENT_DISCONNECTED and not self._no_broker:
-                self._no_broker = True
-                log.warning("lost the broker at %s: reconnecting", self.connect)
-            elif event == zmq.EVENT_CONNECTED and self._no_broker:
-                self._no_broker = False
-                log.info("connected to the broker at %s", self.connect)
+                if self._had_broker:
+                    log.warning("lost the broker at %s: reconnecting", self.connect)
+                else:
+                    log.warning("no broker at %s: retrying until one answers there (a mesh that 'run "
+                                "--reasoning' starts binds a new loopback port each time: use the address it "
+                                "prints)", self.connect)
 
     def _forward_done(self) -> None:
         while readable(self._done_pull):
