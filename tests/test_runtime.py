@@ -72,9 +72,9 @@ def test_submit_poll_equals_run(pop, market):
         while sum(map(len, got)) < len(ref):
             got.append(eng.poll(timeout=5.0))
         got = np.concatenate(got)
-        st = eng.stats()  # no run(): the rate is of the workers' busy time
-        assert st["busy_seconds"] == 0.0 and 0.0 < st["worker_busy_seconds"] < st["uptime_seconds"] * 3
-        assert st["agent_updates_per_s"] == st["agent_updates"] / (st["worker_busy_seconds"] / 2)
+        st = eng.stats()  # no run(): the rate is over the busiest worker's time
+        assert st["busy_seconds"] == 0.0 and 0.0 < st["worker_busy_seconds"] < st["uptime_seconds"]
+        assert st["agent_updates_per_s"] == st["agent_updates"] / st["worker_busy_seconds"]
     assert got.tobytes() == ref.tobytes()
 
 

@@ -99,13 +99,12 @@ py::dict stats_dict(Engine& e) {
   d["dead_letters_dropped"] = s.dead_letters_dropped;
   d["busy_seconds"] = s.busy_seconds;
   d["uptime_seconds"] = e.uptime_s();
-  // the workers' time running bars, summed: submit/poll (a service) has no run() to time, so
-  // its rate is the updates over that time per thread
+  // the busiest worker's time running bars: submit/poll (a service) has no run() to time, and
+  // every update of a run() or a submit happened within it on the busiest worker's clock at most
   const double worker_busy = e.worker_busy_seconds();
   d["worker_busy_seconds"] = worker_busy;
-  d["agent_updates_per_s"] = s.busy_seconds > 0 ? static_cast<double>(updates) / s.busy_seconds
-                             : worker_busy > 0 ? static_cast<double>(updates) / (worker_busy / e.threads())
-                                               : 0.0;
+  const double busy = std::max(s.busy_seconds, worker_busy);
+  d["agent_updates_per_s"] = busy > 0 ? static_cast<double>(updates) / busy : 0.0;
   d["quarantined"] = e.quarantined();
   d["sequence"] = e.sequence();
   d["threads"] = e.threads();

@@ -1074,7 +1074,7 @@ uint64_t Engine::agent_updates() const {
 
 double Engine::worker_busy_seconds() const {
   int64_t ns = 0;
-  for (const auto& w : workers_) ns += w->busy_ns.load(std::memory_order_relaxed);
+  for (const auto& w : workers_) ns = std::max(ns, w->busy_ns.load(std::memory_order_relaxed));
   return static_cast<double>(ns) * 1e-9;
 }
 

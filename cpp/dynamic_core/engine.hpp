@@ -217,7 +217,7 @@ class Engine {
   EngineStats stats();
   uint64_t agent_updates() const;
   uint64_t quarantined() const;  // agents quarantined so far (as counted by the workers)
-  double worker_busy_seconds() const;  // summed over the workers: time spent running bars
+  double worker_busy_seconds() const;  // the busiest worker's time spent running bars
   uint64_t sequence() const { return seq_; }
   std::vector<DeadLetter> dead_letters();
   const EngineConfig& config() const { return cfg_; }
