@@ -220,17 +220,16 @@ def test_run_reasoning_keeps_review_weights_in_the_journal_and_warns_of_unrouted
     import argparse
 
     from dynamic_core import cli_reasoning, reasoning
-    from dynamic_core.reasoning.policy import load_policy
 
     made: list[dict] = []
 
-    class Mesh:  # the constructor's arguments; nothing started
+    class Mesh(reasoning.ReasoningMesh):  # the constructor's arguments; nothing started
         def __init__(self, providers, **kw) -> None:
             made.append({"providers": providers, **kw})
-            self.config, self.down = load_policy(kw.get("policy")), {}
+            super().__init__(providers, **kw)
 
         def start(self, wait: float) -> None:
-            pass
+            self.close()
 
     monkeypatch.setattr(reasoning, "ReasoningMesh", Mesh)
     base = dict(reasoning="local,qwen,deepseek", reasoning_config=None, reasoning_deadline=3.0, ensemble=1,
@@ -238,10 +237,14 @@ def test_run_reasoning_keeps_review_weights_in_the_journal_and_warns_of_unrouted
     cli_reasoning.mesh_from_args(argparse.Namespace(**base, journal=str(tmp_path / "j"), reasoning_weights=None))
     assert made[-1]["weights_path"] == str(tmp_path / "j" / "reasoning_weights.json")
     err = capsys.readouterr().err
-    assert "--reasoning deepseek: no 'tactical' routing rule names it" in err and "qwen" not in err
+    assert "--reasoning deepseek: the routing policy gives 'run'" in err and "qwen" not in err
     cli_reasoning.mesh_from_args(argparse.Namespace(**base, journal=None, reasoning_weights=str(tmp_path / "w.json")))
     assert made[-1]["weights_path"] == str(tmp_path / "w.json")
     capsys.readouterr()
     cli_reasoning.mesh_from_args(argparse.Namespace(**{**base, "reasoning": "local,qwen"}, journal=None,
                                                     reasoning_weights=None))
     assert made[-1]["weights_path"] is None and "warning" not in capsys.readouterr().err
+    # under 2 s the default policy asks only the narrator: qwen too gets nothing then
+    cli_reasoning.mesh_from_args(argparse.Namespace(**{**base, "reasoning": "local,qwen", "reasoning_deadline": 1.5},
+                                                    journal=None, reasoning_weights=None))
+    assert "--reasoning qwen: the routing policy" in capsys.readouterr().err

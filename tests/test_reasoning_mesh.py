@@ -181,19 +181,26 @@ def _bad_secrets(tmp_path: Path) -> Path:
 
 def test_an_adapter_without_its_key_refuses_requests_at_once_with_auth(fake) -> None:
     """A provider that takes an API key, started without one: its requests fail with 'auth'
-    inside the adapter, never sent without credentials, and fall back to the narrator."""
+    inside the adapter, never sent without credentials, and fall back to the narrator. A server
+    on this machine (a local OpenAI-compatible one under a built-in name) is asked anyway."""
     out = Collect()
-    m = ReasoningMesh(["deepseek"], policy=policy("deepseek", "local"), on_rationale=out,
-                      profiles=deepseek(fake, api_key_env="DC_TEST_NO_SUCH_KEY"))
-    with m:
+    remote = deepseek(fake, api_key_env="DC_TEST_NO_SUCH_KEY", base_url="http://provider.invalid/v1")
+    with ReasoningMesh(["deepseek"], policy=policy("deepseek", "local"), on_rationale=out, profiles=remote) as m:
         m.start(wait=TIMEOUT)
         assert m.wait_ready(timeout=TIMEOUT)
         m.submit(ctx(710))
-        o = out.wait(1)[0]
-        assert o.provider == "local"
+        assert out.wait(1)[0].provider == "local"
         errors = m.stats()["providers"]["deepseek"]["errors"]
         assert set(errors) == {"auth"} and errors["auth"] >= 1
     assert fake.stats()["requests"] == 0
+    out = Collect()
+    local = deepseek(fake, api_key_env="DC_TEST_NO_SUCH_KEY")  # the fake server, on loopback
+    with ReasoningMesh(["deepseek"], policy=policy("deepseek", "local"), on_rationale=out, profiles=local) as m:
+        m.start(wait=TIMEOUT)
+        assert m.wait_ready(timeout=TIMEOUT)
+        m.submit(ctx(711))
+        out.wait(1)
+    assert fake.stats()["requests"] >= 1
 
 
 def test_an_adapter_that_exits_with_a_configuration_error_is_not_restarted(fake, tmp_path) -> None:

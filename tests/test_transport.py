@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -842,6 +843,26 @@ def test_cli_subscribe_times_out_cleanly() -> None:
     assert "received 0 signal(s); 0 missed in 0 gap(s)" in p.stderr  # the summary, on a timeout too
 
 
+def test_a_request_that_timed_out_on_a_down_server_is_not_applied_when_one_starts(keys: Path) -> None:
+    """The client queues only to a connection whose handshake succeeded: a command that timed
+    out while no server listened must not be delivered (and applied) once one starts there."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addr = f"tcp://127.0.0.1:{port}"
+    with T.ControlClient(addr, server_key=keys / "server.key",
+                         client_key=keys / "clients" / "ops.key_secret") as c:
+        with pytest.raises(TransportTimeout, match="no connection"):
+            c.pause(timeout=0.3)
+        served = Served(keys, address=addr)
+        try:
+            assert c.health(timeout=TIMEOUT).ok  # the server answers the client now
+            time.sleep(0.3)
+            assert [type(x) for x in served.applied] == [P.HealthQuery]  # not the timed-out Pause
+        finally:
+            served.close()
+
+
 def test_cli_ctl(served: Served, keys: Path) -> None:
     common = ["--server-key", str(keys / "server.key"), "--client-key", str(keys / "clients" / "ops.key_secret")]
     p = _cli("ctl", served.server.endpoint, "throttle", "250", *common)
@@ -857,7 +878,7 @@ def test_cli_ctl(served: Served, keys: Path) -> None:
     stranger = ["--server-key", str(keys / "server.key"), "--client-key",
                 str(keys / "strangers" / "mallory.key_secret"), "--timeout", "0.3"]
     p = _cli("ctl", served.server.endpoint, "pause", *stranger)
-    assert p.returncode == 2 and "no reply" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "no connection" in p.stderr and "Traceback" not in p.stderr
     assert [type(c) for c in served.applied] == [P.SetThrottle, P.UpdateRouting, P.Snapshot]
 
 

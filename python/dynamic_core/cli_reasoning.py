@@ -41,9 +41,10 @@ examples:
 
 Rationales land in the review queue when ensemble members disagree, when the chosen one states a
 low confidence, or when it argues against the signal. Approving raises the answering adapter's
-ensemble weight (x1.1), rejecting lowers it (x0.8). The weights persist across restarts when
-the run keeps them in a file: 'run --reasoning-weights FILE', or by default
-JOURNAL/reasoning_weights.json with --journal; otherwise they last as long as the run.
+ensemble weight (x1.1), rejecting lowers it (x0.8). The run keeps the weights in a file
+('run --reasoning-weights FILE', by default JOURNAL/reasoning_weights.json with --journal;
+otherwise they last as long as the run). A journal is new every run, so to carry the weights
+into the next run pass the same FILE, e.g. --reasoning-weights runs/old/reasoning_weights.json.
 """
 
 
@@ -104,8 +105,9 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
     g.add_argument("--secrets", default=None, metavar="FILE", help="0600 TOML file of API keys for the adapters")
     g.add_argument("--reasoning-weights", default=None, metavar="FILE",
                    help="JSON file keeping the ensemble weights that review approve/reject adjust, read at "
-                        "start and rewritten on each decision [default: JOURNAL/reasoning_weights.json with "
-                        "--journal, else none: in memory]")
+                        "start and rewritten on each decision; pass the same file to every run to carry them "
+                        "on [default: JOURNAL/reasoning_weights.json with --journal (a new journal: neutral "
+                        "weights), else none: in memory]")
 
 
 def cmd_adapter(args: argparse.Namespace) -> int:
@@ -192,16 +194,24 @@ def mesh_from_args(args: argparse.Namespace) -> Any:
     mesh = ReasoningMesh(providers, policy=policy, profiles=profiles, deadline_s=args.reasoning_deadline,
                          ensemble=args.ensemble, select=args.reasoning_select, secrets_file=args.secrets,
                          weights_path=weights)
-    # the rules a 'tactical' request can match: the class's own when it has any (they beat "*")
-    rules = [r for r in mesh.config.rules if r.request_class == "tactical"] or \
-        [r for r in mesh.config.rules if r.request_class == "*"]
-    routed = {c for r in rules for c in r.candidates} if rules else set(mesh.config.default_candidates)
+    # what the router gives the requests 'run' sends ('tactical', this deadline, any asset class)
+    from .reasoning.policy import PolicyError, RouteRequest
+
+    routed: set[str] = set()
+    try:
+        for ac in ("", "fx", "metal", "crypto", "index", "equity"):
+            routed.update(mesh.router.route(RouteRequest(request_class="tactical", asset_class=ac,
+                                                         deadline_s=args.reasoning_deadline)))
+    except (PolicyError, KeyError, ValueError):  # the mesh reports a bad policy itself
+        routed = set(providers)
     unrouted = [p for p in providers if p != "local" and p not in routed]
     if unrouted:  # started for nothing: run asks 'tactical' rationales only
-        print(f"dynamic-core: warning: --reasoning {', '.join(unrouted)}: no 'tactical' routing rule names "
-              f"{'it' if len(unrouted) == 1 else 'them'}, so 'run' will send {'it' if len(unrouted) == 1 else 'them'} "
-              "no request; add a [[policy.rules]] entry (request_class = \"tactical\") in --reasoning-config",
-              file=sys.stderr)
+        one = len(unrouted) == 1
+        print(f"dynamic-core: warning: --reasoning {', '.join(unrouted)}: the routing policy gives 'run' "
+              f"(request class 'tactical', deadline {args.reasoning_deadline:g} s) no request for "
+              f"{'it' if one else 'them'}; add a [[policy.rules]] entry (request_class = \"tactical\") in "
+              f"--reasoning-config, or a longer --reasoning-deadline (under 2 s the default policy asks only "
+              f"the narrator)", file=sys.stderr)
     mesh.start(wait=15.0)
     if mesh.down:
         down = ", ".join(sorted(mesh.down))

@@ -151,12 +151,14 @@ class AdapterWorker:
                            tokens_in=0, tokens_out=n_out, model_ms=(time.perf_counter() - t0) * 1e3)
 
     def _answer_http(self, client: Any, req: ReasonRequest) -> ReasonReply:
-        if self.profile.api_key_env and not self._secrets:
+        if self.profile.api_key_env and not self._secrets and not _loopback(self.profile.base_url):
             # the provider takes a key and this adapter has none: refused here, at once, like
             # the provider's own 401 would be (the broker's cooldown and fallback then apply),
-            # instead of a request sent without credentials
+            # instead of a request sent without credentials. A server on this machine (a local
+            # OpenAI-compatible one under a built-in name) is asked anyway: many take no key.
             return ReasonReply(task_id=req.task_id, attempt=req.attempt, ok=False, error_kind="auth",
-                               error=f"no API key: set ${self.profile.api_key_env} or put it in the secrets file")
+                               error=f"no API key: set ${self.profile.api_key_env}, put it in the secrets file, "
+                                     "or set the profile's api_key_env to \"\" for a server that takes none")
         try:
             c = client.complete(req.messages, max_tokens=req.max_tokens, temperature=req.temperature,
                                 timeout=min(req.timeout_ms / 1e3, self.profile.timeout_s),
@@ -389,6 +391,20 @@ class AdapterWorker:
         self.sock.close()
 
 
+def _loopback(url: str) -> bool:
+    """Whether ``url``'s host is this machine (localhost, 127.0.0.0/8, ::1)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(provider: str, connect: str, *, overrides: dict[str, Any] | None = None,
           secrets_file: str | None = None, heartbeat_s: float = 0.1, parent_pid: int | None = None) -> int:
     """Run one adapter process until shutdown (what ``dynamic-core adapter`` calls).
@@ -410,8 +426,10 @@ def serve(provider: str, connect: str, *, overrides: dict[str, Any] | None = Non
         OpenAICompatibleClient(prof, key).close()
     RedactingFilter([key] if key else []).install()  # the root logger and its handlers
     if prof.kind != "local" and prof.api_key_env and not key:
-        log.warning("provider %s: no API key in $%s or the secrets file; its requests fail at once with 'auth' "
-                    "(the mesh falls back)", prof.name, prof.api_key_env)
+        log.warning("provider %s: no API key in $%s or the secrets file; %s", prof.name, prof.api_key_env,
+                    "asking its server on this machine without one" if _loopback(prof.base_url) else
+                    "its requests fail at once with 'auth' (the mesh falls back; set api_key_env to \"\" "
+                    "for a server that takes none)")
     worker = AdapterWorker(prof, connect, api_key=key, heartbeat_s=heartbeat_s, parent_pid=parent_pid)
 
     def _term(signum: int, frame: Any) -> None:

@@ -545,6 +545,9 @@ class ControlClient(SocketOwner):
         ctx = context if context is not None else zmq.Context.instance()
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # queue only to a connection whose handshake succeeded: a request that times out against
+        # a server that is down is not delivered later, when one starts (it was applied then)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.curve_serverkey = server_public
         self._sock.curve_publickey = public
         self._sock.curve_secretkey = secret
@@ -617,8 +620,8 @@ class ControlClient(SocketOwner):
             except zmq.Again:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._sock.poll(max(1, int(left * 1000)), zmq.POLLOUT):
-                    raise TransportTimeout(f"could not send to {self.endpoint} within {t} s (no connection: server "
-                                           "down, or this client's key not authorised?)") from None
+                    raise TransportTimeout(f"no connection to {self.endpoint} within {t} s (server down, a wrong "
+                                           "server key, or this client's key not authorised?)") from None
         if rid is not None:
             self._sent(rid, payload)
         while True:
