@@ -213,6 +213,12 @@ def test_tables_are_not_squeezed_when_stdout_is_not_a_terminal(tmp_path: Path) -
         assert col in mesh  # every header on one line, none cut
 
 
+def test_review_list_refuses_an_item(tmp_path: Path) -> None:
+    proc = dynamic_core("review", "list", "tcp://127.0.0.1:5998", "5", "--server-key", "k", "--client-key", "k",
+                        cwd=tmp_path, timeout=30)
+    assert_clean_error(proc, "review list takes no ITEM")
+
+
 def test_run_reasoning_keeps_review_weights_in_the_journal_and_warns_of_unrouted_providers(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The mesh 'run --reasoning' builds: ensemble weights in a file (--reasoning-weights, else

@@ -139,6 +139,8 @@ def cmd_review(args: argparse.Namespace) -> int:
 
     if args.action != "list" and args.item is None:
         raise ValueError(f"review {args.action} needs an ITEM number (see 'review list')")
+    if args.action == "list" and args.item is not None:
+        raise ValueError("review list takes no ITEM (it lists the queue; --limit N caps it)")
     for f in (args.server_key, args.client_key):
         if not os.path.isfile(f):
             raise FileNotFoundError(f"no such file: {f}")
