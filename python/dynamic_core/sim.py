@@ -58,6 +58,16 @@ _TRANSITION = np.array(
 _SUBSTEPS = 6
 
 
+def _instruments(instruments: str | Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """A simulator's instrument names (a bare str is one name) and their ids, registered."""
+    if isinstance(instruments, str):
+        instruments = [instruments]
+    if not instruments:
+        raise ValueError("need at least one instrument")
+    names = list(instruments)
+    return names, np.array([registry.id(n) for n in names], dtype=np.uint32)
+
+
 class MarketSimulator:
     """Deterministic simulated bars for several instruments.
 
@@ -81,12 +91,7 @@ class MarketSimulator:
                  timeframe: int | str = "H1", seed: int = 0, start: str = "2024-01-01") -> None:
         import pandas as pd
 
-        if isinstance(instruments, str):
-            instruments = [instruments]
-        if not instruments:
-            raise ValueError("need at least one instrument")
-        self.names = list(instruments)
-        self.ids = np.array([registry.id(n) for n in self.names], dtype=np.uint32)
+        self.names, self.ids = _instruments(instruments)
         self.timeframe = parse_timeframe(timeframe)
         self.seed = seed
         self._dt_ns = self.timeframe * 1_000_000_000
@@ -275,12 +280,7 @@ class TickSimulator:
                  rate: float = 2.0) -> None:
         import pandas as pd
 
-        if isinstance(instruments, str):
-            instruments = [instruments]
-        if not instruments:
-            raise ValueError("need at least one instrument")
-        self.names = list(instruments)
-        self.ids = np.array([registry.id(n) for n in self.names], dtype=np.uint32)
+        self.names, self.ids = _instruments(instruments)
         self.seed = check_int("seed", seed, 0, (1 << 64) - 1)
         self.rate = check_real("rate", rate, 1e-3, 1000.0)
         self._t0 = int(pd.Timestamp(start, tz="UTC").value)

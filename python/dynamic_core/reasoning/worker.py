@@ -135,6 +135,11 @@ class AdapterWorker:
         self._send_blocked = False
         self._secrets = [Secret(api_key) if isinstance(api_key, str) else api_key] if api_key else []
         self._key_values = key_values(self._secrets)  # as redact() replaces them
+        # the provider takes a key and this adapter has none: its requests are refused at once,
+        # like the provider's own 401 would be (the broker's cooldown and fallback then apply),
+        # instead of sent without credentials. A server on this machine (a local
+        # OpenAI-compatible one under a built-in name) is asked anyway: many take no key.
+        self._refuse_keyless = bool(profile.api_key_env) and not self._secrets and not _loopback(profile.base_url)
 
     # ---- request execution --------------------------------------------------------------------
     def _answer_local(self, req: ReasonRequest) -> ReasonReply:
@@ -151,11 +156,7 @@ class AdapterWorker:
                            tokens_in=0, tokens_out=n_out, model_ms=(time.perf_counter() - t0) * 1e3)
 
     def _answer_http(self, client: Any, req: ReasonRequest) -> ReasonReply:
-        if self.profile.api_key_env and not self._secrets and not _loopback(self.profile.base_url):
-            # the provider takes a key and this adapter has none: refused here, at once, like
-            # the provider's own 401 would be (the broker's cooldown and fallback then apply),
-            # instead of a request sent without credentials. A server on this machine (a local
-            # OpenAI-compatible one under a built-in name) is asked anyway: many take no key.
+        if self._refuse_keyless:
             return ReasonReply(task_id=req.task_id, attempt=req.attempt, ok=False, error_kind="auth",
                                error=f"no API key: set ${self.profile.api_key_env}, put it in the secrets file, "
                                      "or set the profile's api_key_env to \"\" for a server that takes none")

@@ -498,6 +498,10 @@ class ControlServer(SocketOwner):
         return f"ControlServer({getattr(self, 'endpoint', '?')!r}, public_key={self.public_key!r})"
 
 
+_CAUSES = "(server down, a wrong server key, or this client's key not authorised?)"
+"""What a request that times out may have met, for its message."""
+
+
 class ControlClient(SocketOwner):
     """DEALER client of a :class:`ControlServer`, with CURVE client keys.
 
@@ -620,16 +624,14 @@ class ControlClient(SocketOwner):
             except zmq.Again:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._sock.poll(max(1, int(left * 1000)), zmq.POLLOUT):
-                    raise TransportTimeout(f"no connection to {self.endpoint} within {t} s (server down, a wrong "
-                                           "server key, or this client's key not authorised?)") from None
+                    raise TransportTimeout(f"no connection to {self.endpoint} within {t} s {_CAUSES}") from None
         if rid is not None:
             self._sent(rid, payload)
         while True:
             left = deadline - time.monotonic()
             frames = recv_frames(self._sock, max(0.0, left)) if left > 0 else None
             if frames is None:
-                raise TransportTimeout(f"no reply from {self.endpoint} within {t} s (server down, a wrong server "
-                                       "key, or this client's key not authorised?)")
+                raise TransportTimeout(f"no reply from {self.endpoint} within {t} s {_CAUSES}")
             body = frames[1:] if len(frames) == 2 and len(frames[0]) == 0 else frames
             if len(body) != 1:
                 continue

@@ -118,7 +118,8 @@ def load_keypair(secret_file: str | os.PathLike) -> tuple[bytes, bytes]:
 
     On POSIX systems a file that group or others may read, write or execute (any of the mode
     bits 0077, e.g. 0644) is refused with ``PermissionError`` (fix it with ``chmod 600 FILE``),
-    or with ``ValueError`` when it holds no secret key at all (a public ``.key`` file). A group/world-writable directory holding it is logged as a warning."""
+    or with ``ValueError`` when it holds no secret key at all (a public ``.key`` file). A
+    group/world-writable directory holding it is logged as a warning."""
     path = os.fspath(secret_file)
     if _POSIX_MODES:
         st = os.stat(path)  # FileNotFoundError as before for a missing file
