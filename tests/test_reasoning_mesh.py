@@ -543,6 +543,42 @@ def test_review_over_the_control_plane_with_the_cli(fake, tmp_path) -> None:
     assert json.loads((tmp_path / "w.json").read_text()) == {"deepseek": pytest.approx(0.8)}
 
 
+def test_routing_table_over_the_control_plane_with_the_cli(fake, tmp_path) -> None:
+    T.new_keypair(tmp_path, "server")
+    T.new_keypair(tmp_path / "clients", "ops")
+    m, out = mesh(fake, pol=policy("local"))  # the deepseek adapter runs, but no rule names it
+    pop = dc.Population.random(64, instruments=["EURUSD"], timeframes=[3600], seed=1)
+    with m, dc.Engine(pop, threads=1) as eng:
+        control = T.ControlServer(secret_key=tmp_path / "server.key_secret", authorized_keys=tmp_path / "clients")
+        svc = T.EngineService(eng, control=control, mesh=m, on_signals=lambda s: None)
+        with svc:
+            svc.start()
+            keys = ["--server-key", str(tmp_path / "server.key"), "--client-key",
+                    str(tmp_path / "clients" / "ops.key_secret")]
+
+            def ctl(*args: str) -> subprocess.CompletedProcess:
+                return subprocess.run([sys.executable, "-m", "dynamic_core", "ctl", control.endpoint, *args, *keys],
+                                      capture_output=True, text=True, timeout=60)
+
+            m.submit(ctx(1100))
+            assert out.wait(1)[0].provider == "local"
+            r = ctl("routing", "tactical=deepseek")
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout) == {"routes": 1, "mesh": True}
+            m.submit(ctx(1101))
+            assert out.wait(2)[1].provider == "deepseek"
+            r = ctl("routing", "tactical=deepseek,nobody")
+            assert r.returncode == 1 and "unknown provider 'nobody'" in r.stderr
+            assert svc.routing == {"tactical": "deepseek"}  # refused: the table in force stays
+            m.submit(ctx(1102))
+            assert out.wait(3)[2].provider == "deepseek"
+            r = ctl("routing", "clear")
+            assert r.returncode == 0 and json.loads(r.stdout)["routes"] == 0
+            m.submit(ctx(1103))
+            assert out.wait(4)[3].provider == "local"
+            assert fake.stats()["requests"] == 2
+
+
 # ---- reasoning never blocks signals --------------------------------------------------------------
 
 def test_signals_keep_flowing_while_every_adapter_hangs(fake, tmp_path) -> None:

@@ -20,6 +20,7 @@ from dynamic_core.reasoning.policy import (
     Router,
     RouteRequest,
     load_policy,
+    routing_rules,
 )
 from dynamic_core.reasoning.profiles import BUILTIN_PROFILES, ProviderProfile
 from hypothesis import given, settings
@@ -93,6 +94,44 @@ def test_default_policy_loads_and_routes_every_class() -> None:
             assert all("ja" in BUILTIN_PROFILES[p].languages for p in remote)
     # a tight tactical deadline goes straight to the narrator
     assert router.route(RouteRequest(request_class="tactical", deadline_s=1.0)) == ["local"]
+
+
+def test_routing_table_overrides_the_policy_rules_and_can_be_dropped() -> None:
+    router, _, _ = make({"rules": [{"request_class": "*", "candidates": ["a", "b"]}]})
+    assert router.route(req("deep")) == ["a", "b", "local"]
+    router.set_overrides(routing_rules({"deep": "c, d", "tactical/risk": "b"}))
+    assert router.route(req("deep")) == ["c", "d", "local"]  # the override, in its order
+    assert router.route(req("numeric")) == ["a", "b", "local"]  # not overridden: the policy
+    assert router.route(req("tactical", persona="risk")) == ["b", "local"]
+    assert router.route(req("tactical", persona="macro")) == ["a", "local"]  # b does not speak macro
+    # the most specific override first, whatever the table's order
+    router.set_overrides(routing_rules({"*": "e", "deep//fx": "d"}))
+    assert router.route(req("deep", asset_class="fx")) == ["d", "local"]
+    assert router.route(req("deep", asset_class="crypto")) == ["e", "local"]
+    assert router.overrides and router.route(req("numeric")) == ["e", "local"]
+    router.set_overrides(())
+    assert router.route(req("deep")) == ["a", "b", "local"] and router.overrides == ()
+
+
+@pytest.mark.parametrize("table, msg", [
+    ({"bogus": "a"}, "unknown request class 'bogus'"),
+    ({"deep/x/y/z": "a"}, "expected CLASS"),
+    ({"": "a"}, "expected CLASS"),
+    ({"deep": ""}, "expected PROVIDER"),
+    ({"deep": "a,,b"}, "expected PROVIDER"),
+    ({"deep": "x" * 65}, "routing entry 'deep'"),
+])
+def test_routing_table_that_does_not_parse_is_refused(table, msg) -> None:
+    with pytest.raises(PolicyError, match=msg):
+        routing_rules(table)
+
+
+def test_routing_override_naming_an_unknown_provider_changes_nothing() -> None:
+    router, _, _ = make({"rules": [{"request_class": "*", "candidates": ["a"]}]})
+    router.set_overrides(routing_rules({"deep": "b"}))
+    with pytest.raises(PolicyError, match="unknown provider 'zz'"):
+        router.set_overrides(routing_rules({"deep": "c", "numeric": "zz"}))
+    assert router.route(req("deep")) == ["b", "local"]  # the table in force before
 
 
 def test_load_policy_from_file_str_and_pathlike(tmp_path) -> None:

@@ -868,9 +868,14 @@ def test_cli_ctl(served: Served, keys: Path) -> None:
     p = _cli("ctl", served.server.endpoint, "throttle", "250", *common)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == {"applied": "SetThrottle", "n": 1}
-    p = _cli("ctl", served.server.endpoint, "routing", "EURUSD=paper", "XAUUSD=mt5", "--json-wire", *common)
+    p = _cli("ctl", served.server.endpoint, "routing", "deep=claude,gemini", "tactical/macro/fx=groq",
+             "--json-wire", *common)
     assert p.returncode == 0 and served.applied[-1] == P.UpdateRouting(
-        request_id=served.applied[-1].request_id, table={"EURUSD": "paper", "XAUUSD": "mt5"})
+        request_id=served.applied[-1].request_id, table={"deep": "claude,gemini", "tactical/macro/fx": "groq"})
+    for bad, msg in ((["EURUSD=paper"], "unknown request class 'EURUSD'"), ([], "or 'clear'"),
+                     (["deep"], "expected KEY=VALUE"), (["deep=a,"], "expected PROVIDER")):
+        p = _cli("ctl", served.server.endpoint, "routing", *bad, *common)
+        assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr)
     p = _cli("ctl", served.server.endpoint, "snapshot", "boom", *common)
     assert p.returncode == 1 and "disk on fire" in p.stderr
     p = _cli("ctl", served.server.endpoint, "throttle", "fast", *common)
@@ -879,7 +884,9 @@ def test_cli_ctl(served: Served, keys: Path) -> None:
                 str(keys / "strangers" / "mallory.key_secret"), "--timeout", "0.3"]
     p = _cli("ctl", served.server.endpoint, "pause", *stranger)
     assert p.returncode == 2 and "no connection" in p.stderr and "Traceback" not in p.stderr
-    assert [type(c) for c in served.applied] == [P.SetThrottle, P.UpdateRouting, P.Snapshot]
+    p = _cli("ctl", served.server.endpoint, "routing", "clear", *common)
+    assert p.returncode == 0 and served.applied[-1].table == {}
+    assert [type(c) for c in served.applied] == [P.SetThrottle, P.UpdateRouting, P.Snapshot, P.UpdateRouting]
 
 
 def test_cli_run_publishes_to_a_subscriber(tmp_path: Path, peers: list[Peer]) -> None:

@@ -41,8 +41,12 @@ commands:
   resume                     take them again
   throttle N                 at most N bars per second (0 = unlimited)
   persona NAME               switch the reasoning persona
-  routing KEY=VALUE ...      replace the routing table: stored and acknowledged; not used by
-                             the engine yet
+  routing CLASS=PROVIDERS ... replace the reasoning mesh's routing table: tasks of request
+                             class CLASS (tactical, deep, multilingual, regional-CN, numeric
+                             or *; narrow it with CLASS/PERSONA or CLASS/PERSONA/ASSET) go to
+                             PROVIDERS (comma-separated, most preferred first) ahead of the
+                             policy's rules; refused (exit 1) if it names an unknown provider
+  routing clear              drop that table: the policy's rules alone again
   snapshot PATH              write the agents' state to PATH (.npy) on the server, relative
                              to its snapshot directory (run --snapshot-dir) and confined to it
   health                     the engine's and the service's counters
@@ -260,12 +264,20 @@ def _command(name: str, argv: list[str]) -> Any:
         need(1, "persona NAME")
         return P.SwapPersona(persona=argv[0])
     if name == "routing":
+        if not argv:
+            raise ValueError("routing: give CLASS[/PERSONA[/ASSET_CLASS]]=PROVIDER[,PROVIDER...] pairs, "
+                             "or 'clear' to drop the table")
+        if argv == ["clear"]:
+            return P.UpdateRouting(table={})
         table = {}
         for item in argv:
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise ValueError(f"routing: expected KEY=VALUE, got {item!r}")
             table[key] = value
+        from .reasoning.policy import routing_rules
+
+        routing_rules(table)  # PolicyError (a ValueError) naming what does not parse
         return P.UpdateRouting(table=table)
     if name == "snapshot":
         need(1, "snapshot PATH")

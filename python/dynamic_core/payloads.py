@@ -460,7 +460,9 @@ class SwapPersona(_Command, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
 class UpdateRouting(_Command, frozen=True, kw_only=True, forbid_unknown_fields=True,
            tag="update_routing"):
-    """Replace the routing table (e.g. instrument -> adapter or bridge name)."""
+    """Replace the reasoning mesh's routing table: ``CLASS[/PERSONA[/ASSET_CLASS]]`` ->
+    comma-separated providers, most preferred first, routed ahead of the policy's own rules
+    (:func:`dynamic_core.reasoning.policy.routing_rules`); an empty table drops it."""
 
     table: Annotated[dict[ShortText, ShortText], msgspec.Meta(max_length=65536)]
 

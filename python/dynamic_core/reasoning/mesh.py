@@ -82,7 +82,7 @@ from ..transport.doorbell import Doorbell
 from .cache import DEFAULT_MAX_BYTES, NarrativeCache
 from .ensemble import ABSplit, Candidate, ReviewQueue, Weights, rerank
 from .narrator import narrate
-from .policy import REQUEST_CLASSES, PolicyConfig, RouteRequest, Router, load_policy
+from .policy import REQUEST_CLASSES, PolicyConfig, RouteRequest, Router, load_policy, routing_rules
 from .profiles import ProviderProfile, load_profiles
 from .prompts import (
     TEMPLATE_VERSION,
@@ -642,6 +642,22 @@ class ReasoningMesh:
                 return True
             time.sleep(0.005)
         return False
+
+    # ---- routing ------------------------------------------------------------------------------
+    def set_routing(self, table: Mapping[str, str]) -> int:
+        """Route tasks by ``table`` ahead of the policy's own rules (the ``UpdateRouting``
+        control command); an empty table drops the overrides. Keys are
+        ``CLASS[/PERSONA[/ASSET_CLASS]]``, values comma-separated providers, most preferred
+        first (see :func:`~dynamic_core.reasoning.policy.routing_rules`)::
+
+            mesh.set_routing({"deep": "anthropic,openai", "tactical/*/crypto": "groq"})
+
+        Returns the number of rules. Raises
+        :class:`~dynamic_core.reasoning.policy.PolicyError` for a table that does not parse or
+        names an unknown provider; the routing in force is then unchanged."""
+        rules = routing_rules(table)
+        self._call(lambda: self.router.set_overrides(rules))
+        return len(rules)
 
     # ---- review -------------------------------------------------------------------------------
     def review_list(self, limit: int = 100) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ import os
 import time
 import tomllib
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -48,6 +48,7 @@ __all__ = [
     "Router",
     "Rule",
     "load_policy",
+    "routing_rules",
 ]
 
 REQUEST_CLASSES = ("tactical", "deep", "multilingual", "regional-CN", "numeric")
@@ -392,6 +393,43 @@ class RouteRequest(msgspec.Struct, kw_only=True, gc=False):
     language: str = "en"
 
 
+def routing_rules(table: Mapping[str, str]) -> tuple[Rule, ...]:
+    """Rules from a routing table (the ``UpdateRouting`` control command's ``table``).
+
+    Each key is ``CLASS[/PERSONA[/ASSET_CLASS]]``: a request class of :data:`REQUEST_CLASSES`
+    or ``*``, then optionally a persona and an asset class (``*`` or empty: any). Each value is
+    the providers to ask, most preferred first, separated by commas::
+
+        {"deep": "anthropic,openai", "tactical/macro/fx": "groq", "*": "local"}
+
+    Raises
+    ------
+    PolicyError
+        A key or value that does not parse, naming it (provider names are checked by
+        :meth:`Router.set_overrides`, which knows the profiles).
+    """
+    out = []
+    for key, value in table.items():
+        parts = str(key).split("/")
+        if len(parts) > 3 or not parts[0]:
+            raise PolicyError(f"routing key {key!r}: expected CLASS[/PERSONA[/ASSET_CLASS]]")
+        rclass = parts[0]
+        if rclass != "*" and rclass not in REQUEST_CLASSES:
+            raise PolicyError(f"routing key {key!r}: unknown request class {rclass!r}; known are "
+                              f"{', '.join(REQUEST_CLASSES)} or *")
+        persona = parts[1] if len(parts) > 1 and parts[1] not in ("", "*") else None
+        asset = parts[2] if len(parts) > 2 and parts[2] not in ("", "*") else None
+        names = tuple(n.strip() for n in str(value).split(","))
+        if not value or any(not n for n in names):
+            raise PolicyError(f"routing value for {key!r}: expected PROVIDER[,PROVIDER...], got {value!r}")
+        try:
+            out.append(msgspec.convert({"request_class": rclass, "persona": persona, "asset_class": asset,
+                                        "candidates": names}, Rule))
+        except msgspec.ValidationError as e:
+            raise PolicyError(f"routing entry {key!r}: {e}") from None
+    return tuple(out)
+
+
 class _Provider:
     """Live state of one provider (attributes only: the routing loop reads them directly)."""
 
@@ -564,12 +602,41 @@ class Router:
         self._b_probes = b.half_open_probes
         # rules sorted once: most specific first, ties in file order (sort is stable)
         self._rules = sorted(config.rules, key=lambda r: r.specificity, reverse=True)
+        self._configured = self._rules
+        self.overrides: tuple[Rule, ...] = ()
         self._memo: dict[tuple[str, str, str, str], tuple[tuple[float, tuple[_Provider, ...],
                                                                 tuple[dict[str, int], ...],
                                                                 tuple[str, ...]], ...]] = {}
         self._memo_override: dict[tuple[Any, tuple[str, ...]], tuple[Any, ...]] = {}
         self._day_end = -math.inf
         self._roll_day(self._wall())
+
+    def check_overrides(self, rules: Sequence[Rule]) -> None:
+        """Raise :class:`PolicyError` if :meth:`set_overrides` would refuse ``rules`` (a provider
+        not in the profiles); changes nothing. Reads only what construction fixed: safe from any
+        thread."""
+        for i, r in enumerate(rules):
+            for n in r.candidates:
+                if n not in self._p:
+                    raise PolicyError(f"routing rule {i + 1} ({r.request_class}): unknown provider "
+                                      f"{n!r}; known are {', '.join(self._p)}")
+
+    def set_overrides(self, rules: Sequence[Rule]) -> None:
+        """Put ``rules`` ahead of the configured ones (replacing any set before; ``()`` drops
+        them): a task that an override matches is routed by it, any other by the policy's own
+        rules. Among the overrides the most specific matches first, as among the configured
+        rules. Live state (budgets, breakers, latencies) is kept.
+
+        Raises
+        ------
+        PolicyError
+            An override names a provider that is not in the profiles (nothing is changed).
+        """
+        rules = tuple(rules)
+        self.check_overrides(rules)
+        self.overrides = rules
+        self._rules = sorted(rules, key=lambda r: r.specificity, reverse=True) + self._configured
+        self._memo.clear()
 
     # ---- routing --------------------------------------------------------------------------------
 

@@ -40,7 +40,12 @@ SetThrottle    submit at most ``max_bars_per_s`` bars/s (token bucket, bursts of
                infinity and negative rates are refused).
 SwapPersona    stored (``service.persona``) and handed to the reasoning mesh (when there is
                one): later rationales are written in that persona.
-UpdateRouting  stored (``service.routing``) and acknowledged.
+UpdateRouting  parsed (keys ``CLASS[/PERSONA[/ASSET_CLASS]]``, values comma-separated
+               providers: :func:`~dynamic_core.reasoning.policy.routing_rules`), stored
+               (``service.routing``) and handed to the reasoning mesh (when there is one):
+               its tasks are routed by the table ahead of the policy's rules; an empty table
+               drops it. A table that does not parse, or names a provider the mesh does not
+               know, is refused.
 LoadPopulation refused with "not supported while running": swapping a population under a
                live engine needs engine support that does not exist yet. Restart the service.
 Snapshot       ``np.save(path, engine.agents())`` (``.npy`` appended unless the name has it);
@@ -270,6 +275,16 @@ class EngineService:
                 raise CommandRefused("no reasoning mesh is running (start the service with one)")
         elif isinstance(cmd, Snapshot):
             self._snapshot_path(cmd.path)
+        elif isinstance(cmd, UpdateRouting):
+            from ..errors import PolicyError
+            from ..reasoning.policy import routing_rules
+
+            try:
+                rules = routing_rules(cmd.table)
+                if self.mesh is not None:
+                    self.mesh.router.check_overrides(rules)
+            except PolicyError as e:
+                raise CommandRefused(str(e)) from None
         elif isinstance(cmd, LoadPopulation):
             raise CommandRefused("LoadPopulation is not supported while running: restart the service "
                                  "with the new population")
@@ -307,8 +322,10 @@ class EngineService:
             except KeyError:
                 raise CommandRefused(f"no review item {cmd.item} (already decided, or never queued)") from None
         if isinstance(cmd, UpdateRouting):
+            if self.mesh is not None:
+                self.mesh.set_routing(cmd.table)
             self.routing = dict(cmd.table)
-            return {"routes": len(self.routing)}
+            return {"routes": len(self.routing), "mesh": self.mesh is not None}
         if isinstance(cmd, Snapshot):
             return self._snapshot(cmd.path)
         # HealthQuery: check() let nothing else through
