@@ -621,14 +621,20 @@ def test_signals_keep_flowing_while_every_adapter_hangs(fake, tmp_path) -> None:
 
 # ---- CLI ----------------------------------------------------------------------------------------
 
-def test_cli_run_with_local_reasoning_prints_rationales_and_mesh_telemetry() -> None:
+def test_cli_run_with_local_reasoning_prints_rationales_and_mesh_telemetry(tmp_path) -> None:
     env = dict(os.environ, COLUMNS="200", OPENBLAS_NUM_THREADS="1")
+    addr = f"ipc://{tmp_path}/mesh"
     r = subprocess.run([sys.executable, "-m", "dynamic_core", "run", "--agents", "512", "--bars", "300",
-                        "--instruments", "2", "--no-live", "--reasoning", "local"],
+                        "--instruments", "2", "--no-live", "--reasoning", "local", "--reasoning-bind", addr],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    assert f"reasoning mesh at {addr}:" in r.stdout + r.stderr  # the address asked for
     assert "latest rationale" in r.stdout and "local: EURUSD H1" in r.stdout
     assert "Reasoning mesh" in r.stdout and "Rationales:" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "dynamic_core", "run", "--agents", "100", "--bars", "10", "-q",
+                        "--reasoning", "local", "--reasoning-bind", "tcp://0.0.0.0:5611"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--allow-remote" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_run_with_a_bad_secrets_file_fails_before_starting_adapters(tmp_path) -> None:

@@ -25,9 +25,10 @@ providers: chatgpt grok dolphin ollama kimi deepseek qwen minimax zhipu hunyuan,
 deterministic template narrator, no model, no cost). API keys come only from the environment
 variable the profile names (e.g. DEEPSEEK_API_KEY) or a 0600 TOML secrets file (--secrets or
 $DYNAMIC_CORE_SECRETS); they are never logged. 'dynamic-core run --reasoning ...' starts the
-adapters it needs by itself (its broker listens on loopback, at the address it prints as
-'reasoning'); run this command to add an adapter to it by hand on the same machine, or to a
-ReasoningMesh built in Python with a broker address other machines can reach.
+adapters it needs by itself (its broker listens on a free loopback port, printed as
+'reasoning', or at run --reasoning-bind ADDR); run this command to add an adapter to it by
+hand, e.g. a second worker for a busy provider or one on another machine (bind beyond loopback
+with --reasoning-bind and --allow-remote: the broker does not authenticate adapters).
 
 exit codes: 0 stopped (broker shutdown, ^C, SIGTERM); 1 failed while serving (a mesh restarts
 it); 2 bad arguments or configuration: provider, secrets file, address (a mesh does not restart it).
@@ -103,6 +104,11 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
     g.add_argument("--ensemble", type=positive_int, default=1, metavar="K",
                    help="providers asked per signal [default: 1]")
     g.add_argument("--secrets", default=None, metavar="FILE", help="0600 TOML file of API keys for the adapters")
+    g.add_argument("--reasoning-bind", default="tcp://127.0.0.1:*", metavar="ADDR",
+                   help="where the mesh broker listens for adapters: a fixed address (e.g. "
+                        "tcp://127.0.0.1:5600 or ipc:///tmp/dc-mesh) lets you add adapters by hand with "
+                        "'dynamic-core adapter --connect ADDR'; beyond loopback only with --allow-remote "
+                        "(the broker does not authenticate adapters) [default: a free loopback port]")
     g.add_argument("--reasoning-weights", default=None, metavar="FILE",
                    help="JSON file keeping the ensemble weights that review approve/reject adjust, read at "
                         "start and rewritten on each decision; pass the same file to every run to carry them "
@@ -195,7 +201,8 @@ def mesh_from_args(args: argparse.Namespace) -> Any:
         weights = os.path.join(args.journal, "reasoning_weights.json")
     mesh = ReasoningMesh(providers, policy=policy, profiles=profiles, deadline_s=args.reasoning_deadline,
                          ensemble=args.ensemble, select=args.reasoning_select, secrets_file=args.secrets,
-                         weights_path=weights)
+                         weights_path=weights, address=getattr(args, "reasoning_bind", "tcp://127.0.0.1:*"),
+                         allow_remote=bool(getattr(args, "allow_remote", False)))
     # what the router gives the requests 'run' sends ('tactical', this deadline, any asset class)
     from .reasoning.policy import PolicyError, RouteRequest
 
