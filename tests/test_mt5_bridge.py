@@ -162,12 +162,20 @@ def test_codec_rejects() -> None:
     assert _reason(codec, b"\x00\xffgarbage") == "malformed"
     assert _reason(codec, b'{"type": "heartbeat", "v": 1') == "truncated"
     assert _reason(codec, b"{" + b" " * MAX_FRAME + b"}") == "oversized"
-    # an engine-only message is not something the engine decodes
-    assert _reason(codec, MT5Codec(PR.EngineMessage).encode(SAMPLES[1])) == "unknown_tag"
+    # an engine-only message is not something the engine decodes: unexpected (section 2.3)
+    assert _reason(codec, MT5Codec(PR.EngineMessage).encode(SAMPLES[1])) == "unexpected"
     bad_side = json.loads(codec.encode(SAMPLES[9]))
     assert _reason(codec, json.dumps({**bad_side, "status": "done"}).encode()) == "invalid"
-    assert codec.rejects == {"unknown_field": 1, "unknown_tag": 3, "version": 2, "invalid": 6, "malformed": 1,
-                             "truncated": 1, "oversized": 1}
+    assert codec.rejects == {"unknown_field": 1, "unknown_tag": 2, "unexpected": 1, "version": 2, "invalid": 6,
+                             "malformed": 1, "truncated": 1, "oversized": 1}
+    # what can still be read of a refused frame: its seq (ref_seq) and type
+    for raw, seq, typ in ((json.dumps({**ok, "v": 2, "seq": 17}), 17, "heartbeat"),
+                          (json.dumps({**ok, "seq": 5, "extra": 1}), 5, "heartbeat"),
+                          (json.dumps({**ok, "seq": "x"}), 0, ""), (json.dumps({**ok, "seq": 2**64}), 0, "heartbeat"),
+                          ('{"type": "error", "seq": 3}', 3, "error"), ("[1]", 0, "")):
+        with pytest.raises(PayloadError) as e:
+            codec.decode(raw.encode())
+        assert (e.value.ref_seq, e.value.msg_type) == (seq, typ), raw
     with pytest.raises(ValueError):  # PayloadError is a ValueError
         codec.decode(b"nope")
 
@@ -541,7 +549,7 @@ def test_malformed_terminal_messages_are_counted_and_answered(make: Callable[...
         ([json.dumps({**hb, "type": "launch_missiles"}).encode()], "unknown_tag"),
         ([json.dumps({**hb, "v": 9}).encode()], "version"),
         ([b'{"type":"heartbeat","pad":"' + b"x" * (MAX_FRAME + 10) + b'"}'], "oversized"),
-        ([json.dumps(json.loads(MT5Codec(PR.EngineMessage).encode(SAMPLES[1]))).encode()], "unknown_tag"),
+        ([json.dumps(json.loads(MT5Codec(PR.EngineMessage).encode(SAMPLES[1]))).encode()], "unexpected"),
         ([b"{}", b"{}"], "invalid"),                                                      # two frames
     ]
     try:
@@ -549,6 +557,11 @@ def test_malformed_terminal_messages_are_counted_and_answered(make: Callable[...
             raw.send_multipart(frames)
             err = dec.decode(raw.recv())
             assert type(err) is PR.Error and err.reason == reason, (reason, err)
+            # ref_seq: the offending message's seq when it could be read (section 2.3)
+            readable = reason not in ("malformed", "oversized") and len(frames) == 1
+            assert err.ref_seq == (1 if readable else 0), (reason, err)
+        # an error that does not decode is counted, never answered with an error
+        raw.send(json.dumps({"type": "error", **stamp, "reason": "x" * 100, "detail": "", "ref_seq": 0}).encode())
         # a valid message from a terminal epoch without a session is not acted on: say hello first
         raw.send(json.dumps(hb).encode())
         hello = dec.decode(raw.recv())
@@ -557,9 +570,9 @@ def test_malformed_terminal_messages_are_counted_and_answered(make: Callable[...
         raw.close(0)
         ctx.term()
     st = bridge.stats()
-    assert st["rejected"] == len(cases) and st["errors_sent"] == len(cases)
-    assert st["rejects"] == {"malformed": 1, "invalid": 2, "unknown_field": 1, "unknown_tag": 2, "version": 1,
-                             "oversized": 1}
+    assert st["rejected"] == len(cases) + 1 and st["errors_sent"] == len(cases)
+    assert st["rejects"] == {"malformed": 1, "invalid": 3, "unknown_field": 1, "unknown_tag": 1, "unexpected": 1,
+                             "version": 1, "oversized": 1}
     assert st["unknown_epoch"] == 1 and st["sessions"] == 0
     # the bridge keeps working: a following order still round-trips
     make("terminal", bridge.address)
@@ -899,6 +912,71 @@ def test_an_exec_report_that_does_not_match_its_order_is_refused(raw_live: tuple
     assert bridge.wait(coid) == "filled"
     assert list(bridge.positions().values()) == [
         {"symbol": "EURUSD", "side": "buy", "volume": 0.1, "price": 1.1, "ticket": 1}]
+
+
+def _limit_partly_filled(bridge: MT5Bridge, ea: _RawEA, plan_id: str) -> tuple[str, dict[str, typing.Any]]:
+    """A limit order acked and partly filled (0.05 of 0.1 at 1.1); returns its id and the report."""
+    coid = bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, order_type="limit", price=1.1,
+                               valid_until=PR.now_ms() + 60_000, plan_id=plan_id)
+    o = ea.recv(PR.Order)
+    ea.send("ack", client_order_id=coid, order_seq=o.seq, accepted=True, reason="", duplicate=False, ticket=1)
+    report = {"client_order_id": coid, "status": "partial", "symbol": "EURUSD", "side": "buy", "ticket": 1,
+              "price": 1.1, "volume": 0.05, "commission": 0.0, "fill_ts": PR.now_ms(), "reason": ""}
+    ea.send("exec_report", **report)
+    wait_for(lambda: bridge.order(coid)["state"] == "partial", what="the partial fill")  # type: ignore[index]
+    return coid, report
+
+
+def test_a_partial_fill_is_held_and_never_lost_by_a_later_report(raw_live: tuple[MT5Bridge, _RawEA]) -> None:
+    bridge, ea = raw_live
+    coid, report = _limit_partly_filled(bridge, ea, "p-partial")
+    held = {coid: {"symbol": "EURUSD", "side": "buy", "volume": 0.05, "price": 1.1, "ticket": 1}}
+    assert bridge.positions() == held and bridge.order(coid)["open"]  # type: ignore[index]
+    # a report of fewer lots than already reported (final or not) would lose the fill: refused
+    for bad in ({"status": "cancelled", "volume": 0.0, "price": 0.0}, {"status": "filled", "volume": 0.03},
+                {"status": "partial", "volume": 0.02}):
+        seq = ea.send("exec_report", **{**report, **bad})
+        err = ea.recv(PR.Error)
+        assert err.reason == "invalid" and err.ref_seq == seq and "after 0.05" in err.detail, (bad, err)
+    order = bridge.order(coid)
+    assert order is not None and (order["state"], order["filled_volume"], order["inconsistent_reports"]) == (
+        "partial", 0.05, 3)
+    # the consistent cancel (the partial volume) ends it; the 0.05 lots stay held
+    ea.send("exec_report", **{**report, "status": "cancelled"})
+    assert bridge.wait(coid) == "cancelled"
+    assert bridge.order(coid)["filled_volume"] == 0.05 and bridge.positions() == held  # type: ignore[index]
+
+
+def test_reconciliation_never_replaces_a_final_status(raw_live: tuple[MT5Bridge, _RawEA]) -> None:
+    bridge, ea = raw_live
+    reports: list[typing.Any] = []
+    bridge.on_report(reports.append)
+    # cancelled after a partial fill: its position is the part filled, and stays so
+    coid, report = _limit_partly_filled(bridge, ea, "p-cancelled")
+    ea.send("exec_report", **{**report, "status": "cancelled"})
+    assert bridge.wait(coid) == "cancelled"
+    _listed(bridge, ea, coid, volume=0.05)
+    order = bridge.order(coid)
+    assert order is not None and (order["state"], order["filled_volume"], order["open"]) == ("cancelled", 0.05, True)
+    assert bridge.reconciliation()["matched"] == [coid] and bridge.positions()[coid]["volume"] == 0.05
+    assert [r.status for r in reports] == ["partial", "cancelled"]
+    n_sent = bridge.order(coid)["sends"]  # type: ignore[index]
+    # more lots than it ended with: not its position; a rejected order's position neither
+    _, seq = _listed(bridge, ea, coid, volume=0.1)
+    err = ea.recv(PR.Error)
+    assert err.reason == "invalid" and err.ref_seq == seq and "ended cancelled" in err.detail
+    rej = bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, valid_until=PR.now_ms() + 60_000, plan_id="p-rej")
+    o = ea.recv(PR.Order)
+    ea.send("ack", client_order_id=rej, order_seq=o.seq, accepted=False, reason="trade_disabled", duplicate=False,
+            ticket=0)
+    assert bridge.wait(rej) == "rejected"
+    _listed(bridge, ea, rej)
+    for c, state, filled in ((coid, "cancelled", 0.05), (rej, "rejected", 0.0)):
+        order = bridge.order(c)
+        assert order is not None and (order["state"], order["filled_volume"]) == (state, filled), order
+    assert bridge.reconciliation()["inconsistent"] == [rej] and bridge.reconciliation()["reconciled"] == []
+    assert [r.status for r in reports] == ["partial", "cancelled", "rejected"]
+    assert bridge.order(coid)["sends"] == n_sent  # a final order is never asked about again  # type: ignore[index]
 
 
 def _listed(bridge: MT5Bridge, ea: _RawEA, coid: str, **fields: typing.Any) -> tuple[PR.PositionsQuery, int]:

@@ -1461,3 +1461,12 @@ def test_key_files_and_directories_are_private(tmp_path: Path, caplog) -> None:
         T.load_keypair(secret)
     with pytest.raises(PermissionError):
         T.ControlServer(secret_key=secret, authorized_keys=open_dir)
+
+
+def test_feed_epoch_fits_a_signed_64_bit_integer() -> None:
+    # JSON subscribers in Java, MQL5 or Go read it as a signed 64-bit integer
+    from dynamic_core.transport.feed import _new_epoch
+
+    eps = [_new_epoch() for _ in range(2000)]
+    assert all(0 < e < 1 << 63 for e in eps) and len(set(eps)) == len(eps)
+    assert max(eps) > 1 << 61  # still random over the whole range

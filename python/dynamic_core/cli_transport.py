@@ -160,7 +160,9 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
     g.add_argument("--heartbeat", type=positive_float, default=1.0, metavar="S",
                    help="heartbeat after S idle seconds [default: 1]")
     g.add_argument("--wait-subscribers", type=count, default=0, metavar="N",
-                   help="before sending bars, wait (up to 30 s) until N subscribers are connected [default: 0]")
+                   help="before sending bars, wait (up to 30 s) until N subscribers are connected; a subscriber "
+                        "counts once it subscribes to heartbeats (topic 'hb', or everything: "
+                        "'dynamic-core subscribe' and SignalSubscriber do) [default: 0]")
     g.add_argument("--duration", type=positive_float, default=None, metavar="S",
                    help="serve for S seconds (with --feed: default until ^C; without: default until "
                         "every bar's signal is published)")

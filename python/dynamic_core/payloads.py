@@ -147,6 +147,9 @@ class AISignal(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
     ``action`` is an :class:`dynamic_core.Action` value (-2 STRONG_SELL .. 2 STRONG_BUY);
     ``votes`` counts warm agents per action in that order. ``seq`` is the ingress sequence
     number of the bar and, with ``population_hash``, identifies the signal across processes.
+    ``population_hash`` is an unsigned 64-bit value (half of them above 2**63 - 1): in JSON read
+    it as unsigned (Java ``Long.parseUnsignedLong`` on the number's text, MQL5 ``ulong``,
+    JavaScript a ``BigInt``-aware parser).
 
     ``dsi`` is the microstructure validation: the stream's DSI evidence in [-1, 1] (positive:
     the tape leans to buying) that the bar's agents read, as last set by
@@ -253,8 +256,8 @@ class SignalBatch(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=Tru
            tag="signal_batch"):
     """Signals of ONE feed topic (``sig.<instrument>.<timeframe>``), in bar order.
 
-    ``epoch`` is the publishing feed's random 64-bit id (a new one per feed instance, so a
-    restarted publisher is recognisable); ``seq`` is the per-topic sequence number of the
+    ``epoch`` is the publishing feed's random id (a new one per feed instance, so a restarted
+    publisher is recognisable; 63 bits, so it fits a signed 64-bit integer); ``seq`` is the per-topic sequence number of the
     first signal in the batch: the number of signals the feed published on this topic, in this
     epoch, before this batch. The next batch on the topic has ``seq + len(signals)``; anything
     else is a gap (``SignalSubscriber`` counts it in signals).

@@ -89,8 +89,9 @@ def signal_topic(instrument: str, timeframe: int) -> bytes:
 
 
 def _new_epoch() -> int:
-    # 64 random bits; never 0 so "no epoch yet" can be 0 on the subscriber side
-    return int.from_bytes(os.urandom(8), "little") or 1
+    # 63 random bits, so a JSON subscriber in a language with only signed 64-bit integers (Java,
+    # MQL5, Go's int64) reads it; never 0 so "no epoch yet" can be 0 on the subscriber side
+    return (int.from_bytes(os.urandom(8), "little") >> 1) or 1
 
 
 class SignalFeed(SocketOwner):

@@ -100,6 +100,7 @@ class _Order:
         "cancel",
         "coid",
         "comment",
+        "confirmed",
         "commission",
         "ever_sent",
         "fill_price",
@@ -134,6 +135,7 @@ class _Order:
         self.state, self.reason = QUEUED, ""
         self.sends = 0
         self.ever_sent = False
+        self.confirmed = False  # the terminal itself said this order ended (its final is final)
         self.next_send = 0.0
         self.backoff = 0.0
         self.ticket = 0
@@ -148,6 +150,12 @@ class _Order:
         self.t_ack = 0
         self.t_final = 0
         self.acks = 0
+
+    @property
+    def upgradable(self) -> bool:
+        """Marked expired here while sent but unacked: the EA may have placed it just in time,
+        so a late ack, report or position still says what happened (section 6)."""
+        return self.state == EXPIRED and self.ever_sent and not self.confirmed
 
     def view(self) -> dict[str, Any]:
         return {"client_order_id": self.coid, "state": self.state, "reason": self.reason, "symbol": self.symbol,
@@ -827,9 +835,10 @@ class MT5Bridge:
         if not m.accepted:
             self.counts["acks_refused"] += 1
             if o.state == EXPIRED and m.reason == EXPIRED:  # the EA confirms what we assumed
+                o.confirmed = True
                 self._open.pop(o.coid, None)
                 return
-            if o.state in FINAL and not (o.state == EXPIRED and o.ever_sent):
+            if o.state in FINAL and not o.upgradable:
                 return
             state = m.reason if m.reason in (EXPIRED, CANCELLED) else REJECTED
             self._settle(o, state, m.reason or "refused", "terminal", now_ms())
@@ -838,7 +847,7 @@ class MT5Bridge:
             o.state = ACKED
             o.backoff = self.resend_max_delay
             o.next_send = time.monotonic() + self.resend_max_delay
-        elif o.state == EXPIRED and o.ever_sent and not o.cancel:
+        elif o.upgradable and not o.cancel:
             # accepted in time after all: wait for its report like any acked order
             self.counts["late_outcomes"] += 1
             o.state, o.reason = ACKED, ""
@@ -869,37 +878,51 @@ class MT5Bridge:
             o.ticket = m.ticket
         st = m.status
         if st == EXPIRED and o.state == EXPIRED:  # the EA confirms what we assumed
+            o.confirmed = True
             self._open.pop(o.coid, None)
             return
-        late = o.state == EXPIRED and o.ever_sent and st != EXPIRED
+        late = o.upgradable and st != EXPIRED
         if o.state in FINAL and not late:
             return  # final is final; repeats change nothing
+        if m.volume + _EPS < o.filled:
+            # cumulative volume only grows: a report of fewer lots than already reported would
+            # lose a fill (a cancel after a partial fill carries the partial volume)
+            self._inconsistent(o, "exec_report", f"{m.volume:.8g} lots after {o.filled:.8g} reported", m.seq)
+            return
         if late:
             self.counts["late_outcomes"] += 1
         if st in FINAL:
             o.filled, o.fill_price, o.commission, o.fill_ts = m.volume, m.price, m.commission, m.fill_ts
+            o.confirmed = True
             self._settle(o, st, m.reason, "terminal", m.fill_ts or now_ms())
             return
-        # placed / partial: only forward moves, cumulative volume only grows
-        if m.volume + _EPS < o.filled or _RANK.get(st, 0) < _RANK.get(o.state, 0) and m.volume <= o.filled + _EPS:
+        # placed / partial: only forward moves
+        if _RANK.get(st, 0) < _RANK.get(o.state, 0) and m.volume <= o.filled + _EPS:
             return
         changed = st != o.state or m.volume > o.filled + _EPS
         o.filled, o.fill_price, o.commission, o.fill_ts = m.volume, m.price, m.commission, m.fill_ts
         o.state = st
         o.next_send = time.monotonic() + self.resend_max_delay
         self._open[o.coid] = o
+        if o.filled > _EPS:
+            self._hold(o)
         if changed:
             self._report(o, st, m.reason, "terminal", m.fill_ts or now_ms())
 
+    def _hold(self, o: _Order) -> None:
+        """``o``'s filled volume is (as far as the bridge knows) an open position."""
+        o.open = True
+        self._positions[o.coid] = {"symbol": o.symbol, "side": o.side, "volume": o.filled,
+                                   "price": o.fill_price, "ticket": o.ticket}
+
     def _settle(self, o: _Order, state: str, reason: str, source: str, ts: int) -> None:
-        """An outcome from the terminal (or reconciliation): final."""
+        """An outcome from the terminal (or reconciliation): final. Whatever of it was filled
+        (all of a fill; the part of a cancelled or expired order filled before) is held."""
         self._close(o, state, reason)
+        if o.filled > _EPS:
+            self._hold(o)
         if state == FILLED:
             self.counts["fills"] += 1
-            if o.filled > _EPS:
-                o.open = True
-                self._positions[o.coid] = {"symbol": o.symbol, "side": o.side, "volume": o.filled,
-                                           "price": o.fill_price, "ticket": o.ticket}
         elif state == EXPIRED:
             self.counts["expired"] += 1
         self._report(o, state, reason, source, ts)
@@ -923,7 +946,8 @@ class MT5Bridge:
                 m = codec.decode(frames[1])
             except PayloadError as e:
                 self._logs(f"refused frames ({e.reason})", logging.WARNING, "refused a frame from the terminal: %s", e)
-                self._error(ident, e.reason, e.detail[:200], 0)
+                if getattr(e, "msg_type", "") != "error":  # an error is never answered with an error
+                    self._error(ident, e.reason, e.detail[:200], getattr(e, "ref_seq", 0))
                 continue
             self._dispatch(ident, m)
 
@@ -1064,7 +1088,16 @@ class MT5Bridge:
                     unknown.extend(ps)
                     self._inconsistent(o, "a listed position", why, ref_seq)
                     continue
-                if o.state == FILLED:
+                vol = sum(p.volume for p in ps)
+                if o.state in FINAL and o.state != FILLED and not o.upgradable and vol > o.filled + _EPS:
+                    # it ended (cancelled, rejected, expired) with fewer lots filled: a final
+                    # status is never replaced, so these positions cannot be its
+                    inconsistent.append(o.coid)
+                    unknown.extend(ps)
+                    self._inconsistent(o, "a listed position", f"{vol:.8g} lots under an order that ended "
+                                       f"{o.state} with {o.filled:.8g} filled", ps[0].seq)
+                    continue
+                if o.state in FINAL and not o.upgradable:
                     matched.append(o.coid)
                 else:
                     reconciled.append(o.coid)
@@ -1114,13 +1147,14 @@ class MT5Bridge:
         vol = sum(p.volume for p in ps)
         price = sum(p.price_open * p.volume for p in ps) / vol
         self.counts["reconciled_fills"] += 1
-        if o.state == EXPIRED and o.ever_sent:
+        if o.upgradable:
             self.counts["late_outcomes"] += 1
         o.filled, o.fill_price, o.ticket = vol, price, ps[0].ticket or o.ticket
         if o.order_type != "market" and vol + _EPS < o.volume and not o.cancel:
             o.state = PARTIAL  # a resting order partly filled: still working
             self._queued.pop(o.coid, None)
             self._open[o.coid] = o
+            self._hold(o)
             self._report(o, PARTIAL, "reconciled", "reconciliation", now_ms())
             return
         self._settle(o, FILLED, "reconciled", "reconciliation", now_ms())

@@ -271,30 +271,63 @@ TerminalMessage = TerminalHello | Ack | ExecReport | Heartbeat | Position | Posi
 """What the EA sends and the engine decodes."""
 
 
+class _Peek(msgspec.Struct):
+    """What a frame that failed to decode may still tell: its ``type`` and ``seq``."""
+
+    type: str = ""
+    seq: int = 0
+
+
+_peek_decoder = msgspec.json.Decoder(_Peek)
+_ALL_TAGS = frozenset(t.__struct_config__.tag for t in (*EngineMessage.__args__, *TerminalMessage.__args__))
+
+
 class MT5Codec(Codec):
     """JSON codec of one direction of the protocol, with the :data:`MAX_FRAME` bound.
 
     ``MT5Codec(TerminalMessage)`` decodes what the EA sends, ``MT5Codec(EngineMessage)`` what the
     engine sends. :meth:`decode` raises :class:`~dynamic_core.errors.PayloadError` with a reason
     (and counts it) on anything that is not a valid message; a ``v`` other than
-    :data:`PROTOCOL_VERSION` is reason ``version``.
+    :data:`PROTOCOL_VERSION` is reason ``version``, a valid type of the other direction (an
+    ``order`` sent to the engine) reason ``unexpected``. The error carries what could still be
+    read of the frame (section 2.3): ``ref_seq``, its ``seq`` (else 0), and ``msg_type``, its
+    ``type`` (else "").
     """
 
     def __init__(self, type: Any, *, max_frame: int = MAX_FRAME) -> None:
         super().__init__(type, fmt="json", max_frame=max_frame)
+        self._tags = frozenset(t.__struct_config__.tag for t in getattr(type, "__args__", (type,)))
+
+    def _recount(self, old: str, new: str) -> None:
+        """Move one reject counted under ``old`` to ``new`` (the total is unchanged)."""
+        self.rejects[old] -= 1
+        if not self.rejects[old]:
+            del self.rejects[old]
+        self.rejects[new] = self.rejects.get(new, 0) + 1
 
     def decode(self, buf: Any) -> Any:
         try:
             return super().decode(buf)
         except PayloadError as e:
+            err = e
             if e.reason == "invalid" and e.detail.endswith("`$.v`"):
                 # recount under the reason the protocol defines for a version mismatch
-                self.rejects["invalid"] -= 1
-                if not self.rejects["invalid"]:
-                    del self.rejects["invalid"]
-                self.rejects["version"] = self.rejects.get("version", 0) + 1
-                raise PayloadError("version", e.detail) from None
-            raise
+                self._recount("invalid", "version")
+                err = PayloadError("version", e.detail)
+            peek = _Peek()
+            if e.reason != "oversized":
+                try:
+                    peek = _peek_decoder.decode(buf)
+                except (msgspec.DecodeError, TypeError, ValueError):
+                    pass
+            if e.reason == "unknown_tag" and peek.type in _ALL_TAGS and peek.type not in self._tags:
+                self._recount("unknown_tag", "unexpected")
+                err = PayloadError("unexpected", f"a {peek.type!r} message is not sent in this direction")
+            err.ref_seq = peek.seq if 0 <= peek.seq < 1 << 63 else 0
+            err.msg_type = peek.type
+            if err is e:
+                raise
+            raise err from None
 
 
 def now_ms() -> int:

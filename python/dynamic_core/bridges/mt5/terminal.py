@@ -334,8 +334,10 @@ class SimulatedTerminal:
             try:
                 m = self._codec.decode(frames[0])
             except PayloadError as e:
+                if getattr(e, "msg_type", "") == "error":  # an error is never answered with an error
+                    continue
                 self.counts["errors_sent"] += 1
-                self._reply(Error, reason=e.reason, detail=e.detail[:200], ref_seq=0)
+                self._reply(Error, reason=e.reason, detail=e.detail[:200], ref_seq=getattr(e, "ref_seq", 0))
                 continue
             self._dispatch(m)
 
