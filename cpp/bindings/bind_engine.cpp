@@ -331,8 +331,20 @@ void bind_engine(py::module_& m) {
              cfg.stall_deadline_ns = stall_deadline_ns;
              cfg.fault_injection = fault_injection;
              const auto n = static_cast<size_t>(genomes.shape(0));
-             GilRelease nogil;
-             return new Engine(g, n, cfg);
+             Engine* eng;
+             {
+               GilRelease nogil;
+               eng = new Engine(g, n, cfg);
+             }
+             // a blocking submit waiting for room (no consumer, say) ends on ^C: the pending
+             // signal is checked about every 100 ms (PyErr_CheckSignals runs the handler, which
+             // leaves KeyboardInterrupt set; Interrupted is translated to it)
+             eng->set_interrupt_check([] {
+               if (interpreter_finalizing()) return false;
+               py::gil_scoped_acquire gil;
+               return PyErr_CheckSignals() != 0;
+             });
+             return eng;
            }),
            py::arg("genomes"), py::arg("cores_per_sm") = 128, py::arg("population_hash") = 0,
            py::arg("dead_letter_capacity") = 10000, py::arg("block_bars") = 0, py::arg("threads") = 1,

@@ -27,6 +27,9 @@ PYBIND11_MODULE(_core, m) {
     } catch (const dynamic_core::InvalidInput& e) {
       py::object cls = py::module_::import("dynamic_core.errors").attr("InvalidInput");
       PyErr_SetString(cls.ptr(), e.what());
+    } catch (const dynamic_core::Interrupted&) {
+      // the interrupt check left the signal handler's exception (KeyboardInterrupt) pending
+      if (!PyErr_Occurred()) PyErr_SetNone(PyExc_KeyboardInterrupt);
     } catch (const dynamic_core::JournalFailure& e) {
       py::object cls = py::module_::import("dynamic_core.errors").attr("JournalError");
       PyErr_SetString(cls.ptr(), e.what());

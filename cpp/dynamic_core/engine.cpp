@@ -772,6 +772,7 @@ void Engine::wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want) {
     });
   }
   space_waiters_.fetch_sub(1, std::memory_order_relaxed);
+  if (interrupted_ && interrupted_()) throw Interrupted();  // ingress not held: lk stays released
   lk.lock();
   if (closed_ || stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
 }

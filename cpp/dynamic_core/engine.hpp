@@ -24,6 +24,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -253,7 +254,14 @@ class Engine {
   void inject_stall(uint32_t sm, int64_t ns);  // stalls the group of SM sm
   void inject_poison(uint32_t agent);  // population index
 
+  // Called by a blocking submit (or step) about every 100 ms while it waits for room, holding
+  // no engine lock but the feed's: true ends the call with Interrupted (the bars taken before
+  // stay taken and journaled). The bindings check for a pending Python signal (^C). Set once,
+  // before the engine is used.
+  void set_interrupt_check(std::function<bool()> f) { interrupted_ = std::move(f); }
+
  private:
+  std::function<bool()> interrupted_;
   struct Slot {
     // tag = position + 1 while the slot holds that position (0 before first use and while
     // ingress refills it). Readers that may race with reuse (only after an SM moved) read tag,

@@ -21,6 +21,14 @@ class JournalFailure : public std::runtime_error {
   explicit JournalFailure(const std::string& what) : std::runtime_error(what) {}
 };
 
+// A blocking call given up because the caller was interrupted (the engine's interrupt check
+// said so: a signal such as SIGINT is pending for the Python thread that called it). What was
+// done before stays done; the bindings re-raise the pending KeyboardInterrupt.
+class Interrupted : public std::runtime_error {
+ public:
+  Interrupted() : std::runtime_error("interrupted") {}
+};
+
 // An engine that would need more memory than the machine has, found before allocating it: a
 // std::bad_alloc (MemoryError in Python) that says what needs the memory.
 class MemoryBudget : public std::bad_alloc {

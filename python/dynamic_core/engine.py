@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -50,6 +51,7 @@ MAX_THREADS = 63  # the native engine's limit of SM worker threads
 # int64 ns, which a timeout near the int64 limit (~292 years) would overflow.
 _MAX_WAIT_NS = 1 << 62
 _MAX_POLL = (1 << 64) - 1  # the native max_n (size_t); at most `capacity` signals are ever ready
+_POLL_SLICE_NS = 500_000_000  # a longer poll waits in slices of this, so ^C can end it
 
 
 def _timeout_ns(timeout: object) -> int:
@@ -131,8 +133,48 @@ def _real_values(what: str, name: str, values: object) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float64).ravel()
 
 
-def _close_native(native: Any) -> None:
+def _close_native(native: Any, stop: threading.Event | None = None) -> None:
+    if stop is not None:
+        stop.set()  # ends the dispatcher (a closed native engine's poll returns at once, empty)
     native.close()
+
+
+# Engines of this process: a child made by fork() has none of their threads (workers, sentinel,
+# dispatcher), so joining or feeding one there would crash or hang; the child marks them foreign.
+_live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    import ctypes
+
+    for e in list(_live_engines):
+        e._foreign = os.getpid()
+        e._closed = True
+        e._finalizer.detach()  # the parent's threads are not here to join
+        # nor may the native destructor join them (a crash): one reference the child never
+        # gives back keeps it from running, also at the interpreter's exit
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(e._native))
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _dispatch_loop(native: Any, callbacks: list, stop: threading.Event, errors: list[int]) -> None:
+    """The ``on_signal`` dispatcher. It holds no reference to the :class:`Engine` (only to what
+    it needs), so an engine with callbacks is still collected (and closed) once unreferenced:
+    its native side then stops and ``poll`` raises, which ends this thread."""
+    while not stop.is_set():
+        try:
+            batch = native.poll(4096, 50_000_000)
+        except RuntimeError:  # closed underneath us
+            return
+        for sig in signals_from_records(np.frombuffer(batch, dtype=SIGNAL_DTYPE)):
+            for cb in list(callbacks):
+                try:
+                    cb(sig)
+                except BaseException:  # SystemExit too: it would end the dispatcher, losing the batch
+                    errors[0] += 1
+                    log.exception("on_signal callback %r raised for signal %s", cb, sig.id)
 
 
 class Engine:
@@ -325,10 +367,12 @@ class Engine:
         # with how a refusal names it
         self._consumers: dict[threading.Thread, str] = {}
         self._stop = threading.Event()
-        self._callback_errors = 0
+        self._callback_errors = [0]  # shared with the dispatcher thread
         self._closed = False
+        self._foreign = 0  # the pid of a forked child this engine was inherited by
         # Threads are joined when the engine is garbage-collected, even without close().
-        self._finalizer = weakref.finalize(self, _close_native, self._native)
+        self._finalizer = weakref.finalize(self, _close_native, self._native, self._stop)
+        _live_engines.add(self)
         # The native side learns which thread runs the interpreter's exit, so that a daemon
         # thread coming back from a native call once the interpreter finalizes waits for the
         # process to end instead of taking the GIL (which aborted the process). Registered
@@ -474,7 +518,16 @@ class Engine:
         self._cpu_only("poll")
         # more than the native maximum means "all there are", like it
         n = 1 << 20 if max_n is None else min(check_int("max_n", max_n, 0, math.inf), _MAX_POLL)
-        return np.frombuffer(self._native.poll(n, _timeout_ns(timeout)), dtype=SIGNAL_DTYPE)
+        t = _timeout_ns(timeout)
+        if 0 <= t <= _POLL_SLICE_NS:
+            return np.frombuffer(self._native.poll(n, t), dtype=SIGNAL_DTYPE)
+        # a long wait goes in slices, so ^C (handled between them) ends it
+        end = None if t < 0 else time.monotonic_ns() + t
+        while True:
+            left = _POLL_SLICE_NS if end is None else min(_POLL_SLICE_NS, end - time.monotonic_ns())
+            raw = self._native.poll(n, max(0, left))
+            if len(raw) or (end is not None and time.monotonic_ns() >= end):
+                return np.frombuffer(raw, dtype=SIGNAL_DTYPE)
 
     def step(self, bar: np.ndarray | np.void, timeout: float | None = 10.0) -> AISignal | None:
         """One bar in, its signal out (a frozen :class:`AISignal`). Returns None when the bar
@@ -518,25 +571,12 @@ class Engine:
             if self._dispatcher is None or not self._dispatcher.is_alive():  # none yet, or it died
                 if self._dispatcher is not None:
                     self.unregister_consumer(self._dispatcher)
-                self._dispatcher = threading.Thread(target=self._dispatch, name="dc-signal-dispatch",
-                                                    daemon=True)
+                self._dispatcher = threading.Thread(
+                    target=_dispatch_loop, args=(self._native, self._callbacks, self._stop, self._callback_errors),
+                    name="dc-signal-dispatch", daemon=True)
                 self.register_consumer(self._dispatcher, "an on_signal callback")
                 self._dispatcher.start()
         return callback
-
-    def _dispatch(self) -> None:
-        while not self._stop.is_set():
-            try:
-                batch = self._native.poll(4096, 50_000_000)
-            except RuntimeError:  # closed underneath us
-                return
-            for sig in signals_from_records(np.frombuffer(batch, dtype=SIGNAL_DTYPE)):
-                for cb in list(self._callbacks):
-                    try:
-                        cb(sig)
-                    except BaseException:  # SystemExit too: it would end the dispatcher, losing the batch
-                        self._callback_errors += 1
-                        log.exception("on_signal callback %r raised for signal %s", cb, sig.id)
 
     def _not_from_consumer(self, what: str) -> None:
         """RuntimeError when called from a consumer thread (see :meth:`register_consumer`)."""
@@ -605,6 +645,10 @@ class Engine:
 
     def _check_open(self) -> None:
         if self._closed:
+            if self._foreign:
+                raise RuntimeError(f"this engine was created in another process (this is process "
+                                   f"{self._foreign}, a fork of it): its threads are not here; create "
+                                   f"an Engine in this process (or start processes with 'spawn')")
             raise RuntimeError("engine is closed")
 
     def validate(self, bars: np.ndarray) -> np.ndarray:
@@ -888,7 +932,7 @@ class Engine:
         if self._journal_path is not None:
             s["journal"] = dict(self._native.journal_stats(), path=self._journal_path)
         lay = self._native.layout()
-        s["callback_errors"] = self._callback_errors
+        s["callback_errors"] = self._callback_errors[0]
         s["sms"]["status"] = np.array(["ok", "stalled", "moving"])[s["sms"]["status"]]
         s.update(
             n_agents=lay["n_agents"],

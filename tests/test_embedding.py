@@ -1,0 +1,133 @@
+"""What an embedding process relies on beyond the data path: ^C ends a blocking call, an engine
+with callbacks is still collected, and a forked child cannot crash on an inherited engine."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import weakref
+
+import dynamic_core as dc
+import pytest
+
+PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _child(code: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (PKG, os.environ.get("PYTHONPATH")) if p),
+               OPENBLAS_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("call", ["eng.submit(bars)", "eng.poll(timeout=None)", "eng.poll(timeout=3600)"])
+def test_ctrl_c_ends_a_blocking_call(call: str) -> None:
+    # a block-policy submit with no consumer waits for room for good, an idle poll(None) for a
+    # signal that never comes: ^C must end both (it was ignored until the process was killed)
+    p = _child(f"""
+        import sys, dynamic_core as dc
+        pop = dc.Population.random(256, instruments=["EURUSD"], timeframes=[3600], seed=1)
+        bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(64)
+        with dc.Engine(pop, threads=2, capacity=8) as eng:
+            print("ready", flush=True)
+            try:
+                {call}
+            except KeyboardInterrupt:
+                st = eng.stats()
+                print("interrupted", st["bars_in"], flush=True)
+                sys.exit(0)
+            print("returned", flush=True)
+            sys.exit(3)
+    """)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 0, (out, err)
+    assert out.startswith("interrupted")
+    if "submit" in call:  # the pieces taken before ^C stay taken: at most the window
+        assert 0 < int(out.split()[1]) <= 8
+
+
+def test_an_engine_with_a_callback_is_collected_and_its_threads_end() -> None:
+    bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(50)
+    before = _os_threads()
+    refs = []
+    for k in range(5):
+        eng = dc.Engine(dc.Population.random(500, instruments=["EURUSD"], timeframes=[3600], seed=k), threads=2)
+        got: list = []
+        eng.on_signal(got.append)
+        eng.submit(bars)
+        refs.append(weakref.ref(eng))
+        del eng
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while (any(r() is not None for r in refs) or _os_threads() > before) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert all(r() is None for r in refs)  # the dispatcher kept every one alive, with its threads
+    assert _os_threads() <= before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_an_engine_inherited_by_a_forked_child_refuses_and_does_not_crash() -> None:
+    bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(50)
+    eng = dc.Engine(dc.Population.random(500, instruments=["EURUSD"], timeframes=[3600], seed=1), threads=2)
+    eng.run(bars[:20])
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no worker threads exist here
+        code = 1
+        try:
+            try:
+                eng.run(bars[20:])
+            except RuntimeError as e:
+                code = 0 if "another process" in str(e) else 2
+            eng.close()  # nothing to join here: a no-op, not a crash
+            del eng
+            gc.collect()
+            os.write(w, b"ok")
+        finally:
+            os._exit(code)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    msg = os.read(r, 16)
+    os.close(r)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and msg == b"ok", status
+    assert len(eng.run(bars[20:])) == 30  # the parent's engine is untouched
+    eng.close()
+    assert threading.active_count() >= 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_that_exits_normally_does_not_crash() -> None:
+    # the interpreter's exit in the child used to run the engine's destructor: SIGSEGV
+    p = _child("""
+        import gc, os, sys, dynamic_core as dc
+        bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(20)
+        eng = dc.Engine(dc.Population.random(500, instruments=["EURUSD"], timeframes=[3600], seed=1), threads=2)
+        eng.run(bars)
+        pid = os.fork()
+        if pid == 0:
+            del eng
+            gc.collect()
+            sys.exit(0)
+        _, status = os.waitpid(pid, 0)
+        print(status, flush=True)
+        eng.close()
+    """)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and out.strip() == "0", (out, err)
