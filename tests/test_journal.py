@@ -332,6 +332,24 @@ def test_torn_tail_is_reported_repaired_and_replayed(tmp_path):
     assert res.signals.tobytes() == live[:len(res.signals)].tobytes()
 
 
+def test_repair_refuses_a_journal_that_is_still_being_written(tmp_path):
+    # a record half-written by a live run looks like a torn tail: repair used to cut it (and,
+    # caught in the meta record, every record the run went on writing at its own offset)
+    pop, bars = _pop(100), _bars(40)
+    with dc.Engine(pop, journal=tmp_path / "j", threads=1) as eng:
+        eng.run(bars)
+        seg = tmp_path / "j" / "seg-000000.dcj"
+        size = seg.stat().st_size
+        with open(seg, "ab") as f:  # what a reader sees mid-write
+            f.write(b"\x07" * 10)
+        assert jr.verify(tmp_path / "j").status == "torn_tail"  # verify alone only reports
+        with pytest.raises(JournalError, match="open for writing"):
+            jr.verify(tmp_path / "j", repair=True)
+        assert seg.stat().st_size == size + 10  # nothing cut
+    fixed = jr.verify(tmp_path / "j", repair=True)  # the writer has gone: a torn tail now
+    assert fixed.repaired and fixed.truncated_bytes == 10 and jr.verify(tmp_path / "j").ok
+
+
 def test_journal_errors_are_typed(tmp_path):
     pop, bars = _pop(100), _bars(50)
     _journaled_run(tmp_path / "j", pop, bars)

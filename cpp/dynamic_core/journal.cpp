@@ -3,6 +3,7 @@
 #include "errors.hpp"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -157,7 +158,9 @@ std::vector<std::string> journal_segments(const std::string& dir) {
   if (!fs::is_directory(dir, ec)) return out;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     const std::string n = e.path().filename().string();
-    if (n.size() == 14 && n.rfind("seg-", 0) == 0 && n.substr(10) == ".dcj") out.push_back(e.path().string());
+    if (n.size() == 14 && n.rfind("seg-", 0) == 0 && n.substr(10) == ".dcj" &&
+        std::all_of(n.begin() + 4, n.begin() + 10, [](char c) { return c >= '0' && c <= '9'; }))
+      out.push_back(e.path().string());
   }
   std::sort(out.begin(), out.end());
   return out;
@@ -179,6 +182,13 @@ JournalWriter::JournalWriter(const std::string& dir, const JournalIdentity& id, 
     throw std::system_error(std::make_error_code(std::errc::not_a_directory), "journal path " + dir_);
   if (!journal_segments(dir_).empty())
     throw std::invalid_argument("journal directory " + dir_ + " already holds a journal");
+  lock_fd_ = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (lock_fd_ < 0) throw std::system_error(errno, std::generic_category(), "cannot open journal directory " + dir_);
+  if (::flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+    ::close(lock_fd_);
+    lock_fd_ = -1;
+    throw std::invalid_argument("journal directory " + dir_ + " is being written by another writer");
+  }
   try {
     open_segment();
     append(RecordType::Meta, meta, meta_n);
@@ -190,6 +200,8 @@ JournalWriter::JournalWriter(const std::string& dir, const JournalIdentity& id, 
     fd_ = -1;
     closed_ = true;
     if (made) fs::remove(fs::path(dir_) / segment_name(0), ec);
+    ::close(lock_fd_);
+    lock_fd_ = -1;
     throw;
   }
 }
@@ -313,6 +325,13 @@ void JournalWriter::commit(bool durable) {
 void JournalWriter::close() {
   if (closed_) return;
   closed_ = true;
+  struct Unlock {  // the directory's lock goes last, whatever happens
+    int& fd;
+    ~Unlock() {
+      if (fd >= 0) ::close(fd);
+      fd = -1;
+    }
+  } unlock{lock_fd_};
   if (fd_ < 0) return;
   if (!failed()) {
     try {
@@ -325,6 +344,14 @@ void JournalWriter::close() {
   }
   ::close(fd_);
   fd_ = -1;
+}
+
+bool journal_locked(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return false;  // nothing there to be written
+  const bool locked = ::flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+  ::close(fd);  // releases the shared lock if it was taken
+  return locked;
 }
 
 // ---- reader -----------------------------------------------------------------------------------
@@ -488,6 +515,9 @@ ScanReport scan_journal(const std::string& dir, bool repair) {
   }
   ScanReport rep = rd.report();
   if (repair && rep.status == ScanStatus::TornTail) {
+    if (journal_locked(dir))
+      throw JournalFailure("journal " + dir + " is open for writing (a run is still writing it): its tail is a "
+                           "record being written, not a torn one; repair it after the writer has stopped");
     const std::string& path = rd.segment_paths()[rep.bad_segment];
     std::error_code ec;
     const uint64_t size = fs::file_size(path, ec);

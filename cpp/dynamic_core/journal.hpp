@@ -80,6 +80,11 @@ struct JournalStats {
   std::string error;  // why the writer failed; empty while it works
 };
 
+// Whether a writer has the journal in `dir` open now (it holds an exclusive flock() on the
+// directory from creation to close). Repair refuses such a journal: its "torn tail" is a record
+// still being written.
+bool journal_locked(const std::string& dir);
+
 class JournalWriter {
  public:
   // Creates `dir` (if needed) and a new journal in it; throws if it already holds segments.
@@ -115,6 +120,7 @@ class JournalWriter {
   int level_;
   uint64_t segment_bytes_;
   int fd_ = -1;
+  int lock_fd_ = -1;  // the directory, flock()ed while this writer has it open (see journal_locked)
   bool closed_ = false;
   uint32_t pending_ = 0;  // records in buf_
   uint32_t segment_ = 0;

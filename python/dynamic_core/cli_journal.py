@@ -33,7 +33,7 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     from .cli import _count
 
     j = sub.add_parser(
-        "journal", help="verify, repair or list an append-only journal",
+        "journal", help="verify (--repair a torn tail) or dump an append-only journal",
         description="Inspect the append-only journal an engine writes with --journal DIR: "
                     "segment files of length-prefixed, CRC32C-checked records (the population "
                     "and configuration, every accepted bar before it was processed, rejects, "
@@ -46,7 +46,7 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
                                     "anywhere else is reported with its segment and byte offset.",
                         epilog=_JOURNAL_EPILOG, formatter_class=formatter)
     v.add_argument("dir", metavar="DIR", help="journal directory")
-    v.add_argument("--repair", action="store_true", help="truncate a torn tail so the journal replays cleanly")
+    v.add_argument("--repair", action="store_true", help="truncate a torn tail so the journal replays cleanly (refused while a run still writes the journal)")
     v.set_defaults(func=cmd_journal_verify)
     d = jsub.add_parser("dump", help="list records: type, sequence number, size and place",
                         description="List the journal's records in order, one line each: sequence "
