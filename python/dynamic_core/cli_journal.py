@@ -46,7 +46,9 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
                                     "anywhere else is reported with its segment and byte offset.",
                         epilog=_JOURNAL_EPILOG, formatter_class=formatter)
     v.add_argument("dir", metavar="DIR", help="journal directory")
-    v.add_argument("--repair", action="store_true", help="truncate a torn tail so the journal replays cleanly (refused while a run still writes the journal)")
+    v.add_argument("--repair", action="store_true",
+                   help="truncate a torn tail so the journal replays cleanly (refused while a run still "
+                        "writes the journal)")
     v.set_defaults(func=cmd_journal_verify)
     d = jsub.add_parser("dump", help="list records: type, sequence number, size and place",
                         description="List the journal's records in order, one line each: sequence "
