@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -370,3 +371,23 @@ def test_interrupt_while_a_library_imports_the_package_propagates(tmp_path: Path
     proc = _interrupt_while_importing([sys.executable, "-c", "import dynamic_core"], tmp_path)
     assert "Traceback" in proc.stderr and "KeyboardInterrupt" in proc.stderr
     assert proc.returncode != 130
+
+
+def test_smc_drops_bad_bars_and_keeps_the_engine_line_for_short_journals(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("smartmoneyconcepts")
+    from backtesting.test import EURUSD
+
+    df = EURUSD.iloc[:1000].copy()
+    df.iloc[50, df.columns.get_loc("Close")] = float("nan")  # one bad bar used to skip the whole stream
+    df.rename_axis("time").to_csv(tmp_path / "bad.csv")
+    assert cli.main(["smc", str(tmp_path / "bad.csv")]) == 0
+    out = capsys.readouterr()
+    assert "dropped 1 bad bar(s) of 1,000 (non_finite 1)" in out.err
+    assert "SMC agreement" in out.out and re.search(r"bad/3600\s+999\s", out.out)
+    # too short to compare, but the engine's replay is still verified and said
+    assert cli.main(["run", "--agents", "64", "--bars", "40", "-q", "--journal", str(tmp_path / "j")]) == 0
+    capsys.readouterr()
+    assert cli.main(["smc", str(tmp_path / "j"), "--engine"]) == 0
+    out = capsys.readouterr().out
+    assert "no stream long enough" in out and "engine replay: 160 bars, 160 signals, 160 verified" in out

@@ -234,6 +234,16 @@ def test_read_csv_round_trip(tmp_path, sim_bars):
     assert back.tobytes() == sim_bars.tobytes()
 
 
+def test_read_csv_puts_shuffled_rows_of_one_instrument_in_time_order(tmp_path, sim_bars):
+    # like a file with a symbol column: a shuffled file used to lose every bar out of order
+    one = sim_bars[sim_bars["instrument"] == sim_bars["instrument"][0]]
+    df = dc.market.to_pandas(one).drop(columns=["instrument", "timeframe"]).rename_axis("time")
+    df.sample(frac=1.0, random_state=3).to_csv(tmp_path / "shuffled.csv")
+    back = dc.market.read_csv(tmp_path / "shuffled.csv")
+    assert np.array_equal(back["ts"], one["ts"]) and np.array_equal(back["close"], one["close"])
+    assert np.all(np.diff(back["ts"]) > 0)
+
+
 def test_read_csv_takes_an_unnamed_index_column_as_the_times(tmp_path, sim_bars):
     """DataFrame.to_csv writes a DatetimeIndex without a name as an unnamed first column: its
     times, read as such (with or without a symbol column)."""

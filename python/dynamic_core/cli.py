@@ -1028,6 +1028,14 @@ def cmd_smc(args: argparse.Namespace) -> int:
         if args.engine:
             raise CLIError("--engine needs a journal directory")
         bars = load_bars(src, sim_names=["EURUSD"], bars=None, timeframe=None, seed=0)
+        from .market import reason_counts, validate
+
+        reasons = validate(bars)
+        if reasons.any():  # what run and backtest reject (and count): one bad bar ended the stream
+            counts = ", ".join(f"{k} {v:,}" for k, v in reason_counts(reasons).items())
+            print(f"dynamic-core smc: dropped {int(np.count_nonzero(reasons)):,} bad bar(s) of {len(bars):,} "
+                  f"({counts})", file=sys.stderr)
+            bars = bars[reasons == 0]
         source = bars
     extra: dict[str, Any] = {"engine": True} if args.engine else {}
     if args.evolve:

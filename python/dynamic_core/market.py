@@ -298,7 +298,9 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
         df = _index_times(pd.read_csv(path), index_col, no_times)
         if instrument is None:
             instrument = os.path.splitext(os.path.basename(os.fspath(path)))[0]
-        return from_pandas(df, instrument, timeframe)
+        # in time order, as the multi-instrument path gives (rows out of order were rejected
+        # as out_of_order one by one, leaving a handful of bars)
+        return merge(from_pandas(df, instrument, timeframe))
     from pandas._libs.parsers import STR_NA_VALUES  # read_csv's documented default NA strings
 
     # the symbol column as text, without NA detection: by default "NA", "NULL", "nan" and ""

@@ -437,18 +437,20 @@ def replay_report(source: Any, swing_length: int = 10, *, engine: bool = False,
 def format_report(table: Any) -> str:
     """The table of :func:`replay_report` as aligned text (percentages, one decimal)."""
     if len(table) == 0:
-        return "no stream long enough to compare" + (
-            f" (skipped: {', '.join(table.attrs.get('skipped', []))})" if table.attrs.get("skipped") else "")
-    t = table.copy()
-    for col in ("precision", "recall", "f1", "attr"):
-        t[col] = [("   -" if math.isnan(x) else f"{100 * x:5.1f}%") for x in t[col]]
-    t["lag"] = [("-" if math.isnan(x) else f"{x:.1f}") for x in t["lag"]]
-    text = t.to_string(index=False)
-    lines = [f"SMC agreement with smartmoneyconcepts (swing_length={table.attrs.get('swing_length')})", text]
+        # the rest (the engine's verified replay, the evolution trace) is still reported
+        lines = ["no stream long enough to compare" + (
+            f" (skipped: {', '.join(table.attrs.get('skipped', []))})" if table.attrs.get("skipped") else "")]
+    else:
+        t = table.copy()
+        for col in ("precision", "recall", "f1", "attr"):
+            t[col] = [("   -" if math.isnan(x) else f"{100 * x:5.1f}%") for x in t[col]]
+        t["lag"] = [("-" if math.isnan(x) else f"{x:.1f}") for x in t["lag"]]
+        lines = [f"SMC agreement with smartmoneyconcepts (swing_length={table.attrs.get('swing_length')})",
+                 t.to_string(index=False)]
     if table.attrs.get("engine"):
         e = table.attrs["engine"]
         lines.append(f"engine replay: {e['bars']} bars, {e['signals']} signals, {e['verified']} verified")
-    if table.attrs.get("skipped"):
+    if table.attrs.get("skipped") and len(table):
         lines.append(f"skipped: {', '.join(table.attrs['skipped'])}")
     if "evolution" in table.attrs:
         from .evolution import format_trace
