@@ -391,3 +391,28 @@ def test_smc_drops_bad_bars_and_keeps_the_engine_line_for_short_journals(
     assert cli.main(["smc", str(tmp_path / "j"), "--engine"]) == 0
     out = capsys.readouterr().out
     assert "no stream long enough" in out and "engine replay: 160 bars, 160 signals, 160 verified" in out
+
+
+def test_output_files_are_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no" / "such" / "x.png"
+    assert cli.main(["run", "--agents", "64", "--bars", "200", "--evolve", "50", "--evolve-plot", str(missing),
+                     "-q"]) == 2
+    captured = capsys.readouterr()
+    assert "--evolve-plot" in captured.err and "no such directory" in captured.err
+    assert "agents over" not in captured.out  # refused before the run, not after it
+    assert cli.main(["backtest", "--data", "sim", "--fast", "5", "--slow", "20", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    # `dynamic-core journal dump J | head -1` printed "error: [Errno 32] Broken pipe" (exit 2)
+    # enough records that the listing outgrows the pipe's buffer
+    assert cli.main(["run", "--agents", "64", "--bars", "40000", "-q", "--journal", str(tmp_path / "j")]) == 0
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (PKG_ROOT, os.environ.get("PYTHONPATH")) if p))
+    with subprocess.Popen([sys.executable, "-m", "dynamic_core", "journal", "dump", str(tmp_path / "j"),
+                           "--limit", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+        assert p.stdout is not None and p.stderr is not None and p.stdout.readline()
+        p.stdout.close()  # like head after one line
+        err = p.stderr.read().decode()
+        rc = p.wait(timeout=60)
+    assert rc == 1 and "Broken pipe" not in err and "Traceback" not in err, err

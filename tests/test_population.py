@@ -123,3 +123,17 @@ def test_dtypes_match_native_layouts():
     assert dc.BAR_DTYPE.names == ("ts", "instrument", "timeframe", "open", "high", "low", "close", "volume")
     assert dc.SIGNAL_DTYPE["votes"].shape == (5,)
     assert dc.SIGNAL_DTYPE.names[8:10] == ("dispersion", "dsi") and dc.SIGNAL_DSI == 1
+
+
+def test_cost_bps_is_bounded_so_equity_cannot_go_negative() -> None:
+    # 20,000 bps made a reversal cost four times the equity: equity 7e75 with a 407% drawdown
+    from dynamic_core.errors import InvalidGenome
+
+    ok = dc.Population.grid("EURUSD", "H1", fast=5, slow=20, cost_bps=[0.0, 1000.0])
+    assert len(ok) == 2
+    with pytest.raises(InvalidGenome, match=r"cost_bps not a finite number in \[0, 1000\]"):
+        dc.Population.grid("EURUSD", "H1", fast=5, slow=20, cost_bps=1000.5)
+    rec = ok.records.copy()
+    rec["cost_bps"][1] = 5000.0
+    with pytest.raises(ValueError, match="cost_bps"):
+        dc.Population.from_records(rec)

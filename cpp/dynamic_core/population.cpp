@@ -453,7 +453,7 @@ void validate_genomes(const Genome* g, size_t n) {
     for (double r : reals)
       if (!finite(r)) why = "non-finite weight, entry or cost";
     if (x.entry < 0.0) why = "negative entry";
-    if (x.cost_bps < 0.0) why = "negative cost_bps";
+    if (x.cost_bps < 0.0 || x.cost_bps > kMaxCostBps) why = "cost_bps outside [0, 1000]";
     if (x.mode > 1) why = "unknown mode";
     if (x.kind > 1) why = "unknown kind";
     if (x.timeframe == 0) why = "timeframe 0";

@@ -13,6 +13,10 @@
 namespace dynamic_core {
 
 inline constexpr int32_t kMaxPeriod = 100000;
+// Cost per unit of position change is at most 10% of equity: a reversal (2 units) then costs at
+// most 20%, so equity stays positive (from 5,000 bps a reversal took more than all of it and
+// equity went negative and kept compounding).
+inline constexpr double kMaxCostBps = 1000.0;
 
 // One bar's indicator outputs of a bank, flat, with warm flags (1.0 warm, 0.0 not).
 struct BankValues {

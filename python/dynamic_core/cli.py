@@ -16,6 +16,7 @@ through the ``dynamic-core`` entry point or ``python -m dynamic_core``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import math
 import os
@@ -81,7 +82,7 @@ _GENOME_HELP = {
              "so it changes nothing here",
     "entry": "|score| that takes a position, >= 0: long above +entry, short (or flat) below -entry, "
              "else the position is kept; 1 or more never trades",
-    "cost_bps": "cost per unit of position change, in basis points of equity",
+    "cost_bps": "cost per unit of position change, in basis points of equity (0 to 1000)",
 }
 """``backtest --help`` text of each genome option (the README's "What an agent does")."""
 
@@ -928,9 +929,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _need_matplotlib(plot: str | None) -> None:
-    """Refuses --evolve-plot before any work when matplotlib cannot be imported."""
+    """Refuses --evolve-plot before any work when matplotlib cannot be imported or the file
+    cannot be written."""
     if plot and importlib.util.find_spec("matplotlib") is None:
         raise CLIError("--evolve-plot needs matplotlib: pip install matplotlib (it is in the test extra)")
+    if plot:
+        _writable("--evolve-plot", plot)
+
+
+def _writable(option: str, path: str) -> None:
+    """Refuses, before any work, an output file that could not be written at the end."""
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(out_dir):
+        raise CLIError(f"{option} {path}: no such directory {out_dir}")
+    if os.path.isdir(path):
+        raise CLIError(f"{option} {path} is a directory")
+    if not os.access(out_dir, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise CLIError(f"{option} {path}: not writable")
 
 
 def _evolution_summary(console: Any, evo: Any, plot: str | None) -> None:
@@ -1077,11 +1092,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     console = _console()
     # checked before the run so a typo in --out does not cost a long sweep
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise CLIError(f"--out {args.out}: no such directory {out_dir}")
-    if os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out} is a directory")
+    _writable("--out", args.out)
     src = args.data.strip()
     is_sim = src.lower() == "sim"
     sim_names = [args.instrument or "EURUSD"]
@@ -1165,6 +1176,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`... | head`): stop quietly, as a pipeline expects; stdout is
+        # pointed at /dev/null so the interpreter's final flush does not fail again
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1  # as rich's console does on a broken pipe (run's live view and tables)
     except FileNotFoundError as e:
         _error(str(e) if not e.filename else f"no such file: {e.filename}")
     except (CLIError, DynamicCoreError, ValueError, KeyError) as e:

@@ -16,9 +16,10 @@ from .instruments import instruments
 from .market import parse_timeframe
 from .records import GENOME_DTYPE
 
-__all__ = ["Population", "MODES", "DEFAULTS", "MAX_PERIOD"]
+__all__ = ["Population", "MODES", "DEFAULTS", "MAX_PERIOD", "MAX_COST_BPS"]
 
 MAX_PERIOD = 100_000
+MAX_COST_BPS = 1000.0  # 10% of equity per unit of position change (a reversal: 20%); see population.hpp
 MODES = {"long_only": 0, "long_short": 1}
 PERIODS = ("fast", "slow", "rsi_period", "macd_fast", "macd_slow", "macd_signal", "atr_period",
            "bb_period", "mom_period")
@@ -54,7 +55,8 @@ def check_records(rec: np.ndarray) -> None:
         flag(~np.isfinite(rec[w]), f"{w} not finite")
     flag(~np.isfinite(rec["w_dsi"]), "w_dsi not finite")
     flag(~np.isfinite(rec["entry"]) | (rec["entry"] < 0), "entry not a finite number >= 0")
-    flag(~np.isfinite(rec["cost_bps"]) | (rec["cost_bps"] < 0), "cost_bps not a finite number >= 0")
+    flag(~np.isfinite(rec["cost_bps"]) | (rec["cost_bps"] < 0) | (rec["cost_bps"] > MAX_COST_BPS),
+         f"cost_bps not a finite number in [0, {MAX_COST_BPS:g}]")
     flag(rec["mode"] > 1, "unknown mode (0 long_only, 1 long_short)")
     flag(rec["kind"] > 1, "unknown kind (0 indicator blend, 1 external score)")
     flag(rec["timeframe"] == 0, "timeframe 0")
