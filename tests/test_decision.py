@@ -498,6 +498,8 @@ def test_set_credit_refuses_bad_input_and_changes_nothing(credit_market):
             eng.set_credit([1], [1.000001e6])
         with pytest.raises(ValueError, match="2 agent ids but 1"):
             eng.set_credit([1, 2], [2.0])
+        with pytest.raises(ValueError, match="agent id 5 is given more than once"):  # which would win?
+            eng.set_credit([5, 2, 5], [1.0, 2.0, 3.0])
         assert (eng.agents()["credit"] == 1.0).all()
 
 

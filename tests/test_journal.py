@@ -355,6 +355,11 @@ def test_journal_errors_are_typed(tmp_path):
     _journaled_run(tmp_path / "j", pop, bars)
     with pytest.raises(JournalError, match="already holds a journal"):
         dc.Engine(pop, journal=tmp_path / "j")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(JournalError, match="is not empty"):  # segments went in among other files
+        dc.Engine(pop, journal=tmp_path / "other")
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
     with pytest.raises(JournalError, match="no journal directory"):
         jr.verify(tmp_path / "nope")
     (tmp_path / "empty").mkdir()

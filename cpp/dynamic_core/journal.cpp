@@ -182,6 +182,9 @@ JournalWriter::JournalWriter(const std::string& dir, const JournalIdentity& id, 
     throw std::system_error(std::make_error_code(std::errc::not_a_directory), "journal path " + dir_);
   if (!journal_segments(dir_).empty())
     throw std::invalid_argument("journal directory " + dir_ + " already holds a journal");
+  if (fs::directory_iterator(dir_, ec) != fs::directory_iterator())
+    throw std::invalid_argument("journal directory " + dir_ + " is not empty: give a new or empty directory "
+                                "(a journal owns its directory)");
   lock_fd_ = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (lock_fd_ < 0) throw std::system_error(errno, std::generic_category(), "cannot open journal directory " + dir_);
   if (::flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {

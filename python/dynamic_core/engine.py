@@ -742,6 +742,10 @@ class Engine:
             raise ValueError(f"{what}: {len(ids)} agent ids but {len(vals)} values")
         if not len(ids):
             return  # nothing to set (nor to journal)
+        u, counts = np.unique(ids, return_counts=True)
+        if len(u) != len(ids):
+            raise ValueError(f"{what}: agent id {int(u[counts > 1][0])} is given more than once (one value "
+                             f"per agent)")
         with self._ids_lock:  # no generation may replace these agents between lookup and write
             idx = self._indices_of(ids, what)
             raw = b""
