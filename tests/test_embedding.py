@@ -16,7 +16,7 @@ import weakref
 import dynamic_core as dc
 import pytest
 
-PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+PKG = os.path.dirname(os.path.dirname(os.path.abspath(dc.__file__)))  # the package as installed (or built here)
 
 
 def _os_threads() -> int:
@@ -49,13 +49,14 @@ def test_ctrl_c_ends_a_blocking_call(call: str) -> None:
             print("returned", flush=True)
             sys.exit(3)
     """)
-    try:
-        assert p.stdout.readline().strip() == "ready"
-        time.sleep(0.5)
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
-    finally:
-        p.kill()
+    with p:
+        try:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr
+            time.sleep(0.5)
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=30)
+        finally:
+            p.kill()
     assert p.returncode == 0, (out, err)
     assert out.startswith("interrupted")
     if "submit" in call:  # the pieces taken before ^C stay taken: at most the window
@@ -129,5 +130,6 @@ def test_a_forked_child_that_exits_normally_does_not_crash() -> None:
         print(status, flush=True)
         eng.close()
     """)
-    out, err = p.communicate(timeout=60)
+    with p:
+        out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and out.strip() == "0", (out, err)
