@@ -8,6 +8,7 @@ guarantees: e.g. a fallback must land before the task's deadline.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -510,73 +511,67 @@ def test_ab_split_is_stable_and_recorded(fake) -> None:
         assert ab["A"]["tasks"] + ab["B"]["tasks"] == 20 and ab["A"]["tasks"] and ab["B"]["tasks"]
 
 
-def test_review_over_the_control_plane_with_the_cli(fake, tmp_path) -> None:
+@contextlib.contextmanager
+def _served(m: ReasoningMesh, tmp_path: Path):
+    """An engine service with mesh ``m`` behind a CURVE control plane; yields the service and a
+    runner of ``dynamic-core COMMAND ARGS`` with an authorised client's keys."""
     T.new_keypair(tmp_path, "server")
     T.new_keypair(tmp_path / "clients", "ops")
-    fake.script([], default={"mode": "normal", "direction": "sell"})  # argues against a BUY signal
-    m, out = mesh(fake, weights_path=tmp_path / "w.json")
     pop = dc.Population.random(64, instruments=["EURUSD"], timeframes=[3600], seed=1)
     with m, dc.Engine(pop, threads=1) as eng:
         control = T.ControlServer(secret_key=tmp_path / "server.key_secret", authorized_keys=tmp_path / "clients")
         svc = T.EngineService(eng, control=control, mesh=m, on_signals=lambda s: None)
         with svc:
             svc.start()
-            m.submit(ctx(1000, action=1))
-            assert out.wait(1)[0].provider == "deepseek"
             keys = ["--server-key", str(tmp_path / "server.key"), "--client-key",
                     str(tmp_path / "clients" / "ops.key_secret")]
 
-            def cli(*args: str) -> subprocess.CompletedProcess:
-                return subprocess.run([sys.executable, "-m", "dynamic_core", "review", *args, *keys],
+            def cli(command: str, *args: str) -> subprocess.CompletedProcess:
+                return subprocess.run([sys.executable, "-m", "dynamic_core", command, *args, *keys],
                                       capture_output=True, text=True, timeout=60)
 
-            r = cli("list", control.endpoint, "--json")
-            assert r.returncode == 0, r.stderr
-            items = json.loads(r.stdout)["items"]
-            assert [(it["reason"], it["provider"]) for it in items] == [("disagrees", "deepseek")]
-            r = cli("reject", control.endpoint, str(items[0]["item"]), "--note", "wrong way round")
-            assert r.returncode == 0 and json.loads(r.stdout)["weight"] == pytest.approx(0.8)
-            r = cli("approve", control.endpoint, str(items[0]["item"]))  # already decided
-            assert r.returncode == 1 and "no review item" in r.stderr
-            r = cli("list", control.endpoint)
-            assert r.returncode == 0 and "review queue is empty" in r.stdout
+            yield svc, control.endpoint, cli
+
+
+def test_review_over_the_control_plane_with_the_cli(fake, tmp_path) -> None:
+    fake.script([], default={"mode": "normal", "direction": "sell"})  # argues against a BUY signal
+    m, out = mesh(fake, weights_path=tmp_path / "w.json")
+    with _served(m, tmp_path) as (_, addr, cli):
+        m.submit(ctx(1000, action=1))
+        assert out.wait(1)[0].provider == "deepseek"
+        r = cli("review", "list", addr, "--json")
+        assert r.returncode == 0, r.stderr
+        items = json.loads(r.stdout)["items"]
+        assert [(it["reason"], it["provider"]) for it in items] == [("disagrees", "deepseek")]
+        r = cli("review", "reject", addr, str(items[0]["item"]), "--note", "wrong way round")
+        assert r.returncode == 0 and json.loads(r.stdout)["weight"] == pytest.approx(0.8)
+        r = cli("review", "approve", addr, str(items[0]["item"]))  # already decided
+        assert r.returncode == 1 and "no review item" in r.stderr
+        r = cli("review", "list", addr)
+        assert r.returncode == 0 and "review queue is empty" in r.stdout
     assert json.loads((tmp_path / "w.json").read_text()) == {"deepseek": pytest.approx(0.8)}
 
 
 def test_routing_table_over_the_control_plane_with_the_cli(fake, tmp_path) -> None:
-    T.new_keypair(tmp_path, "server")
-    T.new_keypair(tmp_path / "clients", "ops")
     m, out = mesh(fake, pol=policy("local"))  # the deepseek adapter runs, but no rule names it
-    pop = dc.Population.random(64, instruments=["EURUSD"], timeframes=[3600], seed=1)
-    with m, dc.Engine(pop, threads=1) as eng:
-        control = T.ControlServer(secret_key=tmp_path / "server.key_secret", authorized_keys=tmp_path / "clients")
-        svc = T.EngineService(eng, control=control, mesh=m, on_signals=lambda s: None)
-        with svc:
-            svc.start()
-            keys = ["--server-key", str(tmp_path / "server.key"), "--client-key",
-                    str(tmp_path / "clients" / "ops.key_secret")]
-
-            def ctl(*args: str) -> subprocess.CompletedProcess:
-                return subprocess.run([sys.executable, "-m", "dynamic_core", "ctl", control.endpoint, *args, *keys],
-                                      capture_output=True, text=True, timeout=60)
-
-            m.submit(ctx(1100))
-            assert out.wait(1)[0].provider == "local"
-            r = ctl("routing", "tactical=deepseek")
-            assert r.returncode == 0, r.stderr
-            assert json.loads(r.stdout) == {"routes": 1, "mesh": True}
-            m.submit(ctx(1101))
-            assert out.wait(2)[1].provider == "deepseek"
-            r = ctl("routing", "tactical=deepseek,nobody")
-            assert r.returncode == 1 and "unknown provider 'nobody'" in r.stderr
-            assert svc.routing == {"tactical": "deepseek"}  # refused: the table in force stays
-            m.submit(ctx(1102))
-            assert out.wait(3)[2].provider == "deepseek"
-            r = ctl("routing", "clear")
-            assert r.returncode == 0 and json.loads(r.stdout)["routes"] == 0
-            m.submit(ctx(1103))
-            assert out.wait(4)[3].provider == "local"
-            assert fake.stats()["requests"] == 2
+    with _served(m, tmp_path) as (svc, addr, cli):
+        m.submit(ctx(1100))
+        assert out.wait(1)[0].provider == "local"
+        r = cli("ctl", addr, "routing", "tactical=deepseek")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {"routes": 1, "mesh": True}
+        m.submit(ctx(1101))
+        assert out.wait(2)[1].provider == "deepseek"
+        r = cli("ctl", addr, "routing", "tactical=deepseek,nobody")
+        assert r.returncode == 1 and "unknown provider 'nobody'" in r.stderr
+        assert svc.routing == {"tactical": "deepseek"}  # refused: the table in force stays
+        m.submit(ctx(1102))
+        assert out.wait(3)[2].provider == "deepseek"
+        r = cli("ctl", addr, "routing", "clear")
+        assert r.returncode == 0 and json.loads(r.stdout)["routes"] == 0
+        m.submit(ctx(1103))
+        assert out.wait(4)[3].provider == "local"
+        assert fake.stats()["requests"] == 2
 
 
 # ---- reasoning never blocks signals --------------------------------------------------------------

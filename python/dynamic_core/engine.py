@@ -161,8 +161,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def _dispatch_loop(native: Any, callbacks: list, stop: threading.Event, errors: list[int]) -> None:
     """The ``on_signal`` dispatcher. It holds no reference to the :class:`Engine` (only to what
-    it needs), so an engine with callbacks is still collected (and closed) once unreferenced:
-    its native side then stops and ``poll`` raises, which ends this thread."""
+    it needs), so an engine with callbacks is still collected once unreferenced: its finaliser
+    sets ``stop`` and closes the native side, which ends this thread."""
     while not stop.is_set():
         try:
             batch = native.poll(4096, 50_000_000)
