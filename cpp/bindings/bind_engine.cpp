@@ -338,9 +338,16 @@ void bind_engine(py::module_& m) {
              }
              // a blocking submit waiting for room (no consumer, say) ends on ^C: the pending
              // signal is checked about every 100 ms (PyErr_CheckSignals runs the handler, which
-             // leaves KeyboardInterrupt set; Interrupted is translated to it)
+             // leaves KeyboardInterrupt set; Interrupted is translated to it). Only Python's
+             // main thread runs signal handlers, so only it takes the GIL here: another thread
+             // (a daemon one, say) coming for the GIL while the interpreter exits would be
+             // ended inside this call, aborting the process.
+             static const unsigned long main_ident =
+                 py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
              eng->set_interrupt_check([] {
-               if (interpreter_finalizing()) return false;
+               if (PyThread_get_thread_ident() != main_ident || g_exiting.load(std::memory_order_acquire) ||
+                   interpreter_finalizing())
+                 return false;
                py::gil_scoped_acquire gil;
                return PyErr_CheckSignals() != 0;
              });

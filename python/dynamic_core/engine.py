@@ -133,9 +133,7 @@ def _real_values(what: str, name: str, values: object) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float64).ravel()
 
 
-def _close_native(native: Any, stop: threading.Event | None = None) -> None:
-    if stop is not None:
-        stop.set()  # ends the dispatcher (a closed native engine's poll returns at once, empty)
+def _close_native(native: Any) -> None:
     native.close()
 
 
@@ -159,11 +157,12 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _dispatch_loop(native: Any, callbacks: list, stop: threading.Event, errors: list[int]) -> None:
-    """The ``on_signal`` dispatcher. It holds no reference to the :class:`Engine` (only to what
-    it needs), so an engine with callbacks is still collected once unreferenced: its finaliser
-    sets ``stop`` and closes the native side, which ends this thread."""
-    while not stop.is_set():
+def _dispatch_loop(native: Any, callbacks: list, stop: threading.Event, errors: list[int],
+                   engine: weakref.ref) -> None:
+    """The ``on_signal`` dispatcher. It holds only a weak reference to the :class:`Engine` (and
+    what it needs), so an engine with callbacks is still collected once unreferenced; this
+    thread then ends (``close`` ends it through ``stop``)."""
+    while not stop.is_set() and engine() is not None:
         try:
             batch = native.poll(4096, 50_000_000)
         except RuntimeError:  # closed underneath us
@@ -371,7 +370,7 @@ class Engine:
         self._closed = False
         self._foreign = 0  # the pid of a forked child this engine was inherited by
         # Threads are joined when the engine is garbage-collected, even without close().
-        self._finalizer = weakref.finalize(self, _close_native, self._native, self._stop)
+        self._finalizer = weakref.finalize(self, _close_native, self._native)
         _live_engines.add(self)
         # The native side learns which thread runs the interpreter's exit, so that a daemon
         # thread coming back from a native call once the interpreter finalizes waits for the
@@ -572,8 +571,8 @@ class Engine:
                 if self._dispatcher is not None:
                     self.unregister_consumer(self._dispatcher)
                 self._dispatcher = threading.Thread(
-                    target=_dispatch_loop, args=(self._native, self._callbacks, self._stop, self._callback_errors),
-                    name="dc-signal-dispatch", daemon=True)
+                    target=_dispatch_loop, name="dc-signal-dispatch", daemon=True,
+                    args=(self._native, self._callbacks, self._stop, self._callback_errors, weakref.ref(self)))
                 self.register_consumer(self._dispatcher, "an on_signal callback")
                 self._dispatcher.start()
         return callback
