@@ -79,8 +79,35 @@ def test_invalid_genomes_name_rows(field, value, msg):
     with pytest.raises(ValueError, match=msg) as ei:
         dc.Population.from_records(rec)
     assert ei.value.rows == [4, 11]
-    assert "row 4" in str(ei.value) and "row 11" in str(ei.value)
+    assert "rows 4, 11" in str(ei.value)
     assert isinstance(ei.value, dc.errors.InvalidGenome)
+
+
+def test_a_reason_shared_by_many_rows_is_said_once():
+    with pytest.raises(dc.errors.InvalidGenome) as ei:
+        dc.Population.grid("EURUSD", 3600, fast=list(range(2, 30)), cost_bps=-1)
+    msg = str(ei.value)
+    assert msg.count("cost_bps") == 1 and "rows 0, 1, 2" in msg and "(28 rows)" in msg
+    assert ei.value.rows == list(range(28))
+
+
+@pytest.mark.parametrize("value", [1j, "x", None, True, [1.0]])
+def test_grid_refuses_a_weight_that_is_not_a_real_number(value):
+    with pytest.raises(dc.errors.InvalidGenome, match="w_rsi: expected a real number"):
+        dc.Population.grid("EURUSD", 3600, w_rsi=[0.5, value] if not isinstance(value, list) else [value])
+
+
+@pytest.mark.parametrize("kw, err, msg", [
+    (dict(seed=-1), ValueError, "seed must be in"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(dsi_share="0.5"), TypeError, "dsi_share must be a number"),
+    (dict(dsi_share=1.5), ValueError, "dsi_share must be a finite number in"),
+    (dict(cost_bps=-1), ValueError, "cost_bps must be a finite number in"),
+    (dict(cost_bps=float("nan")), ValueError, "cost_bps"),
+])
+def test_random_names_a_bad_argument(kw, err, msg):
+    with pytest.raises(err, match=msg):
+        dc.Population.random(10, **kw)
 
 
 def test_duplicate_agent_ids_are_invalid():

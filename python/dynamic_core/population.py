@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import check_int, check_real
 from .errors import InvalidGenome
 from .instruments import instruments
 from .market import parse_timeframe
@@ -43,11 +44,12 @@ def _mode_code(m: Any) -> Any:
 
 def check_records(rec: np.ndarray) -> None:
     """Raise :class:`InvalidGenome` naming every offending row (the first ten in the message)."""
-    problems: dict[int, list[str]] = {}
+    problems: dict[str, np.ndarray] = {}  # reason -> its rows, in check order
 
     def flag(mask: np.ndarray, why: str) -> None:
-        for i in np.flatnonzero(mask):
-            problems.setdefault(int(i), []).append(why)
+        rows = np.flatnonzero(mask)
+        if len(rows):
+            problems[why] = rows
 
     for p in PERIODS:
         flag((rec[p] < 1) | (rec[p] > MAX_PERIOD), f"{p} outside [1, {MAX_PERIOD}]")
@@ -67,10 +69,15 @@ def check_records(rec: np.ndarray) -> None:
         dup[first[counts > 1]] = False
         flag(dup, "duplicate agent_id")
     if problems:
-        rows = sorted(problems)
-        shown = "; ".join(f"row {r}: {', '.join(problems[r])}" for r in rows[:10])
-        more = f" (and {len(rows) - 10} more rows)" if len(rows) > 10 else ""
-        raise InvalidGenome(f"{len(rows)} invalid genome row(s): {shown}{more}", rows=rows)
+        rows = sorted(set(np.concatenate(list(problems.values())).tolist()))
+
+        def where(r: np.ndarray) -> str:  # "row 4" / "rows 4, 11" / "rows 0, 1, ... (25 rows)"
+            shown = ", ".join(str(int(i)) for i in r[:10])
+            return f"row {shown}" if len(r) == 1 else (
+                f"rows {shown}" + (f", ... ({len(r)} rows)" if len(r) > 10 else ""))
+
+        what = "; ".join(f"{why} at {where(r)}" for why, r in problems.items())
+        raise InvalidGenome(f"{len(rows)} invalid genome row(s): {what}", rows=rows)
 
 
 class Population:
@@ -151,11 +158,11 @@ class Population:
         """
         from .instruments import instruments as registry
 
-        if isinstance(n, bool):
-            raise TypeError("n must be an int")
-        n = operator.index(n)
-        if n < 1 or n > 50_000_000:
-            raise ValueError(f"n must be in [1, 50M], got {n}")
+        n = check_int("n", n, 1, 50_000_000)
+        seed = check_int("seed", seed, 0, 2**64 - 1)
+        dsi_share = check_real("dsi_share", dsi_share, 0.0, 1.0)
+        if cost_bps is not None:
+            cost_bps = check_real("cost_bps", cost_bps, 0.0, MAX_COST_BPS)
         mode_code = None if mode is None else _mode_code(mode)
         if mode_code is not None and mode_code not in MODES.values():
             raise InvalidGenome(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
@@ -184,8 +191,6 @@ class Population:
         rec["entry"] = rng.random(n) * 0.5
         rec["mode"] = mode_code if mode_code is not None else rng.integers(0, 2, n)
         rec["cost_bps"] = cost_bps if cost_bps is not None else rng.random(n) * 2.0
-        if not 0.0 <= dsi_share <= 1.0:
-            raise ValueError(f"dsi_share must be in [0, 1], got {dsi_share}")
         if dsi_share > 0.0:  # drawn last: populations without DSI readers stay as they were
             rec["w_dsi"] = np.where(rng.random(n) < dsi_share, rng.standard_normal(n), 0.0)
         return cls(rec)
@@ -246,6 +251,11 @@ def _check_axis(name: str, values: list[Any]) -> None:
     """Refuse values that the genome field cannot hold as given: numpy's cast into the record
     would wrap an out-of-range integer (``2**32 + 5`` -> 5) or truncate a fractional one."""
     kind = GENOME_DTYPE[name]
+    if kind.kind == "f":  # a real number (finiteness and range: check_records, naming rows)
+        for v in values:
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise InvalidGenome(f"{name}: expected a real number, got {v!r}")
+        return
     if kind.kind not in "iu":
         return
     info = np.iinfo(kind)
