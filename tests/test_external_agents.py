@@ -78,10 +78,10 @@ def test_set_external_scores_refuses_bad_input(market):
     mixed = np.concatenate([blend_population(32).records, as_external(blend_population(32, seed=3).records)])
     with dc.Engine(dc.Population.from_records(mixed)) as eng:
         blend_id, ext_id = int(mixed["agent_id"][0]), int(mixed["agent_id"][-1])
-        with pytest.raises(ValueError, match="not an external-score agent"):
+        with pytest.raises(ValueError, match=f"agent id {blend_id} is not an external-score agent"):
             eng.set_external_scores([blend_id], [0.5])
-        with pytest.raises(ValueError, match=r"finite and in \[-1, 1\]"):
-            eng.set_external_scores([ext_id], [1.5])
+        with pytest.raises(ValueError, match=rf"score of agent id {ext_id} must be finite and in \[-1, 1\]"):
+            eng.set_external_scores([ext_id], [1.5])  # the id, not the agent's index (63)
         with pytest.raises(ValueError, match=r"finite and in \[-1, 1\]"):
             eng.set_external_scores([ext_id], [float("nan")])
         with pytest.raises(ValueError, match="no agent with id 99999"):

@@ -1241,7 +1241,7 @@ void Engine::set_credit(const uint32_t* agents, const double* credit, size_t n, 
     if (agents[k] >= layout_.n_agents)
       throw std::invalid_argument("set_credit: agent index " + std::to_string(agents[k]) + " out of range");
     if (!(credit[k] > 0.0 && credit[k] <= kMaxCredit))
-      throw std::invalid_argument("set_credit: credit of agent index " + std::to_string(agents[k]) +
+      throw std::invalid_argument("set_credit: credit of agent id " + std::to_string(layout_.agent_id[agents[k]]) +
                                   " must be > 0 and at most 1e6 (1.0 is neutral)");
   }
   set_lane_values(state_.credit, agents, credit, n, event);
@@ -1310,10 +1310,11 @@ void Engine::set_external_scores(const uint32_t* agents, const double* scores, s
     if (agents[k] >= layout_.n_agents)
       throw std::invalid_argument("set_external_scores: agent index " + std::to_string(agents[k]) + " out of range");
     if (!lanes_.external[layout_.agent_lane[agents[k]]])
-      throw std::invalid_argument("set_external_scores: agent index " + std::to_string(agents[k]) +
+      throw std::invalid_argument("set_external_scores: agent id " + std::to_string(layout_.agent_id[agents[k]]) +
                                   " is not an external-score agent (kind 1)");
     if (!dc_finite(scores[k]) || scores[k] < -1.0 || scores[k] > 1.0)
-      throw std::invalid_argument("set_external_scores: score of agent index " + std::to_string(agents[k]) +
+      throw std::invalid_argument("set_external_scores: score of agent id " +
+                                  std::to_string(layout_.agent_id[agents[k]]) +
                                   " must be finite and in [-1, 1]");
   }
   set_lane_values(state_.ext_score, agents, scores, n, event);
