@@ -113,6 +113,18 @@ def test_wrong_types_raise_typeerror(engine):
     assert len(engine.run(clean_bars("BADIN", 20)[::2])) == 10
 
 
+def test_bars_at_an_odd_offset_of_a_buffer_are_read_as_aligned_copies():
+    bars = dc.sim.MarketSimulator(["EURUSD"], seed=1).bars(120)
+    buf = np.zeros(bars.nbytes + 1, np.uint8)
+    buf[1:] = bars.view(np.uint8)
+    odd = buf[1:].view(dc.BAR_DTYPE)  # contiguous, but 1 byte past an 8-byte boundary
+    assert odd.ctypes.data % 8 and (odd == bars).all()
+    assert dc.market.as_bars(odd).ctypes.data % 8 == 0 and dc.market.as_bars(bars) is bars
+    pop = dc.Population.random(64, instruments=["EURUSD"], seed=2)
+    with dc.Engine(pop, threads=1) as a, dc.Engine(pop, threads=1) as b:
+        assert a.run(odd).tobytes() == b.run(bars).tobytes()
+
+
 def test_dead_letters_are_bounded_and_counted():
     pop = dc.Population.grid("BADIN", H1, fast=3, slow=5)
     eng = dc.Engine(pop, dead_letter_capacity=5)

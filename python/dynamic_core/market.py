@@ -93,15 +93,19 @@ def empty(n: int = 0) -> np.ndarray:
 
 
 def as_records(records: object, dtype: np.dtype, name: str, what: str, hint: str = "") -> np.ndarray:
-    """``records`` as a contiguous 1-d array of ``dtype`` (called ``dc.<name>`` in messages), or a
-    TypeError saying what was expected (``hint`` added when it is not an array at all)."""
+    """``records`` as a contiguous, aligned 1-d array of ``dtype`` (called ``dc.<name>`` in
+    messages), or a TypeError saying what was expected (``hint`` added when it is not an array at
+    all). A view at an odd offset of a buffer is copied: the core reads the records as structs."""
     if not isinstance(records, np.ndarray):
         raise TypeError(f"{what}: expected a 1-d numpy array of dc.{name}, got {type(records).__name__}{hint}")
     if records.dtype != dtype:
         raise TypeError(f"{what}: expected dtype dc.{name}, got {records.dtype}")
     if records.ndim != 1:
         raise TypeError(f"{what}: expected a 1-d array, got shape {records.shape}")
-    return np.ascontiguousarray(records)
+    out = np.ascontiguousarray(records)
+    if out.ctypes.data % 8:  # the dtype is packed (alignment 1), so numpy's own flag says aligned
+        out = out.copy()
+    return out
 
 
 def as_bars(bars: object, what: str = "bars") -> np.ndarray:
