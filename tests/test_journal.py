@@ -674,3 +674,74 @@ def test_cli_run_journal_verify_replay(tmp_path):
     assert _cli("journal", "verify", d).returncode == 1
     assert _cli("replay", d, "--verify").returncode == 1
     assert _cli("journal", "verify", str(tmp_path / "missing")).returncode == 2
+
+
+# ---- segments that do not belong, and what replay --verify can vouch for -------------------
+def _segmented(path: Path, seed: int = 5) -> None:
+    _journaled_run(path, _pop(300, seed=seed), _bars(1500), journal_segment_bytes=1 << 16, chunk=50)
+    assert len(list(path.iterdir())) >= 3
+
+
+def test_a_missing_middle_segment_is_named(tmp_path):
+    _segmented(tmp_path / "j")
+    (tmp_path / "j" / "seg-000001.dcj").unlink()
+    rep = jr.verify(tmp_path / "j")
+    assert rep.status == "corrupt" and rep.bad_segment == 1
+    assert "segment seg-000001.dcj is missing" in rep.detail and "seg-000002.dcj" in rep.detail
+    with pytest.raises(JournalCorrupt, match="seg-000001.dcj is missing"):
+        dc.Engine.replay(tmp_path / "j")
+
+
+def test_a_segment_of_another_journal_is_corruption(tmp_path):
+    _segmented(tmp_path / "a", seed=5)
+    _segmented(tmp_path / "b", seed=6)  # another population: another hash in every segment header
+    (tmp_path / "a" / "seg-000001.dcj").write_bytes((tmp_path / "b" / "seg-000001.dcj").read_bytes())
+    rep = jr.verify(tmp_path / "a")
+    assert rep.status == "corrupt" and rep.bad_segment == 1 and rep.bad_offset == 0
+    assert "belongs to another journal" in rep.detail
+
+
+def _main(capsys, *argv: str) -> tuple[int, str, str]:
+    from dynamic_core.cli import main
+
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_replay_verify_fails_when_no_signal_has_a_hash(tmp_path, capsys):
+    d = tmp_path / "j"
+    eng = dc.Engine(_pop(60), threads=1, journal=d)
+    eng.submit(_bars(40))
+    eng.close()  # the signals were never handed out: none was hashed
+    rc, out, err = _main(capsys, "replay", str(d), "--verify", "-q")
+    assert rc == 1 and "verified 0 signal(s)" in out and "nothing verified" in err
+    assert _main(capsys, "replay", str(d), "-q")[0] == 0  # without --verify nothing is claimed
+    d2 = tmp_path / "k"
+    bars = _bars(60)  # 60 bars of each of two instruments
+    with dc.Engine(_pop(60), threads=1, journal=d2) as eng:
+        eng.run(bars[:80])
+        eng.submit(bars[80:])  # a tail never polled
+    rc, out, err = _main(capsys, "replay", str(d2), "--verify", "-q")
+    assert rc == 0 and "verified 80 signal(s)" in out and "40 replayed signal(s) have no journaled hash" in err
+
+
+def test_a_journal_whose_meta_was_torn_and_repaired_holds_nothing_to_replay(tmp_path, capsys):
+    d = tmp_path / "j"
+    _journaled_run(d, _pop(60), _bars(40), chunk=20)
+    with open(d / "seg-000000.dcj", "r+b") as f:
+        f.truncate(64 + 100)  # inside the meta record (after the 64-byte segment header)
+    rc, out, _ = _main(capsys, "journal", "verify", str(d), "--repair")
+    assert rc == 2 and "repaired" in out and "holds no records" in out
+    assert _main(capsys, "journal", "verify", str(d))[0] == 2
+    rc, _, err = _main(capsys, "replay", str(d), "--verify", "-q")
+    assert rc == 2 and "holds no records" in err
+
+
+def test_replay_of_a_framed_but_unreadable_journal_exits_1(tmp_path, capsys):
+    d = tmp_path / "j"
+    _journaled_run(d, _pop(60), _bars(40), chunk=20)
+    _append_record(d, int(_core.RecordType.META), b"again")  # a second meta record
+    assert jr.verify(d).ok
+    rc, _, err = _main(capsys, "replay", str(d), "-q")
+    assert rc == 1 and "unreadable journal" in err and "second meta record" in err

@@ -439,13 +439,26 @@ bool JournalReader::open_next_segment() {
     return bad(ScanStatus::Unsupported, "journal format " + std::to_string(fmt) + " in " + path +
                                             " is not supported (this build reads format " +
                                             std::to_string(kJournalFormat) + ")");
-  if (get32(h + 12) != cur_)
+  if (get32(h + 12) != cur_) {
+    // segments are numbered from 0 without gaps: a file named for a later number means the
+    // ones between are gone
+    const std::string name = fs::path(path).filename().string();
+    const unsigned long named = std::stoul(name.substr(4, 6));
+    if (named != cur_)
+      return bad(ScanStatus::Corrupt, "segment " + segment_name(static_cast<uint32_t>(cur_)) + " is missing from " +
+                                          fs::path(path).parent_path().string() + " (the next file is " + name + ")");
     return bad(ScanStatus::Corrupt, "segment " + path + " says it is segment " + std::to_string(get32(h + 12)));
+  }
   if (cur_ == 0) {
     rep_.format = fmt;
     rep_.identity.population_hash = get64(h + 16);
     rep_.identity.config_hash = get64(h + 24);
     std::memcpy(rep_.identity.build_id, h + 32, sizeof rep_.identity.build_id);
+  } else if (get64(h + 16) != rep_.identity.population_hash || get64(h + 24) != rep_.identity.config_hash ||
+             std::memcmp(h + 32, rep_.identity.build_id, sizeof rep_.identity.build_id) != 0) {
+    // one writer writes every segment of a journal with the same identity
+    return bad(ScanStatus::Corrupt, "segment " + path + " belongs to another journal (its header's population hash, "
+                                    "config hash or build id differs from segment 0's)");
   }
   pos_ = kJournalFileHeader;
   return true;

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 from typing import Any
 
 from . import journal as jr
-from .errors import JournalCorrupt, ReplayMismatch
+from .errors import JournalCorrupt, JournalError, ReplayMismatch
 
 __all__ = ["add_commands"]
 
@@ -24,8 +25,9 @@ examples:
   dynamic-core journal dump runs/today --limit 20      # list records (type, seq, size, place)
   dynamic-core replay runs/today --verify              # reproduce the signals bit for bit
 
-exit codes: 0 ok; 1 corrupt journal or replay mismatch (and, for verify and dump, a torn tail
-not repaired); 2 bad arguments or no journal there.
+exit codes: 0 ok; 1 corrupt or unreadable journal, replay mismatch, or (replay --verify)
+signals without a journaled hash to check them against (and, for verify and dump, a torn tail
+not repaired); 2 bad arguments or no journal there (no segments, or no records in them).
 """
 
 
@@ -98,7 +100,12 @@ def cmd_journal_verify(args: argparse.Namespace) -> int:
     if rep.status == "torn_tail" and not rep.repaired:
         print("  (run again with --repair to truncate the torn tail)")
         return 1
-    return 0 if rep.status != "empty" else 2
+    if rep.status == "empty":
+        return 2
+    if rep.records == 0:  # e.g. a crash tore the meta record and --repair truncated it
+        print("  the journal holds no records, not even its meta record: there is nothing to replay")
+        return 2
+    return 0
 
 
 def cmd_journal_dump(args: argparse.Namespace) -> int:
@@ -143,6 +150,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         except JournalCorrupt as e:
             print(str(e) if str(e).startswith("corrupt journal") else f"corrupt journal: {e}", file=sys.stderr)
             return 1
+        except JournalError as e:
+            if not os.path.isdir(args.dir) or jr.verify(args.dir).records == 0:
+                raise  # no journal there: exit 2 with the error line
+            print(f"unreadable journal: {e}", file=sys.stderr)  # framed and CRC-clean, but not replayable
+            return 1
     print(f"replayed {res.bars:,} bars ({res.records:,} records) -> {len(res.signals):,} signals "
           f"in {res.seconds:.3f} s ({res.updates_per_s / 1e6:,.1f} M agent-updates/s)")
     print(f"verified {res.verified:,} signal(s) against journaled hashes; {res.unverified:,} without a "
@@ -154,4 +166,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         err = ReplayMismatch("replay differs", res.mismatched + res.missing)
         print(f"FAILED: {err} at seq {err.mismatches[:10]}", file=sys.stderr)
         return 1
+    if args.verify and res.unverified and not res.verified:
+        print(f"FAILED: nothing verified: none of the {res.unverified:,} replayed signal(s) has a journaled "
+              "hash (a signal is hashed when it is handed out: returned by run() or step(), polled, or "
+              "passed to a callback)", file=sys.stderr)
+        return 1
+    if args.verify and res.unverified:
+        print(f"note: {res.unverified:,} replayed signal(s) have no journaled hash (not handed out before "
+              "the journal ended), so they are not checked", file=sys.stderr)
     return 0
