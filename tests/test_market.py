@@ -270,6 +270,18 @@ def test_read_csv_takes_an_unnamed_index_column_as_the_times(tmp_path, sim_bars)
     assert np.array_equal(back["ts"], one["ts"]) and np.array_equal(back["close"], one["close"])
 
 
+@pytest.mark.parametrize("sep, decimal", [(";", "."), (";", ","), ("\t", ".")])
+def test_read_csv_reads_semicolon_and_tab_separated_files(tmp_path, eurusd, sep, decimal):
+    """Spreadsheet exports in many locales use semicolons (often with decimal commas) and
+    MetaTrader's history export uses tabs: the same bars as the comma-separated file."""
+    df = dc.market.to_pandas(eurusd[:300])
+    df.to_csv(tmp_path / "EURUSD.csv")
+    df.to_csv(tmp_path / "other.csv", sep=sep, decimal=decimal)
+    want = dc.market.read_csv(tmp_path / "EURUSD.csv")
+    got = dc.market.read_csv(tmp_path / "other.csv", instrument="EURUSD")
+    assert len(got) == 300 and got.tobytes() == want.tobytes()
+
+
 def test_read_csv_without_times_names_the_file_and_the_columns(tmp_path):
     path = tmp_path / "prices.csv"
     path.write_text("when,open,high,low,close\n2024-01-01,1,2,0.5,1.5\n")

@@ -267,7 +267,9 @@ def _to_ns(col, source: str = "the time column") -> np.ndarray:
 
 def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
              timeframe: int | str | None = None) -> np.ndarray:
-    """Bars from a CSV file with a header (see :func:`from_pandas` for the columns).
+    """Bars from a CSV file with a header (see :func:`from_pandas` for the columns), its fields
+    separated by commas, or by semicolons (numbers with a decimal point or comma) or tabs when the
+    header line holds no comma.
 
     Times come from a column named ts/time/timestamp/datetime/date/open_time or, when there is
     none, from an unnamed first column (the index ``DataFrame.to_csv`` writes).
@@ -284,7 +286,8 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     """
     import pandas as pd
 
-    header = pd.read_csv(path, nrows=0).columns
+    seps = _separator(path)
+    header = pd.read_csv(path, nrows=0, **seps).columns
     # times: a named column, or the unnamed first column DataFrame.to_csv writes for the index
     index_col, no_times = None, None
     if not any(_find(header, name) is not None for name in _TIME_COLUMNS):
@@ -299,7 +302,7 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     if instrument is None:
         scol = _find(header, "symbol") or _find(header, "instrument")
     if scol is None:
-        df = _index_times(pd.read_csv(path), index_col, no_times)
+        df = _index_times(pd.read_csv(path, **seps), index_col, no_times)
         if instrument is None:
             instrument = os.path.splitext(os.path.basename(os.fspath(path)))[0]
         # in time order, as the multi-instrument path gives (rows out of order were rejected
@@ -310,7 +313,7 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     # the symbol column as text, without NA detection: by default "NA", "NULL", "nan" and ""
     # read as missing and groupby drops their rows silently; the other columns keep the
     # defaults, so a missing price is still NaN and its bar is rejected and counted
-    df = _index_times(pd.read_csv(path, dtype={scol: str}, keep_default_na=False,
+    df = _index_times(pd.read_csv(path, **seps, dtype={scol: str}, keep_default_na=False,
                                   na_values={c: STR_NA_VALUES for c in header if c != scol}), index_col,
                       no_times)
     names = df[scol].str.strip()
@@ -323,6 +326,22 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     parts = [from_pandas(g.drop(columns=[scol]), name, timeframe)
              for name, g in df.groupby(names, sort=True, dropna=False)]
     return merge(*parts)
+
+
+def _separator(path: str | os.PathLike) -> dict[str, str]:
+    """``read_csv`` options for a CSV file's separators: commas, unless its header line holds
+    none and holds semicolons or tabs instead (spreadsheet exports in many locales, MetaTrader's
+    history export); with semicolons, a decimal comma when the first data line has one."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first, second = f.readline(1 << 16), f.readline(1 << 16)
+    if "," in first:
+        return {"sep": ","}
+    for sep in (";", "\t", "|"):
+        if sep in first:
+            if sep == ";" and re.search(r"\d,\d", second):
+                return {"sep": sep, "decimal": ","}
+            return {"sep": sep}
+    return {"sep": ","}
 
 
 def _index_times(df, index_col: int | None, no_times: Exception | None):
