@@ -630,6 +630,7 @@ def test_cli_run_with_local_reasoning_prints_rationales_and_mesh_telemetry(tmp_p
                         "--reasoning", "local", "--reasoning-bind", "tcp://0.0.0.0:5611"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--allow-remote" in r.stderr and "Traceback" not in r.stderr
+    assert "dynamic-core run:" not in r.stdout  # refused before the run's header, not after it
 
 
 def test_cli_run_with_a_bad_secrets_file_fails_before_starting_adapters(tmp_path) -> None:

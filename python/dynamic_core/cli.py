@@ -832,6 +832,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "backend", "cpu") != "cpu" and (getattr(args, "paper", False) or cli_transport.wants_service(args)):
         raise CLIError("--backend cuda/auto runs the plain 'run' (and replay); --paper and --publish/--feed/--control "
                        "run on the CPU backend")
+    if getattr(args, "reasoning", None):  # the broker's address, before any work or header
+        from .transport._common import check_address
+
+        check_address(args.reasoning_bind, bind=True, allow_remote=getattr(args, "allow_remote", False))
     if getattr(args, "paper", False):
         if getattr(args, "evolve", 0):
             raise CLIError("--evolve does not combine with --paper yet: the decision layer's credit "
