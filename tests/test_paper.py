@@ -247,6 +247,17 @@ def test_close_partial_lots_fifo() -> None:
     assert b.close("GBPUSD") == []
 
 
+def test_close_of_more_than_one_order_may_hold_is_not_capped_at_max_lot() -> None:
+    b = PaperBroker(equity=10_000_000)
+    b.on_bar("EURUSD", 1, 1.1, 1.1, 1.1, 1.1)
+    for cid in ("a", "b"):
+        b.submit(buy(cid, 80.0))  # max_lot is 100 per order
+    b.on_bar("EURUSD", 2, 1.1, 1.1, 1.1, 1.1)
+    assert b.net_lots() == {"EURUSD": 160.0}
+    fills = b.close("EURUSD", lots=150.0)
+    assert sum(f.lots for f in fills) == 150.0 and b.net_lots() == {"EURUSD": 10.0}
+
+
 def test_usdjpy_pnl_converted_with_its_own_price_and_crosses() -> None:
     b = PaperBroker()
     b.on_bar("USDJPY", 1, 150.00, 150.00, 150.00, 150.00)
@@ -431,8 +442,11 @@ def test_bad_bars_are_ignored_and_counted() -> None:
     assert b.on_bar("EURUSD", 2, 1.1, 1.0, 1.2, 1.1) == []  # high below low
     assert b.on_bar("EURUSD", 1, 1.1, 1.1, 1.1, 1.1) == []  # not after the last bar
     assert b.on_bar("EURUSD", "soon", 1.1, 1.1, 1.1, 1.1) == []  # type: ignore[arg-type]
-    assert b.pending() and len(b.equity_curve()) == 1
-    assert b.stats()["ignored_bars"] == {"bad_bar": 1, "bad_range": 1, "non_finite": 2, "out_of_order": 1}
+    assert b.on_bar("EURUSD", 2, 0.0, 0.0, 0.0, 0.0) == []  # a fill at 0 is no price
+    assert b.on_bar("EURUSD", 2, -1.0, -0.5, -1.5, -1.0) == []
+    assert b.pending() and len(b.equity_curve()) == 1 and b.last_prices() == {"EURUSD": 1.1}
+    assert b.stats()["ignored_bars"] == {"bad_bar": 1, "bad_range": 1, "non_finite": 2, "out_of_order": 1,
+                                         "non_positive_price": 2}
     assert len(b.on_bar("EURUSD", 2, 1.1, 1.1, 1.1, 1.1)) == 1
 
 
@@ -491,9 +505,21 @@ def test_bad_construction_and_garbage_orders() -> None:
     b = PaperBroker()
     assert b.submit(None).reason == "bad_order"  # type: ignore[arg-type]
     assert b.submit(buy("t", 1.0, ts="later")).reason == "bad_order"
+    # a Struct built in Python is not type-checked: numbers given as text are refused, not kept
+    # to fail in every later bar
+    assert b.submit(buy("u", 1.0, type="limit", price="1.0995")).reason == "bad_order"  # type: ignore[arg-type]
+    assert b.submit(buy("v", "1")).reason == "bad_order"  # type: ignore[arg-type]
+    assert b.submit(buy("w", 1.0, stop_loss=1j)).reason == "bad_order"  # type: ignore[arg-type]
+    assert b.submit(Order(client_order_id="x", instrument="EURUSD", side=True, lots=1.0)).reason == "bad_side"
     s = b.stats()
-    assert (s["trades"], s["max_drawdown"], s["equity"], s["rejects"]) == (0, 0.0, 100_000.0, {"bad_order": 2})
+    assert (s["trades"], s["max_drawdown"], s["equity"], s["rejects"]) == (
+        0, 0.0, 100_000.0, {"bad_order": 5, "bad_side": 1})
+    assert b.net_lots(pending=True) == {}
     assert math.isnan(s["profit_factor"]) and b.equity_curve().shape == (0,)
+    b.on_bar("EURUSD", 1, 1.1, 1.1, 1.1, 1.1)
+    ok = b.submit(buy("y", np.float32(1.0), type="limit", price=np.float64(1.0995)))
+    assert ok.status == "accepted" and type(b.pending()[0].lots) is float
+    assert len(b.on_bar("EURUSD", 2, 1.1, 1.1, 1.099, 1.1)) == 1
 
 
 def test_plan_to_order() -> None:

@@ -82,6 +82,12 @@ EQUITY_DTYPE = np.dtype([("ts", "<i8"), ("balance", "<f8"), ("equity", "<f8")])
 """One equity-curve point: bar time (ns), balance and equity in the account currency."""
 
 _ORDER_TYPES = ("market", "limit", "stop")
+_REAL_FIELDS = ("lots", "price", "stop_loss", "take_profit")
+
+
+def _is_real(v: object) -> bool:
+    """A real number (a bool, str or complex is not one, whatever ``float()`` makes of it)."""
+    return not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, float, np.integer, np.floating))
 HISTORY = 100_000
 """Curve points, fills, closed trades and finished-order statuses a broker keeps by default."""
 MAX_ORDER_IDS = 1 << 24
@@ -353,6 +359,11 @@ class PaperBroker:
             reason = "bad_order"
         if reason:
             return self._reject(cid, reason)
+        # kept as plain Python numbers (a numpy scalar or a float subclass would travel on)
+        order = msgspec.structs.replace(
+            order, side=int(order.side), lots=float(order.lots), price=float(order.price),
+            stop_loss=float(order.stop_loss), take_profit=float(order.take_profit), ts=int(order.ts),
+            valid_until=int(order.valid_until))
         if order.type == "market" and self._fill_market == "immediate":
             cost = self._cost(order.instrument)
             px = self._prices[order.instrument] + order.side * (cost.spread / 2 + cost.slippage)
@@ -369,6 +380,16 @@ class PaperBroker:
     def _validate(self, order: Order) -> str:
         if not isinstance(order, Order) or not isinstance(order.instrument, str) or not order.instrument:
             return "bad_order"
+        # a Struct built in Python is not type-checked: a price given as a str, a bool side...
+        for f in _REAL_FIELDS:
+            if not _is_real(getattr(order, f)):
+                return "bad_order"
+        for f in ("ts", "valid_until"):
+            v = getattr(order, f)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                return "bad_order"
+        if isinstance(order.side, bool) or not isinstance(order.side, (int, np.integer)):
+            return "bad_side"
         if order.side not in (1, -1):
             return "bad_side"
         if order.type not in _ORDER_TYPES:
@@ -585,8 +606,8 @@ class PaperBroker:
                close: float) -> list[Fill]:
         """Process one bar of ``instrument`` (events in the order of the module docstring) and
         return the fills it caused. Invalid bars are ignored and counted in
-        ``stats()["ignored_bars"]``: ``non_finite``, ``bad_range``, ``out_of_order``,
-        ``bad_bar``."""
+        ``stats()["ignored_bars"]``: ``non_finite``, ``non_positive_price``, ``bad_range``,
+        ``out_of_order``, ``bad_bar``."""
         try:
             ts, o, h, lo, c = int(ts), float(open), float(high), float(low), float(close)
         except (TypeError, ValueError, OverflowError):
@@ -595,6 +616,8 @@ class PaperBroker:
             return self._ignore("bad_bar")
         if not (math.isfinite(o) and math.isfinite(h) and math.isfinite(lo) and math.isfinite(c)):
             return self._ignore("non_finite")
+        if not min(o, lo, c) > 0.0:  # as the engine rejects them: a fill at 0 is no price
+            return self._ignore("non_positive_price")
         if h < max(o, c, lo) or lo > min(o, c):
             return self._ignore("bad_range")
         if ts <= self._last_ts.get(instrument, -(2**63)):
@@ -708,7 +731,8 @@ class PaperBroker:
             return []
         held = _lots(sum(leg.lots for leg in legs))
         try:
-            q_left = held if lots is None else self._spec(instrument).round_lots(min(float(lots), held))
+            # not capped at max_lot: that limits an order, and a position may hold several
+            q_left = held if lots is None else self._spec(instrument).round_lots(min(float(lots), held), cap=False)
         except (TypeError, ValueError, OverflowError):
             return []
         if not q_left > 0.0:

@@ -148,15 +148,16 @@ class InstrumentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         if self.min_lot > self.max_lot:
             raise ValueError(f"{self.name}: min_lot {self.min_lot} > max_lot {self.max_lot}")
 
-    def round_lots(self, lots: float) -> float:
+    def round_lots(self, lots: float, *, cap: bool = True) -> float:
         """``lots`` rounded DOWN to the lot step (never more risk than asked), 0.0 when that is
-        below ``min_lot``, clipped to ``max_lot``."""
+        below ``min_lot``, clipped to ``max_lot`` (an order's limit) unless ``cap`` is False (a
+        close of a position built from several orders)."""
         if not lots > 0.0:
             return 0.0
         step = self.lot_step
         q = lots / step + 1e-9
         if q == math.inf:  # more steps than a float counts (or lots = inf): the most there is
-            return self.max_lot if lots != math.inf else 0.0
+            return self.max_lot if lots != math.inf and cap else 0.0
         steps = int(q)
         inv = _INVERSES.get(step)
         if inv is None:
@@ -166,7 +167,7 @@ class InstrumentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         out = steps / inv if inv else round(steps * step, 10)
         if out < self.min_lot - 1e-12:
             return 0.0
-        return min(self.max_lot, out)
+        return min(self.max_lot, out) if cap else out
 
     def round_price(self, price: float) -> float:
         """``price`` on the tick grid, at ``digits`` decimals."""
