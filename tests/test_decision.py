@@ -161,6 +161,32 @@ def pf(positions=None, prices=None, equity=100_000.0):
     return Portfolio(equity=equity, positions=dict(positions or {}), prices=px)
 
 
+@pytest.mark.parametrize("change", [dict(direction=0), dict(direction=2), dict(size=math.nan),
+                                    dict(size=-5.0), dict(size=0.0), dict(size=math.inf)])
+def test_a_plan_no_order_can_carry_is_rejected_not_approved_or_raised(change):
+    p = msgspec.structs.replace(plan_of(), **change)  # the schema admits direction 0
+    g = gov(max_currency_leverage=1.0)
+    d = g.evaluate(p, pf({"EURUSD": 0.5}))
+    assert d.verdict == "REJECTED" and d.reasons == ("invalid_plan",) and g.reasons == {"invalid_plan": 1}
+
+
+def test_a_resize_on_both_currency_legs_is_one_reason_counted_once():
+    g = gov(max_instrument_leverage=0, max_leverage=0, max_currency_leverage=1.0)
+    d = g.evaluate(plan_of("EURGBP", 1, 5.0, entry=0.85), pf({"EURUSD": 0.5}, {"GBPUSD": 1.3}))
+    assert d.verdict == "MODIFIED" and d.reasons == ("resized_currency",)
+    assert {"resized_currency.EUR.value", "resized_currency.GBP.value"} <= set(d.detail)
+    assert g.reasons == {"resized_currency": 1}
+
+
+@pytest.mark.parametrize("account", ["usd", "Usd", "US", "U$D"])
+def test_an_account_that_names_no_currency_is_refused(account):
+    with pytest.raises(ValueError, match="account"):
+        PlanConfig(account=account)
+    with pytest.raises(ValueError, match="account"):
+        RiskLimits(account=account)
+    assert PlanConfig(account="USDT").account == "USDT"
+
+
 def test_approved_plan_passes_unchanged():
     d = gov().evaluate(plan_of(), pf())
     assert d.verdict == "APPROVED" and d.reasons == () and d.plan == plan_of() and d.original_size == 1.0

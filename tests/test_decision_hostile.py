@@ -9,7 +9,7 @@ import dynamic_core as dc
 import msgspec
 import numpy as np
 import pytest
-from dynamic_core.bridges.paper import PaperBroker
+from dynamic_core.bridges.paper import CostModel, PaperBroker
 from dynamic_core.decision import (
     DecisionMaker,
     InstrumentSpec,
@@ -303,7 +303,8 @@ def _bad(bars, i, **cols):
 @pytest.mark.parametrize("case, reason", [
     ("nan_high", "non_finite"), ("inf_high", "non_finite"), ("nan_open", "non_finite"),
     ("high_below_low", "bad_range"), ("high_below_close", "bad_range"), ("low_above_open", "bad_range"),
-    ("duplicate", "out_of_order"), ("older", "out_of_order"), ("unknown_id", "unknown_instrument")])
+    ("duplicate", "out_of_order"), ("older", "out_of_order"), ("unknown_id", "unknown_instrument"),
+    ("zero_bar", "non_positive_price"), ("negative_low", "non_positive_price")])
 def test_a_refused_bar_moves_neither_atr_nor_price(case, reason):
     bars = dc.sim.MarketSimulator(["EURUSD"], seed=2).bars(300)
     eu, tf = dc.instruments.id("EURUSD"), int(bars["timeframe"][0])
@@ -318,6 +319,8 @@ def test_a_refused_bar_moves_neither_atr_nor_price(case, reason):
         "duplicate": lambda: _bad(bars, 29, close=b["close"] * 3, high=b["close"] * 3),
         "older": lambda: _bad(bars, 10, close=5.0, high=5.0),
         "unknown_id": lambda: _bad(bars, 30, instrument=len(dc.instruments) + 7, close=9.0, high=9.0),
+        "zero_bar": lambda: _bad(bars, 30, open=0.0, high=0.0, low=0.0, close=0.0),  # an ATR of ~1.1 in one bar
+        "negative_low": lambda: _bad(bars, 30, low=-1.0),
     }[case]()
     ref, m = DecisionMaker(PaperBroker()), DecisionMaker(PaperBroker())
     for x in (ref, m):
@@ -481,3 +484,21 @@ def test_config_file_errors_name_the_file_and_the_key(tmp_path, text, needle):
     if "instruments" in text or "TOML" in needle:
         with pytest.raises(ValueError, match=str(f)):
             load_specs(f)
+
+
+def test_an_approved_plan_the_broker_refuses_is_counted():
+    bars = dc.sim.MarketSimulator(["EURUSD"], seed=2).bars(60)
+    m = DecisionMaker(PaperBroker(costs=CostModel(spread=0.02)), plan=PlanConfig(atr_period=3))  # stops inside the spread
+    for step in time_steps(bars):
+        m.on_bars(step)
+    last = bars[-1]
+    sig = signals(dc.instruments.id("EURUSD"), int(last["ts"]), action=2, timeframe=int(last["timeframe"]))
+    (d,) = m.on_signals(sig)
+    assert d.verdict == "APPROVED" and m.trader.pending() == []
+    assert m.stats()["order_rejects"] == {"bad_stops": 1} == m.trader.stats()["rejects"]
+
+
+@pytest.mark.parametrize("bad", [[1, 2], np.zeros(3), dc.market.empty(2)])
+def test_on_signals_says_what_it_expects(bad):
+    with pytest.raises(TypeError, match="SIGNAL_DTYPE"):
+        DecisionMaker(PaperBroker()).on_signals(bad)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import re
 from contextlib import redirect_stdout
 
 import dynamic_core as dc
@@ -249,6 +250,20 @@ def test_flat_cost_table_applies_to_every_instrument():
     assert broker._cost("XAUUSD") == CostModel(spread=0.3)
     assert _costs({}) == DEFAULT_COSTS
     assert _costs({"EURUSD": {"spread": 0.0003}})["GBPUSD"] == DEFAULT_COSTS["GBPUSD"]
+
+
+@pytest.mark.parametrize("table, msg", [
+    ("[costs.EURUSD]\nspread = -1.0\n", r"\[costs.EURUSD\]: CostModel.spread must be"),
+    ("[costs.EURUSD]\nspread = nan\n", r"\[costs.EURUSD\]: CostModel.spread must be"),
+    ("[costs.EURUSD]\nslipage = 1\n", r"\[costs.EURUSD\]: .*unknown field `slipage`"),
+    ("[costs]\nspread = -1.0\n", r"\[costs\]: CostModel.spread must be"),
+])
+def test_a_cost_table_error_names_the_file_and_the_table(tmp_path, capsys, table, msg):
+    f = tmp_path / "d.toml"
+    f.write_text(table)
+    assert main(["run", "--paper", "--decision-config", str(f), "--bars", "50", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert str(f) in err and re.search(msg, err), err
 
 
 def test_shadow_counts_each_differing_fill_once():

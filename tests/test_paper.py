@@ -180,7 +180,8 @@ def test_expiry_via_valid_until() -> None:
     assert b.order_status("mkt") == "expired" and b.order_status("lim") == "pending"
     assert b.on_bar("EURUSD", 21, 1.0940, 1.0950, 1.0900, 1.0920) == []  # would fill, but expired
     assert b.order_status("lim") == "expired" and b.pending() == [] and b.trades == []
-    assert b.stats()["rejects"] == {"expired": 1}
+    assert b.stats()["rejects"] == {"expired": 1}  # refused at submission
+    assert b.stats()["expired"] == 2  # accepted, then expired unfilled
 
 
 def test_netting_add_partial_fifo_across_plans_and_reversal() -> None:
@@ -496,6 +497,8 @@ def test_callbacks_see_final_books_and_may_call_the_broker() -> None:
 
 
 def test_bad_construction_and_garbage_orders() -> None:
+    with pytest.raises(ValueError, match="upper-case currency code"):
+        PaperBroker(account="usd")  # no instrument's legs say "usd": nothing could be valued
     with pytest.raises(ValueError, match="spread"):
         CostModel(spread=-0.1)
     with pytest.raises(ValueError, match="slippage"):

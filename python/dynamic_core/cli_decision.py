@@ -62,21 +62,25 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
                    help="do not feed trade outcomes back to the agents' consensus weights")
 
 
-def _costs(raw: dict[str, Any]) -> dict[str, CostModel]:
+def _costs(raw: dict[str, Any], path: str | None = None) -> dict[str, CostModel]:
+    """The cost models of a decision config's ``[costs]`` tables; an error names the file and
+    the table (``[costs.EURUSD]``) it is in."""
     import msgspec
 
     if not raw:
         return dict(DEFAULT_COSTS)
     out = dict(DEFAULT_COSTS)
     flat = {k: v for k, v in raw.items() if not isinstance(v, dict)}
-    try:
-        if flat:  # a flat [costs] table replaces every default; [costs.NAME] tables refine it
-            out = {"*": msgspec.convert(flat, CostModel)}
-        for name, table in raw.items():
-            if isinstance(table, dict):
-                out[name] = msgspec.convert(table, CostModel)
-    except msgspec.ValidationError as e:
-        raise ValueError(f"[costs]: {e}") from None
+    where = f"{path}: " if path else ""
+    tables = ([("[costs]", "*", flat)] if flat else []) + [
+        (f"[costs.{name}]", name, t) for name, t in raw.items() if isinstance(t, dict)]
+    if flat:  # a flat [costs] table replaces every default; [costs.NAME] tables refine it
+        out = {}
+    for table, name, fields in tables:
+        try:
+            out[name] = msgspec.convert(fields, CostModel)
+        except (msgspec.ValidationError, ValueError) as e:
+            raise ValueError(f"{where}{table}: {e}") from None
     return out
 
 
@@ -93,7 +97,7 @@ def _configs(args: argparse.Namespace, path: str | None, *, live: bool) -> tuple
         plan = _replace(plan, min_score=DEFAULT_MIN_SCORE)
     if not (math.isfinite(args.equity) and args.equity > 0):
         raise ValueError("--equity must be a positive number")
-    return plan, limits, specs, _costs(costs)
+    return plan, limits, specs, _costs(costs, path)
 
 
 def _maker(args: argparse.Namespace, cfg: tuple[Any, ...], journal: Any = None,
@@ -220,6 +224,13 @@ def _print_summary(console: Any, maker: DecisionMaker, start: float, session: Tr
     console.print(f"Plans: {sum(d.values()):,} judged - {d['APPROVED']:,} approved, {d['MODIFIED']:,} modified, "
                   f"{d['REJECTED']:,} rejected; reasons: {reasons}"
                   + ("; [red]drawdown breaker tripped[/]" if g["halted"] else ""))
+    refused, expired = maker.order_rejects, getattr(maker.trader, "stats", dict)().get("expired", 0)
+    if refused or expired:
+        console.print("Orders of approved plans: "
+                      + (f"{sum(refused.values()):,} refused by the broker ("
+                         + ", ".join(f"{k} {v:,}" for k, v in sorted(refused.items())) + ")" if refused else "")
+                      + ("; " if refused and expired else "")
+                      + (f"{expired:,} expired unfilled" if expired else ""))
 
     att = maker.attribution()
     if att:

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from array import array
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -69,7 +70,7 @@ import msgspec
 import numpy as np
 
 from ..decision._history import _History
-from ..decision.specs import InstrumentSpec, conversion_prices, instrument_spec, quote_to_account
+from ..decision.specs import CURRENCY_PATTERN, InstrumentSpec, conversion_prices, instrument_spec, quote_to_account
 from ..instruments import instruments
 from ..payloads import TradingPlan
 
@@ -253,6 +254,9 @@ class PaperBroker:
             raise ValueError(f"fill_market must be 'next_open' or 'immediate', got {fill_market!r}")
         if not (math.isfinite(equity) and equity > 0):
             raise ValueError(f"equity must be finite and > 0, got {equity!r}")
+        if not isinstance(account, str) or re.search(CURRENCY_PATTERN, account) is None:
+            raise ValueError(f"account must be an upper-case currency code as instruments name their legs "
+                             f"(e.g. 'USD'), got {account!r}")
         if history is not None and (not isinstance(history, int) or history < 1):
             raise ValueError(f"history must be an int >= 1 or None, got {history!r}")
         if max_order_ids is not None and (not isinstance(max_order_ids, int) or max_order_ids < 0):
@@ -292,6 +296,7 @@ class PaperBroker:
         self._outbox: deque[ClosedTrade] = deque()  # closed trades not yet given to the callbacks
         self._dispatching = False
         self._rejects: dict[str, int] = {}  # by reason
+        self._expired = 0  # pending orders whose valid_until passed unfilled
         self._ignored: dict[str, int] = {}  # bars, by reason
         self._callback_errors = self._conversion_errors = 0
         self._commission = 0.0
@@ -634,6 +639,7 @@ class PaperBroker:
                 del self._pending[od.client_order_id]
                 self._unpend(od)
                 self._set_status(od.client_order_id, "expired")
+                self._expired += 1
         mine = [od for od in mine if od.client_order_id in self._pending]
         for od in mine:  # (2) market orders at the open
             if od.type == "market":
@@ -868,7 +874,8 @@ class PaperBroker:
             "profit_factor": won / lost if lost > 0.0 else (math.inf if won > 0.0 else math.nan),
             "max_drawdown": self._max_dd, "max_drawdown_pct": self._max_dd_pct,
             "balance": self._balance, "equity": self.equity, "fills": self.fill_count,
-            "rejects": dict(sorted(self._rejects.items())), "ignored_bars": dict(sorted(self._ignored.items())),
+            "rejects": dict(sorted(self._rejects.items())), "expired": self._expired,
+            "ignored_bars": dict(sorted(self._ignored.items())),
             "callback_errors": self._callback_errors, "conversion_errors": self._conversion_errors,
             "dropped": {"curve": self._curve.dropped, "fills": self._fills.dropped,
                         "trades": self._trades.dropped, "statuses": self._statuses_dropped},

@@ -5,6 +5,8 @@ Checks, in this order (a rejection stops the list; resizes accumulate):
 =========================  ==================================================================
 reason code                rule
 =========================  ==================================================================
+``invalid_plan``           direction not +1 / -1, or size not a finite number > 0 (the plan
+                           schema admits direction 0; no order can carry it)
 ``halted_drawdown``        equity fell ``max_drawdown_pct`` below its peak: the circuit breaker
                            halts new plans until :meth:`RiskGovernor.reset_breaker`
 ``daily_loss_limit``       equity fell ``daily_loss_pct`` below the day's opening equity (UTC
@@ -64,7 +66,7 @@ from typing import Annotated, Any
 import msgspec
 
 from ..payloads import PlanDecision, TradingPlan
-from .specs import InstrumentSpec, check_fields, instrument_spec, quote_to_account
+from .specs import CurrencyCode, InstrumentSpec, check_fields, instrument_spec, quote_to_account
 
 __all__ = ["DAYS_KEPT", "DAY_NS", "Portfolio", "RiskGovernor", "RiskLimits"]
 
@@ -94,7 +96,7 @@ class RiskLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     min_providers_agree: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     min_dsi_validation: Annotated[float, msgspec.Meta(ge=-1.0, le=1.0)] = -1.0
     allow_pyramiding: bool = False
-    account: Annotated[str, msgspec.Meta(min_length=3, max_length=8)] = "USD"
+    account: CurrencyCode = "USD"
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -400,6 +402,13 @@ class RiskGovernor:
         """The verdict on ``plan`` given ``portfolio``; counted in :attr:`counts` and :attr:`reasons`."""
         lim = self.limits
         eq = portfolio.equity
+        # a plan the schema admits but no order can carry (direction 0 divided by zero below; a
+        # NaN or negative size passed every `c < size` limit): refused, fail closed
+        d = plan.direction
+        if d != 1 and d != -1:
+            return self._reject(plan, "invalid_plan", 1.0, float(d))
+        if not (plan.size > 0.0 and plan.size < math.inf):
+            return self._reject(plan, "invalid_plan", 0.0, float(plan.size))
         if self.halted:
             dd = (self.peak - eq) / self.peak * 100.0 if self.peak > 0 else 0.0
             return self._reject(plan, "halted_drawdown", lim.max_drawdown_pct, dd)
@@ -531,7 +540,8 @@ class RiskGovernor:
                         base = other + sign * per_lot * held
                         x = (limit - base) / k if k > 0 else (-limit - base) / k
                         if x < size:
-                            rs.append("resized_currency")
+                            if "resized_currency" not in rs:  # one reason for however many legs
+                                rs.append("resized_currency")
                             dt[k_limit] = lim.max_currency_leverage
                             dt[k_value] = abs(base + k * size) / eq
                             if x < cap:  # noqa: PLR1730

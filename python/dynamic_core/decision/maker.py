@@ -36,7 +36,7 @@ import numpy as np
 
 from ..instruments import instruments
 from ..payloads import PlanDecision, TradingPlan
-from ..records import SIGNAL_DSI
+from ..records import SIGNAL_DSI, SIGNAL_DTYPE
 from ._history import _History
 from .governor import _FLAT, Portfolio, RiskGovernor, RiskLimits, _book_entry, _book_view, _books
 from .plans import (
@@ -63,7 +63,7 @@ HISTORY = 100_000
 keeps in memory by default (the journal is the durable record)."""
 
 _TS_MIN = -(2**63)
-_BAR_REASONS = ("", "unknown_instrument", "non_finite", "bad_range", "out_of_order")
+_BAR_REASONS = ("", "unknown_instrument", "non_finite", "bad_range", "out_of_order", "non_positive_price")
 _I64_MAX = 2**63 - 1
 
 
@@ -227,6 +227,7 @@ class DecisionMaker:
         self._agent_index: dict[tuple[int, int], np.ndarray] | None = None
         self._index_of: int | None = None
         self.no_plan = 0
+        self.order_rejects: dict[str, int] = {}  # approved plans the trader refused, by its reason
         self.skipped_bars: dict[str, int] = {}
         self.skipped_signals: dict[str, int] = {}
         self._bar_ts: dict[tuple[int, int], int] = {}  # last accepted bar time per stream
@@ -253,23 +254,26 @@ class DecisionMaker:
 
         A bar the trader would refuse moves neither an ATR nor a price (one NaN high would
         leave its stream's ATR NaN for good): it is skipped and counted by reason in
-        ``stats()["skipped_bars"]`` -- ``unknown_instrument``, ``non_finite``, ``bad_range``
-        (high below open or close, low above them), ``out_of_order`` (not after the last bar of
-        its (instrument, timeframe))."""
+        ``stats()["skipped_bars"]`` -- ``unknown_instrument``, ``non_finite``,
+        ``non_positive_price``, ``bad_range`` (high below open or close, low above them),
+        ``out_of_order`` (not after the last bar of its (instrument, timeframe))."""
         if len(bars) == 0:
             return
         self.trader.on_bars(bars)
         names = instruments._names  # read only: names() copies the list
         o, h, lo, c = bars["open"], bars["high"], bars["low"], bars["close"]
         inst = bars["instrument"]
-        # lo <= min(open, close) <= max(open, close) <= high, with high < inf and low > -inf,
-        # holds exactly when all four are finite and in range (a NaN fails every comparison)
-        good = (h >= np.maximum(o, c)) & (lo <= np.minimum(o, c)) & (h < math.inf) & (lo > -math.inf)
+        # 0 < lo <= min(open, close) <= max(open, close) <= high < inf holds exactly when all
+        # four are finite, positive and in range (a NaN fails every comparison)
+        in_range = (h >= np.maximum(o, c)) & (lo <= np.minimum(o, c))
+        good = in_range & (h < math.inf) & (lo > 0.0)
         if good.all() and int(inst.max()) < len(names):
             codes: Any = repeat(0)
         else:  # 0: good; else the index of its reason in _BAR_REASONS (the trader's checks, in its order)
             finite = np.isfinite(o) & np.isfinite(h) & np.isfinite(lo) & np.isfinite(c)
-            codes = np.where(inst >= len(names), 1, np.where(~finite, 2, np.where(good, 0, 3))).tolist()
+            positive = (o > 0.0) & (lo > 0.0) & (c > 0.0)
+            codes = np.where(inst >= len(names), 1, np.where(~finite, 2, np.where(
+                ~positive, 5, np.where(in_range, 0, 3)))).tolist()
         upd, last, prices, skipped = self.atr.update, self._bar_ts, self.prices, self.skipped_bars
         mark_ts = None
         for i, tf, ts, hh, ll, cc, bad in zip(inst.tolist(), bars["timeframe"].tolist(), bars["ts"].tolist(),
@@ -341,6 +345,12 @@ class DecisionMaker:
         before it. An actionable signal of an unknown instrument id is skipped and counted
         (``stats()["skipped_signals"]["unknown_instrument"]``) before anything changes."""
         out: list[PlanDecision] = []
+        if (not isinstance(signals, np.ndarray) or signals.ndim != 1
+                or not set(SIGNAL_DTYPE.names) <= set(signals.dtype.names or ())):
+            got = (f"dtype {signals.dtype}, shape {signals.shape}" if isinstance(signals, np.ndarray)
+                   else type(signals).__name__)
+            raise TypeError(f"on_signals: expected a 1-d array of dc.SIGNAL_DTYPE (what Engine.run and poll "
+                            f"return), got {got}")
         if len(signals) == 0:
             return out
         cfg = self.plan_config
@@ -492,6 +502,9 @@ class DecisionMaker:
         if len(self.plans) > self._plans_at:  # after the submission: this plan's order is live
             self._trim_plans()
         status = getattr(res, "status", "accepted")
+        if status == "rejected":  # approved, yet never an order: counted, or "approved" overstates
+            why = str(getattr(res, "reason", "") or "unknown")
+            self.order_rejects[why] = self.order_rejects.get(why, 0) + 1
         if self._pf is not None and status in ("accepted", "filled"):
             name, x = p.instrument, p.direction * p.size
             both = self._both[name] = self._both.get(name, 0.0) + x
@@ -615,10 +628,12 @@ class DecisionMaker:
 
     def stats(self) -> dict[str, Any]:
         """The governor's counts and, over the whole run (dropped history included): plans
-        judged, signals that made no plan, trades closed and their P&L; bars and signals skipped
-        by reason; how much history was dropped."""
+        judged, signals that made no plan, approved plans the trader refused (``order_rejects``,
+        by its reason), trades closed and their P&L; bars and signals skipped by reason; how
+        much history was dropped."""
         g = self.governor.stats()
-        return {**g, "plans": self.decision_count, "no_plan": self.no_plan, "trades": self._trades_total,
+        return {**g, "plans": self.decision_count, "no_plan": self.no_plan,
+                "order_rejects": dict(sorted(self.order_rejects.items())), "trades": self._trades_total,
                 "pnl": self._pnl_total, "equity": float(self.trader.equity),
                 "skipped_bars": dict(sorted(self.skipped_bars.items())),
                 "skipped_signals": dict(sorted(self.skipped_signals.items())),

@@ -30,7 +30,7 @@ import numpy as np
 from ..instruments import instruments
 from ..payloads import TradingPlan
 from ..records import SIGNAL_DSI
-from .specs import InstrumentSpec, check_fields, instrument_spec, quote_to_account
+from .specs import CurrencyCode, InstrumentSpec, check_fields, instrument_spec, quote_to_account
 
 __all__ = ["AtrTracker", "PlanConfig", "assemble_plan", "build_plan", "make_plan", "plan_id_for", "signal_id_for",
            "size_batch", "valid_until_fits"]
@@ -73,7 +73,7 @@ class PlanConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     atr_period: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 14
     min_action: Annotated[int, msgspec.Meta(ge=1, le=2)] = 1
     min_score: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
-    account: Annotated[str, msgspec.Meta(min_length=3, max_length=8)] = "USD"
+    account: CurrencyCode = "USD"
 
     def __post_init__(self) -> None:
         check_fields(self)

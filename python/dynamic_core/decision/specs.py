@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
@@ -71,9 +72,13 @@ def _checker(t: Any) -> Callable[[Any], str]:
     if isinstance(t, ti.StrType):
         lo, hi = t.min_length or 0, t.max_length
         want = f"a string of {lo} to {hi} characters" if hi is not None else f"a string of at least {lo} characters"
+        pat = re.compile(t.pattern) if t.pattern else None
+        if pat is not None:
+            want += f" matching {t.pattern!r}"
 
         def check(v: Any) -> str:
-            ok = isinstance(v, str) and len(v) >= lo and (hi is None or len(v) <= hi)
+            ok = (isinstance(v, str) and len(v) >= lo and (hi is None or len(v) <= hi)
+                  and (pat is None or pat.search(v) is not None))
             return "" if ok else want
         return check
     if isinstance(t, ti.BoolType):
@@ -92,6 +97,12 @@ def _checker(t: Any) -> Callable[[Any], str]:
             return ""
         return check
     return lambda v: ""  # a type without constraints of ours
+
+
+CURRENCY_PATTERN = r"^[A-Z][A-Z0-9]{2,7}$"
+CurrencyCode = Annotated[str, msgspec.Meta(min_length=3, max_length=8, pattern=CURRENCY_PATTERN)]
+"""An account or leg currency code as instruments name them: upper case, 3 to 8 letters or
+digits (``USD``, ``USDT``); ``usd`` would match no instrument's legs, so no plan could be valued."""
 
 
 def check_fields(obj: msgspec.Struct) -> None:
