@@ -176,29 +176,57 @@ def test_shadow_of_the_same_config_agrees_and_a_different_one_is_reported(market
     assert rep.live_trades == len(live.attributions) and rep.candidate_trades == len(cand.attributions)
 
 
-def test_reasoning_guardrail_waits_for_rationales_and_attaches_them():
+def _guarded_session(providers, pop, bars, **mesh_kw):
+    """A paper session whose governor wants one reasoning provider to agree with each plan."""
     from dynamic_core.reasoning import ReasoningMesh
 
-    bars = dc.sim.MarketSimulator(["EURUSD"], seed=4).bars(300)
-    pop = dc.Population.random(500, instruments=["EURUSD"], timeframes=["H1"], seed=1)
     book = RationaleBook()
-    # the mesh's default selection (only when a stream's action changes): the signals a decision
-    # waits on are sent anyway, so no wait runs into the deadline
-    with ReasoningMesh(["local"], deadline_s=2.0, on_rationale=book.add) as mesh:
+    with ReasoningMesh(providers, deadline_s=2.0, on_rationale=book.add, **mesh_kw) as mesh:
         mesh.start()
         with dc.Engine(pop, threads=1) as eng:
             maker = DecisionMaker(PaperBroker(), plan=PlanConfig(min_score=0.02),
                                   limits=RiskLimits(min_providers_agree=1), rationale=book.get)
             s = TradingSession(eng, maker, mesh=mesh, book=book)
             s.run(bars)
+    return s, maker, mesh
+
+
+def test_reasoning_guardrail_waits_for_rationales_and_attaches_them(monkeypatch):
+    from .openai_server import FakeOpenAI
+
+    bars = dc.sim.MarketSimulator(["EURUSD"], seed=4).bars(300)
+    pop = dc.Population.random(500, instruments=["EURUSD"], timeframes=["H1"], seed=1)
+    key = "sk-test-guardrail-5c1e9a7b3d"
+    monkeypatch.setenv("DC_TEST_KEY", key)
+    # a provider over the real OpenAI protocol that states the signal's direction (the fake's
+    # default: the action word of the prompt); the mesh's default selection (only when a
+    # stream's action changes): the signals a decision waits on are sent anyway, so no wait
+    # runs into the deadline
+    with FakeOpenAI(expect_key=key) as fake:
+        s, maker, mesh = _guarded_session(
+            ["deepseek"], pop, bars,
+            policy={"rules": [{"request_class": "*", "candidates": ["deepseek", "local"]}]},
+            profiles={"deepseek": {"base_url": fake.url, "api_key_env": "DC_TEST_KEY", "timeout_s": 2.0,
+                                   "latency_class": "fast"}})
     assert s.reasoning_waits > 0 and s.reasoning_timeouts == 0
     assert mesh.select == "change"
     approved = [d for d in maker.decisions if d.verdict != "REJECTED"]
     assert approved
     for d in approved:
-        assert d.plan.rationale and d.plan.rationale_provider == "local" and d.plan.providers_agreeing >= 1
+        assert d.plan.rationale and d.plan.rationale_provider == "deepseek" and d.plan.providers_agreeing >= 1
     for a in maker.attribution():
-        assert a.adapter == "local"
+        assert a.adapter == "deepseek"
+
+
+def test_the_narrator_alone_never_satisfies_the_providers_guardrail():
+    """The local narrator restates the signal; it is no reasoning provider agreeing with it,
+    whether it runs inline or as its own process."""
+    bars = dc.sim.MarketSimulator(["EURUSD"], seed=4).bars(120)
+    pop = dc.Population.random(300, instruments=["EURUSD"], timeframes=["H1"], seed=1)
+    for providers in (["local"], []):
+        s, maker, _ = _guarded_session(providers, pop, bars)
+        assert s.reasoning_waits > 0 and maker.decisions
+        assert all(d.verdict == "REJECTED" and d.reasons == ("min_providers_agree",) for d in maker.decisions)
 
 
 def test_run_paper_command(tmp_path):

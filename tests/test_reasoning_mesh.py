@@ -381,6 +381,26 @@ def test_rpm_quota_is_enforced(fake) -> None:
         assert fake.stats()["requests"] == 2
 
 
+@pytest.mark.parametrize("limit", [{"daily_tokens": 500}, {"rpm": 2}])
+def test_a_burst_of_queued_tasks_never_passes_the_budget_or_quota(fake, limit) -> None:
+    """Tasks are routed when queued; a burst routed on the same unspent budget is checked again
+    as each attempt is sent, with the attempts in flight holding their possible spend."""
+    fake.script([], default={"mode": "slow", "delay": 0.3, "prompt_tokens": 120, "completion_tokens": 40})
+    m, out = mesh(fake, pol=policy("deepseek", "local", deepseek=limit), prof=deepseek(fake, max_concurrency=8),
+                  max_tokens=64)
+    with m:
+        m.submit_many([ctx(900 + i) for i in range(8)])
+        items = out.wait(8)
+        st = m.stats()["providers"]["deepseek"]
+    sent = fake.stats()["requests"]
+    assert 1 <= sent < 8 and {o.provider for o in items} == {"deepseek", "local"}
+    assert sum(o.provider == "deepseek" for o in items) == sent
+    if "daily_tokens" in limit:
+        assert st["tokens_in"] + st["tokens_out"] <= 500 and st["skipped"]["budget"] > 0
+    else:
+        assert sent <= 2 and st["skipped"]["rpm"] > 0
+
+
 def test_priorities_are_respected_under_load(fake) -> None:
     fake.script([], default={"mode": "slow", "delay": 0.1})
     m, out = mesh(fake, prof=deepseek(fake, max_concurrency=1), deadline_s=30.0)

@@ -267,6 +267,27 @@ def test_daily_token_budget_and_utc_midnight_reset() -> None:
     assert router.stats()["a"]["tokens_in"] == 300  # lifetime counters survive the reset
 
 
+def test_attempts_in_flight_hold_their_spend_and_sends_are_checked_again() -> None:
+    """Routing happens when a task is queued; by the time it is sent, attempts routed on the
+    same unspent budget may be in flight. Each holds its prompt plus max_tokens until its
+    result comes, and admits_send refuses what would pass the budget or the quota."""
+    router, _, _ = make({**RULE_AB, "limits": {"a": {"daily_tokens": 1000, "rpm": 3}}})
+    assert router.route(req(tokens_in=300, tokens_out=100))[0] == "a"
+    assert router.admits_send("a", 300, 100) == ""
+    router.record_start("a", 300, 100)  # holds 400
+    assert router.admits_send("a", 300, 100) == ""
+    router.record_start("a", 300, 100)  # holds 800: 200 left to hold
+    assert router.admits_send("a", 300, 100) == "budget"
+    assert router.route(req(tokens_in=300, tokens_out=100))[0] == "c"  # routing sees the holds too
+    router.record_result("a", ok=True, latency_s=0.1, tokens_in=250, tokens_out=50)  # spent 300, frees 400
+    assert router.budget_left("a") == {"tokens": 700, "usd": None}
+    assert router.admits_send("a", 150, 100) == ""  # 700 - 400 held >= 250
+    router.record_start("a", 150, 100)
+    assert router.admits_send("a", 10, 10) == "rate"  # the minute's third start was the last
+    assert skipped(router, "a") == {"budget": 2, "rpm": 1}
+    assert router.admits_send("local", 10**9, 10**9) == ""  # the last resort spends nothing
+
+
 def test_daily_usd_budget() -> None:
     # a: $1 per M input, $2 per M output
     router, _, wall = make({**RULE_AB, "limits": {"a": {"daily_usd": 0.0015}}})

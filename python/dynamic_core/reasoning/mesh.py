@@ -1141,6 +1141,9 @@ class ReasoningMesh:
         att = task.attempt
         if att > 255:
             return False
+        if provider != self.config.last_resort and self.router.admits_send(provider, est or task.est_in,
+                                                                           task.tokens_out):
+            return False  # its budget or quota was spent since routing (by the tasks sent before)
         req = ReasonRequest(task_id=task.id, attempt=att, context=ctx, messages=msgs, template=tmpl_name,
                             max_tokens=task.tokens_out, timeout_ms=max(1, int(budget * 1000)), json_mode=json_mode)
         # buffered per adapter and sent as one multipart message per loop iteration (_flush)
@@ -1149,7 +1152,7 @@ class ReasoningMesh:
         task.pending[att] = (provider, a.identity, now)
         task.used.add(provider)
         a.outstanding[(task.id, att)] = [provider, now, False]
-        self.router.record_start(provider, est or task.est_in)
+        self.router.record_start(provider, est or task.est_in, task.tokens_out)
         self._push_timer(now + budget, "attempt", task.id, att, task)
         return True
 
@@ -1199,9 +1202,11 @@ class ReasoningMesh:
             self.counts["truncated_replies"] += 1
             self._extra(provider, "truncated")
         prof = self.profiles.get(provider)
-        if prof is not None and prof.kind == "local":  # the narrator states the signal's own view
+        if prof is not None and prof.kind == "local":
+            # the narrator restates the signal: no view of its own, so it never counts as a
+            # provider agreeing (min_providers_agree), as when it runs inline
             ctx = task.ctx
-            parsed = ParsedReply(direction=action_direction(ctx.action), confidence=ctx.confidence
+            parsed = ParsedReply(direction=None, confidence=ctx.confidence
                                  if math.isfinite(ctx.confidence) else None, rationale=text, valid=True)
         else:
             parsed = parse_reply(text, prof.style if prof is not None else "narrative")
@@ -1366,6 +1371,11 @@ class ReasoningMesh:
         want = action_direction(task.ctx.action)
         if agreeing is None:
             agreeing = int(cand.parsed.direction == want)
+        narrator = self.profiles.get(cand.provider)
+        if status == "ok" and narrator is not None and narrator.kind == "local":
+            # the narrator's process answered: as inline, "fallback" after providers were tried
+            status = "fallback" if any(p != cand.provider and self.profiles.get(p) is not None
+                                       and self.profiles[p].kind != "local" for p in task.used) else "local"
         if task.key is not None and status == "ok" and task.key[3] == cand.provider:
             self.cache.put(task.key, (cand.text, agreeing))
         reason = None

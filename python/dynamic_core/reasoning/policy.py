@@ -452,6 +452,9 @@ class _Provider:
         "pending",
         "probes_used",
         "profile",
+        "held",
+        "held_tokens",
+        "held_usd",
         "rate",
         "results",
         "ring",
@@ -493,6 +496,12 @@ class _Provider:
         self.tok_win: deque[tuple[float, int]] = deque()  # (time, tokens) in the last minute
         self.tok_sum = 0
         self.pending: deque[int] = deque()  # tpm estimates awaiting their actual counts
+        # what the attempts in flight may still spend (their prompt estimate plus max_tokens),
+        # held against the daily budgets until their results come: a burst of queued tasks
+        # cannot all be sent on the same unspent budget
+        self.held: deque[tuple[int, float]] = deque()
+        self.held_tokens = 0
+        self.held_usd = 0.0
         self.expected_s = LATENCY_PRIORS_S[profile.latency_class]
         self.ring = [0.0] * _RING
         self.ring_n = 0
@@ -758,7 +767,8 @@ class Router:
                 sk["breaker"] += 1
             elif st.cooldown_until > now:
                 sk["cooldown"] += 1
-            elif tot > st.tokens_left or tin * st.p_in + tout * st.p_out > st.usd_left:
+            elif (tot > st.tokens_left - st.held_tokens
+                  or tin * st.p_in + tout * st.p_out > st.usd_left - st.held_usd):
                 sk["budget"] += 1
             elif st.rate and not self._rate_ok(st, now, tot):
                 pass  # _rate_ok counted rpm or tpm
@@ -846,6 +856,34 @@ class Router:
             return False
         return st.breaker == "closed" or self._admits(st, now)
 
+    def admits_send(self, provider: str, tokens_in: int, tokens_out: int) -> str:
+        """Why an attempt at ``provider`` with about ``tokens_in`` prompt tokens and at most
+        ``tokens_out`` reply tokens may not be sent now ('' when it may): ``breaker``,
+        ``cooldown``, ``budget`` (its daily tokens or USD, less what the attempts in flight hold)
+        or ``rpm`` / ``tpm``. Asked when each attempt is sent, since a task routed when it was
+        queued may wait behind others that spend the budget or fill the minute's quota first;
+        a refusal is counted in the provider's ``skipped``. Takes no probe or quota."""
+        st = self._p.get(provider)
+        if st is None or st.last_resort:
+            return ""
+        now = self._clock()
+        if st.cooldown_until > now:
+            st.skipped["cooldown"] += 1
+            return "cooldown"
+        if st.breaker != "closed" and not self._admits(st, now):
+            st.skipped["breaker"] += 1
+            return "breaker"
+        wall = self._wall()
+        if wall >= self._day_end:
+            self._roll_day(wall)
+        if (tokens_in + tokens_out > st.tokens_left - st.held_tokens
+                or tokens_in * st.p_in + tokens_out * st.p_out > st.usd_left - st.held_usd):
+            st.skipped["budget"] += 1
+            return "budget"
+        if st.rate and not self._rate_ok(st, now, tokens_in):
+            return "rate"
+        return ""
+
     # ---- feedback -------------------------------------------------------------------------------
 
     def record_tokens(self, provider: str, tokens_in: int, tokens_out: int) -> None:
@@ -865,15 +903,22 @@ class Router:
             st.tokens_left -= tokens_in + tokens_out
             st.usd_left -= usd
 
-    def record_start(self, provider: str, tokens_in: int) -> None:
-        """An attempt at ``provider`` is being sent with about ``tokens_in`` prompt tokens.
+    def record_start(self, provider: str, tokens_in: int, tokens_out: int = 0) -> None:
+        """An attempt at ``provider`` is being sent with about ``tokens_in`` prompt tokens and
+        at most ``tokens_out`` reply tokens.
 
-        Counts toward its rpm and tpm windows and, when its breaker is half-open, uses one
-        probe slot.
+        Counts toward its rpm and tpm windows, holds its possible spend against the daily
+        budgets until its result is recorded and, when its breaker is half-open, uses one probe
+        slot.
         """
         st = self._p[provider]
         now = self._clock()
         st.started += 1
+        if not st.last_resort:
+            usd = tokens_in * st.p_in + tokens_out * st.p_out
+            st.held.append((tokens_in + tokens_out, usd))
+            st.held_tokens += tokens_in + tokens_out
+            st.held_usd += usd
         if st.rate:
             self._prune_rate(st, now)
             st.starts.append(now)
@@ -915,6 +960,10 @@ class Router:
         if wall >= self._day_end:
             self._roll_day(wall)
         st.results += 1
+        if st.held:  # the attempt's hold is released: what it spent is charged below
+            t, u = st.held.popleft()
+            st.held_tokens -= t
+            st.held_usd = st.held_usd - u if st.held else 0.0  # (no float residue once none is held)
         tokens = tokens_in + tokens_out
         if tokens:
             usd = st.profile.cost_usd(tokens_in, tokens_out)
