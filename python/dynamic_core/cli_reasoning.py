@@ -90,7 +90,9 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
 def add_run_options(r: argparse.ArgumentParser) -> None:
     """The reasoning options of ``dynamic-core run``."""
-    g = r.add_argument_group("reasoning (rationales for signals; never delays a signal)")
+    g = r.add_argument_group("reasoning (rationales for signals; never delays a signal, but with --paper and "
+                             "[risk] min_providers_agree each plan's decision waits for its rationales, at most "
+                             "the deadline, before the next bar is taken)")
     g.add_argument("--reasoning", default=None, metavar="PROVIDERS",
                    help="start the reasoning mesh with these adapters: 'local' or a comma list, e.g. "
                         "local,grok,qwen (API keys from the environment; 'run' asks 'tactical' rationales)")
