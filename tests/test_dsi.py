@@ -900,3 +900,40 @@ def test_a_tick_driver_feeds_bars_and_causal_evidence_to_the_engine(tmp_path):
     res = dc.journal.replay(tmp_path / "j", verify=True)
     assert res.ok and res.verified == len(allsig)
     assert res.signals.tobytes() == allsig.tobytes()
+
+
+@pytest.mark.parametrize("garbage", ["far_ahead_negative_price", "end_of_time"])
+def test_a_refused_tick_changes_neither_the_bars_nor_their_evidence(garbage):
+    """One tick both validators refuse, dated far ahead, sat in the driver's running maximum of
+    its instrument's times (every later tick of the batch then seemed to come after every
+    close: all bars ran with stale evidence); a tick dated at the end of int64 time, refused by
+    the aggregator (bad_timestamp), was taken by the DSI pipeline, which then refused every
+    later tick as out of order, for good. The oracle: the same feed without it."""
+    ticks = dc.sim.TickSimulator(["EURUSD"], seed=1).ticks(2 * 3600)
+    bad = ticks[:1].copy()
+    if garbage == "far_ahead_negative_price":
+        bad["price"], bad["ts"] = -1.0, bad["ts"] + 10 * 3600 * 10**9
+    else:
+        bad["ts"] = 2**63 - 5
+
+    def run(t):
+        pop = dc.Population.random(64, instruments=["EURUSD"], timeframes=["M1"], seed=3, dsi_share=1.0)
+        with dc.Engine(pop, threads=1) as eng:
+            drv = TickDriver(eng)
+            out = [drv.update(t[:len(t) // 2]), drv.update(t[len(t) // 2:])]
+            drv.close()
+            return np.concatenate(out), drv
+
+    clean, _ = run(ticks)
+    dirty, drv = run(np.concatenate([ticks[:10], bad, ticks[10:]]))
+    assert sum(drv.aggregator.rejects.values()) == 1 and drv.dsi.ticks == len(ticks)
+    assert len(clean) > 100 and dirty.tobytes() == clean.tobytes() and (clean["dsi"] != 0).any()
+
+
+def test_a_standalone_dsi_refuses_a_tick_at_the_end_of_time():
+    ticks = _feed(["DSI_EOT"], 3, n=400)
+    bad = ticks[:1].copy()
+    bad["ts"] = 2**63 - 5
+    d = Dsi(["DSI_EOT"])
+    d.update(np.concatenate([ticks[:5], bad, ticks[5:]]))
+    assert d.rejects == {"bad_timestamp": 1} and d.ticks == len(ticks)

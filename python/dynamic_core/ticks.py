@@ -424,6 +424,7 @@ class TickAggregator:
                                        band=band, band_spreads=band_spreads, ts_range=_ts_range(tfs))
         self._pending = {tf: _Pending() for tf in self.timeframes}
         self.bars_out = 0
+        self.last_accepted = np.zeros(0, dtype=bool)  # of the last update's batch
 
     # -- counters ---------------------------------------------------------------------------
     @property
@@ -439,8 +440,10 @@ class TickAggregator:
 
     # -- data path --------------------------------------------------------------------------
     def update(self, ticks: np.ndarray) -> np.ndarray:
-        """Take a batch of ticks; return the bars it finished (``BAR_DTYPE``)."""
-        good, _ = self.validator(ticks)
+        """Take a batch of ticks; return the bars it finished (``BAR_DTYPE``). ``last_accepted``
+        is then the batch's mask of ticks taken (the others were refused and counted)."""
+        good, code = self.validator(ticks)
+        self.last_accepted = code == 0
         if len(good) == 0:
             return np.zeros(0, dtype=BAR_DTYPE)
         order = _instrument_order(good["instrument"])

@@ -92,11 +92,16 @@ class TickDriver:
     def update(self, ticks: np.ndarray) -> np.ndarray:
         """Take a batch of ticks (``TICK_DTYPE``, any interleaving of instruments, each in time
         order); return the signals of the bars it finished, in close-time order. Malformed ticks
-        are refused and counted by the aggregator and the DSI pipeline (``.aggregator.rejects``)."""
+        are refused and counted by the aggregator (``.aggregator.rejects``); the DSI pipeline
+        takes only the ticks the aggregator took, so a refused tick (a time far ahead, say)
+        changes neither the bars nor the evidence they run with."""
         t = as_ticks(ticks)
         bars = self.aggregator.update(t)
         if self.dsi is None:
             return self._run(bars)
+        ok = self.aggregator.last_accepted
+        if not ok.all():
+            t = t[ok]
         if len(bars) == 0:
             self.dsi.update(t)
             return np.zeros(0, dtype=SIGNAL_DTYPE)

@@ -25,6 +25,7 @@ from ...ticks import (
     _check_band,
     _instrument_order,
     _segment_starts,
+    _ts_range,
     as_ticks,
 )
 from ._scan import check_int
@@ -185,8 +186,10 @@ class Dsi:
         ids = None if instruments is None else _registry.resolve_all(instruments)
         self.instruments: tuple[int, ...] | None = None if ids is None else tuple(dict.fromkeys(ids))
         self._followed = None if ids is None else frozenset(ids)
+        # times within a week of the int64 limits are refused (bad_timestamp), as the bar
+        # aggregator refuses them: one such tick would put every later tick out of order
         self.validator = TickValidator(instruments=ids, max_dead_letters=cfg.max_dead_letters, band=cfg.band,
-                                       band_spreads=cfg.band_spreads)
+                                       band_spreads=cfg.band_spreads, ts_range=_ts_range([7 * 86400]))
         self.fusion = DsiFusion(EXPERTS, weights=dict(cfg.weights), half_life=cfg.half_life,
                                 spread_damp=cfg.spread_damp)
         self._state: dict[int, _Instrument] = {}
