@@ -75,6 +75,10 @@ def test_dsi_readers_add_their_weighted_evidence_to_the_blend(goog):
         eng.set_dsi({"GOOG": 1.5})
     with pytest.raises(ValueError, match="finite and in"):
         eng.set_dsi({"GOOG": float("nan")})
+    before = eng.agents().tobytes()
+    with pytest.raises(ValueError, match="'GOOG' is given more than once"):  # by name and by id
+        eng.set_dsi({"GOOG": 0.5, dc.instruments.id("GOOG"): -0.5})
+    assert eng.agents().tobytes() == before
 
 
 def test_signals_carry_their_streams_dsi_evidence(sim_bars):

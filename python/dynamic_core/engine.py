@@ -795,6 +795,9 @@ class Engine:
                     i = instruments.resolve(k)
                 except KeyError as e:
                     raise ValueError(f"set_dsi: {e.args[0]}") from None
+            if i in ids:  # by name and by id, say: which value applies would be undefined
+                raise ValueError(f"set_dsi: instrument {instruments.name(i)!r} is given more than once "
+                                 "(one evidence per instrument)")
             names.append(instruments.name(i))
             ids.append(i)
             vals.append(x)
