@@ -255,6 +255,18 @@ def test_a_step_that_raises_changes_nothing():
             la.step([1, 2, 3], eng)
         assert _state(la) == before and la.stats()["rejected"] == {}
         assert np.array_equal(eng.agents(), agents)  # no score was handed over either
+    # an engine without these learning agents: refused before anything is learned (a retry
+    # would have learned the same bar twice)
+    other = dc.Population.random(64, instruments=["PLANT"], timeframes=[3600], seed=2)  # ids 0..63, kind 0
+    with dc.Engine(other) as eng2:
+        with pytest.raises(ValueError, match="agent id 0 is not an external-score agent"):
+            la.step(bars[60:63], eng2)
+    rec = other.records.copy()
+    rec["agent_id"] += 1000
+    with dc.Engine(dc.Population.from_records(rec)) as eng3:
+        with pytest.raises(ValueError, match="no agent with id 0"):
+            la.step(bars[60:63], eng3)
+    assert _state(la) == before
     with pytest.raises(RuntimeError, match="closed"):
         la.step(bars[60:61], eng)
     assert _state(la) == before

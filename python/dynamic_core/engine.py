@@ -908,6 +908,16 @@ class Engine:
             raise ValueError(f"{what}: no agent with id {int(ids[np.flatnonzero(bad)[0]])}")
         return order[pos_c]
 
+    def _external_indices_of(self, ids: np.ndarray, what: str) -> np.ndarray:
+        """Population indices of external-score agents by id (``ValueError`` naming an unknown
+        id or one that is not kind 1). A slot's kind never changes: evolution breeds over
+        indicator-blend agents only."""
+        idx = self._indices_of(ids, what)
+        bad = np.flatnonzero(self._pop.records["kind"][idx] != 1)
+        if len(bad):
+            raise ValueError(f"{what}: agent id {int(ids[bad[0]])} is not an external-score agent (kind 1)")
+        return idx
+
     def dead_letters(self) -> np.ndarray:
         """Rejected bars with batch index and reason code (``DEAD_LETTER_DTYPE``), oldest first."""
         return self._native.dead_letters().view(DEAD_LETTER_DTYPE)

@@ -239,6 +239,9 @@ class LearningAgents:
             ``engine`` is strict and the batch has bad bars (its ``run`` will refuse it too).
         RuntimeError
             ``engine`` is closed.
+        ValueError
+            ``engine`` has no external-score agent (kind 1) with the id of a learning agent these
+            bars would score.
 
         Every check (the ``dsi`` callback included) runs before the first change, so a step that
         raises changes nothing. A score that comes out non-finite (a model fault) is set to 0
@@ -253,6 +256,11 @@ class LearningAgents:
             if s is not None:
                 todo.append((i, s))
         dsi = self._dsi_values([inst[i] for i, _ in todo])
+        rows = None
+        if engine is not None and todo:
+            rows = np.concatenate([self.members[s] for s in dict.fromkeys(s for _, s in todo)])
+            # ValueError for an id the engine lacks or holds as another kind of agent
+            engine._external_indices_of(self.ids[rows], "LearningAgents.step")
         # from here on nothing raises on account of the input
         for name, k in reason_counts(reasons).items():
             self._rejected[name] = self._rejected.get(name, 0) + k
@@ -265,8 +273,7 @@ class LearningAgents:
             touched[s] = None
         self._counts["bars"] += len(todo)
         self._flush()
-        if touched and engine is not None:
-            rows = np.concatenate([self.members[s] for s in touched])
+        if rows is not None:
             engine.set_external_scores(self.ids[rows], np.clip(self.scores[rows], -1.0, 1.0))
         return self.scores
 
