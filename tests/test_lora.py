@@ -85,6 +85,10 @@ def test_config_is_frozen_and_strict() -> None:
                 {"entropy_budget": (0.6, 0.2)}, {"bandwidth": (0.1,)}, {"screening_threshold": 0.0}):
         with pytest.raises(ValueError):
             LoRAConfig(**bad)
+    # lists are kept as the tuples the fields are: equal, hashable, not changeable after the checks
+    listed = LoRAConfig(entropy_budget=[0.2, 0.6], ranks=[64, 32, 16, 8, 4])  # type: ignore[arg-type]
+    assert listed == LoRAConfig() and hash(listed) == hash(LoRAConfig())
+    assert type(listed.entropy_budget) is tuple and type(listed.ranks) is tuple
 
 
 # ---------------------------------------------------------------------------------------- layer

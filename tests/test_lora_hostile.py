@@ -346,3 +346,16 @@ def test_layer_and_detector_loads_check_and_leave_the_object_unchanged(saved) ->
     fresh.load_state(det.state())  # a clean one loads as before
     for k, v in fresh.state().items():
         assert np.array_equal(v, det.state()[k])
+
+
+@pytest.mark.parametrize("seed", [0, 2**63 - 1, 2**63, 2**64 - 1])
+def test_every_seed_the_constructor_takes_round_trips_through_a_saved_state(seed) -> None:
+    h = LoRAHierarchy(2, 8, seed=seed)
+    g = LoRAHierarchy.from_state_dict(h.state_dict())
+    assert g.seed == seed and g.head.tobytes() == h.head.tobytes()
+
+
+@pytest.mark.parametrize("seed, err", [(-1, ValueError), (2**64, ValueError), (1.5, TypeError), ("1", TypeError)])
+def test_a_bad_seed_is_named(seed, err) -> None:
+    with pytest.raises(err, match="seed"):
+        LoRAHierarchy(2, 8, seed=seed)

@@ -238,6 +238,11 @@ class LoRAConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     def __post_init__(self) -> None:
         # every field, typed (bool and float are no int; NaN and infinities are no number), before
         # the relations between fields; sizes capped (the module's MAX_* constants)
+        for name in ("ranks", "base_inertia", "threshold_bounds", "entropy_budget", "fast_track_band",
+                     "entropy_bands", "bandwidth"):
+            v = getattr(self, name)
+            if isinstance(v, list):  # kept as the tuple it is declared: hashable, equal, not mutable
+                msgspec.structs.force_setattr(self, name, tuple(v))
         n = len(LAYERS)
         for i, r in enumerate(_tuple("ranks", self.ranks, n)):
             check_int(f"ranks[{i}]", r, 1, MAX_RANK)

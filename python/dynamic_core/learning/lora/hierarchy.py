@@ -183,7 +183,7 @@ class LoRAHierarchy:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError("dtype must be float32 or float64")
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed, 0, (1 << 64) - 1)  # what numpy's generators take
         rng = np.random.default_rng(self.seed)
         self.layers: dict[str, DynamicLoRALayer] = {}
         for name in LAYERS:
@@ -560,7 +560,7 @@ class LoRAHierarchy:
         sd: dict[str, Any] = {
             "config": msgspec.json.encode(self.config).decode(),
             "n_agents": np.array(self.n_agents), "dim": np.array(self.dim), "dtype": np.array(self.dtype.str),
-            "seed": np.array(self.seed), "tick": np.array(self.tick), "head": self.head.copy(),
+            "seed": np.array(self.seed, dtype=np.uint64), "tick": np.array(self.tick), "head": self.head.copy(),
             "backend.head": np.array(self.backend.head),
         }
         if self.backend.weight is not None:
@@ -647,7 +647,7 @@ def _check_saved(state: Mapping[str, Any], *, need_backend: bool) -> dict[str, A
     except ValueError as e:
         raise StateError(str(e)) from None
     dtype = np.dtype(_state.string(state, "dtype", 8, (np.dtype(np.float64).str, np.dtype(np.float32).str)))
-    v.update(n_agents=n, dim=d, dtype=dtype, seed=_state.integer(state, "seed", 0, (1 << 63) - 1),
+    v.update(n_agents=n, dim=d, dtype=dtype, seed=_state.integer(state, "seed", 0, (1 << 64) - 1),
              tick=_state.integer(state, "tick", 0, _COUNT_MAX))
     known = set(v)
     for key in ("head", "backend.head"):
