@@ -26,6 +26,7 @@ from .records import BAR_DTYPE, TICK_DTYPE
 __all__ = [
     "TICK_DEAD_LETTER_DTYPE",
     "TICK_REASONS",
+    "MAX_TICK_SIZE",
     "TickAggregator",
     "TickValidator",
     "as_ticks",
@@ -46,14 +47,20 @@ TICK_REASONS: tuple[str, ...] = (
     "out_of_order",
     "bad_timestamp",
     "late",
+    "size_too_large",
 )
 """Tick reject reason names indexed by code (0 is ``ok``). A tick gets the first that applies,
-in this order except that ``bad_timestamp`` (a time whose bar would not fit int64 nanoseconds,
+in this order except that ``size_too_large`` (a size above :data:`MAX_TICK_SIZE`) is checked
+right after ``negative_size``, and ``bad_timestamp`` (a time whose bar would not fit int64 nanoseconds,
 :class:`TickAggregator`) and ``late`` (a tick of a bar the aggregator has already finished by
 the clock) come before ``out_of_order``: a refused tick never counts for the order of the
 next ones. Codes are only ever appended, so a stored code keeps its meaning."""
 
 _R = {name: np.uint32(i) for i, name in enumerate(TICK_REASONS)}
+
+MAX_TICK_SIZE = 1e15
+"""The largest tick size taken: a bar's volume, the sum of its ticks' sizes, then stays finite
+(a few sizes near the float maximum summed to inf, and the engine refused the whole bar)."""
 
 TICK_DEAD_LETTER_DTYPE: np.dtype = np.dtype(
     {
@@ -187,6 +194,7 @@ def validate_ticks(ticks: np.ndarray, *, last_ts: np.ndarray | None = None,
     code[outside] = _R["price_out_of_band"]
     code[has_quote & (bid > ask)] = _R["crossed_quote"]
     code[has_quote & ((bid <= 0) | (ask <= 0))] = _R["bad_quote"]
+    code[size > MAX_TICK_SIZE] = _R["size_too_large"]
     code[size < 0] = _R["negative_size"]
     code[price <= 0] = _R["non_positive_price"]
     code[~finite] = _R["non_finite"]
