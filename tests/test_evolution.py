@@ -460,6 +460,9 @@ def test_harness_traces_evolution_on_real_data():
     assert rows[0].trigger == "every" and rows[0].bar == 400
     text = format_report(table)
     assert "evolution trace" in text and "best" in text and "median" in text
+    # a DataFrame has no stream ids for agents to run on: said before any work, not dropped
+    with pytest.raises(ValueError, match="evolve needs BAR_DTYPE bars"):
+        replay_report(dc.market.to_pandas(bars), 10, evolve=400)
 
 
 _WRITE = """

@@ -363,3 +363,13 @@ def test_rows_the_model_drops_as_nonfinite_are_counted():
     for p in time_steps(planted_market(60, seed=1)[40:]):
         la.step(p)
     assert la.stats()["nonfinite_rows"] == 4 * 20
+
+
+@pytest.mark.parametrize("kw, err, msg", [
+    (dict(n=0), ValueError, "n must be in"), (dict(n=2.5), TypeError, "n must be an int"),
+    (dict(n=2, first_id=-5), ValueError, "first_id must be in"),
+    (dict(n=2, first_id=2**32 - 1), ValueError, "passes the largest agent id"),
+])
+def test_learning_genomes_names_a_bad_argument(kw, err, msg):
+    with pytest.raises(err, match=msg):
+        learning_genomes("EURUSD", 3600, **kw)

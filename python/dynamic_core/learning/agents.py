@@ -132,6 +132,10 @@ def learning_genomes(instrument: int | str, timeframe: int | str, n: int, *, fir
     """``n`` external-score genomes (kind 1) on one stream, agent ids from ``first_id``. Their
     indicator weights are zero (the score comes from outside); ``entry`` is the |score| that
     takes a position."""
+    n = check_int("n", n, 1, 50_000_000)
+    first_id = check_int("first_id", first_id, 0, 2**32 - 1)
+    if first_id + n - 1 > 2**32 - 1:
+        raise ValueError(f"first_id {first_id} + n {n} passes the largest agent id (2**32 - 1)")
     g = np.zeros(n, dtype=GENOME_DTYPE)
     g["agent_id"] = np.arange(first_id, first_id + n, dtype=np.uint32)
     g["instrument"] = instruments.resolve(instrument)

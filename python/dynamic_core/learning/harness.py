@@ -408,6 +408,12 @@ def replay_report(source: Any, swing_length: int = 10, *, engine: bool = False,
         streams = source
     else:
         streams = {"bars": source}
+    if evolve > 0:  # before any work: agents run on bar records, a DataFrame has no stream ids
+        frames = [name for name, v in streams.items()
+                  if not (isinstance(v, np.ndarray) and v.dtype.names and "instrument" in v.dtype.names)]
+        if frames:
+            raise ValueError(f"evolve needs BAR_DTYPE bars (dc.market.from_pandas(df, instrument, timeframe) "
+                             f"makes them); not bar records: {', '.join(map(str, frames[:5]))}")
     need = 6 * swing_length if min_bars is None else min_bars
     rows = []
     for name, bars in streams.items():
