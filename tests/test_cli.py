@@ -416,3 +416,12 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> Non
         err = p.stderr.read().decode()
         rc = p.wait(timeout=60)
     assert rc == 1 and "Broken pipe" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv", [["run", "--agents", "60000000"], ["smc", "--evolve", "10", "--evolve-agents", "60000000"]])
+def test_an_agent_count_past_the_bound_is_refused_naming_the_option(argv, capsys):
+    from dynamic_core.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert ("--agents" in err or "--evolve-agents" in err) and "1..50,000,000" in err

@@ -194,6 +194,7 @@ def _axis(kind: type) -> Callable[[str], list[Any]]:
 
 
 _learning_count = int_range(0, MAX_LEARNING, span=f"0..{MAX_LEARNING:,} learning agents per stream")
+_agent_count = int_range(1, 50_000_000, span="1..50,000,000 agents")  # Population.random's bound
 """``--learning``: learning agents per stream, 0 (off) to :data:`MAX_LEARNING`."""
 
 
@@ -326,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "top agents, the action mix, rejected bars and the throughput."),
         epilog=_RUN_EPILOG, formatter_class=_Formatter,
     )
-    r.add_argument("--agents", type=_positive_int, default=10_000, metavar="N",
+    r.add_argument("--agents", type=_agent_count, default=10_000, metavar="N",
                    help="number of random agents, spread evenly over the instruments [default: 10000]")
     r.add_argument("--instruments", type=_instrument_choice, default=None, metavar="K|NAMES",
                    help="simulated instruments: a count K (the first K of EURUSD, GBPUSD, USDJPY, "
@@ -454,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--evolve", type=_count, default=0, metavar="N",
                     help="also replay the bars through random agents that evolve every N bars of a stream "
                          "and print the evolution trace (best/median fitness per generation) [default: 0, off]")
-    sm.add_argument("--evolve-agents", type=_positive_int, default=2048, metavar="K",
+    sm.add_argument("--evolve-agents", type=_agent_count, default=2048, metavar="K",
                     help="agents of the evolving population [default: 2048]")
     sm.add_argument("--evolve-plot", default=None, metavar="PNG",
                     help="plot the evolution trace to this image file (needs matplotlib)")
