@@ -359,3 +359,16 @@ def test_every_seed_the_constructor_takes_round_trips_through_a_saved_state(seed
 def test_a_bad_seed_is_named(seed, err) -> None:
     with pytest.raises(err, match="seed"):
         LoRAHierarchy(2, 8, seed=seed)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(weight=np.eye(8), head=np.ones(5)), "head has 5 values but weight is 8 wide"),
+    (dict(weight=np.full((4, 4), np.nan)), "weight must hold finite"),
+    (dict(head=np.array([1.0, np.inf])), "head must hold finite"),
+    (dict(head=np.ones((2, 4))), "head must be a 1-d vector"),
+])
+def test_a_backend_refuses_arrays_that_cannot_score(kw, msg) -> None:
+    from dynamic_core.learning.lora import LoRABackend
+
+    with pytest.raises(ValueError, match=msg):
+        LoRABackend(**kw)

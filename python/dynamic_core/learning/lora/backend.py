@@ -59,11 +59,18 @@ class LoRABackend:
                  fn: Callable[[np.ndarray], Any] | None = None) -> None:
         if fn is not None and weight is not None:
             raise ValueError("give a weight or a callable, not both")
+        if head is not None and np.ndim(head) != 1:
+            raise ValueError(f"head must be a 1-d vector of dim values, got shape {np.shape(head)}")
         self.weight = None if weight is None else _frozen(weight)
         self.head = None if head is None else _frozen(np.ravel(head))
         self.fn = fn
         if self.weight is not None and (self.weight.ndim != 2 or self.weight.shape[0] != self.weight.shape[1]):
             raise ValueError("weight must be a square (dim, dim) matrix")
+        if self.weight is not None and self.head is not None and self.head.shape[0] != self.weight.shape[0]:
+            raise ValueError(f"head has {self.head.shape[0]} values but weight is {self.weight.shape[0]} wide")
+        for name, a in (("weight", self.weight), ("head", self.head)):
+            if a is not None and not (a.dtype.kind in "fiu" and np.isfinite(a).all()):
+                raise ValueError(f"{name} must hold finite real numbers (a NaN scores every agent NaN)")
 
     @property
     def dim(self) -> int | None:
