@@ -340,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bar length: H1, M15, D1, 1h, or seconds [default: H1 simulated; "
                         "inferred from --data]")
     r.add_argument("--data", default=None, metavar="SOURCE",
-                   help="CSV file, 'sim', or 'backtesting:EURUSD|GOOG|BTCUSD' instead of the simulator")
+                   help="CSV file (comma, semicolon or tab separated, with a header: time, open, high, low, "
+                        "close[, volume][, symbol]), 'sim', or 'backtesting:EURUSD|GOOG|BTCUSD' instead of the "
+                        "simulator")
     r.add_argument("--seed", type=_seed, default=0,
                    help="seed of the simulated market and of the population, 0 to 2**64-1 [default: 0]")
     r.add_argument("--cores-per-sm", type=int, choices=(32, 64, 96, 128), default=128,
