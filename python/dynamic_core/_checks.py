@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-__all__ = ["check_int", "check_real"]
+__all__ = ["check_int", "check_real", "is_real"]
 
 
 def check_int(name: str, v: object, lo: int, hi: int) -> int:
@@ -22,11 +22,17 @@ def check_int(name: str, v: object, lo: int, hi: int) -> int:
     return i
 
 
+def is_real(v: object) -> bool:
+    """A real number: an int or float, numpy's included, but no bool (nor a str or complex,
+    whatever ``float()`` makes of them)."""
+    return not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, float, np.integer, np.floating))
+
+
 def check_real(name: str, v: object, lo: float = -math.inf, hi: float = math.inf, *,
                lo_open: bool = False) -> float:
     """``v`` as a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``): TypeError for a
     non-number, ValueError naming ``name`` for NaN, an infinity or a value out of range."""
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+    if not is_real(v):
         raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     try:
         x = float(v)

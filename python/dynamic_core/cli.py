@@ -40,7 +40,7 @@ from .errors import DynamicCoreError
 from ._launch import PROG
 from .instruments import instruments
 from .market import from_pandas, parse_timeframe, read_csv
-from .population import DEFAULTS, MAX_PERIOD, Population
+from .population import DEFAULTS, MAX_AGENTS, MAX_PERIOD, Population
 from .records import Action
 from .sim import PROFILES, MarketSimulator
 
@@ -194,8 +194,9 @@ def _axis(kind: type) -> Callable[[str], list[Any]]:
 
 
 _learning_count = int_range(0, MAX_LEARNING, span=f"0..{MAX_LEARNING:,} learning agents per stream")
-_agent_count = int_range(1, 50_000_000, span="1..50,000,000 agents")  # Population.random's bound
 """``--learning``: learning agents per stream, 0 (off) to :data:`MAX_LEARNING`."""
+_agent_count = int_range(1, MAX_AGENTS, span=f"1..{MAX_AGENTS:,} agents")
+"""``--agents``, ``--evolve-agents``: a population's size, 1 to :data:`~dynamic_core.population.MAX_AGENTS`."""
 
 
 def _instrument_choice(text: str) -> int | list[str]:
@@ -1109,8 +1110,8 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     params = {k: getattr(args, k) for k in _INT_PARAMS + _FLOAT_PARAMS + ("mode",)
               if getattr(args, k) is not None}
     n_grid = math.prod(len(v) for v in params.values()) * len(streams)
-    if n_grid > 50_000_000:
-        raise CLIError(f"the grid has {n_grid:,} agents, more than the 50M limit")
+    if n_grid > MAX_AGENTS:
+        raise CLIError(f"the grid has {n_grid:,} agents, more than the {MAX_AGENTS:,} limit")
     pop = _grid_population(streams, params)
     eng = Engine(pop, cores_per_sm=args.cores_per_sm)
     stream_names = ", ".join(f"{instruments.name(i)} {tf_label(tf)}" for i, tf in streams)

@@ -11,15 +11,17 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_int, check_real
+from ._checks import check_int, check_real, is_real
 from .errors import InvalidGenome
 from .instruments import instruments
 from .market import parse_timeframe
 from .records import GENOME_DTYPE
 
-__all__ = ["Population", "MODES", "DEFAULTS", "MAX_PERIOD", "MAX_COST_BPS"]
+__all__ = ["Population", "MODES", "DEFAULTS", "MAX_AGENTS", "MAX_PERIOD", "MAX_COST_BPS"]
 
 MAX_PERIOD = 100_000
+MAX_AGENTS = 50_000_000
+"""The most agents a population holds (a grid, a random population)."""
 MAX_COST_BPS = 1000.0  # 10% of equity per unit of position change (a reversal: 20%); see population.hpp
 MODES = {"long_only": 0, "long_short": 1}
 PERIODS = ("fast", "slow", "rsi_period", "macd_fast", "macd_slow", "macd_signal", "atr_period",
@@ -132,8 +134,8 @@ class Population:
         n = math.prod(len(v) for v in axes.values())  # Python ints: np.prod would wrap in int64
         if n == 0:
             raise ValueError("the grid is empty (a parameter has an empty list)")
-        if n > 50_000_000:
-            raise ValueError(f"grid of {n} agents is larger than the 50M limit")
+        if n > MAX_AGENTS:
+            raise ValueError(f"grid of {n} agents is larger than the {MAX_AGENTS:,} limit")
         rec = np.zeros(n, dtype=GENOME_DTYPE)
         rec["agent_id"] = np.arange(n, dtype=np.uint32)
         # meshgrid in product order: the last axis varies fastest, as itertools.product
@@ -158,7 +160,7 @@ class Population:
         """
         from .instruments import instruments as registry
 
-        n = check_int("n", n, 1, 50_000_000)
+        n = check_int("n", n, 1, MAX_AGENTS)
         seed = check_int("seed", seed, 0, 2**64 - 1)
         dsi_share = check_real("dsi_share", dsi_share, 0.0, 1.0)
         if cost_bps is not None:
@@ -253,7 +255,7 @@ def _check_axis(name: str, values: list[Any]) -> None:
     kind = GENOME_DTYPE[name]
     if kind.kind == "f":  # a real number (finiteness and range: check_records, naming rows)
         for v in values:
-            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            if not is_real(v):
                 raise InvalidGenome(f"{name}: expected a real number, got {v!r}")
         return
     if kind.kind not in "iu":

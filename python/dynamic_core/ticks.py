@@ -51,10 +51,10 @@ TICK_REASONS: tuple[str, ...] = (
 )
 """Tick reject reason names indexed by code (0 is ``ok``). A tick gets the first that applies,
 in this order except that ``size_too_large`` (a size above :data:`MAX_TICK_SIZE`) is checked
-right after ``negative_size``, and ``bad_timestamp`` (a time whose bar would not fit int64 nanoseconds,
-:class:`TickAggregator`) and ``late`` (a tick of a bar the aggregator has already finished by
-the clock) come before ``out_of_order``: a refused tick never counts for the order of the
-next ones. Codes are only ever appended, so a stored code keeps its meaning."""
+right after ``negative_size``, and ``bad_timestamp`` (a time whose bar would not fit int64
+nanoseconds, :class:`TickAggregator`) and ``late`` (a tick of a bar the aggregator has already
+finished by the clock) come before ``out_of_order``: a refused tick never counts for the order
+of the next ones. Codes are only ever appended, so a stored code keeps its meaning."""
 
 _R = {name: np.uint32(i) for i, name in enumerate(TICK_REASONS)}
 

@@ -69,6 +69,7 @@ from hashlib import blake2b
 import msgspec
 import numpy as np
 
+from .._checks import is_real
 from ..decision._history import _History
 from ..decision.specs import CURRENCY_PATTERN, InstrumentSpec, conversion_prices, instrument_spec, quote_to_account
 from ..instruments import instruments
@@ -84,11 +85,6 @@ EQUITY_DTYPE = np.dtype([("ts", "<i8"), ("balance", "<f8"), ("equity", "<f8")])
 
 _ORDER_TYPES = ("market", "limit", "stop")
 _REAL_FIELDS = ("lots", "price", "stop_loss", "take_profit")
-
-
-def _is_real(v: object) -> bool:
-    """A real number (a bool, str or complex is not one, whatever ``float()`` makes of it)."""
-    return not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, float, np.integer, np.floating))
 HISTORY = 100_000
 """Curve points, fills, closed trades and finished-order statuses a broker keeps by default."""
 MAX_ORDER_IDS = 1 << 24
@@ -387,7 +383,7 @@ class PaperBroker:
             return "bad_order"
         # a Struct built in Python is not type-checked: a price given as a str, a bool side...
         for f in _REAL_FIELDS:
-            if not _is_real(getattr(order, f)):
+            if not is_real(getattr(order, f)):
                 return "bad_order"
         for f in ("ts", "valid_until"):
             v = getattr(order, f)
@@ -404,7 +400,6 @@ class PaperBroker:
         if not (math.isfinite(lots) and lots > 0.0) or abs(spec.round_lots(lots) - lots) > _EPS:
             return "bad_size"
         price, sl, tp = float(order.price), float(order.stop_loss), float(order.take_profit)
-        int(order.ts), int(order.valid_until)  # raise (-> bad_order) on non-integers
         if order.type != "market" and not (math.isfinite(price) and price > 0.0):
             return "bad_price"
         if not (math.isfinite(sl) and sl >= 0.0 and math.isfinite(tp) and tp >= 0.0):

@@ -39,6 +39,7 @@ import numpy as np
 from .._checks import check_int, check_real
 from ..instruments import instruments
 from ..market import as_bars, parse_timeframe, reason_counts, refuse_bad, validate
+from ..population import MAX_AGENTS
 from ..records import BAR_DTYPE, GENOME_DTYPE
 
 __all__ = ["FEATURES", "MAX_DIM", "FeatureBank", "LearningAgents", "learning_genomes"]
@@ -132,7 +133,7 @@ def learning_genomes(instrument: int | str, timeframe: int | str, n: int, *, fir
     """``n`` external-score genomes (kind 1) on one stream, agent ids from ``first_id``. Their
     indicator weights are zero (the score comes from outside); ``entry`` is the |score| that
     takes a position."""
-    n = check_int("n", n, 1, 50_000_000)
+    n = check_int("n", n, 1, MAX_AGENTS)
     first_id = check_int("first_id", first_id, 0, 2**32 - 1)
     if first_id + n - 1 > 2**32 - 1:
         raise ValueError(f"first_id {first_id} + n {n} passes the largest agent id (2**32 - 1)")

@@ -402,15 +402,14 @@ def replay_report(source: Any, swing_length: int = 10, *, engine: bool = False,
             attrs["engine"] = {"signals": len(res.signals), "verified": res.verified, "bars": res.bars}
     elif hasattr(source, "columns"):
         streams = {"bars": source}
-    elif isinstance(source, np.ndarray) and source.dtype.names and "instrument" in source.dtype.names:
+    elif _is_bars(source):
         streams = _streams(source)
     elif isinstance(source, Mapping):
         streams = source
     else:
         streams = {"bars": source}
     if evolve > 0:  # before any work: agents run on bar records, a DataFrame has no stream ids
-        frames = [name for name, v in streams.items()
-                  if not (isinstance(v, np.ndarray) and v.dtype.names and "instrument" in v.dtype.names)]
+        frames = [name for name, v in streams.items() if not _is_bars(v)]
         if frames:
             raise ValueError(f"evolve needs BAR_DTYPE bars (dc.market.from_pandas(df, instrument, timeframe) "
                              f"makes them); not bar records: {', '.join(map(str, frames[:5]))}")
@@ -429,15 +428,17 @@ def replay_report(source: Any, swing_length: int = 10, *, engine: bool = False,
             rows.append({"stream": name, "bars": len(bars), "concept": concept, **agg[concept]})
     cols = ["stream", "bars", "concept", "n_ref", "n_ours", "tp", "fp", "fn", "precision", "recall",
             "f1", "attr", "lag"]
-    if evolve > 0:
-        arrays = {k: v for k, v in streams.items() if isinstance(v, np.ndarray) and v.dtype.names
-                  and "instrument" in v.dtype.names}
-        if arrays:
-            evo = evolution_trace(arrays, agents=evolve_agents, every=evolve, plot=evolve_plot)
-            attrs["evolution"] = list(evo.trace)
+    if evolve > 0 and streams:  # every one bar records (checked above)
+        evo = evolution_trace(streams, agents=evolve_agents, every=evolve, plot=evolve_plot)
+        attrs["evolution"] = list(evo.trace)
     table = pd.DataFrame(rows, columns=cols)
     table.attrs.update(attrs)
     return table
+
+
+def _is_bars(v: Any) -> bool:
+    """Bar records (a structured array with an instrument field), not a DataFrame."""
+    return isinstance(v, np.ndarray) and bool(v.dtype.names) and "instrument" in v.dtype.names
 
 
 def format_report(table: Any) -> str:

@@ -1141,8 +1141,7 @@ class ReasoningMesh:
         att = task.attempt
         if att > 255:
             return False
-        if provider != self.config.last_resort and self.router.admits_send(provider, est or task.est_in,
-                                                                           task.tokens_out):
+        if self.router.admits_send(provider, est or task.est_in, task.tokens_out):
             return False  # its budget or quota was spent since routing (by the tasks sent before)
         req = ReasonRequest(task_id=task.id, attempt=att, context=ctx, messages=msgs, template=tmpl_name,
                             max_tokens=task.tokens_out, timeout_ms=max(1, int(budget * 1000)), json_mode=json_mode)

@@ -534,6 +534,13 @@ class _Provider:
         return sorted(self.ring[:n])
 
 
+def _over_budget(st: _Provider, tokens_in: int, tokens_out: int) -> bool:
+    """Would an attempt of these tokens pass the provider's daily token or USD budget, less
+    what the attempts in flight hold?"""
+    return (tokens_in + tokens_out > st.tokens_left - st.held_tokens
+            or tokens_in * st.p_in + tokens_out * st.p_out > st.usd_left - st.held_usd)
+
+
 def _quantile(sorted_values: list[float], q: float) -> float | None:
     """Nearest-rank quantile (the lower median for an even count)."""
     n = len(sorted_values)
@@ -767,8 +774,7 @@ class Router:
                 sk["breaker"] += 1
             elif st.cooldown_until > now:
                 sk["cooldown"] += 1
-            elif (tot > st.tokens_left - st.held_tokens
-                  or tin * st.p_in + tout * st.p_out > st.usd_left - st.held_usd):
+            elif _over_budget(st, tin, tout):
                 sk["budget"] += 1
             elif st.rate and not self._rate_ok(st, now, tot):
                 pass  # _rate_ok counted rpm or tpm
@@ -858,29 +864,22 @@ class Router:
 
     def admits_send(self, provider: str, tokens_in: int, tokens_out: int) -> str:
         """Why an attempt at ``provider`` with about ``tokens_in`` prompt tokens and at most
-        ``tokens_out`` reply tokens may not be sent now ('' when it may): ``breaker``,
-        ``cooldown``, ``budget`` (its daily tokens or USD, less what the attempts in flight hold)
-        or ``rpm`` / ``tpm``. Asked when each attempt is sent, since a task routed when it was
-        queued may wait behind others that spend the budget or fill the minute's quota first;
-        a refusal is counted in the provider's ``skipped``. Takes no probe or quota."""
+        ``tokens_out`` reply tokens may not be sent now ('' when it may): ``budget`` (its daily
+        tokens or USD, less what the attempts in flight hold) or ``rate`` (its rpm or tpm).
+        :meth:`admits` answers for the breaker and the cooldown. Asked when each attempt is
+        sent, since a task routed when it was queued may wait behind others that spend the
+        budget or fill the minute's quota first; a refusal is counted in the provider's
+        ``skipped``. Takes no quota."""
         st = self._p.get(provider)
         if st is None or st.last_resort:
             return ""
-        now = self._clock()
-        if st.cooldown_until > now:
-            st.skipped["cooldown"] += 1
-            return "cooldown"
-        if st.breaker != "closed" and not self._admits(st, now):
-            st.skipped["breaker"] += 1
-            return "breaker"
         wall = self._wall()
         if wall >= self._day_end:
             self._roll_day(wall)
-        if (tokens_in + tokens_out > st.tokens_left - st.held_tokens
-                or tokens_in * st.p_in + tokens_out * st.p_out > st.usd_left - st.held_usd):
+        if _over_budget(st, tokens_in, tokens_out):
             st.skipped["budget"] += 1
             return "budget"
-        if st.rate and not self._rate_ok(st, now, tokens_in):
+        if st.rate and not self._rate_ok(st, self._clock(), tokens_in):
             return "rate"
         return ""
 
