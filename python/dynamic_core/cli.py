@@ -1111,7 +1111,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
               if getattr(args, k) is not None}
     n_grid = math.prod(len(v) for v in params.values()) * len(streams)
     if n_grid > MAX_AGENTS:
-        raise CLIError(f"the grid has {n_grid:,} agents, more than the {MAX_AGENTS:,} limit")
+        raise CLIError(f"the grid has {n_grid:,} agents, more than the {MAX_AGENTS // 10**6}M limit")
     pop = _grid_population(streams, params)
     eng = Engine(pop, cores_per_sm=args.cores_per_sm)
     stream_names = ", ".join(f"{instruments.name(i)} {tf_label(tf)}" for i, tf in streams)

@@ -135,7 +135,7 @@ class Population:
         if n == 0:
             raise ValueError("the grid is empty (a parameter has an empty list)")
         if n > MAX_AGENTS:
-            raise ValueError(f"grid of {n} agents is larger than the {MAX_AGENTS:,} limit")
+            raise ValueError(f"grid of {n} agents is larger than the {MAX_AGENTS // 10**6}M limit")
         rec = np.zeros(n, dtype=GENOME_DTYPE)
         rec["agent_id"] = np.arange(n, dtype=np.uint32)
         # meshgrid in product order: the last axis varies fastest, as itertools.product
