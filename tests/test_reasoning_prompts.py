@@ -227,6 +227,13 @@ def test_parse_json_replies(text, direction, confidence, valid, tag) -> None:
     ("市场观望情绪浓，持有为主，低置信度。", "hold", None, ("confidence:low",)),
     ("We are 70% confident... confidence 70%, direction: buy", "buy", 0.7, ("confidence_pct",)),
     ("", None, None, ()),
+    ("Do not buy here.", "hold", None, ("negated",)),
+    ("Don't sell, buy more.", "buy", None, ("negated",)),
+    ("We are not bearish; buy the dip.", "buy", None, ("negated",)),
+    ("I would never buy this, sell it", "sell", None, ("negated",)),
+    ("There is no reason to sell.", "hold", None, ("negated",)),
+    ("现在不要买入。", "hold", None, ("negated",)),
+    ("No doubt: buy.", "buy", None, ()),
 ])
 def test_parse_narrative_replies(text, direction, confidence, tags) -> None:
     r = parse_reply(text, "narrative")

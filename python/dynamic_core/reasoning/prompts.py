@@ -496,6 +496,7 @@ class ParsedReply(msgspec.Struct, frozen=True, kw_only=True):
     tags : tuple[str, ...]
         How it was read: ``fenced`` (JSON in a code fence), ``prose`` (JSON inside prose),
         ``heuristic`` (direction from words), ``mixed`` (as many bullish as bearish words),
+        ``negated`` (a directional word after a negation, counted for hold),
         ``confidence_pct`` (a percentage), ``confidence:high|medium|low`` (a word).
     """
 
@@ -524,6 +525,10 @@ _EXPLICIT = re.compile(
 _BUY = re.compile(r"\b(?:buy(?:ing)?|bullish|long(?![- ]term))\b|买入|看涨|做多|看多", re.IGNORECASE)
 _SELL = re.compile(r"\b(?:sell(?:ing)?|bearish|short(?![- ]term))\b|卖出|看跌|做空|看空", re.IGNORECASE)
 _HOLD = re.compile(r"\b(?:hold|neutral|stay flat)\b|持有|观望|中性", re.IGNORECASE)
+# A directional word just after a negation ("do not buy", "not bearish", "avoid shorting",
+# 不要买入) is not a vote for that side; it counts as a vote to hold.
+_NEGATION = re.compile(r"(?:\b(?:not|no|never|avoid(?:ing)?|against)|n't)\s+(?:[a-z]+\s+){0,2}$|(?:不|别|勿|不要|不建议|不宜)$",
+                       re.IGNORECASE)
 _CONF_NUM = re.compile(r"(?:\bconfidence\b[\"']?|置信度|信心)\s*(?:level|score)?\s*(?:[:=：]|\bis\b|\bof\b)?\s*"
                        r"([0-9]*\.?[0-9]+)\s*(%)?", re.IGNORECASE)
 _CONF_WORD = re.compile(r"\b(high|medium|moderate|low)[ -]confidence\b|(高|中等?|低)置信度|置信度(高|中等?|低)",
@@ -532,15 +537,30 @@ _CONF_WORDS = {"high": "high", "medium": "medium", "moderate": "medium", "low": 
                "高": "high", "中": "medium", "中等": "medium", "低": "low"}
 
 
+def _votes(word: re.Pattern[str], text: str) -> tuple[int, int]:
+    """(plain, negated) mentions of ``word`` in ``text``."""
+    plain = negated = 0
+    for m in word.finditer(text):
+        if _NEGATION.search(text[max(0, m.start() - 24):m.start()]):
+            negated += 1
+        else:
+            plain += 1
+    return plain, negated
+
+
 def _direction_from_words(text: str, tags: list[str]) -> str | None:
     explicit = None
     for m in _EXPLICIT.finditer(text):  # the last explicit statement wins (a summary line)
         explicit = m.group(1) or m.group(2)
     if explicit:
         return _SYNONYMS.get(explicit.lower())
-    nb = len(_BUY.findall(text))
-    ns = len(_SELL.findall(text))
-    nh = len(_HOLD.findall(text))
+    nb, neg_b = _votes(_BUY, text)
+    ns, neg_s = _votes(_SELL, text)
+    nh, _ = _votes(_HOLD, text)  # "don't hold" says nothing about which side
+    negated = neg_b + neg_s
+    if negated:
+        tags.append("negated")
+        nh += negated
     if nh > max(nb, ns):
         return "hold"
     if nb > ns:
@@ -617,7 +637,8 @@ def parse_reply(text: str, style: str) -> ParsedReply:
         if that fails the reply is read as narrative and marked ``valid=False``. Narrative:
         an explicit ``Direction: buy`` / ``方向：买入`` (the last one wins), else the majority of
         bullish (buy, long, bullish, 买入, 看涨, ...) against bearish (sell, short, bearish,
-        卖出, 看跌, ...) words; ``Confidence: 0.7``, ``confidence 70%``, ``置信度：0.7`` (the
+        卖出, 看跌, ...) against hold words, where a negated word ("do not buy", "not
+        bearish", 不要买入) counts for hold; ``Confidence: 0.7``, ``confidence 70%``, ``置信度：0.7`` (the
         last one wins) and ``high/medium/low confidence`` (a tag only).
 
     Returns
