@@ -372,3 +372,38 @@ def test_a_backend_refuses_arrays_that_cannot_score(kw, msg) -> None:
 
     with pytest.raises(ValueError, match=msg):
         LoRABackend(**kw)
+
+
+@pytest.mark.parametrize("target, msg", [
+    (np.array([0.0, 1.5, 0.0, 0.0]), r"target must be in \[-1, 1\]: 1 rows outside, first row 1 = 1.5"),
+    (np.array([-2.0, 0.0, np.nan, 3.0]), r"2 rows outside, first row 0 = -2.0"),
+])
+def test_a_target_outside_the_score_range_is_refused_and_nothing_is_learned(target, msg) -> None:
+    h = LoRAHierarchy(4, 8, seed=1)
+    with pytest.raises(ValueError, match=msg):
+        h.learn(np.ones((4, 8)), target)
+    assert h.system_tick()["learners"] == 0
+
+
+@pytest.mark.parametrize("mask, msg", [
+    (np.array([1.0, np.nan, 0.0, 1.0]), "other values"),
+    (np.array([0, 2, 0, 1]), "other values"),
+    (np.array(["a", "b", "c", "d"]), "got <U1"),
+])
+def test_a_mask_that_is_not_boolean_is_refused(mask, msg) -> None:
+    h = LoRAHierarchy(4, 8, seed=1)
+    with pytest.raises(ValueError, match=msg):
+        h.learn(np.ones((4, 8)), np.zeros(4), mask=mask)
+    h.learn(np.ones((4, 8)), np.zeros(4), mask=np.array([1, 0, 0, 1]))  # 0/1 numbers are a mask
+    assert h.system_tick()["learners"] == 2
+
+
+def test_a_snapshot_of_another_hierarchy_is_refused_by_name() -> None:
+    h, other = LoRAHierarchy(4, 8, seed=1), LoRAHierarchy(4, 6, seed=1)
+    with pytest.raises(ValueError, match="snapshot does not fit this hierarchy .* taken from another one"):
+        h.learn(np.ones((4, 8)), np.zeros(4), other.snapshot())
+    with pytest.raises(ValueError, match="snapshot does not fit"):
+        h.score(np.ones((4, 8)), LoRAHierarchy(5, 8, seed=1).snapshot())
+    with pytest.raises(TypeError, match="snapshot must be a LoRASnapshot"):
+        h.score(np.ones((4, 8)), {"context": None})
+    assert h.score(np.ones((4, 8)), LoRAHierarchy(4, 8, seed=2).snapshot()).shape == (4,)

@@ -122,6 +122,16 @@ class LoRASnapshot:
         return any(v.base is buf for pair in self._layers.values() for v in pair)
 
 
+def _bool_mask(mask: object) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.dtype != bool:
+        if m.dtype.kind not in "biuf" or not np.isin(m, (0, 1)).all():
+            raise ValueError("mask must be bool (or numbers that are all 0 or 1)"
+                             + (f", got {m.dtype}" if m.dtype.kind not in "biuf" else ": it holds other values"))
+        m = m.astype(bool)
+    return m.reshape(-1)
+
+
 def _check_size(n_agents: object, dim: object, cfg: LoRAConfig) -> tuple[int, int]:
     """``(n_agents, dim)`` as ints within the caps (TypeError, ValueError), the per-agent state
     they imply included."""
@@ -224,10 +234,16 @@ class LoRAHierarchy:
         return snap
 
     def _weights(self, snap: LoRASnapshot | None) -> tuple[Mapping[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
-        if snap is not None:
-            return snap.layers, snap.head
         live = {n: ((L.A[0], L.B[0]) if n in SHARED_LAYERS else (L.A, L.B)) for n, L in self.layers.items()}
-        return live, self.head
+        if snap is None:
+            return live, self.head
+        if not isinstance(snap, LoRASnapshot):
+            raise TypeError(f"snapshot must be a LoRASnapshot (from .snapshot()), got {type(snap).__name__}")
+        if snap.head.shape != self.head.shape or any(
+                snap[n][0].shape != A.shape or snap[n][1].shape != B.shape for n, (A, B) in live.items()):
+            raise ValueError(f"snapshot does not fit this hierarchy (n_agents={self.n_agents}, dim={self.dim}, "
+                             f"ranks {[self.config.rank(n) for n in LAYERS]}): it was taken from another one")
+        return snap.layers, snap.head
 
     def _check_x(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=self.dtype)
@@ -289,11 +305,11 @@ class LoRAHierarchy:
         x : ndarray (n_agents, dim)
             Inputs.
         target : ndarray (n_agents,)
-            Targets in [-1, 1].
+            Targets in [-1, 1] (a finite target outside is a ValueError).
         snapshot : LoRASnapshot, optional
             The weights that scored ``x`` (the live weights when None).
         mask : ndarray (n_agents,) bool, optional
-            Agents that learn this call (default all). Rows with a non-finite input or target
+            Agents that learn this call (default all); bool, or numbers that are all 0 or 1. Rows with a non-finite input or target
             are left out and counted (``nonfinite`` in the tick's report), and so are rows whose
             forward pass overflows (``overflow``): a finite input so large that a hidden state,
             a rank activation or the sum of squares behind its RMS is no longer finite.
@@ -307,10 +323,14 @@ class LoRAHierarchy:
         t = np.asarray(target, dtype=self.dtype).reshape(-1)
         if t.shape != (self.n_agents,):
             raise ValueError(f"target must be (n_agents,) = ({self.n_agents},), got {t.shape}")
-        m = np.ones(self.n_agents, bool) if mask is None else np.asarray(mask, dtype=bool).reshape(-1)
+        m = np.ones(self.n_agents, bool) if mask is None else _bool_mask(mask)
         if m.shape != (self.n_agents,):
             raise ValueError(f"mask must be (n_agents,) bool, got {m.shape}")
         finite = np.isfinite(x).all(axis=1) & np.isfinite(t)
+        wild = finite & (np.abs(np.where(finite, t, 0)) > 1.0)
+        if wild.any():
+            i = int(np.flatnonzero(wild)[0])
+            raise ValueError(f"target must be in [-1, 1]: {int(wild.sum())} rows outside, first row {i} = {float(t[i])!r}")
         self._nonfinite += int(np.count_nonzero(m & ~finite))
         m = m & finite
         k = int(np.count_nonzero(m))
