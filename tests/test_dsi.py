@@ -937,3 +937,18 @@ def test_a_standalone_dsi_refuses_a_tick_at_the_end_of_time():
     d = Dsi(["DSI_EOT"])
     d.update(np.concatenate([ticks[:5], bad, ticks[5:]]))
     assert d.rejects == {"bad_timestamp": 1} and d.ticks == len(ticks)
+
+
+def test_dsi_reader_arguments_are_checked_for_every_instrument():
+    dsi = Dsi(["DSI_A"])  # no state yet: the same errors as with one
+    with pytest.raises(ValueError, match="by must be 'token' or 'expert', got 'foo'"):
+        dsi.top("DSI_A", by="foo")
+    with pytest.raises(ValueError, match="k must be in"):
+        dsi.top("DSI_A", -1)
+    with pytest.raises(TypeError, match="k must be an int"):
+        dsi.top("DSI_A", 2.5)
+    with pytest.raises(ValueError, match="direction must be a finite number"):
+        dsi.validation("DSI_A", math.nan)
+    with pytest.raises(TypeError, match="direction must be a number"):
+        dsi.validation("DSI_A", "long")
+    assert dsi.validation("DSI_A", -3) == 0.0 and dsi.top("DSI_A", 0, by="expert") == []

@@ -373,3 +373,18 @@ def test_rows_the_model_drops_as_nonfinite_are_counted():
 def test_learning_genomes_names_a_bad_argument(kw, err, msg):
     with pytest.raises(err, match=msg):
         learning_genomes("EURUSD", 3600, **kw)
+
+
+def test_hit_rate_takes_rows_and_names_a_bad_one():
+    g = learning_genomes("PLANT", 3600, 4, first_id=100)
+    la = LearningAgents(g, seed=1)
+    for part in time_steps(planted_market(200, seed=1)):
+        la.step(part)
+    calls = la.calls[[1, 2]].sum()
+    assert calls > 0 and la.hit_rate([1, 2]) == la.hits[[1, 2]].sum() / calls
+    with pytest.raises(IndexError, match=r"agent row 100 out of range \[0, 4\) .*agent id 100 is row 0"):
+        la.hit_rate([100])
+    with pytest.raises(IndexError, match="agent row -1 out of range"):
+        la.hit_rate([-1])
+    with pytest.raises(TypeError, match="row indices"):
+        la.hit_rate([0.5])

@@ -407,3 +407,13 @@ def test_a_snapshot_of_another_hierarchy_is_refused_by_name() -> None:
     with pytest.raises(TypeError, match="snapshot must be a LoRASnapshot"):
         h.score(np.ones((4, 8)), {"context": None})
     assert h.score(np.ones((4, 8)), LoRAHierarchy(4, 8, seed=2).snapshot()).shape == (4,)
+
+
+@pytest.mark.parametrize("src, dst, err", [(0, -1, IndexError), (4, 0, IndexError), (0, 1.0, TypeError)])
+def test_copy_slot_refuses_a_slot_out_of_range(src, dst, err) -> None:
+    layer = DynamicLoRALayer(6, 3, 0.5, slots=4, rng=np.random.default_rng(0))
+    before = layer.state()
+    with pytest.raises(err, match="slot"):
+        layer.copy_slot(src, dst)
+    after = layer.state()
+    assert all(np.array_equal(before[k], after[k]) for k in before)

@@ -423,3 +423,13 @@ def test_smc_command(capsys):
     out = capsys.readouterr().out
     assert "SMC agreement with smartmoneyconcepts" in out and "choch" in out and "order_block" in out
     assert main(["smc", "backtesting:GOOG", "--engine"]) == 2
+
+
+@pytest.mark.parametrize("args, err, msg", [
+    (([1.0, 2.0], [0.5, 1.0], 0), ValueError, r"swing_length must be in \[1, "),
+    (([1.0, 2.0], [0.5, 1.0], 2.0), TypeError, "swing_length must be an int"),
+    (([1.0, 2.0], [0.5], 1), ValueError, "high and low must be 1-D and of one length"),
+])
+def test_swing_candidates_names_a_bad_argument(args, err, msg):
+    with pytest.raises(err, match=msg):
+        smc.swing_candidates(*args)

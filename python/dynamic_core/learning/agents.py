@@ -390,8 +390,19 @@ class LearningAgents:
         return {"ticks": self.ticks, **self._counts, "rejected": dict(self._rejected)}
 
     def hit_rate(self, agents: Sequence[int] | None = None) -> float:
-        """Share of scored bars (score != 0) whose sign matched the next bar's return."""
-        sel = slice(None) if agents is None else np.asarray(agents)
+        """Share of scored bars (score != 0) whose sign matched the next bar's return, over all
+        agents or over the rows ``agents`` (indices into :attr:`ids`, like :meth:`inherit`'s)."""
+        if agents is None:
+            sel: slice | np.ndarray = slice(None)
+        else:
+            sel = np.asarray(agents).reshape(-1)
+            n = len(self.ids)
+            if sel.dtype.kind not in "iu":
+                raise TypeError(f"agents must be row indices (ints), got {sel.dtype}")
+            bad = (sel < 0) | (sel >= n)
+            if bad.any():
+                raise IndexError(f"agent row {int(sel[bad][0])} out of range [0, {n}) (rows index .ids; "
+                                 f"agent id {int(self.ids[0]) if n else 0} is row 0)")
         calls = int(self.calls[sel].sum())
         return float(self.hits[sel].sum()) / calls if calls else math.nan
 

@@ -45,6 +45,13 @@ DEFAULT_WEIGHTS: dict[str, float] = {
 """Log likelihood ratios of the experts' calls (``sequence``: weight of the classifier's log-odds)."""
 
 
+def check_top(k: object, by: object) -> int:
+    """The arguments of :meth:`DsiFusion.top`: ``k`` as an int >= 0, ``by`` one of the two."""
+    if by not in ("token", "expert"):
+        raise ValueError(f"by must be 'token' or 'expert', got {by!r}")
+    return check_int("k", k, 0, 2**31 - 1)
+
+
 @dataclass(frozen=True, slots=True)
 class Contribution:
     """One line of an evidence breakdown: what (``kind`` ``"token"`` or ``"expert"``), its name,
@@ -266,6 +273,7 @@ class DsiFusion:
     def top(self, state: FusionState, k: int = 5, by: str = "token") -> list[Contribution]:
         """The ``k`` largest contributions by absolute log-odds, ``by`` ``"token"`` (the
         sequence classifier's context counts as one) or ``"expert"``."""
+        k = check_top(k, by)
         if by == "token":
             rows = [Contribution("token", token_name(t), float(v)) for t, v in enumerate(state.by_token) if v != 0]
             if state.sequence != 0:
@@ -274,7 +282,5 @@ class DsiFusion:
             rows = [Contribution("expert", e, float(v)) for e, v in zip(self.experts, state.by_expert) if v != 0]
             if state.sequence != 0:
                 rows.append(Contribution("expert", "sequence", float(state.sequence)))
-        else:
-            raise ValueError("by must be 'token' or 'expert'")
         rows.sort(key=lambda c: (-abs(c.log_odds), c.name))
-        return rows[:max(0, int(k))]
+        return rows[:k]

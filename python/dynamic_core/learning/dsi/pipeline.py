@@ -28,9 +28,9 @@ from ...ticks import (
     _ts_range,
     as_ticks,
 )
-from ._scan import check_int
+from ._scan import check_int, check_real
 from .experts import AbsorptionExpert, AnomalyScorer, DivergenceVerifier, NGramClassifier, RunExperts, symbols
-from .fusion import Contribution, DsiFusion, FusionState
+from .fusion import Contribution, DsiFusion, FusionState, check_top
 from .tape import MicroTape
 
 __all__ = ["EXPERTS", "Dsi", "DsiConfig"]
@@ -277,13 +277,14 @@ class Dsi:
 
     def top(self, instrument: str | int, k: int = 5, by: str = "token") -> list[Contribution]:
         """The ``k`` MicroTape tokens (``by="expert"``: experts) contributing most to the evidence."""
+        check_top(k, by)  # the same errors whether or not the instrument has a state
         st = self._get(instrument)
         return [] if st is None else self.fusion.top(st, k, by)
 
     def validation(self, instrument: str | int, direction: float) -> float:
         """Microstructure validation of a proposed trade: the evidence signed by ``direction``
         (> 0 long, < 0 short); positive when the tape agrees, 0 for a flat direction."""
-        return float(np.sign(direction)) * self.evidence(instrument)
+        return float(np.sign(check_real("direction", direction))) * self.evidence(instrument)
 
     def calls(self, instrument: str | int) -> dict[str, int]:
         """Number of calls each expert has made on ``instrument``."""

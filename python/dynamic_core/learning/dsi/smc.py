@@ -87,6 +87,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from ..._checks import check_int
+
 __all__ = [
     "BOS",
     "CHOCH",
@@ -881,7 +883,9 @@ def swing_candidates(high: Sequence[float] | np.ndarray, low: Sequence[float] | 
 
     hi = np.asarray(high, dtype=np.float64)
     lo = np.asarray(low, dtype=np.float64)
-    L = int(swing_length)
+    if hi.ndim != 1 or hi.shape != lo.shape:
+        raise ValueError(f"high and low must be 1-D and of one length, got {hi.shape} and {lo.shape}")
+    L = check_int("swing_length", swing_length, 1, 1 << 31)
     n = len(hi)
     out = np.zeros(n, dtype=np.int8)
     if n < 3 * L:

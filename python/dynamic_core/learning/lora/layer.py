@@ -734,6 +734,10 @@ class DynamicLoRALayer:
         """Make slot ``dst`` a copy of slot ``src``: parameters, initial values, history,
         threshold, phases, traces and pins. What ``dst`` recorded this tick is discarded (the
         new occupant did not interact yet)."""
+        for i in (src, dst):
+            check_int("slot", i, -(1 << 62), 1 << 62)
+            if not 0 <= i < self.slots:
+                raise IndexError(f"slot {i} out of range [0, {self.slots})")
         if src == dst:
             return
         self._own()
