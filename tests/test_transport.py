@@ -627,6 +627,36 @@ def test_malformed_command_nested_or_huge_gets_an_error_reply(served: Served, ke
     assert served.applied == [P.HealthQuery(request_id=served.applied[0].request_id)]
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"type": "pause", "version": 1, "request_id": 18446744073709551616}',
+    b'{"type": "review", "version": 1, "request_id": 5, "item": 18446744073709551616, "approve": true}',
+])
+def test_a_json_integer_beyond_64_bits_gets_an_error_reply(served: Served, keys: Path, raw: bytes) -> None:
+    with _client(served, keys) as c:
+        r = c.send_raw(raw, timeout=TIMEOUT)
+        assert not r.ok and r.error == "invalid: an integer does not fit in 64 bits"
+        assert c.health().ok  # the server goes on
+    assert [type(cmd) for cmd in served.applied] == [P.HealthQuery]
+
+
+def test_a_request_that_breaks_the_server_gets_an_error_and_the_next_is_served(served: Served, keys: Path,
+                                                                               monkeypatch) -> None:
+    real = served.server._handle
+    broken = [True]
+
+    def handle_once_broken(frames):
+        if broken.pop() if broken else False:
+            raise MemoryError("no room")
+        return real(frames)
+
+    monkeypatch.setattr(served.server, "_handle", handle_once_broken)
+    with _client(served, keys) as c:
+        r = c.pause()
+        assert not r.ok and r.error == "internal error: MemoryError"
+        assert c.health().ok
+    assert served.server.stats()["handler_errors"] == 1
+
+
 def test_control_survives_garbage(served: Served, keys: Path) -> None:
     with _client(served, keys) as c:
         @settings(max_examples=60, deadline=None)
@@ -1470,3 +1500,18 @@ def test_feed_epoch_fits_a_signed_64_bit_integer() -> None:
     eps = [_new_epoch() for _ in range(2000)]
     assert all(0 < e < 1 << 63 for e in eps) and len(set(eps)) == len(eps)
     assert max(eps) > 1 << 61  # still random over the whole range
+
+
+def test_cli_run_exits_1_when_the_service_loop_ends_by_an_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    # the loop's exception is recorded by the service; the command must not report a clean run
+    from dynamic_core import cli
+    from dynamic_core.transport.service import EngineService
+
+    def broken(self, timeout=None):
+        raise RuntimeError("socket on fire")
+
+    monkeypatch.setattr(EngineService, "run_once", broken)
+    rc = cli.main(["run", "--agents", "64", "--instruments", "EURUSD", "--feed", f"ipc://{tmp_path / 'bars.sock'}",
+                   "--duration", "30"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "run: the service loop ended early: RuntimeError: socket on fire" in err

@@ -408,6 +408,8 @@ def cmd_run_service(args: argparse.Namespace) -> int:
         try:
             while True:
                 time.sleep(0.02)
+                if svc.error is not None:
+                    break  # the loop ended by an exception: said below, exit 1
                 if args.duration is not None and time.monotonic() - t0 >= args.duration:
                     break
                 if own_ingress and args.duration is None and svc.bars_submitted >= len(bars):
@@ -431,6 +433,9 @@ def cmd_run_service(args: argparse.Namespace) -> int:
 
             print(f"rationales published {svc.rationales_published:,}", flush=True)
             mesh_summary(_console(), mesh)
+        if svc.error is not None:
+            print(f"run: the service loop ended early: {svc.error}", file=sys.stderr, flush=True)
+            return 1
         return 130 if interrupted else 0
     finally:
         if sender_thread is not None:

@@ -61,6 +61,7 @@ with one. For each request, in order:
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -354,7 +355,16 @@ class ControlServer(SocketOwner):
             if frames is None:
                 break
             wait = 0.0
-            self._handle(frames)
+            try:
+                self._handle(frames)
+            except Exception as e:  # noqa: BLE001 - one request never ends the server
+                self.handler_errors += 1
+                log.exception("control request failed unexpectedly")
+                envelope = [frames[0].bytes] + ([b""] if len(frames) > 2 and len(frames[1]) == 0 else [])
+                with contextlib.suppress(Exception):
+                    raw = frames[-1].buffer
+                    js = self._codec.is_json(raw)
+                    self._fail(envelope, _request_id_of(raw, js), f"internal error: {type(e).__name__}", js)
             n += 1
         return n
 

@@ -799,6 +799,12 @@ class EngineService:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def error(self) -> str | None:
+        """The last exception that ended the loop or the egress thread (``"<Type>: message"``),
+        else None: ``stats()["error"]`` without the sockets' stats."""
+        return self._error
+
     def stats(self) -> dict[str, Any]:
         """Counters: commands, bars submitted, signals and rationales published, hook errors,
         pending bars, ``dropped_on_stop``; ``running`` (the ingress loop runs), ``egress_running``,
