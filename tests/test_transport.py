@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -116,6 +117,23 @@ def test_bind_policy_is_loopback_unless_allowed() -> None:
         T.SignalFeed("tcp://0.0.0.0:*")
     with pytest.raises(ValueError, match="not a ZeroMQ address"):
         T.MarketIngress("127.0.0.1:5")
+
+
+@pytest.mark.parametrize("port", ["-5", "0", "65536", "!", "[5000-6000]", "5x"])
+def test_a_bind_port_that_zeromq_would_reinterpret_is_refused(port: str) -> None:
+    # ZeroMQ binds 65531 for -5 and another port for 99999: the address would not be the one asked for
+    with pytest.raises(ValueError, match="port must be in 1..65535"):
+        T.check_address(f"tcp://127.0.0.1:{port}", bind=True, allow_remote=False)
+
+
+def test_a_huge_timeout_is_cut_to_what_zeromq_takes(tmp_path: Path) -> None:
+    from dynamic_core.transport._common import MAX_WAIT_MS, to_ms
+
+    assert to_ms(1e7) == to_ms(math.inf) == MAX_WAIT_MS and to_ms(0.0) == 1 and to_ms(0.0, 0) == 0
+    with T.MarketIngress(f"ipc://{tmp_path / 'b.sock'}") as ing:
+        assert ing.recv_bars(0.001) is None
+    with T.MarketSender(f"ipc://{tmp_path / 'c.sock'}", bind=True, send_timeout=1e7) as tx:
+        tx.close(linger=1e9)
 
 
 # ---- signal feed -----------------------------------------------------------------------------
@@ -485,6 +503,28 @@ def test_keypair_files(keys: Path) -> None:
     # a public key file where a secret one belongs: said so, not "chmod 600" (0644 is right for it)
     with pytest.raises(ValueError, match=r"no secret key in it \(pass the \.key_secret file\)"):
         T.load_keypair(keys / "server.key")
+
+
+def test_a_key_file_that_is_not_a_regular_file_is_refused_not_read(tmp_path: Path, keys: Path) -> None:
+    # a FIFO would block the read forever; a device is no key (and "chmod 600 /dev/null" bad advice)
+    fifo = tmp_path / "fifo.key_secret"
+    os.mkfifo(fifo, 0o600)
+    for call, what in ((T.load_keypair, "secret key file"), (T.load_public_key, "public key file")):
+        with pytest.raises(ValueError, match=f"{what} .*fifo.key_secret is not a regular file"):
+            call(fifo)
+    with pytest.raises(ValueError, match="secret key file /dev/null is not a regular file"):
+        T.load_keypair("/dev/null")
+    auth = tmp_path / "clients"
+    auth.mkdir(mode=0o700)
+    (auth / "ops.key").write_bytes((keys / "clients" / "ops.key").read_bytes())
+    os.mkfifo(auth / "late.key", 0o600)
+    with pytest.raises(ValueError, match="authorised key file .*late.key is not a regular file"):
+        T.authorised_keys(auth)
+    # key text passed where a file belongs: not echoed back (it may be the secret)
+    secret = T.load_keypair(keys / "server.key_secret")[1].decode()
+    with pytest.raises(FileNotFoundError, match="40 key characters, not a file name") as e:
+        T.load_keypair(secret)
+    assert secret not in str(e.value)
 
 
 class Served:
@@ -1515,3 +1555,13 @@ def test_cli_run_exits_1_when_the_service_loop_ends_by_an_error(tmp_path: Path, 
                    "--duration", "30"])
     err = capsys.readouterr().err
     assert rc == 1 and "run: the service loop ended early: RuntimeError: socket on fire" in err
+
+
+def test_subscribe_shows_control_characters_escaped() -> None:
+    # a publisher's text reaches a terminal: escape sequences are shown, not obeyed
+    from dynamic_core.cli_transport import _shown
+
+    assert _shown("EURUSD") == "EURUSD"
+    assert _shown("EU\x1b[2JR") == "EU\\x1b[2JR"
+    assert _shown("line one\nline\ttwo\x07\u202e", True) == "line one\nline\ttwo\\x07\\u202e"
+    assert _shown("a\nb") == "a\\nb"

@@ -212,7 +212,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
                             out.write(enc.encode(s).decode() + "\n")
                         else:
                             t = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.ts / 1e9))
-                            out.write(f"{t}  {s.instrument:<8} {tf_label(s.timeframe):<4} signal seq {s.seq:<8} "
+                            out.write(f"{t}  {_shown(s.instrument):<8} {tf_label(s.timeframe):<4} signal seq {s.seq:<8} "
                                       f"{Action(s.action).name:<11} score {s.score:+.4f}  conf {s.confidence:.3f}  "
                                       f"agree {s.agreement:.3f}  agents {s.n_agents}\n")
                         n += 1
@@ -221,7 +221,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
                     if args.json:
                         out.write(enc.encode(msg).decode() + "\n")
                     else:
-                        out.write(f"rationale for {msg.signal_id} ({msg.provider}): {msg.text}\n")
+                        out.write(f"rationale for {msg.signal_id} ({_shown(msg.provider)}): {_shown(msg.text, True)}\n")
                     out.flush()
                 elif isinstance(msg, Heartbeat) and args.heartbeats:
                     out.write(enc.encode(msg).decode() + "\n" if args.json
@@ -465,6 +465,16 @@ def _push_bars(address: str, bars: Any, chunk: int, stop: threading.Event) -> No
             if stop.is_set():
                 sender.close(linger=0)
                 return
+
+
+def _shown(text: str, lines: bool = False) -> str:
+    """``text`` for a terminal: control characters (escape sequences a publisher could send
+    to move the cursor, retitle the window or clear the screen) written as ``\\x1b`` etc.;
+    with ``lines``, newlines and tabs kept."""
+    if text.isprintable():
+        return text
+    keep = "\n\t" if lines else ""
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
 
 
 def _drain(eng: Any, svc: Any, feed: Any, timeout: float = 10.0) -> None:

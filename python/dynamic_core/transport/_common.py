@@ -20,7 +20,7 @@ __all__ = ["DEFAULT_ADDRESS", "check_address", "endpoint", "is_loopback", "reada
 DEFAULT_ADDRESS = "tcp://127.0.0.1:*"
 """Where sockets bind by default: loopback, with a port chosen by the OS (see ``.endpoint``)."""
 
-_TCP = re.compile(r"^tcp://(?:(?P<iface>[^;]*);)?(?P<host>\[[^\]]*\]|[^:\[\]]*):(?P<port>\*|!?\[?[0-9-]*\]?|[0-9]+)$")
+_TCP = re.compile(r"^tcp://(?:(?P<iface>[^;]*);)?(?P<host>\[[^\]]*\]|[^:\[\]]*):(?P<port>\*|[0-9]+)$")
 
 
 _POLLIN = int(zmq.POLLIN)  # a plain int: IntFlag arithmetic costs about a microsecond
@@ -88,15 +88,15 @@ def check_address(address: str, *, bind: bool, allow_remote: bool) -> str:
 
 
 def _check_port(address: str) -> None:
-    """A ``tcp://`` bind address must name its port: 1..65535, ``*`` for a free one, or another
-    form :data:`_TCP` accepts (ZeroMQ would silently bind another port for 99999)."""
+    """A ``tcp://`` bind address must name its port: 1..65535, or ``*`` for a free one (ZeroMQ
+    would silently bind another port for 99999 or -5)."""
     _, sep, port = address[len("tcp://"):].rpartition(":")
     if not sep or not port:
         raise ValueError(f"no port in {address!r} (e.g. tcp://127.0.0.1:5560, or :* for a free port)")
     if port.isascii() and port.isdigit():
         if not 1 <= int(port) <= 65535:
             raise ValueError(f"port must be in 1..65535, got {port} in {address!r}")
-    elif port != "*" and not _TCP.match(address):
+    elif port != "*":
         raise ValueError(f"port must be in 1..65535 or *, got {port!r} in {address!r}")
 
 
@@ -116,11 +116,21 @@ def attach(sock: zmq.Socket, address: str, *, bind: bool, allow_remote: bool) ->
     return address
 
 
+MAX_WAIT_MS = 2**31 - 1
+"""Longest wait ZeroMQ takes (a C int of milliseconds, about 24.8 days): longer ones are cut to it."""
+
+
+def to_ms(seconds: float, least: int = 1) -> int:
+    """``seconds`` as whole milliseconds for a ZeroMQ wait, at least ``least``, at most
+    :data:`MAX_WAIT_MS`."""
+    return max(least, int(min(seconds * 1000, MAX_WAIT_MS)))
+
+
 def recv_frames(sock: zmq.Socket, timeout: float | None) -> list[zmq.Frame] | None:
     """One multipart message as zero-copy frames, or None when nothing arrives within
     ``timeout`` seconds (0: do not wait; None: wait forever)."""
     if timeout is None or timeout > 0:
-        ms = -1 if timeout is None else max(1, int(timeout * 1000))
+        ms = -1 if timeout is None else to_ms(timeout)
         if not sock.poll(ms, zmq.POLLIN):
             return None
     try:

@@ -90,7 +90,7 @@ from ..payloads import (
     encode_command,
     plain,
 )
-from ._common import DEFAULT_ADDRESS, SocketOwner, attach, close_socket, readable, recv_frames
+from ._common import DEFAULT_ADDRESS, SocketOwner, attach, close_socket, readable, recv_frames, to_ms
 from .keys import authorised_keys, load_keypair, load_public_key
 
 __all__ = ["DEFAULT_CONTROL_MAX_FRAME", "QUERIES", "ControlClient", "ControlServer"]
@@ -633,7 +633,7 @@ class ControlClient(SocketOwner):
                 break
             except zmq.Again:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._sock.poll(max(1, int(left * 1000)), zmq.POLLOUT):
+                if left <= 0 or not self._sock.poll(to_ms(left), zmq.POLLOUT):
                     raise TransportTimeout(f"no connection to {self.endpoint} within {t} s {_CAUSES}") from None
         if rid is not None:
             self._sent(rid, payload)

@@ -34,7 +34,7 @@ import zmq
 
 from ..errors import PayloadError
 from ..payloads import DEFAULT_MAX_FRAME, Codec, PreparedMarketContext, Reject, split_bars
-from ._common import DEFAULT_ADDRESS, SocketOwner, attach, check_topics, close_socket, recv_valid
+from ._common import DEFAULT_ADDRESS, SocketOwner, attach, check_topics, close_socket, recv_valid, to_ms
 
 __all__ = ["MarketIngress", "MarketSender", "market_topic"]
 
@@ -61,7 +61,10 @@ class MarketIngress(SocketOwner):
     fmt : {"auto", "msgpack", "json"}
     max_frame : int
         Frames above this are refused (``oversized``) before decoding; above twice this libzmq
-        drops the connection before buffering them.
+        drops the connection before buffering them. The bound is per frame: a message of many
+        frames is buffered whole by libzmq before it is read (and then refused as
+        ``malformed``), which libzmq has no option to bound, so an ingress reachable by
+        untrusted senders is exposed to that memory; bind it to loopback (the default).
     rcvhwm : int
         Frames queued in the socket. While the engine is paused they wait here; beyond it a
         PUSH sender blocks and a PUB sender drops.
@@ -209,7 +212,7 @@ class MarketSender(SocketOwner):
         self._sock.setsockopt(zmq.SNDHWM, int(sndhwm))
         self._sock.setsockopt(zmq.LINGER, 2000)
         if send_timeout is not None:
-            self._sock.setsockopt(zmq.SNDTIMEO, int(send_timeout * 1000))
+            self._sock.setsockopt(zmq.SNDTIMEO, to_ms(send_timeout, 0))
         try:
             self.endpoint = attach(self._sock, address, bind=bind, allow_remote=allow_remote)
         except Exception:
@@ -241,7 +244,7 @@ class MarketSender(SocketOwner):
 
     def close(self, linger: float = 2.0) -> None:
         """Close; unsent frames get up to ``linger`` seconds to leave."""
-        close_socket(self._sock, int(linger * 1000))
+        close_socket(self._sock, to_ms(linger, 0))
 
     def __repr__(self) -> str:
         return f"MarketSender({self.endpoint!r}, kind={self.kind!r})"

@@ -41,6 +41,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 log = logging.getLogger("dynamic_core.transport.keys")
 
+_Z85 = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")  # the text of a key
 _POSIX_MODES = hasattr(os, "geteuid")  # Windows has neither uids nor these mode bits
 _warned_dirs: set[str] = set()
 _warned_lock = threading.Lock()
@@ -121,8 +122,8 @@ def load_keypair(secret_file: str | os.PathLike) -> tuple[bytes, bytes]:
     or with ``ValueError`` when it holds no secret key at all (a public ``.key`` file). A
     group/world-writable directory holding it is logged as a warning."""
     path = os.fspath(secret_file)
+    st = _regular_file(path, "secret key file")
     if _POSIX_MODES:
-        st = os.stat(path)  # FileNotFoundError as before for a missing file
         if st.st_mode & 0o077:
             # a public key file (0644 is right for it) is named as such; only a regular file is
             # read to tell (a FIFO would block)
@@ -143,7 +144,9 @@ def load_public_key(key: str | bytes | os.PathLike) -> bytes:
         k = key.encode("ascii") if isinstance(key, str) else key
         z85.decode(k)  # validates
         return k
-    public, _ = zmq.auth.load_certificate(os.fspath(key))
+    path = os.fspath(key)
+    _regular_file(path, "public key file")
+    public, _ = zmq.auth.load_certificate(path)
     return public
 
 
@@ -153,4 +156,22 @@ def authorised_keys(directory: str | os.PathLike) -> set[bytes]:
     if not os.path.isdir(d):
         raise FileNotFoundError(f"authorised-keys directory not found: {d}")
     _warn_if_open(d)
+    for f in sorted(Path(d).glob("*.key")):
+        _regular_file(os.fspath(f), "authorised key file")  # a FIFO would block the read
     return set(zmq.auth.load_certificates(d))
+
+
+def _regular_file(path: str, what: str) -> os.stat_result:
+    """``os.stat(path)`` of a regular file; FileNotFoundError naming ``what`` (not echoing a
+    path that looks like key text, which would put a secret in a log), ValueError for a FIFO, a
+    device, a directory or another non-file (reading it could block or never end)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if _Z85.fullmatch(path):
+            raise FileNotFoundError(f"{what} not found: the argument is 40 key characters, not a file "
+                                    "name (pass the key file)") from None
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {path} is not a regular file")
+    return st

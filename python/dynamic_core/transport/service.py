@@ -113,7 +113,7 @@ from ..payloads import (
     decode_command,
     plain,
 )
-from ._common import make_private_dirs
+from ._common import make_private_dirs, to_ms
 from .control import ControlServer
 from .feed import SignalFeed
 from .ingress import MarketIngress
@@ -453,7 +453,7 @@ class EngineService:
             wait = min(wait, 1.0 / rate if throttled and not self._room_limited else 0.001)
         poller = self._poll_all if accepting else self._poll_ctl
         if poller.sockets:
-            events = dict(poller.poll(max(0, int(wait * 1000))))
+            events = dict(poller.poll(to_ms(wait, 0)))
         else:
             time.sleep(wait)
             events = {}
