@@ -396,6 +396,30 @@ def test_simulator_is_deterministic_valid_and_continuous():
     assert dc.sim.MarketSimulator(["EURUSD"], seed=5).bars(50).tobytes() != y.tobytes()
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"seed": None}, TypeError, "seed must be an int"),  # None would draw an OS seed: no longer "same seed"
+    ({"seed": -1}, ValueError, "seed must be in"),
+    ({"seed": [1, 2]}, TypeError, "seed must be an int"),
+    ({"start": None}, TypeError, "start must be a time"),  # NaT: every bar at the int64 minimum
+    ({"start": float("nan")}, TypeError, "start must be a time"),
+    ({"start": "soon"}, ValueError, "start 'soon' is not a time"),
+    ({"start": "1600-01-01"}, ValueError, "outside the int64 nanosecond range"),
+    ({"instruments": ["EURUSD", "GBPUSD", "EURUSD"]}, ValueError, "'EURUSD' is named twice"),
+])
+def test_simulator_refuses_arguments_that_would_make_another_market(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        dc.sim.MarketSimulator(**kwargs)
+
+
+def test_simulator_makes_long_runs_in_parts_with_the_same_bits(monkeypatch):
+    # bars() walks in parts of _CHUNK bars to bound its temporaries: the parts must not show
+    whole = dc.sim.MarketSimulator(["EURUSD", "XAUUSD"], seed=2).bars(1000)
+    monkeypatch.setattr(dc.sim, "_CHUNK", 64)
+    parts = dc.sim.MarketSimulator(["EURUSD", "XAUUSD"], seed=2)
+    assert parts.bars(1000).tobytes() == whole.tobytes()
+    assert len(parts.regimes[0]) == 1000
+
+
 def test_simulated_market_is_the_same_bits_release_to_release():
     """The built-in market is part of what makes a run reproducible: these bars (three seeds,
     instrument sets and chunkings) and their regime paths hash to the value the simulator gave

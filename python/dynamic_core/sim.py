@@ -12,6 +12,7 @@ path (:class:`~dynamic_core.ticks.TickAggregator`, the DSI micro-experts, ``Tick
 
 from __future__ import annotations
 
+import datetime
 import math
 from bisect import bisect_right
 from fractions import Fraction
@@ -56,6 +57,7 @@ _TRANSITION = np.array(
     ]
 )
 _SUBSTEPS = 6
+_CHUNK = 1 << 16  # bars per instrument generated at a time
 
 
 def _instruments(instruments: str | Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -65,7 +67,33 @@ def _instruments(instruments: str | Sequence[str]) -> tuple[list[str], np.ndarra
     if not instruments:
         raise ValueError("need at least one instrument")
     names = list(instruments)
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"instrument {n!r} is named twice (one walk per instrument)")
+        seen.add(n)
     return names, np.array([registry.id(n) for n in names], dtype=np.uint32)
+
+
+def _start_ns(start: object) -> int:
+    """``start`` (a time, read as UTC) in ns; ValueError/TypeError naming ``start`` for what is
+    not a time (None and NaN read as pandas' NaT, the int64 minimum) or lies outside the int64
+    nanosecond range (1677-09-21 .. 2262-04-11)."""
+    import pandas as pd
+
+    if not isinstance(start, (str, pd.Timestamp, datetime.datetime, datetime.date, np.datetime64)):
+        raise TypeError(f"start must be a time (e.g. '2024-01-01'), got {type(start).__name__}")
+    try:
+        t = pd.Timestamp(start, tz="UTC") if not isinstance(start, pd.Timestamp) or start.tz is None \
+            else pd.Timestamp(start).tz_convert("UTC")
+        ns = None if t is pd.NaT else int(t.value)
+    except OverflowError:
+        raise ValueError(f"start {start!r} is outside the int64 nanosecond range 1677-09-21 .. 2262-04-11") from None
+    except ValueError as e:
+        raise ValueError(f"start {start!r} is not a time ({e})") from None
+    if ns is None:
+        raise ValueError(f"start {start!r} is not a time")
+    return ns
 
 
 class MarketSimulator:
@@ -89,13 +117,11 @@ class MarketSimulator:
 
     def __init__(self, instruments: Sequence[str] = ("EURUSD", "GBPUSD", "USDJPY", "XAUUSD"),
                  timeframe: int | str = "H1", seed: int = 0, start: str = "2024-01-01") -> None:
-        import pandas as pd
-
         self.names, self.ids = _instruments(instruments)
         self.timeframe = parse_timeframe(timeframe)
-        self.seed = seed
+        self.seed = check_int("seed", seed, 0, (1 << 64) - 1)
         self._dt_ns = self.timeframe * 1_000_000_000
-        self._t = int(pd.Timestamp(start, tz="UTC").value)
+        self._t = _start_ns(start)
         # One generator per instrument and per quantity, each drawn a fixed amount per bar, so the
         # stream does not depend on how bars() calls are chunked.
         children = np.random.SeedSequence(seed).spawn(len(self.names))
@@ -127,6 +153,16 @@ class MarketSimulator:
         if self._t + self._dt_ns * (n - 1) > _INT64_MAX:  # Python ints: no wrap
             raise ValueError(f"bar times would pass the int64 nanosecond range (2262-04-11): {n:,} bars of "
                              f"{self.timeframe:,} s from {self._t} ns; the simulated clock cannot go on")
+        out = empty(n * k)
+        # in parts of _CHUNK bars: the walk's Python-float temporaries cost ~500 bytes a bar,
+        # ten times the output (the draws per bar are fixed, so the bars are the same bits)
+        for a in range(0, n, _CHUNK):
+            m = min(_CHUNK, n - a)
+            out[a * k:(a + m) * k] = self._walk(m)
+        return out
+
+    def _walk(self, n: int) -> np.ndarray:
+        k = len(self.names)
         out = empty(n * k)
         drift = np.array([v[0] for v in REGIMES.values()]) * (self.timeframe / YEAR_S)
         volm = np.array([v[1] for v in REGIMES.values()])
@@ -278,12 +314,10 @@ class TickSimulator:
 
     def __init__(self, instruments: Sequence[str] = ("EURUSD",), seed: int = 0, start: str = "2024-01-01",
                  rate: float = 2.0) -> None:
-        import pandas as pd
-
         self.names, self.ids = _instruments(instruments)
         self.seed = check_int("seed", seed, 0, (1 << 64) - 1)
         self.rate = check_real("rate", rate, 1e-3, 1000.0)
-        self._t0 = int(pd.Timestamp(start, tz="UTC").value)
+        self._t0 = _start_ns(start)
         self._elapsed = Fraction(0)  # seconds asked for so far, summed exactly
         self._t = self._t0  # the feed's clock (ns): the prints before it are out
         base = int(_mix(np.array([self.seed], dtype=np.uint64))[0])
@@ -303,7 +337,7 @@ class TickSimulator:
     def ticks(self, seconds: float) -> np.ndarray:
         """The prints of the next ``seconds`` of every instrument, one time-ordered
         ``TICK_DTYPE`` array. Raises ``ValueError`` (changing nothing) for a negative or
-        non-finite span, one whose expected prints pass 1e8, or one that would take the clock
+        non-finite span, one whose expected prints pass 1e7, or one that would take the clock
         past the int64 nanosecond range (2262-04-11)."""
         seconds = check_real("seconds", seconds, 0.0, 1e8)
         if self.rate * seconds * len(self.names) > 1e7:
