@@ -15,7 +15,9 @@ Run: ``python -m bench.bench_reasoning [--quick] [--json PATH]``
    ``submit_many`` (100 contexts per call, as a bar's signals arrive together) and with one
    ``submit`` call per task (the submitting thread then costs the broker more of the GIL).
 
-Peer: LiteLLM's published proxy overhead (docs.litellm.ai, "LiteLLM Proxy Performance": 3.25 ms
+Floor (measured): a bare pyzmq ROUTER -> DEALER echo in another process, one 200-byte message at
+a time (bench/_floor.py), printed beside the round trip: what the hop alone costs here.
+Peer (published, not measured here: LiteLLM is not a dependency): LiteLLM's proxy overhead (docs.litellm.ai, "LiteLLM Proxy Performance": 3.25 ms
 added latency versus calling OpenAI directly; "Benchmarks": 12 ms median overhead with 2
 instances on 4-CPU machines, 2 ms with 4), printed beside our figures; the ratio is theirs over
 ours. Different work (theirs is an HTTP proxy in front of a provider; ours is a ZeroMQ broker in
@@ -39,6 +41,7 @@ from dynamic_core.payloads import ReasoningContext  # noqa: E402
 from dynamic_core.reasoning import ReasoningMesh  # noqa: E402
 from dynamic_core.reasoning.tasks import Task  # noqa: E402
 
+from ._floor import pingpong_floor  # noqa: E402
 from ._machine import arg_parser, describe, finish  # noqa: E402
 
 LITELLM_OVERHEAD_MS = 3.25  # docs.litellm.ai/docs/proxy/perf
@@ -202,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     rt = routing_section(args.quick)
     _progress("broker round trip to a local adapter process ...")
     rtt = roundtrip_section(args.quick)
+    _progress("bare pyzmq round trip to another process (the floor) ...")
+    floor = pingpong_floor(1000 if args.quick else 3000, process=True)
     _progress("requests/s through the broker (submit_many) ...")
     thr = throughput_section(args.quick, SUBMIT_BATCH)
     _progress("requests/s through the broker (one submit per task) ...")
@@ -216,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   excluding model: p50 {rtt['excl_model']['p50_us']:7.1f} us   p99 {rtt['excl_model']['p99_us']:7.1f} us"
           f"   (answered by {', '.join(rtt['providers'])}, status {', '.join(rtt['statuses'])})")
     ours_ms = rtt["excl_model"]["p50_us"] / 1e3
-    print(f"   peer: LiteLLM proxy adds {LITELLM_OVERHEAD_MS} ms (published); median overhead "
+    print(f"   floor (measured): bare pyzmq ROUTER -> DEALER in another process -> back, 200 B, one at a time: "
+          f"p50 {floor['p50_us']:.0f} us, p99 {floor['p99_us']:.0f} us; the broker adds "
+          f"{rtt['excl_model']['p50_us'] - floor['p50_us']:.0f} us p50 over it")
+    print(f"   peer (published, other hardware, not measured here): LiteLLM proxy adds {LITELLM_OVERHEAD_MS} ms (published); median overhead "
           f"{LITELLM_BENCH_MEDIAN_MS[0]:g} ms / {LITELLM_BENCH_MEDIAN_MS[1]:g} ms (2 / 4 instances, published)")
     print(f"   ratio: LiteLLM {LITELLM_OVERHEAD_MS} ms / ours {ours_ms:.3f} ms = {LITELLM_OVERHEAD_MS / ours_ms:.0f}x")
     print(f"\n3. Throughput: {thr['n']:,} tasks to 2 local adapter processes")
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
           f"answered by {thr['by_provider']})")
     print(f"   one submit() per task: {thr1['per_s']:,.0f} requests/s ({thr1['wall_s']:.2f} s; "
           f"answered by {thr1['by_provider']})")
-    res = {"routing": rt, "roundtrip": rtt, "throughput": thr, "throughput_single_submit": thr1,
+    res = {"routing": rt, "roundtrip": rtt, "pingpong_process": floor, "throughput": thr, "throughput_single_submit": thr1,
            "peer": {"litellm_overhead_ms": LITELLM_OVERHEAD_MS, "litellm_bench_median_ms": LITELLM_BENCH_MEDIAN_MS}}
     rows = [
         ("routing + cache lookup p50 (miss), us", f"{rt['miss']['p50_us']:.2f}", "<= 20", rt["miss"]["p50_us"] <= 20),
