@@ -190,6 +190,12 @@ def test_mixed_streams_rejects_and_external_agents(emu: EmuDevice, sim_bars: np.
         assert_same_agents(ag_a, ag_b)
         assert dl_a.tobytes() == dl_b.tobytes() and len(dl_a) == 3
         assert st_a["skipped_unfollowed"] == st_b["skipped_unfollowed"] > 0
+        # the health counters too: bars per SM, a latency for every signal, a high-water mark
+        assert st_b["sms"]["bars"].tolist() == st_a["sms"]["bars"].tolist() and st_b["sms"]["bars"].min() > 0
+        assert st_b["latency_s"]["count"] == st_a["latency_s"]["count"] == len(a)
+        assert st_b["latency_s"]["p50"] > 0 and st_b["in_flight_high_water"] > 0
+        assert st_b["sms"]["status"].tolist() == st_a["sms"]["status"].tolist()
+        assert (st_b["sms"]["stalls"] == 0).all()
 
 
 def test_live_step_matches_backtest_blocks(emu: EmuDevice, eurusd: np.ndarray) -> None:

@@ -499,6 +499,11 @@ void Engine::finish_units(uint64_t p, uint32_t count) {
   if (slot(p).remaining.fetch_sub(count, std::memory_order_acq_rel) == count) fuse(p);
 }
 
+int Engine::latency_bucket(int64_t ns) {
+  if (ns <= 1) return 0;
+  return std::min(kLatencyBuckets - 1, static_cast<int>(std::log2(static_cast<double>(ns)) * kLatencyBucketsPerOctave));
+}
+
 void Engine::fuse(uint64_t p) {
   Slot& s = slot(p);
   const uint32_t st_i = s.stream.load(std::memory_order_relaxed);
@@ -507,10 +512,7 @@ void Engine::fuse(uint64_t p) {
   // batch reads the evidence its agents read.
   s.sig = fused_signal(summaries(p), st.sm_end - st.sm_begin, s.bar.ts, s.bar.instrument, s.bar.timeframe, s.seq,
                        cfg_.population_hash, stream_dsi_[st_i], stream_flags_[st_i]);
-  const int64_t lat = now_ns() - s.t_in;
-  int b = 0;
-  if (lat > 1) b = std::min(kLatencyBuckets - 1, static_cast<int>(std::log2(static_cast<double>(lat)) * kLatencyBucketsPerOctave));
-  latency_[b].fetch_add(1, std::memory_order_relaxed);
+  latency_[latency_bucket(now_ns() - s.t_in)].fetch_add(1, std::memory_order_relaxed);
   // release: the signal is written before it is marked ready.
   s.ready.store(1, std::memory_order_release);
   notify_ready(p);
@@ -974,6 +976,19 @@ void Engine::emit_external(const Signal* s, size_t k, uint64_t updates, uint64_t
   }
   ext_updates_.fetch_add(updates, std::memory_order_relaxed);
   ext_quarantined_.fetch_add(quarantined, std::memory_order_relaxed);
+  // The health counters the workers keep, kept for the bars run outside them too: each bar counts
+  // as claimed and processed by its stream's group (a device plan has one group per stream), and
+  // its latency is the batch's, from admission to these signals.
+  if (groups_.size() == layout_.streams.size()) {
+    for (size_t i = 0; i < k; ++i) {
+      auto it = stream_of_.find(stream_key(s[i].instrument, s[i].timeframe));
+      if (it == stream_of_.end()) continue;
+      strt_[it->second].claimed.fetch_add(1, std::memory_order_relaxed);
+      grt_[it->second].nproc.fetch_add(1, std::memory_order_release);
+    }
+  }
+  if (k) latency_[latency_bucket(static_cast<int64_t>(seconds * 1e9))].fetch_add(k, std::memory_order_relaxed);
+  if (k > window_hwm_.load(std::memory_order_relaxed)) window_hwm_.store(k, std::memory_order_relaxed);
   auto lk = lock_ingress();
   stats_.busy_seconds += seconds;
 }

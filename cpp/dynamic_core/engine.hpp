@@ -171,6 +171,7 @@ class Engine {
   // Signals computed outside: journaled (hashes) and counted like polled ones, with the agent
   // updates, quarantines and busy time that produced them.
   void emit_external(const Signal* s, size_t k, uint64_t updates, uint64_t quarantined, double seconds);
+  static int latency_bucket(int64_t ns);  // the latency histogram's bucket of a bar-to-signal time
   // Requires one worker (one bank per stream); throws std::logic_error otherwise.
   DevicePlan device_plan() const;
   const LaneArrays& lane_arrays() const { return lanes_; }

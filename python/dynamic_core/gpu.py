@@ -53,7 +53,8 @@ __all__ = ["GpuStatus", "probe", "kernel_source", "include_dir", "nvrtc_options"
 _PKG = Path(__file__).resolve().parent
 # The kernels each launch runs (the emulator in tests/ and the CuPy device load the same names).
 KERNELS = ("dc_sizes", "dc_ind_init", "dc_ind_block", "dc_feat_block", "dc_lanes_block", "dc_fuse_block")
-# Bytes of device memory one block's scratch (indicator outputs, features, SM summaries) may take.
+# Bytes of device memory one block's scratch (indicator outputs, features, SM summaries, together)
+# may take; the block's bars and signals come on top.
 SCRATCH_BYTES = 256 << 20
 DEFAULT_BLOCK_BARS = 4096
 
@@ -343,8 +344,9 @@ class DeviceRunner:
             raise
         except Exception as e:  # CuPy: OutOfMemoryError, CUDARuntimeError, ...
             raise BackendUnavailable(f"the CUDA device could not take the population: {_why(e)}") from e
-        per_row = int(max(16 * self._I.max(initial=1), 8 * self._F.max(initial=1),
-                          self.summary_bytes * self._M.max(initial=1)))
+        # the three scratch buffers of a bar of the widest stream, together
+        per_row = int(16 * self._I.max(initial=1) + 8 * self._F.max(initial=1)
+                      + self.summary_bytes * self._M.max(initial=1))
         cap = max(1, SCRATCH_BYTES // per_row)  # bars whose scratch fits in SCRATCH_BYTES
         self.block_bars = min(int(block_bars) or DEFAULT_BLOCK_BARS, cap)
         self._scratch: dict[str, Any] = {}
