@@ -401,8 +401,15 @@ class ControlServer(SocketOwner):
         query = isinstance(cmd, QUERIES)
         canon: bytes | None = None
         key: tuple[Any, int, bytes] | None = None
+        if not query:
+            try:
+                canon = encode_command(cmd)  # what is journaled and what a retry is compared by
+            except OverflowError:  # JSON can spell an integer beyond 64 bits; msgpack cannot
+                self._codec.count("invalid")
+                self._fail(envelope, rid if rid < 1 << 64 else 0, "invalid: an integer does not fit in 64 bits",
+                           is_json)
+                return
         if not query and rid != 0 and self._replies.per_client > 0:
-            canon = encode_command(cmd)
             key = (self._client_of(frames[0]), rid, hashlib.blake2b(canon, digest_size=16).digest())
             cached = self._replies.get(*key)
             if cached is not None:  # a retry of a request already answered: same answer, no effect
@@ -422,7 +429,7 @@ class ControlServer(SocketOwner):
                 return
         if self.journal_hook is not None and not query:
             try:
-                self.journal_hook(canon if canon is not None else encode_command(cmd))
+                self.journal_hook(canon)
             except Exception as e:  # noqa: BLE001 - a failed journal refuses the command
                 self.journal_errors += 1
                 log.exception("journal_hook failed; %s (request %d) refused", type(cmd).__name__, rid)
