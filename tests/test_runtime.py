@@ -490,6 +490,92 @@ def test_poll_and_step_take_an_infinite_or_huge_timeout_and_max_n(pop, market):
             eng.poll(max_n=-1)
 
 
+def test_poll_of_nothing_returns_at_once_and_a_close_ends_a_waiting_poll(pop, market):
+    with dc.Engine(pop, threads=2) as eng:
+        eng.submit(market[:10])
+        assert len(eng.poll(max_n=0, timeout=None)) == 0  # used to spin forever
+    eng = dc.Engine(pop, threads=2)
+    got: dict = {}
+
+    def waiter():
+        try:
+            got["r"] = eng.poll(timeout=None)  # nothing was submitted: waits
+        except RuntimeError as e:
+            got["e"] = str(e)
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    eng.close()
+    t.join(5)
+    assert not t.is_alive() and got == {"e": "engine is closed"}  # it spun at 100% CPU, forever
+
+
+@pytest.mark.parametrize("change", ["set_credit", "agents", "set_dsi"])
+def test_close_ends_a_change_waiting_for_idle_workers_while_another_thread_feeds(change):
+    # close() stops the workers, then waits for the ingress lock that a caller waiting for the
+    # workers to go idle holds: that caller must give up ("engine is closed"), not wait forever
+    names = ["EURUSD", "GBPUSD"]
+    pop = dc.Population.random(400, instruments=names, seed=3)
+    bars = dc.sim.MarketSimulator(names, seed=8).bars(5000)
+    calls = {"set_credit": lambda e: e.set_credit([1, 2, 3], [1.5, 1.5, 1.5]), "agents": lambda e: e.agents(),
+             "set_dsi": lambda e: e.set_dsi({"EURUSD": 0.1})}
+    for it in range(6):
+        eng = dc.Engine(pop, threads=3, capacity=1024, backpressure="drop_oldest")
+        stop = threading.Event()
+
+        def feeder():
+            for i in range(0, len(bars), 200):
+                if stop.is_set():
+                    return
+                try:
+                    eng.submit(bars[i:i + 200])
+                except RuntimeError:
+                    return
+
+        def changer():
+            while not stop.is_set():
+                try:
+                    calls[change](eng)
+                except RuntimeError:
+                    return
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (feeder, changer)]
+        for t in threads:
+            t.start()
+        time.sleep(0.02 + 0.03 * (it % 3))
+        closer = threading.Thread(target=eng.close, daemon=True)
+        closer.start()
+        closer.join(15)
+        stop.set()
+        assert not closer.is_alive(), f"close() blocked (iteration {it})"
+        for t in threads:
+            t.join(5)
+            assert not t.is_alive()
+
+
+def test_run_and_step_refuse_while_a_dispatcher_takes_signals(pop, market):
+    with dc.Engine(pop, threads=2) as eng:
+        eng.on_signal(lambda s: None)
+        with pytest.raises(RuntimeError, match=r"run\(\) returns the signals of its bars, but an on_signal callback"):
+            eng.run(market[:50])  # it returned some of them, the dispatcher the rest
+        with pytest.raises(RuntimeError, match=r"step\(\) returns the signals"):
+            eng.step(market[0])
+        assert eng.stats()["bars_in"] == 0
+
+
+def test_strict_refuses_a_bad_batch_in_submit_and_step_too(pop, market):
+    bad = market[:6].copy()
+    bad["close"][3] = np.nan
+    with dc.Engine(pop, threads=2, strict=True) as eng:
+        with pytest.raises(dc.errors.InvalidInput):
+            eng.submit(bad)
+        with pytest.raises(dc.errors.InvalidInput):
+            eng.step(bad[3])
+        assert eng.stats()["bars_in"] == 0
+        assert eng.submit(market[:6]) == 6
+
+
 def test_telemetry(pop, market):
     with dc.Engine(pop, threads=2) as eng:
         eng.run(market)

@@ -832,6 +832,28 @@ def test_service_throttle_and_pause_in_process(tmp_path: Path) -> None:
         assert eng.stats()["bars_in"] == 140
 
 
+def test_a_strict_engine_behind_the_service_refuses_bad_pieces_and_the_stream_goes_on(tmp_path: Path) -> None:
+    clean = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=3).bars(40)
+    bad = clean[10:20].copy()
+    bad["high"][4] = bad["low"][4] - 1.0
+    with dc.Engine(population(), threads=1, strict=True) as eng:
+        ingress = T.MarketIngress(f"ipc://{tmp_path / 'in.sock'}")
+        svc = T.EngineService(eng, ingress=ingress, on_signals=lambda s: None, idle_timeout=0.005)
+        with svc, T.MarketSender(ingress.endpoint) as tx:
+            svc.start()
+            tx.send(clean[:10])
+            tx.send(bad)
+            tx.send(clean[20:])
+            deadline = time.monotonic() + TIMEOUT
+            while svc.stats()["bars_submitted"] + svc.stats()["strict_refused"] < 40:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            st = svc.stats()
+            assert st["running"] and st["error"] is None
+            assert (st["bars_submitted"], st["strict_refused"]) == (30, 10)
+        assert eng.stats()["bars_in"] == 30 and eng.stats()["rejected"] == 0
+
+
 def test_service_journals_commands_in_order_with_the_bars(tmp_path: Path, keys: Path) -> None:
     clean = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], timeframe="H1", seed=4).bars(30)
     eng = dc.Engine(population(), threads=1, journal=tmp_path / "journal")

@@ -957,6 +957,9 @@ void Engine::wait_idle() {
         }
     }
     if (idle || closed_) return;
+    // close() has begun and waits for the ingress lock this caller holds: the workers are leaving
+    // (or gone) and claimed bars may never run, so nothing here can wait them out.
+    if (stop_.load(std::memory_order_acquire)) throw std::logic_error("engine is closed");
     std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
 }

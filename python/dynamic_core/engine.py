@@ -192,8 +192,9 @@ class Engine:
     cores_per_sm : int
         Lanes per streaming multiprocessor: 32, 64, 96 or 128.
     strict : bool
-        When True, ``run`` raises :class:`dynamic_core.errors.InvalidInput` for a batch holding any
-        bad bar and processes none of it. When False (default) bad bars are rejected with a
+        When True, ``run``, ``submit`` and ``step`` raise :class:`dynamic_core.errors.InvalidInput`
+        for a batch holding any bad bar and take none of it (an ``EngineService`` in front counts
+        and logs the refused bars and goes on). When False (default) bad bars are rejected with a
         reason, counted in ``stats()`` and kept in ``dead_letters()``, and the rest runs.
     backpressure : {"block", "reject_new", "drop_oldest"}
         What ``submit`` does when ``capacity`` bars are in flight or unpolled (see ``submit``).
@@ -474,6 +475,7 @@ class Engine:
         """
         self._check_open()
         self._not_from_consumer("run")
+        self._no_other_consumer("run")
         strict = _check_strict(strict, allow_none=True)
         b = as_bars(bars)
         self._journal_new_instruments()
@@ -507,6 +509,8 @@ class Engine:
         self._not_from_consumer("submit")
         b = as_bars(bars)
         self._journal_new_instruments()
+        if self.strict:
+            refuse_bad(self._native.validate(b, len(instruments)))
         return int(self._native.submit(b, len(instruments)))
 
     def poll(self, max_n: int | None = None, timeout: float | None = 0.0) -> np.ndarray:
@@ -517,34 +521,49 @@ class Engine:
         self._cpu_only("poll")
         # more than the native maximum means "all there are", like it
         n = 1 << 20 if max_n is None else min(check_int("max_n", max_n, 0, math.inf), _MAX_POLL)
-        t = _timeout_ns(timeout)
+        if n == 0:
+            return np.empty(0, dtype=SIGNAL_DTYPE)
+        return np.frombuffer(self._sliced_poll(n, _timeout_ns(timeout)), dtype=SIGNAL_DTYPE)
+
+    def _sliced_poll(self, n: int, t: int) -> bytes:
+        """The native poll of up to ``n`` signals waiting ``t`` ns (< 0: no limit). A long wait
+        goes in slices, so ^C (handled between them) ends it, and so does :meth:`close` from
+        another thread (RuntimeError)."""
         if 0 <= t <= _POLL_SLICE_NS:
-            return np.frombuffer(self._native.poll(n, t), dtype=SIGNAL_DTYPE)
-        # a long wait goes in slices, so ^C (handled between them) ends it
+            return self._native.poll(n, t)
         end = None if t < 0 else time.monotonic_ns() + t
         while True:
             left = _POLL_SLICE_NS if end is None else min(_POLL_SLICE_NS, end - time.monotonic_ns())
             raw = self._native.poll(n, max(0, left))
             if len(raw) or (end is not None and time.monotonic_ns() >= end):
-                return np.frombuffer(raw, dtype=SIGNAL_DTYPE)
+                return raw
+            self._check_open()  # closed while waiting: the native poll would return at once, forever
 
     def step(self, bar: np.ndarray | np.void, timeout: float | None = 10.0) -> AISignal | None:
         """One bar in, its signal out (a frozen :class:`AISignal`). Returns None when the bar
         was rejected or no agent follows its stream. Do not mix with a running ``on_signal``
         dispatcher or other pollers, which may take the signal first."""
         self._check_open()
+        self._no_other_consumer("step")
         b = as_bars(np.atleast_1d(bar))
         if len(b) != 1:
             raise ValueError(f"step() takes one bar, got {len(b)}")
         t = _timeout_ns(timeout)
         self._journal_new_instruments()
+        if self.strict:
+            refuse_bad(self._native.validate(b, len(instruments)))
         if self._device is not None:
             with self._device_lock:
                 out = self._device.run(b, len(instruments))
             return signal_from_record(out[0]) if len(out) else None
-        status, raw = self._native.step(b, len(instruments), t)
+        start = time.monotonic_ns()
+        first = t if 0 <= t <= _POLL_SLICE_NS else _POLL_SLICE_NS
+        status, raw = self._native.step(b, len(instruments), first)
         if status < 0:
             return None
+        if status == 0 and first != t:  # the rest of a long wait, in slices (^C, close)
+            raw = self._sliced_poll(1, -1 if t < 0 else max(0, start + t - time.monotonic_ns()))
+            status = 1 if len(raw) else 0
         if status == 0:
             raise TimeoutError(f"no signal within {timeout} s (see stats()['sms'])")
         return signal_from_record(np.frombuffer(raw, dtype=SIGNAL_DTYPE)[0])
@@ -576,6 +595,16 @@ class Engine:
                 self.register_consumer(self._dispatcher, "an on_signal callback")
                 self._dispatcher.start()
         return callback
+
+    def _no_other_consumer(self, what: str) -> None:
+        """RuntimeError when another thread consumes this engine's signals (an ``on_signal``
+        dispatcher, a registered consumer): it would take some of the signals ``what`` returns."""
+        me = threading.current_thread()
+        for th, who in list(self._consumers.items()):
+            if th is not me and th.is_alive():
+                raise RuntimeError(f"{what}() returns the signals of its bars, but {who} ({th.name!r}) takes "
+                                   f"signals too and would get some of them: use submit() and let it consume, "
+                                   f"or {what}() on an engine without one")
 
     def _not_from_consumer(self, what: str) -> None:
         """RuntimeError when called from a consumer thread (see :meth:`register_consumer`)."""

@@ -97,7 +97,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from ..errors import CommandRefused
+from ..errors import CommandRefused, InvalidInput
 from ..payloads import (
     MAX_BARS_PER_S,
     HealthQuery,
@@ -216,6 +216,7 @@ class EngineService:
         self.hook_errors = 0
         self.loop_errors = 0  # exceptions that ended the ingress loop or the egress thread
         self.dropped_on_stop = 0  # bars taken from the ingress socket, never submitted
+        self.strict_refused = 0  # bars of batches a strict engine refused (InvalidInput), logged
         self._error: str | None = None
         self._tokens = 0.0
         self._refill_at = time.monotonic()
@@ -434,7 +435,13 @@ class EngineService:
         """Submit the first ``k`` pending bars; returns how many the engine took (the rest stay
         pending)."""
         bars = self._pending
-        taken = int(self.engine.submit(bars[:k]))
+        try:
+            taken = int(self.engine.submit(bars[:k]))
+        except InvalidInput as e:  # a strict engine refuses the whole piece; the stream goes on
+            self.strict_refused += k
+            log.warning("the strict engine refused %d bars: %s", k, e)
+            self._pending = bars[k:] if k < len(bars) else None
+            return k
         self.bars_submitted += taken
         self._room_known = max(0, self._room_known - taken)
         self._pending = bars[taken:] if taken < len(bars) else None
@@ -807,7 +814,8 @@ class EngineService:
 
     def stats(self) -> dict[str, Any]:
         """Counters: commands, bars submitted, signals and rationales published, hook errors,
-        pending bars, ``dropped_on_stop``; ``running`` (the ingress loop runs), ``egress_running``,
+        pending bars, ``dropped_on_stop``, ``strict_refused`` (bars of pieces a ``strict`` engine
+        refused, each logged); ``running`` (the ingress loop runs), ``egress_running``,
         ``error`` (the last exception that ended the loop or the egress thread, ``"<Type>:
         message"``, else None) and ``loop_errors``; and the sockets' own stats."""
         eg = self._egress
@@ -817,7 +825,7 @@ class EngineService:
             "signals_published": self.signals_published, "hook_errors": self.hook_errors,
             "rationales_published": self.rationales_published,
             "pending_bars": 0 if self._pending is None else len(self._pending),
-            "dropped_on_stop": self.dropped_on_stop,
+            "dropped_on_stop": self.dropped_on_stop, "strict_refused": self.strict_refused,
             "running": self._loop is not None,
             "egress_running": eg is not None and eg.is_alive() and not self._egress_ended.is_set(),
             "error": self._error, "loop_errors": self.loop_errors,
