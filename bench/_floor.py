@@ -6,34 +6,22 @@ round trip to an adapter process), so they print what the hop alone costs on the
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 import time
 
-__all__ = ["pingpong_floor"]
-
-# the echo side as a separate process: connects, says hello, echoes until "q"
-_ECHO = """
-import sys, zmq
-ctx = zmq.Context()
-d = ctx.socket(zmq.DEALER)
-d.setsockopt(zmq.LINGER, 0)
-d.connect(sys.argv[1])
-d.send(b"hi")
-while True:
-    m = d.recv()
-    if m == b"q":
-        break
-    d.send(m)
-d.close()
-ctx.term()
-"""
+__all__ = ["echo", "pingpong_floor"]
 
 
-def _echo_thread(ctx, address: str) -> None:
+def echo(address: str, ctx=None) -> None:
+    """The echo side: connect a DEALER to ``address``, say hello, echo until ``q`` (in a thread
+    with the caller's context, or as ``python -m bench._floor ADDRESS`` in its own process)."""
     import zmq
 
+    own = ctx is None
+    ctx = zmq.Context() if own else ctx
     d = ctx.socket(zmq.DEALER)
     d.setsockopt(zmq.LINGER, 0)
     d.connect(address)
@@ -44,6 +32,8 @@ def _echo_thread(ctx, address: str) -> None:
             break
         d.send(m)
     d.close()
+    if own:
+        ctx.term()
 
 
 def pingpong_floor(n: int = 3000, warmup: int = 500, *, process: bool = False, size: int = 200) -> dict:
@@ -61,9 +51,10 @@ def pingpong_floor(n: int = 3000, warmup: int = 500, *, process: bool = False, s
     address = f"tcp://127.0.0.1:{port}"
     child = th = None
     if process:
-        child = subprocess.Popen([sys.executable, "-c", _ECHO, address])
+        child = subprocess.Popen([sys.executable, "-m", "bench._floor", address],
+                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     else:
-        th = threading.Thread(target=_echo_thread, args=(ctx, address), daemon=True)
+        th = threading.Thread(target=echo, args=(address, ctx), daemon=True)
         th.start()
     try:
         ident, _ = r.recv_multipart()
@@ -90,3 +81,7 @@ def pingpong_floor(n: int = 3000, warmup: int = 500, *, process: bool = False, s
     a = np.array(out)
     return {"p50_us": float(np.percentile(a, 50)), "p99_us": float(np.percentile(a, 99)), "n": n,
             "echo": "process" if process else "thread"}
+
+
+if __name__ == "__main__":
+    echo(sys.argv[1])

@@ -388,3 +388,7 @@ def test_hit_rate_takes_rows_and_names_a_bad_one():
         la.hit_rate([-1])
     with pytest.raises(TypeError, match="row indices"):
         la.hit_rate([0.5])
+    assert la.hit_rate(np.array([False, True, True, False])) == la.hit_rate([1, 2])  # a mask of rows
+    assert math.isnan(la.hit_rate([]))  # nothing selected: no calls
+    with pytest.raises(IndexError, match="needs 4 entries"):
+        la.hit_rate([True, False])

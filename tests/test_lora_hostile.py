@@ -383,6 +383,8 @@ def test_a_target_outside_the_score_range_is_refused_and_nothing_is_learned(targ
     with pytest.raises(ValueError, match=msg):
         h.learn(np.ones((4, 8)), target)
     assert h.system_tick()["learners"] == 0
+    h.learn(np.ones((4, 8)), np.array([0.0, 0.0, 0.0, 7.0]), mask=np.array([1, 1, 1, 0]))  # row 3 is not read
+    assert h.system_tick()["learners"] == 3
 
 
 @pytest.mark.parametrize("mask, msg", [

@@ -400,15 +400,28 @@ def test_simulator_is_deterministic_valid_and_continuous():
     ({"seed": None}, TypeError, "seed must be an int"),  # None would draw an OS seed: no longer "same seed"
     ({"seed": -1}, ValueError, "seed must be in"),
     ({"seed": [1, 2]}, TypeError, "seed must be an int"),
-    ({"start": None}, TypeError, "start must be a time"),  # NaT: every bar at the int64 minimum
-    ({"start": float("nan")}, TypeError, "start must be a time"),
-    ({"start": "soon"}, ValueError, "start 'soon' is not a time"),
+    ({"start": None}, TypeError, "start must be a time or an epoch number"),  # NaT: every bar at int64 min
+    ({"start": float("nan")}, ValueError, "start nan is a missing or non-finite time"),
+    ({"start": "soon"}, ValueError, "start 'soon' is a missing, unreadable or out-of-range time"),
     ({"start": "1600-01-01"}, ValueError, "outside the int64 nanosecond range"),
+    ({"start": True}, TypeError, "booleans"),
     ({"instruments": ["EURUSD", "GBPUSD", "EURUSD"]}, ValueError, "'EURUSD' is named twice"),
 ])
 def test_simulator_refuses_arguments_that_would_make_another_market(kwargs, error, match):
     with pytest.raises(error, match=match):
         dc.sim.MarketSimulator(**kwargs)
+
+
+def test_simulator_start_reads_times_as_a_bar_time_column_does():
+    import datetime
+
+    import pandas as pd
+
+    want = dc.sim.MarketSimulator(start="2024-01-01 01:00").bars(1)["ts"][0]
+    paris = datetime.timezone(datetime.timedelta(hours=1))
+    for start in (1704070800, np.int64(1704070800) * 10**9, datetime.datetime(2024, 1, 1, 2, tzinfo=paris),
+                  pd.Timestamp("2024-01-01 02:00", tz="Europe/Paris"), np.datetime64("2024-01-01T01:00")):
+        assert dc.sim.MarketSimulator(start=start).bars(1)["ts"][0] == want, start
 
 
 def test_simulator_makes_long_runs_in_parts_with_the_same_bits(monkeypatch):

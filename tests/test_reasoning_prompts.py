@@ -234,6 +234,25 @@ def test_parse_json_replies(text, direction, confidence, valid, tag) -> None:
     ("There is no reason to sell.", "hold", None, ("negated",)),
     ("现在不要买入。", "hold", None, ("negated",)),
     ("No doubt: buy.", "buy", None, ()),
+    # negations that do not negate the word: intensifiers, double negatives, another clause
+    ("Not only bullish but the breakout is confirmed.", "buy", None, ()),
+    ("No doubt bullish.", "buy", None, ()),
+    ("There's no denying the bullish setup.", "buy", None, ()),
+    ("I've never been more bullish on gold.", "buy", None, ()),
+    ("Don't hesitate to buy this dip.", "buy", None, ()),
+    ("There's no reason not to buy.", "buy", None, ()),
+    ("Bears cannot withstand sustained buying.", "buy", None, ()),
+    ("Bears cannot withstand persistent buying.", "buy", None, ()),
+    ("不得不买入", "buy", None, ()),
+    ("不仅看涨，而且放量", "buy", None, ()),
+    ("绝不做空，逢低做多", "buy", None, ("negated",)),
+    # and negations several words away in the same clause
+    ("I don't think we should sell.", "hold", None, ("negated",)),
+    ("Now is not the time to buy.", "hold", None, ("negated",)),
+    ("I can't see a reason to sell.", "hold", None, ("negated",)),
+    ("Not a single bearish signal; buy.", "buy", None, ("negated",)),
+    ("不建议现在买入", "hold", None, ("negated",)),
+    ("不看空", "hold", None, ("negated",)),
 ])
 def test_parse_narrative_replies(text, direction, confidence, tags) -> None:
     r = parse_reply(text, "narrative")

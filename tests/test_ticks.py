@@ -310,8 +310,8 @@ def test_tick_simulator_prints_are_valid_ordered_and_consistent_with_their_quote
     ({"rate": 1e-4}, 1.0, ValueError, "rate"),
     ({"start": "2262-04-11"}, 86400.0, ValueError, "int64 nanosecond range"),
     ({"start": None}, 1.0, TypeError, "start must be a time"),
-    ({"start": "NaT"}, 1.0, ValueError, "start 'NaT' is not a time"),
-    ({"start": "1600-01-01"}, 1.0, ValueError, "start '1600-01-01' is outside the int64 nanosecond range"),
+    ({"start": "NaT"}, 1.0, ValueError, "start 'NaT' is a missing, unreadable or out-of-range time"),
+    ({"start": "1600-01-01"}, 1.0, ValueError, "start '1600-01-01' is a time outside the int64 nanosecond range"),
     ({"instruments": ["EURUSD", "EURUSD"]}, 1.0, ValueError, "'EURUSD' is named twice"),
 ])
 def test_tick_simulator_refuses_bad_arguments_changing_nothing(kwargs, seconds, error, match) -> None:

@@ -525,6 +525,8 @@ def test_a_key_file_that_is_not_a_regular_file_is_refused_not_read(tmp_path: Pat
     with pytest.raises(FileNotFoundError, match="40 key characters, not a file name") as e:
         T.load_keypair(secret)
     assert secret not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="secret key file not found: /nonexistent/x"):
+        T.load_keypair(b"/nonexistent/x")  # a bytes path, as os.fspath allows
 
 
 class Served:

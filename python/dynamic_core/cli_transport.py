@@ -190,7 +190,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
     def gap(g: Any) -> None:
         where = "at heartbeat" if g.at_heartbeat else "at batch"
-        print(f"gap on {g.topic}: expected feed seq {g.expected}, got {g.got} ({g.missed} signal(s) missed, {where})",
+        print(f"gap on {_shown(str(g.topic))}: expected feed seq {g.expected}, got {g.got} ({g.missed} signal(s) missed, {where})",
               file=sys.stderr, flush=True)
 
     def epoch(e: Any) -> None:
@@ -221,7 +221,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
                     if args.json:
                         out.write(enc.encode(msg).decode() + "\n")
                     else:
-                        out.write(f"rationale for {msg.signal_id} ({_shown(msg.provider)}): {_shown(msg.text, True)}\n")
+                        out.write(f"rationale for {_shown(str(msg.signal_id))} ({_shown(msg.provider)}): {_shown(msg.text, True)}\n")
                     out.flush()
                 elif isinstance(msg, Heartbeat) and args.heartbeats:
                     out.write(enc.encode(msg).decode() + "\n" if args.json

@@ -12,7 +12,6 @@ path (:class:`~dynamic_core.ticks.TickAggregator`, the DSI micro-experts, ``Tick
 
 from __future__ import annotations
 
-import datetime
 import math
 from bisect import bisect_right
 from fractions import Fraction
@@ -22,7 +21,7 @@ import numpy as np
 
 from ._checks import check_int, check_real
 from .instruments import instruments as registry
-from .market import _INT64_MAX, empty, parse_timeframe  # bar times are int64 ns
+from .market import _INT64_MAX, _to_ns, empty, parse_timeframe  # bar times are int64 ns
 from .records import TICK_DTYPE
 
 __all__ = ["MarketSimulator", "PROFILES", "REGIMES", "TickSimulator"]
@@ -76,24 +75,19 @@ def _instruments(instruments: str | Sequence[str]) -> tuple[list[str], np.ndarra
 
 
 def _start_ns(start: object) -> int:
-    """``start`` (a time, read as UTC) in ns; ValueError/TypeError naming ``start`` for what is
-    not a time (None and NaN read as pandas' NaT, the int64 minimum) or lies outside the int64
-    nanosecond range (1677-09-21 .. 2262-04-11)."""
+    """``start`` as int64 ns: a time (UTC when naive) or an epoch number, read as a bar time
+    column is (:func:`~dynamic_core.market._to_ns`): None, NaN, unreadable or out-of-range
+    times are a ValueError naming ``start`` (None and NaN would read as pandas' NaT, the int64
+    minimum)."""
     import pandas as pd
 
-    if not isinstance(start, (str, pd.Timestamp, datetime.datetime, datetime.date, np.datetime64)):
-        raise TypeError(f"start must be a time (e.g. '2024-01-01'), got {type(start).__name__}")
+    if start is None or isinstance(start, (list, tuple, dict, set, np.ndarray)):
+        raise TypeError(f"start must be a time or an epoch number, got {type(start).__name__}")
     try:
-        t = pd.Timestamp(start, tz="UTC") if not isinstance(start, pd.Timestamp) or start.tz is None \
-            else pd.Timestamp(start).tz_convert("UTC")
-        ns = None if t is pd.NaT else int(t.value)
-    except OverflowError:
-        raise ValueError(f"start {start!r} is outside the int64 nanosecond range 1677-09-21 .. 2262-04-11") from None
-    except ValueError as e:
-        raise ValueError(f"start {start!r} is not a time ({e})") from None
-    if ns is None:
-        raise ValueError(f"start {start!r} is not a time")
-    return ns
+        return int(_to_ns(pd.Series([start]), "start")[0])
+    except ValueError as e:  # "1 row(s) of start with <what>: rows 0 ...": said of one value
+        what = str(e).split(" with ", 1)[-1].split(": rows", 1)[0]
+        raise ValueError(f"start {start!r} is {what}") from None
 
 
 class MarketSimulator:

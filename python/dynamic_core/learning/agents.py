@@ -391,18 +391,25 @@ class LearningAgents:
 
     def hit_rate(self, agents: Sequence[int] | None = None) -> float:
         """Share of scored bars (score != 0) whose sign matched the next bar's return, over all
-        agents or over the rows ``agents`` (indices into :attr:`ids`, like :meth:`inherit`'s)."""
+        agents or over the rows ``agents`` (indices into :attr:`ids`, like :meth:`inherit`'s, or
+        a boolean mask over them)."""
+        n = len(self.ids)
         if agents is None:
             sel: slice | np.ndarray = slice(None)
         else:
             sel = np.asarray(agents).reshape(-1)
-            n = len(self.ids)
-            if sel.dtype.kind not in "iu":
-                raise TypeError(f"agents must be row indices (ints), got {sel.dtype}")
-            bad = (sel < 0) | (sel >= n)
-            if bad.any():
-                raise IndexError(f"agent row {int(sel[bad][0])} out of range [0, {n}) (rows index .ids; "
-                                 f"agent id {int(self.ids[0]) if n else 0} is row 0)")
+            if sel.dtype == bool:
+                if len(sel) != n:
+                    raise IndexError(f"a boolean mask of agents needs {n} entries, got {len(sel)}")
+            elif len(sel) == 0:
+                sel = sel.astype(np.intp)
+            elif sel.dtype.kind not in "iu":
+                raise TypeError(f"agents must be row indices (ints) or a boolean mask, got {sel.dtype}")
+            else:
+                bad = (sel < 0) | (sel >= n)
+                if bad.any():
+                    raise IndexError(f"agent row {int(sel[bad][0])} out of range [0, {n}) (rows index .ids; "
+                                     f"agent id {int(self.ids[0]) if n else 0} is row 0)")
         calls = int(self.calls[sel].sum())
         return float(self.hits[sel].sum()) / calls if calls else math.nan
 

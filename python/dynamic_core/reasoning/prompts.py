@@ -525,10 +525,42 @@ _EXPLICIT = re.compile(
 _BUY = re.compile(r"\b(?:buy(?:ing)?|bullish|long(?![- ]term))\b|买入|看涨|做多|看多", re.IGNORECASE)
 _SELL = re.compile(r"\b(?:sell(?:ing)?|bearish|short(?![- ]term))\b|卖出|看跌|做空|看空", re.IGNORECASE)
 _HOLD = re.compile(r"\b(?:hold|neutral|stay flat)\b|持有|观望|中性", re.IGNORECASE)
-# A directional word just after a negation ("do not buy", "not bearish", "avoid shorting",
-# 不要买入) is not a vote for that side; it counts as a vote to hold.
-_NEGATION = re.compile(r"(?:\b(?:not|no|never|avoid(?:ing)?|against)|n't)\s+(?:[a-z]+\s+){0,2}$|(?:不|别|勿|不要|不建议|不宜)$",
-                       re.IGNORECASE)
+# A directional word negated in its own clause ("do not buy", "not bearish", "no reason to sell",
+# "I don't think we should sell", 不要买入, 不建议现在买入) is not a vote for that side; it counts
+# as a vote to hold. Walking back from the word through the clause, only negations and the
+# filler words below may stand between; any other word ("not only bullish", "no doubt bullish",
+# "never been more bullish", "don't hesitate to buy", "cannot withstand buying") ends the walk,
+# and two negations cancel ("no reason not to buy"). 不得不 ("must"), 不仅 ("not only") and the
+# like are no negation.
+_NEG_WORDS = frozenset("not no never nor cannot can't don't dont doesn't didn't isn't aren't wasn't won't "
+                       "wouldn't shouldn't couldn't avoid avoiding against".split())
+_NEG_FILLER = frozenset("to be go going get a an the too yet longer any time reason point need worth so very "
+                        "overly that this it we i you they should would could will want recommend suggest "
+                        "think believe now here currently still single see sign signs of".split())
+_CLAUSE_WORDS = re.compile(r"[a-z']+|[^\sa-z']", re.IGNORECASE)
+_ZH_NEG = re.compile(r"(?:不|别|勿|没有|未|不要|不建议|不宜|不能|不应)[\u4e00-\u9fff]{0,3}$")
+_ZH_NOT_NEGATIONS = ("不得不", "不仅", "不只", "不断", "不少", "不错", "不久")  # must, not only, ...
+_ZH_CLAUSE = re.compile(r"[，。；！？,.;!?\n]")
+
+
+def _negated(before: str) -> bool:
+    """Whether the directional word that follows ``before`` is negated in its clause."""
+    tail = before[-60:]
+    if tail and "\u4e00" <= tail[-1] <= "\u9fff":  # a Chinese word: the clause's last characters
+        clause = _ZH_CLAUSE.split(tail)[-1]
+        for w in _ZH_NOT_NEGATIONS:
+            clause = clause.replace(w, "")
+        return _ZH_NEG.search(clause[-6:]) is not None
+    negations = 0
+    for w in reversed(_CLAUSE_WORDS.findall(tail)[-8:]):
+        w = w.lower().replace("\u2019", "'")
+        if w in _NEG_WORDS or w.endswith("n't"):
+            negations += 1
+        elif w not in _NEG_FILLER:
+            break
+    return negations % 2 == 1
+
+
 _CONF_NUM = re.compile(r"(?:\bconfidence\b[\"']?|置信度|信心)\s*(?:level|score)?\s*(?:[:=：]|\bis\b|\bof\b)?\s*"
                        r"([0-9]*\.?[0-9]+)\s*(%)?", re.IGNORECASE)
 _CONF_WORD = re.compile(r"\b(high|medium|moderate|low)[ -]confidence\b|(高|中等?|低)置信度|置信度(高|中等?|低)",
@@ -541,7 +573,7 @@ def _votes(word: re.Pattern[str], text: str) -> tuple[int, int]:
     """(plain, negated) mentions of ``word`` in ``text``."""
     plain = negated = 0
     for m in word.finditer(text):
-        if _NEGATION.search(text[max(0, m.start() - 24):m.start()]):
+        if _negated(text[max(0, m.start() - 60):m.start()]):
             negated += 1
         else:
             plain += 1

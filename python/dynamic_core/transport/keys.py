@@ -161,17 +161,17 @@ def authorised_keys(directory: str | os.PathLike) -> set[bytes]:
     return set(zmq.auth.load_certificates(d))
 
 
-def _regular_file(path: str, what: str) -> os.stat_result:
+def _regular_file(path: str | bytes, what: str) -> os.stat_result:
     """``os.stat(path)`` of a regular file; FileNotFoundError naming ``what`` (not echoing a
     path that looks like key text, which would put a secret in a log), ValueError for a FIFO, a
     device, a directory or another non-file (reading it could block or never end)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        if _Z85.fullmatch(path):
+        if _Z85.fullmatch(os.fsdecode(path)):
             raise FileNotFoundError(f"{what} not found: the argument is 40 key characters, not a file "
                                     "name (pass the key file)") from None
-        raise FileNotFoundError(f"{what} not found: {path}") from None
+        raise FileNotFoundError(f"{what} not found: {os.fsdecode(path)}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{what} {path} is not a regular file")
+        raise ValueError(f"{what} {os.fsdecode(path)} is not a regular file")
     return st

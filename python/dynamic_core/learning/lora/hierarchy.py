@@ -327,7 +327,7 @@ class LoRAHierarchy:
         if m.shape != (self.n_agents,):
             raise ValueError(f"mask must be (n_agents,) bool, got {m.shape}")
         finite = np.isfinite(x).all(axis=1) & np.isfinite(t)
-        wild = finite & (np.abs(np.where(finite, t, 0)) > 1.0)
+        wild = m & finite & (np.abs(np.where(finite, t, 0)) > 1.0)  # rows that do not learn are not read
         if wild.any():
             i = int(np.flatnonzero(wild)[0])
             raise ValueError(f"target must be in [-1, 1]: {int(wild.sum())} rows outside, first row {i} = {float(t[i])!r}")
