@@ -1516,10 +1516,15 @@ def test_failed_handshakes_are_counted(keys: Path) -> None:
                 time.sleep(0.2)
 
             def counted() -> bool:
+                # which kind libzmq reports for a refused mechanism or key varies with timing
+                # (under load the wrong-key client's failure came as "protocol", not "no_detail")
                 f = control.stats()["handshake_failures"]
-                return f["protocol"] >= 2 and f["no_detail"] >= 1 and f["no_handshake"] >= 1
+                return f["protocol"] + f["no_detail"] + f["auth"] >= 3 and f["no_handshake"] >= 1
 
-            _until(counted, what="the handshake failures counted")
+            try:
+                _until(counted, what="the handshake failures counted")
+            except AssertionError as e:
+                raise AssertionError(f"{e}: {control.stats()['handshake_failures']}") from None
             st = control.stats()
             assert st["handshake_failed"] == sum(st["handshake_failures"].values())
             assert st["requests"] == 0 and svc.commands == 0
