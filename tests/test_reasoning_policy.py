@@ -288,6 +288,23 @@ def test_attempts_in_flight_hold_their_spend_and_sends_are_checked_again() -> No
     assert router.admits_send("local", 10**9, 10**9) == ""  # the last resort spends nothing
 
 
+def test_a_named_attempt_releases_its_own_hold() -> None:
+    # results arrive out of order: the small attempt answers first and must free its own 110,
+    # not the 900 of the large one sent before it (which stays held until its own result)
+    router, _, _ = make({**RULE_AB, "limits": {"a": {"daily_tokens": 2000}}})
+    router.record_start("a", 800, 100, attempt=(1, 0))
+    router.record_start("a", 100, 10, attempt=(2, 0))
+    router.record_result("a", ok=True, latency_s=0.1, tokens_in=100, tokens_out=10, attempt=(2, 0))
+    assert router.budget_left("a") == {"tokens": 1890, "usd": None}
+    assert router.admits_send("a", 900, 90) == ""  # 1890 - 900 held = 990 >= 990
+    assert router.admits_send("a", 900, 91) == "budget"
+    router.record_result("a", ok=False, latency_s=0.1, error_kind="timeout", attempt=(1, 0))
+    assert router.admits_send("a", 1800, 90) == ""  # nothing held now
+    with pytest.raises(ValueError, match=r"attempt \(3, 0\) at a was started already"):
+        router.record_start("a", 1, 1, attempt=(3, 0))
+        router.record_start("a", 1, 1, attempt=(3, 0))
+
+
 def test_daily_usd_budget() -> None:
     # a: $1 per M input, $2 per M output
     router, _, wall = make({**RULE_AB, "limits": {"a": {"daily_usd": 0.0015}}})

@@ -914,7 +914,7 @@ class ReasoningMesh:
         for (tid, att), o in list(a.outstanding.items()):
             if not o[2]:  # every attempt gets exactly one outcome (a half-open probe included)
                 o[2] = True
-                self._record(o[0], ok=False, latency_s=now - o[1], error_kind="adapter_lost")
+                self._record(o[0], ok=False, latency_s=now - o[1], error_kind="adapter_lost", attempt=(tid, att))
             task = self._tasks.get(tid)
             if task is not None and task.state != "done" and task.pending.get(att, (None, None))[1] == ident:
                 self._attempt_failed(task, att, "adapter_lost", now, None)
@@ -1151,7 +1151,7 @@ class ReasoningMesh:
         task.pending[att] = (provider, a.identity, now)
         task.used.add(provider)
         a.outstanding[(task.id, att)] = [provider, now, False]
-        self.router.record_start(provider, est or task.est_in, task.tokens_out)
+        self.router.record_start(provider, est or task.est_in, task.tokens_out, attempt=(task.id, att))
         self._push_timer(now + budget, "attempt", task.id, att, task)
         return True
 
@@ -1181,7 +1181,7 @@ class ReasoningMesh:
                 self.router.record_tokens(provider, rep.tokens_in, rep.tokens_out)
         else:
             self._record(provider, ok=rep.ok, latency_s=latency, tokens_in=rep.tokens_in,
-                         tokens_out=rep.tokens_out, error_kind=kind, retry_after=rep.retry_after)
+                         tokens_out=rep.tokens_out, error_kind=kind, retry_after=rep.retry_after, attempt=key)
         task = self._tasks.get(rep.task_id)
         pend = task.pending.get(rep.attempt) if task is not None else None
         if pend is None or pend[1] != ident or task.state == "done":
@@ -1321,7 +1321,7 @@ class ReasoningMesh:
                 o = a.outstanding.get((tid, arg)) if a is not None else None
                 if o is not None and not o[2]:
                     o[2] = True  # its late reply will only charge tokens
-                    self._record(pend[0], ok=False, latency_s=now - pend[2], error_kind="timeout")
+                    self._record(pend[0], ok=False, latency_s=now - pend[2], error_kind="timeout", attempt=(tid, arg))
                 self._attempt_failed(task, arg, "timeout", now, None)
         elif kind == "retry":
             if task.state == "waiting":

@@ -452,6 +452,7 @@ class _Provider:
         "pending",
         "probes_used",
         "profile",
+        "anon",
         "held",
         "held_tokens",
         "held_usd",
@@ -495,11 +496,12 @@ class _Provider:
         self.starts: deque[float] = deque()  # start times in the last minute
         self.tok_win: deque[tuple[float, int]] = deque()  # (time, tokens) in the last minute
         self.tok_sum = 0
-        self.pending: deque[int] = deque()  # tpm estimates awaiting their actual counts
+        self.pending: dict[Any, int] = {}  # tpm estimates awaiting their actual counts, by attempt
         # what the attempts in flight may still spend (their prompt estimate plus max_tokens),
         # held against the daily budgets until their results come: a burst of queued tasks
         # cannot all be sent on the same unspent budget
-        self.held: deque[tuple[int, float]] = deque()
+        self.held: dict[Any, tuple[int, float]] = {}  # by attempt, oldest first
+        self.anon = 0  # keys for attempts started without one
         self.held_tokens = 0
         self.held_usd = 0.0
         self.expected_s = LATENCY_PRIORS_S[profile.latency_class]
@@ -532,6 +534,14 @@ class _Provider:
     def latencies(self) -> list[float]:
         n = min(self.ring_n, _RING)
         return sorted(self.ring[:n])
+
+
+def _oldest_anon(d: dict[Any, Any]) -> Any:
+    """The oldest key of ``d`` that :meth:`Router.record_start` made up (None when there is none)."""
+    for k in d:
+        if isinstance(k, tuple) and len(k) == 2 and k[0] == "anon":
+            return k
+    return None
 
 
 def _over_budget(st: _Provider, tokens_in: int, tokens_out: int) -> bool:
@@ -902,20 +912,27 @@ class Router:
             st.tokens_left -= tokens_in + tokens_out
             st.usd_left -= usd
 
-    def record_start(self, provider: str, tokens_in: int, tokens_out: int = 0) -> None:
+    def record_start(self, provider: str, tokens_in: int, tokens_out: int = 0, *, attempt: Any = None) -> None:
         """An attempt at ``provider`` is being sent with about ``tokens_in`` prompt tokens and
         at most ``tokens_out`` reply tokens.
 
         Counts toward its rpm and tpm windows, holds its possible spend against the daily
         budgets until its result is recorded and, when its breaker is half-open, uses one probe
-        slot.
+        slot. ``attempt`` (any hashable, e.g. ``(task_id, attempt)``) names it, so that
+        :meth:`record_result` releases this attempt's hold and estimate; without one, results
+        release the oldest unnamed ones.
         """
         st = self._p[provider]
         now = self._clock()
         st.started += 1
+        if attempt is None:
+            st.anon += 1
+            attempt = ("anon", st.anon)
+        elif attempt in st.held or attempt in st.pending:
+            raise ValueError(f"attempt {attempt!r} at {provider} was started already")
         if not st.last_resort:
             usd = tokens_in * st.p_in + tokens_out * st.p_out
-            st.held.append((tokens_in + tokens_out, usd))
+            st.held[attempt] = (tokens_in + tokens_out, usd)
             st.held_tokens += tokens_in + tokens_out
             st.held_usd += usd
         if st.rate:
@@ -923,7 +940,7 @@ class Router:
             st.starts.append(now)
             st.tok_win.append((now, tokens_in))
             st.tok_sum += tokens_in
-            st.pending.append(tokens_in)
+            st.pending[attempt] = tokens_in
         if st.breaker != "closed":
             self._advance_breaker(st, now)
             if st.breaker == "half_open":
@@ -931,7 +948,7 @@ class Router:
 
     def record_result(self, provider: str, *, ok: bool, latency_s: float, tokens_in: int = 0,
                       tokens_out: int = 0, error_kind: str | None = None,
-                      retry_after: float | None = None) -> None:
+                      retry_after: float | None = None, attempt: Any = None) -> None:
         """The outcome of one attempt at ``provider``.
 
         Parameters
@@ -952,6 +969,9 @@ class Router:
             Seconds a ``rate_limited`` reply asked to wait, at most ``max_retry_after_s``: the
             provider cools down at least that long at once, and ``max(cooldown_s, retry_after)``
             after ``cooldown_failures`` consecutive failures.
+        attempt : hashable, optional
+            The name :meth:`record_start` was given: its hold and tpm estimate are released
+            (without one, the oldest attempt started without a name).
         """
         st = self._p[provider]
         now = self._clock()
@@ -959,10 +979,11 @@ class Router:
         if wall >= self._day_end:
             self._roll_day(wall)
         st.results += 1
-        if st.held:  # the attempt's hold is released: what it spent is charged below
-            t, u = st.held.popleft()
-            st.held_tokens -= t
-            st.held_usd = st.held_usd - u if st.held else 0.0  # (no float residue once none is held)
+        key = attempt if attempt is not None else _oldest_anon(st.held if st.held else st.pending)
+        hold = st.held.pop(key, None)
+        if hold is not None:  # the attempt's hold is released: what it spent is charged below
+            st.held_tokens -= hold[0]
+            st.held_usd = st.held_usd - hold[1] if st.held else 0.0  # (no float residue once none is held)
         tokens = tokens_in + tokens_out
         if tokens:
             usd = st.profile.cost_usd(tokens_in, tokens_out)
@@ -974,7 +995,7 @@ class Router:
             st.tokens_left -= tokens
             st.usd_left -= usd
         if st.rate:
-            est = st.pending.popleft() if st.pending else 0
+            est = st.pending.pop(key, 0)
             delta = tokens - est
             if delta:
                 self._prune_rate(st, now)
