@@ -213,12 +213,20 @@ def _epoch_scale(mag: float) -> int:
     return 10**9 if mag < 1e11 else 10**6 if mag < 1e14 else 10**3 if mag < 1e17 else 1
 
 
+class BadTimes(ValueError):
+    """Times that cannot be bar times; ``why`` says what is wrong with them."""
+
+    def __init__(self, message: str, why: str) -> None:
+        super().__init__(message)
+        self.why = why
+
+
 def _refuse_times(bad: np.ndarray, source: str, why: str) -> None:
-    """ValueError naming the first rows (positions) flagged in ``bad``, if any."""
+    """:class:`BadTimes` naming the first rows (positions) flagged in ``bad``, if any."""
     rows = np.flatnonzero(bad)
     if len(rows):
         shown = ", ".join(str(int(i)) for i in rows[:10]) + (", ..." if len(rows) > 10 else "")
-        raise ValueError(f"{len(rows):,} row(s) of {source} with {why}: rows {shown} (positions, from 0)")
+        raise BadTimes(f"{len(rows):,} row(s) of {source} with {why}: rows {shown} (positions, from 0)", why)
 
 
 def _scaled(v: np.ndarray, per: int, source: str) -> np.ndarray:

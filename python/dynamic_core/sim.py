@@ -21,7 +21,7 @@ import numpy as np
 
 from ._checks import check_int, check_real
 from .instruments import instruments as registry
-from .market import _INT64_MAX, _to_ns, empty, parse_timeframe  # bar times are int64 ns
+from .market import _INT64_MAX, BadTimes, _to_ns, empty, parse_timeframe  # bar times are int64 ns
 from .records import TICK_DTYPE
 
 __all__ = ["MarketSimulator", "PROFILES", "REGIMES", "TickSimulator"]
@@ -85,9 +85,8 @@ def _start_ns(start: object) -> int:
         raise TypeError(f"start must be a time or an epoch number, got {type(start).__name__}")
     try:
         return int(_to_ns(pd.Series([start]), "start")[0])
-    except ValueError as e:  # "1 row(s) of start with <what>: rows 0 ...": said of one value
-        what = str(e).split(" with ", 1)[-1].split(": rows", 1)[0]
-        raise ValueError(f"start {start!r} is {what}") from None
+    except BadTimes as e:  # said of one value, not of rows
+        raise ValueError(f"start {start!r} is {e.why}") from None
 
 
 class MarketSimulator:

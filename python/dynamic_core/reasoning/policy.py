@@ -452,7 +452,6 @@ class _Provider:
         "pending",
         "probes_used",
         "profile",
-        "anon",
         "held",
         "held_tokens",
         "held_usd",
@@ -501,7 +500,6 @@ class _Provider:
         # held against the daily budgets until their results come: a burst of queued tasks
         # cannot all be sent on the same unspent budget
         self.held: dict[Any, tuple[int, float]] = {}  # by attempt, oldest first
-        self.anon = 0  # keys for attempts started without one
         self.held_tokens = 0
         self.held_usd = 0.0
         self.expected_s = LATENCY_PRIORS_S[profile.latency_class]
@@ -534,14 +532,6 @@ class _Provider:
     def latencies(self) -> list[float]:
         n = min(self.ring_n, _RING)
         return sorted(self.ring[:n])
-
-
-def _oldest_anon(d: dict[Any, Any]) -> Any:
-    """The oldest key of ``d`` that :meth:`Router.record_start` made up (None when there is none)."""
-    for k in d:
-        if isinstance(k, tuple) and len(k) == 2 and k[0] == "anon":
-            return k
-    return None
 
 
 def _over_budget(st: _Provider, tokens_in: int, tokens_out: int) -> bool:
@@ -919,15 +909,14 @@ class Router:
         Counts toward its rpm and tpm windows, holds its possible spend against the daily
         budgets until its result is recorded and, when its breaker is half-open, uses one probe
         slot. ``attempt`` (any hashable, e.g. ``(task_id, attempt)``) names it, so that
-        :meth:`record_result` releases this attempt's hold and estimate; without one, results
-        release the oldest unnamed ones.
+        :meth:`record_result` releases this attempt's hold and estimate; a result without one
+        releases the oldest attempt's.
         """
         st = self._p[provider]
         now = self._clock()
         st.started += 1
         if attempt is None:
-            st.anon += 1
-            attempt = ("anon", st.anon)
+            attempt = object()  # a name of its own, released in turn
         elif attempt in st.held or attempt in st.pending:
             raise ValueError(f"attempt {attempt!r} at {provider} was started already")
         if not st.last_resort:
@@ -971,7 +960,7 @@ class Router:
             after ``cooldown_failures`` consecutive failures.
         attempt : hashable, optional
             The name :meth:`record_start` was given: its hold and tpm estimate are released
-            (without one, the oldest attempt started without a name).
+            (without one, the oldest attempt's).
         """
         st = self._p[provider]
         now = self._clock()
@@ -979,7 +968,7 @@ class Router:
         if wall >= self._day_end:
             self._roll_day(wall)
         st.results += 1
-        key = attempt if attempt is not None else _oldest_anon(st.held if st.held else st.pending)
+        key = attempt if attempt is not None else next(iter(st.held or st.pending), None)
         hold = st.held.pop(key, None)
         if hold is not None:  # the attempt's hold is released: what it spent is charged below
             st.held_tokens -= hold[0]

@@ -125,9 +125,9 @@ def load_keypair(secret_file: str | os.PathLike) -> tuple[bytes, bytes]:
     st = _regular_file(path, "secret key file")
     if _POSIX_MODES:
         if st.st_mode & 0o077:
-            # a public key file (0644 is right for it) is named as such; only a regular file is
-            # read to tell (a FIFO would block)
-            if stat.S_ISREG(st.st_mode) and not zmq.auth.load_certificate(path)[1]:
+            # a public key file (0644 is right for it) is named as such (a regular file: read
+            # without blocking)
+            if not zmq.auth.load_certificate(path)[1]:
                 raise ValueError(f"{secret_file}: no secret key in it (pass the .key_secret file)")
             raise PermissionError(f"secret key file {path} has mode {stat.S_IMODE(st.st_mode):04o}: it must not "
                                   f"be accessible by group or others; run: chmod 600 {path}")
