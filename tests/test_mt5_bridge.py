@@ -418,7 +418,7 @@ def test_terminal_restart_reconciles_without_resending(make: Callable[..., typin
     assert o["reason"] == "reconciled" and o["filled_volume"] == pytest.approx(0.1)
     # executed orders were not sent again after the reconciliation; every order executed once
     assert term.order_messages.get(lost, 0) == seen.get(lost, 0)
-    assert term.order_messages.get(done) == 1
+    assert term.order_messages.get(done) == seen.get(done) >= 1  # (a slow ack may have caused a re-send before)
     assert term.executions() == {done: 1, lost: 1, later: 1, "manual-1": 1}
     rec = bridge.reconciliation()
     assert rec["reconciled"] == [lost] and rec["matched"] == [done]
