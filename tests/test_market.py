@@ -39,6 +39,8 @@ DEFECTS = {
     "negative_volume": lambda b: b.__setitem__("volume", -5.0),
     "unknown_instrument": lambda b: b.__setitem__("instrument", 4_000_000),
     "bad_timeframe": lambda b: b.__setitem__("timeframe", 0),
+    # a unit error: positive but so small the next return would overflow and quarantine the stream
+    "price_out_of_range": lambda b: [b.__setitem__(k, 1e-310) for k in ("open", "high", "low", "close")],
 }
 
 
@@ -55,6 +57,29 @@ def test_each_defect_rejected_counted_and_dead_lettered(engine, reason):
     dl = engine.dead_letters()
     assert len(dl) == 1 and dc.REASONS[dl[0]["reason"]] == reason and dl[0]["index"] == 30
     assert dc.market.reason_counts(dc.market.validate(b)) == {reason: 1}
+
+
+@pytest.mark.parametrize("price", [1e-308, 5e-324, 1e-16, 2e15])
+def test_a_price_out_of_range_is_refused_and_quarantines_nobody(price):
+    # one absurd bar among real ones: accepted, a 1e-308 price made the next return overflow and
+    # quarantined every agent of the stream; it is a counted, dead-lettered reject instead
+    pop = dc.Population.random(64, instruments=["TINYPX"], timeframes=[H1], seed=5)
+    eng = dc.Engine(pop)
+    b = clean_bars("TINYPX", 300)
+    for k in ("open", "high", "low", "close"):
+        b[100][k] = price
+    eng.run(b)
+    assert eng.stats()["rejects"]["price_out_of_range"] == 1
+    assert dc.REASONS[eng.dead_letters()[0]["reason"]] == "price_out_of_range"
+    assert not eng.agents()["quarantined"].any()
+
+
+def test_the_price_bounds_are_inclusive():
+    b = clean_bars("BOUNDS", 4)
+    b[1]["open"] = b[1]["low"] = dc.MIN_PRICE
+    b[2]["high"] = b[2]["close"] = dc.MAX_PRICE
+    b[3]["low"] = np.nextafter(dc.MIN_PRICE, 0)
+    assert [dc.REASONS[c] for c in dc.market.validate(b)] == ["ok", "ok", "ok", "price_out_of_range"]
 
 
 def test_out_of_order_and_duplicates(engine):

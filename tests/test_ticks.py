@@ -162,22 +162,25 @@ def test_each_malformed_tick_gets_its_reason_and_a_dead_letter():
         _tick(T0 + 20, i, 1.1, 0.0),  # ok: zero size
         _tick(T0 + 21, i, 1.1, 1e308),  # size_too_large (two of them made a bar of volume inf)
         _tick(T0 + 22, i, 1.1, 1e15),  # ok: at the bound
+        _tick(T0 + 23, i, 1e-308, 1),  # price_out_of_range (a bar may not carry it)
+        _tick(T0 + 24, i, 2e15, 1),  # price_out_of_range
     ]
     t = np.concatenate(rows)
     want = ["ok", "unknown_instrument", "bad_side", "non_finite", "non_finite", "non_positive_price",
             "non_positive_price", "negative_size", "bad_quote", "crossed_quote", "price_out_of_band", "ok",
-            "out_of_order", "ok", "ok", "ok", "size_too_large", "ok"]
+            "out_of_order", "ok", "ok", "ok", "size_too_large", "ok", "price_out_of_range", "price_out_of_range"]
     codes = validate_ticks(t)
     assert [TICK_REASONS[c] for c in codes] == want
     v = TickValidator(max_dead_letters=100)
     good, codes2 = v(t)
     np.testing.assert_array_equal(codes, codes2)
-    assert len(good) == 6 and v.accepted == 6 and v.rejected == 12
+    assert len(good) == 6 and v.accepted == 6 and v.rejected == 14
     assert v.rejects == tick_reason_counts(codes) == {
         "unknown_instrument": 1, "bad_side": 1, "non_finite": 2, "non_positive_price": 2, "negative_size": 1,
-        "bad_quote": 1, "crossed_quote": 1, "price_out_of_band": 1, "out_of_order": 1, "size_too_large": 1}
+        "bad_quote": 1, "crossed_quote": 1, "price_out_of_band": 1, "out_of_order": 1, "size_too_large": 1,
+        "price_out_of_range": 2}
     dead = v.dead_letters()
-    assert dead.dtype == TICK_DEAD_LETTER_DTYPE and len(dead) == 12
+    assert dead.dtype == TICK_DEAD_LETTER_DTYPE and len(dead) == 14
     np.testing.assert_array_equal(dead["index"], np.flatnonzero(codes))
     np.testing.assert_array_equal(dead["reason"], codes[codes != 0])
     assert (dead["batch"] == 0).all()

@@ -87,6 +87,8 @@ void bind_records(py::module_& m) {
   m.def("record_layouts", &layouts,
         "Size and (name, offset, numpy type, count) of every field of each native record.");
   m.attr("SIGNAL_DSI") = kSignalDsi;
+  m.attr("MIN_PRICE") = kMinPrice;
+  m.attr("MAX_PRICE") = kMaxPrice;
   m.def("reason_names", [] {
     py::list l;
     for (uint32_t r = 0; r < kReasonCount; ++r) l.append(reason_name(static_cast<Reason>(r)));

@@ -158,8 +158,15 @@ enum class Reason : uint32_t {
   DuplicateTimestamp = 8,
   UnknownInstrument = 9,
   BadTimeframe = 10,
+  PriceOutOfRange = 11,  // a positive price outside [kMinPrice, kMaxPrice]
 };
-inline constexpr uint32_t kReasonCount = 11;
+inline constexpr uint32_t kReasonCount = 12;
+// The prices a bar may carry. Far wider than any quote (a price ratio stays below 1e30, its
+// square far from overflow), they refuse what only a unit or scaling error makes: a 1e-308
+// or subnormal price would turn the next bar's return into inf and quarantine every agent of
+// the stream.
+inline constexpr double kMinPrice = 1e-15;
+inline constexpr double kMaxPrice = 1e15;
 
 DC_HOST_DEVICE inline const char* reason_name(Reason r) {
   switch (r) {
@@ -174,6 +181,7 @@ DC_HOST_DEVICE inline const char* reason_name(Reason r) {
     case Reason::DuplicateTimestamp: return "duplicate_timestamp";
     case Reason::UnknownInstrument: return "unknown_instrument";
     case Reason::BadTimeframe: return "bad_timeframe";
+    case Reason::PriceOutOfRange: return "price_out_of_range";
   }
   return "unknown";
 }

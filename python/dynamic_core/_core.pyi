@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'JOURNAL_FORMAT', 'JOURNAL_MAX_META', 'JOURNAL_MAX_RECORD', 'JOURNAL_RECORD_HEADER', 'JournalReader', 'RECORD_MORE', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
+__all__: list[str] = ['Engine', 'JOURNAL_FORMAT', 'JOURNAL_MAX_META', 'JOURNAL_MAX_RECORD', 'JOURNAL_RECORD_HEADER', 'JournalReader', 'MAX_PRICE', 'MIN_PRICE', 'RECORD_MORE', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -298,5 +298,7 @@ JOURNAL_FORMAT: int = 2
 JOURNAL_MAX_META: int = 1073741824
 JOURNAL_MAX_RECORD: int = 67108864
 JOURNAL_RECORD_HEADER: int = 24
+MAX_PRICE: float = 1000000000000000.0
+MIN_PRICE: float = 1e-15
 RECORD_MORE: int = 1
 SIGNAL_DSI: int = 1

@@ -19,6 +19,8 @@ __all__ = [
     "LINEAGE_DTYPE",
     "BIRTH_DTYPE",
     "REASONS",
+    "MIN_PRICE",
+    "MAX_PRICE",
     "Action",
     "score_to_action",
 ]
@@ -65,7 +67,13 @@ parents, ``stream``, ``sm``, ``how`` (bits: 1 crossover, 2 migrant parent, 4 gap
 8 replaced a quarantined agent) and the fitness of the agent it replaced."""
 
 REASONS: tuple[str, ...] = tuple(_core.reason_names())
-"""Reject reason names indexed by code (0 is ``ok``)."""
+"""Reject reason names indexed by code (0 is ``ok``). Codes are only ever appended."""
+MIN_PRICE: float = float(_core.MIN_PRICE)
+"""The smallest price a bar may carry (1e-15); a positive price below it, or above
+:data:`MAX_PRICE`, is refused as ``price_out_of_range`` (a unit or scaling error: so small a
+price would make the next bar's return overflow and quarantine the stream's agents)."""
+MAX_PRICE: float = float(_core.MAX_PRICE)
+"""The largest price a bar may carry (1e15)."""
 
 
 class Action(enum.IntEnum):

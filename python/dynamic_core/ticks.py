@@ -21,7 +21,7 @@ import numpy as np
 from ._checks import check_int, check_real
 from .instruments import instruments as _registry
 from .market import _INT64_MAX, as_records, parse_timeframe
-from .records import BAR_DTYPE, TICK_DTYPE
+from .records import BAR_DTYPE, MAX_PRICE, MIN_PRICE, TICK_DTYPE
 
 __all__ = [
     "TICK_DEAD_LETTER_DTYPE",
@@ -48,10 +48,13 @@ TICK_REASONS: tuple[str, ...] = (
     "bad_timestamp",
     "late",
     "size_too_large",
+    "price_out_of_range",
 )
 """Tick reject reason names indexed by code (0 is ``ok``). A tick gets the first that applies,
 in this order except that ``size_too_large`` (a size above :data:`MAX_TICK_SIZE`) is checked
-right after ``negative_size``, and ``bad_timestamp`` (a time whose bar would not fit int64
+right after ``negative_size`` and ``price_out_of_range`` (a positive price outside
+[:data:`dynamic_core.MIN_PRICE`, :data:`dynamic_core.MAX_PRICE`], which a bar may not carry)
+right after ``non_positive_price``, and ``bad_timestamp`` (a time whose bar would not fit int64
 nanoseconds, :class:`TickAggregator`) and ``late`` (a tick of a bar the aggregator has already
 finished by the clock) come before ``out_of_order``: a refused tick never counts for the order
 of the next ones. Codes are only ever appended, so a stored code keeps its meaning."""
@@ -196,6 +199,7 @@ def validate_ticks(ticks: np.ndarray, *, last_ts: np.ndarray | None = None,
     code[has_quote & ((bid <= 0) | (ask <= 0))] = _R["bad_quote"]
     code[size > MAX_TICK_SIZE] = _R["size_too_large"]
     code[size < 0] = _R["negative_size"]
+    code[(price < MIN_PRICE) | (price > MAX_PRICE)] = _R["price_out_of_range"]
     code[price <= 0] = _R["non_positive_price"]
     code[~finite] = _R["non_finite"]
     code[t["side"] > 2] = _R["bad_side"]
