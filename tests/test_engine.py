@@ -225,19 +225,23 @@ def test_engine_arguments():
 
 
 def test_quarantine_of_non_finite_state():
-    # A price ratio that overflows equity to inf quarantines the agents holding a position.
+    # Equity compounded past the largest double quarantines the agent: a trend follower riding a
+    # price that swings by x1.5 a bar between 1e-15 and 1e15 (the prices a bar may carry) gains
+    # ~1e24 a leg and overflows after ~12 legs. (One bar of 1e-300 used to do it; such a price
+    # is now refused.)
     iid = dc.instruments.id("QTEST")
     pop = dc.Population.grid("QTEST", 60, fast=2, slow=3, atr_period=1, mode="long_short")
-    bars = dc.market.empty(8)
+    leg = np.concatenate([np.arange(-85, 85), np.arange(85, -85, -1)])
+    px = 1.5 ** np.concatenate([np.arange(0, -85, -1)] + [leg] * 7).astype(float)
+    bars = dc.market.empty(len(px))
     bars["instrument"] = iid
     bars["timeframe"] = 60
-    bars["ts"] = np.arange(8) * 60_000_000_000
-    px = np.array([1.0, 1.1, 1.2, 1.3, 1.4, 1e-300, 1e300, 1e300])
+    bars["ts"] = np.arange(len(px)) * 60_000_000_000
     for k in ("open", "high", "low", "close"):
         bars[k] = px
     eng = dc.Engine(pop)
     sig = eng.run(bars)
-    assert len(sig) == 8
+    assert len(sig) == len(px) and eng.stats()["rejected"] == 0
     a = eng.agents()[0]
     assert eng.stats()["quarantined"] == 1 and a["quarantined"] == 1
     assert np.isfinite(a["equity"])

@@ -144,6 +144,24 @@ def test_score_to_action_thresholds():
     np.testing.assert_array_equal(dc.score_to_action(np.array(list(cases))), [int(a) for a in cases.values()])
 
 
+def test_score_to_action_scalar_and_array_agree_on_any_thresholds():
+    # the array form used to overwrite in order: (0, 0, 0) gave STRONG_SELL, the scalar HOLD
+    scores = np.array([-1.0, -0.6, -0.5, -0.1, -0.0, 0.0, 0.1, 0.5, 0.6, 1.0, np.nan])
+    for weak, strong in [(0.0, 0.0), (0.0, 0.6), (0.5, 0.5), (0.2, 0.6), (0.6, 0.9)]:
+        arr = dc.score_to_action(scores, weak, strong)
+        one = [int(dc.score_to_action(float(x), weak, strong)) for x in scores]
+        assert arr.tolist() == one, (weak, strong)
+    assert dc.score_to_action([0.7, -0.3]).tolist() == [2, -1]
+
+
+@pytest.mark.parametrize("args,err", [(("0.5",), TypeError), ((True,), TypeError), ((np.array(["a"]),), TypeError),
+                                      ((0.1, -0.1, 0.6), ValueError), ((0.1, 0.7, 0.6), ValueError),
+                                      ((0.1, float("nan"), 0.6), ValueError), ((0.1, 0.2, "x"), TypeError)])
+def test_score_to_action_refuses_bad_arguments(args, err):
+    with pytest.raises(err):
+        dc.score_to_action(*args)
+
+
 def test_dtypes_match_native_layouts():
     assert dc.BAR_DTYPE.itemsize == 56 and dc.GENOME_DTYPE.itemsize == 120
     assert dc.SIGNAL_DTYPE.itemsize == 104 and dc.AGENT_DTYPE.itemsize == 112

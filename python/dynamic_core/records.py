@@ -7,6 +7,7 @@ import enum
 import numpy as np
 
 from . import _core
+from ._checks import check_real, is_real
 
 __all__ = [
     "BAR_DTYPE",
@@ -89,15 +90,25 @@ class Action(enum.IntEnum):
 def score_to_action(score, weak: float = 0.2, strong: float = 0.6):
     """Map a score in (-1, 1) to an :class:`Action`.
 
-    ``score >= strong`` is STRONG_BUY, ``score >= weak`` BUY, symmetric for sells, HOLD between.
-    A numpy array gives an int array of action codes.
+    ``score >= strong`` is STRONG_BUY, ``score >= weak`` BUY, symmetric for sells, HOLD between
+    (the engine's own mapping: a sum of the four comparisons, so a scalar and an array agree and
+    a NaN score is HOLD). A numpy array (or list) gives an int32 array of action codes.
+
+    Raises ``ValueError`` unless ``0 <= weak <= strong`` (finite), ``TypeError`` for a score or
+    threshold that is not a number (a str or bool is none).
     """
+    weak = check_real("weak", weak, 0.0)
+    strong = check_real("strong", strong, weak)
     if np.ndim(score) == 0:
+        if not is_real(score):
+            raise TypeError(f"score must be a number, got {type(score).__name__}")
         return Action(_core.score_to_action(float(score), weak, strong))
-    s = np.asarray(score, dtype=np.float64)
-    out = np.zeros(s.shape, dtype=np.int32)
-    out[s >= weak] = 1
-    out[s >= strong] = 2
-    out[s <= -weak] = -1
-    out[s <= -strong] = -2
+    s = np.asarray(score)
+    if s.dtype.kind not in "iuf":
+        raise TypeError(f"scores must be numbers, got an array of {s.dtype}")
+    s = s.astype(np.float64, copy=False)
+    out = (s >= strong).astype(np.int32)
+    out += s >= weak
+    out -= s <= -weak
+    out -= s <= -strong
     return out
