@@ -317,6 +317,54 @@ def test_bad_configs_are_typed_errors_and_change_nothing():
         assert _bytes(eng.genomes()) == _bytes(g0)
 
 
+def test_numpy_numbers_in_a_config_are_journaled_as_python_ones(tmp_path):
+    # an EvolutionConfig took np.float64 and a journaled generation then failed mid-run (the
+    # journal's encoder takes no numpy scalar); the dict form refused it
+    bars = planted_market(400, seed=1)
+    for cfg in (EvolutionConfig(min_age=50, replace_fraction=np.float64(0.2), tournament=np.int64(2)),
+                dict(min_age=np.int32(50), replace_fraction=np.float64(0.2), tournament=np.int64(2))):
+        with dc.Engine(_pop(128), threads=1, journal=str(tmp_path / f"j{type(cfg).__name__}")) as eng:
+            eng.run(bars)
+            assert eng.evolve(cfg, seed=1, generation=1)["replaced"] > 0
+    c = EvolutionConfig(replace_fraction=np.float32(0.5), dd_penalty=1)
+    assert type(c.replace_fraction) is float and type(c.dd_penalty) is float
+    with pytest.raises(TypeError):
+        EvolutionConfig(tournament=np.float64(3.0))
+
+
+def test_replace_fraction_one_keeps_the_fittest_of_each_sm_to_breed_from():
+    # all of an SM replaced left no parent: a generation of replace_fraction 1 replaced nobody
+    with dc.Engine(_pop(256), threads=1, cores_per_sm=64) as eng:
+        eng.run(planted_market(600, seed=2))
+        before = eng.agents()
+        rep = eng.evolve(dict(min_age=50, replace_fraction=1.0, min_trades=0), seed=1, generation=1)
+    assert rep["judged"] == 256 and rep["replaced"] == 256 - 4
+    for sm in range(4):  # one survivor an SM, and it is the parent of every child there
+        kids = rep["births"][rep["births"]["sm"] == sm]
+        survivor = set(before["agent_id"][sm * 64:(sm + 1) * 64].tolist()) - set(kids["replaced_id"].tolist())
+        assert len(kids) == 63 and len(survivor) == 1 and set(kids["parent_a"].tolist()) == survivor
+
+
+def test_ids_near_the_end_of_the_range():
+    bars = planted_market(400, seed=1)
+    rec = _pop(1000).records.copy()
+    rec["agent_id"][0] = 0xFFFFFFFF
+    with pytest.raises(dc.errors.InvalidGenome, match="names no agent"):
+        dc.Population.from_records(rec)
+    for top, fits in ((2**32 - 200, True), (2**32 - 2, False)):
+        rec["agent_id"][0] = top
+        with dc.Engine(dc.Population.from_records(rec), threads=1) as eng:
+            eng.run(bars)
+            g0 = eng.genomes()
+            if fits:  # 47 children fit in the 199 ids left (all lanes would not)
+                rep = eng.evolve(dict(min_age=50, replace_fraction=0.05), seed=1, generation=1)
+                assert rep["replaced"] > 0 and int(rep["births"]["agent_id"].max()) <= 2**32 - 2
+            else:
+                with pytest.raises(OverflowError, match="ids exhausted"):
+                    eng.evolve(dict(min_age=50, replace_fraction=0.05), seed=1, generation=1)
+                assert _bytes(eng.genomes()) == _bytes(g0)
+
+
 def test_driver_arguments_are_checked_before_any_bar_runs():
     with dc.Engine(_pop(128), threads=1) as eng:
         for kw, err in (({"seed": -1}, ValueError), ({"seed": 1 << 64}, ValueError), ({"seed": 1.0}, TypeError),

@@ -273,9 +273,27 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     }
   }
   auto lk = lock_ingress();
-  if (next_id_ > UINT32_MAX - 1 - lanes_.active.size())
-    throw std::overflow_error("evolution: agent ids exhausted (the next id would pass 2^32 - 1)");
   wait_idle();  // between updates, like set_credit
+  // Children take ids from next_id_ up, 2^32 - 2 the last (2^32 - 1 names no agent). Near the
+  // end, the most this generation can breed is counted (its replace_fraction of each SM's
+  // agents, and the quarantined ones), before anything is journaled or changed.
+  if (next_id_ > UINT32_MAX - 1 - lanes_.active.size()) {
+    uint64_t most = 0;
+    for (uint32_t s : scope)
+      for (uint32_t m = layout_.streams[s].sm_begin; m < layout_.streams[s].sm_end; ++m) {
+        const Sm& sm = layout_.sms[m];
+        uint64_t agents = 0, quarantined = 0;
+        for (uint32_t l = sm.lane_begin; l < sm.lane_begin + sm.n_warps * kWarpSize; ++l) {
+          if (layout_.lane_agent[l] == kNone || lanes_.external[l]) continue;
+          ++agents;
+          quarantined += state_.quarantined[l] != 0;
+        }
+        most += static_cast<uint64_t>(cfg.replace_fraction * static_cast<double>(agents)) + quarantined;
+      }
+    if (next_id_ + most > uint64_t{UINT32_MAX} - 1)
+      throw std::overflow_error("evolution: agent ids exhausted (this generation may breed " + std::to_string(most) +
+                                " children; the next id is " + std::to_string(next_id_) + ", the last 2^32 - 2)");
+  }
   journal_event_locked(event);
   // idle workers park (nothing reaches them before this returns) rather than spin beside it
   struct Park {
@@ -436,7 +454,10 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     }
     // the n_rep weakest, weakest first; the pool is the rest (those with the trade count), in
     // lane order: everything stronger than the last loser (a traded rank is above 0)
-    const size_t n_rep = static_cast<size_t>(cfg.replace_fraction * static_cast<double>(n_ord));
+    // (all but one at most: replace_fraction 1 keeps the fittest to breed from, rather than
+    // leaving no parent and replacing nobody)
+    const size_t n_rep = std::min(static_cast<size_t>(cfg.replace_fraction * static_cast<double>(n_ord)),
+                                  n_ord > 0 ? n_ord - 1 : 0);
     Ranked last = 0;
     if (n_rep > 0) {
       // the n_rep weakest seen so far, ascending: most lanes are rejected by one comparison

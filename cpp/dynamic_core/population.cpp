@@ -457,6 +457,7 @@ void validate_genomes(const Genome* g, size_t n) {
     if (x.mode > 1) why = "unknown mode";
     if (x.kind > 1) why = "unknown kind";
     if (x.timeframe == 0) why = "timeframe 0";
+    if (x.agent_id == 0xFFFFFFFFu) why = "agent_id 2^32 - 1 (it names no agent in lineage and births)";
     if (!why.empty())
       throw std::invalid_argument("invalid genome at row " + std::to_string(i) + " (agent_id " +
                                   std::to_string(x.agent_id) + "): " + why);

@@ -753,7 +753,9 @@ class EvolutionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     Fitness of an agent is its per-bar Sharpe ratio (mean / std of its returns over the warm bars
     since its birth) minus ``dd_penalty`` x its worst drawdown. Agents younger than ``min_age``
-    bars are not judged; judged agents need ``min_trades`` closed trades to be parents.
+    bars are not judged; judged agents need ``min_trades`` closed trades to be parents. The
+    weakest ``replace_fraction`` of each SM's judged agents are replaced, all but one at most
+    (1.0 keeps the fittest to breed from). numpy numbers are taken and stored as Python ones.
     """
 
     replace_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.10
@@ -779,11 +781,16 @@ class EvolutionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     def __post_init__(self) -> None:
         # msgspec checks the field constraints only when decoding or converting: an instance
         # built directly must meet the same ones, or a generation runs and is journaled that
-        # replay (which decodes) then refuses
+        # replay (which decodes) then refuses. numpy numbers are stored as Python ones (the
+        # journal's encoder takes no numpy scalar: a generation would fail mid-run).
         for name, (typ, lo, lo_strict, hi) in EvolutionConfig._limits().items():
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int if typ is int else (int, float)):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(
+                    v, (int, np.integer) if typ is int else (int, float, np.integer, np.floating)):
                 raise TypeError(f"EvolutionConfig.{name}: expected {typ.__name__}, got {type(v).__name__}")
+            if type(v) is not typ:
+                v = typ(v)
+                msgspec.structs.force_setattr(self, name, v)
             if not ((v > lo if lo_strict else v >= lo) and v <= hi):  # NaN fails too
                 raise ValueError(f"EvolutionConfig.{name}: expected a value {'>' if lo_strict else '>='} {lo} "
                                  f"and <= {hi}, got {v!r}")
@@ -813,8 +820,9 @@ def evolution_config(config: Any) -> EvolutionConfig:
     if config is None:
         return EvolutionConfig()
     if isinstance(config, dict):
-        try:
-            return msgspec.convert(config, EvolutionConfig)
+        try:  # numpy numbers as Python ones, as an EvolutionConfig built directly takes them
+            return msgspec.convert({k: v.item() if isinstance(v, (np.integer, np.floating)) else v
+                                    for k, v in config.items()}, EvolutionConfig)
         except msgspec.ValidationError as e:
             raise ValueError(f"evolution config: {e}") from None
     if not isinstance(config, EvolutionConfig):

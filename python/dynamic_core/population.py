@@ -65,6 +65,7 @@ def check_records(rec: np.ndarray) -> None:
     flag(rec["kind"] > 1, "unknown kind (0 indicator blend, 1 external score)")
     flag(rec["timeframe"] == 0, "timeframe 0")
     flag(rec["instrument"] >= len(instruments), "instrument id not registered in dc.instruments")
+    flag(rec["agent_id"] == 0xFFFFFFFF, "agent_id 2**32 - 1 (it names no agent in lineage and births)")
     ids, first, counts = np.unique(rec["agent_id"], return_index=True, return_counts=True)
     if (counts > 1).any():
         dup = np.isin(rec["agent_id"], ids[counts > 1])
