@@ -185,6 +185,18 @@ def test_from_pandas_bundled_eurusd(eurusd):
     assert (dc.market.validate(eurusd) == 0).all()
 
 
+def test_from_pandas_returns_newest_first_data_in_time_order(eurusd):
+    import backtesting.test as bt
+
+    rev = dc.market.from_pandas(bt.EURUSD.iloc[::-1], instrument="EURUSD")
+    assert rev.tobytes() == eurusd.tobytes() and (dc.market.validate(rev) == 0).all()
+    df = pd.DataFrame({"time": [2, 0, 1, 1], "open": [1.0, 2.0, 3.0, 4.0], "high": 5.0, "low": 0.5, "close": 1.0},
+                      index=[10, 11, 12, 13])
+    b = dc.market.from_pandas(df, instrument="ORDERED", timeframe=1)
+    assert b["open"].tolist() == [2.0, 3.0, 4.0, 1.0]  # stable: equal times keep their order
+    assert [dc.REASONS[c] for c in dc.market.validate(b)] == ["ok", "ok", "duplicate_timestamp", "ok"]
+
+
 def test_from_pandas_lowercase_and_epoch_time_columns():
     df = pd.DataFrame({
         "time": [1_700_000_000 + 60 * i for i in range(5)],

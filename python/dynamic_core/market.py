@@ -166,6 +166,10 @@ def from_pandas(df, instrument: str | int, timeframe: int | str | None = None) -
     timeframe : int or str, optional
         Seconds, ``"H1"`` or ``"1h"``. Inferred from the median spacing of the times when omitted.
 
+    Rows come back in time order (a stable sort: rows of equal time keep their order, and the
+    engine then rejects the later ones as ``duplicate_timestamp``), so newest-first data loads
+    like oldest-first.
+
     Raises ``ValueError`` naming the first rows whose time is missing (NaN, NaT), non-finite,
     unreadable or outside the int64 nanosecond range (years 1677 to 2262), and ``TypeError`` for
     a boolean time column. Integer epochs are converted exactly (integer arithmetic).
@@ -200,7 +204,9 @@ def from_pandas(df, instrument: str | int, timeframe: int | str | None = None) -
     vcol = _find(cols, "volume")
     if vcol is not None:
         out["volume"] = pd.to_numeric(df[vcol], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    return out
+    # time order, as every loader gives (newest-first vendor data was rejected bar by bar as
+    # out_of_order but for its first row)
+    return out if len(ts) < 2 or bool((np.diff(ts) >= 0).all()) else out[np.argsort(ts, kind="stable")]
 
 
 _INT64_MAX = (1 << 63) - 1
