@@ -281,7 +281,9 @@ def test_anomaly_experts_call_again_soon_after_a_huge_print():
     for k in (2000, 5000, 7000):  # genuine jumps (~100 sigma) well after the spike
         later["price"][k:] += 0.01
     spike = _feed(1, 600, 5, i)
-    spike["price"] = 1e300  # (a size of 1e300 is refused at the door now: size_too_large)
+    # (a size of 1e300 is refused at the door now: size_too_large; a price above 1e15 too:
+    # price_out_of_range; 1e14 is taken and is absurd for the experts all the same)
+    spike["price"] = 1e14
     runs = {name: _calls_in_last_part("HOSTILE_SPIKE", parts)
             for name, parts in (("clean", [warm, later]), ("spike", [warm, spike, later]))}
     clean, spiked = runs["clean"][0], runs["spike"][0]
@@ -290,17 +292,18 @@ def test_anomaly_experts_call_again_soon_after_a_huge_print():
     assert abs(spiked["volume_anomaly"] - clean["volume_anomaly"]) <= 1
     assert spiked["return_anomaly"] >= 3  # each later jump is still seen
     d = runs["spike"][1]
-    assert d.anomaly_skips("HOSTILE_SPIKE") == {"size": 0, "spread": 0, "return": 1}
+    # both returns left out: to the print and back from it (each > div_max_jump times)
+    assert d.anomaly_skips("HOSTILE_SPIKE") == {"size": 0, "spread": 0, "return": 2}
     assert math.isfinite(d.evidence("HOSTILE_SPIKE"))
 
 
 def test_divergence_experts_do_not_carry_a_huge_print():
-    # the RSI averages and MACD EMAs took 1e300 in and decayed over thousands of ticks (more
+    # the RSI averages and MACD EMAs took a 1e300 print in and decayed over thousands of ticks (more
     # calls than the feed without it for the whole next batch); now it is left out and counted
     i = dc.instruments.id("HOSTILE_DIV_SPIKE")
     warm, later = _feed(500, 0, 3, i), _feed(8000, 10_000, 4, i)
     spike = _feed(1, 600, 5, i)
-    spike["price"] = 1e300
+    spike["price"] = 1e14  # the most the door takes (1e15), ~1e14 times the price
     (clean, d0), (spiked, d1) = (_calls_in_last_part("HOSTILE_DIV_SPIKE", parts)
                                  for parts in ([warm, later], [warm, spike, later]))
     div = ("rsi_divergence", "macd_divergence")

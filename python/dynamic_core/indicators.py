@@ -1,8 +1,15 @@
 """Batch indicators: the streaming C++ code the agents run, applied to whole arrays.
 
 EMA, RSI (Wilder), MACD and ATR (Wilder) follow TA-Lib's conventions (SMA seeding, the same
-lookback, the same arithmetic) and equal TA-Lib from its first output on. Values are NaN during
-warm-up.
+lookback, the same order of operations) and equal TA-Lib from its first output on, to rounding
+(TA-Lib's C build may contract a multiply-add: a few ulp apart). Values are NaN during warm-up.
+Leading NaNs are skipped as TA-Lib's wrapper skips them (the output starts after them, NaN
+before): a series from ``pct_change()`` gives values. A NaN after the first value makes every
+later output NaN, as in TA-Lib.
+
+Raises ``TypeError`` for an input that is not a 1-d array of numbers or a period that is not
+an int (a float or bool is none), ``ValueError`` for a period outside [1, 100000] or inputs of
+different lengths.
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
+from ._checks import check_int
+from .population import MAX_PERIOD
 
 __all__ = ["ema", "rsi", "macd", "atr", "roc", "ew_bands"]
 
@@ -17,38 +26,73 @@ _ind = _core
 
 
 def _arr(x, name: str) -> np.ndarray:
-    a = np.ascontiguousarray(x, dtype=np.float64)
+    a = np.asarray(x)
     if a.ndim != 1:
         raise TypeError(f"{name} must be 1-dimensional, got shape {a.shape}")
-    return a
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold numbers, got {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _n(name: str, n) -> int:
+    return check_int(f"period {name}", n, 1, MAX_PERIOD)
+
+
+def _skip_leading_nan(fn, *xs: np.ndarray):
+    """``fn(*xs)`` on the part after the leading rows where any input is NaN, NaN before (the
+    output's shape per input row: one array, or a tuple of them)."""
+    n = len(xs[0])
+    if any(len(x) != n for x in xs):
+        raise ValueError(f"inputs of different lengths: {[len(x) for x in xs]}")
+    nan = np.zeros(n, dtype=bool)
+    for x in xs:
+        nan |= np.isnan(x)
+    if not n or not nan[0]:
+        return fn(*xs)
+    begin = n if nan.all() else int(np.argmin(nan))  # the first row without a NaN
+    part = fn(*(x[begin:] for x in xs))
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        out = np.full(n, np.nan)
+        out[begin:] = a
+        return out
+
+    return tuple(pad(a) for a in part) if isinstance(part, tuple) else pad(part)
 
 
 def ema(x, n: int) -> np.ndarray:
     """Exponential moving average, seeded with the SMA of the first ``n`` values (lookback n-1)."""
-    return _ind.ema(_arr(x, "x"), int(n))
+    n = _n("n", n)
+    return _skip_leading_nan(lambda a: _ind.ema(a, n), _arr(x, "x"))
 
 
 def rsi(x, n: int = 14) -> np.ndarray:
     """Wilder's relative strength index in [0, 100] (lookback n)."""
-    return _ind.rsi(_arr(x, "x"), int(n))
+    n = _n("n", n)
+    return _skip_leading_nan(lambda a: _ind.rsi(a, n), _arr(x, "x"))
 
 
 def macd(x, fast: int = 12, slow: int = 26, signal: int = 9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MACD line, signal line and histogram (lookback slow-1 + signal-1), as TA-Lib's MACD."""
-    return _ind.macd(_arr(x, "x"), int(fast), int(slow), int(signal))
+    f, s, g = _n("fast", fast), _n("slow", slow), _n("signal", signal)
+    return _skip_leading_nan(lambda a: _ind.macd(a, f, s, g), _arr(x, "x"))
 
 
 def atr(high, low, close, n: int = 14) -> np.ndarray:
     """Wilder's average true range (lookback n)."""
-    return _ind.atr(_arr(high, "high"), _arr(low, "low"), _arr(close, "close"), int(n))
+    n = _n("n", n)
+    return _skip_leading_nan(lambda h, lo, c: _ind.atr(h, lo, c, n), _arr(high, "high"), _arr(low, "low"),
+                             _arr(close, "close"))
 
 
 def roc(x, n: int = 10) -> np.ndarray:
     """Rate of change in percent, ``(x / x[t-n] - 1) * 100`` (lookback n), as TA-Lib's ROC."""
-    return _ind.roc(_arr(x, "x"), int(n))
+    n = _n("n", n)
+    return _skip_leading_nan(lambda a: _ind.roc(a, n), _arr(x, "x"))
 
 
 def ew_bands(x, n: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exponentially weighted mean and variance (alpha = 2/(n+1), seeded with the first value)
     and the agents' Bollinger feature ``soft((x - mean) / (2 sd))``; warm after ``n`` values."""
-    return _ind.ew_bands(_arr(x, "x"), int(n))
+    n = _n("n", n)
+    return _skip_leading_nan(lambda a: _ind.ew_bands(a, n), _arr(x, "x"))

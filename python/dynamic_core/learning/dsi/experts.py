@@ -157,7 +157,8 @@ class AnomalyScorer:
         z = np.zeros_like(x)
         ok = var > 0
         ok[: max(0, min(n, self.warmup - seen))] = False
-        np.divide(x - mean, np.sqrt(var, where=ok, out=np.ones_like(var)), out=z, where=ok)
+        with np.errstate(over="ignore"):  # a value left out (an absurd print) may score inf
+            np.divide(x - mean, np.sqrt(var, where=ok, out=np.ones_like(var)), out=z, where=ok)
         return z
 
     def calls(self, z: np.ndarray, aggressor: np.ndarray, move: np.ndarray) -> dict[str, Calls]:

@@ -59,7 +59,8 @@ class DsiConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     ``div_max_jump > 1``; ``max_dead_letters <= 10_000_000``). ``div_max_jump``: a trade price
     more than this many times above or below the last one the divergence verifier took is an
     absurd print it leaves out (:class:`.experts.DivergenceVerifier`; counted by
-    :meth:`Dsi.divergence_skips`). So a :class:`Dsi` never fails half-way through an update.
+    :meth:`Dsi.divergence_skips`); the return to and from such a print is left out of the
+    anomaly scorer's return moments (counted by :meth:`Dsi.anomaly_skips`). So a :class:`Dsi` never fails half-way through an update.
     """
 
     span: float = 200.0
@@ -130,8 +131,14 @@ class _Instrument:
         zs = []
 
         def means(size_, spread, prev):
-            with np.errstate(invalid="ignore", divide="ignore"):
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
                 ret = price / prev - 1.0
+                # a return to or from an absurd print (more than div_max_jump times the price
+                # before) is left out of the return moments, counted in anomaly_skips: taken in,
+                # a 1e14 print's return inflated the variance and blinded the return expert
+                # for the next ~10^4 ticks (only a return that overflowed was left out)
+                j = self.divergence.max_jump
+                ret[(prev > 0) & ((price > j * prev) | (price * j < prev))] = np.inf
             zs.append(self.anomaly.zscores(size_, spread, ret))
             return self.anomaly.mean_before
 
@@ -296,7 +303,8 @@ class Dsi:
     def anomaly_skips(self, instrument: str | int) -> dict[str, int]:
         """Values of ``instrument`` left out of the anomaly scorer's moments, per series (size,
         spread, return), because they would have made them overflow (see
-        :class:`~dynamic_core.learning.dsi._scan.EwMoments`)."""
+        :class:`~dynamic_core.learning.dsi._scan.EwMoments`), and returns to or from a print more
+        than ``div_max_jump`` times the one before."""
         st = self._slot(instrument)
         if st is None:
             return dict.fromkeys(AnomalyScorer.series, 0)
