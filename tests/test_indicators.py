@@ -95,6 +95,34 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="length"):
         dc.indicators.atr(np.ones(5), np.ones(4), np.ones(5), 2)
     assert np.isnan(dc.indicators.ema(np.ones(3), 5)).all()
+    # a period is an int: a float, bool or str was cut or converted and ran
+    for bad in (2.9, True, "3", None):
+        with pytest.raises(TypeError, match="period"):
+            dc.indicators.ema(np.ones(10), bad)
+    with pytest.raises(ValueError, match="period"):
+        dc.indicators.rsi(np.ones(10), 2**31)
+    with pytest.raises(TypeError, match="1-dimensional"):
+        dc.indicators.ema(3.0, 2)  # a 0-d value gave [nan]
+    with pytest.raises(TypeError, match="numbers"):
+        dc.indicators.ema(["a", "b"], 2)
+    assert dc.indicators.ema(np.ones(10), np.int64(3))[-1] == 1.0
+
+
+def test_leading_nans_are_skipped_like_talib():
+    # a pct_change() series starts with NaN: every output was NaN; TA-Lib's wrapper skips it
+    rng = np.random.default_rng(3)
+    c = np.cumprod(1 + rng.normal(0, 0.01, 300))
+    r = np.concatenate(([np.nan], c[1:] / c[:-1] - 1))
+    for ours, theirs in ((dc.indicators.ema(r, 10), talib.EMA(r, 10)), (dc.indicators.rsi(r, 14), talib.RSI(r, 14)),
+                         (dc.indicators.roc(c, 5), talib.ROC(c, 5))):
+        assert np.isfinite(ours).sum() > 250
+        assert_matches(ours, theirs)
+    lead = np.concatenate(([np.nan] * 3, c))
+    for ours, theirs in zip(dc.indicators.macd(lead), talib.MACD(lead)):
+        assert_matches(ours, theirs)
+    h, lo = lead * 1.01, lead * 0.99
+    assert_matches(dc.indicators.atr(h, lo, lead, 7), talib.ATR(h, lo, lead, 7))
+    assert np.isnan(dc.indicators.ema(np.full(5, np.nan), 2)).all()
 
 
 def test_rsi_keeps_100_while_a_lone_gain_decays_like_talib():
