@@ -491,3 +491,23 @@ def test_simulated_market_is_the_same_bits_release_to_release():
         d.update(repr(sim.regimes).encode())
     assert d.hexdigest() == "d9966c2d8676ab408ee258545852e3373b008ce3766283d3d7f389356b06010c"
     assert len(dc.sim.MarketSimulator(["EURUSD"], seed=1).bars(0)) == 0
+
+
+def test_instrument_names_are_one_instrument_in_any_unicode_normal_form():
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(f, "CAFÉ_NORM.PA") for f in ("NFC", "NFD"))
+    assert nfc != nfd
+    i = dc.instruments.id(nfd)
+    assert dc.instruments.id(nfc) == i and dc.instruments.name(i) == nfc
+    assert dc.instruments.get(nfd) == dc.instruments.lookup(nfd) == i and nfd in dc.instruments
+
+
+@pytest.mark.parametrize("bad", [1.7, True, "0", None, b"0"])
+def test_instrument_name_takes_integer_ids_only(bad):
+    # name(1.7) and name(True) gave instrument 1; name("0") said unknown instead of wrong type
+    with pytest.raises(TypeError, match="int"):
+        dc.instruments.name(bad)
+    assert dc.instruments.name(np.uint32(dc.instruments.id("EURUSD"))) == "EURUSD"
+    with pytest.raises(dc.errors.UnknownInstrument):
+        dc.instruments.name(-1)

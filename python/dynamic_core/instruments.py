@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 import operator
 import threading
+import unicodedata
 from collections.abc import Iterable, Iterator
 
 from .errors import UnknownInstrument
@@ -28,9 +29,15 @@ class InstrumentRegistry:
         self._lock = threading.Lock()
 
     def id(self, name: str) -> int:
-        """Id of ``name``, registering it on first use."""
+        """Id of ``name``, registering it on first use. Names are kept in Unicode NFC form: the
+        composed and decomposed spellings of one name (``"CAFÉ"`` typed, or read from a macOS
+        file name) are one instrument."""
         if not isinstance(name, str):
             raise TypeError(f"instrument name must be a str, got {type(name).__name__}")
+        i = self._ids.get(name)
+        if i is not None:
+            return i
+        name = _nfc(name)
         i = self._ids.get(name)
         if i is not None:
             return i
@@ -47,17 +54,19 @@ class InstrumentRegistry:
             return i
 
     def get(self, name: str) -> int | None:
-        """Id of ``name`` or None, without registering it."""
-        return self._ids.get(name)
+        """Id of ``name`` (in any Unicode normal form) or None, without registering it."""
+        i = self._ids.get(name)
+        return i if i is not None or not isinstance(name, str) else self._ids.get(_nfc(name))
 
     def name(self, i: int) -> str:
-        """Name of id ``i``; :class:`UnknownInstrument` (a KeyError) when unknown."""
-        try:
-            if i < 0:
-                raise IndexError
-            return self._names[int(i)]
-        except (IndexError, TypeError, ValueError):
-            raise UnknownInstrument(f"unknown instrument id {i!r}: not registered in dc.instruments") from None
+        """Name of id ``i``; :class:`UnknownInstrument` (a KeyError) when unknown, ``TypeError``
+        for anything but an integer (a float, bool or str is no id)."""
+        if isinstance(i, (bool, str, bytes)) or not hasattr(i, "__index__"):
+            raise TypeError(f"an instrument id is an int, got {type(i).__name__}")
+        k = operator.index(i)
+        if not 0 <= k < len(self._names):
+            raise UnknownInstrument(f"unknown instrument id {k!r}: not registered in dc.instruments")
+        return self._names[k]
 
     def resolve(self, x: str | int) -> int:
         """Id of a name (registering it) or a registered id; :class:`UnknownInstrument` for an
@@ -70,7 +79,7 @@ class InstrumentRegistry:
         """Id of a registered name or id, never registering anything; :class:`UnknownInstrument`
         otherwise."""
         if isinstance(x, str):
-            i = self._ids.get(x)
+            i = self.get(x)
             if i is None:
                 raise UnknownInstrument(f"unknown instrument {x!r}: not registered in dc.instruments")
             return i
@@ -102,7 +111,7 @@ class InstrumentRegistry:
         return len(self._names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._ids
+        return name in self._ids or (isinstance(name, str) and self.get(name) is not None)
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._names))
@@ -113,3 +122,7 @@ class InstrumentRegistry:
 
 instruments = InstrumentRegistry()
 """The process-wide registry used by populations, market loaders and engines."""
+
+
+def _nfc(name: str) -> str:
+    return name if name.isascii() else unicodedata.normalize("NFC", name)
