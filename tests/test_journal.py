@@ -89,6 +89,17 @@ def test_replay_is_bit_identical_on_other_thread_counts(tmp_path):
         assert res.bars == len(bars) - 3
 
 
+def test_a_stray_entry_named_like_a_segment_does_not_break_replay(tmp_path):
+    # the progress bar summed the sizes of every seg-*.dcj: a dangling seg-old.dcj (which the
+    # reader ignores) made replay raise a bare FileNotFoundError
+    path = tmp_path / "j"
+    sig, _, _ = _journaled_run(path, _pop(100), _bars(60))
+    os.symlink(tmp_path / "nowhere", path / "seg-old.dcj")
+    assert jr.verify(path).status == "ok"
+    rep = jr.replay(path)
+    assert rep.signals.tobytes() == sig.tobytes()
+
+
 def test_replay_detects_a_different_engine_build(tmp_path, monkeypatch):
     """A replay whose signals differ from the journaled hashes fails loudly."""
     pop, bars = _pop(300), _bars(300)

@@ -309,6 +309,18 @@ class ReplayResult:
         return self.agent_updates / self.seconds if self.seconds > 0 else 0.0
 
 
+def _segment_bytes(path: str | os.PathLike) -> int:
+    """Bytes in the journal's segment files (names as the reader takes them, seg-NNNNNN.dcj);
+    a stray or dangling entry counts nothing (the reader reports a missing segment itself)."""
+    total = 0
+    for s in Path(path).glob("seg-[0-9][0-9][0-9][0-9][0-9][0-9].dcj"):
+        try:
+            total += s.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
 def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | None = None,
            on_control: Callable[[bytes], Any] | None = None,
            progress: Callable[[int, int], Any] | None = None, backend: str = "cpu",
@@ -377,7 +389,7 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
     eng = Engine(pop, threads=threads, cores_per_sm=int(cfg.get("cores_per_sm", 128)),
                  block_bars=int(cfg.get("block_bars", 0)), population_hash=meta.population_hash,
                  backend=backend, device=device)
-    total = sum(os.path.getsize(s) for s in Path(p).glob("seg-*.dcj"))
+    total = _segment_bytes(p)  # for the progress bar only
     done = 0
     out: list[np.ndarray] = []
     expected: dict[int, int] = {}
