@@ -756,3 +756,20 @@ def test_replay_of_a_framed_but_unreadable_journal_exits_1(tmp_path, capsys):
     assert jr.verify(d).ok
     rc, _, err = _main(capsys, "replay", str(d), "-q")
     assert rc == 1 and "unreadable journal" in err and "second meta record" in err
+
+
+def test_cli_exit_codes_for_a_journal_of_another_format(tmp_path):
+    # verify said 1 (unreadable), dump and replay 2 ("no journal there")
+    import struct
+
+    path = tmp_path / "j"
+    _journaled_run(path, _pop(100), _bars(60))
+    seg = path / "seg-000000.dcj"
+    b = bytearray(seg.read_bytes())
+    b[8:12] = struct.pack("<I", 1)  # the header's format field, CRC fixed up: framed, other format
+    b[60:64] = struct.pack("<I", _core.crc32c(bytes(b[:60])))
+    seg.write_bytes(bytes(b))
+    for args in (("journal", "verify"), ("journal", "dump"), ("replay",)):
+        r = _cli(*args, str(path))
+        assert r.returncode == 1, (args, r.stdout, r.stderr)
+        assert "not supported" in r.stdout + r.stderr

@@ -121,6 +121,11 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
     except JournalCorrupt as e:
         print(f"stopped: {e} (segment {e.segment}, offset {e.offset})", file=sys.stderr)
         return 1
+    except JournalError as e:
+        if not os.path.isdir(args.dir) or jr.verify(args.dir).status == "empty":
+            raise  # no journal there: exit 2 with the error line
+        print(f"unreadable journal: {e}", file=sys.stderr)  # e.g. another format version
+        return 1
     total = sum(counts.values())
     if args.limit and total > shown:
         print(f"... {total - shown} more")
@@ -151,7 +156,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(str(e) if str(e).startswith("corrupt journal") else f"corrupt journal: {e}", file=sys.stderr)
             return 1
         except JournalError as e:
-            if not os.path.isdir(args.dir) or jr.verify(args.dir).records == 0:
+            rep = jr.verify(args.dir) if os.path.isdir(args.dir) else None
+            if rep is None or (rep.records == 0 and rep.status != "unsupported"):
                 raise  # no journal there: exit 2 with the error line
             print(f"unreadable journal: {e}", file=sys.stderr)  # framed and CRC-clean, but not replayable
             return 1
