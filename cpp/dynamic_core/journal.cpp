@@ -176,8 +176,17 @@ JournalWriter::JournalWriter(const std::string& dir, const JournalIdentity& id, 
     throw std::length_error("journal meta record of " + std::to_string(meta_n) + " bytes exceeds the limit of " +
                             std::to_string(kJournalMaxMeta) + " (the population is too large to journal)");
   std::error_code ec;
+  // the directories this creates: at level 2 each one's entry in its parent is synced too, so
+  // a power loss cannot take a new journal's directory (and with it every synced record)
+  std::vector<fs::path> made;
+  for (fs::path p = fs::absolute(dir_, ec); !ec && !p.empty() && !fs::exists(p, ec) && p != p.parent_path();
+       p = p.parent_path())
+    made.push_back(p);
+  ec.clear();
   fs::create_directories(dir_, ec);
   if (ec) throw std::system_error(ec, "cannot create journal directory " + dir_);
+  if (fsync_level >= 2)
+    for (const fs::path& p : made) sync_dir(p.parent_path().string());
   if (!fs::is_directory(dir_, ec))
     throw std::system_error(std::make_error_code(std::errc::not_a_directory), "journal path " + dir_);
   if (!journal_segments(dir_).empty())

@@ -228,7 +228,8 @@ class Engine:
         no call has yet.
     fsync : {0, 1, 2}
         Journal durability per batch: 0 leaves flushing to the OS, 1 syncs the data
-        (fdatasync), 2 syncs data and metadata (fsync, and the directory on new segments).
+        (fdatasync), 2 syncs data and metadata (fsync, the directory on new segments, and the
+        parent's entry of each directory it creates for the journal).
     journal_segment_bytes : int
         Size at which the journal starts a new segment file (default 64 MiB).
     population_hash : int, optional
