@@ -38,9 +38,8 @@ Reason check_bar(const Bar& b, uint32_t n_registered) {
         dc_finite(b.volume)))
     return Reason::NonFinite;
   if (!(b.open > 0.0 && b.high > 0.0 && b.low > 0.0 && b.close > 0.0)) return Reason::NonPositivePrice;
-  if (!(b.low >= kMinPrice && b.open >= kMinPrice && b.close >= kMinPrice && b.high <= kMaxPrice &&
-        b.open <= kMaxPrice && b.close <= kMaxPrice))
-    return Reason::PriceOutOfRange;
+  auto in_range = [](double p) { return p >= kMinPrice && p <= kMaxPrice; };
+  if (!(in_range(b.open) && in_range(b.high) && in_range(b.low) && in_range(b.close))) return Reason::PriceOutOfRange;
   if (b.high < b.low) return Reason::HighBelowLow;
   if (b.open < b.low || b.open > b.high) return Reason::OpenOutOfRange;
   if (b.close < b.low || b.close > b.high) return Reason::CloseOutOfRange;

@@ -108,6 +108,15 @@ def cmd_journal_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_journal(path: str) -> bool:
+    """No journal at ``path`` (exit 2): no directory, or no record in it (a journal of another
+    format is one, unreadable: exit 1)."""
+    if not os.path.isdir(path):
+        return True
+    rep = jr.verify(path)
+    return rep.records == 0 and rep.status != "unsupported"
+
+
 def cmd_journal_dump(args: argparse.Namespace) -> int:
     counts: collections.Counter[str] = collections.Counter()
     shown = 0
@@ -122,8 +131,8 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
         print(f"stopped: {e} (segment {e.segment}, offset {e.offset})", file=sys.stderr)
         return 1
     except JournalError as e:
-        if not os.path.isdir(args.dir) or jr.verify(args.dir).status == "empty":
-            raise  # no journal there: exit 2 with the error line
+        if _no_journal(args.dir):
+            raise  # exit 2 with the error line
         print(f"unreadable journal: {e}", file=sys.stderr)  # e.g. another format version
         return 1
     total = sum(counts.values())
@@ -156,9 +165,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(str(e) if str(e).startswith("corrupt journal") else f"corrupt journal: {e}", file=sys.stderr)
             return 1
         except JournalError as e:
-            rep = jr.verify(args.dir) if os.path.isdir(args.dir) else None
-            if rep is None or (rep.records == 0 and rep.status != "unsupported"):
-                raise  # no journal there: exit 2 with the error line
+            if _no_journal(args.dir):
+                raise  # exit 2 with the error line
             print(f"unreadable journal: {e}", file=sys.stderr)  # framed and CRC-clean, but not replayable
             return 1
     print(f"replayed {res.bars:,} bars ({res.records:,} records) -> {len(res.signals):,} signals "

@@ -44,11 +44,11 @@ def _skip_leading_nan(fn, *xs: np.ndarray):
     n = len(xs[0])
     if any(len(x) != n for x in xs):
         raise ValueError(f"inputs of different lengths: {[len(x) for x in xs]}")
+    if not n or not any(np.isnan(x[0]) for x in xs):  # the usual case: no pass over the data
+        return fn(*xs)
     nan = np.zeros(n, dtype=bool)
     for x in xs:
         nan |= np.isnan(x)
-    if not n or not nan[0]:
-        return fn(*xs)
     begin = n if nan.all() else int(np.argmin(nan))  # the first row without a NaN
     part = fn(*(x[begin:] for x in xs))
 

@@ -60,7 +60,8 @@ class DsiConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     more than this many times above or below the last one the divergence verifier took is an
     absurd print it leaves out (:class:`.experts.DivergenceVerifier`; counted by
     :meth:`Dsi.divergence_skips`); the return to and from such a print is left out of the
-    anomaly scorer's return moments (counted by :meth:`Dsi.anomaly_skips`). So a :class:`Dsi` never fails half-way through an update.
+    anomaly scorer's return moments (counted by :meth:`Dsi.anomaly_skips`). So a :class:`Dsi`
+    never fails half-way through an update.
     """
 
     span: float = 200.0
