@@ -781,8 +781,49 @@ void Engine::wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want) {
   if (closed_ || stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
 }
 
+// A batch that may have to wait for room (run(), whose caller drains its own signals, and
+// drop_oldest, which drops the oldest) goes in pieces, each no longer than the room the window
+// has when it starts (a bar takes at most one slot), journaled and taken before the next: a
+// close() that ends the wait leaves in the journal exactly the bars taken. A piece waits for a
+// quarter of the window (or the rest of the batch) rather than one slot, so a saturated window
+// does not make a journal commit per bar; drop_oldest drops as many signals as that piece may
+// need (no more than the bars left in the batch).
 void Engine::take(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
                   std::vector<AdmittedBar>* admitted, size_t row0) {
+  const bool may_wait = !admitted && (drain_to || cfg_.backpressure == Backpressure::DropOldest);
+  if (!may_wait || validated) {  // validated: reject_new cut the batch to the room there is
+    take_piece(bars, n, n_registered, validated, drain_to, admitted, row0);
+    return;
+  }
+  size_t i = 0;
+  while (i < n) {
+    make_room(std::min<uint64_t>(n - i, std::max<uint64_t>(1, cap_ / 4)), drain_to);
+    const uint64_t room = cap_ - (head_.load(std::memory_order_relaxed) - tail_.load(std::memory_order_acquire));
+    const size_t m = static_cast<size_t>(std::min<uint64_t>(n - i, room));
+    take_piece(bars + i, m, n_registered, false, drain_to, nullptr, row0 + i);
+    i += m;
+  }
+}
+
+void Engine::make_room(uint64_t want, std::vector<Signal>* drain_to) {
+  auto room = [&] { return cap_ - (head_.load(std::memory_order_relaxed) - tail_.load(std::memory_order_acquire)); };
+  if (room() >= want) return;
+  ++stats_.backpressure_events;
+  while (room() < want) {
+    if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
+    std::lock_guard<std::mutex> lk(egress_m_);
+    if (drain_to) {  // run(): the caller is the consumer
+      Signal buf[256];
+      const size_t k = wait_and_drain(buf, 256, 100'000'000, drain_batch());
+      drain_to->insert(drain_to->end(), buf, buf + k);
+    } else {  // drop_oldest
+      stats_.backpressure_dropped += wait_and_drain(nullptr, static_cast<size_t>(want - room()), 100'000'000);
+    }
+  }
+}
+
+void Engine::take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool validated,
+                        std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted, size_t row0) {
   if (journal_) journal_inputs(bars, n, n_registered, validated);
   stats_.bars_in += n;
   for (size_t i = 0; i < n; ++i) {

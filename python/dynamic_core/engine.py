@@ -472,7 +472,10 @@ class Engine:
 
         Returns a ``SIGNAL_DTYPE`` array: one signal per accepted bar of a followed
         (instrument, timeframe), in input order. State carries over between calls, so a long
-        history can be fed in pieces. The GIL is released while the batch runs.
+        history can be fed in pieces. The GIL is released while the batch runs. A batch longer
+        than the room in the window (``capacity``) is taken in pieces, each journaled as it is
+        taken; ``close`` from another thread ends the call (it raises), and the journal holds
+        the bars taken before it (``stats()["bars_in"]``).
         """
         self._check_open()
         self._not_from_consumer("run")
@@ -495,7 +498,8 @@ class Engine:
         When the window of bars in flight (``capacity``) is full, the ``backpressure`` policy
         decides: ``"block"`` waits until a consumer polls; ``"reject_new"`` returns early, the
         bars from the returned index on were not taken (resubmit them); ``"drop_oldest"`` drops
-        the oldest ready, unpolled signals. Every case is counted in ``stats()["backpressure"]``.
+        the oldest ready, unpolled signals (for a piece of up to a quarter of the window at a
+        time, each journaled as it is taken). Every case is counted in ``stats()["backpressure"]``.
         Safe to call from several threads (feeding calls, ``submit``, ``step``, ``run``, are
         serialised and each batch stays contiguous among them). A ``"block"`` submit takes its
         batch in pieces that fit the room in the window, each journaled as it is taken. While it
