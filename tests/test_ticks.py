@@ -325,3 +325,31 @@ def test_tick_simulator_refuses_bad_arguments_changing_nothing(kwargs, seconds, 
             sim.ticks(seconds)
         finally:
             assert repr(sim.__dict__) == before
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"last_ts": [1.5]}, TypeError, "last_ts must be an integer array"),
+    ({"last_ts": np.zeros((2, 2), np.int64)}, ValueError, "1-d array indexed by instrument id"),
+    ({"last_ts": 5}, ValueError, "1-d array"),
+    ({"allowed": [1, 0]}, TypeError, "allowed must be a bool array"),
+    ({"sealed": [None]}, TypeError, "sealed must be an integer array"),
+    ({"sealed": np.array([2**63 + 5], dtype=np.uint64)}, ValueError, "beyond int64"),
+    ({"ts_range": (5,)}, TypeError, r"ts_range must be a \(first, last\) pair"),
+    ({"ts_range": ("a", "b")}, TypeError, r"ts_range\[0\] must be an int"),
+    ({"ts_range": (3, 2)}, ValueError, "starts after it ends"),
+])
+def test_validate_ticks_refuses_malformed_tables_with_typed_errors(kw, err, match) -> None:
+    """The per-instrument tables and the time range are checked up front: a typed error that
+    names the argument (numpy's indexing errors, or an AttributeError, before)."""
+    t = random_ticks(5, _ids("EURUSD"), seed=1)
+    with pytest.raises(err, match=match):
+        validate_ticks(t, **kw)
+
+
+def test_validate_ticks_takes_lists_and_an_empty_allowed_table() -> None:
+    t = random_ticks(50, _ids("EURUSD"), seed=2)
+    i = int(t["instrument"][0])
+    assert (validate_ticks(t, allowed=[]) == TICK_REASONS.index("unknown_instrument")).all()
+    first = int(t["ts"].min())
+    late = validate_ticks(t, sealed=[first + 1] * (i + 1), last_ts=[-2**63] * (i + 1))
+    assert (late == TICK_REASONS.index("late")).sum() == (t["ts"] < first + 1).sum() > 0

@@ -149,6 +149,39 @@ def _check_band(band: float, band_spreads: float) -> tuple[float, float]:
     return check_real("band", band, 0.0), check_real("band_spreads", band_spreads, 0.0)
 
 
+def _per_instrument(name: str, a: object, kind: str) -> np.ndarray | None:
+    """``a`` as a 1-d table indexed by instrument id: bool (``kind="bool"``) or int64 times."""
+    if a is None:
+        return None
+    arr = np.asarray(a)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-d array indexed by instrument id, got shape {arr.shape}")
+    if len(arr) == 0:  # no instrument at all ([] reads as float64)
+        return np.zeros(0, dtype=np.bool_ if kind == "bool" else np.int64)
+    if kind == "bool":
+        if arr.dtype != np.bool_:
+            raise TypeError(f"{name} must be a bool array (index = instrument id), got dtype {arr.dtype}")
+        return arr
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer array of times in ns (index = instrument id), "
+                        f"got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and len(arr) and int(arr.max()) > _INT64_MAX:
+        raise ValueError(f"{name} holds a time beyond int64")
+    return arr.astype(np.int64, copy=False)
+
+
+def _check_ts_range(ts_range: object) -> tuple[int, int] | None:
+    if ts_range is None:
+        return None
+    if not isinstance(ts_range, (tuple, list)) or len(ts_range) != 2:
+        raise TypeError(f"ts_range must be a (first, last) pair of times in ns, got {ts_range!r}")
+    lo = check_int("ts_range[0]", ts_range[0], -_INT64_MAX - 1, _INT64_MAX)
+    hi = check_int("ts_range[1]", ts_range[1], -_INT64_MAX - 1, _INT64_MAX)
+    if lo > hi:
+        raise ValueError(f"ts_range starts after it ends: {lo} > {hi}")
+    return lo, hi
+
+
 def validate_ticks(ticks: np.ndarray, *, last_ts: np.ndarray | None = None,
                    allowed: np.ndarray | None = None, band: float = 0.01,
                    band_spreads: float = 10.0, ts_range: tuple[int, int] | None = None,
@@ -173,6 +206,10 @@ def validate_ticks(ticks: np.ndarray, *, last_ts: np.ndarray | None = None,
         Per instrument id, the time before which its ticks are ``late`` (``INT64_MIN``: none).
     """
     band, band_spreads = _check_band(band, band_spreads)
+    last_ts = _per_instrument("last_ts", last_ts, "int64")
+    allowed = _per_instrument("allowed", allowed, "bool")
+    sealed = _per_instrument("sealed", sealed, "int64")
+    ts_range = _check_ts_range(ts_range)
     t = as_ticks(ticks)
     n = len(t)
     code = np.zeros(n, dtype=np.uint32)
