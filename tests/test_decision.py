@@ -273,6 +273,51 @@ def test_daily_loss_limit_lifts_the_next_day():
     assert g.evaluate(plan_of(ts=T0 + DAY_NS), pf(equity=96_900.0)).verdict == "APPROVED"
 
 
+def test_a_loss_on_the_first_bar_of_a_day_counts_toward_that_day():
+    """A day opens at the equity before its first bar was filled (the last mark, or what the
+    decision maker passes as ``opening``), not after: else a loss on a day's first bar counted
+    toward no day, and on daily bars (every bar the first of its day) the limit never fired."""
+    day = T0 + 5 * DAY_NS
+    for marks in ([(day - H1 * 10**9, 100_000.0), (day, 95_000.0)],  # the first bar of the day
+                  [(day - H1 * 10**9, 100_000.0), (day, 100_000.0), (day + H1 * 10**9, 95_000.0)]):
+        g = gov(daily_loss_pct=3.0)
+        for ts, eq in marks:
+            g.mark(ts, eq)
+        d = g.evaluate(plan_of(ts=marks[-1][0]), pf(equity=95_000.0))
+        assert d.reasons == ("daily_loss_limit",) and d.detail["daily_loss_limit.value"] == pytest.approx(5.0)
+    g = gov(daily_loss_pct=3.0)
+    g.mark(day, 95_000.0, 100_000.0)  # no earlier mark: the opening given
+    assert g.day_open == 100_000.0 and g.evaluate(plan_of(ts=day), pf(equity=95_000.0)).verdict == "REJECTED"
+
+
+def test_daily_loss_limit_fires_on_daily_bars():
+    """End to end on D1 bars: a gap through the stop loses 5%, and a plan that day is refused."""
+    from dynamic_core.bridges.paper import PaperBroker
+    from dynamic_core.decision import DecisionMaker
+
+    iid, n, day = dc.instruments.id("GOOG"), 30, T0
+    bars = np.zeros(n + 2, dtype=dc.BAR_DTYPE)
+    bars["instrument"], bars["timeframe"], bars["volume"] = iid, 86400, 1.0
+    bars["ts"] = day + np.arange(n + 2) * DAY_NS
+    bars["open"], bars["high"], bars["low"], bars["close"] = 100.0, 100.5, 99.5, 100.0
+    bars[n + 1:][["open", "high", "low", "close"]] = (80.0, 80.5, 79.5, 80.0)  # gap down
+    broker = PaperBroker(equity=100_000)
+    m = DecisionMaker(broker, plan=PlanConfig(risk_pct=0.5), limits=RiskLimits(daily_loss_pct=3.0))
+    m.on_bars(bars[:n])
+
+    def sig(ts: int, seq: int, action: int) -> np.ndarray:
+        s = np.zeros(1, dtype=dc.SIGNAL_DTYPE)
+        s["instrument"], s["timeframe"], s["ts"], s["seq"], s["action"] = iid, 86400, ts, seq, action
+        s["score"], s["confidence"], s["agreement"] = 0.3 * action, 0.5, 0.5
+        return s
+
+    assert [d.verdict for d in m.on_signals(sig(int(bars["ts"][n - 1]), 1, 1))] == ["APPROVED"]
+    m.on_bars(bars[n:n + 1])  # fills at 100
+    m.on_bars(bars[n + 1:n + 2])  # stopped at the gap's open
+    assert [t.exit_reason for t in broker.trades] == ["stop_loss"] and broker.equity < 96_000.0
+    assert m.on_signals(sig(int(bars["ts"][n + 1]), 2, -1))[0].reasons == ("daily_loss_limit",)
+
+
 def test_drawdown_breaker_halts_until_reset():
     g = gov(max_drawdown_pct=15.0, daily_loss_pct=0)
     g.mark(T0 + 1, 120_000.0)

@@ -10,7 +10,8 @@ reason code                rule
 ``halted_drawdown``        equity fell ``max_drawdown_pct`` below its peak: the circuit breaker
                            halts new plans until :meth:`RiskGovernor.reset_breaker`
 ``daily_loss_limit``       equity fell ``daily_loss_pct`` below the day's opening equity (UTC
-                           day of the plan's bar); lifts at the next day. A plan stamped on an
+                           day of the plan's bar; the equity before its first bar was filled,
+                           so that bar's loss counts); lifts at the next day. A plan stamped on an
                            earlier day than the governor's (it arrived after the day rolled) must
                            pass both that day's worst loss (its lowest mark) and today's
 ``daily_loss_unknown``     a late plan's day is not among the last :data:`DAYS_KEPT` the governor
@@ -213,6 +214,7 @@ class RiskGovernor:
         self._day_start = -DAY_NS  # self.day's first ns: a plan stamped before it is late
         self.day_open = float(equity) if equity is not None else 0.0
         self._day_low: float | None = None  # the lowest equity marked today (None: no mark yet)
+        self._equity: float | None = float(equity) if equity is not None else None  # the last mark
         self._past_loss: dict[int, float] = {}  # day -> its worst loss in %, the last DAYS_KEPT marked
         self.halted = False
         self.streak = 0
@@ -230,10 +232,16 @@ class RiskGovernor:
 
     # ---- state fed by the trader ---------------------------------------------------------------
 
-    def mark(self, ts: int, equity: float) -> None:
-        """Account equity at time ``ts`` (ns): moves the peak, the day's open and the breaker."""
+    def mark(self, ts: int, equity: float, opening: float | None = None) -> None:
+        """Account equity at time ``ts`` (ns): moves the peak, the day's open and the breaker.
+
+        A mark on a new UTC day opens that day at the equity before this mark's bars were filled:
+        ``opening`` (the decision maker passes the trader's equity from before it filled them),
+        else the last mark's equity (or the governor's starting equity). A loss on a day's first
+        bar (every bar, on daily bars) so counts toward that day's loss."""
         if not math.isfinite(equity):
             return
+        prev = self._equity if opening is None or not math.isfinite(opening) else float(opening)
         self.now = max(self.now, int(ts))
         day = int(ts) // DAY_NS
         if day != self.day:
@@ -246,7 +254,7 @@ class RiskGovernor:
                     del past[min(past)]
             self.day = day
             self._day_start = day * DAY_NS
-            self.day_open = equity
+            self.day_open = prev if prev is not None else equity
             self._day_low = equity
         elif self._day_low is None or equity < self._day_low:
             self._day_low = equity
@@ -271,7 +279,7 @@ class RiskGovernor:
     def reset_breaker(self, equity: float | None = None) -> None:
         """Lift the drawdown breaker; the peak restarts at ``equity`` (default: the last mark)."""
         self.halted = False
-        self.peak = float(equity) if equity is not None else getattr(self, "_equity", self.peak)
+        self.peak = float(equity) if equity is not None else (self._equity if self._equity is not None else self.peak)
 
     # ---- judging -------------------------------------------------------------------------------
 

@@ -259,6 +259,7 @@ class DecisionMaker:
         ``out_of_order`` (not after the last bar of its (instrument, timeframe))."""
         if len(bars) == 0:
             return
+        opening = float(self.trader.equity)  # a new day opens at the equity before these fills
         self.trader.on_bars(bars)
         names = instruments._names  # read only: names() copies the list
         o, h, lo, c = bars["open"], bars["high"], bars["low"], bars["close"]
@@ -291,7 +292,7 @@ class DecisionMaker:
             reason = _BAR_REASONS[bad]
             skipped[reason] = skipped.get(reason, 0) + 1
         if mark_ts is not None:  # no bar taken: nothing filled, and a bad bar's time is no clock
-            self.governor.mark(mark_ts, float(self.trader.equity))
+            self.governor.mark(mark_ts, float(self.trader.equity), opening)
 
     def _spec(self, name: str) -> InstrumentSpec:
         sp = self._spec_cache.get(name)
