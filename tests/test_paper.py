@@ -106,7 +106,7 @@ def test_stop_and_target_in_one_bar_takes_the_stop() -> None:
     assert b.trades[0].pnl == near(-500.0)  # (1.0950 - 1.1000) x 100,000
 
 
-def test_gap_through_stop_fills_at_open_and_through_target_at_target() -> None:
+def test_gap_through_stop_or_target_fills_at_open() -> None:
     b = _long_with_bracket(1.0950, 1.1050, slippage=0.0001)
     (x,) = b.on_bar("EURUSD", 3, 1.0900, 1.0920, 1.0880, 1.0910)
     assert x.kind == "stop_loss" and x.price == near(1.0899)  # the open 1.0900, minus slippage
@@ -114,8 +114,8 @@ def test_gap_through_stop_fills_at_open_and_through_target_at_target() -> None:
 
     b = _long_with_bracket(1.0950, 1.1050)
     (x,) = b.on_bar("EURUSD", 3, 1.1100, 1.1120, 1.1090, 1.1110)
-    assert (x.kind, x.price) == ("take_profit", 1.1050)  # not the better open 1.1100
-    assert b.trades[0].pnl == near(500.0)
+    assert (x.kind, x.price) == ("take_profit", 1.1100)  # the better open, the first price traded
+    assert b.trades[0].pnl == near(1000.0)
 
 
 def test_leg_filled_at_open_may_be_stopped_or_reach_target_in_the_same_bar() -> None:
@@ -660,13 +660,10 @@ def test_oracle_backtesting_py_netting_and_reversals() -> None:
 
 
 def test_oracle_backtesting_py_brackets() -> None:
-    """Entries with stop-loss and take-profit, both directions, only when flat.
-
-    One convention differs and is checked as such: a position held through a gap beyond its
-    target exits at the target here (conservative) and at the better open in backtesting.py.
-    Everything else -- next-open entries, stops and targets on the bar's range, stop first when
-    both are reachable, a gap through the stop filling at the open, the same-bar exits of a
-    leg filled at the open -- agrees exactly."""
+    """Entries with stop-loss and take-profit, both directions, only when flat: next-open
+    entries, stops and targets on the bar's range, stop first when both are reachable, a gap
+    through the stop or beyond the target filling at the open, the same-bar exits of a leg
+    filled at the open -- all agree exactly."""
     from backtesting import Strategy
 
     ts, o, h, lo, c = _goog_arrays()
@@ -709,32 +706,25 @@ def test_oracle_backtesting_py_brackets() -> None:
     bar = {int(t): k for k, t in enumerate(ts)}
     gap_targets = 0
     gap_stops = 0
-    drift = [0.0] * len(ts)  # their equity minus ours from each differing exit on
     for t, r in zip(mine, theirs, strict=True):
-        assert (t.direction * t.lots, t.entry_price, t.entry_ts, t.exit_ts) == (
-            float(r.Size), r.EntryPrice, r.EntryTime.value, r.ExitTime.value)
+        assert (t.direction * t.lots, t.entry_price, t.entry_ts, t.exit_ts, t.exit_price) == (
+            float(r.Size), r.EntryPrice, r.EntryTime.value, r.ExitTime.value, r.ExitPrice)
         k = bar[t.exit_ts]
-        if t.exit_reason == "take_profit" and t.exit_price != r.ExitPrice:
-            # The one difference: a gap beyond the target; theirs fills at the open.
-            assert t.exit_price == r.TP and r.ExitPrice == o[k] and (o[k] - r.TP) * t.direction > 0
+        if t.exit_reason == "take_profit" and t.exit_price != r.TP:
+            assert t.exit_price == o[k] and (o[k] - r.TP) * t.direction > 0  # gapped beyond the target
             gap_targets += 1
-            diff = (r.ExitPrice - t.exit_price) * t.direction * t.lots
-            for j in range(k, len(ts)):
-                drift[j] += diff
-        else:
-            assert t.exit_price == r.ExitPrice
-            if t.exit_reason == "stop_loss" and t.exit_price != r.SL:
-                assert t.exit_price == o[k]  # gapped through the stop: both fill at the open
-                gap_stops += 1
+        if t.exit_reason == "stop_loss" and t.exit_price != r.SL:
+            assert t.exit_price == o[k]  # gapped through the stop: both fill at the open
+            gap_stops += 1
     reasons = [t.exit_reason for t in mine]
     assert (reasons.count("stop_loss"), reasons.count("take_profit"), gap_targets, gap_stops) == (28, 22, 4, 5)
-    assert b.equity + drift[-1] == pytest.approx(res["Equity Final [$]"], abs=1e-9)
+    assert b.equity == pytest.approx(res["Equity Final [$]"], abs=1e-9)
     their_eq = res["_equity_curve"]["Equity"].to_numpy()
-    np.testing.assert_allclose(b.equity_curve()["equity"] + np.array(drift), their_eq, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(b.equity_curve()["equity"], their_eq, rtol=0, atol=1e-9)
 
 
-def test_oracle_gap_beyond_target_is_the_documented_difference() -> None:
-    """The excluded case in isolation: held long through a gap above the target."""
+def test_oracle_gap_beyond_target_fills_at_the_open() -> None:
+    """Held long through a gap above the target: both exit at the open."""
     import pandas as pd
     from backtesting import Backtest, Strategy
 
@@ -761,7 +751,7 @@ def test_oracle_gap_beyond_target_is_the_documented_difference() -> None:
             b.submit(Order(client_order_id="x", instrument="GOOG", side=1, lots=1.0, stop_loss=95.0,
                            take_profit=110.0))
     assert res["_trades"]["ExitPrice"].to_list() == [112.0]  # the open
-    assert [t.exit_price for t in b.trades] == [110.0]  # the target
+    assert [t.exit_price for t in b.trades] == [112.0]
 
 
 def test_instruments_by_id_through_on_bars() -> None:

@@ -15,10 +15,11 @@ Events within one bar of an instrument (:meth:`PaperBroker.on_bar`), in this ord
    (buy: ``low <= price``, filled at ``min(price, open)``), sells mirrored, in submission order;
 4. stop-losses and take-profits of the open legs, FIFO. The path inside a bar is unknown, so the
    worst case is assumed: a bar reaching both levels of a leg takes the stop; a gap through the
-   stop fills at the open (worse than the stop), a gap through the target at the target (not
-   the better open). A leg opened in this bar follows the same rule from its own fill on: it
-   may be stopped, and reaches its target only when its stop was out of reach; filled beyond
-   its target, it exits at the price of that moment rather than at the worse target;
+   stop fills at the open (worse than the stop), a gap through the target at the open too (the
+   better price, the first that traded: a target is a limit order, filled like one). A leg
+   opened in this bar follows the same rule from its own fill on: it may be stopped, and
+   reaches its target only when its stop was out of reach; filled beyond its target, it exits
+   at the price of that moment;
 5. the close becomes the instrument's last price; one equity-curve point is appended.
 
 Netting. One net position per instrument, kept as FIFO legs that keep their order's stop-loss
@@ -51,9 +52,8 @@ rather than risk accepting a duplicate the broker no longer knows (a new id whos
 old one's is answered ``"duplicate"``: odds about one in 2**64 / ``max_order_ids`` an order).
 
 Against backtesting.py (no costs, ``trade_on_close=False``) market entries with brackets and
-netted orders agree exactly but for one case: a position held through a gap beyond its target
-exits there at the better open. It also runs a bar's stop-losses before its market orders and
-puts off a stop/limit entry's same-bar exits to the next bar; here both happen in time order.
+netted orders agree exactly. It runs a bar's stop-losses before its market orders and puts off
+a stop/limit entry's same-bar exits to the next bar; here both happen in time order.
 """
 
 from __future__ import annotations
@@ -690,7 +690,7 @@ class PaperBroker:
                 px = (min(sl, now) if d > 0 else max(sl, now)) - d * slip
                 fills.append(self._exit_leg(name, leg, leg.lots, px, ts, "stop_loss"))
             elif tp > 0.0 and (best - tp) * d >= 0.0:
-                px = (max(tp, now) if d > 0 else min(tp, now)) if new else tp
+                px = max(tp, now) if d > 0 else min(tp, now)  # at the open (or fill) when gapped past
                 fills.append(self._exit_leg(name, leg, leg.lots, px, ts, "take_profit"))
             else:
                 keep.append(leg)
