@@ -958,7 +958,8 @@ class Engine:
 
     def in_flight(self) -> int:
         """Bars submitted whose signals are not yet polled (``stats()["in_flight"]`` without the
-        rest of the health report: one lock-free read)."""
+        rest of the health report: one lock-free read). After ``close``: the bars that were in
+        flight then, whose signals were discarded (it stays at that count)."""
         return int(self._native.in_flight())
 
     def stats(self) -> dict[str, Any]:
