@@ -304,7 +304,8 @@ def _bad(bars, i, **cols):
     ("nan_high", "non_finite"), ("inf_high", "non_finite"), ("nan_open", "non_finite"),
     ("high_below_low", "bad_range"), ("high_below_close", "bad_range"), ("low_above_open", "bad_range"),
     ("duplicate", "out_of_order"), ("older", "out_of_order"), ("unknown_id", "unknown_instrument"),
-    ("zero_bar", "non_positive_price"), ("negative_low", "non_positive_price")])
+    ("zero_bar", "non_positive_price"), ("negative_low", "non_positive_price"),
+    ("absurd_high", "price_out_of_range"), ("tiny_low", "price_out_of_range")])
 def test_a_refused_bar_moves_neither_atr_nor_price(case, reason):
     bars = dc.sim.MarketSimulator(["EURUSD"], seed=2).bars(300)
     eu, tf = dc.instruments.id("EURUSD"), int(bars["timeframe"][0])
@@ -321,6 +322,8 @@ def test_a_refused_bar_moves_neither_atr_nor_price(case, reason):
         "unknown_id": lambda: _bad(bars, 30, instrument=len(dc.instruments) + 7, close=9.0, high=9.0),
         "zero_bar": lambda: _bad(bars, 30, open=0.0, high=0.0, low=0.0, close=0.0),  # an ATR of ~1.1 in one bar
         "negative_low": lambda: _bad(bars, 30, low=-1.0),
+        "absurd_high": lambda: _bad(bars, 30, high=1e300, close=1e300),  # the engine refuses it too
+        "tiny_low": lambda: _bad(bars, 30, low=1e-300),
     }[case]()
     ref, m = DecisionMaker(PaperBroker()), DecisionMaker(PaperBroker())
     for x in (ref, m):

@@ -445,9 +445,11 @@ def test_bad_bars_are_ignored_and_counted() -> None:
     assert b.on_bar("EURUSD", "soon", 1.1, 1.1, 1.1, 1.1) == []  # type: ignore[arg-type]
     assert b.on_bar("EURUSD", 2, 0.0, 0.0, 0.0, 0.0) == []  # a fill at 0 is no price
     assert b.on_bar("EURUSD", 2, -1.0, -0.5, -1.5, -1.0) == []
+    assert b.on_bar("EURUSD", 2, 1.1, 1e300, 1.1, 1e300) == []  # past dc.MAX_PRICE, as the engine
+    assert b.on_bar("EURUSD", 2, 1.1, 1.1, 1e-300, 1.1) == []  # below dc.MIN_PRICE
     assert b.pending() and len(b.equity_curve()) == 1 and b.last_prices() == {"EURUSD": 1.1}
     assert b.stats()["ignored_bars"] == {"bad_bar": 1, "bad_range": 1, "non_finite": 2, "out_of_order": 1,
-                                         "non_positive_price": 2}
+                                         "non_positive_price": 2, "price_out_of_range": 2}
     assert len(b.on_bar("EURUSD", 2, 1.1, 1.1, 1.1, 1.1)) == 1
 
 

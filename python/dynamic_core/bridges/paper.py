@@ -73,6 +73,7 @@ from .._checks import is_real
 from ..decision._history import _History
 from ..decision.specs import CURRENCY_PATTERN, InstrumentSpec, conversion_prices, instrument_spec, quote_to_account
 from ..instruments import instruments
+from ..records import MAX_PRICE, MIN_PRICE
 from ..payloads import TradingPlan
 
 __all__ = ["EQUITY_DTYPE", "MAX_ORDER_IDS", "ClosedTrade", "CostModel", "Fill", "Leg", "Order", "OrderResult",
@@ -606,8 +607,9 @@ class PaperBroker:
                close: float) -> list[Fill]:
         """Process one bar of ``instrument`` (events in the order of the module docstring) and
         return the fills it caused. Invalid bars are ignored and counted in
-        ``stats()["ignored_bars"]``: ``non_finite``, ``non_positive_price``, ``bad_range``,
-        ``out_of_order``, ``bad_bar``."""
+        ``stats()["ignored_bars"]``: ``non_finite``, ``non_positive_price``,
+        ``price_out_of_range`` (outside ``[dc.MIN_PRICE, dc.MAX_PRICE]``, as the engine rejects
+        it), ``bad_range``, ``out_of_order``, ``bad_bar``."""
         try:
             ts, o, h, lo, c = int(ts), float(open), float(high), float(low), float(close)
         except (TypeError, ValueError, OverflowError):
@@ -618,6 +620,8 @@ class PaperBroker:
             return self._ignore("non_finite")
         if not min(o, lo, c) > 0.0:  # as the engine rejects them: a fill at 0 is no price
             return self._ignore("non_positive_price")
+        if min(o, lo, c) < MIN_PRICE or max(o, h, c) > MAX_PRICE:  # one 1e300 print marks equity to inf
+            return self._ignore("price_out_of_range")
         if h < max(o, c, lo) or lo > min(o, c):
             return self._ignore("bad_range")
         if ts <= self._last_ts.get(instrument, -(2**63)):

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..instruments import instruments
 from ..payloads import PlanDecision, TradingPlan
-from ..records import SIGNAL_DSI, SIGNAL_DTYPE
+from ..records import MAX_PRICE, MIN_PRICE, SIGNAL_DSI, SIGNAL_DTYPE
 from ._history import _History
 from .governor import _FLAT, Portfolio, RiskGovernor, RiskLimits, _book_entry, _book_view, _books
 from .plans import (
@@ -63,7 +63,8 @@ HISTORY = 100_000
 keeps in memory by default (the journal is the durable record)."""
 
 _TS_MIN = -(2**63)
-_BAR_REASONS = ("", "unknown_instrument", "non_finite", "bad_range", "out_of_order", "non_positive_price")
+_BAR_REASONS = ("", "unknown_instrument", "non_finite", "bad_range", "out_of_order", "non_positive_price",
+                "price_out_of_range")
 _I64_MAX = 2**63 - 1
 
 
@@ -255,7 +256,8 @@ class DecisionMaker:
         A bar the trader would refuse moves neither an ATR nor a price (one NaN high would
         leave its stream's ATR NaN for good): it is skipped and counted by reason in
         ``stats()["skipped_bars"]`` -- ``unknown_instrument``, ``non_finite``,
-        ``non_positive_price``, ``bad_range`` (high below open or close, low above them),
+        ``non_positive_price``, ``price_out_of_range`` (outside ``[dc.MIN_PRICE, dc.MAX_PRICE]``),
+        ``bad_range`` (high below open or close, low above them),
         ``out_of_order`` (not after the last bar of its (instrument, timeframe))."""
         if len(bars) == 0:
             return
@@ -264,17 +266,19 @@ class DecisionMaker:
         names = instruments._names  # read only: names() copies the list
         o, h, lo, c = bars["open"], bars["high"], bars["low"], bars["close"]
         inst = bars["instrument"]
-        # 0 < lo <= min(open, close) <= max(open, close) <= high < inf holds exactly when all
-        # four are finite, positive and in range (a NaN fails every comparison)
+        # MIN_PRICE <= lo <= min(open, close) <= max(open, close) <= high <= MAX_PRICE holds
+        # exactly when all four are finite, positive, in bounds and in range (a NaN fails every
+        # comparison)
         in_range = (h >= np.maximum(o, c)) & (lo <= np.minimum(o, c))
-        good = in_range & (h < math.inf) & (lo > 0.0)
+        good = in_range & (h <= MAX_PRICE) & (lo >= MIN_PRICE)
         if good.all() and int(inst.max()) < len(names):
             codes: Any = repeat(0)
         else:  # 0: good; else the index of its reason in _BAR_REASONS (the trader's checks, in its order)
             finite = np.isfinite(o) & np.isfinite(h) & np.isfinite(lo) & np.isfinite(c)
             positive = (o > 0.0) & (lo > 0.0) & (c > 0.0)
+            bounded = (np.minimum(np.minimum(o, lo), c) >= MIN_PRICE) & (np.maximum(np.maximum(o, h), c) <= MAX_PRICE)
             codes = np.where(inst >= len(names), 1, np.where(~finite, 2, np.where(
-                ~positive, 5, np.where(in_range, 0, 3)))).tolist()
+                ~positive, 5, np.where(~bounded, 6, np.where(in_range, 0, 3))))).tolist()
         upd, last, prices, skipped = self.atr.update, self._bar_ts, self.prices, self.skipped_bars
         mark_ts = None
         for i, tf, ts, hh, ll, cc, bad in zip(inst.tolist(), bars["timeframe"].tolist(), bars["ts"].tolist(),
