@@ -241,6 +241,35 @@ def test_run_paper_command(tmp_path):
     assert dc.journal.replay(tmp_path / "j").ok
 
 
+def test_run_paper_reports_rejected_bars_and_signals_that_made_no_plan(tmp_path):
+    """``run --paper`` says what it could not use: the engine's rejected bars (as plain ``run``
+    does) and, by reason, signals that made no plan (here EURJPY: no price converts JPY to USD)."""
+    bars = dc.sim.MarketSimulator(["EURJPY"], seed=3).bars(400)
+    bars["high"][100] = np.nan  # one bad bar
+    csv = tmp_path / "EURJPY.csv"
+    import pandas as pd
+
+    pd.DataFrame({"time": pd.to_datetime(bars["ts"], utc=True), "open": bars["open"], "high": bars["high"],
+                  "low": bars["low"], "close": bars["close"], "volume": bars["volume"]}).to_csv(csv, index=False)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(["run", "--paper", "--data", str(csv), "--agents", "1000", "--no-live", "--seed", "1"])
+    text = out.getvalue()
+    assert code == 0, text
+    assert "Rejected bars: 1 (non_finite 1)" in text
+    assert "made no plan (" in text and "no_conversion" in text
+    assert "bars skipped by the decision maker: non_finite 1" in text
+
+
+def test_no_plan_reasons_are_counted():
+    m = DecisionMaker(PaperBroker())
+    sig = np.zeros(2, dtype=dc.SIGNAL_DTYPE)
+    sig["instrument"] = dc.instruments.id("EURUSD")
+    sig["timeframe"], sig["ts"], sig["seq"], sig["action"], sig["score"] = 3600, 10**18, [1, 2], 2, 0.5
+    assert m.on_signals(sig) == []  # no bar yet: no ATR to place a stop
+    assert m.stats()["no_plan"] == 2 and m.stats()["no_plan_reasons"] == {"no_atr": 2}
+
+
 def test_run_paper_shadow_and_config_errors(tmp_path, capsys):
     cand = tmp_path / "cand.toml"
     cand.write_text("[plan]\nrisk_pct = 2.0\n[risk]\nmax_open_positions = 1\n")
@@ -254,6 +283,11 @@ def test_run_paper_shadow_and_config_errors(tmp_path, capsys):
     bad.write_text("[risk]\nmax_leverage = -1\n")
     assert main(["run", "--paper", "--decision-config", str(bad), "--bars", "50"]) == 2
     assert "max_leverage" in capsys.readouterr().err
+    agree = tmp_path / "agree.toml"
+    agree.write_text("[risk]\nmin_providers_agree = 1\n")
+    for extra in ([], ["--reasoning", "local"]):  # no provider with a view of its own: refused up front
+        assert main(["run", "--paper", "--decision-config", str(agree), "--bars", "50", *extra]) == 2
+        assert "min_providers_agree = 1 needs" in capsys.readouterr().err
 
 
 def test_config_errors_leave_no_journal_behind(tmp_path, capsys):

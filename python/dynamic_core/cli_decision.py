@@ -100,6 +100,21 @@ def _configs(args: argparse.Namespace, path: str | None, *, live: bool) -> tuple
     return plan, limits, specs, _costs(costs, path)
 
 
+def _check_agreeing(args: argparse.Namespace, cfg: tuple[Any, ...], path: str | None) -> None:
+    """A ``min_providers_agree`` that the providers asked for cannot meet would reject every plan:
+    refused up front. The local narrator restates the signal and never counts as agreeing."""
+    need = cfg[1].min_providers_agree
+    if not need:
+        return
+    providers = {p.strip() for p in (args.reasoning or "").split(",") if p.strip()}
+    viewers = sorted(providers - {"local"})
+    if len(viewers) < need:
+        have = f"--reasoning gives {len(viewers)} ({', '.join(viewers)})" if viewers else "no --reasoning provider gives one"
+        raise ValueError(f"{path}: [risk] min_providers_agree = {need} needs that many reasoning providers with a "
+                         f"view of their own (not 'local', which restates the signal), and {have}: every plan "
+                         "would be rejected; add providers to --reasoning or lower min_providers_agree")
+
+
 def _maker(args: argparse.Namespace, cfg: tuple[Any, ...], journal: Any = None,
            book: RationaleBook | None = None) -> DecisionMaker:
     plan, limits, specs, costs = cfg
@@ -132,6 +147,9 @@ def cmd_run_paper(args: argparse.Namespace) -> int:
     # every configuration is checked before anything is created (a journal directory included)
     live_cfg = _configs(args, args.decision_config, live=True)
     shadow_cfg = _configs(args, args.shadow, live=False) if args.shadow else None
+    _check_agreeing(args, live_cfg, args.decision_config)
+    if shadow_cfg is not None:
+        _check_agreeing(args, shadow_cfg, args.shadow)
     bars, streams, pop, learners = cli.run_inputs(args)
     eng = Engine(pop, cores_per_sm=args.cores_per_sm, journal=args.journal, fsync=args.fsync)
     journal = eng.journal_event if args.journal else None
@@ -186,12 +204,35 @@ def cmd_run_paper(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
 
     _print_summary(console, maker, args.equity, live, wall, args.top)
+    console.print(cli._rejects_line(eng.stats()))
+    unused = _unused_line(maker)
+    if unused:
+        console.print(unused)
     if learners is not None:
         console.print(cli._learning_line(learners, eng.agents()))
     if report is not None:
         _print_shadow(console, report, args.shadow)
     return cli.finish_run(console, args, eng, mesh, interrupted,
                           lambda j: f"{j['records']:,} records (bars, credit and every verdict)")
+
+
+def _unused_line(maker: DecisionMaker) -> str:
+    """What reached the decision maker and made nothing, by reason ('' when nothing)."""
+    def fmt(d: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v:,}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
+
+    ms = maker.stats()
+    parts = []
+    if ms["no_plan"]:
+        parts.append(f"{ms['no_plan']:,} signal(s) made no plan ({fmt(ms['no_plan_reasons'])})")
+    if ms["skipped_signals"]:
+        parts.append(f"signals skipped: {fmt(ms['skipped_signals'])}")
+    if ms["skipped_bars"]:
+        parts.append(f"bars skipped by the decision maker: {fmt(ms['skipped_bars'])}")
+    ignored = maker.trader.stats().get("ignored_bars", {}) if hasattr(maker.trader, "stats") else {}
+    if ignored:
+        parts.append(f"bars ignored by the broker: {fmt(ignored)}")
+    return "Not used: " + "; ".join(parts) if parts else ""
 
 
 def _print_summary(console: Any, maker: DecisionMaker, start: float, session: TradingSession, wall: float,

@@ -228,6 +228,7 @@ class DecisionMaker:
         self._agent_index: dict[tuple[int, int], np.ndarray] | None = None
         self._index_of: int | None = None
         self.no_plan = 0
+        self._no_plan_why: dict[str, int] = {}
         self.order_rejects: dict[str, int] = {}  # approved plans the trader refused, by its reason
         self.skipped_bars: dict[str, int] = {}
         self.skipped_signals: dict[str, int] = {}
@@ -297,6 +298,24 @@ class DecisionMaker:
             skipped[reason] = skipped.get(reason, 0) + 1
         if mark_ts is not None:  # no bar taken: nothing filled, and a bad bar's time is no clock
             self.governor.mark(mark_ts, float(self.trader.equity), opening)
+
+    def _count_no_plan(self, rows: np.ndarray, entry: np.ndarray, atr: np.ndarray, conv: np.ndarray,
+                       equity: float, fits: np.ndarray | None) -> None:
+        """Why each of ``rows`` (signals that size no plan) makes none, first reason that applies:
+        ``no_equity``, ``no_atr`` (its stream has no warm ATR or price yet), ``no_conversion`` (no
+        price converts its quote currency to the account's), ``validity_overflow``, else
+        ``below_min_lot`` (the risk buys less than one lot step, or the stop vanished in the
+        entry's rounding)."""
+        with np.errstate(invalid="ignore"):
+            why = np.where(~(atr > 0.0) | ~np.isfinite(atr) | ~(entry > 0.0) | ~np.isfinite(entry), 1,
+                           np.where(~np.isfinite(conv) | ~(conv > 0.0), 2,
+                                    np.where(fits if fits is not None else True, 4, 3)))
+        if not 0.0 < equity < math.inf:
+            why = np.zeros_like(why)
+        names = ("no_equity", "no_atr", "no_conversion", "validity_overflow", "below_min_lot")
+        counts = np.bincount(why[rows], minlength=5)
+        for k in np.flatnonzero(counts).tolist():
+            self._no_plan_why[names[k]] = self._no_plan_why.get(names[k], 0) + int(counts[k])
 
     def _spec(self, name: str) -> InstrumentSpec:
         sp = self._spec_cache.get(name)
@@ -411,8 +430,12 @@ class DecisionMaker:
         ts_a = sel["ts"]
         # valid_until = ts + valid_bars * timeframe s must stay an int64 time (valid_until_fits);
         # checked row by row only when the batch's extremes do not fit
+        fits = None
         if not valid_until_fits(cfg, int(ts_a.max()), max(tf_l)):
-            ok &= np.array([valid_until_fits(cfg, t, f) for t, f in zip(ts_a.tolist(), tf_l)], dtype=bool)
+            fits = np.array([valid_until_fits(cfg, t, f) for t, f in zip(ts_a.tolist(), tf_l)], dtype=bool)
+            ok &= fits
+        if not ok.all():
+            self._count_no_plan(~ok, entry, atr, conv, equity, fits)
         targets = target_batch(cfg, entry, direction, dist)
         # decide() judges every plan of the batch against this one view, which _place keeps current
         self._pf = Portfolio(equity=equity, positions=self._positions(), prices=self.prices,
@@ -453,13 +476,14 @@ class DecisionMaker:
         try:
             for (good, d, a, score, tf, ts, vu, seq, sid, pre, conf, agr, disp, n_ag, e, at, sp_stop, sz, rp,
                  srow, sig_dsi, sig_has_dsi, tgs) in fields:
-                if not good:
+                if not good:  # counted by reason in _count_no_plan
                     self.no_plan += 1
                     continue
                 if isnan(sz):  # NaN: a lot step that is not 1/n, rounded the scalar way
                     sz = srow[2].round_lots(equity * risk / 100.0 / rp)
                     if sz <= 0.0:
                         self.no_plan += 1
+                        self._no_plan_why["below_min_lot"] = self._no_plan_why.get("below_min_lot", 0) + 1
                         continue
                 contributors: tuple[int, ...] = ()
                 if contrib_k:
@@ -633,11 +657,13 @@ class DecisionMaker:
 
     def stats(self) -> dict[str, Any]:
         """The governor's counts and, over the whole run (dropped history included): plans
-        judged, signals that made no plan, approved plans the trader refused (``order_rejects``,
+        judged, signals that made no plan (``no_plan``; by reason in ``no_plan_reasons``, see
+        :meth:`_count_no_plan`), approved plans the trader refused (``order_rejects``,
         by its reason), trades closed and their P&L; bars and signals skipped by reason; how
         much history was dropped."""
         g = self.governor.stats()
         return {**g, "plans": self.decision_count, "no_plan": self.no_plan,
+                "no_plan_reasons": dict(sorted(self._no_plan_why.items())),
                 "order_rejects": dict(sorted(self.order_rejects.items())), "trades": self._trades_total,
                 "pnl": self._pnl_total, "equity": float(self.trader.equity),
                 "skipped_bars": dict(sorted(self.skipped_bars.items())),
