@@ -261,6 +261,17 @@ def test_run_paper_reports_rejected_bars_and_signals_that_made_no_plan(tmp_path)
     assert "bars skipped by the decision maker: non_finite 1" in text
 
 
+def test_signals_with_an_action_outside_the_enum_are_skipped_and_on_bars_checks_its_dtype():
+    m = DecisionMaker(PaperBroker())
+    sig = np.zeros(2, dtype=dc.SIGNAL_DTYPE)
+    sig["instrument"] = dc.instruments.id("EURUSD")
+    sig["timeframe"], sig["ts"], sig["seq"], sig["action"], sig["score"] = 3600, 10**18, [1, 2], [5, -7], 0.5
+    assert m.on_signals(sig) == [] and m.stats()["skipped_signals"] == {"bad_action": 2}
+    assert m.stats()["no_plan"] == 0  # skipped before any plan was tried
+    with pytest.raises(TypeError, match="BAR_DTYPE"):
+        m.on_bars(np.zeros(3))
+
+
 def test_no_plan_reasons_are_counted():
     m = DecisionMaker(PaperBroker())
     sig = np.zeros(2, dtype=dc.SIGNAL_DTYPE)

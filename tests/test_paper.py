@@ -865,3 +865,15 @@ def test_exact_sum_equals_fsum() -> None:
     assert s.value() == math.inf
     with pytest.raises(ValueError, match="history"):
         PaperBroker(history=0)
+
+
+def test_order_lots_are_kept_on_the_lot_step_and_a_negative_validity_is_past() -> None:
+    """Lots within the float tolerance of a step are accepted as that step (100.0000000005 with
+    max_lot 100 is 100, not a hair over the limit); ``valid_until`` is good-till-cancelled only
+    at 0: a negative time is in the past, so the order is expired."""
+    b = PaperBroker()
+    b.on_bar("EURUSD", 10, 1.1, 1.1, 1.1, 1.1)
+    assert b.submit(buy("a", 100.0000000005)).status == "accepted"
+    assert [o.lots for o in b.pending()] == [100.0]
+    r = b.submit(buy("b", 1.0, valid_until=-5))
+    assert (r.status, r.reason) == ("rejected", "expired")

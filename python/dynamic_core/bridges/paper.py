@@ -9,7 +9,7 @@ for longs, ask for shorts), as a dealer's terminal does.
 
 Events within one bar of an instrument (:meth:`PaperBroker.on_bar`), in this order:
 
-1. pending orders with ``0 < valid_until < ts`` expire unfilled;
+1. pending orders with ``valid_until != 0`` and ``valid_until < ts`` expire unfilled;
 2. pending market orders (``fill_market="next_open"``) fill at the open;
 3. stop orders trigger (buy: ``high >= price``, filled at ``max(price, open)``) and limit orders
    (buy: ``low <= price``, filled at ``min(price, open)``), sells mirrored, in submission order;
@@ -125,7 +125,7 @@ class Order(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     price: float = 0.0  # limit price or stop trigger; unused by market orders
     stop_loss: float = 0.0  # attached to the leg the order opens; 0 = none
     take_profit: float = 0.0  # 0 = none
-    valid_until: int = 0  # ns; a pending order with 0 < valid_until < bar ts expires; 0 = good till cancelled
+    valid_until: int = 0  # ns; a pending order with valid_until < bar ts expires; 0 = good till cancelled
     plan_id: str = ""  # the plan the resulting legs and trades belong to
     ts: int = 0  # submission time, ns (the fill time of an immediate fill when later than the last bar)
 
@@ -361,9 +361,11 @@ class PaperBroker:
             reason = "bad_order"
         if reason:
             return self._reject(cid, reason)
-        # kept as plain Python numbers (a numpy scalar or a float subclass would travel on)
+        # kept as plain Python numbers (a numpy scalar or a float subclass would travel on), the
+        # lots on the lot step (float dust within the tolerance does not travel on either)
         order = msgspec.structs.replace(
-            order, side=int(order.side), lots=float(order.lots), price=float(order.price),
+            order, side=int(order.side), lots=self._spec(order.instrument).round_lots(float(order.lots)),
+            price=float(order.price),
             stop_loss=float(order.stop_loss), take_profit=float(order.take_profit), ts=int(order.ts),
             valid_until=int(order.valid_until))
         if order.type == "market" and self._fill_market == "immediate":
@@ -414,7 +416,7 @@ class PaperBroker:
             d = order.side
             if (sl and (sl - ref) * d >= 0.0) or (tp and (tp - ref) * d <= 0.0):
                 return "bad_stops"
-        if 0 < int(order.valid_until) < self._clock:
+        if order.valid_until != 0 and int(order.valid_until) < self._clock:  # a negative time is past too
             return "expired"
         if not self._has_route(spec):
             return "no_conversion"
@@ -634,7 +636,7 @@ class PaperBroker:
         refs: dict[int, tuple[Leg, float]] = {}
         mine = list(self._pending_at.get(instrument, {}).values())
         for od in mine:  # (1) expiry
-            if 0 < od.valid_until < ts:
+            if od.valid_until != 0 and od.valid_until < ts:
                 del self._pending[od.client_order_id]
                 self._unpend(od)
                 self._set_status(od.client_order_id, "expired")

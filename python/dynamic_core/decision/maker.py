@@ -36,7 +36,7 @@ import numpy as np
 
 from ..instruments import instruments
 from ..payloads import PlanDecision, TradingPlan
-from ..records import MAX_PRICE, MIN_PRICE, SIGNAL_DSI, SIGNAL_DTYPE
+from ..records import BAR_DTYPE, MAX_PRICE, MIN_PRICE, SIGNAL_DSI, SIGNAL_DTYPE
 from ._history import _History
 from .governor import _FLAT, Portfolio, RiskGovernor, RiskLimits, _book_entry, _book_view, _books
 from .plans import (
@@ -260,6 +260,10 @@ class DecisionMaker:
         ``non_positive_price``, ``price_out_of_range`` (outside ``[dc.MIN_PRICE, dc.MAX_PRICE]``),
         ``bad_range`` (high below open or close, low above them),
         ``out_of_order`` (not after the last bar of its (instrument, timeframe))."""
+        if (not isinstance(bars, np.ndarray) or bars.ndim != 1
+                or not set(BAR_DTYPE.names) <= set(bars.dtype.names or ())):
+            got = f"dtype {bars.dtype}, shape {bars.shape}" if isinstance(bars, np.ndarray) else type(bars).__name__
+            raise TypeError(f"on_bars: expected a 1-d array of dc.BAR_DTYPE, got {got}")
         if len(bars) == 0:
             return
         opening = float(self.trader.equity)  # a new day opens at the equity before these fills
@@ -367,7 +371,8 @@ class DecisionMaker:
         Stops and sizes are computed for the whole batch at once (:func:`size_batch`, the same
         arithmetic as :func:`make_plan`); verdicts are sequential, each seeing the orders placed
         before it. An actionable signal of an unknown instrument id is skipped and counted
-        (``stats()["skipped_signals"]["unknown_instrument"]``) before anything changes."""
+        (``stats()["skipped_signals"]["unknown_instrument"]``) before anything changes, and so
+        is one whose action is not an action, outside [-2, 2] (``["bad_action"]``)."""
         out: list[PlanDecision] = []
         if (not isinstance(signals, np.ndarray) or signals.ndim != 1
                 or not set(SIGNAL_DTYPE.names) <= set(signals.dtype.names or ())):
@@ -402,6 +407,16 @@ class DecisionMaker:
             inst_a = sel["instrument"]
             inst_l = inst_a.tolist()
         act = sel["action"]
+        if int(act.min()) < -2 or int(act.max()) > 2:  # not an action (STRONG_SELL -2 .. STRONG_BUY 2)
+            good = (act >= -2) & (act <= 2)
+            n_bad = len(act) - int(np.count_nonzero(good))
+            self.skipped_signals["bad_action"] = self.skipped_signals.get("bad_action", 0) + n_bad
+            sel = sel[good]
+            if len(sel) == 0:
+                return out
+            inst_a = sel["instrument"]
+            inst_l = inst_a.tolist()
+            act = sel["action"]
         if cfg.min_score > 0.0:
             direction = np.where(np.abs(act) >= cfg.min_action, np.sign(act), np.sign(sel["score"])).astype(np.int64)
         else:  # every signal taken is actionable by its action
