@@ -294,6 +294,12 @@ def test_run_paper_shadow_and_config_errors(tmp_path, capsys):
     bad.write_text("[risk]\nmax_leverage = -1\n")
     assert main(["run", "--paper", "--decision-config", str(bad), "--bars", "50"]) == 2
     assert "max_leverage" in capsys.readouterr().err
+    for name, body, want in (("unk.toml", b"[plan]\nrisk = 1\n", "unk.toml: [plan] Object contains unknown field"),
+                             ("nan.toml", b"[risk]\nmax_leverage = nan\n", "nan.toml: [risk] "),
+                             ("latin.toml", b"\xff\xfe[plan]\n", "latin.toml: not valid TOML")):
+        (tmp_path / name).write_bytes(body)  # the file and the table named, whatever the error
+        assert main(["run", "--paper", "--decision-config", str(tmp_path / name), "--bars", "50"]) == 2
+        assert want in capsys.readouterr().err
     agree = tmp_path / "agree.toml"
     agree.write_text("[risk]\nmin_providers_agree = 1\n")
     for extra in ([], ["--reasoning", "local"]):  # no provider with a view of its own: refused up front

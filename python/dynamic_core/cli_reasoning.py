@@ -194,8 +194,8 @@ def mesh_from_args(args: argparse.Namespace) -> Any:
         with open(args.reasoning_config, "rb") as f:
             try:
                 cfg = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"{args.reasoning_config}: {e}") from None
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML is UTF-8
+                raise ValueError(f"{args.reasoning_config}: not valid TOML: {e}") from None
         policy = cfg.get("policy")
         profiles = cfg.get("providers", {})
     weights = getattr(args, "reasoning_weights", None)

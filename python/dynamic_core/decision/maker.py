@@ -699,11 +699,13 @@ def load_decision_config(path: str) -> tuple[PlanConfig, RiskLimits, dict[str, I
     for key in ("plan", "risk", "instruments", "costs"):
         if key in doc and not isinstance(doc[key], dict):
             raise ValueError(f"{path}: {key} must be a table ([{key}]), got {type(doc[key]).__name__}")
-    try:
-        plan = msgspec.convert(doc.get("plan", {}), PlanConfig)
-        limits = msgspec.convert(doc.get("risk", {}), RiskLimits)
-    except msgspec.ValidationError as e:
-        raise ValueError(f"{path}: {e}") from None
+    def convert(table: str, cls: type) -> Any:
+        try:
+            return msgspec.convert(doc.get(table, {}), cls)
+        except msgspec.ValidationError as e:  # its path ($.risk_pct) is within the table
+            raise ValueError(f"{path}: [{table}] {e}") from None
+
+    plan, limits = convert("plan", PlanConfig), convert("risk", RiskLimits)
     if "account" in doc.get("plan", {}) and "account" not in doc.get("risk", {}):
         limits = msgspec.structs.replace(limits, account=plan.account)
     elif "account" in doc.get("risk", {}) and "account" not in doc.get("plan", {}):

@@ -293,7 +293,7 @@ def _load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     with open(path, "rb") as f:
         try:
             return tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML is UTF-8
             raise ValueError(f"{os.fspath(path)}: not valid TOML: {e}") from None
 
 
