@@ -300,6 +300,10 @@ def test_run_paper_shadow_and_config_errors(tmp_path, capsys):
         (tmp_path / name).write_bytes(body)  # the file and the table named, whatever the error
         assert main(["run", "--paper", "--decision-config", str(tmp_path / name), "--bars", "50"]) == 2
         assert want in capsys.readouterr().err
+    for bad_args, want in ((["--equity", "1e-300"], "--equity must be a finite amount of at least 1"),
+                           (["--chunk", "5"], "--chunk has no effect with --paper")):
+        assert main(["run", "--paper", "--bars", "50", *bad_args]) == 2
+        assert want in capsys.readouterr().err
     agree = tmp_path / "agree.toml"
     agree.write_text("[risk]\nmin_providers_agree = 1\n")
     for extra in ([], ["--reasoning", "local"]):  # no provider with a view of its own: refused up front

@@ -46,14 +46,15 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
                    help="trade the signals through plans, the risk governor and a paper broker; end "
                         "with the equity summary and the attribution table")
     g.add_argument("--decision-config", default=None, metavar="FILE",
-                   help="TOML with [plan] (risk_pct, stop_atr, targets_r, valid_bars, min_action, "
-                        "min_score), [risk] (limits and guardrails), [costs] / [costs.NAME] "
+                   help="TOML with [plan] (risk_pct, stop_atr, atr_period, targets_r, valid_bars, "
+                        "min_action, min_score, account), [risk] (limits and guardrails), [costs] / [costs.NAME] "
                         "(spread, slippage, commission_per_lot) and [instruments.NAME] contract specs")
     g.add_argument("--shadow", default=None, metavar="FILE",
                    help="a candidate decision config run beside the live one on the same signals; "
                         "reports where verdicts and fills differ")
-    g.add_argument("--equity", type=float, default=100_000.0, metavar="USD",
-                   help="starting paper equity [default: 100000]")
+    g.add_argument("--equity", type=float, default=100_000.0, metavar="AMOUNT",
+                   help="starting paper equity, in the config's account currency (at least 1) "
+                        "[default: 100000]")
     g.add_argument("--entry-score", type=float, default=None, metavar="X",
                    help="trade a signal whose |fused score| reaches X even when its action is HOLD (the live "
                         "configuration; a --shadow config keeps its own min_score) "
@@ -95,8 +96,8 @@ def _configs(args: argparse.Namespace, path: str | None, *, live: bool) -> tuple
         plan = _replace(plan, min_score=args.entry_score)
     elif not (path and "min_score" in _plan_keys(path)):
         plan = _replace(plan, min_score=DEFAULT_MIN_SCORE)
-    if not (math.isfinite(args.equity) and args.equity > 0):
-        raise ValueError("--equity must be a positive number")
+    if not (math.isfinite(args.equity) and args.equity >= 1.0):  # 1e-300 sizes no plan at all
+        raise ValueError(f"--equity must be a finite amount of at least 1, got {args.equity:g}")
     return plan, limits, specs, _costs(costs, path)
 
 
@@ -147,6 +148,8 @@ def cmd_run_paper(args: argparse.Namespace) -> int:
     # every configuration is checked before anything is created (a journal directory included)
     live_cfg = _configs(args, args.decision_config, live=True)
     shadow_cfg = _configs(args, args.shadow, live=False) if args.shadow else None
+    if args.chunk is not None:
+        raise ValueError("--chunk has no effect with --paper (it trades one time step at a time)")
     _check_agreeing(args, live_cfg, args.decision_config)
     if shadow_cfg is not None:
         _check_agreeing(args, shadow_cfg, args.shadow)
@@ -183,7 +186,7 @@ def cmd_run_paper(args: argparse.Namespace) -> int:
                   + (f", shadow {args.shadow}" if shadow is not None else ""))
     interrupted = False
     try:
-        if console.is_terminal and not args.quiet:
+        if console.is_terminal and not (args.quiet or args.no_live):  # --no-live: no animation
             progress = cli._progress_bar(console)
             with progress:
                 task = progress.add_task("trading", total=len(bars), rate="")
