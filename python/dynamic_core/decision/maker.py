@@ -395,28 +395,22 @@ class DecisionMaker:
                 return out
             sel = signals[rows]
         names = instruments._names  # read only: names() copies the list
-        inst_a = sel["instrument"]
+        inst_a, act = sel["instrument"], sel["action"]
+        # skipped and counted before anything changes: unknown instrument ids, then actions that
+        # are not an action (STRONG_SELL -2 .. STRONG_BUY 2)
+        if int(inst_a.max()) >= len(names) or int(act.min()) < -2 or int(act.max()) > 2:
+            keep = inst_a < len(names)
+            skipped = self.skipped_signals
+            for reason, bad in (("unknown_instrument", ~keep), ("bad_action", keep & ((act < -2) | (act > 2)))):
+                n_bad = int(np.count_nonzero(bad))
+                if n_bad:
+                    skipped[reason] = skipped.get(reason, 0) + n_bad
+                    keep &= ~bad
+            sel = sel[keep]
+            if len(sel) == 0:
+                return out
+            inst_a, act = sel["instrument"], sel["action"]
         inst_l = inst_a.tolist()
-        if max(inst_l) >= len(names):  # before anything changes
-            known = inst_a < len(names)
-            n_bad = len(inst_l) - int(np.count_nonzero(known))
-            self.skipped_signals["unknown_instrument"] = self.skipped_signals.get("unknown_instrument", 0) + n_bad
-            sel = sel[known]
-            if len(sel) == 0:
-                return out
-            inst_a = sel["instrument"]
-            inst_l = inst_a.tolist()
-        act = sel["action"]
-        if int(act.min()) < -2 or int(act.max()) > 2:  # not an action (STRONG_SELL -2 .. STRONG_BUY 2)
-            good = (act >= -2) & (act <= 2)
-            n_bad = len(act) - int(np.count_nonzero(good))
-            self.skipped_signals["bad_action"] = self.skipped_signals.get("bad_action", 0) + n_bad
-            sel = sel[good]
-            if len(sel) == 0:
-                return out
-            inst_a = sel["instrument"]
-            inst_l = inst_a.tolist()
-            act = sel["action"]
         if cfg.min_score > 0.0:
             direction = np.where(np.abs(act) >= cfg.min_action, np.sign(act), np.sign(sel["score"])).astype(np.int64)
         else:  # every signal taken is actionable by its action
