@@ -6,6 +6,7 @@ known; nothing ever revised)."""
 from __future__ import annotations
 
 import math
+import re
 
 import msgspec
 import numpy as np
@@ -76,7 +77,7 @@ STRUCTURE = [
     (13.2, 13.5, 12.8, 12.9),   # 16
     (12.9, 13.0, 12.0, 12.2),   # 17 low 12.0 fills the gap of bar 12; bearish gap 16-17-18
     (12.2, 12.5, 11.5, 11.6),   # 18 swing low e
-    (11.6, 12.8, 11.8, 12.7),   # 19 high 12.8 fills the gap of bar 17
+    (11.8, 12.8, 11.8, 12.7),   # 19 high 12.8 fills the gap of bar 17 (opens at its low: a valid bar)
     (12.7, 13.2, 12.2, 13.1),   # 20
     (13.1, 13.6, 12.6, 13.5),   # 21
     (13.5, 14.02, 13.2, 13.4),  # 22 swing high within the band of d: buy-side liquidity pool
@@ -433,3 +434,302 @@ def test_smc_command(capsys):
 def test_swing_candidates_names_a_bad_argument(args, err, msg):
     with pytest.raises(err, match=msg):
         smc.swing_candidates(*args)
+
+
+# ---- review findings: invalid bars, caps, arguments, plots, CLI ----------------------------------
+def _goog_bars() -> np.ndarray:
+    return dc.market.from_pandas(_real("GOOG"), instrument="GOOG")
+
+
+def test_replay_report_drops_and_counts_invalid_bars_before_anything_else():
+    """One NaN bar used to skip the whole stream, with the reason of a NaN range
+    ("liquidity_tolerance must be finite"); the valid bars are compared, ranges and all."""
+    df = _real("GOOG").copy()
+    df.iloc[1000, df.columns.get_loc("High")] = np.nan
+    table = replay_report(df, 5)
+    assert table.attrs["rejected"] == {"bars": {"non_finite": 1}} and table.attrs["skipped"] == []
+    assert len(table) == len(CONCEPTS) and (table["bars"] == len(df) - 1).all()
+    # exactly the figures of the bars without it: the liquidity band is of the valid bars' range
+    clean = replay_report(df.drop(df.index[1000]), 5)
+    pd.testing.assert_frame_equal(table, clean, check_like=False, check_flags=False)
+    text = format_report(table)
+    assert "bars: dropped 1 invalid bar(s) (non_finite 1)" in text
+    # the liquidity row says it looks ahead
+    assert re.search(r"\n\s*bars\s+2147\s+liquidity\*\s", text)
+    assert "whole-series liquidity band (look-ahead)" in text
+    a = smc_agreement(df, 5)
+    assert a["bars"] == {"used": len(df) - 1, "rejected": {"non_finite": 1}, "dropped": {}}
+    # a stream skipped says why
+    short = replay_report(_goog_bars()[:86], 20)
+    assert short.attrs["skipped"] == ["GOOG/86400: 86 valid bar(s), fewer than 120 (6 x swing_length 20)"]
+    assert "no stream long enough to compare (skipped: GOOG/86400: 86 valid bar(s)" in format_report(short)
+
+
+def test_invalid_bars_are_rejected_with_the_engine_s_reasons_not_scored():
+    bars = _goog_bars()
+    rev = replay_report(bars[::-1].copy(), 5)
+    assert rev.attrs["rejected"] == {"GOOG/86400": {"out_of_order": len(bars) - 1}} and len(rev) == 0
+    assert rev.attrs["skipped"] == ["GOOG/86400: 1 valid bar(s), fewer than 30 (6 x swing_length 5)"]
+    dup = replay_report(np.concatenate([bars[:1000], bars[999:]]), 5)
+    assert dup.attrs["rejected"] == {"GOOG/86400": {"duplicate_timestamp": 1}}
+    assert (dup["bars"] == len(bars)).all()
+    pd.testing.assert_frame_equal(dup, replay_report(bars, 5), check_flags=False)
+    # a DataFrame's times are checked too (rows in the order given)
+    df = _real("GOOG")
+    assert replay_report(df.iloc[::-1], 5).attrs["rejected"] == {"bars": {"out_of_order": len(df) - 1}}
+    with pytest.raises(ValueError, match=r"too few swings \(0\) in 1 bars"):
+        smc_agreement(df.iloc[::-1], 5)
+    swapped = df.iloc[:600].rename(columns={"High": "Low", "Low": "High"})
+    t = replay_report(swapped, 5)
+    assert t.attrs["rejected"] == {"bars": {"high_below_low": 600}} and len(t) == 0
+    neg = df.iloc[:600].copy()
+    neg["Volume"] = -neg["Volume"]
+    assert replay_report(neg, 5).attrs["rejected"] == {"bars": {"negative_volume": 600}}
+    # reference_labels labels row positions: it refuses invalid rows rather than shift them
+    with pytest.raises(ValueError, match=r"1 invalid bar\(s\) \(non_finite 1\)"):
+        reference_labels(df.assign(Close=df["Close"].where(df.index != df.index[7])), 5)
+    # the detector itself: a swapped bar or a negative volume is refused, its state unchanged
+    det = SmcDetector(3)
+    det.update(1.0, 2.0, 0.5, 1.5, 10.0)
+    with pytest.raises(ValueError, match="bar 1: high 0.5 below low 2.0"):
+        det.update(1.0, 0.5, 2.0, 1.5)
+    with pytest.raises(ValueError, match="bar 1: negative volume -5.0"):
+        det.update(1.0, 2.0, 0.5, 1.5, -5.0)
+    assert det.n_bars == 1
+
+
+def test_order_block_strength_stays_in_its_documented_range():
+    for name in ("EURUSD", "GOOG", "SP500"):
+        obs = _of(detect(_real(name), 5), smc.ORDER_BLOCK)
+        assert obs and all(0.0 <= e.strength <= 1.0 and e.volume >= 0.0 for e in obs)
+    df = _real("GOOG").iloc[:600].copy()
+    df["Volume"] = -df["Volume"]   # gave strengths from -3.8 to 20
+    with pytest.raises(ValueError, match="negative volume"):
+        detect(df, 5)
+
+
+def test_smc_agreement_refuses_bars_of_several_streams():
+    bars = dc.sim.MarketSimulator(["EURUSD", "XAUUSD"], 3600, seed=3).bars(1200)
+    with pytest.raises(ValueError, match=r"hold 2 streams \(instrument/timeframe: EURUSD/3600, XAUUSD/"):
+        smc_agreement(bars, 5)
+    with pytest.raises(ValueError, match="hold 2 streams"):
+        smc_agreement(dc.market.to_pandas(bars), 5)
+    one = bars[bars["instrument"] == dc.instruments.id("EURUSD")]
+    assert smc_agreement(one, 5)["bars"]["used"] == 1200
+    # replay_report splits bar records per stream instead
+    assert sorted(set(replay_report(bars, 5)["stream"])) == ["EURUSD/3600", "XAUUSD/3600"]
+
+
+def _rally_with_gaps(n: int = 600) -> list[tuple[float, float, float, float]]:
+    """A bullish fair value gap on every bar, then one bar that falls through all of them."""
+    rows = [(100 + 2 * t, 100 + 2 * t + 0.5, 100 + 2 * t - 0.5, 100 + 2 * t + 0.4) for t in range(n)]
+    rows.append((rows[-1][3], rows[-1][3], 50.0, 51.0))
+    return rows
+
+
+def _sawtooth_blocks() -> list[tuple[float, float, float, float]]:
+    """Every cycle's close passes the last swing high (a bullish order block never revisited),
+    then one bar falls below all of them and one rises above all of them."""
+    rows, p = [], 100.0
+    for _ in range(400):
+        for step in (1, 1, 1, 1, -0.6, -0.6):
+            o, p = p, p + step
+            rows.append((o, max(o, p) + 0.05, min(o, p) - 0.05, p))
+    rows.append((p, p, 1.0, 2.0))
+    rows.append((2.0, 10 * p, 1.5, 9 * p))
+    return rows
+
+
+def test_items_past_the_open_caps_are_counted():
+    det = SmcDetector(5)
+    ev = [e for r in _rally_with_gaps() for e in det.update(*r, 1.0)]
+    gaps, mitigated = len(_of(ev, smc.FVG)), len(_of(ev, smc.FVG_MITIGATED))
+    assert gaps == 598 and mitigated == smc._MAX_OPEN and det.fvgs_dropped == gaps - mitigated
+    # fvg_batch keeps every gap: the mitigations the detector gave up are its extra ones
+    _, _, _, mit = smc.fvg_batch(*np.array(_rally_with_gaps()).T)
+    assert int((mit >= 0).sum()) == mitigated + det.fvgs_dropped
+    det = SmcDetector(2)
+    ev = [e for r in _sawtooth_blocks() for e in det.update(*r, 1.0)]
+    blocks = len(_of(ev, smc.ORDER_BLOCK))
+    # each block is mitigated by the fall (one was before it, and invalidated) or was given up
+    assert blocks == 401 and len(_of(ev, smc.OB_MITIGATED)) + det.order_blocks_dropped == blocks
+    assert det.dropped["order_blocks"] == 144 and det.dropped["levels"] == det.dropped["anchors"] == 0
+
+
+def test_levels_and_anchors_past_a_smaller_cap_are_counted(monkeypatch):
+    df = _real("EURUSD")
+    tol = reference_labels(df, 3)["liquidity_tolerance"]   # as smc_agreement runs it
+    det = SmcDetector(3, liquidity_tolerance=tol)
+    ev = [e for r in df.itertuples(index=False) for e in det.update(r.Open, r.High, r.Low, r.Close, r.Volume)]
+    assert det.dropped == dict.fromkeys(("fvgs", "order_blocks", "levels", "anchors", "pools"), 0)
+    monkeypatch.setattr(smc, "_MAX_OPEN", 2)
+    small = SmcDetector(3, liquidity_tolerance=tol)
+    got = [e for r in df.itertuples(index=False) for e in small.update(r.Open, r.High, r.Low, r.Close,
+                                                                         r.Volume)]
+    assert got != ev
+    d = small.dropped
+    assert d["fvgs"] > 0 and d["order_blocks"] > 0 and d["levels"] > 0 and d["anchors"] > 0
+    assert len(_of(got, smc.FVG)) - len(_of(got, smc.FVG_MITIGATED)) - len(small.open_fvgs) == d["fvgs"]
+    a = smc_agreement(df, 3)
+    assert a["bars"]["dropped"] == {k: v for k, v in d.items() if v}
+    table = replay_report({"EURUSD": df}, 3)
+    assert table.attrs["dropped"] == {"EURUSD": a["bars"]["dropped"]}
+    assert "EURUSD: open items given up past the detector's caps: fvgs" in format_report(table)
+
+
+def _fvg_brute(o, h, lo, c):
+    n = len(o)
+    d, top, bot, mit = np.zeros(n, np.int8), np.full(n, np.nan), np.full(n, np.nan), np.full(n, -1, np.int64)
+    for i in range(1, n - 1):
+        if h[i - 1] < lo[i + 1] and c[i] > o[i]:
+            d[i], top[i], bot[i] = 1, lo[i + 1], h[i - 1]
+        elif lo[i - 1] > h[i + 1] and c[i] < o[i]:
+            d[i], top[i], bot[i] = -1, lo[i - 1], h[i + 1]
+        for j in range(i + 2, n):
+            if (d[i] == 1 and lo[j] <= top[i]) or (d[i] == -1 and h[j] >= bot[i]):
+                mit[i] = j
+                break
+    return d, top, bot, mit
+
+
+def test_fvg_batch_is_exact_and_checks_its_arrays():
+    rng = np.random.default_rng(5)
+    cases = [np.array(_rally_with_gaps(300)).T]
+    for n in (0, 1, 2, 3, 5, 60, 400):
+        x = np.round(rng.normal(0, 1, (n, 4)).cumsum(axis=0), 1)
+        o, c = x[:, 0], x[:, 3]
+        cases.append((o, np.maximum(o, c) + np.abs(x[:, 1]) / 5, np.minimum(o, c) - np.abs(x[:, 2]) / 5, c))
+    for o, h, lo, c in cases:
+        for got, want in zip(smc.fvg_batch(o, h, lo, c), _fvg_brute(o, h, lo, c)):
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"1-D and of one length, got shapes \(4,\), \(4,\), \(2,\), \(4,\)"):
+        smc.fvg_batch([1, 2, 3, 4], [2, 3, 4, 5], [0, 1], [1, 2, 3, 4])
+    with pytest.raises(ValueError, match=r"got shapes \(3, 3\)"):
+        smc.fvg_batch(*[np.ones((3, 3))] * 4)
+
+
+def test_detector_arguments_are_bounded_and_named():
+    with pytest.raises(ValueError, match=r"swing_length must be an int in \[1, 2147483648\]"):
+        SmcDetector(2**62)
+    with pytest.raises(TypeError, match="liquidity_tolerance must be a number"):
+        SmcDetector(3, liquidity_tolerance="x")
+    with pytest.raises(ValueError, match="evidence_half_life"):
+        SmcDetector(3, evidence_half_life=0)
+
+
+@pytest.mark.parametrize("call, err, msg", [
+    (lambda f: f(2.5), TypeError, "swing_length must be an int, got float"),
+    (lambda f: f(-3), ValueError, r"swing_length must be in \[1, "),
+    (lambda f: f(0), ValueError, r"swing_length must be in \[1, "),
+    (lambda f: f("5"), TypeError, "swing_length must be an int, got str"),
+    (lambda f: f(None), TypeError, "swing_length must be an int, got NoneType"),
+    (lambda f: f(True), TypeError, "swing_length must be an int, got bool"),
+    (lambda f: f(5, range_percent=-1), ValueError, "range_percent must be a finite number"),
+    (lambda f: f(5, range_percent=math.nan), ValueError, "range_percent must be a finite number"),
+    (lambda f: f(5, close_break="no"), TypeError, "close_break must be a bool"),
+    (lambda f: f(5, close_mitigation=1), TypeError, "close_mitigation must be a bool"),
+    (lambda f: f(5, bogus=1), TypeError, "bogus"),
+    (lambda f: f(5, progress=3), TypeError, "progress must be callable"),
+])
+@pytest.mark.parametrize("fn", ["replay_report", "smc_agreement"])
+def test_harness_arguments_are_checked_before_any_work(fn, call, err, msg, tmp_path):
+    # a journal that is not there: checked before it would be read
+    missing = str(tmp_path / "no-journal")
+    target = {"replay_report": lambda *a, **k: replay_report(missing, *a, **k),
+              "smc_agreement": lambda *a, **k: smc_agreement(missing, *a, **k)}[fn]
+    with pytest.raises(err, match=msg):
+        call(target)
+
+
+@pytest.mark.parametrize("kw, err, msg", [
+    ({"min_bars": -1}, ValueError, "min_bars"),
+    ({"evolve": -1}, ValueError, "evolve must be in"),
+    ({"evolve": 10, "evolve_agents": 0}, ValueError, "evolve_agents must be in"),
+    ({"evolve": 10, "evolve_plot": "trace.bogus"}, ValueError, "unsupported image format 'bogus'"),
+    ({"evolve_plot": "trace.png"}, ValueError, "evolve_plot needs evolve > 0"),
+    ({"engine": "yes"}, TypeError, "engine must be a bool"),
+])
+def test_replay_report_options_are_checked_before_any_work(kw, err, msg, tmp_path):
+    with pytest.raises(err, match=msg):
+        replay_report(str(tmp_path / "no-journal"), 5, **kw)
+
+
+def test_replay_report_reports_progress():
+    lines: list[str] = []
+    replay_report({"GOOG": _real("GOOG")}, 5, progress=lines.append)
+    assert lines[0] == "GOOG: checking the bars" and "GOOG: smartmoneyconcepts labels of 2,148 bars" in lines
+
+
+def _rows_of(stream: int, instrument: int, gens: list[int], best: list[float]):
+    from dynamic_core.learning.evolution import GenerationRow
+
+    return [GenerationRow(generation=g, stream=stream, instrument=instrument, timeframe=3600, bar=100 * g,
+                          trigger="every", judged=10, eligible=5, replaced=2, crossovers=1, migrants=0,
+                          spawns=0, period_moves=0, best=b, median=b / 2, mean=b / 3, styles=(1, 1, 1, 1, 1))
+            for g, b in zip(gens, best)]
+
+
+def test_plot_trace_draws_one_line_per_stream(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from dynamic_core.learning.evolution import plot_trace
+
+    a, b = dc.instruments.id("PLOTA"), dc.instruments.id("PLOTB")
+    # two streams' generations interleave: one line through all of them was a zigzag of both
+    rows = sorted(_rows_of(0, a, [1, 3, 5], [1.0, 1.1, 1.2]) + _rows_of(1, b, [2, 4, 6], [-1.0, -0.9, -0.8]),
+                  key=lambda r: r.generation)
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    assert plot_trace(rows, tmp_path / "t.png") == str(tmp_path / "t.png")
+    (fig,) = figs
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in fig.axes[0].get_lines()}
+    assert lines["PLOTA/3600 best"] == ([1, 3, 5], [1.0, 1.1, 1.2])
+    assert lines["PLOTB/3600 best"] == ([2, 4, 6], [-1.0, -0.9, -0.8])
+    assert lines["PLOTB/3600 median"] == ([2, 4, 6], [-0.5, -0.45, -0.4])
+    assert len(lines) == 6
+    with open(tmp_path / "t.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="unsupported image format 'bogus'"):
+        plot_trace(rows, tmp_path / "t.bogus")
+    assert not (tmp_path / "t.bogus").exists()
+
+
+def test_smc_command_checks_the_plot_format_up_front(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from dynamic_core.cli import main
+
+    for name, msg in (("evo.bogus", "unsupported image format 'bogus'"), ("evo", "no file extension")):
+        argv = ["smc", "backtesting:GOOG", "--evolve", "100", "--evolve-plot", str(tmp_path / name)]
+        assert main(argv) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.startswith("dynamic-core: error: --evolve-plot") and msg in out.err
+        assert len(out.err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_smc_command_exits_1_when_nothing_is_compared_and_says_why(tmp_path, capsys):
+    from dynamic_core.cli import main
+
+    _real("GOOG").iloc[:86].rename_axis("time").to_csv(tmp_path / "GOOG.csv")
+    assert main(["smc", str(tmp_path / "GOOG.csv"), "--swing-length", "20"]) == 1
+    out = capsys.readouterr()
+    assert "skipped: GOOG/86400: 86 valid bar(s), fewer than 120 (6 x swing_length 20)" in out.out
+    assert "dynamic-core smc: nothing compared" in out.err
+
+
+def test_smc_command_shows_progress_on_a_terminal_only(monkeypatch, capsys):
+    from dynamic_core import cli
+
+    monkeypatch.setattr(cli, "_STATUS_AFTER", 0.0)
+    monkeypatch.setattr(cli, "_STATUS_EVERY", 0.001)
+    monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: True)
+    assert cli.main(["smc", "backtesting:GOOG", "--swing-length", "5"]) == 0
+    out = capsys.readouterr()
+    assert "\rdynamic-core smc: " in out.err and "GOOG/86400" in out.err and out.err.endswith("\r\x1b[K")
+    assert "\r" not in out.out and "SMC agreement" in out.out
+    assert cli.main(["smc", "backtesting:GOOG", "--swing-length", "5", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: False)
+    assert cli.main(["smc", "backtesting:GOOG", "--swing-length", "5"]) == 0
+    assert capsys.readouterr().err == ""

@@ -372,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--evolve-seed", type=_seed, default=0, metavar="S",
                    help="seed of the evolution's counter-based RNG, 0 to 2**64-1 [default: 0]")
     r.add_argument("--evolve-plot", default=None, metavar="PNG",
-                   help="also plot best/median fitness per generation to this image file (needs matplotlib)")
+                   help="also plot best/median fitness per generation to this image file, in the format "
+                        "of its extension (png, pdf, svg, ...; needs matplotlib)")
     r.add_argument("--backend", choices=("cpu", "cuda", "auto"), default="cpu",
                    help="where the agents run: cpu, cuda (an NVIDIA GPU through CuPy: pip install "
                         "'dynamic_core[cuda]'; same signals bit for bit) or auto (the GPU when usable) "
@@ -461,7 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--evolve-agents", type=_agent_count, default=2048, metavar="K",
                     help="agents of the evolving population [default: 2048]")
     sm.add_argument("--evolve-plot", default=None, metavar="PNG",
-                    help="plot the evolution trace to this image file (needs matplotlib)")
+                    help="plot the evolution trace to this image file, one line per stream, in the format of "
+                         "its extension (png, pdf, svg, ...; needs matplotlib)")
+    sm.add_argument("-q", "--quiet", action="store_true",
+                    help="no progress line on stderr (there is none either when stderr is not a terminal)")
     sm.set_defaults(func=cmd_smc)
     from .bridges.mt5 import cli as mt5_cli
 
@@ -943,6 +947,7 @@ def _need_matplotlib(plot: str | None) -> None:
         raise CLIError("--evolve-plot needs matplotlib: pip install matplotlib (it is in the test extra)")
     if plot:
         _writable("--evolve-plot", plot)
+        _plot_format("--evolve-plot", plot)
 
 
 def _writable(option: str, path: str) -> None:
@@ -1038,8 +1043,9 @@ def _learning_line(learners: Any, agents: np.ndarray) -> str:
 
 
 def cmd_smc(args: argparse.Namespace) -> int:
-    """``dynamic-core smc``."""
-    from .learning.harness import print_replay_report
+    """``dynamic-core smc``: 0 when a stream was compared (or the engine replay or the evolution
+    asked for ran), 1 when nothing was compared, 2 for bad arguments or inputs."""
+    from .learning.harness import format_report, replay_report
 
     if args.evolve_plot and not args.evolve:
         raise CLIError("--evolve-plot needs --evolve N")
@@ -1063,11 +1069,76 @@ def cmd_smc(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {"engine": True} if args.engine else {}
     if args.evolve:
         extra.update(evolve=args.evolve, evolve_agents=args.evolve_agents, evolve_plot=args.evolve_plot)
+    status = _StatusLine(f"{PROG} smc: ") if not args.quiet and sys.stderr.isatty() else None
     try:
-        print_replay_report(source, args.swing_length, **extra)
+        table = replay_report(source, args.swing_length, progress=status, **extra)
     except ImportError as e:
         raise CLIError(f"{e}: install the test extra (pip install dynamic_core[test])") from None
+    finally:
+        if status is not None:
+            status.close()
+    print(format_report(table))
+    if len(table) == 0 and not table.attrs.get("engine") and "evolution" not in table.attrs:
+        why = "every stream was skipped (the reasons are above)" if table.attrs.get("skipped") else "no bars"
+        print(f"{PROG} smc: nothing compared: {why}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _plot_format(option: str, path: str) -> str:
+    """The image format of ``path`` by its extension, refused before any work when missing or not
+    one matplotlib writes (matplotlib would write ``path.png``, or fail after all the work)."""
+    from .learning.evolution import check_plot_path
+
+    try:
+        return check_plot_path(path, option)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+_STATUS_AFTER = 1.0
+"""Seconds of work before ``smc`` shows its progress line (short runs stay silent)."""
+_STATUS_EVERY = 0.5
+"""Seconds between repaints of the progress line."""
+
+
+class _StatusLine:
+    """One progress line on stderr (a terminal), repainted in place from :data:`_STATUS_AFTER`
+    seconds on with the latest step reported and the time so far, so a long step (the reference
+    package labelling 100,000 bars) still shows it is under way; erased by :meth:`close`.
+    Called with each step's text (the harness's ``progress``)."""
+
+    def __init__(self, prefix: str) -> None:
+        import threading
+
+        self._prefix = prefix
+        self._text = "starting"
+        self._t0 = time.monotonic()
+        self._shown = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="smc-progress", daemon=True)
+        self._thread.start()
+
+    def __call__(self, text: str) -> None:
+        self._text = text   # one reference assignment: atomic under the GIL
+
+    def _run(self) -> None:
+        while not self._stop.wait(_STATUS_EVERY):
+            spent = time.monotonic() - self._t0
+            if spent < _STATUS_AFTER:
+                continue
+            width = max(20, shutil.get_terminal_size().columns - 1)
+            line = f"{self._prefix}{self._text} [{spent:.0f} s]"[:width]
+            sys.stderr.write(f"\r{line}\x1b[K")
+            sys.stderr.flush()
+            self._shown = True
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 def _grid_population(streams: Sequence[tuple[int, int]], params: dict[str, list[Any]]) -> Population:

@@ -42,7 +42,7 @@ from ..payloads import EvolutionConfig, evolution_config
 from ..records import SIGNAL_DTYPE
 
 __all__ = ["Evolution", "EvolutionConfig", "EvolutionInterrupted", "GenerationRow", "VolatilityRegime",
-           "format_trace"]
+           "check_plot_path", "format_trace", "plot_formats", "plot_trace"]
 
 _MAX_SEED = (1 << 64) - 1  # the engine's counter-based RNG key is 64 bits
 _MAX_EVERY = (1 << 63) - 1
@@ -250,7 +250,8 @@ class Evolution:
         return format_trace(self.trace)
 
     def plot(self, path: str | os.PathLike[str], title: str = "evolution trace") -> str:
-        """Best and median fitness per generation, saved as an image (PNG by extension)."""
+        """Best, median and mean fitness per generation, a line of each per stream, saved as an
+        image in the format of ``path``'s extension (:func:`plot_trace`); returns the path written."""
         return plot_trace(self.trace, path, title)
 
 
@@ -270,26 +271,86 @@ def format_trace(rows: Sequence[GenerationRow]) -> str:
     return "\n".join(lines)
 
 
-def plot_trace(rows: Sequence[GenerationRow], path: str | os.PathLike[str], title: str = "evolution trace") -> str:
+def _matplotlib() -> Any:
     try:
         import matplotlib
     except ImportError:
         raise ImportError("plotting the evolution trace needs matplotlib: pip install matplotlib") from None
+    return matplotlib
 
+
+def plot_formats() -> dict[str, str]:
+    """``{extension: description}`` of the image formats :func:`plot_trace` can write (those of
+    matplotlib's Agg backend). ImportError without matplotlib."""
+    _matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return dict(FigureCanvasAgg.get_supported_filetypes())
+
+
+def check_plot_path(path: str | os.PathLike[str], what: str = "plot") -> str:
+    """The image format of ``path`` by its extension, checked before any work: ValueError
+    naming ``what`` for no extension (matplotlib would write PNG to ``path + ".png"``) or a
+    format :func:`plot_formats` lacks; ImportError without matplotlib."""
+    name = os.fspath(path)
+    ext = os.path.splitext(name)[1].lstrip(".").lower()
+    formats = plot_formats()
+    if not ext:
+        raise ValueError(f"{what} {name}: no file extension to tell the image format "
+                         f"(one of: {', '.join(sorted(formats))})")
+    if ext not in formats:
+        raise ValueError(f"{what} {name}: unsupported image format {ext!r} "
+                         f"(one of: {', '.join(sorted(formats))})")
+    return ext
+
+
+def _stream_label(row: GenerationRow) -> str:
+    """``NAME/timeframe_s`` of a generation's stream (as the replay harness names streams);
+    "all streams" for a generation of every stream at once."""
+    if row.stream < 0:
+        return "all streams"
+    from ..instruments import UnknownInstrument, instruments
+
+    try:
+        name = instruments.name(row.instrument)
+    except UnknownInstrument:  # not registered in this process: say the id
+        name = f"instrument {row.instrument}"
+    return f"{name}/{row.timeframe}"
+
+
+def plot_trace(rows: Sequence[GenerationRow], path: str | os.PathLike[str], title: str = "evolution trace") -> str:
+    """Best, median and mean fitness per generation, one line of each per stream (a colour per
+    stream: generations of different streams are different populations, never joined into one
+    line), saved as an image in the format of ``path``'s extension; returns the path written
+    (``path + ".png"`` when it has no extension, as matplotlib does). ValueError for a format
+    matplotlib cannot write, before drawing anything."""
+    name = os.fspath(path)
+    if os.path.splitext(name)[1]:
+        check_plot_path(name)
+    else:
+        _matplotlib()
+        name += ".png"
+    matplotlib = _matplotlib()
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    streams: dict[str, list[GenerationRow]] = {}
+    for r in rows:
+        streams.setdefault(_stream_label(r), []).append(r)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    g = [r.generation for r in rows]
-    ax.plot(g, [r.best for r in rows], marker="o", label="best")
-    ax.plot(g, [r.median for r in rows], marker="s", label="median")
-    ax.plot(g, [r.mean for r in rows], linestyle=":", label="mean")
+    for k, (label, rs) in enumerate(streams.items()):
+        g = [r.generation for r in rs]
+        color = f"C{k % 10}"
+        prefix = f"{label} " if len(streams) > 1 else ""
+        ax.plot(g, [r.best for r in rs], marker="o", color=color, label=f"{prefix}best")
+        ax.plot(g, [r.median for r in rs], marker="s", linestyle="--", color=color, label=f"{prefix}median")
+        ax.plot(g, [r.mean for r in rs], linestyle=":", color=color, label=f"{prefix}mean")
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness (per-bar Sharpe - penalty x max drawdown)")
-    ax.set_title(title)
+    ax.set_title(title if len(streams) != 1 else f"{title} ({next(iter(streams))})")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small" if len(streams) > 2 else None)
     fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=110)
+    fig.savefig(name, dpi=110)
     plt.close(fig)
-    return os.fspath(path)
+    return name

@@ -87,7 +87,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from ..._checks import check_int
+from ..._checks import check_int, check_real
 
 __all__ = [
     "BOS",
@@ -125,7 +125,8 @@ KINDS: tuple[str, ...] = (SWING, BOS, CHOCH, FVG, FVG_MITIGATED, LIQUIDITY, LIQU
                           LIQUIDITY_WITHDRAWN, ORDER_BLOCK, OB_MITIGATED, OB_INVALIDATED)
 
 # Bound on the levels/blocks/pools a detector keeps open, so update() stays O(1) on any stream;
-# the reference keeps all of them, which only matters after this many untouched levels.
+# the reference keeps all of them, which only matters after this many untouched levels. What
+# goes past it is counted (SmcDetector.dropped), never silently lost.
 _MAX_OPEN = 256
 _MAX_RECORDS = 4096
 # Unswept liquidity pools watched for their sweep, per side. An anchor that left ``_anchors``
@@ -135,6 +136,8 @@ _MAX_RECORDS = 4096
 # (``SmcDetector.pools_dropped``). In a trend the price never comes back to sweep old anchors:
 # without this the heap grew by one entry per swing for ever.
 _MAX_SWEEP = 2 * _MAX_OPEN
+# Largest swing_length (a swing's window is 2 * swing_length bars, kept in deques)
+_MAX_SWING = 1 << 31
 
 
 class SmcEvent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -253,8 +256,8 @@ class SmcDetector:
     Parameters
     ----------
     swing_length : int
-        Bars on each side of a swing (the reference's ``swing_length``); a swing at bar ``i``
-        is confirmed at ``i + swing_length``.
+        Bars on each side of a swing (the reference's ``swing_length``), 1 to ``2**31``; a swing
+        at bar ``i`` is confirmed at ``i + swing_length``.
     close_break : bool
         BOS/CHoCH need a close beyond the level (True, the reference's ``close_break=True``)
         or only a high/low beyond it.
@@ -277,21 +280,36 @@ class SmcDetector:
         Liquidity pools of two or more members no longer watched for their sweep because more
         than 512 per side were waiting (the farthest from the price went first): their sweep is
         never reported. Zero unless a stream leaves that many reported pools unswept.
+    fvgs_dropped : int
+        Open fair value gaps given up because more than 256 of one direction were open (the
+        farthest from the price went first): their ``fvg_mitigated`` is never reported.
+    order_blocks_dropped : int
+        Order blocks given up because more than 256 were live (the oldest went first): their
+        ``ob_mitigated`` / ``ob_invalidated`` is never reported.
+    levels_dropped : int
+        Swings waiting to be labelled BOS/CHoCH given up because more than 256 waited (the
+        oldest went first): a later break of such a level is not reported.
+    anchors_dropped : int
+        Liquidity anchors that stopped taking members because more than 256 could (the oldest
+        went first), plus bar 0's level when more than 4096 new highs and lows came before the
+        first swing: pools the reference would form on them are not reported.
+
+    All are zero unless a stream leaves that many items open; :attr:`dropped` has them together.
     """
 
     def __init__(self, swing_length: int = 50, *, close_break: bool = True,
                  close_mitigation: bool = False, liquidity_tolerance: float | None = None,
                  liquidity_range_percent: float = 0.01,
                  evidence_half_life: float | None = None) -> None:
-        if isinstance(swing_length, bool) or not isinstance(swing_length, (int, np.integer)) or swing_length < 1:
-            raise ValueError(f"swing_length must be a positive int, got {swing_length!r}")
-        if liquidity_tolerance is not None and not (math.isfinite(liquidity_tolerance) and liquidity_tolerance >= 0):
-            raise ValueError(f"liquidity_tolerance must be finite and >= 0, got {liquidity_tolerance!r}")
-        if not (math.isfinite(liquidity_range_percent) and liquidity_range_percent >= 0):
-            raise ValueError(f"liquidity_range_percent must be finite and >= 0, got {liquidity_range_percent!r}")
-        hl = float(swing_length if evidence_half_life is None else evidence_half_life)
-        if not (math.isfinite(hl) and hl > 0):
-            raise ValueError(f"evidence_half_life must be > 0, got {evidence_half_life!r}")
+        if (isinstance(swing_length, (bool, np.bool_)) or not isinstance(swing_length, (int, np.integer))
+                or not 1 <= swing_length <= _MAX_SWING):
+            # ValueError for a wrong type too, as this constructor always raised
+            raise ValueError(f"swing_length must be an int in [1, {_MAX_SWING}], got {swing_length!r}")
+        if liquidity_tolerance is not None:
+            check_real("liquidity_tolerance", liquidity_tolerance, 0.0)
+        check_real("liquidity_range_percent", liquidity_range_percent, 0.0)
+        hl = float(swing_length) if evidence_half_life is None else check_real(
+            "evidence_half_life", evidence_half_life, 0.0, lo_open=True)
         self.swing_length = L = int(swing_length)
         self.close_break = bool(close_break)
         self.close_mitigation = bool(close_mitigation)
@@ -324,6 +342,10 @@ class SmcDetector:
         self._anchors: list[_Pool] = []
         self._sweep_heap: dict[int, list[tuple[float, int, _Pool]]] = {1: [], -1: []}
         self.pools_dropped = 0
+        self.fvgs_dropped = 0
+        self.order_blocks_dropped = 0
+        self.levels_dropped = 0
+        self.anchors_dropped = 0
         self._trend = 0
         self._trend_at = -1
 
@@ -356,6 +378,13 @@ class SmcDetector:
         """Order blocks not invalidated as ``(bar, direction, top, bottom, mitigated)``, by bar."""
         return sorted((b.idx, b.typ, b.top, b.bottom, b.breaker) for b in self._blocks)
 
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Open items given up past the caps so far (see the class's attributes), by kind:
+        ``{"fvgs", "order_blocks", "levels", "anchors", "pools"}``."""
+        return {"fvgs": self.fvgs_dropped, "order_blocks": self.order_blocks_dropped,
+                "levels": self.levels_dropped, "anchors": self.anchors_dropped, "pools": self.pools_dropped}
+
     def evidence(self) -> float:
         """Structure evidence in [-1, 1]: the direction of the last BOS/CHoCH, halving every
         ``evidence_half_life`` bars since it was confirmed; 0 before the first."""
@@ -372,12 +401,18 @@ class SmcDetector:
         Raises
         ------
         ValueError
-            A price or the volume is not finite; the detector's state is then unchanged.
+            A price or the volume is not finite, the high is below the low (swapped columns) or
+            the volume is negative; the detector's state is then unchanged.
         """
         o, h, lo, c, v = float(open), float(high), float(low), float(close), float(volume)
         if not (math.isfinite(o) and math.isfinite(h) and math.isfinite(lo) and math.isfinite(c)
                 and math.isfinite(v)):
             raise ValueError(f"bar {self._t + 1}: non-finite value in {(o, h, lo, c, v)}")
+        if h < lo:
+            raise ValueError(f"bar {self._t + 1}: high {h!r} below low {lo!r}")
+        if v < 0:
+            # order-block strength is a ratio of volumes, in [0, 1] only for volumes >= 0
+            raise ValueError(f"bar {self._t + 1}: negative volume {v!r}")
         self._t += 1
         t = self._t
         L = self.swing_length
@@ -469,6 +504,7 @@ class SmcDetector:
             self._levels.append(_Level(sw[-2], sw[-3].level, sw[-1].level))
             if len(self._levels) > _MAX_OPEN:
                 del self._levels[0]
+                self.levels_dropped += 1
         elif len(sw) >= 3:
             # classified earlier from a c in the making: the confirmed c decides
             for lv in self._levels:
@@ -606,15 +642,17 @@ class SmcDetector:
             top, bot = lo, h2
             heapq.heappush(bull, (-top, t - 1, bot))
             if len(bull) > _MAX_OPEN:
-                bull.remove(max(bull))
+                bull.remove(max(bull))   # the lowest top: the farthest below the price
                 heapq.heapify(bull)
+                self.fvgs_dropped += 1
             d = 1
         elif l2 > h and c1 < o1:
             top, bot = l2, h
             heapq.heappush(bear, (bot, t - 1, top))
             if len(bear) > _MAX_OPEN:
-                bear.remove(max(bear))
+                bear.remove(max(bear))   # the highest bottom: the farthest above the price
                 heapq.heapify(bear)
+                self.fvgs_dropped += 1
             d = -1
         else:
             return
@@ -655,11 +693,13 @@ class SmcDetector:
             self._anchors = [p for p in self._anchors if p.swept_at == -1 or p.swept_at > t - L]
             if len(self._anchors) > _MAX_OPEN:
                 del self._anchors[0]
+                self.anchors_dropped += 1
 
     def _liquidity_first(self, a: _Swing) -> None:
         # the reference's made-up swing at bar 0 is a liquidity level like any other
         records, self._records = self._records, None
-        if records is None:
+        if records is None:   # more than _MAX_RECORDS new highs and lows before the first swing
+            self.anchors_dropped += 1
             return
         tol = self.liquidity_tolerance
         if tol is None:
@@ -826,6 +866,7 @@ class SmcDetector:
             self._blocks.append(blk)
             if len(self._blocks) > _MAX_OPEN:
                 del self._blocks[0]
+                self.order_blocks_dropped += 1
             events.append(SmcEvent(kind=ORDER_BLOCK, bar=idx, confirmed_at=t, direction=typ,
                                    level=0.5 * (top + bot), top=top, bottom=bot, ref=t,
                                    volume=v0 + v1 + v2, strength=strength))
@@ -885,7 +926,7 @@ def swing_candidates(high: Sequence[float] | np.ndarray, low: Sequence[float] | 
     lo = np.asarray(low, dtype=np.float64)
     if hi.ndim != 1 or hi.shape != lo.shape:
         raise ValueError(f"high and low must be 1-D and of one length, got {hi.shape} and {lo.shape}")
-    L = check_int("swing_length", swing_length, 1, 1 << 31)
+    L = check_int("swing_length", swing_length, 1, _MAX_SWING)
     n = len(hi)
     out = np.zeros(n, dtype=np.int8)
     if n < 3 * L:
@@ -904,8 +945,20 @@ def swing_candidates(high: Sequence[float] | np.ndarray, low: Sequence[float] | 
 
 def fvg_batch(open: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Vectorised fair value gaps of a whole series: ``(direction, top, bottom, mitigated_at)``
-    per bar (0 / NaN / -1 where none), the same gaps and mitigation bars the detector emits."""
-    o, h, lo, c = (np.asarray(x, dtype=np.float64) for x in (open, high, low, close))
+    per bar (0 / NaN / -1 where none). The gaps are the detector's ``fvg`` events and the
+    mitigation bars its ``fvg_mitigated`` events, except that this keeps every gap open: the
+    detector gives up the farthest of more than 256 open gaps of one direction (counted in
+    ``SmcDetector.fvgs_dropped``) and never reports their mitigation.
+
+    Costs O(n log g) for ``n`` bars and ``g`` gaps open at once (one pass over the bars with
+    the open gaps in heaps, as the detector keeps them). ValueError unless the four arrays are
+    1-D and of one length.
+    """
+    arrs = [np.asarray(x, dtype=np.float64) for x in (open, high, low, close)]
+    if any(a.ndim != 1 for a in arrs) or len({a.shape for a in arrs}) != 1:
+        raise ValueError("open, high, low and close must be 1-D and of one length, got shapes "
+                         + ", ".join(str(a.shape) for a in arrs))
+    o, h, lo, c = arrs
     n = len(o)
     d = np.zeros(n, dtype=np.int8)
     top = np.full(n, np.nan)
@@ -922,10 +975,27 @@ def fvg_batch(open: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.nda
     bot[m[bull]] = h[m - 1][bull]
     top[m[bear]] = lo[m - 1][bear]
     bot[m[bear]] = h[m + 1][bear]
-    # first later bar touching the gap: a suffix running extreme searched per gap
-    for i in np.flatnonzero(d):
-        seg = lo[i + 2:] <= top[i] if d[i] == 1 else h[i + 2:] >= bot[i]
-        if seg.any():
-            mit[i] = i + 2 + int(np.argmax(seg))
+    # The gap of bar i is watched from bar i + 2 on: a bullish one until a low reaches its top,
+    # a bearish one until a high reaches its bottom; heaps put the first to be reached on top.
+    gaps = np.flatnonzero(d)
+    if not len(gaps):
+        return d, top, bot, mit
+    dl, tl, bl, hl, ll = d.tolist(), top.tolist(), bot.tolist(), h.tolist(), lo.tolist()
+    ups: list[tuple[float, int]] = []     # (-top, bar)
+    downs: list[tuple[float, int]] = []   # (bottom, bar)
+    out: dict[int, int] = {}
+    for j in range(int(gaps[0]) + 1, n):
+        x, y = ll[j], hl[j]
+        while ups and -ups[0][0] >= x:
+            out[heapq.heappop(ups)[1]] = j
+        while downs and downs[0][0] <= y:
+            out[heapq.heappop(downs)[1]] = j
+        i = j - 1   # the gap confirmed at bar j (bar j - 1's) is watched from the next bar
+        if dl[i] == 1:
+            heapq.heappush(ups, (-tl[i], i))
+        elif dl[i] == -1:
+            heapq.heappush(downs, (bl[i], i))
+    if out:
+        k = np.fromiter(out.keys(), dtype=np.int64, count=len(out))
+        mit[k] = np.fromiter(out.values(), dtype=np.int64, count=len(out))
     return d, top, bot, mit
-
