@@ -440,11 +440,17 @@ def test_slow_name_resolution_times_out_on_time(monkeypatch: pytest.MonkeyPatch)
 def test_names_resolve_within_the_deadline_and_literals_need_no_lookup(fake: FakeOpenAI,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     resolver = Resolver(alias="api.fast-dns.test")
-    monkeypatch.setattr(socket, "getaddrinfo", resolver)
     caller = threading.current_thread().name
-    for host in ("api.fast-dns.test", "127.0.0.1", "localhost"):
-        with OpenAICompatibleClient(prof(fake.url.replace("127.0.0.1", host)), KEY) as c:
-            assert "buy" in c.complete(MESSAGES, timeout=5.0).text
+    # a named host over plain http is sent no key (it might not be this machine): a server that
+    # takes none; the loopback literals get the key
+    with FakeOpenAI() as keyless:
+        monkeypatch.setattr(socket, "getaddrinfo", resolver)
+        for host, server, key in (("api.fast-dns.test", keyless, None), ("127.0.0.1", fake, KEY),
+                                  ("localhost", fake, KEY)):
+            p = prof(server.url.replace("127.0.0.1", host), api_key_env="FAKE_API_KEY" if key else "")
+            with OpenAICompatibleClient(p, key) as c:
+                assert "buy" in c.complete(MESSAGES, timeout=5.0).text
+        monkeypatch.undo()
     threads = dict(resolver.calls)
     assert threads["api.fast-dns.test"] != caller  # looked up where a slow answer can be left behind
     assert threads.get("127.0.0.1", caller) == caller and threads.get("localhost", caller) == caller
@@ -772,3 +778,126 @@ def test_client_built_from_the_secrets_file(fake: FakeOpenAI, tmp_path: Path) ->
     with OpenAICompatibleClient(p, api_key(p, environ={"DYNAMIC_CORE_SECRETS": str(path)})) as c:
         assert c.complete(MESSAGES).status == 200
     assert fake.stats()["authorized"] == 1
+
+
+# -- second review: key fragments, truncated bodies, keys where they do not belong ----------------
+
+# no shape a generic pattern knows (not sk-...): only the key itself, or a part of it, matches
+XKEY = "xai-Zq9vT4mLp2Rk8WnB3yHc6JdF1sGa7QeU0oXi5VbN"
+
+
+def _escaped(s: str) -> str:
+    return "".join("\\u%04x" % ord(ch) for ch in s)
+
+
+def assert_no_fragment(text: str, key: str = XKEY) -> None:
+    """Not one run of 8 characters of ``key`` in ``text``, plain or as \\u escapes."""
+    for i in range(len(key) - 7):
+        part = key[i:i + 8]
+        assert part not in text and _escaped(part) not in text, (part, text)
+
+
+@pytest.mark.parametrize("body", [
+    b" " * 780 + XKEY.encode() + b" end",                                 # straddles where the excerpt was cut
+    b"x" * 700 + b" " * 90 + XKEY.encode(),
+    b" " * ((64 << 10) - 20) + XKEY.encode(),                              # straddles the 64 KiB body limit
+    b'{"error":{"message":"Incorrect API key provided: ' + XKEY[:-4].encode() + b'****"}}',  # echoed cut short
+    b'{"error":{"message":"key ' + XKEY[6:30].encode() + b'"}}',           # any part of it
+    b'{"error":{"message":"key ' + _escaped(XKEY).encode() + b'" broken',  # \u-escaped, in a body that is no JSON
+    b'{"error":{"message":"key ' + _escaped(XKEY[:20]).encode() + XKEY[20:].encode() + b'" broken',
+], ids=["pad780", "pad790", "pad64k", "prefix", "middle", "escaped", "half_escaped"])
+def test_a_key_echoed_cut_short_split_or_escaped_in_an_error_body_is_redacted(body: bytes) -> None:
+    with RawServer([(0.0, reply(401, body))]) as server, \
+            OpenAICompatibleClient(prof(server.url), XKEY) as c, pytest.raises(AdapterError) as ei:
+        c.complete(MESSAGES, timeout=5.0)
+    assert (ei.value.kind, ei.value.status) == ("auth", 401)
+    for text in (str(ei.value), repr(ei.value), "".join(traceback.format_exception(ei.value))):
+        assert_no_fragment(text)
+
+
+def test_redact_masks_runs_of_a_key_and_escaped_keys_and_nothing_else() -> None:
+    from dynamic_core.reasoning.secrets import FRAGMENT_CHARS
+
+    assert FRAGMENT_CHARS == 8
+    for text in (XKEY[:FRAGMENT_CHARS], XKEY[-FRAGMENT_CHARS:], XKEY[5:40], _escaped(XKEY),
+                 _escaped(XKEY[3:12]), XKEY[:9] + _escaped(XKEY[9:20]), "\\\\u" + _escaped(XKEY)[1:]):
+        out = redact(f"before {text} after", [Secret(XKEY)])
+        assert out.startswith("before ") and out.endswith(" after") and "***" in out
+        assert_no_fragment(out)
+    assert redact(XKEY[:7], [XKEY]) == XKEY[:7]  # 7 characters: too short to be the key
+    assert redact("ordinary \\u0041 text, nothing else", [XKEY]) == "ordinary \\u0041 text, nothing else"
+    assert redact(f"{XKEY}{XKEY[:-1]}", [XKEY, XKEY[:-1]]) == "******"  # two keys side by side: two
+    logger = logging.getLogger("dynamic_core.tests.fragments")
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(self.format(record))
+
+    handler = Collect()
+    logger.addHandler(handler)
+    logger.propagate = False
+    filt = RedactingFilter([Secret(XKEY)]).install(logger)
+    try:
+        logger.warning("server said: Incorrect API key provided: %s****", XKEY[:-4])
+        logger.warning("escaped: %s", _escaped(XKEY))
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(filt)
+        logger.propagate = True
+    assert len(seen) == 2
+    for line in seen:
+        assert_no_fragment(line)
+
+
+@pytest.mark.parametrize("body", [b'{"choices":[{"message":{"content":"fine"}}],"model":"m"}',  # valid JSON
+                                  b'{"choices":[{"message":'], ids=["valid_json", "cut_json"])
+def test_a_body_shorter_than_its_content_length_is_a_connection_error(body: bytes) -> None:
+    # the server promises 1000 bytes, sends fewer and closes: not a reply, whatever the bytes say
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    with RawServer([(0.0, head + body)]) as server, OpenAICompatibleClient(prof(server.url), KEY) as c, \
+            pytest.raises(AdapterError) as ei:
+        c.complete(MESSAGES, timeout=5.0)
+    assert (ei.value.kind, ei.value.status, ei.value.retryable) == ("connection", None, True)
+    assert "mid-reply" in str(ei.value) and f"{len(body)} bytes read" in str(ei.value)
+
+
+def test_a_secrets_file_with_a_key_where_its_name_goes_never_shows_the_key(tmp_path: Path) -> None:
+    # NAME and key swapped: the "name" is the key; the message must not quote it
+    path = write(tmp_path / "swapped.toml", f'{XKEY} = "XAI_API_KEY"\n', 0o600)
+    with pytest.raises(SecretsError, match="entry 1 has a name that is not upper-case snake case") as ei:
+        load_secrets_file(path)
+    for text in (str(ei.value), repr(ei.value), "".join(traceback.format_exception(ei.value))):
+        assert_no_fragment(text)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/v1?key=AIzaSyD-9tSrke72PouQMnMX",
+                                 "https://example.com/v1?api-version=1&key=AIzaSyD-9tSrke72PouQMnMX",
+                                 "http://127.0.0.1:9/v1#AIzaSyD-9tSrke72PouQMnMX",
+                                 "ftp://127.0.0.1:9/v1?key=AIzaSyD-9tSrke72PouQMnMX"])
+def test_a_base_url_with_a_query_string_is_refused_without_showing_it(url: str) -> None:
+    with pytest.raises(PolicyError) as ei:
+        profile("grok", {"base_url": url, "api_key_env": ""})
+    assert "AIzaSyD" not in str(ei.value) and "base_url" in str(ei.value)
+    if not url.startswith("ftp"):
+        assert "secrets file" in str(ei.value)
+    with pytest.raises(PolicyError) as ei:
+        OpenAICompatibleClient(ProviderProfile(name="grok", base_url=url, model="m"))
+    assert "AIzaSyD" not in str(ei.value)
+
+
+def test_a_key_never_goes_over_plain_http_to_another_machine() -> None:
+    # refused before any connection: the key would travel in cleartext
+    for url in ("http://192.0.2.2:8000/v1", "http://gpu-box:8000/v1", "http://[2001:db8::1]:8000/v1"):
+        with pytest.raises(PolicyError, match="cleartext.*https://"):
+            profile("deepseek", {"base_url": url})  # takes a key ($DEEPSEEK_API_KEY)
+        keyless = profile("deepseek", {"base_url": url, "api_key_env": ""})  # a server that takes none
+        assert keyless.base_url == url
+        with pytest.raises(PolicyError, match="cleartext") as ei:
+            OpenAICompatibleClient(keyless, XKEY)  # a key given anyway
+        assert_no_fragment(str(ei.value))
+        OpenAICompatibleClient(keyless, None).close()
+    for url in ("https://192.0.2.2:8443/v1", "http://127.0.0.1:9/v1", "http://localhost:9/v1", "http://[::1]:9/v1",
+                "http://127.8.0.1:9/v1"):
+        assert profile("deepseek", {"base_url": url}).base_url == url  # TLS, or this machine
+        OpenAICompatibleClient(prof(url), XKEY).close()

@@ -185,7 +185,7 @@ def test_an_adapter_without_its_key_refuses_requests_at_once_with_auth(fake) -> 
     inside the adapter, never sent without credentials, and fall back to the narrator. A server
     on this machine (a local OpenAI-compatible one under a built-in name) is asked anyway."""
     out = Collect()
-    remote = deepseek(fake, api_key_env="DC_TEST_NO_SUCH_KEY", base_url="http://provider.invalid/v1")
+    remote = deepseek(fake, api_key_env="DC_TEST_NO_SUCH_KEY", base_url="https://provider.invalid/v1")
     with ReasoningMesh(["deepseek"], policy=policy("deepseek", "local"), on_rationale=out, profiles=remote) as m:
         m.start(wait=TIMEOUT)
         assert m.wait_ready(timeout=TIMEOUT)
@@ -223,6 +223,16 @@ def test_an_adapter_that_exits_with_a_configuration_error_is_not_restarted(fake,
     assert fake.stats()["requests"] == 0
 
 
+# serve() as 'dynamic-core adapter' runs it, with a heartbeat the command line refuses (at least
+# 0.01 s there): a microsecond fills the send queue in seconds
+_SERVE_TINY_HEARTBEAT = """\
+import logging, sys
+from dynamic_core.reasoning.worker import serve
+logging.basicConfig(level=logging.INFO, format="adapter %(levelname)s %(message)s", stream=sys.stderr)
+sys.exit(serve("local", sys.argv[1], heartbeat_s=1e-6))
+"""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_an_adapter_without_a_broker_drops_stale_heartbeats_and_still_stops_on_a_signal(sig) -> None:
     # no broker: every heartbeat queues until the send queue (100k) is full; a blocking send then
@@ -231,8 +241,7 @@ def test_an_adapter_without_a_broker_drops_stale_heartbeats_and_still_stops_on_a
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens there once closed
     lines: list[str] = []
-    with subprocess.Popen([sys.executable, "-m", "dynamic_core", "adapter", "--provider", "local",
-                           "--connect", f"tcp://127.0.0.1:{port}", "--heartbeat", "0.000001"],
+    with subprocess.Popen([sys.executable, "-c", _SERVE_TINY_HEARTBEAT, f"tcp://127.0.0.1:{port}"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
         reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
         reader.start()
@@ -251,8 +260,14 @@ def test_an_adapter_without_a_broker_drops_stale_heartbeats_and_still_stops_on_a
     assert sum(f"no broker at tcp://127.0.0.1:{port}" in line for line in lines) == 1
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e-300", "0.009", "61"])
 def test_adapter_heartbeat_must_be_a_positive_finite_number(value: str) -> None:
+    # and within what a mesh takes for its own, [0.01, 60]: shorter only spins the adapter's loop
+    from dynamic_core import cli_reasoning
+    from dynamic_core.reasoning import worker
+
+    assert (cli_reasoning._HEARTBEAT_MIN_S, cli_reasoning._HEARTBEAT_MAX_S) == (worker.HEARTBEAT_MIN_S,
+                                                                                worker.HEARTBEAT_MAX_S)
     r = subprocess.run([sys.executable, "-m", "dynamic_core", "adapter", "--provider", "local", "--connect",
                         "tcp://127.0.0.1:1", "--heartbeat", value], capture_output=True, text=True, timeout=60,
                        check=False)
@@ -563,7 +578,7 @@ def test_review_over_the_control_plane_with_the_cli(fake, tmp_path) -> None:
         assert r.returncode == 0, r.stderr
         items = json.loads(r.stdout)["items"]
         assert [(it["reason"], it["provider"]) for it in items] == [("disagrees", "deepseek")]
-        r = cli("review", "reject", addr, str(items[0]["item"]), "--note", "wrong way round")
+        r = cli("review", "reject", addr, str(items[0]["item"]))
         assert r.returncode == 0 and json.loads(r.stdout)["weight"] == pytest.approx(0.8)
         r = cli("review", "approve", addr, str(items[0]["item"]))  # already decided
         assert r.returncode == 1 and "no review item" in r.stderr
@@ -1289,3 +1304,314 @@ def test_an_adapter_facing_a_listener_that_is_no_broker_warns_once() -> None:
         srv.close()
     assert err.count(f"no broker at tcp://127.0.0.1:{port}") == 1
     assert "connected to the broker" not in err and "lost the broker" not in err and "Traceback" not in err
+
+
+# ---- second review: contexts adapters refuse, signals, heartbeats, weights, configuration ---------
+
+def _bad_contexts() -> dict[str, P.ReasoningContext]:
+    """Contexts a Python caller can build (a Struct built in Python skips its constraints) that an
+    adapter's decoder refuses, keyed by the field the refusal names."""
+    base = dict(signal_id="bad:1", instrument="EURUSD", timeframe=3600, seq=1, action=1, score=0.3, confidence=0.7,
+                agreement=0.8, dispersion=0.1, n_agents=10, features={"atr_pct": 0.3})
+    over = {"features": dict(features={f"f{j}": 1.0 for j in range(65)}), "signal_id": dict(signal_id="s" * 300),
+            "asset_class": dict(asset_class="a" * 300), "timeframe": dict(timeframe=0), "action": dict(action=3),
+            "seq": dict(seq=-1), "key": dict(features={"k" * 300: 1.0}), "instrument": dict(instrument=""),
+            "float": dict(features={"flag": True})}  # ("key": a feature name, "float": a feature value)
+    return {field: P.ReasoningContext(**{**base, **o}) for field, o in over.items()}  # type: ignore[arg-type]
+
+
+def test_submit_refuses_a_context_an_adapter_would_refuse_and_the_provider_keeps_its_slots(fake) -> None:
+    # such a context used to be sent, refused by the adapter without a reply, and hold the
+    # provider's slot for good: after max_concurrency of them every task fell back to 'local'
+    m, out = mesh(fake, prof=deepseek(fake, max_concurrency=1))
+    with m:
+        bad = _bad_contexts()
+        for field, c in bad.items():
+            with pytest.raises(ValueError, match=f"ctx would be refused by the adapters: .*{field}"):
+                m.submit(c)
+        with pytest.raises(TypeError, match="ctx must be a dynamic_core.payloads.ReasoningContext, got NoneType"):
+            m.submit(None)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"ctxs\[1\] would be refused .*features"):
+            m.submit_many([ctx(1), bad["features"], ctx(2)])  # all or nothing
+        assert len(m._inbox) == 0 and m.counts["submitted"] == 0
+        assert m.counts["invalid_contexts"] == len(bad) + 2
+        # numpy scalars (features computed with numpy) are taken as Python floats
+        c = P.ReasoningContext(signal_id="np:1", instrument="EURUSD", timeframe=3600, action=1, confidence=0.7,
+                               agreement=0.8, n_agents=10, features={"atr_pct": np.float32(0.25),
+                                                                     "ret_20": np.float64(1.5)})
+        m.submit(c)
+        for i in range(3):
+            m.submit(ctx(1700 + i))
+        got = out.wait(4)
+        assert [(o.status, o.provider) for o in got] == [("ok", "deepseek")] * 4
+        user = next(x["content"] for x in fake.stats()["last_request"]["body"]["messages"] if x["role"] == "user")
+        assert "ret_20" in user
+        assert m.adapters("deepseek")[0]["in_flight"] == 0
+
+
+def test_an_adapter_answers_a_request_it_cannot_decode_so_the_broker_gets_its_slot_back() -> None:
+    # a broker of another payload version, say: the frame does not decode, but its task id and
+    # attempt can still be read, and a client_error reply frees the slot the broker holds for it
+    import zmq
+
+    zctx = zmq.Context.instance()
+    router = zctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:*")
+    addr = router.getsockopt_string(zmq.LAST_ENDPOINT)
+    enc, dec = P.Codec(P.MeshToAdapter), P.Codec(P.MeshFromAdapter)
+    proc = subprocess.Popen([sys.executable, "-m", "dynamic_core", "adapter", "--provider", "local", "--connect", addr],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    replies: dict[int, P.ReasonReply] = {}
+    try:
+        assert router.poll(TIMEOUT * 1000), "no hello"
+        ident = router.recv_multipart()[0]
+        bad = _bad_contexts()["features"]
+        router.send_multipart([ident, enc.encode(P.ReasonRequest(task_id=77, attempt=3, context=bad))])
+        router.send_multipart([ident, b"\x93garbage"])  # says nothing of an attempt: counted, not answered
+        router.send_multipart([ident, enc.encode(P.ReasonRequest(task_id=78, attempt=0, context=ctx(1)))])
+        end = time.monotonic() + TIMEOUT
+        while 78 not in replies:  # answered in order: 77's reply, if any, came first
+            assert time.monotonic() < end, f"replies so far: {replies}"
+            if not router.poll(100):
+                continue
+            for frame in router.recv_multipart()[1:]:
+                for buf in P.split_batch(frame):
+                    msg = dec.decode(buf)
+                    if isinstance(msg, P.ReasonReply):
+                        replies[msg.task_id] = msg
+        router.send_multipart([ident, enc.encode(P.MeshShutdown())])
+        err = proc.communicate(timeout=TIMEOUT)[1]
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        router.close(0)
+    refused = replies.get(77)
+    assert refused is not None, err
+    assert (refused.attempt, refused.ok, refused.error_kind) == (3, False, "client_error")
+    assert "features" in refused.error and "refused" in refused.error
+    assert replies[78].ok and "Traceback" not in err
+    assert "refused request 77 (attempt 3)" in err and "refused a broker frame" in err
+
+
+_TERM_WHILE_STOPPING = """\\
+import os, signal, sys
+import dynamic_core.reasoning.worker as W
+def hook(frame, event, arg):
+    # run()'s way out: self._stop.set() -> Condition.notify_all, with the Event's lock held
+    if event == "call" and frame.f_code.co_name == "notify_all":
+        caller = frame.f_back
+        if caller and caller.f_code.co_name == "set" and caller.f_back and caller.f_back.f_code.co_name == "run":
+            sys.setprofile(None)
+            print("signalled", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)  # what ReasoningMesh.close() sends, right then
+sys.setprofile(hook)
+sys.exit(W.serve("local", sys.argv[1]))
+"""
+
+
+def test_a_signal_landing_while_the_adapter_holds_its_stop_lock_still_lets_it_exit() -> None:
+    # the handler used to call Event.set, whose lock is not reentrant: a SIGTERM arriving while
+    # run() was inside its own Event.set hung the adapter for good
+    import zmq
+
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:*")
+    proc = subprocess.Popen([sys.executable, "-c", _TERM_WHILE_STOPPING, router.getsockopt_string(zmq.LAST_ENDPOINT)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert router.poll(TIMEOUT * 1000), "no hello"
+        ident = router.recv_multipart()[0]
+        router.send_multipart([ident, P.Codec(P.MeshToAdapter).encode(P.MeshShutdown())])
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail("the adapter hung in its own signal handler")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        router.close(0)
+    assert "signalled" in out, err  # the signal did land at that point
+    assert proc.returncode == 0 and "Traceback" not in err
+
+
+def test_an_adapter_beating_slower_than_the_mesh_is_lost_once_then_judged_by_its_own_interval(
+        fake, caplog) -> None:
+    # started by hand with --heartbeat 1 against a mesh beating every 0.1 s (5 missed: 0.5 s):
+    # it used to be lost after every hello and its requests failed over each time
+    caplog.set_level(logging.WARNING, logger="dynamic_core.reasoning.mesh")
+    out = Collect()
+    with ReasoningMesh([], spawn=False, policy=policy("deepseek", "local"), profiles=deepseek(fake),
+                       on_rationale=out) as m:
+        proc = subprocess.Popen([sys.executable, "-m", "dynamic_core", "adapter", "--provider", "deepseek",
+                                 "--connect", m.address, "--base-url", fake.url, "--heartbeat", "1",
+                                 "--profile-json", json.dumps({"api_key_env": KEY_ENV})],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert m.wait_ready(["deepseek"], timeout=TIMEOUT)
+            wait_until(lambda: m.stats()["tasks"]["slow_heartbeats"] == 1, timeout=10)
+            lost = m.stats()["adapters_lost"]
+            assert lost == 1
+            time.sleep(3.5)  # three of its beats, a hello
+            st = m.stats()
+            assert st["adapters_lost"] == lost and st["providers"]["deepseek"]["adapters"] == 1
+            for i in range(3):
+                m.submit(ctx(1800 + i))
+            assert [(o.status, o.provider) for o in out.wait(3)] == [("ok", "deepseek")] * 3
+        finally:
+            proc.terminate()
+            proc.wait(TIMEOUT)
+    warned = [r.getMessage() for r in caplog.records if "beats slower than the mesh" in r.getMessage()]
+    assert len(warned) == 1 and "--heartbeat 0.1" in warned[0]
+
+
+def test_a_key_echoed_cut_short_or_escaped_reaches_neither_the_adapter_log_nor_the_mesh(caplog) -> None:
+    from .test_reasoning_client import XKEY, _escaped, assert_no_fragment
+
+    caplog.set_level(logging.DEBUG, logger="dynamic_core")
+    out = Collect()
+    with FakeOpenAI() as echo:  # takes any key, and quotes the one it got (as many providers do)
+        echo.script([{"mode": "status", "status": 401,
+                      "message": f"Incorrect API key provided: {XKEY[:-4]}****; as sent: {_escaped(XKEY)}"}])
+        with ReasoningMesh([], policy=policy("deepseek", "local"), profiles=deepseek(echo), on_rationale=out,
+                           max_retries=0) as m:
+            env = dict(os.environ, DC_TEST_XKEY=XKEY)
+            proc = subprocess.Popen([sys.executable, "-m", "dynamic_core", "adapter", "--provider", "deepseek",
+                                     "--connect", m.address, "--base-url", echo.url,
+                                     "--profile-json", json.dumps({"api_key_env": "DC_TEST_XKEY"})],
+                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                assert m.wait_ready(["deepseek"], timeout=TIMEOUT)
+                m.submit(ctx(1900))
+                o = out.wait(1)[0]
+                stats = json.dumps(m.stats(), default=str)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                _, err = proc.communicate(timeout=TIMEOUT)
+        assert echo.stats()["by_mode"].get("status") == 1  # the server did echo it
+    assert (o.status, o.provider) == ("fallback", "local") and "auth" in stats
+    assert "401" in err and "Incorrect API key provided: ***" in err
+    for text in (err, stats, caplog.text, o.update.text):
+        assert_no_fragment(text)
+
+
+def test_a_base_url_carrying_a_credential_never_reaches_an_adapter_command_line() -> None:
+    from dynamic_core.errors import PolicyError
+
+    secret = "AIzaSyD-9tSrke72PouQMnMX"
+    with pytest.raises(PolicyError, match="query string") as ei:
+        ReasoningMesh(["grok"], spawn=False,
+                      profiles={"grok": {"base_url": f"http://127.0.0.1:9/v1?key={secret}", "api_key_env": ""}})
+    assert secret not in str(ei.value)
+    m = ReasoningMesh([], spawn=False)
+    try:
+        with pytest.raises(PolicyError, match="query string") as ei:
+            m.spawn("grok", base_url=f"http://127.0.0.1:9/v1?key={secret}", api_key_env="")
+        with pytest.raises(PolicyError, match="credentials"):
+            m.spawn("grok", base_url=f"http://u:{secret}@127.0.0.1:9/v1", api_key_env="")
+        assert secret not in str(ei.value) and not m._children  # refused before any process started
+    finally:
+        m.close()
+
+
+def test_a_damaged_weights_file_starts_over_and_a_decision_that_cannot_be_saved_stays_queued(
+        tmp_path, caplog) -> None:
+    from dynamic_core.errors import ReasoningError
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)  # nested deeper than the JSON decoder recurses
+    with caplog.at_level(logging.WARNING, logger="dynamic_core.reasoning.ensemble"):
+        m = ReasoningMesh([], spawn=False, weights_path=deep)
+    m.close()
+    assert m.weights.values == {} and f"{deep} is damaged" in caplog.text
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")  # the weights' directory is a file: the save fails
+    with ReasoningMesh([], spawn=False, weights_path=blocker / "weights.json") as m:
+        m.start()
+        item = m._call(lambda: m.review_queue.add(signal_id="s", instrument="EURUSD", timeframe=60, provider="grok",
+                                                  text="t", reason="conflict", confidence=0.2)).item
+        with pytest.raises(ReasoningError, match=f"{blocker / 'weights.json'} cannot be written.*not applied"):
+            m.review(item, True)
+        assert [it["item"] for it in m.review_list()] == [item]  # still there, to be decided again
+        assert m.weights.values == {} and m.stats()["review"]["approved"] == 0
+        blocker.unlink()
+        assert m.review(item, True)["weight"] == pytest.approx(1.1)  # the retry goes through
+        assert m.review_list() == [] and m.stats()["review"]["approved"] == 1
+    assert json.loads((blocker / "weights.json").read_text()) == {"grok": pytest.approx(1.1)}
+
+
+def test_review_offers_no_note_since_nothing_would_keep_it() -> None:
+    r = subprocess.run([sys.executable, "-m", "dynamic_core", "review", "--help"], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, COLUMNS="200"))
+    assert r.returncode == 0 and "--note" not in r.stdout and "note" not in r.stdout
+    r = subprocess.run([sys.executable, "-m", "dynamic_core", "review", "reject", "tcp://127.0.0.1:5997", "1",
+                        "--note", "x", "--server-key", "k", "--client-key", "k"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "unrecognized arguments: --note" in r.stderr
+
+
+_BAD_CONFIGS = {  # file contents -> what the one error line says (after the file's name)
+    'providers = "x"\n': "'providers' must be a table of [providers.NAME] tables, got a TOML str",
+    "[providers]\ngrok = 3\n": "'providers.grok' must be a table of profile fields ([providers.grok]), got a TOML int",
+    "policy = 5\n": "'policy' must be a table ([policy]), got a TOML int",
+    "[provider.grok]\nmodel = \"m\"\n": "unknown key 'provider'",
+    "[providers.grok]\nmodel = 5\n": "provider 'grok': Expected `str`, got `int` - at `$.model`",
+    "[[policy.rules]]\ncandidates = [\"nosuch\"]\n": "unknown provider 'nosuch'",
+    "[providers.grok]\nbase_url = \"http://127.0.0.1:1/v1?key=SUPERSECRET123\"\n": "query string",
+    "x = \"unterminated\n": "not valid TOML",
+}
+
+
+def test_reasoning_config_of_the_wrong_shape_or_contents_is_one_error_naming_file_and_key(tmp_path) -> None:
+    import argparse
+
+    from dynamic_core.cli_reasoning import check_reasoning_args, reasoning_config
+
+    for i, (text, says) in enumerate(_BAD_CONFIGS.items()):
+        path = tmp_path / f"bad{i}.toml"
+        path.write_text(text)
+        with pytest.raises(ValueError) as ei:
+            reasoning_config(path)
+        assert str(ei.value).startswith(f"--reasoning-config {path}: ") and says in str(ei.value), str(ei.value)
+        assert "SUPERSECRET" not in str(ei.value)
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe\n")
+    with pytest.raises(ValueError, match=rf"--reasoning-config {tmp_path / 'bin.toml'}: not valid TOML \(not UTF-8"):
+        reasoning_config(tmp_path / "bin.toml")
+    with pytest.raises(ValueError, match="cannot be read"):
+        reasoning_config(tmp_path / "missing.toml")
+    good = tmp_path / "good.toml"
+    good.write_text('[policy]\nlast_resort = "local"\n[[policy.rules]]\nrequest_class = "*"\n'
+                    'candidates = ["mine", "local"]\n[providers.mine]\nbase_url = "http://127.0.0.1:9/v1"\n'
+                    'model = "m"\n')
+    policy_tbl, providers = reasoning_config(good)
+    assert policy_tbl is not None and policy_tbl["rules"][0]["candidates"] == ["mine", "local"]
+    assert providers == {"mine": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}
+
+    def args(**kw) -> argparse.Namespace:
+        return argparse.Namespace(**{"reasoning": "local", "secrets": None, "reasoning_config": None, **kw})
+
+    check_reasoning_args(args(reasoning=None))  # no mesh: nothing to check
+    check_reasoning_args(args(reasoning="local,mine", reasoning_config=str(good)))  # a provider the file defines
+    with pytest.raises(ValueError, match="--reasoning: unknown provider 'mine'"):
+        check_reasoning_args(args(reasoning="local,mine"))
+    with pytest.raises(ValueError, match="at least one provider"):
+        check_reasoning_args(args(reasoning=" , "))
+    with pytest.raises(ValueError, match="'providers' must be a table"):
+        check_reasoning_args(args(reasoning_config=str(tmp_path / "bad0.toml")))
+
+
+@pytest.mark.parametrize("text", ['providers = "x"\n', "[providers]\ngrok = 3\n"], ids=["str", "int"])
+def test_cli_run_with_a_reasoning_config_of_the_wrong_shape_exits_2_with_one_error_line(tmp_path, text) -> None:
+    path = tmp_path / "mesh.toml"
+    path.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "dynamic_core", "run", "--agents", "100", "--bars", "10", "-q",
+                        "--reasoning", "local", "--reasoning-config", str(path)],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"dynamic-core: error: --reasoning-config {path}: 'providers" in r.stderr

@@ -817,3 +817,27 @@ def test_cache_byte_budget_evicts_least_recently_used_and_refuses_oversized_valu
     assert cache.stats()["bytes"] < s["bytes"]
     with pytest.raises(ValueError):
         NarrativeCache(max_bytes=-1)
+
+
+def test_the_routing_tables_the_docs_show_name_real_providers() -> None:
+    # README's ctl example and the docstrings of set_routing and routing_rules: copied as shown,
+    # each must be accepted by a router that knows the built-in providers
+    import ast
+    import re
+    from pathlib import Path
+
+    from dynamic_core.reasoning import ReasoningMesh
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    m = re.search(r"`dynamic-core ctl ADDR routing ((?:[^`]|\n)*?) \.\.\.`", readme)
+    assert m is not None, "README shows no 'ctl ADDR routing' example"
+    tables = [dict(pair.split("=", 1) for pair in m.group(1).split())]
+    for doc in (ReasoningMesh.set_routing.__doc__, routing_rules.__doc__):
+        found = re.search(r"(\{\"[^\n]*\})", doc or "")
+        assert found is not None
+        tables.append(ast.literal_eval(found.group(1)))
+    router = Router(load_policy(), dict(BUILTIN_PROFILES))
+    for table in tables:
+        router.set_overrides(routing_rules(table))  # a provider it does not know: PolicyError
+        for value in table.values():
+            assert all(p.strip() in BUILTIN_PROFILES for p in value.split(","))

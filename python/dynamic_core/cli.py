@@ -844,6 +844,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .transport._common import check_address
 
         check_address(args.reasoning_bind, bind=True, allow_remote=getattr(args, "allow_remote", False))
+        from .cli_reasoning import check_reasoning_args
+
+        check_reasoning_args(args)  # providers, secrets file and reasoning config: before the engine starts
     if getattr(args, "paper", False):
         if getattr(args, "evolve", 0):
             raise CLIError("--evolve does not combine with --paper yet: the decision layer's credit "

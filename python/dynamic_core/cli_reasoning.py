@@ -10,7 +10,20 @@ from typing import Any
 
 from ._argtypes import int_range, positive_float, positive_int
 
-__all__ = ["add_commands", "add_run_options", "mesh_from_args", "mesh_summary"]
+__all__ = ["add_commands", "add_run_options", "check_reasoning_args", "mesh_from_args", "mesh_summary",
+           "reasoning_config"]
+
+_HEARTBEAT_MIN_S, _HEARTBEAT_MAX_S = 0.01, 60.0  # worker.HEARTBEAT_MIN_S/MAX_S (not imported: no zmq at load)
+
+
+def _heartbeat(text: str) -> float:
+    """``--heartbeat``: what ``ReasoningMesh(heartbeat_s=...)`` takes. Far shorter intervals only
+    spin the adapter's loop; a longer one than the broker's gets the adapter taken for lost."""
+    v = positive_float(text)
+    if not _HEARTBEAT_MIN_S <= v <= _HEARTBEAT_MAX_S:
+        raise argparse.ArgumentTypeError(f"must be in [{_HEARTBEAT_MIN_S:g}, {_HEARTBEAT_MAX_S:g}] seconds, "
+                                         f"got {text!r}")
+    return v
 
 _ADAPTER_EPILOG = """\
 examples:
@@ -38,7 +51,7 @@ _REVIEW_EPILOG = """\
 examples:
   dynamic-core review list tcp://127.0.0.1:5557 --server-key keys/server.key --client-key keys/ops.key_secret
   dynamic-core review approve tcp://127.0.0.1:5557 12 --server-key ... --client-key ...
-  dynamic-core review reject tcp://127.0.0.1:5557 13 --note "contradicts the signal" --server-key ... --client-key ...
+  dynamic-core review reject tcp://127.0.0.1:5557 13 --server-key ... --client-key ...
 
 Rationales land in the review queue when ensemble members disagree, when the chosen one states a
 low confidence, or when it argues against the signal. Approving raises the answering adapter's
@@ -66,8 +79,10 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
                    help="more profile overrides as a JSON object (any ProviderProfile field)")
     a.add_argument("--secrets", default=None, metavar="FILE",
                    help="0600 TOML file of API keys (NAME = \"key\") [default: $DYNAMIC_CORE_SECRETS]")
-    a.add_argument("--heartbeat", type=positive_float, default=0.1, metavar="S",
-                   help="heartbeat interval in seconds, > 0 [default: 0.1]")
+    a.add_argument("--heartbeat", type=_heartbeat, default=0.1, metavar="S",
+                   help="heartbeat interval in seconds, in [0.01, 60]; use the mesh's (heartbeat_s, 0.1 unless "
+                        "set): a broker takes an adapter silent for 5 of its own intervals for lost (a slower one "
+                        "once, with a warning, then judges it by its own interval) [default: 0.1]")
     a.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     a.set_defaults(func=cmd_adapter)
 
@@ -79,7 +94,6 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     r.add_argument("address", metavar="ADDR", help="the service's control socket")
     r.add_argument("item", nargs="?", type=int_range(0, 2**64 - 1), default=None, metavar="ITEM",
                    help="review item number, from 'review list' (approve/reject)")
-    r.add_argument("--note", default="", help="a note stored with the decision")
     r.add_argument("--limit", type=positive_int, default=100, help="items listed [default: 100]")
     r.add_argument("--server-key", required=True, metavar="FILE", help="the server's public key file (.key)")
     r.add_argument("--client-key", required=True, metavar="FILE", help="this client's secret key file")
@@ -153,7 +167,7 @@ def cmd_review(args: argparse.Namespace) -> int:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"no such file: {f}")
     cmd = (P.ReviewQuery(limit=args.limit) if args.action == "list"
-           else P.Review(item=args.item, approve=args.action == "approve", note=args.note[:256]))
+           else P.Review(item=args.item, approve=args.action == "approve"))
     with ControlClient(args.address, server_key=args.server_key, client_key=args.client_key,
                        timeout=args.timeout) as c:
         reply = c.request(cmd)
@@ -173,31 +187,96 @@ def cmd_review(args: argparse.Namespace) -> int:
     return 0
 
 
-def mesh_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~dynamic_core.reasoning.ReasoningMesh` ``run --reasoning`` asks for (started)."""
+def reasoning_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """The ``[policy]`` table (None when absent) and the ``[providers.NAME]`` tables of a
+    ``--reasoning-config`` file, each checked: :class:`ValueError` naming the file (and the key)
+    for a file that cannot be read, is not UTF-8 TOML, holds a top-level key other than
+    ``policy`` and ``providers``, a ``policy`` or ``providers`` that is not a table, a provider
+    entry that is not a table of profile fields, or contents the policy or a profile refuses
+    (a field of the wrong type or out of range, an unknown provider, a ``base_url`` with
+    credentials). Starts nothing."""
     import tomllib
 
-    from .reasoning import ReasoningMesh
+    from .errors import PolicyError
+    from .reasoning.policy import Router, load_policy
+    from .reasoning.profiles import load_profiles
+
+    where = os.fspath(path)
+    try:
+        with open(where, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"--reasoning-config {where}: cannot be read: {e.strerror or e}") from None
+    try:
+        cfg = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:  # TOML is UTF-8
+        raise ValueError(f"--reasoning-config {where}: not valid TOML (not UTF-8: {e.reason} at byte {e.start})"
+                         ) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--reasoning-config {where}: not valid TOML: {e}") from None
+    unknown = [k for k in cfg if k not in ("policy", "providers")]
+    if unknown:
+        raise ValueError(f"--reasoning-config {where}: unknown key {unknown[0]!r}: the file holds a [policy] table "
+                         "and [providers.NAME] tables")
+    policy = cfg.get("policy")
+    if policy is not None and not isinstance(policy, dict):
+        raise ValueError(f"--reasoning-config {where}: 'policy' must be a table ([policy]), got a TOML "
+                         f"{type(policy).__name__}")
+    providers = cfg.get("providers", {})
+    if not isinstance(providers, dict):
+        raise ValueError(f"--reasoning-config {where}: 'providers' must be a table of [providers.NAME] tables, "
+                         f"got a TOML {type(providers).__name__}")
+    for name, fields in providers.items():
+        if not isinstance(fields, dict):
+            raise ValueError(f"--reasoning-config {where}: 'providers.{name}' must be a table of profile fields "
+                             f"([providers.{name}]), got a TOML {type(fields).__name__}")
+    try:
+        Router(load_policy(policy), load_profiles(providers))  # every field, and the names the rules use
+    except PolicyError as e:
+        raise ValueError(f"--reasoning-config {where}: {e}") from None
+    return policy, providers
+
+
+def check_reasoning_args(args: argparse.Namespace) -> None:
+    """Check what ``run --reasoning`` will need, before anything starts (engine, broker,
+    adapter processes): the ``--reasoning`` providers, the ``--secrets`` file and the
+    ``--reasoning-config`` file (:func:`reasoning_config`). :class:`ValueError` naming the
+    option (and file and key), or :class:`~dynamic_core.errors.SecretsError` naming the file;
+    nothing when ``args.reasoning`` is not set. :func:`mesh_from_args` calls it too."""
+    if not getattr(args, "reasoning", None):
+        return
+    from .reasoning.profiles import load_profiles
 
     providers = [p.strip() for p in args.reasoning.split(",") if p.strip()]
     if not providers:
         raise ValueError("--reasoning needs at least one provider, e.g. --reasoning local")
-    if args.secrets:
+    if getattr(args, "secrets", None):
         from .reasoning.secrets import load_secrets_file
 
         # every adapter would read it and exit with the same error: say it once, before any
         # process starts (a SecretsError names the file, never its contents)
         load_secrets_file(args.secrets)
+    overrides: dict[str, dict[str, Any]] = {}
+    if getattr(args, "reasoning_config", None):
+        _, overrides = reasoning_config(args.reasoning_config)
+    known = load_profiles(overrides)
+    unknown = [p for p in providers if p not in known]
+    if unknown:
+        raise ValueError(f"--reasoning: unknown provider {unknown[0]!r}; known are {', '.join(known)} (a new "
+                         "one needs a [providers.NAME] table with base_url and model in --reasoning-config)")
+
+
+def mesh_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~dynamic_core.reasoning.ReasoningMesh` ``run --reasoning`` asks for (started).
+    Checks its arguments first (:func:`check_reasoning_args`)."""
+    from .reasoning import ReasoningMesh
+
+    check_reasoning_args(args)
+    providers = [p.strip() for p in args.reasoning.split(",") if p.strip()]
     policy: Any = None
     profiles: dict[str, Any] = {}
     if args.reasoning_config:
-        with open(args.reasoning_config, "rb") as f:
-            try:
-                cfg = tomllib.load(f)
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML is UTF-8
-                raise ValueError(f"{args.reasoning_config}: not valid TOML: {e}") from None
-        policy = cfg.get("policy")
-        profiles = cfg.get("providers", {})
+        policy, profiles = reasoning_config(args.reasoning_config)
     weights = getattr(args, "reasoning_weights", None)
     if weights is None and getattr(args, "journal", None):
         weights = os.path.join(args.journal, "reasoning_weights.json")

@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from ..errors import AdapterError, PolicyError
-from .profiles import ProviderProfile, check_base_url
+from .profiles import ProviderProfile, check_base_url, check_key_transport
 from .secrets import Secret, redact
 
 __all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "MAX_RETRY_AFTER_S", "Completion", "OpenAICompatibleClient",
@@ -300,9 +300,11 @@ class OpenAICompatibleClient:
     Raises
     ------
     PolicyError
-        A ``local`` profile, a ``base_url`` that is not ``http(s)://host[:port][/path]``, or an
-        ``api_key`` that still holds control characters or characters outside Latin-1 once
-        stripped (an HTTP header cannot carry them; the message does not quote the key).
+        A ``local`` profile, a ``base_url`` that is not ``http(s)://host[:port][/path]`` (no
+        credentials, no query string), an ``api_key`` with a plain ``http://`` ``base_url``
+        whose host is not this machine (the key would travel in cleartext), or an ``api_key``
+        that still holds control characters or characters outside Latin-1 once stripped (an HTTP
+        header cannot carry them; the message does not quote the key).
     """
 
     def __init__(self, profile: ProviderProfile, api_key: Secret | str | None = None, *,
@@ -320,12 +322,13 @@ class OpenAICompatibleClient:
         self._https = url.scheme == "https"
         self._host = url.hostname
         self._port = port or (443 if self._https else 80)
-        self._path = url.path.rstrip("/") + "/chat/completions" + (f"?{url.query}" if url.query else "")
+        self._path = url.path.rstrip("/") + "/chat/completions"  # (check_base_url refuses a query)
         if isinstance(api_key, str):
             api_key = Secret(api_key)
         if api_key and not _header_safe(api_key.reveal()):
             raise PolicyError(f"provider {profile.name!r}: the API key holds control characters or "
                               "characters outside Latin-1 (key not shown); check how it was stored")
+        check_key_transport(profile.name, profile.base_url, bool(api_key))  # never a key in cleartext
         self._key: Secret | None = api_key if api_key else None
         self._headers = {"Content-Type": "application/json", "Accept": "application/json",
                          "User-Agent": f"dynamic-core/{__version__}"}
@@ -385,6 +388,8 @@ class OpenAICompatibleClient:
                 break
             chunk = resp.read1(_CHUNK)
             if not chunk:
+                if resp.length:  # closed before the Content-Length it promised: not a reply
+                    raise http.client.IncompleteRead(b"".join(chunks), resp.length)
                 break
             total += len(chunk)
             if total > limit:
@@ -472,10 +477,15 @@ class OpenAICompatibleClient:
             resp = conn.getresponse()
             status = resp.status
             ok = 200 <= status < 300
-            data = self._read_body(resp, self.max_response_bytes if ok else
-                                   min(self.max_response_bytes, _ERROR_BODY_BYTES), strict=ok)
-            if not ok or resp.will_close or not resp.isclosed():
-                self.close()
+            try:
+                data = self._read_body(resp, self.max_response_bytes if ok else
+                                       min(self.max_response_bytes, _ERROR_BODY_BYTES), strict=ok)
+                if not ok or resp.will_close or not resp.isclosed():
+                    self.close()
+            finally:
+                # a body not read to its end (past a limit, refused) still holds the socket's
+                # file: closed now, not whenever the response is collected
+                resp.close()
         except AdapterError:
             self.close()
             raise
@@ -515,6 +525,7 @@ class OpenAICompatibleClient:
     # -- replies ----------------------------------------------------------------------------
 
     def _excerpt(self, text: str) -> str:
+        # redacted whole, then cut: a cut first could split a key and leave its first part
         text = " ".join(redact(text, (self._key,) if self._key else ()).split())
         return text if len(text) <= _EXCERPT_CHARS else text[: _EXCERPT_CHARS - 3] + "..."
 
@@ -522,13 +533,13 @@ class OpenAICompatibleClient:
         try:
             doc = msgspec.json.decode(data)
         except (msgspec.DecodeError, RecursionError, ValueError):
-            return self._excerpt(data[: 4 * _EXCERPT_CHARS].decode("utf-8", "replace"))
+            return self._excerpt(data.decode("utf-8", "replace"))  # (at most _ERROR_BODY_BYTES)
         err = doc.get("error") if isinstance(doc, dict) else None
         if isinstance(err, dict) and isinstance(err.get("message"), str):
             return self._excerpt(err["message"])
         if isinstance(err, str):
             return self._excerpt(err)
-        return self._excerpt(data[: 4 * _EXCERPT_CHARS].decode("utf-8", "replace"))
+        return self._excerpt(data.decode("utf-8", "replace"))
 
     def _status_error(self, status: int, resp: http.client.HTTPResponse, data: bytes) -> AdapterError:
         detail = self._error_detail(data)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -25,9 +26,12 @@ from typing import Any
 
 import msgspec
 
+from ..errors import ReasoningError
 from .prompts import ParsedReply, action_direction
 
 __all__ = ["ABSplit", "Candidate", "Ranked", "ReviewItem", "ReviewQueue", "Weights", "rerank"]
+
+log = logging.getLogger("dynamic_core.reasoning.ensemble")
 
 
 class Candidate(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,7 +92,11 @@ def rerank(candidates: Sequence[Candidate], action: int, weights: dict[str, floa
 
 
 class Weights:
-    """Per-adapter ensemble weights, persisted as JSON (written atomically) when ``path`` is set."""
+    """Per-adapter ensemble weights, persisted as JSON (written atomically) when ``path`` is set.
+
+    A file that cannot be read or is damaged (not JSON, nested too deeply to decode, not an
+    object of numbers) is logged and starts over: neutral weights, rewritten by the next
+    decision."""
 
     LO, HI = 0.1, 10.0
 
@@ -99,16 +107,31 @@ class Weights:
             try:
                 raw = json.loads(self.path.read_text())
                 self.values = {str(k): min(self.HI, max(self.LO, float(v))) for k, v in raw.items()}
-            except (OSError, ValueError, TypeError, AttributeError):
-                self.values = {}  # a damaged weights file starts over; the next decision rewrites it
+            except (OSError, ValueError, TypeError, AttributeError, RecursionError) as e:
+                # (RecursionError: JSON nested deeper than the decoder recurses)
+                log.warning("ensemble weights file %s is damaged (%s); starting over with neutral weights",
+                            self.path, type(e).__name__)
+                self.values = {}
 
     def get(self, provider: str) -> float:
         return self.values.get(provider, 1.0)
 
     def adjust(self, provider: str, factor: float) -> float:
+        """Multiply ``provider``'s weight by ``factor`` (within [LO, HI]) and save; the new weight.
+        :class:`~dynamic_core.errors.ReasoningError` naming the file when it cannot be written:
+        the weight is then unchanged."""
+        old = self.values.get(provider)
         v = min(self.HI, max(self.LO, self.get(provider) * factor))
         self.values[provider] = v
-        self.save()
+        try:
+            self.save()
+        except OSError as e:
+            if old is None:
+                del self.values[provider]
+            else:
+                self.values[provider] = old
+            raise ReasoningError(f"ensemble weights file {self.path} cannot be written "
+                                 f"({e.strerror or type(e).__name__}); the decision was not applied") from None
         return v
 
     def save(self) -> None:
@@ -167,9 +190,12 @@ class ReviewQueue:
         return [it.plain() for _, it in zip(range(limit), self.items.values())]
 
     def decide(self, item: int, approve: bool) -> dict[str, Any]:
-        """Apply a decision; ``KeyError`` for an unknown (or already decided) item."""
-        it = self.items.pop(int(item))
+        """Apply a decision; ``KeyError`` for an unknown (or already decided) item. The item
+        leaves the queue only once the weights are saved: when they cannot be
+        (:class:`~dynamic_core.errors.ReasoningError`), it stays, to be decided again."""
+        it = self.items[int(item)]
         w = self.weights.adjust(it.provider, self.APPROVE if approve else self.REJECT)
+        del self.items[it.item]
         if approve:
             self.approved += 1
         else:

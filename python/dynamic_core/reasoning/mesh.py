@@ -37,7 +37,6 @@ the signal's agreement or the draft's confidence is low.
 
 from __future__ import annotations
 
-import copy
 import heapq
 import itertools
 import json
@@ -84,6 +83,7 @@ from .ensemble import ABSplit, Candidate, ReviewQueue, Weights, rerank
 from .narrator import narrate
 from .policy import REQUEST_CLASSES, PolicyConfig, RouteRequest, Router, load_policy, routing_rules
 from .profiles import ProviderProfile, load_profiles
+from .profiles import profile as make_profile
 from .prompts import (
     TEMPLATE_VERSION,
     TEMPLATES,
@@ -98,7 +98,7 @@ from .prompts import (
 )
 from .registry import Roster
 from .tasks import PRIORITIES, Task, TaskQueue, priority_index
-from .worker import CONFIG_ERROR_EXIT, reply_limit
+from .worker import CONFIG_ERROR_EXIT, HEARTBEAT_MAX_S, HEARTBEAT_MIN_S, HELLO_EVERY_S, reply_limit
 
 __all__ = ["Outcome", "ReasoningMesh", "asset_class_of"]
 
@@ -124,6 +124,13 @@ RESPAWN_STABLE_S = 60.0
 # cache or publish megabytes per rationale.
 
 _DISPATCH_MAX = 1024  # tasks started per broker round at most (the loop comes straight back)
+
+SLOW_BEAT_MAX_S = 1.5 * HELLO_EVERY_S
+"""An adapter taken for lost for missed heartbeats that speaks again after at most this much
+silence is taken to beat slower than the broker (an adapter started by hand with a longer
+``--heartbeat``; its hellos come every :data:`~dynamic_core.reasoning.worker.HELLO_EVERY_S`
+whatever its heartbeat): it is registered again at once and judged by that silence from then on
+(logged once per adapter). A longer silence is a stall, not a slower heartbeat."""
 
 _CRYPTO = ("BTC", "ETH", "SOL", "XRP", "DOGE", "LTC", "ADA")
 _ISO = {"USD", "EUR", "JPY", "GBP", "CHF", "AUD", "NZD", "CAD", "CNH", "CNY", "HKD", "SGD", "SEK", "NOK",
@@ -157,28 +164,33 @@ class _Inbox:
         return any(self.lanes)
 
 
-# value types copied by reference (immutable): Python's and numpy's scalars (features computed
-# with numpy are numpy floats)
-_IMMUTABLE_VALUES = frozenset((float, int, str, bool, type(None), np.float64, np.float32, np.int64, np.int32,
-                               np.bool_))
-_replace = msgspec.structs.replace
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, np.generic):  # numpy scalars (features computed with numpy): as Python's
+        return obj.item()
+    raise TypeError(f"a value of type {type(obj).__name__} cannot be encoded")
 
 
-def _snapshot(ctx: ReasoningContext) -> ReasoningContext:
-    """``ctx`` with a copy of its ``features``: the struct is frozen but the dict is not, and the
-    broker reads it later (cache key when routing, prompt when sending). A shallow copy when every
-    value is an immutable scalar (the declared ``dict[str, float]``, numpy's included), else a
-    deep copy."""
+def _checked(ctx: Any, name: str) -> ReasoningContext:
+    """``ctx`` as an adapter will decode it: encoded and decoded as the wire's own type, so that a
+    context an adapter would refuse (more than 64 features, a 300-character signal id or feature
+    name, ``timeframe=0``, ``action=3``, ``seq=-1``: a Struct built in Python skips its
+    constraints) is refused here, before the broker sends it (an adapter that cannot decode a
+    request cannot answer it). What the broker keeps is that decoded copy, ``features``
+    included: the caller changing its dict afterwards changes neither the prompt nor the cache
+    key. :class:`TypeError` for what is not a ReasoningContext or holds a value msgpack cannot
+    carry (numpy scalars are taken as Python's), :class:`ValueError` naming the field otherwise."""
     if not isinstance(ctx, ReasoningContext):
-        return ctx  # (the broker refuses what it cannot route; not this thread's business)
-    f = ctx.features
-    if type(f) is dict:
-        for v in f.values():
-            if type(v) not in _IMMUTABLE_VALUES:
-                break
-        else:
-            return _replace(ctx, features=f.copy())
-    return _replace(ctx, features=copy.deepcopy(dict(f)) if isinstance(f, Mapping) else copy.deepcopy(f))
+        raise TypeError(f"{name} must be a dynamic_core.payloads.ReasoningContext, got {type(ctx).__name__}")
+    try:
+        raw = msgspec.msgpack.encode(ctx, enc_hook=_enc_hook)
+    except TypeError as e:
+        raise TypeError(f"{name} cannot be sent to an adapter: {e}") from None
+    except (ValueError, OverflowError, msgspec.EncodeError) as e:
+        raise ValueError(f"{name} cannot be sent to an adapter: {e}") from None
+    try:
+        return msgspec.msgpack.decode(raw, type=ReasoningContext)
+    except msgspec.DecodeError as e:  # (a ValidationError: a constraint the Struct skipped when built)
+        raise ValueError(f"{name} would be refused by the adapters: {e}") from None
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -252,7 +264,10 @@ class ReasoningMesh:
     max_retries, backoff_s : int, float
         Retries within a provider and the first backoff (x1.5 per retry, +-20 % jitter).
     heartbeat_s, liveness : float, int
-        Adapters beat every ``heartbeat_s``; ``liveness`` missed beats mark one lost.
+        Adapters beat every ``heartbeat_s``; ``liveness`` missed beats mark one lost. An adapter
+        started by hand with a longer ``--heartbeat`` is taken for lost once, then, when it
+        speaks again within :data:`SLOW_BEAT_MAX_S`, registered again and judged by its own
+        interval (a warning says so).
     secrets_file : path, optional
         0600 TOML of API keys for spawned adapters (else environment variables).
     on_rationale : callable, optional
@@ -300,7 +315,7 @@ class ReasoningMesh:
         ab_fraction = check_real("ab_fraction", ab_fraction, 0.0, 1.0)
         max_retries = check_int("max_retries", max_retries, 0, 100)
         backoff_s = check_real("backoff_s", backoff_s, 0.0, 60.0)
-        heartbeat_s = check_real("heartbeat_s", heartbeat_s, 0.01, 60.0)
+        heartbeat_s = check_real("heartbeat_s", heartbeat_s, HEARTBEAT_MIN_S, HEARTBEAT_MAX_S)
         liveness = check_int("liveness", liveness, 1, 1000)
         max_tokens = check_int("max_tokens", max_tokens, 1, 1 << 20)
         outbox_size = check_int("outbox_size", outbox_size, 1, 100_000_000)
@@ -386,8 +401,10 @@ class ReasoningMesh:
                        "late_replies": 0, "unknown_replies": 0, "adapter_lost": 0, "respawned": 0,
                        "inline_local": 0, "callback_errors": 0, "rejected_frames": 0, "adapter_config_errors": 0,
                        "adapter_exits": 0, "refused_closed": 0, "evicted_inbox": 0, "ended_by_close": 0,
-                       "truncated_replies": 0, "timers_compacted": 0}
+                       "truncated_replies": 0, "timers_compacted": 0, "invalid_contexts": 0,
+                       "slow_heartbeats": 0}
         self.down: dict[str, str] = {}  # provider -> why its spawned adapters are not restarted
+        self._warned_invalid = False
         self.by_status: dict[str, int] = {}
         self.provider_extra: dict[str, dict[str, int]] = {}
         self._latencies: deque[float] = deque(maxlen=4096)
@@ -410,9 +427,15 @@ class ReasoningMesh:
         return self
 
     def spawn(self, provider: str, **overrides: Any) -> subprocess.Popen:
-        """Start one adapter process for ``provider`` connected to this broker."""
+        """Start one adapter process for ``provider`` connected to this broker. The profile
+        overrides travel on its command line (``--profile-json``), checked first
+        (:class:`~dynamic_core.errors.PolicyError`): a profile holds no secret (no credentials
+        or query string in ``base_url``; keys come from the environment or the secrets file)."""
         over = dict(self._profile_overrides.get(provider, {}))
         over.update(overrides)
+        # refused here (PolicyError), not by the process: its command line, which any local user
+        # can read, must never carry what check_base_url refuses (a credential in a URL)
+        make_profile(provider, over)
         cmd = [sys.executable, "-m", "dynamic_core", "adapter", "--provider", provider, "--connect",
                self.address, "--parent-pid", str(os.getpid()), "--heartbeat", str(self.heartbeat_s)]
         if over:
@@ -512,19 +535,25 @@ class ReasoningMesh:
         ranks lower is the newcomer refused. ``ctx.features`` is copied here: changing the
         caller's dict afterwards changes neither the prompt nor the cache key.
 
-        ``deadline_s`` must be in (0, 86400] and ``ensemble`` in [1, 64] (``ValueError``)."""
-        return self._submit((ctx,), request_class, priority, deadline_s, ensemble, refine)[0]
+        ``deadline_s`` must be in (0, 86400] and ``ensemble`` in [1, 64] (``ValueError``).
+        ``ctx`` is checked as an adapter will decode it: ``TypeError`` for what is not a
+        :class:`~dynamic_core.payloads.ReasoningContext`, ``ValueError`` naming the field for
+        one an adapter would refuse (e.g. more than 64 features; counted as
+        ``invalid_contexts``); nothing is queued then."""
+        return self._submit((ctx,), request_class, priority, deadline_s, ensemble, refine, "ctx")[0]
 
     def submit_many(self, ctxs: Sequence[ReasoningContext], *, request_class: str = "tactical",
                     priority: str | int = "medium", deadline_s: float | None = None, ensemble: int | None = None,
                     refine: bool | None = None) -> list[int]:
         """:meth:`submit` for each context, with the same options, under one lock and one
         wake-up of the broker (cheaper per task when a caller has several at once): the task
-        ids in order, 0 for each context refused (inbox full, or the mesh closed)."""
-        return self._submit(ctxs, request_class, priority, deadline_s, ensemble, refine)
+        ids in order, 0 for each context refused (inbox full, or the mesh closed). A context
+        :meth:`submit` would raise for raises here (naming ``ctxs[i]``) before any of the batch
+        is queued."""
+        return self._submit(ctxs, request_class, priority, deadline_s, ensemble, refine, "ctxs")
 
     def _submit(self, ctxs: Sequence[ReasoningContext], request_class: str, priority: str | int,
-                deadline_s: float | None, ensemble: int | None, refine: bool | None) -> list[int]:
+                deadline_s: float | None, ensemble: int | None, refine: bool | None, arg: str) -> list[int]:
         if request_class not in REQUEST_CLASSES:
             raise ValueError(f"unknown request class {request_class!r}: use one of {', '.join(REQUEST_CLASSES)}")
         pri = priority_index(priority)  # a name or an index, or raises naming the choices
@@ -532,9 +561,16 @@ class ReasoningMesh:
                                                                      lo_open=True)
         ens = self.ensemble if ensemble is None else check_int("ensemble", ensemble, 1, 64)
         ref = self.refine if refine is None else bool(refine)
-        # copies first, outside the lock: a context that cannot be copied raises before any of
-        # the batch is queued (all or nothing)
-        snaps = [_snapshot(c) for c in ctxs]
+        # checked copies first, outside the lock: a context an adapter would refuse, or that
+        # cannot be copied, raises before any of the batch is queued (all or nothing)
+        snaps = []
+        for i, c in enumerate(ctxs):
+            try:
+                snaps.append(_checked(c, arg if arg == "ctx" else f"{arg}[{i}]"))
+            except (TypeError, ValueError):
+                with self._lock:
+                    self.counts["invalid_contexts"] += 1
+                raise
         out: list[int] = []
         with self._lock:
             if self._closed:
@@ -622,7 +658,16 @@ class ReasoningMesh:
                 persona=self.persona,
                 # microstructure evidence the agents read (Engine.set_dsi), when the stream had any
                 features={"dsi_evidence": s.dsi} if s.has_dsi else {})
-            if self.submit(ctx, request_class=request_class, priority="high" if abs(ctx.action) == 2 else "medium"):
+            try:
+                tid = self.submit(ctx, request_class=request_class, priority="high" if abs(ctx.action) == 2
+                                  else "medium")
+            except (TypeError, ValueError) as e:  # (counted) a persona or asset class too long, say
+                if not self._warned_invalid:
+                    self._warned_invalid = True
+                    log.warning("reasoning: a signal's context is not one an adapter would take, skipped "
+                                "(counted as invalid_contexts; logged once): %s", e)
+                continue
+            if tid:
                 out.append(ctx.signal_id)
         return out
 
@@ -650,7 +695,7 @@ class ReasoningMesh:
         ``CLASS[/PERSONA[/ASSET_CLASS]]``, values comma-separated providers, most preferred
         first (see :func:`~dynamic_core.reasoning.policy.routing_rules`)::
 
-            mesh.set_routing({"deep": "anthropic,openai", "tactical/*/crypto": "groq"})
+            mesh.set_routing({"deep": "kimi,deepseek", "tactical/*/crypto": "grok"})
 
         Returns the number of rules. Raises
         :class:`~dynamic_core.reasoning.policy.PolicyError` for a table that does not parse or
@@ -664,7 +709,9 @@ class ReasoningMesh:
         return self._call(lambda: self.review_queue.list(limit))
 
     def review(self, item: int, approve: bool) -> dict[str, Any]:
-        """Approve or reject a queued rationale; ``KeyError`` for an unknown item."""
+        """Approve or reject a queued rationale; ``KeyError`` for an unknown item,
+        :class:`~dynamic_core.errors.ReasoningError` when the weights file cannot be written
+        (the item stays queued, to be decided again)."""
         box: list = []
 
         def do() -> None:
@@ -876,6 +923,8 @@ class ReasoningMesh:
                     log.exception("reasoning broker: handling a %s failed", type(msg).__name__)
 
     def _on_message(self, ident: bytes, msg: Any, now: float) -> None:
+        if ident not in self.roster.by_id and ident in self._lost and not isinstance(msg, AdapterBye):
+            self._slow_heartbeat(ident, now)
         if isinstance(msg, ReasonReply):
             a = self.roster.seen(ident, now)
             self._on_reply(a, ident, msg, now)
@@ -885,22 +934,52 @@ class ReasoningMesh:
             old = self.roster.by_id.get(ident)
             if old is not None and old.provider != msg.provider:
                 self._lose(ident, now, f"identity reused by provider {msg.provider!r}")
-            a, new = self.roster.hello(ident, msg, now)
-            if new:
-                log.info("adapter joined: %s (pid %d, %d slots)", msg.provider, msg.pid, msg.max_concurrency)
-                self.down.pop(msg.provider, None)
-                if msg.provider not in self.profiles:  # a provider configured only in its process
-                    log.warning("adapter for unknown provider %r ignored by routing", msg.provider)
+            self._join(ident, msg, now)
         elif isinstance(msg, AdapterBye):
             self._lose(ident, now, "adapter said goodbye")
 
+    def _join(self, ident: bytes, hello: AdapterHello, now: float) -> None:
+        a, new = self.roster.hello(ident, hello, now)
+        if new:
+            lost = self._lost.get(ident)
+            if lost is not None:  # the same process again: what was learned of its heartbeat holds
+                a.beat_s = lost.beat_s
+            log.info("adapter joined: %s (pid %d, %d slots)", hello.provider, hello.pid, hello.max_concurrency)
+            self.down.pop(hello.provider, None)
+            if hello.provider not in self.profiles:  # a provider configured only in its process
+                log.warning("adapter for unknown provider %r ignored by routing", hello.provider)
+
+    def _slow_heartbeat(self, ident: bytes, now: float) -> None:
+        """An adapter lost for missed heartbeats speaks again. Silent no longer than
+        :data:`SLOW_BEAT_MAX_S`, it is alive and beats slower than this broker (a hand-started
+        adapter with a longer ``--heartbeat``): judged by that silence from now on and registered
+        again at once, with a warning; a heartbeat mismatch would otherwise lose it again after
+        every hello, and fail over its requests each time."""
+        a = self._lost[ident]
+        if not a.missed:
+            return
+        a.missed = False  # (once per loss)
+        silence = now - a.last_seen
+        if silence > SLOW_BEAT_MAX_S:  # a stall, not a slower heartbeat: its next hello registers it
+            return
+        a.beat_s = max(a.beat_s, silence)
+        self.counts["slow_heartbeats"] += 1
+        log.warning("adapter %s (pid %d) was taken for lost after missing heartbeats (this mesh beats every "
+                    "%g s and allows %d missed) but is alive, silent %.2g s: it beats slower than the mesh (started "
+                    "with a longer --heartbeat?); judging it by its own interval from now on, so a dead one is "
+                    "noticed after %.2g s. Start adapters with --heartbeat %g", a.provider, a.hello.pid,
+                    self.heartbeat_s, self.liveness, silence, self.liveness * max(self.heartbeat_s, a.beat_s),
+                    self.heartbeat_s)
+        self._join(ident, a.hello, now)
+
     def _check_liveness(self, now: float) -> None:
-        expired = self.roster.expired(now, self.heartbeat_s * self.liveness)
+        expired = self.roster.expired(now, self.heartbeat_s, self.liveness)
         if expired and self._sock.poll(0, zmq.POLLIN):
             self._read_adapters()  # unread messages may hold their beats (a busy broker)
-            expired = self.roster.expired(now, self.heartbeat_s * self.liveness)
+            expired = self.roster.expired(now, self.heartbeat_s, self.liveness)
         for a in expired:
             self._lose(a.identity, now, "missed heartbeats")
+            a.missed = True  # (if it speaks again soon, it beats slower than this broker)
 
     def _lose(self, ident: bytes, now: float, why: str) -> None:
         a = self.roster.remove(ident)

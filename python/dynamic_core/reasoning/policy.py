@@ -400,7 +400,7 @@ def routing_rules(table: Mapping[str, str]) -> tuple[Rule, ...]:
     or ``*``, then optionally a persona and an asset class (``*`` or empty: any). Each value is
     the providers to ask, most preferred first, separated by commas::
 
-        {"deep": "anthropic,openai", "tactical/macro/fx": "groq", "*": "local"}
+        {"deep": "kimi,deepseek", "tactical/macro/fx": "grok", "*": "local"}
 
     Raises
     ------

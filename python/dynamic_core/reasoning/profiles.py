@@ -20,8 +20,8 @@ import msgspec
 
 from ..errors import PolicyError
 
-__all__ = ["BUILTIN_PROFILES", "LATENCY_CLASSES", "PROVIDERS", "ProviderProfile", "check_base_url", "load_profiles",
-           "profile"]
+__all__ = ["BUILTIN_PROFILES", "LATENCY_CLASSES", "PROVIDERS", "ProviderProfile", "check_base_url",
+           "check_key_transport", "is_loopback", "load_profiles", "profile"]
 
 LATENCY_CLASSES = ("instant", "fast", "standard", "slow")
 """Latency classes, fastest first (``instant``: no model behind it, e.g. the local narrator)."""
@@ -146,10 +146,29 @@ PROVIDERS: tuple[str, ...] = tuple(n for n in BUILTIN_PROFILES if n != "local")
 """The ten named remote providers."""
 
 
+def is_loopback(url: str) -> bool:
+    """Whether ``url``'s host is this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    import ipaddress
+
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_base_url(name: str, base_url: str) -> SplitResult:
     """``base_url`` of provider ``name`` split, or :class:`~dynamic_core.errors.PolicyError`
-    unless it is ``http(s)://host[:port][/path]`` without credentials (a key belongs in
-    ``api_key_env``; the message never quotes a URL's credentials)."""
+    unless it is ``http(s)://host[:port][/path]``: no credentials in it, neither as userinfo
+    (``user:pass@``) nor in a query string (``?key=...``) or fragment. A key belongs in the
+    secrets file or the environment variable ``api_key_env`` names: a profile is copied onto
+    the command line of every adapter process a mesh starts, which any local user can read. The
+    message never quotes a URL's userinfo, query or fragment."""
     from .secrets import redact
 
     try:
@@ -158,10 +177,15 @@ def check_base_url(name: str, base_url: str) -> SplitResult:
     except ValueError:  # e.g. an unbalanced IPv6 bracket
         url, host = None, None
     if url is None or url.scheme not in ("http", "https") or not host:
-        shown = redact(base_url.rsplit("@", 1)[-1])  # userinfo (before an @) never shown
+        # userinfo (before an @), query and fragment never shown
+        shown = redact(base_url.rsplit("@", 1)[-1].split("?", 1)[0].split("#", 1)[0])
         raise PolicyError(f"provider {name!r}: base_url must be http(s)://host[:port][/path], got {shown!r}")
     if url.username is not None or url.password is not None:
-        raise PolicyError(f"provider {name!r}: base_url must not carry credentials; give the key through api_key_env")
+        raise PolicyError(f"provider {name!r}: base_url must not carry credentials (user:password@); give the key "
+                          "through the environment variable api_key_env names or the secrets file")
+    if url.query or url.fragment or "?" in base_url or "#" in base_url:
+        raise PolicyError(f"provider {name!r}: base_url must not carry a query string or fragment (not shown); "
+                          "credentials belong in the environment variable api_key_env names or the secrets file")
     try:
         _ = url.port
     except ValueError:
@@ -169,12 +193,24 @@ def check_base_url(name: str, base_url: str) -> SplitResult:
     return url
 
 
+def check_key_transport(name: str, base_url: str, keyed: bool) -> None:
+    """:class:`~dynamic_core.errors.PolicyError` when a provider that sends an API key
+    (``keyed``) would send it in cleartext: plain ``http://`` to a host that is not this
+    machine."""
+    if keyed and urlsplit(base_url).scheme == "http" and not is_loopback(base_url):
+        raise PolicyError(f"provider {name!r}: its API key would travel in cleartext: plain http:// is allowed "
+                          "only to this machine (localhost, 127.0.0.0/8, ::1); use https://, or set "
+                          "api_key_env to \"\" for a server that takes no key")
+
+
 def profile(name: str, overrides: Mapping[str, Any] | None = None) -> ProviderProfile:
     """The profile called ``name`` with ``overrides`` applied (validated like a config file).
 
     Raises :class:`~dynamic_core.errors.PolicyError` for an unknown name without ``base_url``
     and ``model``, an unknown field, a value out of range, or (``openai-compatible``) a
-    ``base_url`` that is not ``http(s)://host[:port][/path]`` or that carries credentials.
+    ``base_url`` that is not ``http(s)://host[:port][/path]``, that carries credentials or a
+    query string, or that is plain ``http://`` to another machine for a provider that takes a
+    key (``api_key_env`` set: the key would travel in cleartext).
     """
     base = BUILTIN_PROFILES.get(name)
     fields: dict[str, Any] = msgspec.structs.asdict(base) if base is not None else {"name": name}
@@ -192,6 +228,7 @@ def profile(name: str, overrides: Mapping[str, Any] | None = None) -> ProviderPr
         raise PolicyError(f"provider {name!r}: {e}") from None
     if prof.kind == "openai-compatible":
         check_base_url(name, prof.base_url)  # refused here, not by every adapter process at start
+        check_key_transport(name, prof.base_url, bool(prof.api_key_env))
     return prof
 
 

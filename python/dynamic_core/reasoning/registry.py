@@ -22,6 +22,11 @@ class Adapter:
     outstanding: dict[tuple[int, int], list] = field(default_factory=dict)
     """(task id, attempt) -> [provider, sent at, outcome recorded]: the attempts this adapter
     holds a slot for, released only by its reply or its loss."""
+    beat_s: float = 0.0
+    """The adapter's own heartbeat interval, when it was found to beat slower than the broker
+    (0: not known, the broker's): its liveness is judged by the longer of the two."""
+    missed: bool = False
+    """It was lost for missed heartbeats (set by the broker when it removes it)."""
 
     @property
     def in_flight(self) -> int:
@@ -86,8 +91,10 @@ class Roster:
             self.lost += 1
         return a
 
-    def expired(self, now: float, max_silence: float) -> list[Adapter]:
-        return [a for a in self.by_id.values() if now - a.last_seen > max_silence]
+    def expired(self, now: float, heartbeat_s: float, liveness: int) -> list[Adapter]:
+        """Adapters silent for more than ``liveness`` heartbeats: the broker's ``heartbeat_s``,
+        or the adapter's own interval (``beat_s``) when that is longer."""
+        return [a for a in self.by_id.values() if now - a.last_seen > liveness * max(heartbeat_s, a.beat_s)]
 
     def alive(self, provider: str) -> bool:
         return bool(self.by_provider.get(provider))

@@ -5,11 +5,14 @@ A key lives in the environment (``OPENAI_API_KEY=...``) or in a TOML secrets fil
 :class:`Secret`, whose ``repr`` and ``str`` are ``Secret('***')`` and which refuses to be
 pickled, so a key cannot reach a log line, a traceback's ``repr`` or a message to another
 process by accident. :func:`redact` and :class:`RedactingFilter` scrub the text that does leave
-(error messages, log records) of every known key and of anything shaped like one.
+(error messages, log records) of every known key and of anything shaped like one: a key
+whole, any run of :data:`FRAGMENT_CHARS` or more of its characters (a server that echoes a key
+cut short, a cut that splits one), and either of those written as JSON ``\\uXXXX`` escapes.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import re
@@ -28,7 +31,8 @@ except ModuleNotFoundError:  # Python 3.10 (requires-python allows it): the same
 if TYPE_CHECKING:
     from .profiles import ProviderProfile
 
-__all__ = ["SECRETS_ENV", "RedactingFilter", "Secret", "api_key", "load_secrets_file", "redact"]
+__all__ = ["FRAGMENT_CHARS", "SECRETS_ENV", "RedactingFilter", "Secret", "api_key", "load_secrets_file",
+           "redact"]
 
 SECRETS_ENV = "DYNAMIC_CORE_SECRETS"
 """Environment variable naming the secrets file used when :func:`api_key` is given no path."""
@@ -36,6 +40,14 @@ SECRETS_ENV = "DYNAMIC_CORE_SECRETS"
 _KEY_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 _MAX_FILE_BYTES = 1 << 20  # a secrets file is a handful of lines; anything bigger is a wrong path
 _MIN_SECRET_LEN = 4  # shorter "secrets" would redact ordinary words and numbers everywhere
+
+FRAGMENT_CHARS = 8
+"""Any run of this many consecutive characters of a known key (of at least this length) is
+redacted wherever it appears: a server may echo a key cut short or with its end masked
+(``Incorrect API key provided: xai-AbCd...****``), and a text cut at a limit may end inside one;
+either way what is left is still most of the key. Shorter keys are redacted whole only."""
+
+_U_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
 
 # Header values first (they may hold a token of any shape), then bare bearer tokens, then
 # provider-style keys. A quoted JSON value is cut at its closing quote, a plain header line at
@@ -173,9 +185,11 @@ def load_secrets_file(path: str | os.PathLike[str]) -> dict[str, Secret]:
     out: dict[str, Secret] = {}
     for i, (name, value) in enumerate(data.items(), 1):
         if not _KEY_NAME.match(name):
-            shown = redact(name[:64], ())
-            raise SecretsError(f"secrets file {p}: entry {i} has name {shown!r}; names must match "
-                               "^[A-Z_][A-Z0-9_]*$ (e.g. OPENAI_API_KEY)")
+            # not shown: a name that is not one is most likely a key written where its name goes
+            # (KEY = "NAME" instead of NAME = "KEY")
+            raise SecretsError(f"secrets file {p}: entry {i} has a name that is not upper-case snake case "
+                               "(not shown: is it a key written where its name goes?); names must match "
+                               '^[A-Z_][A-Z0-9_]*$, as in OPENAI_API_KEY = "<the key>"')
         if not isinstance(value, str):
             raise SecretsError(f"secrets file {p}: {name} must be a string, got a TOML "
                                f"{type(value).__name__} (value not shown)")
@@ -234,12 +248,78 @@ def key_values(secrets: Iterable[Secret | str]) -> list[str]:
     return sorted((v for v in values if isinstance(v, str) and len(v) >= _MIN_SECRET_LEN), key=len, reverse=True)
 
 
-def redact_keys(text: str, keys: list[str]) -> str:
-    """``text`` with each of ``keys`` (as :func:`key_values` gives them) replaced by ``***``;
-    only the keys, not the generic patterns :func:`redact` adds."""
+def _spans(text: str, keys: list[str]) -> list[tuple[int, int]]:
+    """Where ``keys`` occur in ``text``: each key whole, and each run of :data:`FRAGMENT_CHARS`
+    characters of a key that long (the runs of one occurrence overlap, and merge into it)."""
+    out: list[tuple[int, int]] = []
     for k in keys:
-        text = text.replace(k, "***")
-    return text
+        needles = [k] if len(k) < FRAGMENT_CHARS else \
+            dict.fromkeys(k[j:j + FRAGMENT_CHARS] for j in range(len(k) - FRAGMENT_CHARS + 1))
+        for g in needles:
+            i = text.find(g)
+            while i >= 0:
+                out.append((i, i + len(g)))
+                i = text.find(g, i + 1)
+    return out
+
+
+def _escaped_spans(text: str, keys: list[str]) -> list[tuple[int, int]]:
+    """:func:`_spans` in the view of ``text`` with its ``\\uXXXX`` escapes decoded, mapped back to
+    ``text``: a key a server wrote as JSON escapes (in a body that did not decode) is still it."""
+    starts: list[int] = []  # per piece: its start in the view, its start and end in text
+    where: list[tuple[int, int]] = []
+    pieces: list[str] = []
+    v = o = 0
+    for m in _U_ESCAPE.finditer(text):
+        if m.start() > o:
+            starts.append(v)
+            where.append((o, m.start()))
+            pieces.append(text[o:m.start()])
+            v += m.start() - o
+        starts.append(v)
+        where.append((m.start(), m.end()))
+        pieces.append(chr(int(m.group(1), 16)))
+        v += 1
+        o = m.end()
+    if o < len(text):
+        starts.append(v)
+        where.append((o, len(text)))
+        pieces.append(text[o:])
+
+    def orig(i: int, end: bool) -> int:  # text position of view position i (of its end: end=True)
+        k = bisect.bisect_right(starts, i) - 1
+        a, b = where[k]
+        if b - a != len(pieces[k]):  # an escape: all of it
+            return b if end else a
+        return a + (i - starts[k]) + int(end)
+
+    return [(orig(a, False), orig(b - 1, True)) for a, b in _spans("".join(pieces), keys)]
+
+
+def redact_keys(text: str, keys: list[str]) -> str:
+    """``text`` with each of ``keys`` (as :func:`key_values` gives them) replaced by ``***``:
+    whole, any run of :data:`FRAGMENT_CHARS` of its characters, and either written as
+    ``\\uXXXX`` escapes. Only the keys, not the generic patterns :func:`redact` adds."""
+    if not keys or not text:
+        return text
+    spans = _spans(text, keys)
+    if "\\u" in text:
+        spans += _escaped_spans(text, keys)
+    if not spans:
+        return text
+    spans.sort()
+    out: list[str] = []
+    pos = 0
+    cur_a, cur_b = spans[0]
+    for a, b in spans[1:]:
+        if a < cur_b:  # overlapping: one run (two keys side by side stay two)
+            cur_b = max(cur_b, b)
+            continue
+        out += (text[pos:cur_a], "***")
+        pos = cur_b
+        cur_a, cur_b = a, b
+    out += (text[pos:cur_a], "***", text[cur_b:])
+    return "".join(out)
 
 
 def redact(text: str, secrets: Iterable[Secret | str] = ()) -> str:
@@ -255,9 +335,10 @@ def redact(text: str, secrets: Iterable[Secret | str] = ()) -> str:
     Returns
     -------
     str
-        The text, with the known keys, ``Authorization`` header values, ``Bearer`` tokens,
-        ``api_key=...`` values and anything shaped like a provider key (``sk-...``) replaced by
-        ``***``.
+        The text, with the known keys (whole, in runs of :data:`FRAGMENT_CHARS` or more of their
+        characters, and as ``\\uXXXX`` escapes), ``Authorization`` header values, ``Bearer``
+        tokens, ``api_key=...`` values and anything shaped like a provider key (``sk-...``)
+        replaced by ``***``.
     """
     text = redact_keys(text, key_values(secrets))
     for pattern, repl in _PATTERNS:

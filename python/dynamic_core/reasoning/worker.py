@@ -13,8 +13,12 @@ heartbeats every ``heartbeat_s`` (with its in-flight count), and answers each
 Errors become ``ok=False`` replies with an :class:`~dynamic_core.errors.AdapterError` kind and a
 message from which every secret the adapter knows has been removed; a successful reply's text and
 model name are redacted the same way (a provider may echo the key it was sent), and so are the
-process's log records. The adapter exits on :class:`~dynamic_core.payloads.MeshShutdown`,
-SIGTERM/SIGINT, or, with ``parent_pid``, when that process is gone.
+process's log records. A request frame the adapter cannot decode (a broker of another payload
+version, say) is counted in ``rejected`` and, when its task id and attempt can still be read,
+answered at once with ``client_error``: the broker holds a slot per request until its reply, so a
+request left unanswered would hold one for as long as the adapter lives. The adapter exits on
+:class:`~dynamic_core.payloads.MeshShutdown`, SIGTERM/SIGINT, or, with ``parent_pid``, when that
+process is gone.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import time
 from collections import deque
 from typing import Any
 
+import msgspec
 import zmq
 
 from ..errors import AdapterError, DynamicCoreError, PayloadError, PolicyError
@@ -44,10 +49,10 @@ from ..payloads import (
     split_batch,
 )
 from ..transport._common import readable
-from .profiles import ProviderProfile
+from .profiles import ProviderProfile, is_loopback
 from .secrets import Secret, key_values, redact, redact_keys
 
-__all__ = ["CONFIG_ERROR_EXIT", "AdapterWorker", "serve"]
+__all__ = ["CONFIG_ERROR_EXIT", "HEARTBEAT_MAX_S", "HEARTBEAT_MIN_S", "AdapterWorker", "serve"]
 
 log = logging.getLogger("dynamic_core.reasoning.adapter")
 
@@ -56,6 +61,13 @@ HELLO_EVERY_S = 2.0
 
 POLL_MAX_S = 0.2
 """Longest socket wait: a SIGTERM/SIGINT handler only sets a flag, which the loop sees this soon."""
+
+HEARTBEAT_MIN_S = 0.01
+HEARTBEAT_MAX_S = 60.0
+"""Heartbeat intervals ``dynamic-core adapter --heartbeat`` and ``ReasoningMesh(heartbeat_s=)``
+take. A broker takes an adapter silent for ``liveness`` of its own intervals for lost; one that
+beats slower than the broker is lost once, then judged by its own interval (see
+:class:`~dynamic_core.reasoning.ReasoningMesh`), so start adapters with the mesh's interval."""
 
 CONFIG_ERROR_EXIT = 2
 """Exit status of ``dynamic-core adapter`` for bad arguments or configuration (secrets file,
@@ -78,6 +90,17 @@ def reply_limit(max_tokens: int) -> int:
 
 JOIN_S = 1.0
 """How long :meth:`AdapterWorker.close` waits for its request threads, all of them together."""
+
+
+class _RequestIds(msgspec.Struct, tag_field="type", tag="reason_request"):
+    """What a refused :class:`~dynamic_core.payloads.ReasonRequest` frame may still tell: which
+    attempt to answer. No constraints, unknown fields ignored."""
+
+    task_id: int
+    attempt: int = 0
+
+
+_ids_decoder = msgspec.msgpack.Decoder(_RequestIds)
 
 
 class AdapterWorker:
@@ -125,7 +148,10 @@ class AdapterWorker:
         self._jobs: deque[ReasonRequest] = deque()
         self._jobs_cv = threading.Condition()
         self._threads: list[threading.Thread] = []
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # tells the request threads (set by run() on its way out)
+        # what stop() sets: a plain attribute, since it is called from signal handlers, which may
+        # interrupt this very thread while it holds a lock (an Event's is not reentrant)
+        self._stopping = False
         self.in_flight = 0
         self.served = 0
         self.rejected = 0
@@ -139,7 +165,7 @@ class AdapterWorker:
         # like the provider's own 401 would be (the broker's cooldown and fallback then apply),
         # instead of sent without credentials. A server on this machine (a local
         # OpenAI-compatible one under a built-in name) is asked anyway: many take no key.
-        self._refuse_keyless = bool(profile.api_key_env) and not self._secrets and not _loopback(profile.base_url)
+        self._refuse_keyless = bool(profile.api_key_env) and not self._secrets and not is_loopback(profile.base_url)
 
     # ---- request execution --------------------------------------------------------------------
     def _answer_local(self, req: ReasonRequest) -> ReasonReply:
@@ -179,7 +205,8 @@ class AdapterWorker:
                            tokens_out=max(0, min(int(c.tokens_out), 2**32 - 1)), model_ms=c.latency_s * 1e3)
 
     def _clip(self, text: str, n: int) -> str:
-        """``text`` with every key this adapter knows replaced by ``***``, cut to ``n``
+        """``text`` with every key this adapter knows replaced by ``***`` (whole, or any run of
+        :data:`~dynamic_core.reasoning.secrets.FRAGMENT_CHARS` of its characters), cut to ``n``
         characters. The replacement sees a window longer than ``n`` by the longest key, so a key
         straddling the cut is replaced whole, not left half there. Only the keys themselves: the
         generic patterns :func:`~dynamic_core.reasoning.secrets.redact` adds for error messages
@@ -272,7 +299,7 @@ class AdapterWorker:
             self._send(self.hello(), "hellos")
             next_beat = time.monotonic() + self.heartbeat_s
             next_hello = time.monotonic() + HELLO_EVERY_S
-            while not self._stop.is_set():
+            while not self._stopping:
                 now = time.monotonic()
                 timeout_ms = max(0, int(min(next_beat - now, POLL_MAX_S) * 1000))
                 events = dict(poller.poll(timeout_ms))
@@ -358,7 +385,13 @@ class AdapterWorker:
                     msg = self._codec_in.decode(buf)
                 except PayloadError as e:
                     self.rejected += 1
-                    log.warning("refused a broker frame: %s", e.reason)
+                    refusal = self._refusal(buf, e)
+                    if refusal is None:
+                        log.warning("refused a broker frame: %s", e.reason)
+                    else:  # answered: the broker frees the slot it holds for this request
+                        log.warning("refused request %d (attempt %d) from the broker: %s", refusal.task_id,
+                                    refusal.attempt, e.reason)
+                        replies.append(self._codec_out.encode(refusal))
                     continue
                 if isinstance(msg, MeshShutdown):
                     self._send_replies(replies)
@@ -374,13 +407,29 @@ class AdapterWorker:
             self._send_replies(replies)
         return False
 
+    def _refusal(self, buf: Any, e: PayloadError) -> ReasonReply | None:
+        """The ``client_error`` reply to a request frame that did not decode, or None when the
+        frame does not say which attempt it is (then nothing can be answered)."""
+        try:
+            ids = _ids_decoder.decode(buf)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, RecursionError):
+            return None
+        if not (0 <= ids.task_id < 2**64 and 0 <= ids.attempt <= 255):
+            return None
+        detail = redact(f"the adapter refused the request ({e.reason}): {e.detail}", self._secrets)
+        return ReasonReply(task_id=ids.task_id, attempt=ids.attempt, ok=False, error_kind="client_error",
+                           error=detail[:2000])
+
     def _send_replies(self, replies: list[bytes]) -> None:
-        """The local narrator's answers to one broker message: in batch frames when several."""
+        """The answers made on the socket thread to one broker message (the local narrator's,
+        refusals): in batch frames when several."""
         if replies:
             self._send_frames(batch_frames(replies), "replies", len(replies))
 
     def stop(self) -> None:
-        self._stop.set()
+        """Ask :meth:`run` to finish (within :data:`POLL_MAX_S`). Takes no lock: safe in a
+        signal handler, whatever the interrupted code holds."""
+        self._stopping = True
 
     def close(self) -> None:
         # one deadline for every request thread (a hung request holds its thread until its own
@@ -392,20 +441,6 @@ class AdapterWorker:
         self.sock.close()
 
 
-def _loopback(url: str) -> bool:
-    """Whether ``url``'s host is this machine (localhost, 127.0.0.0/8, ::1)."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    host = (urlsplit(url).hostname or "").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def serve(provider: str, connect: str, *, overrides: dict[str, Any] | None = None,
           secrets_file: str | None = None, heartbeat_s: float = 0.1, parent_pid: int | None = None) -> int:
     """Run one adapter process until shutdown (what ``dynamic-core adapter`` calls).
@@ -414,9 +449,12 @@ def serve(provider: str, connect: str, *, overrides: dict[str, Any] | None = Non
     client refuses included), secrets file, API key or address raises before serving starts (the
     command line turns that into exit status :data:`CONFIG_ERROR_EXIT`, which a
     :class:`~dynamic_core.reasoning.ReasoningMesh` does not restart)."""
+    from .._checks import check_real
     from .profiles import profile as make_profile
     from .secrets import RedactingFilter, api_key
 
+    # (the command line takes [HEARTBEAT_MIN_S, HEARTBEAT_MAX_S]; shorter here only spins the loop)
+    heartbeat_s = check_real("heartbeat_s", heartbeat_s, 0.0, HEARTBEAT_MAX_S, lo_open=True)
     prof = make_profile(provider, overrides)
     key = api_key(prof, secrets_file=secrets_file) if prof.kind != "local" else None
     if prof.kind != "local":
@@ -428,13 +466,13 @@ def serve(provider: str, connect: str, *, overrides: dict[str, Any] | None = Non
     RedactingFilter([key] if key else []).install()  # the root logger and its handlers
     if prof.kind != "local" and prof.api_key_env and not key:
         log.warning("provider %s: no API key in $%s or the secrets file; %s", prof.name, prof.api_key_env,
-                    "asking its server on this machine without one" if _loopback(prof.base_url) else
+                    "asking its server on this machine without one" if is_loopback(prof.base_url) else
                     "its requests fail at once with 'auth' (the mesh falls back; set api_key_env to \"\" "
                     "for a server that takes none)")
     worker = AdapterWorker(prof, connect, api_key=key, heartbeat_s=heartbeat_s, parent_pid=parent_pid)
 
     def _term(signum: int, frame: Any) -> None:
-        worker.stop()
+        worker.stop()  # a plain flag: a lock here could be one the interrupted main thread holds
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _term)
