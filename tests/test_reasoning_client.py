@@ -3,6 +3,7 @@ that feed it (files, environment, redaction of errors and logs)."""
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import logging
@@ -740,8 +741,10 @@ def test_redact() -> None:
     assert redact(f"{KEY}{KEY[:-1]}", [KEY, KEY[:-1]]) == "******"  # longest first
 
 
-def test_redacting_filter_on_a_logger() -> None:
-    logger = logging.getLogger("dynamic_core.tests.redaction")
+@contextlib.contextmanager
+def _redacted_log(name: str, secrets: list) -> Iterator[tuple[logging.Logger, RedactingFilter, list[str]]]:
+    """A logger with a RedactingFilter installed and a handler collecting its formatted lines."""
+    logger = logging.getLogger(name)
     seen: list[str] = []
 
     class Collect(logging.Handler):
@@ -751,8 +754,17 @@ def test_redacting_filter_on_a_logger() -> None:
     handler = Collect()
     logger.addHandler(handler)
     logger.propagate = False
-    filt = RedactingFilter([Secret(KEY)]).install(logger)
+    filt = RedactingFilter(secrets).install(logger)
     try:
+        yield logger, filt, seen
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(filt)
+        logger.propagate = True
+
+
+def test_redacting_filter_on_a_logger() -> None:
+    with _redacted_log("dynamic_core.tests.redaction", [Secret(KEY)]) as (logger, filt, seen):
         logger.warning("calling provider with key %s and header %r", KEY, {"Authorization": f"Bearer {KEY}"})
         filt.add("late-secret-1")
         try:
@@ -760,10 +772,6 @@ def test_redacting_filter_on_a_logger() -> None:
         except RuntimeError:
             logger.exception("request failed")
         logging.getLogger("dynamic_core.tests.redaction.child").error("child says %s", KEY)  # via handler
-    finally:
-        logger.removeHandler(handler)
-        logger.removeFilter(filt)
-        logger.propagate = True
     assert len(seen) == 3
     assert "calling provider with key ***" in seen[0]
     assert "RuntimeError: boom with *** and ***" in seen[1]
@@ -827,24 +835,9 @@ def test_redact_masks_runs_of_a_key_and_escaped_keys_and_nothing_else() -> None:
     assert redact(XKEY[:7], [XKEY]) == XKEY[:7]  # 7 characters: too short to be the key
     assert redact("ordinary \\u0041 text, nothing else", [XKEY]) == "ordinary \\u0041 text, nothing else"
     assert redact(f"{XKEY}{XKEY[:-1]}", [XKEY, XKEY[:-1]]) == "******"  # two keys side by side: two
-    logger = logging.getLogger("dynamic_core.tests.fragments")
-    seen: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(self.format(record))
-
-    handler = Collect()
-    logger.addHandler(handler)
-    logger.propagate = False
-    filt = RedactingFilter([Secret(XKEY)]).install(logger)
-    try:
+    with _redacted_log("dynamic_core.tests.fragments", [Secret(XKEY)]) as (logger, _, seen):
         logger.warning("server said: Incorrect API key provided: %s****", XKEY[:-4])
         logger.warning("escaped: %s", _escaped(XKEY))
-    finally:
-        logger.removeHandler(handler)
-        logger.removeFilter(filt)
-        logger.propagate = True
     assert len(seen) == 2
     for line in seen:
         assert_no_fragment(line)
