@@ -706,32 +706,8 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
                       std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted,
                       std::unique_lock<std::mutex>* lk) {
   if (closed_) throw std::logic_error("engine is closed");
-  if (lk && wait_for_space) {
-    // Blocking: the batch goes in pieces, each no longer than the room the window has now (so
-    // it needs no wait), journaled and taken before the next. Only ingress fills the window, so
-    // the room only grows while it holds its lock; that is released only between pieces, while
-    // waiting for room, so a
-    // change made meanwhile (by the consumer this submit waits for, say) lands between two
-    // pieces, journaled there, and the journal holds exactly the bars taken when close() or a
-    // failure ends the batch early.
-    // A piece waits for a quarter of the window (or the rest of the batch) rather than for one
-    // slot, so a consumer freeing slots one by one does not make a journal commit per bar.
-    size_t i = 0;
-    bool full = false;
-    while (i < n) {
-      const uint64_t room = cap_ - (head_.load(std::memory_order_relaxed) - tail_.load(std::memory_order_acquire));
-      const uint64_t want = std::min<uint64_t>(n - i, std::max<uint64_t>(1, cap_ / 4));
-      if (room < want) {
-        if (!full) ++stats_.backpressure_events;
-        full = true;
-        wait_for_room(*lk, want);
-        continue;
-      }
-      full = false;
-      const size_t m = static_cast<size_t>(std::min<uint64_t>(n - i, room));
-      take(bars + i, m, n_registered, false, nullptr, nullptr, i);
-      i += m;
-    }
+  if (lk && wait_for_space) {  // blocking: in pieces, ingress released while waiting (see take)
+    take(bars, n, n_registered, false, nullptr, nullptr, 0, lk);
     return n;
   }
   bool validated = false;
@@ -740,7 +716,7 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
     // while ingress holds its lock (consumers free slots, nothing else takes them), so the room
     // there is now is room for the whole prefix: it is decided before anything is journaled,
     // and the journal holds exactly the bars taken.
-    const uint64_t room = cap_ - (head_.load(std::memory_order_relaxed) - tail_.load(std::memory_order_acquire));
+    const uint64_t room = window_room();
     if (room >= n) {  // every bar fits (a bar takes at most one slot): nothing to cut, no pre-pass
       take(bars, n, n_registered, false, nullptr, nullptr, 0);
       return n;
@@ -781,43 +757,48 @@ void Engine::wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want) {
   if (closed_ || stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
 }
 
-// A batch that may have to wait for room (run(), whose caller drains its own signals, and
-// drop_oldest, which drops the oldest) goes in pieces, each no longer than the room the window
-// has when it starts (a bar takes at most one slot), journaled and taken before the next: a
-// close() that ends the wait leaves in the journal exactly the bars taken. A piece waits for a
-// quarter of the window (or the rest of the batch) rather than one slot, so a saturated window
-// does not make a journal commit per bar; drop_oldest drops as many signals as that piece may
-// need (no more than the bars left in the batch).
+// A batch that may have to wait for room (a blocking submit or step, which releases ingress
+// while it waits; run(), whose caller drains its own signals; drop_oldest, which drops the
+// oldest) goes in pieces, each no longer than the room the window has when it starts (a bar
+// takes at most one slot), journaled and taken before the next. Only ingress fills the window,
+// so the room only grows while it holds its lock: a piece needs no wait, and a change made while
+// a blocking submit waits (by the consumer it waits for, say) lands between two pieces, journaled
+// there. The journal holds exactly the bars taken when close() or a failure ends the batch
+// early. A piece waits for a quarter of the window (or the rest of the batch) rather than one
+// slot, so a saturated window does not make a journal commit per bar; drop_oldest drops as many
+// signals as that piece may need (no more than the bars left in the batch).
 void Engine::take(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
-                  std::vector<AdmittedBar>* admitted, size_t row0) {
-  const bool may_wait = !admitted && (drain_to || cfg_.backpressure == Backpressure::DropOldest);
+                  std::vector<AdmittedBar>* admitted, size_t row0, std::unique_lock<std::mutex>* lk) {
+  const bool may_wait = !admitted && (lk || drain_to || cfg_.backpressure == Backpressure::DropOldest);
   if (!may_wait || validated) {  // validated: reject_new cut the batch to the room there is
     take_piece(bars, n, n_registered, validated, drain_to, admitted, row0);
     return;
   }
   size_t i = 0;
   while (i < n) {
-    make_room(std::min<uint64_t>(n - i, std::max<uint64_t>(1, cap_ / 4)), drain_to);
-    const uint64_t room = cap_ - (head_.load(std::memory_order_relaxed) - tail_.load(std::memory_order_acquire));
-    const size_t m = static_cast<size_t>(std::min<uint64_t>(n - i, room));
+    make_room(std::min<uint64_t>(n - i, std::max<uint64_t>(1, cap_ / 4)), drain_to, lk);
+    const size_t m = static_cast<size_t>(std::min<uint64_t>(n - i, window_room()));
     take_piece(bars + i, m, n_registered, false, drain_to, nullptr, row0 + i);
     i += m;
   }
 }
 
-void Engine::make_room(uint64_t want, std::vector<Signal>* drain_to) {
-  auto room = [&] { return cap_ - (head_.load(std::memory_order_relaxed) - tail_.load(std::memory_order_acquire)); };
-  if (room() >= want) return;
+void Engine::make_room(uint64_t want, std::vector<Signal>* drain_to, std::unique_lock<std::mutex>* lk) {
+  if (window_room() >= want) return;
   ++stats_.backpressure_events;
-  while (room() < want) {
+  while (window_room() < want) {
+    if (lk) {  // blocking: ingress released while it waits (throws once the engine stops)
+      wait_for_room(*lk, want);
+      continue;
+    }
     if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
-    std::lock_guard<std::mutex> lk(egress_m_);
+    std::lock_guard<std::mutex> eg(egress_m_);
     if (drain_to) {  // run(): the caller is the consumer
       Signal buf[256];
       const size_t k = wait_and_drain(buf, 256, 100'000'000, drain_batch());
       drain_to->insert(drain_to->end(), buf, buf + k);
     } else {  // drop_oldest
-      stats_.backpressure_dropped += wait_and_drain(nullptr, static_cast<size_t>(want - room()), 100'000'000);
+      stats_.backpressure_dropped += wait_and_drain(nullptr, static_cast<size_t>(want - window_room()), 100'000'000);
     }
   }
 }

@@ -340,16 +340,21 @@ class Engine {
                 std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted = nullptr,
                 std::unique_lock<std::mutex>* lk = nullptr);
   // Journals bars[0, n) (unless `validated`, checking them first) and takes them, in pieces
-  // when it may wait for room (see engine.cpp); `row0` is the first bar's row in the caller's
-  // batch (dead letters name it).
+  // when it may wait for room (see engine.cpp; `lk`: a blocking feeder's ingress lock, released
+  // while it waits); `row0` is the first bar's row in the caller's batch (dead letters name it).
   void take(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
-            std::vector<AdmittedBar>* admitted, size_t row0);
+            std::vector<AdmittedBar>* admitted, size_t row0, std::unique_lock<std::mutex>* lk = nullptr);
   // take() for a batch of bars that all fit the room the window has now (journaled, then taken).
   void take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
                   std::vector<AdmittedBar>* admitted, size_t row0);
-  // With ingress held, makes `want` slots free in the window: run() drains signals into
-  // drain_to, drop_oldest drops the oldest ready ones (counted). Throws once the engine stops.
-  void make_room(uint64_t want, std::vector<Signal>* drain_to);
+  // With ingress held, makes `want` slots free in the window: a blocking feeder (`lk`) waits
+  // with ingress released, run() drains signals into drain_to, drop_oldest drops the oldest
+  // ready ones (counted). Throws once the engine stops.
+  void make_room(uint64_t want, std::vector<Signal>* drain_to, std::unique_lock<std::mutex>* lk);
+  // Free slots in the window of bars in flight (ingress held: it only grows meanwhile).
+  uint64_t window_room() const {
+    return cap_ - (head_.load(std::memory_order_relaxed) - tail_.load(std::memory_order_acquire));
+  }
   // Releases ingress (`lk`) until the window has `want` free slots (up to 100 ms) or the engine
   // stops (then throws).
   void wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want);

@@ -107,7 +107,9 @@ def _check_agreeing(args: argparse.Namespace, cfg: tuple[Any, ...], path: str | 
     need = cfg[1].min_providers_agree
     if not need:
         return
-    providers = {p.strip() for p in (args.reasoning or "").split(",") if p.strip()}
+    from .cli_reasoning import reasoning_providers
+
+    providers = set(reasoning_providers(args))
     viewers = sorted(providers - {"local"})
     if len(viewers) < need:
         have = f"--reasoning gives {len(viewers)} ({', '.join(viewers)})" if viewers else "no --reasoning provider gives one"

@@ -237,6 +237,11 @@ def reasoning_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | Non
     return policy, providers
 
 
+def reasoning_providers(args: argparse.Namespace) -> list[str]:
+    """The provider names ``--reasoning`` lists (comma-separated; [] when it is not given)."""
+    return [p.strip() for p in (getattr(args, "reasoning", None) or "").split(",") if p.strip()]
+
+
 def check_reasoning_args(args: argparse.Namespace) -> None:
     """Check what ``run --reasoning`` will need, before anything starts (engine, broker,
     adapter processes): the ``--reasoning`` providers, the ``--secrets`` file and the
@@ -247,7 +252,7 @@ def check_reasoning_args(args: argparse.Namespace) -> None:
         return
     from .reasoning.profiles import load_profiles
 
-    providers = [p.strip() for p in args.reasoning.split(",") if p.strip()]
+    providers = reasoning_providers(args)
     if not providers:
         raise ValueError("--reasoning needs at least one provider, e.g. --reasoning local")
     if getattr(args, "secrets", None):
@@ -272,7 +277,7 @@ def mesh_from_args(args: argparse.Namespace) -> Any:
     from .reasoning import ReasoningMesh
 
     check_reasoning_args(args)
-    providers = [p.strip() for p in args.reasoning.split(",") if p.strip()]
+    providers = reasoning_providers(args)
     policy: Any = None
     profiles: dict[str, Any] = {}
     if args.reasoning_config:
