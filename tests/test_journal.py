@@ -175,8 +175,11 @@ def test_the_only_consumer_of_a_blocked_submit_may_evolve_and_the_journal_replay
             while sum(map(len, got)) < len(bars):
                 got.append(eng.poll(timeout=5.0).copy())
                 if sum(map(len, got)) >= 300 * (len(evolved) + 1) and len(evolved) < 3:
-                    time.sleep(0.05)  # the window fills: the submit waits for room
-                    assert eng.stats()["backpressure"]["events"] > len(evolved)
+                    # the window fills: the submit waits for room
+                    end = time.monotonic() + 20.0
+                    while eng.stats()["backpressure"]["events"] <= len(evolved):
+                        assert time.monotonic() < end, "the submit never waited for room"
+                        time.sleep(0.01)
                     eng.evolve(dict(min_age=50, replace_fraction=0.2), seed=3, generation=len(evolved) + 1)
                     eng.set_credit([int(eng.agents()["agent_id"][0])], [1.5])
                     evolved.append(sum(map(len, got)))

@@ -844,7 +844,7 @@ def test_close_keeps_its_timeout_while_a_callback_is_slow(make: Callable[..., ty
     assert entered.wait(5)
     t0 = time.monotonic()
     bridge.close(timeout=0.3)
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 5.0  # it does not wait for the callback (10 s)
     release.set()
     wait_for(lambda: bridge._sock.closed, what="the bridge thread closing its socket")
 
@@ -992,7 +992,7 @@ def _listed(bridge: MT5Bridge, ea: _RawEA, coid: str, **fields: typing.Any) -> t
            "magic": bridge.magic, "comment": coid, "client_order_id": coid, "profit": 0.0, **fields}
     seq = ea.send("position", query_id=q.query_id, snapshot=q.query_id, index=1, **pos)
     ea.send("positions_end", query_id=q.query_id, snapshot=q.query_id, count=1)
-    wait_for(lambda: bridge.reconciliation().get("query_id") == q.query_id, what="the reconciliation")
+    wait_for(lambda: q.query_id in bridge.reconciliation().get("query_ids", ()), what="the reconciliation")
     return q, seq
 
 
@@ -1123,7 +1123,7 @@ def test_position_answers_are_bounded_and_strays_counted(raw_live: tuple[MT5Brid
     assert bridge.stats()["bad_answers"] == 4
     ea.send("position", query_id=q.query_id, index=2, **pos)
     ea.send("position", query_id=q.query_id, index=1, **{**pos, "ticket": 8})
-    wait_for(lambda: bridge.reconciliation().get("query_id") == q.query_id, what="the answer completes")
+    wait_for(lambda: q.query_id in bridge.reconciliation().get("query_ids", ()), what="the answer completes")
     rec = bridge.reconciliation()
     assert rec["snapshot"] == 5 and rec["positions"] == 2 and len(rec["unknown"]) == 2
     live(bridge)

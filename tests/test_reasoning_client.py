@@ -338,7 +338,7 @@ def test_slow_reply_past_the_deadline_times_out_on_time(fake: FakeOpenAI) -> Non
             c.complete(MESSAGES, timeout=0.5)
         elapsed = time.monotonic() - t0
         assert (ei.value.kind, ei.value.status, ei.value.retryable) == ("timeout", None, True)
-        assert 0.5 <= elapsed < 1.0
+        assert 0.5 <= elapsed < 3.0  # (the reply would take 5 s; slack for a loaded machine)
         assert "buy" in c.complete(MESSAGES).text  # the server moved on; so did the client
     assert fake.wait_for("in_flight", 0)["in_flight"] == 0  # it noticed the client leave
 
@@ -350,7 +350,7 @@ def test_hang_times_out(fake: FakeOpenAI) -> None:
         with pytest.raises(AdapterError) as ei:
             c.complete(MESSAGES, timeout=0.3)
         assert ei.value.kind == "timeout"
-        assert time.monotonic() - t0 < 0.3 + 0.5
+        assert time.monotonic() - t0 < 0.3 + 3.0  # (slack for a loaded machine)
 
 
 DRIP_HEADERS = [(0.0, b"HTTP/1.1 200 OK\r\n"), *[(0.2, b"X-Drip: 1\r\n")] * 50]
@@ -370,7 +370,7 @@ def test_a_server_dripping_its_reply_times_out_on_time(steps: list[tuple[float, 
             c.complete(MESSAGES, timeout=1.0)
         elapsed = time.monotonic() - t0
     assert (ei.value.kind, ei.value.status, ei.value.retryable) == ("timeout", None, True)
-    assert 1.0 <= elapsed < 1.0 + 0.5
+    assert 1.0 <= elapsed < 1.0 + 3.0  # the drip lasts 10 s (slack for a loaded machine)
 
 
 def test_profile_timeout_is_the_default(fake: FakeOpenAI) -> None:

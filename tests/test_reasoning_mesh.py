@@ -102,6 +102,9 @@ class Collect:
 
 def mesh(fake: FakeOpenAI, providers=("deepseek",), *, pol=None, prof=None, **kw) -> tuple[ReasoningMesh, Collect]:
     out = Collect()
+    # a loaded machine can leave an adapter unscheduled for a second or more: the tests judge
+    # liveness over 5 s (the tests of losses set their own, or kill the process: lost on exit)
+    kw.setdefault("liveness", 50)
     m = ReasoningMesh(list(providers), policy=pol or policy("deepseek", "local"),
                       profiles=prof or deepseek(fake), on_rationale=out, **kw)
     m.start(wait=TIMEOUT)
@@ -153,7 +156,8 @@ def test_local_narrator_is_the_last_fallback_even_without_adapters(fake) -> None
 
 # ---- failures ---------------------------------------------------------------------------------
 
-def test_fallback_within_the_deadline_when_the_adapter_process_is_killed_mid_request(fake) -> None:
+def test_fallback_within_the_deadline_when_the_adapter_process_is_killed_mid_request(fake, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="dynamic_core.reasoning.mesh")
     fake.script([], default={"mode": "hang", "delay": 60})
     m, out = mesh(fake, deadline_s=4.0)
     with m:
@@ -165,9 +169,11 @@ def test_fallback_within_the_deadline_when_the_adapter_process_is_killed_mid_req
         o = out.wait(1, timeout=10)[0]
         took = time.monotonic() - t0
         assert (o.status, o.provider) == ("fallback", "local")
-        assert took < 2.5, took  # through heartbeat loss (0.5 s), long before the deadline path (3.9 s)
+        assert took < 4.0, took  # within the deadline
         st = m.stats()
+        # through the loss of the adapter (its process exited; liveness here is 5 s), not the deadline path
         assert st["tasks"]["adapter_lost"] >= 1 and st["providers"]["deepseek"]["errors"].get("adapter_lost") == 1
+        assert "its process exited with -9" in caplog.text
         # the mesh restarts the dead adapter
         wait_until(lambda: any(a["pid"] != pid for a in m.adapters("deepseek")))
 
@@ -312,7 +318,7 @@ def test_slow_provider_times_out_and_the_narrator_answers_before_the_deadline(fa
         m.submit(ctx(6))
         o = out.wait(1)[0]
         assert (o.status, o.provider) == ("fallback", "local")
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 2.0 + 1.5  # the deadline, not the 5 s reply (slack for a loaded machine)
 
 
 def test_breaker_opens_then_half_open_probe_closes_it(fake) -> None:
@@ -995,7 +1001,7 @@ def test_close_ends_every_unfinished_task_once_with_the_narrator(fake) -> None:
     ids += [m.submit(ctx(1610 + i)) for i in range(3)]  # (maybe still in the inbox)
     t0 = time.monotonic()
     m.close()
-    assert time.monotonic() - t0 < 4.0
+    assert time.monotonic() - t0 < 10.0  # not the 60 s hang
     got = out.wait(len(ids), timeout=1.0)  # delivered by close itself
     assert sorted(o.task_id for o in got) == sorted(ids)
     assert {(o.status, o.provider, o.reason) for o in got} == {("fallback", "local", "closed")}
@@ -1275,6 +1281,23 @@ def test_a_producer_that_keeps_the_inbox_full_cannot_hold_the_broker_in_one_drai
     assert most["timers"] <= 2 * cap + 2, most  # dead timers compacted every iteration
 
 
+def _read_until(stream, text: str, timeout: float = TIMEOUT) -> str:
+    """Lines of a child's ``stream`` up to and including the first holding ``text`` (a reader
+    thread, so a child that never says it fails the test instead of hanging it)."""
+    got: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in stream:
+            got.append(line)
+            if text in line:
+                found.set()
+                return
+    threading.Thread(target=read, daemon=True).start()
+    assert found.wait(timeout), f"{text!r} not said in {timeout} s: {''.join(got)!r}"
+    return "".join(got)
+
+
 def test_an_adapter_facing_a_listener_that_is_no_broker_warns_once() -> None:
     """A port whose listener accepts and closes (not a ZeroMQ broker): TCP connects succeed, no
     handshake does. One 'no broker' warning for the whole outage, no 'connected'/'lost' pairs."""
@@ -1296,9 +1319,11 @@ def test_an_adapter_facing_a_listener_that_is_no_broker_warns_once() -> None:
         with subprocess.Popen([sys.executable, "-m", "dynamic_core", "adapter", "--provider", "local",
                                "--connect", f"tcp://127.0.0.1:{port}"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
-            time.sleep(2.5)  # many reconnects
+            # the warning (its signal handler is in place by then), then more reconnects
+            first = _read_until(proc.stderr, f"no broker at tcp://127.0.0.1:{port}")
+            time.sleep(1.5)
             proc.send_signal(signal.SIGTERM)
-            err = proc.communicate(timeout=10)[1]
+            err = first + proc.communicate(timeout=TIMEOUT)[1]
             assert proc.returncode == 0
     finally:
         srv.close()

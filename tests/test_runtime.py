@@ -324,15 +324,20 @@ def test_step_and_run_return_their_own_signals_or_refuse(pop, market):
         assert (s.seq, s.score) == (ref["seq"][100], ref["score"][100])
         out = eng.run(market[101:110])
         assert out["seq"].tolist() == ref["seq"][101:110].tolist()
-    # a step that times out (its SM stalled) leaves its signal to poll; the next step refuses
-    with dc.Engine(pop, threads=1, fault_injection=True) as eng:
+    # a step that times out (its SM stalled) leaves its signal to poll; the next step refuses.
+    # (No failover for 60 s, and every SM stalled 2 s: the signal is seconds away however late
+    # a loaded machine runs this thread; the stalls are disarmed once the step has timed out.)
+    with dc.Engine(pop, threads=1, fault_injection=True, stall_deadline=60.0) as eng:
         assert eng.run(market[:110])["seq"].tolist() == ref["seq"][:110].tolist()
-        for sm in range(len(eng.stats()["sms"]["owner"])):
-            eng.faults.stall_sm(sm, 0.3)
+        n_sms = len(eng.stats()["sms"]["owner"])
+        for sm in range(n_sms):
+            eng.faults.stall_sm(sm, 2.0)
         with pytest.raises(TimeoutError):
             eng.step(market[110], timeout=0.05)
         with pytest.raises(RuntimeError, match="1 signal.*not polled yet"):
             eng.step(market[111])
+        for sm in range(n_sms):
+            eng.faults.stall_sm(sm, 0.0)
         assert eng.poll(timeout=10.0)["seq"].tolist() == [ref["seq"][110]]
         assert eng.step(market[111]).seq == ref["seq"][111]
 

@@ -1157,8 +1157,10 @@ def test_stop_that_times_out_keeps_the_threads_and_close_leaves_the_sockets(tmp_
                 assert entered.wait(TIMEOUT)
                 t0 = time.monotonic()
                 assert svc.stop(timeout=0.3) is False  # the egress thread is stuck in the hook
-                assert time.monotonic() - t0 < 2.0
-                assert svc.stats()["egress_running"] and not svc.stats()["running"]
+                assert time.monotonic() - t0 < TIMEOUT / 2  # (it does not wait for the hook)
+                # the ingress loop ends (a loaded machine may take longer than the 0.3 s to run it)
+                _until(lambda: not svc.stats()["running"], what="the ingress loop ending")
+                assert svc.stats()["egress_running"]
                 with pytest.raises(RuntimeError, match="still running"):
                     svc.start()
                 with pytest.raises(RuntimeError, match="still running"):
@@ -1217,7 +1219,7 @@ def test_stop_or_close_from_the_hook_returns_at_once(how: str, tmp_path: Path) -
                 tx.send(_clean(25))
                 _until(lambda: bool(calls), what="the hook's call returning")
                 (took, result, n), = calls
-                assert took < 1.0 and result is False  # it only asked
+                assert took < 5.0 and result is False  # it only asked (no wait for its own thread)
                 _until(lambda: not svc.stats()["running"] and not svc.stats()["egress_running"],
                        what="the service ending on its own")
                 # the batch that called it was still published
@@ -1457,7 +1459,8 @@ def test_control_answers_while_a_slow_consumer_fills_the_window(tmp_path: Path, 
                 assert c.health(timeout=TIMEOUT).ok
                 worst = max(worst, time.monotonic() - t0)
                 time.sleep(0.02)
-            assert worst < 0.5, f"a health query waited {worst:.2f} s behind the engine's window"
+            # behind the window it would wait for the backlog (~8 s); slack for a loaded machine
+            assert worst < 3.0, f"a health query waited {worst:.2f} s behind the engine's window"
             slow.clear()
             _until(lambda: svc.signals_published == 4000, what="the backlog drained")
 
@@ -1477,11 +1480,11 @@ def test_a_client_whose_handshake_is_refused_times_out_instead_of_blocking(keys:
                     t0 = time.monotonic()
                     with pytest.raises(TransportTimeout):
                         mallory.health(timeout=0.3)
-                    assert time.monotonic() - t0 < 2.0
+                    assert time.monotonic() - t0 < 5.0  # (slack for a loaded machine; a hang is forever)
                 t0 = time.monotonic()
                 with pytest.raises(TransportTimeout):
                     mallory.pause(timeout=0.2, retries=2)
-                assert time.monotonic() - t0 < 3.0
+                assert time.monotonic() - t0 < 8.0
 
 
 def test_failed_handshakes_are_counted(keys: Path) -> None:

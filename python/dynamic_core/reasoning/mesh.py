@@ -267,7 +267,8 @@ class ReasoningMesh:
         Adapters beat every ``heartbeat_s``; ``liveness`` missed beats mark one lost. An adapter
         started by hand with a longer ``--heartbeat`` is taken for lost once, then, when it
         speaks again within :data:`SLOW_BEAT_MAX_S`, registered again and judged by its own
-        interval (a warning says so).
+        interval (a warning says so). An adapter process this mesh spawned is lost as soon as it
+        exits, whatever its heartbeats.
     secrets_file : path, optional
         0600 TOML of API keys for spawned adapters (else environment variables).
     on_rationale : callable, optional
@@ -1005,6 +1006,9 @@ class ReasoningMesh:
                 born = self._spawned_at.pop(pid, now)
                 if self._stop.is_set():
                     continue
+                # its adapter is gone with it: its requests fail over now, not after its heartbeats
+                for a in [a for a in self.roster.by_id.values() if a.hello.pid == pid and a.provider == prov]:
+                    self._lose(a.identity, now, f"its process exited with {proc.returncode}")
                 if proc.returncode == CONFIG_ERROR_EXIT:
                     # a bad secrets file, profile or address: a restart would fail the same way
                     self.counts["adapter_config_errors"] += 1

@@ -559,8 +559,10 @@ class MT5Bridge:
         return self._call(lambda: {k: dict(v) for k, v in self._positions.items()})
 
     def reconciliation(self) -> dict[str, Any]:
-        """The outcome of the last reconciliation: ``query_id``, ``positions``, ``matched``,
-        ``reconciled`` (orders found executed), ``closed`` and ``unknown`` positions."""
+        """The outcome of the last reconciliation: ``query_id`` (the last one sent),
+        ``query_ids`` (every one it sent: a query re-sent unanswered gets a new id, and an answer
+        to any of them counts), ``positions``, ``matched``, ``reconciled`` (orders found
+        executed), ``closed`` and ``unknown`` positions."""
         return self._call(lambda: dict(self._last_recon))
 
     @property
@@ -1120,7 +1122,7 @@ class MT5Bridge:
         for p in unknown:
             self._logs("unknown positions", logging.WARNING, "unknown position at the terminal: ticket %d %s %s "
                        "%.2f magic %d comment %r", p.ticket, p.symbol, p.side, p.volume, p.magic, p.comment)
-        self._last_recon = {"query_id": q.qid, "snapshot": snapshot, "queries": q.sends, "flatten": q.flatten,
+        self._last_recon = {"query_id": q.qid, "query_ids": sorted(q.qids), "snapshot": snapshot, "queries": q.sends, "flatten": q.flatten,
                             "positions": len(listed), "matched": matched,
                             "reconciled": reconciled, "closed": closed, "inconsistent": inconsistent,
                             "unknown": list(self._unknown_positions)}
