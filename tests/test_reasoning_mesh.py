@@ -1473,7 +1473,7 @@ def test_an_adapter_beating_slower_than_the_mesh_is_lost_once_then_judged_by_its
     caplog.set_level(logging.WARNING, logger="dynamic_core.reasoning.mesh")
     out = Collect()
     with ReasoningMesh([], spawn=False, policy=policy("deepseek", "local"), profiles=deepseek(fake),
-                       on_rationale=out) as m:
+                       on_rationale=out, liveness=5) as m:
         proc = subprocess.Popen([sys.executable, "-m", "dynamic_core", "adapter", "--provider", "deepseek",
                                  "--connect", m.address, "--base-url", fake.url, "--heartbeat", "1",
                                  "--profile-json", json.dumps({"api_key_env": KEY_ENV})],

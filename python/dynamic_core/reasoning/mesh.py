@@ -264,7 +264,9 @@ class ReasoningMesh:
     max_retries, backoff_s : int, float
         Retries within a provider and the first backoff (x1.5 per retry, +-20 % jitter).
     heartbeat_s, liveness : float, int
-        Adapters beat every ``heartbeat_s``; ``liveness`` missed beats mark one lost. An adapter
+        Adapters beat every ``heartbeat_s``; ``liveness`` missed beats mark one lost (2 s by
+        default: an adapter a busy machine leaves unscheduled for a moment is not failed over,
+        and its requests not paid for twice; a hung one is caught by then). An adapter
         started by hand with a longer ``--heartbeat`` is taken for lost once, then, when it
         speaks again within :data:`SLOW_BEAT_MAX_S`, registered again and judged by its own
         interval (a warning says so). An adapter process this mesh spawned is lost as soon as it
@@ -299,7 +301,7 @@ class ReasoningMesh:
                  refine: bool = False, ambiguity: float = 0.5, review_confidence: float = 0.4,
                  ab_fraction: float = 0.0, ab_candidates: Sequence[str] = (),
                  weights_path: str | os.PathLike | None = None, balance: str = "least_connections",
-                 max_retries: int = 3, backoff_s: float = 0.05, heartbeat_s: float = 0.1, liveness: int = 5,
+                 max_retries: int = 3, backoff_s: float = 0.05, heartbeat_s: float = 0.1, liveness: int = 20,
                  max_tokens: int = 256, secrets_file: str | os.PathLike | None = None,
                  on_rationale: Callable[[Outcome], Any] | None = None, outbox_size: int = 100_000,
                  select: str = "change", seed: int | None = None,
