@@ -495,7 +495,14 @@ def test_invalid_bars_are_rejected_with_the_engine_s_reasons_not_scored():
         det.update(1.0, 0.5, 2.0, 1.5)
     with pytest.raises(ValueError, match="bar 1: negative volume -5.0"):
         det.update(1.0, 2.0, 0.5, 1.5, -5.0)
+    # an open or a close outside the bar's range (the engine's open/close_out_of_range)
+    with pytest.raises(ValueError, match=r"bar 1: open 2.5 or close 1.5 outside \[low 0.5, high 2.0\]"):
+        det.update(2.5, 2.0, 0.5, 1.5)
+    with pytest.raises(ValueError, match="outside"):
+        det.update(1.0, 2.0, 0.5, 0.25)
     assert det.n_bars == 1
+    det.update(2.0, 2.0, 0.5, 0.5)  # on the range's edges: fine
+    assert det.n_bars == 2
 
 
 def test_order_block_strength_stays_in_its_documented_range():

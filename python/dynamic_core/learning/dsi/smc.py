@@ -401,8 +401,10 @@ class SmcDetector:
         Raises
         ------
         ValueError
-            A price or the volume is not finite, the high is below the low (swapped columns) or
-            the volume is negative; the detector's state is then unchanged.
+            A price or the volume is not finite, the high is below the low (swapped columns), the
+            open or the close lies outside [low, high] (what the engine rejects as
+            ``open_out_of_range`` / ``close_out_of_range``) or the volume is negative; the
+            detector's state is then unchanged.
         """
         o, h, lo, c, v = float(open), float(high), float(low), float(close), float(volume)
         if not (math.isfinite(o) and math.isfinite(h) and math.isfinite(lo) and math.isfinite(c)
@@ -410,6 +412,8 @@ class SmcDetector:
             raise ValueError(f"bar {self._t + 1}: non-finite value in {(o, h, lo, c, v)}")
         if h < lo:
             raise ValueError(f"bar {self._t + 1}: high {h!r} below low {lo!r}")
+        if not (lo <= o <= h and lo <= c <= h):
+            raise ValueError(f"bar {self._t + 1}: open {o!r} or close {c!r} outside [low {lo!r}, high {h!r}]")
         if v < 0:
             # order-block strength is a ratio of volumes, in [0, 1] only for volumes >= 0
             raise ValueError(f"bar {self._t + 1}: negative volume {v!r}")
