@@ -169,7 +169,7 @@ def test_mixed_streams_rejects_and_external_agents(emu: EmuDevice, sim_bars: np.
     bars["high"][55] = bars["low"][55] - 1.0
     ext = rec["agent_id"][rec["kind"] == 1]
     scores = np.linspace(-0.9, 0.9, len(ext))
-    with dc.Engine(pop, threads=2, cores_per_sm=32) as cpu, \
+    with dc.Engine(pop, threads=2, cores_per_sm=32, stall_deadline=60.0) as cpu, \
             dc.Engine(pop, cores_per_sm=32, backend="cuda", device=emu) as dev:
         out = []
         for eng in (cpu, dev):

@@ -1027,7 +1027,7 @@ def test_adapter_close_waits_for_its_request_threads_together_not_one_after_anot
     try:
         t0 = time.monotonic()
         w.close()
-        assert time.monotonic() - t0 < JOIN_S + 0.5
+        assert time.monotonic() - t0 < JOIN_S + 3.0  # (one by one would take 6 s)
     finally:
         release.set()
 

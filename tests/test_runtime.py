@@ -582,7 +582,8 @@ def test_strict_refuses_a_bad_batch_in_submit_and_step_too(pop, market):
 
 
 def test_telemetry(pop, market):
-    with dc.Engine(pop, threads=2) as eng:
+    # (no failover for 60 s: a worker a loaded machine holds up past 50 ms would move SMs)
+    with dc.Engine(pop, threads=2, stall_deadline=60.0) as eng:
         eng.run(market)
         st = eng.stats()
     lat = st["latency_s"]
