@@ -1122,8 +1122,8 @@ class MT5Bridge:
         for p in unknown:
             self._logs("unknown positions", logging.WARNING, "unknown position at the terminal: ticket %d %s %s "
                        "%.2f magic %d comment %r", p.ticket, p.symbol, p.side, p.volume, p.magic, p.comment)
-        self._last_recon = {"query_id": q.qid, "query_ids": sorted(q.qids), "snapshot": snapshot, "queries": q.sends, "flatten": q.flatten,
-                            "positions": len(listed), "matched": matched,
+        self._last_recon = {"query_id": q.qid, "query_ids": sorted(q.qids), "snapshot": snapshot,
+                            "queries": q.sends, "flatten": q.flatten, "positions": len(listed), "matched": matched,
                             "reconciled": reconciled, "closed": closed, "inconsistent": inconsistent,
                             "unknown": list(self._unknown_positions)}
         self._logs("reconciliations", logging.INFO, "reconciled with terminal %d: %d positions, %d matched, %d found "
