@@ -161,7 +161,6 @@ bool key_in_bounds(const std::array<int32_t, 4>& k, int f, const EvolutionConfig
 }
 
 using Child = EvolutionScratch::Child;
-using Kid = EvolutionScratch::Kid;
 using Pick = EvolutionScratch::Pick;
 using Island = EvolutionScratch::Island;
 
@@ -345,11 +344,12 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     }
   const uint32_t n_order = static_cast<uint32_t>(sm_order.size());
 
-  // Each SM is judged, then bred with its children written into their slots (phases 1 and 2, in
-  // parallel over SMs), reading only the generation's starting point: its lanes, its neighbour's
-  // parents (never replaced) and its stream's style counts as they were. Child ids are then
-  // handed out in SM order (serially) and given to the children in their slots (phase 3, in
-  // parallel). Nothing depends on the thread count or on which thread runs an SM.
+  // Each SM is judged (phase 1, in parallel over SMs); the ids are then handed out in SM order
+  // (serially: an SM's count of children is known once every SM is judged); then each SM is bred
+  // with its children, ids and lineage written into their slots (phase 2, in parallel), reading
+  // only the generation's starting point: its lanes, its neighbour's parents (never replaced)
+  // and its stream's style counts as they were. Nothing depends on the thread count or on which
+  // thread runs an SM.
 
   EvolutionScratch& X = evo_;
   if (X.isl.size() != n_sms) {
@@ -487,22 +487,6 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     I.pool.resize(n_pool);
   };
   size_t n_traded = 0;
-  std::vector<Kid>& kids = X.kids;
-  auto after_judge = [&] {  // serial: the report's counts and each SM's first slot in `kids`
-    size_t n_losers = 0;
-    for (uint32_t m : sm_order) {
-      const Island& I = isl[m];
-      rep.judged += I.judged;
-      rep.eligible += I.pool.size();
-      isl[m].kid_begin = n_losers;
-      n_losers += I.losers.size();
-      n_traded += I.traded.size();
-    }
-    kids.resize(n_losers);
-    // room for a birth per slot, before any slot is written (see phase 2)
-    rep.births.swap(births_spare_);  // a buffer handed back by recycle, if any
-    rep.births.resize(n_losers);
-  };
   auto better = [&](uint32_t x, uint32_t y) {  // fitter, then lower agent id (no branches: random)
     const double fx = fit[x], fy = fit[y];
     return (fx > fy) | ((fx == fy) & (lane_id[x] < lane_id[y]));
@@ -519,6 +503,65 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       best = better(c, best) ? c : best;
     }
     return best;
+  };
+  // The pool of SM m's neighbour in the same stream (migrants come from there), if it may parent.
+  auto neighbour_pool = [&](uint32_t m) -> const std::vector<uint32_t>* {
+    const Stream& st = layout_.streams[layout_.sms[m].stream];
+    if (st.sm_end - st.sm_begin < 2) return nullptr;
+    const uint32_t nb = m + 1 < st.sm_end ? m + 1 : st.sm_begin;
+    return in_scope[nb] && !isl[nb].pool.empty() ? &isl[nb].pool : nullptr;
+  };
+  // The first draws of a slot's random stream: its first parent, a migrant from the
+  // neighbouring SM when drawn and expressible on lattice L (then in pk.c), else one of the
+  // SM's own pool; kNone (no child for the slot) when neither.
+  auto first_parent = [&](const Island& I, const SmLattice& L, const std::vector<uint32_t>* nb_pool,
+                          CounterRng& rng, Pick& pk) {
+    pk.pa = kNone;
+    if (nb_pool && rng.uniform() < cfg.p_migrate) {
+      const uint32_t cand = tournament(*nb_pool, rng);
+      if (express(lane_genome_[cand], L, pk.c)) {
+        pk.pa = cand;
+        pk.how |= kMigrant;
+      }
+    }
+    if (pk.pa == kNone && !I.pool.empty()) pk.pa = tournament(I.pool, rng);
+  };
+  // Children SM m will breed (one per slot with a parent), known before any is bred so that
+  // the ids can be handed out first: every slot has one when the SM's own pool may parent;
+  // with an empty pool only those whose migrant draw succeeds (the draws repeated here).
+  auto children_of = [&](uint32_t m) -> size_t {
+    const Island& I = isl[m];
+    if (I.losers.empty()) return 0;
+    const std::vector<uint32_t>* nb_pool = neighbour_pool(m);
+    if (!I.pool.empty()) return I.losers.size();
+    if (!nb_pool) return 0;
+    size_t n = 0;
+    Pick pk;
+    for (uint32_t slot_lane : I.losers) {
+      CounterRng rng(seed, lane_id[slot_lane], generation);
+      pk.how = 0;
+      first_parent(I, lattice_[m], nb_pool, rng, pk);
+      n += pk.pa != kNone;
+    }
+    return n;
+  };
+  // Serial, after judging: the report's counts, and the ids, handed out in SM order and within
+  // an SM in breeding order (weakest slot first), from next_id_ up.
+  uint32_t first_id = next_id_;
+  auto after_judge = [&] {
+    size_t n_kids = 0;
+    for (uint32_t m : sm_order) {
+      Island& I = isl[m];
+      rep.judged += I.judged;
+      rep.eligible += I.pool.size();
+      n_traded += I.traded.size();
+      I.birth_begin = n_kids;
+      n_kids += children_of(m);
+    }
+    rep.replaced = n_kids;
+    rep.births.swap(births_spare_);  // a buffer handed back by recycle, if any
+    rep.births.resize(n_kids);       // before any slot is written (see phase 2)
+    next_id_ += static_cast<uint32_t>(n_kids);
   };
 
   // The fitness summary (best, median, mean): thread 0 finds the median's bucket, each SM's
@@ -566,8 +609,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
 
   // ---- phase 2: children, SM by SM, weakest slot first, each written into its slot ----------
   // Parents are never slots: pools hold no loser, so what a child overwrites is read by no other
-  // child, whichever thread breeds it. Only the ids wait for phase 3. Nothing here allocates
-  // (picks have room for the widest SM), so no error leaves a generation half written.
+  // child, whichever thread breeds it. Nothing here allocates (picks have room for the widest
+  // SM), so no error leaves a generation half written.
   // the lines pass 2 reads of a parent: its genome and its lattice ranks
   auto prefetch_parent = [&](uint32_t lane) {
     const char* g = reinterpret_cast<const char*>(&lane_genome_[lane]);
@@ -575,6 +618,20 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     __builtin_prefetch(g + 64);
     __builtin_prefetch(g + sizeof(Genome) - 1);
     __builtin_prefetch(&lane_rank_[lane]);
+  };
+  // the lines pass 2 writes of a slot: its genome, lattice ranks, judging bar, parameters and
+  // paper state (written child after child, each a miss on ~35 lines without this)
+  auto prefetch_slot = [&](uint32_t lane) {
+    char* g = reinterpret_cast<char*>(&lane_genome_[lane]);
+    __builtin_prefetch(g, 1);
+    __builtin_prefetch(g + 64, 1);
+    __builtin_prefetch(g + sizeof(Genome) - 1, 1);
+    __builtin_prefetch(&lane_rank_[lane], 1);
+    __builtin_prefetch(&lane_judge_from_[lane], 1);
+    __builtin_prefetch(&lane_id_[lane], 1);
+    __builtin_prefetch(&lane_lineage_[lane], 1);
+    lanes_.prefetch_for_write(lane);
+    state_.prefetch_for_write(lane);
   };
   auto breed_sm = [&](uint32_t i, int t) {
     const uint32_t m = sm_order[i];
@@ -587,9 +644,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     const auto& cnt0 = styles_[sm.stream];  // agents per style (dominant feature), then all, as they were
     const double even = static_cast<double>(cnt0[kFeatures]) / kFeatures;
     uint32_t spawns_left = static_cast<uint32_t>(cfg.spawn_fraction * static_cast<double>(I.losers.size()));
-    // neighbouring SM of the same stream (migrants come from there)
-    const uint32_t nb = st.sm_end - st.sm_begin > 1 ? (m + 1 < st.sm_end ? m + 1 : st.sm_begin) : kNone;
-    const std::vector<uint32_t>* nb_pool = nb != kNone && in_scope[nb] && !isl[nb].pool.empty() ? &isl[nb].pool : nullptr;
+    const std::vector<uint32_t>* nb_pool = neighbour_pool(m);
     if (I.pool.empty() && !nb_pool) return;
     // The SM's lattice, read by period moves in pass 2 at ranks not known yet: all of it, early.
     prefetch_range(L.buf.data(), L.buf.size() * sizeof(int32_t));
@@ -603,28 +658,21 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       prefetch_range(I.losers.data(), I.losers.size() * sizeof(uint32_t));
     }
     // Pass 1: each slot's parents (the first draws of its stream), with their genomes and
-    // lattice ranks prefetched, so pass 2 finds them in cache instead of waiting on each in turn.
+    // lattice ranks prefetched, and the slot's own lines, so pass 2 finds them in cache instead
+    // of waiting on each in turn.
     std::vector<Pick>& picks = X.picks_of[t];
     picks.resize(I.losers.size());
     for (size_t k = 0; k < I.losers.size(); ++k) {
       const uint32_t slot_lane = I.losers[k];
       Pick& pk = picks[k];
+      prefetch_slot(slot_lane);
       CounterRng rng(seed, lane_id[slot_lane], generation);
       pk.how = quar[slot_lane] ? kQuarantined : 0;
-      pk.pa = pk.pb = kNone;
-      // first parent: a migrant from the next SM when drawn and expressible here, else local
-      if (nb_pool && rng.uniform() < cfg.p_migrate) {
-        const uint32_t cand = tournament(*nb_pool, rng);
-        if (express(lane_genome_[cand], L, pk.c)) {
-          pk.pa = cand;
-          pk.how |= kMigrant;
-        }
-      }
-      if (pk.pa == kNone) {
-        if (I.pool.empty()) continue;  // no child for this slot
-        pk.pa = tournament(I.pool, rng);
-        prefetch_parent(pk.pa);
-      }
+      pk.pb = kNone;
+      first_parent(I, L, nb_pool, rng, pk);
+      if (pk.pa == kNone) continue;  // no child for this slot
+      __builtin_prefetch(&layout_.agent_id[lane_agent[slot_lane]], 1);  // its id is written in pass 2
+      if (!(pk.how & kMigrant)) prefetch_parent(pk.pa);
       // crossover partner
       if (I.pool.size() > 1 && rng.uniform() < cfg.p_crossover) {
         uint32_t pb = tournament(I.pool, rng);
@@ -660,7 +708,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         }
       }
 
-      Kid& kid = kids[I.kid_begin + I.kids++];
+      const size_t birth = I.birth_begin + I.kids++;
+      const uint32_t id = first_id + static_cast<uint32_t>(birth);
       Child c;  // every field is assigned below
       if (how & kMigrant) c = pk.c;
       else express_local(pa, c);
@@ -762,11 +811,17 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       c.g.instrument = st.instrument;
       c.g.timeframe = st.timeframe;
       c.g.kind = 0;
-      c.g.agent_id = kNone;  // phase 3 gives it its id
+      c.g.agent_id = id;
       const int before = lane_style_[slot_lane], after = style_of(c.g);
       if (before >= 0) --I.dstyle[before];
       if (after >= 0) ++I.dstyle[after];
-      kid.slot_lane = slot_lane, kid.pa = pa, kid.pb = pb, kid.how = how;
+      // its birth, id and lineage (parents are never slots: their ids stay as they were)
+      Birth& b = rep.births[birth];
+      b = Birth{lane_agent[slot_lane], id, lane_id[slot_lane], lane_id[pa], pb == kNone ? kNone : lane_id[pb],
+                sm.stream, m, how, fit[slot_lane]};
+      layout_.agent_id[lane_agent[slot_lane]] = id;
+      lane_id_[slot_lane] = id;
+      lane_lineage_[slot_lane] = Lineage{id, b.parent_a, b.parent_b, generation, static_cast<int64_t>(st.nbars)};
 
       // into the slot: the lane arrays the kernel reads, as build_layout derives a lane's
       // parameters from a genome, and fresh paper state
@@ -796,58 +851,15 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     }
   };
 
-  // ---- ids: in SM order, then in the order the children were bred (serial) ------------------
-  uint32_t first_id = 0;
-  auto assign_ids = [&] {
-    size_t n_kids = 0;
+  // ---- serial, after breeding: the report's sums and the streams' style counts -------------
+  auto after_breed = [&] {
     for (uint32_t m : sm_order) {
-      Island& I = isl[m];
-      I.birth_begin = n_kids;
-      n_kids += I.kids;
+      const Island& I = isl[m];
       rep.crossovers += I.crossovers;
       rep.migrants += I.migrants;
       rep.spawns += I.spawns;
       rep.period_moves += I.period_moves;
       for (int f = 0; f < kFeatures; ++f) styles_[layout_.sms[m].stream][f] += I.dstyle[f];
-    }
-    rep.replaced = n_kids;
-    rep.births.resize(n_kids);  // no more than after_judge made room for
-    first_id = next_id_;
-    next_id_ += static_cast<uint32_t>(n_kids);
-  };
-
-  // ---- phase 3: the children's ids, in their slots, lineage and births -----------------------
-  // The lines phase 3 touches of SM m's slots, asked for one SM ahead; the agent's id entry (an
-  // index read from those lines) while the SM itself is written.
-  auto prefetch_ids = [&](uint32_t m) {
-    const Island& I = isl[m];
-    for (size_t j = 0; j < I.kids; ++j) {
-      const uint32_t l = kids[I.kid_begin + j].slot_lane;
-      __builtin_prefetch(&lane_genome_[l], 1);
-      __builtin_prefetch(&lane_lineage_[l], 1);
-      __builtin_prefetch(&lane_id_[l], 1);
-      __builtin_prefetch(&lane_agent[l]);
-    }
-  };
-  auto name_sm = [&](uint32_t i, int) {
-    const uint32_t m = sm_order[i];
-    Island& I = isl[m];
-    const int64_t nbars = static_cast<int64_t>(layout_.streams[layout_.sms[m].stream].nbars);
-    if (i % Team::kChunk == 0) prefetch_ids(m);  // the first SM of what this thread took
-    if ((i + 1) % Team::kChunk != 0 && i + 1 < n_order) prefetch_ids(sm_order[i + 1]);
-    for (size_t j = 0; j < I.kids; ++j)
-      __builtin_prefetch(&layout_.agent_id[lane_agent[kids[I.kid_begin + j].slot_lane]], 1);
-    for (size_t j = 0; j < I.kids; ++j) {
-      const Kid& kid = kids[I.kid_begin + j];
-      const uint32_t slot_lane = kid.slot_lane;
-      const uint32_t id = first_id + static_cast<uint32_t>(I.birth_begin + j);
-      Birth& b = rep.births[I.birth_begin + j];
-      b = Birth{lane_agent[slot_lane], id, lane_id[slot_lane], lane_id[kid.pa],
-                kid.pb == kNone ? kNone : lane_id[kid.pb], layout_.sms[m].stream, m, kid.how, fit[slot_lane]};
-      lane_genome_[slot_lane].agent_id = id;
-      layout_.agent_id[lane_agent[slot_lane]] = id;
-      lane_id_[slot_lane] = id;
-      lane_lineage_[slot_lane] = Lineage{id, b.parent_a, b.parent_b, generation, nbars};
     }
   };
 
@@ -864,11 +876,9 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     team.loop(1, n_order, t, breed_sm);
     team.barrier();
     if (t == 0) {
-      assign_ids();
+      after_breed();
       finish_median();
     }
-    team.barrier();
-    team.loop(2, n_order, t, name_sm);
   });
   for (uint32_t s : scope)
     for (int f = 0; f < kFeatures; ++f) rep.style_counts[f] += static_cast<uint64_t>(styles_[s][f]);

@@ -112,10 +112,6 @@ struct EvolutionScratch {
     Genome g;
     int32_t rank[kFeatures];  // lattice rank of each used feature, -1 if unused
   };
-  // A child written into its slot by the breeding phase, before it gets its id.
-  struct Kid {
-    uint32_t slot_lane, pa, pb, how;
-  };
   // The parents drawn for one slot (the first draws of its random stream), before the child is
   // varied: lanes (kNone: none), how it was bred, and the stream's counter after the draws.
   struct Pick {
@@ -131,22 +127,21 @@ struct EvolutionScratch {
     uint64_t judged = 0;
     double sum = 0.0;  // of `traded`, in lane order
     double best = -std::numeric_limits<double>::infinity();  // of `traded`
-    size_t kid_begin = 0, kids = 0;  // its children in the generation's child buffer
-    size_t birth_begin = 0;          // its first child in the report's births
+    size_t kids = 0;         // children bred so far
+    size_t birth_begin = 0;  // its first child in the report's births (and its first id's offset)
     uint64_t period_moves = 0, crossovers = 0, migrants = 0, spawns = 0;
     int64_t dstyle[kFeatures] = {};  // change of its stream's style counts by its children
     void reset() {
       pool.clear();
       losers.clear();
       traded.clear();
-      judged = kids = kid_begin = birth_begin = period_moves = crossovers = migrants = spawns = 0;
+      judged = kids = birth_begin = period_moves = crossovers = migrants = spawns = 0;
       sum = 0.0;
       best = -std::numeric_limits<double>::infinity();
       for (int64_t& d : dstyle) d = 0;
     }
   };
   std::vector<Island> isl;  // per SM
-  std::vector<Kid> kids;
   std::vector<std::vector<Pick>> picks_of;  // per thread
   std::vector<double> median_scratch;
   std::vector<std::vector<double>> mid_of;      // per thread: the values it found in the median's bucket

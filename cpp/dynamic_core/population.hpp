@@ -136,6 +136,16 @@ struct LaneArrays {
   std::vector<double> entry, cost;
   std::vector<int32_t> lookback, long_short, active, external;
   void assign(const std::vector<LaneParams>& p);
+  // Asks for the cache lines that writing lane i's parameters (a child written into its slot)
+  // touches, ahead of the writes: every array but active and external, which a child keeps.
+  void prefetch_for_write(size_t i) const {
+    for (int f = 0; f < kFeatures; ++f) {
+      __builtin_prefetch(w[f].data() + i, 1);
+      __builtin_prefetch(fidx[f].data() + i, 1);
+    }
+    for (const auto* v : {&entry, &cost}) __builtin_prefetch(v->data() + i, 1);
+    for (const auto* v : {&lookback, &long_short}) __builtin_prefetch(v->data() + i, 1);
+  }
 };
 
 // Agent state as structure-of-arrays, padded like the lanes.
@@ -148,6 +158,13 @@ struct StateArrays {
   std::vector<int32_t> position, action;
   void init(size_t n);
   void reset(size_t i);  // lane i back to its initial state (credit 1.0, external score 0.0)
+  // Asks for the cache lines reset(i) writes, ahead of it (keep the two lists alike).
+  void prefetch_for_write(size_t i) const {
+    for (const auto* v : {&score, &equity, &entry_equity, &peak, &max_dd, &credit, &ext_score, &dsi, &ret_sum, &ret_sq})
+      __builtin_prefetch(v->data() + i, 1);
+    for (const auto* v : {&trades, &wins, &n_ret, &quarantined}) __builtin_prefetch(v->data() + i, 1);
+    for (const auto* v : {&position, &action}) __builtin_prefetch(v->data() + i, 1);
+  }
   LaneState get(size_t i) const {
     return LaneState{score[i], equity[i], entry_equity[i], peak[i],   max_dd[i], ret_sum[i],    ret_sq[i],
                      trades[i], wins[i],  n_ret[i],        position[i], action[i], quarantined[i]};
