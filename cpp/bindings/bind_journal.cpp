@@ -131,6 +131,8 @@ void bind_engine_journal(py::class_<Engine>& e) {
            }, py::arg("type"), py::arg("data"), py::arg("durable") = true)
       .def("journal_stats", [](Engine& en) { return stats_dict(en.journal_stats()); })
       .def("has_journal", &Engine::has_journal)
+      .def("forget_journal_after_fork", &Engine::forget_journal_after_fork,
+           "In a child made by fork(): close this process's copies of the journal's files, writing nothing.")
       .def("close_journal", [](Engine& en) {
              GilRelease nogil;
              en.close_journal();

@@ -162,6 +162,11 @@ class Engine {
   // if no call has yet.
   JournalStats journal_stats();
   void close_journal();
+  // In a child made by fork(): lets go of the journal's files without writing (takes no lock:
+  // the parent's threads that may have held one are not in the child).
+  void forget_journal_after_fork() {
+    if (journal_) journal_->forget_after_fork();
+  }
 
   // Device backends: ingress without the workers. Validates, sequences, journals and
   // dead-letters like submit(), and appends the accepted bars of followed streams to `out`

@@ -358,6 +358,16 @@ void JournalWriter::close() {
   fd_ = -1;
 }
 
+void JournalWriter::forget_after_fork() {
+  closed_ = true;
+  for (int* fd : {&fd_, &lock_fd_}) {
+    if (*fd >= 0) ::close(*fd);
+    *fd = -1;
+  }
+  pending_ = 0;
+  buf_.clear();
+}
+
 bool journal_locked(const std::string& dir) {
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return false;  // nothing there to be written

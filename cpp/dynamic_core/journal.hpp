@@ -102,6 +102,11 @@ class JournalWriter {
   void commit(bool durable);
   // Commits and closes; a failed writer just closes its file.
   void close();
+  // In a child made by fork(): closes this process's copies of the file and of the locked
+  // directory, writing nothing (the buffer and the journal are the parent's). Otherwise the
+  // child would hold the directory's flock() (shared with the parent's descriptor) until it
+  // exits, and the journal would look open for writing after the parent closed it.
+  void forget_after_fork();
   bool closed() const { return closed_; }
   bool failed() const { return !stats_.error.empty(); }
   const std::string& error() const { return stats_.error; }

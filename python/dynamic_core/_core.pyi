@@ -43,6 +43,10 @@ class Engine:
         """
         One generation of evolution between updates; returns the report (births as a uint8 array).
         """
+    def forget_journal_after_fork(self) -> None:
+        """
+        In a child made by fork(): close this process's copies of the journal's files, writing nothing.
+        """
     def genomes(self) -> numpy.typing.NDArray[numpy.uint8]:
         """
         The current (evolved) genomes in population order, as bytes.

@@ -353,14 +353,21 @@ def cmd_run_service(args: argparse.Namespace) -> int:
     parts: list[Any] = []
     sender_thread = None
     stop_sender = threading.Event()
+    feed_ctx = None
     try:
         ingress = MarketIngress(ingress_addr, kind=args.feed_kind if args.feed else "pull",
                                 bind=None if args.feed else True, allow_remote=args.allow_remote)
         parts.append(ingress)
         feed = None
         if args.publish:
+            import zmq
+
+            # the feed's own context: ending it below waits (up to the feed's linger) for the
+            # last signals to leave, which the process's exit would otherwise cut short
+            feed_ctx = zmq.Context()
             feed = SignalFeed(args.publish, fmt="json" if args.json_feed else "msgpack",
-                              heartbeat_interval=args.heartbeat, allow_remote=args.allow_remote)
+                              heartbeat_interval=args.heartbeat, allow_remote=args.allow_remote,
+                              context=feed_ctx)
             parts.append(feed)
         control = None
         if args.control:
@@ -443,6 +450,8 @@ def cmd_run_service(args: argparse.Namespace) -> int:
             sender_thread.join(timeout=5)
         for p in parts:
             p.close()
+        if feed_ctx is not None:
+            feed_ctx.destroy(linger=1000)  # returns once the feed's queue is out, 1 s at most
         eng.close()
 
 

@@ -149,6 +149,9 @@ def _after_fork_in_child() -> None:
         e._foreign = os.getpid()
         e._closed = True
         e._finalizer.detach()  # the parent's threads are not here to join
+        # nor may the child keep the journal directory's lock after the parent lets go of it
+        with contextlib.suppress(Exception):
+            e._native.forget_journal_after_fork()
         # nor may the native destructor join them (a crash): one reference the child never
         # gives back keeps it from running, also at the interpreter's exit
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(e._native))
