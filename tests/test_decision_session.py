@@ -181,8 +181,13 @@ def _guarded_session(providers, pop, bars, **mesh_kw):
     from dynamic_core.reasoning import ReasoningMesh
 
     book = RationaleBook()
-    with ReasoningMesh(providers, deadline_s=2.0, on_rationale=book.add, **mesh_kw) as mesh:
-        mesh.start()
+    # a loaded machine can leave an adapter unscheduled for a second or more: liveness judged over
+    # 5 s (not lost, its requests not failed over to the narrator) and a deadline (which a
+    # decision waits for at most, plus the session's grace) that a stalled reply still meets
+    mesh_kw = {"deadline_s": 10.0, "liveness": 50, **mesh_kw}
+    with ReasoningMesh(providers, on_rationale=book.add, **mesh_kw) as mesh:
+        mesh.start(wait=20.0)
+        assert mesh.wait_ready(timeout=20.0), mesh.stats()  # every provider's adapter, before the first signal
         with dc.Engine(pop, threads=1) as eng:
             maker = DecisionMaker(PaperBroker(), plan=PlanConfig(min_score=0.02),
                                   limits=RiskLimits(min_providers_agree=1), rationale=book.get)
@@ -206,7 +211,7 @@ def test_reasoning_guardrail_waits_for_rationales_and_attaches_them(monkeypatch)
         s, maker, mesh = _guarded_session(
             ["deepseek"], pop, bars,
             policy={"rules": [{"request_class": "*", "candidates": ["deepseek", "local"]}]},
-            profiles={"deepseek": {"base_url": fake.url, "api_key_env": "DC_TEST_KEY", "timeout_s": 2.0,
+            profiles={"deepseek": {"base_url": fake.url, "api_key_env": "DC_TEST_KEY", "timeout_s": 5.0,
                                    "latency_class": "fast"}})
     assert s.reasoning_waits > 0 and s.reasoning_timeouts == 0
     assert mesh.select == "change"

@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import dynamic_core as dc
 import pytest
@@ -34,13 +35,37 @@ def _child(code: str) -> subprocess.Popen:
 def test_ctrl_c_ends_a_blocking_call(call: str) -> None:
     # a block-policy submit with no consumer waits for room for good, an idle poll(None) for a
     # signal that never comes: ^C must end both (it was ignored until the process was killed)
+    # "ready" comes from a watcher thread once the main thread is inside the call (a submit: once
+    # it has filled the window and waits for room), so ^C arrives while the call blocks however
+    # late a loaded machine runs the child
+    is_submit = "submit" in call
     p = _child(f"""
-        import sys, dynamic_core as dc
+        import sys, threading, time, dynamic_core as dc
         pop = dc.Population.random(256, instruments=["EURUSD"], timeframes=[3600], seed=1)
         bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(64)
-        with dc.Engine(pop, threads=2, capacity=8) as eng:
+        main = threading.main_thread().ident
+        submit = {is_submit!r}
+
+        def blocked():
+            if submit:
+                return eng.stats()["backpressure"]["events"] >= 1
+            f = sys._current_frames().get(main)
+            while f is not None and f.f_code.co_name != "_sliced_poll":
+                f = f.f_back
+            return f is not None
+
+        def watch():
+            end = time.monotonic() + 60
+            while not blocked():
+                if time.monotonic() > end:
+                    print("never blocked", flush=True)
+                    return
+                time.sleep(0.01)
             print("ready", flush=True)
+
+        with dc.Engine(pop, threads=2, capacity=8) as eng:
             try:
+                threading.Thread(target=watch, daemon=True).start()
                 {call}
             except KeyboardInterrupt:
                 st = eng.stats()
@@ -52,7 +77,6 @@ def test_ctrl_c_ends_a_blocking_call(call: str) -> None:
     with p:
         try:
             assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr
-            time.sleep(0.5)
             p.send_signal(signal.SIGINT)
             out, err = p.communicate(timeout=30)
         finally:
@@ -133,3 +157,42 @@ def test_a_forked_child_that_exits_normally_does_not_crash() -> None:
     with p:
         out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and out.strip() == "0", (out, err)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_does_not_keep_the_journal_locked(tmp_path: Path) -> None:
+    # The writer flock()s the journal directory while it has it open; a child made by fork()
+    # shares that lock through its copy of the descriptor. It used to keep the journal "open for
+    # writing" (repair refused, dc.journal.locked true) after the parent closed it, for as long
+    # as the child lived.
+    import fcntl
+
+    d = tmp_path / "j"
+    bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(30)
+    eng = dc.Engine(dc.Population.random(100, instruments=["EURUSD"], timeframes=[3600], seed=1), threads=1,
+                    journal=d)
+    eng.run(bars)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child lives until the parent has looked
+        try:
+            os.close(w)
+            os.read(r, 1)
+        finally:
+            os._exit(0)
+    os.close(r)
+    try:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # the parent's writer holds it
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            eng.close()
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the parent closed, child alive
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    finally:
+        os.write(w, b"x")
+        os.close(w)
+        os.waitpid(pid, 0)
+    assert dc.journal.verify(d).ok

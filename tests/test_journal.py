@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -797,10 +796,15 @@ def test_close_during_a_run_or_drop_waiting_for_room_journals_only_the_bars_take
         except RuntimeError as e:
             raised.append(e)
 
-    eng.faults.stall_sm(0, 2.0)  # the window fills behind SM 0's next bar and stays full
+    cap = eng.stats()["capacity"]
+    # the window fills behind SM 0's next bar and stays full (close() ends the stall)
+    eng.faults.stall_sm(0, 60.0)
     t = threading.Thread(target=feed, daemon=True)
     t.start()
-    time.sleep(0.5)
+    # the call waits for room once the window has less room than its next piece (a quarter of
+    # it); in_flight is read without the ingress lock, which the waiting call holds
+    assert wait_for(lambda: cap - eng.in_flight() < cap // 4, 20.0), (eng.in_flight(), cap)
+    assert t.is_alive()
     eng.close()
     t.join(10)
     assert not t.is_alive() and raised and "closed" in str(raised[0])

@@ -366,10 +366,13 @@ def test_stale_orders_expire(make: Callable[..., typing.Any]) -> None:
     live(bridge)
     past = bridge.submit_plan(plan("stale-past", valid_s=-1.0))
     assert bridge.wait(past) == "expired" and bridge.order(past)["reason"] == "expired_before_send"
-    # (3) valid when sent, expired when it reaches the EA (the link is slow): the EA refuses it
-    proxy.set_faults(to_terminal=Faults(delay=1.0, delay_ms=(400.0, 400.0)))
+    # (3) valid when sent, expired when it reaches the EA (the link is slow): the EA refuses it.
+    # Every copy reaches the EA 3 s after it left, so at least 0.5 s after valid_until whenever
+    # it was sent; the bridge has 2.5 s (not 150 ms, less than a loaded machine may stop this
+    # process for) to send it before it expires unsent
+    proxy.set_faults(to_terminal=Faults(delay=1.0, delay_ms=(3000.0, 3000.0)))
     slow = bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, plan_id="stale-slow",
-                               valid_until=int(time.time() * 1000) + 150)
+                               valid_until=int(time.time() * 1000) + 2500)
     wait_for(lambda: term.order_status(slow) == "expired", what="the EA refusing the stale order")
     proxy.set_faults(to_terminal=Faults())
     wait_for(lambda: bridge.order(slow)["state"] == "expired" and bridge.order(slow)["open"] is False)
@@ -650,16 +653,17 @@ def test_cli_simulated_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     from dynamic_core.bridges.mt5.cli import cmd_bridge_mt5
 
     args = _mt5_parser().parse_args(["bridge", "mt5", "--bind", "tcp://127.0.0.1:*", "--simulated-terminal",
-                                     "--bars", "60", "--bar-interval", "0", "--heartbeat", "0.05", "--agents", "256",
-                                     "--instruments", "EURUSD"])
+                                     "--bars", "60", "--bar-interval", "0.001", "--heartbeat", "0.05",
+                                     "--agents", "256", "--instruments", "EURUSD"])
     assert args.func is cmd_bridge_mt5
     steps: list[int] = []
 
     def source(signals: typing.Any, bars: typing.Any) -> list[TradingPlan]:
         steps.append(len(bars))
-        # a plan whose validity is 2 bars of simulated time: rescaled to wall-clock time
+        # a plan whose validity is 3000 bars of simulated time: rescaled to wall-clock time, 3 s
+        # (+ the 1 s the command adds), not the 1 s a zero bar interval leaves a loaded machine
         ts, close = int(bars["ts"][0]), float(bars["close"][0])
-        p = msgspec.structs.replace(plan(f"cli-{len(steps)}"), ts=ts, valid_until=ts + 2 * 3600 * 10**9,
+        p = msgspec.structs.replace(plan(f"cli-{len(steps)}"), ts=ts, valid_until=ts + 3000 * 3600 * 10**9,
                                     entry=close, stop=close - 0.01, targets=(close + 0.02,))
         return [p] if len(steps) <= 5 else []
 
@@ -742,14 +746,20 @@ def test_history_bound_forgets_settled_orders_only(make: Callable[..., typing.An
 
 
 def test_order_expired_while_unacked_is_upgraded_by_a_late_fill(make: Callable[..., typing.Any]) -> None:
-    bridge = make("bridge", missed=20)
+    # missed 200 (10 s): the 2.5 s delay below is no silence; the re-sends until valid_until stay
+    # below max_sends (8 take about 1 s here)
+    bridge = make("bridge", missed=200, max_sends=100)
     proxy = make("proxy", bridge.address)
     term = make("terminal", proxy.address)
     live(bridge)
-    slow = Faults(delay=1.0, delay_ms=(300.0, 300.0))
+    # each way takes 2.5 s: the EA gets the order 0.5 s before valid_until (if it was sent at
+    # once), and its answer reaches the bridge at least 2 s after valid_until, so the bridge has
+    # expired it first even when a loaded machine stopped this process over valid_until (its
+    # threads, the proxy's included, then all wake at once: with 150 ms the ack could win)
+    slow = Faults(delay=1.0, delay_ms=(2500.0, 2500.0))
     proxy.set_faults(to_bridge=slow, to_terminal=slow)
     coid = bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, plan_id="late",
-                               valid_until=int(time.time() * 1000) + 450)
+                               valid_until=int(time.time() * 1000) + 3000)
     # unacked when valid_until passes: the bridge stops re-sending and calls it expired ...
     wait_for(lambda: bridge.order(coid)["state"] not in ("queued", "sent"), what="expiry at the bridge")
     st = bridge.order(coid)
@@ -1003,6 +1013,7 @@ def test_a_reconciled_position_that_does_not_match_its_order_settles_nothing(
         raw_live: tuple[MT5Bridge, _RawEA], bad: dict[str, typing.Any]) -> None:
     # the same rules as an exec_report: such a position used to settle the order filled at its numbers
     bridge, ea = raw_live
+    bridge.max_sends = 10**6  # stays "sent" until acked (not "unconfirmed" after 8 sends, ~1 s here)
     reports: list[typing.Any] = []
     bridge.on_report(reports.append)
     coid = bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, valid_until=PR.now_ms() + 60_000)
@@ -1033,6 +1044,7 @@ def test_a_reconciled_position_that_does_not_match_its_order_settles_nothing(
 
 def test_an_unknown_position_that_contradicts_a_later_order_is_not_adopted(raw_live: tuple[MT5Bridge, _RawEA]) -> None:
     bridge, ea = raw_live
+    bridge.max_sends = 10**6  # stays "sent" until acked (not "unconfirmed" after 8 sends, ~1 s here)
     _listed(bridge, ea, "dcadopt1", volume=500.0)  # no such order yet: an unknown position
     assert len(bridge.reconciliation()["unknown"]) == 1
     coid = bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, valid_until=PR.now_ms() + 60_000,

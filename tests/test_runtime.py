@@ -33,7 +33,7 @@ def native_threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def settled_threads(target: int, deadline: float = 2.0) -> int:
+def settled_threads(target: int, deadline: float = 20.0) -> int:
     """The thread count once it reaches ``target`` (or the deadline passes): a joined thread's
     /proc entry can outlive join() by a moment while the OS tears it down."""
     end = time.monotonic() + deadline
@@ -163,12 +163,17 @@ def blocked_submit(eng: dc.Engine, bars: np.ndarray, polled: int = 100
         except RuntimeError as e:
             raised.append(e)
 
+    cap = eng.stats()["capacity"]
     prod = threading.Thread(target=produce, daemon=True)
     prod.start()
     got = 0
     while got < polled:
         got += len(eng.poll(timeout=5.0))
-    time.sleep(0.2)  # the window is full again and nobody polls: the submit waits
+    # nobody polls from now on: once the window has less room than the piece a blocking submit
+    # waits for (a quarter of it, the batch being longer than that), the submit waits for good
+    assert len(bars) >= polled + 3 * cap, "too few bars to leave the submit waiting"
+    assert wait_for(lambda: cap - eng.in_flight() < max(1, cap // 4), 20.0), \
+        f"the submit never filled the window again ({eng.in_flight()} of {cap} in flight)"
     return prod, raised, got
 
 
@@ -200,13 +205,16 @@ def test_a_submit_waiting_for_room_blocks_no_reader_and_not_close(pop, market):
 def test_stalled_sm_fails_over_without_losing_signals(pop, market):
     with dc.Engine(pop, threads=1) as a:
         ref = a.run(market)
-    with dc.Engine(pop, threads=2, stall_deadline=0.02, fault_injection=True) as eng:
+    # the victim stalls far longer than the sentinel needs to move it, however late a loaded
+    # machine runs the sentinel (close() ends the stall); a 1 s deadline, not 20 ms, so a healthy
+    # worker the load holds up for a moment is not taken for a stalled one
+    with dc.Engine(pop, threads=2, stall_deadline=1.0, fault_injection=True) as eng:
         eng.submit(market[:20])
         first = eng.poll(20, timeout=5.0)
         while len(first) < 20:
             first = np.concatenate([first, eng.poll(timeout=5.0)])
         victim = 1
-        eng.faults.stall_sm(victim, 3.0)
+        eng.faults.stall_sm(victim, 30.0)
         eng.submit(market[20:])
         got = [first]
         while sum(map(len, got)) < len(market):

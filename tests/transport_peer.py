@@ -5,7 +5,7 @@ its work, prints a final JSON line, and (where it keeps serving) stops when stdi
 
     python tests/transport_peer.py feed ADDR [--fmt json]     engine signals -> SignalFeed
     python tests/transport_peer.py blast ADDR N               N one-topic signals, tiny HWM
-    python tests/transport_peer.py send-bars ADDR             sim bars (+ garbage) -> PUSH
+    python tests/transport_peer.py send-bars ADDR             sim bars (+ garbage) -> PUSH, open until stdin closes
     python tests/transport_peer.py service KEYDIR             EngineService: ingress+feed+control
 """
 
@@ -90,6 +90,7 @@ def mode_blast(addr: str, n: int) -> None:
 
 
 def mode_send_bars(addr: str) -> None:
+    closed = wait_stdin_closed()
     bars = market()
     with transport.MarketSender(addr, kind="push", max_bars=7) as tx:
         say(endpoint=tx.endpoint)
@@ -97,6 +98,10 @@ def mode_send_bars(addr: str) -> None:
         tx.send_raw(b"\xc1garbage\xff")  # refused by the ingress, counted, dead-lettered
         tx.send_raw(b'{"type": "market", "version": 99}')
         frames += tx.send(bars[60:])
+        # keep the socket open until the test (which closes stdin once it has received
+        # everything) is done: closing right away gives queued frames only the close linger to
+        # leave, and a receiver that is slow to finish its handshake would lose them
+        closed.wait(60.0)
     say(done=len(bars), frames=frames)
 
 
