@@ -173,15 +173,20 @@ def test_a_forked_child_does_not_keep_the_journal_locked(tmp_path: Path) -> None
                     journal=d)
     eng.run(bars)
     r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child lives until the parent has looked
+    if pid == 0:  # the child (its fork hooks have run once fork() returns) lives until the parent has looked
         try:
             os.close(w)
+            os.write(ready_w, b"r")
             os.read(r, 1)
         finally:
             os._exit(0)
     os.close(r)
+    os.close(ready_w)
     try:
+        assert os.read(ready_r, 1) == b"r"  # not before the child runs: it holds the lock until its hook
+        os.close(ready_r)
         fd = os.open(d, os.O_RDONLY)
         try:
             with pytest.raises(BlockingIOError):  # the parent's writer holds it
