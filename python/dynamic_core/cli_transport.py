@@ -451,7 +451,7 @@ def cmd_run_service(args: argparse.Namespace) -> int:
         for p in parts:
             p.close()
         if feed_ctx is not None:
-            feed_ctx.destroy(linger=1000)  # returns once the feed's queue is out, 1 s at most
+            feed_ctx.destroy()  # returns once the feed's queue is out or its close linger is over
         eng.close()
 
 

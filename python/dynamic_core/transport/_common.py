@@ -163,17 +163,19 @@ def close_socket(sock: Any, linger_ms: int = 0) -> None:
 
 class SocketOwner:
     """Base of the transport classes that own one ZeroMQ socket (``self._sock``): the raw
-    socket, ``close()`` (linger ``_linger_ms``) and use as a context manager."""
+    socket, ``close()`` and use as a context manager."""
 
     _sock: Any = None
-    _linger_ms = 0
+    _linger_s = 0.0  # the class's default for close()
 
     @property
     def socket(self) -> zmq.Socket:
         return self._sock
 
-    def close(self) -> None:
-        close_socket(self._sock, self._linger_ms)
+    def close(self, linger: float | None = None) -> None:
+        """Close; messages still queued get up to ``linger`` seconds to leave, in the background
+        while the process lives (default: the class's; 0 drops them now)."""
+        close_socket(self._sock, to_ms(self._linger_s if linger is None else linger, 0))
 
     def __enter__(self) -> Self:
         return self

@@ -496,7 +496,7 @@ class ControlServer(SocketOwner):
                 "handshake_failures": dict(self._handshakes.failures),
                 "authorised_keys": len(self._keys.keys)}
 
-    def close(self) -> None:
+    def close(self, linger: float | None = None) -> None:
         if self._mon is not None:
             if self._sock is not None and not self._sock.closed:
                 try:
@@ -504,7 +504,7 @@ class ControlServer(SocketOwner):
                 except zmq.ZMQError:
                     pass
             close_socket(self._mon)
-        close_socket(self._sock)
+        super().close(linger)
         if self._auth is not None:
             self._auth.stop()
             self._auth = None

@@ -73,8 +73,7 @@ from ..payloads import (
     encode_signal_batch,
 )
 from ..records import SIGNAL_DTYPE
-from ._common import (DEFAULT_ADDRESS, MAX_TOPIC, SocketOwner, attach, check_topics, close_socket, readable,
-                      recv_valid, to_ms)
+from ._common import DEFAULT_ADDRESS, MAX_TOPIC, SocketOwner, attach, check_topics, readable, recv_valid
 
 __all__ = ["HEARTBEAT_TOPIC", "EpochChange", "Gap", "SignalFeed", "SignalSubscriber", "signal_topic"]
 
@@ -119,6 +118,10 @@ class SignalFeed(SocketOwner):
     context : zmq.Context, optional
         Default: the process-wide ``zmq.Context.instance()``.
     """
+
+    # close(): signals published but not yet taken by a subscriber that is behind keep leaving for
+    # 1 s (with none, the last signals of a run published just before the close were dropped)
+    _linger_s = 1.0
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, fmt: str = "msgpack", sndhwm: int = 100_000,
                  heartbeat_interval: float = 1.0, max_batch: int = 4096, epoch: int | None = None,
@@ -310,14 +313,6 @@ class SignalFeed(SocketOwner):
     def next_seq(self, topic: str | bytes) -> int:
         """The ``seq`` the next batch on ``topic`` will carry."""
         return self._next.get(topic.encode() if isinstance(topic, str) else topic, 0)
-
-    def close(self, linger: float = 1.0) -> None:
-        """Close the feed. Messages already published but not yet taken by a connected
-        subscriber keep leaving for up to ``linger`` seconds, in the background (this returns at
-        once; a process that exits sooner cuts them short); 0 drops them now. Without the linger
-        the last signals of a run, published just before the close, would not reach a
-        subscriber that was a little behind."""
-        close_socket(self._sock, to_ms(linger, 0))
 
     def stats(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "endpoint": self.endpoint, "fmt": self.fmt, "messages": self.messages,

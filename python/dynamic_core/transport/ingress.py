@@ -34,7 +34,7 @@ import zmq
 
 from ..errors import PayloadError
 from ..payloads import DEFAULT_MAX_FRAME, Codec, PreparedMarketContext, Reject, split_bars
-from ._common import DEFAULT_ADDRESS, SocketOwner, attach, check_topics, close_socket, recv_valid, to_ms
+from ._common import DEFAULT_ADDRESS, SocketOwner, attach, check_topics, recv_valid, to_ms
 
 __all__ = ["MarketIngress", "MarketSender", "market_topic"]
 
@@ -197,6 +197,8 @@ class MarketSender(SocketOwner):
         (default: wait forever).
     """
 
+    _linger_s = 2.0  # close(): unsent frames get 2 s to leave
+
     def __init__(self, address: str, *, kind: str = "push", fmt: str = "msgpack", max_bars: int = 4096,
                  sndhwm: int = 10_000, send_timeout: float | None = None, bind: bool = False,
                  allow_remote: bool = False, context: zmq.Context | None = None) -> None:
@@ -241,10 +243,6 @@ class MarketSender(SocketOwner):
     def send_raw(self, *frames: bytes) -> None:
         """Send arbitrary frames as they are (for tests of the receiving side's robustness)."""
         self._sock.send_multipart(frames)
-
-    def close(self, linger: float = 2.0) -> None:
-        """Close; unsent frames get up to ``linger`` seconds to leave."""
-        close_socket(self._sock, to_ms(linger, 0))
 
     def __repr__(self) -> str:
         return f"MarketSender({self.endpoint!r}, kind={self.kind!r})"
