@@ -135,6 +135,20 @@ def test_cpu_only_calls_are_refused_with_a_device(emu: EmuDevice, eurusd: np.nda
         dc.Engine(pop, backend="cuda", device=emu, fault_injection=True)
 
 
+def test_a_strict_device_engine_refuses_a_bad_batch_whole(emu: EmuDevice, eurusd: np.ndarray) -> None:
+    pop = dc.Population.random(64, instruments=["EURUSD"], seed=1)
+    bad = eurusd[:5].copy()
+    bad["high"][2] = bad["low"][2] / 2
+    with dc.Engine(pop, backend="cuda", device=emu, strict=True) as eng:
+        with pytest.raises(dc.errors.InvalidInput, match="row 2: high_below_low") as e:
+            eng.run(bad)
+        assert e.value.rows == [2]
+        with pytest.raises(dc.errors.InvalidInput):
+            eng.step(bad[2])
+        assert eng.stats()["bars_in"] == 0 and emu.launches.get("dc_lanes_block", 0) == 0
+        assert len(eng.run(eurusd[:5])) == 5  # the good batch runs
+
+
 # ---- parity through the host emulation ----------------------------------------------------------
 
 def test_eurusd_sweep_is_bit_identical_to_the_cpu(emu: EmuDevice, eurusd: np.ndarray) -> None:

@@ -589,6 +589,50 @@ def test_strict_refuses_a_bad_batch_in_submit_and_step_too(pop, market):
         assert eng.submit(market[:6]) == 6
 
 
+def test_strict_verdict_holds_against_a_concurrent_feeder(market):
+    """Two threads feed one stream of a strict engine, each bar's time taken from a shared
+    counter, so one thread's bar often lands after the other's later one. A strict engine must
+    refuse such a bar (InvalidInput, nothing taken), never take it as a counted reject: the
+    check and the take happen under one lock."""
+    one = dc.Population.random(64, instruments=["EURUSD"], timeframes=["H1"], seed=2)
+    template = market[market["instrument"] == dc.instruments.id("EURUSD")][:1].copy()
+    per_thread = 1500
+    clock = iter(range(1, 10 * per_thread))  # next() is atomic under the GIL
+    refused = [0, 0]
+    errors: list[BaseException] = []
+    with dc.Engine(one, threads=2, strict=True, capacity=4 * per_thread) as eng:
+        start = threading.Barrier(2)
+
+        def feed(k: int) -> None:
+            try:
+                start.wait()
+                for _ in range(per_thread):
+                    bar = template.copy()
+                    bar["ts"] = template["ts"][0] + next(clock) * 3_600_000_000_000
+                    try:
+                        eng.submit(bar)
+                    except dc.errors.InvalidInput as e:
+                        assert e.reasons == ["out_of_order"]
+                        refused[k] += 1
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=feed, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        st = eng.stats()  # ingress counts a bar as it takes it
+        assert st["rejected"] == 0 and st["dead_letters"] == 0, st["rejects"]
+        got = 0
+        while got < st["bars_in"] and len(s := eng.poll(timeout=10.0)):
+            got += len(s)
+        assert got == st["bars_in"]  # every bar taken gave its signal
+    assert st["bars_in"] + sum(refused) == 2 * per_thread
+    assert st["accepted"] == st["bars_in"] and 0 < sum(refused) < 2 * per_thread
+
+
 def test_telemetry(pop, market):
     # (no failover for 60 s: a worker a loaded machine holds up past 50 ms would move SMs)
     with dc.Engine(pop, threads=2, stall_deadline=60.0) as eng:

@@ -357,13 +357,14 @@ void bind_engine(py::module_& m) {
            py::arg("dead_letter_capacity") = 10000, py::arg("block_bars") = 0, py::arg("threads") = 1,
            py::arg("capacity") = 0, py::arg("backpressure") = 0, py::arg("stall_deadline_ns") = 50000000,
            py::arg("fault_injection") = false)
-      .def("submit", [](Engine& e, const py::array& bars, uint32_t n_registered) {
+      .def("submit", [](Engine& e, const py::array& bars, uint32_t n_registered, bool strict) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));
              GilRelease nogil;
-             return e.submit(b, n, n_registered);
-           }, py::arg("bars"), py::arg("n_registered"),
-           "Validate, sequence and dispatch bars; returns how many were taken.")
+             return e.submit(b, n, n_registered, strict);
+           }, py::arg("bars"), py::arg("n_registered"), py::arg("strict") = false,
+           "Validate, sequence and dispatch bars; returns how many were taken. strict: a batch with a bad "
+           "bar raises InvalidInput and nothing is taken.")
       .def("poll", [](Engine& e, size_t max_n, int64_t timeout_ns) {
              // At most `capacity` signals are ever ready; gather them 256 at a time so an empty
              // or small poll does not allocate for max_n.
@@ -384,17 +385,17 @@ void bind_engine(py::module_& m) {
              return to_bytes(out.data(), k);
            }, py::arg("max_n"), py::arg("timeout_ns"),
            "Up to max_n ready signals in bar order, as bytes; waits up to timeout_ns (<0: forever).")
-      .def("step", [](Engine& e, const py::array& bars, uint32_t n_registered, int64_t timeout_ns) {
+      .def("step", [](Engine& e, const py::array& bars, uint32_t n_registered, int64_t timeout_ns, bool strict) {
              const Bar* b = records_of<Bar>(bars, "bar");
              if (bars.shape(0) != 1) throw std::invalid_argument("step() takes exactly one bar");
              Signal s{};
              int r;
              {
                GilRelease nogil;
-               r = e.step(*b, n_registered, &s, timeout_ns);
+               r = e.step(*b, n_registered, &s, timeout_ns, strict);
              }
              return py::make_tuple(r, to_bytes(&s, r == 1 ? 1 : 0));
-           }, py::arg("bar"), py::arg("n_registered"), py::arg("timeout_ns"),
+           }, py::arg("bar"), py::arg("n_registered"), py::arg("timeout_ns"), py::arg("strict") = false,
            "One bar in, (1, signal bytes) out; (0, b'') on timeout, (-1, b'') if no signal is due.")
       .def("close", [](Engine& e) {
              GilRelease nogil;
@@ -435,17 +436,17 @@ void bind_engine(py::module_& m) {
              }
              return py::make_tuple(v, f);
            }, "(evidence float64, signal flags uint32) per stream, as set_dsi left them; read between updates.")
-      .def("run", [](Engine& e, const py::array& bars, uint32_t n_registered) {
+      .def("run", [](Engine& e, const py::array& bars, uint32_t n_registered, bool strict) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));
              std::vector<Signal> out;
              {
                GilRelease nogil;
                out.reserve(n);
-               e.run(b, n, n_registered, out);
+               e.run(b, n, n_registered, out, strict);
              }
              return to_bytes(out.data(), out.size());
-           }, py::arg("bars"), py::arg("n_registered"),
+           }, py::arg("bars"), py::arg("n_registered"), py::arg("strict") = false,
            "Process a time-ordered bar batch; returns signal records as bytes.")
       .def("validate", [](Engine& e, const py::array& bars, uint32_t n_registered) {
              const Bar* b = records_of<Bar>(bars, "bar");
@@ -515,17 +516,17 @@ void bind_engine(py::module_& m) {
       .def("stats", [](Engine& e) {
              return stats_dict(e);
            })
-      .def("admit", [](Engine& e, const py::array& bars, uint32_t n_registered) {
+      .def("admit", [](Engine& e, const py::array& bars, uint32_t n_registered, bool strict) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));
              std::vector<AdmittedBar> out;
              {
                GilRelease nogil;
                out.reserve(n);
-               e.admit(b, n, n_registered, out);
+               e.admit(b, n, n_registered, out, strict);
              }
              return to_bytes(out.data(), out.size());
-           }, py::arg("bars"), py::arg("n_registered"),
+           }, py::arg("bars"), py::arg("n_registered"), py::arg("strict") = false,
            "Device backends: validate, sequence and journal a batch without running it; returns "
            "the bars to run as admitted records (stream, index in batch, index in stream, seq), as bytes.")
       .def("emit_external", [](Engine& e, const py::array& signals, uint64_t updates, uint64_t quarantined,

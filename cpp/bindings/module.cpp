@@ -24,6 +24,18 @@ PYBIND11_MODULE(_core, m) {
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const dynamic_core::StrictRefusal& e) {
+      // the same error a caller-side check raises (dynamic_core.market.refuse_bad: rows, reasons)
+      py::array_t<uint32_t> reasons(static_cast<py::ssize_t>(e.reasons.size()));
+      std::copy(e.reasons.begin(), e.reasons.end(), reasons.mutable_data());
+      try {
+        py::module_::import("dynamic_core.market").attr("refuse_bad")(reasons);
+      } catch (py::error_already_set& err) {
+        err.restore();
+        return;
+      }
+      py::object cls = py::module_::import("dynamic_core.errors").attr("InvalidInput");
+      PyErr_SetString(cls.ptr(), e.what());
     } catch (const dynamic_core::InvalidInput& e) {
       py::object cls = py::module_::import("dynamic_core.errors").attr("InvalidInput");
       PyErr_SetString(cls.ptr(), e.what());

@@ -906,9 +906,10 @@ void Engine::take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool v
   }
 }
 
-size_t Engine::submit(const Bar* bars, size_t n, uint32_t n_registered) {
+size_t Engine::submit(const Bar* bars, size_t n, uint32_t n_registered, bool strict) {
   std::lock_guard<std::mutex> feed(feed_m_);
   auto lk = lock_ingress();
+  if (strict) refuse_bad_locked(bars, n, n_registered);
   ++stats_.batches;
   return ingest(bars, n, n_registered, cfg_.backpressure == Backpressure::Block, nullptr, nullptr, &lk);
 }
@@ -923,11 +924,12 @@ void Engine::check_drained(const char* what) const {
                            "timed out): poll() them first; " + what + "() returns its own bars' signals only");
 }
 
-int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns) {
+int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns, bool strict) {
   {
     std::lock_guard<std::mutex> feed(feed_m_);
     auto lk = lock_ingress();
     check_drained("step");
+    if (strict) refuse_bad_locked(&bar, 1, n_registered);
     ++stats_.batches;
     const uint64_t h0 = head_.load(std::memory_order_relaxed);
     ingest(&bar, 1, n_registered, true, nullptr, nullptr, &lk);
@@ -936,12 +938,13 @@ int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t tim
   return poll(out, 1, timeout_ns) ? 1 : 0;
 }
 
-size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out) {
+size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out, bool strict) {
   const auto t0 = std::chrono::steady_clock::now();
   const size_t before = out.size();
   std::lock_guard<std::mutex> feed(feed_m_);
   auto lk = lock_ingress();
   check_drained("run");
+  if (strict) refuse_bad_locked(bars, n, n_registered);
   ++stats_.batches;
   ingest(bars, n, n_registered, true, &out);
   Signal buf[256];
@@ -988,9 +991,10 @@ void Engine::wait_idle() {
   }
 }
 
-size_t Engine::admit(const Bar* bars, size_t n, uint32_t n_registered, std::vector<AdmittedBar>& out) {
+size_t Engine::admit(const Bar* bars, size_t n, uint32_t n_registered, std::vector<AdmittedBar>& out, bool strict) {
   std::lock_guard<std::mutex> feed(feed_m_);
   auto lk = lock_ingress();
+  if (strict) refuse_bad_locked(bars, n, n_registered);
   ++stats_.batches;
   return ingest(bars, n, n_registered, false, nullptr, &out);
 }
@@ -1253,6 +1257,11 @@ std::vector<DeadLetter> Engine::dead_letters() {
 size_t Engine::validate(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons) {
   std::lock_guard<std::mutex> lk(ingress_m_);
   return validate_locked(bars, n, n_registered, reasons);
+}
+
+void Engine::refuse_bad_locked(const Bar* bars, size_t n, uint32_t n_registered) {
+  std::vector<uint32_t> reasons(n);
+  if (validate_locked(bars, n, n_registered, reasons.data()) > 0) throw StrictRefusal(std::move(reasons));
 }
 
 size_t Engine::validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons) {

@@ -130,16 +130,18 @@ class Engine {
 
   // Batch mode: processes a time-ordered batch and appends one signal per accepted bar of a
   // followed stream, in input order. Must not be mixed with submit/poll from other threads.
-  size_t run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out);
+  // `strict`: a batch with any bad bar is refused whole (StrictRefusal, nothing taken), judged
+  // under the ingress lock (submit, step and admit alike).
+  size_t run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out, bool strict = false);
 
   // Streaming mode. submit() validates, sequences and dispatches bars; it returns how many of
   // `n` were taken (rejected bad bars count as taken: they are dead-lettered). With
   // Backpressure::Block it waits for room (a consumer must poll); RejectNew stops at the first
   // bar that does not fit; DropOldest drops the oldest ready, unpolled signals to make room.
-  size_t submit(const Bar* bars, size_t n, uint32_t n_registered);
+  size_t submit(const Bar* bars, size_t n, uint32_t n_registered, bool strict = false);
   // One bar in; its signal out. Returns 1 with *out set, 0 on timeout, -1 when the bar yields no
   // signal (rejected, or no agent follows its stream). Assumes no other consumer.
-  int step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns);
+  int step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns, bool strict = false);
   // Up to max_n ready signals in bar order; waits up to timeout_ns (<0: forever) for the first.
   size_t poll(Signal* out, size_t max_n, int64_t timeout_ns);
   void wait_all();  // takes the ingress lock, then wait_idle()
@@ -172,7 +174,7 @@ class Engine {
   // dead-letters like submit(), and appends the accepted bars of followed streams to `out`
   // instead of running them; the caller runs them and hands their signals to emit_external
   // in order. Not to be mixed with run/submit/step on the same engine.
-  size_t admit(const Bar* bars, size_t n, uint32_t n_registered, std::vector<AdmittedBar>& out);
+  size_t admit(const Bar* bars, size_t n, uint32_t n_registered, std::vector<AdmittedBar>& out, bool strict = false);
   // Signals computed outside: journaled (hashes) and counted like polled ones, with the agent
   // updates, quarantines and busy time that produced them.
   void emit_external(const Signal* s, size_t k, uint64_t updates, uint64_t quarantined, double seconds);
@@ -366,6 +368,8 @@ class Engine {
   std::unique_lock<std::mutex> lock_ingress() { return std::unique_lock<std::mutex>(ingress_m_); }
   size_t drain(Signal* out, size_t max_n);
   size_t validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
+  // Caller holds ingress_m_: throws StrictRefusal when any bar of the batch is bad.
+  void refuse_bad_locked(const Bar* bars, size_t n, uint32_t n_registered);
   void journal_inputs(const Bar* bars, size_t n, uint32_t n_registered, bool validated);
   void journal_signals(const Signal* s, size_t k);
   // Drains up to max_n ready signals; if none is ready, waits up to timeout_ns until the next

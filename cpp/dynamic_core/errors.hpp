@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace dynamic_core {
 
@@ -12,6 +13,15 @@ namespace dynamic_core {
 class InvalidInput : public std::runtime_error {
  public:
   explicit InvalidInput(const std::string& what) : std::runtime_error(what) {}
+};
+
+// A batch that strict mode refuses, with the reject reason of every row (0: good), decided under
+// the ingress lock so no other feeder can change the verdict before the batch is taken.
+class StrictRefusal : public InvalidInput {
+ public:
+  explicit StrictRefusal(std::vector<uint32_t> reasons)
+      : InvalidInput("strict mode refused the batch"), reasons(std::move(reasons)) {}
+  std::vector<uint32_t> reasons;
 };
 
 // The journal cannot take a record: a write or sync failed (disk full, I/O error), now or

@@ -13,7 +13,7 @@ class Engine:
     """
     def __init__(self, genomes: numpy.ndarray, cores_per_sm: typing.SupportsInt | typing.SupportsIndex = 128, population_hash: typing.SupportsInt | typing.SupportsIndex = 0, dead_letter_capacity: typing.SupportsInt | typing.SupportsIndex = 10000, block_bars: typing.SupportsInt | typing.SupportsIndex = 0, threads: typing.SupportsInt | typing.SupportsIndex = 1, capacity: typing.SupportsInt | typing.SupportsIndex = 0, backpressure: typing.SupportsInt | typing.SupportsIndex = 0, stall_deadline_ns: typing.SupportsInt | typing.SupportsIndex = 50000000, fault_injection: bool = False) -> None:
         ...
-    def admit(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint8]:
+    def admit(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex, strict: bool = False) -> numpy.typing.NDArray[numpy.uint8]:
         """
         Device backends: validate, sequence and journal a batch without running it; returns the bars to run as admitted records (stream, index in batch, index in stream, seq), as bytes.
         """
@@ -85,7 +85,7 @@ class Engine:
         """
         Per-lane agent state (structure of arrays, lane order).
         """
-    def run(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint8]:
+    def run(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex, strict: bool = False) -> numpy.typing.NDArray[numpy.uint8]:
         """
         Process a time-ordered bar batch; returns signal records as bytes.
         """
@@ -103,7 +103,7 @@ class Engine:
         """
     def stats(self) -> dict:
         ...
-    def step(self, bar: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex) -> tuple[int, numpy.typing.NDArray[numpy.uint8]]:
+    def step(self, bar: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex, strict: bool = False) -> tuple[int, numpy.typing.NDArray[numpy.uint8]]:
         """
         One bar in, (1, signal bytes) out; (0, b'') on timeout, (-1, b'') if no signal is due.
         """
@@ -111,9 +111,9 @@ class Engine:
         """
         (evidence float64, signal flags uint32) per stream, as set_dsi left them; read between updates.
         """
-    def submit(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> int:
+    def submit(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex, strict: bool = False) -> int:
         """
-        Validate, sequence and dispatch bars; returns how many were taken.
+        Validate, sequence and dispatch bars; returns how many were taken. strict: a batch with a bad bar raises InvalidInput and nothing is taken.
         """
     def validate(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint32]:
         """

@@ -21,7 +21,7 @@ from ._checks import check_int, check_real
 from .errors import BackendUnavailable, JournalError
 from .journal import DEFAULT_SEGMENT_BYTES
 from .instruments import instruments
-from .market import as_bars, refuse_bad
+from .market import as_bars
 from .population import Population
 from .payloads import AISignal, signal_from_record, signals_from_records
 from .records import AGENT_DTYPE, BIRTH_DTYPE, DEAD_LETTER_DTYPE, GENOME_DTYPE, LINEAGE_DTYPE, SIGNAL_DTYPE
@@ -486,12 +486,11 @@ class Engine:
         strict = _check_strict(strict, allow_none=True)
         b = as_bars(bars)
         self._journal_new_instruments()
-        if self.strict if strict is None else strict:
-            refuse_bad(self._native.validate(b, len(instruments)))
+        strict = self.strict if strict is None else strict
         if self._device is not None:
             with self._device_lock:
-                return self._device.run(b, len(instruments))
-        return self._native.run(b, len(instruments)).view(SIGNAL_DTYPE)
+                return self._device.run(b, len(instruments), strict=strict)
+        return self._native.run(b, len(instruments), strict).view(SIGNAL_DTYPE)
 
     # ---- streaming ----------------------------------------------------------------------------
     def submit(self, bars: np.ndarray) -> int:
@@ -517,9 +516,7 @@ class Engine:
         self._not_from_consumer("submit")
         b = as_bars(bars)
         self._journal_new_instruments()
-        if self.strict:
-            refuse_bad(self._native.validate(b, len(instruments)))
-        return int(self._native.submit(b, len(instruments)))
+        return int(self._native.submit(b, len(instruments), self.strict))
 
     def poll(self, max_n: int | None = None, timeout: float | None = 0.0) -> np.ndarray:
         """Ready signals in bar order (``SIGNAL_DTYPE``), at most ``max_n``. Waits up to
@@ -558,15 +555,13 @@ class Engine:
             raise ValueError(f"step() takes one bar, got {len(b)}")
         t = _timeout_ns(timeout)
         self._journal_new_instruments()
-        if self.strict:
-            refuse_bad(self._native.validate(b, len(instruments)))
         if self._device is not None:
             with self._device_lock:
-                out = self._device.run(b, len(instruments))
+                out = self._device.run(b, len(instruments), strict=self.strict)
             return signal_from_record(out[0]) if len(out) else None
         start = time.monotonic_ns()
         first = t if 0 <= t <= _POLL_SLICE_NS else _POLL_SLICE_NS
-        status, raw = self._native.step(b, len(instruments), first)
+        status, raw = self._native.step(b, len(instruments), first, self.strict)
         if status < 0:
             return None
         if status == 0 and first != t:  # the rest of a long wait, in slices (^C, close)

@@ -431,12 +431,12 @@ class DeviceRunner:
             self.state_dirty = False
 
     # -- running ----------------------------------------------------------------------------------
-    def run(self, bars: np.ndarray, n_registered: int) -> np.ndarray:
+    def run(self, bars: np.ndarray, n_registered: int, strict: bool = False) -> np.ndarray:
         if self.failed:
             raise BackendUnavailable(f"the device failed earlier ({self.failed}); its state is no longer that "
                                      "of the journaled inputs: start a new engine (or replay the journal)")
         t0 = time.perf_counter()
-        adm = np.frombuffer(self.native.admit(bars, n_registered), dtype=ADMITTED_DTYPE)
+        adm = np.frombuffer(self.native.admit(bars, n_registered, strict), dtype=ADMITTED_DTYPE)
         stream, index, sidx, seq = adm["stream"], adm["index"], adm["sidx"], adm["seq"]
         out = np.empty(len(stream), dtype=SIGNAL_DTYPE)
         before = self._counted
