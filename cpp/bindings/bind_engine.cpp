@@ -357,14 +357,15 @@ void bind_engine(py::module_& m) {
            py::arg("dead_letter_capacity") = 10000, py::arg("block_bars") = 0, py::arg("threads") = 1,
            py::arg("capacity") = 0, py::arg("backpressure") = 0, py::arg("stall_deadline_ns") = 50000000,
            py::arg("fault_injection") = false)
-      .def("submit", [](Engine& e, const py::array& bars, uint32_t n_registered, bool strict) {
+      .def("submit", [](Engine& e, const py::array& bars, uint32_t n_registered, bool strict, int64_t timeout_ns) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));
              GilRelease nogil;
-             return e.submit(b, n, n_registered, strict);
-           }, py::arg("bars"), py::arg("n_registered"), py::arg("strict") = false,
+             return e.submit(b, n, n_registered, strict, timeout_ns);
+           }, py::arg("bars"), py::arg("n_registered"), py::arg("strict") = false, py::arg("timeout_ns") = -1,
            "Validate, sequence and dispatch bars; returns how many were taken. strict: a batch with a bad "
-           "bar raises InvalidInput and nothing is taken.")
+           "bar raises InvalidInput and nothing is taken. timeout_ns (>= 0): how long a blocking submit "
+           "waits for room before it returns the count it took.")
       .def("poll", [](Engine& e, size_t max_n, int64_t timeout_ns) {
              // At most `capacity` signals are ever ready; gather them 256 at a time so an empty
              // or small poll does not allocate for max_n.

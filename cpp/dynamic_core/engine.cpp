@@ -704,12 +704,10 @@ size_t Engine::in_flight() const {
 
 size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wait_for_space,
                       std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted,
-                      std::unique_lock<std::mutex>* lk) {
+                      std::unique_lock<std::mutex>* lk, int64_t deadline) {
   if (closed_) throw std::logic_error("engine is closed");
-  if (lk && wait_for_space) {  // blocking: in pieces, ingress released while waiting (see take)
-    take(bars, n, n_registered, false, nullptr, nullptr, 0, lk);
-    return n;
-  }
+  if (lk && wait_for_space)  // blocking: in pieces, ingress released while waiting (see take)
+    return take(bars, n, n_registered, false, nullptr, nullptr, 0, lk, deadline);
   bool validated = false;
   if (!admitted && !drain_to && !wait_for_space && cfg_.backpressure == Backpressure::RejectNew) {
     // reject_new takes the bars up to the first that finds no room. The window only empties
@@ -741,12 +739,14 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
   return n;
 }
 
-void Engine::wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want) {
+void Engine::wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want, int64_t deadline) {
   space_waiters_.fetch_add(1, std::memory_order_seq_cst);
   lk.unlock();
   {
     std::unique_lock<std::mutex> wl(wait_m_);
-    space_cv_.wait_for(wl, std::chrono::milliseconds(100), [&] {
+    int64_t wait_ns = 100'000'000;
+    if (deadline >= 0) wait_ns = std::clamp<int64_t>(deadline - now_ns(), 0, wait_ns);
+    space_cv_.wait_for(wl, std::chrono::nanoseconds(wait_ns), [&] {
       return cap_ - (head_.load(std::memory_order_acquire) - tail_.load(std::memory_order_acquire)) >= want ||
              stop_.load(std::memory_order_relaxed);
     });
@@ -767,28 +767,36 @@ void Engine::wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want) {
 // early. A piece waits for a quarter of the window (or the rest of the batch) rather than one
 // slot, so a saturated window does not make a journal commit per bar; drop_oldest drops as many
 // signals as that piece may need (no more than the bars left in the batch).
-void Engine::take(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
-                  std::vector<AdmittedBar>* admitted, size_t row0, std::unique_lock<std::mutex>* lk) {
+size_t Engine::take(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
+                    std::vector<AdmittedBar>* admitted, size_t row0, std::unique_lock<std::mutex>* lk,
+                    int64_t deadline) {
   const bool may_wait = !admitted && (lk || drain_to || cfg_.backpressure == Backpressure::DropOldest);
   if (!may_wait || validated) {  // validated: reject_new cut the batch to the room there is
     take_piece(bars, n, n_registered, validated, drain_to, admitted, row0);
-    return;
+    return n;
   }
   size_t i = 0;
   while (i < n) {
-    make_room(std::min<uint64_t>(n - i, std::max<uint64_t>(1, cap_ / 4)), drain_to, lk);
+    const bool room = make_room(std::min<uint64_t>(n - i, std::max<uint64_t>(1, cap_ / 4)), drain_to, lk, deadline);
     const size_t m = static_cast<size_t>(std::min<uint64_t>(n - i, window_room()));
-    take_piece(bars + i, m, n_registered, false, drain_to, nullptr, row0 + i);
+    if (m > 0) take_piece(bars + i, m, n_registered, false, drain_to, nullptr, row0 + i);
     i += m;
+    if (!room) {  // the deadline passed: what fitted is taken, the rest is the caller's
+      stats_.backpressure_rejected += n - i;
+      break;
+    }
   }
+  return i;
 }
 
-void Engine::make_room(uint64_t want, std::vector<Signal>* drain_to, std::unique_lock<std::mutex>* lk) {
-  if (window_room() >= want) return;
+bool Engine::make_room(uint64_t want, std::vector<Signal>* drain_to, std::unique_lock<std::mutex>* lk,
+                       int64_t deadline) {
+  if (window_room() >= want) return true;
   ++stats_.backpressure_events;
   while (window_room() < want) {
     if (lk) {  // blocking: ingress released while it waits (throws once the engine stops)
-      wait_for_room(*lk, want);
+      if (deadline >= 0 && now_ns() >= deadline) return false;
+      wait_for_room(*lk, want, deadline);
       continue;
     }
     if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
@@ -801,6 +809,7 @@ void Engine::make_room(uint64_t want, std::vector<Signal>* drain_to, std::unique
       stats_.backpressure_dropped += wait_and_drain(nullptr, static_cast<size_t>(want - window_room()), 100'000'000);
     }
   }
+  return true;
 }
 
 void Engine::take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool validated,
@@ -906,12 +915,13 @@ void Engine::take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool v
   }
 }
 
-size_t Engine::submit(const Bar* bars, size_t n, uint32_t n_registered, bool strict) {
+size_t Engine::submit(const Bar* bars, size_t n, uint32_t n_registered, bool strict, int64_t timeout_ns) {
+  const int64_t deadline = timeout_ns >= 0 ? now_ns() + std::min<int64_t>(timeout_ns, INT64_MAX / 4) : -1;
   std::lock_guard<std::mutex> feed(feed_m_);
   auto lk = lock_ingress();
   if (strict) refuse_bad_locked(bars, n, n_registered);
   ++stats_.batches;
-  return ingest(bars, n, n_registered, cfg_.backpressure == Backpressure::Block, nullptr, nullptr, &lk);
+  return ingest(bars, n, n_registered, cfg_.backpressure == Backpressure::Block, nullptr, nullptr, &lk, deadline);
 }
 
 // step and run hand back the signals of their own bars only: with signals of earlier bars

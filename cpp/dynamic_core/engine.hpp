@@ -138,7 +138,9 @@ class Engine {
   // `n` were taken (rejected bad bars count as taken: they are dead-lettered). With
   // Backpressure::Block it waits for room (a consumer must poll); RejectNew stops at the first
   // bar that does not fit; DropOldest drops the oldest ready, unpolled signals to make room.
-  size_t submit(const Bar* bars, size_t n, uint32_t n_registered, bool strict = false);
+  // `timeout_ns` (>= 0) bounds Block's wait: the bars that fit by then are taken and counted as
+  // returned, the rest are not (counted as backpressure rejects; resubmit them).
+  size_t submit(const Bar* bars, size_t n, uint32_t n_registered, bool strict = false, int64_t timeout_ns = -1);
   // One bar in; its signal out. Returns 1 with *out set, 0 on timeout, -1 when the bar yields no
   // signal (rejected, or no agent follows its stream). Assumes no other consumer.
   int step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns, bool strict = false);
@@ -343,28 +345,34 @@ class Engine {
   // blocking submit: the batch goes in pieces that fit the room in the window, each journaled
   // and taken before the next, and ingress_m_ is released while it waits for room (readers and
   // changes go on meanwhile and land between two pieces; other feeders wait on feed_m_).
+  // `deadline` (steady-clock ns, < 0: none) bounds a blocking submit's wait: what fits by then
+  // is taken and the count returned.
   size_t ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wait_for_space,
                 std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted = nullptr,
-                std::unique_lock<std::mutex>* lk = nullptr);
+                std::unique_lock<std::mutex>* lk = nullptr, int64_t deadline = -1);
   // Journals bars[0, n) (unless `validated`, checking them first) and takes them, in pieces
   // when it may wait for room (see engine.cpp; `lk`: a blocking feeder's ingress lock, released
   // while it waits); `row0` is the first bar's row in the caller's batch (dead letters name it).
-  void take(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
-            std::vector<AdmittedBar>* admitted, size_t row0, std::unique_lock<std::mutex>* lk = nullptr);
+  // Returns how many were taken: all n, unless a blocking feeder's `deadline` passed first.
+  size_t take(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
+              std::vector<AdmittedBar>* admitted, size_t row0, std::unique_lock<std::mutex>* lk = nullptr,
+              int64_t deadline = -1);
   // take() for a batch of bars that all fit the room the window has now (journaled, then taken).
   void take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
                   std::vector<AdmittedBar>* admitted, size_t row0);
   // With ingress held, makes `want` slots free in the window: a blocking feeder (`lk`) waits
   // with ingress released, run() drains signals into drain_to, drop_oldest drops the oldest
-  // ready ones (counted). Throws once the engine stops.
-  void make_room(uint64_t want, std::vector<Signal>* drain_to, std::unique_lock<std::mutex>* lk);
+  // ready ones (counted). Throws once the engine stops. False when a blocking feeder's
+  // `deadline` (steady-clock ns, < 0: none) passed first.
+  bool make_room(uint64_t want, std::vector<Signal>* drain_to, std::unique_lock<std::mutex>* lk,
+                 int64_t deadline = -1);
   // Free slots in the window of bars in flight (ingress held: it only grows meanwhile).
   uint64_t window_room() const {
     return cap_ - (head_.load(std::memory_order_relaxed) - tail_.load(std::memory_order_acquire));
   }
-  // Releases ingress (`lk`) until the window has `want` free slots (up to 100 ms) or the engine
-  // stops (then throws).
-  void wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want);
+  // Releases ingress (`lk`) until the window has `want` free slots (up to 100 ms, or until
+  // `deadline`, steady-clock ns, when sooner) or the engine stops (then throws).
+  void wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want, int64_t deadline = -1);
   std::unique_lock<std::mutex> lock_ingress() { return std::unique_lock<std::mutex>(ingress_m_); }
   size_t drain(Signal* out, size_t max_n);
   size_t validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);

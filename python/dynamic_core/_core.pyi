@@ -111,9 +111,9 @@ class Engine:
         """
         (evidence float64, signal flags uint32) per stream, as set_dsi left them; read between updates.
         """
-    def submit(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex, strict: bool = False) -> int:
+    def submit(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex, strict: bool = False, timeout_ns: typing.SupportsInt | typing.SupportsIndex = -1) -> int:
         """
-        Validate, sequence and dispatch bars; returns how many were taken. strict: a batch with a bad bar raises InvalidInput and nothing is taken.
+        Validate, sequence and dispatch bars; returns how many were taken. strict: a batch with a bad bar raises InvalidInput and nothing is taken. timeout_ns (>= 0): how long a blocking submit waits for room before it returns the count it took.
         """
     def validate(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint32]:
         """

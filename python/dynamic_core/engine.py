@@ -493,7 +493,7 @@ class Engine:
         return self._native.run(b, len(instruments), strict).view(SIGNAL_DTYPE)
 
     # ---- streaming ----------------------------------------------------------------------------
-    def submit(self, bars: np.ndarray) -> int:
+    def submit(self, bars: np.ndarray, timeout: float | None = None) -> int:
         """Hand bars to the workers without waiting for their signals; returns how many were
         taken. Bad bars are taken too (rejected with a reason, counted, dead-lettered).
 
@@ -510,13 +510,19 @@ class Engine:
         (the journal records it there, so replay matches); another feeding call waits for the
         batch. ``close`` ends the wait: the submit raises, and the bars taken before it (counted
         in ``stats()["bars_in"]``) are the ones journaled.
+
+        ``timeout`` (seconds; None: no limit) bounds a ``"block"`` submit's wait for room: what
+        fits by then is taken and its count returned, the rest is not (counted in
+        ``stats()["backpressure"]["rejected"]``; resubmit it). A thread that both submits and
+        polls needs it, or must poll until its bars are out: ``poll`` returns the signals ready
+        when the first one is, so bars can still be in flight after it, holding the window.
         """
         self._check_open()
         self._cpu_only("submit")
         self._not_from_consumer("submit")
         b = as_bars(bars)
         self._journal_new_instruments()
-        return int(self._native.submit(b, len(instruments), self.strict))
+        return int(self._native.submit(b, len(instruments), self.strict, _timeout_ns(timeout)))
 
     def poll(self, max_n: int | None = None, timeout: float | None = 0.0) -> np.ndarray:
         """Ready signals in bar order (``SIGNAL_DTYPE``), at most ``max_n``. Waits up to
