@@ -254,3 +254,109 @@ def test_run_reasoning_keeps_review_weights_in_the_journal_and_warns_of_unrouted
     cli_reasoning.mesh_from_args(argparse.Namespace(**{**base, "reasoning": "local,qwen", "reasoning_deadline": 1.5},
                                                     journal=None, reasoning_weights=None))
     assert "--reasoning qwen: the routing policy" in capsys.readouterr().err
+
+
+# ---- outputs, parents, counts -----------------------------------------------------------------
+
+def test_a_closed_stdout_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_ROOT, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(f"{sys.executable} -m dynamic_core run -q --agents 100 --bars 50 >&-", shell=True,
+                          cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert "standard output is closed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_backtest_out_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    import resource
+
+    out = tmp_path / "results.csv"
+    out.write_text("an earlier result\n")
+    out.chmod(0o640)
+    grid = ["backtest", "--data", "sim", "--bars", "200", "-q", "--fast", "1:40", "--slow", "1:40"]
+
+    def small_files() -> None:  # writes past 4 KiB fail (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_ROOT, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-m", "dynamic_core", *grid, "--out", str(out)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120, check=False,
+                          preexec_fn=small_files)
+    assert_clean_error(proc, f"--out {out}", "File too large")
+    assert out.read_text() == "an earlier result\n"  # untouched, and no part file left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
+    proc = dynamic_core(*grid, "--out", str(out), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 + 40 * 40 and lines[0].startswith("agent_id")
+    assert oct(out.stat().st_mode & 0o777) == oct(0o640)  # the file's permissions are kept
+    assert_clean_error(dynamic_core("backtest", "--data", str(out), "--out", str(out), cwd=tmp_path),
+                       "is the --data file")
+    assert len(out.read_text().splitlines()) == 1 + 40 * 40
+    assert_clean_error(dynamic_core("backtest", "--data", "sim", "--out", "", cwd=tmp_path), "--out needs a file name")
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--equity", "5000"], "--equity is for the paper account of --paper"),
+    (["--no-credit", "--entry-score", "0.2"], "--entry-score, --no-credit are for the paper account"),
+    (["--fsync", "1"], "--fsync is the journal's durability: add --journal"),
+    (["--evolve-seed", "3"], "--evolve-seed seeds the evolution: add --evolve"),
+])
+def test_an_option_without_the_option_it_refines_is_refused(args: list[str], needle: str, tmp_path: Path) -> None:
+    assert_clean_error(dynamic_core("run", "-q", "--agents", "100", "--bars", "50", *args, cwd=tmp_path), needle)
+
+
+def test_a_run_where_every_bar_is_rejected_fails(tmp_path: Path) -> None:
+    path = tmp_path / "huge.csv"
+    path.write_text("time,open,high,low,close\n"
+                    + "".join(f"{1704067200 + 3600 * i},1e300,1e300,1e300,1e300\n" for i in range(50)))
+    proc = dynamic_core("run", "-q", "--agents", "100", "--data", str(path), cwd=tmp_path)
+    assert proc.returncode == 1 and "every one of the 50 bars was rejected" in proc.stderr
+    assert "Rejected bars: 50 (price_out_of_range 50)" in proc.stdout
+    proc = dynamic_core("backtest", "--data", str(path), "--fast", "5:10", "--out", "r.csv", cwd=tmp_path)
+    assert proc.returncode == 1 and "every one of the 50 bars was rejected" in proc.stderr
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_bars_of_streams_no_agent_follows_are_reported(tmp_path: Path) -> None:
+    proc = dynamic_core("run", "-q", "--agents", "1", "--instruments", "4", "--bars", "30", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Rejected bars: none; 90 valid bar(s) of streams no agent follows skipped" in proc.stdout
+    assert "Processed 120 of 120 bars, 30 signals" in proc.stdout
+
+
+def test_a_torn_tail_a_writer_may_still_be_writing_is_not_sent_to_repair(tmp_path: Path) -> None:
+    import fcntl
+
+    d = tmp_path / "j"
+    assert dynamic_core("run", "--agents", "100", "--bars", "50", "-q", "--journal", str(d),
+                        cwd=tmp_path).returncode == 0
+    seg = d / "seg-000000.dcj"
+    seg.write_bytes(seg.read_bytes()[:-7])
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a writing engine holds
+        proc = dynamic_core("journal", "verify", str(d), cwd=tmp_path)
+        assert proc.returncode == 1 and "a writer has this journal open" in proc.stdout
+        assert "--repair" not in proc.stdout
+        proc = dynamic_core("journal", "dump", str(d), cwd=tmp_path)
+        assert proc.returncode == 1 and "a writer has this journal open" in proc.stderr
+    finally:
+        os.close(fd)
+    proc = dynamic_core("journal", "verify", str(d), cwd=tmp_path)
+    assert proc.returncode == 1 and "--repair to truncate the torn tail" in proc.stdout
+    proc = dynamic_core("smc", str(d), cwd=tmp_path, timeout=120)
+    assert "the journal's last record is torn" in proc.stderr and "Traceback" not in proc.stderr
+    data = bytearray(seg.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    proc = dynamic_core("smc", str(d), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_replay_threads_and_backtest_periods_are_refused_naming_the_option(tmp_path: Path) -> None:
+    assert_clean_error(dynamic_core("replay", str(tmp_path), "--threads", "0", cwd=tmp_path),
+                       "argument --threads: must be 1..63, got 0")
+    assert_clean_error(dynamic_core("backtest", "--data", "sim", "--fast", "0", cwd=tmp_path),
+                       "argument --fast: a period must be 1..100,000, got 0")

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Sequence
@@ -183,11 +184,17 @@ def _parse_range(item: str, kind: type) -> list[Any]:
 
 
 def _axis(kind: type) -> Callable[[str], list[Any]]:
+    """A backtest axis: values, a range or a list (:func:`parse_values`); periods (int) must be
+    1..MAX_PERIOD, refused here with the option's name rather than as invalid genome rows later."""
     def convert(text: str) -> list[Any]:
         try:
-            return parse_values(text, kind)
+            values = parse_values(text, kind)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+        bad = [v for v in values if kind is int and not 1 <= v <= MAX_PERIOD]
+        if bad:
+            raise argparse.ArgumentTypeError(f"a period must be 1..{MAX_PERIOD:,}, got {bad[0]:,}")
+        return values
 
     convert.__name__ = "integer values" if kind is int else "values"
     return convert
@@ -363,13 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add N learning agents per stream: external-score lanes whose LoRA-adapted heads "
                         "learn online from realised returns (the run then steps one bar time at a time); "
                         f"0 to {MAX_LEARNING:,} [default: 0, off]")
-    r.add_argument("--fsync", type=int, choices=(0, 1, 2), default=0,
+    r.add_argument("--fsync", type=int, choices=(0, 1, 2), default=None,
                    help="journal durability per batch: 0 OS, 1 data (fdatasync), 2 data + metadata [default: 0]")
     r.add_argument("--evolve", type=_count, default=0, metavar="N",
                    help="evolve the population while it trades: a generation of a stream every N of its bars "
                         "and when its volatility regime changes (the weakest 10%% of each SM replaced by "
                         "children of its fittest); prints the evolution trace [default: 0, off]")
-    r.add_argument("--evolve-seed", type=_seed, default=0, metavar="S",
+    r.add_argument("--evolve-seed", type=_seed, default=None, metavar="S",
                    help="seed of the evolution's counter-based RNG, 0 to 2**64-1 [default: 0]")
     r.add_argument("--evolve-plot", default=None, metavar="PNG",
                    help="also plot best/median fitness per generation to this image file, in the format "
@@ -699,11 +706,14 @@ def _actions_table(action_counts: np.ndarray, votes: np.ndarray | None = None):
 
 
 def _rejects_line(stats: dict[str, Any]) -> str:
+    """Rejected bars by reason, and the valid bars of streams no agent follows (skipped)."""
     rejected = int(stats.get("rejected", 0))
+    skipped = int(stats.get("skipped_unfollowed", 0))
+    tail = f"; {skipped:,} valid bar(s) of streams no agent follows skipped" if skipped else ""
     if not rejected:
-        return "Rejected bars: none"
+        return f"Rejected bars: none{tail}"
     parts = ", ".join(f"{k} {v:,}" for k, v in stats.get("rejects", {}).items() if v)
-    return f"Rejected bars: {rejected:,} ({parts})"
+    return f"Rejected bars: {rejected:,} ({parts}){tail}"
 
 
 def _throughput_line(stats: dict[str, Any], wall: float) -> str:
@@ -837,6 +847,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``dynamic-core run``."""
     from . import cli_transport
 
+    _options_need_their_parent(args)
     if getattr(args, "backend", "cpu") != "cpu" and (getattr(args, "paper", False) or cli_transport.wants_service(args)):
         raise CLIError("--backend cuda/auto runs the plain 'run' (and replay); --paper and --publish/--feed/--control "
                        "run on the CPU backend")
@@ -932,8 +943,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(_agents_table(agents, args.top, f"Top {min(args.top, len(agents))} agents by Sharpe"))
     console.print(_actions_table(state.actions, state.votes))
     console.print(_rejects_line(stats))
-    console.print(f"Processed {state.done:,} of {len(bars):,} bars, {int(stats['signals']):,} signals, "
+    # the engine's count: an interrupt can end a call after it took bars, before it returned them
+    taken = int(stats["bars_in"])
+    console.print(f"Processed {taken:,} of {len(bars):,} bars, {int(stats['signals']):,} signals, "
                   f"{len(pop):,} agents in {int(stats['n_warps']):,} warps / {int(stats['n_sms']):,} SMs")
+    if taken > state.done:
+        console.print(f"(the tables above leave out the last {taken - state.done:,} bars' signals: the "
+                      "interrupt came before their call returned them)")
     console.print(_throughput_line(stats, wall))
     if learners is not None:
         console.print(_learning_line(learners, agents))
@@ -953,8 +969,28 @@ def _need_matplotlib(plot: str | None) -> None:
         _plot_format("--evolve-plot", plot)
 
 
+def _options_need_their_parent(args: argparse.Namespace) -> None:
+    """Refuses options of ``run`` that would do nothing without the option they refine (rather
+    than ignoring them), then gives the unset ones their defaults."""
+    paper_only = [o for o, given in (("--equity", args.equity is not None),
+                                      ("--entry-score", args.entry_score is not None),
+                                      ("--no-credit", args.no_credit)) if given]
+    if paper_only and not args.paper:
+        raise CLIError(f"{', '.join(paper_only)} {'is' if len(paper_only) == 1 else 'are'} for the paper "
+                       "account of --paper: add --paper")
+    if args.fsync is not None and not args.journal:
+        raise CLIError("--fsync is the journal's durability: add --journal DIR")
+    if args.evolve_seed is not None and not args.evolve:
+        raise CLIError("--evolve-seed seeds the evolution: add --evolve N")
+    for name, default in (("equity", 100_000.0), ("fsync", 0), ("evolve_seed", 0)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def _writable(option: str, path: str) -> None:
     """Refuses, before any work, an output file that could not be written at the end."""
+    if not path.strip():
+        raise CLIError(f"{option} needs a file name")
     out_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(out_dir):
         raise CLIError(f"{option} {path}: no such directory {out_dir}")
@@ -962,6 +998,40 @@ def _writable(option: str, path: str) -> None:
         raise CLIError(f"{option} {path} is a directory")
     if not os.access(out_dir, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise CLIError(f"{option} {path}: not writable")
+
+
+def _write_whole(option: str, path: str, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into ``path`` so that it is either written whole or left as it was: a
+    regular file (or a new one) is written next to it under a temporary name and renamed over it
+    at the end, so an interrupt, a full disk or an error leaves no half-written results (and an
+    earlier file intact); anything else (/dev/null, a pipe) is written in place. An OSError
+    becomes a CLIError naming the option and the file."""
+    special = os.path.exists(path) and not os.path.isfile(path)
+    tmp = None
+    try:
+        if special:
+            with open(path, "w", newline="") as f:
+                write(f)
+            return
+        d, name = os.path.split(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".part")
+        # the permissions a plain open() would give (mkstemp's are 0600)
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~umask
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", newline="") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise CLIError(f"{option} {path}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _evolution_summary(console: Any, evo: Any, plot: str | None) -> None:
@@ -996,9 +1066,10 @@ def finish_run(console: Any, args: argparse.Namespace, eng: Engine, mesh: Any, i
                journal_summary: Callable[[dict[str, Any]], str]) -> int:
     """The common end of ``run`` and ``run --paper``: the journal line (``journal_summary`` of the
     engine's journal statistics), the mesh summary, closing everything, and the exit code (130
-    when interrupted)."""
+    when interrupted, 1 when every bar was rejected: nothing ran)."""
+    stats = eng.stats()
     if args.journal:
-        console.print(f"Journal {args.journal}: {journal_summary(eng.stats()['journal'])} "
+        console.print(f"Journal {args.journal}: {journal_summary(stats['journal'])} "
                       f"(replay: {PROG} replay {args.journal} --verify)")
     if mesh is not None:
         from .cli_reasoning import mesh_summary
@@ -1009,7 +1080,18 @@ def finish_run(console: Any, args: argparse.Namespace, eng: Engine, mesh: Any, i
     if interrupted:
         console.print("[yellow]interrupted[/]")
         return 130
+    if _all_rejected(stats):
+        return 1
     return 0
+
+
+def _all_rejected(stats: dict[str, Any]) -> bool:
+    """True (after saying so on stderr) when bars came in and every one was rejected."""
+    taken = int(stats["bars_in"])
+    if taken == 0 or int(stats["rejected"]) < taken:
+        return False
+    _error(f"every one of the {taken:,} bars was rejected (reasons above): nothing ran")
+    return True
 
 
 def _run_live(console, eng: Engine, bars: np.ndarray, chunk: int, state: _Progress, learners: Any = None,
@@ -1047,7 +1129,8 @@ def _learning_line(learners: Any, agents: np.ndarray) -> str:
 
 def cmd_smc(args: argparse.Namespace) -> int:
     """``dynamic-core smc``: 0 when a stream was compared (or the engine replay or the evolution
-    asked for ran), 1 when nothing was compared, 2 for bad arguments or inputs."""
+    asked for ran), 1 when nothing was compared or the journal is corrupt (as ``journal
+    verify``), 2 for bad arguments or inputs."""
     from .learning.harness import format_report, replay_report
 
     if args.evolve_plot and not args.evolve:
@@ -1055,6 +1138,15 @@ def cmd_smc(args: argparse.Namespace) -> int:
     _need_matplotlib(args.evolve_plot)
     src = args.source
     if os.path.isdir(src):
+        from . import journal as jr
+
+        rep = jr.verify(src)  # what `journal verify` says, with its exit code for a bad journal
+        if rep.status in ("corrupt", "unsupported"):
+            print(f"{PROG} smc: {rep.summary()}", file=sys.stderr)
+            return 1
+        if rep.status == "torn_tail":
+            print(f"{PROG} smc: warning: the journal's last record is torn ({rep.detail}); the bars before it "
+                  f"are compared ('{PROG} journal verify {src} --repair' truncates it)", file=sys.stderr)
         source: Any = src
     else:
         if args.engine:
@@ -1177,6 +1269,9 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     _writable("--out", args.out)
     src = args.data.strip()
     is_sim = src.lower() == "sim"
+    with contextlib.suppress(OSError):
+        if os.path.samefile(src, args.out):
+            raise CLIError(f"--out {args.out} is the --data file: the results would overwrite the bars")
     sim_names = [args.instrument or "EURUSD"]
     bars = load_bars(src, sim_names=sim_names, bars=args.bars, timeframe=args.timeframe, seed=args.seed,
                      instrument=None if is_sim else args.instrument)
@@ -1205,8 +1300,11 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 
     agents = eng.agents()
     stats = eng.stats()
+    if _all_rejected(stats):  # agents that saw no bar: no results to write
+        console.print(_rejects_line(stats))
+        return 1
     df = results_frame(pop, agents)
-    df.to_csv(args.out, index=False)
+    _write_whole("--out", args.out, lambda f: df.to_csv(f, index=False))
     wall = time.perf_counter() - t0
 
     varying = [k for k, v in params.items() if len(v) > 1]
@@ -1240,6 +1338,10 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 2 for bad arguments or inputs (one ``dynamic-core: error: ...`` line on
         stderr, never a traceback), 130 when interrupted.
     """
+    if sys.stdout is None:  # started with its standard output closed (`>&-`): nowhere to report to
+        if sys.stderr is not None:
+            _error("standard output is closed; send it to /dev/null to discard it (>/dev/null)")
+        return 2
     try:
         # inside the try: building the parser imports most of the package, and a ^C then is
         # "interrupted" like any other

@@ -52,11 +52,11 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
     g.add_argument("--shadow", default=None, metavar="FILE",
                    help="a candidate decision config run beside the live one on the same signals; "
                         "reports where verdicts and fills differ")
-    g.add_argument("--equity", type=float, default=100_000.0, metavar="AMOUNT",
+    g.add_argument("--equity", type=float, default=None, metavar="AMOUNT",
                    help="starting paper equity, in the config's account currency (at least 1) "
                         "[default: 100000]")
     g.add_argument("--entry-score", type=float, default=None, metavar="X",
-                   help="trade a signal whose |fused score| reaches X even when its action is HOLD (the live "
+                   help="trade a signal whose |fused score| reaches X (0 to 1) even when its action is HOLD (the live "
                         "configuration; a --shadow config keeps its own min_score) "
                         f"[default: the config's min_score, else {DEFAULT_MIN_SCORE}]")
     g.add_argument("--no-credit", action="store_true",
@@ -92,7 +92,7 @@ def _configs(args: argparse.Namespace, path: str | None, *, live: bool) -> tuple
     plan, limits, specs, costs = (load_decision_config(path) if path else (PlanConfig(), RiskLimits(), {}, {}))
     if live and args.entry_score is not None:
         if not 0.0 <= args.entry_score <= 1.0:
-            raise ValueError("--entry-score must be in [0, 1]")
+            raise ValueError(f"--entry-score must be in [0, 1], got {args.entry_score:g}")
         plan = _replace(plan, min_score=args.entry_score)
     elif not (path and "min_score" in _plan_keys(path)):
         plan = _replace(plan, min_score=DEFAULT_MIN_SCORE)
@@ -307,6 +307,10 @@ def _print_summary(console: Any, maker: DecisionMaker, start: float, session: Tr
     if session.reasoning_waits:
         extra = f"; decisions waited for reasoning {session.reasoning_waits:,} times ({session.reasoning_timeouts:,} timed out)"
     console.print(f"{session.steps:,} time steps, {session.signals:,} signals in {wall:.2f}s; {feedback}{extra}")
+    made = int(session.engine.stats()["signals"])
+    if made > session.signals:  # an interrupt ended a step after the engine ran its bars
+        console.print(f"(the engine made {made - session.signals:,} more signal(s), journaled, that the "
+                      "interrupt kept from the decision maker)")
 
 
 _EXIT = {"stop_loss": "stop", "take_profit": "target"}

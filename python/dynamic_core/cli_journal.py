@@ -13,6 +13,8 @@ import sys
 from typing import Any
 
 from . import journal as jr
+from ._argtypes import int_range
+from .engine import MAX_THREADS
 from .errors import JournalCorrupt, JournalError, ReplayMismatch
 
 __all__ = ["add_commands"]
@@ -76,8 +78,9 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         epilog=_JOURNAL_EPILOG, formatter_class=formatter)
     r.add_argument("dir", metavar="DIR", help="journal directory")
     r.add_argument("--verify", action="store_true", help="fail (exit 1) unless every journaled signal is reproduced bit for bit")
-    r.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="worker threads of the replaying engine (any count gives the same signals) [default: usable cores]")
+    r.add_argument("--threads", type=int_range(1, MAX_THREADS), default=None, metavar="N",
+                   help=f"worker threads of the replaying engine, 1 to {MAX_THREADS} (any count gives the same "
+                        "signals) [default: usable cores]")
     r.add_argument("--backend", choices=("cpu", "cuda", "auto"), default="cpu",
                    help="where the replaying engine runs; a journal written on either backend replays "
                         "bit for bit on the other [default: cpu]")
@@ -98,7 +101,11 @@ def cmd_journal_verify(args: argparse.Namespace) -> int:
     if rep.status in ("corrupt", "unsupported"):
         return 1
     if rep.status == "torn_tail" and not rep.repaired:
-        print("  (run again with --repair to truncate the torn tail)")
+        if jr.writer_holds(args.dir):
+            print("  (a writer has this journal open: the last record may be one it is still writing; "
+                  "verify it again once that run has ended)")
+        else:
+            print("  (run again with --repair to truncate the torn tail)")
         return 1
     if rep.status == "empty":
         return 2
@@ -140,8 +147,12 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
         print(f"... {total - shown} more")
     print("records: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
     if rep["status"] == "torn_tail":  # read() stops quietly there; its report says so
-        print(f"warning: torn tail ({rep['detail']}): the last record was cut short and is not listed; "
-              f"'dynamic-core journal verify {args.dir} --repair' truncates it", file=sys.stderr)
+        if jr.writer_holds(args.dir):
+            print(f"warning: the last record is incomplete ({rep['detail']}) and a writer has this journal "
+                  "open: it may still be writing it (dump again once that run has ended)", file=sys.stderr)
+        else:
+            print(f"warning: torn tail ({rep['detail']}): the last record was cut short and is not listed; "
+                  f"'dynamic-core journal verify {args.dir} --repair' truncates it", file=sys.stderr)
         return 1
     return 0
 

@@ -224,7 +224,29 @@ def _check_dir(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     if not p.is_dir():
         raise JournalError(f"no journal directory at {str(p)!r}")
+    if not os.access(p, os.R_OK | os.X_OK):  # else it would read as "no segments"
+        raise JournalError(f"cannot read the journal directory {str(p)!r}: permission denied")
     return str(p)
+
+
+def writer_holds(path: str | os.PathLike[str]) -> bool:
+    """True when a writer (an engine with this journal, in any process) holds the journal at
+    ``path`` open: its last record may be one it is still writing, not a torn tail."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the writer holds LOCK_EX
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # releases the shared lock if it was taken
+    return False
 
 
 def verify(path: str | os.PathLike[str], *, repair: bool = False) -> JournalReport:
