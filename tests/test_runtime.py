@@ -319,6 +319,30 @@ def test_faults_are_inert_unless_armed(pop):
         eng.faults.stall_sm(0, 1.0)
 
 
+def test_fault_hooks_check_their_arguments(pop):
+    with dc.Engine(pop, threads=1, fault_injection=True) as eng:
+        with pytest.raises(TypeError, match="agent must be an int"):
+            eng.faults.poison(1.7)  # not agent 1
+        with pytest.raises(ValueError, match="agent must be in"):
+            eng.faults.poison(-1)
+        with pytest.raises(IndexError, match="no such agent"):
+            eng.faults.poison(len(pop))
+        with pytest.raises(ValueError, match="seconds must be a finite number"):
+            eng.faults.stall_sm(0, -1.0)
+        with pytest.raises(IndexError, match="no such SM"):
+            eng.faults.stall_sm(eng.stats()["n_sms"], 0.1)
+
+
+def test_an_engine_is_neither_copied_nor_pickled(pop):
+    import copy
+    import pickle
+
+    with dc.Engine(pop, threads=1) as eng:
+        for f in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="cannot be (copied|pickled)"):
+                f(eng)
+
+
 def test_step_returns_frozen_aisignal(pop, market):
     with dc.Engine(pop, threads=1) as a:
         ref = a.run(market[:50])

@@ -674,6 +674,17 @@ class Engine:
     def closed(self) -> bool:
         return self._closed
 
+    def __copy__(self) -> Engine:
+        raise TypeError("an Engine cannot be copied: it owns worker threads, native state and its journal; "
+                        "make another from the same population (or replay the journal)")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Engine:
+        return self.__copy__()
+
+    def __reduce__(self) -> Any:
+        raise TypeError("an Engine cannot be pickled: it owns worker threads, native state and its journal; "
+                        "pickle its population (Engine.population) or keep its journal, and build it again")
+
     def __enter__(self) -> Engine:
         return self
 
@@ -1044,11 +1055,17 @@ class _Faults:
             raise RuntimeError("fault injection is not armed: create the Engine with fault_injection=True")
 
     def stall_sm(self, sm: int, seconds: float) -> None:
-        """The worker owning SM ``sm`` sleeps ``seconds`` before it next runs that SM."""
+        """The worker owning SM ``sm`` (0 to ``stats()["n_sms"] - 1``) sleeps ``seconds`` (0 to
+        3600) before it next runs that SM. One stall per SM group is pending at a time: a second
+        call before it runs replaces the first."""
         self._check()
-        self._native.inject_stall(int(sm), int(seconds * 1e9))
+        sm = check_int("sm", sm, 0, (1 << 32) - 1)
+        ns = int(check_real("seconds", seconds, 0.0, 3600.0) * 1e9)
+        self._native.inject_stall(sm, ns)
 
     def poison(self, agent: int) -> None:
-        """Agent ``agent`` (population index) gets a NaN score on its next bar: quarantined."""
+        """Agent ``agent`` (population index) gets a NaN score on its next bar: quarantined. One
+        poisoned agent per SM group is pending at a time: poisoning another agent of the same
+        group before that bar replaces the first (poison one, run a bar, then the next)."""
         self._check()
-        self._native.inject_poison(int(agent))
+        self._native.inject_poison(check_int("agent", agent, 0, (1 << 32) - 1))
