@@ -294,3 +294,24 @@ def test_batch_frames_split_into_messages_each_decoded_on_its_own():
     assert P.split_batch(junk) == [junk]
     with pytest.raises(PayloadError):
         codec.decode(junk)
+
+
+def test_checked_gives_a_payload_as_its_receiver_decodes_it() -> None:
+    from dynamic_core.payloads import checked
+
+    good = dict(ts=1, instrument="EURUSD", timeframe=3600, seq=1, population_hash=7, score=0.5, confidence=0.5,
+                agreement=0.5, dispersion=0.1, action=1, n_agents=4, votes=(0, 1, 1, 1, 1))
+    sig = dc.AISignal(**good)
+    assert checked(sig) == sig
+    # built in Python, a Struct is not checked: the receiver would refuse each of these
+    for bad, field in [(dict(action=99), "action"), (dict(timeframe=0), "timeframe"), (dict(instrument=""), "instrument"),
+                       (dict(dsi=5.0), "dsi"), (dict(score="high"), "score")]:
+        with pytest.raises(dc.errors.PayloadError, match=field) as e:
+            checked(dc.AISignal(**{**good, **bad}))
+        assert e.value.reason == "invalid"
+    listed = dc.AISignal(**{**good, "votes": [0, 1, 1, 1, 1]})  # a list: unhashable as built
+    with pytest.raises(TypeError):
+        hash(listed)
+    assert hash(checked(listed)) == hash(sig)  # decoded as the tuple the field is
+    with pytest.raises(TypeError, match="takes a dynamic_core payload"):
+        checked({"type": "signal"})

@@ -29,6 +29,11 @@ payload                           socket               notes
 :class:`Reject`                   dead-letter lists    why a frame was refused
 ================================  ===================  =========================================
 
+Construction is not checked: msgspec checks types and constraints when it decodes, so a Struct
+built in Python with a bad field (``AISignal(action=99, ...)``) encodes as is and only its
+receiver refuses it. :func:`checked` gives a payload as a receiver would decode it (or the
+PayloadError the receiver would raise), for code that builds payloads by hand.
+
 Versioning: ``version`` is checked during decoding (``1 <= version <= PAYLOAD_VERSION``), for
 nested payloads too. A newer peer that adds a field must bump the version; an older decoder
 then refuses the frame (``unknown_field`` or ``version``) instead of misreading it.
@@ -98,6 +103,7 @@ __all__ = [
     "encode_command",
     "encode_signal_batch",
     "evolution_config",
+    "checked",
     "plain",
     "signal_from_record",
     "signals_from_records",
@@ -865,6 +871,25 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def checked(payload: Any) -> Any:
+    """``payload`` as a receiver decodes it: a Struct built in Python is not checked (msgspec
+    checks types and constraints when it decodes, not when a Struct is made), so a bad field
+    (``action=99``, ``timeframe=0``, a list where a tuple belongs...) would be encoded as is and
+    refused only by the receiver. This encodes and decodes it as its own type and returns that
+    copy (hashable, constraints met); :class:`~dynamic_core.errors.PayloadError` (a ValueError)
+    naming the field otherwise, TypeError for what is not a payload."""
+    if not isinstance(payload, msgspec.Struct) or not type(payload).__module__.startswith("dynamic_core"):
+        raise TypeError(f"checked() takes a dynamic_core payload Struct, got {type(payload).__name__}")
+    try:
+        raw = msgspec.msgpack.encode(payload)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as e:
+        raise PayloadError("invalid", f"{type(payload).__name__} cannot be encoded: {e}") from None
+    try:
+        return msgspec.msgpack.decode(raw, type=type(payload))
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise PayloadError(_classify(e), f"{type(payload).__name__}: {e}") from None
 
 
 # ---- codec -----------------------------------------------------------------------------------
