@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,6 +19,7 @@ import dynamic_core as dc
 
 H1 = 3600
 NS = 1_000_000_000
+PKG_ROOT = str(Path(dc.__file__).resolve().parent.parent)
 
 
 def clean_bars(name: str, n: int, start: int = 0) -> np.ndarray:
@@ -263,9 +268,60 @@ def test_from_pandas_refuses_a_nat_index_and_boolean_times():
     idx = pd.DatetimeIndex([pd.NaT, "2024-01-01 01:00", "2024-01-01 02:00"])
     with pytest.raises(ValueError, match="DatetimeIndex .*rows 0"):
         dc.market.from_pandas(_ohlc(3).set_index(idx), "BADTIME", "H1")
+    # a ValueError (a bad value in a file), which the command line reports; a TypeError was a traceback
     for col in ([True, False, True], pd.array([True, None, False], dtype="boolean"), [True, False, None]):
-        with pytest.raises(TypeError, match="booleans"):
+        with pytest.raises(ValueError, match="time column 'time' holds booleans"):
             dc.market.from_pandas(_ohlc(3, time=col), "BADTIME", "H1")
+
+
+def _cli(*args: str, cwd, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m dynamic_core ARGS`` in a subprocess, with this checkout importable."""
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_ROOT, env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "dynamic_core", *args], cwd=cwd, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_command_line_reports_a_boolean_time_column_as_a_bad_file(tmp_path):
+    """Booleans in the time column are a bad value in the file: a TypeError got past the command
+    line's handling as a traceback."""
+    (tmp_path / "b.csv").write_text("time,open,high,low,close\ntrue,1,1,1,1\nfalse,1,1,1,1\n")
+    proc = _cli("run", "--data", "b.csv", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "b.csv: time column 'time' holds booleans" in proc.stderr
+
+
+S0, MS0 = 1_700_000_000, 1_700_006_000_000
+
+
+@pytest.mark.parametrize("dtype", ["int64", "float64", "Int64", "uint64"])
+def test_from_pandas_refuses_epoch_numbers_of_mixed_units(dtype):
+    """Seconds then milliseconds in one column: read by the largest number's unit, the seconds
+    were dates in January 1970. Refused, naming the rows that disagree with the rest."""
+    t = pd.Series([S0 + 60 * i for i in range(100)] + [MS0 + 60_000 * i for i in range(100)], dtype=dtype)
+    with pytest.raises(ValueError, match=re.escape(
+            "100 row(s) of time column 'time' with epoch numbers in another unit than the rest of the column "
+            "(seconds among milliseconds): rows 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ... (positions, from 0) are "
+            "seconds by their size, the other 100 are milliseconds (1e11 <= |t| < 1e14); write every time in "
+            "one unit, or as datetimes")):
+        dc.market.from_pandas(_ohlc(200, time=t), "MIXED", "M1")
+    # the rest is what most rows are: one stray nanosecond time among seconds is the row named
+    t = pd.Series([S0 + 60 * i for i in range(5)], dtype=dtype)
+    t[3] = (S0 + 180) * NS
+    with pytest.raises(ValueError, match=r"1 row\(s\) .*\(nanoseconds among seconds\): rows 3 \(positions"):
+        dc.market.from_pandas(_ohlc(5, time=t), "MIXED", "M1")
+
+
+@pytest.mark.parametrize("times, want", [
+    ([-3600, 0, 3600, 7200], [-3600 * NS, 0, 3600 * NS, 7200 * NS]),     # around the epoch: seconds
+    ([2, 0, 1, 1], [0, NS, NS, 2 * NS]),
+    ([-1.5, 0.0, 1.5], [-1_500_000_000, 0, 1_500_000_000]),
+    ([MS0, MS0 + 1], [MS0 * 10**6, (MS0 + 1) * 10**6]),                    # one unit throughout
+    ([-10**12, 10**12], [-10**18, 10**18]),                                # ms either side of 1970
+], ids=repr)
+def test_from_pandas_reads_epoch_numbers_of_one_unit_as_before(times, want):
+    b = dc.market.from_pandas(_ohlc(len(times), time=times), "ONEUNIT", "1s")
+    assert b["ts"].tolist() == want
 
 
 def test_reason_counts_refuses_unknown_codes():
@@ -372,6 +428,180 @@ def test_read_csv_refuses_rows_without_a_symbol_naming_them(tmp_path):
         dc.market.read_csv(_symbol_csv(tmp_path / "s.csv", rows))
 
 
+MT_BARS = [("2024.01.01", "22:00", "1.1", "1.2", "1.0", "1.15", "100"),
+           ("2024.01.01", "23:00", "1.15", "1.25", "1.1", "1.2", "120"),
+           ("2024.01.02", "00:00", "1.2", "1.3", "1.1", "1.25", "90")]
+MT_TIMES = [1_704_146_400 * NS, 1_704_150_000 * NS, 1_704_153_600 * NS]  # 2024-01-01 22:00 UTC, hourly
+
+
+def test_read_csv_reads_a_metatrader4_export_with_date_and_time_columns(tmp_path):
+    """MetaTrader 4 writes the date and the time of day in two columns: the time alone got
+    today's date (and pandas' format warning, an error under this suite's filter)."""
+    path = tmp_path / "EURUSD60.csv"
+    path.write_text("Date,Time,Open,High,Low,Close,Volume\n" + "".join(",".join(r) + "\n" for r in MT_BARS))
+    b = dc.market.read_csv(path)
+    assert b["ts"].tolist() == MT_TIMES and b["timeframe"].tolist() == [3600] * 3
+    assert b["close"].tolist() == [1.15, 1.2, 1.25] and b["volume"].tolist() == [100, 120, 90]
+    assert dc.instruments.name(int(b["instrument"][0])) == "EURUSD60"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+def test_read_csv_reads_a_metatrader5_export(tmp_path, encoding):
+    """MetaTrader 5's export: tabs, <ANGLE> headers, dates with dots, and a tick volume beside a
+    real volume that is all zeros for forex (the tick volume is then the volume)."""
+    head = "<DATE>\t<TIME>\t<OPEN>\t<HIGH>\t<LOW>\t<CLOSE>\t<TICKVOL>\t<VOL>\t<SPREAD>\n"
+    rows = [f"{d}\t{t}:00\t{o}\t{h}\t{lo}\t{c}\t{v}\t0\t5\n" for d, t, o, h, lo, c, v in MT_BARS]
+    path = tmp_path / "EURUSD_H1.csv"
+    path.write_text(head + "".join(rows), encoding=encoding)  # Python's utf-16 writes the byte order mark
+    b = dc.market.read_csv(path)
+    assert b["ts"].tolist() == MT_TIMES and b["timeframe"].tolist() == [3600] * 3
+    assert b["open"].tolist() == [1.1, 1.15, 1.2] and b["volume"].tolist() == [100, 120, 90]
+    assert dc.instruments.name(int(b["instrument"][0])) == "EURUSD_H1"
+    assert (dc.market.validate(b) == 0).all()
+    # a real volume with something in it is the volume
+    path.write_text(head + "".join(r.replace("\t0\t5", "\t7\t5") for r in rows), encoding=encoding)
+    assert dc.market.read_csv(path)["volume"].tolist() == [7, 7, 7]
+
+
+def test_from_pandas_reads_date_and_time_columns_refusing_bad_ones():
+    # the forms of a time of day may differ from row to row
+    df = _ohlc(3, Date=["2024.01.01", "2024.01.01", "2024.01.02"], Time=["23:59:59.5", "00:00", "00:00:01"])
+    assert dc.market.from_pandas(df, "DATETIME", "1s")["ts"].tolist() == [
+        1_704_067_200 * NS, 1_704_153_599 * NS + NS // 2, 1_704_153_601 * NS]
+    with pytest.raises(ValueError, match=r"of time column 'Time' with a missing or unreadable time of day .*rows 1 "):
+        dc.market.from_pandas(df.assign(Time=["00:00", "24:00", "00:01"]), "DATETIME", "1s")
+    with pytest.raises(ValueError, match=r"of date column 'Date' with a time of day besides the date.*rows 2 "):
+        dc.market.from_pandas(df.assign(Date=["2024.01.01 00:00", "2024.01.01 00:00", "2024.01.02 05:00"]),
+                              "DATETIME", "1s")
+    with pytest.raises(ValueError, match=r"of date column 'Date' with a missing, unreadable.*rows 0 "):
+        dc.market.from_pandas(df.assign(Date=[None, "2024.01.01", "2024.01.02"]), "DATETIME", "1s")
+
+
+def _symbols_file(path, sep: str, symbols=("AAA", "BBB")):
+    """Hourly bars of ``symbols`` with a symbol column, fields separated by ``sep``."""
+    lines = ["time,symbol,open,high,low,close"] + [
+        f"2024-01-01 {h:02d}:00,{sym},1.1,1.2,1.0,1.15" for h in range(4) for sym in symbols]
+    path.write_text("".join(line.replace(",", sep) + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("sep", [",", ";", "\t"], ids=["comma", "semicolon", "tab"])
+def test_read_csv_with_an_instrument_takes_its_rows_from_the_symbol_column(tmp_path, sep):
+    """Given an instrument, a file with a symbol column yields that instrument's rows, or a
+    refusal naming those it has, whatever its separator: every row was named the instrument."""
+    path = _symbols_file(tmp_path / "sym.csv", sep)
+    assert len(dc.market.read_csv(path)) == 8
+    b = dc.market.read_csv(path, instrument="BBB")
+    assert len(b) == 4 and set(b["instrument"].tolist()) == {dc.instruments.id("BBB")}
+    assert dc.market.read_csv(path, instrument=dc.instruments.id("AAA")).tobytes() == \
+        dc.market.read_csv(path)[::2].tobytes()
+    with pytest.raises(ValueError, match=re.escape("sym.csv has no instrument 'FOO' (it has AAA, BBB) in its "
+                                                   "'symbol' column")):
+        dc.market.read_csv(path, instrument="FOO")
+
+
+@pytest.mark.parametrize("sep", [",", ";", "\t"], ids=["comma", "semicolon", "tab"])
+def test_backtest_refuses_an_instrument_the_symbol_column_lacks(tmp_path, sep):
+    """One symbol in the file: the command line relabelled it as the instrument asked for when it
+    did not find the symbol column (looked for with commas only)."""
+    _symbols_file(tmp_path / "sym.csv", sep, symbols=("AAA",))
+    proc = _cli("backtest", "--data", "sym.csv", "--instrument", "FOO", "-q", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "has no instrument 'FOO' (it has AAA)" in proc.stderr
+
+
+@pytest.mark.parametrize("stem", ["x" * 65, " EURUSD", "EURUSD "], ids=["long", "leading-blank", "trailing-blank"])
+def test_read_csv_says_where_an_invalid_instrument_name_came_from(tmp_path, stem):
+    """A file without a symbol column is named after its stem: a stem that is no instrument name
+    is refused saying so and how to fix it, not as a name the user never gave."""
+    path = tmp_path / f"{stem}.csv"
+    path.write_text("time,open,high,low,close\n2024-01-01 00:00,1,1,1,1\n2024-01-01 01:00,1,1,1,1\n")
+    with pytest.raises(ValueError, match=re.escape(
+            f"{path}: the file has no symbol column, so its stem names its instrument, and that fails: invalid "
+            f"instrument name {stem!r}: 1-64 printable characters, no padding; rename the file, add a symbol "
+            f"column, or give the instrument (instrument= in Python, --instrument on the command line)")):
+        dc.market.read_csv(path)
+    assert len(dc.market.read_csv(path, instrument="STEMLESS")) == 2
+
+
+GOOD_CSV = "time,open,high,low,close\n" + "".join(f"2024-01-01 {h:02d}:00,1.1,1.2,1.0,1.15\n" for h in range(24))
+
+
+def test_read_csv_reads_a_pipe_once(tmp_path):
+    """A FIFO (a pipe, /dev/stdin) can be read once; the loader read it three times (separator,
+    header, data) and found it empty: "No columns to parse from file"."""
+    import threading
+
+    (tmp_path / "file.csv").write_text(GOOD_CSV)
+    want = dc.market.read_csv(tmp_path / "file.csv", instrument="PIPED")
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    got: dict[str, object] = {}
+
+    def read() -> None:
+        try:
+            got["bars"] = dc.market.read_csv(fifo, instrument="PIPED")
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            got["error"] = e
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    fifo.write_text(GOOD_CSV)  # waits for the reader to open the FIFO
+    reader.join(30)
+    while reader.is_alive():  # a loader that opens the FIFO again waits for a writer: give it one, empty
+        with open(fifo, "w"):
+            pass
+        reader.join(5)
+    assert "error" not in got, got["error"]
+    assert got["bars"].tobytes() == want.tobytes()
+
+
+def test_run_reads_bars_piped_to_dev_stdin(tmp_path):
+    proc = _cli("run", "--data", "/dev/stdin", "--agents", "200", cwd=tmp_path, stdin=GOOD_CSV)
+    assert proc.returncode == 0, proc.stderr
+    assert "Processed 24 of 24 bars" in proc.stdout
+
+
+def test_read_csv_warns_naming_cells_that_are_not_numbers(tmp_path):
+    """A thousands separator (here in a quoted cell) reads as NaN and the bar is a non_finite
+    reject, as for a gap in the data: kept, but a warning names the column and rows, so a
+    format problem shows as one."""
+    path = tmp_path / "prices.csv"
+    rows = [f"2024-01-01 {h:02d}:00,AAA,1000,1001,999,1000" for h in range(6)]
+    rows[1] = '2024-01-01 01:00,AAA,"1,000.5",1001,999,1000'
+    rows[4] = "2024-01-01 04:00,AAA,1000,1001,999,1000 USD"
+    rows[5] = "2024-01-01 05:00,AAA,1000,1001,999,"  # missing: NaN data, no warning of its own
+    path.write_text("time,symbol,open,high,low,close\n" + "\n".join(rows) + "\n")
+    msg = (f"{path}: 2 price/volume cell(s) are not numbers, read as missing, and their bars are rejected as "
+           f"non_finite: column 'open' row 2 ('1,000.5'); column 'close' row 5 ('1000 USD'); rows counted from 1 "
+           f"after the header. Write plain numbers (no thousands separators or units), or check the separator "
+           f"and decimal mark")
+    with pytest.warns(UserWarning, match=re.escape(msg)) as rec:
+        b = dc.market.read_csv(path)
+    assert len(rec) == 1 and rec[0].filename == __file__  # at the caller's line
+    assert dc.market.reason_counts(dc.market.validate(b)) == {"non_finite": 3}
+    path.write_text(path.read_text().replace(",AAA,", ","). replace("symbol,", ""))  # no symbol column
+    with pytest.warns(UserWarning, match=re.escape(msg)):
+        dc.market.read_csv(path, instrument="AAA")
+    df = pd.DataFrame({"time": pd.date_range("2024-01-01", periods=3, freq="h"), "Open": ["1", "x", "y"],
+                       "High": 2.0, "Low": 0.5, "Close": 1.0, "Volume": ["1", "2", "3"]})
+    with pytest.warns(UserWarning, match=r"the DataFrame: 2 price/volume .*: column 'Open' rows 1, 2 \('x' first\); "
+                                         r"rows positions, from 0\.") as rec:
+        dc.market.from_pandas(df, "TEXTCELLS", "H1")
+    assert len(rec) == 1 and rec[0].filename == __file__
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+def test_read_csv_of_too_few_rows_says_how_to_give_the_timeframe(tmp_path, rows):
+    path = tmp_path / "short.csv"
+    path.write_text("time,open,high,low,close\n" + "2024-01-01 00:00,1,1,1,1\n" * rows)
+    with pytest.raises(ValueError, match=re.escape(
+            "cannot infer the timeframe from fewer than two distinct times: give the timeframe (timeframe= in "
+            "Python, --timeframe on the command line)")):
+        dc.market.read_csv(path)
+    assert len(dc.market.read_csv(path, timeframe="H1")) == rows
+
+
 @pytest.mark.parametrize("tf,sec", [(60, 60), ("M5", 300), ("H1", 3600), ("H4", 14400), ("D1", 86400),
                                     ("1h", 3600), ("15min", 900), ("1D", 86400), ("W1", 604800),
                                     ("0.5m", 30), ("2000ms", 2), (np.uint32(60), 60), (2**32 - 1, 2**32 - 1)])
@@ -441,7 +671,7 @@ def test_simulator_is_deterministic_valid_and_continuous():
     ({"start": float("nan")}, ValueError, "start nan is a missing or non-finite time"),
     ({"start": "soon"}, ValueError, "start 'soon' is a missing, unreadable or out-of-range time"),
     ({"start": "1600-01-01"}, ValueError, "outside the int64 nanosecond range"),
-    ({"start": True}, TypeError, "booleans"),
+    ({"start": True}, ValueError, "start holds booleans"),
     ({"instruments": ["EURUSD", "GBPUSD", "EURUSD"]}, ValueError, "'EURUSD' is named twice"),
 ])
 def test_simulator_refuses_arguments_that_would_make_another_market(kwargs, error, match):

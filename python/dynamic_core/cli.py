@@ -529,30 +529,12 @@ def _csv_bars(path: str, instrument: str | None, timeframe: int | None) -> np.nd
     if os.path.isdir(path):
         raise CLIError(f"{path} is a directory, not a CSV file")
     try:
-        out = read_csv(path, timeframe=timeframe)
+        # with an instrument: that symbol's rows, or a single-instrument file named so
+        return read_csv(path, instrument=instrument, timeframe=timeframe)
     except ValueError as e:
         # pandas' messages ("No columns to parse from file") do not say which file
-        raise CLIError(f"{path}: {e}") from None
-    if instrument is None:
-        return out
-    ids = np.unique(out["instrument"])
-    wanted = instruments.get(instrument)
-    if wanted is not None and wanted in ids:
-        return out[out["instrument"] == wanted]
-    if len(ids) == 1 and not _has_symbol_column(path):
-        # a single-instrument file is named after its file stem; --instrument renames it
-        out = out.copy()
-        out["instrument"] = instruments.id(instrument)
-        return out
-    have = ", ".join(instruments.name(int(i)) for i in ids)
-    raise CLIError(f"{path} has no instrument {instrument!r} (it has {have})")
-
-
-def _has_symbol_column(path: str) -> bool:
-    import pandas as pd
-
-    cols = [str(c).strip().lower() for c in pd.read_csv(path, nrows=0).columns]
-    return "symbol" in cols or "instrument" in cols
+        msg = str(e)
+        raise CLIError(msg if path in msg else f"{path}: {msg}") from None
 
 
 def _first_per_stream(bars: np.ndarray, n: int) -> np.ndarray:
@@ -1338,6 +1320,11 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 2 for bad arguments or inputs (one ``dynamic-core: error: ...`` line on
         stderr, never a traceback), 130 when interrupted.
     """
+    import warnings
+
+    # a warning (a loader's note on cells that are not numbers, say) is one line for a user, not
+    # Python's "file:line: UserWarning: ..." with a source line
+    warnings.showwarning = _show_warning
     if sys.stdout is None:  # started with its standard output closed (`>&-`): nowhere to report to
         if sys.stderr is not None:
             _error("standard output is closed; send it to /dev/null to discard it (>/dev/null)")
@@ -1413,6 +1400,15 @@ def _socket_message(e: BaseException) -> str:
     if getattr(e, "errno", None) == zmq.EINVAL and "addr=" in text:
         return f"{text}: expected a ZeroMQ address such as tcp://127.0.0.1:5556 or ipc:///tmp/dc.sock"
     return f"socket error: {text}"
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` of the command line: ``dynamic-core: warning: MESSAGE``."""
+    out = sys.stderr if file is None else file
+    if out is not None:
+        with contextlib.suppress(OSError):
+            print(f"{PROG}: warning: {message}", file=out)
 
 
 def _error(message: str) -> None:

@@ -6,8 +6,11 @@ Every loader returns a time-ordered ``BAR_DTYPE`` array. Validation here is the 
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import stat
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -145,9 +148,19 @@ def refuse_bad(reasons: np.ndarray, what: str = "batch not processed") -> None:
     raise InvalidInput(f"{len(bad)} bad bar(s), {what}: {shown}{more}", rows=bad.tolist(), reasons=names)
 
 
+def _bare(column: object) -> str:
+    """A column name as the loaders match it: case and surrounding blanks ignored, and the angle
+    brackets of MetaTrader 5's export headers (``<DATE>``, ``<CLOSE>``) removed."""
+    s = str(column).strip()
+    if len(s) > 2 and s[0] == "<" and s[-1] == ">":
+        s = s[1:-1].strip()
+    return s.lower()
+
+
 def _find(columns: Iterable[str], name: str) -> str | None:
+    """The first of ``columns`` called ``name`` (as :func:`_bare` reads names), or None."""
     for c in columns:
-        if str(c).strip().lower() == name:
+        if _bare(c) == name:
             return c
     return None
 
@@ -158,32 +171,61 @@ def from_pandas(df, instrument: str | int, timeframe: int | str | None = None) -
     Parameters
     ----------
     df : pandas.DataFrame
-        ``Open High Low Close [Volume]`` (any case). Times come from a DatetimeIndex or from a
-        column named ts/time/timestamp/datetime/date (datetimes, or epoch numbers: seconds, ms,
-        us or ns, told apart by magnitude).
+        ``Open High Low Close [Volume]`` (any case; MetaTrader 5's ``<OPEN>`` spelling too). Times
+        come from a DatetimeIndex or from a column named ts/time/timestamp/datetime/date/open_time
+        (datetimes, or epoch numbers: seconds, ms, us or ns, told apart by magnitude, one unit
+        for the whole column). A ``date`` column holding dates only beside a ``time`` column
+        holding times of day (``HH:MM[:SS[.f]]``), as MetaTrader exports write them, are read
+        together as one UTC time.
     instrument : str or int
         Instrument name (registered on first use) or id.
     timeframe : int or str, optional
         Seconds, ``"H1"`` or ``"1h"``. Inferred from the median spacing of the times when omitted.
+
+    Volume comes from the first column named volume/vol/real_volume that holds a non-zero
+    value; failing that from a tickvol/tick_volume column (MetaTrader's tick counts: its real
+    volume is all zeros for most forex and CFD symbols); failing that from a volume/vol/real_volume
+    column of zeros; else it is zero.
 
     Rows come back in time order (a stable sort: rows of equal time keep their order, and the
     engine then rejects the later ones as ``duplicate_timestamp``), so newest-first data loads
     like oldest-first.
 
     Raises ``ValueError`` naming the first rows whose time is missing (NaN, NaT), non-finite,
-    unreadable or outside the int64 nanosecond range (years 1677 to 2262), and ``TypeError`` for
-    a boolean time column. Integer epochs are converted exactly (integer arithmetic).
+    unreadable, outside the int64 nanosecond range (years 1677 to 2262) or an epoch number of
+    another unit than the rest of its column (seconds among milliseconds: read by the largest,
+    the seconds were 1970 dates), and for a boolean time column. Integer epochs are converted
+    exactly (integer arithmetic).
+
+    Price and volume cells that are not numbers (``"1,000.5"``, ``"12 USD"``) are read as missing,
+    so their bars are rejected as ``non_finite`` like NaN data; a ``UserWarning`` names their
+    columns and first rows, as that is usually a format problem (a thousands separator, a
+    decimal comma, a unit) rather than missing data.
     """
     import pandas as pd
 
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"expected a pandas DataFrame, got {type(df).__name__}")
+    _warn_not_numbers(df, "the DataFrame", first_row=0, how="positions, from 0")
+    return _from_pandas(df, instrument, timeframe)
+
+
+def _from_pandas(df, instrument: str | int, timeframe: int | str | None) -> np.ndarray:
+    """:func:`from_pandas` without its warning about cells that are not numbers (:func:`read_csv`
+    gives its own, naming rows of the file rather than of each instrument's part of it)."""
+    import pandas as pd
+
     cols = list(df.columns)
     missing = [c for c in ("open", "high", "low", "close") if _find(cols, c) is None]
     if missing:
         raise ValueError(f"DataFrame lacks columns {missing} (have {cols})")
     tcol = next((c for name in _TIME_COLUMNS if (c := _find(cols, name)) is not None), None)
-    if tcol is not None:
+    dcol = _find(cols, "date")
+    if tcol is not None and dcol is not None and _bare(tcol) == "time" and _is_time_of_day(df[tcol]):
+        # MetaTrader 4/5 exports: Date 2024.01.01, Time 00:00. Read alone, the time of day got
+        # today's date
+        ts = _date_and_time_ns(df[dcol], df[tcol], f"date column {dcol!r}", f"time column {tcol!r}")
+    elif tcol is not None:
         ts = _to_ns(df[tcol], f"time column {tcol!r}")
     elif isinstance(df.index, pd.DatetimeIndex):
         ts = _to_ns(pd.Series(df.index), "the DatetimeIndex")
@@ -196,17 +238,148 @@ def from_pandas(df, instrument: str | int, timeframe: int | str | None = None) -
         d = np.diff(np.sort(ts))
         d = d[d > 0]
         if len(d) == 0:
-            raise ValueError("cannot infer the timeframe from fewer than two distinct times; pass timeframe=")
+            raise ValueError("cannot infer the timeframe from fewer than two distinct times: give the "
+                             "timeframe (timeframe= in Python, --timeframe on the command line)")
         timeframe = max(1, int(np.median(d) // 1_000_000_000))
     out["timeframe"] = parse_timeframe(timeframe)
     for name in ("open", "high", "low", "close"):
-        out[name] = pd.to_numeric(df[_find(cols, name)], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    vcol = _find(cols, "volume")
+        out[name] = _numbers(df[_find(cols, name)])
+    vcol = _volume_column(df)
     if vcol is not None:
-        out["volume"] = pd.to_numeric(df[vcol], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        out["volume"] = _numbers(df[vcol])
     # time order, as every loader gives (newest-first vendor data was rejected bar by bar as
     # out_of_order but for its first row)
     return out if len(ts) < 2 or bool((np.diff(ts) >= 0).all()) else out[np.argsort(ts, kind="stable")]
+
+
+_REAL_VOLUME = ("volume", "vol", "real_volume")
+_TICK_VOLUME = ("tickvol", "tick_volume")
+
+
+def _numbers(col) -> np.ndarray:
+    """``col`` as float64, cells that are not numbers as NaN (rejected as ``non_finite``)."""
+    import pandas as pd
+
+    return pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _volume_column(df) -> str | None:
+    """The column bar volumes come from (see :func:`from_pandas`), or None."""
+    cols = list(df.columns)
+    real = [c for name in _REAL_VOLUME if (c := _find(cols, name)) is not None]
+    for c in real:
+        v = _numbers(df[c])
+        if bool((np.nan_to_num(v) != 0).any()):
+            return c
+    tick = next((c for name in _TICK_VOLUME if (c := _find(cols, name)) is not None), None)
+    return tick if tick is not None else (real[0] if real else None)
+
+
+def _price_columns(df) -> list:
+    """The columns :func:`_from_pandas` reads as numbers: OHLC and the volume it takes."""
+    cols = list(df.columns)
+    out = [c for name in ("open", "high", "low", "close") if (c := _find(cols, name)) is not None]
+    vcol = _volume_column(df)
+    return out + ([vcol] if vcol is not None else [])
+
+
+def _warn_not_numbers(df, source: str, first_row: int, how: str, by_label: bool = False,
+                      stacklevel: int = 3) -> None:
+    """One ``UserWarning`` (at ``stacklevel``: the loader's caller) naming the columns and first
+    rows of ``df``'s price and volume cells that hold something other than a number. Such cells
+    read as NaN and their bars are rejected as ``non_finite``, as missing data is: without the
+    warning, a file with thousands separators or a decimal comma looked like a file with gaps.
+    Rows are positions, or with ``by_label`` the (integer) index labels (the file's row
+    positions once rows are selected), plus ``first_row``, as ``how`` says."""
+    import pandas as pd
+
+    found = []
+    for c in _price_columns(df):
+        col = df[c]
+        if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+            continue  # numbers (or NaN) throughout: nothing was text
+        bad = np.flatnonzero((pd.to_numeric(col, errors="coerce").isna() & col.notna()).to_numpy())
+        if len(bad):
+            found.append((c, df.index[bad].to_numpy() if by_label else bad, col.iloc[bad[0]]))
+    if not found:
+        return
+    total = sum(len(bad) for _, bad, _ in found)
+    parts = []
+    for c, bad, example in found:
+        rows = ", ".join(str(int(i) + first_row) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        parts.append(f"column {c!r} row{'s' if len(bad) > 1 else ''} {rows} ({example!r}"
+                     f"{' first' if len(bad) > 1 else ''})")
+    warnings.warn(f"{source}: {total:,} price/volume cell(s) are not numbers, read as missing, and their "
+                  f"bars are rejected as non_finite: {'; '.join(parts)}; rows {how}. Write plain numbers "
+                  f"(no thousands separators or units), or check the separator and decimal mark",
+                  UserWarning, stacklevel=stacklevel)
+
+
+_TIME_OF_DAY = r"(\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?"
+_DAY_NS = 86_400 * _NS
+
+
+def _first_text(col) -> str | None:
+    """The first non-missing value of a text column, or None (for other columns too)."""
+    import pandas as pd
+
+    if (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
+            or pd.api.types.is_datetime64_any_dtype(col) or pd.api.types.is_timedelta64_dtype(col)):
+        return None
+    first = col.dropna()
+    return first.iloc[0] if len(first) and isinstance(first.iloc[0], str) else None
+
+
+def _stripped(col, first: str):
+    """``col`` without blanks around its values when its first value has some ("Date, Time"
+    headers come with ", 00:00" fields); as it is otherwise (stripping a million cells costs)."""
+    return col.astype("string").str.strip() if first != first.strip() else col
+
+
+def _is_time_of_day(col) -> bool:
+    """Whether ``col`` holds times of day (``HH:MM[:SS[.f]]`` text or timedeltas), judged by its
+    first value: MetaTrader's separate Time column."""
+    import pandas as pd
+
+    if pd.api.types.is_timedelta64_dtype(col):
+        return True
+    first = _first_text(col)
+    return first is not None and re.fullmatch(_TIME_OF_DAY, first.strip()) is not None
+
+
+def _date_and_time_ns(dates, times, dsource: str, tsource: str) -> np.ndarray:
+    """int64 ns of a column of dates (UTC midnight; ``YYYY.MM.DD`` as MetaTrader writes them)
+    plus a column of times of day, exactly, refusing (naming the rows) dates that are missing,
+    unreadable or carry a time of day themselves, and times of day that are missing, unreadable
+    (``HH:MM[:SS[.f]]``) or not below 24:00."""
+    import pandas as pd
+
+    day = _to_ns(dates, dsource)
+    _refuse_times(day % _DAY_NS != 0, dsource, "a time of day besides the date (the time column gives it)")
+    if pd.api.types.is_timedelta64_dtype(times):
+        _refuse_times(times.isna().to_numpy(), tsource, "a missing time of day")
+        tod = times.to_numpy(dtype="timedelta64[ns]").view(np.int64)
+    else:
+        first = _first_text(times)
+        m = re.fullmatch(_TIME_OF_DAY, first.strip())
+        fmt = "%H:%M" + (":%S" if m.group(3) else "") + (".%f" if m.group(4) else "")
+        # the first row's form, parsed in C (strptime puts times on 1900-01-01, subtracted)
+        times = _stripped(times, first)
+        t = pd.to_datetime(times, format=fmt, errors="coerce")
+        tod = (t - pd.Timestamp("1900-01-01")).to_numpy(dtype="timedelta64[ns]").view(np.int64)
+        other = np.flatnonzero(t.isna().to_numpy())
+        if len(other):  # in another of the forms (00:00 among 00:00:30), or unreadable
+            parts = times.iloc[other].astype("string").str.strip().str.extract(f"^{_TIME_OF_DAY}$")
+            h, mi, sec = (pd.to_numeric(parts[i]).fillna(0).to_numpy(dtype=np.int64) for i in range(3))
+            frac = pd.to_numeric(parts[3].str.ljust(9, "0")).fillna(0).to_numpy(dtype=np.int64)
+            bad = parts[0].isna().to_numpy() | (h > 23) | (mi > 59) | (sec > 59)
+            _refuse_times(np.isin(np.arange(len(t)), other[bad]), tsource,
+                          "a missing or unreadable time of day (HH:MM[:SS[.f]], 00:00 to 23:59:59)")
+            tod = tod.copy()  # to_numpy may hand out a read-only view
+            tod[other] = ((h * 60 + mi) * 60 + sec) * _NS + frac
+    _refuse_times((tod < 0) | (tod >= _DAY_NS), tsource, "a time of day outside 00:00 to 23:59:59")
+    _refuse_times(day > _INT64_MAX - tod, tsource, _OUT_OF_RANGE)
+    return day + tod
 
 
 _INT64_MAX = (1 << 63) - 1
@@ -214,9 +387,35 @@ _OUT_OF_RANGE = "a time outside the int64 nanosecond range (1677..2262)"
 _NS_PER_UNIT = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
 
 
-def _epoch_scale(mag: float) -> int:
-    """ns per unit of epoch numbers whose largest magnitude is ``mag``: seconds, ms, us or ns."""
-    return 10**9 if mag < 1e11 else 10**6 if mag < 1e14 else 10**3 if mag < 1e17 else 1
+# an epoch number's unit is told by its size: |t| below 1e11 is seconds (up to year 5138), then
+# ms, us and ns, each band 1000 times the last; 0 and small negative numbers are seconds
+_EPOCH_BANDS = (10**11, 10**14, 10**17)
+_EPOCH_UNITS = (("seconds", 10**9, "|t| < 1e11"), ("milliseconds", 10**6, "1e11 <= |t| < 1e14"),
+                ("microseconds", 10**3, "1e14 <= |t| < 1e17"), ("nanoseconds", 1, "|t| >= 1e17"))
+
+
+def _epoch_scale(v: np.ndarray, source: str) -> int:
+    """ns per unit of the epoch numbers ``v`` (int64 or finite float64): the unit whose
+    magnitude band holds the most of them (a tie goes to the larger unit). Refuses, naming the
+    first rows, numbers in another unit's band: a column of seconds then milliseconds was read
+    as milliseconds throughout (its largest number's unit), its seconds as dates in January 1970."""
+    if not len(v):
+        return 10**9
+    band = np.zeros(len(v), dtype=np.intp)
+    for edge in _EPOCH_BANDS:  # no abs(): abs(INT64_MIN) wraps
+        band += (v >= edge) | (v <= -edge)
+    counts = np.bincount(band, minlength=len(_EPOCH_UNITS))
+    unit = max(range(len(_EPOCH_UNITS)), key=lambda u: (counts[u], u))
+    name, per, size = _EPOCH_UNITS[unit]
+    rows = np.flatnonzero(band != unit)
+    if len(rows):
+        others = " or ".join(_EPOCH_UNITS[u][0] for u in np.unique(band[rows]).tolist())
+        shown = ", ".join(str(int(i)) for i in rows[:10]) + (", ..." if len(rows) > 10 else "")
+        why = f"epoch numbers in another unit than the rest of the column ({others} among {name})"
+        raise BadTimes(f"{len(rows):,} row(s) of {source} with {why}: rows {shown} (positions, from 0) are "
+                       f"{others} by their size, the other {int(counts[unit]):,} are {name} ({size}); write "
+                       f"every time in one unit, or as datetimes", why)
+    return per
 
 
 class BadTimes(ValueError):
@@ -247,12 +446,13 @@ def _to_ns(col, source: str = "the time column") -> np.ndarray:
     """Times as int64 ns since the epoch: epoch numbers (seconds, ms, us or ns, told apart by
     magnitude; integers in integer arithmetic, so ns stay exact) or datetimes (UTC when naive).
     ValueError naming the first bad rows for a missing, non-finite, unreadable or out-of-range
-    time; TypeError for booleans."""
+    time, or epoch numbers of mixed units (see :func:`_epoch_scale`); ValueError for booleans
+    too: a bad value in a file, which callers (the command line) report as such."""
     import pandas as pd
 
     if pd.api.types.is_bool_dtype(col) or (
             col.dtype == object and pd.api.types.infer_dtype(col, skipna=True) == "boolean"):
-        raise TypeError(f"{source} holds booleans, not times (datetimes or epoch numbers)")
+        raise ValueError(f"{source} holds booleans, not times (datetimes or epoch numbers)")
     if pd.api.types.is_integer_dtype(col):
         _refuse_times(col.isna().to_numpy(), source, "a missing time")
         if pd.api.types.is_unsigned_integer_dtype(col):
@@ -261,22 +461,40 @@ def _to_ns(col, source: str = "the time column") -> np.ndarray:
             v = u.astype(np.int64)
         else:
             v = col.to_numpy(dtype=np.int64)
-        mag = max(-int(v.min()), int(v.max())) if len(v) else 0
-        return _scaled(v, _epoch_scale(mag), source)
+        return _scaled(v, _epoch_scale(v, source), source)
     if pd.api.types.is_numeric_dtype(col):
         f = col.to_numpy(dtype=np.float64, na_value=np.nan)
         _refuse_times(~np.isfinite(f), source, "a missing or non-finite time")
-        mag = float(np.max(np.abs(f))) if len(f) else 0.0
-        ns = f * float(_epoch_scale(mag))
+        ns = f * float(_epoch_scale(f, source))
         _refuse_times(~(np.abs(ns) < 2.0**63), source, _OUT_OF_RANGE)
         return ns.astype(np.int64)
-    t = pd.to_datetime(col, utc=True, errors="coerce")
+    fmt = _dotted_format(col)
+    if fmt is not None:
+        col = _stripped(col, _first_text(col))
+    t = pd.to_datetime(col, utc=True, errors="coerce", format=fmt)
     _refuse_times(t.isna().to_numpy(), source, "a missing, unreadable or out-of-range time")
     d = np.asarray(t.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy())
     unit = np.datetime_data(d.dtype)[0]
     if unit not in _NS_PER_UNIT:  # pragma: no cover - pandas resolutions are s/ms/us/ns
         d, unit = d.astype("datetime64[ns]"), "ns"
     return _scaled(d.view(np.int64), _NS_PER_UNIT[unit], source)
+
+
+_DOTTED_DATE = r"\d{4}\.\d{1,2}\.\d{1,2}(?:([ T])\d{1,2}:\d{2}(:\d{2}(\.\d{1,9})?)?)?"
+
+
+def _dotted_format(col) -> str | None:
+    """The strptime format of MetaTrader's year-first dotted dates (``2024.01.02``,
+    ``2024.01.02 00:00[:00[.f]]``) when the first value of ``col`` is one, else None (pandas
+    infers the format). pandas 2 may guess none for dots and parse row by row (slow, with a
+    warning); an explicit format also parses in C."""
+    first = _first_text(col)
+    m = None if first is None else re.fullmatch(_DOTTED_DATE, first.strip())
+    if m is None:
+        return None
+    if not m.group(1):
+        return "%Y.%m.%d"
+    return f"%Y.%m.%d{m.group(1)}%H:%M" + (":%S" if m.group(2) else "") + (".%f" if m.group(3) else "")
 
 
 def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
@@ -286,76 +504,153 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     header line holds no comma.
 
     Times come from a column named ts/time/timestamp/datetime/date/open_time or, when there is
-    none, from an unnamed first column (the index ``DataFrame.to_csv`` writes).
+    none, from an unnamed first column (the index ``DataFrame.to_csv`` writes). MetaTrader's
+    exports load as they are: MetaTrader 4's ``Date,Time,Open,High,Low,Close,Volume`` (dates
+    ``2024.01.01``, times ``00:00``) and MetaTrader 5's tab-separated
+    ``<DATE> <TIME> <OPEN> <HIGH> <LOW> <CLOSE> <TICKVOL> <VOL> <SPREAD>`` (its tick volume is the
+    volume when ``<VOL>`` is all zeros). A file starting with a UTF-16 byte order mark is read
+    as UTF-16, otherwise UTF-8.
 
-    When ``instrument`` is omitted, a ``symbol``/``instrument`` column names each row's
-    instrument (as written, surrounding blanks removed: ``NA``, ``NULL`` and ``nan`` are names
-    like any other); failing that, the file's stem is the instrument name.
+    A ``symbol``/``instrument`` column names each row's instrument (as written, surrounding
+    blanks removed: ``NA``, ``NULL`` and ``nan`` are names like any other): without
+    ``instrument``, every instrument of the file is loaded; with it, only that instrument's rows
+    (a ``ValueError`` naming the file's instruments when it has none). A file without such a
+    column holds one instrument: ``instrument``, or when omitted the file's stem.
+
+    ``path`` may be a pipe, a FIFO or ``/dev/stdin``: a file that is not a regular file is read
+    once into memory (it cannot be read a second time, and the file is read several times:
+    separator, header, data).
 
     Raises
     ------
     ValueError
         Besides the errors of :func:`from_pandas`: rows whose symbol is empty, naming them (such a
-        row belongs to no instrument, and dropping it would lose data without a word).
-    """
-    import pandas as pd
+        row belongs to no instrument, and dropping it would lose data without a word); an
+        ``instrument`` the symbol column does not hold; a file stem that is no valid instrument
+        name, when it would name the instrument.
 
-    seps = _separator(path)
-    header = pd.read_csv(path, nrows=0, **seps).columns
+    Warns
+    -----
+    UserWarning
+        Price or volume cells that are not numbers, naming the columns and first rows (see
+        :func:`from_pandas`; rows here are counted from 1 after the header).
+    """
+    name = os.fspath(path)
+    src = _csv_source(path)
+    seps = _separator(src)
+    header = _read(src, nrows=0, **seps).columns
     # times: a named column, or the unnamed first column DataFrame.to_csv writes for the index
     index_col, no_times = None, None
-    if not any(_find(header, name) is not None for name in _TIME_COLUMNS):
-        no_times = ValueError(f"{os.fspath(path)}: no time column: name one {'/'.join(_TIME_COLUMNS)} "
+    if not any(_find(header, t) is not None for t in _TIME_COLUMNS):
+        no_times = ValueError(f"{name}: no time column: name one {'/'.join(_TIME_COLUMNS)} "
                               f"(any case), or leave the first header cell empty for a DatetimeIndex "
                               f"written by DataFrame.to_csv (have {list(header)})")
         if len(header) and str(header[0]) == "Unnamed: 0":
             index_col = 0
         elif all(_find(header, c) is not None for c in ("open", "high", "low", "close")):  # else: those first
             raise no_times
-    scol = None
-    if instrument is None:
-        scol = _find(header, "symbol") or _find(header, "instrument")
+    scol = _find(header, "symbol") or _find(header, "instrument")
     if scol is None:
-        df = _index_times(pd.read_csv(path, **seps), index_col, no_times)
+        df = _index_times(_read(src, **seps), index_col, no_times)
+        _warn_not_numbers(df, name, first_row=1, how="counted from 1 after the header", by_label=True)
         if instrument is None:
-            instrument = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+            instrument = os.path.splitext(os.path.basename(name))[0]
+            try:
+                instruments.id(instrument)
+            except ValueError as e:  # a name the user never gave: say where it came from
+                raise ValueError(
+                    f"{name}: the file has no symbol column, so its stem names its instrument, and that "
+                    f"fails: {e}; rename the file, add a symbol column, or give the instrument "
+                    f"(instrument= in Python, --instrument on the command line)") from None
         # in time order, as the multi-instrument path gives (rows out of order were rejected
         # as out_of_order one by one, leaving a handful of bars)
-        return merge(from_pandas(df, instrument, timeframe))
+        return merge(_from_pandas(df, instrument, timeframe))
     from pandas._libs.parsers import STR_NA_VALUES  # read_csv's documented default NA strings
 
     # the symbol column as text, without NA detection: by default "NA", "NULL", "nan" and ""
     # read as missing and groupby drops their rows silently; the other columns keep the
     # defaults, so a missing price is still NaN and its bar is rejected and counted
-    df = _index_times(pd.read_csv(path, **seps, dtype={scol: str}, keep_default_na=False,
-                                  na_values={c: STR_NA_VALUES for c in header if c != scol}), index_col,
-                      no_times)
+    df = _index_times(_read(src, **seps, dtype={scol: str}, keep_default_na=False,
+                            na_values={c: STR_NA_VALUES for c in header if c != scol}), index_col, no_times)
     names = df[scol].str.strip()
-    empty = np.flatnonzero((names == "").to_numpy())
-    if len(empty):
-        shown = ", ".join(str(i + 1) for i in empty[:10]) + (", ..." if len(empty) > 10 else "")
-        raise ValueError(f"{len(empty):,} row(s) with an empty {scol!r}: rows {shown} (counted from 1 after "
+    blank = np.flatnonzero((names == "").to_numpy())
+    if len(blank):
+        shown = ", ".join(str(i + 1) for i in blank[:10]) + (", ..." if len(blank) > 10 else "")
+        raise ValueError(f"{len(blank):,} row(s) with an empty {scol!r}: rows {shown} (counted from 1 after "
                          f"the header); give every row an instrument, or drop the column to name all rows "
                          f"after the file")
-    parts = [from_pandas(g.drop(columns=[scol]), name, timeframe)
-             for name, g in df.groupby(names, sort=True, dropna=False)]
+    if instrument is not None:
+        # the symbol column decides, as without an instrument: naming every row `instrument`
+        # made one instrument of all of them (another's bars rejected as duplicate times)
+        wanted = _nfc(instrument if isinstance(instrument, str)
+                      else instruments.name(instruments.lookup(instrument)))
+        have = sorted(set(names.tolist()))
+        mine = [n for n in have if _nfc(n) == wanted]
+        if not mine:
+            shown = ", ".join(have[:10]) + (f" and {len(have) - 10:,} more" if len(have) > 10 else "")
+            raise ValueError(f"{name} has no instrument {instrument!r} (it has {shown}) in its {scol!r} "
+                             f"column: give one of those, or no instrument to load them all")
+        keep = names.isin(mine).to_numpy()
+        df, names = df[keep], names[keep]
+    _warn_not_numbers(df.drop(columns=[scol]), name, first_row=1, how="counted from 1 after the header",
+                      by_label=True)
+    parts = [_from_pandas(g.drop(columns=[scol]), n, timeframe)
+             for n, g in df.groupby(names, sort=True, dropna=False)]
     return merge(*parts)
 
 
-def _separator(path: str | os.PathLike) -> dict[str, str]:
-    """``read_csv`` options for a CSV file's separators: commas, unless its header line holds
-    none and holds semicolons or tabs instead (spreadsheet exports in many locales, MetaTrader's
-    history export); with semicolons, a decimal comma when the first data line has one."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        first, second = f.readline(1 << 16), f.readline(1 << 16)
+def _nfc(name: str) -> str:
+    """``name`` in Unicode NFC form, the form the instrument registry keeps names in."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name)
+
+
+def _csv_source(path: str | os.PathLike) -> str | os.PathLike | bytes:
+    """What :func:`_read` reads ``path`` from: the path of a regular file, or the bytes of
+    anything else (a pipe, a FIFO, ``/dev/stdin``, a terminal) read once to its end. Those can
+    be read only once, and a CSV is read several times (separator, header, data): the second
+    read found nothing ("No columns to parse from file")."""
+    if stat.S_ISREG(os.stat(path).st_mode):
+        return path
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _read(src: str | os.PathLike | bytes, **kwargs):
+    """``pandas.read_csv`` of a path, or of bytes from :func:`_csv_source`."""
+    import pandas as pd
+
+    return pd.read_csv(io.BytesIO(src) if isinstance(src, bytes) else src, **kwargs)
+
+
+def _separator(src: str | os.PathLike | bytes) -> dict[str, str]:
+    """``read_csv`` options for a CSV file's separators and encoding: commas, unless its header
+    line holds none and holds semicolons or tabs instead (spreadsheet exports in many locales,
+    MetaTrader's history export); with semicolons, a decimal comma when the first data line has
+    one. UTF-16 when the file starts with its byte order mark (Windows tools write "Unicode"
+    text so); pandas reads UTF-8, and skips a UTF-8 byte order mark, by default."""
+    if isinstance(src, bytes):
+        head = src[: 1 << 17]
+    else:
+        with open(src, "rb") as f:
+            head = f.read(1 << 17)
+    opts = {}
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        opts["encoding"] = "utf-16"
+        text = head[: len(head) // 2 * 2].decode("utf-16", errors="replace")
+    else:
+        text = head.decode("utf-8", errors="replace")
+    lines = text.splitlines()
+    first, second = (lines + ["", ""])[:2]
     if "," in first:
-        return {"sep": ","}
+        return {"sep": ",", **opts}
     for sep in (";", "\t", "|"):
         if sep in first:
             if sep == ";" and re.search(r"\d,\d", second):
-                return {"sep": sep, "decimal": ","}
-            return {"sep": sep}
-    return {"sep": ","}
+                return {"sep": sep, "decimal": ",", **opts}
+            return {"sep": sep, **opts}
+    return {"sep": ",", **opts}
 
 
 def _index_times(df, index_col: int | None, no_times: Exception | None):
