@@ -741,3 +741,20 @@ def test_instrument_name_takes_integer_ids_only(bad):
     assert dc.instruments.name(np.uint32(dc.instruments.id("EURUSD"))) == "EURUSD"
     with pytest.raises(dc.errors.UnknownInstrument):
         dc.instruments.name(-1)
+
+
+def test_the_inferred_timeframe_is_the_most_common_spacing():
+    import pandas as pd
+
+    h = 3_600_000_000_000
+    t0 = 1_704_067_200 * 1_000_000_000
+
+    def frame(hours):
+        idx = pd.to_datetime([t0 + k * h for k in hours], utc=True)
+        return pd.DataFrame({"open": 1.0, "high": 1.0, "low": 1.0, "close": 1.0}, index=idx)
+
+    # a gap of three hours: the median spacing (2 h) matched no spacing in the data
+    assert set(dc.market.from_pandas(frame([0, 1, 4]), "EURUSD")["timeframe"]) == {3600}
+    # a weekend in daily bars, many missing hours: still the bars' own spacing
+    assert set(dc.market.from_pandas(frame([0, 24, 48, 120, 144]), "EURUSD")["timeframe"]) == {86400}
+    assert set(dc.market.from_pandas(frame([0, 1, 5, 9, 10, 14, 15]), "EURUSD")["timeframe"]) == {3600}

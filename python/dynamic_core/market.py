@@ -180,7 +180,9 @@ def from_pandas(df, instrument: str | int, timeframe: int | str | None = None) -
     instrument : str or int
         Instrument name (registered on first use) or id.
     timeframe : int or str, optional
-        Seconds, ``"H1"`` or ``"1h"``. Inferred from the median spacing of the times when omitted.
+        Seconds, ``"H1"`` or ``"1h"``. Inferred when omitted: the most common spacing of the
+        times (the shortest of equally common ones), so gaps (weekends, missing bars) do not
+        change it.
 
     Volume comes from the first column named volume/vol/real_volume that holds a non-zero
     value; failing that from a tickvol/tick_volume column (MetaTrader's tick counts: its real
@@ -240,7 +242,10 @@ def _from_pandas(df, instrument: str | int, timeframe: int | str | None) -> np.n
         if len(d) == 0:
             raise ValueError("cannot infer the timeframe from fewer than two distinct times: give the "
                              "timeframe (timeframe= in Python, --timeframe on the command line)")
-        timeframe = max(1, int(np.median(d) // 1_000_000_000))
+        # the most common spacing (the shortest among equals): bars at 0h, 1h and 4h are H1 bars
+        # with a gap, where the median (2h) matched no spacing at all
+        secs, counts = np.unique(d // 1_000_000_000, return_counts=True)
+        timeframe = max(1, int(secs[np.argmax(counts)]))
     out["timeframe"] = parse_timeframe(timeframe)
     for name in ("open", "high", "low", "close"):
         out[name] = _numbers(df[_find(cols, name)])
