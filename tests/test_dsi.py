@@ -6,6 +6,7 @@ with that evidence."""
 from __future__ import annotations
 
 import math
+import re
 from itertools import pairwise
 
 import numpy as np
@@ -952,3 +953,129 @@ def test_dsi_reader_arguments_are_checked_for_every_instrument():
     with pytest.raises(TypeError, match="direction must be a number"):
         dsi.validation("DSI_A", "long")
     assert dsi.validation("DSI_A", -3) == 0.0 and dsi.top("DSI_A", 0, by="expert") == []
+
+
+# -- TickDriver: a failing engine loses no bar --------------------------------------------------
+def _driver_feed():
+    """Two instruments' ticks over ~50 one-minute bars, cut into 8 batches (each finishing bars
+    of several close times), and a population trading M1 with DSI weights."""
+    names = ["DRV_F1", "DRV_F2"]
+    ticks = _feed(names, 31, n=1500)
+    ticks["ts"] = T0 + (ticks["ts"] - T0) * 10  # ~2 s apart: 50 bars an instrument
+    pop = dc.Population.random(64, instruments=names, timeframes=[60], seed=3, dsi_share=0.5)
+    return ticks, np.array_split(ticks, 8), pop
+
+
+def _drive_clean(pop, parts):
+    with dc.Engine(pop, threads=1) as eng:
+        drv = TickDriver(eng)
+        out = np.concatenate([drv.update(p) for p in parts] + [drv.flush()])
+        drv.close()
+        return out, eng.agents()
+
+
+def test_a_tick_driver_refuses_a_batch_the_engine_cannot_run_before_taking_it():
+    # a consumer registered or a closed engine makes engine.run refuse any batch: the driver
+    # used to finish the bars first and drop them, so the same ticks sent again were refused as
+    # out_of_order and the stream went on with a hole. Now it refuses before taking anything.
+    import threading
+
+    _, parts, pop = _driver_feed()
+    want, want_agents = _drive_clean(pop, parts)
+    with dc.Engine(pop, threads=1) as eng:
+        drv = TickDriver(eng)
+        got = [drv.update(parts[0])]
+        consumer = threading.Thread(target=threading.Event().wait, args=(30,), daemon=True)
+        consumer.start()
+        eng.register_consumer(consumer)
+        before = (drv.aggregator.accepted, drv.dsi.ticks, drv.bars, eng.stats()["bars_in"])
+        with pytest.raises(RuntimeError, match="takes signals too"):
+            drv.update(parts[1])
+        assert (drv.aggregator.accepted, drv.dsi.ticks, drv.bars, eng.stats()["bars_in"]) == before
+        assert len(drv.held()) == 0
+        eng.unregister_consumer(consumer)
+        got += [drv.update(p) for p in parts[1:]] + [drv.flush()]  # the same batch again
+        assert drv.aggregator.rejects == {} and drv.bars == eng.stats()["bars_in"] == len(want)
+        assert np.concatenate(got).tobytes() == want.tobytes()
+        assert np.array_equal(eng.agents(), want_agents)
+    with pytest.raises(RuntimeError, match="closed"):
+        drv.update(parts[2])
+    with pytest.raises(RuntimeError, match="closed"):
+        drv.flush()
+    with pytest.raises(RuntimeError, match="closed"):
+        TickDriver(eng)
+
+
+@pytest.mark.parametrize("fail", ["first run of a batch", "a later run of a batch", "flush", "twice"])
+def test_a_tick_driver_holds_the_bars_a_failing_run_did_not_take(fail):
+    # engine.run raising after the aggregator finished the bars: they stay held (with the ticks
+    # the DSI state has not seen, and the signals of the runs before) and run first on the next
+    # call, each with the evidence it would have had. The oracle: the same feed, nothing failing.
+    ticks, parts, pop = _driver_feed()
+    want, want_agents = _drive_clean(pop, parts)
+    with dc.Engine(pop, threads=1) as eng:
+        drv = TickDriver(eng)
+        run, calls = eng.run, {"n": 0, "fail": set()}
+
+        def flaky(b, **kw):
+            calls["n"] += 1
+            if calls["n"] in calls["fail"]:
+                raise OSError("journal disk full")
+            return run(b, **kw)
+
+        eng.run = flaky
+        got = [drv.update(parts[0]), drv.update(parts[1])]
+        runs_per_batch = calls["n"] // 2
+        assert runs_per_batch >= 3  # a batch finishes bars of several close times
+        if fail == "flush":
+            got += [drv.update(p) for p in parts[2:]]
+            calls["fail"] = {calls["n"] + 1}
+            with pytest.raises(OSError, match="disk full") as err:
+                drv.flush()
+            assert len(drv.held()) > 0
+            got.append(drv.update(ticks[:0]))  # an empty batch runs what is held
+        else:
+            first = calls["n"] + (1 if fail == "first run of a batch" else 2)
+            calls["fail"] = {first, first + 1} if fail == "twice" else {first}
+            with pytest.raises(OSError, match="disk full") as err:
+                drv.update(parts[2])
+            held = drv.held()
+            assert len(held) > 0 and drv.bars == eng.stats()["bars_in"]  # counts only what the engine took
+            if fail == "a later run of a batch":  # the first run's signals are held too, not lost
+                assert re.search(r"the signals of [1-9]\d* run ones are held", "".join(err.value.__notes__))
+            assert drv.bars + len(held) == drv.aggregator.bars_out
+            if fail == "twice":  # the retry fails too: the next batch waits behind the held bars
+                with pytest.raises(OSError, match="disk full"):
+                    drv.update(parts[3])
+                assert len(drv.held()) >= len(held) and drv.bars == eng.stats()["bars_in"]
+                got.append(drv.update(ticks[:0]))
+                got += [drv.update(p) for p in parts[4:]]
+            else:
+                got += [drv.update(p) for p in parts[3:]]
+            got.append(drv.flush())
+        assert "held" in "".join(getattr(err.value, "__notes__", []))
+        drv.close()
+        assert drv.held().size == 0 and drv.aggregator.rejects == {}
+        assert drv.bars == eng.stats()["bars_in"] == len(want)
+        assert np.concatenate(got).tobytes() == want.tobytes()  # bars, order and evidence
+        assert np.array_equal(eng.agents(), want_agents)
+
+
+def test_a_tick_driver_checks_its_arguments():
+    pop = dc.Population.random(16, instruments=["DRV_ARG"], timeframes=[60], seed=1)
+    with dc.Engine(pop, threads=1) as eng:
+        for bad in (None, "engine", pop):
+            with pytest.raises(TypeError, match="engine must be a dynamic_core.Engine"):
+                TickDriver(bad)
+        for bad in (5, 0, "yes", 1.0):
+            with pytest.raises(TypeError, match="dsi must be a Dsi"):
+                TickDriver(eng, dsi=bad)
+        for bad in (5, [60], TickAggregator):
+            with pytest.raises(TypeError, match="aggregator must be"):
+                TickDriver(eng, aggregator=bad)
+        with pytest.raises(ValueError, match="not both"):
+            TickDriver(eng, [60], aggregator=TickAggregator([60]))
+        drv = TickDriver(eng, dsi=False, aggregator=TickAggregator([300]))
+        assert drv.dsi is None and drv.aggregator.timeframes == (300,)
+        with pytest.raises(TypeError, match="TICK_DTYPE"):
+            drv.update([1, 2, 3])

@@ -377,6 +377,52 @@ def test_driver_arguments_are_checked_before_any_bar_runs():
         assert (evo.every, evo.seed) == (100, (1 << 64) - 1)
 
 
+def test_evolution_refuses_what_is_not_an_engine():
+    # Evolution(None) failed late with an AttributeError ('NoneType' has no '_stream_keys')
+    for bad in (None, "engine", _pop(16)):
+        with pytest.raises(TypeError, match="engine must be a dynamic_core.Engine"):
+            Evolution(bad)
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    # {"high": "3"} was a bare "'>' not supported"
+    ({"high": "3"}, TypeError, "regime_kwargs: high must be a number, got str"),
+    ({"high": math.inf}, ValueError, "regime_kwargs: high must be a finite number"),
+    ({"high": math.nan}, ValueError, "regime_kwargs: high must be a finite number"),
+    ({"low": 0.0}, ValueError, "regime_kwargs: low must be a finite number in \\(0.0"),
+    ({"high": 1.5, "low": 1.5}, ValueError, "regime_kwargs: high must be above low"),
+    ({"low": True}, TypeError, "regime_kwargs: low must be a number, got bool"),
+    ({"warmup": -5}, ValueError, "regime_kwargs: warmup must be in \\[0, "),
+    ({"warmup": 10.0}, TypeError, "regime_kwargs: warmup must be an int"),
+    ({"fast": 2.5, "slow": 3.5}, TypeError, "regime_kwargs: fast must be an int, got float"),
+    ({"fast": 0}, ValueError, "regime_kwargs: fast must be in \\[1, "),
+    ({"fast": 30, "slow": 30}, ValueError, "regime_kwargs: fast must be below slow"),
+    ({"slow": True}, TypeError, "regime_kwargs: slow must be an int, got bool"),
+    ({"bogus": 1}, TypeError, "regime_kwargs: .*unexpected keyword argument 'bogus'"),
+])
+@pytest.mark.parametrize("regime", [True, False])
+def test_regime_arguments_are_checked_when_the_evolution_is_made(kw, err, match, regime):
+    # the docstring says arguments are checked when the Evolution is made: {"warmup": -5},
+    # {"fast": 2.5, ...} and {"high": inf} were taken (an infinite high never triggers)
+    with dc.Engine(_pop(128), threads=1) as eng:
+        with pytest.raises(err, match=match):
+            Evolution(eng, {"min_age": 50}, regime=regime, regime_kwargs=kw)
+        assert eng.stats()["accepted"] == 0
+
+
+def test_regime_flag_and_kwargs_types_are_checked():
+    with dc.Engine(_pop(128), threads=1) as eng:
+        with pytest.raises(TypeError, match="regime_kwargs must be a dict"):
+            Evolution(eng, regime_kwargs=[("high", 3.0)])
+        with pytest.raises(TypeError, match="regime must be a bool, got 'no'"):
+            Evolution(eng, regime="no")
+        evo = Evolution(eng, regime=np.bool_(True), regime_kwargs={"fast": np.int64(5), "slow": 50, "high": 4,
+                                                                    "low": np.float32(2.0), "warmup": 0})
+        reg = evo._regime[0]
+        assert (reg._af, reg._as, reg._high, reg._low, reg._warmup) == (2 / 6, 2 / 51, 4.0, 2.0, 0)
+        assert VolatilityRegime()._warmup == 200  # slow by default
+
+
 def test_a_failed_generation_keeps_the_generation_number():
     with dc.Engine(_pop(128), threads=1) as eng:
         eng.run(planted_market(300, seed=1))

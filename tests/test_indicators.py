@@ -132,3 +132,45 @@ def test_rsi_keeps_100_while_a_lone_gain_decays_like_talib():
     ours, theirs = dc.indicators.rsi(c, 2), talib.RSI(c, 2)
     assert theirs[-1] == 100.0
     assert_matches(ours, theirs)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_bad_value_after_the_first_as_documented_against_talib(bad):
+    # the module docstring said "a NaN after the first value makes every later output NaN, as in
+    # TA-Lib": not so for RSI (TA-Lib gives 0.0 there), ROC (NaN only where it reads the NaN) or
+    # ew_bands' feature (0.0). These pin down what it now says, TA-Lib as the oracle.
+    rng = np.random.default_rng(7)
+    c = 100 * np.cumprod(1 + rng.normal(0, 0.01, 120))
+    x = c.copy()
+    x[60] = bad
+    assert_matches(dc.indicators.ema(x, 5), talib.EMA(x, 5))
+    for ours, theirs in zip(dc.indicators.macd(x, 3, 6, 2), talib.MACD(x, 3, 6, 2)):
+        assert_matches(ours, theirs, scale=100.0)
+    assert_matches(dc.indicators.roc(x, 5), talib.ROC(x, 5))
+    h, lo = c * 1.01, c * 0.99
+    h[60] = bad
+    assert_matches(dc.indicators.atr(h, lo, c, 7), talib.ATR(h, lo, c, 7))
+    ours, theirs = dc.indicators.rsi(x, 14), talib.RSI(x, 14)
+    assert_matches(ours[:60], theirs[:60])
+    assert np.isnan(ours[60:]).all() and (theirs[60:] == 0.0).all()  # where TA-Lib differs
+    if np.isnan(bad):
+        assert np.isnan(dc.indicators.ema(x, 5)[60:]).all()
+        assert np.isnan(dc.indicators.atr(h, lo, c, 7)[60:]).all()
+        r = dc.indicators.roc(x, 5)
+        assert np.isnan(r[[60, 65]]).all() and np.isfinite(np.delete(r[5:], [55, 60])).all()
+        mean, var, feat = dc.indicators.ew_bands(x, 5)
+        assert np.isnan(mean[60:]).all() and np.isnan(var[60:]).all() and (feat[60:] == 0.0).all()
+        assert np.isfinite(feat[4:60]).all()
+
+
+def test_a_bool_array_is_not_a_series_of_numbers():
+    # the docstring says non-numbers raise TypeError, but a bool array ran as 0/1
+    for fn, args in ((dc.indicators.ema, (2,)), (dc.indicators.rsi, ()), (dc.indicators.roc, ()),
+                     (dc.indicators.macd, ()), (dc.indicators.ew_bands, ())):
+        with pytest.raises(TypeError, match=r"x must hold numbers .*got bool.*astype\(float\)"):
+            fn([True, False, True], *args)
+    with pytest.raises(TypeError, match="close must hold numbers"):
+        dc.indicators.atr(np.ones(5), np.ones(5), np.ones(5, dtype=bool), 2)
+    want = talib.EMA(np.array([1.0, 0.0, 1.0]), 2)  # 0/1 meant: cast first, or ints
+    assert_matches(dc.indicators.ema(np.array([True, False, True]).astype(float), 2), want)
+    assert_matches(dc.indicators.ema(np.array([1, 0, 1], dtype=np.int8), 2), want)

@@ -349,8 +349,69 @@ def test_constructor_arguments_are_checked():
             LearningAgents(g, seed=bad)
     with pytest.raises(TypeError, match="dsi"):
         LearningAgents(g, dsi=0.5)
-    with pytest.raises(ValueError, match="GENOME_DTYPE"):
-        LearningAgents(list(g))
+    # a wrong type is a TypeError, as the docstring says (a list of records was a ValueError)
+    for bad, what in ((list(g), "got list"), (None, "got NoneType"),
+                      (np.zeros(4, dtype=[("agent_id", "<u4")]), "got an array of dtype")):
+        with pytest.raises(TypeError, match=f"genomes must be a 1-d GENOME_DTYPE array .*{what}"):
+            LearningAgents(bad)
+    for bad in (g[:0], g.reshape(2, 2)):
+        with pytest.raises(ValueError, match="non-empty 1-d GENOME_DTYPE array, got shape"):
+            LearningAgents(bad)
+
+
+def test_duplicate_agent_ids_are_refused_when_made():
+    # LearningAgents(concat([lg, lg])) was taken; its first step with an engine then raised
+    # "agent id 1000 is given more than once" after it had learned and moved its counters
+    lg = learning_genomes("EURUSD", 3600, 3, first_id=1000)
+    with pytest.raises(ValueError, match=r"agent id 1000 is given more than once \(3 duplicated ids\)"):
+        LearningAgents(np.concatenate([lg, lg]))
+    other = learning_genomes("PLANT", 3600, 2, first_id=1002)  # 1002 on another stream too
+    with pytest.raises(ValueError, match=r"agent id 1002 is given more than once \(1 duplicated id\)"):
+        LearningAgents(np.concatenate([lg, other]))
+    fine = np.concatenate([lg, learning_genomes("PLANT", 3600, 2, first_id=1003)])
+    assert len(LearningAgents(fine).ids) == 5
+
+
+def test_a_failing_step_changes_no_counter():
+    # the dsi_nonfinite count moved before the engine's agent ids were checked: a step that
+    # raised changed stats(); every counter and score must stay as they were
+    bars = planted_market(40, seed=1)
+    g = learning_genomes("PLANT", 3600, 4)
+    la = LearningAgents(g, seed=0, dsi=lambda _inst: math.nan)
+    for i in range(30):
+        la.step(bars[i:i + 1])
+    before, stats = _state(la), la.stats()
+    assert stats["dsi_nonfinite"] == 30 and stats["bars"] == 30
+    rec = dc.Population.random(8, instruments=["PLANT"], timeframes=[3600], seed=2).records.copy()
+    rec["agent_id"] += 5000
+    with dc.Engine(dc.Population.from_records(rec)) as eng:  # lacks the learning agents' ids
+        with pytest.raises(ValueError, match="no agent with id 0"):
+            la.step(bars[30:33], eng)
+    assert la.stats() == stats and _state(la) == before
+    with pytest.raises(TypeError, match="engine must be a dynamic_core.Engine or None, got str"):
+        la.step(bars[30:33], "engine")
+    assert la.stats() == stats and _state(la) == before
+    la.step(bars[30:33])  # the same bars are still new to it
+    assert la.stats()["dsi_nonfinite"] == 33 and la.stats()["bars"] == 33
+
+
+@pytest.mark.parametrize("value", ["0.5", True, np.bool_(False), None, b"1", [0.5], complex(0.5)])
+def test_a_dsi_value_that_is_not_a_real_number_is_a_type_error(value):
+    # float() took "0.5" and True: the docstring says a non-number is a TypeError
+    bars = planted_market(30, seed=1)
+    la = LearningAgents(learning_genomes("PLANT", 3600, 2), seed=0, dsi=lambda _inst: value)
+    with pytest.raises(TypeError, match=r"dsi\(\d+\) must return a real number .*got"):
+        la.step(bars)
+    assert la.stats()["bars"] == 0 and la.ticks == 0 and la.banks[0].n == 0
+
+
+def test_dsi_values_that_are_numbers_are_taken_and_clipped():
+    bars = planted_market(30, seed=1)
+    for value, want in ((np.float32(0.25), 0.25), (np.int64(-3), -1.0), (2, 1.0), (10**400, 1.0),
+                        (-(10**400), -1.0)):
+        la = LearningAgents(learning_genomes("PLANT", 3600, 2), seed=0, dsi=lambda _inst, v=value: v)
+        la.step(bars)
+        assert la.banks[0].dsi == want and la.stats()["dsi_nonfinite"] == 0
 
 
 def test_rows_the_model_drops_as_nonfinite_are_counted():
@@ -369,10 +430,30 @@ def test_rows_the_model_drops_as_nonfinite_are_counted():
     (dict(n=0), ValueError, "n must be in"), (dict(n=2.5), TypeError, "n must be an int"),
     (dict(n=2, first_id=-5), ValueError, "first_id must be in"),
     (dict(n=2, first_id=2**32 - 1), ValueError, "passes the largest agent id"),
+    # entry and long_short were not checked: a NaN or negative entry, a truthy str long_short
+    (dict(n=2, entry=math.nan), ValueError, "entry must be a finite number in \\[0.0, inf\\], got nan"),
+    (dict(n=2, entry=math.inf), ValueError, "entry must be a finite number"),
+    (dict(n=2, entry=-1), ValueError, "entry must be a finite number in \\[0.0, inf\\], got -1"),
+    (dict(n=2, entry="0.1"), TypeError, "entry must be a number, got str"),
+    (dict(n=2, entry=True), TypeError, "entry must be a number, got bool"),
+    (dict(n=2, long_short="no"), TypeError, "long_short must be a bool .* got 'no'"),
+    (dict(n=2, long_short=1), TypeError, "long_short must be a bool"),
+    (dict(n=2, long_short=None), TypeError, "long_short must be a bool"),
 ])
 def test_learning_genomes_names_a_bad_argument(kw, err, msg):
     with pytest.raises(err, match=msg):
         learning_genomes("EURUSD", 3600, **kw)
+
+
+def test_learning_genomes_takes_good_entries_and_modes():
+    g = learning_genomes("EURUSD", 3600, 2, entry=np.float32(0.25), long_short=np.bool_(False))
+    assert (g["entry"] == 0.25).all() and (g["mode"] == 0).all()
+    g = learning_genomes("EURUSD", 3600, 2, entry=0, long_short=True)
+    assert (g["entry"] == 0.0).all() and (g["mode"] == 1).all()
+    dc.Population.from_records(g)  # what it makes is a valid population
+    with pytest.raises(ValueError, match="timeframe"):  # checked before a new name is registered
+        learning_genomes("LG_NEVER_SEEN", "bogus", 2)
+    assert dc.instruments.get("LG_NEVER_SEEN") is None
 
 
 def test_hit_rate_takes_rows_and_names_a_bad_one():

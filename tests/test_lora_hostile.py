@@ -411,6 +411,34 @@ def test_a_snapshot_of_another_hierarchy_is_refused_by_name() -> None:
     assert h.score(np.ones((4, 8)), LoRAHierarchy(4, 8, seed=2).snapshot()).shape == (4,)
 
 
+@pytest.mark.parametrize("target, mask, msg", [
+    (np.zeros((2, 2)), None, r"target must have shape \(n_agents,\) = \(4,\), got shape \(2, 2\)"),
+    (np.zeros((4, 1)), None, r"target must have shape .* got shape \(4, 1\)"),
+    (np.zeros(4), np.ones((2, 2), bool), r"mask must have shape \(n_agents,\) = \(4,\), got shape \(2, 2\)"),
+    (np.zeros(4), np.ones((1, 4), bool), r"mask must have shape .* got shape \(1, 4\)"),
+    (np.zeros(4), True, r"mask must have shape .* got shape \(\)"),
+])
+def test_a_target_or_mask_of_another_shape_is_refused_not_flattened(target, mask, msg) -> None:
+    # a (2, 2) target of 4 agents used to be flattened and learned from: which entry is which
+    # agent's is a guess, so the documented shape (n_agents,) is required
+    h = LoRAHierarchy(4, 8, seed=1)
+    with pytest.raises(ValueError, match=msg):
+        h.learn(np.zeros((4, 8)), target, mask=mask)
+    assert h.system_tick()["learners"] == 0
+
+
+def test_a_refused_snapshot_leaves_the_nonfinite_count_alone() -> None:
+    # the snapshot is checked before the non-finite rows are counted: a call that raises counts nothing
+    h, other = LoRAHierarchy(4, 8, seed=1), LoRAHierarchy(4, 6, seed=1)
+    x = np.ones((4, 8))
+    x[1, 0] = np.nan
+    with pytest.raises(ValueError, match="snapshot does not fit"):
+        h.learn(x, np.zeros(4), other.snapshot())
+    assert h.system_tick()["nonfinite"] == 0
+    h.learn(x, np.zeros(4))
+    assert h.system_tick()["nonfinite"] == 1
+
+
 @pytest.mark.parametrize("src, dst, err", [(0, -1, IndexError), (4, 0, IndexError), (0, 1.0, TypeError)])
 def test_copy_slot_refuses_a_slot_out_of_range(src, dst, err) -> None:
     layer = DynamicLoRALayer(6, 3, 0.5, slots=4, rng=np.random.default_rng(0))

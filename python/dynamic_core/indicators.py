@@ -4,12 +4,26 @@ EMA, RSI (Wilder), MACD and ATR (Wilder) follow TA-Lib's conventions (SMA seedin
 lookback, the same order of operations) and equal TA-Lib from its first output on, to rounding
 (TA-Lib's C build may contract a multiply-add: a few ulp apart). Values are NaN during warm-up.
 Leading NaNs are skipped as TA-Lib's wrapper skips them (the output starts after them, NaN
-before): a series from ``pct_change()`` gives values. A NaN after the first value makes every
-later output NaN, as in TA-Lib.
+before): a series from ``pct_change()`` gives values.
 
-Raises ``TypeError`` for an input that is not a 1-d array of numbers or a period that is not
-an int (a float or bool is none), ``ValueError`` for a period outside [1, 100000] or inputs of
-different lengths.
+A NaN after the first value does not go away; what comes out from there on:
+
+* ``ema``, ``macd`` (all three lines) and ``atr`` (a NaN in any of high, low, close): NaN at
+  every later position, as in TA-Lib.
+* ``rsi``: NaN at every later position. TA-Lib differs here: its RSI gives 0.0 from the NaN
+  on (its gain/loss comparisons are false for NaN), a value that reads as "oversold"; ours
+  keeps saying there is no value.
+* ``roc``: NaN only where ``x[t]`` or ``x[t-n]`` is NaN, values again in between and after,
+  as in TA-Lib (each output reads two inputs, nothing carries over).
+* ``ew_bands`` (no TA-Lib counterpart): mean and variance NaN at every later position; the
+  Bollinger feature 0.0 there (the agents' neutral reading), not NaN.
+
+An infinity gives what IEEE arithmetic makes of it, the same as TA-Lib (``atr`` stays inf for
+good, ``ema`` is inf once then NaN), except ``rsi`` again: NaN where TA-Lib gives 0.0.
+
+Raises ``TypeError`` for an input that is not a 1-d array of numbers (a bool array is none:
+``x.astype(float)`` if 0/1 is meant) or a period that is not an int (a float or bool is none),
+``ValueError`` for a period outside [1, 100000] or inputs of different lengths.
 """
 
 from __future__ import annotations
@@ -29,8 +43,9 @@ def _arr(x, name: str) -> np.ndarray:
     a = np.asarray(x)
     if a.ndim != 1:
         raise TypeError(f"{name} must be 1-dimensional, got shape {a.shape}")
-    if a.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must hold numbers, got {a.dtype}")
+    if a.dtype.kind not in "iuf":  # bool included: a mask passed by mistake, not prices
+        hint = " (cast with .astype(float) if 0/1 values are meant)" if a.dtype.kind == "b" else ""
+        raise TypeError(f"{name} must hold numbers (int or float), got {a.dtype}{hint}")
     return np.ascontiguousarray(a, dtype=np.float64)
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_int, check_real
+from .._checks import check_int, check_real, is_real
 from ..instruments import instruments
 from ..market import as_bars, parse_timeframe, reason_counts, refuse_bad, validate
 from ..population import MAX_AGENTS
@@ -132,15 +132,23 @@ def learning_genomes(instrument: int | str, timeframe: int | str, n: int, *, fir
                      long_short: bool = True) -> np.ndarray:
     """``n`` external-score genomes (kind 1) on one stream, agent ids from ``first_id``. Their
     indicator weights are zero (the score comes from outside); ``entry`` is the |score| that
-    takes a position."""
+    takes a position: a finite number >= 0, as the population requires (a score never leaves
+    [-1, 1], so above 1 the agents never trade). ``long_short`` is a bool (True: long and short,
+    False: long only). TypeError for an argument of the wrong type, ValueError for one out of
+    range, before anything is built."""
     n = check_int("n", n, 1, MAX_AGENTS)
     first_id = check_int("first_id", first_id, 0, 2**32 - 1)
     if first_id + n - 1 > 2**32 - 1:
         raise ValueError(f"first_id {first_id} + n {n} passes the largest agent id (2**32 - 1)")
+    entry = check_real("entry", entry, 0.0)
+    if not isinstance(long_short, (bool, np.bool_)):
+        raise TypeError(f"long_short must be a bool (True: long and short, False: long only), "
+                        f"got {long_short!r} ({type(long_short).__name__})")
+    tf = parse_timeframe(timeframe)  # before resolve, which registers a new name
     g = np.zeros(n, dtype=GENOME_DTYPE)
     g["agent_id"] = np.arange(first_id, first_id + n, dtype=np.uint32)
     g["instrument"] = instruments.resolve(instrument)
-    g["timeframe"] = parse_timeframe(timeframe)
+    g["timeframe"] = tf
     g["mode"] = 1 if long_short else 0
     g["kind"] = 1
     for p, v in (("fast", 12), ("slow", 26), ("rsi_period", 14), ("macd_fast", 12), ("macd_slow", 26),
@@ -157,7 +165,9 @@ class LearningAgents:
     ----------
     genomes : ndarray of GENOME_DTYPE
         The learning agents' genomes (kind 1), e.g. from :func:`learning_genomes`; they must
-        also be in the engine's population.
+        also be in the engine's population. A 1-d ``GENOME_DTYPE`` array (TypeError for
+        anything else: a list of records, another dtype), non-empty, each agent id once
+        (ValueError: a score per id is handed to the engine, which takes one value per agent).
     dim : int
         Feature dimension in ``[len(FEATURES), MAX_DIM]`` (the first ``len(FEATURES)`` are
         filled, the rest zero).
@@ -172,7 +182,8 @@ class LearningAgents:
     dsi : callable, optional
         ``dsi(instrument_id) -> float`` in [-1, 1] (clipped): microstructure evidence for the
         stream's ``dsi`` feature (0 without one). A non-finite value counts as 0 and is counted
-        (``stats()["dsi_nonfinite"]``); a value that is not a number is a TypeError.
+        (``stats()["dsi_nonfinite"]``); a value that is not a real number (an int or float,
+        numpy's included; a bool, a str such as ``"0.5"`` or None is none) is a TypeError.
 
     Bad arguments are TypeError (wrong type: bool and float are not ints) or ValueError (out of
     range), raised here.
@@ -183,11 +194,22 @@ class LearningAgents:
                  dsi: Callable[[int], float] | None = None) -> None:
         from .lora import LoRAHierarchy
 
-        if not isinstance(genomes, np.ndarray) or genomes.dtype != GENOME_DTYPE or genomes.ndim != 1 \
-                or len(genomes) == 0:
-            raise ValueError("genomes must be a non-empty 1-d GENOME_DTYPE array")
+        if not isinstance(genomes, np.ndarray) or genomes.dtype != GENOME_DTYPE:
+            what = (f"an array of dtype {genomes.dtype}" if isinstance(genomes, np.ndarray)
+                    else type(genomes).__name__)
+            raise TypeError(f"genomes must be a 1-d GENOME_DTYPE array (e.g. from learning_genomes), "
+                            f"got {what}")
+        if genomes.ndim != 1 or len(genomes) == 0:
+            raise ValueError(f"genomes must be a non-empty 1-d GENOME_DTYPE array, got shape {genomes.shape}")
         if (genomes["kind"] != 1).any():
             raise ValueError("learning agents are external-score agents: every genome needs kind 1")
+        u, counts = np.unique(genomes["agent_id"], return_counts=True)
+        if len(u) != len(genomes):
+            # each step hands the engine one score per id: it would refuse the step after learning
+            dup = u[counts > 1]
+            raise ValueError(f"genomes: agent id {int(dup[0])} is given more than once ({len(dup)} "
+                             f"duplicated id{'s' if len(dup) > 1 else ''}); give each learning agent its "
+                             f"own id (learning_genomes(..., first_id=...))")
         dim = check_int("dim", dim, len(FEATURES), MAX_DIM)
         # NaN would make every target non-finite: learning silently off for good
         target_scale = check_real("target_scale", target_scale, 0.0, lo_open=True)
@@ -239,7 +261,8 @@ class LearningAgents:
         Raises
         ------
         TypeError
-            ``bars`` is not a ``BAR_DTYPE`` array, or ``dsi`` returned something not a number.
+            ``bars`` is not a ``BAR_DTYPE`` array, ``engine`` is neither an Engine nor None, or
+            ``dsi`` returned something not a real number (a bool or a str included).
         InvalidInput
             ``engine`` is strict and the batch has bad bars (its ``run`` will refuse it too).
         RuntimeError
@@ -260,13 +283,14 @@ class LearningAgents:
             s = self._index.get((inst[i], tf)) if ok else None
             if s is not None:
                 todo.append((i, s))
-        dsi = self._dsi_values([inst[i] for i, _ in todo])
+        dsi, dsi_bad = self._dsi_values([inst[i] for i, _ in todo])
         rows = None
         if engine is not None and todo:
             rows = np.concatenate([self.members[s] for s in dict.fromkeys(s for _, s in todo)])
             # ValueError for an id the engine lacks or holds as another kind of agent
             engine._external_indices_of(self.ids[rows], "LearningAgents.step")
-        # from here on nothing raises on account of the input
+        # from here on nothing raises on account of the input: the first change of state
+        self._counts["dsi_nonfinite"] += dsi_bad
         for name, k in reason_counts(reasons).items():
             self._rejected[name] = self._rejected.get(name, 0) + k
         high, low, close = b["high"].tolist(), b["low"].tolist(), b["close"].tolist()
@@ -284,6 +308,10 @@ class LearningAgents:
 
     def _verdicts(self, b: np.ndarray, engine: Any) -> np.ndarray:
         """Reject reason of each bar (0 = taken), from the engine's own validation."""
+        from ..engine import Engine
+
+        if engine is not None and not isinstance(engine, Engine):
+            raise TypeError(f"engine must be a dynamic_core.Engine or None, got {type(engine).__name__}")
         if engine is None:
             # the stateless check sees time order within its batch only: lead with each
             # stream's last bar taken (valid, so reason 0) to continue it across calls
@@ -296,25 +324,30 @@ class LearningAgents:
             refuse_bad(reasons, "step not applied (a strict engine)")
         return reasons
 
-    def _dsi_values(self, insts: list[int]) -> list[float | None]:
-        """The ``dsi`` provider's value for each bar to take (None without a provider)."""
+    def _dsi_values(self, insts: list[int]) -> tuple[list[float | None], int]:
+        """The ``dsi`` provider's value for each bar to take (None without a provider) and how
+        many were non-finite (taken as 0). Changes nothing: the caller counts them once every
+        check has passed."""
         if self.dsi is None:
-            return [None] * len(insts)
+            return [None] * len(insts), 0
         out: list[float | None] = []
         bad = 0
         for inst in insts:
             v = self.dsi(inst)
+            # float() would take "0.5" and True: a provider returning those has a bug to show
+            if not is_real(v):
+                raise TypeError(f"dsi({inst}) must return a real number (int or float, not a bool or str), "
+                                f"got {v!r} ({type(v).__name__})")
             try:
                 x = float(v)
-            except (TypeError, ValueError):
-                raise TypeError(f"dsi({inst}) must return a number, got {type(v).__name__}") from None
+            except OverflowError:  # an int past the float range: clipped to +-1 like any large value
+                x = 1.0 if v > 0 else -1.0
             if math.isfinite(x):
                 out.append(float(np.clip(x, -1.0, 1.0)))
             else:  # NaN would poison the features and every score of the stream
                 out.append(0.0)
                 bad += 1
-        self._counts["dsi_nonfinite"] += bad
-        return out
+        return out, bad
 
     def _take(self, s: int, h: float, lo: float, c: float, dsi: float | None) -> None:
         """One accepted bar of stream ``s``: learn from its return, update the features, and mark

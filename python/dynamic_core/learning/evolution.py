@@ -29,13 +29,13 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
 import numpy as np
 
-from .._checks import check_int
+from .._checks import check_int, check_real
 from ..errors import EvolutionInterrupted
 from ..market import as_bars, refuse_bad
 from ..payloads import EvolutionConfig, evolution_config
@@ -74,17 +74,28 @@ class VolatilityRegime:
     """Volatility regime of one stream: the ratio of a fast to a slow exponentially weighted
     variance of close-to-close returns. The regime turns ``high`` when the ratio rises above
     ``high`` and back to ``normal`` when it falls below ``low`` (hysteresis), after ``warmup``
-    bars. :meth:`update` returns True on a change."""
+    bars. :meth:`update` returns True on a change.
+
+    ``fast`` and ``slow`` are spans in bars, ints with ``1 <= fast < slow``; ``high`` and
+    ``low`` finite numbers with ``high > low > 0``; ``warmup`` an int >= 0 (default ``slow``).
+    TypeError for a wrong type (a bool, a float span, a str), ValueError naming the argument
+    for a value out of range: an infinite ``high`` would never trigger, a negative ``warmup``
+    or a fractional span means a mistake upstream."""
 
     def __init__(self, fast: int = 20, slow: int = 200, high: float = 3.0, low: float = 1.5,
                  warmup: int | None = None) -> None:
-        if not 1 <= fast < slow:
-            raise ValueError("need 1 <= fast < slow")
-        if not high > low > 0:
-            raise ValueError("need high > low > 0")
+        fast = check_int("fast", fast, 1, _MAX_EVERY - 1)
+        slow = check_int("slow", slow, 2, _MAX_EVERY)
+        if not fast < slow:
+            raise ValueError(f"fast must be below slow (spans in bars), got fast={fast}, slow={slow}")
+        low = check_real("low", low, 0.0, lo_open=True)
+        high = check_real("high", high, 0.0, lo_open=True)
+        if not high > low:
+            raise ValueError(f"high must be above low (the hysteresis band), got high={high}, low={low}")
+        warmup = slow if warmup is None else check_int("warmup", warmup, 0, _MAX_EVERY)
         self._af, self._as = 2.0 / (fast + 1), 2.0 / (slow + 1)
         self._high, self._low = high, low
-        self._warmup = slow if warmup is None else int(warmup)
+        self._warmup = warmup
         self._vf = self._vs = 0.0
         self._prev: float | None = None
         self._n = 0
@@ -126,13 +137,16 @@ class Evolution:
         or a float).
     regime : bool
         Also start a generation of a stream when its volatility regime changes (at most one per
-        ``config.min_age`` bars of the stream, so children are judged before the next).
+        ``config.min_age`` bars of the stream, so children are judged before the next). A bool:
+        another truthy value (``"no"``) is a TypeError.
     seed : int
         Seed of the counter-based RNG, in ``[0, 2**64)``; the generation number is the second key.
-    regime_kwargs : dict
-        Passed to :class:`VolatilityRegime`.
+    regime_kwargs : dict, optional
+        Passed to :class:`VolatilityRegime` (``fast``, ``slow``, ``high``, ``low``, ``warmup``),
+        checked as it checks them, also when ``regime`` is False.
 
-    Bad arguments raise here: TypeError for a wrong type, ValueError for a value out of range.
+    Bad arguments raise here: TypeError for a wrong type (an ``engine`` that is not a
+    :class:`dynamic_core.Engine` included), ValueError for a value out of range.
     Only bars the engine accepts count toward ``every`` and the volatility regime (a rejected
     bar is counted and dead-lettered by the engine, as with ``engine.run``).
     """
@@ -140,9 +154,25 @@ class Evolution:
     def __init__(self, engine: Any, config: EvolutionConfig | dict[str, Any] | None = None, *,
                  every: int = 500, regime: bool = True, seed: int = 0,
                  regime_kwargs: dict[str, Any] | None = None) -> None:
+        from ..engine import Engine
+
+        if not isinstance(engine, Engine):
+            raise TypeError(f"engine must be a dynamic_core.Engine, got {type(engine).__name__}")
         cfg = evolution_config(config)
         self.every = check_int("every", every, 0, _MAX_EVERY)
         self.seed = check_int("seed", seed, 0, _MAX_SEED)
+        if not isinstance(regime, (bool, np.bool_)):
+            raise TypeError(f"regime must be a bool, got {regime!r} ({type(regime).__name__})")
+        if regime_kwargs is None:
+            regime_kwargs = {}
+        elif not isinstance(regime_kwargs, Mapping):
+            raise TypeError(f"regime_kwargs must be a dict of VolatilityRegime arguments, "
+                            f"got {type(regime_kwargs).__name__}")
+        regime_kwargs = dict(regime_kwargs)
+        try:  # checked now, even with no stream (or no regime) to make one for
+            VolatilityRegime(**regime_kwargs)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"regime_kwargs: {e}") from None
         self.engine = engine
         self.config = cfg
         self.generation = 0
@@ -152,7 +182,7 @@ class Evolution:
         n = len(self._streams)
         self._seen = [0] * n          # bars of each stream run so far
         self._last = [0] * n          # bar of each stream's last generation
-        self._regime = [VolatilityRegime(**(regime_kwargs or {})) for _ in range(n)] if regime else None
+        self._regime = [VolatilityRegime(**regime_kwargs) for _ in range(n)] if regime else None
 
     def _due(self, s: int, close: float) -> str | None:
         self._seen[s] += 1

@@ -25,11 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from ...records import SIGNAL_DTYPE
+from ...records import BAR_DTYPE, SIGNAL_DTYPE, TICK_DTYPE
 from ...ticks import TickAggregator, as_ticks
 from .pipeline import Dsi
 
 __all__ = ["TickDriver"]
+
+_NS = 1_000_000_000
 
 
 class TickDriver:
@@ -40,12 +42,32 @@ class TickDriver:
     engine : dynamic_core.Engine
         The engine the bars run through.
     timeframes : iterable of int or str, optional
-        Bar timeframes to build (default: every timeframe the engine's population trades).
-    dsi : Dsi, optional
-        The DSI pipeline (default: a new ``Dsi`` over the engine's instruments); pass ``False``
-        to drive bars only.
+        Bar timeframes to build (default: every timeframe the engine's population trades); not
+        with ``aggregator``, which has its own.
+    dsi : Dsi or bool, optional
+        The DSI pipeline (default, or True: a new ``Dsi`` over the engine's instruments); pass
+        ``False`` to drive bars only.
     aggregator : TickAggregator, optional
         Built from ``timeframes`` by default.
+
+    Bad arguments raise here: TypeError for a wrong type (an ``engine`` that is not an Engine,
+    a ``dsi`` that is neither a Dsi nor a bool, an ``aggregator`` that is not a TickAggregator),
+    ValueError for ``timeframes`` and ``aggregator`` together, RuntimeError for a closed engine.
+
+    Notes
+    -----
+    :meth:`update` and :meth:`flush` first check what would make ``engine.run`` refuse any
+    batch (RuntimeError: the engine is closed, is called from one of its consumer threads, or has
+    another consumer such as an ``on_signal`` callback) and the ticks (TypeError), before taking
+    anything: after such an error the batch can be sent again. Past these checks the batch is
+    taken (the aggregator and the DSI state have its ticks: do not send it again). Should
+    ``engine.run`` still fail (the engine closed from another thread, a journal that cannot be
+    written), nothing is lost: the bars the engine did not take stay held, with the ticks the DSI
+    state has not seen yet and the signals of the bars it did take. The next :meth:`update` (an
+    empty batch will do) or :meth:`flush` hands the held bars to the engine first, each with the
+    evidence it would have had, and returns the held signals ahead of its own, so the stream goes
+    on as if nothing had failed. :attr:`bars` counts the bars the engine took; :meth:`held`
+    returns those waiting.
 
     Examples
     --------
@@ -56,6 +78,21 @@ class TickDriver:
 
     def __init__(self, engine: Any, timeframes: Iterable[int | str] | None = None, *, dsi: Dsi | bool | None = None,
                  aggregator: TickAggregator | None = None) -> None:
+        from ...engine import Engine
+
+        if not isinstance(engine, Engine):
+            raise TypeError(f"engine must be a dynamic_core.Engine, got {type(engine).__name__}")
+        if not (dsi is None or isinstance(dsi, (bool, np.bool_, Dsi))):
+            raise TypeError(f"dsi must be a Dsi, True or None (a new one) or False (bars only), "
+                            f"got {type(dsi).__name__}")
+        if aggregator is not None and not isinstance(aggregator, TickAggregator):
+            raise TypeError(f"aggregator must be a dynamic_core.ticks.TickAggregator or None, "
+                            f"got {type(aggregator).__name__}")
+        if aggregator is not None and timeframes is not None:
+            raise ValueError("pass timeframes or aggregator, not both: the aggregator builds its own "
+                             f"timeframes {aggregator.timeframes}, timeframes would be ignored")
+        if engine.closed:
+            raise RuntimeError("engine is closed")
         self.engine = engine
         g = engine.population.records
         names = list(dict.fromkeys(int(i) for i in g["instrument"].tolist()))
@@ -63,12 +100,24 @@ class TickDriver:
             tfs = list(timeframes) if timeframes is not None else sorted({int(t) for t in g["timeframe"].tolist()})
             aggregator = TickAggregator(tfs, instruments=names)
         self.aggregator = aggregator
-        if dsi is None or dsi is True:
+        if dsi is None or dsi is True or dsi is np.True_:
             dsi = Dsi(names)
-        self.dsi: Dsi | None = dsi or None
+        self.dsi: Dsi | None = dsi if isinstance(dsi, Dsi) else None
         self._last: dict[int, float] = {}
         self.evidence_sets = 0  # set_dsi calls made
-        self.bars = 0
+        self.bars = 0  # bars the engine took
+        # (bars finished but not yet taken by the engine, in close-time order; the ticks of
+        # their batch the DSI state has not seen, in batch order), oldest first
+        self._held: list[tuple[np.ndarray, np.ndarray]] = []
+        self._signals: list[np.ndarray] = []  # of bars taken, not yet returned
+
+    def _check_engine(self) -> None:
+        """RuntimeError when ``engine.run`` would refuse whatever it is given: before anything is
+        taken, so the caller can send the same batch again."""
+        eng = self.engine
+        eng._check_open()
+        eng._not_from_consumer("run")
+        eng._no_other_consumer("run")
 
     def _set_evidence(self) -> None:
         if self.dsi is None:
@@ -83,53 +132,98 @@ class TickDriver:
             self._last.update(changed)
             self.evidence_sets += 1
 
-    def _run(self, bars: np.ndarray) -> np.ndarray:
-        if len(bars) == 0:
-            return np.zeros(0, dtype=SIGNAL_DTYPE)
-        self.bars += len(bars)
-        return self.engine.run(bars)
-
     def update(self, ticks: np.ndarray) -> np.ndarray:
         """Take a batch of ticks (``TICK_DTYPE``, any interleaving of instruments, each in time
-        order); return the signals of the bars it finished, in close-time order. Malformed ticks
-        are refused and counted by the aggregator (``.aggregator.rejects``); the DSI pipeline
-        takes only the ticks the aggregator took, so a refused tick (a time far ahead, say)
-        changes neither the bars nor the evidence they run with."""
+        order); return the signals of the bars it finished, in close-time order, after those of
+        bars held from a call that failed (see the class notes). Malformed ticks are refused and
+        counted by the aggregator (``.aggregator.rejects``); the DSI pipeline takes only the
+        ticks the aggregator took, so a refused tick (a time far ahead, say) changes neither the
+        bars nor the evidence they run with."""
         t = as_ticks(ticks)
+        self._check_engine()
         bars = self.aggregator.update(t)
         if self.dsi is None:
-            return self._run(bars)
-        ok = self.aggregator.last_accepted
-        if not ok.all():
-            t = t[ok]
-        if len(bars) == 0:
-            self.dsi.update(t)
-            return np.zeros(0, dtype=SIGNAL_DTYPE)
-        # fits int64: the aggregator refuses (bad_timestamp) a tick whose bar would end past it
-        ends = bars["ts"] + bars["timeframe"].astype(np.int64) * 1_000_000_000
-        # ticks in order of the time their instrument has reached by them: those before a close
-        # are a prefix of this order, and the next close only extends it
-        reached = _running_max_by_instrument(t)
-        order = np.argsort(reached, kind="stable")
-        reached = reached[order]
-        fed = 0
-        out = []
-        cuts = np.flatnonzero(np.diff(ends)) + 1  # bars come out ordered by close time
-        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(bars)]):
-            upto = int(np.searchsorted(reached, ends[lo], side="left"))
-            if upto > fed:
-                self.dsi.update(t[np.sort(order[fed:upto])])  # in batch order
-                fed = upto
-            self._set_evidence()
-            out.append(self._run(bars[lo:hi]))
-        if fed < len(t):
-            self.dsi.update(t[np.sort(order[fed:])])
-        return np.concatenate(out)
+            t = t[:0]
+        else:
+            ok = self.aggregator.last_accepted
+            if not ok.all():
+                t = t[ok]
+        self._held.append((bars, t))
+        return self._drain()
 
     def flush(self) -> np.ndarray:
-        """Finish the open bars (end of the feed) with the evidence of every tick seen."""
-        self._set_evidence()
-        return self._run(self.aggregator.flush())
+        """Finish the open bars (end of the feed) and run them with the evidence of every tick
+        seen, after any bars held from a call that failed."""
+        self._check_engine()
+        if not self._held:
+            self._set_evidence()  # as before a flush without bars: the engine ends up current
+        self._held.append((self.aggregator.flush(), np.zeros(0, dtype=TICK_DTYPE)))
+        return self._drain()
+
+    def held(self) -> np.ndarray:
+        """The bars finished but not yet taken by the engine (``BAR_DTYPE``, in the order they will
+        run): empty unless an ``engine.run`` failed; the next update or flush runs them first."""
+        parts = [b for b, _ in self._held]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=BAR_DTYPE)
+
+    def _drain(self) -> np.ndarray:
+        """Run the held batches in order; return every signal not yet returned. On a failure what
+        is left stays held, and the exception says so."""
+        try:
+            while self._held:
+                self._run_held()
+                self._held.pop(0)
+        except BaseException as e:
+            n = sum(len(b) for b, _ in self._held)
+            e.add_note(f"TickDriver: the ticks were taken (do not send them again); {n} finished bars and "
+                       f"the signals of {sum(len(s) for s in self._signals)} run ones are held: the next "
+                       "update (an empty batch will do) or flush runs and returns them first")
+            raise
+        out, self._signals = self._signals, []
+        if not out:
+            return np.zeros(0, dtype=SIGNAL_DTYPE)
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def _run_held(self) -> None:
+        """Run the oldest held batch: its bars in stretches of one close time or more, each after
+        the DSI state has taken the batch's ticks before it (for each instrument its ticks up to
+        its first one at or after the close), then give it the rest of the ticks. On a failure
+        the bars not run and the ticks not given stay held, so a later call resumes exactly."""
+        bars, t = self._held[0]
+        lo = fed = 0
+        order = None
+        try:
+            if len(bars):
+                # fits int64: the aggregator refuses (bad_timestamp) a tick whose bar would end past it
+                ends = bars["ts"] + bars["timeframe"].astype(np.int64) * _NS
+                if len(t):
+                    # ticks in order of the time their instrument has reached by them: those before
+                    # a close are a prefix of this order, and a later close only extends it
+                    reached = _running_max_by_instrument(t)
+                    order = np.argsort(reached, kind="stable")
+                    # bars come out ordered by close time, so this is non-decreasing
+                    need = np.searchsorted(reached[order], ends, side="left")
+                else:
+                    need = np.zeros(len(bars), dtype=np.intp)
+                # bars with the same ticks before them run with the same evidence: one run
+                cuts = (np.flatnonzero(np.diff(need)) + 1).tolist()
+                for lo, hi in zip([0, *cuts], [*cuts, len(bars)]):
+                    upto = int(need[lo])
+                    if upto > fed:
+                        self.dsi.update(t[np.sort(order[fed:upto])])  # in batch order
+                        fed = upto
+                    self._set_evidence()
+                    self._signals.append(self.engine.run(bars[lo:hi]))
+                    self.bars += hi - lo
+                lo = len(bars)
+            if fed < len(t):
+                self.dsi.update(t if order is None else t[np.sort(order[fed:])])
+                fed = len(t)
+        except BaseException:
+            # the ticks not given keep their batch order; the time each instrument has reached by
+            # one of them is unchanged without the ticks given (those are all before it)
+            self._held[0] = (bars[lo:], t[fed:] if order is None else t[np.sort(order[fed:])])
+            raise
 
     def close(self) -> None:
         if self.dsi is not None:

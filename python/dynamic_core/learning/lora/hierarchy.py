@@ -122,14 +122,19 @@ class LoRASnapshot:
         return any(v.base is buf for pair in self._layers.values() for v in pair)
 
 
-def _bool_mask(mask: object) -> np.ndarray:
+def _bool_mask(mask: object, n: int) -> np.ndarray:
+    """``mask`` as a bool array of shape ``(n,)``: bool, or numbers that are all 0 or 1. Of any
+    other shape it is refused, not flattened: a (2, 2) mask of 4 agents says nothing about which
+    agent each entry means."""
     m = np.asarray(mask)
+    if m.shape != (n,):
+        raise ValueError(f"mask must have shape (n_agents,) = ({n},), got shape {m.shape}")
     if m.dtype != bool:
         if m.dtype.kind not in "biuf" or not np.isin(m, (0, 1)).all():
             raise ValueError("mask must be bool (or numbers that are all 0 or 1)"
                              + (f", got {m.dtype}" if m.dtype.kind not in "biuf" else ": it holds other values"))
         m = m.astype(bool)
-    return m.reshape(-1)
+    return m
 
 
 def _check_size(n_agents: object, dim: object, cfg: LoRAConfig) -> tuple[int, int]:
@@ -305,11 +310,13 @@ class LoRAHierarchy:
         x : ndarray (n_agents, dim)
             Inputs.
         target : ndarray (n_agents,)
-            Targets in [-1, 1] (a finite target outside is a ValueError).
+            Targets in [-1, 1] (a finite target outside is a ValueError). Exactly this shape:
+            another one is a ValueError even when its size matches (nothing is flattened).
         snapshot : LoRASnapshot, optional
             The weights that scored ``x`` (the live weights when None).
         mask : ndarray (n_agents,) bool, optional
-            Agents that learn this call (default all); bool, or numbers that are all 0 or 1. Rows with a non-finite input or target
+            Agents that learn this call (default all); bool, or numbers that are all 0 or 1, of
+            exactly this shape (ValueError otherwise). Rows with a non-finite input or target
             are left out and counted (``nonfinite`` in the tick's report), and so are rows whose
             forward pass overflows (``overflow``): a finite input so large that a hidden state,
             a rank activation or the sum of squares behind its RMS is no longer finite.
@@ -320,23 +327,21 @@ class LoRAHierarchy:
             Mean loss over the agents that learned (NaN when none did).
         """
         x = self._check_x(x)
-        t = np.asarray(target, dtype=self.dtype).reshape(-1)
-        if t.shape != (self.n_agents,):
-            raise ValueError(f"target must be (n_agents,) = ({self.n_agents},), got {t.shape}")
-        m = np.ones(self.n_agents, bool) if mask is None else _bool_mask(mask)
-        if m.shape != (self.n_agents,):
-            raise ValueError(f"mask must be (n_agents,) bool, got {m.shape}")
+        t = np.asarray(target, dtype=self.dtype)
+        if t.shape != (self.n_agents,):  # not flattened: a (2, 2) target of 4 agents is a mistake
+            raise ValueError(f"target must have shape (n_agents,) = ({self.n_agents},), got shape {t.shape}")
+        m = np.ones(self.n_agents, bool) if mask is None else _bool_mask(mask, self.n_agents)
         finite = np.isfinite(x).all(axis=1) & np.isfinite(t)
         wild = m & finite & (np.abs(np.where(finite, t, 0)) > 1.0)  # rows that do not learn are not read
         if wild.any():
             i = int(np.flatnonzero(wild)[0])
             raise ValueError(f"target must be in [-1, 1]: {int(wild.sum())} rows outside, first row {i} = {float(t[i])!r}")
+        weights, head = self._weights(snapshot)  # checked before the count below moves
         self._nonfinite += int(np.count_nonzero(m & ~finite))
         m = m & finite
         k = int(np.count_nonzero(m))
         if k == 0:
             return math.nan
-        weights, head = self._weights(snapshot)
         while True:
             if not m.all():  # rows that do not learn must not carry NaN (or an overflow) into the sums
                 x = np.where(m[:, None], x, 0).astype(self.dtype)
