@@ -758,3 +758,10 @@ def test_the_inferred_timeframe_is_the_most_common_spacing():
     # a weekend in daily bars, many missing hours: still the bars' own spacing
     assert set(dc.market.from_pandas(frame([0, 24, 48, 120, 144]), "EURUSD")["timeframe"]) == {86400}
     assert set(dc.market.from_pandas(frame([0, 1, 5, 9, 10, 14, 15]), "EURUSD")["timeframe"]) == {3600}
+
+
+def test_a_time_column_of_times_of_day_without_dates_is_refused(tmp_path):
+    path = tmp_path / "clock.csv"
+    path.write_text("time,open,high,low,close\n00:00,1,1,1,1\n01:00,1,1,1,1\n02:00,1,1,1,1\n")
+    with pytest.raises(ValueError, match="holds times of day without dates .*'00:00'.*add a date column"):
+        dc.market.read_csv(path)  # pandas would have dated every bar today

@@ -228,6 +228,10 @@ def _from_pandas(df, instrument: str | int, timeframe: int | str | None) -> np.n
         # today's date
         ts = _date_and_time_ns(df[dcol], df[tcol], f"date column {dcol!r}", f"time column {tcol!r}")
     elif tcol is not None:
+        if dcol is None and _is_time_of_day(df[tcol]):  # pandas would date every bar today
+            raise ValueError(f"time column {tcol!r} holds times of day without dates (e.g. "
+                             f"{str(df[tcol].dropna().iloc[0]).strip()!r}): add a date column (read together "
+                             "with it) or write full datetimes")
         ts = _to_ns(df[tcol], f"time column {tcol!r}")
     elif isinstance(df.index, pd.DatetimeIndex):
         ts = _to_ns(pd.Series(df.index), "the DatetimeIndex")
