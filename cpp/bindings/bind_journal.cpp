@@ -96,6 +96,9 @@ void bind_journal(py::module_& m) {
       }, py::arg("dir"), py::arg("repair") = false,
       "Walk a journal checking framing and CRCs; with repair, truncate a torn tail.");
 
+  m.def("journal_locked", &journal_locked, py::arg("dir"),
+        "True while a writer (in any process) holds the journal directory open (its flock).");
+
   py::class_<JournalReader>(m, "JournalReader", "Reads journal records in order.")
       .def(py::init<const std::string&>(), py::arg("dir"))
       .def("next", [](JournalReader& r) -> py::object {

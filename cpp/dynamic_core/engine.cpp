@@ -1270,8 +1270,9 @@ size_t Engine::validate(const Bar* bars, size_t n, uint32_t n_registered, uint32
 }
 
 void Engine::refuse_bad_locked(const Bar* bars, size_t n, uint32_t n_registered) {
-  std::vector<uint32_t> reasons(n);
-  if (validate_locked(bars, n, n_registered, reasons.data()) > 0) throw StrictRefusal(std::move(reasons));
+  j_reasons_.resize(n);  // ingress's scratch (ingest rewrites it): no allocation per batch
+  if (validate_locked(bars, n, n_registered, j_reasons_.data()) > 0)
+    throw StrictRefusal(std::vector<uint32_t>(j_reasons_.begin(), j_reasons_.begin() + static_cast<ptrdiff_t>(n)));
 }
 
 size_t Engine::validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons) {

@@ -1127,8 +1127,10 @@ def cmd_smc(args: argparse.Namespace) -> int:
             print(f"{PROG} smc: {rep.summary()}", file=sys.stderr)
             return 1
         if rep.status == "torn_tail":
+            from .cli_journal import torn_tail_advice
+
             print(f"{PROG} smc: warning: the journal's last record is torn ({rep.detail}); the bars before it "
-                  f"are compared ('{PROG} journal verify {src} --repair' truncates it)", file=sys.stderr)
+                  f"are compared ({torn_tail_advice(src)})", file=sys.stderr)
         source: Any = src
     else:
         if args.engine:

@@ -93,6 +93,15 @@ def _need_action(p: argparse.ArgumentParser) -> int:
     return 2
 
 
+def torn_tail_advice(path: str) -> str:
+    """What to do about a journal's incomplete last record: wait, when a writer still has the
+    journal open (it may be writing that record; --repair refuses it then), else --repair."""
+    if jr.writer_holds(path):
+        return ("a writer has this journal open: it may still be writing that record; look again once "
+                "that run has ended")
+    return f"run dynamic-core journal verify {path} --repair to truncate the torn tail"
+
+
 def cmd_journal_verify(args: argparse.Namespace) -> int:
     rep = jr.verify(args.dir, repair=args.repair)
     print(rep.summary())
@@ -101,11 +110,7 @@ def cmd_journal_verify(args: argparse.Namespace) -> int:
     if rep.status in ("corrupt", "unsupported"):
         return 1
     if rep.status == "torn_tail" and not rep.repaired:
-        if jr.writer_holds(args.dir):
-            print("  (a writer has this journal open: the last record may be one it is still writing; "
-                  "verify it again once that run has ended)")
-        else:
-            print("  (run again with --repair to truncate the torn tail)")
+        print(f"  ({torn_tail_advice(args.dir)})")
         return 1
     if rep.status == "empty":
         return 2
@@ -147,12 +152,8 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
         print(f"... {total - shown} more")
     print("records: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
     if rep["status"] == "torn_tail":  # read() stops quietly there; its report says so
-        if jr.writer_holds(args.dir):
-            print(f"warning: the last record is incomplete ({rep['detail']}) and a writer has this journal "
-                  "open: it may still be writing it (dump again once that run has ended)", file=sys.stderr)
-        else:
-            print(f"warning: torn tail ({rep['detail']}): the last record was cut short and is not listed; "
-                  f"'dynamic-core journal verify {args.dir} --repair' truncates it", file=sys.stderr)
+        print(f"warning: torn tail ({rep['detail']}): the last record is incomplete and not listed; "
+              f"{torn_tail_advice(args.dir)}", file=sys.stderr)
         return 1
     return 0
 

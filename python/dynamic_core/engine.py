@@ -480,9 +480,7 @@ class Engine:
         taken; ``close`` from another thread ends the call (it raises), and the journal holds
         the bars taken before it (``stats()["bars_in"]``).
         """
-        self._check_open()
-        self._not_from_consumer("run")
-        self._no_other_consumer("run")
+        self._check_runnable()
         strict = _check_strict(strict, allow_none=True)
         b = as_bars(bars)
         self._journal_new_instruments()
@@ -690,6 +688,14 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _check_runnable(self) -> None:
+        """What makes ``run`` refuse any batch (closed, called from a consumer thread, another
+        consumer taking the signals): RuntimeError, before anything is taken (feeders that
+        must not take input they cannot run, such as the tick driver, check it first too)."""
+        self._check_open()
+        self._not_from_consumer("run")
+        self._no_other_consumer("run")
 
     def _check_open(self) -> None:
         if self._closed:

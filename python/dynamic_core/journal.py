@@ -231,22 +231,9 @@ def _check_dir(path: str | os.PathLike[str]) -> str:
 
 def writer_holds(path: str | os.PathLike[str]) -> bool:
     """True when a writer (an engine with this journal, in any process) holds the journal at
-    ``path`` open: its last record may be one it is still writing, not a torn tail."""
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the writer holds LOCK_EX
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # releases the shared lock if it was taken
-    return False
+    ``path`` open: its last record may be one it is still writing, not a torn tail (the check
+    ``--repair`` makes before it truncates anything)."""
+    return bool(_core.journal_locked(os.fspath(path)))
 
 
 def verify(path: str | os.PathLike[str], *, repair: bool = False) -> JournalReport:

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _core
 from .errors import InvalidInput
-from .instruments import instruments
+from .instruments import _nfc, instruments
 from .records import BAR_DTYPE, REASONS
 
 __all__ = [
@@ -606,13 +606,6 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     parts = [_from_pandas(g.drop(columns=[scol]), n, timeframe)
              for n, g in df.groupby(names, sort=True, dropna=False)]
     return merge(*parts)
-
-
-def _nfc(name: str) -> str:
-    """``name`` in Unicode NFC form, the form the instrument registry keeps names in."""
-    import unicodedata
-
-    return unicodedata.normalize("NFC", name)
 
 
 def _csv_source(path: str | os.PathLike) -> str | os.PathLike | bytes:

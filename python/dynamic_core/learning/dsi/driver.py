@@ -114,10 +114,7 @@ class TickDriver:
     def _check_engine(self) -> None:
         """RuntimeError when ``engine.run`` would refuse whatever it is given: before anything is
         taken, so the caller can send the same batch again."""
-        eng = self.engine
-        eng._check_open()
-        eng._not_from_consumer("run")
-        eng._no_other_consumer("run")
+        self.engine._check_runnable()
 
     def _set_evidence(self) -> None:
         if self.dsi is None:
