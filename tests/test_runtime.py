@@ -228,6 +228,38 @@ def test_a_submit_waiting_for_room_blocks_no_reader_and_not_close(pop, market):
     assert raised and "closed" in str(raised[0])
 
 
+def test_a_submit_with_a_timeout_waits_no_longer_behind_another_feeders_blocked_batch(pop, market):
+    """Feeders take turns, each batch contiguous: a submit behind a blocking submit that waits
+    for room used to wait with it, whatever its own timeout. Now it gives up at its deadline,
+    takes nothing and counts its bars as rejected; once the window drains, everything the
+    first submit held arrives in order and nothing else is lost."""
+    with dc.Engine(pop, threads=1) as a:
+        ref = a.run(market)
+    eng = dc.Engine(pop, threads=1, capacity=64, backpressure="block")
+    try:
+        prod, raised, got = blocked_submit(eng, market)
+        before = eng.stats()["backpressure"]
+        t0 = time.monotonic()
+        assert eng.submit(market[:10], timeout=0.2) == 0
+        waited = time.monotonic() - t0
+        assert 0.15 <= waited < 10.0, waited
+        after = eng.stats()["backpressure"]
+        assert after["rejected"] == before["rejected"] + 10
+        assert after["events"] == before["events"] + 1
+        rest = []
+        while got + sum(map(len, rest)) < len(market):
+            part = eng.poll(timeout=10.0)
+            assert len(part), "signals stopped"
+            rest.append(part)
+        prod.join(10)
+        assert not prod.is_alive() and not raised
+        assert eng.stats()["bars_in"] == len(market)
+    finally:
+        eng.close()
+    # the first `got` signals were polled by blocked_submit; the rest match the reference
+    assert np.concatenate(rest).tobytes() == ref[got:].tobytes()
+
+
 def test_stalled_sm_fails_over_without_losing_signals(pop, market):
     with dc.Engine(pop, threads=1) as a:
         ref = a.run(market)

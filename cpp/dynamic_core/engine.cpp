@@ -917,7 +917,19 @@ void Engine::take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool v
 
 size_t Engine::submit(const Bar* bars, size_t n, uint32_t n_registered, bool strict, int64_t timeout_ns) {
   const int64_t deadline = timeout_ns >= 0 ? now_ns() + std::min<int64_t>(timeout_ns, INT64_MAX / 4) : -1;
-  std::lock_guard<std::mutex> feed(feed_m_);
+  std::unique_lock<std::timed_mutex> feed(feed_m_, std::defer_lock);
+  if (deadline < 0) {
+    feed.lock();
+  } else if (!feed.try_lock_until(std::chrono::steady_clock::time_point(std::chrono::nanoseconds(deadline)))) {
+    // another feeder's batch (a blocked submit, a run) held the feed past the deadline: nothing
+    // is taken, and the batch is counted as a blocking submit's unplaced rest is
+    auto lk = lock_ingress();
+    if (closed_) throw std::logic_error("engine is closed");
+    ++stats_.batches;
+    ++stats_.backpressure_events;
+    stats_.backpressure_rejected += n;
+    return 0;
+  }
   auto lk = lock_ingress();
   if (strict) refuse_bad_locked(bars, n, n_registered);
   ++stats_.batches;
@@ -936,7 +948,7 @@ void Engine::check_drained(const char* what) const {
 
 int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns, bool strict) {
   {
-    std::lock_guard<std::mutex> feed(feed_m_);
+    std::lock_guard<std::timed_mutex> feed(feed_m_);
     auto lk = lock_ingress();
     check_drained("step");
     if (strict) refuse_bad_locked(&bar, 1, n_registered);
@@ -951,7 +963,7 @@ int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t tim
 size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out, bool strict) {
   const auto t0 = std::chrono::steady_clock::now();
   const size_t before = out.size();
-  std::lock_guard<std::mutex> feed(feed_m_);
+  std::lock_guard<std::timed_mutex> feed(feed_m_);
   auto lk = lock_ingress();
   check_drained("run");
   if (strict) refuse_bad_locked(bars, n, n_registered);
@@ -1002,7 +1014,7 @@ void Engine::wait_idle() {
 }
 
 size_t Engine::admit(const Bar* bars, size_t n, uint32_t n_registered, std::vector<AdmittedBar>& out, bool strict) {
-  std::lock_guard<std::mutex> feed(feed_m_);
+  std::lock_guard<std::timed_mutex> feed(feed_m_);
   auto lk = lock_ingress();
   if (strict) refuse_bad_locked(bars, n, n_registered);
   ++stats_.batches;

@@ -441,7 +441,8 @@ class Engine {
   std::atomic<uint64_t> signals_out_{0};
 
   // feeders (submit, step, run, admit) one at a time, each batch contiguous; taken before ingress_m_
-  std::mutex feed_m_;
+  // (timed: a submit with a timeout waits for another feeder's batch no longer than that)
+  std::timed_mutex feed_m_;
   // ingress (guarded by ingress_m_)
   std::mutex ingress_m_;
   EngineStats stats_;

@@ -511,7 +511,9 @@ class Engine:
 
         ``timeout`` (seconds; None: no limit) bounds a ``"block"`` submit's wait for room: what
         fits by then is taken and its count returned, the rest is not (counted in
-        ``stats()["backpressure"]["rejected"]``; resubmit it). A thread that both submits and
+        ``stats()["backpressure"]["rejected"]``; resubmit it). It bounds the wait for another
+        feeder's batch too (a blocked submit, a ``run``): past it nothing is taken and 0 is
+        returned, the bars counted the same way (one backpressure event). A thread that both submits and
         polls needs it, or must poll until its bars are out: ``poll`` returns the signals ready
         when the first one is, so bars can still be in flight after it, holding the window.
         """
