@@ -1061,6 +1061,42 @@ def test_a_tick_driver_holds_the_bars_a_failing_run_did_not_take(fail):
         assert np.array_equal(eng.agents(), want_agents)
 
 
+def test_a_tick_driver_hands_back_what_it_held_when_told_to_discard_it():
+    # a caller that will not retry the engine gets the held bars and signals back (nothing is
+    # dropped silently); the DSI state takes the held ticks, and the driver goes on from there
+    ticks, parts, pop = _driver_feed()
+    want, _ = _drive_clean(pop, parts)
+    with dc.Engine(pop, threads=1) as eng:
+        drv = TickDriver(eng)
+        assert [a.size for a in drv.discard()] == [0, 0]  # nothing held
+        run, calls = eng.run, {"n": 0, "fail": 0}
+
+        def flaky(b, **kw):
+            calls["n"] += 1
+            if calls["n"] == calls["fail"]:
+                raise OSError("journal disk full")
+            return run(b, **kw)
+
+        eng.run = flaky
+        got = [drv.update(parts[0]), drv.update(parts[1])]
+        calls["fail"] = calls["n"] + 2  # the second run of the next batch
+        with pytest.raises(OSError, match="disk full") as err:
+            drv.update(parts[2])
+        assert "discard()" in "".join(err.value.__notes__)
+        held = drv.held()
+        bars, sig = drv.discard()
+        assert bars.tobytes() == held.tobytes() and len(bars) > 0
+        assert len(sig) > 0 and drv.held().size == 0
+        assert drv.dsi.ticks == sum(len(p) for p in parts[:3])  # every tick taken, the held ones too
+        returned = np.concatenate([*got, sig])
+        assert returned.tobytes() == want[:len(returned)].tobytes()  # the same signals as no failure
+        assert drv.bars == eng.stats()["bars_in"] == len(returned)
+        more = [drv.update(p) for p in parts[3:]] + [drv.flush()]
+        assert drv.bars == eng.stats()["bars_in"] == len(returned) + sum(map(len, more))
+        assert drv.bars + len(bars) == drv.aggregator.bars_out
+        drv.close()
+
+
 def test_a_tick_driver_checks_its_arguments():
     pop = dc.Population.random(16, instruments=["DRV_ARG"], timeframes=[60], seed=1)
     with dc.Engine(pop, threads=1) as eng:

@@ -67,7 +67,8 @@ class TickDriver:
     empty batch will do) or :meth:`flush` hands the held bars to the engine first, each with the
     evidence it would have had, and returns the held signals ahead of its own, so the stream goes
     on as if nothing had failed. :attr:`bars` counts the bars the engine took; :meth:`held`
-    returns those waiting.
+    returns those waiting, and :meth:`discard` hands them (and the held signals) back instead,
+    for a caller that will not retry this engine.
 
     Examples
     --------
@@ -163,6 +164,25 @@ class TickDriver:
         parts = [b for b, _ in self._held]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=BAR_DTYPE)
 
+    def discard(self) -> tuple[np.ndarray, np.ndarray]:
+        """Give up on what a failed ``engine.run`` left held (the engine is closed for good, say):
+        returns ``(bars, signals)``, the finished bars the engine never took (``BAR_DTYPE``, in
+        the order they would have run) and the signals of bars it did take that were not returned
+        yet (``SIGNAL_DTYPE``). Nothing is dropped silently: run the bars elsewhere (a new
+        engine, with a driver sharing this one's ``aggregator`` and ``dsi``) or keep them. The
+        held ticks the DSI state has not seen are given to it now, so it stays in step with the
+        aggregator, which has them; :attr:`bars` does not change (the engine did not take
+        them). Nothing held: two empty arrays."""
+        bars = self.held()
+        if self.dsi is not None:
+            for _, t in self._held:
+                if len(t):
+                    self.dsi.update(t)
+        self._held = []
+        out, self._signals = self._signals, []
+        sig = np.concatenate(out) if out else np.zeros(0, dtype=SIGNAL_DTYPE)
+        return bars, sig
+
     def _drain(self) -> np.ndarray:
         """Run the held batches in order; return every signal not yet returned. On a failure what
         is left stays held, and the exception says so."""
@@ -174,7 +194,8 @@ class TickDriver:
             n = sum(len(b) for b, _ in self._held)
             e.add_note(f"TickDriver: the ticks were taken (do not send them again); {n} finished bars and "
                        f"the signals of {sum(len(s) for s in self._signals)} run ones are held: the next "
-                       "update (an empty batch will do) or flush runs and returns them first")
+                       "update (an empty batch will do) or flush runs and returns them first; "
+                       "discard() hands them back instead")
             raise
         out, self._signals = self._signals, []
         if not out:
