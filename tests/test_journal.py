@@ -453,13 +453,27 @@ def test_a_tail_of_zeros_a_crash_left_is_torn_and_repaired(tmp_path, where):
     assert res.bars == (390 if zero_from is None else 200)
 
 
-def test_a_segment_name_that_is_not_a_file_is_corruption(tmp_path):
+def test_a_segment_that_cannot_be_read_is_unreadable_not_corrupt_and_repair_leaves_it(tmp_path, capsys):
+    # a segment that cannot be opened or read says nothing about its records: "unreadable"
+    # (exit 1), never "corrupt", and never a torn tail that --repair would truncate
     _journaled_run(tmp_path / "j", _pop(60), _bars(40), chunk=20)
     (tmp_path / "j" / "seg-000001.dcj").mkdir()
+    before = sorted((p.name, p.stat().st_size) for p in (tmp_path / "j").iterdir())
     rep = jr.verify(tmp_path / "j", repair=True)
-    assert rep.status == "corrupt" and "not a regular file" in rep.detail and not rep.repaired
-    os.mkfifo(tmp_path / "j" / "seg-000002.dcj")  # never opened for a blocking read
-    assert jr.verify(tmp_path / "j").status == "corrupt"
+    assert rep.status == "unreadable" and "not a regular file" in rep.detail and not rep.repaired
+    assert rep.bad_segment == 1 and rep.records > 0 and "unreadable" in rep.summary()
+    assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "j").iterdir()) == before
+    with pytest.raises(JournalError, match="not a regular file") as err:
+        list(jr.read(tmp_path / "j"))
+    assert not isinstance(err.value, JournalCorrupt)
+    for argv, line in ((["journal", "verify", str(tmp_path / "j"), "--repair"], "unreadable, "),
+                       (["journal", "dump", str(tmp_path / "j")], "dynamic-core journal dump: unreadable journal"),
+                       (["replay", str(tmp_path / "j"), "--verify"], "dynamic-core replay: unreadable journal")):
+        rc, out, err = _main(capsys, *argv)
+        assert rc == 1 and line in out + err, out + err
+    os.rmdir(tmp_path / "j" / "seg-000001.dcj")
+    os.mkfifo(tmp_path / "j" / "seg-000001.dcj")  # never opened for a blocking read
+    assert jr.verify(tmp_path / "j").status == "unreadable"
 
 
 def test_a_flipped_length_bit_in_the_last_record_is_corruption_not_a_torn_tail(tmp_path):

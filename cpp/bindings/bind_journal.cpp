@@ -24,6 +24,7 @@ const char* status_name(ScanStatus s) {
     case ScanStatus::Corrupt: return "corrupt";
     case ScanStatus::Empty: return "empty";
     case ScanStatus::Unsupported: return "unsupported";
+    case ScanStatus::Unreadable: return "unreadable";
   }
   return "unknown";
 }

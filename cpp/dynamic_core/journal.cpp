@@ -397,6 +397,7 @@ size_t JournalReader::read_at(uint64_t off, void* p, size_t n) const {
   while (got < n) {
     const ssize_t k = ::pread(fd_, c + got, n - got, static_cast<off_t>(off + got));
     if (k < 0 && errno == EINTR) continue;
+    if (k < 0 && !read_errno_) read_errno_ = errno;  // an error, not the end: never a torn tail
     if (k <= 0) break;
     got += static_cast<size_t>(k);
   }
@@ -433,17 +434,18 @@ bool JournalReader::open_next_segment() {
   rep_.segments = static_cast<uint32_t>(cur_ + 1);
   rep_.bad_segment = static_cast<uint32_t>(cur_);
   rep_.bad_offset = 0;
+  read_errno_ = 0;
   auto bad = [&](ScanStatus s, const std::string& why) {
-    rep_.status = s;
-    rep_.detail = why;
+    rep_.status = read_errno_ ? ScanStatus::Unreadable : s;
+    rep_.detail = read_errno_ ? "cannot read " + path + ": " + std::strerror(read_errno_) : why;
     return false;
   };
   // O_NONBLOCK: a FIFO named like a segment must not hang the reader before fstat refuses it.
   fd_ = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-  if (fd_ < 0) return bad(ScanStatus::Corrupt, "cannot open " + path + ": " + std::strerror(errno));
+  if (fd_ < 0) return bad(ScanStatus::Unreadable, "cannot open " + path + ": " + std::strerror(errno));
   struct stat st {};
-  if (::fstat(fd_, &st) != 0) return bad(ScanStatus::Corrupt, "cannot stat " + path + ": " + std::strerror(errno));
-  if (!S_ISREG(st.st_mode)) return bad(ScanStatus::Corrupt, path + " is not a regular file");
+  if (::fstat(fd_, &st) != 0) return bad(ScanStatus::Unreadable, "cannot stat " + path + ": " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) return bad(ScanStatus::Unreadable, path + " is not a regular file");
   size_ = static_cast<uint64_t>(st.st_size);
   zero_tail_ = UINT64_MAX;
   const bool last = cur_ + 1 == paths_.size();
@@ -496,10 +498,12 @@ bool JournalReader::next(JournalRecord& r) {
     const bool last = cur_ + 1 == paths_.size();
     const uint64_t left = size_ - pos_;
     auto fail = [&](ScanStatus s, const std::string& why) {
-      rep_.status = s;
+      rep_.status = read_errno_ ? ScanStatus::Unreadable : s;
       rep_.bad_segment = static_cast<uint32_t>(cur_);
       rep_.bad_offset = pos_;
-      rep_.detail = why + " at " + paths_[cur_] + " offset " + std::to_string(pos_);
+      rep_.detail = read_errno_ ? "cannot read " + paths_[cur_] + " near offset " + std::to_string(pos_) + ": " +
+                                      std::strerror(read_errno_)
+                                : why + " at " + paths_[cur_] + " offset " + std::to_string(pos_);
       done_ = true;
       return false;
     };

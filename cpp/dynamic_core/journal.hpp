@@ -144,7 +144,9 @@ struct JournalRecord {
   std::string payload;
 };
 
-enum class ScanStatus : uint32_t { Ok = 0, TornTail = 1, Corrupt = 2, Empty = 3, Unsupported = 4 };
+// Unreadable: a segment could not be opened or read (permissions, an I/O error, not a regular
+// file): nothing is known to be wrong with the records, and repair never touches it.
+enum class ScanStatus : uint32_t { Ok = 0, TornTail = 1, Corrupt = 2, Empty = 3, Unsupported = 4, Unreadable = 5 };
 
 struct ScanReport {
   ScanStatus status = ScanStatus::Ok;
@@ -182,6 +184,7 @@ class JournalReader {
   uint64_t size_ = 0;  // its size when opened
   uint64_t pos_ = 0;
   mutable uint64_t zero_tail_ = UINT64_MAX;  // where the last segment's run of trailing zeros begins
+  mutable int read_errno_ = 0;  // the first error a read of the current segment met (0: none)
   bool done_ = false;
   ScanReport rep_;
 };

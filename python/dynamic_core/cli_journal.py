@@ -19,6 +19,9 @@ from .errors import JournalCorrupt, JournalError, ReplayMismatch
 
 __all__ = ["add_commands"]
 
+_DUMP = "dynamic-core journal dump"  # how their stderr lines begin, as the other commands' do
+_REPLAY = "dynamic-core replay"
+
 _JOURNAL_EPILOG = """\
 examples:
   dynamic-core run --journal runs/today --fsync 1      # write a journal while running
@@ -107,7 +110,7 @@ def cmd_journal_verify(args: argparse.Namespace) -> int:
     print(rep.summary())
     print(f"  format {rep.format}, build {rep.build_id or '-'}, population {rep.population_hash:016x}, "
           f"config {rep.config_hash:016x}, last seq {rep.last_seq}")
-    if rep.status in ("corrupt", "unsupported"):
+    if rep.status in ("corrupt", "unsupported", "unreadable"):
         return 1
     if rep.status == "torn_tail" and not rep.repaired:
         print(f"  ({torn_tail_advice(args.dir)})")
@@ -126,7 +129,7 @@ def _no_journal(path: str) -> bool:
     if not os.path.isdir(path):
         return True
     rep = jr.verify(path)
-    return rep.records == 0 and rep.status != "unsupported"
+    return rep.records == 0 and rep.status not in ("unsupported", "unreadable")
 
 
 def cmd_journal_dump(args: argparse.Namespace) -> int:
@@ -140,19 +143,19 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
                 print(f"{rec.seq:>10}  {rec.type:<14} {len(rec.payload):>10} B  segment {rec.segment} @ {rec.offset}")
                 shown += 1
     except JournalCorrupt as e:
-        print(f"stopped: {e} (segment {e.segment}, offset {e.offset})", file=sys.stderr)
+        print(f"{_DUMP}: stopped: {e} (segment {e.segment}, offset {e.offset})", file=sys.stderr)
         return 1
     except JournalError as e:
         if _no_journal(args.dir):
             raise  # exit 2 with the error line
-        print(f"unreadable journal: {e}", file=sys.stderr)  # e.g. another format version
+        print(f"{_DUMP}: unreadable journal: {e}", file=sys.stderr)  # e.g. another format version
         return 1
     total = sum(counts.values())
     if args.limit and total > shown:
         print(f"... {total - shown} more")
     print("records: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
     if rep["status"] == "torn_tail":  # read() stops quietly there; its report says so
-        print(f"warning: torn tail ({rep['detail']}): the last record is incomplete and not listed; "
+        print(f"{_DUMP}: warning: torn tail ({rep['detail']}): the last record is incomplete and not listed; "
               f"{torn_tail_advice(args.dir)}", file=sys.stderr)
         return 1
     return 0
@@ -174,12 +177,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         try:
             res = jr.replay(args.dir, verify=False, threads=args.threads, progress=tick, backend=args.backend)
         except JournalCorrupt as e:
-            print(str(e) if str(e).startswith("corrupt journal") else f"corrupt journal: {e}", file=sys.stderr)
+            print(f"{_REPLAY}: " + (str(e) if str(e).startswith("corrupt journal") else f"corrupt journal: {e}"),
+                  file=sys.stderr)
             return 1
         except JournalError as e:
             if _no_journal(args.dir):
                 raise  # exit 2 with the error line
-            print(f"unreadable journal: {e}", file=sys.stderr)  # framed and CRC-clean, but not replayable
+            print(f"{_REPLAY}: unreadable journal: {e}", file=sys.stderr)  # e.g. framed and CRC-clean, but not replayable
             return 1
     print(f"replayed {res.bars:,} bars ({res.records:,} records) -> {len(res.signals):,} signals "
           f"in {res.seconds:.3f} s ({res.updates_per_s / 1e6:,.1f} M agent-updates/s)")
@@ -190,14 +194,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"journal: {res.report.summary()}")
     if args.verify and not res.ok:
         err = ReplayMismatch("replay differs", res.mismatched + res.missing)
-        print(f"FAILED: {err} at seq {err.mismatches[:10]}", file=sys.stderr)
+        print(f"{_REPLAY}: FAILED: {err} at seq {err.mismatches[:10]}", file=sys.stderr)
         return 1
     if args.verify and res.unverified and not res.verified:
-        print(f"FAILED: nothing verified: none of the {res.unverified:,} replayed signal(s) has a journaled "
+        print(f"{_REPLAY}: FAILED: nothing verified: none of the {res.unverified:,} replayed signal(s) has a journaled "
               "hash (a signal is hashed when it is handed out: returned by run() or step(), polled, or "
               "passed to a callback)", file=sys.stderr)
         return 1
     if args.verify and res.unverified:
-        print(f"note: {res.unverified:,} replayed signal(s) have no journaled hash (not handed out before "
+        print(f"{_REPLAY}: note: {res.unverified:,} replayed signal(s) have no journaled hash (not handed out before "
               "the journal ended), so they are not checked", file=sys.stderr)
     return 0

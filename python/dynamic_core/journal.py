@@ -182,8 +182,10 @@ class JournalReport:
 
     ``status`` is ``ok``, ``torn_tail`` (the last record was cut short by a crash: everything
     before it is intact; ``repair`` truncates it), ``corrupt`` (a framing or CRC failure
-    elsewhere, at ``bad_segment``/``bad_offset``), ``unsupported`` (a journal format this build
-    does not read) or ``empty`` (no segments).
+    elsewhere, at ``bad_segment``/``bad_offset``), ``unreadable`` (segment ``bad_segment`` could
+    not be opened or read: permissions, an I/O error, not a regular file; nothing is known to be
+    wrong with its records, and ``repair`` leaves it alone), ``unsupported`` (a journal format
+    this build does not read) or ``empty`` (no segments).
     """
 
     path: str
@@ -209,6 +211,8 @@ class JournalReport:
         head = f"{self.path}: {self.status}, {self.records} records in {self.segments} segment(s)"
         if self.status in ("torn_tail", "corrupt"):
             head += f"; bad record in segment {self.bad_segment} at byte {self.bad_offset} ({self.detail})"
+        if self.status == "unreadable":
+            head += f"; segment {self.bad_segment} ({self.detail})"
         if self.repaired:
             head += f"; repaired: {self.truncated_bytes} byte(s) of torn tail truncated"
         if self.status in ("empty", "unsupported"):
@@ -249,7 +253,8 @@ def read(path: str | os.PathLike[str], report: dict[str, Any] | None = None) -> 
     """The records of a journal in order. Stops quietly at a torn tail; raises
     :class:`JournalCorrupt` (with segment and offset) at a corrupt record, after yielding every
     record before it. ``report``, when given, receives the reader's scan report once the records
-    run out (``status``: ``"ok"`` or ``"torn_tail"``, ``detail``...)."""
+    run out (``status``: ``"ok"`` or ``"torn_tail"``, ``detail``...); raises
+    :class:`JournalError` at a segment it cannot open or read."""
     rd = _core.JournalReader(_check_dir(path))
     while True:
         r = rd.next()
@@ -262,7 +267,7 @@ def read(path: str | os.PathLike[str], report: dict[str, Any] | None = None) -> 
         report.update(rep)
     if rep["status"] == "corrupt":
         raise JournalCorrupt(f"corrupt journal: {rep['detail']}", rep["bad_segment"], rep["bad_offset"])
-    if rep["status"] in ("empty", "unsupported"):
+    if rep["status"] in ("empty", "unsupported", "unreadable"):
         raise JournalError(rep["detail"])
 
 
