@@ -118,7 +118,13 @@ def as_bars(bars: object, what: str = "bars") -> np.ndarray:
 
 
 def validate(bars: np.ndarray) -> np.ndarray:
-    """Reject reason code of each bar (0 = ok); names are in ``dc.REASONS``."""
+    """Reject reason code of each bar (0 = ok); names are in ``dc.REASONS``.
+
+    A check of the batch alone, with no engine: time order is checked within the batch, on
+    every (instrument, timeframe). An engine's verdict can differ (:meth:`Engine.validate
+    <dynamic_core.Engine.validate>` gives it): it continues each stream's order from the bars
+    it took before, and checks the prices but not the order of bars of streams no agent of its
+    population follows (valid ones are counted as ``skipped_unfollowed``)."""
     return _core.validate_bars(as_bars(bars), len(instruments))
 
 
