@@ -828,3 +828,33 @@ def test_close_during_a_run_or_drop_waiting_for_room_journals_only_the_bars_take
     assert journaled == taken
     res = dc.Engine.replay(tmp_path / "j", threads=1, verify=False)
     assert res.ok and res.bars == taken
+
+
+def test_verify_reports_progress_and_an_interrupt_from_it_repairs_nothing(tmp_path):
+    # journal verify walks a journal of any size: its progress comes every few MB, ends at the
+    # total, and ^C (an exception from the callback) ends the walk before any repair
+    d = tmp_path / "j"
+    bars = _bars(60_000)  # two instruments: ~10 MB of bars and signal hashes
+    with dc.Engine(_pop(32), threads=1, journal=d, journal_segment_bytes=4 << 20) as eng:
+        eng.run(bars)
+    segs = sorted(d.iterdir())
+    total = sum(p.stat().st_size for p in segs)
+    assert len(segs) > 2 and total > 8 << 20
+    calls: list[tuple[int, int]] = []
+    rep = jr.verify(d, progress=lambda done, tot: calls.append((done, tot)))
+    assert rep.ok and len(calls) >= 2
+    assert all(t == total for _, t in calls) and calls[-1][0] == total
+    assert [c for c, _ in calls] == sorted(c for c, _ in calls)  # never backwards
+    with open(segs[-1], "r+b") as f:  # a torn tail for --repair to cut
+        f.truncate(segs[-1].stat().st_size - 7)
+    sizes = [p.stat().st_size for p in segs]
+
+    def interrupt(done: int, tot: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        jr.verify(d, repair=True, progress=interrupt)
+    assert [p.stat().st_size for p in segs] == sizes  # nothing repaired
+    with pytest.raises(TypeError, match="progress must be callable"):
+        jr.verify(d, progress=5)
+    assert jr.verify(d, repair=True).repaired

@@ -87,15 +87,22 @@ void bind_journal(py::module_& m) {
         for (py::ssize_t i = 0; i < n; ++i) o[i] = fnv1a64(&s[i], sizeof(Signal));
         return out;
       }, py::arg("signals"), "FNV-1a 64 of each signal record: the hash the journal keeps.");
-  m.def("journal_scan", [](const std::string& dir, bool repair) {
+  m.def("journal_scan", [](const std::string& dir, bool repair, py::object progress) {
+        std::function<void(uint64_t, uint64_t)> call;
+        if (!progress.is_none())
+          call = [&progress](uint64_t done, uint64_t total) {
+            py::gil_scoped_acquire gil;
+            progress(done, total);  // an exception (^C) ends the scan, before any repair
+          };
         ScanReport r;
         {
           GilRelease nogil;
-          r = scan_journal(dir, repair);
+          r = scan_journal(dir, repair, call);
         }
         return report_dict(r);
-      }, py::arg("dir"), py::arg("repair") = false,
-      "Walk a journal checking framing and CRCs; with repair, truncate a torn tail.");
+      }, py::arg("dir"), py::arg("repair") = false, py::arg("progress") = py::none(),
+      "Walk a journal checking framing and CRCs; with repair, truncate a torn tail. `progress(done, "
+      "total)` (bytes) is called every few MB and at the end.");
 
   m.def("journal_locked", &journal_locked, py::arg("dir"),
         "True while a writer (in any process) holds the journal directory open (its flock).");

@@ -378,6 +378,11 @@ bool journal_locked(const std::string& dir) {
 
 // ---- reader -----------------------------------------------------------------------------------
 JournalReader::JournalReader(const std::string& dir) : paths_(journal_segments(dir)) {
+  for (const std::string& p : paths_) {
+    std::error_code ec;
+    const uint64_t n = fs::file_size(p, ec);  // a segment that is not a file counts 0 here
+    if (!ec) total_ += n;
+  }
   if (paths_.empty()) {
     rep_.status = ScanStatus::Empty;
     rep_.detail = "no journal segments in " + dir;
@@ -427,8 +432,12 @@ uint64_t JournalReader::zero_tail() const {
 }
 
 bool JournalReader::open_next_segment() {
-  if (fd_ >= 0) ::close(fd_);
+  if (fd_ >= 0) {
+    ::close(fd_);
+    done_before_ += size_;
+  }
   fd_ = -1;
+  size_ = pos_ = 0;
   if (cur_ >= paths_.size()) return false;
   const std::string& path = paths_[cur_];
   rep_.segments = static_cast<uint32_t>(cur_ + 1);
@@ -547,11 +556,19 @@ bool JournalReader::next(JournalRecord& r) {
   return false;
 }
 
-ScanReport scan_journal(const std::string& dir, bool repair) {
+ScanReport scan_journal(const std::string& dir, bool repair,
+                        const std::function<void(uint64_t, uint64_t)>& progress) {
   JournalReader rd(dir);
   JournalRecord r;
+  constexpr uint64_t kEvery = 8u << 20;  // bytes between progress calls
+  uint64_t next_call = kEvery;
   while (rd.next(r)) {
+    if (progress && rd.bytes_done() >= next_call) {
+      progress(rd.bytes_done(), std::max(rd.bytes_total(), rd.bytes_done()));
+      next_call = rd.bytes_done() + kEvery;
+    }
   }
+  if (progress) progress(std::max(rd.bytes_total(), rd.bytes_done()), std::max(rd.bytes_total(), rd.bytes_done()));
   ScanReport rep = rd.report();
   if (repair && rep.status == ScanStatus::TornTail) {
     if (journal_locked(dir))

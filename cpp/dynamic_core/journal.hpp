@@ -37,6 +37,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -173,6 +174,10 @@ class JournalReader {
   bool next(JournalRecord& r);
   const ScanReport& report() const { return rep_; }
   const std::vector<std::string>& segment_paths() const { return paths_; }
+  // Bytes read so far (the segments before the current one and the records of this one) and the
+  // segments' total size as found when each was opened or listed: for a progress display.
+  uint64_t bytes_done() const { return done_before_ + pos_; }
+  uint64_t bytes_total() const { return total_; }
 
  private:
   bool open_next_segment();
@@ -185,13 +190,17 @@ class JournalReader {
   uint64_t pos_ = 0;
   mutable uint64_t zero_tail_ = UINT64_MAX;  // where the last segment's run of trailing zeros begins
   mutable int read_errno_ = 0;  // the first error a read of the current segment met (0: none)
+  uint64_t done_before_ = 0;    // sizes of the segments before the current one
+  uint64_t total_ = 0;          // listed sizes of every segment
   bool done_ = false;
   ScanReport rep_;
 };
 
 // Walks the whole journal; with repair, truncates a torn tail so the journal can be appended to
-// and replayed.
-ScanReport scan_journal(const std::string& dir, bool repair);
+// and replayed. `progress` (optional) is called with (bytes done, bytes in all) every few MB
+// and once at the end; what it throws ends the scan (before any repair).
+ScanReport scan_journal(const std::string& dir, bool repair,
+                        const std::function<void(uint64_t, uint64_t)>& progress = {});
 
 // Lists the segment files of `dir` in order (empty when none).
 std::vector<std::string> journal_segments(const std::string& dir);

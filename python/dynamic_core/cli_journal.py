@@ -105,8 +105,23 @@ def torn_tail_advice(path: str) -> str:
     return f"run dynamic-core journal verify {path} --repair to truncate the torn tail"
 
 
+def _bytes_bar(label: str, quiet: bool = False):
+    """A progress bar of bytes on stderr, shown only on a terminal and not ``quiet`` (a no-op
+    elsewhere), and its update function for ``progress(done, total)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    prog = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                    console=console, disable=quiet or not console.is_terminal)
+    task = prog.add_task(label, total=None)
+    return prog, lambda done, total: prog.update(task, completed=done, total=total)
+
+
 def cmd_journal_verify(args: argparse.Namespace) -> int:
-    rep = jr.verify(args.dir, repair=args.repair)
+    prog, tick = _bytes_bar("verify")
+    with prog:
+        rep = jr.verify(args.dir, repair=args.repair, progress=tick)
     print(rep.summary())
     print(f"  format {rep.format}, build {rep.build_id or '-'}, population {rep.population_hash:016x}, "
           f"config {rep.config_hash:016x}, last seq {rep.last_seq}")
@@ -162,18 +177,8 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    show = console.is_terminal and not args.quiet
-    with Progress(TextColumn("replay"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  console=console, disable=not show) as prog:
-        task = prog.add_task("replay", total=None)
-
-        def tick(done: int, total: int) -> None:
-            prog.update(task, completed=done, total=total)
-
+    prog, tick = _bytes_bar("replay", args.quiet)
+    with prog:
         try:
             res = jr.replay(args.dir, verify=False, threads=args.threads, progress=tick, backend=args.backend)
         except JournalCorrupt as e:

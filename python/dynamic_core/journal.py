@@ -240,13 +240,18 @@ def writer_holds(path: str | os.PathLike[str]) -> bool:
     return bool(_core.journal_locked(os.fspath(path)))
 
 
-def verify(path: str | os.PathLike[str], *, repair: bool = False) -> JournalReport:
+def verify(path: str | os.PathLike[str], *, repair: bool = False,
+           progress: Callable[[int, int], Any] | None = None) -> JournalReport:
     """Walk every record of the journal at ``path`` checking framing, sequence and CRC32C.
 
     With ``repair=True`` a torn tail (the last record cut short by a crash) is truncated so the
     journal replays cleanly; corruption elsewhere is reported, never "repaired".
+    ``progress(bytes_done, bytes_total)`` is called every few MB and at the end; an exception
+    it raises (``KeyboardInterrupt`` included) ends the walk before anything is repaired.
     """
-    return _report(path, _core.journal_scan(_check_dir(path), repair))
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable or None, got {type(progress).__name__}")
+    return _report(path, _core.journal_scan(_check_dir(path), repair, progress))
 
 
 def read(path: str | os.PathLike[str], report: dict[str, Any] | None = None) -> Iterator[JournalRecord]:
@@ -367,7 +372,8 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
 
     p = _check_dir(path)
     t0 = time.perf_counter()
-    records = read(p)
+    scan: dict[str, Any] = {}  # the reader's own report, once the records run out
+    records = read(p, scan)
     try:
         first = next(records)
     except StopIteration:
@@ -508,7 +514,7 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
     result = ReplayResult(
         path=p, signals=signals, agents=agents, bars=n_bars, records=n_records, verified=verified,
         unverified=len(got) - verified - len(mismatched), mismatched=mismatched, missing=missing,
-        controls=controls, events=events, dead_letters=dead, report=_report(p, _core.journal_scan(p, False)),
+        controls=controls, events=events, dead_letters=dead, report=_report(p, scan),
         seconds=seconds, agent_updates=int(stats.get("agent_updates", 0)),
         population_hash=meta.population_hash, config=cfg)
     if verify and not result.ok:
