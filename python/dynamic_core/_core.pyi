@@ -240,9 +240,9 @@ def journal_locked(dir: str) -> bool:
     """
     True while a writer (in any process) holds the journal directory open (its flock).
     """
-def journal_scan(dir: str, repair: bool = False) -> dict:
+def journal_scan(dir: str, repair: bool = False, progress: typing.Any = None) -> dict:
     """
-    Walk a journal checking framing and CRCs; with repair, truncate a torn tail.
+    Walk a journal checking framing and CRCs; with repair, truncate a torn tail. `progress(done, total)` (bytes) is called every few MB and at the end.
     """
 def kernel_isa() -> int:
     """
