@@ -120,7 +120,7 @@ void bind_journal(py::module_& m) {
              return py::make_tuple(rec.type, rec.seq, py::bytes(rec.payload), rec.segment, rec.offset, rec.flags);
            }, "Next record as (type, seq, payload, segment, offset, flags), or None at the end or at a bad record.")
       .def("report", [](const JournalReader& r) { return report_dict(r.report()); },
-           "Where reading stopped and why (status ok, torn_tail, corrupt or empty).");
+           "Where reading stopped and why (status ok, torn_tail, corrupt, unreadable, unsupported or empty).");
 
 }
 

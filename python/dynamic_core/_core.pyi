@@ -204,7 +204,7 @@ class JournalReader:
         """
     def report(self) -> dict:
         """
-        Where reading stopped and why (status ok, torn_tail, corrupt or empty).
+        Where reading stopped and why (status ok, torn_tail, corrupt, unreadable, unsupported or empty).
         """
 def _exiting() -> None:
     """
