@@ -175,7 +175,7 @@ class JournalReader {
   const ScanReport& report() const { return rep_; }
   const std::vector<std::string>& segment_paths() const { return paths_; }
   // Bytes read so far (the segments before the current one and the records of this one) and the
-  // segments' total size as found when each was opened or listed: for a progress display.
+  // segments' total size when the reader was made: for a progress display.
   uint64_t bytes_done() const { return done_before_ + pos_; }
   uint64_t bytes_total() const { return total_; }
 
