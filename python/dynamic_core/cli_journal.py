@@ -30,9 +30,10 @@ examples:
   dynamic-core journal dump runs/today --limit 20      # list records (type, seq, size, place)
   dynamic-core replay runs/today --verify              # reproduce the signals bit for bit
 
-exit codes: 0 ok; 1 corrupt or unreadable journal, replay mismatch, or (replay --verify)
-signals without a journaled hash to check them against (and, for verify and dump, a torn tail
-not repaired); 2 bad arguments or no journal there (no segments, or no records in them).
+exit codes: 0 ok; 1 corrupt or unreadable journal, replay mismatch, or (replay --verify) no
+signal with a journaled hash to check it against (signals handed out after the last hash was
+journaled are only noted), and, for verify and dump, a torn tail not repaired; 2 bad arguments
+or no journal there (no segments, or no records in them).
 """
 
 

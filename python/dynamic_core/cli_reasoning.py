@@ -81,8 +81,9 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
                    help="0600 TOML file of API keys (NAME = \"key\") [default: $DYNAMIC_CORE_SECRETS]")
     a.add_argument("--heartbeat", type=_heartbeat, default=0.1, metavar="S",
                    help="heartbeat interval in seconds, in [0.01, 60]; use the mesh's (heartbeat_s, 0.1 unless "
-                        "set): a broker takes an adapter silent for 5 of its own intervals for lost (a slower one "
-                        "once, with a warning, then judges it by its own interval) [default: 0.1]")
+                        "set): a broker takes an adapter silent for liveness (20 unless set) of its own intervals for "
+                        "lost (a slower one once, with a warning, then judges it by its own interval) "
+                        "[default: 0.1]")
     a.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     a.set_defaults(func=cmd_adapter)
 
