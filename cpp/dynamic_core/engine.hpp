@@ -138,8 +138,9 @@ class Engine {
   // `n` were taken (rejected bad bars count as taken: they are dead-lettered). With
   // Backpressure::Block it waits for room (a consumer must poll); RejectNew stops at the first
   // bar that does not fit; DropOldest drops the oldest ready, unpolled signals to make room.
-  // `timeout_ns` (>= 0) bounds Block's wait: the bars that fit by then are taken and counted as
-  // returned, the rest are not (counted as backpressure rejects; resubmit them).
+  // `timeout_ns` (>= 0) bounds Block's wait, and the wait for another feeder's batch: the bars
+  // that fit by then are taken and counted as returned, the rest are not (counted as
+  // backpressure rejects; resubmit them).
   size_t submit(const Bar* bars, size_t n, uint32_t n_registered, bool strict = false, int64_t timeout_ns = -1);
   // One bar in; its signal out. Returns 1 with *out set, 0 on timeout, -1 when the bar yields no
   // signal (rejected, or no agent follows its stream). Assumes no other consumer.

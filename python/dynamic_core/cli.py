@@ -1123,7 +1123,7 @@ def cmd_smc(args: argparse.Namespace) -> int:
         from . import journal as jr
 
         rep = jr.verify(src)  # what `journal verify` says, with its exit code for a bad journal
-        if rep.status in ("corrupt", "unsupported", "unreadable"):
+        if rep.unusable:
             print(f"{PROG} smc: {rep.summary()}", file=sys.stderr)
             return 1
         if rep.status == "torn_tail":

@@ -126,7 +126,7 @@ def cmd_journal_verify(args: argparse.Namespace) -> int:
     print(rep.summary())
     print(f"  format {rep.format}, build {rep.build_id or '-'}, population {rep.population_hash:016x}, "
           f"config {rep.config_hash:016x}, last seq {rep.last_seq}")
-    if rep.status in ("corrupt", "unsupported", "unreadable"):
+    if rep.unusable:
         return 1
     if rep.status == "torn_tail" and not rep.repaired:
         print(f"  ({torn_tail_advice(args.dir)})")

@@ -207,6 +207,12 @@ class JournalReport:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def unusable(self) -> bool:
+        """A journal that cannot be read through: ``corrupt``, ``unreadable`` or ``unsupported``
+        (a torn tail is not: everything before it reads)."""
+        return self.status in ("corrupt", "unreadable", "unsupported")
+
     def summary(self) -> str:
         head = f"{self.path}: {self.status}, {self.records} records in {self.segments} segment(s)"
         if self.status in ("torn_tail", "corrupt"):
