@@ -179,9 +179,7 @@ class TickDriver:
                 if len(t):
                     self.dsi.update(t)
         self._held = []
-        out, self._signals = self._signals, []
-        sig = np.concatenate(out) if out else np.zeros(0, dtype=SIGNAL_DTYPE)
-        return bars, sig
+        return bars, self._hand_over()
 
     def _drain(self) -> np.ndarray:
         """Run the held batches in order; return every signal not yet returned. On a failure what
@@ -197,6 +195,10 @@ class TickDriver:
                        "update (an empty batch will do) or flush runs and returns them first; "
                        "discard() hands them back instead")
             raise
+        return self._hand_over()
+
+    def _hand_over(self) -> np.ndarray:
+        """The held signals, in order, as one array; none are held after."""
         out, self._signals = self._signals, []
         if not out:
             return np.zeros(0, dtype=SIGNAL_DTYPE)
