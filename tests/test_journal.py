@@ -4,6 +4,8 @@ ids that differ between processes)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -830,9 +832,10 @@ def test_close_during_a_run_or_drop_waiting_for_room_journals_only_the_bars_take
     assert res.ok and res.bars == taken
 
 
-def test_verify_reports_progress_and_an_interrupt_from_it_repairs_nothing(tmp_path):
+def test_verify_reports_progress_and_an_interrupt_from_it_repairs_nothing(tmp_path, monkeypatch, capsys):
     # journal verify walks a journal of any size: its progress comes every few MB, ends at the
-    # total, and ^C (an exception from the callback) ends the walk before any repair
+    # total, and ^C (an exception from the callback) ends the walk before any repair; journal
+    # dump's bar moves the same way
     d = tmp_path / "j"
     bars = _bars(60_000)  # two instruments: ~10 MB of bars and signal hashes
     with dc.Engine(_pop(32), threads=1, journal=d, journal_segment_bytes=4 << 20) as eng:
@@ -845,6 +848,15 @@ def test_verify_reports_progress_and_an_interrupt_from_it_repairs_nothing(tmp_pa
     assert rep.ok and len(calls) >= 2
     assert all(t == total for _, t in calls) and calls[-1][0] == total
     assert [c for c, _ in calls] == sorted(c for c, _ in calls)  # never backwards
+    from dynamic_core import cli_journal
+
+    dumped: list[tuple[int, int]] = []
+    monkeypatch.setattr(cli_journal, "_bytes_bar", lambda label, quiet=False: (
+        contextlib.nullcontext(), lambda done, tot: dumped.append((done, tot))))
+    assert cli_journal.cmd_journal_dump(argparse.Namespace(dir=str(d), limit=1)) == 0
+    assert len(dumped) >= 2 and all(t == total for _, t in dumped) and dumped[-1][0] == total
+    assert [c for c, _ in dumped] == sorted(c for c, _ in dumped)
+    assert "records: bars" in capsys.readouterr().out
     with open(segs[-1], "r+b") as f:  # a torn tail for --repair to cut
         f.truncate(segs[-1].stat().st_size - 7)
     sizes = [p.stat().st_size for p in segs]
