@@ -559,6 +559,24 @@ def test_harness_traces_evolution_on_real_data():
         replay_report(dc.market.to_pandas(bars), 10, evolve=400)
 
 
+def test_evolution_trace_refuses_two_instruments_under_one_name():
+    # streams are relabelled by name: two instruments' bars under one name would trade as one
+    # series (prices jumping between them every bar), so that is refused before any work, as is
+    # one instrument/timeframe given under two names
+    from dynamic_core.learning.harness import evolution_trace, replay_report
+
+    bars = dc.sim.MarketSimulator(["EURUSD", "USDJPY"], seed=1).bars(600)
+    with pytest.raises(ValueError, match="2 instruments"):
+        evolution_trace({"MIX": bars}, agents=64, every=100)
+    with pytest.raises(ValueError, match="2 instruments"):
+        replay_report({"MIX": bars}, 5, evolve=100, evolve_agents=64)
+    eur = bars[bars["instrument"] == bars["instrument"][0]]
+    with pytest.raises(ValueError, match="both hold EURUSD bars"):
+        evolution_trace({"EURUSD": eur, "EURUSD/3600": eur}, agents=64, every=100)
+    evo = evolution_trace({"EURUSD/3600": eur}, agents=64, every=100)
+    assert evo.trace and {(r.instrument, r.timeframe) for r in evo.trace} == {(dc.instruments.id("EURUSD"), 3600)}
+
+
 _WRITE = """
 import sys, numpy as np, dynamic_core as dc
 from dynamic_core.learning.evolution import Evolution

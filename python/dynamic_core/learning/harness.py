@@ -511,6 +511,28 @@ def _streams(bars: np.ndarray, names: list[str] | None = None) -> dict[str, np.n
     return out
 
 
+def _check_evolution_streams(streams: Mapping[str, Any]) -> None:
+    """What evolution_trace needs of ``streams``, checked before any work: BAR_DTYPE bars, one
+    instrument under each name (relabelled by name, two instruments' bars would trade as one
+    series) and each instrument/timeframe under one name only."""
+    from ..records import BAR_DTYPE
+
+    owner: dict[tuple[str, int], str] = {}  # (instrument name, timeframe) -> the key holding it
+    for name, bars in streams.items():
+        if not isinstance(bars, np.ndarray) or bars.dtype != BAR_DTYPE:
+            raise TypeError(f"stream {name!r}: evolution needs BAR_DTYPE bars")
+        ids = np.unique(bars["instrument"]).tolist()
+        if len(ids) > 1:
+            raise ValueError(f"stream {name!r} holds the bars of {len(ids)} instruments (ids {ids[:5]}): give each "
+                             "instrument under its own name (journal_bars splits a journal's bars that way)")
+        inst = str(name).split("/")[0]
+        for tf in np.unique(bars["timeframe"]).tolist():
+            if (inst, tf) in owner:
+                raise ValueError(f"streams {owner[inst, tf]!r} and {name!r} both hold {inst} bars of timeframe "
+                                 f"{tf} s: give each instrument/timeframe's bars once")
+            owner[inst, tf] = str(name)
+
+
 def evolution_trace(streams: Mapping[str, Any], *, agents: int = 2048, every: int = 250, seed: int = 0,
                     plot: str | os.PathLike[str] | None = None) -> Any:
     """Replay the bars of ``streams`` (``{"NAME/timeframe_s" or any name: BAR_DTYPE array}``, as
@@ -531,11 +553,10 @@ def evolution_trace(streams: Mapping[str, Any], *, agents: int = 2048, every: in
     seed = check_int("seed", seed, 0, _MAX_SEED)
     if plot is not None:
         check_plot_path(plot, "plot")
+    _check_evolution_streams(streams)
     parts = []
     for name, bars in streams.items():
-        arr = np.array(bars, dtype=BAR_DTYPE, copy=True) if isinstance(bars, np.ndarray) else None
-        if arr is None or arr.dtype != BAR_DTYPE:
-            raise TypeError(f"stream {name!r}: evolution needs BAR_DTYPE bars")
+        arr = np.array(bars, dtype=BAR_DTYPE, copy=True)
         # the journal numbered instruments in its own process: register them here by name
         arr["instrument"] = instruments.id(str(name).split("/")[0])
         parts.append(arr)
@@ -634,6 +655,10 @@ def replay_report(source: Any, swing_length: int = 10, *, engine: bool = False,
         if frames:
             raise ValueError(f"evolve needs BAR_DTYPE bars (dc.market.from_pandas(df, instrument, timeframe) "
                              f"makes them); not bar records: {', '.join(map(str, frames[:5]))}")
+        try:
+            _check_evolution_streams(streams)
+        except TypeError as e:  # bar records of another dtype
+            raise ValueError(f"evolve: {e}") from None
     need = 6 * swing_length if min_bars is None else min_bars
     rows = []
     for k, (name, bars) in enumerate(streams.items()):
