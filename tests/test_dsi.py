@@ -1006,6 +1006,15 @@ def test_a_tick_driver_refuses_a_batch_the_engine_cannot_run_before_taking_it():
         TickDriver(eng)
 
 
+def test_a_tick_driver_takes_one_timeframe_as_the_aggregator_does():
+    # a single timeframe (str or seconds) is one timeframe, not an iterable of characters
+    pop = dc.Population.random(32, instruments=["EURUSD"], timeframes=["H1"], seed=1)
+    with dc.Engine(pop, threads=1) as eng:
+        for tf in ("H1", "1h", 3600, ["H1"], ("1h", 60)):
+            assert TickDriver(eng, tf).aggregator.timeframes == TickAggregator(tf).timeframes
+        assert TickDriver(eng, "M1").aggregator.timeframes == (60,)
+
+
 @pytest.mark.parametrize("fail", ["first run of a batch", "a later run of a batch", "flush", "twice"])
 def test_a_tick_driver_holds_the_bars_a_failing_run_did_not_take(fail):
     # engine.run raising after the aggregator finished the bars: they stay held (with the ticks

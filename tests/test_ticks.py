@@ -220,6 +220,21 @@ def test_dead_letters_are_bounded_to_the_latest():
     np.testing.assert_array_equal(dead["batch"], [1, 2, 2])
 
 
+def test_validator_batch_numbers_wrap_and_its_time_range_is_checked_up_front():
+    # the dead letters' batch field is uint32: after 2^32 batches the number wraps instead of
+    # failing every later batch with a bad tick (its good ticks lost, the bad one counted only)
+    (i,) = _ids("EURUSD")
+    v = TickValidator()
+    v._batch = 2**32 + 1  # as after that many calls
+    good, code = v(np.concatenate([_tick(T0, i, 1.0), _tick(T0 + 1, i, -1.0), _tick(T0 + 2, i, 1.0)]))
+    assert len(good) == 2 and v.rejects == {"non_positive_price": 1}
+    assert v.dead_letters()["batch"].tolist() == [1]
+    assert len(v(_tick(T0 + 3, i, 1.0))[0]) == 1  # later batches still work
+    for bad, err in [((5, 1), ValueError), ((1.5, 2), TypeError), (("a", "b"), TypeError), ((1,), TypeError)]:
+        with pytest.raises(err):
+            TickValidator(ts_range=bad)
+
+
 def test_aggregator_restricted_instruments_and_bad_ticks_do_not_touch_bars():
     (i, j) = _ids("EURUSD", "GBPUSD")
     agg = TickAggregator(["M1"], instruments=["EURUSD"])

@@ -74,7 +74,8 @@ TICK_DEAD_LETTER_DTYPE: np.dtype = np.dtype(
         "itemsize": TICK_DTYPE.itemsize + 16,
     }
 )
-"""A refused tick followed by its position in its batch, the reason code and the batch number."""
+"""A refused tick followed by its position in its batch, the reason code and the batch number
+(counted from 0 by the validator, modulo 2^32)."""
 
 _NONE = np.iinfo(np.int64).min
 _NS = 1_000_000_000
@@ -298,7 +299,7 @@ class TickValidator:
         max_dead_letters = check_int("max_dead_letters", max_dead_letters, 0, MAX_DEAD_LETTERS)
         self._band, self._band_spreads = _check_band(band, band_spreads)
         self._allowed = _allowed(instruments)
-        self._ts_range = None if ts_range is None else (int(ts_range[0]), int(ts_range[1]))
+        self._ts_range = _check_ts_range(ts_range)
         self._sealed: np.ndarray | None = None  # per instrument: ticks before it are late
         self._last_ts = np.full(0, _NONE, dtype=np.int64)
         self._counts = np.zeros(len(TICK_REASONS), dtype=np.int64)
@@ -353,7 +354,7 @@ class TickValidator:
             rows[name] = t[name][idx]
         rows["index"] = idx
         rows["reason"] = code[idx]
-        rows["batch"] = self._batch
+        rows["batch"] = self._batch & 0xFFFFFFFF  # the field is uint32: the count wraps after 2^32 batches
         pos = (self._dead_n + np.arange(k)) % cap
         self._dead[pos] = rows
         self._dead_n += k

@@ -41,7 +41,7 @@ class TickDriver:
     ----------
     engine : dynamic_core.Engine
         The engine the bars run through.
-    timeframes : iterable of int or str, optional
+    timeframes : int, str or an iterable of them, optional
         Bar timeframes to build (default: every timeframe the engine's population trades); not
         with ``aggregator``, which has its own.
     dsi : Dsi or bool, optional
@@ -77,7 +77,7 @@ class TickDriver:
     >>> signals = drv.flush()                       # the open bars at the end of the feed
     """
 
-    def __init__(self, engine: Any, timeframes: Iterable[int | str] | None = None, *, dsi: Dsi | bool | None = None,
+    def __init__(self, engine: Any, timeframes: int | str | Iterable[int | str] | None = None, *, dsi: Dsi | bool | None = None,
                  aggregator: TickAggregator | None = None) -> None:
         from ...engine import Engine
 
@@ -98,7 +98,8 @@ class TickDriver:
         g = engine.population.records
         names = list(dict.fromkeys(int(i) for i in g["instrument"].tolist()))
         if aggregator is None:
-            tfs = list(timeframes) if timeframes is not None else sorted({int(t) for t in g["timeframe"].tolist()})
+            # one timeframe or several, read as TickAggregator reads them
+            tfs = timeframes if timeframes is not None else sorted({int(t) for t in g["timeframe"].tolist()})
             aggregator = TickAggregator(tfs, instruments=names)
         self.aggregator = aggregator
         if dsi is None or dsi is True or dsi is np.True_:
