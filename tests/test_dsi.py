@@ -223,6 +223,13 @@ def test_momentum_burst():
     assert _runs(price, aggressor=sellers)["momentum"] == []
     slow = T0 + np.arange(7) * NS  # four moves over 4 s
     assert _runs(price, ts=slow)["momentum"] == []
+    # a run spanning most of int64's range is not quick (its duration wrapped negative before)
+    far = np.array([-9 * 10**18, -9 * 10**18 + 1, -9 * 10**18 + 2, 9 * 10**18, 9 * 10**18 + 1, 9 * 10**18 + 2,
+                    9 * 10**18 + 3], dtype=np.int64)
+    assert _runs(price, ts=far)["momentum"] == []
+    near = far.copy()
+    near[3:] = near[2] + np.arange(1, 5)
+    assert _runs(price, ts=near)["momentum"] == [(5, 1)]
 
 
 def test_exhaustion_after_a_climax():

@@ -100,8 +100,12 @@ inline void runs(const int64_t* ts, const double* price, const double* size, con
     vol = vol + size[t];
     agg = agg + (aggressor[t] == dir ? size[t] : 0.0);
     maxz = nan_max(maxz, zsize[t]);
-    if (mv != 0 && moves == p.burst_moves && agg >= p.burst_share * vol && ts[t] - start_ts <= p.burst_ns)
-      momentum.add(t, dir);
+    // the run's duration in uint64: start and end may be up to 2^64 ns apart (the difference
+    // wrapped in int64 and read as a quick run); a time before the start (never after
+    // validation) counts as no time
+    const bool quick = ts[t] < start_ts || static_cast<uint64_t>(ts[t]) - static_cast<uint64_t>(start_ts) <=
+                                               static_cast<uint64_t>(p.burst_ns);
+    if (mv != 0 && moves == p.burst_moves && agg >= p.burst_share * vol && quick) momentum.add(t, dir);
     const double d = dir;
     const bool cond = dir != 0 && -d * (e1 - e3) > 0.0 && pmoves >= p.sweep_moves && pshare >= p.sweep_share &&
                       std::fabs(e1 - e2) > 0.0 && d * (price[t] - e1) >= p.sweep_retrace * std::fabs(e1 - e2);
