@@ -885,7 +885,8 @@ class Engine:
 
         Returns the report: ``judged``, ``eligible``, ``replaced``, ``crossovers``, ``migrants``,
         ``spawns``, ``period_moves``, ``best``/``median``/``mean`` fitness of the judged agents
-        before replacement, ``styles`` (agents per dominant feature after it) and ``births``
+        with at least ``min_trades`` closed trades, before replacement (NaN when none has; an
+        agent short of them ranks below every other), ``styles`` (agents per dominant feature after it) and ``births``
         (``BIRTH_DTYPE``).
         """
         from .payloads import GenerationEvent, evolution_config

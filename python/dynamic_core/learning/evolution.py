@@ -57,15 +57,15 @@ class GenerationRow(msgspec.Struct, frozen=True, kw_only=True):
     timeframe: int
     bar: int          # bars of the stream seen when it ran
     trigger: str      # "every" or "regime"
-    judged: int
-    eligible: int
+    judged: int       # agents old enough to be judged
+    eligible: int     # of those, with min_trades closed trades and not replaced (parents)
     replaced: int
     crossovers: int
     migrants: int
     spawns: int
     period_moves: int
-    best: float
-    median: float
+    best: float       # fitness of the judged agents with min_trades closed trades, before
+    median: float     # replacement; NaN when none has them yet
     mean: float
     styles: tuple[int, ...]
 
