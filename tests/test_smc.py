@@ -513,6 +513,14 @@ def test_order_block_strength_stays_in_its_documented_range():
     df["Volume"] = -df["Volume"]   # gave strengths from -3.8 to 20
     with pytest.raises(ValueError, match="negative volume"):
         detect(df, 5)
+    # volumes near the float maximum: their sums overflow, the strength still does not (it read
+    # 0 for three equal volumes); strength is scale-free, so it is the one of the volumes scaled
+    df = _real("GOOG").iloc[:600].copy()
+    base = _of(detect(df, 5), smc.ORDER_BLOCK)
+    df["Volume"] = df["Volume"] / df["Volume"].max() * 1e308
+    huge = _of(detect(df, 5), smc.ORDER_BLOCK)
+    assert [e.bar for e in huge] == [e.bar for e in base]
+    assert np.allclose([e.strength for e in huge], [e.strength for e in base], rtol=1e-12, atol=0)
 
 
 def test_smc_agreement_refuses_bars_of_several_streams():

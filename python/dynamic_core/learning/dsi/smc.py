@@ -864,6 +864,9 @@ class SmcDetector:
             v1 = vols[-2] if len(vols) >= 2 else 0.0
             v2 = vols[-3] if len(vols) >= 3 else 0.0
             near, far = v0 + v1, v2
+            if near == math.inf:  # volumes near the float maximum: the ratio from scaled volumes
+                k = max(v0, v1, v2)
+                near, far = v0 / k + v1 / k, v2 / k
             mx = max(near, far)
             strength = min(near, far) / mx if mx != 0 else 1.0
             blk = _Block(idx, typ, top, bot)
