@@ -369,6 +369,31 @@ def test_unknown_instrument_ids_are_skipped_and_counted(eu_bars):
     assert st["skipped_bars"] == {"unknown_instrument": 1} and st["skipped_signals"] == {"unknown_instrument": 2}
 
 
+def test_negative_instrument_ids_are_unknown_not_the_last_instrument(eu_bars):
+    # records with a signed id column: -1 indexed the instrument table from its end, so a BUY of
+    # "instrument -1" traded the last registered instrument
+    dc.instruments.id("GBPUSD")
+    signed_bar = np.dtype([(n, "<i8" if n == "instrument" else eu_bars.dtype[n]) for n in eu_bars.dtype.names])
+    m = DecisionMaker(PaperBroker())
+    m.on_bars(eu_bars)
+    before = (dict(m.atr._state), dict(m.prices))
+    bad = eu_bars[-1:].astype(signed_bar)
+    bad["instrument"] = -1
+    bad["ts"] += 3600 * 10**9
+    m.on_bars(bad)
+    assert (dict(m.atr._state), dict(m.prices)) == before
+    sig = signals(dc.instruments.id("EURUSD"), int(eu_bars["ts"][-1]), n=2)
+    signed_sig = np.dtype([(n, "<i8" if n == "instrument" else sig.dtype[n]) for n in sig.dtype.names])
+    neg = sig.astype(signed_sig)
+    neg["instrument"] = -1
+    assert m.on_signals(neg) == [] and m.decisions == []
+    st = m.stats()
+    assert st["skipped_bars"] == {"unknown_instrument": 1} and st["skipped_signals"] == {"unknown_instrument": 2}
+    floats = np.dtype([(n, "<f8" if n == "instrument" else sig.dtype[n]) for n in sig.dtype.names])
+    with pytest.raises(TypeError, match="instrument field must be an integer"):
+        m.on_signals(sig.astype(floats))
+
+
 # ---- 7. bounded history -------------------------------------------------------------------------------
 
 def test_verdicts_and_plans_are_bounded_and_counted(eu_bars):

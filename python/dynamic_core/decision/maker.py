@@ -153,6 +153,14 @@ class CreditLedger:
         return len(ids)
 
 
+def _check_ids(a: np.ndarray, what: str) -> None:
+    """TypeError unless the records' instrument, timeframe and time fields are integers (an id
+    column of floats or objects would index the instrument table by accident)."""
+    for name in ("instrument", "timeframe", "ts"):
+        if a.dtype[name].kind not in "iu":
+            raise TypeError(f"{what}: the {name} field must be an integer, got {a.dtype[name]}")
+
+
 class DecisionMaker:
     """Signals in, verdicts and orders out, outcomes fed back.
 
@@ -264,6 +272,7 @@ class DecisionMaker:
                 or not set(BAR_DTYPE.names) <= set(bars.dtype.names or ())):
             got = f"dtype {bars.dtype}, shape {bars.shape}" if isinstance(bars, np.ndarray) else type(bars).__name__
             raise TypeError(f"on_bars: expected a 1-d array of dc.BAR_DTYPE, got {got}")
+        _check_ids(bars, "on_bars")
         if len(bars) == 0:
             return
         opening = float(self.trader.equity)  # a new day opens at the equity before these fills
@@ -276,13 +285,13 @@ class DecisionMaker:
         # comparison)
         in_range = (h >= np.maximum(o, c)) & (lo <= np.minimum(o, c))
         good = in_range & (h <= MAX_PRICE) & (lo >= MIN_PRICE)
-        if good.all() and int(inst.max()) < len(names):
+        if good.all() and 0 <= int(inst.min()) and int(inst.max()) < len(names):
             codes: Any = repeat(0)
         else:  # 0: good; else the index of its reason in _BAR_REASONS (the trader's checks, in its order)
             finite = np.isfinite(o) & np.isfinite(h) & np.isfinite(lo) & np.isfinite(c)
             positive = (o > 0.0) & (lo > 0.0) & (c > 0.0)
             bounded = (np.minimum(np.minimum(o, lo), c) >= MIN_PRICE) & (np.maximum(np.maximum(o, h), c) <= MAX_PRICE)
-            codes = np.where(inst >= len(names), 1, np.where(~finite, 2, np.where(
+            codes = np.where((inst < 0) | (inst >= len(names)), 1, np.where(~finite, 2, np.where(
                 ~positive, 5, np.where(~bounded, 6, np.where(in_range, 0, 3))))).tolist()
         upd, last, prices, skipped = self.atr.update, self._bar_ts, self.prices, self.skipped_bars
         mark_ts = None
@@ -380,6 +389,7 @@ class DecisionMaker:
                    else type(signals).__name__)
             raise TypeError(f"on_signals: expected a 1-d array of dc.SIGNAL_DTYPE (what Engine.run and poll "
                             f"return), got {got}")
+        _check_ids(signals, "on_signals")
         if len(signals) == 0:
             return out
         cfg = self.plan_config
@@ -398,8 +408,9 @@ class DecisionMaker:
         inst_a, act = sel["instrument"], sel["action"]
         # skipped and counted before anything changes: unknown instrument ids, then actions that
         # are not an action (STRONG_SELL -2 .. STRONG_BUY 2)
-        if int(inst_a.max()) >= len(names) or int(act.min()) < -2 or int(act.max()) > 2:
-            keep = inst_a < len(names)
+        if (int(inst_a.min()) < 0 or int(inst_a.max()) >= len(names) or int(act.min()) < -2
+                or int(act.max()) > 2):
+            keep = (inst_a >= 0) & (inst_a < len(names))
             skipped = self.skipped_signals
             for reason, bad in (("unknown_instrument", ~keep), ("bad_action", keep & ((act < -2) | (act > 2)))):
                 n_bad = int(np.count_nonzero(bad))
