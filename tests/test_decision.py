@@ -622,6 +622,14 @@ def test_review_cases_gross_reduction_prices_account_targets():
 
     with pytest.raises(ValueError, match="account"):
         DecisionMaker(b, plan=PlanConfig(account="EUR"), limits=RiskLimits())
+    # the one not given follows the one given, then the trader's: the governor compared USD
+    # notional with EUR equity when only the plan named EUR
+    eur = PaperBroker(account="EUR")
+    for kw in ({"plan": PlanConfig(account="EUR")}, {"limits": RiskLimits(account="EUR")}, {}):
+        m = DecisionMaker(eur, **kw)
+        assert m.plan_config.account == m.governor.limits.account == "EUR", kw
+    with pytest.raises(ValueError, match="trader's account currency is 'EUR'"):
+        DecisionMaker(eur, plan=PlanConfig(account="USD"))
     # a short's targets below zero are dropped
     p = make_plan(signal("GOOG", -1), entry=100.0, atr=20.0, equity=1e5)
     assert p.targets == (40.0,)

@@ -765,6 +765,11 @@ class PaperBroker:
         return self._balance
 
     @property
+    def account(self) -> str:
+        """The account currency (P&L, balance and equity are in it)."""
+        return self._account
+
+    @property
     def equity(self) -> float:
         """Balance plus open legs marked at their exit side of the last close (bid for longs,
         ask for shorts; no slippage or exit commission).

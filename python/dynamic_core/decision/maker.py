@@ -168,9 +168,12 @@ class DecisionMaker:
     ----------
     trader : PaperBroker-like
         Executes approved plans (``submit_plan(plan)``), reports closed trades (``on_trade``),
-        holds ``equity`` and ``positions()``.
+        holds ``equity`` and ``positions()``; its ``account`` currency, when it has one, must be
+        the plan's.
     plan : PlanConfig, optional
     limits : RiskLimits, optional
+        Their account currencies must agree. One not given takes the other's account (neither:
+        the trader's, else USD) and its defaults otherwise.
     specs : mapping of InstrumentSpec, optional
         Overrides of :data:`~dynamic_core.decision.specs.DEFAULT_SPECS`.
     journal : callable, optional
@@ -212,10 +215,23 @@ class DecisionMaker:
                  credit: CreditLedger | None = None, contributors: int = 8, dsi: Any = None,
                  history: int | None = HISTORY) -> None:
         self.trader = trader
-        self.plan_config = plan if plan is not None else PlanConfig()
-        if limits is not None and limits.account != self.plan_config.account:
-            raise ValueError(f"the plan config's account currency {self.plan_config.account!r} differs from the "
+        # one account currency for sizing, the governor and the trader: the one given (plan or
+        # limits), else the trader's (when it names one), else USD
+        own = getattr(trader, "account", None)
+        own = own if isinstance(own, str) else None
+        account = (plan.account if plan is not None else limits.account if limits is not None
+                   else own if own is not None else PlanConfig().account)
+        if plan is None:
+            plan = PlanConfig(account=account)
+        if limits is None:
+            limits = RiskLimits(account=account)
+        if limits.account != plan.account:
+            raise ValueError(f"the plan config's account currency {plan.account!r} differs from the "
                              f"risk limits' {limits.account!r}: set both ([plan] account and [risk] account)")
+        if own is not None and own != plan.account:
+            raise ValueError(f"the trader's account currency is {own!r}, the plan config's {plan.account!r}: "
+                             "sizes and limits would be in another currency than its equity")
+        self.plan_config = plan
         if history is not None and (not isinstance(history, int) or history < 1):
             raise ValueError(f"history must be an int >= 1 or None, got {history!r}")
         self.specs = dict(specs or {})
