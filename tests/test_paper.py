@@ -443,14 +443,30 @@ def test_bad_bars_are_ignored_and_counted() -> None:
     assert b.on_bar("EURUSD", 2, 1.1, 1.0, 1.2, 1.1) == []  # high below low
     assert b.on_bar("EURUSD", 1, 1.1, 1.1, 1.1, 1.1) == []  # not after the last bar
     assert b.on_bar("EURUSD", "soon", 1.1, 1.1, 1.1, 1.1) == []  # type: ignore[arg-type]
+    # times are int64 ns: beyond it the equity curve broke for good (and the instrument was
+    # blocked as out of order); floats and numeric strings are no time either
+    for ts in (2**64, 2**63, 1.7, "5", True):
+        assert b.on_bar("EURUSD", ts, 1.1, 1.1, 1.1, 1.1) == []  # type: ignore[arg-type]
     assert b.on_bar("EURUSD", 2, 0.0, 0.0, 0.0, 0.0) == []  # a fill at 0 is no price
     assert b.on_bar("EURUSD", 2, -1.0, -0.5, -1.5, -1.0) == []
     assert b.on_bar("EURUSD", 2, 1.1, 1e300, 1.1, 1e300) == []  # past dc.MAX_PRICE, as the engine
     assert b.on_bar("EURUSD", 2, 1.1, 1.1, 1e-300, 1.1) == []  # below dc.MIN_PRICE
     assert b.pending() and len(b.equity_curve()) == 1 and b.last_prices() == {"EURUSD": 1.1}
-    assert b.stats()["ignored_bars"] == {"bad_bar": 1, "bad_range": 1, "non_finite": 2, "out_of_order": 1,
+    assert b.stats()["ignored_bars"] == {"bad_bar": 6, "bad_range": 1, "non_finite": 2, "out_of_order": 1,
                                          "non_positive_price": 2, "price_out_of_range": 2}
-    assert len(b.on_bar("EURUSD", 2, 1.1, 1.1, 1.1, 1.1)) == 1
+    assert len(b.on_bar("EURUSD", np.int64(2), 1.1, 1.1, 1.1, 1.1)) == 1
+    assert len(b.equity_curve()) == 2
+
+
+def test_refused_orders_leave_nothing_behind() -> None:
+    # every name a refused order gave stayed in the broker's spec cache (43 MB for 200k names)
+    b = PaperBroker(history=100)
+    for k in range(2000):
+        assert b.submit(buy(f"x{k}", -1.0, instrument=f"ZZ{k:04d}USD")).reason == "bad_size"
+    assert b._spec_cache == {}
+    b.on_bar("EURUSD", 1, 1.1, 1.1, 1.1, 1.1)
+    assert b.submit(buy("ok", 1.0)).status in ("accepted", "filled")
+    assert list(b._spec_cache) == ["EURUSD"]
 
 
 def test_raising_callback_is_counted_not_propagated(caplog: pytest.LogCaptureFixture) -> None:

@@ -310,10 +310,14 @@ class PaperBroker:
         self._max_dd = self._max_dd_pct = 0.0
 
     # ----------------------------------------------------------------------------- lookups
-    def _spec(self, instrument: str) -> InstrumentSpec:
+    def _spec(self, instrument: str, keep: bool = True) -> InstrumentSpec:
+        """The spec of ``instrument``, cached when ``keep`` (not for an order still being
+        checked: every name a refused order gave would stay in the cache)."""
         spec = self._spec_cache.get(instrument)
         if spec is None:
-            spec = self._spec_cache[instrument] = instrument_spec(instrument, self._overrides)
+            spec = instrument_spec(instrument, self._overrides)
+            if keep:
+                self._spec_cache[instrument] = spec
         return spec
 
     def _cost(self, instrument: str) -> CostModel:
@@ -398,7 +402,7 @@ class PaperBroker:
             return "bad_side"
         if order.type not in _ORDER_TYPES:
             return "bad_type"
-        spec = self._spec(order.instrument)
+        spec = self._spec(order.instrument, keep=False)
         lots = float(order.lots)
         if not (math.isfinite(lots) and lots > 0.0) or abs(spec.round_lots(lots) - lots) > _EPS:
             return "bad_size"
@@ -611,7 +615,12 @@ class PaperBroker:
         return the fills it caused. Invalid bars are ignored and counted in
         ``stats()["ignored_bars"]``: ``non_finite``, ``non_positive_price``,
         ``price_out_of_range`` (outside ``[dc.MIN_PRICE, dc.MAX_PRICE]``, as the engine rejects
-        it), ``bad_range``, ``out_of_order``, ``bad_bar``."""
+        it), ``bad_range``, ``out_of_order``, ``bad_bar`` (among others a time that is not an
+        integer in int64's range)."""
+        # a time is an integer (ns) in int64's range: a float would be truncated, a larger one
+        # break the equity curve (int64) for good
+        if isinstance(ts, (bool, np.bool_)) or not isinstance(ts, (int, np.integer)) or not -(2**63) <= ts < 2**63:
+            return self._ignore("bad_bar")
         try:
             ts, o, h, lo, c = int(ts), float(open), float(high), float(low), float(close)
         except (TypeError, ValueError, OverflowError):
