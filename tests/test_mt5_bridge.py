@@ -9,6 +9,7 @@ list: every order must appear there exactly once, whatever the network did.
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -634,6 +635,20 @@ def test_bind_policy() -> None:
         MT5Bridge("tcp://0.0.0.0:*", start=False)
     with pytest.raises(ValueError):
         MT5Bridge("tcp://127.0.0.1:*", safe_mode="panic", start=False)
+
+
+def test_liveness_rule_within_what_the_hello_carries() -> None:
+    # the hello tells the EA heartbeat_ms in [1, 3600000] and missed in [1, 1000]: a bridge
+    # built outside them was accepted, no EA could take its hello, and the link never came up
+    for kw in ({"missed": 1001}, {"missed": 0}, {"heartbeat": 3601.0}, {"heartbeat": 0.0005},
+               {"heartbeat": math.nan}):
+        with pytest.raises(ValueError, match="heartbeat|missed"):
+            MT5Bridge("tcp://127.0.0.1:*", start=False, **kw)
+    MT5Bridge("tcp://127.0.0.1:*", heartbeat=3600.0, missed=1000, start=False).close()
+    for opt, val in (("--missed", "1001"), ("--heartbeat", "3601"), ("--heartbeat", "0.0001")):
+        with pytest.raises(SystemExit) as e:
+            _mt5_parser().parse_args(["bridge", "mt5", opt, val])
+        assert e.value.code == 2
 
 
 # ---- command line ----------------------------------------------------------------------------------

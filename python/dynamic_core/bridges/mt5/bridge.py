@@ -28,7 +28,9 @@ from ...payloads import TradingPlan
 from ...transport._common import check_address, endpoint, readable
 from ._util import Doorbell, LogLimiter, ReplyThrottle, SeqTracker, Stamper, configure
 from .protocol import (
+    MAX_HEARTBEAT_MS,
     MAX_ID,
+    MAX_MISSED,
     PROTOCOL_VERSION,
     Ack,
     Cancel,
@@ -301,10 +303,17 @@ class MT5Bridge:
                  start: bool = True) -> None:
         if safe_mode not in ("queue", "refuse"):
             raise ValueError(f"safe_mode must be 'queue' or 'refuse', got {safe_mode!r}")
-        if not (heartbeat > 0 and resend_timeout > 0 and resend_max_delay >= resend_timeout):
-            raise ValueError("need heartbeat > 0 and 0 < resend_timeout <= resend_max_delay")
-        if missed < 1 or max_sends < 1 or max_queued < 0 or not 0 <= magic < 2**63:
-            raise ValueError("need missed >= 1, max_sends >= 1, max_queued >= 0, 0 <= magic < 2**63")
+        # the liveness rule travels to the EA in its hello (whole ms): outside the protocol's
+        # bounds no EA could accept it and the link never came up
+        if not 0.001 <= heartbeat <= MAX_HEARTBEAT_MS / 1000:
+            raise ValueError(f"heartbeat must be in [0.001, {MAX_HEARTBEAT_MS // 1000}] s (the protocol carries whole "
+                             f"ms up to an hour), got {heartbeat!r}")
+        if not 1 <= missed <= MAX_MISSED:
+            raise ValueError(f"missed must be in [1, {MAX_MISSED}] (the protocol's bound), got {missed!r}")
+        if not (resend_timeout > 0 and resend_max_delay >= resend_timeout):
+            raise ValueError("need 0 < resend_timeout <= resend_max_delay")
+        if max_sends < 1 or max_queued < 0 or not 0 <= magic < 2**63:
+            raise ValueError("need max_sends >= 1, max_queued >= 0, 0 <= magic < 2**63")
         check_address(address, bind=True, allow_remote=allow_remote)
         self.heartbeat = float(heartbeat)
         self.missed = int(missed)

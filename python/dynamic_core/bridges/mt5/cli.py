@@ -38,6 +38,7 @@ from ...instruments import MAX_NAME
 from ...payloads import TradingPlan
 from ...transport._common import check_address
 from .bridge import DEFAULT_BRIDGE_ADDRESS, BridgeReport, MT5Bridge
+from .protocol import MAX_HEARTBEAT_MS, MAX_MISSED
 
 __all__ = ["PlanSource", "add_parser", "cmd_bridge_mt5", "default_plan_source"]
 
@@ -59,9 +60,17 @@ The EA connects a ZeroMQ DEALER to --bind and speaks the protocol of docs/mt5-br
 JSON, acks, re-sends with the same client_order_id, reconciliation after every reconnect, safe
 mode after --missed silent heartbeats). Orders are never sent over PUB/SUB.
 
-exit codes: 0 done; 1 an order was executed more than once (simulated terminal only);
-2 bad arguments; 130 interrupted.
+exit codes: 0 done; 1 an order was executed more than once, or the simulated terminal
+never connected (simulated terminal only); 2 bad arguments; 130 interrupted.
 """
+
+
+def _heartbeat(text: str) -> float:
+    """A heartbeat interval the protocol can carry to the EA (whole ms, up to an hour)."""
+    v = positive_float(text)
+    if not 0.001 <= v <= MAX_HEARTBEAT_MS / 1000:
+        raise argparse.ArgumentTypeError(f"must be in [0.001, {MAX_HEARTBEAT_MS // 1000}] s, got {text!r}")
+    return v
 
 
 def add_parser(subparsers: Any, formatter: type[argparse.HelpFormatter] | None = None) -> argparse.ArgumentParser:
@@ -76,10 +85,10 @@ def add_parser(subparsers: Any, formatter: type[argparse.HelpFormatter] | None =
                    help=f"address the bridge binds [default: {DEFAULT_BRIDGE_ADDRESS}]")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow binding beyond loopback (the protocol has no authentication)")
-    p.add_argument("--heartbeat", type=positive_float, default=1.0, metavar="S",
-                   help="heartbeat interval in seconds [default: 1]")
-    p.add_argument("--missed", type=positive_int, default=3, metavar="N",
-                   help="silent heartbeat intervals before safe mode [default: 3]")
+    p.add_argument("--heartbeat", type=_heartbeat, default=1.0, metavar="S",
+                   help=f"heartbeat interval in seconds, 0.001 to {MAX_HEARTBEAT_MS // 1000} [default: 1]")
+    p.add_argument("--missed", type=int_range(1, MAX_MISSED), default=3, metavar="N",
+                   help=f"silent heartbeat intervals before safe mode, 1 to {MAX_MISSED} [default: 3]")
     p.add_argument("--resend-timeout", type=positive_float, default=0.5, metavar="S",
                    help="seconds without an ack before an order is re-sent (doubles per re-send) [default: 0.5]")
     p.add_argument("--magic", type=_magic, default=556001, help="MT5 magic number of the orders [default: 556001]")
@@ -223,7 +232,9 @@ def _run_simulated(args: argparse.Namespace, bridge: MT5Bridge, plan_source: Pla
     try:
         with Engine(pop) as eng:
             if not bridge.wait_until(lambda: bridge.link == "live", 10.0):
-                raise RuntimeError("the simulated terminal did not connect")
+                print(f"dynamic-core bridge mt5: the simulated terminal did not connect to {bridge.address} within "
+                      f"10 s (link {bridge.link}; rejected frames {bridge.stats()['rejected']})", file=sys.stderr)
+                return 1
             _watch_link(bridge, last)
             for step in range(args.bars):
                 bars = sim.bars(1)

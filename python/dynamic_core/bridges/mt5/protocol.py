@@ -34,7 +34,9 @@ from ...payloads import Codec
 
 __all__ = [
     "MAX_FRAME",
+    "MAX_HEARTBEAT_MS",
     "MAX_ID",
+    "MAX_MISSED",
     "PROTOCOL_VERSION",
     "Ack",
     "Cancel",
@@ -122,6 +124,12 @@ class Error(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="er
 
 # ---- engine -> EA ------------------------------------------------------------------------------
 
+MAX_HEARTBEAT_MS = 3_600_000
+"""Longest heartbeat interval the protocol carries (an hour, in ms; the shortest is 1 ms)."""
+MAX_MISSED = 1000
+"""Most silent heartbeat intervals before safe mode the protocol carries."""
+
+
 class EngineHello(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="hello"):
     """The engine's half of the handshake: the answer to every EA ``hello`` (and to a message
     from a terminal epoch the engine has no session with). ``peer_epoch`` is the terminal epoch
@@ -129,8 +137,8 @@ class EngineHello(_Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, t
     ``magic`` is the MT5 magic number of this bridge's orders."""
 
     peer_epoch: Count
-    heartbeat_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)]
-    missed: Annotated[int, msgspec.Meta(ge=1, le=1000)]
+    heartbeat_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_HEARTBEAT_MS)]
+    missed: Annotated[int, msgspec.Meta(ge=1, le=MAX_MISSED)]
     magic: Count
 
 
