@@ -760,6 +760,23 @@ def test_history_bound_forgets_settled_orders_only(make: Callable[..., typing.An
     assert term.executions() == dict.fromkeys(coids, 1)
 
 
+def test_a_steady_link_reconciles_by_itself_to_keep_its_orders_bounded(make: Callable[..., typing.Any]) -> None:
+    # orders netted back to flat at the terminal stayed "open" at the bridge (only a
+    # reconciliation finds them closed, and a steady link never had one): history=10 kept 200
+    bridge = make("bridge", history=10)
+    term = make("terminal", bridge.address)
+    live(bridge)
+    coids = []
+    for i in range(60):
+        coids.append(bridge.submit_order(symbol="EURUSD", side="buy" if i % 2 == 0 else "sell", volume=0.1,
+                                         valid_until=int(time.time() * 1000) + 60_000, plan_id=f"net-{i}"))
+        assert bridge.wait(coids[-1]) == "filled"
+    # at most once per `history` orders submitted: the orders kept stay within ~2 x history
+    wait_for(lambda: bridge.link == "live" and len(bridge.orders()) <= 30, what="orders pruned")
+    assert bridge.stats()["auto_reconciliations"] >= 2 and term.positions() == {}
+    assert len(bridge.positions()) <= 30 and term.executions() == dict.fromkeys(coids, 1)
+
+
 def test_order_expired_while_unacked_is_upgraded_by_a_late_fill(make: Callable[..., typing.Any]) -> None:
     # missed 200 (10 s): the 2.5 s delay below is no silence; the re-sends until valid_until stay
     # below max_sends (8 take about 1 s here)

@@ -281,7 +281,12 @@ class MT5Bridge:
     history : int
         Orders kept in :meth:`orders` (and recognised by id when submitted again); beyond it the
         oldest final orders without an open position are forgotten. A forgotten order submitted again is sent again and
-        the EA, which remembers every id, answers with its first outcome.
+        the EA, which remembers every id, answers with its first outcome. A filled order stays
+        open here until a reconciliation finds its position gone (closed by netting, a stop or a
+        target), so when pruning leaves more than ``history`` orders the bridge reconciles by
+        itself, at most once per ``history`` orders submitted
+        (``stats()["auto_reconciliations"]``): the orders kept stay within about twice
+        ``history`` plus the positions really open at the terminal.
     symbols : mapping, optional
         Engine instrument name -> broker symbol (``{"EURUSD": "EURUSD.r"}``).
     allow_remote : bool
@@ -386,7 +391,9 @@ class MT5Bridge:
              "unknown_epoch", "errors_received", "errors_sent", "unexpected", "send_failures", "safe_mode_entries",
              "sessions", "reconciliations", "reconciled_fills", "unknown_positions", "late_outcomes",
              "callback_errors", "unconfirmed", "cancels_sent", "flattens_sent", "heartbeats_sent",
-             "hellos_sent", "queue_full", "inconsistent_reports", "bad_answers", "errors_suppressed"), 0)
+             "hellos_sent", "queue_full", "inconsistent_reports", "bad_answers", "errors_suppressed",
+             "auto_reconciliations"), 0)
+        self._recon_submitted = -history  # orders submitted at the last reconciliation of its own
         self._safe_since: float | None = None
         self._silence_at_safe = 0.0
         self._thread: threading.Thread | None = None
@@ -1175,6 +1182,14 @@ class MT5Bridge:
         self._logs.flush(now)
         if len(self._orders) > self.history:
             self._prune()
+            # Still over: the rest hold positions. A steady link never reconciles otherwise, so
+            # positions closed at the terminal would stay open here and their orders kept for
+            # good; at most once per `history` orders submitted.
+            if (len(self._orders) > self.history and self.link == "live" and self._term_ident is not None
+                    and self._query is None and self.counts["submitted"] - self._recon_submitted >= self.history):
+                self._recon_submitted = self.counts["submitted"]
+                self.counts["auto_reconciliations"] += 1
+                self._start_reconcile(now)
         link = self.link
         if self._term_ident is None:
             self._expire_queued()
