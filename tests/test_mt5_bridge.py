@@ -637,6 +637,18 @@ def test_bind_policy() -> None:
         MT5Bridge("tcp://127.0.0.1:*", safe_mode="panic", start=False)
 
 
+def test_a_closed_bridge_refuses_work_instead_of_queueing_it() -> None:
+    # an order submitted after close() waited "queued" for good for a thread that had stopped
+    bridge = MT5Bridge("tcp://127.0.0.1:*")
+    bridge.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, valid_until=int(time.time() * 1000) + 60_000)
+    for call in (lambda: bridge.cancel("x"), bridge.flatten, bridge.reconcile):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    assert bridge.orders() == {}
+
+
 def test_liveness_rule_within_what_the_hello_carries() -> None:
     # the hello tells the EA heartbeat_ms in [1, 3600000] and missed in [1, 1000]: a bridge
     # built outside them was accepted, no EA could take its hello, and the link never came up

@@ -410,6 +410,10 @@ class MT5Bridge:
             self._thread.start()
         return self
 
+    def _check_open(self) -> None:
+        if self._stop.is_set():
+            raise RuntimeError("the mt5 bridge is closed")
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop the bridge thread and close the socket. Orders not settled stay as they are in
         :meth:`orders` (the EA de-duplicates them if a new bridge submits them again)."""
@@ -468,8 +472,10 @@ class MT5Bridge:
         :func:`~.protocol.client_order_id_for` ``(plan_id)`` (a random id when there is no
         ``plan_id``); an id already known returns at once and sends nothing. ``symbol`` is
         mapped through ``symbols``. Never blocks; raises ValueError for an order that no EA
-        could accept (bad side, type, volume, id).
+        could accept (bad side, type, volume, id), RuntimeError once the bridge is closed (the
+        order would wait for a thread that has stopped).
         """
+        self._check_open()
         if side not in ("buy", "sell"):
             raise ValueError(f"side must be 'buy' or 'sell', got {side!r}")
         if order_type not in ("market", "limit", "stop"):
@@ -527,6 +533,7 @@ class MT5Bridge:
     def cancel(self, client_order_id: str) -> bool:
         """Ask the EA to cancel an order that is not final; False when it is unknown or final.
         The outcome arrives as a report (``cancelled``, or the order's real final state)."""
+        self._check_open()
         o = self._orders.get(client_order_id)
         if o is None or o.state in FINAL:
             return False
@@ -537,11 +544,13 @@ class MT5Bridge:
     def flatten(self, reason: str = "requested") -> None:
         """Close every position and pending order of this bridge's magic at the terminal. The
         answer reconciles; orders wait meanwhile (section 8 of the protocol)."""
+        self._check_open()
         self._inbox.append(("flatten", reason))
         self._bell.ring()
 
     def reconcile(self) -> None:
         """Reconcile with the terminal now (positions query); orders wait until it completes."""
+        self._check_open()
         self._inbox.append(("reconcile", None))
         self._bell.ring()
 
