@@ -530,3 +530,22 @@ def test_an_approved_plan_the_broker_refuses_is_counted():
 def test_on_signals_says_what_it_expects(bad):
     with pytest.raises(TypeError, match="SIGNAL_DTYPE"):
         DecisionMaker(PaperBroker()).on_signals(bad)
+
+
+def test_a_python_built_signal_with_ids_out_of_range_is_refused_with_a_typed_error():
+    # msgspec does not check a Struct built in Python: these reached struct.pack (struct.error)
+    # or made a malformed signal id ('-000000000000001:1')
+    for field, bad in (("timeframe", -3600), ("seq", -1), ("population_hash", -1), ("seq", 2**64),
+                       ("ts", 2**63), ("timeframe", 1.5)):
+        sig = msgspec.structs.replace(ai_signal(), **{field: bad})
+        with pytest.raises(ValueError, match=f"signal {field} must be an integer"):
+            make_plan(sig, entry=1.1, atr=0.001, equity=1e5)
+    assert make_plan(ai_signal(), entry=1.1, atr=0.001, equity=1e5) is not None
+
+
+def test_rationale_book_capacity_is_checked():
+    from dynamic_core.decision.session import RationaleBook
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="capacity"):
+            RationaleBook(capacity=bad)

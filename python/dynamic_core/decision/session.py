@@ -59,7 +59,9 @@ class RationaleBook:
     """
 
     def __init__(self, capacity: int = 100_000) -> None:
-        self.capacity = int(capacity)
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        self.capacity = capacity
         self._d: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
         self._cv = threading.Condition()
 
