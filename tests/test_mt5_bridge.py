@@ -701,12 +701,19 @@ def test_cli_simulated_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     assert "plans submitted 5, orders executed at the terminal 5, executed more than once 0" in out
 
 
-def test_cli_default_plan_source_runs() -> None:
+def test_cli_default_plan_source_runs_the_same_way_every_time(capsys: pytest.CaptureFixture[str]) -> None:
+    # with --bar-interval 0 the next bar reached the terminal before this bar's orders: stops
+    # were judged at a later price, and the same seed gave other equities run to run
     from dynamic_core.bridges.mt5.cli import cmd_bridge_mt5
 
-    args = _mt5_parser().parse_args(["bridge", "mt5", "--bind", "tcp://127.0.0.1:*", "--simulated-terminal",
-                                     "--bars", "120", "--bar-interval", "0", "--heartbeat", "0.05", "-q"])
-    assert cmd_bridge_mt5(args) == 0
+    outs = []
+    for _ in range(2):
+        args = _mt5_parser().parse_args(["bridge", "mt5", "--bind", "tcp://127.0.0.1:*", "--simulated-terminal",
+                                         "--bars", "60", "--bar-interval", "0", "--heartbeat", "0.05", "-q",
+                                         "--instruments", "USDJPY,XAUUSD,GOOG", "--timeframe", "D1"])
+        assert cmd_bridge_mt5(args) == 0
+        outs.append([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("terminal:", "plans"))])
+    assert outs[0] == outs[1] and len(outs[0]) == 2 and "plans submitted 0" not in outs[0][1]
 
 
 @pytest.mark.parametrize(("option", "value"), [

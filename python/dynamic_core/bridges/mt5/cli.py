@@ -65,6 +65,9 @@ never connected (simulated terminal only); 2 bad arguments; 130 interrupted.
 """
 
 
+_IN_FLIGHT = ("queued", "sent", "acked")  # states of an order the terminal has not yet taken
+
+
 def _heartbeat(text: str) -> float:
     """A heartbeat interval the protocol can carry to the EA (whole ms, up to an hour)."""
     v = positive_float(text)
@@ -243,12 +246,17 @@ def _run_simulated(args: argparse.Namespace, bridge: MT5Bridge, plan_source: Pla
                     term.on_bar(sim.names[list(sim.ids).index(int(b["instrument"]))], wall, float(b["open"]),
                                 float(b["high"]), float(b["low"]), float(b["close"]))
                 sig = eng.run(bars)
+                sent = []
                 for plan in source(sig, bars):
                     bars_valid = max(0.0, (plan.valid_until - plan.ts) / tf_ns)
                     wall_valid = wall + int(bars_valid * args.bar_interval * 1e9) + 1_000_000_000
                     plan = msgspec.structs.replace(plan, valid_until=wall_valid)
-                    bridge.submit_plan(plan)
+                    sent.append(bridge.submit_plan(plan))
                     submitted += 1
+                # the terminal takes this bar's orders at this bar's prices before the next bar
+                # comes (with --bar-interval 0 it raced them: the same seed gave other results)
+                bridge.wait_until(lambda: all((o := bridge.order(c)) is None or o["state"] not in _IN_FLIGHT
+                                              for c in sent), 5.0)
                 _watch_link(bridge, last)
                 if end is not None and time.monotonic() >= end:
                     break
