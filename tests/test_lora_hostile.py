@@ -387,6 +387,24 @@ def test_a_target_outside_the_score_range_is_refused_and_nothing_is_learned(targ
     assert h.system_tick()["learners"] == 3
 
 
+@pytest.mark.parametrize("x, target", [
+    (np.full((4, 8), "1"), np.zeros(4)),             # strings were parsed as numbers
+    (np.full((4, 8), None), np.zeros(4)),            # objects scored NaN
+    (np.ones((4, 8)) * (1 + 1j), np.zeros(4)),       # complex lost its imaginary part (a warning)
+    (np.ones((4, 8)), np.array(["0", "0", "0", "0"])),
+    (np.ones((4, 8)), np.zeros(4, complex)),
+])
+def test_inputs_that_are_not_real_numbers_are_refused_with_a_type_error(x, target) -> None:
+    h = LoRAHierarchy(4, 8, seed=1)
+    with pytest.raises(TypeError, match="must hold real numbers"):
+        h.learn(x, target)
+    if not isinstance(target.flat[0], str) and target.dtype.kind != "c":
+        with pytest.raises(TypeError, match="x must hold real numbers"):
+            h.score(x)
+    assert h.system_tick()["learners"] == 0
+    assert np.isfinite(h.score(np.ones((4, 8), dtype=bool))).all()  # bool and ints are numbers
+
+
 @pytest.mark.parametrize("mask, msg", [
     (np.array([1.0, np.nan, 0.0, 1.0]), "other values"),
     (np.array([0, 2, 0, 1]), "other values"),

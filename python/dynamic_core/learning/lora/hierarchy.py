@@ -167,6 +167,15 @@ def _unit_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (x / n, y / n) if n > 0 else (x, y)
 
 
+
+def _real(a: Any, what: str) -> np.ndarray:
+    """``a`` as an array of real numbers (bool, integer or float), else TypeError: strings were
+    parsed as numbers, objects became NaN and complex values lost their imaginary part."""
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{what} must hold real numbers, got dtype {arr.dtype}")
+    return arr
+
 class LoRAHierarchy:
     """DynamicLoRA over ``n_agents`` agents of width ``dim``.
 
@@ -251,7 +260,7 @@ class LoRAHierarchy:
         return snap.layers, snap.head
 
     def _check_x(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=self.dtype)
+        x = np.ascontiguousarray(_real(x, "x"), dtype=self.dtype)
         if x.shape != (self.n_agents, self.dim):
             raise ValueError(f"x must be (n_agents, dim) = {(self.n_agents, self.dim)}, got {x.shape}")
         return x
@@ -327,7 +336,7 @@ class LoRAHierarchy:
             Mean loss over the agents that learned (NaN when none did).
         """
         x = self._check_x(x)
-        t = np.asarray(target, dtype=self.dtype)
+        t = np.asarray(_real(target, "target"), dtype=self.dtype)
         if t.shape != (self.n_agents,):  # not flattened: a (2, 2) target of 4 agents is a mistake
             raise ValueError(f"target must have shape (n_agents,) = ({self.n_agents},), got shape {t.shape}")
         m = np.ones(self.n_agents, bool) if mask is None else _bool_mask(mask, self.n_agents)
