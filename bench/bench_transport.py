@@ -14,7 +14,8 @@ returns rows for the closing summary against the issue's targets.
     clock for every process on Linux). Bars are paced 1 ms apart after a 300-bar warm-up, as a
     live feed would send them. The peer row is the same three processes with the engine
     replaced by a bare forwarder (PULL -> PUB, no decoding): the floor that two ipc hops and
-    three Python loops cost.
+    three Python loops cost; and by libzmq's own proxy (the relay in C, no Python between the
+    hops): the floor of two ipc hops across three processes on this machine.
 ``feed``
     ``SignalFeed.publish`` of ``SIGNAL_DTYPE`` batches (4,096 signals, one topic per message)
     to a subscriber process that decodes every message into ``AISignal`` objects and checks
@@ -142,7 +143,7 @@ def role_subscriber(addr: str, n: int, mode: str) -> None:
             frames = sock.recv_multipart(copy=False)
             if frames[0].bytes == b"hello":
                 continue
-            ctx = codec.decode(frames[1].buffer)
+            ctx = codec.decode(frames[-1].buffer)  # [topic, bar] from the forwarder, [bar] from the proxy
             got.append((ctx.ts[0], time.perf_counter_ns()))
         sock.close(linger=0)
     print(json.dumps(got), flush=True)
@@ -189,12 +190,58 @@ def _forwarder(in_addr: str, out_addr: str, stop: threading.Event) -> None:
         pub.close(linger=0)
 
 
-def _latency_run(tmp: str, n: int, engine: bool, threads: int) -> dict:
-    tag = "eng" if engine else "fwd"
+def _c_proxy(in_addr: str, out_addr: str) -> tuple[threading.Thread, Callable[[], None], Callable[[], None]]:
+    """libzmq's own proxy (PULL -> PUB in C, without the GIL) on a thread: the floor with no
+    Python between the hops. Returns the thread, a function that sends one "hello" through it
+    (for the subscriber to confirm its subscription) and one that stops it."""
+    import zmq
+
+    ctx = zmq.Context.instance()
+    pull, pub, ctl = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB), ctx.socket(zmq.PAIR)
+    pull.bind(in_addr)
+    pub.bind(out_addr)
+    ctl_addr = in_addr + "-ctl"
+    ctl.bind(ctl_addr)
+    peer = ctx.socket(zmq.PAIR)
+    peer.connect(ctl_addr)
+    hello = ctx.socket(zmq.PUSH)
+    hello.connect(in_addr)
+
+    def run() -> None:
+        try:
+            zmq.proxy_steerable(pull, pub, None, ctl)
+        finally:
+            for sock in (pull, pub, ctl):
+                sock.close(linger=0)
+
+    def stop() -> None:
+        peer.send(b"TERMINATE")
+        t.join(5)
+        peer.close(linger=0)
+        hello.close(linger=0)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, lambda: hello.send(b"hello"), stop
+
+
+def _latency_run(tmp: str, n: int, engine: bool, threads: int, c_proxy: bool = False) -> dict:
+    tag = "eng" if engine else ("cpx" if c_proxy else "fwd")
     in_addr, out_addr = f"ipc://{tmp}/{tag}-in", f"ipc://{tmp}/{tag}-out"
     stop = threading.Event()
     svc = eng = None
-    if engine:
+    proxy_stop = None
+    if c_proxy:
+        _, say_hello, proxy_stop = _c_proxy(in_addr, out_addr)
+
+        def greet() -> None:  # until the subscriber is ready (as the forwarder's idle hellos)
+            while not stop.is_set():
+                say_hello()
+                time.sleep(0.005)
+
+        hellos = threading.Thread(target=greet, daemon=True)
+        hellos.start()
+    elif engine:
         pop = dc.Population.random(1000, instruments=[INSTRUMENT], timeframes=["H1"], seed=7)
         eng = dc.Engine(pop, threads=threads)
         svc = T.EngineService(eng, ingress=T.MarketIngress(in_addr, engine=eng),
@@ -206,6 +253,9 @@ def _latency_run(tmp: str, n: int, engine: bool, threads: int) -> dict:
     try:
         sub = _spawn("subscriber", out_addr, str(n), "signal" if engine else "market")
         assert _read_json(sub) == "ready"
+        if c_proxy:  # hellos stop before the bars: every frame after "ready" is a bar
+            stop.set()
+            hellos.join(5)
         tx = _spawn("sender", in_addr, str(n), "1000")
         sent = dict(_read_json(tx))
         got = dict(_read_json(sub))
@@ -217,6 +267,8 @@ def _latency_run(tmp: str, n: int, engine: bool, threads: int) -> dict:
             st = eng.stats()
             eng.close()
         stop.set()
+        if proxy_stop is not None:
+            proxy_stop()
     ts_order = sorted(sent)[WARM:]
     lat = np.array([got[t] - sent[t] for t in ts_order if t in got]) / 1e3
     out = {"n": len(lat), "lost": len(ts_order) - len(lat), "p50_us": float(np.percentile(lat, 50)),
@@ -234,6 +286,8 @@ def latency_section(quick: bool, tmp: str) -> dict:
     res = {}
     _progress("latency: forwarder floor ...")
     res["forwarder"] = _latency_run(tmp, n, engine=False, threads=0)
+    _progress("latency: libzmq proxy floor ...")
+    res["libzmq proxy"] = _latency_run(tmp, n, engine=False, threads=0, c_proxy=True)
     for threads in (1, 2):
         _progress(f"latency: engine service, {threads} worker thread(s) ...")
         res[f"engine, {threads} thread(s)"] = _latency_run(tmp, n, engine=True, threads=threads)
@@ -250,8 +304,9 @@ def latency_report(res: dict) -> list[tuple[str, str, str, bool]]:
         e99 = f"{r['engine_p99_us']:>11.1f}" if "engine_p99_us" in r else f"{'-':>11}"
         print(f"   {k:<22} {r['n']:>6} {r['p50_us']:>8.1f} {r['p90_us']:>8.1f} {r['p99_us']:>8.1f} "
               f"{r['max_us']:>9.1f} {e50} {e99}" + (f"   ({r['lost']} lost)" if r["lost"] else ""))
-    print("   forwarder = PULL -> PUB relay without decoding or engine (the transport floor); 'engine' "
-          "columns are ingress -> fused inside the engine (histogram bucket upper edges).")
+    print("   forwarder = PULL -> PUB relay in Python without decoding or engine (the transport floor); "
+          "libzmq proxy = the same relay inside libzmq\n   (zmq.proxy_steerable: no Python between the hops); "
+          "'engine' columns are ingress -> fused inside the engine (histogram bucket upper edges).")
     best = min((r for k, r in res.items() if k.startswith("engine")), key=lambda r: r["p50_us"])
     t = best["threads"]
     return [(f"bar->signal p50, 1k agents, {t} thread(s) (us)", f"{best['p50_us']:.1f}", "<= 150",
