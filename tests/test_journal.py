@@ -857,6 +857,9 @@ def test_verify_reports_progress_and_an_interrupt_from_it_repairs_nothing(tmp_pa
     assert len(dumped) >= 2 and all(t == total for _, t in dumped) and dumped[-1][0] == total
     assert [c for c, _ in dumped] == sorted(c for c, _ in dumped)
     assert "records: bars" in capsys.readouterr().out
+    replayed: list[tuple[int, int]] = []  # replay reads through the same reader, with the same steps
+    assert jr.replay(d, progress=lambda done, tot: replayed.append((done, tot))).ok
+    assert replayed == dumped
     with open(segs[-1], "r+b") as f:  # a torn tail for --repair to cut
         f.truncate(segs[-1].stat().st_size - 7)
     sizes = [p.stat().st_size for p in segs]

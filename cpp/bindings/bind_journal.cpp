@@ -120,7 +120,12 @@ void bind_journal(py::module_& m) {
              return py::make_tuple(rec.type, rec.seq, py::bytes(rec.payload), rec.segment, rec.offset, rec.flags);
            }, "Next record as (type, seq, payload, segment, offset, flags), or None at the end or at a bad record.")
       .def("report", [](const JournalReader& r) { return report_dict(r.report()); },
-           "Where reading stopped and why (status ok, torn_tail, corrupt, unreadable, unsupported or empty).");
+           "Where reading stopped and why (status ok, torn_tail, corrupt, unreadable, unsupported or empty).")
+      .def("bytes_done", &JournalReader::bytes_done,
+           "Bytes read so far: the segments before the current one and the records of this one.")
+      .def("bytes_total", &JournalReader::bytes_total, "The segments' total size when the reader was made.");
+  m.def("journal_progress_step", &journal_progress_step, py::arg("total"),
+        "Bytes between progress calls over a journal of `total` bytes: every 1%, at most 8 MB apart.");
 
 }
 

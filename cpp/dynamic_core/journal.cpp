@@ -560,12 +560,12 @@ ScanReport scan_journal(const std::string& dir, bool repair,
                         const std::function<void(uint64_t, uint64_t)>& progress) {
   JournalReader rd(dir);
   JournalRecord r;
-  constexpr uint64_t kEvery = 8u << 20;  // bytes between progress calls
-  uint64_t next_call = kEvery;
+  const uint64_t step = journal_progress_step(rd.bytes_total());
+  uint64_t next_call = step;
   while (rd.next(r)) {
     if (progress && rd.bytes_done() >= next_call) {
       progress(rd.bytes_done(), std::max(rd.bytes_total(), rd.bytes_done()));
-      next_call = rd.bytes_done() + kEvery;
+      next_call = rd.bytes_done() + step;
     }
   }
   if (progress) progress(std::max(rd.bytes_total(), rd.bytes_done()), std::max(rd.bytes_total(), rd.bytes_done()));

@@ -35,6 +35,7 @@
 // corruption, reported with its segment and byte offset; a segment of another format version is
 // Unsupported.
 #pragma once
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -196,9 +197,17 @@ class JournalReader {
   ScanReport rep_;
 };
 
+// Bytes between progress calls over a journal of `total` bytes (scan_journal, and the Python
+// reader's read/replay): every 1%, so a slow consumer of a small journal still moves, and at
+// most 8 MB apart.
+inline uint64_t journal_progress_step(uint64_t total) {
+  return std::clamp<uint64_t>(total / 100, 1, uint64_t{8} << 20);
+}
+
 // Walks the whole journal; with repair, truncates a torn tail so the journal can be appended to
-// and replayed. `progress` (optional) is called with (bytes done, bytes in all) every few MB
-// and once at the end; what it throws ends the scan (before any repair).
+// and replayed. `progress` (optional) is called with (bytes done, bytes in all) every
+// journal_progress_step bytes and once at the end; what it throws ends the scan (before any
+// repair).
 ScanReport scan_journal(const std::string& dir, bool repair,
                         const std::function<void(uint64_t, uint64_t)>& progress = {});
 

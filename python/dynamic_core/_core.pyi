@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'JOURNAL_FORMAT', 'JOURNAL_MAX_META', 'JOURNAL_MAX_RECORD', 'JOURNAL_RECORD_HEADER', 'JournalReader', 'MAX_PRICE', 'MIN_PRICE', 'RECORD_MORE', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_locked', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
+__all__: list[str] = ['Engine', 'JOURNAL_FORMAT', 'JOURNAL_MAX_META', 'JOURNAL_MAX_RECORD', 'JOURNAL_RECORD_HEADER', 'JournalReader', 'MAX_PRICE', 'MIN_PRICE', 'RECORD_MORE', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_locked', 'journal_progress_step', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -198,6 +198,14 @@ class JournalReader:
     """
     def __init__(self, dir: str) -> None:
         ...
+    def bytes_done(self) -> int:
+        """
+        Bytes read so far: the segments before the current one and the records of this one.
+        """
+    def bytes_total(self) -> int:
+        """
+        The segments' total size when the reader was made.
+        """
     def next(self) -> typing.Any:
         """
         Next record as (type, seq, payload, segment, offset, flags), or None at the end or at a bad record.
@@ -239,6 +247,10 @@ def journal_bench(dir: str, n: typing.SupportsInt | typing.SupportsIndex, payloa
 def journal_locked(dir: str) -> bool:
     """
     True while a writer (in any process) holds the journal directory open (its flock).
+    """
+def journal_progress_step(total: typing.SupportsInt | typing.SupportsIndex) -> int:
+    """
+    Bytes between progress calls over a journal of `total` bytes: every 1%, at most 8 MB apart.
     """
 def journal_scan(dir: str, repair: bool = False, progress: typing.Any = None) -> dict:
     """

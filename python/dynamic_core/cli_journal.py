@@ -12,7 +12,6 @@ import os
 import sys
 from typing import Any
 
-from . import _core
 from . import journal as jr
 from ._argtypes import int_range
 from .engine import MAX_THREADS
@@ -21,7 +20,6 @@ from .errors import JournalCorrupt, JournalError, ReplayMismatch
 __all__ = ["add_commands"]
 
 _DUMP = "dynamic-core journal dump"  # how their stderr lines begin, as the other commands' do
-_DUMP_TICK_BYTES = 8 << 20  # dump's progress bar moves every 8 MB, as verify's does
 _REPLAY = "dynamic-core replay"
 
 _JOURNAL_EPILOG = """\
@@ -157,20 +155,13 @@ def cmd_journal_dump(args: argparse.Namespace) -> int:
     rep: dict = {}
     # a terminal shows how far the count has got past the listed records (a long journal takes a while)
     prog, tick = _bytes_bar("dump")
-    total = jr._segment_bytes(args.dir) if os.path.isdir(args.dir) else 0
-    done = shown_at = 0
     try:
         with prog:
-            for rec in jr.read(args.dir, report=rep):
+            for rec in jr.read(args.dir, report=rep, progress=tick):
                 counts[rec.type] += 1
                 if args.limit == 0 or shown < args.limit:
                     print(f"{rec.seq:>10}  {rec.type:<14} {len(rec.payload):>10} B  segment {rec.segment} @ {rec.offset}")
                     shown += 1
-                done += len(rec.payload) + _core.JOURNAL_RECORD_HEADER
-                if done - shown_at >= _DUMP_TICK_BYTES:
-                    tick(done, total)
-                    shown_at = done
-            tick(total, total)
     except JournalCorrupt as e:
         print(f"{_DUMP}: stopped: {e} (segment {e.segment}, offset {e.offset})", file=sys.stderr)
         return 1

@@ -252,27 +252,44 @@ def verify(path: str | os.PathLike[str], *, repair: bool = False,
 
     With ``repair=True`` a torn tail (the last record cut short by a crash) is truncated so the
     journal replays cleanly; corruption elsewhere is reported, never "repaired".
-    ``progress(bytes_done, bytes_total)`` is called every few MB and at the end; an exception
-    it raises (``KeyboardInterrupt`` included) ends the walk before anything is repaired.
+    ``progress(bytes_done, bytes_total)`` is called every 1% of the journal (at most 8 MB apart)
+    and at the end; an exception it raises (``KeyboardInterrupt`` included) ends the walk before
+    anything is repaired.
     """
-    if progress is not None and not callable(progress):
-        raise TypeError(f"progress must be callable or None, got {type(progress).__name__}")
+    _check_progress(progress)
     return _report(path, _core.journal_scan(_check_dir(path), repair, progress))
 
 
-def read(path: str | os.PathLike[str], report: dict[str, Any] | None = None) -> Iterator[JournalRecord]:
+def _check_progress(progress: object) -> None:
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable or None, got {type(progress).__name__}")
+
+
+def read(path: str | os.PathLike[str], report: dict[str, Any] | None = None,
+         progress: Callable[[int, int], Any] | None = None) -> Iterator[JournalRecord]:
     """The records of a journal in order. Stops quietly at a torn tail; raises
     :class:`JournalCorrupt` (with segment and offset) at a corrupt record, after yielding every
     record before it. ``report``, when given, receives the reader's scan report once the records
     run out (``status``: ``"ok"`` or ``"torn_tail"``, ``detail``...); raises
-    :class:`JournalError` at a segment it cannot open or read."""
+    :class:`JournalError` at a segment it cannot open or read. ``progress(bytes_done,
+    bytes_total)`` is called as :func:`verify` calls it: every 1% of the journal (at most 8 MB
+    apart) and once at the end."""
+    _check_progress(progress)
     rd = _core.JournalReader(_check_dir(path))
+    step = _core.journal_progress_step(rd.bytes_total())
+    next_call = step
     while True:
         r = rd.next()
         if r is None:
             break
         t, seq, payload, seg, off, flags = r
         yield JournalRecord(_TYPE_NAMES.get(t, f"type{t}"), seq, payload, seg, off, flags)
+        if progress is not None and (done := rd.bytes_done()) >= next_call:
+            progress(done, max(rd.bytes_total(), done))
+            next_call = done + step
+    if progress is not None:
+        end = max(rd.bytes_total(), rd.bytes_done())
+        progress(end, end)
     rep = rd.report()
     if report is not None:
         report.update(rep)
@@ -334,18 +351,6 @@ class ReplayResult:
         return self.agent_updates / self.seconds if self.seconds > 0 else 0.0
 
 
-def _segment_bytes(path: str | os.PathLike) -> int:
-    """Bytes in the journal's segment files (names as the reader takes them, seg-NNNNNN.dcj);
-    a stray or dangling entry counts nothing (the reader reports a missing segment itself)."""
-    total = 0
-    for s in Path(path).glob("seg-[0-9][0-9][0-9][0-9][0-9][0-9].dcj"):
-        try:
-            total += s.stat().st_size
-        except OSError:
-            pass
-    return total
-
-
 def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | None = None,
            on_control: Callable[[bytes], Any] | None = None,
            progress: Callable[[int, int], Any] | None = None, backend: str = "cpu",
@@ -364,7 +369,7 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
         Called with the raw bytes of each control record, between the same updates as in the
         original run (after the bars that preceded it, before those that followed).
     progress : callable, optional
-        ``progress(bytes_done, bytes_total)`` after each record.
+        ``progress(bytes_done, bytes_total)`` as the journal is read (see :func:`read`).
     backend, device : optional
         Where the replaying engine runs (see :class:`dynamic_core.Engine`): a journal written on
         the CPU replays bit for bit on the GPU and the other way round.
@@ -379,7 +384,7 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
     p = _check_dir(path)
     t0 = time.perf_counter()
     scan: dict[str, Any] = {}  # the reader's own report, once the records run out
-    records = read(p, scan)
+    records = read(p, scan, progress)
     try:
         first = next(records)
     except StopIteration:
@@ -415,8 +420,6 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
     eng = Engine(pop, threads=threads, cores_per_sm=int(cfg.get("cores_per_sm", 128)),
                  block_bars=int(cfg.get("block_bars", 0)), population_hash=meta.population_hash,
                  backend=backend, device=device)
-    total = _segment_bytes(p)  # for the progress bar only
-    done = 0
     out: list[np.ndarray] = []
     expected: dict[int, int] = {}
     controls: list[tuple[int, bytes]] = []
@@ -433,7 +436,6 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
     try:
         for unit in _grouped(records):
             n_records += len(unit)
-            done += sum(len(r.payload) + _core.JOURNAL_RECORD_HEADER for r in unit)
             rec = unit[0]
             t = rec.type_code
             if t in (_BARS, _DEAD):  # one batch: its accepted bars run together, as they did live
@@ -491,8 +493,6 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
                         (eng.set_credit if kind == "credit" else eng.set_external_scores)(ids, vals)
             elif t == _META:
                 raise JournalError(f"a second meta record at seq {rec.seq}")
-            if progress is not None:
-                progress(done, total)
         agents = eng.agents().copy()
         stats = eng.stats()
     except Exception as e:
