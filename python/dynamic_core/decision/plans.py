@@ -28,7 +28,7 @@ import msgspec
 import numpy as np
 
 from ..instruments import instruments
-from ..payloads import TradingPlan
+from ..payloads import TradingPlan, checked
 from ..records import SIGNAL_DSI
 from .specs import CurrencyCode, InstrumentSpec, check_fields, instrument_spec, quote_to_account
 
@@ -185,8 +185,9 @@ def make_plan(signal: Any, *, entry: float, atr: float, equity: float, config: P
     entry or equity, a stop distance that rounds to nothing, a currency conversion that is not
     a finite rate > 0, a validity window past int64 nanoseconds, or a size below the minimum
     lot: never an arithmetic error. Everything else becomes a plan; whether it may be traded is
-    the governor's call. ValueError for an ``AISignal`` whose timeframe, time, sequence
-    number or population hash is out of its schema's range (one built in Python is unchecked).
+    the governor's call. :class:`~dynamic_core.errors.PayloadError` (a ValueError) for an
+    ``AISignal`` a receiver would refuse (one built in Python is unchecked: see
+    :func:`~dynamic_core.payloads.checked`).
     """
     if isinstance(signal, np.void):
         instrument = instruments.name(int(signal["instrument"]))
@@ -196,16 +197,13 @@ def make_plan(signal: Any, *, entry: float, atr: float, equity: float, config: P
         pop_hash, dispersion, n_agents = int(signal["population_hash"]), float(signal["dispersion"]), int(signal["n_agents"])
         flags, dsi = int(signal["flags"]), float(signal["dsi"])
     else:
+        # a Struct built in Python is not checked against its schema (its ids go into the plan's
+        # id and the signal id): as a receiver would decode it, or PayloadError naming the field
+        signal = checked(signal)
         instrument, timeframe, ts, seq = signal.instrument, signal.timeframe, signal.ts, signal.seq
         action, score, confidence, agreement = signal.action, signal.score, signal.confidence, signal.agreement
         pop_hash, dispersion, n_agents = signal.population_hash, signal.dispersion, signal.n_agents
         flags, dsi = signal.flags, signal.dsi
-        # a Struct built in Python is not checked against its schema: the ids go into the plan's
-        # id and the signal id, so they must be what a decoded signal could hold
-        for name, v, lo, hi in (("timeframe", timeframe, 1, 2**32 - 1), ("ts", ts, -(2**63), 2**63 - 1),
-                                ("seq", seq, 0, 2**64 - 1), ("population_hash", pop_hash, 0, 2**64 - 1)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
-                raise ValueError(f"make_plan: signal {name} must be an integer in [{lo}, {hi}], got {v!r}")
     return build_plan(instrument, timeframe, ts, seq, pop_hash, action, score, confidence, agreement, dispersion,
                       n_agents, entry=entry, atr=atr, equity=equity, config=config, spec=spec, prices=prices,
                       contributors=contributors, rationale=rationale, rationale_provider=rationale_provider,
