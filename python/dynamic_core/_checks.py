@@ -7,14 +7,20 @@ import math
 
 import numpy as np
 
-__all__ = ["check_int", "check_real", "is_real"]
+__all__ = ["check_int", "check_real", "is_int", "is_real"]
+
+
+def is_int(v: object) -> bool:
+    """An integer: an int, numpy's included, but no bool (nor a float, whatever its value), as
+    msgspec decodes an int field."""
+    return not isinstance(v, bool) and isinstance(v, (int, np.integer))
 
 
 def check_int(name: str, v: object, lo: int, hi: int) -> int:
     """``v`` as an int in ``[lo, hi]``: TypeError for a non-integer (bool and float included,
     as msgspec decodes an int field), ValueError naming ``name`` when out of range (a C++ cast
     would wrap it)."""
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+    if not is_int(v):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     i = int(v)
     if not lo <= i <= hi:

@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 
 from . import _core
-from ._checks import check_int, check_real
+from ._checks import check_int, check_real, is_int, is_real
 from .errors import BackendUnavailable, JournalError
 from .journal import DEFAULT_SEGMENT_BYTES
 from .instruments import instruments
@@ -60,7 +60,7 @@ def _timeout_ns(timeout: object) -> int:
     practice). TypeError for a non-number, ValueError for NaN."""
     if timeout is None:
         return -1
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)):
+    if not is_real(timeout):
         raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
     try:
         x = float(timeout)
@@ -102,7 +102,7 @@ def _agent_ids(what: str, agent_ids: object) -> np.ndarray:
         return np.empty(0, dtype=np.uint32)
     if a.dtype.kind == "O":  # Python ints past int64/uint64, or mixed objects
         for v in flat:
-            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            if not is_int(v):
                 raise TypeError(f"{expected}, got {v!r} ({type(v).__name__})")
         for v in flat:
             if not 0 <= int(v) < 1 << 32:
@@ -835,7 +835,7 @@ class Engine:
         ids: list[int] = []
         vals: list[float] = []
         for k, v in evidence.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            if not is_real(v):
                 raise TypeError(f"set_dsi: evidence of {k!r} must be a number, got {type(v).__name__}")
             try:
                 x = float(v)

@@ -51,6 +51,7 @@ from typing import Annotated, Any
 import msgspec
 import numpy as np
 
+from ._checks import is_int, is_real
 from .errors import PayloadError
 from .instruments import MAX_NAME, instruments
 from .records import BAR_DTYPE, SIGNAL_DSI, SIGNAL_DTYPE
@@ -791,8 +792,7 @@ class EvolutionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         # journal's encoder takes no numpy scalar: a generation would fail mid-run).
         for name, (typ, lo, lo_strict, hi) in EvolutionConfig._limits().items():
             v = getattr(self, name)
-            if isinstance(v, (bool, np.bool_)) or not isinstance(
-                    v, (int, np.integer) if typ is int else (int, float, np.integer, np.floating)):
+            if not (is_int(v) if typ is int else is_real(v)):
                 raise TypeError(f"EvolutionConfig.{name}: expected {typ.__name__}, got {type(v).__name__}")
             if type(v) is not typ:
                 v = typ(v)

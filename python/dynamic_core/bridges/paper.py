@@ -69,7 +69,7 @@ from hashlib import blake2b
 import msgspec
 import numpy as np
 
-from .._checks import is_real
+from .._checks import is_int, is_real
 from ..decision._history import _History
 from ..decision.specs import CURRENCY_PATTERN, InstrumentSpec, conversion_prices, instrument_spec, quote_to_account
 from ..instruments import instruments
@@ -394,9 +394,9 @@ class PaperBroker:
                 return "bad_order"
         for f in ("ts", "valid_until"):
             v = getattr(order, f)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            if not is_int(v):
                 return "bad_order"
-        if isinstance(order.side, bool) or not isinstance(order.side, (int, np.integer)):
+        if not is_int(order.side):
             return "bad_side"
         if order.side not in (1, -1):
             return "bad_side"
@@ -619,7 +619,7 @@ class PaperBroker:
         integer in int64's range)."""
         # a time is an integer (ns) in int64's range: a float would be truncated, a larger one
         # break the equity curve (int64) for good
-        if isinstance(ts, (bool, np.bool_)) or not isinstance(ts, (int, np.integer)) or not -(2**63) <= ts < 2**63:
+        if not is_int(ts) or not -(2**63) <= ts < 2**63:
             return self._ignore("bad_bar")
         try:
             ts, o, h, lo, c = int(ts), float(open), float(high), float(low), float(close)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import is_int
 from .maker import DecisionMaker
 
 __all__ = ["RationaleBook", "ShadowReport", "ShadowSession", "TradingSession", "time_steps"]
@@ -59,9 +60,9 @@ class RationaleBook:
     """
 
     def __init__(self, capacity: int = 100_000) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        if not is_int(capacity) or capacity < 1:
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
-        self.capacity = capacity
+        self.capacity = int(capacity)
         self._d: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
         self._cv = threading.Condition()
 

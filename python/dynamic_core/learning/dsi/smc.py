@@ -87,7 +87,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from ..._checks import check_int, check_real
+from ..._checks import check_int, check_real, is_int
 
 __all__ = [
     "BOS",
@@ -301,8 +301,7 @@ class SmcDetector:
                  close_mitigation: bool = False, liquidity_tolerance: float | None = None,
                  liquidity_range_percent: float = 0.01,
                  evidence_half_life: float | None = None) -> None:
-        if (isinstance(swing_length, (bool, np.bool_)) or not isinstance(swing_length, (int, np.integer))
-                or not 1 <= swing_length <= _MAX_SWING):
+        if not is_int(swing_length) or not 1 <= swing_length <= _MAX_SWING:
             # ValueError for a wrong type too, as this constructor always raised
             raise ValueError(f"swing_length must be an int in [1, {_MAX_SWING}], got {swing_length!r}")
         if liquidity_tolerance is not None:
