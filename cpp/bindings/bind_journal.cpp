@@ -102,7 +102,7 @@ void bind_journal(py::module_& m) {
         return report_dict(r);
       }, py::arg("dir"), py::arg("repair") = false, py::arg("progress") = py::none(),
       "Walk a journal checking framing and CRCs; with repair, truncate a torn tail. `progress(done, "
-      "total)` (bytes) is called every few MB and at the end.");
+      "total)` (bytes) is called every journal_progress_step(total) bytes and at the end.");
 
   m.def("journal_locked", &journal_locked, py::arg("dir"),
         "True while a writer (in any process) holds the journal directory open (its flock).");

@@ -254,7 +254,7 @@ def journal_progress_step(total: typing.SupportsInt | typing.SupportsIndex) -> i
     """
 def journal_scan(dir: str, repair: bool = False, progress: typing.Any = None) -> dict:
     """
-    Walk a journal checking framing and CRCs; with repair, truncate a torn tail. `progress(done, total)` (bytes) is called every few MB and at the end.
+    Walk a journal checking framing and CRCs; with repair, truncate a torn tail. `progress(done, total)` (bytes) is called every journal_progress_step(total) bytes and at the end.
     """
 def kernel_isa() -> int:
     """
