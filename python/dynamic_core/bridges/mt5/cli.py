@@ -37,7 +37,7 @@ from ...cli import _instrument_choice, _timeframe, simulated_names
 from ...instruments import MAX_NAME
 from ...payloads import TradingPlan
 from ...transport._common import check_address
-from .bridge import DEFAULT_BRIDGE_ADDRESS, BridgeReport, MT5Bridge
+from .bridge import ACKED, DEFAULT_BRIDGE_ADDRESS, QUEUED, SENT, BridgeReport, MT5Bridge
 from .protocol import MAX_HEARTBEAT_MS, MAX_MISSED
 
 __all__ = ["PlanSource", "add_parser", "cmd_bridge_mt5", "default_plan_source"]
@@ -65,7 +65,7 @@ never connected (simulated terminal only); 2 bad arguments; 130 interrupted.
 """
 
 
-_IN_FLIGHT = ("queued", "sent", "acked")  # states of an order the terminal has not yet taken
+_IN_FLIGHT = (QUEUED, SENT, ACKED)  # states of an order the terminal has not yet taken
 
 
 def _heartbeat(text: str) -> float:
