@@ -444,7 +444,10 @@ def test_an_interrupted_run_summarises_what_the_engine_took_and_its_journal_hold
         head = p.stdout.readline()  # printed once the bars are built, just before the run starts
         assert "agents over 2 stream(s)" in head, head + p.stderr.read()
         deadline = time.monotonic() + 60
-        while not (j.exists() and sum(f.stat().st_size for f in j.iterdir()) > 1 << 20):
+        # past the meta record (its genomes alone are ~2 MB, written before the run starts: a ^C
+        # then came before the run and its summary) by 1 MB of bars
+        grown = 20000 * dc.GENOME_DTYPE.itemsize + (1 << 20)
+        while not (j.exists() and sum(f.stat().st_size for f in j.iterdir()) > grown):
             assert time.monotonic() < deadline and p.poll() is None, "the run did not get going"
             time.sleep(0.05)
         p.send_signal(signal.SIGINT)
