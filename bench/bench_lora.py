@@ -25,6 +25,10 @@ and horizontal resonance, circuit detection, migration, health), so the ratio un
 batching gain. It is timed on a subset of agents and scaled; after one tick its agent and
 context parameters are compared with the batched run's (same inputs, same resonance factors).
 
+GPU: where CuPy finds a CUDA device (``dynamic_core.gpu.probe``), section 4 runs the same ticks
+with every array on the GPU (``LoRAHierarchy(..., xp="cupy")``), float64 and float32, each timed
+piece ended by a device synchronise; elsewhere it says why it was skipped.
+
 Target from the issue: forward + update per tick <= 1 ms for 10k agents at dim 64 on 2 cores.
 Figures are printed, never asserted.
 """
@@ -74,19 +78,32 @@ def _inputs(n: int, ticks: int, dtype: np.dtype, seed: int = 0) -> tuple[np.ndar
     return X, np.tanh(X @ w).astype(dtype)
 
 
-def batched(n: int, dtype: np.dtype, threads: int, warm: int, ticks: int) -> dict:
-    """Median per-tick times of the batched hierarchy."""
+def _sync(xp) -> None:
+    """Wait for the GPU's queued work (nothing on the host)."""
+    if xp is not np:
+        xp.cuda.Device().synchronize()
+
+
+def batched(n: int, dtype: np.dtype, threads: int, warm: int, ticks: int, xp=None) -> dict:
+    """Median per-tick times of the batched hierarchy (on a GPU when ``xp`` is CuPy: inputs
+    uploaded before the timing, every timed piece ended by a device synchronise)."""
     cfg = LoRAConfig(threads=threads)
     X, T = _inputs(n, warm + ticks, dtype)
     with _blas_limit(threads):
-        h = LoRAHierarchy(n, DIM, config=cfg, seed=1, dtype=dtype)
+        h = LoRAHierarchy(n, DIM, config=cfg, seed=1, dtype=dtype, xp=xp)
+        xp = h.xp
+        if xp is not np:
+            X, T = xp.asarray(X), xp.asarray(T)
         t_learn, t_tick, t_total = [], [], []
         for i in range(warm + ticks):
+            _sync(xp)
             t0 = time.perf_counter()
             snap = h.snapshot()
             h.learn(X[i], T[i], snap)
+            _sync(xp)
             t1 = time.perf_counter()
             h.system_tick()
+            _sync(xp)
             t2 = time.perf_counter()
             if i >= warm:
                 t_learn.append(t1 - t0)
@@ -94,11 +111,14 @@ def batched(n: int, dtype: np.dtype, threads: int, warm: int, ticks: int) -> dic
                 t_total.append(t2 - t0)
         # where the time goes: pieces timed alone on the warmed state
         snap = h.snapshot()
+        def synced(fn):
+            return lambda: (fn(), _sync(xp))
+
         pieces = {
-            "score (inference)": _median(lambda: h.score(X[0], snap), 5),
-            "update, agent layer": _median(lambda: h.layers["agent"].update(None), 3),
-            "update, context layer": _median(lambda: h.layers["context"].update(None), 3),
-            "update, 3 shared layers": _median(lambda: [h.layers[k].update(None) for k in SHARED_LAYERS], 5),
+            "score (inference)": _median(synced(lambda: h.score(X[0], snap)), 5),
+            "update, agent layer": _median(synced(lambda: h.layers["agent"].update(None)), 3),
+            "update, context layer": _median(synced(lambda: h.layers["context"].update(None)), 3),
+            "update, 3 shared layers": _median(synced(lambda: [h.layers[k].update(None) for k in SHARED_LAYERS]), 5),
         }
     return {"n": n, "dtype": np.dtype(dtype).name, "threads": threads, "ticks": ticks,
             "learn_ms": 1e3 * float(np.median(t_learn)), "system_tick_ms": 1e3 * float(np.median(t_tick)),
@@ -235,6 +255,15 @@ def main(argv: list[str] | None = None) -> int:
         for threads in (1, 2):
             _progress(f"batched, {np.dtype(dtype).name}, {threads} thread(s) ...")
             res["batched"].append(batched(n, np.dtype(dtype), threads, warm, ticks))
+    from dynamic_core import gpu
+
+    status = gpu.probe()
+    res["gpu"] = {"device": status.reason if status else None, "skipped": None if status else status.reason,
+                  "batched": []}
+    if status:
+        for dtype in (np.float64, np.float32):
+            _progress(f"batched on the GPU (CuPy), {np.dtype(dtype).name} ...")
+            res["gpu"]["batched"].append(batched(n, np.dtype(dtype), 1, warm, ticks, xp="cupy"))
     _progress("memory floor ...")
     res["floor"] = [memory_floor(n, np.dtype(np.float32), threads) for threads in (1, 2)]
     _progress("per-agent loop ...")
@@ -278,8 +307,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n   fastest batched tick: {fastest['tick_ms']:.1f} ms ({fastest['dtype']}, {fastest['threads']} threads), "
           f"{fastest['tick_ms'] / floor['ms']:.1f}x the memory floor of {floor['ms']:.2f} ms; the {TARGET_MS:g} ms "
           f"target is {'below' if floor['ms'] > TARGET_MS else 'above'} that floor on this machine")
+    print("\n4. The same ticks on a GPU (xp='cupy': every array in GPU memory, CuPy operations)")
+    g = res["gpu"]
+    if g["skipped"]:
+        print(f"   skipped: {g['skipped']}")
+    else:
+        print(f"   device: {g['device']}")
+        print(f"   {'dtype':<8}{'learn':>19}{'system_tick':>13}{'tick total':>12}   vs CPU best of the dtype")
+        for r in g["batched"]:
+            cpu = min(c["tick_ms"] for c in res["batched"] if c["dtype"] == r["dtype"])
+            print(f"   {r['dtype']:<8}{r['learn_ms']:>17.2f}ms{r['system_tick_ms']:>11.2f}ms{r['tick_ms']:>10.2f}ms"
+                  f"   {cpu / r['tick_ms']:.1f}x faster")
+            print("     pieces: " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["pieces_ms"].items()))
+    gpu_rows = []
+    if g["batched"]:
+        gbest = min(g["batched"], key=lambda r: r["tick_ms"])
+        gpu_rows.append((f"tick ms on the GPU, {n:,} agents ({gbest['dtype']})", f"{gbest['tick_ms']:.2f}",
+                         f"<={TARGET_MS:g}", gbest["tick_ms"] <= TARGET_MS))
     finish([(f"tick ms, {n:,} agents, dim 64 (best)", f"{fastest['tick_ms']:.1f}", f"<={TARGET_MS:g}",
-             fastest["tick_ms"] <= TARGET_MS),
+             fastest["tick_ms"] <= TARGET_MS), *gpu_rows,
             ("batched / per-agent loop, float64", f"{best['float64']:.1f}x", ">1x", best["float64"] > 1),
             ("batched / per-agent loop, float32", f"{best['float32']:.1f}x", ">1x", best["float32"] > 1)],
            res, args, t_all)

@@ -184,6 +184,10 @@ class LearningAgents:
         stream's ``dsi`` feature (0 without one). A non-finite value counts as 0 and is counted
         (``stats()["dsi_nonfinite"]``); a value that is not a real number (an int or float,
         numpy's included; a bool, a str such as ``"0.5"`` or None is none) is a TypeError.
+    xp : "numpy", "cupy" or an array module, optional
+        Where the hierarchy's arrays live (see :class:`~dynamic_core.learning.lora.LoRAHierarchy`):
+        with CuPy the model learns and scores on the GPU and the scores come back to the host
+        once per scoring pass.
 
     Bad arguments are TypeError (wrong type: bool and float are not ints) or ValueError (out of
     range), raised here.
@@ -191,7 +195,7 @@ class LearningAgents:
 
     def __init__(self, genomes: np.ndarray, *, dim: int = 16, learn: bool = True, target_scale: float = 1.0,
                  config: Any = None, seed: int = 0, dtype: Any = np.float64,
-                 dsi: Callable[[int], float] | None = None) -> None:
+                 dsi: Callable[[int], float] | None = None, xp: Any = None) -> None:
         from .lora import LoRAHierarchy
 
         if not isinstance(genomes, np.ndarray) or genomes.dtype != GENOME_DTYPE:
@@ -234,7 +238,7 @@ class LearningAgents:
         self.learn_enabled = bool(learn)
         self.target_scale = target_scale
         self.dsi = dsi
-        self.model = LoRAHierarchy(len(self.ids), self.dim, config=config, seed=seed, dtype=dtype)
+        self.model = LoRAHierarchy(len(self.ids), self.dim, config=config, seed=seed, dtype=dtype, xp=xp)
         self.snapshot = self.model.snapshot()
         self.scores = np.zeros(len(self.ids))
         self.ticks = 0
@@ -402,6 +406,8 @@ class LearningAgents:
             if self.banks[s].warm:
                 if full is None:
                     full = self.model.score(self.features[self.stream_of], self.snapshot)
+                    if self.model.xp is not np:  # from the GPU, once per pass
+                        full = self.model.xp.asnumpy(full)
                 scores = full[m]
                 bad = ~np.isfinite(scores)
                 if bad.any():  # set_external_scores would refuse it after the model moved

@@ -64,6 +64,7 @@ class LoRABackend:
         self.weight = None if weight is None else _frozen(weight)
         self.head = None if head is None else _frozen(np.ravel(head))
         self.fn = fn
+        self._on: dict[int, Any] = {}  # the weight uploaded, per array module
         if self.weight is not None and (self.weight.ndim != 2 or self.weight.shape[0] != self.weight.shape[1]):
             raise ValueError("weight must be a square (dim, dim) matrix")
         if self.weight is not None and self.head is not None and self.head.shape[0] != self.weight.shape[0]:
@@ -99,13 +100,21 @@ class LoRABackend:
                           np.asarray(head, dtype=dt), self.fn)
         return out
 
-    def base(self, x: np.ndarray) -> np.ndarray:
-        """The frozen base's hidden state for ``x`` (n, dim)."""
+    def base(self, x: np.ndarray, xp: Any = np) -> np.ndarray:
+        """The frozen base's hidden state for ``x`` (n, dim), an array of module ``xp``: a
+        callable receives ``x`` as it is (a CuPy array for a hierarchy on a GPU) and may return
+        an array of either module; the linear map is uploaded once per module."""
         if self.fn is not None:
-            out = np.asarray(self.fn(np.ascontiguousarray(x)), dtype=x.dtype)
+            got = self.fn(np.ascontiguousarray(x) if xp is np else x)
+            out = xp.asarray(got, dtype=x.dtype)
             if out.shape != x.shape:
                 raise ValueError(f"the base callable returned shape {out.shape}, expected {x.shape}")
             return out
         if self.weight is None:
             raise ValueError("unbound backend: call bind(dim) first")
-        return x @ self.weight
+        if xp is np:
+            return x @ self.weight
+        dev = self._on.get(id(xp))
+        if dev is None:
+            dev = self._on[id(xp)] = xp.asarray(self.weight)
+        return x @ dev

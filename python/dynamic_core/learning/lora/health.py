@@ -48,7 +48,7 @@ class HealthMonitor:
 
     def entropy_ratio(self, layer: DynamicLoRALayer) -> float:
         """Mean entropy over the layer's slots divided by the optimal entropy."""
-        return float(np.mean(layer.current_entropy)) / self.optimal_entropy(layer)
+        return float(layer.current_entropy.mean()) / self.optimal_entropy(layer)
 
     def check_entropy_health(self, layer: DynamicLoRALayer) -> str:
         """Status of the layer's entropy ratio."""

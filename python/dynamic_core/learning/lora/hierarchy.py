@@ -72,6 +72,7 @@ import numpy as np
 from ..._checks import check_int
 from ...errors import StateError
 from . import _state
+from ._xp import errstate, namespace, to_host
 from .backend import LoRABackend
 from .circuits import Circuit, CircuitDetector
 from .config import (
@@ -100,12 +101,14 @@ class LoRASnapshot:
     a snapshot.
     """
 
-    __slots__ = ("__weakref__", "_layers", "head", "tick")
+    __slots__ = ("__weakref__", "_layers", "_xp", "head", "tick")
 
-    def __init__(self, tick: int, head: np.ndarray) -> None:
+    def __init__(self, tick: int, head: np.ndarray, xp: Any = None) -> None:
         self.tick = int(tick)
-        h = np.array(head, copy=True)
-        h.flags.writeable = False
+        self._xp = xp = namespace(xp)
+        h = xp.array(head, copy=True)
+        if xp is np:  # a CuPy array cannot be made read-only: treat a snapshot's as such
+            h.flags.writeable = False
         self.head = h
         self._layers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -119,6 +122,8 @@ class LoRASnapshot:
 
     def holds(self, buf: np.ndarray) -> bool:
         """Whether this snapshot views ``buf``."""
+        if self._xp is not np:
+            return any(bool(self._xp.may_share_memory(v, buf)) for pair in self._layers.values() for v in pair)
         return any(v.base is buf for pair in self._layers.values() for v in pair)
 
 
@@ -150,28 +155,28 @@ def _check_size(n_agents: object, dim: object, cfg: LoRAConfig) -> tuple[int, in
     return n, d
 
 
-def _finite_rows(hid: np.ndarray, trace: list, s: np.ndarray) -> np.ndarray:
+def _finite_rows(hid: np.ndarray, trace: list, s: np.ndarray, xp: Any = np) -> np.ndarray:
     """Rows (n,) whose forward pass stayed finite: the score and the sum of the squares of
     every hidden state, rank activation and increment (the squares behind the layers' RMS
     activations among them). Reads only (call under ``np.errstate``)."""
-    acc = np.einsum("nd,nd->n", hid, hid)
+    acc = xp.einsum("nd,nd->n", hid, hid)
     for h, u, d in trace:
-        acc += np.einsum("nd,nd->n", h, h)
-        acc += np.einsum("nr,nr->n", u, u)
-        acc += np.einsum("nd,nd->n", d, d)
-    return np.isfinite(acc) & np.isfinite(s)
+        acc += xp.einsum("nd,nd->n", h, h)
+        acc += xp.einsum("nr,nr->n", u, u)
+        acc += xp.einsum("nd,nd->n", d, d)
+    return xp.isfinite(acc) & xp.isfinite(s)
 
 
 def _unit_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n = math.sqrt(float(np.sum(x * x)) + float(np.sum(y * y)))
+    n = math.sqrt(float((x * x).sum()) + float((y * y).sum()))
     return (x / n, y / n) if n > 0 else (x, y)
 
 
-
-def _real(a: Any, what: str) -> np.ndarray:
+def _real(a: Any, what: str, xp: Any = np) -> np.ndarray:
     """``a`` as an array of real numbers (bool, integer or float), else TypeError: strings were
-    parsed as numbers, objects became NaN and complex values lost their imaginary part."""
-    arr = np.asarray(a)
+    parsed as numbers, objects became NaN and complex values lost their imaginary part. An
+    array of ``xp`` (a GPU module) stays where it is; anything else becomes a numpy array."""
+    arr = a if (xp is not np and isinstance(a, xp.ndarray)) else np.asarray(a)
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{what} must hold real numbers, got dtype {arr.dtype}")
     return arr
@@ -195,10 +200,17 @@ class LoRAHierarchy:
         Seeds the initial A of every layer (and the default backend).
     dtype : numpy dtype
         float64 (default) or float32 for parameters and activations.
+    xp : "numpy", "cupy" or an array module, optional
+        Where every array lives: numpy (default; the native kernels, bit-identical on any
+        thread count) or CuPy (the current GPU: the same formulas as CuPy operations, see
+        :mod:`dynamic_core.learning.lora._xp`). Inputs may be numpy arrays either way (they are
+        uploaded); scores, hidden states, gradients and the layers' arrays are arrays of that
+        module; ``state_dict`` and circuits are numpy.
     """
 
     def __init__(self, n_agents: int, dim: int, *, config: LoRAConfig | None = None,
-                 backend: LoRABackend | None = None, seed: int = 0, dtype: Any = np.float64) -> None:
+                 backend: LoRABackend | None = None, seed: int = 0, dtype: Any = np.float64,
+                 xp: Any = None) -> None:
         cfg = config if config is not None else LoRAConfig()
         if not isinstance(cfg, LoRAConfig):
             raise TypeError(f"config must be a LoRAConfig, got {type(cfg).__name__}")
@@ -208,15 +220,16 @@ class LoRAHierarchy:
         if self.dtype not in (np.float32, np.float64):
             raise ValueError("dtype must be float32 or float64")
         self.seed = check_int("seed", seed, 0, (1 << 64) - 1)  # what numpy's generators take
+        self.xp = xp = namespace(xp)
         rng = np.random.default_rng(self.seed)
         self.layers: dict[str, DynamicLoRALayer] = {}
         for name in LAYERS:
             slots = 1 if name in SHARED_LAYERS else self.n_agents
             self.layers[name] = DynamicLoRALayer(self.dim, cfg.rank(name), cfg.inertia(name), slots=slots, config=cfg,
-                                                 rng=rng, dtype=self.dtype, name=name)
+                                                 rng=rng, dtype=self.dtype, name=name, xp=xp)
         self.backend = (backend if backend is not None else LoRABackend()).bind(self.dim, seed=self.seed,
                                                                                  dtype=self.dtype)
-        self.head = np.array(self.backend.head, dtype=self.dtype)
+        self.head = xp.array(self.backend.head, dtype=self.dtype)
         self.circuit_detector = CircuitDetector(cfg.autocorr_window, cfg.stability_threshold,
                                                 min_history=cfg.min_history, node_fraction=cfg.node_fraction,
                                                 cooldown=cfg.circuit_cooldown, max_per_tick=cfg.max_circuits_per_tick)
@@ -235,13 +248,14 @@ class LoRAHierarchy:
         self.health_monitor = HealthMonitor(cfg)
         self.tick = 0
         k = cfg.vertical_sample
-        self._vsample = None if k == 0 or k >= self.n_agents else np.linspace(0, self.n_agents - 1, k).astype(np.int64)
+        self._vsample = None if k == 0 or k >= self.n_agents else xp.asarray(
+            np.linspace(0, self.n_agents - 1, k).astype(np.int64))
         self._reset_grads()
 
     # ------------------------------------------------------------------ inference
     def snapshot(self) -> LoRASnapshot:
         """Frozen view of the current weights (O(1): buffers are shared copy-on-write)."""
-        snap = LoRASnapshot(self.tick, self.head)
+        snap = LoRASnapshot(self.tick, self.head, self.xp)
         for name, layer in self.layers.items():
             A, B = layer.export(snap)
             snap._layers[name] = (A[0], B[0]) if name in SHARED_LAYERS else (A, B)
@@ -260,14 +274,15 @@ class LoRAHierarchy:
         return snap.layers, snap.head
 
     def _check_x(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(_real(x, "x"), dtype=self.dtype)
+        xp = self.xp
+        x = xp.ascontiguousarray(xp.asarray(_real(x, "x", xp), dtype=self.dtype))
         if x.shape != (self.n_agents, self.dim):
             raise ValueError(f"x must be (n_agents, dim) = {(self.n_agents, self.dim)}, got {x.shape}")
         return x
 
     def _run(self, x: np.ndarray, weights: Mapping[str, tuple[np.ndarray, np.ndarray]], keep: bool):
         th = self.config.threads
-        h = self.backend.base(x)
+        h = self.backend.base(x, self.xp)
         trace = []
         for name in LAYERS:
             A, B = weights[name]
@@ -292,16 +307,17 @@ class LoRAHierarchy:
     def score(self, x: np.ndarray, snapshot: LoRASnapshot | None = None) -> np.ndarray:
         """``tanh(forward(x) @ head)`` per agent, in (-1, 1)."""
         weights, head = self._weights(snapshot)
-        return np.tanh(self._run(self._check_x(x), weights, False)[0] @ head)
+        return self.xp.tanh(self._run(self._check_x(x), weights, False)[0] @ head)
 
     # ------------------------------------------------------------------ learning
     def _reset_grads(self) -> None:
         d = self.dim
-        self._g_shared = {n: [np.zeros((d, self.config.rank(n)), self.dtype),
-                              np.zeros((self.config.rank(n), d), self.dtype)] for n in SHARED_LAYERS}
+        xp = self.xp
+        self._g_shared = {n: [xp.zeros((d, self.config.rank(n)), self.dtype),
+                              xp.zeros((self.config.rank(n), d), self.dtype)] for n in SHARED_LAYERS}
         self._g_terms: dict[str, tuple[list, list]] = {n: ([], []) for n in AGENT_LAYERS}
-        self._dW = {n: np.zeros((d, d)) for n in AGENT_LAYERS}
-        self._g_head = np.zeros(d)
+        self._dW = {n: xp.zeros((d, d)) for n in AGENT_LAYERS}
+        self._g_head = xp.zeros(d)
         self._calls = 0
         self._loss_sum = 0.0
         self._learners = 0
@@ -335,44 +351,48 @@ class LoRAHierarchy:
         float
             Mean loss over the agents that learned (NaN when none did).
         """
+        xp = self.xp
         x = self._check_x(x)
-        t = np.asarray(_real(target, "target"), dtype=self.dtype)
+        t = xp.asarray(_real(target, "target", xp), dtype=self.dtype)
         if t.shape != (self.n_agents,):  # not flattened: a (2, 2) target of 4 agents is a mistake
             raise ValueError(f"target must have shape (n_agents,) = ({self.n_agents},), got shape {t.shape}")
-        m = np.ones(self.n_agents, bool) if mask is None else _bool_mask(mask, self.n_agents)
-        finite = np.isfinite(x).all(axis=1) & np.isfinite(t)
-        wild = m & finite & (np.abs(np.where(finite, t, 0)) > 1.0)  # rows that do not learn are not read
-        if wild.any():
-            i = int(np.flatnonzero(wild)[0])
+        if mask is None:
+            m = xp.ones(self.n_agents, bool)
+        else:
+            m = xp.asarray(_bool_mask(to_host(xp, mask) if isinstance(mask, xp.ndarray) else mask, self.n_agents))
+        finite = xp.isfinite(x).all(axis=1) & xp.isfinite(t)
+        wild = m & finite & (xp.abs(xp.where(finite, t, 0)) > 1.0)  # rows that do not learn are not read
+        if bool(wild.any()):
+            i = int(xp.flatnonzero(wild)[0])
             raise ValueError(f"target must be in [-1, 1]: {int(wild.sum())} rows outside, first row {i} = {float(t[i])!r}")
         weights, head = self._weights(snapshot)  # checked before the count below moves
-        self._nonfinite += int(np.count_nonzero(m & ~finite))
+        self._nonfinite += int(xp.count_nonzero(m & ~finite))
         m = m & finite
-        k = int(np.count_nonzero(m))
+        k = int(xp.count_nonzero(m))
         if k == 0:
             return math.nan
         while True:
-            if not m.all():  # rows that do not learn must not carry NaN (or an overflow) into the sums
-                x = np.where(m[:, None], x, 0).astype(self.dtype)
-                t = np.where(m, t, 0).astype(self.dtype)
-            with np.errstate(over="ignore", invalid="ignore"):
+            if not bool(m.all()):  # rows that do not learn must not carry NaN (or an overflow) into the sums
+                x = xp.where(m[:, None], x, 0).astype(self.dtype)
+                t = xp.where(m, t, 0).astype(self.dtype)
+            with errstate(xp, over="ignore", invalid="ignore"):
                 hid, trace = self._run(x, weights, True)
-                s = np.tanh(hid @ head)
-                blown = m & ~_finite_rows(hid, trace, s)
-            if not blown.any():
+                s = xp.tanh(hid @ head)
+                blown = m & ~_finite_rows(hid, trace, s, xp)
+            if not bool(blown.any()):
                 break
             # left out like a masked row, and the pass run again without it (rows are independent:
             # the others' values do not change)
-            self._overflow += int(np.count_nonzero(blown))
+            self._overflow += int(xp.count_nonzero(blown))
             m = m & ~blown
-            k = int(np.count_nonzero(m))
+            k = int(xp.count_nonzero(m))
             if k == 0:
                 return math.nan
         for name, (h, u, d) in zip(LAYERS, trace):
             self.layers[name].record_interaction(h, u, d, m)
         err = (s - t) * m
         e = err * (1 - s * s)
-        loss = 0.5 * float(np.sum(err * err))  # numpy's fixed-order sum, not a BLAS dot
+        loss = 0.5 * float((err * err).sum())  # numpy's fixed-order sum, not a BLAS dot
         self._loss_sum += loss
         self._learners += k
         self._calls += 1
@@ -385,7 +405,7 @@ class LoRAHierarchy:
             A, B = weights[name]
             if A.ndim == 2:
                 v = g @ B.T
-                w = np.full(self.n_agents, inv_k, self.dtype)
+                w = xp.full(self.n_agents, inv_k, self.dtype)
                 if name == "swarm":
                     w = w * self._horizontal(h, u, v, g, m, inv_k).astype(self.dtype)
                 hw = h * w[:, None]
@@ -415,17 +435,19 @@ class LoRAHierarchy:
                     inv_k: Any) -> np.ndarray:
         """Per-agent horizontal factors of the swarm contributions ``(h (x) v, u (x) g)``."""
         hr = self.resonance_engine.horizontal
-        if hr.current_direction is None:
-            hr.current_direction = _unit_pair(xty(h * inv_k, v), xty(u * inv_k, g))
-        DA, DB = hr.current_direction
-        dot = np.einsum("nr,nr->n", h @ DA, v) + np.einsum("nd,nd->n", u @ DB, g)
-        norm = np.sqrt(np.einsum("nd,nd->n", h, h) * np.einsum("nr,nr->n", v, v)
-                       + np.einsum("nr,nr->n", u, u) * np.einsum("nd,nd->n", g, g))
-        a = np.divide(dot, norm, out=np.zeros(len(dot)), where=norm > 0)
-        a = np.clip(a, -1.0, 1.0)
-        if m.any():
+        xp = self.xp
+        if hr.current_direction is None:  # kept on the host (small; saved by state_dict)
+            hr.current_direction = tuple(to_host(xp, a) for a in _unit_pair(xty(h * inv_k, v), xty(u * inv_k, g)))
+        DA, DB = (xp.asarray(a) for a in hr.current_direction)
+        dot = xp.einsum("nr,nr->n", h @ DA, v) + xp.einsum("nd,nd->n", u @ DB, g)
+        norm = xp.sqrt(xp.einsum("nd,nd->n", h, h) * xp.einsum("nr,nr->n", v, v)
+                       + xp.einsum("nr,nr->n", u, u) * xp.einsum("nd,nd->n", g, g))
+        pos = norm > 0
+        a = xp.where(pos, dot / xp.where(pos, norm, 1.0), 0.0)
+        a = xp.clip(a, -1.0, 1.0)
+        if bool(m.any()):
             self._h_align.append(float(a[m].mean()))
-        return hr.factor(a)
+        return hr.factor(a, xp)
 
     def gradients(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """The loss gradients accumulated since the last tick, dense: (dA, dB) per layer,
@@ -437,7 +459,8 @@ class LoRAHierarchy:
                 out[name] = (gA[None].copy(), gB[None].copy())
             else:
                 ta, tb = self._g_terms[name]
-                out[name] = LayerGradient(terms_A=ta, terms_B=tb).dense(layer.slots, self.dim, layer.rank, self.dtype)
+                out[name] = LayerGradient(terms_A=ta, terms_B=tb).dense(layer.slots, self.dim, layer.rank, self.dtype,
+                                                                        self.xp)
         return out
 
     def _descent(self) -> dict[str, LayerGradient | None]:
@@ -471,6 +494,7 @@ class LoRAHierarchy:
             emergency, queued depth) and ``health`` (see :meth:`HealthMonitor.overall_health`).
         """
         cfg = self.config
+        xp = self.xp
         # 1. homeostasis first
         for layer in self.layers.values():
             layer.maintain_homeostasis()
@@ -488,10 +512,11 @@ class LoRAHierarchy:
             gA, gB = self._g_shared["swarm"]
             dW = {"context": self._dW["context"], "agent": self._dW["agent"],
                   "swarm": gA.astype(np.float64) @ sw.B[0] + sw.A[0] @ gB.astype(np.float64)}
-            alignment = vr.alignment(dW)
+            alignment = vr.alignment({k: to_host(xp, w) for k, w in dW.items()})  # dim x dim each
             factors, signal = vr.factors(alignment)
             self.resonance_engine.record(alignment, signal)
-            self.resonance_engine.horizontal.update_direction((gA, gB), cfg.direction_decay)
+            self.resonance_engine.horizontal.update_direction((to_host(xp, gA), to_host(xp, gB)),
+                                                              cfg.direction_decay)
         # 4. updates
         lrs = {}
         rejected: dict[str, int] = {}
@@ -501,9 +526,9 @@ class LoRAHierarchy:
             rejected[name] = layer.last_rejected
         rejected["head"] = 0
         if self._calls and cfg.head_learning_rate > 0.0:
-            with np.errstate(over="ignore", invalid="ignore"):
+            with errstate(xp, over="ignore", invalid="ignore"):
                 head = (self.head - cfg.head_learning_rate * self._g_head).astype(self.dtype)
-            if np.isfinite(head).all():
+            if bool(xp.isfinite(head).all()):
                 self.head = head
             else:  # kept, like a layer's slot
                 rejected["head"] = 1
@@ -511,8 +536,9 @@ class LoRAHierarchy:
         fast = signal == FAST_TRACK
         found = {}
         for src, dst in CHANNELS:
-            sig, active = sigs[src]
-            circuits = self.circuit_detector.observe(src, self.layers[src], sig, active, self.tick)
+            sig, active = sigs[src]  # to the host: the detector's history lives there
+            circuits = self.circuit_detector.observe(src, self.layers[src], to_host(xp, sig), to_host(xp, active),
+                                                     self.tick)
             for c in circuits:
                 c.fast_track = fast
                 self.migration_coordinator.migrate_circuit(c, src, dst)
@@ -594,7 +620,8 @@ class LoRAHierarchy:
         sd: dict[str, Any] = {
             "config": msgspec.json.encode(self.config).decode(),
             "n_agents": np.array(self.n_agents), "dim": np.array(self.dim), "dtype": np.array(self.dtype.str),
-            "seed": np.array(self.seed, dtype=np.uint64), "tick": np.array(self.tick), "head": self.head.copy(),
+            "seed": np.array(self.seed, dtype=np.uint64), "tick": np.array(self.tick),
+            "head": np.array(to_host(self.xp, self.head), copy=True),
             "backend.head": np.array(self.backend.head),
         }
         if self.backend.weight is not None:
@@ -621,9 +648,11 @@ class LoRAHierarchy:
         return sd
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any], *, backend: LoRABackend | None = None) -> LoRAHierarchy:
-        """Rebuild a hierarchy from :meth:`state_dict` (or an ``np.load`` of its ``savez``).
-        A backend built on a callable is not saved: pass it again as ``backend``.
+    def from_state_dict(cls, state: Mapping[str, Any], *, backend: LoRABackend | None = None,
+                        xp: Any = None) -> LoRAHierarchy:
+        """Rebuild a hierarchy from :meth:`state_dict` (or an ``np.load`` of its ``savez``),
+        its arrays in ``xp`` (see the constructor: a state saved from either module loads into
+        either). A backend built on a callable is not saved: pass it again as ``backend``.
 
         Raises
         ------
@@ -637,9 +666,9 @@ class LoRAHierarchy:
         cfg: LoRAConfig = v["config"]
         if backend is None:
             backend = LoRABackend(v["backend.weight"], v["backend.head"])
-        h = cls(v["n_agents"], v["dim"], config=cfg, backend=backend, seed=v["seed"], dtype=v["dtype"])
+        h = cls(v["n_agents"], v["dim"], config=cfg, backend=backend, seed=v["seed"], dtype=v["dtype"], xp=xp)
         h.tick = v["tick"]
-        h.head = np.array(v["head"], dtype=h.dtype)
+        h.head = h.xp.array(v["head"], dtype=h.dtype)
         for name, layer in h.layers.items():
             layer._restore(v[f"layer.{name}"])
         h.circuit_detector._restore(v["detector"])

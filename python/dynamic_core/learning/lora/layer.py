@@ -49,6 +49,7 @@ import numpy as np
 from ... import _core
 from ..._checks import check_int
 from . import _state
+from ._xp import errstate, namespace, to_host
 from .config import MAX_AGENTS, MAX_DIM, MAX_RANK, MAX_STATE_ELEMENTS, LoRAConfig
 
 if TYPE_CHECKING:
@@ -64,9 +65,12 @@ FREE = False
 _TINY = 1e-300
 
 
-def _log_floor(x: np.ndarray) -> np.ndarray:
+def _log_floor(x: np.ndarray, xp: Any = np) -> np.ndarray:
     """``log(max(x, 1e-300))`` in float64, C-contiguous, computed in the one array it returns
     (a second temporary costs as much as the log at these sizes)."""
+    if xp is not np:
+        out = xp.maximum(x.astype(xp.float64), _TINY)
+        return xp.log(out, out=out)
     out = np.maximum(np.asarray(x, dtype=np.float64), _TINY, order="C")
     return np.log(out, out=out)
 
@@ -94,13 +98,18 @@ def _same_float(*arrays: np.ndarray) -> list[np.ndarray]:
 def rd_dot(x: np.ndarray, M: np.ndarray, threads: int = 1) -> np.ndarray:
     """``M[n] @ x[n]`` for every n: (n, d) x (n, r, d) -> (n, r), natively, each dot product
     summed in a fixed order (8 lanes, a fixed tree, then the tail); rows split over
-    ``threads`` (the same bits on any count)."""
+    ``threads`` (the same bits on any count). Arrays of another module (CuPy): its batched
+    matmul."""
+    if not (isinstance(x, np.ndarray) and isinstance(M, np.ndarray)):
+        return (M @ x[:, :, None])[:, :, 0]
     return _core.lora_rd_dot(*_same_float(x, M), threads)
 
 
 def r_rows(y: np.ndarray, M: np.ndarray, threads: int = 1) -> np.ndarray:
     """``y[n] @ M[n]`` for every n: (n, r) x (n, r, d) -> (n, d), natively, rank by rank; rows
-    split over ``threads``."""
+    split over ``threads``. Arrays of another module (CuPy): its batched matmul."""
+    if not (isinstance(y, np.ndarray) and isinstance(M, np.ndarray)):
+        return (y[:, None, :] @ M)[:, 0, :]
     return _core.lora_r_rows(*_same_float(y, M), threads)
 
 
@@ -116,7 +125,11 @@ def xty(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     blocks of 32, one small GEMM each (below OpenBLAS's threading threshold of 64 x 64 x 64
     even for the widest layer), and the partial products are summed by numpy in a fixed order.
     Measured as fast as one BLAS call on one thread.
+
+    Arrays of another module (CuPy): one GEMM, whose order cuBLAS fixes for a size on a device.
     """
+    if not (isinstance(X, np.ndarray) and isinstance(Y, np.ndarray)):
+        return X.T @ Y
     n = X.shape[0]
     m = n - n % _XTY_BLOCK
     out = np.zeros((X.shape[1], Y.shape[1]), np.result_type(X, Y))
@@ -157,10 +170,11 @@ class LayerGradient:
         self.terms_A = list(terms_A)
         self.terms_B = list(terms_B)
 
-    def dense(self, slots: int, dim: int, rank: int, dtype: Any = np.float64) -> tuple[np.ndarray, np.ndarray]:
-        """The direction as dense (slots, d, r) and (slots, r, d) arrays."""
-        gA = np.zeros((slots, dim, rank), dtype) if self.A is None else np.array(self.A, dtype=dtype)
-        gB = np.zeros((slots, rank, dim), dtype) if self.B is None else np.array(self.B, dtype=dtype)
+    def dense(self, slots: int, dim: int, rank: int, dtype: Any = np.float64,
+              xp: Any = np) -> tuple[np.ndarray, np.ndarray]:
+        """The direction as dense (slots, d, r) and (slots, r, d) arrays (of module ``xp``)."""
+        gA = xp.zeros((slots, dim, rank), dtype) if self.A is None else xp.array(self.A, dtype=dtype)
+        gB = xp.zeros((slots, rank, dim), dtype) if self.B is None else xp.array(self.B, dtype=dtype)
         for L, R in self.terms_A:
             gA += L[:, :, None] * R[:, None, :]
         for L, R in self.terms_B:
@@ -180,7 +194,8 @@ class LayerGradient:
 
 def _readonly(a: np.ndarray) -> np.ndarray:
     v = a.view()
-    v.flags.writeable = False
+    if isinstance(v, np.ndarray):  # a CuPy array cannot be made read-only
+        v.flags.writeable = False
     return v
 
 
@@ -205,6 +220,9 @@ class DynamicLoRALayer:
         Of A and B (float64 or float32); traces and thresholds are always float64.
     name : str
         For reports.
+    xp : array module, optional
+        Where the arrays live: numpy (default: the native kernels) or CuPy (a GPU; see
+        :mod:`dynamic_core.learning.lora._xp`). Properties and results are arrays of that module.
     """
 
     native: bool = True
@@ -213,8 +231,9 @@ class DynamicLoRALayer:
 
     def __init__(self, dim: int, rank: int, base_inertia: float, *, slots: int = 1,
                  config: LoRAConfig | None = None, rng: np.random.Generator | None = None,
-                 dtype: Any = np.float64, name: str = "") -> None:
+                 dtype: Any = np.float64, name: str = "", xp: Any = None) -> None:
         cfg = config if config is not None else LoRAConfig()
+        self.xp = xp = namespace(xp)
         check_int("dim", dim, 1, MAX_DIM)
         check_int("rank", rank, 1, MAX_RANK)
         check_int("slots", slots, 1, MAX_AGENTS)
@@ -231,27 +250,27 @@ class DynamicLoRALayer:
             raise ValueError("dtype must be float32 or float64")
         rng = rng if rng is not None else np.random.default_rng(0)
         A0 = rng.normal(0.0, cfg.init_scale / math.sqrt(dim), size=(slots, dim, rank)).astype(self.dtype)
-        self._At0 = np.ascontiguousarray(A0.transpose(0, 2, 1))
-        self._B0 = np.zeros((slots, rank, dim), self.dtype)
+        self._At0 = xp.asarray(np.ascontiguousarray(A0.transpose(0, 2, 1)))
+        self._B0 = xp.zeros((slots, rank, dim), self.dtype)
         self._At = self._At0.copy()
         self._B = self._B0.copy()
         # double buffers: an update writes into the spare one unless a live snapshot holds it
         self._spare_At: np.ndarray | None = None
         self._spare_B: np.ndarray | None = None
         self._holders: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.interaction_history = np.zeros((slots, cfg.interaction_window))
+        self.interaction_history = xp.zeros((slots, cfg.interaction_window))
         self._hist_pos = 0
-        self._hist_sum = np.zeros(slots)
-        self.screening_threshold = np.full(slots, cfg.screening_threshold)
+        self._hist_sum = xp.zeros(slots)
+        self.screening_threshold = xp.full(slots, cfg.screening_threshold)
         self.entropy_budget = tuple(cfg.entropy_budget)
-        self._phA = np.zeros((slots, rank, dim), bool)
-        self._phB = np.zeros((slots, rank, dim), bool)
-        self.act_in = np.zeros((slots, dim))
-        self.act_mid = np.zeros((slots, rank))
-        self.act_out = np.zeros((slots, dim))
-        self.pins = np.zeros((slots, rank))  # ticks a consolidated component stays SCREENED
-        self.current_entropy = np.ones(slots)  # no activity yet: uniform, everything free
-        self._activity_total = np.zeros(slots)
+        self._phA = xp.zeros((slots, rank, dim), bool)
+        self._phB = xp.zeros((slots, rank, dim), bool)
+        self.act_in = xp.zeros((slots, dim))
+        self.act_mid = xp.zeros((slots, rank))
+        self.act_out = xp.zeros((slots, dim))
+        self.pins = xp.zeros((slots, rank))  # ticks a consolidated component stays SCREENED
+        self.current_entropy = xp.ones(slots)  # no activity yet: uniform, everything free
+        self._activity_total = xp.zeros(slots)
         self.rejected_steps = 0  # slot updates refused for a non-finite result (cumulative)
         self.last_rejected = 0  # of the last update
         self.dropped_interactions = 0  # slot-ticks of non-finite activations discarded (cumulative)
@@ -300,16 +319,17 @@ class DynamicLoRALayer:
 
     def set_params(self, A: np.ndarray | None = None, B: np.ndarray | None = None, *,
                    A_init: np.ndarray | None = None, B_init: np.ndarray | None = None) -> None:
-        """Assign parameters (copied; a 2-d array sets a single-slot layer)."""
+        """Assign parameters (copied, host arrays uploaded; a 2-d array sets a single-slot layer)."""
         s, d, r = self.slots, self.dim, self.rank
+        xp = self.xp
         if A is not None:
-            self._At = np.ascontiguousarray(np.array(A, dtype=self.dtype).reshape(s, d, r).transpose(0, 2, 1))
+            self._At = xp.ascontiguousarray(xp.array(A, dtype=self.dtype).reshape(s, d, r).transpose(0, 2, 1))
         if A_init is not None:
-            self._At0 = np.ascontiguousarray(np.array(A_init, dtype=self.dtype).reshape(s, d, r).transpose(0, 2, 1))
+            self._At0 = xp.ascontiguousarray(xp.array(A_init, dtype=self.dtype).reshape(s, d, r).transpose(0, 2, 1))
         if B is not None:
-            self._B = np.array(B, dtype=self.dtype).reshape(s, r, d)
+            self._B = xp.array(B, dtype=self.dtype).reshape(s, r, d)
         if B_init is not None:
-            self._B0 = np.array(B_init, dtype=self.dtype).reshape(s, r, d)
+            self._B0 = xp.array(B_init, dtype=self.dtype).reshape(s, r, d)
 
     def export(self, holder: Any) -> tuple[np.ndarray, np.ndarray]:
         """Read-only views of the current A (slots, d, r) and B for ``holder`` (a snapshot):
@@ -322,18 +342,18 @@ class DynamicLoRALayer:
 
     def _fresh(self, spare: np.ndarray | None, like: np.ndarray) -> np.ndarray:
         if spare is None or self._held(spare):
-            return np.empty_like(like)
+            return self.xp.empty_like(like)
         return spare
 
     def _own(self) -> None:
         """Copy-on-write before an in-place edit of A or B."""
         if self._held(self._At):
             new = self._fresh(self._spare_At, self._At)
-            np.copyto(new, self._At)
+            self.xp.copyto(new, self._At)
             self._spare_At, self._At = None, new
         if self._held(self._B):
             new = self._fresh(self._spare_B, self._B)
-            np.copyto(new, self._B)
+            self.xp.copyto(new, self._B)
             self._spare_B, self._B = None, new
 
     # ------------------------------------------------------------------ forward and recording
@@ -343,7 +363,7 @@ class DynamicLoRALayer:
         A single-slot layer applies its matrices to every row; a stacked layer needs one row
         per slot (row n uses slot n).
         """
-        h = np.asarray(h, dtype=self.dtype)
+        h = self.xp.asarray(h, dtype=self.dtype)
         if self.slots == 1:
             u = h @ self._At[0].T
             delta = u @ self._B[0]
@@ -359,12 +379,13 @@ class DynamicLoRALayer:
 
     def _reset_tick(self) -> None:
         s, d, r = self.slots, self.dim, self.rank
-        self._t_in = np.zeros((s, d))
-        self._t_mid = np.zeros((s, r))
-        self._t_out = np.zeros((s, d))
-        self._t_rms = np.zeros(s)
-        self._t_sig = np.zeros((s, r))
-        self._t_calls = np.zeros(s, np.int64)
+        xp = self.xp
+        self._t_in = xp.zeros((s, d))
+        self._t_mid = xp.zeros((s, r))
+        self._t_out = xp.zeros((s, d))
+        self._t_rms = xp.zeros(s)
+        self._t_sig = xp.zeros((s, r))
+        self._t_calls = xp.zeros(s, np.int64)
 
     def record_interaction(self, h: np.ndarray, u: np.ndarray, delta: np.ndarray,
                            mask: np.ndarray | None = None) -> None:
@@ -376,16 +397,48 @@ class DynamicLoRALayer:
         the shared layer's interaction is the population's).
         """
         n = h.shape[0]
-        full = mask is None or bool(np.all(mask))
-        w = None if full else np.ascontiguousarray(mask, dtype=np.float64)
+        xp = self.xp
+        if mask is not None and xp is not np:
+            mask = xp.asarray(mask)
+        full = mask is None or bool(xp.all(mask))
+        w = None if full else xp.ascontiguousarray(xp.asarray(mask, dtype=xp.float64))
         if w is not None and not w.any():
             return
         if self.slots != 1 and n != self.slots:
             raise ValueError(f"a stacked layer records one row per slot: expected {self.slots} rows, got {n}")
-        h, u, delta = _same_float(h, u, delta)
-        _core.lora_record(h, u, delta, w, self.slots == 1, self._t_in, self._t_mid, self._t_out, self._t_rms,
-                          self._t_sig, self.config.threads)
+        if xp is np:
+            h, u, delta = _same_float(h, u, delta)
+            _core.lora_record(h, u, delta, w, self.slots == 1, self._t_in, self._t_mid, self._t_out, self._t_rms,
+                              self._t_sig, self.config.threads)
+        else:
+            self._record_xp(h, u, delta, w)
         self._t_calls += 1 if (w is None or self.slots == 1) else (w > 0)
+
+    def _record_xp(self, h: Any, u: Any, delta: Any, w: Any) -> None:
+        """The native recording's formulas as array operations (a GPU module's path)."""
+        xp = self.xp
+        u64 = u.astype(xp.float64)
+        rms = xp.sqrt((u64 * u64).mean(axis=1))
+        if self.slots == 1:
+            wn = (xp.ones(h.shape[0]) if w is None else w) / h.shape[0]
+            self._t_in[0] += (wn[:, None] * xp.abs(h)).sum(axis=0)
+            self._t_mid[0] += (wn[:, None] * xp.abs(u)).sum(axis=0)
+            self._t_out[0] += (wn[:, None] * xp.abs(delta)).sum(axis=0)
+            self._t_rms[0] += (wn * rms).sum()
+            self._t_sig[0] += (wn[:, None] * u).sum(axis=0)
+        elif w is None:
+            self._t_in += xp.abs(h)
+            self._t_mid += xp.abs(u)
+            self._t_out += xp.abs(delta)
+            self._t_rms += rms
+            self._t_sig += u
+        else:
+            wc = w[:, None]
+            self._t_in += wc * xp.abs(h)
+            self._t_mid += wc * xp.abs(u)
+            self._t_out += wc * xp.abs(delta)
+            self._t_rms += w * rms
+            self._t_sig += wc * u
 
     def end_interactions(self) -> tuple[np.ndarray, np.ndarray]:
         """Fold this tick's interactions into the history and activity traces.
@@ -398,8 +451,9 @@ class DynamicLoRALayer:
             Slots that interacted this tick.
         """
         self._drop_nonfinite_tick()
+        xp = self.xp
         calls = self._t_calls
-        c = np.maximum(calls, 1).astype(np.float64)
+        c = xp.maximum(calls, 1).astype(xp.float64)
         cfg = self.config
         entry = self._t_rms / c
         H = self.interaction_history.shape[1]
@@ -410,32 +464,42 @@ class DynamicLoRALayer:
         if self._hist_pos == 0:  # the running sum drifts by rounding: refresh it once a lap
             self._hist_sum = self.interaction_history.sum(axis=1)
         k = cfg.activity_decay
-        # k * act + (1 - k) * (t / c), one native pass each; the accumulators are zeroed
-        self.act_in = _core.lora_fold(np.ascontiguousarray(self.act_in, dtype=np.float64), self._t_in, c, k, 1.0 - k)
-        self.act_mid = _core.lora_fold(np.ascontiguousarray(self.act_mid, dtype=np.float64), self._t_mid, c, k,
-                                       1.0 - k)
-        self.act_out = _core.lora_fold(np.ascontiguousarray(self.act_out, dtype=np.float64), self._t_out, c, k,
-                                       1.0 - k)
+        if xp is not np:
+            for name in ("in", "mid", "out"):
+                t = getattr(self, "_t_" + name)
+                setattr(self, "act_" + name, k * getattr(self, "act_" + name) + (1.0 - k) * (t / c[:, None]))
+                t.fill(0)
+        else:
+            self._fold_native(c, k)
         sig = self._t_sig / c[:, None]
         active = calls > 0
         for t in (self._t_rms, self._t_sig, self._t_calls):
             t.fill(0)
         return sig, active
 
+    def _fold_native(self, c: np.ndarray, k: float) -> None:
+        # k * act + (1 - k) * (t / c), one native pass each; the accumulators are zeroed
+        self.act_in = _core.lora_fold(np.ascontiguousarray(self.act_in, dtype=np.float64), self._t_in, c, k, 1.0 - k)
+        self.act_mid = _core.lora_fold(np.ascontiguousarray(self.act_mid, dtype=np.float64), self._t_mid, c, k,
+                                       1.0 - k)
+        self.act_out = _core.lora_fold(np.ascontiguousarray(self.act_out, dtype=np.float64), self._t_out, c, k,
+                                       1.0 - k)
+
     def _drop_nonfinite_tick(self) -> None:
         """Discard (and count) the tick of every slot whose accumulated activations are not all
         finite: folded in, one such value would make the slot's density, and then its learning
         rate and every parameter, NaN for good."""
-        with np.errstate(over="ignore", invalid="ignore"):  # one sum per slot: NaN and infinities survive it
-            total = self._t_rms + np.einsum("sd->s", self._t_in) + np.einsum("sr->s", self._t_mid)
-            total += np.einsum("sd->s", self._t_out) + np.einsum("sr->s", self._t_sig)
-        ok = np.isfinite(total)
-        if ok.all():
+        xp = self.xp
+        with errstate(xp, over="ignore", invalid="ignore"):  # one sum per slot: NaN and infinities survive it
+            total = self._t_rms + xp.einsum("sd->s", self._t_in) + xp.einsum("sr->s", self._t_mid)
+            total += xp.einsum("sd->s", self._t_out) + xp.einsum("sr->s", self._t_sig)
+        ok = xp.isfinite(total)
+        if bool(ok.all()):
             return
         bad = ~ok
         for t in (self._t_in, self._t_mid, self._t_out, self._t_rms, self._t_sig, self._t_calls):
             t[bad] = 0
-        self.dropped_interactions += int(np.count_nonzero(bad))
+        self.dropped_interactions += int(xp.count_nonzero(bad))
 
     # ------------------------------------------------------------------ dynamics
     def interaction_density(self) -> np.ndarray:
@@ -445,7 +509,7 @@ class DynamicLoRALayer:
     def compute_effective_inertia(self) -> np.ndarray:
         """Inertia per slot from interaction density: ``base + (1 - base) * inertia_gain * rho``,
         ``rho = D / (D + density_half)``; in ``[base, base + (1 - base) * inertia_gain]``."""
-        D = np.maximum(self.interaction_density(), 0.0)
+        D = self.xp.maximum(self.interaction_density(), 0.0)
         rho = D / (D + self.config.density_half)
         b = self.base_inertia
         return b + (1.0 - b) * self.config.inertia_gain * rho
@@ -463,7 +527,7 @@ class DynamicLoRALayer:
     def _thresholds(self, sl: slice) -> tuple[np.ndarray, np.ndarray]:
         # a[i] * m[j] > t  <=>  a[i] > t / m[j]: one broadcast compare, no outer product
         th = self.screening_threshold[sl, None]
-        with np.errstate(divide="ignore"):
+        with errstate(self.xp, divide="ignore"):
             return th / self.act_mid[sl], th / self.act_out[sl]
 
     def compute_phase(self) -> tuple[np.ndarray, np.ndarray]:
@@ -501,20 +565,23 @@ class DynamicLoRALayer:
             gradient = LayerGradient(gradient[0], gradient[1])
         if gradient is not None and gradient.empty:
             gradient = None
+        xp = self.xp
         lr = self.learning_rate()
-        c = np.broadcast_to((lr * np.asarray(strength, dtype=np.float64)).astype(self.dtype), (self.slots,))
+        c = xp.broadcast_to((lr * xp.asarray(strength, dtype=xp.float64)).astype(self.dtype), (self.slots,))
         parts = gradient._rank_major() if gradient is not None else ((None, []), (None, []))
         newA = self._fresh(self._spare_At, self._At)
         newB = self._fresh(self._spare_B, self._B)
         s, d, r = self.slots, self.dim, self.rank
         pinned = self.pins > 0
         pinned = pinned if pinned.any() else None
-        finite = np.empty(self.slots, bool) if self.native else None
-        if not (self.native and self._update_native(c, parts, newA, newB, pinned, finite)):
+        native = self.native and xp is np
+        finite = np.empty(self.slots, bool) if native else None
+        if not (native and self._update_native(c, parts, newA, newB, pinned, finite)):
             finite = None
-            sums = {k: np.empty((s, d if k.endswith("d") else r)) for k in ("Ad", "Ar", "Br", "Bd")}
+            sums = {k: xp.empty((s, d if k.endswith("d") else r)) for k in ("Ad", "Ar", "Br", "Bd")}
             job = (c, parts, newA, newB, sums, pinned)
-            step = max(1, self.config.chunk_elems // (d * r))
+            # a GPU module takes every slot in one pass
+            step = max(1, self.config.chunk_elems // (d * r)) if xp is np else s
             chunks = [slice(s0, min(s, s0 + step)) for s0 in range(0, s, step)]
             threads = min(self.config.threads, len(chunks))
             if threads > 1:
@@ -526,17 +593,18 @@ class DynamicLoRALayer:
         self._keep_nonfinite_slots(newA, newB, finite)
         self._spare_At, self._At = self._At, newA
         self._spare_B, self._B = self._B, newB
-        np.maximum(self.pins - 1, 0, out=self.pins)
+        xp.maximum(self.pins - 1, 0, out=self.pins)
         return lr
 
     def _keep_nonfinite_slots(self, newA: np.ndarray, newB: np.ndarray, finite: np.ndarray | None = None) -> None:
         """Slots whose new parameters are not all finite keep their current ones (counted).
         ``finite`` (slots,) is the native update's per-slot answer, found while it wrote the
         values; without it (the numpy path) every value is checked here."""
+        xp = self.xp
         if finite is None:
-            finite = np.isfinite(newA.reshape(self.slots, -1)).all(axis=1)
-            finite &= np.isfinite(newB.reshape(self.slots, -1)).all(axis=1)
-        n = self.slots - int(np.count_nonzero(finite))
+            finite = xp.isfinite(newA.reshape(self.slots, -1)).all(axis=1)
+            finite &= xp.isfinite(newB.reshape(self.slots, -1)).all(axis=1)
+        n = self.slots - int(xp.count_nonzero(finite))
         self.last_rejected = n
         if n:
             bad = ~finite
@@ -575,7 +643,9 @@ class DynamicLoRALayer:
     def _update_chunk_numpy(self, sl: slice, c: np.ndarray, parts: Any, newA: np.ndarray, newB: np.ndarray,
                             sums: dict[str, np.ndarray], pinned: np.ndarray | None) -> None:
         """The update of slots ``sl`` in numpy: the reference the native kernel is tested
-        against, and the path for steps in another dtype than the layer's."""
+        against, the path for steps in another dtype than the layer's, and (in the layer's
+        array module) the path on a GPU."""
+        xp = self.xp
         cfg = self.config
         dt = self.dtype.type
         dec_s, dec_f = dt(cfg.screened_decay), dt(cfg.free_decay)
@@ -583,74 +653,75 @@ class DynamicLoRALayer:
         tm, to = self._thresholds(sl)
         cs = c[sl]
         shape = (sl.stop - sl.start, self.rank, self.dim)
-        dec = np.empty(shape, self.dtype)
-        tmp = np.empty(shape, self.dtype)
-        nph = np.empty(shape, bool)
-        Sf = np.empty(shape)
+        dec = xp.empty(shape, self.dtype)
+        tmp = xp.empty(shape, self.dtype)
+        nph = xp.empty(shape, bool)
+        Sf = xp.empty(shape)
         for which, P, P0, new, ph in (("A", self._At, self._At0, newA, self._phA),
                                       ("B", self._B, self._B0, newB, self._phB)):
             dense, terms = parts[0] if which == "A" else parts[1]
             out = new[sl]
             if dense is None and not terms:
-                np.copyto(out, P[sl])
+                xp.copyto(out, P[sl])
             else:
                 first = True
                 if dense is not None:
-                    np.multiply(dense[sl], cs[:, None, None], out=out)
+                    xp.multiply(dense[sl], cs[:, None, None], out=out)
                     first = False
                 for Rr, Cd in terms:
                     Rc = Rr[sl] * cs[:, None]  # the step folded into the small factor
                     if first:
-                        np.multiply(Rc[:, :, None], Cd[sl, None, :], out=out)
+                        xp.multiply(Rc[:, :, None], Cd[sl, None, :], out=out)
                         first = False
                     else:
-                        np.multiply(Rc[:, :, None], Cd[sl, None, :], out=tmp)
+                        xp.multiply(Rc[:, :, None], Cd[sl, None, :], out=tmp)
                         out += tmp
                 out += P[sl]
             phs = ph[sl]
             if which == "A":
-                np.greater(a[:, None, :], tm[:, :, None], out=phs)  # A^T[j, i]: a[i] > t / m[j]
+                xp.greater(a[:, None, :], tm[:, :, None], out=phs)  # A^T[j, i]: a[i] > t / m[j]
             else:
-                np.greater(m[:, :, None], to[:, None, :], out=phs)  # B[j, k]: m[j] > t / o[k]
+                xp.greater(m[:, :, None], to[:, None, :], out=phs)  # B[j, k]: m[j] > t / o[k]
             if pinned is not None:
                 phs |= pinned[sl, :, None]
             # decay per phase, branch-free (np.where on a mixed mask mispredicts): exact values
-            np.multiply(phs, dec_s, out=dec)
-            np.invert(phs, out=nph)
-            np.multiply(nph, dec_f, out=tmp)
+            xp.multiply(phs, dec_s, out=dec)
+            xp.invert(phs, out=nph)
+            xp.multiply(nph, dec_f, out=tmp)
             dec += tmp
-            np.subtract(P0[sl], out, out=tmp)
+            xp.subtract(P0[sl], out, out=tmp)
             tmp *= dec
             out += tmp
             # activity summed over SCREENED parameters by rank row and by dim column
-            np.copyto(Sf, phs)
+            xp.copyto(Sf, phs)
             if which == "A":
-                scr_r = np.matmul(Sf, a[:, :, None])[:, :, 0]
-                scr_d = np.matmul(m[:, None, :], Sf)[:, 0, :]
+                scr_r = xp.matmul(Sf, a[:, :, None])[:, :, 0]
+                scr_d = xp.matmul(m[:, None, :], Sf)[:, 0, :]
                 sums["Ar"][sl] = m * (a.sum(1, keepdims=True) - scr_r)
                 sums["Ad"][sl] = a * (m.sum(1, keepdims=True) - scr_d)
             else:
-                scr_r = np.matmul(Sf, o[:, :, None])[:, :, 0]
-                scr_d = np.matmul(m[:, None, :], Sf)[:, 0, :]
+                scr_r = xp.matmul(Sf, o[:, :, None])[:, :, 0]
+                scr_d = xp.matmul(m[:, None, :], Sf)[:, 0, :]
                 sums["Br"][sl] = m * (o.sum(1, keepdims=True) - scr_r)
                 sums["Bd"][sl] = o * (m.sum(1, keepdims=True) - scr_d)
 
     def _entropy(self, sA_in: np.ndarray, sA_mid: np.ndarray, sB_mid: np.ndarray, sB_out: np.ndarray) -> None:
         # -sum_free p log p with p = T / Z and log T[i, j] = log a[i] + log m[j]: line sums only
+        xp = self.xp
         a, m, o = self.act_in, self.act_mid, self.act_out
         Z = a.sum(1) * m.sum(1) + m.sum(1) * o.sum(1)
-        la, lm, lo = (_log_floor(x) for x in (a, m, o))
+        la, lm, lo = (_log_floor(x, xp) for x in (a, m, o))
         F = (la * sA_in).sum(1) + (lm * sA_mid).sum(1) + (lm * sB_mid).sum(1) + (lo * sB_out).sum(1)
         free_mass = sA_in.sum(1) + sB_mid.sum(1)
         logP = math.log(self.params_per_slot)
         live = Z > 0.0
-        Zs = np.where(live, Z, 1.0)
-        ent = (free_mass * np.log(Zs) - F) / Zs / logP
-        if not live.all():
+        Zs = xp.where(live, Z, 1.0)
+        ent = (free_mass * xp.log(Zs) - F) / Zs / logP
+        if not bool(live.all()):
             # no activity: the uniform distribution, whose free entropy is the free fraction
             free = ((~self._phA).sum((1, 2)) + (~self._phB).sum((1, 2))) / self.params_per_slot
-            ent = np.where(live, ent, free)
-        self.current_entropy = np.clip(ent, 0.0, 1.0)
+            ent = xp.where(live, ent, free)
+        self.current_entropy = xp.clip(ent, 0.0, 1.0)
         self._activity_total = Z
 
     def maintain_homeostasis(self) -> np.ndarray:
@@ -662,22 +733,27 @@ class DynamicLoRALayer:
         live = self._activity_total > 0.0
         e = self.current_entropy
         th = self.screening_threshold
-        th = np.where(live & (e < lo), th * k, np.where(live & (e > hi), th / k, th))
+        xp = self.xp
+        th = xp.where(live & (e < lo), th * k, xp.where(live & (e > hi), th / k, th))
         b0, b1 = self.config.threshold_bounds
-        self.screening_threshold = np.clip(th, b0, b1)
+        self.screening_threshold = xp.clip(th, b0, b1)
         return self.screening_threshold
 
     # ------------------------------------------------------------------ circuits
     def component_strength(self, slot: int | np.ndarray) -> np.ndarray:
         """``||A[:, j] B[j, :] - A0[:, j] B0[j, :]||_F`` per rank component of ``slot`` (or of
-        each slot in an index array): how much each component has moved the layer's map."""
+        each slot in an index array): how much each component has moved the layer's map. A
+        numpy array, whatever the layer's module (the circuit detector runs on the host)."""
+        xp = self.xp
+        if xp is not np and not isinstance(slot, int):
+            slot = xp.asarray(slot)
         A, B, A0, B0 = self._At[slot], self._B[slot], self._At0[slot], self._B0[slot]
 
         def dot(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-            return np.sum(x * y, axis=-1, dtype=np.float64)
+            return xp.sum(x * y, axis=-1, dtype=xp.float64)
 
         sq = dot(A, A) * dot(B, B) + dot(A0, A0) * dot(B0, B0) - 2.0 * dot(A, A0) * dot(B, B0)
-        return np.sqrt(np.maximum(sq, 0.0))
+        return to_host(xp, xp.sqrt(xp.maximum(sq, 0.0)))
 
     def consolidate_circuit(self, circuit: Circuit, *, slot: int = 0, weight: float = 1.0,
                             pin_ticks: float | None = None) -> list[int]:
@@ -693,11 +769,14 @@ class DynamicLoRALayer:
         target first (``a b`` and ``(-a)(-b)`` are the same map). Returns the components used.
         """
         self._own()
-        At, B = self._At[slot], self._B[slot]
+        xp = self.xp
+        # the slot's rows on the host (views of the buffers with numpy; written back otherwise)
+        At, B = to_host(xp, self._At[slot]), to_host(xp, self._B[slot])
+        pins = to_host(xp, self.pins[slot]).copy()
         used: list[int] = []
         w = float(weight)
         dt = self.dtype.type
-        order = np.lexsort((self.act_mid[slot], self.pins[slot] > 0))
+        order = np.lexsort((to_host(xp, self.act_mid[slot]), pins > 0))
         cap = float(self.config.consolidation_ticks)
         pin = cap if pin_ticks is None else float(pin_ticks)
         for a_s, b_s in zip(circuit.a_cols.T, circuit.b_rows):
@@ -717,12 +796,20 @@ class DynamicLoRALayer:
                 sign = -1.0 if float(At[k].astype(np.float64) @ a64) < 0 else 1.0
             At[k] = dt(1.0 - w) * At[k] + dt(w * sign) * np.asarray(a_s, dtype=self.dtype)
             B[k] = dt(1.0 - w) * B[k] + dt(w * sign) * np.asarray(b_s, dtype=self.dtype)
-            self.pins[slot, k] = min(self.pins[slot, k] + pin, cap)
+            pins[k] = min(pins[k] + pin, cap)
             used.append(k)
+        if xp is np:
+            self.pins[slot] = pins
+        else:
+            self._At[slot], self._B[slot], self.pins[slot] = xp.asarray(At), xp.asarray(B), xp.asarray(pins)
         return used
 
     def circuit_factors(self, slot: int, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the A columns (dim, k) and B rows (k, dim) of ``nodes`` in ``slot``."""
+        """Copies of the A columns (dim, k) and B rows (k, dim) of ``nodes`` in ``slot``, as
+        numpy arrays whatever the layer's module."""
+        xp = self.xp
+        if xp is not np:
+            return xp.asnumpy(self._At[slot][xp.asarray(nodes)].T), xp.asnumpy(self._B[slot][xp.asarray(nodes)])
         return self._At[slot][nodes].T.copy(), self._B[slot][nodes].copy()
 
     # ------------------------------------------------------------------ slots and state
@@ -751,10 +838,15 @@ class DynamicLoRALayer:
 
     def state(self) -> dict[str, np.ndarray]:
         """The layer's state as named arrays (see :meth:`load_state`); A is stored transposed
-        (rank-major), as held."""
-        out = {"At": self._At.copy(), "B": self._B.copy(), "hist_pos": np.array(self._hist_pos)}
+        (rank-major), as held; numpy arrays whatever the layer's module."""
+        xp = self.xp
+
+        def host(a: Any) -> np.ndarray:
+            return np.array(a, copy=True) if xp is np else xp.asnumpy(a)
+
+        out = {"At": host(self._At), "B": host(self._B), "hist_pos": np.array(self._hist_pos)}
         for name in self._SLOT_ARRAYS:
-            out[name.lstrip("_")] = np.array(getattr(self, name), copy=True)
+            out[name.lstrip("_")] = host(getattr(self, name))
         return out
 
     def load_state(self, st: dict[str, np.ndarray]) -> None:
@@ -763,13 +855,14 @@ class DynamicLoRALayer:
         self._restore(check_state(st, "", self.slots, self.dim, self.rank, self.config, self.dtype))
 
     def _restore(self, st: dict[str, np.ndarray]) -> None:
-        """Restore arrays :func:`check_state` accepted."""
-        self._At = np.array(st["At"], dtype=self.dtype)
-        self._B = np.array(st["B"], dtype=self.dtype)
+        """Restore arrays :func:`check_state` accepted (uploaded to the layer's module)."""
+        xp = self.xp
+        self._At = xp.array(st["At"], dtype=self.dtype)
+        self._B = xp.array(st["B"], dtype=self.dtype)
         self._spare_At = self._spare_B = None
         self._hist_pos = int(st["hist_pos"])
         for name in self._SLOT_ARRAYS:
-            setattr(self, name, np.array(st[name.lstrip("_")], dtype=getattr(self, name).dtype))
+            setattr(self, name, xp.array(st[name.lstrip("_")], dtype=getattr(self, name).dtype))
         self.entropy_budget = tuple(self.config.entropy_budget)
         self._reset_tick()
 

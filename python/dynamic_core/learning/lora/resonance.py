@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import MutableMapping
+from typing import Any
 
 import numpy as np
 
@@ -57,10 +58,10 @@ class HorizontalResonance:
         self.beta = float(beta)
         self.current_direction: tuple[np.ndarray, ...] | None = None
 
-    def factor(self, alignment: np.ndarray | float) -> np.ndarray:
-        """Resonance factor of an alignment (or an array of them)."""
-        a = np.asarray(alignment, dtype=np.float64)
-        return np.where(a > 0.0, 1.0 + self.alpha * a, 1.0 + self.beta * np.abs(a))
+    def factor(self, alignment: np.ndarray | float, xp: Any = np) -> np.ndarray:
+        """Resonance factor of an alignment (or an array of them, of module ``xp``)."""
+        a = xp.asarray(alignment, dtype=xp.float64)
+        return xp.where(a > 0.0, 1.0 + self.alpha * a, 1.0 + self.beta * xp.abs(a))
 
     def apply(self, new_gradient: np.ndarray, swarm_gradient_accumulator: np.ndarray) -> np.ndarray:
         """The design's single-gradient form: ``new_gradient`` times its factor against the
