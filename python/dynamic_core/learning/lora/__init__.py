@@ -1,6 +1,7 @@
 """DynamicLoRA: a five-layer LoRA hierarchy (foundation, domain, swarm shared; agent, context per
 agent) with emergent inertia, per-parameter phase dynamics, circuit migration under bandwidth
-limits, horizontal and vertical resonance, and health monitoring; pure numpy.
+limits, horizontal and vertical resonance, and health monitoring. numpy with native kernels for
+the per-agent passes; CuPy when the arrays live on a GPU (``xp="cupy"``).
 
 ::
 
@@ -9,6 +10,9 @@ limits, horizontal and vertical resonance, and health monitoring; pure numpy.
     scores = h.score(x, snap)            # (n_agents,) in (-1, 1)
     h.learn(x, target, snap, mask=mask)  # accumulate gradients
     report = h.system_tick()             # apply them and run the maintenance step
+
+    g = LoRAHierarchy(n_agents, dim, xp="cupy")  # every array on the current GPU
+    g.learn(x, target, g.snapshot())             # x: numpy (uploaded) or CuPy
 """
 
 from __future__ import annotations

@@ -411,7 +411,7 @@ class DynamicLoRALayer:
             _core.lora_record(h, u, delta, w, self.slots == 1, self._t_in, self._t_mid, self._t_out, self._t_rms,
                               self._t_sig, self.config.threads)
         else:
-            self._record_xp(h, u, delta, w)
+            self._record_xp(*(xp.asarray(a) for a in (h, u, delta)), w)
         self._t_calls += 1 if (w is None or self.slots == 1) else (w > 0)
 
     def _record_xp(self, h: Any, u: Any, delta: Any, w: Any) -> None:
@@ -569,6 +569,9 @@ class DynamicLoRALayer:
         lr = self.learning_rate()
         c = xp.broadcast_to((lr * xp.asarray(strength, dtype=xp.float64)).astype(self.dtype), (self.slots,))
         parts = gradient._rank_major() if gradient is not None else ((None, []), (None, []))
+        if xp is not np:  # a direction given as host arrays is uploaded
+            parts = tuple((None if dense is None else xp.asarray(dense), [(xp.asarray(R), xp.asarray(C)) for R, C in terms])
+                          for dense, terms in parts)
         newA = self._fresh(self._spare_At, self._At)
         newB = self._fresh(self._spare_B, self._B)
         s, d, r = self.slots, self.dim, self.rank
