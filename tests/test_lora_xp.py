@@ -156,6 +156,38 @@ def test_learning_agents_learn_on_a_device_module() -> None:
     assert dev.ticks == host.ticks > 250 and dev.hit_rate() == host.hit_rate()
 
 
+def test_masks_snapshots_and_directions_across_modules() -> None:
+    host, dev = LoRAHierarchy(4, 5, seed=1), LoRAHierarchy(4, 5, seed=1, xp=XP)
+    x = np.zeros((4, 5))
+    x[0, 0] = np.nan
+    for h, other in ((dev, host), (host, dev)):  # a snapshot of the other module: refused before any count
+        with pytest.raises(ValueError, match="taken from another one"):
+            h.learn(x, np.zeros(4), other.snapshot())
+        assert h._nonfinite == 0
+    # a device mask of 0/1 numbers is checked on the device: one scalar more than a bool mask
+    x = np.random.default_rng(0).normal(size=(4, 5))
+    t = np.array([0.5, -0.5, 0.2, 0.1])
+    counts = []
+    for mask in (XP.asarray([True, False, True, True]), XP.asarray([1, 0, 1, 1]),
+                 XP.asarray([True, False, True, True])):
+        sx.reset_transfers()
+        dev.learn(x, t, mask=mask)
+        counts.append(sx.transfers()["downloads"])
+    assert counts[1] == counts[2] + 1  # (the first call also sets the swarm's direction)
+    for mask in (np.array([True, False, True, True]), np.array([1, 0, 1, 1]), np.array([True, False, True, True])):
+        host.learn(x, t, mask=mask)
+    for name in LAYERS:
+        for a, b in zip(host.gradients()[name], dev.gradients()[name]):
+            np.testing.assert_allclose(XP.asnumpy(b), a, rtol=1e-12, atol=1e-15)
+    for bad, match in ((XP.asarray([1, 2, 0, 0]), "other values"), (XP.asarray([True, False]), "shape")):
+        with pytest.raises(ValueError, match=match):
+            dev.learn(x, t, mask=bad)
+    # a direction of host factors, densified on the device
+    L, R = np.ones((4, 5)), np.arange(12.0).reshape(4, 3)
+    gA, _ = LayerGradient(terms_A=[(L, R)]).dense(4, 5, 3, xp=XP)
+    assert np.array_equal(XP.asnumpy(gA), LayerGradient(terms_A=[(L, R)]).dense(4, 5, 3)[0])
+
+
 def test_the_array_module_argument_is_checked() -> None:
     with pytest.raises(ValueError, match="'numpy', 'cupy' or an array module"):
         LoRAHierarchy(2, 3, xp="torch")

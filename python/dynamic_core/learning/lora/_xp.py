@@ -7,8 +7,11 @@ With any other module (CuPy) every per-agent array (parameters, initial values, 
 traces, thresholds, histories) lives in that module's memory and the same formulas run as its
 array operations: the numpy reference formulas of :mod:`.layer`, which the native kernels are
 tested against. Only small per-tick values cross to the host: the per-slot circuit signatures
-(rank values per agent), the shared layers' gradients for resonance (dim x rank), the reports'
-scalars and the candidate slots of a circuit.
+(rank values per agent) and the candidates' component strengths, the shared layers' gradients
+for resonance (dim x rank) and the three effective-map changes it compares (dim x dim), the
+reports' scalars, and per circuit found or migration executed the rows of its slot (rank x dim,
+at most ``max_circuits_per_tick`` circuits a tick per layer). A mask given on the device is
+checked there.
 
 Determinism on a GPU is per device and library version: the same state and inputs give the
 same bits on the same GPU (cuBLAS and CuPy's reductions choose their order by size and device),

@@ -2,8 +2,10 @@
 
 By default the base is a numpy linear map ``x @ W`` (W orthogonal, drawn from the hierarchy's
 seed, so the hidden state keeps the input's scale). Any frozen callable ``x -> hidden`` can
-take its place; it receives a C-contiguous (n_agents, dim) numpy array and must return an
-array-like of the same shape. It is treated as a constant: no gradient flows into it, only the
+take its place; it receives a C-contiguous (n_agents, dim) array of the hierarchy's array
+module (numpy; a CuPy array for a hierarchy built with ``xp="cupy"``, which ``torch.as_tensor``
+and ``jnp.asarray`` take on the GPU through DLPack) and must return an array-like of the same
+shape (numpy results are uploaded). It is treated as a constant: no gradient flows into it, only the
 LoRA layers (and, when ``head_learning_rate > 0``, the head) learn.
 
 Wrapping another framework's model means converting at the boundary::
@@ -18,6 +20,11 @@ Wrapping another framework's model means converting at the boundary::
     backend = LoRABackend(fn=base)
 
     # JAX: LoRABackend(fn=lambda x: np.asarray(jitted_model(jnp.asarray(x))))
+
+    # on a GPU (LoRAHierarchy(..., xp="cupy")): x is a CuPy array, handed over by DLPack
+    def base_gpu(x: cupy.ndarray) -> cupy.ndarray:
+        with torch.no_grad():
+            return cupy.from_dlpack(model(torch.from_dlpack(x)))
 
 The model's output width must be the hierarchy's ``dim``; determinism is then the model's
 (e.g. ``torch.use_deterministic_algorithms(True)`` and a fixed thread count).

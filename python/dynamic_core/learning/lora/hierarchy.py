@@ -142,6 +142,19 @@ def _bool_mask(mask: object, n: int) -> np.ndarray:
     return m
 
 
+def _bool_mask_device(xp: Any, m: Any, n: int) -> Any:
+    """:func:`_bool_mask` of an array of a GPU module, checked there (one scalar comes back)."""
+    if m.shape != (n,):
+        raise ValueError(f"mask must have shape (n_agents,) = ({n},), got shape {m.shape}")
+    if m.dtype != bool:
+        if m.dtype.kind not in "biuf":
+            raise ValueError(f"mask must be bool (or numbers that are all 0 or 1), got {m.dtype}")
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError("mask must be bool (or numbers that are all 0 or 1): it holds other values")
+        m = m.astype(bool)
+    return m
+
+
 def _check_size(n_agents: object, dim: object, cfg: LoRAConfig) -> tuple[int, int]:
     """``(n_agents, dim)`` as ints within the caps (TypeError, ValueError), the per-agent state
     they imply included."""
@@ -267,6 +280,9 @@ class LoRAHierarchy:
             return live, self.head
         if not isinstance(snap, LoRASnapshot):
             raise TypeError(f"snapshot must be a LoRASnapshot (from .snapshot()), got {type(snap).__name__}")
+        if snap._xp is not self.xp:
+            raise ValueError(f"snapshot does not fit this hierarchy: its arrays are {getattr(snap._xp, '__name__', '?')}'s, "
+                             f"this hierarchy's are {getattr(self.xp, '__name__', '?')}'s (it was taken from another one)")
         if snap.head.shape != self.head.shape or any(
                 snap[n][0].shape != A.shape or snap[n][1].shape != B.shape for n, (A, B) in live.items()):
             raise ValueError(f"snapshot does not fit this hierarchy (n_agents={self.n_agents}, dim={self.dim}, "
@@ -358,8 +374,10 @@ class LoRAHierarchy:
             raise ValueError(f"target must have shape (n_agents,) = ({self.n_agents},), got shape {t.shape}")
         if mask is None:
             m = xp.ones(self.n_agents, bool)
+        elif xp is not np and isinstance(mask, xp.ndarray):  # checked where it lives
+            m = _bool_mask_device(xp, mask, self.n_agents)
         else:
-            m = xp.asarray(_bool_mask(to_host(xp, mask) if isinstance(mask, xp.ndarray) else mask, self.n_agents))
+            m = xp.asarray(_bool_mask(mask, self.n_agents))
         finite = xp.isfinite(x).all(axis=1) & xp.isfinite(t)
         wild = m & finite & (xp.abs(xp.where(finite, t, 0)) > 1.0)  # rows that do not learn are not read
         if bool(wild.any()):

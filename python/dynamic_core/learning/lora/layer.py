@@ -176,9 +176,9 @@ class LayerGradient:
         gA = xp.zeros((slots, dim, rank), dtype) if self.A is None else xp.array(self.A, dtype=dtype)
         gB = xp.zeros((slots, rank, dim), dtype) if self.B is None else xp.array(self.B, dtype=dtype)
         for L, R in self.terms_A:
-            gA += L[:, :, None] * R[:, None, :]
+            gA += xp.asarray(L)[:, :, None] * xp.asarray(R)[:, None, :]
         for L, R in self.terms_B:
-            gB += L[:, :, None] * R[:, None, :]
+            gB += xp.asarray(L)[:, :, None] * xp.asarray(R)[:, None, :]
         return gA, gB
 
     @property
@@ -279,7 +279,9 @@ class DynamicLoRALayer:
     # ------------------------------------------------------------------ parameters
     @property
     def A(self) -> np.ndarray:
-        """Current A, (slots, d, r), read-only (use :meth:`set_params` to assign)."""
+        """Current A, (slots, d, r), read-only (use :meth:`set_params` to assign). On a GPU
+        module a view that must not be written: CuPy cannot make an array read-only, and a
+        write would reach the live weights and every snapshot sharing them."""
         return _readonly(self._At.transpose(0, 2, 1))
 
     @property
@@ -812,7 +814,8 @@ class DynamicLoRALayer:
         numpy arrays whatever the layer's module."""
         xp = self.xp
         if xp is not np:
-            return xp.asnumpy(self._At[slot][xp.asarray(nodes)].T), xp.asnumpy(self._B[slot][xp.asarray(nodes)])
+            idx = xp.asarray(nodes)
+            return xp.asnumpy(self._At[slot][idx].T), xp.asnumpy(self._B[slot][idx])
         return self._At[slot][nodes].T.copy(), self._B[slot][nodes].copy()
 
     # ------------------------------------------------------------------ slots and state
