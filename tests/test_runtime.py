@@ -810,3 +810,126 @@ def test_daemon_threads_inside_the_engine_at_exit(code: int) -> None:
                        timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert r.returncode == code, r.stderr[-2000:]
     assert "terminate" not in r.stderr and "Fatal" not in r.stderr, r.stderr[-2000:]
+
+
+def _wait_for(cond, deadline: float = 10.0) -> None:
+    end = time.monotonic() + deadline
+    while not cond():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.002)
+
+
+def test_run_and_step_do_not_share_their_signals_with_another_threads_poll(pop, market):
+    # A poll waiting on another thread: run and step refuse before taking anything (they would
+    # have returned only part of their signals, the poller the rest, with no error).
+    with dc.Engine(pop, threads=2) as eng:
+        t = threading.Thread(target=eng.poll, kwargs={"timeout": 1.0})
+        t.start()
+        _wait_for(lambda: eng._pollers > 0)
+        for call in (lambda: eng.run(market[:40]), lambda: eng.step(market[0])):
+            with pytest.raises(RuntimeError, match=r"poll\(\) is waiting on another thread"):
+                call()
+        t.join()
+        assert eng.stats()["bars_in"] == 0
+        assert len(eng.run(market[:40])) == 40  # once the poll is over
+    # a run in progress: a poll from another thread raises instead of taking its signals
+    with dc.Engine(pop, threads=2, fault_injection=True, stall_deadline=5.0) as eng:
+        eng.faults.stall_sm(0, 0.5)
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("run", eng.run(market[:80])))
+        t.start()
+        _wait_for(lambda: eng._runners)
+        with pytest.raises(RuntimeError, match=r"poll\(\) while run\(\) runs on thread"):
+            eng.poll(timeout=0)
+        t.join()
+        assert len(out["run"]) == 80
+        with dc.Engine(pop, threads=1) as ref:
+            assert np.array_equal(out["run"], ref.run(market[:80]))
+
+
+def test_a_poll_without_waiting_does_not_wait_for_another_threads_poll(pop, market):
+    with dc.Engine(pop, threads=2) as eng:
+        ended = []
+
+        def wait() -> None:
+            with pytest.raises(RuntimeError, match="closed"):
+                eng.poll(timeout=3.0)
+            ended.append(True)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        _wait_for(lambda: eng._pollers > 0)
+        time.sleep(0.05)  # the other poll is parked in the native wait now
+        t0 = time.monotonic()
+        assert len(eng.poll(timeout=0)) == 0
+        got = eng.poll(timeout=0.2)
+        waited = time.monotonic() - t0
+        assert len(got) == 0 and waited < 1.5, waited  # it waited up to 3 s for the other poll
+        eng.close()  # ends the other poll
+        t.join()
+        assert ended
+
+
+def test_an_engine_whose_callback_refers_to_it_is_collected_and_its_threads_end(pop, market):
+    class Owner:
+        def __init__(self) -> None:
+            self.eng = dc.Engine(pop, threads=2)
+            self.eng.on_signal(self.handle)
+            self.seen = 0
+
+        def handle(self, sig) -> None:
+            self.seen += 1
+            self.eng.stats()
+
+    before = settled_threads(native_threads())
+    o = Owner()
+    o.eng.submit(market[:20])
+    _wait_for(lambda: o.seen == 20)
+    dispatcher = o.eng._dispatcher
+    del o
+    gc.collect()
+    dispatcher.join(5.0)
+    assert not dispatcher.is_alive()
+    assert settled_threads(before) <= before  # workers and sentinel joined too (an earlier test's may still end)
+
+
+def test_an_idle_engine_with_a_callback_takes_no_cpu(pop, market):
+    with dc.Engine(pop, threads=2) as eng:
+        eng.on_signal(lambda s: None)
+        eng.submit(market[:8])
+        time.sleep(0.3)  # the feed stops: past the live-feed spin
+        t0, c0 = time.monotonic(), time.process_time()
+        time.sleep(1.0)
+        busy = (time.process_time() - c0) / (time.monotonic() - t0)
+        assert busy < 0.02, busy  # the dispatcher spun 2 ms of every 50 ms wait: ~5% of a core
+
+
+def test_a_second_close_returns_once_everything_is_joined(pop, market):
+    eng = dc.Engine(pop, threads=2)
+    started = threading.Event()
+
+    def slow(sig) -> None:
+        started.set()
+        time.sleep(0.5)
+
+    eng.on_signal(slow)
+    eng.submit(market[:2])
+    started.wait(5.0)
+    first = threading.Thread(target=eng.close)
+    first.start()
+    _wait_for(lambda: eng.closed)
+    eng.close()
+    assert not eng._dispatcher.is_alive()  # returned before the dispatcher was joined
+    first.join()
+
+
+def test_fault_hooks_and_arguments_after_close(pop, market):
+    eng = dc.Engine(pop, threads=1, fault_injection=True)
+    eng.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.faults.stall_sm(0, 0.1)
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.faults.poison(0)
+    for bad in ("yes", 1, None):
+        with pytest.raises(TypeError, match="fault_injection"):
+            dc.Engine(pop, threads=1, fault_injection=bad)

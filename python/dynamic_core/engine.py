@@ -148,6 +148,11 @@ def _after_fork_in_child() -> None:
     for e in list(_live_engines):
         e._foreign = os.getpid()
         e._closed = True
+        # locks another thread of the parent may have held at the fork, fresh and released
+        e._close_lock, e._egress_guard = threading.Lock(), threading.Lock()
+        e._close_done = threading.Event()
+        e._close_done.set()
+        e._pollers, e._runners = 0, {}
         e._finalizer.detach()  # the parent's threads are not here to join
         # nor may the child keep the journal directory's lock after the parent lets go of it
         with contextlib.suppress(Exception):
@@ -160,23 +165,39 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _dispatch_loop(native: Any, callbacks: list, stop: threading.Event, errors: list[int],
-                   engine: weakref.ref) -> None:
+def _dispatch_loop(native: Any, stop: threading.Event, errors: list[int], engine: weakref.ref) -> None:
     """The ``on_signal`` dispatcher. It holds only a weak reference to the :class:`Engine` (and
-    what it needs), so an engine with callbacks is still collected once unreferenced; this
-    thread then ends (``close`` ends it through ``stop``)."""
+    what it needs; the callbacks are fetched through it for each batch, since a callback may
+    refer to the engine), so an engine with callbacks is still collected once unreferenced;
+    this thread then ends (``close`` ends it through ``stop``)."""
     while not stop.is_set() and engine() is not None:
         try:
-            batch = native.poll(4096, 50_000_000)
+            # long waits: each starts with a 2 ms spin (latency on a live feed), so an idle
+            # engine's dispatcher costs 0.4% of a core, not 4% as with 50 ms waits; close and
+            # collection end a wait at once (the native engine stops)
+            batch = native.poll(4096, 500_000_000)
         except RuntimeError:  # closed underneath us
             return
-        for sig in signals_from_records(np.frombuffer(batch, dtype=SIGNAL_DTYPE)):
-            for cb in list(callbacks):
-                try:
-                    cb(sig)
-                except BaseException:  # SystemExit too: it would end the dispatcher, losing the batch
-                    errors[0] += 1
-                    log.exception("on_signal callback %r raised for signal %s", cb, sig.id)
+        if len(batch) and not _dispatch_batch(batch, errors, engine):
+            return
+
+
+def _dispatch_batch(batch: Any, errors: list[int], engine: weakref.ref) -> bool:
+    """One batch to the callbacks (False: the engine is gone). A function of its own, so that
+    nothing the callbacks refer to outlives the batch in the dispatcher's frame."""
+    eng = engine()
+    if eng is None:
+        return False
+    callbacks = list(eng._callbacks)
+    del eng
+    for sig in signals_from_records(np.frombuffer(batch, dtype=SIGNAL_DTYPE)):
+        for cb in callbacks:
+            try:
+                cb(sig)
+            except BaseException:  # SystemExit too: it would end the dispatcher, losing the batch
+                errors[0] += 1
+                log.exception("on_signal callback %r raised for signal %s", cb, sig.id)
+    return True
 
 
 class Engine:
@@ -290,6 +311,9 @@ class Engine:
             raise ValueError(f"dead_letter_capacity must be in [0, 10M], got {dead_letter_capacity}")
         dead_letter_capacity = int(dead_letter_capacity)
         strict = _check_strict(strict, allow_none=False)
+        if not isinstance(fault_injection, (bool, np.bool_)):
+            raise TypeError(f"fault_injection must be True or False, got {type(fault_injection).__name__}")
+        fault_injection = bool(fault_injection)
         if backend == "auto" and fault_injection:
             backend = "cpu"  # fault injection is CPU-only; auto never picks what cannot run
         factory = gpu.make_device(backend) if device is None else (lambda: device)
@@ -372,6 +396,13 @@ class Engine:
         self._consumers: dict[threading.Thread, str] = {}
         self._stop = threading.Event()
         self._callback_errors = [0]  # shared with the dispatcher thread
+        # run/step return the signals of their own bars: while one runs, no other thread may
+        # poll (it would take some of them), and neither starts while another thread polls
+        self._egress_guard = threading.Lock()
+        self._pollers = 0  # poll() calls in progress (any thread)
+        self._runners: dict[threading.Thread, str] = {}  # threads in run/step, and which
+        self._close_lock = threading.Lock()
+        self._close_done = threading.Event()
         self._closed = False
         self._foreign = 0  # the pid of a forked child this engine was inherited by
         # Threads are joined when the engine is garbage-collected, even without close().
@@ -383,7 +414,8 @@ class Engine:
         # again with each engine: atexit runs the last registration first.
         atexit.unregister(_core._exiting)
         atexit.register(_core._exiting)
-        self.faults = _Faults(self._native, fault_injection)
+        ref = weakref.ref(self)
+        self.faults = _Faults(self._native, fault_injection, lambda: (e := ref()) is None or e._closed)
         self._journal_path: str | None = None
         self._journal_lock = threading.Lock()
         self._journal_instruments = 0
@@ -488,7 +520,27 @@ class Engine:
         if self._device is not None:
             with self._device_lock:
                 return self._device.run(b, len(instruments), strict=strict)
-        return self._native.run(b, len(instruments), strict).view(SIGNAL_DTYPE)
+        with self._own_egress("run"):
+            return self._native.run(b, len(instruments), strict).view(SIGNAL_DTYPE)
+
+    @contextlib.contextmanager
+    def _own_egress(self, what: str) -> Iterator[None]:
+        """``run`` and ``step`` return the signals of their own bars: while one runs, ``poll``
+        from another thread raises instead of taking some of them, and neither starts while
+        another thread polls (RuntimeError, before anything is taken). Feeding calls of several
+        threads still serialise among themselves."""
+        me = threading.current_thread()
+        with self._egress_guard:
+            if self._pollers:
+                raise RuntimeError(f"{what}() returns the signals of its bars, but poll() is waiting on another "
+                                   f"thread and would take some of them: feed with submit() and poll, or stop "
+                                   f"polling first")
+            self._runners[me] = what
+        try:
+            yield
+        finally:
+            with self._egress_guard:
+                self._runners.pop(me, None)
 
     # ---- streaming ----------------------------------------------------------------------------
     def submit(self, bars: np.ndarray, timeout: float | None = None) -> int:
@@ -534,7 +586,19 @@ class Engine:
         n = 1 << 20 if max_n is None else min(check_int("max_n", max_n, 0, math.inf), _MAX_POLL)
         if n == 0:
             return np.empty(0, dtype=SIGNAL_DTYPE)
-        return np.frombuffer(self._sliced_poll(n, _timeout_ns(timeout)), dtype=SIGNAL_DTYPE)
+        t = _timeout_ns(timeout)
+        me = threading.current_thread()
+        with self._egress_guard:
+            other = next(((th, w) for th, w in self._runners.items() if th is not me), None)
+            if other is not None:
+                raise RuntimeError(f"poll() while {other[1]}() runs on thread {other[0].name!r}: it returns the "
+                                   f"signals of its bars, and this poll would take some of them")
+            self._pollers += 1
+        try:
+            return np.frombuffer(self._sliced_poll(n, t), dtype=SIGNAL_DTYPE)
+        finally:
+            with self._egress_guard:
+                self._pollers -= 1
 
     def _sliced_poll(self, n: int, t: int) -> bytes:
         """The native poll of up to ``n`` signals waiting ``t`` ns (< 0: no limit). A long wait
@@ -552,8 +616,9 @@ class Engine:
 
     def step(self, bar: np.ndarray | np.void, timeout: float | None = 10.0) -> AISignal | None:
         """One bar in, its signal out (a frozen :class:`AISignal`). Returns None when the bar
-        was rejected or no agent follows its stream. Do not mix with a running ``on_signal``
-        dispatcher or other pollers, which may take the signal first."""
+        was rejected or no agent follows its stream. Not beside a running ``on_signal``
+        dispatcher or another thread's ``poll``, which could take the signal first: RuntimeError
+        (and a ``poll`` from another thread while it runs raises)."""
         self._check_open()
         self._no_other_consumer("step")
         b = as_bars(np.atleast_1d(bar))
@@ -565,15 +630,17 @@ class Engine:
             with self._device_lock:
                 out = self._device.run(b, len(instruments), strict=self.strict)
             return signal_from_record(out[0]) if len(out) else None
-        start = time.monotonic_ns()
-        first = t if 0 <= t <= _POLL_SLICE_NS else _POLL_SLICE_NS
-        status, raw = self._native.step(b, len(instruments), first, self.strict)
-        if status < 0:
-            return None
-        if status == 0 and first != t:  # the rest of a long wait, in slices (^C, close)
-            raw = self._sliced_poll(1, -1 if t < 0 else max(0, start + t - time.monotonic_ns()))
-            status = 1 if len(raw) else 0
+        with self._own_egress("step"):
+            start = time.monotonic_ns()
+            first = t if 0 <= t <= _POLL_SLICE_NS else _POLL_SLICE_NS
+            status, raw = self._native.step(b, len(instruments), first, self.strict)
+            if status < 0:
+                return None
+            if status == 0 and first != t:  # the rest of a long wait, in slices (^C, close)
+                raw = self._sliced_poll(1, -1 if t < 0 else max(0, start + t - time.monotonic_ns()))
+                status = 1 if len(raw) else 0
         if status == 0:
+            self._check_open()  # closed while it waited: that, not a timeout
             raise TimeoutError(f"no signal within {timeout} s (see stats()['sms'])")
         return signal_from_record(np.frombuffer(raw, dtype=SIGNAL_DTYPE)[0])
 
@@ -600,7 +667,7 @@ class Engine:
                     self.unregister_consumer(self._dispatcher)
                 self._dispatcher = threading.Thread(
                     target=_dispatch_loop, name="dc-signal-dispatch", daemon=True,
-                    args=(self._native, self._callbacks, self._stop, self._callback_errors, weakref.ref(self)))
+                    args=(self._native, self._stop, self._callback_errors, weakref.ref(self)))
                 self.register_consumer(self._dispatcher, "an on_signal callback")
                 self._dispatcher.start()
         return callback
@@ -640,9 +707,21 @@ class Engine:
     def close(self) -> None:
         """Stop the dispatcher, workers and sentinel and join them. Bars still in flight are
         discarded. Idempotent; also done by ``with`` and when the engine is collected."""
-        if self._closed:
+        with self._close_lock:
+            first = not self._closed
+            self._closed = True
+        if not first:
+            # a later call returns once the first has joined everything (the dispatcher's own
+            # call, from a callback, cannot wait for the join of itself)
+            if threading.current_thread() is not self._dispatcher:
+                self._close_done.wait()
             return
-        self._closed = True
+        try:
+            self._close_first()
+        finally:
+            self._close_done.set()
+
+    def _close_first(self) -> None:
         self._stop.set()
         # The native engine stops first: a callback waiting on it (a feeding call from another
         # thread it waits for, a submit parked for room) is released, so the join can end.
@@ -1055,13 +1134,16 @@ class _Faults:
     """Fault injection for tests (``Engine(..., fault_injection=True)``); when the engine was
     created without it, every call raises ``RuntimeError``."""
 
-    def __init__(self, native: Any, armed: bool) -> None:
+    def __init__(self, native: Any, armed: bool, closed: Callable[[], bool] = lambda: False) -> None:
         self._native = native
         self.armed = armed
+        self._closed = closed
 
     def _check(self) -> None:
         if not self.armed:
             raise RuntimeError("fault injection is not armed: create the Engine with fault_injection=True")
+        if self._closed():
+            raise RuntimeError("engine is closed")
 
     def stall_sm(self, sm: int, seconds: float) -> None:
         """The worker owning SM ``sm`` (0 to ``stats()["n_sms"] - 1``) sleeps ``seconds`` (0 to
