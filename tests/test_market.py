@@ -765,3 +765,13 @@ def test_a_time_column_of_times_of_day_without_dates_is_refused(tmp_path):
     path.write_text("time,open,high,low,close\n00:00,1,1,1,1\n01:00,1,1,1,1\n02:00,1,1,1,1\n")
     with pytest.raises(ValueError, match="holds times of day without dates .*'00:00'.*add a date column"):
         dc.market.read_csv(path)  # pandas would have dated every bar today
+
+
+def test_read_csv_with_a_trailing_delimiter_keeps_the_columns_in_place(tmp_path):
+    p = tmp_path / "TRAIL.csv"
+    p.write_text("time,open,high,low,close\n2024-01-01 00:00,1.0,2.0,0.5,1.5,\n2024-01-01 01:00,1.0,2.0,0.5,1.6,\n")
+    r = dc.market.read_csv(p, timeframe="H1")  # pandas made the times the index: prices one column left
+    assert r["open"].tolist() == [1.0, 1.0] and r["high"].tolist() == [2.0, 2.0]
+    assert r["low"].tolist() == [0.5, 0.5] and r["close"].tolist() == [1.5, 1.6]
+    assert r["ts"][0] == 1_704_067_200_000_000_000
+    assert not dc.market.reason_counts(dc.market.validate(r))

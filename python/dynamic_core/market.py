@@ -626,9 +626,12 @@ def _csv_source(path: str | os.PathLike) -> str | os.PathLike | bytes:
 
 
 def _read(src: str | os.PathLike | bytes, **kwargs):
-    """``pandas.read_csv`` of a path, or of bytes from :func:`_csv_source`."""
+    """``pandas.read_csv`` of a path, or of bytes from :func:`_csv_source`. The first column is
+    never made the index behind our back: pandas does that when every data line has one field
+    more than the header (a trailing delimiter), which shifted every price one column left."""
     import pandas as pd
 
+    kwargs.setdefault("index_col", False)
     return pd.read_csv(io.BytesIO(src) if isinstance(src, bytes) else src, **kwargs)
 
 
