@@ -696,12 +696,17 @@ size_t Engine::wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, siz
 size_t Engine::poll(Signal* out, size_t max_n, int64_t timeout_ns) {
   // Another consumer may hold egress while it waits: wait for it no longer than this timeout,
   // and count that wait against it (a poll with timeout 0 never waits).
-  std::unique_lock<std::timed_mutex> lk(egress_m_, std::defer_lock);
+  // (try_lock in short sleeps rather than a timed mutex: ThreadSanitizer does not model
+  // pthread_mutex_clocklock, and the wait only happens beside another consumer's poll)
+  std::unique_lock<std::mutex> lk(egress_m_, std::defer_lock);
   if (timeout_ns < 0) {
     lk.lock();
-  } else {
+  } else if (!lk.try_lock()) {
     const int64_t t0 = now_ns();
-    if (!lk.try_lock_for(std::chrono::nanoseconds(timeout_ns))) return 0;
+    while (!lk.try_lock()) {
+      if (now_ns() - t0 >= timeout_ns) return 0;
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
     timeout_ns = std::max<int64_t>(0, timeout_ns - (now_ns() - t0));
   }
   return wait_and_drain(out, max_n, timeout_ns);
@@ -809,7 +814,7 @@ bool Engine::make_room(uint64_t want, std::vector<Signal>* drain_to, std::unique
       continue;
     }
     if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
-    std::lock_guard<std::timed_mutex> eg(egress_m_);
+    std::lock_guard<std::mutex> eg(egress_m_);
     if (drain_to) {  // run(): the caller is the consumer
       Signal buf[256];
       const size_t k = wait_and_drain(buf, 256, 100'000'000, drain_batch());
@@ -867,12 +872,12 @@ void Engine::take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool v
       while (p - tail_.load(std::memory_order_acquire) >= cap_) {
         if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
         if (drain_to) {  // run(): the caller is the consumer
-          std::lock_guard<std::timed_mutex> lk(egress_m_);
+          std::lock_guard<std::mutex> lk(egress_m_);
           Signal buf[256];
           const size_t k = wait_and_drain(buf, 256, 100'000'000, drain_batch());
           drain_to->insert(drain_to->end(), buf, buf + k);
         } else if (cfg_.backpressure == Backpressure::DropOldest) {
-          std::lock_guard<std::timed_mutex> lk(egress_m_);
+          std::lock_guard<std::mutex> lk(egress_m_);
           const size_t k = wait_and_drain(nullptr, 1, 100'000'000);
           stats_.backpressure_dropped += k;
         } else {  // RejectNew and blocking pieces were sized to the room
@@ -981,7 +986,7 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
   Signal buf[256];
   while (tail_.load(std::memory_order_acquire) < head_.load(std::memory_order_acquire)) {
     if (stop_.load()) throw std::logic_error("engine is closed");
-    std::lock_guard<std::timed_mutex> eg(egress_m_);
+    std::lock_guard<std::mutex> eg(egress_m_);
     const size_t k = wait_and_drain(buf, 256, 100'000'000, drain_batch());
     out.insert(out.end(), buf, buf + k);
   }
@@ -1032,7 +1037,7 @@ size_t Engine::admit(const Bar* bars, size_t n, uint32_t n_registered, std::vect
 
 void Engine::emit_external(const Signal* s, size_t k, uint64_t updates, uint64_t quarantined, double seconds) {
   {
-    std::lock_guard<std::timed_mutex> eg(egress_m_);
+    std::lock_guard<std::mutex> eg(egress_m_);
     if (k && journal_) journal_signals(s, k);
     signals_out_.fetch_add(k, std::memory_order_relaxed);
   }
@@ -1457,7 +1462,7 @@ void Engine::agents(AgentRecord* out) {
 void Engine::open_journal(const std::string& dir, const JournalIdentity& id, const void* meta, size_t meta_n,
                           int fsync_level, uint64_t segment_bytes) {
   auto lk = lock_ingress();
-  std::lock_guard<std::timed_mutex> eg(egress_m_);
+  std::lock_guard<std::mutex> eg(egress_m_);
   std::lock_guard<std::mutex> jl(journal_m_);
   if (journal_) throw std::logic_error("the engine already has a journal");
   if (seq_ != 0 || head_.load() != 0)
@@ -1484,7 +1489,7 @@ JournalStats Engine::journal_stats() {
 
 void Engine::close_journal() {
   auto lk = lock_ingress();
-  std::lock_guard<std::timed_mutex> eg(egress_m_);
+  std::lock_guard<std::mutex> eg(egress_m_);
   std::lock_guard<std::mutex> jl(journal_m_);
   if (!journal_ || journal_->closed()) return;
   journal_reported([&] { journal_->close(); });

@@ -451,9 +451,9 @@ class Engine {
   std::vector<DeadLetter> dead_;
   size_t dead_head_ = 0;
   alignas(kCacheLine) std::atomic<uint64_t> head_{0};  // next position to claim
-  // egress (guarded by egress_m_; timed: a poll waits for another consumer's poll no longer
-  // than its own timeout)
-  std::timed_mutex egress_m_;
+  // egress (guarded by egress_m_; a poll waits for another consumer's poll no longer than its
+  // own timeout)
+  std::mutex egress_m_;
   alignas(kCacheLine) std::atomic<uint64_t> tail_{0};  // next position to hand out
   std::atomic<size_t> window_hwm_{0};
 
