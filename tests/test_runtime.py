@@ -812,20 +812,13 @@ def test_daemon_threads_inside_the_engine_at_exit(code: int) -> None:
     assert "terminate" not in r.stderr and "Fatal" not in r.stderr, r.stderr[-2000:]
 
 
-def _wait_for(cond, deadline: float = 10.0) -> None:
-    end = time.monotonic() + deadline
-    while not cond():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.002)
-
-
 def test_run_and_step_do_not_share_their_signals_with_another_threads_poll(pop, market):
     # A poll waiting on another thread: run and step refuse before taking anything (they would
     # have returned only part of their signals, the poller the rest, with no error).
     with dc.Engine(pop, threads=2) as eng:
         t = threading.Thread(target=eng.poll, kwargs={"timeout": 1.0})
         t.start()
-        _wait_for(lambda: eng._pollers > 0)
+        assert wait_for(lambda: eng._pollers > 0)
         for call in (lambda: eng.run(market[:40]), lambda: eng.step(market[0])):
             with pytest.raises(RuntimeError, match=r"poll\(\) is waiting on another thread"):
                 call()
@@ -838,7 +831,7 @@ def test_run_and_step_do_not_share_their_signals_with_another_threads_poll(pop, 
         out = {}
         t = threading.Thread(target=lambda: out.setdefault("run", eng.run(market[:80])))
         t.start()
-        _wait_for(lambda: eng._runners)
+        assert wait_for(lambda: eng._runners)
         with pytest.raises(RuntimeError, match=r"poll\(\) while run\(\) runs on thread"):
             eng.poll(timeout=0)
         t.join()
@@ -858,7 +851,7 @@ def test_a_poll_without_waiting_does_not_wait_for_another_threads_poll(pop, mark
 
         t = threading.Thread(target=wait)
         t.start()
-        _wait_for(lambda: eng._pollers > 0)
+        assert wait_for(lambda: eng._pollers > 0)
         time.sleep(0.05)  # the other poll is parked in the native wait now
         t0 = time.monotonic()
         assert len(eng.poll(timeout=0)) == 0
@@ -884,7 +877,7 @@ def test_an_engine_whose_callback_refers_to_it_is_collected_and_its_threads_end(
     before = settled_threads(native_threads())
     o = Owner()
     o.eng.submit(market[:20])
-    _wait_for(lambda: o.seen == 20)
+    assert wait_for(lambda: o.seen == 20)
     dispatcher = o.eng._dispatcher
     del o
     gc.collect()
@@ -917,7 +910,7 @@ def test_a_second_close_returns_once_everything_is_joined(pop, market):
     started.wait(5.0)
     first = threading.Thread(target=eng.close)
     first.start()
-    _wait_for(lambda: eng.closed)
+    assert wait_for(lambda: eng.closed)
     eng.close()
     assert not eng._dispatcher.is_alive()  # returned before the dispatcher was joined
     first.join()

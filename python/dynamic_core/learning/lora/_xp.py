@@ -48,12 +48,12 @@ def namespace(xp: Any = None) -> Any:
         import cupy
 
         return cupy
-    if not isinstance(xp, ModuleType) and not all(hasattr(xp, a) for a in _NEEDED):
-        raise TypeError(f"xp must be 'numpy', 'cupy' or an array module, got {type(xp).__name__}")
     missing = [a for a in _NEEDED if not hasattr(xp, a)]
+    if missing and not isinstance(xp, ModuleType):
+        raise TypeError(f"xp must be 'numpy', 'cupy' or an array module, got {type(xp).__name__}")
     if missing:
-        raise TypeError(f"xp module {getattr(xp, '__name__', xp)!r} lacks {', '.join(missing)} (numpy's API "
-                        f"and CuPy's asnumpy are needed)")
+        raise TypeError(f"xp module {xp.__name__!r} lacks {', '.join(missing)} (numpy's API and CuPy's "
+                        f"asnumpy are needed)")
     return xp
 
 

@@ -127,23 +127,12 @@ class LoRASnapshot:
         return any(v.base is buf for pair in self._layers.values() for v in pair)
 
 
-def _bool_mask(mask: object, n: int) -> np.ndarray:
-    """``mask`` as a bool array of shape ``(n,)``: bool, or numbers that are all 0 or 1. Of any
-    other shape it is refused, not flattened: a (2, 2) mask of 4 agents says nothing about which
-    agent each entry means."""
-    m = np.asarray(mask)
-    if m.shape != (n,):
-        raise ValueError(f"mask must have shape (n_agents,) = ({n},), got shape {m.shape}")
-    if m.dtype != bool:
-        if m.dtype.kind not in "biuf" or not np.isin(m, (0, 1)).all():
-            raise ValueError("mask must be bool (or numbers that are all 0 or 1)"
-                             + (f", got {m.dtype}" if m.dtype.kind not in "biuf" else ": it holds other values"))
-        m = m.astype(bool)
-    return m
-
-
-def _bool_mask_device(xp: Any, m: Any, n: int) -> Any:
-    """:func:`_bool_mask` of an array of a GPU module, checked there (one scalar comes back)."""
+def _bool_mask(mask: object, n: int, xp: Any = np) -> np.ndarray:
+    """``mask`` as a bool array of shape ``(n,)`` of module ``xp``: bool, or numbers that are
+    all 0 or 1. Of any other shape it is refused, not flattened: a (2, 2) mask of 4 agents says
+    nothing about which agent each entry means. An array of ``xp`` (a GPU module) is checked
+    where it lives (one scalar comes back); anything else on the host, then uploaded."""
+    m = mask if (xp is not np and isinstance(mask, xp.ndarray)) else np.asarray(mask)
     if m.shape != (n,):
         raise ValueError(f"mask must have shape (n_agents,) = ({n},), got shape {m.shape}")
     if m.dtype != bool:
@@ -152,7 +141,7 @@ def _bool_mask_device(xp: Any, m: Any, n: int) -> Any:
         if not bool(((m == 0) | (m == 1)).all()):
             raise ValueError("mask must be bool (or numbers that are all 0 or 1): it holds other values")
         m = m.astype(bool)
-    return m
+    return xp.asarray(m)
 
 
 def _check_size(n_agents: object, dim: object, cfg: LoRAConfig) -> tuple[int, int]:
@@ -372,12 +361,7 @@ class LoRAHierarchy:
         t = xp.asarray(_real(target, "target", xp), dtype=self.dtype)
         if t.shape != (self.n_agents,):  # not flattened: a (2, 2) target of 4 agents is a mistake
             raise ValueError(f"target must have shape (n_agents,) = ({self.n_agents},), got shape {t.shape}")
-        if mask is None:
-            m = xp.ones(self.n_agents, bool)
-        elif xp is not np and isinstance(mask, xp.ndarray):  # checked where it lives
-            m = _bool_mask_device(xp, mask, self.n_agents)
-        else:
-            m = xp.asarray(_bool_mask(mask, self.n_agents))
+        m = xp.ones(self.n_agents, bool) if mask is None else _bool_mask(mask, self.n_agents, xp)
         finite = xp.isfinite(x).all(axis=1) & xp.isfinite(t)
         wild = m & finite & (xp.abs(xp.where(finite, t, 0)) > 1.0)  # rows that do not learn are not read
         if bool(wild.any()):
