@@ -136,6 +136,45 @@ def test_backpressure_drop_oldest(pop, market):
     assert (kept["seq"] == np.arange(len(market) - 63, len(market) + 1)).all()  # the newest
 
 
+
+def test_drop_oldest_with_nothing_ready_keeps_its_timeout_and_lets_stats_through(pop, market):
+    # One stream whose group stalls 5 s (no failover: deadline 60 s), so the 64 bars in flight
+    # stay unready and drop_oldest has nothing to drop: the submit waits for the oldest bar. It
+    # must give up at its own timeout (taking what fitted), and while it waits without one,
+    # stats() must not wait with it (it used to hold the ingress lock for the whole wait).
+    one = market[market["instrument"] == market["instrument"][0]]
+    assert len(one) >= 100
+    for timeout in (0.05, None):
+        with dc.Engine(pop, threads=1, capacity=64, backpressure="drop_oldest", fault_injection=True,
+                       stall_deadline=60.0) as eng:
+            for sm in range(eng.stats()["n_sms"]):
+                eng.faults.stall_sm(sm, 5.0)
+            if timeout is not None:
+                t0 = time.monotonic()
+                assert eng.submit(one[:100], timeout=timeout) == 64
+                assert time.monotonic() - t0 < 2.5  # the stall lasts 5 s
+                bp = eng.stats()["backpressure"]
+                assert (bp["rejected"], bp["dropped"]) == (36, 0)
+                continue
+            raised: list[BaseException] = []
+
+            def feed() -> None:
+                try:
+                    eng.submit(one[:100])
+                except RuntimeError as e:  # the engine closed under it
+                    raised.append(e)
+
+            t = threading.Thread(target=feed, daemon=True)
+            t.start()
+            assert wait_for(lambda: eng.stats()["in_flight"] == 64)
+            time.sleep(0.1)  # the feeder is in its wait now
+            t0 = time.monotonic()
+            st = eng.stats()
+            assert time.monotonic() - t0 < 2.5 and t.is_alive()
+            assert st["bars_in"] == 64 and st["backpressure"]["dropped"] == 0  # the first piece
+        t.join(30.0)
+        assert not t.is_alive() and len(raised) == 1 and "closed" in str(raised[0])
+
 def test_backpressure_block_waits_for_consumer(pop, market):
     with dc.Engine(pop, threads=2, capacity=64, backpressure="block") as eng:
         done = []

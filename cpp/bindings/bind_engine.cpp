@@ -106,10 +106,10 @@ py::dict stats_dict(Engine& e) {
   const double busy = std::max(s.busy_seconds, worker_busy);
   d["agent_updates_per_s"] = busy > 0 ? static_cast<double>(updates) / busy : 0.0;
   d["quarantined"] = e.quarantined();
-  d["sequence"] = e.sequence();
+  d["sequence"] = s.sequence;
   d["threads"] = e.threads();
   d["capacity"] = e.capacity();
-  d["in_flight"] = e.in_flight();
+  d["in_flight"] = s.in_flight;
   d["in_flight_high_water"] = e.in_flight_high_water();
   py::dict bp;
   bp["events"] = s.backpressure_events;

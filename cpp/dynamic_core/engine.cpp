@@ -749,8 +749,10 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
       ++need;
     }
   }
-  take(bars, n, n_registered, validated, drain_to, admitted, 0);
-  return n;
+  // drop_oldest: a feeder that finds nothing ready to drop waits for the oldest bar in flight,
+  // with ingress released meanwhile and no longer than its deadline (see make_room)
+  const bool drop = !admitted && !drain_to && cfg_.backpressure == Backpressure::DropOldest;
+  return take(bars, n, n_registered, validated, drain_to, admitted, 0, drop ? lk : nullptr, drop ? deadline : -1, drop);
 }
 
 void Engine::wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want, int64_t deadline) {
@@ -783,15 +785,16 @@ void Engine::wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want, int6
 // signals as that piece may need (no more than the bars left in the batch).
 size_t Engine::take(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
                     std::vector<AdmittedBar>* admitted, size_t row0, std::unique_lock<std::mutex>* lk,
-                    int64_t deadline) {
-  const bool may_wait = !admitted && (lk || drain_to || cfg_.backpressure == Backpressure::DropOldest);
+                    int64_t deadline, bool drop) {
+  const bool may_wait = !admitted && (lk || drain_to || drop);
   if (!may_wait || validated) {  // validated: reject_new cut the batch to the room there is
     take_piece(bars, n, n_registered, validated, drain_to, admitted, row0);
     return n;
   }
   size_t i = 0;
   while (i < n) {
-    const bool room = make_room(std::min<uint64_t>(n - i, std::max<uint64_t>(1, cap_ / 4)), drain_to, lk, deadline);
+    const bool room =
+        make_room(std::min<uint64_t>(n - i, std::max<uint64_t>(1, cap_ / 4)), drain_to, lk, deadline, drop);
     const size_t m = static_cast<size_t>(std::min<uint64_t>(n - i, window_room()));
     if (m > 0) take_piece(bars + i, m, n_registered, false, drain_to, nullptr, row0 + i);
     i += m;
@@ -804,26 +807,60 @@ size_t Engine::take(const Bar* bars, size_t n, uint32_t n_registered, bool valid
 }
 
 bool Engine::make_room(uint64_t want, std::vector<Signal>* drain_to, std::unique_lock<std::mutex>* lk,
-                       int64_t deadline) {
+                       int64_t deadline, bool drop) {
   if (window_room() >= want) return true;
   ++stats_.backpressure_events;
   while (window_room() < want) {
+    if (drop) {  // drop_oldest: the ready signals first, then wait for the oldest bar in flight
+      if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
+      {
+        std::lock_guard<std::mutex> eg(egress_m_);
+        stats_.backpressure_dropped += drain(nullptr, static_cast<size_t>(want - window_room()));
+      }
+      if (window_room() >= want) break;
+      if (deadline >= 0 && now_ns() >= deadline) return false;
+      wait_oldest(lk, deadline);
+      continue;
+    }
     if (lk) {  // blocking: ingress released while it waits (throws once the engine stops)
       if (deadline >= 0 && now_ns() >= deadline) return false;
       wait_for_room(*lk, want, deadline);
       continue;
     }
     if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
+    // run(): the caller is the consumer
     std::lock_guard<std::mutex> eg(egress_m_);
-    if (drain_to) {  // run(): the caller is the consumer
-      Signal buf[256];
-      const size_t k = wait_and_drain(buf, 256, 100'000'000, drain_batch());
-      drain_to->insert(drain_to->end(), buf, buf + k);
-    } else {  // drop_oldest
-      stats_.backpressure_dropped += wait_and_drain(nullptr, static_cast<size_t>(want - window_room()), 100'000'000);
-    }
+    Signal buf[256];
+    const size_t k = wait_and_drain(buf, 256, 100'000'000, drain_batch());
+    drain_to->insert(drain_to->end(), buf, buf + k);
   }
   return true;
+}
+
+void Engine::wait_oldest(std::unique_lock<std::mutex>* lk, int64_t deadline) {
+  // Holds neither egress (a consumer may poll meanwhile) nor, given the feeder's lock, ingress
+  // (stats() and the between-updates changes go on; they land between two pieces of the batch).
+  // Polls in sleeps growing from 20 us to 1 ms, for up to 100 ms or the deadline: only a stall
+  // (until the sentinel moves the group) makes this wait long, and a fused bar's notification
+  // belongs to the waiting consumer (wake_pos_), not to us.
+  if (lk) lk->unlock();
+  const int64_t t0 = now_ns();
+  const int64_t until = deadline >= 0 ? std::min(deadline, t0 + 100'000'000) : t0 + 100'000'000;
+  auto ready = [&] {
+    const uint64_t t = tail_.load(std::memory_order_acquire);
+    return t == head_.load(std::memory_order_acquire) || slot(t).ready.load(std::memory_order_acquire) ||
+           stop_.load(std::memory_order_relaxed);
+  };
+  int64_t nap = 20'000;
+  while (!ready() && now_ns() < until) {
+    std::this_thread::sleep_for(std::chrono::nanoseconds(nap));
+    nap = std::min<int64_t>(nap * 2, 1'000'000);
+  }
+  if (interrupted_ && interrupted_()) throw Interrupted();  // ingress not held: lk stays released
+  if (lk) {
+    lk->lock();
+    if (closed_ || stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
+  }
 }
 
 void Engine::take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool validated,
@@ -1146,6 +1183,8 @@ EngineStats Engine::stats() {
   EngineStats s = stats_;
   s.dead_letters = dead_.size();
   s.signals = signals_out_.load(std::memory_order_relaxed);
+  s.sequence = seq_;
+  s.in_flight = in_flight();
   return s;
 }
 

@@ -73,6 +73,9 @@ struct EngineStats {
   uint64_t backpressure_dropped = 0;   // ready signals dropped by drop_oldest
   double busy_seconds = 0.0;           // time spent inside run()
   uint64_t dead_letters = 0;           // kept now
+  // taken with the counts above, in one hold of the ingress lock
+  uint64_t sequence = 0;  // next signal sequence number
+  uint64_t in_flight = 0;  // bars claimed, their signals not yet handed out
 };
 
 // Value checks of one bar, without the per-stream ordering check.
@@ -230,7 +233,6 @@ class Engine {
   uint64_t agent_updates() const;
   uint64_t quarantined() const;  // agents quarantined so far (as counted by the workers)
   double worker_busy_seconds() const;  // the busiest worker's time spent running bars
-  uint64_t sequence() const { return seq_; }
   std::vector<DeadLetter> dead_letters();
   const EngineConfig& config() const { return cfg_; }
   uint32_t block_bars() const { return batch_; }
@@ -357,7 +359,7 @@ class Engine {
   // Returns how many were taken: all n, unless a blocking feeder's `deadline` passed first.
   size_t take(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
               std::vector<AdmittedBar>* admitted, size_t row0, std::unique_lock<std::mutex>* lk = nullptr,
-              int64_t deadline = -1);
+              int64_t deadline = -1, bool drop = false);
   // take() for a batch of bars that all fit the room the window has now (journaled, then taken).
   void take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
                   std::vector<AdmittedBar>* admitted, size_t row0);
@@ -365,8 +367,14 @@ class Engine {
   // with ingress released, run() drains signals into drain_to, drop_oldest drops the oldest
   // ready ones (counted). Throws once the engine stops. False when a blocking feeder's
   // `deadline` (steady-clock ns, < 0: none) passed first.
+  // `drop` (a drop_oldest submit): drops the oldest ready signals, and when none is ready waits
+  // for the oldest bar in flight (wait_oldest), up to `deadline`, with ingress released when `lk`
+  // is given.
   bool make_room(uint64_t want, std::vector<Signal>* drain_to, std::unique_lock<std::mutex>* lk,
-                 int64_t deadline = -1);
+                 int64_t deadline = -1, bool drop = false);
+  // drop_oldest's wait: until the oldest bar in flight is ready (or none is in flight), 100 ms
+  // or `deadline`, whichever comes first; releases `lk` (ingress) meanwhile when given.
+  void wait_oldest(std::unique_lock<std::mutex>* lk, int64_t deadline);
   // Free slots in the window of bars in flight (ingress held: it only grows meanwhile).
   uint64_t window_room() const {
     return cap_ - (head_.load(std::memory_order_relaxed) - tail_.load(std::memory_order_acquire));
