@@ -11,6 +11,7 @@ __all__ = [
     "CommandRefused",
     "DynamicCoreError",
     "EvolutionInterrupted",
+    "InsufficientMemory",
     "InvalidGenome",
     "InvalidInput",
     "JournalCorrupt",
@@ -60,6 +61,12 @@ class InvalidGenome(DynamicCoreError, ValueError):
     def __init__(self, message: str, rows: Sequence[int] = ()) -> None:
         super().__init__(message)
         self.rows = list(rows)
+
+
+class InsufficientMemory(DynamicCoreError, MemoryError):
+    """Something too large for the memory this machine has available now (a population of
+    millions of agents), refused before it was allocated: allocating it anyway swaps or gets the
+    process killed by the kernel's out-of-memory killer, with no message at all."""
 
 
 class UnknownInstrument(DynamicCoreError, ValueError, KeyError):

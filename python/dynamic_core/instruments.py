@@ -8,12 +8,16 @@ import threading
 import unicodedata
 from collections.abc import Iterable, Iterator
 
+from ._checks import short_repr
 from .errors import UnknownInstrument
 
 __all__ = ["InstrumentRegistry", "UnknownInstrument", "instruments"]
 
 MAX_INSTRUMENTS = 1_000_000
 MAX_NAME = 64
+# NFC composes at most 4 code points into one (the longest canonical decomposition is 4), so a
+# str longer than this is too long after normalisation too: refused before that work
+_MAX_RAW_NAME = 4 * MAX_NAME
 
 
 class InstrumentRegistry:
@@ -34,15 +38,18 @@ class InstrumentRegistry:
         file name) are one instrument."""
         if not isinstance(name, str):
             raise TypeError(f"instrument name must be a str, got {type(name).__name__}")
-        i = self._ids.get(name)
-        if i is not None:
-            return i
-        name = _nfc(name)
-        i = self._ids.get(name)
-        if i is not None:
-            return i
+        if len(name) <= _MAX_RAW_NAME:
+            i = self._ids.get(name)
+            if i is not None:
+                return i
+            name = _nfc(name)
+            i = self._ids.get(name)
+            if i is not None:
+                return i
         if not name or len(name) > MAX_NAME or not name.isprintable() or name != name.strip():
-            raise ValueError(f"invalid instrument name {name!r}: 1-{MAX_NAME} printable characters, no padding")
+            # shown whole up to twice the limit (a name a few characters too long), cut beyond
+            raise ValueError(f"invalid instrument name {short_repr(name, 2 * MAX_NAME)}: 1-{MAX_NAME} "
+                             "printable characters, no padding")
         with self._lock:
             i = self._ids.get(name)
             if i is None:
@@ -55,6 +62,8 @@ class InstrumentRegistry:
 
     def get(self, name: str) -> int | None:
         """Id of ``name`` (in any Unicode normal form) or None, without registering it."""
+        if isinstance(name, str) and len(name) > _MAX_RAW_NAME:
+            return None  # too long to name an instrument in any normal form: not normalised
         i = self._ids.get(name)
         return i if i is not None or not isinstance(name, str) else self._ids.get(_nfc(name))
 
@@ -65,7 +74,8 @@ class InstrumentRegistry:
             raise TypeError(f"an instrument id is an int, got {type(i).__name__}")
         k = operator.index(i)
         if not 0 <= k < len(self._names):
-            raise UnknownInstrument(f"unknown instrument id {k!r}: not registered in dc.instruments")
+            raise UnknownInstrument(f"unknown instrument id {short_repr(k)}: not registered in "
+                                    "dc.instruments")
         return self._names[k]
 
     def resolve(self, x: str | int) -> int:
@@ -81,7 +91,8 @@ class InstrumentRegistry:
         if isinstance(x, str):
             i = self.get(x)
             if i is None:
-                raise UnknownInstrument(f"unknown instrument {x!r}: not registered in dc.instruments")
+                raise UnknownInstrument(f"unknown instrument {short_repr(x, 2 * MAX_NAME)}: not registered "
+                                        "in dc.instruments")
             return i
         return self._registered_id(x)
 

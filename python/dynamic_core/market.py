@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from . import _core
+from ._checks import short_repr
 from .errors import InvalidInput
 from .instruments import _nfc, instruments
 from .records import BAR_DTYPE, REASONS
@@ -37,7 +38,13 @@ _MT_FRAMES = {"M": 60, "H": 3600, "D": 86400, "W": 604800}
 _MT_NAME = re.compile(r"([MHDW])(\d+)")
 _BARE_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _NS = 1_000_000_000
+_NOT_UINT32 = "is not between 1 s and 2**32-1 s (a uint32 number of seconds)"
 _TIME_COLUMNS = ("ts", "time", "timestamp", "datetime", "date", "open_time")
+_REAL_VOLUME = ("volume", "vol", "real_volume")
+_TICK_VOLUME = ("tickvol", "tick_volume")
+_NAMED_COLUMNS = ("open", "high", "low", "close", *_TIME_COLUMNS, *_REAL_VOLUME, *_TICK_VOLUME, "symbol",
+                  "instrument")
+"""Every column name the loaders look for (as :func:`_bare` reads names)."""
 
 
 def parse_timeframe(tf: int | str) -> int:
@@ -59,6 +66,8 @@ def parse_timeframe(tf: int | str) -> int:
         seconds = int(tf)
     elif isinstance(tf, str):
         m = _MT_NAME.fullmatch(tf.strip().upper())
+        if m and len(m.group(2)) > 10:  # out of range anyway (and int() refuses over 4300 digits)
+            raise ValueError(f"timeframe {short_repr(tf)} {_NOT_UINT32}")
         if m:
             seconds = _MT_FRAMES[m.group(1)] * int(m.group(2))
         else:
@@ -66,8 +75,8 @@ def parse_timeframe(tf: int | str) -> int:
     else:
         raise TypeError(f"timeframe must be int or str, got {type(tf).__name__}")
     if not 0 < seconds < 2**32:
-        shown = f"{tf!r} ({seconds} s)" if isinstance(tf, str) else repr(tf)
-        raise ValueError(f"timeframe {shown} is not between 1 s and 2**32-1 s (a uint32 number of seconds)")
+        shown = f"{short_repr(tf)} ({seconds} s)" if isinstance(tf, str) else short_repr(tf)
+        raise ValueError(f"timeframe {shown} {_NOT_UINT32}")
     return seconds
 
 
@@ -76,17 +85,17 @@ def _offset_seconds(tf: str) -> int:
     import pandas as pd
 
     if _BARE_NUMBER.fullmatch(tf.strip()):
-        raise ValueError(f"cannot read timeframe {tf!r}: a string needs a unit ('60s', 'H1', '1h'); "
-                         "pass bare seconds as an int")
+        raise ValueError(f"cannot read timeframe {short_repr(tf)}: a string needs a unit ('60s', 'H1', "
+                         "'1h'); pass bare seconds as an int")
     try:
         td = pd.Timedelta(tf)
     except (ValueError, OverflowError):
-        raise ValueError(f"cannot read timeframe {tf!r}: use seconds, 'H1' or '1h'") from None
+        raise ValueError(f"cannot read timeframe {short_repr(tf)}: use seconds, 'H1' or '1h'") from None
     if pd.isna(td):
-        raise ValueError(f"cannot read timeframe {tf!r}: use seconds, 'H1' or '1h'")
+        raise ValueError(f"cannot read timeframe {short_repr(tf)}: use seconds, 'H1' or '1h'")
     seconds, rest = divmod(td.value, _NS)
     if rest:
-        raise ValueError(f"timeframe {tf!r} is not a whole number of seconds")
+        raise ValueError(f"timeframe {short_repr(tf)} is not a whole number of seconds")
     return seconds
 
 
@@ -164,11 +173,24 @@ def _bare(column: object) -> str:
 
 
 def _find(columns: Iterable[str], name: str) -> str | None:
-    """The first of ``columns`` called ``name`` (as :func:`_bare` reads names), or None."""
-    for c in columns:
-        if _bare(c) == name:
-            return c
-    return None
+    """The one of ``columns`` called ``name`` (as :func:`_bare` reads names), or None.
+    ValueError naming them when several are: taking the first lost the others' data without a
+    word ("Close" beside "close"), and pandas hands out a DataFrame for a duplicated name."""
+    found = [c for c in columns if _bare(c) == name]
+    if len(found) > 1:
+        shown = ", ".join(short_repr(c) for c in found[:-1][:9]) + (", ..." if len(found) > 10 else "")
+        shown += f" and {short_repr(found[-1])}" + (f" ({len(found):,} columns)" if len(found) > 10 else "")
+        raise ValueError(f"ambiguous columns {shown}: all name the {name!r} column (names match ignoring "
+                         f"case, surrounding blanks and <>); keep one, or rename the others")
+    return found[0] if found else None
+
+
+def _refuse_ambiguous(columns: Iterable[str]) -> None:
+    """ValueError (from :func:`_find`) when several of ``columns`` name one column the loaders
+    read; names they never read may repeat."""
+    columns = list(columns)
+    for name in _NAMED_COLUMNS:
+        _find(columns, name)
 
 
 def from_pandas(df, instrument: str | int, timeframe: int | str | None = None) -> np.ndarray:
@@ -195,6 +217,10 @@ def from_pandas(df, instrument: str | int, timeframe: int | str | None = None) -
     volume is all zeros for most forex and CFD symbols); failing that from a volume/vol/real_volume
     column of zeros; else it is zero.
 
+    Raises ``ValueError`` when several columns name one the loader reads (``"close"`` twice, or
+    ``"Close"`` beside ``"close"``: names match ignoring case), naming them, and for a price or
+    volume column holding booleans (a bool is no price).
+
     Rows come back in time order (a stable sort: rows of equal time keep their order, and the
     engine then rejects the later ones as ``duplicate_timestamp``), so newest-first data loads
     like oldest-first.
@@ -214,6 +240,7 @@ def from_pandas(df, instrument: str | int, timeframe: int | str | None = None) -
 
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"expected a pandas DataFrame, got {type(df).__name__}")
+    _refuse_ambiguous(df.columns)
     _warn_not_numbers(df, "the DataFrame", first_row=0, how="positions, from 0")
     return _from_pandas(df, instrument, timeframe)
 
@@ -226,7 +253,10 @@ def _from_pandas(df, instrument: str | int, timeframe: int | str | None) -> np.n
     cols = list(df.columns)
     missing = [c for c in ("open", "high", "low", "close") if _find(cols, c) is None]
     if missing:
-        raise ValueError(f"DataFrame lacks columns {missing} (have {cols})")
+        have = ", ".join(short_repr(c) for c in cols[:20])
+        if len(cols) > 20:
+            have += f" and {len(cols) - 20:,} more"
+        raise ValueError(f"DataFrame lacks columns {missing} (have [{have}])")
     tcol = next((c for name in _TIME_COLUMNS if (c := _find(cols, name)) is not None), None)
     dcol = _find(cols, "date")
     if tcol is not None and dcol is not None and _bare(tcol) == "time" and _is_time_of_day(df[tcol]):
@@ -258,24 +288,44 @@ def _from_pandas(df, instrument: str | int, timeframe: int | str | None) -> np.n
         timeframe = max(1, int(secs[np.argmax(counts)]))
     out["timeframe"] = parse_timeframe(timeframe)
     for name in ("open", "high", "low", "close"):
-        out[name] = _numbers(df[_find(cols, name)])
+        out[name] = _numbers(df[_find(cols, name)], "price")
     vcol = _volume_column(df)
     if vcol is not None:
-        out["volume"] = _numbers(df[vcol])
+        out["volume"] = _numbers(df[vcol], "volume")
     # time order, as every loader gives (newest-first vendor data was rejected bar by bar as
     # out_of_order but for its first row)
     return out if len(ts) < 2 or bool((np.diff(ts) >= 0).all()) else out[np.argsort(ts, kind="stable")]
 
 
-_REAL_VOLUME = ("volume", "vol", "real_volume")
-_TICK_VOLUME = ("tickvol", "tick_volume")
-
-
-def _numbers(col) -> np.ndarray:
-    """``col`` as float64, cells that are not numbers as NaN (rejected as ``non_finite``)."""
+def _numbers(col, what: str) -> np.ndarray:
+    """``col`` (a ``what`` column: price or volume) as float64, cells that are not numbers as NaN
+    (rejected as ``non_finite``); ValueError for booleans (see :func:`_refuse_booleans`)."""
     import pandas as pd
 
+    _refuse_booleans(col, what)
     return pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _holds_booleans(col) -> bool:
+    """Whether ``col`` holds booleans: a bool dtype, or Python/numpy bools among other objects
+    (``[1.5, True]``, which ``pandas.to_numeric`` reads as 1.0)."""
+    import pandas as pd
+
+    if pd.api.types.is_bool_dtype(col):
+        return True
+    if col.dtype != object:
+        return False
+    kind = pd.api.types.infer_dtype(col, skipna=True)
+    # a cell by cell look only at mixed columns: text and number columns need none
+    return kind == "boolean" or (kind.startswith("mixed")
+                                 and any(isinstance(v, (bool, np.bool_)) for v in col))
+
+
+def _refuse_booleans(col, what: str) -> None:
+    """ValueError naming ``col`` (a ``what`` column) when it holds booleans: read as 1.0 and 0.0
+    they made prices (or volumes) of a True/False flag."""
+    if _holds_booleans(col):
+        raise ValueError(f"{what} column {short_repr(col.name)} holds booleans, not numbers")
 
 
 def _volume_column(df) -> str | None:
@@ -283,7 +333,7 @@ def _volume_column(df) -> str | None:
     cols = list(df.columns)
     real = [c for name in _REAL_VOLUME if (c := _find(cols, name)) is not None]
     for c in real:
-        v = _numbers(df[c])
+        v = _numbers(df[c], "volume")
         if bool((np.nan_to_num(v) != 0).any()):
             return c
     tick = next((c for name in _TICK_VOLUME if (c := _find(cols, name)) is not None), None)
@@ -311,6 +361,7 @@ def _warn_not_numbers(df, source: str, first_row: int, how: str, by_label: bool 
     found = []
     for c in _price_columns(df):
         col = df[c]
+        _refuse_booleans(col, "volume" if _bare(c) in _REAL_VOLUME + _TICK_VOLUME else "price")
         if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
             continue  # numbers (or NaN) throughout: nothing was text
         bad = np.flatnonzero((pd.to_numeric(col, errors="coerce").isna() & col.notna()).to_numpy())
@@ -465,8 +516,7 @@ def _to_ns(col, source: str = "the time column") -> np.ndarray:
     too: a bad value in a file, which callers (the command line) report as such."""
     import pandas as pd
 
-    if pd.api.types.is_bool_dtype(col) or (
-            col.dtype == object and pd.api.types.infer_dtype(col, skipna=True) == "boolean"):
+    if _holds_booleans(col):
         raise ValueError(f"{source} holds booleans, not times (datetimes or epoch numbers)")
     if pd.api.types.is_integer_dtype(col):
         _refuse_times(col.isna().to_numpy(), source, "a missing time")
@@ -539,7 +589,8 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     Raises
     ------
     ValueError
-        Besides the errors of :func:`from_pandas`: rows whose symbol is empty, naming them (such a
+        Besides the errors of :func:`from_pandas` (a column name repeated in the header is
+        ambiguous too, even spelled alike): rows whose symbol is empty, naming them (such a
         row belongs to no instrument, and dropping it would lose data without a word); an
         ``instrument`` the symbol column does not hold; a file stem that is no valid instrument
         name, when it would name the instrument.
@@ -554,6 +605,9 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     src = _csv_source(path)
     seps = _separator(src)
     header = _read(src, nrows=0, **seps).columns
+    # the header as written: pandas renames a repeated name ("close" -> "close.1"), which made
+    # the second close column a column the loader does not read
+    _refuse_ambiguous(_read(src, header=None, nrows=1, dtype=str, keep_default_na=False, **seps).iloc[0])
     # times: a named column, or the unnamed first column DataFrame.to_csv writes for the index
     index_col, no_times = None, None
     if not any(_find(header, t) is not None for t in _TIME_COLUMNS):
@@ -603,8 +657,8 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
         mine = [n for n in have if _nfc(n) == wanted]
         if not mine:
             shown = ", ".join(have[:10]) + (f" and {len(have) - 10:,} more" if len(have) > 10 else "")
-            raise ValueError(f"{name} has no instrument {instrument!r} (it has {shown}) in its {scol!r} "
-                             f"column: give one of those, or no instrument to load them all")
+            raise ValueError(f"{name} has no instrument {short_repr(instrument)} (it has {shown}) in its "
+                             f"{scol!r} column: give one of those, or no instrument to load them all")
         keep = names.isin(mine).to_numpy()
         df, names = df[keep], names[keep]
     _warn_not_numbers(df.drop(columns=[scol]), name, first_row=1, how="counted from 1 after the header",

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ._checks import check_int, check_real, is_real
-from .errors import InvalidGenome
+from .errors import InsufficientMemory, InvalidGenome
 from .instruments import instruments
 from .market import parse_timeframe
 from .records import GENOME_DTYPE
@@ -34,6 +34,17 @@ DEFAULTS: dict[str, Any] = {
     "entry": 0.0, "cost_bps": 0.0, "mode": "long_short", "kind": 0, "w_dsi": 0.0,
 }
 """Genome defaults: a plain EMA(12)/EMA(26) trend follower, long/short, no costs."""
+
+_MEMINFO = "/proc/meminfo"
+# cgroup memory limits (a container's): (limit, usage, stats, page-cache key), v2 then v1
+_CGROUPS = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "/sys/fs/cgroup/memory/memory.stat", "total_cache"),
+)
+_SCRATCH_PER_AGENT = 64
+"""Bytes per agent that building a population needs besides its records (measured: random
+draws and check_records' masks and agent-id sort stay below this)."""
 
 
 def _mode_code(m: Any) -> Any:
@@ -96,11 +107,23 @@ class Population:
         if not isinstance(records, np.ndarray) or records.dtype != GENOME_DTYPE or records.ndim != 1:
             got = records.dtype if isinstance(records, np.ndarray) else type(records).__name__
             raise TypeError(f"expected a 1-d numpy array of dc.GENOME_DTYPE, got {got}")
-        rec = np.array(records, dtype=GENOME_DTYPE, copy=True, order="C")
+        self._take(np.array(records, dtype=GENOME_DTYPE, copy=True, order="C"))
+
+    def _take(self, rec: np.ndarray) -> None:
+        """Validate ``rec`` (a C-contiguous array nothing else holds) and freeze it as the records."""
         check_records(rec)
         rec.setflags(write=False)
         self._rec = rec
-        self._hash = int.from_bytes(hashlib.blake2b(rec.tobytes(), digest_size=8).digest(), "little")
+        # hashed in place: tobytes() made a copy of every record (6 GB for 50M agents)
+        self._hash = int.from_bytes(hashlib.blake2b(rec.view(np.uint8), digest_size=8).digest(), "little")
+
+    @classmethod
+    def _adopt(cls, rec: np.ndarray) -> Population:
+        """A population of records built here (fresh, C-contiguous, nothing else holds them):
+        validated, not copied, which doubled the peak memory of a large population."""
+        self = cls.__new__(cls)
+        self._take(rec)
+        return self
 
     # ---- constructors ------------------------------------------------------------------------
     @classmethod
@@ -137,13 +160,23 @@ class Population:
             raise ValueError("the grid is empty (a parameter has an empty list)")
         if n > MAX_AGENTS:
             raise ValueError(f"grid of {n} agents is larger than the {MAX_AGENTS // 10**6}M limit")
+        _check_memory(n, "grid")
         rec = np.zeros(n, dtype=GENOME_DTYPE)
         rec["agent_id"] = np.arange(n, dtype=np.uint32)
-        # meshgrid in product order: the last axis varies fastest, as itertools.product
-        grids = np.meshgrid(*[np.asarray(axes[k]) for k in names], indexing="ij")
-        for k, g in zip(names, grids):
-            rec[k] = g.reshape(-1)
-        return cls(rec)
+        # product order (the last axis varies fastest, as itertools.product): the records seen
+        # as an array of one dimension per list axis, in C order, and each axis's values
+        # broadcast along its dimension, written in place. np.meshgrid made a full n-sized
+        # array of every axis first (8 bytes per agent and axis, 21 axes)
+        lists = [k for k in names if len(axes[k]) > 1]
+        shaped = rec.reshape([len(axes[k]) for k in lists]) if lists else rec
+        for k in names:
+            values = np.asarray(axes[k])
+            if len(values) == 1:
+                rec[k] = values  # one value: every agent's
+            else:
+                d = lists.index(k)
+                shaped[k] = values.reshape([-1 if j == d else 1 for j in range(len(lists))])
+        return cls._adopt(rec)
 
     @classmethod
     def random(cls, n: int, instruments: Sequence[str | int] = ("SIM0",),
@@ -174,6 +207,7 @@ class Population:
                                        [parse_timeframe(t) for t in _as_list(timeframes)]))
         if not pairs:
             raise ValueError("need at least one instrument and one timeframe")
+        _check_memory(n, "random population")
         rng = np.random.default_rng(seed)
         rec = np.zeros(n, dtype=GENOME_DTYPE)
         rec["agent_id"] = np.arange(n, dtype=np.uint32)
@@ -196,7 +230,7 @@ class Population:
         rec["cost_bps"] = cost_bps if cost_bps is not None else rng.random(n) * 2.0
         if dsi_share > 0.0:  # drawn last: populations without DSI readers stay as they were
             rec["w_dsi"] = np.where(rng.random(n) < dsi_share, rng.standard_normal(n), 0.0)
-        return cls(rec)
+        return cls._adopt(rec)
 
     @classmethod
     def random_on(cls, streams: Sequence[tuple[str | int, int | str]], n: int, seed: int = 0) -> Population:
@@ -210,14 +244,18 @@ class Population:
             raise ValueError("need at least one stream")
         ids = sorted({i for i, _ in keys})
         tfs = sorted({t for _, t in keys})
+        every_pair = len(set(keys)) == len(ids) * len(tfs)
+        if not every_pair:  # the records are copied to be respread: two sets at once
+            _check_memory(check_int("n", n, 1, MAX_AGENTS), "random population", copies=2)
         pop = cls.random(n, instruments=ids, timeframes=tfs, seed=seed)
-        if len(set(keys)) == len(ids) * len(tfs):
+        if every_pair:
             return pop
         rec = pop.records.copy()
+        del pop  # its records are freed: only the copy is kept
         which = np.arange(n) % len(keys)
         rec["instrument"] = np.array([k[0] for k in keys], dtype=np.uint32)[which]
         rec["timeframe"] = np.array([k[1] for k in keys], dtype=np.uint32)[which]
-        return cls.from_records(rec)
+        return cls._adopt(rec)
 
     # ---- views -------------------------------------------------------------------------------
     @property
@@ -283,3 +321,60 @@ def _as_list(v: Any) -> list[Any]:
         return [v]
     out = list(v)
     return out
+
+
+def _check_memory(n: int, what: str, copies: int = 1) -> None:
+    """:class:`InsufficientMemory` when building ``what`` of ``n`` agents (``copies`` sets of
+    records at once, plus scratch) needs more memory than is available now. Near
+    :data:`MAX_AGENTS` that is tens of GiB: allocated anyway, the process swapped or was killed
+    by the kernel without a message. Skipped where the available memory cannot be read."""
+    need = n * (copies * GENOME_DTYPE.itemsize + _SCRATCH_PER_AGENT)
+    avail = _available_memory()
+    if avail is not None and need > avail:
+        raise InsufficientMemory(f"{what} of {n:,} agents needs ~{need / 2**30:,.3f} GiB of memory, "
+                                 f"{avail / 2**30:,.3f} GiB available: use fewer agents (an engine running "
+                                 f"them needs more still)")
+
+
+def _available_memory() -> int | None:
+    """Bytes this process may still allocate: the kernel's ``MemAvailable`` estimate, or less
+    where a cgroup (a container) limit leaves less (its page cache counted as free: the kernel
+    reclaims it before killing anything); None where neither can be read (not Linux)."""
+    avail = None
+    try:
+        with open(_MEMINFO) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024  # in kB
+                    break
+    except (OSError, ValueError, IndexError):
+        avail = None
+    left = _cgroup_left()
+    return left if avail is None else avail if left is None else min(avail, left)
+
+
+def _cgroup_left() -> int | None:
+    """Bytes left under this process's cgroup memory limit, or None without one ("max", v1's
+    near-2**63 "unlimited", or no cgroup files)."""
+    for limit_path, usage_path, stat_path, cache_key in _CGROUPS:
+        try:
+            with open(limit_path) as f:
+                limit = int(f.read())  # "max" (v2, no limit): ValueError
+            with open(usage_path) as f:
+                usage = int(f.read())
+        except (OSError, ValueError):
+            continue
+        if limit >= 1 << 60:
+            continue
+        cache = 0
+        try:
+            with open(stat_path) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == cache_key:
+                        cache = int(value)
+                        break
+        except (OSError, ValueError):
+            pass
+        return max(0, limit - usage + cache)
+    return None

@@ -7,7 +7,7 @@ import enum
 import numpy as np
 
 from . import _core
-from ._checks import check_real, is_real
+from ._checks import as_real, check_real
 
 __all__ = [
     "BAR_DTYPE",
@@ -94,15 +94,20 @@ def score_to_action(score, weak: float = 0.2, strong: float = 0.6):
     (the engine's own mapping: a sum of the four comparisons, so a scalar and an array agree and
     a NaN score is HOLD). A numpy array (or list) gives an int32 array of action codes.
 
-    Raises ``ValueError`` unless ``0 <= weak <= strong`` (finite), ``TypeError`` for a score or
-    threshold that is not a number (a str or bool is none).
+    A 0-d array is a scalar (its one value gives an :class:`Action`).
+
+    Raises ``ValueError`` unless ``0 <= weak <= strong`` (finite), or for an int score beyond
+    float64's range (``10**400``); ``TypeError`` for a score or threshold that is not a number
+    (a str or bool is none).
     """
     weak = check_real("weak", weak, 0.0)
     strong = check_real("strong", strong, weak)
     if np.ndim(score) == 0:
-        if not is_real(score):
-            raise TypeError(f"score must be a number, got {type(score).__name__}")
-        return Action(_core.score_to_action(float(score), weak, strong))
+        if isinstance(score, np.ndarray):  # np.array(0.5): a scalar, if its dtype is a number's
+            if score.dtype.kind not in "iuf":
+                raise TypeError(f"score must be a number, got a 0-d array of {score.dtype}")
+            score = score[()]
+        return Action(_core.score_to_action(as_real("score", score), weak, strong))
     s = np.asarray(score)
     if s.dtype.kind not in "iuf":
         raise TypeError(f"scores must be numbers, got an array of {s.dtype}")
