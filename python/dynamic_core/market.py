@@ -361,9 +361,8 @@ def _warn_not_numbers(df, source: str, first_row: int, how: str, by_label: bool 
     found = []
     for c in _price_columns(df):
         col = df[c]
-        _refuse_booleans(col, "volume" if _bare(c) in _REAL_VOLUME + _TICK_VOLUME else "price")
         if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
-            continue  # numbers (or NaN) throughout: nothing was text
+            continue  # numbers (or NaN) throughout, or booleans (refused by _numbers): nothing was text
         bad = np.flatnonzero((pd.to_numeric(col, errors="coerce").isna() & col.notna()).to_numpy())
         if len(bad):
             found.append((c, df.index[bad].to_numpy() if by_label else bad, col.iloc[bad[0]]))
