@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include "../dynamic_core/detmath.hpp"
 #include "../dynamic_core/dsi.hpp"
 #include "../dynamic_core/ew.hpp"
 #include "../dynamic_core/indicators.hpp"
@@ -30,6 +31,18 @@ void check_period(int32_t n) {
                                 std::to_string(n));
 }
 Arr out_like(py::ssize_t n) { return Arr(n); }
+
+// f over every element of a float64 array of any shape, into a new array of that shape.
+template <double (*F)(double)>
+Arr elementwise(const Arr& x) {
+  Arr out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+  const double* in = x.data();
+  double* o = out.mutable_data();
+  const py::ssize_t n = x.size();
+  GilRelease nogil;
+  for (py::ssize_t i = 0; i < n; ++i) o[i] = F(in[i]);
+  return out;
+}
 
 // (n, k) of a 1-d (k = 1) or 2-d float64 array of series side by side.
 std::pair<size_t, size_t> series_shape(const Arr& x) {
@@ -225,6 +238,17 @@ void bind_indicators(py::module_& m) {
       "The DSI divergence verifier over one instrument's trade prices (dsi.hpp); state and "
       "tail are carried in place. Returns ((index, sign) of rsi_divergence, of macd_divergence, the RSI and "
       "the MACD line at each tick).");
+
+  // the same bits on every machine (cpp/dynamic_core/detmath.hpp; dynamic_core.detmath wraps these)
+  m.def("det_exp", &elementwise<detmath::exp>, py::arg("x"), "e^x, elementwise, the same bits on any machine.");
+  m.def("det_exp2", &elementwise<detmath::exp2>, py::arg("x"), "2^x, elementwise, the same bits on any machine.");
+  m.def("det_expm1", &elementwise<detmath::expm1>, py::arg("x"),
+        "e^x - 1, elementwise, the same bits on any machine.");
+  m.def("det_log", &elementwise<detmath::log>, py::arg("x"),
+        "Natural log, elementwise, the same bits on any machine.");
+  m.def("det_tanh", &elementwise<detmath::tanh>, py::arg("x"), "tanh, elementwise, the same bits on any machine.");
+  m.def("det_cos2pi", &elementwise<detmath::cos2pi>, py::arg("u"),
+        "cos(2 pi u), elementwise, the same bits on any machine.");
 }
 
 }  // namespace dynamic_core::bindings

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from . import detmath
 from ._checks import check_int, check_real
 from .instruments import instruments as registry
 from .market import _INT64_MAX, BadTimes, _to_ns, empty, parse_timeframe  # bar times are int64 ns
@@ -122,7 +123,7 @@ class MarketSimulator:
         k = len(self.names)
         prof = [PROFILES.get(n, (100.0, 0.20)) for n in self.names]
         self._price = np.array([p[0] for p in prof])
-        self._logp = np.log(self._price)  # carried as a log so chunked calls continue exactly
+        self._logp = detmath.log(self._price)  # carried as a log so chunked calls continue exactly
         self._anchor = self._logp.copy()
         self._vol = np.array([p[1] for p in prof]) * np.sqrt(self.timeframe / YEAR_S)
         self._regime = np.array([r[4].integers(0, 4) for r in self._rngs])
@@ -213,10 +214,10 @@ class MarketSimulator:
             absret = np.abs(closes - opens)
             vol = self._base_volume[j] * (1.0 + absret / np.maximum(sigma, 1e-12)) * r_volume.lognormal(0, 0.3, n)
             sl = slice(j, n * k, k)
-            out["open"][sl] = np.exp(opens)
-            out["high"][sl] = np.exp(highs)
-            out["low"][sl] = np.exp(lows)
-            out["close"][sl] = np.exp(closes)
+            out["open"][sl] = detmath.exp(opens)
+            out["high"][sl] = detmath.exp(highs)
+            out["low"][sl] = detmath.exp(lows)
+            out["close"][sl] = detmath.exp(closes)
             out["volume"][sl] = np.round(vol)
             out["instrument"][sl] = self.ids[j]
         # modulo 2**64, then as int64: exact, as every time is within int64 (checked above), even
@@ -362,7 +363,7 @@ class TickSimulator:
             span = horizon - last  # >= 0
             # gaps past the horizon are cut to just past it (the prints kept are the same), so the
             # sums, taken from `last`, stay far inside int64
-            gap = np.maximum(1, (-np.log(_uniform(key, idx, 0)) * mean_ns).astype(np.int64))  # < 4e13 ns
+            gap = np.maximum(1, (-detmath.log(_uniform(key, idx, 0)) * mean_ns).astype(np.int64))  # < 4e13 ns
             rel = np.cumsum(np.minimum(gap, span + 1))
             c = int(np.searchsorted(rel, span, side="left"))  # the prints before the horizon
             if c:
@@ -391,8 +392,8 @@ class TickSimulator:
         spread = 1 + (_uniform(key, idx, 7) * np.where(volatile, 4, 2)).astype(np.int64)
         buy = np.where(step > 0, True, np.where(step < 0, False, _uniform(key, idx, 6) < p_buy))
         u1, u2 = _uniform(key, idx, 4), _uniform(key, idx, 5)
-        normal = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
-        size = np.round(np.exp(normal) * np.where(_uniform(key, idx, 8) < 0.02, 8.0, 1.0) + 1.0)
+        normal = np.sqrt(-2.0 * detmath.log(u1)) * detmath.cos2pi(u2)
+        size = np.round(detmath.exp(normal) * np.where(_uniform(key, idx, 8) < 0.02, 8.0, 1.0) + 1.0)
         inc = self.increments[j]
         out = np.zeros(len(ts), TICK_DTYPE)
         out["ts"] = ts

@@ -64,7 +64,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ... import _core
+from ... import _core, detmath
 from ._scan import EwMoments, check_int, check_real, prepend, window_sums
 
 __all__ = [
@@ -503,7 +503,7 @@ class NGramClassifier:
         if c is None:
             return 0.0
         up, down = self.counts[c, 1], self.counts[c, 2]
-        return math.log((up + self.alpha) / (down + self.alpha))
+        return detmath.log((up + self.alpha) / (down + self.alpha))
 
     def context_name(self) -> str:
         """The latest context in words, oldest symbol first (``"up.buy.large>down.sell"``)."""

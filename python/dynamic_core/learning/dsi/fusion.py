@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ... import detmath
 from ._scan import check_int, check_real
 from .experts import Calls
 from .tape import N_TOKENS, token_name
@@ -32,14 +33,14 @@ MAX_WEIGHT = 1e6
 """Largest |weight| (a log likelihood ratio; real experts are below 10)."""
 
 DEFAULT_WEIGHTS: dict[str, float] = {
-    "momentum": math.log(0.6 / 0.4),
-    "exhaustion": math.log(0.6 / 0.4),
-    "sweep": math.log(0.62 / 0.38),
-    "absorption": math.log(0.6 / 0.4),
-    "volume_anomaly": math.log(0.55 / 0.45),
-    "return_anomaly": math.log(0.55 / 0.45),
-    "rsi_divergence": math.log(0.57 / 0.43),
-    "macd_divergence": math.log(0.57 / 0.43),
+    "momentum": detmath.log(0.6 / 0.4),
+    "exhaustion": detmath.log(0.6 / 0.4),
+    "sweep": detmath.log(0.62 / 0.38),
+    "absorption": detmath.log(0.6 / 0.4),
+    "volume_anomaly": detmath.log(0.55 / 0.45),
+    "return_anomaly": detmath.log(0.55 / 0.45),
+    "rsi_divergence": detmath.log(0.57 / 0.43),
+    "macd_divergence": detmath.log(0.57 / 0.43),
     "sequence": 1.0,
 }
 """Log likelihood ratios of the experts' calls (``sequence``: weight of the classifier's log-odds)."""
@@ -167,14 +168,15 @@ class DsiFusion:
             raise ValueError(f"weights for unknown experts: {sorted(unknown, key=str)}")
         for name, v in (weights or {}).items():  # a NaN or infinite weight makes the evidence NaN
             check_real(f"weights[{name!r}]", v, -MAX_WEIGHT, MAX_WEIGHT)
-        self.weights = np.array([w.get(e, math.log(0.6 / 0.4)) for e in self.experts])
+        self.weights = np.array([w.get(e, detmath.log(0.6 / 0.4)) for e in self.experts])
         self.w_sequence = float(w["sequence"])
         self.half_life = float(half_life)
         self.spread_damp = float(spread_damp)
         self.block = block
-        # D[k] = 0.5 ** (k / half_life), k = 0..block: one table, so its bits never depend on a batch
-        with np.errstate(over="ignore", under="ignore"):
-            self._table = np.power(0.5, np.arange(block + 1, dtype=np.float64) / self.half_life)
+        # D[k] = 0.5 ** (k / half_life) = 2 ** -(k / half_life), k = 0..block: one table, so its bits
+        # never depend on a batch, and detmath's, so they do not depend on the machine (numpy's
+        # power differs in the last bit between CPUs)
+        self._table = detmath.exp2(-(np.arange(block + 1, dtype=np.float64) / self.half_life))
         self._table.flags.writeable = False
         self.decay = float(self._table[1])  # a tick's fade
 
@@ -268,7 +270,7 @@ class DsiFusion:
     @classmethod
     def evidence(cls, state: FusionState) -> float:
         """``tanh(L / 2)``: P(up) - P(down) under the fused log-odds ``L``; in [-1, 1]."""
-        return math.tanh(0.5 * cls.log_odds(state))
+        return detmath.tanh(0.5 * cls.log_odds(state))
 
     def top(self, state: FusionState, k: int = 5, by: str = "token") -> list[Contribution]:
         """The ``k`` largest contributions by absolute log-odds, ``by`` ``"token"`` (the

@@ -87,6 +87,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from ... import detmath
 from ..._checks import check_int, check_real, is_int
 
 __all__ = [
@@ -390,7 +391,7 @@ class SmcDetector:
         if self._trend == 0:
             return 0.0
         age = self._t - self._trend_at
-        return self._trend * 0.5 ** (age / self.evidence_half_life)
+        return self._trend * detmath.exp2(-(age / self.evidence_half_life))
 
     # ---- the update ------------------------------------------------------------------------
     def update(self, open: float, high: float, low: float, close: float, volume: float = 0.0) -> list[SmcEvent]:
