@@ -704,10 +704,12 @@ def test_simulated_market_is_the_same_bits_release_to_release():
     """The built-in market is part of what makes a run reproducible: these bars (three seeds,
     instrument sets and chunkings) and their regime paths hash to the value the simulator gave
     when its per-bar loop still ran on numpy arrays. A change to the simulated market must be
-    deliberate and change this value. Re-pinned once when exp/log/cos moved from numpy to
-    dynamic_core.detmath: numpy's vector exp gave other last bits on an AVX-512 machine than on
-    an AVX2 one (d9966c2d... there, 324b5584... here), so the old value held on one kind of CPU
-    only; detmath's bits are the same on every machine."""
+    deliberate and change this value. Re-pinned once when the simulator stopped depending on
+    the CPU: numpy's vector exp gave other last bits on an AVX-512 machine than on an AVX2 one
+    (d9966c2d... there, 324b5584... here), and numpy's Student-t, normal and lognormal samplers
+    call the C library's exp/log/pow, whose FMA and non-FMA variants differ. Now the draws are
+    uniforms turned into normals (Box-Muller) and Student-t(4) (normal / sqrt(chi2(4) / 4)) with
+    dynamic_core.detmath, whose bits are the same on every machine (test_cross_machine.py)."""
     import hashlib
 
     d = hashlib.sha256()
@@ -722,7 +724,7 @@ def test_simulated_market_is_the_same_bits_release_to_release():
             # instrument ids depend on this process's registry: hash the names
             d.update(",".join(dc.instruments.name(int(i)) for i in b["instrument"]).encode())
         d.update(repr(sim.regimes).encode())
-    assert d.hexdigest() == "096c78323c3a5a951287750f976b2e590621d3d7d7f15f00362030e86bb2bdd1"
+    assert d.hexdigest() == "8fa0d0d5dba3b96fc600231c90394adc73476f80a05cda299934b33539304354"
     assert len(dc.sim.MarketSimulator(["EURUSD"], seed=1).bars(0)) == 0
 
 

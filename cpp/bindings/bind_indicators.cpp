@@ -249,6 +249,14 @@ void bind_indicators(py::module_& m) {
   m.def("det_tanh", &elementwise<detmath::tanh>, py::arg("x"), "tanh, elementwise, the same bits on any machine.");
   m.def("det_cos2pi", &elementwise<detmath::cos2pi>, py::arg("u"),
         "cos(2 pi u), elementwise, the same bits on any machine.");
+  // one float: a plain call, ~10x cheaper than the array path for the scalar reads of the DSI
+  // and the learning agents
+  m.def("det_exp1", &detmath::exp, py::arg("x"), "e^x of one float (detmath).");
+  m.def("det_exp21", &detmath::exp2, py::arg("x"), "2^x of one float (detmath).");
+  m.def("det_expm11", &detmath::expm1, py::arg("x"), "e^x - 1 of one float (detmath).");
+  m.def("det_log1", &detmath::log, py::arg("x"), "Natural log of one float (detmath).");
+  m.def("det_tanh1", &detmath::tanh, py::arg("x"), "tanh of one float (detmath).");
+  m.def("det_cos2pi1", &detmath::cos2pi, py::arg("u"), "cos(2 pi u) of one float (detmath).");
 }
 
 }  // namespace dynamic_core::bindings

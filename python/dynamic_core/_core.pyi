@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'JOURNAL_FORMAT', 'JOURNAL_MAX_META', 'JOURNAL_MAX_RECORD', 'JOURNAL_RECORD_HEADER', 'JournalReader', 'MAX_PRICE', 'MIN_PRICE', 'RECORD_MORE', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'det_cos2pi', 'det_exp', 'det_exp2', 'det_expm1', 'det_log', 'det_tanh', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_locked', 'journal_progress_step', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
+__all__: list[str] = ['Engine', 'JOURNAL_FORMAT', 'JOURNAL_MAX_META', 'JOURNAL_MAX_RECORD', 'JOURNAL_RECORD_HEADER', 'JournalReader', 'MAX_PRICE', 'MIN_PRICE', 'RECORD_MORE', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'det_cos2pi', 'det_cos2pi1', 'det_exp', 'det_exp1', 'det_exp2', 'det_exp21', 'det_expm1', 'det_expm11', 'det_log', 'det_log1', 'det_tanh', 'det_tanh1', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_locked', 'journal_progress_step', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -228,25 +228,49 @@ def det_cos2pi(u: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> nu
     """
     cos(2 pi u), elementwise, the same bits on any machine.
     """
+def det_cos2pi1(u: typing.SupportsFloat | typing.SupportsIndex) -> float:
+    """
+    cos(2 pi u) of one float (detmath).
+    """
 def det_exp(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> numpy.typing.NDArray[numpy.float64]:
     """
     e^x, elementwise, the same bits on any machine.
+    """
+def det_exp1(x: typing.SupportsFloat | typing.SupportsIndex) -> float:
+    """
+    e^x of one float (detmath).
     """
 def det_exp2(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> numpy.typing.NDArray[numpy.float64]:
     """
     2^x, elementwise, the same bits on any machine.
     """
+def det_exp21(x: typing.SupportsFloat | typing.SupportsIndex) -> float:
+    """
+    2^x of one float (detmath).
+    """
 def det_expm1(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> numpy.typing.NDArray[numpy.float64]:
     """
     e^x - 1, elementwise, the same bits on any machine.
+    """
+def det_expm11(x: typing.SupportsFloat | typing.SupportsIndex) -> float:
+    """
+    e^x - 1 of one float (detmath).
     """
 def det_log(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> numpy.typing.NDArray[numpy.float64]:
     """
     Natural log, elementwise, the same bits on any machine.
     """
+def det_log1(x: typing.SupportsFloat | typing.SupportsIndex) -> float:
+    """
+    Natural log of one float (detmath).
+    """
 def det_tanh(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64]) -> numpy.typing.NDArray[numpy.float64]:
     """
     tanh, elementwise, the same bits on any machine.
+    """
+def det_tanh1(x: typing.SupportsFloat | typing.SupportsIndex) -> float:
+    """
+    tanh of one float (detmath).
     """
 def dsi_divergence(price: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], params: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], state: numpy.typing.NDArray[numpy.float64], tail: numpy.typing.NDArray[numpy.float64]) -> tuple[tuple, tuple, numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
     """

@@ -26,8 +26,11 @@ from . import _core
 __all__ = ["cos2pi", "exp", "exp2", "expm1", "log", "tanh"]
 
 
-def _wrap(native: Callable[[np.ndarray], np.ndarray], name: str, doc: str) -> Callable[[Any], Any]:
+def _wrap(native: Callable[[np.ndarray], np.ndarray], one: Callable[[float], float], name: str,
+          doc: str) -> Callable[[Any], Any]:
     def f(x: Any) -> Any:
+        if type(x) is float or type(x) is int:  # the common scalar case, without numpy
+            return one(float(x))
         a = np.asarray(x, dtype=np.float64)
         out = native(a)
         return float(out) if a.ndim == 0 and not isinstance(x, np.ndarray) else out
@@ -37,9 +40,10 @@ def _wrap(native: Callable[[np.ndarray], np.ndarray], name: str, doc: str) -> Ca
     return f
 
 
-exp = _wrap(_core.det_exp, "exp", "``e ** x``; +inf above ~709.78, 0 below ~-745.13.")
-exp2 = _wrap(_core.det_exp2, "exp2", "``2 ** x``; exact at integers in range.")
-expm1 = _wrap(_core.det_expm1, "expm1", "``e ** x - 1``, accurate near 0.")
-log = _wrap(_core.det_log, "log", "Natural logarithm; ``log(0) = -inf``, NaN below 0.")
-tanh = _wrap(_core.det_tanh, "tanh", "Hyperbolic tangent.")
-cos2pi = _wrap(_core.det_cos2pi, "cos2pi", "``cos(2 pi u)``, with the whole and quarter turns of ``u`` taken exactly.")
+exp = _wrap(_core.det_exp, _core.det_exp1, "exp", "``e ** x``; +inf above ~709.78, 0 below ~-745.13.")
+exp2 = _wrap(_core.det_exp2, _core.det_exp21, "exp2", "``2 ** x``; exact at integers in range.")
+expm1 = _wrap(_core.det_expm1, _core.det_expm11, "expm1", "``e ** x - 1``, accurate near 0.")
+log = _wrap(_core.det_log, _core.det_log1, "log", "Natural logarithm; ``log(0) = -inf``, NaN below 0.")
+tanh = _wrap(_core.det_tanh, _core.det_tanh1, "tanh", "Hyperbolic tangent.")
+cos2pi = _wrap(_core.det_cos2pi, _core.det_cos2pi1, "cos2pi",
+               "``cos(2 pi u)``, with the whole and quarter turns of ``u`` taken exactly.")

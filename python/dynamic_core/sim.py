@@ -90,6 +90,21 @@ def _start_ns(start: object) -> int:
         raise ValueError(f"start {start!r} is {e.why}") from None
 
 
+def _normal(u: np.ndarray) -> np.ndarray:
+    """Standard normal draws from pairs of uniforms in [0, 1) (last axis): Box-Muller with
+    detmath's log and cos, so the bits are the same on every machine (numpy's own normal,
+    Student-t and lognormal samplers call the C library's exp/log/pow, whose FMA and non-FMA
+    variants differ in the last bit)."""
+    return np.sqrt(-2.0 * detmath.log(1.0 - u[..., 0])) * detmath.cos2pi(u[..., 1])
+
+
+def _student_t4(u: np.ndarray) -> np.ndarray:
+    """Student-t(4) draws from quadruples of uniforms in [0, 1) (last axis): ``Z / sqrt(V / 4)``,
+    ``Z`` normal, ``V = -2 ln((1 - u2)(1 - u3))`` chi-squared with 4 degrees of freedom."""
+    v = -2.0 * (detmath.log(1.0 - u[..., 2]) + detmath.log(1.0 - u[..., 3]))
+    return _normal(u[..., :2]) / np.sqrt(np.maximum(v, 1e-300) / 4.0)
+
+
 class MarketSimulator:
     """Deterministic simulated bars for several instruments.
 
@@ -180,7 +195,7 @@ class MarketSimulator:
             self.regimes[j].extend(reg_l)
             sigma = self._vol[j] * volm[reg]
             # Student-t(4) scaled to unit variance, split over intrabar steps
-            shocks = r_shock.standard_t(4, size=(n, _SUBSTEPS)) / np.sqrt(2.0) / np.sqrt(_SUBSTEPS)
+            shocks = _student_t4(r_shock.random((n, _SUBSTEPS, 4))) / np.sqrt(2.0) / np.sqrt(_SUBSTEPS)
             noise = (sigma[:, None] * shocks).tolist()
             logp = float(self._logp[j])
             anchor = float(self._anchor[j])
@@ -188,7 +203,7 @@ class MarketSimulator:
             highs = np.empty(n)
             lows = np.empty(n)
             closes = np.empty(n)
-            gaps = r_gap.standard_normal(n) * 0.05
+            gaps = _normal(r_gap.random((n, 2))) * 0.05
             for i, (g, sg, ri, ni) in enumerate(zip(gaps.tolist(), sigma.tolist(), reg_l, noise)):
                 o = logp + g * sg
                 kap = kappa_l[ri]
@@ -212,7 +227,7 @@ class MarketSimulator:
             self._anchor[j] = anchor
             self._logp[j] = logp
             absret = np.abs(closes - opens)
-            vol = self._base_volume[j] * (1.0 + absret / np.maximum(sigma, 1e-12)) * r_volume.lognormal(0, 0.3, n)
+            vol = self._base_volume[j] * (1.0 + absret / np.maximum(sigma, 1e-12)) * detmath.exp(0.3 * _normal(r_volume.random((n, 2))))
             sl = slice(j, n * k, k)
             out["open"][sl] = detmath.exp(opens)
             out["high"][sl] = detmath.exp(highs)

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import detmath
 from .._checks import check_int, check_real, is_real
 from ..instruments import instruments
 from ..market import as_bars, parse_timeframe, reason_counts, refuse_bad, validate
@@ -97,7 +98,7 @@ class FeatureBank:
         if math.isnan(prev):  # first bar
             self._mean = close
             return out
-        r = math.log(close / prev)
+        r = detmath.log(close / prev)
         a = 2.0 / (_VOL_N + 1)
         self._var = (1 - a) * self._var + a * r * r if self.n > 2 else r * r
         # Wilder RSI on close-to-close changes
@@ -113,15 +114,15 @@ class FeatureBank:
         if not self.warm:
             return out
         vol = math.sqrt(self._var) or 1e-12
-        rets = [math.log(closes[i] / closes[i - 1]) for i in range(len(closes) - 1, 0, -1)]
+        rets = [detmath.log(closes[i] / closes[i - 1]) for i in range(len(closes) - 1, 0, -1)]
         lag = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4, 8: 7}
         vals = [rets[k] / vol if k < len(rets) else 0.0 for k in lag.values()]
-        vals.append(math.log(high / low) / vol if high > 0 and low > 0 else 0.0)
+        vals.append(detmath.log(high / low) / vol if high > 0 and low > 0 else 0.0)
         tot = self._gain + self._loss
         vals.append((self._gain / tot - 0.5) * 2.0 if tot > 0 else 0.0)
         sd = math.sqrt(self._ew_var)
         vals.append((close - self._mean) / (2 * sd) if sd > 0 else 0.0)
-        vals.append(math.log(close / closes[0]) / (vol * math.sqrt(_MOM_N)) if len(closes) > _MOM_N else 0.0)
+        vals.append(detmath.log(close / closes[0]) / (vol * math.sqrt(_MOM_N)) if len(closes) > _MOM_N else 0.0)
         vals.append(1.0)
         vals.append(self.dsi)
         out[: len(vals)] = np.clip(vals, -5.0, 5.0)
@@ -363,7 +364,7 @@ class LearningAgents:
         prev_c, prev_x = self._prev_close[s], self._prev_x[s]
         sample = None
         if prev_x is not None and prev_c > 0.0:
-            r = math.log(c / prev_c)
+            r = detmath.log(c / prev_c)
             last = self._last_scores[s]
             if last is not None:
                 moved = np.sign(last) != 0
@@ -374,7 +375,7 @@ class LearningAgents:
                 target = np.zeros(n)
                 mask = np.zeros(n, dtype=bool)
                 x_learn[m] = prev_x
-                target[m] = math.tanh(self.target_scale * r / self._vol[s])
+                target[m] = detmath.tanh(self.target_scale * r / self._vol[s])
                 mask[m] = True
                 sample = (x_learn, target, mask)
         bank = self.banks[s]
