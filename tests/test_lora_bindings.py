@@ -112,3 +112,37 @@ def test_threads_that_cannot_start_leave_their_rows_to_the_caller():
     """)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_shared_products_and_xty_check_their_shapes_and_dtypes(dtype):
+    """A (rank, dim) M is one matrix for every row; lora_xty sums X.T @ Y over rows. Mismatched
+    shapes and dtypes are refused, never read out of bounds or converted."""
+    x, y = np.ones((5, 7), dtype), np.ones((5, 3), dtype)
+    M = np.ones((3, 7), dtype)
+    assert _core.lora_rd_dot(x, M, 1).shape == (5, 3) and _core.lora_r_rows(y, M, 1).shape == (5, 7)
+    assert _core.lora_rd_dot(x[:0], M, 1).shape == (0, 3)
+    with pytest.raises(ValueError):
+        _core.lora_rd_dot(x[:, :6].copy(), M, 1)  # width differs from M's
+    with pytest.raises(ValueError):
+        _core.lora_r_rows(np.ones((5, 2), dtype), M, 1)  # rank differs
+    with pytest.raises(ValueError):
+        _core.lora_rd_dot(x[0], M, 1)  # one row must still be (1, dim)
+    with pytest.raises(ValueError):
+        _core.lora_rd_dot(x, np.ones(7, dtype), 1)
+    with pytest.raises(TypeError):
+        _core.lora_rd_dot(x, M[:, ::2], 1)  # not C-contiguous
+    other = np.float32 if dtype == np.float64 else np.float64
+    with pytest.raises(TypeError):
+        _core.lora_rd_dot(x.astype(other), M, 1)
+    got = _core.lora_xty(x, y, 2)
+    assert got.shape == (7, 3) and got.dtype == dtype and np.all(got == 5)
+    assert np.all(_core.lora_xty(x[:0], y[:0], 1) == 0)
+    with pytest.raises(ValueError):
+        _core.lora_xty(x, y[:4].copy(), 1)  # rows differ
+    with pytest.raises(ValueError):
+        _core.lora_xty(x[0], y, 1)
+    with pytest.raises(TypeError):
+        _core.lora_xty(x, y.astype(other), 1)
+    with pytest.raises(TypeError):
+        _core.lora_xty(x.tolist(), y, 1)

@@ -13,11 +13,9 @@ namespace dynamic_core::bindings {
 
 namespace {
 
-// Runs fn(a, b) over ranges that split [0, n) among at most `threads` threads and n / 64 + 1 (a
-// thread is not worth fewer rows); rows are independent, so any split gives the same bits.
+// Runs fn(a, b) over k ranges that split [0, n) (k threads at most).
 template <class F>
-void split_rows(size_t n, int threads, F fn) {
-  const size_t k = threads > 1 ? std::min<size_t>(static_cast<size_t>(threads), n / 64 + 1) : 1;
+void split_into(size_t n, size_t k, F fn) {
   if (k <= 1) {
     fn(size_t{0}, n);
     return;
@@ -27,6 +25,13 @@ void split_rows(size_t n, int threads, F fn) {
   run_threads(static_cast<int>(k), [&](int) {
     for (size_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < k;) fn(n * t / k, n * (t + 1) / k);
   }, [] {});
+}
+
+// Runs fn(a, b) over ranges that split [0, n) among at most `threads` threads and n / 64 + 1 (a
+// thread is not worth fewer rows); rows are independent, so any split gives the same bits.
+template <class F>
+void split_rows(size_t n, int threads, F fn) {
+  split_into(n, threads > 1 ? std::min<size_t>(static_cast<size_t>(threads), n / 64 + 1) : 1, fn);
 }
 
 // `h` as the numpy array it must be: never converted (a converted temporary would die while its
@@ -117,21 +122,27 @@ void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array&
   split_rows(s1 - s0, threads, [&](size_t a, size_t b) { lora::update(u, ma, mb, s0 + a, s0 + b); });
 }
 
+// M (n, rank, dim): each row its own matrix; M (rank, dim): one matrix for every row (x's rows
+// count the agents). Either way a row's result depends on that row and its matrix only.
 template <class T>
 py::array stacked_product(const py::array& x, const py::array& M, bool rd, int threads) {
-  if (M.ndim() != 3) throw py::value_error("M must be (n, rank, dim)");
-  const py::ssize_t n = M.shape(0), r = M.shape(1), d = M.shape(2);
-  const T* pm = view<T>(M, {n, r, d}, "M");
+  if (M.ndim() != 3 && M.ndim() != 2)
+    throw py::value_error("M must be (n, rank, dim), or (rank, dim) shared by every row");
+  const bool shared = M.ndim() == 2;
+  if (shared && x.ndim() != 2) throw py::value_error(rd ? "x must be (n, dim)" : "y must be (n, rank)");
+  const py::ssize_t n = shared ? x.shape(0) : M.shape(0);
+  const py::ssize_t r = M.shape(shared ? 0 : 1), d = M.shape(shared ? 1 : 2);
+  const T* pm = shared ? view<T>(M, {r, d}, "M") : view<T>(M, {n, r, d}, "M");
   const T* px = view<T>(x, {n, rd ? d : r}, rd ? "x (n, dim)" : "y (n, rank)");
   py::array_t<T> out(std::vector<py::ssize_t>{n, rd ? r : d});
   T* po = out.mutable_data();
   GilRelease nogil;
-  const size_t R = static_cast<size_t>(r), D = static_cast<size_t>(d);
+  const size_t R = static_cast<size_t>(r), D = static_cast<size_t>(d), ms = shared ? 0 : R * D;
   split_rows(static_cast<size_t>(n), threads, [&](size_t a, size_t b) {
     if (rd)
-      lora::rd_dot(px + a * D, pm + a * R * D, po + a * R, b - a, R, D);
+      lora::rd_dot(px + a * D, pm + a * ms, po + a * R, b - a, R, D, ms);
     else
-      lora::r_rows(px + a * R, pm + a * R * D, po + a * D, b - a, R, D);
+      lora::r_rows(px + a * R, pm + a * ms, po + a * D, b - a, R, D, ms);
   });
   return out;
 }
@@ -140,6 +151,23 @@ py::array dispatch_product(const py::array& x, const py::array& M, bool rd, int 
   if (M.dtype().is(py::dtype::of<double>())) return stacked_product<double>(x, M, rd, threads);
   if (M.dtype().is(py::dtype::of<float>())) return stacked_product<float>(x, M, rd, threads);
   throw py::type_error("M must be float32 or float64");
+}
+
+template <class T>
+py::array xty(const py::array& X, const py::array& Y, int threads) {
+  if (X.ndim() != 2 || Y.ndim() != 2) throw py::value_error("X (n, p) and Y (n, q) expected");
+  const py::ssize_t n = X.shape(0), p = X.shape(1), q = Y.shape(1);
+  const T* px = view<T>(X, {n, p}, "X");
+  const T* py_ = view<T>(Y, {n, q}, "Y (as many rows as X)");
+  py::array_t<T> out(std::vector<py::ssize_t>{p, q});
+  T* po = out.mutable_data();
+  GilRelease nogil;
+  const size_t N = static_cast<size_t>(n), P = static_cast<size_t>(p), Q = static_cast<size_t>(q);
+  // threads split the output rows p: each output's sum is the same on any split (a thread is
+  // not worth fewer than 2^16 products)
+  const size_t k = threads > 1 ? std::min({static_cast<size_t>(threads), P, N * P * Q / 65536 + 1}) : 1;
+  split_into(P, k, [&](size_t a, size_t b) { lora::xty(px, py_, po, N, P, Q, a, b); });
+  return out;
 }
 
 template <class T>
@@ -176,11 +204,22 @@ void bind_lora(py::module_& m) {
   m.def("lora_rd_dot",
         [](const py::array& x, const py::array& M, int threads) { return dispatch_product(x, M, true, threads); },
         py::arg("x"), py::arg("M"), py::arg("threads") = 1,
-        "u[n, j] = sum_i x[n, i] M[n, j, i] for (n, dim) x and (n, rank, dim) M, in a fixed order (internal).");
+        "u[n, j] = sum_i x[n, i] M[n, j, i] for (n, dim) x and (n, rank, dim) M (or M[j, i]: one (rank, dim) M "
+        "for every row), in a fixed order (internal).");
   m.def("lora_r_rows",
         [](const py::array& y, const py::array& M, int threads) { return dispatch_product(y, M, false, threads); },
         py::arg("y"), py::arg("M"), py::arg("threads") = 1,
-        "out[n, i] = sum_j y[n, j] M[n, j, i] for (n, rank) y and (n, rank, dim) M, rank by rank (internal).");
+        "out[n, i] = sum_j y[n, j] M[n, j, i] for (n, rank) y and (n, rank, dim) M (or M[j, i]: one (rank, dim) "
+        "M for every row), rank by rank (internal).");
+  m.def("lora_xty",
+        [](const py::array& X, const py::array& Y, int threads) {
+          if (X.dtype().is(py::dtype::of<double>())) return xty<double>(X, Y, threads);
+          if (X.dtype().is(py::dtype::of<float>())) return xty<float>(X, Y, threads);
+          throw py::type_error("X must be float32 or float64");
+        },
+        py::arg("X"), py::arg("Y"), py::arg("threads") = 1,
+        "X.T @ Y for (n, p) X and (n, q) Y of one dtype: rows in blocks of 32 in order, each block summed row "
+        "by row, the block sums added in order (internal).");
   m.def("lora_record",
         [](const py::array& h, const py::array& u, const py::array& delta, const py::object& w, bool shared,
            const py::array& t_in, const py::array& t_mid, const py::array& t_out, const py::array& t_rms,

@@ -243,74 +243,260 @@ void update(const Update<T>& u, const Matrix<T>& ma, const Matrix<T>& mb, size_t
 }
 
 namespace detail {
-// u[n, j] = sum_i x[n, i] * M[n, j, i]: each agent's (rank, dim) matrix times its row; the dot
-// products run in 8 fixed lanes, then a fixed tree, then the tail in order.
+
+// Lanes of T as 32-byte vector values (GCC vector extension: each lane's + and * is the scalar
+// IEEE operation, and FMA contraction is off, so a lane computes exactly what a scalar loop
+// would); K of them hold 8 lanes (2 for double, 1 for float). Used only inside always-inlined
+// code, never passed across a call.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 template <class T>
-[[gnu::always_inline]] inline void rd_dot_body(const T* x, const T* M, T* u, size_t n, size_t r, size_t d) {
-  for (size_t a = 0; a < n; ++a) {
-    const T* xa = x + a * d;
-    for (size_t j = 0; j < r; ++j) {
-      const T* row = M + (a * r + j) * d;
-      T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      size_t i = 0;
-      for (; i + 8 <= d; i += 8)
-        for (size_t l = 0; l < 8; ++l) acc[l] = acc[l] + xa[i + l] * row[i + l];
-      T sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-      for (; i < d; ++i) sum = sum + xa[i] * row[i];
-      u[a * r + j] = sum;
+struct Lanes {
+  typedef T v __attribute__((vector_size(32)));
+  static constexpr size_t N = 32 / sizeof(T);  // lanes in one vector
+  static constexpr size_t K = 8 / N;           // vectors in 8 lanes
+};
+template <class T>
+using W = typename Lanes<T>::v;
+
+template <class T>
+[[gnu::always_inline]] inline W<T> ld(const T* p) {
+  W<T> x;
+  __builtin_memcpy(&x, p, sizeof x);
+  return x;
+}
+template <class T>
+[[gnu::always_inline]] inline void st(T* p, const W<T>& x) {
+  __builtin_memcpy(p, &x, sizeof x);
+}
+
+// Even and odd lanes of a and b, in order: (a0 a2 .. b0 b2 ..) and (a1 a3 .. b1 b3 ..) (macros:
+// a function returning a vector would change the baseline build's ABI).
+#define DC_EV8(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14)
+#define DC_OD8(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15)
+#define DC_EV4(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6)
+#define DC_OD4(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7)
+
+// out[g] = sum_i x[i] * M[g * d + i] for G rows of M, each dot product in 8 fixed lanes (lane l
+// takes i = l mod 8 over the whole blocks of 8, from zero), then the tree
+// ((0+1)+(2+3))+((4+5)+(6+7)), then the tail in order. G rows run side by side in separate
+// accumulators (for the instruction-level parallelism); each one's order is the same as alone.
+template <class T, size_t G>
+[[gnu::always_inline]] inline void lane_dots(const T* x, const T* M, T* out, size_t d) {
+  constexpr size_t N = Lanes<T>::N, K = Lanes<T>::K;
+  W<T> c[G][K];
+  for (size_t g = 0; g < G; ++g)
+    for (size_t k = 0; k < K; ++k) c[g][k] = W<T>{};
+  size_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    for (size_t k = 0; k < K; ++k) {
+      const W<T> xv = ld(x + i + k * N);
+      for (size_t g = 0; g < G; ++g) c[g][k] = c[g][k] + xv * ld(M + g * d + i + k * N);
     }
+  T tot[G];
+  if constexpr (G % 4 == 0) {
+    // four trees side by side, level by level: lanes paired by shuffles, each sum the same IEEE
+    // addition of the same two values as in the scalar tree
+    auto tree4 = [&](size_t g) {
+      if constexpr (N == 8) {  // float: c[g][0] holds lanes 0..7
+        const W<T> p01 = DC_EV8(c[g][0], c[g + 1][0]) + DC_OD8(c[g][0], c[g + 1][0]);  // 01 23 45 67 per row
+        const W<T> p23 = DC_EV8(c[g + 2][0], c[g + 3][0]) + DC_OD8(c[g + 2][0], c[g + 3][0]);
+        const W<T> q = DC_EV8(p01, p23) + DC_OD8(p01, p23);  // 0123 4567 per row
+        const W<T> t = DC_EV8(q, q) + DC_OD8(q, q);          // lanes 0..3: the four totals
+        for (size_t k = 0; k < 4; ++k) tot[g + k] = t[k];
+      } else {  // double: c[g][0] lanes 0..3, c[g][1] lanes 4..7
+        W<T> pr[4];
+        for (size_t k = 0; k < 4; ++k)
+          pr[k] = DC_EV4(c[g + k][0], c[g + k][1]) + DC_OD4(c[g + k][0], c[g + k][1]);  // 01 23 45 67
+        const W<T> q01 = DC_EV4(pr[0], pr[1]) + DC_OD4(pr[0], pr[1]);  // 0123 4567, two rows
+        const W<T> q23 = DC_EV4(pr[2], pr[3]) + DC_OD4(pr[2], pr[3]);
+        const W<T> t = DC_EV4(q01, q23) + DC_OD4(q01, q23);  // the four totals
+        for (size_t k = 0; k < 4; ++k) tot[g + k] = t[k];
+      }
+    };
+    for (size_t g = 0; g < G; g += 4) tree4(g);
+  } else {
+    for (size_t g = 0; g < G; ++g) {
+      T a[8];
+      for (size_t k = 0; k < K; ++k)
+        for (size_t l = 0; l < N; ++l) a[k * N + l] = c[g][k][l];
+      tot[g] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    }
+  }
+  for (size_t g = 0; g < G; ++g) {
+    T sum = tot[g];
+    for (size_t q = i; q < d; ++q) sum = sum + x[q] * M[g * d + q];
+    out[g] = sum;
   }
 }
 
-// out[n, i] = sum_j y[n, j] * M[n, j, i], rank by rank in order.
+// u[n, j] = sum_i x[n, i] * M_n[j, i]: each row times its (rank, dim) matrix, M_n = M + n * ms
+// (ms = rank * dim: each agent's own matrix; 0: one matrix shared by every row). Every dot
+// product is lane_dots' (8 fixed lanes, a fixed tree, then the tail in order): a row's values
+// depend only on that row and its matrix, not on where the row sits or how many there are.
 template <class T>
-[[gnu::always_inline]] inline void r_rows_body(const T* y, const T* M, T* out, size_t n, size_t r, size_t d) {
+[[gnu::always_inline]] inline void rd_dot_body(const T* x, const T* M, T* u, size_t n, size_t r, size_t d,
+                                               size_t ms) {
+  for (size_t a = 0; a < n; ++a) {
+    const T* xa = x + a * d;
+    const T* Ma = M + a * ms;
+    T* ua = u + a * r;
+    constexpr size_t G = 8 / Lanes<T>::K;  // rows side by side: 8 accumulators (4 for double, 8 for float)
+    size_t j = 0;
+    for (; j + G <= r; j += G) lane_dots<T, G>(xa, Ma + j * d, ua + j, d);
+    for (; j + 4 <= r; j += 4) lane_dots<T, 4>(xa, Ma + j * d, ua + j, d);
+    for (; j < r; ++j) lane_dots<T, 1>(xa, Ma + j * d, ua + j, d);
+  }
+}
+
+// out[n, i] = sum_j y[n, j] * M_n[j, i], rank by rank in order from the first product (M_n as
+// in rd_dot_body). The columns go in chunks of 32 held in four vectors; each element's order is
+// the same.
+template <class T>
+[[gnu::always_inline]] inline void r_rows_body(const T* y, const T* M, T* out, size_t n, size_t r, size_t d,
+                                               size_t ms) {
   for (size_t a = 0; a < n; ++a) {
     T* o = out + a * d;
     const T* ya = y + a * r;
-    const T* Ma = M + a * r * d;
-    for (size_t i = 0; i < d; ++i) o[i] = ya[0] * Ma[i];
-    for (size_t j = 1; j < r; ++j) {
-      const T yj = ya[j];
-      const T* row = Ma + j * d;
-      for (size_t i = 0; i < d; ++i) o[i] = o[i] + yj * row[i];
+    const T* Ma = M + a * ms;
+    constexpr size_t N = Lanes<T>::N, C = 32 / N;  // 32 columns: C vectors
+    size_t i0 = 0;
+    for (; i0 + 32 <= d; i0 += 32) {
+      W<T> acc[C];
+      const T y0 = ya[0];
+      for (size_t c = 0; c < C; ++c) acc[c] = y0 * ld(Ma + i0 + c * N);
+      for (size_t j = 1; j < r; ++j) {
+        const T yj = ya[j];
+        const T* row = Ma + j * d + i0;
+        for (size_t c = 0; c < C; ++c) acc[c] = acc[c] + yj * ld(row + c * N);
+      }
+      for (size_t c = 0; c < C; ++c) st(o + i0 + c * N, acc[c]);
+    }
+    for (; i0 + N <= d; i0 += N) {
+      W<T> acc = ya[0] * ld(Ma + i0);
+      for (size_t j = 1; j < r; ++j) acc = acc + ya[j] * ld(Ma + j * d + i0);
+      st(o + i0, acc);
+    }
+    if (i0 < d) {
+      for (size_t i = i0; i < d; ++i) o[i] = ya[0] * Ma[i];
+      for (size_t j = 1; j < r; ++j) {
+        const T yj = ya[j];
+        const T* row = Ma + j * d;
+        for (size_t i = i0; i < d; ++i) o[i] = o[i] + yj * row[i];
+      }
     }
   }
 }
 
 // Rd: rd_dot (in = x (n, d), out (n, r)); otherwise r_rows (in = y (n, r), out (n, d)).
 template <class T, bool Rd>
-[[gnu::always_inline]] inline void product_body(const T* in, const T* M, T* out, size_t n, size_t r, size_t d) {
+[[gnu::always_inline]] inline void product_body(const T* in, const T* M, T* out, size_t n, size_t r, size_t d,
+                                                size_t ms) {
   if constexpr (Rd)
-    rd_dot_body(in, M, out, n, r, d);
+    rd_dot_body(in, M, out, n, r, d, ms);
   else
-    r_rows_body(in, M, out, n, r, d);
+    r_rows_body(in, M, out, n, r, d, ms);
 }
+
+// out[p, q] = sum_a X[a, p] * Y[a, q] over the rows a of X (n, P) and Y (n, Q), for p in
+// [p0, p1): the rows in blocks of XTY_BLOCK (the last one shorter), each block's sum over its
+// rows in order (starting from its first product), the block sums added in order to a zeroed
+// sum. Any split of p among threads gives the same bits.
+inline constexpr size_t XTY_BLOCK = 32;
+
+// Block [b, e) into out rows p .. p + G, columns [q0, q0 + N) (one vector).
+template <class T, size_t G>
+[[gnu::always_inline]] inline void xty_tile(const T* X, const T* Y, T* out, size_t P, size_t Q, size_t b, size_t e,
+                                            size_t p, size_t q0) {
+  W<T> c[G];
+  const W<T> y0 = ld(Y + b * Q + q0);
+  for (size_t g = 0; g < G; ++g) c[g] = X[b * P + p + g] * y0;
+  for (size_t a = b + 1; a < e; ++a) {
+    const W<T> ya = ld(Y + a * Q + q0);
+    const T* xa = X + a * P + p;
+    for (size_t g = 0; g < G; ++g) c[g] = c[g] + xa[g] * ya;
+  }
+  for (size_t g = 0; g < G; ++g) {
+    T* o = out + (p + g) * Q + q0;
+    st(o, ld(o) + c[g]);
+  }
+}
+
+template <class T>
+[[gnu::always_inline]] inline void xty_body(const T* X, const T* Y, T* out, size_t n, size_t P, size_t Q,
+                                            size_t p0, size_t p1) {
+  for (size_t p = p0; p < p1; ++p)
+    for (size_t q = 0; q < Q; ++q) out[p * Q + q] = 0;
+  constexpr size_t N = Lanes<T>::N;
+  const size_t qv = Q - Q % N;
+  for (size_t b = 0; b < n; b += XTY_BLOCK) {
+    const size_t e = std::min(n, b + XTY_BLOCK);
+    for (size_t q0 = 0; q0 < qv; q0 += N) {
+      size_t p = p0;
+      for (; p + 4 <= p1; p += 4) xty_tile<T, 4>(X, Y, out, P, Q, b, e, p, q0);
+      for (; p < p1; ++p) xty_tile<T, 1>(X, Y, out, P, Q, b, e, p, q0);
+    }
+    for (size_t p = p0; p < p1 && qv < Q; ++p) {
+      T part[N];
+      const T x0 = X[b * P + p];
+      for (size_t q = qv; q < Q; ++q) part[q - qv] = x0 * Y[b * Q + q];
+      for (size_t a = b + 1; a < e; ++a) {
+        const T xa = X[a * P + p];
+        for (size_t q = qv; q < Q; ++q) part[q - qv] = part[q - qv] + xa * Y[a * Q + q];
+      }
+      for (size_t q = qv; q < Q; ++q) out[p * Q + q] = out[p * Q + q] + part[q - qv];
+    }
+  }
+}
+#undef DC_EV8
+#undef DC_OD8
+#undef DC_EV4
+#undef DC_OD4
+#pragma GCC diagnostic pop
 
 #if DC_X86_DISPATCH
 template <class T, bool Rd>
-[[gnu::target(DC_ISA_V3)]] void product_v3(const T* in, const T* M, T* out, size_t n, size_t r, size_t d) {
-  product_body<T, Rd>(in, M, out, n, r, d);
+[[gnu::target(DC_ISA_V3)]] void product_v3(const T* in, const T* M, T* out, size_t n, size_t r, size_t d,
+                                           size_t ms) {
+  product_body<T, Rd>(in, M, out, n, r, d, ms);
+}
+
+template <class T>
+[[gnu::target(DC_ISA_V3)]] void xty_v3(const T* X, const T* Y, T* out, size_t n, size_t P, size_t Q, size_t p0,
+                                       size_t p1) {
+  xty_body(X, Y, out, n, P, Q, p0, p1);
 }
 #endif
 
 template <class T, bool Rd>
-void product(const T* in, const T* M, T* out, size_t n, size_t r, size_t d) {
+void product(const T* in, const T* M, T* out, size_t n, size_t r, size_t d, size_t ms) {
 #if DC_X86_DISPATCH
-  if (kernel_isa() >= 3) return product_v3<T, Rd>(in, M, out, n, r, d);
+  if (kernel_isa() >= 3) return product_v3<T, Rd>(in, M, out, n, r, d, ms);
 #endif
-  product_body<T, Rd>(in, M, out, n, r, d);
+  product_body<T, Rd>(in, M, out, n, r, d, ms);
 }
 }  // namespace detail
 
+// u[n, j] = sum_i x[n, i] M_n[j, i] with M_n = M + n * ms: ms = r * d for a stacked (n, r, d)
+// M (each row its own matrix), 0 for one (r, d) matrix shared by every row.
 template <class T>
-void rd_dot(const T* x, const T* M, T* u, size_t n, size_t r, size_t d) {
-  detail::product<T, true>(x, M, u, n, r, d);
+void rd_dot(const T* x, const T* M, T* u, size_t n, size_t r, size_t d, size_t ms) {
+  detail::product<T, true>(x, M, u, n, r, d, ms);
 }
 
+// out[n, i] = sum_j y[n, j] M_n[j, i], M_n as in rd_dot.
 template <class T>
-void r_rows(const T* y, const T* M, T* out, size_t n, size_t r, size_t d) {
-  detail::product<T, false>(y, M, out, n, r, d);
+void r_rows(const T* y, const T* M, T* out, size_t n, size_t r, size_t d, size_t ms) {
+  detail::product<T, false>(y, M, out, n, r, d, ms);
+}
+
+// X^T Y over n rows, output rows [p0, p1) of out (P, Q) (see detail::xty_body for the order).
+template <class T>
+void xty(const T* X, const T* Y, T* out, size_t n, size_t P, size_t Q, size_t p0, size_t p1) {
+#if DC_X86_DISPATCH
+  if (kernel_isa() >= 3) return detail::xty_v3(X, Y, out, n, P, Q, p0, p1);
+#endif
+  detail::xty_body(X, Y, out, n, P, Q, p0, p1);
 }
 
 // numpy's pairwise sum (add.reduce over a contiguous run): the same rounding.

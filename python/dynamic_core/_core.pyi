@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'JOURNAL_FORMAT', 'JOURNAL_MAX_META', 'JOURNAL_MAX_RECORD', 'JOURNAL_RECORD_HEADER', 'JournalReader', 'MAX_PRICE', 'MIN_PRICE', 'RECORD_MORE', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'det_cos2pi', 'det_cos2pi1', 'det_exp', 'det_exp1', 'det_exp2', 'det_exp21', 'det_expm1', 'det_expm11', 'det_log', 'det_log1', 'det_tanh', 'det_tanh1', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_locked', 'journal_progress_step', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
+__all__: list[str] = ['Engine', 'JOURNAL_FORMAT', 'JOURNAL_MAX_META', 'JOURNAL_MAX_RECORD', 'JOURNAL_RECORD_HEADER', 'JournalReader', 'MAX_PRICE', 'MIN_PRICE', 'RECORD_MORE', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'det_cos2pi', 'det_cos2pi1', 'det_exp', 'det_exp1', 'det_exp2', 'det_exp21', 'det_expm1', 'det_expm11', 'det_log', 'det_log1', 'det_tanh', 'det_tanh1', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_locked', 'journal_progress_step', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'lora_xty', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -314,11 +314,11 @@ def lora_fold(act: numpy.ndarray, t: numpy.ndarray, c: numpy.ndarray, k: typing.
     """
 def lora_r_rows(y: numpy.ndarray, M: numpy.ndarray, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> numpy.ndarray:
     """
-    out[n, i] = sum_j y[n, j] M[n, j, i] for (n, rank) y and (n, rank, dim) M, rank by rank (internal).
+    out[n, i] = sum_j y[n, j] M[n, j, i] for (n, rank) y and (n, rank, dim) M (or M[j, i]: one (rank, dim) M for every row), rank by rank (internal).
     """
 def lora_rd_dot(x: numpy.ndarray, M: numpy.ndarray, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> numpy.ndarray:
     """
-    u[n, j] = sum_i x[n, i] M[n, j, i] for (n, dim) x and (n, rank, dim) M, in a fixed order (internal).
+    u[n, j] = sum_i x[n, i] M[n, j, i] for (n, dim) x and (n, rank, dim) M (or M[j, i]: one (rank, dim) M for every row), in a fixed order (internal).
     """
 def lora_record(h: numpy.ndarray, u: numpy.ndarray, delta: numpy.ndarray, w: typing.Any, shared: bool, t_in: numpy.ndarray, t_mid: numpy.ndarray, t_out: numpy.ndarray, t_rms: numpy.ndarray, t_sig: numpy.ndarray, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> None:
     """
@@ -327,6 +327,10 @@ def lora_record(h: numpy.ndarray, u: numpy.ndarray, delta: numpy.ndarray, w: typ
 def lora_update(s0: typing.SupportsInt | typing.SupportsIndex, s1: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex, c: numpy.ndarray, mid: numpy.ndarray, log_mid: numpy.ndarray, threshold: numpy.ndarray, pinned: typing.Any, dec_screened: typing.SupportsFloat | typing.SupportsIndex, dec_free: typing.SupportsFloat | typing.SupportsIndex, A: tuple, B: tuple, entropy: numpy.ndarray, total: numpy.ndarray, finite: typing.Any = None) -> None:
     """
     DynamicLoRA update of slots [s0, s1) of a stacked layer in one pass per matrix (internal; see dynamic_core.learning.lora.layer). A and B are (P, P0, out, phase, dense, terms, col, log_col); writes out, phase, each slot's entropy and total activity, and into `finite` (slots,) bool when given whether all of a slot's updated parameters are finite; `threads` splits the slots.
+    """
+def lora_xty(X: numpy.ndarray, Y: numpy.ndarray, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> numpy.ndarray:
+    """
+    X.T @ Y for (n, p) X and (n, q) Y of one dtype: rows in blocks of 32 in order, each block summed row by row, the block sums added in order (internal).
     """
 def macd(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], fast: typing.SupportsInt | typing.SupportsIndex, slow: typing.SupportsInt | typing.SupportsIndex, signal: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]:
     ...
