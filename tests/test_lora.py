@@ -3,6 +3,7 @@ differences, the batched forward against a per-agent loop, determinism and persi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -574,7 +575,19 @@ def test_batched_forward_equals_per_agent_loop() -> None:
 def test_fresh_hierarchy_is_the_base() -> None:
     h = LoRAHierarchy(3, 6)
     x = np.random.default_rng(0).normal(size=(3, 6))
-    assert np.array_equal(h.forward(x), x @ h.backend.weight)  # B starts at zero
+    # B starts at zero: the hidden state is the base map, x @ W row by row in the native fixed
+    # order (sum_i x[i] W[i, k], i in order: the same bits on any CPU); BLAS's x @ W agrees
+    # within rounding
+    W = h.backend.weight
+    base = np.empty((3, 6))
+    for a in range(3):
+        for k in range(6):
+            acc = float(x[a, 0]) * float(W[0, k])
+            for i in range(1, 6):
+                acc = acc + float(x[a, i]) * float(W[i, k])
+            base[a, k] = acc
+    assert np.array_equal(h.forward(x), base)
+    np.testing.assert_allclose(h.forward(x), x @ W, rtol=0, atol=1e-14)
     W = h.backend.weight
     np.testing.assert_allclose(W @ W.T, np.eye(6), atol=1e-12)
 
@@ -1143,3 +1156,170 @@ def test_results_do_not_depend_on_the_native_instruction_set() -> None:
     finally:
         _core.set_kernel_isa(best)
     assert out[0] != out[1]
+
+
+# ---------------------------------------------------------------- row determinism
+def _lane_dot(x: list, y: list, zero=0.0):
+    """The native dot product's order as a plain loop: 8 lanes over whole blocks of 8, the
+    tree ((0+1)+(2+3))+((4+5)+(6+7)), then the tail in order. Python floats are float64; for
+    float32 pass np.float32 values (each operation rounds to float32, as the kernel's)."""
+    acc = [zero] * 8
+    d = len(x)
+    full = d - d % 8
+    for i in range(0, full, 8):
+        for lane in range(8):
+            acc[lane] = acc[lane] + x[i + lane] * y[i + lane]
+    s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    for i in range(full, d):
+        s = s + x[i] * y[i]
+    return s
+
+
+@contextlib.contextmanager
+def _baseline_kernels():
+    """The native kernels' portable (baseline) build for the duration."""
+    from dynamic_core import _core
+
+    best = _core.kernel_isa()
+    try:
+        assert _core.set_kernel_isa(0) == 0
+        yield
+    finally:
+        _core.set_kernel_isa(best)
+
+
+def _scalars(a: np.ndarray) -> list:
+    return [a.dtype.type(v) for v in a.ravel()] if a.dtype == np.float32 else [float(v) for v in a.ravel()]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n,r,d", [(5, 3, 21), (3, 9, 8), (4, 1, 1), (2, 6, 7), (6, 5, 64), (0, 3, 5)])
+def test_native_shared_products_match_a_plain_python_oracle(dtype, n, r, d) -> None:
+    """One (rank, dim) matrix for every row: each row's products in the documented order, the
+    same bits as the stacked form with the matrix repeated, on any thread count."""
+    from dynamic_core.learning.lora.layer import r_rows, rd_dot, row_dot
+
+    rng = np.random.default_rng(n * 100 + r * 10 + d)
+    x = rng.normal(size=(n, d)).astype(dtype)
+    y = rng.normal(size=(n, r)).astype(dtype)
+    M = rng.normal(size=(r, d)).astype(dtype)
+    zero = dtype(0.0) if dtype == np.float32 else 0.0
+    Ms = [_scalars(M[j]) for j in range(r)]
+    want_u = np.array([[_lane_dot(_scalars(x[a]), Ms[j], zero) for j in range(r)] for a in range(n)],
+                      dtype).reshape(n, r)
+    want_o = np.empty((n, d), dtype)
+    for a in range(n):  # rank by rank, from the first product
+        ya = _scalars(y[a])
+        for i in range(d):
+            o = ya[0] * Ms[0][i]
+            for j in range(1, r):
+                o = o + ya[j] * Ms[j][i]
+            want_o[a, i] = o
+    got_u, got_o = rd_dot(x, M), r_rows(y, M)
+    assert got_u.dtype == dtype and got_o.dtype == dtype
+    assert np.array_equal(got_u, want_u) and np.array_equal(got_o, want_o)
+    with _baseline_kernels():  # the portable build: the same bits
+        assert np.array_equal(rd_dot(x, M), want_u) and np.array_equal(r_rows(y, M), want_o)
+    stacked = np.ascontiguousarray(np.broadcast_to(M, (n, r, d)))
+    assert np.array_equal(rd_dot(x, stacked), got_u) and np.array_equal(r_rows(y, stacked), got_o)
+    assert np.array_equal(row_dot(x, x), np.array([_lane_dot(_scalars(v), _scalars(v), zero) for v in x], dtype))
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    if n:
+        np.testing.assert_allclose(got_u, x @ M.T, rtol=tol, atol=tol)
+        np.testing.assert_allclose(got_o, y @ M, rtol=tol, atol=tol)
+    big_x = rng.normal(size=(300, d)).astype(dtype)
+    big_y = rng.normal(size=(300, r)).astype(dtype)
+    for threads in (2, 3):
+        assert np.array_equal(rd_dot(big_x, M, threads), rd_dot(big_x, M))
+        assert np.array_equal(r_rows(big_y, M, threads), r_rows(big_y, M))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 70, 100])
+def test_native_xty_matches_a_plain_python_oracle(dtype, n) -> None:
+    """X.T @ Y over the agent axis: blocks of 32 rows, each summed row by row from its first
+    product, the block sums added in order to a zeroed sum; the same bits on any thread count."""
+    from dynamic_core.learning.lora.layer import xty
+
+    rng = np.random.default_rng(n)
+    p, q = 5, 9
+    X = rng.normal(size=(n, p)).astype(dtype)
+    Y = rng.normal(size=(n, q)).astype(dtype)
+    Xs, Ys = [_scalars(row) for row in X], [_scalars(row) for row in Y]
+    zero = dtype(0.0) if dtype == np.float32 else 0.0
+    want = np.empty((p, q), dtype)
+    for i in range(p):
+        for k in range(q):
+            total = zero
+            for b in range(0, n, 32):
+                part = Xs[b][i] * Ys[b][k]
+                for a in range(b + 1, min(n, b + 32)):
+                    part = part + Xs[a][i] * Ys[a][k]
+                total = total + part
+            want[i, k] = total
+    got = xty(X, Y)
+    assert got.dtype == dtype and np.array_equal(got, want)
+    with _baseline_kernels():
+        assert np.array_equal(xty(X, Y), want)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, X.T @ Y, rtol=tol, atol=tol * max(1, n))
+    for threads in (2, 3):
+        assert np.array_equal(xty(X, Y, threads), got)
+    wide = rng.normal(size=(2000, 64)).astype(dtype)
+    assert np.array_equal(xty(wide, wide, 2), xty(wide, wide))
+
+
+def _population(h: LoRAHierarchy, order: np.ndarray) -> LoRAHierarchy:
+    """A hierarchy whose agent k is ``h``'s agent ``order[k]`` (every per-agent array: layers,
+    history, traces, detector), with ``h``'s shared layers, base and head: a permutation, or
+    the same agents (some repeated) in a larger population."""
+    sd = h.state_dict()
+    n = h.n_agents
+    for key, v in sd.items():
+        if key.startswith(("layer.agent.", "layer.context.", "detector.")) and np.ndim(v) >= 1 and v.shape[0] == n:
+            sd[key] = v[order]
+    sd["n_agents"] = np.array(len(order))
+    return LoRAHierarchy.from_state_dict(sd)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_rows_bits_do_not_depend_on_its_position_or_the_population(dtype) -> None:
+    """Forward, score and a learning pass's per-agent gradients and updates, row by row: the
+    same bits when the agents are permuted or sit in a larger population (base map, shared
+    layers, head and backward products all run in the native fixed-order row products; a BLAS
+    GEMM's row bits depend on where the row sits and on the CPU's kernel)."""
+    n, d = 37, 13  # a row of 13: one block of 8 lanes and a tail
+    cfg = LoRAConfig(ranks=(9, 6, 5, 3, 2), vertical_threshold=2.0, conflict_threshold=2.0,
+                     autocorr_window=10, min_history=10)  # NORMAL factors (1.0), no circuits yet
+    h = LoRAHierarchy(n, d, config=cfg, seed=5, dtype=dtype)
+    randomise(h)
+    _run(h, 3, seed=2)
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(n, d))
+    t = np.tanh(x[:, 0] - x[:, 2])
+    perm = rng.permutation(n)
+    grown = np.concatenate([rng.permutation(n), rng.integers(0, n, 40)])  # 77 rows: other blocks and tails
+    pops = [_population(h, order) for order in (perm, grown)]  # before h learns
+    ref_f, ref_s = h.forward(x), h.score(x)
+    h.learn(x, t)
+    ref_g = h.gradients()
+    h.system_tick()
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    for order, h2 in zip((perm, grown), pops):
+        xo = x[order]
+        assert np.array_equal(h2.forward(xo), ref_f[order])
+        assert np.array_equal(h2.score(xo), ref_s[order])
+        h2.learn(xo, t[order])
+        g2 = h2.gradients()
+        for name in ("agent", "context"):  # each agent's own: its row's bits
+            for k in (0, 1):
+                assert np.array_equal(g2[name][k], ref_g[name][k][order]), name
+        if order is perm:  # the shared layers' gradients sum over agents: in another order, close
+            for name in ("foundation", "domain", "swarm"):
+                for k in (0, 1):
+                    np.testing.assert_allclose(g2[name][k], ref_g[name][k], rtol=tol, atol=tol)
+        h2.system_tick()
+        for name in ("agent", "context"):  # the tick's per-agent updates: their rows' bits
+            a, b = h.layers[name], h2.layers[name]
+            assert np.array_equal(b.A, a.A[order]) and np.array_equal(b.B, a.B[order]), name
+            assert np.array_equal(b.phase_A, a.phase_A[order]), name

@@ -1,7 +1,10 @@
 """The frozen base under the LoRA stack, and the head that turns the hidden state into a score.
 
-By default the base is a numpy linear map ``x @ W`` (W orthogonal, drawn from the hierarchy's
-seed, so the hidden state keeps the input's scale). Any frozen callable ``x -> hidden`` can
+By default the base is a linear map ``x @ W`` (W orthogonal, drawn from the hierarchy's seed,
+so the hidden state keeps the input's scale), computed on numpy arrays by the native fixed-order
+row product (:func:`~dynamic_core.learning.lora.layer.r_rows`: ``hidden[k] = sum_i x[i] W[i, k]``,
+``i`` in order): each agent's hidden state has the same bits wherever its row sits and on any CPU
+(a BLAS GEMM's do not). Any frozen callable ``x -> hidden`` can
 take its place; it receives a C-contiguous (n_agents, dim) array of the hierarchy's array
 module (numpy; a CuPy array for a hierarchy built with ``xp="cupy"``, which ``torch.as_tensor``
 and ``jnp.asarray`` take on the GPU through DLPack) and must return an array-like of the same
@@ -37,6 +40,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from .layer import r_rows
 
 __all__ = ["LoRABackend"]
 
@@ -120,7 +125,8 @@ class LoRABackend:
         if self.weight is None:
             raise ValueError("unbound backend: call bind(dim) first")
         if xp is np:
-            return x @ self.weight
+            # x @ W row by row in a fixed order: hidden[k] = sum_i x[i] W[i, k], i in order
+            return r_rows(x, self.weight)
         dev = self._on.get(id(xp))
         if dev is None:
             dev = self._on[id(xp)] = xp.asarray(self.weight)

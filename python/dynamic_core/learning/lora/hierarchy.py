@@ -49,14 +49,29 @@ Choices where the design is loose:
   by :meth:`LoRAHierarchy.from_state_dict`, which checks every saved array too).
 
 Determinism: the same state and inputs give bit-identical outputs and updates, on any BLAS
-thread count and any ``LoRAConfig.threads``. The per-agent layers' products, recording and
-update run in native kernels whose sums have a fixed order and whose threads split agents,
-never a sum; the shared layers' products with one row per agent (the forward GEMMs) are split
-by rows, which BLAS threads do not change; every reduction over agents goes
-through :func:`~dynamic_core.learning.lora.layer.xty` (fixed blocks, fixed summation order)
-instead of one long BLAS reduction, whose rounding does change with OpenBLAS's thread count;
-per-agent updates run in chunks independent of one another. Checked against OpenBLAS (numpy's
-wheels) on 1 and 2 threads; another BLAS may choose differently for the forward GEMMs.
+thread count and any ``LoRAConfig.threads``, and no product depends on the BLAS or its CPU
+kernel: on numpy arrays no product the forward pass, the score or ``learn`` computes goes
+through BLAS:
+
+* every row-wise product (the base map ``x @ W``, each layer's ``h @ A`` and ``u @ B``, the
+  score ``hid @ head``, the backward ``g @ B.T`` and ``v @ A.T``, the horizontal resonance's
+  products and row dot products) runs in the native fixed-order kernels
+  (:func:`~dynamic_core.learning.lora.layer.rd_dot`, :func:`~dynamic_core.learning.lora.layer.r_rows`,
+  :func:`~dynamic_core.learning.lora.layer.row_dot`), per-agent matrices and shared ones alike:
+  a row's bits depend only on that row's inputs and the matrices, not on its position, the
+  number of rows or the CPU (a BLAS GEMM's do: blocked kernels with tail paths, chosen per CPU);
+* every reduction over agents (the shared layers' and the head's gradients, the vertical
+  alignment's map changes) goes through :func:`~dynamic_core.learning.lora.layer.xty`: blocks
+  of 32 rows, each summed row by row, the block sums added in order, natively;
+* the per-agent layers' recording and update run in native kernels whose sums have a fixed
+  order and whose threads split agents, never a sum.
+
+The native kernels are built without FMA contraction; their AVX2 build gives the portable
+build's bits (an AVX-512 CPU runs the AVX2 build). Other reductions are numpy's own (pairwise
+sums, whose order numpy fixes). Not covered: numpy's element-wise transcendental functions
+(``tanh`` of the score, ``log`` in the entropy), which numpy itself may dispatch to SIMD
+implementations by CPU feature. A hierarchy on another array module (CuPy) uses its matmul:
+deterministic on one device, not bit-identical to the host.
 """
 
 from __future__ import annotations
@@ -86,7 +101,7 @@ from .config import (
     LoRAConfig,
 )
 from .health import HealthMonitor
-from .layer import DynamicLoRALayer, LayerGradient, check_state, r_rows, rd_dot, xty
+from .layer import DynamicLoRALayer, LayerGradient, check_state, r_rows, rd_dot, row_dot, xty
 from .migration import MigrationCoordinator, MigrationQueue, _Pending
 from .resonance import CONFLICT, FAST_TRACK, NORMAL, HorizontalResonance, ResonanceEngine, VerticalResonance
 
@@ -161,12 +176,18 @@ def _finite_rows(hid: np.ndarray, trace: list, s: np.ndarray, xp: Any = np) -> n
     """Rows (n,) whose forward pass stayed finite: the score and the sum of the squares of
     every hidden state, rank activation and increment (the squares behind the layers' RMS
     activations among them). Reads only (call under ``np.errstate``)."""
-    acc = xp.einsum("nd,nd->n", hid, hid)
+    acc = row_dot(hid, hid, xp)
     for h, u, d in trace:
-        acc += xp.einsum("nd,nd->n", h, h)
-        acc += xp.einsum("nr,nr->n", u, u)
-        acc += xp.einsum("nd,nd->n", d, d)
+        acc += row_dot(h, h, xp)
+        acc += row_dot(u, u, xp)
+        acc += row_dot(d, d, xp)
     return xp.isfinite(acc) & xp.isfinite(s)
+
+
+def _head(hid: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """``hid @ head`` (n,): each row's dot product with the head in a fixed order (natively on
+    numpy arrays: a BLAS GEMV's bits depend on the row's position and the CPU)."""
+    return rd_dot(hid, head[None, :])[:, 0]
 
 
 def _unit_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -291,9 +312,9 @@ class LoRAHierarchy:
         trace = []
         for name in LAYERS:
             A, B = weights[name]
-            if A.ndim == 2:
-                u = h @ A
-                d = u @ B
+            if A.ndim == 2:  # one (d, r) A and (r, d) B for every row: A^T is the layer's buffer
+                u = rd_dot(h, A.T, th)
+                d = r_rows(u, B, th)
             else:
                 u = rd_dot(h, A.transpose(0, 2, 1), th)  # the layer's rank-major buffer
                 d = r_rows(u, B, th)
@@ -312,7 +333,7 @@ class LoRAHierarchy:
     def score(self, x: np.ndarray, snapshot: LoRASnapshot | None = None) -> np.ndarray:
         """``tanh(forward(x) @ head)`` per agent, in (-1, 1)."""
         weights, head = self._weights(snapshot)
-        return self.xp.tanh(self._run(self._check_x(x), weights, False)[0] @ head)
+        return self.xp.tanh(_head(self._run(self._check_x(x), weights, False)[0], head))
 
     # ------------------------------------------------------------------ learning
     def _reset_grads(self) -> None:
@@ -379,7 +400,7 @@ class LoRAHierarchy:
                 t = xp.where(m, t, 0).astype(self.dtype)
             with errstate(xp, over="ignore", invalid="ignore"):
                 hid, trace = self._run(x, weights, True)
-                s = xp.tanh(hid @ head)
+                s = xp.tanh(_head(hid, head))
                 blown = m & ~_finite_rows(hid, trace, s, xp)
             if not bool(blown.any()):
                 break
@@ -398,24 +419,24 @@ class LoRAHierarchy:
         self._loss_sum += loss
         self._learners += k
         self._calls += 1
-        if self.config.head_learning_rate > 0.0:
-            self._g_head += xty(e[:, None], hid)[0] / k
-        g = e[:, None] * head[None, :]  # dL/dhidden
         th = self.config.threads
+        if self.config.head_learning_rate > 0.0:
+            self._g_head += xty(e[:, None], hid, th)[0] / k
+        g = e[:, None] * head[None, :]  # dL/dhidden
         inv_k = self.dtype.type(1.0 / k)
         for name, (h, u, _) in zip(reversed(LAYERS), reversed(trace)):
             A, B = weights[name]
             if A.ndim == 2:
-                v = g @ B.T
+                v = rd_dot(g, B, th)
                 w = xp.full(self.n_agents, inv_k, self.dtype)
                 if name == "swarm":
                     w = w * self._horizontal(h, u, v, g, m, inv_k).astype(self.dtype)
                 hw = h * w[:, None]
                 uw = u * w[:, None]
                 gacc = self._g_shared[name]
-                gacc[0] += xty(hw, v)
-                gacc[1] += xty(uw, g)
-                g_prev = g + v @ A.T
+                gacc[0] += xty(hw, v, th)
+                gacc[1] += xty(uw, g, th)
+                g_prev = g + r_rows(v, A.T, th)
             else:
                 At = A.transpose(0, 2, 1)
                 v = rd_dot(g, B, th)
@@ -425,10 +446,10 @@ class LoRAHierarchy:
                 # first-order change of each (sampled) agent's A @ B, summed: h (x) (v B) + (A u) (x) g
                 sm = self._vsample
                 if sm is None:
-                    self._dW[name] += xty(h, r_rows(v, B, th)) + xty(r_rows(u, At, th), g)
+                    self._dW[name] += xty(h, r_rows(v, B, th), th) + xty(r_rows(u, At, th), g, th)
                 else:
-                    self._dW[name] += (xty(h[sm], r_rows(v[sm], B[sm], th))
-                                       + xty(r_rows(u[sm], At[sm], th), g[sm]))
+                    self._dW[name] += (xty(h[sm], r_rows(v[sm], B[sm], th), th)
+                                       + xty(r_rows(u[sm], At[sm], th), g[sm], th))
                 g_prev = g + r_rows(v, At, th)
             g = g_prev
         return loss / k
@@ -438,12 +459,13 @@ class LoRAHierarchy:
         """Per-agent horizontal factors of the swarm contributions ``(h (x) v, u (x) g)``."""
         hr = self.resonance_engine.horizontal
         xp = self.xp
+        th = self.config.threads
         if hr.current_direction is None:  # kept on the host (small; saved by state_dict)
-            hr.current_direction = tuple(to_host(xp, a) for a in _unit_pair(xty(h * inv_k, v), xty(u * inv_k, g)))
+            hr.current_direction = tuple(to_host(xp, a) for a in _unit_pair(xty(h * inv_k, v, th),
+                                                                              xty(u * inv_k, g, th)))
         DA, DB = (xp.asarray(a) for a in hr.current_direction)
-        dot = xp.einsum("nr,nr->n", h @ DA, v) + xp.einsum("nd,nd->n", u @ DB, g)
-        norm = xp.sqrt(xp.einsum("nd,nd->n", h, h) * xp.einsum("nr,nr->n", v, v)
-                       + xp.einsum("nr,nr->n", u, u) * xp.einsum("nd,nd->n", g, g))
+        dot = row_dot(rd_dot(h, DA.T, th), v, xp) + row_dot(r_rows(u, DB, th), g, xp)
+        norm = xp.sqrt(row_dot(h, h, xp) * row_dot(v, v, xp) + row_dot(u, u, xp) * row_dot(g, g, xp))
         pos = norm > 0
         a = xp.where(pos, dot / xp.where(pos, norm, 1.0), 0.0)
         a = xp.clip(a, -1.0, 1.0)
@@ -512,8 +534,9 @@ class LoRAHierarchy:
         if self._calls:
             sw = self.layers["swarm"]
             gA, gB = self._g_shared["swarm"]
+            # gA B + A gB, row by row in a fixed order (B and gB shared by every row)
             dW = {"context": self._dW["context"], "agent": self._dW["agent"],
-                  "swarm": gA.astype(np.float64) @ sw.B[0] + sw.A[0] @ gB.astype(np.float64)}
+                  "swarm": r_rows(gA.astype(np.float64), sw.B[0]) + r_rows(sw.A[0], gB.astype(np.float64))}
             alignment = vr.alignment({k: to_host(xp, w) for k, w in dW.items()})  # dim x dim each
             factors, signal = vr.factors(alignment)
             self.resonance_engine.record(alignment, signal)

@@ -55,7 +55,7 @@ from .config import MAX_AGENTS, MAX_DIM, MAX_RANK, MAX_STATE_ELEMENTS, LoRAConfi
 if TYPE_CHECKING:
     from .circuits import Circuit
 
-__all__ = ["FREE", "SCREENED", "DynamicLoRALayer", "LayerGradient", "check_state", "r_rows", "rd_dot", "xty"]
+__all__ = ["FREE", "SCREENED", "DynamicLoRALayer", "LayerGradient", "check_state", "r_rows", "rd_dot", "row_dot", "xty"]
 
 SCREENED = True
 """Phase value of a parameter locked by interactions (phase arrays hold booleans)."""
@@ -98,48 +98,49 @@ def _same_float(*arrays: np.ndarray) -> list[np.ndarray]:
 def rd_dot(x: np.ndarray, M: np.ndarray, threads: int = 1) -> np.ndarray:
     """``M[n] @ x[n]`` for every n: (n, d) x (n, r, d) -> (n, r), natively, each dot product
     summed in a fixed order (8 lanes, a fixed tree, then the tail); rows split over
-    ``threads`` (the same bits on any count). Arrays of another module (CuPy): its batched
-    matmul."""
+    ``threads`` (the same bits on any count). ``M`` of shape (r, d) is one matrix for every
+    row (``x @ M.T``, in the same order). A row's values depend on that row and its matrix
+    only: not on its position, the number of rows, a BLAS or the CPU. Arrays of another module
+    (CuPy): its matmul."""
     if not (isinstance(x, np.ndarray) and isinstance(M, np.ndarray)):
-        return (M @ x[:, :, None])[:, :, 0]
+        return x @ M.T if M.ndim == 2 else (M @ x[:, :, None])[:, :, 0]
     return _core.lora_rd_dot(*_same_float(x, M), threads)
 
 
 def r_rows(y: np.ndarray, M: np.ndarray, threads: int = 1) -> np.ndarray:
     """``y[n] @ M[n]`` for every n: (n, r) x (n, r, d) -> (n, d), natively, rank by rank; rows
-    split over ``threads``. Arrays of another module (CuPy): its batched matmul."""
+    split over ``threads``. ``M`` of shape (r, d) is one matrix for every row (``y @ M``, in the
+    same order). Like :func:`rd_dot`, a row's values depend on that row and its matrix only.
+    Arrays of another module (CuPy): its matmul."""
     if not (isinstance(y, np.ndarray) and isinstance(M, np.ndarray)):
-        return (y[:, None, :] @ M)[:, 0, :]
+        return y @ M if M.ndim == 2 else (y[:, None, :] @ M)[:, 0, :]
     return _core.lora_r_rows(*_same_float(y, M), threads)
 
 
-_XTY_BLOCK = 32
+def row_dot(x: np.ndarray, y: np.ndarray, xp: Any = np) -> np.ndarray:
+    """``sum(x[n] * y[n])`` for every row n of two (n, d) arrays, natively in :func:`rd_dot`'s
+    fixed order. Arrays of another module ``xp`` (CuPy): its einsum."""
+    if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)):
+        return xp.einsum("nd,nd->n", x, y)
+    return rd_dot(x, y[:, None, :])[:, 0]
 
 
-def xty(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-    """``X.T @ Y`` summed over the leading (agent) axis in a fixed order, whatever the BLAS
-    thread count.
+def xty(X: np.ndarray, Y: np.ndarray, threads: int = 1) -> np.ndarray:
+    """``X.T @ Y`` summed over the leading (agent) axis in a fixed order, whatever the BLAS, its
+    thread count or the CPU.
 
-    A threaded BLAS may split a long reduction among threads (OpenBLAS does for ``X.T @ Y``
-    with many rows), which changes the rounding with the thread count. Here the rows go in
-    blocks of 32, one small GEMM each (below OpenBLAS's threading threshold of 64 x 64 x 64
-    even for the widest layer), and the partial products are summed by numpy in a fixed order.
-    Measured as fast as one BLAS call on one thread.
+    The rows go in blocks of 32 in order; each block is summed row by row (from its first
+    product), and the block sums are added in order to a zeroed sum, natively (no FMA): the
+    same bits on any machine and any ``threads`` (which split the output's rows). A BLAS
+    would not do: OpenBLAS splits a long reduction among threads (the rounding changes with
+    the thread count), and even a small GEMM per block rounds differently with the CPU's
+    kernel (Haswell's FMA order is not SkylakeX's).
 
     Arrays of another module (CuPy): one GEMM, whose order cuBLAS fixes for a size on a device.
     """
     if not (isinstance(X, np.ndarray) and isinstance(Y, np.ndarray)):
         return X.T @ Y
-    n = X.shape[0]
-    m = n - n % _XTY_BLOCK
-    out = np.zeros((X.shape[1], Y.shape[1]), np.result_type(X, Y))
-    if m:
-        parts = np.matmul(X[:m].reshape(-1, _XTY_BLOCK, X.shape[1]).transpose(0, 2, 1),
-                          Y[:m].reshape(-1, _XTY_BLOCK, Y.shape[1]))
-        out += parts.sum(axis=0)
-    if m < n:
-        out += X[m:].T @ Y[m:]
-    return out
+    return _core.lora_xty(*_same_float(X, Y), threads)
 
 
 class LayerGradient:
@@ -366,9 +367,9 @@ class DynamicLoRALayer:
         per slot (row n uses slot n).
         """
         h = self.xp.asarray(h, dtype=self.dtype)
-        if self.slots == 1:
-            u = h @ self._At[0].T
-            delta = u @ self._B[0]
+        if self.slots == 1:  # one matrix for every row, each row in the same fixed order
+            u = rd_dot(h, self._At[0], self.config.threads)
+            delta = r_rows(u, self._B[0], self.config.threads)
         else:
             if h.shape != (self.slots, self.dim):
                 raise ValueError(f"a stacked layer takes one row per slot: expected {(self.slots, self.dim)}, "
@@ -791,14 +792,15 @@ class DynamicLoRALayer:
             free = [k for k in range(self.rank) if k not in used]
             rows = At[free].astype(np.float64)
             na = np.linalg.norm(rows, axis=1) * float(np.linalg.norm(a64))
-            cos = np.divide(rows @ a64, na, out=np.zeros(len(free)), where=na > 0)
+            # dot products in the native fixed order (a BLAS GEMV's rounding changes with the CPU)
+            cos = np.divide(rd_dot(a64[None], rows)[0], na, out=np.zeros(len(free)), where=na > 0)
             best = int(np.argmax(np.abs(cos)))
             if abs(cos[best]) >= self.config.match_threshold:
                 k = free[best]
                 sign = 1.0 if cos[best] >= 0 else -1.0
             else:
                 k = next(int(j) for j in order if int(j) not in used)
-                sign = -1.0 if float(At[k].astype(np.float64) @ a64) < 0 else 1.0
+                sign = -1.0 if float(row_dot(At[k].astype(np.float64)[None], a64[None])[0]) < 0 else 1.0
             At[k] = dt(1.0 - w) * At[k] + dt(w * sign) * np.asarray(a_s, dtype=self.dtype)
             B[k] = dt(1.0 - w) * B[k] + dt(w * sign) * np.asarray(b_s, dtype=self.dtype)
             pins[k] = min(pins[k] + pin, cap)

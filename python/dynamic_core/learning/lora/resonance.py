@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .layer import row_dot
+
 __all__ = ["CONFLICT", "FAST_TRACK", "NORMAL", "HorizontalResonance", "ResonanceEngine", "VerticalResonance",
            "cosine"]
 
@@ -34,12 +36,13 @@ NORMAL = "NORMAL"
 
 def cosine(x: np.ndarray, y: np.ndarray) -> float:
     """Normalised dot product of two arrays (flattened); 0 when either is zero."""
-    x = np.ravel(x).astype(np.float64, copy=False)
-    y = np.ravel(y).astype(np.float64, copy=False)
-    nx, ny = float(np.sqrt(x @ x)), float(np.sqrt(y @ y))
+    x = np.ravel(x).astype(np.float64, copy=False)[None]
+    y = np.ravel(y).astype(np.float64, copy=False)[None]
+    # dot products in the native fixed order (a BLAS ddot's rounding changes with the CPU)
+    nx, ny = float(np.sqrt(row_dot(x, x)[0])), float(np.sqrt(row_dot(y, y)[0]))
     if nx == 0.0 or ny == 0.0:
         return 0.0
-    return float(np.clip((x @ y) / (nx * ny), -1.0, 1.0))
+    return float(np.clip(row_dot(x, y)[0] / (nx * ny), -1.0, 1.0))
 
 
 class HorizontalResonance:
