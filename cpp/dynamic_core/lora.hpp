@@ -270,63 +270,84 @@ template <class T>
   __builtin_memcpy(p, &x, sizeof x);
 }
 
-// Even and odd lanes of a and b, in order: (a0 a2 .. b0 b2 ..) and (a1 a3 .. b1 b3 ..) (macros:
-// a function returning a vector would change the baseline build's ABI).
-#define DC_EV8(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14)
-#define DC_OD8(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15)
-#define DC_EV4(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6)
-#define DC_OD4(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7)
+// For 8 floats: even and odd lanes of a and b within each 128-bit half, (a0 a2 b0 b2 | a4 a6 b4
+// b6) and (a1 a3 b1 b3 | a5 a7 b5 b7) (macros: a function returning a vector would change the
+// baseline build's ABI).
+#define DC_SH_EV(a, b) __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14)
+#define DC_SH_OD(a, b) __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15)
 
 // out[g] = sum_i x[i] * M[g * d + i] for G rows of M, each dot product in 8 fixed lanes (lane l
 // takes i = l mod 8 over the whole blocks of 8, from zero), then the tree
 // ((0+1)+(2+3))+((4+5)+(6+7)), then the tail in order. G rows run side by side in separate
 // accumulators (for the instruction-level parallelism); each one's order is the same as alone.
-template <class T, size_t G>
-[[gnu::always_inline]] inline void lane_dots(const T* x, const T* M, T* out, size_t d) {
+template <class T, size_t G, size_t R = 1>
+[[gnu::always_inline]] inline void lane_dots(const T* x, const T* M, T* out, size_t d, size_t xs = 0,
+                                             size_t os = 0) {
+  // R rows of x (stride xs) against the same G rows of M, into out (row stride os)
   constexpr size_t N = Lanes<T>::N, K = Lanes<T>::K;
-  W<T> c[G][K];
-  for (size_t g = 0; g < G; ++g)
-    for (size_t k = 0; k < K; ++k) c[g][k] = W<T>{};
+  W<T> c[R][G][K];
+  for (size_t rr = 0; rr < R; ++rr)
+    for (size_t g = 0; g < G; ++g)
+      for (size_t k = 0; k < K; ++k) c[rr][g][k] = W<T>{};
   size_t i = 0;
   for (; i + 8 <= d; i += 8)
     for (size_t k = 0; k < K; ++k) {
-      const W<T> xv = ld(x + i + k * N);
-      for (size_t g = 0; g < G; ++g) c[g][k] = c[g][k] + xv * ld(M + g * d + i + k * N);
-    }
-  T tot[G];
-  if constexpr (G % 4 == 0) {
-    // four trees side by side, level by level: lanes paired by shuffles, each sum the same IEEE
-    // addition of the same two values as in the scalar tree
-    auto tree4 = [&](size_t g) {
-      if constexpr (N == 8) {  // float: c[g][0] holds lanes 0..7
-        const W<T> p01 = DC_EV8(c[g][0], c[g + 1][0]) + DC_OD8(c[g][0], c[g + 1][0]);  // 01 23 45 67 per row
-        const W<T> p23 = DC_EV8(c[g + 2][0], c[g + 3][0]) + DC_OD8(c[g + 2][0], c[g + 3][0]);
-        const W<T> q = DC_EV8(p01, p23) + DC_OD8(p01, p23);  // 0123 4567 per row
-        const W<T> t = DC_EV8(q, q) + DC_OD8(q, q);          // lanes 0..3: the four totals
-        for (size_t k = 0; k < 4; ++k) tot[g + k] = t[k];
-      } else {  // double: c[g][0] lanes 0..3, c[g][1] lanes 4..7
-        W<T> pr[4];
-        for (size_t k = 0; k < 4; ++k)
-          pr[k] = DC_EV4(c[g + k][0], c[g + k][1]) + DC_OD4(c[g + k][0], c[g + k][1]);  // 01 23 45 67
-        const W<T> q01 = DC_EV4(pr[0], pr[1]) + DC_OD4(pr[0], pr[1]);  // 0123 4567, two rows
-        const W<T> q23 = DC_EV4(pr[2], pr[3]) + DC_OD4(pr[2], pr[3]);
-        const W<T> t = DC_EV4(q01, q23) + DC_OD4(q01, q23);  // the four totals
-        for (size_t k = 0; k < 4; ++k) tot[g + k] = t[k];
+      W<T> xv[R];
+      for (size_t rr = 0; rr < R; ++rr) xv[rr] = ld(x + rr * xs + i + k * N);
+      for (size_t g = 0; g < G; ++g) {
+        const W<T> mv = ld(M + g * d + i + k * N);
+        for (size_t rr = 0; rr < R; ++rr) c[rr][g][k] = c[rr][g][k] + xv[rr] * mv;
       }
-    };
-    for (size_t g = 0; g < G; g += 4) tree4(g);
-  } else {
-    for (size_t g = 0; g < G; ++g) {
-      T a[8];
-      for (size_t k = 0; k < K; ++k)
-        for (size_t l = 0; l < N; ++l) a[k * N + l] = c[g][k][l];
-      tot[g] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
     }
-  }
-  for (size_t g = 0; g < G; ++g) {
-    T sum = tot[g];
-    for (size_t q = i; q < d; ++q) sum = sum + x[q] * M[g * d + q];
-    out[g] = sum;
+  for (size_t rr = 0; rr < R; ++rr) {
+    const T* xr = x + rr * xs;
+    T tot[G];
+    if constexpr (G % 4 == 0) {
+      // four trees side by side, level by level: lanes paired by shuffles, each sum the same
+      // IEEE addition of the same two values as in the scalar tree
+      auto tree4 = [&](size_t g) {
+        const auto& cc = c[rr];
+        if constexpr (N == 8) {  // float: cc[g][0] holds lanes 0..7 of row g
+          // pairs within each 128-bit half: rows a, b -> (a01 a23 b01 b23 | a45 a67 b45 b67)
+          const W<T> ab = DC_SH_EV(cc[g][0], cc[g + 1][0]) + DC_SH_OD(cc[g][0], cc[g + 1][0]);
+          const W<T> cd = DC_SH_EV(cc[g + 2][0], cc[g + 3][0]) + DC_SH_OD(cc[g + 2][0], cc[g + 3][0]);
+          // -> (a0123 b0123 c0123 d0123 | a4567 b4567 c4567 d4567)
+          const W<T> q = DC_SH_EV(ab, cd) + DC_SH_OD(ab, cd);
+          // low half + high half: the four totals
+          const auto t = __builtin_shufflevector(q, q, 0, 1, 2, 3) + __builtin_shufflevector(q, q, 4, 5, 6, 7);
+          for (size_t k = 0; k < 4; ++k) tot[g + k] = t[k];
+        } else {  // double: cc[g][0] lanes 0..3, cc[g][1] lanes 4..7 of row g
+          W<T> pr[4];
+          for (size_t k = 0; k < 4; ++k)  // (01 45 | 23 67)
+            pr[k] = __builtin_shufflevector(cc[g + k][0], cc[g + k][1], 0, 4, 2, 6) +
+                    __builtin_shufflevector(cc[g + k][0], cc[g + k][1], 1, 5, 3, 7);
+          // rows a, b: (a0123 a4567 | b0123 b4567)
+          const W<T> ab = __builtin_shufflevector(pr[0], pr[1], 0, 1, 4, 5) +
+                          __builtin_shufflevector(pr[0], pr[1], 2, 3, 6, 7);
+          const W<T> cd = __builtin_shufflevector(pr[2], pr[3], 0, 1, 4, 5) +
+                          __builtin_shufflevector(pr[2], pr[3], 2, 3, 6, 7);
+          // (a c | b d) totals: 0123 + 4567
+          const W<T> t = __builtin_shufflevector(ab, cd, 0, 4, 2, 6) + __builtin_shufflevector(ab, cd, 1, 5, 3, 7);
+          tot[g] = t[0];
+          tot[g + 1] = t[2];
+          tot[g + 2] = t[1];
+          tot[g + 3] = t[3];
+        }
+      };
+      for (size_t g = 0; g < G; g += 4) tree4(g);
+    } else {
+      for (size_t g = 0; g < G; ++g) {
+        T a[8];
+        for (size_t k = 0; k < K; ++k)
+          for (size_t l = 0; l < N; ++l) a[k * N + l] = c[rr][g][k][l];
+        tot[g] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+      }
+    }
+    for (size_t g = 0; g < G; ++g) {
+      T sum = tot[g];
+      for (size_t q = i; q < d; ++q) sum = sum + xr[q] * M[g * d + q];
+      out[rr * os + g] = sum;
+    }
   }
 }
 
@@ -337,7 +358,20 @@ template <class T, size_t G>
 template <class T>
 [[gnu::always_inline]] inline void rd_dot_body(const T* x, const T* M, T* u, size_t n, size_t r, size_t d,
                                                size_t ms) {
-  for (size_t a = 0; a < n; ++a) {
+  size_t a = 0;
+  if constexpr (Lanes<T>::K == 1) {
+    // float, one M for every row: two rows at a time against four rows of M (each M vector
+    // loaded once for both rows), each output's order unchanged
+    if (ms == 0)
+      for (; a + 2 <= n; a += 2) {
+        const T* xa = x + a * d;
+        T* ua = u + a * r;
+        size_t j = 0;
+        for (; j + 4 <= r; j += 4) lane_dots<T, 4, 2>(xa, M + j * d, ua + j, d, d, r);
+        for (; j < r; ++j) lane_dots<T, 1, 2>(xa, M + j * d, ua + j, d, d, r);
+      }
+  }
+  for (; a < n; ++a) {
     const T* xa = x + a * d;
     const T* Ma = M + a * ms;
     T* ua = u + a * r;
@@ -448,10 +482,8 @@ template <class T>
     }
   }
 }
-#undef DC_EV8
-#undef DC_OD8
-#undef DC_EV4
-#undef DC_OD4
+#undef DC_SH_EV
+#undef DC_SH_OD
 #pragma GCC diagnostic pop
 
 #if DC_X86_DISPATCH

@@ -53,13 +53,16 @@ thread count and any ``LoRAConfig.threads``, and no product depends on the BLAS 
 kernel: on numpy arrays no product the forward pass, the score or ``learn`` computes goes
 through BLAS:
 
-* every row-wise product (the base map ``x @ W``, each layer's ``h @ A`` and ``u @ B``, the
-  score ``hid @ head``, the backward ``g @ B.T`` and ``v @ A.T``, the horizontal resonance's
-  products and row dot products) runs in the native fixed-order kernels
-  (:func:`~dynamic_core.learning.lora.layer.rd_dot`, :func:`~dynamic_core.learning.lora.layer.r_rows`,
-  :func:`~dynamic_core.learning.lora.layer.row_dot`), per-agent matrices and shared ones alike:
-  a row's bits depend only on that row's inputs and the matrices, not on its position, the
-  number of rows or the CPU (a BLAS GEMM's do: blocked kernels with tail paths, chosen per CPU);
+* every row-wise product runs in the native fixed-order kernels, per-agent matrices and shared
+  ones alike: a product with a matrix shared by every row (the base map ``x @ W``, the shared
+  layers' ``h @ A`` and ``u @ B``, their backward ``g @ B.T`` and ``v @ A.T``, the horizontal
+  resonance's ``h @ DA`` and ``u @ DB``) is :func:`~dynamic_core.learning.lora.layer.r_rows`
+  (``out[k] = sum_i in[i] M[i, k]``, ``i`` in order), a dot product of a row (the score
+  ``hid @ head``, the horizontal resonance's row dot products, the per-agent layers' ``h @ A``)
+  is :func:`~dynamic_core.learning.lora.layer.rd_dot` / ``row_dot`` (8 fixed lanes, a fixed tree,
+  the tail): a row's bits depend only on that row's inputs and the matrices, not on its
+  position, the number of rows or the CPU (a BLAS GEMM's do: blocked kernels with tail paths,
+  chosen per CPU);
 * every reduction over agents (the shared layers' and the head's gradients, the vertical
   alignment's map changes) goes through :func:`~dynamic_core.learning.lora.layer.xty`: blocks
   of 32 rows, each summed row by row, the block sums added in order, natively;
@@ -312,8 +315,8 @@ class LoRAHierarchy:
         trace = []
         for name in LAYERS:
             A, B = weights[name]
-            if A.ndim == 2:  # one (d, r) A and (r, d) B for every row: A^T is the layer's buffer
-                u = rd_dot(h, A.T, th)
+            if A.ndim == 2:  # one (d, r) A and (r, d) B for every row
+                u = r_rows(h, A, th)
                 d = r_rows(u, B, th)
             else:
                 u = rd_dot(h, A.transpose(0, 2, 1), th)  # the layer's rank-major buffer
@@ -427,7 +430,7 @@ class LoRAHierarchy:
         for name, (h, u, _) in zip(reversed(LAYERS), reversed(trace)):
             A, B = weights[name]
             if A.ndim == 2:
-                v = rd_dot(g, B, th)
+                v = r_rows(g, B.T, th)
                 w = xp.full(self.n_agents, inv_k, self.dtype)
                 if name == "swarm":
                     w = w * self._horizontal(h, u, v, g, m, inv_k).astype(self.dtype)
@@ -464,7 +467,7 @@ class LoRAHierarchy:
             hr.current_direction = tuple(to_host(xp, a) for a in _unit_pair(xty(h * inv_k, v, th),
                                                                               xty(u * inv_k, g, th)))
         DA, DB = (xp.asarray(a) for a in hr.current_direction)
-        dot = row_dot(rd_dot(h, DA.T, th), v, xp) + row_dot(r_rows(u, DB, th), g, xp)
+        dot = row_dot(r_rows(h, DA, th), v, xp) + row_dot(r_rows(u, DB, th), g, xp)
         norm = xp.sqrt(row_dot(h, h, xp) * row_dot(v, v, xp) + row_dot(u, u, xp) * row_dot(g, g, xp))
         pos = norm > 0
         a = xp.where(pos, dot / xp.where(pos, norm, 1.0), 0.0)

@@ -368,7 +368,7 @@ class DynamicLoRALayer:
         """
         h = self.xp.asarray(h, dtype=self.dtype)
         if self.slots == 1:  # one matrix for every row, each row in the same fixed order
-            u = rd_dot(h, self._At[0], self.config.threads)
+            u = r_rows(h, self._At[0].T, self.config.threads)
             delta = r_rows(u, self._B[0], self.config.threads)
         else:
             if h.shape != (self.slots, self.dim):
