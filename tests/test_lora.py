@@ -1323,3 +1323,18 @@ def test_a_rows_bits_do_not_depend_on_its_position_or_the_population(dtype) -> N
             a, b = h.layers[name], h2.layers[name]
             assert np.array_equal(b.A, a.A[order]) and np.array_equal(b.B, a.B[order]), name
             assert np.array_equal(b.phase_A, a.phase_A[order]), name
+
+
+def test_base_weight_is_lapacks_haar_draw_in_a_fixed_order() -> None:
+    # orthonormal_columns against LAPACK's QR with the sign fix (the draw the backend made before:
+    # the same matrix within rounding), orthogonal to working precision, and refusing a rank-deficient g
+    from dynamic_core.learning.lora.backend import orthonormal_columns
+
+    for d in (1, 3, 16, 64):
+        g = np.random.default_rng(d).normal(size=(d, d))
+        q = orthonormal_columns(g)
+        Q, R = np.linalg.qr(g)
+        assert np.allclose(q, Q * np.sign(np.diag(R)), rtol=0, atol=1e-12)
+        assert np.abs(q.T @ q - np.eye(d)).max() < 1e-14
+    with pytest.raises(ValueError, match="linearly dependent"):
+        orthonormal_columns(np.ones((3, 3)))

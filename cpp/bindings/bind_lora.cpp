@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../dynamic_core/detmath.hpp"
 #include "../dynamic_core/lora.hpp"
 #include "../dynamic_core/threads.hpp"
 #include "common.hpp"
@@ -113,7 +114,7 @@ void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array&
   if (!pinned.is_none()) u.pinned = flags(pinned, {S, r}, "pinned", false);
   u.dec_screened = static_cast<T>(dec_s);
   u.dec_free = static_cast<T>(dec_f);
-  u.log_params = std::log(static_cast<double>(2 * r * d));
+  u.log_params = detmath::log(static_cast<double>(2 * r * d));  // the Python path's value
   u.entropy = view<double>(entropy, {S}, "entropy", true);
   u.total = view<double>(total, {S}, "total", true);
   if (!finite.is_none()) u.finite = flags(finite, {S}, "finite", true);

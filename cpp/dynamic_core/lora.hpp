@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "detmath.hpp"
 #include "kernel.hpp"
 
 namespace dynamic_core::lora {
@@ -209,7 +210,7 @@ template <class T>
       double free_b = 0.0;
       for (size_t j = 0; j < r; ++j) free_b += w.sum_rank_b[j];
       free_mass += free_b;
-      ent = (free_mass * std::log(Z) - F) / Z / u.log_params;
+      ent = (free_mass * detmath::log(Z) - F) / Z / u.log_params;
     } else {
       size_t free = 0;
       for (size_t q = 0; q < r * d; ++q) free += (ma.phase[s * r * d + q] == 0) + (mb.phase[s * r * d + q] == 0);

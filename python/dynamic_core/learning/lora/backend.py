@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .layer import r_rows
+from .layer import r_rows, row_dot
 
 __all__ = ["LoRABackend"]
 
@@ -50,6 +50,28 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     a = np.array(a, copy=True)
     a.flags.writeable = False
     return a
+
+
+def orthonormal_columns(g: np.ndarray) -> np.ndarray:
+    """``Q`` of ``g = Q R`` (square, full rank) with ``R``'s diagonal positive: for a Gaussian ``g``
+    a Haar-random orthogonal matrix. Classical Gram-Schmidt run twice per column, every dot
+    product in the native fixed order (:func:`~dynamic_core.learning.lora.layer.r_rows`,
+    :func:`~dynamic_core.learning.lora.layer.row_dot`), so the bits are the same on any CPU:
+    LAPACK's QR goes through the BLAS kernel the CPU picks and its bits differ between them."""
+    g = np.asarray(g, dtype=np.float64)
+    n, d = g.shape
+    qt = np.zeros((d, n))  # row j: column j of Q
+    for j in range(d):
+        v = g[:, j].copy()
+        size = math.sqrt(float(row_dot(v[None, :], v[None, :])[0]))
+        for _ in range(2 if j else 0):  # "twice is enough": orthogonal to working precision
+            c = r_rows(v[None, :], np.ascontiguousarray(qt[:j].T))  # (1, j): v . q_i
+            v = v - r_rows(c, qt[:j])[0]
+        norm = math.sqrt(float(row_dot(v[None, :], v[None, :])[0]))
+        if not norm > 1e-10 * size:  # what is left is rounding: g is (numerically) singular
+            raise ValueError("orthonormal_columns: the columns are linearly dependent")
+        qt[j] = v / norm
+    return np.ascontiguousarray(qt.T)
 
 
 class LoRABackend:
@@ -103,8 +125,7 @@ class LoRABackend:
         rng = np.random.default_rng([int(seed), 0x1B4C])  # a stream apart from the layers'
         weight = self.weight
         if weight is None and self.fn is None:
-            q, r = np.linalg.qr(rng.normal(size=(dim, dim)))
-            weight = q * np.sign(np.diag(r))  # the sign fix makes the draw unique (Haar)
+            weight = orthonormal_columns(rng.normal(size=(dim, dim)))  # Haar: Q of QR with R's diagonal > 0
         head = self.head
         if head is None:
             head = rng.normal(0.0, 1.0 / math.sqrt(dim), size=dim)

@@ -71,10 +71,13 @@ through BLAS:
 
 The native kernels are built without FMA contraction; their AVX2 build gives the portable
 build's bits (an AVX-512 CPU runs the AVX2 build). Other reductions are numpy's own (pairwise
-sums, whose order numpy fixes). Not covered: numpy's element-wise transcendental functions
-(``tanh`` of the score, ``log`` in the entropy), which numpy itself may dispatch to SIMD
-implementations by CPU feature. A hierarchy on another array module (CuPy) uses its matmul:
-deterministic on one device, not bit-identical to the host.
+sums, whose order numpy fixes). The transcendental functions (``tanh`` of the score, ``log`` in
+the entropy) are :mod:`dynamic_core.detmath`'s on the host, not numpy's (which takes another
+code path per CPU), and the base's orthogonal draw is a fixed-order Gram-Schmidt
+(:func:`~dynamic_core.learning.lora.backend.orthonormal_columns`), not LAPACK's QR;
+``tests/test_cross_machine.py`` checks the bits against another CPU's code paths. A hierarchy
+on another array module (CuPy) uses its matmul: deterministic on one device, not bit-identical
+to the host.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ from .config import (
     LoRAConfig,
 )
 from .health import HealthMonitor
-from .layer import DynamicLoRALayer, LayerGradient, check_state, r_rows, rd_dot, row_dot, xty
+from .layer import DynamicLoRALayer, LayerGradient, check_state, det_tanh, r_rows, rd_dot, row_dot, xty
 from .migration import MigrationCoordinator, MigrationQueue, _Pending
 from .resonance import CONFLICT, FAST_TRACK, NORMAL, HorizontalResonance, ResonanceEngine, VerticalResonance
 
@@ -336,7 +339,7 @@ class LoRAHierarchy:
     def score(self, x: np.ndarray, snapshot: LoRASnapshot | None = None) -> np.ndarray:
         """``tanh(forward(x) @ head)`` per agent, in (-1, 1)."""
         weights, head = self._weights(snapshot)
-        return self.xp.tanh(_head(self._run(self._check_x(x), weights, False)[0], head))
+        return det_tanh(_head(self._run(self._check_x(x), weights, False)[0], head), self.xp)
 
     # ------------------------------------------------------------------ learning
     def _reset_grads(self) -> None:
@@ -403,7 +406,7 @@ class LoRAHierarchy:
                 t = xp.where(m, t, 0).astype(self.dtype)
             with errstate(xp, over="ignore", invalid="ignore"):
                 hid, trace = self._run(x, weights, True)
-                s = xp.tanh(_head(hid, head))
+                s = det_tanh(_head(hid, head), xp)
                 blown = m & ~_finite_rows(hid, trace, s, xp)
             if not bool(blown.any()):
                 break

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ... import _core
+from ... import _core, detmath
 from ..._checks import check_int
 from . import _state
 from ._xp import errstate, namespace, to_host
@@ -66,13 +66,28 @@ _TINY = 1e-300
 
 
 def _log_floor(x: np.ndarray, xp: Any = np) -> np.ndarray:
-    """``log(max(x, 1e-300))`` in float64, C-contiguous, computed in the one array it returns
-    (a second temporary costs as much as the log at these sizes)."""
+    """``log(max(x, 1e-300))`` in float64, C-contiguous; on the host with
+    :mod:`dynamic_core.detmath` (numpy's log takes another code path per CPU)."""
     if xp is not np:
         out = xp.maximum(x.astype(xp.float64), _TINY)
         return xp.log(out, out=out)
-    out = np.maximum(np.asarray(x, dtype=np.float64), _TINY, order="C")
-    return np.log(out, out=out)
+    return detmath.log(np.maximum(np.asarray(x, dtype=np.float64), _TINY, order="C"))
+
+
+def det_log(x: np.ndarray, xp: Any = np) -> np.ndarray:
+    """``log`` in the array's dtype: :mod:`dynamic_core.detmath` on the host (the same bits on any
+    CPU), the module's own otherwise."""
+    if xp is not np:
+        return xp.log(x)
+    return detmath.log(x).astype(np.result_type(x, np.float32), copy=False)
+
+
+def det_tanh(x: np.ndarray, xp: Any = np) -> np.ndarray:
+    """``tanh`` in the array's dtype: :mod:`dynamic_core.detmath` on the host (the same bits on any
+    CPU), the module's own otherwise."""
+    if xp is not np:
+        return xp.tanh(x)
+    return detmath.tanh(x).astype(np.result_type(x, np.float32), copy=False)
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -719,10 +734,10 @@ class DynamicLoRALayer:
         la, lm, lo = (_log_floor(x, xp) for x in (a, m, o))
         F = (la * sA_in).sum(1) + (lm * sA_mid).sum(1) + (lm * sB_mid).sum(1) + (lo * sB_out).sum(1)
         free_mass = sA_in.sum(1) + sB_mid.sum(1)
-        logP = math.log(self.params_per_slot)
+        logP = detmath.log(float(self.params_per_slot))
         live = Z > 0.0
         Zs = xp.where(live, Z, 1.0)
-        ent = (free_mass * xp.log(Zs) - F) / Zs / logP
+        ent = (free_mass * det_log(Zs, xp) - F) / Zs / logP
         if not bool(live.all()):
             # no activity: the uniform distribution, whose free entropy is the free fraction
             free = ((~self._phA).sum((1, 2)) + (~self._phB).sum((1, 2))) / self.params_per_slot
