@@ -19,6 +19,8 @@ import sys
 
 import pytest
 
+import dynamic_core
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 WORKLOAD = r"""
@@ -72,7 +74,9 @@ print(json.dumps(out))
 
 def _digests(kind: str) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH", "")]))
+    # the dynamic_core this process imported (the source tree in development, the installed wheel in CI)
+    here = str(pathlib.Path(dynamic_core.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH", "")]))
     if kind == "baseline":
         env["NPY_DISABLE_CPU_FEATURES"] = "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"
         env["OPENBLAS_CORETYPE"] = "Nehalem"
