@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from .. import detmath
 from ..instruments import instruments
 from ..payloads import PlanDecision, TradingPlan
 from ..records import BAR_DTYPE, MAX_PRICE, MIN_PRICE, SIGNAL_DSI, SIGNAL_DTYPE
@@ -125,7 +126,8 @@ class CreditLedger:
         if not agents:
             return
         r = r_multiple if math.isfinite(r_multiple) else (1.0 if pnl > 0 else -1.0 if pnl < 0 else 0.0)
-        f = math.exp(self.rate * max(-self.cap, min(self.cap, r)))
+        # detmath: the C library's exp differs between CPUs in the last bit, and the credit feeds consensus
+        f = detmath.exp(float(self.rate * max(-self.cap, min(self.cap, r))))
         share = pnl / len(agents)
         for a in agents:
             c = self.credit.get(a, 1.0) * f
