@@ -4,7 +4,7 @@ A run's results must not depend on the CPU it runs on. What differs between CPUs
 package, is which code numpy, OpenBLAS and the native kernels pick at load time: numpy's SIMD
 kernels (exp, log, power, cos, ... take other paths on AVX-512 than on AVX2 or SSE), OpenBLAS's
 GEMM kernel (chosen per CPU; a row's bits depend on it and on the row's place in the matrix) and
-the engine's own x86-64-v3/v4 kernels. The workload below runs twice in fresh interpreters: as
+the engine's own x86-64-v3/v4 kernels (and the C library's exp/log/pow, FMA or not). The workload below runs twice in fresh interpreters: as
 this machine picks them, and as an older CPU would (numpy without its x86-64-v3 kernels,
 OpenBLAS's Nehalem kernel, the engine's baseline kernels). Every digest must agree.
 """
@@ -68,6 +68,12 @@ for i in range(6):
 x = rng.normal(size=(37, 12))
 out["lora_forward"] = h(lo.forward(x), lo.score(x), lo.backend.weight)
 out["lora_weights"] = h(*(a for L in lo.layers.values() for a in (L.A, L.B)))
+from dynamic_core.decision import CreditLedger
+led = CreditLedger()
+r = np.random.default_rng(10)
+for i in range(3000):
+    led.record(tuple(int(a) for a in r.integers(0, 50, 3)), float(r.normal(0.0, 1.5)), float(r.normal()))
+out["credit"] = h(np.array(sorted(led.credit.items())))
 print(json.dumps(out))
 """
 
