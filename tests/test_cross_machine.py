@@ -1,12 +1,14 @@
 """The same bits on another machine, emulated on this one.
 
 A run's results must not depend on the CPU it runs on. What differs between CPUs, for this
-package, is which code numpy, OpenBLAS and the native kernels pick at load time: numpy's SIMD
-kernels (exp, log, power, cos, ... take other paths on AVX-512 than on AVX2 or SSE), OpenBLAS's
-GEMM kernel (chosen per CPU; a row's bits depend on it and on the row's place in the matrix) and
-the engine's own x86-64-v3/v4 kernels (and the C library's exp/log/pow, FMA or not). The workload below runs twice in fresh interpreters: as
-this machine picks them, and as an older CPU would (numpy without its x86-64-v3 kernels,
-OpenBLAS's Nehalem kernel, the engine's baseline kernels). Every digest must agree.
+package, is which code numpy, OpenBLAS, the C library and the native kernels pick at load time:
+numpy's SIMD kernels (exp, log, power, cos, ... take other paths on AVX-512 than on AVX2 or
+SSE), OpenBLAS's GEMM kernel (chosen per CPU; a row's bits depend on it and on the row's place
+in the matrix), the C library's exp/log/pow (FMA variants or not) and the engine's own
+x86-64-v3/v4 kernels. The workload below runs twice in fresh interpreters: as this machine picks
+them (the engine on 2 threads), and as an older CPU would (numpy without its x86-64-v3 kernels,
+OpenBLAS's Nehalem kernel, the C library's non-FMA functions, the engine's baseline kernels on
+1 thread). Every digest must agree.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ names = ("XM_EURUSD", "XM_XAUUSD", "XM_BTCUSD")
 bars = dc.sim.MarketSimulator(names, seed=5).bars(1500)
 out["sim_bars"] = h(*(bars[f] for f in ("ts", "open", "high", "low", "close", "volume")))
 pop = dc.Population.random(2000, instruments=list(names), seed=6)
-with dc.Engine(pop, threads=2) as eng:
+with dc.Engine(pop, threads=1 if sys.argv[1] == "baseline" else 2) as eng:  # thread counts differ too
     sig = eng.run(bars[:3000])
     rep = eng.evolve(dict(min_age=100, replace_fraction=0.2), seed=3, generation=1)
     sig2 = eng.run(bars[3000:])
