@@ -33,16 +33,19 @@ void check_period(int32_t n) {
 }
 Arr out_like(py::ssize_t n) { return Arr(n); }
 
-// f over every element of a float64 array of any shape, into a new array of that shape.
-template <double (*F)(double)>
+// Span over every element of a float64 array of any shape, into a new array of that shape.
+template <void (*Span)(const double*, double*, long)>
 Arr elementwise(const Arr& x) {
   Arr out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
   const double* in = x.data();
   double* o = out.mutable_data();
-  const py::ssize_t n = x.size();
   GilRelease nogil;
-  for (py::ssize_t i = 0; i < n; ++i) o[i] = F(in[i]);
+  Span(in, o, static_cast<long>(x.size()));
   return out;
+}
+template <double (*F)(double)>
+void each(const double* x, double* o, long n) {
+  for (long i = 0; i < n; ++i) o[i] = F(x[i]);
 }
 
 // (n, k) of a 1-d (k = 1) or 2-d float64 array of series side by side.
@@ -98,20 +101,11 @@ void log_span(const double* x, double* o, long n) { detmath::log_array(x, o, n);
 [[gnu::target(DC_ISA_V3)]] void log_span_v3(const double* x, double* o, long n) { detmath::log_array(x, o, n); }
 #endif
 
-Arr log_elementwise(const Arr& x) {
-  Arr out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
-  const double* in = x.data();
-  double* o = out.mutable_data();
-  const long n = static_cast<long>(x.size());
-  GilRelease nogil;
+void log_dispatch(const double* x, double* o, long n) {
 #if DC_X86_DISPATCH
-  if (kernel_isa() >= 3) {
-    log_span_v3(in, o, n);
-    return out;
-  }
+  if (kernel_isa() >= 3) return log_span_v3(x, o, n);
 #endif
-  log_span(in, o, n);
-  return out;
+  log_span(x, o, n);
 }
 
 }  // namespace
@@ -264,14 +258,17 @@ void bind_indicators(py::module_& m) {
       "the MACD line at each tick).");
 
   // the same bits on every machine (cpp/dynamic_core/detmath.hpp; dynamic_core.detmath wraps these)
-  m.def("det_exp", &elementwise<detmath::exp>, py::arg("x"), "e^x, elementwise, the same bits on any machine.");
-  m.def("det_exp2", &elementwise<detmath::exp2>, py::arg("x"), "2^x, elementwise, the same bits on any machine.");
-  m.def("det_expm1", &elementwise<detmath::expm1>, py::arg("x"),
+  m.def("det_exp", &elementwise<each<detmath::exp>>, py::arg("x"),
+        "e^x, elementwise, the same bits on any machine.");
+  m.def("det_exp2", &elementwise<each<detmath::exp2>>, py::arg("x"),
+        "2^x, elementwise, the same bits on any machine.");
+  m.def("det_expm1", &elementwise<each<detmath::expm1>>, py::arg("x"),
         "e^x - 1, elementwise, the same bits on any machine.");
-  m.def("det_log", &log_elementwise, py::arg("x"),
+  m.def("det_log", &elementwise<log_dispatch>, py::arg("x"),
         "Natural log, elementwise, the same bits on any machine.");
-  m.def("det_tanh", &elementwise<detmath::tanh>, py::arg("x"), "tanh, elementwise, the same bits on any machine.");
-  m.def("det_cos2pi", &elementwise<detmath::cos2pi>, py::arg("u"),
+  m.def("det_tanh", &elementwise<each<detmath::tanh>>, py::arg("x"),
+        "tanh, elementwise, the same bits on any machine.");
+  m.def("det_cos2pi", &elementwise<each<detmath::cos2pi>>, py::arg("u"),
         "cos(2 pi u), elementwise, the same bits on any machine.");
   // one float: a plain call, ~10x cheaper than the array path for the scalar reads of the DSI
   // and the learning agents

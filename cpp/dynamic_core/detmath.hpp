@@ -59,7 +59,6 @@ DC_HOST_DEVICE inline double scale(double p, int k) {
 inline constexpr double kLn2Hi = 6.93147180369123816490e-01;
 inline constexpr double kLn2Lo = 1.90821492927058770002e-10;
 inline constexpr double kInvLn2 = 1.44269504088896338700e+00;
-inline constexpr double kLn2 = 6.93147180559945286227e-01;
 
 // exp(r) - 1 for |r| <= 0.35: Taylor to r^14 (the next term is below 2^-60 of the result), Horner.
 DC_HOST_DEVICE inline double expm1_small(double r) {

@@ -90,12 +90,17 @@ def _start_ns(start: object) -> int:
         raise ValueError(f"start {start!r} is {e.why}") from None
 
 
-def _normal(u: np.ndarray) -> np.ndarray:
-    """Standard normal draws from pairs of uniforms in [0, 1) (last axis): Box-Muller with
+def _box_muller(u1: np.ndarray, u2: np.ndarray) -> np.ndarray:
+    """Standard normal draws from uniforms ``u1`` in (0, 1] and ``u2``: Box-Muller with
     detmath's log and cos, so the bits are the same on every machine (numpy's own normal,
     Student-t and lognormal samplers call the C library's exp/log/pow, whose FMA and non-FMA
     variants differ in the last bit)."""
-    return np.sqrt(-2.0 * detmath.log(1.0 - u[..., 0])) * detmath.cos2pi(u[..., 1])
+    return np.sqrt(-2.0 * detmath.log(u1)) * detmath.cos2pi(u2)
+
+
+def _normal(u: np.ndarray) -> np.ndarray:
+    """Standard normal draws from pairs of uniforms in [0, 1) (last axis)."""
+    return _box_muller(1.0 - u[..., 0], u[..., 1])
 
 
 def _student_t4(u: np.ndarray) -> np.ndarray:
@@ -227,7 +232,8 @@ class MarketSimulator:
             self._anchor[j] = anchor
             self._logp[j] = logp
             absret = np.abs(closes - opens)
-            vol = self._base_volume[j] * (1.0 + absret / np.maximum(sigma, 1e-12)) * detmath.exp(0.3 * _normal(r_volume.random((n, 2))))
+            lognormal = detmath.exp(0.3 * _normal(r_volume.random((n, 2))))
+            vol = self._base_volume[j] * (1.0 + absret / np.maximum(sigma, 1e-12)) * lognormal
             sl = slice(j, n * k, k)
             out["open"][sl] = detmath.exp(opens)
             out["high"][sl] = detmath.exp(highs)
@@ -407,7 +413,7 @@ class TickSimulator:
         spread = 1 + (_uniform(key, idx, 7) * np.where(volatile, 4, 2)).astype(np.int64)
         buy = np.where(step > 0, True, np.where(step < 0, False, _uniform(key, idx, 6) < p_buy))
         u1, u2 = _uniform(key, idx, 4), _uniform(key, idx, 5)
-        normal = np.sqrt(-2.0 * detmath.log(u1)) * detmath.cos2pi(u2)
+        normal = _box_muller(u1, u2)
         size = np.round(detmath.exp(normal) * np.where(_uniform(key, idx, 8) < 0.02, 8.0, 1.0) + 1.0)
         inc = self.increments[j]
         out = np.zeros(len(ts), TICK_DTYPE)
