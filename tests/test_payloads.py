@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+
 import dynamic_core as dc
+
 import msgspec
 import numpy as np
 import pytest
@@ -119,6 +122,37 @@ def test_signal_records_round_trip(signals: np.ndarray) -> None:
     bad["instrument"] = 2**32 - 1
     with pytest.raises(KeyError):
         P.signal_from_record(bad[0])
+
+
+def test_signal_from_bytes_is_signal_from_record(signals: np.ndarray) -> None:
+    # The one-struct-call decoding Engine.step uses, against the record path, on the fixture's
+    # signals and on records at the edges of every field's range.
+    assert [P.signal_from_bytes(r.tobytes()) for r in signals] == [P.signal_from_record(r) for r in signals]
+    edge = signals[:3].copy()
+    edge["ts"] = [-(2**63), 2**63 - 1, 0]
+    edge["seq"] = [2**64 - 1, 0, 2**63]
+    edge["population_hash"] = [2**64 - 1, 2**63, 1]
+    edge["n_agents"] = [2**32 - 1, 0, 7]
+    edge["votes"] = [[2**32 - 1, 0, 1, 2, 3], [0] * 5, [5, 4, 3, 2, 1]]
+    edge["flags"] = [2**32 - 1, 0, 1]
+    edge["dsi"] = [-1.0, 1.0, -0.0]
+    edge["score"] = [-1.0, 5e-324, 1.0]
+    edge["action"] = [-2, 2, 0]
+    for r in edge:
+        a, b = P.signal_from_bytes(r.tobytes()), P.signal_from_record(r)
+        assert a == b and msgspec.msgpack.encode(a) == msgspec.msgpack.encode(b)
+    with pytest.raises(struct.error):
+        P.signal_from_bytes(signals[0].tobytes()[:-1])
+    bad = signals[:1].copy()
+    bad["instrument"] = 2**32 - 1
+    with pytest.raises(KeyError):
+        P.signal_from_bytes(bad[0].tobytes())
+    # the format is read off the dtype; a layout it cannot say is refused, not misread
+    assert P._record_format(dc.SIGNAL_DTYPE).size == dc.SIGNAL_DTYPE.itemsize
+    with pytest.raises(ValueError, match="packed"):
+        P._record_format(np.dtype({"names": ["a", "b"], "formats": ["<u4", "<f8"], "offsets": [0, 8]}))
+    with pytest.raises(ValueError, match="packed"):
+        P._record_format(np.dtype([("a", "<f4")]))
 
 
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 300])

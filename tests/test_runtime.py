@@ -431,6 +431,31 @@ def test_step_returns_frozen_aisignal(pop, market):
     assert msgspec.msgpack.decode(wire, type=dc.AISignal) == sigs[-1]
 
 
+def test_step_takes_a_record_or_an_array_of_one_and_refuses_anything_else(pop, market):
+    # A row of a BAR_DTYPE array goes to the core as its bytes; a 1-element array, a record of an
+    # equal (not identical) dtype and a row of a strided view give the same signals, field for field.
+    with dc.Engine(pop, threads=1) as a:
+        ref = dc.payloads.signals_from_records(a.run(market[:40]))
+    equal = np.dtype(dc.BAR_DTYPE.descr)
+    assert equal == dc.BAR_DTYPE and equal is not dc.BAR_DTYPE
+    wide = np.zeros(80, dtype=dc.BAR_DTYPE)
+    wide[::2] = market[:40]
+    forms = [lambda i: market[i], lambda i: market[i:i + 1], lambda i: market[i:i + 1].astype(equal)[0],
+             lambda i: wide[::2][i]]
+    for form in forms:
+        with dc.Engine(pop, threads=2) as eng:
+            assert [eng.step(form(i)) for i in range(40)] == ref
+    with dc.Engine(pop, threads=2) as eng:
+        g = pop.records[:1]
+        with pytest.raises(TypeError, match="BAR_DTYPE"):
+            eng.step(g[0])  # a record of another dtype
+        with pytest.raises(TypeError, match="BAR_DTYPE"):
+            eng.step(market[0].tobytes())
+        with pytest.raises(ValueError, match="one bar, got 2"):
+            eng.step(market[:2])
+        assert eng.stats()["bars_in"] == 0
+
+
 def test_step_and_run_return_their_own_signals_or_refuse(pop, market):
     # With signals of earlier bars unpolled (a submit not polled, a step that timed out), step
     # and run refuse instead of handing those out as their own (step returned bar i-1's signal

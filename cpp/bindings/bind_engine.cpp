@@ -386,18 +386,33 @@ void bind_engine(py::module_& m) {
              return to_bytes(out.data(), k);
            }, py::arg("max_n"), py::arg("timeout_ns"),
            "Up to max_n ready signals in bar order, as bytes; waits up to timeout_ns (<0: forever).")
-      .def("step", [](Engine& e, const py::array& bars, uint32_t n_registered, int64_t timeout_ns, bool strict) {
-             const Bar* b = records_of<Bar>(bars, "bar");
-             if (bars.shape(0) != 1) throw std::invalid_argument("step() takes exactly one bar");
+      .def("step", [](Engine& e, const py::object& bar, uint32_t n_registered, int64_t timeout_ns, bool strict) {
+             // A 1-d array of one record, or one record itself (a numpy void scalar: its bytes
+             // through the buffer protocol, without an array around it).
+             Bar b;
+             if (py::isinstance<py::array>(bar)) {
+               const auto a = py::reinterpret_borrow<py::array>(bar);
+               const Bar* p = records_of<Bar>(a, "bar");
+               if (a.shape(0) != 1) throw std::invalid_argument("step() takes exactly one bar");
+               b = *p;
+             } else {
+               if (!PyObject_CheckBuffer(bar.ptr()))
+                 throw py::type_error("step() takes one bar record (56 bytes) or a 1-d array of one");
+               const py::buffer_info info = py::reinterpret_borrow<py::buffer>(bar).request();
+               if (info.size * info.itemsize != static_cast<py::ssize_t>(sizeof(Bar)))
+                 throw py::type_error("step() takes one bar record (56 bytes) or a 1-d array of one");
+               std::memcpy(&b, info.ptr, sizeof(Bar));
+             }
              Signal s{};
              int r;
              {
                GilRelease nogil;
-               r = e.step(*b, n_registered, &s, timeout_ns, strict);
+               r = e.step(b, n_registered, &s, timeout_ns, strict);
              }
-             return py::make_tuple(r, to_bytes(&s, r == 1 ? 1 : 0));
+             return py::make_tuple(r, py::bytes(reinterpret_cast<const char*>(&s), r == 1 ? sizeof s : 0));
            }, py::arg("bar"), py::arg("n_registered"), py::arg("timeout_ns"), py::arg("strict") = false,
-           "One bar in, (1, signal bytes) out; (0, b'') on timeout, (-1, b'') if no signal is due.")
+           "One bar (a record or a 1-d array of one) in, (1, signal bytes) out; (0, b'') on timeout, (-1, "
+           "b'') if no signal is due.")
       .def("close", [](Engine& e) {
              GilRelease nogil;
              e.close();

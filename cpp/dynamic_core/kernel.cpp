@@ -727,9 +727,9 @@ struct Kernels {
 
 Summary sm_step_base(const LaneView& v, int lanes, const double* feat, int32_t t, double ret, int poison,
                      uint64_t& updates, uint64_t& quarantined) {
-  return sm_step_impl<4>(v, lanes, feat, t, ret, poison, updates, quarantined);
+  return sm_step_impl<2>(v, lanes, feat, t, ret, poison, updates, quarantined);
 }
-void bank_update_base(Bank& b, const Bar& bar, double* feat) { bank_update_impl<4>(b, bar, feat); }
+void bank_update_base(Bank& b, const Bar& bar, double* feat) { bank_update_impl<2>(b, bar, feat); }
 
 #if DC_X86_DISPATCH
 #define DC_V3 __attribute__((target(DC_ISA_V3)))

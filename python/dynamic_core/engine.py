@@ -23,8 +23,8 @@ from .journal import DEFAULT_SEGMENT_BYTES
 from .instruments import instruments
 from .market import as_bars
 from .population import Population
-from .payloads import AISignal, signal_from_record, signals_from_records
-from .records import AGENT_DTYPE, BIRTH_DTYPE, DEAD_LETTER_DTYPE, GENOME_DTYPE, LINEAGE_DTYPE, SIGNAL_DTYPE
+from .payloads import AISignal, signal_from_bytes, signal_from_record, signals_from_records
+from .records import AGENT_DTYPE, BAR_DTYPE, BIRTH_DTYPE, DEAD_LETTER_DTYPE, GENOME_DTYPE, LINEAGE_DTYPE, SIGNAL_DTYPE
 
 __all__ = ["BACKPRESSURE", "Engine"]
 
@@ -529,6 +529,13 @@ class Engine:
         from another thread raises instead of taking some of them, and neither starts while
         another thread polls (RuntimeError, before anything is taken). Feeding calls of several
         threads still serialise among themselves."""
+        me = self._egress_enter(what)
+        try:
+            yield
+        finally:
+            self._egress_exit(me)
+
+    def _egress_enter(self, what: str) -> threading.Thread:
         me = threading.current_thread()
         with self._egress_guard:
             if self._pollers:
@@ -536,11 +543,11 @@ class Engine:
                                    f"thread and would take some of them: feed with submit() and poll, or stop "
                                    f"polling first")
             self._runners[me] = what
-        try:
-            yield
-        finally:
-            with self._egress_guard:
-                self._runners.pop(me, None)
+        return me
+
+    def _egress_exit(self, me: threading.Thread) -> None:
+        with self._egress_guard:
+            self._runners.pop(me, None)
 
     # ---- streaming ----------------------------------------------------------------------------
     def submit(self, bars: np.ndarray, timeout: float | None = None) -> int:
@@ -621,16 +628,20 @@ class Engine:
         (and a ``poll`` from another thread while it runs raises)."""
         self._check_open()
         self._no_other_consumer("step")
-        b = as_bars(np.atleast_1d(bar))
-        if len(b) != 1:
-            raise ValueError(f"step() takes one bar, got {len(b)}")
+        if type(bar) is np.void and bar.dtype == BAR_DTYPE:
+            b = bar  # one record (a row of a BAR_DTYPE array): its bytes go to the core as they are
+        else:
+            b = as_bars(np.atleast_1d(bar))
+            if len(b) != 1:
+                raise ValueError(f"step() takes one bar, got {len(b)}")
         t = _timeout_ns(timeout)
         self._journal_new_instruments()
         if self._device is not None:
             with self._device_lock:
-                out = self._device.run(b, len(instruments), strict=self.strict)
+                out = self._device.run(np.atleast_1d(b), len(instruments), strict=self.strict)
             return signal_from_record(out[0]) if len(out) else None
-        with self._own_egress("step"):
+        me = self._egress_enter("step")
+        try:
             start = time.monotonic_ns()
             first = t if 0 <= t <= _POLL_SLICE_NS else _POLL_SLICE_NS
             status, raw = self._native.step(b, len(instruments), first, self.strict)
@@ -639,10 +650,12 @@ class Engine:
             if status == 0 and first != t:  # the rest of a long wait, in slices (^C, close)
                 raw = self._sliced_poll(1, -1 if t < 0 else max(0, start + t - time.monotonic_ns()))
                 status = 1 if len(raw) else 0
+        finally:
+            self._egress_exit(me)
         if status == 0:
             self._check_open()  # closed while it waited: that, not a timeout
             raise TimeoutError(f"no signal within {timeout} s (see stats()['sms'])")
-        return signal_from_record(np.frombuffer(raw, dtype=SIGNAL_DTYPE)[0])
+        return signal_from_bytes(raw)
 
     def on_signal(self, callback: Callable[[AISignal], Any]) -> Callable[[AISignal], Any]:
         """Call ``callback(signal)`` for every signal, in bar order, on a dispatcher thread.

@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import struct
 import typing
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
@@ -106,6 +107,7 @@ __all__ = [
     "encode_signal_batch",
     "evolution_config",
     "plain",
+    "signal_from_bytes",
     "signal_from_record",
     "signals_from_records",
     "signals_to_records",
@@ -210,6 +212,38 @@ def _signal_from_row(row: tuple, name_of: Callable[[int], str]) -> AISignal:
     return AISignal(ts=ts, instrument=name_of(inst), timeframe=tf, seq=sq, population_hash=ph, score=sc,
                     confidence=cf, agreement=ag, dispersion=dp, action=ac, n_agents=na,
                     votes=tuple(v.tolist()), flags=fl, dsi=ds)
+
+
+def _record_format(dtype: np.dtype) -> struct.Struct:
+    """The ``struct`` format of a packed little-endian record dtype (fields in offset order, no
+    gaps), so a record's bytes unpack in one call; ValueError for a layout it cannot say."""
+    codes = {"<i8": "q", "<u8": "Q", "<i4": "i", "<u4": "I", "<f8": "d"}
+    fmt, at = "<", 0
+    for name in dtype.names:
+        sub, off = dtype.fields[name][:2]
+        base, shape = (sub.subdtype if sub.subdtype else (sub, ()))
+        if off != at or base.str not in codes or len(shape) > 1:
+            raise ValueError(f"record field {name!r} has no packed struct format")
+        n = shape[0] if shape else 1
+        fmt += (f"{n}" if n > 1 else "") + codes[base.str]
+        at += sub.itemsize
+    out = struct.Struct(fmt)
+    if out.size != dtype.itemsize:
+        raise ValueError("record dtype has trailing padding")
+    return out
+
+
+_SIGNAL_STRUCT = _record_format(SIGNAL_DTYPE)
+
+
+def signal_from_bytes(raw: bytes, name_of: Callable[[int], str] | None = None) -> AISignal:
+    """One ``SIGNAL_DTYPE`` record's bytes -> :class:`AISignal`, unpacked in one ``struct``
+    call (no numpy record in between: what ``Engine.step`` returns per bar)."""
+    (ts, inst, tf, sq, ph, sc, cf, ag, dp, ds, ac, na, v0, v1, v2, v3, v4,
+     fl) = _SIGNAL_STRUCT.unpack(raw)
+    return AISignal(ts=ts, instrument=(name_of or instruments.name)(inst), timeframe=tf, seq=sq,
+                    population_hash=ph, score=sc, confidence=cf, agreement=ag, dispersion=dp,
+                    action=ac, n_agents=na, votes=(v0, v1, v2, v3, v4), flags=fl, dsi=ds)
 
 
 def signal_from_record(r: np.void) -> AISignal:
