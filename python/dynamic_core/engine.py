@@ -60,6 +60,8 @@ def _timeout_ns(timeout: object) -> int:
     practice). TypeError for a non-number, ValueError for NaN."""
     if timeout is None:
         return -1
+    if type(timeout) is float and 0.0 < timeout < _MAX_WAIT_NS / 1e9:  # the common case, at once
+        return int(timeout * 1e9)
     if not is_real(timeout):
         raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
     try:
@@ -688,6 +690,8 @@ class Engine:
     def _no_other_consumer(self, what: str) -> None:
         """RuntimeError when another thread consumes this engine's signals (an ``on_signal``
         dispatcher, a registered consumer): it would take some of the signals ``what`` returns."""
+        if not self._consumers:
+            return
         me = threading.current_thread()
         for th, who in list(self._consumers.items()):
             if th is not me and th.is_alive():

@@ -70,6 +70,9 @@ class InstrumentRegistry:
     def name(self, i: int) -> str:
         """Name of id ``i``; :class:`UnknownInstrument` (a KeyError) when unknown, ``TypeError``
         for anything but an integer (a float, bool or str is no id)."""
+        names = self._names
+        if type(i) is int and 0 <= i < len(names):  # the common case, at once
+            return names[i]
         if isinstance(i, (bool, str, bytes)) or not hasattr(i, "__index__"):
             raise TypeError(f"an instrument id is an int, got {type(i).__name__}")
         k = operator.index(i)
