@@ -8,6 +8,8 @@
 #include <stdexcept>
 #include <thread>
 
+#include <unistd.h>
+
 #if defined(__linux__)
 #include <pthread.h>
 #include <sched.h>
@@ -362,6 +364,18 @@ void Engine::process_batch(int w, const uint64_t* pos, size_t n) {
   }
 }
 
+size_t Engine::unit_block_bytes() {
+  static const size_t bytes = [] {
+    long l2 = -1;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    if (l2 <= 0) l2 = 512 * 1024;
+    return std::clamp<size_t>(static_cast<size_t>(l2) / 4, 32 * 1024, 1024 * 1024);
+  }();
+  return bytes;
+}
+
 void Engine::units(uint32_t g, const uint64_t* ps, int nb, int poison, uint64_t& updates) {
   Group& grp = groups_[g];
   Bank& bank = grp.bank;
@@ -454,7 +468,7 @@ bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_
   // Bars are run in blocks of up to ub, SM by SM, when a block's features fit in about half
   // of a core's L2 (a group with many features runs bar by bar).
   const size_t nf = groups_[g].bank.feat.size();
-  const size_t fit = cfg_.unit_block ? cfg_.unit_block : kUnitBlockBytes / (sizeof(double) * nf);
+  const size_t fit = cfg_.unit_block ? cfg_.unit_block : unit_block_bytes() / (sizeof(double) * nf);
   const int ub = static_cast<int>(std::clamp<size_t>(fit, 1, kUnitBlock));
   uint64_t block[kUnitBlock];
   int nb = 0;
