@@ -8,7 +8,9 @@
 #include <stdexcept>
 #include <thread>
 
-#include <unistd.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>  // sysconf
+#endif
 
 #if defined(__linux__)
 #include <pthread.h>
@@ -367,7 +369,7 @@ void Engine::process_batch(int w, const uint64_t* pos, size_t n) {
 size_t Engine::unit_block_bytes() {
   static const size_t bytes = [] {
     long l2 = -1;
-#if defined(_SC_LEVEL2_CACHE_SIZE)
+#if defined(_SC_LEVEL2_CACHE_SIZE)  // glibc's
     l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
     if (l2 <= 0) l2 = 512 * 1024;
@@ -465,8 +467,8 @@ bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_
   // acquire: pairs with the release of nproc by the group's previous runner, which may have been
   // another worker (the sentinel moved the group), so its state (banks, lanes, last_pos) is ours
   uint64_t np = r.nproc.load(std::memory_order_acquire);
-  // Bars are run in blocks of up to ub, SM by SM, when a block's features fit in about half
-  // of a core's L2 (a group with many features runs bar by bar).
+  // Bars are run in blocks of up to ub, SM by SM, when a block's features fit in a quarter of
+  // a core's L2 (unit_block_bytes; a group with many features runs bar by bar).
   const size_t nf = groups_[g].bank.feat.size();
   const size_t fit = cfg_.unit_block ? cfg_.unit_block : unit_block_bytes() / (sizeof(double) * nf);
   const int ub = static_cast<int>(std::clamp<size_t>(fit, 1, kUnitBlock));

@@ -336,7 +336,7 @@ class Engine {
   static constexpr int kUnitBlock = 32;
   // A block's features at most: a quarter of a core's L2 (measured on a 512 KiB L2: 128 KiB ran
   // random populations ~25% faster than 512 KiB, whose blocks evicted the SM's lanes), read once
-  // from the OS; 512 KiB when it does not say.
+  // from the OS; 128 KiB (a 512 KiB L2's quarter) when it does not say.
   static size_t unit_block_bytes();
   void units(uint32_t g, const uint64_t* ps, int nb, int poison, uint64_t& updates);
   void form_groups();  // groups, their banks and lanes, and their first owners
