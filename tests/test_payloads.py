@@ -124,10 +124,20 @@ def test_signal_records_round_trip(signals: np.ndarray) -> None:
         P.signal_from_record(bad[0])
 
 
+def _by_field(r: np.void) -> dc.AISignal:
+    """The oracle: an AISignal built from a record one numpy field at a time."""
+    return dc.AISignal(ts=int(r["ts"]), instrument=dc.instruments.name(int(r["instrument"])),
+                       timeframe=int(r["timeframe"]), seq=int(r["seq"]), population_hash=int(r["population_hash"]),
+                       score=float(r["score"]), confidence=float(r["confidence"]), agreement=float(r["agreement"]),
+                       dispersion=float(r["dispersion"]), action=int(r["action"]), n_agents=int(r["n_agents"]),
+                       votes=tuple(int(v) for v in r["votes"]), flags=int(r["flags"]), dsi=float(r["dsi"]))
+
+
 def test_signal_from_bytes_is_signal_from_record(signals: np.ndarray) -> None:
-    # The one-struct-call decoding Engine.step uses, against the record path, on the fixture's
-    # signals and on records at the edges of every field's range.
-    assert [P.signal_from_bytes(r.tobytes()) for r in signals] == [P.signal_from_record(r) for r in signals]
+    # The one-struct-call decoding every signal conversion uses, against the record read field by
+    # field, on the fixture's signals and on records at the edges of every field's range.
+    assert [P.signal_from_bytes(r.tobytes()) for r in signals] == [_by_field(r) for r in signals]
+    assert P.signals_from_records(signals) == [_by_field(r) for r in signals]
     edge = signals[:3].copy()
     edge["ts"] = [-(2**63), 2**63 - 1, 0]
     edge["seq"] = [2**64 - 1, 0, 2**63]
@@ -139,8 +149,9 @@ def test_signal_from_bytes_is_signal_from_record(signals: np.ndarray) -> None:
     edge["score"] = [-1.0, 5e-324, 1.0]
     edge["action"] = [-2, 2, 0]
     for r in edge:
-        a, b = P.signal_from_bytes(r.tobytes()), P.signal_from_record(r)
+        a, b = P.signal_from_bytes(r.tobytes()), _by_field(r)
         assert a == b and msgspec.msgpack.encode(a) == msgspec.msgpack.encode(b)
+        assert P.signal_from_record(r) == b
     with pytest.raises(struct.error):
         P.signal_from_bytes(signals[0].tobytes()[:-1])
     bad = signals[:1].copy()
