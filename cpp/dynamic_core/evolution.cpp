@@ -377,7 +377,9 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
   // below every other), then its agent id, so the order is a function of the population; the
   // lane rides in the low bits. One 128-bit integer, compared without branches.
   using Ranked = EvolutionScratch::Ranked;
-  auto ranked = [&](bool traded, double x, uint32_t l) {
+  // (The id and lane are joined in 64 bits first: with the lane widened to 128 bits, GCC kept a
+  // 128-bit induction variable in the judging loop.)
+  auto ranked = [](bool traded, double x, uint32_t id, uint32_t l) {
     x += 0.0;  // -0 ranks as +0
     uint64_t u;
     std::memcpy(&u, &x, sizeof u);
@@ -385,7 +387,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     // 0 below every finite value when short of the trade count; no branches
     u ^= static_cast<uint64_t>(static_cast<int64_t>(u) >> 63) | (uint64_t{1} << 63);
     u &= uint64_t{0} - static_cast<uint64_t>(traded);
-    return static_cast<Ranked>(u) << 64 | static_cast<Ranked>(lane_id[l]) << 32 | l;
+    return static_cast<Ranked>(u) << 64 | (static_cast<uint64_t>(id) << 32 | l);
   };
   auto lane_of = [](Ranked r) { return static_cast<uint32_t>(r); };
   auto traded_rank = [](Ranked r) { return static_cast<uint64_t>(r >> 64) != 0; };
@@ -415,28 +417,38 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
     Ranked* order = X.order_of[t].data();  // the judged, lane order
     size_t n_ord = 0;
     const uint32_t lb = sm.lane_begin, le = sm.lane_begin + sm.n_warps * kWarpSize;
+    // The arrays as locals: read through the closure, every store below might alias them, and
+    // the loops reloaded each pointer per lane.
+    double* const ft = fit;
+    const uint32_t *const q = quar, *const tr = trades, *const ids = lane_id;
+    const int64_t* const jf = judge_from;
+    const uint32_t min_trades = cfg.min_trades;
     // every lane's fitness first (no branches: vectorised), read below for the judged ones
-    const double pen = cfg.dd_penalty;
-    for (uint32_t l = lb; l < le; ++l) fit[l] = agent_fitness(n_ret[l], ret_sum[l], ret_sq[l], max_dd[l], pen);
+    {
+      const uint32_t* const nr = n_ret;
+      const double *const rs = ret_sum, *const rq = ret_sq, *const dd = max_dd;
+      const double pen = cfg.dd_penalty;
+      for (uint32_t l = lb; l < le; ++l) ft[l] = agent_fitness(nr[l], rs[l], rq[l], dd[l], pen);
+    }
     I.traded.resize(le - lb);  // room reserved: no allocation
-    double* traded_x = I.traded.data();  // the traded ones' fitness, lane order
+    double* const traded_x = I.traded.data();  // the traded ones' fitness, lane order
     size_t n_tr = 0;
     for (uint32_t l = lb; l < le; ++l) {
-      const int64_t from = judge_from[l];  // kNeverJudged: a padding lane or an external agent
-      if (quar[l] && from != kNeverJudged) [[unlikely]] {
+      const int64_t from = jf[l];  // kNeverJudged: a padding lane or an external agent
+      if (q[l] && from != kNeverJudged) [[unlikely]] {
         I.losers.push_back(l);
-        fit[l] = std::numeric_limits<double>::quiet_NaN();
+        ft[l] = std::numeric_limits<double>::quiet_NaN();
         continue;
       }
       // Judged unless too young: fewer than min_age bars since birth, or since its features
       // warmed up (the last generation's children, scattered: no branch). Written either way,
       // kept when counted.
       const bool judged = from <= born_by;
-      const double x = fit[l];
-      const bool traded = trades[l] >= cfg.min_trades;
+      const double x = ft[l];
+      const bool traded = tr[l] >= min_trades;
       traded_x[n_tr] = x;
       n_tr += traded & judged;
-      order[n_ord] = ranked(traded, x, l);
+      order[n_ord] = ranked(traded, x, ids[l], l);
       n_ord += judged;
     }
     I.traded.resize(n_tr);
