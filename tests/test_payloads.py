@@ -5,7 +5,6 @@ from __future__ import annotations
 import struct
 
 import dynamic_core as dc
-
 import msgspec
 import numpy as np
 import pytest

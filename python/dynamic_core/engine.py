@@ -522,22 +522,17 @@ class Engine:
         if self._device is not None:
             with self._device_lock:
                 return self._device.run(b, len(instruments), strict=strict)
-        with self._own_egress("run"):
-            return self._native.run(b, len(instruments), strict).view(SIGNAL_DTYPE)
-
-    @contextlib.contextmanager
-    def _own_egress(self, what: str) -> Iterator[None]:
-        """``run`` and ``step`` return the signals of their own bars: while one runs, ``poll``
-        from another thread raises instead of taking some of them, and neither starts while
-        another thread polls (RuntimeError, before anything is taken). Feeding calls of several
-        threads still serialise among themselves."""
-        me = self._egress_enter(what)
+        me = self._egress_enter("run")
         try:
-            yield
+            return self._native.run(b, len(instruments), strict).view(SIGNAL_DTYPE)
         finally:
             self._egress_exit(me)
 
     def _egress_enter(self, what: str) -> threading.Thread:
+        """``run`` and ``step`` return the signals of their own bars: while one runs (between
+        this and ``_egress_exit``), ``poll`` from another thread raises instead of taking some of
+        them, and neither starts while another thread polls (RuntimeError, before anything is
+        taken). Feeding calls of several threads still serialise among themselves."""
         me = threading.current_thread()
         with self._egress_guard:
             if self._pollers:
