@@ -468,6 +468,221 @@ DC_V4 Summary sm_step_v4(const LaneView& view, int lanes, const double* __restri
   return total;
 }
 
+// ---- the AVX2 lane kernel (x86-64-v3) ----------------------------------------------------
+// The AVX-512 kernel's three passes with AVX2 intrinsics, 4 lanes at a time. AVX2 has no mask
+// registers: conditions are 64-bit lane masks (all ones or zero, as the compare instructions
+// give them), selects are blends, and the integer state is converted to doubles on load (it is
+// exact there) and back on store.
+#define DC_V3 __attribute__((target(DC_ISA_V3)))
+#define DC_V3_AI DC_V3 inline __attribute__((always_inline))
+
+// feat[idx[k]] for k < 4, as gather8 does it (feat[0] broadcast when every index is 0).
+DC_V3_AI __m256d gather4(const double* __restrict feat, const int32_t* __restrict idx) {
+  uint64_t q[2];
+  __builtin_memcpy(q, idx, sizeof q);
+  if ((q[0] | q[1]) == 0) return _mm256_broadcast_sd(feat);
+  auto first = [](uint64_t x) { return static_cast<int64_t>(static_cast<int32_t>(static_cast<uint32_t>(x))); };
+  auto second = [](uint64_t x) { return static_cast<int64_t>(x) >> 32; };
+  const __m128d a = _mm_loadh_pd(_mm_load_sd(feat + first(q[0])), feat + second(q[0]));
+  const __m128d b = _mm_loadh_pd(_mm_load_sd(feat + first(q[1])), feat + second(q[1]));
+  return _mm256_insertf128_pd(_mm256_castpd128_pd256(a), b, 1);
+}
+DC_V3_AI __m128i ld4i(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+DC_V3_AI void st4i(void* p, __m128i x) { _mm_storeu_si128(static_cast<__m128i*>(p), x); }
+// 4 int32 (or 0/1 uint32) values as doubles (exact).
+DC_V3_AI __m256d ld4d(const void* p) { return _mm256_cvtepi32_pd(ld4i(p)); }
+// 64-bit lane masks -> 32-bit lane masks (the low half of each).
+DC_V3_AI __m128i narrow(__m256d m) {
+  const __m128 lo = _mm_castpd_ps(_mm256_castpd256_pd128(m)), hi = _mm_castpd_ps(_mm256_extractf128_pd(m, 1));
+  return _mm_castps_si128(_mm_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0)));
+}
+// p[k] += 1 where m (64-bit lane masks) is set, in 32-bit integers.
+DC_V3_AI void incr4(uint32_t* p, __m256d m) { st4i(p, _mm_sub_epi32(ld4i(p), narrow(m))); }
+// Counter of set 64-bit lane masks.
+DC_V3_AI __m256i count4(__m256i c, __m256d m) { return _mm256_sub_epi64(c, _mm256_castpd_si256(m)); }
+DC_V3_AI uint32_t hsum4(__m256i x) {
+  const __m128i a = _mm_add_epi64(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si64(_mm_add_epi64(a, _mm_unpackhi_epi64(a, a))));
+}
+// The canonical tree of one warp held as 8 vectors of 4 lanes (strides 16, 8, 4, 2, 1).
+DC_V3_AI double warp_tree4(const double* __restrict p) {
+  const __m256d c0 = _mm256_add_pd(_mm256_load_pd(p), _mm256_load_pd(p + 16));
+  const __m256d c1 = _mm256_add_pd(_mm256_load_pd(p + 4), _mm256_load_pd(p + 20));
+  const __m256d c2 = _mm256_add_pd(_mm256_load_pd(p + 8), _mm256_load_pd(p + 24));
+  const __m256d c3 = _mm256_add_pd(_mm256_load_pd(p + 12), _mm256_load_pd(p + 28));
+  const __m256d d = _mm256_add_pd(_mm256_add_pd(c0, c2), _mm256_add_pd(c1, c3));
+  const __m128d e = _mm_add_pd(_mm256_castpd256_pd128(d), _mm256_extractf128_pd(d, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(e, _mm_unpackhi_pd(e, e)));
+}
+
+struct Counts4 {
+  __m256i n, ge_s, ge_w, le_w, le_s, live, fail;
+};
+
+// lane_step for the 4 lanes at i (first state pass; lane_dd4 is the second), as lane_step8.
+DC_V3_AI void lane_step4(const LaneView& v, const double* __restrict score_in, int i, __m256d vt, __m256d vret,
+                         Counts4& cn, double* __restrict te, __m256d* __restrict tk, __m256d* __restrict tkw) {
+  const __m256d zero = _mm256_setzero_pd(), one = _mm256_set1_pd(1.0), sign = _mm256_set1_pd(-0.0);
+  const __m256d score = _mm256_load_pd(score_in + i);
+  const __m256d warm = _mm256_cmp_pd(vt, ld4d(v.lookback + i), _CMP_GE_OQ);
+  const __m256d ent = _mm256_loadu_pd(v.entry + i);
+  const __m256d prev = ld4d(v.position + i);
+  const __m128i quar = ld4i(v.quarantined + i);
+  const __m256d live = _mm256_and_pd(_mm256_cmp_pd(ld4d(v.active + i), zero, _CMP_NEQ_OQ),
+                                     _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm_cmpeq_epi32(quar, _mm_setzero_si128()))));
+  const __m256d up = _mm256_cmp_pd(score, ent, _CMP_GT_OQ);
+  const __m256d dn = _mm256_cmp_pd(score, _mm256_xor_pd(ent, sign), _CMP_LT_OQ);
+  // (0 - long_short, not -long_short: no negative zero; the integer kernels give +0 too)
+  __m256d pos = _mm256_blendv_pd(prev, _mm256_sub_pd(zero, ld4d(v.long_short + i)), dn);
+  pos = _mm256_and_pd(_mm256_blendv_pd(pos, one, up), warm);
+  const __m256d g = _mm256_add_pd(one, _mm256_mul_pd(prev, vret));
+  const __m256d eq0 = _mm256_loadu_pd(v.equity + i);
+  __m256d e = _mm256_mul_pd(eq0, g);
+  // |pos - prev|, a small integer (exact)
+  const __m256d d = _mm256_andnot_pd(sign, _mm256_sub_pd(pos, prev));
+  const __m256d c = _mm256_mul_pd(_mm256_loadu_pd(v.cost + i), d);
+  e = _mm256_sub_pd(e, _mm256_mul_pd(e, c));
+  const __m256d r = _mm256_sub_pd(_mm256_mul_pd(g, _mm256_sub_pd(one, c)), one);
+  const __m256d changed = _mm256_cmp_pd(pos, prev, _CMP_NEQ_OQ);
+  const __m256d closing = _mm256_and_pd(changed, _mm256_cmp_pd(prev, zero, _CMP_NEQ_OQ));
+  const __m256d opening = _mm256_and_pd(changed, _mm256_cmp_pd(pos, zero, _CMP_NEQ_OQ));
+  const __m256d eeq0 = _mm256_loadu_pd(v.entry_equity + i);
+  const __m256d won = _mm256_cmp_pd(e, eeq0, _CMP_GT_OQ);
+  const __m256d ge_s = _mm256_cmp_pd(score, _mm256_set1_pd(kStrongAction), _CMP_GE_OQ);
+  const __m256d ge_w = _mm256_cmp_pd(score, _mm256_set1_pd(kWeakAction), _CMP_GE_OQ);
+  const __m256d le_w = _mm256_cmp_pd(score, _mm256_set1_pd(-kWeakAction), _CMP_LE_OQ);
+  const __m256d le_s = _mm256_cmp_pd(score, _mm256_set1_pd(-kStrongAction), _CMP_LE_OQ);
+  const __m256d act = _mm256_sub_pd(_mm256_add_pd(_mm256_and_pd(ge_s, one), _mm256_and_pd(ge_w, one)),
+                                    _mm256_add_pd(_mm256_and_pd(le_w, one), _mm256_and_pd(le_s, one)));
+  // finite: (x - x) == 0, as the scalar code
+  const __m256d ok = _mm256_and_pd(_mm256_cmp_pd(_mm256_sub_pd(e, e), zero, _CMP_EQ_OQ),
+                                   _mm256_cmp_pd(_mm256_sub_pd(score, score), zero, _CMP_EQ_OQ));
+  const __m256d keep = _mm256_and_pd(live, ok);
+  const __m256d kw = _mm256_and_pd(keep, warm);
+  _mm256_storeu_pd(v.score + i, _mm256_blendv_pd(_mm256_loadu_pd(v.score + i), score, keep));
+  _mm256_storeu_pd(v.equity + i, _mm256_blendv_pd(eq0, e, keep));
+  _mm256_storeu_pd(v.entry_equity + i, _mm256_blendv_pd(eeq0, e, _mm256_and_pd(keep, opening)));
+  _mm256_store_pd(te + i, e);
+  tk[i / 4] = keep;
+  tkw[i / 4] = kw;
+  const __m256d rs0 = _mm256_loadu_pd(v.ret_sum + i), rq0 = _mm256_loadu_pd(v.ret_sq + i);
+  _mm256_storeu_pd(v.ret_sum + i, _mm256_blendv_pd(rs0, _mm256_add_pd(rs0, r), kw));
+  _mm256_storeu_pd(v.ret_sq + i, _mm256_blendv_pd(rq0, _mm256_add_pd(rq0, _mm256_mul_pd(r, r)), kw));
+  const __m256d kc = _mm256_and_pd(keep, closing);
+  incr4(v.n_ret + i, kw);
+  incr4(v.trades + i, kc);
+  incr4(v.wins + i, _mm256_and_pd(kc, won));
+  st4i(v.position + i, _mm256_cvtpd_epi32(_mm256_blendv_pd(prev, pos, keep)));
+  st4i(v.action + i, _mm256_cvtpd_epi32(_mm256_blendv_pd(ld4d(v.action + i), act, keep)));
+  const __m256d fail = _mm256_andnot_pd(ok, live);  // quarantined is 0 on live lanes
+  st4i(v.quarantined + i, _mm_sub_epi32(quar, narrow(fail)));
+  // Counts: votes follow from the threshold masks, as in lane_step8.
+  cn.n = count4(cn.n, kw);
+  cn.ge_s = count4(cn.ge_s, _mm256_and_pd(kw, ge_s));
+  cn.ge_w = count4(cn.ge_w, _mm256_and_pd(kw, ge_w));
+  cn.le_w = count4(cn.le_w, _mm256_and_pd(kw, le_w));
+  cn.le_s = count4(cn.le_s, _mm256_and_pd(kw, le_s));
+  cn.live = count4(cn.live, live);
+  cn.fail = count4(cn.fail, fail);
+}
+
+// Peak, drawdown and the consensus terms of the 4 lanes at i (second state pass), the terms
+// stored at sums[k] + j.
+DC_V3_AI void lane_dd4(const LaneView& v, const double* __restrict score_in, int i, const double* __restrict te,
+                       __m256d keep, __m256d kw, double* const* sums, int j) {
+  const __m256d zero = _mm256_setzero_pd(), one = _mm256_set1_pd(1.0);
+  const __m256d score = _mm256_load_pd(score_in + i);
+  const __m256d e = _mm256_load_pd(te + i);
+  const __m256d peak0 = _mm256_loadu_pd(v.peak + i);
+  const __m256d higher = _mm256_cmp_pd(e, peak0, _CMP_GT_OQ);
+  const __m256d peak1 = _mm256_blendv_pd(peak0, e, higher);
+  const __m256d dd = _mm256_div_pd(_mm256_sub_pd(peak1, e), peak1);
+  const __m256d mdd0 = _mm256_loadu_pd(v.max_dd + i);
+  const __m256d deeper = _mm256_cmp_pd(dd, mdd0, _CMP_GT_OQ);
+  const __m256d mdd1 = _mm256_blendv_pd(mdd0, dd, deeper);
+  _mm256_storeu_pd(v.peak + i, _mm256_blendv_pd(peak0, e, _mm256_and_pd(keep, higher)));
+  _mm256_storeu_pd(v.max_dd + i, _mm256_blendv_pd(mdd0, dd, _mm256_and_pd(keep, deeper)));
+  // consensus weight: fitness(e, mdd1, credit)
+  const __m256d e0 = _mm256_blendv_pd(e, zero, _mm256_cmp_pd(e, zero, _CMP_LT_OQ));
+  const __m256d wgt = _mm256_mul_pd(_mm256_mul_pd(e0, _mm256_sub_pd(one, mdd1)), _mm256_loadu_pd(v.credit + i));
+  _mm256_store_pd(sums[0] + j, _mm256_and_pd(kw, wgt));
+  _mm256_store_pd(sums[1] + j, _mm256_and_pd(kw, _mm256_mul_pd(wgt, score)));
+  _mm256_store_pd(sums[2] + j, _mm256_and_pd(kw, score));
+  _mm256_store_pd(sums[3] + j, _mm256_and_pd(kw, _mm256_mul_pd(score, score)));
+}
+
+// The lane kernel with AVX2 intrinsics, 4 lanes at a time: blended scores first, then the two
+// state passes, then each warp's sums through the canonical tree.
+DC_V3 Summary sm_step_v3(const LaneView& view, int lanes, const double* __restrict feat, int32_t t, double ret,
+                         int poison, uint64_t& updates, uint64_t& quarantined) {
+  const LaneView v = view;  // a local copy, as in sm_step_v4
+  const double* __restrict w0 = v.w[0];
+  const double* __restrict w1 = v.w[1];
+  const double* __restrict w2 = v.w[2];
+  const double* __restrict w3 = v.w[3];
+  const double* __restrict w4 = v.w[4];
+  const int32_t* __restrict f0 = v.fidx[0];
+  const int32_t* __restrict f1 = v.fidx[1];
+  const int32_t* __restrict f2 = v.fidx[2];
+  const int32_t* __restrict f3 = v.fidx[3];
+  const int32_t* __restrict f4 = v.fidx[4];
+  const __m256d zero = _mm256_setzero_pd(), one = _mm256_set1_pd(1.0), sign = _mm256_set1_pd(-0.0);
+
+  alignas(64) double score_in[kMaxSmLanes];
+  for (int i = 0; i < lanes; i += 4) {
+    __m256d x = _mm256_mul_pd(_mm256_loadu_pd(w0 + i), gather4(feat, f0 + i));
+    x = _mm256_add_pd(x, _mm256_mul_pd(_mm256_loadu_pd(w1 + i), gather4(feat, f1 + i)));
+    x = _mm256_add_pd(x, _mm256_mul_pd(_mm256_loadu_pd(w2 + i), gather4(feat, f2 + i)));
+    x = _mm256_add_pd(x, _mm256_mul_pd(_mm256_loadu_pd(w3 + i), gather4(feat, f3 + i)));
+    x = _mm256_add_pd(x, _mm256_mul_pd(_mm256_loadu_pd(w4 + i), gather4(feat, f4 + i)));
+    if (v.has_dsi) {
+      const __m256d dv = _mm256_loadu_pd(v.dsi + i);
+      x = _mm256_blendv_pd(x, _mm256_add_pd(x, dv), _mm256_cmp_pd(dv, zero, _CMP_NEQ_UQ));
+    }
+    const __m256d ax = _mm256_blendv_pd(x, _mm256_xor_pd(x, sign), _mm256_cmp_pd(x, zero, _CMP_LT_OQ));
+    _mm256_store_pd(score_in + i, _mm256_div_pd(x, _mm256_add_pd(one, ax)));
+  }
+  if (v.has_external)
+    for (int i = 0; i < lanes; i += 4) {
+      const __m256d ext = _mm256_castsi256_pd(
+          _mm256_cvtepi32_epi64(_mm_xor_si128(_mm_cmpeq_epi32(ld4i(v.external + i), _mm_setzero_si128()),
+                                              _mm_set1_epi32(-1))));
+      _mm256_store_pd(score_in + i, _mm256_blendv_pd(_mm256_load_pd(score_in + i), _mm256_loadu_pd(v.ext_score + i), ext));
+    }
+  if (poison >= 0 && poison < lanes) score_in[poison] = __builtin_nan("");
+
+  const __m256d vt = _mm256_set1_pd(static_cast<double>(t));
+  const __m256d vret = _mm256_set1_pd(ret);
+  const __m256i izero = _mm256_setzero_si256();
+  Counts4 cn{izero, izero, izero, izero, izero, izero, izero};
+  alignas(64) double te[kMaxSmLanes];
+  __m256d tk[kMaxSmLanes / 4], tkw[kMaxSmLanes / 4];
+  for (int i = 0; i < lanes; i += 4) lane_step4(v, score_in, i, vt, vret, cn, te, tk, tkw);
+  alignas(64) double sw[kWarpSize], sws[kWarpSize], ss[kWarpSize], ss2[kWarpSize];
+  double* const sums[4] = {sw, sws, ss, ss2};
+  Summary total;
+  summary_zero(total);
+  for (int w = 0; w < lanes; w += kWarpSize) {  // warps in index order
+    for (int j = 0; j < kWarpSize; j += 4)
+      lane_dd4(v, score_in, w + j, te, tk[(w + j) / 4], tkw[(w + j) / 4], sums, j);
+    total.sum_w = total.sum_w + warp_tree4(sums[0]);
+    total.sum_ws = total.sum_ws + warp_tree4(sums[1]);
+    total.sum_s = total.sum_s + warp_tree4(sums[2]);
+    total.sum_s2 = total.sum_s2 + warp_tree4(sums[3]);
+  }
+  const uint32_t n = hsum4(cn.n), ge_s = hsum4(cn.ge_s), ge_w = hsum4(cn.ge_w);
+  const uint32_t le_w = hsum4(cn.le_w), le_s = hsum4(cn.le_s);
+  total.n = n;
+  total.votes[0] = le_s;
+  total.votes[1] = le_w - le_s;
+  total.votes[2] = n - ge_w - le_w;
+  total.votes[3] = ge_w - ge_s;
+  total.votes[4] = ge_s;
+  updates += hsum4(cn.live);
+  quarantined += hsum4(cn.fail);
+  return total;
+}
+
 #endif
 }  // namespace
 
@@ -732,11 +947,6 @@ Summary sm_step_base(const LaneView& v, int lanes, const double* feat, int32_t t
 void bank_update_base(Bank& b, const Bar& bar, double* feat) { bank_update_impl<2>(b, bar, feat); }
 
 #if DC_X86_DISPATCH
-#define DC_V3 __attribute__((target(DC_ISA_V3)))
-DC_V3 Summary sm_step_v3(const LaneView& v, int lanes, const double* feat, int32_t t, double ret, int poison,
-                         uint64_t& updates, uint64_t& quarantined) {
-  return sm_step_impl<4>(v, lanes, feat, t, ret, poison, updates, quarantined);
-}
 DC_V3 void bank_update_v3(Bank& b, const Bar& bar, double* feat) { bank_update_impl<4>(b, bar, feat); }
 DC_V4 void bank_update_v4(Bank& b, const Bar& bar, double* feat) { bank_update_impl<4>(b, bar, feat); }
 #endif
