@@ -396,12 +396,17 @@ void bind_engine(py::module_& m) {
                if (a.shape(0) != 1) throw std::invalid_argument("step() takes exactly one bar");
                b = *p;
              } else {
-               if (!PyObject_CheckBuffer(bar.ptr()))
+               // Its bytes only (PyBUF_SIMPLE): asked for a format too, numpy builds the record's
+               // format string on every call, ~1 us of a step.
+               Py_buffer view;
+               if (!PyObject_CheckBuffer(bar.ptr()) || PyObject_GetBuffer(bar.ptr(), &view, PyBUF_SIMPLE) != 0) {
+                 PyErr_Clear();
                  throw py::type_error("step() takes one bar record (56 bytes) or a 1-d array of one");
-               const py::buffer_info info = py::reinterpret_borrow<py::buffer>(bar).request();
-               if (info.size * info.itemsize != static_cast<py::ssize_t>(sizeof(Bar)))
-                 throw py::type_error("step() takes one bar record (56 bytes) or a 1-d array of one");
-               std::memcpy(&b, info.ptr, sizeof(Bar));
+               }
+               const bool fits = view.len == static_cast<Py_ssize_t>(sizeof(Bar));
+               if (fits) std::memcpy(&b, view.buf, sizeof(Bar));
+               PyBuffer_Release(&view);
+               if (!fits) throw py::type_error("step() takes one bar record (56 bytes) or a 1-d array of one");
              }
              Signal s{};
              int r;
