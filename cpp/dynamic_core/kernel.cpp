@@ -25,7 +25,8 @@ namespace {
 // The lane kernel over V lanes at a time (V a power of two dividing kWarpSize), written with
 // vector types: the same operations in the same order as blend + lane_step in math.hpp (tests
 // check bit equality), with every condition a 64-bit mask so that selects vectorise. Integer
-// state is exact in doubles. Instantiated once per instruction set (see sm_step below).
+// state is exact in doubles. The baseline build's kernel (sm_step_base); the x86-64-v3 and -v4
+// ones are written with intrinsics below.
 template <int V>
 struct Lanes {
   typedef double d __attribute__((vector_size(V * 8)));
