@@ -243,6 +243,18 @@ DC_AI Summary sm_step_impl(const LaneView& v, int lanes, const double* __restric
 }
 
 #if DC_X86_DISPATCH
+// The counted lanes and the votes of a summary, from the lanes counted at or beyond each action
+// threshold (the intrinsics kernels count those: ge_s within ge_w, le_s within le_w, and a
+// counted score is finite, so ge_w and le_w are disjoint).
+inline void set_votes(Summary& total, uint32_t n, uint32_t ge_s, uint32_t ge_w, uint32_t le_w, uint32_t le_s) {
+  total.n = n;
+  total.votes[0] = le_s;
+  total.votes[1] = le_w - le_s;
+  total.votes[2] = n - ge_w - le_w;
+  total.votes[3] = ge_w - ge_s;
+  total.votes[4] = ge_s;
+}
+
 #define DC_V4 __attribute__((target(DC_ISA_V4)))
 #define DC_V4_AI DC_V4 inline __attribute__((always_inline))
 
@@ -456,14 +468,7 @@ DC_V4 Summary sm_step_v4(const LaneView& view, int lanes, const double* __restri
     total.sum_s = total.sum_s + warp_tree8(s02, _mm512_add_pd(a1.s, a3.s));
     total.sum_s2 = total.sum_s2 + warp_tree8(s202, _mm512_add_pd(a1.s2, a3.s2));
   }
-  const uint32_t n = hsum8(cn.n), ge_s = hsum8(cn.ge_s), ge_w = hsum8(cn.ge_w);
-  const uint32_t le_w = hsum8(cn.le_w), le_s = hsum8(cn.le_s);
-  total.n = n;
-  total.votes[0] = le_s;
-  total.votes[1] = le_w - le_s;
-  total.votes[2] = n - ge_w - le_w;
-  total.votes[3] = ge_w - ge_s;
-  total.votes[4] = ge_s;
+  set_votes(total, hsum8(cn.n), hsum8(cn.ge_s), hsum8(cn.ge_w), hsum8(cn.le_w), hsum8(cn.le_s));
   updates += hsum8(cn.live);
   quarantined += hsum8(cn.fail);
   return total;
@@ -671,14 +676,7 @@ DC_V3 Summary sm_step_v3(const LaneView& view, int lanes, const double* __restri
     total.sum_s = total.sum_s + warp_tree4(sums[2]);
     total.sum_s2 = total.sum_s2 + warp_tree4(sums[3]);
   }
-  const uint32_t n = hsum4(cn.n), ge_s = hsum4(cn.ge_s), ge_w = hsum4(cn.ge_w);
-  const uint32_t le_w = hsum4(cn.le_w), le_s = hsum4(cn.le_s);
-  total.n = n;
-  total.votes[0] = le_s;
-  total.votes[1] = le_w - le_s;
-  total.votes[2] = n - ge_w - le_w;
-  total.votes[3] = ge_w - ge_s;
-  total.votes[4] = ge_s;
+  set_votes(total, hsum4(cn.n), hsum4(cn.ge_s), hsum4(cn.ge_w), hsum4(cn.le_w), hsum4(cn.le_s));
   updates += hsum4(cn.live);
   quarantined += hsum4(cn.fail);
   return total;
