@@ -399,13 +399,14 @@ void bind_engine(py::module_& m) {
                // Its bytes only (PyBUF_SIMPLE): asked for a format too, numpy builds the record's
                // format string on every call, ~1 us of a step.
                Py_buffer view;
-               if (!PyObject_CheckBuffer(bar.ptr()) || PyObject_GetBuffer(bar.ptr(), &view, PyBUF_SIMPLE) != 0) {
-                 PyErr_Clear();
-                 throw py::type_error("step() takes one bar record (56 bytes) or a 1-d array of one");
+               bool fits = false;
+               if (PyObject_GetBuffer(bar.ptr(), &view, PyBUF_SIMPLE) == 0) {
+                 fits = view.len == static_cast<Py_ssize_t>(sizeof(Bar));
+                 if (fits) std::memcpy(&b, view.buf, sizeof(Bar));
+                 PyBuffer_Release(&view);
+               } else {
+                 PyErr_Clear();  // not a buffer: the TypeError below says what is
                }
-               const bool fits = view.len == static_cast<Py_ssize_t>(sizeof(Bar));
-               if (fits) std::memcpy(&b, view.buf, sizeof(Bar));
-               PyBuffer_Release(&view);
                if (!fits) throw py::type_error("step() takes one bar record (56 bytes) or a 1-d array of one");
              }
              Signal s{};

@@ -243,6 +243,12 @@ DC_AI Summary sm_step_impl(const LaneView& v, int lanes, const double* __restric
 }
 
 #if DC_X86_DISPATCH
+// feat at the two indices packed in q (int32s, the first in the low half), as one vector.
+DC_AI __m128d feat_pair(const double* __restrict feat, uint64_t q) {
+  const int64_t lo = static_cast<int32_t>(static_cast<uint32_t>(q)), hi = static_cast<int64_t>(q) >> 32;
+  return _mm_loadh_pd(_mm_load_sd(feat + lo), feat + hi);
+}
+
 // The counted lanes and the votes of a summary, from the lanes counted at or beyond each action
 // threshold (the intrinsics kernels count those: ge_s within ge_w, le_s within le_w, and a
 // counted score is finite, so ge_w and le_w are disjoint).
@@ -267,12 +273,10 @@ DC_V4_AI __m512d gather8(const double* __restrict feat, const int32_t* __restric
   uint64_t q[4];
   __builtin_memcpy(q, idx, sizeof q);
   if ((q[0] | q[1] | q[2] | q[3]) == 0) return _mm512_set1_pd(feat[0]);
-  auto first = [](uint64_t x) { return static_cast<int64_t>(static_cast<int32_t>(static_cast<uint32_t>(x))); };
-  auto second = [](uint64_t x) { return static_cast<int64_t>(x) >> 32; };
-  const __m128d a = _mm_loadh_pd(_mm_load_sd(feat + first(q[0])), feat + second(q[0]));
-  const __m128d b = _mm_loadh_pd(_mm_load_sd(feat + first(q[1])), feat + second(q[1]));
-  const __m128d c = _mm_loadh_pd(_mm_load_sd(feat + first(q[2])), feat + second(q[2]));
-  const __m128d d = _mm_loadh_pd(_mm_load_sd(feat + first(q[3])), feat + second(q[3]));
+  const __m128d a = feat_pair(feat, q[0]);
+  const __m128d b = feat_pair(feat, q[1]);
+  const __m128d c = feat_pair(feat, q[2]);
+  const __m128d d = feat_pair(feat, q[3]);
   const __m256d lo = _mm256_insertf128_pd(_mm256_castpd128_pd256(a), b, 1);
   const __m256d hi = _mm256_insertf128_pd(_mm256_castpd128_pd256(c), d, 1);
   return _mm512_insertf64x4(_mm512_castpd256_pd512(lo), hi, 1);
@@ -487,10 +491,8 @@ DC_V3_AI __m256d gather4(const double* __restrict feat, const int32_t* __restric
   uint64_t q[2];
   __builtin_memcpy(q, idx, sizeof q);
   if ((q[0] | q[1]) == 0) return _mm256_broadcast_sd(feat);
-  auto first = [](uint64_t x) { return static_cast<int64_t>(static_cast<int32_t>(static_cast<uint32_t>(x))); };
-  auto second = [](uint64_t x) { return static_cast<int64_t>(x) >> 32; };
-  const __m128d a = _mm_loadh_pd(_mm_load_sd(feat + first(q[0])), feat + second(q[0]));
-  const __m128d b = _mm_loadh_pd(_mm_load_sd(feat + first(q[1])), feat + second(q[1]));
+  const __m128d a = feat_pair(feat, q[0]);
+  const __m128d b = feat_pair(feat, q[1]);
   return _mm256_insertf128_pd(_mm256_castpd128_pd256(a), b, 1);
 }
 DC_V3_AI __m128i ld4i(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
