@@ -630,6 +630,28 @@ def test_callback_errors_do_not_stop_the_bridge(make: Callable[..., typing.Any])
     assert bridge.stats()["callback_errors"] == 2
 
 
+def test_a_wait_whose_condition_asks_the_bridge_thread_does_not_deadlock(make: Callable[..., typing.Any]) -> None:
+    # the condition sleeps past a round of the bridge thread (whose end notifies waiters) before
+    # it asks that thread for stats(): run under the waiters' lock, the two would wait on each other
+    bridge = make("bridge")
+    make("terminal", bridge.address)
+    live(bridge)
+    asked: list[int] = []
+
+    def condition() -> bool:
+        time.sleep(0.05)
+        asked.append(bridge.stats()["open"])
+        return len(asked) >= 3
+
+    t0 = time.monotonic()
+    assert bridge.wait_until(condition, 5.0)
+    assert asked == [0, 0, 0] and time.monotonic() - t0 < 5.0
+    # and a condition that stays false still times out on time
+    t0 = time.monotonic()
+    assert not bridge.wait_until(lambda: bridge.stats()["open"] < 0, 0.3)
+    assert 0.3 <= time.monotonic() - t0 < 3.0
+
+
 def test_bind_policy() -> None:
     with pytest.raises(ValueError):
         MT5Bridge("tcp://0.0.0.0:*", start=False)

@@ -357,6 +357,7 @@ class MT5Bridge:
         self._state_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._waiters = 0
+        self._changes = 0  # rounds that may have changed something while someone waited
         self._orders: dict[str, _Order] = {}
         self._inbox: deque[tuple[str, Any]] = deque()
         self._report_cbs: list[Callable[[BridgeReport], object]] = []
@@ -527,6 +528,7 @@ class MT5Bridge:
             self._state_lock.release()
         if self._waiters:  # wait(coid, "sent") and the like
             with self._cond:
+                self._changes += 1
                 self._cond.notify_all()
         return True
 
@@ -626,17 +628,27 @@ class MT5Bridge:
     def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
         """Wait until ``predicate()`` is true; re-evaluated whenever the bridge thread changed
         something. False on timeout."""
+        # The predicate runs without the condition's lock: it may ask the bridge thread
+        # (stats(), positions()), and that thread takes the lock to notify after each round; a
+        # predicate run under it would wait on a thread waiting on us. The round counter, read
+        # before the predicate, keeps a change made meanwhile from being missed.
         end = time.monotonic() + timeout
         with self._cond:
             self._waiters += 1
-            try:
-                while not predicate():
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        return False
-                    self._cond.wait(min(left, 0.1))
-                return True
-            finally:
+        try:
+            while True:
+                with self._cond:
+                    seen = self._changes
+                if predicate():
+                    return True
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                with self._cond:
+                    if self._changes == seen:
+                        self._cond.wait(min(left, 0.1))
+        finally:
+            with self._cond:
                 self._waiters -= 1
 
     def _call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -704,6 +716,7 @@ class MT5Bridge:
                     return
             if self._waiters:
                 with self._cond:
+                    self._changes += 1
                     self._cond.notify_all()
 
     def _drain_calls_on_exit(self) -> None:
