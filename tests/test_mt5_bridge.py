@@ -37,7 +37,9 @@ from dynamic_core.payloads import TradingPlan
 
 HB = 0.05
 # for tests that count sends exactly: no re-send while the ack is merely slow on a loaded machine
-NO_RESEND = {"resend_timeout": 3.0, "resend_max_delay": 3.0}
+# for tests that count sends, acks or resends exactly: no resend timer, and a liveness window
+# (0.5 s x 20) no stall of a loaded machine reaches (safe mode re-sends every open order on leaving)
+NO_RESEND = {"resend_timeout": 3.0, "resend_max_delay": 3.0, "heartbeat": 0.5, "missed": 20}
 TIMEOUT = 15.0  # generous bound on any single wait; never reached when things work
 DOC = Path(__file__).resolve().parent.parent / "docs" / "mt5-bridge.md"
 
@@ -669,6 +671,63 @@ def test_a_closed_bridge_refuses_work_instead_of_queueing_it() -> None:
         with pytest.raises(RuntimeError, match="closed"):
             call()
     assert bridge.orders() == {}
+
+
+def test_an_order_racing_close_is_refused_not_left_queued() -> None:
+    # close() lands between submit_order's open check and its hand-off to the bridge thread: the
+    # order went into the inbox of a thread that had already taken its last look, queued for good
+    bridge = MT5Bridge("tcp://127.0.0.1:*")
+    real = bridge._send_now
+
+    def close_first(o: typing.Any) -> bool:
+        bridge.close()
+        return real(o)
+
+    bridge._send_now = close_first  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="closed"):
+        bridge.submit_order(symbol="EURUSD", side="buy", volume=0.1, valid_until=int(time.time() * 1000) + 60_000,
+                            client_order_id="dcrace1")
+    assert bridge.orders() == {} and not bridge._inbox
+    assert bridge.stats()["link"] == "waiting"  # answered here: the thread has ended
+
+
+def test_a_question_racing_close_is_answered(make: Callable[..., typing.Any]) -> None:
+    # stats() asks the bridge thread; close() meanwhile: answered by its last drain or here,
+    # never a 10 s TimeoutError
+    for _ in range(20):
+        bridge = make("bridge")
+        answers: list[typing.Any] = []
+        t = threading.Thread(target=lambda b=bridge: answers.append(b.stats()["link"]))
+        t.start()
+        bridge.close()
+        t.join(TIMEOUT)
+        assert not t.is_alive() and answers == ["waiting"]
+
+
+def test_callbacks_may_close_the_bridge_but_not_wait_on_it(make: Callable[..., typing.Any]) -> None:
+    bridge = make("bridge")
+    errors: list[BaseException] = []
+
+    def on_report(r: typing.Any) -> None:
+        if r.status == "filled":
+            try:
+                bridge.wait(r.client_order_id, timeout=5.0)
+            except RuntimeError as e:
+                errors.append(e)
+            bridge.close()
+
+    bridge.on_report(on_report)
+    make("terminal", bridge.address)
+    live(bridge)
+    t0 = time.monotonic()
+    bridge.submit_plan(plan("cb-close"))
+    wait_for(lambda: bridge._thread is not None and not bridge._thread.is_alive(), what="the bridge thread to end")
+    assert time.monotonic() - t0 < 5.0  # the wait raised at once instead of blocking its own thread
+    assert len(errors) == 1 and "callback" in str(errors[0])
+    assert bridge._sock.closed  # the thread closed the socket on its way out
+    bridge.close()  # a second close is a no-op
+    with pytest.raises(RuntimeError, match="closed"):
+        bridge.submit_plan(plan("cb-after"))
 
 
 def test_liveness_rule_within_what_the_hello_carries() -> None:

@@ -360,6 +360,9 @@ class MT5Bridge:
         self._changes = 0  # rounds that may have changed something while someone waited
         self._orders: dict[str, _Order] = {}
         self._inbox: deque[tuple[str, Any]] = deque()
+        # taken to check that the bridge is open and hand it work in one step, and by close() to
+        # stop it: nothing reaches the inbox after the bridge thread's last look at it
+        self._post_lock = threading.Lock()
         self._report_cbs: list[Callable[[BridgeReport], object]] = []
         self._ack_cbs: list[Callable[[str, bool, str], object]] = []
 
@@ -415,14 +418,26 @@ class MT5Bridge:
         if self._stop.is_set():
             raise RuntimeError("the mt5 bridge is closed")
 
+    def _post(self, kind: str, item: Any) -> None:
+        """Hand the bridge thread work; RuntimeError once the bridge is closed (it would wait for a
+        thread that has stopped)."""
+        with self._post_lock:
+            self._check_open()
+            self._inbox.append((kind, item))
+            self._bell.ring()
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop the bridge thread and close the socket. Orders not settled stay as they are in
         :meth:`orders` (the EA de-duplicates them if a new bridge submits them again)."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._bell.ring()
+        with self._post_lock:
+            if self._stop.is_set():
+                return
+            self._stop.set()
+            self._bell.ring()
         t_end = time.monotonic() + timeout
+        if self._thread is threading.current_thread():  # from a callback: the thread ends after it
+            self._closed = True
+            return
         if self._thread is not None:
             self._thread.join(timeout)
         # the lock: no submitter is sending on the socket, and the bridge thread is out of its round
@@ -503,8 +518,16 @@ class MT5Bridge:
                 return coid
             self._orders[coid] = o
         if not self._send_now(o):
-            self._inbox.append(("order", o))
-            self._bell.ring()
+            try:
+                self._post("order", o)
+            except RuntimeError:  # closed meanwhile: the order is not taken
+                with self._lock:
+                    if self._orders.get(coid) is o:
+                        if old is None:
+                            del self._orders[coid]
+                        else:
+                            self._orders[coid] = old
+                raise
         return coid
 
     def _send_now(self, o: _Order) -> bool:
@@ -539,22 +562,17 @@ class MT5Bridge:
         o = self._orders.get(client_order_id)
         if o is None or o.state in FINAL:
             return False
-        self._inbox.append(("cancel", o))
-        self._bell.ring()
+        self._post("cancel", o)
         return True
 
     def flatten(self, reason: str = "requested") -> None:
         """Close every position and pending order of this bridge's magic at the terminal. The
         answer reconciles; orders wait meanwhile (section 8 of the protocol)."""
-        self._check_open()
-        self._inbox.append(("flatten", reason))
-        self._bell.ring()
+        self._post("flatten", reason)
 
     def reconcile(self) -> None:
         """Reconcile with the terminal now (positions query); orders wait until it completes."""
-        self._check_open()
-        self._inbox.append(("reconcile", None))
-        self._bell.ring()
+        self._post("reconcile", None)
 
     def on_report(self, callback: Callable[[BridgeReport], object]) -> None:
         """Call ``callback(report)`` on the bridge thread for every change in an order's
@@ -628,6 +646,9 @@ class MT5Bridge:
     def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
         """Wait until ``predicate()`` is true; re-evaluated whenever the bridge thread changed
         something. False on timeout."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("wait()/wait_until() from a bridge callback would wait for the thread it "
+                               "blocks; record what you need and return")
         # The predicate runs without the condition's lock: it may ask the bridge thread
         # (stats(), positions()), and that thread takes the lock to notify after each round; a
         # predicate run under it would wait on a thread waiting on us. The round counter, read
@@ -652,14 +673,30 @@ class MT5Bridge:
                 self._waiters -= 1
 
     def _call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-        """Run ``fn`` on the bridge thread (its state is consistent there) and return the result."""
-        if self._thread is None or not self._thread.is_alive() or threading.current_thread() is self._thread:
+        """Run ``fn`` on the bridge thread (its state is consistent there) and return the result;
+        here once that thread has ended (after its last round) or was never started."""
+        th = self._thread
+        if th is None or threading.current_thread() is th:
             return fn()
         ev = threading.Event()
         box: list[Any] = []
-        self._inbox.append(("call", (fn, ev, box)))
-        self._bell.ring()
-        if not ev.wait(timeout):
+        with self._post_lock:
+            posted = not self._stop.is_set() and th.is_alive()
+            if posted:
+                self._inbox.append(("call", (fn, ev, box)))
+                self._bell.ring()
+        if not posted:  # closing or closed: after the thread's last round
+            th.join(timeout)
+            return fn()
+        end = time.monotonic() + timeout
+        while not ev.wait(min(0.1, max(0.0, end - time.monotonic()))):
+            if not th.is_alive():  # it ended (closed, or failed) after its last drain: answer here
+                with self._state_lock:
+                    self._drain_calls_on_exit()
+                break
+            if time.monotonic() >= end:
+                raise TimeoutError("the bridge thread did not answer")
+        if not box:  # pragma: no cover - taken by no one (cannot happen: drained above)
             raise TimeoutError("the bridge thread did not answer")
         if isinstance(box[0], BaseException):
             raise box[0]
