@@ -640,8 +640,9 @@ def test_signals_keep_flowing_while_every_adapter_hangs(fake, tmp_path) -> None:
         feed = T.SignalFeed(f"ipc://{tmp_path / 'sig.sock'}", heartbeat_interval=0.05)
         svc = T.EngineService(eng, feed=feed, mesh=m)
         with svc, T.SignalSubscriber(feed.endpoint, topics=["sig.", "rat."]) as sub:
-            svc.start()
+            # before start(): the egress thread then owns the feed's socket (one thread per socket)
             assert feed.wait_for_subscribers(1, timeout=TIMEOUT)
+            svc.start()
             t0 = time.monotonic()
             eng.submit(bars)
             seen: set[str] = set()
@@ -667,6 +668,27 @@ def test_signals_keep_flowing_while_every_adapter_hangs(fake, tmp_path) -> None:
     assert st["tasks"]["submitted"] + st["tasks"]["dropped_inbox"] == len(bars)
     assert st["queue"]["shed"]["medium"] + st["queue"]["shed"]["high"] > 0  # shed, never blocked
     assert "answers" not in st["providers"]["deepseek"]  # no hung request ever answered
+
+
+def test_rationales_finished_when_the_service_stops_are_published(fake, tmp_path) -> None:
+    # the egress loop's last round (stopping, nothing in flight) returned before taking the
+    # mesh's outbox: a rationale finished just then was never published
+    m, out = mesh(fake)
+    pop = dc.Population.random(64, instruments=["EURUSD"], timeframes=[3600], seed=1)
+    with m, dc.Engine(pop, threads=1) as eng:
+        feed = T.SignalFeed(f"ipc://{tmp_path / 'rat.sock'}", heartbeat_interval=0.05)
+        svc = T.EngineService(eng, feed=feed, mesh=m)
+        with svc, T.SignalSubscriber(feed.endpoint, topics=["rat."]) as sub:
+            assert feed.wait_for_subscribers(1, timeout=TIMEOUT)
+            m.submit(ctx(7, action=2))
+            assert out.wait(1)[0].provider == "deepseek"  # finished: in the outbox
+            # that last round, run here (no egress thread was started)
+            svc._egress_end_by = time.monotonic() + 1.0
+            svc._egress_stop.set()
+            svc._egress_body()
+            assert svc.rationales_published == 1 and not m.outbox
+            msg = sub.recv(timeout=TIMEOUT)
+            assert isinstance(msg, P.RationaleUpdate) and msg.signal_id == ctx(7).signal_id
 
 
 # ---- CLI ----------------------------------------------------------------------------------------

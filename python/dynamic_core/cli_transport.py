@@ -426,8 +426,7 @@ def cmd_run_service(args: argparse.Namespace) -> int:
             interrupted = True
         if mesh is not None and not interrupted:
             mesh.wait_idle(timeout=mesh.deadline_s + 1.0)
-            time.sleep(0.1)  # the egress thread publishes the last rationales
-        svc.stop()
+        svc.stop()  # its egress thread publishes the last rationales on its way out
         st = eng.stats()
         print(f"bars submitted {svc.bars_submitted:,}, accepted {st['accepted']:,}, rejected {st['rejected']:,}; "
               f"signals {st['signals']:,}"

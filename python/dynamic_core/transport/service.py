@@ -582,14 +582,20 @@ class EngineService:
                 if mesh is not None:  # after publishing: reasoning never delays a signal
                     mesh.submit_signals(sigs)
             elif stopping and (late or self._in_flight() == 0):
+                self._publish_rationales()  # those that came since the last round go out too
                 return
-            if mesh is not None:
-                for upd in mesh.take_rationales():
-                    if feed is not None:
-                        feed.publish_rationale(upd)
-                    self.rationales_published += 1
+            self._publish_rationales()
             if feed is not None:
                 feed.tick()
+
+    def _publish_rationales(self) -> None:
+        """Publish the rationales the mesh has finished (egress thread)."""
+        if self.mesh is None:
+            return
+        for upd in self.mesh.take_rationales():
+            if self.feed is not None:
+                self.feed.publish_rationale(upd)
+            self.rationales_published += 1
 
     def _start_egress(self) -> None:
         if self.feed is None and self.on_signals is None and self.mesh is None:
