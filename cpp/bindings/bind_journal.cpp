@@ -145,7 +145,14 @@ void bind_engine_journal(py::class_<Engine>& e) {
              GilRelease nogil;
              return en.journal_append(type, copy.data(), copy.size(), durable);
            }, py::arg("type"), py::arg("data"), py::arg("durable") = true)
-      .def("journal_stats", [](Engine& en) { return stats_dict(en.journal_stats()); })
+      .def("journal_stats", [](Engine& en) {
+             JournalStats st;
+             {
+               GilRelease nogil;  // its lock is held across a durable commit (an fsync)
+               st = en.journal_stats();
+             }
+             return stats_dict(st);
+           })
       .def("has_journal", &Engine::has_journal)
       .def("forget_journal_after_fork", &Engine::forget_journal_after_fork,
            "In a child made by fork(): close this process's copies of the journal's files, writing nothing.")
