@@ -1447,7 +1447,7 @@ def test_control_answers_while_a_slow_consumer_fills_the_window(tmp_path: Path, 
 
     def hook(s: np.ndarray) -> None:
         if slow.is_set():
-            time.sleep(0.002 * len(s))
+            time.sleep(0.004 * len(s))
 
     with dc.Engine(population(), threads=1, capacity=512) as eng:
         ingress = T.MarketIngress(f"ipc://{tmp_path / 'in.sock'}")
@@ -1466,8 +1466,8 @@ def test_control_answers_while_a_slow_consumer_fills_the_window(tmp_path: Path, 
                 assert c.health(timeout=TIMEOUT).ok
                 worst = max(worst, time.monotonic() - t0)
                 time.sleep(0.02)
-            # behind the window it would wait for the backlog (~8 s); slack for a loaded machine
-            assert worst < 3.0, f"a health query waited {worst:.2f} s behind the engine's window"
+            # behind the window it would wait for the backlog (~16 s); slack for a loaded machine
+            assert worst < 6.0, f"a health query waited {worst:.2f} s behind the engine's window"
             slow.clear()
             _until(lambda: svc.signals_published == 4000, what="the backlog drained")
 
