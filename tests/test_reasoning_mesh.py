@@ -1273,6 +1273,29 @@ def test_close_called_from_on_rationale_ends_the_broker_and_closes_its_sockets()
     m.close()  # again, from outside: nothing left to do, no error
 
 
+def test_waits_from_on_rationale_raise_at_once() -> None:
+    # the broker thread runs on_rationale: a wait there for that thread spun until its timeout
+    errors: list[str] = []
+    holder: list = []
+
+    def on(o) -> None:
+        for wait in (lambda: holder[0].wait_idle(timeout=5.0), lambda: holder[0].wait_ready(timeout=5.0)):
+            t0 = time.monotonic()
+            try:
+                wait()
+            except RuntimeError as e:
+                errors.append(f"{time.monotonic() - t0 < 1.0} {e}")
+
+    with ReasoningMesh([], policy=policy("local"), on_rationale=on) as m:
+        holder.append(m)
+        m.start()
+        m.submit(ctx(5250))
+        wait_until(lambda: len(errors) == 2)
+        assert m.wait_idle(timeout=TIMEOUT)  # from any other thread it waits as before
+    assert [e.split(" ", 1)[0] for e in errors] == ["True", "True"]
+    assert "wait_idle() from on_rationale" in errors[0] and "wait_ready() from on_rationale" in errors[1]
+
+
 def test_submit_many_is_all_or_nothing_when_a_context_cannot_be_copied() -> None:
     out = Collect()
     bad = P.ReasoningContext(signal_id="bad:1", instrument="EURUSD", timeframe=3600, seq=1, action=1,

@@ -463,7 +463,9 @@ class ReasoningMesh:
 
     def wait_ready(self, providers: Sequence[str] | None = None, timeout: float = 10.0) -> bool:
         """Wait until every provider in ``providers`` (default: those spawned) has an adapter.
-        False at the timeout, or as soon as every provider still missing is in :attr:`down`."""
+        False at the timeout, or as soon as every provider still missing is in :attr:`down`.
+        RuntimeError from ``on_rationale`` (the broker thread it would wait for)."""
+        self._not_on_broker("wait_ready")
         want = set(self.providers if providers is None else providers)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -683,7 +685,9 @@ class ReasoningMesh:
         return out
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Wait until every submitted task has finished."""
+        """Wait until every submitted task has finished. RuntimeError from ``on_rationale``
+        (the broker thread it would wait for)."""
+        self._not_on_broker("wait_idle")
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if not self._inbox and not self._evicted and self._call(lambda: len(self._tasks)) == 0:
@@ -763,6 +767,11 @@ class ReasoningMesh:
         }
 
     # ---- broker thread ------------------------------------------------------------------------
+    def _not_on_broker(self, what: str) -> None:
+        if self._thread is not None and threading.current_thread() is self._thread:
+            raise RuntimeError(f"{what}() from on_rationale would wait for the broker thread that runs it; "
+                               "record what you need and return")
+
     def _call(self, fn: Callable[[], Any], timeout: float = 5.0) -> Any:
         """Run ``fn`` on the broker thread (directly when it is not running)."""
         t = self._thread
