@@ -549,11 +549,15 @@ class MT5Bridge:
                 self._bell.ring()
         finally:
             self._state_lock.release()
-        if self._waiters:  # wait(coid, "sent") and the like
+        self._notify_waiters()  # wait(coid, "sent") and the like
+        return True
+
+    def _notify_waiters(self) -> None:
+        """Wake wait()/wait_until() after something may have changed."""
+        if self._waiters:
             with self._cond:
                 self._changes += 1
                 self._cond.notify_all()
-        return True
 
     def cancel(self, client_order_id: str) -> bool:
         """Ask the EA to cancel an order that is not final; False when it is unknown or final.
@@ -680,24 +684,19 @@ class MT5Bridge:
             return fn()
         ev = threading.Event()
         box: list[Any] = []
-        with self._post_lock:
-            posted = not self._stop.is_set() and th.is_alive()
-            if posted:
-                self._inbox.append(("call", (fn, ev, box)))
-                self._bell.ring()
-        if not posted:  # closing or closed: after the thread's last round
+        try:
+            self._post("call", (fn, ev, box))
+        except RuntimeError:  # closing or closed: after the thread's last round
             th.join(timeout)
             return fn()
         end = time.monotonic() + timeout
         while not ev.wait(min(0.1, max(0.0, end - time.monotonic()))):
-            if not th.is_alive():  # it ended (closed, or failed) after its last drain: answer here
+            if not th.is_alive():  # it ended (it failed) after its last drain: answer here
                 with self._state_lock:
                     self._drain_calls_on_exit()
                 break
             if time.monotonic() >= end:
                 raise TimeoutError("the bridge thread did not answer")
-        if not box:  # pragma: no cover - taken by no one (cannot happen: drained above)
-            raise TimeoutError("the bridge thread did not answer")
         if isinstance(box[0], BaseException):
             raise box[0]
         return box[0]
@@ -751,10 +750,7 @@ class MT5Bridge:
                     more = readable(sock)
                 except zmq.ZMQError:  # pragma: no cover - context terminated under us
                     return
-            if self._waiters:
-                with self._cond:
-                    self._changes += 1
-                    self._cond.notify_all()
+            self._notify_waiters()
 
     def _drain_calls_on_exit(self) -> None:
         while self._inbox:
