@@ -11,7 +11,10 @@ Run: ``python -m bench.bench_runtime [--quick] [--json PATH]``
    Bars are fed one at a time (warm-up included), as a live feed would. Workers and a consumer
    waiting for one signal spin up to 2 ms (yielding the CPU) before they park, so only a feed
    slower than that pays a futex wake-up.
-3. SPSC ring: ns per element moved between two threads, against a mutex-guarded std::deque.
+3. SPSC ring: ns per element moved between two threads, one element per ``push``/``pop`` and in
+   runs of 64 (``try_push_n``/``try_pop_n``, the call a worker drains its ring with), against a
+   mutex-guarded std::deque. One at a time, a producer and a consumer running in step hand the
+   index and slot cache lines back and forth for every element; a run pays for that once.
 
 Figures are printed, never asserted. Targets from the issue (2 cores): p50 <= 30 us and
 p99 <= 100 us at 10k agents; >= 0.5 G agent-updates/s at 100k agents; ring <= 10 ns per op.
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ring = [_core.ring_bench(2_000_000 if args.quick else 10_000_000) for _ in range(3)]
     res["ring"] = {"spsc_ring_ns": min(r["spsc_ring_ns"] for r in ring),
                    "spsc_ring_ns_median": float(np.median([r["spsc_ring_ns"] for r in ring])),
+                   "spsc_ring_bulk_ns": min(r["spsc_ring_bulk_ns"] for r in ring),
+                   "spsc_ring_bulk_ns_median": float(np.median([r["spsc_ring_bulk_ns"] for r in ring])),
                    "locked_deque_ns": min(r["locked_deque_ns"] for r in ring)}
 
     print("\n1. Engine.run throughput, random agents over 4 instruments (agent-updates/s = agents per "
@@ -130,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     print("   step and sub/poll are timed in Python around the call; 'engine' is ingress -> fused "
           "inside the engine (histogram bucket upper edges). A bar updates agents/4 agents.")
     r = res["ring"]
-    print(f"\n3. SPSC ring, ns per element between two threads: {r['spsc_ring_ns']:.1f} (best of 3; median "
-          f"{r['spsc_ring_ns_median']:.1f}) vs mutex + std::deque {r['locked_deque_ns']:.1f} "
-          f"-> {r['locked_deque_ns'] / r['spsc_ring_ns']:.1f}x")
+    print("\n3. SPSC ring, ns per element between two threads (best of 3; median)")
+    print(f"   one per push/pop   {r['spsc_ring_ns']:6.1f} ({r['spsc_ring_ns_median']:.1f})")
+    print(f"   runs of 64         {r['spsc_ring_bulk_ns']:6.1f} ({r['spsc_ring_bulk_ns_median']:.1f})")
+    print(f"   mutex + std::deque {r['locked_deque_ns']:6.1f}  -> {r['locked_deque_ns'] / r['spsc_ring_ns']:.1f}x "
+          f"one at a time, {r['locked_deque_ns'] / r['spsc_ring_bulk_ns']:.1f}x in runs")
 
     t100 = res["throughput"][-1]
     l10 = res["latency"][1]
@@ -140,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         ("G agent-updates/s, 100k agents, 2 threads", f"{t100['t2_gups']:.3f}", ">= 0.5", t100["t2_gups"] >= 0.5),
         ("step p50 at 10k agents (us)", f"{l10['step_p50_us']:.1f}", "<= 30", l10["step_p50_us"] <= 30),
         ("step p99 at 10k agents (us)", f"{l10['step_p99_us']:.1f}", "<= 100", l10["step_p99_us"] <= 100),
-        ("ring ns per op", f"{r['spsc_ring_ns']:.1f}", "<= 10", r["spsc_ring_ns"] <= 10),
+        ("ring ns per op, one element per push/pop", f"{r['spsc_ring_ns']:.1f}", "<= 10", r["spsc_ring_ns"] <= 10),
+        ("ring ns per element, runs of 64", f"{r['spsc_ring_bulk_ns']:.1f}", "<= 10", r["spsc_ring_bulk_ns"] <= 10),
     ]
     finish(rows, res, args, t_all)
     return 0

@@ -3,6 +3,7 @@
 #include <deque>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include "../dynamic_core/journal.hpp"
 #include "../dynamic_core/ring.hpp"
@@ -21,6 +22,37 @@ double transfer_ns(uint64_t n, Push push, Pop pop) {
   });
   uint64_t sum = 0;
   for (uint64_t k = 0; k < n; ++k) sum += pop();
+  producer.join();
+  const double dt = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+  if (sum != n * (n + 1) / 2) throw std::runtime_error("ring benchmark lost elements");
+  return dt / static_cast<double>(n);
+}
+
+// The same transfer with the bulk calls: the producer offers runs of `batch` consecutive values
+// (keeping what the ring did not take), the consumer takes up to `batch` at a time.
+double bulk_transfer_ns(uint64_t n, size_t batch, SpscRing<uint64_t>& r) {
+  const auto t0 = std::chrono::steady_clock::now();
+  std::thread producer([&] {
+    std::vector<uint64_t> run(batch);
+    for (uint64_t next = 1; next <= n;) {
+      const size_t m = static_cast<size_t>(std::min<uint64_t>(batch, n - next + 1));
+      for (size_t j = 0; j < m; ++j) run[j] = next + j;
+      for (size_t done = 0; done < m;) {
+        const size_t k = r.try_push_n(run.data() + done, m - done);
+        done += k;
+        if (k == 0) cpu_relax();
+      }
+      next += m;
+    }
+  });
+  std::vector<uint64_t> out(batch);
+  uint64_t sum = 0;
+  for (uint64_t got = 0; got < n;) {
+    const size_t k = r.try_pop_n(out.data(), batch);
+    for (size_t j = 0; j < k; ++j) sum += out[j];
+    got += k;
+    if (k == 0) cpu_relax();
+  }
   producer.join();
   const double dt = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
   if (sum != n * (n + 1) / 2) throw std::runtime_error("ring benchmark lost elements");
@@ -56,13 +88,17 @@ void bind_bench(py::module_& m) {
       }, py::arg("dir"), py::arg("n"), py::arg("payload"), py::arg("fsync_level"), py::arg("batch"),
       "Append n records of `payload` bytes to a new journal in dir, committing (and syncing by "
       "fsync_level) every `batch` records; seconds taken.");
-  m.def("ring_bench", [](uint64_t n, size_t capacity) {
+  m.def("ring_bench", [](uint64_t n, size_t capacity, size_t batch) {
+        if (batch < 1 || batch > capacity) throw py::value_error("batch must be in [1, capacity]");
         py::dict d;
-        double ring, locked;
+        double ring, bulk, locked;
         {
           GilRelease nogil;
           SpscRing<uint64_t> r(capacity);
           ring = transfer_ns(n, [&](uint64_t v) { r.push(v); }, [&] { return r.pop(); });
+          // the same n values in runs of `batch`: one try_push_n / try_pop_n per run
+          SpscRing<uint64_t> rb(capacity);
+          bulk = bulk_transfer_ns(n, batch, rb);
           std::mutex mu;
           std::deque<uint64_t> q;
           locked = transfer_ns(
@@ -94,10 +130,12 @@ void bind_bench(py::module_& m) {
               });
         }
         d["spsc_ring_ns"] = ring;
+        d["spsc_ring_bulk_ns"] = bulk;
         d["locked_deque_ns"] = locked;
         return d;
-      }, py::arg("n"), py::arg("capacity") = 4096,
-      "ns per element moved between two threads: SpscRing vs a mutex-guarded std::deque.");
+      }, py::arg("n"), py::arg("capacity") = 4096, py::arg("batch") = 64,
+      "ns per element moved between two threads: SpscRing one element per push/pop, SpscRing in "
+      "runs of `batch` (try_push_n/try_pop_n), and a mutex-guarded std::deque.");
 }
 
 }  // namespace dynamic_core::bindings

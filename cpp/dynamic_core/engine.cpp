@@ -289,8 +289,8 @@ void Engine::worker_main(int w) {
       for (uint32_t g : adopted) catch_up(w, g, until);
       me.beat_ns.store(now_ns(), std::memory_order_relaxed);
     }
-    size_t n = 0;
-    while (n < batch_ && me.ring.try_pop(buf[n])) ++n;
+    // one index load and one index store for the whole batch
+    const size_t n = me.ring.try_pop_n(buf.data(), batch_);
     if (n) {
       const int64_t t_batch = now_ns();
       process_batch(w, buf.data(), n);

@@ -1,5 +1,6 @@
 // SPSC ring: layout, single-thread semantics, and a two-thread fuzz test with a fixed seed
 // (every value arrives once, in order). Also run under ThreadSanitizer in CI.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <random>
@@ -27,6 +28,26 @@ int main() {
     CHECK(!r.try_pop(v));
     CHECK(r.empty());
   }
+  {  // bulk variants, across the wrap
+    SpscRing<uint64_t> r(5);
+    const uint64_t in[7] = {10, 11, 12, 13, 14, 15, 16};
+    uint64_t out[8] = {};
+    CHECK_EQ(r.try_pop_n(out, 8), 0u);
+    CHECK_EQ(r.try_push_n(in, 3), 3u);
+    CHECK_EQ(r.try_pop_n(out, 2), 2u);
+    CHECK(out[0] == 10 && out[1] == 11);
+    CHECK_EQ(r.try_push_n(in + 3, 4), 4u);  // 12 13 14 15 16 (wraps the storage)
+    CHECK_EQ(r.try_push_n(in, 7), 0u);      // full: nothing taken
+    CHECK_EQ(r.size(), 5u);
+    uint64_t v = 0;
+    CHECK(r.try_pop(v) && v == 12);
+    CHECK_EQ(r.try_push_n(in, 7), 1u);  // room for one only
+    CHECK_EQ(r.try_pop_n(out, 8), 5u);
+    CHECK(out[0] == 13 && out[1] == 14 && out[2] == 15 && out[3] == 16 && out[4] == 10);
+    CHECK(r.empty());
+    CHECK_EQ(r.try_push_n(in, 0), 0u);
+    CHECK_EQ(r.try_pop_n(out, 0), 0u);
+  }
   for (size_t cap : {1u, 2u, 7u, 64u, 1000u}) {
     SpscRing<uint64_t> r(cap);
     const uint64_t n = 200000;
@@ -35,6 +56,13 @@ int main() {
       uint64_t next = 0;
       while (next < n) {
         const uint64_t burst = 1 + rng() % 17;
+        if (rng() % 4 == 0) {  // bulk: a run of consecutive values, maybe only partly taken
+          uint64_t run[17];
+          const uint64_t m = std::min<uint64_t>(burst, n - next);
+          for (uint64_t k = 0; k < m; ++k) run[k] = next + k;
+          next += r.try_push_n(run, m);
+          continue;
+        }
         for (uint64_t k = 0; k < burst && next < n; ++k) {
           if (rng() % 3 == 0) {
             r.push(next++);  // blocking variant
@@ -49,6 +77,12 @@ int main() {
     uint64_t expect = 0, bad = 0;
     while (expect < n) {
       uint64_t v;
+      if (rng() % 5 == 0) {  // bulk
+        uint64_t run[23];
+        const size_t m = r.try_pop_n(run, 1 + rng() % 23);
+        for (size_t k = 0; k < m; ++k) bad += run[k] != expect++;
+        continue;
+      }
       if (rng() % 4 == 0) {
         v = r.pop();
       } else if (!r.try_pop(v)) {
