@@ -23,10 +23,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
+import dynamic_core as dc
 
 ROOT = Path(__file__).resolve().parent.parent
-PY = str(ROOT / "python")
+PKG_ROOT = str(Path(dc.__file__).resolve().parent.parent)  # the package under test: source tree or installed
 
 # Runs the blocks given as JSON on stdin in one namespace; prints a marker per block.
 RUNNER = textwrap.dedent("""
@@ -74,7 +74,7 @@ def free_port() -> int:
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}  # no provider is paid for
-    env["PYTHONPATH"] = PY + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_ROOT, env.get("PYTHONPATH")) if p)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     return env
 
