@@ -165,6 +165,23 @@ def test_signal_from_bytes_is_signal_from_record(signals: np.ndarray) -> None:
         P._record_format(np.dtype([("a", "<f4")]))
 
 
+def test_signals_and_plans_are_not_tracked_by_the_garbage_collector(signals: np.ndarray) -> None:
+    # A consumer keeping millions of signals (or plans) must not make every collection walk
+    # them: built from records, decoded from a feed frame, or constructed, they are untracked.
+    import gc
+
+    eur = signals[signals["instrument"] == dc.instruments.id("EURUSD")][:5]
+    batch = P.Codec(P.FeedMessage).decode(P.encode_signal_batch(1, 1, eur, "EURUSD"))
+    for s in [*P.signals_from_records(signals[:5]), *batch.signals, P.signal_from_bytes(signals[0].tobytes()),
+              _sig(), P.Codec(P.AISignal, fmt="json").decode(P.Codec(P.AISignal, fmt="json").encode(_sig()))]:
+        assert type(s) is P.AISignal and not gc.is_tracked(s)
+    now = 1_700_000_000_000_000_000
+    plan = P.TradingPlan(plan_id="p", signal_id="s", instrument="EURUSD", timeframe=3600, ts=now, seq=1,
+                         direction=1, action=1, entry=1.1, stop=1.09, targets=(1.12,), size=0.1,
+                         valid_until=now + 1)
+    assert not gc.is_tracked(plan)
+
+
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 300])
 def test_vectorised_batch_encoding_equals_msgspec(signals: np.ndarray, n: int) -> None:
     eur = signals[signals["instrument"] == dc.instruments.id("EURUSD")][:n]

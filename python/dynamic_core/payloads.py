@@ -150,7 +150,7 @@ class _Payload(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 # ---- signals ---------------------------------------------------------------------------------
 
 class AISignal(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
-           tag="signal"):
+               tag="signal", gc=False):
     """One fused consensus signal for an (instrument, timeframe, bar).
 
     ``action`` is an :class:`dynamic_core.Action` value (-2 STRONG_SELL .. 2 STRONG_BUY);
@@ -165,6 +165,10 @@ class AISignal(_Payload, frozen=True, kw_only=True, forbid_unknown_fields=True,
     :meth:`dynamic_core.Engine.set_dsi`; ``flags & SIGNAL_DSI`` tells evidence that was set
     (possibly 0.0) from none at all. ``dsi_validation`` is the direction the consensus takes
     times that evidence: positive when the tape agrees with the signal.
+
+    Not tracked by the garbage collector (``gc=False``: its fields are numbers, strings and a
+    tuple of counts, which cannot form a cycle), so a consumer that keeps or creates millions
+    of signals does not make every collection slower.
     """
 
     version: Version = PAYLOAD_VERSION
