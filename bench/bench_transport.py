@@ -21,7 +21,10 @@ returns rows for the closing summary against the issue's targets.
     to a subscriber process that decodes every message into ``AISignal`` objects and checks
     the sequence (gaps counted). Published/s is timed in this process, received/s in the
     subscriber. Peers: the same batches built as ``AISignal`` objects and encoded by msgspec
-    (what a plain implementation does), and the JSON format.
+    (what a plain implementation does), and the JSON format. Then, in this process, decoding
+    the same frames into ``AISignal`` objects, kept in a list (a consumer that stores them) or
+    dropped, against a twin of ``AISignal`` that the garbage collector tracks (``gc=True``, the
+    same fields and checks): what leaving signals untracked is worth.
 
 Figures are printed, never asserted. Targets from the issue (2 cores): p50 <= 150 us and
 p99 <= 500 us bar-to-signal at 1k agents; >= 1 M signals/s published.
@@ -30,6 +33,7 @@ p99 <= 500 us bar-to-signal at 1k agents; >= 1 M signals/s published.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -39,11 +43,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import dynamic_core as dc  # noqa: E402
+import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
 from dynamic_core import payloads as P  # noqa: E402
 from dynamic_core import transport as T  # noqa: E402
@@ -364,10 +369,49 @@ def _publish_run(tmp: str, recs: np.ndarray, fmt: str, objects: bool, with_subsc
         feed.close()
 
 
+def _tracked_twin(cls: type, signal_type: type | None = None) -> type:
+    """``cls`` as it would be with ``gc=True``: the same fields, tag and checks, every instance
+    tracked by the garbage collector (for a batch, its signals of ``signal_type``)."""
+    fields = []
+    for f in msgspec.structs.fields(cls):
+        t = f.type
+        if signal_type is not None and f.name == "signals":
+            t = Annotated[tuple[signal_type, ...], msgspec.Meta(max_length=P.MAX_SIGNALS_PER_BATCH)]
+        fields.append((f.name, t) if f.default is msgspec.NODEFAULT else (f.name, t, f.default))
+    cfg = cls.__struct_config__
+    return msgspec.defstruct(cls.__name__, fields, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                             tag_field=cfg.tag_field, tag=cfg.tag, gc=True)
+
+
+def decode_kept(frames: list[bytes], batch_type: type, keep: bool) -> float:
+    """Signals/s decoded from feed frames into signal objects, kept in a list or dropped."""
+    dec = msgspec.msgpack.Decoder(batch_type)
+    kept = []
+    n = 0
+    t0 = time.perf_counter()
+    for raw in frames:
+        b = dec.decode(raw)
+        n += len(b.signals)
+        if keep:
+            kept.append(b)
+    return n / (time.perf_counter() - t0)
+
+
 def feed_section(quick: bool, tmp: str) -> dict:
     n = 200_000 if quick else 1_000_000
     recs = _signal_records(n)
     res = {}
+    _progress("feed: decoding into AISignal, untracked and tracked by the GC ...")
+    frames = [P.encode_signal_batch(1, i, recs[i:i + 4096], INSTRUMENT) for i in range(0, n, 4096)]
+    twin = _tracked_twin(P.SignalBatch, _tracked_twin(P.AISignal))
+    assert not gc.is_tracked(msgspec.msgpack.decode(frames[0], type=P.SignalBatch).signals[0])
+    assert gc.is_tracked(msgspec.msgpack.decode(frames[0], type=twin).signals[0])
+    dec = {}
+    for keep in (True, False):
+        for name, typ in (("AISignal", P.SignalBatch), ("tracked twin", twin)):
+            dec[f"{name}, {'kept' if keep else 'dropped'}"] = max(decode_kept(frames, typ, keep) for _ in range(3))
+            gc.collect()
+    res["decode"] = dec
     _progress("feed: vectorised msgpack, no subscriber ...")
     res["msgpack, vectorised, no subscriber"] = _publish_run(tmp, recs, "msgpack", False, False)
     _progress("feed: vectorised msgpack -> subscriber process ...")
@@ -384,6 +428,8 @@ def feed_report(res: dict) -> list[tuple[str, str, str, bool]]:
     print("\nSignal feed: SignalFeed.publish of SIGNAL_DTYPE batches, 4,096 signals per message, ipc")
     print(f"   {'path':<38} {'signals':>9} {'published/s':>12} {'received/s':>12} {'gaps':>6}")
     for k, r in res.items():
+        if k == "decode":
+            continue
         rec = f"{r['received_per_s'] / 1e6:>10.2f} M" if "received_per_s" in r else f"{'-':>12}"
         gaps = f"{r['gap_signals']:>6}" if "gap_signals" in r else f"{'-':>6}"
         print(f"   {k:<38} {r['signals']:>9,} {r['published_per_s'] / 1e6:>10.2f} M {rec} {gaps}")
@@ -391,6 +437,12 @@ def feed_report(res: dict) -> list[tuple[str, str, str, bool]]:
     peer = res["msgpack, AISignal objects (peer)"]["published_per_s"]
     print(f"   vectorised encoder vs AISignal objects + msgspec: {vec / peer:.1f}x. received/s is the "
           "subscriber process decoding every signal into an AISignal (its own ceiling).")
+    d = res["decode"]
+    print("   decoding 4,096-signal frames into AISignal objects in this process (best of 3, signals/s): "
+          "AISignal is not tracked by the garbage collector; the peer is the same struct with gc=True")
+    for how in ("kept", "dropped"):
+        a, b = d[f"AISignal, {how}"], d[f"tracked twin, {how}"]
+        print(f"     {how:<8} AISignal {a / 1e6:6.2f} M/s   tracked twin {b / 1e6:6.2f} M/s   -> {a / b:.2f}x")
     live = res["msgpack, vectorised -> subscriber"]["published_per_s"]
     return [("signals/s published, batched, with a subscriber", f"{live / 1e6:.2f} M", ">= 1 M", live >= 1e6)]
 
