@@ -409,7 +409,8 @@ def feed_section(quick: bool, tmp: str) -> dict:
     dec = {}
     for keep in (True, False):
         for name, typ in (("AISignal", P.SignalBatch), ("tracked twin", twin)):
-            dec[f"{name}, {'kept' if keep else 'dropped'}"] = max(decode_kept(frames, typ, keep) for _ in range(3))
+            rate = max(decode_kept(frames, typ, keep) for _ in range(3))
+            dec[f"{name}, {'kept' if keep else 'dropped'}"] = rate
             gc.collect()
     res["decode"] = dec
     _progress("feed: vectorised msgpack, no subscriber ...")
@@ -442,7 +443,8 @@ def feed_report(res: dict) -> list[tuple[str, str, str, bool]]:
           "AISignal is not tracked by the garbage collector; the peer is the same struct with gc=True")
     for how in ("kept", "dropped"):
         a, b = d[f"AISignal, {how}"], d[f"tracked twin, {how}"]
-        print(f"     {how:<8} AISignal {a / 1e6:6.2f} M/s   tracked twin {b / 1e6:6.2f} M/s   -> {a / b:.2f}x")
+        print(f"     {how:<8} AISignal {a / 1e6:6.2f} M/s   tracked twin {b / 1e6:6.2f} M/s   "
+              f"-> {a / b:.2f}x")
     live = res["msgpack, vectorised -> subscriber"]["published_per_s"]
     return [("signals/s published, batched, with a subscriber", f"{live / 1e6:.2f} M", ">= 1 M", live >= 1e6)]
 
