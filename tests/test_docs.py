@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import dynamic_core as dc
@@ -140,16 +141,30 @@ def test_readme_python_examples_run_in_order(tmp_path: Path) -> None:
          f"tcp://127.0.0.1:{pub}", "--journal", str(tmp_path / "runs" / "feed"), "--wait-subscribers", "1",
          "--duration", "300", "-q", "--no-live"],
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    svc_lines: list[str] = []
+    bound = threading.Event()
+
+    def read_service() -> None:
+        for line in svc.stdout:
+            svc_lines.append(line)
+            if line.lstrip().startswith("signals   :"):
+                bound.set()  # its sockets are bound: the subscriber's first wait starts from here
+
+    reader = threading.Thread(target=read_service, daemon=True)
+    reader.start()
     try:
+        assert bound.wait(120), "the service did not start:\n" + "".join(svc_lines)[-3000:]
         out = _run(blocks, tmp_path)
     finally:
         svc.send_signal(signal.SIGINT)
         try:
-            svc_out = svc.communicate(timeout=30)[0]
+            svc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             svc.kill()
-            svc_out = svc.communicate()[0]
-    assert svc.returncode in (0, 130), svc_out[-3000:]
+            svc.wait()
+        reader.join(10)
+        svc.stdout.close()
+    assert svc.returncode in (0, 130), "".join(svc_lines)[-3000:]
     done = re.findall(r"^@@ block (\S+): (ok|skipped)", out, re.M)
     assert len(done) == len(blocks), out[-3000:]
     # what the examples left behind: journals that replay, a lineage table
