@@ -8,14 +8,18 @@ outside the process, that thing is real: the transport example's sender and subs
 on free ports), the reasoning example starts its adapter processes, the MT5 example's bridge
 trades with a simulated terminal. What an example leaves undefined (the mesh's ``ctx``, the
 bridge's ``plan``) is defined just before it, and a few checks after an example make sure it
-did its work, not only that it raised nothing.
+did its work, not only that it raised nothing. The ``dynamic-core`` command lines of README's
+shell blocks are parsed by the CLI's own parser, so a renamed flag or command fails here too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -169,6 +173,41 @@ def test_readme_python_examples_run_in_order(tmp_path: Path) -> None:
     assert len(done) == len(blocks), out[-3000:]
     # what the examples left behind: journals that replay, a lineage table
     assert (tmp_path / "runs" / "today").is_dir() and (tmp_path / "run.journal").exists()
+
+
+def readme_command_lines() -> list[list[str]]:
+    """The ``dynamic-core`` command lines of README.md's bash blocks, as argument lists (comments,
+    a trailing ``&`` and ``VAR=...`` prefixes taken off; a line that elides arguments with
+    ``...`` or asks for ``--help`` left out)."""
+    text = (ROOT / "README.md").read_text()
+    out = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
+                words.pop(0)
+            if words and words[-1] == "&":
+                words.pop()
+            if words[:1] == ["dynamic-core"] and "..." not in words and "--help" not in words:
+                out.append(words[1:])
+    return out
+
+
+def test_readme_command_lines_parse() -> None:
+    # every documented command line is one the CLI accepts (a renamed flag, a removed command)
+    from dynamic_core.cli import build_parser
+
+    lines = readme_command_lines()
+    assert len(lines) >= 12 and ["run", "--paper"] in lines
+    bad = []
+    for args in lines:
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                build_parser().parse_args(args)
+        except SystemExit:
+            bad.append(f"dynamic-core {shlex.join(args)}: {err.getvalue().strip().splitlines()[-1]}")
+    assert not bad, "\n".join(bad)
 
 
 def test_mt5_bridge_doc_example_fills_an_order(tmp_path: Path) -> None:
