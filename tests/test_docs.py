@@ -21,7 +21,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,8 @@ import threading
 from pathlib import Path
 
 import dynamic_core as dc
+
+from .test_reasoning_client import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG_ROOT = str(Path(dc.__file__).resolve().parent.parent)  # the package under test: source tree or installed
@@ -55,13 +56,13 @@ RUNNER = textwrap.dedent("""
 """)
 
 
-def python_blocks(path: Path) -> list[tuple[int, str]]:
-    """(line number, code) of every fenced ```python block in a markdown file."""
+def fenced_blocks(path: Path, lang: str) -> list[tuple[int, str]]:
+    """(line number, text) of every fenced ```lang block in a markdown file."""
     out = []
     lines = path.read_text().splitlines()
     i = 0
     while i < len(lines):
-        if lines[i].strip() == "```python":
+        if lines[i].strip() == f"```{lang}":
             j = i + 1
             while j < len(lines) and lines[j].strip() != "```":
                 j += 1
@@ -71,10 +72,8 @@ def python_blocks(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def python_blocks(path: Path) -> list[tuple[int, str]]:
+    return fenced_blocks(path, "python")
 
 
 def _env() -> dict[str, str]:
@@ -171,7 +170,7 @@ def test_readme_python_examples_run_in_order(tmp_path: Path) -> None:
     assert svc.returncode in (0, 130), "".join(svc_lines)[-3000:]
     done = re.findall(r"^@@ block (\S+): (ok|skipped)", out, re.M)
     assert len(done) == len(blocks), out[-3000:]
-    # what the examples left behind: journals that replay, a lineage table
+    # what the examples left on disk: their journals
     assert (tmp_path / "runs" / "today").is_dir() and (tmp_path / "run.journal").exists()
 
 
@@ -179,9 +178,8 @@ def readme_command_lines() -> list[list[str]]:
     """The ``dynamic-core`` command lines of README.md's bash blocks, as argument lists (comments,
     a trailing ``&`` and ``VAR=...`` prefixes taken off; a line that elides arguments with
     ``...`` or asks for ``--help`` left out)."""
-    text = (ROOT / "README.md").read_text()
     out = []
-    for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M):
+    for _, block in fenced_blocks(ROOT / "README.md", "bash"):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
