@@ -14,50 +14,60 @@ namespace dynamic_core::bindings {
 
 namespace {
 
-// ns per element moved from a producer thread to a consumer thread.
-template <class Push, class Pop>
-double transfer_ns(uint64_t n, Push push, Pop pop) {
+// ns per element moved from a producer thread to a consumer thread: produce() sends the values
+// 1..n, consume() takes n values and returns their sum (checked: nothing lost).
+template <class Produce, class Consume>
+double timed_transfer(uint64_t n, Produce produce, Consume consume) {
   const auto t0 = std::chrono::steady_clock::now();
-  std::thread producer([&] {
-    for (uint64_t i = 1; i <= n; ++i) push(i);
-  });
-  uint64_t sum = 0;
-  for (uint64_t k = 0; k < n; ++k) sum += pop();
+  std::thread producer(produce);
+  const uint64_t sum = consume();
   producer.join();
   const double dt = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
   if (sum != n * (n + 1) / 2) throw std::runtime_error("ring benchmark lost elements");
   return dt / static_cast<double>(n);
 }
 
-// The same transfer with the bulk calls: the producer offers runs of `batch` consecutive values
-// (keeping what the ring did not take), the consumer takes up to `batch` at a time.
+// One element per call.
+template <class Push, class Pop>
+double transfer_ns(uint64_t n, Push push, Pop pop) {
+  return timed_transfer(
+      n, [&] { for (uint64_t i = 1; i <= n; ++i) push(i); },
+      [&] {
+        uint64_t sum = 0;
+        for (uint64_t k = 0; k < n; ++k) sum += pop();
+        return sum;
+      });
+}
+
+// The bulk calls: the producer offers runs of `batch` consecutive values (keeping what the ring
+// did not take), the consumer takes up to `batch` at a time.
 double bulk_transfer_ns(uint64_t n, size_t batch, SpscRing<uint64_t>& r) {
-  const auto t0 = std::chrono::steady_clock::now();
-  std::thread producer([&] {
-    std::vector<uint64_t> run(batch);
-    for (uint64_t next = 1; next <= n;) {
-      const size_t m = static_cast<size_t>(std::min<uint64_t>(batch, n - next + 1));
-      for (size_t j = 0; j < m; ++j) run[j] = next + j;
-      for (size_t done = 0; done < m;) {
-        const size_t k = r.try_push_n(run.data() + done, m - done);
-        done += k;
-        if (k == 0) cpu_relax();
-      }
-      next += m;
-    }
-  });
-  std::vector<uint64_t> out(batch);
-  uint64_t sum = 0;
-  for (uint64_t got = 0; got < n;) {
-    const size_t k = r.try_pop_n(out.data(), batch);
-    for (size_t j = 0; j < k; ++j) sum += out[j];
-    got += k;
-    if (k == 0) cpu_relax();
-  }
-  producer.join();
-  const double dt = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
-  if (sum != n * (n + 1) / 2) throw std::runtime_error("ring benchmark lost elements");
-  return dt / static_cast<double>(n);
+  return timed_transfer(
+      n,
+      [&] {
+        std::vector<uint64_t> run(batch);
+        for (uint64_t next = 1; next <= n;) {
+          const size_t m = static_cast<size_t>(std::min<uint64_t>(batch, n - next + 1));
+          for (size_t j = 0; j < m; ++j) run[j] = next + j;
+          for (size_t done = 0; done < m;) {
+            const size_t k = r.try_push_n(run.data() + done, m - done);
+            done += k;
+            if (k == 0) cpu_relax();
+          }
+          next += m;
+        }
+      },
+      [&] {
+        std::vector<uint64_t> out(batch);
+        uint64_t sum = 0;
+        for (uint64_t got = 0; got < n;) {
+          const size_t k = r.try_pop_n(out.data(), batch);
+          for (size_t j = 0; j < k; ++j) sum += out[j];
+          got += k;
+          if (k == 0) cpu_relax();
+        }
+        return sum;
+      });
 }
 
 }  // namespace
