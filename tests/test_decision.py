@@ -318,6 +318,67 @@ def test_daily_loss_limit_fires_on_daily_bars():
     assert m.on_signals(sig(int(bars["ts"][n + 1]), 2, -1))[0].reasons == ("daily_loss_limit",)
 
 
+def test_a_mark_from_an_earlier_day_reopens_no_day():
+    """A lagging stream's bar stamped on yesterday is today's equity: the day opened at 100,000
+    stays open (it used to reopen yesterday, then reopen today at the last mark's 98,000, and
+    a 3.5% loss passed a 3% limit)."""
+    h = 3600 * 10**9
+    for lagging in (False, True):
+        g = gov(daily_loss_pct=3.0)
+        g.mark(T0 + 10 * h, 100_000.0)
+        g.mark(T0 + 11 * h, 98_000.0)
+        if lagging:
+            g.mark(T0 - h, 98_000.0)
+            assert g.day == T0 // DAY_NS and g.day_open == 100_000.0
+        g.mark(T0 + 12 * h, 96_500.0)
+        d = g.evaluate(plan_of(ts=T0 + 12 * h), pf(equity=96_500.0))
+        assert d.reasons == ("daily_loss_limit",) and d.detail["daily_loss_limit.value"] == pytest.approx(3.5)
+    g = gov(daily_loss_pct=3.0)  # its equity is the day's low all the same
+    g.mark(T0 + 10 * h, 100_000.0)
+    g.mark(T0 - h, 96_000.0)
+    g.mark(T0 + 11 * h, 99_000.0)
+    d = g.evaluate(plan_of(ts=T0 + 11 * h), pf(equity=99_000.0))
+    assert d.verdict == "APPROVED" and g._day_low == 96_000.0
+
+
+def test_a_lagging_stream_in_a_batch_does_not_turn_the_day_back():
+    """The decision maker marks the governor with the latest bar time it took, not the last bar
+    of the batch: a batch whose last row is a lagging stream's bar from yesterday still checks
+    today's loss."""
+    from dynamic_core.bridges.paper import Order, PaperBroker
+    from dynamic_core.decision import DecisionMaker
+
+    h = 3600 * 10**9
+    eu, gb, au = (dc.instruments.id(n) for n in ("EURUSD", "GBPUSD", "AUDUSD"))
+
+    def bar(ts: int, inst: int, c: float) -> tuple:
+        return (ts, inst, H1, c, c * 1.0005, c * 0.9995, c, 1.0)
+
+    verdicts = []
+    for lagging in (False, True):
+        broker = PaperBroker(equity=100_000.0)
+        m = DecisionMaker(broker, plan=PlanConfig(atr_period=2),
+                          limits=RiskLimits(daily_loss_pct=3.0, max_instrument_leverage=0, max_leverage=0,
+                                            max_currency_leverage=0))
+        for k in (5, 6, 7, 8):
+            m.on_bars(np.array([bar(T0 + k * h, eu, 1.10), bar(T0 + k * h, gb, 1.25 + 0.001 * k)],
+                               dtype=dc.BAR_DTYPE))
+        broker.submit(Order(client_order_id="x", instrument="EURUSD", side=1, lots=1.0, ts=T0 + 8 * h))
+        px = 1.10
+        for k in range(9, 14):
+            px *= 0.993
+            rows = [bar(T0 + k * h, eu, px), bar(T0 + k * h, gb, 1.26)]
+            if lagging and k == 13:
+                rows.append(bar(T0 - h, au, 0.65))
+            m.on_bars(np.array(rows, dtype=dc.BAR_DTYPE))
+        assert 100_000.0 - broker.equity > 3_000.0 and m.governor.day == T0 // DAY_NS
+        s = np.zeros(1, dtype=dc.SIGNAL_DTYPE)
+        s["instrument"], s["timeframe"], s["ts"], s["seq"], s["action"] = gb, H1, T0 + 13 * h, 1, 1
+        s["confidence"], s["agreement"] = 1.0, 1.0
+        verdicts.append(m.on_signals(s)[0].reasons)
+    assert verdicts == [("daily_loss_limit",)] * 2
+
+
 def test_drawdown_breaker_halts_until_reset():
     g = gov(max_drawdown_pct=15.0, daily_loss_pct=0)
     g.mark(T0 + 1, 120_000.0)

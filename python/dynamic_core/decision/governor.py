@@ -238,13 +238,15 @@ class RiskGovernor:
         A mark on a new UTC day opens that day at the equity before this mark's bars were filled:
         ``opening`` (the decision maker passes the trader's equity from before it filled them),
         else the last mark's equity (or the governor's starting equity). A loss on a day's first
-        bar (every bar, on daily bars) so counts toward that day's loss."""
+        bar (every bar, on daily bars) so counts toward that day's loss. A mark stamped on an
+        earlier day than the last one (a lagging stream's bar) is the equity of the day already
+        open: it never reopens a day that has passed."""
         if not math.isfinite(equity):
             return
         prev = self._equity if opening is None or not math.isfinite(opening) else float(opening)
         self.now = max(self.now, int(ts))
         day = int(ts) // DAY_NS
-        if day != self.day:
+        if day > self.day:
             low = self._day_low
             if low is not None and self.day_open > 0.0:  # the day left: kept for plans stamped on it
                 past = self._past_loss

@@ -322,7 +322,8 @@ class DecisionMaker:
                     upd(i, tf, hh, ll, cc)
                     if cc > 0.0:
                         prices[names[i]] = cc
-                    mark_ts = ts
+                    if mark_ts is None or ts > mark_ts:  # the latest time taken: a lagging stream's
+                        mark_ts = ts                     # bar is no clock going back
                     continue
                 bad = 4
             reason = _BAR_REASONS[bad]
