@@ -736,6 +736,27 @@ def test_plans_carry_dsi_validation_from_the_tape():
     assert out[("GBPUSD", 1)].reasons == ("dsi_disagrees",)
 
 
+def test_an_instrument_the_dsi_source_does_not_follow_gets_no_tape_evidence():
+    """A Dsi that follows EURUSD only: a GBPUSD plan is made as without a source (the signal's
+    own evidence, if it carries one) and counted; the batch is neither raised nor half-applied."""
+    from dynamic_core.bridges.paper import PaperBroker
+    from dynamic_core.decision import DecisionMaker
+    from dynamic_core.learning.dsi import Dsi
+
+    bars = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], seed=2).bars(40)
+    m = DecisionMaker(PaperBroker(), plan=PlanConfig(min_score=0.01), dsi=Dsi(["EURUSD"]))
+    m.on_bars(bars)
+    sig = np.zeros(3, dtype=dc.SIGNAL_DTYPE)
+    sig["instrument"] = [dc.instruments.id(n) for n in ("GBPUSD", "EURUSD", "GBPUSD")]
+    sig["timeframe"], sig["ts"], sig["seq"], sig["action"] = 3600, bars["ts"][-1], np.arange(3), [1, 1, -1]
+    sig["flags"][2], sig["dsi"][2] = dc.SIGNAL_DSI, 0.3  # this one carries its own evidence
+    out = m.on_signals(sig)
+    assert [d.verdict for d in out] == ["APPROVED"] * 3
+    assert "dsi" not in out[0].plan.evidence and out[1].plan.evidence["dsi"] == 0.0  # no tick yet
+    assert out[2].plan.evidence["dsi"] == -0.3
+    assert m.stats()["dsi_untracked"] == 2 and len(m.trader.pending()) == 3
+
+
 def test_top_contributors_against_a_plain_python_ranking():
     """The agents of a stream that voted with the plan's direction, warm and not quarantined,
     ranked by consensus weight (fitness x |score|) then lower id: checked against sorting the

@@ -190,7 +190,9 @@ class DecisionMaker:
     dsi : object with ``evidence(instrument) -> float``, optional
         Microstructure evidence in [-1, 1] (e.g. :class:`dynamic_core.learning.dsi.Dsi`); a
         plan carries ``evidence["dsi"]`` = its direction x the evidence (the tape agreeing is
-        positive), which the governor's ``min_dsi_validation`` can require. Without it, a
+        positive), which the governor's ``min_dsi_validation`` can require. A plan on an
+        instrument the source does not follow (its ``evidence`` raises a KeyError) is counted
+        in ``stats()["dsi_untracked"]`` and made as without a source. Without one, a
         signal that carries DSI evidence (``flags & dc.SIGNAL_DSI``: the engine's
         :meth:`~dynamic_core.Engine.set_dsi` had reached its stream) lends the plan its own.
     history : int or None
@@ -254,6 +256,7 @@ class DecisionMaker:
         self._agent_index: dict[tuple[int, int], np.ndarray] | None = None
         self._index_of: int | None = None
         self.no_plan = 0
+        self.dsi_untracked = 0  # plans on an instrument the DSI source follows no tape of
         self._no_plan_why: dict[str, int] = {}
         self.order_rejects: dict[str, int] = {}  # approved plans the trader refused, by its reason
         self.skipped_bars: dict[str, int] = {}
@@ -535,9 +538,9 @@ class DecisionMaker:
                     if got is not None:
                         text, provider, agreeing = got
                 evidence = {"dispersion": disp, "n_agents": n_ag, "atr": at}
-                if dsi_src is not None:
-                    ev = float(dsi_src.evidence(srow[0]))
-                    evidence["dsi"] = d * (ev if math.isfinite(ev) else 0.0)
+                ev = self._tape_evidence(srow[0]) if dsi_src is not None else None
+                if ev is not None:
+                    evidence["dsi"] = d * ev
                 elif sig_has_dsi:
                     evidence["dsi"] = d * sig_dsi
                 plan = new_plan(sid, pre, srow[0], tf, ts, seq, d, a, e, sp_stop, tgs, sz, sz * rp,
@@ -547,6 +550,18 @@ class DecisionMaker:
         finally:
             self._pf = None
         return out
+
+    def _tape_evidence(self, instrument: str) -> float | None:
+        """The DSI source's evidence on ``instrument`` (a non-finite one read as 0), or None
+        where the source follows no tape of it (it raises a KeyError, as
+        :class:`~dynamic_core.instruments.UnknownInstrument` is): counted in ``stats()["dsi_untracked"]``,
+        and the plan carries the signal's own evidence, if any."""
+        try:
+            ev = float(self.dsi.evidence(instrument))
+        except KeyError:
+            self.dsi_untracked += 1
+            return None
+        return ev if math.isfinite(ev) else 0.0
 
     def decide(self, plan: TradingPlan) -> PlanDecision:
         """Judge one plan, journal the verdict, and hand an approved plan to the trader."""
@@ -699,7 +714,8 @@ class DecisionMaker:
         judged, signals that made no plan (``no_plan``; by reason in ``no_plan_reasons``, see
         :meth:`_count_no_plan`), approved plans the trader refused (``order_rejects``,
         by its reason), trades closed and their P&L; bars and signals skipped by reason; how
-        much history was dropped."""
+        much history was dropped; plans on an instrument the DSI source does not follow
+        (``dsi_untracked``)."""
         g = self.governor.stats()
         return {**g, "plans": self.decision_count, "no_plan": self.no_plan,
                 "no_plan_reasons": dict(sorted(self._no_plan_why.items())),
@@ -707,6 +723,7 @@ class DecisionMaker:
                 "pnl": self._pnl_total, "equity": float(self.trader.equity),
                 "skipped_bars": dict(sorted(self.skipped_bars.items())),
                 "skipped_signals": dict(sorted(self.skipped_signals.items())),
+                "dsi_untracked": self.dsi_untracked,
                 "dropped": {"decisions": self.decisions_dropped, "attributions": self.attributions_dropped,
                             "plans": self.plans_dropped}}
 
