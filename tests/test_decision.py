@@ -138,6 +138,22 @@ def test_specs_round_and_convert():
         quote_to_account(instrument_spec("EURGBP"), 0.85)
 
 
+def test_a_lower_case_pair_is_guessed_with_currency_legs():
+    """"eurusd" is EURUSD's contract under another name: its legs are EUR and USD (they were
+    "eur" and "usd", which matched no account and no cross, so it never sized a plan or filled)."""
+    from dynamic_core.bridges.paper import Order, PaperBroker
+
+    s = instrument_spec("eurgbp")
+    assert (s.name, s.base, s.quote, s.asset_class) == ("eurgbp", "EUR", "GBP", "fx")
+    assert quote_to_account(s, 0.85, prices={"GBPUSD": 1.25}) == 1.25
+    sig = msgspec.structs.replace(signal(), instrument="eurusd")
+    p = make_plan(sig, entry=1.1, atr=0.001, equity=100_000.0)
+    assert p is not None and p.size > 0.0
+    b = PaperBroker()
+    b.on_bar("eurusd", 1, 1.1, 1.1, 1.1, 1.1)
+    assert b.submit(Order(client_order_id="a", instrument="eurusd", side=1, lots=0.1)).status != "rejected"
+
+
 # ---- governor ------------------------------------------------------------------------------------
 
 def plan_of(instrument="EURUSD", direction=1, size=1.0, *, entry=1.1, ts=T0, confidence=0.8, agreement=0.7,

@@ -198,8 +198,9 @@ def _inverse_step(step: float) -> int:
 
 
 def _fx(name: str, digits: int = 5) -> InstrumentSpec:
-    return InstrumentSpec(name=name, asset_class="fx", base=name[:3], quote=name[3:], contract_size=100_000.0,
-                          tick_size=10.0 ** -digits, digits=digits)
+    # the legs are currency codes whatever the name's case ("eurusd" quotes in USD)
+    return InstrumentSpec(name=name, asset_class="fx", base=name[:3].upper(), quote=name[3:].upper(),
+                          contract_size=100_000.0, tick_size=10.0 ** -digits, digits=digits)
 
 
 DEFAULT_SPECS: dict[str, InstrumentSpec] = {
@@ -228,7 +229,8 @@ _GUESSED_MAX = 1 << 16  # guessed specs kept (a spec is immutable: callers may s
 
 def instrument_spec(name: str, overrides: Mapping[str, InstrumentSpec] | None = None) -> InstrumentSpec:
     """The spec of ``name``: ``overrides``, then :data:`DEFAULT_SPECS`, then a guess (a
-    six-letter ISO pair is an FX major; anything else one unit per lot, two decimals)."""
+    six-letter ISO pair, in any case, is an FX major with upper-case legs; anything else one unit
+    per lot, two decimals)."""
     if overrides and name in overrides:
         return overrides[name]
     if name in DEFAULT_SPECS:
