@@ -310,6 +310,12 @@ def test_bad_configs_are_typed_errors_and_change_nothing():
                 eng.evolve(bad, seed=1, generation=1)
         with pytest.raises(TypeError):
             eng.evolve("fast please", seed=1, generation=1)
+        # a wrong type is a TypeError however the config is given (a dict used to give ValueError)
+        for bad in (dict(tournament=3.0), dict(tournament=True), dict(replace_fraction="0.1")):
+            for make in (lambda: EvolutionConfig(**bad), lambda: eng.evolve(bad, seed=1, generation=1),
+                         lambda: Evolution(eng, bad)):
+                with pytest.raises(TypeError, match=next(iter(bad))):
+                    make()
         with pytest.raises(ValueError):
             eng.evolve(None, seed=-1, generation=1)
         with pytest.raises(ValueError, match="generation"):

@@ -836,15 +836,18 @@ class EvolutionConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 def evolution_config(config: Any) -> EvolutionConfig:
     """``config`` (None: the defaults, a dict of fields, or an EvolutionConfig) as an
-    EvolutionConfig; ``ValueError`` for a bad field, ``TypeError`` for anything else."""
+    EvolutionConfig. The same errors however it is given: ``TypeError`` for a field of the wrong
+    type (or a config that is none of those), ``ValueError`` for a value out of range or a
+    field it does not have."""
     if config is None:
         return EvolutionConfig()
     if isinstance(config, dict):
-        try:  # numpy numbers as Python ones, as an EvolutionConfig built directly takes them
-            return msgspec.convert({k: v.item() if isinstance(v, (np.integer, np.floating)) else v
-                                    for k, v in config.items()}, EvolutionConfig)
-        except msgspec.ValidationError as e:
-            raise ValueError(f"evolution config: {e}") from None
+        unknown = [k for k in config if k not in EvolutionConfig.__struct_fields__]
+        if unknown:
+            raise ValueError(f"evolution config: unknown field(s) {', '.join(map(repr, unknown))} "
+                             f"(fields: {', '.join(EvolutionConfig.__struct_fields__)})")
+        # built as a struct is (its __post_init__ checks types and ranges, and takes numpy numbers)
+        return EvolutionConfig(**config)
     if not isinstance(config, EvolutionConfig):
         raise TypeError(f"expected an EvolutionConfig or a dict, got {type(config).__name__}")
     return config
