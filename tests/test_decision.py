@@ -603,8 +603,9 @@ def test_credit_weighs_consensus_like_the_plain_formula(credit_market):
         ag = eng.agents()
     assert np.array_equal(ag["credit"][::3], np.linspace(0.25, 4.0, len(ids)))
     assert (ag["credit"][1::3] == 1.0).all()
-    # fitness is max(equity, 0) x (1 - max_drawdown) x credit
-    np.testing.assert_array_equal(ag["fitness"], np.maximum(ag["equity"], 0) * (1 - ag["max_drawdown"]) * ag["credit"])
+    # fitness is max(equity, 0) x max(1 - max_drawdown, 0) x credit
+    np.testing.assert_array_equal(ag["fitness"], np.maximum(ag["equity"], 0) * np.maximum(1 - ag["max_drawdown"], 0)
+                                  * ag["credit"])
     # the fused score is the fitness-weighted mean score of the warm agents of the stream
     for s in sig:
         m = (ag["instrument"] == s["instrument"]) & (ag["warm"] != 0)

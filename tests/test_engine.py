@@ -141,7 +141,7 @@ def test_consensus_is_fitness_weighted_mean_of_warm_agents(sim_bars):
         iid = dc.instruments.id(inst)
         last = sig[sig["instrument"] == iid][-1]
         sel = (a["instrument"] == iid) & (a["warm"] == 1) & (a["quarantined"] == 0)
-        w = np.maximum(a["equity"][sel], 0) * (1 - a["max_drawdown"][sel])
+        w = np.maximum(a["equity"][sel], 0) * np.maximum(1 - a["max_drawdown"][sel], 0)
         s = a["score"][sel]
         assert last["n_agents"] == sel.sum()
         np.testing.assert_allclose(last["score"], (w * s).sum() / w.sum(), rtol=1e-12)
@@ -154,6 +154,34 @@ def test_consensus_is_fitness_weighted_mean_of_warm_agents(sim_bars):
         np.testing.assert_allclose(last["agreement"], agree, rtol=1e-12)
         np.testing.assert_allclose(last["confidence"], agree * (1 - s.std()), rtol=1e-9)
         assert last["population_hash"] == pop.hash
+
+
+
+def test_an_agent_that_lost_more_than_everything_weighs_nothing():
+    """A short through a rise of more than 100% in one bar leaves equity below 0; a second squeeze
+    brings some of those agents back above 0 with a drawdown above 1. Neither kind may weigh
+    less than 0 (they voted inverted): weight = max(equity, 0) x max(1 - max_drawdown, 0)."""
+    n = 211
+    c = 100.0 * np.exp(np.cumsum(np.random.default_rng(4).normal(0, 0.002, n)))
+    c[200:] *= 2.5
+    c[203:] *= 4.0
+    bars = np.zeros(n, dtype=dc.BAR_DTYPE)
+    bars["ts"] = 1_704_067_200_000_000_000 + np.arange(n, dtype=np.int64) * 3_600_000_000_000
+    bars["instrument"], bars["timeframe"], bars["volume"] = dc.instruments.id("SQUEEZE"), 3600, 1.0
+    bars["open"] = np.concatenate([[c[0]], c[:-1]])
+    bars["close"] = c
+    bars["high"], bars["low"] = np.maximum(bars["open"], c) * 1.0001, np.minimum(bars["open"], c) * 0.9999
+    for threads in (1, 2):
+        with dc.Engine(dc.Population.random(2000, instruments=("SQUEEZE",), seed=2), threads=threads) as eng:
+            eng.run(bars[:210])
+            last = eng.run(bars[210:])[0]
+            a = eng.agents()
+        assert ((a["max_drawdown"] > 1) & (a["equity"] > 0)).sum() > 100 and (a["equity"] < 0).sum() > 100
+        w = np.maximum(a["equity"], 0) * np.maximum(1 - a["max_drawdown"], 0)
+        np.testing.assert_array_equal(a["fitness"], w)
+        sel = (a["warm"] == 1) & (a["quarantined"] == 0)
+        assert last["n_agents"] == sel.sum()
+        np.testing.assert_allclose(last["score"], (w[sel] * a["score"][sel]).sum() / w[sel].sum(), rtol=1e-12)
 
 
 def test_signals_carry_bar_identity_and_sequence(sim_bars):

@@ -200,7 +200,8 @@ DC_AI Summary sm_step_impl(const LaneView& v, int lanes, const double* __restric
     const vm fail = live & ~ok & m1;  // 0 -> 1: only live lanes (quarantined == 0) can fail
     addu<V>(s_quar + i, fail);
     vq += fail;
-    const vd wgt = ((e < zero) ? zero : e) * (one - mdd1) * ld<V>(s_credit + i);
+    const vd keep_dd = one - mdd1;
+    const vd wgt = ((e < zero) ? zero : e) * ((keep_dd < zero) ? zero : keep_dd) * ld<V>(s_credit + i);
     st<V>(sw + i, kw ? wgt : zero);
     st<V>(sws + i, kw ? wgt * score : zero);
     st<V>(ss + i, kw ? score : zero);
@@ -395,7 +396,9 @@ DC_V4_AI Sums8 lane_dd8(const LaneView& v, const double* __restrict score_in, in
   _mm512_storeu_pd(v.max_dd + i, _mm512_mask_mov_pd(mdd0, keep & deeper, dd));
   // consensus weight: fitness(e, mdd1, credit)
   const __m512d e0 = _mm512_mask_mov_pd(e, _mm512_cmp_pd_mask(e, zero, _CMP_LT_OQ), zero);
-  const __m512d wgt = _mm512_mul_pd(_mm512_mul_pd(e0, _mm512_sub_pd(one, mdd1)), _mm512_loadu_pd(v.credit + i));
+  const __m512d k1 = _mm512_sub_pd(one, mdd1);
+  const __m512d k0 = _mm512_mask_mov_pd(k1, _mm512_cmp_pd_mask(k1, zero, _CMP_LT_OQ), zero);
+  const __m512d wgt = _mm512_mul_pd(_mm512_mul_pd(e0, k0), _mm512_loadu_pd(v.credit + i));
   return Sums8{_mm512_maskz_mov_pd(kw, wgt), _mm512_maskz_mov_pd(kw, _mm512_mul_pd(wgt, score)),
                _mm512_maskz_mov_pd(kw, score), _mm512_maskz_mov_pd(kw, _mm512_mul_pd(score, score))};
 }
@@ -612,7 +615,9 @@ DC_V3_AI void lane_dd4(const LaneView& v, const double* __restrict score_in, int
   _mm256_storeu_pd(v.max_dd + i, _mm256_blendv_pd(mdd0, dd, _mm256_and_pd(keep, deeper)));
   // consensus weight: fitness(e, mdd1, credit)
   const __m256d e0 = _mm256_blendv_pd(e, zero, _mm256_cmp_pd(e, zero, _CMP_LT_OQ));
-  const __m256d wgt = _mm256_mul_pd(_mm256_mul_pd(e0, _mm256_sub_pd(one, mdd1)), _mm256_loadu_pd(v.credit + i));
+  const __m256d k1 = _mm256_sub_pd(one, mdd1);
+  const __m256d k0 = _mm256_blendv_pd(k1, zero, _mm256_cmp_pd(k1, zero, _CMP_LT_OQ));
+  const __m256d wgt = _mm256_mul_pd(_mm256_mul_pd(e0, k0), _mm256_loadu_pd(v.credit + i));
   _mm256_store_pd(sums[0] + j, _mm256_and_pd(kw, wgt));
   _mm256_store_pd(sums[1] + j, _mm256_and_pd(kw, _mm256_mul_pd(wgt, score)));
   _mm256_store_pd(sums[2] + j, _mm256_and_pd(kw, score));

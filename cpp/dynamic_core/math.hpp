@@ -156,12 +156,14 @@ DC_HOST_DEVICE inline int lane_step(const LaneState& s, LaneState& o, double sco
 
 // Consensus weight of an agent: equity discounted by its worst drawdown, times the credit its
 // live trades earned (1.0 = neutral; set from outside between updates). x * 1.0 is exact, so
-// an engine that never sets credit weighs as before.
+// an engine that never sets credit weighs as before. Both factors are floored at 0: a short
+// caught in a rise of more than 100% in one bar leaves equity below 0 and, once equity is back
+// above 0, a drawdown above 1; such an agent weighs nothing rather than voting inverted.
 // Credit is at most kMaxCredit (set_credit refuses more): 1e6 times the weight of the fittest
 // agent is already all of the consensus.
 inline constexpr double kMaxCredit = 1e6;
 DC_HOST_DEVICE inline double fitness(double equity, double max_dd, double credit = 1.0) {
-  return dc_max(equity, 0.0) * (1.0 - max_dd) * credit;
+  return dc_max(equity, 0.0) * dc_max(1.0 - max_dd, 0.0) * credit;
 }
 
 // ---- SM summaries and fusion ----------------------------------------------------------------

@@ -848,7 +848,7 @@ class Engine:
     def set_credit(self, agent_ids: Any, credit: Any) -> None:
         """Set the consensus-weight credit of agents by id (1.0 = neutral), between updates.
 
-        An agent's weight in consensus is ``max(equity, 0) x (1 - max_drawdown) x credit``;
+        An agent's weight in consensus is ``max(equity, 0) x max(1 - max_drawdown, 0) x credit``;
         the decision layer raises the credit of agents whose live trades worked and lowers it
         for those whose did not (:class:`dynamic_core.decision.CreditLedger`). With a journal
         the change is journaled in order with the bars, so replay reproduces it.

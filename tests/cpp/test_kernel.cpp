@@ -372,7 +372,9 @@ void check_lanes() {
       for (int i = 0; i < lanes; ++i) a.ext_score[i] = b.ext_score[i] = u(rng);
       if (t == 150)  // the evidence changes
         for (int i = 0; i < lanes; ++i) a.dsi[i] = b.dsi[i] = -0.5 * a.dsi[i];
-      const double ret = t == 0 ? 0.0 : 0.01 * u(rng);
+      // two squeezes (+150%, then +300%): shorts lose more than everything, and some come back
+      // above 0 with a drawdown above 1, which must weigh 0 (not less) in every variant
+      const double ret = t == 0 ? 0.0 : t == 250 ? 1.5 : t == 253 ? 3.0 : 0.01 * u(rng);
       const int poison = (t == 200) ? 5 : -1;
       const Summary sv = sm_step(va, lanes, feat.data(), t, ret, poison, updates, quarantined);
       const Summary sc = scalar_step(b, lanes, feat.data(), t, ret, poison);
@@ -388,6 +390,9 @@ void check_lanes() {
     uint32_t trades = 0;
     for (int i = 0; i < lanes; ++i) trades += a.trades[i];
     CHECK(trades > 0);  // the check exercised position changes
+    int over = 0;       // lanes whose drawdown is above 1 with equity above 0
+    for (int i = 0; i < lanes; ++i) over += a.max_dd[i] > 1.0 && a.equity[i] > 0.0;
+    CHECK(over > 0);
     CHECK(updates > 0);
     CHECK_EQ(quarantined, a.active[5] ? 1u : 0u);
   }
