@@ -981,6 +981,13 @@ def test_cli_ctl(served: Served, keys: Path) -> None:
                 str(keys / "strangers" / "mallory.key_secret"), "--timeout", "0.3"]
     p = _cli("ctl", served.server.endpoint, "pause", *stranger)
     assert p.returncode == 2 and "no connection" in p.stderr and "Traceback" not in p.stderr
+    # a secret key pasted in place of a file name is refused without being echoed
+    secret = next(line.split('"')[1] for line in (keys / "clients" / "ops.key_secret").read_text().splitlines()
+                  if line.strip().startswith("secret-key"))
+    for args in (["--server-key", str(keys / "server.key"), "--client-key", secret],
+                 ["--server-key", secret, "--client-key", str(keys / "clients" / "ops.key_secret")]):
+        p = _cli("ctl", served.server.endpoint, "health", *args)
+        assert p.returncode == 2 and "40 key characters" in p.stderr and secret not in p.stderr + p.stdout
     p = _cli("ctl", served.server.endpoint, "routing", "clear", *common)
     assert p.returncode == 0 and served.applied[-1].table == {}
     assert [type(c) for c in served.applied] == [P.SetThrottle, P.UpdateRouting, P.Snapshot, P.UpdateRouting]

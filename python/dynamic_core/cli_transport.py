@@ -294,9 +294,12 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     from .transport import ControlClient
 
     cmd = _command(args.ctl_command, list(args.args))
-    for f in (args.server_key, args.client_key):
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"no such file: {f}")
+    from .transport.keys import _regular_file
+
+    # checked before connecting, with the key loader's own message (which never echoes an
+    # argument that looks like key text: a secret pasted in place of a file name)
+    _regular_file(args.server_key, "server key file")
+    _regular_file(args.client_key, "client key file")
     with ControlClient(args.address, server_key=args.server_key, client_key=args.client_key,
                        fmt="json" if args.json_wire else "msgpack", timeout=args.timeout) as c:
         reply = c.request(cmd)
