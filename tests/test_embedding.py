@@ -15,6 +15,7 @@ import weakref
 from pathlib import Path
 
 import dynamic_core as dc
+import numpy as np
 import pytest
 
 PKG = os.path.dirname(os.path.dirname(os.path.abspath(dc.__file__)))  # the package as installed (or built here)
@@ -112,15 +113,24 @@ def test_an_engine_inherited_by_a_forked_child_refuses_and_does_not_crash() -> N
     bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(50)
     eng = dc.Engine(dc.Population.random(500, instruments=["EURUSD"], timeframes=[3600], seed=1), threads=2)
     eng.run(bars[:20])
+    eng.submit(bars[20:40])  # maybe still in flight at the fork
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: no worker threads exist here
         code = 1
         try:
+            signal.alarm(30)  # a call that waits on the parent's workers would wait forever
             try:
-                eng.run(bars[20:])
+                eng.run(bars[40:])
             except RuntimeError as e:
                 code = 0 if "another process" in str(e) else 2
+            # every other use raises too (agents() waited forever for bars in flight at the fork)
+            for use in (eng.agents, eng.stats, eng.in_flight, eng.dead_letters, lambda: eng.validate(bars)):
+                try:
+                    use()
+                    code = 3
+                except RuntimeError as e:
+                    code = code if "another process" in str(e) else 4
             eng.close()  # nothing to join here: a no-op, not a crash
             del eng
             gc.collect()
@@ -132,7 +142,10 @@ def test_an_engine_inherited_by_a_forked_child_refuses_and_does_not_crash() -> N
     msg = os.read(r, 16)
     os.close(r)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and msg == b"ok", status
-    assert len(eng.run(bars[20:])) == 30  # the parent's engine is untouched
+    got = eng.poll(20, timeout=30.0)  # the parent's engine is untouched
+    while len(got) < 20:
+        got = np.concatenate([got, eng.poll(timeout=30.0)])
+    assert len(eng.run(bars[40:])) == 10 and eng.stats()["signals"] == 50
     eng.close()
     assert threading.active_count() >= 1
 

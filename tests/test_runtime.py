@@ -327,6 +327,111 @@ def test_stalled_sm_fails_over_without_losing_signals(pop, market):
     assert standby == [2] and st["workers"][2]["sms"] >= 1
 
 
+
+def test_a_failover_never_hands_the_group_back_to_the_stalled_worker():
+    """threads=1: the stalled worker's group goes to the standby, which catches up on a backlog
+    longer than the deadline. It used to publish no heartbeat while catching up, so the sentinel
+    took it for stalled too and handed the group back to the worker still asleep in its stall
+    (whose ring was empty: it had popped its batch), reporting it "ok"."""
+    bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=3).bars(1500)
+    p = dc.Population.random(20_000, instruments=["EURUSD"], timeframes=["H1"], seed=11)
+    with dc.Engine(p, threads=1) as a:
+        ref = a.run(bars)
+    with dc.Engine(p, threads=1, fault_injection=True, stall_deadline=0.05, capacity=2048) as eng:
+        eng.run(bars[:100])
+        eng.faults.stall_sm(0, 30.0)  # worker 0 sleeps until close()
+        eng.submit(bars[100:])
+        got = []
+        while sum(map(len, got)) < len(bars) - 100:
+            part = eng.poll(timeout=20.0)
+            assert len(part), "signals stopped"
+            got.append(part)
+        st = eng.stats()
+    assert np.concatenate(got).tobytes() == ref[100:].tobytes()
+    assert st["workers"][1]["standby"] and st["workers"][0]["heartbeat_age_s"] > 0.05
+    assert set(st["sms"]["owner"]) == {1}  # all on the standby, none back on worker 0
+
+
+def test_run_and_step_of_two_threads_take_turns():
+    """Two threads feeding with step (or step and run): each call returns its own bar's signal.
+    A step used to let go of the feed before it waited for its signal, and the other thread's
+    call then found that bar unpolled and refused ("poll() them first", which it could not)."""
+    bars = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], timeframe="H1", seed=3).bars(120)
+    p = dc.Population.random(2000, instruments=["EURUSD", "GBPUSD"], timeframes=["H1"], seed=11)
+    with dc.Engine(p, threads=1) as a:
+        ref = a.run(bars)
+    ids = np.unique(bars["instrument"])
+    for mode in ("step", "run"):
+        with dc.Engine(p, threads=2) as eng:
+            out: dict[int, list] = {0: [], 1: []}
+            errors: list[BaseException] = []
+
+            def feed(k: int) -> None:
+                mine = bars[bars["instrument"] == ids[k]]
+                try:
+                    for i in range(len(mine)):
+                        if k == 0 or mode == "step":
+                            s = eng.step(mine[i])
+                            out[k].append((s.ts, s.score))
+                        else:
+                            r = eng.run(mine[i:i + 1])[0]
+                            out[k].append((int(r["ts"]), float(r["score"])))
+                except BaseException as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+
+            ts = [threading.Thread(target=feed, args=(k,)) for k in (0, 1)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(60)
+            assert not errors, errors[:1]
+            for k in (0, 1):  # each stream's own signals, in its order (seq follows the interleaving)
+                want = ref[ref["instrument"] == ids[k]]
+                assert out[k] == list(zip(want["ts"].tolist(), want["score"].tolist()))
+
+
+def test_step_from_a_callback_is_refused_like_run_and_submit():
+    with dc.Engine(dc.Population.random(300, instruments=["EURUSD"], seed=1), threads=1) as eng:
+        bars = dc.sim.MarketSimulator(["EURUSD"], seed=1).bars(3)
+        seen: list = []
+        done = threading.Event()
+
+        def cb(sig):
+            try:
+                eng.step(bars[2])
+                seen.append("stepped")
+            except RuntimeError as e:
+                seen.append(str(e))
+            done.set()
+
+        eng.on_signal(cb)
+        eng.submit(bars[:1])
+        assert done.wait(20)
+        assert "step() called from an on_signal callback" in seen[0]
+        assert eng.stats()["bars_in"] == 1  # the callback's bar was not taken
+
+
+def test_on_signal_is_refused_while_another_thread_runs():
+    """run returns its own bars' signals: a dispatcher started while it runs took some of them
+    (run returned fewer signals than bars)."""
+    bars = dc.sim.MarketSimulator(["EURUSD"], seed=2).bars(3000)
+    with dc.Engine(dc.Population.random(10_000, instruments=["EURUSD"], seed=1), threads=1, capacity=64) as eng:
+        got: dict = {}
+        t = threading.Thread(target=lambda: got.setdefault("n", len(eng.run(bars))))
+        t.start()
+        while not eng._runners and t.is_alive():  # (stats() would wait for the run's ingress lock)
+            time.sleep(0.0005)
+        refused = None
+        if t.is_alive():
+            try:
+                eng.on_signal(lambda s: None)
+            except RuntimeError as e:
+                refused = str(e)
+        t.join(60)
+        assert got["n"] == 3000
+        assert refused is not None and "on_signal() while run() runs" in refused
+        eng.on_signal(lambda s: None)  # once run returned, a dispatcher may start
+
 _FAILOVER_STORM = """
 import sys, numpy as np, dynamic_core as dc
 names = ["A", "B"]

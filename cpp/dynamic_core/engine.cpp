@@ -433,8 +433,9 @@ void Engine::release(int w, uint32_t g, uint64_t np, uint64_t updates) {
   workers_[w]->updates.fetch_add(updates, std::memory_order_relaxed);
 }
 
-void Engine::replay(uint32_t g, uint64_t until_pos, uint64_t& np, int& poison, uint64_t& updates) {
+void Engine::replay(int w, uint32_t g, uint64_t until_pos, uint64_t& np, int& poison, uint64_t& updates) {
   GroupRuntime& r = grt_[g];
+  std::atomic<int64_t>& beat = workers_[w]->beat_ns;
   const uint32_t stream = groups_[g].stream;
   // Positions below the tail are complete (this group included), so the scan starts at or after
   // it.
@@ -448,6 +449,9 @@ void Engine::replay(uint32_t g, uint64_t until_pos, uint64_t& np, int& poison, u
     ++np;
     r.last_pos = q + 1;
     finish_units(q, 1);
+    // a long backlog is run under one claim, publishing no nproc until it ends: the worker's
+    // heartbeat says it is alive, or the sentinel takes the adopter for stalled and moves on
+    beat.store(now_ns(), std::memory_order_relaxed);
   }
 }
 
@@ -490,7 +494,7 @@ bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_
     if (sidx < np) continue;                           // done during a catch-up
     if (sidx > np) {  // bars missed before it was moved here
       flush();
-      replay(g, p, np, poison, updates);
+      replay(w, g, p, np, poison, updates);
     }
     block[nb++] = p;
     if (nb == ub) flush();
@@ -508,7 +512,7 @@ void Engine::catch_up(int w, uint32_t g, uint64_t until_pos) {
   uint64_t np = grt_[g].nproc.load(std::memory_order_acquire);  // as in run_group
   uint64_t updates = 0;
   int poison = -1;
-  replay(g, until_pos, np, poison, updates);
+  replay(w, g, until_pos, np, poison, updates);
   release(w, g, np, updates);
 }
 
@@ -599,8 +603,12 @@ void Engine::move_group(uint32_t g, int from) {
   const int standby = n_workers_ - 1;
   int target = standby;
   const int64_t now = now_ns();
+  // Fresh: beat within the deadline, or parked with nothing to do. An empty ring alone is not
+  // enough: a worker stuck in a batch has popped it (the one just found stalled, among them).
+  auto age = [&](int w) { return now - workers_[w]->beat_ns.load(std::memory_order_relaxed); };
   auto fresh = [&](int w) {
-    return !workers_[w]->ring.size() || now - workers_[w]->beat_ns.load(std::memory_order_relaxed) < cfg_.stall_deadline_ns;
+    const Worker& k = *workers_[w];
+    return age(w) < cfg_.stall_deadline_ns || (k.sleeping.load(std::memory_order_relaxed) && k.ring.empty());
   };
   if (target == from || !fresh(target)) {  // the standby itself is stuck: least-loaded other worker
     size_t best = SIZE_MAX;
@@ -614,7 +622,11 @@ void Engine::move_group(uint32_t g, int from) {
         target = w;
       }
     }
-    if (best == SIZE_MAX) target = from == standby ? 0 : standby;
+    if (best == SIZE_MAX) {  // none is fresh: the one that beat last (not back to `from` if another beat later)
+      target = from;
+      for (int w = 0; w < n_workers_; ++w)
+        if (age(w) < age(target)) target = w;
+    }
   }
   const uint32_t s = groups_[g].stream;
   // The new owner's stream bit is set before the adoption is posted (see worker_main).

@@ -327,8 +327,9 @@ class Engine {
   void catch_up(int w, uint32_t g, uint64_t until_pos);
   bool claim(int w, uint32_t g);  // busy/owner handshake; false if w does not own g
   void release(int w, uint32_t g, uint64_t np, uint64_t updates);
-  // Runs g over the bars of its stream it has not run, from its last position to until_pos.
-  void replay(uint32_t g, uint64_t until_pos, uint64_t& np, int& poison, uint64_t& updates);
+  // Runs g over the bars of its stream it has not run, from its last position to until_pos, on
+  // worker w, whose heartbeat it keeps up bar by bar.
+  void replay(int w, uint32_t g, uint64_t until_pos, uint64_t& np, int& poison, uint64_t& updates);
   // Runs g over nb <= kUnitBlock bars of its stream, in order, SM by SM: each SM's lanes stay
   // in the nearest cache over the block. Every SM steps through the bars in order, so the
   // results do not depend on nb. `poison` (fault injection, -1 = none) is a lane of the group

@@ -151,7 +151,7 @@ def _after_fork_in_child() -> None:
         e._foreign = os.getpid()
         e._closed = True
         # locks another thread of the parent may have held at the fork, fresh and released
-        e._close_lock, e._egress_guard = threading.Lock(), threading.Lock()
+        e._close_lock, e._egress_guard, e._own_lock = threading.Lock(), threading.Lock(), threading.Lock()
         e._close_done = threading.Event()
         e._close_done.set()
         e._pollers, e._runners = 0, {}
@@ -162,6 +162,24 @@ def _after_fork_in_child() -> None:
         # nor may the native destructor join them (a crash): one reference the child never
         # gives back keeps it from running, also at the interpreter's exit
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(e._native))
+        # and every use raises instead of waiting on workers that are not here (agents() waited
+        # for bars in flight at the fork, forever; stats() answered for threads that are gone)
+        e._native = _Forked(e._foreign)
+
+
+class _Forked:
+    """The native engine of an engine inherited by a fork()ed child: any use raises."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(_forked_message(self._pid))
+
+
+def _forked_message(pid: int) -> str:
+    return (f"this engine was created in another process (this is process {pid}, a fork of it): its "
+            f"threads are not here; create an Engine in this process (or start processes with 'spawn')")
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -401,6 +419,10 @@ class Engine:
         # run/step return the signals of their own bars: while one runs, no other thread may
         # poll (it would take some of them), and neither starts while another thread polls
         self._egress_guard = threading.Lock()
+        # run and step of several threads, one at a time for their whole call: natively a step
+        # lets go of the feed before it waits for its signal, and another thread's run or step
+        # coming in then found that bar unpolled and refused ("poll() them first")
+        self._own_lock = threading.Lock()
         self._pollers = 0  # poll() calls in progress (any thread)
         self._runners: dict[threading.Thread, str] = {}  # threads in run/step, and which
         self._close_lock = threading.Lock()
@@ -534,17 +556,27 @@ class Engine:
         them, and neither starts while another thread polls (RuntimeError, before anything is
         taken). Feeding calls of several threads still serialise among themselves."""
         me = threading.current_thread()
-        with self._egress_guard:
-            if self._pollers:
-                raise RuntimeError(f"{what}() returns the signals of its bars, but poll() is waiting on another "
-                                   f"thread and would take some of them: feed with submit() and poll, or stop "
-                                   f"polling first")
-            self._runners[me] = what
+        self._own_lock.acquire()  # another thread's run or step first (interruptible by ^C)
+        try:
+            self._check_open()  # closed while this call waited
+            with self._egress_guard:
+                if self._pollers:
+                    raise RuntimeError(f"{what}() returns the signals of its bars, but poll() is waiting on "
+                                       f"another thread and would take some of them: feed with submit() and "
+                                       f"poll, or stop polling first")
+                # checked again under the guard that on_signal starts its dispatcher under: one
+                # starting since the caller's first check would take some of these signals
+                self._no_other_consumer(what)
+                self._runners[me] = what
+        except BaseException:
+            self._own_lock.release()
+            raise
         return me
 
     def _egress_exit(self, me: threading.Thread) -> None:
         with self._egress_guard:
             self._runners.pop(me, None)
+        self._own_lock.release()
 
     # ---- streaming ----------------------------------------------------------------------------
     def submit(self, bars: np.ndarray, timeout: float | None = None) -> int:
@@ -624,6 +656,7 @@ class Engine:
         dispatcher or another thread's ``poll``, which could take the signal first: RuntimeError
         (and a ``poll`` from another thread while it runs raises)."""
         self._check_open()
+        self._not_from_consumer("step")
         self._no_other_consumer("step")
         if type(bar) is np.void and bar.dtype == BAR_DTYPE:
             b = bar  # one record (a row of a BAR_DTYPE array): its bytes go to the core as they are
@@ -662,24 +695,35 @@ class Engine:
         ``stats()["callback_errors"]``; the signal is not redelivered, and later signals and the
         other callbacks still run. Workers never run Python. Usable as a decorator.
 
-        A callback must not feed the engine: ``run`` and ``submit`` called from it raise
-        ``RuntimeError`` (the dispatcher is the engine's only consumer, so a feeding call waiting
-        for room from it could wait forever).
+        A callback must not feed the engine: ``run``, ``submit`` and ``step`` called from it
+        raise ``RuntimeError`` (the dispatcher is the engine's only consumer, so a feeding call
+        waiting for room from it could wait forever). Nor does a dispatcher start while another
+        thread is in ``run`` or ``step``, which return their own bars' signals: RuntimeError.
         """
         if not callable(callback):
             raise TypeError("callback must be callable")
         self._check_open()
         self._cpu_only("on_signal")
         with self._dispatch_lock:
-            self._callbacks.append(callback)
             if self._dispatcher is None or not self._dispatcher.is_alive():  # none yet, or it died
-                if self._dispatcher is not None:
-                    self.unregister_consumer(self._dispatcher)
-                self._dispatcher = threading.Thread(
-                    target=_dispatch_loop, name="dc-signal-dispatch", daemon=True,
-                    args=(self._native, self._stop, self._callback_errors, weakref.ref(self)))
-                self.register_consumer(self._dispatcher, "an on_signal callback")
-                self._dispatcher.start()
+                with self._egress_guard:  # the guard run and step register under
+                    me = threading.current_thread()
+                    other = next(((th, w) for th, w in self._runners.items() if th is not me), None)
+                    if other is not None:
+                        raise RuntimeError(f"on_signal() while {other[1]}() runs on thread {other[0].name!r}: "
+                                           f"it returns the signals of its bars, and the dispatcher would take "
+                                           f"some of them; register callbacks before feeding, or after it returns")
+                    if self._dispatcher is not None:
+                        self.unregister_consumer(self._dispatcher)
+                    self._dispatcher = threading.Thread(
+                        target=_dispatch_loop, name="dc-signal-dispatch", daemon=True,
+                        args=(self._native, self._stop, self._callback_errors, weakref.ref(self)))
+                    self.register_consumer(self._dispatcher, "an on_signal callback")
+                    self._callbacks.append(callback)  # before its first batch
+                    # started under the guard: run/step see a consumer only once it is alive
+                    self._dispatcher.start()
+            else:
+                self._callbacks.append(callback)
         return callback
 
     def _no_other_consumer(self, what: str) -> None:
@@ -717,8 +761,11 @@ class Engine:
         self._consumers.pop(threading.current_thread() if thread is None else thread, None)
 
     def close(self) -> None:
-        """Stop the dispatcher, workers and sentinel and join them. Bars still in flight are
-        discarded. Idempotent; also done by ``with`` and when the engine is collected."""
+        """Stop the dispatcher, workers and sentinel and join them. Bars already handed to the
+        workers are run first, so every SM's agents stand at the same bar (``agents()`` still
+        answers after close); their signals are not delivered. That takes as long as those bars
+        do: up to the window, ``capacity``. Idempotent; also done by ``with`` and when the engine
+        is collected."""
         with self._close_lock:
             first = not self._closed
             self._closed = True
@@ -793,9 +840,7 @@ class Engine:
     def _check_open(self) -> None:
         if self._closed:
             if self._foreign:
-                raise RuntimeError(f"this engine was created in another process (this is process "
-                                   f"{self._foreign}, a fork of it): its threads are not here; create "
-                                   f"an Engine in this process (or start processes with 'spawn')")
+                raise RuntimeError(_forked_message(self._foreign))
             raise RuntimeError("engine is closed")
 
     def validate(self, bars: np.ndarray) -> np.ndarray:
