@@ -228,6 +228,22 @@ def test_subscriber_reports_gaps_epochs_and_bad_frames(raw_pub: zmq.Socket) -> N
         assert [r[0] for r in sub.rejects] == ["malformed", "malformed", "oversized"]
 
 
+def test_subscriber_stats_count_every_gap_and_restart_beyond_the_kept_events(raw_pub: zmq.Socket) -> None:
+    # stats() once reported len() of the bounded lists, so `subscribe` printed max_events gaps at most
+    enc = msgspec.msgpack.Encoder()
+    with T.SignalSubscriber(raw_pub.getsockopt(zmq.LAST_ENDPOINT).decode(), max_events=3) as sub:
+        _wait_subscriptions(raw_pub, 2)
+        frames = [(1, 2 * i) for i in range(10)] + [(2 + i, 0) for i in range(6)]  # 9 gaps, 6 restarts
+        for epoch, seq in frames:
+            batch = P.SignalBatch(epoch=epoch, seq=seq, signals=())
+            raw_pub.send_multipart([b"sig.EURUSD.3600", enc.encode(batch)])
+        for _ in frames:
+            assert isinstance(sub.recv(timeout=TIMEOUT), P.SignalBatch)
+        st = sub.stats()
+        assert len(sub.gaps) == len(sub.epoch_changes) == 3  # the lists stay bounded
+        assert (st["gaps"], st["gap_signals"], st["epoch_changes"]) == (9, 9 * 2, 6)
+
+
 def test_subscriber_survives_garbage(raw_pub: zmq.Socket) -> None:
     pub = raw_pub
     good = msgspec.msgpack.encode(P.Heartbeat(epoch=3, seq=0, ts=0))

@@ -371,7 +371,8 @@ class SignalSubscriber(SocketOwner):
     rcvhwm : int
         Messages queued before libzmq drops (seen as gaps).
     max_events : int
-        How many recent gaps / epoch changes / rejects are kept in the lists.
+        How many recent gaps / epoch changes / rejects are kept in the lists. :meth:`stats`
+        counts all of them, however many were kept.
 
     Examples
     --------
@@ -411,6 +412,9 @@ class SignalSubscriber(SocketOwner):
         self.epoch_changes: collections.deque[EpochChange] = collections.deque(maxlen=max_events)
         self.rejects: collections.deque[tuple[str, str]] = collections.deque(maxlen=max_events)
         self.gap_count = 0  # signals missed, all topics
+        # running totals: the deques above keep only the last ``max_events``
+        self.gap_events = 0
+        self.epoch_change_count = 0
         self.messages = 0
         self.signals_received = 0
         self.heartbeats = 0
@@ -472,6 +476,7 @@ class SignalSubscriber(SocketOwner):
             if old != 0:
                 ev = EpochChange(old, epoch)
                 self.epoch_changes.append(ev)
+                self.epoch_change_count += 1
                 if self.on_epoch is not None:
                     self.on_epoch(ev)
 
@@ -486,6 +491,7 @@ class SignalSubscriber(SocketOwner):
 
     def _gap(self, gap: Gap) -> None:
         self.gaps.append(gap)
+        self.gap_events += 1
         self.gap_count += max(0, gap.missed)
         if self.on_gap is not None:
             self.on_gap(gap)
@@ -518,8 +524,8 @@ class SignalSubscriber(SocketOwner):
     def stats(self) -> dict[str, Any]:
         c = self._codec.stats()
         return {"epoch": self.epoch, "messages": self.messages, "signals": self.signals_received,
-                "heartbeats": self.heartbeats, "gaps": len(self.gaps), "gap_signals": self.gap_count,
-                "epoch_changes": len(self.epoch_changes), "rejected": c["rejected"],
+                "heartbeats": self.heartbeats, "gaps": self.gap_events, "gap_signals": self.gap_count,
+                "epoch_changes": self.epoch_change_count, "rejected": c["rejected"],
                 "rejects": c["rejects"]}
 
     def __repr__(self) -> str:
