@@ -740,6 +740,16 @@ def _main(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
+def test_dump_help_names_the_record_types_dump_prints(capsys):
+    # the help listed "rejects", a type dump never prints (it prints dead_letter)
+    import re
+
+    rc, out, _ = _main(capsys, "journal", "dump", "--help")
+    text = " ".join(out.split())
+    listed = re.search(r"type \(([^)]*)\)", text).group(1).split(", ")
+    assert rc == 0 and sorted(listed) == sorted(k.lower() for k in _core.RecordType.__members__)
+
+
 def test_replay_verify_fails_when_no_signal_has_a_hash(tmp_path, capsys):
     d = tmp_path / "j"
     eng = dc.Engine(_pop(60), threads=1, journal=d)

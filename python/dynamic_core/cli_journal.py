@@ -44,8 +44,8 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         "journal", help="verify (--repair a torn tail) or dump an append-only journal",
         description="Inspect the append-only journal an engine writes with --journal DIR: "
                     "segment files of length-prefixed, CRC32C-checked records (the population "
-                    "and configuration, every accepted bar before it was processed, rejects, "
-                    "control commands, and the hash of every signal handed out).",
+                    "and configuration, every accepted bar before it was processed, rejected "
+                    "bars (dead letters), control commands, and the hash of every signal handed out).",
         epilog=_JOURNAL_EPILOG, formatter_class=formatter)
     jsub = j.add_subparsers(dest="journal_command", metavar="ACTION", title="actions")
     v = jsub.add_parser("verify", help="check framing, sequence and CRC32C of every record",
@@ -60,7 +60,7 @@ def add_commands(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     v.set_defaults(func=cmd_journal_verify)
     d = jsub.add_parser("dump", help="list records: type, sequence number, size and place",
                         description="List the journal's records in order, one line each: sequence "
-                                    "number, type (meta, bars, rejects, control, signal_hashes, ...), "
+                                    f"number, type ({', '.join(jr._TYPE_NAMES.values())}), "
                                     "payload size, segment and byte offset; then how many more there "
                                     "are and the count of each type. The first --limit N intact records "
                                     "are listed (default 50; --limit 0 lists every one). A torn tail "
