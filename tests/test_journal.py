@@ -345,7 +345,7 @@ def test_torn_tail_is_reported_repaired_and_replayed(tmp_path):
     assert res.signals.tobytes() == live[:len(res.signals)].tobytes()
 
 
-def test_repair_refuses_a_journal_that_is_still_being_written(tmp_path):
+def test_repair_refuses_a_journal_that_is_still_being_written(tmp_path, capsys):
     # a record half-written by a live run looks like a torn tail: repair used to cut it (and,
     # caught in the meta record, every record the run went on writing at its own offset)
     pop, bars = _pop(100), _bars(40)
@@ -358,6 +358,11 @@ def test_repair_refuses_a_journal_that_is_still_being_written(tmp_path):
         assert jr.verify(tmp_path / "j").status == "torn_tail"  # verify alone only reports
         with pytest.raises(JournalError, match="open for writing"):
             jr.verify(tmp_path / "j", repair=True)
+        # the CLI: a torn tail not repaired, exit 1 as the epilog says (it exited 2, a bad argument)
+        from dynamic_core.cli import main
+
+        assert main(["journal", "verify", str(tmp_path / "j"), "--repair"]) == 1
+        assert "a writer has this journal open" in capsys.readouterr().out
         assert seg.stat().st_size == size + 10  # nothing cut
     fixed = jr.verify(tmp_path / "j", repair=True)  # the writer has gone: a torn tail now
     assert fixed.repaired and fixed.truncated_bytes == 10 and jr.verify(tmp_path / "j").ok
