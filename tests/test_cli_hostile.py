@@ -302,6 +302,12 @@ def test_backtest_out_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
     (["--no-credit", "--entry-score", "0.2"], "--entry-score, --no-credit are for the paper account"),
     (["--fsync", "1"], "--fsync is the journal's durability: add --journal"),
     (["--evolve-seed", "3"], "--evolve-seed seeds the evolution: add --evolve"),
+    # they were ignored without --publish (run --feed ... --wait-subscribers 3 did not wait)
+    (["--json-feed"], "--json-feed is for the signal feed of --publish: add --publish"),
+    (["--feed", "tcp://127.0.0.1:*", "--heartbeat", "0.5", "--wait-subscribers", "3", "--duration", "1"],
+     "--heartbeat, --wait-subscribers are for the signal feed of --publish"),
+    # the service path built its population without the learning agents asked for
+    (["--learning", "3", "--publish", "tcp://127.0.0.1:*"], "--learning runs in the plain 'run'"),
 ])
 def test_an_option_without_the_option_it_refines_is_refused(args: list[str], needle: str, tmp_path: Path) -> None:
     assert_clean_error(dynamic_core("run", "-q", "--agents", "100", "--bars", "50", *args, cwd=tmp_path), needle)

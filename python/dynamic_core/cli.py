@@ -368,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'dynamic-core replay DIR --verify' reproduces it bit for bit")
     r.add_argument("--learning", type=_learning_count, default=0, metavar="N",
                    help="add N learning agents per stream: external-score lanes whose LoRA-adapted heads "
-                        "learn online from realised returns (the run then steps one bar time at a time); "
-                        f"0 to {MAX_LEARNING:,} [default: 0, off]")
+                        "learn online from realised returns (the run then steps one bar time at a time; "
+                        f"not with --publish/--feed/--control); 0 to {MAX_LEARNING:,} [default: 0, off]")
     r.add_argument("--fsync", type=int, choices=(0, 1, 2), default=None,
                    help="journal durability per batch: 0 OS, 1 data (fdatasync), 2 data + metadata [default: 0]")
     r.add_argument("--evolve", type=_count, default=0, metavar="N",
@@ -857,6 +857,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cli_transport.wants_service(args):  # --publish/--feed/--control: behind sockets
         if args.evolve:
             raise CLIError("--evolve runs in the plain 'run'; it does not combine with --publish/--feed/--control yet")
+        if args.learning:
+            # the learning agents are scored one bar time at a time before that time's bars go in
+            # (_drive); the service submits bars as its ingress takes them and has no such step
+            raise CLIError("--learning runs in the plain 'run' (and --paper); it does not combine with "
+                           "--publish/--feed/--control yet")
         return cli_transport.cmd_run_service(args)
     t0 = time.perf_counter()
     console = _console()
@@ -954,19 +959,27 @@ def _need_matplotlib(plot: str | None) -> None:
 def _options_need_their_parent(args: argparse.Namespace) -> None:
     """Refuses options of ``run`` that would do nothing without the option they refine (rather
     than ignoring them), then gives the unset ones their defaults."""
-    paper_only = [o for o, given in (("--equity", args.equity is not None),
-                                      ("--entry-score", args.entry_score is not None),
-                                      ("--no-credit", args.no_credit)) if given]
-    if paper_only and not args.paper:
-        raise CLIError(f"{', '.join(paper_only)} {'is' if len(paper_only) == 1 else 'are'} for the paper "
-                       "account of --paper: add --paper")
+    paper_only = (("--equity", args.equity is not None), ("--entry-score", args.entry_score is not None),
+                  ("--no-credit", args.no_credit))
+    _need_parent(args.paper, paper_only, "for the paper account of --paper: add --paper")
+    _need_parent(args.publish, (("--json-feed", args.json_feed), ("--heartbeat", args.heartbeat is not None),
+                                ("--wait-subscribers", args.wait_subscribers is not None)),
+                 "for the signal feed of --publish: add --publish ADDR")
     if args.fsync is not None and not args.journal:
         raise CLIError("--fsync is the journal's durability: add --journal DIR")
     if args.evolve_seed is not None and not args.evolve:
         raise CLIError("--evolve-seed seeds the evolution: add --evolve N")
-    for name, default in (("equity", 100_000.0), ("fsync", 0), ("evolve_seed", 0)):
+    for name, default in (("equity", 100_000.0), ("fsync", 0), ("evolve_seed", 0), ("heartbeat", 1.0),
+                          ("wait_subscribers", 0)):
         if getattr(args, name) is None:
             setattr(args, name, default)
+
+
+def _need_parent(parent: Any, options: Sequence[tuple[str, bool]], why: str) -> None:
+    """CLIError naming the ``options`` given (``(name, given)`` pairs) when ``parent`` is not."""
+    given = [o for o, g in options if g]
+    if given and not parent:
+        raise CLIError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} {why}")
 
 
 def _writable(option: str, path: str) -> None:

@@ -156,13 +156,15 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
                    help="with --control: where 'ctl snapshot PATH' writes (PATH is relative to DIR and "
                         "confined to it; DIR is created, mode 0700, at the first snapshot) "
                         "[default: JOURNAL/snapshots with --journal, else ./snapshots]")
-    g.add_argument("--json-feed", action="store_true", help="publish JSON instead of msgpack")
-    g.add_argument("--heartbeat", type=positive_float, default=1.0, metavar="S",
-                   help="heartbeat after S idle seconds [default: 1]")
-    g.add_argument("--wait-subscribers", type=count, default=0, metavar="N",
-                   help="before sending bars, wait (up to 30 s) until N subscribers are connected; a subscriber "
-                        "counts once it subscribes to heartbeats (topic 'hb', or everything: "
-                        "'dynamic-core subscribe' and SignalSubscriber do) [default: 0]")
+    # --json-feed, --heartbeat and --wait-subscribers are refused without --publish (cli.py's
+    # _options_need_their_parent); None marks "not given" there, which sets the defaults
+    g.add_argument("--json-feed", action="store_true", help="with --publish: publish JSON instead of msgpack")
+    g.add_argument("--heartbeat", type=positive_float, default=None, metavar="S",
+                   help="with --publish: heartbeat after S idle seconds [default: 1]")
+    g.add_argument("--wait-subscribers", type=count, default=None, metavar="N",
+                   help="with --publish: before sending bars, wait (up to 30 s) until N subscribers are "
+                        "connected; a subscriber counts once it subscribes to heartbeats (topic 'hb', or "
+                        "everything: 'dynamic-core subscribe' and SignalSubscriber do) [default: 0]")
     g.add_argument("--duration", type=positive_float, default=None, metavar="S",
                    help="serve for S seconds (with --feed: default until ^C; without: default until "
                         "every bar's signal is published)")
