@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from dynamic_core import cli
+from dynamic_core import cli, journal
 
 from .test_cli import PKG_ROOT, assert_clean_error, dynamic_core
 
@@ -61,6 +61,26 @@ def test_a_port_in_use_is_a_clean_error(option: str, busy_port: str, tmp_path: P
     proc = dynamic_core("run", "--agents", "100", "--bars", "10", "-q", option, busy_port, "--duration", "5",
                         cwd=tmp_path)
     assert_clean_error(proc, "Address already in use", busy_port, "choose another port")
+
+
+def test_a_service_that_fails_to_start_leaves_no_journal(busy_port: str, tmp_path: Path) -> None:
+    # the engine opened its journal before the sockets: a failed start left a journal behind and
+    # the retry with the same --journal was refused ("already holds a journal")
+    (tmp_path / "clients").mkdir()
+    run = ["run", "--agents", "100", "--bars", "10", "-q", "--journal", "j"]
+    control = ["--control", "tcp://127.0.0.1:*", "--authorized", "clients"]
+    assert_clean_error(dynamic_core(*run, *control, "--server-key", "missing.key_secret", cwd=tmp_path),
+                       "secret key file not found")
+    assert_clean_error(dynamic_core(*run, "--publish", busy_port, cwd=tmp_path), "Address already in use")
+    assert not (tmp_path / "j").exists()
+    proc = dynamic_core(*run, "--publish", "tcp://127.0.0.1:*", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    segments = sorted((tmp_path / "j").iterdir())
+    assert segments and journal.verify(tmp_path / "j").ok
+    # a journal there before the command is refused before any socket, and left as it was
+    sizes = [p.stat().st_size for p in segments]
+    assert_clean_error(dynamic_core(*run, "--publish", busy_port, cwd=tmp_path), "--journal j is not empty")
+    assert [p.stat().st_size for p in sorted((tmp_path / "j").iterdir())] == sizes
 
 
 def test_an_address_zeromq_cannot_parse_is_a_clean_error(tmp_path: Path) -> None:

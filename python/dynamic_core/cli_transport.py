@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from ._argtypes import count, positive_float
@@ -347,19 +348,27 @@ def cmd_run_service(args: argparse.Namespace) -> int:
                      bars=8 if args.feed else args.bars, timeframe=args.timeframe, seed=args.seed)
     pop = _run_population(bars, args.agents, args.seed)
     journal = getattr(args, "journal", None)
+    if journal and os.path.isdir(journal) and os.listdir(journal):
+        # the engine opens it only after the sockets (below); a directory it would refuse is
+        # refused now, before the banner and any wait for subscribers
+        raise CLIError(f"--journal {journal} is not empty: give a new or empty directory (a journal owns its "
+                       "directory)")
     extra = {"journal": journal, "fsync": getattr(args, "fsync", 0)} if journal else {}
     # snapshots are always confined to a directory: a control client must not write anywhere
     # the server process can
-    snapshot_dir = getattr(args, "snapshot_dir", None) or (
-        os.path.join(journal, "snapshots") if journal else "snapshots")
-    eng = Engine(pop, cores_per_sm=args.cores_per_sm, **extra)
+    snapshot_dir = Path(getattr(args, "snapshot_dir", None) or (
+        os.path.join(journal, "snapshots") if journal else "snapshots")).resolve()
     own_ingress = not args.feed
     ingress_addr = args.feed or f"inproc://dynamic-core-run-{os.getpid()}"
     parts: list[Any] = []
     sender_thread = None
     stop_sender = threading.Event()
     feed_ctx = None
+    eng = None
     try:
+        # every socket is bound, every key loaded and the audience waited for before the engine
+        # opens its journal: a start that fails (a busy port, a missing key file, too few
+        # subscribers) leaves no journal behind, and the same --journal works on the retry
         ingress = MarketIngress(ingress_addr, kind=args.feed_kind if args.feed else "pull",
                                 bind=None if args.feed else True, allow_remote=args.allow_remote)
         parts.append(ingress)
@@ -385,10 +394,6 @@ def cmd_run_service(args: argparse.Namespace) -> int:
 
             mesh = mesh_from_args(args)
             parts.append(mesh)
-        # without a feed the egress thread still drains the engine, or a full window would block
-        svc = EngineService(eng, ingress=ingress, feed=feed, control=control, mesh=mesh,
-                            on_signals=None if feed is not None else (lambda s: None),
-                            snapshot_dir=snapshot_dir, create_snapshot_dir=True)
         streams = sorted({(instruments.name(int(i)), int(t)) for i, t in zip(pop.records["instrument"],
                                                                                 pop.records["timeframe"])})
         print(f"dynamic-core run (service): {len(pop):,} agents over "
@@ -401,7 +406,7 @@ def cmd_run_service(args: argparse.Namespace) -> int:
         if control is not None:
             print(f"  control   : {control.endpoint} (CURVE, server public key {control.public_key}, "
                   f"{control.stats()['authorised_keys']} authorised client key(s))", flush=True)
-            print(f"  snapshots : {svc.snapshot_dir}", flush=True)
+            print(f"  snapshots : {snapshot_dir}", flush=True)
         if journal:
             print(f"  journal   : {journal}", flush=True)
         if mesh is not None:
@@ -410,6 +415,11 @@ def cmd_run_service(args: argparse.Namespace) -> int:
         if feed is not None and args.wait_subscribers and \
                 not feed.wait_for_subscribers(args.wait_subscribers, timeout=30.0):
             raise CLIError(f"fewer than {args.wait_subscribers} subscriber(s) after 30 s")
+        eng = Engine(pop, cores_per_sm=args.cores_per_sm, **extra)
+        # without a feed the egress thread still drains the engine, or a full window would block
+        svc = EngineService(eng, ingress=ingress, feed=feed, control=control, mesh=mesh,
+                            on_signals=None if feed is not None else (lambda s: None),
+                            snapshot_dir=snapshot_dir, create_snapshot_dir=True)
         if own_ingress:
             sender_thread = threading.Thread(target=_push_bars, daemon=True, name="dc-run-sender",
                                              args=(ingress_addr, bars, max(1, args.chunk or 256), stop_sender))
@@ -456,7 +466,8 @@ def cmd_run_service(args: argparse.Namespace) -> int:
             p.close()
         if feed_ctx is not None:
             feed_ctx.destroy()  # returns once the feed's queue is out or its close linger is over
-        eng.close()
+        if eng is not None:
+            eng.close()
 
 
 def _push_bars(address: str, bars: Any, chunk: int, stop: threading.Event) -> None:
