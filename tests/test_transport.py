@@ -267,6 +267,53 @@ def test_subscriber_survives_garbage(raw_pub: zmq.Socket) -> None:
         check()
 
 
+_FLOOD = """
+import sys, time, zmq
+s = zmq.Context().socket(zmq.XSUB)
+s.setsockopt(zmq.SNDHWM, 0)
+s.connect(sys.argv[1])
+end = time.monotonic() + float(sys.argv[2])
+print("connected", flush=True)
+while time.monotonic() < end:
+    for _ in range(1000):
+        s.send(b"\\x01zz")  # one topic again and again: XPUB_VERBOSER hands every one to the feed
+s.close(0)
+"""
+
+
+def test_a_subscription_flood_does_not_hold_the_feed() -> None:
+    # the feed read subscriptions until none was left at every publish/heartbeat: a peer that kept
+    # subscribing held the publishing thread for as long as it kept at it (tens of seconds)
+    flood_s = 10.0  # how long the flooder goes on by itself; the test kills it as soon as it is done
+    sig = np.zeros(1, dtype=dc.SIGNAL_DTYPE)
+    sig["instrument"], sig["timeframe"] = dc.instruments.id("EURUSD"), 3600
+    with T.SignalFeed("tcp://127.0.0.1:*") as feed, T.SignalSubscriber(feed.endpoint) as sub:
+        assert feed.wait_for_subscribers(1, TIMEOUT)
+        flood = subprocess.Popen([sys.executable, "-c", _FLOOD, feed.endpoint, str(flood_s)],
+                                 stdout=subprocess.PIPE, text=True, env=_env())
+        try:
+            assert flood.stdout.readline() == "connected\n"
+            while feed.subscriptions < 1000:  # the flood has reached the feed
+                feed.tick()
+            seen = feed.subscriptions
+            got: list[str] = []
+            for i in range(40):
+                feed.publish(sig)
+                feed.heartbeat()
+                for _ in range(2):
+                    msg = sub.recv(timeout=TIMEOUT)
+                    assert msg is not None, got
+                    got.append(type(msg).__name__)
+                    if isinstance(msg, P.SignalBatch):
+                        assert msg.seq == i
+            # every signal and heartbeat went out, in order, while the flood went on and was read
+            assert got == ["SignalBatch", "Heartbeat"] * 40 and sub.gap_count == 0
+            assert flood.poll() is None and feed.subscriptions > seen
+        finally:
+            flood.kill()
+            flood.communicate()
+
+
 def test_gaps_under_a_tiny_hwm_across_processes(tmp_path: Path, peers: list[Peer]) -> None:
     """A publisher with SNDHWM 1 blasts 40k signals at a subscriber that does not read: PUB
     drops, and every dropped signal is accounted for as a gap (tail gaps via heartbeats)."""

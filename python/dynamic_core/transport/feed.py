@@ -45,6 +45,10 @@ returns once ``n`` subscribers that receive heartbeats (every :class:`SignalSubs
 have subscribed, so a publisher can wait for its audience instead of sleeping.
 :attr:`SignalFeed.subscribers` is the number of them connected now: a subscriber that closes
 or disconnects is counted out (seen the next time the feed publishes, ticks or waits).
+Each call reads at most :data:`MAX_SUBSCRIPTIONS_PER_DRAIN` subscription messages, so a peer
+that floods subscriptions cannot hold signals and heartbeats up. libzmq itself still keeps
+every distinct topic prefix subscribed (and the messages not read yet): a feed open to
+untrusted peers grows in memory with a flood of distinct prefixes.
 """
 
 from __future__ import annotations
@@ -81,6 +85,9 @@ HEARTBEAT_TOPIC = b"hb"
 MAX_TOPICS_IN_HEARTBEAT = 4096
 MAX_TRACKED_TOPICS = 65_536
 """Topics a subscriber tracks sequence numbers of (beyond it, the oldest is forgotten)."""
+MAX_SUBSCRIPTIONS_PER_DRAIN = 1000
+"""Subscription messages a feed reads per publish/heartbeat/tick call (a few ms at most): any
+peer can subscribe, and a flood of subscriptions must not hold the publishing thread."""
 
 
 def signal_topic(instrument: str, timeframe: int) -> bytes:
@@ -282,7 +289,12 @@ class SignalFeed(SocketOwner):
     # ---- subscriptions ------------------------------------------------------------------------
     def _drain_subscriptions(self) -> None:
         sock = self._sock
-        while readable(sock):
+        # bounded: a peer that keeps subscribing (unauthenticated, anyone who can connect) would
+        # otherwise keep the owner here, and no signal or heartbeat would leave meanwhile; the
+        # rest waits in libzmq for the next call
+        for _ in range(MAX_SUBSCRIPTIONS_PER_DRAIN):
+            if not readable(sock):
+                return
             try:
                 m = sock.recv(zmq.NOBLOCK)
             except zmq.Again:  # pragma: no cover - EVENTS said readable
