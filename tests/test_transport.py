@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -1104,6 +1105,78 @@ def test_cli_run_serves_a_market_feed_with_control(tmp_path: Path, keys: Path, p
     p = _cli("run", "--bars", "5", "--snapshot-dir", str(tmp_path / "s"))
     assert p.returncode == 2 and "--snapshot-dir only makes sense with --control" in p.stderr
 
+
+
+def _service(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "dynamic_core", "run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+
+
+def _summary(out: str) -> int:
+    """The signal count of run's summary line, which must equal the count published."""
+    m = re.search(r"signals ([\d,]+), published ([\d,]+);", out)
+    assert m is not None and m[1] == m[2], out
+    return int(m[1].replace(",", ""))
+
+
+def test_cli_run_service_stops_on_sigterm_as_on_sigint(tmp_path: Path) -> None:
+    # SIGTERM (systemd, docker, kill) killed the service: signals of bars the engine had taken and
+    # journaled were never published, and no summary was printed
+    bars_addr, sig_addr = f"ipc://{tmp_path / 'bars.sock'}", f"ipc://{tmp_path / 'sig.sock'}"
+    run = _service("--agents", "4000", "--instruments", "EURUSD,GBPUSD", "--feed", bars_addr,
+                   "--publish", sig_addr, "--heartbeat", "0.05", "--journal", str(tmp_path / "j"))
+    try:
+        for _ in range(4):  # the banner: every socket is bound
+            run.stdout.readline()
+        bars = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], timeframe="H1", seed=8).bars(3000)
+        with T.SignalSubscriber(sig_addr) as sub, T.MarketSender(bars_addr, max_bars=500) as tx:
+            _wait_heartbeat(sub)
+            tx.send(bars)
+            while sub.signals_received < 100:
+                assert sub.recv(timeout=TIMEOUT) is not None
+            run.send_signal(signal.SIGTERM)
+            out, err = run.communicate(timeout=TIMEOUT)
+            while sub.recv(timeout=1.0) is not None:  # the process has ended: what it sent is here
+                pass
+        assert run.returncode == 130, err
+        assert "Traceback" not in err
+        taken = sum(len(r.payload) // dc.BAR_DTYPE.itemsize for r in dc.journal.read(tmp_path / "j")
+                    if r.type == "bars")
+        # one signal per bar taken (every stream has agents), each one published and received
+        assert sub.signals_received == taken == _summary(out) and sub.gap_count == 0
+    finally:
+        run.kill()
+        run.communicate()
+
+
+def test_cli_run_service_a_second_interrupt_does_not_cut_its_stop_short(tmp_path: Path) -> None:
+    # a second ^C during the stop closed the sockets and the engine under the service's threads
+    # (a traceback from the egress thread, signals computed and never published, no summary)
+    addr = f"ipc://{tmp_path / 'sig.sock'}"
+    run = _service("--agents", "4000", "--instruments", "1", "--bars", "100000", "--chunk", "20000",
+                   "--publish", addr, "--wait-subscribers", "1", "--heartbeat", "0.05")
+    err: list[str] = []
+    try:
+        for _ in range(3):
+            run.stdout.readline()
+        threading.Thread(target=lambda: err.extend(run.stderr), daemon=True).start()
+        with T.SignalSubscriber(addr) as sub:
+            while sub.signals_received == 0:
+                assert sub.recv(timeout=TIMEOUT) is not None
+            run.send_signal(signal.SIGINT)
+            # ^C again and again until the service says it is already stopping (or it has ended)
+            while run.poll() is None and not any("already stopping" in line for line in err):
+                time.sleep(0.02)
+                run.send_signal(signal.SIGINT)
+            out = run.stdout.read()
+            run.wait(timeout=TIMEOUT)
+        assert run.returncode == 130, err
+        assert any("already stopping" in line for line in err)
+        assert not any("Traceback" in line for line in err)
+        assert _summary(out) > 0
+    finally:
+        run.kill()
+        run.communicate()
 
 
 def test_topics_are_bounded() -> None:

@@ -267,6 +267,11 @@ from the spacing of the times unless --timeframe is given.
 
 When stdout is not a terminal (a pipe, a file, CI) nothing is animated and only the final
 tables are printed.
+
+exit codes: 0 done; 1 nothing ran (every bar rejected), or a service's loop ended by an error;
+2 a bad argument or input; 130 interrupted: ^C, and, for a service (--publish/--feed/--control),
+SIGTERM too. Either stops a service gracefully: the signals of the bars the engine took are
+published and the summary printed; a further ^C or SIGTERM meanwhile is ignored.
 """
 
 _BACKTEST_EPILOG = """\

@@ -7,11 +7,14 @@ family stays readable. zmq is imported only when one of these commands runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -327,7 +330,57 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 # ---- run as a service ------------------------------------------------------------------------
 
 def cmd_run_service(args: argparse.Namespace) -> int:
-    """``dynamic-core run`` with --publish/--feed/--control: the engine behind sockets."""
+    """``dynamic-core run`` with --publish/--feed/--control: the engine behind sockets.
+
+    SIGTERM (systemd, docker, kill) stops it as ^C does: the bars the engine took have their
+    signals published, the summary is printed, exit 130. Once the stop has begun, a further ^C
+    or SIGTERM is noted and ignored: the stop is bounded, and cutting it short would close the
+    sockets and the engine under the service's threads."""
+    with _stop_signals():
+        return _serve(args)
+
+
+_STOPPING_NOTE = b"dynamic-core: already stopping (publishing the signals of the bars taken); please wait\n"
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as ^C does, until :func:`_hold_stop_signals`; both
+    handlers are put back on the way out. Only the main thread can set handlers: elsewhere
+    (a caller's own thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def _hold_stop_signals() -> None:
+    """From here on ^C and SIGTERM do not raise: the service is stopping (see cmd_run_service)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    told = []
+
+    def note(signum: int, frame: Any) -> None:
+        if not told:  # os.write: print() here could re-enter a print the main thread is in
+            told.append(True)
+            with contextlib.suppress(OSError):
+                os.write(2, _STOPPING_NOTE)
+
+    signal.signal(signal.SIGINT, note)
+    signal.signal(signal.SIGTERM, note)
+
+
+def _serve(args: argparse.Namespace) -> int:
     from .cli import CLIError, _run_population, load_bars, simulated_names, tf_label
     from .engine import Engine
     from .instruments import instruments
@@ -365,6 +418,7 @@ def cmd_run_service(args: argparse.Namespace) -> int:
     stop_sender = threading.Event()
     feed_ctx = None
     eng = None
+    svc = None
     try:
         # every socket is bound, every key loaded and the audience waited for before the engine
         # opens its journal: a start that fails (a busy port, a missing key file, too few
@@ -439,6 +493,7 @@ def cmd_run_service(args: argparse.Namespace) -> int:
                     break
         except KeyboardInterrupt:
             interrupted = True
+        _hold_stop_signals()
         if mesh is not None and not interrupted:
             mesh.wait_idle(timeout=mesh.deadline_s + 1.0)
         svc.stop()  # its egress thread publishes the last rationales on its way out
@@ -459,14 +514,21 @@ def cmd_run_service(args: argparse.Namespace) -> int:
             return 1
         return 130 if interrupted else 0
     finally:
+        _hold_stop_signals()  # an error or a ^C before the loop ends here too
         if sender_thread is not None:
             stop_sender.set()
             sender_thread.join(timeout=5)
+        # the service closes its own sockets once its threads have ended (never under them);
+        # what it does not own (the mesh, or every part when it was never made) is closed here
+        closed = svc.close() if svc is not None else True
         for p in parts:
-            p.close()
-        if feed_ctx is not None:
+            if svc is None or p not in (svc.ingress, svc.feed, svc.control):
+                p.close()
+        if feed_ctx is not None and closed:
             feed_ctx.destroy()  # returns once the feed's queue is out or its close linger is over
         if eng is not None:
+            # the journal ends cleanly; a service thread still running (a stop that timed out)
+            # finds the engine closed, which it reports, rather than a socket closed under it
             eng.close()
 
 
