@@ -58,8 +58,8 @@ def busy_port():
 
 @pytest.mark.parametrize("option", ["--publish", "--feed"])
 def test_a_port_in_use_is_a_clean_error(option: str, busy_port: str, tmp_path: Path) -> None:
-    proc = dynamic_core("run", "--agents", "100", "--bars", "10", "-q", option, busy_port, "--duration", "5",
-                        cwd=tmp_path)
+    bars = [] if option == "--feed" else ["--bars", "10"]  # with --feed the bars come from the socket
+    proc = dynamic_core("run", "--agents", "100", *bars, "-q", option, busy_port, "--duration", "5", cwd=tmp_path)
     assert_clean_error(proc, "Address already in use", busy_port, "choose another port")
 
 
@@ -328,6 +328,13 @@ def test_backtest_out_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
      "--heartbeat, --wait-subscribers are for the signal feed of --publish"),
     # the service path built its population without the learning agents asked for
     (["--learning", "3", "--publish", "tcp://127.0.0.1:*"], "--learning runs in the plain 'run'"),
+    # ignored without the socket they configure
+    (["--duration", "1", "--allow-remote"], "--duration, --allow-remote are for a service: add --publish"),
+    (["--publish", "tcp://127.0.0.1:*", "--feed-kind", "sub"], "--feed-kind is for the market socket of --feed"),
+    (["--server-key", "k", "--authorized", "d"], "--server-key, --authorized are for the control socket"),
+    (["--publish", "tcp://127.0.0.1:*", "--server-key", "k"], "--server-key is for the control socket"),
+    # the bars come from the socket (run's --bars 50 above)
+    (["--feed", "tcp://127.0.0.1:*", "--chunk", "5"], "--feed takes bars from the socket; --bars, --chunk do not"),
 ])
 def test_an_option_without_the_option_it_refines_is_refused(args: list[str], needle: str, tmp_path: Path) -> None:
     assert_clean_error(dynamic_core("run", "-q", "--agents", "100", "--bars", "50", *args, cwd=tmp_path), needle)

@@ -970,12 +970,20 @@ def _options_need_their_parent(args: argparse.Namespace) -> None:
     _need_parent(args.publish, (("--json-feed", args.json_feed), ("--heartbeat", args.heartbeat is not None),
                                 ("--wait-subscribers", args.wait_subscribers is not None)),
                  "for the signal feed of --publish: add --publish ADDR")
+    _need_parent(args.publish or args.feed or args.control,
+                 (("--duration", args.duration is not None), ("--allow-remote", args.allow_remote)),
+                 "for a service: add --publish ADDR, --feed ADDR or --control ADDR")
+    _need_parent(args.feed, (("--feed-kind", args.feed_kind is not None),),
+                 "for the market socket of --feed: add --feed ADDR")
+    _need_parent(args.control, (("--server-key", args.server_key is not None),
+                                ("--authorized", args.authorized is not None)),
+                 "for the control socket of --control: add --control ADDR")
     if args.fsync is not None and not args.journal:
         raise CLIError("--fsync is the journal's durability: add --journal DIR")
     if args.evolve_seed is not None and not args.evolve:
         raise CLIError("--evolve-seed seeds the evolution: add --evolve N")
     for name, default in (("equity", 100_000.0), ("fsync", 0), ("evolve_seed", 0), ("heartbeat", 1.0),
-                          ("wait_subscribers", 0)):
+                          ("wait_subscribers", 0), ("feed_kind", "pull")):
         if getattr(args, name) is None:
             setattr(args, name, default)
 

@@ -148,8 +148,9 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
                    help="take market bars from here (PULL, PreparedMarketContext frames, as sent by "
                         "dynamic_core.transport.MarketSender) instead of the simulator/--data; serves "
                         "until --duration or ^C")
-    g.add_argument("--feed-kind", choices=("pull", "sub"), default="pull",
-                   help="pull: bind ADDR for PUSH senders; sub: connect to a market PUB [default: pull]")
+    g.add_argument("--feed-kind", choices=("pull", "sub"), default=None,
+                   help="with --feed: pull binds ADDR for PUSH senders; sub connects to a market PUB "
+                        "[default: pull]")
     g.add_argument("--control", default=None, metavar="ADDR",
                    help="CURVE control socket (ROUTER); needs --server-key and --authorized")
     g.add_argument("--server-key", default=None, metavar="FILE",
@@ -388,13 +389,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.control and not (args.server_key and args.authorized):
         raise CLIError("--control needs --server-key FILE (.key_secret) and --authorized DIR")
-    if (args.server_key or args.authorized) and not args.control:
-        raise CLIError("--server-key/--authorized only make sense with --control ADDR")
     if getattr(args, "snapshot_dir", None) and not args.control:
         raise CLIError("--snapshot-dir only makes sense with --control ADDR (snapshots are control commands)")
-    if args.feed and args.data is not None:
-        raise CLIError("--feed takes bars from the socket; --data does not apply (the population "
-                       "follows --instruments and --timeframe)")
+    moot = [o for o, given in (("--data", args.data is not None), ("--bars", args.bars is not None),
+                               ("--chunk", args.chunk is not None)) if given]
+    if args.feed and moot:
+        raise CLIError(f"--feed takes bars from the socket; {', '.join(moot)} "
+                       f"{'does' if len(moot) == 1 else 'do'} not apply (the population follows "
+                       "--instruments and --timeframe)")
     choice = 4 if args.instruments is None else args.instruments
     names = simulated_names(choice) if isinstance(choice, int) else choice
     bars = load_bars(None if args.feed else args.data, sim_names=names,
