@@ -573,6 +573,15 @@ class Engine:
             raise
         return me
 
+    def _no_runner_beside(self, what: str, taker: str, hint: str = "") -> None:
+        """Under ``_egress_guard``: RuntimeError when another thread is in ``run``/``step``,
+        whose signals ``taker`` (what ``what`` would start) would take some of."""
+        me = threading.current_thread()
+        for th, runs in self._runners.items():
+            if th is not me:
+                raise RuntimeError(f"{what}() while {runs}() runs on thread {th.name!r}: it returns the signals "
+                                   f"of its bars, and {taker} would take some of them{hint}")
+
     def _egress_exit(self, me: threading.Thread) -> None:
         with self._egress_guard:
             self._runners.pop(me, None)
@@ -623,12 +632,8 @@ class Engine:
         if n == 0:
             return np.empty(0, dtype=SIGNAL_DTYPE)
         t = _timeout_ns(timeout)
-        me = threading.current_thread()
         with self._egress_guard:
-            other = next(((th, w) for th, w in self._runners.items() if th is not me), None)
-            if other is not None:
-                raise RuntimeError(f"poll() while {other[1]}() runs on thread {other[0].name!r}: it returns the "
-                                   f"signals of its bars, and this poll would take some of them")
+            self._no_runner_beside("poll", "this poll")
             self._pollers += 1
         try:
             return np.frombuffer(self._sliced_poll(n, t), dtype=SIGNAL_DTYPE)
@@ -707,12 +712,8 @@ class Engine:
         with self._dispatch_lock:
             if self._dispatcher is None or not self._dispatcher.is_alive():  # none yet, or it died
                 with self._egress_guard:  # the guard run and step register under
-                    me = threading.current_thread()
-                    other = next(((th, w) for th, w in self._runners.items() if th is not me), None)
-                    if other is not None:
-                        raise RuntimeError(f"on_signal() while {other[1]}() runs on thread {other[0].name!r}: "
-                                           f"it returns the signals of its bars, and the dispatcher would take "
-                                           f"some of them; register callbacks before feeding, or after it returns")
+                    self._no_runner_beside("on_signal", "the dispatcher",
+                                           "; register callbacks before feeding, or after it returns")
                     if self._dispatcher is not None:
                         self.unregister_consumer(self._dispatcher)
                     self._dispatcher = threading.Thread(
