@@ -340,3 +340,80 @@ extern "C" __global__ void dc_fuse_block(uint32_t n_rows, const uint32_t* __rest
   out[r] = fused_signal(summ + summ_base[s] + static_cast<uint64_t>(n_sm) * row_k[r], n_sm, ts[r], instrument[r],
                         timeframe[r], seq[r], population_hash, st_dsi[s], st_flags[s]);
 }
+
+// The same consensus for streams of many SMs (the host launches it when a stream has more than
+// a warp's worth): one CUDA block per row. The SM order of each float sum is a chain no thread
+// can split, so each of the four sums is one thread's chain (lanes 0-3 of the first warp add
+// sum_w, sum_ws, sum_s, sum_s2 of every SM in SM order, as summary_add does); what the block does
+// is keep them fed. Every thread loads one summary of the next chunk into registers while the
+// four add the current chunk out of shared memory (double-buffered, one barrier per chunk), so
+// the adds wait on shared memory rather than on global memory's latency once per SM. The counts
+// are integers: each thread adds those of the summaries it loaded, then the block adds those.
+constexpr uint32_t kFuseChunk = 256;  // the most threads per block the host launches
+constexpr int kCounts = 6;            // Summary::n and votes[5]
+
+extern "C" __global__ void dc_fuse_wide(uint32_t n_rows, const uint32_t* __restrict__ row_stream,
+                                        const uint32_t* __restrict__ row_k, const uint32_t* __restrict__ st_sm_begin,
+                                        const uint32_t* __restrict__ st_sm_end,
+                                        const uint64_t* __restrict__ summ_base, const Summary* __restrict__ summ,
+                                        const int64_t* __restrict__ ts, const uint32_t* __restrict__ instrument,
+                                        const uint32_t* __restrict__ timeframe, const uint64_t* __restrict__ seq,
+                                        const double* __restrict__ st_dsi, const uint32_t* __restrict__ st_flags,
+                                        uint64_t population_hash, Signal* __restrict__ out) {
+  __shared__ double buf[2][kFuseChunk][4];
+  __shared__ uint32_t counts[kFuseChunk / kWarpSize][kCounts];
+  __shared__ double sums[4];
+  const uint32_t r = blockIdx.x;
+  if (r >= n_rows) return;  // the whole block
+  const uint32_t tid = threadIdx.x, chunk = blockDim.x;
+  const uint32_t s = row_stream[r];
+  const uint32_t n_sm = st_sm_end[s] - st_sm_begin[s];
+  const Summary* sm = summ + summ_base[s] + static_cast<uint64_t>(n_sm) * row_k[r];
+  uint32_t cnt[kCounts] = {0, 0, 0, 0, 0, 0};
+  auto take = [&](const Summary& x, double* to) {
+    to[0] = x.sum_w;
+    to[1] = x.sum_ws;
+    to[2] = x.sum_s;
+    to[3] = x.sum_s2;
+    cnt[0] += x.n;
+    for (int v = 0; v < 5; ++v) cnt[1 + v] += x.votes[v];
+  };
+  if (tid < n_sm) take(sm[tid], buf[0][tid]);
+  __syncthreads();
+  double acc = 0.0;  // lanes 0-3: one float sum each
+  uint32_t b = 0;
+  for (uint32_t c = 0; c < n_sm; c += chunk, b ^= 1u) {
+    const uint32_t j = c + chunk + tid;
+    Summary next;
+    if (j < n_sm) next = sm[j];  // in flight while lanes 0-3 add
+    if (tid < 4) {
+      const uint32_t e = n_sm - c < chunk ? n_sm - c : chunk;
+#pragma unroll 8
+      for (uint32_t x = 0; x < e; ++x) acc = acc + buf[b][x][tid];  // SM order
+    }
+    if (j < n_sm) take(next, buf[b ^ 1u][tid]);
+    __syncthreads();
+  }
+  // the counts: the warp's lanes (integers: any order), then the warps
+  const uint32_t warp = tid / kWarpSize;
+  for (int k = 0; k < kCounts; ++k) {
+    uint32_t v = cnt[k];
+    for (int stride = kWarpSize / 2; stride > 0; stride /= 2) v += __shfl_down_sync(0xffffffffu, v, stride);
+    if (tid % kWarpSize == 0) counts[warp][k] = v;
+  }
+  if (tid < 4) sums[tid] = acc;
+  __syncthreads();
+  if (tid == 0) {
+    Summary total;
+    summary_zero(total);
+    total.sum_w = sums[0];
+    total.sum_ws = sums[1];
+    total.sum_s = sums[2];
+    total.sum_s2 = sums[3];
+    for (uint32_t w = 0; w < chunk / kWarpSize; ++w) {
+      total.n += counts[w][0];
+      for (int v = 0; v < 5; ++v) total.votes[v] += counts[w][1 + v];
+    }
+    out[r] = signal_of(total, ts[r], instrument[r], timeframe[r], seq[r], population_hash, st_dsi[s], st_flags[s]);
+  }
+}

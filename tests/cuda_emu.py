@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 EMU_DIR = ROOT / "tests" / "cuda_emu"
 # Kernels that use __syncthreads / warp intrinsics: one OS thread per CUDA thread.
-COOPERATIVE = {"dc_lanes_block"}
+COOPERATIVE = {"dc_lanes_block", "dc_fuse_wide"}
 # ParamKind of shim.hpp
 P_INT, P_FLOAT, P_PTR_INT, P_PTR_FLOAT, P_PTR_OTHER = range(5)
 _LAUNCH_ERRORS = {-1000: "a cooperative block must be whole warps of 32 threads",

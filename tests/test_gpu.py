@@ -170,6 +170,33 @@ def test_eurusd_sweep_is_bit_identical_to_the_cpu(emu: EmuDevice, eurusd: np.nda
     assert emu.launches["dc_lanes_block"] >= 4
 
 
+def test_streams_of_many_sms_fuse_through_the_wide_kernel(emu: EmuDevice, sim_bars: np.ndarray,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stream of ~35 SMs beside a stream of a few, in one launch of the wide consensus kernel:
+    # the same bits as the CPU's SM-order sum, in one chunk (a block of 64 threads) and in two
+    # (blocks of 32: the loads of the next chunk overlap the adds of this one).
+    rec = np.concatenate([dc.Population.random(1100, instruments=["EURUSD"], seed=21).records,
+                          dc.Population.random(100, instruments=["GBPUSD"], seed=22).records])
+    rec["agent_id"] = np.arange(len(rec))
+    pop = dc.Population.from_records(rec)
+    ids = [dc.instruments.id("EURUSD"), dc.instruments.id("GBPUSD")]
+    bars = sim_bars[np.isin(sim_bars["instrument"], ids)][:80]
+    with dc.Engine(pop, threads=2, cores_per_sm=32) as cpu:
+        a, agents = cpu.run(bars), cpu.agents()
+    assert a["n_agents"].max() > 250  # warm agents: most SMs add to the sum
+    for chunk in (gpu.FUSE_CHUNK, 32):
+        monkeypatch.setattr(gpu, "FUSE_CHUNK", chunk)
+        before = dict(emu.launches)
+        with dc.Engine(pop, cores_per_sm=32, backend="cuda", device=emu, block_bars=30) as dev:
+            m = dev._device._M
+            assert max(m) > gpu.FUSE_WIDE_ABOVE > min(m)
+            b = dev.run(bars)
+            assert_same_signals(a, b)
+            assert_same_agents(agents, dev.agents())
+        assert emu.launches["dc_fuse_wide"] - before.get("dc_fuse_wide", 0) == 3
+        assert emu.launches.get("dc_fuse_block", 0) == before.get("dc_fuse_block", 0)
+
+
 def test_mixed_streams_rejects_and_external_agents(emu: EmuDevice, sim_bars: np.ndarray) -> None:
     # Four instruments interleaved, a few bad bars (dead-lettered, not run), a stream nobody
     # follows (skipped), external-score agents whose scores are set between batches, and DSI

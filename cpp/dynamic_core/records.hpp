@@ -79,14 +79,10 @@ struct AdmittedBar {
   uint64_t seq;
 };
 
-// DynamicFusionAlgo for one bar: the summaries of its stream's SMs added in SM order, fused, as
-// the signal record (the CPU consensus and cuda/engine.cu both build signals with this).
-DC_HOST_DEVICE inline Signal fused_signal(const Summary* sm, uint32_t n_sm, int64_t ts, uint32_t instrument,
-                                          uint32_t timeframe, uint64_t seq, uint64_t population_hash,
-                                          double dsi = 0.0, uint32_t flags = 0) {
-  Summary total;
-  summary_zero(total);
-  for (uint32_t m = 0; m < n_sm; ++m) summary_add(total, sm[m]);  // SM order
+// DynamicFusionAlgo for one bar: the sum of its stream's SM summaries (added in SM order) fused,
+// as the signal record (the CPU consensus and cuda/engine.cu both build signals with this).
+DC_HOST_DEVICE inline Signal signal_of(const Summary& total, int64_t ts, uint32_t instrument, uint32_t timeframe,
+                                       uint64_t seq, uint64_t population_hash, double dsi = 0.0, uint32_t flags = 0) {
   const Fused f = fuse(total);
   Signal sig{};
   sig.ts = ts;
@@ -104,6 +100,15 @@ DC_HOST_DEVICE inline Signal fused_signal(const Summary* sm, uint32_t n_sm, int6
   for (int v = 0; v < 5; ++v) sig.votes[v] = f.votes[v];
   sig.flags = flags;
   return sig;
+}
+
+DC_HOST_DEVICE inline Signal fused_signal(const Summary* sm, uint32_t n_sm, int64_t ts, uint32_t instrument,
+                                          uint32_t timeframe, uint64_t seq, uint64_t population_hash,
+                                          double dsi = 0.0, uint32_t flags = 0) {
+  Summary total;
+  summary_zero(total);
+  for (uint32_t m = 0; m < n_sm; ++m) summary_add(total, sm[m]);  // SM order
+  return signal_of(total, ts, instrument, timeframe, seq, population_hash, dsi, flags);
 }
 
 struct AgentRecord {

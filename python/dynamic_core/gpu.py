@@ -52,11 +52,16 @@ __all__ = ["GpuStatus", "probe", "kernel_source", "include_dir", "nvrtc_options"
 
 _PKG = Path(__file__).resolve().parent
 # The kernels each launch runs (the emulator in tests/ and the CuPy device load the same names).
-KERNELS = ("dc_sizes", "dc_ind_init", "dc_ind_block", "dc_feat_block", "dc_lanes_block", "dc_fuse_block")
+KERNELS = ("dc_sizes", "dc_ind_init", "dc_ind_block", "dc_feat_block", "dc_lanes_block", "dc_fuse_block",
+           "dc_fuse_wide")
 # Bytes of device memory one block's scratch (indicator outputs, features, SM summaries, together)
 # may take; the block's bars and signals come on top.
 SCRATCH_BYTES = 256 << 20
 DEFAULT_BLOCK_BARS = 4096
+# Streams of more SMs than this fuse with dc_fuse_wide (a CUDA block per row, keeping one adding
+# thread fed), the others with dc_fuse_block (a thread per row); at most FUSE_CHUNK threads a block.
+FUSE_WIDE_ABOVE = 32
+FUSE_CHUNK = 256  # engine.cu kFuseChunk
 
 
 def _first(*paths: Path) -> Path | None:
@@ -518,7 +523,12 @@ class DeviceRunner:
                       s["quarantined"], s["position"], s["action"],
                       g["sidx"], g["rows"], g["row_begin"], g["ind_base"], ind_out, g["feat_base"], feat,
                       g["summ_base"], summ, self._counters))
-        d.launch("dc_fuse_block", (_blocks(n, 128), 1), 128,
+        max_sm = int(self._M.max(initial=0))
+        if max_sm > FUSE_WIDE_ABOVE:
+            fuse = ("dc_fuse_wide", (n, 1), min(FUSE_CHUNK, _blocks(max_sm, 32) * 32))
+        else:
+            fuse = ("dc_fuse_block", (_blocks(n, 128), 1), 128)
+        d.launch(*fuse,
                  (np.uint32(n), g["row_stream"], g["row_k"], p["st_sm_begin"], p["st_sm_end"], g["summ_base"],
                   summ, g["ts"], g["instrument"], g["timeframe"], g["seq"], self._st_dsi, self._st_flags,
                   np.uint64(self.population_hash), sig))

@@ -11,7 +11,7 @@
 #include "../../cuda/engine.cu"
 #endif
 
-#define DC_EMU_KERNELS(X) X(dc_sizes) X(dc_ind_init) X(dc_ind_block) X(dc_feat_block) X(dc_lanes_block) X(dc_fuse_block)
+#define DC_EMU_KERNELS(X) X(dc_sizes) X(dc_ind_init) X(dc_ind_block) X(dc_feat_block) X(dc_lanes_block) X(dc_fuse_block) X(dc_fuse_wide)
 
 extern "C" int dc_emu_launch(const char* name, unsigned gx, unsigned gy, unsigned bx, const uint64_t* args,
                              int nargs, int cooperative) {

@@ -49,16 +49,16 @@ inline Warp& my_warp() { return *warps[thread_idx.x / kWarp]; }
 
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
 
-// 64-bit values (double, unsigned long long), as the kernels shuffle them.
+// 32- and 64-bit values (uint32_t, double, unsigned long long), as the kernels shuffle them.
 template <class T>
 inline T __shfl_down_sync(unsigned, T v, int delta) {
-  static_assert(sizeof(T) == 8 && std::is_trivially_copyable_v<T>);
+  static_assert((sizeof(T) == 4 || sizeof(T) == 8) && std::is_trivially_copyable_v<T>);
   emu::Warp& w = emu::my_warp();
   const unsigned lane = threadIdx.x % emu::kWarp;
-  std::memcpy(&w.q[lane], &v, 8);
+  std::memcpy(&w.q[lane], &v, sizeof(T));
   w.bar.arrive_and_wait();
   T r = v;
-  if (lane + delta < emu::kWarp) std::memcpy(&r, &w.q[lane + delta], 8);
+  if (lane + delta < emu::kWarp) std::memcpy(&r, &w.q[lane + delta], sizeof(T));
   w.bar.arrive_and_wait();
   return r;
 }
