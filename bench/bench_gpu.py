@@ -4,6 +4,7 @@ Run from the repository root on a machine with an NVIDIA GPU and ``pip install '
 
     python -m bench.bench_gpu            # 1M and 10M agents (several minutes, ~6 GB of host memory)
     python -m bench.bench_gpu --quick    # 100k and 1M agents
+    python -m bench.bench_gpu --sizes 10000000   # only these sizes
     python -m bench.bench_gpu --json out.json
 
 What it measures (simulated bars of one instrument, ``dc.sim.MarketSimulator``; random agents,
@@ -25,6 +26,7 @@ at 1M agents in live mode. Nothing here asserts a timing.
 """
 from __future__ import annotations
 
+import argparse
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -94,8 +96,21 @@ def live(pop: object, bars: np.ndarray, n: int) -> dict:
     return {"p50_s": lat[len(lat) // 2], "p99_s": lat[int(len(lat) * 0.99)], "max_s": lat[-1], "n": len(lat)}
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x.replace("_", "")) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated agent counts, got {text!r}") from None
+    if not sizes or min(sizes) < 32:
+        raise argparse.ArgumentTypeError(f"every size must be at least 32 agents, got {text!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = arg_parser(__doc__).parse_args(argv)
+    ap = arg_parser(__doc__)
+    ap.add_argument("--sizes", metavar="N[,N...]", type=_sizes,
+                    help="population sizes to run instead of the default ones (e.g. 10000000)")
+    args = ap.parse_args(argv)
     t_all = time.perf_counter()
     import dynamic_core as dc
     from dynamic_core import gpu
@@ -104,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     print(describe())
     status = gpu.probe()
     print(f"GPU     : {status.device if status else 'not usable: ' + status.reason}")
-    sizes = [100_000, 1_000_000] if args.quick else [1_000_000, 10_000_000]
+    sizes = args.sizes or ([100_000, 1_000_000] if args.quick else [1_000_000, 10_000_000])
     window_bars, live_bars = (100, 100) if args.quick else (200, 300)
     bars = _bars(WARM_BARS + max(window_bars, live_bars))
     warm, window = bars[:WARM_BARS], bars[WARM_BARS:WARM_BARS + window_bars]
