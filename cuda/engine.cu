@@ -323,16 +323,19 @@ extern "C" __global__ void dc_lanes_block(
   if (lane_in_warp == 0 && quarantined) atomicAdd(counters + 1, quarantined);
 }
 
+// The parameters of both consensus kernels: the block's rows (each with its stream and its
+// position k among the stream's rows), the SM summaries, and what a signal record carries.
+#define DC_FUSE_PARAMS                                                                                      \
+  uint32_t n_rows, const uint32_t *__restrict__ row_stream, const uint32_t *__restrict__ row_k,             \
+      const uint32_t *__restrict__ st_sm_begin, const uint32_t *__restrict__ st_sm_end,                     \
+      const uint64_t *__restrict__ summ_base, const Summary *__restrict__ summ, const int64_t *__restrict__ ts, \
+      const uint32_t *__restrict__ instrument, const uint32_t *__restrict__ timeframe,                      \
+      const uint64_t *__restrict__ seq, const double *__restrict__ st_dsi,                                  \
+      const uint32_t *__restrict__ st_flags, uint64_t population_hash, Signal *__restrict__ out
+
 // The consensus of every row (one thread each, rows in input order): the SM summaries of its
 // stream added in SM order, fused, written as the signal record with its stream's DSI evidence.
-extern "C" __global__ void dc_fuse_block(uint32_t n_rows, const uint32_t* __restrict__ row_stream,
-                                         const uint32_t* __restrict__ row_k, const uint32_t* __restrict__ st_sm_begin,
-                                         const uint32_t* __restrict__ st_sm_end,
-                                         const uint64_t* __restrict__ summ_base, const Summary* __restrict__ summ,
-                                         const int64_t* __restrict__ ts, const uint32_t* __restrict__ instrument,
-                                         const uint32_t* __restrict__ timeframe, const uint64_t* __restrict__ seq,
-                                         const double* __restrict__ st_dsi, const uint32_t* __restrict__ st_flags,
-                                         uint64_t population_hash, Signal* __restrict__ out) {
+extern "C" __global__ void dc_fuse_block(DC_FUSE_PARAMS) {
   const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
   if (r >= n_rows) return;
   const uint32_t s = row_stream[r];
@@ -352,14 +355,7 @@ extern "C" __global__ void dc_fuse_block(uint32_t n_rows, const uint32_t* __rest
 constexpr uint32_t kFuseChunk = 256;  // the most threads per block the host launches
 constexpr int kCounts = 6;            // Summary::n and votes[5]
 
-extern "C" __global__ void dc_fuse_wide(uint32_t n_rows, const uint32_t* __restrict__ row_stream,
-                                        const uint32_t* __restrict__ row_k, const uint32_t* __restrict__ st_sm_begin,
-                                        const uint32_t* __restrict__ st_sm_end,
-                                        const uint64_t* __restrict__ summ_base, const Summary* __restrict__ summ,
-                                        const int64_t* __restrict__ ts, const uint32_t* __restrict__ instrument,
-                                        const uint32_t* __restrict__ timeframe, const uint64_t* __restrict__ seq,
-                                        const double* __restrict__ st_dsi, const uint32_t* __restrict__ st_flags,
-                                        uint64_t population_hash, Signal* __restrict__ out) {
+extern "C" __global__ void dc_fuse_wide(DC_FUSE_PARAMS) {
   __shared__ double buf[2][kFuseChunk][4];
   __shared__ uint32_t counts[kFuseChunk / kWarpSize][kCounts];
   __shared__ double sums[4];
