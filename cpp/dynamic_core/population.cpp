@@ -47,7 +47,8 @@ class Interner {
   };
   static uint64_t hash(const Slot& k) {
     uint64_t h = (static_cast<uint64_t>(k.kind) << 32) ^ static_cast<uint32_t>(k.a);
-    h = h * 0x9e3779b97f4a7c15ull ^ ((static_cast<uint64_t>(static_cast<uint32_t>(k.b)) << 32) | static_cast<uint32_t>(k.c));
+    const uint64_t bc = (static_cast<uint64_t>(static_cast<uint32_t>(k.b)) << 32) | static_cast<uint32_t>(k.c);
+    h = h * 0x9e3779b97f4a7c15ull ^ bc;
     h ^= h >> 31;  // splitmix64's finaliser
     h *= 0xbf58476d1ce4e5b9ull;
     h ^= h >> 27;

@@ -58,8 +58,9 @@ KERNELS = ("dc_sizes", "dc_ind_init", "dc_ind_block", "dc_feat_block", "dc_lanes
 # may take; the block's bars and signals come on top.
 SCRATCH_BYTES = 256 << 20
 DEFAULT_BLOCK_BARS = 4096
-# Streams of more SMs than this fuse with dc_fuse_wide (a CUDA block per row, keeping one adding
-# thread fed), the others with dc_fuse_block (a thread per row); at most FUSE_CHUNK threads a block.
+# Populations with a stream of more SMs than this fuse with dc_fuse_wide (a CUDA block per row,
+# keeping its four adding threads fed), the others with dc_fuse_block (a thread per row); at most
+# FUSE_CHUNK threads a block.
 FUSE_WIDE_ABOVE = 32
 FUSE_CHUNK = 256  # engine.cu kFuseChunk
 
@@ -342,6 +343,10 @@ class DeviceRunner:
         self._F = np.diff(plan["st_feat_begin"]).astype(np.int64)
         self._M = (plan["st_sm_end"].astype(np.int64) - plan["st_sm_begin"])
         self.sm_block = int(plan["sm_lanes"].max()) if self.n_sms else 32
+        max_sm = int(self._M.max(initial=0))
+        # the consensus kernel, its threads a block and rows a block
+        self._fuse = (("dc_fuse_wide", min(FUSE_CHUNK, _blocks(max_sm, 32) * 32), 1) if max_sm > FUSE_WIDE_ABOVE
+                      else ("dc_fuse_block", 128, 128))
         self.state_dirty = False  # device state newer than the native mirror
         try:
             self._start(plan)
@@ -523,12 +528,8 @@ class DeviceRunner:
                       s["quarantined"], s["position"], s["action"],
                       g["sidx"], g["rows"], g["row_begin"], g["ind_base"], ind_out, g["feat_base"], feat,
                       g["summ_base"], summ, self._counters))
-        max_sm = int(self._M.max(initial=0))
-        if max_sm > FUSE_WIDE_ABOVE:
-            fuse = ("dc_fuse_wide", (n, 1), min(FUSE_CHUNK, _blocks(max_sm, 32) * 32))
-        else:
-            fuse = ("dc_fuse_block", (_blocks(n, 128), 1), 128)
-        d.launch(*fuse,
+        fuse, threads, rows = self._fuse
+        d.launch(fuse, (_blocks(n, rows), 1), threads,
                  (np.uint32(n), g["row_stream"], g["row_k"], p["st_sm_begin"], p["st_sm_end"], g["summ_base"],
                   summ, g["ts"], g["instrument"], g["timeframe"], g["seq"], self._st_dsi, self._st_flags,
                   np.uint64(self.population_hash), sig))
