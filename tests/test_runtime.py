@@ -299,6 +299,54 @@ def test_a_submit_with_a_timeout_waits_no_longer_behind_another_feeders_blocked_
     assert np.concatenate(rest).tobytes() == ref[got:].tobytes()
 
 
+def test_a_step_waits_no_longer_than_its_timeout_behind_another_feeders_blocked_batch(pop, market):
+    """step's timeout bounds the whole call: behind a blocking submit that waits for room, a
+    step used to wait with it whatever its timeout. Now it raises TimeoutError at its deadline
+    saying the bar was not taken, counts it like a submit's unplaced bar, and journals and
+    changes nothing: once the window drains, the first submit's signals arrive in order, and the
+    same bar stepped again gives the reference's signal."""
+    with dc.Engine(pop, threads=1) as a:
+        ref = a.run(market)
+    eng = dc.Engine(pop, threads=1, capacity=64, backpressure="block")
+    try:
+        n = len(market) - 1  # the last bar is stepped
+        prod, raised, got = blocked_submit(eng, market[:n])
+        before = eng.stats()["backpressure"]
+        outcome: list[BaseException | None] = []
+
+        def step() -> None:  # on a thread: a step that waited for good would fail here, not hang
+            try:
+                eng.step(market[n], timeout=0.2)
+                outcome.append(None)
+            except BaseException as e:  # noqa: BLE001 - asserted below
+                outcome.append(e)
+
+        t0 = time.monotonic()
+        stepper = threading.Thread(target=step, daemon=True)
+        stepper.start()
+        stepper.join(10.0)
+        waited = time.monotonic() - t0
+        assert not stepper.is_alive(), "step waited past its timeout behind the blocked submit"
+        assert isinstance(outcome[0], TimeoutError) and "not taken" in str(outcome[0]), outcome
+        assert 0.15 <= waited < 10.0, waited
+        after = eng.stats()["backpressure"]
+        assert after["rejected"] == before["rejected"] + 1
+        assert after["events"] == before["events"] + 1
+        rest = []
+        while got + sum(map(len, rest)) < n:
+            part = eng.poll(timeout=10.0)
+            assert len(part), "signals stopped"
+            rest.append(part)
+        prod.join(10)
+        assert not prod.is_alive() and not raised
+        assert eng.stats()["bars_in"] == n
+        sig = eng.step(market[n], timeout=10.0)
+    finally:
+        eng.close()
+    assert np.concatenate(rest).tobytes() == ref[got:n].tobytes()
+    assert sig is not None and sig.seq == int(ref[n]["seq"]) and sig.score == float(ref[n]["score"])
+
+
 def test_stalled_sm_fails_over_without_losing_signals(pop, market):
     with dc.Engine(pop, threads=1) as a:
         ref = a.run(market)

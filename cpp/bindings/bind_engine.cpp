@@ -386,7 +386,8 @@ void bind_engine(py::module_& m) {
              return to_bytes(out.data(), k);
            }, py::arg("max_n"), py::arg("timeout_ns"),
            "Up to max_n ready signals in bar order, as bytes; waits up to timeout_ns (<0: forever).")
-      .def("step", [](Engine& e, const py::object& bar, uint32_t n_registered, int64_t timeout_ns, bool strict) {
+      .def("step", [](Engine& e, const py::object& bar, uint32_t n_registered, int64_t timeout_ns, bool strict,
+                      int64_t feed_timeout_ns) {
              // A 1-d array of one record, or one record itself (a numpy void scalar: its bytes
              // through the buffer protocol, without an array around it).
              Bar b;
@@ -413,12 +414,14 @@ void bind_engine(py::module_& m) {
              int r;
              {
                GilRelease nogil;
-               r = e.step(b, n_registered, &s, timeout_ns, strict);
+               r = e.step(b, n_registered, &s, timeout_ns, strict, feed_timeout_ns);
              }
              return py::make_tuple(r, py::bytes(reinterpret_cast<const char*>(&s), r == 1 ? sizeof s : 0));
            }, py::arg("bar"), py::arg("n_registered"), py::arg("timeout_ns"), py::arg("strict") = false,
+           py::arg("feed_timeout_ns") = -1,
            "One bar (a record or a 1-d array of one) in, (1, signal bytes) out; (0, b'') on timeout, (-1, "
-           "b'') if no signal is due.")
+           "b'') if no signal is due, (-2, b'') if another feeder held the feed past feed_timeout_ns (<0: no "
+           "limit; the bar was not taken).")
       .def("close", [](Engine& e) {
              GilRelease nogil;
              e.close();

@@ -1025,9 +1025,22 @@ void Engine::check_drained(const char* what) const {
                            "timed out): poll() them first; " + what + "() returns its own bars' signals only");
 }
 
-int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns, bool strict) {
+int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns, bool strict,
+                 int64_t feed_timeout_ns) {
+  const int64_t deadline = feed_timeout_ns >= 0 ? now_ns() + std::min<int64_t>(feed_timeout_ns, INT64_MAX / 4) : -1;
   {
-    std::lock_guard<std::timed_mutex> feed(feed_m_);
+    std::unique_lock<std::timed_mutex> feed(feed_m_, std::defer_lock);
+    if (deadline < 0) {
+      feed.lock();
+    } else if (!feed.try_lock_until(std::chrono::steady_clock::time_point(std::chrono::nanoseconds(deadline)))) {
+      // another feeder's batch held the feed past the deadline: the bar is not taken (as submit)
+      auto lk = lock_ingress();
+      if (closed_) throw std::logic_error("engine is closed");
+      ++stats_.batches;
+      ++stats_.backpressure_events;
+      ++stats_.backpressure_rejected;
+      return -2;
+    }
     auto lk = lock_ingress();
     check_drained("step");
     if (strict) refuse_bad_locked(&bar, 1, n_registered);
@@ -1035,6 +1048,10 @@ int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t tim
     const uint64_t h0 = head_.load(std::memory_order_relaxed);
     ingest(&bar, 1, n_registered, true, nullptr, nullptr, &lk);
     if (head_.load(std::memory_order_relaxed) == h0) return -1;
+  }
+  if (deadline >= 0) {  // what is left of the step's time, when less than the poll's
+    const int64_t left = std::max<int64_t>(0, deadline - now_ns());
+    if (timeout_ns < 0 || left < timeout_ns) timeout_ns = left;
   }
   return poll(out, 1, timeout_ns) ? 1 : 0;
 }

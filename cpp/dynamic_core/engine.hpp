@@ -145,9 +145,14 @@ class Engine {
   // that fit by then are taken and counted as returned, the rest are not (counted as
   // backpressure rejects; resubmit them).
   size_t submit(const Bar* bars, size_t n, uint32_t n_registered, bool strict = false, int64_t timeout_ns = -1);
-  // One bar in; its signal out. Returns 1 with *out set, 0 on timeout, -1 when the bar yields no
-  // signal (rejected, or no agent follows its stream). Assumes no other consumer.
-  int step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns, bool strict = false);
+  // One bar in; its signal out. Returns 1 with *out set, 0 on timeout (the bar was taken: its
+  // signal comes later), -1 when the bar yields no signal (rejected, or no agent follows its
+  // stream), -2 when another feeder's batch (a blocked submit, a run) held the feed past
+  // `feed_timeout_ns` (>= 0; < 0: no limit): the bar was not taken, counted as a submit's would
+  // be (one backpressure event, one rejected bar). The wait for the signal ends by the feed's
+  // deadline too. Assumes no other consumer.
+  int step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns, bool strict = false,
+           int64_t feed_timeout_ns = -1);
   // Up to max_n ready signals in bar order; waits up to timeout_ns (<0: forever) for the first.
   size_t poll(Signal* out, size_t max_n, int64_t timeout_ns);
   void wait_all();  // takes the ingress lock, then wait_idle()

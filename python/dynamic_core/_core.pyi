@@ -103,9 +103,9 @@ class Engine:
         """
     def stats(self) -> dict:
         ...
-    def step(self, bar: typing.Any, n_registered: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex, strict: bool = False) -> tuple[int, bytes]:
+    def step(self, bar: typing.Any, n_registered: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex, strict: bool = False, feed_timeout_ns: typing.SupportsInt | typing.SupportsIndex = -1) -> tuple[int, bytes]:
         """
-        One bar (a record or a 1-d array of one) in, (1, signal bytes) out; (0, b'') on timeout, (-1, b'') if no signal is due.
+        One bar (a record or a 1-d array of one) in, (1, signal bytes) out; (0, b'') on timeout, (-1, b'') if no signal is due, (-2, b'') if another feeder held the feed past feed_timeout_ns (<0: no limit; the bar was not taken).
         """
     def stream_dsi(self) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.uint32]]:
         """

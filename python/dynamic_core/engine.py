@@ -659,7 +659,14 @@ class Engine:
         """One bar in, its signal out (a frozen :class:`AISignal`). Returns None when the bar
         was rejected or no agent follows its stream. Not beside a running ``on_signal``
         dispatcher or another thread's ``poll``, which could take the signal first: RuntimeError
-        (and a ``poll`` from another thread while it runs raises)."""
+        (and a ``poll`` from another thread while it runs raises).
+
+        ``timeout`` (seconds; None: no limit) bounds the whole call: the wait for another
+        thread's feeding call (a ``submit`` waiting for room, a ``run``) to finish its batch,
+        then the wait for the signal. ``TimeoutError`` either way, saying which: a bar that was
+        not taken is counted as a ``submit``'s would be (``stats()["backpressure"]``: one event,
+        one rejected bar; step it again); a bar that was taken has its signal come later
+        (``poll`` it before the next ``step`` or ``run``)."""
         self._check_open()
         self._not_from_consumer("step")
         self._no_other_consumer("step")
@@ -679,7 +686,12 @@ class Engine:
         try:
             start = time.monotonic_ns()
             first = t if 0 <= t <= _POLL_SLICE_NS else _POLL_SLICE_NS
-            status, raw = self._native.step(b, len(instruments), first, self.strict)
+            status, raw = self._native.step(b, len(instruments), first, self.strict, t)
+            if status == -2:
+                self._check_open()
+                raise TimeoutError(f"step(): the bar was not taken: another thread's feeding call (a submit "
+                                   f"waiting for room, a run) held the feed for the whole timeout ({timeout} s); "
+                                   "counted in stats()['backpressure']; step it again")
             if status < 0:
                 return None
             if status == 0 and first != t:  # the rest of a long wait, in slices (^C, close)
@@ -689,7 +701,8 @@ class Engine:
             self._egress_exit(me)
         if status == 0:
             self._check_open()  # closed while it waited: that, not a timeout
-            raise TimeoutError(f"no signal within {timeout} s (see stats()['sms'])")
+            raise TimeoutError(f"step(): the bar was taken but its signal was not ready within {timeout} s "
+                               "(see stats()['sms']); poll() it before the next step or run")
         return signal_from_bytes(raw)
 
     def on_signal(self, callback: Callable[[AISignal], Any]) -> Callable[[AISignal], Any]:
