@@ -994,21 +994,25 @@ void Engine::take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool v
   }
 }
 
+bool Engine::take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadline, size_t n) {
+  if (deadline < 0) {
+    feed.lock();
+    return true;
+  }
+  if (feed.try_lock_until(std::chrono::steady_clock::time_point(std::chrono::nanoseconds(deadline)))) return true;
+  // another feeder's batch (a blocked submit, a run) held the feed past the deadline
+  auto lk = lock_ingress();
+  if (closed_) throw std::logic_error("engine is closed");
+  ++stats_.batches;
+  ++stats_.backpressure_events;
+  stats_.backpressure_rejected += n;
+  return false;
+}
+
 size_t Engine::submit(const Bar* bars, size_t n, uint32_t n_registered, bool strict, int64_t timeout_ns) {
   const int64_t deadline = timeout_ns >= 0 ? now_ns() + std::min<int64_t>(timeout_ns, INT64_MAX / 4) : -1;
   std::unique_lock<std::timed_mutex> feed(feed_m_, std::defer_lock);
-  if (deadline < 0) {
-    feed.lock();
-  } else if (!feed.try_lock_until(std::chrono::steady_clock::time_point(std::chrono::nanoseconds(deadline)))) {
-    // another feeder's batch (a blocked submit, a run) held the feed past the deadline: nothing
-    // is taken, and the batch is counted as a blocking submit's unplaced rest is
-    auto lk = lock_ingress();
-    if (closed_) throw std::logic_error("engine is closed");
-    ++stats_.batches;
-    ++stats_.backpressure_events;
-    stats_.backpressure_rejected += n;
-    return 0;
-  }
+  if (!take_feed(feed, deadline, n)) return 0;  // nothing taken
   auto lk = lock_ingress();
   if (strict) refuse_bad_locked(bars, n, n_registered);
   ++stats_.batches;
@@ -1030,17 +1034,7 @@ int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t tim
   const int64_t deadline = feed_timeout_ns >= 0 ? now_ns() + std::min<int64_t>(feed_timeout_ns, INT64_MAX / 4) : -1;
   {
     std::unique_lock<std::timed_mutex> feed(feed_m_, std::defer_lock);
-    if (deadline < 0) {
-      feed.lock();
-    } else if (!feed.try_lock_until(std::chrono::steady_clock::time_point(std::chrono::nanoseconds(deadline)))) {
-      // another feeder's batch held the feed past the deadline: the bar is not taken (as submit)
-      auto lk = lock_ingress();
-      if (closed_) throw std::logic_error("engine is closed");
-      ++stats_.batches;
-      ++stats_.backpressure_events;
-      ++stats_.backpressure_rejected;
-      return -2;
-    }
+    if (!take_feed(feed, deadline, 1)) return -2;  // the bar is not taken
     auto lk = lock_ingress();
     check_drained("step");
     if (strict) refuse_bad_locked(&bar, 1, n_registered);

@@ -392,6 +392,10 @@ class Engine {
   // `deadline`, steady-clock ns, when sooner) or the engine stops (then throws).
   void wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want, int64_t deadline = -1);
   std::unique_lock<std::mutex> lock_ingress() { return std::unique_lock<std::mutex>(ingress_m_); }
+  // A feeding call's turn (feed_m_), waited for until `deadline` (now_ns() clock; < 0: no limit).
+  // False when another feeder's batch held it past that: the n bars are not taken and are
+  // counted as a blocking submit's unplaced rest (one backpressure event, n rejected).
+  bool take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadline, size_t n);
   size_t drain(Signal* out, size_t max_n);
   size_t validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
   // Caller holds ingress_m_: throws StrictRefusal when any bar of the batch is bad.
