@@ -25,6 +25,10 @@ int64_t now_ns() {
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
+// The now_ns() time `timeout_ns` from now (clamped far out), or -1 (no deadline) when it is < 0.
+int64_t deadline_in(int64_t timeout_ns) {
+  return timeout_ns >= 0 ? now_ns() + std::min<int64_t>(timeout_ns, INT64_MAX / 4) : -1;
+}
 // Workers and waiting consumers spin this long, then park. A parked thread takes tens of
 // microseconds to wake (much more on a busy or virtual machine), so on a live feed they should
 // rarely park; they spin yielding the CPU, so a thread with work (the caller, another worker)
@@ -1010,7 +1014,7 @@ bool Engine::take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadlin
 }
 
 size_t Engine::submit(const Bar* bars, size_t n, uint32_t n_registered, bool strict, int64_t timeout_ns) {
-  const int64_t deadline = timeout_ns >= 0 ? now_ns() + std::min<int64_t>(timeout_ns, INT64_MAX / 4) : -1;
+  const int64_t deadline = deadline_in(timeout_ns);
   std::unique_lock<std::timed_mutex> feed(feed_m_, std::defer_lock);
   if (!take_feed(feed, deadline, n)) return 0;  // nothing taken
   auto lk = lock_ingress();
@@ -1031,7 +1035,7 @@ void Engine::check_drained(const char* what) const {
 
 int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t timeout_ns, bool strict,
                  int64_t feed_timeout_ns) {
-  const int64_t deadline = feed_timeout_ns >= 0 ? now_ns() + std::min<int64_t>(feed_timeout_ns, INT64_MAX / 4) : -1;
+  const int64_t deadline = deadline_in(feed_timeout_ns);
   {
     std::unique_lock<std::timed_mutex> feed(feed_m_, std::defer_lock);
     if (!take_feed(feed, deadline, 1)) return -2;  // the bar is not taken
