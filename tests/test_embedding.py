@@ -88,6 +88,68 @@ def test_ctrl_c_ends_a_blocking_call(call: str) -> None:
         assert 0 < int(out.split()[1]) <= 8
 
 
+@pytest.mark.parametrize("call", ["eng.submit(bars)", "eng.step(bars[0], timeout=None)", "eng.run(bars)"])
+def test_ctrl_c_ends_a_wait_behind_another_threads_blocked_submit(call: str) -> None:
+    # Another thread's block-policy submit fills the window and waits for room; the main thread's
+    # feeding call waits for that batch to end, which nothing will do: ^C must end that wait too,
+    # with nothing of the main thread's bars taken. "ready" once the other submit blocks and the
+    # main thread has been inside its call for 0.5 s (the native wait: before the fix it never
+    # returned, and the child was killed at the timeout)
+    p = _child(f"""
+        import sys, threading, time, dynamic_core as dc
+        pop = dc.Population.random(256, instruments=["EURUSD"], timeframes=[3600], seed=1)
+        bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(64)
+        main = threading.main_thread().ident
+        name = {call.split("(")[0].split(".")[1]!r}
+
+        def feeder():
+            try:
+                eng.submit(bars)
+            except RuntimeError:
+                pass  # closed at the end
+
+        def watch():
+            end = time.monotonic() + 60
+            while True:
+                f = sys._current_frames().get(main)
+                if f is not None and f.f_code.co_name == name and eng.stats()["backpressure"]["events"] >= 1:
+                    break
+                if time.monotonic() > end:
+                    print("never blocked", flush=True)
+                    return
+                time.sleep(0.01)
+            time.sleep(0.5)
+            print("ready", flush=True)
+
+        with dc.Engine(pop, threads=2, capacity=8) as eng:
+            t = threading.Thread(target=feeder, daemon=True)
+            t.start()
+            while eng.stats()["backpressure"]["events"] < 1:
+                time.sleep(0.01)
+            try:
+                threading.Thread(target=watch, daemon=True).start()
+                {call}
+            except KeyboardInterrupt:
+                st = eng.stats()
+                print("interrupted", st["bars_in"], st["backpressure"]["events"], flush=True)
+                sys.exit(0)
+            print("returned", flush=True)
+            sys.exit(3)
+    """)
+    with p:
+        try:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=30)
+        finally:
+            p.kill()
+    assert p.returncode == 0, (out, err)
+    assert out.startswith("interrupted"), (out, err)
+    taken, events = map(int, out.split()[1:3])
+    assert 0 < taken <= 8  # the other thread's pieces only: the window; none of the main thread's
+    assert events == 1  # the other submit's wait; the interrupted wait is not a counted reject
+
+
 def test_an_engine_with_a_callback_is_collected_and_its_threads_end() -> None:
     bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(50)
     before = _os_threads()

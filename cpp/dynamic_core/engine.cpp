@@ -999,12 +999,18 @@ void Engine::take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool v
 }
 
 bool Engine::take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadline, size_t n) {
-  if (deadline < 0) {
-    feed.lock();
-    return true;
+  if (feed.try_lock()) return true;
+  // Another feeder's batch (a blocked submit, a run) holds the feed: wait in slices of up to
+  // 100 ms, so ^C (the interrupt check) and close() end a long wait, with nothing taken.
+  while (true) {
+    const int64_t slice_end = now_ns() + 100'000'000;
+    const int64_t until = deadline < 0 ? slice_end : std::min(deadline, slice_end);
+    if (feed.try_lock_until(std::chrono::steady_clock::time_point(std::chrono::nanoseconds(until)))) return true;
+    if (deadline >= 0 && now_ns() >= deadline) break;
+    if (interrupted_ && interrupted_()) throw Interrupted();
+    if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
   }
-  if (feed.try_lock_until(std::chrono::steady_clock::time_point(std::chrono::nanoseconds(deadline)))) return true;
-  // another feeder's batch (a blocked submit, a run) held the feed past the deadline
+  // the feed was held past the deadline
   auto lk = lock_ingress();
   if (closed_) throw std::logic_error("engine is closed");
   ++stats_.batches;
@@ -1057,7 +1063,8 @@ int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t tim
 size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out, bool strict) {
   const auto t0 = std::chrono::steady_clock::now();
   const size_t before = out.size();
-  std::lock_guard<std::timed_mutex> feed(feed_m_);
+  std::unique_lock<std::timed_mutex> feed(feed_m_, std::defer_lock);
+  take_feed(feed, -1, n);  // no deadline: true or a throw
   auto lk = lock_ingress();
   check_drained("run");
   if (strict) refuse_bad_locked(bars, n, n_registered);
@@ -1108,7 +1115,8 @@ void Engine::wait_idle() {
 }
 
 size_t Engine::admit(const Bar* bars, size_t n, uint32_t n_registered, std::vector<AdmittedBar>& out, bool strict) {
-  std::lock_guard<std::timed_mutex> feed(feed_m_);
+  std::unique_lock<std::timed_mutex> feed(feed_m_, std::defer_lock);
+  take_feed(feed, -1, n);  // no deadline: true or a throw
   auto lk = lock_ingress();
   if (strict) refuse_bad_locked(bars, n, n_registered);
   ++stats_.batches;

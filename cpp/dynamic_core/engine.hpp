@@ -273,8 +273,9 @@ class Engine {
   void inject_poison(uint32_t agent);  // population index
 
   // Called by a blocking submit (or step) about every 100 ms while it waits for room, holding
-  // no engine lock but the feed's: true ends the call with Interrupted (the bars taken before
-  // stay taken and journaled). The bindings check for a pending Python signal (^C). Set once,
+  // no engine lock but the feed's, and by any feeding call waiting for another's batch to end
+  // (holding no lock): true ends the call with Interrupted (the bars taken before stay taken
+  // and journaled). The bindings check for a pending Python signal (^C). Set once,
   // before the engine is used.
   void set_interrupt_check(std::function<bool()> f) { interrupted_ = std::move(f); }
 
@@ -394,7 +395,9 @@ class Engine {
   std::unique_lock<std::mutex> lock_ingress() { return std::unique_lock<std::mutex>(ingress_m_); }
   // A feeding call's turn (feed_m_), waited for until `deadline` (now_ns() clock; < 0: no limit).
   // False when another feeder's batch held it past that: the n bars are not taken and are
-  // counted as a blocking submit's unplaced rest (one backpressure event, n rejected).
+  // counted as a blocking submit's unplaced rest (one backpressure event, n rejected). A long
+  // wait ends with Interrupted when the interrupt check says so (^C), or std::logic_error once
+  // the engine closes; nothing is taken or counted then.
   bool take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadline, size_t n);
   size_t drain(Signal* out, size_t max_n);
   size_t validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
