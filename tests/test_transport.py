@@ -340,6 +340,68 @@ def test_gaps_under_a_tiny_hwm_across_processes(tmp_path: Path, peers: list[Peer
     pub.finish()
 
 
+_STALLED = """
+import sys, time, zmq
+s = zmq.Context().socket(zmq.SUB)
+s.setsockopt(zmq.RCVHWM, 1)  # holds next to nothing: what it does not read stays with the feed
+s.setsockopt(zmq.RCVBUF, 4096)
+s.connect(sys.argv[1])
+s.setsockopt(zmq.SUBSCRIBE, b"")
+print("connected", flush=True)
+time.sleep(120)  # never reads; killed by the test
+"""
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("sndhwm", [16, 64])
+def test_a_stalled_subscriber_holds_at_most_sndhwm_messages_of_the_feeds_memory(sndhwm: int) -> None:
+    # A subscriber process that never reads: PUB keeps its messages for it up to the high-water
+    # mark, then drops them. The publisher's memory grows by at most sndhwm messages (plus
+    # slack), not by the ~300 MB published: with no mark (sndhwm=0) this fails
+    recs = np.zeros(1024, dtype=dc.SIGNAL_DTYPE)
+    recs["instrument"], recs["timeframe"] = dc.instruments.id("EURUSD"), 3600
+    recs["seq"] = np.arange(1, 1025)
+    msg_bytes = len(P.encode_signal_batch(1, 0, recs, "EURUSD"))
+    n_msgs = 300 * 2**20 // msg_bytes
+    with T.SignalFeed("tcp://127.0.0.1:*", sndhwm=sndhwm, max_batch=1024, heartbeat_interval=3600) as feed:
+        stalled = subprocess.Popen([sys.executable, "-c", _STALLED, feed.endpoint], stdout=subprocess.PIPE,
+                                   text=True, env=_env())
+        try:
+            assert stalled.stdout.readline() == "connected\n"
+            assert feed.wait_for_subscribers(1, TIMEOUT)
+            feed.publish(recs)  # the encoder's buffers, once, before the baseline
+            time.sleep(0.2)
+            before = _rss_bytes()
+            for _ in range(n_msgs):
+                feed.publish(recs)
+            time.sleep(0.5)  # libzmq's I/O thread moves what the socket buffers take
+            grown = _rss_bytes() - before
+            assert feed.messages == n_msgs + 1
+            assert grown <= sndhwm * msg_bytes + 48 * 2**20, (grown, sndhwm * msg_bytes)
+        finally:
+            stalled.kill()
+            stalled.communicate()
+
+
+def test_the_feeds_defaults_bound_a_stalled_subscriber_near_the_documented_figure() -> None:
+    # the module docstring's "about 270 MB" (msgpack, six-letter names) follows from the defaults
+    feed = T.SignalFeed("tcp://127.0.0.1:*")
+    try:
+        hwm, batch = feed._sock.getsockopt(zmq.SNDHWM), feed.max_batch
+    finally:
+        feed.close()
+    recs = np.zeros(batch, dtype=dc.SIGNAL_DTYPE)
+    recs["instrument"], recs["timeframe"] = dc.instruments.id("EURUSD"), 3600
+    assert 260e6 <= hwm * len(P.encode_signal_batch(1, 0, recs, "EURUSD")) <= 280e6
+
+
 def test_feed_publishes_objects_rationales_and_waits_for_subscribers() -> None:
     with T.SignalFeed(heartbeat_interval=3600, max_batch=2) as feed:
         assert not feed.wait_for_subscribers(1, timeout=0.05)

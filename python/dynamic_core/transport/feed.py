@@ -31,6 +31,17 @@ Batching
 topic stay in bar order; the relative order of different topics within one call is not
 kept), split into messages of at most ``max_batch`` signals.
 
+Memory
+------
+A subscriber that stops reading (stalled, paused in a debugger, on a link slower than the feed)
+costs the publishing process at most ``sndhwm`` messages, on top of what the operating system's
+socket buffers hold: beyond that PUB drops its messages for that subscriber alone, and it sees
+the loss as a gap. A msgpack signal takes about 260 bytes plus its instrument's name (JSON about
+twice that), so with the defaults (``sndhwm=1000`` messages of at most ``max_batch=1024``
+signals) one stalled subscriber holds at most about 270 MB (msgpack, six-letter names). The
+subscriber's side is bounded the same way: ``rcvhwm`` frames of at most ``max_frame`` bytes.
+``sndhwm=0`` lifts the bound: the queue then grows for as long as a subscriber stays behind.
+
 Heartbeats
 ----------
 The feed has no thread of its own (a ZeroMQ socket must not be shared between threads, and a
@@ -113,7 +124,9 @@ class SignalFeed(SocketOwner):
         Payload format. msgpack batches are encoded straight from ``SIGNAL_DTYPE`` arrays;
         JSON builds :class:`AISignal` objects first (about 10x slower).
     sndhwm : int
-        Messages queued per subscriber before PUB drops (subscribers see the loss as a gap).
+        Messages queued per subscriber before PUB drops (subscribers see the loss as a gap):
+        with ``max_batch``, what bounds the memory a stalled subscriber holds here (see
+        "Memory" above). 0: no limit.
     heartbeat_interval : float
         Seconds of silence after which :meth:`tick` sends a heartbeat.
     max_batch : int
@@ -130,8 +143,8 @@ class SignalFeed(SocketOwner):
     # 1 s (with none, the last signals of a run published just before the close were dropped)
     _linger_s = 1.0
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, fmt: str = "msgpack", sndhwm: int = 100_000,
-                 heartbeat_interval: float = 1.0, max_batch: int = 4096, epoch: int | None = None,
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, fmt: str = "msgpack", sndhwm: int = 1000,
+                 heartbeat_interval: float = 1.0, max_batch: int = 1024, epoch: int | None = None,
                  bind: bool = True, allow_remote: bool = False,
                  context: zmq.Context | None = None) -> None:
         if fmt not in ("msgpack", "json"):
@@ -381,7 +394,8 @@ class SignalSubscriber(SocketOwner):
         Frames above this are rejected and counted (``oversized``); frames above twice this are
         refused by libzmq itself (the connection is dropped before the bytes are buffered).
     rcvhwm : int
-        Messages queued before libzmq drops (seen as gaps).
+        Messages queued before libzmq drops (seen as gaps): at most ``rcvhwm`` frames of at
+        most ``max_frame`` bytes wait in this process.
     max_events : int
         How many recent gaps / epoch changes / rejects are kept in the lists. :meth:`stats`
         counts all of them, however many were kept.
@@ -397,7 +411,7 @@ class SignalSubscriber(SocketOwner):
     def __init__(self, address: str, *, topics: str | bytes | Sequence[str | bytes] = "sig.",
                  fmt: str = "auto", on_gap: Callable[[Gap], Any] | None = None,
                  on_epoch: Callable[[EpochChange], Any] | None = None,
-                 max_frame: int = DEFAULT_MAX_FRAME, rcvhwm: int = 100_000, max_events: int = 1000,
+                 max_frame: int = DEFAULT_MAX_FRAME, rcvhwm: int = 1000, max_events: int = 1000,
                  bind: bool = False, allow_remote: bool = False,
                  context: zmq.Context | None = None) -> None:
         self.topics = check_topics(topics)
