@@ -32,6 +32,21 @@ def _child(code: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def _interrupted_once_ready(p: subprocess.Popen) -> str:
+    """^C to the child once it prints "ready"; it must then print "interrupted ..." and exit 0
+    (within 30 s: a call ^C cannot end hangs until the child is killed). Returns its output."""
+    with p:
+        try:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=30)
+        finally:
+            p.kill()
+    assert p.returncode == 0, (out, err)
+    assert out.startswith("interrupted"), (out, err)
+    return out
+
+
 @pytest.mark.parametrize("call", ["eng.submit(bars)", "eng.poll(timeout=None)", "eng.poll(timeout=3600)"])
 def test_ctrl_c_ends_a_blocking_call(call: str) -> None:
     # a block-policy submit with no consumer waits for room for good, an idle poll(None) for a
@@ -75,15 +90,7 @@ def test_ctrl_c_ends_a_blocking_call(call: str) -> None:
             print("returned", flush=True)
             sys.exit(3)
     """)
-    with p:
-        try:
-            assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr
-            p.send_signal(signal.SIGINT)
-            out, err = p.communicate(timeout=30)
-        finally:
-            p.kill()
-    assert p.returncode == 0, (out, err)
-    assert out.startswith("interrupted")
+    out = _interrupted_once_ready(p)
     if "submit" in call:  # the pieces taken before ^C stay taken: at most the window
         assert 0 < int(out.split()[1]) <= 8
 
@@ -136,15 +143,7 @@ def test_ctrl_c_ends_a_wait_behind_another_threads_blocked_submit(call: str) -> 
             print("returned", flush=True)
             sys.exit(3)
     """)
-    with p:
-        try:
-            assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr
-            p.send_signal(signal.SIGINT)
-            out, err = p.communicate(timeout=30)
-        finally:
-            p.kill()
-    assert p.returncode == 0, (out, err)
-    assert out.startswith("interrupted"), (out, err)
+    out = _interrupted_once_ready(p)
     taken, events = map(int, out.split()[1:3])
     assert 0 < taken <= 8  # the other thread's pieces only: the window; none of the main thread's
     assert events == 1  # the other submit's wait; the interrupted wait is not a counted reject

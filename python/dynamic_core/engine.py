@@ -613,6 +613,8 @@ class Engine:
         returned, the bars counted the same way (one backpressure event). A thread that both submits and
         polls needs it, or must poll until its bars are out: ``poll`` returns the signals ready
         when the first one is, so bars can still be in flight after it, holding the window.
+        On the main thread, ^C ends either wait with ``KeyboardInterrupt`` (the pieces taken
+        before it stay taken; behind another feeder's batch, nothing is).
         """
         self._check_open()
         self._cpu_only("submit")
@@ -666,7 +668,8 @@ class Engine:
         then the wait for the signal. ``TimeoutError`` either way, saying which: a bar that was
         not taken is counted as a ``submit``'s would be (``stats()["backpressure"]``: one event,
         one rejected bar; step it again); a bar that was taken has its signal come later
-        (``poll`` it before the next ``step`` or ``run``)."""
+        (``poll`` it before the next ``step`` or ``run``). On the main thread, ^C ends the wait
+        with ``KeyboardInterrupt`` (a bar that was not taken yet is not taken)."""
         self._check_open()
         self._not_from_consumer("step")
         self._no_other_consumer("step")
