@@ -18,8 +18,8 @@ returns rows for the closing summary against the issue's targets.
     hops): the floor of two ipc hops across three processes on this machine.
 ``feed``
     ``SignalFeed.publish`` of ``SIGNAL_DTYPE`` batches (4,096 signals, one topic, split into
-    messages of the default ``max_batch``) to a subscriber process that decodes every message into ``AISignal`` objects and checks
-    the sequence (gaps counted). Published/s is timed in this process, received/s in the
+    messages of the default ``max_batch``) to a subscriber process that decodes every message
+    into ``AISignal`` objects and checks the sequence (gaps counted). Published/s is timed in this process, received/s in the
     subscriber. Peers: the same batches built as ``AISignal`` objects and encoded by msgspec
     (what a plain implementation does), and the JSON format. Then, in this process, decoding
     the same frames into ``AISignal`` objects, kept in a list (a consumer that stores them) or
@@ -432,8 +432,8 @@ def feed_section(quick: bool, tmp: str) -> dict:
 
 
 def feed_report(res: dict) -> list[tuple[str, str, str, bool]]:
-    print(f"\nSignal feed: SignalFeed.publish of SIGNAL_DTYPE batches of 4,096 signals, {FEED_MAX_BATCH:,} signals "
-          "per message (the default max_batch), ipc")
+    print(f"\nSignal feed: SignalFeed.publish of SIGNAL_DTYPE batches of 4,096 signals, "
+          f"{FEED_MAX_BATCH:,} signals per message (the default max_batch), ipc")
     print(f"   {'path':<38} {'signals':>9} {'published/s':>12} {'received/s':>12} {'gaps':>6}")
     for k, r in res.items():
         if k == "decode":

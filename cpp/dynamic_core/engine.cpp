@@ -1005,7 +1005,8 @@ bool Engine::take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadlin
   while (true) {
     const int64_t slice_end = now_ns() + 100'000'000;
     const int64_t until = deadline < 0 ? slice_end : std::min(deadline, slice_end);
-    if (feed.try_lock_until(std::chrono::steady_clock::time_point(std::chrono::nanoseconds(until)))) return true;
+    const std::chrono::steady_clock::time_point at{std::chrono::nanoseconds(until)};
+    if (feed.try_lock_until(at)) return true;
     if (deadline >= 0 && now_ns() >= deadline) break;
     if (interrupted_ && interrupted_()) throw Interrupted();
     if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");

@@ -1181,7 +1181,8 @@ def encode_signal_batch(epoch: int, seq: int, records: np.ndarray, instrument: s
     # `signals` is the batch's last field (checked below at import), so the encoded signals
     # follow the encoding of the rest: one buffer, written once (a 1 MB batch built in several
     # copies cost page faults for each of them)
-    head = _BATCH_ENC.encode(SignalBatch(epoch=epoch, seq=seq, signals=msgspec.Raw(_mp_array_header(n))))  # type: ignore[arg-type]
+    head = _BATCH_ENC.encode(SignalBatch(epoch=epoch, seq=seq,
+                                         signals=msgspec.Raw(_mp_array_header(n))))  # type: ignore[arg-type]
     out = bytearray(len(head) + n * len(template))
     out[:len(head)] = head
     if n:
@@ -1195,7 +1196,8 @@ def _signals_last() -> None:
     probe = b"\xc0\xc2\xc3"  # msgpack nil, false, true: bytes no other field of the batch ends with
     enc = _BATCH_ENC.encode(SignalBatch(epoch=1, seq=2, signals=msgspec.Raw(probe)))  # type: ignore[arg-type]
     if not enc.endswith(probe):
-        raise ImportError("SignalBatch.signals must be the last field encoded (encode_signal_batch appends to it)")
+        raise ImportError("SignalBatch.signals must be the last field encoded "
+                          "(encode_signal_batch appends to it)")
 
 
 _signals_last()
