@@ -19,9 +19,10 @@ returns rows for the closing summary against the issue's targets.
 ``feed``
     ``SignalFeed.publish`` of ``SIGNAL_DTYPE`` batches (4,096 signals, one topic, split into
     messages of the default ``max_batch``) to a subscriber process that decodes every message
-    into ``AISignal`` objects and checks the sequence (gaps counted). Published/s is timed in this process, received/s in the
-    subscriber. Peers: the same batches built as ``AISignal`` objects and encoded by msgspec
-    (what a plain implementation does), and the JSON format. Then, in this process, decoding
+    into ``AISignal`` objects and checks the sequence (gaps counted). Published/s is timed in
+    this process, received/s in the subscriber. Peers: the same batches built as ``AISignal``
+    objects and encoded by msgspec (what a plain implementation does), and the JSON format.
+    Then, in this process, decoding
     the same frames into ``AISignal`` objects, kept in a list (a consumer that stores them) or
     dropped, against a twin of ``AISignal`` that the garbage collector tracks (``gc=True``, the
     same fields and checks): what leaving signals untracked is worth.
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import subprocess
@@ -53,6 +53,7 @@ import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
 from dynamic_core import payloads as P  # noqa: E402
 from dynamic_core import transport as T  # noqa: E402
+from dynamic_core.transport.feed import DEFAULT_MAX_BATCH  # noqa: E402
 
 from ._machine import arg_parser, describe, finish  # noqa: E402
 
@@ -333,9 +334,6 @@ def _signal_records(n: int) -> np.ndarray:
     return out
 
 
-FEED_MAX_BATCH = inspect.signature(T.SignalFeed).parameters["max_batch"].default
-
-
 def _publish_run(tmp: str, recs: np.ndarray, fmt: str, objects: bool, with_subscriber: bool) -> dict:
     tag = f"{fmt}-{'obj' if objects else 'vec'}-{int(with_subscriber)}"
     # the default max_batch (signals per message); sndhwm=0 so that a slower subscriber process
@@ -433,7 +431,7 @@ def feed_section(quick: bool, tmp: str) -> dict:
 
 def feed_report(res: dict) -> list[tuple[str, str, str, bool]]:
     print(f"\nSignal feed: SignalFeed.publish of SIGNAL_DTYPE batches of 4,096 signals, "
-          f"{FEED_MAX_BATCH:,} signals per message (the default max_batch), ipc")
+          f"{DEFAULT_MAX_BATCH:,} signals per message (the default max_batch), ipc")
     print(f"   {'path':<38} {'signals':>9} {'published/s':>12} {'received/s':>12} {'gaps':>6}")
     for k, r in res.items():
         if k == "decode":

@@ -29,6 +29,9 @@ int64_t now_ns() {
 int64_t deadline_in(int64_t timeout_ns) {
   return timeout_ns >= 0 ? now_ns() + std::min<int64_t>(timeout_ns, INT64_MAX / 4) : -1;
 }
+// A long wait (for room, for the feed, for a signal the caller drains itself) goes in slices
+// of at most this, so ^C (the interrupt check) and close() end it between two.
+constexpr int64_t kWaitSliceNs = 100'000'000;
 // Workers and waiting consumers spin this long, then park. A parked thread takes tens of
 // microseconds to wake (much more on a busy or virtual machine), so on a live feed they should
 // rarely park; they spin yielding the CPU, so a thread with work (the caller, another worker)
@@ -792,7 +795,7 @@ void Engine::wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want, int6
   lk.unlock();
   {
     std::unique_lock<std::mutex> wl(wait_m_);
-    int64_t wait_ns = 100'000'000;
+    int64_t wait_ns = kWaitSliceNs;
     if (deadline >= 0) wait_ns = std::clamp<int64_t>(deadline - now_ns(), 0, wait_ns);
     space_cv_.wait_for(wl, std::chrono::nanoseconds(wait_ns), [&] {
       return cap_ - (head_.load(std::memory_order_acquire) - tail_.load(std::memory_order_acquire)) >= want ||
@@ -863,7 +866,7 @@ bool Engine::make_room(uint64_t want, std::vector<Signal>* drain_to, std::unique
     // run(): the caller is the consumer
     std::lock_guard<std::mutex> eg(egress_m_);
     Signal buf[256];
-    const size_t k = wait_and_drain(buf, 256, 100'000'000, drain_batch());
+    const size_t k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch());
     drain_to->insert(drain_to->end(), buf, buf + k);
   }
   return true;
@@ -877,7 +880,7 @@ void Engine::wait_oldest(std::unique_lock<std::mutex>* lk, int64_t deadline) {
   // belongs to the waiting consumer (wake_pos_), not to us.
   if (lk) lk->unlock();
   const int64_t t0 = now_ns();
-  const int64_t until = deadline >= 0 ? std::min(deadline, t0 + 100'000'000) : t0 + 100'000'000;
+  const int64_t until = deadline >= 0 ? std::min(deadline, t0 + kWaitSliceNs) : t0 + kWaitSliceNs;
   auto ready = [&] {
     const uint64_t t = tail_.load(std::memory_order_acquire);
     return t == head_.load(std::memory_order_acquire) || slot(t).ready.load(std::memory_order_acquire) ||
@@ -943,11 +946,11 @@ void Engine::take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool v
         if (drain_to) {  // run(): the caller is the consumer
           std::lock_guard<std::mutex> lk(egress_m_);
           Signal buf[256];
-          const size_t k = wait_and_drain(buf, 256, 100'000'000, drain_batch());
+          const size_t k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch());
           drain_to->insert(drain_to->end(), buf, buf + k);
         } else if (cfg_.backpressure == Backpressure::DropOldest) {
           std::lock_guard<std::mutex> lk(egress_m_);
-          const size_t k = wait_and_drain(nullptr, 1, 100'000'000);
+          const size_t k = wait_and_drain(nullptr, 1, kWaitSliceNs);
           stats_.backpressure_dropped += k;
         } else {  // RejectNew and blocking pieces were sized to the room
           throw std::logic_error("ingest: the window filled while ingress held it");
@@ -1000,10 +1003,10 @@ void Engine::take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool v
 
 bool Engine::take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadline, size_t n) {
   if (feed.try_lock()) return true;
-  // Another feeder's batch (a blocked submit, a run) holds the feed: wait in slices of up to
-  // 100 ms, so ^C (the interrupt check) and close() end a long wait, with nothing taken.
+  // Another feeder's batch (a blocked submit, a run) holds the feed: wait in slices, so ^C
+  // (the interrupt check) and close() end a long wait, with nothing taken.
   while (true) {
-    const int64_t slice_end = now_ns() + 100'000'000;
+    const int64_t slice_end = now_ns() + kWaitSliceNs;
     const int64_t until = deadline < 0 ? slice_end : std::min(deadline, slice_end);
     const std::chrono::steady_clock::time_point at{std::chrono::nanoseconds(until)};
     if (feed.try_lock_until(at)) return true;
@@ -1075,7 +1078,7 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
   while (tail_.load(std::memory_order_acquire) < head_.load(std::memory_order_acquire)) {
     if (stop_.load()) throw std::logic_error("engine is closed");
     std::lock_guard<std::mutex> eg(egress_m_);
-    const size_t k = wait_and_drain(buf, 256, 100'000'000, drain_batch());
+    const size_t k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch());
     out.insert(out.end(), buf, buf + k);
   }
   stats_.busy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

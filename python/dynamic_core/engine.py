@@ -693,8 +693,8 @@ class Engine:
             if status == -2:
                 self._check_open()
                 raise TimeoutError(f"step(): the bar was not taken: another thread's feeding call (a submit "
-                                   f"waiting for room, a run) held the feed for the whole timeout ({timeout} s); "
-                                   "counted in stats()['backpressure']; step it again")
+                                   f"waiting for room, a run) held the feed for the whole timeout "
+                                   f"({timeout} s); counted in stats()['backpressure']; step it again")
             if status < 0:
                 return None
             if status == 0 and first != t:  # the rest of a long wait, in slices (^C, close)

@@ -96,6 +96,10 @@ HEARTBEAT_TOPIC = b"hb"
 MAX_TOPICS_IN_HEARTBEAT = 4096
 MAX_TRACKED_TOPICS = 65_536
 """Topics a subscriber tracks sequence numbers of (beyond it, the oldest is forgotten)."""
+DEFAULT_SNDHWM = 1000
+"""Messages a feed queues per subscriber before it drops that subscriber's (see Memory above)."""
+DEFAULT_MAX_BATCH = 1024
+"""Signals per feed message at most (about 270 KB in msgpack)."""
 MAX_SUBSCRIPTIONS_PER_DRAIN = 1000
 """Subscription messages a feed reads per publish/heartbeat/tick call (a few ms at most): any
 peer can subscribe, and a flood of subscriptions must not hold the publishing thread."""
@@ -143,8 +147,9 @@ class SignalFeed(SocketOwner):
     # 1 s (with none, the last signals of a run published just before the close were dropped)
     _linger_s = 1.0
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, fmt: str = "msgpack", sndhwm: int = 1000,
-                 heartbeat_interval: float = 1.0, max_batch: int = 1024, epoch: int | None = None,
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, fmt: str = "msgpack", sndhwm: int = DEFAULT_SNDHWM,
+                 heartbeat_interval: float = 1.0, max_batch: int = DEFAULT_MAX_BATCH,
+                 epoch: int | None = None,
                  bind: bool = True, allow_remote: bool = False,
                  context: zmq.Context | None = None) -> None:
         if fmt not in ("msgpack", "json"):
