@@ -211,6 +211,35 @@ def test_an_engine_inherited_by_a_forked_child_refuses_and_does_not_crash() -> N
     assert threading.active_count() >= 1
 
 
+def test_exiting_with_a_daemon_thread_blocked_in_submit_does_not_abort() -> None:
+    # The engine's close() at exit wakes a daemon thread's blocked submit with "engine is closed";
+    # when the interpreter began to finalize while that thread waited for the GIL, CPython ended
+    # it there with a forced unwind on top of the propagating exception: "terminate called
+    # without an active exception", SIGABRT (about 1 exit in 8 on a busy 2-core machine). A race:
+    # the exit is tried 12 times
+    code = """
+        import sys, threading, time, dynamic_core as dc
+        pop = dc.Population.random(256, instruments=["EURUSD"], timeframes=[3600], seed=1)
+        bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(64)
+
+        def feeder():
+            try:
+                eng.submit(bars)
+            except RuntimeError:
+                pass
+
+        with dc.Engine(pop, threads=2, capacity=8) as eng:
+            threading.Thread(target=feeder, daemon=True).start()
+            while eng.stats()["backpressure"]["events"] < 1:
+                time.sleep(0.001)
+            sys.exit(0)
+    """
+    for _ in range(12):
+        p = _child(code)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, (p.returncode, err)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
 def test_a_forked_child_that_exits_normally_does_not_crash() -> None:
     # the interpreter's exit in the child used to run the engine's destructor: SIGSEGV

@@ -79,10 +79,7 @@ py::dict report_dict(const GenerationReport& r) {
 
 py::dict stats_dict(Engine& e) {
   EngineStats s;
-  {
-    GilRelease nogil;  // stats() takes the ingress lock, which submit may hold
-    s = e.stats();
-  }
+  s = without_gil([&] { return e.stats(); });  // stats() takes the ingress lock, which submit may hold
   const uint64_t updates = e.agent_updates();
   py::dict d;
   d["batches"] = s.batches;
@@ -226,8 +223,7 @@ auto lane_setter(const char* name) {
     const double* v = values.data();
     const auto n = static_cast<size_t>(agents.shape(0));
     std::string ev = event;
-    GilRelease nogil;
-    (e.*Set)(a, v, n, ev);
+    without_gil([&] { (e.*Set)(a, v, n, ev); });
   };
 }
 
@@ -306,10 +302,7 @@ void bind_engine(py::module_& m) {
         const auto n = static_cast<py::ssize_t>(bars.shape(0));
         py::array_t<uint32_t> reasons(n);
         uint32_t* r = reasons.mutable_data();
-        {
-          GilRelease nogil;
-          validate_bars(b, static_cast<size_t>(n), n_registered, r);
-        }
+        without_gil([&] { validate_bars(b, static_cast<size_t>(n), n_registered, r); });
         return reasons;
       }, py::arg("bars"), py::arg("n_registered"),
       "Reject reason of every bar: value checks and time order per (instrument, timeframe).");
@@ -332,10 +325,7 @@ void bind_engine(py::module_& m) {
              cfg.fault_injection = fault_injection;
              const auto n = static_cast<size_t>(genomes.shape(0));
              Engine* eng;
-             {
-               GilRelease nogil;
-               eng = new Engine(g, n, cfg);
-             }
+             without_gil([&] { eng = new Engine(g, n, cfg); });
              // a blocking submit waiting for room (no consumer, say) ends on ^C: the pending
              // signal is checked about every 100 ms (PyErr_CheckSignals runs the handler, which
              // leaves KeyboardInterrupt set; Interrupted is translated to it). Only Python's
@@ -360,8 +350,7 @@ void bind_engine(py::module_& m) {
       .def("submit", [](Engine& e, const py::array& bars, uint32_t n_registered, bool strict, int64_t timeout_ns) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));
-             GilRelease nogil;
-             return e.submit(b, n, n_registered, strict, timeout_ns);
+             return without_gil([&] { return e.submit(b, n, n_registered, strict, timeout_ns); });
            }, py::arg("bars"), py::arg("n_registered"), py::arg("strict") = false, py::arg("timeout_ns") = -1,
            "Validate, sequence and dispatch bars; returns how many were taken. strict: a batch with a bad "
            "bar raises InvalidInput and nothing is taken. timeout_ns (>= 0): how long a blocking submit "
@@ -372,8 +361,7 @@ void bind_engine(py::module_& m) {
              const size_t n = std::min<size_t>(max_n, e.capacity());
              std::vector<Signal> out;
              Signal buf[256];
-             {
-               GilRelease nogil;
+             without_gil([&] {
                int64_t wait = timeout_ns;
                while (out.size() < n) {
                  const size_t k = e.poll(buf, std::min<size_t>(256, n - out.size()), wait);
@@ -381,7 +369,7 @@ void bind_engine(py::module_& m) {
                  if (k < 256) break;
                  wait = 0;
                }
-             }
+             });
              const size_t k = out.size();
              return to_bytes(out.data(), k);
            }, py::arg("max_n"), py::arg("timeout_ns"),
@@ -411,11 +399,8 @@ void bind_engine(py::module_& m) {
                if (!fits) throw py::type_error("step() takes one bar record (56 bytes) or a 1-d array of one");
              }
              Signal s{};
-             int r;
-             {
-               GilRelease nogil;
-               r = e.step(b, n_registered, &s, timeout_ns, strict, feed_timeout_ns);
-             }
+             const int r =
+                 without_gil([&] { return e.step(b, n_registered, &s, timeout_ns, strict, feed_timeout_ns); });
              return py::make_tuple(r, py::bytes(reinterpret_cast<const char*>(&s), r == 1 ? sizeof s : 0));
            }, py::arg("bar"), py::arg("n_registered"), py::arg("timeout_ns"), py::arg("strict") = false,
            py::arg("feed_timeout_ns") = -1,
@@ -423,12 +408,10 @@ void bind_engine(py::module_& m) {
            "b'') if no signal is due, (-2, b'') if another feeder held the feed past feed_timeout_ns (<0: no "
            "limit; the bar was not taken).")
       .def("close", [](Engine& e) {
-             GilRelease nogil;
-             e.close();
+             without_gil([&] { e.close(); });
            }, "Join the worker and sentinel threads.")
       .def("wait_idle", [](Engine& e) {
-             GilRelease nogil;
-             e.wait_all();
+             without_gil([&] { e.wait_all(); });
            }, "Wait until every submitted bar has been processed.")
       .def("inject_stall", &Engine::inject_stall, py::arg("sm"), py::arg("ns"))
       .def("inject_poison", &Engine::inject_poison, py::arg("agent"))
@@ -447,8 +430,7 @@ void bind_engine(py::module_& m) {
              const double* v = evidence.data();
              const auto n = static_cast<size_t>(inst.shape(0));
              std::string ev = event;
-             GilRelease nogil;
-             return e.set_dsi(a, v, n, ev);
+             return without_gil([&] { return e.set_dsi(a, v, n, ev); });
            }, py::arg("instruments"), py::arg("evidence"), py::arg("event") = py::bytes(),
            "Set the DSI evidence of instruments (ids), read by lanes with w_dsi != 0; returns the streams updated.")
       .def("stream_dsi", [](const Engine& e) {
@@ -465,11 +447,10 @@ void bind_engine(py::module_& m) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));
              std::vector<Signal> out;
-             {
-               GilRelease nogil;
+             without_gil([&] {
                out.reserve(n);
                e.run(b, n, n_registered, out, strict);
-             }
+             });
              return to_bytes(out.data(), out.size());
            }, py::arg("bars"), py::arg("n_registered"), py::arg("strict") = false,
            "Process a time-ordered bar batch; returns signal records as bytes.")
@@ -478,10 +459,7 @@ void bind_engine(py::module_& m) {
              const auto n = static_cast<py::ssize_t>(bars.shape(0));
              py::array_t<uint32_t> reasons(n);
              uint32_t* r = reasons.mutable_data();
-             {
-               GilRelease nogil;
-               e.validate(b, static_cast<size_t>(n), n_registered, r);
-             }
+             without_gil([&] { e.validate(b, static_cast<size_t>(n), n_registered, r); });
              return reasons;
            }, py::arg("bars"), py::arg("n_registered"),
            "Reject reason of every bar as run() would see it, without changing state.")
@@ -489,18 +467,12 @@ void bind_engine(py::module_& m) {
              // filled in place: no zeroed staging vector and no second copy (20k agents: ~2 MB each)
              py::array_t<uint8_t> out(static_cast<py::ssize_t>(e.n_agents() * sizeof(AgentRecord)));
              auto* rec = reinterpret_cast<AgentRecord*>(out.mutable_data());
-             {
-               GilRelease nogil;
-               e.agents(rec);
-             }
+             without_gil([&] { e.agents(rec); });
              return out;
            }, "Per-agent state in population order, as bytes.")
       .def("dead_letters", [](Engine& e) {
              std::vector<DeadLetter> d;
-             {
-               GilRelease nogil;
-               d = e.dead_letters();
-             }
+             without_gil([&] { d = e.dead_letters(); });
              return to_bytes(d.data(), d.size());
            }, "Rejected bars with reason codes, oldest first, as bytes.")
       .def("evolve", [](Engine& e, const py::dict& config, uint64_t seed, uint32_t generation,
@@ -508,33 +480,21 @@ void bind_engine(py::module_& m) {
              const EvolutionConfig cfg = evolution_config(config);
              const std::string ev = event;
              GenerationReport r;
-             {
-               GilRelease nogil;
-               r = e.evolve(cfg, seed, generation, ev, streams);
-             }
+             r = without_gil([&] { return e.evolve(cfg, seed, generation, ev, streams); });
              py::dict d = report_dict(r);
-             {
-               GilRelease nogil;
-               e.recycle(r);  // its births buffer serves the next generation
-             }
+             without_gil([&] { e.recycle(r); });  // its births buffer serves the next generation
              return d;
            }, py::arg("config"), py::arg("seed"), py::arg("generation"), py::arg("event") = py::bytes(),
            py::arg("streams") = std::vector<uint32_t>{},
            "One generation of evolution between updates; returns the report (births as a uint8 array).")
       .def("genomes", [](Engine& e) {
              std::vector<Genome> out(e.n_agents());
-             {
-               GilRelease nogil;
-               e.genomes(out.data());
-             }
+             without_gil([&] { e.genomes(out.data()); });
              return to_bytes(out.data(), out.size());
            }, "The current (evolved) genomes in population order, as bytes.")
       .def("lineage", [](Engine& e) {
              std::vector<Lineage> out(e.n_agents());
-             {
-               GilRelease nogil;
-               e.lineage(out.data());
-             }
+             without_gil([&] { e.lineage(out.data()); });
              return to_bytes(out.data(), out.size());
            }, "Lineage of the agent in each population slot, as bytes.")
       .def("in_flight", &Engine::in_flight, "Bars claimed whose signals are not yet polled (lock-free).")
@@ -545,11 +505,10 @@ void bind_engine(py::module_& m) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));
              std::vector<AdmittedBar> out;
-             {
-               GilRelease nogil;
+             without_gil([&] {
                out.reserve(n);
                e.admit(b, n, n_registered, out, strict);
-             }
+             });
              return to_bytes(out.data(), out.size());
            }, py::arg("bars"), py::arg("n_registered"), py::arg("strict") = false,
            "Device backends: validate, sequence and journal a batch without running it; returns "
@@ -558,8 +517,7 @@ void bind_engine(py::module_& m) {
                                double seconds) {
              const Signal* s = records_of<Signal>(signals, "signal");
              const auto n = static_cast<size_t>(signals.shape(0));
-             GilRelease nogil;
-             e.emit_external(s, n, updates, quarantined, seconds);
+             without_gil([&] { e.emit_external(s, n, updates, quarantined, seconds); });
            }, py::arg("signals"), py::arg("updates"), py::arg("quarantined"), py::arg("seconds"),
            "Device backends: journal and count signals computed outside the workers.")
       .def("device_plan", [](const Engine& e) { return plan_dict(e.device_plan()); },
@@ -568,16 +526,12 @@ void bind_engine(py::module_& m) {
            "Per-lane parameters (structure of arrays, lane order).")
       .def("read_state", [](Engine& e) {
              StateArrays s;
-             {
-               GilRelease nogil;
-               e.read_state(s);
-             }
+             without_gil([&] { e.read_state(s); });
              return state_dict(s);
            }, "Per-lane agent state (structure of arrays, lane order).")
       .def("write_state", [](Engine& e, const py::dict& d) {
              StateArrays s = state_from(d);
-             GilRelease nogil;
-             e.write_state(s);
+             without_gil([&] { e.write_state(s); });
            }, py::arg("state"), "Replaces the per-lane agent state (as read_state returns it).")
       .def("layout", &layout_dict)
       .def_property_readonly("n_agents", &Engine::n_agents);

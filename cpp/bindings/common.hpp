@@ -6,8 +6,11 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <exception>
+#include <optional>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace dynamic_core::bindings {
@@ -43,7 +46,9 @@ inline bool interpreter_finalizing() {
 // noexcept destructor (py::gil_scoped_release's) that unwind aborts the whole process in
 // std::terminate. Here such a thread does not touch Python again: it sleeps until the process
 // ends (what CPython 3.14 does with daemon threads). One that reaches PyEval_RestoreThread just
-// before finalization begins may still be ended there: the destructor lets that unwind through.
+// before finalization begins may still be ended there: the destructor lets that unwind through,
+// which is safe only when no other exception is propagating (then it would std::terminate too):
+// calls that can throw, above all the waits close() ends, go through without_gil below.
 class GilRelease {
  public:
   GilRelease() : state_(PyEval_SaveThread()) {}
@@ -59,6 +64,40 @@ class GilRelease {
  private:
   PyThreadState* state_;
 };
+
+// f() with the GIL released; what it returns. An exception from f is caught there and rethrown
+// once the GIL is back, so the GIL is never taken while one propagates: a daemon thread that
+// CPython ends in PyEval_RestoreThread (the interpreter began to finalize while it waited for
+// the GIL, e.g. a blocked submit woken by the close() of an engine at exit) then unwinds cleanly
+// instead of aborting the process with "terminate called without an active exception".
+template <class F>
+auto without_gil(F&& f) {
+  using R = std::invoke_result_t<F&>;
+  std::exception_ptr err;
+  if constexpr (std::is_void_v<R>) {
+    {
+      GilRelease nogil;
+      try {
+        f();
+      } catch (...) {
+        err = std::current_exception();
+      }
+    }
+    if (err) std::rethrow_exception(err);
+  } else {
+    std::optional<R> r;
+    {
+      GilRelease nogil;
+      try {
+        r.emplace(f());
+      } catch (...) {
+        err = std::current_exception();
+      }
+    }
+    if (err) std::rethrow_exception(err);
+    return std::move(*r);
+  }
+}
 
 // The engine's journal methods (bind_journal.cpp), added by bind_engine.
 void bind_engine_journal(py::class_<Engine>& e);
