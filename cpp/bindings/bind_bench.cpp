@@ -75,10 +75,9 @@ double bulk_transfer_ns(uint64_t n, size_t batch, SpscRing<uint64_t>& r) {
 void bind_bench(py::module_& m) {
   m.def("journal_bench", [](const std::string& dir, uint64_t n, size_t payload, int fsync_level, uint64_t batch) {
         std::vector<char> data(payload, 'x');
-        double secs;
+        double secs = 0.0;
         JournalStats st;
-        {
-          GilRelease nogil;
+        without_gil([&] {
           JournalIdentity id;
           JournalWriter w(dir, id, nullptr, 0, fsync_level, 64ull << 20);
           const auto t0 = std::chrono::steady_clock::now();
@@ -89,7 +88,7 @@ void bind_bench(py::module_& m) {
           w.commit(true);
           secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
           st = w.stats();
-        }
+        });
         py::dict d;
         d["seconds"] = secs;
         d["records"] = n;
@@ -103,9 +102,8 @@ void bind_bench(py::module_& m) {
         if (batch < 1 || capacity < 1) throw py::value_error("batch and capacity must be >= 1");
         batch = std::min(batch, capacity);  // a run is never longer than the ring
         py::dict d;
-        double ring, bulk, locked;
-        {
-          GilRelease nogil;
+        double ring = 0.0, bulk = 0.0, locked = 0.0;
+        without_gil([&] {
           SpscRing<uint64_t> r(capacity);
           ring = transfer_ns(n, [&](uint64_t v) { r.push(v); }, [&] { return r.pop(); });
           // the same n values in runs of `batch`: one try_push_n / try_pop_n per run
@@ -140,7 +138,7 @@ void bind_bench(py::module_& m) {
                   std::this_thread::yield();
                 }
               });
-        }
+        });
         d["spsc_ring_ns"] = ring;
         d["spsc_ring_bulk_ns"] = bulk;
         d["locked_deque_ns"] = locked;

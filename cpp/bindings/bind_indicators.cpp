@@ -39,8 +39,7 @@ Arr elementwise(const Arr& x) {
   Arr out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
   const double* in = x.data();
   double* o = out.mutable_data();
-  GilRelease nogil;
-  Span(in, o, static_cast<long>(x.size()));
+  without_gil([&] { Span(in, o, static_cast<long>(x.size())); });
   return out;
 }
 template <double (*F)(double)>
@@ -86,12 +85,11 @@ Arr unary(const Arr& x, int32_t n, F value) {
   const auto len = x.shape(0);
   Arr out = out_like(len);
   double* o = out.mutable_data();
-  {
-    GilRelease nogil;
+  without_gil([&] {
     State s;
     s.init(n);
     for (py::ssize_t i = 0; i < len; ++i) o[i] = s.update(in[i]) ? value(s) : kNaN;
-  }
+  });
   return out;
 }
 // detmath::log over an array, in its vectorisable form: an x86-64-v3 build where the CPU has it
@@ -123,12 +121,11 @@ void bind_indicators(py::module_& m) {
         if (h.shape(0) != len || l.shape(0) != len) throw std::invalid_argument("high, low and close differ in length");
         Arr out = out_like(len);
         double* o = out.mutable_data();
-        {
-          GilRelease nogil;
+        without_gil([&] {
           Atr s;
           s.init(n);
           for (py::ssize_t i = 0; i < len; ++i) o[i] = s.update(ph[i], pl[i], pc[i]) ? s.value : kNaN;
-        }
+        });
         return out;
       }, py::arg("high"), py::arg("low"), py::arg("close"), py::arg("n"));
   ind.def("macd", [](const Arr& x, int32_t f, int32_t s, int32_t sig) {
@@ -139,8 +136,7 @@ void bind_indicators(py::module_& m) {
         const auto len = x.shape(0);
         Arr a = out_like(len), b = out_like(len), c = out_like(len);
         double *pa = a.mutable_data(), *pb = b.mutable_data(), *pc = c.mutable_data();
-        {
-          GilRelease nogil;
+        without_gil([&] {
           Macd st;
           st.init(f, s, sig);
           for (py::ssize_t i = 0; i < len; ++i) {
@@ -149,7 +145,7 @@ void bind_indicators(py::module_& m) {
             pb[i] = w ? st.signal : kNaN;
             pc[i] = w ? st.hist : kNaN;
           }
-        }
+        });
         return py::make_tuple(a, b, c);
       }, py::arg("x"), py::arg("fast"), py::arg("slow"), py::arg("signal"));
   ind.def("roc", [](const Arr& x, int32_t n) {
@@ -158,13 +154,12 @@ void bind_indicators(py::module_& m) {
         const auto len = x.shape(0);
         Arr out = out_like(len);
         double* o = out.mutable_data();
-        {
-          GilRelease nogil;
+        without_gil([&] {
           std::vector<double> buf(static_cast<size_t>(n));
           Roc s;
           s.init(n);
           for (py::ssize_t i = 0; i < len; ++i) o[i] = s.update(in[i], buf.data()) ? s.value : kNaN;
-        }
+        });
         return out;
       }, py::arg("x"), py::arg("n"));
   ind.def("ew_bands", [](const Arr& x, int32_t n) {
@@ -173,8 +168,7 @@ void bind_indicators(py::module_& m) {
         const auto len = x.shape(0);
         Arr mean = out_like(len), var = out_like(len), pos = out_like(len);
         double *pm = mean.mutable_data(), *pv = var.mutable_data(), *pp = pos.mutable_data();
-        {
-          GilRelease nogil;
+        without_gil([&] {
           Ew s;
           s.init(n);
           for (py::ssize_t i = 0; i < len; ++i) {
@@ -183,7 +177,7 @@ void bind_indicators(py::module_& m) {
             pv[i] = w ? s.var : kNaN;
             pp[i] = w ? bb_feature(in[i], s.mean, s.var) : kNaN;
           }
-        }
+        });
         return py::make_tuple(mean, var, pos);
       }, py::arg("x"), py::arg("n"));
 
@@ -192,10 +186,9 @@ void bind_indicators(py::module_& m) {
         const auto [n, k] = series_shape(x);
         std::vector<double> mean = carried(mean0, k, "mean"), var = carried(var0, k, "var");
         Arr mb = like(x), vb = like(x);
-        {
-          GilRelease nogil;
+        without_gil([&] {
           ew::moments(x.data(), n, k, alpha, mean.data(), var.data(), mb.mutable_data(), vb.mutable_data());
-        }
+        });
         return py::make_tuple(mb, vb, state_out(mean), state_out(var));
       }, py::arg("x"), py::arg("alpha"), py::arg("mean"), py::arg("var"),
       "West's EW mean and variance of the series of x (1-d or (n, k)) before each row, from the "
@@ -220,11 +213,10 @@ void bind_indicators(py::module_& m) {
         dsi::Calls mo, ex, sw;
         double* st = state.mutable_data();
         int64_t* t0 = start_ts.mutable_data();
-        {
-          GilRelease nogil;
+        without_gil([&] {
           dsi::runs(ts.data(), price.data(), size.data(), move.data(), aggressor.data(), zsize.data(),
                     static_cast<size_t>(n), p, st, *t0, mo, ex, sw);
-        }
+        });
         return py::make_tuple(calls_pair(mo), calls_pair(ex), calls_pair(sw));
       }, py::arg("ts"), py::arg("price"), py::arg("size"), py::arg("move"), py::arg("aggressor"), py::arg("zsize"),
       py::arg("params"), py::arg("state").noconvert(), py::arg("start_ts").noconvert(),
@@ -246,11 +238,10 @@ void bind_indicators(py::module_& m) {
         double* st = state.mutable_data();
         double* tl = tail.mutable_data();
         Arr rsi = out_like(price.size()), macd = out_like(price.size());
-        {
-          GilRelease nogil;
+        without_gil([&] {
           dsi::divergence(price.data(), static_cast<size_t>(price.size()), p, st, tl, rc, mc, rsi.mutable_data(),
                           macd.mutable_data());
-        }
+        });
         return py::make_tuple(calls_pair(rc), calls_pair(mc), rsi, macd);
       }, py::arg("price"), py::arg("params"), py::arg("state").noconvert(), py::arg("tail").noconvert(),
       "The DSI divergence verifier over one instrument's trade prices (dsi.hpp); state and "

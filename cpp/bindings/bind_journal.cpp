@@ -95,10 +95,9 @@ void bind_journal(py::module_& m) {
             progress(done, total);  // an exception (^C) ends the scan, before any repair
           };
         ScanReport r;
-        {
-          GilRelease nogil;
+        without_gil([&] {
           r = scan_journal(dir, repair, call);
-        }
+        });
         return report_dict(r);
       }, py::arg("dir"), py::arg("repair") = false, py::arg("progress") = py::none(),
       "Walk a journal checking framing and CRCs; with repair, truncate a torn tail. `progress(done, "
@@ -112,10 +111,9 @@ void bind_journal(py::module_& m) {
       .def("next", [](JournalReader& r) -> py::object {
              JournalRecord rec;
              bool ok;
-             {
-               GilRelease nogil;
+             without_gil([&] {
                ok = r.next(rec);
-             }
+             });
              if (!ok) return py::none();
              return py::make_tuple(rec.type, rec.seq, py::bytes(rec.payload), rec.segment, rec.offset, rec.flags);
            }, "Next record as (type, seq, payload, segment, offset, flags), or None at the end or at a bad record.")
@@ -135,30 +133,28 @@ void bind_engine_journal(py::class_<Engine>& e) {
                            uint64_t segment_bytes) {
          const std::string_view v = meta;
          const std::string copy(v);
-         GilRelease nogil;
-         en.open_journal(dir, identity(population_hash, config_hash, build_id), copy.data(), copy.size(),
-                         fsync_level, segment_bytes);
+         without_gil([&] {
+           en.open_journal(dir, identity(population_hash, config_hash, build_id), copy.data(), copy.size(),
+                           fsync_level, segment_bytes);
+         });
        }, py::arg("dir"), py::arg("meta"), py::arg("population_hash"), py::arg("config_hash"),
        py::arg("build_id"), py::arg("fsync_level"), py::arg("segment_bytes"))
       .def("journal_append", [](Engine& en, RecordType type, py::bytes data, bool durable) {
              const std::string copy(static_cast<std::string_view>(data));
-             GilRelease nogil;
-             return en.journal_append(type, copy.data(), copy.size(), durable);
+             return without_gil([&] { return en.journal_append(type, copy.data(), copy.size(), durable); });
            }, py::arg("type"), py::arg("data"), py::arg("durable") = true)
       .def("journal_stats", [](Engine& en) {
              JournalStats st;
-             {
-               GilRelease nogil;  // its lock is held across a durable commit (an fsync)
+             without_gil([&] { // its lock is held across a durable commit (an fsync)
                st = en.journal_stats();
-             }
+             });
              return stats_dict(st);
            })
       .def("has_journal", &Engine::has_journal)
       .def("forget_journal_after_fork", &Engine::forget_journal_after_fork,
            "In a child made by fork(): close this process's copies of the journal's files, writing nothing.")
       .def("close_journal", [](Engine& en) {
-             GilRelease nogil;
-             en.close_journal();
+             without_gil([&] { en.close_journal(); });
            });
 }
 

@@ -119,8 +119,9 @@ void run(size_t s0, size_t s1, int threads, const py::array& c, const py::array&
   u.total = view<double>(total, {S}, "total", true);
   if (!finite.is_none()) u.finite = flags(finite, {S}, "finite", true);
   const lora::Matrix<T> ma = matrix<T>(A, S, r, d), mb = matrix<T>(B, S, r, d);
-  GilRelease nogil;
-  split_rows(s1 - s0, threads, [&](size_t a, size_t b) { lora::update(u, ma, mb, s0 + a, s0 + b); });
+  without_gil([&] {
+    split_rows(s1 - s0, threads, [&](size_t a, size_t b) { lora::update(u, ma, mb, s0 + a, s0 + b); });
+  });
 }
 
 // M (n, rank, dim): each row its own matrix; M (rank, dim): one matrix for every row (x's rows
@@ -137,13 +138,14 @@ py::array stacked_product(const py::array& x, const py::array& M, bool rd, int t
   const T* px = view<T>(x, {n, rd ? d : r}, rd ? "x (n, dim)" : "y (n, rank)");
   py::array_t<T> out(std::vector<py::ssize_t>{n, rd ? r : d});
   T* po = out.mutable_data();
-  GilRelease nogil;
   const size_t R = static_cast<size_t>(r), D = static_cast<size_t>(d), ms = shared ? 0 : R * D;
-  split_rows(static_cast<size_t>(n), threads, [&](size_t a, size_t b) {
-    if (rd)
-      lora::rd_dot(px + a * D, pm + a * ms, po + a * R, b - a, R, D, ms);
-    else
-      lora::r_rows(px + a * R, pm + a * ms, po + a * D, b - a, R, D, ms);
+  without_gil([&] {
+    split_rows(static_cast<size_t>(n), threads, [&](size_t a, size_t b) {
+      if (rd)
+        lora::rd_dot(px + a * D, pm + a * ms, po + a * R, b - a, R, D, ms);
+      else
+        lora::r_rows(px + a * R, pm + a * ms, po + a * D, b - a, R, D, ms);
+    });
   });
   return out;
 }
@@ -162,12 +164,11 @@ py::array xty(const py::array& X, const py::array& Y, int threads) {
   const T* py_ = view<T>(Y, {n, q}, "Y (as many rows as X)");
   py::array_t<T> out(std::vector<py::ssize_t>{p, q});
   T* po = out.mutable_data();
-  GilRelease nogil;
   const size_t N = static_cast<size_t>(n), P = static_cast<size_t>(p), Q = static_cast<size_t>(q);
   // threads split the output rows p: each output's sum is the same on any split (a thread is
   // not worth fewer than 2^16 products)
   const size_t k = threads > 1 ? std::min({static_cast<size_t>(threads), P, N * P * Q / 65536 + 1}) : 1;
-  split_into(P, k, [&](size_t a, size_t b) { lora::xty(px, py_, po, N, P, Q, a, b); });
+  without_gil([&] { split_into(P, k, [&](size_t a, size_t b) { lora::xty(px, py_, po, N, P, Q, a, b); }); });
   return out;
 }
 
@@ -187,15 +188,16 @@ void record(const py::array& h, const py::array& u, const py::array& delta, cons
   double* to = view<double>(t_out, {S, d}, "t_out", true);
   double* tr = view<double>(t_rms, {S}, "t_rms", true);
   double* ts = view<double>(t_sig, {S, r}, "t_sig", true);
-  GilRelease nogil;
-  if (shared) {  // sums over rows: one thread, rows in order
-    lora::record(ph, pu, pd, pw, n, r, d, true, ti, tm, to, tr, ts);
-    return;
-  }
-  const size_t R = static_cast<size_t>(r), D = static_cast<size_t>(d);
-  split_rows(static_cast<size_t>(n), threads, [&](size_t a, size_t b) {
-    lora::record(ph + a * D, pu + a * R, pd + a * D, pw != nullptr ? pw + a : nullptr, b - a, R, D, false,
-                 ti + a * D, tm + a * R, to + a * D, tr + a, ts + a * R);
+  without_gil([&] {
+    if (shared) {  // sums over rows: one thread, rows in order
+      lora::record(ph, pu, pd, pw, n, r, d, true, ti, tm, to, tr, ts);
+      return;
+    }
+    const size_t R = static_cast<size_t>(r), D = static_cast<size_t>(d);
+    split_rows(static_cast<size_t>(n), threads, [&](size_t a, size_t b) {
+      lora::record(ph + a * D, pu + a * R, pd + a * D, pw != nullptr ? pw + a : nullptr, b - a, R, D, false,
+                   ti + a * D, tm + a * R, to + a * D, tr + a, ts + a * R);
+    });
   });
 }
 
@@ -246,8 +248,7 @@ void bind_lora(py::module_& m) {
           if (static_cast<const void*>(pa) == static_cast<const void*>(pt)) throw py::value_error("act may not be t");
           py::array_t<double> out(std::vector<py::ssize_t>{n, w});
           double* po = out.mutable_data();
-          GilRelease nogil;
-          lora::fold(pa, pt, po, pc, n, w, k, omk);
+          without_gil([&] { lora::fold(pa, pt, po, pc, n, w, k, omk); });
           return out;
         },
         py::arg("act"), py::arg("t"), py::arg("c"), py::arg("k"), py::arg("omk"),

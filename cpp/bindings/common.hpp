@@ -48,7 +48,7 @@ inline bool interpreter_finalizing() {
 // ends (what CPython 3.14 does with daemon threads). One that reaches PyEval_RestoreThread just
 // before finalization begins may still be ended there: the destructor lets that unwind through,
 // which is safe only when no other exception is propagating (then it would std::terminate too):
-// calls that can throw, above all the waits close() ends, go through without_gil below.
+// so the bindings release the GIL only through without_gil below, never with a bare GilRelease.
 class GilRelease {
  public:
   GilRelease() : state_(PyEval_SaveThread()) {}
