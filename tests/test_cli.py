@@ -261,6 +261,15 @@ def test_parse_values_rejects(text: str) -> None:
         cli.parse_values(text, int)
 
 
+@pytest.mark.parametrize("text", ["0:1:1e-320", "0:1e308:1e-308", "-1e308:1e308:1", "1:1e300"])
+def test_a_float_range_with_too_many_values_is_refused_not_a_traceback(text: str, capsys) -> None:
+    # (stop - start) / step overflowed to inf, and int(inf) raised OverflowError: a traceback, exit 1
+    with pytest.raises(ValueError, match="more than 1,000,000"):
+        cli.parse_values(text, float)
+    assert cli.main(["backtest", "--data", "backtesting:GOOG", f"--entry={text}"]) == 2
+    assert "more than 1,000,000" in capsys.readouterr().err
+
+
 def test_simulated_names() -> None:
     assert cli.simulated_names(4) == ["EURUSD", "GBPUSD", "USDJPY", "XAUUSD"]
     assert cli.simulated_names(9)[4:] == ["AUDUSD", "BTCUSD", "SPX", "SIM7", "SIM8"]

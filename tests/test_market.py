@@ -780,3 +780,136 @@ def test_read_csv_with_a_trailing_delimiter_keeps_the_columns_in_place(tmp_path)
     assert r["low"].tolist() == [0.5, 0.5] and r["close"].tolist() == [1.5, 1.6]
     assert r["ts"][0] == 1_704_067_200_000_000_000
     assert not dc.market.reason_counts(dc.market.validate(r))
+
+
+# ---- time columns as vendors write them ----------------------------------------------------
+
+
+def _real(name: str) -> pd.DataFrame:
+    import backtesting.test as bt
+
+    return getattr(bt, name)
+
+
+def test_calendar_coded_whole_numbers_are_dates_not_epoch_seconds(tmp_path: Path) -> None:
+    # GOOG daily with Date as 20040819 (read as epoch seconds, that was 1970-08-20 and one-second
+    # bars): the same bars as from the DataFrame's DatetimeIndex
+    goog = _real("GOOG")
+    want = dc.market.from_pandas(goog, "GOOG")
+    csv = goog.reset_index().rename(columns={goog.index.name or "index": "Date"})
+    csv["Date"] = csv["Date"].dt.strftime("%Y%m%d").astype(np.int64)
+    csv.to_csv(tmp_path / "GOOG.csv", index=False)
+    got = dc.market.read_csv(tmp_path / "GOOG.csv")
+    assert np.array_equal(got, want) and got["timeframe"][0] == 86400
+    # the same as a DataFrame, as YYYYMMDDHHMM and YYYYMMDDHHMMSS, and as whole floats
+    for fmt in ("%Y%m%d", "%Y%m%d%H%M", "%Y%m%d%H%M%S"):
+        df = goog.reset_index(drop=True).assign(ts=goog.index.strftime(fmt).astype(np.int64))
+        assert np.array_equal(dc.market.from_pandas(df, "GOOG"), want), fmt
+    df = goog.reset_index(drop=True).assign(ts=goog.index.strftime("%Y%m%d").astype(float))
+    assert np.array_equal(dc.market.from_pandas(df, "GOOG"), want)
+
+
+def test_whole_numbers_that_are_not_all_real_dates_stay_epoch_numbers() -> None:
+    base = {"open": 1.0, "high": 1.0, "low": 1.0, "close": 1.0}
+    # 20230231 is no date: the column is epoch seconds (1970-08-23 ...)
+    got = dc.market.from_pandas(pd.DataFrame({**base, "ts": [20230228, 20230231]}), "EPOCHS")
+    assert got["ts"].tolist() == [20230228 * NS, 20230231 * NS]
+    # hourly epoch seconds are never all YYYYMMDD codes
+    t = 1_700_000_000 + 3600 * np.arange(48)
+    assert dc.market.from_pandas(pd.DataFrame({**base, "ts": t}), "EPOCHS")["ts"].tolist() == (t * NS).tolist()
+
+
+def test_stooq_date_and_time_numbers_load_as_the_bars_times(tmp_path: Path) -> None:
+    # <DATE>,<TIME> as 20170419,090000: the time column alone was read as epoch seconds (1970),
+    # and 276 of 300 bars were rejected as duplicates
+    eur = _real("EURUSD")
+    want = dc.market.from_pandas(eur, "EURUSD")
+    out = pd.DataFrame({"<TICKER>": "EURUSD", "<PER>": 60, "<DATE>": eur.index.strftime("%Y%m%d"),
+                        "<TIME>": eur.index.strftime("%H%M%S"), "<OPEN>": eur["Open"], "<HIGH>": eur["High"],
+                        "<LOW>": eur["Low"], "<CLOSE>": eur["Close"], "<VOL>": eur["Volume"]})
+    out.to_csv(tmp_path / "EURUSD.csv", index=False)
+    assert np.array_equal(dc.market.read_csv(tmp_path / "EURUSD.csv"), want)
+
+
+def test_whole_number_times_of_day_below_2400_are_refused_as_ambiguous() -> None:
+    df = pd.DataFrame({"date": 20240102, "time": np.arange(20) * 100, "open": 1.0, "high": 1.0, "low": 1.0,
+                       "close": 1.0})
+    with pytest.raises(ValueError, match="HHMM or HHMMSS cannot be told apart"):
+        dc.market.from_pandas(df, "AMBIG")
+    df["time"], df["date"] = 0, 20240102 + np.arange(20)  # midnight either way: a daily file
+    got = dc.market.from_pandas(df, "AMBIG")["ts"]
+    assert got.tolist() == [np.datetime64(f"2024-01-{d:02d}", "ns").astype(np.int64) for d in range(2, 22)]
+
+
+def test_date_and_time_objects_load_together() -> None:
+    eur = _real("EURUSD").iloc[:500]
+    want = dc.market.from_pandas(eur, "EURUSD")
+    t = pd.Series(eur.index)
+    df = eur.reset_index(drop=True).assign(Date=t.dt.date.to_numpy(), Time=t.dt.time.to_numpy())
+    assert np.array_equal(dc.market.from_pandas(df, "EURUSD"), want)
+
+
+def test_a_datetime_index_gives_the_times_beside_helper_columns_and_must_agree_with_others() -> None:
+    eur = _real("EURUSD").iloc[:300]
+    want = dc.market.from_pandas(eur, "EURUSD")
+    # a Date column of the index's dates: the index's hours, not 300 bars at midnight
+    assert np.array_equal(dc.market.from_pandas(eur.assign(Date=eur.index.strftime("%Y-%m-%d")), "EURUSD"), want)
+    # a Time column of times of day alone: the index has the dates
+    assert np.array_equal(dc.market.from_pandas(eur.assign(Time=eur.index.strftime("%H:%M")), "EURUSD"), want)
+    # a time column repeating the index
+    assert np.array_equal(dc.market.from_pandas(eur.assign(time=eur.index), "EURUSD"), want)
+    # other times: which one is meant is not for the loader to guess
+    with pytest.raises(ValueError, match="DatetimeIndex and the time column 'time' disagree in 300 row"):
+        dc.market.from_pandas(eur.assign(time=eur.index + pd.Timedelta("1h")), "EURUSD")
+
+
+def test_from_pandas_honours_a_symbol_column_as_read_csv_does() -> None:
+    bars = dc.sim.MarketSimulator(("SYMA", "SYMB"), seed=5).bars(40)
+    df = dc.market.to_pandas(bars)
+    assert np.array_equal(dc.market.from_pandas(df), bars)  # both instruments, not all labelled one
+    only = dc.market.from_pandas(df, "SYMB")
+    assert np.array_equal(only, bars[bars["instrument"] == dc.instruments.id("SYMB")])
+    with pytest.raises(ValueError, match="has no instrument 'SYMC' .*SYMA, SYMB"):
+        dc.market.from_pandas(df, "SYMC")
+    with pytest.raises(ValueError, match="row\\(s\\) with an empty 'instrument': rows 3 "):
+        dc.market.from_pandas(df.assign(instrument=df["instrument"].where(np.arange(len(df)) != 3)))
+    with pytest.raises(ValueError, match="no instrument: give instrument="):
+        dc.market.from_pandas(df.drop(columns=["instrument"]))
+
+
+def test_a_decimal_comma_file_reads_dots_as_thousands_separators(tmp_path: Path) -> None:
+    (tmp_path / "DE.csv").write_text("Datum;Open;High;Low;Close;Volume\n"
+                                     "2017.04.19 09:00;1,0716;1,0722;1,07083;1,07219;1.413\n"
+                                     "2017.04.19 10:00;1,07214;1.071,5;1,07214;1,0726;2.041,5\n")
+    with pytest.raises(ValueError, match="no time column"):
+        dc.market.read_csv(tmp_path / "DE.csv")
+    (tmp_path / "DE.csv").write_text((tmp_path / "DE.csv").read_text().replace("Datum", "Date"))
+    got = dc.market.read_csv(tmp_path / "DE.csv")
+    assert got["volume"].tolist() == [1413.0, 2041.5] and got["high"].tolist() == [1.0722, 1071.5]
+    assert got["close"].tolist() == [1.07219, 1.0726]
+    assert got["ts"].tolist() == [np.datetime64(f"2017-04-19T{h}:00", "ns").astype(np.int64) for h in ("09", "10")]
+
+
+def _dmy_frame(days: range) -> pd.DataFrame:
+    t = pd.date_range("2017-05-01", periods=24 * len(days), freq="h")
+    return pd.DataFrame({"Date": t.strftime("%d/%m/%Y %H:%M"), "Open": 1.0, "High": 1.0, "Low": 1.0, "Close": 1.0})
+
+
+def test_day_first_dates_are_read_day_first_when_the_values_say_so() -> None:
+    # ten days of 01/05/2017 .. 10/05/2017 then 11/05 .. 20/05: the 13th decides
+    want = pd.date_range("2017-05-01", periods=24 * 20, freq="h").to_numpy().astype("datetime64[ns]").view(np.int64)
+    got = dc.market.from_pandas(_dmy_frame(range(20)), "DMY")
+    assert got["ts"].tolist() == want.tolist() and got["timeframe"][0] == H1
+
+
+def test_dates_that_could_be_either_order_warn_and_dayfirst_decides() -> None:
+    df = _dmy_frame(range(10))  # 01/05 .. 10/05: May, or ten months of January 5th ...
+    with pytest.warns(UserWarning, match="read month first .* pass dayfirst=True") as rec:
+        got = dc.market.from_pandas(df, "DMY")
+    assert rec[0].filename == __file__
+    assert got["ts"][0] == np.datetime64("2017-01-05", "ns").astype(np.int64)
+    want = pd.date_range("2017-05-01", periods=240, freq="h").to_numpy().astype("datetime64[ns]").view(np.int64)
+    assert dc.market.from_pandas(df, "DMY", dayfirst=True)["ts"].tolist() == want.tolist()
+    # dotted dates are day first in every locale that writes them
+    dotted = df.assign(Date=df["Date"].str.replace("/", "."))
+    assert dc.market.from_pandas(dotted, "DMY")["ts"].tolist() == want.tolist()

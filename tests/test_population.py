@@ -182,3 +182,13 @@ def test_cost_bps_is_bounded_so_equity_cannot_go_negative() -> None:
     rec["cost_bps"][1] = 5000.0
     with pytest.raises(ValueError, match="cost_bps"):
         dc.Population.from_records(rec)
+
+
+def test_a_grid_too_large_is_refused_before_its_values_are_read() -> None:
+    # list(range(1, 10**12)) was built (and every value checked in Python) before the limit
+    with pytest.raises(ValueError, match="grid of 999999999999 agents is larger than the 50M limit"):
+        dc.Population.grid("EURUSD", "H1", fast=range(1, 10**12))
+    gen = dc.Population.grid("EURUSD", "H1", fast=(f for f in (5, 10)), slow=range(20, 41, 10))
+    assert gen.records["fast"].tolist() == [5, 5, 5, 10, 10, 10] and gen.records["slow"].tolist() == [20, 30, 40] * 2
+    with pytest.raises(TypeError, match="a set has no order"):
+        dc.Population.grid("EURUSD", "H1", fast={5, 10})

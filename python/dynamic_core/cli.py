@@ -174,9 +174,11 @@ def _parse_range(item: str, kind: type) -> list[Any]:
     if stop < start:
         raise ValueError(f"bad range {item!r}: stop is below start")
     # the small tolerance keeps a float stop that is a whole number of steps away (0:1:0.1)
-    n = int(math.floor((stop - start) / step + 1e-9)) + 1
-    if n > MAX_AXIS_VALUES:
-        raise ValueError(f"range {item!r} has {n:,} values, more than {MAX_AXIS_VALUES:,}")
+    span = (stop - start) / step + 1e-9
+    if not span < MAX_AXIS_VALUES:  # also inf (1e308 / 1e-308) and huge floats: no int() of them
+        more = f"{int(math.floor(span)) + 1:,}" if span < 1e18 else "too many"
+        raise ValueError(f"range {item!r} has {more} values, more than {MAX_AXIS_VALUES:,}")
+    n = int(math.floor(span)) + 1
     if kind is int:
         return [int(start + i * step) for i in range(n)]
     # rounding hides accumulated binary error: 0:1:0.1 gives 0.3, not 0.30000000000000004

@@ -6,10 +6,12 @@ Every loader returns a time-ordered ``BAR_DTYPE`` array. Validation here is the 
 
 from __future__ import annotations
 
+import datetime
 import io
 import os
 import re
 import stat
+import sys
 import warnings
 from collections.abc import Iterable
 
@@ -193,24 +195,38 @@ def _refuse_ambiguous(columns: Iterable[str]) -> None:
         _find(columns, name)
 
 
-def from_pandas(df, instrument: str | int, timeframe: int | str | None = None) -> np.ndarray:
+def from_pandas(df, instrument: str | int | None = None, timeframe: int | str | None = None, *,
+                dayfirst: bool | None = None) -> np.ndarray:
     """Bars from a DataFrame with OHLC(V) columns in any case and a DatetimeIndex or a time column.
 
     Parameters
     ----------
     df : pandas.DataFrame
         ``Open High Low Close [Volume]`` (any case; MetaTrader 5's ``<OPEN>`` spelling too). Times
-        come from a DatetimeIndex or from a column named ts/time/timestamp/datetime/date/open_time
-        (datetimes, or epoch numbers: seconds, ms, us or ns, told apart by magnitude, one unit
-        for the whole column). A ``date`` column holding dates only beside a ``time`` column
-        holding times of day (``HH:MM[:SS[.f]]``), as MetaTrader exports write them, are read
-        together as one UTC time.
-    instrument : str or int
-        Instrument name (registered on first use) or id.
+        come from a DatetimeIndex or from a column named ts/time/timestamp/datetime/date/open_time:
+        datetimes; whole numbers that are all calendar codes ``YYYYMMDD``, ``YYYYMMDDHHMM`` or
+        ``YYYYMMDDHHMMSS`` (each a real date and time: ``20040819``); else epoch numbers (seconds,
+        ms, us or ns, told apart by magnitude, one unit for the whole column). A ``date`` column
+        holding dates only beside a ``time`` column holding times of day, read together as one
+        UTC time: ``HH:MM[:SS[.f]]`` text (MetaTrader's exports), ``datetime.time`` objects or
+        timedeltas, or ``HHMMSS`` whole numbers (Stooq's ``<DATE> <TIME>``, 20240102 and 93000;
+        below 2400 such numbers could be HHMM too, and are refused). With a DatetimeIndex, the
+        index gives the times: a time column beside it must agree with it or hold its dates
+        (``ValueError`` naming the first row where they differ).
+    instrument : str or int, optional
+        Instrument name (registered on first use) or id. A ``symbol``/``instrument`` column (as
+        :func:`to_pandas` writes) names each row's instrument instead: without ``instrument``,
+        every instrument of the frame is loaded; with it, that instrument's rows only
+        (``ValueError`` naming the frame's instruments when it has none). Without such a column,
+        ``instrument`` is required.
     timeframe : int or str, optional
-        Seconds, ``"H1"`` or ``"1h"``. Inferred when omitted: the most common spacing of the
-        times (the shortest of equally common ones), so gaps (weekends, missing bars) do not
-        change it.
+        Seconds, ``"H1"`` or ``"1h"``. Inferred when omitted (per instrument): the most common
+        spacing of the times (the shortest of equally common ones), so gaps (weekends, missing
+        bars) do not change it.
+    dayfirst : bool, optional
+        Whether dates written ``05/01/2017`` (or with ``-`` or ``.``) put the day first. Omitted,
+        the values decide: a first number above 12 is a day, a second one a month; when every
+        date could be either, month first with a ``UserWarning`` (day first for dotted dates).
 
     Volume comes from the first column named volume/vol/real_volume that holds a non-zero
     value; failing that from a tickvol/tick_volume column (MetaTrader's tick counts: its real
@@ -242,14 +258,102 @@ def from_pandas(df, instrument: str | int, timeframe: int | str | None = None) -
         raise TypeError(f"expected a pandas DataFrame, got {type(df).__name__}")
     _refuse_ambiguous(df.columns)
     _warn_not_numbers(df, "the DataFrame", first_row=0, how="positions, from 0")
-    return _from_pandas(df, instrument, timeframe)
+    scol = _find(df.columns, "symbol") or _find(df.columns, "instrument")
+    if scol is None:
+        if instrument is None:
+            raise ValueError("no instrument: give instrument= (a name or id), or a symbol/instrument column "
+                             "naming each row's")
+        return _from_pandas(df, instrument, timeframe, dayfirst)
+    return _by_symbol(df, scol, instrument, timeframe, dayfirst, "the DataFrame", 0, "positions, from 0")
 
 
-def _from_pandas(df, instrument: str | int, timeframe: int | str | None) -> np.ndarray:
-    """:func:`from_pandas` without its warning about cells that are not numbers (:func:`read_csv`
-    gives its own, naming rows of the file rather than of each instrument's part of it)."""
+def _by_symbol(df, scol, instrument: str | int | None, timeframe: int | str | None, dayfirst: bool | None,
+               source: str, first_row: int, how: str, warn: bool = False) -> np.ndarray:
+    """The bars of ``df`` whose ``scol`` column names each row's instrument: all of them, or ``instrument``'s only. Names
+    as written, surrounding blanks removed; ``ValueError`` naming rows without one (such a row
+    belongs to no instrument, and dropping it would lose data without a word) and for an
+    ``instrument`` the column does not hold. ``warn``: :func:`_warn_not_numbers` on the rows
+    kept, rows (the index's labels: the file's rows) counted as ``first_row`` and ``how`` say."""
+    names = df[scol].astype("string").str.strip().fillna("")
+    blank = np.flatnonzero((names == "").to_numpy())
+    if len(blank):
+        shown = ", ".join(str(i + first_row) for i in blank[:10]) + (", ..." if len(blank) > 10 else "")
+        raise ValueError(f"{len(blank):,} row(s) with an empty {scol!r}: rows {shown} ({how}); give "
+                         f"every row an instrument, or drop the column to name all rows "
+                         f"{'after the file' if first_row else 'with instrument='}")
+    if instrument is not None:
+        # the symbol column decides, as without an instrument: naming every row `instrument`
+        # made one instrument of all of them (another's bars rejected as duplicate times)
+        wanted = _nfc(instrument if isinstance(instrument, str)
+                      else instruments.name(instruments.lookup(instrument)))
+        have = sorted(set(names.tolist()))
+        mine = [n for n in have if _nfc(n) == wanted]
+        if not mine:
+            shown = ", ".join(have[:10]) + (f" and {len(have) - 10:,} more" if len(have) > 10 else "")
+            raise ValueError(f"{source} has no instrument {short_repr(instrument)} (it has {shown}) in its "
+                             f"{scol!r} column: give one of those, or no instrument to load them all")
+        keep = names.isin(mine).to_numpy()
+        df, names = df[keep], names[keep]
+    if warn:
+        _warn_not_numbers(df.drop(columns=[scol]), source, first_row=first_row, how=how, by_label=True)
+    # grouped by position (an array): a DatetimeIndex repeats a time for each instrument
+    parts = [_from_pandas(g.drop(columns=[scol]), str(n), timeframe, dayfirst)
+             for n, g in df.groupby(names.to_numpy(dtype=object), sort=True)]
+    return merge(*parts)
+
+
+def _column_times(df, cols: list, dayfirst: bool | None) -> tuple[np.ndarray, str] | None:
+    """(int64 ns, what they came from) of ``df``'s time column(s), or None when it has none."""
+    tcol = next((c for name in _TIME_COLUMNS if (c := _find(cols, name)) is not None), None)
+    if tcol is None:
+        return None
+    dcol = _find(cols, "date")
+    if dcol is not None and _bare(tcol) == "time" and _is_time_of_day(df[tcol], with_date=True):
+        # MetaTrader 4/5 exports: Date 2024.01.01, Time 00:00 (Stooq: 20240101, 000000). Read
+        # alone, the time of day got today's date
+        return (_date_and_time_ns(df[dcol], df[tcol], f"date column {dcol!r}", f"time column {tcol!r}", dayfirst),
+                f"the date and time columns {dcol!r} and {tcol!r}")
+    if dcol is None and _is_time_of_day(df[tcol]):  # pandas would date every bar today
+        raise ValueError(f"time column {tcol!r} holds times of day without dates (e.g. "
+                         f"{str(df[tcol].dropna().iloc[0]).strip()!r}): add a date column (read together "
+                         "with it) or write full datetimes")
+    return _to_ns(df[tcol], f"time column {tcol!r}", dayfirst), f"the time column {tcol!r}"
+
+
+def _frame_times(df, cols: list, dayfirst: bool | None) -> np.ndarray:
+    """The bar times of ``df`` (see :func:`from_pandas`): its DatetimeIndex, which time columns
+    may only repeat (or give the dates of); else its time column(s)."""
     import pandas as pd
 
+    if not isinstance(df.index, pd.DatetimeIndex):
+        found = _column_times(df, cols, dayfirst)
+        if found is None:
+            raise ValueError("no times: give the DataFrame a DatetimeIndex or a time/timestamp/date column")
+        return found[0]
+    ts = _to_ns(pd.Series(df.index), "the DatetimeIndex")
+    try:
+        found = _column_times(df, cols, dayfirst)
+    except ValueError:  # a helper column the index makes unnecessary (times of day alone, say)
+        return ts
+    if found is None:
+        return ts
+    col, what = found
+    # a column of the index's dates (df["Date"] = df.index.date) is a helper, not other times
+    differ = np.flatnonzero((col != ts) & ((col % _DAY_NS != 0) | (col != ts - ts % _DAY_NS)))
+    if len(differ):
+        i = int(differ[0])
+        show = [str(np.datetime64(int(x), "ns")).replace("T", " ") for x in (ts[i], col[i])]
+        raise ValueError(f"the DatetimeIndex and {what} disagree in {len(differ):,} row(s), e.g. position {i}: "
+                         f"{show[0]} against {show[1]}: drop the column(s) or reset the index "
+                         f"(df.reset_index(drop=True)), so that one of them gives the times")
+    return ts
+
+
+def _from_pandas(df, instrument: str | int, timeframe: int | str | None,
+                 dayfirst: bool | None = None) -> np.ndarray:
+    """:func:`from_pandas` of one instrument, without its warning about cells that are not
+    numbers (:func:`read_csv` gives its own, naming rows of the file rather than of each
+    instrument's part of it)."""
     cols = list(df.columns)
     missing = [c for c in ("open", "high", "low", "close") if _find(cols, c) is None]
     if missing:
@@ -257,22 +361,7 @@ def _from_pandas(df, instrument: str | int, timeframe: int | str | None) -> np.n
         if len(cols) > 20:
             have += f" and {len(cols) - 20:,} more"
         raise ValueError(f"DataFrame lacks columns {missing} (have [{have}])")
-    tcol = next((c for name in _TIME_COLUMNS if (c := _find(cols, name)) is not None), None)
-    dcol = _find(cols, "date")
-    if tcol is not None and dcol is not None and _bare(tcol) == "time" and _is_time_of_day(df[tcol]):
-        # MetaTrader 4/5 exports: Date 2024.01.01, Time 00:00. Read alone, the time of day got
-        # today's date
-        ts = _date_and_time_ns(df[dcol], df[tcol], f"date column {dcol!r}", f"time column {tcol!r}")
-    elif tcol is not None:
-        if dcol is None and _is_time_of_day(df[tcol]):  # pandas would date every bar today
-            raise ValueError(f"time column {tcol!r} holds times of day without dates (e.g. "
-                             f"{str(df[tcol].dropna().iloc[0]).strip()!r}): add a date column (read together "
-                             "with it) or write full datetimes")
-        ts = _to_ns(df[tcol], f"time column {tcol!r}")
-    elif isinstance(df.index, pd.DatetimeIndex):
-        ts = _to_ns(pd.Series(df.index), "the DatetimeIndex")
-    else:
-        raise ValueError("no times: give the DataFrame a DatetimeIndex or a time/timestamp/date column")
+    ts = _frame_times(df, cols, dayfirst)
     out = empty(len(df))
     out["ts"] = ts
     out["instrument"] = instruments.resolve(instrument)
@@ -348,9 +437,8 @@ def _price_columns(df) -> list:
     return out + ([vcol] if vcol is not None else [])
 
 
-def _warn_not_numbers(df, source: str, first_row: int, how: str, by_label: bool = False,
-                      stacklevel: int = 3) -> None:
-    """One ``UserWarning`` (at ``stacklevel``: the loader's caller) naming the columns and first
+def _warn_not_numbers(df, source: str, first_row: int, how: str, by_label: bool = False) -> None:
+    """One ``UserWarning`` (at the loader's caller) naming the columns and first
     rows of ``df``'s price and volume cells that hold something other than a number. Such cells
     read as NaN and their bars are rejected as ``non_finite``, as missing data is: without the
     warning, a file with thousands separators or a decimal comma looked like a file with gaps.
@@ -377,7 +465,7 @@ def _warn_not_numbers(df, source: str, first_row: int, how: str, by_label: bool 
     warnings.warn(f"{source}: {total:,} price/volume cell(s) are not numbers, read as missing, and their "
                   f"bars are rejected as non_finite: {'; '.join(parts)}; rows {how}. Write plain numbers "
                   f"(no thousands separators or units), or check the separator and decimal mark",
-                  UserWarning, stacklevel=stacklevel)
+                  UserWarning, stacklevel=_outside())
 
 
 _TIME_OF_DAY = r"(\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?"
@@ -401,26 +489,47 @@ def _stripped(col, first: str):
     return col.astype("string").str.strip() if first != first.strip() else col
 
 
-def _is_time_of_day(col) -> bool:
-    """Whether ``col`` holds times of day (``HH:MM[:SS[.f]]`` text or timedeltas), judged by its
-    first value: MetaTrader's separate Time column."""
+def _is_time_of_day(col, with_date: bool = False) -> bool:
+    """Whether ``col`` holds times of day, judged by its first value: ``HH:MM[:SS[.f]]`` text
+    (MetaTrader's separate Time column), timedeltas or ``datetime.time`` objects (a SQL TIME
+    column); and, ``with_date`` (beside a date column), integers that are all ``HHMMSS`` times
+    (Stooq's ``<TIME>`` 093000, read as the number 93000)."""
     import pandas as pd
 
     if pd.api.types.is_timedelta64_dtype(col):
         return True
+    if with_date and pd.api.types.is_integer_dtype(col) and not _holds_booleans(col) and len(col):
+        v = col.to_numpy(dtype=np.int64, na_value=-1)
+        return bool(((v >= 0) & (v // 10000 < 24) & (v // 100 % 100 < 60) & (v % 100 < 60)).all())
+    if col.dtype == object:
+        first = col.dropna()
+        if len(first) and isinstance(first.iloc[0], datetime.time):
+            return True
     first = _first_text(col)
     return first is not None and re.fullmatch(_TIME_OF_DAY, first.strip()) is not None
 
 
-def _date_and_time_ns(dates, times, dsource: str, tsource: str) -> np.ndarray:
-    """int64 ns of a column of dates (UTC midnight; ``YYYY.MM.DD`` as MetaTrader writes them)
-    plus a column of times of day, exactly, refusing (naming the rows) dates that are missing,
+def _date_and_time_ns(dates, times, dsource: str, tsource: str, dayfirst: bool | None = None) -> np.ndarray:
+    """int64 ns of a column of dates (UTC midnight; ``YYYY.MM.DD`` as MetaTrader writes them,
+    ``YYYYMMDD`` numbers as Stooq does) plus a column of times of day (see
+    :func:`_is_time_of_day`), exactly, refusing (naming the rows) dates that are missing,
     unreadable or carry a time of day themselves, and times of day that are missing, unreadable
     (``HH:MM[:SS[.f]]``) or not below 24:00."""
     import pandas as pd
 
-    day = _to_ns(dates, dsource)
+    day = _to_ns(dates, dsource, dayfirst)
     _refuse_times(day % _DAY_NS != 0, dsource, "a time of day besides the date (the time column gives it)")
+    if pd.api.types.is_integer_dtype(times):  # HHMMSS numbers (see _is_time_of_day)
+        v = times.to_numpy(dtype=np.int64)
+        top = int(v.max()) if len(v) else 0
+        if 0 < top <= 2359:
+            raise BadTimes(f"{tsource} holds whole numbers up to {top} as times of day: HHMM or HHMMSS cannot be "
+                           f"told apart below 2400 (900 is 09:00 or 00:09:00); write the times as HH:MM[:SS] "
+                           f"text or as HHMMSS with hours past midnight", "ambiguous whole-number times of day")
+        return day + ((v // 10000 * 60 + v // 100 % 100) * 60 + v % 100) * _NS
+    if times.dtype == object and len(times.dropna()) and isinstance(times.dropna().iloc[0], datetime.time):
+        # datetime.time objects (a SQL TIME column) as their ISO text; anything else there is refused below
+        times = times.map(lambda t: t.isoformat() if isinstance(t, datetime.time) and t.tzinfo is None else t)
     if pd.api.types.is_timedelta64_dtype(times):
         _refuse_times(times.isna().to_numpy(), tsource, "a missing time of day")
         tod = times.to_numpy(dtype="timedelta64[ns]").view(np.int64)
@@ -507,9 +616,49 @@ def _scaled(v: np.ndarray, per: int, source: str) -> np.ndarray:
     return v * np.int64(per)
 
 
-def _to_ns(col, source: str = "the time column") -> np.ndarray:
-    """Times as int64 ns since the epoch: epoch numbers (seconds, ms, us or ns, told apart by
-    magnitude; integers in integer arithmetic, so ns stay exact) or datetimes (UTC when naive).
+# Calendar-coded whole numbers: (digits, 10^(digits - 8)) of YYYYMMDD, YYYYMMDDHHMM and
+# YYYYMMDDHHMMSS, years 1678..2261 (inside the int64 nanosecond range)
+_CALENDAR_CODES = ((8, 1), (12, 10**4), (14, 10**6))
+
+
+def _calendar_ns(v: np.ndarray) -> np.ndarray | None:
+    """int64 ns (UTC) of whole numbers that are all calendar codes of one width (see
+    :data:`_CALENDAR_CODES`), each a real date (no 20230231) and time of day; None otherwise,
+    and they are epoch numbers. Read as epoch seconds, 20040819 was 1970-08-20: a vendor's
+    daily file became a year of one-second bars."""
+    if not len(v):
+        return None
+    lo, hi = int(v.min()), int(v.max())
+    tail = next((t for _, t in _CALENDAR_CODES if 16780101 * t <= lo and hi < 22620101 * t), None)
+    if tail is None:
+        return None
+    day = v // tail
+    y, m, d = day // 10000, day // 100 % 100, day % 100
+    if not ((m >= 1) & (m <= 12) & (d >= 1) & (d <= 31)).all():
+        return None
+    month = ((y - 1970) * 12 + (m - 1)).astype("datetime64[M]")
+    date = month.astype("datetime64[D]") + (d - 1).astype("timedelta64[D]")
+    if not (date.astype("datetime64[M]") == month).all():  # a day past its month's end
+        return None
+    secs = np.zeros(len(v), dtype=np.int64)
+    if tail > 1:
+        rest = v % tail
+        hh, mi, ss = (rest // 100, rest % 100, 0) if tail == 10**4 else (rest // 10**4, rest // 100 % 100, rest % 100)
+        if not ((hh < 24) & (mi < 60) & (ss < 60)).all():
+            return None
+        secs = (hh * 60 + mi) * 60 + ss
+    return date.astype("datetime64[ns]").view(np.int64) + secs * _NS
+
+
+_DIGITS = r"\s*[+-]?\d{1,18}\s*"
+
+
+def _to_ns(col, source: str = "the time column", dayfirst: bool | None = None) -> np.ndarray:
+    """Times as int64 ns since the epoch: calendar-coded whole numbers (``YYYYMMDD``,
+    ``YYYYMMDDHHMM``, ``YYYYMMDDHHMMSS``, when every value is one; see :func:`_calendar_ns`),
+    epoch numbers (seconds, ms, us or ns, told apart by magnitude; integers in integer
+    arithmetic, so ns stay exact), the same as digit text, or datetimes (UTC when naive;
+    ``dd/mm/yyyy`` against ``mm/dd/yyyy`` as :func:`_dayfirst` decides).
     ValueError naming the first bad rows for a missing, non-finite, unreadable or out-of-range
     time, or epoch numbers of mixed units (see :func:`_epoch_scale`); ValueError for booleans
     too: a bad value in a file, which callers (the command line) report as such."""
@@ -517,6 +666,11 @@ def _to_ns(col, source: str = "the time column") -> np.ndarray:
 
     if _holds_booleans(col):
         raise ValueError(f"{source} holds booleans, not times (datetimes or epoch numbers)")
+    first = _first_text(col)
+    if first is not None and re.fullmatch(_DIGITS, first):
+        text = col.astype("string")
+        if bool(text.str.fullmatch(_DIGITS).fillna(True).all()):  # digits throughout: numbers
+            col = pd.to_numeric(text.str.strip()).astype("Int64")
     if pd.api.types.is_integer_dtype(col):
         _refuse_times(col.isna().to_numpy(), source, "a missing time")
         if pd.api.types.is_unsigned_integer_dtype(col):
@@ -525,23 +679,73 @@ def _to_ns(col, source: str = "the time column") -> np.ndarray:
             v = u.astype(np.int64)
         else:
             v = col.to_numpy(dtype=np.int64)
-        return _scaled(v, _epoch_scale(v, source), source)
+        cal = _calendar_ns(v)
+        return cal if cal is not None else _scaled(v, _epoch_scale(v, source), source)
     if pd.api.types.is_numeric_dtype(col):
         f = col.to_numpy(dtype=np.float64, na_value=np.nan)
         _refuse_times(~np.isfinite(f), source, "a missing or non-finite time")
+        if bool((f == np.floor(f)).all()) and bool((np.abs(f) < 2.0**62).all()):
+            cal = _calendar_ns(f.astype(np.int64))  # 20040819.0: a spreadsheet's whole numbers
+            if cal is not None:
+                return cal
         ns = f * float(_epoch_scale(f, source))
         _refuse_times(~(np.abs(ns) < 2.0**63), source, _OUT_OF_RANGE)
         return ns.astype(np.int64)
     fmt = _dotted_format(col)
     if fmt is not None:
         col = _stripped(col, _first_text(col))
-    t = pd.to_datetime(col, utc=True, errors="coerce", format=fmt)
+    day_first = _dayfirst(col, source, dayfirst) if fmt is None else None
+    t = pd.to_datetime(col, utc=True, errors="coerce", format=fmt, dayfirst=bool(day_first))
     _refuse_times(t.isna().to_numpy(), source, "a missing, unreadable or out-of-range time")
     d = np.asarray(t.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy())
     unit = np.datetime_data(d.dtype)[0]
     if unit not in _NS_PER_UNIT:  # pragma: no cover - pandas resolutions are s/ms/us/ns
         d, unit = d.astype("datetime64[ns]"), "ns"
     return _scaled(d.view(np.int64), _NS_PER_UNIT[unit], source)
+
+
+def _outside() -> int:
+    """The ``stacklevel`` of a warning issued by this module's caller of :func:`_outside`
+    that names the first frame outside this module (the user's call of a loader)."""
+    f, level = sys._getframe(1), 1
+    while f is not None and f.f_code.co_filename == __file__:
+        f, level = f.f_back, level + 1
+    return level
+
+
+# dates written day and month first, in either order: 05/01/2017, 05-01-2017, 05.01.2017 14:00
+_DAY_MONTH = r"\s*(\d{1,2})([/.-])(\d{1,2})\2(?:\d{4}|\d{2})(?:$|[ T,])"
+
+
+def _dayfirst(col, source: str, dayfirst: bool | None) -> bool | None:
+    """Whether the dates of ``col`` (text like ``05/01/2017``) put the day first: ``dayfirst``
+    when given; else decided by the values (a first number above 12 is a day, a second one a
+    month); when every value could be either, month first (pandas' reading) with a
+    ``UserWarning``, or day first without one for dotted dates (``05.01.2017``: no locale
+    writes the month first with dots). None for other text. Without this, pandas took the
+    order of the first value for all of them: ten days of ``01/05/2017`` bars became ten
+    months, and a later ``13/05/2017`` was an unreadable time."""
+    import pandas as pd
+
+    first = _first_text(col)
+    m = None if first is None else re.match(_DAY_MONTH, first)
+    if m is None:
+        return None
+    if dayfirst is not None:
+        return bool(dayfirst)
+    parts = col.astype("string").str.extract(r"^\s*(\d{1,2})[/.-](\d{1,2})[/.-]")
+    a, b = pd.to_numeric(parts[0]), pd.to_numeric(parts[1])
+    day_first, month_first = bool((a > 12).any()), bool((b > 12).any())
+    if day_first != month_first:
+        return day_first
+    if day_first:  # both: mixed orders; the rows pandas cannot read are refused, named
+        return False
+    if m.group(2) == ".":
+        return True
+    warnings.warn(f"{source}: dates like {first.strip()!r} read month first (mm{m.group(2)}dd); every date could be "
+                  f"either order: pass dayfirst=True to read them day first (dayfirst=False silences this)",
+                  UserWarning, stacklevel=_outside())
+    return False
 
 
 _DOTTED_DATE = r"\d{4}\.\d{1,2}\.\d{1,2}(?:([ T])\d{1,2}:\d{2}(:\d{2}(\.\d{1,9})?)?)?"
@@ -562,7 +766,7 @@ def _dotted_format(col) -> str | None:
 
 
 def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
-             timeframe: int | str | None = None) -> np.ndarray:
+             timeframe: int | str | None = None, *, dayfirst: bool | None = None) -> np.ndarray:
     """Bars from a CSV file with a header (see :func:`from_pandas` for the columns), its fields
     separated by commas, or by semicolons (numbers with a decimal point or comma) or tabs when the
     header line holds no comma.
@@ -572,8 +776,11 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     exports load as they are: MetaTrader 4's ``Date,Time,Open,High,Low,Close,Volume`` (dates
     ``2024.01.01``, times ``00:00``) and MetaTrader 5's tab-separated
     ``<DATE> <TIME> <OPEN> <HIGH> <LOW> <CLOSE> <TICKVOL> <VOL> <SPREAD>`` (its tick volume is the
-    volume when ``<VOL>`` is all zeros). A file starting with a UTF-16 byte order mark is read
-    as UTF-16, otherwise UTF-8.
+    volume when ``<VOL>`` is all zeros), and Stooq's ``<DATE>,<TIME>`` (``20240102,093000``).
+    A file starting with a UTF-16 byte order mark is read as UTF-16, otherwise UTF-8. With
+    semicolons and a decimal comma (``1,0716``), a dot in a number is a thousands separator
+    (volume ``1.413`` is 1413), as in the locales that write such files. ``dayfirst``: see
+    :func:`from_pandas`.
 
     A ``symbol``/``instrument`` column names each row's instrument (as written, surrounding
     blanks removed: ``NA``, ``NULL`` and ``nan`` are names like any other): without
@@ -604,6 +811,12 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
     src = _csv_source(path)
     seps = _separator(src)
     header = _read(src, nrows=0, **seps).columns
+    text = {}  # columns read as text
+    if seps.get("decimal") == ",":
+        # 1.413,5 is 1413.5 there; times stay text (a dotted date 2024.01.02 read as a number
+        # with thousands separators became 20240102)
+        seps["thousands"] = "."
+        text = {c: str for c in header if _bare(c) in _TIME_COLUMNS or str(c) == "Unnamed: 0"}
     # the header as written: pandas renames a repeated name ("close" -> "close.1"), which made
     # the second close column a column the loader does not read
     _refuse_ambiguous(_read(src, header=None, nrows=1, dtype=str, keep_default_na=False, **seps).iloc[0])
@@ -619,7 +832,7 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
             raise no_times
     scol = _find(header, "symbol") or _find(header, "instrument")
     if scol is None:
-        df = _index_times(_read(src, **seps), index_col, no_times)
+        df = _index_times(_read(src, **seps, dtype=text or None), index_col, no_times)
         _warn_not_numbers(df, name, first_row=1, how="counted from 1 after the header", by_label=True)
         if instrument is None:
             instrument = os.path.splitext(os.path.basename(name))[0]
@@ -632,39 +845,16 @@ def read_csv(path: str | os.PathLike, instrument: str | int | None = None,
                     f"(instrument= in Python, --instrument on the command line)") from None
         # in time order, as the multi-instrument path gives (rows out of order were rejected
         # as out_of_order one by one, leaving a handful of bars)
-        return merge(_from_pandas(df, instrument, timeframe))
+        return merge(_from_pandas(df, instrument, timeframe, dayfirst))
     from pandas._libs.parsers import STR_NA_VALUES  # read_csv's documented default NA strings
 
     # the symbol column as text, without NA detection: by default "NA", "NULL", "nan" and ""
     # read as missing and groupby drops their rows silently; the other columns keep the
     # defaults, so a missing price is still NaN and its bar is rejected and counted
-    df = _index_times(_read(src, **seps, dtype={scol: str}, keep_default_na=False,
+    df = _index_times(_read(src, **seps, dtype={**text, scol: str}, keep_default_na=False,
                             na_values={c: STR_NA_VALUES for c in header if c != scol}), index_col, no_times)
-    names = df[scol].str.strip()
-    blank = np.flatnonzero((names == "").to_numpy())
-    if len(blank):
-        shown = ", ".join(str(i + 1) for i in blank[:10]) + (", ..." if len(blank) > 10 else "")
-        raise ValueError(f"{len(blank):,} row(s) with an empty {scol!r}: rows {shown} (counted from 1 after "
-                         f"the header); give every row an instrument, or drop the column to name all rows "
-                         f"after the file")
-    if instrument is not None:
-        # the symbol column decides, as without an instrument: naming every row `instrument`
-        # made one instrument of all of them (another's bars rejected as duplicate times)
-        wanted = _nfc(instrument if isinstance(instrument, str)
-                      else instruments.name(instruments.lookup(instrument)))
-        have = sorted(set(names.tolist()))
-        mine = [n for n in have if _nfc(n) == wanted]
-        if not mine:
-            shown = ", ".join(have[:10]) + (f" and {len(have) - 10:,} more" if len(have) > 10 else "")
-            raise ValueError(f"{name} has no instrument {short_repr(instrument)} (it has {shown}) in its "
-                             f"{scol!r} column: give one of those, or no instrument to load them all")
-        keep = names.isin(mine).to_numpy()
-        df, names = df[keep], names[keep]
-    _warn_not_numbers(df.drop(columns=[scol]), name, first_row=1, how="counted from 1 after the header",
-                      by_label=True)
-    parts = [_from_pandas(g.drop(columns=[scol]), n, timeframe)
-             for n, g in df.groupby(names, sort=True, dropna=False)]
-    return merge(*parts)
+    return _by_symbol(df, scol, instrument, timeframe, dayfirst, name, 1, "counted from 1 after the header",
+                      warn=True)
 
 
 def _csv_source(path: str | os.PathLike) -> str | os.PathLike | bytes:

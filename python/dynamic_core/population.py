@@ -136,30 +136,36 @@ class Population:
              **params: Any) -> Population:
         """The cartesian product of every list-valued parameter; scalars broadcast.
 
-        ``instrument`` and ``timeframe`` may be lists too. Unnamed parameters take
-        :data:`DEFAULTS`. Agents are numbered 0..n-1 in product order (the last parameter varies
-        fastest).
+        ``instrument`` and ``timeframe`` may be lists too; a parameter's values may be any
+        sequence (list, tuple, range, numpy array) or iterator, but not a set (it has no order).
+        Unnamed parameters take :data:`DEFAULTS`. Agents are numbered 0..n-1 in product order:
+        ``instrument``, ``timeframe``, then the genome fields in the order :data:`DEFAULTS` lists
+        them (not the order the keywords are given in), the last varying fastest.
 
         >>> Population.grid("EURUSD", "H1", fast=[5, 10], slow=[20, 50, 100])  # 6 agents
+
+        The grid's size is checked before any value is read: ``fast=range(1, 10**9)`` is refused
+        at once (more than :data:`MAX_AGENTS`), not after building a list of a billion numbers.
         """
         unknown = set(params) - set(DEFAULTS)
         if unknown:
             raise TypeError(f"unknown genome parameter(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-        axes: dict[str, list[Any]] = {
-            "instrument": [instruments.resolve(i) for i in _as_list(instrument)],
-            "timeframe": [parse_timeframe(t) for t in _as_list(timeframe)],
-        }
-        for k, default in DEFAULTS.items():
-            axes[k] = _as_list(params.get(k, default))
-        axes["mode"] = [_mode_code(m) for m in axes["mode"]]
-        for k, values in axes.items():
-            _check_axis(k, values)
-        names = list(axes)
-        n = math.prod(len(v) for v in axes.values())  # Python ints: np.prod would wrap in int64
+        given = {"instrument": instrument, "timeframe": timeframe,
+                 **{k: params.get(k, default) for k, default in DEFAULTS.items()}}
+        raw = {k: _axis_values(k, v) for k, v in given.items()}
+        n = math.prod(len(v) for v in raw.values())  # Python ints: np.prod would wrap in int64
         if n == 0:
             raise ValueError("the grid is empty (a parameter has an empty list)")
         if n > MAX_AGENTS:
             raise ValueError(f"grid of {n} agents is larger than the {MAX_AGENTS // 10**6}M limit")
+        axes: dict[str, Any] = dict(raw)
+        axes["instrument"] = [instruments.resolve(i) for i in raw["instrument"]]
+        axes["timeframe"] = [parse_timeframe(t) for t in raw["timeframe"]]
+        axes["mode"] = [_mode_code(m) for m in raw["mode"]]
+        for k in axes:
+            axes[k] = list(axes[k])
+            _check_axis(k, axes[k])
+        names = list(axes)
         _check_memory(n, "grid")
         rec = np.zeros(n, dtype=GENOME_DTYPE)
         rec["agent_id"] = np.arange(n, dtype=np.uint32)
@@ -316,11 +322,29 @@ def _check_axis(name: str, values: list[Any]) -> None:
                                 f"[{info.min}, {info.max}])")
 
 
-def _as_list(v: Any) -> list[Any]:
-    if isinstance(v, (str, bytes)) or np.ndim(v) == 0:
+def _axis_values(name: str, v: Any) -> Any:
+    """A grid parameter's values, unread where they have a length (a range stays a range): a
+    scalar (a string too) as one value; a sequence or numpy array as it is; an iterator read
+    up to one value past :data:`MAX_AGENTS` (enough to refuse the grid). ``TypeError`` for a
+    set or a mapping, whose order is no order a grid could be numbered in."""
+    if isinstance(v, (str, bytes)):
         return [v]
-    out = list(v)
-    return out
+    if isinstance(v, (set, frozenset, dict)) or (hasattr(v, "keys") and hasattr(v, "values")):
+        raise TypeError(f"{name}: a {type(v).__name__} has no order to number a grid's agents by: give a "
+                        f"list, tuple, range or array (sorted({name}) for a set)")
+    if isinstance(v, np.ndarray):
+        if v.ndim > 1:
+            raise TypeError(f"{name}: expected a scalar or a 1-d array of values, got a {v.ndim}-d array")
+        return [v[()]] if v.ndim == 0 else v
+    if hasattr(v, "__len__") and hasattr(v, "__getitem__"):
+        return v
+    if hasattr(v, "__iter__") or hasattr(v, "__next__"):
+        return list(itertools.islice(v, MAX_AGENTS + 1))
+    return [v]
+
+
+def _as_list(v: Any) -> list[Any]:
+    return list(_axis_values("value", v))
 
 
 def _check_memory(n: int, what: str, copies: int = 1) -> None:
