@@ -755,8 +755,8 @@ size_t Engine::ingest(const Bar* bars, size_t n, uint32_t n_registered, bool wai
                       std::vector<Signal>* drain_to, std::vector<AdmittedBar>* admitted,
                       std::unique_lock<std::mutex>* lk, int64_t deadline) {
   if (closed_) throw std::logic_error("engine is closed");
-  if (lk && wait_for_space)  // blocking: in pieces, ingress released while waiting (see take)
-    return take(bars, n, n_registered, false, nullptr, nullptr, 0, lk, deadline);
+  if (lk && wait_for_space)  // blocking or run(): in pieces, ingress released while waiting (see take)
+    return take(bars, n, n_registered, false, drain_to, nullptr, 0, lk, deadline);
   bool validated = false;
   if (!admitted && !drain_to && !wait_for_space && cfg_.backpressure == Backpressure::RejectNew) {
     // reject_new takes the bars up to the first that finds no room. The window only empties
@@ -817,22 +817,37 @@ void Engine::wait_for_room(std::unique_lock<std::mutex>& lk, uint64_t want, int6
 // there. The journal holds exactly the bars taken when close() or a failure ends the batch
 // early. A piece waits for a quarter of the window (or the rest of the batch) rather than one
 // slot, so a saturated window does not make a journal commit per bar; drop_oldest drops as many
-// signals as that piece may need (no more than the bars left in the batch).
+// signals as that piece may need (no more than the bars left in the batch). Room is counted in
+// slots: a rejected bar or one no agent follows takes none, so it neither waits for room nor
+// makes drop_oldest drop a signal (the batch is validated once to tell, only when it may not fit).
 size_t Engine::take(const Bar* bars, size_t n, uint32_t n_registered, bool validated, std::vector<Signal>* drain_to,
                     std::vector<AdmittedBar>* admitted, size_t row0, std::unique_lock<std::mutex>* lk,
                     int64_t deadline, bool drop) {
   const bool may_wait = !admitted && (lk || drain_to || drop);
-  if (!may_wait || validated) {  // validated: reject_new cut the batch to the room there is
+  if (!may_wait || validated || window_room() >= n) {  // validated: reject_new cut the batch to the room there is
     take_piece(bars, n, n_registered, validated, drain_to, admitted, row0);
     return n;
   }
+  // slots_after[i]: the bars of [i, n) that take a slot (valid, of a stream agents follow). The
+  // validation state changes only through this batch's own pieces (the feed is held), so the
+  // reasons found here are the ones each piece finds.
+  std::vector<uint32_t> reasons(n);
+  validate_locked(bars, n, n_registered, reasons.data());
+  std::vector<uint64_t> slots_after(n + 1, 0);
+  for (size_t k = n; k-- > 0;)
+    slots_after[k] = slots_after[k + 1] +
+                     (reasons[k] == 0 && stream_of_.count(stream_key(bars[k].instrument, bars[k].timeframe)) != 0);
   size_t i = 0;
   while (i < n) {
-    const bool room =
-        make_room(std::min<uint64_t>(n - i, std::max<uint64_t>(1, cap_ / 4)), drain_to, lk, deadline, drop);
-    const size_t m = static_cast<size_t>(std::min<uint64_t>(n - i, window_room()));
-    if (m > 0) take_piece(bars + i, m, n_registered, false, drain_to, nullptr, row0 + i);
-    i += m;
+    const uint64_t left = slots_after[i];
+    const bool room = left == 0 || make_room(std::min<uint64_t>(left, std::max<uint64_t>(1, cap_ / 4)), drain_to, lk,
+                                             deadline, drop);
+    // the longest run of bars from i whose slots fit the room there is now
+    const uint64_t fit = window_room();
+    size_t j = i;
+    while (j < n && slots_after[i] - slots_after[j + 1] <= fit) ++j;
+    if (j > i) take_piece(bars + i, j - i, n_registered, false, drain_to, nullptr, row0 + i);
+    i = j;
     if (!room) {  // the deadline passed: what fitted is taken, the rest is the caller's
       stats_.backpressure_rejected += n - i;
       break;
@@ -846,6 +861,22 @@ bool Engine::make_room(uint64_t want, std::vector<Signal>* drain_to, std::unique
   if (window_room() >= want) return true;
   ++stats_.backpressure_events;
   while (window_room() < want) {
+    if (drain_to) {  // run(): the caller is the consumer; ingress released while it waits (stats() goes on)
+      if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
+      if (lk) lk->unlock();
+      Signal buf[256];
+      size_t k;
+      {
+        std::lock_guard<std::mutex> eg(egress_m_);
+        k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch());
+      }
+      drain_to->insert(drain_to->end(), buf, buf + k);
+      if (lk) {
+        lk->lock();
+        if (closed_ || stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
+      }
+      continue;
+    }
     if (drop) {  // drop_oldest: the ready signals first, then wait for the oldest bar in flight
       if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
       {
@@ -859,15 +890,15 @@ bool Engine::make_room(uint64_t want, std::vector<Signal>* drain_to, std::unique
     }
     if (lk) {  // blocking: ingress released while it waits (throws once the engine stops)
       if (deadline >= 0 && now_ns() >= deadline) return false;
+      struct Waiting {  // a run or step behind this feeder learns that only a consumer can end the wait
+        std::atomic<bool>& flag;
+        ~Waiting() { flag.store(false, std::memory_order_release); }
+      } waiting{feeder_waits_for_room_};
+      feeder_waits_for_room_.store(true, std::memory_order_release);
       wait_for_room(*lk, want, deadline);
       continue;
     }
-    if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
-    // run(): the caller is the consumer
-    std::lock_guard<std::mutex> eg(egress_m_);
-    Signal buf[256];
-    const size_t k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch());
-    drain_to->insert(drain_to->end(), buf, buf + k);
+    throw std::logic_error("make_room: a batch that may not wait found no room");  // take() never asks so
   }
   return true;
 }
@@ -1001,11 +1032,18 @@ void Engine::take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool v
   }
 }
 
-bool Engine::take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadline, size_t n) {
+bool Engine::take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadline, size_t n, const char* own) {
   if (feed.try_lock()) return true;
   // Another feeder's batch (a blocked submit, a run) holds the feed: wait in slices, so ^C
-  // (the interrupt check) and close() end a long wait, with nothing taken.
+  // (the interrupt check) and close() end a long wait, with nothing taken. A run or step (own:
+  // its name) returns its own bars' signals only: behind a submit waiting for room that only a
+  // consumer makes, the earlier signals would come first (check_drained) once it had the feed,
+  // and a consumer polling beside it is refused (Engine.poll): it fails at once instead.
   while (true) {
+    if (own && feeder_waits_for_room_.load(std::memory_order_acquire)) {
+      auto lk = lock_ingress();
+      check_drained(own);
+    }
     const int64_t slice_end = now_ns() + kWaitSliceNs;
     const int64_t until = deadline < 0 ? slice_end : std::min(deadline, slice_end);
     const std::chrono::steady_clock::time_point at{std::chrono::nanoseconds(until)};
@@ -1048,7 +1086,7 @@ int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t tim
   const int64_t deadline = deadline_in(feed_timeout_ns);
   {
     std::unique_lock<std::timed_mutex> feed(feed_m_, std::defer_lock);
-    if (!take_feed(feed, deadline, 1)) return -2;  // the bar is not taken
+    if (!take_feed(feed, deadline, 1, "step")) return -2;  // the bar is not taken
     auto lk = lock_ingress();
     check_drained("step");
     if (strict) refuse_bad_locked(&bar, 1, n_registered);
@@ -1068,12 +1106,15 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
   const auto t0 = std::chrono::steady_clock::now();
   const size_t before = out.size();
   std::unique_lock<std::timed_mutex> feed(feed_m_, std::defer_lock);
-  take_feed(feed, -1, n);  // no deadline: true or a throw
+  take_feed(feed, -1, n, "run");  // no deadline: true or a throw
   auto lk = lock_ingress();
   check_drained("run");
   if (strict) refuse_bad_locked(bars, n, n_registered);
   ++stats_.batches;
-  ingest(bars, n, n_registered, true, &out);
+  // in pieces, ingress released while it waits for its signals (stats() and the between-updates
+  // changes go on, landing between two pieces, journaled there, as beside a blocking submit)
+  ingest(bars, n, n_registered, true, &out, nullptr, &lk);
+  lk.unlock();
   Signal buf[256];
   while (tail_.load(std::memory_order_acquire) < head_.load(std::memory_order_acquire)) {
     if (stop_.load()) throw std::logic_error("engine is closed");
@@ -1081,6 +1122,7 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
     const size_t k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch());
     out.insert(out.end(), buf, buf + k);
   }
+  lk.lock();
   stats_.busy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return out.size() - before;
 }
@@ -1309,13 +1351,17 @@ std::vector<uint64_t> Engine::latency_histogram() const {
 
 void Engine::inject_stall(uint32_t sm, int64_t ns) {
   if (!faults_) throw std::logic_error("fault injection is not armed (EngineConfig::fault_injection)");
-  if (sm >= layout_.sms.size()) throw std::out_of_range("no such SM");
+  if (sm >= layout_.sms.size())
+    throw std::out_of_range("no such SM: " + std::to_string(sm) + " (SMs are 0.." + std::to_string(layout_.sms.size() - 1) +
+                            ")");
   grt_[group_of_[sm]].stall_ns.store(ns, std::memory_order_release);
 }
 
 void Engine::inject_poison(uint32_t agent) {
   if (!faults_) throw std::logic_error("fault injection is not armed (EngineConfig::fault_injection)");
-  if (agent >= layout_.n_agents) throw std::out_of_range("no such agent");
+  if (agent >= layout_.n_agents)
+    throw std::out_of_range("no such agent: " + std::to_string(agent) + " (population positions are 0.." +
+                            std::to_string(layout_.n_agents - 1) + ")");
   const uint32_t lane = layout_.agent_lane[agent];
   for (uint32_t m = 0; m < layout_.sms.size(); ++m) {
     const Sm& sm = layout_.sms[m];

@@ -398,7 +398,9 @@ class Engine {
   // counted as a blocking submit's unplaced rest (one backpressure event, n rejected). A long
   // wait ends with Interrupted when the interrupt check says so (^C), or std::logic_error once
   // the engine closes; nothing is taken or counted then.
-  bool take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadline, size_t n);
+  // own: the name of a call returning its own bars' signals (run, step), which fails at once
+  // (check_drained) behind a submit waiting for a consumer's room.
+  bool take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadline, size_t n, const char* own = nullptr);
   size_t drain(Signal* out, size_t max_n);
   size_t validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
   // Caller holds ingress_m_: throws StrictRefusal when any bar of the batch is bad.
@@ -468,6 +470,7 @@ class Engine {
   // feeders (submit, step, run, admit) one at a time, each batch contiguous; taken before ingress_m_
   // (timed: a submit with a timeout waits for another feeder's batch no longer than that)
   std::timed_mutex feed_m_;
+  std::atomic<bool> feeder_waits_for_room_{false};  // the feed's holder waits for a consumer (make_room)
   // ingress (guarded by ingress_m_)
   std::mutex ingress_m_;
   EngineStats stats_;

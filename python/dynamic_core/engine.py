@@ -198,19 +198,23 @@ def _dispatch_loop(native: Any, stop: threading.Event, errors: list[int], engine
             batch = native.poll(4096, 500_000_000)
         except RuntimeError:  # closed underneath us
             return
-        if len(batch) and not _dispatch_batch(batch, errors, engine):
+        if len(batch) and not _dispatch_batch(batch, errors, engine, stop):
             return
 
 
-def _dispatch_batch(batch: Any, errors: list[int], engine: weakref.ref) -> bool:
-    """One batch to the callbacks (False: the engine is gone). A function of its own, so that
-    nothing the callbacks refer to outlives the batch in the dispatcher's frame."""
+def _dispatch_batch(batch: Any, errors: list[int], engine: weakref.ref, stop: threading.Event) -> bool:
+    """One batch to the callbacks (False: the engine is gone, or closed: the rest of the batch is
+    not delivered, so ``close`` waits for the callback running, not for up to 4,096 of them).
+    A function of its own, so that nothing the callbacks refer to outlives the batch in the
+    dispatcher's frame."""
     eng = engine()
     if eng is None:
         return False
     callbacks = list(eng._callbacks)
     del eng
     for sig in signals_from_records(np.frombuffer(batch, dtype=SIGNAL_DTYPE)):
+        if stop.is_set():
+            return False
         for cb in callbacks:
             try:
                 cb(sig)
@@ -243,8 +247,8 @@ class Engine:
     backpressure : {"block", "reject_new", "drop_oldest"}
         What ``submit`` does when ``capacity`` bars are in flight or unpolled (see ``submit``).
     capacity : int
-        Bars in flight plus ready-but-unpolled signals (rounded up to a power of two);
-        0 sizes it from the population (64..8192).
+        Bars in flight plus ready-but-unpolled signals (rounded up to a power of two, at least
+        2); 0 sizes it from the population (64..8192).
     stall_deadline : float
         Seconds an SM with pending bars may go without progress (while its worker shows no
         heartbeat) before the health sentinel marks it stalled and moves it to the standby.
@@ -634,6 +638,11 @@ class Engine:
         if n == 0:
             return np.empty(0, dtype=SIGNAL_DTYPE)
         t = _timeout_ns(timeout)
+        disp = self._dispatcher
+        if disp is not None and disp is not threading.current_thread() and disp.is_alive():
+            raise RuntimeError("poll() beside on_signal: its dispatcher delivers every signal to the callbacks, "
+                               "and this poll would take some of them from them; consume in the callbacks, or "
+                               "poll on an engine without any")
         with self._egress_guard:
             self._no_runner_beside("poll", "this poll")
             self._pollers += 1
@@ -664,8 +673,11 @@ class Engine:
         (and a ``poll`` from another thread while it runs raises).
 
         ``timeout`` (seconds; None: no limit) bounds the whole call: the wait for another
-        thread's feeding call (a ``submit`` waiting for room, a ``run``) to finish its batch,
-        then the wait for the signal. ``TimeoutError`` either way, saying which: a bar that was
+        thread's feeding call (a ``run``, a ``submit`` still placing its batch) to finish it,
+        then the wait for the signal. Behind a ``submit`` that waits for room, which only a
+        consumer's ``poll`` makes (refused while a step runs), it raises ``RuntimeError`` at once
+        (the earlier bars' signals are not polled; nothing is taken or counted), as ``run``
+        does. ``TimeoutError`` otherwise, saying which wait ran out: a bar that was
         not taken is counted as a ``submit``'s would be (``stats()["backpressure"]``: one event,
         one rejected bar; step it again); a bar that was taken has its signal come later
         (``poll`` it before the next ``step`` or ``run``). On the main thread, ^C ends the wait
@@ -711,7 +723,8 @@ class Engine:
     def on_signal(self, callback: Callable[[AISignal], Any]) -> Callable[[AISignal], Any]:
         """Call ``callback(signal)`` for every signal, in bar order, on a dispatcher thread.
 
-        The dispatcher becomes the consumer: do not also ``poll``. A callback that raises is
+        The dispatcher becomes the consumer: ``poll`` from another thread raises
+        ``RuntimeError`` (it would take signals from the callbacks). A callback that raises is
         logged (``logging.getLogger("dynamic_core.engine")``) and counted in
         ``stats()["callback_errors"]``; the signal is not redelivered, and later signals and the
         other callbacks still run. Workers never run Python. Usable as a decorator.
@@ -781,8 +794,9 @@ class Engine:
         """Stop the dispatcher, workers and sentinel and join them. Bars already handed to the
         workers are run first, so every SM's agents stand at the same bar (``agents()`` still
         answers after close); their signals are not delivered. That takes as long as those bars
-        do: up to the window, ``capacity``. Idempotent; also done by ``with`` and when the engine
-        is collected."""
+        do: up to the window, ``capacity``. The ``on_signal`` dispatcher stops after the callback
+        it is running (the rest of the signals it took are not delivered). Idempotent; also done
+        by ``with`` and when the engine is collected."""
         with self._close_lock:
             first = not self._closed
             self._closed = True
