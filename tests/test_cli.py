@@ -296,6 +296,11 @@ def test_an_unknown_option_is_reported_by_its_command(tmp_path: Path) -> None:
     assert_clean_error(proc, "dynamic-core: error: unrecognized arguments: --bogus")
 
 
+def test_smc_evolve_agents_without_evolve_is_refused(capsys) -> None:
+    assert cli.main(["smc", "backtesting:EURUSD", "--evolve-agents", "10"]) == 2
+    assert "--evolve-agents needs --evolve N" in capsys.readouterr().err
+
+
 def test_evolve_plot_without_matplotlib_is_refused_before_any_work(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     real = cli.importlib.util.find_spec

@@ -1131,3 +1131,20 @@ def test_a_tick_driver_checks_its_arguments():
         assert drv.dsi is None and drv.aggregator.timeframes == (300,)
         with pytest.raises(TypeError, match="TICK_DTYPE"):
             drv.update([1, 2, 3])
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(1, 300), n=st.integers(0, 2000), wide=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_the_drivers_running_max_per_instrument_matches_a_per_instrument_loop(k, n, wide, seed):
+    # one sort instead of a mask per instrument (instruments x ticks); exact for any int64 times
+    from dynamic_core.learning.dsi.driver import _running_max_by_instrument
+
+    rng = np.random.default_rng(seed)
+    t = np.zeros(n, dtype=[("instrument", "u4"), ("ts", "i8")])
+    t["instrument"] = rng.integers(0, k, n)
+    t["ts"] = rng.integers(-2**63, 2**63 - 1, n, dtype=np.int64) if wide else rng.integers(0, 10**6, n)
+    want = np.empty_like(t["ts"])
+    for i in np.unique(t["instrument"]):
+        m = t["instrument"] == i
+        want[m] = np.maximum.accumulate(t["ts"][m])
+    assert np.array_equal(_running_max_by_instrument(t), want)

@@ -583,6 +583,21 @@ def test_evolution_trace_refuses_two_instruments_under_one_name():
     assert evo.trace and {(r.instrument, r.timeframe) for r in evo.trace} == {(dc.instruments.id("EURUSD"), 3600)}
 
 
+def test_evolution_trace_keeps_instrument_names_that_hold_a_slash():
+    # "EUR/USD/3600" was read as instrument "EUR" (split at the first "/"): EUR/USD and EUR/GBP
+    # were refused as one instrument, and a lone EUR/USD evolved under a new instrument "EUR"
+    from dynamic_core.learning.harness import evolution_trace, journal_bars
+
+    bars = dc.sim.MarketSimulator(["EUR/USD", "EUR/GBP"], seed=1).bars(600)
+    streams = {f"{dc.instruments.name(int(i))}/3600": bars[bars["instrument"] == i]
+               for i in np.unique(bars["instrument"])}
+    assert sorted(streams) == ["EUR/GBP/3600", "EUR/USD/3600"]
+    evo = evolution_trace(streams, agents=64, every=100)
+    want = {(dc.instruments.id(n), 3600) for n in ("EUR/USD", "EUR/GBP")}
+    assert evo.trace and {(r.instrument, r.timeframe) for r in evo.trace} == want
+    assert "EUR" not in dc.instruments.names()
+
+
 _WRITE = """
 import sys, numpy as np, dynamic_core as dc
 from dynamic_core.learning.evolution import Evolution

@@ -471,10 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--engine", action="store_true",
                     help="with a journal: also replay it through the engine and verify its signals")
     sm.add_argument("--evolve", type=_count, default=0, metavar="N",
-                    help="also replay the bars through random agents that evolve every N bars of a stream "
-                         "and print the evolution trace (best/median fitness per generation) [default: 0, off]")
-    sm.add_argument("--evolve-agents", type=_agent_count, default=2048, metavar="K",
-                    help="agents of the evolving population [default: 2048]")
+                    help="also replay the bars through random agents that evolve while they trade: a "
+                         "generation of a stream every N of its bars and when its volatility regime changes; "
+                         "prints the evolution trace (best/median fitness per generation) [default: 0, off]")
+    sm.add_argument("--evolve-agents", type=_agent_count, default=None, metavar="K",
+                    help="agents of the evolving population (with --evolve) [default: 2048]")
     sm.add_argument("--evolve-plot", default=None, metavar="PNG",
                     help="plot the evolution trace to this image file, one line per stream, in the format of "
                          "its extension (png, pdf, svg, ...; needs matplotlib)")
@@ -1145,6 +1146,8 @@ def cmd_smc(args: argparse.Namespace) -> int:
 
     if args.evolve_plot and not args.evolve:
         raise CLIError("--evolve-plot needs --evolve N")
+    if args.evolve_agents is not None and not args.evolve:
+        raise CLIError("--evolve-agents needs --evolve N")
     _need_matplotlib(args.evolve_plot)
     src = args.source
     if os.path.isdir(src):
@@ -1175,7 +1178,7 @@ def cmd_smc(args: argparse.Namespace) -> int:
         source = bars
     extra: dict[str, Any] = {"engine": True} if args.engine else {}
     if args.evolve:
-        extra.update(evolve=args.evolve, evolve_agents=args.evolve_agents, evolve_plot=args.evolve_plot)
+        extra.update(evolve=args.evolve, evolve_agents=args.evolve_agents or 2048, evolve_plot=args.evolve_plot)
     status = _StatusLine(f"{PROG} smc: ") if not args.quiet and sys.stderr.isatty() else None
     try:
         table = replay_report(source, args.swing_length, progress=status, **extra)

@@ -525,12 +525,20 @@ def _check_evolution_streams(streams: Mapping[str, Any]) -> None:
         if len(ids) > 1:
             raise ValueError(f"stream {name!r} holds the bars of {len(ids)} instruments (ids {ids[:5]}): give each "
                              "instrument under its own name (journal_bars splits a journal's bars that way)")
-        inst = str(name).split("/")[0]
+        inst = _instrument_of(name)
         for tf in np.unique(bars["timeframe"]).tolist():
             if (inst, tf) in owner:
                 raise ValueError(f"streams {owner[inst, tf]!r} and {name!r} both hold {inst} bars of timeframe "
                                  f"{tf} s: give each instrument/timeframe's bars once")
             owner[inst, tf] = str(name)
+
+
+def _instrument_of(key: Any) -> str:
+    """The instrument name of a stream key: ``"NAME/timeframe_s"`` as :func:`journal_bars` writes
+    them, the name alone otherwise. Names may hold "/" themselves (``EUR/USD/3600``): only a last
+    part of digits is a timeframe (split at the first "/", EUR/USD and EUR/GBP were one "EUR")."""
+    name, sep, tail = str(key).rpartition("/")
+    return name if sep and tail.isdigit() and name else str(key)
 
 
 def evolution_trace(streams: Mapping[str, Any], *, agents: int = 2048, every: int = 250, seed: int = 0,
@@ -558,7 +566,7 @@ def evolution_trace(streams: Mapping[str, Any], *, agents: int = 2048, every: in
     for name, bars in streams.items():
         arr = np.array(bars, dtype=BAR_DTYPE, copy=True)
         # the journal numbered instruments in its own process: register them here by name
-        arr["instrument"] = instruments.id(str(name).split("/")[0])
+        arr["instrument"] = instruments.id(_instrument_of(name))
         parts.append(arr)
     if not parts:
         raise ValueError("no bars to evolve over")

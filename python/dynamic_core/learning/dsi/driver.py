@@ -255,8 +255,28 @@ def _running_max_by_instrument(t: np.ndarray) -> np.ndarray:
     """Per tick: the largest ``ts`` of its instrument's ticks up to it (in batch order). The
     ticks of an instrument with this below a time ``e`` are a prefix of that instrument's ticks."""
     inst, ts = t["instrument"], t["ts"]
+    if len(ts) == 0:
+        return ts.copy()
+    # one stable sort by instrument, then a running max restarting at each instrument's run (a
+    # mask per instrument cost instruments x ticks: 1.7 s for 4,000 instruments over 300k ticks)
+    order = np.argsort(inst, kind="stable")
+    s_inst, s_ts = inst[order], ts[order]
+    start = np.flatnonzero(np.r_[True, s_inst[1:] != s_inst[:-1]])
+    bounds = np.r_[start, len(ts)]
+    run = np.repeat(np.arange(len(start)), np.diff(bounds))
+    lo = np.minimum.reduceat(s_ts, start)
+    # each run's times relative to its minimum, in [0, span) (unsigned: exact for any int64 times)
+    rel = s_ts.view(np.uint64) - lo[run].view(np.uint64)
+    span = int(rel.max()) + 1
+    if len(start) > 64 and span * len(start) < 2**63:
+        # the runs stacked into one increasing key (run r's times offset by r * span): one
+        # accumulate, exact in int64
+        off = run.astype(np.int64) * span
+        out_sorted = np.maximum.accumulate(rel.astype(np.int64) + off) - off + lo[run]
+    else:  # few runs, or spans too wide to stack: run by run
+        out_sorted = np.empty_like(s_ts)
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            out_sorted[a:b] = np.maximum.accumulate(s_ts[a:b])
     out = np.empty_like(ts)
-    for i in np.unique(inst).tolist():
-        m = inst == i
-        out[m] = np.maximum.accumulate(ts[m])
+    out[order] = out_sorted
     return out
