@@ -174,3 +174,20 @@ def test_a_bool_array_is_not_a_series_of_numbers():
     want = talib.EMA(np.array([1.0, 0.0, 1.0]), 2)  # 0/1 meant: cast first, or ints
     assert_matches(dc.indicators.ema(np.array([True, False, True]).astype(float), 2), want)
     assert_matches(dc.indicators.ema(np.array([1, 0, 1], dtype=np.int8), 2), want)
+
+
+def test_a_nan_close_does_not_reach_atr_as_in_talib_but_a_nan_high_does():
+    import talib
+
+    h = np.linspace(2.0, 11.0, 10)
+    lo, c = h - 1.0, h - 0.5
+    c_nan = c.copy()
+    c_nan[6] = np.nan
+    got = dc.indicators.atr(h, lo, c_nan, 3)
+    np.testing.assert_allclose(got, talib.ATR(h, lo, c_nan, 3), rtol=1e-12)
+    assert np.isfinite(got[3:]).all()  # what the module docstring says
+    h_nan = h.copy()
+    h_nan[6] = np.nan
+    got = dc.indicators.atr(h_nan, lo, c, 3)
+    np.testing.assert_allclose(got, talib.ATR(h_nan, lo, c, 3), rtol=1e-12)
+    assert np.isnan(got[6:]).all()

@@ -368,6 +368,8 @@ def _from_pandas(df, instrument: str | int, timeframe: int | str | None,
     if timeframe is None:
         d = np.diff(np.sort(ts))
         d = d[d > 0]
+        if len(ts) == 0:
+            raise ValueError("no rows: the data holds no bars (a header alone)")
         if len(d) == 0:
             raise ValueError("cannot infer the timeframe from fewer than two distinct times: give the "
                              "timeframe (timeframe= in Python, --timeframe on the command line)")
