@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -294,6 +295,24 @@ def test_an_unknown_option_is_reported_by_its_command(tmp_path: Path) -> None:
     # given before the subcommand's name: the top level's
     proc = dynamic_core("--bogus", "run", cwd=tmp_path)
     assert_clean_error(proc, "dynamic-core: error: unrecognized arguments: --bogus")
+
+
+def test_dayfirst_reads_ambiguous_dates_day_first_on_the_command_line(tmp_path: Path) -> None:
+    t = pd.date_range("2017-05-01", periods=240, freq="h")  # 01/05 .. 10/05: either order
+    rng = np.random.default_rng(1)
+    close = 1.1 + np.cumsum(rng.normal(0, 1e-3, len(t)))
+    pd.DataFrame({"Date": t.strftime("%d/%m/%Y %H:%M"), "Open": close, "High": close + 1e-3, "Low": close - 1e-3,
+                  "Close": close}).to_csv(tmp_path / "DMY.csv", index=False)
+    with pytest.warns(UserWarning, match="--dayfirst on the command line"):
+        month_first = cli.load_bars(str(tmp_path / "DMY.csv"), sim_names=[], bars=None, timeframe=None, seed=0)
+    assert month_first["ts"][0] == np.datetime64("2017-01-05", "ns").astype(np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        day_first = cli.load_bars(str(tmp_path / "DMY.csv"), sim_names=[], bars=None, timeframe=None, seed=0,
+                                  dayfirst=True)
+        assert day_first["ts"].tolist() == t.to_numpy().astype("datetime64[ns]").view(np.int64).tolist()
+        assert cli.main(["backtest", "--data", str(tmp_path / "DMY.csv"), "--dayfirst", "--fast", "5",
+                         "--slow", "20", "-q", "--out", str(tmp_path / "r.csv")]) == 0
 
 
 def test_smc_evolve_agents_without_evolve_is_refused(capsys) -> None:

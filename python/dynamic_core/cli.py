@@ -358,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV file (comma, semicolon or tab separated, with a header: time, open, high, low, "
                         "close[, volume][, symbol]), 'sim', or 'backtesting:EURUSD|GOOG|BTCUSD' instead of the "
                         "simulator")
+    r.add_argument("--dayfirst", action="store_true",
+                   help="dates like 05/01/2017 in the data put the day first [default: decided by the dates; "
+                        "month first, with a warning, when every date could be either]")
     r.add_argument("--seed", type=_seed, default=0,
                    help="seed of the simulated market and of the population, 0 to 2**64-1 [default: 0]")
     r.add_argument("--cores-per-sm", type=int, choices=(32, 64, 96, 128), default=128,
@@ -412,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bar length (H1, D1, 1h, seconds) [default: inferred; H1 for sim]")
     b.add_argument("--bars", type=_positive_int, default=None, metavar="N",
                    help="bars per instrument [default: 2000 for sim; all bars of a file, else the first N]")
+    b.add_argument("--dayfirst", action="store_true",
+                   help="dates like 05/01/2017 in the data put the day first [default: decided by the dates; "
+                        "month first, with a warning, when every date could be either]")
     b.add_argument("--seed", type=_seed, default=0,
                    help="seed of the simulated market (--data sim), 0 to 2**64-1 [default: 0]")
     genome = b.add_argument_group(
@@ -468,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a journal directory, a CSV file, or 'backtesting:EURUSD|GOOG|BTCUSD'")
     sm.add_argument("--swing-length", type=_positive_int, default=10, metavar="L",
                     help="bars on each side of a swing [default: 10]")
+    sm.add_argument("--dayfirst", action="store_true",
+                    help="dates like 05/01/2017 in the data put the day first [default: decided by the dates; "
+                         "month first, with a warning, when every date could be either]")
     sm.add_argument("--engine", action="store_true",
                     help="with a journal: also replay it through the engine and verify its signals")
     sm.add_argument("--evolve", type=_count, default=0, metavar="N",
@@ -498,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- data ------------------------------------------------------------------------------------
 
 def load_bars(source: str | None, *, sim_names: Sequence[str], bars: int | None, timeframe: int | None,
-              seed: int, instrument: str | None = None) -> np.ndarray:
+              seed: int, instrument: str | None = None, dayfirst: bool | None = None) -> np.ndarray:
     """Bars from ``source``: None or ``"sim"`` (the simulator), ``"backtesting:NAME"``, or a CSV path.
 
     ``instrument`` selects one instrument of the data (or names a single-instrument file);
@@ -511,7 +520,7 @@ def load_bars(source: str | None, *, sim_names: Sequence[str], bars: int | None,
     if source.lower().startswith("backtesting:"):
         out = _backtesting_bars(source.split(":", 1)[1].strip(), instrument, timeframe)
     else:
-        out = _csv_bars(source, instrument, timeframe)
+        out = _csv_bars(source, instrument, timeframe, dayfirst)
     if len(out) == 0:
         raise CLIError(f"{source}: no bars")
     if bars is not None:
@@ -531,14 +540,15 @@ def _backtesting_bars(name: str, instrument: str | None, timeframe: int | None) 
     return from_pandas(getattr(bt, key), instrument=instrument or key, timeframe=timeframe)
 
 
-def _csv_bars(path: str, instrument: str | None, timeframe: int | None) -> np.ndarray:
+def _csv_bars(path: str, instrument: str | None, timeframe: int | None,
+              dayfirst: bool | None = None) -> np.ndarray:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
     if os.path.isdir(path):
         raise CLIError(f"{path} is a directory, not a CSV file")
     try:
         # with an instrument: that symbol's rows, or a single-instrument file named so
-        return read_csv(path, instrument=instrument, timeframe=timeframe)
+        return read_csv(path, instrument=instrument, timeframe=timeframe, dayfirst=dayfirst)
     except ValueError as e:
         # pandas' messages ("No columns to parse from file") do not say which file
         msg = str(e)
@@ -1065,7 +1075,8 @@ def run_inputs(args: argparse.Namespace) -> tuple[np.ndarray, list[tuple[int, in
                        "are those found in the data")
     choice = 4 if args.instruments is None else args.instruments
     names = simulated_names(choice) if isinstance(choice, int) else choice
-    bars = load_bars(args.data, sim_names=names, bars=args.bars, timeframe=args.timeframe, seed=args.seed)
+    bars = load_bars(args.data, sim_names=names, bars=args.bars, timeframe=args.timeframe, seed=args.seed,
+                     dayfirst=args.dayfirst or None)
     pop = _run_population(bars, args.agents, args.seed)
     learners = None
     if args.learning:
@@ -1166,7 +1177,8 @@ def cmd_smc(args: argparse.Namespace) -> int:
     else:
         if args.engine:
             raise CLIError("--engine needs a journal directory")
-        bars = load_bars(src, sim_names=["EURUSD"], bars=None, timeframe=None, seed=0)
+        bars = load_bars(src, sim_names=["EURUSD"], bars=None, timeframe=None, seed=0,
+                         dayfirst=args.dayfirst or None)
         from .market import reason_counts, validate
 
         reasons = validate(bars)
@@ -1289,7 +1301,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
             raise CLIError(f"--out {args.out} is the --data file: the results would overwrite the bars")
     sim_names = [args.instrument or "EURUSD"]
     bars = load_bars(src, sim_names=sim_names, bars=args.bars, timeframe=args.timeframe, seed=args.seed,
-                     instrument=None if is_sim else args.instrument)
+                     instrument=None if is_sim else args.instrument, dayfirst=args.dayfirst or None)
     streams = _streams(bars)
     params = {k: getattr(args, k) for k in _INT_PARAMS + _FLOAT_PARAMS + ("mode",)
               if getattr(args, k) is not None}

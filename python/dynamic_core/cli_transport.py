@@ -400,7 +400,8 @@ def _serve(args: argparse.Namespace) -> int:
     choice = 4 if args.instruments is None else args.instruments
     names = simulated_names(choice) if isinstance(choice, int) else choice
     bars = load_bars(None if args.feed else args.data, sim_names=names,
-                     bars=8 if args.feed else args.bars, timeframe=args.timeframe, seed=args.seed)
+                     bars=8 if args.feed else args.bars, timeframe=args.timeframe, seed=args.seed,
+                     dayfirst=getattr(args, "dayfirst", False) or None)
     pop = _run_population(bars, args.agents, args.seed)
     journal = getattr(args, "journal", None)
     if journal and os.path.isdir(journal) and os.listdir(journal):

@@ -745,7 +745,8 @@ def _dayfirst(col, source: str, dayfirst: bool | None) -> bool | None:
     if m.group(2) == ".":
         return True
     warnings.warn(f"{source}: dates like {first.strip()!r} read month first (mm{m.group(2)}dd); every date could be "
-                  f"either order: pass dayfirst=True to read them day first (dayfirst=False silences this)",
+                  f"either order: pass dayfirst=True (--dayfirst on the command line) to read them day first "
+                  f"(dayfirst=False silences this)",
                   UserWarning, stacklevel=_outside())
     return False
 
