@@ -299,6 +299,39 @@ def test_a_submit_with_a_timeout_waits_no_longer_behind_another_feeders_blocked_
     assert np.concatenate(rest).tobytes() == ref[got:].tobytes()
 
 
+def _raised_on_a_thread(call) -> BaseException | None:
+    """What ``call()`` raised (None: it returned), run on a thread: one that waits for good
+    fails the test here (joined within 10 s) instead of hanging it."""
+    outcome: list[BaseException | None] = []
+
+    def go() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - the caller asserts on it
+            outcome.append(e)
+
+    th = threading.Thread(target=go, daemon=True)
+    th.start()
+    th.join(10.0)
+    assert not th.is_alive(), "the call waited for good behind the blocked submit"
+    return outcome[0]
+
+
+def _rest_of_blocked_submit(eng: dc.Engine, prod: threading.Thread, raised: list, got: int, n: int) -> np.ndarray:
+    """The signals of a :func:`blocked_submit` of ``n`` bars after its first ``got``, polled
+    until all came; its producer has then finished without an error."""
+    rest = []
+    while got + sum(map(len, rest)) < n:
+        part = eng.poll(timeout=10.0)
+        assert len(part), "signals stopped"
+        rest.append(part)
+    prod.join(10)
+    assert not prod.is_alive() and not raised
+    assert eng.stats()["bars_in"] == n
+    return np.concatenate(rest)
+
+
 @pytest.mark.parametrize("timeout", [0.2, None])
 def test_a_step_behind_another_feeders_batch_waiting_for_room_fails_at_once(pop, market, timeout):
     """Behind a blocking submit that waits for room, a step used to wait with it (for good with
@@ -314,36 +347,14 @@ def test_a_step_behind_another_feeders_batch_waiting_for_room_fails_at_once(pop,
         n = len(market) - 1  # the last bar is stepped
         prod, raised, got = blocked_submit(eng, market[:n])
         before = eng.stats()["backpressure"]
-        outcome: list[BaseException | None] = []
-
-        def step() -> None:  # on a thread: a step that waited for good would fail here, not hang
-            try:
-                eng.step(market[n], timeout=timeout)
-                outcome.append(None)
-            except BaseException as e:  # noqa: BLE001 - asserted below
-                outcome.append(e)
-
-        t0 = time.monotonic()
-        stepper = threading.Thread(target=step, daemon=True)
-        stepper.start()
-        stepper.join(10.0)
-        waited = time.monotonic() - t0
-        assert not stepper.is_alive(), "step waited for good behind the blocked submit"
-        assert isinstance(outcome[0], RuntimeError) and "not polled yet" in str(outcome[0]), outcome
-        assert waited < 10.0, waited
+        err = _raised_on_a_thread(lambda: eng.step(market[n], timeout=timeout))
+        assert isinstance(err, RuntimeError) and "not polled yet" in str(err), err
         assert eng.stats()["backpressure"] == before
-        rest = []
-        while got + sum(map(len, rest)) < n:
-            part = eng.poll(timeout=10.0)
-            assert len(part), "signals stopped"
-            rest.append(part)
-        prod.join(10)
-        assert not prod.is_alive() and not raised
-        assert eng.stats()["bars_in"] == n
+        rest = _rest_of_blocked_submit(eng, prod, raised, got, n)
         sig = eng.step(market[n], timeout=10.0)
     finally:
         eng.close()
-    assert np.concatenate(rest).tobytes() == ref[got:n].tobytes()
+    assert rest.tobytes() == ref[got:n].tobytes()
     assert sig is not None and sig.seq == int(ref[n]["seq"]) and sig.score == float(ref[n]["score"])
 
 
@@ -358,33 +369,14 @@ def test_a_run_behind_another_feeders_batch_waiting_for_room_fails_at_once(pop, 
         n = len(market) - 10
         prod, raised, got = blocked_submit(eng, market[:n])
         before = eng.stats()
-        outcome: list[BaseException | None] = []
-
-        def run() -> None:
-            try:
-                eng.run(market[n:])
-                outcome.append(None)
-            except BaseException as e:  # noqa: BLE001 - asserted below
-                outcome.append(e)
-
-        runner = threading.Thread(target=run, daemon=True)
-        runner.start()
-        runner.join(10.0)
-        assert not runner.is_alive(), "run waited for good behind the blocked submit"
-        assert isinstance(outcome[0], RuntimeError) and "not polled yet" in str(outcome[0]), outcome
+        err = _raised_on_a_thread(lambda: eng.run(market[n:]))
+        assert isinstance(err, RuntimeError) and "not polled yet" in str(err), err
         after = eng.stats()
         assert after["backpressure"] == before["backpressure"] and after["batches"] == before["batches"]
-        rest = []
-        while got + sum(map(len, rest)) < n:
-            part = eng.poll(timeout=10.0)
-            assert len(part), "signals stopped"
-            rest.append(part)
-        prod.join(10)
-        assert not prod.is_alive() and not raised
-        assert eng.stats()["bars_in"] == n
+        rest = _rest_of_blocked_submit(eng, prod, raised, got, n)
     finally:
         eng.close()
-    assert np.concatenate(rest).tobytes() == ref[got:n].tobytes()
+    assert rest.tobytes() == ref[got:n].tobytes()
 
 
 def test_stalled_sm_fails_over_without_losing_signals(pop, market):
