@@ -274,3 +274,34 @@ def test_quarantine_of_non_finite_state():
     assert eng.stats()["quarantined"] == 1 and a["quarantined"] == 1
     assert np.isfinite(a["equity"])
     assert sig[-1]["n_agents"] == 0  # excluded from consensus
+
+
+def test_a_unanimous_signal_has_no_dispersion_and_full_confidence():
+    # equal scores: sum_s2 / n - mean^2 left ~1e-17, and its square root a dispersion of ~1e-8
+    # (confidence 0.99999999) that no agent's score had; the one-pass variance's rounding is 0
+    import backtesting.test as bt
+
+    bars = dc.market.from_pandas(bt.EURUSD.iloc[:300], "EURUSD")
+    rec = np.repeat(dc.Population.grid("EURUSD", "H1").records, 7)
+    rec["agent_id"] = np.arange(7)
+    sig = dc.Engine(dc.Population.from_records(rec)).run(bars)
+    live = sig[sig["n_agents"] == 7]
+    assert len(live) > 200
+    assert (live["dispersion"] == 0.0).all(), live["dispersion"].max()
+    assert (live["confidence"] == live["agreement"]).all()
+
+
+def test_weights_past_1e300_are_refused_and_up_to_it_never_quarantine():
+    # w * f summed past DBL_MAX gave inf, soft(inf) = inf / inf = NaN, and a valid agent was
+    # quarantined (frozen, out of consensus)
+    import backtesting.test as bt
+
+    rec = dc.Population.grid("EURUSD", "H1", w_trend=0.0, w_rsi=1e300, w_bb=1e300).records.copy()
+    bars = dc.market.from_pandas(bt.EURUSD, "EURUSD")
+    eng = dc.Engine(dc.Population.from_records(rec))
+    eng.run(bars)
+    a = eng.agents()
+    assert a["quarantined"][0] == 0 and a["trades"][0] > 100 and eng.stats()["quarantined"] == 0
+    rec["w_rsi"] = 1.7e308
+    with pytest.raises(dc.errors.InvalidGenome, match="w_rsi beyond \\+-1e\\+300"):
+        dc.Population.from_records(rec)

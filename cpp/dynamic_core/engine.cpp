@@ -1570,11 +1570,8 @@ void Engine::agents(AgentRecord* out) {
     r.fitness = fitness(s.equity, s.max_dd, r.credit);
     if (s.n_ret > 0) {
       const double nr = static_cast<double>(s.n_ret);
-      const double mean = s.ret_sum / nr;
-      double var = s.ret_sq / nr - mean * mean;
-      if (var < 0.0) var = 0.0;
-      r.ret_mean = mean;
-      r.ret_std = DC_SQRT(var);
+      r.ret_mean = s.ret_sum / nr;
+      r.ret_std = DC_SQRT(moment_variance(s.ret_sum, s.ret_sq, nr));
     }
     out[a] = r;
   }

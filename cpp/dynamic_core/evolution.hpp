@@ -96,9 +96,7 @@ struct GenerationReport {
 inline double agent_fitness(uint32_t n, double sum, double sq, double max_dd, double dd_penalty) {
   const double nn = static_cast<double>(n > 0 ? n : 1u);
   const double mean = sum / nn;
-  double var = sq / nn - mean * mean;
-  var = var < 0.0 ? 0.0 : var;
-  const double sd = DC_SQRT(var);
+  const double sd = DC_SQRT(moment_variance(sum, sq, nn));
   const bool spread = sd > 0.0;
   const double x = (spread ? mean / (spread ? sd : 1.0) : 0.0) - dd_penalty * max_dd;
   return n > 0 && dc_finite(x) ? x : 0.0;

@@ -64,6 +64,16 @@ DC_HOST_DEVICE inline double bb_feature(double close, double mean, double var) {
   double sd = var > 0.0 ? DC_SQRT(var) : 0.0;
   return sd == 0.0 ? 0.0 : soft((close - mean) / (2.0 * sd));
 }
+// Population variance of n values from their sum and sum of squares: sq/n - mean^2, taken as 0
+// below 2^-46 of sq/n, the rounding error that one-pass form can carry (sums of up to ~2^20
+// values). Equal values left ~1e-17 there, whose square root was a spread of ~1e-8 none of
+// them had (a unanimous signal's dispersion, its confidence below 1).
+DC_HOST_DEVICE inline double moment_variance(double sum, double sq, double n) {
+  const double m2 = sq / n, mean = sum / n;
+  const double var = m2 - mean * mean;
+  return var > m2 * 0x1p-46 ? var : 0.0;
+}
+
 // Rate of change in percent (TA-Lib ROC), squashed.
 DC_HOST_DEVICE inline double mom_feature(double roc_pct) { return soft(roc_pct); }
 
@@ -234,10 +244,7 @@ DC_HOST_DEVICE inline Fused fuse(const Summary& t) {
   const bool weighted = t.sum_w > 0.0 && dc_finite(t.sum_w) && dc_finite(t.sum_ws);
   f.score = weighted ? t.sum_ws / t.sum_w : t.sum_s / n;
   f.action = score_to_action(f.score);
-  const double mean = t.sum_s / n;
-  double var = t.sum_s2 / n - mean * mean;
-  if (var < 0.0) var = 0.0;
-  f.dispersion = DC_SQRT(var);
+  f.dispersion = DC_SQRT(moment_variance(t.sum_s, t.sum_s2, n));
   uint32_t agree;
   if (f.action > 0) {
     agree = t.votes[3] + t.votes[4];

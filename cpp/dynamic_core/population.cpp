@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <numeric>
 #include <stdexcept>
@@ -490,6 +491,8 @@ void validate_genomes(const Genome* g, size_t n) {
     const double reals[] = {x.w_trend, x.w_rsi, x.w_macd, x.w_bb, x.w_mom, x.entry, x.cost_bps, x.w_dsi};
     for (double r : reals)
       if (!finite(r)) why = "non-finite weight, entry or cost";
+    for (double w : {x.w_trend, x.w_rsi, x.w_macd, x.w_bb, x.w_mom, x.w_dsi})
+      if (finite(w) && std::fabs(w) > kMaxWeight) why = "weight beyond +-1e300 (the blend would overflow)";
     if (x.entry < 0.0) why = "negative entry";
     if (x.cost_bps < 0.0 || x.cost_bps > kMaxCostBps) why = "cost_bps outside [0, 1000]";
     if (x.mode > 1) why = "unknown mode";

@@ -17,6 +17,10 @@ inline constexpr int32_t kMaxPeriod = 100000;
 // most 20%, so equity stays positive (from 5,000 bps a reversal took more than all of it and
 // equity went negative and kept compounding).
 inline constexpr double kMaxCostBps = 1000.0;
+// Weights are at most 1e300 in size: the blend of six (five features and DSI, each in [-1, 1])
+// then stays finite. Past that it overflowed to +-inf, soft(inf) = inf/inf was NaN, and a valid
+// agent was quarantined; any weight beyond ~1e16 saturates the score at +-1 anyway.
+inline constexpr double kMaxWeight = 1e300;
 
 // One bar's indicator outputs of a bank, flat, with warm flags (1.0 warm, 0.0 not).
 struct BankValues {

@@ -22,6 +22,7 @@ __all__ = ["Population", "MODES", "DEFAULTS", "MAX_AGENTS", "MAX_PERIOD", "MAX_C
 MAX_PERIOD = 100_000
 MAX_AGENTS = 50_000_000
 """The most agents a population holds (a grid, a random population)."""
+MAX_WEIGHT = 1e300  # a weight's size at most (kMaxWeight in population.hpp)
 MAX_COST_BPS = 1000.0  # 10% of equity per unit of position change (a reversal: 20%); see population.hpp
 MODES = {"long_only": 0, "long_short": 1}
 PERIODS = ("fast", "slow", "rsi_period", "macd_fast", "macd_slow", "macd_signal", "atr_period",
@@ -66,9 +67,11 @@ def check_records(rec: np.ndarray) -> None:
 
     for p in PERIODS:
         flag((rec[p] < 1) | (rec[p] > MAX_PERIOD), f"{p} outside [1, {MAX_PERIOD}]")
-    for w in WEIGHTS:
+    for w in (*WEIGHTS, "w_dsi"):
         flag(~np.isfinite(rec[w]), f"{w} not finite")
-    flag(~np.isfinite(rec["w_dsi"]), "w_dsi not finite")
+        # the blend of six weights, each feature in [-1, 1], stays finite (population.hpp)
+        flag(np.isfinite(rec[w]) & (np.abs(rec[w]) > MAX_WEIGHT),
+             f"{w} beyond +-{MAX_WEIGHT:g} (the blend would overflow)")
     flag(~np.isfinite(rec["entry"]) | (rec["entry"] < 0), "entry not a finite number >= 0")
     flag(~np.isfinite(rec["cost_bps"]) | (rec["cost_bps"] < 0) | (rec["cost_bps"] > MAX_COST_BPS),
          f"cost_bps not a finite number in [0, {MAX_COST_BPS:g}]")
