@@ -1289,3 +1289,93 @@ def test_stats_answers_while_a_long_run_runs_on_another_thread() -> None:
         assert runner.is_alive() and 0 < st["bars_in"] < len(bars), st["bars_in"]
         runner.join(120)
         assert eng.stats()["bars_in"] == len(bars)
+
+
+# ---- the sentinel after failovers ------------------------------------------------------------
+
+
+def test_close_right_after_failovers_leaves_every_sm_at_the_same_bar():
+    """close() joined the workers, then the sentinel: a move waiting for its old owner (owner -1)
+    or an adoption posted to a worker that had left never ran its bars, and agents() after close
+    mixed SMs at different bars (7 of 8 trials). close() now runs what moved groups left."""
+    bars = dc.sim.MarketSimulator(("CLOSEA", "CLOSEB"), seed=1).bars(128)
+    pop = dc.Population.random(20_000, instruments=["CLOSEA", "CLOSEB"], seed=2)
+    with dc.Engine(pop, threads=1) as e:
+        e.run(bars)
+        ref = e.agents().copy()
+    moved = 0
+    for trial in range(4):
+        # a 1 ms deadline with 256-bar blocks: workers hold groups past it, so groups move
+        eng = dc.Engine(pop, threads=2, stall_deadline=0.001, capacity=256, block_bars=256)
+        eng.submit(bars)
+        time.sleep(0.003 * trial)
+        eng.close()
+        st, lay = eng.stats(), eng.layout()
+        moved += st["failovers"]
+        assert (st["sms"]["bars"] == lay["stream_bars"][lay["sm_stream"]]).all(), trial
+        assert (st["sms"]["owner"] >= 0).all()
+        assert eng.agents().tobytes() == ref.tobytes(), trial
+    assert moved > 0, "no failover happened: the test tested nothing"
+
+
+def _poisoned_run(pop, bars, stall: bool):
+    with dc.Engine(pop, threads=1, fault_injection=True) as eng:
+        eng.run(bars[:60])
+        eng.faults.poison(0)
+        if stall:
+            eng.faults.stall_sm(0, 0.5)  # past the 50 ms deadline: the group moves to the standby
+        eng.submit(bars[60:])
+        out = []
+        while sum(map(len, out)) < len(bars) - 60:
+            out.append(eng.poll(timeout=5.0))
+        return np.concatenate(out), eng.agents(), eng.stats()
+
+
+def test_a_poison_armed_before_a_failover_lands_on_the_same_bar():
+    # the adopter's catch-up ran the backlog with no poison, and the poison landed on whatever
+    # batch came next (or never): the quarantine depended on failover timing
+    bars = dc.sim.MarketSimulator(("POISONFO",), seed=1).bars(200)
+    pop = dc.Population.random(500, instruments=["POISONFO"], seed=2)
+    ref, ra, rs = _poisoned_run(pop, bars, stall=False)
+    got, a, s = _poisoned_run(pop, bars, stall=True)
+    assert s["failovers"] >= 1 and rs["quarantined"] == s["quarantined"] == 1
+    assert got.tobytes() == ref.tobytes() and a.tobytes() == ra.tobytes()
+
+
+def test_with_every_worker_stalled_a_stall_is_one_failover_not_one_per_deadline():
+    # worker and standby both asleep: the group went from one stuck worker to another (or to
+    # itself) every deadline, each counted as a failover and a stall (16 for 2 stalls)
+    bars = dc.sim.MarketSimulator(("STORM",), seed=1).bars(200)
+    pop = dc.Population.random(500, instruments=["STORM"], seed=2)
+    with dc.Engine(pop, threads=1) as e:
+        ref = e.run(bars)
+    with dc.Engine(pop, threads=1, fault_injection=True) as eng:
+        got = [eng.run(bars[:50])]
+        eng.faults.stall_sm(0, 1.0)
+        got.append(eng.run(bars[50:100]))  # returns once the standby has the group
+        eng.faults.stall_sm(0, 1.0)  # the standby sleeps too, worker 0 still does
+        got.append(eng.run(bars[100:]))
+        st = eng.stats()
+        # worker busy time leaves the injected sleeps out (2 s of them; the bars take ms)
+        assert st["worker_busy_seconds"] < 0.5, st["worker_busy_seconds"]
+    assert np.concatenate(got).tobytes() == ref.tobytes()
+    assert 2 <= st["failovers"] <= 3 and (st["sms"]["stalls"] <= 3).all(), (st["failovers"], st["sms"]["stalls"])
+
+
+def test_stats_counts_the_agents_quarantined_now_not_ever():
+    from dynamic_core.payloads import EvolutionConfig
+
+    bars = dc.sim.MarketSimulator(("QNOW",), seed=1).bars(300)
+    pop = dc.Population.random(500, instruments=["QNOW"], seed=2)
+    with dc.Engine(pop, threads=1, fault_injection=True) as eng:
+        eng.run(bars[:200])
+        eng.faults.poison(0)
+        eng.run(bars[200:201])
+        assert eng.agents()["quarantined"].sum() == eng.stats()["quarantined"] == 1
+        rep = eng.evolve(EvolutionConfig(min_age=10, min_trades=0), seed=1, generation=1)
+        assert ((rep["births"]["how"] & 8) != 0).sum() == 1  # the quarantined agent was replaced
+        eng.run(bars[201:202])
+        assert eng.agents()["quarantined"].sum() == eng.stats()["quarantined"] == 0
+        eng.faults.poison(0)
+        eng.run(bars[202:203])
+        assert eng.agents()["quarantined"].sum() == eng.stats()["quarantined"] == 1

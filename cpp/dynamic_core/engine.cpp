@@ -237,6 +237,19 @@ void Engine::close() {
   for (auto& w : workers_)
     if (w->thread.joinable()) w->thread.join();
   if (sentinel_.joinable()) sentinel_.join();
+  // Every thread is joined. A group the sentinel moved may have bars nobody ran: its adoption
+  // posted to a worker that had already left, or a move waiting for the old owner that no later
+  // tick finished. They are run here, so every SM stands at the same bar (as agents() says).
+  const uint64_t until = head_.load(std::memory_order_acquire);
+  for (uint32_t g = 0; g < groups_.size() && !workers_.empty(); ++g) {
+    GroupRuntime& r = grt_[g];
+    int32_t w = r.owner.load(std::memory_order_relaxed);
+    if (w < 0) r.owner.store(w = 0, std::memory_order_relaxed);  // a move no tick finished: an owner again
+    if (r.nproc.load(std::memory_order_acquire) == strt_[groups_[g].stream].claimed.load(std::memory_order_acquire))
+      continue;
+    r.busy.store(0, std::memory_order_relaxed);  // no thread is left inside a claim
+    catch_up(w, g, until);
+  }
 }
 
 const Stream* Engine::find_stream(uint32_t instrument, uint32_t timeframe) const {
@@ -300,9 +313,10 @@ void Engine::worker_main(int w) {
     const size_t n = me.ring.try_pop_n(buf.data(), batch_);
     if (n) {
       const int64_t t_batch = now_ns();
+      me.injected_ns = 0;
       process_batch(w, buf.data(), n);
       const int64_t t_done = now_ns();
-      me.busy_ns.fetch_add(t_done - t_batch, std::memory_order_relaxed);
+      me.busy_ns.fetch_add(t_done - t_batch - me.injected_ns, std::memory_order_relaxed);
       me.beat_ns.store(t_done, std::memory_order_relaxed);
       continue;
     }
@@ -467,10 +481,12 @@ bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_
   if (faults_) {  // fault injection: a stall before the group is claimed
     int64_t ns = r.stall_ns.exchange(0, std::memory_order_acq_rel);
     const int64_t until = now_ns() + ns;
+    const int64_t t0 = now_ns();
     while (ns > 0 && !stop_.load(std::memory_order_relaxed)) {
       std::this_thread::sleep_for(std::chrono::nanoseconds(std::min<int64_t>(ns, 1'000'000)));
       ns = until - now_ns();
     }
+    workers_[w]->injected_ns += now_ns() - t0;  // not busy time (worker_busy_seconds)
   }
   if (!claim(w, g)) return false;
   int poison = faults_ ? r.poison.exchange(-1, std::memory_order_acq_rel) : -1;
@@ -518,7 +534,9 @@ void Engine::catch_up(int w, uint32_t g, uint64_t until_pos) {
   if (!claim(w, g)) return;
   uint64_t np = grt_[g].nproc.load(std::memory_order_acquire);  // as in run_group
   uint64_t updates = 0;
-  int poison = -1;
+  // a poison armed for the group lands on the first bar it runs, here as in run_group: the bar
+  // the stalled owner was about to run (with no failover, the same bar)
+  int poison = faults_ ? grt_[g].poison.exchange(-1, std::memory_order_acq_rel) : -1;
   replay(w, g, until_pos, np, poison, updates);
   release(w, g, np, updates);
 }
@@ -586,13 +604,27 @@ void Engine::sentinel_main() {
       }
       const int64_t worker_age = now - workers_[owner]->beat_ns.load(std::memory_order_relaxed);
       if (now - r.pending_since > deadline && worker_age > deadline) {
-        r.status.store(static_cast<uint32_t>(SmStatus::Stalled), std::memory_order_relaxed);
-        r.stalls.fetch_add(1, std::memory_order_relaxed);
-        r.pending_since = 0;
-        move_group(g, owner);
+        // counted once until it progresses again (a stalled adopter extends the same stall)
+        if (r.status.exchange(static_cast<uint32_t>(SmStatus::Stalled), std::memory_order_relaxed) !=
+            static_cast<uint32_t>(SmStatus::Stalled))
+          r.stalls.fetch_add(1, std::memory_order_relaxed);
+        r.pending_since = 0;  // watched again from the next tick
+        // Moved only to a worker that is fresh: with every other one stuck too, a move went from
+        // one stuck worker to another (or to itself) every deadline, each counted a failover.
+        bool elsewhere = false;
+        for (int w = 0; w < n_workers_ && !elsewhere; ++w) elsewhere = w != owner && worker_fresh(w, now);
+        if (elsewhere) move_group(g, owner);
       }
     }
   }
+}
+
+bool Engine::worker_fresh(int w, int64_t now) const {
+  // An empty ring alone is not enough: a worker stuck in a batch has popped it (the one just
+  // found stalled, among them).
+  const Worker& k = *workers_[w];
+  return now - k.beat_ns.load(std::memory_order_relaxed) < cfg_.stall_deadline_ns ||
+         (k.sleeping.load(std::memory_order_relaxed) && k.ring.empty());
 }
 
 // Moves group g away from worker `from` (from < 0: finish a move started earlier).
@@ -610,13 +642,8 @@ void Engine::move_group(uint32_t g, int from) {
   const int standby = n_workers_ - 1;
   int target = standby;
   const int64_t now = now_ns();
-  // Fresh: beat within the deadline, or parked with nothing to do. An empty ring alone is not
-  // enough: a worker stuck in a batch has popped it (the one just found stalled, among them).
   auto age = [&](int w) { return now - workers_[w]->beat_ns.load(std::memory_order_relaxed); };
-  auto fresh = [&](int w) {
-    const Worker& k = *workers_[w];
-    return age(w) < cfg_.stall_deadline_ns || (k.sleeping.load(std::memory_order_relaxed) && k.ring.empty());
-  };
+  auto fresh = [&](int w) { return worker_fresh(w, now); };
   if (target == from || !fresh(target)) {  // the standby itself is stuck: least-loaded other worker
     size_t best = SIZE_MAX;
     for (int w = 0; w < n_workers_; ++w) {
@@ -634,6 +661,10 @@ void Engine::move_group(uint32_t g, int from) {
       for (int w = 0; w < n_workers_; ++w)
         if (age(w) < age(target)) target = w;
     }
+  }
+  if (target == from) {  // nowhere better: it stays (no adoption of itself, no failover counted)
+    r.owner.store(from, std::memory_order_seq_cst);
+    return;
   }
   const uint32_t s = groups_[g].stream;
   // The new owner's stream bit is set before the adoption is posted (see worker_main).

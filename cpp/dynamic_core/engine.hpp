@@ -117,7 +117,7 @@ struct alignas(kCacheLine) GroupRuntime {
   std::atomic<uint32_t> stalls{0};    // times detected stalled
   std::atomic<int64_t> stall_ns{0};   // fault injection: sleep this long before the next unit
   std::atomic<int32_t> poison{-1};    // fault injection: lane (in the group) whose next score is NaN
-  std::atomic<uint64_t> quarantined{0};
+  std::atomic<uint64_t> quarantined{0};  // its agents quarantined now (a generation's children replace them)
   uint64_t last_pos = 0;              // owner only: position of the last bar processed + 1
   // sentinel only
   uint64_t seen_nproc = 0;
@@ -305,6 +305,7 @@ class Engine {
     std::atomic<int64_t> beat_ns{0};
     std::atomic<uint64_t> updates{0};
     std::atomic<int64_t> busy_ns{0};  // time spent running batches
+    int64_t injected_ns = 0;          // worker only: fault-injection stalls within the batch running
     std::atomic<size_t> hwm{0};
     std::atomic<uint32_t> adopt_gen{0};
     std::mutex adopt_m;
@@ -351,6 +352,8 @@ class Engine {
   void fuse(uint64_t p);
   void sentinel_main();
   void move_group(uint32_t g, int from);
+  // Whether worker w is fresh at `now`: beat within the stall deadline, or parked with nothing to do.
+  bool worker_fresh(int w, int64_t now) const;
   void wake_worker(int w);
   void notify_ready(uint64_t p);
   bool claim_space(std::unique_lock<std::mutex>& ingress);

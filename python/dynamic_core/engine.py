@@ -1157,7 +1157,9 @@ class Engine:
         """Counters and health: bars in/accepted/rejected (by reason)/skipped, signals, agent
         updates and agent-updates/s (over the longer of the time spent in ``run``,
         ``busy_seconds``, and the busiest worker's time running bars, ``worker_busy_seconds``:
-        an engine fed only by ``submit``/``poll`` spends none in ``run``), quarantined agents,
+        an engine fed only by ``submit``/``poll`` spends none in ``run``; fault-injection stalls
+        are not busy time), agents quarantined now (``quarantined``: a generation's children
+        replace them),
         bar-to-signal latency (``latency_s``: p50/p90/p99/max, from histogram buckets 9% wide),
         window depth and high-water mark, backpressure events, failovers, per-worker queue depth,
         high-water mark and heartbeat age, per-SM owner/status/heartbeat age (``sms``), warp
