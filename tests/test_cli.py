@@ -301,10 +301,11 @@ def test_dayfirst_reads_ambiguous_dates_day_first_on_the_command_line(tmp_path: 
     t = pd.date_range("2017-05-01", periods=240, freq="h")  # 01/05 .. 10/05: either order
     rng = np.random.default_rng(1)
     close = 1.1 + np.cumsum(rng.normal(0, 1e-3, len(t)))
-    pd.DataFrame({"Date": t.strftime("%d/%m/%Y %H:%M"), "Open": close, "High": close + 1e-3, "Low": close - 1e-3,
-                  "Close": close}).to_csv(tmp_path / "DMY.csv", index=False)
+    pd.DataFrame({"Date": t.strftime("%d/%m/%Y %H:%M"), "Open": close, "High": close + 1e-3,
+                  "Low": close - 1e-3, "Close": close}).to_csv(tmp_path / "DMY.csv", index=False)
     with pytest.warns(UserWarning, match="--dayfirst on the command line"):
-        month_first = cli.load_bars(str(tmp_path / "DMY.csv"), sim_names=[], bars=None, timeframe=None, seed=0)
+        month_first = cli.load_bars(str(tmp_path / "DMY.csv"), sim_names=[], bars=None, timeframe=None,
+                                    seed=0)
     assert month_first["ts"][0] == np.datetime64("2017-01-05", "ns").astype(np.int64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -100,9 +100,9 @@ def test_ctrl_c_ends_a_wait_behind_another_threads_blocked_submit(call: str) -> 
     # Another thread's block-policy submit fills the window and waits for room; the main thread's
     # submit waits for that batch to end, which nothing will do: ^C must end that wait too, with
     # nothing of the main thread's bars taken. (A step or run there fails at once instead:
-    # test_runtime.py, test_a_*_behind_another_feeders_batch_waiting_for_room_fails_at_once.) "ready" once the other submit blocks and the
-    # main thread has been inside its call for 0.5 s (the native wait: before the fix it never
-    # returned, and the child was killed at the timeout)
+    # test_runtime.py, test_a_*_behind_another_feeders_batch_waiting_for_room_fails_at_once.)
+    # "ready" once the other submit blocks and the main thread has been inside its call for 0.5 s
+    # (the native wait: before the fix it never returned, and the child was killed at the timeout)
     p = _child(f"""
         import sys, threading, time, dynamic_core as dc
         pop = dc.Population.random(256, instruments=["EURUSD"], timeframes=[3600], seed=1)

@@ -817,7 +817,8 @@ def test_whole_numbers_that_are_not_all_real_dates_stay_epoch_numbers() -> None:
     assert got["ts"].tolist() == [20230228 * NS, 20230231 * NS]
     # hourly epoch seconds are never all YYYYMMDD codes
     t = 1_700_000_000 + 3600 * np.arange(48)
-    assert dc.market.from_pandas(pd.DataFrame({**base, "ts": t}), "EPOCHS")["ts"].tolist() == (t * NS).tolist()
+    got = dc.market.from_pandas(pd.DataFrame({**base, "ts": t}), "EPOCHS")
+    assert got["ts"].tolist() == (t * NS).tolist()
 
 
 def test_stooq_date_and_time_numbers_load_as_the_bars_times(tmp_path: Path) -> None:
@@ -854,7 +855,8 @@ def test_a_datetime_index_gives_the_times_beside_helper_columns_and_must_agree_w
     eur = _real("EURUSD").iloc[:300]
     want = dc.market.from_pandas(eur, "EURUSD")
     # a Date column of the index's dates: the index's hours, not 300 bars at midnight
-    assert np.array_equal(dc.market.from_pandas(eur.assign(Date=eur.index.strftime("%Y-%m-%d")), "EURUSD"), want)
+    dates = eur.assign(Date=eur.index.strftime("%Y-%m-%d"))
+    assert np.array_equal(dc.market.from_pandas(dates, "EURUSD"), want)
     # a Time column of times of day alone: the index has the dates
     assert np.array_equal(dc.market.from_pandas(eur.assign(Time=eur.index.strftime("%H:%M")), "EURUSD"), want)
     # a time column repeating the index
@@ -888,17 +890,23 @@ def test_a_decimal_comma_file_reads_dots_as_thousands_separators(tmp_path: Path)
     got = dc.market.read_csv(tmp_path / "DE.csv")
     assert got["volume"].tolist() == [1413.0, 2041.5] and got["high"].tolist() == [1.0722, 1071.5]
     assert got["close"].tolist() == [1.07219, 1.0726]
-    assert got["ts"].tolist() == [np.datetime64(f"2017-04-19T{h}:00", "ns").astype(np.int64) for h in ("09", "10")]
+    want = [np.datetime64(f"2017-04-19T{h}:00", "ns").astype(np.int64) for h in ("09", "10")]
+    assert got["ts"].tolist() == want
+
+
+def _hours_ns(start: str, n: int) -> np.ndarray:
+    return pd.date_range(start, periods=n, freq="h").to_numpy().astype("datetime64[ns]").view(np.int64)
 
 
 def _dmy_frame(days: range) -> pd.DataFrame:
     t = pd.date_range("2017-05-01", periods=24 * len(days), freq="h")
-    return pd.DataFrame({"Date": t.strftime("%d/%m/%Y %H:%M"), "Open": 1.0, "High": 1.0, "Low": 1.0, "Close": 1.0})
+    return pd.DataFrame({"Date": t.strftime("%d/%m/%Y %H:%M"), "Open": 1.0, "High": 1.0, "Low": 1.0,
+                         "Close": 1.0})
 
 
 def test_day_first_dates_are_read_day_first_when_the_values_say_so() -> None:
     # ten days of 01/05/2017 .. 10/05/2017 then 11/05 .. 20/05: the 13th decides
-    want = pd.date_range("2017-05-01", periods=24 * 20, freq="h").to_numpy().astype("datetime64[ns]").view(np.int64)
+    want = _hours_ns("2017-05-01", 24 * 20)
     got = dc.market.from_pandas(_dmy_frame(range(20)), "DMY")
     assert got["ts"].tolist() == want.tolist() and got["timeframe"][0] == H1
 
@@ -909,7 +917,7 @@ def test_dates_that_could_be_either_order_warn_and_dayfirst_decides() -> None:
         got = dc.market.from_pandas(df, "DMY")
     assert rec[0].filename == __file__
     assert got["ts"][0] == np.datetime64("2017-01-05", "ns").astype(np.int64)
-    want = pd.date_range("2017-05-01", periods=240, freq="h").to_numpy().astype("datetime64[ns]").view(np.int64)
+    want = _hours_ns("2017-05-01", 240)
     assert dc.market.from_pandas(df, "DMY", dayfirst=True)["ts"].tolist() == want.tolist()
     # dotted dates are day first in every locale that writes them
     dotted = df.assign(Date=df["Date"].str.replace("/", "."))

@@ -189,6 +189,7 @@ def test_a_grid_too_large_is_refused_before_its_values_are_read() -> None:
     with pytest.raises(ValueError, match="grid of 999999999999 agents is larger than the 50M limit"):
         dc.Population.grid("EURUSD", "H1", fast=range(1, 10**12))
     gen = dc.Population.grid("EURUSD", "H1", fast=(f for f in (5, 10)), slow=range(20, 41, 10))
-    assert gen.records["fast"].tolist() == [5, 5, 5, 10, 10, 10] and gen.records["slow"].tolist() == [20, 30, 40] * 2
+    assert gen.records["fast"].tolist() == [5, 5, 5, 10, 10, 10]
+    assert gen.records["slow"].tolist() == [20, 30, 40] * 2
     with pytest.raises(TypeError, match="a set has no order"):
         dc.Population.grid("EURUSD", "H1", fast={5, 10})

@@ -245,8 +245,8 @@ void Engine::close() {
     GroupRuntime& r = grt_[g];
     int32_t w = r.owner.load(std::memory_order_relaxed);
     if (w < 0) r.owner.store(w = 0, std::memory_order_relaxed);  // a move no tick finished: an owner again
-    if (r.nproc.load(std::memory_order_acquire) == strt_[groups_[g].stream].claimed.load(std::memory_order_acquire))
-      continue;
+    const uint64_t claimed = strt_[groups_[g].stream].claimed.load(std::memory_order_acquire);
+    if (r.nproc.load(std::memory_order_acquire) == claimed) continue;
     r.busy.store(0, std::memory_order_relaxed);  // no thread is left inside a claim
     catch_up(w, g, until);
   }
@@ -855,7 +855,8 @@ size_t Engine::take(const Bar* bars, size_t n, uint32_t n_registered, bool valid
                     std::vector<AdmittedBar>* admitted, size_t row0, std::unique_lock<std::mutex>* lk,
                     int64_t deadline, bool drop) {
   const bool may_wait = !admitted && (lk || drain_to || drop);
-  if (!may_wait || validated || window_room() >= n) {  // validated: reject_new cut the batch to the room there is
+  // validated: reject_new cut the batch to the room there is
+  if (!may_wait || validated || window_room() >= n) {
     take_piece(bars, n, n_registered, validated, drain_to, admitted, row0);
     return n;
   }
@@ -865,14 +866,15 @@ size_t Engine::take(const Bar* bars, size_t n, uint32_t n_registered, bool valid
   std::vector<uint32_t> reasons(n);
   validate_locked(bars, n, n_registered, reasons.data());
   std::vector<uint64_t> slots_after(n + 1, 0);
-  for (size_t k = n; k-- > 0;)
-    slots_after[k] = slots_after[k + 1] +
-                     (reasons[k] == 0 && stream_of_.count(stream_key(bars[k].instrument, bars[k].timeframe)) != 0);
+  for (size_t k = n; k-- > 0;) {
+    const bool followed = stream_of_.count(stream_key(bars[k].instrument, bars[k].timeframe)) != 0;
+    slots_after[k] = slots_after[k + 1] + (reasons[k] == 0 && followed);
+  }
   size_t i = 0;
   while (i < n) {
     const uint64_t left = slots_after[i];
-    const bool room = left == 0 || make_room(std::min<uint64_t>(left, std::max<uint64_t>(1, cap_ / 4)), drain_to, lk,
-                                             deadline, drop);
+    const uint64_t want = std::min<uint64_t>(left, std::max<uint64_t>(1, cap_ / 4));
+    const bool room = left == 0 || make_room(want, drain_to, lk, deadline, drop);
     // the longest run of bars from i whose slots fit the room there is now
     const uint64_t fit = window_room();
     size_t j = i;
@@ -1063,7 +1065,8 @@ void Engine::take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool v
   }
 }
 
-bool Engine::take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadline, size_t n, const char* own) {
+bool Engine::take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadline, size_t n,
+                       const char* own) {
   if (feed.try_lock()) return true;
   // Another feeder's batch (a blocked submit, a run) holds the feed: wait in slices, so ^C
   // (the interrupt check) and close() end a long wait, with nothing taken. A run or step (own:
@@ -1383,8 +1386,8 @@ std::vector<uint64_t> Engine::latency_histogram() const {
 void Engine::inject_stall(uint32_t sm, int64_t ns) {
   if (!faults_) throw std::logic_error("fault injection is not armed (EngineConfig::fault_injection)");
   if (sm >= layout_.sms.size())
-    throw std::out_of_range("no such SM: " + std::to_string(sm) + " (SMs are 0.." + std::to_string(layout_.sms.size() - 1) +
-                            ")");
+    throw std::out_of_range("no such SM: " + std::to_string(sm) + " (SMs are 0.." +
+                            std::to_string(layout_.sms.size() - 1) + ")");
   grt_[group_of_[sm]].stall_ns.store(ns, std::memory_order_release);
 }
 

@@ -403,7 +403,8 @@ class Engine {
   // the engine closes; nothing is taken or counted then.
   // own: the name of a call returning its own bars' signals (run, step), which fails at once
   // (check_drained) behind a submit waiting for a consumer's room.
-  bool take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadline, size_t n, const char* own = nullptr);
+  bool take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadline, size_t n,
+                 const char* own = nullptr);
   size_t drain(Signal* out, size_t max_n);
   size_t validate_locked(const Bar* bars, size_t n, uint32_t n_registered, uint32_t* reasons);
   // Caller holds ingress_m_: throws StrictRefusal when any bar of the batch is bad.

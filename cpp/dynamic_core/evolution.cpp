@@ -857,8 +857,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
         layout_.sms[m].has_dsi = 1;
       }
       lane_judge_from_[slot_lane] = std::max(static_cast<int64_t>(st.nbars), static_cast<int64_t>(lookback));
-      if (how & kQuarantined)  // the quarantined agent it replaces is gone: stats()["quarantined"] counts those now
-        grt_[group_of_[m]].quarantined.fetch_sub(1, std::memory_order_relaxed);
+      // the quarantined agent it replaces is gone: stats()["quarantined"] counts those now
+      if (how & kQuarantined) grt_[group_of_[m]].quarantined.fetch_sub(1, std::memory_order_relaxed);
       I.crossovers += (how & kCrossover) != 0;
       I.migrants += (how & kMigrant) != 0;
       I.spawns += (how & kSpawn) != 0;

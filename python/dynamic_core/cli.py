@@ -202,6 +202,10 @@ def _axis(kind: type) -> Callable[[str], list[Any]]:
     return convert
 
 
+_DAYFIRST_HELP = ("dates like 05/01/2017 in the data put the day first [default: decided by the dates; month "
+                  "first, with a warning, when every date could be either]")
+"""``--dayfirst`` of the commands that read data."""
+
 _learning_count = int_range(0, MAX_LEARNING, span=f"0..{MAX_LEARNING:,} learning agents per stream")
 """``--learning``: learning agents per stream, 0 (off) to :data:`MAX_LEARNING`."""
 _agent_count = int_range(1, MAX_AGENTS, span=f"1..{MAX_AGENTS:,} agents")
@@ -359,8 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "close[, volume][, symbol]), 'sim', or 'backtesting:EURUSD|GOOG|BTCUSD' instead of the "
                         "simulator")
     r.add_argument("--dayfirst", action="store_true",
-                   help="dates like 05/01/2017 in the data put the day first [default: decided by the dates; "
-                        "month first, with a warning, when every date could be either]")
+                   help=_DAYFIRST_HELP)
     r.add_argument("--seed", type=_seed, default=0,
                    help="seed of the simulated market and of the population, 0 to 2**64-1 [default: 0]")
     r.add_argument("--cores-per-sm", type=int, choices=(32, 64, 96, 128), default=128,
@@ -416,8 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bars", type=_positive_int, default=None, metavar="N",
                    help="bars per instrument [default: 2000 for sim; all bars of a file, else the first N]")
     b.add_argument("--dayfirst", action="store_true",
-                   help="dates like 05/01/2017 in the data put the day first [default: decided by the dates; "
-                        "month first, with a warning, when every date could be either]")
+                   help=_DAYFIRST_HELP)
     b.add_argument("--seed", type=_seed, default=0,
                    help="seed of the simulated market (--data sim), 0 to 2**64-1 [default: 0]")
     genome = b.add_argument_group(
@@ -475,8 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--swing-length", type=_positive_int, default=10, metavar="L",
                     help="bars on each side of a swing [default: 10]")
     sm.add_argument("--dayfirst", action="store_true",
-                    help="dates like 05/01/2017 in the data put the day first [default: decided by the dates; "
-                         "month first, with a warning, when every date could be either]")
+                    help=_DAYFIRST_HELP)
     sm.add_argument("--engine", action="store_true",
                     help="with a journal: also replay it through the engine and verify its signals")
     sm.add_argument("--evolve", type=_count, default=0, metavar="N",
@@ -1190,7 +1191,8 @@ def cmd_smc(args: argparse.Namespace) -> int:
         source = bars
     extra: dict[str, Any] = {"engine": True} if args.engine else {}
     if args.evolve:
-        extra.update(evolve=args.evolve, evolve_agents=args.evolve_agents or 2048, evolve_plot=args.evolve_plot)
+        extra.update(evolve=args.evolve, evolve_agents=args.evolve_agents or 2048,
+                     evolve_plot=args.evolve_plot)
     status = _StatusLine(f"{PROG} smc: ") if not args.quiet and sys.stderr.isatty() else None
     try:
         table = replay_report(source, args.swing_length, progress=status, **extra)

@@ -640,9 +640,9 @@ class Engine:
         t = _timeout_ns(timeout)
         disp = self._dispatcher
         if disp is not None and disp is not threading.current_thread() and disp.is_alive():
-            raise RuntimeError("poll() beside on_signal: its dispatcher delivers every signal to the callbacks, "
-                               "and this poll would take some of them from them; consume in the callbacks, or "
-                               "poll on an engine without any")
+            raise RuntimeError("poll() beside on_signal: its dispatcher delivers every signal to the "
+                               "callbacks, and this poll would take some of them from them; consume in the "
+                               "callbacks, or poll on an engine without any")
         with self._egress_guard:
             self._no_runner_beside("poll", "this poll")
             self._pollers += 1

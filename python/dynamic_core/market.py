@@ -269,7 +269,8 @@ def from_pandas(df, instrument: str | int | None = None, timeframe: int | str | 
 
 def _by_symbol(df, scol, instrument: str | int | None, timeframe: int | str | None, dayfirst: bool | None,
                source: str, first_row: int, how: str, warn: bool = False) -> np.ndarray:
-    """The bars of ``df`` whose ``scol`` column names each row's instrument: all of them, or ``instrument``'s only. Names
+    """The bars of ``df`` whose ``scol`` column names each row's instrument: all of them, or
+    ``instrument``'s only. Names
     as written, surrounding blanks removed; ``ValueError`` naming rows without one (such a row
     belongs to no instrument, and dropping it would lose data without a word) and for an
     ``instrument`` the column does not hold. ``warn``: :func:`_warn_not_numbers` on the rows
@@ -311,8 +312,8 @@ def _column_times(df, cols: list, dayfirst: bool | None) -> tuple[np.ndarray, st
     if dcol is not None and _bare(tcol) == "time" and _is_time_of_day(df[tcol], with_date=True):
         # MetaTrader 4/5 exports: Date 2024.01.01, Time 00:00 (Stooq: 20240101, 000000). Read
         # alone, the time of day got today's date
-        return (_date_and_time_ns(df[dcol], df[tcol], f"date column {dcol!r}", f"time column {tcol!r}", dayfirst),
-                f"the date and time columns {dcol!r} and {tcol!r}")
+        ns = _date_and_time_ns(df[dcol], df[tcol], f"date column {dcol!r}", f"time column {tcol!r}", dayfirst)
+        return ns, f"the date and time columns {dcol!r} and {tcol!r}"
     if dcol is None and _is_time_of_day(df[tcol]):  # pandas would date every bar today
         raise ValueError(f"time column {tcol!r} holds times of day without dates (e.g. "
                          f"{str(df[tcol].dropna().iloc[0]).strip()!r}): add a date column (read together "
@@ -343,8 +344,8 @@ def _frame_times(df, cols: list, dayfirst: bool | None) -> np.ndarray:
     if len(differ):
         i = int(differ[0])
         show = [str(np.datetime64(int(x), "ns")).replace("T", " ") for x in (ts[i], col[i])]
-        raise ValueError(f"the DatetimeIndex and {what} disagree in {len(differ):,} row(s), e.g. position {i}: "
-                         f"{show[0]} against {show[1]}: drop the column(s) or reset the index "
+        raise ValueError(f"the DatetimeIndex and {what} disagree in {len(differ):,} row(s), e.g. position "
+                         f"{i}: {show[0]} against {show[1]}: drop the column(s) or reset the index "
                          f"(df.reset_index(drop=True)), so that one of them gives the times")
     return ts
 
@@ -525,9 +526,10 @@ def _date_and_time_ns(dates, times, dsource: str, tsource: str, dayfirst: bool |
         v = times.to_numpy(dtype=np.int64)
         top = int(v.max()) if len(v) else 0
         if 0 < top <= 2359:
-            raise BadTimes(f"{tsource} holds whole numbers up to {top} as times of day: HHMM or HHMMSS cannot be "
-                           f"told apart below 2400 (900 is 09:00 or 00:09:00); write the times as HH:MM[:SS] "
-                           f"text or as HHMMSS with hours past midnight", "ambiguous whole-number times of day")
+            raise BadTimes(f"{tsource} holds whole numbers up to {top} as times of day: HHMM or HHMMSS "
+                           f"cannot be told apart below 2400 (900 is 09:00 or 00:09:00); write the times as "
+                           f"HH:MM[:SS] text or as HHMMSS with hours past midnight",
+                           "ambiguous whole-number times of day")
         return day + ((v // 10000 * 60 + v // 100 % 100) * 60 + v % 100) * _NS
     if times.dtype == object and len(times.dropna()) and isinstance(times.dropna().iloc[0], datetime.time):
         # datetime.time objects (a SQL TIME column) as their ISO text; anything else there is refused below
@@ -645,7 +647,10 @@ def _calendar_ns(v: np.ndarray) -> np.ndarray | None:
     secs = np.zeros(len(v), dtype=np.int64)
     if tail > 1:
         rest = v % tail
-        hh, mi, ss = (rest // 100, rest % 100, 0) if tail == 10**4 else (rest // 10**4, rest // 100 % 100, rest % 100)
+        if tail == 10**4:  # HHMM
+            hh, mi, ss = rest // 100, rest % 100, 0
+        else:  # HHMMSS
+            hh, mi, ss = rest // 10**4, rest // 100 % 100, rest % 100
         if not ((hh < 24) & (mi < 60) & (ss < 60)).all():
             return None
         secs = (hh * 60 + mi) * 60 + ss
@@ -744,9 +749,9 @@ def _dayfirst(col, source: str, dayfirst: bool | None) -> bool | None:
         return False
     if m.group(2) == ".":
         return True
-    warnings.warn(f"{source}: dates like {first.strip()!r} read month first (mm{m.group(2)}dd); every date could be "
-                  f"either order: pass dayfirst=True (--dayfirst on the command line) to read them day first "
-                  f"(dayfirst=False silences this)",
+    warnings.warn(f"{source}: dates like {first.strip()!r} read month first (mm{m.group(2)}dd); every date "
+                  f"could be either order: pass dayfirst=True (--dayfirst on the command line) to read them "
+                  f"day first (dayfirst=False silences this)",
                   UserWarning, stacklevel=_outside())
     return False
 
