@@ -1225,6 +1225,7 @@ def test_bars_that_take_no_slot_neither_wait_for_room_nor_drop_signals(policy: s
             assert taken == 16 and after["dropped"] == before["dropped"] + 1
         else:  # reject_new: the slot-less bars are taken, the followed one finds no room
             assert taken == 15 and after["dropped"] == before["dropped"]
+        eng._native.wait_idle()  # the followed bar's signal is computed on the worker
         got = eng.poll(timeout=1.0)
         assert len(got) == 64
 
