@@ -409,6 +409,73 @@ def test_stalled_sm_fails_over_without_losing_signals(pop, market):
 
 
 
+def test_a_worker_stuck_holding_its_sm_shows_it_moving_then_hands_it_over():
+    """A worker stuck in the middle of a group (holding it) cannot be relieved of it: the sentinel
+    marks the group "moving" (owner -1) and the standby adopts it once the worker lets go. The
+    status "moving" was never set (a move waiting for the holder showed "stalled" with owner -1),
+    and the stall hooks could only stall a worker before it took hold, so the wait was never
+    exercised by a test. No signal is lost or changed."""
+    bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=4).bars(400)
+    p = dc.Population.random(2_000, instruments=["EURUSD"], timeframes=["H1"], seed=5)
+    with dc.Engine(p, threads=1) as a:
+        ref = a.run(bars)
+    with dc.Engine(p, threads=1, fault_injection=True, stall_deadline=0.05) as eng:
+        eng.run(bars[:100])
+        eng.faults.stall_sm(0, 1.5, holding=True)
+        eng.submit(bars[100:101])
+        seen = set()
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            sms = eng.stats()["sms"]
+            seen.add((str(sms["status"][0]), int(sms["owner"][0])))
+            time.sleep(0.01)
+        assert ("moving", -1) in seen, seen
+        eng.submit(bars[101:])
+        got = []
+        while sum(map(len, got)) < len(bars) - 100:
+            part = eng.poll(timeout=20.0)
+            assert len(part), "signals stopped"
+            got.append(part)
+        until = time.monotonic() + 5.0  # "ok" once the sentinel's next tick sees the progress
+        while (st := eng.stats())["sms"]["status"][0] != "ok" and time.monotonic() < until:
+            time.sleep(0.01)
+    assert np.concatenate(got).tobytes() == ref[100:].tobytes()
+    assert st["failovers"] == 1 and st["sms"]["stalls"][0] == 1
+    assert set(st["sms"]["owner"].tolist()) == {1} and set(st["sms"]["status"].tolist()) == {"ok"}
+
+
+def test_a_stall_of_a_negative_length_is_refused() -> None:
+    pop = dc.Population.random(32, instruments=["EURUSD"], seed=1)
+    with dc.Engine(pop, threads=1, fault_injection=True) as eng:
+        with pytest.raises(ValueError, match="seconds"):
+            eng.faults.stall_sm(0, -1.0, holding=True)
+        with pytest.raises(IndexError, match="0 ns or more"):  # the native hook checks it too
+            eng._native.inject_stall(0, -5, True)
+
+
+def test_an_sm_heartbeat_counts_from_its_pending_bar_not_from_the_idle_time_before() -> None:
+    """An SM's heartbeat age is the time it has had work without progress: 0 when idle. It used
+    to count from the SM's last unit of progress, so 1.5 s idle then 0.15 s into a stalled bar
+    read 1.65 s (and a healthy SM just handed a bar after a quiet hour read an hour)."""
+    bars = dc.sim.MarketSimulator(["HBIDLE"], timeframe="H1", seed=1).bars(60)
+    pop = dc.Population.random(64, instruments=["HBIDLE"], seed=2)
+    # deadline 0.4 s (the sentinel looks every 0.1 s), the stall shorter: no failover
+    with dc.Engine(pop, threads=1, fault_injection=True, stall_deadline=0.4) as eng:
+        eng.run(bars[:50])
+        time.sleep(1.5)
+        assert eng.stats()["sms"]["heartbeat_age_s"][0] == 0.0  # idle
+        eng.faults.stall_sm(0, 0.3)
+        t0 = time.monotonic()
+        eng.submit(bars[50:51])
+        time.sleep(0.15)
+        age = eng.stats()["sms"]["heartbeat_age_s"][0]
+        waited = time.monotonic() - t0
+        assert len(eng.poll(timeout=5.0)) == 1
+        assert eng.stats()["failovers"] == 0
+    # at least the time since the bar came, at most a sentinel period (and the machine's lag) more
+    assert 0.15 <= age < waited + 0.6, (age, waited)
+
+
 def test_a_failover_never_hands_the_group_back_to_the_stalled_worker():
     """threads=1: the stalled worker's group goes to the standby, which catches up on a backlog
     longer than the deadline. It used to publish no heartbeat while catching up, so the sentinel

@@ -413,7 +413,7 @@ void bind_engine(py::module_& m) {
       .def("wait_idle", [](Engine& e) {
              without_gil([&] { e.wait_all(); });
            }, "Wait until every submitted bar has been processed.")
-      .def("inject_stall", &Engine::inject_stall, py::arg("sm"), py::arg("ns"))
+      .def("inject_stall", &Engine::inject_stall, py::arg("sm"), py::arg("ns"), py::arg("hold") = false)
       .def("inject_poison", &Engine::inject_poison, py::arg("agent"))
       .def("set_credit", lane_setter<&Engine::set_credit>("set_credit"), py::arg("agents"), py::arg("credit"),
            py::arg("event") = py::bytes(),

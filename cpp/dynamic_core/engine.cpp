@@ -476,19 +476,26 @@ void Engine::replay(int w, uint32_t g, uint64_t until_pos, uint64_t& np, int& po
   }
 }
 
+void Engine::injected_sleep(int w, int64_t ns) {
+  const int64_t t0 = now_ns();
+  const int64_t until = t0 + ns;
+  while (ns > 0 && !stop_.load(std::memory_order_relaxed)) {
+    std::this_thread::sleep_for(std::chrono::nanoseconds(std::min<int64_t>(ns, 1'000'000)));
+    ns = until - now_ns();
+  }
+  workers_[w]->injected_ns += now_ns() - t0;  // not busy time (worker_busy_seconds)
+}
+
 bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_t* done) {
   GroupRuntime& r = grt_[g];
-  if (faults_) {  // fault injection: a stall before the group is claimed
-    int64_t ns = r.stall_ns.exchange(0, std::memory_order_acq_rel);
-    const int64_t until = now_ns() + ns;
-    const int64_t t0 = now_ns();
-    while (ns > 0 && !stop_.load(std::memory_order_relaxed)) {
-      std::this_thread::sleep_for(std::chrono::nanoseconds(std::min<int64_t>(ns, 1'000'000)));
-      ns = until - now_ns();
-    }
-    workers_[w]->injected_ns += now_ns() - t0;  // not busy time (worker_busy_seconds)
+  // fault injection: a stall before the group is claimed, or (< 0) holding it
+  const int64_t stall = faults_ ? r.stall_ns.exchange(0, std::memory_order_acq_rel) : 0;
+  if (stall > 0) injected_sleep(w, stall);
+  if (!claim(w, g)) {
+    if (stall < 0) r.stall_ns.store(stall, std::memory_order_release);  // for its next claim
+    return false;
   }
-  if (!claim(w, g)) return false;
+  if (stall < 0) injected_sleep(w, -stall);
   int poison = faults_ ? r.poison.exchange(-1, std::memory_order_acq_rel) : -1;
   uint64_t updates = 0;
   // acquire: pairs with the release of nproc by the group's previous runner, which may have been
@@ -600,6 +607,7 @@ void Engine::sentinel_main() {
           r.status.store(static_cast<uint32_t>(SmStatus::Ok), std::memory_order_relaxed);
         r.seen_nproc = np;
         r.pending_since = claimed > np ? now : 0;
+        if (claimed <= np) r.ok_ns.store(now, std::memory_order_relaxed);
         continue;
       }
       const int64_t worker_age = now - workers_[owner]->beat_ns.load(std::memory_order_relaxed);
@@ -636,7 +644,10 @@ void Engine::move_group(uint32_t g, int from) {
     move_from[g] = from;
     // seq_cst: mirror image of the claim in run_group (owner first, then busy).
     r.owner.store(-1, std::memory_order_seq_cst);
-    if (r.busy.load(std::memory_order_seq_cst)) return;  // finished on a later tick
+    if (r.busy.load(std::memory_order_seq_cst)) {  // finished on a later tick
+      r.status.store(static_cast<uint32_t>(SmStatus::Moving), std::memory_order_relaxed);
+      return;
+    }
   }
   from = move_from[g];
   const int standby = n_workers_ - 1;
@@ -663,6 +674,7 @@ void Engine::move_group(uint32_t g, int from) {
     }
   }
   if (target == from) {  // nowhere better: it stays (no adoption of itself, no failover counted)
+    r.status.store(static_cast<uint32_t>(SmStatus::Stalled), std::memory_order_relaxed);
     r.owner.store(from, std::memory_order_seq_cst);
     return;
   }
@@ -1334,6 +1346,8 @@ double Engine::worker_busy_seconds() const {
 uint64_t Engine::quarantined() const {
   uint64_t q = 0;
   for (uint32_t g = 0; g < groups_.size(); ++g) q += grt_[g].quarantined.load(std::memory_order_relaxed);
+  // Modular on purpose: on a backend outside the workers, ext_ counts the quarantines and a
+  // generation's replacements take a group's count below 0 (wrapped), so the sum is those now.
   return q + ext_quarantined_.load(std::memory_order_relaxed);
 }
 
@@ -1353,8 +1367,13 @@ std::vector<Engine::SmHealth> Engine::sm_health() const {
     const GroupRuntime& r = grt_[group_of_[m]];
     const uint64_t np = r.nproc.load(std::memory_order_acquire);
     const uint64_t claimed = strt_[layout_.sms[m].stream].claimed.load(std::memory_order_acquire);
-    // An SM with nothing pending is as fresh as now.
-    const int64_t beat = claimed > np ? r.beat_ns.load(std::memory_order_relaxed) : now;
+    // An SM with nothing pending is as fresh as now; one with bars pending, as its last unit of
+    // progress or the sentinel's last tick that found it idle, the later (at most a sentinel
+    // period early; its last unit alone counted the idle time before the pending bar: 2 s idle
+    // read 2.1 s into a bar).
+    const int64_t beat = claimed > np ? std::max(r.beat_ns.load(std::memory_order_relaxed),
+                                                 r.ok_ns.load(std::memory_order_relaxed))
+                                      : now;
     out[m] = SmHealth{r.owner.load(std::memory_order_relaxed), r.status.load(std::memory_order_relaxed),
                       r.stalls.load(std::memory_order_relaxed), std::max<int64_t>(0, now - beat) * 1e-9, np};
   }
@@ -1383,12 +1402,13 @@ std::vector<uint64_t> Engine::latency_histogram() const {
   return h;
 }
 
-void Engine::inject_stall(uint32_t sm, int64_t ns) {
+void Engine::inject_stall(uint32_t sm, int64_t ns, bool hold) {
   if (!faults_) throw std::logic_error("fault injection is not armed (EngineConfig::fault_injection)");
   if (sm >= layout_.sms.size())
     throw std::out_of_range("no such SM: " + std::to_string(sm) + " (SMs are 0.." +
                             std::to_string(layout_.sms.size() - 1) + ")");
-  grt_[group_of_[sm]].stall_ns.store(ns, std::memory_order_release);
+  if (ns < 0) throw std::out_of_range("a stall lasts 0 ns or more");
+  grt_[group_of_[sm]].stall_ns.store(hold ? -ns : ns, std::memory_order_release);
 }
 
 void Engine::inject_poison(uint32_t agent) {

@@ -105,6 +105,8 @@ struct DevicePlan {
   std::vector<int64_t> feat_from;
 };
 
+// Stalled: missed its deadline (moved, or caught up by its adopter), until it progresses again.
+// Moving: its stuck worker still holds it; the move completes when that worker lets go.
 enum class SmStatus : uint32_t { Ok = 0, Stalled = 1, Moving = 2 };
 
 // Per-group runtime state. Written by the owning worker, except owner/status (sentinel).
@@ -115,9 +117,10 @@ struct alignas(kCacheLine) GroupRuntime {
   std::atomic<int64_t> beat_ns{0};    // steady-clock time of the last unit of progress
   std::atomic<uint32_t> status{0};    // SmStatus
   std::atomic<uint32_t> stalls{0};    // times detected stalled
-  std::atomic<int64_t> stall_ns{0};   // fault injection: sleep this long before the next unit
+  std::atomic<int64_t> stall_ns{0};   // fault injection: sleep this long before (< 0: holding) the next unit
   std::atomic<int32_t> poison{-1};    // fault injection: lane (in the group) whose next score is NaN
   std::atomic<uint64_t> quarantined{0};  // its agents quarantined now (a generation's children replace them)
+  std::atomic<int64_t> ok_ns{0};      // sentinel: its last tick that found the group idle
   uint64_t last_pos = 0;              // owner only: position of the last bar processed + 1
   // sentinel only
   uint64_t seen_nproc = 0;
@@ -269,7 +272,8 @@ class Engine {
   double uptime_s() const;
 
   // Fault injection (only with cfg.fault_injection; throws std::logic_error otherwise).
-  void inject_stall(uint32_t sm, int64_t ns);  // stalls the group of SM sm
+  // Stalls the group of SM sm for ns; `hold`: the worker sleeps holding the group (claimed).
+  void inject_stall(uint32_t sm, int64_t ns, bool hold = false);
   void inject_poison(uint32_t agent);  // population index
 
   // Called by a blocking submit (or step) about every 100 ms while it waits for room, holding
@@ -331,6 +335,7 @@ class Engine {
   // the stream between the group's last position and the first one given. Returns false if g is
   // not (or no longer) owned by w. done[k] counts the group-units finished for pos[k].
   bool run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_t* done);
+  void injected_sleep(int w, int64_t ns);  // fault injection: sleeps ns (until stop), not busy time
   void catch_up(int w, uint32_t g, uint64_t until_pos);
   bool claim(int w, uint32_t g);  // busy/owner handshake; false if w does not own g
   void release(int w, uint32_t g, uint64_t np, uint64_t updates);

@@ -1162,7 +1162,9 @@ class Engine:
         replace them),
         bar-to-signal latency (``latency_s``: p50/p90/p99/max, from histogram buckets 9% wide),
         window depth and high-water mark, backpressure events, failovers, per-worker queue depth,
-        high-water mark and heartbeat age, per-SM owner/status/heartbeat age (``sms``), warp
+        high-water mark and heartbeat age, per-SM owner/status/heartbeat age (``sms``; status
+        ``"ok"``, ``"stalled"``: it missed its deadline and was moved or is being caught up, until
+        it progresses again, or ``"moving"``: its stuck worker still holds it, owner -1), warp
         occupancy (active lanes / 32 over all warps), callback errors and, with a journal, its
         records/bytes/commits/syncs/segments (``journal``). Also ``backend``, ``backend_fallback``
         (why ``backend="auto"`` runs on the CPU, else None) and, on the CUDA backend, ``device``
@@ -1235,14 +1237,19 @@ class _Faults:
         if self._closed():
             raise RuntimeError("engine is closed")
 
-    def stall_sm(self, sm: int, seconds: float) -> None:
+    def stall_sm(self, sm: int, seconds: float, holding: bool = False) -> None:
         """The worker owning SM ``sm`` (0 to ``stats()["n_sms"] - 1``) sleeps ``seconds`` (0 to
         3600) before it next runs that SM. One stall per SM group is pending at a time: a second
-        call before it runs replaces the first."""
+        call before it runs replaces the first.
+
+        ``holding=True``: it sleeps once it has taken hold of the SM, as a worker stuck in the
+        middle of its arithmetic would. The sentinel cannot take the SM from it: ``stats()``
+        shows it ``"moving"`` (owner -1) until the worker lets go, then the standby adopts it.
+        Without it the SM moves at the deadline and the sleeper finds it gone."""
         self._check()
         sm = check_int("sm", sm, 0, (1 << 32) - 1)
         ns = int(check_real("seconds", seconds, 0.0, 3600.0) * 1e9)
-        self._native.inject_stall(sm, ns)
+        self._native.inject_stall(sm, ns, bool(holding))
 
     def poison(self, agent: int) -> None:
         """Agent ``agent`` (population index) gets a NaN score on its next bar: quarantined. One
