@@ -257,6 +257,29 @@ def test_quarantined_agents_are_replaced_first():
         assert eng.agents()["quarantined"][5] == 0
 
 
+def test_a_poison_armed_for_an_agent_a_generation_replaces_goes_with_it():
+    """poison(i) names the agent at position i; armed and not yet landed when a generation
+    replaces that agent, it is gone with it. It used to land on the child born into the slot,
+    which was quarantined on its first bar."""
+    bars = planted_market(400, seed=15)
+    pop = _pop(64, seed=16)
+    cfg = dict(min_age=0, replace_fraction=0.25)
+    with dc.Engine(pop, threads=1) as ref:
+        ref.run(bars[:300])
+        slot = int(ref.evolve(cfg, seed=1, generation=1)["births"]["slot"][0])
+        want = ref.run(bars[300:])
+        want_agents = ref.agents()
+    with dc.Engine(pop, threads=1, fault_injection=True) as eng:
+        eng.run(bars[:300])
+        eng.faults.poison(slot)
+        rep = eng.evolve(cfg, seed=1, generation=1)
+        assert slot in rep["births"]["slot"].tolist()
+        got = eng.run(bars[300:])
+        assert eng.agents()["quarantined"][slot] == 0 and eng.stats()["quarantined"] == 0
+        assert got.tobytes() == want.tobytes()
+        assert eng.agents().tobytes() == want_agents.tobytes()
+
+
 def test_selection_pressure_on_a_planted_edge_beats_a_no_evolution_control():
     # returns follow r[t] = 0.3 r[t-1] + noise: momentum-like agents earn, others pay costs.
     # The same population with and without replacement (replace_fraction 0 only judges).

@@ -852,6 +852,11 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       lanes_.lookback[slot_lane] = lookback;
       lanes_.long_short[slot_lane] = c.g.mode == static_cast<uint32_t>(Mode::LongShort);
       state_.reset(slot_lane);
+      if (faults_) {  // a poison armed for the agent this child replaces is gone with it
+        GroupRuntime& gr = grt_[group_of_[m]];
+        int32_t armed = static_cast<int32_t>(slot_lane - groups_[group_of_[m]].lane_begin);
+        gr.poison.compare_exchange_strong(armed, -1, std::memory_order_acq_rel);
+      }
       if (c.g.w_dsi != 0.0) {  // reads its stream's DSI evidence from its first bar
         state_.dsi[slot_lane] = c.g.w_dsi * stream_dsi(sm.stream);
         layout_.sms[m].has_dsi = 1;

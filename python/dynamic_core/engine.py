@@ -1254,6 +1254,8 @@ class _Faults:
     def poison(self, agent: int) -> None:
         """Agent ``agent`` (population index) gets a NaN score on its next bar: quarantined. One
         poisoned agent per SM group is pending at a time: poisoning another agent of the same
-        group before that bar replaces the first (poison one, run a bar, then the next)."""
+        group before that bar replaces the first (poison one, run a bar, then the next). A
+        generation that replaces the agent before that bar takes the poison with it: the child
+        born into position ``agent`` is not poisoned."""
         self._check()
         self._native.inject_poison(check_int("agent", agent, 0, (1 << 32) - 1))
