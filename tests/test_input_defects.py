@@ -247,10 +247,10 @@ def test_score_to_action_thresholds_too_large_give_a_short_message():
 
 def _meshgrid_records(instrument, timeframe, **params) -> np.ndarray:
     """The records as Population.grid built them with np.meshgrid (the oracle)."""
-    axes = {"instrument": [dc.instruments.resolve(i) for i in population_module._as_list(instrument)],
-            "timeframe": [dc.market.parse_timeframe(t) for t in population_module._as_list(timeframe)]}
+    axes = {"instrument": [dc.instruments.resolve(i) for i in list(population_module._axis_values("instrument", instrument))],
+            "timeframe": [dc.market.parse_timeframe(t) for t in list(population_module._axis_values("timeframe", timeframe))]}
     for k, default in population_module.DEFAULTS.items():
-        axes[k] = population_module._as_list(params.get(k, default))
+        axes[k] = list(population_module._axis_values(k, params.get(k, default)))
     axes["mode"] = [population_module._mode_code(m) for m in axes["mode"]]
     n = math.prod(len(v) for v in axes.values())
     rec = np.zeros(n, dtype=dc.GENOME_DTYPE)

@@ -193,3 +193,56 @@ def test_a_grid_too_large_is_refused_before_its_values_are_read() -> None:
     assert gen.records["slow"].tolist() == [20, 30, 40] * 2
     with pytest.raises(TypeError, match="a set has no order"):
         dc.Population.grid("EURUSD", "H1", fast={5, 10})
+
+
+_HASHES = """
+import sys
+import dynamic_core as dc
+for name in sys.argv[1:]:
+    dc.instruments.id(name)  # registered first: the ids this process hands out differ
+print(dc.Population.grid("HASHPOP_A", "H1", fast=[3, 5]).hash,
+      dc.Population.grid("HASHPOP_B", "H1", fast=[3, 5]).hash,
+      dc.Population.random(50, instruments=["HASHPOP_B", "HASHPOP_A"], seed=1).hash)
+"""
+
+
+def test_the_population_hash_is_the_same_in_every_process_whatever_its_instrument_ids():
+    """The hash is provenance in every signal, also on the feed other processes read. It hashed
+    the records' instrument ids, which are per process: the same population had two hashes in
+    two processes, and a population of HASHPOP_A in one took the hash of one of HASHPOP_B in the
+    other (each name had the other's id)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    runs = []
+    for first in ([], ["HASHPOP_B"], ["HASHPOP_X", "HASHPOP_A"]):
+        out = subprocess.run([sys.executable, "-c", _HASHES, *first], capture_output=True, text=True, env=env,
+                             check=True, timeout=120).stdout.split()
+        runs.append(tuple(map(int, out)))
+    assert runs[0] == runs[1] == runs[2], runs
+    a, b, mixed = runs[0]
+    assert len({a, b, mixed}) == 3
+    here = (dc.Population.grid("HASHPOP_A", "H1", fast=[3, 5]).hash,
+            dc.Population.grid("HASHPOP_B", "H1", fast=[3, 5]).hash)
+    assert here == (a, b)
+
+
+def test_population_arguments_refused_or_read_as_the_grid_reads_them():
+    import pandas as pd
+
+    with pytest.raises(TypeError, match="no order"):  # a set's order changes from process to process
+        dc.Population.random(6, instruments={"EURUSD", "GBPUSD", "USDJPY"}, seed=1)
+    with pytest.raises(TypeError, match="timeframes: a set"):
+        dc.Population.random(6, instruments=["EURUSD"], timeframes={"H1", "D1"}, seed=1)
+    for kw in (dict(w_rsi=10**400), dict(w_rsi=[0.0, 10**400]), dict(entry=2**1100)):
+        with pytest.raises(dc.errors.InvalidGenome, match="beyond a float's range"):
+            dc.Population.grid("EURUSD", "H1", **kw)
+    series = dc.Population.grid("EURUSD", "H1", fast=pd.Series([3, 5, 7], index=[10, 11, 12]))
+    assert series.hash == dc.Population.grid("EURUSD", "H1", fast=[3, 5, 7]).hash
+    with pytest.raises(TypeError, match="no order"):
+        dc.Population.grid("EURUSD", "H1", fast={3: "a", 5: "b"})
+    for m in (True, np.True_):
+        with pytest.raises(dc.errors.InvalidGenome, match="mode"):
+            dc.Population.random(3, instruments=["EURUSD"], mode=m)

@@ -6,7 +6,7 @@ import hashlib
 import itertools
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,7 +48,36 @@ _SCRATCH_PER_AGENT = 64
 draws and check_records' masks and agent-id sort stay below this)."""
 
 
+_HASH_CHUNK = 1 << 16  # records copied at a time to hash (a copy of them all was 6 GB at 50M agents)
+
+
+def content_hash(rec: np.ndarray) -> int:
+    """64-bit blake2b of valid ``GENOME_DTYPE`` records, each instrument id replaced by the rank
+    of its name among the records' instrument names, then those names in that order. Instrument
+    ids are per process (the order names were registered in): hashed as they were, the same
+    population had another hash in another process, and there could take a different
+    population's."""
+    h = hashlib.blake2b(digest_size=8)
+    if len(rec):
+        inst = rec["instrument"]
+        seen = np.zeros(int(inst.max()) + 1, dtype=bool)
+        seen[inst] = True
+        ids = np.flatnonzero(seen)
+        names = [instruments.name(int(i)) for i in ids]
+        by_name = sorted(range(len(ids)), key=names.__getitem__)
+        rank = np.zeros(len(seen), dtype=np.uint32)
+        rank[ids[by_name]] = np.arange(len(ids), dtype=np.uint32)
+        for a in range(0, len(rec), _HASH_CHUNK):
+            part = rec[a:a + _HASH_CHUNK].copy()
+            part["instrument"] = rank[part["instrument"]]
+            h.update(part.view(np.uint8))
+        h.update("\0".join(names[j] for j in by_name).encode("utf-8", "surrogatepass"))
+    return int.from_bytes(h.digest(), "little")
+
+
 def _mode_code(m: Any) -> Any:
+    if isinstance(m, (bool, np.bool_)):  # True == 1 == long_short: no bool is a mode
+        raise InvalidGenome(f"mode: expected a mode name {sorted(MODES)} or its integer code, got {m!r}")
     if isinstance(m, str):
         if m not in MODES:
             raise InvalidGenome(f"unknown mode {m!r}; expected one of {sorted(MODES)}")
@@ -117,8 +146,7 @@ class Population:
         check_records(rec)
         rec.setflags(write=False)
         self._rec = rec
-        # hashed in place: tobytes() made a copy of every record (6 GB for 50M agents)
-        self._hash = int.from_bytes(hashlib.blake2b(rec.view(np.uint8), digest_size=8).digest(), "little")
+        self._hash = content_hash(rec)
 
     @classmethod
     def _adopt(cls, rec: np.ndarray) -> Population:
@@ -212,8 +240,8 @@ class Population:
         if mode_code is not None and mode_code not in MODES.values():
             raise InvalidGenome(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
         # a single name (or timeframe) is one instrument, not one per character
-        pairs = list(itertools.product(registry.resolve_all(instruments),
-                                       [parse_timeframe(t) for t in _as_list(timeframes)]))
+        pairs = list(itertools.product(registry.resolve_all(_axis_values("instruments", instruments)),
+                                       [parse_timeframe(t) for t in _axis_values("timeframes", timeframes)]))
         if not pairs:
             raise ValueError("need at least one instrument and one timeframe")
         _check_memory(n, "random population")
@@ -274,7 +302,8 @@ class Population:
 
     @property
     def hash(self) -> int:
-        """64-bit content hash (blake2b of the records)."""
+        """64-bit content hash (blake2b of the records, instruments by name): the same for the
+        same genomes in any process, whatever ids its instrument registry handed out."""
         return self._hash
 
     def __len__(self) -> int:
@@ -305,6 +334,10 @@ def _check_axis(name: str, values: list[Any]) -> None:
         for v in values:
             if not is_real(v):
                 raise InvalidGenome(f"{name}: expected a real number, got {v!r}")
+            try:
+                float(v)
+            except OverflowError:  # an int past a float's range (numpy's cast raised it bare)
+                raise InvalidGenome(f"{name}: {v!r} is beyond a float's range") from None
         return
     if kind.kind not in "iu":
         return
@@ -332,9 +365,11 @@ def _axis_values(name: str, v: Any) -> Any:
     set or a mapping, whose order is no order a grid could be numbered in."""
     if isinstance(v, (str, bytes)):
         return [v]
-    if isinstance(v, (set, frozenset, dict)) or (hasattr(v, "keys") and hasattr(v, "values")):
-        raise TypeError(f"{name}: a {type(v).__name__} has no order to number a grid's agents by: give a "
+    if isinstance(v, (set, frozenset, Mapping)):
+        raise TypeError(f"{name}: a {type(v).__name__} has no order to number the agents by: give a "
                         f"list, tuple, range or array (sorted({name}) for a set)")
+    if hasattr(v, "to_numpy") and callable(v.to_numpy):  # a pandas Series or Index: its values
+        return _axis_values(name, v.to_numpy())
     if isinstance(v, np.ndarray):
         if v.ndim > 1:
             raise TypeError(f"{name}: expected a scalar or a 1-d array of values, got a {v.ndim}-d array")
@@ -344,10 +379,6 @@ def _axis_values(name: str, v: Any) -> Any:
     if hasattr(v, "__iter__") or hasattr(v, "__next__"):
         return list(itertools.islice(v, MAX_AGENTS + 1))
     return [v]
-
-
-def _as_list(v: Any) -> list[Any]:
-    return list(_axis_values("value", v))
 
 
 def _check_memory(n: int, what: str, copies: int = 1) -> None:
