@@ -191,3 +191,31 @@ def test_a_nan_close_does_not_reach_atr_as_in_talib_but_a_nan_high_does():
     got = dc.indicators.atr(h_nan, lo, c, 3)
     np.testing.assert_allclose(got, talib.ATR(h_nan, lo, c, 3), rtol=1e-12)
     assert np.isnan(got[6:]).all()
+
+
+def test_ema_of_period_1_is_the_input_as_in_talib_and_in_the_agents():
+    """The blend ((x - v) * k) + v with k = 1 is not x once x and v differ by more than 2x (1e20
+    then 1 gave 0), and stayed NaN after one NaN or inf; TA-Lib's EMA of period 1 is the input.
+    The agents' bank (its steady form too) reads the same: a fast EMA of period 1 is the close."""
+    for x in ([1e20, 1.0, 3.0, 0.1, 7.0], [1.0, 2.0, np.nan, 4.0, 5.0], [1.0, np.inf, 3.0, 4.0],
+              [5.0, -1e300, 2e-300, 3.0]):
+        x = np.array(x)
+        np.testing.assert_array_equal(dc.indicators.ema(x, 1), talib.EMA(x, 1))
+    # agents: trend = soft((ema_fast - ema_slow) / atr) with fast 1 reads the close itself
+    bars = dc.sim.MarketSimulator(["EMA1"], timeframe="H1", seed=7).bars(300)
+    bars["close"][150] = bars["close"][149] * 1e6  # a jump the blend would not follow exactly
+    bars["high"][150] = bars["close"][150]
+    pop = dc.Population.grid("EMA1", "H1", fast=1, slow=3, atr_period=2, w_trend=1.0, w_rsi=0.0, w_macd=0.0,
+                             w_bb=0.0, w_mom=0.0, entry=0.0)
+    c, h, lo = bars["close"], bars["high"], bars["low"]
+    e1, e3, atr = talib.EMA(c, 1), talib.EMA(c, 3), talib.ATR(h, lo, c, 2)
+    feat = (e1 - e3) / atr
+    want = np.where(atr == 0, 0.0, feat / (1 + np.abs(feat)))
+    want = want / (1 + np.abs(want))
+    with dc.Engine(pop, threads=1) as eng:
+        got = []
+        for i in range(len(bars)):
+            eng.run(bars[i:i + 1])
+            got.append(eng.agents()["score"][0])
+    np.testing.assert_allclose(np.array(got)[3:], want[3:], rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(np.array(got)[148:153], want[148:153])  # exactly: the jump too

@@ -32,7 +32,9 @@ struct Ema {
       value = sum / static_cast<double>(n);
       return true;
     }
-    value = ((x - value) * k) + value;
+    // period 1 is the input itself, as in TA-Lib: the blend with k = 1 is not (x - v + v != x
+    // once x and v differ by more than 2x; NaN for good after one NaN or inf)
+    value = n == 1 ? x : ((x - value) * k) + value;
     return true;
   }
 };

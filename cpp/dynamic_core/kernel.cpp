@@ -708,13 +708,14 @@ DC_AI void steady_indicators(Bank& b, const Bar& bar, double c, double prev, int
   // The arrays are padded to whole vectors (kBankPad) with harmless constants.
   // Indicators [0, kBankPad * steady_chunks) of each kind are in the steady form.
   auto count = [&](int kind) { return kBankPad * b.steady_chunks[kind]; };
-  {  // Ema::update, count >= n
+  {  // Ema::update, count >= n (k = 1 only for period 1: the close itself)
     double* __restrict val = v.ema.data();
     const double* __restrict k = s.ema_k.data();
     const int n = count(kBankEma);
+    const vd one = zero + 1.0;
     for (int i = 0; i < n; i += V) {
-      const vd x = ld<V>(val + i);
-      st<V>(val + i, ((vc - x) * ld<V>(k + i)) + x);
+      const vd x = ld<V>(val + i), kk = ld<V>(k + i);
+      st<V>(val + i, kk == one ? vc : ((vc - x) * kk) + x);
     }
   }
   {  // Rsi::update, count > n; the difference is the same for every RSI

@@ -9,7 +9,8 @@ before): a series from ``pct_change()`` gives values.
 A NaN after the first value does not go away; what comes out from there on:
 
 * ``ema``, ``macd`` (all three lines) and ``atr`` (a NaN high or low): NaN at every later
-  position, as in TA-Lib. A NaN close does not reach ``atr``, as in TA-Lib: the true range's
+  position, as in TA-Lib; ``ema`` of period 1 is the input itself (NaN where it is), as in
+  TA-Lib. A NaN close does not reach ``atr``, as in TA-Lib: the true range's
   comparisons with the previous close pass over it (that bar's and the next one's true range
   is then high - low).
 * ``rsi``: NaN at every later position. TA-Lib differs here: its RSI gives 0.0 from the NaN
