@@ -32,6 +32,7 @@ import dynamic_core as dc
 from .test_reasoning_client import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+README_TEXT = " ".join((ROOT / "README.md").read_text().split())  # whitespace as one space
 PKG_ROOT = str(Path(dc.__file__).resolve().parent.parent)  # the package under test: source tree or installed
 
 # Runs the blocks given as JSON on stdin in one namespace; prints a marker per block.
@@ -128,6 +129,14 @@ def test_readme_python_examples_run_in_order(tmp_path: Path) -> None:
                 ctxs = [dc.payloads.ReasoningContext(signal_id=s.id, instrument=s.instrument,
                                                      timeframe=s.timeframe, seq=s.seq, action=s.action,
                                                      score=s.score) for s in _sigs]
+                """))
+        elif "DecisionMaker(" in code and "TradingSession(" in code:
+            # the figures the text after the example gives
+            said = re.search(r"this makes (\d+) plans and (\d+) trades?", README_TEXT)
+            assert said, "the decision example's figures are gone from README.md"
+            blocks.append(_block(name, code, after=f"""
+                _st = maker.stats()
+                assert (_st["plans"], _st["trades"]) == ({said[1]}, {said[2]}), _st
                 """))
         elif 'backend="cuda"' in code:
             blocks.append(_block(name, code, skip_unless="(lambda g: (g.usable, g.reason))(dc.gpu.probe())",
