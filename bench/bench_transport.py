@@ -336,8 +336,9 @@ def _signal_records(n: int) -> np.ndarray:
 
 def _publish_run(tmp: str, recs: np.ndarray, fmt: str, objects: bool, with_subscriber: bool) -> dict:
     tag = f"{fmt}-{'obj' if objects else 'vec'}-{int(with_subscriber)}"
-    # the default max_batch (signals per message); sndhwm=0 so that a slower subscriber process
-    # pushes back instead of losing messages (the figure is the rate both ends keep up)
+    # the default max_batch (signals per message); sndhwm=0 so that no message is lost to a
+    # slower subscriber: the feed queues them (unbounded), so published/s is the publisher's rate
+    # and the subscriber's received/s is the rate end to end
     feed = T.SignalFeed(f"ipc://{tmp}/feed-{tag}", fmt=fmt, sndhwm=0, heartbeat_interval=0.01)
     sub = None
     try:
@@ -450,8 +451,10 @@ def feed_report(res: dict) -> list[tuple[str, str, str, bool]]:
         a, b = d[f"AISignal, {how}"], d[f"tracked twin, {how}"]
         print(f"     {how:<8} AISignal {a / 1e6:6.2f} M/s   tracked twin {b / 1e6:6.2f} M/s   "
               f"-> {a / b:.2f}x")
-    live = res["msgpack, vectorised -> subscriber"]["published_per_s"]
-    return [("signals/s published, batched, with a subscriber", f"{live / 1e6:.2f} M", ">= 1 M", live >= 1e6)]
+    live = res["msgpack, vectorised -> subscriber"]
+    rx = live.get("received_per_s", float("nan"))
+    return [("signals/s published, batched (publisher side)", f"{vec / 1e6:.2f} M", ">= 1 M", vec >= 1e6),
+            ("signals/s end to end, a subscriber process decoding each", f"{rx / 1e6:.2f} M", ">= 1 M", rx >= 1e6)]
 
 
 # ---- the list --------------------------------------------------------------------------------
