@@ -34,6 +34,8 @@ import numpy as np
 from dynamic_core.bridges.mt5 import MT5Bridge, SimulatedTerminal
 from dynamic_core.payloads import TradingPlan
 
+from bench._machine import positive_int
+
 
 def _plans(n: int, tag: str) -> list[TradingPlan]:
     now = time.time_ns()
@@ -127,7 +129,7 @@ def measure(n: int = 2000, warmup: int = 300, terminal: str = "thread") -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--n", type=positive_int, default=2000, help="round trips timed (default 2000)")
     ap.add_argument("--terminal", choices=("thread", "process"), default="thread")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

@@ -109,12 +109,36 @@ def describe() -> str:
     )
 
 
+def json_path(path: str) -> str:
+    """An argparse type: a path the figures can be written to, checked before the run (a bad one
+    failed with a traceback after all of it)."""
+    p = os.path.abspath(path)
+    if os.path.isdir(p):
+        raise argparse.ArgumentTypeError(f"{path} is a directory")
+    d = os.path.dirname(p)
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {path}: {d} is not a writable directory")
+    return path
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {v}")
+    return v
+
+
 def arg_parser(doc: str) -> argparse.ArgumentParser:
     """The options every bench script takes (``--quick``, ``--json``), its docstring as help."""
-    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+    prog = f"python -m bench.{os.path.splitext(os.path.basename(sys.argv[0]))[0]}"
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not figures to quote)")
-    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    ap.add_argument("--json", metavar="PATH", type=json_path, help="also write the figures as JSON")
     return ap
 
 

@@ -40,6 +40,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+from bench import _machine  # noqa: E402
 from bench._machine import proc_kib  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -490,16 +491,16 @@ def summarise_sweep(np, vb: dict, dcr: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.bench_engine", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fast smoke run: smaller sizes, fewer repeats")
-    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    ap.add_argument("--repeat", type=int, default=None, help="timed repeats per figure (best-of-N)")
+    ap = _machine.arg_parser(__doc__)
+    ap.prog = "python -m bench.bench_engine"
+    ap.add_argument("--repeat", type=_machine.positive_int, default=None,
+                    help="timed repeats per figure (best-of-N)")
     ap.add_argument("--child", choices=["vectorbt", "dc"], help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.repeat is not None:
-        cfg["repeat"] = max(1, args.repeat)
+        cfg["repeat"] = args.repeat
     if args.child:
         return _child(args.child, args.child_out, args.quick, cfg["repeat"])
 
@@ -507,7 +508,6 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     import dynamic_core as dc
-    from bench import _machine
 
     mode = "quick (smoke: smaller sizes, fewer repeats; indicative only)" if args.quick else "full"
     print("dynamic_core engine benchmark")
