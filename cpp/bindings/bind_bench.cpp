@@ -102,7 +102,7 @@ void bind_bench(py::module_& m) {
         if (batch < 1 || capacity < 1) throw py::value_error("batch and capacity must be >= 1");
         batch = std::min(batch, capacity);  // a run is never longer than the ring
         py::dict d;
-        double ring = 0.0, bulk = 0.0, locked = 0.0;
+        double ring = 0.0, bulk = 0.0, locked = 0.0, locked_bulk = 0.0;
         without_gil([&] {
           SpscRing<uint64_t> r(capacity);
           ring = transfer_ns(n, [&](uint64_t v) { r.push(v); }, [&] { return r.pop(); });
@@ -138,14 +138,49 @@ void bind_bench(py::module_& m) {
                   std::this_thread::yield();
                 }
               });
+          // the deque in runs too (the peer of the ring's runs): up to `batch` values a lock
+          q.clear();
+          locked_bulk = timed_transfer(
+              n,
+              [&] {
+                for (uint64_t next = 1; next <= n;) {
+                  {
+                    std::lock_guard<std::mutex> lk(mu);
+                    const uint64_t room = capacity - q.size();
+                    const uint64_t m = std::min<uint64_t>({static_cast<uint64_t>(batch), n - next + 1, room});
+                    for (uint64_t j = 0; j < m; ++j) q.push_back(next + j);
+                    next += m;
+                    if (m) continue;
+                  }
+                  std::this_thread::yield();
+                }
+              },
+              [&] {
+                uint64_t sum = 0;
+                for (uint64_t got = 0; got < n;) {
+                  size_t k = 0;
+                  {
+                    std::lock_guard<std::mutex> lk(mu);
+                    for (; k < batch && !q.empty(); ++k) {
+                      sum += q.front();
+                      q.pop_front();
+                    }
+                  }
+                  got += k;
+                  if (k == 0) std::this_thread::yield();
+                }
+                return sum;
+              });
         });
         d["spsc_ring_ns"] = ring;
         d["spsc_ring_bulk_ns"] = bulk;
         d["locked_deque_ns"] = locked;
+        d["locked_deque_bulk_ns"] = locked_bulk;
         return d;
       }, py::arg("n"), py::arg("capacity") = 4096, py::arg("batch") = 64,
       "ns per element moved between two threads: SpscRing one element per push/pop, SpscRing in "
-      "runs of `batch` (try_push_n/try_pop_n), and a mutex-guarded std::deque.");
+      "runs of `batch` (try_push_n/try_pop_n), and a mutex-guarded std::deque, one element a lock "
+      "and in runs of `batch` a lock.");
 }
 
 }  // namespace dynamic_core::bindings

@@ -344,7 +344,7 @@ def record_layouts() -> dict:
     """
 def ring_bench(n: typing.SupportsInt | typing.SupportsIndex, capacity: typing.SupportsInt | typing.SupportsIndex = 4096, batch: typing.SupportsInt | typing.SupportsIndex = 64) -> dict:
     """
-    ns per element moved between two threads: SpscRing one element per push/pop, SpscRing in runs of `batch` (try_push_n/try_pop_n), and a mutex-guarded std::deque.
+    ns per element moved between two threads: SpscRing one element per push/pop, SpscRing in runs of `batch` (try_push_n/try_pop_n), and a mutex-guarded std::deque, one element a lock and in runs of `batch` a lock.
     """
 def roc(x: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], n: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float64]:
     ...
