@@ -64,6 +64,32 @@ def proc_kib(path: str, key: str) -> int | None:
     return None
 
 
+def _cpu_id() -> str:
+    """Family, model and L2 per core, which tell apart machines with one model name (an "AMD
+    EPYC" VM may be Zen 3 or Zen 4); empty where not on Linux."""
+    fam = model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                k = k.strip()
+                if k == "cpu family" and not fam:
+                    fam = v.strip()
+                elif k == "model" and not model:
+                    model = v.strip()
+                if fam and model:
+                    break
+    except OSError:
+        return ""
+    parts = [f"family {fam}, model {model}"] if fam else []
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+            parts.append(f"L2 {f.read().strip()} per core")
+    except OSError:
+        pass
+    return "; ".join(parts)
+
+
 def info() -> dict[str, Any]:
     """Facts about this machine and interpreter."""
     import numpy as np
@@ -77,6 +103,7 @@ def info() -> dict[str, Any]:
                                                 "NUMBA_NUM_THREADS") if os.environ.get(k) is not None}
     return {
         "cpu": _cpu_model(),
+        "cpu_id": _cpu_id(),
         "cpu_flags": _cpu_flags(),
         "logical_cores": logical,
         "usable_cores": usable,
@@ -101,6 +128,7 @@ def describe() -> str:
     return "\n".join(
         [
             f"CPU     : {d['cpu']} ({cores}; ISA: {flags})",
+            f"CPU id  : {d['cpu_id'] or 'n/a'}",
             f"RAM     : {ram}",
             f"OS      : {d['os']}",
             f"Python  : {d['python']}, numpy {d['numpy']}",

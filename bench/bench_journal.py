@@ -87,7 +87,7 @@ def append_section(quick: bool, tmp: str) -> dict:
             best = rate if best is None or rate > best else best
         out[name] = {"records_per_s": best, "mb_per_s": best * (size + _core.JOURNAL_RECORD_HEADER) / 1e6}
     py = min(_python_append(os.path.join(tmp, "py.bin"), n0 // 4, b"x" * 64, 1000) for _ in range(3))
-    out["python file writes, 64 B"] = {"records_per_s": (n0 // 4) / py, "mb_per_s": (n0 // 4) * 84 / py / 1e6}
+    out["python file writes, 64 B"] = {"records_per_s": (n0 // 4) / py, "mb_per_s": (n0 // 4) * (64 + _core.JOURNAL_RECORD_HEADER) / py / 1e6}
     return out
 
 
