@@ -316,6 +316,11 @@ def latency_report(res: dict) -> list[tuple[str, str, str, bool]]:
           "'engine' columns are ingress -> fused inside the engine (histogram bucket upper edges).")
     best = min((r for k, r in res.items() if k.startswith("engine")), key=lambda r: r["p50_us"])
     t = best["threads"]
+    for floor in ("forwarder", "libzmq proxy"):
+        f = next((r for k, r in res.items() if k.startswith(floor)), None)
+        if f is not None:
+            print(f"   engine ({t} thread(s)) minus {floor}: p50 {best['p50_us'] - f['p50_us']:+.1f} us, "
+                  f"p99 {best['p99_us'] - f['p99_us']:+.1f} us")
     return [(f"bar->signal p50, 1k agents, {t} thread(s) (us)", f"{best['p50_us']:.1f}", "<= 150",
              best["p50_us"] <= 150),
             (f"bar->signal p99, 1k agents, {t} thread(s) (us)", f"{best['p99_us']:.1f}", "<= 500",
