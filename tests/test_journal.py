@@ -569,21 +569,27 @@ d, mode = sys.argv[1], sys.argv[2]
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # write(2) then fails with EFBIG, as on a full disk
 pop = dc.Population.random(300, instruments=["EURUSD", "GBPUSD"], timeframes=[3600], seed=5)
 bars = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], 3600, seed=9).bars(6000)
-eng = dc.Engine(pop, threads=2, journal=d, fsync=1)
+# "pieces": each run of 400 bars is taken in pieces of up to 8 (capacity), so the write fails
+# on a piece after others whose signals were handed out (the exception's .signals)
+eng = dc.Engine(pop, threads=2, journal=d, fsync=1, **(dict(capacity=8) if mode == "pieces" else {}))
+step = 400 if mode == "pieces" else 50
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(os.path.join(d, "seg-000000.dcj")) + 60_000, hard))
 handed, failed_at, errors = [], None, []
 i = 0
 while i < len(bars):
     try:
-        if mode == "run":
-            handed.append(eng.run(bars[i:i + 50]).copy())
-            i += 50
+        if mode in ("run", "pieces"):
+            handed.append(eng.run(bars[i:i + step]).copy())
+            i += step
         else:
             i += eng.submit(bars[i:i + 50])
             handed.append(eng.poll(timeout=2.0).copy())   # never raises for the journal
     except JournalError as e:
         errors.append(str(e))
+        part = getattr(e, "signals", None)
+        if part is not None:
+            handed.append(part.copy())
         if failed_at is None:
             failed_at = i
         else:
@@ -601,11 +607,13 @@ print(json.dumps({"failed_at": failed_at, "i": i, "errors": len(errors), "error"
 """
 
 
-@pytest.mark.parametrize("mode", ["run", "poll"])
+@pytest.mark.parametrize("mode", ["run", "poll", "pieces"])
 def test_a_failed_journal_write_is_final_typed_and_loses_nothing(tmp_path, mode):
     """A write that fails (the file size limit stands in for a full disk) raises JournalError
     once where it happens, refuses every later input, hands out every signal computed, and
-    leaves a journal that verifies and replays to exactly the signals handed out."""
+    leaves a journal that verifies and replays to exactly the signals handed out. "pieces": a
+    run taken in pieces failing on a later one; the earlier pieces' signals, journaled as handed
+    out, were lost with the exception (replay had more signals than the caller got)."""
     import json
 
     d = tmp_path / "j"
@@ -616,7 +624,12 @@ def test_a_failed_journal_write_is_final_typed_and_loses_nothing(tmp_path, mode)
     assert r["failed_at"] is not None and r["errors"] == 2, r
     assert "File too large" in r["error"]
     assert r["same"] and r["ok"] and r["status"] == "ok", r
-    assert r["bars"] == r["handed"] == r["failed_at"] if mode == "run" else r["bars"] == r["handed"] == r["i"]
+    if mode == "run":
+        assert r["bars"] == r["handed"] == r["failed_at"]
+    elif mode == "pieces":  # the failing call's earlier pieces came back on the exception
+        assert r["bars"] == r["handed"] > r["failed_at"], r
+    else:
+        assert r["bars"] == r["handed"] == r["i"]
     assert jr.verify(d).ok
 
 

@@ -230,6 +230,12 @@ auto lane_setter(const char* name) {
 }  // namespace
 
 namespace {
+// The signals a run that raised had handed out (per thread: the caller takes them at once).
+std::vector<Signal>& run_partial() {
+  static thread_local std::vector<Signal> v;
+  return v;
+}
+
 template <class T>
 py::array_t<T> vec_array(const std::vector<T>& v) {
   py::array_t<T> a(static_cast<py::ssize_t>(v.size()));
@@ -291,6 +297,12 @@ py::dict lanes_dict(const LaneArrays& l) {
 }  // namespace
 
 void bind_engine(py::module_& m) {
+  m.def("take_run_partial", [] {
+        std::vector<Signal> v = std::move(run_partial());
+        run_partial().clear();
+        return to_bytes(v.data(), v.size());
+      }, "The signals the calling thread's last Engine.run that raised had handed out (signal records "
+         "as bytes; empty after the first call).");
   m.def("kernel_isa", &kernel_isa,
         "Instruction-set level of the native kernels in use (lane kernel, bank updates, DynamicLoRA): "
         "4 (x86-64-v4), 3 (x86-64-v3) or 0 (baseline). Results are the same bits on every level.");
@@ -447,13 +459,22 @@ void bind_engine(py::module_& m) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));
              std::vector<Signal> out;
-             without_gil([&] {
-               out.reserve(n);
-               e.run(b, n, n_registered, out, strict);
-             });
+             run_partial().clear();
+             try {
+               without_gil([&] {
+                 out.reserve(n);
+                 e.run(b, n, n_registered, out, strict);
+               });
+             } catch (...) {
+               // the signals of the pieces taken before the failure were handed out (journaled
+               // as such): kept for the caller (take_run_partial) rather than dropped here
+               run_partial() = std::move(out);
+               throw;
+             }
              return to_bytes(out.data(), out.size());
            }, py::arg("bars"), py::arg("n_registered"), py::arg("strict") = false,
-           "Process a time-ordered bar batch; returns signal records as bytes.")
+           "Process a time-ordered bar batch; returns signal records as bytes. When it raises, the "
+           "signals it had handed out by then are kept for take_run_partial().")
       .def("validate", [](Engine& e, const py::array& bars, uint32_t n_registered) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<py::ssize_t>(bars.shape(0));

@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'JOURNAL_FORMAT', 'JOURNAL_MAX_META', 'JOURNAL_MAX_RECORD', 'JOURNAL_RECORD_HEADER', 'JournalReader', 'MAX_PRICE', 'MIN_PRICE', 'RECORD_MORE', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'det_cos2pi', 'det_cos2pi1', 'det_exp', 'det_exp1', 'det_exp2', 'det_exp21', 'det_expm1', 'det_expm11', 'det_log', 'det_log1', 'det_tanh', 'det_tanh1', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_locked', 'journal_progress_step', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'lora_xty', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
+__all__: list[str] = ['Engine', 'JOURNAL_FORMAT', 'JOURNAL_MAX_META', 'JOURNAL_MAX_RECORD', 'JOURNAL_RECORD_HEADER', 'JournalReader', 'MAX_PRICE', 'MIN_PRICE', 'RECORD_MORE', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'det_cos2pi', 'det_cos2pi1', 'det_exp', 'det_exp1', 'det_exp2', 'det_exp21', 'det_expm1', 'det_expm11', 'det_log', 'det_log1', 'det_tanh', 'det_tanh1', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_locked', 'journal_progress_step', 'journal_scan', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'lora_xty', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'take_run_partial', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -87,7 +87,7 @@ class Engine:
         """
     def run(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex, strict: bool = False) -> numpy.typing.NDArray[numpy.uint8]:
         """
-        Process a time-ordered bar batch; returns signal records as bytes.
+        Process a time-ordered bar batch; returns signal records as bytes. When it raises, the signals it had handed out by then are kept for take_run_partial().
         """
     def set_credit(self, agents: typing.Annotated[numpy.typing.ArrayLike, numpy.uint32], credit: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], event: bytes = b'') -> None:
         """
@@ -361,6 +361,10 @@ def set_kernel_isa(level: typing.SupportsInt | typing.SupportsIndex) -> int:
 def signal_hashes(signals: numpy.ndarray) -> numpy.typing.NDArray[numpy.uint64]:
     """
     FNV-1a 64 of each signal record: the hash the journal keeps.
+    """
+def take_run_partial() -> numpy.typing.NDArray[numpy.uint8]:
+    """
+    The signals the calling thread's last Engine.run that raised had handed out (signal records as bytes; empty after the first call).
     """
 def validate_bars(bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint32]:
     """

@@ -77,6 +77,19 @@ def _timeout_ns(timeout: object) -> int:
     return _MAX_WAIT_NS if x >= _MAX_WAIT_NS / 1e9 else int(x * 1e9)
 
 
+def _attach_partial(e: BaseException, signals: np.ndarray) -> None:
+    """Put the signals a failed ``run`` had handed out on its exception (``.signals``)."""
+    if not len(signals):
+        return
+    try:
+        e.signals = signals  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type without a __dict__: the note says where they went
+        e.add_note(f"Engine.run: {len(signals)} signals handed out before this were lost with it")
+        return
+    e.add_note(f"Engine.run: the signals of {len(signals)} bars taken before this were handed out (the "
+               "journal records them so): they are this exception's .signals")
+
+
 def _check_strict(strict: object, allow_none: bool) -> bool | None:
     """``strict`` as a bool (None kept when ``allow_none``); TypeError for anything else."""
     if strict is None and allow_none:
@@ -539,6 +552,11 @@ class Engine:
         than the room in the window (``capacity``) is taken in pieces, each journaled as it is
         taken; ``close`` from another thread ends the call (it raises), and the journal holds
         the bars taken before it (``stats()["bars_in"]``).
+
+        When it raises after handing out signals of pieces it had taken (a journal write that
+        failed on a later piece, ^C, ``close``), those signals are on the exception as
+        ``.signals`` (``SIGNAL_DTYPE``, in order): the journal records them as handed out, and
+        nothing else returns them.
         """
         self._check_runnable()
         strict = _check_strict(strict, allow_none=True)
@@ -551,6 +569,9 @@ class Engine:
         me = self._egress_enter("run")
         try:
             return self._native.run(b, len(instruments), strict).view(SIGNAL_DTYPE)
+        except BaseException as e:
+            _attach_partial(e, np.frombuffer(_core.take_run_partial(), dtype=SIGNAL_DTYPE))
+            raise
         finally:
             self._egress_exit(me)
 
