@@ -901,3 +901,25 @@ def test_verify_reports_progress_and_an_interrupt_from_it_repairs_nothing(tmp_pa
     with pytest.raises(TypeError, match="progress must be callable"):
         jr.verify(d, progress=5)
     assert jr.verify(d, repair=True).repaired
+
+
+def test_an_instrument_registered_while_the_journal_opens_still_replays(tmp_path, monkeypatch):
+    """The meta record's instrument names and the count the next instruments record starts from
+    were two readings of the registry: a name another thread registered between them (a loader
+    beside a large engine's start) went into both, and replay refused the journal ("instrument
+    record starts at id N, expected M") while verify said ok."""
+    pop = dc.Population.random(64, instruments=["EURUSD"], seed=1)
+    bars = dc.sim.MarketSimulator(["EURUSD"], 3600, seed=2).bars(50)
+    encode = jr.encode_meta
+    racer = f"RACE{os.getpid()}"
+
+    def meanwhile(*args, **kwargs):
+        dc.instruments.id(racer)  # registered by "another thread" in between
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(jr, "encode_meta", meanwhile)
+    eng = dc.Engine(pop, threads=1, journal=tmp_path / "j")
+    live = eng.run(bars)
+    eng.close()
+    res = dc.Engine.replay(tmp_path / "j", threads=1)
+    assert res.ok and res.signals.tobytes() == live.tobytes()

@@ -483,8 +483,12 @@ class Engine:
 
         try:
             with self._journal_lock:
-                self._journal_instruments = len(instruments)
-                meta = jr.encode_meta(self._pop.records, self._population_hash, self._config)
+                # one reading of the names for the meta record and the count the next
+                # instruments record starts from: a name registered by another thread between
+                # two readings went into both, and replay refused the journal
+                names = instruments.names()
+                self._journal_instruments = len(names)
+                meta = jr.encode_meta(self._pop.records, self._population_hash, self._config, names)
                 self._native.open_journal(path, meta, self._population_hash,
                                           jr.config_hash(self._config), jr.build_id(), fsync,
                                           segment_bytes)

@@ -139,13 +139,16 @@ def build_id() -> str:
     return f"dc-{__version__}"[:24]
 
 
-def encode_meta(genomes: np.ndarray, population_hash: int, config: dict[str, Any]) -> bytes:
+def encode_meta(genomes: np.ndarray, population_hash: int, config: dict[str, Any],
+                names: list[str] | None = None) -> bytes:
+    """The meta record: the population, the configuration and the instrument names registered
+    (``names``: the caller's one reading of them; the next instruments record follows on it)."""
     from . import __version__
 
     return _encoder.encode(_Meta(
         format=META_FORMAT, dc_version=__version__, population_hash=int(population_hash),
         genomes=np.ascontiguousarray(genomes, dtype=GENOME_DTYPE).tobytes(), config=dict(config),
-        instruments=instruments.names(), created_ns=time.time_ns()))
+        instruments=instruments.names() if names is None else list(names), created_ns=time.time_ns()))
 
 
 def encode_instruments(first: int, names: list[str]) -> bytes:
