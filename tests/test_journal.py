@@ -923,3 +923,33 @@ def test_an_instrument_registered_while_the_journal_opens_still_replays(tmp_path
     eng.close()
     res = dc.Engine.replay(tmp_path / "j", threads=1)
     assert res.ok and res.signals.tobytes() == live.tobytes()
+
+
+def test_events_of_the_engines_own_types_are_refused_from_the_embedder_and_bad_ones_fail_replay_typed(tmp_path):
+    """Replay applies events typed credit, dsi, ext_scores or generation to the engine. An
+    embedder's own event of such a type ({"type": "credit", ...} as an audit note) was journaled,
+    verified ok, and then stopped the replay; and a well-formed credit event for an agent the
+    engine lacks failed replay with ValueError (the CLI's exit 2, "bad arguments"), not
+    JournalError (exit 1, an unreadable journal)."""
+    import msgspec
+
+    pop = dc.Population.random(64, instruments=["EURUSD"], seed=1)
+    bars = dc.sim.MarketSimulator(["EURUSD"], 3600, seed=2).bars(60)
+    d = tmp_path / "j"
+    eng = dc.Engine(pop, threads=1, journal=d)
+    eng.run(bars[:30])
+    for kind in sorted(jr.ENGINE_EVENT_TYPES):
+        with pytest.raises(ValueError, match=f"type '{kind}' is the engine's own"):
+            eng.journal_event(msgspec.msgpack.encode({"type": kind, "note": "mine"}))
+    eng.journal_event(msgspec.msgpack.encode({"type": "audit", "note": "mine"}))  # any other type
+    eng.journal_event(b"\x01\x02 not msgpack")  # and any bytes
+    # a credit event for an agent the engine lacks, as a foreign writer could leave it
+    bad = dc.payloads.CreditUpdate(agents=np.array([999_999], "<u4").tobytes(), credit=np.array([1.0]).tobytes())
+    eng._native.journal_append(dc._core.RecordType.EVENT, msgspec.msgpack.encode(bad), True)
+    eng.run(bars[30:])
+    eng.close()
+    with pytest.raises(dc.errors.JournalError, match="credit event at seq .*no agent with id 999999"):
+        dc.Engine.replay(d, threads=1)
+    out = subprocess.run([sys.executable, "-m", "dynamic_core", "replay", str(d)], capture_output=True,
+                         text=True, timeout=120, env=_env())
+    assert out.returncode == 1, (out.returncode, out.stderr)

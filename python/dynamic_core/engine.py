@@ -523,7 +523,18 @@ class Engine:
         return self._journal_record(_core.RecordType.CONTROL, raw)
 
     def journal_event(self, raw: bytes) -> int:
-        """Journal an encoded event (evolution step, population change...) in order with the bars."""
+        """Journal an encoded event of your own (a decision, an annotation...) in order with the
+        bars; replay reports it. ``ValueError`` for a msgpack map whose ``type`` is one of the
+        engine's own (``credit``, ``dsi``, ``ext_scores``, ``generation``): replay applies those
+        to the engine, so one of yours would change (or stop) the replay; the engine journals
+        them itself (``set_credit``, ``set_dsi``, ``set_external_scores``, ``evolve``)."""
+        from . import journal as jr
+
+        if isinstance(raw, (bytes, bytearray, memoryview)):
+            kind = jr.engine_event_type(bytes(raw))
+            if kind is not None:
+                raise ValueError(f"journal_event: type {kind!r} is the engine's own event, which replay "
+                                 f"applies to the engine: give yours another type")
         return self._journal_record(_core.RecordType.EVENT, raw)
 
     def _journal_record(self, kind: Any, raw: bytes) -> int:

@@ -71,6 +71,21 @@ _encoder = msgspec.msgpack.Encoder()
 _credit_decoder = msgspec.msgpack.Decoder(dict)
 
 
+# The types of the events the engine journals itself and replay applies (an embedder's own
+# events, Engine.journal_event, may not take them).
+ENGINE_EVENT_TYPES = frozenset({"credit", "dsi", "ext_scores", "generation"})
+
+
+def engine_event_type(raw: bytes) -> str | None:
+    """The ``type`` of an encoded event when it is one of :data:`ENGINE_EVENT_TYPES`, else None."""
+    try:
+        head = _credit_decoder.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    kind = head.get("type") if isinstance(head, dict) else None
+    return kind if isinstance(kind, str) and kind in ENGINE_EVENT_TYPES else None
+
+
 def _engine_event(raw: bytes) -> tuple[str, Any, Any] | None:
     """(kind, agent ids, values) of a journaled event that changes the engine (``credit``, ``dsi`` (names, evidence) or
     ``ext_scores``), ("generation", GenerationEvent, None) for a generation of evolution; None
@@ -490,10 +505,14 @@ def replay(path: str | os.PathLike[str], *, verify: bool = True, threads: int | 
                             eng._evolve_native(gen.config, gen.seed, gen.generation, b"", pairs)
                         except ValueError as e:
                             raise JournalError(f"generation event at seq {rec.seq}: {e}") from None
-                    elif kind == "dsi":
-                        eng.set_dsi(dict(zip(ids, vals)))
                     else:
-                        (eng.set_credit if kind == "credit" else eng.set_external_scores)(ids, vals)
+                        try:
+                            if kind == "dsi":
+                                eng.set_dsi(dict(zip(ids, vals)))
+                            else:
+                                (eng.set_credit if kind == "credit" else eng.set_external_scores)(ids, vals)
+                        except ValueError as e:  # a change the engine refuses: not what it journaled
+                            raise JournalError(f"{kind} event at seq {rec.seq}: {e}") from None
             elif t == _META:
                 raise JournalError(f"a second meta record at seq {rec.seq}")
         agents = eng.agents().copy()
