@@ -16,6 +16,11 @@ The batch's remaining ticks then update the DSI state. So a bar's agents read th
 every tick before its close and of none at or after it, however the feed is cut into batches
 (the evidence is causal and does not lag). A journaled run replays bit-identically from the
 journal alone, since the evidence is journaled where it changed.
+
+Each bar's signal content is the same however the feed is batched; the order of bars of
+different instruments that close at the same time (and so their ``seq``) is not: a bar closes
+when its own instrument's next tick arrives, so such bars on two sides of a batch boundary run
+in two calls, in the order their instruments' next ticks came.
 """
 
 from __future__ import annotations
