@@ -380,6 +380,16 @@ def test_a_run_behind_another_feeders_batch_waiting_for_room_fails_at_once(pop, 
     assert rest.tobytes() == ref[got:n].tobytes()
 
 
+def _poll_until(eng: dc.Engine, n: int, timeout: float = 20.0) -> np.ndarray:
+    """Polls until ``n`` signals came (each poll waiting up to ``timeout``: none by then fails)."""
+    got = []
+    while sum(map(len, got)) < n:
+        part = eng.poll(timeout=timeout)
+        assert len(part), "signals stopped"
+        got.append(part)
+    return np.concatenate(got)
+
+
 def test_stalled_sm_fails_over_without_losing_signals(pop, market):
     with dc.Engine(pop, threads=1) as a:
         ref = a.run(market)
@@ -431,15 +441,11 @@ def test_a_worker_stuck_holding_its_sm_shows_it_moving_then_hands_it_over():
             time.sleep(0.01)
         assert ("moving", -1) in seen, seen
         eng.submit(bars[101:])
-        got = []
-        while sum(map(len, got)) < len(bars) - 100:
-            part = eng.poll(timeout=20.0)
-            assert len(part), "signals stopped"
-            got.append(part)
+        got = _poll_until(eng, len(bars) - 100)
         until = time.monotonic() + 5.0  # "ok" once the sentinel's next tick sees the progress
         while (st := eng.stats())["sms"]["status"][0] != "ok" and time.monotonic() < until:
             time.sleep(0.01)
-    assert np.concatenate(got).tobytes() == ref[100:].tobytes()
+    assert got.tobytes() == ref[100:].tobytes()
     assert st["failovers"] == 1 and st["sms"]["stalls"][0] == 1
     assert set(st["sms"]["owner"].tolist()) == {1} and set(st["sms"]["status"].tolist()) == {"ok"}
 
@@ -489,13 +495,9 @@ def test_a_failover_never_hands_the_group_back_to_the_stalled_worker():
         eng.run(bars[:100])
         eng.faults.stall_sm(0, 30.0)  # worker 0 sleeps until close()
         eng.submit(bars[100:])
-        got = []
-        while sum(map(len, got)) < len(bars) - 100:
-            part = eng.poll(timeout=20.0)
-            assert len(part), "signals stopped"
-            got.append(part)
+        got = _poll_until(eng, len(bars) - 100)
         st = eng.stats()
-    assert np.concatenate(got).tobytes() == ref[100:].tobytes()
+    assert got.tobytes() == ref[100:].tobytes()
     assert st["workers"][1]["standby"] and st["workers"][0]["heartbeat_age_s"] > 0.05
     assert set(st["sms"]["owner"]) == {1}  # all on the standby, none back on worker 0
 
