@@ -13,7 +13,7 @@ Run: ``python -m bench.bench_decision [--quick] [--json PATH]``
    journaled as msgpack, approved plans submitted to the paper broker. The broker's own time per
    bar (fills, exits, equity) is printed beside it. Two limit sets:
    ``default`` (RiskLimits(): most plans end early, e.g. no pyramiding, the breaker once the
-   random trades lose) and ``all checks`` (breaker, daily loss and cooldown off, so every plan
+   random trades lose) and ``all checks`` (open-position cap, breaker, daily loss and cooldown off, so every plan
    runs the exposure math; about 6-7% are placed, approved or resized, and most of the rest are
    rejected because resizing them to the leverage limit leaves less than the minimum lot).
    Plans/s = plans judged / time in ``on_signals``.
