@@ -175,7 +175,8 @@ def finish(rows, res: dict, args: argparse.Namespace, t_start: float) -> None:
     targets (never asserted), the wall time, and the figures as JSON with ``--json``."""
     print("\nSummary against the issue's targets (never asserted)")
     for name, val, tgt, ok in rows:
-        print(f"  {name:<44} {val:>10}  target {tgt:<8} {'PASS' if ok else 'BELOW'}")
+        verdict = "NOT MEASURED" if ok is None else "PASS" if ok else "BELOW"
+        print(f"  {name:<44} {val:>10}  target {tgt:<8} {verdict}")
     if args.quick:
         print("(quick mode: smaller sizes; run without --quick for the figures to quote)")
     print(f"\ntotal wall time {time.perf_counter() - t_start:.1f} s")
