@@ -600,7 +600,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     st = probe()
     print(f"GPU: {'usable: ' + st.device if st else 'not usable: ' + st.reason}")
-    print(f"kernels: {kernel_dir() / 'engine.cu'}; headers: {include_dir()}")
+    try:
+        print(f"kernels: {kernel_dir() / 'engine.cu'}; headers: {include_dir()}")
+    except BackendUnavailable as e:  # an install without the kernel sources beside the package
+        print(f"kernels: {e}")
+        return 2
     if args.check:
         if st:
             return _check_with_cupy(st)
