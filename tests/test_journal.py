@@ -597,11 +597,12 @@ while i < len(bars):
 while mode == "poll" and sum(len(h) for h in handed) < i:
     handed.append(eng.poll(timeout=5.0).copy())
 error = eng.stats()["journal"]["error"]
+in_flight = eng.in_flight()                                # nothing left behind for a poll
 eng.close()                                                # told already: does not raise again
 resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 res = dc.Engine.replay(d, threads=1)
 live = np.concatenate(handed)
-print(json.dumps({"failed_at": failed_at, "i": i, "errors": len(errors), "error": error,
+print(json.dumps({"failed_at": failed_at, "i": i, "errors": len(errors), "error": error, "in_flight": in_flight,
                   "same": res.signals.tobytes() == live.tobytes(), "ok": res.ok, "bars": res.bars,
                   "handed": int(len(live)), "status": res.report.status}))
 """
@@ -613,7 +614,8 @@ def test_a_failed_journal_write_is_final_typed_and_loses_nothing(tmp_path, mode)
     once where it happens, refuses every later input, hands out every signal computed, and
     leaves a journal that verifies and replays to exactly the signals handed out. "pieces": a
     run taken in pieces failing on a later one; the earlier pieces' signals, journaled as handed
-    out, were lost with the exception (replay had more signals than the caller got)."""
+    out, were lost with the exception (replay had more signals than the caller got), and those
+    still being computed were left in flight (the next run refused: "not polled yet")."""
     import json
 
     d = tmp_path / "j"
@@ -621,7 +623,7 @@ def test_a_failed_journal_write_is_final_typed_and_loses_nothing(tmp_path, mode)
                          timeout=300, env=_env())
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.splitlines()[-1])
-    assert r["failed_at"] is not None and r["errors"] == 2, r
+    assert r["failed_at"] is not None and r["errors"] == 2 and r["in_flight"] == 0, r
     assert "File too large" in r["error"]
     assert r["same"] and r["ok"] and r["status"] == "ok", r
     if mode == "run":

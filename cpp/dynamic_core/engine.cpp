@@ -1159,15 +1159,31 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
   ++stats_.batches;
   // in pieces, ingress released while it waits for its signals (stats() and the between-updates
   // changes go on, landing between two pieces, journaled there, as beside a blocking submit)
-  ingest(bars, n, n_registered, true, &out, nullptr, &lk);
-  lk.unlock();
   Signal buf[256];
-  while (tail_.load(std::memory_order_acquire) < head_.load(std::memory_order_acquire)) {
-    if (stop_.load()) throw std::logic_error("engine is closed");
-    std::lock_guard<std::mutex> eg(egress_m_);
-    const size_t k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch());
-    out.insert(out.end(), buf, buf + k);
+  auto drain_own = [&] {  // the signals of every bar this run has taken
+    while (tail_.load(std::memory_order_acquire) < head_.load(std::memory_order_acquire)) {
+      if (stop_.load()) throw std::logic_error("engine is closed");
+      std::lock_guard<std::mutex> eg(egress_m_);
+      const size_t k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch());
+      out.insert(out.end(), buf, buf + k);
+    }
+  };
+  try {
+    ingest(bars, n, n_registered, true, &out, nullptr, &lk);
+  } catch (...) {
+    // A later piece failed (its journal write, ^C): the pieces taken before it are in flight,
+    // and their signals are this run's to hand out (the caller gets them with the exception),
+    // not left for a poll() that run() callers never make (the next run() refused on them).
+    const std::exception_ptr failure = std::current_exception();
+    if (lk.owns_lock()) lk.unlock();
+    try {
+      drain_own();
+    } catch (...) {  // closed meanwhile: the first failure is the one to report
+    }
+    std::rethrow_exception(failure);
   }
+  lk.unlock();
+  drain_own();
   lk.lock();
   stats_.busy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return out.size() - before;
