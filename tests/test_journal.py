@@ -564,32 +564,61 @@ _FULL_DISK = """
 import json, os, resource, signal, sys
 import numpy as np
 import dynamic_core as dc
-from dynamic_core.errors import JournalError
+from dynamic_core.errors import EvolutionInterrupted, JournalError
+from dynamic_core.learning.evolution import Evolution
 d, mode = sys.argv[1], sys.argv[2]
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # write(2) then fails with EFBIG, as on a full disk
 pop = dc.Population.random(300, instruments=["EURUSD", "GBPUSD"], timeframes=[3600], seed=5)
 bars = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], 3600, seed=9).bars(6000)
 # "pieces": each run of 400 bars is taken in pieces of up to 8 (capacity), so the write fails
-# on a piece after others whose signals were handed out (the exception's .signals)
-eng = dc.Engine(pop, threads=2, journal=d, fsync=1, **(dict(capacity=8) if mode == "pieces" else {}))
-step = 400 if mode == "pieces" else 50
+# on a piece after others whose signals were handed out (the exception's .signals and .taken);
+# "evolution": the same through Evolution.run, generations between
+pieces = mode in ("pieces", "evolution", "ticks")
+# "ticks": ticks -> M1 bars through a TickDriver, whose bars run in stretches of one close time:
+# the 5 instruments' bars of a close in pieces of up to 2
+FIVE = ["EURUSD", "GBPUSD", "USDJPY", "AUDUSD", "USDCHF"]
+if mode == "ticks":
+    pop = dc.Population.random(300, instruments=FIVE, timeframes=["M1"], seed=5, dsi_share=0.5)
+eng = dc.Engine(pop, threads=2, journal=d, fsync=1,
+                **(dict(capacity=2 if mode == "ticks" else 8) if pieces else {}))
+step = 400 if pieces else 50
+evo = Evolution(eng, dict(min_age=50, replace_fraction=0.1), every=150, regime=False, seed=1)
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(os.path.join(d, "seg-000000.dcj")) + 60_000, hard))
 handed, failed_at, errors = [], None, []
 i = 0
+if mode == "ticks":
+    from dynamic_core.learning.dsi.driver import TickDriver
+    drv = TickDriver(eng, dsi=False)  # bars only: the write then fails in a run, not in a set_dsi
+    ticks = dc.sim.TickSimulator(FIVE, seed=2).ticks(6 * 3600)
+    for a in range(0, len(ticks), 20_000):
+        try:
+            handed.append(drv.update(ticks[a:a + 20_000]).copy())
+        except JournalError as e:
+            errors.append(str(e))
+            if failed_at is not None:
+                break
+            _, held = drv.discard()  # the signals of the bars the engine took, not returned yet
+            handed.append(held)
+            failed_at = i = drv.bars
+    bars = bars[:0]                                        # the loop below has nothing to do
 while i < len(bars):
     try:
         if mode in ("run", "pieces"):
             handed.append(eng.run(bars[i:i + step]).copy())
             i += step
+        elif mode == "evolution":
+            handed.append(evo.run(bars[i:i + step]).copy())
+            i += step
         else:
             i += eng.submit(bars[i:i + 50])
             handed.append(eng.poll(timeout=2.0).copy())   # never raises for the journal
-    except JournalError as e:
+    except (JournalError, EvolutionInterrupted) as e:
         errors.append(str(e))
         part = getattr(e, "signals", None)
         if part is not None:
             handed.append(part.copy())
+            i += e.done if isinstance(e, EvolutionInterrupted) else e.taken  # the rows taken
         if failed_at is None:
             failed_at = i
         else:
@@ -603,19 +632,23 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 res = dc.Engine.replay(d, threads=1)
 live = np.concatenate(handed)
 print(json.dumps({"failed_at": failed_at, "i": i, "errors": len(errors), "error": error, "in_flight": in_flight,
+                  "seen": sum(evo._seen), "generations": evo.generation,
                   "same": res.signals.tobytes() == live.tobytes(), "ok": res.ok, "bars": res.bars,
                   "handed": int(len(live)), "status": res.report.status}))
 """
 
 
-@pytest.mark.parametrize("mode", ["run", "poll", "pieces"])
+@pytest.mark.parametrize("mode", ["run", "poll", "pieces", "evolution", "ticks"])
 def test_a_failed_journal_write_is_final_typed_and_loses_nothing(tmp_path, mode):
     """A write that fails (the file size limit stands in for a full disk) raises JournalError
     once where it happens, refuses every later input, hands out every signal computed, and
     leaves a journal that verifies and replays to exactly the signals handed out. "pieces": a
     run taken in pieces failing on a later one; the earlier pieces' signals, journaled as handed
     out, were lost with the exception (replay had more signals than the caller got), and those
-    still being computed were left in flight (the next run refused: "not polled yet")."""
+    still being computed were left in flight (the next run refused: "not polled yet"); the
+    exception now also says how many rows were taken (.taken). "evolution": Evolution.run over
+    such a failure hands back those signals and rows, and counts each bar it fed once. "ticks":
+    a TickDriver keeps them and counts them taken (discard() hands them back)."""
     import json
 
     d = tmp_path / "j"
@@ -626,12 +659,14 @@ def test_a_failed_journal_write_is_final_typed_and_loses_nothing(tmp_path, mode)
     assert r["failed_at"] is not None and r["errors"] == 2 and r["in_flight"] == 0, r
     assert "File too large" in r["error"]
     assert r["same"] and r["ok"] and r["status"] == "ok", r
-    if mode == "run":
-        assert r["bars"] == r["handed"] == r["failed_at"]
-    elif mode == "pieces":  # the failing call's earlier pieces came back on the exception
-        assert r["bars"] == r["handed"] > r["failed_at"], r
-    else:
+    if mode == "poll":
         assert r["bars"] == r["handed"] == r["i"]
+    else:  # every bar is followed and good: one signal per bar taken, the failing call's too
+        assert r["bars"] == r["handed"] == r["failed_at"], r
+    if mode == "evolution":
+        assert r["seen"] == r["bars"] and r["generations"] >= 1, r
+    if mode == "ticks":
+        assert r["bars"] > 100, r
     assert jr.verify(d).ok
 
 

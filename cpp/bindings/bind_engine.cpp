@@ -230,10 +230,15 @@ auto lane_setter(const char* name) {
 }  // namespace
 
 namespace {
-// The signals a run that raised had handed out (per thread: the caller takes them at once).
+// The signals a run that raised had handed out, and the bars it had taken (per thread: the
+// caller takes them at once).
 std::vector<Signal>& run_partial() {
   static thread_local std::vector<Signal> v;
   return v;
+}
+uint64_t& run_partial_taken() {
+  static thread_local uint64_t n = 0;
+  return n;
 }
 
 template <class T>
@@ -300,9 +305,11 @@ void bind_engine(py::module_& m) {
   m.def("take_run_partial", [] {
         std::vector<Signal> v = std::move(run_partial());
         run_partial().clear();
-        return to_bytes(v.data(), v.size());
-      }, "The signals the calling thread's last Engine.run that raised had handed out (signal records "
-         "as bytes; empty after the first call).");
+        const uint64_t taken = run_partial_taken();
+        run_partial_taken() = 0;
+        return py::make_tuple(to_bytes(v.data(), v.size()), taken);
+      }, "(signals, bars) of the calling thread's last Engine.run that raised: the signal records it "
+         "had handed out (bytes) and the bars of its batch it had taken; empty and 0 after the first call.");
   m.def("kernel_isa", &kernel_isa,
         "Instruction-set level of the native kernels in use (lane kernel, bank updates, DynamicLoRA): "
         "4 (x86-64-v4), 3 (x86-64-v3) or 0 (baseline). Results are the same bits on every level.");
@@ -459,16 +466,19 @@ void bind_engine(py::module_& m) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));
              std::vector<Signal> out;
+             uint64_t taken = 0;
              run_partial().clear();
+             run_partial_taken() = 0;
              try {
                without_gil([&] {
                  out.reserve(n);
-                 e.run(b, n, n_registered, out, strict);
+                 e.run(b, n, n_registered, out, strict, &taken);
                });
              } catch (...) {
                // the signals of the pieces taken before the failure were handed out (journaled
                // as such): kept for the caller (take_run_partial) rather than dropped here
                run_partial() = std::move(out);
+               run_partial_taken() = taken;
                throw;
              }
              return to_bytes(out.data(), out.size());

@@ -1148,7 +1148,8 @@ int Engine::step(const Bar& bar, uint32_t n_registered, Signal* out, int64_t tim
   return poll(out, 1, timeout_ns) ? 1 : 0;
 }
 
-size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out, bool strict) {
+size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out, bool strict,
+                   uint64_t* taken) {
   const auto t0 = std::chrono::steady_clock::now();
   const size_t before = out.size();
   std::unique_lock<std::timed_mutex> feed(feed_m_, std::defer_lock);
@@ -1157,6 +1158,8 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
   check_drained("run");
   if (strict) refuse_bad_locked(bars, n, n_registered);
   ++stats_.batches;
+  // bars_in moves only by the feed holder (this call) from here: its change is what it took
+  const uint64_t in0 = stats_.bars_in;
   // in pieces, ingress released while it waits for its signals (stats() and the between-updates
   // changes go on, landing between two pieces, journaled there, as beside a blocking submit)
   Signal buf[256];
@@ -1175,6 +1178,7 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
     // and their signals are this run's to hand out (the caller gets them with the exception),
     // not left for a poll() that run() callers never make (the next run() refused on them).
     const std::exception_ptr failure = std::current_exception();
+    if (taken) *taken = stats_.bars_in - in0;
     if (lk.owns_lock()) lk.unlock();
     try {
       drain_own();
@@ -1182,6 +1186,7 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
     }
     std::rethrow_exception(failure);
   }
+  if (taken) *taken = stats_.bars_in - in0;
   lk.unlock();
   drain_own();
   lk.lock();

@@ -138,7 +138,9 @@ class Engine {
   // followed stream, in input order. Must not be mixed with submit/poll from other threads.
   // `strict`: a batch with any bad bar is refused whole (StrictRefusal, nothing taken), judged
   // under the ingress lock (submit, step and admit alike).
-  size_t run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out, bool strict = false);
+  // `taken` (optional) gets the bars of this batch taken, also when it throws after a piece.
+  size_t run(const Bar* bars, size_t n, uint32_t n_registered, std::vector<Signal>& out, bool strict = false,
+             uint64_t* taken = nullptr);
 
   // Streaming mode. submit() validates, sequences and dispatches bars; it returns how many of
   // `n` were taken (rejected bad bars count as taken: they are dead-lettered). With

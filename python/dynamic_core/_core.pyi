@@ -362,9 +362,9 @@ def signal_hashes(signals: numpy.ndarray) -> numpy.typing.NDArray[numpy.uint64]:
     """
     FNV-1a 64 of each signal record: the hash the journal keeps.
     """
-def take_run_partial() -> numpy.typing.NDArray[numpy.uint8]:
+def take_run_partial() -> tuple[numpy.typing.NDArray[numpy.uint8], int]:
     """
-    The signals the calling thread's last Engine.run that raised had handed out (signal records as bytes; empty after the first call).
+    (signals, bars) of the calling thread's last Engine.run that raised: the signal records it had handed out (bytes) and the bars of its batch it had taken; empty and 0 after the first call.
     """
 def validate_bars(bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint32]:
     """

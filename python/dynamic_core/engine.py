@@ -77,17 +77,20 @@ def _timeout_ns(timeout: object) -> int:
     return _MAX_WAIT_NS if x >= _MAX_WAIT_NS / 1e9 else int(x * 1e9)
 
 
-def _attach_partial(e: BaseException, signals: np.ndarray) -> None:
-    """Put the signals a failed ``run`` had handed out on its exception (``.signals``)."""
-    if not len(signals):
+def _attach_partial(e: BaseException, signals: np.ndarray, taken: int) -> None:
+    """Put what a failed ``run`` had done on its exception: ``.signals`` it had handed out and
+    ``.taken``, the rows of its batch the engine took (a prefix), when it took any."""
+    if not taken and not len(signals):
         return
     try:
         e.signals = signals  # type: ignore[attr-defined]
+        e.taken = taken  # type: ignore[attr-defined]
     except AttributeError:  # an exception type without a __dict__: the note says where they went
-        e.add_note(f"Engine.run: {len(signals)} signals handed out before this were lost with it")
+        e.add_note(f"Engine.run: {taken} bars were taken and {len(signals)} signals handed out before this")
         return
-    e.add_note(f"Engine.run: the signals of {len(signals)} bars taken before this were handed out (the "
-               "journal records them so): they are this exception's .signals")
+    e.add_note(f"Engine.run: the first {taken} bars of the batch were taken before this and their "
+               f"{len(signals)} signals handed out (the journal records them so): this exception's .taken "
+               "and .signals")
 
 
 def _check_strict(strict: object, allow_none: bool) -> bool | None:
@@ -568,10 +571,11 @@ class Engine:
         taken; ``close`` from another thread ends the call (it raises), and the journal holds
         the bars taken before it (``stats()["bars_in"]``).
 
-        When it raises after handing out signals of pieces it had taken (a journal write that
-        failed on a later piece, ^C, ``close``), those signals are on the exception as
-        ``.signals`` (``SIGNAL_DTYPE``, in order): the journal records them as handed out, and
-        nothing else returns them.
+        When it raises after taking pieces of the batch (a journal write that failed on a later
+        piece, ^C, ``close``), the exception carries ``.taken``, how many rows of the batch (a
+        prefix) the engine took, and ``.signals``, their signals (``SIGNAL_DTYPE``, in order):
+        the journal records them as handed out, and nothing else returns them. Resume from row
+        ``.taken``.
         """
         self._check_runnable()
         strict = _check_strict(strict, allow_none=True)
@@ -585,7 +589,8 @@ class Engine:
         try:
             return self._native.run(b, len(instruments), strict).view(SIGNAL_DTYPE)
         except BaseException as e:
-            _attach_partial(e, np.frombuffer(_core.take_run_partial(), dtype=SIGNAL_DTYPE))
+            raw, taken = _core.take_run_partial()
+            _attach_partial(e, np.frombuffer(raw, dtype=SIGNAL_DTYPE), int(taken))
             raise
         finally:
             self._egress_exit(me)

@@ -228,8 +228,20 @@ class Evolution:
             try:
                 # strict=False: the batch was refused whole above if it had a bad bar
                 out.append(self.engine.run(bars[start:end], strict=False))
-            except Exception:
-                self._seen, self._regime = mark  # the engine took none of the chunk
+            except Exception as exc:
+                # the engine took a prefix of the chunk (.taken rows, 0 without it): the count of
+                # bars fed is put back to the chunk's start and then moved over that prefix, so a
+                # resumed run counts each bar once (no generation falls due inside a chunk: the
+                # chunk ends at the bar that made one due, and that one was not taken)
+                self._seen, self._regime = mark
+                taken = int(getattr(exc, "taken", 0))
+                if taken:
+                    out.append(exc.signals)
+                    for j in range(start, start + taken):
+                        s = self._streams.get((inst[j], tf[j])) if ok[j] else None
+                        if s is not None:
+                            self._due(s, close[j])
+                    start, mark = start + taken, self._mark()
                 raise
             start, mark = end, self._mark()
 

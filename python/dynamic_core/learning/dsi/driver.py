@@ -239,7 +239,15 @@ class TickDriver:
                         self.dsi.update(t[np.sort(order[fed:upto])])  # in batch order
                         fed = upto
                     self._set_evidence()
-                    self._signals.append(self.engine.run(bars[lo:hi]))
+                    try:
+                        self._signals.append(self.engine.run(bars[lo:hi]))
+                    except BaseException as e:  # the engine may have taken a prefix (.taken)
+                        taken = int(getattr(e, "taken", 0))
+                        if taken:
+                            self._signals.append(e.signals)
+                            self.bars += taken
+                            lo += taken
+                        raise
                     self.bars += hi - lo
                 lo = len(bars)
             if fed < len(t):
