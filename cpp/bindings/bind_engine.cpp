@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 namespace dynamic_core::bindings {
 
@@ -230,15 +231,15 @@ auto lane_setter(const char* name) {
 }  // namespace
 
 namespace {
-// The signals a run that raised had handed out, and the bars it had taken (per thread: the
-// caller takes them at once).
-std::vector<Signal>& run_partial() {
-  static thread_local std::vector<Signal> v;
-  return v;
-}
-uint64_t& run_partial_taken() {
-  static thread_local uint64_t n = 0;
-  return n;
+// What a run that raised had done: the signals it had handed out and the bars of its batch it
+// had taken (per thread: the caller takes them at once).
+struct RunPartial {
+  std::vector<Signal> signals;
+  uint64_t taken = 0;
+};
+RunPartial& run_partial() {
+  static thread_local RunPartial p;
+  return p;
 }
 
 template <class T>
@@ -303,11 +304,8 @@ py::dict lanes_dict(const LaneArrays& l) {
 
 void bind_engine(py::module_& m) {
   m.def("take_run_partial", [] {
-        std::vector<Signal> v = std::move(run_partial());
-        run_partial().clear();
-        const uint64_t taken = run_partial_taken();
-        run_partial_taken() = 0;
-        return py::make_tuple(to_bytes(v.data(), v.size()), taken);
+        const RunPartial p = std::exchange(run_partial(), RunPartial{});
+        return py::make_tuple(to_bytes(p.signals.data(), p.signals.size()), p.taken);
       }, "(signals, bars) of the calling thread's last Engine.run that raised: the signal records it "
          "had handed out (bytes) and the bars of its batch it had taken; empty and 0 after the first call.");
   m.def("kernel_isa", &kernel_isa,
@@ -467,8 +465,7 @@ void bind_engine(py::module_& m) {
              const auto n = static_cast<size_t>(bars.shape(0));
              std::vector<Signal> out;
              uint64_t taken = 0;
-             run_partial().clear();
-             run_partial_taken() = 0;
+             run_partial() = RunPartial{};
              try {
                without_gil([&] {
                  out.reserve(n);
@@ -477,8 +474,7 @@ void bind_engine(py::module_& m) {
              } catch (...) {
                // the signals of the pieces taken before the failure were handed out (journaled
                // as such): kept for the caller (take_run_partial) rather than dropped here
-               run_partial() = std::move(out);
-               run_partial_taken() = taken;
+               run_partial() = RunPartial{std::move(out), taken};
                throw;
              }
              return to_bytes(out.data(), out.size());

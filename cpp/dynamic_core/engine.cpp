@@ -724,6 +724,16 @@ size_t Engine::drain(Signal* out, size_t max_n) {
   return k;
 }
 
+void Engine::drain_into(std::vector<Signal>& out) {
+  Signal buf[256];
+  size_t k;
+  {
+    std::lock_guard<std::mutex> eg(egress_m_);
+    k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch());
+  }
+  out.insert(out.end(), buf, buf + k);
+}
+
 size_t Engine::wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, size_t min_n) {
   size_t k = drain(out, max_n);
   if (k || timeout_ns == 0 || max_n == 0) return k;
@@ -909,13 +919,7 @@ bool Engine::make_room(uint64_t want, std::vector<Signal>* drain_to, std::unique
     if (drain_to) {  // run(): the caller is the consumer; ingress released while it waits (stats() goes on)
       if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
       if (lk) lk->unlock();
-      Signal buf[256];
-      size_t k;
-      {
-        std::lock_guard<std::mutex> eg(egress_m_);
-        k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch());
-      }
-      drain_to->insert(drain_to->end(), buf, buf + k);
+      drain_into(*drain_to);
       if (lk) {
         lk->lock();
         if (closed_ || stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
@@ -1162,13 +1166,10 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
   const uint64_t in0 = stats_.bars_in;
   // in pieces, ingress released while it waits for its signals (stats() and the between-updates
   // changes go on, landing between two pieces, journaled there, as beside a blocking submit)
-  Signal buf[256];
   auto drain_own = [&] {  // the signals of every bar this run has taken
     while (tail_.load(std::memory_order_acquire) < head_.load(std::memory_order_acquire)) {
       if (stop_.load()) throw std::logic_error("engine is closed");
-      std::lock_guard<std::mutex> eg(egress_m_);
-      const size_t k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch());
-      out.insert(out.end(), buf, buf + k);
+      drain_into(out);
     }
   };
   try {

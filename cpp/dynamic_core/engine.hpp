@@ -421,6 +421,8 @@ class Engine {
   // Drains up to max_n ready signals; if none is ready, waits up to timeout_ns until the next
   // min_n bars in flight (all of them, if fewer) are ready, then drains.
   size_t wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, size_t min_n = 1);
+  // run()'s drain: waits a slice for drain_batch() signals (egress lock held), appends them to out.
+  void drain_into(std::vector<Signal>& out);
   // Signals run() waits for at a time once the window is full: a quarter of it, at most 256.
   size_t drain_batch() const { return std::max<size_t>(1, std::min<size_t>(256, cap_ / 4)); }
   void wait_idle();  // every claimed bar processed by all its SMs; caller holds ingress_m_

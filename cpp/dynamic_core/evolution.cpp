@@ -852,8 +852,8 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       lanes_.lookback[slot_lane] = lookback;
       lanes_.long_short[slot_lane] = c.g.mode == static_cast<uint32_t>(Mode::LongShort);
       state_.reset(slot_lane);
+      GroupRuntime& gr = grt_[group_of_[m]];
       if (faults_) {  // a poison armed for the agent this child replaces is gone with it
-        GroupRuntime& gr = grt_[group_of_[m]];
         int32_t armed = static_cast<int32_t>(slot_lane - groups_[group_of_[m]].lane_begin);
         gr.poison.compare_exchange_strong(armed, -1, std::memory_order_acq_rel);
       }
@@ -863,7 +863,7 @@ GenerationReport Engine::evolve(const EvolutionConfig& cfg, uint64_t seed, uint3
       }
       lane_judge_from_[slot_lane] = std::max(static_cast<int64_t>(st.nbars), static_cast<int64_t>(lookback));
       // the quarantined agent it replaces is gone: stats()["quarantined"] counts those now
-      if (how & kQuarantined) grt_[group_of_[m]].quarantined.fetch_sub(1, std::memory_order_relaxed);
+      if (how & kQuarantined) gr.quarantined.fetch_sub(1, std::memory_order_relaxed);
       I.crossovers += (how & kCrossover) != 0;
       I.migrants += (how & kMigrant) != 0;
       I.spawns += (how & kSpawn) != 0;

@@ -76,13 +76,18 @@ _credit_decoder = msgspec.msgpack.Decoder(dict)
 ENGINE_EVENT_TYPES = frozenset({"credit", "dsi", "ext_scores", "generation"})
 
 
-def engine_event_type(raw: bytes) -> str | None:
-    """The ``type`` of an encoded event when it is one of :data:`ENGINE_EVENT_TYPES`, else None."""
+def _event_head(raw: bytes) -> tuple[dict | None, Any]:
+    """An encoded event as a msgpack map and its ``type``; (None, None) when it is no map."""
     try:
         head = _credit_decoder.decode(raw)
     except msgspec.DecodeError:
-        return None
-    kind = head.get("type") if isinstance(head, dict) else None
+        return None, None
+    return (head, head.get("type")) if isinstance(head, dict) else (None, None)
+
+
+def engine_event_type(raw: bytes) -> str | None:
+    """The ``type`` of an encoded event when it is one of :data:`ENGINE_EVENT_TYPES`, else None."""
+    kind = _event_head(raw)[1]
     return kind if isinstance(kind, str) and kind in ENGINE_EVENT_TYPES else None
 
 
@@ -92,11 +97,7 @@ def _engine_event(raw: bytes) -> tuple[str, Any, Any] | None:
     for any other event (decisions, ...), which replay only reports."""
     from .payloads import CreditUpdate, DsiEvidence, ExternalScores, GenerationEvent
 
-    try:
-        head = _credit_decoder.decode(raw)
-    except msgspec.DecodeError:
-        return None
-    kind = head.get("type") if isinstance(head, dict) else None
+    head, kind = _event_head(raw)
     if kind == "generation":
         try:
             return kind, msgspec.convert(head, GenerationEvent), None

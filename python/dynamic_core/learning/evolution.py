@@ -223,6 +223,9 @@ class Evolution:
         ok = (reasons == 0).tolist()
         mark = self._mark()
 
+        def stream_of(i: int) -> int | None:  # the stream a good bar of a followed stream feeds
+            return self._streams.get((inst[i], tf[i])) if ok[i] else None
+
         def take(end: int) -> None:
             nonlocal start, mark
             try:
@@ -238,8 +241,7 @@ class Evolution:
                 if taken:
                     out.append(exc.signals)
                     for j in range(start, start + taken):
-                        s = self._streams.get((inst[j], tf[j])) if ok[j] else None
-                        if s is not None:
+                        if (s := stream_of(j)) is not None:
                             self._due(s, close[j])
                     start, mark = start + taken, self._mark()
                 raise
@@ -247,7 +249,7 @@ class Evolution:
 
         try:
             for i in range(len(bars)):
-                s = self._streams.get((inst[i], tf[i])) if ok[i] else None
+                s = stream_of(i)
                 if s is None:
                     continue
                 why = self._due(s, close[i])
