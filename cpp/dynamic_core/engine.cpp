@@ -122,15 +122,18 @@ Engine::Engine(const Genome* genomes, size_t n, const EngineConfig& cfg)
     while (cap_ * 2 <= fit && cap_ < 8192) cap_ <<= 1;
   }
   // Bars per worker batch: long enough to keep an SM's lanes in cache over several bars, short
-  // enough (about a quarter of the stall deadline at ~20 ns per lane) that heartbeats stay fresh.
+  // enough (about a quarter of the stall deadline) that heartbeats stay fresh. A worker starts
+  // from an estimate of ~20 ns per lane and then sizes its batches from its own measured time
+  // per bar (next_batch); block_bars fixes the size instead.
   if (cfg.block_bars) {
-    batch_ = cfg.block_bars;
+    batch_ = std::min(cfg.block_bars, cap_);
+    batch_max_ = batch_;
   } else {
     const double per_bar = 20e-9 * static_cast<double>(max_stream_lanes) / cfg.threads;
     const double fit = (static_cast<double>(cfg.stall_deadline_ns) * 1e-9 / 4.0) / per_bar;
-    batch_ = static_cast<uint32_t>(std::clamp(fit, 1.0, 256.0));
+    batch_max_ = std::min<uint32_t>(kMaxBatch, cap_);
+    batch_ = std::min(static_cast<uint32_t>(std::clamp(fit, 1.0, static_cast<double>(kMaxBatch))), batch_max_);
   }
-  batch_ = std::min(batch_, cap_);
 
   slots_.reset(new Slot[cap_]);
   // not zeroed: a position's summaries are all written (by its units) before consensus reads
@@ -292,7 +295,9 @@ void Engine::worker_main(int w) {
     }
   }
 #endif
-  std::vector<uint64_t> buf(batch_);
+  std::vector<uint64_t> buf(batch_max_);
+  uint32_t want = batch_;  // this worker's batch size (adapted unless block_bars fixes it)
+  double ns_per_bar = 0.0;
   uint32_t seen_adopt = 0;
   while (true) {
     const uint32_t gen = me.adopt_gen.load(std::memory_order_acquire);
@@ -310,13 +315,15 @@ void Engine::worker_main(int w) {
       me.beat_ns.store(now_ns(), std::memory_order_relaxed);
     }
     // one index load and one index store for the whole batch
-    const size_t n = me.ring.try_pop_n(buf.data(), batch_);
+    const size_t n = me.ring.try_pop_n(buf.data(), want);
     if (n) {
       const int64_t t_batch = now_ns();
       me.injected_ns = 0;
       process_batch(w, buf.data(), n);
       const int64_t t_done = now_ns();
-      me.busy_ns.fetch_add(t_done - t_batch - me.injected_ns, std::memory_order_relaxed);
+      const int64_t busy = t_done - t_batch - me.injected_ns;
+      me.busy_ns.fetch_add(busy, std::memory_order_relaxed);
+      if (!cfg_.block_bars) want = next_batch(n, busy, ns_per_bar);
       me.beat_ns.store(t_done, std::memory_order_relaxed);
       continue;
     }
@@ -343,6 +350,16 @@ void Engine::worker_main(int w) {
     me.sleeping.store(0, std::memory_order_relaxed);
     me.beat_ns.store(now_ns(), std::memory_order_relaxed);
   }
+}
+
+uint32_t Engine::next_batch(size_t n, int64_t busy_ns, double& ns_per_bar) const {
+  // Time per bar of this worker (its share of each bar's SMs), smoothed over batches; a batch
+  // slowed by preemption shrinks the next ones at once and they grow back over a few batches.
+  // Small batches overstate it (fixed costs per batch), which errs toward shorter batches.
+  const double x = static_cast<double>(std::max<int64_t>(busy_ns, 1)) / static_cast<double>(n);
+  ns_per_bar = ns_per_bar == 0.0 || x > ns_per_bar ? x : 0.75 * ns_per_bar + 0.25 * x;
+  const double fit = static_cast<double>(cfg_.stall_deadline_ns) / 4.0 / ns_per_bar;
+  return static_cast<uint32_t>(std::clamp(fit, 1.0, static_cast<double>(batch_max_)));
 }
 
 bool Engine::read_slot(uint64_t q, uint32_t& stream, uint64_t& sidx) {
@@ -394,7 +411,7 @@ size_t Engine::unit_block_bytes() {
     l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
     if (l2 <= 0) l2 = 512 * 1024;
-    return std::clamp<size_t>(static_cast<size_t>(l2) / 4, 32 * 1024, 1024 * 1024);
+    return std::clamp<size_t>(static_cast<size_t>(l2), 64 * 1024, 2048 * 1024);
   }();
   return bytes;
 }
@@ -501,8 +518,8 @@ bool Engine::run_group(int w, uint32_t g, const uint64_t* pos, size_t n, uint32_
   // acquire: pairs with the release of nproc by the group's previous runner, which may have been
   // another worker (the sentinel moved the group), so its state (banks, lanes, last_pos) is ours
   uint64_t np = r.nproc.load(std::memory_order_acquire);
-  // Bars are run in blocks of up to ub, SM by SM, when a block's features fit in a quarter of
-  // a core's L2 (unit_block_bytes; a group with many features runs bar by bar).
+  // Bars are run in blocks of up to ub, SM by SM, when a block's features fit in a core's L2
+  // (unit_block_bytes; a group with very many features runs bar by bar).
   const size_t nf = groups_[g].bank.feat.size();
   const size_t fit = cfg_.unit_block ? cfg_.unit_block : unit_block_bytes() / (sizeof(double) * nf);
   const int ub = static_cast<int>(std::clamp<size_t>(fit, 1, kUnitBlock));

@@ -47,7 +47,7 @@ struct EngineConfig {
   int cores_per_sm = 128;
   uint64_t population_hash = 0;
   uint32_t dead_letter_capacity = 10000;
-  uint32_t block_bars = 0;  // most bars a worker takes per batch; 0 = sized from the population
+  uint32_t block_bars = 0;  // bars a worker takes per batch; 0 = sized from its measured speed
   int threads = 1;          // SM workers (a standby worker is started besides them)
   uint32_t capacity = 0;    // bars in flight or ready but not yet polled; 0 = sized automatically
   Backpressure backpressure = Backpressure::Block;
@@ -245,7 +245,7 @@ class Engine {
   double worker_busy_seconds() const;  // the busiest worker's time spent running bars
   std::vector<DeadLetter> dead_letters();
   const EngineConfig& config() const { return cfg_; }
-  uint32_t block_bars() const { return batch_; }
+  uint32_t block_bars() const { return batch_max_; }
   uint32_t capacity() const { return cap_; }
   int threads() const { return cfg_.threads; }
 
@@ -349,9 +349,12 @@ class Engine {
   // results do not depend on nb. `poison` (fault injection, -1 = none) is a lane of the group
   // whose score turns NaN on the first bar.
   static constexpr int kUnitBlock = 32;
-  // A block's features at most: a quarter of a core's L2 (measured on a 512 KiB L2: 128 KiB ran
-  // random populations ~25% faster than 512 KiB, whose blocks evicted the SM's lanes), read once
-  // from the OS; 128 KiB (a 512 KiB L2's quarter) when it does not say.
+  // A block's features at most: a core's L2, read once from the OS (512 KiB when it does not
+  // say), within [64 KiB, 2 MiB]. Measured with random populations on a 1 MiB L2 (bench
+  // throughput, 2 threads): 100k agents, whose groups have ~24k features (192 KiB a bar), ran
+  // 5-8% faster than with a quarter of the L2, which left them bar by bar and so reloaded every
+  // SM's lanes each bar; 10k agents ran the same. (An earlier measurement on a 512 KiB L2 had
+  // favoured a quarter of it.)
   static size_t unit_block_bytes();
   void units(uint32_t g, const uint64_t* ps, int nb, int poison, uint64_t& updates);
   void form_groups();  // groups, their banks and lanes, and their first owners
@@ -427,6 +430,9 @@ class Engine {
   size_t drain_batch() const { return std::max<size_t>(1, std::min<size_t>(256, cap_ / 4)); }
   void wait_idle();  // every claimed bar processed by all its SMs; caller holds ingress_m_
   bool read_slot(uint64_t q, uint32_t& stream, uint64_t& sidx);
+  // The next batch size of a worker whose last batch of n bars took busy_ns (ns_per_bar: its
+  // running estimate): about a quarter of the stall deadline, 1 to batch_max_ bars.
+  uint32_t next_batch(size_t n, int64_t busy_ns, double& ns_per_bar) const;
   void dead_letter(const Bar& b, uint64_t index, Reason r);
   const Stream* find_stream(uint32_t instrument, uint32_t timeframe) const;
   LaneView lane_view(uint32_t base);
@@ -463,7 +469,9 @@ class Engine {
   std::vector<uint32_t> stream_flags_;  // per stream: Signal::flags of its signals (kSignalDsi)
   uint32_t next_id_ = 0;
   std::unordered_map<uint64_t, uint32_t> stream_of_;
-  uint32_t batch_ = 0;
+  static constexpr uint32_t kMaxBatch = 256;
+  uint32_t batch_ = 0;      // a worker's first batch size
+  uint32_t batch_max_ = 0;  // the most bars a worker takes per batch
   uint32_t cap_ = 0;
   uint32_t max_sms_ = 1;
   int n_workers_ = 0;  // live workers + standby

@@ -272,9 +272,10 @@ class Engine:
         How many rejected bars are kept (the newest); older ones are counted as dropped.
     block_bars : int
         Bars per execution block. On the CPU: the most bars a worker takes from its queue and
-        runs as one batch; 0 (default) sizes it from the population and the thread count so a
-        batch takes about a quarter of ``stall_deadline`` (1 to 256 bars); never more than
-        ``capacity``. With ``backend="cuda"``: bars per kernel launch; 0 means 4096, fewer
+        runs as one batch (an SM's agents stay in cache across a batch); 0 (default) lets each
+        worker size its batches from its own measured time per bar so a batch takes about a
+        quarter of ``stall_deadline`` (1 to 256 bars, never more than ``capacity``; the first
+        from an estimate of ~20 ns per agent). With ``backend="cuda"``: bars per kernel launch; 0 means 4096, fewer
         when a block's scratch memory would pass 256 MiB. Results are bit-identical for any
         value.
     fault_injection : bool
