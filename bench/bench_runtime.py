@@ -16,6 +16,12 @@ Run: ``python -m bench.bench_runtime [--quick] [--json PATH]``
    mutex-guarded std::deque taking one element a lock, and (the peer of the runs) 64 a lock. One at a time, a producer and a consumer running in step hand the
    index and slot cache lines back and forth for every element; a run pays for that once.
 
+4. The lane kernel alone (``_core.kernel_bench``: the kernel ``Engine`` runs, over synthetic
+   lanes, with no bank update, ingress or consensus): ns per lane-update for one SM whose state
+   and feature row stay in L1, and for 98 SMs reading a row of 24,000 features (the shape of a
+   100k-agent group on 2 workers, bar by bar). The first is the ceiling of one worker thread:
+   no engine configuration runs a lane-update faster than the kernel does in L1.
+
 Figures are printed, never asserted. Targets from the issue (2 cores): p50 <= 30 us and
 p99 <= 100 us at 10k agents; >= 0.5 G agent-updates/s at 100k agents; ring <= 10 ns per op.
 """
@@ -111,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"latency {n:,} agents ...")
         res["latency"].append(latency(n, bars, n_measure if n < 100_000 else n_measure // 4,
                                       threads=min(2, os.cpu_count() or 1)))
+    _progress("lane kernel ...")
+    l1 = [_core.kernel_bench(1, 300, 20_000 if args.quick else 100_000) for _ in range(3)]
+    wide = [_core.kernel_bench(98, 24_000, 100 if args.quick else 400) for _ in range(3)]
+    res["kernel"] = {"isa": l1[0]["isa"], "l1_ns": min(r["ns_per_lane_update"] for r in l1),
+                     "wide_ns": min(r["ns_per_lane_update"] for r in wide)}
     _progress("ring ...")
     ring = [_core.ring_bench(2_000_000 if args.quick else 10_000_000) for _ in range(3)]
     res["ring"] = {"spsc_ring_ns": min(r["spsc_ring_ns"] for r in ring),
@@ -143,6 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   mutex + std::deque, one a lock     {lk:6.1f}  -> ring one at a time {lk / r['spsc_ring_ns']:.1f}x faster")
     print(f"   mutex + std::deque, 64 a lock      {lkb:6.1f}  -> ring in runs of 64 "
           f"{lkb / r['spsc_ring_bulk_ns']:.1f}x faster")
+
+    kb = res["kernel"]
+    threads_here = 2  # the throughput table's second column
+    t100_1 = res["throughput"][-1]["t1_gups"]
+    print("\n4. The lane kernel alone (kernel_bench: synthetic lanes, no bank, ingress or consensus), "
+          f"ISA level {kb['isa']}")
+    print(f"   1 SM, state and 300 features in L1     {kb['l1_ns']:6.2f} ns per lane-update -> ceiling "
+          f"{threads_here / kb['l1_ns']:.3f} G/s on {threads_here} thread(s)")
+    print(f"   98 SMs, a 24,000-feature row           {kb['wide_ns']:6.2f} ns per lane-update")
+    print(f"   (the engine at 100k agents, 1 thread: {1 / t100_1:.2f} ns per agent-update, bank updates, ingress "
+          "and consensus included)")
 
     t100 = res["throughput"][-1]
     l10 = res["latency"][1]

@@ -1451,3 +1451,26 @@ def test_stats_counts_the_agents_quarantined_now_not_ever():
         eng.faults.poison(0)
         eng.run(bars[202:203])
         assert eng.agents()["quarantined"].sum() == eng.stats()["quarantined"] == 1
+
+
+def test_the_kernel_microbenchmark_runs_every_lane_the_same_on_each_instruction_set():
+    """bench_runtime's kernel figure (_core.kernel_bench) steps every synthetic lane of every bar
+    through the engine's lane kernel, with the same results on each instruction-set level, and
+    refuses sizes it cannot run."""
+    from dynamic_core import _core
+
+    level = _core.kernel_isa()
+    try:
+        runs = {}
+        for isa in sorted({0, 3, level}):
+            if _core.set_kernel_isa(isa) != isa:
+                continue
+            r = _core.kernel_bench(3, 500, 40, 4)
+            assert r["lane_updates"] == 3 * 128 * 40 and r["ns_per_lane_update"] > 0
+            runs[isa] = r["checksum"]
+        assert len(set(runs.values())) == 1, runs
+    finally:
+        _core.set_kernel_isa(level)
+    for bad in [dict(sms=0), dict(features=1), dict(bars=0), dict(rows=0), dict(rows=5000)]:
+        with pytest.raises(ValueError):
+            _core.kernel_bench(**bad)

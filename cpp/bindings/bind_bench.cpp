@@ -1,12 +1,15 @@
-// Microbenchmarks that need native threads (used by bench/bench_runtime.py).
+// Microbenchmarks that need native code (used by bench/bench_runtime.py): the SPSC ring between
+// two threads, the journal's append, and the lane kernel alone.
 #include <algorithm>
 #include <chrono>
 #include <deque>
 #include <mutex>
+#include <random>
 #include <thread>
 #include <vector>
 
 #include "../dynamic_core/journal.hpp"
+#include "../dynamic_core/kernel.hpp"
 #include "../dynamic_core/ring.hpp"
 #include "common.hpp"
 
@@ -70,9 +73,111 @@ double bulk_transfer_ns(uint64_t n, size_t batch, SpscRing<uint64_t>& r) {
       });
 }
 
+// The lane kernel alone (sm_step, the kernel Engine runs): `sms` SMs of 128 lanes with random
+// weights, feature indices into a row of `features` values, entries and costs, stepped over
+// `bars` bars whose feature rows cycle through `rows` precomputed ones (1: the same row, as
+// warm in cache as the row a bank update has just written). No bank update, ingress,
+// consensus or signal: what is left is the kernel's own time per lane-update, the ceiling on
+// what a worker thread can reach. Returns ns per lane-update and a checksum of the summaries.
+struct KernelLanes {
+  std::vector<double> w[kFeatures];
+  std::vector<int32_t> fidx[kFeatures];
+  std::vector<double> entry, cost, score, equity, entry_equity, peak, max_dd, ret_sum, ret_sq, credit, ext_score, dsi;
+  std::vector<int32_t> lookback, long_short, active, external, position, action;
+  std::vector<uint32_t> trades, wins, n_ret, quarantined;
+  KernelLanes(size_t n, int features, std::mt19937_64& rng) {
+    std::uniform_real_distribution<double> u(-1.0, 1.0);
+    for (int f = 0; f < kFeatures; ++f) {
+      w[f].resize(n);
+      fidx[f].resize(n);
+      for (size_t i = 0; i < n; ++i) {
+        w[f][i] = u(rng);
+        fidx[f][i] = 1 + static_cast<int32_t>(rng() % static_cast<uint64_t>(features - 1));  // 0: the constant
+      }
+    }
+    entry.resize(n);
+    for (double& x : entry) x = 0.05 + 0.3 * (u(rng) + 1.0) / 2.0;
+    cost.assign(n, 1e-4);
+    for (auto* v : {&score, &max_dd, &ret_sum, &ret_sq, &ext_score, &dsi}) v->assign(n, 0.0);
+    for (auto* v : {&equity, &entry_equity, &peak, &credit}) v->assign(n, 1.0);
+    lookback.assign(n, 0);
+    long_short.resize(n);
+    for (int32_t& x : long_short) x = static_cast<int32_t>(rng() & 1);
+    active.assign(n, 1);
+    for (auto* v : {&external, &position, &action}) v->assign(n, 0);
+    for (auto* v : {&trades, &wins, &n_ret, &quarantined}) v->assign(n, 0);
+  }
+  LaneView view(size_t o) {
+    LaneView v{};
+    for (int f = 0; f < kFeatures; ++f) {
+      v.w[f] = w[f].data() + o;
+      v.fidx[f] = fidx[f].data() + o;
+    }
+    v.entry = entry.data() + o;
+    v.cost = cost.data() + o;
+    v.lookback = lookback.data() + o;
+    v.long_short = long_short.data() + o;
+    v.active = active.data() + o;
+    v.score = score.data() + o;
+    v.equity = equity.data() + o;
+    v.entry_equity = entry_equity.data() + o;
+    v.peak = peak.data() + o;
+    v.max_dd = max_dd.data() + o;
+    v.ret_sum = ret_sum.data() + o;
+    v.ret_sq = ret_sq.data() + o;
+    v.credit = credit.data() + o;
+    v.external = external.data() + o;
+    v.ext_score = ext_score.data() + o;
+    v.dsi = dsi.data() + o;
+    v.trades = trades.data() + o;
+    v.wins = wins.data() + o;
+    v.n_ret = n_ret.data() + o;
+    v.quarantined = quarantined.data() + o;
+    v.position = position.data() + o;
+    v.action = action.data() + o;
+    return v;
+  }
+};
+
 }  // namespace
 
 void bind_bench(py::module_& m) {
+  m.def("kernel_bench", [](uint32_t sms, int features, uint32_t bars, uint32_t rows, uint64_t seed) {
+        if (sms < 1 || sms > 65536) throw py::value_error("sms must be in [1, 65536]");
+        if (features < 2 || features > (1 << 24)) throw py::value_error("features must be in [2, 2^24]");
+        if (bars < 1 || rows < 1 || rows > 4096) throw py::value_error("bars must be >= 1 and rows in [1, 4096]");
+        constexpr int kLanes = kMaxSmLanes;
+        const uint32_t kRows = rows;
+        double ns = 0.0, check = 0.0;
+        uint64_t updates = 0, quarantined = 0;
+        without_gil([&] {
+          std::mt19937_64 rng(seed);
+          std::uniform_real_distribution<double> u(-0.5, 0.5);
+          KernelLanes lanes(static_cast<size_t>(sms) * kLanes, features, rng);
+          std::vector<double> feats(static_cast<size_t>(kRows) * static_cast<size_t>(features));
+          for (double& x : feats) x = u(rng);
+          std::vector<LaneView> views;
+          for (uint32_t s = 0; s < sms; ++s) views.push_back(lanes.view(static_cast<size_t>(s) * kLanes));
+          for (uint32_t r = 0; r < kRows; ++r) feats[static_cast<size_t>(r) * features] = 0.0;  // the constant feature
+          const auto t0 = std::chrono::steady_clock::now();
+          for (uint32_t b = 0; b < bars; ++b) {
+            const double* feat = feats.data() + static_cast<size_t>(b % kRows) * features;
+            const double ret = 0.002 * feat[1];
+            for (uint32_t s = 0; s < sms; ++s)
+              check += sm_step(views[s], kLanes, feat, static_cast<int32_t>(b), ret, -1, updates, quarantined).sum_w;
+          }
+          ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+        });
+        py::dict d;
+        d["ns_per_lane_update"] = ns / (static_cast<double>(bars) * sms * kLanes);
+        d["lane_updates"] = updates;
+        d["isa"] = kernel_isa();
+        d["checksum"] = check;
+        return d;
+      },
+      py::arg("sms") = 1, py::arg("features") = 300, py::arg("bars") = 100000, py::arg("rows") = 1, py::arg("seed") = 1,
+      "The lane kernel alone over `sms` SMs of 128 synthetic lanes reading `features` features: "
+      "ns per lane-update (no bank, ingress or consensus).");
   m.def("journal_bench", [](const std::string& dir, uint64_t n, size_t payload, int fsync_level, uint64_t batch) {
         std::vector<char> data(payload, 'x');
         double secs = 0.0;
