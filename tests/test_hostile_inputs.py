@@ -297,6 +297,35 @@ def test_anomaly_experts_call_again_soon_after_a_huge_print():
     assert math.isfinite(d.evidence("HOSTILE_SPIKE"))
 
 
+def test_a_long_run_of_jumps_is_left_out_of_the_return_moments_every_one():
+    """Returns to or from a print more than div_max_jump times away are left out of the return
+    moments, however many come in a row: more than the EW span of them (two feeds at different
+    price scales mixed, say) restarted the series on a DBL_MAX placeholder (mean 1.8e308,
+    variance 0), took the rest of the jumps in, then left out the next ~span real returns."""
+    from dynamic_core.learning.dsi import Dsi
+
+    name = "HOSTILE_JUMPS"
+    i = dc.instruments.id(name)
+    rng = np.random.default_rng(0)
+    n_jumps = 250  # above the default span (200) of the moments
+    price = np.concatenate([np.exp(np.cumsum(rng.normal(0, 1e-4, 1000))),
+                            np.where(np.arange(n_jumps) % 2, 20.0, 1.0),
+                            np.exp(np.cumsum(rng.normal(0, 1e-4, 600)))])
+    t = np.zeros(len(price), dc.TICK_DTYPE)
+    t["instrument"] = i
+    t["ts"] = np.arange(len(price), dtype=np.int64) * 10**9
+    t["price"] = price
+    t["size"] = 1.0 + rng.random(len(price))
+    d = Dsi([name])
+    d.update(t[:1000 + n_jumps])
+    d.update(t[1000 + n_jumps:])
+    # every return to or from a 20.0 print: n_jumps - 1 inside the run, the one back out after it
+    assert d.anomaly_skips(name) == {"size": 0, "spread": 0, "return": n_jumps}
+    mom = d._state[i].anomaly._moments
+    assert mom.restarts.tolist() == [0, 0, 0]
+    assert 0 < mom.var[2] < 1e-6 and abs(mom.mean[2]) < 1e-3  # the real returns' moments
+
+
 def test_divergence_experts_do_not_carry_a_huge_print():
     # the RSI averages and MACD EMAs took a 1e300 print in and decayed over thousands of ticks (more
     # calls than the feed without it for the whole next batch); now it is left out and counted

@@ -76,8 +76,10 @@ class EwMoments:
     ``skipped`` counts it, so one bad print cannot disable the series for ever. After
     ``restart_after`` (``ceil(span)``) such values in a row the series restarts from the next
     one (mean = the value, variance 0; counted in ``restarts``): the stream, not the state, has
-    moved (e.g. the very first value was the huge one). Feeds without such values give the
-    recurrence's bits exactly, however they are batched.
+    moved (e.g. the very first value was the huge one). An infinite value (how a caller marks
+    one to leave out, such as a return to or from an absurd print) is always left out and never
+    restarts a series. Feeds without such values give the recurrence's bits exactly, however
+    they are batched.
     """
 
     def __init__(self, k: int, span: float) -> None:
@@ -151,7 +153,7 @@ class EwMoments:
                 if math.isfinite(m_new) and math.isfinite(v_new):
                     mean[c], var[c] = m_new, v_new
                     self._streak[c] = 0
-                elif self._streak[c] >= self.restart_after:
+                elif self._streak[c] >= self.restart_after and math.isfinite(xc):
                     mean[c], var[c] = xc, 0.0
                     self._streak[c] = 0
                     self.restarts[c] += 1

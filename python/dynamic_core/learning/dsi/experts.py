@@ -137,8 +137,9 @@ class AnomalyScorer:
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Values left out of the EW moments per series because their update would overflow
-        (a finite but absurd print, e.g. a size of 1e300): see :class:`._scan.EwMoments`."""
+        """Values left out of the EW moments per series: those whose update would overflow (a
+        finite but absurd print, e.g. a size of 1e300) and returns to or from a print more than
+        ``div_max_jump`` times away: see :class:`._scan.EwMoments`."""
         return {s: int(k) for s, k in zip(self.series, self._moments.skipped)}
 
     def zscores(self, size: np.ndarray, spread: np.ndarray, ret: np.ndarray) -> np.ndarray:
@@ -150,7 +151,10 @@ class AnomalyScorer:
         x[:, 0] = size
         x[:, 1] = spread
         x[:, 2] = ret
-        np.nan_to_num(x, copy=False, nan=0.0)
+        # NaN is 0; an infinite return (a jump the caller leaves out) stays infinite, so it is
+        # left out of the moments and never mistaken for a value (nan_to_num's default made it
+        # DBL_MAX, on which a long run of jumps restarted the series)
+        np.nan_to_num(x, copy=False, nan=0.0, posinf=np.inf, neginf=-np.inf)
         seen = self._moments.count
         mean, var = self._moments.step(x)
         self.mean_before = mean
