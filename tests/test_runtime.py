@@ -1474,3 +1474,57 @@ def test_the_kernel_microbenchmark_runs_every_lane_the_same_on_each_instruction_
     for bad in [dict(sms=0), dict(features=1), dict(bars=0), dict(rows=0), dict(rows=5000)]:
         with pytest.raises(ValueError):
             _core.kernel_bench(**bad)
+
+
+def test_a_step_behind_another_threads_run_keeps_to_its_timeout(pop, market):
+    """step(timeout=...) bounds the wait for another thread's run too: it waited for the whole
+    run (seconds here, a stalled SM holding it back) before its own deadline was even looked
+    at. It raises TimeoutError at its timeout, the bar not taken and counted as a submit's
+    would be; the run is untouched and the bar steps later."""
+    with dc.Engine(pop, threads=1) as a:
+        ref = a.run(market)
+    n = len(market) - 1
+    with dc.Engine(pop, threads=1, capacity=64, stall_deadline=60, fault_injection=True) as eng:
+        eng.faults.stall_sm(0, 1.5, holding=True)
+        out: dict = {}
+        runner = threading.Thread(target=lambda: out.setdefault("run", eng.run(market[:n])))
+        runner.start()
+        end = time.monotonic() + 10
+        while eng.stats()["bars_in"] == 0 and time.monotonic() < end:
+            time.sleep(0.005)
+        before = eng.stats()["backpressure"]
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="not taken"):
+            eng.step(market[n], timeout=0.1)
+        waited = time.monotonic() - t0
+        after = eng.stats()["backpressure"]
+        runner.join(30)
+        assert not runner.is_alive()
+        sig = eng.step(market[n], timeout=10.0)
+    assert waited < 1.0, waited  # not the run's 1.5 s stall
+    assert after["events"] == before["events"] + 1 and after["rejected"] == before["rejected"] + 1
+    assert out["run"].tobytes() == ref[:n].tobytes()
+    assert sig is not None and sig.seq == int(ref[n]["seq"]) and sig.score == float(ref[n]["score"])
+
+
+def test_on_signal_is_refused_beside_another_threads_waiting_poll(pop, market):
+    """A dispatcher started while another thread waits in poll shared the signals with it (the
+    callbacks missed those the poll took): on_signal refuses then, as poll refuses beside a
+    dispatcher."""
+    with dc.Engine(pop, threads=1) as eng:
+        polled: list = []
+        poller = threading.Thread(target=lambda: polled.append(eng.poll(timeout=1.0)))
+        poller.start()
+        end = time.monotonic() + 10
+        while not eng._pollers and time.monotonic() < end:
+            time.sleep(0.002)
+        with pytest.raises(RuntimeError, match="poll"):
+            eng.on_signal(lambda s: None)
+        poller.join(10)
+        got: list = []
+        eng.on_signal(got.append)  # once the poll is over
+        eng.submit(market[:20])
+        end = time.monotonic() + 20
+        while len(got) < 20 and time.monotonic() < end:
+            time.sleep(0.01)
+    assert len(polled) == 1 and len(polled[0]) == 0 and len(got) == 20

@@ -391,6 +391,9 @@ void bind_engine(py::module_& m) {
              return to_bytes(out.data(), k);
            }, py::arg("max_n"), py::arg("timeout_ns"),
            "Up to max_n ready signals in bar order, as bytes; waits up to timeout_ns (<0: forever).")
+      .def("count_refused", [](Engine& e, size_t n) { without_gil([&] { e.count_refused(n); }); }, py::arg("n"),
+           "Count n bars a feeding call gave up on before taking them: one backpressure event, n "
+           "rejected bars (as a submit whose timeout ran out behind another feeder).")
       .def("step", [](Engine& e, const py::object& bar, uint32_t n_registered, int64_t timeout_ns, bool strict,
                       int64_t feed_timeout_ns) {
              // A 1-d array of one record, or one record itself (a numpy void scalar: its bytes

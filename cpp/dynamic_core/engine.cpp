@@ -32,6 +32,8 @@ int64_t deadline_in(int64_t timeout_ns) {
 // A long wait (for room, for the feed, for a signal the caller drains itself) goes in slices
 // of at most this, so ^C (the interrupt check) and close() end it between two.
 constexpr int64_t kWaitSliceNs = 100'000'000;
+// How often a run that never has to sleep for its signals looks for ^C (drain_into).
+constexpr int64_t kInterruptCheckNs = 50'000'000;
 // Workers and waiting consumers spin this long, then park. A parked thread takes tens of
 // microseconds to wake (much more on a busy or virtual machine), so on a live feed they should
 // rarely park; they spin yielding the CPU, so a thread with work (the caller, another worker)
@@ -741,17 +743,28 @@ size_t Engine::drain(Signal* out, size_t max_n) {
   return k;
 }
 
-void Engine::drain_into(std::vector<Signal>& out) {
+void Engine::drain_into(std::vector<Signal>& out, bool interruptible) {
   Signal buf[256];
   size_t k;
   {
     std::lock_guard<std::mutex> eg(egress_m_);
-    k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch());
+    k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch(), interruptible);
   }
   out.insert(out.end(), buf, buf + k);
+  // A run whose signals keep coming never sleeps in wait_and_drain: ^C is looked for here too,
+  // at most every kInterruptCheckNs, and ends the run with its signals so far in `out` (a
+  // KeyboardInterrupt raised once run() had returned dropped every signal of the batch).
+  if (interruptible && interrupted_) {
+    thread_local int64_t checked = 0;
+    const int64_t now = now_ns();
+    if (now - checked >= kInterruptCheckNs) {
+      checked = now;
+      if (interrupted_()) throw Interrupted();
+    }
+  }
 }
 
-size_t Engine::wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, size_t min_n) {
+size_t Engine::wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, size_t min_n, bool interruptible) {
   size_t k = drain(out, max_n);
   if (k || timeout_ns == 0 || max_n == 0) return k;
   int64_t spin = 0;
@@ -785,15 +798,17 @@ size_t Engine::wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, siz
     {
       std::unique_lock<std::mutex> lk(wait_m_);
       auto ready = [&] { return stop_.load(std::memory_order_relaxed) || is_ready(target); };
-      if (timeout_ns < 0) {
-        while (!ready()) ready_cv_.wait_for(lk, std::chrono::milliseconds(100));
-        woke = true;
-      } else {
-        woke = ready_cv_.wait_until(lk, deadline, ready);
-      }
+      // in slices, so the interrupt check below ends a long wait
+      auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(kWaitSliceNs);
+      if (timeout_ns >= 0) until = std::min(until, deadline);
+      woke = ready_cv_.wait_until(lk, until, ready);
     }
     ready_waiters_.fetch_sub(1, std::memory_order_relaxed);
-    if (!woke || stop_.load(std::memory_order_relaxed)) break;
+    // ^C while it slept ends the wait before anything is drained: the signals stay for the
+    // next poll (a KeyboardInterrupt raised once the signals were drained dropped them)
+    if (interruptible && interrupted_ && interrupted_()) throw Interrupted();
+    if (stop_.load(std::memory_order_relaxed)) break;
+    if (!woke && timeout_ns >= 0 && std::chrono::steady_clock::now() >= deadline) break;
   }
   return drain(out, max_n);
 }
@@ -814,7 +829,7 @@ size_t Engine::poll(Signal* out, size_t max_n, int64_t timeout_ns) {
     }
     timeout_ns = std::max<int64_t>(0, timeout_ns - (now_ns() - t0));
   }
-  return wait_and_drain(out, max_n, timeout_ns);
+  return wait_and_drain(out, max_n, timeout_ns, 1, true);
 }
 
 size_t Engine::in_flight() const {
@@ -1128,6 +1143,14 @@ bool Engine::take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadlin
   return false;
 }
 
+void Engine::count_refused(size_t n) {
+  auto lk = lock_ingress();
+  if (closed_) throw std::logic_error("engine is closed");
+  ++stats_.batches;
+  ++stats_.backpressure_events;
+  stats_.backpressure_rejected += n;
+}
+
 size_t Engine::submit(const Bar* bars, size_t n, uint32_t n_registered, bool strict, int64_t timeout_ns) {
   const int64_t deadline = deadline_in(timeout_ns);
   std::unique_lock<std::timed_mutex> feed(feed_m_, std::defer_lock);
@@ -1183,10 +1206,10 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
   const uint64_t in0 = stats_.bars_in;
   // in pieces, ingress released while it waits for its signals (stats() and the between-updates
   // changes go on, landing between two pieces, journaled there, as beside a blocking submit)
-  auto drain_own = [&] {  // the signals of every bar this run has taken
+  auto drain_own = [&](bool interruptible) {  // the signals of every bar this run has taken
     while (tail_.load(std::memory_order_acquire) < head_.load(std::memory_order_acquire)) {
       if (stop_.load()) throw std::logic_error("engine is closed");
-      drain_into(out);
+      drain_into(out, interruptible);
     }
   };
   try {
@@ -1199,16 +1222,27 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
     if (taken) *taken = stats_.bars_in - in0;
     if (lk.owns_lock()) lk.unlock();
     try {
-      drain_own();
+      drain_own(false);  // (a ^C that ended the run does not cut this short)
     } catch (...) {  // closed meanwhile: the first failure is the one to report
     }
     std::rethrow_exception(failure);
   }
   if (taken) *taken = stats_.bars_in - in0;
   lk.unlock();
-  drain_own();
+  try {
+    drain_own(true);
+  } catch (const Interrupted&) {  // ^C: the rest of the run's signals join it first
+    try {
+      drain_own(false);
+    } catch (...) {
+    }
+    throw;
+  }
   lk.lock();
   stats_.busy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // A ^C that came during the run ends it here, with every signal in `out` (the caller gets
+  // them with the exception), rather than in Python once run() has returned, which dropped them.
+  if (interrupted_ && interrupted_()) throw Interrupted();
   return out.size() - before;
 }
 

@@ -273,6 +273,10 @@ class Engine {
   uint64_t failovers() const { return failovers_.load(std::memory_order_relaxed); }
   double uptime_s() const;
 
+  // Counts n bars a feeding call gave up on before taking them (its timeout ran out waiting for
+  // another feeder), as take_feed counts its own: one backpressure event, n rejected bars.
+  void count_refused(size_t n);
+
   // Fault injection (only with cfg.fault_injection; throws std::logic_error otherwise).
   // Stalls the group of SM sm for ns; `hold`: the worker sleeps holding the group (claimed).
   void inject_stall(uint32_t sm, int64_t ns, bool hold = false);
@@ -423,9 +427,11 @@ class Engine {
   void journal_signals(const Signal* s, size_t k);
   // Drains up to max_n ready signals; if none is ready, waits up to timeout_ns until the next
   // min_n bars in flight (all of them, if fewer) are ready, then drains.
-  size_t wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, size_t min_n = 1);
+  // `interruptible`: the interrupt check (^C) ends a wait that slept, before anything is
+  // drained (Interrupted); only for callers that can stop there (poll, step, a run's drains).
+  size_t wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, size_t min_n = 1, bool interruptible = false);
   // run()'s drain: waits a slice for drain_batch() signals (egress lock held), appends them to out.
-  void drain_into(std::vector<Signal>& out);
+  void drain_into(std::vector<Signal>& out, bool interruptible = true);
   // Signals run() waits for at a time once the window is full: a quarter of it, at most 256.
   size_t drain_batch() const { return std::max<size_t>(1, std::min<size_t>(256, cap_ / 4)); }
   void wait_idle();  // every claimed bar processed by all its SMs; caller holds ingress_m_

@@ -27,6 +27,10 @@ class Engine:
         """
     def close_journal(self) -> None:
         ...
+    def count_refused(self, n: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Count n bars a feeding call gave up on before taking them: one backpressure event, n rejected bars (as a submit whose timeout ran out behind another feeder).
+        """
     def dead_letters(self) -> numpy.typing.NDArray[numpy.uint8]:
         """
         Rejected bars with reason codes, oldest first, as bytes.

@@ -596,13 +596,16 @@ class Engine:
         finally:
             self._egress_exit(me)
 
-    def _egress_enter(self, what: str) -> threading.Thread:
+    def _egress_enter(self, what: str, timeout_ns: int = -1) -> threading.Thread | None:
         """``run`` and ``step`` return the signals of their own bars: while one runs (between
         this and ``_egress_exit``), ``poll`` from another thread raises instead of taking some of
         them, and neither starts while another thread polls (RuntimeError, before anything is
-        taken). Feeding calls of several threads still serialise among themselves."""
+        taken). Feeding calls of several threads still serialise among themselves: this waits
+        for another thread's run or step (interruptible by ^C), at most ``timeout_ns`` (< 0: no
+        limit; None returned when it ran out)."""
         me = threading.current_thread()
-        self._own_lock.acquire()  # another thread's run or step first (interruptible by ^C)
+        if not self._own_lock.acquire(timeout=-1 if timeout_ns < 0 else timeout_ns / 1e9):
+            return None
         try:
             self._check_open()  # closed while this call waited
             with self._egress_guard:
@@ -672,7 +675,8 @@ class Engine:
     def poll(self, max_n: int | None = None, timeout: float | None = 0.0) -> np.ndarray:
         """Ready signals in bar order (``SIGNAL_DTYPE``), at most ``max_n``. Waits up to
         ``timeout`` seconds for the first one (``None`` or ``inf``: until one is ready; 0: not at
-        all; longer than ~146 years: clamped to that)."""
+        all; longer than ~146 years: clamped to that). On the main thread, ^C ends the wait with
+        ``KeyboardInterrupt`` before any signal is taken: the ready ones stay for the next poll."""
         self._check_open()
         self._cpu_only("poll")
         # more than the native maximum means "all there are", like it
@@ -723,7 +727,8 @@ class Engine:
         not taken is counted as a ``submit``'s would be (``stats()["backpressure"]``: one event,
         one rejected bar; step it again); a bar that was taken has its signal come later
         (``poll`` it before the next ``step`` or ``run``). On the main thread, ^C ends the wait
-        with ``KeyboardInterrupt`` (a bar that was not taken yet is not taken)."""
+        with ``KeyboardInterrupt`` (a bar that was not taken yet is not taken; one that was has
+        its signal come later, as after a timeout: ``poll`` it)."""
         self._check_open()
         self._not_from_consumer("step")
         self._no_other_consumer("step")
@@ -739,16 +744,19 @@ class Engine:
             with self._device_lock:
                 out = self._device.run(np.atleast_1d(b), len(instruments), strict=self.strict)
             return signal_from_record(out[0]) if len(out) else None
-        me = self._egress_enter("step")
+        start = time.monotonic_ns()
+        me = self._egress_enter("step", t)
+        if me is None:  # another thread's run or step held on for the whole timeout
+            self._native.count_refused(1)
+            raise self._step_not_taken(timeout)
         try:
-            start = time.monotonic_ns()
+            if t >= 0:
+                t = max(0, start + t - time.monotonic_ns())
             first = t if 0 <= t <= _POLL_SLICE_NS else _POLL_SLICE_NS
             status, raw = self._native.step(b, len(instruments), first, self.strict, t)
             if status == -2:
                 self._check_open()
-                raise TimeoutError(f"step(): the bar was not taken: another thread's feeding call (a submit "
-                                   f"waiting for room, a run) held the feed for the whole timeout "
-                                   f"({timeout} s); counted in stats()['backpressure']; step it again")
+                raise self._step_not_taken(timeout)
             if status < 0:
                 return None
             if status == 0 and first != t:  # the rest of a long wait, in slices (^C, close)
@@ -762,6 +770,12 @@ class Engine:
                                "(see stats()['sms']); poll() it before the next step or run")
         return signal_from_bytes(raw)
 
+    @staticmethod
+    def _step_not_taken(timeout: float | None) -> TimeoutError:
+        return TimeoutError(f"step(): the bar was not taken: another thread's feeding call (a run, a step, a "
+                            f"submit waiting for room) held the feed for the whole timeout ({timeout} s); "
+                            f"counted in stats()['backpressure']; step it again")
+
     def on_signal(self, callback: Callable[[AISignal], Any]) -> Callable[[AISignal], Any]:
         """Call ``callback(signal)`` for every signal, in bar order, on a dispatcher thread.
 
@@ -774,7 +788,8 @@ class Engine:
         A callback must not feed the engine: ``run``, ``submit`` and ``step`` called from it
         raise ``RuntimeError`` (the dispatcher is the engine's only consumer, so a feeding call
         waiting for room from it could wait forever). Nor does a dispatcher start while another
-        thread is in ``run`` or ``step``, which return their own bars' signals: RuntimeError.
+        thread is in ``run`` or ``step``, which return their own bars' signals, or waits in
+        ``poll``, which would take some of the callbacks': RuntimeError.
         """
         if not callable(callback):
             raise TypeError("callback must be callable")
@@ -782,9 +797,13 @@ class Engine:
         self._cpu_only("on_signal")
         with self._dispatch_lock:
             if self._dispatcher is None or not self._dispatcher.is_alive():  # none yet, or it died
-                with self._egress_guard:  # the guard run and step register under
+                with self._egress_guard:  # the guard run, step and poll register under
                     self._no_runner_beside("on_signal", "the dispatcher",
                                            "; register callbacks before feeding, or after it returns")
+                    if self._pollers:  # a poll waiting on another thread would take some signals
+                        raise RuntimeError("on_signal() while poll() waits on another thread: the dispatcher "
+                                           "delivers every signal to the callbacks, and that poll would take "
+                                           "some of them; stop polling first, or consume by polling only")
                     if self._dispatcher is not None:
                         self.unregister_consumer(self._dispatcher)
                     self._dispatcher = threading.Thread(
