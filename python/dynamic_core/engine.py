@@ -275,7 +275,9 @@ class Engine:
         runs as one batch (an SM's agents stay in cache across a batch); 0 (default) lets each
         worker size its batches from its own measured time per bar so a batch takes about a
         quarter of ``stall_deadline`` (1 to 256 bars, never more than ``capacity``; the first
-        from an estimate of ~20 ns per agent). With ``backend="cuda"``: bars per kernel launch; 0 means 4096, fewer
+        from an estimate of ~20 ns per agent). A fixed value whose batches take longer than
+        ``stall_deadline`` makes the sentinel take a busy worker for stalled and move its SMs
+        (results are the same; ``stats()["failovers"]`` counts the moves). With ``backend="cuda"``: bars per kernel launch; 0 means 4096, fewer
         when a block's scratch memory would pass 256 MiB. Results are bit-identical for any
         value.
     fault_injection : bool
