@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 import weakref
+from typing import Any
 from pathlib import Path
 
 import dynamic_core as dc
@@ -199,6 +200,244 @@ def test_ctrl_c_during_a_call_loses_no_signal(call: str) -> None:
         finally:
             p.kill()
     assert p.returncode == 0 and out.startswith("interrupted"), (out, err)
+
+
+def _child_ok(code: str, expect: str, timeout: float = 60) -> str:
+    """Run ``code`` in a child; it must exit 0 within ``timeout`` with output starting ``expect``."""
+    p = _child(code)
+    with p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        finally:
+            p.kill()
+    assert p.returncode == 0 and out.startswith(expect), (out, err)
+    return out
+
+
+@pytest.mark.parametrize("call", ["run", "poll", "step"])
+def test_ctrl_c_as_the_native_call_returns_loses_no_signal(call: str) -> None:
+    # ^C that lands while the native call hands its signals back (sent from a profile hook at the
+    # native call's return: Python raises it at its next bytecode, in the wrapper). The wrapper
+    # dropped the return value: a poll's and a step's signals were lost (counted and journaled as
+    # handed out, never returned, none left in flight), a run's exception carried none of them.
+    _child_ok(f"""
+        import os, signal, sys, dynamic_core as dc
+        pop = dc.Population.random(256, instruments=["EURUSD"], timeframes=[3600], seed=1)
+        bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(40)
+        call = {call!r}
+        with dc.Engine(pop, threads=1) as eng:
+            if call == "poll":
+                eng.submit(bars)
+                eng._native.wait_idle()
+            armed = [True]
+            def prof(frame, event, arg):
+                if event == "c_return" and armed[0] and getattr(arg, "__name__", "") == call:
+                    armed[0] = False
+                    os.kill(os.getpid(), signal.SIGINT)
+            sys.setprofile(prof)
+            try:
+                got = eng.run(bars) if call == "run" else eng.poll() if call == "poll" else eng.step(bars[0])
+                sys.setprofile(None)
+                print("returned", got, flush=True)
+                sys.exit(3)
+            except KeyboardInterrupt as e:
+                sys.setprofile(None)
+                if call == "run":  # the whole batch was taken: every signal is on the exception
+                    assert e.taken == len(bars) and len(e.signals) == len(bars), (e.taken, len(e.signals))
+                    got = e.signals
+                else:  # held for the next poll, and counted as in flight till then
+                    n = len(bars) if call == "poll" else 1
+                    assert eng.in_flight() == n, eng.in_flight()
+                    try:
+                        eng.step(bars[-1])
+                        sys.exit(4)
+                    except RuntimeError as r:
+                        assert "not polled yet" in str(r), r
+                    got = eng.poll()
+                    assert eng.in_flight() == 0 and len(eng.poll()) == 0
+            st = eng.stats()
+            assert len(got) == st["signals"] == st["bars_in"] > 0, (len(got), st["signals"], st["bars_in"])
+            assert got["seq"].tolist() == list(range(1, len(got) + 1))
+            print("interrupted", len(got), flush=True)
+    """, "interrupted")
+
+
+def test_ctrl_c_on_a_live_feed_loses_no_signal_of_a_poll() -> None:
+    # SIGINT at random times while the main thread polls a live feed; a handler raises
+    # KeyboardInterrupt only where it lands inside the engine's calls (elsewhere it would be this
+    # loop's own loss). Every signal handed out must reach the loop: a poll that had drained
+    # signals natively when the interrupt was raised lost them.
+    _child_ok("""
+        import os, random, signal, threading, time, dynamic_core as dc
+        pop = dc.Population.random(500, instruments=["EURUSD", "GBPUSD"], timeframes=[3600], seed=1)
+        bars = dc.sim.MarketSimulator(["EURUSD", "GBPUSD"], 3600, seed=1).bars(600)
+        def handler(signum, frame):
+            if os.path.basename(frame.f_code.co_filename) == "engine.py":
+                raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, handler)
+        rng = random.Random(0)
+        got = interrupts = 0
+        with dc.Engine(pop, threads=1) as eng:
+            done = threading.Event()
+            def feeder():
+                for i in range(len(bars)):
+                    eng.submit(bars[i:i + 1])
+                    time.sleep(0.0005)
+                done.set()
+            def kicker():
+                while not done.is_set():
+                    time.sleep(rng.uniform(0.002, 0.01))
+                    os.kill(os.getpid(), signal.SIGINT)
+            threading.Thread(target=feeder, daemon=True).start()
+            threading.Thread(target=kicker, daemon=True).start()
+            while not done.is_set() or eng.in_flight():
+                try:
+                    got += len(eng.poll(timeout=0.5))
+                except KeyboardInterrupt:
+                    interrupts += 1
+            st = eng.stats()
+        assert interrupts > 20, interrupts
+        assert got == st["signals"] == len(bars), (got, st["signals"])
+        print("interrupted", interrupts, got, flush=True)
+    """, "interrupted")
+
+
+@pytest.mark.parametrize("call", ["poll", "run"])
+def test_a_signal_handler_may_close_the_engine_while_a_call_waits(call: str) -> None:
+    # A handler that closes the engine (a SIGTERM shutdown) runs while poll or run waits for
+    # signals: the native waits ran handlers holding the engine's egress (or ingress) lock, which
+    # close takes too, and the process hung.
+    _child_ok(f"""
+        import os, signal, tempfile, threading, time, dynamic_core as dc
+        d = tempfile.mkdtemp()
+        pop = dc.Population.random(200, instruments=["EURUSD"], timeframes=[3600], seed=1)
+        bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(64)
+        eng = dc.Engine(pop, threads=1, journal=os.path.join(d, "j"), fault_injection=True, stall_deadline=60)
+        signal.signal(signal.SIGUSR1, lambda *a: eng.close())
+        threading.Thread(target=lambda: (time.sleep(0.3), os.kill(os.getpid(), signal.SIGUSR1)), daemon=True).start()
+        try:
+            if {call!r} == "poll":
+                eng.poll(timeout=None)  # nothing submitted: waits
+            else:
+                eng.faults.stall_sm(0, 1.0, holding=True)
+                eng.run(bars)
+            print("returned", flush=True)
+        except RuntimeError as e:
+            assert "closed" in str(e), e
+            print("interrupted: closed", flush=True)
+    """, "interrupted", timeout=30)
+
+
+def test_ctrl_c_anywhere_in_run_leaves_the_engine_usable_by_other_threads() -> None:
+    # ^C at each point of the bookkeeping around a run (entering, leaving) where Python raises a
+    # pending signal: as each call made there returns (a profile hook sends it). The engine's own
+    # lock or its record of the running thread stayed behind when ^C landed between taking it and
+    # the try that gives it back, and every later run from another thread waited forever (a poll
+    # from another thread raised 'poll() while run() runs').
+    _child_ok("""
+        import os, signal, sys, threading, dynamic_core as dc
+        pop = dc.Population.random(200, instruments=["EURUSD"], timeframes=[3600], seed=1)
+        bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(400)
+        eng = dc.Engine(pop, threads=1)
+        cases = 0
+        for fn in ("_egress_enter", "_egress_exit"):
+            k = 0
+            while True:  # ^C as the k-th call made in fn returns, until fn makes no more
+                seen, fired = [0], [False]
+                def prof(frame, ev, arg):
+                    at = frame if ev == "c_return" else frame.f_back
+                    caller = at.f_code.co_name if at is not None else ""
+                    if ev in ("c_return", "return") and caller == fn and not fired[0]:
+                        if seen[0] == k:
+                            fired[0] = True
+                            os.kill(os.getpid(), signal.SIGINT)
+                        seen[0] += 1
+                sys.setprofile(prof)
+                try:
+                    eng.run(bars[:1])
+                except KeyboardInterrupt:
+                    pass
+                sys.setprofile(None)
+                if not fired[0]:
+                    break
+                cases += 1
+                eng.poll()  # what a run interrupted after taking its bar may have left
+                out = []
+                def other():
+                    try:
+                        out.append(len(eng.run(bars[1:2])))
+                        out.append(len(eng.poll(timeout=0)))
+                    except Exception as e:
+                        out.append(repr(e))
+                t = threading.Thread(target=other, daemon=True)
+                t.start()
+                t.join(5)
+                assert not t.is_alive() and out == [1, 0], (fn, k, out)
+                k += 1
+                bars = bars[2:]
+        assert cases >= 6, cases
+        print("interrupted", cases, flush=True)
+    """, "interrupted")
+
+
+def test_on_signal_and_a_poll_starting_together_never_both_consume() -> None:
+    # A poll paused where it registers (a trace hook holds it there) while another thread starts
+    # an on_signal dispatcher: the poll looked for a dispatcher before it registered, so neither
+    # saw the other and both took signals (the callbacks missed 54 of 200).
+    import linecache
+
+    eng = dc.Engine(dc.Population.random(300, instruments=["EURUSD"], timeframes=[3600], seed=1), threads=1)
+    bars = dc.sim.MarketSimulator(["EURUSD"], timeframe="H1", seed=1).bars(200)
+    at_gap, go = threading.Event(), threading.Event()
+
+    def tracer(frame: Any, ev: str, arg: object) -> Any:
+        code = frame.f_code
+        if code.co_name != "poll" or not code.co_filename.endswith("engine.py"):
+            return None
+
+        def local(frame: Any, ev: str, arg: object) -> Any:
+            line = linecache.getline(code.co_filename, frame.f_lineno)
+            if ev == "line" and "with self._egress_guard" in line and not at_gap.is_set():
+                at_gap.set()
+                go.wait(5)
+            return local
+        return local
+
+    polled: list = []
+
+    def poller() -> None:
+        sys.settrace(tracer)
+        try:
+            polled.append(len(eng.poll(timeout=2.0)))
+        except RuntimeError as e:
+            polled.append(str(e))
+        finally:
+            sys.settrace(None)
+
+    th = threading.Thread(target=poller)
+    th.start()
+    try:
+        assert at_gap.wait(5)
+        got: list = []
+        try:
+            eng.on_signal(got.append)
+            started = True
+        except RuntimeError:
+            started = False
+        go.set()
+        th.join(10)
+        if started:
+            eng.submit(bars)
+            end = time.monotonic() + 10
+            while len(got) < len(bars) and time.monotonic() < end:
+                time.sleep(0.01)
+            assert isinstance(polled[0], str) and "on_signal" in polled[0], polled
+            assert len(got) == len(bars) == eng.stats()["signals"], (len(got), polled)
+        else:
+            assert polled == [0], polled
+    finally:
+        go.set()
+        eng.close()
 
 
 def test_an_engine_with_a_callback_is_collected_and_its_threads_end() -> None:

@@ -1137,7 +1137,7 @@ def test_run_and_step_do_not_share_their_signals_with_another_threads_poll(pop, 
     with dc.Engine(pop, threads=2) as eng:
         t = threading.Thread(target=eng.poll, kwargs={"timeout": 1.0})
         t.start()
-        assert wait_for(lambda: eng._pollers > 0)
+        assert wait_for(lambda: len(eng._pollers) > 0)
         for call in (lambda: eng.run(market[:40]), lambda: eng.step(market[0])):
             with pytest.raises(RuntimeError, match=r"poll\(\) is waiting on another thread"):
                 call()
@@ -1170,7 +1170,7 @@ def test_a_poll_without_waiting_does_not_wait_for_another_threads_poll(pop, mark
 
         t = threading.Thread(target=wait)
         t.start()
-        assert wait_for(lambda: eng._pollers > 0)
+        assert wait_for(lambda: len(eng._pollers) > 0)
         time.sleep(0.05)  # the other poll is parked in the native wait now
         t0 = time.monotonic()
         assert len(eng.poll(timeout=0)) == 0

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <utility>
 
 namespace dynamic_core::bindings {
@@ -231,15 +232,12 @@ auto lane_setter(const char* name) {
 }  // namespace
 
 namespace {
-// What a run that raised had done: the signals it had handed out and the bars of its batch it
-// had taken (per thread: the caller takes them at once).
-struct RunPartial {
-  std::vector<Signal> signals;
-  uint64_t taken = 0;
-};
-RunPartial& run_partial() {
-  static thread_local RunPartial p;
-  return p;
+// poll, step and run put what they hand out in the caller's `box` (a list) too, before they
+// return: a KeyboardInterrupt that Python raises as the call returns (a ^C that came during it)
+// would drop the return value, and those signals were counted and journaled as handed out. The
+// caller's except clause finds them there.
+void put(const std::optional<py::list>& box, const py::handle& x) {
+  if (box) py::list(*box).append(x);  // a new reference to the caller's list
 }
 
 template <class T>
@@ -303,11 +301,6 @@ py::dict lanes_dict(const LaneArrays& l) {
 }  // namespace
 
 void bind_engine(py::module_& m) {
-  m.def("take_run_partial", [] {
-        const RunPartial p = std::exchange(run_partial(), RunPartial{});
-        return py::make_tuple(to_bytes(p.signals.data(), p.signals.size()), p.taken);
-      }, "(signals, bars) of the calling thread's last Engine.run that raised: the signal records it "
-         "had handed out (bytes) and the bars of its batch it had taken; empty and 0 after the first call.");
   m.def("kernel_isa", &kernel_isa,
         "Instruction-set level of the native kernels in use (lane kernel, bank updates, DynamicLoRA): "
         "4 (x86-64-v4), 3 (x86-64-v3) or 0 (baseline). Results are the same bits on every level.");
@@ -372,7 +365,7 @@ void bind_engine(py::module_& m) {
            "Validate, sequence and dispatch bars; returns how many were taken. strict: a batch with a bad "
            "bar raises InvalidInput and nothing is taken. timeout_ns (>= 0): how long a blocking submit "
            "waits for room before it returns the count it took.")
-      .def("poll", [](Engine& e, size_t max_n, int64_t timeout_ns) {
+      .def("poll", [](Engine& e, size_t max_n, int64_t timeout_ns, const std::optional<py::list>& box) {
              // At most `capacity` signals are ever ready; gather them 256 at a time so an empty
              // or small poll does not allocate for max_n.
              const size_t n = std::min<size_t>(max_n, e.capacity());
@@ -387,15 +380,17 @@ void bind_engine(py::module_& m) {
                  wait = 0;
                }
              });
-             const size_t k = out.size();
-             return to_bytes(out.data(), k);
-           }, py::arg("max_n"), py::arg("timeout_ns"),
-           "Up to max_n ready signals in bar order, as bytes; waits up to timeout_ns (<0: forever).")
+             auto raw = to_bytes(out.data(), out.size());
+             if (!out.empty()) put(box, raw);
+             return raw;
+           }, py::arg("max_n"), py::arg("timeout_ns"), py::arg("box") = std::nullopt,
+           "Up to max_n ready signals in bar order, as bytes; waits up to timeout_ns (<0: forever). "
+           "A non-empty result is appended to the list `box` too.")
       .def("count_refused", [](Engine& e, size_t n) { without_gil([&] { e.count_refused(n); }); }, py::arg("n"),
            "Count n bars a feeding call gave up on before taking them: one backpressure event, n "
            "rejected bars (as a submit whose timeout ran out behind another feeder).")
       .def("step", [](Engine& e, const py::object& bar, uint32_t n_registered, int64_t timeout_ns, bool strict,
-                      int64_t feed_timeout_ns) {
+                      int64_t feed_timeout_ns, const std::optional<py::list>& box) {
              // A 1-d array of one record, or one record itself (a numpy void scalar: its bytes
              // through the buffer protocol, without an array around it).
              Bar b;
@@ -421,12 +416,14 @@ void bind_engine(py::module_& m) {
              Signal s{};
              const int r =
                  without_gil([&] { return e.step(b, n_registered, &s, timeout_ns, strict, feed_timeout_ns); });
-             return py::make_tuple(r, py::bytes(reinterpret_cast<const char*>(&s), r == 1 ? sizeof s : 0));
+             py::bytes raw(reinterpret_cast<const char*>(&s), r == 1 ? sizeof s : 0);
+             if (r == 1) put(box, raw);
+             return py::make_tuple(r, raw);
            }, py::arg("bar"), py::arg("n_registered"), py::arg("timeout_ns"), py::arg("strict") = false,
-           py::arg("feed_timeout_ns") = -1,
+           py::arg("feed_timeout_ns") = -1, py::arg("box") = std::nullopt,
            "One bar (a record or a 1-d array of one) in, (1, signal bytes) out; (0, b'') on timeout, (-1, "
            "b'') if no signal is due, (-2, b'') if another feeder held the feed past feed_timeout_ns (<0: no "
-           "limit; the bar was not taken).")
+           "limit; the bar was not taken). The signal's bytes are appended to the list `box` too.")
       .def("close", [](Engine& e) {
              without_gil([&] { e.close(); });
            }, "Join the worker and sentinel threads.")
@@ -463,12 +460,11 @@ void bind_engine(py::module_& m) {
              }
              return py::make_tuple(v, f);
            }, "(evidence float64, signal flags uint32) per stream, as set_dsi left them; read between updates.")
-      .def("run", [](Engine& e, const py::array& bars, uint32_t n_registered, bool strict) {
+      .def("run", [](Engine& e, const py::array& bars, uint32_t n_registered, bool strict, const std::optional<py::list>& box) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<size_t>(bars.shape(0));
              std::vector<Signal> out;
              uint64_t taken = 0;
-             run_partial() = RunPartial{};
              try {
                without_gil([&] {
                  out.reserve(n);
@@ -476,14 +472,16 @@ void bind_engine(py::module_& m) {
                });
              } catch (...) {
                // the signals of the pieces taken before the failure were handed out (journaled
-               // as such): kept for the caller (take_run_partial) rather than dropped here
-               run_partial() = RunPartial{std::move(out), taken};
+               // as such): kept for the caller rather than dropped here
+               put(box, py::make_tuple(to_bytes(out.data(), out.size()), taken));
                throw;
              }
-             return to_bytes(out.data(), out.size());
-           }, py::arg("bars"), py::arg("n_registered"), py::arg("strict") = false,
-           "Process a time-ordered bar batch; returns signal records as bytes. When it raises, the "
-           "signals it had handed out by then are kept for take_run_partial().")
+             auto raw = to_bytes(out.data(), out.size());
+             put(box, py::make_tuple(raw, taken));
+             return raw;
+           }, py::arg("bars"), py::arg("n_registered"), py::arg("strict") = false, py::arg("box") = std::nullopt,
+           "Process a time-ordered bar batch; returns signal records as bytes. (signals, bars taken) are "
+           "appended to the list `box` too, also when it raises: what it had handed out by then.")
       .def("validate", [](Engine& e, const py::array& bars, uint32_t n_registered) {
              const Bar* b = records_of<Bar>(bars, "bar");
              const auto n = static_cast<py::ssize_t>(bars.shape(0));

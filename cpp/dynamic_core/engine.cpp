@@ -747,8 +747,8 @@ void Engine::drain_into(std::vector<Signal>& out, bool interruptible) {
   Signal buf[256];
   size_t k;
   {
-    std::lock_guard<std::mutex> eg(egress_m_);
-    k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch(), interruptible);
+    std::unique_lock<std::mutex> eg(egress_m_);
+    k = wait_and_drain(eg, buf, 256, kWaitSliceNs, drain_batch(), interruptible);
   }
   out.insert(out.end(), buf, buf + k);
   // A run whose signals keep coming never sleeps in wait_and_drain: ^C is looked for here too,
@@ -764,7 +764,8 @@ void Engine::drain_into(std::vector<Signal>& out, bool interruptible) {
   }
 }
 
-size_t Engine::wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, size_t min_n, bool interruptible) {
+size_t Engine::wait_and_drain(std::unique_lock<std::mutex>& eg, Signal* out, size_t max_n, int64_t timeout_ns,
+                              size_t min_n, bool interruptible) {
   size_t k = drain(out, max_n);
   if (k || timeout_ns == 0 || max_n == 0) return k;
   int64_t spin = 0;
@@ -780,35 +781,47 @@ size_t Engine::wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, siz
   // fuser of the awaited bar wakes us, and we await the furthest one not ready first: bars
   // fused in order then wake a batch consumer once per batch, not once per bar (an earlier bar
   // still missing after that is awaited next).
-  const uint64_t t = tail_.load(std::memory_order_relaxed);  // only we move the tail
-  const uint64_t h = head_.load(std::memory_order_acquire);
-  const uint64_t last = t + (h > t ? std::min<uint64_t>(std::max<size_t>(min_n, 1), h - t) - 1 : 0);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(timeout_ns < 0 ? 0 : timeout_ns - spin);
   auto is_ready = [&](uint64_t q) {
     return q < head_.load(std::memory_order_acquire) && slot(q).ready.load(std::memory_order_acquire);
   };
-  uint64_t want = t;
-  while (true) {
-    while (want <= last && is_ready(want)) ++want;
-    if (want > last) break;  // all of them
-    const uint64_t target = is_ready(last) ? want : last;
-    wake_pos_.store(target, std::memory_order_seq_cst);
-    ready_waiters_.fetch_add(1, std::memory_order_seq_cst);
-    bool woke;
-    {
-      std::unique_lock<std::mutex> lk(wait_m_);
-      auto ready = [&] { return stop_.load(std::memory_order_relaxed) || is_ready(target); };
-      // in slices, so the interrupt check below ends a long wait
-      auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(kWaitSliceNs);
-      if (timeout_ns >= 0) until = std::min(until, deadline);
-      woke = ready_cv_.wait_until(lk, until, ready);
+  while (true) {  // a pass per interrupt check: egress is let go for it, so the bounds are read afresh
+    const uint64_t t = tail_.load(std::memory_order_relaxed);  // only egress's holder moves the tail
+    const uint64_t h = head_.load(std::memory_order_acquire);
+    const uint64_t last = t + (h > t ? std::min<uint64_t>(std::max<size_t>(min_n, 1), h - t) - 1 : 0);
+    uint64_t want = t;
+    bool check = false;
+    while (true) {
+      while (want <= last && is_ready(want)) ++want;
+      if (want > last) break;  // all of them
+      const uint64_t target = is_ready(last) ? want : last;
+      wake_pos_.store(target, std::memory_order_seq_cst);
+      ready_waiters_.fetch_add(1, std::memory_order_seq_cst);
+      bool woke;
+      {
+        std::unique_lock<std::mutex> lk(wait_m_);
+        auto ready = [&] { return stop_.load(std::memory_order_relaxed) || is_ready(target); };
+        // in slices, so the interrupt check below ends a long wait
+        auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(kWaitSliceNs);
+        if (timeout_ns >= 0) until = std::min(until, deadline);
+        woke = ready_cv_.wait_until(lk, until, ready);
+      }
+      ready_waiters_.fetch_sub(1, std::memory_order_relaxed);
+      if (stop_.load(std::memory_order_relaxed)) break;
+      if (!woke && timeout_ns >= 0 && std::chrono::steady_clock::now() >= deadline) break;
+      if (!woke && interruptible && interrupted_) {
+        check = true;
+        break;
+      }
     }
-    ready_waiters_.fetch_sub(1, std::memory_order_relaxed);
-    // ^C while it slept ends the wait before anything is drained: the signals stay for the
-    // next poll (a KeyboardInterrupt raised once the signals were drained dropped them)
-    if (interruptible && interrupted_ && interrupted_()) throw Interrupted();
-    if (stop_.load(std::memory_order_relaxed)) break;
-    if (!woke && timeout_ns >= 0 && std::chrono::steady_clock::now() >= deadline) break;
+    if (!check) break;
+    // ^C while it slept ends the wait before anything is drained: the signals stay for the next
+    // poll. The check runs Python's signal handlers, so never with egress held: a handler may
+    // close the engine, which takes egress (close_journal).
+    eg.unlock();
+    const bool hit = interrupted_();
+    eg.lock();
+    if (hit) throw Interrupted();
   }
   return drain(out, max_n);
 }
@@ -829,7 +842,7 @@ size_t Engine::poll(Signal* out, size_t max_n, int64_t timeout_ns) {
     }
     timeout_ns = std::max<int64_t>(0, timeout_ns - (now_ns() - t0));
   }
-  return wait_and_drain(out, max_n, timeout_ns, 1, true);
+  return wait_and_drain(lk, out, max_n, timeout_ns, 1, true);
 }
 
 size_t Engine::in_flight() const {
@@ -1056,13 +1069,13 @@ void Engine::take_piece(const Bar* bars, size_t n, uint32_t n_registered, bool v
       while (p - tail_.load(std::memory_order_acquire) >= cap_) {
         if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
         if (drain_to) {  // run(): the caller is the consumer
-          std::lock_guard<std::mutex> lk(egress_m_);
+          std::unique_lock<std::mutex> lk(egress_m_);
           Signal buf[256];
-          const size_t k = wait_and_drain(buf, 256, kWaitSliceNs, drain_batch());
+          const size_t k = wait_and_drain(lk, buf, 256, kWaitSliceNs, drain_batch());
           drain_to->insert(drain_to->end(), buf, buf + k);
         } else if (cfg_.backpressure == Backpressure::DropOldest) {
-          std::lock_guard<std::mutex> lk(egress_m_);
-          const size_t k = wait_and_drain(nullptr, 1, kWaitSliceNs);
+          std::unique_lock<std::mutex> lk(egress_m_);
+          const size_t k = wait_and_drain(lk, nullptr, 1, kWaitSliceNs);
           stats_.backpressure_dropped += k;
         } else {  // RejectNew and blocking pieces were sized to the room
           throw std::logic_error("ingest: the window filled while ingress held it");
@@ -1240,8 +1253,9 @@ size_t Engine::run(const Bar* bars, size_t n, uint32_t n_registered, std::vector
   }
   lk.lock();
   stats_.busy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  lk.unlock();  // the check runs Python's signal handlers: never with ingress held (close takes it)
   // A ^C that came during the run ends it here, with every signal in `out` (the caller gets
-  // them with the exception), rather than in Python once run() has returned, which dropped them.
+  // them with the exception), rather than in Python once run() has returned.
   if (interrupted_ && interrupted_()) throw Interrupted();
   return out.size() - before;
 }

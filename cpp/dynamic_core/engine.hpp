@@ -282,11 +282,12 @@ class Engine {
   void inject_stall(uint32_t sm, int64_t ns, bool hold = false);
   void inject_poison(uint32_t agent);  // population index
 
-  // Called by a blocking submit (or step) about every 100 ms while it waits for room, holding
-  // no engine lock but the feed's, and by any feeding call waiting for another's batch to end
-  // (holding no lock): true ends the call with Interrupted (the bars taken before stay taken
-  // and journaled). The bindings check for a pending Python signal (^C). Set once,
-  // before the engine is used.
+  // Called by a blocking submit (or step) about every 100 ms while it waits for room, and by a
+  // run waiting for its signals, holding no engine lock but the feed's; by any feeding call
+  // waiting for another's batch to end, and by poll and step waiting for a signal, holding
+  // none: true ends the call with Interrupted (the bars taken before stay taken and journaled).
+  // The bindings check for a pending Python signal (^C), which runs Python's signal handlers
+  // (one may close the engine). Set once, before the engine is used.
   void set_interrupt_check(std::function<bool()> f) { interrupted_ = std::move(f); }
 
  private:
@@ -426,10 +427,12 @@ class Engine {
   void journal_inputs(const Bar* bars, size_t n, uint32_t n_registered, bool validated);
   void journal_signals(const Signal* s, size_t k);
   // Drains up to max_n ready signals; if none is ready, waits up to timeout_ns until the next
-  // min_n bars in flight (all of them, if fewer) are ready, then drains.
+  // min_n bars in flight (all of them, if fewer) are ready, then drains. `eg` holds egress_m_.
   // `interruptible`: the interrupt check (^C) ends a wait that slept, before anything is
   // drained (Interrupted); only for callers that can stop there (poll, step, a run's drains).
-  size_t wait_and_drain(Signal* out, size_t max_n, int64_t timeout_ns, size_t min_n = 1, bool interruptible = false);
+  // The check runs Python's signal handlers, so `eg` is let go for it.
+  size_t wait_and_drain(std::unique_lock<std::mutex>& eg, Signal* out, size_t max_n, int64_t timeout_ns,
+                        size_t min_n = 1, bool interruptible = false);
   // run()'s drain: waits a slice for drain_batch() signals (egress lock held), appends them to out.
   void drain_into(std::vector<Signal>& out, bool interruptible = true);
   // Signals run() waits for at a time once the window is full: a quarter of it, at most 256.

@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Engine', 'JOURNAL_FORMAT', 'JOURNAL_MAX_META', 'JOURNAL_MAX_RECORD', 'JOURNAL_RECORD_HEADER', 'JournalReader', 'MAX_PRICE', 'MIN_PRICE', 'RECORD_MORE', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'det_cos2pi', 'det_cos2pi1', 'det_exp', 'det_exp1', 'det_exp2', 'det_exp21', 'det_expm1', 'det_expm11', 'det_log', 'det_log1', 'det_tanh', 'det_tanh1', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_locked', 'journal_progress_step', 'journal_scan', 'kernel_bench', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'lora_xty', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'take_run_partial', 'validate_bars']
+__all__: list[str] = ['Engine', 'JOURNAL_FORMAT', 'JOURNAL_MAX_META', 'JOURNAL_MAX_RECORD', 'JOURNAL_RECORD_HEADER', 'JournalReader', 'MAX_PRICE', 'MIN_PRICE', 'RECORD_MORE', 'RecordType', 'SIGNAL_DSI', 'atr', 'crc32c', 'det_cos2pi', 'det_cos2pi1', 'det_exp', 'det_exp1', 'det_exp2', 'det_exp21', 'det_expm1', 'det_expm11', 'det_log', 'det_log1', 'det_tanh', 'det_tanh1', 'dsi_divergence', 'dsi_runs', 'ema', 'ew_bands', 'ew_moments', 'journal_bench', 'journal_locked', 'journal_progress_step', 'journal_scan', 'kernel_bench', 'kernel_isa', 'lora_fold', 'lora_r_rows', 'lora_rd_dot', 'lora_record', 'lora_update', 'lora_xty', 'macd', 'reason_names', 'record_layouts', 'ring_bench', 'roc', 'rsi', 'score_to_action', 'set_kernel_isa', 'signal_hashes', 'validate_bars']
 class Engine:
     """
     Native engine; wrapped by dynamic_core.Engine.
@@ -81,17 +81,17 @@ class Engine:
         """
     def open_journal(self, dir: str, meta: bytes, population_hash: typing.SupportsInt | typing.SupportsIndex, config_hash: typing.SupportsInt | typing.SupportsIndex, build_id: str, fsync_level: typing.SupportsInt | typing.SupportsIndex, segment_bytes: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
-    def poll(self, max_n: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint8]:
+    def poll(self, max_n: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex, box: list | None = None) -> numpy.typing.NDArray[numpy.uint8]:
         """
-        Up to max_n ready signals in bar order, as bytes; waits up to timeout_ns (<0: forever).
+        Up to max_n ready signals in bar order, as bytes; waits up to timeout_ns (<0: forever). A non-empty result is appended to the list `box` too.
         """
     def read_state(self) -> dict:
         """
         Per-lane agent state (structure of arrays, lane order).
         """
-    def run(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex, strict: bool = False) -> numpy.typing.NDArray[numpy.uint8]:
+    def run(self, bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex, strict: bool = False, box: list | None = None) -> numpy.typing.NDArray[numpy.uint8]:
         """
-        Process a time-ordered bar batch; returns signal records as bytes. When it raises, the signals it had handed out by then are kept for take_run_partial().
+        Process a time-ordered bar batch; returns signal records as bytes. (signals, bars taken) are appended to the list `box` too, also when it raises: what it had handed out by then.
         """
     def set_credit(self, agents: typing.Annotated[numpy.typing.ArrayLike, numpy.uint32], credit: typing.Annotated[numpy.typing.ArrayLike, numpy.float64], event: bytes = b'') -> None:
         """
@@ -107,9 +107,9 @@ class Engine:
         """
     def stats(self) -> dict:
         ...
-    def step(self, bar: typing.Any, n_registered: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex, strict: bool = False, feed_timeout_ns: typing.SupportsInt | typing.SupportsIndex = -1) -> tuple[int, bytes]:
+    def step(self, bar: typing.Any, n_registered: typing.SupportsInt | typing.SupportsIndex, timeout_ns: typing.SupportsInt | typing.SupportsIndex, strict: bool = False, feed_timeout_ns: typing.SupportsInt | typing.SupportsIndex = -1, box: list | None = None) -> tuple[int, bytes]:
         """
-        One bar (a record or a 1-d array of one) in, (1, signal bytes) out; (0, b'') on timeout, (-1, b'') if no signal is due, (-2, b'') if another feeder held the feed past feed_timeout_ns (<0: no limit; the bar was not taken).
+        One bar (a record or a 1-d array of one) in, (1, signal bytes) out; (0, b'') on timeout, (-1, b'') if no signal is due, (-2, b'') if another feeder held the feed past feed_timeout_ns (<0: no limit; the bar was not taken). The signal's bytes are appended to the list `box` too.
         """
     def stream_dsi(self) -> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.uint32]]:
         """
@@ -369,10 +369,6 @@ def set_kernel_isa(level: typing.SupportsInt | typing.SupportsIndex) -> int:
 def signal_hashes(signals: numpy.ndarray) -> numpy.typing.NDArray[numpy.uint64]:
     """
     FNV-1a 64 of each signal record: the hash the journal keeps.
-    """
-def take_run_partial() -> tuple[numpy.typing.NDArray[numpy.uint8], int]:
-    """
-    (signals, bars) of the calling thread's last Engine.run that raised: the signal records it had handed out (bytes) and the bars of its batch it had taken; empty and 0 after the first call.
     """
 def validate_bars(bars: numpy.ndarray, n_registered: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint32]:
     """

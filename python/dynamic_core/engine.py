@@ -52,6 +52,8 @@ MAX_THREADS = 63  # the native engine's limit of SM worker threads
 _MAX_WAIT_NS = 1 << 62
 _MAX_POLL = (1 << 64) - 1  # the native max_n (size_t); at most `capacity` signals are ever ready
 _POLL_SLICE_NS = 500_000_000  # a longer poll waits in slices of this, so ^C can end it
+_SIGNAL_SIZE = SIGNAL_DTYPE.itemsize
+_NO_SIGNALS = np.empty(0, dtype=np.uint8)  # an empty hold (signal records as bytes)
 
 
 def _timeout_ns(timeout: object) -> int:
@@ -167,10 +169,10 @@ def _after_fork_in_child() -> None:
         e._foreign = os.getpid()
         e._closed = True
         # locks another thread of the parent may have held at the fork, fresh and released
-        e._close_lock, e._egress_guard, e._own_lock = threading.Lock(), threading.Lock(), threading.Lock()
+        e._close_lock, e._egress_guard, e._own_lock = threading.Lock(), threading.Lock(), threading.RLock()
         e._close_done = threading.Event()
         e._close_done.set()
-        e._pollers, e._runners = 0, {}
+        e._pollers, e._runners, e._held = {}, {}, _NO_SIGNALS
         e._finalizer.detach()  # the parent's threads are not here to join
         # nor may the child keep the journal directory's lock after the parent lets go of it
         with contextlib.suppress(Exception):
@@ -201,11 +203,16 @@ def _forked_message(pid: int) -> str:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _dispatch_loop(native: Any, stop: threading.Event, errors: list[int], engine: weakref.ref) -> None:
+def _dispatch_loop(native: Any, stop: threading.Event, errors: list[int], engine: weakref.ref,
+                   held: np.ndarray) -> None:
     """The ``on_signal`` dispatcher. It holds only a weak reference to the :class:`Engine` (and
     what it needs; the callbacks are fetched through it for each batch, since a callback may
     refer to the engine), so an engine with callbacks is still collected once unreferenced;
-    this thread then ends (``close`` ends it through ``stop``)."""
+    this thread then ends (``close`` ends it through ``stop``). ``held``: the signals an
+    interrupted poll or step kept for the next poll, delivered first."""
+    if len(held) and not _dispatch_batch(held, errors, engine, stop):
+        return
+    del held
     while not stop.is_set() and engine() is not None:
         try:
             # long waits: each starts with a 2 ms spin (latency on a live feed), so an idle
@@ -444,10 +451,15 @@ class Engine:
         self._egress_guard = threading.Lock()
         # run and step of several threads, one at a time for their whole call: natively a step
         # lets go of the feed before it waits for its signal, and another thread's run or step
-        # coming in then found that bar unpolled and refused ("poll() them first")
-        self._own_lock = threading.Lock()
-        self._pollers = 0  # poll() calls in progress (any thread)
+        # coming in then found that bar unpolled and refused ("poll() them first"). Reentrant
+        # only so that a thread can tell it holds it (_is_owned): a call cut short by ^C at any
+        # bytecode lets go of what it took, and a signal handler's run inside a run is refused.
+        self._own_lock = threading.RLock()
+        self._pollers: dict[threading.Thread, bool] = {}  # threads in poll()
         self._runners: dict[threading.Thread, str] = {}  # threads in run/step, and which
+        # signals a poll or step had taken when ^C cut it short (uint8, whole records): the
+        # next poll returns them first (under _egress_guard)
+        self._held: np.ndarray = _NO_SIGNALS
         self._close_lock = threading.Lock()
         self._close_done = threading.Event()
         self._closed = False
@@ -588,29 +600,46 @@ class Engine:
         if self._device is not None:
             with self._device_lock:
                 return self._device.run(b, len(instruments), strict=strict)
-        me = self._egress_enter("run")
+        self._not_nested("run")
+        box: list[tuple[Any, int]] = []  # (signals, bars taken): the native run puts them here too
         try:
-            return self._native.run(b, len(instruments), strict).view(SIGNAL_DTYPE)
-        except BaseException as e:
-            raw, taken = _core.take_run_partial()
-            _attach_partial(e, np.frombuffer(raw, dtype=SIGNAL_DTYPE), int(taken))
+            try:
+                self._egress_enter("run")
+                return self._native.run(b, len(instruments), strict, box).view(SIGNAL_DTYPE)
+            finally:
+                self._egress_exit()
+        except BaseException as e:  # ^C as the call returned too: the signals are in the box
+            if box:
+                raw, taken = box[-1]
+                _attach_partial(e, np.frombuffer(raw, dtype=SIGNAL_DTYPE), int(taken))
             raise
-        finally:
-            self._egress_exit(me)
 
-    def _egress_enter(self, what: str, timeout_ns: int = -1) -> threading.Thread | None:
+    def _not_nested(self, what: str) -> None:
+        """RuntimeError when this thread is inside a ``run`` or ``step`` already (a signal
+        handler's call, run during the wait): it would wait for its own caller."""
+        if self._own_lock._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError(f"{what}() inside a run() or step() on the same thread (from a signal "
+                               f"handler?): it would wait for that call to end, which waits for it")
+
+    def _egress_enter(self, what: str, timeout_ns: int = -1) -> bool:
         """``run`` and ``step`` return the signals of their own bars: while one runs (between
         this and ``_egress_exit``), ``poll`` from another thread raises instead of taking some of
         them, and neither starts while another thread polls (RuntimeError, before anything is
         taken). Feeding calls of several threads still serialise among themselves: this waits
         for another thread's run or step (interruptible by ^C), at most ``timeout_ns`` (< 0: no
-        limit; None returned when it ran out)."""
+        limit; False returned when it ran out). Called inside the ``try`` whose ``finally`` calls
+        ``_egress_exit``, which undoes whatever part of it was done."""
         me = threading.current_thread()
         if not self._own_lock.acquire(timeout=-1 if timeout_ns < 0 else timeout_ns / 1e9):
-            return None
+            return False
         try:
             self._check_open()  # closed while this call waited
             with self._egress_guard:
+                if len(self._held):
+                    k = len(self._held) // _SIGNAL_SIZE
+                    raise RuntimeError(f"{what}(): {k} signal(s) of earlier bars are not polled yet (a poll or "
+                                       f"step that ^C cut short had taken them): poll() them first; {what}() "
+                                       f"returns its own bars' signals only")
                 if self._pollers:
                     raise RuntimeError(f"{what}() returns the signals of its bars, but poll() is waiting on "
                                        f"another thread and would take some of them: feed with submit() and "
@@ -618,25 +647,62 @@ class Engine:
                 # checked again under the guard that on_signal starts its dispatcher under: one
                 # starting since the caller's first check would take some of these signals
                 self._no_other_consumer(what)
+                # only the holder of _own_lock is in run/step: anything else here is what a ^C
+                # in an earlier call's _egress_exit left behind
+                self._runners.clear()
                 self._runners[me] = what
         except BaseException:
             self._own_lock.release()
             raise
-        return me
+        return True
 
     def _no_runner_beside(self, what: str, taker: str, hint: str = "") -> None:
         """Under ``_egress_guard``: RuntimeError when another thread is in ``run``/``step``,
         whose signals ``taker`` (what ``what`` would start) would take some of."""
         me = threading.current_thread()
         for th, runs in self._runners.items():
-            if th is not me:
+            if th is not me and self._own_lock_held_elsewhere():
                 raise RuntimeError(f"{what}() while {runs}() runs on thread {th.name!r}: it returns the signals "
                                    f"of its bars, and {taker} would take some of them{hint}")
 
-    def _egress_exit(self, me: threading.Thread) -> None:
-        with self._egress_guard:
-            self._runners.pop(me, None)
-        self._own_lock.release()
+    def _own_lock_held_elsewhere(self) -> bool:
+        """Whether another thread is in ``run``/``step`` now (it holds ``_own_lock``): what
+        ``_runners`` says is checked against it, since a ^C in ``_egress_exit`` may leave its
+        thread there after it let go of the lock."""
+        if self._own_lock._is_owned():  # type: ignore[attr-defined]
+            return False
+        took = False
+        try:
+            took = self._own_lock.acquire(blocking=False)
+        finally:
+            try:  # (no call before the release: see _egress_exit)
+                self._own_lock.release()
+            except RuntimeError:  # not taken
+                pass
+        return not took
+
+    def _egress_exit(self) -> None:
+        """Undo what ``_egress_enter`` did on this thread, all or part of it (^C may have cut it
+        short at any bytecode): the lock is let go even if ^C lands in the unregistering."""
+        try:
+            with self._egress_guard:
+                self._runners.pop(threading.current_thread(), None)
+        finally:
+            # no call before the release (Python raises a pending ^C as a call returns or a
+            # function starts), so ^C cannot land between finding it held and letting go;
+            # never held nested (_not_nested)
+            try:
+                self._own_lock.release()
+            except RuntimeError:  # not held by this thread: the enter failed or was cut short
+                pass
+
+    def _hold(self, box: list[Any]) -> None:
+        """A poll or step was cut short (^C, as the native call returned too) after taking the
+        signals in ``box`` (in order): they go back for the next poll, ahead of the rest held."""
+        parts = [np.frombuffer(x, dtype=np.uint8) for x in box if len(x)]
+        if parts:
+            with self._egress_guard:
+                self._held = np.concatenate([*parts, self._held])
 
     # ---- streaming ----------------------------------------------------------------------------
     def submit(self, bars: np.ndarray, timeout: float | None = None) -> int:
@@ -670,6 +736,7 @@ class Engine:
         self._check_open()
         self._cpu_only("submit")
         self._not_from_consumer("submit")
+        self._not_nested("submit")
         b = as_bars(bars)
         self._journal_new_instruments()
         return int(self._native.submit(b, len(instruments), self.strict, _timeout_ns(timeout)))
@@ -686,30 +753,44 @@ class Engine:
         if n == 0:
             return np.empty(0, dtype=SIGNAL_DTYPE)
         t = _timeout_ns(timeout)
-        disp = self._dispatcher
-        if disp is not None and disp is not threading.current_thread() and disp.is_alive():
-            raise RuntimeError("poll() beside on_signal: its dispatcher delivers every signal to the "
-                               "callbacks, and this poll would take some of them from them; consume in the "
-                               "callbacks, or poll on an engine without any")
-        with self._egress_guard:
-            self._no_runner_beside("poll", "this poll")
-            self._pollers += 1
+        me = threading.current_thread()
+        box: list[Any] = []  # what this poll took, in order: what was held, then the native polls'
         try:
-            return np.frombuffer(self._sliced_poll(n, t), dtype=SIGNAL_DTYPE)
-        finally:
-            with self._egress_guard:
-                self._pollers -= 1
+            try:
+                with self._egress_guard:  # the guard on_signal starts its dispatcher under
+                    self._pollers[me] = True
+                    disp = self._dispatcher
+                    if disp is not None and disp is not me and disp.is_alive():
+                        raise RuntimeError("poll() beside on_signal: its dispatcher delivers every signal to the "
+                                           "callbacks, and this poll would take some of them from them; consume "
+                                           "in the callbacks, or poll on an engine without any")
+                    self._no_runner_beside("poll", "this poll")
+                    if len(self._held):
+                        box.append(self._held[:n * _SIGNAL_SIZE])
+                        self._held = self._held[n * _SIGNAL_SIZE:]
+                got = len(box[0]) // _SIGNAL_SIZE if box else 0
+                if got < n:
+                    self._sliced_poll(n - got, 0 if got else t, box)
+            finally:
+                with self._egress_guard:
+                    self._pollers.pop(me, None)
+            if not box:
+                return np.empty(0, dtype=SIGNAL_DTYPE)
+            return np.frombuffer(box[0] if len(box) == 1 else np.concatenate(box), dtype=SIGNAL_DTYPE)
+        except BaseException:  # ^C as a native poll returned too: what it took is in the box
+            self._hold(box)
+            raise
 
-    def _sliced_poll(self, n: int, t: int) -> bytes:
-        """The native poll of up to ``n`` signals waiting ``t`` ns (< 0: no limit). A long wait
-        goes in slices, so ^C (handled between them) ends it, and so does :meth:`close` from
-        another thread (RuntimeError)."""
+    def _sliced_poll(self, n: int, t: int, box: list[Any]) -> Any:
+        """The native poll of up to ``n`` signals waiting ``t`` ns (< 0: no limit), which it
+        also appends to ``box`` when it takes any. A long wait goes in slices, so ^C (handled
+        between them) ends it, and so does :meth:`close` from another thread (RuntimeError)."""
         if 0 <= t <= _POLL_SLICE_NS:
-            return self._native.poll(n, t)
+            return self._native.poll(n, t, box)
         end = None if t < 0 else time.monotonic_ns() + t
         while True:
             left = _POLL_SLICE_NS if end is None else min(_POLL_SLICE_NS, end - time.monotonic_ns())
-            raw = self._native.poll(n, max(0, left))
+            raw = self._native.poll(n, max(0, left), box)
             if len(raw) or (end is not None and time.monotonic_ns() >= end):
                 return raw
             self._check_open()  # closed while waiting: the native poll would return at once, forever
@@ -746,31 +827,36 @@ class Engine:
             with self._device_lock:
                 out = self._device.run(np.atleast_1d(b), len(instruments), strict=self.strict)
             return signal_from_record(out[0]) if len(out) else None
+        self._not_nested("step")
         start = time.monotonic_ns()
-        me = self._egress_enter("step", t)
-        if me is None:  # another thread's run or step held on for the whole timeout
-            self._native.count_refused(1)
-            raise self._step_not_taken(timeout)
+        box: list[Any] = []  # the signal, once the native step or poll took it
         try:
-            if t >= 0:
-                t = max(0, start + t - time.monotonic_ns())
-            first = t if 0 <= t <= _POLL_SLICE_NS else _POLL_SLICE_NS
-            status, raw = self._native.step(b, len(instruments), first, self.strict, t)
-            if status == -2:
-                self._check_open()
-                raise self._step_not_taken(timeout)
-            if status < 0:
-                return None
-            if status == 0 and first != t:  # the rest of a long wait, in slices (^C, close)
-                raw = self._sliced_poll(1, -1 if t < 0 else max(0, start + t - time.monotonic_ns()))
-                status = 1 if len(raw) else 0
-        finally:
-            self._egress_exit(me)
-        if status == 0:
-            self._check_open()  # closed while it waited: that, not a timeout
-            raise TimeoutError(f"step(): the bar was taken but its signal was not ready within {timeout} s "
-                               "(see stats()['sms']); poll() it before the next step or run")
-        return signal_from_bytes(raw)
+            try:
+                if not self._egress_enter("step", t):  # another thread's run or step held on throughout
+                    self._native.count_refused(1)
+                    raise self._step_not_taken(timeout)
+                if t >= 0:
+                    t = max(0, start + t - time.monotonic_ns())
+                first = t if 0 <= t <= _POLL_SLICE_NS else _POLL_SLICE_NS
+                status, raw = self._native.step(b, len(instruments), first, self.strict, t, box)
+                if status == -2:
+                    self._check_open()
+                    raise self._step_not_taken(timeout)
+                if status < 0:
+                    return None
+                if status == 0 and first != t:  # the rest of a long wait, in slices (^C, close)
+                    raw = self._sliced_poll(1, -1 if t < 0 else max(0, start + t - time.monotonic_ns()), box)
+                    status = 1 if len(raw) else 0
+            finally:
+                self._egress_exit()
+            if status == 0:
+                self._check_open()  # closed while it waited: that, not a timeout
+                raise TimeoutError(f"step(): the bar was taken but its signal was not ready within {timeout} s "
+                                   "(see stats()['sms']); poll() it before the next step or run")
+            return signal_from_bytes(raw)
+        except BaseException:  # ^C as the native call returned too: the signal is in the box
+            self._hold(box)
+            raise
 
     @staticmethod
     def _step_not_taken(timeout: float | None) -> TimeoutError:
@@ -802,15 +888,17 @@ class Engine:
                 with self._egress_guard:  # the guard run, step and poll register under
                     self._no_runner_beside("on_signal", "the dispatcher",
                                            "; register callbacks before feeding, or after it returns")
-                    if self._pollers:  # a poll waiting on another thread would take some signals
+                    if any(th is not threading.current_thread() for th in self._pollers):
+                        # a poll waiting on another thread would take some signals
                         raise RuntimeError("on_signal() while poll() waits on another thread: the dispatcher "
                                            "delivers every signal to the callbacks, and that poll would take "
                                            "some of them; stop polling first, or consume by polling only")
                     if self._dispatcher is not None:
                         self.unregister_consumer(self._dispatcher)
+                    held, self._held = self._held, _NO_SIGNALS  # an interrupted poll's: first
                     self._dispatcher = threading.Thread(
                         target=_dispatch_loop, name="dc-signal-dispatch", daemon=True,
-                        args=(self._native, self._stop, self._callback_errors, weakref.ref(self)))
+                        args=(self._native, self._stop, self._callback_errors, weakref.ref(self), held))
                     self.register_consumer(self._dispatcher, "an on_signal callback")
                     self._callbacks.append(callback)  # before its first batch
                     # started under the guard: run/step see a consumer only once it is alive
@@ -1213,8 +1301,9 @@ class Engine:
     def in_flight(self) -> int:
         """Bars submitted whose signals are not yet polled (``stats()["in_flight"]`` without the
         rest of the health report: one lock-free read). After ``close``: the bars that were in
-        flight then, whose signals were discarded (it stays at that count)."""
-        return int(self._native.in_flight())
+        flight then, whose signals were discarded (it stays at that count). Counts the signals a
+        poll or step that ^C cut short had taken, which the next poll returns."""
+        return int(self._native.in_flight()) + len(self._held) // _SIGNAL_SIZE
 
     def stats(self) -> dict[str, Any]:
         """Counters and health: bars in/accepted/rejected (by reason)/skipped, signals, agent
@@ -1233,6 +1322,7 @@ class Engine:
         (why ``backend="auto"`` runs on the CPU, else None) and, on the CUDA backend, ``device``
         and ``device_error`` (the device failure that stopped it, else None)."""
         s = self._native.stats()  # counters only: the device's state need not be mirrored
+        s["in_flight"] += len(self._held) // _SIGNAL_SIZE  # as in_flight() counts them
         s["backend"] = self.backend
         s["backend_fallback"] = self.backend_fallback
         if self._device is not None:
