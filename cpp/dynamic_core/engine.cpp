@@ -124,14 +124,16 @@ Engine::Engine(const Genome* genomes, size_t n, const EngineConfig& cfg)
     while (cap_ * 2 <= fit && cap_ < 8192) cap_ <<= 1;
   }
   // Bars per worker batch: long enough to keep an SM's lanes in cache over several bars, short
-  // enough (about a quarter of the stall deadline) that heartbeats stay fresh. A worker starts
-  // from an estimate of ~20 ns per lane and then sizes its batches from its own measured time
-  // per bar (next_batch); block_bars fixes the size instead.
+  // enough (about a quarter of the stall deadline) that heartbeats stay fresh even if every bar
+  // is of the largest stream (a worker's share of it). A worker starts from an estimate of
+  // ~20 ns per lane and then sizes its batches from its own measured time per lane-update
+  // (next_batch); block_bars fixes the size instead.
+  lanes_per_bar_ = static_cast<double>(max_stream_lanes) / std::max(cfg.threads, 1);
   if (cfg.block_bars) {
     batch_ = std::min(cfg.block_bars, cap_);
     batch_max_ = batch_;
   } else {
-    const double per_bar = 20e-9 * static_cast<double>(max_stream_lanes) / cfg.threads;
+    const double per_bar = 20e-9 * lanes_per_bar_;
     const double fit = (static_cast<double>(cfg.stall_deadline_ns) * 1e-9 / 4.0) / per_bar;
     batch_max_ = std::min<uint32_t>(kMaxBatch, cap_);
     batch_ = std::min(static_cast<uint32_t>(std::clamp(fit, 1.0, static_cast<double>(kMaxBatch))), batch_max_);
@@ -299,7 +301,7 @@ void Engine::worker_main(int w) {
 #endif
   std::vector<uint64_t> buf(batch_max_);
   uint32_t want = batch_;  // this worker's batch size (adapted unless block_bars fixes it)
-  double ns_per_bar = 0.0;
+  double ns_per_lane = 0.0;
   uint32_t seen_adopt = 0;
   while (true) {
     const uint32_t gen = me.adopt_gen.load(std::memory_order_acquire);
@@ -321,11 +323,11 @@ void Engine::worker_main(int w) {
     if (n) {
       const int64_t t_batch = now_ns();
       me.injected_ns = 0;
-      process_batch(w, buf.data(), n);
+      const uint64_t lane_bars = process_batch(w, buf.data(), n);
       const int64_t t_done = now_ns();
       const int64_t busy = t_done - t_batch - me.injected_ns;
       me.busy_ns.fetch_add(busy, std::memory_order_relaxed);
-      if (!cfg_.block_bars) want = next_batch(n, busy, ns_per_bar);
+      if (!cfg_.block_bars && lane_bars) want = next_batch(lane_bars, busy, ns_per_lane);
       me.beat_ns.store(t_done, std::memory_order_relaxed);
       continue;
     }
@@ -354,13 +356,16 @@ void Engine::worker_main(int w) {
   }
 }
 
-uint32_t Engine::next_batch(size_t n, int64_t busy_ns, double& ns_per_bar) const {
-  // Time per bar of this worker (its share of each bar's SMs), smoothed over batches; a batch
-  // slowed by preemption shrinks the next ones at once and they grow back over a few batches.
-  // Small batches overstate it (fixed costs per batch), which errs toward shorter batches.
-  const double x = static_cast<double>(std::max<int64_t>(busy_ns, 1)) / static_cast<double>(n);
-  ns_per_bar = ns_per_bar == 0.0 || x > ns_per_bar ? x : 0.75 * ns_per_bar + 0.25 * x;
-  const double fit = static_cast<double>(cfg_.stall_deadline_ns) / 4.0 / ns_per_bar;
+uint32_t Engine::next_batch(uint64_t lane_bars, int64_t busy_ns, double& ns_per_lane) const {
+  // Time per lane-update of this worker, smoothed over batches; a batch slowed by preemption
+  // shrinks the next ones at once and they grow back over a few batches. Per lane, not per
+  // bar: a run of bars of a small stream would otherwise size the next batch for its cost,
+  // and a batch of the largest stream's bars then outlasted the stall deadline. Small batches
+  // overstate it (fixed costs per batch), and so do catch-ups (not counted), erring toward
+  // shorter batches.
+  const double x = static_cast<double>(std::max<int64_t>(busy_ns, 1)) / static_cast<double>(lane_bars);
+  ns_per_lane = ns_per_lane == 0.0 || x > ns_per_lane ? x : 0.75 * ns_per_lane + 0.25 * x;
+  const double fit = static_cast<double>(cfg_.stall_deadline_ns) / 4.0 / (ns_per_lane * lanes_per_bar_);
   return static_cast<uint32_t>(std::clamp(fit, 1.0, static_cast<double>(batch_max_)));
 }
 
@@ -376,7 +381,7 @@ bool Engine::read_slot(uint64_t q, uint32_t& stream, uint64_t& sidx) {
   return s.tag.load(std::memory_order_relaxed) == q + 1;
 }
 
-void Engine::process_batch(int w, const uint64_t* pos, size_t n) {
+uint64_t Engine::process_batch(int w, const uint64_t* pos, size_t n) {
   // Group the batch by stream (positions stay increasing within a stream), then run every SM of
   // the stream this worker owns over them: an SM's lanes stay in cache across the batch.
   thread_local std::vector<std::vector<uint64_t>> lists;
@@ -387,6 +392,7 @@ void Engine::process_batch(int w, const uint64_t* pos, size_t n) {
     done.resize(layout_.streams.size());
   }
   touched.clear();
+  uint64_t lane_bars = 0;  // lane-updates run (catch-ups not counted)
   for (size_t k = 0; k < n; ++k) {
     uint32_t s;
     uint64_t sidx;
@@ -399,11 +405,13 @@ void Engine::process_batch(int w, const uint64_t* pos, size_t n) {
     auto& cnt = done[s];
     cnt.assign(list.size(), 0);
     for (uint32_t g = stream_groups_[s]; g < stream_groups_[s + 1]; ++g)
-      if (grt_[g].owner.load(std::memory_order_relaxed) == w) run_group(w, g, list.data(), list.size(), cnt.data());
+      if (grt_[g].owner.load(std::memory_order_relaxed) == w && run_group(w, g, list.data(), list.size(), cnt.data()))
+        lane_bars += static_cast<uint64_t>(groups_[g].lanes) * list.size();
     for (size_t k = 0; k < list.size(); ++k)
       if (cnt[k]) finish_units(list[k], cnt[k]);
     list.clear();
   }
+  return lane_bars;
 }
 
 size_t Engine::unit_block_bytes() {

@@ -337,7 +337,7 @@ class Engine {
   };
 
   void worker_main(int w);
-  void process_batch(int w, const uint64_t* pos, size_t n);
+  uint64_t process_batch(int w, const uint64_t* pos, size_t n);  // returns the lane-updates it ran
   // Runs group g over the positions (all of its stream, increasing); catches up on any bar of
   // the stream between the group's last position and the first one given. Returns false if g is
   // not (or no longer) owned by w. done[k] counts the group-units finished for pos[k].
@@ -441,7 +441,7 @@ class Engine {
   bool read_slot(uint64_t q, uint32_t& stream, uint64_t& sidx);
   // The next batch size of a worker whose last batch of n bars took busy_ns (ns_per_bar: its
   // running estimate): about a quarter of the stall deadline, 1 to batch_max_ bars.
-  uint32_t next_batch(size_t n, int64_t busy_ns, double& ns_per_bar) const;
+  uint32_t next_batch(uint64_t lane_bars, int64_t busy_ns, double& ns_per_lane) const;
   void dead_letter(const Bar& b, uint64_t index, Reason r);
   const Stream* find_stream(uint32_t instrument, uint32_t timeframe) const;
   LaneView lane_view(uint32_t base);
@@ -480,6 +480,7 @@ class Engine {
   std::unordered_map<uint64_t, uint32_t> stream_of_;
   static constexpr uint32_t kMaxBatch = 256;
   uint32_t batch_ = 0;      // a worker's first batch size
+  double lanes_per_bar_ = 0;  // lanes a worker runs for a bar of the largest stream (its share)
   uint32_t batch_max_ = 0;  // the most bars a worker takes per batch
   uint32_t cap_ = 0;
   uint32_t max_sms_ = 1;
