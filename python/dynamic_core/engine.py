@@ -280,8 +280,8 @@ class Engine:
     block_bars : int
         Bars per execution block. On the CPU: the most bars a worker takes from its queue and
         runs as one batch (an SM's agents stay in cache across a batch); 0 (default) lets each
-        worker size its batches from its own measured time per bar so a batch takes about a
-        quarter of ``stall_deadline`` (1 to 256 bars, never more than ``capacity``; the first
+        worker size its batches from its own measured time per agent-update so a batch takes
+        about a quarter of ``stall_deadline`` even if every bar is of the largest stream (1 to 256 bars, never more than ``capacity``; the first
         from an estimate of ~20 ns per agent). A fixed value whose batches take longer than
         ``stall_deadline`` makes the sentinel take a busy worker for stalled and move its SMs
         (results are the same; ``stats()["failovers"]`` counts the moves). With ``backend="cuda"``: bars per kernel launch; 0 means 4096, fewer
