@@ -10,6 +10,7 @@
 
 #include "../dynamic_core/journal.hpp"
 #include "../dynamic_core/kernel.hpp"
+#include "../dynamic_core/population.hpp"
 #include "../dynamic_core/ring.hpp"
 #include "common.hpp"
 
@@ -80,63 +81,29 @@ double bulk_transfer_ns(uint64_t n, size_t batch, SpscRing<uint64_t>& r) {
 // consensus or signal: what is left is the kernel's own time per lane-update, the ceiling on
 // what a worker thread can reach. Returns ns per lane-update and a checksum of the summaries.
 struct KernelLanes {
-  std::vector<double> w[kFeatures];
-  std::vector<int32_t> fidx[kFeatures];
-  std::vector<double> entry, cost, score, equity, entry_equity, peak, max_dd, ret_sum, ret_sq, credit, ext_score, dsi;
-  std::vector<int32_t> lookback, long_short, active, external, position, action;
-  std::vector<uint32_t> trades, wins, n_ret, quarantined;
+  LaneArrays lanes;
+  StateArrays state;
   KernelLanes(size_t n, int features, std::mt19937_64& rng) {
     std::uniform_real_distribution<double> u(-1.0, 1.0);
     for (int f = 0; f < kFeatures; ++f) {
-      w[f].resize(n);
-      fidx[f].resize(n);
+      lanes.w[f].resize(n);
+      lanes.fidx[f].resize(n);
       for (size_t i = 0; i < n; ++i) {
-        w[f][i] = u(rng);
-        fidx[f][i] = 1 + static_cast<int32_t>(rng() % static_cast<uint64_t>(features - 1));  // 0: the constant
+        lanes.w[f][i] = u(rng);
+        lanes.fidx[f][i] = 1 + static_cast<int32_t>(rng() % static_cast<uint64_t>(features - 1));  // 0: the constant
       }
     }
-    entry.resize(n);
-    for (double& x : entry) x = 0.05 + 0.3 * (u(rng) + 1.0) / 2.0;
-    cost.assign(n, 1e-4);
-    for (auto* v : {&score, &max_dd, &ret_sum, &ret_sq, &ext_score, &dsi}) v->assign(n, 0.0);
-    for (auto* v : {&equity, &entry_equity, &peak, &credit}) v->assign(n, 1.0);
-    lookback.assign(n, 0);
-    long_short.resize(n);
-    for (int32_t& x : long_short) x = static_cast<int32_t>(rng() & 1);
-    active.assign(n, 1);
-    for (auto* v : {&external, &position, &action}) v->assign(n, 0);
-    for (auto* v : {&trades, &wins, &n_ret, &quarantined}) v->assign(n, 0);
+    lanes.entry.resize(n);
+    for (double& x : lanes.entry) x = 0.05 + 0.3 * (u(rng) + 1.0) / 2.0;
+    lanes.cost.assign(n, 1e-4);
+    lanes.lookback.assign(n, 0);
+    lanes.long_short.resize(n);
+    for (int32_t& x : lanes.long_short) x = static_cast<int32_t>(rng() & 1);
+    lanes.active.assign(n, 1);
+    lanes.external.assign(n, 0);
+    state.init(n);
   }
-  LaneView view(size_t o) {
-    LaneView v{};
-    for (int f = 0; f < kFeatures; ++f) {
-      v.w[f] = w[f].data() + o;
-      v.fidx[f] = fidx[f].data() + o;
-    }
-    v.entry = entry.data() + o;
-    v.cost = cost.data() + o;
-    v.lookback = lookback.data() + o;
-    v.long_short = long_short.data() + o;
-    v.active = active.data() + o;
-    v.score = score.data() + o;
-    v.equity = equity.data() + o;
-    v.entry_equity = entry_equity.data() + o;
-    v.peak = peak.data() + o;
-    v.max_dd = max_dd.data() + o;
-    v.ret_sum = ret_sum.data() + o;
-    v.ret_sq = ret_sq.data() + o;
-    v.credit = credit.data() + o;
-    v.external = external.data() + o;
-    v.ext_score = ext_score.data() + o;
-    v.dsi = dsi.data() + o;
-    v.trades = trades.data() + o;
-    v.wins = wins.data() + o;
-    v.n_ret = n_ret.data() + o;
-    v.quarantined = quarantined.data() + o;
-    v.position = position.data() + o;
-    v.action = action.data() + o;
-    return v;
-  }
+  LaneView view(size_t o) { return lane_view(lanes, state, o); }
 };
 
 }  // namespace

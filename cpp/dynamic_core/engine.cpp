@@ -447,7 +447,7 @@ void Engine::units(uint32_t g, const uint64_t* ps, int nb, int poison, uint64_t&
   uint64_t q = 0;
   for (uint32_t m = grp.sm_begin; m < grp.sm_end; ++m) {
     const Sm& sm = layout_.sms[m];
-    LaneView v = lane_view(sm.lane_begin);
+    LaneView v = lane_view(lanes_, state_, sm.lane_begin);
     v.has_external = static_cast<int>(sm.has_external);
     v.has_dsi = static_cast<int>(sm.has_dsi);
     const int lanes = static_cast<int>(sm.n_warps) * kWarpSize;
@@ -1155,12 +1155,7 @@ bool Engine::take_feed(std::unique_lock<std::timed_mutex>& feed, int64_t deadlin
     if (interrupted_ && interrupted_()) throw Interrupted();
     if (stop_.load(std::memory_order_relaxed)) throw std::logic_error("engine is closed");
   }
-  // the feed was held past the deadline
-  auto lk = lock_ingress();
-  if (closed_) throw std::logic_error("engine is closed");
-  ++stats_.batches;
-  ++stats_.backpressure_events;
-  stats_.backpressure_rejected += n;
+  count_refused(n);  // the feed was held past the deadline
   return false;
 }
 
@@ -1520,39 +1515,6 @@ void Engine::inject_poison(uint32_t agent) {
       return;
     }
   }
-}
-
-LaneView Engine::lane_view(uint32_t base) {
-  LaneView v;
-  for (int f = 0; f < kFeatures; ++f) {
-    v.w[f] = lanes_.w[f].data() + base;
-    v.fidx[f] = lanes_.fidx[f].data() + base;
-  }
-  v.entry = lanes_.entry.data() + base;
-  v.cost = lanes_.cost.data() + base;
-  v.lookback = lanes_.lookback.data() + base;
-  v.long_short = lanes_.long_short.data() + base;
-  v.active = lanes_.active.data() + base;
-  v.score = state_.score.data() + base;
-  v.equity = state_.equity.data() + base;
-  v.entry_equity = state_.entry_equity.data() + base;
-  v.peak = state_.peak.data() + base;
-  v.max_dd = state_.max_dd.data() + base;
-  v.ret_sum = state_.ret_sum.data() + base;
-  v.ret_sq = state_.ret_sq.data() + base;
-  v.credit = state_.credit.data() + base;
-  v.external = lanes_.external.data() + base;
-  v.ext_score = state_.ext_score.data() + base;
-  v.has_external = 0;
-  v.dsi = state_.dsi.data() + base;
-  v.has_dsi = 0;
-  v.trades = state_.trades.data() + base;
-  v.wins = state_.wins.data() + base;
-  v.n_ret = state_.n_ret.data() + base;
-  v.quarantined = state_.quarantined.data() + base;
-  v.position = state_.position.data() + base;
-  v.action = state_.action.data() + base;
-  return v;
 }
 
 void Engine::dead_letter(const Bar& b, uint64_t index, Reason r) {

@@ -444,7 +444,6 @@ class Engine {
   uint32_t next_batch(uint64_t lane_bars, int64_t busy_ns, double& ns_per_lane) const;
   void dead_letter(const Bar& b, uint64_t index, Reason r);
   const Stream* find_stream(uint32_t instrument, uint32_t timeframe) const;
-  LaneView lane_view(uint32_t base);
   // Writes per-agent lane values (validated by the caller) between updates, journaling `event`
   // under the same lock: the shared body of set_credit and set_external_scores.
   void set_lane_values(std::vector<double>& dst, const uint32_t* agents, const double* values, size_t n,

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "indicators.hpp"
+#include "kernel.hpp"
 #include "math.hpp"
 #include "records.hpp"
 
@@ -174,6 +175,41 @@ struct StateArrays {
                      trades[i], wins[i],  n_ret[i],        position[i], action[i], quarantined[i]};
   }
 };
+
+// The kernel's view of the lanes from `base` on (the first lane of an SM): no external-score or
+// DSI lane assumed (has_external, has_dsi 0; the caller sets them per SM).
+inline LaneView lane_view(LaneArrays& l, StateArrays& s, size_t base) {
+  LaneView v;
+  for (int f = 0; f < kFeatures; ++f) {
+    v.w[f] = l.w[f].data() + base;
+    v.fidx[f] = l.fidx[f].data() + base;
+  }
+  v.entry = l.entry.data() + base;
+  v.cost = l.cost.data() + base;
+  v.lookback = l.lookback.data() + base;
+  v.long_short = l.long_short.data() + base;
+  v.active = l.active.data() + base;
+  v.score = s.score.data() + base;
+  v.equity = s.equity.data() + base;
+  v.entry_equity = s.entry_equity.data() + base;
+  v.peak = s.peak.data() + base;
+  v.max_dd = s.max_dd.data() + base;
+  v.ret_sum = s.ret_sum.data() + base;
+  v.ret_sq = s.ret_sq.data() + base;
+  v.credit = s.credit.data() + base;
+  v.external = l.external.data() + base;
+  v.ext_score = s.ext_score.data() + base;
+  v.has_external = 0;
+  v.dsi = s.dsi.data() + base;
+  v.has_dsi = 0;
+  v.trades = s.trades.data() + base;
+  v.wins = s.wins.data() + base;
+  v.n_ret = s.n_ret.data() + base;
+  v.quarantined = s.quarantined.data() + base;
+  v.position = s.position.data() + base;
+  v.action = s.action.data() + base;
+  return v;
+}
 
 struct Sm {
   uint32_t stream;

@@ -635,8 +635,7 @@ class Engine:
         try:
             self._check_open()  # closed while this call waited
             with self._egress_guard:
-                if len(self._held):
-                    k = len(self._held) // _SIGNAL_SIZE
+                if k := self._n_held():
                     raise RuntimeError(f"{what}(): {k} signal(s) of earlier bars are not polled yet (a poll or "
                                        f"step that ^C cut short had taken them): poll() them first; {what}() "
                                        f"returns its own bars' signals only")
@@ -695,6 +694,10 @@ class Engine:
                 self._own_lock.release()
             except RuntimeError:  # not held by this thread: the enter failed or was cut short
                 pass
+
+    def _n_held(self) -> int:
+        """Signals an interrupted poll or step gave back, waiting for the next poll."""
+        return len(self._held) // _SIGNAL_SIZE
 
     def _hold(self, box: list[Any]) -> None:
         """A poll or step was cut short (^C, as the native call returned too) after taking the
@@ -1303,7 +1306,7 @@ class Engine:
         rest of the health report: one lock-free read). After ``close``: the bars that were in
         flight then, whose signals were discarded (it stays at that count). Counts the signals a
         poll or step that ^C cut short had taken, which the next poll returns."""
-        return int(self._native.in_flight()) + len(self._held) // _SIGNAL_SIZE
+        return int(self._native.in_flight()) + self._n_held()
 
     def stats(self) -> dict[str, Any]:
         """Counters and health: bars in/accepted/rejected (by reason)/skipped, signals, agent
@@ -1322,7 +1325,7 @@ class Engine:
         (why ``backend="auto"`` runs on the CPU, else None) and, on the CUDA backend, ``device``
         and ``device_error`` (the device failure that stopped it, else None)."""
         s = self._native.stats()  # counters only: the device's state need not be mirrored
-        s["in_flight"] += len(self._held) // _SIGNAL_SIZE  # as in_flight() counts them
+        s["in_flight"] += self._n_held()  # as in_flight() counts them
         s["backend"] = self.backend
         s["backend_fallback"] = self.backend_fallback
         if self._device is not None:
