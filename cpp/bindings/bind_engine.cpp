@@ -334,7 +334,7 @@ void bind_engine(py::module_& m) {
              cfg.stall_deadline_ns = stall_deadline_ns;
              cfg.fault_injection = fault_injection;
              const auto n = static_cast<size_t>(genomes.shape(0));
-             Engine* eng;
+             Engine* eng = nullptr;
              without_gil([&] { eng = new Engine(g, n, cfg); });
              // a blocking submit waiting for room (no consumer, say) ends on ^C: the pending
              // signal is checked about every 100 ms (PyErr_CheckSignals runs the handler, which
