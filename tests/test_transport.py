@@ -1110,8 +1110,9 @@ def test_cli_ctl(served: Served, keys: Path) -> None:
     # a secret key pasted in place of a file name is refused without being echoed
     secret = next(line.split('"')[1] for line in (keys / "clients" / "ops.key_secret").read_text().splitlines()
                   if line.strip().startswith("secret-key"))
-    for args in (["--server-key", str(keys / "server.key"), "--client-key", secret],
-                 ["--server-key", secret, "--client-key", str(keys / "clients" / "ops.key_secret")]):
+    # (as --opt=VALUE: a Z85 key may begin with "-", which argparse would take for an option)
+    for args in (["--server-key", str(keys / "server.key"), f"--client-key={secret}"],
+                 [f"--server-key={secret}", "--client-key", str(keys / "clients" / "ops.key_secret")]):
         p = _cli("ctl", served.server.endpoint, "health", *args)
         assert p.returncode == 2 and "40 key characters" in p.stderr and secret not in p.stderr + p.stdout
     p = _cli("ctl", served.server.endpoint, "routing", "clear", *common)
