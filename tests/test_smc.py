@@ -500,8 +500,17 @@ def test_invalid_bars_are_rejected_with_the_engine_s_reasons_not_scored():
         det.update(2.5, 2.0, 0.5, 1.5)
     with pytest.raises(ValueError, match="outside"):
         det.update(1.0, 2.0, 0.5, 0.25)
+    # a price that is not a number is refused, though float() would take it
+    with pytest.raises(TypeError, match="bar 1: high must be a number, got bool"):
+        det.update(1.0, True, 0.5, 1.0)
+    with pytest.raises(TypeError, match="bar 1: close must be a number, got str"):
+        det.update(1.0, 2.0, 0.5, "1")
+    with pytest.raises(TypeError, match="bar 1: volume must be a number, got NoneType"):
+        det.update(1.0, 2.0, 0.5, 1.5, None)
+    with pytest.raises(ValueError, match=r"bar 1: low an int of about 401 digits is out of range"):
+        det.update(1.0, 2.0, 10**400, 1.5)
     assert det.n_bars == 1
-    det.update(2.0, 2.0, 0.5, 0.5)  # on the range's edges: fine
+    det.update(np.float32(2.0), 2, np.float64(0.5), 0.5)  # numpy scalars and ints; on the range's edges
     assert det.n_bars == 2
 
 

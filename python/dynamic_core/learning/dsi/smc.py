@@ -88,7 +88,7 @@ import msgspec
 import numpy as np
 
 from ... import detmath
-from ..._checks import check_int, check_real, is_int
+from ..._checks import as_real, check_int, check_real, is_int, is_real
 
 __all__ = [
     "BOS",
@@ -400,13 +400,25 @@ class SmcDetector:
 
         Raises
         ------
+        TypeError
+            A price or the volume is not a number (a bool or a string such as ``"1"`` included,
+            which ``float()`` would take); the detector's state is then unchanged.
         ValueError
             A price or the volume is not finite, the high is below the low (swapped columns), the
             open or the close lies outside [low, high] (what the engine rejects as
             ``open_out_of_range`` / ``close_out_of_range``) or the volume is negative; the
             detector's state is then unchanged.
         """
-        o, h, lo, c, v = float(open), float(high), float(low), float(close), float(volume)
+        try:
+            if not (is_real(open) and is_real(high) and is_real(low) and is_real(close) and is_real(volume)):
+                raise TypeError
+            o, h, lo, c, v = float(open), float(high), float(low), float(close), float(volume)
+        except (TypeError, OverflowError):
+            # the typed error naming the first bad value: TypeError for a non-number, ValueError
+            # for an int beyond float64
+            for name, x in (("open", open), ("high", high), ("low", low), ("close", close), ("volume", volume)):
+                as_real(f"bar {self._t + 1}: {name}", x)
+            raise
         if not (math.isfinite(o) and math.isfinite(h) and math.isfinite(lo) and math.isfinite(c)
                 and math.isfinite(v)):
             raise ValueError(f"bar {self._t + 1}: non-finite value in {(o, h, lo, c, v)}")
