@@ -494,3 +494,20 @@ def test_an_interrupted_run_summarises_what_the_engine_took_and_its_journal_hold
     assert 0 < taken < total == 800_000 and signals == taken
     r = dc.Engine.replay(j)  # verify=True: every journaled signal hash reproduced
     assert r.bars == taken and len(r.signals) == taken and not r.mismatched
+
+
+def test_a_key_option_s_value_may_begin_with_a_dash(tmp_path: Path) -> None:
+    join = cli._join_dash_values
+    key = "-" + "a" * 39  # the 40 characters of a Z85 key that begins with "-"
+    assert join(["ctl", "E", "health", "--client-key", key, "--timeout", "1"]) == \
+        ["ctl", "E", "health", f"--client-key={key}", "--timeout", "1"]
+    assert join(["--server-key", "-k.key"]) == ["--server-key=-k.key"]
+    # an option after it, a short flag, "--help", a lone "-", or anything after "--" stay as given
+    for argv in (["--client-key", "--timeout", "1"], ["--client-key", "-h"], ["--server-key", "--help"],
+                 ["--client-key", "-"], ["--", "--client-key", key], ["--client-key"], ["--timeout", key]):
+        assert join(argv) == argv
+    # the command then names the mistake without echoing the key (argparse alone said "expected
+    # one argument")
+    p = dynamic_core("ctl", "tcp://127.0.0.1:9", "health", "--server-key", key, "--client-key", key, cwd=tmp_path)
+    assert_clean_error(p, "40 key characters, not a file name")
+    assert key[1:] not in p.stderr + p.stdout

@@ -1380,7 +1380,7 @@ def main(argv: list[str] | None = None) -> int:
         # inside the try: building the parser imports most of the package, and a ^C then is
         # "interrupted" like any other
         parser = build_parser()
-        argv = sys.argv[1:] if argv is None else list(argv)
+        argv = _join_dash_values(sys.argv[1:] if argv is None else list(argv))
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # reported by the (sub)command they were given to, with its usage line
             _command_parser(parser, args, argv, unknown).error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -1412,6 +1412,34 @@ def main(argv: list[str] | None = None) -> int:
     except _zmq_errors() as e:
         _error(_socket_message(e))
     return 2
+
+
+# Options whose value may begin with "-": a key file's name, or (by mistake) the 40 characters of
+# a Z85 key pasted in its place, which argparse would take for an option ("expected one argument").
+_DASH_VALUE_OPTIONS = ("--server-key", "--client-key")
+
+
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """``argv`` with ``OPT VALUE`` written as ``OPT=VALUE`` where OPT is one of
+    :data:`_DASH_VALUE_OPTIONS` and VALUE begins with "-" but is not an option (``--help`` and
+    the like are left to argparse): the value then reaches the command, which names what is wrong
+    with it (a pasted key: "40 key characters, not a file name", without echoing it)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":  # everything after is positional
+            out.extend(argv[i:])
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if (a in _DASH_VALUE_OPTIONS and nxt is not None and nxt.startswith("-") and len(nxt) > 1
+                and not nxt.startswith("--") and not (len(nxt) == 2 and nxt[1].isalpha())):
+            out.append(f"{a}={nxt}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str],
