@@ -502,12 +502,15 @@ def test_a_key_option_s_value_may_begin_with_a_dash(tmp_path: Path) -> None:
     assert join(["ctl", "E", "health", "--client-key", key, "--timeout", "1"]) == \
         ["ctl", "E", "health", f"--client-key={key}", "--timeout", "1"]
     assert join(["--server-key", "-k.key"]) == ["--server-key=-k.key"]
+    key2 = "--" + "a" * 38  # one that begins with "--" too
+    assert join(["--client-key", key2, "--timeout", "1"]) == [f"--client-key={key2}", "--timeout", "1"]
     # an option after it, a short flag, "--help", a lone "-", or anything after "--" stay as given
     for argv in (["--client-key", "--timeout", "1"], ["--client-key", "-h"], ["--server-key", "--help"],
                  ["--client-key", "-"], ["--", "--client-key", key], ["--client-key"], ["--timeout", key]):
         assert join(argv) == argv
     # the command then names the mistake without echoing the key (argparse alone said "expected
     # one argument")
-    p = dynamic_core("ctl", "tcp://127.0.0.1:9", "health", "--server-key", key, "--client-key", key, cwd=tmp_path)
-    assert_clean_error(p, "40 key characters, not a file name")
-    assert key[1:] not in p.stderr + p.stdout
+    for k in (key, key2):
+        p = dynamic_core("ctl", "tcp://127.0.0.1:9", "health", "--server-key", k, "--client-key", k, cwd=tmp_path)
+        assert_clean_error(p, "40 key characters, not a file name")
+        assert k.lstrip("-") not in p.stderr + p.stdout

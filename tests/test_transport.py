@@ -1113,14 +1113,13 @@ def test_cli_ctl(served: Served, keys: Path) -> None:
     # as --opt=VALUE and as --opt VALUE: a Z85 key may begin with "-", which argparse alone would
     # take for an option ("expected one argument")
     dash_secret = "-" + secret[1:]
-    for key in (secret, dash_secret):
-        for args in (["--server-key", str(keys / "server.key"), f"--client-key={key}"],
-                     ["--server-key", str(keys / "server.key"), "--client-key", key],
-                     [f"--server-key={key}", "--client-key", str(keys / "clients" / "ops.key_secret")],
-                     ["--server-key", key, "--client-key", str(keys / "clients" / "ops.key_secret")]):
-            p = _cli("ctl", served.server.endpoint, "health", *args)
-            assert p.returncode == 2 and "40 key characters" in p.stderr, (args, p.stderr)
-            assert key not in p.stderr + p.stdout and key[1:] not in p.stderr + p.stdout
+    for key, args in ((secret, ["--server-key", str(keys / "server.key"), f"--client-key={secret}"]),
+                      (secret, [f"--server-key={secret}", "--client-key", str(keys / "clients" / "ops.key_secret")]),
+                      (dash_secret, ["--server-key", str(keys / "server.key"), "--client-key", dash_secret]),
+                      (dash_secret, ["--server-key", dash_secret, "--client-key", str(keys / "clients" / "ops.key_secret")])):
+        p = _cli("ctl", served.server.endpoint, "health", *args)
+        assert p.returncode == 2 and "40 key characters" in p.stderr, (args, p.stderr)
+        assert key not in p.stderr + p.stdout and key[1:] not in p.stderr + p.stdout
     p = _cli("ctl", served.server.endpoint, "routing", "clear", *common)
     assert p.returncode == 0 and served.applied[-1].table == {}
     assert [type(c) for c in served.applied] == [P.SetThrottle, P.UpdateRouting, P.Snapshot, P.UpdateRouting]

@@ -1421,9 +1421,13 @@ _DASH_VALUE_OPTIONS = ("--server-key", "--client-key")
 
 def _join_dash_values(argv: list[str]) -> list[str]:
     """``argv`` with ``OPT VALUE`` written as ``OPT=VALUE`` where OPT is one of
-    :data:`_DASH_VALUE_OPTIONS` and VALUE begins with "-" but is not an option (``--help`` and
-    the like are left to argparse): the value then reaches the command, which names what is wrong
-    with it (a pasted key: "40 key characters, not a file name", without echoing it)."""
+    :data:`_DASH_VALUE_OPTIONS` and VALUE begins with "-" but does not look like an option (a
+    short flag, ``--help``, a lone "-"; 40 characters, the length of a key, never do): the value
+    then reaches the command, which names what is wrong with it (a pasted key: "40 key
+    characters, not a file name", without echoing it)."""
+    def looks_like_option(v: str) -> bool:
+        return len(v) != 40 and (v == "-" or v.startswith("--") or (len(v) == 2 and v[1].isalpha()))
+
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -1432,8 +1436,7 @@ def _join_dash_values(argv: list[str]) -> list[str]:
             out.extend(argv[i:])
             break
         nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if (a in _DASH_VALUE_OPTIONS and nxt is not None and nxt.startswith("-") and len(nxt) > 1
-                and not nxt.startswith("--") and not (len(nxt) == 2 and nxt[1].isalpha())):
+        if a in _DASH_VALUE_OPTIONS and nxt is not None and nxt.startswith("-") and not looks_like_option(nxt):
             out.append(f"{a}={nxt}")
             i += 2
             continue

@@ -88,7 +88,7 @@ import msgspec
 import numpy as np
 
 from ... import detmath
-from ..._checks import as_real, check_int, check_real, is_int, is_real
+from ..._checks import as_real, check_int, check_real, is_int
 
 __all__ = [
     "BOS",
@@ -409,16 +409,11 @@ class SmcDetector:
             ``open_out_of_range`` / ``close_out_of_range``) or the volume is negative; the
             detector's state is then unchanged.
         """
-        try:
-            if not (is_real(open) and is_real(high) and is_real(low) and is_real(close) and is_real(volume)):
-                raise TypeError
-            o, h, lo, c, v = float(open), float(high), float(low), float(close), float(volume)
-        except (TypeError, OverflowError):
-            # the typed error naming the first bad value: TypeError for a non-number, ValueError
-            # for an int beyond float64
-            for name, x in (("open", open), ("high", high), ("low", low), ("close", close), ("volume", volume)):
-                as_real(f"bar {self._t + 1}: {name}", x)
-            raise
+        try:  # TypeError for a non-number, ValueError for an int beyond float64
+            o, h, lo, c, v = (as_real(name, x) for name, x in
+                              (("open", open), ("high", high), ("low", low), ("close", close), ("volume", volume)))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"bar {self._t + 1}: {e}") from None
         if not (math.isfinite(o) and math.isfinite(h) and math.isfinite(lo) and math.isfinite(c)
                 and math.isfinite(v)):
             raise ValueError(f"bar {self._t + 1}: non-finite value in {(o, h, lo, c, v)}")
